@@ -1,0 +1,116 @@
+"""Turn a checkpoint into an engine dir: map names, fuse, shard per rank, cast, write."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from kiln.build.engine_dir import rank_file, resolve_dtype, write_engine_config
+from kiln.checkpoint import Checkpoint, open_checkpoint
+from kiln.config import DTYPES, BuildConfig, EngineConfig, ModelConfig
+from kiln.distributed import Mapping
+from kiln.errors import BuildError, CheckpointError
+from kiln.models import create_model
+
+
+def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
+    """Everything a user can get wrong about a build, checked before any work starts."""
+    if build_cfg.dtype not in (*DTYPES, "auto"):
+        raise BuildError(f"--dtype {build_cfg.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "block_size",
+                 "tp_size", "pp_size"):
+        if getattr(build_cfg, name) < 1:
+            raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
+    tp = build_cfg.tp_size
+    for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
+                    ("intermediate size", cfg.intermediate_size)):
+        if n % tp:
+            raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
+    if build_cfg.pp_size > cfg.num_layers:
+        raise BuildError(f"pp_size {build_cfg.pp_size} exceeds the {cfg.num_layers} layers")
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise BuildError(f"activation {cfg.hidden_act!r} is not supported (only silu)")
+
+
+def build(source: str | Path | Checkpoint, output_dir: str | Path,
+          build_cfg: BuildConfig | None = None, progress: bool = True) -> Path:
+    """Build `source` (HF folder, GGUF file or an opened Checkpoint) into `output_dir`."""
+    build_cfg = build_cfg or BuildConfig()
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    validate(ckpt.config, build_cfg)
+    dtype = resolve_dtype(build_cfg.dtype)
+    build_cfg = dataclasses.replace(build_cfg, dtype=str(dtype).removeprefix("torch."))
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a scratch dir and rename at the end: a half-built engine never exists.
+    scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
+    try:
+        started = time.perf_counter()
+        world = build_cfg.tp_size * build_cfg.pp_size
+        for rank in range(world):
+            mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
+            state = convert_rank(ckpt, build_cfg, mapping, dtype, progress)
+            save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
+        has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
+        write_engine_config(scratch, EngineConfig(
+            model=ckpt.config, build=build_cfg,
+            source={"path": str(ckpt.source), "fingerprint": ckpt.fingerprint(),
+                    "has_tokenizer": has_tokenizer,
+                    "build_seconds": round(time.perf_counter() - started, 2)},
+        ))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        scratch.rename(output_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return output_dir
+
+
+def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
+                 dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+    """Load every checkpoint tensor into this rank's (fused, sharded) parameters."""
+    model = create_model(ckpt.config, mapping, build_cfg.max_seq_len, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
+    for hf_name, tensor in tqdm(ckpt.tensors(), total=ckpt.num_tensors(), desc=desc,
+                                unit="tensor", disable=not progress, leave=False):
+        target = model.weight_target(hf_name)
+        if target is None:
+            continue
+        name, shard = target
+        if name not in params:
+            raise CheckpointError(
+                f"checkpoint tensor {hf_name!r} has no place in a {ckpt.config.architecture} "
+                "model; does config.json describe this checkpoint?")
+        param = params[name]
+        try:
+            model.loader_for(param)(param, tensor, shard)
+        except ValueError as e:
+            raise CheckpointError(f"tensor {hf_name!r} does not match the config: {e}") from None
+        loaded.add(name if shard is None else f"{name}:{shard}")
+    _check_complete(model, params, loaded)
+    return {k: v.contiguous() for k, v in model.engine_state_dict().items()}
+
+
+def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
+                    loaded: set[str]) -> None:
+    expected = set()
+    for name in model.engine_state_dict():
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            expected |= {f"{name}:{s}" for s in "qkv"}
+        elif "gate_up_proj." in name:
+            expected |= {f"{name}:0", f"{name}:1"}
+        else:
+            expected.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")

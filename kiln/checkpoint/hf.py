@@ -1,0 +1,126 @@
+"""HuggingFace folder reader: config.json + safetensors (single or sharded) or .bin."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kiln.checkpoint.base import Checkpoint
+from kiln.config import ModelConfig
+from kiln.errors import CheckpointError
+
+# Files copied into the engine's tokenizer/ folder when present.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class HFCheckpoint(Checkpoint):
+    def __init__(self, folder: Path) -> None:
+        self.source = folder
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{folder} has no config.json; is it a HuggingFace model folder?")
+        try:
+            hf_config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+        self.config = ModelConfig.from_hf(hf_config)
+        self._files = self._weight_files()
+        if self._files[0].suffix == ".safetensors":
+            self._names = [n for f in self._files for n in _safetensors_header(f)]
+        else:
+            self._names = []
+
+    def _weight_files(self) -> list[Path]:
+        index = self.source / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is malformed: {e}") from None
+            files = sorted({self.source / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{index.name} lists shard(s) that are missing: {', '.join(missing)}")
+            return files
+        found = sorted(self.source.glob("*.safetensors"))
+        if found:
+            return found
+        found = sorted(self.source.glob("pytorch_model*.bin"))
+        if found:
+            return found
+        raise CheckpointError(
+            f"{self.source} has no weights: expected model.safetensors, a sharded "
+            "model.safetensors.index.json, or pytorch_model.bin")
+
+    def num_tensors(self) -> int:
+        return len(self._names) if self._names else len(self._files)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for path in self._files:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        for name in f.keys():
+                            yield name, f.get_tensor(name)
+                except Exception as e:  # safetensors raises its own error types
+                    raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
+            else:
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:
+                    raise CheckpointError(f"{path.name} could not be loaded: {e}") from None
+                yield from state.items()
+
+    def write_tokenizer(self, dest: Path) -> bool:
+        copied = False
+        for name in TOKENIZER_FILES:
+            src = self.source / name
+            if src.is_file():
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / name)
+                copied = copied or name == "tokenizer.json"
+        return copied
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for path in [self.source / "config.json", *self._files]:
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+def _safetensors_header(path: Path) -> list[str]:
+    """Tensor names from a safetensors header, checking the file is not truncated."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header length exceeds file size")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
+    data_size = size - 8 - header_len
+    names = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = info["data_offsets"][1]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path.name} is truncated: tensor {name} ends at byte {end} of the data "
+                f"section but the file holds only {data_size}; re-download it")
+        names.append(name)
+    return names

@@ -1,0 +1,115 @@
+"""`kiln build | run` (serve, bench and eval register here as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("build options")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    g.add_argument("--max-batch-size", type=int, default=64)
+    g.add_argument("--max-seq-len", type=int, default=4096)
+    g.add_argument("--max-num-tokens", type=int, default=8192,
+                   help="token budget of one engine step")
+    g.add_argument("--tp-size", type=int, default=1)
+    g.add_argument("--pp-size", type=int, default=1)
+
+
+def _build_config(args: argparse.Namespace):
+    from kiln.config import BuildConfig
+
+    return BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
+                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                       tp_size=args.tp_size, pp_size=args.pp_size)
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from kiln.build import build
+    from kiln.resolve import default_model
+
+    source = Path(args.source) if args.source else default_model()
+    started = time.perf_counter()
+    out = build(source, args.output, _build_config(args))
+    print(f"kiln: built {out} in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from kiln.llm import LLM
+    from kiln.runtime.request import SamplingParams
+
+    llm = LLM(args.model, _build_config(args), device=args.device)
+    prompt = args.prompt
+    if args.chat:
+        if llm.tokenizer is None:
+            raise KilnError("this model has no tokenizer, so --chat cannot apply a template")
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    engine = llm.engine
+    started = time.perf_counter()
+    request_id = engine.add_request(prompt, params)
+    if not args.chat:
+        print(prompt, end="", flush=True)
+    first_token = None
+    output = None
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.request_id != request_id:
+                continue
+            first_token = first_token or time.perf_counter()
+            new = output.text[len(getattr(cmd_run, "_shown", "")):]
+            cmd_run._shown = output.text  # type: ignore[attr-defined]
+            print(new, end="", flush=True)
+    print()
+    elapsed = time.perf_counter() - started
+    if output is not None:
+        n = len(output.token_ids)
+        print(f"[kiln] {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s, first token "
+              f"{(first_token - started) * 1000:.0f} ms, finish: {output.finish_reason}, "
+              f"device: {engine.device})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build a HF folder or GGUF file into an engine dir")
+    p.add_argument("source", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M)")
+    p.add_argument("-o", "--output", required=True, help="engine dir to write")
+    _add_build_args(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", help="generate text for one prompt")
+    p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf "
+                   "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--device", default="auto")
+    _add_build_args(p)
+    p.set_defaults(func=cmd_run)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Frozen configs: what the model is (ModelConfig) and how it was built (BuildConfig)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import CheckpointError
+
+# HF architecture name -> (kiln model family, per-family flags). Families are rows here,
+# not classes: one generic decoder serves every row.
+_LLAMA_FAMILY = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"qkv_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+SUPPORTED_ARCHITECTURES = tuple(_LLAMA_FAMILY)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model definition needs, independent of transformers."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Read a HuggingFace `config.json` dict (transformers 4 or 5 layout)."""
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(hf.get("model_type"))
+        if arch not in _LLAMA_FAMILY:
+            raise CheckpointError(
+                f"unsupported architecture {arch!r}; kiln supports: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        flags = _LLAMA_FAMILY[arch]
+        try:
+            num_heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            head_dim = hf.get("head_dim") or hidden // num_heads
+            eos = hf.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            # transformers 5 moved rope_theta / rope_scaling into rope_parameters.
+            rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+            rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            rope_scaling = rope if rope_type not in (None, "default") else None
+            window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+            return cls(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=int(head_dim),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                qkv_bias=bool(flags.get("qkv_bias", hf.get("attention_bias", False))),
+                o_bias=bool(hf.get("attention_bias", False)) and not flags.get("qkv_bias"),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                qk_norm=bool(flags.get("qk_norm", False)),
+                hidden_act=str(hf.get("hidden_act", "silu")),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                sliding_window=window,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json has a field of the wrong type: {e}") from None
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    return by_type.get(model_type or "", f"<model_type={model_type}>")
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How an engine is built. Stored in engine.json; the runtime reads its limits."""
+
+    dtype: str = "auto"  # auto: bfloat16 where CUDA is available, else float32
+    max_batch_size: int = 64
+    max_seq_len: int = 4096
+    max_num_tokens: int = 8192  # token budget of one engine step
+    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    block_size: int = 16  # tokens per KV cache block
+    tp_size: int = 1
+    pp_size: int = 1
+    random_weights: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What `engine.json` holds: the model, how it was built, and where it came from."""
+
+    model: ModelConfig
+    build: BuildConfig
+    source: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)
+    format_version: int = 1

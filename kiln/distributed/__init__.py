@@ -1,0 +1,3 @@
+from kiln.distributed.mapping import Mapping
+
+__all__ = ["Mapping"]

@@ -1,0 +1,27 @@
+"""Collectives used by the parallel layers; no-ops when running on a single rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_tp_group: dist.ProcessGroup | None = None
+
+
+def set_tp_group(group: dist.ProcessGroup | None) -> None:
+    global _tp_group
+    _tp_group = group
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _tp_group is not None:
+        dist.all_reduce(x, group=_tp_group)
+    return x
+
+
+def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if _tp_group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(_tp_group))]
+    dist.all_gather(parts, x.contiguous(), group=_tp_group)
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,82 @@
+"""Paged attention layer and the per-step metadata it reads.
+
+The runtime builds one `AttentionMetadata` per step and enters `forward_context(meta)`
+around the model's forward; every attention layer reads it from there. Models never
+import the runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln import functional as KF
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to.
+
+    Tokens of all sequences are packed back to back (no padding): sequence i owns
+    tokens query_start_loc[i]:query_start_loc[i+1], and its context is its first
+    seq_lens[i] tokens, held in the KV blocks block_tables[i].
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including new tokens
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    query_starts_host: list[int]
+    seq_lens_host: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    global _current
+    previous, _current = _current, meta
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def current_metadata() -> AttentionMetadata:
+    if _current is None:
+        raise RuntimeError("attention called outside forward_context()")
+    return _current
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the paged cache, then attends over the whole context.
+
+    `k_cache` / `v_cache` [num_blocks, block_size, kv_heads, head_dim] are bound by the
+    model runner after it allocates the KV pool.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        meta = current_metadata()
+        tokens = q.shape[0]
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        KF.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        return out.view(tokens, self.num_heads * self.head_dim)

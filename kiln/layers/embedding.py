@@ -1,0 +1,49 @@
+"""Vocabulary embedding and LM head, split by vocabulary rows across TP ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.distributed import Mapping
+from kiln.distributed.comm import tp_all_gather_last_dim, tp_all_reduce
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping | None = None) -> None:
+        super().__init__()
+        self.mapping = mapping or Mapping()
+        self.vocab_size = vocab_size
+        tp = self.mapping.tp_size
+        self.rows_per_rank = -(-vocab_size // tp)
+        self.vocab_start = self.mapping.tp_rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size),
+                                   requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        expected = (self.vocab_size, param.shape[1])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+        part = loaded[self.vocab_start:self.vocab_start + self.rows_per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.mapping.tp_size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        valid = (local >= 0) & (local < self.rows_per_rank)
+        out = nn.functional.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight)
+        return tp_all_reduce(out * valid.unsqueeze(-1).to(out.dtype))
+
+
+class LMHead(VocabEmbedding):
+    """logits = h E^T, gathered over ranks and cut back to the true vocabulary size."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping | None = None) -> None:
+        super().__init__(vocab_size, hidden_size, mapping)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = nn.functional.linear(hidden, self.weight)
+        return tp_all_gather_last_dim(logits)[..., : self.vocab_size]

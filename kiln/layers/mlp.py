@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln import functional as KF
+from kiln.distributed import Mapping
+from kiln.layers.linear import MergedColumnLinear, RowLinear
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one GEMM."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 mapping: Mapping | None = None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnLinear(hidden_size, [intermediate_size] * 2, bias,
+                                               mapping)
+        self.down_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(KF.silu_and_mul(self.gate_up_proj(x)))

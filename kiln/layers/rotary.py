@@ -1,0 +1,58 @@
+"""Rotary position embedding tables (default, linear and Llama 3 scaling)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from kiln import functional as KF
+from kiln.errors import BuildError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def inverse_frequencies(head_dim: int, theta: float,
+                        scaling: dict[str, Any] | None) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    factor = float(scaling["factor"])  # type: ignore[index]
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))  # type: ignore[union-attr]
+        high = float(scaling.get("high_freq_factor", 4.0))  # type: ignore[union-attr]
+        old_len = float(scaling["original_max_position_embeddings"])  # type: ignore[index]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, blended, scaled)
+    raise BuildError(f"rope scaling type {rope_type!r} is not supported; "
+                     f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary to q and k in place of position ids; table [max_pos, head_dim]."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float,
+                 scaling: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        # Not persistent: it is derived from the config, never stored in the engine.
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (KF.rotary(q, positions, self.cos_sin, self.head_dim),
+                KF.rotary(k, positions, self.cos_sin, self.head_dim))

@@ -1,0 +1,54 @@
+"""The `LLM` facade: `LLM(path).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kiln.config import BuildConfig
+from kiln.errors import KilnError
+from kiln.resolve import resolve_engine
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import RequestOutput, SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Offline generation. `model` is an engine dir, a HF folder, a GGUF file, or None
+    for the default model; the latter three are built once into the cache."""
+
+    def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
+                 **runtime: Any) -> None:
+        self.engine_dir = resolve_engine(model, build_config)
+        self.engine = LLMEngine(self.engine_dir, RuntimeConfig(**runtime))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if self.tokenizer is None:
+            raise KilnError("this engine has no tokenizer, so it cannot apply a chat template")
+        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, params)

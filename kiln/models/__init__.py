@@ -1,0 +1,40 @@
+"""Model registry: HF architecture name -> model class, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.distributed import Mapping
+from kiln.errors import BuildError
+
+_REGISTRY = {
+    "LlamaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "MistralForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _REGISTRY:
+        raise BuildError(f"no kiln model for architecture {architecture!r}; "
+                         f"supported: {', '.join(_REGISTRY)}")
+    module, name = _REGISTRY[architecture].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def create_model(cfg: ModelConfig, mapping: Mapping, max_positions: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                 ) -> nn.Module:
+    """Instantiate with uninitialised parameters of `dtype` on `device` (no init cost)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_class(cfg.architecture)(cfg, mapping, max_positions)
+    finally:
+        torch.set_default_dtype(previous)

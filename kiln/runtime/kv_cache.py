@@ -1,0 +1,126 @@
+"""Paged KV cache manager: hands out block ids, counts references, reuses full-block prefixes.
+
+It knows nothing of tensors. A block holds `block_size` consecutive tokens of one
+sequence. A full block is identified by a hash chained over every token before it, so
+two requests with the same prefix map to the same blocks. Blocks nobody references go
+to a free queue in LRU order but keep their hash, so a later request can still reuse
+them until they are handed out again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from kiln.runtime.request import Request
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        # Unreferenced blocks, least recently freed first; ids are handed out from the front.
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_cache_queries = 0  # tokens looked up
+        self.num_cache_hits = 0  # tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_cache_hits / self.num_cache_queries if self.num_cache_queries else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[int]:
+        hashes, parent = [], 0
+        for i in range(num_blocks):
+            parent = hash((parent, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
+            hashes.append(parent)
+        return hashes
+
+    def match_prefix(self, request: Request) -> list[int]:
+        """Cached blocks holding a prefix of the request's tokens (no refs taken).
+
+        At least one token is always left to compute: its logits start the generation.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        found = []
+        for h in self._hashes(request.token_ids, max_blocks):
+            block = self.cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        self.num_cache_queries += request.num_tokens
+        self.num_cache_hits += len(found) * self.block_size
+        return found
+
+    def can_allocate(self, num_blocks: int, reuse: Sequence[int] = ()) -> bool:
+        # Reused blocks sitting in the free queue are taken out of it, not allocated.
+        reclaimed = sum(1 for b in reuse if self.ref_counts[b] == 0)
+        return num_blocks + reclaimed <= self.num_free_blocks
+
+    def allocate(self, request: Request, num_tokens: int, reuse: Sequence[int] = ()) -> bool:
+        """Give the request blocks for its first `num_tokens` tokens; False if they don't fit.
+
+        `reuse` (only for a request holding no blocks yet) are prefix blocks from
+        `match_prefix` to share instead of recomputing.
+        """
+        needed = self.blocks_needed(num_tokens) - len(request.block_ids) - len(reuse)
+        if needed > 0 and not self.can_allocate(needed, reuse):
+            return False
+        for block in reuse:
+            if self.ref_counts[block] == 0:
+                del self.free_queue[block]
+            self.ref_counts[block] += 1
+        request.block_ids.extend(reuse)
+        for _ in range(max(needed, 0)):
+            block, _ = self.free_queue.popitem(last=False)
+            if self.block_hash[block] is not None:  # evict its old contents
+                self.cached.pop(self.block_hash[block], None)
+                self.block_hash[block] = None
+            self.ref_counts[block] = 1
+            request.block_ids.append(block)
+        return True
+
+    def commit(self, request: Request) -> None:
+        """Register the request's computed full blocks for reuse by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        hashes = self._hashes(request.token_ids, num_full)
+        for block, h in zip(request.block_ids[:num_full], hashes):
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; tail blocks go to the queue first (evicted first)."""
+        for block in reversed(request.block_ids):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+        request.block_ids = []
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Let `child` share all of `parent`'s blocks (copy-on-write happens at full blocks)."""
+        for block in parent.block_ids:
+            self.ref_counts[block] += 1
+        child.block_ids = list(parent.block_ids)

@@ -1,0 +1,134 @@
+"""Owns the model and the KV tensors; turns a SchedulerOutput into one forward + sampling."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kiln.build.engine_dir import rank_file
+from kiln.config import EngineConfig
+from kiln.distributed import Mapping
+from kiln.layers import AttentionMetadata, forward_context
+from kiln.models import create_model
+from kiln.runtime.request import Request
+from kiln.runtime.sampler import SamplingBatch, sample
+from kiln.runtime.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens of the requests that sampled, in schedule order (host lists)."""
+
+    requests: list[Request]
+    token_ids: list[int]
+    logprobs: list[list[float]] | None = None  # per row: [sampled, top1..topn]
+    logprob_ids: list[list[int]] | None = None
+
+
+class ModelRunner:
+    def __init__(self, engine_dir: Path, engine: EngineConfig, device: torch.device,
+                 mapping: Mapping | None = None) -> None:
+        self.engine = engine
+        self.device = device
+        self.mapping = mapping or Mapping()
+        self.dtype = getattr(torch, engine.build.dtype)
+        self.block_size = engine.build.block_size
+        cfg = engine.model
+        self.model = create_model(cfg, self.mapping, engine.build.max_seq_len, self.dtype, device)
+        # The engine dir holds exactly the parameters, in place: no conversion here.
+        state = load_file(str(rank_file(engine_dir, self.mapping.rank)), device=str(device))
+        missing, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+            missing = [m for m in missing if m != "lm_head.weight"]
+        if missing or unexpected:
+            raise RuntimeError(f"engine weights do not match the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}; rebuild the engine")
+        self.model.eval()
+        self.kv_cache: torch.Tensor | None = None
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * \
+            self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        self.kv_cache = torch.empty(len(layers), 2, num_blocks, self.block_size,
+                                    a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                    device=self.device)
+        for i, attn in enumerate(layers):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        self.num_blocks = num_blocks
+
+    # ---- one step -------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
+                                                     AttentionMetadata, torch.Tensor]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_starts = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        bs = self.block_size
+        for entry in out.scheduled:
+            r = entry.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + entry.num_new_tokens
+            input_ids += r.token_ids[start:end]
+            positions += range(start, end)
+            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+            query_starts.append(query_starts[-1] + end - start)
+            seq_lens.append(end)
+            if entry.sample:
+                logits_indices.append(query_starts[-1] - 1)
+        max_blocks = max(len(e.request.block_ids) for e in out.scheduled)
+        table = [e.request.block_ids + [0] * (max_blocks - len(e.request.block_ids))
+                 for e in out.scheduled]
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.int64),
+            block_tables=to_device(table, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            query_start_loc=to_device(query_starts, torch.int32),
+            query_starts_host=query_starts,
+            seq_lens_host=seq_lens,
+            max_query_len=max(e.num_new_tokens for e in out.scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return (to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
+                to_device(logits_indices, torch.int64))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        input_ids, positions, meta, logits_indices = self.prepare(out)
+        with forward_context(meta):
+            hidden = self.model(input_ids, positions)
+        sampling = [e.request for e in out.scheduled if e.sample]
+        if not sampling:
+            return StepResult([], [])
+        logits = self.model.compute_logits(hidden[logits_indices])
+        batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
+        tokens, lp, lp_ids = sample(logits, batch)
+        return StepResult(sampling, tokens.tolist(),
+                          lp.tolist() if lp is not None else None,
+                          lp_ids.tolist() if lp_ids is not None else None)
+
+    @torch.inference_mode()
+    def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits of every scheduled token (for perplexity and prompt logprobs)."""
+        input_ids, positions, meta, _ = self.prepare(out)
+        with forward_context(meta):
+            return self.model.compute_logits(self.model(input_ids, positions))

@@ -1,0 +1,150 @@
+"""Continuous-batching scheduler: pure Python, no torch.
+
+There is no prefill or decode phase. Each request has `num_computed_tokens`; every step
+the scheduler hands out a token budget (`max_num_tokens`) across requests, running ones
+first, then waiting ones in arrival order. A prompt larger than what is left of the
+budget is computed in chunks over several steps (chunked prefill) while the others keep
+decoding. A request samples a token only in the step that computes its last known token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.request import Request, RequestStatus
+
+POLICIES = ("max_utilization", "guaranteed_no_evict")
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, from request.num_computed_tokens on
+    sample: bool  # whether this step ends at the request's last known token
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_batch_size: int, max_num_tokens: int,
+                 policy: str = "max_utilization", chunked_prefill: bool = True) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {POLICIES}, got {policy!r}")
+        self.kv = kv
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.policy = policy
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue ----------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted): its blocks are released at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_tokens
+        scheduled_ids: set[str] = set()
+        # Running requests first, oldest first; the newest may be preempted for them.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request, request.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(self._entry(request, num_new))
+                scheduled_ids.add(request.request_id)
+                budget -= num_new
+                i += 1
+                continue
+            # The request preempted itself: nothing further down the list remains.
+            break
+        # Then waiting requests in arrival order, while budget, batch slots and blocks last.
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            if out.preempted and request in out.preempted:
+                break  # don't re-admit what was preempted in this very step
+            reuse = self.kv.match_prefix(request) if not request.block_ids else []
+            num_cached = len(reuse) * self.kv.block_size
+            remaining = request.num_tokens - num_cached
+            if remaining > budget and not self.chunked_prefill:
+                break
+            num_new = min(remaining, budget)
+            if not self._admissible(request, num_cached + num_new, reuse):
+                break
+            if not self.kv.allocate(request, num_cached + num_new, reuse):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            request.stats.num_cached_tokens = max(request.stats.num_cached_tokens, num_cached)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._entry(request, num_new))
+            budget -= num_new
+        return out
+
+    def _entry(self, request: Request, num_new: int) -> ScheduledRequest:
+        sample = request.num_computed_tokens + num_new == request.num_tokens
+        return ScheduledRequest(request, num_new, sample)
+
+    def _admissible(self, request: Request, num_tokens: int, reuse: list[int]) -> bool:
+        if self.policy == "max_utilization":
+            return True
+        # guaranteed_no_evict: admit only if this request and every running one can grow
+        # to their maximum length without anyone being preempted.
+        def blocks_to_end(r: Request, held: int) -> int:
+            return max(self.kv.blocks_needed(r.num_prompt_tokens + r.max_tokens) - held, 0)
+
+        reserved = sum(blocks_to_end(r, len(r.block_ids)) for r in self.running)
+        return blocks_to_end(request, len(reuse)) + reserved <= self.kv.num_free_blocks - sum(
+            1 for b in reuse if self.kv.ref_counts[b] == 0)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Free the request's blocks and requeue it first; it will be recomputed."""
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.stats.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted.append(request)
+        out.scheduled = [s for s in out.scheduled if s.request is not request]
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the model ran: advance computed counts and publish full blocks for reuse."""
+        for entry in out.scheduled:
+            entry.request.num_computed_tokens += entry.num_new_tokens
+            self.kv.commit(entry.request)

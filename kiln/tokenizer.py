@@ -1,0 +1,115 @@
+"""Tokenizer (HF `tokenizers` + jinja chat template) and incremental detokenization."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import RequestError
+
+
+class Tokenizer:
+    """Wraps tokenizer.json; reads special tokens and the chat template from its config."""
+
+    def __init__(self, folder: Path) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.folder = folder
+        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        config = _read_json(folder / "tokenizer_config.json")
+        self.chat_template = _chat_template(folder, config)
+        self.special = {k: _token_str(config.get(k)) for k in
+                        ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.eos_token_id = self.token_to_id(self.special["eos_token"])
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_engine(cls, engine_dir: Path) -> Tokenizer | None:
+        folder = engine_dir / "tokenizer"
+        return cls(folder) if (folder / "tokenizer.json").is_file() else None
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return self.tok.token_to_id(token) if token else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **extra: Any) -> str:
+        if not self.chat_template:
+            raise RequestError("this model has no chat template; send a plain prompt instead")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise RequestError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
+            x, indent=indent, ensure_ascii=False)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **{k: v or "" for k, v in self.special.items()}, **extra)
+        except jinja2.TemplateError as e:
+            raise RequestError(f"chat template failed: {e}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_str(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = config.get("chat_template") or _read_json(folder / "chat_template.json").get(
+        "chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a character.
+
+    Each new token is decoded together with a few tokens before it, so that tokenizers
+    whose pieces depend on context (SentencePiece's leading space, byte-level BPE's
+    partial UTF-8 sequences) give the same text as decoding everything at once.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int],
+                 skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes (maybe empty)."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        after = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        delta = after[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
