@@ -41,6 +41,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: "AttentionMetadata", scale: float) -> torch.Tensor:  # noqa: F821
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:  # noqa: F821
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale)

@@ -16,7 +16,11 @@ from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner, StepResult
 from kiln.runtime.request import (
-    CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams,
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
 )
 from kiln.runtime.scheduler import Scheduler
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
