@@ -10,7 +10,14 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
 from kiln.layers import (
-    Attention, GatedMLP, LMHead, QKVLinear, RMSNorm, RotaryEmbedding, RowLinear, VocabEmbedding,
+    Attention,
+    GatedMLP,
+    LMHead,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowLinear,
+    VocabEmbedding,
 )
 from kiln.layers.linear import default_weight_loader
 

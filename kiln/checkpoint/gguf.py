@@ -1,0 +1,248 @@
+"""GGUF (llama.cpp) reader: metadata -> ModelConfig, dequantized tensors under HF names."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from kiln.checkpoint.base import Checkpoint
+from kiln.config import ModelConfig
+from kiln.errors import CheckpointError
+
+Q = gguf.GGMLQuantizationType
+
+# general.architecture -> (HF architecture, does llama.cpp permute Q/K rows for this arch).
+# llama.cpp converts llama-style models to its interleaved rotary layout by permuting the
+# Q/K weights; qwen2/qwen3 use NeoX rotary there, which is HF's layout already.
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "llama": ("LlamaForCausalLM", True),
+    "mistral": ("LlamaForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
+}
+
+SUPPORTED_TYPES = frozenset({
+    Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
+    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
+})
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# llama.cpp-only tensors: rotary tables that HF recomputes from the config.
+_SKIPPED_RE = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+
+
+def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    """One metadata value as Python (str, number, bool or list), or default if absent."""
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _f32(value: Any) -> float:
+    # GGUF floats are float32: print the shortest repr so 1e-5 comes back as 1e-5.
+    return float(str(np.float32(value)))
+
+
+class GGUFCheckpoint(Checkpoint):
+    def __init__(self, path: Path) -> None:
+        self.source = path
+        name = path.name
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+        if magic != b"GGUF":
+            raise CheckpointError(f"{name} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
+        try:
+            self._reader = gguf.GGUFReader(path)
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError,
+                UnicodeDecodeError) as e:
+            # The reader indexes past the end or fails a reshape when the file is cut short.
+            raise CheckpointError(f"{name} is truncated or corrupt: {e}") from None
+        file_size = len(self._reader.data)
+        for t in self._reader.tensors:
+            if t.data_offset + t.n_bytes > file_size:
+                raise CheckpointError(
+                    f"{name} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}"
+                    f" but the file has {file_size}; re-download it")
+        arch = field(self._reader, "general.architecture")
+        if arch not in ARCHITECTURES:
+            raise CheckpointError(
+                f"{name} has GGUF architecture {arch!r}; kiln reads: " + ", ".join(ARCHITECTURES))
+        self._permuted = ARCHITECTURES[arch][1]
+        self._names = self._map_names()
+        try:
+            self.config = self._read_config(arch)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            # e.g. a per-layer list where llama-family models have one head count
+            raise CheckpointError(f"{name} has malformed model metadata: {e}") from None
+
+    def _map_names(self) -> dict[str, str]:
+        names: dict[str, str] = {}
+        for t in self._reader.tensors:
+            if _SKIPPED_RE.fullmatch(t.name):
+                continue
+            hf = _GLOBAL_NAMES.get(t.name)
+            m = _LAYER_RE.fullmatch(t.name)
+            if m and m[2] in _LAYER_NAMES:
+                hf = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+            if hf is None:
+                raise CheckpointError(
+                    f"{self.source.name} has tensor {t.name!r}, which kiln does not know; "
+                    "this GGUF is not a plain llama-family model")
+            if t.tensor_type not in SUPPORTED_TYPES:
+                raise CheckpointError(
+                    f"{self.source.name}: tensor {t.name} has type {t.tensor_type.name}, which "
+                    "kiln cannot dequantize; supported: "
+                    + ", ".join(q.name for q in sorted(SUPPORTED_TYPES)))
+            names[t.name] = hf
+        return names
+
+    def _read_config(self, arch: str) -> ModelConfig:
+        r = self._reader
+
+        def need(key: str) -> int:
+            value = field(r, f"{arch}.{key}")
+            if not isinstance(value, int):
+                raise CheckpointError(
+                    f"{self.source.name} lacks the integer metadata {arch}.{key} (found {value!r})")
+            return value
+
+        hidden, heads = need("embedding_length"), need("attention.head_count")
+        head_dim = (field(r, f"{arch}.attention.key_length")
+                    or field(r, f"{arch}.rope.dimension_count") or hidden // heads)
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        vocab = field(r, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
+        if vocab is None:
+            vocab = next((int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight"), 0)
+        theta = _f32(field(r, f"{arch}.rope.freq_base", 10000.0))
+        eps = field(r, f"{arch}.attention.layer_norm_rms_epsilon")
+        # Stop on end-of-turn too: chat GGUFs often keep <|eot_id|> apart from eos.
+        eos = [field(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        tensor_names = set(self._names)
+        return ModelConfig(
+            architecture=ARCHITECTURES[arch][0],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=need("feed_forward_length"),
+            num_layers=need("block_count"),
+            num_heads=heads,
+            num_kv_heads=int(field(r, f"{arch}.attention.head_count_kv") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(field(r, f"{arch}.context_length", 4096)),
+            rms_norm_eps=1e-6 if eps is None else _f32(eps),
+            rope_theta=theta,
+            rope_scaling=self._rope_scaling(arch, theta, int(head_dim)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            bos_token_id=field(r, "tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
+        )
+
+    def _rope_scaling(self, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
+        r = self._reader
+        kind = field(r, f"{arch}.rope.scaling.type", "none")
+        factor = field(r, f"{arch}.rope.scaling.factor")
+        if kind in ("linear", "yarn") and factor:
+            scaling: dict[str, Any] = {"rope_type": kind, "factor": _f32(factor)}
+            orig = field(r, f"{arch}.rope.scaling.original_context_length")
+            if orig:
+                scaling["original_max_position_embeddings"] = int(orig)
+            return scaling
+        if kind != "none":
+            raise CheckpointError(
+                f"{self.source.name} uses rope scaling {kind!r}; kiln supports linear and yarn")
+        freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
+        return None if freqs is None else self._llama3_rope(freqs, theta, head_dim)
+
+    def _llama3_rope(self, t: Any, theta: float, head_dim: int) -> dict[str, Any] | None:
+        """Llama 3.1+ keeps its rope scaling only as per-frequency divisors (rope_freqs).
+
+        Recompute them from the HF llama3 formula with Meta's published parameters and
+        accept the file only if they match, so a model is never run with the wrong rotary.
+        """
+        got = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64)
+        if np.allclose(got, 1.0):
+            return None
+        scaling = {"rope_type": "llama3", "factor": _f32(got.max()), "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        orig, low, high = 8192, 1.0, 4.0
+        want = []
+        for i in range(head_dim // 2):
+            wavelen = 2 * math.pi * theta ** (2 * i / head_dim)
+            smooth = min(max((orig / wavelen - low) / (high - low), 0.0), 1.0)
+            want.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+        if len(want) != len(got) or not np.allclose(got, want, rtol=1e-4):
+            raise CheckpointError(
+                f"{self.source.name} has a rope_freqs tensor that is not Llama 3 rope scaling "
+                "with the usual parameters; kiln cannot reproduce its rotary embedding")
+        return scaling
+
+    def num_tensors(self) -> int:
+        return len(self._names)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        cfg = self.config
+        for t in self._reader.tensors:
+            hf = self._names.get(t.name)
+            if hf is None:
+                continue
+            array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if not array.flags.writeable:  # F32 is a view of the read-only mmap: own a copy
+                array = array.copy()
+            # GGUF lists dims innermost first; PyTorch outermost first.
+            w = torch.from_numpy(array).reshape([int(d) for d in reversed(t.shape)])
+            if self._permuted and (".q_proj." in hf or ".k_proj." in hf):
+                w = unpermute_qk(w, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
+            yield hf, w
+
+    def write_tokenizer(self, dest: Path) -> bool:
+        from kiln.checkpoint.gguf_tokenizer import write_gguf_tokenizer
+
+        return write_gguf_tokenizer(self._reader, dest)
+
+    def fingerprint(self) -> str:
+        st = self.source.stat()
+        key = f"{self.source.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF -> llama.cpp: each head's rows [first half | second half] become interleaved pairs."""
+    return w.reshape(n_heads, 2, -1, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp -> HF: the inverse of permute_qk (rows (i, pair) back to (half, i))."""
+    if w.shape[0] % (2 * n_heads):
+        raise CheckpointError(
+            f"a Q/K tensor has {w.shape[0]} rows, not a multiple of 2 x {n_heads} heads")
+    return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
