@@ -1,8 +1,9 @@
-"""`kiln build | run` (serve, bench and eval register here as they land)."""
+"""`kiln build | run | serve | bench`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> None:
               f"device: {engine.device})", file=sys.stderr)
 
 
+# Each module defines add_parser(subparsers) adding its commands with set_defaults(func=...).
+_PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     _add_build_args(p)
     p.set_defaults(func=cmd_run)
+
+    # Subcommands that live with their feature register themselves here.
+    for module in _PLUGIN_COMMANDS:
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("kiln"):
+                raise
 
     args = parser.parse_args(argv)
     try:
