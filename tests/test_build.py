@@ -1,0 +1,179 @@
+"""Build: engine dir layout, round trip, every checkpoint format, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln import LLM, SamplingParams
+from kiln.build import build, load_engine_config
+from kiln.config import BuildConfig
+from kiln.errors import BuildError, CheckpointError, KilnError
+from tests.conftest import make_hf_model
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPT = [3, 14, 15, 92, 65]
+F32 = BuildConfig(dtype="float32", max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama") / "hf"
+    make_hf_model("llama", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(llama_folder, tmp_path_factory) -> list[int]:
+    engine = build(llama_folder, tmp_path_factory.mktemp("ref") / "e", F32, progress=False)
+    return LLM(engine, device="cpu").generate(PROMPT, GREEDY)[0].token_ids
+
+
+def copy_folder(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_engine_dir_layout_and_round_trip(llama_folder, reference_tokens, tmp_path, monkeypatch):
+    engine = build(llama_folder, tmp_path / "engine", F32, progress=False)
+    cfg = load_engine_config(engine)
+    assert cfg.model.architecture == "LlamaForCausalLM"
+    assert cfg.build.dtype == "float32" and cfg.build.max_seq_len == 128
+    assert cfg.source["fingerprint"]
+    names = set(load_file(str(engine / "rank0.safetensors")))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names
+    assert "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert not any("q_proj" in n or "gate_proj." in n for n in names)
+    # Loading an engine converts nothing: the checkpoint readers are never touched.
+    import kiln.checkpoint
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the runtime opened a checkpoint")
+
+    monkeypatch.setattr(kiln.checkpoint, "open_checkpoint", no_conversion)
+    monkeypatch.setattr("kiln.resolve.open_checkpoint", no_conversion)
+    assert LLM(engine, device="cpu").generate(PROMPT, GREEDY)[0].token_ids == reference_tokens
+
+
+def test_sharded_safetensors_and_bin_give_same_tokens(tmp_path, reference_tokens):
+    sharded = tmp_path / "sharded"
+    model = make_hf_model("llama", sharded)
+    shutil.rmtree(sharded)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(sharded / "config.json", binary)
+    torch.save(model.state_dict(), binary / "pytorch_model.bin")
+    for folder in (sharded, binary):
+        engine = build(folder, tmp_path / f"e-{folder.name}", F32, progress=False)
+        assert LLM(engine, device="cpu").generate(PROMPT, GREEDY)[0].token_ids == \
+            reference_tokens
+
+
+def test_llm_builds_hf_folder_into_cache(llama_folder, reference_tokens, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    llm = LLM(llama_folder, BuildConfig(dtype="float32", max_seq_len=128), device="cpu")
+    assert llm.engine_dir.is_relative_to(tmp_path)
+    assert llm.generate(PROMPT, GREEDY)[0].token_ids == reference_tokens
+    # Second time: the cached engine is reused, not rebuilt.
+    mtime = (llm.engine_dir / "engine.json").stat().st_mtime_ns
+    again = LLM(llama_folder, BuildConfig(dtype="float32", max_seq_len=128), device="cpu")
+    assert again.engine_dir == llm.engine_dir
+    assert (again.engine_dir / "engine.json").stat().st_mtime_ns == mtime
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+BAD_SOURCES = {
+    "missing path": (lambda f, t: t / "nope", "does not exist"),
+    "no config.json": (lambda f, t: (copy_folder(f, t / "x") / "config.json").unlink() or t / "x",
+                       "no config.json"),
+    "unknown architecture": (
+        lambda f, t: _edit_config(copy_folder(f, t / "x"), architectures=["GPT2LMHeadModel"])
+        or t / "x", "unsupported architecture 'GPT2LMHeadModel'"),
+    "shape mismatch": (
+        lambda f, t: _edit_config(copy_folder(f, t / "x"), intermediate_size=96) or t / "x",
+        "does not match the config"),
+    "bad config json": (
+        lambda f, t: [(copy_folder(f, t / "x") / "config.json").write_text("{oops"),
+                      t / "x"][1], "not valid JSON"),
+    "no weights": (
+        lambda f, t: (copy_folder(f, t / "x") / "model.safetensors").unlink() or t / "x",
+        "has no weights"),
+}
+
+
+def _truncate(folder: Path, tmp: Path) -> Path:
+    dst = copy_folder(folder, tmp / "x")
+    weights = dst / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _drop_tensor(folder: Path, tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    dst = copy_folder(folder, tmp / "x")
+    state = load_file(str(dst / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+BAD_SOURCES["truncated safetensors"] = (_truncate, "truncated")
+BAD_SOURCES["missing tensor"] = (_drop_tensor, "missing 1 tensor(s): model.layers.1.mlp")
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_source_fails_with_clear_error(case, llama_folder, tmp_path):
+    make_source, message = BAD_SOURCES[case]
+    source = make_source(llama_folder, tmp_path)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(source, tmp_path / "out", F32, progress=False)
+    assert not (tmp_path / "out").exists()  # nothing half-built left behind
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (BuildConfig(tp_size=3), "tp_size 3 does not divide"),
+    (BuildConfig(dtype="int8"), "--dtype 'int8'"),
+    (BuildConfig(max_seq_len=0), "max_seq_len must be at least 1"),
+])
+def test_bad_build_config(cfg, message, llama_folder, tmp_path):
+    with pytest.raises(BuildError, match=message):
+        build(llama_folder, tmp_path / "out", cfg, progress=False)
+
+
+def test_cli_reports_one_line_without_traceback(llama_folder, tmp_path):
+    bad = copy_folder(llama_folder, tmp_path / "bad")
+    _edit_config(bad, architectures=["GPT2LMHeadModel"])
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "build", str(bad), "-o",
+                             str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("kiln: error: unsupported architecture")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_build_then_run(llama_folder, reference_tokens, tmp_path):
+    out = tmp_path / "engine"
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "build", str(llama_folder), "-o",
+                             str(out), "--dtype", "float32", "--max-seq-len", "128"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (out / "engine.json").exists()
+    with pytest.raises(KilnError, match="no tokenizer"):
+        LLM(out, device="cpu").generate("text needs a tokenizer", GREEDY)
