@@ -6,7 +6,8 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,13 +16,8 @@ from kiln.build.engine_dir import load_engine_config
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner, StepResult
-from kiln.runtime.request import (
-    CompletionOutput,
-    Request,
-    RequestOutput,
-    RequestStatus,
-    SamplingParams,
-)
+from kiln.runtime.output_processor import Group, Sequence, apply_token
+from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -43,17 +39,6 @@ class RuntimeConfig:
     max_num_tokens: int | None = None  # None: the build's
 
 
-@dataclass
-class _Tracked:
-    """Engine-side state of one request: text so far and its detokenizer."""
-
-    request: Request
-    prompt: str | None
-    detok: IncrementalDetokenizer | None
-    text: str = ""
-    new_token_ids: list[int] = field(default_factory=list)
-
-
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
         self.engine_dir = Path(engine_dir)
@@ -68,6 +53,10 @@ class LLMEngine:
         self.runner = ModelRunner(self.engine_dir, self.config, self.device)
         self.max_seq_len = build.max_seq_len
         num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
+        min_blocks = -(-build.max_seq_len // build.block_size)
+        if num_blocks < min_blocks:
+            raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
+                            f"max_seq_len={build.max_seq_len}; need at least {min_blocks}")
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -77,7 +66,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
             self.tokenizer.eos_token_id is not None else ())
-        self.requests: dict[str, _Tracked] = {}
+        self.groups: dict[str, Group] = {}
+        self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
 
     def _auto_num_blocks(self) -> int:
@@ -99,9 +89,8 @@ class LLMEngine:
         params = params or SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
+        if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
         token_ids = self._encode(prompt)
         if not token_ids:
             raise RequestError("the prompt is empty")
@@ -116,15 +105,33 @@ class LLMEngine:
         if max_tokens > room:
             raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                                f"exceeds max_seq_len ({self.max_seq_len})")
-        request = Request(request_id, token_ids, params, max_tokens, self.eos_token_ids)
-        request.sampling_seed = params.seed if params.seed is not None else \
-            random.getrandbits(62)
-        request.bad_words_token_ids = [self._encode(" " + w.lstrip(), False)
-                                       for w in params.bad_words]
-        detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
-            if self.tokenizer else None
-        self.requests[request_id] = _Tracked(request, text, detok)
-        self.scheduler.add(request)
+        bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
+        sequences = []
+        for index in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(seq_id, token_ids, params, max_tokens, self.eos_token_ids)
+            request.sampling_seed = params.seed + index if params.seed is not None else \
+                random.getrandbits(62)
+            request.bad_words_token_ids = bad_words
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
+                if self.tokenizer else None
+            sequences.append(Sequence(request, index, request_id, detok))
+        group = Group(request_id, prompt if isinstance(prompt, str) else None, sequences)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]  # the first prompt token has no logprob
+            sequences[0].request.prompt_logprobs = params.prompt_logprobs
+        self.groups[request_id] = group
+        for seq in sequences:
+            self._seq_of[seq.request.request_id] = seq
+        # Siblings of n > 1 wait until the first has computed the prompt, then reuse its
+        # KV blocks through the prefix cache instead of computing the prompt n times.
+        lead, *rest = [s.request for s in sequences]
+        self.scheduler.add(lead)
+        if self.kv.enable_prefix_caching:
+            group.held_back = rest
+        else:
+            for r in rest:
+                self.scheduler.add(r)
         return request_id
 
     def _encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -135,19 +142,24 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens)
 
     def abort(self, request_id: str) -> None:
-        tracked = self.requests.pop(request_id, None)
-        if tracked and not tracked.request.status.finished:
-            self.scheduler.finish(tracked.request, RequestStatus.FINISHED_ABORTED)
+        """Stop a request at once and free all its KV blocks. Unknown ids are ignored."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.sequences:
+            self._seq_of.pop(seq.request.request_id, None)
+            if not seq.request.status.finished:
+                self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.groups)
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, apply the sampled tokens; outputs that changed."""
         out = self.scheduler.schedule()
         if not out:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if self.scheduler.waiting:
                 raise KilnError("the KV cache is too small for the next request")
             return []
         now = time.monotonic()
@@ -159,72 +171,54 @@ class LLMEngine:
         return self._process(result)
 
     def _process(self, result: StepResult) -> list[RequestOutput]:
-        outputs = []
+        changed: dict[str, Group] = {}
+        for request_id, entries in result.prompt_logprobs.items():
+            group = self.groups[self._seq_of[request_id].group_id]
+            group.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
+            changed[group.request_id] = group
         now = time.monotonic()
         for row, (request, token) in enumerate(zip(result.requests, result.token_ids)):
-            tracked = self.requests.get(request.request_id)
-            if tracked is None or request.status.finished:
+            seq = self._seq_of.get(request.request_id)
+            if seq is None or request.status.finished:
                 continue
-            request.token_ids.append(token)
             if request.stats.first_token_time is None:
                 request.stats.first_token_time = now
-            if result.logprobs is not None and request.params.logprobs is not None:
-                self._record_logprobs(request, result, row)
-            tracked.new_token_ids.append(token)
-            if tracked.detok is not None:
-                tracked.text += tracked.detok.add(token)
-            self._check_stop(tracked, token)
-            if request.status.finished:
+            logprobs = (result.logprobs[row], result.logprob_ids[row]) \
+                if result.logprobs is not None else None
+            status = apply_token(seq, token, logprobs)
+            if status is not None:
                 request.stats.finish_time = now
-            outputs.append(self._output(tracked))
+                self.scheduler.finish(request, status)
+            group = self.groups[seq.group_id]
+            if group.held_back:  # the prompt is computed now: release the siblings
+                self.scheduler.waiting.extendleft(reversed(group.held_back))
+                group.held_back = []
+            changed[group.request_id] = group
+        outputs = []
+        for group in changed.values():
+            output = group.output()
+            if output.finished:
+                self.groups.pop(group.request_id, None)
+                for seq in group.sequences:
+                    self._seq_of.pop(seq.request.request_id, None)
+            outputs.append(output)
         return outputs
 
-    def _record_logprobs(self, request: Request, result: StepResult, row: int) -> None:
-        n = request.params.logprobs or 0
-        values, ids = result.logprobs[row], result.logprob_ids[row]  # type: ignore[index]
-        entry = {ids[0]: values[0]}
-        entry.update(zip(ids[1:n + 1], values[1:n + 1]))
-        request.logprobs.append(entry)
-        request.cumulative_logprob += values[0]
-
-    def _check_stop(self, tracked: _Tracked, token: int) -> None:
-        request, params = tracked.request, tracked.request.params
-        status = None
-        if request.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, None
-            elif token in params.stop_token_ids:
-                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
-            elif params.stop:
-                status = self._check_stop_strings(tracked)
-        if status is None and request.num_output_tokens >= request.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(request, status)
-
-    def _check_stop_strings(self, tracked: _Tracked) -> RequestStatus | None:
-        params = tracked.request.params
-        for stop in params.stop:
-            index = tracked.text.find(stop)
-            if index >= 0:
-                end = index + len(stop) if params.include_stop_str_in_output else index
-                tracked.text = tracked.text[:end]
-                tracked.request.stop_reason = stop
-                return RequestStatus.FINISHED_STOPPED
-        return None
-
-    def _output(self, tracked: _Tracked) -> RequestOutput:
-        r = tracked.request
-        completion = CompletionOutput(
-            index=0, text=tracked.text, token_ids=r.output_token_ids,
-            finish_reason=r.finish_reason, stop_reason=r.stop_reason,
-            cumulative_logprob=r.cumulative_logprob if r.params.logprobs is not None else None,
-            logprobs=r.logprobs if r.params.logprobs is not None else None)
-        finished = r.status.finished
-        if finished:
-            self.requests.pop(r.request_id, None)
-        return RequestOutput(r.request_id, tracked.prompt, r.prompt_token_ids, [completion],
-                             finished, r.stats)
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None
+               ) -> Iterator[str]:
+        """Run one request to the end, yielding its text as it is generated."""
+        request_id = self.add_request(prompt, params)
+        shown = 0
+        try:
+            while request_id in self.groups:
+                for output in self.step():
+                    if output.request_id == request_id:
+                        text = output.outputs[0].text
+                        if len(text) > shown:
+                            yield text[shown:]
+                            shown = len(text)
+        finally:
+            self.abort(request_id)
 
     # ---- stats ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -59,8 +59,8 @@ class KVCacheManager:
 
         At least one token is always left to compute: its logits start the generation.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt position computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         found = []
         for h in self._hashes(request.token_ids, max_blocks):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ class StepResult:
     token_ids: list[int]
     logprobs: list[list[float]] | None = None  # per row: [sampled, top1..topn]
     logprob_ids: list[list[int]] | None = None
+    # request id -> one {token: logprob} per prompt position computed this step
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -116,15 +118,39 @@ class ModelRunner:
         input_ids, positions, meta, logits_indices = self.prepare(out)
         with forward_context(meta):
             hidden = self.model(input_ids, positions)
+        prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
         sampling = [e.request for e in out.scheduled if e.sample]
         if not sampling:
-            return StepResult([], [])
+            return StepResult([], [], prompt_logprobs=prompt_lp)
         logits = self.model.compute_logits(hidden[logits_indices])
         batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
         tokens, lp, lp_ids = sample(logits, batch)
         return StepResult(sampling, tokens.tolist(),
                           lp.tolist() if lp is not None else None,
-                          lp_ids.tolist() if lp_ids is not None else None)
+                          lp_ids.tolist() if lp_ids is not None else None, prompt_lp)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
+                         query_starts: list[int]) -> dict[str, list[dict[int, float]]]:
+        """Logprob of each next prompt token (plus the top-n) at the positions computed."""
+        result = {}
+        for i, entry in enumerate(out.scheduled):
+            r = entry.request
+            if r.prompt_logprobs is None:
+                continue
+            start = r.num_computed_tokens
+            end = min(start + entry.num_new_tokens, r.num_prompt_tokens - 1)
+            if end <= start:
+                continue
+            rows = hidden[query_starts[i]:query_starts[i] + end - start]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+            targets = torch.tensor(r.token_ids[start + 1:end + 1], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            top_lp, top_ids = logprobs.topk(r.prompt_logprobs, dim=-1)
+            result[r.request_id] = [
+                {t: c, **dict(zip(ids, lps))}
+                for t, c, ids, lps in zip(targets.tolist(), chosen, top_ids.tolist(),
+                                          top_lp.tolist())]
+        return result
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:

@@ -110,6 +110,7 @@ class Request:
         # Noise seed for sampling: per request, so a seeded request is batch invariant.
         self.sampling_seed = 0
         self.bad_words_token_ids: list[list[int]] = []
+        self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -167,6 +168,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestStats | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def text(self) -> str:
