@@ -1,0 +1,89 @@
+"""Incremental detokenization (byte-level BPE, SentencePiece) and stop strings."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEXTS = ["Hello, world! 你好世界 🎉🎉 naïve café", "  leading spaces\tand\ttabs\n\nnew lines",
+         "日本語のテキストです。", "emoji mix: 👩‍👩‍👧 family, 🇫🇷 flag", "x = [i**2 for i in range(10)]"]
+
+
+def check_incremental(tokenizer: Tokenizer, text: str) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt, output = ids[:2], ids[2:]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(t) for t in output]
+    assert not any("\ufffd" in d for d in deltas)  # never half a character
+    assert "".join(deltas) == tokenizer.decode(ids)[len(tokenizer.decode(prompt)):]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_engine) -> Tokenizer:
+    return Tokenizer.from_engine(smollm2_engine)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_byte_level_bpe_incremental(smollm2_tokenizer, text):
+    check_incremental(smollm2_tokenizer, text)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory) -> Tokenizer:
+    """botchan_en_bpe_1000.model from the sentencepiece sdist, as a HF tokenizer.json."""
+    from tests.test_smollm2 import botchan_text
+
+    botchan_text()  # downloads the sdist into the cache
+    sdist = sorted((Path.home() / ".cache" / "kiln" / "data").glob("sentencepiece-*.tar.gz"))[-1]
+    folder = tmp_path_factory.mktemp("spm")
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("botchan_en_bpe_1000.model"))
+        (folder / "sp.model").write_bytes(tar.extractfile(member).read())
+    from transformers import LlamaTokenizerFast
+
+    LlamaTokenizerFast(vocab_file=str(folder / "sp.model")).save_pretrained(folder)
+    return Tokenizer(folder)
+
+
+@pytest.mark.parametrize("text", ["I am a cat. As yet I have no name.",
+                                  "  two  spaces and   three", "Botchan's café, naïve!"])
+def test_sentencepiece_incremental(sentencepiece_tokenizer, text):
+    check_incremental(sentencepiece_tokenizer, text)
+
+
+def test_stop_string_across_tokens(smollm2_engine):
+    llm = LLM(smollm2_engine, device="cpu")
+    prompt = "The capital of France is"
+    free = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0))[0]
+    text = free.text
+    # A stop string starting in the middle of one token and ending in another.
+    stop = text[len(text) // 2 - 2: len(text) // 2 + 3]
+    out = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+    kept = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0, stop=[stop],
+                                               include_stop_str_in_output=True))[0]
+    assert kept.text == text[:text.index(stop) + len(stop)]
+
+
+def test_stream_yields_the_same_text(smollm2_engine):
+    llm = LLM(smollm2_engine, device="cpu")
+    params = SamplingParams(max_tokens=16, temperature=0)
+    pieces = list(llm.engine.stream("Once upon a time", params))
+    assert len(pieces) > 3
+    assert "".join(pieces) == llm.generate("Once upon a time", params)[0].text
+    assert llm.engine.kv.num_used_blocks == 0
+
+
+def test_chat_template_applies(smollm2_engine):
+    llm = LLM(smollm2_engine, device="cpu")
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=16, temperature=0))[0]
+    assert "Paris" in out.text
