@@ -57,11 +57,16 @@ class LLMEngine:
         if num_blocks < min_blocks:
             raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
                             f"max_seq_len={build.max_seq_len}; need at least {min_blocks}")
+        max_num_tokens = runtime.max_num_tokens or build.max_num_tokens
+        if not runtime.enable_chunked_prefill and max_num_tokens < build.max_seq_len:
+            raise KilnError(f"without chunked prefill, max_num_tokens ({max_num_tokens}) must "
+                            f"be at least max_seq_len ({build.max_seq_len}) or long prompts "
+                            "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.kv, runtime.max_batch_size or build.max_batch_size,
-            runtime.max_num_tokens or build.max_num_tokens, runtime.scheduler_policy,
+            max_num_tokens, runtime.scheduler_policy,
             runtime.enable_chunked_prefill)
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
