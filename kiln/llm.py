@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.resolve import resolve_engine
+from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
 
@@ -44,6 +45,14 @@ class LLM:
                         results[output.request_id] = output
                         bar.update(1)
         return [results[i] for i in ids]
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt],
+                    params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
+        """The best beams per prompt, best first, with cumulative logprobs and scores."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        token_ids = [self.engine._encode(p) for p in prompts]
+        return beam_search(self.engine, token_ids, params or BeamSearchParams())
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
