@@ -42,7 +42,8 @@ def alone(tiny_engines) -> dict[str, list[int]]:
     lengths = [random.Random(i).randrange(1, 40) for i in range(16)]
     out = {}
     for i, prompt in enumerate(prompts):
-        out[str(i)] = run_all(engine, [prompt], SamplingParams(max_tokens=lengths[i], **GREEDY))["0"]
+        params = SamplingParams(max_tokens=lengths[i], **GREEDY)
+        out[str(i)] = run_all(engine, [prompt], params)["0"]
     return out
 
 
