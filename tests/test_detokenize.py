@@ -11,7 +11,9 @@ from kiln import LLM, SamplingParams
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = ["Hello, world! 你好世界 🎉🎉 naïve café",
-         "  leading spaces\tand\ttabs\n\nnew lines", "日本語のテキストです。", "emoji mix: 👩‍👩‍👧 family, 🇫🇷 flag", "x = [i**2 for i in range(10)]"]
+         "  leading spaces\tand\ttabs\n\nnew lines", "日本語のテキストです。",
+         "emoji mix: 👩‍👩‍👧 family, 🇫🇷 flag",
+         "x = [i**2 for i in range(10)]"]
 
 
 def check_incremental(tokenizer: Tokenizer, text: str) -> None:
