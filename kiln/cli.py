@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 import time
@@ -35,9 +36,17 @@ def cmd_build(args: argparse.Namespace) -> None:
     from kiln.build import build
     from kiln.resolve import default_model
 
-    source = Path(args.source) if args.source else default_model()
+    if args.random_weights:
+        from kiln.checkpoint.random import RandomCheckpoint
+
+        source = RandomCheckpoint(args.config or "llama-3.1-8b")
+    else:
+        if args.config:
+            raise KilnError("--config names a preset for --random-weights only")
+        source = Path(args.source) if args.source else default_model()
     started = time.perf_counter()
-    out = build(source, args.output, _build_config(args))
+    out = build(source, args.output, dataclasses.replace(
+        _build_config(args), random_weights=args.random_weights))
     print(f"kiln: built {out} in {time.perf_counter() - started:.1f} s")
 
 
@@ -88,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="build a HF folder or GGUF file into an engine dir")
     p.add_argument("source", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M)")
     p.add_argument("-o", "--output", required=True, help="engine dir to write")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights of a real architecture (see --config), for speed tests")
+    p.add_argument("--config", help="preset for --random-weights: llama-3.1-8b, llama-3.2-1b, "
+                   "llama-3.2-3b, llama-3.1-70b, qwen2.5-7b, qwen3-8b, mistral-7b, smollm2-135m")
     _add_build_args(p)
     p.set_defaults(func=cmd_build)
 

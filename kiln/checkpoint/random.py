@@ -1,0 +1,124 @@
+"""Random-weight checkpoints of real architectures, for measuring speed without downloads.
+
+Speed does not depend on weight values, so `kiln build --random-weights --config
+llama-3.1-8b` gives an engine with the exact shapes of the real model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kiln.checkpoint.base import Checkpoint
+from kiln.config import ModelConfig
+from kiln.errors import CheckpointError
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama(**kw) -> dict:
+    base = dict(architecture="LlamaForCausalLM", rms_norm_eps=1e-5, bos_token_id=128000,
+                eos_token_ids=(128001, 128009), vocab_size=128256, head_dim=128,
+                rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+                max_position_embeddings=131072)
+    return {**base, **kw}
+
+
+PRESETS: dict[str, dict] = {
+    "llama-3.1-8b": _llama(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                           num_heads=32, num_kv_heads=8),
+    "llama-3.1-70b": _llama(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                            num_heads=64, num_kv_heads=8),
+    "llama-3.2-1b": _llama(hidden_size=2048, intermediate_size=8192, num_layers=16,
+                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
+                           rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.2-3b": _llama(hidden_size=3072, intermediate_size=8192, num_layers=28,
+                           num_heads=24, num_kv_heads=8, tie_word_embeddings=True,
+                           rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),
+    "qwen2.5-7b": dict(architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                       head_dim=128, qkv_bias=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, eos_token_ids=(151645,)),
+    "qwen3-8b": dict(architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, qk_norm=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     max_position_embeddings=40960, eos_token_ids=(151645,)),
+    "mistral-7b": dict(architecture="MistralForCausalLM", vocab_size=32768, hidden_size=4096,
+                       intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                       head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=32768, eos_token_ids=(2,)),
+    "smollm2-135m": dict(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, max_position_embeddings=8192,
+                         eos_token_ids=(2,)),
+}
+
+
+class RandomCheckpoint(Checkpoint):
+    """Normal(0, 0.02) weights (norms at 1) under HF names, for a preset or a ModelConfig."""
+
+    def __init__(self, config: str | ModelConfig, seed: int = 0,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise CheckpointError(f"unknown --config {config!r}; presets: "
+                                      + ", ".join(PRESETS))
+            self.name = config
+            config = ModelConfig(**PRESETS[config])
+        else:
+            self.name = config.architecture
+        self.config = config
+        self.source = Path(f"random:{self.name}")
+        self.seed = seed
+        self.dtype = dtype
+
+    def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        c = self.config
+        h, kv = c.hidden_size, c.kv_size
+        shapes = [("model.embed_tokens.weight", (c.vocab_size, h)), ("model.norm.weight", (h,))]
+        if not c.tie_word_embeddings:
+            shapes.append(("lm_head.weight", (c.vocab_size, h)))
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            shapes += [(p + "input_layernorm.weight", (h,)),
+                       (p + "post_attention_layernorm.weight", (h,)),
+                       (p + "self_attn.q_proj.weight", (c.q_size, h)),
+                       (p + "self_attn.k_proj.weight", (kv, h)),
+                       (p + "self_attn.v_proj.weight", (kv, h)),
+                       (p + "self_attn.o_proj.weight", (h, c.q_size)),
+                       (p + "mlp.gate_proj.weight", (c.intermediate_size, h)),
+                       (p + "mlp.up_proj.weight", (c.intermediate_size, h)),
+                       (p + "mlp.down_proj.weight", (h, c.intermediate_size))]
+            if c.qkv_bias:
+                shapes += [(p + "self_attn.q_proj.bias", (c.q_size,)),
+                           (p + "self_attn.k_proj.bias", (kv,)),
+                           (p + "self_attn.v_proj.bias", (kv,))]
+            if c.qk_norm:
+                shapes += [(p + "self_attn.q_norm.weight", (c.head_dim,)),
+                           (p + "self_attn.k_norm.weight", (c.head_dim,))]
+        return shapes
+
+    def num_tensors(self) -> int:
+        return len(self._shapes())
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for name, shape in self._shapes():
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(shape, dtype=self.dtype)
+            else:
+                yield name, torch.empty(shape, dtype=self.dtype).normal_(0, 0.02,
+                                                                        generator=generator)
+
+    def write_tokenizer(self, dest: Path) -> bool:
+        return False  # random engines take token ids
+
+    def fingerprint(self) -> str:
+        key = json.dumps([self.config.to_dict(), self.seed], sort_keys=True, default=str)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
