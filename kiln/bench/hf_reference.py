@@ -1,0 +1,70 @@
+"""A HuggingFace transformers model with an engine's exact weights, for side-by-side runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kiln.build.engine_dir import load_engine_config, rank_file
+from kiln.config import ModelConfig
+
+_HF_CONFIG = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+              "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config"}
+
+
+def hf_config(cfg: ModelConfig):
+    import transformers
+
+    config_cls = getattr(transformers, _HF_CONFIG[cfg.architecture])
+    kwargs = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+    )
+    if cfg.architecture == "LlamaForCausalLM":
+        kwargs.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    return config_cls(**kwargs)
+
+
+def unfused_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+    """Split kiln's fused qkv_proj / gate_up_proj back into HF's separate projections."""
+    out = {}
+    for name, tensor in state.items():
+        if ".qkv_proj." in name:
+            q, k, v = tensor.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=0)
+            for part, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[name.replace("qkv_proj", part)] = t
+        elif ".gate_up_proj." in name:
+            gate, up = tensor.chunk(2, dim=0)
+            out[name.replace("gate_up_proj", "gate_proj")] = gate
+            out[name.replace("gate_up_proj", "up_proj")] = up
+        else:
+            out[name] = tensor
+    return out
+
+
+def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "cpu"):
+    """transformers model (eval, engine dtype, on device) holding the engine's rank-0 weights."""
+    import transformers
+
+    engine = load_engine_config(engine_dir)
+    if engine.build.tp_size * engine.build.pp_size != 1:
+        raise ValueError("the transformers comparison needs a single-rank engine")
+    cfg = engine.model
+    dtype = getattr(torch, engine.build.dtype)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
+    state = unfused_state_dict(cfg, load_file(str(rank_file(Path(engine_dir), 0)),
+                                              device=str(device)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ValueError(f"weights do not fit transformers: {missing[:3]} {unexpected[:3]}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

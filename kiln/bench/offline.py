@@ -1,0 +1,231 @@
+"""`kiln bench latency` and `kiln bench throughput`: the engine in-process, optionally
+side by side with HuggingFace transformers' `generate` on the very same weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
+    p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf (default: SmolLM2)")
+    p.add_argument("--random-config", help="build a random-weight engine of this preset "
+                   "(e.g. llama-3.1-8b) into the cache and bench it")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--input-len", type=int, default=1000 if latency else 128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-requests", type=int, default=1 if latency else 256)
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--kv-fraction", type=float, default=0.9,
+                   help="fraction of free GPU memory for the KV cache")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run transformers generate on the same weights")
+    p.add_argument("--hf-batch", type=int, default=None,
+                   help="transformers batch size (default: all requests at once, max 64)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
+
+
+def _engine(args: argparse.Namespace) -> LLMEngine:
+    from kiln.config import BuildConfig
+    from kiln.resolve import resolve_engine
+
+    max_seq_len = args.input_len + args.output_len + 16
+    build_cfg = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
+                            max_seq_len=max(max_seq_len, 256), max_num_tokens=args.max_num_tokens)
+    if args.random_config:
+        from kiln.build import build
+        from kiln.checkpoint.random import RandomCheckpoint
+        from kiln.resolve import cache_dir
+
+        ckpt = RandomCheckpoint(args.random_config)
+        engine_dir = cache_dir() / "engines" / f"random-{args.random_config}-{build_cfg.dtype}"
+        engine_dir = engine_dir.with_name(engine_dir.name + f"-{build_cfg.max_seq_len}")
+        if not (engine_dir / "engine.json").exists():
+            started = time.perf_counter()
+            build(ckpt, engine_dir, build_cfg)
+            print(f"built {engine_dir} in {time.perf_counter() - started:.1f} s")
+    else:
+        engine_dir = resolve_engine(args.model, build_cfg)
+    started = time.perf_counter()
+    engine = LLMEngine(engine_dir, RuntimeConfig(device=args.device,
+                                                 kv_cache_memory_fraction=args.kv_fraction))
+    engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
+    return engine
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
+                progress: bool = True) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    started = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, f"bench-{i}")
+    first: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    with tqdm(total=len(prompts), desc="kiln", unit="req", disable=not progress,
+              leave=False) as bar:
+        while engine.has_unfinished():
+            for out in engine.step():
+                now = time.perf_counter()
+                first.setdefault(out.request_id, now)
+                if out.finished:
+                    finished[out.request_id] = now
+                    bar.update(1)
+    elapsed = time.perf_counter() - started
+    ttft = sorted(first[k] - started for k in first)
+    tpot = [(finished[k] - first[k]) / (output_len - 1) for k in finished] if output_len > 1 \
+        else [0.0]
+    return {"seconds": elapsed, "ttft_ms": 1000 * ttft[len(ttft) // 2],
+            "tpot_ms": 1000 * sorted(tpot)[len(tpot) // 2],
+            "output_tok_s": len(prompts) * output_len / elapsed,
+            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
+
+
+def _run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
+            batch: int) -> dict[str, Any]:
+    from kiln.bench.hf_reference import hf_model_from_engine
+
+    model = hf_model_from_engine(engine.engine_dir, engine.device)
+
+    def generate(chunk: list[list[int]], n: int) -> None:
+        ids = torch.tensor(chunk, device=engine.device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    generate(prompts[:1], 2)  # warm up
+    started = time.perf_counter()
+    generate(prompts[:1], 1)
+    ttft = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), batch), desc="transformers", leave=False):
+        generate(prompts[i:i + batch], output_len)
+    elapsed = time.perf_counter() - started
+    per_batch = elapsed / -(-len(prompts) // batch)
+    del model
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"seconds": elapsed, "ttft_ms": 1000 * ttft,
+            "tpot_ms": 1000 * (per_batch - ttft) / max(output_len - 1, 1),
+            "output_tok_s": len(prompts) * output_len / elapsed,
+            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
+
+
+def measured_copy_bandwidth(device: torch.device) -> float | None:
+    """Device memory bandwidth in GB/s from a large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 20 * src.numel() / (start.elapsed_time(end) / 1000) / 1e9
+
+
+def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
+    """Bytes one batch-1 decode step must read: every weight but the embedding table
+    (one row of it), plus the KV cache of the context."""
+    model = engine.runner.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if not engine.config.model.tie_word_embeddings:
+        weights -= embed.numel() * embed.element_size()
+    kv = engine.runner.kv_bytes_per_block() * context_len // engine.runner.block_size
+    return weights + kv
+
+
+def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    engine = _engine(args)
+    vocab = engine.config.model.vocab_size
+    prompts = _prompts(args.num_requests, args.input_len, vocab)
+    _run_engine(engine, _prompts(min(len(prompts), 4), args.input_len, vocab, seed=1), 4,
+                progress=False)  # warm up: kernels compiled, graphs captured
+    kiln = _run_engine(engine, prompts, args.output_len)
+    result: dict[str, Any] = {
+        "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
+        "dtype": engine.config.build.dtype, "input_len": args.input_len,
+        "output_len": args.output_len, "num_requests": args.num_requests,
+        "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
+    }
+    bandwidth = measured_copy_bandwidth(engine.device)
+    if mode == "latency" and bandwidth:
+        needed = decode_bytes_per_token(engine, args.input_len + args.output_len // 2)
+        result["copy_bandwidth_gb_s"] = bandwidth
+        result["decode_bytes_per_token"] = needed
+        result["roofline_tpot_ms"] = 1000 * needed / (bandwidth * 1e9)
+        result["achieved_bandwidth_gb_s"] = needed / (kiln["tpot_ms"] / 1000) / 1e9
+        result["fraction_of_roofline"] = result["roofline_tpot_ms"] / kiln["tpot_ms"]
+    if args.compare_hf:
+        batch = args.hf_batch or min(len(prompts), 64)
+        result["transformers"] = _run_hf(engine, prompts, args.output_len, batch)
+        result["speedup_output_tok_s"] = kiln["output_tok_s"] / \
+            result["transformers"]["output_tok_s"]
+    _report(result, args.out)
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _report(result: dict[str, Any], out: str | None) -> None:
+    rows = [("kiln", result["kiln"])]
+    if "transformers" in result:
+        rows.append(("transformers", result["transformers"]))
+    print(f"\n{result['mode']} on {result['device']} ({result['dtype']}), "
+          f"{result['num_requests']} x {result['input_len']} in / {result['output_len']} out")
+    print(f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>12}{'total tok/s':>13}")
+    for name, r in rows:
+        print(f"{name:<14}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.2f}{r['output_tok_s']:>12.1f}"
+              f"{r['total_tok_s']:>13.1f}")
+    if "fraction_of_roofline" in result:
+        print(f"HBM: {result['achieved_bandwidth_gb_s']:.0f} GB/s achieved of "
+              f"{result['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = "
+              f"{100 * result['fraction_of_roofline']:.1f}% of roofline")
+    if "speedup_output_tok_s" in result:
+        print(f"kiln / transformers: {result['speedup_output_tok_s']:.1f}x output tokens/s")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        _plot(rows, result, Path(out).with_suffix(".png"))
+
+
+def _plot(rows: list[tuple[str, dict]], result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, key, label in zip(axes, ("output_tok_s", "ttft_ms", "tpot_ms"),
+                              ("output tokens/s (higher is better)", "TTFT ms", "TPOT ms")):
+        ax.bar([n for n, _ in rows], [r[key] for _, r in rows], color=["#c0392b", "#7f8c8d"])
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"kiln bench {result['mode']}: {result['device']}, {result['num_requests']} x "
+                 f"{result['input_len']}/{result['output_len']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
