@@ -35,6 +35,7 @@ class RuntimeConfig:
     scheduler_policy: str = "max_utilization"
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    cuda_graphs: bool = True  # capture decode graphs at load (CUDA only)
     max_batch_size: int | None = None  # None: the build's
     max_num_tokens: int | None = None  # None: the build's
 
@@ -64,6 +65,8 @@ class LLMEngine:
                             "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
+        if runtime.cuda_graphs:
+            self.runner.capture_graphs(runtime.max_batch_size or build.max_batch_size)
         self.scheduler = Scheduler(
             self.kv, runtime.max_batch_size or build.max_batch_size,
             max_num_tokens, runtime.scheduler_policy,

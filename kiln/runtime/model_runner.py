@@ -14,6 +14,7 @@ from kiln.config import EngineConfig
 from kiln.distributed import Mapping
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.models import create_model
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
@@ -55,6 +56,7 @@ class ModelRunner:
         self.model.eval()
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -64,14 +66,25 @@ class ModelRunner:
             self.dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """num_blocks usable blocks, plus one scratch block for padded graph rows."""
         layers = self.model.attention_layers()
         a = layers[0]
-        self.kv_cache = torch.empty(len(layers), 2, num_blocks, self.block_size,
+        self.kv_cache = torch.empty(len(layers), 2, num_blocks + 1, self.block_size,
                                     a.num_kv_heads, a.head_dim, dtype=self.dtype,
                                     device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
+
+    def capture_graphs(self, max_batch_size: int) -> None:
+        """CUDA-graph the decode step for every batch bucket up to max_batch_size."""
+        if self.device.type != "cuda":
+            return
+        max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, self.block_size,
+                                   self.num_blocks, self.device)
+        seconds = self.graphs.capture()
+        log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
     # ---- one step -------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
@@ -116,13 +129,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         input_ids, positions, meta, logits_indices = self.prepare(out)
-        with forward_context(meta):
-            hidden = self.model(input_ids, positions)
-        prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
         sampling = [e.request for e in out.scheduled if e.sample]
-        if not sampling:
-            return StepResult([], [], prompt_logprobs=prompt_lp)
-        logits = self.model.compute_logits(hidden[logits_indices])
+        decode = meta.max_query_len == 1 and len(sampling) == len(out.scheduled) and \
+            not any(r.prompt_logprobs is not None for r in sampling)
+        if decode and self.graphs is not None and \
+                self.graphs.can_run(len(sampling), meta.block_tables.shape[1]):
+            logits, prompt_lp = self.graphs.run(input_ids, positions, meta), {}
+        else:
+            with forward_context(meta):
+                hidden = self.model(input_ids, positions)
+            prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
+            if not sampling:
+                return StepResult([], [], prompt_logprobs=prompt_lp)
+            logits = self.model.compute_logits(hidden[logits_indices])
         batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
         tokens, lp, lp_ids = sample(logits, batch)
         return StepResult(sampling, tokens.tolist(),
