@@ -47,12 +47,15 @@ def alone(tiny_engines) -> dict[str, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("chunked, budget", [(True, 24), (True, 512), (False, 512)])
-def test_batch_invariance(tiny_engines, alone, chunked, budget):
+@pytest.mark.parametrize("chunked, budget, overlap", [
+    (True, 24, False), (True, 512, False), (False, 512, False), (True, 24, True)])
+def test_batch_invariance(tiny_engines, alone, chunked, budget, overlap):
     """Each request's greedy tokens are the same alone or among 15 others arriving at
-    different steps, with chunked prefill on (small and large token budgets) and off."""
+    different steps, with chunked prefill on (small and large token budgets) and off,
+    and with overlap scheduling (step N+1 launched before step N's tokens are read)."""
     engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(
-        device="cpu", enable_chunked_prefill=chunked, max_num_tokens=budget))
+        device="cpu", enable_chunked_prefill=chunked, max_num_tokens=budget,
+        overlap_scheduling=overlap))
     prompts = make_prompts(16)
     params = [SamplingParams(max_tokens=len(alone[str(i)]), **GREEDY) for i in range(16)]
     arrivals = [random.Random(100 + i).randrange(0, 12) for i in range(16)]
@@ -60,9 +63,11 @@ def test_batch_invariance(tiny_engines, alone, chunked, budget):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def test_preemption_under_small_kv_pool(tiny_engines, alone):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_under_small_kv_pool(tiny_engines, alone, overlap):
     # 16 blocks of 16 tokens: room for about 3 requests at once; 16 requests want more.
-    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16))
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16,
+                                                            overlap_scheduling=overlap))
     prompts = make_prompts(16)
     params = [SamplingParams(max_tokens=len(alone[str(i)]), **GREEDY) for i in range(16)]
     assert run_all(engine, prompts, params) == alone
@@ -80,8 +85,10 @@ def test_guaranteed_no_evict_never_preempts(tiny_engines, alone):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def test_abort_frees_everything(tiny_engines):
-    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_frees_everything(tiny_engines, overlap):
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16,
+                                                            overlap_scheduling=overlap))
     for i, prompt in enumerate(make_prompts(8)):
         engine.add_request(prompt, SamplingParams(max_tokens=50, n=1 + i % 3, **GREEDY), str(i))
     for _ in range(5):
@@ -115,8 +122,10 @@ def test_prefix_reuse_computes_fewer_tokens(tiny_engines):
     assert on.kv.hit_rate > 0
 
 
-def test_n_sequences_share_the_prompt(tiny_engines):
-    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_n_sequences_share_the_prompt(tiny_engines, overlap):
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
+                                                            overlap_scheduling=overlap))
     prompt = list(range(5, 70))
     engine.add_request(prompt, SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=7),
                        "r")

@@ -117,9 +117,11 @@ def generate(engine, prompt, params, request_id="x"):
                 return out
 
 
-def test_seeded_request_is_the_same_alone_or_in_a_batch(engine):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_seeded_request_is_the_same_alone_or_in_a_batch(engine, overlap):
     params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=1234)
     alone = generate(engine, [5, 6, 7], params).token_ids
+    engine.overlap = overlap
     engine.add_request([5, 6, 7], params, "seeded")
     for i in range(6):
         engine.add_request([9 + i] * (3 + i), SamplingParams(max_tokens=25, temperature=1.0),
@@ -128,11 +130,14 @@ def test_seeded_request_is_the_same_alone_or_in_a_batch(engine):
     while engine.has_unfinished():
         results.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert results["seeded"] == alone
+    engine.overlap = False
     assert generate(engine, [5, 6, 7], SamplingParams(max_tokens=20, temperature=0.9,
                                                        seed=99)).token_ids != alone
 
 
-def test_stop_token_ids_and_max_tokens(engine):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_token_ids_and_max_tokens(engine, overlap):
+    engine.overlap = overlap
     free = generate(engine, [5, 6, 7], SamplingParams(max_tokens=12, temperature=0,
                                                        ignore_eos=True))
     stop_at = free.token_ids[4]
@@ -142,6 +147,7 @@ def test_stop_token_ids_and_max_tokens(engine):
     assert out.token_ids == free.token_ids[:first + 1]
     assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop_at
     assert free.finish_reason == "length" and len(free.token_ids) == 12
+    engine.overlap = False
 
 
 def test_logprobs_are_consistent(engine):

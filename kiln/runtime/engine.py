@@ -15,9 +15,15 @@ import torch
 from kiln.build.engine_dir import load_engine_config
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.model_runner import ModelRunner, StepResult
+from kiln.runtime.model_runner import ModelRunner, PendingStep, StepResult
 from kiln.runtime.output_processor import Group, Sequence, apply_token
-from kiln.runtime.request import Request, RequestOutput, RequestStatus, SamplingParams
+from kiln.runtime.request import (
+    PLACEHOLDER,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
 from kiln.runtime.scheduler import Scheduler
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -36,6 +42,9 @@ class RuntimeConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graphs: bool = True  # capture decode graphs at load (CUDA only)
+    # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
+    # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
+    overlap_scheduling: bool | None = None
     max_batch_size: int | None = None  # None: the build's
     max_num_tokens: int | None = None  # None: the build's
 
@@ -74,6 +83,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
             self.tokenizer.eos_token_id is not None else ())
+        self.overlap = runtime.overlap_scheduling if runtime.overlap_scheduling is not None \
+            else self.device.type == "cuda"
+        self._pending: PendingStep | None = None
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
@@ -164,19 +176,46 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, apply the sampled tokens; outputs that changed."""
+        """Schedule, run the model once, apply the sampled tokens; outputs that changed.
+
+        With overlap scheduling, this step is launched first and the previous step's
+        tokens are applied while the device computes it; its own outputs come next call.
+        """
         out = self.scheduler.schedule()
-        if not out:
-            if self.scheduler.waiting:
-                raise KilnError("the KV cache is too small for the next request")
-            return []
-        now = time.monotonic()
+        previous, self._pending = self._pending, None
+        outputs: list[RequestOutput] = []
+        if previous is not None and not (out and self.overlap and
+                                         not self._needs_host_tokens(out)):
+            outputs += self._process(previous.result())
+            previous = None
+        if out:
+            now = time.monotonic()
+            for entry in out.scheduled:
+                if entry.request.stats.first_scheduled_time is None:
+                    entry.request.stats.first_scheduled_time = now
+            pending = self.runner.launch(out, previous)
+            self.scheduler.update(out)
+            for request in pending.requests:
+                request.token_ids.append(PLACEHOLDER)
+            if self.overlap:
+                self._pending = pending
+            else:
+                outputs += self._process(pending.result())
+        elif previous is None and not outputs and self.scheduler.waiting:
+            raise KilnError("the KV cache is too small for the next request")
+        if previous is not None:
+            outputs += self._process(previous.result())
+        return outputs
+
+    @staticmethod
+    def _needs_host_tokens(out) -> bool:
+        """Penalties and bad words read the generated tokens' values on the host."""
         for entry in out.scheduled:
-            if entry.request.stats.first_scheduled_time is None:
-                entry.request.stats.first_scheduled_time = now
-        result = self.runner.execute(out)
-        self.scheduler.update(out)
-        return self._process(result)
+            p = entry.request.params
+            if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or \
+                    entry.request.bad_words_token_ids:
+                return True
+        return False
 
     def _process(self, result: StepResult) -> list[RequestOutput]:
         changed: dict[str, Group] = {}
@@ -185,7 +224,8 @@ class LLMEngine:
             group.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
             changed[group.request_id] = group
         now = time.monotonic()
-        for row, (request, token) in enumerate(zip(result.requests, result.token_ids)):
+        for row, (request, token, index) in enumerate(zip(result.requests, result.token_ids,
+                                                          result.indices)):
             seq = self._seq_of.get(request.request_id)
             if seq is None or request.status.finished:
                 continue
@@ -193,7 +233,7 @@ class LLMEngine:
                 request.stats.first_token_time = now
             logprobs = (result.logprobs[row], result.logprob_ids[row]) \
                 if result.logprobs is not None else None
-            status = apply_token(seq, token, logprobs)
+            status = apply_token(seq, token, index, logprobs)
             if status is not None:
                 request.stats.finish_time = now
                 self.scheduler.finish(request, status)

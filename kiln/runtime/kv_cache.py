@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from kiln.runtime.request import Request
+from kiln.runtime.request import PLACEHOLDER, Request
 
 
 class KVCacheManager:
@@ -104,7 +104,10 @@ class KVCacheManager:
         """Register the request's computed full blocks for reuse by later requests."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        known = request.num_computed_tokens
+        if request.token_ids[-1] == PLACEHOLDER:  # a block holding it is not known yet
+            known = min(known, request.num_tokens - 1)
+        num_full = min(known // self.block_size, len(request.block_ids))
         hashes = self._hashes(request.token_ids, num_full)
         for block, h in zip(request.block_ids[:num_full], hashes):
             if self.block_hash[block] is None and h not in self.cached:

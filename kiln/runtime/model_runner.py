@@ -15,7 +15,7 @@ from kiln.distributed import Mapping
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.models import create_model
 from kiln.runtime.cuda_graphs import DecodeGraphs
-from kiln.runtime.request import Request
+from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
 
@@ -28,10 +28,36 @@ class StepResult:
 
     requests: list[Request]
     token_ids: list[int]
+    indices: list[int]  # where in request.token_ids each sampled token belongs
     logprobs: list[list[float]] | None = None  # per row: [sampled, top1..topn]
     logprob_ids: list[list[int]] | None = None
     # request id -> one {token: logprob} per prompt position computed this step
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled tokens may still be in flight on the device."""
+
+    requests: list[Request]
+    indices: list[int]
+    tokens: torch.Tensor | None  # [num sampled] on the device
+    logprobs: torch.Tensor | None
+    logprob_ids: torch.Tensor | None
+    prompt_logprobs: dict[str, list[dict[int, float]]]
+
+    def row_of(self) -> dict[str, int]:
+        return {r.request_id: i for i, r in enumerate(self.requests)}
+
+    def result(self) -> StepResult:
+        """Wait for the device and bring the tokens to the host (the step's one sync)."""
+        if self.tokens is None:
+            return StepResult([], [], [], prompt_logprobs=self.prompt_logprobs)
+        return StepResult(
+            self.requests, self.tokens.tolist(), self.indices,
+            self.logprobs.tolist() if self.logprobs is not None else None,
+            self.logprob_ids.tolist() if self.logprob_ids is not None else None,
+            self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -87,8 +113,10 @@ class ModelRunner:
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
     # ---- one step -------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor,
-                                                     AttentionMetadata, torch.Tensor]:
+    def prepare(self, out: SchedulerOutput, previous: PendingStep | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Build the step's device tensors once. Tokens still in flight from `previous`
+        (placeholders on the host) are filled in on the device, without a sync."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -96,9 +124,13 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_indices: list[int] = []
         bs = self.block_size
+        in_flight: list[tuple[int, int]] = []  # (input position, row in previous.tokens)
+        rows = previous.row_of() if previous is not None else {}
         for entry in out.scheduled:
             r = entry.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + entry.num_new_tokens
+            if r.token_ids[end - 1] == PLACEHOLDER:
+                in_flight.append((len(input_ids) + end - 1 - start, rows[r.request_id]))
             input_ids += r.token_ids[start:end]
             positions += range(start, end)
             slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
@@ -123,12 +155,18 @@ class ModelRunner:
             max_query_len=max(e.num_new_tokens for e in out.scheduled),
             max_seq_len=max(seq_lens),
         )
-        return (to_device(input_ids, torch.int64), to_device(positions, torch.int64), meta,
-                to_device(logits_indices, torch.int64))
+        ids = to_device(input_ids, torch.int64)
+        if in_flight:
+            where, source = zip(*in_flight)
+            ids[to_device(list(where), torch.int64)] = \
+                previous.tokens[to_device(list(source), torch.int64)]  # type: ignore[union-attr]
+        return ids, to_device(positions, torch.int64), meta, to_device(logits_indices,
+                                                                      torch.int64)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        input_ids, positions, meta, logits_indices = self.prepare(out)
+    def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
+        """Enqueue the step's forward and sampling; returns before the device finishes."""
+        input_ids, positions, meta, logits_indices = self.prepare(out, previous)
         sampling = [e.request for e in out.scheduled if e.sample]
         decode = meta.max_query_len == 1 and len(sampling) == len(out.scheduled) and \
             not any(r.prompt_logprobs is not None for r in sampling)
@@ -140,13 +178,16 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions)
             prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
             if not sampling:
-                return StepResult([], [], prompt_logprobs=prompt_lp)
+                return PendingStep([], [], None, None, None, prompt_lp)
             logits = self.model.compute_logits(hidden[logits_indices])
         batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
         tokens, lp, lp_ids = sample(logits, batch)
-        return StepResult(sampling, tokens.tolist(),
-                          lp.tolist() if lp is not None else None,
-                          lp_ids.tolist() if lp_ids is not None else None, prompt_lp)
+        indices = [r.num_tokens for r in sampling]
+        return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp)
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Launch and wait: one whole step, synchronously."""
+        return self.launch(out).result()
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
                          query_starts: list[int]) -> dict[str, list[dict[int, float]]]:

@@ -50,11 +50,13 @@ class Group:
                              self.finished, first.stats, self.prompt_logprobs)
 
 
-def apply_token(seq: Sequence, token: int, logprobs: tuple[list[float], list[int]] | None
-                ) -> RequestStatus | None:
-    """Append a sampled token; return the finish status if the sequence must stop."""
+def apply_token(seq: Sequence, token: int, index: int,
+                logprobs: tuple[list[float], list[int]] | None) -> RequestStatus | None:
+    """Put a sampled token at its place in the sequence (where a placeholder stood);
+    return the finish status if the sequence must stop there."""
     request, params = seq.request, seq.request.params
-    request.token_ids.append(token)
+    request.token_ids[index] = token
+    generated = index + 1 - request.num_prompt_tokens
     if logprobs is not None and params.logprobs is not None:
         values, ids = logprobs
         entry = {ids[0]: values[0]}
@@ -65,15 +67,17 @@ def apply_token(seq: Sequence, token: int, logprobs: tuple[list[float], list[int
     if seq.detok is not None:
         seq.text += seq.detok.add(token)
     status = None
-    if request.num_output_tokens >= params.min_tokens:
+    if generated >= params.min_tokens:
         if not params.ignore_eos and token in request.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif token in params.stop_token_ids:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
         elif params.stop:
             status = _check_stop_strings(seq, text_before)
-    if status is None and request.num_output_tokens >= request.max_tokens:
+    if status is None and generated >= request.max_tokens:
         status = RequestStatus.FINISHED_LENGTH
+    if status is not None:
+        del request.token_ids[index + 1:]  # a later step's in-flight token is dropped
     return status
 
 

@@ -67,6 +67,10 @@ class SamplingParams:
                 raise RequestError(message)
 
 
+# Stands in request.token_ids for a sampled token still on its way from the device.
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -122,7 +126,11 @@ class Request:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens known on the host (without a trailing in-flight placeholder)."""
+        end = len(self.token_ids)
+        while end > self.num_prompt_tokens and self.token_ids[end - 1] == PLACEHOLDER:
+            end -= 1
+        return self.token_ids[self.num_prompt_tokens:end]
 
     @property
     def num_output_tokens(self) -> int:

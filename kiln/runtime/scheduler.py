@@ -77,6 +77,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_output_tokens >= request.max_tokens:
+                i += 1  # its last token is still in flight; it will finish, not continue
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
