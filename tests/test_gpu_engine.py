@@ -1,0 +1,90 @@
+"""The engine on a CUDA GPU: kernels + CUDA graphs + overlap against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.build import build
+from kiln.config import BuildConfig
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import SamplingParams
+from tests.conftest import ARCH_CONFIGS
+from tests.test_runtime import make_prompts, run_all
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU")]
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def gpu_engines(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = BuildConfig(dtype=dtype, max_batch_size=32, max_seq_len=512, max_num_tokens=1024)
+        for arch, (folder, _) in tiny_checkpoints.items():
+            out[arch, dtype] = build(folder, root / f"{arch}-{dtype}", cfg, progress=False)
+    return out
+
+
+def hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device="cuda")
+        seq = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None)
+    return seq[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_fp32_greedy_matches_transformers_on_gpu(arch, tiny_checkpoints, gpu_engines):
+    _, hf = tiny_checkpoints[arch]
+    hf = hf.to("cuda")
+    engine = LLMEngine(gpu_engines[arch, "float32"], RuntimeConfig(device="cuda"))
+    prompts = make_prompts(6, seed=3)
+    got = run_all(engine, prompts, SamplingParams(max_tokens=24, **GREEDY))
+    for i, prompt in enumerate(prompts):
+        assert got[str(i)] == hf_greedy(hf, prompt, 24), (arch, i)
+    hf.to("cpu")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines):
+    from kiln.eval import sequence_logits
+
+    _, hf = tiny_checkpoints[arch]
+    hf = hf.to("cuda", torch.bfloat16)
+    engine = LLMEngine(gpu_engines[arch, "bfloat16"], RuntimeConfig(device="cuda"))
+    tokens = list(range(3, 200))
+    with torch.no_grad():
+        want = hf(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
+    got = sequence_logits(engine, tokens)
+    assert (got - want).norm() / want.norm() < 2e-2
+    hf.to("cpu", torch.float32)
+
+
+@pytest.mark.parametrize("graphs, overlap", [(False, False), (True, False), (True, True)])
+def test_graphs_and_overlap_keep_tokens(gpu_engines, graphs, overlap):
+    """Same greedy tokens eager, with CUDA graphs, and with overlap scheduling (fp32)."""
+    path = gpu_engines["llama", "float32"]
+    prompts = make_prompts(24, seed=5)
+    arrivals = [i // 3 for i in range(24)]
+    params = [SamplingParams(max_tokens=8 + i, **GREEDY) for i in range(24)]
+    ref = LLMEngine(path, RuntimeConfig(device="cuda", cuda_graphs=False,
+                                        overlap_scheduling=False))
+    want = run_all(ref, prompts, params, arrivals)
+    engine = LLMEngine(path, RuntimeConfig(device="cuda", cuda_graphs=graphs,
+                                           overlap_scheduling=overlap))
+    assert (engine.runner.graphs is not None) == graphs
+    assert run_all(engine, prompts, params, arrivals) == want
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_seeded_sampling_same_on_gpu_with_graphs(gpu_engines):
+    path = gpu_engines["llama", "float32"]
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=11)
+    a = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), [[5, 6, 7]], params)
+    b = run_all(LLMEngine(path, RuntimeConfig(device="cuda", cuda_graphs=False)),
+                [[5, 6, 7]], params)
+    assert a == b
