@@ -103,7 +103,7 @@ def _run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
 
     model = hf_model_from_engine(engine.engine_dir, engine.device)
 
-    def generate(chunk: list[list[int]], n: int) -> None:
+    def generate(chunk: list[list[int]], n: int, model=model) -> None:
         ids = torch.tensor(chunk, device=engine.device)
         with torch.no_grad():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -229,3 +229,12 @@ def _plot(rows: list[tuple[str, dict]], result: dict[str, Any], path: Path) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def add_parser(modes: argparse._SubParsersAction) -> None:
+    for mode, latency, help_text in (
+            ("latency", True, "batch-1 TTFT, TPOT, tokens/s and HBM roofline"),
+            ("throughput", False, "offline throughput of N fixed-length requests")):
+        p = modes.add_parser(mode, help=help_text)
+        add_arguments(p, latency)
+        p.set_defaults(func=lambda args, mode=mode: run(args, mode))

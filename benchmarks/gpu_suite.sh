@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything kiln checks and measures on a GPU, in one device call.
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
+# Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+stages=${*:-tests kernels latency throughput}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for stage in $stages; do
+  echo "=== $stage"; start=$(date +%s)
+  case $stage in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
+             tests/test_gpu_engine.py 2>&1 | tail -40 ;;
+    kernels) python3 -m kiln.kernels.bench --out "$OUT/kernels.json" 2>&1 | tail -40 ;;
+    build8b) python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
+             -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
+    latency) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+             --output-len 256 --out "$OUT/latency.json" 2>&1 | tail -12 ;;
+    latency-hf) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+             --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
+    throughput) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+             --output-len 128 --num-requests 1000 --out "$OUT/tput-128.json" 2>&1 | tail -8 ;;
+    throughput-1k) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+             --input-len 1000 --output-len 1000 --num-requests 1000 --out "$OUT/tput-1k.json" 2>&1 | tail -8 ;;
+    throughput-hf) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+             --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
+             --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "=== $stage took $(( $(date +%s) - start )) s"
+done

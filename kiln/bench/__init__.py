@@ -1,0 +1,1 @@
+"""`kiln bench`: benchmarks that print a table and write JSON (+ a PNG plot)."""

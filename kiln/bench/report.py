@@ -1,0 +1,75 @@
+"""Shared by the benchmark modes: percentiles, a text table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PERCENTILES = (50, 90, 99)
+
+
+def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, float | None]:
+    """mean and p50/p90/p99 (linear interpolation) of `values` times `scale`."""
+    if not values:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    ordered = sorted(v * scale for v in values)
+
+    def percentile(p: float) -> float:
+        rank = (len(ordered) - 1) * p / 100
+        low, high = math.floor(rank), math.ceil(rank)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+    return {"mean": sum(ordered) / len(ordered),
+            **{f"p{p}": percentile(p) for p in PERCENTILES}}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(headers), *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def plot_lines(path: Path, title: str, x_label: str, x: Sequence[float],
+               panels: Sequence[tuple[str, dict[str, Sequence[float | None]]]]) -> None:
+    """One panel per (y label, {series name: values}), side by side, written as PNG."""
+    # The Agg canvas directly: no pyplot, so no global backend switch and no display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (y_label, series) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, values in series.items():
+            points = [(a, b) for a, b in zip(x, values) if b is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        if len(x) > 1 and min(x) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(list(x), [str(v) for v in x])
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(alpha=0.3)
+        if any(len(v) for v in series.values()):
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

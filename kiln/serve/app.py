@@ -1,0 +1,67 @@
+"""The FastAPI app: OpenAI and KServe v2 routes, health, metrics, guards, error handlers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import kiln
+from kiln.serve import kserve, openai_api
+from kiln.serve.async_llm import AsyncLLM
+from kiln.serve.context import ServeContext, get_context
+from kiln.serve.errors import install_error_handlers
+from kiln.serve.metrics import ServerMetrics
+from kiln.serve.middleware import GuardMiddleware, MetricsMiddleware
+from kiln.serve.tokens import TokenTexts
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless asked: the API key is optional
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    served_model_name: str | None = None  # None: from the model's file or folder name
+    log_level: str = "info"
+
+
+def default_model_name(llm: AsyncLLM) -> str:
+    """The source checkpoint's name (e.g. "SmolLM2-135M-Instruct.Q4_1"), URL-safe."""
+    engine = llm.engine
+    source = (engine.config.source or {}).get("path")
+    path = Path(source) if source else engine.engine_dir
+    name = path.stem if path.suffix == ".gguf" else path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "kiln"
+
+
+def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving `llm`; the caller owns `llm` (starts and shuts it down)."""
+    config = config or ServerConfig()
+    app = FastAPI(title="kiln", version=kiln.__version__)
+    metrics = ServerMetrics(llm.stats)
+    app.state.kiln = ServeContext(llm, config.served_model_name or default_model_name(llm),
+                                  metrics, TokenTexts(llm.tokenizer))
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(kserve.router)
+
+    @app.get("/health")
+    async def health(ctx: ServeContext = Depends(get_context)) -> Response:
+        alive = ctx.llm.alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped"},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus(ctx: ServeContext = Depends(get_context)) -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # The last added runs first: count every response, including the guard's refusals.
+    app.add_middleware(GuardMiddleware, api_key=config.api_key,
+                       max_body_bytes=config.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,190 @@
+"""AsyncLLM: the asyncio front of the engine.
+
+    llm = AsyncLLM.from_model("engines/llama", max_queue=256)
+    async for output in llm.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
+        print(output.text)  # cumulative: the text so far
+
+The engine steps in one background thread (`EngineLoop`). `submit` hands a group of
+requests to it and waits until the engine has accepted them, so a bad request fails
+right there (RequestError) while the caller can still answer 400. Outputs travel back
+through an asyncio queue per group (`loop.call_soon_threadsafe`). Leaving the iteration
+early, or cancelling the task that iterates (a client that disconnects), aborts the
+requests in the engine, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.config import BuildConfig
+from kiln.errors import KilnError
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.serve.engine_loop import EngineLoop, NewRequest, Prompt
+
+
+class QueueFullError(KilnError):
+    """More requests are unfinished than the server admits (`max_queue`)."""
+
+
+_ACCEPTED = object()
+
+
+class _AsyncSink:
+    """Forwards the engine thread's events into an asyncio queue on the caller's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> None:
+        self._loop = loop
+        self._events = events
+
+    def _post(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop has closed: nobody is listening any more
+
+    def accepted(self) -> None:
+        self._post(_ACCEPTED)
+
+    def output(self, output: RequestOutput) -> None:
+        self._post(output)
+
+    def error(self, error: BaseException) -> None:
+        self._post(error)
+
+
+class RequestStream:
+    """Cumulative outputs of one accepted group of requests, in arrival order.
+
+    Iterate it to the end, or call `abort()`; `AsyncLLM.generate` does both for you.
+    When the consumer falls behind, older outputs of a request are dropped in favour of
+    its newest one: outputs are cumulative, so nothing is lost.
+    """
+
+    def __init__(self, owner: AsyncLLM, request_ids: list[str],
+                 events: asyncio.Queue[Any]) -> None:
+        self.request_ids = request_ids
+        self._owner = owner
+        self._events = events
+        self._unfinished = set(request_ids)
+        self._pending: OrderedDict[str, RequestOutput] = OrderedDict()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        while not self._pending:
+            if not self._unfinished:
+                raise StopAsyncIteration
+            self._take(await self._events.get())
+            while not self._events.empty():
+                self._take(self._events.get_nowait())
+        return self._pending.popitem(last=False)[1]
+
+    def _take(self, item: object) -> None:
+        if isinstance(item, BaseException):
+            self._release(self._unfinished)
+            raise item
+        if isinstance(item, RequestOutput):
+            self._pending[item.request_id] = item
+            if item.finished:
+                self._release({item.request_id})
+
+    def _release(self, request_ids: set[str]) -> None:
+        ids = request_ids & self._unfinished
+        self._unfinished -= ids
+        self._owner._num_unfinished -= len(ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self._unfinished
+
+    def abort(self) -> None:
+        """Abort the requests that have not finished; safe to call more than once."""
+        if self._unfinished:
+            self._owner._loop.abort(sorted(self._unfinished))
+            self._release(set(self._unfinished))
+
+
+class AsyncLLM:
+    """Async generation over one LLMEngine. `max_queue` caps unfinished requests."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._loop = EngineLoop(engine)
+        self._num_unfinished = 0  # touched only from the event loop's thread
+        self._loop.start()
+
+    @classmethod
+    def from_model(cls, model: str | Path | None = None,
+                   build_config: BuildConfig | None = None, max_queue: int | None = None,
+                   **runtime: Any) -> AsyncLLM:
+        """`model`: an engine dir, a HF folder, a GGUF, or None for the default model."""
+        from kiln.resolve import resolve_engine
+
+        engine_dir = resolve_engine(model, build_config)
+        return cls(LLMEngine(engine_dir, RuntimeConfig(**runtime)), max_queue)
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 -- kiln.tokenizer.Tokenizer | None
+        return self.engine.tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted through this front that have not finished."""
+        return self._num_unfinished
+
+    @property
+    def alive(self) -> bool:
+        return self._loop.alive
+
+    def stats(self) -> dict[str, float]:
+        return self._loop.stats()
+
+    async def submit(self, requests: Sequence[tuple[Prompt, SamplingParams, str]]
+                     ) -> RequestStream:
+        """Add a group of requests that succeed or fail together; return once the engine
+        has accepted them. Raises QueueFullError at once when over `max_queue`, and the
+        engine's RequestError (bad prompt, too long, duplicate id) for this group only."""
+        if self.max_queue is not None and self._num_unfinished + len(requests) > self.max_queue:
+            raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished "
+                                 "requests; retry later")
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        stream = RequestStream(self, [request_id for _, _, request_id in requests], events)
+        self._num_unfinished += len(requests)
+        self._loop.add([NewRequest(*r) for r in requests],
+                       _AsyncSink(asyncio.get_running_loop(), events))
+        try:
+            first = await events.get()
+        except asyncio.CancelledError:
+            stream.abort()
+            raise
+        if first is not _ACCEPTED:
+            stream._release(set(stream.request_ids))
+            raise first
+        return stream
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs of one request until it finishes."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = await self.submit([(prompt, params or SamplingParams(), request_id)])
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.abort()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; unfinished requests fail with EngineDeadError."""
+        self._loop.shutdown()

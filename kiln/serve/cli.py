@@ -1,0 +1,80 @@
+"""`kiln serve` and `kiln triton-repo`."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from kiln.cli import _add_build_args, _build_config
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI API, KServe v2 / "
+                       "Triton generate, /health, /metrics")
+    p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf "
+                   "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: loopback only; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="answer 429 when N requests are running or waiting (default: no cap)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted (413 above it)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: from the model's file name)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    _add_build_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model "
+                       "repository (Python backend) that runs an engine")
+    p.add_argument("engine_dir")
+    p.add_argument("-o", "--output", required=True, help="model repository folder")
+    p.add_argument("--model-name", default="kiln")
+    p.add_argument("--copy-engine", action="store_true",
+                   help="copy the engine into the repository (else it is referenced by path)")
+    p.add_argument("--device", default="auto", help="device the model runs on in Triton")
+    p.set_defaults(func=cmd_triton_repo)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from kiln.errors import KilnError
+    from kiln.serve.app import ServerConfig, build_app
+    from kiln.serve.async_llm import AsyncLLM
+    from kiln.serve.server import run_server
+
+    if args.max_queue is not None and args.max_queue < 1:
+        raise KilnError("--max-queue must be at least 1")
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
+              "reach this port can use the model", file=sys.stderr)
+    llm = AsyncLLM.from_model(args.model, _build_config(args), max_queue=args.max_queue,
+                              device=args.device)
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                          max_body_bytes=args.max_body_bytes,
+                          served_model_name=args.served_model_name, log_level=args.log_level)
+    try:
+        run_server(build_app(llm, config), config)
+    finally:
+        llm.shutdown()
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> None:
+    from kiln.serve.triton_repo import write_triton_repo
+
+    model_dir = write_triton_repo(args.engine_dir, args.output, args.model_name,
+                                  args.copy_engine, args.device)
+    print(f"kiln: wrote {model_dir}; run: tritonserver --model-repository {args.output}")

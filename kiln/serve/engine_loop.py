@@ -1,0 +1,204 @@
+"""EngineLoop: one background thread owns an LLMEngine and runs its step loop.
+
+Nothing else touches the engine. Other threads hand in add/abort commands through a
+thread-safe queue; the loop applies them between steps and hands each request's outputs
+to that request's sink, from the engine thread. When no request is unfinished the thread
+blocks on the command queue, so an idle server burns no CPU.
+
+This module knows nothing of asyncio or HTTP: the asyncio front (`AsyncLLM`) and the
+Triton Python backend model both sit on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kiln.errors import KilnError, RequestError
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.request import RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class EngineStepError(KilnError):
+    """The engine failed while running a step; the requests it held were ended."""
+
+
+class EngineDeadError(KilnError):
+    """The engine loop has stopped and takes no more requests."""
+
+
+class OutputSink(Protocol):
+    """Receives one group's events, always on the engine thread; must not block long."""
+
+    def accepted(self) -> None:
+        """Every request of the group was added to the engine."""
+
+    def output(self, output: RequestOutput) -> None:
+        """A new cumulative output of one request of the group."""
+
+    def error(self, error: BaseException) -> None:
+        """The group failed (RequestError on add, EngineStepError later); no more events."""
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    prompt: Prompt
+    params: SamplingParams
+    request_id: str
+
+
+@dataclass
+class _Add:
+    requests: Sequence[NewRequest]
+    sink: OutputSink
+
+
+@dataclass
+class _Abort:
+    request_ids: Sequence[str]
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    """Owns `engine` from `start()` on; call only the methods below from other threads."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}  # engine thread only
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._stopped = threading.Event()
+
+    # ---- any thread -----------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, requests: Sequence[NewRequest], sink: OutputSink) -> None:
+        """Queue a group of requests that succeed or fail together (e.g. the n choices of
+        one API call). The sink hears `accepted` or `error` first, then outputs."""
+        if self._stopped.is_set():
+            sink.error(EngineDeadError("the engine has stopped"))
+            return
+        self._commands.put(_Add(requests, sink))
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """End these requests and free their KV blocks; their sink hears nothing more."""
+        self._commands.put(_Abort(request_ids))
+
+    def stats(self) -> dict[str, float]:
+        """The engine's stats as of the end of its last step (a snapshot, never torn)."""
+        return self._stats
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._commands.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- engine thread --------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block only when there is nothing to step: an idle engine sleeps here.
+                if not self._apply(self._next_commands(block=not self.engine.has_unfinished())):
+                    return
+                if self.engine.has_unfinished():
+                    self._step()
+                self._stats = self.engine.stats()
+        except BaseException:  # a bug in this loop: fail everyone rather than hang them
+            log.exception("the engine loop crashed")
+            raise
+        finally:
+            self._stopped.set()
+            dead = EngineDeadError("the engine has stopped")
+            self._fail_all(dead)
+            for command in self._next_commands(block=False):  # adds that came too late
+                if isinstance(command, _Add):
+                    _call(command.sink.error, dead)
+
+    def _next_commands(self, block: bool) -> list[object]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, commands: list[object]) -> bool:
+        for i, command in enumerate(commands):
+            if command is _STOP:
+                dead = EngineDeadError("the engine has stopped")
+                for later in commands[i + 1:]:
+                    if isinstance(later, _Add):
+                        _call(later.sink.error, dead)
+                return False
+            if isinstance(command, _Abort):
+                for request_id in command.request_ids:
+                    if self._sinks.pop(request_id, None) is not None:
+                        self.engine.abort(request_id)
+            elif isinstance(command, _Add):
+                self._add(command)
+        return True
+
+    def _add(self, command: _Add) -> None:
+        added: list[str] = []
+        try:
+            for new in command.requests:
+                added.append(self.engine.add_request(new.prompt, new.params, new.request_id))
+        except Exception as e:
+            # All or nothing: one bad prompt must not leave the rest of its call running.
+            for request_id in added:
+                self.engine.abort(request_id)
+            if not isinstance(e, KilnError):
+                log.exception("add_request failed")
+                e = RequestError(f"the request could not be added: {type(e).__name__}")
+            _call(command.sink.error, e)
+            return
+        for request_id in added:
+            self._sinks[request_id] = command.sink
+        _call(command.sink.accepted)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; ending the requests it held")
+            self._fail_all(EngineStepError(f"the engine failed: {e}"))
+            return
+        for output in outputs:
+            sink = (self._sinks.pop(output.request_id, None) if output.finished
+                    else self._sinks.get(output.request_id))
+            if sink is not None:
+                _call(sink.output, output)
+
+    def _fail_all(self, error: KilnError) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for request_id in sinks:
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                log.exception("abort of %s failed", request_id)
+        for sink in {id(s): s for s in sinks.values()}.values():
+            _call(sink.error, error)
+
+
+def _call(fn: Callable[..., object], *args: object) -> None:
+    """Run a sink callback; a broken sink must not take the engine thread down."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("output sink failed")

@@ -1,0 +1,118 @@
+"""HTTP errors: every failure becomes a JSON body in the schema of the API that was called.
+
+OpenAI routes answer `{"error": {"message", "type", "param", "code"}}`; KServe v2 routes
+answer `{"error": "message"}` as that protocol says. No traceback ever reaches a client:
+unexpected exceptions are logged here and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from kiln.errors import KilnError, RequestError
+from kiln.serve.async_llm import QueueFullError
+from kiln.serve.engine_loop import EngineDeadError, EngineStepError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
+
+
+class APIError(Exception):
+    """An error answered with `status`; raised by the route handlers."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None,
+               code: str | None = None) -> bytes:
+    if path.startswith("/v2"):
+        return json.dumps({"error": message}).encode()
+    error = {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
+             "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+def error_response(request: Request, error: APIError) -> JSONResponse:
+    body = error_body(request.url.path, error.status, error.message, error.param, error.code)
+    headers = {"Retry-After": "1"} if error.status == 429 else None
+    return JSONResponse(json.loads(body), status_code=error.status, headers=headers)
+
+
+def api_error(exc: BaseException) -> APIError:
+    """Map an exception raised while serving a request to what the client is told."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_stopped")
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), code="engine_error")
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), param=_param_of(str(exc)))
+    if isinstance(exc, KilnError):
+        return APIError(400, str(exc))
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return APIError(500, "internal server error", code="internal_error")
+
+
+_PARAM_NAME = re.compile(r"^([a-z_]+) (must|is|are) ")
+
+
+def _param_of(message: str) -> str | None:
+    """SamplingParams messages start with the parameter's name ("top_p must be ...")."""
+    match = _PARAM_NAME.match(message)
+    return match.group(1) if match else None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg', '')}", None
+    parts, param = [], None
+    for error in errors[:3]:
+        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(request, APIError(400, message, param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        message = {404: f"no route for {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed here"}.get(
+                       exc.status_code, str(exc.detail))
+        return error_response(request, APIError(exc.status_code, message))
+
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request, api_error(exc))
+
+    app.add_exception_handler(APIError, _known)
+    app.add_exception_handler(KilnError, _known)
+    # Anything else is a bug: Starlette answers with this handler, then re-raises so
+    # that uvicorn logs the traceback on the server's side.
+    app.add_exception_handler(Exception, _known)

@@ -1,0 +1,148 @@
+"""KServe v2 / Triton routes: health, server and model metadata, and Triton's generate
+extension (`/generate`, `/generate_stream`), so Triton clients and load balancers work.
+
+The model has one version, "1". Errors follow the v2 protocol: `{"error": "message"}`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+import kiln
+from kiln.runtime.request import RequestOutput
+from kiln.serve.context import ServeContext, get_context
+from kiln.serve.deltas import TextDeltas
+from kiln.serve.errors import APIError, api_error
+from kiln.serve.generate_params import INPUTS, OUTPUTS, GenerateInput, parse_generate_request
+from kiln.serve.metrics import RequestTracker
+from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, until_disconnect
+
+router = APIRouter(prefix="/v2")
+
+VERSION = "1"
+
+
+def _model(ctx: ServeContext, name: str, version: str) -> None:
+    ctx.check_model(name, status=404)
+    if version != VERSION:
+        raise APIError(404, f"model {name!r} has no version {version!r}; it has {VERSION!r}")
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "kiln", "version": kiln.__version__, "extensions": ["generate"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(ctx: ServeContext = Depends(get_context)) -> Response:
+    alive = ctx.llm.alive
+    return JSONResponse({"ready": alive}, status_code=200 if alive else 503)
+
+
+@router.get("/models/{name}")
+@router.get("/models/{name}/versions/{version}")
+async def model_metadata(name: str, version: str = VERSION,
+                         ctx: ServeContext = Depends(get_context)) -> dict[str, Any]:
+    _model(ctx, name, version)
+
+    def tensors(specs: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
+        return [{"name": n, "datatype": d, "shape": s} for n, d, s in specs]
+
+    return {"name": ctx.model_name, "versions": [VERSION], "platform": "kiln",
+            "inputs": tensors(INPUTS), "outputs": tensors(OUTPUTS)}
+
+
+@router.get("/models/{name}/ready")
+@router.get("/models/{name}/versions/{version}/ready")
+async def model_ready(name: str, version: str = VERSION,
+                      ctx: ServeContext = Depends(get_context)) -> Response:
+    _model(ctx, name, version)
+    alive = ctx.llm.alive
+    return JSONResponse({"name": name, "ready": alive}, status_code=200 if alive else 503)
+
+
+async def _start(ctx: ServeContext, name: str, version: str, body: Any, route: str
+                 ) -> tuple[GenerateInput, Any, RequestTracker]:
+    request_id = f"gen-{uuid.uuid4().hex}"
+    tracker = ctx.metrics.track(request_id, route)
+    try:
+        _model(ctx, name, version)
+        parsed = parse_generate_request(body)
+        stream = await ctx.llm.submit([(parsed.text, parsed.params, request_id)])
+    except BaseException as e:
+        tracker.finish("error", str(e))
+        raise
+    return parsed, stream, tracker
+
+
+def _reply(ctx: ServeContext, text: str, **extra: Any) -> dict[str, Any]:
+    return {"model_name": ctx.model_name, "model_version": VERSION, "text_output": text,
+            **extra}
+
+
+@router.post("/models/{name}/generate")
+@router.post("/models/{name}/versions/{version}/generate")
+async def generate(name: str, request: Request, body: Any = Body(...), version: str = VERSION,
+                   ctx: ServeContext = Depends(get_context)) -> Any:
+    parsed, stream, tracker = await _start(ctx, name, version, body, "/v2/models/{name}/generate")
+
+    async def consume() -> RequestOutput | None:
+        last = None
+        async for last in stream:
+            tracker.observe(last)
+        return last
+
+    try:
+        output = await until_disconnect(request, consume())
+    except ClientDisconnected:
+        tracker.finish("aborted")
+        return Response(status_code=499)
+    except Exception as e:
+        tracker.finish("error", str(e))
+        raise
+    finally:
+        stream.abort()
+    tracker.finish("ok")
+    text = output.text if output else ""
+    if not parsed.exclude_input_in_output:
+        text = parsed.text + text
+    return _reply(ctx, text, finish_reason=output.finish_reason if output else None)
+
+
+@router.post("/models/{name}/generate_stream")
+@router.post("/models/{name}/versions/{version}/generate_stream")
+async def generate_stream(name: str, body: Any = Body(...), version: str = VERSION,
+                          ctx: ServeContext = Depends(get_context)) -> EventStreamResponse:
+    parsed, stream, tracker = await _start(ctx, name, version, body,
+                                           "/v2/models/{name}/generate_stream")
+    deltas = TextDeltas(parsed.params.stop)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for output in stream:
+                tracker.observe(output)
+                delta = deltas.next(output.text, output.finished)
+                if delta or output.finished:
+                    finish = output.finish_reason if output.finished else None
+                    yield sse(_reply(ctx, delta, finish_reason=finish))
+            tracker.finish("ok")
+        except Exception as e:
+            error = api_error(e)
+            tracker.finish("error", error.message)
+            yield sse({"error": error.message})
+
+    def close() -> None:
+        stream.abort()
+        tracker.finish("aborted")
+
+    return EventStreamResponse(events(), close)

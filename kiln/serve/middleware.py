@@ -1,0 +1,119 @@
+"""ASGI middleware: API key, request body size limit, HTTP status counting.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would put streamed
+responses through an extra task and hide client disconnects from the routes.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kiln.serve.errors import error_body
+from kiln.serve.metrics import ServerMetrics
+
+# Probes must work without credentials (load balancers, Kubernetes).
+_OPEN_PATHS = ("/health", "/v2/health/live", "/v2/health/ready")
+
+
+def _is_open(path: str) -> bool:
+    return path in _OPEN_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready"))
+
+
+class _BodyTooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parsing passes it on as a 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes")
+
+
+async def _send_error(scope: Scope, send: Send, status: int, message: str,
+                      code: str | None, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = error_body(scope.get("path", ""), status, message, code=code)
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Rejects requests without the API key (401) and bodies over `max_body_bytes` (413)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        if self.api_key and not _is_open(scope["path"]) and not self._authorized(headers):
+            await _send_error(scope, send, 401, "a valid API key is required: send "
+                              "'Authorization: Bearer <key>'", "invalid_api_key",
+                              [(b"www-authenticate", b"Bearer")])
+            return
+        declared = headers.get(b"content-length")
+        limit = self.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(scope, send, 413, f"the request body exceeds {limit} bytes",
+                              "request_too_large")
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            # Bodies sent without a length (chunked) are counted as they arrive.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge as e:
+            if not started:
+                await _send_error(scope, send, 413, e.detail, "request_too_large")
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+
+class MetricsMiddleware:
+    """Counts responses by route template (not raw path: model names stay out of labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_requests.labels(name, str(status)).inc()

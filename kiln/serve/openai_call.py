@@ -1,0 +1,158 @@
+"""One OpenAI API call in flight, shared by completions and chat.
+
+A call is one engine request per prompt, submitted as a group so that all are accepted
+or rejected together. The engine makes the n choices of a prompt itself (seeds seed + i,
+the prompt's KV blocks shared); choice p * n + i is completion i of prompt p.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request, Response
+
+from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+from kiln.serve.async_llm import RequestStream
+from kiln.serve.context import ServeContext
+from kiln.serve.deltas import TextDeltas
+from kiln.serve.engine_loop import Prompt
+from kiln.serve.errors import APIError, api_error
+from kiln.serve.metrics import RequestTracker
+from kiln.serve.openai_output import ChoiceState
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
+from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, until_disconnect
+
+MAX_CHOICES = 128  # prompts x n in one call
+MAX_LOGPROBS = 20
+_INT64 = 1 << 63
+
+# Called per new output of one choice: the SSE chunks (pydantic models) to send.
+ChunkMaker = Callable[[RequestOutput, CompletionOutput, ChoiceState], list[Any]]
+
+
+@dataclass
+class Call:
+    """One API call in flight: its engine requests and how they map to choices."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    stream: RequestStream
+    tracker: RequestTracker
+    prompt_of: dict[str, int]  # engine request id -> prompt index
+    states: list[ChoiceState]  # by choice index
+
+    def choices(self, output: RequestOutput) -> Iterator[tuple[CompletionOutput, ChoiceState]]:
+        base = self.prompt_of[output.request_id] * self.n
+        for completion in output.outputs:
+            yield completion, self.states[base + completion.index]
+
+    def close(self) -> None:
+        """However the call ended: abort what is unfinished, record it (once)."""
+        self.stream.abort()
+        self.tracker.finish("aborted")
+
+    def usage_counts(self, outputs: list[RequestOutput]) -> tuple[int, int]:
+        return (sum(len(out.prompt_token_ids) for out in outputs),
+                sum(len(c.token_ids) for out in outputs for c in out.outputs))
+
+
+def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+                    logprobs: int | None) -> SamplingParams:
+    """The engine's parameters; raises RequestError (400) on bad values."""
+    # Checked here because a bad value would fail the engine step of the whole batch.
+    if body.seed is not None and not -_INT64 <= body.seed < _INT64 - max(body.n, 1):
+        raise APIError(400, "seed must fit in 64 bits", param="seed")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        n=body.n, max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
+        ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs)
+
+
+async def start_call(ctx: ServeContext, route: str, prefix: str,
+                     body: CompletionRequest | ChatCompletionRequest,
+                     make_prompts: Callable[[], list[Prompt]], max_tokens: int | None,
+                     logprobs: int | None) -> Call:
+    """Check the request, make its prompts, submit it; every failure is logged."""
+    call_id = f"{prefix}-{uuid.uuid4().hex}"
+    tracker = ctx.metrics.track(call_id, route)
+    try:
+        ctx.check_model(body.model)
+        prompts = make_prompts()
+        if body.n < 1 or len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"n must be in [1, {MAX_CHOICES // len(prompts)}]", param="n")
+        params = sampling_params(body, max_tokens, logprobs)
+        group = [(prompt, params, f"{call_id}-{p}") for p, prompt in enumerate(prompts)]
+        stream = await ctx.llm.submit(group)
+    except BaseException as e:
+        tracker.finish("error", str(e))
+        raise
+    states = [ChoiceState(i, TextDeltas(params.stop)) for i in range(len(prompts) * body.n)]
+    return Call(call_id, int(time.time()), ctx.model_name, body.n, stream, tracker,
+                {rid: p for p, (_, _, rid) in enumerate(group)}, states)
+
+
+async def collect(call: Call, request: Request) -> list[RequestOutput] | None:
+    """Final outputs, one per prompt; None if the client went away first."""
+
+    async def consume() -> None:
+        async for output in call.stream:
+            call.tracker.observe(output)
+
+    try:
+        await until_disconnect(request, consume())
+    except ClientDisconnected:
+        call.close()
+        return None
+    except Exception as e:
+        call.tracker.finish("error", str(e))
+        raise
+    finally:
+        call.stream.abort()
+    call.tracker.finish("ok")
+    return list(call.tracker.last.values())
+
+
+def stream_response(call: Call, chunks: ChunkMaker, prelude: list[Any],
+                    usage_chunk: Callable[[int, int], Any] | None) -> EventStreamResponse:
+    """SSE: prelude chunks, chunks per output, an optional usage chunk, then [DONE]."""
+
+    async def events() -> AsyncIterator[str]:
+        for chunk in prelude:
+            yield sse(chunk)
+        try:
+            async for output in call.stream:
+                call.tracker.observe(output)
+                for completion, state in call.choices(output):
+                    for chunk in chunks(output, completion, state):
+                        yield sse(chunk)
+            if usage_chunk is not None:
+                yield sse(usage_chunk(*call.usage_counts(list(call.tracker.last.values()))))
+            call.tracker.finish("ok")
+        except Exception as e:
+            error = api_error(e)
+            call.tracker.finish("error", error.message)
+            yield sse({"error": {"message": error.message, "type": "server_error",
+                                 "param": None, "code": error.code}})
+        yield "data: [DONE]\n\n"
+
+    return EventStreamResponse(events(), call.close)
+
+
+def disconnected_response() -> Response:
+    # Nobody reads this; 499 is what proxies log for "client closed request".
+    return Response(status_code=499)

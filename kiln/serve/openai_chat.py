@@ -1,0 +1,100 @@
+"""/v1/chat/completions: messages through the model's chat template, a reply out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+
+from kiln.runtime.request import CompletionOutput, RequestOutput
+from kiln.serve.context import ServeContext
+from kiln.serve.errors import APIError
+from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
+from kiln.serve.openai_output import ChoiceState, chat_logprobs, usage
+from kiln.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Delta,
+    TextPart,
+)
+from kiln.tokenizer import Tokenizer
+
+
+def check_chat_request(body: ChatCompletionRequest) -> None:
+    if body.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format {'type': 'text'} is supported",
+                       param="response_format")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if any(part.type != "text" or part.text is None for part in content):
+        raise APIError(400, "only text content parts are supported", param="messages")
+    return "\n".join(part.text or "" for part in content)
+
+
+def chat_prompt(tokenizer: Tokenizer | None, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the templated conversation."""
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so it cannot apply a chat template")
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": _text(m.content)} for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+    # The template already wrote any BOS it wants: don't let the tokenizer add another.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionRequest,
+                       request: Request) -> Any:
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+
+    def logprobs(completion: CompletionOutput, positions: range) -> Any:
+        if top_n is None or not positions:
+            return None
+        return chat_logprobs(ctx.tokens, completion, positions, top_n)
+
+    if body.stream:
+        def chunk(choices: list[ChatChunkChoice], counts: tuple[int, int] | None = None
+                  ) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=call.id, created=call.created, model=call.model,
+                                       choices=choices, usage=usage(*counts) if counts else None)
+
+        def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
+                   ) -> list[ChatCompletionChunk]:
+            finished = completion.finish_reason is not None
+            text, positions = state.advance(completion, finished)
+            if not text and not finished and (top_n is None or not positions):
+                return []
+            return [chunk([ChatChunkChoice(index=state.index, delta=Delta(content=text or None),
+                                           logprobs=logprobs(completion, positions),
+                                           finish_reason=completion.finish_reason)])]
+
+        # OpenAI opens each choice with a chunk that carries only the role.
+        prelude = [chunk([ChatChunkChoice(index=s.index, delta=Delta(role="assistant",
+                                                                     content=""))])
+                   for s in call.states]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        usage_chunk = (lambda p, c: chunk([], (p, c))) if include_usage else None
+        return stream_response(call, chunks, prelude, usage_chunk)
+
+    finals = await collect(call, request)
+    if finals is None:
+        return disconnected_response()
+    choices = [ChatChoice(index=state.index, message=AssistantMessage(content=completion.text),
+                          logprobs=logprobs(completion, range(len(completion.token_ids))),
+                          finish_reason=completion.finish_reason)
+               for output in finals for completion, state in call.choices(output)]
+    choices.sort(key=lambda c: c.index)
+    return ChatCompletionResponse(id=call.id, created=call.created, model=call.model,
+                                  choices=choices, usage=usage(*call.usage_counts(finals)))

@@ -1,0 +1,77 @@
+"""Engine outputs -> OpenAI choices: text deltas for streaming, logprobs in both formats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.runtime.request import CompletionOutput
+from kiln.serve.deltas import TextDeltas
+from kiln.serve.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from kiln.serve.tokens import TokenTexts
+
+
+@dataclass
+class ChoiceState:
+    """How much of one choice a stream has sent so far."""
+
+    index: int
+    text: TextDeltas = field(default_factory=TextDeltas)
+    sent_tokens: int = 0
+    text_offset: int = 0  # of the next token, for completions logprobs
+
+    def advance(self, completion: CompletionOutput, finished: bool) -> tuple[str, range]:
+        """The text and the token positions that are new since the last call."""
+        delta = self.text.next(completion.text, finished)
+        positions = range(self.sent_tokens, len(completion.token_ids))
+        self.sent_tokens = len(completion.token_ids)
+        return delta, positions
+
+
+def _entries(completion: CompletionOutput, positions: range, top_n: int
+             ) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
+    """(token id, its logprob, top_n alternatives) for each position."""
+    # The engine may append to its logprob list while we read: index, never iterate past.
+    logprobs = completion.logprobs or []
+    rows = []
+    for i in positions:
+        token_id = completion.token_ids[i]
+        entry = logprobs[i] if i < len(logprobs) else {}
+        top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+        rows.append((token_id, entry.get(token_id), top))
+    return rows
+
+
+def completion_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: range,
+                        top_n: int, state: ChoiceState) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for token_id, logprob, top in _entries(completion, positions, top_n):
+        text = tokens.text(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append({tokens.text(t): v for t, v in top})
+        out.text_offset.append(state.text_offset)
+        state.text_offset += len(text)
+    return out
+
+
+def chat_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: range,
+                  top_n: int) -> ChatLogprobs:
+    content = []
+    for token_id, logprob, top in _entries(completion, positions, top_n):
+        text, raw = tokens(token_id)
+        alternatives = [TopLogprob(token=tokens(t)[0], logprob=v, bytes=tokens(t)[1])
+                        for t, v in top]
+        content.append(TokenLogprob(token=text, logprob=logprob if logprob is not None else
+                                    float("-inf"), bytes=raw, top_logprobs=alternatives))
+    return ChatLogprobs(content=content)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)

@@ -1,0 +1,94 @@
+"""Server-sent events, and noticing clients that go away.
+
+A client that disconnects must stop its generation at once, not when the engine next
+produces a token for it (or, for a plain request, when the whole answer is ready), so
+both paths here listen for `http.disconnect` while they work, and cancel the work when
+it comes. Cancelling the consumer of a `RequestStream` aborts the engine requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying `data` (a pydantic model, a dict, or a str as is)."""
+    if hasattr(data, "model_dump_json"):
+        text = data.model_dump_json()
+    elif isinstance(data, str):
+        text = data
+    else:
+        text = json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """text/event-stream whose generation stops when the client disconnects.
+
+    `on_close` runs however the response ends (finished, disconnected, failed), also when
+    the body iterator never started, which its own `finally` would not cover.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass  # the client went away mid-write
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            try:
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._on_close()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it and raising ClientDisconnected if the client leaves."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    # Let the work run its cleanup (aborting engine requests) before answering.
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected

@@ -1,0 +1,128 @@
+"""kiln's LLMEngine as a Triton Inference Server model (Python backend, decoupled).
+
+`kiln triton-repo` copies this file to `<repo>/<model>/1/model.py`; it runs inside
+Triton's Python backend, where `triton_python_backend_utils` exists and kiln must be
+installed. The engine steps in kiln's own background thread (continuous batching across
+every request Triton hands in); `execute` only submits and returns at once. Each request
+gets its responses through its response sender, from the engine thread: the whole text
+in one final response, or with `stream: true` one response per new piece of text.
+Inputs and parameters are those of Triton's generate extension (see generate_params).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kiln.errors import KilnError
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import RequestOutput
+from kiln.serve.deltas import TextDeltas
+from kiln.serve.engine_loop import EngineLoop, NewRequest
+from kiln.serve.generate_params import INPUTS, GenerateInput, parse_generate_request
+
+log = logging.getLogger("kiln.triton")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _text_response(text: str) -> Any:
+    tensor = pb_utils.Tensor("text_output", np.array([text.encode()], dtype=np.object_))
+    return pb_utils.InferenceResponse(output_tensors=[tensor])
+
+
+def _error_response(message: str) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+class _Responder:
+    """Sends one request's responses (called on kiln's engine thread)."""
+
+    def __init__(self, sender: Any, request: GenerateInput, loop: EngineLoop,
+                 request_id: str) -> None:
+        self.sender = sender
+        self.request = request
+        self.loop = loop
+        self.request_id = request_id
+        self.deltas = TextDeltas(request.params.stop)
+        self.done = False
+
+    def accepted(self) -> None:
+        pass
+
+    def output(self, output: RequestOutput) -> None:
+        if self.done:
+            return
+        cancelled = getattr(self.sender, "is_cancelled", lambda: False)()
+        if cancelled:  # the client went away: free the engine's blocks now
+            self.loop.abort([self.request_id])
+            self._send(None, FINAL)
+        elif self.request.stream:
+            delta = self.deltas.next(output.text, output.finished)
+            if delta or output.finished:
+                self._send(_text_response(delta), FINAL if output.finished else 0)
+        elif output.finished:
+            text = output.text
+            if not self.request.exclude_input_in_output:
+                text = self.request.text + text
+            self._send(_text_response(text), FINAL)
+
+    def error(self, error: BaseException) -> None:
+        if not self.done:
+            self._send(_error_response(str(error)), FINAL)
+
+    def _send(self, response: Any, flags: int) -> None:
+        self.done = self.done or bool(flags & FINAL)
+        if response is None:
+            self.sender.send(flags=flags)
+        else:
+            self.sender.send(response, flags=flags)
+
+
+def _request_body(request: Any) -> dict[str, Any]:
+    """Triton tensors and request parameters -> the generate extension's JSON shape."""
+    body: dict[str, Any] = {}
+    for name, _, _ in INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            body[name] = tensor.as_numpy().tolist()
+    parameters = request.parameters()
+    body["parameters"] = json.loads(parameters) if parameters else {}
+    return body
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(
+                "kiln streams its responses: set model_transaction_policy { decoupled: true }")
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        engine_dir = Path(params.get("engine_dir") or "engine")
+        if not engine_dir.is_absolute():  # relative to this version's folder
+            engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
+        runtime = RuntimeConfig(device=params.get("device") or "auto")
+        self.loop = EngineLoop(LLMEngine(engine_dir, runtime))
+        self.loop.start()
+        log.info("kiln: serving %s on %s", engine_dir, self.loop.engine.device)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_generate_request(_request_body(request))
+            except (KilnError, ValueError) as e:
+                sender.send(_error_response(str(e)), flags=FINAL)
+                continue
+            request_id = uuid.uuid4().hex  # Triton's ids need not be unique across clients
+            self.loop.add([NewRequest(parsed.text, parsed.params, request_id)],
+                          _Responder(sender, parsed, self.loop, request_id))
+        return None  # decoupled: responses go through the senders
+
+    def finalize(self) -> None:
+        self.loop.shutdown()

@@ -1,0 +1,51 @@
+"""`kiln bench serving` against a test server: a table, JSON and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from kiln.bench.report import summarize
+from kiln.cli import main
+from tests.test_serve_support import MODEL, serve
+
+
+def test_summarize_percentiles():
+    stats = summarize([float(v) for v in range(1, 101)], scale=1000)
+    assert stats["mean"] == pytest.approx(50_500)
+    assert stats["p50"] == pytest.approx(50_500)
+    assert stats["p90"] == pytest.approx(90_100)
+    assert stats["p99"] == pytest.approx(99_010)
+    assert summarize([])["p50"] is None
+
+
+def test_bench_serving_writes_json_and_png(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    with serve() as server:
+        assert main(["bench", "serving", "--url", server.url, "--concurrency", "1,4",
+                     "--num-prompts", "6", "--input-len", "16", "--output-len", "4",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == MODEL
+    assert [level["concurrency"] for level in result["levels"]] == [1, 4]
+    for level in result["levels"]:
+        assert level["num_ok"] == 6 and level["num_failed"] == 0
+        assert level["mean_output_tokens"] == 4  # ignore_eos: exactly output_len tokens
+        assert level["mean_prompt_tokens"] >= 16
+        assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_ms"]["p99"]
+        assert level["tpot_ms"]["p50"] > 0 and level["itl_ms"]["p90"] > 0
+        assert level["output_throughput"] > 0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "TTFT p99" in table and "out tok/s" in table
+
+
+def test_bench_serving_reports_an_unreachable_server(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    assert main(["bench", "serving", "--url", f"http://127.0.0.1:{port}",
+                 "--out", str(tmp_path / "r.json")]) == 2
+    assert "failed" in capsys.readouterr().err

@@ -1,0 +1,214 @@
+"""Bad input, limits and failures: each gets its status code and a message in the API's
+error schema, never a traceback, and the server answers the next good request."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+
+from tests.test_serve_support import MODEL, metric, serve, wait_until
+
+GOOD = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve(max_body_bytes=20_000) as served:
+        yield served
+
+
+def _check_error(response: httpx.Response, status: int, *words: str,
+                 param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize(("body", "words", "param"), [
+    ({"temperature": -1}, ["temperature"], "temperature"),
+    ({"top_p": 1.5}, ["top_p"], "top_p"),
+    ({"presence_penalty": 3}, ["presence_penalty"], "presence_penalty"),
+    ({"max_tokens": 0}, ["max_tokens"], "max_tokens"),
+    ({"max_tokens": 10_000}, ["max_seq_len"], None),
+    ({"prompt": "word " * 400}, ["max_seq_len"], None),
+    ({"prompt": ""}, ["empty"], None),
+    ({"prompt": [10**6]}, ["token ids"], None),
+    ({"model": "gpt-17"}, ["gpt-17", "does not exist"], "model"),
+    ({"prompt": None}, ["prompt"], "prompt"),
+    ({"max_tokens": "many"}, ["max_tokens"], "max_tokens"),
+    ({"n": 0}, ["n must"], "n"),
+    ({"logprobs": 50}, ["logprobs"], "logprobs"),
+    ({"seed": 2**64}, ["seed"], "seed"),
+    ({"echo": True}, ["echo"], "echo"),
+])
+def test_bad_completion_requests(server, body, words, param):
+    response = httpx.post(server.v1 + "/completions", json={**GOOD, **body})
+    _check_error(response, 400, *words, param=param)
+
+
+def test_missing_and_malformed(server):
+    _check_error(httpx.post(server.v1 + "/completions", json={"model": MODEL}), 400,
+                 "prompt", "required", param="prompt")
+    _check_error(httpx.post(server.v1 + "/chat/completions", json={"model": MODEL}), 400,
+                 "messages", param="messages")
+    _check_error(httpx.post(server.v1 + "/completions", content=b'{"prompt": "x",',
+                            headers={"content-type": "application/json"}), 400, "JSON")
+    _check_error(httpx.get(server.url + "/v1/nowhere"), 404, "no route")
+
+
+@pytest.mark.parametrize(("body", "words", "param"), [
+    ({"messages": []}, ["messages"], "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, ["role"], "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     ["text"], "messages"),
+    ({"top_logprobs": 2}, ["logprobs"], "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),
+    ({"response_format": {"type": "json_object"}}, ["response_format"], "response_format"),
+    ({"max_completion_tokens": 10_000}, ["max_seq_len"], None),
+])
+def test_bad_chat_requests(server, body, words, param):
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = httpx.post(server.v1 + "/chat/completions", json={**good, **body})
+    _check_error(response, 400, *words, param=param)
+
+
+def test_openai_client_sees_bad_request_and_server_goes_on(server):
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="Hi", temperature=-0.5)
+    with pytest.raises(openai.BadRequestError, match="max_seq_len"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=5000, stream=True)
+    assert client.completions.create(**GOOD).choices[0].finish_reason in ("stop", "length")
+
+
+def test_body_size_limit(server):
+    big = {**GOOD, "prompt": "x" * 30_000}
+    _check_error(httpx.post(server.v1 + "/completions", json=big), 413, "exceeds")
+
+    def chunked():  # no content-length: counted as it arrives
+        yield json.dumps(big).encode()
+
+    response = httpx.post(server.v1 + "/completions", content=chunked(),
+                          headers={"content-type": "application/json"})
+    _check_error(response, 413, "exceeds")
+    assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
+
+
+def test_engine_failure_is_a_500_without_traceback(server):
+    engine = server.llm.engine
+    real_step = engine.step
+
+    def broken_step():
+        engine.step = real_step
+        raise RuntimeError("simulated device fault")
+
+    engine.step = broken_step
+    response = httpx.post(server.v1 + "/completions", json=GOOD)
+    error = _check_error(response, 500, "engine failed")
+    assert error["type"] == "server_error"
+    assert wait_until(lambda: server.llm.stats()["kv_blocks_used"] == 0)
+    assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_bug_is_a_plain_500(server, monkeypatch):
+    async def buggy_submit(requests):
+        raise ValueError("secret internals")
+
+    monkeypatch.setattr(server.llm, "submit", buggy_submit)
+    for route, body in (("/v1/completions", GOOD),
+                        (f"/v2/models/{MODEL}/generate", {"text_input": "hi"})):
+        response = httpx.post(server.url + route, json=body)
+        assert response.status_code == 500
+        assert "secret" not in response.text and "Traceback" not in response.text
+        assert "internal server error" in response.text
+    monkeypatch.undo()
+    assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", f"/v2/models/{MODEL}/generate"])
+def test_client_that_hangs_up_aborts_a_whole_answer(server, route):
+    def aborted() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return metric(text, 'kiln_requests_finished_total{finish_reason="abort"}', 0.0)
+
+    before = aborted()
+    body = {"text_input": "Tell me everything"} if route.startswith("/v2") else {
+        "model": MODEL, "prompt": "Tell me everything"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + route, json={**body, "max_tokens": 240, "ignore_eos": True},
+                   timeout=0.3)
+    assert wait_until(lambda: server.llm.num_unfinished == 0
+                      and server.llm.stats()["kv_blocks_used"] == 0)
+    assert aborted() == before + 1
+
+
+def test_metrics_and_request_log(server, caplog):
+    with caplog.at_level(logging.INFO, logger="kiln.serve.requests"):
+        assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
+        assert httpx.post(server.v1 + "/completions", json={**GOOD, "top_p": 2}).status_code \
+            == 400
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "kiln.serve.requests"]
+    ok, bad = lines[-2:]
+    assert ok["status"] == "ok" and ok["route"] == "/v1/completions"
+    assert ok["completion_tokens"] == 3 and ok["ttft_ms"] > 0 and ok["latency_ms"] >= \
+        ok["ttft_ms"]
+    assert bad["status"] == "error" and "top_p" in bad["error"]
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, 'kiln_http_requests_total{route="/v1/completions",status="200"}') >= 1
+    assert metric(text, 'kiln_http_requests_total{route="/v1/completions",status="400"}') >= 1
+    assert metric(text, "kiln_time_to_first_token_seconds_count") >= 1
+    assert metric(text, "kiln_time_per_output_token_seconds_count") >= 1
+    assert metric(text, "kiln_e2e_request_latency_seconds_count") >= 1
+    assert metric(text, "kiln_generation_tokens_total") >= 3
+    for gauge in ("kiln_num_requests_running", "kiln_num_requests_waiting",
+                  "kiln_kv_cache_usage_ratio", "kiln_prefix_cache_hit_rate"):
+        assert metric(text, gauge) >= 0
+
+
+def test_api_key():
+    with serve(api_key="s3cret") as server:
+        for path in ("/health", "/v2/health/live", "/v2/health/ready",
+                     f"/v2/models/{MODEL}/ready"):
+            assert httpx.get(server.url + path).status_code == 200, path
+        for path in ("/v1/models", "/metrics", f"/v2/models/{MODEL}"):
+            response = httpx.get(server.url + path)
+            assert response.status_code == 401, path
+        _check_error(httpx.post(server.v1 + "/completions", json=GOOD,
+                                headers={"Authorization": "Bearer wrong"}), 401, "API key")
+        assert httpx.post(server.url + f"/v2/models/{MODEL}/generate",
+                          json={"text_input": "hi"}).json() == {
+            "error": "a valid API key is required: send 'Authorization: Bearer <key>'"}
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.v1, api_key="nope", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=server.v1, api_key="s3cret", max_retries=0)
+        assert client.completions.create(**GOOD).choices
+
+
+def test_full_queue_answers_429_at_once():
+    with serve(max_queue=2) as server:
+        client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+        long = dict(model=MODEL, prompt="Hello", max_tokens=200, stream=True,
+                    extra_body={"ignore_eos": True})
+        streams = [client.completions.create(**long) for _ in range(2)]
+        for stream in streams:
+            next(iter(stream))  # both are running
+        with pytest.raises(openai.RateLimitError, match="limit of 2"):
+            client.completions.create(**GOOD)
+        for stream in streams:
+            stream.close()
+        assert wait_until(lambda: server.llm.num_unfinished == 0
+                          and server.llm.stats()["kv_blocks_used"] == 0)
+        assert client.completions.create(**GOOD).choices
