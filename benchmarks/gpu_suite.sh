@@ -5,18 +5,19 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 TQDM_DISABLE=1
 stages=${*:-tests kernels latency throughput}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for stage in $stages; do
   echo "=== $stage"; start=$(date +%s)
   case $stage in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py \
-             tests/test_gpu_engine.py 2>&1 | tail -40 ;;
-    kernels) python3 -m kiln.kernels.bench --out "$OUT/kernels.json" 2>&1 | tail -40 ;;
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
+             tests/test_gpu_engine.py > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
+    kernels) python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
+    profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
     latency) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 256 --out "$OUT/latency.json" 2>&1 | tail -12 ;;
     latency-hf) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kiln import LLM
+from kiln.kernels.reference import uniform_noise
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import Request, SamplingParams
-from kiln.runtime.sampler import SamplingBatch, apply_penalties, sample, uniform_noise
+from kiln.runtime.sampler import SamplingBatch, apply_penalties, sample
 
 VOCAB = 50
 

@@ -71,12 +71,14 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """q [T, heads*d], k, v [T, kv_heads*d] before rotary; cos_sin the rotary table."""
         meta = current_metadata()
         tokens = q.shape[0]
+        # One pass: rotate q and k, store k and v in their cache slots.
+        q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
+                                   meta.slot_mapping, self.head_dim)
         q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        KF.write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.view(tokens, self.num_heads * self.head_dim)

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln import functional as KF
 from kiln.errors import BuildError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -40,7 +39,8 @@ def inverse_frequencies(head_dim: int, theta: float,
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary to q and k in place of position ids; table [max_pos, head_dim]."""
+    """The rotary table [max_pos, head_dim] = [cos | sin] in float32; attention applies it
+    fused with writing the KV cache (`functional.rotary_and_write_kv`)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None) -> None:
@@ -51,8 +51,3 @@ class RotaryEmbedding(nn.Module):
         # Not persistent: it is derived from the config, never stored in the engine.
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1),
                              persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (KF.rotary(q, positions, self.cos_sin, self.head_dim),
-                KF.rotary(k, positions, self.cos_sin, self.head_dim))

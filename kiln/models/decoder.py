@@ -53,8 +53,7 @@ class DecoderAttention(nn.Module):
             tokens = q.shape[0]
             q = self.q_norm(q.reshape(tokens, -1, self.head_dim)).view(tokens, -1)
             k = self.k_norm(k.reshape(tokens, -1, self.head_dim)).view(tokens, -1)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary.cos_sin))
 
 
 class DecoderLayer(nn.Module):

@@ -125,6 +125,11 @@ class LLMEngine:
         if max_tokens > room:
             raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                                f"exceeds max_seq_len ({self.max_seq_len})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")
+        if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
+            raise RequestError("seed must be in [0, 2**62)")
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
         sequences = []
         for index in range(params.n):

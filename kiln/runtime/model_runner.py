@@ -14,6 +14,7 @@ from kiln.config import EngineConfig
 from kiln.distributed import Mapping
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.models import create_model
+from kiln.runtime import transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.sampler import SamplingBatch, sample
@@ -143,7 +144,7 @@ class ModelRunner:
                  for e in out.scheduled]
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return transfer.to_device(values, dtype, self.device)
 
         meta = AttentionMetadata(
             slot_mapping=to_device(slots, torch.int64),

@@ -44,7 +44,7 @@ class Group:
                 index=seq.index, text=seq.text, token_ids=r.output_token_ids,
                 finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                 cumulative_logprob=r.cumulative_logprob if wants_lp else None,
-                logprobs=r.logprobs if wants_lp else None))
+                logprobs=list(r.logprobs) if wants_lp else None))
         first = self.sequences[0].request
         return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, completions,
                              self.finished, first.stats, self.prompt_logprobs)

@@ -1,0 +1,67 @@
+"""Where a decode step's time goes: step time with graphs/overlap on and off, and the
+top GPU kernels of a few batch-1 decode steps (torch.profiler).
+
+    python benchmarks/profile_decode.py ENGINE_DIR [--batch 1] [--context 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import SamplingParams
+
+
+def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int = 64) -> float:
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request([100 + i] * context, params)
+    for _ in range(6):  # prefill and settle
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    while engine.has_unfinished():
+        engine.step()
+    return 1000 * elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1000)
+    args = ap.parse_args()
+    print(f"{'graphs':>7}{'overlap':>8}{'batch':>6}{'ms/step':>9}")
+    engine = None
+    for graphs, overlap in ((True, True), (True, False), (False, True), (False, False)):
+        del engine
+        torch.cuda.empty_cache()
+        engine = LLMEngine(args.engine, RuntimeConfig(cuda_graphs=graphs,
+                                                      overlap_scheduling=overlap,
+                                                      kv_cache_memory_fraction=0.3))
+        for batch in sorted({1, args.batch}):
+            print(f"{graphs!s:>7}{overlap!s:>8}{batch:>6}"
+                  f"{decode_ms(engine, batch, args.context):>9.3f}", flush=True)
+    engine = LLMEngine(args.engine, RuntimeConfig(kv_cache_memory_fraction=0.3))
+    decode_ms(engine, 1, args.context, steps=8)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine.add_request([7] * args.context, params)
+    for _ in range(8):
+        engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
