@@ -59,7 +59,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.chat:
         if llm.tokenizer is None:
             raise KilnError("this model has no tokenizer, so --chat cannot apply a template")
-        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}]), add_special_tokens=False)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     engine = llm.engine

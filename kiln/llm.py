@@ -59,5 +59,7 @@ class LLM:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         if self.tokenizer is None:
             raise KilnError("this engine has no tokenizer, so it cannot apply a chat template")
-        prompts = [self.tokenizer.apply_chat_template(c) for c in conversations]
+        # The template writes the special tokens itself: encode without adding a BOS.
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
+                                         add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params)

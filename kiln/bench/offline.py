@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--input-len", type=int, default=1000 if latency else 128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-requests", type=int, default=1 if latency else 256)
-    p.add_argument("--max-batch-size", type=int, default=256)
-    p.add_argument("--max-num-tokens", type=int, default=8192)
+    p.add_argument("--max-batch-size", type=int, default=512)
+    p.add_argument("--max-num-tokens", type=int, default=16384)
     p.add_argument("--kv-fraction", type=float, default=0.9,
                    help="fraction of free GPU memory for the KV cache")
     p.add_argument("--compare-hf", action="store_true",
@@ -78,7 +78,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
         engine.add_request(p, params, f"bench-{i}")
     first: dict[str, float] = {}
     finished: dict[str, float] = {}
-    with tqdm(total=len(prompts), desc="kiln", unit="req", disable=not progress,
+    with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar:
         while engine.has_unfinished():
             for out in engine.step():

@@ -81,7 +81,7 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     loaded: set[str] = set()
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
     for hf_name, tensor in tqdm(ckpt.tensors(), total=ckpt.num_tensors(), desc=desc,
-                                unit="tensor", disable=not progress, leave=False):
+                                unit="tensor", disable=None if progress else True, leave=False):
         target = model.weight_target(hf_name)
         if target is None:
             continue

@@ -108,13 +108,15 @@ class RandomCheckpoint(Checkpoint):
         return len(self._shapes())
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed)
+        # Drawing billions of normals is ~50x faster on a GPU than on the CPU.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generator = torch.Generator(device).manual_seed(self.seed)
         for name, shape in self._shapes():
             if name.endswith("norm.weight"):
                 yield name, torch.ones(shape, dtype=self.dtype)
             else:
-                yield name, torch.empty(shape, dtype=self.dtype).normal_(0, 0.02,
-                                                                        generator=generator)
+                weight = torch.empty(shape, dtype=self.dtype, device=device)
+                yield name, weight.normal_(0, 0.02, generator=generator).cpu()
 
     def write_tokenizer(self, dest: Path) -> bool:
         return False  # random engines take token ids
