@@ -38,12 +38,16 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
-            while self.engine.has_unfinished():
-                for output in self.engine.step():
-                    if output.finished:
+        self.engine.stream_outputs = False
+        try:
+            with tqdm(total=len(ids), desc="generating", unit="req",
+                      disable=not use_tqdm) as bar:
+                while self.engine.has_unfinished():
+                    for output in self.engine.step():
                         results[output.request_id] = output
                         bar.update(1)
+        finally:
+            self.engine.stream_outputs = True
         return [results[i] for i in ids]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],

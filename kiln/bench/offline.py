@@ -76,21 +76,19 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     started = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(p, params, f"bench-{i}")
-    first: dict[str, float] = {}
-    finished: dict[str, float] = {}
+    ttft, tpot = [], []
+    engine.stream_outputs = False  # per-request times come from the request stats
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar:
         while engine.has_unfinished():
             for out in engine.step():
-                now = time.perf_counter()
-                first.setdefault(out.request_id, now)
-                if out.finished:
-                    finished[out.request_id] = now
-                    bar.update(1)
+                m = out.metrics
+                ttft.append(m.first_token_time - m.arrival_time)
+                tpot.append((m.finish_time - m.first_token_time) / max(output_len - 1, 1))
+                bar.update(1)
+    engine.stream_outputs = True
     elapsed = time.perf_counter() - started
-    ttft = sorted(first[k] - started for k in first)
-    tpot = [(finished[k] - first[k]) / (output_len - 1) for k in finished] if output_len > 1 \
-        else [0.0]
+    ttft.sort()
     return {"seconds": elapsed, "ttft_ms": 1000 * ttft[len(ttft) // 2],
             "tpot_ms": 1000 * sorted(tpot)[len(tpot) // 2],
             "output_tok_s": len(prompts) * output_len / elapsed,

@@ -86,6 +86,9 @@ class LLMEngine:
         self.overlap = runtime.overlap_scheduling if runtime.overlap_scheduling is not None \
             else self.device.type == "cuda"
         self._pending: PendingStep | None = None
+        # False: step() returns finished requests only, sparing a per-token output object
+        # for every running request (offline generation wants nothing in between).
+        self.stream_outputs = True
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
@@ -249,12 +252,13 @@ class LLMEngine:
             changed[group.request_id] = group
         outputs = []
         for group in changed.values():
-            output = group.output()
-            if output.finished:
+            if group.finished:
                 self.groups.pop(group.request_id, None)
                 for seq in group.sequences:
                     self._seq_of.pop(seq.request.request_id, None)
-            outputs.append(output)
+            elif not self.stream_outputs:
+                continue
+            outputs.append(group.output())
         return outputs
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None

@@ -47,12 +47,15 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[int]:
-        hashes, parent = [], 0
-        for i in range(num_blocks):
-            parent = hash((parent, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])))
-            hashes.append(parent)
-        return hashes
+    def _hashes(self, request: Request, num_blocks: int) -> list[int]:
+        """Chained hashes of the request's first num_blocks full blocks, computed once each
+        and kept on the request (they depend only on its tokens, which never change)."""
+        hashes, bs = request.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash((hashes[-1] if hashes else 0,
+                                tuple(request.token_ids[i * bs:(i + 1) * bs]))))
+        return hashes[:num_blocks]
 
     def match_prefix(self, request: Request) -> list[int]:
         """Cached blocks holding a prefix of the request's tokens (no refs taken).
@@ -63,7 +66,7 @@ class KVCacheManager:
             return []  # prompt logprobs need every prompt position computed
         max_blocks = (request.num_tokens - 1) // self.block_size
         found = []
-        for h in self._hashes(request.token_ids, max_blocks):
+        for h in self._hashes(request, max_blocks):
             block = self.cached.get(h)
             if block is None:
                 break
@@ -108,11 +111,13 @@ class KVCacheManager:
         if request.token_ids[-1] == PLACEHOLDER:  # a block holding it is not known yet
             known = min(known, request.num_tokens - 1)
         num_full = min(known // self.block_size, len(request.block_ids))
-        hashes = self._hashes(request.token_ids, num_full)
-        for block, h in zip(request.block_ids[:num_full], hashes):
+        hashes = self._hashes(request, num_full)
+        for i in range(request.num_committed_blocks, num_full):
+            block, h = request.block_ids[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.block_hash[block] = h
                 self.cached[h] = block
+        request.num_committed_blocks = max(request.num_committed_blocks, num_full)
 
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the queue first (evicted first)."""
@@ -121,9 +126,4 @@ class KVCacheManager:
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         request.block_ids = []
-
-    def fork(self, parent: Request, child: Request) -> None:
-        """Let `child` share all of `parent`'s blocks (copy-on-write happens at full blocks)."""
-        for block in parent.block_ids:
-            self.ref_counts[block] += 1
-        child.block_ids = list(parent.block_ids)
+        request.num_committed_blocks = 0

@@ -107,6 +107,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of its full blocks
+        self.num_committed_blocks = 0  # of block_ids, registered in the prefix cache
         self.stats = RequestStats()
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
