@@ -1,0 +1,184 @@
+"""Paged attention for one query token per sequence: flash-decoding, split over the context.
+
+CUDA-graph safe: the grid and every kernel argument are fixed by static shapes (batch
+rows, block-table width, the split count chosen from them); how much of the context
+each split covers is computed on the device from seq_lens, and splits with nothing to
+do exit at once. Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block
+
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Context tokens per split: the sequence shared evenly, rounded up to whole tiles."""
+    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+    return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, seq_lens_ptr, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
+    split's slice of the context with an online softmax.
+
+    With one split the result is final: o = acc / l. Otherwise the split writes its
+    normalised partial o_s and lse_s = m_s + log2(l_s) (base 2) for the reduce kernel.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    head = kv_head * GROUP + offs_g
+    io_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
+    out_off = seq.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if start >= end:
+        if NUM_SPLITS == 1:  # empty (padding) row: defined output, no NaN
+            tl.store(out_ptr + out_off, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(
+                out_ptr.dtype.element_ty), mask=io_mask)
+        return
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :], mask=io_mask, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    n0, end, offs_g, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC)
+    if full_end < end:
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    full_end, end, offs_g, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC)
+    out = acc / l_i[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # partials laid out [seq, head, split, d] and [seq, head, split]
+        num_heads = tl.num_programs(1) * GROUP
+        part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=io_mask)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=offs_g < GROUP)
+
+
+@triton.jit
+def _reduce_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s, over the
+    splits that covered part of the context (the same split lengths as the decode kernel)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    num_active = (seq_len + split_len - 1) // split_len
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    active = offs_s < num_active
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split: all weights 0
+    weight = tl.where(active, tl.exp2(lse - lse_max), 0.0)
+    parts = tl.load(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=active[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.maximum(tl.sum(weight, axis=0), 1e-30)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      device: torch.device) -> int:
+    """Enough (sequence, head, split) programs for ~2 waves, each split >= 256 tokens.
+
+    Depends on static sizes only, so a captured graph keeps it; a power of two so that
+    few kernel variants get compiled.
+    """
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    wanted = triton.cdiv(2 * sms, max(num_seqs * num_kv_heads, 1))
+    splits = min(wanted, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
+    return triton.next_power_of_2(max(splits, 1))
+
+
+def paged_attention_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
+    num_splits: int | None = None, block_n: int | None = None,
+) -> torch.Tensor:
+    """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
+
+    max_seq_len (default: what the block table can address) must be static for CUDA
+    graphs; the split count follows from it and the batch size unless given.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_seqs == 0:
+        return out
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    seq_lens = seq_lens.contiguous()
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
+    assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
+    block_d = head_block(head_dim)
+    block_n = block_n or (64 if block_d <= 128 else 32)
+    if num_splits > 1:
+        part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            num_warps=1 if block_d <= 64 else 2,
+        )
+    return out

@@ -1,0 +1,106 @@
+"""Causal paged attention for packed variable-length queries over a cached prefix (prefill,
+chunked prefill and mixed prefill+decode batches)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
+    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
+
+    The tile's rows are (token, head) pairs, token-major, of the GROUP query heads that
+    share this KV head, so each K/V tile is loaded once for the whole group. Query j of a
+    sequence with q_len new tokens and seq_len context tokens sits at position
+    seq_len - q_len + j and sees keys 0 .. that position (flash-attention online softmax,
+    float32 statistics and accumulator).
+    """
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    row0 = pid_m * BLOCK_M
+    if row0 >= q_len * GROUP:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = seq_len - q_len
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = tok < q_len
+    q_pos = ctx_start + tok
+    offs_d = tl.arange(0, BLOCK_D)
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :], mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    first_tok = row0 // GROUP
+    last_tok = tl.minimum((row0 + BLOCK_M - 1) // GROUP, q_len - 1)
+    # Keys every row of the tile sees need no mask; only the diagonal band does.
+    full_end = ((ctx_start + first_tok + 1) // BLOCK_N) * BLOCK_N
+    kv_end = ctx_start + last_tok + 1
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    n0, kv_end, q_pos, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    n0, kv_end, q_pos, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def paged_attention_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
+    block_m: int | None = None, block_n: int | None = None,
+) -> torch.Tensor:
+    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference."""
+    tokens, num_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty(tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if tokens == 0 or num_seqs == 0:
+        return out
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    block_d = head_block(head_dim)
+    if block_m is None:
+        block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=2,
+    )
+    return out

@@ -1,0 +1,143 @@
+"""Compile every kernel for Hopper (sm_90) on any machine, no GPU needed, and report what
+the compiler made of it: registers, local-memory stack (spills), 16-byte loads, async
+copies and tensor-core instructions.
+
+    python -m kiln.kernels.compile_check [out.json]
+
+Arguments are specialised the way triton's JIT does at launch (pointers 16-byte aligned,
+ints divisible by 16 marked so, ints equal to 1 made constants), with Llama-3.1-8B
+shapes, so the code is what an H100 would run. Triton must not be in interpreter mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kiln.kernels import (
+    attention_decode,
+    attention_prefill,
+    rms_norm,
+    rotary_kv,
+    sampling,
+    silu_mul,
+)
+
+INSTRUCTIONS = ("ld.global.v4", "cp.async", "cp.async.bulk", "mma.sync", "wgmma.mma_async")
+
+
+@dataclass
+class CompileReport:
+    kernel: str
+    variant: str
+    num_warps: int
+    registers: int
+    stack_bytes: int
+    instructions: dict[str, int]
+
+
+def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
+                 num_stages: int = 2, variant: str = "") -> CompileReport:
+    """values: argument -> '*dtype' for a pointer or an example number; others -> 4096."""
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    constexprs = dict(constexprs)
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        value = values.get(name, 4096)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage",
+                                cubin.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert found is not None, usage
+    ptx = kernel.asm["ptx"]
+    return CompileReport(fn.fn.__name__.strip("_"), variant, num_warps, int(found[1]),
+                         int(found[2]), {op: ptx.count(op + ".") for op in INSTRUCTIONS})
+
+
+def reports() -> list[CompileReport]:
+    """The launch configurations the launchers pick at Llama-3.1-8B shapes (bf16)."""
+    bf = "*bf16"
+    out = [compile_sm90(silu_mul._silu_mul_kernel, {
+        "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
+    }, {"BLOCK": 2048}, 8)]
+    norm = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "res_out_ptr": bf,
+            "eps": 1e-5, "num_rows": 77}
+    out.append(compile_sm90(rms_norm._rms_norm_kernel, norm, {
+        "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8, variant="hidden+residual"))
+    out.append(compile_sm90(rms_norm._rms_norm_kernel, {**norm, "n_cols": 128}, {
+        "BLOCK_R": 16, "BLOCK_N": 128, "HAS_RESIDUAL": False}, 4, variant="per-head"))
+    out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
+        "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+        "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
+        "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
+        "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
+        "stride_cs_slot": 1024, "stride_ch": 128,
+    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64}, 4))
+    attn = {"q_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf, "out_ptr": bf,
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
+            "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
+            "stride_qh": 128, "stride_oh": 128, "stride_kb": 16384, "stride_ks": 1024,
+            "stride_kh": 128, "stride_bt": 512}
+    shape = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128, "DOT_PREC": "tf32"}
+    for block_m, warps in ((128, 8), (16, 4)):
+        out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
+            **shape, "BLOCK_M": block_m, "BLOCK_N": 64}, warps, variant=f"BLOCK_M={block_m}"))
+    for splits in (1, 32):
+        out.append(compile_sm90(attention_decode._decode_kernel, attn, {
+            **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,
+            variant=f"splits={splits}"))
+    out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
+        "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32}, 2))
+    out.append(compile_sm90(sampling._sample_kernel, {
+        "logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+        "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
+        "out_ptr": "*i64", "cand_ptr": "*fp32", "theta_ptr": "*fp32", "vocab": 128256,
+        "stride_row": 128256,
+    }, {"GOLDEN": sampling._GOLDEN, "MIX1": sampling._MIX1, "MIX2": sampling._MIX2,
+        "BLOCK_V": 4096, "NUM_BINS": sampling.NUM_BINS, "CANDIDATES": sampling.CANDIDATES,
+        "STORE_THETA": False}, 8))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    results = reports()
+    print(f"{'kernel':18} {'variant':16} {'warps':>5} {'regs':>4} {'stack':>5}  instructions")
+    for r in results:
+        ops = ", ".join(f"{op}={n}" for op, n in r.instructions.items() if n)
+        print(f"{r.kernel:18} {r.variant:16} {r.num_warps:5} {r.registers:4} "
+              f"{r.stack_bytes:5}  {ops}")
+    if argv:
+        with open(argv[0], "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

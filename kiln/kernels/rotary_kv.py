@@ -1,0 +1,117 @@
+"""Neox rotary on q and k fused with writing k and v into the paged KV cache."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate(x_ptr, cos, sin, heads, offs_h, offs_d, half, stride_h):
+    """Loads heads x [H, 2*half] and returns the two rotated halves, rounded as torch does.
+
+    y1 = x1*cos - x2*sin,  y2 = x2*cos + x1*sin, each product and the sum rounded to the
+    input dtype (the reference computes rotary in the model dtype, like HF).
+    """
+    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < half)
+    ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0)
+    x2 = tl.load(ptrs + half, mask=mask, other=0.0)
+    dt = x1.dtype
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    y1 = (a1 * cos).to(dt).to(tl.float32) + (-a2 * sin).to(dt).to(tl.float32)
+    y2 = (a2 * cos).to(dt).to(tl.float32) + (a1 * sin).to(dt).to(tl.float32)
+    return y1, y2, mask
+
+
+@triton.jit
+def _rotary_kv_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr,
+    num_heads, num_kv_heads, half, block_size,
+    stride_q, stride_k, stride_v, stride_q_out, stride_cs,
+    stride_cb, stride_cs_slot, stride_ch,
+    BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One token: q_out = rot(q); cache[slot] = (rot(k), v). Slots < 0 (padding) skip the write.
+
+    rot rotates each head's halves by the angles of this token's position:
+    [x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin] with cos, sin = cos_sin[pos].
+    """
+    token = tl.program_id(0).to(tl.int64)
+    head_dim = 2 * half
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    d_ok = offs_d < half
+    # The reference casts the float32 table to the model dtype first.
+    dt = q_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + offs_d, mask=d_ok, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + half + offs_d, mask=d_ok, other=0.0)
+    cos = cos.to(dt).to(tl.float32)[None, :]
+    sin = sin.to(dt).to(tl.float32)[None, :]
+
+    offs_h = tl.arange(0, BLOCK_H)
+    y1, y2, mask = _rotate(q_ptr + token * stride_q, cos, sin, num_heads, offs_h, offs_d,
+                           half, head_dim)
+    out = q_out_ptr + token * stride_q_out + offs_h[:, None] * head_dim + offs_d[None, :]
+    tl.store(out, y1.to(dt), mask=mask)
+    tl.store(out + half, y2.to(dt), mask=mask)
+
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        offs_kh = tl.arange(0, BLOCK_KH)
+        cache_off = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs_slot
+        dst = cache_off + offs_kh[:, None] * stride_ch + offs_d[None, :]
+        k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, cos, sin, num_kv_heads, offs_kh,
+                                  offs_d, half, head_dim)
+        cdt = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + dst, k1.to(dt).to(cdt), mask=kv_mask)
+        tl.store(k_cache_ptr + dst + half, k2.to(dt).to(cdt), mask=kv_mask)
+        v_src = v_ptr + token * stride_v + offs_kh[:, None] * head_dim + offs_d[None, :]
+        v1 = tl.load(v_src, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
+        tl.store(v_cache_ptr + dst, v1.to(cdt), mask=kv_mask)
+        tl.store(v_cache_ptr + dst + half, v2.to(cdt), mask=kv_mask)
+
+
+def _token_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[T, width] view (any row stride, unit column stride) of x [T, H*D] or [T, H, D]."""
+    x2 = x.reshape(x.shape[0], width)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rotary_and_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, head_dim: int,
+) -> torch.Tensor:
+    """Returns rotary(q) [T, heads*head_dim]; writes rotary(k) and v at slot_mapping.
+
+    k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (same strides for both,
+    unit stride on the last dim); cos_sin [max_pos, head_dim] float32 = [cos | sin].
+    """
+    tokens = q.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    num_heads = q.numel() // (tokens * head_dim) if tokens else 0
+    q_out = torch.empty(tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return q_out
+    q2 = _token_rows(q, num_heads * head_dim)
+    k2 = _token_rows(k, num_kv_heads * head_dim)
+    v2 = _token_rows(v, num_kv_heads * head_dim)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
+    half = head_dim // 2
+    block_d = triton.next_power_of_2(half)
+    block_h = triton.next_power_of_2(num_heads)
+    num_warps = 4 if block_h * block_d <= 4096 else 8
+    _rotary_kv_kernel[(tokens,)](
+        q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
+        num_heads, num_kv_heads, half, k_cache.shape[1],
+        q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return q_out

@@ -1,0 +1,306 @@
+"""Triton kernels vs the torch reference, on CPU tensors through Triton's interpreter.
+
+TRITON_INTERPRET is read when a function is decorated with @triton.jit: triton's own
+library functions when triton is imported, ours when a kiln.kernels module is imported;
+the choice then holds for the life of the process. Setting it here (or in conftest)
+would leak into every test module after this one, including tests/test_kernels_gpu.py
+when both run in one pytest process on a GPU machine. So each check runs in one spawned
+worker process that sets the variable before importing any kernel; this module imports
+no kernel itself and only forwards parameters and re-raises the worker's failures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+# Only look for triton here: importing it would decorate its own library functions
+# (tl.sum, ...) for compilation in the worker too, before the worker can set the variable.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e '.[gpu]')")
+
+F32 = (torch.float32, 1e-5, 1e-5)
+BF16 = (torch.bfloat16, 1e-2, 1.6e-2)  # the interpreter truncates to bf16: ~2 ulp
+F16 = (torch.float16, 4e-3, 4e-3)  # the interpreter's tl.dot cannot take bf16
+# rotary rounds two products and their (cancelling) sum: 3 truncations of values ~2-4
+ROT_BF16 = (torch.bfloat16, 6e-2, 1.6e-2)
+
+
+def _init_worker() -> None:
+    if "triton" in sys.modules:
+        raise RuntimeError("triton was imported before TRITON_INTERPRET could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter
+
+    # numpy >= 2.4 refuses int() of the interpreter's 1-element scalars, which
+    # range(tensor) needs; read them with .item() instead.
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor: Any, scope: Any) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[Callable[..., Any]]:
+    """run(check, *args): calls check(*args) in the interpreter worker."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker) as pool:
+        yield lambda check, *args: pool.submit(check, *args).result()
+
+
+def _close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, ref.shape)
+    err = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol), f"{name}: {err}"
+
+
+# ---- checks (run in the worker) ------------------------------------------------------
+def check_rms_norm(dtype: torch.dtype, atol: float, rtol: float, shape: tuple[int, ...],
+                   with_residual: bool) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.rms_norm import add_rms_norm, rms_norm
+
+    torch.manual_seed(0)
+    wide = torch.randn(*shape[:-1], shape[-1] + 8, dtype=dtype)
+    x = wide[..., 3:3 + shape[-1]]  # rows with a stride: a slice of a wider output
+    weight = torch.randn(shape[-1], dtype=dtype)
+    if with_residual:
+        residual = torch.randn(shape, dtype=dtype)
+        out, summed = add_rms_norm(x, residual, weight, 1e-6)
+        ref_out, ref_summed = ref.add_rms_norm(x, residual, weight, 1e-6)
+        _close("residual", summed, ref_summed, atol, rtol)
+    else:
+        out, ref_out = rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6)
+    _close("rms_norm", out, ref_out, atol, rtol)
+
+
+def check_silu_mul(dtype: torch.dtype, atol: float, rtol: float) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.silu_mul import silu_and_mul
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 2 * 123, dtype=dtype) * 3
+    _close("silu_mul", silu_and_mul(x), ref.silu_and_mul(x), atol, rtol)
+
+
+def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.outer(torch.arange(max_pos).float(), inv)
+    return torch.cat([freqs.cos(), freqs.sin()], -1)
+
+
+def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
+                    head_dim: int) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.rotary_kv import rotary_and_write_kv
+
+    torch.manual_seed(0)
+    tokens, block_size = 9, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    positions = torch.tensor([0, 1, 2, 17, 33, 100, 255, 5, 6])
+    slots = torch.tensor([5, 16, -1, 40, 63, 0, 31, 70, 2])  # -1: padding, not written
+    caches = [torch.randn(5, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    cos_sin = _cos_sin(head_dim)
+    q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, head_dim)
+    ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, head_dim)
+    _close("q", q_rot, ref_q, atol, rtol)
+    _close("k_cache", caches[0], ref_caches[0], atol, rtol)
+    _close("v_cache", caches[1], ref_caches[1], 0, 0)
+
+
+def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, block_size: int = 16):
+    """Random caches with shuffled blocks, tables wider than needed, packed queries."""
+    torch.manual_seed(0)
+    blocks = [-(-max(s, 1) // block_size) for s in seq_lens]
+    num_blocks = sum(blocks) + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks, dtype=torch.int32)
+    tables = torch.zeros(len(seq_lens), max(blocks) + 2, dtype=torch.int32)
+    for i, used in enumerate(blocks):
+        tables[i, :used], order = order[:used], order[used:]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], heads, head_dim, dtype=dtype)
+    return q, k_cache, v_cache, tables, starts
+
+
+def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
+                  head_dim: int, block_m: int | None, block_n: int | None) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.attention_prefill import paged_attention_prefill
+
+    # Full prefill, chunked prefill over a cached prefix, and decode rows, mixed.
+    seq_lens, q_lens = [1, 7, 33, 123, 50], [1, 7, 9, 40, 1]
+    q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, heads, kv_heads,
+                                                       head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
+                                  torch.tensor(seq_lens).int(), max(q_lens), scale,
+                                  block_m=block_m, block_n=block_n)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+    _close("prefill", out, expected, atol, rtol)
+
+
+def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
+                 head_dim: int, num_splits: int | None) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    seq_lens = [1, 7, 33, 123, 64, 0]  # the last row is CUDA-graph padding: output zeros
+    q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, [1] * 6, heads, kv_heads,
+                                                       head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
+                                 scale, num_splits=num_splits, block_n=16)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale)
+    _close("decode", out[:5], expected[:5], atol, rtol)
+    assert torch.equal(out[5], torch.zeros_like(out[5])), "padding row is not zero"
+
+
+def check_sampling(candidates: int) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.sampling import sample_tokens
+
+    torch.manual_seed(0)
+    # (temperature, top_k, top_p, min_p): greedy, plain, top-k, top-p, top-k + top-p,
+    # min-p, all three, k = 1, p = 0, k >= V; three rows each (flat to peaked logits, so
+    # that a wrong cut changes the winner), fresh noise per row.
+    settings = torch.tensor([[0.0, 0, 1.0, 0.0], [1.0, 0, 1.0, 0.0], [0.7, 5, 1.0, 0.0],
+                             [1.0, 0, 0.8, 0.0], [1.3, 40, 0.9, 0.0], [1.0, 0, 1.0, 0.05],
+                             [2.0, 60, 0.7, 0.01], [1.0, 1, 1.0, 0.0], [1.0, 0, 0.0, 0.0],
+                             [1.0, 500, 0.95, 0.0]]).repeat(3, 1)
+    rows, vocab = settings.shape[0], 300
+    logits = torch.randn(rows, vocab) * torch.tensor([0.5, 1.5, 4.0]).repeat_interleave(10)[:, None]
+    logits[:, 7] = float("-inf")  # a banned token
+    temperature, top_k, top_p, min_p = settings.unbind(1)
+    seeds = torch.randint(-2**62, 2**62, (rows,))
+    steps = torch.randint(0, 10_000, (rows,))
+    args = (logits, temperature, top_k.long(), top_p, min_p, seeds, steps)
+    theta = torch.full((rows,), float("nan"))
+    out = sample_tokens(*args, candidates=candidates, block_v=128, theta_out=theta)
+    expected = ref.sample_tokens(*args)
+    assert torch.equal(out, expected), (out.tolist(), expected.tolist())
+    # The kept sets themselves, not just the winners.
+    sampled = temperature > 0
+    c = torch.tensor(1.4426950408889634) / temperature[sampled, None]
+    y = (logits[sampled].amax(-1, keepdim=True) - logits[sampled]) * c
+    probs = torch.softmax(logits[sampled] / temperature[sampled, None], dim=-1)
+    kept = (y <= theta[sampled, None]) & (torch.exp2(-y) >= min_p[sampled, None])
+    kept &= probs > 0  # zero-probability (banned) tokens can never win anyway
+    ref_kept = ref.filter_probs(probs, top_k[sampled].long(), top_p[sampled],
+                                min_p[sampled]) > 0
+    mismatch = (kept != ref_kept).sum(-1)
+    assert not mismatch.any(), (mismatch.tolist(), kept.sum(-1).tolist())
+
+
+def check_functional_dispatch() -> None:
+    """The CUDA branch of kiln.functional (kernels fed from AttentionMetadata)."""
+    from kiln import functional as KF
+    from kiln.kernels import reference as ref
+    from kiln.layers.attention import AttentionMetadata
+
+    seq_lens, q_lens = [5, 40, 17], [5, 3, 1]
+    q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, 4, 2, 32,
+                                                       torch.float32)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, 0.2)
+    decode_expected = ref.paged_attention(q[:3], k_cache, v_cache, tables, [0, 1, 2, 3],
+                                          seq_lens, 0.2)
+    KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
+    for lens in (q_lens, [1, 1, 1]):
+        qs = [0, *torch.tensor(lens).cumsum(0).tolist()]
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(qs[-1], dtype=torch.int64), block_tables=tables,
+            seq_lens=torch.tensor(seq_lens).int(), query_start_loc=torch.tensor(qs).int(),
+            query_starts_host=qs, seq_lens_host=seq_lens, max_query_len=max(lens),
+            max_seq_len=max(seq_lens))
+        out = KF.paged_attention(q[:qs[-1]], k_cache, v_cache, meta, 0.2)
+        _close("functional", out, expected if lens == q_lens else decode_expected, 1e-5, 1e-5)
+    x = torch.randn(3, 64)
+    _close("functional rms", KF.rms_norm(x, torch.ones(64), 1e-6),
+           ref.rms_norm(x, torch.ones(64), 1e-6), 1e-5, 1e-5)
+
+
+# ---- tests ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, BF16, F16])
+@pytest.mark.parametrize("shape", [(5, 123), (3, 4, 32)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(interp, dtype, atol, rtol, shape, with_residual) -> None:
+    interp(check_rms_norm, dtype, atol, rtol, shape, with_residual)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, BF16])
+def test_silu_and_mul(interp, dtype, atol, rtol) -> None:
+    interp(check_silu_mul, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, ROT_BF16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (3, 3, 32), (2, 1, 40)])
+def test_rotary_and_write_kv(interp, dtype, atol, rtol, heads, kv_heads, head_dim) -> None:
+    interp(check_rotary_kv, dtype, atol, rtol, heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (3, 3, 32), (6, 2, 40)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim, block_m,
+                           block_n) -> None:
+    interp(check_prefill, dtype, atol, rtol, heads, kv_heads, head_dim, block_m, block_n)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (3, 3, 32)])
+@pytest.mark.parametrize("num_splits", [1, 4, None])
+def test_decode_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim,
+                          num_splits) -> None:
+    interp(check_decode, dtype, atol, rtol, heads, kv_heads, head_dim, num_splits)
+
+
+def test_uniform_noise_is_strictly_inside_0_1() -> None:
+    """u == 1 would make E = -log(u) = 0: p / 0 = inf, or NaN (which argmax picks) for a
+    filtered-out token. The float32 noise must never round to 1 (nor reach 0)."""
+    from kiln.kernels.reference import uniform_noise
+
+    # Seed 407, step 0, token 108031 hashes to the largest 24-bit value: 1 with 24 bits.
+    u = uniform_noise(torch.tensor([407, -3, 1 << 62]), torch.tensor([0, 5, 9]), 1 << 17)
+    assert 0 < u.min().item() and u.max().item() < 1
+    assert (-torch.log(u)).min().item() > 0
+
+
+@pytest.mark.parametrize("candidates", [4096, 16], ids=["candidate-list", "whole-row"])
+def test_sample_tokens_matches_reference(interp, candidates) -> None:
+    interp(check_sampling, candidates)
+
+
+def test_functional_dispatch(interp) -> None:
+    interp(check_functional_dispatch)
+
+
+def test_kernels_compile_for_hopper() -> None:
+    """Every launch configuration compiles for sm_90 (no GPU needed) into the code we mean:
+    no local-memory spills on the hot kernels, 16-byte loads, tensor-core dots."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels.compile_check import reports
+
+    found = {(r.kernel, r.variant): r for r in reports()}
+    for (kernel, variant), r in found.items():
+        assert r.stack_bytes <= (64 if kernel == "sample_kernel" else 0), (kernel, variant, r)
+        assert r.instructions["ld.global.v4"] > 0, (kernel, variant, r)
+    assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
+    assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0

@@ -1,0 +1,237 @@
+"""Triton kernels vs the torch reference on a CUDA GPU at Llama-3.1-8B shapes (bf16).
+
+    pytest -m gpu tests/test_kernels_gpu.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from kiln.kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="TRITON_INTERPRET=1 would run the kernels on the host"),
+]
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, VOCAB = 32, 8, 128, 4096, 14336, 128256
+BLOCK_SIZE = 16
+BF16 = dict(atol=2e-2, rtol=1.6e-2)
+
+
+def _close(name: str, out: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
+           max_rel_norm: float = 1e-2) -> None:
+    assert out.shape == expected.shape and out.dtype == expected.dtype, name
+    diff = (out.float() - expected.float())
+    rel = (diff.norm() / expected.float().norm().clamp_min(1e-30)).item()
+    assert not out.isnan().any(), f"{name}: NaN"
+    assert rel < max_rel_norm, f"{name}: relative error {rel:.2e}"
+    assert torch.allclose(out.float(), expected.float(), atol=atol, rtol=rtol), \
+        f"{name}: max abs error {diff.abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("tokens", [1, 77, 4096])
+def test_rms_norm(tokens: int) -> None:
+    from kiln.kernels.rms_norm import add_rms_norm, rms_norm
+
+    x, residual = torch.randn(2, tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16)
+    _close("rms_norm", rms_norm(x, weight, 1e-5), ref.rms_norm(x, weight, 1e-5), **BF16)
+    out, summed = add_rms_norm(x, residual, weight, 1e-5)
+    ref_out, ref_summed = ref.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(summed, ref_summed)
+    _close("add_rms_norm", out, ref_out, **BF16)
+    # per-head q/k norm on a strided view (Qwen3)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda",
+                      dtype=torch.bfloat16)
+    q = qkv[:, :HEADS * HEAD_DIM].reshape(tokens, HEADS, HEAD_DIM)
+    w = torch.randn(HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    _close("q_norm", rms_norm(q, w, 1e-6), ref.rms_norm(q, w, 1e-6), **BF16)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_silu_and_mul(tokens: int) -> None:
+    from kiln.kernels.silu_mul import silu_and_mul
+
+    x = torch.randn(tokens, 2 * INTER, device="cuda", dtype=torch.bfloat16) * 3
+    _close("silu_mul", silu_and_mul(x), ref.silu_and_mul(x), **BF16)
+
+
+def test_rotary_and_write_kv() -> None:
+    from kiln.kernels.rotary_kv import rotary_and_write_kv
+
+    tokens, max_pos, num_blocks = 4096, 8192, 600
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda",
+                      dtype=torch.bfloat16)
+    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+    positions = torch.randint(0, max_pos, (tokens,), device="cuda")
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:tokens]
+    slots[::97] = -1  # padding tokens are not written
+    inv = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM)
+    freqs = torch.outer(torch.arange(max_pos, device="cuda").float(), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    caches = [torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda",
+                          dtype=torch.bfloat16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, HEAD_DIM)
+    ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, HEAD_DIM)
+    _close("q", q_rot, ref_q, **BF16)
+    _close("k_cache", caches[0], ref_caches[0], **BF16)
+    assert torch.equal(caches[1], ref_caches[1])
+
+
+def _paged(seq_lens: list[int], q_lens: list[int], table_width: int | None = None):
+    """Caches with shuffled blocks, block tables, packed bf16 queries on the GPU."""
+    blocks = [-(-max(s, 1) // BLOCK_SIZE) for s in seq_lens]
+    width = table_width or max(blocks)
+    num_blocks = sum(blocks) + 8
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda",
+                          dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks, device="cuda").int()
+    tables = torch.zeros(len(seq_lens), width, dtype=torch.int32, device="cuda")
+    for i, used in enumerate(blocks):
+        tables[i, :used], order = order[:used], order[used:]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    q = torch.randn(starts[-1], HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    return q, k_cache, v_cache, tables, starts
+
+
+ATTN = dict(atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("seq_lens,q_lens", [
+    ([512, 1000, 77, 2048], [512, 1000, 77, 2048]),  # plain prefill
+    ([3000, 8192, 130, 700], [200, 1, 130, 1]),  # chunked prefill + decode rows (mixed)
+])
+def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
+    from kiln.kernels.attention_prefill import paged_attention_prefill
+
+    q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
+    scale = HEAD_DIM ** -0.5
+    out = paged_attention_prefill(
+        q, k_cache, v_cache, tables, torch.tensor(starts, device="cuda").int(),
+        torch.tensor(seq_lens, device="cuda").int(), max(q_lens), scale)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+    _close("prefill", out, expected, **ATTN)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_attention(batch: int, num_splits: int | None) -> None:
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, 8193, (batch,), generator=gen).tolist()
+    seq_lens[0] = 8192
+    q, k_cache, v_cache, tables, _ = _paged(seq_lens, [1] * batch, 8192 // BLOCK_SIZE)
+    scale = HEAD_DIM ** -0.5
+    out = paged_attention_decode(q, k_cache, v_cache, tables,
+                                 torch.tensor(seq_lens, device="cuda").int(), scale,
+                                 num_splits=num_splits)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, list(range(batch + 1)),
+                                   seq_lens, scale)
+    _close("decode", out, expected, **ATTN)
+
+
+def test_decode_attention_cuda_graph() -> None:
+    """Captured once, replayed with other seq_lens (incl. 0 = padding) and queries."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    batch, max_len = 16, 8192
+    q, k_cache, v_cache, tables, _ = _paged([max_len] * batch, [1] * batch)
+    seq_lens = torch.full((batch,), max_len, dtype=torch.int32, device="cuda")
+    scale = HEAD_DIM ** -0.5
+
+    def step() -> torch.Tensor:
+        return paged_attention_decode(q, k_cache, v_cache, tables, seq_lens, scale,
+                                      max_seq_len=max_len)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(4):
+        lens = torch.randint(1, max_len + 1, (batch,), generator=torch.Generator().manual_seed(
+            trial)).tolist()
+        lens[-1] = 0 if trial % 2 else lens[-1]
+        seq_lens.copy_(torch.tensor(lens))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        live = [i for i, n in enumerate(lens) if n > 0]
+        expected = ref.paged_attention(q[live], k_cache, v_cache, tables[live],
+                                       list(range(len(live) + 1)), [lens[i] for i in live],
+                                       scale)
+        _close(f"replay {trial}", out[live], expected, **ATTN)
+        if len(live) < batch:
+            assert not out[-1].any(), "padding row is not zero"
+
+
+def _sampling_batch(rows: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    configs = torch.tensor([[0.0, 0, 1.0, 0.0], [1.0, 0, 1.0, 0.0], [0.7, 50, 1.0, 0.0],
+                            [1.0, 0, 0.9, 0.0], [0.8, 50, 0.95, 0.0], [1.0, 0, 1.0, 0.05],
+                            [1.5, 1000, 0.99, 0.0], [1.0, 0, 0.999, 0.0]])
+    picked = configs[(torch.arange(rows) + 4) % len(configs)]  # row 0: top-k + top-p
+    scale = torch.tensor([1.0, 3.0, 8.0])[torch.arange(rows) % 3][:, None]
+    logits = torch.randn(rows, VOCAB, generator=gen) * scale
+    temperature, top_k, top_p, min_p = picked.unbind(1)
+    seeds = torch.randint(-2**62, 2**62, (rows,), generator=gen)
+    steps = torch.randint(0, 4096, (rows,), generator=gen)
+    return tuple(t.contiguous().cuda() for t in (logits, temperature, top_k.long(), top_p,
+                                                 min_p, seeds, steps))
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("candidates", [4096, 16], ids=["candidate-list", "whole-row"])
+def test_sample_tokens(rows: int, candidates: int) -> None:
+    from kiln.kernels.sampling import sample_tokens
+
+    args = _sampling_batch(rows, rows + candidates)
+    out = sample_tokens(*args, candidates=candidates)
+    expected = ref.sample_tokens(*args)
+    assert torch.equal(out, expected), (out.tolist(), expected.tolist())
+
+
+def test_sample_tokens_cuda_graph() -> None:
+    from kiln.kernels.sampling import sample_tokens
+
+    args = _sampling_batch(64, 0)
+    steps = args[-1]
+    sample_tokens(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sample_tokens(*args)
+    for _ in range(3):
+        steps += 1
+        graph.replay()
+        assert torch.equal(out, ref.sample_tokens(*args))
+
+
+def test_functional_dispatch() -> None:
+    """kiln.functional picks the kernels on CUDA and agrees with its CPU reference path."""
+    from kiln import functional as KF
+    from kiln.layers.attention import AttentionMetadata
+
+    for q_lens, seq_lens in (([300, 1, 64], [300, 5000, 64]), ([1, 1, 1], [17, 5000, 64])):
+        q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device="cuda"),
+            block_tables=tables, seq_lens=torch.tensor(seq_lens, device="cuda").int(),
+            query_start_loc=torch.tensor(starts, device="cuda").int(),
+            query_starts_host=starts, seq_lens_host=seq_lens, max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens))
+        out = KF.paged_attention(q, k_cache, v_cache, meta, 0.088)
+        expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, 0.088)
+        _close(f"functional q_lens={q_lens}", out, expected, **ATTN)
