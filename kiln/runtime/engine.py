@@ -89,6 +89,7 @@ class LLMEngine:
         # False: step() returns finished requests only, sparing a per-token output object
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
+        self.num_computed_tokens = 0  # tokens run through the model since load
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
@@ -201,6 +202,7 @@ class LLMEngine:
             for entry in out.scheduled:
                 if entry.request.stats.first_scheduled_time is None:
                     entry.request.stats.first_scheduled_time = now
+            self.num_computed_tokens += out.num_tokens
             pending = self.runner.launch(out, previous)
             self.scheduler.update(out)
             for request in pending.requests:
@@ -288,4 +290,5 @@ class LLMEngine:
             "kv_cache_usage": self.kv.usage,
             "prefix_cache_hit_rate": self.kv.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_computed_tokens": self.num_computed_tokens,
         }
