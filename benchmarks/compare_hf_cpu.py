@@ -67,8 +67,8 @@ def main() -> None:
     print(f"{'engine':<14}{'seconds':>10}{'tok/s':>10}")
     print(f"{'kiln':<14}{kiln_s:>10.2f}{total / kiln_s:>10.1f}")
     print(f"{'transformers':<14}{hf_s:>10.2f}{total / hf_s:>10.1f}")
-    print(f"speedup {result['speedup']}x, identical greedy outputs {result['identical_greedy_outputs']}"
-          " (left padding can change transformers' numerics)")
+    print(f"speedup {result['speedup']}x, identical greedy outputs "
+          f"{result['identical_greedy_outputs']} (left padding can change transformers' numerics)")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -60,7 +60,8 @@ def main() -> None:
         for _ in range(10):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22,
+                                    max_name_column_width=60))
 
 
 if __name__ == "__main__":
