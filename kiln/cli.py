@@ -1,4 +1,4 @@
-"""`kiln build | run | serve | bench`: the command line."""
+"""`kiln build | run | serve | bench | eval`: the command line."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 # Each module defines add_parser(subparsers) adding its commands with set_defaults(func=...).
-_PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli")
+_PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval")
 
 
 def main(argv: list[str] | None = None) -> int:

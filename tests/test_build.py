@@ -157,6 +157,15 @@ def test_bad_build_config(cfg, message, llama_folder, tmp_path):
         build(llama_folder, tmp_path / "out", cfg, progress=False)
 
 
+def test_sliding_window_longer_than_window_is_refused(tmp_path):
+    folder = tmp_path / "mistral"
+    make_hf_model("mistral", folder)
+    _edit_config(folder, sliding_window=64)
+    with pytest.raises(BuildError, match="sliding-window attention"):
+        build(folder, tmp_path / "out", F32, progress=False)
+    build(folder, tmp_path / "ok", BuildConfig(dtype="float32", max_seq_len=64), progress=False)
+
+
 def test_cli_reports_one_line_without_traceback(llama_folder, tmp_path):
     bad = copy_folder(llama_folder, tmp_path / "bad")
     _edit_config(bad, architectures=["GPT2LMHeadModel"])

@@ -91,3 +91,15 @@ def test_cli_run_default_model_says_paris(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "building" in result.stdout  # first run builds into the cache
+
+
+def test_cli_eval_perplexity(smollm2_engine, tmp_path):
+    text = tmp_path / "botchan.txt"
+    text.write_text(botchan_text()[5000:7000])
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "eval", "perplexity", str(smollm2_engine),
+         "--file", str(text), "--window", "256", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    value = float(result.stdout.split()[1])
+    assert 1 < value < 100

@@ -35,6 +35,11 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
             raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
     if build_cfg.pp_size > cfg.num_layers:
         raise BuildError(f"pp_size {build_cfg.pp_size} exceeds the {cfg.num_layers} layers")
+    if cfg.sliding_window and cfg.sliding_window < build_cfg.max_seq_len:
+        raise BuildError(
+            f"the model uses sliding-window attention (window {cfg.sliding_window}), which "
+            f"kiln does not implement yet; build with --max-seq-len {cfg.sliding_window} "
+            "or less, where it equals full attention")
     if cfg.hidden_act not in ("silu", "swish"):
         raise BuildError(f"activation {cfg.hidden_act!r} is not supported (only silu)")
 
