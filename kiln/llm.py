@@ -36,10 +36,12 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         self.engine.stream_outputs = False
         try:
+            for prompt, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, sp))
             with tqdm(total=len(ids), desc="generating", unit="req",
                       disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished():
@@ -48,6 +50,9 @@ class LLM:
                         bar.update(1)
         finally:
             self.engine.stream_outputs = True
+            for request_id in ids:  # after an error or Ctrl-C: leave nothing running
+                if request_id not in results:
+                    self.engine.abort(request_id)
         return [results[i] for i in ids]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],

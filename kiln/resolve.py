@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -9,7 +10,7 @@ import os
 from pathlib import Path
 
 from kiln.build import build
-from kiln.build.engine_dir import is_engine_dir, load_engine_config
+from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
 from kiln.checkpoint import open_checkpoint
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
@@ -43,7 +44,10 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
         return path
     ckpt = open_checkpoint(path)
     build_cfg = build_cfg or BuildConfig()
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), build_cfg.to_dict()],
+    # Key on the dtype the build will really use: "auto" differs between CPU and GPU.
+    resolved = dataclasses.replace(
+        build_cfg, dtype=str(resolve_dtype(build_cfg.dtype)).removeprefix("torch."))
+    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), resolved.to_dict()],
                                     sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{path.stem}-{key}"
     if is_engine_dir(engine_dir):

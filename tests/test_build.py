@@ -186,3 +186,23 @@ def test_cli_build_then_run(llama_folder, reference_tokens, tmp_path):
     assert (out / "engine.json").exists()
     with pytest.raises(KilnError, match="no tokenizer"):
         LLM(out, device="cpu").generate("text needs a tokenizer", GREEDY)
+
+
+def test_build_never_overwrites_user_data(llama_folder, tmp_path):
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(BuildError, match="not a kiln engine dir"):
+        build(llama_folder, precious, F32, progress=False)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    with pytest.raises(BuildError, match="is the source checkpoint"):
+        build(llama_folder, llama_folder, F32, progress=False)
+    engine = build(llama_folder, tmp_path / "engine", F32, progress=False)
+    build(llama_folder, engine, F32, progress=False)  # an engine dir may be rebuilt
+
+
+def test_generation_config_eos_ids_are_merged(llama_folder, tmp_path):
+    folder = copy_folder(llama_folder, tmp_path / "chat")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 77]}))
+    engine = build(folder, tmp_path / "engine", F32, progress=False)
+    assert load_engine_config(engine).model.eos_token_ids == (2, 77)

@@ -162,3 +162,49 @@ def test_request_stats(tiny_engines):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
     stats = engine.stats()
     assert stats["num_running"] == stats["num_waiting"] == stats["kv_blocks_used"] == 0
+
+
+def test_overlap_with_penalties_and_early_stops(tiny_engines, alone):
+    """Penalties make the engine apply in-flight tokens before launching; requests those
+    tokens finish must drop out of the step (regression: IndexError in prepare)."""
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16,
+                                                            overlap_scheduling=True))
+    prompts = make_prompts(8)
+    stops = [alone[str(i)][len(alone[str(i)]) // 2] for i in range(8)]
+    params = [SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.2,
+                             stop_token_ids=[stops[i]]) for i in range(8)]
+    done = run_all(engine, prompts, params)
+    assert len(done) == 8
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_n_siblings_with_one_token_under_overlap(tiny_engines):
+    from kiln import LLM
+
+    llm = LLM(tiny_engines["llama"], device="cpu", overlap_scheduling=True)
+    (out,) = llm.generate([5, 6, 7], SamplingParams(n=2, max_tokens=1, temperature=1.0))
+    assert [len(c.token_ids) for c in out.outputs] == [1, 1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompt_logprobs_survive_preemption_and_abort(tiny_engines, overlap):
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", num_kv_blocks=16,
+                                                            overlap_scheduling=overlap))
+    prompt = list(range(20, 60))
+    engine.add_request(prompt, SamplingParams(max_tokens=60, prompt_logprobs=1, **GREEDY), "p")
+    for i, other in enumerate(make_prompts(6, seed=9)):  # crowd the pool: preemptions
+        engine.add_request(other, SamplingParams(max_tokens=60, **GREEDY), f"o{i}")
+    engine.add_request(prompt, SamplingParams(max_tokens=5, prompt_logprobs=1), "aborted")
+    engine.step()
+    engine.abort("aborted")  # while its step may be in flight
+    results = {}
+    while engine.has_unfinished():
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.scheduler.num_preemptions > 0
+    assert len(results["p"].prompt_logprobs) == len(prompt)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_empty_stop_string_is_ignored(tiny_engines):
+    assert SamplingParams(stop=["", "x"]).stop == ["x"]
+    assert SamplingParams(stop="").stop == []

@@ -155,3 +155,15 @@ def test_async_client_chat_streaming(server, reference):
     assert text == want.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_streamed_n_choices_finish_once_each(client):
+    """Choices that stop early are not re-announced while their siblings go on."""
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, n=4,
+                                       temperature=1.0, seed=3, stop=["e"], stream=True)
+    finishes: dict[int, int] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.finish_reason is not None:
+                finishes[c.index] = finishes.get(c.index, 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1, 3: 1}

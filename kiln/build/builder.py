@@ -12,7 +12,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from kiln.build.engine_dir import rank_file, resolve_dtype, write_engine_config
+from kiln.build.engine_dir import (
+    is_engine_dir,
+    rank_file,
+    resolve_dtype,
+    write_engine_config,
+)
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import DTYPES, BuildConfig, EngineConfig, ModelConfig
 from kiln.distributed import Mapping
@@ -53,6 +58,7 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     dtype = resolve_dtype(build_cfg.dtype)
     build_cfg = dataclasses.replace(build_cfg, dtype=str(dtype).removeprefix("torch."))
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, ckpt.source)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
     scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
@@ -76,6 +82,16 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return output_dir
+
+
+def _check_output_dir(output_dir: Path, source: Path) -> None:
+    """A rebuild replaces an engine dir; anything else that exists is the user's data."""
+    if output_dir.exists() and output_dir.resolve() == source.resolve():
+        raise BuildError(f"the output {output_dir} is the source checkpoint; choose another -o")
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir())
+                                and not is_engine_dir(output_dir)):
+        raise BuildError(f"{output_dir} exists and is not a kiln engine dir; choose an empty "
+                         "or new directory for -o")
 
 
 def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,

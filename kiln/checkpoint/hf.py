@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -33,6 +34,16 @@ class HFCheckpoint(Checkpoint):
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
         self.config = ModelConfig.from_hf(hf_config)
+        # Chat models often list their end-of-turn token only in generation_config.json.
+        generation = folder / "generation_config.json"
+        if generation.is_file():
+            try:
+                eos = json.loads(generation.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{generation} is not valid JSON: {e}") from None
+            eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            merged = tuple(dict.fromkeys([*self.config.eos_token_ids, *eos]))
+            self.config = dataclasses.replace(self.config, eos_token_ids=merged)
         self._files = self._weight_files()
         if self._files[0].suffix == ".safetensors":
             self._names = [n for f in self._files for n in _safetensors_header(f)]
@@ -94,8 +105,9 @@ class HFCheckpoint(Checkpoint):
         return copied
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for path in [self.source / "config.json", *self._files]:
+        h = hashlib.sha256(str(self.source.resolve()).encode())
+        tokenizer = [self.source / n for n in TOKENIZER_FILES if (self.source / n).is_file()]
+        for path in [self.source / "config.json", *self._files, *tokenizer]:
             st = path.stat()
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]

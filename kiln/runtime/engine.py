@@ -192,11 +192,14 @@ class LLMEngine:
         """
         out = self.scheduler.schedule()
         previous, self._pending = self._pending, None
+        processed = previous is not None
         outputs: list[RequestOutput] = []
         if previous is not None and not (out and self.overlap and
                                          not self._needs_host_tokens(out)):
             outputs += self._process(previous.result())
             previous = None
+            # Those tokens may have finished requests this schedule still holds.
+            out.scheduled = [e for e in out.scheduled if not e.request.status.finished]
         if out:
             now = time.monotonic()
             for entry in out.scheduled:
@@ -211,7 +214,7 @@ class LLMEngine:
                 self._pending = pending
             else:
                 outputs += self._process(pending.result())
-        elif previous is None and not outputs and self.scheduler.waiting:
+        elif not processed and self.scheduler.waiting:
             raise KilnError("the KV cache is too small for the next request")
         if previous is not None:
             outputs += self._process(previous.result())
@@ -229,9 +232,13 @@ class LLMEngine:
 
     def _process(self, result: StepResult) -> list[RequestOutput]:
         changed: dict[str, Group] = {}
-        for request_id, entries in result.prompt_logprobs.items():
-            group = self.groups[self._seq_of[request_id].group_id]
-            group.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
+        for request_id, (start, entries) in result.prompt_logprobs.items():
+            seq = self._seq_of.get(request_id)
+            if seq is None:  # aborted while its step was in flight
+                continue
+            group = self.groups[seq.group_id]
+            # By position: a request preempted and recomputed sends its positions again.
+            group.prompt_logprobs[1 + start:1 + start + len(entries)] = entries  # type: ignore[index]
             changed[group.request_id] = group
         now = time.monotonic()
         for row, (request, token, index) in enumerate(zip(result.requests, result.token_ids,

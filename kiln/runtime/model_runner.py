@@ -32,8 +32,9 @@ class StepResult:
     indices: list[int]  # where in request.token_ids each sampled token belongs
     logprobs: list[list[float]] | None = None  # per row: [sampled, top1..topn]
     logprob_ids: list[list[int]] | None = None
-    # request id -> one {token: logprob} per prompt position computed this step
-    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    # request id -> (first position, one {token: logprob} per prompt position computed)
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(
+        default_factory=dict)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class PendingStep:
     tokens: torch.Tensor | None  # [num sampled] on the device
     logprobs: torch.Tensor | None
     logprob_ids: torch.Tensor | None
-    prompt_logprobs: dict[str, list[dict[int, float]]]
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]]
 
     def row_of(self) -> dict[str, int]:
         return {r.request_id: i for i, r in enumerate(self.requests)}
@@ -191,7 +192,8 @@ class ModelRunner:
         return self.launch(out).result()
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
-                         query_starts: list[int]) -> dict[str, list[dict[int, float]]]:
+                         query_starts: list[int]
+                         ) -> dict[str, tuple[int, list[dict[int, float]]]]:
         """Logprob of each next prompt token (plus the top-n) at the positions computed."""
         result = {}
         for i, entry in enumerate(out.scheduled):
@@ -207,10 +209,10 @@ class ModelRunner:
             targets = torch.tensor(r.token_ids[start + 1:end + 1], device=logprobs.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
             top_lp, top_ids = logprobs.topk(r.prompt_logprobs, dim=-1)
-            result[r.request_id] = [
+            result[r.request_id] = (start, [
                 {t: c, **dict(zip(ids, lps))}
                 for t, c, ids, lps in zip(targets.tolist(), chosen, top_ids.tolist(),
-                                          top_lp.tolist())]
+                                          top_lp.tolist())])
         return result
 
     @torch.inference_mode()

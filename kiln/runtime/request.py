@@ -36,6 +36,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]  # "" would match everywhere
         self.validate()
 
     @property

@@ -72,7 +72,9 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk]:
-            finished = completion.finish_reason is not None
+            if state.finished_sent:
+                return []
+            finished = state.finished_sent = completion.finish_reason is not None
             text, positions = state.advance(completion, finished)
             if not text and not finished and (top_n is None or not positions):
                 return []

@@ -54,7 +54,9 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
     if body.stream:
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[CompletionResponse]:
-            finished = completion.finish_reason is not None
+            if state.finished_sent:
+                return []
+            finished = state.finished_sent = completion.finish_reason is not None
             text, positions = state.advance(completion, finished)
             if not text and not finished and (top_n is None or not positions):
                 return []

@@ -24,6 +24,7 @@ class ChoiceState:
     text: TextDeltas = field(default_factory=TextDeltas)
     sent_tokens: int = 0
     text_offset: int = 0  # of the next token, for completions logprobs
+    finished_sent: bool = False  # n > 1: a finished choice is repeated in later outputs
 
     def advance(self, completion: CompletionOutput, finished: bool) -> tuple[str, range]:
         """The text and the token positions that are new since the last call."""
