@@ -55,6 +55,10 @@ class LLMEngine:
         self.runtime = runtime = runtime or RuntimeConfig()
         self.config = load_engine_config(self.engine_dir)
         build = self.config.build
+        if build.tp_size * build.pp_size > 1:
+            raise KilnError(f"{self.engine_dir} is built for {build.tp_size} x {build.pp_size} "
+                            "(tensor x pipeline) ranks; this kiln runs single-rank engines "
+                            "only so far: rebuild with --tp-size 1 --pp-size 1")
         device = runtime.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
