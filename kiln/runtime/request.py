@@ -145,6 +145,8 @@ class Request:
 
     def banned_next_tokens(self) -> list[int]:
         """Last tokens of bad words whose other tokens end the output so far."""
+        if not self.bad_words_token_ids:
+            return []
         output = self.output_token_ids
         banned = []
         for words in self.bad_words_token_ids:
