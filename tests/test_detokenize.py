@@ -36,24 +36,46 @@ def test_byte_level_bpe_incremental(smollm2_tokenizer, text):
 
 
 @pytest.fixture(scope="module")
-def sentencepiece_tokenizer(tmp_path_factory) -> Tokenizer:
-    """botchan_en_bpe_1000.model from the sentencepiece sdist, as a HF tokenizer.json."""
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """botchan_en_bpe_1000.model (a BPE SentencePiece model) from the sentencepiece sdist."""
     from tests.test_smollm2 import botchan_text
 
     botchan_text()  # downloads the sdist into the cache
     sdist = sorted((Path.home() / ".cache" / "kiln" / "data").glob("sentencepiece-*.tar.gz"))[-1]
-    folder = tmp_path_factory.mktemp("spm")
+    path = tmp_path_factory.mktemp("spm") / "sp.model"
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("botchan_en_bpe_1000.model"))
-        (folder / "sp.model").write_bytes(tar.extractfile(member).read())
-    from transformers import LlamaTokenizerFast
+        path.write_bytes(tar.extractfile(member).read())
+    return path
 
-    LlamaTokenizerFast(vocab_file=str(folder / "sp.model")).save_pretrained(folder)
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(sentencepiece_model) -> Tokenizer:
+    from kiln.checkpoint.sentencepiece import convert_sentencepiece
+
+    folder = sentencepiece_model.parent / "converted"
+    assert convert_sentencepiece(sentencepiece_model, folder, write_config=True)
     return Tokenizer(folder)
 
 
-@pytest.mark.parametrize("text", ["I am a cat. As yet I have no name.",
-                                  "  two  spaces and   three", "Botchan's café, naïve!"])
+SP_TEXTS = ["I am a cat. As yet I have no name.", "two spaces and three",
+            "Botchan's café, naïve!", "The 1906 novel, chapter 11."]
+
+
+@pytest.mark.parametrize("text", SP_TEXTS)
+def test_sentencepiece_conversion_matches_sentencepiece(sentencepiece_model,
+                                                        sentencepiece_tokenizer, text):
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(sentencepiece_model))
+    want = [sp.bos_id(), *sp.encode(text)]
+    got = sentencepiece_tokenizer.encode(text)
+    assert len(got) > 3 and got == want
+    if sp.unk_id() not in want:  # sentencepiece spells <unk> as " ⁇ "; we skip it
+        assert sentencepiece_tokenizer.decode(got) == sp.decode(want)
+
+
+@pytest.mark.parametrize("text", SP_TEXTS)
 def test_sentencepiece_incremental(sentencepiece_tokenizer, text):
     check_incremental(sentencepiece_tokenizer, text)
 
@@ -89,3 +111,24 @@ def test_chat_template_applies(smollm2_engine):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(max_tokens=16, temperature=0))[0]
     assert "Paris" in out.text
+
+
+def test_hf_folder_with_only_a_sentencepiece_model(sentencepiece_model,
+                                                   sentencepiece_tokenizer, tmp_path):
+    """Older checkpoints ship tokenizer.model only: the build converts it to tokenizer.json."""
+    import json
+    import shutil
+
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from tests.conftest import make_hf_model
+
+    folder = tmp_path / "hf"
+    make_hf_model("llama", folder)
+    shutil.copy(sentencepiece_model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    engine = build(folder, tmp_path / "engine", BuildConfig(dtype="float32", max_seq_len=64),
+                   progress=False)
+    converted = Tokenizer.from_engine(engine)
+    text = "I am a cat. As yet I have no name."
+    assert converted.encode(text) == sentencepiece_tokenizer.encode(text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tokenizers import (
     processors,
 )
 
-from kiln.checkpoint.gguf import field
+from kiln.checkpoint.gguf import field as gguf_field
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +49,57 @@ _PRE_SPLITS: dict[str, tuple[str | None, bool]] = {
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
 
 
+@dataclass
+class TokenizerSpec:
+    """llama.cpp's description of a tokenizer (what a GGUF or a SentencePiece model holds)."""
+
+    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece BPE)
+    tokens: list[str]
+    types: list[int]
+    specials: dict[str, int | None]  # bos, eos, pad, unk -> id
+    add_bos: bool
+    add_eos: bool = False
+    scores: list[float] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
+    pre: str = "default"
+    add_space_prefix: bool = True
+    chat_template: str | None = None
+
+
 def write_gguf_tokenizer(reader: gguf.GGUFReader, dest: Path) -> bool:
     """Write tokenizer.json and tokenizer_config.json into dest; False for unknown models."""
-    model = field(reader, "tokenizer.ggml.model")
-    tokens: list[str] = field(reader, "tokenizer.ggml.tokens") or []
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens") or []
     if model not in ("gpt2", "llama") or not tokens:
         return False
-    types: list[int] = field(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    # SentencePiece models get BOS by default in llama.cpp; byte-level BPE ones do not.
-    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", model == "llama"))
-    add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
-    specials = {name: field(reader, f"tokenizer.ggml.{key}_token_id")
-                for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
-                                  ("unk", "unknown"))}
-    if model == "gpt2":
-        tok = _byte_level_bpe(tokens, field(reader, "tokenizer.ggml.merges") or [],
-                              field(reader, "tokenizer.ggml.pre", "default"))
+    spec = TokenizerSpec(
+        model=model, tokens=tokens,
+        types=gguf_field(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens),
+        specials={name: gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
+                  for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
+                                    ("unk", "unknown"))},
+        # SentencePiece models get BOS by default in llama.cpp; byte-level BPE ones do not.
+        add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        add_eos=bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        scores=gguf_field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens),
+        merges=gguf_field(reader, "tokenizer.ggml.merges") or [],
+        pre=gguf_field(reader, "tokenizer.ggml.pre", "default"),
+        add_space_prefix=bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        chat_template=gguf_field(reader, "tokenizer.chat_template"),
+    )
+    write_tokenizer(spec, dest)
+    return True
+
+
+def write_tokenizer(spec: TokenizerSpec, dest: Path, write_config: bool = True) -> None:
+    """tokenizer.json (and, unless told not to, tokenizer_config.json) for the spec."""
+    tokens, types, specials = spec.tokens, spec.types, spec.specials
+    if spec.model == "gpt2":
+        tok = _byte_level_bpe(tokens, spec.merges, spec.pre)
     else:
-        scores = field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         unk = specials["unk"]
-        tok = _sentencepiece_bpe(tokens, scores, types, None if unk is None else tokens[unk],
-                                 bool(field(reader, "tokenizer.ggml.add_space_prefix", True)))
+        tok = _sentencepiece_bpe(tokens, spec.scores, types,
+                                 None if unk is None else tokens[unk], spec.add_space_prefix)
     # llama.cpp matches control/user-defined/unknown tokens whole in the text, so
     # "<|im_start|>" is one id. Only user-defined ones (e.g. <think>) survive skip_special.
     pairs = list(zip(tokens, types, strict=False))
@@ -76,26 +107,25 @@ def write_gguf_tokenizer(reader: gguf.GGUFReader, dest: Path) -> bool:
                             for t, ty in pairs if ty in (UNKNOWN, CONTROL)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in pairs if ty == USER_DEFINED])
-    post = _post_processor(tokens, specials, add_bos, add_eos)
+    post = _post_processor(tokens, specials, spec.add_bos, spec.add_eos)
     if post is not None:
         tok.post_processor = post
-
     dest.mkdir(parents=True, exist_ok=True)
     tok.save(str(dest / "tokenizer.json"))
+    if not write_config:
+        return
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
+        "add_bos_token": spec.add_bos,
+        "add_eos_token": spec.add_eos,
         "clean_up_tokenization_spaces": False,
     }
     for name, token_id in specials.items():
         if token_id is not None and 0 <= token_id < len(tokens):
             config[f"{name}_token"] = tokens[token_id]
-    template = field(reader, "tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
+    if spec.chat_template:
+        config["chat_template"] = spec.chat_template
     (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    return True
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:

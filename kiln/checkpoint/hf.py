@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import shutil
 import struct
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import torch
 from kiln.checkpoint.base import Checkpoint
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # Files copied into the engine's tokenizer/ folder when present.
 TOKENIZER_FILES = (
@@ -102,6 +105,12 @@ class HFCheckpoint(Checkpoint):
                 dest.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / name)
                 copied = copied or name == "tokenizer.json"
+        if not copied and (self.source / "tokenizer.model").is_file():
+            from kiln.checkpoint.sentencepiece import convert_sentencepiece
+
+            copied = convert_sentencepiece(self.source / "tokenizer.model", dest,
+                                           write_config=not (dest / "tokenizer_config.json")
+                                           .is_file())
         return copied
 
     def fingerprint(self) -> str:
