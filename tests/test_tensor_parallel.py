@@ -1,0 +1,79 @@
+"""Tensor-parallel layers over real torch.distributed process groups (gloo on the CPU):
+a tp=2 engine's two ranks together give the single-rank engine's logits."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kiln.build import build
+from kiln.config import BuildConfig
+
+TOKENS = list(range(3, 40))
+CFG = dict(dtype="float32", max_seq_len=128)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _logits(runner, kv, request, num_new: int) -> torch.Tensor:
+    from kiln.runtime.scheduler import ScheduledRequest, SchedulerOutput
+
+    assert kv.allocate(request, request.num_computed_tokens + num_new)
+    out = SchedulerOutput([ScheduledRequest(request, num_new, sample=False)])
+    logits = runner.forward_logits(out)
+    request.num_computed_tokens += num_new
+    return logits
+
+
+def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -> None:
+    import torch.distributed as dist
+
+    from kiln.build import load_engine_config
+    from kiln.distributed import Mapping
+    from kiln.distributed.comm import set_tp_group
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.model_runner import ModelRunner
+    from kiln.runtime.request import Request, SamplingParams
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        set_tp_group(dist.group.WORLD)
+        cfg = load_engine_config(engine_dir)
+        runner = ModelRunner(Path(engine_dir), cfg, torch.device("cpu"),
+                             Mapping(world, rank, world))
+        runner.allocate_kv_cache(16)
+        kv = KVCacheManager(16, cfg.build.block_size)
+        request = Request("r", TOKENS, SamplingParams(max_tokens=1), 1)
+        prefill = _logits(runner, kv, request, len(TOKENS) - 1)  # all but the last token
+        decode = _logits(runner, kv, request, 1)  # then one token through the KV cache
+        if rank == 0:
+            torch.save({"prefill": prefill, "decode": decode}, result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path):
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    folder, _ = tiny_checkpoints[arch]
+    engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False)
+    result = tmp_path / "logits.pt"
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(engine_tp2), str(result)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(result)
+    single = LLMEngine(build(folder, tmp_path / "tp1", BuildConfig(**CFG), progress=False),
+                       RuntimeConfig(device="cpu"))
+    want = sequence_logits(single, TOKENS)
+    assert (got["prefill"] - want[:-1]).abs().max() < 1e-4
+    assert (got["decode"][0] - want[-1]).abs().max() < 1e-4
