@@ -208,8 +208,7 @@ def test_generation_config_eos_ids_are_merged(llama_folder, tmp_path):
     assert load_engine_config(engine).model.eos_token_ids == (2, 77)
 
 
-def test_sharded_engine_writes_every_rank_and_refuses_single_rank_runtime(llama_folder,
-                                                                          tmp_path):
+def test_sharded_engine_writes_every_rank(llama_folder, tmp_path):
     engine = build(llama_folder, tmp_path / "tp2", BuildConfig(dtype="float32",
                                                               max_seq_len=128, tp_size=2),
                    progress=False)
@@ -218,5 +217,8 @@ def test_sharded_engine_writes_every_rank_and_refuses_single_rank_runtime(llama_
     ranks = [load_file(str(engine / f"rank{r}.safetensors")) for r in range(2)]
     name = "model.layers.0.mlp.down_proj.weight"  # row-parallel: split by input columns
     assert torch.equal(torch.cat([ranks[0][name], ranks[1][name]], dim=1), full[name])
-    with pytest.raises(KilnError, match="single-rank engines only"):
-        LLM(engine, device="cpu")
+    pipelined = build(llama_folder, tmp_path / "pp2", BuildConfig(dtype="float32",
+                                                                 max_seq_len=128, pp_size=2),
+                      progress=False)
+    with pytest.raises(KilnError, match="tensor parallelism only"):
+        LLM(pipelined, device="cpu")

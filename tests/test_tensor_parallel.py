@@ -3,6 +3,7 @@ a tp=2 engine's two ranks together give the single-rank engine's logits."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -57,8 +58,10 @@ def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -
         decode = _logits(runner, kv, request, 1)  # then one token through the KV cache
         if rank == 0:
             torch.save({"prefill": prefill, "decode": decode}, result)
+        dist.barrier()  # nobody leaves while a peer may still talk to it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads may abort in it
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -77,3 +80,20 @@ def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path)
     want = sequence_logits(single, TOKENS)
     assert (got["prefill"] - want[:-1]).abs().max() < 1e-4
     assert (got["decode"][0] - want[-1]).abs().max() < 1e-4
+
+
+def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path):
+    """The whole engine over 2 ranks (worker process + this one): same greedy tokens."""
+    from kiln import LLM, SamplingParams
+
+    folder, _ = tiny_checkpoints["llama"]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [TOKENS, [5, 6, 7], list(range(60, 100))]
+    want = [o.token_ids for o in LLM(build(folder, tmp_path / "tp1", BuildConfig(**CFG),
+                                           progress=False), device="cpu").generate(prompts, params)]
+    llm = LLM(build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False),
+              device="cpu")
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    finally:
+        llm.engine.runner.close()

@@ -55,16 +55,24 @@ class LLMEngine:
         self.runtime = runtime = runtime or RuntimeConfig()
         self.config = load_engine_config(self.engine_dir)
         build = self.config.build
-        if build.tp_size * build.pp_size > 1:
-            raise KilnError(f"{self.engine_dir} is built for {build.tp_size} x {build.pp_size} "
-                            "(tensor x pipeline) ranks; this kiln runs single-rank engines "
-                            "only so far: rebuild with --tp-size 1 --pp-size 1")
+        if build.pp_size > 1:
+            raise KilnError(f"{self.engine_dir} is built for {build.pp_size} pipeline stages; "
+                            "this kiln runs tensor parallelism only so far: rebuild with "
+                            "--pp-size 1")
         device = runtime.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.tokenizer = Tokenizer.from_engine(self.engine_dir)
-        self.runner = ModelRunner(self.engine_dir, self.config, self.device)
+        if build.tp_size > 1:
+            from kiln.distributed.executor import TensorParallelRunner
+
+            if self.device.type == "cuda" and torch.cuda.device_count() < build.tp_size:
+                raise KilnError(f"the engine needs {build.tp_size} GPUs, "
+                                f"{torch.cuda.device_count()} are visible")
+            self.runner = TensorParallelRunner(self.engine_dir, self.config, self.device.type)
+        else:
+            self.runner = ModelRunner(self.engine_dir, self.config, self.device)
         self.max_seq_len = build.max_seq_len
         num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
         min_blocks = -(-build.max_seq_len // build.block_size)
@@ -87,8 +95,10 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
             self.tokenizer.eos_token_id is not None else ())
-        self.overlap = runtime.overlap_scheduling if runtime.overlap_scheduling is not None \
-            else self.device.type == "cuda"
+        # Workers of a multi-rank engine never see sampled tokens, so no placeholders there.
+        self.overlap = build.tp_size == 1 and (
+            runtime.overlap_scheduling if runtime.overlap_scheduling is not None
+            else self.device.type == "cuda")
         self._pending: PendingStep | None = None
         # False: step() returns finished requests only, sparing a per-token output object
         # for every running request (offline generation wants nothing in between).
