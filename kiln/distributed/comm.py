@@ -1,4 +1,5 @@
-"""Collectives used by the parallel layers; no-ops when running on a single rank."""
+"""Collectives used by the parallel layers. A layer whose mapping has one TP rank never
+calls them, so single-rank models do not depend on the process-group state here."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ def set_tp_group(group: dist.ProcessGroup | None) -> None:
     _tp_group = group
 
 
-def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _tp_group is not None:
+def tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    if tp_size > 1:
         dist.all_reduce(x, group=_tp_group)
     return x
 
 
-def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    if _tp_group is None:
+def tp_all_gather_last_dim(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    if tp_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(_tp_group))]
     dist.all_gather(parts, x.contiguous(), group=_tp_group)

@@ -116,6 +116,7 @@ class TensorParallelRunner:
         for worker in self.workers:
             worker.join(timeout=30)
         self.workers = []
+        set_tp_group(None)
         dist.destroy_process_group()
 
     def __getattr__(self, name: str) -> Any:  # block_size, kv_bytes_per_block, model, ...

@@ -35,7 +35,7 @@ class VocabEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         valid = (local >= 0) & (local < self.rows_per_rank)
         out = nn.functional.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight)
-        return tp_all_reduce(out * valid.unsqueeze(-1).to(out.dtype))
+        return tp_all_reduce(out * valid.unsqueeze(-1).to(out.dtype), self.mapping.tp_size)
 
 
 class LMHead(VocabEmbedding):
@@ -46,4 +46,4 @@ class LMHead(VocabEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = nn.functional.linear(hidden, self.weight)
-        return tp_all_gather_last_dim(logits)[..., : self.vocab_size]
+        return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]

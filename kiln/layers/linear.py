@@ -40,7 +40,7 @@ class ColumnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
-        return tp_all_gather_last_dim(y) if self.gather_output else y
+        return tp_all_gather_last_dim(y, self.mapping.tp_size) if self.gather_output else y
 
 
 class MergedColumnLinear(ColumnLinear):
@@ -93,7 +93,7 @@ class RowLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.mapping.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(nn.functional.linear(x, self.weight))
+        y = tp_all_reduce(nn.functional.linear(x, self.weight), self.mapping.tp_size)
         return y if self.bias is None else y + self.bias
 
 
