@@ -45,16 +45,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return ref.silu_and_mul(x)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-           head_dim: int) -> torch.Tensor:
-    return ref.rotary(x, positions, cos_sin, head_dim)
-
-
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    ref.write_kv(k, v, k_cache, v_cache, slot_mapping)
-
-
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -187,10 +187,6 @@ class ModelRunner:
         indices = [r.num_tokens for r in sampling]
         return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp)
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """Launch and wait: one whole step, synchronously."""
-        return self.launch(out).result()
-
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
                          query_starts: list[int]
                          ) -> dict[str, tuple[int, list[dict[int, float]]]]:
