@@ -72,12 +72,10 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk]:
-            if state.finished_sent:
+            new = state.stream_delta(completion, top_n is not None)
+            if new is None:
                 return []
-            finished = state.finished_sent = completion.finish_reason is not None
-            text, positions = state.advance(completion, finished)
-            if not text and not finished and (top_n is None or not positions):
-                return []
+            text, positions = new
             return [chunk([ChatChunkChoice(index=state.index, delta=Delta(content=text or None),
                                            logprobs=logprobs(completion, positions),
                                            finish_reason=completion.finish_reason)])]

@@ -54,12 +54,10 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
     if body.stream:
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[CompletionResponse]:
-            if state.finished_sent:
+            new = state.stream_delta(completion, top_n is not None)
+            if new is None:
                 return []
-            finished = state.finished_sent = completion.finish_reason is not None
-            text, positions = state.advance(completion, finished)
-            if not text and not finished and (top_n is None or not positions):
-                return []
+            text, positions = new
             return [response([choice(completion, state, text, positions)])]
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -33,6 +33,18 @@ class ChoiceState:
         self.sent_tokens = len(completion.token_ids)
         return delta, positions
 
+    def stream_delta(self, completion: CompletionOutput, with_logprobs: bool
+                     ) -> tuple[str, range] | None:
+        """What a stream sends for this choice now, or None when there is nothing new (a
+        finished choice is announced once, though n > 1 outputs keep repeating it)."""
+        if self.finished_sent:
+            return None
+        finished = self.finished_sent = completion.finish_reason is not None
+        text, positions = self.advance(completion, finished)
+        if not text and not finished and not (with_logprobs and positions):
+            return None
+        return text, positions
+
 
 def _entries(completion: CompletionOutput, positions: range, top_n: int
              ) -> list[tuple[int, float | None, list[tuple[int, float]]]]:
