@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import sys
 import time
 from pathlib import Path
 
+from kiln.config import add_build_arguments, build_config_from_args
 from kiln.errors import KilnError
-
-
-def _add_build_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("build options")
-    g.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
-    g.add_argument("--max-batch-size", type=int, default=64)
-    g.add_argument("--max-seq-len", type=int, default=4096)
-    g.add_argument("--max-num-tokens", type=int, default=8192,
-                   help="token budget of one engine step")
-    g.add_argument("--tp-size", type=int, default=1)
-    g.add_argument("--pp-size", type=int, default=1)
-
-
-def _build_config(args: argparse.Namespace):
-    from kiln.config import BuildConfig
-
-    return BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                       max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                       tp_size=args.tp_size, pp_size=args.pp_size)
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -45,8 +25,7 @@ def cmd_build(args: argparse.Namespace) -> None:
             raise KilnError("--config names a preset for --random-weights only")
         source = Path(args.source) if args.source else default_model()
     started = time.perf_counter()
-    out = build(source, args.output, dataclasses.replace(
-        _build_config(args), random_weights=args.random_weights))
+    out = build(source, args.output, build_config_from_args(args))
     print(f"kiln: built {out} in {time.perf_counter() - started:.1f} s")
 
 
@@ -54,7 +33,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from kiln.llm import LLM
     from kiln.runtime.request import SamplingParams
 
-    llm = LLM(args.model, _build_config(args), device=args.device)
+    llm = LLM(args.model, build_config_from_args(args), device=args.device)
     prompt = args.prompt
     if args.chat:
         if llm.tokenizer is None:
@@ -102,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="random weights of a real architecture (see --config), for speed tests")
     p.add_argument("--config", help="preset for --random-weights: llama-3.1-8b, llama-3.2-1b, "
                    "llama-3.2-3b, llama-3.1-70b, qwen2.5-7b, qwen3-8b, mistral-7b, smollm2-135m")
-    _add_build_args(p)
+    add_build_arguments(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="generate text for one prompt")
@@ -116,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--device", default="auto")
-    _add_build_args(p)
+    add_build_arguments(p)
     p.set_defaults(func=cmd_run)
 
     # Subcommands that live with their feature register themselves here.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,6 +123,9 @@ def _arch_from_model_type(model_type: str | None) -> str:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("auto", "none", "fp8")  # auto: what the checkpoint holds (none for floats)
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
+ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,24 @@ class BuildConfig:
     max_batch_size: int = 64
     max_seq_len: int = 4096
     max_num_tokens: int = 8192  # token budget of one engine step
-    kv_cache_dtype: str = "auto"  # auto: same as dtype
+    kv_cache_dtype: str = "auto"  # see KV_CACHE_DTYPES; a built engine stores the resolved one
     block_size: int = 16  # tokens per KV cache block
     tp_size: int = 1
     pp_size: int = 1
     random_weights: bool = False
+    # Quantization (see kiln.layers.quantization). A built engine records what it holds:
+    # the method, how activations are scaled, and the linear layers kept in high precision.
+    quantization: str = "auto"
+    activation_scheme: str = "auto"  # fp8 inputs: dynamic per token or static per tensor
+    quant_ignore: tuple[str, ...] = ()  # kiln module names left unquantized
+    quant_source: str = ""  # where the quantized weights came from (kiln, a format name)
+    calib_file: str | None = None  # text for static activation and KV scales
+    calib_samples: int = 32
+    calib_seq_len: int = 512
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization not in ("auto", "none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +161,9 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = {k: v for k, v in data.items() if k in known}
+        data["quant_ignore"] = tuple(data.get("quant_ignore", ()))
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -156,3 +175,38 @@ class EngineConfig:
     source: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)
     format_version: int = 1
+
+
+def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None:
+    """The build options of `kiln build | run | serve | bench | eval` (limits: the
+    engine-size options, which bench and eval set themselves)."""
+    g = p.add_argument_group("build options")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    if limits:
+        g.add_argument("--max-batch-size", type=int, default=64)
+        g.add_argument("--max-seq-len", type=int, default=4096)
+        g.add_argument("--max-num-tokens", type=int, default=8192,
+                       help="token budget of one engine step")
+        g.add_argument("--tp-size", type=int, default=1)
+        g.add_argument("--pp-size", type=int, default=1)
+    g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="fp8: W8A8 FP8 weights and activations; auto: what the checkpoint "
+                   "holds (FP8 compressed-tensors / modelopt checkpoints stay FP8)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="fp8 or int8: 1-byte KV cache with per-head scales (int8 needs "
+                   "--calib-file); auto: the checkpoint's KV scheme, else --dtype")
+    g.add_argument("--activation-scheme", default="auto", choices=ACTIVATION_SCHEMES,
+                   help="FP8 inputs: dynamic per token, or static per tensor from "
+                   "calibration (auto: static when --calib-file is given)")
+    g.add_argument("--calib-file", default=None, metavar="TEXT",
+                   help="text to calibrate static input scales and KV scales on")
+    g.add_argument("--calib-samples", type=int, default=32)
+    g.add_argument("--calib-seq-len", type=int, default=512)
+
+
+def build_config_from_args(args: argparse.Namespace, **overrides: Any) -> BuildConfig:
+    """A BuildConfig from the options add_build_arguments added (and `overrides`)."""
+    names = {f.name for f in dataclasses.fields(BuildConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return BuildConfig(**{**values, **overrides})

@@ -48,25 +48,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, head_dim: int,
+    slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Neox rotary on q and k, k and v written into the paged cache; returns rotary(q).
 
     q [T, heads*head_dim], k and v [T, kv_heads*head_dim] (any row stride, e.g. slices of
     the fused QKV output); cos_sin [max_pos, head_dim] float32 = [cos | sin]; slots < 0
-    are not written (padding tokens).
+    are not written (padding tokens). 1-byte caches (float8_e4m3fn, int8) store
+    k / k_scale[head] and v / v_scale[head] (float32 scales [kv_heads]).
     """
     if _triton(q):
         from kiln.kernels.rotary_kv import rotary_and_write_kv as kernel
 
-        return kernel(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, head_dim)
+        return kernel(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, head_dim,
+                      k_scale, v_scale)
     return ref.rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                   slot_mapping, head_dim)
+                                   slot_mapping, head_dim, k_scale, v_scale)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, heads, d] over each sequence's paged context.
+
+    1-byte caches are read as value * k_scale[head] / v_scale[head].
 
     On CUDA a decode step (max_query_len == 1: token i is sequence i) takes the
     split-K decode kernel, whose launch depends only on static shapes (batch rows and
@@ -78,14 +84,45 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             from kiln.kernels.attention_decode import paged_attention_decode
 
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
-                                          meta.seq_lens, scale)
+                                          meta.seq_lens, scale, k_scale=k_scale,
+                                          v_scale=v_scale)
         from kiln.kernels.attention_prefill import paged_attention_prefill
 
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
-                                       meta.max_query_len, scale)
+                                       meta.max_query_len, scale, k_scale=k_scale,
+                                       v_scale=v_scale)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
-                               meta.seq_lens_host, scale)
+                               meta.seq_lens_host, scale, k_scale, v_scale)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3fn [M, K], float32 scale [M, 1]); see reference."""
+    if _triton(x):
+        from kiln.kernels.fp8 import quantize_fp8_per_token as kernel
+
+        return kernel(x)
+    return ref.quantize_fp8_per_token(x)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               weight_float: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 FP8 GEMM: x [..., K] (16/32-bit) @ weight [N, K] e4m3fn -> [..., N] in x.dtype.
+
+    weight_scale [N] float32 per output row; input_scale None quantizes x per token,
+    a [1] tensor statically. On CUDA: the faster of torch._scaled_mm and a Triton kernel
+    for the shape; elsewhere the exact reference (weight_float: a cached weight.float()).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if _triton(x):
+        from kiln.kernels.fp8 import fp8_linear as kernel
+
+        y = kernel(x2, weight, weight_scale, input_scale, bias)
+    else:
+        y = ref.fp8_linear(x2, weight, weight_scale, input_scale, bias, weight_float)
+    return y.view(*shape[:-1], weight.shape[0])
 
 
 def sample_tokens(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,20 @@ Prompt = str | list[int]
 
 class LLM:
     """Offline generation. `model` is an engine dir, a HF folder, a GGUF file, or None
-    for the default model; the latter three are built once into the cache."""
+    for the default model; the latter three are built once into the cache.
+
+    Keyword arguments that name a BuildConfig field (quantization="fp8",
+    kv_cache_dtype="fp8", dtype, max_seq_len, ...) set build options; the others are
+    RuntimeConfig fields (device, num_kv_blocks, ...).
+    """
 
     def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
-                 **runtime: Any) -> None:
+                 **options: Any) -> None:
+        build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
+        build_options = {k: options.pop(k) for k in list(options) if k in build_fields}
+        if build_options:
+            build_config = dataclasses.replace(build_config or BuildConfig(), **build_options)
+        runtime = options
         self.engine_dir = resolve_engine(model, build_config)
         self.engine = LLMEngine(self.engine_dir, RuntimeConfig(**runtime))
         self.tokenizer = self.engine.tokenizer

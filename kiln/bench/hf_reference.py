@@ -49,8 +49,24 @@ def unfused_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]
     return out
 
 
+def dequantized_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
+                           ) -> dict[str, torch.Tensor]:
+    """FP8 weights times their scales in `dtype`; scale tensors dropped (transformers
+    then runs the float model the quantized one approximates)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(("_scale", ".k_scale", ".v_scale")):
+            continue
+        scale = state.get(name + "_scale")
+        if scale is not None and tensor.dtype == torch.float8_e4m3fn:
+            tensor = (tensor.float() * scale.float().view(-1, 1)).to(dtype)
+        out[name] = tensor
+    return out
+
+
 def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "cpu"):
-    """transformers model (eval, engine dtype, on device) holding the engine's rank-0 weights."""
+    """transformers model (eval, engine dtype, on device) holding the engine's rank-0 weights
+    (dequantized: a quantized engine is compared with the float model it approximates)."""
     import transformers
 
     engine = load_engine_config(engine_dir)
@@ -60,8 +76,9 @@ def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "c
     dtype = getattr(torch, engine.build.dtype)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
-    state = unfused_state_dict(cfg, load_file(str(rank_file(Path(engine_dir), 0)),
-                                              device=str(device)))
+    state = dequantized_state_dict(load_file(str(rank_file(Path(engine_dir), 0)),
+                                             device=str(device)), dtype)
+    state = unfused_state_dict(cfg, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise ValueError(f"weights do not fit transformers: {missing[:3]} {unexpected[:3]}")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln.config import add_build_arguments
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
 
@@ -21,7 +22,6 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf (default: SmolLM2)")
     p.add_argument("--random-config", help="build a random-weight engine of this preset "
                    "(e.g. llama-3.1-8b) into the cache and bench it")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--input-len", type=int, default=1000 if latency else 128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-requests", type=int, default=1 if latency else 256)
@@ -35,23 +35,27 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
                    help="transformers batch size (default: all requests at once, max 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
+    add_build_arguments(p, limits=False)
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
-    from kiln.config import BuildConfig
+    from kiln.config import build_config_from_args
     from kiln.resolve import resolve_engine
 
     max_seq_len = args.input_len + args.output_len + 16
-    build_cfg = BuildConfig(dtype=args.dtype, max_batch_size=args.max_batch_size,
-                            max_seq_len=max(max_seq_len, 256), max_num_tokens=args.max_num_tokens)
+    build_cfg = build_config_from_args(args, max_batch_size=args.max_batch_size,
+                                       max_seq_len=max(max_seq_len, 256),
+                                       max_num_tokens=args.max_num_tokens)
     if args.random_config:
         from kiln.build import build
         from kiln.checkpoint.random import RandomCheckpoint
         from kiln.resolve import cache_dir
 
         ckpt = RandomCheckpoint(args.random_config)
-        engine_dir = cache_dir() / "engines" / f"random-{args.random_config}-{build_cfg.dtype}"
-        engine_dir = engine_dir.with_name(engine_dir.name + f"-{build_cfg.max_seq_len}")
+        quant = "" if build_cfg.quantization in ("auto", "none") else f"-{build_cfg.quantization}"
+        kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
+        engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
+                                                f"{quant}{kv}-{build_cfg.max_seq_len}")
         if not (engine_dir / "engine.json").exists():
             started = time.perf_counter()
             build(ckpt, engine_dir, build_cfg)
@@ -165,7 +169,11 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     kiln = _run_engine(engine, prompts, args.output_len)
     result: dict[str, Any] = {
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
-        "dtype": engine.config.build.dtype, "input_len": args.input_len,
+        "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,
+        "kv_cache": {"dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
+                     "blocks": engine.kv.num_blocks,
+                     "tokens": engine.kv.num_blocks * engine.config.build.block_size},
+        "input_len": args.input_len,
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
     }
@@ -194,8 +202,11 @@ def _report(result: dict[str, Any], out: str | None) -> None:
     rows = [("kiln", result["kiln"])]
     if "transformers" in result:
         rows.append(("transformers", result["transformers"]))
-    print(f"\n{result['mode']} on {result['device']} ({result['dtype']}), "
-          f"{result['num_requests']} x {result['input_len']} in / {result['output_len']} out")
+    kv = result["kv_cache"]
+    print(f"\n{result['mode']} on {result['device']} ({result['dtype']}, quantization "
+          f"{result['quantization']}), {result['num_requests']} x {result['input_len']} in / "
+          f"{result['output_len']} out; KV cache {kv['dtype']}: {kv['blocks']} blocks = "
+          f"{kv['tokens']} tokens")
     print(f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>12}{'total tok/s':>13}")
     for name, r in rows:
         print(f"{name:<14}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.2f}{r['output_tok_s']:>12.1f}"

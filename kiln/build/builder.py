@@ -18,10 +18,20 @@ from kiln.build.engine_dir import (
     resolve_dtype,
     write_engine_config,
 )
+from kiln.build.quantize import QuantPlan, calibrate_checkpoint, plan_quantization
 from kiln.checkpoint import Checkpoint, open_checkpoint
-from kiln.config import DTYPES, BuildConfig, EngineConfig, ModelConfig
+from kiln.config import (
+    ACTIVATION_SCHEMES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    BuildConfig,
+    EngineConfig,
+    ModelConfig,
+)
 from kiln.distributed import Mapping
 from kiln.errors import BuildError, CheckpointError
+from kiln.layers.quantization import quantize_float_model
 from kiln.models import create_model
 
 
@@ -29,8 +39,13 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     """Everything a user can get wrong about a build, checked before any work starts."""
     if build_cfg.dtype not in (*DTYPES, "auto"):
         raise BuildError(f"--dtype {build_cfg.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
+    for name, allowed in (("quantization", QUANTIZATIONS), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                          ("activation_scheme", ACTIVATION_SCHEMES)):
+        if getattr(build_cfg, name) not in allowed:
+            raise BuildError(f"--{name.replace('_', '-')} {getattr(build_cfg, name)!r} is not "
+                             f"one of: {', '.join(allowed)}")
     for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "block_size",
-                 "tp_size", "pp_size"):
+                 "tp_size", "pp_size", "calib_samples", "calib_seq_len"):
         if getattr(build_cfg, name) < 1:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
     tp = build_cfg.tp_size
@@ -56,7 +71,11 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     validate(ckpt.config, build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
-    build_cfg = dataclasses.replace(build_cfg, dtype=str(dtype).removeprefix("torch."))
+    plan = plan_quantization(ckpt, build_cfg)
+    build_cfg = dataclasses.replace(
+        build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
+        activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
+        quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +83,14 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
     try:
         started = time.perf_counter()
+        if build_cfg.calib_file:
+            plan.stats = calibrate_checkpoint(ckpt, build_cfg, plan, dtype, progress,
+                                              lambda m: load_model(ckpt, build_cfg, m, dtype,
+                                                                   plan, progress))
         world = build_cfg.tp_size * build_cfg.pp_size
         for rank in range(world):
             mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
-            state = convert_rank(ckpt, build_cfg, mapping, dtype, progress)
+            state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
             save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
         has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
         write_engine_config(scratch, EngineConfig(
@@ -95,13 +118,32 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
 
 
 def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
-                 dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
-    """Load every checkpoint tensor into this rank's (fused, sharded) parameters."""
-    model = create_model(ckpt.config, mapping, build_cfg.max_seq_len, dtype)
+                 dtype: torch.dtype, progress: bool, plan: QuantPlan | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """This rank's engine tensors: loaded, fused, sharded, then quantized as planned."""
+    plan = plan or plan_quantization(ckpt, build_cfg)
+    model = load_model(ckpt, build_cfg, mapping, dtype, plan, progress)
+    stats = plan.stats
+    if plan.prequantized is None:
+        quantize_float_model(model, plan.quant, plan.kv_cache_dtype, mapping,
+                             stats.input_amax if stats else {}, stats.kv_amax if stats else {})
+    elif stats is not None:  # calibrated KV scales replace the checkpoint's
+        quantize_float_model(model, plan.load_quant, plan.kv_cache_dtype, mapping, {},
+                             stats.kv_amax)
+    return {k: v.contiguous() for k, v in model.engine_state_dict().items()}
+
+
+def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
+               dtype: torch.dtype, plan: QuantPlan, progress: bool) -> torch.nn.Module:
+    """A model holding this rank's slice of every checkpoint tensor, as stored."""
+    model = create_model(ckpt.config, mapping, build_cfg.max_seq_len, dtype,
+                         quant=plan.load_quant, kv_cache_dtype=plan.load_kv_cache_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
-    for hf_name, tensor in tqdm(ckpt.tensors(), total=ckpt.num_tensors(), desc=desc,
+    stream = ckpt.tensors() if plan.prequantized is None else \
+        plan.prequantized.tensors(ckpt.tensors())
+    for hf_name, tensor in tqdm(stream, total=ckpt.num_tensors(), desc=desc,
                                 unit="tensor", disable=None if progress else True, leave=False):
         target = model.weight_target(hf_name)
         if target is None:
@@ -118,19 +160,18 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
             raise CheckpointError(f"tensor {hf_name!r} does not match the config: {e}") from None
         loaded.add(name if shard is None else f"{name}:{shard}")
     _check_complete(model, params, loaded)
-    return {k: v.contiguous() for k, v in model.engine_state_dict().items()}
+    return model
 
 
 def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     loaded: set[str]) -> None:
     expected = set()
     for name in model.engine_state_dict():
-        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
-            expected |= {f"{name}:{s}" for s in "qkv"}
-        elif "gate_up_proj." in name:
-            expected |= {f"{name}:0", f"{name}:1"}
-        else:
-            expected.add(name)
+        param = params[name]
+        if getattr(param, "optional", False):
+            continue
+        shard_ids = getattr(param, "shard_ids", None)
+        expected |= {f"{name}:{s}" for s in shard_ids} if shard_ids else {name}
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -22,6 +22,7 @@ class Checkpoint(abc.ABC):
 
     source: Path
     config: ModelConfig
+    hf_config: dict = {}  # the raw config.json of HF folders (quantization_config)
 
     @abc.abstractmethod
     def num_tensors(self) -> int:

@@ -36,6 +36,7 @@ class HFCheckpoint(Checkpoint):
             hf_config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+        self.hf_config = hf_config  # build/ reads quantization_config from it
         self.config = ModelConfig.from_hf(hf_config)
         # Chat models often list their end-of-turn token only in generation_config.json.
         generation = folder / "generation_config.json"

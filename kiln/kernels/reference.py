@@ -45,14 +45,77 @@ def rotary(
     return (x * cos + rotated * sin).view(tokens, -1)
 
 
+# ---- low precision ----------------------------------------------------------------------
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+INT8_MAX = 127.0  # symmetric int8: [-127, 127]
+MIN_AMAX = 1e-6  # a row of zeros still gets a finite, nonzero scale
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3fn(clamp(x / scale, +-448)) in float32 arithmetic; scale broadcasts against x."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row FP8: scale [M, 1] = max(amax(|x_row|), 1e-6) / 448, float32."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(MIN_AMAX)
+    scale = amax / FP8_MAX
+    return quantize_fp8(x, scale), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               weight_float: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x_q @ w_q^T) * x_scale * w_scale (+ bias), in x's dtype.
+
+    weight [N, K] e4m3fn with per-output-row weight_scale [N] float32; x [M, K] is
+    quantized per token (input_scale None) or with the static per-tensor input_scale [1].
+    Products of two e4m3 values are exact in float32, so this is what an FP8 tensor core
+    computes up to the order of the float32 sums. weight_float (weight.float(), cached by
+    the caller) spares the conversion on every call.
+    """
+    if input_scale is None:
+        x_q, x_scale = quantize_fp8_per_token(x)
+    else:
+        x_q, x_scale = quantize_fp8(x, input_scale), input_scale.view(1, 1)
+    w = weight_float if weight_float is not None else weight.float()
+    y = (x_q.float() @ w.T) * x_scale * weight_scale.view(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, kv_heads, d] into a cache of `dtype`: 16/32-bit as is; e4m3fn or int8 as
+    x / scale[head] (float32), int8 rounded half to even and clamped to +-127."""
+    if dtype not in (FP8, torch.int8):
+        return x.to(dtype)
+    scaled = x.float() / scale.view(1, -1, 1)
+    if dtype == FP8:
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """Cache values [..., kv_heads, d] back to `dtype` (x * scale[head] for 1-byte caches)."""
+    if scale is None or x.dtype not in (FP8, torch.int8):
+        return x.to(dtype)
+    return (x.float() * scale.view(-1, 1)).to(dtype)
+
+
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter k, v [T, kv_heads, head_dim] into caches [blocks, block_size, kv_heads, d]."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = \
+        quantize_kv(k, k_scale, k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = \
+        quantize_kv(v, v_scale, v_cache.dtype)
 
 
 def paged_attention(
@@ -63,12 +126,15 @@ def paged_attention(
     query_starts: list[int],
     seq_lens: list[int],
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
     q [T, heads, d] holds the new tokens of all sequences back to back; sequence i owns
     q[query_starts[i]:query_starts[i+1]] and its context is the first seq_lens[i]
     tokens in the blocks block_tables[i]. New tokens are the last ones of the context.
+    1-byte caches (e4m3fn, int8) are read as value * k_scale / v_scale [kv_heads].
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
@@ -76,8 +142,8 @@ def paged_attention(
         start, end = query_starts[i], query_starts[i + 1]
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].to(q.dtype)
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].to(q.dtype)
+        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len], k_scale, q.dtype)
+        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len], v_scale, q.dtype)
         num_new = end - start
         # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
@@ -93,7 +159,8 @@ def paged_attention(
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, head_dim: int,
+    slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rotary(q); writes rotary(k) and v into the caches at slot_mapping (slots < 0 skipped).
 
@@ -107,7 +174,7 @@ def rotary_and_write_kv(
     valid = slot_mapping >= 0
     write_kv(k_rot.view(tokens, num_kv_heads, head_dim)[valid],
              v.reshape(tokens, num_kv_heads, head_dim)[valid], k_cache, v_cache,
-             slot_mapping[valid])
+             slot_mapping[valid], k_scale, v_scale)
     return q_rot
 
 

@@ -59,8 +59,10 @@ class Attention(nn.Module):
     """Writes this step's K/V into the paged cache, then attends over the whole context.
 
     `k_cache` / `v_cache` [num_blocks, block_size, kv_heads, head_dim] are bound by the
-    model runner after it allocates the KV pool.
+    model runner after it allocates the KV pool. With a 1-byte cache (fp8, int8) the layer
+    also holds `k_scale` / `v_scale` [kv_heads] (see kiln.layers.quantization).
     """
+
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
@@ -70,6 +72,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.register_parameter("k_scale", None)
+        self.register_parameter("v_scale", None)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -78,7 +82,9 @@ class Attention(nn.Module):
         tokens = q.shape[0]
         # One pass: rotate q and k, store k and v in their cache slots.
         q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
-                                   meta.slot_mapping, self.head_dim)
+                                   meta.slot_mapping, self.head_dim, self.k_scale,
+                                   self.v_scale)
         q = q.view(tokens, self.num_heads, self.head_dim)
-        out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale)
+        out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
+                                 self.k_scale, self.v_scale)
         return out.view(tokens, self.num_heads * self.head_dim)

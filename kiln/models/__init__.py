@@ -10,6 +10,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
 from kiln.errors import BuildError
+from kiln.layers.quantization import QuantConfig, quantize_model
 
 _REGISTRY = {
     "LlamaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
@@ -28,13 +29,17 @@ def model_class(architecture: str) -> type[nn.Module]:
 
 
 def create_model(cfg: ModelConfig, mapping: Mapping, max_positions: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-                 ) -> nn.Module:
-    """Instantiate with uninitialised parameters of `dtype` on `device` (no init cost)."""
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 quant: QuantConfig | None = None, kv_cache_dtype: str = "auto") -> nn.Module:
+    """Instantiate with uninitialised parameters of `dtype` on `device` (no init cost);
+    with `quant`, linear layers hold that format's parameters, and a 1-byte
+    `kv_cache_dtype` gives attention layers their KV scales."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return model_class(cfg.architecture)(cfg, mapping, max_positions)
+            model = model_class(cfg.architecture)(cfg, mapping, max_positions)
+            quantize_model(model, quant or QuantConfig(), kv_cache_dtype, mapping)
+            return model
     finally:
         torch.set_default_dtype(previous)

@@ -128,6 +128,8 @@ class DecoderForCausalLM(nn.Module):
         for hf_proj, (fused, shard) in FUSED_PROJECTIONS.items():
             if f".{hf_proj}." in hf_name:
                 return hf_name.replace(hf_proj, fused), shard
+        if hf_name.endswith(("self_attn.k_scale", "self_attn.v_scale")):  # KV-cache scales
+            return hf_name.replace("self_attn.", "self_attn.attn."), None
         return hf_name, None
 
     def loader_for(self, param: nn.Parameter) -> Callable[..., None]:

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from kiln.build.engine_dir import rank_file
 from kiln.config import EngineConfig
 from kiln.distributed import Mapping
+from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
+from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs
@@ -71,7 +73,13 @@ class ModelRunner:
         self.dtype = getattr(torch, engine.build.dtype)
         self.block_size = engine.build.block_size
         cfg = engine.model
-        self.model = create_model(cfg, self.mapping, engine.build.max_seq_len, self.dtype, device)
+        build = engine.build
+        self.kv_dtype = kv_cache_torch_dtype(build.kv_cache_dtype, self.dtype)
+        _check_fp8_support(build.quantization, build.kv_cache_dtype, device)
+        quant = QuantConfig(build.quantization if build.quantized else "none",
+                            build.activation_scheme, build.quant_ignore)
+        self.model = create_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
+                                  quant=quant, kv_cache_dtype=build.kv_cache_dtype)
         # The engine dir holds exactly the parameters, in place: no conversion here.
         state = load_file(str(rank_file(engine_dir, self.mapping.rank)), device=str(device))
         missing, unexpected = self.model.load_state_dict(state, strict=False, assign=True)
@@ -91,14 +99,14 @@ class ModelRunner:
         layers = self.model.attention_layers()
         a = layers[0]
         return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * \
-            self.dtype.itemsize
+            self.kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks usable blocks, plus one scratch block for padded graph rows."""
         layers = self.model.attention_layers()
         a = layers[0]
         self.kv_cache = torch.empty(len(layers), 2, num_blocks + 1, self.block_size,
-                                    a.num_kv_heads, a.head_dim, dtype=self.dtype,
+                                    a.num_kv_heads, a.head_dim, dtype=self.kv_dtype,
                                     device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
@@ -217,3 +225,17 @@ class ModelRunner:
         input_ids, positions, meta, _ = self.prepare(out)
         with forward_context(meta):
             return self.model.compute_logits(self.model(input_ids, positions))
+
+
+def _check_fp8_support(quantization: str, kv_cache_dtype: str, device: torch.device) -> None:
+    """FP8 tensor cores and e4m3 conversions need compute capability 8.9 (Ada, Hopper)."""
+    if device.type != "cuda" or "fp8" not in (quantization, kv_cache_dtype):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        what = "weights" if quantization == "fp8" else "KV cache"
+        raise KilnError(f"this engine uses FP8 ({what}), which {name} (sm_{major}{minor}) "
+                        "cannot run; FP8 needs "
+                        "sm_89 or newer (L4, L40S, H100, H200). Rebuild with --quantization "
+                        "none / --kv-cache-dtype int8, or run on the CPU (--device cpu)")

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from kiln.cli import _add_build_args, _build_config
+from kiln.config import add_build_arguments, build_config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
-    _add_build_args(p)
+    add_build_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("triton-repo", help="write a Triton Inference Server model "
@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)
-    llm = AsyncLLM.from_model(args.model, _build_config(args), max_queue=args.max_queue,
+    llm = AsyncLLM.from_model(args.model, build_config_from_args(args), max_queue=args.max_queue,
                               device=args.device)
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes,

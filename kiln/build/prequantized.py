@@ -1,0 +1,168 @@
+"""Readers of pre-quantized HF checkpoints: what scheme a folder holds, in kiln's terms.
+
+Supported (FP8 W8A8, the formats most public FP8 checkpoints use):
+- compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
+  per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
+  optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`).
+- NVIDIA Model Optimizer HF export (`quant_method: modelopt` in config.json, or an older
+  `hf_quant_config.json`): `quant_algo` FP8 (per-tensor weight and input scales) or
+  FP8_PER_CHANNEL_PER_TOKEN, optional FP8 KV (`k_proj.k_scale` / `v_proj.v_scale`).
+Anything else fails with the scheme's name. Tensors keep their HF names apart from the KV
+scales, which are renamed to `self_attn.k_scale` / `self_attn.v_scale` for every format.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.errors import CheckpointError
+from kiln.layers.quantization import QuantConfig
+
+# HF linear names of one decoder layer, and the kiln layer each is fused into.
+_LINEARS = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+            "self_attn.v_proj": "self_attn.qkv_proj", "self_attn.o_proj": "self_attn.o_proj",
+            "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
+            "mlp.down_proj": "mlp.down_proj"}
+_KV_SCALE_NAMES = {".k_proj.k_scale": ".k_scale", ".v_proj.v_scale": ".v_scale",
+                   ".k_proj.output_scale": ".k_scale", ".v_proj.output_scale": ".v_scale"}
+
+
+@dataclass(frozen=True)
+class Prequantized:
+    quant: QuantConfig
+    kv_cache_dtype: str | None  # "fp8" when the checkpoint carries KV scales
+    source: str  # the format's name
+
+    def rename(self, hf_name: str) -> str:
+        for old, new in _KV_SCALE_NAMES.items():
+            if hf_name.endswith(old):
+                return hf_name[: -len(old)] + new
+        return hf_name
+
+    def tensors(self, stream: Iterator[tuple[str, torch.Tensor]]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in stream:
+            yield self.rename(name), tensor
+
+
+def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequantized | None:
+    """The scheme of a HF folder, None for a float checkpoint; CheckpointError if kiln
+    cannot read it."""
+    qc = hf_config.get("quantization_config")
+    legacy = folder / "hf_quant_config.json"
+    if qc is None and legacy.is_file():
+        try:
+            qc = {"quant_method": "modelopt",
+                  **json.loads(legacy.read_text()).get("quantization", {})}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{legacy} is not valid JSON: {e}") from None
+    if qc is None:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc, cfg)
+    if method == "modelopt":
+        return _modelopt(qc, cfg)
+    if method == "fp8":  # transformers' own FP8 config (e.g. DeepSeek / Qwen FP8 blocks)
+        raise CheckpointError(
+            f"the checkpoint is quantized with quant_method 'fp8' ({_describe(qc)}); kiln "
+            "reads FP8 checkpoints in the compressed-tensors and modelopt formats")
+    raise CheckpointError(
+        f"the checkpoint is quantized with {method or 'an unnamed method'!r} "
+        f"({_describe(qc)}); kiln reads FP8 compressed-tensors and modelopt checkpoints; "
+        "use the float checkpoint with --quantization fp8 instead")
+
+
+def _describe(qc: dict) -> str:
+    keys = ("quant_method", "format", "quant_algo", "bits", "group_size")
+    return ", ".join(f"{k}={qc[k]}" for k in keys if k in qc)
+
+
+def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
+    fmt = qc.get("format")
+    groups = list((qc.get("config_groups") or {}).values())
+    if not groups:
+        raise CheckpointError("compressed-tensors quantization_config has no config_groups")
+    schemes = {json.dumps({k: g.get(k) for k in ("weights", "input_activations")},
+                          sort_keys=True) for g in groups}
+    if len(schemes) > 1:
+        raise CheckpointError("compressed-tensors checkpoint mixes several schemes "
+                              f"({len(schemes)} config groups); kiln reads one FP8 scheme")
+    weights = groups[0].get("weights") or {}
+    inputs = groups[0].get("input_activations")
+    name = (f"compressed-tensors format={fmt}, weights {weights.get('type')}"
+            f"{weights.get('num_bits')}/{weights.get('strategy')}, inputs "
+            + (f"{inputs.get('type')}{inputs.get('num_bits')}/{inputs.get('strategy')}"
+               if inputs else "none"))
+    is_fp8 = weights.get("type") == "float" and weights.get("num_bits") == 8
+    if fmt != "float-quantized" or not is_fp8 or \
+            weights.get("strategy") not in ("channel", "tensor"):
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads "
+                              "FP8 float-quantized weights with channel or tensor scales")
+    if not inputs or inputs.get("type") != "float" or inputs.get("num_bits") != 8:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): kiln needs FP8 "
+                              "input activations (W8A8); FP8 weight-only is not supported")
+    if inputs.get("dynamic") and inputs.get("strategy") == "token":
+        scheme = "dynamic"
+    elif not inputs.get("dynamic") and inputs.get("strategy") == "tensor":
+        scheme = "static"
+    else:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): FP8 inputs must "
+                              "be dynamic per token or static per tensor")
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
+                              ", not 'compressed'; save it with save_compressed=True")
+    kv = qc.get("kv_cache_scheme")
+    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8
+                   and kv.get("strategy", "tensor") == "tensor"):
+        raise CheckpointError(f"unsupported kv_cache_scheme {kv}; kiln reads FP8 per-tensor "
+                              "KV scales")
+    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
+                        "compressed-tensors")
+
+
+def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
+    algo = str(qc.get("quant_algo") or "").upper()
+    schemes = {"FP8": "static", "FP8_PER_CHANNEL_PER_TOKEN": "dynamic"}
+    if algo not in schemes:
+        raise CheckpointError(f"unsupported modelopt quant_algo {algo or None!r}; kiln reads "
+                              "FP8 and FP8_PER_CHANNEL_PER_TOKEN")
+    kv = qc.get("kv_cache_quant_algo")
+    if kv and str(kv).upper() != "FP8":
+        raise CheckpointError(f"unsupported modelopt kv_cache_quant_algo {kv!r}; kiln reads FP8")
+    patterns = qc.get("exclude_modules") or qc.get("ignore") or []
+    ignore = _ignored(cfg, patterns, lambda name, p: fnmatch.fnmatchcase(name, p))
+    return Prequantized(QuantConfig("fp8", schemes[algo], ignore), "fp8" if kv else None,
+                        "modelopt")
+
+
+def _ct_match(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _ignored(cfg: ModelConfig, patterns: list[str],
+             match: Callable[[str, str], bool]) -> tuple[str, ...]:
+    """kiln module names to keep in high precision: fused layers whose HF parts are all
+    ignored; a fused layer with only some parts ignored cannot be one GEMM."""
+    fused: dict[str, list[bool]] = {}
+    for i in range(cfg.num_layers):
+        for hf, kiln in _LINEARS.items():
+            name = f"model.layers.{i}.{hf}"
+            hit = any(match(name, p) for p in patterns)
+            fused.setdefault(f"model.layers.{i}.{kiln}", []).append(hit)
+    mixed = [k for k, hits in fused.items() if any(hits) and not all(hits)]
+    if mixed:
+        raise CheckpointError(f"the checkpoint quantizes only some of the projections kiln "
+                              f"fuses in {mixed[0]}; kiln cannot run that layer as one GEMM")
+    return tuple(k for k, hits in fused.items() if all(hits))

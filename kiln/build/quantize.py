@@ -1,0 +1,85 @@
+"""What a build quantizes, decided once from the checkpoint and the build options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kiln.build.calibrate import Stats, calibrate, calibration_samples
+from kiln.build.prequantized import Prequantized, read_quantization
+from kiln.checkpoint import Checkpoint
+from kiln.config import BuildConfig
+from kiln.distributed import Mapping
+from kiln.errors import BuildError
+from kiln.layers.quantization import QuantConfig
+
+
+@dataclass
+class QuantPlan:
+    quant: QuantConfig  # what the engine's linear layers hold
+    kv_cache_dtype: str  # auto (the model dtype) | fp8 | int8
+    prequantized: Prequantized | None  # the checkpoint's own scheme, if any
+    source: str  # "" (float engine), "kiln" (quantized at build), or the format's name
+    stats: Stats | None = None  # calibration results, when calibrated
+
+    @property
+    def load_quant(self) -> QuantConfig:
+        """How the checkpoint's tensors are stored (float unless pre-quantized)."""
+        return self.prequantized.quant if self.prequantized else QuantConfig()
+
+    @property
+    def load_kv_cache_dtype(self) -> str:
+        return self.kv_cache_dtype if self.prequantized else "auto"
+
+
+def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
+    pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config) if ckpt.hf_config \
+        else None
+    asked = build_cfg.quantization
+    calibrated = build_cfg.calib_file is not None
+    if pre is not None:
+        if asked not in ("auto", pre.quant.method):
+            raise BuildError(f"{ckpt.source} is already quantized ({pre.source}, "
+                             f"{pre.quant.method}); build it with --quantization auto "
+                             f"(or {pre.quant.method}), not {asked}")
+        if build_cfg.activation_scheme not in ("auto", pre.quant.activation_scheme):
+            raise BuildError(f"{ckpt.source} has {pre.quant.activation_scheme} FP8 input "
+                             "scales; --activation-scheme cannot change that")
+        quant, source = pre.quant, pre.source
+    else:
+        method = "none" if asked == "auto" else asked
+        scheme = build_cfg.activation_scheme
+        if scheme == "auto":
+            scheme = "static" if calibrated else "dynamic"
+        if method == "fp8" and scheme == "static" and not calibrated:
+            raise BuildError("--activation-scheme static needs calibration: add "
+                             "--calib-file TEXT (any text in the model's language)")
+        quant = QuantConfig(method, scheme if method != "none" else "dynamic")
+        source = "kiln" if method != "none" else ""
+    kv = build_cfg.kv_cache_dtype
+    if kv == "auto":
+        kv = (pre.kv_cache_dtype if pre else None) or "auto"
+    if kv == "int8" and not calibrated:
+        raise BuildError("--kv-cache-dtype int8 needs per-head scales from calibration: add "
+                         "--calib-file TEXT, or use --kv-cache-dtype fp8 (scale 1.0 "
+                         "without calibration)")
+    return QuantPlan(quant, kv, pre, source)
+
+
+def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,
+                         dtype: torch.dtype, progress: bool,
+                         load: Callable[[Mapping], torch.nn.Module]) -> Stats:
+    """Ranges of the whole model (one rank) over the calibration text."""
+    samples = calibration_samples(ckpt, build_cfg.calib_file, build_cfg.calib_samples,
+                                  min(build_cfg.calib_seq_len, build_cfg.max_seq_len),
+                                  ckpt.config.vocab_size)
+    model = load(Mapping())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return calibrate(model, samples, device, progress)
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,199 @@
+"""How linear layers hold their weights: one method object per layer, chosen by name.
+
+A method creates the layer's parameters (with their weight loaders), applies the GEMM,
+and, at build time, converts a float weight into its own storage. Models never see
+formats: `quantize_model` walks a built model and gives every linear layer that is not
+declared high precision the method of the engine's `QuantConfig`, and every attention
+layer the KV-cache scales its cache dtype needs. The embedding, the LM head and norms
+are not linear layers of this kind, so they stay in the model dtype.
+
+Methods: `none` (the model dtype) and `fp8` (W8A8: e4m3fn weights with per-output-row
+scales; inputs quantized per token, or with a calibrated per-tensor scale).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kiln import functional as KF
+from kiln.distributed import Mapping
+from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
+from kiln.layers.attention import Attention
+from kiln.layers.linear import LinearBase
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What an engine's linear layers hold (from engine.json's build section)."""
+
+    method: str = "none"  # none | fp8
+    activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
+    ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
+
+    def ignores(self, module_name: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                if re.fullmatch(pattern[3:], module_name):
+                    return True
+            elif module_name == pattern or module_name.endswith("." + pattern):
+                return True
+        return False
+
+    def method_for(self, module_name: str) -> LinearMethod:
+        if self.method == "none" or self.ignores(module_name):
+            return UNQUANTIZED
+        if self.method == "fp8":
+            return FP8Method(static=self.activation_scheme == "static")
+        raise ValueError(f"unknown quantization method {self.method!r}")
+
+
+class LinearMethod:
+    """Unquantized: weight [out, in] in the model dtype, y = x W^T + b."""
+
+    name = "none"
+    param_names: tuple[str, ...] = ("weight",)
+
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = layer.new_param(layer.out_features, layer.in_features)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        return nn.functional.linear(x, layer.weight, bias)
+
+    def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
+        """Build time: turn the loaded float `layer.weight` into this method's parameters."""
+
+
+UNQUANTIZED = LinearMethod()
+
+
+def _load_max(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    """Fused projections share one input scale: the largest of their shards'."""
+    value = loaded.detach().float().reshape(-1).max()
+    loaded_before = getattr(param, "_loaded_once", False)
+    param.data.fill_(torch.maximum(param.data.max(), value) if loaded_before else value)
+    param._loaded_once = True
+
+
+class FP8Method(LinearMethod):
+    """W8A8 FP8: weight [out, in] e4m3fn, weight_scale [out] float32 (w = q * scale), and
+    with static activations input_scale [1] (x_q = x / input_scale)."""
+
+    name = "fp8"
+
+    def __init__(self, static: bool = False) -> None:
+        self.static = static
+        self.param_names = ("weight", "weight_scale", "input_scale") if static else \
+            ("weight", "weight_scale")
+
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = layer.new_param(layer.out_features, layer.in_features, dtype=FP8)
+        layer.weight_scale = layer.new_param(layer.out_features, dtype=torch.float32,
+                                             loader=layer.load_rows)
+        if self.static:
+            layer.input_scale = layer.new_param(1, dtype=torch.float32, loader=_load_max)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        input_scale = layer.input_scale if self.static else None
+        weight_float = None
+        if not x.is_cuda:
+            # The CPU has no FP8 GEMM: keep the (exact) float32 copy of the weight instead
+            # of converting it on every call; it costs what a float32 engine holds.
+            weight_float = getattr(layer, "_weight_float", None)
+            if weight_float is None or weight_float.device != layer.weight.device:
+                weight_float = layer.weight.float()
+                layer._weight_float = weight_float
+        return KF.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias,
+                             weight_float)
+
+    def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
+        weight = layer.weight.data.float()
+        scale = weight.abs().amax(dim=1).clamp_min(MIN_AMAX) / FP8_MAX
+        quantized = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        del layer.weight
+        self.create_weights(layer)
+        layer.method = self
+        layer.weight.data = quantized
+        layer.weight_scale.data = scale
+        if self.static:
+            if input_amax is None:
+                raise ValueError("static FP8 activations need calibration")
+            layer.input_scale.data = (input_amax.float().clamp_min(MIN_AMAX) / FP8_MAX).reshape(1)
+
+
+# ---- KV cache ------------------------------------------------------------------------
+KV_CACHE_TORCH_DTYPES = {"fp8": FP8, "int8": torch.int8}
+KV_QMAX = {FP8: FP8_MAX, torch.int8: INT8_MAX}
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    return KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype, model_dtype)
+
+
+def enable_kv_scales(attn: Attention, mapping: Mapping) -> None:
+    """Give a 1-byte-cache attention layer k_scale / v_scale [kv_heads of this rank],
+    1.0 until loaded; a checkpoint's per-tensor scale is broadcast over heads."""
+    heads = attn.num_kv_heads
+    start = mapping.tp_rank * heads
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        loaded = loaded.detach().float().reshape(-1)
+        if loaded.numel() == 1:
+            param.data.fill_(loaded.item())
+        elif loaded.numel() == heads * mapping.tp_size:
+            param.data.copy_(loaded[start:start + heads])
+        else:
+            raise ValueError(f"expected 1 or {heads * mapping.tp_size} KV scales, "
+                             f"got {loaded.numel()}")
+
+    for name in ("k_scale", "v_scale"):
+        param = nn.Parameter(torch.ones(heads, dtype=torch.float32), requires_grad=False)
+        param.weight_loader = load
+        param.optional = True  # fp8 without calibration keeps 1.0, as vLLM does
+        setattr(attn, name, param)
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str,
+                   mapping: Mapping) -> None:
+    """Give each linear layer its method and each attention layer its KV scales (the
+    parameters are created uninitialised, for loading)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            method = quant.method_for(name)
+            if method is not module.method:
+                module.set_method(method)
+        elif isinstance(module, Attention) and kv_cache_dtype in KV_CACHE_TORCH_DTYPES:
+            enable_kv_scales(module, mapping)
+
+
+def linear_layers(model: nn.Module) -> Iterable[tuple[str, LinearBase]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LinearBase))
+
+
+def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str,
+                         mapping: Mapping, input_amax: dict[str, torch.Tensor],
+                         kv_amax: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Build time: convert a loaded float model in place to `quant` and the KV dtype.
+
+    input_amax: calibrated max |input| per linear layer name (static activations);
+    kv_amax: per attention layer name, max |k| and |v| per KV head of the full model.
+    """
+    for name, layer in list(linear_layers(model)):
+        method = quant.method_for(name)
+        if method is not UNQUANTIZED:
+            method.quantize_from_float(layer, input_amax.get(name))
+    if kv_cache_dtype not in KV_CACHE_TORCH_DTYPES:
+        return
+    qmax = KV_QMAX[KV_CACHE_TORCH_DTYPES[kv_cache_dtype]]
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            enable_kv_scales(module, mapping)
+            if name in kv_amax:
+                for param, amax in zip((module.k_scale, module.v_scale), kv_amax[name]):
+                    param.weight_loader(param, amax.float().clamp_min(MIN_AMAX) / qmax)

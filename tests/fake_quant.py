@@ -1,0 +1,96 @@
+"""An independent simulation of kiln's low-precision schemes on a transformers Llama model.
+
+Written from the definitions, not from kiln's code: weights rounded to e4m3 per output
+row, linear inputs rounded per token (or with a given static scale), K (after rotary)
+and V rounded per KV head as a 1-byte cache stores them. The model then computes in
+float32 on the rounded values, which is what an exact low-precision engine computes up
+to the order of float32 sums.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+E4M3_MAX = 448.0
+
+
+def round_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x rounded to scale * (nearest e4m3 value of x / scale), saturating at 448."""
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
+
+
+def round_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+def fp8_weights(model: torch.nn.Module) -> None:
+    """Round every decoder projection's weight per output row (scale = row amax / 448)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight.data.float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-6) / E4M3_MAX
+            module.weight.data = round_e4m3(w, scale).to(module.weight.dtype)
+
+
+@contextlib.contextmanager
+def simulate(model: torch.nn.Module, fp8: bool = False,
+             input_scales: dict[str, float] | None = None, kv: str | None = None,
+             kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+             ) -> Iterator[None]:
+    """Within the block, `model` (a transformers Llama whose weights the caller already
+    rounded with fp8_weights, if fp8) rounds linear inputs (per token, or by
+    input_scales[module name]) and K/V ("fp8" or "int8", per-head scales per layer index,
+    1.0 when not given)."""
+    from transformers.models.llama import modeling_llama
+
+    handles = []
+    layer_index = [0]
+    if fp8:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                def round_input(mod, args, name=name):
+                    x = args[0].float()
+                    if input_scales is not None:
+                        scale = torch.tensor(input_scales[name])
+                    else:
+                        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / E4M3_MAX
+                    return (round_e4m3(x, scale).to(args[0].dtype),)
+                handles.append(module.register_forward_pre_hook(round_input))
+    original_rotary = modeling_llama.apply_rotary_pos_emb
+    if kv:
+        rounder = round_e4m3 if kv == "fp8" else round_int8
+
+        def scales(i: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if kv_scales is None:
+                return torch.ones(heads), torch.ones(heads)
+            return kv_scales[i]
+
+        def rotary(q, k, cos, sin, *args, **kwargs):
+            q, k = original_rotary(q, k, cos, sin, *args, **kwargs)
+            k_scale, _ = scales(layer_index[0], k.shape[1])  # k: [B, heads, T, d]
+            return q, rounder(k.float(), k_scale.view(1, -1, 1, 1)).to(k.dtype)
+
+        modeling_llama.apply_rotary_pos_emb = rotary
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+
+            def enter(mod, args, kwargs, i=i):
+                layer_index[0] = i
+
+            def round_v(mod, args, out, i=i, attn=attn):
+                heads = attn.config.num_key_value_heads
+                _, v_scale = scales(i, heads)
+                shaped = out.float().unflatten(-1, (heads, -1))
+                return rounder(shaped, v_scale.view(-1, 1)).flatten(-2).to(out.dtype)
+
+            handles.append(attn.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(attn.v_proj.register_forward_hook(round_v))
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = original_rotary
+        for h in handles:
+            h.remove()
