@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything kiln checks and measures on a GPU, in one device call.
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
+# A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
+# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only.
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -9,27 +11,38 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 TQDM_DISABLE=1
 stages=${*:-tests kernels latency throughput}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-for stage in $stages; do
-  echo "=== $stage"; start=$(date +%s)
+for spec in $stages; do
+  echo "=== $spec"; start=$(date +%s)
+  Q=""; tag=""; stage=$spec
+  case $spec in
+    fp8:*) Q="--quantization fp8 --kv-cache-dtype fp8"; tag="-fp8"; stage=${spec#fp8:} ;;
+    fp8w:*) Q="--quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
+    kv8:*) Q="--kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
+  esac
   case $stage in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
-             tests/test_gpu_engine.py > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
+             tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
+             > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
+    latency-b1) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
+             --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
+    ttft) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+             --output-len 16 --num-requests 5 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
     kernels) python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
     profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
     latency) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
-             --output-len 256 --out "$OUT/latency.json" 2>&1 | tail -12 ;;
+             --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;
     latency-hf) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
     throughput) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
-             --output-len 128 --num-requests 1000 --out "$OUT/tput-128.json" 2>&1 | tail -8 ;;
+             --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
-             --input-len 1000 --output-len 1000 --num-requests 1000 --out "$OUT/tput-1k.json" 2>&1 | tail -8 ;;
+             --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
     throughput-hf) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
              --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
   esac
-  echo "=== $stage took $(( $(date +%s) - start )) s"
+  echo "=== $spec took $(( $(date +%s) - start )) s"
 done

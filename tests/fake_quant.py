@@ -27,12 +27,16 @@ def round_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_weights(model: torch.nn.Module) -> None:
-    """Round every decoder projection's weight per output row (scale = row amax / 448)."""
+    """Round every decoder projection's weight per output row (scale = row amax / 448);
+    the e4m3 values and scales are kept for the FP8 GEMM of `simulate`."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             w = module.weight.data.float()
             scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-6) / E4M3_MAX
-            module.weight.data = round_e4m3(w, scale).to(module.weight.dtype)
+            module.fp8_values = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(
+                torch.float8_e4m3fn).float()
+            module.fp8_scale = scale[:, 0]
+            module.weight.data = module.fp8_values * scale
 
 
 @contextlib.contextmanager
@@ -51,14 +55,19 @@ def simulate(model: torch.nn.Module, fp8: bool = False,
     if fp8:
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                def round_input(mod, args, name=name):
+                def fp8_gemm(mod, args, out, name=name):
+                    """As FP8 tensor cores compute: sum of products of e4m3 values (exact in
+                    float32), then times both scales."""
                     x = args[0].float()
                     if input_scales is not None:
                         scale = torch.tensor(input_scales[name])
                     else:
                         scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / E4M3_MAX
-                    return (round_e4m3(x, scale).to(args[0].dtype),)
-                handles.append(module.register_forward_pre_hook(round_input))
+                    x_values = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(
+                        torch.float8_e4m3fn).float()
+                    y = (x_values @ mod.fp8_values.T) * scale * mod.fp8_scale
+                    return (y if mod.bias is None else y + mod.bias).to(out.dtype)
+                handles.append(module.register_forward_hook(fp8_gemm))
     original_rotary = modeling_llama.apply_rotary_pos_emb
     if kv:
         rounder = round_e4m3 if kv == "fp8" else round_int8

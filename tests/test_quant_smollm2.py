@@ -1,0 +1,107 @@
+"""The default real model in every low-precision scheme: perplexity on botchan.txt against
+an exact simulation of each scheme (tests/fake_quant.py) on transformers, and the cost of
+each scheme against the float engine.
+
+Run with `-s` to see the table (it goes into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln import LLM
+from kiln.build import build
+from kiln.config import BuildConfig
+from kiln.eval import perplexity
+from tests.conftest import smollm2_gguf
+from tests.fake_quant import fp8_weights, simulate
+from tests.test_smollm2 import botchan_text
+
+pytestmark = pytest.mark.slow
+
+SCHEMES = {  # name: (quantization, kv_cache_dtype, calibrated)
+    "float32": ("none", "auto", False),
+    "fp8 W8A8 (dynamic)": ("fp8", "auto", False),
+    "fp8 KV (scale 1.0)": ("none", "fp8", False),
+    "int8 KV (calibrated)": ("none", "int8", True),
+    "fp8 W8A8 + fp8 KV": ("fp8", "fp8", False),
+}
+NUM_TOKENS = 512  # per window
+WINDOWS = 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import transformers
+
+    path = smollm2_gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    text = botchan_text()
+    root = tmp_path_factory.mktemp("quant-smollm2")
+    calib = root / "calib.txt"
+    calib.write_text(text[20000:40000])  # calibration text apart from the evaluated slice
+    ids = tokenizer(text[5000:14000]).input_ids[:NUM_TOKENS * WINDOWS]
+    return model, ids, calib, root
+
+
+def _sim_perplexity(model, ids: list[int], quantization: str, kv: str,
+                    kv_scales: dict | None) -> float:
+    sim = copy.deepcopy(model)
+    if quantization == "fp8":
+        fp8_weights(sim)
+    nll = 0.0
+    with torch.no_grad(), simulate(sim, fp8=quantization == "fp8",
+                                   kv=None if kv == "auto" else kv, kv_scales=kv_scales):
+        for start in range(0, len(ids), NUM_TOKENS):
+            t = torch.tensor([ids[start:start + NUM_TOKENS]])
+            nll += sim(t, labels=t).loss.item() * (t.shape[1] - 1)
+    return math.exp(nll / (len(ids) - WINDOWS))
+
+
+@pytest.fixture(scope="module")
+def results(setup) -> dict[str, tuple[float, float]]:
+    """scheme -> (kiln perplexity, simulated perplexity)."""
+    model, ids, calib, root = setup
+    out = {}
+    for i, (name, (quantization, kv, calibrated)) in enumerate(SCHEMES.items()):
+        engine_dir = build(smollm2_gguf(), root / f"e{i}", BuildConfig(
+            dtype="float32", max_seq_len=NUM_TOKENS, max_batch_size=4,
+            quantization=quantization, kv_cache_dtype=kv,
+            calib_file=str(calib) if calibrated else None, calib_samples=8,
+            calib_seq_len=256), progress=False)
+        ours = perplexity(LLM(engine_dir, device="cpu").engine, ids, window=NUM_TOKENS)
+        kv_scales = None
+        if calibrated:
+            state = load_file(str(engine_dir / "rank0.safetensors"))
+            kv_scales = {j: (state[f"model.layers.{j}.self_attn.attn.k_scale"],
+                             state[f"model.layers.{j}.self_attn.attn.v_scale"])
+                         for j in range(len(model.model.layers))}
+        out[name] = (ours, _sim_perplexity(model, ids, quantization, kv, kv_scales))
+    base = out["float32"][0]
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF -> float32), botchan.txt, {len(ids)} tokens")
+    print(f"{'scheme':<24}{'kiln ppl':>10}{'simulated':>11}{'vs float':>10}")
+    for name, (ours, sim) in out.items():
+        print(f"{name:<24}{ours:>10.3f}{sim:>11.3f}{100 * (ours / base - 1):>+9.2f}%")
+    return out
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_perplexity_matches_the_simulated_scheme(scheme, results):
+    ours, simulated = results[scheme]
+    assert 1 < ours < 100
+    assert abs(ours - simulated) / simulated < 0.01, (ours, simulated)
+
+
+def test_schemes_cost_little_perplexity(results):
+    """Measured cost on this 135M model (small models lose the most): a few percent at
+    most; a broken scheme (wrong scale, no clamp) costs far more."""
+    base = results["float32"][0]
+    for name, (ours, _) in results.items():
+        assert ours / base < 1.10, (name, ours, base)
