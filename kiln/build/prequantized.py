@@ -67,6 +67,8 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequa
     if qc is None:
         return None
     method = str(qc.get("quant_method", "")).lower()
+    if not method and (qc.get("producer") or {}).get("name") == "modelopt":
+        method = "modelopt"  # modelopt 0.31-0.32 wrote no quant_method
     if method == "compressed-tensors":
         return _compressed_tensors(qc, cfg)
     if method == "modelopt":
@@ -136,9 +138,13 @@ def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
     if algo not in schemes:
         raise CheckpointError(f"unsupported modelopt quant_algo {algo or None!r}; kiln reads "
                               "FP8 and FP8_PER_CHANNEL_PER_TOKEN")
-    kv = qc.get("kv_cache_quant_algo")
+    # KV: kv_cache_quant_algo (hf_quant_config.json), or kv_cache_scheme in config.json
+    # (a dict of num_bits/type, or the string "FP8" in modelopt 0.31-0.32).
+    kv = qc.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme")
+    if isinstance(kv, dict):
+        kv = "FP8" if (kv.get("type"), kv.get("num_bits")) == ("float", 8) else str(kv)
     if kv and str(kv).upper() != "FP8":
-        raise CheckpointError(f"unsupported modelopt kv_cache_quant_algo {kv!r}; kiln reads FP8")
+        raise CheckpointError(f"unsupported modelopt KV cache scheme {kv!r}; kiln reads FP8")
     patterns = qc.get("exclude_modules") or qc.get("ignore") or []
     ignore = _ignored(cfg, patterns, lambda name, p: fnmatch.fnmatchcase(name, p))
     return Prequantized(QuantConfig("fp8", schemes[algo], ignore), "fp8" if kv else None,

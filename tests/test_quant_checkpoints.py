@@ -1,0 +1,111 @@
+"""Pre-quantized FP8 checkpoints as published (compressed-tensors from llm-compressor,
+NVIDIA modelopt's HF export): kiln's logits against transformers on the same checkpoint
+(for modelopt, which transformers cannot load, an emulation of its numerics), and a clear
+error for schemes kiln cannot read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+from kiln import LLM
+from kiln.build import build, load_engine_config
+from kiln.config import BuildConfig
+from kiln.errors import CheckpointError, KilnError
+from kiln.eval import sequence_logits
+from tests import quant_checkpoints as qc
+
+needs_llmcompressor = pytest.mark.skipif(
+    importlib.util.find_spec("llmcompressor") is None,
+    reason="llmcompressor is not installed (make setup installs it)")
+TOKENS = list(range(3, 120))
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    return qc.tiny_llama(tmp_path_factory.mktemp("float") / "llama")
+
+
+def _fixture(kind: str, src, dest):
+    if kind.startswith("ct-"):
+        scheme, kv = {"ct-dynamic": ("FP8_DYNAMIC", False), "ct-static": ("FP8", False),
+                      "ct-static-kv": ("FP8", True)}[kind]
+        return qc.compressed_tensors_fp8(src, dest, scheme, kv_cache=kv)
+    kv, style = {"modelopt": (False, "current"), "modelopt-kv": ("fp8", "current"),
+                 "modelopt-kv-cast": ("fp8_cast", "current"),
+                 "modelopt-legacy-kv": ("fp8_clamped", "legacy")}[kind]
+    return qc.modelopt_fp8(src, dest, kv_cache=kv, config_style=style)
+
+
+KINDS = {  # kind: (activation scheme, kv cache dtype kiln should pick)
+    "ct-dynamic": ("dynamic", "auto"),
+    "ct-static": ("static", "auto"),
+    "ct-static-kv": ("static", "fp8"),
+    "modelopt": ("static", "auto"),
+    "modelopt-kv": ("static", "fp8"),
+    "modelopt-kv-cast": ("static", "fp8"),
+    "modelopt-legacy-kv": ("static", "fp8"),
+}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=needs_llmcompressor)
+                                  if k.startswith("ct-") else k for k in KINDS])
+def test_prequantized_fp8_matches_transformers(kind, float_folder, tmp_path):
+    """Same checkpoint, same numerics: within rounding-flip noise (see
+    test_quantization.test_quantized_engine_matches_its_simulation): mean |diff| below 10%
+    of what the scheme moves the logits, max below half of it."""
+    folder = _fixture(kind, float_folder, tmp_path / "ckpt")
+    engine_dir = build(folder, tmp_path / "engine", BuildConfig(dtype="float32", max_seq_len=256),
+                       progress=False)
+    cfg = load_engine_config(engine_dir).build
+    assert (cfg.quantization, cfg.activation_scheme, cfg.kv_cache_dtype) == \
+        ("fp8", *KINDS[kind])
+    assert cfg.quant_source == ("compressed-tensors" if kind.startswith("ct-") else "modelopt")
+    got = sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
+    want = qc.reference_logits(folder, torch.tensor([TOKENS])).reshape(len(TOKENS), -1)
+    plain = qc.reference_logits(float_folder, torch.tensor([TOKENS])).reshape(len(TOKENS), -1)
+    diff, scheme = (got - want).abs(), (want - plain).abs()
+    assert scheme.max() > 0.05
+    assert diff.mean() < 0.1 * scheme.mean() and diff.max() < 0.5 * scheme.max(), \
+        (diff.mean().item(), scheme.mean().item(), diff.max().item(), scheme.max().item())
+
+
+def _with_quant_config(float_folder, tmp_path, quantization_config: dict):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(float_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128},
+     "quantized with 'gptq' .*bits=4, group_size=128"),
+    ({"quant_method": "awq", "bits": 4}, "quantized with 'awq'"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}},
+     "format=pack-quantized, weights int4/group"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8,
+                                          "strategy": "channel"}}}},
+     "FP8 weight-only is not supported"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "unsupported modelopt quant_algo"),
+])
+def test_unreadable_quantized_checkpoint_names_its_scheme(quantization_config, message,
+                                                          float_folder, tmp_path):
+    folder = _with_quant_config(float_folder, tmp_path, quantization_config)
+    with pytest.raises(CheckpointError, match=message):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+    assert not (tmp_path / "e").exists()
+
+
+def test_prequantized_refuses_another_quantization(float_folder, tmp_path):
+    folder = qc.modelopt_fp8(float_folder, tmp_path / "ckpt")
+    with pytest.raises(KilnError, match="already quantized"):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32", quantization="none"),
+              progress=False)
