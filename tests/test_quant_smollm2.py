@@ -31,6 +31,7 @@ SCHEMES = {  # name: (quantization, kv_cache_dtype, calibrated)
     "int8 KV (calibrated)": ("none", "int8", True),
     "fp8 W8A8 + fp8 KV": ("fp8", "fp8", False),
 }
+ENGINES: dict[str, object] = {}  # scheme -> engine dir, filled by `results`
 NUM_TOKENS = 512  # per window
 WINDOWS = 2
 
@@ -76,6 +77,7 @@ def results(setup) -> dict[str, tuple[float, float]]:
             quantization=quantization, kv_cache_dtype=kv,
             calib_file=str(calib) if calibrated else None, calib_samples=8,
             calib_seq_len=256), progress=False)
+        ENGINES[name] = engine_dir
         ours = perplexity(LLM(engine_dir, device="cpu").engine, ids, window=NUM_TOKENS)
         kv_scales = None
         if calibrated:
@@ -105,3 +107,48 @@ def test_schemes_cost_little_perplexity(results):
     base = results["float32"][0]
     for name, (ours, _) in results.items():
         assert ours / base < 1.10, (name, ours, base)
+
+
+def test_fp8_engine_runs_and_serves(results):
+    """What a user does with the FP8 + FP8-KV engine: `kiln run`, and `kiln serve` answering
+    the openai client."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import openai
+
+    engine_dir = str(ENGINES["fp8 W8A8 + fp8 KV"])
+    run = subprocess.run([sys.executable, "-m", "kiln.cli", "run", engine_dir, "--prompt",
+                          "The capital of France is", "--max-tokens", "8", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", engine_dir, "--port",
+                             str(port), "--device", "cpu", "--served-model-name", "smol-fp8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                reply = client.completions.create(model="smol-fp8", max_tokens=8,
+                                                  prompt="The capital of France is",
+                                                  temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert "Paris" in reply.choices[0].text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)

@@ -97,3 +97,31 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
     finally:
         llm.engine.runner.close()
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_tp2_fp8_engine(kv, tiny_checkpoints, tmp_path):
+    """FP8 engines shard like float ones. Row-parallel ranks scale their own slice (per-row
+    weight scales and per-token input scales over the slice, as vLLM does), so TP2 is
+    another FP8 rounding of the same model than TP1: as close to the float model as TP1."""
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    folder, _ = tiny_checkpoints["llama"]
+    fp8 = dict(quantization="fp8", kv_cache_dtype=kv)
+    engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **fp8),
+                       progress=False)
+    result = tmp_path / "logits.pt"
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(engine_tp2), str(result)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(result)["prefill"]
+
+    def single(name: str, **options) -> torch.Tensor:
+        engine = LLMEngine(build(folder, tmp_path / name, BuildConfig(**CFG, **options),
+                                 progress=False), RuntimeConfig(device="cpu"))
+        return sequence_logits(engine, TOKENS)[:-1]
+
+    plain, tp1 = single("float"), single("tp1", **fp8)
+    tp1_error, tp2_error = (tp1 - plain).abs().mean(), (got - plain).abs().mean()
+    assert tp1_error > 0.01 and tp2_error > 0.01  # both really are FP8
+    assert tp2_error < 2 * tp1_error, (tp2_error, tp1_error)
