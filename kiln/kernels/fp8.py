@@ -1,0 +1,477 @@
+"""FP8 (e4m3fn) W8A8 linear layers: activation quantization and the scaled GEMM.
+
+    y[m, n] = (sum_k x_q[m, k] * w_q[n, k]) * x_scale[m] * w_scale[n] (+ bias[n])
+
+x_q = e4m3fn(clamp(x / x_scale, +-448)), x_scale per token (dynamic: max(amax(|x_m|),
+1e-6) / 448) or one static [1] scale; w_q [N, K] e4m3fn with w_scale [N] float32.
+The quantization matches kiln.kernels.reference bit for bit on the device it runs on:
+x / scale is the correctly rounded float32 quotient, the e4m3 conversion rounds to
+nearest even, and the dynamic scale is rounded the way torch rounds `amax / 448` there
+(see _quantize_values and _dynamic_scale). The products x_q * w_q are exact in float32.
+
+fp8_linear picks one of two GEMM backends by shape (_use_scaled_mm: M > 64 tokens),
+from H200 measurements that `python benchmarks/fp8_gemm.py --sweep` repeats:
+
+* M <= 64 (decode): the Triton kernel _fp8_gemm_kernel, tiles of 16 rows (mma.sync; the
+  fp8 operands widened to f16, float32 accumulation) up to 16 tokens, 64 rows (fp8
+  wgmma) up to 64, 32 weight rows per program so that every SM streams the weight.
+  x is quantized by _quant_kernel first; the GEMM is launched behind it with
+  programmatic dependent launch (PDL: its programs start, and ask their first weight
+  bytes into L2, while the quantization runs). At 1-16 tokens this is 1.25-1.9x faster
+  than _scaled_mm and 1.2-1.55x faster than the bf16 F.linear on the same shapes.
+* M > 64 (prefill): torch._scaled_mm (rowwise scales, bf16/fp16/fp32 out) on x_q from
+  _quant_kernel: up to 1.6x faster than the Triton kernel's large tiles (even at
+  M = 128 on the smallest shape).
+
+The kernel can also quantize x itself (GemmConfig.fuse_quant: one launch instead of two),
+bit-identical, but measured 2.4-5.8x slower than the two launches at M = 1, so the
+dispatch does not use it (see GemmConfig).
+
+Everything is CUDA-graph safe: launches depend only on shapes, no value is read on the
+host. Under TRITON_INTERPRET=1 (CPU tests) the kernels follow the CPU reference (see
+_dynamic_scale) and round e4m3 with integer arithmetic, since the interpreter's own
+float -> fp8 conversion rounds ties away from zero; compiled, they use the hardware
+conversion (cvt.rn.satfinite.e4m3x2).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+MIN_AMAX = 1e-6
+# TRITON_INTERPRET is read when the @triton.jit decorators below run, so read it here too.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# float32(1 / 448): what CUDA torch multiplies by for `tensor / 448.0` (see _dynamic_scale)
+_INV_448: tl.constexpr = tl.constexpr((torch.ones((), dtype=torch.float32) / FP8_MAX).item())
+
+
+# ---- quantization ---------------------------------------------------------------------
+@triton.jit
+def _e4m3_soft(q):
+    """float32 in [-448, 448] -> e4m3fn, round to nearest even, in integer arithmetic."""
+    bits = q.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # normal results (|q| >= 2^-6): keep 3 mantissa bits, ties to even; the carry of the
+    # rounding runs into the exponent. e4m3 exponent = float32 exponent - 120.
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+    # subnormal results: multiples of 2^-9, rounded to even by the 2^23 trick (exact: the
+    # product by 512 is a power of two, the sum rounds once); 8 * 2^-9 = 2^-6 is code 8.
+    sub = ((mag.to(tl.float32, bitcast=True) * 512.0 + 8388608.0) - 8388608.0).to(tl.uint32)
+    code = tl.where(mag >= (121 << 23), normal, sub) | sign
+    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _quantize_values(x, scale, inv_scale, INTERPRET: tl.constexpr):
+    """e4m3fn(clamp(x / scale, +-448)) for float32 x, scale broadcastable to x.
+
+    inv_scale = div_rn(1, scale). x / scale correctly rounded is q0 = x * inv_scale with
+    one Markstein correction: r = x - q0 * scale is exact (fma) and fma(r, inv_scale, q0)
+    is the correctly rounded quotient whenever it is a normal float32 (Markstein's
+    theorem; also checked against float32 division on 2.5e8 cases, every bf16 and fp16
+    value over 1500 scales); 3 flops instead of a division per element. Quotients below
+    the normal range may differ in the float32 result but are +-0 in e4m3 either way.
+    q0 is kept where |q0| >= 448 (the clamp decides; also inf) and where q0 == 0 (the
+    correction would turn -0.0 into +0.0). NaN and inf inputs are not handled as the
+    reference handles them (its NaN amax makes the whole row NaN).
+    """
+    q0 = x * inv_scale
+    r = tl.fma(-q0, scale, x)
+    q1 = tl.fma(r, inv_scale, q0)
+    q = tl.where((tl.abs(q0) >= 448.0) | (q0 == 0.0), q0, q1)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if INTERPRET:
+        return _e4m3_soft(q)
+    return q.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+
+
+@triton.jit
+def _dynamic_scale(amax, INTERPRET: tl.constexpr):
+    """max(amax, 1e-6) / 448 rounded as the reference rounds it, and its reciprocal.
+
+    The reference divides a tensor by the Python number 448: on the CPU torch divides
+    (correctly rounded), on CUDA it multiplies by the float32 reciprocal 1/448 (a CPU
+    scalar divisor is turned into a product), which differs in the last bit about half
+    the time. The interpreter runs against CPU tensors, compiled kernels against CUDA ones.
+    """
+    amax = tl.maximum(amax, 1e-6)
+    if INTERPRET:
+        scale = tl.div_rn(amax, 448.0)
+    else:
+        scale = amax * _INV_448
+    return scale, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, stride_q,
+                  STATIC: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
+                  PDL: tl.constexpr, INTERPRET: tl.constexpr):
+    """One row per program: amax over the row (dynamic), then scale, convert, store.
+
+    ONE_TILE (K <= BLOCK_K): the row is read once and kept in registers. Writes the row's
+    scale to scale_ptr[row] in both modes (static: a copy of the [1] scale), so the
+    scaled-mm path gets the [M, 1] scale it wants either way.
+    """
+    if PDL:
+        gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_TILE:
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_scale_ptr)
+            inv = tl.div_rn(1.0, scale)
+        else:
+            scale, inv = _dynamic_scale(tl.max(tl.abs(x), axis=0), INTERPRET)
+        tl.store(q_row + offs, _quantize_values(x, scale, inv, INTERPRET), mask=mask)
+    else:
+        if STATIC:
+            scale = tl.load(static_scale_ptr)
+            inv = tl.div_rn(1.0, scale)
+        else:
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                x = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            scale, inv = _dynamic_scale(tl.max(amax, axis=0), INTERPRET)
+        for k in range(0, K, BLOCK_K):
+            mask = k + offs < K
+            x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + k + offs, _quantize_values(x, scale, inv, INTERPRET), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None,
+              launch_dependents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q, per-row scale [M, 1]); launch_dependents: let a kernel launched behind this
+    one with programmatic dependent launch start at once (it waits in gdc_wait)."""
+    M, K = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, scale
+    block = min(triton.next_power_of_2(K), 16384)
+    one_tile = K <= block
+    warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
+    _quant_kernel[(M,)](x, q, scale, scale if static_scale is None else static_scale, K,
+                        x.stride(0), q.stride(0), STATIC=static_scale is not None,
+                        BLOCK_K=block, ONE_TILE=one_tile, PDL=launch_dependents,
+                        INTERPRET=_INTERPRET, num_warps=warps)
+    return q, scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (16/32-bit) -> (e4m3fn [M, K], float32 scale [M, 1]); as the reference."""
+    return _quantize(x, None)
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> e4m3fn(clamp(x / scale, +-448)) with a float32 [1] scale."""
+    return _quantize(x, scale.reshape(1).float())[0]
+
+
+# ---- GEMM -----------------------------------------------------------------------------
+QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC = 0, 1, 2
+
+
+@triton.jit
+def _double_rows(q):
+    """[R, C] -> [2R, C]: q on top of R rows of zeros (goes through shared memory)."""
+    return tl.reshape(tl.permute(tl.join(q, tl.zeros_like(q)), (2, 0, 1)),
+                      (2 * q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[ROWS, C] -> [BLOCK_M, C] (BLOCK_M = 16), zeros below; ROWS a power of two."""
+    if ROWS * 16 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 8 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 4 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 2 <= BLOCK_M:
+        q = _double_rows(q)
+    return q
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+                     stride_xm, stride_wn, stride_om,
+                     QUANT: tl.constexpr, XS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, AMAX_BLOCK: tl.constexpr,
+                     PROMOTE_K: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr,
+                     PDL: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[BLOCK_M, BLOCK_N] tile = (x_q @ w_q^T) * x_scale * w_scale (+ bias).
+
+    QUANT_NONE: x is e4m3fn, x scales in xs_ptr ([M] with XS_PER_ROW, else [1]).
+    QUANT_DYNAMIC / QUANT_STATIC: x is 16/32-bit and each program quantizes its rows
+    itself (dynamic: the rows' amax first, over the whole of K; static: xs_ptr[0]),
+    exactly as _quant_kernel does. ROWS > 0 (all of M <= ROWS rows in one tile, decode):
+    only those ROWS rows are loaded and quantized, then padded with zeros to the dot's
+    16 rows; otherwise the whole BLOCK_M tile is quantized in the dot's operand layout,
+    which repeats the work in every warp. w [N, K] row-major e4m3fn, enters the dot
+    transposed (K-major, as the fp8 tensor-core instructions want both operands).
+    PROMOTE_K: fp8 products are summed by the tensor core at most PROMOTE_K deep before
+    being added to the float32 accumulator (Hopper's fp8 wgmma accumulates with a shorter
+    mantissa). PREFETCH: bytes of each of the program's weight rows asked into L2 first
+    thing, so the weight streams while the program waits (PDL: for the quantize kernel
+    this one was launched behind) or computes the rows' amax.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    if GROUP_M == 1:
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+    else:  # groups of GROUP_M row tiles walk the columns together (L2 reuse of w)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PREFETCH > 0:
+        lines = w_ptr + tl.where(mask_n, offs_n, 0).to(tl.int64)[:, None] * stride_wn \
+            + tl.arange(0, PREFETCH // 128)[None, :] * 128
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    if PDL:
+        gdc_wait()  # x and its scales come from the kernel before
+
+    if ROWS > 0:
+        offs_m = tl.arange(0, ROWS)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+
+    if QUANT == 1:
+        if ROWS > 0:
+            offs_a = tl.arange(0, AMAX_BLOCK)
+            amax = tl.zeros([ROWS], dtype=tl.float32)
+            for k in range(0, K, AMAX_BLOCK):
+                v = tl.load(x_rows + (k + offs_a)[None, :],
+                            mask=mask_m[:, None] & ((k + offs_a) < K)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(v.to(tl.float32)), axis=1))
+        else:  # amax of each valid row, one row at a time (rows past M cost nothing)
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+            offs_a = tl.arange(0, AMAX_BLOCK)
+            rows = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)
+            for r in range(0, rows):
+                row_ptr = x_ptr + (pid_m * BLOCK_M + r).to(tl.int64) * stride_xm
+                row_max = tl.zeros([AMAX_BLOCK], dtype=tl.float32)
+                for k in range(0, K, AMAX_BLOCK):
+                    v = tl.load(row_ptr + k + offs_a, mask=k + offs_a < K, other=0.0)
+                    row_max = tl.maximum(row_max, tl.abs(v.to(tl.float32)))
+                amax = tl.where(tl.arange(0, BLOCK_M) == r, tl.max(row_max, axis=0), amax)
+        x_scale, x_inv = _dynamic_scale(amax, INTERPRET)
+        x_scale_2d = x_scale[:, None]
+        x_inv_2d = x_inv[:, None]
+    elif QUANT == 2:
+        x_scale = tl.load(xs_ptr)
+        x_inv = tl.div_rn(1.0, x_scale)
+        x_scale_2d = x_scale
+        x_inv_2d = x_inv
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_rows + (k + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k + offs_k) < K
+            x = tl.load(x_rows + (k + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0)
+        if QUANT != 0:
+            x = _quantize_values(x.to(tl.float32), x_scale_2d, x_inv_2d, INTERPRET)
+        if ROWS > 0:
+            x = _pad_rows(x, ROWS, BLOCK_M)
+        acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PROMOTE_K)
+
+    if ROWS > 0:  # back to the tile's rows (the padding rows of acc are zeros)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        if QUANT == 1:
+            x_scale = _pad_rows(x_scale[:, None], ROWS, BLOCK_M).reshape(BLOCK_M)
+    if QUANT == 0:
+        if XS_PER_ROW:
+            x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        else:
+            x_scale = tl.load(xs_ptr)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    if QUANT == 2 or (QUANT == 0 and not XS_PER_ROW):
+        y = acc * x_scale
+    else:
+        y = acc * x_scale[:, None]
+    y = y * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of _fp8_gemm_kernel.
+
+    fuse_quant: x is quantized inside the GEMM (one launch; M <= 16 rows quantized as
+    ROWS = next power of two, the rest padded), else by _quant_kernel first. Measured on
+    an H200 at M = 1 the fused launch takes 27-213 us where the two launches take 10-37
+    (each program reads and quantizes x itself, and the time grows with the number of
+    programs; why it is this slow is not understood yet), so gemm_config never picks it.
+    pdl: the GEMM is launched behind _quant_kernel with programmatic dependent launch.
+    prefetch: bytes of each weight row the program asks into L2 before anything else.
+    promote_k: see PROMOTE_K in _fp8_gemm_kernel."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    fuse_quant: bool = False
+    group_m: int = 1
+    promote_k: int = 128
+    prefetch: int = 0
+    pdl: bool = False
+
+    def tag(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}"
+                f"s{self.num_stages}{'F' if self.fuse_quant else ''}"
+                f"{f'g{self.group_m}' if self.group_m > 1 else ''}"
+                f"{f'p{self.prefetch}' if self.prefetch else ''}{'L' if self.pdl else ''}")
+
+
+def gemm_config(M: int, N: int, K: int) -> GemmConfig:
+    """The Triton launch for an [M, K] x [N, K]^T product, measured on an H200 at the
+    Llama-3.1-8B shapes (benchmarks/fp8_gemm.py --sweep). fp8_linear uses it up to
+    M = 64 (_use_scaled_mm); above, it is the fallback for what _scaled_mm cannot take."""
+    long_rows = N >= 16384 or (K >= 8192 and M <= 4)
+    if M <= 16:  # mma.sync tiles of 16 rows, 32 weight rows per program
+        if long_rows:  # prefetch + PDL: 36.7 vs 43.0 us (28672x4096), 23.1 vs 26.8 (4096x14336)
+            return GemmConfig(16, 32, 512, 4, 4, prefetch=2048, pdl=True)
+        if K >= 8192:  # M 5..16 at K = 14336: PDL measured 10% slower
+            return GemmConfig(16, 32, 256, 4, 4)
+        return GemmConfig(16, 32, 256, 4, 4, pdl=True)  # 10.1 vs 10.7 us at 4096x4096
+    if M <= 64:  # wgmma tiles of 64 rows
+        if N >= 16384:  # wide tiles: 4x fewer programs re-read x (34.6 vs 46.9 us)
+            return GemmConfig(64, 128, 128, 4, 4, group_m=8, pdl=True)
+        if K >= 8192:
+            return GemmConfig(64, 32, 256, 4, 4)
+        return GemmConfig(64, 32, 256, 4, 4, prefetch=1024, pdl=True)
+    if M <= 256:
+        return GemmConfig(64, 128, 128, 4, 4, group_m=8, pdl=True)
+    return GemmConfig(128, 128, 128, 8, 4, group_m=8, pdl=True)
+
+
+def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: bool
+                      ) -> dict:
+    """The compile-time arguments of _fp8_gemm_kernel for a launch (also what
+    tests/test_kernels_fp8.py compiles for sm_90)."""
+    quant = (QUANT_STATIC if static else QUANT_DYNAMIC) if cfg.fuse_quant else QUANT_NONE
+    rows = triton.next_power_of_2(M) if cfg.fuse_quant and cfg.block_m == 16 and M <= 16 else 0
+    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+    return dict(
+        QUANT=quant, XS_PER_ROW=quant == QUANT_NONE, HAS_BIAS=has_bias,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        EVEN_K=K % block_k == 0,
+        AMAX_BLOCK=min(triton.next_power_of_2(K), 8192 // max(rows, 1)),
+        PROMOTE_K=min(cfg.promote_k, block_k), ROWS=rows,
+        PREFETCH=0 if _INTERPRET else min(cfg.prefetch, K // 128 * 128),
+        PDL=cfg.pdl and not cfg.fuse_quant and not _INTERPRET, INTERPRET=_INTERPRET)
+
+
+def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      input_scale: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None,
+                      config: GemmConfig | None = None) -> torch.Tensor:
+    """fp8_linear on the Triton kernel (config: the launch, default gemm_config)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = config or gemm_config(M, N, K)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    static = input_scale is not None
+    if static:
+        input_scale = input_scale.reshape(1).float()
+    meta = kernel_constexprs(cfg, M, K, static, bias is not None)
+    if cfg.fuse_quant:
+        a, a_scale = x, input_scale
+    else:
+        a, a_scale = _quantize(x, input_scale, launch_dependents=meta["PDL"])
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _fp8_gemm_kernel[grid](
+        a, a_scale if a_scale is not None else weight_scale, weight, weight_scale,
+        bias if bias is not None else weight_scale, out, M, N, K,
+        a.stride(0), weight.stride(0), out.stride(0), **meta,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if meta["PDL"] else {}))
+    return out
+
+
+def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         input_scale: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear on torch._scaled_mm with rowwise scales (x_q from _quant_kernel).
+
+    bf16 and fp16 outputs come straight from it (float32 epilogue, bias in x's dtype);
+    it takes no bias with a float32 output, so there the bias is added after.
+    """
+    N = weight.shape[0]
+    x_q, x_scale = _quantize(x, None if input_scale is None else input_scale.reshape(1).float())
+    fused_bias = bias is not None and x.dtype != torch.float32
+    y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, N),
+                         bias=bias.to(x.dtype) if fused_bias else None, out_dtype=x.dtype)
+    if bias is not None and not fused_bias:
+        y += bias.float()
+    return y
+
+
+def _use_scaled_mm(M: int, N: int, K: int) -> bool:
+    """True where torch._scaled_mm beats the Triton kernel. H200, Llama-3.1-8B shapes, us
+    per call with quantization (benchmarks/fp8_gemm.py): at M = 64 Triton takes 12.7-36.0
+    and _scaled_mm 15.6-47.2; at M = 128 Triton's best 15.4-45.2 and _scaled_mm
+    15.8-41.8 (ahead on 3 of 4 shapes); from M = 256 _scaled_mm is 1.3-1.6x faster.
+    _scaled_mm needs N and K divisible by 16."""
+    if N % 16 or K % 16:
+        return False
+    return M > 64
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """x [M, K] 16/32-bit @ weight [N, K] e4m3fn -> [M, N] in x.dtype; see the module doc.
+
+    backend: "triton" or "scaled_mm" to force one; None picks the faster for the shape.
+    """
+    M, K = x.shape
+    if backend is None:
+        backend = "scaled_mm" if _use_scaled_mm(M, weight.shape[0], K) else "triton"
+    if backend == "scaled_mm":
+        return scaled_mm_fp8_linear(x, weight, weight_scale, input_scale, bias)
+    if backend != "triton":
+        raise ValueError(f"unknown fp8_linear backend {backend!r}")
+    return triton_fp8_linear(x, weight, weight_scale, input_scale, bias)
