@@ -3,7 +3,8 @@
 CUDA-graph safe: the grid and every kernel argument are fixed by static shapes (batch
 rows, block-table width, the split count chosen from them); how much of the context
 each split covers is computed on the device from seq_lens, and splits with nothing to
-do exit at once. Nothing here reads a device value on the host.
+do exit at once. Nothing here reads a device value on the host (a 1-byte KV cache's
+scales included: each program loads its KV head's k_scale and v_scale).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block
+from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block, kv_scale_args
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -30,7 +31,7 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_tables_ptr, seq_lens_ptr, qk_scale,
+    block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -41,6 +42,9 @@ def _decode_kernel(
 
     With one split the result is final: o = acc / l. Otherwise the split writes its
     normalised partial o_s and lse_s = m_s + log2(l_s) (base 2) for the reduce kernel.
+    A 1-byte cache (compile-time branch on its element type) holds K / k_scale[kv_head] and
+    V / v_scale[kv_head]: k_scale goes into the score scale, v_scale into o (and o_s, which
+    the reduce combines linearly).
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -62,6 +66,9 @@ def _decode_kernel(
         return
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)
+    KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
+    if KV_QUANT:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -78,6 +85,8 @@ def _decode_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC)
     out = acc / l_i[:, None]
+    if KV_QUANT:
+        out = out * tl.load(v_scale_ptr + kv_head)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
@@ -138,11 +147,13 @@ def paged_attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
     num_splits: int | None = None, block_n: int | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
     max_seq_len (default: what the block table can address) must be static for CUDA
-    graphs; the split count follows from it and the batch size unless given.
+    graphs; the split count follows from it and the batch size unless given. A 1-byte
+    cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads], on device).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -151,6 +162,7 @@ def paged_attention_decode(
     if num_seqs == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     seq_lens = seq_lens.contiguous()
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
@@ -168,7 +180,7 @@ def paged_attention_decode(
         part_out = part_lse = out  # unused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,

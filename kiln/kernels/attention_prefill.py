@@ -7,14 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block
+from kiln.kernels.paged import LOG2E, attend_tile, dot_precision, head_block, kv_scale_args
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
-    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh,
-    stride_bt,
+    qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -25,7 +25,9 @@ def _prefill_kernel(
     share this KV head, so each K/V tile is loaded once for the whole group. Query j of a
     sequence with q_len new tokens and seq_len context tokens sits at position
     seq_len - q_len + j and sees keys 0 .. that position (flash-attention online softmax,
-    float32 statistics and accumulator).
+    float32 statistics and accumulator). A 1-byte cache (compile-time branch on its
+    element type) holds K / k_scale[kv_head] and V / v_scale[kv_head]: k_scale goes into
+    the score scale, v_scale into O.
     """
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -48,6 +50,9 @@ def _prefill_kernel(
     q_rows = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)
+    KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
+    if KV_QUANT:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -69,6 +74,8 @@ def _prefill_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC)
     out = acc / l_i[:, None]
+    if KV_QUANT:
+        out = out * tl.load(v_scale_ptr + kv_head)
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -77,8 +84,12 @@ def paged_attention_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
     block_m: int | None = None, block_n: int | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference."""
+    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference.
+
+    A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
+    """
     tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -87,6 +98,7 @@ def paged_attention_prefill(
     if tokens == 0 or num_seqs == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
     block_d = head_block(head_dim)
     if block_m is None:
@@ -97,7 +109,7 @@ def paged_attention_prefill(
     grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,

@@ -3,6 +3,9 @@ Llama-3.1-8B shapes on one GPU: prints a table and writes JSON.
 
     python -m kiln.kernels.bench [out.json] [--only attention] [--rep-ms 200]
 
+Attention and the KV-cache write also run with 1-byte KV caches (`kv=fp8`: e4m3fn,
+`kv=int8`, per-KV-head scales), timed without the reference and SDPA (see the bf16 rows).
+
 Times are medians from triton.testing.do_bench (CUDA events). GB/s counts the bytes a
 kernel must move at least (each input read once, each output written once); inputs
 smaller than L2 (50 MB on H100) stay cached between repeats, so small cases overstate it.
@@ -33,6 +36,7 @@ from kiln.kernels.silu_mul import silu_and_mul
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, INTER, VOCAB = 32, 8, 128, 4096, 14336, 128256
 BLOCK_SIZE = 16
 DT = torch.bfloat16
+QUANT_KV = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # 1-byte KV cache rows
 
 
 @dataclass
@@ -81,7 +85,22 @@ def elementwise_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]
         cases.append(("rotary_and_write_kv", f"{tokens} tokens",
                       partial(rotary_and_write_kv, *args),
                       partial(ref.rotary_and_write_kv, *args), None, moved, 0))
+        for kv, dtype in QUANT_KV.items():
+            quant = [_quantized(c, dtype) for c in caches]
+            args = (q, k, v, positions, cos_sin, quant[0][0], quant[1][0], slots, HEAD_DIM,
+                    quant[0][1], quant[1][1])
+            moved_q = moved - tokens * 2 * KV_HEADS * HEAD_DIM  # 1-byte K, V writes
+            cases.append(("rotary_and_write_kv", f"{tokens} tokens kv={kv}",
+                          partial(rotary_and_write_kv, *args),
+                          partial(ref.rotary_and_write_kv, *args), None, moved_q, 0))
     return cases
+
+
+def _quantized(cache: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 1-byte copy of a [blocks, block_size, kv_heads, d] cache, and its per-head scales."""
+    amax = cache.abs().amax(dim=(0, 1, 3)).float()
+    scale = (amax / (ref.FP8_MAX if dtype == torch.float8_e4m3fn else ref.INT8_MAX)).contiguous()
+    return ref.quantize_kv(cache.flatten(0, 1), scale, dtype).view(cache.shape), scale
 
 
 def _paged(seq_lens: list[int], q_lens: list[int]):
@@ -102,7 +121,7 @@ def _paged(seq_lens: list[int], q_lens: list[int]):
 def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
     cases = []
     scale = HEAD_DIM ** -0.5
-    kv_token_bytes = 2 * KV_HEADS * HEAD_DIM * 2
+    kv_token_bytes = 2 * KV_HEADS * HEAD_DIM * 2  # K and V, bf16 (1-byte caches: half)
     for batch in (1, 16, 64):
         for ctx in (1024, 8192):
             q, k_cache, v_cache, tables, starts = _paged([ctx] * batch, [1] * batch)
@@ -119,6 +138,15 @@ def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
                 partial(F.scaled_dot_product_attention, q4, k_flat, v_flat, scale=scale,
                         enable_gqa=True),
                 batch * ctx * kv_token_bytes, 4 * batch * ctx * HEADS * HEAD_DIM))
+            for kv, dtype in QUANT_KV.items():
+                (k_q, k_scale), (v_q, v_scale) = _quantized(k_cache, dtype), _quantized(v_cache,
+                                                                                        dtype)
+                cases.append((
+                    "decode_attention", f"B={batch} ctx={ctx} kv={kv}",
+                    partial(paged_attention_decode, q, k_q, v_q, tables, lens, scale,
+                            k_scale=k_scale, v_scale=v_scale),
+                    None, None, batch * ctx * kv_token_bytes / 2,
+                    4 * batch * ctx * HEADS * HEAD_DIM))
     for num_seqs, new, ctx in ((1, 4096, 4096), (8, 1024, 1024), (4, 512, 4096)):
         q, k_cache, v_cache, tables, starts = _paged([ctx] * num_seqs, [new] * num_seqs)
         qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
@@ -139,6 +167,15 @@ def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
                     scale),
             sdpa, num_seqs * ctx * kv_token_bytes + 2 * q.numel() * 2,
             4 * pairs * HEADS * HEAD_DIM))
+        for kv, dtype in QUANT_KV.items():
+            (k_q, k_scale), (v_q, v_scale) = _quantized(k_cache, dtype), _quantized(v_cache,
+                                                                                    dtype)
+            cases.append((
+                "prefill_attention", f"{num_seqs}x{new} new / {ctx} ctx kv={kv}",
+                partial(paged_attention_prefill, q, k_q, v_q, tables, qsl, lens, new, scale,
+                        k_scale=k_scale, v_scale=v_scale),
+                None, None, num_seqs * ctx * kv_token_bytes / 2 + 2 * q.numel() * 2,
+                4 * pairs * HEADS * HEAD_DIM))
     return cases
 
 
@@ -171,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     results: list[Result] = []
-    print(f"{'op':20} {'shape':26} {'kiln ms':>9} {'GB/s':>7} {'TFLOP/s':>7} "
+    print(f"{'op':20} {'shape':34} {'kiln ms':>9} {'GB/s':>7} {'TFLOP/s':>7} "
           f"{'ref ms':>9} {'speedup':>7} {'sdpa ms':>9}")
     for group in args.only or list(GROUPS):
         for op, shape, kiln, reference, sdpa, nbytes, flops in GROUPS[group]():
@@ -182,7 +219,7 @@ def main() -> None:
                        _ms(reference, args.rep_ms), _ms(sdpa, args.rep_ms))
             results.append(r)
             speedup = f"{r.reference_ms / kiln_ms:6.1f}x" if r.reference_ms else ""
-            print(f"{op:20} {shape:26} {kiln_ms:9.4f} {r.gbps:7.0f} "
+            print(f"{op:20} {shape:34} {kiln_ms:9.4f} {r.gbps:7.0f} "
                   f"{r.tflops or 0:7.1f} {r.reference_ms or 0:9.4f} {speedup:>7} "
                   f"{r.sdpa_ms or 0:9.4f}", flush=True)
             torch.cuda.empty_cache()

@@ -1,4 +1,5 @@
-"""Neox rotary on q and k fused with writing k and v into the paged KV cache."""
+"""Neox rotary on q and k fused with writing k and v into the paged KV cache (16/32-bit,
+or 1-byte e4m3fn / int8 with per-KV-head scales)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.paged import kv_scale_args
+
+FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (the reference saturates to it)
+INT8_MAX = tl.constexpr(127.0)  # symmetric int8
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
+
 
 @triton.jit
 def _rotate(x_ptr, cos, sin, heads, offs_h, offs_d, half, stride_h):
     """Loads heads x [H, 2*half] and returns the two rotated halves, rounded as torch does.
 
     y1 = x1*cos - x2*sin,  y2 = x2*cos + x1*sin, each product and the sum rounded to the
-    input dtype (the reference computes rotary in the model dtype, like HF).
+    input dtype (the reference computes rotary in the model dtype, like HF). With FP fusion
+    on (triton's default) the compiler fuses one product of each into a bf16/fp16 FMA, so on
+    the GPU y can differ from the reference by half an ulp of a product.
     """
     mask = (offs_h[:, None] < heads) & (offs_d[None, :] < half)
     ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
@@ -27,9 +36,27 @@ def _rotate(x_ptr, cos, sin, heads, offs_h, offs_d, half, stride_h):
 
 
 @triton.jit
+def _to_cache(x, scale, CACHE_DTYPE: tl.constexpr):
+    """x / scale in float32 as a 1-byte cache value, like the reference's quantize_kv.
+
+    e4m3fn: saturated to +-448, then round to nearest even (one cvt.rn.satfinite on sm_90);
+    int8: clamped to +-127, rounded half to even by the 1.5 * 2^23 trick (exact in float32,
+    no libdevice, so the interpreter runs it too), then converted (exact for integers).
+    """
+    y = tl.div_rn(x, scale)  # IEEE division like torch (`/` is div.full.f32, ~2 ulp)
+    if CACHE_DTYPE == tl.int8:
+        y = tl.minimum(tl.maximum(y, -INT8_MAX), INT8_MAX)
+        q = ((y + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
+    else:
+        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+        q = y.to(CACHE_DTYPE, fp_downcast_rounding="rtne")
+    return q
+
+
+@triton.jit
 def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr,
-    num_heads, num_kv_heads, half, block_size,
+    k_scale_ptr, v_scale_ptr, num_heads, num_kv_heads, half, block_size,
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
     stride_cb, stride_cs_slot, stride_ch,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -38,6 +65,8 @@ def _rotary_kv_kernel(
 
     rot rotates each head's halves by the angles of this token's position:
     [x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin] with cos, sin = cos_sin[pos].
+    A 1-byte cache (compile-time branch on its element type) stores rot(k) (rounded to the
+    model dtype) / k_scale[head] and v / v_scale[head], quantized by _to_cache.
     """
     token = tl.program_id(0).to(tl.int64)
     head_dim = 2 * half
@@ -66,13 +95,28 @@ def _rotary_kv_kernel(
         k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, cos, sin, num_kv_heads, offs_kh,
                                   offs_d, half, head_dim)
         cdt = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, k1.to(dt).to(cdt), mask=kv_mask)
-        tl.store(k_cache_ptr + dst + half, k2.to(dt).to(cdt), mask=kv_mask)
-        v_src = v_ptr + token * stride_v + offs_kh[:, None] * head_dim + offs_d[None, :]
-        v1 = tl.load(v_src, mask=kv_mask, other=0.0)
-        v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
-        tl.store(v_cache_ptr + dst, v1.to(cdt), mask=kv_mask)
-        tl.store(v_cache_ptr + dst + half, v2.to(cdt), mask=kv_mask)
+        KV_QUANT: tl.constexpr = cdt.primitive_bitwidth == 8
+        if KV_QUANT:
+            head_ok = offs_kh < num_kv_heads
+            ks = tl.load(k_scale_ptr + offs_kh, mask=head_ok, other=1.0)[:, None]
+            tl.store(k_cache_ptr + dst, _to_cache(k1.to(dt).to(tl.float32), ks, cdt),
+                     mask=kv_mask)
+            tl.store(k_cache_ptr + dst + half, _to_cache(k2.to(dt).to(tl.float32), ks, cdt),
+                     mask=kv_mask)
+            v_src = v_ptr + token * stride_v + offs_kh[:, None] * head_dim + offs_d[None, :]
+            vs = tl.load(v_scale_ptr + offs_kh, mask=head_ok, other=1.0)[:, None]
+            v1 = tl.load(v_src, mask=kv_mask, other=0.0).to(tl.float32)
+            v2 = tl.load(v_src + half, mask=kv_mask, other=0.0).to(tl.float32)
+            tl.store(v_cache_ptr + dst, _to_cache(v1, vs, cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + half, _to_cache(v2, vs, cdt), mask=kv_mask)
+        else:
+            tl.store(k_cache_ptr + dst, k1.to(dt).to(cdt), mask=kv_mask)
+            tl.store(k_cache_ptr + dst + half, k2.to(dt).to(cdt), mask=kv_mask)
+            v_src = v_ptr + token * stride_v + offs_kh[:, None] * head_dim + offs_d[None, :]
+            v1 = tl.load(v_src, mask=kv_mask, other=0.0)
+            v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
+            tl.store(v_cache_ptr + dst, v1.to(cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + dst + half, v2.to(cdt), mask=kv_mask)
 
 
 def _token_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -84,12 +128,14 @@ def _token_rows(x: torch.Tensor, width: int) -> torch.Tensor:
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, head_dim: int,
+    slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Returns rotary(q) [T, heads*head_dim]; writes rotary(k) and v at slot_mapping.
 
     k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (same strides for both,
     unit stride on the last dim); cos_sin [max_pos, head_dim] float32 = [cos | sin].
+    A float8_e4m3fn or int8 cache needs k_scale and v_scale (float32 [kv_heads]).
     """
     tokens = q.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -101,6 +147,7 @@ def rotary_and_write_kv(
     k2 = _token_rows(k, num_kv_heads * head_dim)
     v2 = _token_rows(v, num_kv_heads * head_dim)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     half = head_dim // 2
     block_d = triton.next_power_of_2(half)
@@ -108,7 +155,7 @@ def rotary_and_write_kv(
     num_warps = 4 if block_h * block_d <= 4096 else 8
     _rotary_kv_kernel[(tokens,)](
         q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
-        num_heads, num_kv_heads, half, k_cache.shape[1],
+        k_scale, v_scale, num_heads, num_kv_heads, half, k_cache.shape[1],
         q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
