@@ -7,20 +7,11 @@ import math
 import torch
 
 from kiln.runtime.engine import LLMEngine
-from kiln.runtime.request import Request, SamplingParams
-from kiln.runtime.scheduler import ScheduledRequest, SchedulerOutput
 
 
 def sequence_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
     """Logits [len, vocab] of every position of one sequence, computed in one step."""
-    request = Request("eval", token_ids, SamplingParams(max_tokens=1), 1)
-    if not engine.kv.allocate(request, len(token_ids)):
-        raise RuntimeError("the KV cache cannot hold this sequence")
-    try:
-        out = SchedulerOutput([ScheduledRequest(request, len(token_ids), sample=False)])
-        return engine.runner.forward_logits(out).cpu()
-    finally:
-        engine.kv.free(request)
+    return engine.sequence_logits(token_ids)
 
 
 def perplexity(engine: LLMEngine, token_ids: list[int], window: int = 1024) -> float:

@@ -26,12 +26,21 @@ MODEL = "tiny"  # the served model name in these tests
 @functools.cache
 def tiny_chat_engine() -> Path:
     """Built once per test process (a session fixture would be built per importing module)."""
+    from kiln.build import build
+    from kiln.config import BuildConfig
+
+    hf = tiny_chat_checkpoint()
+    cfg = BuildConfig(dtype="float32", max_batch_size=64, max_seq_len=256, max_num_tokens=2048)
+    return build(hf, hf.parent / "engine", cfg, progress=False)
+
+
+@functools.cache
+def tiny_chat_checkpoint() -> Path:
+    """A tiny random Llama HF folder with SmolLM2's tokenizer and chat template."""
     import gguf
     import transformers
 
-    from kiln.build import build
     from kiln.checkpoint.gguf_tokenizer import write_gguf_tokenizer
-    from kiln.config import BuildConfig
 
     root = Path(tempfile.mkdtemp(prefix="kiln-serve-tests-"))
     atexit.register(shutil.rmtree, root, True)
@@ -42,8 +51,7 @@ def tiny_chat_engine() -> Path:
                                          "eos_token_id": 2, "tie_word_embeddings": True})
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(hf)
-    cfg = BuildConfig(dtype="float32", max_batch_size=64, max_seq_len=256, max_num_tokens=2048)
-    return build(hf, root / "engine", cfg, progress=False)
+    return hf
 
 
 @dataclass

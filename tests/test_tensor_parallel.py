@@ -96,7 +96,7 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
     finally:
-        llm.engine.runner.close()
+        llm.engine.close()
 
 
 @pytest.mark.parametrize("kv", ["auto", "fp8"])

@@ -26,3 +26,16 @@ def tp_all_gather_last_dim(x: torch.Tensor, tp_size: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(_tp_group))]
     dist.all_gather(parts, x.contiguous(), group=_tp_group)
     return torch.cat(parts, dim=-1)
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest `value` over all ranks of the default group."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """x as rank 0 of the default group holds it, on every rank (in place)."""
+    dist.broadcast(x, src=0)
+    return x

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kiln.build.engine_dir import load_engine_config
+from kiln.distributed import Mapping
+from kiln.distributed.comm import all_reduce_min
 from kiln.errors import KilnError, RequestError
+from kiln.runtime import parallel
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner, PendingStep, StepResult
 from kiln.runtime.output_processor import Group, Sequence, apply_token
@@ -24,7 +30,7 @@ from kiln.runtime.request import (
     RequestStatus,
     SamplingParams,
 )
-from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,11 @@ class RuntimeConfig:
 
 
 class LLMEngine:
-    def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None) -> None:
+    """The engine of one rank. A multi-rank engine (tp x pp > 1) runs one LLMEngine per
+    rank (kiln.runtime.parallel): rank 0's takes the user's calls and mirrors them."""
+
+    def __init__(self, engine_dir: str | Path, runtime: RuntimeConfig | None = None,
+                 rank_context: Any = None) -> None:
         self.engine_dir = Path(engine_dir)
         self.runtime = runtime = runtime or RuntimeConfig()
         self.config = load_engine_config(self.engine_dir)
@@ -62,19 +72,28 @@ class LLMEngine:
         device = runtime.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.failure: str | None = None  # why a multi-rank engine cannot go on
+        self.exit_on_failure = True  # a server keeps answering (503) instead
         self.tokenizer = Tokenizer.from_engine(self.engine_dir)
-        if build.tp_size > 1:
-            from kiln.distributed.executor import TensorParallelRunner
-
-            if self.device.type == "cuda" and torch.cuda.device_count() < build.tp_size:
-                raise KilnError(f"the engine needs {build.tp_size} GPUs, "
+        world = build.tp_size * build.pp_size
+        self.rank_context, self.mirror = rank_context, None
+        if world > 1 and rank_context is None:
+            if device == "cuda" and torch.cuda.device_count() < world and \
+                    parallel.launch.launcher_rank() is None:
+                raise KilnError(f"the engine needs {world} GPUs, "
                                 f"{torch.cuda.device_count()} are visible")
-            self.runner = TensorParallelRunner(self.engine_dir, self.config, self.device.type)
+            self.rank_context, self.mirror = parallel.start(self, world, device)
+        if self.rank_context is not None:
+            self.device = self.rank_context.device
+            mapping = Mapping(world, self.rank_context.rank, build.tp_size, build.pp_size)
         else:
-            self.runner = ModelRunner(self.engine_dir, self.config, self.device)
+            self.device = torch.device(device)
+            mapping = Mapping()
+        self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
         self.max_seq_len = build.max_seq_len
         num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
+        if world > 1:  # every rank must hold the same pool: the smallest rank decides
+            num_blocks = all_reduce_min(num_blocks, self.device)
         min_blocks = -(-build.max_seq_len // build.block_size)
         if num_blocks < min_blocks:
             raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
@@ -95,8 +114,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
             self.tokenizer.eos_token_id is not None else ())
-        # Workers of a multi-rank engine never see sampled tokens, so no placeholders there.
-        self.overlap = build.tp_size == 1 and (
+        self.overlap = (
             runtime.overlap_scheduling if runtime.overlap_scheduling is not None
             else self.device.type == "cuda")
         self._pending: PendingStep | None = None
@@ -107,6 +125,27 @@ class LLMEngine:
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
+        if self.rank_context is not None and self.rank_context.rank != 0 and \
+                rank_context is None:
+            # A launcher (torchrun) started this rank: it serves rank 0, then leaves.
+            parallel.run_worker(self)
+            sys.stdout.flush()
+            os._exit(0)
+
+    def fail(self, message: str) -> None:
+        """A rank of this engine died: no step can complete any more."""
+        self.failure = message
+        log.error(message)
+        for worker in self.mirror.workers if self.mirror else []:
+            worker.kill()
+        if self.exit_on_failure:
+            parallel.launch.fail(message)
+        parallel.abort_collectives()  # a step blocked on the lost rank fails instead of hanging
+
+    def close(self) -> None:
+        """Stop the other ranks of a multi-rank engine (a single-rank one has none)."""
+        if self.mirror is not None:
+            self.mirror.close()
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block()
@@ -122,8 +161,11 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text or token ids). Raises RequestError for this request only."""
+                    request_id: str | None = None, seed_base: int | None = None) -> str:
+        """Queue a prompt (text or token ids). Raises RequestError for this request only.
+
+        Sequence i of the request samples with seed (params.seed or seed_base or a random
+        draw) + i."""
         params = params or SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -149,12 +191,17 @@ class LLMEngine:
         if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
             raise RequestError("seed must be in [0, 2**62)")
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
+        if params.seed is not None:
+            seed_base = params.seed
+        elif seed_base is None:
+            seed_base = random.getrandbits(61)
+        if self.mirror is not None:
+            self.mirror.record(("add", token_ids, params, request_id, seed_base))
         sequences = []
         for index in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(seq_id, token_ids, params, max_tokens, self.eos_token_ids)
-            request.sampling_seed = params.seed + index if params.seed is not None else \
-                random.getrandbits(62)
+            request.sampling_seed = seed_base + index
             request.bad_words_token_ids = bad_words
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
                 if self.tokenizer else None
@@ -186,6 +233,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free all its KV blocks. Unknown ids are ignored."""
+        if self.mirror is not None and request_id in self.groups:
+            self.mirror.record(("abort", request_id))
         group = self.groups.pop(request_id, None)
         if group is None:
             return
@@ -204,6 +253,21 @@ class LLMEngine:
         With overlap scheduling, this step is launched first and the previous step's
         tokens are applied while the device computes it; its own outputs come next call.
         """
+        if self.failure is not None:
+            raise KilnError(self.failure)
+        if self.mirror is None:
+            return self._step()
+        try:
+            self.mirror.send(("step",))
+            return self._step()
+        except Exception:
+            message = self.mirror.lost_rank()
+            if message is None:
+                raise
+            self.fail(message)  # exits, unless a server keeps answering 503
+            raise KilnError(message) from None
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         previous, self._pending = self._pending, None
         processed = previous is not None
@@ -299,6 +363,20 @@ class LLMEngine:
                             shown = len(text)
         finally:
             self.abort(request_id)
+
+    def sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] (on the host) of every position of one sequence, computed in
+        one step outside the scheduler (perplexity, evaluation)."""
+        if self.mirror is not None:
+            self.mirror.send(("logits", list(token_ids)))
+        request = Request("eval", list(token_ids), SamplingParams(max_tokens=1), 1)
+        if not self.kv.allocate(request, len(token_ids)):
+            raise KilnError("the KV cache cannot hold this sequence")
+        try:
+            out = SchedulerOutput([ScheduledRequest(request, len(token_ids), sample=False)])
+            return self.runner.forward_logits(out).cpu()
+        finally:
+            self.kv.free(request)
 
     # ---- stats ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from kiln.build.engine_dir import rank_file
 from kiln.config import EngineConfig
 from kiln.distributed import Mapping
+from kiln.distributed.comm import broadcast_from_first
 from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
@@ -192,6 +193,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[logits_indices])
         batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
         tokens, lp, lp_ids = sample(logits, batch)
+        if self.mapping.world_size > 1:  # every rank's engine applies rank 0's tokens
+            tokens = broadcast_from_first(tokens.contiguous())
         indices = [r.num_tokens for r in sampling]
         return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp)
 

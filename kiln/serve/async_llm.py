@@ -25,7 +25,7 @@ from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
-from kiln.serve.engine_loop import EngineLoop, NewRequest, Prompt
+from kiln.serve.engine_loop import EngineDeadError, EngineLoop, NewRequest, Prompt
 
 
 class QueueFullError(KilnError):
@@ -117,6 +117,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        engine.exit_on_failure = False  # a lost rank turns /health to 503; we keep answering
         self._loop = EngineLoop(engine)
         self._num_unfinished = 0  # touched only from the event loop's thread
         self._loop.start()
@@ -156,6 +157,8 @@ class AsyncLLM:
         """Add a group of requests that succeed or fail together; return once the engine
         has accepted them. Raises QueueFullError at once when over `max_queue`, and the
         engine's RequestError (bad prompt, too long, duplicate id) for this group only."""
+        if self.engine.failure is not None:
+            raise EngineDeadError(self.engine.failure)
         if self.max_queue is not None and self._num_unfinished + len(requests) > self.max_queue:
             raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished "
                                  "requests; retry later")

@@ -102,7 +102,9 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set()
+        """False once the loop stopped, or a rank of a multi-rank engine died."""
+        return self._thread.is_alive() and not self._stopped.is_set() and \
+            self.engine.failure is None
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._commands.put(_STOP)

@@ -1,0 +1,145 @@
+"""Starting the ranks of a multi-rank engine, and the channel rank 0 talks to them on.
+
+Two ways in: under torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, e.g. mpirun or srun wrappers), every rank runs the same
+command and joins through the environment; without a launcher, rank 0 (the user's
+process) spawns ranks 1..N-1 itself on this node. Either way the model's collectives go
+over NCCL (GPUs) or gloo (CPU), and a gloo group carries rank 0's step messages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kiln.distributed.comm import set_tp_group
+from kiln.errors import KilnError
+
+# Fixed size of one step message: a step with no new requests fits in one broadcast.
+MESSAGE_BYTES = 4096
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    commands: Any  # gloo process group for step messages
+    launcher: str  # "torchrun" or "kiln"
+
+
+def launcher_rank() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when a launcher (torchrun, ...) started us."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def join(rank: int, world: int, local_rank: int, device_type: str,
+         init_method: str = "env://", launcher: str = "torchrun") -> RankContext:
+    """Join the process group (collectives) and a gloo group (step messages)."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared hosts)
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    device = torch.device("cpu")
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise KilnError(f"rank {rank} wants GPU {local_rank}, but this node has "
+                            f"{torch.cuda.device_count()}; start at most that many ranks per node")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                            init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=10))
+    set_tp_group(dist.group.WORLD)
+    commands = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    return RankContext(rank, world, device, commands, launcher)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (no orphans)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def spawn(world: int, target: Callable[..., None], args: tuple) -> list[Any]:
+    """Start ranks 1..world-1 as processes running target(rank, *args)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=target, args=(rank, *args), daemon=True)
+               for rank in range(1, world)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def watch(workers: list[Any], on_death: Callable[[str], None], interval: float = 0.2) -> None:
+    """A thread that calls on_death(message) once when any worker process exits."""
+    def loop() -> None:
+        while workers:
+            for rank, worker in enumerate(list(workers), start=1):
+                if not worker.is_alive():
+                    if workers:  # not a shutdown in progress
+                        on_death(f"kiln: worker rank {rank} died (exit code "
+                                 f"{worker.exitcode}); the engine cannot continue")
+                    return
+            time.sleep(interval)
+
+    threading.Thread(target=loop, daemon=True, name="kiln-worker-watch").start()
+
+
+def fail(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class Channel:
+    """Rank 0 -> all ranks, pickled messages over the gloo group: one fixed-size
+    broadcast when the message fits (the common case), a second for the rest."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.buffer = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        head = len(data).to_bytes(8, "little") + data[: MESSAGE_BYTES - 8]
+        self.buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        dist.broadcast(self.buffer, src=0, group=self.group)
+        if len(data) > MESSAGE_BYTES - 8:
+            rest = torch.frombuffer(bytearray(data[MESSAGE_BYTES - 8:]), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+
+    def recv(self) -> Any:
+        dist.broadcast(self.buffer, src=0, group=self.group)
+        raw = self.buffer.numpy().tobytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = raw[8: 8 + min(size, MESSAGE_BYTES - 8)]
+        if size > MESSAGE_BYTES - 8:
+            rest = torch.empty(size - (MESSAGE_BYTES - 8), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)

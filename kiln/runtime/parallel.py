@@ -1,0 +1,163 @@
+"""Multi-rank engines, SPMD: every rank holds the whole engine (scheduler, KV block
+manager, output processing) and a model runner for its slice, and applies the same calls
+in the same order. Rank 0 takes the user's calls; the ones that change engine state
+(add, abort, step, logits, close) are sent to the other ranks just before rank 0 applies
+them, so a step's message is usually just "step" (new requests ride along). Sampled
+tokens are broadcast from rank 0 inside the step (model_runner), so every rank's host
+state stays identical without trusting kernels to be bitwise reproducible across ranks.
+Each rank keeps CUDA graphs and overlap scheduling: nothing is pickled per request and
+nothing waits on a per-step round trip to rank 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from kiln.distributed import launch
+from kiln.distributed.comm import set_tp_group
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+class Mirror:
+    """Rank 0's end: queues state-changing calls and sends them with the next one that
+    needs the workers (step, logits, close)."""
+
+    def __init__(self, ctx: launch.RankContext, workers: list[Any]) -> None:
+        self.ctx = ctx
+        self.channel = launch.Channel(ctx.commands)
+        self.workers = workers
+        self.pending: list[tuple] = []
+        self.closed = False
+
+    def record(self, event: tuple) -> None:
+        self.pending.append(event)
+
+    def send(self, event: tuple) -> None:
+        events, self.pending = [*self.pending, event], []
+        self.channel.send(events)
+
+    def lost_rank(self, wait: float = 2.0) -> str | None:
+        """Why a collective failed, if a worker process is gone (waiting briefly: the
+        error can reach us before the process is reaped)."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, worker in enumerate(self.workers, start=1):
+                if not worker.is_alive():
+                    return f"kiln: worker rank {rank} died (exit code {worker.exitcode}); " \
+                           "the engine cannot continue"
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        workers = list(self.workers)
+        self.workers.clear()  # in place: the watcher holds this list and stops watching
+        try:
+            self.send(("close",))
+            dist.barrier(group=self.ctx.commands)
+        except Exception:  # a worker already gone: nothing left to tell
+            pass
+        for worker in workers:
+            worker.join(timeout=30)
+        set_tp_group(None)
+        dist.destroy_process_group()
+
+
+def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
+                                                                     | None]:
+    """Join (or create) this engine's ranks. Returns the rank's context and, on rank 0,
+    the mirror; a rank other than 0 under a launcher runs the worker loop and exits."""
+    env = launch.launcher_rank()
+    if env is not None:
+        rank, env_world, local_rank = env
+        if env_world != world:
+            from kiln.errors import KilnError
+
+            raise KilnError(f"{engine.engine_dir} is built for {world} ranks (tp x pp), but "
+                            f"the launcher started {env_world}; launch {world} processes")
+        ctx = launch.join(rank, world, local_rank, device_type)
+        if rank != 0:
+            return ctx, None
+        mirror = Mirror(ctx, [])
+        atexit.register(mirror.close)
+        return ctx, mirror
+    port = launch.free_port()
+    workers = launch.spawn(world, _spawned_worker,
+                           (world, port, str(engine.engine_dir), engine.runtime))
+    ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln")
+    mirror = Mirror(ctx, workers)
+    launch.watch(mirror.workers, engine.fail)
+    atexit.register(mirror.close)
+    return ctx, mirror
+
+
+def abort_collectives() -> None:
+    """Make collectives that wait on a lost rank fail now rather than at their timeout."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None and dist.is_initialized():
+            abort()
+    except Exception:  # best effort: the caller has already recorded the failure
+        log.debug("aborting the process group failed", exc_info=True)
+
+
+def _spawned_worker(rank: int, world: int, port: int, engine_dir: str,
+                    runtime: RuntimeConfig) -> None:
+    from kiln.runtime.engine import LLMEngine
+
+    launch.die_with_parent()
+    device_type = "cuda" if runtime.device.startswith("cuda") or (
+        runtime.device == "auto" and _cuda()) else "cpu"
+    ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln")
+    try:
+        engine = LLMEngine(Path(engine_dir), runtime, rank_context=ctx)
+        run_worker(engine)
+    except Exception:
+        log.exception("worker rank %d failed", rank)
+        sys.stderr.flush()
+        os._exit(1)
+    # Interpreter teardown with gloo's threads alive can abort; nothing is left to free.
+    os._exit(0)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_worker(engine: LLMEngine) -> None:
+    """Replay rank 0's calls until it closes the engine."""
+    channel = launch.Channel(engine.rank_context.commands)
+    while True:
+        for event in channel.recv():
+            kind = event[0]
+            if kind == "add":
+                _, token_ids, params, request_id, seed_base = event
+                engine.add_request(token_ids, params, request_id, seed_base=seed_base)
+            elif kind == "abort":
+                engine.abort(event[1])
+            elif kind == "step":
+                engine.step()
+            elif kind == "logits":
+                engine.sequence_logits(event[1])
+            elif kind == "close":
+                dist.barrier(group=engine.rank_context.commands)
+                set_tp_group(None)
+                dist.destroy_process_group()
+                return

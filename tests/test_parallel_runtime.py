@@ -1,0 +1,178 @@
+"""Multi-rank engines as users start them, over real gloo process groups on the CPU:
+kiln's own spawned workers, torchrun on two "nodes" of one machine, the server, and what
+happens when a rank dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.build import build
+from kiln.config import BuildConfig
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from tests.test_runtime import make_prompts, run_all
+from tests.test_serve_support import tiny_chat_checkpoint
+
+CFG = dict(dtype="float32", max_seq_len=256, max_batch_size=16, max_num_tokens=512)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    hf = tiny_chat_checkpoint()
+    return {tp: build(hf, root / f"tp{tp}", BuildConfig(**CFG, tp_size=tp), progress=False)
+            for tp in (1, 2)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tp2_engine_matches_single_rank_with_staggered_arrivals(engines, overlap):
+    """Requests arriving at different steps, chunked prefill (a 24-token budget), greedy
+    and seeded sampling, with and without overlap scheduling: rank 0 mirrors every call
+    and the ranks stay in lockstep, so the tokens are the single-rank engine's."""
+    prompts = make_prompts(10, seed=5)
+    arrivals = [0, 0, 1, 2, 2, 3, 5, 8, 8, 13]
+    runtime = dict(device="cpu", max_num_tokens=24, overlap_scheduling=overlap)
+    for params in (SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7,
+                                  ignore_eos=True)):
+        want = run_all(LLMEngine(engines[1], RuntimeConfig(**runtime)), prompts, params,
+                       arrivals)
+        engine = LLMEngine(engines[2], RuntimeConfig(**runtime))
+        try:
+            assert run_all(engine, prompts, params, arrivals) == want
+        finally:
+            engine.close()
+
+
+def test_tp2_unseeded_sampling_and_abort(engines):
+    """An unseeded request draws the same seed on every rank (rank 0 sends it); an abort
+    reaches the workers, and the engine goes on."""
+    llm = LLM(engines[2], device="cpu")
+    try:
+        engine = llm.engine
+        keep = engine.add_request([5, 6, 7], SamplingParams(max_tokens=6, temperature=1.0))
+        gone = engine.add_request([8, 9], SamplingParams(max_tokens=50, ignore_eos=True))
+        engine.step()
+        engine.abort(gone)
+        finished = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                finished[out.request_id] = out
+        assert set(finished) == {keep} and len(finished[keep].outputs[0].token_ids) >= 1
+        out = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0))[0]
+        assert len(out.token_ids) == 4
+    finally:
+        llm.engine.close()
+
+
+RUN = ["-m", "kiln", "run", "--prompt", "Hello there", "--max-tokens", "8", "--device", "cpu"]
+
+
+def test_torchrun_two_nodes_give_single_rank_tokens(engines):
+    """Two torchrun "nodes" of one process each (c10d rendezvous on loopback): rank 0
+    prints what the single-rank engine prints."""
+    single = subprocess.run([sys.executable, *RUN[:3], str(engines[1]), *RUN[3:]],
+                            capture_output=True, text=True, timeout=120, env=ENV)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                f"127.0.0.1:{port}", "--rdzv-id", "kiln-test", "--max-restarts", "0"]
+    nodes = [subprocess.Popen([*torchrun, *RUN[:3], str(engines[2]), *RUN[3:]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for _ in range(2)]
+    results = [node.communicate(timeout=180) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [r[1][-2000:] for r in results]
+    texts = [out for out, _ in results if out.strip()]
+    assert texts == [single.stdout]  # one node printed (rank 0), the same text
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from kiln import LLM, SamplingParams
+    llm = LLM(sys.argv[1], device="cpu")
+    print("ready", flush=True)
+    while True:
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=4))
+        time.sleep(0.05)
+""")
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_dead_worker_stops_rank_0_with_a_message(engines):
+    proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(engines[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = [p for p in _children(proc.pid)
+                   if "spawn" in open(f"/proc/{p}/cmdline").read()]
+        assert workers
+        os.kill(workers[0], signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 10
+        assert proc.returncode == 1
+        assert "worker rank 1 died" in stderr
+    finally:
+        proc.kill()
+
+
+def test_kiln_serve_tp2_answers_and_turns_unhealthy_when_a_worker_dies(engines):
+    import openai
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(engines[2]), "--port",
+                             str(port), "--device", "cpu", "--served-model-name", "tp2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        reply = client.completions.create(model="tp2", prompt="Hello", max_tokens=5,
+                                          temperature=0)
+        assert reply.usage.completion_tokens == 5
+        workers = [p for p in _children(proc.pid)
+                   if "spawn" in open(f"/proc/{p}/cmdline").read()]
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").status_code != 503:
+            assert time.monotonic() < deadline, "/health stayed 200"
+            time.sleep(0.2)
+        refused = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": "Hi",
+                                                             "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
