@@ -2,7 +2,7 @@
 # Everything kiln checks and measures on a GPU, in one device call.
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
-# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only.
+# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs.
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -13,15 +13,18 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for spec in $stages; do
   echo "=== $spec"; start=$(date +%s)
-  Q=""; tag=""; stage=$spec
+  tag=""; stage=$spec
+  Q="--max-seq-len 2048"
   case $spec in
-    fp8:*) Q="--quantization fp8 --kv-cache-dtype fp8"; tag="-fp8"; stage=${spec#fp8:} ;;
-    fp8w:*) Q="--quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
-    kv8:*) Q="--kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
+    fp8:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8"; tag="-fp8"; stage=${spec#fp8:} ;;
+    fp8w:*) Q="$Q --quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
+    kv8:*) Q="$Q --kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
+    tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
   esac
   case $stage in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
+             tests/test_gpu_parallel.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;

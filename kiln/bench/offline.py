@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--num-requests", type=int, default=1 if latency else 256)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=16384)
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="engine limit (default: input + output length); one value lets "
+                   "several runs share one built engine")
     p.add_argument("--kv-fraction", type=float, default=0.9,
                    help="fraction of free GPU memory for the KV cache")
     p.add_argument("--compare-hf", action="store_true",
@@ -44,8 +48,9 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
 
     max_seq_len = args.input_len + args.output_len + 16
     build_cfg = build_config_from_args(args, max_batch_size=args.max_batch_size,
-                                       max_seq_len=max(max_seq_len, 256),
-                                       max_num_tokens=args.max_num_tokens)
+                                       max_seq_len=args.max_seq_len or max(max_seq_len, 256),
+                                       max_num_tokens=args.max_num_tokens,
+                                       tp_size=args.tp_size)
     if args.random_config:
         from kiln.build import build
         from kiln.checkpoint.random import RandomCheckpoint
@@ -54,8 +59,9 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         ckpt = RandomCheckpoint(args.random_config)
         quant = "" if build_cfg.quantization in ("auto", "none") else f"-{build_cfg.quantization}"
         kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
+        tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
         engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
-                                                f"{quant}{kv}-{build_cfg.max_seq_len}")
+                                                f"{quant}{kv}{tp}-{build_cfg.max_seq_len}")
         if not (engine_dir / "engine.json").exists():
             started = time.perf_counter()
             build(ckpt, engine_dir, build_cfg)
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
         "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,
+        "tp_size": engine.config.build.tp_size,
         "kv_cache": {"dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
                      "blocks": engine.kv.num_blocks,
                      "tokens": engine.kv.num_blocks * engine.config.build.block_size},
