@@ -7,7 +7,9 @@ bit fields (no round-to-nearest-even on ties, a carry out of the mantissa corrup
 exponent, subnormals and saturation wrong), so the worker routes every conversion that
 involves tl.float8e4nv through torch's (correct, RNE) conversion. The interpreted tests
 therefore check the kernels' logic (scales, clamps, int8 rounding, paging, masks); the
-GPU tests below check the hardware conversion (cvt.rn.satfinite) byte for byte.
+GPU tests below check the hardware conversion (cvt.rn.satfinite) byte for byte. The
+attention kernels read e4m3 with integer ops only (float16 bits of value * 2^-8, no
+float conversion): test_e4m3_bits checks that decoding for every code.
 
     pytest tests/test_kernels_kvquant.py            # CPU, interpreter
     pytest -m gpu tests/test_kernels_kvquant.py     # CUDA, Llama-3.1-8B shapes
@@ -251,6 +253,39 @@ def check_functional(cache_dtype: torch.dtype) -> None:
     cpu._close("functional decode", decode, dec_ref, 1e-5, 1e-5)
 
 
+def check_e4m3_bits() -> None:
+    """Every e4m3 code but NaN, read as float16 bits by the attention kernels' integer
+    conversion, is exactly its value * 2^-8 (signed zeros and subnormals included): one
+    value per op (e4m3_bytes, head_dim % 4 != 0) and four per int32 word (load_kv_words,
+    every byte position of a word)."""
+    import triton
+    import triton.language as tl
+
+    from kiln.kernels import paged
+
+    # The interpreter runs a kernel's source in its module's globals (no closures); this
+    # runs in the worker only, after TRITON_INTERPRET is set.
+    globals().update(tl=tl, paged=paged)
+
+    @triton.jit
+    def kernel(cache_ptr, bytes_ptr, words_ptr, ROWS: tl.constexpr, D: tl.constexpr):
+        offs = tl.arange(0, ROWS)[:, None] * D + tl.arange(0, D)[None, :]
+        tl.store(bytes_ptr + offs, paged.e4m3_bytes(tl.load(cache_ptr + offs), tl.float16))
+        rows = tl.arange(0, ROWS)
+        tl.store(words_ptr + offs, paged.load_kv_words(cache_ptr, rows * D, rows < ROWS,
+                                                       tl.float16, ROWS, D, D, False))
+
+    codes = torch.arange(256, dtype=torch.int32)
+    codes = torch.cat([codes, codes.roll(1), codes.roll(2), codes.roll(3)]).to(torch.uint8)
+    cache = codes.view(FP8)
+    out = [torch.full((len(codes),), float("nan"), dtype=torch.float16) for _ in range(2)]
+    kernel[(1,)](cache, *out, ROWS=len(codes) // 16, D=16)
+    finite = (codes & 0x7F) != 0x7F
+    want = (cache.float() * 2.0 ** -8).to(torch.float16)[finite]
+    for name, got in zip(("e4m3_bytes", "load_kv_words"), out):
+        _equal_bytes(name, got[finite], want)
+
+
 def check_scale_arguments() -> None:
     """A 1-byte cache without (well-formed) scales is refused on the host; a 16-bit cache
     ignores them."""
@@ -292,7 +327,8 @@ def test_decode_attention(interp, dtype, atol, rtol, cache_dtype, heads, kv_head
 @CACHE_DTYPES
 @pytest.mark.parametrize("dtype,atol,rtol", [ATTN_F32, ATTN_F16], ids=["f32", "f16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_m,block_n", [
-    (8, 2, 64, 16, 16), (3, 3, 80, None, None), (4, 2, 42, 16, 32)])
+    (8, 2, 64, 16, 16), (3, 3, 80, None, None), (4, 2, 42, 16, 32),
+    (8, 2, 64, None, None)])  # 33 tokens x 4 heads: BLOCK_M 128, prefill_config's BLOCK_N
 def test_prefill_attention(interp, dtype, atol, rtol, cache_dtype, heads, kv_heads, head_dim,
                            block_m, block_n) -> None:
     interp(check_prefill, dtype, atol, rtol, cache_dtype, heads, kv_heads, head_dim, block_m,
@@ -306,6 +342,10 @@ def test_functional_dispatch(interp, cache_dtype) -> None:
 
 def test_scale_arguments(interp) -> None:
     interp(check_scale_arguments)
+
+
+def test_e4m3_bits(interp) -> None:
+    interp(check_e4m3_bits)
 
 
 # ---- GPU tests (Llama-3.1-8B shapes) -----------------------------------------------------
@@ -326,8 +366,11 @@ def _close_to_f32(name: str, out: torch.Tensor, expected: torch.Tensor, v_q: tor
     Beyond float32, the kernel rounds only p (for the p @ v MMA) and the output to bf16,
     2^-9 relative each, so |error| <= 2^-9 (max |V| + |out|); allowed: 2^-7 max |V| +
     2^-8 |out| (a torch model of the kernel's numerics at these shapes stays <= 3.4e-3
-    max |V|). The bf16 reference is no oracle here: it rounds value * scale to bf16 before
-    SDPA and lands up to 0.09 from float32 where the kernel stays within 0.02.
+    max |V|). With an e4m3 cache both products run in float16 (q: bf16 -> fp16 exact at
+    these magnitudes; K, V: exact bit patterns of value * 2^-8), p is rounded to 2^-11
+    instead, so the same bound holds with room. The bf16 reference is no oracle here: it
+    rounds value * scale to bf16 before SDPA and lands up to 0.09 from float32 where the
+    kernel stays within 0.02.
     """
     vmax = ref.dequantize_kv(v_q, v_scale, torch.float32).abs().max().item()
     gpu._close(name, out.float(), expected, atol=2.0 ** -7 * vmax, rtol=2.0 ** -8)

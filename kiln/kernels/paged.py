@@ -37,9 +37,13 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
     l' = l * 2^(m - m') + sum_n p;  acc' = acc * 2^(m - m') + p @ v
     MASK drops keys >= n_end; CAUSAL also drops keys after each query's position q_pos.
-    1-byte caches are converted to q's dtype as stored (exact for e4m3 and |int8| <= 127 in
-    16/32-bit floats): the kernels fold k_scale into qk_scale and v_scale into the output.
-    A 1-byte V tile is read as 32-bit words (load_v_words) when head_dim % 4 == 0.
+    q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
+    run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 as
+    value * 2^-8 built from its bits with integer ops (load_kv_words, e4m3_bytes; the
+    hardware's e4m3 -> bf16 path is two quarter-rate cvt per value). The kernels fold
+    k_scale into qk_scale and v_scale into the output, both times 2^8 for e4m3 (kv_scale).
+    A 1-byte tile is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V
+    always, K for e4m3. A 16-bit cache compiles to the same code as before any of this.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -53,7 +57,17 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     else:
         kt_mask = d_ok[:, None]
         v_mask = d_ok[None, :]
-    kt = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)
+    FP8: tl.constexpr = k_cache_ptr.dtype.element_ty == tl.float8e4nv
+    WORDS: tl.constexpr = (k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
+                           and HEAD_DIM % 4 == 0)
+    if FP8 and WORDS:
+        k = load_kv_words(k_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
+                          HEAD_DIM, MASK)
+        kt = tl.trans(k)
+    else:
+        kt = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)
+        if FP8:
+            kt = e4m3_bytes(kt, q.dtype)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if MASK:
         keep = n_ok[None, :]
@@ -64,47 +78,109 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    V_WORDS: tl.constexpr = (v_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
-                             and HEAD_DIM % 4 == 0)
-    if V_WORDS:
-        v = load_v_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
-                         HEAD_DIM, MASK)
+    if WORDS:
+        v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
+                          HEAD_DIM, MASK)
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
+        if FP8:
+            v = e4m3_bytes(v, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _word_byte(w, J: tl.constexpr, dtype: tl.constexpr, FP8: tl.constexpr):
-    """Byte J (little-endian: the value at d = 4i + J) of int32 words w, as `dtype`."""
-    if FP8:
-        b = ((w >> (8 * J)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    else:
-        b = ((w << (24 - 8 * J)) >> 24).to(tl.int8)  # arithmetic shift: sign extended
+def e4m3_bytes(x, dtype: tl.constexpr):
+    """e4m3 values x (any shape) as `dtype` values x * 2^-8, exactly, with integer ops.
+
+    The e4m3 byte s eeee mmm read as float16 bits s 0eeee mmm 0000000 (sign to bit 15,
+    the other seven bits shifted up by 7) is its value * 2^-8: float16's exponent bias
+    is 15 = 7 + 8 and its subnormals reach 2^-24, below e4m3's least, 2^-9 * 2^-8. So
+    normals and subnormals map exactly (448 -> 1.75); NaN (s 1111 111) does not stay NaN,
+    and a KV cache never holds it (the writers saturate to +-448).
+    """
+    b = x.to(tl.uint8, bitcast=True).to(tl.uint32)
+    bits = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(dtype)
+
+
+@triton.jit
+def _e4m3_pairs(x):
+    """uint32 x with e4m3 bytes in bits 8-15 and 24-31 -> the float16 bits of both (each
+    value * 2^-8, see e4m3_bytes), low and high halves: two values per integer op."""
+    return (x & 0x80008000) | ((x >> 1) & 0x3F803F80)
+
+
+@triton.jit
+def _half(x, HIGH: tl.constexpr, dtype: tl.constexpr):
+    """The float16 in the low or high 16 bits of uint32 x, as `dtype`."""
+    if HIGH:
+        x = x >> 16
+    return x.to(tl.uint16).to(tl.float16, bitcast=True).to(dtype)
+
+
+@triton.jit
+def _word_byte(w, J: tl.constexpr, dtype: tl.constexpr):
+    """Byte J (little-endian: the value at d = 4i + J) of int8 words w, as `dtype`."""
+    b = ((w << (24 - 8 * J)) >> 24).to(tl.int8)  # arithmetic shift: sign extended
     return b.to(dtype)
 
 
 @triton.jit
-def load_v_words(v_cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
-    """V tile [BLOCK_N, BLOCK_D] of a 1-byte cache as `dtype`, read as int32 words.
+def load_kv_words(cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
+    """Tile [BLOCK_N, BLOCK_D] of a 1-byte cache as `dtype`, read as int32 words; e4m3
+    values come scaled by 2^-8 (see e4m3_bytes).
 
-    The V operand of p @ v is reduced over tokens, which are not contiguous in the cache;
-    left as bytes, the compiler feeds it to the MMA one shared-memory byte load per value.
-    Here each word (4 consecutive d) is split into its bytes in registers and the four
-    planes interleaved back, so the tile reaches the MMA as 16-bit values.
+    An operand reduced over tokens (V in p @ v), which are not contiguous in the cache,
+    left as bytes is fed to the MMA one shared-memory byte load per value. Here each word
+    (4 consecutive d) is split in registers and the four planes interleaved back, so the
+    tile reaches the MMA as 16-bit values. e4m3 (K too, transposed by the caller): two
+    float16 bit patterns per integer op (_e4m3_pairs on w << 8: d = 4i, 4i + 2; on w:
+    4i + 1, 4i + 3), about two integer ops per value in all.
     """
     offs_w = tl.arange(0, BLOCK_D // 4)
-    words = v_cache_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    words = cache_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     w_mask = offs_w[None, :] < HEAD_DIM // 4
     if MASK:
         w_mask = n_ok[:, None] & w_mask
     w = tl.load(words + (kv_off // 4)[:, None] + offs_w[None, :], mask=w_mask, other=0)
-    FP8: tl.constexpr = v_cache_ptr.dtype.element_ty == tl.float8e4nv
-    v = tl.join(tl.join(_word_byte(w, 0, dtype, FP8), _word_byte(w, 2, dtype, FP8)),
-                tl.join(_word_byte(w, 1, dtype, FP8), _word_byte(w, 3, dtype, FP8)))
-    return tl.reshape(v, [BLOCK_N, BLOCK_D])  # [n, i, k, s] holds d = 4i + 2k + s
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        u = w.to(tl.uint32, bitcast=True)
+        even = _e4m3_pairs(u << 8)
+        odd = _e4m3_pairs(u)
+        x = tl.join(tl.join(_half(even, False, dtype), _half(even, True, dtype)),
+                    tl.join(_half(odd, False, dtype), _half(odd, True, dtype)))
+    else:
+        x = tl.join(tl.join(_word_byte(w, 0, dtype), _word_byte(w, 2, dtype)),
+                    tl.join(_word_byte(w, 1, dtype), _word_byte(w, 3, dtype)))
+    return tl.reshape(x, [BLOCK_N, BLOCK_D])  # [n, i, k, s] holds d = 4i + 2k + s
+
+
+@triton.jit
+def kv_query(q, k_cache_ptr):
+    """q as the attention products take it: float16 for an e4m3 cache when q is 16-bit
+    (the e4m3 tiles are built as float16 bits), else as is (a float32 model keeps exact
+    products, the tiles converted float16 -> float32 exactly).
+
+    Caveat: bfloat16 -> float16 is exact for 2^-14 <= |q| <= 65504; smaller |q| round to
+    a multiple of 2^-24 (absolute error <= 2^-25, nothing next to the scores), but
+    |q| > 65504 would become inf. Queries of real models (post-RoPE, before the softmax
+    scale) stay orders of magnitude below that.
+    """
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and q.dtype.primitive_bitwidth == 16:
+        q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
+def kv_scale(k_cache_ptr, scale_ptr, kv_head):
+    """The factor a 1-byte cache's values take back: scale[kv_head], times 2^8 for e4m3
+    (whose tiles come as value * 2^-8)."""
+    s = tl.load(scale_ptr + kv_head)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        s = s * 256.0
+    return s
 
 
 def dot_precision(dtype: object) -> str:
@@ -130,8 +206,9 @@ def kv_scale_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.T
         assert k_cache.element_size() > 1, f"unsupported KV cache dtype {k_cache.dtype}"
         return k_cache, v_cache
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if head_dim % 4 == 0:  # attend_tile reads V as int32 words (load_v_words)
-        assert all(x % 4 == 0 for x in v_cache.stride()[:-1]) and v_cache.data_ptr() % 4 == 0, \
+    if head_dim % 4 == 0:  # attend_tile reads V (and e4m3 K) as int32 words (load_kv_words)
+        assert all(all(x % 4 == 0 for x in c.stride()[:-1]) and c.data_ptr() % 4 == 0
+                   for c in (k_cache, v_cache)), \
             "a 1-byte KV cache with head_dim % 4 == 0 needs 4-byte aligned rows"
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         assert s is not None, f"a {k_cache.dtype} KV cache needs {name}"
