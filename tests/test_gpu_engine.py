@@ -99,7 +99,7 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, tiny_chec
     tests/test_kernels_fp8.py), and a changed sum can flip a later e4m3 rounding. Measured
     on an H200: mean |diff| 0.018 where the scheme itself moves logits by ~0.06. A wrong
     GPU path (scales, layout) errs by the scheme's whole error or more: so the mean must
-    stay under half of it; greedy tokens equal for most prompts."""
+    stay under half of it."""
     from kiln.eval import sequence_logits
 
     folder, _ = tiny_checkpoints["llama"]
@@ -115,8 +115,15 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, tiny_chec
         progress=False), RuntimeConfig(device="cpu"))
     scheme = (sequence_logits(plain, tokens) - want).abs().mean()
     assert (got - want).abs().mean() < 0.5 * scheme
+    # Decode (graphs, overlap, 1-byte KV reads): every token the GPU engine picks is a
+    # near-argmax of the exact CPU reference given the same prefix. (Equal tokens are too
+    # strict on a random tiny model: its logits are nearly flat, so ties are everywhere.)
     prompts = make_prompts(8, seed=3)
-    params = SamplingParams(max_tokens=16, **GREEDY)
-    on_gpu, on_cpu = run_all(gpu, prompts, params), run_all(cpu, prompts, params)
-    same = sum(on_gpu[k] == on_cpu[k] for k in on_cpu)
-    assert same >= 6, same
+    on_gpu = run_all(gpu, prompts, SamplingParams(max_tokens=16, **GREEDY))
+    for i, prompt in enumerate(prompts):
+        tokens = on_gpu[str(i)]
+        assert len(tokens) == 16
+        reference = sequence_logits(cpu, prompt + tokens)
+        for i, token in enumerate(tokens):
+            row = reference[len(prompt) - 1 + i]
+            assert row.max() - row[token] < 0.5
