@@ -75,7 +75,7 @@ class Mirror:
         for worker in workers:
             worker.join(timeout=30)
         set_tp_group(None)
-        dist.destroy_process_group()
+        _destroy_process_group()
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -104,6 +104,25 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close)
     return ctx, mirror
+
+
+def _destroy_process_group(timeout: float = 15.0) -> None:
+    """Tear the process group down, giving up after `timeout`: NCCL's teardown can block
+    when a peer has already left, and a stuck exit is worse than a leaked communicator."""
+    import threading
+
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            log.debug("destroy_process_group failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=destroy, daemon=True, name="kiln-pg-teardown").start()
+    if not done.wait(timeout):
+        log.warning("the process group did not shut down in %.0f s; leaving it", timeout)
 
 
 def abort_collectives() -> None:
@@ -159,5 +178,7 @@ def run_worker(engine: LLMEngine) -> None:
             elif kind == "close":
                 dist.barrier(group=engine.rank_context.commands)
                 set_tp_group(None)
-                dist.destroy_process_group()
+                if engine.rank_context.launcher == "kiln":
+                    return  # the process exits next: nothing to tear down
+                _destroy_process_group()
                 return
