@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.config import add_build_arguments, build_config_from_args
+from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
 from kiln.errors import KilnError
 
 
@@ -33,7 +33,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from kiln.llm import LLM
     from kiln.runtime.request import SamplingParams
 
-    llm = LLM(args.model, build_config_from_args(args), device=args.device)
+    llm = LLM(args.model, build_config_from_args(args), device=args.device,
+              **limits_from_args(args))
     prompt = args.prompt
     if args.chat:
         if llm.tokenizer is None:
@@ -67,11 +68,15 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 # Each module defines add_parser(subparsers) adding its commands with set_defaults(func=...).
-_PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval")
+_PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval", "kiln.resolve",
+                    "kiln.chat")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kiln import __version__
+
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="build a HF folder or GGUF file into an engine dir")
@@ -111,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        from kiln.extras import missing_extra_message
+
+        message = missing_extra_message(e.name)
+        if message is None:
+            raise
+        print(f"kiln: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

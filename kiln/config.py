@@ -184,10 +184,14 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
     g.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
     if limits:
-        g.add_argument("--max-batch-size", type=int, default=64)
-        g.add_argument("--max-seq-len", type=int, default=4096)
-        g.add_argument("--max-num-tokens", type=int, default=8192,
-                       help="token budget of one engine step")
+        # Limits are runtime settings of a built engine (its built max_seq_len is the most
+        # it serves); given here they also size an engine built into the cache.
+        g.add_argument("--max-batch-size", type=int, default=None,
+                       help="sequences per step (default: the engine's, 64 for new builds)")
+        g.add_argument("--max-seq-len", type=int, default=None,
+                       help="prompt + output tokens (default: the engine's, 4096 for new builds)")
+        g.add_argument("--max-num-tokens", type=int, default=None,
+                       help="token budget of one engine step (default: the engine's, 8192)")
         g.add_argument("--tp-size", type=int, default=1)
         g.add_argument("--pp-size", type=int, default=1)
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
@@ -205,8 +209,16 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
     g.add_argument("--calib-seq-len", type=int, default=512)
 
 
+LIMITS = ("max_batch_size", "max_num_tokens", "max_seq_len")
+
+
 def build_config_from_args(args: argparse.Namespace, **overrides: Any) -> BuildConfig:
     """A BuildConfig from the options add_build_arguments added (and `overrides`)."""
     names = {f.name for f in dataclasses.fields(BuildConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
     return BuildConfig(**{**values, **overrides})
+
+
+def limits_from_args(args: argparse.Namespace) -> dict[str, int]:
+    """The runtime limits given on the command line (engine defaults for the rest)."""
+    return {k: getattr(args, k) for k in LIMITS if getattr(args, k, None) is not None}

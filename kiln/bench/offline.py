@@ -69,8 +69,9 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     else:
         engine_dir = resolve_engine(args.model, build_cfg)
     started = time.perf_counter()
-    engine = LLMEngine(engine_dir, RuntimeConfig(device=args.device,
-                                                 kv_cache_memory_fraction=args.kv_fraction))
+    engine = LLMEngine(engine_dir, RuntimeConfig(
+        device=args.device, kv_cache_memory_fraction=args.kv_fraction,
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -230,6 +231,11 @@ def _report(result: dict[str, Any], out: str | None) -> None:
 
 
 def _plot(rows: list[tuple[str, dict]], result: dict[str, Any], path: Path) -> None:
+    from kiln.extras import has, missing_extra_message
+
+    if not has("matplotlib"):
+        print(f"kiln: no plot: {missing_extra_message('matplotlib')}")
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -51,8 +51,11 @@ class RuntimeConfig:
     # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
     # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
     overlap_scheduling: bool | None = None
-    max_batch_size: int | None = None  # None: the build's
-    max_num_tokens: int | None = None  # None: the build's
+    # Runtime limits: an engine serves any of them up to what it was built for, so one
+    # built engine serves every combination (None: the build's).
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None  # at most the built max_seq_len
 
 
 class LLMEngine:
@@ -90,25 +93,30 @@ class LLMEngine:
             self.device = torch.device(device)
             mapping = Mapping()
         self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
-        self.max_seq_len = build.max_seq_len
+        self.max_seq_len = runtime.max_seq_len or build.max_seq_len
+        if self.max_seq_len > build.max_seq_len:
+            raise KilnError(f"max_seq_len {self.max_seq_len} exceeds the {build.max_seq_len} "
+                            f"{self.engine_dir} was built for; rebuild it with --max-seq-len "
+                            f"{self.max_seq_len}")
+        self.max_batch_size = runtime.max_batch_size or build.max_batch_size
         num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
         if world > 1:  # every rank must hold the same pool: the smallest rank decides
             num_blocks = all_reduce_min(num_blocks, self.device)
-        min_blocks = -(-build.max_seq_len // build.block_size)
+        min_blocks = -(-self.max_seq_len // build.block_size)
         if num_blocks < min_blocks:
             raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
-                            f"max_seq_len={build.max_seq_len}; need at least {min_blocks}")
+                            f"max_seq_len={self.max_seq_len}; need at least {min_blocks}")
         max_num_tokens = runtime.max_num_tokens or build.max_num_tokens
-        if not runtime.enable_chunked_prefill and max_num_tokens < build.max_seq_len:
+        if not runtime.enable_chunked_prefill and max_num_tokens < self.max_seq_len:
             raise KilnError(f"without chunked prefill, max_num_tokens ({max_num_tokens}) must "
-                            f"be at least max_seq_len ({build.max_seq_len}) or long prompts "
+                            f"be at least max_seq_len ({self.max_seq_len}) or long prompts "
                             "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
         if runtime.cuda_graphs:
-            self.runner.capture_graphs(runtime.max_batch_size or build.max_batch_size)
+            self.runner.capture_graphs(self.max_batch_size)
         self.scheduler = Scheduler(
-            self.kv, runtime.max_batch_size or build.max_batch_size,
+            self.kv, self.max_batch_size,
             max_num_tokens, runtime.scheduler_policy,
             runtime.enable_chunked_prefill)
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
@@ -155,8 +163,8 @@ class LLMEngine:
         else:
             budget = self.runtime.cpu_kv_cache_bytes
         build = self.config.build
-        wanted = build.max_batch_size * -(-build.max_seq_len // build.block_size)
-        at_least = -(-build.max_seq_len // build.block_size)  # one full-length request
+        wanted = self.max_batch_size * -(-self.max_seq_len // build.block_size)
+        at_least = -(-self.max_seq_len // build.block_size)  # one full-length request
         return max(min(budget // per_block, wanted), at_least)
 
     # ---- requests -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from kiln.config import add_build_arguments, build_config_from_args
+from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)
     llm = AsyncLLM.from_model(args.model, build_config_from_args(args), max_queue=args.max_queue,
-                              device=args.device)
+                              device=args.device, **limits_from_args(args))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes,
                           served_model_name=args.served_model_name, log_level=args.log_level)
