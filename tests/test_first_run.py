@@ -30,8 +30,8 @@ def test_a_missing_extra_is_one_line_naming_it(module, extra, tmp_path):
                              "--concurrency", "1", "--num-prompts", "1"]
     if extra not in commands:  # gpu / plot: checked where they are used, below
         pytest.skip(f"{extra} is reached only on a GPU or when plotting")
-    code = ("import sys; sys.modules[%r] = None; from kiln.cli import main; "
-            "sys.exit(main(%r))" % (module, commands[extra]))
+    code = (f"import sys; sys.modules[{module!r}] = None; from kiln.cli import main; "
+            f"sys.exit(main({commands[extra]!r}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, env={**ENV, "KILN_CACHE": str(tmp_path)})
     if extra == "hf":  # the engine must exist before transformers is needed
