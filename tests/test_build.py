@@ -220,5 +220,7 @@ def test_sharded_engine_writes_every_rank(llama_folder, tmp_path):
     pipelined = build(llama_folder, tmp_path / "pp2", BuildConfig(dtype="float32",
                                                                  max_seq_len=128, pp_size=2),
                       progress=False)
-    with pytest.raises(KilnError, match="tensor parallelism only"):
-        LLM(pipelined, device="cpu")
+    stages = [load_file(str(pipelined / f"rank{r}.safetensors")) for r in range(2)]
+    assert "model.layers.0.mlp.down_proj.weight" in stages[0]  # each stage: its own layers
+    assert "model.layers.1.mlp.down_proj.weight" not in stages[0]
+    assert "model.layers.1.mlp.down_proj.weight" in stages[1]

@@ -30,8 +30,12 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     hf = tiny_chat_checkpoint()
-    return {tp: build(hf, root / f"tp{tp}", BuildConfig(**CFG, tp_size=tp), progress=False)
-            for tp in (1, 2)}
+    out = {tp: build(hf, root / f"tp{tp}", BuildConfig(**CFG, tp_size=tp), progress=False)
+           for tp in (1, 2)}
+    out["pp2"] = build(hf, root / "pp2", BuildConfig(**CFG, pp_size=2), progress=False)
+    out["tp2pp2"] = build(hf, root / "tp2pp2", BuildConfig(**CFG, tp_size=2, pp_size=2),
+                          progress=False)
+    return out
 
 
 def _free_port() -> int:
@@ -58,6 +62,44 @@ def test_tp2_engine_matches_single_rank_with_staggered_arrivals(engines, overlap
             assert run_all(engine, prompts, params, arrivals) == want
         finally:
             engine.close()
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
+def test_pipeline_engines_match_single_rank(engines, layout):
+    """Pipeline stages (2 and, with TP2 inside each, 4 processes): the last stage samples
+    and every rank applies its tokens; logprobs, prompt logprobs and full-sequence logits
+    come back from the last stage to rank 0."""
+    prompts = make_prompts(6, seed=9)
+    arrivals = [0, 0, 1, 3, 4, 6]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1)
+    runtime = RuntimeConfig(device="cpu", max_num_tokens=24)
+    single = LLMEngine(engines[1], runtime)
+    want = run_all(single, prompts, params, arrivals)
+    engine = LLMEngine(engines[layout], runtime)
+    try:
+        assert run_all(engine, prompts, params, arrivals) == want
+        tokens = list(range(5, 60))
+        got_logits = engine.sequence_logits(tokens)
+        assert (got_logits - single.sequence_logits(tokens)).abs().max() < 1e-4
+        one = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=1)
+        a = _finish(engine, [7, 8, 9, 10], one)
+        b = _finish(single, [7, 8, 9, 10], one)
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
+        assert [p and sorted(p) for p in a.prompt_logprobs] == \
+            [p and sorted(p) for p in b.prompt_logprobs]
+    finally:
+        engine.close()
+
+
+def _finish(engine, prompt, params):
+    request_id = engine.add_request(prompt, params)
+    while True:
+        for out in engine.step():
+            if out.request_id == request_id and out.finished:
+                return out
 
 
 def test_tp2_unseeded_sampling_and_abort(engines):

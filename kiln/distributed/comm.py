@@ -35,7 +35,29 @@ def all_reduce_min(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
-    """x as rank 0 of the default group holds it, on every rank (in place)."""
-    dist.broadcast(x, src=0)
+def broadcast_from(x: torch.Tensor, src: int) -> torch.Tensor:
+    """x as global rank `src` holds it, on every rank (in place)."""
+    dist.broadcast(x, src=src)
     return x
+
+
+def broadcast_object_from(obj: object, src: int) -> object:
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def pp_send(tensors: tuple[torch.Tensor, ...], next_rank: int) -> None:
+    """Hand a stage's activations to the same TP rank of the next pipeline stage."""
+    for t in tensors:
+        dist.send(t.contiguous(), dst=next_rank)
+
+
+def pp_recv(like: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device,
+            prev_rank: int) -> tuple[torch.Tensor, ...]:
+    out = []
+    for shape in like:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=prev_rank)
+        out.append(t)
+    return tuple(out)

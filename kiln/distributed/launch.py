@@ -50,8 +50,10 @@ def launcher_rank() -> tuple[int, int, int] | None:
 
 
 def join(rank: int, world: int, local_rank: int, device_type: str,
-         init_method: str = "env://", launcher: str = "torchrun") -> RankContext:
-    """Join the process group (collectives) and a gloo group (step messages)."""
+         init_method: str = "env://", launcher: str = "torchrun",
+         tp_size: int | None = None) -> RankContext:
+    """Join the process group, make each pipeline stage's tensor-parallel group (this
+    rank's becomes the layers' collective group), and a gloo group for step messages."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast (shared hosts)
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     device = torch.device("cpu")
@@ -64,7 +66,14 @@ def join(rank: int, world: int, local_rank: int, device_type: str,
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                             init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(minutes=10))
-    set_tp_group(dist.group.WORLD)
+    tp_size = tp_size or world
+    if tp_size == world:
+        set_tp_group(dist.group.WORLD)
+    else:  # every rank creates every stage's group, in the same order
+        for start in range(0, world, tp_size):
+            group = dist.new_group(list(range(start, start + tp_size)))
+            if start <= rank < start + tp_size:
+                set_tp_group(group)
     commands = dist.new_group(backend="gloo", timeout=timedelta(days=1))
     return RankContext(rank, world, device, commands, launcher)
 

@@ -100,11 +100,19 @@ class DecoderForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.embed_tokens(input_ids)
-        residual = None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states; a pipeline stage before the last takes the previous
+        stage's (hidden, residual) as `intermediate` (none on the first) and returns its own."""
+        if intermediate is None:
+            hidden, residual = self.model.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
         for layer in self.model.layers.values():
             hidden, residual = layer(positions, hidden, residual)
+        if not self.mapping.is_last_pp_rank:
+            return hidden, residual
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

@@ -68,10 +68,6 @@ class LLMEngine:
         self.runtime = runtime = runtime or RuntimeConfig()
         self.config = load_engine_config(self.engine_dir)
         build = self.config.build
-        if build.pp_size > 1:
-            raise KilnError(f"{self.engine_dir} is built for {build.pp_size} pipeline stages; "
-                            "this kiln runs tensor parallelism only so far: rebuild with "
-                            "--pp-size 1")
         device = runtime.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from kiln.build.engine_dir import rank_file
 from kiln.config import EngineConfig
 from kiln.distributed import Mapping
-from kiln.distributed.comm import broadcast_from_first
+from kiln.distributed.comm import broadcast_from, broadcast_object_from, pp_recv, pp_send
 from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
@@ -115,8 +115,8 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch_size: int) -> None:
         """CUDA-graph the decode step for every batch bucket up to max_batch_size."""
-        if self.device.type != "cuda":
-            return
+        if self.device.type != "cuda" or self.mapping.pp_size > 1:
+            return  # pipeline stages talk point to point: eager for now
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, self.block_size,
                                    self.num_blocks, self.device)
@@ -185,18 +185,55 @@ class ModelRunner:
                 self.graphs.can_run(len(sampling), meta.block_tables.shape[1]):
             logits, prompt_lp = self.graphs.run(input_ids, positions, meta), {}
         else:
-            with forward_context(meta):
-                hidden = self.model(input_ids, positions)
-            prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
+            hidden = self._forward(input_ids, positions, meta)
+            prompt_lp = {}
+            if any(e.request.prompt_logprobs is not None for e in out.scheduled):
+                if hidden is not None:
+                    prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
+                if self.mapping.pp_size > 1:
+                    prompt_lp = broadcast_object_from(prompt_lp, self.last_stage_rank)
             if not sampling:
                 return PendingStep([], [], None, None, None, prompt_lp)
-            logits = self.model.compute_logits(hidden[logits_indices])
-        batch = SamplingBatch.from_requests(sampling, logits.shape[-1], self.device)
-        tokens, lp, lp_ids = sample(logits, batch)
-        if self.mapping.world_size > 1:  # every rank's engine applies rank 0's tokens
-            tokens = broadcast_from_first(tokens.contiguous())
+            logits = None if hidden is None else self.model.compute_logits(hidden[logits_indices])
+        vocab = self.engine.model.vocab_size
+        batch = SamplingBatch.from_requests(sampling, vocab, self.device)
+        if logits is not None:
+            tokens, lp, lp_ids = sample(logits, batch)
+        else:  # an earlier pipeline stage: the last one sends the results below
+            tokens = torch.empty(len(sampling), dtype=torch.int64, device=self.device)
+            lp = lp_ids = None
+            if batch.wants_logprobs:
+                lp = torch.empty(len(sampling), batch.max_logprobs + 1, device=self.device)
+                lp_ids = torch.empty(lp.shape, dtype=torch.int64, device=self.device)
+        if self.mapping.world_size > 1:  # every rank's engine applies the same tokens
+            tokens = broadcast_from(tokens.contiguous(), self.last_stage_rank)
+            if lp is not None and self.mapping.pp_size > 1:
+                lp = broadcast_from(lp.contiguous(), self.last_stage_rank)
+                lp_ids = broadcast_from(lp_ids.contiguous(), self.last_stage_rank)
         indices = [r.num_tokens for r in sampling]
         return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp)
+
+    @property
+    def last_stage_rank(self) -> int:
+        """The rank whose sampled tokens every rank applies: TP rank 0 of the last stage."""
+        return (self.mapping.pp_size - 1) * self.mapping.tp_size
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor | None:
+        """Final hidden states on the last pipeline stage, None on the others (which pass
+        their activations on to the next stage)."""
+        m = self.mapping
+        intermediate = None
+        if not m.is_first_pp_rank:
+            hidden_size = self.engine.model.hidden_size
+            shape = (input_ids.shape[0], hidden_size)
+            intermediate = pp_recv((shape, shape), self.dtype, self.device, m.rank - m.tp_size)
+        with forward_context(meta):
+            out = self.model(input_ids, positions, intermediate)
+        if m.is_last_pp_rank:
+            return out
+        pp_send(out, m.rank + m.tp_size)
+        return None
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
                          query_starts: list[int]
@@ -226,8 +263,12 @@ class ModelRunner:
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits of every scheduled token (for perplexity and prompt logprobs)."""
         input_ids, positions, meta, _ = self.prepare(out)
-        with forward_context(meta):
-            return self.model.compute_logits(self.model(input_ids, positions))
+        hidden = self._forward(input_ids, positions, meta)
+        if self.mapping.pp_size == 1:
+            return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden) if hidden is not None else torch.empty(
+            input_ids.shape[0], self.engine.model.vocab_size, device=self.device)
+        return broadcast_from(logits.contiguous(), self.last_stage_rank)
 
 
 def _check_fp8_support(quantization: str, kv_cache_dtype: str, device: torch.device) -> None:

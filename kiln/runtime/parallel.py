@@ -90,16 +90,18 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
 
             raise KilnError(f"{engine.engine_dir} is built for {world} ranks (tp x pp), but "
                             f"the launcher started {env_world}; launch {world} processes")
-        ctx = launch.join(rank, world, local_rank, device_type)
+        ctx = launch.join(rank, world, local_rank, device_type,
+                          tp_size=engine.config.build.tp_size)
         if rank != 0:
             return ctx, None
         mirror = Mirror(ctx, [])
         atexit.register(mirror.close)
         return ctx, mirror
     port = launch.free_port()
+    tp = engine.config.build.tp_size
     workers = launch.spawn(world, _spawned_worker,
-                           (world, port, str(engine.engine_dir), engine.runtime))
-    ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln")
+                           (world, tp, port, str(engine.engine_dir), engine.runtime))
+    ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
     mirror = Mirror(ctx, workers)
     launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close)
@@ -135,14 +137,15 @@ def abort_collectives() -> None:
         log.debug("aborting the process group failed", exc_info=True)
 
 
-def _spawned_worker(rank: int, world: int, port: int, engine_dir: str,
+def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: str,
                     runtime: RuntimeConfig) -> None:
     from kiln.runtime.engine import LLMEngine
 
     launch.die_with_parent()
     device_type = "cuda" if runtime.device.startswith("cuda") or (
         runtime.device == "auto" and _cuda()) else "cpu"
-    ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln")
+    ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln",
+                      tp_size)
     try:
         engine = LLMEngine(Path(engine_dir), runtime, rank_context=ctx)
         run_worker(engine)
