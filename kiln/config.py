@@ -16,7 +16,12 @@ _LLAMA_FAMILY = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    # RMSNorm scales by (1 + w), embeddings by sqrt(hidden), GeGLU (tanh GELU) MLP.
+    "GemmaForCausalLM": {"norm_weight_offset": 1.0, "scale_embeddings": True},
+    # Q/K/V and gate/up come fused in the checkpoint (split at build time).
+    "Phi3ForCausalLM": {},
 }
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh")
 SUPPORTED_ARCHITECTURES = tuple(_LLAMA_FAMILY)
 
 
@@ -42,6 +47,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     hidden_act: str = "silu"
+    norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + w) (Gemma: 1)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
@@ -105,7 +112,9 @@ class ModelConfig:
                 o_bias=bool(hf.get("attention_bias", False)) and not flags.get("qkv_bias"),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
                 qk_norm=bool(flags.get("qk_norm", False)),
-                hidden_act=str(hf.get("hidden_act", "silu")),
+                hidden_act=_activation(arch, hf),
+                norm_weight_offset=float(flags.get("norm_weight_offset", 0.0)),
+                scale_embeddings=bool(flags.get("scale_embeddings", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 sliding_window=window,
@@ -116,9 +125,16 @@ class ModelConfig:
             raise CheckpointError(f"config.json has a field of the wrong type: {e}") from None
 
 
+def _activation(arch: str, hf: dict[str, Any]) -> str:
+    act = str(hf.get("hidden_activation") or hf.get("hidden_act") or "silu")
+    # Gemma's releases say "gelu" but mean the tanh approximation (as transformers does).
+    return "gelu_pytorch_tanh" if arch == "GemmaForCausalLM" and act == "gelu" else act
+
+
 def _arch_from_model_type(model_type: str | None) -> str:
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}
     return by_type.get(model_type or "", f"<model_type={model_type}>")
 
 

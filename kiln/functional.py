@@ -61,6 +61,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return ref.silu_and_mul(x)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU). Torch ops on every device for
+    now: two passes over the activations on a GPU instead of one fused kernel."""
+    return ref.gelu_tanh_and_mul(x)
+
+
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

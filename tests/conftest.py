@@ -23,6 +23,9 @@ ARCH_CONFIGS = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", dict(head_dim=32, hidden_activation="gelu_pytorch_tanh",
+                                  tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
 }
 
 
@@ -34,6 +37,10 @@ def make_hf_model(arch: str, folder: Path, seed: int = 0):
     config = getattr(transformers, cls_name)(**{**TINY, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1 (or 0 in Gemma's 1 + w): make them matter
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
     model.eval()
     model.save_pretrained(folder)
     return model

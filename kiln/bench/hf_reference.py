@@ -17,6 +17,11 @@ _HF_CONFIG = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralC
 def hf_config(cfg: ModelConfig):
     import transformers
 
+    if cfg.architecture not in _HF_CONFIG:
+        from kiln.errors import KilnError
+
+        raise KilnError(f"the transformers comparison supports {', '.join(_HF_CONFIG)}, "
+                        f"not {cfg.architecture}")
     config_cls = getattr(transformers, _HF_CONFIG[cfg.architecture])
     kwargs = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,

@@ -22,6 +22,7 @@ from kiln.build.quantize import QuantPlan, calibrate_checkpoint, plan_quantizati
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
     ACTIVATION_SCHEMES,
+    ACTIVATIONS,
     DTYPES,
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
@@ -60,8 +61,9 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
             f"the model uses sliding-window attention (window {cfg.sliding_window}), which "
             f"kiln does not implement yet; build with --max-seq-len {cfg.sliding_window} "
             "or less, where it equals full attention")
-    if cfg.hidden_act not in ("silu", "swish"):
-        raise BuildError(f"activation {cfg.hidden_act!r} is not supported (only silu)")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise BuildError(f"activation {cfg.hidden_act!r} is not supported "
+                         f"(supported: {', '.join(ACTIVATIONS)})")
 
 
 def build(source: str | Path | Checkpoint, output_dir: str | Path,
@@ -143,6 +145,7 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
     stream = ckpt.tensors() if plan.prequantized is None else \
         plan.prequantized.tensors(ckpt.tensors())
+    stream = (pair for name, tensor in stream for pair in model.split_fused(name, tensor))
     for hf_name, tensor in tqdm(stream, total=ckpt.num_tensors(), desc=desc,
                                 unit="tensor", disable=None if progress else True, leave=False):
         target = model.weight_target(hf_name)

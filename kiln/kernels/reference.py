@@ -31,6 +31,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] on the last dim; returns gelu(gate, tanh approximation) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def rotary(
     x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int
 ) -> torch.Tensor:

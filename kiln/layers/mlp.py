@@ -9,14 +9,17 @@ from kiln.layers.linear import MergedColumnLinear, RowLinear
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one GEMM."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one GEMM; act is SiLU
+    (SwiGLU) or the tanh GELU (GeGLU)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 mapping: Mapping | None = None) -> None:
+                 mapping: Mapping | None = None, act: str = "silu") -> None:
         super().__init__()
+        self.act_and_mul = KF.silu_and_mul if act in ("silu", "swish") else \
+            KF.gelu_tanh_and_mul
         self.gate_up_proj = MergedColumnLinear(hidden_size, [intermediate_size] * 2, bias,
                                                mapping)
         self.down_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(KF.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))

@@ -17,6 +17,8 @@ _REGISTRY = {
     "MistralForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Qwen2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Qwen3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "GemmaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Phi3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

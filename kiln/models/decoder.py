@@ -62,7 +62,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, mapping, max_positions)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
+                            cfg.hidden_act)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +108,9 @@ class DecoderForCausalLM(nn.Module):
         stage's (hidden, residual) as `intermediate` (none on the first) and returns its own."""
         if intermediate is None:
             hidden, residual = self.model.embed_tokens(input_ids), None
+            if self.config.scale_embeddings:  # in the model dtype, as transformers does
+                hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5,
+                                               dtype=hidden.dtype)
         else:
             hidden, residual = intermediate
         for layer in self.model.layers.values():
@@ -139,6 +143,26 @@ class DecoderForCausalLM(nn.Module):
         if hf_name.endswith(("self_attn.k_scale", "self_attn.v_scale")):  # KV-cache scales
             return hf_name.replace("self_attn.", "self_attn.attn."), None
         return hf_name, None
+
+    def split_fused(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """A checkpoint tensor in the per-projection naming the loaders take: fused Q/K/V
+        and gate/up (Phi-3) split, a norm offset (Gemma's 1 + w) folded into the weight."""
+        cfg = self.config
+        if cfg.norm_weight_offset and hf_name.endswith("norm.weight"):
+            return [(hf_name, tensor.float() + cfg.norm_weight_offset)]
+        for fused, parts, sizes in (
+                ("self_attn.qkv_proj.", ("q_proj", "k_proj", "v_proj"),
+                 [cfg.q_size, cfg.kv_size, cfg.kv_size]),
+                ("mlp.gate_up_proj.", ("gate_proj", "up_proj"), [cfg.intermediate_size] * 2)):
+            if fused not in hf_name:
+                continue
+            if tensor.numel() == 1:  # a per-tensor scale applies to every part
+                pieces = [tensor] * len(parts)
+            else:
+                pieces = tensor.split(sizes, dim=0)
+            name = fused.split(".")[1]
+            return [(hf_name.replace(name, part), piece) for part, piece in zip(parts, pieces)]
+        return [(hf_name, tensor)]
 
     def loader_for(self, param: nn.Parameter) -> Callable[..., None]:
         return getattr(param, "weight_loader", default_weight_loader)
