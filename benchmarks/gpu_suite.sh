@@ -9,6 +9,7 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 TQDM_DISABLE=1
 stages=${*:-tests kernels latency throughput}
+T="timeout ${STAGE_TIMEOUT:-300}"  # a hung stage (NCCL teardown) must not eat the run
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for spec in $stages; do
@@ -22,27 +23,27 @@ for spec in $stages; do
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
   esac
   case $stage in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
+    tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
              tests/test_gpu_parallel.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
-    latency-b1) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
+    latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
-    ttft) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
-             --output-len 16 --num-requests 5 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
-    kernels) python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
-    build8b) python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
+    ttft) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+             --output-len 16 --num-requests 1 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
+    kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
+    build8b) $T python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
     profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
-    latency) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+    latency) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;
-    latency-hf) python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+    latency-hf) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
-    throughput) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+    throughput) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
-    throughput-1k) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+    throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
-    throughput-hf) python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+    throughput-hf) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
              --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
     *) echo "unknown stage $stage" ;;
