@@ -61,7 +61,9 @@ class Mirror:
                 return None
             time.sleep(0.05)
 
-    def close(self) -> None:
+    def close(self, exiting: bool = False) -> None:
+        """Stop the workers. At interpreter exit the process group is left to the OS:
+        NCCL's teardown can block once the peers are gone."""
         if self.closed:
             return
         self.closed = True
@@ -75,7 +77,8 @@ class Mirror:
         for worker in workers:
             worker.join(timeout=30)
         set_tp_group(None)
-        _destroy_process_group()
+        if not exiting:
+            _destroy_process_group()
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -95,7 +98,7 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
         if rank != 0:
             return ctx, None
         mirror = Mirror(ctx, [])
-        atexit.register(mirror.close)
+        atexit.register(mirror.close, exiting=True)
         return ctx, mirror
     port = launch.free_port()
     tp = engine.config.build.tp_size
@@ -104,7 +107,7 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
     mirror = Mirror(ctx, workers)
     launch.watch(mirror.workers, engine.fail)
-    atexit.register(mirror.close)
+    atexit.register(mirror.close, exiting=True)
     return ctx, mirror
 
 
