@@ -49,7 +49,8 @@ def _check_error(response: httpx.Response, status: int, *words: str,
     ({"n": 0}, ["n must"], "n"),
     ({"logprobs": 50}, ["logprobs"], "logprobs"),
     ({"seed": 2**64}, ["seed"], "seed"),
-    ({"echo": True}, ["echo"], "echo"),
+    ({"suffix": "end"}, ["suffix"], "suffix"),
+    ({"best_of": 2, "n": 3}, ["best_of", "at least n"], "best_of"),
 ])
 def test_bad_completion_requests(server, body, words, param):
     response = httpx.post(server.v1 + "/completions", json={**GOOD, **body})

@@ -32,6 +32,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +67,12 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+        for token_id, bias in (self.logit_bias or {}).items():
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise RequestError(f"logit_bias keys must be token ids, got {token_id!r}")
+            if not -100 <= bias <= 100:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} "
+                                   f"for token {token_id}")
 
 
 # Stands in request.token_ids for a sampled token still on its way from the device.

@@ -31,6 +31,7 @@ class SamplingBatch:
     all_greedy: bool
     penalties: tuple[torch.Tensor, ...] | None  # see penalty_tensors
     banned: torch.Tensor | None  # [B, V] bool, tokens that may not be sampled
+    bias: torch.Tensor | None  # [B, V] float, logit_bias added to the logits
     wants_logprobs: bool
     max_logprobs: int  # top-n width over the batch
 
@@ -55,6 +56,7 @@ class SamplingBatch:
             all_greedy=all(p.greedy for p in ps),
             penalties=penalty_tensors(requests, vocab_size, device) if needs_penalty else None,
             banned=banned_tokens(requests, vocab_size, device),
+            bias=logit_bias(requests, vocab_size, device),
             wants_logprobs=any(p.logprobs is not None for p in ps),
             max_logprobs=max((p.logprobs or 0) for p in ps),
         )
@@ -96,6 +98,20 @@ def banned_tokens(requests: list[Request], vocab_size: int,
     return _pinned_to(mask, device)
 
 
+def logit_bias(requests: list[Request], vocab_size: int,
+               device: torch.device) -> torch.Tensor | None:
+    """Each request's logit_bias as a dense row (zeros for requests without one)."""
+    if not any(r.params.logit_bias for r in requests):
+        return None
+    bias = torch.zeros(len(requests), vocab_size, dtype=torch.float32)
+    for i, r in enumerate(requests):
+        items = [(t, b) for t, b in (r.params.logit_bias or {}).items() if 0 <= t < vocab_size]
+        if items:
+            ids, values = zip(*items, strict=True)
+            bias[i, list(ids)] = torch.tensor(values, dtype=torch.float32)
+    return _pinned_to(bias, device)
+
+
 def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
@@ -120,6 +136,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
     raw = logits
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
+    if batch.bias is not None:
+        logits = logits + batch.bias
     if batch.banned is not None:
         logits = logits.masked_fill(batch.banned, float("-inf"))
     if batch.all_greedy:

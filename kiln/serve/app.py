@@ -28,6 +28,7 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     served_model_name: str | None = None  # None: from the model's file or folder name
     log_level: str = "info"
+    shutdown_timeout: float = 30.0  # SIGTERM / Ctrl-C: seconds running requests may finish
 
 
 def default_model_name(llm: AsyncLLM) -> str:
@@ -44,17 +45,17 @@ def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     app = FastAPI(title="kiln", version=kiln.__version__)
     metrics = ServerMetrics(llm.stats)
-    app.state.kiln = ServeContext(llm, config.served_model_name or default_model_name(llm),
-                                  metrics, TokenTexts(llm.tokenizer))
+    ctx = app.state.kiln = ServeContext(
+        llm, config.served_model_name or default_model_name(llm), metrics,
+        TokenTexts(llm.tokenizer))
     install_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(kserve.router)
 
     @app.get("/health")
     async def health(ctx: ServeContext = Depends(get_context)) -> Response:
-        alive = ctx.llm.alive
-        return JSONResponse({"status": "ok" if alive else "engine stopped"},
-                            status_code=200 if alive else 503)
+        status = "shutting down" if ctx.draining else "ok" if ctx.llm.alive else "engine stopped"
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus(ctx: ServeContext = Depends(get_context)) -> Response:
@@ -62,6 +63,6 @@ def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
 
     # The last added runs first: count every response, including the guard's refusals.
     app.add_middleware(GuardMiddleware, api_key=config.api_key,
-                       max_body_bytes=config.max_body_bytes)
+                       max_body_bytes=config.max_body_bytes, draining=lambda: ctx.draining)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

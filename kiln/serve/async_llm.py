@@ -188,6 +188,11 @@ class AsyncLLM:
         finally:
             stream.abort()
 
+    def finish_all(self) -> None:
+        """Abort every unfinished request; each stream gets a last output with
+        finish_reason "abort" (the end of a graceful shutdown's drain)."""
+        self._loop.finish_all()
+
     def shutdown(self) -> None:
         """Stop the engine thread; unfinished requests fail with EngineDeadError."""
         self._loop.shutdown()

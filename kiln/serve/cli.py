@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="largest request body accepted (413 above it)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: from the model's file name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM / Ctrl-C: refuse new requests (503) and let running "
+                   "ones finish for up to S seconds, then abort them (default: 30)")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -56,6 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.serve.async_llm import AsyncLLM
     from kiln.serve.server import run_server
 
+    if args.shutdown_timeout < 0:
+        raise KilnError("--shutdown-timeout must be >= 0")
     if args.max_queue is not None and args.max_queue < 1:
         raise KilnError("--max-queue must be at least 1")
     if not _is_loopback(args.host) and not args.api_key:
@@ -65,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               device=args.device, **limits_from_args(args))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes,
-                          served_model_name=args.served_model_name, log_level=args.log_level)
+                          served_model_name=args.served_model_name, log_level=args.log_level,
+                          shutdown_timeout=args.shutdown_timeout)
     try:
         run_server(build_app(llm, config), config)
     finally:

@@ -20,6 +20,11 @@ class ServeContext:
     metrics: ServerMetrics
     tokens: TokenTexts
     created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # a graceful shutdown began: new requests get 503
+
+    @property
+    def ready(self) -> bool:
+        return self.llm.alive and not self.draining
 
     def check_model(self, name: str | None, status: int = 400) -> None:
         """`name` must be the served model's (None means it)."""

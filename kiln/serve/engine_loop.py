@@ -64,6 +64,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_ids: Sequence[str]
+    notify: bool = False  # send each request's last output, finish_reason "abort"
 
 
 _STOP = object()
@@ -95,6 +96,11 @@ class EngineLoop:
     def abort(self, request_ids: Sequence[str]) -> None:
         """End these requests and free their KV blocks; their sink hears nothing more."""
         self._commands.put(_Abort(request_ids))
+
+    def finish_all(self) -> None:
+        """Abort every unfinished request; unlike `abort`, each sink hears a last output
+        with finish_reason "abort" (a server that drains before it stops)."""
+        self._commands.put(_Abort((), notify=True))
 
     def stats(self) -> dict[str, float]:
         """The engine's stats as of the end of its last step (a snapshot, never torn)."""
@@ -148,7 +154,9 @@ class EngineLoop:
                     if isinstance(later, _Add):
                         _call(later.sink.error, dead)
                 return False
-            if isinstance(command, _Abort):
+            if isinstance(command, _Abort) and command.notify:
+                self._finish_all()
+            elif isinstance(command, _Abort):
                 for request_id in command.request_ids:
                     if self._sinks.pop(request_id, None) is not None:
                         self.engine.abort(request_id)
@@ -186,6 +194,14 @@ class EngineLoop:
                     else self._sinks.get(output.request_id))
             if sink is not None:
                 _call(sink.output, output)
+
+    def _finish_all(self) -> None:
+        sinks, self._sinks = self._sinks, {}
+        for request_id, sink in sinks.items():
+            group = self.engine.groups.get(request_id)
+            self.engine.abort(request_id)
+            if group is not None:
+                _call(sink.output, group.output())
 
     def _fail_all(self, error: KilnError) -> None:
         sinks, self._sinks = self._sinks, {}

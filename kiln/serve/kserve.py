@@ -1,5 +1,6 @@
-"""KServe v2 / Triton routes: health, server and model metadata, and Triton's generate
-extension (`/generate`, `/generate_stream`), so Triton clients and load balancers work.
+"""KServe v2 / Triton routes: health, server and model metadata, inference with tensors
+(`/infer`, see kserve_infer.py) and Triton's generate extension (`/generate`,
+`/generate_stream`), so Triton clients and load balancers work.
 
 The model has one version, "1". Errors follow the v2 protocol: `{"error": "message"}`.
 """
@@ -7,18 +8,20 @@ The model has one version, "1". Errors follow the v2 protocol: `{"error": "messa
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 import kiln
+from kiln.errors import RequestError
 from kiln.runtime.request import RequestOutput
 from kiln.serve.context import ServeContext, get_context
 from kiln.serve.deltas import TextDeltas
 from kiln.serve.errors import APIError, api_error
 from kiln.serve.generate_params import INPUTS, OUTPUTS, GenerateInput, parse_generate_request
+from kiln.serve.kserve_infer import InferRequest, infer_response, read_infer_request
 from kiln.serve.metrics import RequestTracker
 from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, until_disconnect
 
@@ -35,7 +38,8 @@ def _model(ctx: ServeContext, name: str, version: str) -> None:
 
 @router.get("")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "kiln", "version": kiln.__version__, "extensions": ["generate"]}
+    return {"name": "kiln", "version": kiln.__version__,
+            "extensions": ["generate", "binary_tensor_data"]}
 
 
 @router.get("/health/live")
@@ -45,8 +49,8 @@ async def live() -> dict[str, Any]:
 
 @router.get("/health/ready")
 async def ready(ctx: ServeContext = Depends(get_context)) -> Response:
-    alive = ctx.llm.alive
-    return JSONResponse({"ready": alive}, status_code=200 if alive else 503)
+    ready = ctx.ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get("/models/{name}")
@@ -67,17 +71,18 @@ async def model_metadata(name: str, version: str = VERSION,
 async def model_ready(name: str, version: str = VERSION,
                       ctx: ServeContext = Depends(get_context)) -> Response:
     _model(ctx, name, version)
-    alive = ctx.llm.alive
-    return JSONResponse({"name": name, "ready": alive}, status_code=200 if alive else 503)
+    ready = ctx.ready
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
-async def _start(ctx: ServeContext, name: str, version: str, body: Any, route: str
-                 ) -> tuple[GenerateInput, Any, RequestTracker]:
+async def _start(ctx: ServeContext, name: str, version: str, parse: Callable[[], Any],
+                 route: str) -> tuple[GenerateInput, Any, RequestTracker]:
+    """Check the model, parse the request (`parse` -> GenerateInput), submit it."""
     request_id = f"gen-{uuid.uuid4().hex}"
     tracker = ctx.metrics.track(request_id, route)
     try:
         _model(ctx, name, version)
-        parsed = parse_generate_request(body)
+        parsed = parse()
         stream = await ctx.llm.submit([(parsed.text, parsed.params, request_id)])
     except BaseException as e:
         tracker.finish("error", str(e))
@@ -85,16 +90,9 @@ async def _start(ctx: ServeContext, name: str, version: str, body: Any, route: s
     return parsed, stream, tracker
 
 
-def _reply(ctx: ServeContext, text: str, **extra: Any) -> dict[str, Any]:
-    return {"model_name": ctx.model_name, "model_version": VERSION, "text_output": text,
-            **extra}
-
-
-@router.post("/models/{name}/generate")
-@router.post("/models/{name}/versions/{version}/generate")
-async def generate(name: str, request: Request, body: Any = Body(...), version: str = VERSION,
-                   ctx: ServeContext = Depends(get_context)) -> Any:
-    parsed, stream, tracker = await _start(ctx, name, version, body, "/v2/models/{name}/generate")
+async def _whole(request: Request, stream: Any, tracker: RequestTracker
+                 ) -> RequestOutput | None | Response:
+    """The final output of a request that is answered in one piece (or a 499 response)."""
 
     async def consume() -> RequestOutput | None:
         last = None
@@ -113,17 +111,67 @@ async def generate(name: str, request: Request, body: Any = Body(...), version: 
     finally:
         stream.abort()
     tracker.finish("ok")
+    return output
+
+
+def _reply(ctx: ServeContext, text: str, **extra: Any) -> dict[str, Any]:
+    return {"model_name": ctx.model_name, "model_version": VERSION, "text_output": text,
+            **extra}
+
+
+@router.post("/models/{name}/generate")
+@router.post("/models/{name}/versions/{version}/generate")
+async def generate(name: str, request: Request, body: Any = Body(...), version: str = VERSION,
+                   ctx: ServeContext = Depends(get_context)) -> Any:
+    parsed, stream, tracker = await _start(ctx, name, version,
+                                           lambda: parse_generate_request(body),
+                                           "/v2/models/{name}/generate")
+    output = await _whole(request, stream, tracker)
+    if isinstance(output, Response):
+        return output
     text = output.text if output else ""
     if not parsed.exclude_input_in_output:
         text = parsed.text + text
     return _reply(ctx, text, finish_reason=output.finish_reason if output else None)
 
 
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(name: str, request: Request, version: str = VERSION,
+                ctx: ServeContext = Depends(get_context)) -> Response:
+    infer_request: InferRequest | None = None
+
+    def parse() -> GenerateInput:
+        nonlocal infer_request
+        infer_request = read_infer_request(
+            body, request.headers.get("inference-header-content-length"))
+        parsed = parse_generate_request(infer_request.values)
+        if parsed.stream:
+            raise RequestError("stream is not supported by infer; use generate_stream")
+        return parsed
+
+    body = await request.body()
+    parsed, stream, tracker = await _start(ctx, name, version, parse,
+                                           "/v2/models/{name}/infer")
+    output = await _whole(request, stream, tracker)
+    if isinstance(output, Response):
+        return output
+    assert infer_request is not None
+    text = output.text if output else ""
+    if not parsed.exclude_input_in_output:
+        text = parsed.text + text
+    content, headers = infer_response(ctx.model_name, VERSION, infer_request.id, text,
+                                      output.finish_reason if output else None,
+                                      infer_request.binary_output)
+    return Response(content, headers=headers)
+
+
 @router.post("/models/{name}/generate_stream")
 @router.post("/models/{name}/versions/{version}/generate_stream")
 async def generate_stream(name: str, body: Any = Body(...), version: str = VERSION,
                           ctx: ServeContext = Depends(get_context)) -> EventStreamResponse:
-    parsed, stream, tracker = await _start(ctx, name, version, body,
+    parsed, stream, tracker = await _start(ctx, name, version,
+                                           lambda: parse_generate_request(body),
                                            "/v2/models/{name}/generate_stream")
     deltas = TextDeltas(parsed.params.stop)
 

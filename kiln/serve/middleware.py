@@ -1,4 +1,4 @@
-"""ASGI middleware: API key, request body size limit, HTTP status counting.
+"""ASGI middleware: API key, request body size limit, draining, HTTP status counting.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would put streamed
 responses through an extra task and hide client disconnects from the routes.
@@ -7,6 +7,7 @@ responses through an extra task and hide client disconnects from the routes.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,16 +40,24 @@ async def _send_error(scope: Scope, send: Send, status: int, message: str,
 
 
 class GuardMiddleware:
-    """Rejects requests without the API key (401) and bodies over `max_body_bytes` (413)."""
+    """Rejects requests without the API key (401), bodies over `max_body_bytes` (413),
+    and, while the server drains before it stops, every new request but probes and
+    /metrics (503; the probes answer 503 themselves)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.draining() and not _is_open(scope["path"]) and scope["path"] != "/metrics":
+            await _send_error(scope, send, 503, "the server is shutting down",
+                              "shutting_down", [(b"connection", b"close")])
             return
         headers = dict(scope.get("headers", ()))
         if self.api_key and not _is_open(scope["path"]) and not self._authorized(headers):

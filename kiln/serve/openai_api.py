@@ -10,7 +10,11 @@ from kiln.serve.context import ServeContext, get_context
 from kiln.serve.engine_loop import Prompt
 from kiln.serve.openai_call import start_call
 from kiln.serve.openai_chat import chat_prompt, check_chat_request, respond_chat
-from kiln.serve.openai_completions import completion_prompts, respond_completion
+from kiln.serve.openai_completions import (
+    completion_prompts,
+    engine_choices,
+    respond_completion,
+)
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 router = APIRouter()
@@ -34,8 +38,10 @@ def _model_card(ctx: ServeContext) -> ModelCard:
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request,
                             ctx: ServeContext = Depends(get_context)) -> Any:
+    best_of, logprobs, prompt_logprobs = engine_choices(body)
     call = await start_call(ctx, "/v1/completions", "cmpl", body,
-                            lambda: completion_prompts(body), body.max_tokens, body.logprobs)
+                            lambda: completion_prompts(body), body.max_tokens, logprobs,
+                            best_of, prompt_logprobs)
     return await respond_completion(ctx, call, body, request)
 
 

@@ -63,16 +63,23 @@ class Call:
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-                    logprobs: int | None) -> SamplingParams:
-    """The engine's parameters; raises RequestError (400) on bad values."""
+                    logprobs: int | None, n: int | None = None,
+                    prompt_logprobs: int | None = None, vocab_size: int | None = None
+                    ) -> SamplingParams:
+    """The engine's parameters; raises RequestError (400) on bad values. `n` overrides
+    the body's (best_of candidates)."""
+    n = body.n if n is None else n
     # Checked here because a bad value would fail the engine step of the whole batch.
-    if body.seed is not None and not -_INT64 <= body.seed < _INT64 - max(body.n, 1):
+    if body.seed is not None and not -_INT64 <= body.seed < _INT64 - max(n, 1):
         raise APIError(400, "seed must fit in 64 bits", param="seed")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+                       param="prompt_logprobs")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
-        n=body.n, max_tokens=max_tokens,
+        n=n, max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
         repetition_penalty=body.repetition_penalty,
@@ -80,29 +87,59 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs)
+        include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size))
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int | None
+               ) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias} as {int: float}; ids in the vocabulary, bias in
+    [-100, 100]."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}",
+                           param="logit_bias") from None
+        if token_id < 0 or (vocab_size is not None and token_id >= vocab_size):
+            raise APIError(400, f"logit_bias: token id {token_id} is not in the vocabulary "
+                           f"(0 to {(vocab_size or 1) - 1})", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {value} for "
+                           f"token {token_id}", param="logit_bias")
+        out[token_id] = float(value)
+    return out
 
 
 async def start_call(ctx: ServeContext, route: str, prefix: str,
                      body: CompletionRequest | ChatCompletionRequest,
                      make_prompts: Callable[[], list[Prompt]], max_tokens: int | None,
-                     logprobs: int | None) -> Call:
-    """Check the request, make its prompts, submit it; every failure is logged."""
+                     logprobs: int | None, n: int | None = None,
+                     prompt_logprobs: int | None = None) -> Call:
+    """Check the request, make its prompts, submit it; every failure is logged. `n`: the
+    engine's choices per prompt when not the body's (best_of)."""
     call_id = f"{prefix}-{uuid.uuid4().hex}"
     tracker = ctx.metrics.track(call_id, route)
     try:
         ctx.check_model(body.model)
         prompts = make_prompts()
-        if body.n < 1 or len(prompts) * body.n > MAX_CHOICES:
-            raise APIError(400, f"n must be in [1, {MAX_CHOICES // len(prompts)}]", param="n")
-        params = sampling_params(body, max_tokens, logprobs)
+        n = body.n if n is None else n
+        if body.n < 1 or len(prompts) * n > MAX_CHOICES:
+            param = "n" if n == body.n else "best_of"
+            raise APIError(400, f"{param} must be in [1, {MAX_CHOICES // len(prompts)}]",
+                           param=param)
+        params = sampling_params(body, max_tokens, logprobs, n, prompt_logprobs,
+                                 ctx.llm.engine.config.model.vocab_size)
         group = [(prompt, params, f"{call_id}-{p}") for p, prompt in enumerate(prompts)]
         stream = await ctx.llm.submit(group)
     except BaseException as e:
         tracker.finish("error", str(e))
         raise
-    states = [ChoiceState(i, TextDeltas(params.stop)) for i in range(len(prompts) * body.n)]
-    return Call(call_id, int(time.time()), ctx.model_name, body.n, stream, tracker,
+    states = [ChoiceState(i, TextDeltas(params.stop)) for i in range(len(prompts) * n)]
+    return Call(call_id, int(time.time()), ctx.model_name, n, stream, tracker,
                 {rid: p for p, (_, _, rid) in enumerate(group)}, states)
 
 

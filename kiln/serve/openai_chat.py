@@ -30,8 +30,6 @@ def check_chat_request(body: ChatCompletionRequest) -> None:
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise APIError(400, "only response_format {'type': 'text'} is supported",
                        param="response_format")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 

@@ -1,4 +1,11 @@
-"""/v1/completions: prompts in, text (or text chunks) out."""
+"""/v1/completions: prompts in, text (or text chunks) out.
+
+`echo` puts the prompt before each choice's text (and, with `logprobs`, the prompt
+tokens' logprobs before the generated ones, the first being null, as OpenAI does).
+`best_of` asks the engine for best_of candidates per prompt and returns the n with the
+highest cumulative logprob. `prompt_logprobs` (vLLM's extension) adds each prompt
+token's logprob and the top-n alternatives, keyed by token id.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +18,25 @@ from kiln.serve.context import ServeContext
 from kiln.serve.engine_loop import Prompt
 from kiln.serve.errors import APIError
 from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
-from kiln.serve.openai_output import ChoiceState, completion_logprobs, usage
+from kiln.serve.openai_output import (
+    ChoiceState,
+    completion_logprobs,
+    echo_logprobs,
+    prompt_logprobs,
+    usage,
+)
 from kiln.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 
 
 def completion_prompts(body: CompletionRequest) -> list[Prompt]:
     """The request's prompts (text or token ids); rejects what kiln does not support."""
-    if body.echo:
-        raise APIError(400, "echo is not supported", param="echo")
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    if body.best_of is not None and body.best_of < body.n:
+        raise APIError(400, f"best_of must be at least n ({body.n}), got {body.best_of}",
+                       param="best_of")
+    if body.best_of is not None and body.best_of > body.n and body.stream:
+        raise APIError(400, "best_of cannot be used with stream", param="best_of")
     prompt = body.prompt
     if isinstance(prompt, str):
         return [prompt]
@@ -35,16 +47,54 @@ def completion_prompts(body: CompletionRequest) -> list[Prompt]:
     return [p if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[misc]
 
 
+def engine_choices(body: CompletionRequest) -> tuple[int, int | None, int | None]:
+    """(candidates per prompt, engine logprobs, engine prompt logprobs) for this request;
+    completion_prompts has checked best_of."""
+    best_of = max(body.n, body.best_of or 0)
+    logprobs = body.logprobs
+    if best_of > body.n and logprobs is None:
+        logprobs = 0  # the ranking needs each candidate's cumulative logprob
+    wanted = [v for v in (body.prompt_logprobs,
+                          body.logprobs if body.echo else None) if v is not None]
+    return best_of, logprobs, max(wanted) if wanted else None
+
+
+def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    if len(completions) <= n:
+        return sorted(completions, key=lambda c: c.index)
+    return sorted(completions, key=lambda c: -(c.cumulative_logprob or 0.0))[:n]
+
+
 async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequest,
                              request: Request) -> Any:
     top_n = body.logprobs
 
-    def choice(completion: CompletionOutput, state: ChoiceState, text: str,
-               positions: range) -> CompletionChoice:
-        logprobs = (completion_logprobs(ctx.tokens, completion, positions, top_n, state)
-                    if top_n is not None and positions else None)
+    def prompt_text(output: RequestOutput) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        tokenizer = ctx.llm.tokenizer
+        return tokenizer.decode(output.prompt_token_ids) if tokenizer is not None else ""
+
+    def choice(output: RequestOutput, completion: CompletionOutput, state: ChoiceState,
+               text: str, positions: range, first: bool) -> CompletionChoice:
+        """`first`: the choice's first piece, which carries the echo and prompt logprobs."""
+        logprobs = None
+        if first and body.echo:
+            text = prompt_text(output) + text
+            if top_n is not None:
+                logprobs = echo_logprobs(ctx.tokens, output, top_n, state)
+        if top_n is not None and positions:
+            generated = completion_logprobs(ctx.tokens, completion, positions, top_n, state)
+            if logprobs is None:
+                logprobs = generated
+            else:
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(logprobs, name).extend(getattr(generated, name))
+        prompt_lps = (prompt_logprobs(ctx.tokens, output, body.prompt_logprobs)
+                      if first and body.prompt_logprobs is not None else None)
         return CompletionChoice(index=state.index, text=text, logprobs=logprobs,
-                                finish_reason=completion.finish_reason)
+                                finish_reason=completion.finish_reason,
+                                prompt_logprobs=prompt_lps)
 
     def response(choices: list[CompletionChoice], counts: tuple[int, int] | None = None
                  ) -> CompletionResponse:
@@ -58,7 +108,8 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
             if new is None:
                 return []
             text, positions = new
-            return [response([choice(completion, state, text, positions)])]
+            first, state.opened = not state.opened, True
+            return [response([choice(output, completion, state, text, positions, first)])]
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         usage_chunk = (lambda p, c: response([], (p, c))) if include_usage else None
@@ -67,7 +118,11 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
     finals = await collect(call, request)
     if finals is None:
         return disconnected_response()
-    choices = [choice(completion, state, completion.text, range(len(completion.token_ids)))
-               for output in finals for completion, state in call.choices(output)]
+    choices = []
+    for output in finals:
+        base = call.prompt_of[output.request_id] * body.n
+        for i, completion in enumerate(_best(output.outputs, body.n)):
+            choices.append(choice(output, completion, ChoiceState(base + i), completion.text,
+                                  range(len(completion.token_ids)), True))
     choices.sort(key=lambda c: c.index)
     return response(choices, call.usage_counts(finals))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kiln.runtime.request import CompletionOutput
+from kiln.runtime.request import CompletionOutput, RequestOutput
 from kiln.serve.deltas import TextDeltas
 from kiln.serve.protocol import (
     ChatLogprobs,
     CompletionLogprobs,
+    PromptLogprob,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -25,6 +26,7 @@ class ChoiceState:
     sent_tokens: int = 0
     text_offset: int = 0  # of the next token, for completions logprobs
     finished_sent: bool = False  # n > 1: a finished choice is repeated in later outputs
+    opened: bool = False  # a stream has sent this choice's first chunk
 
     def advance(self, completion: CompletionOutput, finished: bool) -> tuple[str, range]:
         """The text and the token positions that are new since the last call."""
@@ -71,6 +73,43 @@ def completion_logprobs(tokens: TokenTexts, completion: CompletionOutput, positi
         out.text_offset.append(state.text_offset)
         state.text_offset += len(text)
     return out
+
+
+def echo_logprobs(tokens: TokenTexts, output: RequestOutput, top_n: int,
+                  state: ChoiceState) -> CompletionLogprobs:
+    """The prompt tokens in completions logprobs (`echo`): the first has no logprob."""
+    out = CompletionLogprobs()
+    entries = output.prompt_logprobs or []
+    for i, token_id in enumerate(output.prompt_token_ids):
+        entry = entries[i] if i < len(entries) else None
+        text = tokens.text(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(entry.get(token_id) if entry else None)
+        top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n] if entry else None
+        out.top_logprobs.append({tokens.text(t): v for t, v in top} if top is not None
+                                else None)
+        out.text_offset.append(state.text_offset)
+        state.text_offset += len(text)
+    return out
+
+
+def prompt_logprobs(tokens: TokenTexts, output: RequestOutput, top_n: int
+                    ) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, its logprob and the top_n others."""
+    rows: list[dict[str, PromptLogprob] | None] = []
+    entries = output.prompt_logprobs or []
+    for i, token_id in enumerate(output.prompt_token_ids):
+        entry = entries[i] if i < len(entries) else None
+        if not entry:
+            rows.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        rank = {t: r for r, (t, _) in enumerate(ranked[:top_n], 1)}
+        keep = [token_id, *(t for t, _ in ranked[:top_n] if t != token_id)]
+        rows.append({str(t): PromptLogprob(logprob=entry[t], rank=rank.get(t),
+                                           decoded_token=tokens.text(t))
+                     for t in keep if t in entry})
+    return rows
 
 
 def chat_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: range,

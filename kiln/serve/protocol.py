@@ -51,6 +51,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # extension (vLLM): top-n logprobs of prompt tokens
 
 
 class TextPart(BaseModel):
@@ -93,11 +94,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one entry of `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token; None: not among the top-n
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # Extension (vLLM): per prompt token (the first has none), token id -> logprob.
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -1,16 +1,27 @@
-"""Run the app under uvicorn: in the foreground (`kiln serve`) or in a background thread."""
+"""Run the app under uvicorn: in the foreground (`kiln serve`) or in a background thread.
+
+`kiln serve` stops gracefully. The first SIGTERM or Ctrl-C starts a drain: the listener
+stays open but every new request gets 503 (`/health` and the readiness probes too), while
+the running ones go on for up to `shutdown_timeout` seconds. Then whatever still runs is
+aborted: each of its responses ends normally with finish_reason "abort". Then uvicorn
+stops. A second signal ends the drain at once. The exit status is 0 after SIGTERM, and
+130 after Ctrl-C (as `kiln run` reports an interrupt).
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 import time
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from kiln.serve.app import ServerConfig
+from kiln.serve.context import ServeContext
 
 
 def configure_logging(level: str) -> None:
@@ -29,10 +40,59 @@ def _uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
                           access_log=False, timeout_graceful_shutdown=5)
 
 
+log = logging.getLogger("kiln.serve")
+
+_ABORT_GRACE_S = 5.0  # after the abort: time for the streams to send their last chunks
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a stop signal first drains the app's requests (see the module doc)."""
+
+    def __init__(self, config: uvicorn.Config, context: ServeContext,
+                 shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.context = context
+        self.shutdown_timeout = shutdown_timeout
+        self._deadline: float | None = None  # set when the drain starts
+        self._aborted_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:  # drained already: uvicorn's own (a second Ctrl-C forces)
+            if sig == signal.SIGINT:
+                super().handle_exit(sig, frame)
+            return
+        if sig == signal.SIGINT and sig not in self._captured_signals:
+            self._captured_signals.append(sig)  # re-raised after shutdown: exit status 130
+        if self._deadline is None:
+            self.context.draining = True
+            self._deadline = time.monotonic() + self.shutdown_timeout
+            log.info("kiln: shutting down: %d requests running, waiting up to %gs for "
+                     "them (send the signal again to stop now)",
+                     self.context.llm.num_unfinished, self.shutdown_timeout)
+        else:
+            self._deadline = min(self._deadline, time.monotonic())
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._deadline is not None and not self.should_exit:
+            self.should_exit = self._drained()
+        return await super().on_tick(counter)
+
+    def _drained(self) -> bool:
+        llm, now = self.context.llm, time.monotonic()
+        if llm.num_unfinished == 0 or not llm.alive:
+            return True
+        if self._aborted_at is None and now >= (self._deadline or now):
+            log.info("kiln: shutdown timeout: aborting %d requests", llm.num_unfinished)
+            llm.finish_all()
+            self._aborted_at = now
+        return self._aborted_at is not None and now >= self._aborted_at + _ABORT_GRACE_S
+
+
 def run_server(app: FastAPI, config: ServerConfig) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    """Serve until stopped (Ctrl-C / SIGTERM), draining running requests first."""
     configure_logging(config.log_level)
-    uvicorn.Server(_uvicorn_config(app, config)).run()
+    DrainingServer(_uvicorn_config(app, config), app.state.kiln,
+                   config.shutdown_timeout).run()
 
 
 class ServerThread:
