@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip freeze | grep -iE '^(torch|transformers|huggingface[-_]hub|numpy)==' \
 		> $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt loguru datasets \
-		'auto-round>=0.14.1,<=0.15.1' nvidia-ml-py
+		'auto-round>=0.14.1,<=0.15.1' nvidia-ml-py 'rouge-score==0.1.2' 'lm-eval==0.4.13'
 	touch $@
 
 run: setup
