@@ -28,8 +28,8 @@ def test_a_missing_extra_is_one_line_naming_it(module, extra, tmp_path):
     if module == "httpx":  # the HTTP client of `kiln bench serving`
         commands["serve"] = ["bench", "serving", "--url", "http://127.0.0.1:9",
                              "--concurrency", "1", "--num-prompts", "1"]
-    if extra not in commands:  # gpu / plot: checked where they are used, below
-        pytest.skip(f"{extra} is reached only on a GPU or when plotting")
+    if extra not in commands:  # gpu / plot below; eval in tests/test_eval_*
+        pytest.skip(f"the {extra} extra is checked by its own feature's tests")
     code = (f"import sys; sys.modules[{module!r}] = None; from kiln.cli import main; "
             f"sys.exit(main({commands[extra]!r}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
