@@ -20,8 +20,11 @@ _LLAMA_FAMILY = {
     "GemmaForCausalLM": {"norm_weight_offset": 1.0, "scale_embeddings": True},
     # Q/K/V and gate/up come fused in the checkpoint (split at build time).
     "Phi3ForCausalLM": {},
+    # LayerNorm with bias, a plain (not gated) GELU MLP, biases everywhere (use_bias).
+    "Starcoder2ForCausalLM": {"norm_type": "layernorm", "gated_mlp": False,
+                              "bias_key": "use_bias"},
 }
-ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh")
+ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 SUPPORTED_ARCHITECTURES = tuple(_LLAMA_FAMILY)
 
 
@@ -48,6 +51,8 @@ class ModelConfig:
     qk_norm: bool = False
     hidden_act: str = "silu"
     norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + w) (Gemma: 1)
+    norm_type: str = "rmsnorm"  # or "layernorm" (with bias)
+    gated_mlp: bool = True  # down(act(gate) * up); False: down(act(up)) (c_fc / c_proj)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -82,6 +87,7 @@ class ModelConfig:
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         flags = _LLAMA_FAMILY[arch]
+        bias_key = flags.get("bias_key", "attention_bias")
         try:
             num_heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])
@@ -104,17 +110,22 @@ class ModelConfig:
                 num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
                 head_dim=int(head_dim),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rms_norm_eps=float(hf.get("norm_epsilon", 1e-5)
+                                   if flags.get("norm_type") == "layernorm"
+                                   else hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=bool(flags.get("qkv_bias", hf.get("attention_bias", False))),
-                o_bias=bool(hf.get("attention_bias", False)) and not flags.get("qkv_bias"),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
+                qkv_bias=bool(flags.get("qkv_bias", hf.get(bias_key, False))),
+                o_bias=bool(hf.get(bias_key, False)) and not flags.get("qkv_bias"),
+                mlp_bias=bool(hf.get("mlp_bias", hf.get(bias_key, False) if bias_key ==
+                                     "use_bias" else False)),
                 qk_norm=bool(flags.get("qk_norm", False)),
                 hidden_act=_activation(arch, hf),
                 norm_weight_offset=float(flags.get("norm_weight_offset", 0.0)),
                 scale_embeddings=bool(flags.get("scale_embeddings", False)),
+                norm_type=str(flags.get("norm_type", "rmsnorm")),
+                gated_mlp=bool(flags.get("gated_mlp", True)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 sliding_window=window,
@@ -134,7 +145,8 @@ def _activation(arch: str, hf: dict[str, Any]) -> str:
 def _arch_from_model_type(model_type: str | None) -> str:
     by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}
+               "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
+               "starcoder2": "Starcoder2ForCausalLM"}
     return by_type.get(model_type or "", f"<model_type={model_type}>")
 
 

@@ -61,6 +61,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return ref.silu_and_mul(x)
 
 
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim (torch's kernel on every device)."""
+    return torch.nn.functional.layer_norm(x, weight.shape, weight, bias, eps)
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    return torch.nn.functional.gelu(x, approximate=approximate)
+
+
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU). Torch ops on every device for
     now: two passes over the activations on a GPU instead of one fused kernel."""

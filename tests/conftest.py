@@ -26,6 +26,8 @@ ARCH_CONFIGS = {
     "gemma": ("GemmaConfig", dict(head_dim=32, hidden_activation="gelu_pytorch_tanh",
                                   tie_word_embeddings=True)),
     "phi3": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=None, use_bias=True,
+                                            norm_epsilon=1e-5)),
 }
 
 
@@ -39,7 +41,7 @@ def make_hf_model(arch: str, folder: Path, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 (or 0 in Gemma's 1 + w): make them matter
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "norm.bias")):
                 param.add_(torch.randn_like(param) * 0.1)
     model.eval()
     model.save_pretrained(folder)

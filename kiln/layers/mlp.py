@@ -5,7 +5,7 @@ from torch import nn
 
 from kiln import functional as KF
 from kiln.distributed import Mapping
-from kiln.layers.linear import MergedColumnLinear, RowLinear
+from kiln.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
 
 
 class GatedMLP(nn.Module):
@@ -23,3 +23,17 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+
+
+class PlainMLP(nn.Module):
+    """c_proj(act(c_fc(x))): the ungated MLP of GPT-style models (HF names kept)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 mapping: Mapping | None = None, act: str = "gelu_pytorch_tanh") -> None:
+        super().__init__()
+        self.c_fc = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
+        self.c_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
+        self.approximate = "none" if act == "gelu" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(KF.gelu(self.c_fc(x), self.approximate))

@@ -19,6 +19,7 @@ _REGISTRY = {
     "Qwen3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "GemmaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Phi3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Starcoder2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

@@ -13,11 +13,13 @@ from kiln.layers import (
     Attention,
     GatedMLP,
     LMHead,
+    PlainMLP,
     QKVLinear,
     RMSNorm,
     RotaryEmbedding,
     RowLinear,
     VocabEmbedding,
+    make_norm,
 )
 from kiln.layers.linear import default_weight_loader
 
@@ -59,11 +61,13 @@ class DecoderAttention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DecoderAttention(cfg, mapping, max_positions)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
-                            cfg.hidden_act)
+        self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                  cfg.rms_norm_eps)
+        mlp = GatedMLP if cfg.gated_mlp else PlainMLP
+        self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
+                       cfg.hidden_act)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +89,7 @@ class DecoderBody(nn.Module):
             str(i): DecoderLayer(cfg, mapping, max_positions)
             for i in mapping.pp_layers(cfg.num_layers)
         })
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DecoderForCausalLM(nn.Module):
