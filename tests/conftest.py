@@ -84,3 +84,41 @@ def smollm2_engine(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "engine"
     return build(smollm2_gguf(), out, BuildConfig(dtype="float32", max_seq_len=2048,
                                                   max_batch_size=16), progress=False)
+
+
+# ---- serving: one server per test module, the engine's own answers to compare with ----
+SERVE_PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A kiln server (uvicorn on 127.0.0.1) over the tiny chat engine; a module that
+    needs other server options defines its own `server`."""
+    from tests.test_serve_support import serve
+
+    with serve() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The served engine run in-process: what the server's answers must equal."""
+    from kiln import LLM
+    from tests.test_serve_support import tiny_chat_engine
+
+    return LLM(tiny_chat_engine(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def greedy_text(reference):
+    from kiln import SamplingParams
+
+    return reference.generate(SERVE_PROMPT, SamplingParams(max_tokens=8,
+                                                           temperature=0))[0].text

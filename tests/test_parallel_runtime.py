@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,9 +17,10 @@ import pytest
 from kiln import LLM, SamplingParams
 from kiln.build import build
 from kiln.config import BuildConfig
+from kiln.distributed.launch import free_port
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from tests.test_runtime import make_prompts, run_all
-from tests.test_serve_support import tiny_chat_checkpoint
+from tests.test_serve_support import start_kiln_serve, tiny_chat_checkpoint
 
 CFG = dict(dtype="float32", max_seq_len=256, max_batch_size=16, max_num_tokens=512)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -37,11 +37,6 @@ def engines(tmp_path_factory):
                           progress=False)
     return out
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -132,7 +127,7 @@ def test_torchrun_two_nodes_give_single_rank_tokens(engines):
     single = subprocess.run([sys.executable, *RUN[:3], str(engines[1]), *RUN[3:]],
                             capture_output=True, text=True, timeout=120, env=ENV)
     assert single.returncode == 0, single.stderr
-    port = _free_port()
+    port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                 f"127.0.0.1:{port}", "--rdzv-id", "kiln-test", "--max-restarts", "0"]
@@ -182,22 +177,8 @@ def test_a_dead_worker_stops_rank_0_with_a_message(engines):
 def test_kiln_serve_tp2_answers_and_turns_unhealthy_when_a_worker_dies(engines):
     import openai
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(engines[2]), "--port",
-                             str(port), "--device", "cpu", "--served-model-name", "tp2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_kiln_serve(engines[2], "--served-model-name", "tp2", env=ENV)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         reply = client.completions.create(model="tp2", prompt="Hello", max_tokens=5,
                                           temperature=0)

@@ -112,14 +112,13 @@ def test_schemes_cost_little_perplexity(results):
 def test_fp8_engine_runs_and_serves(results):
     """What a user does with the FP8 + FP8-KV engine: `kiln run`, and `kiln serve` answering
     the openai client."""
-    import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
 
     import openai
+
+    from tests.test_serve_support import start_kiln_serve
 
     engine_dir = str(ENGINES["fp8 W8A8 + fp8 KV"])
     run = subprocess.run([sys.executable, "-m", "kiln.cli", "run", engine_dir, "--prompt",
@@ -127,27 +126,11 @@ def test_fp8_engine_runs_and_serves(results):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Paris" in run.stdout
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", engine_dir, "--port",
-                             str(port), "--device", "cpu", "--served-model-name", "smol-fp8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ))
+    proc, url = start_kiln_serve(engine_dir, "--served-model-name", "smol-fp8")
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                               max_retries=0)
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                reply = client.completions.create(model="smol-fp8", max_tokens=8,
-                                                  prompt="The capital of France is",
-                                                  temperature=0)
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        reply = client.completions.create(model="smol-fp8", max_tokens=8, temperature=0,
+                                          prompt="The capital of France is")
         assert "Paris" in reply.choices[0].text
     finally:
         proc.send_signal(signal.SIGINT)

@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
-from tests.test_serve_support import MODEL, tiny_chat_engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.test_serve_support import MODEL, start_kiln_serve, tiny_chat_engine
 
 
 def test_kiln_serve_subprocess():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "KILN_API_KEY": "k"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "serve", str(tiny_chat_engine()), "--port",
-         str(port), "--served-model-name", MODEL, "--device", "cpu", "--max-queue", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, url = start_kiln_serve(tiny_chat_engine(), "--served-model-name", MODEL,
+                                 "--max-queue", "4", env={"KILN_API_KEY": "k"})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401  # the key from $KILN_API_KEY
         reply = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
                            json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).json()

@@ -8,25 +8,12 @@ import json
 import httpx
 import pytest
 
-from kiln import LLM, SamplingParams
-from tests.test_serve_support import MODEL, serve, tiny_chat_engine
+from tests.test_serve_support import MODEL
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def greedy_text():
-    llm = LLM(tiny_chat_engine(), device="cpu")
-    return llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))[0].text
+from tests.conftest import SERVE_PROMPT as PROMPT  # noqa: E402
 
 
 def test_tritonclient_health_and_metadata(server):

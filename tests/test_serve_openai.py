@@ -8,29 +8,13 @@ import asyncio
 import openai
 import pytest
 
-from kiln import LLM, SamplingParams
-from tests.test_serve_support import MODEL, serve, tiny_chat_engine
+from kiln import SamplingParams
+from tests.test_serve_support import MODEL
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
 CHAT = [{"role": "system", "content": "You are terse."},
         {"role": "user", "content": "Name a colour."}]
 GREEDY = dict(temperature=0, max_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return LLM(tiny_chat_engine(), device="cpu")
 
 
 def test_models(client):

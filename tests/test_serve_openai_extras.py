@@ -8,30 +8,13 @@ import concurrent.futures
 import math
 
 import httpx
-import openai
 import pytest
 
-from kiln import LLM, SamplingParams
-from tests.test_serve_support import MODEL, serve, tiny_chat_engine
+from kiln import SamplingParams
+from tests.conftest import SERVE_PROMPT as PROMPT
+from tests.test_serve_support import MODEL
 
-PROMPT = "The capital of France is"
 GREEDY = dict(temperature=0, max_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with serve() as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return LLM(tiny_chat_engine(), device="cpu")
 
 
 def test_echo_prepends_prompt(client, reference):

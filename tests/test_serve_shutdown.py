@@ -4,17 +4,14 @@ refuses new ones with 503, aborts what is left at --shutdown-timeout, and exits 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 
-from tests.test_serve_cli import _free_port
-from tests.test_serve_support import MODEL, tiny_chat_engine
+from tests.test_serve_support import MODEL, start_kiln_serve, tiny_chat_engine
 
 # 4 choices x 200 tokens: a few seconds of work for the tiny model on a CPU.
 N = 4
@@ -23,23 +20,8 @@ LONG = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "
 
 
 def _start(*args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiln.cli", "serve", str(tiny_chat_engine()), "--port",
-         str(port), "--served-model-name", MODEL, "--device", "cpu", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})  # steadier on a busy machine
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
+    return start_kiln_serve(tiny_chat_engine(), "--served-model-name", MODEL, *args,
+                            env={"OMP_NUM_THREADS": "1"})  # steadier on a busy machine
 
 
 class _Stream(threading.Thread):

@@ -8,7 +8,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +81,33 @@ def serve(engine_dir: Path | None = None, max_queue: int | None = None,
             yield Served(server.url, llm)
     finally:
         llm.shutdown()
+
+
+def start_kiln_serve(engine: Path | str, *args: str, env: dict | None = None,
+                     timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`kiln serve ENGINE` as a user starts it: a subprocess on a free loopback port,
+    returned once /health answers 200 (with the server's URL)."""
+    import httpx
+
+    from kiln.distributed.launch import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln", "serve", str(engine), "--port", url.rsplit(":", 1)[1],
+         "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.2)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln import LLM, SamplingParams
 from kiln.cli import main
 from kiln.serve.generate_params import INPUTS
+from tests.conftest import SERVE_PROMPT as PROMPT
 from tests.test_serve_support import tiny_chat_engine, wait_until
 
-PROMPT = "The capital of France is"
 FINAL = 1
 
 
@@ -136,12 +135,6 @@ def model(repo, monkeypatch_module):
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
-
-
-@pytest.fixture(scope="module")
-def greedy_text():
-    llm = LLM(tiny_chat_engine(), device="cpu")
-    return llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))[0].text
 
 
 def test_repository_layout(repo):

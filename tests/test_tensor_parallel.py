@@ -4,7 +4,6 @@ a tp=2 engine's two ranks together give the single-rank engine's logits."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,10 @@ import torch.multiprocessing as mp
 
 from kiln.build import build
 from kiln.config import BuildConfig
+from kiln.distributed.launch import free_port
 
 TOKENS = list(range(3, 40))
 CFG = dict(dtype="float32", max_seq_len=128)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _logits(runner, kv, request, num_new: int) -> torch.Tensor:
@@ -72,7 +66,7 @@ def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path)
     folder, _ = tiny_checkpoints[arch]
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False)
     result = tmp_path / "logits.pt"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(engine_tp2), str(result)),
+    mp.start_processes(_rank_main, args=(2, free_port(), str(engine_tp2), str(result)),
                        nprocs=2, join=True, start_method="spawn")
     got = torch.load(result)
     single = LLMEngine(build(folder, tmp_path / "tp1", BuildConfig(**CFG), progress=False),
@@ -112,7 +106,7 @@ def test_tp2_fp8_engine(kv, tiny_checkpoints, tmp_path):
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **fp8),
                        progress=False)
     result = tmp_path / "logits.pt"
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(engine_tp2), str(result)),
+    mp.start_processes(_rank_main, args=(2, free_port(), str(engine_tp2), str(result)),
                        nprocs=2, join=True, start_method="spawn")
     got = torch.load(result)["prefill"]
 
