@@ -131,7 +131,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3fn [M, K], float32 scale [M, 1]); see reference."""
     if _triton(x):
-        from kiln.kernels.fp8 import quantize_fp8_per_token as kernel
+        from kiln.kernels.fp8_quant import quantize_fp8_per_token as kernel
 
         return kernel(x)
     return ref.quantize_fp8_per_token(x)
