@@ -31,6 +31,7 @@ from kiln.runtime.request import (
     SamplingParams,
 )
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from kiln.runtime.speculative import SpeculativeConfig, Speculator
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class RuntimeConfig:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
     max_seq_len: int | None = None  # at most the built max_seq_len
+    # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
+    speculative_config: Any = None
 
 
 class LLMEngine:
@@ -122,6 +126,15 @@ class LLMEngine:
             runtime.overlap_scheduling if runtime.overlap_scheduling is not None
             else self.device.type == "cuda")
         self._pending: PendingStep | None = None
+        self.speculator: Speculator | None = None
+        spec_config = SpeculativeConfig.parse(runtime.speculative_config)
+        if spec_config is not None:
+            if world > 1:
+                raise KilnError("speculative decoding runs on single-GPU engines for now "
+                                "(this one has tp x pp > 1)")
+            self.speculator = Speculator(self, spec_config)
+            # Drafts are proposed from the tokens of the step before: no overlap.
+            self.overlap = False
         # False: step() returns finished requests only, sparing a per-token output object
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
@@ -244,6 +257,8 @@ class LLMEngine:
             return
         for seq in group.sequences:
             self._seq_of.pop(seq.request.request_id, None)
+            if self.speculator is not None and self.speculator.draft is not None:
+                self.speculator.draft.release(seq.request.request_id)
             if not seq.request.status.finished:
                 self.scheduler.finish(seq.request, RequestStatus.FINISHED_ABORTED)
 
@@ -326,8 +341,8 @@ class LLMEngine:
         for row, (request, token, index) in enumerate(zip(result.requests, result.token_ids,
                                                           result.indices)):
             seq = self._seq_of.get(request.request_id)
-            if seq is None or request.status.finished:
-                continue
+            if seq is None or request.status.finished or token == PLACEHOLDER:
+                continue  # PLACEHOLDER: a row past a rejected draft
             if request.stats.first_token_time is None:
                 request.stats.first_token_time = now
             logprobs = (result.logprobs[row], result.logprob_ids[row]) \
@@ -341,6 +356,8 @@ class LLMEngine:
                 self.scheduler.waiting.extendleft(reversed(group.held_back))
                 group.held_back = []
             changed[group.request_id] = group
+        if self.speculator is not None:
+            self.speculator.after_step(result.requests)
         outputs = []
         for group in changed.values():
             if group.finished:
@@ -394,4 +411,5 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.kv.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_computed_tokens": self.num_computed_tokens,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }

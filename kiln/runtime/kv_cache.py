@@ -119,6 +119,16 @@ class KVCacheManager:
                 self.cached[h] = block
         request.num_committed_blocks = max(request.num_committed_blocks, num_full)
 
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past its first num_tokens tokens (speculative
+        decoding's rollback: those held only rejected drafts, never committed)."""
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(request.block_ids[keep:]):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+        del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the queue first (evicted first)."""
         for block in reversed(request.block_ids):

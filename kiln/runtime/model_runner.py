@@ -17,7 +17,7 @@ from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
-from kiln.runtime import transfer
+from kiln.runtime import speculative, transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.sampler import SamplingBatch, sample
@@ -140,15 +140,17 @@ class ModelRunner:
         for entry in out.scheduled:
             r = entry.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + entry.num_new_tokens
-            if r.token_ids[end - 1] == PLACEHOLDER:
-                in_flight.append((len(input_ids) + end - 1 - start, rows[r.request_id]))
-            input_ids += r.token_ids[start:end]
+            known = end - len(entry.spec_token_ids)  # drafts follow the known tokens
+            if r.token_ids[known - 1] == PLACEHOLDER:
+                in_flight.append((len(input_ids) + known - 1 - start, rows[r.request_id]))
+            input_ids += r.token_ids[start:known] + entry.spec_token_ids
             positions += range(start, end)
             slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             query_starts.append(query_starts[-1] + end - start)
             seq_lens.append(end)
-            if entry.sample:
-                logits_indices.append(query_starts[-1] - 1)
+            if entry.sample:  # a speculating request: at its last token and each draft
+                logits_indices += range(query_starts[-1] - 1 - len(entry.spec_token_ids),
+                                        query_starts[-1])
         max_blocks = max(len(e.request.block_ids) for e in out.scheduled)
         table = [e.request.block_ids + [0] * (max_blocks - len(e.request.block_ids))
                  for e in out.scheduled]
@@ -195,6 +197,9 @@ class ModelRunner:
             if not sampling:
                 return PendingStep([], [], None, None, None, prompt_lp)
             logits = None if hidden is None else self.model.compute_logits(hidden[logits_indices])
+            if logits is not None and any(e.spec_token_ids for e in out.scheduled):
+                return speculative.verify(logits, [e for e in out.scheduled if e.sample],
+                                          self.engine.model.vocab_size, self.device, prompt_lp)
         vocab = self.engine.model.vocab_size
         batch = SamplingBatch.from_requests(sampling, vocab, self.device)
         if logits is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.errors import RequestError
 
@@ -99,6 +100,10 @@ class RequestStats:
     finish_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Speculative decoding: verify steps, drafts proposed, drafts accepted.
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class Request:
@@ -125,6 +130,10 @@ class Request:
         self.sampling_seed = 0
         self.bad_words_token_ids: list[list[int]] = []
         self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
+        # Draft tokens to verify in the next step (speculative decoding), not yet in
+        # token_ids; and the draft's distributions they were sampled from, if any.
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs: Any = None  # [k, vocab] tensor for a sampled draft
 
     @property
     def num_prompt_tokens(self) -> int:

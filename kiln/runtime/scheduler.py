@@ -23,6 +23,9 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, from request.num_computed_tokens on
     sample: bool  # whether this step ends at the request's last known token
+    # Draft tokens verified this step (speculative decoding): the last of num_new_tokens,
+    # not in request.token_ids, and not counted as computed until accepted.
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +84,14 @@ class Scheduler:
                 i += 1  # its last token is still in flight; it will finish, not continue
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            spec = request.spec_token_ids[:budget - 1] \
+                if request.num_tokens - request.num_computed_tokens == 1 else []
+            if spec and self.kv.allocate(request, request.num_tokens + len(spec)):
+                out.scheduled.append(ScheduledRequest(request, 1 + len(spec), True, spec))
+                scheduled_ids.add(request.request_id)
+                budget -= 1 + len(spec)
+                i += 1
+                continue
             while not self.kv.allocate(request, request.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -149,5 +160,5 @@ class Scheduler:
     def update(self, out: SchedulerOutput) -> None:
         """After the model ran: advance computed counts and publish full blocks for reuse."""
         for entry in out.scheduled:
-            entry.request.num_computed_tokens += entry.num_new_tokens
+            entry.request.num_computed_tokens += entry.num_new_tokens - len(entry.spec_token_ids)
             self.kv.commit(entry.request)

@@ -1,0 +1,438 @@
+"""Speculative decoding: proposers, the verify step's sampler, and KV rollback.
+
+A request that speculates carries `spec_token_ids`, k draft tokens proposed after its last
+step. The scheduler gives it 1 + k query tokens (its last token and the drafts); the model
+runner computes the target's logits at all k + 1 positions in one forward through the
+ordinary paged attention path, and `verify` turns them into the tokens the request keeps:
+the drafts up to the first rejection, then one token of the target's (a correction, or a
+bonus when every draft was accepted). Rows past the first rejection come back as
+PLACEHOLDER and are dropped.
+
+Exactness. Greedy rows accept a draft iff it is the target's argmax, so the output is the
+one of plain decoding. Sampled rows use rejection sampling (Leviathan et al. 2023, Chen et
+al. 2023): draft d drawn from q is kept with probability min(1, p(d) / q(d)); otherwise the
+token is drawn from max(0, p - q) renormalised; that makes every emitted token follow p.
+An n-gram proposal is a q that is one-hot on d. All draws use counter-based noise of
+(request seed, output position), so seeded requests are reproducible.
+
+Rollback. Drafts never enter `request.token_ids` until accepted, and the scheduler counts
+only the real token as computed: rejected drafts' K/V stay in the cache as garbage past
+the request's length and are overwritten by its next step. `finish_step` trims the block
+table to the tokens kept; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError
+from kiln.kernels import reference as ref
+from kiln.runtime.request import PLACEHOLDER, Request
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import LLMEngine
+    from kiln.runtime.model_runner import PendingStep
+    from kiln.runtime.scheduler import ScheduledRequest
+
+METHODS = ("ngram", "draft_model")
+# Draft-model draws use the request's seed xor this, so they are independent of the
+# target's draws at the same positions.
+_DRAFT_SEED_SALT = 0x5DEECE66D
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config` keys."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram looked up
+    prompt_lookup_max: int = 4  # ngram: longest, tried first
+    model: str | None = None  # draft_model: engine dir, HF folder or GGUF
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None
+              ) -> SpeculativeConfig | None:
+        """From a dict, a JSON string (the CLI flag) or None; KilnError on a bad value."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise KilnError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise KilnError("speculative_config must be a JSON object, e.g. "
+                            '{"method": "ngram", "num_speculative_tokens": 4}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise KilnError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        method = value.get("method")
+        if method is None and value.get("model"):
+            method = "draft_model"
+        if method not in METHODS:
+            raise KilnError(f"speculative_config method must be one of {METHODS}, "
+                            f"got {method!r}")
+        k = value.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+            raise KilnError("speculative_config needs num_speculative_tokens, an integer in "
+                            f"[1, 32], got {k!r}")
+        config = cls(**{**value, "method": method})
+        lo, hi = config.prompt_lookup_min, config.prompt_lookup_max
+        if method == "ngram" and not (isinstance(lo, int) and isinstance(hi, int) and
+                                      1 <= lo <= hi):
+            raise KilnError("speculative_config needs 1 <= prompt_lookup_min <= "
+                            f"prompt_lookup_max, got {lo!r} and {hi!r}")
+        if method == "draft_model" and not config.model:
+            raise KilnError('speculative_config method "draft_model" needs "model": an '
+                            "engine dir, HF folder or GGUF file of the draft")
+        return config
+
+
+# ---- proposers --------------------------------------------------------------------------
+def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
+    (longest n first) and propose the k tokens that followed it; [] if none matches."""
+    length = len(token_ids)
+    if length < min_n + 1:
+        return []
+    tokens = np.asarray(token_ids, dtype=np.int64)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n:]
+        # Windows starting at 0 .. length - n - 1: every earlier place the suffix could be.
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return token_ids[start:start + k]
+    return []
+
+
+class DraftModel:
+    """A smaller model of the same vocabulary proposing k tokens autoregressively.
+
+    It has its own model runner and KV pool managed by the same KVCacheManager; each target
+    request has a shadow Request here whose token_ids follow the target's. After a step,
+    the shadow's computed length falls back to the prefix it shares with the target (the
+    rollback of rejected drafts), then the draft runs one catch-up forward and k - 1
+    single-token forwards for every speculating request together.
+    """
+
+    def __init__(self, engine: LLMEngine, config: SpeculativeConfig) -> None:
+        from kiln.build.engine_dir import load_engine_config
+        from kiln.config import BuildConfig
+        from kiln.resolve import resolve_engine
+        from kiln.runtime.kv_cache import KVCacheManager
+        from kiln.runtime.model_runner import ModelRunner
+        from kiln.tokenizer import Tokenizer
+
+        target = engine.config
+        build = BuildConfig(dtype=target.build.dtype, max_seq_len=engine.max_seq_len,
+                            max_batch_size=engine.max_batch_size)
+        self.engine_dir = resolve_engine(config.model, build)  # KilnError if unreadable
+        draft = load_engine_config(self.engine_dir)
+        if draft.model.vocab_size != target.model.vocab_size:
+            raise KilnError(f"the draft model's vocabulary ({draft.model.vocab_size} tokens) "
+                            f"differs from the target's ({target.model.vocab_size})")
+        draft_tok = Tokenizer.from_engine(self.engine_dir)
+        if engine.tokenizer is not None and draft_tok is not None and \
+                engine.tokenizer.tok.get_vocab() != draft_tok.tok.get_vocab():
+            raise KilnError("the draft model's tokenizer differs from the target's: "
+                            "speculative decoding needs the same vocabulary")
+        if draft.build.max_seq_len < engine.max_seq_len:
+            raise KilnError(f"the draft engine {self.engine_dir} was built for max_seq_len "
+                            f"{draft.build.max_seq_len}, below the target's "
+                            f"{engine.max_seq_len}")
+        self.runner = ModelRunner(self.engine_dir, draft, engine.device)
+        self.vocab_size = draft.model.vocab_size
+        # As many blocks as the target's pool holds tokens: one shadow per target request.
+        num_tokens = engine.kv.num_blocks * engine.kv.block_size
+        num_blocks = -(-num_tokens // draft.build.block_size)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, draft.build.block_size, False)
+        self.shadows: dict[str, Request] = {}
+
+    def release(self, request_id: str) -> None:
+        shadow = self.shadows.pop(request_id, None)
+        if shadow is not None:
+            self.kv.free(shadow)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], ks: list[int]) -> None:
+        """Set spec_token_ids (and spec_draft_probs for sampled requests) of each request."""
+        from kiln.runtime.scheduler import ScheduledRequest, SchedulerOutput
+
+        active, budgets = [], []
+        for r, k in zip(requests, ks):
+            shadow = self.shadows.get(r.request_id)
+            if shadow is None:
+                shadow = self.shadows[r.request_id] = Request(r.request_id, r.token_ids,
+                                                              r.params, r.max_tokens)
+            else:
+                common = 0
+                for a, b in zip(shadow.token_ids, r.token_ids):
+                    if a != b:
+                        break
+                    common += 1
+                shadow.token_ids = list(r.token_ids)
+                shadow.num_computed_tokens = min(shadow.num_computed_tokens, common,
+                                                 len(r.token_ids) - 1)
+            # Room for the catch-up and k - 1 drafts; without it this request sits out.
+            if self.kv.allocate(shadow, r.num_tokens + k - 1):
+                active.append((r, shadow))
+                budgets.append(k)
+        if not active:
+            return
+        drafts: list[list[int]] = [[] for _ in active]
+        probs: list[list[torch.Tensor]] = [[] for _ in active]
+        for i in range(max(budgets)):
+            rows = [j for j, k in enumerate(budgets) if k > i]
+            entries = []
+            for j in rows:
+                shadow = active[j][1]
+                entries.append(ScheduledRequest(
+                    shadow, shadow.num_tokens - shadow.num_computed_tokens, True))
+            out = SchedulerOutput(entries)
+            ids, positions, meta, logits_indices = self.runner.prepare(out)
+            hidden = self.runner._forward(ids, positions, meta)
+            logits = self.runner.model.compute_logits(hidden[logits_indices]).float()
+            requests_i = [active[j][0] for j in rows]
+            tokens, q = _draft_sample(logits, requests_i, [len(drafts[j]) for j in rows])
+            for e in entries:
+                e.request.num_computed_tokens += e.num_new_tokens
+            for row, (j, token) in enumerate(zip(rows, tokens.tolist())):
+                drafts[j].append(token)
+                active[j][1].token_ids.append(token)
+                if q is not None:
+                    probs[j].append(q[row])
+        for j, (r, _) in enumerate(active):
+            r.spec_token_ids = drafts[j]
+            r.spec_draft_probs = torch.stack(probs[j]) if probs[j] and \
+                not r.params.greedy else None
+
+
+def _draft_sample(logits: torch.Tensor, requests: list[Request], offsets: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The draft's tokens [B] and, when any request samples, its distributions q [B, V]
+    (exactly what the tokens were drawn from: the request's temperature and filters)."""
+    greedy = logits.argmax(dim=-1)
+    if all(r.params.greedy for r in requests):
+        return greedy, None
+    device = logits.device
+    probs = _filtered_probs(logits, requests, device)
+    seeds = torch.tensor([r.sampling_seed ^ _DRAFT_SEED_SALT for r in requests],
+                         dtype=torch.int64, device=device)
+    steps = torch.tensor([r.num_output_tokens + o for r, o in zip(requests, offsets)],
+                         dtype=torch.int64, device=device)
+    race = probs / -torch.log(ref.uniform_noise(seeds, steps, logits.shape[-1]))
+    is_greedy = torch.tensor([r.params.greedy for r in requests], device=device)
+    return torch.where(is_greedy, greedy, race.argmax(dim=-1)), probs
+
+
+def _filtered_probs(logits: torch.Tensor, requests: list[Request],
+                    device: torch.device) -> torch.Tensor:
+    """softmax(logits / T) after min-p, top-k and top-p, per row's request."""
+    ps = [r.params for r in requests]
+    vocab = logits.shape[-1]
+    t = torch.tensor([max(p.temperature, 1e-5) for p in ps], device=device)[:, None]
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in ps], device=device)
+    top_p = torch.tensor([p.top_p for p in ps], device=device)
+    min_p = torch.tensor([p.min_p for p in ps], device=device)
+    return ref.filter_probs(torch.softmax(logits.float() / t, dim=-1), top_k, top_p, min_p)
+
+
+# ---- the verify step -------------------------------------------------------------------
+def verify(logits: torch.Tensor, entries: list[ScheduledRequest], vocab_size: int,
+           device: torch.device,
+           prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]]) -> PendingStep:
+    """Tokens of a step whose sampling entries may carry drafts: logits has k + 1 rows for
+    an entry with k drafts (its last token's and each draft's), one for the others.
+
+    The result has one row per logits row, the request repeated; a row past an entry's
+    first rejection holds PLACEHOLDER. Nothing here waits for the device.
+    """
+    from kiln.runtime.model_runner import PendingStep
+    from kiln.runtime.sampler import SamplingBatch, sample
+
+    rows: list[Request] = []
+    offsets: list[int] = []  # output position of the row's token, past the request's
+    drafts: list[int] = []  # the draft this row checks; -1 on an entry's last row
+    entry_start: list[int] = []  # first row of the row's entry
+    for e in entries:
+        k = len(e.spec_token_ids)
+        first = len(rows)
+        rows += [e.request] * (k + 1)
+        offsets += range(k + 1)
+        drafts += list(e.spec_token_ids) + [-1]
+        entry_start += [first] * (k + 1)
+    batch = SamplingBatch.from_requests(rows, vocab_size, device)
+    offset_t = torch.tensor(offsets, dtype=torch.int64, device=device)
+    batch.steps = batch.steps + offset_t
+    logits = logits.float()
+    # The target's own pick at each row: the correction or bonus token; for greedy rows
+    # also the test of the draft.
+    target, _, _ = sample(logits, batch)
+    draft_t = torch.tensor(drafts, dtype=torch.int64, device=device)
+    has_draft = draft_t >= 0
+    safe_draft = draft_t.clamp_min(0)
+    accepted = has_draft & (target == draft_t)
+    tokens = target
+    sampled_rows = [i for i, (r, d) in enumerate(zip(rows, drafts)) if d >= 0 and
+                    not r.params.greedy]
+    if sampled_rows:
+        index = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
+        sub_logits = logits[index]
+        if batch.bias is not None:
+            sub_logits = sub_logits + batch.bias[index]
+        if batch.banned is not None:
+            sub_logits = sub_logits.masked_fill(batch.banned[index], float("-inf"))
+        sub_rows = [rows[i] for i in sampled_rows]
+        p = _filtered_probs(sub_logits, sub_rows, device)
+        q = torch.zeros_like(p)
+        d = safe_draft[index]
+        for n, i in enumerate(sampled_rows):
+            probs = rows[i].spec_draft_probs
+            if probs is not None:
+                q[n] = probs[offsets[i]].to(q.dtype)
+            else:  # a deterministic proposal: q is one-hot on the draft
+                q[n, drafts[i]] = 1.0
+        seeds, steps = batch.seeds[index], batch.steps[index]
+        # One more column of the counter-based noise: independent of the token draws.
+        u = ref.uniform_noise(seeds, steps, vocab_size + 1)[:, vocab_size]
+        p_d, q_d = p.gather(1, d[:, None])[:, 0], q.gather(1, d[:, None])[:, 0]
+        keep = u * q_d < p_d
+        residual = (p - q).clamp_min(0)
+        noise = ref.uniform_noise(seeds ^ _DRAFT_SEED_SALT * 3, steps, vocab_size)
+        resampled = (residual / -torch.log(noise)).argmax(dim=-1)
+        accepted = accepted.clone()
+        accepted[index] = keep
+        tokens = tokens.clone()
+        tokens[index] = torch.where(keep, d, resampled)
+    tokens = torch.where(accepted, draft_t, tokens)
+    # A row counts if every earlier row of its entry accepted its draft.
+    rejected = (has_draft & ~accepted).long()
+    before = torch.cumsum(rejected, 0) - rejected  # rejections on earlier rows, all entries
+    starts = torch.tensor(entry_start, dtype=torch.int64, device=device)
+    valid = (before - before[starts]) == 0
+    tokens = torch.where(valid, tokens, torch.full_like(tokens, PLACEHOLDER))
+    lp = lp_ids = None
+    if batch.wants_logprobs:
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top_lp, top_ids = logprobs.topk(batch.max_logprobs, dim=-1)
+        chosen = tokens.clamp_min(0)
+        lp = torch.cat([logprobs.gather(1, chosen[:, None]), top_lp], 1)
+        lp_ids = torch.cat([chosen[:, None], top_ids], 1)
+    indices = [r.num_tokens + o for r, o in zip(rows, offsets)]
+    return PendingStep(rows, indices, tokens, lp, lp_ids, prompt_logprobs)
+
+
+# ---- the engine's side -------------------------------------------------------------------
+class Speculator:
+    """Proposes drafts after each step and rolls back what the verify step rejected."""
+
+    def __init__(self, engine: LLMEngine, config: SpeculativeConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.draft = DraftModel(engine, config) if config.method == "draft_model" else None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_verify_steps = 0
+
+    @staticmethod
+    def eligible(request: Request) -> bool:
+        """Penalties, bad words and min_tokens change a row's logits with the tokens
+        before it, which a draft row does not know yet: those requests decode plainly."""
+        p = request.params
+        return not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or
+                    request.bad_words_token_ids or
+                    request.num_output_tokens < p.min_tokens)
+
+    def after_step(self, requests: list[Request]) -> None:
+        """Roll back rejected drafts of the requests that sampled this step, then propose
+        the next drafts of those still running."""
+        kv = self.engine.kv
+        seen: set[str] = set()
+        going_on: list[Request] = []
+        for r in requests:
+            if r.request_id in seen:
+                continue
+            seen.add(r.request_id)
+            k = len(r.spec_token_ids)
+            if k:
+                self.num_verify_steps += 1
+                r.stats.num_spec_steps += 1
+                r.stats.num_draft_tokens += k
+            r.spec_token_ids = []
+            r.spec_draft_probs = None
+            if r.status.finished:
+                if self.draft is not None:
+                    self.draft.release(r.request_id)
+                continue
+            end = len(r.token_ids)
+            while r.token_ids[end - 1] == PLACEHOLDER:
+                end -= 1
+            del r.token_ids[end:]
+            if k:
+                # Every kept token but the last is in the KV cache now; trim the rest.
+                accepted = len(r.token_ids) - 1 - r.num_computed_tokens
+                r.num_computed_tokens += accepted
+                r.stats.num_accepted_tokens += accepted
+                self.num_draft_tokens += k
+                self.num_accepted_tokens += accepted
+                kv.truncate(r, r.num_tokens)
+                kv.commit(r)
+            going_on.append(r)
+        self._propose(going_on)
+        if self.draft is not None:  # shadows of requests gone (aborted, preempted, done)
+            running = {r.request_id for r in self.engine.scheduler.running}
+            for request_id in list(self.draft.shadows):
+                if request_id not in running:
+                    self.draft.release(request_id)
+
+    def _propose(self, requests: list[Request]) -> None:
+        wanted, ks = [], []
+        for r in requests:
+            # The step emits up to k + 1 tokens: never past max_tokens.
+            k = min(self.config.num_speculative_tokens,
+                    r.max_tokens - r.num_output_tokens - 1)
+            if k >= 1 and self.eligible(r) and r.num_tokens - r.num_computed_tokens == 1:
+                wanted.append(r)
+                ks.append(k)
+        if self.draft is not None:
+            if wanted:
+                self.draft.propose(wanted, ks)
+            return
+        c = self.config
+        for r, k in zip(wanted, ks):
+            r.spec_token_ids = ngram_propose(r.token_ids, k, c.prompt_lookup_min,
+                                             c.prompt_lookup_max)
+
+    def stats(self) -> dict[str, float]:
+        drafted = self.num_draft_tokens
+        return {
+            "spec_num_draft_tokens": drafted,
+            "spec_num_accepted_tokens": self.num_accepted_tokens,
+            "spec_acceptance_rate": self.num_accepted_tokens / drafted if drafted else 0.0,
+            "spec_mean_accepted_length": (
+                1 + self.num_accepted_tokens / self.num_verify_steps
+                if self.num_verify_steps else 0.0),
+        }
+
+
+def request_spec_stats(request: Request) -> dict[str, float]:
+    """Acceptance rate and mean tokens per verify step of one request."""
+    s = request.stats
+    return {
+        "acceptance_rate": s.num_accepted_tokens / s.num_draft_tokens
+        if s.num_draft_tokens else 0.0,
+        "mean_accepted_length": 1 + s.num_accepted_tokens / s.num_spec_steps
+        if s.num_spec_steps else 0.0,
+    }
+

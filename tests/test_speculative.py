@@ -1,0 +1,178 @@
+"""Speculative decoding: greedy identity with plain decoding, exact sampling, KV rollback."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kiln.errors import KilnError
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.request import SamplingParams
+from kiln.runtime.speculative import SpeculativeConfig, ngram_propose
+from tests.test_runtime import make_prompts, run_all
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 4}
+
+
+def repeating_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a phrase: the n-gram proposer finds matches in them."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        phrase = [rng.randrange(3, 250) for _ in range(rng.randrange(3, 12))]
+        prompts.append((phrase * 8)[:rng.randrange(10, 80)])
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def plain_llama(tiny_engines):
+    return LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def ngram_llama(tiny_engines):
+    return LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
+                                                          speculative_config=NGRAM))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return repeating_prompts(6) + make_prompts(4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(plain_llama, prompts) -> dict[str, list[int]]:
+    return run_all(plain_llama, prompts, SamplingParams(max_tokens=40, **GREEDY))
+
+
+def test_ngram_proposer_finds_latest_longest_match():
+    tokens = [5, 6, 7, 1, 5, 6, 8, 9, 5, 6]
+    # "5 6" occurred at 0 and 4; the latest earlier one is followed by 8 9.
+    assert ngram_propose(tokens, 3, 1, 4) == [8, 9, 5]
+    assert ngram_propose([1, 2, 3], 2, 1, 4) == []  # nothing repeats
+    assert ngram_propose([4, 4], 5, 1, 4) == [4]  # what follows, however short
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(KilnError, match="method"):
+        SpeculativeConfig.parse({"method": "medusa", "num_speculative_tokens": 2})
+    with pytest.raises(KilnError, match="num_speculative_tokens"):
+        SpeculativeConfig.parse({"method": "ngram"})
+    with pytest.raises(KilnError, match="unknown"):
+        SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, "k": 1})
+    with pytest.raises(KilnError, match="JSON"):
+        SpeculativeConfig.parse("{method: ngram")
+    with pytest.raises(KilnError, match="needs \"model\""):
+        SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 2})
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3}') == \
+        SpeculativeConfig("ngram", 3)
+
+
+def test_ngram_greedy_identity_in_a_batch(ngram_llama, prompts, plain_outputs):
+    """Every request speculates, in one continuous batch, with small token budgets."""
+    got = run_all(ngram_llama, prompts, SamplingParams(max_tokens=40, **GREEDY),
+                  arrivals=[i // 2 for i in range(len(prompts))])
+    assert got == plain_outputs
+    stats = ngram_llama.stats()
+    assert stats["spec_num_draft_tokens"] > 0
+    assert stats["spec_num_accepted_tokens"] > 0  # the repeating prompts pay off
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_mixed_batch_chunked_prefill_and_rollback(tiny_engines, prompts, plain_outputs):
+    """Plain and speculating requests share steps, prompts are chunked (small budget),
+    and the pool is small enough to preempt; outputs still equal plain decoding."""
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(
+        device="cpu", max_num_tokens=24, num_kv_blocks=24, speculative_config=NGRAM))
+    original = engine.speculator.eligible
+    # Odd requests never speculate: a batch mixes both kinds.
+    engine.speculator.eligible = lambda r: int(r.request_id) % 2 == 0 and original(r)
+    got = run_all(engine, prompts, SamplingParams(max_tokens=40, **GREEDY))
+    assert got == plain_outputs
+    assert engine.kv.num_used_blocks == 0
+    assert engine.stats()["spec_num_accepted_tokens"] > 0
+
+
+def test_stop_strings_max_tokens_and_eos_inside_an_accepted_run(tiny_engines, prompts):
+    """Early stops land where plain decoding puts them, even mid-way through a draft."""
+    plain = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+    spec = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
+                                                          speculative_config=NGRAM))
+    for i, prompt in enumerate(prompts[:6]):
+        reference = run_all(plain, [prompt], SamplingParams(max_tokens=30, **GREEDY))["0"]
+        stop_token = reference[5 + i]
+        for params in (SamplingParams(max_tokens=3 + i, **GREEDY),
+                       SamplingParams(max_tokens=30, temperature=0,
+                                      stop_token_ids=[stop_token]),
+                       SamplingParams(max_tokens=30, temperature=0, ignore_eos=False)):
+            a = run_all(plain, [prompt], params)
+            b = run_all(spec, [prompt], params)
+            assert a == b
+    assert spec.kv.num_used_blocks == 0
+
+
+def test_kv_rollback_invariants_under_random_traffic(tiny_engines):
+    """Random arrivals, aborts and lengths with a proposer that is mostly wrong: blocks
+    held always match the tokens kept, and all come back."""
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(
+        device="cpu", num_kv_blocks=40, max_num_tokens=48,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 6}))
+    rng = random.Random(7)
+    prompts = repeating_prompts(12, seed=5) + make_prompts(12, seed=6)
+    live: list[str] = []
+    for step in range(120):
+        if prompts and rng.random() < 0.4:
+            rid = f"r{step}"
+            engine.add_request(prompts.pop(), SamplingParams(
+                max_tokens=rng.randrange(1, 30), **GREEDY), request_id=rid)
+            live.append(rid)
+        if live and rng.random() < 0.05:
+            engine.abort(live.pop(rng.randrange(len(live))))
+        engine.step()
+        for r in engine.scheduler.running:
+            # Rolled back: the computed tokens are the kept ones but the last, and no
+            # block past the kept tokens is held.
+            assert r.num_computed_tokens <= r.num_tokens - 1
+            assert engine.kv.blocks_needed(r.num_computed_tokens) <= len(r.block_ids) <= \
+                engine.kv.blocks_needed(r.num_tokens)
+        assert not any(r.block_ids for r in engine.scheduler.waiting)
+        held = sum(len(r.block_ids) for r in engine.scheduler.running)
+        assert sum(engine.kv.ref_counts) == held
+        assert engine.kv.num_used_blocks == sum(1 for c in engine.kv.ref_counts if c)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.num_used_blocks == 0
+    assert all(c == 0 for c in engine.kv.ref_counts)
+    assert engine.stats()["spec_num_draft_tokens"] > engine.stats()["spec_num_accepted_tokens"]
+
+
+def test_verify_rows_of_a_wrong_draft(tiny_engines):
+    """A proposer that is always wrong costs nothing in correctness."""
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
+                                                            speculative_config=NGRAM))
+    plain = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+    speculator = engine.speculator
+
+    def wrong(requests):
+        for r in requests:
+            r.spec_token_ids = [(r.token_ids[-1] + 1 + j) % 256 for j in range(3)]
+    speculator._propose = wrong
+    prompt = make_prompts(1, seed=9)[0]
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    assert run_all(engine, [prompt], params) == run_all(plain, [prompt], params)
+    assert engine.kv.num_used_blocks == 0
+
+
+def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    keep = expected > 5
+    obs = torch.cat([observed[keep], observed[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item())
+                 .pvalue)
