@@ -176,3 +176,70 @@ def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
     obs, exp = obs[exp > 0], exp[exp > 0]
     return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item())
                  .pvalue)
+
+
+def _filtered(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """softmax with all but the top_k tokens zeroed, written out here as the reference."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    kth = probs.topk(top_k, dim=-1).values[..., -1:]
+    probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("draft", ["one-hot", "distribution"])
+def test_rejection_sampling_follows_the_target(tiny_engines, tiny_checkpoints, draft):
+    """The first verified token, drawn with a deliberately bad proposer, has the joint
+    distribution p(t1) p(t2 | t1) of the target (transformers), by a chi-square test."""
+    hf = tiny_checkpoints["llama"][1]
+    prompt, top_k, num_samples = [1, 17, 33, 80, 5, 200, 41, 9], 5, 1000
+    with torch.no_grad():
+        p1 = _filtered(hf(torch.tensor([prompt])).logits[0, -1], top_k)
+        contexts = torch.tensor([prompt + [t] for t in range(256)])
+        p2 = _filtered(hf(contexts).logits[:, -1], top_k)  # [t1, t2]
+    expected = (p1[:, None] * p2).flatten() * num_samples
+    # The bad proposal: every token the target could pick for t2 and a few it cannot,
+    # with weights that have nothing to do with the target's.
+    plausible = {t for t1 in p1.topk(top_k).indices.tolist()
+                 for t in p2[t1].topk(top_k).indices.tolist()}
+    support = sorted(plausible) + [3, 4, 250]
+    weights = [random.Random(t).uniform(0.1, 5) for t in support]
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(
+        device="cpu", max_batch_size=256, max_num_tokens=4096,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 1}))
+
+    def bad_proposer(requests):
+        for r in requests:
+            if r.num_output_tokens != 1:
+                continue  # one draft, for the second token
+            rng = random.Random(r.sampling_seed)
+            if draft == "one-hot":  # deterministic: q is one-hot on the target's 2nd pick
+                r.spec_token_ids = [p2[r.token_ids[-1]].topk(2).indices[1].item()]
+                continue
+            token = rng.choices(support, weights)[0]
+            q = torch.zeros(1, 256)
+            q[0, support] = torch.tensor(weights) / sum(weights)
+            r.spec_token_ids, r.spec_draft_probs = [token], q
+    engine.speculator._propose = bad_proposer
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=top_k, seed=seed,
+                             ignore_eos=True) for seed in range(num_samples)]
+    out = run_all(engine, [prompt] * num_samples, params)
+    observed = torch.zeros(256 * 256, dtype=torch.float64)
+    for tokens in out.values():
+        observed[tokens[0] * 256 + tokens[1]] += 1
+    stats = engine.stats()
+    print(stats["spec_acceptance_rate"], _chi_square_p(observed, expected))
+    assert 0.1 < stats["spec_acceptance_rate"] < 0.9  # the test exercises both branches
+    assert _chi_square_p(observed, expected) > 1e-3
+    # A target that ignores what was rejected would fail the same test.
+    assert observed[expected == 0].sum() == 0
+
+
+def test_seeded_sampling_is_reproducible_across_batches(ngram_llama, prompts):
+    params = [SamplingParams(max_tokens=24, temperature=0.8, seed=100 + i, ignore_eos=True)
+              for i in range(len(prompts))]
+    together = run_all(ngram_llama, prompts, params)
+    staggered = run_all(ngram_llama, prompts, params, arrivals=list(range(len(prompts))))
+    alone = {str(i): run_all(ngram_llama, [p], [params[i]])["0"]
+             for i, p in enumerate(prompts[:3])}
+    assert together == staggered
+    assert all(together[i] == alone[i] for i in alone)

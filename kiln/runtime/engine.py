@@ -357,7 +357,7 @@ class LLMEngine:
                 group.held_back = []
             changed[group.request_id] = group
         if self.speculator is not None:
-            self.speculator.after_step(result.requests)
+            self.speculator.after_step(result.requests, result.token_ids)
         outputs = []
         for group in changed.values():
             if group.finished:

@@ -238,14 +238,15 @@ def _draft_sample(logits: torch.Tensor, requests: list[Request], offsets: list[i
 
 def _filtered_probs(logits: torch.Tensor, requests: list[Request],
                     device: torch.device) -> torch.Tensor:
-    """softmax(logits / T) after min-p, top-k and top-p, per row's request."""
+    """softmax(logits / T) after min-p, top-k and top-p, renormalised, per row's request."""
     ps = [r.params for r in requests]
     vocab = logits.shape[-1]
     t = torch.tensor([max(p.temperature, 1e-5) for p in ps], device=device)[:, None]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in ps], device=device)
     top_p = torch.tensor([p.top_p for p in ps], device=device)
     min_p = torch.tensor([p.min_p for p in ps], device=device)
-    return ref.filter_probs(torch.softmax(logits.float() / t, dim=-1), top_k, top_p, min_p)
+    probs = ref.filter_probs(torch.softmax(logits.float() / t, dim=-1), top_k, top_p, min_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 # ---- the verify step -------------------------------------------------------------------
@@ -354,10 +355,14 @@ class Speculator:
                     request.bad_words_token_ids or
                     request.num_output_tokens < p.min_tokens)
 
-    def after_step(self, requests: list[Request]) -> None:
-        """Roll back rejected drafts of the requests that sampled this step, then propose
-        the next drafts of those still running."""
+    def after_step(self, requests: list[Request], tokens: list[int]) -> None:
+        """Roll back rejected drafts of the requests that sampled this step (one row per
+        verified position, PLACEHOLDER past a rejection), then propose the next drafts of
+        those still running."""
         kv = self.engine.kv
+        kept: dict[str, int] = {}  # request id -> tokens the verify step emitted
+        for r, token in zip(requests, tokens):
+            kept[r.request_id] = kept.get(r.request_id, 0) + (token != PLACEHOLDER)
         seen: set[str] = set()
         going_on: list[Request] = []
         for r in requests:
@@ -365,10 +370,14 @@ class Speculator:
                 continue
             seen.add(r.request_id)
             k = len(r.spec_token_ids)
-            if k:
+            if k:  # accepted drafts: all emitted tokens but the target's own last one
+                accepted = kept[r.request_id] - 1
                 self.num_verify_steps += 1
+                self.num_draft_tokens += k
+                self.num_accepted_tokens += accepted
                 r.stats.num_spec_steps += 1
                 r.stats.num_draft_tokens += k
+                r.stats.num_accepted_tokens += accepted
             r.spec_token_ids = []
             r.spec_draft_probs = None
             if r.status.finished:
@@ -381,11 +390,7 @@ class Speculator:
             del r.token_ids[end:]
             if k:
                 # Every kept token but the last is in the KV cache now; trim the rest.
-                accepted = len(r.token_ids) - 1 - r.num_computed_tokens
-                r.num_computed_tokens += accepted
-                r.stats.num_accepted_tokens += accepted
-                self.num_draft_tokens += k
-                self.num_accepted_tokens += accepted
+                r.num_computed_tokens = r.num_tokens - 1
                 kv.truncate(r, r.num_tokens)
                 kv.commit(r)
             going_on.append(r)
