@@ -11,6 +11,9 @@ from pathlib import Path
 from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
 from kiln.errors import KilnError
 
+SPEC_HELP = ("speculative decoding, JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4} "
+             "or {\"method\": \"draft_model\", \"model\": DRAFT, \"num_speculative_tokens\": 4}")
+
 
 def cmd_build(args: argparse.Namespace) -> None:
     from kiln.build import build
@@ -34,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from kiln.runtime.request import SamplingParams
 
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
-              **limits_from_args(args))
+              speculative_config=args.speculative_config, **limits_from_args(args))
     prompt = args.prompt
     if args.chat:
         if llm.tokenizer is None:
@@ -65,6 +68,12 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"[kiln] {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s, first token "
               f"{(first_token - started) * 1000:.0f} ms, finish: {output.finish_reason}, "
               f"device: {engine.device})", file=sys.stderr)
+        if engine.speculator is not None:
+            from kiln.runtime.speculative import request_spec_stats
+
+            spec = request_spec_stats(output.metrics)
+            print(f"[kiln] speculative: acceptance {spec['acceptance_rate']:.2f}, "
+                  f"{spec['mean_accepted_length']:.2f} tokens per verify step", file=sys.stderr)
 
 
 # Each module defines add_parser(subparsers) adding its commands with set_defaults(func=...).
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--device", default="auto")
+    p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     add_build_arguments(p)
     p.set_defaults(func=cmd_run)
 

@@ -4,6 +4,7 @@ side by side with HuggingFace transformers' `generate` on the very same weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
@@ -38,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--hf-batch", type=int, default=None,
                    help="transformers batch size (default: all requests at once, max 64)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
     add_build_arguments(p, limits=False)
 
@@ -71,7 +74,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     started = time.perf_counter()
     engine = LLMEngine(engine_dir, RuntimeConfig(
         device=args.device, kv_cache_memory_fraction=args.kv_fraction,
-        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens))
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        speculative_config=args.speculative_config))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -173,6 +177,8 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     prompts = _prompts(args.num_requests, args.input_len, vocab)
     _run_engine(engine, _prompts(min(len(prompts), 4), args.input_len, vocab, seed=1), 4,
                 progress=False)  # warm up: kernels compiled, graphs captured
+    if engine.speculator is not None:
+        engine.speculator.reset_stats()
     kiln = _run_engine(engine, prompts, args.output_len)
     result: dict[str, Any] = {
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
@@ -185,6 +191,9 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
     }
+    if engine.speculator is not None:
+        result["speculative"] = {"config": dataclasses.asdict(engine.speculator.config),
+                                 **engine.speculator.stats()}
     bandwidth = measured_copy_bandwidth(engine.device)
     if mode == "latency" and bandwidth:
         needed = decode_bytes_per_token(engine, args.input_len + args.output_len // 2)
@@ -223,6 +232,12 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         print(f"HBM: {result['achieved_bandwidth_gb_s']:.0f} GB/s achieved of "
               f"{result['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = "
               f"{100 * result['fraction_of_roofline']:.1f}% of roofline")
+    if "speculative" in result:
+        spec = result["speculative"]
+        print(f"speculative ({spec['config']['method']}, k="
+              f"{spec['config']['num_speculative_tokens']}): acceptance "
+              f"{spec['spec_acceptance_rate']:.2f}, {spec['spec_mean_accepted_length']:.2f} "
+              "tokens per verify step")
     if "speedup_output_tok_s" in result:
         print(f"kiln / transformers: {result['speedup_output_tok_s']:.1f}x output tokens/s")
     if out:

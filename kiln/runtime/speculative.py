@@ -33,7 +33,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.kernels import reference as ref
-from kiln.runtime.request import PLACEHOLDER, Request
+from kiln.runtime.request import PLACEHOLDER, Request, RequestStats
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
@@ -419,6 +419,9 @@ class Speculator:
             r.spec_token_ids = ngram_propose(r.token_ids, k, c.prompt_lookup_min,
                                              c.prompt_lookup_max)
 
+    def reset_stats(self) -> None:
+        self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
+
     def stats(self) -> dict[str, float]:
         drafted = self.num_draft_tokens
         return {
@@ -431,9 +434,8 @@ class Speculator:
         }
 
 
-def request_spec_stats(request: Request) -> dict[str, float]:
-    """Acceptance rate and mean tokens per verify step of one request."""
-    s = request.stats
+def request_spec_stats(s: RequestStats) -> dict[str, float]:
+    """Acceptance rate and mean tokens per verify step of one request (its stats)."""
     return {
         "acceptance_rate": s.num_accepted_tokens / s.num_draft_tokens
         if s.num_draft_tokens else 0.0,

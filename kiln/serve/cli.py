@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
 
 
@@ -30,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM / Ctrl-C: refuse new requests (503) and let running "
                    "ones finish for up to S seconds, then abort them (default: 30)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
     add_build_arguments(p)
@@ -67,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)
     llm = AsyncLLM.from_model(args.model, build_config_from_args(args), max_queue=args.max_queue,
-                              device=args.device, **limits_from_args(args))
+                              device=args.device, speculative_config=args.speculative_config,
+                              **limits_from_args(args))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           max_body_bytes=args.max_body_bytes,
                           served_model_name=args.served_model_name, log_level=args.log_level,

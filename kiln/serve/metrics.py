@@ -33,6 +33,14 @@ _ENGINE_GAUGES = {
                               "Fraction of looked-up prompt tokens found in the prefix cache",
                               "gauge"),
     "num_preemptions": ("kiln_num_preemptions", "Requests preempted since start", "counter"),
+    # Speculative decoding (only with --speculative-config).
+    "spec_num_draft_tokens": ("kiln_spec_draft_tokens", "Draft tokens proposed", "counter"),
+    "spec_num_accepted_tokens": ("kiln_spec_accepted_tokens", "Draft tokens accepted",
+                                 "counter"),
+    "spec_acceptance_rate": ("kiln_spec_acceptance_rate",
+                             "Fraction of draft tokens accepted since start", "gauge"),
+    "spec_mean_accepted_length": ("kiln_spec_mean_accepted_length",
+                                  "Tokens emitted per verify step since start", "gauge"),
 }
 
 
