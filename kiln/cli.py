@@ -53,14 +53,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(prompt, end="", flush=True)
     first_token = None
     output = None
+    shown = 0
     while engine.has_unfinished():
         for output in engine.step():
             if output.request_id != request_id:
                 continue
             first_token = first_token or time.perf_counter()
-            new = output.text[len(getattr(cmd_run, "_shown", "")):]
-            cmd_run._shown = output.text  # type: ignore[attr-defined]
-            print(new, end="", flush=True)
+            print(output.text[shown:], end="", flush=True)
+            shown = len(output.text)
     print()
     elapsed = time.perf_counter() - started
     if output is not None:

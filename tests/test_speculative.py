@@ -259,3 +259,69 @@ def test_draft_model_greedy_identity(tiny_engines, prompts, plain_outputs, draft
     assert rate > 0.95 if draft_arch == "llama" else rate < 0.5
     assert engine.kv.num_used_blocks == 0
     assert engine.speculator.draft.kv.num_used_blocks == 0
+
+
+def test_cli_run_with_speculation_prints_the_same_text(capsys):
+    from kiln.cli import main
+    from tests.test_serve_support import tiny_chat_engine
+
+    engine = str(tiny_chat_engine())
+    args = ["run", engine, "--prompt", "one two three one two three one two", "--device",
+            "cpu", "--max-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculative-config",
+                        '{"method": "ngram", "num_speculative_tokens": 3}']) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "speculative: acceptance" in captured.err
+    assert main(args + ["--speculative-config", '{"method": "ngram"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kiln: error:") and "num_speculative_tokens" in err
+    assert "\n" not in err
+
+
+def test_draft_with_another_vocabulary_is_refused(tiny_engines):
+    from tests.test_serve_support import tiny_chat_engine
+
+    with pytest.raises(KilnError, match="vocabulary"):
+        LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu", speculative_config={
+            "method": "draft_model", "model": str(tiny_chat_engine()),
+            "num_speculative_tokens": 2}))
+
+
+# ---- SmolLM2 (the real tokenizer and weights) ---------------------------------------------
+SMOL_PROMPTS = [
+    "Repeat this list exactly: apples, pears, plums, cherries, apples, pears, plums, "
+    "cherries, apples, pears,",
+    "The history of the printing press begins",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_plain(smollm2_engine) -> dict[str, list[int]]:
+    engine = LLMEngine(smollm2_engine, RuntimeConfig(device="cpu", max_seq_len=256))
+    return run_all(engine, SMOL_PROMPTS, SamplingParams(max_tokens=24, temperature=0))
+
+
+@pytest.mark.parametrize("config", [
+    NGRAM,
+    {"method": "draft_model", "model": "SELF", "num_speculative_tokens": 3},
+    {"method": "draft_model", "model": "TINY", "num_speculative_tokens": 2},
+], ids=["ngram", "self-draft", "tiny-random-draft"])
+def test_smollm2_greedy_identity(smollm2_engine, smol_plain, config):
+    from tests.test_serve_support import tiny_chat_engine
+
+    model = {"SELF": str(smollm2_engine), "TINY": str(tiny_chat_engine())}.get(
+        config.get("model"))
+    config = {**config, "model": model} if model else config
+    engine = LLMEngine(smollm2_engine, RuntimeConfig(device="cpu", max_seq_len=256,
+                                                     speculative_config=config))
+    got = run_all(engine, SMOL_PROMPTS, SamplingParams(max_tokens=24, temperature=0))
+    assert got == smol_plain
+    rate = engine.stats()["spec_acceptance_rate"]
+    if config.get("model") == str(smollm2_engine):
+        assert rate > 0.9
+    elif config["method"] == "ngram":
+        assert rate > 0.3  # the list repeats
+    assert engine.kv.num_used_blocks == 0
