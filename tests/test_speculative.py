@@ -325,3 +325,24 @@ def test_smollm2_greedy_identity(smollm2_engine, smol_plain, config):
     elif config["method"] == "ngram":
         assert rate > 0.3  # the list repeats
     assert engine.kv.num_used_blocks == 0
+
+
+def test_padded_verify_layout_of_the_graphs(tiny_engines, prompts, plain_outputs):
+    """The CUDA-graph verify step's layout (every sequence padded to k + 1 queries, a
+    padded batch, filler K/V in the scratch block), run eagerly on the CPU: same tokens
+    as plain decoding, with plain and speculating requests in its batches."""
+    from kiln.runtime.speculative import VerifyGraphs
+
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(
+        device="cpu", speculative_config=NGRAM))
+    graphs = VerifyGraphs(engine.runner, 8, NGRAM["num_speculative_tokens"], capture=False)
+    engine.runner.verify_graphs = graphs
+    used = []
+    run_graph = graphs.run
+    graphs.run = lambda entries: used.append(len(entries)) or run_graph(entries)
+    original = engine.speculator.eligible
+    engine.speculator.eligible = lambda r: int(r.request_id) % 3 != 1 and original(r)
+    got = run_all(engine, prompts, SamplingParams(max_tokens=40, **GREEDY))
+    assert got == plain_outputs
+    assert used and max(used) > 1  # batches went through the padded layout
+    assert engine.kv.num_used_blocks == 0

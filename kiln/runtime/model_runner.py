@@ -94,6 +94,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: speculative.VerifyGraphs | None = None  # set by the Speculator
 
     # ---- KV cache -------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -179,6 +180,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Enqueue the step's forward and sampling; returns before the device finishes."""
+        if self.verify_graphs is not None and any(e.spec_token_ids for e in out.scheduled) \
+                and self.verify_graphs.can_run(out.scheduled):
+            return speculative.verify(self.verify_graphs.run(out.scheduled), out.scheduled,
+                                      self.engine.model.vocab_size, self.device, {})
         input_ids, positions, meta, logits_indices = self.prepare(out, previous)
         sampling = [e.request for e in out.scheduled if e.sample]
         decode = meta.max_query_len == 1 and len(sampling) == len(out.scheduled) and \

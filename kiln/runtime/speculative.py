@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.model_runner import PendingStep
     from kiln.runtime.scheduler import ScheduledRequest
+
+log = logging.getLogger(__name__)
 
 METHODS = ("ngram", "draft_model")
 # Draft-model draws use the request's seed xor this, so they are independent of the
@@ -342,6 +345,13 @@ class Speculator:
         self.engine = engine
         self.config = config
         self.draft = DraftModel(engine, config) if config.method == "draft_model" else None
+        runner = engine.runner
+        if engine.runtime.cuda_graphs and runner.device.type == "cuda":
+            runner.verify_graphs = VerifyGraphs(runner, min(engine.max_batch_size, 64),
+                                                config.num_speculative_tokens)
+            seconds = runner.verify_graphs.capture()
+            log.info("captured %d verify graphs (k=%d) in %.1f s",
+                     len(runner.verify_graphs.buckets), config.num_speculative_tokens, seconds)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0
@@ -443,3 +453,142 @@ def request_spec_stats(s: RequestStats) -> dict[str, float]:
         if s.num_spec_steps else 0.0,
     }
 
+
+
+# ---- the verify step as CUDA graphs -------------------------------------------------------
+class VerifyGraphs:
+    """Verify steps as graph replays, one graph per batch bucket, every sequence padded to
+    the same k + 1 query tokens (its last token, its drafts, then filler).
+
+    The varlen prefill attention kernel's launch depends only on shapes and on
+    max_query_len, which is fixed here, so the whole forward and the LM head are
+    captured. Filler tokens write their K/V into the scratch block, sit after the real
+    ones (causal attention keeps them out of real rows) and their logits are dropped.
+    On the CPU (`capture=False`) the same padded layout runs eagerly, for tests.
+    """
+
+    def __init__(self, runner: Any, max_batch_size: int, num_speculative_tokens: int,
+                 capture: bool = True) -> None:
+        from kiln.runtime.cuda_graphs import batch_buckets
+
+        self.runner = runner
+        self.width = num_speculative_tokens + 1
+        self.buckets = batch_buckets(max_batch_size)
+        self.block_size = runner.block_size
+        self.max_seq_len = runner.engine.build.max_seq_len
+        self.max_blocks = -(-self.max_seq_len // self.block_size)
+        self.scratch_block = runner.num_blocks
+        self.capture_graphs = capture
+        n, w, device = self.buckets[-1], self.width, runner.device
+        i32 = dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n * w, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n * w, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n * w,), self.scratch_block * self.block_size,
+                                       dtype=torch.int64, device=device)
+        self.block_tables = torch.full((n, self.max_blocks), self.scratch_block, **i32)
+        self.seq_lens = torch.full((n,), w, **i32)
+        self.query_start_loc = torch.arange(n + 1, **i32) * w
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _meta(self, bs: int, seq_lens_host: list[int] | None = None) -> Any:
+        from kiln.layers import AttentionMetadata
+
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs * self.width],
+            block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1],
+            query_starts_host=[i * self.width for i in range(bs + 1)],
+            seq_lens_host=seq_lens_host or [], max_query_len=self.width,
+            max_seq_len=self.max_blocks * self.block_size)
+
+    def _forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
+        from kiln.layers import forward_context
+
+        model, tokens = self.runner.model, bs * self.width
+        with forward_context(self._meta(bs, seq_lens_host)):
+            hidden = model(self.input_ids[:tokens], self.positions[:tokens])
+            return model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket, largest first so smaller ones reuse its memory pool."""
+        import time
+
+        started = time.perf_counter()
+        pool = None
+        for bs in reversed(self.buckets):
+            for _ in range(2):  # warm up: compile kernels, settle allocations
+                self._forward(bs)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def can_run(self, entries: list[ScheduledRequest]) -> bool:
+        """Every entry a decode step (one known token, drafts or not), within the bucket
+        and the graph's width and block table."""
+        if len(entries) > self.buckets[-1]:
+            return False
+        for e in entries:
+            r, k = e.request, len(e.spec_token_ids)
+            if not e.sample or e.num_new_tokens - k != 1 or k >= self.width or \
+                    r.prompt_logprobs is not None or \
+                    r.num_computed_tokens + self.width > self.max_blocks * self.block_size:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def run(self, entries: list[ScheduledRequest]) -> torch.Tensor:
+        """Logits of the verify rows (k + 1 per entry, in order), as the eager step's."""
+        n, w, bs_ = len(entries), self.width, self.block_size
+        bs = next(b for b in self.buckets if b >= n)
+        scratch_slot = self.scratch_block * bs_
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        rows: list[int] = []
+        width = max(len(e.request.block_ids) for e in entries)
+        table = []
+        for i, e in enumerate(entries):
+            r, drafts = e.request, e.spec_token_ids
+            start = r.num_computed_tokens
+            real = [r.token_ids[start]] + drafts
+            ids += real + [real[0]] * (w - len(real))
+            positions += [min(start + j, self.max_seq_len - 1) for j in range(w)]
+            slots += [r.block_ids[p // bs_] * bs_ + p % bs_
+                      for p in range(start, start + len(real))]
+            slots += [scratch_slot] * (w - len(real))
+            seq_lens.append(start + w)
+            rows += range(i * w, i * w + len(real))
+            table.append(r.block_ids + [self.scratch_block] * (width - len(r.block_ids)))
+        for _ in range(n, bs):  # padded sequences: filler attending to the scratch block
+            ids += [0] * w
+            positions += range(w)
+            slots += [scratch_slot] * w
+            seq_lens.append(w)
+            table.append([self.scratch_block] * width)
+        device = self.runner.device
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            from kiln.runtime.transfer import to_device as copy
+
+            return copy(values, dtype, device)
+
+        tokens = bs * w
+        self.input_ids[:tokens].copy_(to_device(ids, torch.int64), non_blocking=True)
+        self.positions[:tokens].copy_(to_device(positions, torch.int64), non_blocking=True)
+        self.slot_mapping[:tokens].copy_(to_device(slots, torch.int64), non_blocking=True)
+        self.block_tables[:bs, :width].copy_(to_device(table, torch.int32), non_blocking=True)
+        self.seq_lens[:bs].copy_(to_device(seq_lens, torch.int32), non_blocking=True)
+        if self.capture_graphs:
+            self.graphs[bs].replay()
+            logits = self.logits[bs]
+        else:
+            logits = self._forward(bs, seq_lens)
+        return logits[to_device(rows, torch.int64)]
