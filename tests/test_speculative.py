@@ -346,3 +346,97 @@ def test_padded_verify_layout_of_the_graphs(tiny_engines, prompts, plain_outputs
     assert got == plain_outputs
     assert used and max(used) > 1  # batches went through the padded layout
     assert engine.kv.num_used_blocks == 0
+
+
+# ---- rollback invariants, model-free (hypothesis) -------------------------------------------
+def test_rollback_invariants_hypothesis():
+    """Random traffic through the real scheduler, KV manager and Speculator.after_step,
+    with the model replaced by a stub that accepts a random number of each request's
+    drafts: block references, the free queue and the prefix cache stay consistent, the
+    prefix cache never holds a rejected draft, and every block comes back."""
+    from types import SimpleNamespace
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.request import PLACEHOLDER, Request, RequestStatus
+    from kiln.runtime.scheduler import Scheduler
+    from kiln.runtime.speculative import Speculator
+    from tests.test_scheduler_properties import BLOCK, check_invariants
+
+    @settings(max_examples=150, deadline=None)
+    @given(ops=st.lists(st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 16)),
+        st.tuples(st.just("step"), st.lists(st.integers(0, 8), min_size=6, max_size=6)),
+        st.tuples(st.just("abort"), st.integers(0, 30))), min_size=1, max_size=50),
+        num_blocks=st.integers(16, 40), budget=st.integers(2, 64), k=st.integers(1, 6),
+        prefix=st.booleans())
+    def run(ops, num_blocks, budget, k, prefix):
+        kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=prefix)
+        sched = Scheduler(kv, 4, budget)
+        engine = SimpleNamespace(kv=kv, scheduler=sched, runner=None,
+                                 runtime=SimpleNamespace(cuda_graphs=False))
+        spec = Speculator(engine, SpeculativeConfig("ngram", k))
+        live: dict[str, Request] = {}
+        max_len = (num_blocks // 2) * BLOCK
+
+        def step(accept: list[int]) -> None:
+            out = sched.schedule()
+            assert out.num_tokens <= budget
+            for entry in out.scheduled:  # drafts fit in the blocks handed out
+                r = entry.request
+                assert r.num_computed_tokens + entry.num_new_tokens <= len(r.block_ids) * BLOCK
+            sched.update(out)
+            rows, tokens = [], []
+            for i, entry in enumerate(out.scheduled):
+                r, drafts = entry.request, entry.spec_token_ids
+                if not entry.sample:
+                    continue
+                kept = min(accept[i % len(accept)], len(drafts))
+                emitted = drafts[:kept] + [7]
+                start = r.num_tokens
+                r.token_ids += [PLACEHOLDER] * (len(drafts) + 1)
+                rows += [r] * (len(drafts) + 1)
+                tokens += emitted + [PLACEHOLDER] * (len(drafts) - kept)
+                for j, token in enumerate(emitted):  # as apply_token
+                    r.token_ids[start + j] = token
+                    if r.num_output_tokens - (len(r.token_ids) - start - j - 1) >= \
+                            r.max_tokens:
+                        del r.token_ids[start + j + 1:]
+                        sched.finish(r, RequestStatus.FINISHED_LENGTH)
+                        del live[r.request_id]
+                        break
+            spec.after_step(rows, tokens)
+            for r in sched.running:
+                assert not r.spec_token_ids or r.num_tokens - r.num_computed_tokens == 1
+                assert len(r.block_ids) <= kv.blocks_needed(r.num_tokens)
+                # What the prefix cache holds of it are hashes of its real tokens.
+                fresh = Request("check", r.token_ids, r.params, r.max_tokens)
+                assert r.block_hashes[:r.num_committed_blocks] == \
+                    kv._hashes(fresh, r.num_committed_blocks)
+            check_invariants(sched, live)
+
+        next_id = 0
+        for op in ops:
+            if op[0] == "add":
+                _, prompt_len, max_tokens = op
+                prompt = ([5, 6, 7, 8] * 10)[:min(prompt_len, max_len - max_tokens)]
+                r = Request(str(next_id), prompt, SamplingParams(max_tokens=max_tokens),
+                            max_tokens)
+                next_id += 1
+                live[r.request_id] = r
+                sched.add(r)
+            elif op[0] == "step":
+                step(op[1])
+            elif (target := live.get(str(op[1]))) is not None:
+                sched.finish(target, RequestStatus.FINISHED_ABORTED)
+                del live[target.request_id]
+        for _ in range(3000):
+            if not sched.has_unfinished():
+                break
+            step([3, 0, 8, 1])
+        assert not sched.has_unfinished() and not live
+        assert kv.num_free_blocks == kv.num_blocks
+
+    run()

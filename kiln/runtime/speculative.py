@@ -161,6 +161,8 @@ class DraftModel:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, draft.build.block_size, False)
         self.shadows: dict[str, Request] = {}
+        if engine.runtime.cuda_graphs:  # the k - 1 single-token steps replay decode graphs
+            self.runner.capture_graphs(min(engine.max_batch_size, 64))
 
     def release(self, request_id: str) -> None:
         shadow = self.shadows.pop(request_id, None)
@@ -204,8 +206,13 @@ class DraftModel:
                     shadow, shadow.num_tokens - shadow.num_computed_tokens, True))
             out = SchedulerOutput(entries)
             ids, positions, meta, logits_indices = self.runner.prepare(out)
-            hidden = self.runner._forward(ids, positions, meta)
-            logits = self.runner.model.compute_logits(hidden[logits_indices]).float()
+            graphs = self.runner.graphs
+            if meta.max_query_len == 1 and graphs is not None and \
+                    graphs.can_run(len(entries), meta.block_tables.shape[1]):
+                logits = graphs.run(ids, positions, meta).float()
+            else:
+                hidden = self.runner._forward(ids, positions, meta)
+                logits = self.runner.model.compute_logits(hidden[logits_indices]).float()
             requests_i = [active[j][0] for j in rows]
             tokens, q = _draft_sample(logits, requests_i, [len(drafts[j]) for j in rows])
             for e in entries:
