@@ -99,6 +99,14 @@ class LLMEngine:
                             f"{self.engine_dir} was built for; rebuild it with --max-seq-len "
                             f"{self.max_seq_len}")
         self.max_batch_size = runtime.max_batch_size or build.max_batch_size
+        self.speculator: Speculator | None = None
+        spec_config = SpeculativeConfig.parse(runtime.speculative_config)
+        if spec_config is not None:
+            if world > 1:
+                raise KilnError("speculative decoding runs on single-GPU engines for now "
+                                "(this one has tp x pp > 1)")
+            # Before the KV pool is sized: a draft model's weights and cache need room.
+            self.speculator = Speculator(self, spec_config)
         num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
         if world > 1:  # every rank must hold the same pool: the smallest rank decides
             num_blocks = all_reduce_min(num_blocks, self.device)
@@ -115,6 +123,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
         if runtime.cuda_graphs:
             self.runner.capture_graphs(self.max_batch_size)
+        if self.speculator is not None:
+            self.speculator.start()
         self.scheduler = Scheduler(
             self.kv, self.max_batch_size,
             max_num_tokens, runtime.scheduler_policy,
@@ -126,13 +136,7 @@ class LLMEngine:
             runtime.overlap_scheduling if runtime.overlap_scheduling is not None
             else self.device.type == "cuda")
         self._pending: PendingStep | None = None
-        self.speculator: Speculator | None = None
-        spec_config = SpeculativeConfig.parse(runtime.speculative_config)
-        if spec_config is not None:
-            if world > 1:
-                raise KilnError("speculative decoding runs on single-GPU engines for now "
-                                "(this one has tp x pp > 1)")
-            self.speculator = Speculator(self, spec_config)
+        if self.speculator is not None:
             # Drafts are proposed from the tokens of the step before: no overlap.
             self.overlap = False
         # False: step() returns finished requests only, sparing a per-token output object
@@ -166,6 +170,8 @@ class LLMEngine:
 
     def _auto_num_blocks(self) -> int:
         per_block = self.runner.kv_bytes_per_block()
+        if self.speculator is not None:  # the draft's cache grows with the target's
+            per_block += self.speculator.kv_bytes_per_block(self.config.build.block_size)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * self.runtime.kv_cache_memory_fraction)

@@ -132,7 +132,6 @@ class DraftModel:
         from kiln.build.engine_dir import load_engine_config
         from kiln.config import BuildConfig
         from kiln.resolve import resolve_engine
-        from kiln.runtime.kv_cache import KVCacheManager
         from kiln.runtime.model_runner import ModelRunner
         from kiln.tokenizer import Tokenizer
 
@@ -155,12 +154,21 @@ class DraftModel:
                             f"{engine.max_seq_len}")
         self.runner = ModelRunner(self.engine_dir, draft, engine.device)
         self.vocab_size = draft.model.vocab_size
-        # As many blocks as the target's pool holds tokens: one shadow per target request.
-        num_tokens = engine.kv.num_blocks * engine.kv.block_size
-        num_blocks = -(-num_tokens // draft.build.block_size)
-        self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, draft.build.block_size, False)
+        self.engine = engine
         self.shadows: dict[str, Request] = {}
+
+    def kv_bytes_per_token(self) -> float:
+        return self.runner.kv_bytes_per_block() / self.runner.block_size
+
+    def start(self) -> None:
+        """Allocate the draft's KV pool once the target's is sized: as many tokens."""
+        from kiln.runtime.kv_cache import KVCacheManager
+
+        engine = self.engine
+        num_tokens = engine.kv.num_blocks * engine.kv.block_size
+        num_blocks = -(-num_tokens // self.runner.block_size)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, self.runner.block_size, False)
         if engine.runtime.cuda_graphs:  # the k - 1 single-token steps replay decode graphs
             self.runner.capture_graphs(min(engine.max_batch_size, 64))
 
@@ -352,16 +360,27 @@ class Speculator:
         self.engine = engine
         self.config = config
         self.draft = DraftModel(engine, config) if config.method == "draft_model" else None
-        runner = engine.runner
-        if engine.runtime.cuda_graphs and runner.device.type == "cuda":
-            runner.verify_graphs = VerifyGraphs(runner, min(engine.max_batch_size, 64),
-                                                config.num_speculative_tokens)
-            seconds = runner.verify_graphs.capture()
-            log.info("captured %d verify graphs (k=%d) in %.1f s",
-                     len(runner.verify_graphs.buckets), config.num_speculative_tokens, seconds)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """What the draft's cache adds to each block of the target's (0 for n-gram)."""
+        return 0 if self.draft is None else int(self.draft.kv_bytes_per_token() * block_size)
+
+    def start(self) -> None:
+        """After the target's KV pool exists: the draft's pool, and the graphs."""
+        engine = self.engine
+        if self.draft is not None:
+            self.draft.start()
+        runner = engine.runner
+        if engine.runtime.cuda_graphs and runner.device.type == "cuda":
+            runner.verify_graphs = VerifyGraphs(runner, min(engine.max_batch_size, 64),
+                                                self.config.num_speculative_tokens)
+            seconds = runner.verify_graphs.capture()
+            log.info("captured %d verify graphs (k=%d) in %.1f s",
+                     len(runner.verify_graphs.buckets), self.config.num_speculative_tokens,
+                     seconds)
 
     @staticmethod
     def eligible(request: Request) -> bool:
@@ -464,14 +483,17 @@ def request_spec_stats(s: RequestStats) -> dict[str, float]:
 
 # ---- the verify step as CUDA graphs -------------------------------------------------------
 class VerifyGraphs:
-    """Verify steps as graph replays, one graph per batch bucket, every sequence padded to
-    the same k + 1 query tokens (its last token, its drafts, then filler).
+    """Verify steps as graph replays, one graph per batch bucket of sequences with up to
+    k + 1 query tokens each (the last token and the drafts).
 
     The varlen prefill attention kernel's launch depends only on shapes and on
-    max_query_len, which is fixed here, so the whole forward and the LM head are
-    captured. Filler tokens write their K/V into the scratch block, sit after the real
-    ones (causal attention keeps them out of real rows) and their logits are dropped.
-    On the CPU (`capture=False`) the same padded layout runs eagerly, for tests.
+    max_query_len (fixed at k + 1 here), not on the query lengths, which it reads from
+    query_start_loc on the device: so real tokens are packed as in an eager step and
+    the static token buffer is filled up with filler tokens. The padded sequences of the
+    bucket own one filler token each and attend to the scratch block; other filler tokens
+    belong to no sequence. Filler K/V go to the scratch block, their logits are dropped,
+    and nothing real ever reads them. On the CPU (`capture=False`) the same layout runs
+    eagerly, for tests.
     """
 
     def __init__(self, runner: Any, max_batch_size: int, num_speculative_tokens: int,
@@ -498,22 +520,17 @@ class VerifyGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
-    def _meta(self, bs: int, seq_lens_host: list[int] | None = None) -> Any:
-        from kiln.layers import AttentionMetadata
-
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs * self.width],
-            block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
-            query_start_loc=self.query_start_loc[:bs + 1],
-            query_starts_host=[i * self.width for i in range(bs + 1)],
-            seq_lens_host=seq_lens_host or [], max_query_len=self.width,
-            max_seq_len=self.max_blocks * self.block_size)
-
-    def _forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
-        from kiln.layers import forward_context
+    def _forward(self, bs: int, query_starts: list[int] | None = None,
+                 seq_lens: list[int] | None = None) -> torch.Tensor:
+        from kiln.layers import AttentionMetadata, forward_context
 
         model, tokens = self.runner.model, bs * self.width
-        with forward_context(self._meta(bs, seq_lens_host)):
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:tokens], block_tables=self.block_tables[:bs],
+            seq_lens=self.seq_lens[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            query_starts_host=query_starts or [], seq_lens_host=seq_lens or [],
+            max_query_len=self.width, max_seq_len=self.max_blocks * self.block_size)
+        with forward_context(meta):
             hidden = model(self.input_ids[:tokens], self.positions[:tokens])
             return model.compute_logits(hidden)
 
@@ -537,49 +554,48 @@ class VerifyGraphs:
         return time.perf_counter() - started
 
     def can_run(self, entries: list[ScheduledRequest]) -> bool:
-        """Every entry a decode step (one known token, drafts or not), within the bucket
-        and the graph's width and block table."""
+        """Every entry a decode step (one known token, drafts or not) that fits the
+        bucket, the width and the block table."""
         if len(entries) > self.buckets[-1]:
             return False
         for e in entries:
             r, k = e.request, len(e.spec_token_ids)
             if not e.sample or e.num_new_tokens - k != 1 or k >= self.width or \
-                    r.prompt_logprobs is not None or \
-                    r.num_computed_tokens + self.width > self.max_blocks * self.block_size:
+                    r.prompt_logprobs is not None or len(r.block_ids) > self.max_blocks:
                 return False
         return True
 
     @torch.inference_mode()
     def run(self, entries: list[ScheduledRequest]) -> torch.Tensor:
         """Logits of the verify rows (k + 1 per entry, in order), as the eager step's."""
-        n, w, bs_ = len(entries), self.width, self.block_size
+        n, w, block = len(entries), self.width, self.block_size
         bs = next(b for b in self.buckets if b >= n)
-        scratch_slot = self.scratch_block * bs_
+        scratch_slot = self.scratch_block * block
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        query_starts = [0]
         seq_lens: list[int] = []
-        rows: list[int] = []
         width = max(len(e.request.block_ids) for e in entries)
         table = []
-        for i, e in enumerate(entries):
-            r, drafts = e.request, e.spec_token_ids
-            start = r.num_computed_tokens
-            real = [r.token_ids[start]] + drafts
-            ids += real + [real[0]] * (w - len(real))
-            positions += [min(start + j, self.max_seq_len - 1) for j in range(w)]
-            slots += [r.block_ids[p // bs_] * bs_ + p % bs_
-                      for p in range(start, start + len(real))]
-            slots += [scratch_slot] * (w - len(real))
-            seq_lens.append(start + w)
-            rows += range(i * w, i * w + len(real))
+        for e in entries:
+            r = e.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + e.num_new_tokens
+            ids += [r.token_ids[start]] + e.spec_token_ids
+            positions += range(start, end)
+            slots += [r.block_ids[p // block] * block + p % block for p in range(start, end)]
+            query_starts.append(query_starts[-1] + end - start)
+            seq_lens.append(end)
             table.append(r.block_ids + [self.scratch_block] * (width - len(r.block_ids)))
-        for _ in range(n, bs):  # padded sequences: filler attending to the scratch block
-            ids += [0] * w
-            positions += range(w)
-            slots += [scratch_slot] * w
-            seq_lens.append(w)
+        rows = list(range(query_starts[-1]))  # the real tokens come first
+        for _ in range(n, bs):  # padded sequences: one filler token on the scratch block
+            query_starts.append(query_starts[-1] + 1)
+            seq_lens.append(1)
             table.append([self.scratch_block] * width)
+        filler = bs * w - len(ids)
+        ids += [0] * filler
+        positions += [0] * filler
+        slots += [scratch_slot] * filler
         device = self.runner.device
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -593,9 +609,11 @@ class VerifyGraphs:
         self.slot_mapping[:tokens].copy_(to_device(slots, torch.int64), non_blocking=True)
         self.block_tables[:bs, :width].copy_(to_device(table, torch.int32), non_blocking=True)
         self.seq_lens[:bs].copy_(to_device(seq_lens, torch.int32), non_blocking=True)
+        self.query_start_loc[:bs + 1].copy_(to_device(query_starts, torch.int32),
+                                            non_blocking=True)
         if self.capture_graphs:
             self.graphs[bs].replay()
             logits = self.logits[bs]
         else:
-            logits = self._forward(bs, seq_lens)
-        return logits[to_device(rows, torch.int64)]
+            logits = self._forward(bs, query_starts, seq_lens)
+        return logits[:len(rows)]
