@@ -57,6 +57,25 @@ def test_ngram_proposer_finds_latest_longest_match():
     assert ngram_propose([4, 4], 5, 1, 4) == [4]  # what follows, however short
 
 
+def _brute_force_lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+def test_ngram_proposer_matches_a_brute_force_search():
+    rng = random.Random(0)
+    for _ in range(400):
+        tokens = [rng.randrange(rng.choice([2, 4, 50])) for _ in range(rng.randrange(1, 60))]
+        min_n = rng.randrange(1, 4)
+        max_n = rng.randrange(min_n, 6)
+        k = rng.randrange(1, 6)
+        assert ngram_propose(tokens, k, min_n, max_n) == \
+            _brute_force_lookup(tokens, k, min_n, max_n), (tokens, k, min_n, max_n)
+
+
 def test_config_errors_are_one_line():
     with pytest.raises(KilnError, match="method"):
         SpeculativeConfig.parse({"method": "medusa", "num_speculative_tokens": 2})

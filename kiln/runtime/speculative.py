@@ -102,20 +102,32 @@ class SpeculativeConfig:
 # ---- proposers --------------------------------------------------------------------------
 def ngram_propose(token_ids: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
-    (longest n first) and propose the k tokens that followed it; [] if none matches."""
+    (longest n first) and propose the k tokens that followed it; [] if none matches.
+
+    One vectorised pass finds where the last token occurred before; each of those is
+    then extended backwards, up to max_n tokens, against the suffix."""
     length = len(token_ids)
-    if length < min_n + 1:
+    max_n = min(max_n, length - 1)
+    if max_n < min_n:
         return []
     tokens = np.asarray(token_ids, dtype=np.int64)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        suffix = tokens[length - n:]
-        # Windows starting at 0 .. length - n - 1: every earlier place the suffix could be.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return token_ids[start:start + k]
-    return []
+    ends = np.flatnonzero(tokens[:length - 1] == tokens[length - 1])  # candidate matches
+    if ends.size == 0:
+        return []
+    matched = np.ones(ends.size, dtype=np.int64)
+    alive = np.ones(ends.size, dtype=bool)
+    for back in range(1, max_n):
+        before = ends - back
+        alive &= before >= 0
+        alive[alive] = tokens[before[alive]] == tokens[length - 1 - back]
+        if not alive.any():
+            break
+        matched += alive
+    best = int(matched.max())
+    if best < min_n:
+        return []
+    start = int(ends[matched == best][-1]) + 1
+    return token_ids[start:start + k]
 
 
 class DraftModel:
