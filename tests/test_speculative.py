@@ -459,3 +459,27 @@ def test_rollback_invariants_hypothesis():
         assert kv.num_free_blocks == kv.num_blocks
 
     run()
+
+
+def test_request_and_engine_stats_agree_with_metrics(ngram_llama):
+    from kiln.serve.metrics import _EngineCollector
+
+    ngram_llama.speculator.reset_stats()
+    metrics = []
+    for i, prompt in enumerate(repeating_prompts(3, seed=11)):
+        ngram_llama.add_request(prompt, SamplingParams(max_tokens=16, **GREEDY), f"m{i}")
+    while ngram_llama.has_unfinished():
+        metrics += [out.metrics for out in ngram_llama.step() if out.finished]
+    stats = ngram_llama.stats()
+    assert sum(m.num_draft_tokens for m in metrics) == stats["spec_num_draft_tokens"]
+    assert sum(m.num_accepted_tokens for m in metrics) == stats["spec_num_accepted_tokens"]
+    # Each verify step emits its accepted drafts plus one token; the first token comes
+    # from the prompt's step: the 16 tokens are at least all of those.
+    for m in metrics:
+        assert 1 + m.num_spec_steps + m.num_accepted_tokens <= 16
+        assert 0 <= m.num_accepted_tokens <= m.num_draft_tokens
+    families = {f.name: f.samples[0].value for f in _EngineCollector(ngram_llama.stats).collect()}
+    assert families["kiln_spec_acceptance_rate"] == pytest.approx(
+        stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"])
+    assert families["kiln_spec_draft_tokens"] == stats["spec_num_draft_tokens"] > 0
+    assert families["kiln_spec_mean_accepted_length"] > 1
