@@ -70,6 +70,7 @@ class LLMEngine:
                  rank_context: Any = None) -> None:
         self.engine_dir = Path(engine_dir)
         self.runtime = runtime = runtime or RuntimeConfig()
+        spec_config = SpeculativeConfig.parse(runtime.speculative_config)  # fail fast
         self.config = load_engine_config(self.engine_dir)
         build = self.config.build
         device = runtime.device
@@ -100,7 +101,6 @@ class LLMEngine:
                             f"{self.max_seq_len}")
         self.max_batch_size = runtime.max_batch_size or build.max_batch_size
         self.speculator: Speculator | None = None
-        spec_config = SpeculativeConfig.parse(runtime.speculative_config)
         if spec_config is not None:
             if world > 1:
                 raise KilnError("speculative decoding runs on single-GPU engines for now "
