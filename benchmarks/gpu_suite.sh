@@ -25,7 +25,7 @@ for spec in $stages; do
   case $stage in
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
-             tests/test_gpu_parallel.py \
+             tests/test_gpu_parallel.py tests/test_gpu_speculative.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
@@ -46,6 +46,9 @@ for spec in $stages; do
     throughput-hf) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
              --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
+    spec-ngram) $T python3 benchmarks/speculative.py ngram --out "$OUT/spec-ngram.json" 2>&1 | tail -14 ;;
+    spec-overhead) STAGE_TIMEOUT=600 timeout 600 python3 benchmarks/speculative.py overhead \
+             --out "$OUT/spec-overhead.json" 2>&1 | tail -40 ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "=== $spec took $(( $(date +%s) - start )) s"
