@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _text(path: str | None) -> tuple[str, str]:
     candidates = [path, os.environ.get("KILN_BOTCHAN"),
                   str(Path.home() / ".cache" / "kiln" / "data" / "botchan.txt"),
-                  str(ROOT / "shared" / "botchan.txt")]
+                  str(ROOT / "shared" / "botchan.txt"), str(ROOT / "benchmarks" / "botchan.txt")]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate).read_text(), Path(candidate).name
