@@ -56,6 +56,9 @@ class RuntimeConfig:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
     max_seq_len: int | None = None  # at most the built max_seq_len
+    # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
+    # with the residual add + RMSNorm after it) instead of NCCL.
+    custom_all_reduce: bool = True
 
 
 class LLMEngine:
@@ -89,6 +92,12 @@ class LLMEngine:
             self.device = torch.device(device)
             mapping = Mapping()
         self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
+        self.custom_all_reduce = False
+        if build.tp_size > 1 and self.device.type == "cuda" and runtime.custom_all_reduce:
+            from kiln.distributed.comm import setup_custom_all_reduce
+
+            self.custom_all_reduce = setup_custom_all_reduce(
+                self.device, self.config.model.hidden_size, self.runner.dtype, build.tp_size)
         self.max_seq_len = runtime.max_seq_len or build.max_seq_len
         if self.max_seq_len > build.max_seq_len:
             raise KilnError(f"max_seq_len {self.max_seq_len} exceeds the {build.max_seq_len} "

@@ -74,11 +74,11 @@ class Mirror:
             dist.barrier(group=self.ctx.commands)
         except Exception:  # a worker already gone: nothing left to tell
             pass
-        for worker in workers:
-            worker.join(timeout=30)
         set_tp_group(None)
         if not exiting:
             _destroy_process_group()
+        for worker in workers:
+            worker.join(timeout=30)
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -127,7 +127,8 @@ def _destroy_process_group(timeout: float = 15.0) -> None:
 
     threading.Thread(target=destroy, daemon=True, name="kiln-pg-teardown").start()
     if not done.wait(timeout):
-        log.warning("the process group did not shut down in %.0f s; leaving it", timeout)
+        log.warning("the process group did not shut down in %.0f s; aborting it", timeout)
+        abort_collectives()  # also unregisters it, so this process can start another
 
 
 def abort_collectives() -> None:
@@ -184,7 +185,7 @@ def run_worker(engine: LLMEngine) -> None:
             elif kind == "close":
                 dist.barrier(group=engine.rank_context.commands)
                 set_tp_group(None)
-                if engine.rank_context.launcher == "kiln":
-                    return  # the process exits next: nothing to tear down
+                # Every rank tears down at once (rank 0 too): NCCL's teardown waits for
+                # peers that have already exited, which left rank 0 stuck.
                 _destroy_process_group()
                 return
