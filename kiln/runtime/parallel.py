@@ -116,6 +116,13 @@ def _destroy_process_group(timeout: float = 15.0) -> None:
     when a peer has already left, and a stuck exit is worse than a leaked communicator."""
     import threading
 
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        # Measured on two H200s: destroy_process_group blocks past 15 s even with every
+        # rank tearing down at once; abort frees the communicators without waiting for
+        # peers and unregisters the groups (nothing is in flight at close).
+        abort_collectives()
+        if not dist.is_initialized():
+            return
     done = threading.Event()
 
     def destroy() -> None:
