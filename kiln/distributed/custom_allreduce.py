@@ -166,12 +166,24 @@ class CustomAllReduce:
         return out, res
 
 
+_used_group_names: set[str] = set()
+
+
 def create(group, device: torch.device, hidden_size: int, dtype: torch.dtype,
            max_rows: int = 64) -> CustomAllReduce | None:
     """The custom all-reduce for this TP group, or None where it cannot run (not CUDA,
-    no symmetric memory, no peer access); the reason is logged and NCCL is used."""
+    no symmetric memory, no peer access); the reason is logged and NCCL is used.
+
+    Symmetric memory keeps per-process state by group name, and a process that tore one
+    engine's process group down gets the same names for the next; rather than meet a
+    stale rendezvous, a group name is used once per process."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
+    if group.group_name in _used_group_names:
+        log.info("custom all-reduce: group %s was used by an earlier engine of this "
+                 "process; using NCCL", group.group_name)
+        return None
+    _used_group_names.add(group.group_name)
     try:
         return CustomAllReduce(group, device, max_rows, hidden_size, dtype)
     except Exception as exc:  # an optional fast path: NCCL always works
