@@ -29,7 +29,8 @@ from kiln.kernels.pdl import pdl_start
 
 log = logging.getLogger("kiln")
 
-_SPIN_LIMIT = 1 << 28  # a peer that never arrives: give up (results garbage) rather than hang
+_SPIN_LIMIT = 1 << 26  # ~1-2 min of polling: a peer that never arrives (a desync, a dead
+# rank) yields garbage rather than a hung GPU; the engine's watchdog reports the dead rank
 
 
 @triton.jit
