@@ -36,8 +36,8 @@ class Mirror:
 
     def __init__(self, ctx: launch.RankContext, workers: list[Any]) -> None:
         self.ctx = ctx
-        self.channel = launch.Channel(ctx.commands)
         self.workers = workers
+        self.channel = launch.channel(ctx, alive=lambda: all(w.is_alive() for w in workers))
         self.pending: list[tuple] = []
         self.closed = False
 
@@ -79,6 +79,8 @@ class Mirror:
             _destroy_process_group()
         for worker in workers:
             worker.join(timeout=30)
+        if isinstance(self.channel, launch.ShmChannel):
+            self.channel.close(unlink=True)
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -102,9 +104,11 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
         return ctx, mirror
     port = launch.free_port()
     tp = engine.config.build.tp_size
+    spec = launch.ShmChannel.create(world)
     workers = launch.spawn(world, _spawned_worker,
-                           (world, tp, port, str(engine.engine_dir), engine.runtime))
+                           (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
     ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
+    ctx.channel_spec = spec
     mirror = Mirror(ctx, workers)
     launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close, exiting=True)
@@ -149,7 +153,7 @@ def abort_collectives() -> None:
 
 
 def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: str,
-                    runtime: RuntimeConfig) -> None:
+                    runtime: RuntimeConfig, channel_spec: dict | None = None) -> None:
     from kiln.runtime.engine import LLMEngine
 
     launch.die_with_parent()
@@ -157,6 +161,7 @@ def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: 
         runtime.device == "auto" and _cuda()) else "cpu"
     ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln",
                       tp_size)
+    ctx.channel_spec = channel_spec
     try:
         engine = LLMEngine(Path(engine_dir), runtime, rank_context=ctx)
         run_worker(engine)
@@ -176,7 +181,7 @@ def _cuda() -> bool:
 
 def run_worker(engine: LLMEngine) -> None:
     """Replay rank 0's calls until it closes the engine."""
-    channel = launch.Channel(engine.rank_context.commands)
+    channel = launch.channel(engine.rank_context)
     while True:
         for event in channel.recv():
             kind = event[0]
