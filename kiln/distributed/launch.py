@@ -40,6 +40,7 @@ class RankContext:
     commands: Any  # gloo process group for step messages
     launcher: str  # "torchrun" or "kiln"
     channel_spec: Any = None  # shared-memory channel to the workers kiln spawned
+    channel: Any = None  # a worker's ShmChannel, attached before it joined
 
 
 def channel(ctx: RankContext, alive: Callable[[], bool] | None = None) -> Any:
@@ -48,7 +49,9 @@ def channel(ctx: RankContext, alive: Callable[[], bool] | None = None) -> Any:
     gloo = Channel(ctx.commands)
     if ctx.channel_spec is None:
         return gloo
-    return ShmChannel(ctx.channel_spec, ctx.rank, gloo, alive)
+    shm = ctx.channel or ShmChannel(ctx.channel_spec, ctx.rank, gloo, alive)
+    shm.fallback, shm.alive = gloo, alive
+    return shm
 
 
 def launcher_rank() -> tuple[int, int, int] | None:
@@ -178,7 +181,7 @@ class ShmChannel:
     SLOTS = 8
     SLOT_BYTES = 1 << 20
 
-    def __init__(self, spec: dict, rank: int, fallback: Channel,
+    def __init__(self, spec: dict, rank: int, fallback: Channel | None,
                  alive: Callable[[], bool] | None = None) -> None:
         from multiprocessing import resource_tracker, shared_memory
 
@@ -220,6 +223,7 @@ class ShmChannel:
             ready.release()
         self.seq += 1
         if not inline:
+            assert self.fallback is not None
             self.fallback.send(message)
 
     def recv(self) -> Any:
@@ -230,9 +234,14 @@ class ShmChannel:
         data = bytes(buf[at + 8:at + 8 + size]) if size >= 0 else None
         free.release()
         self.seq += 1
-        return pickle.loads(data) if data is not None else self.fallback.recv()
+        if data is None:
+            assert self.fallback is not None
+            return self.fallback.recv()
+        return pickle.loads(data)
 
-    def close(self, unlink: bool = False) -> None:
-        self.shm.close()
+    def close(self, unlink: bool = False, keep_mapping: bool = False) -> None:
+        """Unlink the name (the creator, once every worker attached) and/or unmap."""
         if unlink:
             self.shm.unlink()
+        if not keep_mapping:
+            self.shm.close()

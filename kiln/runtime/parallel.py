@@ -80,7 +80,7 @@ class Mirror:
         for worker in workers:
             worker.join(timeout=30)
         if isinstance(self.channel, launch.ShmChannel):
-            self.channel.close(unlink=True)
+            self.channel.close()
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -110,6 +110,9 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
     ctx.channel_spec = spec
     mirror = Mirror(ctx, workers)
+    # Every worker attached the ring before joining the process group, so its name can
+    # go now: nothing is left in /dev/shm even if every process is killed.
+    mirror.channel.close(unlink=True, keep_mapping=True)
     launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close, exiting=True)
     return ctx, mirror
@@ -159,9 +162,11 @@ def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: 
     launch.die_with_parent()
     device_type = "cuda" if runtime.device.startswith("cuda") or (
         runtime.device == "auto" and _cuda()) else "cpu"
+    channel = launch.ShmChannel(channel_spec, rank, None) if channel_spec else None
     ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln",
                       tp_size)
     ctx.channel_spec = channel_spec
+    ctx.channel = channel  # attached before joining: rank 0 unlinks the name after
     try:
         engine = LLMEngine(Path(engine_dir), runtime, rank_context=ctx)
         run_worker(engine)
