@@ -483,3 +483,21 @@ def test_request_and_engine_stats_agree_with_metrics(ngram_llama):
         stats["spec_num_accepted_tokens"] / stats["spec_num_draft_tokens"])
     assert families["kiln_spec_draft_tokens"] == stats["spec_num_draft_tokens"] > 0
     assert families["kiln_spec_mean_accepted_length"] > 1
+
+
+def test_logprobs_of_accepted_tokens_match_plain_decoding(plain_llama, ngram_llama):
+    prompt = repeating_prompts(1, seed=4)[0]
+    params = SamplingParams(max_tokens=12, logprobs=2, **GREEDY)
+    outs = []
+    accepted = ngram_llama.speculator.num_accepted_tokens
+    for engine in (plain_llama, ngram_llama):
+        engine.add_request(prompt, params, "lp")
+        while engine.has_unfinished():
+            outs += [o.outputs[0] for o in engine.step() if o.finished]
+    plain, spec = outs
+    assert ngram_llama.speculator.num_accepted_tokens > accepted  # drafts were taken
+    assert spec.token_ids == plain.token_ids
+    for a, b in zip(plain.logprobs, spec.logprobs):
+        assert a.keys() == b.keys()
+        assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
+    assert spec.cumulative_logprob == pytest.approx(plain.cumulative_logprob, abs=1e-3)
