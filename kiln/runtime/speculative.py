@@ -35,6 +35,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.kernels import reference as ref
 from kiln.runtime.request import PLACEHOLDER, Request, RequestStats
+from kiln.runtime.transfer import to_device
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
@@ -257,12 +258,12 @@ def _draft_sample(logits: torch.Tensor, requests: list[Request], offsets: list[i
         return greedy, None
     device = logits.device
     probs = _filtered_probs(logits, requests, device)
-    seeds = torch.tensor([r.sampling_seed ^ _DRAFT_SEED_SALT for r in requests],
-                         dtype=torch.int64, device=device)
-    steps = torch.tensor([r.num_output_tokens + o for r, o in zip(requests, offsets)],
-                         dtype=torch.int64, device=device)
+    seeds = to_device([r.sampling_seed ^ _DRAFT_SEED_SALT for r in requests], torch.int64,
+                      device)
+    steps = to_device([r.num_output_tokens + o for r, o in zip(requests, offsets)],
+                      torch.int64, device)
     race = probs / -torch.log(ref.uniform_noise(seeds, steps, logits.shape[-1]))
-    is_greedy = torch.tensor([r.params.greedy for r in requests], device=device)
+    is_greedy = to_device([r.params.greedy for r in requests], torch.bool, device)
     return torch.where(is_greedy, greedy, race.argmax(dim=-1)), probs
 
 
@@ -271,10 +272,10 @@ def _filtered_probs(logits: torch.Tensor, requests: list[Request],
     """softmax(logits / T) after min-p, top-k and top-p, renormalised, per row's request."""
     ps = [r.params for r in requests]
     vocab = logits.shape[-1]
-    t = torch.tensor([max(p.temperature, 1e-5) for p in ps], device=device)[:, None]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else 0 for p in ps], device=device)
-    top_p = torch.tensor([p.top_p for p in ps], device=device)
-    min_p = torch.tensor([p.min_p for p in ps], device=device)
+    t = to_device([max(p.temperature, 1e-5) for p in ps], torch.float32, device)[:, None]
+    top_k = to_device([p.top_k if 0 < p.top_k < vocab else 0 for p in ps], torch.int64, device)
+    top_p = to_device([p.top_p for p in ps], torch.float32, device)
+    min_p = to_device([p.min_p for p in ps], torch.float32, device)
     probs = ref.filter_probs(torch.softmax(logits.float() / t, dim=-1), top_k, top_p, min_p)
     return probs / probs.sum(dim=-1, keepdim=True)
 
@@ -304,13 +305,13 @@ def verify(logits: torch.Tensor, entries: list[ScheduledRequest], vocab_size: in
         drafts += list(e.spec_token_ids) + [-1]
         entry_start += [first] * (k + 1)
     batch = SamplingBatch.from_requests(rows, vocab_size, device)
-    offset_t = torch.tensor(offsets, dtype=torch.int64, device=device)
+    offset_t = to_device(offsets, torch.int64, device)
     batch.steps = batch.steps + offset_t
     logits = logits.float()
     # The target's own pick at each row: the correction or bonus token; for greedy rows
     # also the test of the draft.
     target, _, _ = sample(logits, batch)
-    draft_t = torch.tensor(drafts, dtype=torch.int64, device=device)
+    draft_t = to_device(drafts, torch.int64, device)
     has_draft = draft_t >= 0
     safe_draft = draft_t.clamp_min(0)
     accepted = has_draft & (target == draft_t)
@@ -318,7 +319,7 @@ def verify(logits: torch.Tensor, entries: list[ScheduledRequest], vocab_size: in
     sampled_rows = [i for i, (r, d) in enumerate(zip(rows, drafts)) if d >= 0 and
                     not r.params.greedy]
     if sampled_rows:
-        index = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
+        index = to_device(sampled_rows, torch.int64, device)
         sub_logits = logits[index]
         if batch.bias is not None:
             sub_logits = sub_logits + batch.bias[index]
@@ -350,7 +351,7 @@ def verify(logits: torch.Tensor, entries: list[ScheduledRequest], vocab_size: in
     # A row counts if every earlier row of its entry accepted its draft.
     rejected = (has_draft & ~accepted).long()
     before = torch.cumsum(rejected, 0) - rejected  # rejections on earlier rows, all entries
-    starts = torch.tensor(entry_start, dtype=torch.int64, device=device)
+    starts = to_device(entry_start, torch.int64, device)
     valid = (before - before[starts]) == 0
     tokens = torch.where(valid, tokens, torch.full_like(tokens, PLACEHOLDER))
     lp = lp_ids = None
@@ -609,20 +610,14 @@ class VerifyGraphs:
         positions += [0] * filler
         slots += [scratch_slot] * filler
         device = self.runner.device
-
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            from kiln.runtime.transfer import to_device as copy
-
-            return copy(values, dtype, device)
-
         tokens = bs * w
-        self.input_ids[:tokens].copy_(to_device(ids, torch.int64), non_blocking=True)
-        self.positions[:tokens].copy_(to_device(positions, torch.int64), non_blocking=True)
-        self.slot_mapping[:tokens].copy_(to_device(slots, torch.int64), non_blocking=True)
-        self.block_tables[:bs, :width].copy_(to_device(table, torch.int32), non_blocking=True)
-        self.seq_lens[:bs].copy_(to_device(seq_lens, torch.int32), non_blocking=True)
-        self.query_start_loc[:bs + 1].copy_(to_device(query_starts, torch.int32),
-                                            non_blocking=True)
+        for buffer, values in ((self.input_ids[:tokens], ids),
+                               (self.positions[:tokens], positions),
+                               (self.slot_mapping[:tokens], slots),
+                               (self.block_tables[:bs, :width], table),
+                               (self.seq_lens[:bs], seq_lens),
+                               (self.query_start_loc[:bs + 1], query_starts)):
+            buffer.copy_(to_device(values, buffer.dtype, device), non_blocking=True)
         if self.capture_graphs:
             self.graphs[bs].replay()
             logits = self.logits[bs]
