@@ -166,7 +166,7 @@ def test_concurrent_requests_share_one_running_batch(tritonserver, reference):
     """In-flight batching inside the one model instance: 16 concurrent requests are in
     the engine's running batch together, and each still gets its own greedy answer."""
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(16)]
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     want = [o.text for o in reference.generate(prompts, params)]
     peak, done = [0.0], threading.Event()
 
@@ -177,7 +177,7 @@ def test_concurrent_requests_share_one_running_batch(tritonserver, reference):
 
     def one(prompt: str) -> str:
         r = httpx.post(f"{tritonserver.http}/v2/models/kiln/generate", timeout=120, json={
-            "text_input": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "text_input": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "exclude_input_in_output": True})
         assert r.status_code == 200, r.text
         return r.json()["text_output"]
