@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-engine", action="store_true",
                    help="copy the engine into the repository (else it is referenced by path)")
     p.add_argument("--device", default="auto", help="device the model runs on in Triton")
+    p.add_argument("--tensorrt-llm", action="store_true",
+                   help="write TensorRT-LLM's inflight_batcher_llm models instead (preprocessing,"
+                   " tensorrt_llm, postprocessing, ensemble: its tensor names and types)")
     p.add_argument("--triton-env", default=os.environ.get("KILN_TRITON_ENV"),
                    help="a venv with nvidia-pytriton: print the `kiln triton-serve` command")
     p.set_defaults(func=cmd_triton_repo)
@@ -97,7 +100,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
     from kiln.serve.triton_repo import write_triton_repo
 
     model_dir = write_triton_repo(args.engine_dir, args.output, args.model_name,
-                                  args.copy_engine, args.device)
+                                  args.copy_engine, args.device, args.tensorrt_llm)
     env = f" --triton-env {args.triton_env}" if args.triton_env else " --triton-env ENV"
     print(f"kiln: wrote {model_dir}; start Triton with: kiln triton-serve {args.output}{env}"
           " (see docs/serving.md)")
