@@ -192,3 +192,45 @@ def test_concurrent_requests_share_one_running_batch(tritonserver, reference):
         watcher.join()
     assert got == want
     assert peak[0] >= 8  # not one at a time: most of the 16 ran in one batch
+
+
+def test_load_64_concurrent_streams_with_cancellations(tritonserver, reference):
+    """A bounded load: 64 gRPC streams at once, one in ten hung up (cancelled) after two
+    responses. Every other stream gets exactly the engine's greedy text, nothing errors,
+    and every KV block comes back."""
+    prompts = [f"Stream {i}: tell me about " + "kilns " * (i % 3) for i in range(64)]
+    cancelled = set(range(3, 64, 10))
+    kept = [i for i in range(64) if i not in cancelled]
+    outs = reference.generate([prompts[i] for i in kept],
+                              SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    want = {i: o.text for i, o in zip(kept, outs)}
+    got: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        stream = GrpcStream(tritonserver.grpc)
+        try:
+            if i in cancelled:
+                stream.send(prompts[i], max_tokens=500, ignore_eos=True, stream=True)
+                for _ in range(2):
+                    text, final, error = stream.responses.get(timeout=300)
+                    assert error is None and not final
+                stream.close(cancel=True)
+                return
+            stream.send(prompts[i], max_tokens=4, temperature=0.0, ignore_eos=True,
+                        stream=True)
+            text, errors = stream.collect(timeout=300)
+            assert not errors, errors
+            got[i] = text
+            stream.close()
+        except BaseException:
+            stream.close(cancel=True)
+            raise
+
+    with ThreadPoolExecutor(64) as pool:
+        for future in [pool.submit(one, i) for i in range(64)]:
+            future.result()
+    assert got == want
+    assert wait_until(lambda: tritonserver.kiln_gauge("kv_blocks_used") == 0, timeout=60)
+    assert tritonserver.kiln_gauge("num_running") == 0
+    assert tritonserver.kiln_gauge("num_waiting") == 0
+    assert httpx.get(f"{tritonserver.http}/v2/health/ready").status_code == 200
