@@ -234,3 +234,19 @@ def test_load_64_concurrent_streams_with_cancellations(tritonserver, reference):
     assert tritonserver.kiln_gauge("num_running") == 0
     assert tritonserver.kiln_gauge("num_waiting") == 0
     assert httpx.get(f"{tritonserver.http}/v2/health/ready").status_code == 200
+
+
+def test_bench_serving_against_tritonserver(tritonserver, tmp_path):
+    from kiln.cli import main
+
+    out = tmp_path / "triton.json"
+    assert main(["bench", "serving", "--api", "triton", "--url", tritonserver.http,
+                 "--concurrency", "1,4", "--num-prompts", "4", "--input-len", "8",
+                 "--output-len", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "kiln"
+    for level in result["levels"]:
+        assert level["num_ok"] == 4 and level["num_failed"] == 0
+        # one streamed response per new piece of text: about one per token
+        assert 2 <= level["mean_output_tokens"] <= 4
+        assert 0 < level["ttft_ms"]["p50"] <= level["e2e_ms"]["p99"]
