@@ -2,8 +2,8 @@
 
 `tritonserver` comes from the `nvidia-pytriton` wheel in the Triton env, a venv of its
 own (`make setup` makes `.venv-triton` beside `.venv`; `$KILN_TRITON_ENV` overrides).
-The server is started the way `kiln triton-serve` starts it, on free loopback ports,
-over a `kiln triton-repo` repository of SmolLM2.
+The server is started as a user starts it, `kiln triton-serve REPO --triton-env ENV`
+(which then becomes tritonserver), on free loopback ports.
 """
 
 from __future__ import annotations
@@ -51,16 +51,16 @@ def run_tritonserver(repository: Path, log: Path, timeout: float = 240) -> Itera
     import httpx
 
     from kiln.distributed.launch import free_port
-    from kiln.serve.triton_server import prepare_triton_env, tritonserver_command
 
     if not (triton_env_dir() / "pyvenv.cfg").is_file():
         pytest.skip(f"no Triton env at {triton_env_dir()} (make setup makes it; or set "
                     "KILN_TRITON_ENV to a venv with nvidia-pytriton and numpy<2)")
-    env = prepare_triton_env(triton_env_dir())
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    argv, environ = tritonserver_command(env, repository, http_port, grpc_port, metrics_port)
+    argv = [sys.executable, "-m", "kiln", "triton-serve", str(repository),
+            "--triton-env", str(triton_env_dir()), "--http-port", str(http_port),
+            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, env=environ, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     server = TritonServer(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}",
                           f"http://127.0.0.1:{metrics_port}/metrics", repository, proc, log)
     try:
