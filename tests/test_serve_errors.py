@@ -74,7 +74,7 @@ def test_missing_and_malformed(server):
      ["text"], "messages"),
     ({"top_logprobs": 2}, ["logprobs"], "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),
-    ({"response_format": {"type": "json_object"}}, ["response_format"], "response_format"),
+    ({"response_format": {"type": "yaml"}}, ["response_format"], "response_format"),
     ({"max_completion_tokens": 10_000}, ["max_seq_len"], None),
 ])
 def test_bad_chat_requests(server, body, words, param):

@@ -27,9 +27,6 @@ from kiln.tokenizer import Tokenizer
 def check_chat_request(body: ChatCompletionRequest) -> None:
     if body.tools:
         raise APIError(400, "tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported",
-                       param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 

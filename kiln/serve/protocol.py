@@ -46,6 +46,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     # Text, token ids, or a batch of either.
     prompt: str | list[str] | list[int] | list[list[int]]
+    response_format: dict[str, Any] | None = None  # an extension, as vLLM has it
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
