@@ -39,8 +39,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch, here and in the server (a busy CPU: 1)")
     ap.add_argument("--out", default="triton_inflight.json")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="kiln-triton-bench-"))
     engine = args.engine
@@ -53,6 +59,8 @@ def main() -> None:
     env = prepare_triton_env(args.triton_env)
     port = free_port()
     argv, environ = tritonserver_command(env, work / "repo", port, free_port(), free_port())
+    if args.threads:
+        environ["OMP_NUM_THREADS"] = str(args.threads)
     log = open(work / "tritonserver.log", "w")
     server = subprocess.Popen(argv, env=environ, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v2/models/kiln/generate"
@@ -95,6 +103,7 @@ def main() -> None:
     t_llm = time.perf_counter() - t0
 
     result = {"requests": len(prompts), "max_tokens": args.max_tokens, "device": args.device,
+              "threads": args.threads,
               "llm_generate_s": t_llm, "triton_concurrent_s": t_concurrent,
               "triton_sequential_s": t_sequential,
               "concurrent_over_llm": t_concurrent / t_llm,
