@@ -110,3 +110,46 @@ def test_openai_response_format(client):
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, response_format=bad, messages=[
                 {"role": "user", "content": "hi"}])
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                         "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def test_tool_calls(client):
+    import openai
+
+    messages = [{"role": "user", "content": "Weather in Paris? Or add 2 and 3."}]
+    for seed in range(3):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                               tool_choice="required", seed=seed,
+                                               max_tokens=48)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments),
+                            PARAMETERS[call.function.name])
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, max_tokens=48, stream=True,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    calls = [(c.choices[0].delta.tool_calls, c.choices[0].finish_reason) for c in stream
+             if c.choices and (c.choices[0].delta.tool_calls or c.choices[0].finish_reason)]
+    [(delta, finish)] = calls
+    assert finish == "tool_calls" and delta[0].function.name == "add"
+    jsonschema.validate(json.loads(delta[0].function.arguments), PARAMETERS["add"])
+    for bad in ({}, {"tool_choice": {"type": "function", "function": {"name": "nope"}}}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, **bad)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="none", max_tokens=4)
+    assert plain.choices[0].message.tool_calls is None

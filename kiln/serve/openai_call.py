@@ -89,7 +89,20 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),
-        json_schema=json_schema_of(getattr(body, "response_format", None)))
+        json_schema=_structured(body))
+
+
+def _structured(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
+    from kiln.serve.openai_tools import forced_tools, tool_call_schema
+
+    schema = json_schema_of(getattr(body, "response_format", None))
+    functions = forced_tools(body)
+    if functions is None:
+        return schema
+    if schema is not None:
+        raise APIError(400, "a forced tool_choice and a JSON response_format exclude each "
+                       "other", param="response_format")
+    return tool_call_schema(functions)
 
 
 def json_schema_of(response_format: Any) -> dict[str, Any] | None:
