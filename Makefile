@@ -31,7 +31,7 @@ $(TRITON_VENV)/.installed: $(VENV)/.installed
 	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2'
 	touch $@
 
-run: setup
+run: $(VENV)/.installed  # the main job needs no Triton server
 	$(VENV)/bin/kiln run --prompt "$(PROMPT)"
 
 test: setup
