@@ -28,6 +28,12 @@ ARCH_CONFIGS = {
     "phi3": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=None, use_bias=True,
                                             norm_epsilon=1e-5)),
+    # GPT-era layouts (kiln.models.convert): Conv1D, per-head fused QKV, partial rotary.
+    "gpt2": ("GPT2Config", dict(n_inner=128, num_key_value_heads=None,
+                                activation_function="gelu_new")),
+    "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, hidden_act="gelu",
+                                       rotary_pct=0.25)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.4, hidden_act="gelu_new")),
 }
 
 

@@ -56,11 +56,12 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
             raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
     if build_cfg.pp_size > cfg.num_layers:
         raise BuildError(f"pp_size {build_cfg.pp_size} exceeds the {cfg.num_layers} layers")
-    if cfg.sliding_window and cfg.sliding_window < build_cfg.max_seq_len:
+    if cfg.position_embedding == "learned" and build_cfg.max_seq_len > \
+            cfg.max_position_embeddings:
         raise BuildError(
-            f"the model uses sliding-window attention (window {cfg.sliding_window}), which "
-            f"kiln does not implement yet; build with --max-seq-len {cfg.sliding_window} "
-            "or less, where it equals full attention")
+            f"--max-seq-len {build_cfg.max_seq_len} exceeds the {cfg.max_position_embeddings} "
+            f"positions a {cfg.architecture} model has learned; build with --max-seq-len "
+            f"{cfg.max_position_embeddings} or less")
     if cfg.hidden_act not in ACTIVATIONS:
         raise BuildError(f"activation {cfg.hidden_act!r} is not supported "
                          f"(supported: {', '.join(ACTIVATIONS)})")

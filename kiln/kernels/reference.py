@@ -40,15 +40,23 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary(
     x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int
 ) -> torch.Tensor:
-    """Neox-style rotary on x [T, heads*head_dim]; cos_sin [max_pos, head_dim] = [cos|sin]."""
+    """Neox-style rotary on x [T, heads*head_dim]; cos_sin [max_pos, rotary_dim] = [cos|sin].
+
+    Only the first rotary_dim dims of each head rotate (partial rotary, GPT-NeoX / Phi);
+    the rest pass through. rotary_dim 0 (learned or no positions) returns x as is.
+    """
     tokens = x.shape[0]
+    rotary_dim = cos_sin.shape[-1]
+    if rotary_dim == 0:
+        return x.reshape(tokens, -1)
     x = x.view(tokens, -1, head_dim)
+    x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     cos, sin = cos_sin[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
     cos = torch.cat([cos, cos], dim=-1)
     sin = torch.cat([sin, sin], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).view(tokens, -1)
+    return torch.cat([x * cos + rotated * sin, rest], dim=-1).view(tokens, -1)
 
 
 # ---- low precision ----------------------------------------------------------------------
@@ -134,6 +142,8 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -141,6 +151,8 @@ def paged_attention(
     q[query_starts[i]:query_starts[i+1]] and its context is the first seq_lens[i]
     tokens in the blocks block_tables[i]. New tokens are the last ones of the context.
     1-byte caches (e4m3fn, int8) are read as value * k_scale / v_scale [kv_heads].
+    sliding_window W: the query at position p sees keys p - W + 1 .. p only.
+    softcap c: scores s = (q . k) * scale become c * tanh(s / c) before the softmax.
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
@@ -153,11 +165,21 @@ def paged_attention(
         num_new = end - start
         # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos[:, None] - sliding_window
+        qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        else:
+            group = qh.shape[0] // kh.shape[0]
+            kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
+            scores = (qh @ kh.transpose(1, 2)) * scale
+            scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vh
         out[start:end] = o.transpose(0, 1)
     return out
 

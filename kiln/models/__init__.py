@@ -20,6 +20,11 @@ _REGISTRY = {
     "GemmaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Phi3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Starcoder2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "GPT2LMHeadModel": "kiln.models.decoder:DecoderForCausalLM",
+    "GPTNeoXForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "PhiForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Gemma2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Gemma3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

@@ -1,4 +1,10 @@
-"""The generic decoder: Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK norm) by config flags."""
+"""The generic decoder: every dense family kiln runs, by config flags.
+
+Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK norm), Gemma 1/2/3 ((1 + w) norms, sandwich
+norms, soft-capping, sliding layers), Phi-2/3, StarCoder2, GPT-2 (learned positions),
+GPT-NeoX (parallel residual, partial rotary); kiln.models.convert maps GPT-era tensor
+names onto the Llama names used here.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from kiln.layers import (
     make_norm,
 )
 from kiln.layers.linear import default_weight_loader
+from kiln.models.convert import to_decoder_names
 
 # HF projection name -> (fused kiln parameter, shard id).
 FUSED_PROJECTIONS = {
@@ -31,7 +38,8 @@ FUSED_PROJECTIONS = {
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
+                 layer: int = 0) -> None:
         super().__init__()
         tp = mapping.tp_size
         self.num_heads = cfg.num_heads // tp
@@ -44,10 +52,17 @@ class DecoderAttention(nn.Module):
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, mapping)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
-                                      cfg.rope_scaling)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim,
-                              cfg.head_dim ** -0.5)
+        window = cfg.layer_window(layer)
+        if window is not None and cfg.rope_local_theta is not None:  # Gemma 3 local layers
+            theta, scaling = cfg.rope_local_theta, None
+        else:
+            theta, scaling = cfg.rope_theta, cfg.rope_scaling
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, max_positions, theta, scaling)
+        scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        # A window as long as every context the engine can hold is global attention.
+        window = window if window is not None and window < max_positions else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale,
+                              window, cfg.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -59,23 +74,47 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
+    """Pre-norm layer. Activations travel as (hidden, residual) with hidden + residual the
+    layer input, so each norm fuses the residual add. Variants by flag: parallel
+    residual (x + attn(n1(x)) + mlp(n2(x)), n2 = n1 when shared) and sandwich norms
+    (a norm on the attention and MLP outputs too)."""
+
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
+                 layer: int = 0) -> None:
         super().__init__()
+        self.parallel = cfg.parallel_residual
         self.input_layernorm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, mapping, max_positions)
-        self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
-                                                  cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg, mapping, max_positions, layer)
+        if not (cfg.parallel_residual and cfg.parallel_shared_norm):
+            self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                      cfg.rms_norm_eps)
+        if cfg.sandwich_norms:  # HF: post_attention_layernorm normalises attention's output
+            self.pre_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                       cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                        cfg.rms_norm_eps)
+        self.sandwich = cfg.sandwich_norms
         mlp = GatedMLP if cfg.gated_mlp else PlainMLP
         self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
                        cfg.hidden_act)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.parallel:
+            residual = hidden if residual is None else hidden + residual
+            normed = self.input_layernorm(residual)
+            mlp_in = getattr(self, "post_attention_layernorm", None)
+            mlp_in = normed if mlp_in is None else mlp_in(residual)
+            return self.self_attn(positions, normed) + self.mlp(mlp_in), residual
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
+        if self.sandwich:
+            hidden = self.post_attention_layernorm(hidden)
+            hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -84,9 +123,12 @@ class DecoderBody(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mapping)
+        if cfg.position_embedding == "learned":  # GPT-2
+            self.embed_positions = VocabEmbedding(cfg.max_position_embeddings,
+                                                  cfg.hidden_size, mapping)
         # A ModuleDict keyed by global layer index keeps HF names on every pipeline stage.
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, mapping, max_positions)
+            str(i): DecoderLayer(cfg, mapping, max_positions, i)
             for i in mapping.pp_layers(cfg.num_layers)
         })
         self.norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
@@ -101,7 +143,7 @@ class DecoderForCausalLM(nn.Module):
         self.config = cfg
         self.mapping = mapping or Mapping()
         self.model = DecoderBody(cfg, self.mapping, max_positions or cfg.max_position_embeddings)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.mapping)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.mapping, cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -115,6 +157,8 @@ class DecoderForCausalLM(nn.Module):
             if self.config.scale_embeddings:  # in the model dtype, as transformers does
                 hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5,
                                                dtype=hidden.dtype)
+            if self.config.position_embedding == "learned":
+                hidden = hidden + self.model.embed_positions(positions)
         else:
             hidden, residual = intermediate
         for layer in self.model.layers.values():
@@ -125,7 +169,9 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers.values()]
@@ -151,6 +197,11 @@ class DecoderForCausalLM(nn.Module):
     def split_fused(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """A checkpoint tensor in the per-projection naming the loaders take: fused Q/K/V
         and gate/up (Phi-3) split, a norm offset (Gemma's 1 + w) folded into the weight."""
+        return [pair for name, t in to_decoder_names(self.config, hf_name, tensor)
+                for pair in self._split_decoder_tensor(name, t)]
+
+    def _split_decoder_tensor(self, hf_name: str, tensor: torch.Tensor
+                              ) -> list[tuple[str, torch.Tensor]]:
         cfg = self.config
         if cfg.norm_weight_offset and hf_name.endswith("norm.weight"):
             return [(hf_name, tensor.float() + cfg.norm_weight_offset)]
