@@ -165,7 +165,8 @@ class ModelConfig:
             pattern = flags.get("layer_pattern")
             layer_types = tuple(hf.get("layer_types") or ()) if pattern else ()
             if pattern and not layer_types:
-                pattern = int(hf.get("sliding_window_pattern", pattern))
+                pattern = int(hf.get("sliding_window_pattern")
+                              or hf.get("_sliding_window_pattern") or pattern)
                 layer_types = tuple("sliding_attention" if (i + 1) % pattern else
                                     "full_attention" for i in range(layers))
             layernorm = flags.get("norm_type") == "layernorm"

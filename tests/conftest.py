@@ -21,6 +21,7 @@ ARCH_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
     "gemma": ("GemmaConfig", dict(head_dim=32, hidden_activation="gelu_pytorch_tanh",
@@ -34,6 +35,16 @@ ARCH_CONFIGS = {
     "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, hidden_act="gelu",
                                        rotary_pct=0.25)),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.4, hidden_act="gelu_new")),
+    # Sliding windows shorter than the prompts; caps small enough to bend the scores.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+                                    hidden_activation="gelu_pytorch_tanh")),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1000000.0}})),
 }
 
 
