@@ -101,7 +101,7 @@ def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:
 
 
 def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                    head_dim: int) -> None:
+                    head_dim: int, rotary_dim: int | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
@@ -113,7 +113,7 @@ def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv
     slots = torch.tensor([5, 16, -1, 40, 63, 0, 31, 70, 2])  # -1: padding, not written
     caches = [torch.randn(5, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
     ref_caches = [c.clone() for c in caches]
-    cos_sin = _cos_sin(head_dim)
+    cos_sin = _cos_sin(head_dim if rotary_dim is None else rotary_dim)
     q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, head_dim)
     ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, head_dim)
     _close("q", q_rot, ref_q, atol, rtol)
@@ -253,6 +253,15 @@ def test_silu_and_mul(interp, dtype, atol, rtol) -> None:
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (3, 3, 32), (2, 1, 40)])
 def test_rotary_and_write_kv(interp, dtype, atol, rtol, heads, kv_heads, head_dim) -> None:
     interp(check_rotary_kv, dtype, atol, rtol, heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, ROT_BF16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(40, 16), (20, 6), (32, 0)],
+                         ids=["neox", "phi-odd-half", "learned-positions"])
+def test_partial_rotary_and_write_kv(interp, dtype, atol, rtol, head_dim, rotary_dim) -> None:
+    """Partial rotary (GPT-NeoX, Phi): the first rotary_dim dims rotate, the rest are
+    copied; rotary_dim 0 (GPT-2) only writes the cache."""
+    interp(check_rotary_kv, dtype, atol, rtol, 4, 2, head_dim, rotary_dim)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])

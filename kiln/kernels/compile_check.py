@@ -99,8 +99,8 @@ def reports() -> list[CompileReport]:
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
         "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
-        "stride_cs_slot": 1024, "stride_ch": 128,
-    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64}, 4))
+        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
+    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0}, 4))
     attn = {"q_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf, "out_ptr": bf,
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
             "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
