@@ -141,7 +141,8 @@ def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: i
 
 
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                  head_dim: int, block_m: int | None, block_n: int | None) -> None:
+                  head_dim: int, block_m: int | None, block_n: int | None,
+                  window: int | None = None, softcap: float | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
@@ -152,13 +153,16 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
     scale = head_dim ** -0.5
     out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
-                                  block_m=block_m, block_n=block_n)
-    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+                                  block_m=block_m, block_n=block_n, sliding_window=window,
+                                  softcap=softcap)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
+                                   sliding_window=window, softcap=softcap)
     _close("prefill", out, expected, atol, rtol)
 
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                 head_dim: int, num_splits: int | None) -> None:
+                 head_dim: int, num_splits: int | None, window: int | None = None,
+                 softcap: float | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -167,8 +171,10 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
-                                 scale, num_splits=num_splits, block_n=16)
-    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale)
+                                 scale, num_splits=num_splits, block_n=16,
+                                 sliding_window=window, softcap=softcap)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
+                                   sliding_window=window, softcap=softcap)
     _close("decode", out[:5], expected[:5], atol, rtol)
     assert torch.equal(out[5], torch.zeros_like(out[5])), "padding row is not zero"
 
@@ -278,6 +284,20 @@ def test_prefill_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim,
 def test_decode_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim,
                           num_splits) -> None:
     interp(check_decode, dtype, atol, rtol, heads, kv_heads, head_dim, num_splits)
+
+
+# Windows shorter than a tile, between tiles, longer than some contexts; caps that bend
+# the random scores (|s| up to ~4).
+@pytest.mark.parametrize("window,softcap", [(5, None), (37, None), (None, 1.5), (20, 2.0)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_window_softcap(interp, window, softcap, block_m, block_n) -> None:
+    interp(check_prefill, *F32, 6, 2, 32, block_m, block_n, window, softcap)
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (37, None), (None, 1.5), (20, 2.0)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_window_softcap(interp, window, softcap, num_splits) -> None:
+    interp(check_decode, *F32, 6, 2, 32, num_splits, window, softcap)
 
 
 def test_uniform_noise_is_strictly_inside_0_1() -> None:
