@@ -58,8 +58,8 @@ def to_decoder_names(cfg: ModelConfig, name: str, tensor: torch.Tensor
         return [(name, tensor)]
     if SKIP.search(name):
         return []
-    if cfg.architecture in CONV1D and tensor.dim() == 2 and not re.search(
-            r"(wte|wpe|lm_head)\.weight$", name):
+    if cfg.architecture in CONV1D and tensor.dim() == 2 and re.match(r"(transformer\.)?h\.",
+                                                                      name):
         tensor = tensor.t()
     for pattern, replacement in renames:
         name = re.sub(pattern, replacement, name)
