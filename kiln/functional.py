@@ -102,11 +102,13 @@ def rotary_and_write_kv(
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Causal attention of q [T, heads, d] over each sequence's paged context.
 
     1-byte caches are read as value * k_scale[head] / v_scale[head]. sliding_window W:
-    a query sees its last W positions; softcap c: scores -> c * tanh(score / c).
+    a query sees its last W positions; softcap c: scores -> c * tanh(score / c);
+    alibi_slopes [heads] float32: ALiBi biases slope * (key pos - query pos).
 
     On CUDA a decode step (max_query_len == 1: token i is sequence i) takes the
     split-K decode kernel, whose launch depends only on static shapes (batch rows and
@@ -120,17 +122,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens, scale, k_scale=k_scale,
                                           v_scale=v_scale, sliding_window=sliding_window,
-                                          softcap=softcap)
+                                          softcap=softcap, alibi_slopes=alibi_slopes)
         from kiln.kernels.attention_prefill import paged_attention_prefill
 
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
                                        meta.max_query_len, scale, k_scale=k_scale,
                                        v_scale=v_scale, sliding_window=sliding_window,
-                                       softcap=softcap)
+                                       softcap=softcap, alibi_slopes=alibi_slopes)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
-                               softcap)
+                               softcap, alibi_slopes)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,7 +142,8 @@ def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: i
 
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                   head_dim: int, block_m: int | None, block_n: int | None,
-                  window: int | None = None, softcap: float | None = None) -> None:
+                  window: int | None = None, softcap: float | None = None,
+                  alibi: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
@@ -151,18 +152,19 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, heads, kv_heads,
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
+    slopes = ref.alibi_slopes(heads) if alibi else None
     out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
                                   block_m=block_m, block_n=block_n, sliding_window=window,
-                                  softcap=softcap)
+                                  softcap=softcap, alibi_slopes=slopes)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
-                                   sliding_window=window, softcap=softcap)
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
     _close("prefill", out, expected, atol, rtol)
 
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                  head_dim: int, num_splits: int | None, window: int | None = None,
-                 softcap: float | None = None) -> None:
+                 softcap: float | None = None, alibi: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -170,11 +172,12 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, [1] * 6, heads, kv_heads,
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
+    slopes = ref.alibi_slopes(heads) if alibi else None
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
                                  scale, num_splits=num_splits, block_n=16,
-                                 sliding_window=window, softcap=softcap)
+                                 sliding_window=window, softcap=softcap, alibi_slopes=slopes)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
-                                   sliding_window=window, softcap=softcap)
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
     _close("decode", out[:5], expected[:5], atol, rtol)
     assert torch.equal(out[5], torch.zeros_like(out[5])), "padding row is not zero"
 
@@ -298,6 +301,19 @@ def test_prefill_attention_window_softcap(interp, window, softcap, block_m, bloc
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_window_softcap(interp, window, softcap, num_splits) -> None:
     interp(check_decode, *F32, 6, 2, 32, num_splits, window, softcap)
+
+
+# ALiBi: 6 heads (not a power of two: Bloom's extra slopes), MQA and MHA groups.
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (6, 6), (4, 1)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_alibi(interp, heads, kv_heads, block_m, block_n) -> None:
+    interp(check_prefill, *F32, heads, kv_heads, 32, block_m, block_n, None, None, True)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (6, 6), (4, 1)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_alibi(interp, heads, kv_heads, num_splits) -> None:
+    interp(check_decode, *F32, heads, kv_heads, 32, num_splits, None, None, True)
 
 
 def test_uniform_noise_is_strictly_inside_0_1() -> None:

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kiln.kernels.paged import (
     LOG2E,
+    LOG2E_C,
     attend_tile,
     dot_precision,
     head_block,
@@ -49,11 +50,11 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-    window, softcap,
+    window, softcap, alibi_ptr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -65,7 +66,8 @@ def _decode_kernel(
     the reduce combines linearly).
     WINDOW: the token sees its last `window` keys only, so the splits share those (the
     blocks before them are never read). SOFTCAP: scores -> c * tanh(score / c), softcap
-    = c * log2(e). Both constexpr: off, the plain code.
+    = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). All
+    constexpr: off, the plain code.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -92,6 +94,11 @@ def _decode_kernel(
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
         qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head)
+    q_pos = offs_g  # read by attend_tile for ALiBi only (decode needs no causal mask)
+    slopes = 0.0
+    if ALIBI:
+        q_pos = tl.zeros([BLOCK_G], tl.int32) + (seq_len - 1)
+        slopes = tl.load(alibi_ptr + head, mask=offs_g < GROUP, other=0.0) * LOG2E_C
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -99,16 +106,16 @@ def _decode_kernel(
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                    n0, end, offs_g, kv_head, qk_scale,
+                                    n0, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
-                                    window, softcap, False, SOFTCAP)
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
     if full_end < end:
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                    full_end, end, offs_g, kv_head, qk_scale,
+                                    full_end, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
-                                    window, softcap, False, SOFTCAP)
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
@@ -186,11 +193,12 @@ def paged_attention_decode(
     num_splits: int | None = None, block_n: int | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     num_stages: int | None = None, sliding_window: int | None = None,
-    softcap: float | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
-    sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c).
+    sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c);
+    alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference.
 
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
@@ -229,11 +237,12 @@ def paged_attention_decode(
         k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         sliding_window or 0, (softcap or 0.0) * LOG2E,
+        alibi_slopes if alibi_slopes is not None else seq_lens,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
-        num_warps=4, num_stages=num_stages,
+        ALIBI=alibi_slopes is not None, num_warps=4, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

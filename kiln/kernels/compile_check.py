@@ -105,15 +105,18 @@ def reports() -> list[CompileReport]:
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
             "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
             "stride_qh": 128, "stride_oh": 128, "stride_kb": 16384, "stride_ks": 1024,
-            "stride_kh": 128, "stride_bt": 512, "window": 4096, "softcap": 72.1}
+            "stride_kh": 128, "stride_bt": 512, "window": 4096, "softcap": 72.1,
+            "alibi_ptr": "*fp32"}
     shape = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128, "DOT_PREC": "tf32",
-             "WINDOW": False, "SOFTCAP": False}
+             "WINDOW": False, "SOFTCAP": False, "ALIBI": False}
     gemma2 = {"WINDOW": True, "SOFTCAP": True}  # sliding window + soft-capping
     for block_m, warps in ((128, 8), (16, 4)):
         out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
             **shape, "BLOCK_M": block_m, "BLOCK_N": 64}, warps, variant=f"BLOCK_M={block_m}"))
     out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
         **shape, **gemma2, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="window+softcap"))
+    out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
+        **shape, "ALIBI": True, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="alibi"))
     for splits in (1, 32):
         out.append(compile_sm90(attention_decode._decode_kernel, attn, {
             **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,
@@ -121,6 +124,9 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, attn, {
         **shape, **gemma2, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
         variant="window+softcap"))
+    out.append(compile_sm90(attention_decode._decode_kernel, attn, {
+        **shape, "ALIBI": True, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
+        variant="alibi"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     out.append(compile_sm90(sampling._sample_kernel, {

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
 KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
@@ -40,7 +41,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 DOT_PREC: tl.constexpr, window=0, softcap=0.0,
-                WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False):
+                WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+                slopes=0.0, ALIBI: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -48,8 +50,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     MASK drops keys >= n_end; CAUSAL also drops keys after each query's position q_pos;
     WINDOW (with MASK) also keys at or before q_pos - window, and guards rows that see no
     key of the tile yet (m' = -inf). SOFTCAP: s = c * tanh(s / c), softcap = c * log2(e)
-    (the cap of the natural-log scores, carried into base 2). Both off compile to the
-    plain code.
+    (the cap of the natural-log scores, carried into base 2). ALIBI: s += slopes[row] *
+    (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
     q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
     run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 as
     value * 2^-8 built from its bits with integer ops (load_kv_words, e4m3_bytes; the
@@ -84,6 +86,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
+    if ALIBI:
+        s += slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
     if MASK:
         keep = n_ok[None, :]
         if CAUSAL:

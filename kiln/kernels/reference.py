@@ -6,6 +6,8 @@ dtype) so that kiln matches it within dtype tolerance.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -144,6 +146,7 @@ def paged_attention(
     v_scale: torch.Tensor | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -153,6 +156,8 @@ def paged_attention(
     1-byte caches (e4m3fn, int8) are read as value * k_scale / v_scale [kv_heads].
     sliding_window W: the query at position p sees keys p - W + 1 .. p only.
     softcap c: scores s = (q . k) * scale become c * tanh(s / c) before the softmax.
+    alibi_slopes [heads] float32 (ALiBi, Bloom): scores get slope[h] * (key pos - query
+    pos) added (the softmax equals Bloom's slope * key pos; relative stays exact longer).
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
@@ -170,7 +175,13 @@ def paged_attention(
         if sliding_window is not None:
             mask &= k_pos > q_pos[:, None] - sliding_window
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if softcap is None:
+        if alibi_slopes is not None:
+            distance = (k_pos - q_pos[:, None]).float()
+            bias = alibi_slopes.float()[:, None, None] * distance[None]
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=bias.masked_fill(~mask, float("-inf")).to(q.dtype),
+                scale=scale, enable_gqa=True)
+        elif softcap is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                                enable_gqa=True)
         else:
@@ -182,6 +193,16 @@ def paged_attention(
             o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vh
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes [num_heads] float32 (Press et al.; Bloom's recipe): for the largest
+    power of two n <= num_heads, 2^(-8 i / n) for i = 1..n, then the odd multiples
+    2^(-4 (2j - 1) / n) for the heads beyond n."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * (2 * j - 1) / n) for j in range(1, num_heads - n + 1)]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 def rotary_and_write_kv(
