@@ -34,6 +34,15 @@ _LLAMA_FAMILY = {
     "PhiForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
                        "parallel_residual": True, "parallel_shared_norm": True,
                        "lm_head_bias": True},
+    # Bloom: ALiBi instead of positions, a LayerNorm on the embeddings, per-head fused QKV.
+    "BloomForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
+                         "position_embedding": "alibi", "embedding_norm": True,
+                         "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"},
+    # Falcon: parallel attention + MLP (one shared LayerNorm, or ln_attn / ln_mlp in the
+    # new decoder architecture of 40B / 180B), multi-query or grouped KV (see _falcon).
+    "FalconForCausalLM": {"norm_type": "layernorm", "gated_mlp": False,
+                          "tie_word_embeddings": True, "hidden_act": "gelu",
+                          "parallel_residual_key": "parallel_attn"},
     # Gemma 2: Gemma plus sandwich norms, soft-capping, alternating sliding/global layers.
     "Gemma2ForCausalLM": {"norm_weight_offset": 1.0, "scale_embeddings": True,
                           "sandwich_norms": True, "layer_pattern": 2},
@@ -48,7 +57,9 @@ _HF_ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers",
                "n_head": "num_attention_heads", "n_positions": "max_position_embeddings",
                "n_inner": "intermediate_size", "layer_norm_epsilon": "layer_norm_eps",
                "activation_function": "hidden_act", "rotary_emb_base": "rope_theta",
-               "rotary_pct": "partial_rotary_factor", "norm_epsilon": "layer_norm_eps"}
+               "rotary_pct": "partial_rotary_factor", "norm_epsilon": "layer_norm_eps",
+               "n_embed": "hidden_size", "ffn_hidden_size": "intermediate_size",
+               "activation": "hidden_act"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3)
     lm_head_bias: bool = False
+    embedding_norm: bool = False  # a LayerNorm right after the token embeddings (Bloom)
 
     @property
     def rotary_dim(self) -> int:
@@ -171,7 +183,7 @@ class ModelConfig:
                                     "full_attention" for i in range(layers))
             layernorm = flags.get("norm_type") == "layernorm"
             scalar = hf.get("query_pre_attn_scalar") if flags.get("sandwich_norms") else None
-            return cls(
+            fields = dict(
                 architecture=arch,
                 vocab_size=int(hf["vocab_size"]),
                 hidden_size=hidden,
@@ -213,11 +225,29 @@ class ModelConfig:
                 layer_types=layer_types,
                 rope_local_theta=_optional_float(local_theta),
                 lm_head_bias=bool(flags.get("lm_head_bias", False)),
+                embedding_norm=bool(flags.get("embedding_norm", False)),
             )
+            if arch == "FalconForCausalLM":
+                fields.update(_falcon(hf, num_heads))
+            return cls(**fields)
         except KeyError as e:
             raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json has a field of the wrong type: {e}") from None
+
+
+def _falcon(hf: dict[str, Any], num_heads: int) -> dict[str, Any]:
+    """Falcon's KV heads, biases and norms: 7B is multi-query with one LayerNorm shared by
+    attention and MLP; the new decoder architecture (40B, 180B) has grouped KV heads and
+    two LayerNorms (ln_attn, ln_mlp) unless num_ln_in_parallel_attn is 1."""
+    new_arch = bool(hf.get("new_decoder_architecture", False))
+    if new_arch:
+        kv_heads = int(hf["num_kv_heads"])
+    else:
+        kv_heads = 1 if hf.get("multi_query", True) else num_heads
+    bias = bool(hf.get("bias", False))
+    return dict(num_kv_heads=kv_heads, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+                parallel_shared_norm=not new_arch or hf.get("num_ln_in_parallel_attn") == 1)
 
 
 def _optional_float(value: Any) -> float | None:
@@ -231,6 +261,8 @@ _REQUIRED_VALUES = (
     ("GPT2LMHeadModel", "reorder_and_upcast_attn", False),
     ("GPT2LMHeadModel", "scale_attn_weights", True),
     ("PhiForCausalLM", "qk_layernorm", False),
+    ("BloomForCausalLM", "apply_residual_connection_post_layernorm", False),
+    ("FalconForCausalLM", "alibi", False),
 )
 
 
@@ -242,7 +274,8 @@ def _refuse_unsupported(arch: str, hf: dict[str, Any]) -> None:
 
 
 def _activation(arch: str, hf: dict[str, Any]) -> str:
-    act = str(hf.get("hidden_activation") or hf.get("hidden_act") or "silu")
+    default = _LLAMA_FAMILY[arch].get("hidden_act", "silu")
+    act = str(hf.get("hidden_activation") or hf.get("hidden_act") or default)
     # Gemma's releases say "gelu" but mean the tanh approximation (as transformers does).
     gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
     return "gelu_pytorch_tanh" if gemma and act == "gelu" else act
@@ -254,7 +287,8 @@ def _arch_from_model_type(model_type: str | None) -> str:
                "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
                "starcoder2": "Starcoder2ForCausalLM", "gpt2": "GPT2LMHeadModel",
                "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
-               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM"}
     return by_type.get(model_type or "", f"<model_type={model_type}>")
 
 

@@ -35,6 +35,14 @@ ARCH_CONFIGS = {
     "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, hidden_act="gelu",
                                        rotary_pct=0.25)),
     "phi": ("PhiConfig", dict(partial_rotary_factor=0.4, hidden_act="gelu_new")),
+    # ALiBi with 6 heads (Bloom's slopes for a head count that is not a power of two).
+    "bloom": ("BloomConfig", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=None,
+                                  intermediate_size=None)),
+    # Falcon-7B layout (multi-query, one shared norm) and the new decoder architecture of
+    # 40B/180B (grouped KV heads, ln_attn + ln_mlp), with biases.
+    "falcon": ("FalconConfig", dict(ffn_hidden_size=128, num_key_value_heads=None)),
+    "falcon-new": ("FalconConfig", dict(ffn_hidden_size=128, new_decoder_architecture=True,
+                                        num_kv_heads=2, bias=True)),
     # Sliding windows shorter than the prompts; caps small enough to bend the scores.
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=1.5, final_logit_softcapping=2.0,

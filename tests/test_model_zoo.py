@@ -14,7 +14,7 @@ from kiln.build import build
 from kiln.checkpoint.random import PRESETS, RandomCheckpoint
 from kiln.config import BuildConfig, ModelConfig
 
-NEW_PRESETS = ["gemma-2-9b", "phi-2"]
+NEW_PRESETS = ["gemma-2-9b", "phi-2", "falcon-7b", "bloom-7b1"]
 
 
 def shrunk(preset: str) -> ModelConfig:

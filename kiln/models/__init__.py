@@ -25,6 +25,8 @@ _REGISTRY = {
     "PhiForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Gemma2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Gemma3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "BloomForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "FalconForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

@@ -34,6 +34,25 @@ _NEOX = (
     (r"\.mlp\.dense_h_to_4h\.", ".mlp.c_fc."),
     (r"\.mlp\.dense_4h_to_h\.", ".mlp.c_proj."),
 )
+_FUSED_MLP = (
+    (r"\.self_attention\.query_key_value\.", ".self_attn.qkv_proj."),
+    (r"\.self_attention\.dense\.", ".self_attn.o_proj."),
+    (r"\.mlp\.dense_h_to_4h\.", ".mlp.c_fc."),
+    (r"\.mlp\.dense_4h_to_h\.", ".mlp.c_proj."),
+    (r"^(transformer\.)?ln_f\.", "model.norm."),
+    (r"^(transformer\.)?h\.", "model.layers."),
+)
+_BLOOM = (
+    (r"^(transformer\.)?word_embeddings_layernorm\.", "model.embed_norm."),
+    (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
+    *_FUSED_MLP,
+)
+_FALCON = (
+    (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
+    (r"\.ln_attn\.", ".input_layernorm."),
+    (r"\.ln_mlp\.", ".post_attention_layernorm."),
+    *_FUSED_MLP,
+)
 _PHI = (
     (r"^model\.final_layernorm\.", "model.norm."),
     (r"\.self_attn\.dense\.", ".self_attn.o_proj."),
@@ -43,11 +62,15 @@ _PHI = (
 
 RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "GPT2LMHeadModel": _GPT2, "GPTNeoXForCausalLM": _NEOX, "PhiForCausalLM": _PHI,
+    "BloomForCausalLM": _BLOOM, "FalconForCausalLM": _FALCON,
 }
 # Buffers some checkpoints carry (causal masks, rotary tables): recomputed, never loaded.
 SKIP = re.compile(r"\.attn\.(masked_)?bias$|\.attention\.(masked_)?bias$|rotary_emb\.inv_freq$")
 CONV1D = ("GPT2LMHeadModel",)  # Conv1D: weights stored [in, out]
-QKV_PER_HEAD = ("GPTNeoXForCausalLM",)  # fused QKV rows grouped per head: [heads, 3, d]
+# Fused QKV rows grouped per KV head: [kv_heads, group + 2, d] (group query heads, then
+# K, then V): NeoX and Bloom per head ([heads, 3, d]); Falcon's MQA ([1, heads + 2, d]:
+# all queries, then K, V) and its new architecture's groups.
+QKV_GROUPED = ("GPTNeoXForCausalLM", "BloomForCausalLM", "FalconForCausalLM")
 
 
 def to_decoder_names(cfg: ModelConfig, name: str, tensor: torch.Tensor
@@ -63,8 +86,11 @@ def to_decoder_names(cfg: ModelConfig, name: str, tensor: torch.Tensor
         tensor = tensor.t()
     for pattern, replacement in renames:
         name = re.sub(pattern, replacement, name)
-    if cfg.architecture in QKV_PER_HEAD and ".self_attn.qkv_proj." in name:
-        per_head = tensor.reshape(cfg.num_heads, 3, cfg.head_dim, *tensor.shape[1:])
-        return [(name.replace("qkv_proj", proj), per_head[:, i].reshape(-1, *tensor.shape[1:]))
-                for i, proj in enumerate(("q_proj", "k_proj", "v_proj"))]
+    if cfg.architecture in QKV_GROUPED and ".self_attn.qkv_proj." in name:
+        group = cfg.num_heads // cfg.num_kv_heads
+        rest = tensor.shape[1:]
+        grouped = tensor.reshape(cfg.num_kv_heads, group + 2, cfg.head_dim, *rest)
+        return [(name.replace("qkv_proj", "q_proj"), grouped[:, :group].reshape(-1, *rest)),
+                (name.replace("qkv_proj", "k_proj"), grouped[:, group].reshape(-1, *rest)),
+                (name.replace("qkv_proj", "v_proj"), grouped[:, group + 1].reshape(-1, *rest))]
     return [(name, tensor)]

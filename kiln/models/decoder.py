@@ -2,8 +2,9 @@
 
 Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK norm), Gemma 1/2/3 ((1 + w) norms, sandwich
 norms, soft-capping, sliding layers), Phi-2/3, StarCoder2, GPT-2 (learned positions),
-GPT-NeoX (parallel residual, partial rotary); kiln.models.convert maps GPT-era tensor
-names onto the Llama names used here.
+GPT-NeoX (parallel residual, partial rotary), Bloom (ALiBi, embedding norm), Falcon
+(parallel attention, multi-query); kiln.models.convert maps GPT-era tensor names onto
+the Llama names used here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
+from kiln.kernels.reference import alibi_slopes
 from kiln.layers import (
     Attention,
     GatedMLP,
@@ -61,8 +63,12 @@ class DecoderAttention(nn.Module):
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         # A window as long as every context the engine can hold is global attention.
         window = window if window is not None and window < max_positions else None
+        slopes = None
+        if cfg.position_embedding == "alibi":  # this rank's heads
+            first = mapping.tp_rank * self.num_heads
+            slopes = alibi_slopes(cfg.num_heads)[first:first + self.num_heads].contiguous()
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale,
-                              window, cfg.attn_logit_softcap)
+                              window, cfg.attn_logit_softcap, slopes)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -126,6 +132,8 @@ class DecoderBody(nn.Module):
         if cfg.position_embedding == "learned":  # GPT-2
             self.embed_positions = VocabEmbedding(cfg.max_position_embeddings,
                                                   cfg.hidden_size, mapping)
+        if cfg.embedding_norm:  # Bloom
+            self.embed_norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
         # A ModuleDict keyed by global layer index keeps HF names on every pipeline stage.
         self.layers = nn.ModuleDict({
             str(i): DecoderLayer(cfg, mapping, max_positions, i)
@@ -159,6 +167,8 @@ class DecoderForCausalLM(nn.Module):
                                                dtype=hidden.dtype)
             if self.config.position_embedding == "learned":
                 hidden = hidden + self.model.embed_positions(positions)
+            if self.config.embedding_norm:
+                hidden = self.model.embed_norm(hidden)
         else:
             hidden, residual = intermediate
         for layer in self.model.layers.values():
