@@ -43,6 +43,12 @@ _LLAMA_FAMILY = {
     "FalconForCausalLM": {"norm_type": "layernorm", "gated_mlp": False,
                           "tie_word_embeddings": True, "hidden_act": "gelu",
                           "parallel_residual_key": "parallel_attn"},
+    # Mixture of experts (kiln.layers.moe): top-k routing over SwiGLU experts; Mixtral
+    # renormalises the top-k weights, the Qwen MoEs when norm_topk_prob says so; Qwen2-MoE
+    # adds a shared expert behind a sigmoid gate.
+    "MixtralForCausalLM": {"moe": True, "norm_topk_prob": True},
+    "Qwen2MoeForCausalLM": {"moe": True, "qkv_bias": True},
+    "Qwen3MoeForCausalLM": {"moe": True, "qk_norm": True},
     # Gemma 2: Gemma plus sandwich norms, soft-capping, alternating sliding/global layers.
     "Gemma2ForCausalLM": {"norm_weight_offset": 1.0, "scale_embeddings": True,
                           "sandwich_norms": True, "layer_pattern": 2},
@@ -107,6 +113,15 @@ class ModelConfig:
     rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3)
     lm_head_bias: bool = False
     embedding_norm: bool = False  # a LayerNorm right after the token embeddings (Bloom)
+    # Mixture of experts: layers in moe_layers replace the MLP by num_experts SwiGLU
+    # experts of moe_intermediate_size, num_experts_per_tok of them per token (and a
+    # gated shared expert of shared_expert_intermediate_size when > 0).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    moe_layers: tuple[int, ...] = ()
 
     @property
     def rotary_dim(self) -> int:
@@ -138,6 +153,7 @@ class ModelConfig:
         data = {k: v for k, v in data.items() if k in known}
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         data["layer_types"] = tuple(data.get("layer_types", ()))
+        data["moe_layers"] = tuple(data.get("moe_layers", ()))
         return cls(**data)
 
     @classmethod
@@ -229,6 +245,8 @@ class ModelConfig:
             )
             if arch == "FalconForCausalLM":
                 fields.update(_falcon(hf, num_heads))
+            if flags.get("moe"):
+                fields.update(_moe(hf, layers, flags))
             return cls(**fields)
         except KeyError as e:
             raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
@@ -248,6 +266,20 @@ def _falcon(hf: dict[str, Any], num_heads: int) -> dict[str, Any]:
     bias = bool(hf.get("bias", False))
     return dict(num_kv_heads=kv_heads, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
                 parallel_shared_norm=not new_arch or hf.get("num_ln_in_parallel_attn") == 1)
+
+
+def _moe(hf: dict[str, Any], layers: int, flags: dict[str, Any]) -> dict[str, Any]:
+    """Expert counts and sizes; which layers are sparse (Qwen: every decoder_sparse_step-th
+    layer not in mlp_only_layers; Mixtral: all)."""
+    experts = int(hf.get("num_local_experts") or hf["num_experts"])
+    step = int(hf.get("decoder_sparse_step") or 1)
+    dense = set(hf.get("mlp_only_layers") or ())
+    return dict(
+        num_experts=experts, num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        moe_intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+        norm_topk_prob=bool(flags.get("norm_topk_prob", hf.get("norm_topk_prob", False))),
+        shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size") or 0),
+        moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
 
 
 def _optional_float(value: Any) -> float | None:
@@ -288,7 +320,9 @@ def _arch_from_model_type(model_type: str | None) -> str:
                "starcoder2": "Starcoder2ForCausalLM", "gpt2": "GPT2LMHeadModel",
                "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM"}
+               "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
+               "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
     return by_type.get(model_type or "", f"<model_type={model_type}>")
 
 

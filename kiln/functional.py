@@ -135,6 +135,24 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                softcap, alibi_slopes)
 
 
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights float32 [T, k], expert ids [T, k]) from router logits [T, E] (torch ops on
+    every device: E is small and softmax + topk are single kernels)."""
+    return ref.moe_route(router_logits, top_k, renormalize)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts weighted by the router; see reference. On CUDA: tokens sorted by
+    expert once, then one grouped GEMM per projection (kernels/moe.py)."""
+    if _triton(x):
+        from kiln.kernels.moe import fused_moe as kernel
+
+        return kernel(x, w13, w2, topk_weights, topk_ids)
+    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids)
+
+
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3fn [M, K], float32 scale [M, 1]); see reference."""
     if _triton(x):

@@ -245,6 +245,31 @@ def check_functional_dispatch() -> None:
            ref.rms_norm(x, torch.ones(64), 1e-6), 1e-5, 1e-5)
 
 
+def check_fused_moe(dtype: torch.dtype, atol: float, rtol: float, tokens: int, experts: int,
+                    top_k: int, block_m: int | None) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.moe import align_by_expert, fused_moe
+
+    torch.manual_seed(0)
+    hidden, inter = 48, 40  # not multiples of the tiles
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    w13 = torch.randn(experts, 2 * inter, hidden, dtype=dtype) * 0.2
+    w2 = torch.randn(experts, hidden, inter, dtype=dtype) * 0.2
+    weights, ids = ref.moe_route(torch.randn(tokens, experts), top_k, renormalize=False)
+    ids[0] = torch.arange(top_k)  # at least one expert with a single pair, one unused
+    _close("fused_moe", fused_moe(x, w13, w2, weights, ids, block_m=block_m),
+           ref.fused_moe(x, w13, w2, weights, ids), atol, rtol)
+    # Every pair sits exactly once in a block of its expert.
+    sorted_pairs, block_experts = align_by_expert(ids, experts, 16)
+    rows = sorted_pairs.view(-1, 16)
+    for block, expert in zip(rows, block_experts.tolist()):
+        real = block[block < tokens * top_k].long()
+        assert expert < experts or real.numel() == 0
+        assert (ids.reshape(-1)[real] == expert).all()
+    assert sorted(sorted_pairs[sorted_pairs < tokens * top_k].tolist()) == \
+        list(range(tokens * top_k))
+
+
 # ---- tests ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,atol,rtol", [F32, BF16, F16])
 @pytest.mark.parametrize("shape", [(5, 123), (3, 4, 32)])
@@ -316,6 +341,15 @@ def test_decode_attention_alibi(interp, heads, kv_heads, num_splits) -> None:
     interp(check_decode, *F32, heads, kv_heads, 32, num_splits, None, None, True)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 4, 2, None), (37, 8, 2, 16),
+                                                          (20, 6, 3, None)])
+def test_fused_moe(interp, dtype, atol, rtol, tokens, experts, top_k, block_m) -> None:
+    """Grouped GEMMs over expert-sorted pairs vs the per-expert loop (more experts than
+    top-k, a decode-sized batch, a prefill-sized one)."""
+    interp(check_fused_moe, dtype, atol, rtol, tokens, experts, top_k, block_m)
+
+
 def test_uniform_noise_is_strictly_inside_0_1() -> None:
     """u == 1 would make E = -log(u) = 0: p / 0 = inf, or NaN (which argmax picks) for a
     filtered-out token. The float32 noise must never round to 1 (nor reach 0)."""
@@ -346,6 +380,9 @@ def test_kernels_compile_for_hopper() -> None:
     found = {(r.kernel, r.variant): r for r in reports()}
     for (kernel, variant), r in found.items():
         assert r.stack_bytes <= (64 if kernel == "sample_kernel" else 0), (kernel, variant, r)
-        assert r.instructions["ld.global.v4"] > 0, (kernel, variant, r)
+        # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel)
+        assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0, \
+            (kernel, variant, r)
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
+    assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0

@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from kiln.kernels import (
     attention_decode,
     attention_prefill,
+    moe,
     rms_norm,
     rotary_kv,
     sampling,
@@ -129,6 +130,14 @@ def reports() -> list[CompileReport]:
         variant="alibi"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
+    # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
+    out.append(compile_sm90(moe._moe_gemm_kernel, {
+        "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",
+        "block_experts_ptr": "*i32", "weights_ptr": "*fp32", "N": 28672, "K": 4096,
+        "num_pairs": 2048, "num_experts": 8, "stride_am": 4096, "stride_we": 117440512,
+        "stride_wn": 4096, "stride_om": 28672,
+    }, {"TOP_K": 2, "A_PER_TOKEN": True, "MUL_WEIGHT": False, "BLOCK_M": 64, "BLOCK_N": 64,
+        "BLOCK_K": 64, "DOT_PREC": "tf32"}, 4, num_stages=3))
     out.append(compile_sm90(sampling._sample_kernel, {
         "logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",

@@ -205,6 +205,33 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: (weights float32 [T, k], expert ids int64 [T, k]) from the softmax of
+    the router logits [T, E] (in float32); renormalize rescales the k weights to sum 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]) for SwiGLU experts:
+    expert_e(x) = w2[e] (silu(gate) * up), [gate | up] = w13[e] x.
+
+    x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k]. One pass per expert that has
+    tokens, accumulated in x's dtype (the oracle; the GPU runs kernels.moe).
+    """
+    out = torch.zeros_like(x)
+    for expert in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == expert)
+        h = silu_and_mul(x[token] @ w13[expert].T) @ w2[expert].T
+        out.index_add_(0, token, (h * topk_weights[token, slot, None]).to(x.dtype))
+    return out
+
+
 def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
