@@ -43,6 +43,15 @@ ARCH_CONFIGS = {
     "falcon": ("FalconConfig", dict(ffn_hidden_size=128, num_key_value_heads=None)),
     "falcon-new": ("FalconConfig", dict(ffn_hidden_size=128, new_decoder_architecture=True,
                                         num_kv_heads=2, bias=True)),
+    # Mixture of experts: more experts than top-k; Qwen2-MoE's shared expert and a dense
+    # layer (mlp_only_layers); Qwen3-MoE's renormalised top-k.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, mlp_only_layers=[1],
+                                         shared_expert_intermediate_size=48)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, head_dim=32,
+                                         moe_intermediate_size=32, norm_topk_prob=True)),
     # Sliding windows shorter than the prompts; caps small enough to bend the scores.
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=1.5, final_logit_softcapping=2.0,

@@ -14,7 +14,7 @@ from kiln.build import build
 from kiln.checkpoint.random import PRESETS, RandomCheckpoint
 from kiln.config import BuildConfig, ModelConfig
 
-NEW_PRESETS = ["gemma-2-9b", "phi-2", "falcon-7b", "bloom-7b1"]
+NEW_PRESETS = ["gemma-2-9b", "phi-2", "falcon-7b", "bloom-7b1", "mixtral-8x7b"]
 
 
 def shrunk(preset: str) -> ModelConfig:
@@ -23,8 +23,10 @@ def shrunk(preset: str) -> ModelConfig:
     heads = 4
     kv_heads = heads if cfg.num_kv_heads == cfg.num_heads else 2
     layer_types = cfg.layer_types[:2]
+    moe = dict(moe_intermediate_size=32, moe_layers=(0, 1), num_experts=4) \
+        if cfg.num_experts else {}
     return dataclasses.replace(
-        cfg, vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+        cfg, **moe, vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=20, layer_types=layer_types,
         sliding_window=5 if cfg.sliding_window else None, max_position_embeddings=256,
         bos_token_id=None, eos_token_ids=())

@@ -51,7 +51,9 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
     tp = build_cfg.tp_size
     for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                    ("intermediate size", cfg.intermediate_size)):
+                    ("intermediate size", cfg.intermediate_size),
+                    ("expert intermediate size", cfg.moe_intermediate_size),
+                    ("shared expert intermediate size", cfg.shared_expert_intermediate_size)):
         if n % tp:
             raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
     if build_cfg.pp_size > cfg.num_layers:

@@ -67,6 +67,12 @@ PRESETS: dict[str, dict] = {
                   o_bias=True, mlp_bias=True, parallel_residual=True,
                   parallel_shared_norm=True, lm_head_bias=True, max_position_embeddings=2048,
                   eos_token_ids=(50256,)),
+    "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=14336, norm_topk_prob=True,
+                         moe_layers=tuple(range(32)), rope_theta=1000000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,)),
     "falcon-7b": dict(architecture="FalconForCausalLM", vocab_size=65024, hidden_size=4544,
                       intermediate_size=18176, num_layers=32, num_heads=71, num_kv_heads=1,
                       head_dim=64, norm_type="layernorm", rms_norm_eps=1e-5, hidden_act="gelu",
@@ -91,7 +97,7 @@ PRESETS: dict[str, dict] = {
 # Architectures whose HF tensor names _shapes writes out; the others take kiln's own
 # parameter names, which the decoder's loaders accept as well.
 _LLAMA_LAYOUT = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "Qwen3ForCausalLM")
+                 "Qwen3ForCausalLM")  # (and dense: an MoE config takes the model's names)
 
 
 def _model_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -124,7 +130,7 @@ class RandomCheckpoint(Checkpoint):
 
     def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         c = self.config
-        if c.architecture not in _LLAMA_LAYOUT:
+        if c.architecture not in _LLAMA_LAYOUT or c.num_experts:
             return _model_shapes(c)
         h, kv = c.hidden_size, c.kv_size
         shapes = [("model.embed_tokens.weight", (c.vocab_size, h)), ("model.norm.weight", (h,))]

@@ -27,6 +27,9 @@ _REGISTRY = {
     "Gemma3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "BloomForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "FalconForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "MixtralForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen2MoeForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen3MoeForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

@@ -63,6 +63,7 @@ _PHI = (
 RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     "GPT2LMHeadModel": _GPT2, "GPTNeoXForCausalLM": _NEOX, "PhiForCausalLM": _PHI,
     "BloomForCausalLM": _BLOOM, "FalconForCausalLM": _FALCON,
+    "MixtralForCausalLM": ((r"\.block_sparse_moe\.", ".mlp."),),
 }
 # Buffers some checkpoints carry (causal masks, rotary tables): recomputed, never loaded.
 SKIP = re.compile(r"\.attn\.(masked_)?bias$|\.attention\.(masked_)?bias$|rotary_emb\.inv_freq$")

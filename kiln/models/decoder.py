@@ -9,6 +9,7 @@ the Llama names used here.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -30,8 +31,14 @@ from kiln.layers import (
     make_norm,
 )
 from kiln.layers.linear import default_weight_loader
+from kiln.layers.moe import SparseMoE
 from kiln.models.convert import to_decoder_names
 
+# One expert's projection: HF (Qwen MoE) or Mixtral (w1 gate, w3 up, w2 down) names.
+EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
+                    r"\.weight$")
+EXPERT_SHARD = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1),
+                "w3": ("w13", 1), "down_proj": ("w2", None), "w2": ("w2", None)}
 # HF projection name -> (fused kiln parameter, shard id).
 FUSED_PROJECTIONS = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -100,9 +107,14 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
                                                         cfg.rms_norm_eps)
         self.sandwich = cfg.sandwich_norms
-        mlp = GatedMLP if cfg.gated_mlp else PlainMLP
-        self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
-                       cfg.hidden_act)
+        if layer in cfg.moe_layers:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                 cfg.moe_intermediate_size, cfg.norm_topk_prob, mapping,
+                                 cfg.shared_expert_intermediate_size)
+        else:
+            mlp = GatedMLP if cfg.gated_mlp else PlainMLP
+            self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
+                           cfg.hidden_act)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +209,11 @@ class DecoderForCausalLM(nn.Module):
         if len(parts) > 2 and parts[1] == "layers" and \
                 int(parts[2]) not in self.mapping.pp_layers(self.config.num_layers):
             return None
+        expert = EXPERT.match(hf_name)
+        if expert:
+            prefix, index, proj = expert.groups()
+            param, half = EXPERT_SHARD[proj]
+            return f"{prefix}.{param}", (int(index), half) if half is not None else int(index)
         for hf_proj, (fused, shard) in FUSED_PROJECTIONS.items():
             if f".{hf_proj}." in hf_name:
                 return hf_name.replace(hf_proj, fused), shard
@@ -213,6 +230,15 @@ class DecoderForCausalLM(nn.Module):
     def _split_decoder_tensor(self, hf_name: str, tensor: torch.Tensor
                               ) -> list[tuple[str, torch.Tensor]]:
         cfg = self.config
+        if hf_name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.w13",
+                             "mlp.experts.down_proj", "mlp.experts.w2")):
+            # All experts in one tensor (transformers 5, or kiln's own layout): per expert.
+            base = hf_name.rsplit(".", 1)[0]
+            if hf_name.endswith(("gate_up_proj", "w13")):
+                return [(f"{base}.{e}.{proj}.weight", part)
+                        for e, expert in enumerate(tensor)
+                        for proj, part in zip(("gate_proj", "up_proj"), expert.chunk(2))]
+            return [(f"{base}.{e}.down_proj.weight", expert) for e, expert in enumerate(tensor)]
         if cfg.norm_weight_offset and hf_name.endswith("norm.weight"):
             return [(hf_name, tensor.float() + cfg.norm_weight_offset)]
         for fused, parts, sizes in (
