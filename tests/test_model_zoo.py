@@ -57,3 +57,19 @@ def test_shrunk_preset_builds_and_generates(preset, tmp_path):
     alone = llm.generate(prompts[:1], SamplingParams(max_tokens=12, temperature=0,
                                                      ignore_eos=True))
     assert alone[0].token_ids == outs[0].token_ids
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "gemma-2-9b"])
+def test_compare_hf_model_holds_the_engine_weights(preset, tmp_path):
+    """`kiln bench --compare-hf` runs transformers on the engine's weights: experts and
+    Gemma's folded (1 + w) norms must go back to transformers' layout exactly."""
+    from kiln.bench.hf_reference import hf_model_from_engine
+    from kiln.eval import sequence_logits
+
+    engine = build(RandomCheckpoint(shrunk(preset), dtype=torch.float32), tmp_path / "e",
+                   BuildConfig(dtype="float32", max_seq_len=64), progress=False)
+    tokens = list(range(3, 40))
+    with torch.no_grad():
+        want = hf_model_from_engine(engine)(torch.tensor([tokens])).logits[0]
+    got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
+    assert (got - want).abs().max() < 1e-4
