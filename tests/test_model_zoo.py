@@ -73,3 +73,19 @@ def test_compare_hf_model_holds_the_engine_weights(preset, tmp_path):
         want = hf_model_from_engine(engine)(torch.tensor([tokens])).logits[0]
     got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
     assert (got - want).abs().max() < 1e-4
+
+
+def test_moe_roofline_counts_only_the_routed_experts(tmp_path):
+    """Batch-1 decode reads top_k of num_experts experts per layer (the Mixtral roofline
+    of `kiln bench latency`), counted here by hand in float32 bytes."""
+    from kiln.bench.offline import decode_bytes_per_token
+
+    cfg = shrunk("mixtral-8x7b")
+    engine = build(RandomCheckpoint(cfg, dtype=torch.float32), tmp_path / "e",
+                   BuildConfig(dtype="float32", max_seq_len=64), progress=False)
+    h = cfg.hidden_size
+    attention = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h
+    routed = cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size
+    per_layer = attention + 2 * h + cfg.num_experts * h + routed  # norms, router, experts
+    want = 4 * (cfg.num_layers * per_layer + h + cfg.vocab_size * h)  # final norm, LM head
+    assert decode_bytes_per_token(LLM(engine, device="cpu").engine, 0) == want

@@ -157,9 +157,17 @@ def measured_copy_bandwidth(device: torch.device) -> float | None:
 
 def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
     """Bytes one batch-1 decode step must read: every weight but the embedding table
-    (one row of it), plus the KV cache of the context."""
+    (one row of it) and, in an MoE model, but the experts the token is not routed to
+    (top_k of num_experts per layer), plus the KV cache of the context."""
     model = engine.runner.model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = engine.config.model
+    if cfg.num_experts:
+        from kiln.layers.moe import Experts
+
+        idle = 1 - cfg.num_experts_per_tok / cfg.num_experts
+        weights -= int(idle * sum(p.numel() * p.element_size() for m in model.modules()
+                                  if isinstance(m, Experts) for p in m.parameters()))
     embed = model.model.embed_tokens.weight
     if not engine.config.model.tie_word_embeddings:
         weights -= embed.numel() * embed.element_size()
