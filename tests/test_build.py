@@ -158,12 +158,17 @@ def test_bad_build_config(cfg, message, llama_folder, tmp_path):
         build(llama_folder, tmp_path / "out", cfg, progress=False)
 
 
-def test_learned_positions_bound_max_seq_len(tmp_path):
+def test_learned_positions_cap_max_seq_len(tmp_path):
+    """GPT-2 has no position past its table: the default 4096 becomes its 512, so
+    `kiln run gpt2-folder` works without flags, and a longer prompt is refused."""
     folder = tmp_path / "gpt2"
     make_hf_model("gpt2", folder)  # 512 learned positions
-    with pytest.raises(BuildError, match="exceeds the 512 positions"):
-        build(folder, tmp_path / "out", BuildConfig(dtype="float32", max_seq_len=1024),
-              progress=False)
+    engine = build(folder, tmp_path / "out", BuildConfig(dtype="float32"), progress=False)
+    assert load_engine_config(engine).build.max_seq_len == 512
+    llm = LLM(engine, device="cpu")
+    assert len(llm.generate([[5] * 500], GREEDY)[0].token_ids) > 0
+    with pytest.raises(KilnError, match="512"):
+        llm.generate([[5] * 600], GREEDY)
 
 
 def test_config_field_kiln_cannot_honour_is_named(tmp_path):
