@@ -89,3 +89,31 @@ def test_moe_roofline_counts_only_the_routed_experts(tmp_path):
     per_layer = attention + 2 * h + cfg.num_experts * h + routed  # norms, router, experts
     want = 4 * (cfg.num_layers * per_layer + h + cfg.vocab_size * h)  # final norm, LM head
     assert decode_bytes_per_token(LLM(engine, device="cpu").engine, 0) == want
+
+
+def test_sliding_window_releases_blocks_and_matches_transformers(tiny_checkpoints, tmp_path):
+    """Mistral with window 6 on every layer: a 200-token generation holds a bounded number
+    of KV blocks (those behind the window go back to the pool as it advances) and gives
+    transformers' greedy tokens."""
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    folder, hf_model = tiny_checkpoints["mistral-window"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=512),
+                       progress=False)
+    engine = LLMEngine(engine_dir, RuntimeConfig(device="cpu", num_kv_blocks=40))
+    prompt, new = [5, 17, 99, 3, 42, 7, 7, 8], 200
+    engine.add_request(prompt, SamplingParams(max_tokens=new, temperature=0,
+                                              ignore_eos=True), "r")
+    held, tokens = [], None
+    while engine.has_unfinished():
+        for request in list(engine.scheduler.running):
+            held.append(engine.kv.num_held_blocks(request))
+        for out in engine.step():
+            tokens = out.token_ids
+    # 6-token window + the kernels' 64-key margin + the block being written.
+    assert max(held) <= -(-(6 + 64) // 16) + 2 < -(-(len(prompt) + new) // 16)
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    with torch.no_grad():
+        want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+    assert tokens == want

@@ -163,14 +163,18 @@ def paged_attention(
     block_size = k_cache.shape[1]
     for i, seq_len in enumerate(seq_lens):
         start, end = query_starts[i], query_starts[i + 1]
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :num_blocks].long()
-        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len], k_scale, q.dtype)
-        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len], v_scale, q.dtype)
         num_new = end - start
+        num_blocks = -(-seq_len // block_size)
+        # With a window, blocks before the first query's window are never read (the KV
+        # manager may have released them).
+        first = 0 if sliding_window is None else \
+            max(seq_len - num_new - sliding_window + 1, 0) // block_size * block_size
+        blocks = block_tables[i, first // block_size:num_blocks].long()
+        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len - first], k_scale, q.dtype)
+        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len - first], v_scale, q.dtype)
         # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
         mask = k_pos <= q_pos[:, None]
         if sliding_window is not None:
             mask &= k_pos > q_pos[:, None] - sliding_window
