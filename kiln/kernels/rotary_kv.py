@@ -187,6 +187,8 @@ def rotary_and_write_kv(
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     half = cos_sin.shape[1] // 2
     tail = head_dim - 2 * half
+    if cos_sin.numel() == 0:  # no rotary (learned positions): a table that is never read
+        cos_sin = positions
     block_d = triton.next_power_of_2(max(half, 1))
     block_h = triton.next_power_of_2(num_heads)
     num_warps = 4 if block_h * block_d <= 4096 else 8
