@@ -186,6 +186,13 @@ class ModelConfig:
             partial = float(rope.pop("partial_rotary_factor",
                                      hf.get("partial_rotary_factor", 1.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type == "longrope":  # Phi-3 keeps the original context at the top level
+                original = int(rope.get("original_max_position_embeddings")
+                               or hf["original_max_position_embeddings"])
+                rope["original_max_position_embeddings"] = original
+                rope.setdefault("factor", None)
+                if rope["factor"] is None:
+                    rope["factor"] = int(hf.get("max_position_embeddings", 4096)) / original
             rope_scaling = rope if rope_type not in (None, "default") else None
             local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
             window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None

@@ -27,6 +27,13 @@ ARCH_CONFIGS = {
     "gemma": ("GemmaConfig", dict(head_dim=32, hidden_activation="gelu_pytorch_tanh",
                                   tie_word_embeddings=True)),
     "phi3": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
+    # LongRoPE: engines of up to 256 tokens use the short factors (as transformers does
+    # below the original context), scaled by the attention factor of 512 / 256.
+    "phi3-longrope": ("Phi3Config", dict(
+        sliding_window=None, pad_token_id=0, original_max_position_embeddings=256,
+        rope_scaling={"rope_type": "longrope",
+                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=None, use_bias=True,
                                             norm_epsilon=1e-5)),
     # GPT-era layouts (kiln.models.convert): Conv1D, per-head fused QKV, partial rotary.

@@ -117,3 +117,18 @@ def test_sliding_window_releases_blocks_and_matches_transformers(tiny_checkpoint
         want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
                                  pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
     assert tokens == want
+
+
+def test_longrope_long_factors_beyond_the_original_context(tiny_checkpoints, tmp_path):
+    """An engine longer than Phi-3's original context rotates with the long factors, as
+    transformers does for a sequence past it (a 300-token prefill, original 256)."""
+    from kiln.eval import sequence_logits
+
+    folder, hf_model = tiny_checkpoints["phi3-longrope"]
+    engine = build(folder, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=512),
+                   progress=False)
+    tokens = [(7 * i + 3) % 250 + 3 for i in range(300)]
+    with torch.no_grad():
+        want = hf_model(torch.tensor([tokens])).logits[0]
+    got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
+    assert (got - want).abs().max() < 1e-4
