@@ -198,7 +198,7 @@ class ModelConfig:
             window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
             layers = int(hf["num_hidden_layers"])
             pattern = flags.get("layer_pattern")
-            layer_types = tuple(hf.get("layer_types") or ()) if pattern else ()
+            layer_types = tuple(hf.get("layer_types") or ())
             if pattern and not layer_types:
                 pattern = int(hf.get("sliding_window_pattern")
                               or hf.get("_sliding_window_pattern") or pattern)
@@ -306,6 +306,11 @@ _REQUIRED_VALUES = (
 
 
 def _refuse_unsupported(arch: str, hf: dict[str, Any]) -> None:
+    if hf.get("use_sliding_window") and hf.get("max_window_layers") is not None and \
+            not hf.get("layer_types"):
+        # Qwen: only the layers from max_window_layers on slide; kiln would slide them all.
+        raise CheckpointError(f"config.json field use_sliding_window=True (with "
+                              f"max_window_layers) is not supported for {arch}")
     for name, field_name, value in _REQUIRED_VALUES:
         if name == arch and field_name in hf and hf[field_name] != value:
             raise CheckpointError(f"config.json field {field_name}={hf[field_name]!r} is not "

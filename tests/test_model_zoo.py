@@ -132,3 +132,19 @@ def test_longrope_long_factors_beyond_the_original_context(tiny_checkpoints, tmp
         want = hf_model(torch.tensor([tokens])).logits[0]
     got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
     assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch,field,value", [
+    ("Qwen2ForCausalLM", "use_sliding_window", True),  # with max_window_layers
+    ("BloomForCausalLM", "apply_residual_connection_post_layernorm", True),
+    ("FalconForCausalLM", "alibi", True),
+    ("PhiForCausalLM", "qk_layernorm", True),
+])
+def test_config_fields_kiln_cannot_honour_fail_by_name(arch, field, value):
+    from kiln.errors import CheckpointError
+
+    hf = dict(architectures=[arch], vocab_size=16, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=2, num_attention_heads=2, sliding_window=4,
+              max_window_layers=1, **{field: value})
+    with pytest.raises(CheckpointError, match=field):
+        ModelConfig.from_hf(hf)
