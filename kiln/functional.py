@@ -72,8 +72,11 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU). Torch ops on every device for
-    now: two passes over the activations on a GPU instead of one fused kernel."""
+    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU: Gemma)."""
+    if _triton(x):
+        from kiln.kernels.silu_mul import gelu_tanh_and_mul as kernel
+
+        return kernel(x)
     return ref.gelu_tanh_and_mul(x)
 
 

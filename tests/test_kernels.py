@@ -87,11 +87,13 @@ def check_rms_norm(dtype: torch.dtype, atol: float, rtol: float, shape: tuple[in
 
 def check_silu_mul(dtype: torch.dtype, atol: float, rtol: float) -> None:
     from kiln.kernels import reference as ref
-    from kiln.kernels.silu_mul import silu_and_mul
+    from kiln.kernels.silu_mul import gelu_tanh_and_mul, silu_and_mul
 
     torch.manual_seed(0)
     x = torch.randn(7, 2 * 123, dtype=dtype) * 3
     _close("silu_mul", silu_and_mul(x), ref.silu_and_mul(x), atol, rtol)
+    x[0, :5] = torch.tensor([-30.0, -8.0, 0.0, 8.0, 30.0])  # GELU's saturated tails
+    _close("gelu_tanh_mul", gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x), atol, rtol)
 
 
 def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:

@@ -88,7 +88,10 @@ def reports() -> list[CompileReport]:
     bf = "*bf16"
     out = [compile_sm90(silu_mul._silu_mul_kernel, {
         "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
-    }, {"BLOCK": 2048}, 8)]
+    }, {"BLOCK": 2048, "GELU_TANH": False}, 8)]
+    out.append(compile_sm90(silu_mul._silu_mul_kernel, {
+        "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
+    }, {"BLOCK": 2048, "GELU_TANH": True}, 8, variant="gelu_tanh"))
     norm = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "res_out_ptr": bf,
             "eps": 1e-5, "num_rows": 77}
     out.append(compile_sm90(rms_norm._rms_norm_kernel, norm, {
