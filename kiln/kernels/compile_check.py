@@ -105,6 +105,16 @@ def reports() -> list[CompileReport]:
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
         "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
     }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0}, 4))
+    # Partial rotary: Phi-2 (head_dim 80, 32 rotated), GPT-2 (64, none rotated).
+    for variant, half, block_d, block_p in (("phi-2", 16, 16, 64), ("gpt2", 0, 1, 64)):
+        out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
+            "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+            "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
+            "num_heads": 32, "num_kv_heads": 32, "half": half, "block_size": 16,
+            "stride_q": 7680, "stride_k": 7680, "stride_v": 7680, "stride_cs": 32,
+            "stride_cb": 40960, "stride_cs_slot": 2560, "stride_ch": 80, "head_dim_arg": 80,
+        }, {"BLOCK_H": 32, "BLOCK_KH": 32, "BLOCK_D": block_d, "BLOCK_P": block_p}, 4,
+            variant=variant))
     attn = {"q_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf, "out_ptr": bf,
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
             "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
