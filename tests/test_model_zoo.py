@@ -148,3 +148,39 @@ def test_config_fields_kiln_cannot_honour_fail_by_name(arch, field, value):
               max_window_layers=1, **{field: value})
     with pytest.raises(CheckpointError, match=field):
         ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_kiln_run_on_a_folder_a_user_brings(arch, tmp_path, monkeypatch, capsys):
+    """`kiln run FOLDER --prompt TEXT` on a GPT-2 / Gemma 2 folder with its own tokenizer
+    (byte-level BPE trained here): the text transformers generates greedily."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from kiln.cli import main
+    from tests.conftest import make_hf_model
+
+    folder = tmp_path / arch
+    model = make_hf_model(arch, folder)
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(["the kiln fires the clay pots at night"] * 4,
+                                vocab_size=model.config.vocab_size, min_frequency=1,
+                                show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    prompt = "the kiln fires"
+    assert main(["run", str(folder), "--prompt", prompt, "--max-tokens", "10",
+                 "--device", "cpu", "--dtype", "float32"]) in (0, None)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, ids.shape[1]:]
+    printed = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith(prompt)]
+    # A random model emits byte fragments: the stream may hold back incomplete characters.
+    assert len(printed) == 1 and (prompt + tokenizer.decode(want)).startswith(printed[0])
+    llm = LLM(folder, BuildConfig(dtype="float32"), device="cpu")  # the engine just cached
+    out = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0,
+                                              ignore_eos=True))[0]
+    assert out.token_ids == want.tolist()
