@@ -106,10 +106,24 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
 
 
+def _release_device_memory(engine: LLMEngine) -> None:
+    """Give the measured engine's weights, KV pool and CUDA graphs back to the GPU, so that
+    transformers can load the same weights next (Mixtral-8x7B fits an H200 only once)."""
+    runner = engine.runner
+    runner.graphs = None
+    runner.kv_cache = None
+    for layer in runner.model.attention_layers():
+        layer.k_cache = layer.v_cache = torch.empty(0)
+    runner.model.to("meta")
+    torch.cuda.empty_cache()
+
+
 def _run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             batch: int) -> dict[str, Any]:
     from kiln.bench.hf_reference import hf_model_from_engine
 
+    if engine.device.type == "cuda":
+        _release_device_memory(engine)
     model = hf_model_from_engine(engine.engine_dir, engine.device)
 
     def generate(chunk: list[list[int]], n: int, model=model) -> None:
