@@ -184,3 +184,63 @@ def test_kiln_run_on_a_folder_a_user_brings(arch, tmp_path, monkeypatch, capsys)
     out = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0,
                                               ignore_eos=True))[0]
     assert out.token_ids == want.tolist()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_gguf_gemma_matches_transformers(arch, tmp_path):
+    """A tiny Gemma / Gemma 2 written to GGUF as llama.cpp's converter does (tensor names
+    from the gguf package's own map, norms stored as 1 + w, soft-caps and window in the
+    metadata) and read back by kiln gives transformers' logits."""
+    import gguf
+    import transformers
+
+    from kiln.eval import sequence_logits
+    from tests.conftest import TINY
+
+    extra = dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    if arch == "gemma2":  # llama.cpp scales by head_dim^-1/2 (all but the 27B)
+        extra.update(query_pre_attn_scalar=16, sliding_window=6, attn_logit_softcapping=1.5,
+                     final_logit_softcapping=2.0)
+    config = getattr(transformers, "GemmaConfig" if arch == "gemma" else "Gemma2Config")(
+        **{**TINY, **extra})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        w.add_final_logit_softcapping(config.final_logit_softcapping)
+        w.add_sliding_window(config.sliding_window)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied
+            continue
+        base, kind = name.rsplit(".", 1)
+        data = tensor.float().numpy()
+        if name.endswith("norm.weight"):
+            data = data + 1.0
+        w.add_tensor(f"{names.get_name(base)}.{kind}", data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    engine = build(path, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=128),
+                   progress=False)
+    tokens = list(range(3, 60))
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+    got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
+    assert (got - want).abs().max() < 1e-4

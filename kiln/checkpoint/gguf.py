@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -27,6 +28,15 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    # llama.cpp stores Gemma's norms as 1 + w already (kiln then adds no offset).
+    "gemma": ("GemmaForCausalLM", False),
+    "gemma2": ("Gemma2ForCausalLM", False),
+}
+# Gemma 2's sandwich norms: llama.cpp's ffn_norm is the norm before the MLP there.
+_SANDWICH_LAYER_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 SUPPORTED_TYPES = frozenset({
@@ -63,6 +73,10 @@ def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
+def _optional_f32(value: Any) -> float | None:
+    return None if value is None else _f32(value)
+
+
 def _f32(value: Any) -> float:
     # GGUF floats are float32: print the shortest repr so 1e-5 comes back as 1e-5.
     return float(str(np.float32(value)))
@@ -96,22 +110,23 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(
                 f"{name} has GGUF architecture {arch!r}; kiln reads: " + ", ".join(ARCHITECTURES))
         self._permuted = ARCHITECTURES[arch][1]
-        self._names = self._map_names()
+        self._names = self._map_names(arch)
         try:
             self.config = self._read_config(arch)
         except (TypeError, ValueError, ZeroDivisionError) as e:
             # e.g. a per-layer list where llama-family models have one head count
             raise CheckpointError(f"{name} has malformed model metadata: {e}") from None
 
-    def _map_names(self) -> dict[str, str]:
+    def _map_names(self, arch: str) -> dict[str, str]:
         names: dict[str, str] = {}
+        layer_names = _LAYER_NAMES | (_SANDWICH_LAYER_NAMES if arch == "gemma2" else {})
         for t in self._reader.tensors:
             if _SKIPPED_RE.fullmatch(t.name):
                 continue
             hf = _GLOBAL_NAMES.get(t.name)
             m = _LAYER_RE.fullmatch(t.name)
-            if m and m[2] in _LAYER_NAMES:
-                hf = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+            if m and m[2] in layer_names:
+                hf = f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
             if hf is None:
                 raise CheckpointError(
                     f"{self.source.name} has tensor {t.name!r}, which kiln does not know; "
@@ -146,7 +161,7 @@ class GGUFCheckpoint(Checkpoint):
         # Stop on end-of-turn too: chat GGUFs often keep <|eot_id|> apart from eos.
         eos = [field(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         tensor_names = set(self._names)
-        return ModelConfig(
+        return dataclasses.replace(ModelConfig(
             architecture=ARCHITECTURES[arch][0],
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -165,7 +180,28 @@ class GGUFCheckpoint(Checkpoint):
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        )
+        ), **self._gemma_fields(arch, hidden, heads))
+
+    def _gemma_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
+        """Gemma: GeGLU, embeddings times sqrt(hidden). Gemma 2 also: sandwich norms,
+        soft-caps, sliding window on even layers, and llama.cpp's attention scale (27B,
+        its 46 layers: (hidden / heads)^-1/2 as query_pre_attn_scalar; else head_dim's)."""
+        if arch not in ("gemma", "gemma2"):
+            return {}
+        fields: dict[str, Any] = dict(hidden_act="gelu_pytorch_tanh", scale_embeddings=True)
+        if arch == "gemma2":
+            r = self._reader
+            layers = int(field(r, "gemma2.block_count"))
+            window = field(r, "gemma2.attention.sliding_window")
+            fields.update(
+                sandwich_norms=True,
+                attn_logit_softcap=_optional_f32(field(r, "gemma2.attn_logit_softcapping")),
+                final_logit_softcap=_optional_f32(field(r, "gemma2.final_logit_softcapping")),
+                sliding_window=int(window) if window else None,
+                layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                  for i in range(layers)),
+                attn_scale=(hidden / heads) ** -0.5 if layers == 46 else None)
+        return fields
 
     def _rope_scaling(self, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
         r = self._reader
