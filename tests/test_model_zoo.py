@@ -191,7 +191,6 @@ def test_gguf_gemma_matches_transformers(arch, tmp_path):
     """A tiny Gemma / Gemma 2 written to GGUF as llama.cpp's converter does (tensor names
     from the gguf package's own map, norms stored as 1 + w, soft-caps and window in the
     metadata) and read back by kiln gives transformers' logits."""
-    import gguf
     import transformers
 
     from kiln.eval import sequence_logits
@@ -209,34 +208,84 @@ def test_gguf_gemma_matches_transformers(arch, tmp_path):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(torch.randn_like(param) * 0.1)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     path = tmp_path / "m.gguf"
+
+    def metadata(w):
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+        w.add_layer_norm_rms_eps(config.rms_norm_eps)
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(config.attn_logit_softcapping)
+            w.add_final_logit_softcapping(config.final_logit_softcapping)
+            w.add_sliding_window(config.sliding_window)
+
+    def tensor(name, data):  # llama.cpp stores Gemma's norms as 1 + w
+        return data + 1.0 if name.endswith("norm.weight") else data
+
+    write_gguf(model, arch, path, metadata, tensor)
+    engine = build(path, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=128),
+                   progress=False)
+    tokens = list(range(3, 60))
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+    got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
+    assert (got - want).abs().max() < 1e-4
+
+
+def write_gguf(model, arch: str, path, metadata, tensor) -> None:
+    """model's weights under the gguf package's tensor names for `arch` (its own HF-name
+    map, independent of kiln's), common metadata, then the family's (metadata(writer),
+    tensor(hf_name, array) -> array as llama.cpp's converter stores it)."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if arch == "gemma2":
-        w.add_attn_logit_softcapping(config.attn_logit_softcapping)
-        w.add_final_logit_softcapping(config.final_logit_softcapping)
-        w.add_sliding_window(config.sliding_window)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied
+    w.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    metadata(w)
+    for name, weight in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         base, kind = name.rsplit(".", 1)
-        data = tensor.float().numpy()
-        if name.endswith("norm.weight"):
-            data = data + 1.0
-        w.add_tensor(f"{names.get_name(base)}.{kind}", data)
+        w.add_tensor(f"{names.get_name(base)}.{kind}", tensor(name, weight.float().numpy()))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_gguf_gpt2_phi2_match_transformers(arch, tiny_checkpoints, tmp_path):
+    """GPT-2 (Conv1D weights transposed as llama.cpp's converter does, fused attn_qkv,
+    learned positions) and Phi-2 (partial rotary from rope.dimension_count, LM-head bias)
+    written to GGUF and read back by kiln give transformers' logits."""
+    from kiln.eval import sequence_logits
+
+    _, model = tiny_checkpoints[arch]
+    config = model.config
+    gguf_arch = "gpt2" if arch == "gpt2" else "phi2"
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def metadata(w):
+        w.add_layer_norm_eps(config.layer_norm_epsilon if arch == "gpt2"
+                             else config.layer_norm_eps)
+        if arch == "phi":
+            w.add_rope_dimension_count(int(head_dim * config.rope_parameters[
+                "partial_rotary_factor"]))
+            w.add_rope_freq_base(10000.0)
+
+    def tensor(name, data):
+        conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                  ".mlp.c_proj.weight")
+        return data.T.copy() if arch == "gpt2" and name.endswith(conv1d) else data
+
+    path = tmp_path / "m.gguf"
+    write_gguf(model, gguf_arch, path, metadata, tensor)
     engine = build(path, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=128),
                    progress=False)
     tokens = list(range(3, 60))

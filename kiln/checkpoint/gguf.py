@@ -31,6 +31,12 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     # llama.cpp stores Gemma's norms as 1 + w already (kiln then adds no offset).
     "gemma": ("GemmaForCausalLM", False),
     "gemma2": ("Gemma2ForCausalLM", False),
+    "gpt2": ("GPT2LMHeadModel", False),
+    "phi2": ("PhiForCausalLM", False),
+}
+# GPT-2 and Phi-2: a plain (c_fc / c_proj) GELU MLP; Q/K/V may come fused (attn_qkv).
+_PLAIN_MLP_LAYER_NAMES = {
+    "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "attn_qkv": "self_attn.qkv_proj",
 }
 # Gemma 2's sandwich norms: llama.cpp's ffn_norm is the norm before the MLP there.
 _SANDWICH_LAYER_NAMES = {
@@ -48,6 +54,9 @@ _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "output.bias": "lm_head.bias",
+    "output_norm.bias": "model.norm.bias",
+    "position_embd.weight": "model.embed_positions.weight",
 }
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -119,7 +128,8 @@ class GGUFCheckpoint(Checkpoint):
 
     def _map_names(self, arch: str) -> dict[str, str]:
         names: dict[str, str] = {}
-        layer_names = _LAYER_NAMES | (_SANDWICH_LAYER_NAMES if arch == "gemma2" else {})
+        layer_names = _LAYER_NAMES | (_SANDWICH_LAYER_NAMES if arch == "gemma2" else {}) | (
+            _PLAIN_MLP_LAYER_NAMES if arch in ("gpt2", "phi2") else {})
         for t in self._reader.tensors:
             if _SKIPPED_RE.fullmatch(t.name):
                 continue
@@ -180,7 +190,29 @@ class GGUFCheckpoint(Checkpoint):
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        ), **self._gemma_fields(arch, hidden, heads))
+        ), **self._gemma_fields(arch, hidden, heads), **self._gpt_fields(arch, hidden, heads))
+
+    def _gpt_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
+        """GPT-2 (learned positions) and Phi-2 (parallel block on one LayerNorm, partial
+        rotary over rope.dimension_count dims): LayerNorms with bias, tanh-GELU MLP."""
+        if arch not in ("gpt2", "phi2"):
+            return {}
+        r, names = self._reader, set(self._names)
+        head_dim = int(field(r, f"{arch}.attention.key_length") or hidden // heads)
+        bias = "blk.0.attn_qkv.bias" in names or "blk.0.attn_q.bias" in names
+        fields: dict[str, Any] = dict(
+            head_dim=head_dim, norm_type="layernorm", gated_mlp=False, hidden_act="gelu_new",
+            rms_norm_eps=_f32(field(r, f"{arch}.attention.layer_norm_epsilon", 1e-5)),
+            qkv_bias=bias, o_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_up.bias" in names, lm_head_bias="output.bias" in names,
+            rope_scaling=None)
+        if arch == "gpt2":
+            fields.update(position_embedding="learned")
+        else:
+            rotary = int(field(r, "phi2.rope.dimension_count", head_dim))
+            fields.update(parallel_residual=True, parallel_shared_norm=True,
+                          partial_rotary_factor=rotary / head_dim)
+        return fields
 
     def _gemma_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
         """Gemma: GeGLU, embeddings times sqrt(hidden). Gemma 2 also: sandwich norms,
