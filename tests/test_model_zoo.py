@@ -293,3 +293,83 @@ def test_gguf_gpt2_phi2_match_transformers(arch, tiny_checkpoints, tmp_path):
         want = model(torch.tensor([tokens])).logits[0]
     got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
     assert (got - want).abs().max() < 1e-4
+
+
+def _llama_cpp_permute(w, n_head: int):
+    # llama.cpp's converter reorders Q/K rows of "llama" models for its interleaved rotary.
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [("mixtral", "llama"), ("qwen2-moe", "qwen2moe"),
+                                            ("qwen3-moe", "qwen3moe")])
+def test_gguf_moe_matches_transformers(arch, gguf_arch, tiny_checkpoints, tmp_path):
+    """Mixtral (llama.cpp's "llama" with experts) and Qwen2/3-MoE GGUFs: experts stacked
+    per projection (ffn_*_exps), Qwen2-MoE's shared expert and dense layer."""
+    import re
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from kiln.eval import sequence_logits
+
+    folder, model = tiny_checkpoints[arch]
+    config = model.config
+    experts = getattr(config, "num_local_experts", None) or config.num_experts
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[gguf_arch.upper()],
+                                     config.num_hidden_layers)
+    dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    stacked_names = {"w1": "ffn_gate_exps", "gate_proj": "ffn_gate_exps", "w3": "ffn_up_exps",
+                     "up_proj": "ffn_up_exps", "w2": "ffn_down_exps",
+                     "down_proj": "ffn_down_exps"}
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", gguf_arch)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_expert_count(experts)
+    w.add_expert_used_count(config.num_experts_per_tok)
+    w.add_expert_feed_forward_length(inter)
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    stacks: dict[str, list] = {}
+    for name, weight in load_file(str(folder / "model.safetensors")).items():  # HF names
+        data = weight.float().numpy()
+        expert = re.match(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.(\w+)\.weight", name)
+        if expert:
+            layer, _, proj = expert.groups()
+            stacks.setdefault(f"blk.{layer}.{stacked_names[proj]}.weight", []).append(data)
+            continue
+        if gguf_arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_attention_heads if ".q_proj." in name \
+                else config.num_key_value_heads
+            data = _llama_cpp_permute(data, heads)
+        if name.endswith("shared_expert_gate.weight"):
+            data = data.reshape(-1)
+        base, kind = name.rsplit(".", 1)
+        # A dense layer among MoE ones (mlp_only_layers) takes llama's names.
+        gguf_name = names.get_name(base) or dense_names.get_name(base)
+        w.add_tensor(f"{gguf_name}.{kind}", data)
+    for name, parts in stacks.items():
+        w.add_tensor(name, np.stack(parts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    engine = build(tmp_path / "m.gguf", tmp_path / "e",
+                   BuildConfig(dtype="float32", max_seq_len=128), progress=False)
+    tokens = list(range(3, 60))
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+    got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
+    assert (got - want).abs().max() < 1e-4

@@ -33,7 +33,12 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "gemma2": ("Gemma2ForCausalLM", False),
     "gpt2": ("GPT2LMHeadModel", False),
     "phi2": ("PhiForCausalLM", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
 }
+# llama.cpp keeps Mixtral under "llama" (with expert_count); top-k weights renormalised
+# unless {arch}.expert_weights_norm says otherwise.
+_MOE_RENORMALIZE = {"llama": True, "qwen2moe": False, "qwen3moe": True}
 # GPT-2 and Phi-2: a plain (c_fc / c_proj) GELU MLP; Q/K/V may come fused (attn_qkv).
 _PLAIN_MLP_LAYER_NAMES = {
     "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "attn_qkv": "self_attn.qkv_proj",
@@ -70,6 +75,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, experts stacked [E, ...], Qwen2-MoE's shared expert.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp-only tensors: rotary tables that HF recomputes from the config.
@@ -190,7 +204,27 @@ class GGUFCheckpoint(Checkpoint):
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        ), **self._gemma_fields(arch, hidden, heads), **self._gpt_fields(arch, hidden, heads))
+        ), **self._gemma_fields(arch, hidden, heads), **self._gpt_fields(arch, hidden, heads),
+            **self._moe_fields(arch))
+
+    def _moe_fields(self, arch: str) -> dict[str, Any]:
+        r = self._reader
+        experts = field(r, f"{arch}.expert_count")
+        if not experts:
+            return {}
+        names = set(self._names)
+        layers = int(field(r, f"{arch}.block_count"))
+        return dict(
+            architecture="MixtralForCausalLM" if arch == "llama" else ARCHITECTURES[arch][0],
+            num_experts=int(experts),
+            num_experts_per_tok=int(field(r, f"{arch}.expert_used_count")),
+            moe_intermediate_size=int(field(r, f"{arch}.expert_feed_forward_length")
+                                      or field(r, f"{arch}.feed_forward_length")),
+            norm_topk_prob=bool(field(r, f"{arch}.expert_weights_norm",
+                                      _MOE_RENORMALIZE.get(arch, True))),
+            shared_expert_intermediate_size=int(
+                field(r, f"{arch}.expert_shared_feed_forward_length") or 0),
+            moe_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" in names))
 
     def _gpt_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
         """GPT-2 (learned positions) and Phi-2 (parallel block on one LayerNorm, partial

@@ -230,6 +230,13 @@ class DecoderForCausalLM(nn.Module):
     def _split_decoder_tensor(self, hf_name: str, tensor: torch.Tensor
                               ) -> list[tuple[str, torch.Tensor]]:
         cfg = self.config
+        stacked = re.match(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$",
+                           hf_name)
+        if stacked and tensor.dim() == 3:  # GGUF: each projection of every expert [E, ...]
+            base, proj = stacked.groups()
+            return [(f"{base}.{e}.{proj}.weight", expert) for e, expert in enumerate(tensor)]
+        if hf_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
+            return [(hf_name, tensor[None])]  # GGUF keeps the [1, H] gate as [H]
         if hf_name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.w13",
                              "mlp.experts.down_proj", "mlp.experts.w2")):
             # All experts in one tensor (transformers 5, or kiln's own layout): per expert.
