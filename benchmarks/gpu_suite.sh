@@ -2,7 +2,8 @@
 # Everything kiln checks and measures on a GPU, in one device call.
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
-# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs.
+# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
+# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -21,6 +22,9 @@ for spec in $stages; do
     fp8w:*) Q="$Q --quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
     kv8:*) Q="$Q --kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
+    tp2nccl:*) Q="$Q --tp-size 2 --disable-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
+    fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
+    allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
   case $stage in
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \

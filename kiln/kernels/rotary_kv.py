@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
 from kiln.kernels.paged import kv_scale_args
+from kiln.kernels.pdl import pdl_start
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (the reference saturates to it)
 INT8_MAX = tl.constexpr(127.0)  # symmetric int8
@@ -80,7 +82,7 @@ def _rotary_kv_kernel(
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
     stride_cb, stride_cs_slot, stride_ch, head_dim_arg,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token: q_out = rot(q); cache[slot] = (rot(k), v). Slots < 0 (padding) skip the write.
 
@@ -91,6 +93,7 @@ def _rotary_kv_kernel(
     BLOCK_P > 0 (partial rotary): only dims 0 .. 2*half rotate; dims 2*half .. head_dim_arg
     of q, k and v are copied by _copy_tail. BLOCK_P == 0 compiles to the full-rotary code.
     """
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     PARTIAL: tl.constexpr = BLOCK_P > 0
     if PARTIAL:
@@ -192,12 +195,14 @@ def rotary_and_write_kv(
     block_d = triton.next_power_of_2(max(half, 1))
     block_h = triton.next_power_of_2(num_heads)
     num_warps = 4 if block_h * block_d <= 4096 else 8
+    use_pdl = pdl.enabled(q)
     _rotary_kv_kernel[(tokens,)](
         q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
         k_scale, v_scale, num_heads, num_kv_heads, half, k_cache.shape[1],
         q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim,
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
-        BLOCK_P=triton.next_power_of_2(tail) if tail else 0, num_warps=num_warps,
+        BLOCK_P=triton.next_power_of_2(tail) if tail else 0, PDL=use_pdl,
+        num_warps=num_warps, **pdl.launch_args(use_pdl),
     )
     return q_out

@@ -7,10 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
+from kiln.kernels.pdl import pdl_start
+
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
-                     GELU_TANH: tl.constexpr = False):
+                     PDL: tl.constexpr, GELU_TANH: tl.constexpr = False):
     """out[t, i] = cast(g / (1 + exp(-g))) * u  with g = x[t, i], u = x[t, I + i];
     GELU_TANH: cast(g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3)))) * u, with
     tanh(z) = 1 - 2 / (exp(2z) + 1) (saturates to +-1).
@@ -18,6 +21,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.cons
     The activation is rounded to the input dtype before the product, as torch's unfused
     `F.silu(gate) * up` does.
     """
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -45,8 +49,10 @@ def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
     block = min(triton.next_power_of_2(inter), 2048)
     num_warps = max(1, min(block // 256, 8))
     grid = (x2.shape[0], triton.cdiv(inter, block))
+    use_pdl = pdl.enabled(x)
     _silu_mul_kernel[grid](x2, out2, inter, x2.stride(0), out2.stride(0), BLOCK=block,
-                           GELU_TANH=gelu_tanh, num_warps=num_warps)
+                           PDL=use_pdl, GELU_TANH=gelu_tanh, num_warps=num_warps,
+                           **pdl.launch_args(use_pdl))
     return out
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
+from kiln.distributed.comm import tp_all_reduce
 from kiln.kernels.reference import alibi_slopes
 from kiln.layers import (
     Attention,
@@ -32,6 +33,7 @@ from kiln.layers import (
 )
 from kiln.layers.linear import default_weight_loader
 from kiln.layers.moe import SparseMoE
+from kiln.layers.norm import reduce_add_norm
 from kiln.models.convert import to_decoder_names
 
 # One expert's projection: HF (Qwen MoE) or Mixtral (w1 gate, w3 up, w2 down) names.
@@ -107,7 +109,8 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
                                                         cfg.rms_norm_eps)
         self.sandwich = cfg.sandwich_norms
-        if layer in cfg.moe_layers:
+        moe = layer in cfg.moe_layers
+        if moe:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
                                  cfg.moe_intermediate_size, cfg.norm_topk_prob, mapping,
                                  cfg.shared_expert_intermediate_size)
@@ -115,10 +118,26 @@ class DecoderLayer(nn.Module):
             mlp = GatedMLP if cfg.gated_mlp else PlainMLP
             self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
                            cfg.hidden_act)
+        self.tp_size = mapping.tp_size
+        # With TP, the O and down projections hand their partial sums to the next norm,
+        # which all-reduces them fused with the residual add (one kernel instead of two).
+        # Only the plain pre-norm layer does: parallel residual, sandwich norms and MoE
+        # outputs are reduced where they are made.
+        self.defer_reduce = (mapping.tp_size > 1 and cfg.norm_type != "layernorm"
+                             and not cfg.o_bias and not cfg.mlp_bias and not self.parallel
+                             and not self.sandwich and not moe)
+        self.self_attn.o_proj.defer_reduce = self.defer_reduce
+        if self.defer_reduce:
+            self.mlp.output_projection().defer_reduce = True
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None, partial: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`partial`: hidden is still a TP partial sum (the previous layer deferred its
+        reduce); the returned hidden is one when this layer defers."""
         if self.parallel:
+            if partial:
+                hidden = tp_all_reduce(hidden, self.tp_size)
             residual = hidden if residual is None else hidden + residual
             normed = self.input_layernorm(residual)
             mlp_in = getattr(self, "post_attention_layernorm", None)
@@ -127,13 +146,15 @@ class DecoderLayer(nn.Module):
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = reduce_add_norm(self.input_layernorm, hidden, residual,
+                                               self.tp_size, partial)
         hidden = self.self_attn(positions, hidden)
         if self.sandwich:
             hidden = self.post_attention_layernorm(hidden)
             hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
             return self.post_feedforward_layernorm(self.mlp(hidden)), residual
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = reduce_add_norm(self.post_attention_layernorm, hidden, residual,
+                                           self.tp_size, self.defer_reduce)
         return self.mlp(hidden), residual
 
 
@@ -183,11 +204,16 @@ class DecoderForCausalLM(nn.Module):
                 hidden = self.model.embed_norm(hidden)
         else:
             hidden, residual = intermediate
+        partial = False
         for layer in self.model.layers.values():
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, partial)
+            partial = layer.defer_reduce
         if not self.mapping.is_last_pp_rank:
+            if partial:
+                hidden = tp_all_reduce(hidden, self.mapping.tp_size)
             return hidden, residual
-        hidden, _ = self.model.norm(hidden, residual)
+        hidden, _ = reduce_add_norm(self.model.norm, hidden, residual, self.mapping.tp_size,
+                                    partial)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
