@@ -118,7 +118,12 @@ class LLMEngine:
                             f"be at least max_seq_len ({self.max_seq_len}) or long prompts "
                             "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
+        model = self.config.model
+        windows = {model.layer_window(i) for i in range(model.num_layers)}
+        # Every layer windowed (Mistral v0.1 style): blocks behind the window are released.
+        window = windows.pop() if len(windows) == 1 else None
+        self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
+                                 window)
         if runtime.cuda_graphs:
             self.runner.capture_graphs(self.max_batch_size)
         self.scheduler = Scheduler(

@@ -121,6 +121,7 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hashes of its full blocks
         self.num_committed_blocks = 0  # of block_ids, registered in the prefix cache
+        self.num_released_blocks = 0  # leading block_ids outside a sliding window, released
         self.stats = RequestStats()
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
