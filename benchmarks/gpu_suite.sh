@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything kiln checks and measures on a GPU, in one device call.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf] [serving]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
 # "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
 # ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs).
@@ -38,6 +38,25 @@ for spec in $stages; do
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) $T python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
+    serving) # needs build8b; kiln serve, then tritonserver+kiln if $KILN_TRITON_ENV is a
+             # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
+             B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 256 \
+                --input-len 128 --output-len 128"
+             python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 > "$OUT/serve.log" 2>&1 & S=$!
+             for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break; sleep 1; done
+             $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln.json" 2>&1 | tail -8
+             kill $S; wait $S
+             if [ -x "${KILN_TRITON_ENV:-/nonexistent}/bin/python" ]; then
+               python3 -m kiln.cli triton-repo /tmp/kiln-8b -o /tmp/kiln-8b-repo --device cuda
+               python3 -m kiln.cli triton-serve /tmp/kiln-8b-repo --http-port 8200 \
+                 --grpc-port 8201 --metrics-port 8202 > "$OUT/triton.log" 2>&1 & S=$!
+               for _ in $(seq 300); do curl -sf localhost:8200/v2/health/ready >/dev/null && break; sleep 1; done
+               $T $B --api triton --url http://127.0.0.1:8200 --out "$OUT/serving-triton.json" 2>&1 | tail -8
+               kill $S; wait $S
+               $T python3 benchmarks/triton_inflight.py --triton-env "$KILN_TRITON_ENV" \
+                 --engine /tmp/kiln-8b --device cuda --max-tokens 128 \
+                 --out "$OUT/triton-inflight.json" 2>&1 | tail -5
+             else echo "no KILN_TRITON_ENV: Triton half skipped"; fi ;;
     profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
     latency) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;

@@ -72,8 +72,11 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU). Torch ops on every device for
-    now: two passes over the activations on a GPU instead of one fused kernel."""
+    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU: Gemma)."""
+    if _triton(x):
+        from kiln.kernels.silu_mul import gelu_tanh_and_mul as kernel
+
+        return kernel(x)
     return ref.gelu_tanh_and_mul(x)
 
 
@@ -101,10 +104,14 @@ def rotary_and_write_kv(
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
+                    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Causal attention of q [T, heads, d] over each sequence's paged context.
 
-    1-byte caches are read as value * k_scale[head] / v_scale[head].
+    1-byte caches are read as value * k_scale[head] / v_scale[head]. sliding_window W:
+    a query sees its last W positions; softcap c: scores -> c * tanh(score / c);
+    alibi_slopes [heads] float32: ALiBi biases slope * (key pos - query pos).
 
     On CUDA a decode step (max_query_len == 1: token i is sequence i) takes the
     split-K decode kernel, whose launch depends only on static shapes (batch rows and
@@ -117,15 +124,36 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens, scale, k_scale=k_scale,
-                                          v_scale=v_scale)
+                                          v_scale=v_scale, sliding_window=sliding_window,
+                                          softcap=softcap, alibi_slopes=alibi_slopes)
         from kiln.kernels.attention_prefill import paged_attention_prefill
 
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
                                        meta.max_query_len, scale, k_scale=k_scale,
-                                       v_scale=v_scale)
+                                       v_scale=v_scale, sliding_window=sliding_window,
+                                       softcap=softcap, alibi_slopes=alibi_slopes)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
-                               meta.seq_lens_host, scale, k_scale, v_scale)
+                               meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
+                               softcap, alibi_slopes)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights float32 [T, k], expert ids [T, k]) from router logits [T, E] (torch ops on
+    every device: E is small and softmax + topk are single kernels)."""
+    return ref.moe_route(router_logits, top_k, renormalize)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts weighted by the router; see reference. On CUDA: tokens sorted by
+    expert once, then one grouped GEMM per projection (kernels/moe.py)."""
+    if _triton(x):
+        from kiln.kernels.moe import fused_moe as kernel
+
+        return kernel(x, w13, w2, topk_weights, topk_ids)
+    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,13 +21,54 @@ ARCH_CONFIGS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=6)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=False)),
     "gemma": ("GemmaConfig", dict(head_dim=32, hidden_activation="gelu_pytorch_tanh",
                                   tie_word_embeddings=True)),
     "phi3": ("Phi3Config", dict(sliding_window=None, pad_token_id=0)),
+    # LongRoPE: engines of up to 256 tokens use the short factors (as transformers does
+    # below the original context), scaled by the attention factor of 512 / 256.
+    "phi3-longrope": ("Phi3Config", dict(
+        sliding_window=None, pad_token_id=0, original_max_position_embeddings=256,
+        rope_scaling={"rope_type": "longrope",
+                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
     "starcoder2": ("Starcoder2Config", dict(sliding_window=None, use_bias=True,
                                             norm_epsilon=1e-5)),
+    # GPT-era layouts (kiln.models.convert): Conv1D, per-head fused QKV, partial rotary.
+    "gpt2": ("GPT2Config", dict(n_inner=128, num_key_value_heads=None,
+                                activation_function="gelu_new")),
+    "gpt-neox": ("GPTNeoXConfig", dict(num_key_value_heads=None, hidden_act="gelu",
+                                       rotary_pct=0.25)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.4, hidden_act="gelu_new")),
+    # ALiBi with 6 heads (Bloom's slopes for a head count that is not a power of two).
+    "bloom": ("BloomConfig", dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=None,
+                                  intermediate_size=None)),
+    # Falcon-7B layout (multi-query, one shared norm) and the new decoder architecture of
+    # 40B/180B (grouped KV heads, ln_attn + ln_mlp), with biases.
+    "falcon": ("FalconConfig", dict(ffn_hidden_size=128, num_key_value_heads=None)),
+    "falcon-new": ("FalconConfig", dict(ffn_hidden_size=128, new_decoder_architecture=True,
+                                        num_kv_heads=2, bias=True)),
+    # Mixture of experts: more experts than top-k; Qwen2-MoE's shared expert and a dense
+    # layer (mlp_only_layers); Qwen3-MoE's renormalised top-k.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=6, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, mlp_only_layers=[1],
+                                         shared_expert_intermediate_size=48)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, head_dim=32,
+                                         moe_intermediate_size=32, norm_topk_prob=True)),
+    # Sliding windows shorter than the prompts; caps small enough to bend the scores.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=1.5, final_logit_softcapping=2.0,
+                                    hidden_activation="gelu_pytorch_tanh")),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                            "rope_theta": 1000000.0}})),
 }
 
 
@@ -122,3 +163,21 @@ def greedy_text(reference):
 
     return reference.generate(SERVE_PROMPT, SamplingParams(max_tokens=8,
                                                            temperature=0))[0].text
+
+
+# ---- a real Triton Inference Server, one per session (tests/triton_support.py) ----
+@pytest.fixture(scope="session")
+def tritonserver(smollm2_engine, tmp_path_factory):
+    """tritonserver over `kiln triton-repo` of SmolLM2, kiln's model and TensorRT-LLM's
+    layout in one repository; stops cleanly (exit 0) at the end."""
+    from kiln.cli import main
+    from tests.triton_support import run_tritonserver
+
+    root = tmp_path_factory.mktemp("triton")
+    for layout in ([], ["--tensorrt-llm"]):
+        assert main(["triton-repo", str(smollm2_engine), "-o", str(root / "repo"),
+                     "--device", "cpu", *layout]) == 0
+    with run_tritonserver(root / "repo", root / "tritonserver.log") as server:
+        yield server
+        server.process.send_signal(15)  # SIGTERM: unload the models, exit 0
+        assert server.process.wait(60) == 0, server.log.read_text()[-4000:]

@@ -102,8 +102,9 @@ BAD_SOURCES = {
     "no config.json": (lambda f, t: (copy_folder(f, t / "x") / "config.json").unlink() or t / "x",
                        "no config.json"),
     "unknown architecture": (
-        lambda f, t: _edit_config(copy_folder(f, t / "x"), architectures=["GPT2LMHeadModel"])
-        or t / "x", "unsupported architecture 'GPT2LMHeadModel'"),
+        lambda f, t: _edit_config(copy_folder(f, t / "x"), architectures=["MambaForCausalLM"])
+        or t / "x", "unsupported architecture 'MambaForCausalLM'; kiln supports: .*"
+                    "GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM"),
     "shape mismatch": (
         lambda f, t: _edit_config(copy_folder(f, t / "x"), intermediate_size=96) or t / "x",
         "does not match the config"),
@@ -157,18 +158,30 @@ def test_bad_build_config(cfg, message, llama_folder, tmp_path):
         build(llama_folder, tmp_path / "out", cfg, progress=False)
 
 
-def test_sliding_window_longer_than_window_is_refused(tmp_path):
-    folder = tmp_path / "mistral"
-    make_hf_model("mistral", folder)
-    _edit_config(folder, sliding_window=64)
-    with pytest.raises(BuildError, match="sliding-window attention"):
+def test_learned_positions_cap_max_seq_len(tmp_path):
+    """GPT-2 has no position past its table: the default 4096 becomes its 512, so
+    `kiln run gpt2-folder` works without flags, and a longer prompt is refused."""
+    folder = tmp_path / "gpt2"
+    make_hf_model("gpt2", folder)  # 512 learned positions
+    engine = build(folder, tmp_path / "out", BuildConfig(dtype="float32"), progress=False)
+    assert load_engine_config(engine).build.max_seq_len == 512
+    llm = LLM(engine, device="cpu")
+    assert len(llm.generate([[5] * 500], GREEDY)[0].token_ids) > 0
+    with pytest.raises(KilnError, match="512"):
+        llm.generate([[5] * 600], GREEDY)
+
+
+def test_config_field_kiln_cannot_honour_is_named(tmp_path):
+    folder = tmp_path / "gpt2"
+    make_hf_model("gpt2", folder)
+    _edit_config(folder, scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(CheckpointError, match="scale_attn_by_inverse_layer_idx"):
         build(folder, tmp_path / "out", F32, progress=False)
-    build(folder, tmp_path / "ok", BuildConfig(dtype="float32", max_seq_len=64), progress=False)
 
 
 def test_cli_reports_one_line_without_traceback(llama_folder, tmp_path):
     bad = copy_folder(llama_folder, tmp_path / "bad")
-    _edit_config(bad, architectures=["GPT2LMHeadModel"])
+    _edit_config(bad, architectures=["MambaForCausalLM"])
     result = subprocess.run([sys.executable, "-m", "kiln.cli", "build", str(bad), "-o",
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2

@@ -341,9 +341,10 @@ def test_not_gguf(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_and_tensors(tmp_path: Path) -> None:
     state = _hf_state("llama")
-    _write(tmp_path / "a.gguf", {}, arch="gpt2")
+    _write(tmp_path / "a.gguf", {}, arch="mamba")
     msg = _error(tmp_path / "a.gguf")
-    assert "'gpt2'" in msg and "llama, mistral, qwen2, qwen3" in msg
+    assert "'mamba'" in msg and "llama, mistral, qwen2, qwen3, gemma, gemma2, gpt2, phi2, " \
+        "qwen2moe, qwen3moe" in msg
     _write(tmp_path / "t.gguf", state, extra={"blk.0.attn_qkv.weight": np.zeros(8, np.float32)})
     assert "blk.0.attn_qkv.weight" in _error(tmp_path / "t.gguf")
     state["model.norm.weight"] = state["model.norm.weight"].astype(np.int32)

@@ -49,7 +49,7 @@ def test_fp32_greedy_matches_transformers_on_gpu(arch, tiny_checkpoints, gpu_eng
     hf.to("cpu")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "bloom", "phi", "mixtral"])
 def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines):
     from kiln.eval import sequence_logits
 

@@ -87,11 +87,13 @@ def check_rms_norm(dtype: torch.dtype, atol: float, rtol: float, shape: tuple[in
 
 def check_silu_mul(dtype: torch.dtype, atol: float, rtol: float) -> None:
     from kiln.kernels import reference as ref
-    from kiln.kernels.silu_mul import silu_and_mul
+    from kiln.kernels.silu_mul import gelu_tanh_and_mul, silu_and_mul
 
     torch.manual_seed(0)
     x = torch.randn(7, 2 * 123, dtype=dtype) * 3
     _close("silu_mul", silu_and_mul(x), ref.silu_and_mul(x), atol, rtol)
+    x[0, :5] = torch.tensor([-30.0, -8.0, 0.0, 8.0, 30.0])  # GELU's saturated tails
+    _close("gelu_tanh_mul", gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x), atol, rtol)
 
 
 def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:
@@ -101,7 +103,7 @@ def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:
 
 
 def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                    head_dim: int) -> None:
+                    head_dim: int, rotary_dim: int | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
@@ -113,7 +115,7 @@ def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv
     slots = torch.tensor([5, 16, -1, 40, 63, 0, 31, 70, 2])  # -1: padding, not written
     caches = [torch.randn(5, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
     ref_caches = [c.clone() for c in caches]
-    cos_sin = _cos_sin(head_dim)
+    cos_sin = _cos_sin(head_dim if rotary_dim is None else rotary_dim)
     q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, head_dim)
     ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, head_dim)
     _close("q", q_rot, ref_q, atol, rtol)
@@ -141,7 +143,9 @@ def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: i
 
 
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                  head_dim: int, block_m: int | None, block_n: int | None) -> None:
+                  head_dim: int, block_m: int | None, block_n: int | None,
+                  window: int | None = None, softcap: float | None = None,
+                  alibi: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
@@ -150,15 +154,19 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, heads, kv_heads,
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
+    slopes = ref.alibi_slopes(heads) if alibi else None
     out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
-                                  block_m=block_m, block_n=block_n)
-    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+                                  block_m=block_m, block_n=block_n, sliding_window=window,
+                                  softcap=softcap, alibi_slopes=slopes)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
     _close("prefill", out, expected, atol, rtol)
 
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                 head_dim: int, num_splits: int | None) -> None:
+                 head_dim: int, num_splits: int | None, window: int | None = None,
+                 softcap: float | None = None, alibi: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -166,9 +174,12 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, [1] * 6, heads, kv_heads,
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
+    slopes = ref.alibi_slopes(heads) if alibi else None
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
-                                 scale, num_splits=num_splits, block_n=16)
-    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale)
+                                 scale, num_splits=num_splits, block_n=16,
+                                 sliding_window=window, softcap=softcap, alibi_slopes=slopes)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
     _close("decode", out[:5], expected[:5], atol, rtol)
     assert torch.equal(out[5], torch.zeros_like(out[5])), "padding row is not zero"
 
@@ -236,6 +247,31 @@ def check_functional_dispatch() -> None:
            ref.rms_norm(x, torch.ones(64), 1e-6), 1e-5, 1e-5)
 
 
+def check_fused_moe(dtype: torch.dtype, atol: float, rtol: float, tokens: int, experts: int,
+                    top_k: int, block_m: int | None) -> None:
+    from kiln.kernels import reference as ref
+    from kiln.kernels.moe import align_by_expert, fused_moe
+
+    torch.manual_seed(0)
+    hidden, inter = 48, 40  # not multiples of the tiles
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    w13 = torch.randn(experts, 2 * inter, hidden, dtype=dtype) * 0.2
+    w2 = torch.randn(experts, hidden, inter, dtype=dtype) * 0.2
+    weights, ids = ref.moe_route(torch.randn(tokens, experts), top_k, renormalize=False)
+    ids[0] = torch.arange(top_k)  # at least one expert with a single pair, one unused
+    _close("fused_moe", fused_moe(x, w13, w2, weights, ids, block_m=block_m),
+           ref.fused_moe(x, w13, w2, weights, ids), atol, rtol)
+    # Every pair sits exactly once in a block of its expert.
+    sorted_pairs, block_experts = align_by_expert(ids, experts, 16)
+    rows = sorted_pairs.view(-1, 16)
+    for block, expert in zip(rows, block_experts.tolist()):
+        real = block[block < tokens * top_k].long()
+        assert expert < experts or real.numel() == 0
+        assert (ids.reshape(-1)[real] == expert).all()
+    assert sorted(sorted_pairs[sorted_pairs < tokens * top_k].tolist()) == \
+        list(range(tokens * top_k))
+
+
 # ---- tests ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,atol,rtol", [F32, BF16, F16])
 @pytest.mark.parametrize("shape", [(5, 123), (3, 4, 32)])
@@ -255,6 +291,15 @@ def test_rotary_and_write_kv(interp, dtype, atol, rtol, heads, kv_heads, head_di
     interp(check_rotary_kv, dtype, atol, rtol, heads, kv_heads, head_dim)
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, ROT_BF16])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(40, 16), (20, 6), (32, 0)],
+                         ids=["neox", "phi-odd-half", "learned-positions"])
+def test_partial_rotary_and_write_kv(interp, dtype, atol, rtol, head_dim, rotary_dim) -> None:
+    """Partial rotary (GPT-NeoX, Phi): the first rotary_dim dims rotate, the rest are
+    copied; rotary_dim 0 (GPT-2) only writes the cache."""
+    interp(check_rotary_kv, dtype, atol, rtol, 4, 2, head_dim, rotary_dim)
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (3, 3, 32), (6, 2, 40)])
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
@@ -269,6 +314,42 @@ def test_prefill_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim,
 def test_decode_attention(interp, dtype, atol, rtol, heads, kv_heads, head_dim,
                           num_splits) -> None:
     interp(check_decode, dtype, atol, rtol, heads, kv_heads, head_dim, num_splits)
+
+
+# Windows shorter than a tile, between tiles, longer than some contexts; caps that bend
+# the random scores (|s| up to ~4).
+@pytest.mark.parametrize("window,softcap", [(5, None), (37, None), (None, 1.5), (20, 2.0)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_window_softcap(interp, window, softcap, block_m, block_n) -> None:
+    interp(check_prefill, *F32, 6, 2, 32, block_m, block_n, window, softcap)
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (37, None), (None, 1.5), (20, 2.0)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_window_softcap(interp, window, softcap, num_splits) -> None:
+    interp(check_decode, *F32, 6, 2, 32, num_splits, window, softcap)
+
+
+# ALiBi: 6 heads (not a power of two: Bloom's extra slopes), MQA and MHA groups.
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (6, 6), (4, 1)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_alibi(interp, heads, kv_heads, block_m, block_n) -> None:
+    interp(check_prefill, *F32, heads, kv_heads, 32, block_m, block_n, None, None, True)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (6, 6), (4, 1)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_alibi(interp, heads, kv_heads, num_splits) -> None:
+    interp(check_decode, *F32, heads, kv_heads, 32, num_splits, None, None, True)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 4, 2, None), (37, 8, 2, 16),
+                                                          (20, 6, 3, None)])
+def test_fused_moe(interp, dtype, atol, rtol, tokens, experts, top_k, block_m) -> None:
+    """Grouped GEMMs over expert-sorted pairs vs the per-expert loop (more experts than
+    top-k, a decode-sized batch, a prefill-sized one)."""
+    interp(check_fused_moe, dtype, atol, rtol, tokens, experts, top_k, block_m)
 
 
 def test_uniform_noise_is_strictly_inside_0_1() -> None:
@@ -301,6 +382,9 @@ def test_kernels_compile_for_hopper() -> None:
     found = {(r.kernel, r.variant): r for r in reports()}
     for (kernel, variant), r in found.items():
         assert r.stack_bytes <= (64 if kernel == "sample_kernel" else 0), (kernel, variant, r)
-        assert r.instructions["ld.global.v4"] > 0, (kernel, variant, r)
+        # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel)
+        assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0, \
+            (kernel, variant, r)
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
+    assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0

@@ -58,7 +58,11 @@ def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -
     os._exit(0)  # skip interpreter teardown: gloo's threads may abort in it
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+# bloom: ALiBi slopes of each rank's heads; falcon-new: grouped fused QKV, biases;
+# gpt2: learned positions, LM head tied; phi: LM head bias, partial rotary; qwen2-moe:
+# experts and the shared expert split along their intermediate size.
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bloom", "falcon-new", "gpt2", "phi",
+                                  "qwen2-moe"])
 def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path):
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig

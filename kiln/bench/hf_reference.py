@@ -11,7 +11,8 @@ from kiln.build.engine_dir import load_engine_config, rank_file
 from kiln.config import ModelConfig
 
 _HF_CONFIG = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-              "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config"}
+              "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config",
+              "MixtralForCausalLM": "MixtralConfig", "Gemma2ForCausalLM": "Gemma2Config"}
 
 
 def hf_config(cfg: ModelConfig):
@@ -33,15 +34,34 @@ def hf_config(cfg: ModelConfig):
     )
     if cfg.architecture == "LlamaForCausalLM":
         kwargs.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.architecture == "MixtralForCausalLM":
+        kwargs.update(num_local_experts=cfg.num_experts, sliding_window=None,
+                      num_experts_per_tok=cfg.num_experts_per_tok,
+                      intermediate_size=cfg.moe_intermediate_size)
+    if cfg.architecture == "Gemma2ForCausalLM":
+        kwargs.update(hidden_activation=cfg.hidden_act, sliding_window=cfg.sliding_window,
+                      layer_types=list(cfg.layer_types),
+                      query_pre_attn_scalar=round((cfg.attn_scale or cfg.head_dim ** -0.5)
+                                                  ** -2),
+                      attn_logit_softcapping=cfg.attn_logit_softcap,
+                      final_logit_softcapping=cfg.final_logit_softcap)
     return config_cls(**kwargs)
 
 
 def unfused_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]
                        ) -> dict[str, torch.Tensor]:
-    """Split kiln's fused qkv_proj / gate_up_proj back into HF's separate projections."""
+    """Split kiln's fused qkv_proj / gate_up_proj back into HF's separate projections;
+    experts as transformers 5 holds them ([E, 2I, H] gate_up_proj, [E, H, I] down_proj);
+    a folded norm offset (Gemma's 1 + w) taken back out."""
     out = {}
     for name, tensor in state.items():
-        if ".qkv_proj." in name:
+        if cfg.norm_weight_offset and name.endswith("norm.weight"):
+            out[name] = (tensor.float() - cfg.norm_weight_offset).to(tensor.dtype)
+        elif name.endswith(".mlp.experts.w13"):
+            out[name.replace("w13", "gate_up_proj")] = tensor
+        elif name.endswith(".mlp.experts.w2"):
+            out[name.replace("w2", "down_proj")] = tensor
+        elif ".qkv_proj." in name:
             q, k, v = tensor.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=0)
             for part, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 out[name.replace("qkv_proj", part)] = t

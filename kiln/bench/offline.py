@@ -113,10 +113,24 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
 
 
+def _release_device_memory(engine: LLMEngine) -> None:
+    """Give the measured engine's weights, KV pool and CUDA graphs back to the GPU, so that
+    transformers can load the same weights next (Mixtral-8x7B fits an H200 only once)."""
+    runner = engine.runner
+    runner.graphs = None
+    runner.kv_cache = None
+    for layer in runner.model.attention_layers():
+        layer.k_cache = layer.v_cache = torch.empty(0)
+    runner.model.to("meta")
+    torch.cuda.empty_cache()
+
+
 def _run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             batch: int) -> dict[str, Any]:
     from kiln.bench.hf_reference import hf_model_from_engine
 
+    if engine.device.type == "cuda":
+        _release_device_memory(engine)
     model = hf_model_from_engine(engine.engine_dir, engine.device)
 
     def generate(chunk: list[list[int]], n: int, model=model) -> None:
@@ -164,9 +178,17 @@ def measured_copy_bandwidth(device: torch.device) -> float | None:
 
 def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
     """Bytes one batch-1 decode step must read: every weight but the embedding table
-    (one row of it), plus the KV cache of the context."""
+    (one row of it) and, in an MoE model, but the experts the token is not routed to
+    (top_k of num_experts per layer), plus the KV cache of the context."""
     model = engine.runner.model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = engine.config.model
+    if cfg.num_experts:
+        from kiln.layers.moe import Experts
+
+        idle = 1 - cfg.num_experts_per_tok / cfg.num_experts
+        weights -= int(idle * sum(p.numel() * p.element_size() for m in model.modules()
+                                  if isinstance(m, Experts) for p in m.parameters()))
     embed = model.model.embed_tokens.weight
     if not engine.config.model.tie_word_embeddings:
         weights -= embed.numel() * embed.element_size()

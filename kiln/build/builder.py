@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -35,6 +36,8 @@ from kiln.errors import BuildError, CheckpointError
 from kiln.layers.quantization import quantize_float_model
 from kiln.models import create_model
 
+log = logging.getLogger(__name__)
+
 
 def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     """Everything a user can get wrong about a build, checked before any work starts."""
@@ -51,16 +54,13 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
     tp = build_cfg.tp_size
     for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                    ("intermediate size", cfg.intermediate_size)):
+                    ("intermediate size", cfg.intermediate_size),
+                    ("expert intermediate size", cfg.moe_intermediate_size),
+                    ("shared expert intermediate size", cfg.shared_expert_intermediate_size)):
         if n % tp:
             raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
     if build_cfg.pp_size > cfg.num_layers:
         raise BuildError(f"pp_size {build_cfg.pp_size} exceeds the {cfg.num_layers} layers")
-    if cfg.sliding_window and cfg.sliding_window < build_cfg.max_seq_len:
-        raise BuildError(
-            f"the model uses sliding-window attention (window {cfg.sliding_window}), which "
-            f"kiln does not implement yet; build with --max-seq-len {cfg.sliding_window} "
-            "or less, where it equals full attention")
     if cfg.hidden_act not in ACTIVATIONS:
         raise BuildError(f"activation {cfg.hidden_act!r} is not supported "
                          f"(supported: {', '.join(ACTIVATIONS)})")
@@ -72,6 +72,12 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     build_cfg = build_cfg or BuildConfig()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     validate(ckpt.config, build_cfg)
+    positions = ckpt.config.max_position_embeddings
+    if ckpt.config.position_embedding == "learned" and build_cfg.max_seq_len > positions:
+        # A model with learned positions (GPT-2) has no position past its table.
+        log.warning("max_seq_len %d capped to the %d positions %s has learned",
+                    build_cfg.max_seq_len, positions, ckpt.config.architecture)
+        build_cfg = dataclasses.replace(build_cfg, max_seq_len=positions)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
     build_cfg = dataclasses.replace(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -27,6 +28,26 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("LlamaForCausalLM", True),
     "qwen2": ("Qwen2ForCausalLM", False),
     "qwen3": ("Qwen3ForCausalLM", False),
+    # llama.cpp stores Gemma's norms as 1 + w already (kiln then adds no offset).
+    "gemma": ("GemmaForCausalLM", False),
+    "gemma2": ("Gemma2ForCausalLM", False),
+    "gpt2": ("GPT2LMHeadModel", False),
+    "phi2": ("PhiForCausalLM", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", False),
+    "qwen3moe": ("Qwen3MoeForCausalLM", False),
+}
+# llama.cpp keeps Mixtral under "llama" (with expert_count); top-k weights renormalised
+# unless {arch}.expert_weights_norm says otherwise.
+_MOE_RENORMALIZE = {"llama": True, "qwen2moe": False, "qwen3moe": True}
+# GPT-2 and Phi-2: a plain (c_fc / c_proj) GELU MLP; Q/K/V may come fused (attn_qkv).
+_PLAIN_MLP_LAYER_NAMES = {
+    "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "attn_qkv": "self_attn.qkv_proj",
+}
+# Gemma 2's sandwich norms: llama.cpp's ffn_norm is the norm before the MLP there.
+_SANDWICH_LAYER_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 SUPPORTED_TYPES = frozenset({
@@ -38,6 +59,9 @@ _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "output.bias": "lm_head.bias",
+    "output_norm.bias": "model.norm.bias",
+    "position_embd.weight": "model.embed_positions.weight",
 }
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -51,6 +75,15 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Mixture of experts: the router, experts stacked [E, ...], Qwen2-MoE's shared expert.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp-only tensors: rotary tables that HF recomputes from the config.
@@ -61,6 +94,10 @@ def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     """One metadata value as Python (str, number, bool or list), or default if absent."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
+
+
+def _optional_f32(value: Any) -> float | None:
+    return None if value is None else _f32(value)
 
 
 def _f32(value: Any) -> float:
@@ -96,22 +133,24 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(
                 f"{name} has GGUF architecture {arch!r}; kiln reads: " + ", ".join(ARCHITECTURES))
         self._permuted = ARCHITECTURES[arch][1]
-        self._names = self._map_names()
+        self._names = self._map_names(arch)
         try:
             self.config = self._read_config(arch)
         except (TypeError, ValueError, ZeroDivisionError) as e:
             # e.g. a per-layer list where llama-family models have one head count
             raise CheckpointError(f"{name} has malformed model metadata: {e}") from None
 
-    def _map_names(self) -> dict[str, str]:
+    def _map_names(self, arch: str) -> dict[str, str]:
         names: dict[str, str] = {}
+        layer_names = _LAYER_NAMES | (_SANDWICH_LAYER_NAMES if arch == "gemma2" else {}) | (
+            _PLAIN_MLP_LAYER_NAMES if arch in ("gpt2", "phi2") else {})
         for t in self._reader.tensors:
             if _SKIPPED_RE.fullmatch(t.name):
                 continue
             hf = _GLOBAL_NAMES.get(t.name)
             m = _LAYER_RE.fullmatch(t.name)
-            if m and m[2] in _LAYER_NAMES:
-                hf = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+            if m and m[2] in layer_names:
+                hf = f"model.layers.{m[1]}.{layer_names[m[2]]}.{m[3]}"
             if hf is None:
                 raise CheckpointError(
                     f"{self.source.name} has tensor {t.name!r}, which kiln does not know; "
@@ -146,7 +185,7 @@ class GGUFCheckpoint(Checkpoint):
         # Stop on end-of-turn too: chat GGUFs often keep <|eot_id|> apart from eos.
         eos = [field(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         tensor_names = set(self._names)
-        return ModelConfig(
+        return dataclasses.replace(ModelConfig(
             architecture=ARCHITECTURES[arch][0],
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -165,7 +204,70 @@ class GGUFCheckpoint(Checkpoint):
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             bos_token_id=field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
-        )
+        ), **self._gemma_fields(arch, hidden, heads), **self._gpt_fields(arch, hidden, heads),
+            **self._moe_fields(arch))
+
+    def _moe_fields(self, arch: str) -> dict[str, Any]:
+        r = self._reader
+        experts = field(r, f"{arch}.expert_count")
+        if not experts:
+            return {}
+        names = set(self._names)
+        layers = int(field(r, f"{arch}.block_count"))
+        return dict(
+            architecture="MixtralForCausalLM" if arch == "llama" else ARCHITECTURES[arch][0],
+            num_experts=int(experts),
+            num_experts_per_tok=int(field(r, f"{arch}.expert_used_count")),
+            moe_intermediate_size=int(field(r, f"{arch}.expert_feed_forward_length")
+                                      or field(r, f"{arch}.feed_forward_length")),
+            norm_topk_prob=bool(field(r, f"{arch}.expert_weights_norm",
+                                      _MOE_RENORMALIZE.get(arch, True))),
+            shared_expert_intermediate_size=int(
+                field(r, f"{arch}.expert_shared_feed_forward_length") or 0),
+            moe_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_exps.weight" in names))
+
+    def _gpt_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
+        """GPT-2 (learned positions) and Phi-2 (parallel block on one LayerNorm, partial
+        rotary over rope.dimension_count dims): LayerNorms with bias, tanh-GELU MLP."""
+        if arch not in ("gpt2", "phi2"):
+            return {}
+        r, names = self._reader, set(self._names)
+        head_dim = int(field(r, f"{arch}.attention.key_length") or hidden // heads)
+        bias = "blk.0.attn_qkv.bias" in names or "blk.0.attn_q.bias" in names
+        fields: dict[str, Any] = dict(
+            head_dim=head_dim, norm_type="layernorm", gated_mlp=False, hidden_act="gelu_new",
+            rms_norm_eps=_f32(field(r, f"{arch}.attention.layer_norm_epsilon", 1e-5)),
+            qkv_bias=bias, o_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_up.bias" in names, lm_head_bias="output.bias" in names,
+            rope_scaling=None)
+        if arch == "gpt2":
+            fields.update(position_embedding="learned")
+        else:
+            rotary = int(field(r, "phi2.rope.dimension_count", head_dim))
+            fields.update(parallel_residual=True, parallel_shared_norm=True,
+                          partial_rotary_factor=rotary / head_dim)
+        return fields
+
+    def _gemma_fields(self, arch: str, hidden: int, heads: int) -> dict[str, Any]:
+        """Gemma: GeGLU, embeddings times sqrt(hidden). Gemma 2 also: sandwich norms,
+        soft-caps, sliding window on even layers, and llama.cpp's attention scale (27B,
+        its 46 layers: (hidden / heads)^-1/2 as query_pre_attn_scalar; else head_dim's)."""
+        if arch not in ("gemma", "gemma2"):
+            return {}
+        fields: dict[str, Any] = dict(hidden_act="gelu_pytorch_tanh", scale_embeddings=True)
+        if arch == "gemma2":
+            r = self._reader
+            layers = int(field(r, "gemma2.block_count"))
+            window = field(r, "gemma2.attention.sliding_window")
+            fields.update(
+                sandwich_norms=True,
+                attn_logit_softcap=_optional_f32(field(r, "gemma2.attn_logit_softcapping")),
+                final_logit_softcap=_optional_f32(field(r, "gemma2.final_logit_softcapping")),
+                sliding_window=int(window) if window else None,
+                layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention"
+                                  for i in range(layers)),
+                attn_scale=(hidden / heads) ** -0.5 if layers == 46 else None)
+        return fields
 
     def _rope_scaling(self, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
         r = self._reader

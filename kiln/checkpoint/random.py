@@ -52,12 +52,62 @@ PRESETS: dict[str, dict] = {
                        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
                        head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
                        max_position_embeddings=32768, eos_token_ids=(2,)),
+    "gemma-2-9b": dict(architecture="Gemma2ForCausalLM", vocab_size=256000, hidden_size=3584,
+                       intermediate_size=14336, num_layers=42, num_heads=16, num_kv_heads=8,
+                       head_dim=256, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
+                       scale_embeddings=True, sandwich_norms=True, attn_scale=256 ** -0.5,
+                       attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+                       layer_types=("sliding_attention", "full_attention") * 21,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, max_position_embeddings=8192,
+                       bos_token_id=2, eos_token_ids=(1, 107)),
+    "phi-2": dict(architecture="PhiForCausalLM", vocab_size=51200, hidden_size=2560,
+                  intermediate_size=10240, num_layers=32, num_heads=32, num_kv_heads=32,
+                  head_dim=80, partial_rotary_factor=0.4, norm_type="layernorm",
+                  rms_norm_eps=1e-5, hidden_act="gelu_new", gated_mlp=False, qkv_bias=True,
+                  o_bias=True, mlp_bias=True, parallel_residual=True,
+                  parallel_shared_norm=True, lm_head_bias=True, max_position_embeddings=2048,
+                  eos_token_ids=(50256,)),
+    "mixtral-8x7b": dict(architecture="MixtralForCausalLM", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=14336, norm_topk_prob=True,
+                         moe_layers=tuple(range(32)), rope_theta=1000000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=32768, bos_token_id=1, eos_token_ids=(2,)),
+    "falcon-7b": dict(architecture="FalconForCausalLM", vocab_size=65024, hidden_size=4544,
+                      intermediate_size=18176, num_layers=32, num_heads=71, num_kv_heads=1,
+                      head_dim=64, norm_type="layernorm", rms_norm_eps=1e-5, hidden_act="gelu",
+                      gated_mlp=False, parallel_residual=True, parallel_shared_norm=True,
+                      tie_word_embeddings=True, max_position_embeddings=2048,
+                      bos_token_id=11, eos_token_ids=(11,)),
+    "bloom-7b1": dict(architecture="BloomForCausalLM", vocab_size=250880, hidden_size=4096,
+                      intermediate_size=16384, num_layers=30, num_heads=32, num_kv_heads=32,
+                      head_dim=128, norm_type="layernorm", rms_norm_eps=1e-5,
+                      hidden_act="gelu_pytorch_tanh", gated_mlp=False, qkv_bias=True,
+                      o_bias=True, mlp_bias=True, position_embedding="alibi",
+                      embedding_norm=True, tie_word_embeddings=True,
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2,)),
     "smollm2-135m": dict(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576,
                          intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
                          head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, max_position_embeddings=8192,
                          eos_token_ids=(2,)),
 }
+
+
+# Architectures whose HF tensor names _shapes writes out; the others take kiln's own
+# parameter names, which the decoder's loaders accept as well.
+_LLAMA_LAYOUT = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                 "Qwen3ForCausalLM")  # (and dense: an MoE config takes the model's names)
+
+
+def _model_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter an engine of `cfg` stores (the model is built on
+    the meta device: no memory)."""
+    from kiln.distributed import Mapping
+    from kiln.models import create_model
+
+    model = create_model(cfg, Mapping(), 16, device="meta")
+    return [(name, tuple(t.shape)) for name, t in model.engine_state_dict().items()]
 
 
 class RandomCheckpoint(Checkpoint):
@@ -80,6 +130,8 @@ class RandomCheckpoint(Checkpoint):
 
     def _shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         c = self.config
+        if c.architecture not in _LLAMA_LAYOUT or c.num_experts:
+            return _model_shapes(c)
         h, kv = c.hidden_size, c.kv_size
         shapes = [("model.embed_tokens.weight", (c.vocab_size, h)), ("model.norm.weight", (h,))]
         if not c.tie_word_embeddings:

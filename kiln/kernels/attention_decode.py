@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kiln.kernels.paged import (
     LOG2E,
+    LOG2E_C,
     attend_tile,
     dot_precision,
     head_block,
@@ -30,9 +31,17 @@ MAX_SPLITS = 32
 
 
 @triton.jit
-def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Context tokens per split: the sequence shared evenly, rounded up to whole tiles."""
-    per_split = (seq_len + NUM_SPLITS - 1) // NUM_SPLITS
+def _context_start(seq_len, window, WINDOW: tl.constexpr):
+    """The first key the new token sees: seq_len - window with a sliding window, else 0."""
+    if WINDOW:
+        return tl.maximum(seq_len - window, 0)
+    return 0
+
+
+@triton.jit
+def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Context tokens per split: the keys shared evenly, rounded up to whole tiles."""
+    per_split = (ctx_len + NUM_SPLITS - 1) // NUM_SPLITS
     return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
 
 
@@ -41,9 +50,11 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
+    window, softcap, alibi_ptr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -53,13 +64,18 @@ def _decode_kernel(
     A 1-byte cache (compile-time branch on its element type) holds K / k_scale[kv_head] and
     V / v_scale[kv_head]: k_scale goes into the score scale, v_scale into o (and o_s, which
     the reduce combines linearly).
+    WINDOW: the token sees its last `window` keys only, so the splits share those (the
+    blocks before them are never read). SOFTCAP: scores -> c * tanh(score / c), softcap
+    = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). All
+    constexpr: off, the plain code.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
-    start = split * split_len
+    ctx_start = _context_start(seq_len, window, WINDOW)
+    split_len = _split_len(seq_len - ctx_start, NUM_SPLITS, BLOCK_N)
+    start = ctx_start + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -78,6 +94,11 @@ def _decode_kernel(
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
         qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head)
+    q_pos = offs_g  # read by attend_tile for ALiBi only (decode needs no causal mask)
+    slopes = 0.0
+    if ALIBI:
+        q_pos = tl.zeros([BLOCK_G], tl.int32) + (seq_len - 1)
+        slopes = tl.load(alibi_ptr + head, mask=offs_g < GROUP, other=0.0) * LOG2E_C
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -85,14 +106,16 @@ def _decode_kernel(
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                    n0, end, offs_g, kv_head, qk_scale,
+                                    n0, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                    HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC)
+                                    HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
     if full_end < end:
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                    full_end, end, offs_g, kv_head, qk_scale,
+                                    full_end, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                    HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC)
+                                    HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
@@ -108,17 +131,18 @@ def _decode_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh,
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh, window,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s, over the
     splits that covered part of the context (the same split lengths as the decode kernel)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
-    num_active = (seq_len + split_len - 1) // split_len
+    ctx_len = seq_len - _context_start(seq_len, window, WINDOW)
+    split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
+    num_active = (ctx_len + split_len - 1) // split_len
     offs_s = tl.arange(0, NUM_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     active = offs_s < num_active
@@ -168,9 +192,13 @@ def paged_attention_decode(
     seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None,
     num_splits: int | None = None, block_n: int | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_stages: int | None = None,
+    num_stages: int | None = None, sliding_window: int | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
+
+    sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c);
+    alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference.
 
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
@@ -191,7 +219,8 @@ def paged_attention_decode(
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device)
+        max_ctx = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
     default_n, default_stages = decode_config(k_cache.dtype, block_d)
@@ -207,14 +236,18 @@ def paged_attention_decode(
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale * LOG2E,
         k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        sliding_window or 0, (softcap or 0.0) * LOG2E,
+        alibi_slopes if alibi_slopes is not None else seq_lens,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
-        num_warps=4, num_stages=num_stages,
+        WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
+        ALIBI=alibi_slopes is not None, num_warps=4, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
+            sliding_window or 0, WINDOW=sliding_window is not None,
             HEAD_DIM=head_dim, BLOCK_N=block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
             num_warps=1 if block_d <= 64 else 2,
         )

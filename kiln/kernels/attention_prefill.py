@@ -9,6 +9,7 @@ import triton.language as tl
 
 from kiln.kernels.paged import (
     LOG2E,
+    LOG2E_C,
     attend_tile,
     dot_precision,
     head_block,
@@ -22,10 +23,11 @@ from kiln.kernels.paged import (
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_bt, window, softcap, alibi_ptr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
 
@@ -36,6 +38,10 @@ def _prefill_kernel(
     float32 statistics and accumulator). A 1-byte cache (compile-time branch on its
     element type) holds K / k_scale[kv_head] and V / v_scale[kv_head]: k_scale goes into
     the score scale, v_scale into O.
+    WINDOW: query p sees keys p - window + 1 .. p only; tiles wholly before the window of
+    every row are skipped, tiles some rows see only in part are masked. SOFTCAP: scores
+    -> c * tanh(score / c) (softcap is c * log2(e)). ALIBI: scores + alibi[head] *
+    (key pos - query pos) (float32 slopes). All constexpr: off, the plain code.
     """
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -63,6 +69,9 @@ def _prefill_kernel(
         q = kv_query(q, k_cache_ptr)
         qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head)
 
+    slopes = 0.0
+    if ALIBI:
+        slopes = tl.load(alibi_ptr + head) * LOG2E_C
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -72,16 +81,33 @@ def _prefill_kernel(
     # Keys every row of the tile sees need no mask; only the diagonal band does.
     full_end = ((ctx_start + first_tok + 1) // BLOCK_N) * BLOCK_N
     kv_end = ctx_start + last_tok + 1
-    for n0 in range(0, full_end, BLOCK_N):
+    kv_start = 0
+    if WINDOW:
+        # Keys before the first row's window are seen by no row; keys from the last
+        # row's window start on are seen (window-wise) by every row.
+        kv_start = (tl.maximum(ctx_start + first_tok - window + 1, 0) // BLOCK_N) * BLOCK_N
+        all_see = ctx_start + last_tok - window + 1
+        unmasked_start = tl.minimum(tl.maximum((all_see + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                               kv_start), full_end)
+        for n0 in range(kv_start, unmasked_start, BLOCK_N):
+            acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                        n0, kv_end, q_pos, kv_head, qk_scale,
+                                        stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                        HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
+                                        window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
+        kv_start = unmasked_start
+    for n0 in range(kv_start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                    HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC)
+                                    HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC,
+                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                    HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC)
+                                    HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
+                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
@@ -109,9 +135,11 @@ def paged_attention_prefill(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
     block_m: int | None = None, block_n: int | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-    num_stages: int | None = None,
+    num_stages: int | None = None, sliding_window: int | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference.
+    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference
+    (sliding_window, softcap and alibi_slopes, float32 [heads], as there).
 
     A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
     block_n and num_stages default to prefill_config's choice for the cache dtype.
@@ -139,8 +167,12 @@ def paged_attention_prefill(
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        sliding_window or 0, (softcap or 0.0) * LOG2E,
+        alibi_slopes if alibi_slopes is not None else seq_lens,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=dot_precision(q.dtype), WINDOW=sliding_window is not None,
+        SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

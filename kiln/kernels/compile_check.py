@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from kiln.kernels import (
     attention_decode,
     attention_prefill,
+    moe,
     rms_norm,
     rotary_kv,
     sampling,
@@ -87,7 +88,10 @@ def reports() -> list[CompileReport]:
     bf = "*bf16"
     out = [compile_sm90(silu_mul._silu_mul_kernel, {
         "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
-    }, {"BLOCK": 2048}, 8)]
+    }, {"BLOCK": 2048, "GELU_TANH": False}, 8)]
+    out.append(compile_sm90(silu_mul._silu_mul_kernel, {
+        "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
+    }, {"BLOCK": 2048, "GELU_TANH": True}, 8, variant="gelu_tanh"))
     norm = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "res_out_ptr": bf,
             "eps": 1e-5, "num_rows": 77}
     out.append(compile_sm90(rms_norm._rms_norm_kernel, norm, {
@@ -99,23 +103,54 @@ def reports() -> list[CompileReport]:
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
         "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
-        "stride_cs_slot": 1024, "stride_ch": 128,
-    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64}, 4))
+        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
+    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0}, 4))
+    # Partial rotary: Phi-2 (head_dim 80, 32 rotated), GPT-2 (64, none rotated).
+    for variant, half, block_d, block_p in (("phi-2", 16, 16, 64), ("gpt2", 0, 1, 64)):
+        out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
+            "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+            "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
+            "num_heads": 32, "num_kv_heads": 32, "half": half, "block_size": 16,
+            "stride_q": 7680, "stride_k": 7680, "stride_v": 7680, "stride_cs": 32,
+            "stride_cb": 40960, "stride_cs_slot": 2560, "stride_ch": 80, "head_dim_arg": 80,
+        }, {"BLOCK_H": 32, "BLOCK_KH": 32, "BLOCK_D": block_d, "BLOCK_P": block_p}, 4,
+            variant=variant))
     attn = {"q_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf, "out_ptr": bf,
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
             "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
             "stride_qh": 128, "stride_oh": 128, "stride_kb": 16384, "stride_ks": 1024,
-            "stride_kh": 128, "stride_bt": 512}
-    shape = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128, "DOT_PREC": "tf32"}
+            "stride_kh": 128, "stride_bt": 512, "window": 4096, "softcap": 72.1,
+            "alibi_ptr": "*fp32"}
+    shape = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128, "DOT_PREC": "tf32",
+             "WINDOW": False, "SOFTCAP": False, "ALIBI": False}
+    gemma2 = {"WINDOW": True, "SOFTCAP": True}  # sliding window + soft-capping
     for block_m, warps in ((128, 8), (16, 4)):
         out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
             **shape, "BLOCK_M": block_m, "BLOCK_N": 64}, warps, variant=f"BLOCK_M={block_m}"))
+    out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
+        **shape, **gemma2, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="window+softcap"))
+    out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
+        **shape, "ALIBI": True, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="alibi"))
     for splits in (1, 32):
         out.append(compile_sm90(attention_decode._decode_kernel, attn, {
             **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,
             variant=f"splits={splits}"))
+    out.append(compile_sm90(attention_decode._decode_kernel, attn, {
+        **shape, **gemma2, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
+        variant="window+softcap"))
+    out.append(compile_sm90(attention_decode._decode_kernel, attn, {
+        **shape, "ALIBI": True, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
+        variant="alibi"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
-        "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32}, 2))
+        "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
+    # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
+    out.append(compile_sm90(moe._moe_gemm_kernel, {
+        "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",
+        "block_experts_ptr": "*i32", "weights_ptr": "*fp32", "N": 28672, "K": 4096,
+        "num_pairs": 2048, "num_experts": 8, "stride_am": 4096, "stride_we": 117440512,
+        "stride_wn": 4096, "stride_om": 28672,
+    }, {"TOP_K": 2, "A_PER_TOKEN": True, "MUL_WEIGHT": False, "BLOCK_M": 64, "BLOCK_N": 64,
+        "BLOCK_K": 64, "DOT_PREC": "tf32"}, 4, num_stages=3))
     out.append(compile_sm90(sampling._sample_kernel, {
         "logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
 KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
@@ -27,16 +28,30 @@ def kv_tile_offsets(table_row_ptr, offs_n, kv_head, stride_kb, stride_ks, stride
 
 
 @triton.jit
+def softcap_scores(s, cap):
+    """cap * tanh(s / cap), with tanh(x) = 1 - 2 / (2^(2x log2 e) + 1) (saturates to +-1;
+    exact enough next to float32 scores, and the interpreter runs it)."""
+    e = tl.exp2(s * (2.0 * 1.4426950408889634 / cap))
+    return cap * (1.0 - 2.0 / (e + 1.0))
+
+
+@triton.jit
 def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n_end,
                 q_pos, kv_head, qk_scale, stride_kb, stride_ks, stride_kh,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, window=0, softcap=0.0,
+                WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+                slopes=0.0, ALIBI: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
     l' = l * 2^(m - m') + sum_n p;  acc' = acc * 2^(m - m') + p @ v
-    MASK drops keys >= n_end; CAUSAL also drops keys after each query's position q_pos.
+    MASK drops keys >= n_end; CAUSAL also drops keys after each query's position q_pos;
+    WINDOW (with MASK) also keys at or before q_pos - window, and guards rows that see no
+    key of the tile yet (m' = -inf). SOFTCAP: s = c * tanh(s / c), softcap = c * log2(e)
+    (the cap of the natural-log scores, carried into base 2). ALIBI: s += slopes[row] *
+    (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
     q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
     run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 as
     value * 2^-8 built from its bits with integer ops (load_kv_words, e4m3_bytes; the
@@ -69,14 +84,24 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
         if FP8:
             kt = e4m3_bytes(kt, q.dtype)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
+    if SOFTCAP:
+        s = softcap_scores(s, softcap)
+    if ALIBI:
+        s += slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
     if MASK:
         keep = n_ok[None, :]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= q_pos[:, None])
+        if WINDOW:
+            keep = keep & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    if WINDOW:  # a row with no visible key so far: keep p and alpha at 0, not NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if WORDS:
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,

@@ -6,6 +6,8 @@ dtype) so that kiln matches it within dtype tolerance.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,15 +42,23 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary(
     x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int
 ) -> torch.Tensor:
-    """Neox-style rotary on x [T, heads*head_dim]; cos_sin [max_pos, head_dim] = [cos|sin]."""
+    """Neox-style rotary on x [T, heads*head_dim]; cos_sin [max_pos, rotary_dim] = [cos|sin].
+
+    Only the first rotary_dim dims of each head rotate (partial rotary, GPT-NeoX / Phi);
+    the rest pass through. rotary_dim 0 (learned or no positions) returns x as is.
+    """
     tokens = x.shape[0]
+    rotary_dim = cos_sin.shape[-1]
+    if rotary_dim == 0:
+        return x.reshape(tokens, -1)
     x = x.view(tokens, -1, head_dim)
+    x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     cos, sin = cos_sin[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
     cos = torch.cat([cos, cos], dim=-1)
     sin = torch.cat([sin, sin], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).view(tokens, -1)
+    return torch.cat([x * cos + rotated * sin, rest], dim=-1).view(tokens, -1)
 
 
 # ---- low precision ----------------------------------------------------------------------
@@ -134,6 +144,9 @@ def paged_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -141,24 +154,85 @@ def paged_attention(
     q[query_starts[i]:query_starts[i+1]] and its context is the first seq_lens[i]
     tokens in the blocks block_tables[i]. New tokens are the last ones of the context.
     1-byte caches (e4m3fn, int8) are read as value * k_scale / v_scale [kv_heads].
+    sliding_window W: the query at position p sees keys p - W + 1 .. p only.
+    softcap c: scores s = (q . k) * scale become c * tanh(s / c) before the softmax.
+    alibi_slopes [heads] float32 (ALiBi, Bloom): scores get slope[h] * (key pos - query
+    pos) added (the softmax equals Bloom's slope * key pos; relative stays exact longer).
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
     for i, seq_len in enumerate(seq_lens):
         start, end = query_starts[i], query_starts[i + 1]
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[i, :num_blocks].long()
-        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len], k_scale, q.dtype)
-        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len], v_scale, q.dtype)
         num_new = end - start
+        num_blocks = -(-seq_len // block_size)
+        # With a window, blocks before the first query's window are never read (the KV
+        # manager may have released them).
+        first = 0 if sliding_window is None else \
+            max(seq_len - num_new - sliding_window + 1, 0) // block_size * block_size
+        blocks = block_tables[i, first // block_size:num_blocks].long()
+        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len - first], k_scale, q.dtype)
+        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len - first], v_scale, q.dtype)
         # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale, enable_gqa=True,
-        )
+        k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= k_pos > q_pos[:, None] - sliding_window
+        qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if alibi_slopes is not None:
+            distance = (k_pos - q_pos[:, None]).float()
+            bias = alibi_slopes.float()[:, None, None] * distance[None]
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=bias.masked_fill(~mask, float("-inf")).to(q.dtype),
+                scale=scale, enable_gqa=True)
+        elif softcap is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        else:
+            group = qh.shape[0] // kh.shape[0]
+            kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
+            scores = (qh @ kh.transpose(1, 2)) * scale
+            scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vh
         out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes [num_heads] float32 (Press et al.; Bloom's recipe): for the largest
+    power of two n <= num_heads, 2^(-8 i / n) for i = 1..n, then the odd multiples
+    2^(-4 (2j - 1) / n) for the heads beyond n."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * (2 * j - 1) / n) for j in range(1, num_heads - n + 1)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: (weights float32 [T, k], expert ids int64 [T, k]) from the softmax of
+    the router logits [T, E] (in float32); renormalize rescales the k weights to sum 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]) for SwiGLU experts:
+    expert_e(x) = w2[e] (silu(gate) * up), [gate | up] = w13[e] x.
+
+    x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k]. One pass per expert that has
+    tokens, accumulated in x's dtype (the oracle; the GPU runs kernels.moe).
+    """
+    out = torch.zeros_like(x)
+    for expert in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == expert)
+        h = silu_and_mul(x[token] @ w13[expert].T) @ w2[expert].T
+        out.index_add_(0, token, (h * topk_weights[token, slot, None]).to(x.dtype))
     return out
 
 

@@ -1,5 +1,7 @@
 """Neox rotary on q and k fused with writing k and v into the paged KV cache (16/32-bit,
-or 1-byte e4m3fn / int8 with per-KV-head scales)."""
+or 1-byte e4m3fn / int8 with per-KV-head scales). Partial rotary (GPT-NeoX, Phi) rotates
+the first rotary_dim dims of each head and copies the rest; rotary_dim 0 (GPT-2's learned
+positions) only copies."""
 
 from __future__ import annotations
 
@@ -56,13 +58,31 @@ def _to_cache(x, scale, CACHE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _copy_tail(src_ptr, dst_ptr, heads, offs_h, stride_src_h, stride_dst_h, tail_start,
+               head_dim, scale_ptr, BLOCK_P: tl.constexpr):
+    """dst[h, d] = src[h, d] for d in tail_start .. head_dim (the dims rotary leaves), into
+    the model dtype or, for a 1-byte destination, quantized by scale[h] like _to_cache."""
+    offs_p = tail_start + tl.arange(0, BLOCK_P)
+    mask = (offs_h[:, None] < heads) & (offs_p[None, :] < head_dim)
+    x = tl.load(src_ptr + offs_h[:, None] * stride_src_h + offs_p[None, :], mask=mask,
+                other=0.0)
+    dst = dst_ptr + offs_h[:, None] * stride_dst_h + offs_p[None, :]
+    cdt = dst_ptr.dtype.element_ty
+    if cdt.primitive_bitwidth == 8:
+        scale = tl.load(scale_ptr + offs_h, mask=offs_h < heads, other=1.0)[:, None]
+        tl.store(dst, _to_cache(x.to(tl.float32), scale, cdt), mask=mask)
+    else:
+        tl.store(dst, x.to(cdt), mask=mask)
+
+
+@triton.jit
 def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr,
     k_scale_ptr, v_scale_ptr, num_heads, num_kv_heads, half, block_size,
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
-    stride_cb, stride_cs_slot, stride_ch,
+    stride_cb, stride_cs_slot, stride_ch, head_dim_arg,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token: q_out = rot(q); cache[slot] = (rot(k), v). Slots < 0 (padding) skip the write.
 
@@ -70,10 +90,16 @@ def _rotary_kv_kernel(
     [x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin] with cos, sin = cos_sin[pos].
     A 1-byte cache (compile-time branch on its element type) stores rot(k) (rounded to the
     model dtype) / k_scale[head] and v / v_scale[head], quantized by _to_cache.
+    BLOCK_P > 0 (partial rotary): only dims 0 .. 2*half rotate; dims 2*half .. head_dim_arg
+    of q, k and v are copied by _copy_tail. BLOCK_P == 0 compiles to the full-rotary code.
     """
     pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
-    head_dim = 2 * half
+    PARTIAL: tl.constexpr = BLOCK_P > 0
+    if PARTIAL:
+        head_dim = head_dim_arg
+    else:
+        head_dim = 2 * half
     offs_d = tl.arange(0, BLOCK_D)
     pos = tl.load(pos_ptr + token).to(tl.int64)
     d_ok = offs_d < half
@@ -90,6 +116,9 @@ def _rotary_kv_kernel(
     out = q_out_ptr + token * stride_q_out + offs_h[:, None] * head_dim + offs_d[None, :]
     tl.store(out, y1.to(dt), mask=mask)
     tl.store(out + half, y2.to(dt), mask=mask)
+    if PARTIAL:
+        _copy_tail(q_ptr + token * stride_q, q_out_ptr + token * stride_q_out, num_heads,
+                   offs_h, head_dim, head_dim, 2 * half, head_dim, k_scale_ptr, BLOCK_P)
 
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -121,6 +150,11 @@ def _rotary_kv_kernel(
             v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
             tl.store(v_cache_ptr + dst, v1.to(cdt), mask=kv_mask)
             tl.store(v_cache_ptr + dst + half, v2.to(cdt), mask=kv_mask)
+        if PARTIAL:
+            _copy_tail(k_ptr + token * stride_k, k_cache_ptr + cache_off, num_kv_heads, offs_kh,
+                       head_dim, stride_ch, 2 * half, head_dim, k_scale_ptr, BLOCK_P)
+            _copy_tail(v_ptr + token * stride_v, v_cache_ptr + cache_off, num_kv_heads, offs_kh,
+                       head_dim, stride_ch, 2 * half, head_dim, v_scale_ptr, BLOCK_P)
 
 
 def _token_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -138,7 +172,8 @@ def rotary_and_write_kv(
     """Returns rotary(q) [T, heads*head_dim]; writes rotary(k) and v at slot_mapping.
 
     k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (same strides for both,
-    unit stride on the last dim); cos_sin [max_pos, head_dim] float32 = [cos | sin].
+    unit stride on the last dim); cos_sin [max_pos, rotary_dim] float32 = [cos | sin],
+    rotary_dim <= head_dim (partial rotary; 0: no rotation).
     A float8_e4m3fn or int8 cache needs k_scale and v_scale (float32 [kv_heads]).
     """
     tokens = q.shape[0]
@@ -153,8 +188,11 @@ def rotary_and_write_kv(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
-    half = head_dim // 2
-    block_d = triton.next_power_of_2(half)
+    half = cos_sin.shape[1] // 2
+    tail = head_dim - 2 * half
+    if cos_sin.numel() == 0:  # no rotary (learned positions): a table that is never read
+        cos_sin = positions
+    block_d = triton.next_power_of_2(max(half, 1))
     block_h = triton.next_power_of_2(num_heads)
     num_warps = 4 if block_h * block_d <= 4096 else 8
     use_pdl = pdl.enabled(q)
@@ -162,8 +200,9 @@ def rotary_and_write_kv(
         q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
         k_scale, v_scale, num_heads, num_kv_heads, half, k_cache.shape[1],
         q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim,
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
-        PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl),
+        BLOCK_P=triton.next_power_of_2(tail) if tail else 0, PDL=use_pdl,
+        num_warps=num_warps, **pdl.launch_args(use_pdl),
     )
     return q_out

@@ -1,4 +1,5 @@
-"""SiLU(gate) * up for the fused gate_up projection output [T, 2I] = [gate | up]."""
+"""act(gate) * up for the fused gate_up projection output [T, 2I] = [gate | up]: SiLU
+(SwiGLU) or the tanh GELU (GeGLU, Gemma)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from kiln.kernels.pdl import pdl_start
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    """out[t, i] = cast(g / (1 + exp(-g))) * u  with g = x[t, i], u = x[t, I + i].
+                     PDL: tl.constexpr, GELU_TANH: tl.constexpr = False):
+    """out[t, i] = cast(g / (1 + exp(-g))) * u  with g = x[t, i], u = x[t, I + i];
+    GELU_TANH: cast(g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3)))) * u, with
+    tanh(z) = 1 - 2 / (exp(2z) + 1) (saturates to +-1).
 
-    The SiLU is rounded to the input dtype before the product, as torch's unfused
+    The activation is rounded to the input dtype before the product, as torch's unfused
     `F.silu(gate) * up` does.
     """
     pdl_start(PDL)
@@ -26,13 +29,17 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.cons
     gate = tl.load(row + cols, mask=mask, other=0.0)
     up = tl.load(row + inter + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    out = silu * up.to(tl.float32)
+    if GELU_TANH:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    out = act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + token * stride_out + cols, out.to(gate.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]."""
+def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
+    """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I] (gelu_tanh: GeGLU)."""
     inter = x.shape[-1] // 2
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
@@ -44,5 +51,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     grid = (x2.shape[0], triton.cdiv(inter, block))
     use_pdl = pdl.enabled(x)
     _silu_mul_kernel[grid](x2, out2, inter, x2.stride(0), out2.stride(0), BLOCK=block,
-                           PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl))
+                           PDL=use_pdl, GELU_TANH=gelu_tanh, num_warps=num_warps,
+                           **pdl.launch_args(use_pdl))
     return out
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] -> gelu_tanh(x[..., :I]) * x[..., I:]  [..., I]."""
+    return silu_and_mul(x, gelu_tanh=True)

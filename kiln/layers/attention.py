@@ -61,11 +61,19 @@ class Attention(nn.Module):
     `k_cache` / `v_cache` [num_blocks, block_size, kv_heads, head_dim] are bound by the
     model runner after it allocates the KV pool. With a 1-byte cache (fp8, int8) the layer
     also holds `k_scale` / `v_scale` [kv_heads] (see kiln.layers.quantization).
+    `sliding_window` W: each query sees its last W positions only; `softcap` c: scores
+    become c * tanh(score / c) (Gemma 2); `alibi_slopes` [heads of this rank]: ALiBi
+    biases (Bloom).
     """
 
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+        # Derived from the config, never stored in the engine.
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -86,5 +94,6 @@ class Attention(nn.Module):
                                    self.v_scale)
         q = q.view(tokens, self.num_heads, self.head_dim)
         out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
-                                 self.k_scale, self.v_scale)
+                                 self.k_scale, self.v_scale, self.sliding_window, self.softcap,
+                                 self.alibi_slopes)
         return out.view(tokens, self.num_heads * self.head_dim)

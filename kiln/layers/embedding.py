@@ -39,11 +39,25 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(VocabEmbedding):
-    """logits = h E^T, gathered over ranks and cut back to the true vocabulary size."""
+    """logits = h E^T (+ b, Phi-2), gathered over ranks and cut back to the true
+    vocabulary size."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping | None = None) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping | None = None,
+                 bias: bool = False) -> None:
         super().__init__(vocab_size, hidden_size, mapping)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.rows_per_rank), requires_grad=False)
+            self.bias.weight_loader = self._load_bias
+
+    def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor,
+                   shard_id: object = None) -> None:
+        if tuple(loaded.shape) != (self.vocab_size,):
+            raise ValueError(f"expected shape ({self.vocab_size},), got {tuple(loaded.shape)}")
+        part = loaded[self.vocab_start:self.vocab_start + self.rows_per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = nn.functional.linear(hidden, self.weight)
+        logits = nn.functional.linear(hidden, self.weight, self.bias)
         return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]

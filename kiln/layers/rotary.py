@@ -1,4 +1,4 @@
-"""Rotary position embedding tables (default, linear and Llama 3 scaling)."""
+"""Rotary position embedding tables (default, linear, Llama 3 and LongRoPE scaling)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,36 @@ from torch import nn
 
 from kiln.errors import BuildError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
-def inverse_frequencies(head_dim: int, theta: float,
-                        scaling: dict[str, Any] | None) -> torch.Tensor:
+def _rope_type(scaling: dict[str, Any] | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def longrope_attention_factor(scaling: dict[str, Any]) -> float:
+    """LongRoPE's cos/sin scale: sqrt(1 + ln(factor) / ln(original context)) unless given."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                        max_positions: int = 0) -> torch.Tensor:
+    """inv_freq [head_dim / 2]. LongRoPE (Phi-3) divides by its short factors when the
+    engine's max_positions fit the original context, else by its long factors (for every
+    position; transformers switches per forward by the sequence length)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    rope_type = _rope_type(scaling)
     if rope_type == "default":
         return inv_freq
+    if rope_type == "longrope":
+        long = max_positions > int(scaling["original_max_position_embeddings"])  # type: ignore
+        factors = scaling["long_factor" if long else "short_factor"]  # type: ignore[index]
+        return inv_freq / torch.tensor(factors, dtype=torch.float32)
     factor = float(scaling["factor"])  # type: ignore[index]
     if rope_type == "linear":
         return inv_freq / factor
@@ -46,8 +66,10 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        inv_freq = inverse_frequencies(head_dim, theta, scaling, max_positions)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+        if _rope_type(scaling) == "longrope":
+            cos_sin = cos_sin * longrope_attention_factor(scaling)  # type: ignore[arg-type]
         # Not persistent: it is derived from the config, never stored in the engine.
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1),
-                             persistent=False)
+        self.register_buffer("cos_sin", cos_sin, persistent=False)

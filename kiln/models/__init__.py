@@ -20,6 +20,16 @@ _REGISTRY = {
     "GemmaForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Phi3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
     "Starcoder2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "GPT2LMHeadModel": "kiln.models.decoder:DecoderForCausalLM",
+    "GPTNeoXForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "PhiForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Gemma2ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Gemma3ForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "BloomForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "FalconForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "MixtralForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen2MoeForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
+    "Qwen3MoeForCausalLM": "kiln.models.decoder:DecoderForCausalLM",
 }
 
 

@@ -1,7 +1,15 @@
-"""The generic decoder: Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK norm) by config flags."""
+"""The generic decoder: every dense family kiln runs, by config flags.
+
+Llama, Mistral, Qwen2 (QKV bias), Qwen3 (QK norm), Gemma 1/2/3 ((1 + w) norms, sandwich
+norms, soft-capping, sliding layers), Phi-2/3, StarCoder2, GPT-2 (learned positions),
+GPT-NeoX (parallel residual, partial rotary), Bloom (ALiBi, embedding norm), Falcon
+(parallel attention, multi-query); kiln.models.convert maps GPT-era tensor names onto
+the Llama names used here.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -10,6 +18,7 @@ from torch import nn
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
 from kiln.distributed.comm import tp_all_reduce
+from kiln.kernels.reference import alibi_slopes
 from kiln.layers import (
     Attention,
     GatedMLP,
@@ -23,8 +32,15 @@ from kiln.layers import (
     make_norm,
 )
 from kiln.layers.linear import default_weight_loader
+from kiln.layers.moe import SparseMoE
 from kiln.layers.norm import reduce_add_norm
+from kiln.models.convert import to_decoder_names
 
+# One expert's projection: HF (Qwen MoE) or Mixtral (w1 gate, w3 up, w2 down) names.
+EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
+                    r"\.weight$")
+EXPERT_SHARD = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1),
+                "w3": ("w13", 1), "down_proj": ("w2", None), "w2": ("w2", None)}
 # HF projection name -> (fused kiln parameter, shard id).
 FUSED_PROJECTIONS = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
@@ -33,7 +49,8 @@ FUSED_PROJECTIONS = {
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
+                 layer: int = 0) -> None:
         super().__init__()
         tp = mapping.tp_size
         self.num_heads = cfg.num_heads // tp
@@ -46,10 +63,21 @@ class DecoderAttention(nn.Module):
         self.o_proj = RowLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, mapping)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
-                                      cfg.rope_scaling)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim,
-                              cfg.head_dim ** -0.5)
+        window = cfg.layer_window(layer)
+        if window is not None and cfg.rope_local_theta is not None:  # Gemma 3 local layers
+            theta, scaling = cfg.rope_local_theta, None
+        else:
+            theta, scaling = cfg.rope_theta, cfg.rope_scaling
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, max_positions, theta, scaling)
+        scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        # A window as long as every context the engine can hold is global attention.
+        window = window if window is not None and window < max_positions else None
+        slopes = None
+        if cfg.position_embedding == "alibi":  # this rank's heads
+            first = mapping.tp_rank * self.num_heads
+            slopes = alibi_slopes(cfg.num_heads)[first:first + self.num_heads].contiguous()
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale,
+                              window, cfg.attn_logit_softcap, slopes)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -61,34 +89,70 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
+    """Pre-norm layer. Activations travel as (hidden, residual) with hidden + residual the
+    layer input, so each norm fuses the residual add. Variants by flag: parallel
+    residual (x + attn(n1(x)) + mlp(n2(x)), n2 = n1 when shared) and sandwich norms
+    (a norm on the attention and MLP outputs too)."""
+
+    def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
+                 layer: int = 0) -> None:
         super().__init__()
+        self.parallel = cfg.parallel_residual
         self.input_layernorm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, mapping, max_positions)
-        self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
-                                                  cfg.rms_norm_eps)
-        mlp = GatedMLP if cfg.gated_mlp else PlainMLP
-        self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
-                       cfg.hidden_act)
+        self.self_attn = DecoderAttention(cfg, mapping, max_positions, layer)
+        if not (cfg.parallel_residual and cfg.parallel_shared_norm):
+            self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                      cfg.rms_norm_eps)
+        if cfg.sandwich_norms:  # HF: post_attention_layernorm normalises attention's output
+            self.pre_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                       cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
+                                                        cfg.rms_norm_eps)
+        self.sandwich = cfg.sandwich_norms
+        moe = layer in cfg.moe_layers
+        if moe:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                 cfg.moe_intermediate_size, cfg.norm_topk_prob, mapping,
+                                 cfg.shared_expert_intermediate_size)
+        else:
+            mlp = GatedMLP if cfg.gated_mlp else PlainMLP
+            self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
+                           cfg.hidden_act)
         self.tp_size = mapping.tp_size
         # With TP, the O and down projections hand their partial sums to the next norm,
         # which all-reduces them fused with the residual add (one kernel instead of two).
+        # Only the plain pre-norm layer does: parallel residual, sandwich norms and MoE
+        # outputs are reduced where they are made.
         self.defer_reduce = (mapping.tp_size > 1 and cfg.norm_type != "layernorm"
-                             and not cfg.o_bias and not cfg.mlp_bias)
+                             and not cfg.o_bias and not cfg.mlp_bias and not self.parallel
+                             and not self.sandwich and not moe)
         self.self_attn.o_proj.defer_reduce = self.defer_reduce
-        self.mlp.output_projection().defer_reduce = self.defer_reduce
+        if self.defer_reduce:
+            self.mlp.output_projection().defer_reduce = True
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, partial: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """`partial`: hidden is still a TP partial sum (the previous layer deferred its
         reduce); the returned hidden is one when this layer defers."""
+        if self.parallel:
+            if partial:
+                hidden = tp_all_reduce(hidden, self.tp_size)
+            residual = hidden if residual is None else hidden + residual
+            normed = self.input_layernorm(residual)
+            mlp_in = getattr(self, "post_attention_layernorm", None)
+            mlp_in = normed if mlp_in is None else mlp_in(residual)
+            return self.self_attn(positions, normed) + self.mlp(mlp_in), residual
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = reduce_add_norm(self.input_layernorm, hidden, residual,
                                                self.tp_size, partial)
         hidden = self.self_attn(positions, hidden)
+        if self.sandwich:
+            hidden = self.post_attention_layernorm(hidden)
+            hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = reduce_add_norm(self.post_attention_layernorm, hidden, residual,
                                            self.tp_size, self.defer_reduce)
         return self.mlp(hidden), residual
@@ -98,9 +162,14 @@ class DecoderBody(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, mapping)
+        if cfg.position_embedding == "learned":  # GPT-2
+            self.embed_positions = VocabEmbedding(cfg.max_position_embeddings,
+                                                  cfg.hidden_size, mapping)
+        if cfg.embedding_norm:  # Bloom
+            self.embed_norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
         # A ModuleDict keyed by global layer index keeps HF names on every pipeline stage.
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, mapping, max_positions)
+            str(i): DecoderLayer(cfg, mapping, max_positions, i)
             for i in mapping.pp_layers(cfg.num_layers)
         })
         self.norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
@@ -115,7 +184,7 @@ class DecoderForCausalLM(nn.Module):
         self.config = cfg
         self.mapping = mapping or Mapping()
         self.model = DecoderBody(cfg, self.mapping, max_positions or cfg.max_position_embeddings)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.mapping)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, self.mapping, cfg.lm_head_bias)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -129,6 +198,10 @@ class DecoderForCausalLM(nn.Module):
             if self.config.scale_embeddings:  # in the model dtype, as transformers does
                 hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5,
                                                dtype=hidden.dtype)
+            if self.config.position_embedding == "learned":
+                hidden = hidden + self.model.embed_positions(positions)
+            if self.config.embedding_norm:
+                hidden = self.model.embed_norm(hidden)
         else:
             hidden, residual = intermediate
         partial = False
@@ -144,7 +217,9 @@ class DecoderForCausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers.values()]
@@ -160,6 +235,11 @@ class DecoderForCausalLM(nn.Module):
         if len(parts) > 2 and parts[1] == "layers" and \
                 int(parts[2]) not in self.mapping.pp_layers(self.config.num_layers):
             return None
+        expert = EXPERT.match(hf_name)
+        if expert:
+            prefix, index, proj = expert.groups()
+            param, half = EXPERT_SHARD[proj]
+            return f"{prefix}.{param}", (int(index), half) if half is not None else int(index)
         for hf_proj, (fused, shard) in FUSED_PROJECTIONS.items():
             if f".{hf_proj}." in hf_name:
                 return hf_name.replace(hf_proj, fused), shard
@@ -170,7 +250,28 @@ class DecoderForCausalLM(nn.Module):
     def split_fused(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """A checkpoint tensor in the per-projection naming the loaders take: fused Q/K/V
         and gate/up (Phi-3) split, a norm offset (Gemma's 1 + w) folded into the weight."""
+        return [pair for name, t in to_decoder_names(self.config, hf_name, tensor)
+                for pair in self._split_decoder_tensor(name, t)]
+
+    def _split_decoder_tensor(self, hf_name: str, tensor: torch.Tensor
+                              ) -> list[tuple[str, torch.Tensor]]:
         cfg = self.config
+        stacked = re.match(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$",
+                           hf_name)
+        if stacked and tensor.dim() == 3:  # GGUF: each projection of every expert [E, ...]
+            base, proj = stacked.groups()
+            return [(f"{base}.{e}.{proj}.weight", expert) for e, expert in enumerate(tensor)]
+        if hf_name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
+            return [(hf_name, tensor[None])]  # GGUF keeps the [1, H] gate as [H]
+        if hf_name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.w13",
+                             "mlp.experts.down_proj", "mlp.experts.w2")):
+            # All experts in one tensor (transformers 5, or kiln's own layout): per expert.
+            base = hf_name.rsplit(".", 1)[0]
+            if hf_name.endswith(("gate_up_proj", "w13")):
+                return [(f"{base}.{e}.{proj}.weight", part)
+                        for e, expert in enumerate(tensor)
+                        for proj, part in zip(("gate_proj", "up_proj"), expert.chunk(2))]
+            return [(f"{base}.{e}.down_proj.weight", expert) for e, expert in enumerate(tensor)]
         if cfg.norm_weight_offset and hf_name.endswith("norm.weight"):
             return [(hf_name, tensor.float() + cfg.norm_weight_offset)]
         for fused, parts, sizes in (

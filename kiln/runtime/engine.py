@@ -130,7 +130,12 @@ class LLMEngine:
                             f"be at least max_seq_len ({self.max_seq_len}) or long prompts "
                             "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching)
+        model = self.config.model
+        windows = {model.layer_window(i) for i in range(model.num_layers)}
+        # Every layer windowed (Mistral v0.1 style): blocks behind the window are released.
+        window = windows.pop() if len(windows) == 1 else None
+        self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
+                                 window)
         if runtime.cuda_graphs:
             self.runner.capture_graphs(self.max_batch_size)
         if self.speculator is not None:
@@ -229,6 +234,9 @@ class LLMEngine:
         if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
             raise RequestError("seed must be in [0, 2**62)")
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
+        if params.json_schema is not None:
+            grammars = self._grammar_compiler()
+            grammars.matcher(params.json_schema)  # a bad schema fails here, for this caller
         if params.seed is not None:
             seed_base = params.seed
         elif seed_base is None:
@@ -241,6 +249,8 @@ class LLMEngine:
             request = Request(seq_id, token_ids, params, max_tokens, self.eos_token_ids)
             request.sampling_seed = seed_base + index
             request.bad_words_token_ids = bad_words
+            if params.json_schema is not None:
+                request.grammar = grammars.matcher(params.json_schema)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
                 if self.tokenizer else None
             sequences.append(Sequence(request, index, request_id, detok))
@@ -369,13 +379,23 @@ class LLMEngine:
             raise KilnError("the KV cache is too small for the next request")
         return outputs
 
+    def _grammar_compiler(self):
+        from kiln.runtime.grammar import GrammarCompiler
+
+        if getattr(self, "_grammars", None) is None:
+            if self.tokenizer is None:
+                raise RequestError("json_schema needs the engine's tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer.folder, self.config.model.vocab_size,
+                                             list(self.eos_token_ids))
+        return self._grammars
+
     @staticmethod
     def _needs_host_tokens(out) -> bool:
         """Penalties and bad words read the generated tokens' values on the host."""
         for entry in out.scheduled:
             p = entry.request.params
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or \
-                    entry.request.bad_words_token_ids:
+                    entry.request.bad_words_token_ids or entry.request.grammar is not None:
                 return True
         return False
 

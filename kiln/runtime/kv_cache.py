@@ -5,6 +5,10 @@ sequence. A full block is identified by a hash chained over every token before i
 two requests with the same prefix map to the same blocks. Blocks nobody references go
 to a free queue in LRU order but keep their hash, so a later request can still reuse
 them until they are handed out again.
+
+With a sliding window on every layer, blocks wholly before the window of a request's
+next token are released as the request advances (it keeps their place in its block list,
+so positions still map to blocks; the kernels never read them).
 """
 
 from __future__ import annotations
@@ -14,11 +18,17 @@ from collections.abc import Sequence
 
 from kiln.runtime.request import PLACEHOLDER, Request
 
+# Keys before a window that the attention kernels' tiles may still touch (masked): the
+# prefill kernel starts at the window's first key rounded down to its BLOCK_N (<= 64).
+WINDOW_TILE_MARGIN = 64
+
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
@@ -86,6 +96,7 @@ class KVCacheManager:
         `reuse` (only for a request holding no blocks yet) are prefix blocks from
         `match_prefix` to share instead of recomputing.
         """
+        self.release_outside_window(request)
         needed = self.blocks_needed(num_tokens) - len(request.block_ids) - len(reuse)
         if needed > 0 and not self.can_allocate(needed, reuse):
             return False
@@ -129,11 +140,29 @@ class KVCacheManager:
                 self.free_queue[block] = None
         del request.block_ids[keep:]
 
+    def release_outside_window(self, request: Request) -> None:
+        """Drop the request's references to blocks no query from its next token on can see
+        (every layer windowed): keys < next position - window + 1 - WINDOW_TILE_MARGIN."""
+        if self.sliding_window is None:
+            return
+        first_needed = request.num_computed_tokens - self.sliding_window + 1 - WINDOW_TILE_MARGIN
+        outside = min(max(first_needed, 0) // self.block_size, len(request.block_ids))
+        for block in request.block_ids[request.num_released_blocks:outside]:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+        request.num_released_blocks = max(request.num_released_blocks, outside)
+
+    @staticmethod
+    def num_held_blocks(request: Request) -> int:
+        return len(request.block_ids) - request.num_released_blocks
+
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the queue first (evicted first)."""
-        for block in reversed(request.block_ids):
+        for block in reversed(request.block_ids[request.num_released_blocks:]):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_queue[block] = None
         request.block_ids = []
         request.num_committed_blocks = 0
+        request.num_released_blocks = 0

@@ -34,6 +34,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Structured output: the text is JSON valid against this schema ({"type": "object"}
+    # for any JSON object); needs xgrammar. See kiln/runtime/grammar.py.
+    json_schema: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +125,7 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hashes of its full blocks
         self.num_committed_blocks = 0  # of block_ids, registered in the prefix cache
+        self.num_released_blocks = 0  # leading block_ids outside a sliding window, released
         self.stats = RequestStats()
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
@@ -130,6 +134,7 @@ class Request:
         self.sampling_seed = 0
         self.bad_words_token_ids: list[list[int]] = []
         self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
+        self.grammar: Any = None  # xgrammar GrammarMatcher of a json_schema request
         # Draft tokens to verify in the next step (speculative decoding), not yet in
         # token_ids; and the draft's distributions they were sampled from, if any.
         self.spec_token_ids: list[int] = []

@@ -397,11 +397,12 @@ class Speculator:
 
     @staticmethod
     def eligible(request: Request) -> bool:
-        """Penalties, bad words and min_tokens change a row's logits with the tokens
-        before it, which a draft row does not know yet: those requests decode plainly."""
+        """Penalties, bad words, a grammar and min_tokens change a row's logits with the
+        tokens before it, which a draft row does not know yet: those requests decode
+        plainly."""
         p = request.params
         return not (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or
-                    request.bad_words_token_ids or
+                    request.bad_words_token_ids or request.grammar is not None or
                     request.num_output_tokens < p.min_tokens)
 
     def after_step(self, requests: list[Request], tokens: list[int]) -> None:
