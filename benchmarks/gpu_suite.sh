@@ -29,7 +29,7 @@ for spec in $stages; do
   case $stage in
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
-             tests/test_gpu_parallel.py tests/test_gpu_speculative.py \
+             tests/test_gpu_parallel.py tests/test_gpu_speculative.py tests/test_kernels_gpu_zoo.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
