@@ -151,7 +151,8 @@ def _arch_from_model_type(model_type: str | None) -> str:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZATIONS = ("auto", "none", "fp8")  # auto: what the checkpoint holds (none for floats)
+# auto: what the checkpoint holds (none for floats)
+QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
 ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
 
@@ -176,6 +177,7 @@ class BuildConfig:
     quant_ignore: tuple[str, ...] = ()  # kiln module names left unquantized
     quant_source: str = ""  # where the quantized weights came from (kiln, a format name)
     calib_file: str | None = None  # text for static activation and KV scales
+    group_size: int = 0  # integer weights: inputs per scale (0: int4 128, int8 per channel)
     calib_samples: int = 32
     calib_seq_len: int = 512
 
@@ -223,8 +225,13 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
         g.add_argument("--tp-size", type=int, default=1)
         g.add_argument("--pp-size", type=int, default=1)
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="fp8: W8A8 FP8 weights and activations; auto: what the checkpoint "
-                   "holds (FP8 compressed-tensors / modelopt checkpoints stay FP8)")
+                   help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
+                   "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
+                   "activations; auto: what the checkpoint holds (FP8 compressed-tensors / "
+                   "modelopt checkpoints stay FP8)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="integer weights: inputs sharing one scale; it must divide every "
+                   "layer's input size (default: 128 for int4, per channel for int8)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8 or int8: 1-byte KV cache with per-head scales (int8 needs "
                    "--calib-file); auto: the checkpoint's KV scheme, else --dtype")

@@ -157,6 +157,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return y.view(*shape[:-1], weight.shape[0])
 
 
+def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      weight_offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      weight_float: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A16 / W8A16: x [..., K] @ dequant(weight)^T -> [..., N] in x.dtype, the weight
+    int8 [N, K] or two 4-bit values a byte (uint8 [N, K // 2]) with float32 group scales
+    and offsets (see reference.dequantize_int_weight). On CUDA a Triton kernel that
+    dequantizes inside the K loop; elsewhere the reference (weight_float: a cached
+    dequantized weight)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if _triton(x):
+        from kiln.kernels.int_gemm import int_weight_linear as kernel
+
+        y = kernel(x2, weight, weight_scale, weight_offset, bias)
+    else:
+        y = ref.int_weight_linear(x2, weight, weight_scale, weight_offset, bias, weight_float)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
 def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,

@@ -103,3 +103,24 @@ def simulate(model: torch.nn.Module, fp8: bool = False,
         modeling_llama.apply_rotary_pos_emb = original_rotary
         for h in handles:
             h.remove()
+
+
+def int_weights(model: torch.nn.Module, bits: int, group_size: int) -> None:
+    """Round every decoder projection's weight as kiln's weight-only schemes define it:
+    8 bits symmetric (scale = group max |w| / 127), 4 bits asymmetric (scale = (max - min)
+    / 15, offset = min, q in 0..15), groups of group_size inputs (0: the whole row);
+    the model then computes in float32 on w = q * scale + offset."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight.data.float()
+            rows, cols = w.shape
+            size = group_size or cols
+            groups = w.reshape(rows, cols // size, size)
+            if bits == 8:
+                scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-6) / 127
+                rounded = (groups / scale).round().clamp(-127, 127) * scale
+            else:
+                low = groups.amin(-1, keepdim=True)
+                scale = ((groups.amax(-1, keepdim=True) - low) / 15).clamp_min(1e-6)
+                rounded = ((groups - low) / scale).round().clamp(0, 15) * scale + low
+            module.weight.data = rounded.reshape(rows, cols)

@@ -77,6 +77,7 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     build_cfg = dataclasses.replace(
         build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
+        group_size=plan.quant.group_size,
         quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)

@@ -10,10 +10,11 @@ import torch
 from kiln.build.calibrate import Stats, calibrate, calibration_samples
 from kiln.build.prequantized import Prequantized, read_quantization
 from kiln.checkpoint import Checkpoint
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, ModelConfig
 from kiln.distributed import Mapping
 from kiln.errors import BuildError
 from kiln.layers.quantization import QuantConfig
+from kiln.layers.weight_only import INT4_DEFAULT_GROUP
 
 
 @dataclass
@@ -56,7 +57,12 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         if method == "fp8" and scheme == "static" and not calibrated:
             raise BuildError("--activation-scheme static needs calibration: add "
                              "--calib-file TEXT (any text in the model's language)")
-        quant = QuantConfig(method, scheme if method != "none" else "dynamic")
+        group = build_cfg.group_size
+        if method in INT_WEIGHT_METHODS:
+            group = group or (INT4_DEFAULT_GROUP if method == "int4_wo" else 0)
+            check_group_size(ckpt.config, build_cfg.tp_size, method, group)
+        quant = QuantConfig(method, scheme if method != "none" else "dynamic",
+                            group_size=group if method in INT_WEIGHT_METHODS else 0)
         source = "kiln" if method != "none" else ""
     kv = build_cfg.kv_cache_dtype
     if kv == "auto":
@@ -66,6 +72,28 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
                          "--calib-file TEXT, or use --kv-cache-dtype fp8 (scale 1.0 "
                          "without calibration)")
     return QuantPlan(quant, kv, pre, source)
+
+
+INT_WEIGHT_METHODS = ("int8_wo", "int4_wo")
+
+
+def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) -> None:
+    """The group size divides the input size of every linear layer on every rank."""
+    if group < 0 or (method == "int4_wo" and group % 2):
+        raise BuildError(f"--group-size {group} must be a positive"
+                         f"{' even' if method == 'int4_wo' else ''} number")
+    if not group:
+        return
+    inputs = {"hidden size (q/k/v, gate/up inputs)": cfg.hidden_size,
+              "attention output (o_proj input)": cfg.q_size // tp_size,
+              "intermediate size (down_proj input)": cfg.intermediate_size // tp_size}
+    for what, size in inputs.items():
+        if size % group:
+            fits = [g for g in (256, 128, 64, 32, 16)
+                    if all(s % g == 0 for s in inputs.values())]
+            hint = f"; try --group-size {fits[0]}" if fits else ""
+            raise BuildError(f"--group-size {group} does not divide the model's {what}, "
+                             f"{size}{' per rank' if tp_size > 1 else ''}{hint}")
 
 
 def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,

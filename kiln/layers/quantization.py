@@ -7,8 +7,9 @@ declared high precision the method of the engine's `QuantConfig`, and every atte
 layer the KV-cache scales its cache dtype needs. The embedding, the LM head and norms
 are not linear layers of this kind, so they stay in the model dtype.
 
-Methods: `none` (the model dtype) and `fp8` (W8A8: e4m3fn weights with per-output-row
-scales; inputs quantized per token, or with a calibrated per-tensor scale).
+Methods: `none` (the model dtype), `fp8` (W8A8: e4m3fn weights with per-output-row
+scales; inputs quantized per token, or with a calibrated per-tensor scale), and the
+weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from kiln.layers.linear import LinearBase
 class QuantConfig:
     """What an engine's linear layers hold (from engine.json's build section)."""
 
-    method: str = "none"  # none | fp8
+    method: str = "none"  # none | fp8 | int8_wo | int4_wo
     activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
+    group_size: int = 0  # integer weights: inputs per scale (0: per channel)
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -49,6 +51,11 @@ class QuantConfig:
             return UNQUANTIZED
         if self.method == "fp8":
             return FP8Method(static=self.activation_scheme == "static")
+        if self.method in ("int8_wo", "int4_wo"):
+            from kiln.layers.weight_only import IntWeightMethod
+
+            four = self.method == "int4_wo"
+            return IntWeightMethod(self.method, 4 if four else 8, self.group_size, four)
         raise ValueError(f"unknown quantization method {self.method!r}")
 
 
