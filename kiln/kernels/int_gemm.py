@@ -55,16 +55,16 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
         q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
     if GROUP_TILE:
-        s_at = s_ptr + offs_n.to(tl.int64) * stride_sn + k // G
-        scale = tl.load(s_at, mask=mask_n, other=0.0)[:, None]
+        s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+        scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
         if HAS_OFFSET:
-            offset = tl.load(o_ptr + (s_at - s_ptr), mask=mask_n, other=0.0)[:, None]
+            offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
     else:
-        s_at = s_ptr + rows * stride_sn + (offs_k // G)[None, :]
+        s_offs = rows * stride_sn + (offs_k // G)[None, :]
         mask = mask_n[:, None] & mask_k[None, :]
-        scale = tl.load(s_at, mask=mask, other=0.0)
+        scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
         if HAS_OFFSET:
-            offset = tl.load(o_ptr + (s_at - s_ptr), mask=mask, other=0.0)
+            offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)
     w = q * scale
     if HAS_OFFSET:
         w = w + offset
