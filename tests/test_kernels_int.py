@@ -49,8 +49,7 @@ def _weight(N: int, K: int, bits: int, group: int, device: str = "cpu", seed: in
     else:
         weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
         offset = None
-    to = (lambda t: None if t is None else t.to(device))
-    return to(weight), to(scale), to(offset)
+    return weight.to(device), scale.to(device), None if offset is None else offset.to(device)
 
 
 def _check(name: str, x: torch.Tensor, y: torch.Tensor, weight, scale, offset,
