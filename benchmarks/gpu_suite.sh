@@ -2,7 +2,8 @@
 # Everything kiln checks and measures on a GPU, in one device call.
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
-# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs.
+# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs,
+# "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -21,11 +22,13 @@ for spec in $stages; do
     fp8w:*) Q="$Q --quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
     kv8:*) Q="$Q --kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
+    int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
+    int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
   esac
   case $stage in
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
-             tests/test_gpu_parallel.py \
+             tests/test_gpu_parallel.py tests/test_kernels_int.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
