@@ -152,7 +152,7 @@ def _arch_from_model_type(model_type: str | None) -> str:
 
 DTYPES = ("float32", "float16", "bfloat16")
 # auto: what the checkpoint holds (none for floats)
-QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo")
+QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
 ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
 
@@ -178,6 +178,7 @@ class BuildConfig:
     quant_source: str = ""  # where the quantized weights came from (kiln, a format name)
     calib_file: str | None = None  # text for static activation and KV scales
     group_size: int = 0  # integer weights: inputs per scale (0: int4 128, int8 per channel)
+    quant_layers: dict[str, str] = field(default_factory=dict)  # gguf: storage per layer
     calib_samples: int = 32
     calib_seq_len: int = 512
 
@@ -228,7 +229,9 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
                    "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
                    "activations; auto: what the checkpoint holds (FP8 compressed-tensors / "
-                   "modelopt checkpoints stay FP8)")
+                   "modelopt checkpoints stay FP8; GGUF files keep their quantized blocks "
+                   "on CUDA, and are dequantized on the CPU); gguf / none: keep / "
+                   "dequantize a GGUF file's blocks")
     g.add_argument("--group-size", type=int, default=None,
                    help="integer weights: inputs sharing one scale; it must divide every "
                    "layer's input size (default: 128 for int4, per channel for int8)")

@@ -77,7 +77,7 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     build_cfg = dataclasses.replace(
         build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
-        group_size=plan.quant.group_size,
+        group_size=plan.quant.group_size, quant_layers=dict(plan.quant.layers),
         quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)
@@ -144,8 +144,7 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
-    stream = ckpt.tensors() if plan.prequantized is None else \
-        plan.prequantized.tensors(ckpt.tensors())
+    stream = ckpt.tensors() if plan.prequantized is None else plan.prequantized.stream(ckpt)
     stream = (pair for name, tensor in stream for pair in model.split_fused(name, tensor))
     for hf_name, tensor in tqdm(stream, total=ckpt.num_tensors(), desc=desc,
                                 unit="tensor", disable=None if progress else True, leave=False):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint import Checkpoint
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 from kiln.layers.quantization import QuantConfig
@@ -51,6 +52,50 @@ class Prequantized:
                 ) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in stream:
             yield self.rename(name), tensor
+
+    def stream(self, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as the engine's parameters take them."""
+        return self.tensors(ckpt.tensors())
+
+
+@dataclass(frozen=True)
+class GGUFBlocks(Prequantized):
+    """A GGUF file whose quantized linear weights stay quantized (kiln.build.gguf_blocks);
+    quant.layers says each kiln layer's storage."""
+
+    def stream(self, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+        from kiln.build.gguf_blocks import decode_blocks, to_storage
+
+        specs = dict(self.quant.layers)
+
+        def decode(hf_name: str, qtype, data, rows: int, cols: int):
+            spec = specs.get(kiln_linear(hf_name) or "", "none")
+            if spec == "none" or not hf_name.endswith(".weight"):
+                return None
+            return to_storage(*decode_blocks(qtype, data, rows, cols), spec)
+
+        return ckpt.tensors(decoder=decode)  # type: ignore[call-arg]
+
+
+def kiln_linear(hf_name: str) -> str | None:
+    """"model.layers.3.self_attn.k_proj.weight" -> "model.layers.3.self_attn.qkv_proj"."""
+    for hf, kiln in _LINEARS.items():
+        if f".{hf}." in hf_name:
+            return hf_name[:hf_name.index(f".{hf}.")] + "." + kiln
+    return None
+
+
+def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
+    """Which linear layers of a GGUF file stay quantized, and in which storage."""
+    from kiln.build.gguf_blocks import layer_spec
+
+    parts: dict[str, list] = {}
+    for hf_name, qtype in types.items():
+        module = kiln_linear(hf_name)
+        if module is not None and hf_name.endswith(".weight"):
+            parts.setdefault(module, []).append(qtype)
+    layers = tuple(sorted((m, layer_spec(t)) for m, t in parts.items()))
+    return GGUFBlocks(QuantConfig("gguf", layers=layers), None, "gguf")
 
 
 def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequantized | None:

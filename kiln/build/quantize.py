@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.build.calibrate import Stats, calibrate, calibration_samples
-from kiln.build.prequantized import Prequantized, read_quantization
+from kiln.build.prequantized import Prequantized, gguf_plan, read_quantization
 from kiln.checkpoint import Checkpoint
 from kiln.config import BuildConfig, ModelConfig
 from kiln.distributed import Mapping
@@ -35,10 +35,28 @@ class QuantPlan:
         return self.kv_cache_dtype if self.prequantized else "auto"
 
 
+def keep_gguf_quantized(asked: str) -> bool:
+    """GGUF sources: whether the build keeps the file's quantized blocks. `auto` keeps
+    them where kiln runs its integer-weight kernels (CUDA: decode reads 4-8x fewer bytes
+    than bf16), and dequantizes on the CPU, where the reference GEMM dequantizes the
+    weight to float32 anyway (and keeps it), so keeping blocks saves neither time nor
+    memory there."""
+    return asked == "gguf" or (asked == "auto" and torch.cuda.is_available())
+
+
 def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
-    pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config) if ckpt.hf_config \
-        else None
     asked = build_cfg.quantization
+    gguf_types = getattr(ckpt, "tensor_types", None)
+    if asked == "gguf" and gguf_types is None:
+        raise BuildError(f"--quantization gguf keeps a GGUF file's quantized blocks; "
+                         f"{ckpt.source} is not a GGUF file")
+    pre: Prequantized | None = None
+    if gguf_types is not None and keep_gguf_quantized(asked):
+        pre = gguf_plan(gguf_types())
+        if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
+            check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32)
+    elif ckpt.hf_config:
+        pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config)
     calibrated = build_cfg.calib_file is not None
     if pre is not None:
         if asked not in ("auto", pre.quant.method):

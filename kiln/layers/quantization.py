@@ -32,10 +32,12 @@ from kiln.layers.linear import LinearBase
 class QuantConfig:
     """What an engine's linear layers hold (from engine.json's build section)."""
 
-    method: str = "none"  # none | fp8 | int8_wo | int4_wo
+    method: str = "none"  # none | fp8 | int8_wo | int4_wo | gguf
     activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
     group_size: int = 0  # integer weights: inputs per scale (0: per channel)
+    # gguf: (module name, storage) per linear layer, e.g. "int4_g32_offset"; others "none"
+    layers: tuple[tuple[str, str], ...] = ()
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -56,6 +58,13 @@ class QuantConfig:
 
             four = self.method == "int4_wo"
             return IntWeightMethod(self.method, 4 if four else 8, self.group_size, four)
+        if self.method == "gguf":
+            spec = dict(self.layers).get(module_name, "none")
+            if spec == "none":
+                return UNQUANTIZED
+            from kiln.layers.weight_only import IntWeightMethod
+
+            return IntWeightMethod.from_spec(spec)
         raise ValueError(f"unknown quantization method {self.method!r}")
 
 

@@ -58,6 +58,12 @@ class IntWeightMethod(LinearMethod):
         self.param_names = ("weight", "weight_scale", "weight_offset") if has_offset \
             else ("weight", "weight_scale")
 
+    @classmethod
+    def from_spec(cls, spec: str) -> IntWeightMethod:
+        """"int4_g32_offset" (bits, group size, whether offsets are stored)."""
+        parts = spec.split("_")
+        return cls(spec, int(parts[0][3:]), int(parts[1][1:]), "offset" in parts[2:])
+
     def groups(self, layer: LinearBase) -> int:
         return layer.in_features // (self.group_size or layer.in_features)
 
