@@ -18,7 +18,13 @@ from kiln.build.engine_dir import (
     resolve_dtype,
     write_engine_config,
 )
-from kiln.build.quantize import QuantPlan, calibrate_checkpoint, plan_quantization
+from kiln.build.quantize import (
+    QuantPlan,
+    calibrate_checkpoint,
+    plan_quantization,
+    with_default_calibration,
+)
+from kiln.build.smoothquant import smooth_model
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
     ACTIVATION_SCHEMES,
@@ -72,6 +78,7 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     build_cfg = build_cfg or BuildConfig()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     validate(ckpt.config, build_cfg)
+    build_cfg = with_default_calibration(build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
     build_cfg = dataclasses.replace(
@@ -128,6 +135,8 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     model = load_model(ckpt, build_cfg, mapping, dtype, plan, progress)
     stats = plan.stats
     if plan.prequantized is None:
+        if plan.quant.method == "int8_sq" and stats is not None:
+            smooth_model(model, stats.channel_amax, build_cfg.smooth_alpha, mapping)
         quantize_float_model(model, plan.quant, plan.kv_cache_dtype, mapping,
                              stats.input_amax if stats else {}, stats.kv_amax if stats else {})
     elif stats is not None:  # calibrated KV scales replace the checkpoint's

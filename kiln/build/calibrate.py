@@ -22,10 +22,12 @@ from kiln.layers.linear import LinearBase
 
 
 class Stats:
-    """Running maxima: input amax per linear layer, (k, v) amax per KV head per attention."""
+    """Running maxima: input amax per linear layer (overall, and per input channel for
+    SmoothQuant), (k, v) amax per KV head per attention."""
 
     def __init__(self) -> None:
         self.input_amax: dict[str, torch.Tensor] = {}
+        self.channel_amax: dict[str, torch.Tensor] = {}
         self.kv_amax: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hooks(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -39,9 +41,13 @@ class Stats:
 
     def _linear_hook(self, name: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            amax = args[0].detach().abs().amax().float().cpu()
+            x = args[0].detach()
+            channels = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+            amax = channels.max()
             old = self.input_amax.get(name)
             self.input_amax[name] = amax if old is None else torch.maximum(old, amax)
+            old = self.channel_amax.get(name)
+            self.channel_amax[name] = channels if old is None else torch.maximum(old, channels)
         return hook
 
     def _attention_hook(self, name: str):

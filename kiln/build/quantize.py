@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -79,7 +81,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         if method in INT_WEIGHT_METHODS:
             group = group or (INT4_DEFAULT_GROUP if method == "int4_wo" else 0)
             check_group_size(ckpt.config, build_cfg.tp_size, method, group)
-        quant = QuantConfig(method, scheme if method != "none" else "dynamic",
+        quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
                             group_size=group if method in INT_WEIGHT_METHODS else 0)
         source = "kiln" if method != "none" else ""
     kv = build_cfg.kv_cache_dtype
@@ -93,6 +95,19 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo")
+CALIBRATED_METHODS = ("int8_sq",)  # need activation statistics
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
+
+
+def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
+    """A method that needs calibration and no --calib-file: kiln's own text."""
+    if build_cfg.quantization not in CALIBRATED_METHODS or build_cfg.calib_file:
+        return build_cfg
+    if not DEFAULT_CALIBRATION_TEXT.is_file():
+        raise BuildError(f"--quantization {build_cfg.quantization} needs calibration text and "
+                         f"kiln's default ({DEFAULT_CALIBRATION_TEXT}) is missing from this "
+                         "install; add --calib-file TEXT (any text in the model's language)")
+    return dataclasses.replace(build_cfg, calib_file=str(DEFAULT_CALIBRATION_TEXT))
 
 
 def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) -> None:

@@ -288,3 +288,26 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     holding the dequantized weight computes. weight_float: a cached dequantized weight."""
     w = weight_float if weight_float is not None else dequantize_int_weight(weight, scale, offset)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+# ---- INT8 W8A8 (SmoothQuant) ------------------------------------------------------------
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row INT8: scale [M, 1] = max(amax(|x_row|), 1e-6) / 127 (float32),
+    q = round-half-even(x / scale) in [-127, 127]."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(MIN_AMAX)
+    scale = amax / INT8_MAX
+    q = (x.float() / scale).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x_q @ w_q^T) * x_scale * w_scale (+ bias) in x's dtype, x quantized per token;
+    weight int8 [N, K], weight_scale float32 [N]. The integer products are summed exactly
+    (int32, torch._int_mm), as an INT8 tensor core does."""
+    x_q, x_scale = quantize_int8_per_token(x)
+    acc = torch._int_mm(x_q, weight.t())
+    y = acc.float() * x_scale * weight_scale.view(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

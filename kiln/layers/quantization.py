@@ -32,7 +32,7 @@ from kiln.layers.linear import LinearBase
 class QuantConfig:
     """What an engine's linear layers hold (from engine.json's build section)."""
 
-    method: str = "none"  # none | fp8 | int8_wo | int4_wo | gguf
+    method: str = "none"  # none | fp8 | int8_wo | int4_wo | int8_sq | gguf
     activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
     group_size: int = 0  # integer weights: inputs per scale (0: per channel)
@@ -58,6 +58,8 @@ class QuantConfig:
 
             four = self.method == "int4_wo"
             return IntWeightMethod(self.method, 4 if four else 8, self.group_size, four)
+        if self.method == "int8_sq":
+            return Int8Method()
         if self.method == "gguf":
             spec = dict(self.layers).get(module_name, "none")
             if spec == "none":
@@ -141,6 +143,35 @@ class FP8Method(LinearMethod):
             if input_amax is None:
                 raise ValueError("static FP8 activations need calibration")
             layer.input_scale.data = (input_amax.float().clamp_min(MIN_AMAX) / FP8_MAX).reshape(1)
+
+
+class Int8Method(LinearMethod):
+    """INT8 W8A8 (SmoothQuant engines): weight [out, in] int8, weight_scale [out] float32
+    (w = q * scale, symmetric per output row); inputs quantized per token at run time.
+    The smoothing itself (scales folded into the preceding norm / projection) happens at
+    build time, before quantize_from_float (kiln.build.smoothquant)."""
+
+    name = "int8_sq"
+    param_names = ("weight", "weight_scale")
+
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = layer.new_param(layer.out_features, layer.in_features, dtype=torch.int8)
+        layer.weight_scale = layer.new_param(layer.out_features, dtype=torch.float32,
+                                             loader=layer.load_rows)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        return KF.int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
+        weight = layer.weight.data.float()
+        scale = weight.abs().amax(dim=1).clamp_min(MIN_AMAX) / INT8_MAX
+        quantized = (weight / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        del layer.weight
+        self.create_weights(layer)
+        layer.method = self
+        layer.weight.data = quantized
+        layer.weight_scale.data = scale
 
 
 # ---- KV cache ------------------------------------------------------------------------
