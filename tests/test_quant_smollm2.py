@@ -19,7 +19,7 @@ from kiln.build import build
 from kiln.config import BuildConfig
 from kiln.eval import perplexity
 from tests.conftest import smollm2_gguf
-from tests.fake_quant import fp8_weights, int_weights, simulate
+from tests.fake_quant import fp8_weights, int_weights, simulate, smoothquant_weights
 from tests.test_smollm2 import botchan_text
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,11 @@ SCHEMES = {  # name: (quantization, kv_cache_dtype, calibrated)
     "int8 weight-only": ("int8_wo", "auto", False),
     "int4 RTN g64": ("int4_wo", "auto", False),
     "int4 RTN g32": ("int4_wo", "auto", False),
+    "int8 W8A8 SmoothQuant": ("int8_sq", "auto", True),
 }
 GROUP_SIZES = {"int4 RTN g64": 64, "int4 RTN g32": 32}  # hidden size 576 takes no 128
 ENGINES: dict[str, object] = {}  # scheme -> engine dir, filled by `results`
+CALIB_WINDOWS: list[list[int]] = []
 NUM_TOKENS = 512  # per window
 WINDOWS = 2
 
@@ -53,6 +55,12 @@ def setup(tmp_path_factory):
     calib = root / "calib.txt"
     calib.write_text(text[20000:40000])  # calibration text apart from the evaluated slice
     ids = tokenizer(text[5000:14000]).input_ids[:NUM_TOKENS * WINDOWS]
+    # the windows kiln calibrates on (its build options below), for the SmoothQuant simulation
+    from kiln.build.calibrate import calibration_samples
+    from kiln.checkpoint import open_checkpoint
+
+    CALIB_WINDOWS[:] = calibration_samples(open_checkpoint(path), str(calib), 8, 256,
+                                           model.config.vocab_size)
     return model, ids, calib, root
 
 
@@ -63,8 +71,10 @@ def _sim_perplexity(model, ids: list[int], quantization: str, kv: str,
         fp8_weights(sim)
     elif quantization in ("int8_wo", "int4_wo"):
         int_weights(sim, 8 if quantization == "int8_wo" else 4, group_size)
+    elif quantization == "int8_sq":
+        smoothquant_weights(sim, CALIB_WINDOWS, 0.5)
     nll = 0.0
-    with torch.no_grad(), simulate(sim, fp8=quantization == "fp8",
+    with torch.no_grad(), simulate(sim, fp8=quantization == "fp8", int8=quantization == "int8_sq",
                                    kv=None if kv == "auto" else kv, kv_scales=kv_scales):
         for start in range(0, len(ids), NUM_TOKENS):
             t = torch.tensor([ids[start:start + NUM_TOKENS]])
@@ -122,6 +132,7 @@ def test_schemes_cost_little_perplexity(results):
     assert abs(results["int8 weight-only"][0] / base - 1) < 0.005
     g32, g64 = results["int4 RTN g32"][0], results["int4 RTN g64"][0]
     assert abs(g32 / base - 1) < 1e-3 and 1.05 * base < g64 < 2 * base
+    assert results["int8 W8A8 SmoothQuant"][0] / base < 1.03
 
 
 def test_fp8_engine_runs_and_serves(results):

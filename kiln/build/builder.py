@@ -20,11 +20,11 @@ from kiln.build.engine_dir import (
 )
 from kiln.build.quantize import (
     QuantPlan,
+    apply_calibrated_method,
     calibrate_checkpoint,
     plan_quantization,
     with_default_calibration,
 )
-from kiln.build.smoothquant import smooth_model
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
     ACTIVATION_SCHEMES,
@@ -135,8 +135,8 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     model = load_model(ckpt, build_cfg, mapping, dtype, plan, progress)
     stats = plan.stats
     if plan.prequantized is None:
-        if plan.quant.method == "int8_sq" and stats is not None:
-            smooth_model(model, stats.channel_amax, build_cfg.smooth_alpha, mapping)
+        if stats is not None:  # SmoothQuant / AWQ scales, GPTQ rounding
+            apply_calibrated_method(model, plan, build_cfg, mapping, progress)
         quantize_float_model(model, plan.quant, plan.kv_cache_dtype, mapping,
                              stats.input_amax if stats else {}, stats.kv_amax if stats else {})
     elif stats is not None:  # calibrated KV scales replace the checkpoint's

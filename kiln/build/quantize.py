@@ -79,7 +79,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
                              "--calib-file TEXT (any text in the model's language)")
         group = build_cfg.group_size
         if method in INT_WEIGHT_METHODS:
-            group = group or (INT4_DEFAULT_GROUP if method == "int4_wo" else 0)
+            group = group or (INT4_DEFAULT_GROUP if method.startswith("int4") else 0)
             check_group_size(ckpt.config, build_cfg.tp_size, method, group)
         quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
                             group_size=group if method in INT_WEIGHT_METHODS else 0)
@@ -94,8 +94,9 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     return QuantPlan(quant, kv, pre, source)
 
 
-INT_WEIGHT_METHODS = ("int8_wo", "int4_wo")
-CALIBRATED_METHODS = ("int8_sq",)  # need activation statistics
+INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
+CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
+AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
 DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
 
 
@@ -112,9 +113,10 @@ def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
 
 def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) -> None:
     """The group size divides the input size of every linear layer on every rank."""
-    if group < 0 or (method == "int4_wo" and group % 2):
-        raise BuildError(f"--group-size {group} must be a positive"
-                         f"{' even' if method == 'int4_wo' else ''} number")
+    four = method.startswith("int4")
+    if group < 0 or (four and group % 2):
+        raise BuildError(f"--group-size {group} must be a positive{' even' if four else ''} "
+                         "number")
     if not group:
         return
     inputs = {"hidden size (q/k/v, gate/up inputs)": cfg.hidden_size,
@@ -138,9 +140,32 @@ def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPl
                                   ckpt.config.vocab_size)
     model = load(Mapping())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = plan.quant.method
+    stats = Stats(hessians=method == "int4_gptq",
+                  input_rows=AWQ_INPUT_ROWS if method == "int4_awq" else 0)
     try:
-        return calibrate(model, samples, device, progress)
+        return calibrate(model, samples, device, progress, stats=stats)
     finally:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def apply_calibrated_method(model: torch.nn.Module, plan: QuantPlan, build_cfg: BuildConfig,
+                            mapping: Mapping, progress: bool) -> None:
+    """Before the layers are rounded: SmoothQuant / AWQ scales folded in, or GPTQ's
+    rounding done (its layers are then left alone by quantize_float_model)."""
+    stats, method = plan.stats, plan.quant.method
+    assert stats is not None
+    if method == "int8_sq":
+        from kiln.build.smoothquant import smooth_model
+
+        smooth_model(model, stats.channel_amax, build_cfg.smooth_alpha, mapping)
+    elif method == "int4_awq":
+        from kiln.build.awq import awq_model
+
+        awq_model(model, stats.inputs, plan.quant.group_size, mapping)
+    elif method == "int4_gptq":
+        from kiln.build.gptq import gptq_model
+
+        gptq_model(model, plan.quant, stats.hessian, mapping, build_cfg.act_order, progress)

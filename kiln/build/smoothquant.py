@@ -38,18 +38,18 @@ def smoothing_factors(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha
     return s.clamp_min(MIN_FACTOR)
 
 
-def _fold_into_norm(norm: nn.Module, linear: LinearBase, act_amax: torch.Tensor,
-                    alpha: float) -> None:
-    s = smoothing_factors(act_amax, [linear.weight.data], alpha).to(linear.weight.device)
+def scale_after_norm(norm: nn.Module, linear: LinearBase, s: torch.Tensor) -> None:
+    """The linear layer's input channels times s, the norm that feeds it divided by s."""
+    s = s.to(linear.weight.device)
     norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
     if getattr(norm, "bias", None) is not None:
         norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
     linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)
 
 
-def _fold_into_up(gate_up: LinearBase, down: LinearBase, act_amax: torch.Tensor,
-                  alpha: float) -> None:
-    s = smoothing_factors(act_amax, [down.weight.data], alpha).to(down.weight.device)
+def scale_after_up(gate_up: LinearBase, down: LinearBase, s: torch.Tensor) -> None:
+    """down's input channels times s, the up half of gate_up (rows) divided by s."""
+    s = s.to(down.weight.device)
     start, size = gate_up.shard_sizes[0], gate_up.shard_sizes[1]
     up = gate_up.weight.data[start:start + size]
     up.copy_((up.float() / s[:, None]).to(up.dtype))
@@ -64,20 +64,32 @@ def smooth_model(model: nn.Module, channel_amax: dict[str, torch.Tensor], alpha:
     """Fold smoothing factors into a loaded float model (this rank's slice) in place.
     channel_amax: per linear layer name, max |x| per input channel of the whole model."""
     for name, layer in model.named_modules():
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
-            continue
-        qkv = f"{name}.self_attn.qkv_proj"
-        if qkv in channel_amax:
-            _fold_into_norm(layer.input_layernorm, attn.qkv_proj, channel_amax[qkv], alpha)
-        first = "gate_up_proj" if hasattr(mlp, "gate_up_proj") else "c_fc"
-        key = f"{name}.mlp.{first}"
-        if key in channel_amax and hasattr(layer, "post_attention_layernorm"):
-            _fold_into_norm(layer.post_attention_layernorm, getattr(mlp, first),
-                            channel_amax[key], alpha)
-        down = f"{name}.mlp.down_proj"
-        if hasattr(mlp, "gate_up_proj") and down in channel_amax:
-            full = channel_amax[down]
-            size = mlp.down_proj.in_features  # this rank's slice of the intermediate size
-            _fold_into_up(mlp.gate_up_proj, mlp.down_proj,
-                          full.narrow(0, mapping.tp_rank * size, size), alpha)
+        for kind, prev, linear, key in scaled_inputs(name, layer):
+            if key not in channel_amax:
+                continue
+            amax = channel_amax[key]
+            if kind == "up":  # row parallel: this rank's slice of the intermediate size
+                size = linear.in_features
+                amax = amax.narrow(0, mapping.tp_rank * size, size)
+            s = smoothing_factors(amax, [linear.weight.data], alpha)
+            if kind == "norm":
+                scale_after_norm(prev, linear, s)
+            else:
+                scale_after_up(prev, linear, s)
+
+
+def scaled_inputs(name: str, layer: nn.Module) -> list[tuple[str, nn.Module, LinearBase, str]]:
+    """The linear inputs of a decoder layer whose scale can move into what produces
+    them: (kind "norm" or "up", producer, linear layer, the linear layer's name)."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
+        return []
+    out: list[tuple[str, nn.Module, LinearBase, str]] = [
+        ("norm", layer.input_layernorm, attn.qkv_proj, f"{name}.self_attn.qkv_proj")]
+    first = "gate_up_proj" if hasattr(mlp, "gate_up_proj") else "c_fc"
+    if hasattr(layer, "post_attention_layernorm") and hasattr(mlp, first):
+        out.append(("norm", layer.post_attention_layernorm, getattr(mlp, first),
+                    f"{name}.mlp.{first}"))
+    if hasattr(mlp, "gate_up_proj"):
+        out.append(("up", mlp.gate_up_proj, mlp.down_proj, f"{name}.mlp.down_proj"))
+    return out

@@ -32,7 +32,7 @@ from kiln.layers.linear import LinearBase
 class QuantConfig:
     """What an engine's linear layers hold (from engine.json's build section)."""
 
-    method: str = "none"  # none | fp8 | int8_wo | int4_wo | int8_sq | gguf
+    method: str = "none"  # none | fp8 | int8_wo | int4_wo | int4_awq | int4_gptq | int8_sq | gguf
     activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
     group_size: int = 0  # integer weights: inputs per scale (0: per channel)
@@ -53,10 +53,10 @@ class QuantConfig:
             return UNQUANTIZED
         if self.method == "fp8":
             return FP8Method(static=self.activation_scheme == "static")
-        if self.method in ("int8_wo", "int4_wo"):
+        if self.method in ("int8_wo", "int4_wo", "int4_awq", "int4_gptq"):
             from kiln.layers.weight_only import IntWeightMethod
 
-            four = self.method == "int4_wo"
+            four = self.method.startswith("int4")
             return IntWeightMethod(self.method, 4 if four else 8, self.group_size, four)
         if self.method == "int8_sq":
             return Int8Method()
@@ -233,7 +233,7 @@ def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: s
     """
     for name, layer in list(linear_layers(model)):
         method = quant.method_for(name)
-        if method is not UNQUANTIZED:
+        if method is not UNQUANTIZED and layer.method is UNQUANTIZED:  # not done already
             method.quantize_from_float(layer, input_amax.get(name))
     if kv_cache_dtype not in KV_CACHE_TORCH_DTYPES:
         return
