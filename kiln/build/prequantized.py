@@ -1,6 +1,7 @@
 """Readers of pre-quantized HF checkpoints: what scheme a folder holds, in kiln's terms.
 
-Supported (FP8 W8A8, the formats most public FP8 checkpoints use):
+Supported: compressed-tensors `pack-quantized` integer weights (W4A16 / W8A16, repacked
+by kiln.build.packed_int), and FP8 W8A8 in the formats most public FP8 checkpoints use:
 - compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
   per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
   optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`).
@@ -149,6 +150,8 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
             f"{weights.get('num_bits')}/{weights.get('strategy')}, inputs "
             + (f"{inputs.get('type')}{inputs.get('num_bits')}/{inputs.get('strategy')}"
                if inputs else "none"))
+    if fmt == "pack-quantized":
+        return _pack_quantized(qc, cfg, weights, inputs, name)
     is_fp8 = weights.get("type") == "float" and weights.get("num_bits") == 8
     if fmt != "float-quantized" or not is_fp8 or \
             weights.get("strategy") not in ("channel", "tensor"):
@@ -175,6 +178,19 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
     ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
     return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
                         "compressed-tensors")
+
+
+def _pack_quantized(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
+                    name: str) -> Prequantized:
+    from kiln.build.packed_int import PackQuantized, pack_quantized_scheme
+
+    bits, group, symmetric = pack_quantized_scheme(weights, inputs, name)
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
+                              ", not 'compressed'; save it with save_compressed=True")
+    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    quant = QuantConfig("int4_wo" if bits == 4 else "int8_wo", ignore=ignore, group_size=group)
+    return PackQuantized(quant, None, "compressed-tensors", bits=bits, symmetric=symmetric)
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
