@@ -152,6 +152,8 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
                if inputs else "none"))
     if fmt == "pack-quantized":
         return _pack_quantized(qc, cfg, weights, inputs, name)
+    if fmt == "int-quantized":
+        return _int8_w8a8(qc, cfg, weights, inputs, name)
     is_fp8 = weights.get("type") == "float" and weights.get("num_bits") == 8
     if fmt != "float-quantized" or not is_fp8 or \
             weights.get("strategy") not in ("channel", "tensor"):
@@ -191,6 +193,26 @@ def _pack_quantized(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | No
     ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
     quant = QuantConfig("int4_wo" if bits == 4 else "int8_wo", ignore=ignore, group_size=group)
     return PackQuantized(quant, None, "compressed-tensors", bits=bits, symmetric=symmetric)
+
+
+def _int8_w8a8(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
+               name: str) -> Prequantized:
+    """int-quantized W8A8 (llm-compressor's W8A8 / SmoothQuant recipes): int8 weights with
+    per-channel scales and dynamic per-token int8 inputs, which is kiln's int8_sq engine
+    (the smoothing is already in the weights and norms)."""
+    def is_int8(scheme: dict | None) -> bool:
+        return bool(scheme) and scheme.get("type") == "int" and scheme.get("num_bits") == 8 \
+            and scheme.get("symmetric", True)
+    if not is_int8(weights) or weights.get("strategy") != "channel" or not is_int8(inputs) \
+            or not inputs.get("dynamic") or inputs.get("strategy") != "token":
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads "
+                              "int-quantized W8A8 with per-channel weights and dynamic "
+                              "per-token inputs")
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
+                              ", not 'compressed'; save it with save_compressed=True")
+    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    return Prequantized(QuantConfig("int8_sq", ignore=ignore), None, "compressed-tensors")
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
