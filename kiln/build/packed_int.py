@@ -1,5 +1,14 @@
 """Integer weight checkpoints repacked into kiln's storage at build time.
 
+AutoAWQ GEMM (`quant_method: awq`, `version: gemm`): `qweight` int32 [in, out / 8], word
+c of a row holding outputs 8c + (0, 2, 4, 6, 1, 3, 5, 7)[i] in bits 4i; `qzeros` int32
+[groups, out / 8] packed the same way; `scales` fp16 [groups, out]; w = (q - zero) * scale.
+GPTQ (`quant_method: gptq`, AutoGPTQ / GPTQModel format v1): `qweight` int32 [in / 8,
+out], word r of a column holding inputs 8r + i in bits 4i; `qzeros` int32 [groups,
+out / 8], outputs 8c + i in bits 4i, storing zero - 1; `scales` [groups, out]; `g_idx`
+[in] the group of each input; w = (q - zero) * scale. kiln holds groups of consecutive
+inputs, so desc_act checkpoints (g_idx out of order) are refused.
+
 compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16, e.g. GPTQModifier):
 per linear layer `weight_packed` int32 [out, in * bits / 32] (values q in [-2^(b-1),
 2^(b-1)) stored as q + 2^(b-1), element e of a word in bits e*b .. e*b + b - 1),
@@ -38,15 +47,23 @@ class PackQuantized(Prequantized):
 
     bits: int = 4
     symmetric: bool = True
+    parts: tuple[str, ...] = PARTS
+    dropped: tuple[str, ...] = ()
+    fmt: str = "compressed-tensors pack-quantized"
+
+    def needed(self) -> set[str]:
+        return {"weight_packed", "weight_scale", "weight_shape"} | (
+            set() if self.symmetric else {"weight_zero_point"})
 
     def tensors(self, stream: Iterator[tuple[str, torch.Tensor]]
                 ) -> Iterator[tuple[str, torch.Tensor]]:
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        need = {"weight_packed", "weight_scale", "weight_shape"} | (
-            set() if self.symmetric else {"weight_zero_point"})
+        need = self.needed()
         for name, tensor in stream:
             prefix, _, suffix = name.rpartition(".")
-            if suffix not in PARTS:
+            if suffix in self.dropped:
+                continue
+            if suffix not in self.parts:
                 yield name, tensor
                 continue
             parts = pending.setdefault(prefix, {})
@@ -56,7 +73,7 @@ class PackQuantized(Prequantized):
         if pending:
             prefix, parts = next(iter(pending.items()))
             raise CheckpointError(f"{prefix} lacks {', '.join(sorted(need - set(parts)))} "
-                                  "of its compressed-tensors pack-quantized weight")
+                                  f"of its {self.fmt} weight")
 
     def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
                  ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -76,6 +93,65 @@ class PackQuantized(Prequantized):
         else:  # symmetric int8: signed values, no offset
             yield f"{prefix}.weight", (u - mid).to(torch.int8)
             yield f"{prefix}.weight_scale", scale.contiguous()
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output within a word, by nibble
+
+
+@dataclass(frozen=True)
+class AutoAWQ(PackQuantized):
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    fmt: str = "AutoAWQ GEMM"
+
+    def needed(self) -> set[str]:
+        return set(self.parts)
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
+        order = torch.tensor(AWQ_ORDER)
+        q = _awq_unpack(qweight, order)  # [in, out]
+        zero = _awq_unpack(qzeros, order).float()  # [groups, out]
+        scale = scales.float()
+        if scale.shape[1] != outputs or inputs % scale.shape[0]:
+            raise CheckpointError(f"{prefix}.scales has shape {tuple(scale.shape)}, not "
+                                  f"[groups, {outputs}]")
+        yield from _int4_parts(prefix, q.T, scale.T, zero.T)
+
+
+def _awq_unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[rows, words] -> [rows, words * 8]: nibble i of word c is column 8c + order[i]."""
+    nibbles = unpack_int32(packed, 4, packed.shape[1] * 8).view(packed.shape[0], -1, 8)
+    out = torch.empty_like(nibbles)
+    out[:, :, order] = nibbles
+    return out.flatten(1)
+
+
+@dataclass(frozen=True)
+class GPTQPacked(PackQuantized):
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    dropped: tuple[str, ...] = ("g_idx",)  # in order (desc_act is refused from the config)
+    fmt: str = "GPTQ"
+
+    def needed(self) -> set[str]:
+        return {"qweight", "qzeros", "scales"}
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
+        q = unpack_int32(qweight.T.contiguous(), 4, inputs)  # [out, in]
+        zero = unpack_int32(qzeros, 4, outputs).float() + 1  # [groups, out]
+        yield from _int4_parts(prefix, q, scales.float().T, zero.T)
+
+
+def _int4_parts(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """q [out, in] 0..15, scale and zero [out, groups]: kiln's int4 storage."""
+    yield f"{prefix}.weight", pack_int4(q)
+    yield f"{prefix}.weight_scale", scale.contiguous()
+    yield f"{prefix}.weight_offset", (-zero * scale).contiguous()
 
 
 def pack_quantized_scheme(weights: dict, inputs: dict | None, name: str

@@ -1,7 +1,8 @@
 """Readers of pre-quantized HF checkpoints: what scheme a folder holds, in kiln's terms.
 
-Supported: compressed-tensors `pack-quantized` integer weights (W4A16 / W8A16, repacked
-by kiln.build.packed_int), and FP8 W8A8 in the formats most public FP8 checkpoints use:
+Supported: integer weights repacked by kiln.build.packed_int (compressed-tensors
+`pack-quantized` W4A16 / W8A16, AutoAWQ GEMM, GPTQ), compressed-tensors `int-quantized`
+W8A8 (as int8_sq), and FP8 W8A8 in the formats most public FP8 checkpoints use:
 - compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
   per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
   optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`).
@@ -119,6 +120,8 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequa
         return _compressed_tensors(qc, cfg)
     if method == "modelopt":
         return _modelopt(qc, cfg)
+    if method in ("awq", "gptq"):
+        return _awq_gptq(method, qc, cfg)
     if method == "fp8":  # transformers' own FP8 config (e.g. DeepSeek / Qwen FP8 blocks)
         raise CheckpointError(
             f"the checkpoint is quantized with quant_method 'fp8' ({_describe(qc)}); kiln "
@@ -213,6 +216,32 @@ def _int8_w8a8(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
                               ", not 'compressed'; save it with save_compressed=True")
     ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
     return Prequantized(QuantConfig("int8_sq", ignore=ignore), None, "compressed-tensors")
+
+
+def _awq_gptq(method: str, qc: dict, cfg: ModelConfig) -> Prequantized:
+    from kiln.build.packed_int import AutoAWQ, GPTQPacked
+
+    name = f"{method}: {_describe(qc)}"
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    if bits != 4 or not isinstance(group, int) or group <= 0:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads 4-bit "
+                              "weights in groups")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or not qc.get("zero_point", True):
+            raise CheckpointError(f"unsupported AutoAWQ packing version={version!r} "
+                                  f"zero_point={qc.get('zero_point', True)}; kiln reads GEMM "
+                                  "packing with zero points")
+        return AutoAWQ(QuantConfig("int4_wo", group_size=group), None, "awq")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt != "gptq":
+        raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads 'gptq' "
+                              "(v1: zero points stored minus one)")
+    if qc.get("desc_act"):
+        raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs in "
+                              "groups out of order, and kiln holds groups of consecutive "
+                              "inputs; quantize with desc_act=False")
+    return GPTQPacked(QuantConfig("int4_wo", group_size=group), None, "gptq")
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
