@@ -151,3 +151,27 @@ def test_cli_bad_group_size_is_one_line(tiny_checkpoints, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("kiln: error: --group-size 96 does not divide")
     assert "Traceback" not in result.stderr
+
+
+# ---- GPU --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization, group", [("int4_wo", 32), ("int8_wo", 0),
+                                                 ("int8_sq", 0)])
+def test_gpu_engine_matches_the_cpu_engine(quantization, group, tiny_checkpoints, tmp_path):
+    """The same float32 engine dir on both devices: Triton int GEMMs (GEMV and tl.dot
+    paths, in CUDA graphs for decode) / torch._int_mm against the CPU reference."""
+    from kiln import SamplingParams
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group),
+        progress=False)
+    cpu, gpu = LLM(engine_dir, device="cpu"), LLM(engine_dir, device="cuda")
+    want = sequence_logits(cpu.engine, TOKENS)
+    got = sequence_logits(gpu.engine, TOKENS).cpu()
+    assert (got - want).abs().mean().item() < 1e-3
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40))]
+    assert [o.token_ids for o in gpu.generate(prompts, params)] == \
+        [o.token_ids for o in cpu.generate(prompts, params)]
