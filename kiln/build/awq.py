@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from kiln.build.smoothquant import scale_after_norm, scale_after_up, scaled_inputs
 from kiln.distributed import Mapping
@@ -54,25 +55,27 @@ def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int
 
 
 def awq_model(model: nn.Module, inputs: dict[str, list[torch.Tensor]], group_size: int,
-              mapping: Mapping) -> dict[str, float]:
+              mapping: Mapping, progress: bool = True) -> dict[str, float]:
     """Fold the searched AWQ scales into a loaded float model (this rank's slice) in
     place; returns the alpha chosen per linear layer. inputs: calibration rows per
     linear layer of the whole model (row-parallel inputs are sliced to this rank)."""
     chosen = {}
-    for name, layer in model.named_modules():
-        for kind, prev, linear, key in scaled_inputs(name, layer):
-            if key not in inputs:
-                continue
-            x = torch.cat(inputs[key]).to(linear.weight.device)
-            if kind == "up":
-                size = linear.in_features
-                x = x.narrow(1, mapping.tp_rank * size, size)
-            s, alpha, _ = search_scale(x, linear.weight.data, group_size)
-            chosen[key] = alpha
-            if alpha == 0:
-                continue
-            if kind == "norm":
-                scale_after_norm(prev, linear, s)
-            else:
-                scale_after_up(prev, linear, s)
+    targets = [(kind, prev, linear, key) for name, layer in model.named_modules()
+               for kind, prev, linear, key in scaled_inputs(name, layer)]
+    for kind, prev, linear, key in tqdm(targets, desc="AWQ", unit="input", leave=False,
+                                        disable=None if progress else True):
+        if key not in inputs:
+            continue
+        x = torch.cat(inputs[key]).to(linear.weight.device)
+        if kind == "up":
+            size = linear.in_features
+            x = x.narrow(1, mapping.tp_rank * size, size)
+        s, alpha, _ = search_scale(x, linear.weight.data, group_size)
+        chosen[key] = alpha
+        if alpha == 0:
+            continue
+        if kind == "norm":
+            scale_after_norm(prev, linear, s)
+        else:
+            scale_after_up(prev, linear, s)
     return chosen

@@ -164,7 +164,7 @@ def apply_calibrated_method(model: torch.nn.Module, plan: QuantPlan, build_cfg: 
     elif method == "int4_awq":
         from kiln.build.awq import awq_model
 
-        awq_model(model, stats.inputs, plan.quant.group_size, mapping)
+        awq_model(model, stats.inputs, plan.quant.group_size, mapping, progress)
     elif method == "int4_gptq":
         from kiln.build.gptq import gptq_model
 
