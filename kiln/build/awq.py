@@ -19,15 +19,17 @@ from tqdm.auto import tqdm
 
 from kiln.build.smoothquant import scale_after_norm, scale_after_up, scaled_inputs
 from kiln.distributed import Mapping
-from kiln.kernels.reference import dequantize_int_weight, pack_int4
 from kiln.layers.weight_only import quantize_int4_asymmetric
 
 GRID = 20  # alpha in 0, 0.05, ..., 0.95
 
 
 def _rtn(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The int4_wo rounding of weight, dequantized (what the engine will hold)."""
     q, scale, offset = quantize_int4_asymmetric(weight, group_size)
-    return dequantize_int_weight(pack_int4(q), scale, offset)
+    n, k = weight.shape
+    return (q.view(n, scale.shape[1], -1).float() * scale[:, :, None]
+            + offset[:, :, None]).view(n, k)
 
 
 def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int
