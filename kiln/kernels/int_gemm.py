@@ -9,7 +9,7 @@ does), cast to x's dtype, and multiplied with float32 accumulation, so the resul
 float GEMM of the dequantized weight up to the order of the sums.
 
 Two kernels, picked by the number of rows M:
-* M <= GEMV_ROWS (decode): _gemv_kernel, split-K. Program (n block, k split) reads a
+* M <= GEMV_ROWS (4; decode): _gemv_kernel, split-K. Program (n block, k split) reads a
   BLOCK_N x K/SPLIT_K slab of the weight once, and multiplies it with all M rows on the
   CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
   into a float32 buffer with atomics. Decode is bound by reading the weight, so what
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GEMV_ROWS = 8  # the split-K GEMV up to this many rows, tl.dot tiles above
+GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
 
 
 @triton.jit
@@ -170,7 +170,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConf
     """A launch for an [M, K] x [N, K]^T product. First choices, not yet tuned on a GPU
     (benchmarks/gpu_suite.sh measures the decode rows that depend on them)."""
     if M <= GEMV_ROWS:
-        block_n, block_k = (64, 128) if M <= 2 else (32, 128)
+        # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
+        block_n, block_k = (64, 128) if M <= 2 else (32, 64)
         blocks_n = triton.cdiv(N, block_n)
         k_steps = triton.cdiv(K, block_k)
         # about 4 programs per SM, each at least 2 K steps deep
@@ -179,6 +180,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConf
     if M <= 64:
         return IntGemmConfig(32 if M <= 32 else 64, 64, 64, 4, 4)
     return IntGemmConfig(128, 128, 64, 8, 3)
+
+
+def split_length(K: int, split_k: int, block_k: int) -> int:
+    """Inputs per split of the GEMV: whole K steps."""
+    return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
 
 
 def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -202,7 +208,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
     if cfg.block_m == 0:
-        k_per_split = triton.cdiv(triton.cdiv(K, cfg.split_k), block_k) * block_k
+        k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         atomic = splits > 1
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
