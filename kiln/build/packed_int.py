@@ -175,4 +175,7 @@ def pack_quantized_scheme(weights: dict, inputs: dict | None, name: str
                               f"{weights.get('actorder')!r} permutes groups; kiln reads "
                               "actorder static or none")
     group = int(weights.get("group_size") or 0) if strategy == "group" else 0
+    if strategy == "group" and group <= 0:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): group strategy "
+                              "without a group_size")
     return bits, group, symmetric

@@ -128,8 +128,9 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequa
             "reads FP8 checkpoints in the compressed-tensors and modelopt formats")
     raise CheckpointError(
         f"the checkpoint is quantized with {method or 'an unnamed method'!r} "
-        f"({_describe(qc)}); kiln reads FP8 compressed-tensors and modelopt checkpoints; "
-        "use the float checkpoint with --quantization fp8 instead")
+        f"({_describe(qc)}); kiln reads compressed-tensors (FP8, pack-quantized INT4/INT8, "
+        "int-quantized W8A8), modelopt FP8, AutoAWQ GEMM and GPTQ checkpoints; use the float "
+        "checkpoint with --quantization fp8 / int4_awq / int4_gptq / ... instead")
 
 
 def _describe(qc: dict) -> str:
