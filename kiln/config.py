@@ -228,6 +228,9 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="token budget of one engine step (default: the engine's, 8192)")
         g.add_argument("--tp-size", type=int, default=1)
         g.add_argument("--pp-size", type=int, default=1)
+        g.add_argument("--disable-custom-all-reduce", action="store_true",
+                       help="TP on CUDA: use NCCL for every all-reduce instead of kiln's "
+                       "one-shot NVLink kernel for small messages")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
                    "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
@@ -268,6 +271,11 @@ def build_config_from_args(args: argparse.Namespace, **overrides: Any) -> BuildC
     return BuildConfig(**{**values, **overrides})
 
 
-def limits_from_args(args: argparse.Namespace) -> dict[str, int]:
-    """The runtime limits given on the command line (engine defaults for the rest)."""
-    return {k: getattr(args, k) for k in LIMITS if getattr(args, k, None) is not None}
+def limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime limits and options given on the command line (engine defaults for the
+    rest)."""
+    options: dict[str, Any] = {k: getattr(args, k) for k in LIMITS
+                               if getattr(args, k, None) is not None}
+    if getattr(args, "disable_custom_all_reduce", False):
+        options["custom_all_reduce"] = False
+    return options

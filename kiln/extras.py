@@ -9,7 +9,7 @@ import sys
 EXTRAS = {
     "fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
     "httpx": "serve", "triton": "gpu", "transformers": "hf", "accelerate": "hf",
-    "matplotlib": "plot", "rouge_score": "eval", "lm_eval": "eval",
+    "matplotlib": "plot", "rouge_score": "eval", "lm_eval": "eval", "xgrammar": "structured",
 }
 
 

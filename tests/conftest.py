@@ -122,3 +122,21 @@ def greedy_text(reference):
 
     return reference.generate(SERVE_PROMPT, SamplingParams(max_tokens=8,
                                                            temperature=0))[0].text
+
+
+# ---- a real Triton Inference Server, one per session (tests/triton_support.py) ----
+@pytest.fixture(scope="session")
+def tritonserver(smollm2_engine, tmp_path_factory):
+    """tritonserver over `kiln triton-repo` of SmolLM2, kiln's model and TensorRT-LLM's
+    layout in one repository; stops cleanly (exit 0) at the end."""
+    from kiln.cli import main
+    from tests.triton_support import run_tritonserver
+
+    root = tmp_path_factory.mktemp("triton")
+    for layout in ([], ["--tensorrt-llm"]):
+        assert main(["triton-repo", str(smollm2_engine), "-o", str(root / "repo"),
+                     "--device", "cpu", *layout]) == 0
+    with run_tritonserver(root / "repo", root / "tritonserver.log") as server:
+        yield server
+        server.process.send_signal(15)  # SIGTERM: unload the models, exit 0
+        assert server.process.wait(60) == 0, server.log.read_text()[-4000:]

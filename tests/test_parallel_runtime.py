@@ -61,9 +61,9 @@ def test_tp2_engine_matches_single_rank_with_staggered_arrivals(engines, overlap
 
 @pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
 def test_pipeline_engines_match_single_rank(engines, layout):
-    """Pipeline stages (2 and, with TP2 inside each, 4 processes): the last stage samples
-    and every rank applies its tokens; logprobs, prompt logprobs and full-sequence logits
-    come back from the last stage to rank 0."""
+    """Pipeline stages (2 and, with TP2 inside each, 4 processes) with two micro-batches
+    in flight: the last stage samples and every rank applies its tokens; logprobs, prompt
+    logprobs and full-sequence logits come back from the last stage to rank 0."""
     prompts = make_prompts(6, seed=9)
     arrivals = [0, 0, 1, 3, 4, 6]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2,
@@ -74,6 +74,12 @@ def test_pipeline_engines_match_single_rank(engines, layout):
     engine = LLMEngine(engines[layout], runtime)
     try:
         assert run_all(engine, prompts, params, arrivals) == want
+        # micro-batches: the stages held two disjoint batches at once
+        assert engine.max_in_flight == 2
+        seeded = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=3,
+                                ignore_eos=True)
+        assert run_all(engine, prompts, seeded, arrivals) == \
+            run_all(single, prompts, seeded, arrivals)
         tokens = list(range(5, 60))
         got_logits = engine.sequence_logits(tokens)
         assert (got_logits - single.sequence_logits(tokens)).abs().max() < 1e-4

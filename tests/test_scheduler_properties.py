@@ -102,3 +102,73 @@ def test_invariants_under_random_traffic(ops, num_blocks, budget, batch, policy,
         step()
     assert not sched.has_unfinished() and not live
     assert kv.num_free_blocks == kv.num_blocks
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=ops, num_blocks=st.integers(12, 40), budget=st.integers(1, 64),
+       batch=st.integers(1, 6), depth=st.integers(2, 3), prefix=st.booleans())
+def test_pipeline_micro_batches_never_touch_requests_in_flight(ops, num_blocks, budget, batch,
+                                                               depth, prefix):
+    """Pipeline parallel: up to `depth` micro-batches in flight. A request inside one is
+    neither scheduled again nor preempted (its blocks stay as they are) until its tokens
+    are applied; each micro-batch takes at most its share of the active requests."""
+    kv = KVCacheManager(num_blocks, BLOCK, enable_prefix_caching=prefix)
+    max_len = (num_blocks // 2) * BLOCK
+    sched = Scheduler(kv, batch, budget, "max_utilization", True)
+    live: dict[str, Request] = {}
+    in_flight: list[tuple[list, dict[str, list[int]]]] = []  # (entries, blocks held)
+    next_id = 0
+
+    def apply_oldest() -> None:
+        entries, held = in_flight.pop(0)
+        for entry in entries:
+            r = entry.request
+            assert r.block_ids == held[r.request_id] or r.status.finished
+            if entry.sample and not r.status.finished:
+                r.token_ids.append(7)
+                if r.num_output_tokens >= r.max_tokens:
+                    sched.finish(r, RequestStatus.FINISHED_LENGTH)
+                    del live[r.request_id]
+
+    def step() -> None:
+        if len(in_flight) >= depth:
+            apply_oldest()
+        busy = {e.request.request_id for entries, _ in in_flight for e in entries}
+        held = {rid: list(live[rid].block_ids) for rid in busy if rid in live}
+        share = max(1, -(-(len(sched.running) + len(sched.waiting)) // depth))
+        out = sched.schedule(busy, max_seqs=share)
+        assert len(out.scheduled) <= share
+        assert not busy & {e.request.request_id for e in out.scheduled}
+        assert not busy & {r.request_id for r in out.preempted}
+        for rid, blocks in held.items():  # in-flight requests keep their blocks
+            assert live[rid].block_ids == blocks
+        if out:
+            sched.update(out)
+            in_flight.append((out.scheduled, {e.request.request_id:
+                                              list(e.request.block_ids)
+                                              for e in out.scheduled}))
+        elif in_flight:
+            apply_oldest()
+        check_invariants(sched, live)
+
+    for op in ops:
+        if op[0] == "add":
+            _, prompt_len, max_tokens, _ = op
+            prompt = list(range(100, 100 + min(prompt_len, max_len - max_tokens)))
+            r = Request(str(next_id), prompt, SamplingParams(max_tokens=max_tokens), max_tokens)
+            next_id += 1
+            live[r.request_id] = r
+            sched.add(r)
+        elif op[0] == "step":
+            step()
+        else:
+            target = live.get(str(op[1]))
+            if target is not None:
+                sched.finish(target, RequestStatus.FINISHED_ABORTED)
+                del live[target.request_id]
+    for _ in range(4000):
+        if not sched.has_unfinished() and not in_flight:
+            break
+        step()
+    assert not sched.has_unfinished() and not live
+    assert kv.num_free_blocks == kv.num_blocks

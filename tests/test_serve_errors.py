@@ -73,8 +73,9 @@ def test_missing_and_malformed(server):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      ["text"], "messages"),
     ({"top_logprobs": 2}, ["logprobs"], "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"], "tools"),
-    ({"response_format": {"type": "json_object"}}, ["response_format"], "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["auto"], "tool_choice"),
+    ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, ["function"], "tools"),
+    ({"response_format": {"type": "yaml"}}, ["response_format"], "response_format"),
     ({"max_completion_tokens": 10_000}, ["max_seq_len"], None),
 ])
 def test_bad_chat_requests(server, body, words, param):

@@ -206,3 +206,23 @@ def test_engine_referenced_by_path(tmp_path):
     text = (tmp_path / "llm" / "config.pbtxt").read_text()
     assert f'string_value: "{engine.resolve()}"' in text and 'name: "llm"' in text
     assert main(["triton-repo", str(tmp_path / "missing"), "-o", str(tmp_path)]) == 2
+
+
+def test_triton_serve_command_line(tmp_path, capsys, monkeypatch):
+    from tests.triton_support import triton_env_dir
+
+    env = triton_env_dir()
+    monkeypatch.delenv("KILN_TRITON_ENV", raising=False)
+    assert main(["triton-serve", str(tmp_path)]) == 2  # no Triton env named
+    assert "--triton-env is required" in capsys.readouterr().err
+    assert main(["triton-serve", str(tmp_path / "nope"), "--triton-env", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["triton-serve", str(tmp_path), "--triton-env", str(tmp_path)]) == 2
+    assert "not a Python venv" in capsys.readouterr().err
+    if not (env / "pyvenv.cfg").is_file():
+        pytest.skip(f"no Triton env at {env}")
+    assert main(["triton-serve", str(tmp_path), "--triton-env", str(env),
+                 "--http-port", "9100", "--print-command"]) == 0
+    line = capsys.readouterr().out
+    assert f"PATH={env.resolve()}/bin:" in line
+    assert "tritonserver --model-repository" in line and "--http-port 9100" in line

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=16384)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
+    p.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="TP: NCCL for every all-reduce (to compare with the one-shot kernel)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="engine limit (default: input + output length); one value lets "
                    "several runs share one built engine")
@@ -72,7 +74,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     started = time.perf_counter()
     engine = LLMEngine(engine_dir, RuntimeConfig(
         device=args.device, kv_cache_memory_fraction=args.kv_fraction,
-        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens))
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        custom_all_reduce=not getattr(args, "disable_custom_all_reduce", False)))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -179,6 +182,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
         "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,
         "tp_size": engine.config.build.tp_size,
+        "custom_all_reduce": engine.custom_all_reduce,
         "kv_cache": {"dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
                      "blocks": engine.kv.num_blocks,
                      "tokens": engine.kv.num_blocks * engine.config.build.block_size},

@@ -4,6 +4,9 @@ For each concurrency level, `num_prompts` streaming /v1/completions requests are
 with at most that many in flight. Per request: TTFT (send to first text), inter-token
 latencies (gaps between streamed chunks), TPOT ((latency - TTFT) / (output tokens - 1)).
 Per level: p50/p90/p99 of each and the request and output-token throughput.
+With `--api triton` the requests go to Triton's generate_stream endpoint instead (kiln's
+Triton model, or any model with Triton's generate inputs): one streamed response is
+counted as one token.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class ServingBenchConfig:
     seed: int = 0
     ignore_eos: bool = True  # a kiln / vLLM extension: every request makes output_len tokens
     timeout_s: float = 600.0
+    api: str = "openai"  # or "triton": POST /v2/models/{model}/generate_stream
 
 
 @dataclass
@@ -87,8 +91,14 @@ async def _attempt(client: Any, cfg: ServingBenchConfig, model: str, prompt: str
     """One try; a transport error before any response comes back as the exception."""
     import httpx
 
-    body = {"model": model, "prompt": prompt, "max_tokens": cfg.output_len,
-            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.api == "triton":
+        path = f"/v2/models/{model}/generate_stream"
+        body = {"text_input": prompt, "max_tokens": cfg.output_len, "temperature": 0.0,
+                "stream": True}
+    else:
+        path = "/v1/completions"
+        body = {"model": model, "prompt": prompt, "max_tokens": cfg.output_len,
+                "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     result = RequestResult(ok=False)
@@ -96,7 +106,7 @@ async def _attempt(client: Any, cfg: ServingBenchConfig, model: str, prompt: str
     chunks = 0
     responded = False
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             responded = True
             if response.status_code != 200:
                 await response.aread()
@@ -112,7 +122,8 @@ async def _attempt(client: Any, cfg: ServingBenchConfig, model: str, prompt: str
                 if data.get("usage"):
                     result.prompt_tokens = data["usage"]["prompt_tokens"]
                     result.output_tokens = data["usage"]["completion_tokens"]
-                if any(c.get("text") for c in data.get("choices", [])):
+                if data.get("text_output") or any(c.get("text")
+                                                  for c in data.get("choices", [])):
                     now = time.perf_counter()
                     if chunks == 0:
                         result.ttft = now - started
@@ -178,7 +189,7 @@ async def run_serving_bench(cfg: ServingBenchConfig) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 4)
     async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, limits=limits,
                                  timeout=cfg.timeout_s) as client:
-        model = cfg.model
+        model = cfg.model or ("kiln" if cfg.api == "triton" else None)
         if model is None:
             response = await client.get("/v1/models")
             response.raise_for_status()
@@ -234,6 +245,9 @@ def add_parser(modes: argparse._SubParsersAction) -> None:
     p = modes.add_parser("serving", help="concurrency sweep against a running server "
                          "(TTFT, TPOT, ITL, throughput)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api", choices=["openai", "triton"], default="openai",
+                   help="openai: /v1/completions; triton: Triton's generate_stream "
+                   "(e.g. `kiln triton-serve`; model default: kiln)")
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64),
                    help="comma-separated levels (default: 1,4,16,64)")
@@ -259,7 +273,7 @@ def cmd_serving(args: argparse.Namespace) -> None:
     cfg = ServingBenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                              num_prompts=args.num_prompts, input_len=args.input_len,
                              output_len=args.output_len, api_key=args.api_key,
-                             seed=args.seed, ignore_eos=args.ignore_eos)
+                             seed=args.seed, ignore_eos=args.ignore_eos, api=args.api)
     try:
         result = asyncio.run(run_serving_bench(cfg))
     except (OSError, RuntimeError, httpx.HTTPError) as e:

@@ -7,17 +7,49 @@ import torch
 import torch.distributed as dist
 
 _tp_group: dist.ProcessGroup | None = None
+_custom = None  # kiln.distributed.custom_allreduce.CustomAllReduce for small messages
 
 
 def set_tp_group(group: dist.ProcessGroup | None) -> None:
-    global _tp_group
-    _tp_group = group
+    global _tp_group, _custom
+    _tp_group, _custom = group, None
+
+
+def setup_custom_all_reduce(device: torch.device, hidden_size: int, dtype: torch.dtype,
+                            tp_size: int) -> bool:
+    """Use the one-shot NVLink all-reduce for small messages of this TP group when every
+    rank of it can (collective: all TP ranks call this). Returns whether it is on."""
+    global _custom
+    from kiln.distributed import custom_allreduce
+
+    _custom = None
+    if tp_size == 1 or device.type != "cuda":
+        return False
+    mine = custom_allreduce.create(_tp_group, device, hidden_size, dtype)
+    ok = torch.tensor([int(mine is not None)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=_tp_group)
+    _custom = mine if int(ok.item()) else None
+    return _custom is not None
 
 
 def tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """The sum over the TP group (a new tensor or x itself, reduced in place)."""
     if tp_size > 1:
+        if _custom is not None and _custom.fits(x):
+            return _custom.all_reduce(x)
         dist.all_reduce(x, group=_tp_group)
     return x
+
+
+def tp_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float, tp_size: int
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(sum_tp(x) + residual), sum_tp(x) + residual) in one kernel where the
+    custom all-reduce takes x; None where the caller must reduce and normalise apart."""
+    if tp_size > 1 and _custom is not None and _custom.fits(x) and \
+            residual.dtype == x.dtype and residual.stride(-1) == 1:
+        return _custom.all_reduce_add_rms_norm(x, residual, weight, eps)
+    return None
 
 
 def tp_all_gather_last_dim(x: torch.Tensor, tp_size: int) -> torch.Tensor:

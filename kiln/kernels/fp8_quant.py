@@ -16,8 +16,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kiln.kernels import pdl
 from kiln.kernels.reference import FP8, FP8_MAX
 
 # TRITON_INTERPRET is read when the @triton.jit decorators below run, so read it here too.
@@ -87,13 +88,15 @@ def _dynamic_scale(amax, INTERPRET: tl.constexpr):
 @triton.jit
 def _quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_x, stride_q,
                   STATIC: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
-                  PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                  PDL: tl.constexpr, WAIT: tl.constexpr, INTERPRET: tl.constexpr):
     """One row per program: amax over the row (dynamic), then scale, convert, store.
 
     ONE_TILE (K <= BLOCK_K): the row is read once and kept in registers. Writes the row's
     scale to scale_ptr[row] in both modes (static: a copy of the [1] scale), so the
     scaled-mm path gets the [M, 1] scale it wants either way.
     """
+    if WAIT:  # launched with PDL behind the kernel that wrote x
+        gdc_wait()
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -140,10 +143,12 @@ def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None,
     block = min(triton.next_power_of_2(K), 16384)
     one_tile = K <= block
     warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
+    wait = pdl.enabled(x)
     _quant_kernel[(M,)](x, q, scale, scale if static_scale is None else static_scale, K,
                         x.stride(0), q.stride(0), STATIC=static_scale is not None,
-                        BLOCK_K=block, ONE_TILE=one_tile, PDL=launch_dependents,
-                        INTERPRET=_INTERPRET, num_warps=warps)
+                        BLOCK_K=block, ONE_TILE=one_tile, PDL=launch_dependents or wait,
+                        WAIT=wait, INTERPRET=_INTERPRET, num_warps=warps,
+                        **pdl.launch_args(wait))
     return q, scale
 
 

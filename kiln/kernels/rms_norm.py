@@ -6,12 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
+from kiln.kernels.pdl import pdl_start
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     num_rows, n_cols, stride_x, stride_res, stride_out, stride_res_out, eps,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """s = x (+ r);  y = w * cast(s / sqrt(mean(s^2) + eps)), the mean taken in float32.
 
@@ -19,6 +23,7 @@ def _rms_norm_kernel(
     as the next residual), so y matches torch's unfused `rms_norm(x + r)` bit for bit up
     to the order of the reduction.
     """
+    pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
@@ -63,11 +68,12 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block_r = max(1, min(64, 2048 // block_n))
     num_warps = min(max(block_r * block_n // 512, 1), 16)
     grid = (triton.cdiv(num_rows, block_r),)
+    use_pdl = pdl.enabled(x)
     _rms_norm_kernel[grid](
         x2, res2, weight, out2, res_out2, num_rows, n,
         x2.stride(0), res2.stride(0), out2.stride(0), res_out2.stride(0), eps,
         BLOCK_R=block_r, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-        num_warps=num_warps,
+        PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl),
     )
     return out, res_out
 

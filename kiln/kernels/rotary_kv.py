@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
 from kiln.kernels.paged import kv_scale_args
+from kiln.kernels.pdl import pdl_start
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (the reference saturates to it)
 INT8_MAX = tl.constexpr(127.0)  # symmetric int8
@@ -60,6 +62,7 @@ def _rotary_kv_kernel(
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
     stride_cb, stride_cs_slot, stride_ch,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token: q_out = rot(q); cache[slot] = (rot(k), v). Slots < 0 (padding) skip the write.
 
@@ -68,6 +71,7 @@ def _rotary_kv_kernel(
     A 1-byte cache (compile-time branch on its element type) stores rot(k) (rounded to the
     model dtype) / k_scale[head] and v / v_scale[head], quantized by _to_cache.
     """
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     head_dim = 2 * half
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,12 +157,13 @@ def rotary_and_write_kv(
     block_d = triton.next_power_of_2(half)
     block_h = triton.next_power_of_2(num_heads)
     num_warps = 4 if block_h * block_d <= 4096 else 8
+    use_pdl = pdl.enabled(q)
     _rotary_kv_kernel[(tokens,)](
         q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
         k_scale, v_scale, num_heads, num_kv_heads, half, k_cache.shape[1],
         q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
-        num_warps=num_warps,
+        PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl),
     )
     return q_out

@@ -6,14 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import pdl
+from kiln.kernels.pdl import pdl_start
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """out[t, i] = cast(g / (1 + exp(-g))) * u  with g = x[t, i], u = x[t, I + i].
 
     The SiLU is rounded to the input dtype before the product, as torch's unfused
     `F.silu(gate) * up` does.
     """
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -37,6 +42,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(inter), 2048)
     num_warps = max(1, min(block // 256, 8))
     grid = (x2.shape[0], triton.cdiv(inter, block))
+    use_pdl = pdl.enabled(x)
     _silu_mul_kernel[grid](x2, out2, inter, x2.stride(0), out2.stride(0), BLOCK=block,
-                           num_warps=num_warps)
+                           PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl))
     return out

@@ -158,9 +158,15 @@ class RowLinear(LinearBase):
                  mapping: Mapping | None = None) -> None:
         tp = (mapping or Mapping()).tp_size
         super().__init__(in_features // tp, out_features, bias, mapping)
+        # True: forward returns this rank's partial sum and the caller reduces it, fused
+        # with what follows (kiln.layers.norm.reduce_add_norm). Only without a bias.
+        self.defer_reduce = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(self.apply_method(x, None), self.mapping.tp_size)
+        y = self.apply_method(x, None)
+        if self.defer_reduce:
+            return y
+        y = tp_all_reduce(y, self.mapping.tp_size)
         return y if self.bias is None else y + self.bias
 
 

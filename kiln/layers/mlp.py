@@ -21,6 +21,9 @@ class GatedMLP(nn.Module):
                                                mapping)
         self.down_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
 
+    def output_projection(self) -> RowLinear:
+        return self.down_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
@@ -34,6 +37,9 @@ class PlainMLP(nn.Module):
         self.c_fc = ColumnLinear(hidden_size, intermediate_size, bias, mapping)
         self.c_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
         self.approximate = "none" if act == "gelu" else "tanh"
+
+    def output_projection(self) -> RowLinear:
+        return self.c_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(KF.gelu(self.c_fc(x), self.approximate))

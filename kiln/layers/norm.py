@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from kiln import functional as KF
+from kiln.distributed.comm import tp_all_reduce, tp_all_reduce_add_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -35,3 +36,17 @@ class LayerNorm(nn.Module):
 
 def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return LayerNorm(dim, eps) if kind == "layernorm" else RMSNorm(dim, eps)
+
+
+def reduce_add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                    tp_size: int, partial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm(x + residual) and x + residual, where x may still be a tensor-parallel partial
+    sum (`partial`): the all-reduce then runs first, fused with the add and RMSNorm into
+    one kernel where the custom all-reduce takes the message."""
+    if partial and tp_size > 1:
+        if isinstance(norm, RMSNorm):
+            fused = tp_all_reduce_add_rms_norm(x, residual, norm.weight, norm.eps, tp_size)
+            if fused is not None:
+                return fused
+        x = tp_all_reduce(x, tp_size)
+    return norm(x, residual)

@@ -9,6 +9,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
+from kiln.distributed.comm import tp_all_reduce
 from kiln.layers import (
     Attention,
     GatedMLP,
@@ -22,6 +23,7 @@ from kiln.layers import (
     make_norm,
 )
 from kiln.layers.linear import default_weight_loader
+from kiln.layers.norm import reduce_add_norm
 
 # HF projection name -> (fused kiln parameter, shard id).
 FUSED_PROJECTIONS = {
@@ -68,15 +70,27 @@ class DecoderLayer(nn.Module):
         mlp = GatedMLP if cfg.gated_mlp else PlainMLP
         self.mlp = mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, mapping,
                        cfg.hidden_act)
+        self.tp_size = mapping.tp_size
+        # With TP, the O and down projections hand their partial sums to the next norm,
+        # which all-reduces them fused with the residual add (one kernel instead of two).
+        self.defer_reduce = (mapping.tp_size > 1 and cfg.norm_type != "layernorm"
+                             and not cfg.o_bias and not cfg.mlp_bias)
+        self.self_attn.o_proj.defer_reduce = self.defer_reduce
+        self.mlp.output_projection().defer_reduce = self.defer_reduce
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: torch.Tensor | None, partial: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`partial`: hidden is still a TP partial sum (the previous layer deferred its
+        reduce); the returned hidden is one when this layer defers."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = reduce_add_norm(self.input_layernorm, hidden, residual,
+                                               self.tp_size, partial)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = reduce_add_norm(self.post_attention_layernorm, hidden, residual,
+                                           self.tp_size, self.defer_reduce)
         return self.mlp(hidden), residual
 
 
@@ -117,11 +131,16 @@ class DecoderForCausalLM(nn.Module):
                                                dtype=hidden.dtype)
         else:
             hidden, residual = intermediate
+        partial = False
         for layer in self.model.layers.values():
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, partial)
+            partial = layer.defer_reduce
         if not self.mapping.is_last_pp_rank:
+            if partial:
+                hidden = tp_all_reduce(hidden, self.mapping.tp_size)
             return hidden, residual
-        hidden, _ = self.model.norm(hidden, residual)
+        hidden, _ = reduce_add_norm(self.model.norm, hidden, residual, self.mapping.tp_size,
+                                    partial)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -56,6 +57,9 @@ class RuntimeConfig:
     max_batch_size: int | None = None
     max_num_tokens: int | None = None
     max_seq_len: int | None = None  # at most the built max_seq_len
+    # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
+    # with the residual add + RMSNorm after it) instead of NCCL.
+    custom_all_reduce: bool = True
 
 
 class LLMEngine:
@@ -89,6 +93,12 @@ class LLMEngine:
             self.device = torch.device(device)
             mapping = Mapping()
         self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
+        self.custom_all_reduce = False
+        if build.tp_size > 1 and self.device.type == "cuda" and runtime.custom_all_reduce:
+            from kiln.distributed.comm import setup_custom_all_reduce
+
+            self.custom_all_reduce = setup_custom_all_reduce(
+                self.device, self.config.model.hidden_size, self.runner.dtype, build.tp_size)
         self.max_seq_len = runtime.max_seq_len or build.max_seq_len
         if self.max_seq_len > build.max_seq_len:
             raise KilnError(f"max_seq_len {self.max_seq_len} exceeds the {build.max_seq_len} "
@@ -122,6 +132,11 @@ class LLMEngine:
             runtime.overlap_scheduling if runtime.overlap_scheduling is not None
             else self.device.type == "cuda")
         self._pending: PendingStep | None = None
+        # Pipeline parallel: up to pp_size micro-batches in flight, each of requests the
+        # others do not hold, so stage s works on one while stage s+1 works on another.
+        self.pipeline_depth = build.pp_size
+        self._in_flight: collections.deque[tuple[PendingStep, set[str]]] = collections.deque()
+        self.max_in_flight = 0  # most micro-batches seen in flight at once (a statistic)
         # False: step() returns finished requests only, sparing a per-token output object
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
@@ -195,6 +210,9 @@ class LLMEngine:
         if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
             raise RequestError("seed must be in [0, 2**62)")
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
+        if params.json_schema is not None:
+            grammars = self._grammar_compiler()
+            grammars.matcher(params.json_schema)  # a bad schema fails here, for this caller
         if params.seed is not None:
             seed_base = params.seed
         elif seed_base is None:
@@ -207,6 +225,8 @@ class LLMEngine:
             request = Request(seq_id, token_ids, params, max_tokens, self.eos_token_ids)
             request.sampling_seed = seed_base + index
             request.bad_words_token_ids = bad_words
+            if params.json_schema is not None:
+                request.grammar = grammars.matcher(params.json_schema)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
                 if self.tokenizer else None
             sequences.append(Sequence(request, index, request_id, detok))
@@ -259,11 +279,12 @@ class LLMEngine:
         """
         if self.failure is not None:
             raise KilnError(self.failure)
+        step = self._step_pipelined if self.pipeline_depth > 1 else self._step
         if self.mirror is None:
-            return self._step()
+            return step()
         try:
             self.mirror.send(("step",))
-            return self._step()
+            return step()
         except Exception:
             message = self.mirror.lost_rank()
             if message is None:
@@ -302,13 +323,53 @@ class LLMEngine:
             outputs += self._process(previous.result())
         return outputs
 
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """One micro-batch per call: launch the requests no in-flight micro-batch holds
+        (an equal share of those running), after applying the oldest micro-batch's tokens
+        once pipeline_depth are in flight (or when nothing else can be launched). A
+        scheduled request's tokens are always on the host, so no placeholder is filled
+        on the device and the stages never wait for each other's sampling."""
+        outputs: list[RequestOutput] = []
+        if len(self._in_flight) >= self.pipeline_depth:
+            outputs += self._process(self._in_flight.popleft()[0].result())
+        busy = set().union(*(ids for _, ids in self._in_flight))
+        active = len(self.scheduler.running) + len(self.scheduler.waiting)
+        out = self.scheduler.schedule(busy, max_seqs=max(1, -(-active // self.pipeline_depth)))
+        if out:
+            now = time.monotonic()
+            for entry in out.scheduled:
+                if entry.request.stats.first_scheduled_time is None:
+                    entry.request.stats.first_scheduled_time = now
+            self.num_computed_tokens += out.num_tokens
+            pending = self.runner.launch(out)
+            self.scheduler.update(out)
+            for request in pending.requests:
+                request.token_ids.append(PLACEHOLDER)
+            self._in_flight.append((pending, {e.request.request_id for e in out.scheduled}))
+            self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
+        elif self._in_flight:
+            outputs += self._process(self._in_flight.popleft()[0].result())
+        elif self.scheduler.waiting:
+            raise KilnError("the KV cache is too small for the next request")
+        return outputs
+
+    def _grammar_compiler(self):
+        from kiln.runtime.grammar import GrammarCompiler
+
+        if getattr(self, "_grammars", None) is None:
+            if self.tokenizer is None:
+                raise RequestError("json_schema needs the engine's tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer.folder, self.config.model.vocab_size,
+                                             list(self.eos_token_ids))
+        return self._grammars
+
     @staticmethod
     def _needs_host_tokens(out) -> bool:
         """Penalties and bad words read the generated tokens' values on the host."""
         for entry in out.scheduled:
             p = entry.request.params
             if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or \
-                    entry.request.bad_words_token_ids:
+                    entry.request.bad_words_token_ids or entry.request.grammar is not None:
                 return True
         return False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class PendingStep:
     logprobs: torch.Tensor | None
     logprob_ids: torch.Tensor | None
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]]
+    ready: torch.cuda.Event | None = None  # tokens received on a side stream (PP)
 
     def row_of(self) -> dict[str, int]:
         return {r.request_id: i for i, r in enumerate(self.requests)}
@@ -58,6 +60,8 @@ class PendingStep:
         """Wait for the device and bring the tokens to the host (the step's one sync)."""
         if self.tokens is None:
             return StepResult([], [], [], prompt_logprobs=self.prompt_logprobs)
+        if self.ready is not None:
+            torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
         return StepResult(
             self.requests, self.tokens.tolist(), self.indices,
             self.logprobs.tolist() if self.logprobs is not None else None,
@@ -206,13 +210,36 @@ class ModelRunner:
             if batch.wants_logprobs:
                 lp = torch.empty(len(sampling), batch.max_logprobs + 1, device=self.device)
                 lp_ids = torch.empty(lp.shape, dtype=torch.int64, device=self.device)
+        ready = None
         if self.mapping.world_size > 1:  # every rank's engine applies the same tokens
-            tokens = broadcast_from(tokens.contiguous(), self.last_stage_rank)
-            if lp is not None and self.mapping.pp_size > 1:
-                lp = broadcast_from(lp.contiguous(), self.last_stage_rank)
-                lp_ids = broadcast_from(lp_ids.contiguous(), self.last_stage_rank)
+            side = self._side_stream()
+            if side is not None:
+                # An earlier pipeline stage receives the tokens on a side stream, so its
+                # next micro-batch's forward does not queue behind this one's sampling on
+                # the last stage; the host waits for them through `ready`.
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                for t in (tokens, lp, lp_ids):
+                    if t is not None:
+                        t.record_stream(side)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                tokens = broadcast_from(tokens.contiguous(), self.last_stage_rank)
+                if lp is not None and self.mapping.pp_size > 1:
+                    lp = broadcast_from(lp.contiguous(), self.last_stage_rank)
+                    lp_ids = broadcast_from(lp_ids.contiguous(), self.last_stage_rank)
+                if side is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(side)
         indices = [r.num_tokens for r in sampling]
-        return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp)
+        return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready)
+
+    def _side_stream(self) -> torch.cuda.Stream | None:
+        """The stream an earlier pipeline stage receives sampled tokens on (CUDA only)."""
+        if self.device.type != "cuda" or self.mapping.pp_size == 1 or \
+                self.mapping.is_last_pp_rank:
+            return None
+        if getattr(self, "_tokens_stream", None) is None:
+            self._tokens_stream = torch.cuda.Stream(self.device)
+        return self._tokens_stream
 
     @property
     def last_stage_rank(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kiln.runtime import grammar
 from kiln.runtime.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from kiln.tokenizer import IncrementalDetokenizer
 
@@ -67,11 +68,15 @@ def apply_token(seq: Sequence, token: int, index: int,
     if seq.detok is not None:
         seq.text += seq.detok.add(token)
     status = None
+    # The grammar follows every token (min_tokens or not); complete JSON ends the text.
+    json_complete = request.grammar is not None and grammar.advance(request, token)
     if generated >= params.min_tokens:
         if not params.ignore_eos and token in request.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif token in params.stop_token_ids:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif json_complete:
+            status = RequestStatus.FINISHED_STOPPED
         elif params.stop:
             status = _check_stop_strings(seq, text_before)
     if status is None and generated >= request.max_tokens:

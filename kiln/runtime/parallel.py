@@ -36,8 +36,8 @@ class Mirror:
 
     def __init__(self, ctx: launch.RankContext, workers: list[Any]) -> None:
         self.ctx = ctx
-        self.channel = launch.Channel(ctx.commands)
         self.workers = workers
+        self.channel = launch.channel(ctx, alive=lambda: all(w.is_alive() for w in workers))
         self.pending: list[tuple] = []
         self.closed = False
 
@@ -74,11 +74,13 @@ class Mirror:
             dist.barrier(group=self.ctx.commands)
         except Exception:  # a worker already gone: nothing left to tell
             pass
-        for worker in workers:
-            worker.join(timeout=30)
         set_tp_group(None)
         if not exiting:
             _destroy_process_group()
+        for worker in workers:
+            worker.join(timeout=30)
+        if isinstance(self.channel, launch.ShmChannel):
+            self.channel.close()
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -102,10 +104,15 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
         return ctx, mirror
     port = launch.free_port()
     tp = engine.config.build.tp_size
+    spec = launch.ShmChannel.create(world)
     workers = launch.spawn(world, _spawned_worker,
-                           (world, tp, port, str(engine.engine_dir), engine.runtime))
+                           (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
     ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
+    ctx.channel_spec = spec
     mirror = Mirror(ctx, workers)
+    # Every worker attached the ring before joining the process group, so its name can
+    # go now: nothing is left in /dev/shm even if every process is killed.
+    mirror.channel.close(unlink=True, keep_mapping=True)
     launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close, exiting=True)
     return ctx, mirror
@@ -116,6 +123,13 @@ def _destroy_process_group(timeout: float = 15.0) -> None:
     when a peer has already left, and a stuck exit is worse than a leaked communicator."""
     import threading
 
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        # Measured on two H200s: destroy_process_group blocks past 15 s even with every
+        # rank tearing down at once; abort frees the communicators without waiting for
+        # peers and unregisters the groups (nothing is in flight at close).
+        abort_collectives()
+        if not dist.is_initialized():
+            return
     done = threading.Event()
 
     def destroy() -> None:
@@ -127,7 +141,8 @@ def _destroy_process_group(timeout: float = 15.0) -> None:
 
     threading.Thread(target=destroy, daemon=True, name="kiln-pg-teardown").start()
     if not done.wait(timeout):
-        log.warning("the process group did not shut down in %.0f s; leaving it", timeout)
+        log.warning("the process group did not shut down in %.0f s; aborting it", timeout)
+        abort_collectives()  # also unregisters it, so this process can start another
 
 
 def abort_collectives() -> None:
@@ -141,14 +156,17 @@ def abort_collectives() -> None:
 
 
 def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: str,
-                    runtime: RuntimeConfig) -> None:
+                    runtime: RuntimeConfig, channel_spec: dict | None = None) -> None:
     from kiln.runtime.engine import LLMEngine
 
     launch.die_with_parent()
     device_type = "cuda" if runtime.device.startswith("cuda") or (
         runtime.device == "auto" and _cuda()) else "cpu"
+    channel = launch.ShmChannel(channel_spec, rank, None) if channel_spec else None
     ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln",
                       tp_size)
+    ctx.channel_spec = channel_spec
+    ctx.channel = channel  # attached before joining: rank 0 unlinks the name after
     try:
         engine = LLMEngine(Path(engine_dir), runtime, rank_context=ctx)
         run_worker(engine)
@@ -168,7 +186,7 @@ def _cuda() -> bool:
 
 def run_worker(engine: LLMEngine) -> None:
     """Replay rank 0's calls until it closes the engine."""
-    channel = launch.Channel(engine.rank_context.commands)
+    channel = launch.channel(engine.rank_context)
     while True:
         for event in channel.recv():
             kind = event[0]
@@ -184,7 +202,7 @@ def run_worker(engine: LLMEngine) -> None:
             elif kind == "close":
                 dist.barrier(group=engine.rank_context.commands)
                 set_tp_group(None)
-                if engine.rank_context.launcher == "kiln":
-                    return  # the process exits next: nothing to tear down
+                # Every rank tears down at once (rank 0 too): NCCL's teardown waits for
+                # peers that have already exited, which left rank 0 stuck.
                 _destroy_process_group()
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.errors import RequestError
 
@@ -33,6 +34,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    # Structured output: the text is JSON valid against this schema ({"type": "object"}
+    # for any JSON object); needs xgrammar. See kiln/runtime/grammar.py.
+    json_schema: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -125,6 +129,7 @@ class Request:
         self.sampling_seed = 0
         self.bad_words_token_ids: list[list[int]] = []
         self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
+        self.grammar: Any = None  # xgrammar GrammarMatcher of a json_schema request
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln import functional as KF
+from kiln.runtime.grammar import apply_grammar, grammar_bitmask
 from kiln.runtime.request import Request
 from kiln.runtime.transfer import to_device
 
@@ -32,6 +33,7 @@ class SamplingBatch:
     penalties: tuple[torch.Tensor, ...] | None  # see penalty_tensors
     banned: torch.Tensor | None  # [B, V] bool, tokens that may not be sampled
     bias: torch.Tensor | None  # [B, V] float, logit_bias added to the logits
+    grammar: tuple[torch.Tensor, list[int]] | None  # json_schema bitmask, constrained rows
     wants_logprobs: bool
     max_logprobs: int  # top-n width over the batch
 
@@ -57,6 +59,7 @@ class SamplingBatch:
             penalties=penalty_tensors(requests, vocab_size, device) if needs_penalty else None,
             banned=banned_tokens(requests, vocab_size, device),
             bias=logit_bias(requests, vocab_size, device),
+            grammar=grammar_bitmask(requests, vocab_size, device),
             wants_logprobs=any(p.logprobs is not None for p in ps),
             max_logprobs=max((p.logprobs or 0) for p in ps),
         )
@@ -140,6 +143,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
         logits = logits + batch.bias
     if batch.banned is not None:
         logits = logits.masked_fill(batch.banned, float("-inf"))
+    if batch.grammar is not None:
+        logits = apply_grammar(logits, batch.grammar)
     if batch.all_greedy:
         tokens = logits.argmax(dim=-1)
     else:

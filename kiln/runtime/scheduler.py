@@ -10,6 +10,7 @@ decoding. A request samples a token only in the step that computes its last know
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 from kiln.runtime.kv_cache import KVCacheManager
@@ -69,20 +70,27 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step -------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: Set[str] = frozenset(), max_seqs: int | None = None
+                 ) -> SchedulerOutput:
+        """The next step's requests. busy: ids of requests inside a pipeline micro-batch
+        still in flight (neither scheduled nor preempted now); max_seqs: at most that many
+        sequences in this step (a micro-batch's share of the running ones)."""
         out = SchedulerOutput()
         budget = self.max_num_tokens
+        seqs = max_seqs if max_seqs is not None else self.max_batch_size
         scheduled_ids: set[str] = set()
         # Running requests first, oldest first; the newest may be preempted for them.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < seqs:
             request = self.running[i]
-            if request.num_output_tokens >= request.max_tokens:
+            if request.num_output_tokens >= request.max_tokens or \
+                    request.request_id in busy:
                 i += 1  # its last token is still in flight; it will finish, not continue
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request, request.num_computed_tokens + num_new):
-                victim = self.running[-1]
+                victim = next((r for r in reversed(self.running)
+                               if r.request_id not in busy), request)
                 self._preempt(victim, out)
                 if victim is request:
                     break
@@ -95,7 +103,8 @@ class Scheduler:
             # The request preempted itself: nothing further down the list remains.
             break
         # Then waiting requests in arrival order, while budget, batch slots and blocks last.
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and \
+                len(out.scheduled) < seqs:
             request = self.waiting[0]
             if out.preempted and request in out.preempted:
                 break  # don't re-admit what was preempted in this very step

@@ -40,6 +40,12 @@ def default_model_name(llm: AsyncLLM) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "kiln"
 
 
+def _static(name: str) -> bytes:
+    from importlib.resources import files
+
+    return files("kiln.serve").joinpath("static", name).read_bytes()
+
+
 def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `llm`; the caller owns `llm` (starts and shuts it down)."""
     config = config or ServerConfig()
@@ -56,6 +62,16 @@ def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
     async def health(ctx: ServeContext = Depends(get_context)) -> Response:
         status = "shutting down" if ctx.draining else "ok" if ctx.llm.alive else "engine stopped"
         return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+    # The playground: a static page and its script (they hold no secrets, so they are
+    # served without the API key; the page sends the key the user types with its calls).
+    @app.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return Response(_static("playground.html"), media_type="text/html; charset=utf-8")
+
+    @app.get("/playground.js", include_in_schema=False)
+    async def playground_js() -> Response:
+        return Response(_static("playground.js"), media_type="text/javascript; charset=utf-8")
 
     @app.get("/metrics")
     async def prometheus(ctx: ServeContext = Depends(get_context)) -> Response:

@@ -1,4 +1,4 @@
-"""`kiln serve` and `kiln triton-repo`."""
+"""`kiln serve`, `kiln triton-repo` and `kiln triton-serve`."""
 
 from __future__ import annotations
 
@@ -43,7 +43,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-engine", action="store_true",
                    help="copy the engine into the repository (else it is referenced by path)")
     p.add_argument("--device", default="auto", help="device the model runs on in Triton")
+    p.add_argument("--tensorrt-llm", action="store_true",
+                   help="write TensorRT-LLM's inflight_batcher_llm models instead (preprocessing,"
+                   " tensorrt_llm, postprocessing, ensemble: its tensor names and types)")
+    p.add_argument("--triton-env", default=os.environ.get("KILN_TRITON_ENV"),
+                   help="a venv with nvidia-pytriton: print the `kiln triton-serve` command")
     p.set_defaults(func=cmd_triton_repo)
+
+    p = sub.add_parser("triton-serve", help="run Triton Inference Server (from the "
+                       "nvidia-pytriton wheel in a venv of its own) on a model repository")
+    p.add_argument("repository", help="a model repository, e.g. from `kiln triton-repo`")
+    p.add_argument("--triton-env", default=os.environ.get("KILN_TRITON_ENV"),
+                   help="venv with nvidia-pytriton and numpy<2 (default: $KILN_TRITON_ENV)")
+    p.add_argument("--host", default="127.0.0.1", help="address of all three endpoints")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--print-command", action="store_true",
+                   help="print the environment and command instead of running them")
+    p.set_defaults(func=cmd_triton_serve)
 
 
 def _is_loopback(host: str) -> bool:
@@ -82,5 +100,30 @@ def cmd_triton_repo(args: argparse.Namespace) -> None:
     from kiln.serve.triton_repo import write_triton_repo
 
     model_dir = write_triton_repo(args.engine_dir, args.output, args.model_name,
-                                  args.copy_engine, args.device)
-    print(f"kiln: wrote {model_dir}; run: tritonserver --model-repository {args.output}")
+                                  args.copy_engine, args.device, args.tensorrt_llm)
+    env = f" --triton-env {args.triton_env}" if args.triton_env else " --triton-env ENV"
+    print(f"kiln: wrote {model_dir}; start Triton with: kiln triton-serve {args.output}{env}"
+          " (see docs/serving.md)")
+
+
+def cmd_triton_serve(args: argparse.Namespace) -> None:
+    import shlex
+
+    from kiln.errors import KilnError
+    from kiln.serve.triton_server import INSTALL_HINT, prepare_triton_env, tritonserver_command
+
+    if not args.triton_env:
+        raise KilnError(f"--triton-env is required (or $KILN_TRITON_ENV): {INSTALL_HINT}")
+    if not os.path.isdir(args.repository):
+        raise KilnError(f"model repository {args.repository} does not exist "
+                        "(write one with `kiln triton-repo`)")
+    env = prepare_triton_env(args.triton_env)
+    argv, environ = tritonserver_command(env, args.repository, args.http_port, args.grpc_port,
+                                         args.metrics_port, args.host)
+    if args.print_command:
+        print(f"PATH={shlex.quote(environ['PATH'])} "
+              f"LD_LIBRARY_PATH={shlex.quote(environ['LD_LIBRARY_PATH'])} "
+              + shlex.join(argv))
+        return
+    sys.stdout.flush()
+    os.execve(argv[0], argv, environ)  # Triton takes over the process (and its signals)

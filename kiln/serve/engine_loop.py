@@ -73,8 +73,12 @@ _STOP = object()
 class EngineLoop:
     """Owns `engine` from `start()` on; call only the methods below from other threads."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine,
+                 on_stats: Callable[[dict[str, float]], None] | None = None) -> None:
+        """`on_stats` (engine thread) hears the stats whenever a step or command changed
+        them, e.g. to push them to a metrics system that is not scraped from here."""
         self.engine = engine
+        self._on_stats = on_stats
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}  # engine thread only
         self._stats = engine.stats()
@@ -126,7 +130,10 @@ class EngineLoop:
                     return
                 if self.engine.has_unfinished():
                     self._step()
-                self._stats = self.engine.stats()
+                stats = self.engine.stats()
+                if self._on_stats is not None and stats != self._stats:
+                    _call(self._on_stats, stats)
+                self._stats = stats
         except BaseException:  # a bug in this loop: fail everyone rather than hang them
             log.exception("the engine loop crashed")
             raise

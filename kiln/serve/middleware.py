@@ -16,7 +16,8 @@ from kiln.serve.errors import error_body
 from kiln.serve.metrics import ServerMetrics
 
 # Probes must work without credentials (load balancers, Kubernetes).
-_OPEN_PATHS = ("/health", "/v2/health/live", "/v2/health/ready")
+_OPEN_PATHS = ("/health", "/v2/health/live", "/v2/health/ready",
+               "/", "/playground.js")  # the playground page; its API calls carry the key
 
 
 def _is_open(path: str) -> bool:

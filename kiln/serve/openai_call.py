@@ -88,7 +88,42 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size))
+        prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),
+        json_schema=_structured(body))
+
+
+def _structured(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
+    from kiln.serve.openai_tools import forced_tools, tool_call_schema
+
+    schema = json_schema_of(getattr(body, "response_format", None))
+    functions = forced_tools(body)
+    if functions is None:
+        return schema
+    if schema is not None:
+        raise APIError(400, "a forced tool_choice and a JSON response_format exclude each "
+                       "other", param="response_format")
+    return tool_call_schema(functions)
+
+
+def json_schema_of(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's response_format -> the schema the output must match (None: free text)."""
+    if not response_format:
+        return None
+    if not isinstance(response_format, dict):
+        raise APIError(400, "response_format must be an object", param="response_format")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema, a JSON "
+                           "schema object", param="response_format")
+        return spec["schema"]  # strict or not, the output always matches the schema
+    raise APIError(400, f"response_format type {kind!r} is not supported (text, json_object,"
+                   " json_schema)", param="response_format")
 
 
 def logit_bias(bias: dict[str, float] | None, vocab_size: int | None

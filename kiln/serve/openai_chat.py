@@ -11,6 +11,7 @@ from kiln.serve.context import ServeContext
 from kiln.serve.errors import APIError
 from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
 from kiln.serve.openai_output import ChoiceState, chat_logprobs, usage
+from kiln.serve.openai_tools import forced_tools, tool_calls
 from kiln.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -25,11 +26,6 @@ from kiln.tokenizer import Tokenizer
 
 
 def check_chat_request(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format {'type': 'text'} is supported",
-                       param="response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
@@ -48,7 +44,8 @@ def chat_prompt(tokenizer: Tokenizer | None, body: ChatCompletionRequest) -> lis
         raise APIError(400, "this model has no tokenizer, so it cannot apply a chat template")
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": _text(m.content)} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+    tools = body.tools if body.tools and body.tool_choice != "none" else None
+    text = tokenizer.apply_chat_template(messages, body.add_generation_prompt, tools=tools)
     # The template already wrote any BOS it wants: don't let the tokenizer add another.
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -56,6 +53,17 @@ def chat_prompt(tokenizer: Tokenizer | None, body: ChatCompletionRequest) -> lis
 async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionRequest,
                        request: Request) -> Any:
     top_n = (body.top_logprobs or 0) if body.logprobs else None
+    calls_tool = forced_tools(body) is not None  # validated when the call started
+
+    def _message(completion: CompletionOutput) -> AssistantMessage:
+        if calls_tool and completion.finish_reason == "stop":
+            return AssistantMessage(tool_calls=tool_calls(completion.text))
+        return AssistantMessage(content=completion.text)
+
+    def _finish(completion: CompletionOutput) -> str | None:
+        if calls_tool and completion.finish_reason == "stop":
+            return "tool_calls"
+        return completion.finish_reason
 
     def logprobs(completion: CompletionOutput, positions: range) -> Any:
         if top_n is None or not positions:
@@ -70,6 +78,14 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk]:
+            if calls_tool:  # the call goes out whole, once its JSON is complete
+                if completion.finish_reason is None:
+                    return []
+                message = _message(completion)
+                delta = Delta(content=message.content, tool_calls=None if message.tool_calls
+                              is None else [{"index": 0, **message.tool_calls[0]}])
+                return [chunk([ChatChunkChoice(index=state.index, delta=delta,
+                                               finish_reason=_finish(completion))])]
             new = state.stream_delta(completion, top_n is not None)
             if new is None:
                 return []
@@ -89,9 +105,9 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
     finals = await collect(call, request)
     if finals is None:
         return disconnected_response()
-    choices = [ChatChoice(index=state.index, message=AssistantMessage(content=completion.text),
+    choices = [ChatChoice(index=state.index, message=_message(completion),
                           logprobs=logprobs(completion, range(len(completion.token_ids))),
-                          finish_reason=completion.finish_reason)
+                          finish_reason=_finish(completion))
                for output in finals for completion, state in call.choices(output)]
     choices.sort(key=lambda c: c.index)
     return ChatCompletionResponse(id=call.id, created=call.created, model=call.model,

@@ -46,6 +46,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     # Text, token ids, or a batch of either.
     prompt: str | list[str] | list[int] | list[list[int]]
+    response_format: dict[str, Any] | None = None  # an extension, as vLLM has it
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -76,6 +77,7 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # extension: the chat template's flag
 
@@ -139,6 +141,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -160,6 +163,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -7,6 +7,7 @@ every request Triton hands in); `execute` only submits and returns at once. Each
 gets its responses through its response sender, from the engine thread: the whole text
 in one final response, or with `stream: true` one response per new piece of text.
 Inputs and parameters are those of Triton's generate extension (see generate_params).
+The engine's KV-block and queue gauges go to Triton's own /metrics (custom metrics).
 """
 
 from __future__ import annotations
@@ -84,6 +85,31 @@ class _Responder:
             self.sender.send(response, flags=flags)
 
 
+_GAUGES = {"kv_blocks_used": "KV-cache blocks held by requests",
+           "kv_blocks_total": "KV-cache blocks in the engine",
+           "num_running": "requests in the running batch",
+           "num_waiting": "requests waiting for a batch slot"}
+
+
+class _Gauges:
+    """kiln_<stat> gauges in Triton's Prometheus metrics, set from the engine thread."""
+
+    def __init__(self, model_name: str) -> None:
+        self.values: dict[str, float] = {}
+        # Triton drops a family's metrics when the family object goes: keep both.
+        self.families = {stat: pb_utils.MetricFamily(name=f"kiln_{stat}", description=text,
+                                                     kind=pb_utils.MetricFamily.GAUGE)
+                         for stat, text in _GAUGES.items()}
+        self.metrics = {stat: family.Metric(labels={"model": model_name})
+                        for stat, family in self.families.items()}
+
+    def update(self, stats: dict[str, float]) -> None:
+        for stat, metric in self.metrics.items():
+            if self.values.get(stat) != stats[stat]:  # one IPC per change, not per step
+                metric.set(float(stats[stat]))
+                self.values[stat] = stats[stat]
+
+
 def _request_body(request: Any) -> dict[str, Any]:
     """Triton tensors and request parameters -> the generate extension's JSON shape."""
     body: dict[str, Any] = {}
@@ -107,7 +133,12 @@ class TritonPythonModel:
         if not engine_dir.is_absolute():  # relative to this version's folder
             engine_dir = Path(args["model_repository"]) / args["model_version"] / engine_dir
         runtime = RuntimeConfig(device=params.get("device") or "auto")
-        self.loop = EngineLoop(LLMEngine(engine_dir, runtime))
+        engine = LLMEngine(engine_dir, runtime)
+        gauges = (_Gauges(args.get("model_name", "kiln"))
+                  if hasattr(pb_utils, "MetricFamily") else None)
+        if gauges is not None:
+            gauges.update(engine.stats())
+        self.loop = EngineLoop(engine, gauges.update if gauges else None)
         self.loop.start()
         log.info("kiln: serving %s on %s", engine_dir, self.loop.engine.device)
 

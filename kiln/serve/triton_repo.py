@@ -3,6 +3,9 @@
     <out>/<model_name>/config.pbtxt      python backend, decoupled, generate-style inputs
     <out>/<model_name>/1/model.py        kiln.serve.triton_model, copied
     <out>/<model_name>/1/engine/         the engine dir, with --copy-engine
+
+With --tensorrt-llm, TensorRT-LLM's inflight_batcher_llm layout instead (see
+trtllm_contract): <out>/{preprocessing,tensorrt_llm,postprocessing,ensemble}/.
 """
 
 from __future__ import annotations
@@ -46,11 +49,44 @@ parameters: {{ key: "device" value: {{ string_value: "{device}" }} }}
 """
 
 
+_TRTLLM_MAX_BATCH = 64  # Triton's limit per request; kiln batches across requests itself
+
+
+def _write_trtllm_repo(engine_dir: Path, output: Path, device: str) -> Path:
+    from kiln.serve import trtllm_contract as c
+
+    models = {
+        "preprocessing": ("PreprocessingModel", c.PREPROCESSING_INPUTS,
+                          c.PREPROCESSING_OUTPUTS, False),
+        "tensorrt_llm": ("TensorRTLLMModel", c.TENSORRT_LLM_INPUTS, c.TENSORRT_LLM_OUTPUTS,
+                         True),
+        "postprocessing": ("PostprocessingModel", c.POSTPROCESSING_INPUTS,
+                           c.POSTPROCESSING_OUTPUTS, False),
+    }
+    for name, (cls, inputs, outputs, decoupled) in models.items():
+        (output / name / "1").mkdir(parents=True, exist_ok=True)
+        (output / name / "1" / "model.py").write_text(
+            f"# Written by `kiln triton-repo --tensorrt-llm`: kiln serves this model.\n"
+            f"from kiln.serve.triton_trtllm import {cls} as TritonPythonModel  # noqa: F401\n")
+        params = {"engine_dir": str(engine_dir), "device": device}
+        (output / name / "config.pbtxt").write_text(c.python_model_config(
+            name, inputs, outputs, _TRTLLM_MAX_BATCH, decoupled, params))
+    (output / "ensemble" / "1").mkdir(parents=True, exist_ok=True)
+    (output / "ensemble" / "config.pbtxt").write_text(c.ensemble_config(_TRTLLM_MAX_BATCH))
+    return output / "ensemble"
+
+
 def write_triton_repo(engine_dir: str | Path, output: str | Path, model_name: str = "kiln",
-                      copy_engine: bool = False, device: str = "auto") -> Path:
-    """Write the repository; returns the model's folder. Existing files are replaced."""
+                      copy_engine: bool = False, device: str = "auto",
+                      tensorrt_llm: bool = False) -> Path:
+    """Write the repository; returns the model's folder (the ensemble's with
+    `tensorrt_llm`). Existing files are replaced."""
     engine_dir = Path(engine_dir).resolve()
     load_engine_config(engine_dir)  # a clear error now, not when Triton loads the model
+    if tensorrt_llm:
+        if copy_engine:
+            raise KilnError("--copy-engine goes with kiln's own model, not --tensorrt-llm")
+        return _write_trtllm_repo(engine_dir, Path(output), device)
     if not model_name or any(c in model_name for c in '/\\"'):
         raise KilnError(f"--model-name {model_name!r} is not a valid Triton model name")
     model_dir = Path(output) / model_name

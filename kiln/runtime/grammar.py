@@ -1,0 +1,97 @@
+"""Structured output: JSON-schema constrained decoding with xgrammar.
+
+Each constrained sequence holds an xgrammar `GrammarMatcher`. Before a step the host
+fills one bitmask row per constrained row (the tokens the grammar allows next), the
+sampler applies it to the logits on the device (disallowed tokens -> -inf), and after
+the step the sampled token advances the matcher. That needs the sampled token on the
+host before the next step, so the engine does not overlap steps holding such a request;
+other requests in the batch are unaffected (their rows are left out of the bitmask).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import RequestError
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        raise RequestError("structured output needs xgrammar: pip install 'kiln[structured]'"
+                           ) from None
+    return xgrammar
+
+
+class GrammarCompiler:
+    """Compiles JSON schemas for one engine's tokenizer (lazily, cached per schema)."""
+
+    def __init__(self, tokenizer_dir: Path, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self.tokenizer_dir = tokenizer_dir
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self._compiler: Any = None
+        self._compiled: dict[str, Any] = {}
+
+    def _get_compiler(self) -> Any:
+        if self._compiler is None:
+            xgr = _xgrammar()
+            from transformers import PreTrainedTokenizerFast
+
+            hf = PreTrainedTokenizerFast(tokenizer_file=str(self.tokenizer_dir / "tokenizer.json"))
+            info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info)
+        return self._compiler
+
+    def matcher(self, schema: dict[str, Any] | str) -> Any:
+        """A fresh matcher for `schema`; RequestError if the schema does not compile."""
+        key = schema if isinstance(schema, str) else json.dumps(schema)  # order matters
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            try:
+                # Compact JSON: no free whitespace, so a small model cannot wander off
+                # into endless spaces before the closing brace.
+                compiled = self._get_compiler().compile_json_schema(key, any_whitespace=False)
+            except RequestError:
+                raise
+            except Exception as e:  # xgrammar's errors for schemas it cannot compile
+                raise RequestError(f"json_schema: {str(e).splitlines()[0][:300]}") from None
+            self._compiled[key] = compiled
+        return _xgrammar().GrammarMatcher(compiled)
+
+
+def grammar_bitmask(requests: list[Any], vocab_size: int, device: torch.device
+                    ) -> tuple[torch.Tensor, list[int]] | None:
+    """(bitmask [B, ceil(V/32)] int32 on the device, constrained rows) or None."""
+    rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+    if not rows:
+        return None
+    xgr = _xgrammar()
+    bitmask = xgr.allocate_token_bitmask(len(requests), vocab_size)
+    for i in rows:
+        if not requests[i].grammar.is_terminated():
+            requests[i].grammar.fill_next_token_bitmask(bitmask, i)
+    if device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(device, non_blocking=True)
+    return bitmask, rows
+
+
+def apply_grammar(logits: torch.Tensor, mask: tuple[torch.Tensor, list[int]]) -> torch.Tensor:
+    """logits with the tokens each constrained row's grammar forbids set to -inf."""
+    bitmask, rows = mask
+    logits = logits.clone()
+    _xgrammar().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    return logits
+
+
+def advance(request: Any, token: int) -> bool:
+    """Feed a sampled token to the request's matcher; True once the grammar is complete."""
+    if not request.grammar.is_terminated():
+        request.grammar.accept_token(token)
+    return request.grammar.is_terminated()

@@ -1,0 +1,155 @@
+"""Structured output (xgrammar): every constrained answer parses as JSON and validates
+against its schema (checked with the independent `jsonschema` package), over several
+schemas and seeds, batched with unconstrained requests that stay as they are alone; on
+the Python API, the OpenAI endpoint (`response_format`) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.errors import KilnError
+from tests.test_serve_support import MODEL, tiny_chat_engine
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMAS = [
+    {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                      "color": {"enum": ["red", "green", "blue"]}},
+     "required": ["ok", "color"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3}},
+     "required": ["n", "tags"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "inner": {"type": "object", "properties": {"x": {"type": "null"}, "y": {"const": "k"}},
+                  "required": ["x", "y"], "additionalProperties": False},
+        "name": {"type": "string", "pattern": "^[a-z]{1,5}$"}},
+     "required": ["inner", "name"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 4},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM(tiny_chat_engine(), device="cpu")
+
+
+def _check(text: str, schema: dict) -> None:
+    jsonschema.validate(json.loads(text), schema)
+
+
+def test_every_output_validates_batched_with_free_requests(tiny):
+    """Random weights: only the grammar makes these answers JSON at all."""
+    free = [SamplingParams(max_tokens=12, temperature=1.0, seed=s) for s in range(3)]
+    prompts, params = [], []
+    for seed in range(3):
+        for schema in SCHEMAS:
+            prompts.append(f"Answer {seed} as JSON:")
+            params.append(SamplingParams(max_tokens=48, temperature=1.0, seed=seed,
+                                         json_schema=schema))
+    free_prompts = [f"Free text {s}" for s in range(3)]
+    outs = tiny.generate(prompts + free_prompts, params + free)
+    for out, p in zip(outs, params):
+        assert out.finish_reason == "stop", out.text  # the JSON closed, not cut at max_tokens
+        _check(out.text, p.json_schema)
+    alone = tiny.generate(free_prompts, free)
+    assert [o.token_ids for o in outs[len(params):]] == [o.token_ids for o in alone]
+
+
+def test_any_json_object(tiny):
+    outs = tiny.generate(["{", "{"], [SamplingParams(max_tokens=64, temperature=0.7, seed=s,
+                                                     json_schema={"type": "object"})
+                                      for s in range(2)])
+    for out in outs:
+        if out.finish_reason == "stop":  # free-form objects may run past 64 tokens
+            assert isinstance(json.loads(out.text), dict)
+        else:
+            assert out.text.startswith("{")
+
+
+def test_bad_schema_is_a_request_error(tiny):
+    with pytest.raises(KilnError, match="json_schema"):
+        tiny.generate("x", SamplingParams(json_schema={"type": "no-such-type"}))
+
+
+def test_smollm2_fills_a_schema(smollm2_engine):
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string"}, "country": {"type": "string"},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    llm = LLM(smollm2_engine, device="cpu")
+    [out] = llm.generate("Describe Paris as JSON with its city, country and population:",
+                         SamplingParams(max_tokens=40, temperature=0, json_schema=schema))
+    assert out.finish_reason == "stop"
+    value = json.loads(out.text)
+    jsonschema.validate(value, schema)
+    assert list(value) == ["city", "country", "population_millions"]  # the schema's order
+
+
+def test_openai_response_format(client):
+    import openai
+
+    schema = SCHEMAS[0]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "colour?"}], max_tokens=48,
+        seed=1, response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": schema, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    _check(reply.choices[0].message.content, schema)
+    stream = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=48, seed=2,
+                                       stream=True, extra_body={"response_format": {
+                                           "type": "json_schema",
+                                           "json_schema": {"name": "a", "schema": SCHEMAS[3]}}})
+    _check("".join(c.choices[0].text for c in stream if c.choices), SCHEMAS[3])
+    for bad in ({"type": "yaml"}, {"type": "json_schema", "json_schema": {"name": "x"}},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "no-such"}}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, response_format=bad, messages=[
+                {"role": "user", "content": "hi"}])
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                         "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+def test_tool_calls(client):
+    import openai
+
+    messages = [{"role": "user", "content": "Weather in Paris? Or add 2 and 3."}]
+    for seed in range(3):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                               tool_choice="required", seed=seed,
+                                               max_tokens=48)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments),
+                            PARAMETERS[call.function.name])
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, max_tokens=48, stream=True,
+        tool_choice={"type": "function", "function": {"name": "add"}})
+    calls = [(c.choices[0].delta.tool_calls, c.choices[0].finish_reason) for c in stream
+             if c.choices and (c.choices[0].delta.tool_calls or c.choices[0].finish_reason)]
+    [(delta, finish)] = calls
+    assert finish == "tool_calls" and delta[0].function.name == "add"
+    jsonschema.validate(json.loads(delta[0].function.arguments), PARAMETERS["add"])
+    for bad in ({}, {"tool_choice": {"type": "function", "function": {"name": "nope"}}}):
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, **bad)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="none", max_tokens=4)
+    assert plain.choices[0].message.tool_calls is None
