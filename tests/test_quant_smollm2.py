@@ -22,7 +22,8 @@ from tests.conftest import smollm2_gguf
 from tests.fake_quant import fp8_weights, int_weights, simulate, smoothquant_weights
 from tests.test_smollm2 import botchan_text
 
-pytestmark = pytest.mark.slow
+# one module fixture builds every scheme (AWQ and GPTQ take minutes each on 2 CPU cores)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 SCHEMES = {  # name: (quantization, kv_cache_dtype, calibrated)
     "float32": ("none", "auto", False),
