@@ -101,7 +101,7 @@ def results(setup) -> dict[str, tuple[float, float]]:
         ENGINES[name] = engine_dir
         ours = perplexity(LLM(engine_dir, device="cpu").engine, ids, window=NUM_TOKENS)
         kv_scales = None
-        if calibrated:
+        if calibrated and kv != "auto":  # calibrated KV scales, as the engine stored them
             state = load_file(str(engine_dir / "rank0.safetensors"))
             kv_scales = {j: (state[f"model.layers.{j}.self_attn.attn.k_scale"],
                              state[f"model.layers.{j}.self_attn.attn.v_scale"])
