@@ -3,7 +3,9 @@
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf] [serving]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
 # "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
-# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs).
+# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
+# "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
+# "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -22,6 +24,9 @@ for spec in $stages; do
     fp8w:*) Q="$Q --quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
     kv8:*) Q="$Q --kv-cache-dtype fp8"; tag="-kv8"; stage=${spec#kv8:} ;;
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
+    int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
+    int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
+    sq8:*) Q="$Q --quantization int8_sq --kv-cache-dtype int8"; tag="-sq8"; stage=${spec#sq8:} ;;
     tp2nccl:*) Q="$Q --tp-size 2 --disable-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
     fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
@@ -30,6 +35,7 @@ for spec in $stages; do
     tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
              tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
              tests/test_gpu_parallel.py tests/test_gpu_speculative.py tests/test_kernels_gpu_zoo.py \
+             tests/test_kernels_int.py tests/test_weight_only.py \
              > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
@@ -64,6 +70,8 @@ for spec in $stages; do
              --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
     throughput) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
+    throughput-64) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+             --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
     throughput-hf) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \

@@ -339,7 +339,9 @@ def _arch_from_model_type(model_type: str | None) -> str:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZATIONS = ("auto", "none", "fp8")  # auto: what the checkpoint holds (none for floats)
+# auto: what the checkpoint holds (none for floats)
+QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo", "int4_awq", "int4_gptq", "int8_sq",
+                 "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
 ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
 
@@ -364,6 +366,10 @@ class BuildConfig:
     quant_ignore: tuple[str, ...] = ()  # kiln module names left unquantized
     quant_source: str = ""  # where the quantized weights came from (kiln, a format name)
     calib_file: str | None = None  # text for static activation and KV scales
+    group_size: int = 0  # integer weights: inputs per scale (0: int4 128, int8 per channel)
+    quant_layers: dict[str, str] = field(default_factory=dict)  # gguf: storage per layer
+    smooth_alpha: float = 0.5  # int8_sq: SmoothQuant migration strength
+    act_order: bool = False  # int4_gptq: columns in order of decreasing activation energy
     calib_samples: int = 32
     calib_seq_len: int = 512
 
@@ -414,8 +420,17 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="TP on CUDA: use NCCL for every all-reduce instead of kiln's "
                        "one-shot NVLink kernel for small messages")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
-                   help="fp8: W8A8 FP8 weights and activations; auto: what the checkpoint "
-                   "holds (FP8 compressed-tensors / modelopt checkpoints stay FP8)")
+                   help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
+                   "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
+                   "activations; int4_awq / int4_gptq: INT4 storage, AWQ scale search / "
+                   "GPTQ rounding on calibration text; int8_sq: SmoothQuant INT8 weights "
+                   "and per-token INT8 activations (calibrated); auto: what the checkpoint "
+                   "holds (FP8 compressed-tensors / modelopt checkpoints stay FP8; GGUF "
+                   "files keep their quantized blocks on CUDA, and are dequantized on the "
+                   "CPU); gguf / none: keep / dequantize a GGUF file's blocks")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="integer weights: inputs sharing one scale; it must divide every "
+                   "layer's input size (default: 128 for int4, per channel for int8)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8 or int8: 1-byte KV cache with per-head scales (int8 needs "
                    "--calib-file); auto: the checkpoint's KV scheme, else --dtype")
@@ -423,7 +438,13 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    help="FP8 inputs: dynamic per token, or static per tensor from "
                    "calibration (auto: static when --calib-file is given)")
     g.add_argument("--calib-file", default=None, metavar="TEXT",
-                   help="text to calibrate static input scales and KV scales on")
+                   help="text to calibrate static input scales, KV scales and SmoothQuant on "
+                   "(int8_sq without it: a public-domain text that ships with kiln)")
+    g.add_argument("--smooth-alpha", type=float, default=None,
+                   help="int8_sq: how much of the activation range SmoothQuant moves into "
+                   "the weights, 0..1 (default 0.5)")
+    g.add_argument("--act-order", action="store_true", default=None,
+                   help="int4_gptq: round the most used input channels first")
     g.add_argument("--calib-samples", type=int, default=32)
     g.add_argument("--calib-seq-len", type=int, default=512)
 

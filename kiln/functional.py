@@ -185,6 +185,48 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return y.view(*shape[:-1], weight.shape[0])
 
 
+def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      weight_offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      weight_float: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A16 / W8A16: x [..., K] @ dequant(weight)^T -> [..., N] in x.dtype, the weight
+    int8 [N, K] or two 4-bit values a byte (uint8 [N, K // 2]) with float32 group scales
+    and offsets (see reference.dequantize_int_weight). On CUDA a Triton kernel that
+    dequantizes inside the K loop; elsewhere the reference (weight_float: a cached
+    dequantized weight)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if _triton(x):
+        from kiln.kernels.int_gemm import int_weight_linear as kernel
+
+        y = kernel(x2, weight, weight_scale, weight_offset, bias)
+    else:
+        y = ref.int_weight_linear(x2, weight, weight_scale, weight_offset, bias, weight_float)
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """INT8 W8A8: x [..., K] quantized per token @ weight [N, K] int8 (scale [N] per
+    output row) -> [..., N] in x.dtype. On CUDA torch._int_mm (int32 accumulation, rows
+    padded to 17 where it needs M > 16), else the reference (the same integer sums)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    M, K = x2.shape
+    N = weight.shape[0]
+    if x.is_cuda and K % 8 == 0 and N % 8 == 0 and os.environ.get("KILN_TRITON", "1") != "0":
+        x_q, x_scale = ref.quantize_int8_per_token(x2)
+        if M <= 16:
+            x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - M))
+        acc = torch._int_mm(x_q, weight.t())[:M]
+        y = acc.float() * x_scale * weight_scale.view(1, -1)
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(x.dtype)
+    else:
+        y = ref.int8_linear(x2, weight, weight_scale, bias)
+    return y.view(*shape[:-1], N)
+
+
 def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,

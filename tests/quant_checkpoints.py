@@ -522,3 +522,54 @@ def reference_logits(path, input_ids: torch.Tensor) -> torch.Tensor:
             path, dtype=torch.float32, attn_implementation="eager").eval()
     logits = model(ids, use_cache=False).logits.float()
     return logits if input_ids.dim() == 2 else logits[0]
+
+
+def compressed_tensors_int_weights(src, dest, num_bits: int = 4, symmetric: bool = True,
+                                   group_size: int = 32, num_samples: int = 4,
+                                   seq_len: int = 32) -> Path:
+    """W4A16 / W8A16 with llm-compressor's GPTQModifier (`oneshot`, "basic" pipeline,
+    random calibration ids): compressed-tensors "pack-quantized" (weight_packed int32,
+    weight_scale, weight_shape, and weight_zero_point when asymmetric); lm_head float."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    dest = Path(dest)
+    model = _load_float(src, attn="eager")
+    weights = dict(num_bits=num_bits, type="int", symmetric=symmetric, strategy="group",
+                   group_size=group_size)
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                          ignore=["lm_head"])
+    ids = calibration_ids(num_samples, seq_len, _vocab(src))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(),
+                                 "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, processor=tiny_tokenizer(_vocab(src)), recipe=recipe, dataset=dataset,
+            num_calibration_samples=num_samples, max_seq_length=seq_len,
+            shuffle_calibration_samples=False, pipeline="basic")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded")
+        model.save_pretrained(dest, save_compressed=True)
+    return dest
+
+
+def compressed_tensors_w8a8(src, dest, num_samples: int = 4, seq_len: int = 32) -> Path:
+    """llm-compressor's "W8A8" preset (QuantizationModifier): compressed-tensors
+    "int-quantized", int8 weights with per-channel weight_scale [out, 1], inputs
+    quantized per token at run time; lm_head float."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    dest = Path(dest)
+    model = _load_float(src, attn="eager")
+    recipe = QuantizationModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])
+    ids = calibration_ids(num_samples, seq_len, _vocab(src))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(),
+                                 "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, processor=tiny_tokenizer(_vocab(src)), recipe=recipe, dataset=dataset,
+            num_calibration_samples=num_samples, max_seq_length=seq_len,
+            shuffle_calibration_samples=False, pipeline="basic")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded")
+        model.save_pretrained(dest, save_compressed=True)
+    return dest

@@ -84,9 +84,11 @@ def _with_quant_config(float_folder, tmp_path, quantization_config: dict):
 
 
 @pytest.mark.parametrize("quantization_config, message", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128},
-     "quantized with 'gptq' .*bits=4, group_size=128"),
-    ({"quant_method": "awq", "bits": 4}, "quantized with 'awq'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True},
+     "unsupported GPTQ checkpoint .*bits=4, group_size=128.*desc_act"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+     "unsupported AutoAWQ packing version='gemv'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quantized with 'bitsandbytes'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized",
       "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}},
      "format=pack-quantized, weights int4/group"),

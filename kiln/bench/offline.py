@@ -63,6 +63,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
 
         ckpt = RandomCheckpoint(args.random_config)
         quant = "" if build_cfg.quantization in ("auto", "none") else f"-{build_cfg.quantization}"
+        quant += f"-g{build_cfg.group_size}" if build_cfg.group_size else ""
         kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
         tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
         engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"

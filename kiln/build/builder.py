@@ -19,7 +19,13 @@ from kiln.build.engine_dir import (
     resolve_dtype,
     write_engine_config,
 )
-from kiln.build.quantize import QuantPlan, calibrate_checkpoint, plan_quantization
+from kiln.build.quantize import (
+    QuantPlan,
+    apply_calibrated_method,
+    calibrate_checkpoint,
+    plan_quantization,
+    with_default_calibration,
+)
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
     ACTIVATION_SCHEMES,
@@ -78,11 +84,13 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         log.warning("max_seq_len %d capped to the %d positions %s has learned",
                     build_cfg.max_seq_len, positions, ckpt.config.architecture)
         build_cfg = dataclasses.replace(build_cfg, max_seq_len=positions)
+    build_cfg = with_default_calibration(build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
     build_cfg = dataclasses.replace(
         build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
+        group_size=plan.quant.group_size, quant_layers=dict(plan.quant.layers),
         quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)
@@ -133,6 +141,8 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     model = load_model(ckpt, build_cfg, mapping, dtype, plan, progress)
     stats = plan.stats
     if plan.prequantized is None:
+        if stats is not None:  # SmoothQuant / AWQ scales, GPTQ rounding
+            apply_calibrated_method(model, plan, build_cfg, mapping, progress)
         quantize_float_model(model, plan.quant, plan.kv_cache_dtype, mapping,
                              stats.input_amax if stats else {}, stats.kv_amax if stats else {})
     elif stats is not None:  # calibrated KV scales replace the checkpoint's
@@ -149,8 +159,7 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
-    stream = ckpt.tensors() if plan.prequantized is None else \
-        plan.prequantized.tensors(ckpt.tensors())
+    stream = ckpt.tensors() if plan.prequantized is None else plan.prequantized.stream(ckpt)
     stream = (pair for name, tensor in stream for pair in model.split_fused(name, tensor))
     for hf_name, tensor in tqdm(stream, total=ckpt.num_tensors(), desc=desc,
                                 unit="tensor", disable=None if progress else True, leave=False):

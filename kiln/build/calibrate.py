@@ -22,10 +22,19 @@ from kiln.layers.linear import LinearBase
 
 
 class Stats:
-    """Running maxima: input amax per linear layer, (k, v) amax per KV head per attention."""
+    """Running maxima: input amax per linear layer (overall, and per input channel for
+    SmoothQuant), (k, v) amax per KV head per attention."""
 
-    def __init__(self) -> None:
+    def __init__(self, hessians: bool = False, input_rows: int = 0) -> None:
         self.input_amax: dict[str, torch.Tensor] = {}
+        self.channel_amax: dict[str, torch.Tensor] = {}
+        # GPTQ: sum of x^T x per linear layer (float64, on the CPU); AWQ: up to input_rows
+        # input rows per linear layer, spread over the samples
+        self.hessians = hessians
+        self.hessian: dict[str, torch.Tensor] = {}
+        self.input_rows = input_rows
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.rows_per_sample = 0
         self.kv_amax: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hooks(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -39,9 +48,24 @@ class Stats:
 
     def _linear_hook(self, name: str):
         def hook(module: torch.nn.Module, args: tuple) -> None:
-            amax = args[0].detach().abs().amax().float().cpu()
+            x = args[0].detach()
+            channels = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+            amax = channels.max()
             old = self.input_amax.get(name)
             self.input_amax[name] = amax if old is None else torch.maximum(old, amax)
+            old = self.channel_amax.get(name)
+            self.channel_amax[name] = channels if old is None else torch.maximum(old, channels)
+            rows = x.reshape(-1, x.shape[-1])
+            if self.hessians:
+                h = (rows.T.double() @ rows.double()).cpu()
+                self.hessian[name] = h if name not in self.hessian else self.hessian[name] + h
+            if self.input_rows:
+                kept = self.inputs.setdefault(name, [])
+                have = sum(len(r) for r in kept)
+                if have < self.input_rows:
+                    step = max(1, len(rows) // max(1, self.rows_per_sample))
+                    kept.append(rows[::step][:min(self.rows_per_sample,
+                                                  self.input_rows - have)].float().cpu())
         return hook
 
     def _attention_hook(self, name: str):
@@ -80,9 +104,12 @@ def calibration_samples(ckpt: Checkpoint, text_file: str, num_samples: int, seq_
 
 @torch.inference_mode()
 def calibrate(model: torch.nn.Module, samples: list[list[int]], device: torch.device,
-              progress: bool = True, block_size: int = 16) -> Stats:
-    """Run every sample through `model` (moved to `device`) and return the ranges seen."""
-    stats = Stats()
+              progress: bool = True, block_size: int = 16, stats: Stats | None = None
+              ) -> Stats:
+    """Run every sample through `model` (moved to `device`) and return the ranges seen
+    (into `stats`, which says what else to record)."""
+    stats = stats or Stats()
+    stats.rows_per_sample = -(-stats.input_rows // max(1, len(samples)))
     model.to(device)
     handles = stats.hooks(model)
     layers = [m for m in model.modules() if isinstance(m, Attention)]

@@ -1,6 +1,8 @@
 """Readers of pre-quantized HF checkpoints: what scheme a folder holds, in kiln's terms.
 
-Supported (FP8 W8A8, the formats most public FP8 checkpoints use):
+Supported: integer weights repacked by kiln.build.packed_int (compressed-tensors
+`pack-quantized` W4A16 / W8A16, AutoAWQ GEMM, GPTQ), compressed-tensors `int-quantized`
+W8A8 (as int8_sq), and FP8 W8A8 in the formats most public FP8 checkpoints use:
 - compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
   per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
   optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`).
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint import Checkpoint
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 from kiln.layers.quantization import QuantConfig
@@ -52,6 +55,50 @@ class Prequantized:
         for name, tensor in stream:
             yield self.rename(name), tensor
 
+    def stream(self, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as the engine's parameters take them."""
+        return self.tensors(ckpt.tensors())
+
+
+@dataclass(frozen=True)
+class GGUFBlocks(Prequantized):
+    """A GGUF file whose quantized linear weights stay quantized (kiln.build.gguf_blocks);
+    quant.layers says each kiln layer's storage."""
+
+    def stream(self, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+        from kiln.build.gguf_blocks import decode_blocks, to_storage
+
+        specs = dict(self.quant.layers)
+
+        def decode(hf_name: str, qtype, data, rows: int, cols: int):
+            spec = specs.get(kiln_linear(hf_name) or "", "none")
+            if spec == "none" or not hf_name.endswith(".weight"):
+                return None
+            return to_storage(*decode_blocks(qtype, data, rows, cols), spec)
+
+        return ckpt.tensors(decoder=decode)  # type: ignore[call-arg]
+
+
+def kiln_linear(hf_name: str) -> str | None:
+    """"model.layers.3.self_attn.k_proj.weight" -> "model.layers.3.self_attn.qkv_proj"."""
+    for hf, kiln in _LINEARS.items():
+        if f".{hf}." in hf_name:
+            return hf_name[:hf_name.index(f".{hf}.")] + "." + kiln
+    return None
+
+
+def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
+    """Which linear layers of a GGUF file stay quantized, and in which storage."""
+    from kiln.build.gguf_blocks import layer_spec
+
+    parts: dict[str, list] = {}
+    for hf_name, qtype in types.items():
+        module = kiln_linear(hf_name)
+        if module is not None and hf_name.endswith(".weight"):
+            parts.setdefault(module, []).append(qtype)
+    layers = tuple(sorted((m, layer_spec(t)) for m, t in parts.items()))
+    return GGUFBlocks(QuantConfig("gguf", layers=layers), None, "gguf")
+
 
 def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequantized | None:
     """The scheme of a HF folder, None for a float checkpoint; CheckpointError if kiln
@@ -73,14 +120,17 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequa
         return _compressed_tensors(qc, cfg)
     if method == "modelopt":
         return _modelopt(qc, cfg)
+    if method in ("awq", "gptq"):
+        return _awq_gptq(method, qc, cfg)
     if method == "fp8":  # transformers' own FP8 config (e.g. DeepSeek / Qwen FP8 blocks)
         raise CheckpointError(
             f"the checkpoint is quantized with quant_method 'fp8' ({_describe(qc)}); kiln "
             "reads FP8 checkpoints in the compressed-tensors and modelopt formats")
     raise CheckpointError(
         f"the checkpoint is quantized with {method or 'an unnamed method'!r} "
-        f"({_describe(qc)}); kiln reads FP8 compressed-tensors and modelopt checkpoints; "
-        "use the float checkpoint with --quantization fp8 instead")
+        f"({_describe(qc)}); kiln reads compressed-tensors (FP8, pack-quantized INT4/INT8, "
+        "int-quantized W8A8), modelopt FP8, AutoAWQ GEMM and GPTQ checkpoints; use the float "
+        "checkpoint with --quantization fp8 / int4_awq / int4_gptq / ... instead")
 
 
 def _describe(qc: dict) -> str:
@@ -104,6 +154,10 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
             f"{weights.get('num_bits')}/{weights.get('strategy')}, inputs "
             + (f"{inputs.get('type')}{inputs.get('num_bits')}/{inputs.get('strategy')}"
                if inputs else "none"))
+    if fmt == "pack-quantized":
+        return _pack_quantized(qc, cfg, weights, inputs, name)
+    if fmt == "int-quantized":
+        return _int8_w8a8(qc, cfg, weights, inputs, name)
     is_fp8 = weights.get("type") == "float" and weights.get("num_bits") == 8
     if fmt != "float-quantized" or not is_fp8 or \
             weights.get("strategy") not in ("channel", "tensor"):
@@ -130,6 +184,65 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
     ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
     return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
                         "compressed-tensors")
+
+
+def _pack_quantized(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
+                    name: str) -> Prequantized:
+    from kiln.build.packed_int import PackQuantized, pack_quantized_scheme
+
+    bits, group, symmetric = pack_quantized_scheme(weights, inputs, name)
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
+                              ", not 'compressed'; save it with save_compressed=True")
+    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    quant = QuantConfig("int4_wo" if bits == 4 else "int8_wo", ignore=ignore, group_size=group)
+    return PackQuantized(quant, None, "compressed-tensors", bits=bits, symmetric=symmetric)
+
+
+def _int8_w8a8(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
+               name: str) -> Prequantized:
+    """int-quantized W8A8 (llm-compressor's W8A8 / SmoothQuant recipes): int8 weights with
+    per-channel scales and dynamic per-token int8 inputs, which is kiln's int8_sq engine
+    (the smoothing is already in the weights and norms)."""
+    def is_int8(scheme: dict | None) -> bool:
+        return bool(scheme) and scheme.get("type") == "int" and scheme.get("num_bits") == 8 \
+            and scheme.get("symmetric", True)
+    if not is_int8(weights) or weights.get("strategy") != "channel" or not is_int8(inputs) \
+            or not inputs.get("dynamic") or inputs.get("strategy") != "token":
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads "
+                              "int-quantized W8A8 with per-channel weights and dynamic "
+                              "per-token inputs")
+    if qc.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
+                              ", not 'compressed'; save it with save_compressed=True")
+    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    return Prequantized(QuantConfig("int8_sq", ignore=ignore), None, "compressed-tensors")
+
+
+def _awq_gptq(method: str, qc: dict, cfg: ModelConfig) -> Prequantized:
+    from kiln.build.packed_int import AutoAWQ, GPTQPacked
+
+    name = f"{method}: {_describe(qc)}"
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    if bits != 4 or not isinstance(group, int) or group <= 0:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads 4-bit "
+                              "weights in groups")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or not qc.get("zero_point", True):
+            raise CheckpointError(f"unsupported AutoAWQ packing version={version!r} "
+                                  f"zero_point={qc.get('zero_point', True)}; kiln reads GEMM "
+                                  "packing with zero points")
+        return AutoAWQ(QuantConfig("int4_wo", group_size=group), None, "awq")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt != "gptq":
+        raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads 'gptq' "
+                              "(v1: zero points stored minus one)")
+    if qc.get("desc_act"):
+        raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs in "
+                              "groups out of order, and kiln holds groups of consecutive "
+                              "inputs; quantize with desc_act=False")
+    return GPTQPacked(QuantConfig("int4_wo", group_size=group), None, "gptq")
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kiln.build.calibrate import Stats, calibrate, calibration_samples
-from kiln.build.prequantized import Prequantized, read_quantization
+from kiln.build.prequantized import Prequantized, gguf_plan, read_quantization
 from kiln.checkpoint import Checkpoint
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, ModelConfig
 from kiln.distributed import Mapping
 from kiln.errors import BuildError
 from kiln.layers.quantization import QuantConfig
+from kiln.layers.weight_only import INT4_DEFAULT_GROUP
 
 
 @dataclass
@@ -34,10 +37,28 @@ class QuantPlan:
         return self.kv_cache_dtype if self.prequantized else "auto"
 
 
+def keep_gguf_quantized(asked: str) -> bool:
+    """GGUF sources: whether the build keeps the file's quantized blocks. `auto` keeps
+    them where kiln runs its integer-weight kernels (CUDA: decode reads 4-8x fewer bytes
+    than bf16), and dequantizes on the CPU, where the reference GEMM dequantizes the
+    weight to float32 anyway (and keeps it), so keeping blocks saves neither time nor
+    memory there."""
+    return asked == "gguf" or (asked == "auto" and torch.cuda.is_available())
+
+
 def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
-    pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config) if ckpt.hf_config \
-        else None
     asked = build_cfg.quantization
+    gguf_types = getattr(ckpt, "tensor_types", None)
+    if asked == "gguf" and gguf_types is None:
+        raise BuildError(f"--quantization gguf keeps a GGUF file's quantized blocks; "
+                         f"{ckpt.source} is not a GGUF file")
+    pre: Prequantized | None = None
+    if gguf_types is not None and keep_gguf_quantized(asked):
+        pre = gguf_plan(gguf_types())
+        if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
+            check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32)
+    elif ckpt.hf_config:
+        pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config)
     calibrated = build_cfg.calib_file is not None
     if pre is not None:
         if asked not in ("auto", pre.quant.method):
@@ -56,7 +77,12 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         if method == "fp8" and scheme == "static" and not calibrated:
             raise BuildError("--activation-scheme static needs calibration: add "
                              "--calib-file TEXT (any text in the model's language)")
-        quant = QuantConfig(method, scheme if method != "none" else "dynamic")
+        group = build_cfg.group_size
+        if method in INT_WEIGHT_METHODS:
+            group = group or (INT4_DEFAULT_GROUP if method.startswith("int4") else 0)
+            check_group_size(ckpt.config, build_cfg.tp_size, method, group)
+        quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
+                            group_size=group if method in INT_WEIGHT_METHODS else 0)
         source = "kiln" if method != "none" else ""
     kv = build_cfg.kv_cache_dtype
     if kv == "auto":
@@ -68,6 +94,43 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     return QuantPlan(quant, kv, pre, source)
 
 
+INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
+CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
+AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
+
+
+def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
+    """A method that needs calibration and no --calib-file: kiln's own text."""
+    if build_cfg.quantization not in CALIBRATED_METHODS or build_cfg.calib_file:
+        return build_cfg
+    if not DEFAULT_CALIBRATION_TEXT.is_file():
+        raise BuildError(f"--quantization {build_cfg.quantization} needs calibration text and "
+                         f"kiln's default ({DEFAULT_CALIBRATION_TEXT}) is missing from this "
+                         "install; add --calib-file TEXT (any text in the model's language)")
+    return dataclasses.replace(build_cfg, calib_file=str(DEFAULT_CALIBRATION_TEXT))
+
+
+def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) -> None:
+    """The group size divides the input size of every linear layer on every rank."""
+    four = method.startswith("int4")
+    if group < 0 or (four and group % 2):
+        raise BuildError(f"--group-size {group} must be a positive{' even' if four else ''} "
+                         "number")
+    if not group:
+        return
+    inputs = {"hidden size (q/k/v, gate/up inputs)": cfg.hidden_size,
+              "attention output (o_proj input)": cfg.q_size // tp_size,
+              "intermediate size (down_proj input)": cfg.intermediate_size // tp_size}
+    for what, size in inputs.items():
+        if size % group:
+            fits = [g for g in (256, 128, 64, 32, 16)
+                    if all(s % g == 0 for s in inputs.values())]
+            hint = f"; try --group-size {fits[0]}" if fits else ""
+            raise BuildError(f"--group-size {group} does not divide the model's {what}, "
+                             f"{size}{' per rank' if tp_size > 1 else ''}{hint}")
+
+
 def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,
                          dtype: torch.dtype, progress: bool,
                          load: Callable[[Mapping], torch.nn.Module]) -> Stats:
@@ -77,9 +140,32 @@ def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPl
                                   ckpt.config.vocab_size)
     model = load(Mapping())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = plan.quant.method
+    stats = Stats(hessians=method == "int4_gptq",
+                  input_rows=AWQ_INPUT_ROWS if method == "int4_awq" else 0)
     try:
-        return calibrate(model, samples, device, progress)
+        return calibrate(model, samples, device, progress, stats=stats)
     finally:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def apply_calibrated_method(model: torch.nn.Module, plan: QuantPlan, build_cfg: BuildConfig,
+                            mapping: Mapping, progress: bool) -> None:
+    """Before the layers are rounded: SmoothQuant / AWQ scales folded in, or GPTQ's
+    rounding done (its layers are then left alone by quantize_float_model)."""
+    stats, method = plan.stats, plan.quant.method
+    assert stats is not None
+    if method == "int8_sq":
+        from kiln.build.smoothquant import smooth_model
+
+        smooth_model(model, stats.channel_amax, build_cfg.smooth_alpha, mapping)
+    elif method == "int4_awq":
+        from kiln.build.awq import awq_model
+
+        awq_model(model, stats.inputs, plan.quant.group_size, mapping, progress)
+    elif method == "int4_gptq":
+        from kiln.build.gptq import gptq_model
+
+        gptq_model(model, plan.quant, stats.hessian, mapping, build_cfg.act_order, progress)

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 
 Q = gguf.GGMLQuantizationType
+# (HF name, GGUF type, raw blocks, rows, cols) -> {suffix: tensor}, or None to dequantize
+BlockDecoder = Callable[[str, Q, np.ndarray, int, int], "dict[str, torch.Tensor] | None"]
 
 # general.architecture -> (HF architecture, does llama.cpp permute Q/K rows for this arch).
 # llama.cpp converts llama-style models to its interleaved rotary layout by permuting the
@@ -311,11 +313,31 @@ class GGUFCheckpoint(Checkpoint):
     def num_tensors(self) -> int:
         return len(self._names)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensor_types(self) -> dict[str, gguf.GGMLQuantizationType]:
+        """HF name -> the GGUF type its data is stored in."""
+        return {self._names[t.name]: t.tensor_type for t in self._reader.tensors
+                if t.name in self._names}
+
+    def tensors(self, decoder: BlockDecoder | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) pairs; a tensor for which `decoder` returns parts
+        (suffix -> row-major tensor) comes as those parts, named `<name less .weight>.
+        <suffix>`, instead (the build keeps quantized blocks that way)."""
         cfg = self.config
         for t in self._reader.tensors:
             hf = self._names.get(t.name)
             if hf is None:
+                continue
+            parts = None
+            if decoder is not None and t.data.dtype == np.uint8:
+                rows, cols = int(t.shape[-1]) if len(t.shape) > 1 else 1, int(t.shape[0])
+                parts = decoder(hf, t.tensor_type, t.data, rows, cols)
+            if parts is not None:
+                base = hf.removesuffix(".weight")
+                for suffix, part in parts.items():
+                    if self._permuted and (".q_proj." in hf or ".k_proj." in hf):
+                        heads = cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads
+                        part = unpermute_qk(part, heads)
+                    yield f"{base}.{suffix}", part
                 continue
             array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
             if not array.flags.writeable:  # F32 is a view of the read-only mmap: own a copy

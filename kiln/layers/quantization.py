@@ -7,8 +7,9 @@ declared high precision the method of the engine's `QuantConfig`, and every atte
 layer the KV-cache scales its cache dtype needs. The embedding, the LM head and norms
 are not linear layers of this kind, so they stay in the model dtype.
 
-Methods: `none` (the model dtype) and `fp8` (W8A8: e4m3fn weights with per-output-row
-scales; inputs quantized per token, or with a calibrated per-tensor scale).
+Methods: `none` (the model dtype), `fp8` (W8A8: e4m3fn weights with per-output-row
+scales; inputs quantized per token, or with a calibrated per-tensor scale), and the
+weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from kiln.layers.linear import LinearBase
 class QuantConfig:
     """What an engine's linear layers hold (from engine.json's build section)."""
 
-    method: str = "none"  # none | fp8
+    method: str = "none"  # none | fp8 | int8_wo | int4_wo | int4_awq | int4_gptq | int8_sq | gguf
     activation_scheme: str = "dynamic"  # dynamic (per token) | static (per tensor)
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) kept high precision
+    group_size: int = 0  # integer weights: inputs per scale (0: per channel)
+    # gguf: (module name, storage) per linear layer, e.g. "int4_g32_offset"; others "none"
+    layers: tuple[tuple[str, str], ...] = ()
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -49,6 +53,20 @@ class QuantConfig:
             return UNQUANTIZED
         if self.method == "fp8":
             return FP8Method(static=self.activation_scheme == "static")
+        if self.method in ("int8_wo", "int4_wo", "int4_awq", "int4_gptq"):
+            from kiln.layers.weight_only import IntWeightMethod
+
+            four = self.method.startswith("int4")
+            return IntWeightMethod(self.method, 4 if four else 8, self.group_size, four)
+        if self.method == "int8_sq":
+            return Int8Method()
+        if self.method == "gguf":
+            spec = dict(self.layers).get(module_name, "none")
+            if spec == "none":
+                return UNQUANTIZED
+            from kiln.layers.weight_only import IntWeightMethod
+
+            return IntWeightMethod.from_spec(spec)
         raise ValueError(f"unknown quantization method {self.method!r}")
 
 
@@ -127,6 +145,35 @@ class FP8Method(LinearMethod):
             layer.input_scale.data = (input_amax.float().clamp_min(MIN_AMAX) / FP8_MAX).reshape(1)
 
 
+class Int8Method(LinearMethod):
+    """INT8 W8A8 (SmoothQuant engines): weight [out, in] int8, weight_scale [out] float32
+    (w = q * scale, symmetric per output row); inputs quantized per token at run time.
+    The smoothing itself (scales folded into the preceding norm / projection) happens at
+    build time, before quantize_from_float (kiln.build.smoothquant)."""
+
+    name = "int8_sq"
+    param_names = ("weight", "weight_scale")
+
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = layer.new_param(layer.out_features, layer.in_features, dtype=torch.int8)
+        layer.weight_scale = layer.new_param(layer.out_features, dtype=torch.float32,
+                                             loader=layer.load_rows)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        return KF.int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
+        weight = layer.weight.data.float()
+        scale = weight.abs().amax(dim=1).clamp_min(MIN_AMAX) / INT8_MAX
+        quantized = (weight / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        del layer.weight
+        self.create_weights(layer)
+        layer.method = self
+        layer.weight.data = quantized
+        layer.weight_scale.data = scale
+
+
 # ---- KV cache ------------------------------------------------------------------------
 KV_CACHE_TORCH_DTYPES = {"fp8": FP8, "int8": torch.int8}
 KV_QMAX = {FP8: FP8_MAX, torch.int8: INT8_MAX}
@@ -186,7 +233,7 @@ def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: s
     """
     for name, layer in list(linear_layers(model)):
         method = quant.method_for(name)
-        if method is not UNQUANTIZED:
+        if method is not UNQUANTIZED and layer.method is UNQUANTIZED:  # not done already
             method.quantize_from_float(layer, input_amax.get(name))
     if kv_cache_dtype not in KV_CACHE_TORCH_DTYPES:
         return

@@ -82,7 +82,8 @@ class ModelRunner:
         self.kv_dtype = kv_cache_torch_dtype(build.kv_cache_dtype, self.dtype)
         _check_fp8_support(build.quantization, build.kv_cache_dtype, device)
         quant = QuantConfig(build.quantization if build.quantized else "none",
-                            build.activation_scheme, build.quant_ignore)
+                            build.activation_scheme, build.quant_ignore, build.group_size,
+                            tuple(build.quant_layers.items()))
         self.model = create_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
                                   quant=quant, kv_cache_dtype=build.kv_cache_dtype)
         # The engine dir holds exactly the parameters, in place: no conversion here.

@@ -1,0 +1,181 @@
+"""Integer weight checkpoints repacked into kiln's storage at build time.
+
+AutoAWQ GEMM (`quant_method: awq`, `version: gemm`): `qweight` int32 [in, out / 8], word
+c of a row holding outputs 8c + (0, 2, 4, 6, 1, 3, 5, 7)[i] in bits 4i; `qzeros` int32
+[groups, out / 8] packed the same way; `scales` fp16 [groups, out]; w = (q - zero) * scale.
+GPTQ (`quant_method: gptq`, AutoGPTQ / GPTQModel format v1): `qweight` int32 [in / 8,
+out], word r of a column holding inputs 8r + i in bits 4i; `qzeros` int32 [groups,
+out / 8], outputs 8c + i in bits 4i, storing zero - 1; `scales` [groups, out]; `g_idx`
+[in] the group of each input; w = (q - zero) * scale. kiln holds groups of consecutive
+inputs, so desc_act checkpoints (g_idx out of order) are refused.
+
+compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16, e.g. GPTQModifier):
+per linear layer `weight_packed` int32 [out, in * bits / 32] (values q in [-2^(b-1),
+2^(b-1)) stored as q + 2^(b-1), element e of a word in bits e*b .. e*b + b - 1),
+`weight_scale` [out, groups], `weight_shape` [2], and for asymmetric schemes
+`weight_zero_point` packed the same way along the output dimension ([out * b / 32,
+groups]); w = (q - zero) * scale. In kiln's terms (kiln.kernels.reference): the stored
+unsigned values u = q + 2^(b-1) with scale and offset = -(zero + 2^(b-1)) * scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kiln.build.prequantized import Prequantized
+from kiln.errors import CheckpointError
+from kiln.kernels.reference import pack_int4
+
+PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int32 [rows, words] -> int32 [rows, count] unsigned values, element e of a word in
+    its bits e*bits onwards."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    values = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.flatten(-2)[..., :count]
+
+
+@dataclass(frozen=True)
+class PackQuantized(Prequantized):
+    """A compressed-tensors pack-quantized checkpoint (quant: kiln's int4_wo / int8_wo)."""
+
+    bits: int = 4
+    symmetric: bool = True
+    parts: tuple[str, ...] = PARTS
+    dropped: tuple[str, ...] = ()
+    fmt: str = "compressed-tensors pack-quantized"
+
+    def needed(self) -> set[str]:
+        return {"weight_packed", "weight_scale", "weight_shape"} | (
+            set() if self.symmetric else {"weight_zero_point"})
+
+    def tensors(self, stream: Iterator[tuple[str, torch.Tensor]]
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        need = self.needed()
+        for name, tensor in stream:
+            prefix, _, suffix = name.rpartition(".")
+            if suffix in self.dropped:
+                continue
+            if suffix not in self.parts:
+                yield name, tensor
+                continue
+            parts = pending.setdefault(prefix, {})
+            parts[suffix] = tensor
+            if need <= set(parts):
+                yield from self._convert(prefix, pending.pop(prefix))
+        if pending:
+            prefix, parts = next(iter(pending.items()))
+            raise CheckpointError(f"{prefix} lacks {', '.join(sorted(need - set(parts)))} "
+                                  f"of its {self.fmt} weight")
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        rows, cols = (int(v) for v in parts["weight_shape"].reshape(-1)[:2])
+        u = unpack_int32(parts["weight_packed"], self.bits, cols)
+        scale = parts["weight_scale"].float().reshape(rows, -1)
+        mid = 1 << (self.bits - 1)
+        if self.symmetric:
+            zero = torch.full_like(scale, float(mid))
+        else:
+            packed_zero = parts["weight_zero_point"].reshape(-1, scale.shape[1])
+            zero = unpack_int32(packed_zero.T.contiguous(), self.bits, rows).T.float()
+        if self.bits == 4:
+            yield f"{prefix}.weight", pack_int4(u)
+            yield f"{prefix}.weight_scale", scale.contiguous()
+            yield f"{prefix}.weight_offset", (-zero * scale).contiguous()
+        else:  # symmetric int8: signed values, no offset
+            yield f"{prefix}.weight", (u - mid).to(torch.int8)
+            yield f"{prefix}.weight_scale", scale.contiguous()
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output within a word, by nibble
+
+
+@dataclass(frozen=True)
+class AutoAWQ(PackQuantized):
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    fmt: str = "AutoAWQ GEMM"
+
+    def needed(self) -> set[str]:
+        return set(self.parts)
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
+        order = torch.tensor(AWQ_ORDER)
+        q = _awq_unpack(qweight, order)  # [in, out]
+        zero = _awq_unpack(qzeros, order).float()  # [groups, out]
+        scale = scales.float()
+        if scale.shape[1] != outputs or inputs % scale.shape[0]:
+            raise CheckpointError(f"{prefix}.scales has shape {tuple(scale.shape)}, not "
+                                  f"[groups, {outputs}]")
+        yield from _int4_parts(prefix, q.T, scale.T, zero.T)
+
+
+def _awq_unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[rows, words] -> [rows, words * 8]: nibble i of word c is column 8c + order[i]."""
+    nibbles = unpack_int32(packed, 4, packed.shape[1] * 8).view(packed.shape[0], -1, 8)
+    out = torch.empty_like(nibbles)
+    out[:, :, order] = nibbles
+    return out.flatten(1)
+
+
+@dataclass(frozen=True)
+class GPTQPacked(PackQuantized):
+    parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
+    dropped: tuple[str, ...] = ("g_idx",)  # in order (desc_act is refused from the config)
+    fmt: str = "GPTQ"
+
+    def needed(self) -> set[str]:
+        return {"qweight", "qzeros", "scales"}
+
+    def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+        inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
+        q = unpack_int32(qweight.T.contiguous(), 4, inputs)  # [out, in]
+        zero = unpack_int32(qzeros, 4, outputs).float() + 1  # [groups, out]
+        yield from _int4_parts(prefix, q, scales.float().T, zero.T)
+
+
+def _int4_parts(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """q [out, in] 0..15, scale and zero [out, groups]: kiln's int4 storage."""
+    yield f"{prefix}.weight", pack_int4(q)
+    yield f"{prefix}.weight_scale", scale.contiguous()
+    yield f"{prefix}.weight_offset", (-zero * scale).contiguous()
+
+
+def pack_quantized_scheme(weights: dict, inputs: dict | None, name: str
+                          ) -> tuple[int, int, bool]:
+    """(bits, group size (0: per channel), symmetric) of a pack-quantized weight scheme
+    kiln can hold; CheckpointError naming what it cannot."""
+    if inputs:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): kiln reads "
+                              "pack-quantized weights with 16-bit activations (W4A16, W8A16)")
+    bits, strategy = weights.get("num_bits"), weights.get("strategy")
+    symmetric = bool(weights.get("symmetric", True))
+    if weights.get("type") != "int" or bits not in (4, 8) or strategy not in ("group",
+                                                                               "channel"):
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): kiln reads 4- and "
+                              "8-bit integer weights in groups or per channel")
+    if bits == 8 and not symmetric:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): asymmetric 8-bit "
+                              "weights")
+    if weights.get("actorder") not in (None, "static", False):
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): actorder "
+                              f"{weights.get('actorder')!r} permutes groups; kiln reads "
+                              "actorder static or none")
+    group = int(weights.get("group_size") or 0) if strategy == "group" else 0
+    if strategy == "group" and group <= 0:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}): group strategy "
+                              "without a group_size")
+    return bits, group, symmetric

@@ -1,0 +1,227 @@
+"""W4A16 / W8A16 linear layers: integer weights dequantized in groups inside the K loop.
+
+    y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),  w[n, k] = q[n, k] * s[n, g] + o[n, g]
+
+with g = k // G (see kiln.kernels.reference for the storage: int8 [N, K], or two 4-bit
+values a byte in uint8 [N, K // 2], even k in the low nibble; float32 scales and
+optional offsets [N, K // G]). Each tile of w is dequantized in float32 (as the reference
+does), cast to x's dtype, and multiplied with float32 accumulation, so the result is the
+float GEMM of the dequantized weight up to the order of the sums.
+
+Two kernels, picked by the number of rows M:
+* M <= GEMV_ROWS (4; decode): _gemv_kernel, split-K. Program (n block, k split) reads a
+  BLOCK_N x K/SPLIT_K slab of the weight once, and multiplies it with all M rows on the
+  CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
+  into a float32 buffer with atomics. Decode is bound by reading the weight, so what
+  matters is that every SM streams its share: SPLIT_K is chosen so there are a few
+  programs per SM even when N is small.
+* larger M (prefill): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K step dequantizes a
+  [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot.
+Both are CUDA-graph safe: launches depend only on shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                  BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  GROUP_TILE: tl.constexpr):
+    """w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zeros past N and K).
+
+    GROUP_TILE: the tile lies in one group (BLOCK_K divides G and k is a multiple of
+    BLOCK_K), so one scale per row; otherwise the scale of every element is gathered."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rows = offs_n.to(tl.int64)[:, None]
+    if BITS == 4:
+        offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
+                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
+        low = (packed & 0xF).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+        q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
+    else:
+        q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+    if GROUP_TILE:
+        s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+        scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    else:
+        s_offs = rows * stride_sn + (offs_k // G)[None, :]
+        mask = mask_n[:, None] & mask_k[None, :]
+        scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)
+    w = q * scale
+    if HAS_OFFSET:
+        w = w + offset
+    return w
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PER_SPLIT,
+                 stride_xm, stride_wn, stride_sn, stride_om,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 GROUP_TILE: tl.constexpr, ATOMIC: tl.constexpr):
+    """out[:M, n block] (+)= x[:M, k split] @ w[n block, k split]^T, M <= ROWS.
+
+    ATOMIC: out is a float32 buffer the splits add into (the first split adds the
+    bias); otherwise one split, out in x's dtype."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k in range(k_start, k_end, BLOCK_K):
+        w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                          BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # the weight in x's dtype
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G,
+                 stride_xm, stride_wn, stride_sn, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr):
+    """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
+    IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # GROUP_M row tiles walk the columns together (L2 reuse of w)
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                          BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE).to(x_ptr.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class IntGemmConfig:
+    """One launch: GEMV (block_m 0, split_k splits of K) or tl.dot tiles."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    group_m: int = 8
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConfig:
+    """A launch for an [M, K] x [N, K]^T product. First choices, not yet tuned on a GPU
+    (benchmarks/gpu_suite.sh measures the decode rows that depend on them)."""
+    if M <= GEMV_ROWS:
+        # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
+        block_n, block_k = (64, 128) if M <= 2 else (32, 64)
+        blocks_n = triton.cdiv(N, block_n)
+        k_steps = triton.cdiv(K, block_k)
+        # about 4 programs per SM, each at least 2 K steps deep
+        split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
+    if M <= 64:
+        return IntGemmConfig(32 if M <= 32 else 64, 64, 64, 4, 4)
+    return IntGemmConfig(128, 128, 64, 8, 3)
+
+
+def split_length(K: int, split_k: int, block_k: int) -> int:
+    """Inputs per split of the GEMV: whole K steps."""
+    return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+
+
+def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                      config: IntGemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] (16/32-bit) @ dequant(weight)^T -> [M, N] in x's dtype; see the module doc."""
+    M, K = x.shape
+    N = weight.shape[0]
+    bits = 4 if weight.dtype == torch.uint8 else 8
+    G = K // scale.shape[1]
+    if M == 0 or N == 0:
+        return torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cfg = config or int_gemm_config(M, N, K, x.device)
+    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+    group_tile = G % block_k == 0
+    common = dict(BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
+                  GROUP_TILE=group_tile, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    o = offset if offset is not None else scale
+    b = bias if bias is not None else scale
+    if cfg.block_m == 0:
+        k_per_split = split_length(K, cfg.split_k, block_k)
+        splits = triton.cdiv(K, k_per_split)
+        atomic = splits > 1
+        out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty(M, N, dtype=x.dtype, device=x.device)
+        _gemv_kernel[(triton.cdiv(N, cfg.block_n), splits)](
+            x, weight, scale, o, b, out, M, N, K, G, k_per_split,
+            x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+            ROWS=max(1, triton.next_power_of_2(M)), ATOMIC=atomic, **common)
+        return out.to(x.dtype) if atomic else out
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _gemm_kernel[grid](
+        x, weight, scale, o, b, out, M, N, K, G,
+        x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=x.dtype == torch.float32, **common)
+    return out

@@ -1,0 +1,121 @@
+"""Weight-only integer linear layers (W8A16, W4A16): the method and its quantizers.
+
+Storage (kiln.kernels.reference): `weight` int8 [out, in] or uint8 [out, in // 2] (two
+4-bit values a byte), `weight_scale` float32 [out, groups] and, for asymmetric formats,
+`weight_offset` float32 [out, groups]; w = q * scale + offset per group of `group_size`
+inputs (group_size 0: one group per row, per channel). Activations stay 16/32-bit.
+
+Build-time quantizers (round to nearest):
+- int8_wo: symmetric, scale = max|w| / 127 per group (per channel by default).
+- int4_wo: asymmetric, q = round((w - min) / scale) in 0..15, scale = (max - min) / 15,
+  offset = min per group (the form of GGUF's Q4_1), group size 128 by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln import functional as KF
+from kiln.kernels.reference import INT8_MAX, MIN_AMAX, pack_int4
+from kiln.layers.linear import LinearBase
+from kiln.layers.quantization import LinearMethod
+
+INT4_DEFAULT_GROUP = 128
+
+
+def quantize_int8_symmetric(weight: torch.Tensor, group_size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 q [N, K], float32 scale [N, K // G]); w ~ q * scale."""
+    n, k = weight.shape
+    g = group_size or k
+    w = weight.float().view(n, k // g, g)
+    scale = w.abs().amax(dim=-1).clamp_min(MIN_AMAX) / INT8_MAX
+    q = (w / scale[:, :, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.view(n, k), scale
+
+
+def quantize_int4_asymmetric(weight: torch.Tensor, group_size: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q 0..15 uint8 [N, K], scale, offset float32 [N, K // G]);
+    w ~ q * scale + offset."""
+    n, k = weight.shape
+    g = group_size or k
+    w = weight.float().view(n, k // g, g)
+    low = w.amin(dim=-1)
+    scale = ((w.amax(dim=-1) - low) / 15).clamp_min(MIN_AMAX)
+    q = ((w - low[:, :, None]) / scale[:, :, None]).round().clamp(0, 15).to(torch.uint8)
+    return q.view(n, k), scale, low
+
+
+class IntWeightMethod(LinearMethod):
+    """W8A16 / W4A16 with groupwise float32 scales (and offsets); see the module doc."""
+
+    def __init__(self, name: str, bits: int, group_size: int, has_offset: bool) -> None:
+        self.name = name
+        self.bits = bits
+        self.group_size = group_size
+        self.has_offset = has_offset
+        self.param_names = ("weight", "weight_scale", "weight_offset") if has_offset \
+            else ("weight", "weight_scale")
+
+    @classmethod
+    def from_spec(cls, spec: str) -> IntWeightMethod:
+        """"int4_g32_offset" (bits, group size, whether offsets are stored)."""
+        parts = spec.split("_")
+        return cls(spec, int(parts[0][3:]), int(parts[1][1:]), "offset" in parts[2:])
+
+    def groups(self, layer: LinearBase) -> int:
+        return layer.in_features // (self.group_size or layer.in_features)
+
+    def create_weights(self, layer: LinearBase) -> None:
+        if self.group_size and layer.in_features % self.group_size:
+            raise ValueError(f"group size {self.group_size} does not divide the layer's "
+                             f"{layer.in_features} inputs")
+        if self.bits == 4:
+            layer.weight = layer.new_param(layer.out_features, layer.in_features // 2,
+                                           dtype=torch.uint8)
+        else:
+            layer.weight = layer.new_param(layer.out_features, layer.in_features,
+                                           dtype=torch.int8)
+        groups = self.groups(layer)
+        layer.weight_scale = layer.new_param(layer.out_features, groups, dtype=torch.float32)
+        if self.has_offset:
+            layer.weight_offset = layer.new_param(layer.out_features, groups,
+                                                  dtype=torch.float32)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        offset = layer.weight_offset if self.has_offset else None
+        weight_float = None
+        if not x.is_cuda:
+            # The CPU path multiplies the dequantized weight; keep it rather than
+            # dequantizing on every call (what a float32 engine holds).
+            weight_float = getattr(layer, "_weight_float", None)
+            if weight_float is None or weight_float.device != layer.weight.device:
+                from kiln.kernels.reference import dequantize_int_weight
+
+                weight_float = dequantize_int_weight(layer.weight, layer.weight_scale, offset)
+                layer._weight_float = weight_float
+        return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
+                                    weight_float)
+
+    def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
+              offset: torch.Tensor | None) -> None:
+        """Replace the layer's parameters by q (values [out, in]), scale and offset."""
+        for name in layer.method.param_names:
+            delattr(layer, name)
+        layer._weight_float = None
+        self.create_weights(layer)
+        layer.method = self
+        layer.weight.data = pack_int4(q) if self.bits == 4 else q.to(torch.int8)
+        layer.weight_scale.data = scale.float().contiguous()
+        if self.has_offset:
+            layer.weight_offset.data = offset.float().contiguous()
+
+    def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
+        weight = layer.weight.data.float()
+        if self.bits == 4:
+            q, scale, offset = quantize_int4_asymmetric(weight, self.group_size)
+        else:
+            (q, scale), offset = quantize_int8_symmetric(weight, self.group_size), None
+        self.store(layer, q, scale, offset)

@@ -1,0 +1,107 @@
+"""AutoAWQ (GEMM) and GPTQ (v1) checkpoints: fixtures written here from the formats'
+documented packing (see kiln/build/packed_int.py), read by kiln into its int4 storage,
+against the float model holding w = (q - zero) * scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kiln import LLM
+from kiln.build import build, load_engine_config
+from kiln.config import BuildConfig
+from kiln.errors import CheckpointError
+from kiln.eval import sequence_logits
+
+TOKENS = list(range(3, 60))
+GROUP = 32
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _pack_words(values: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
+    """[rows, 8w] 0..15 -> int32 [rows, w]; nibble i of word c holds column
+    8c + order[i] (order: identity unless given)."""
+    order = order or list(range(8))
+    v = values.to(torch.int64).view(values.shape[0], -1, 8)
+    words = torch.zeros(v.shape[:2], dtype=torch.int64)
+    for i in range(8):
+        words |= v[:, :, order[i]] << (4 * i)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def _write(hf_model, folder, fmt: str, extra_config: dict | None = None):
+    """Quantize every decoder projection (4-bit, groups of 32 inputs, zero points) and
+    save it in `fmt` ("awq" or "gptq"); return {projection name: dequantized weight}."""
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in hf_model.state_dict().items()}
+    dequantized = {}
+    for name in [k for k in state if ".layers." in k and k.endswith("proj.weight")]:
+        w = state.pop(name).float()
+        out, inp = w.shape
+        groups = w.view(out, inp // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp_min(1e-5).half()
+        # any zero point the format can hold (GPTQ v1 stores zero - 1 in 4 bits: 1..16;
+        # 16 reads back as 15 + 1 = 16, which the values 0..15 never meet: use 1..15)
+        zero = torch.randint(0 if fmt == "awq" else 1, 16, scale.shape)
+        q = torch.randint(0, 16, (out, inp))
+        dequantized[name] = ((q.view(out, -1, GROUP) - zero[:, :, None]).float()
+                             * scale.float()[:, :, None]).view(out, inp)
+        prefix = name.removesuffix(".weight")
+        if fmt == "awq":
+            state[f"{prefix}.qweight"] = _pack_words(q.T.contiguous(), AWQ_ORDER)  # [in, out/8]
+            state[f"{prefix}.qzeros"] = _pack_words(zero.T.contiguous(), AWQ_ORDER)
+        else:
+            state[f"{prefix}.qweight"] = _pack_words(q.contiguous()).T.contiguous()  # [in/8, out]
+            state[f"{prefix}.qzeros"] = _pack_words((zero - 1).T.contiguous())
+            state[f"{prefix}.g_idx"] = torch.arange(inp, dtype=torch.int32) // GROUP
+        state[f"{prefix}.scales"] = scale.T.contiguous()  # [groups, out] fp16
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"))
+    config = hf_model.config.to_dict()
+    config["quantization_config"] = {"awq": dict(quant_method="awq", bits=4, group_size=GROUP,
+                                                 zero_point=True, version="gemm"),
+                                     "gptq": dict(quant_method="gptq", bits=4,
+                                                  group_size=GROUP, desc_act=False, sym=False,
+                                                  checkpoint_format="gptq")}[fmt]
+    config["quantization_config"].update(extra_config or {})
+    (folder / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_packed_checkpoint_matches_its_dequantized_weights(fmt, tiny_checkpoints, tmp_path):
+    _, hf_model = tiny_checkpoints["llama"]
+    dequantized = _write(hf_model, tmp_path / fmt, fmt)
+    engine_dir = build(tmp_path / fmt, tmp_path / "e", BuildConfig(dtype="float32",
+                                                                    max_seq_len=256),
+                       progress=False)
+    cfg = load_engine_config(engine_dir).build
+    assert (cfg.quantization, cfg.group_size, cfg.quant_source) == ("int4_wo", GROUP, fmt)
+    got = sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
+    import copy
+
+    reference = copy.deepcopy(hf_model)
+    state = reference.state_dict()
+    state.update(dequantized)
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        want = reference(torch.tensor([TOKENS])).logits[0]
+    # kiln computes q * s - zero * s, the reference (q - zero) * s: float32 roundings
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt, extra, message", [
+    ("gptq", dict(desc_act=True), "desc_act puts inputs in groups out of order"),
+    ("gptq", dict(checkpoint_format="gptq_v2"), "checkpoint_format 'gptq_v2'"),
+    ("awq", dict(version="gemv"), "AutoAWQ packing version='gemv'"),
+    ("awq", dict(bits=3), "kiln reads 4-bit weights in groups"),
+])
+def test_unknown_packing_is_one_line(fmt, extra, message, tiny_checkpoints, tmp_path):
+    _, hf_model = tiny_checkpoints["llama"]
+    _write(hf_model, tmp_path / fmt, fmt, extra)
+    with pytest.raises(CheckpointError, match=message):
+        build(tmp_path / fmt, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)

@@ -1,0 +1,193 @@
+"""GGUF files kept quantized (kiln/build/gguf_blocks.py): block decoding against the gguf
+package's dequantization (llama.cpp's formulas in numpy), and engines that keep the
+blocks against engines that dequantize the same file: bit-identical logits on the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln import LLM
+from kiln.build import build, load_engine_config
+from kiln.build.gguf_blocks import KEPT_TYPES, decode_blocks, layer_spec, to_storage
+from kiln.build.quantize import plan_quantization
+from kiln.checkpoint.gguf import GGUFCheckpoint
+from kiln.config import BuildConfig
+from kiln.errors import BuildError
+from kiln.eval import sequence_logits
+from kiln.kernels.reference import dequantize_int_weight
+from tests.conftest import smollm2_gguf
+from tests.test_gguf import (
+    FFN,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    LAYERS,
+    _gguf_name,
+    _hf_state,
+    _llama_cpp_permute,
+)
+
+Q = gguf.GGMLQuantizationType
+TOKENS = list(range(3, 100))
+
+
+def _random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes, with every fp16 field (d, m, dmin) a random finite value."""
+    weights, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, cols // weights, size), dtype=np.uint8)
+    fields = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+              Q.Q6_K: (208,)}.get(qtype, (0,))
+    for start in fields:
+        values = (rng.standard_normal((rows, cols // weights)) * 0.01).astype(np.float16)
+        data[:, :, start:start + 2] = values.view(np.uint8).reshape(rows, -1, 2)
+    return data.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(KEPT_TYPES), ids=lambda q: q.name)
+def test_kept_blocks_dequantize_to_llama_cpp_values_bit_for_bit(qtype):
+    rows, cols = 6, 512
+    data = _random_blocks(qtype, rows, cols)
+    want = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(rows, cols).copy())
+    q, scale, offset = decode_blocks(qtype, data, rows, cols)
+    bits, group, has_offset = KEPT_TYPES[qtype]
+    assert scale.shape == (rows, cols // group) and (offset is not None) == has_offset
+    # in the layer's own storage, and in a wider one (int8, groups of 16, offsets) that a
+    # fused layer mixing types takes
+    for spec in (layer_spec([qtype]), "int8_g16_offset"):
+        stored = to_storage(q, scale, offset, spec)
+        if spec.startswith("int4"):
+            assert stored["weight"].dtype == torch.uint8 and stored["weight"].shape == (
+                rows, cols // 2)
+        got = dequantize_int_weight(stored["weight"], stored["weight_scale"],
+                                    stored.get("weight_offset"))
+        assert torch.equal(got, want), (spec, (got - want).abs().max())
+
+
+def test_layer_spec_holds_every_part():
+    assert layer_spec([Q.Q4_1, Q.Q4_1, Q.Q4_1]) == "int4_g32_offset"
+    assert layer_spec([Q.Q8_0]) == "int8_g32"
+    assert layer_spec([Q.Q4_K, Q.Q4_K, Q.Q6_K]) == "int8_g16_offset"  # Q4_K_M's qkv
+    assert layer_spec([Q.Q5_0, Q.Q8_0]) == "int8_g32"
+    assert layer_spec([Q.Q4_0, Q.F16]) == "none"  # a float part: the layer stays float
+    assert layer_spec([Q.Q3_K]) == "none"
+
+
+# ---- engines: kept vs dequantized ----------------------------------------------------
+def _logits(engine_dir: Path) -> torch.Tensor:
+    return sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
+
+
+def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine):
+    kept = build(smollm2_gguf(), tmp_path / "kept", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization="gguf"), progress=False)
+    plain = smollm2_engine
+    if load_engine_config(plain).build.quantization != "none":  # auto keeps on CUDA
+        plain = build(smollm2_gguf(), tmp_path / "plain", BuildConfig(
+            dtype="float32", max_seq_len=256, quantization="none"), progress=False)
+    cfg = load_engine_config(kept).build
+    assert (cfg.quantization, cfg.quant_source) == ("gguf", "gguf")
+    assert set(cfg.quant_layers.values()) == {"int4_g32_offset"}
+    assert len(cfg.quant_layers) == 30 * 4
+    state = load_file(str(kept / "rank0.safetensors"))
+    assert state["model.layers.0.self_attn.qkv_proj.weight"].shape == (576 + 2 * 192, 288)
+    assert state["model.layers.0.self_attn.qkv_proj.weight"].dtype == torch.uint8
+    assert torch.equal(_logits(kept), _logits(plain))
+    size = sum(f.stat().st_size for f in kept.iterdir() if f.is_file())
+    assert size < 0.4 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
+
+
+MIXED = {  # HF projection -> GGUF type, as Q4_K_M-style files mix them
+    "self_attn.q_proj": Q.Q4_K, "self_attn.k_proj": Q.Q4_K, "self_attn.v_proj": Q.Q6_K,
+    "self_attn.o_proj": Q.Q4_0, "mlp.gate_proj": Q.Q5_0, "mlp.up_proj": Q.Q8_0,
+    "mlp.down_proj": Q.Q5_K,
+}
+
+
+def _write_mixed(path: Path, layer1_down: Q = Q.F16) -> None:
+    """A tiny llama GGUF, one type per projection (MIXED); layer 1's down_proj in
+    `layer1_down`; random blocks with finite scales."""
+    state = _hf_state("llama")
+    w = gguf.GGUFWriter(path, "llama")
+    for add, value in ((w.add_block_count, LAYERS), (w.add_context_length, 2048),
+                       (w.add_embedding_length, HIDDEN), (w.add_feed_forward_length, FFN),
+                       (w.add_head_count, HEADS), (w.add_head_count_kv, KV_HEADS),
+                       (w.add_layer_norm_rms_eps, 1e-6), (w.add_rope_freq_base, 10000.0)):
+        add(value)
+    for seed, (name, x) in enumerate(state.items()):
+        qtype = next((t for p, t in MIXED.items() if f".{p}." in name), None)
+        if name == "model.layers.1.mlp.down_proj.weight":
+            qtype = layer1_down
+        if qtype is None or x.ndim == 1:
+            w.add_tensor(_gguf_name(name), x)
+        elif qtype == Q.F16:
+            w.add_tensor(_gguf_name(name), x.astype(np.float16))
+        else:
+            if ".q_proj." in name or ".k_proj." in name:
+                x = _llama_cpp_permute(x, HEADS if ".q_proj." in name else KV_HEADS)
+            w.add_tensor(_gguf_name(name), _random_blocks(qtype, *x.shape, seed=seed),
+                         raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_mixed_types_kept_engine_is_bit_identical(tmp_path):
+    path = tmp_path / "mixed.gguf"
+    _write_mixed(path)
+    opts = dict(dtype="float32", max_seq_len=256)
+    kept = build(path, tmp_path / "kept", BuildConfig(quantization="gguf", **opts),
+                 progress=False)
+    plain = build(path, tmp_path / "plain", BuildConfig(quantization="none", **opts),
+                  progress=False)
+    layers = load_engine_config(kept).build.quant_layers
+    assert layers == {
+        "model.layers.0.self_attn.qkv_proj": "int8_g16_offset",
+        "model.layers.0.self_attn.o_proj": "int4_g32_offset",
+        "model.layers.0.mlp.gate_up_proj": "int8_g32",
+        "model.layers.0.mlp.down_proj": "int8_g32_offset",
+        "model.layers.1.self_attn.qkv_proj": "int8_g16_offset",
+        "model.layers.1.self_attn.o_proj": "int4_g32_offset",
+        "model.layers.1.mlp.gate_up_proj": "int8_g32",
+        "model.layers.1.mlp.down_proj": "none",  # F16 stays float
+    }
+    state = load_file(str(kept / "rank0.safetensors"))
+    assert state["model.layers.1.mlp.down_proj.weight"].dtype == torch.float32
+    assert state["model.layers.0.self_attn.o_proj.weight"].dtype == torch.uint8
+    got, want = _logits(kept), _logits(plain)
+    assert torch.isfinite(want).all() and want.std() > 0
+    assert torch.equal(got, want)
+
+
+def test_default_keeps_blocks_on_cuda_only(tmp_path, monkeypatch):
+    path = tmp_path / "mixed.gguf"
+    _write_mixed(path)
+    ckpt = GGUFCheckpoint(path)
+    assert plan_quantization(ckpt, BuildConfig()).quant.method == "none"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = plan_quantization(ckpt, BuildConfig())
+    assert (plan.quant.method, plan.source) == ("gguf", "gguf")
+    assert plan_quantization(ckpt, BuildConfig(quantization="none")).quant.method == "none"
+    requantized = plan_quantization(ckpt, BuildConfig(quantization="int8_wo"))
+    assert requantized.prequantized is None and requantized.quant.method == "int8_wo"
+
+
+def test_gguf_quantization_of_a_hf_folder_is_one_line(tiny_checkpoints, tmp_path):
+    folder, _ = tiny_checkpoints["llama"]
+    with pytest.raises(BuildError, match="--quantization gguf keeps a GGUF file's quantized "
+                       "blocks; .* is not a GGUF file"):
+        build(folder, tmp_path / "e", BuildConfig(quantization="gguf"), progress=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "build", str(folder), "-o", str(tmp_path / "e"),
+         "--quantization", "gguf"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("kiln: error: --quantization gguf keeps")

@@ -1,0 +1,204 @@
+"""W4A16 / W8A16 kernels (kiln/kernels/int_gemm.py) vs the torch reference.
+
+CPU: through Triton's interpreter, in the spawned worker of tests/test_kernels.py, at odd
+shapes (N and K not multiples of the tiles, K = 3 groups), group sizes 32/64/128 and per
+channel, M = 1, 7, 64 (the GEMV, split-K with atomics and without, and tl.dot tiles with
+one scale per tile and with gathered scales). float16 and float32 only: the
+interpreter's tl.dot cannot take bf16, and it truncates float -> bf16 where torch rounds.
+GPU (pytest -m gpu): Llama-3.1-8B shapes (K 4096, N 4096 / 14336; K 14336), bf16 and fp16.
+
+Tolerance, against y32 = x @ w_x^T in float32 (w_x: the dequantized weight rounded to
+x's dtype, which both compute with): the sums differ in order only, so
+|y - y32| <= 2e-5 * S + 1 ulp of the output dtype, S = |x| @ |w_x|^T.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e '.[gpu]')")
+
+SUM_TOL = 2e-5
+
+
+def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
+    _, exp = torch.frexp(v.abs().clamp_min(info.tiny))
+    return torch.ldexp(torch.ones_like(v), exp - 1 - mant)
+
+
+def _weight(N: int, K: int, bits: int, group: int, device: str = "cpu", seed: int = 0):
+    """Random storage: (weight, scale, offset or None) with group scales of varied size."""
+    g = torch.Generator().manual_seed(seed)
+    groups = K // (group or K)
+    scale = (torch.rand(N, groups, generator=g) * 0.02 + 1e-3)
+    if bits == 4:
+        q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+        from kiln.kernels.reference import pack_int4
+
+        weight = pack_int4(q)
+        offset = -8 * scale + torch.randn(N, groups, generator=g) * 1e-3
+    else:
+        weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        offset = None
+    return weight.to(device), scale.to(device), None if offset is None else offset.to(device)
+
+
+def _check(name: str, x: torch.Tensor, y: torch.Tensor, weight, scale, offset,
+           bias: torch.Tensor | None) -> None:
+    from kiln.kernels import reference as ref
+
+    w_x = ref.dequantize_int_weight(weight, scale, offset).to(x.dtype).float()
+    y32 = x.float() @ w_x.T
+    if bias is not None:
+        y32 = y32 + bias.float()
+    bound = SUM_TOL * (x.float().abs() @ w_x.abs().T) + _ulp(y32, y.dtype)
+    err = (y.float() - y32).abs()
+    assert y.shape == y32.shape and y.dtype == x.dtype, name
+    assert (err <= bound).all(), f"{name}: worst {(err / bound).max().item():.2f}x the bound"
+    # the reference (the CPU path) computes the same product
+    want = ref.int_weight_linear(x, weight, scale, offset, bias)
+    assert (want.float() - y32).abs().le(bound).all(), name
+
+
+# ---- checks (run in the interpreter worker) -----------------------------------------
+def check_linear(dtype: torch.dtype, M: int, N: int, K: int, bits: int, group: int,
+                 with_bias: bool, config: tuple | None) -> None:
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(N, K, bits, group)
+    torch.manual_seed(M)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    cfg = int_gemm.IntGemmConfig(*config) if config else None
+    y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
+    _check(f"{dtype} {M}x{N}x{K} int{bits} g{group} {config}", x, y, weight, scale, offset,
+           bias)
+
+
+def check_functional_dispatch() -> None:
+    from kiln import functional as KF
+
+    weight, scale, offset = _weight(24, 64, 4, 32)
+    x = torch.randn(2, 3, 64)
+    KF._triton = lambda t: True  # CPU tensors, kernels interpreted (this worker only)
+    y = KF.int_weight_linear(x, weight, scale, offset)
+    assert y.shape == (2, 3, 24)
+    _check("functional", x.view(6, 64), y.view(6, 24), weight, scale, offset, None)
+
+
+# ---- CPU tests ------------------------------------------------------------------------
+# IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k): GEMV without
+# and with split-K (atomics; the splits end inside K), tl.dot tiles whose K step spans
+# several groups (gathered scales) or lies in one.
+CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
+           "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 96), (4, 64, 192), (4, 128, 384),
+                                          (8, 0, 99), (8, 32, 160)])
+def test_int_linear_auto(interp, dtype, M, bits, group, K) -> None:  # noqa: F811
+    interp(check_linear, dtype, M, 40, K, bits, group, M == 7, None)
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "auto"])
+@pytest.mark.parametrize("M", [1, 7, 20])
+def test_int_linear_configs(interp, config, M) -> None:  # noqa: F811
+    for bits, group, K in ((4, 32, 160), (8, 64, 192)):
+        interp(check_linear, torch.float16, M, 40, K, bits, group, True, CONFIGS[config])
+
+
+def test_functional_dispatch(interp) -> None:  # noqa: F811
+    interp(check_functional_dispatch)
+
+
+def test_compiles_for_hopper() -> None:
+    """The launches int_weight_linear makes on an H200 (132 SMs) at a Llama-3.1-8B shape
+    compile for sm_90: the GEMV without spills, tl.dot tiles on tensor cores (wgmma from
+    64 rows). Measured: 96-224 registers, no stack, but 8 bytes of stack for int4 at 16
+    rows (mma.sync tiles)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    import triton
+
+    from kiln.kernels import int_gemm
+    from kiln.kernels.compile_check import compile_sm90
+
+    N = K = 4096
+    int_gemm._num_sms = lambda device: 132
+    for M in (1, 4, 16, 64, 300):
+        cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"))
+        for bits in (4, 8):
+            meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
+                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            gemv = cfg.block_m == 0
+            values = {"x_ptr": "*bf16", "w_ptr": "*u8" if bits == 4 else "*i8",
+                      "s_ptr": "*fp32", "o_ptr": "*fp32", "bias_ptr": "*bf16",
+                      "out_ptr": "*fp32" if gemv else "*bf16", "M": 7, "N": N, "K": K,
+                      "G": 128, "stride_xm": K,
+                      "K_PER_SPLIT": int_gemm.split_length(K, cfg.split_k, cfg.block_k),
+                      "stride_wn": K * bits // 8, "stride_sn": K // 128, "stride_om": N}
+            if gemv:
+                assert cfg.split_k > 1  # a few programs per SM at N = 4096
+                meta.update(ROWS=triton.next_power_of_2(M), ATOMIC=True)
+                kernel = int_gemm._gemv_kernel
+            else:
+                meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False)
+                kernel = int_gemm._gemm_kernel
+            r = compile_sm90(kernel, values, meta, cfg.num_warps, cfg.num_stages,
+                             variant=f"M{M}-int{bits}")
+            assert r.stack_bytes <= (8 if (M, bits) == (16, 4) else 0), r
+            if not gemv:
+                mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
+                assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r
+
+
+# ---- GPU tests ------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
+def test_gpu_int_linear(N, K, bits, group) -> None:
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(N, K, bits, group, "cuda")
+    for M in (1, 2, 5, 8, 16, 33, 64, 300):
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            bias = torch.randn(N, device="cuda").to(dtype) if M % 2 else None
+            y = int_gemm.int_weight_linear(x, weight, scale, offset, bias)
+            _check(f"{dtype} {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset,
+                   bias)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_int_linear_in_a_cuda_graph() -> None:
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(4096, 4096, 4, 128, "cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    want = int_gemm.int_weight_linear(x, weight, scale, offset)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int_gemm.int_weight_linear(x, weight, scale, offset)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    _check("graph", x, y, weight, scale, offset, None)
+    torch.testing.assert_close(y, want, rtol=0, atol=float(want.abs().max()) * 1e-2)

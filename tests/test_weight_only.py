@@ -1,0 +1,177 @@
+"""Weight-only INT8 / INT4 engines (kiln/layers/weight_only.py): the storage against its
+definition, engines against an independent simulation on transformers, the engine dir,
+and bad input. The Triton kernels are in tests/test_kernels_int.py."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln import LLM
+from kiln.build import build, load_engine_config
+from kiln.config import BuildConfig
+from kiln.errors import BuildError
+from kiln.eval import sequence_logits
+from kiln.kernels import reference as ref
+from kiln.layers.weight_only import quantize_int4_asymmetric, quantize_int8_symmetric
+from tests.fake_quant import int_weights
+
+TOKENS = list(range(3, 120))
+
+
+# ---- storage and quantizers vs their definitions -----------------------------------------
+def test_int4_packing_puts_even_inputs_in_the_low_nibble():
+    q = torch.tensor([[1, 2, 15, 0, 7, 9]], dtype=torch.uint8)
+    packed = ref.pack_int4(q)
+    assert packed.tolist() == [[1 + 16 * 2, 15, 7 + 16 * 9]]
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    assert torch.equal(ref.unpack_int4(ref.pack_int4(q)), q)
+
+
+def test_dequantization_is_q_times_scale_plus_offset_per_group():
+    torch.manual_seed(1)
+    q = torch.randint(0, 16, (3, 8), dtype=torch.uint8)
+    scale, offset = torch.rand(3, 2), torch.randn(3, 2)
+    want = torch.empty(3, 8)
+    for n in range(3):
+        for k in range(8):
+            want[n, k] = q[n, k].item() * scale[n, k // 4] + offset[n, k // 4]
+    assert torch.equal(ref.dequantize_int_weight(ref.pack_int4(q), scale, offset), want)
+    q8 = torch.randint(-127, 128, (3, 8), dtype=torch.int8)
+    assert torch.equal(ref.dequantize_int_weight(q8, scale[:, :1], None),
+                       q8.float() * scale[:, :1])
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_int8_symmetric_rounds_to_the_nearest_step(group):
+    torch.manual_seed(2)
+    w = torch.randn(6, 48) * torch.tensor([1e-3, 1, 10, 1, 1, 0.1])[:, None]
+    q, scale = quantize_int8_symmetric(w, group)
+    size = group or 48
+    assert q.dtype == torch.int8 and scale.shape == (6, 48 // size)
+    assert torch.equal(scale, w.view(6, -1, size).abs().amax(-1) / 127)
+    back = ref.dequantize_int_weight(q, scale, None).view(6, -1, size)
+    assert ((back - w.view(6, -1, size)).abs() <= scale[:, :, None] * 0.5001).all()
+    assert (q.abs().view(6, -1, size).amax(-1) == 127).all()  # the group's max uses 127
+
+
+def test_int4_asymmetric_spans_min_to_max():
+    torch.manual_seed(3)
+    w = torch.randn(4, 64) + torch.tensor([0.0, 3.0, -2.0, 0.0])[:, None]  # off-centre rows
+    q, scale, offset = quantize_int4_asymmetric(w, 32)
+    groups = w.view(4, 2, 32)
+    assert torch.equal(offset, groups.amin(-1))
+    torch.testing.assert_close(scale, (groups.amax(-1) - groups.amin(-1)) / 15)
+    assert int(q.min()) == 0 and int(q.max()) == 15
+    back = ref.dequantize_int_weight(ref.pack_int4(q), scale, offset).view(4, 2, 32)
+    assert ((back - groups).abs() <= scale[:, :, None] * 0.5001).all()
+
+
+# ---- engines vs the simulation ------------------------------------------------------------
+@pytest.mark.parametrize("arch, quantization, group", [
+    ("llama", "int8_wo", 0), ("llama", "int4_wo", 32), ("starcoder2", "int4_wo", 64)])
+def test_weight_only_engine_matches_its_simulation(arch, quantization, group,
+                                                   tiny_checkpoints, tmp_path):
+    """The weights are rounded from the same float32 values by the same definition, so
+    kiln's logits equal the simulation's up to float32 sums (no rounding flips), far
+    closer than the scheme's own error."""
+    folder, hf_model = tiny_checkpoints[arch]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group),
+        progress=False)
+    got = sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
+    sim = copy.deepcopy(hf_model)
+    int_weights(sim, 8 if quantization == "int8_wo" else 4, group)
+    with torch.no_grad():
+        plain = hf_model(torch.tensor([TOKENS])).logits[0]
+        want = sim(torch.tensor([TOKENS])).logits[0]
+    scheme_error = (want - plain).abs().max().item()
+    assert scheme_error > 1e-3  # the simulation really quantizes
+    assert (got - want).abs().max().item() < 1e-3 * max(1.0, scheme_error)
+
+
+def test_int4_engine_dir_holds_kernel_layout(tiny_checkpoints, tmp_path, monkeypatch):
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization="int4_wo", group_size=32),
+        progress=False)
+    cfg = load_engine_config(engine_dir).build
+    assert (cfg.quantization, cfg.group_size, cfg.quant_source) == ("int4_wo", 32, "kiln")
+    state = load_file(str(engine_dir / "rank0.safetensors"))
+    down = "model.layers.0.mlp.down_proj"  # in 128, out 64
+    assert state[f"{down}.weight"].dtype == torch.uint8
+    assert state[f"{down}.weight"].shape == (64, 64)
+    assert state[f"{down}.weight_scale"].shape == (64, 4)
+    assert state[f"{down}.weight_offset"].shape == (64, 4)
+    assert state["lm_head.weight"].dtype == torch.float32  # declared high precision
+    monkeypatch.setattr("kiln.layers.weight_only.IntWeightMethod.quantize_from_float",
+                        lambda *a: pytest.fail("conversion at load"))
+    llm = LLM(engine_dir, device="cpu")
+    layer = llm.engine.runner.model.model.layers["0"].mlp.down_proj
+    assert layer.weight.dtype == torch.uint8 and layer.method.name == "int4_wo"
+
+
+def test_int8_default_is_per_channel_and_llm_takes_the_options(tiny_checkpoints, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    folder, _ = tiny_checkpoints["llama"]
+    llm = LLM(folder, dtype="float32", max_seq_len=256, quantization="int8_wo", device="cpu")
+    build_cfg = llm.engine.config.build
+    assert (build_cfg.quantization, build_cfg.group_size) == ("int8_wo", 0)
+    qkv = llm.engine.runner.model.model.layers["0"].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.int8 and qkv.weight_scale.shape == (128, 1)
+    assert len(llm.generate([5, 6, 7])[0].token_ids) > 0
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    (dict(quantization="int4_wo", group_size=48), r"--group-size 48 does not divide the "
+     r"model's hidden size .* 64; try --group-size 64"),
+    (dict(quantization="int4_wo"), "--group-size 128 does not divide"),
+    (dict(quantization="int4_wo", group_size=7), "must be a positive even number"),
+])
+def test_bad_group_size_fails_at_build(options, message, tiny_checkpoints, tmp_path):
+    folder, _ = tiny_checkpoints["llama"]
+    with pytest.raises(BuildError, match=message):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32", **options), progress=False)
+
+
+def test_cli_bad_group_size_is_one_line(tiny_checkpoints, tmp_path):
+    folder, _ = tiny_checkpoints["llama"]
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "build", str(folder), "-o", str(tmp_path / "e"),
+         "--quantization", "int4_wo", "--group-size", "96"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("kiln: error: --group-size 96 does not divide")
+    assert "Traceback" not in result.stderr
+
+
+# ---- GPU --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization, group", [("int4_wo", 32), ("int8_wo", 0),
+                                                 ("int8_sq", 0)])
+def test_gpu_engine_matches_the_cpu_engine(quantization, group, tiny_checkpoints, tmp_path):
+    """The same float32 engine dir on both devices: Triton int GEMMs (GEMV and tl.dot
+    paths, in CUDA graphs for decode) / torch._int_mm against the CPU reference."""
+    from kiln import SamplingParams
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group),
+        progress=False)
+    cpu, gpu = LLM(engine_dir, device="cpu"), LLM(engine_dir, device="cuda")
+    want = sequence_logits(cpu.engine, TOKENS)
+    got = sequence_logits(gpu.engine, TOKENS).cpu()
+    assert (got - want).abs().mean().item() < 1e-3
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40))]
+    assert [o.token_ids for o in gpu.generate(prompts, params)] == \
+        [o.token_ids for o in cpu.generate(prompts, params)]
