@@ -59,8 +59,9 @@ class RuntimeConfig:
     max_num_tokens: int | None = None
     max_seq_len: int | None = None  # at most the built max_seq_len
     # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
-    # with the residual add + RMSNorm after it) instead of NCCL.
-    custom_all_reduce: bool = True
+    # with the residual add + RMSNorm after it) instead of NCCL. Opt-in until its
+    # token-level GPU test has passed (its results are checked bit-equal to NCCL's).
+    custom_all_reduce: bool = False
     # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
     # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
     speculative_config: Any = None

@@ -75,10 +75,10 @@ class Mirror:
         except Exception:  # a worker already gone: nothing left to tell
             pass
         set_tp_group(None)
+        for worker in workers:  # they tear down and exit; then nothing waits on a peer
+            worker.join(timeout=30)
         if not exiting:
             _destroy_process_group()
-        for worker in workers:
-            worker.join(timeout=30)
         if isinstance(self.channel, launch.ShmChannel):
             self.channel.close()
 
@@ -102,6 +102,12 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
         mirror = Mirror(ctx, [])
         atexit.register(mirror.close, exiting=True)
         return ctx, mirror
+    if dist.is_initialized():
+        from kiln.errors import KilnError
+
+        raise KilnError("this process still holds the process group of an earlier "
+                        "multi-GPU engine that could not be released; start the new engine "
+                        "in a new process")
     port = launch.free_port()
     tp = engine.config.build.tp_size
     spec = launch.ShmChannel.create(world)
@@ -118,31 +124,30 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     return ctx, mirror
 
 
-def _destroy_process_group(timeout: float = 15.0) -> None:
-    """Tear the process group down, giving up after `timeout`: NCCL's teardown can block
-    when a peer has already left, and a stuck exit is worse than a leaked communicator."""
+def _destroy_process_group(timeout: float = 10.0) -> None:
+    """Tear the process group down in a thread, giving up after `timeout`: NCCL's
+    teardown has blocked on two H200s (destroy_process_group past 15 s), and a stuck close
+    is worse than a leaked communicator. NCCL groups are aborted (ncclCommAbort waits for
+    no peer; nothing is in flight at close), gloo groups destroyed; both unregister the
+    groups, so this process can start another multi-rank engine."""
     import threading
 
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        # Measured on two H200s: destroy_process_group blocks past 15 s even with every
-        # rank tearing down at once; abort frees the communicators without waiting for
-        # peers and unregisters the groups (nothing is in flight at close).
-        abort_collectives()
-        if not dist.is_initialized():
-            return
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     done = threading.Event()
 
-    def destroy() -> None:
+    def teardown() -> None:
         try:
-            dist.destroy_process_group()
+            if nccl:
+                abort_collectives()
+            else:
+                dist.destroy_process_group()
         except Exception:
-            log.debug("destroy_process_group failed", exc_info=True)
+            log.debug("tearing the process group down failed", exc_info=True)
         done.set()
 
-    threading.Thread(target=destroy, daemon=True, name="kiln-pg-teardown").start()
+    threading.Thread(target=teardown, daemon=True, name="kiln-pg-teardown").start()
     if not done.wait(timeout):
-        log.warning("the process group did not shut down in %.0f s; aborting it", timeout)
-        abort_collectives()  # also unregisters it, so this process can start another
+        log.warning("the process group did not shut down in %.0f s; leaving it", timeout)
 
 
 def abort_collectives() -> None:
@@ -202,7 +207,7 @@ def run_worker(engine: LLMEngine) -> None:
             elif kind == "close":
                 dist.barrier(group=engine.rank_context.commands)
                 set_tp_group(None)
-                # Every rank tears down at once (rank 0 too): NCCL's teardown waits for
-                # peers that have already exited, which left rank 0 stuck.
+                if engine.rank_context.launcher == "kiln":
+                    return  # the process exits next; rank 0 tears down once it is gone
                 _destroy_process_group()
                 return
