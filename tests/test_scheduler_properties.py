@@ -6,6 +6,8 @@ fixed token; hypothesis drives random add / step / abort sequences.
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +36,26 @@ def check_invariants(sched: Scheduler, live: dict[str, Request]) -> None:
     assert all(r.status is RequestStatus.WAITING and not r.block_ids for r in sched.waiting)
 
 
+def apply_op(op: tuple, sched: Scheduler, live: dict[str, Request], max_len: int,
+             step, ids: itertools.count) -> None:
+    """add (a prompt sharing 0-3 leading pairs of tokens with others), step, or abort."""
+    if op[0] == "add":
+        _, prompt_len, max_tokens, shared = op
+        prompt_len = min(prompt_len, max_len - max_tokens)
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8][: shared * 2] + list(range(100, 100 + prompt_len))
+        prompt = prompt[:max_len - max_tokens]
+        r = Request(str(next(ids)), prompt, SamplingParams(max_tokens=max_tokens), max_tokens)
+        live[r.request_id] = r
+        sched.add(r)
+    elif op[0] == "step":
+        step()
+    else:
+        target = live.get(str(op[1]))
+        if target is not None:
+            sched.finish(target, RequestStatus.FINISHED_ABORTED)
+            del live[target.request_id]
+
+
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12), st.integers(0, 3)),
     st.tuples(st.just("step")),
@@ -54,7 +76,7 @@ def test_invariants_under_random_traffic(ops, num_blocks, budget, batch, policy,
         budget = max(budget, max_len)
     sched = Scheduler(kv, batch, budget, policy, chunked)
     live: dict[str, Request] = {}
-    next_id = 0
+    ids = itertools.count()
 
     def step() -> None:
         out = sched.schedule()
@@ -78,22 +100,7 @@ def test_invariants_under_random_traffic(ops, num_blocks, budget, batch, policy,
         check_invariants(sched, live)
 
     for op in ops:
-        if op[0] == "add":
-            _, prompt_len, max_tokens, shared = op
-            prompt_len = min(prompt_len, max_len - max_tokens)
-            prompt = [1, 2, 3, 4, 5, 6, 7, 8][: shared * 2] + list(range(100, 100 + prompt_len))
-            prompt = prompt[:max_len - max_tokens]
-            r = Request(str(next_id), prompt, SamplingParams(max_tokens=max_tokens), max_tokens)
-            next_id += 1
-            live[r.request_id] = r
-            sched.add(r)
-        elif op[0] == "step":
-            step()
-        else:
-            target = live.get(str(op[1]))
-            if target is not None:
-                sched.finish(target, RequestStatus.FINISHED_ABORTED)
-                del live[target.request_id]
+        apply_op(op, sched, live, max_len, step, ids)
         check_invariants(sched, live)
     # Drain: everything finishes, and every block comes back.
     for _ in range(2000):
@@ -117,7 +124,7 @@ def test_pipeline_micro_batches_never_touch_requests_in_flight(ops, num_blocks, 
     sched = Scheduler(kv, batch, budget, "max_utilization", True)
     live: dict[str, Request] = {}
     in_flight: list[tuple[list, dict[str, list[int]]]] = []  # (entries, blocks held)
-    next_id = 0
+    ids = itertools.count()
 
     def apply_oldest() -> None:
         entries, held = in_flight.pop(0)
@@ -152,20 +159,7 @@ def test_pipeline_micro_batches_never_touch_requests_in_flight(ops, num_blocks, 
         check_invariants(sched, live)
 
     for op in ops:
-        if op[0] == "add":
-            _, prompt_len, max_tokens, _ = op
-            prompt = list(range(100, 100 + min(prompt_len, max_len - max_tokens)))
-            r = Request(str(next_id), prompt, SamplingParams(max_tokens=max_tokens), max_tokens)
-            next_id += 1
-            live[r.request_id] = r
-            sched.add(r)
-        elif op[0] == "step":
-            step()
-        else:
-            target = live.get(str(op[1]))
-            if target is not None:
-                sched.finish(target, RequestStatus.FINISHED_ABORTED)
-                del live[target.request_id]
+        apply_op(op, sched, live, max_len, step, ids)
     for _ in range(4000):
         if not sched.has_unfinished() and not in_flight:
             break

@@ -331,15 +331,7 @@ class LLMEngine:
             # Those tokens may have finished requests this schedule still holds.
             out.scheduled = [e for e in out.scheduled if not e.request.status.finished]
         if out:
-            now = time.monotonic()
-            for entry in out.scheduled:
-                if entry.request.stats.first_scheduled_time is None:
-                    entry.request.stats.first_scheduled_time = now
-            self.num_computed_tokens += out.num_tokens
-            pending = self.runner.launch(out, previous)
-            self.scheduler.update(out)
-            for request in pending.requests:
-                request.token_ids.append(PLACEHOLDER)
+            pending = self._launch(out, previous)
             if self.overlap:
                 self._pending = pending
             else:
@@ -349,6 +341,20 @@ class LLMEngine:
         if previous is not None:
             outputs += self._process(previous.result())
         return outputs
+
+    def _launch(self, out, previous: PendingStep | None = None) -> PendingStep:
+        """Enqueue a scheduled step on the device; its sampled tokens are placeholders on
+        the host until the step's result is processed."""
+        now = time.monotonic()
+        for entry in out.scheduled:
+            if entry.request.stats.first_scheduled_time is None:
+                entry.request.stats.first_scheduled_time = now
+        self.num_computed_tokens += out.num_tokens
+        pending = self.runner.launch(out, previous)
+        self.scheduler.update(out)
+        for request in pending.requests:
+            request.token_ids.append(PLACEHOLDER)
+        return pending
 
     def _step_pipelined(self) -> list[RequestOutput]:
         """One micro-batch per call: launch the requests no in-flight micro-batch holds
@@ -363,15 +369,7 @@ class LLMEngine:
         active = len(self.scheduler.running) + len(self.scheduler.waiting)
         out = self.scheduler.schedule(busy, max_seqs=max(1, -(-active // self.pipeline_depth)))
         if out:
-            now = time.monotonic()
-            for entry in out.scheduled:
-                if entry.request.stats.first_scheduled_time is None:
-                    entry.request.stats.first_scheduled_time = now
-            self.num_computed_tokens += out.num_tokens
-            pending = self.runner.launch(out)
-            self.scheduler.update(out)
-            for request in pending.requests:
-                request.token_ids.append(PLACEHOLDER)
+            pending = self._launch(out)
             self._in_flight.append((pending, {e.request.request_id for e in out.scheduled}))
             self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
         elif self._in_flight:
