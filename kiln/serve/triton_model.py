@@ -41,7 +41,26 @@ def _error_response(message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
-class _Responder:
+class ResponseSender:
+    """A decoupled Triton request's response sender: `done` once the final flag went
+    out; errors become one final error response (called on kiln's engine thread)."""
+
+    sender: Any
+    done: bool = False
+
+    def error(self, error: BaseException) -> None:
+        if not self.done:
+            self._send(_error_response(str(error)), FINAL)
+
+    def _send(self, response: Any, flags: int) -> None:
+        self.done = self.done or bool(flags & FINAL)
+        if response is None:
+            self.sender.send(flags=flags)
+        else:
+            self.sender.send(response, flags=flags)
+
+
+class _Responder(ResponseSender):
     """Sends one request's responses (called on kiln's engine thread)."""
 
     def __init__(self, sender: Any, request: GenerateInput, loop: EngineLoop,
@@ -72,17 +91,6 @@ class _Responder:
             if not self.request.exclude_input_in_output:
                 text = self.request.text + text
             self._send(_text_response(text), FINAL)
-
-    def error(self, error: BaseException) -> None:
-        if not self.done:
-            self._send(_error_response(str(error)), FINAL)
-
-    def _send(self, response: Any, flags: int) -> None:
-        self.done = self.done or bool(flags & FINAL)
-        if response is None:
-            self.sender.send(flags=flags)
-        else:
-            self.sender.send(response, flags=flags)
 
 
 _GAUGES = {"kv_blocks_used": "KV-cache blocks held by requests",

@@ -25,7 +25,7 @@ from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.serve.engine_loop import EngineLoop, NewRequest
-from kiln.serve.triton_model import FINAL, _error_response, _Gauges
+from kiln.serve.triton_model import FINAL, ResponseSender, _error_response, _Gauges
 from kiln.tokenizer import Tokenizer
 
 
@@ -92,7 +92,7 @@ def word_list_tensor(words: list[list[int]]) -> np.ndarray:
     return out
 
 
-class _TokenResponder:
+class _TokenResponder(ResponseSender):
     """Sends one tensorrt_llm request's responses from the engine thread."""
 
     def __init__(self, sender: Any, loop: EngineLoop, request_id: str, prompt: list[int],
@@ -143,17 +143,6 @@ class _TokenResponder:
             prefix = [] if self.exclude_input else self.prompt
             self._send(self._response([prefix + s.token_ids for s in seqs],
                                       [([0.0] * len(prefix)) + lp for lp in lps], cum), flags)
-
-    def error(self, error: BaseException) -> None:
-        if not self.done:
-            self._send(_error_response(str(error)), FINAL)
-
-    def _send(self, response: Any, flags: int) -> None:
-        self.done = self.done or bool(flags & FINAL)
-        if response is None:
-            self.sender.send(flags=flags)
-        else:
-            self.sender.send(response, flags=flags)
 
 
 def _chosen(logprobs: dict[int, float], token: int) -> float:
