@@ -32,11 +32,20 @@ for spec in $stages; do
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
   case $stage in
-    tests) $T python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
-             tests/test_gpu_engine.py tests/test_kernels_fp8.py tests/test_kernels_kvquant.py \
-             tests/test_gpu_parallel.py tests/test_gpu_speculative.py tests/test_kernels_gpu_zoo.py \
-             tests/test_kernels_int.py tests/test_weight_only.py \
-             > "$OUT/tests.log" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
+    tests) # three groups at once (one per GPU, the parallel tests on both), a log each,
+           # so a hang in one group does not hide the others' results
+           G="${STAGE_TIMEOUT:-300}"
+           run_group() { local name=$1 gpus=$2; shift 2
+             CUDA_VISIBLE_DEVICES=$gpus timeout "$G" python3 -m pytest -q -m gpu -p no:cacheprovider \
+               -rf --tb=short "$@" > "$OUT/tests-$name.log" 2>&1; echo "exit $?" >> "$OUT/tests-$name.log"; }
+           n=$(nvidia-smi -L | wc -l); b=$(( n > 1 ? 1 : 0 ))
+           run_group a 0 tests/test_kernels_gpu.py tests/test_gpu_engine.py \
+             tests/test_kernels_fp8.py tests/test_kernels_kvquant.py &
+           run_group b $b tests/test_kernels_gpu_zoo.py tests/test_kernels_int.py \
+             tests/test_weight_only.py tests/test_gpu_speculative.py &
+           [ "$n" -gt 1 ] && run_group parallel 0,1 tests/test_gpu_parallel.py &
+           wait
+           for f in "$OUT"/tests-*.log; do echo "--- $f"; grep -E "passed|failed|FAILED|Error|exit" "$f" | tail -15; done ;;
     latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
     ttft) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \

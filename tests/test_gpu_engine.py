@@ -51,17 +51,25 @@ def test_fp32_greedy_matches_transformers_on_gpu(arch, tiny_checkpoints, gpu_eng
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "bloom", "phi", "mixtral"])
 def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines):
+    """kiln in bf16 is as close to the float32 model as transformers in bf16 is: within
+    2% (relative norm), or within 1.5x transformers' own bf16 error where that is larger
+    (Gemma 2's capped scores and Mixtral's near-tied routing on a random tiny model)."""
     from kiln.eval import sequence_logits
 
     _, hf = tiny_checkpoints[arch]
-    hf = hf.to("cuda", torch.bfloat16)
-    engine = LLMEngine(gpu_engines[arch, "bfloat16"], RuntimeConfig(device="cuda"))
     tokens = list(range(3, 200))
+    ids = torch.tensor([tokens], device="cuda")
     with torch.no_grad():
-        want = hf(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
-    got = sequence_logits(engine, tokens)
-    assert (got - want).norm() / want.norm() < 2e-2
+        truth = hf.to("cuda")(ids).logits[0].float().cpu()
+        hf_bf16 = hf.to(torch.bfloat16)(ids).logits[0].float().cpu()
     hf.to("cpu", torch.float32)
+    engine = LLMEngine(gpu_engines[arch, "bfloat16"], RuntimeConfig(device="cuda"))
+    got = sequence_logits(engine, tokens)
+
+    def error(x: torch.Tensor) -> float:
+        return ((x - truth).norm() / truth.norm()).item()
+
+    assert error(got) < max(2e-2, 1.5 * error(hf_bf16)), (error(got), error(hf_bf16))
 
 
 @pytest.mark.parametrize("graphs, overlap", [(False, False), (True, False), (True, True)])

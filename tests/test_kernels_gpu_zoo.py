@@ -147,8 +147,13 @@ def test_fused_moe_mixtral_shape(tokens) -> None:
     logits = torch.randn(tokens, experts, device="cuda", generator=gen)
     weights, ids = ref.moe_route(logits, top_k, renormalize=True)
     out = fused_moe(x, w13, w2, weights, ids)
-    expected = ref.fused_moe(x, w13, w2, weights, ids)
-    _close("fused_moe", out, expected, atol=2e-2, rtol=2e-2)
+    _close("fused_moe", out, _moe_oracle(x, w13, w2, weights, ids), atol=2e-2, rtol=2e-2)
+
+
+def _moe_oracle(x, w13, w2, weights, ids) -> torch.Tensor:
+    """The MoE in float32 from the same bf16 inputs (the bf16 reference rounds each
+    expert's output and each partial sum: 2-4 ulps off at Mixtral's shapes)."""
+    return ref.fused_moe(x.float(), w13.float(), w2.float(), weights.float(), ids).to(x.dtype)
 
 
 def test_fused_moe_cuda_graph() -> None:
@@ -174,5 +179,5 @@ def test_fused_moe_cuda_graph() -> None:
         logits.copy_(torch.randn_like(logits) * (trial + 1))
         graph.replay()
         weights, ids = ref.moe_route(logits, top_k, True)
-        _close(f"replay {trial}", out, ref.fused_moe(x, w13, w2, weights, ids),
+        _close(f"replay {trial}", out, _moe_oracle(x, w13, w2, weights, ids),
                atol=2e-2, rtol=2e-2)

@@ -134,6 +134,35 @@ def test_longrope_long_factors_beyond_the_original_context(tiny_checkpoints, tmp
     assert (got - want).abs().max() < 1e-4
 
 
+def test_longrope_switches_per_sequence_like_transformers(tiny_checkpoints, tmp_path):
+    """In one engine of 512 positions (original context 256), batched together: a short
+    prompt whose generation crosses position 256 (short factors, then long ones) and a
+    300-token prompt (long factors from its first token) give transformers' greedy tokens;
+    the long prompt shares its first blocks with the short one but not their KV."""
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    folder, hf_model = tiny_checkpoints["phi3-longrope"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(dtype="float32", max_seq_len=512),
+                       progress=False)
+    engine = LLMEngine(engine_dir, RuntimeConfig(device="cpu"))
+    short = [(5 * i + 1) % 250 + 3 for i in range(240)]
+    prompts = {"short": short, "long": short + [(3 * i + 2) % 250 + 3 for i in range(60)]}
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    got = {}
+    for name, prompt in prompts.items():
+        engine.add_request(prompt, params, name)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.token_ids
+    for name, prompt in prompts.items():
+        with torch.no_grad():
+            want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24,
+                                     do_sample=False, pad_token_id=0,
+                                     eos_token_id=None)[0, len(prompt):].tolist()
+        assert got[name] == want, name
+
+
 @pytest.mark.parametrize("arch,field,value", [
     ("Qwen2ForCausalLM", "use_sliding_window", True),  # with max_window_layers
     ("BloomForCausalLM", "apply_residual_connection_post_layernorm", True),

@@ -201,6 +201,10 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x = x.contiguous()
     cfg = config or int_gemm_config(M, N, K, x.device)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+    if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
+        # tl.dot tiles: one scale per row and K step, not [BLOCK_N, BLOCK_K] scale and
+        # offset tiles in every pipeline stage (past Hopper's shared memory in float32)
+        block_k = G
     group_tile = G % block_k == 0
     common = dict(BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                   GROUP_TILE=group_tile, BLOCK_N=cfg.block_n, BLOCK_K=block_k,

@@ -28,9 +28,9 @@ def longrope_attention_factor(scaling: dict[str, Any]) -> float:
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
                         max_positions: int = 0) -> torch.Tensor:
-    """inv_freq [head_dim / 2]. LongRoPE (Phi-3) divides by its short factors when the
-    engine's max_positions fit the original context, else by its long factors (for every
-    position; transformers switches per forward by the sequence length)."""
+    """inv_freq [head_dim / 2]. LongRoPE (Phi-3) divides by its short factors when
+    max_positions fit the original context, else by its long factors (RotaryEmbedding
+    uses both: short below the original context, long from it on)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta ** exponents)
     rope_type = _rope_type(scaling)
@@ -66,8 +66,25 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self.long_offset = 0  # LongRoPE: where the all-long rows start (see below)
         inv_freq = inverse_frequencies(head_dim, theta, scaling, max_positions)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        if _rope_type(scaling) == "longrope":
+            # transformers rotates a sequence with the short factors while it fits the
+            # original context and with the long ones from there on (generate's cache keeps
+            # the earlier keys); a prompt longer than the original context gets the long
+            # factors on every token. Rows [0, max): short below the original context,
+            # long from it; rows [max, 2 max): long. The model runner adds long_offset to
+            # the positions of a sequence whose prompt is longer than the original context.
+            original = int(scaling["original_max_position_embeddings"])  # type: ignore[index]
+            self.original_positions = original
+            if max_positions > original:
+                short = inverse_frequencies(head_dim, theta, scaling, original)
+                mixed = freqs.clone()
+                mixed[:original] = torch.outer(torch.arange(original, dtype=torch.float32),
+                                               short)
+                freqs = torch.cat([mixed, freqs])
+                self.long_offset = max_positions
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
         if _rope_type(scaling) == "longrope":
             cos_sin = cos_sin * longrope_attention_factor(scaling)  # type: ignore[arg-type]

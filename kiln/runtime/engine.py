@@ -145,6 +145,8 @@ class LLMEngine:
             self.kv, self.max_batch_size,
             max_num_tokens, runtime.scheduler_policy,
             runtime.enable_chunked_prefill)
+        if self.runner.long_rope is not None:
+            self.scheduler.long_rope_after = self.runner.long_rope[0]
         self.eos_token_ids = tuple(self.config.model.eos_token_ids) or (
             (self.tokenizer.eos_token_id,) if self.tokenizer and
             self.tokenizer.eos_token_id is not None else ())
@@ -462,6 +464,7 @@ class LLMEngine:
         if self.mirror is not None:
             self.mirror.send(("logits", list(token_ids)))
         request = Request("eval", list(token_ids), SamplingParams(max_tokens=1), 1)
+        self.scheduler.check_long_rope(request)
         if not self.kv.allocate(request, len(token_ids)):
             raise KilnError("the KV cache cannot hold this sequence")
         try:

@@ -59,11 +59,13 @@ class KVCacheManager:
 
     def _hashes(self, request: Request, num_blocks: int) -> list[int]:
         """Chained hashes of the request's first num_blocks full blocks, computed once each
-        and kept on the request (they depend only on its tokens, which never change)."""
+        and kept on the request (they depend only on its tokens, which never change, and
+        on whether LongRoPE's long factors computed them)."""
         hashes, bs = request.block_hashes, self.block_size
+        root = int(request.rope_long)
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(hash((hashes[-1] if hashes else 0,
+            hashes.append(hash((hashes[-1] if hashes else root,
                                 tuple(request.token_ids[i * bs:(i + 1) * bs]))))
         return hashes[:num_blocks]
 

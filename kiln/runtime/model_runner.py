@@ -96,6 +96,12 @@ class ModelRunner:
             raise RuntimeError(f"engine weights do not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}; rebuild the engine")
         self.model.eval()
+        # LongRoPE (Phi-3): a sequence past the original context rotates with the long
+        # factors from its first token (Scheduler.check_long_rope; RotaryEmbedding keeps
+        # those rows at long_offset and after).
+        rotary = next((m for m in self.model.modules() if getattr(m, "long_offset", 0)), None)
+        self.long_rope: tuple[int, int] | None = \
+            (rotary.original_positions, rotary.long_offset) if rotary is not None else None
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
@@ -150,7 +156,10 @@ class ModelRunner:
             if r.token_ids[known - 1] == PLACEHOLDER:
                 in_flight.append((len(input_ids) + known - 1 - start, rows[r.request_id]))
             input_ids += r.token_ids[start:known] + entry.spec_token_ids
-            positions += range(start, end)
+            if r.rope_long and self.long_rope is not None:
+                positions += range(start + self.long_rope[1], end + self.long_rope[1])
+            else:
+                positions += range(start, end)
             slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             query_starts.append(query_starts[-1] + end - start)
             seq_lens.append(end)

@@ -124,6 +124,7 @@ class Request:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hashes of its full blocks
+        self.rope_long = False  # computed with LongRoPE's long factors (Scheduler)
         self.num_committed_blocks = 0  # of block_ids, registered in the prefix cache
         self.num_released_blocks = 0  # leading block_ids outside a sliding window, released
         self.stats = RequestStats()

@@ -55,6 +55,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # LongRoPE (Phi-3): a sequence longer than this is computed with the long factors
+        # on every token, as transformers does (it recomputes the cache on crossing).
+        self.long_rope_after: int | None = None
 
     # ---- queue ----------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -90,6 +93,7 @@ class Scheduler:
                     request.request_id in busy:
                 i += 1  # its last token is still in flight; it will finish, not continue
                 continue
+            self.check_long_rope(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             spec = request.spec_token_ids[:budget - 1] \
                 if request.num_tokens - request.num_computed_tokens == 1 else []
@@ -119,6 +123,7 @@ class Scheduler:
             request = self.waiting[0]
             if out.preempted and request in out.preempted:
                 break  # don't re-admit what was preempted in this very step
+            self.check_long_rope(request)
             reuse = self.kv.match_prefix(request) if not request.block_ids else []
             num_cached = len(reuse) * self.kv.block_size
             remaining = request.num_tokens - num_cached
@@ -137,6 +142,18 @@ class Scheduler:
             out.scheduled.append(self._entry(request, num_new))
             budget -= num_new
         return out
+
+    def check_long_rope(self, request: Request) -> None:
+        """The step that takes a sequence past the original context recomputes it from
+        its first token with the long factors (its blocks are freed, as in preemption)."""
+        if self.long_rope_after is None or request.rope_long or \
+                request.num_tokens <= self.long_rope_after:
+            return
+        request.rope_long = True
+        request.block_hashes.clear()
+        if request.block_ids:
+            self.kv.free(request)
+        request.num_computed_tokens = 0
 
     def _entry(self, request: Request, num_new: int) -> ScheduledRequest:
         sample = request.num_computed_tokens + num_new == request.num_tokens
