@@ -110,6 +110,83 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, K_PER_SPLIT,
+                  stride_wn, stride_sn,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUP_TILE: tl.constexpr, ATOMIC: tl.constexpr):
+    """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
+
+    Products accumulate elementwise in [BLOCK_N, BLOCK_K] float32 registers over the whole
+    K loop and are summed across K once at the end (no reduction per step). 4-bit: the low
+    nibbles (even k) and the high ones (odd k) stay apart, each with its own accumulator
+    and the even / odd inputs, so nothing is interleaved in registers."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
+    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    HALF: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K
+    STEP: tl.constexpr = 2 if BITS == 4 else 1
+    j = tl.arange(0, HALF)
+    acc_a = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k in range(k_start, k_end, BLOCK_K):
+        ka = k + STEP * j  # the inputs of the low nibbles (4-bit) or of every column
+        mask_a = ka < k_end
+        if BITS == 4:
+            offs_p = k // 2 + j
+            packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
+                             mask=mask_n[:, None] & mask_a[None, :], other=0)
+            qa = (packed & 0xF).to(tl.float32)
+            qb = (packed >> 4).to(tl.float32)
+        else:
+            qa = tl.load(w_ptr + rows * stride_wn + ka[None, :],
+                         mask=mask_n[:, None] & mask_a[None, :], other=0).to(tl.float32)
+            qb = qa
+        if GROUP_TILE:
+            sa = tl.load(s_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
+            sb = sa
+            if HAS_OFFSET:
+                oa = tl.load(o_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
+                ob = oa
+        else:
+            m2 = mask_n[:, None] & mask_a[None, :]
+            sa = tl.load(s_ptr + s_rows + (ka // G)[None, :], mask=m2, other=0.0)
+            sb = tl.load(s_ptr + s_rows + ((ka + 1) // G)[None, :], mask=m2, other=0.0)
+            if HAS_OFFSET:
+                oa = tl.load(o_ptr + s_rows + (ka // G)[None, :], mask=m2, other=0.0)
+                ob = tl.load(o_ptr + s_rows + ((ka + 1) // G)[None, :], mask=m2, other=0.0)
+        wa = qa * sa
+        if HAS_OFFSET:
+            wa = wa + oa
+        xa = tl.load(x_ptr + ka, mask=mask_a, other=0.0)
+        # the weight in x's dtype, as the reference multiplies it
+        wa = wa.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc_a += wa * xa.to(tl.float32)[None, :]
+        if BITS == 4:
+            wb = qb * sb
+            if HAS_OFFSET:
+                wb = wb + ob
+            xb = tl.load(x_ptr + ka + 1, mask=(ka + 1) < k_end, other=0.0)
+            wb = wb.to(x_ptr.dtype.element_ty).to(tl.float32)
+            acc_b += wb * xb.to(tl.float32)[None, :]
+    y = tl.sum(acc_a, axis=1)
+    if BITS == 4:
+        y += tl.sum(acc_b, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, 1.0, 0.0) * bias
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs_n, y, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G,
                  stride_xm, stride_wn, stride_sn, stride_om,
@@ -168,7 +245,20 @@ def _num_sms(device: torch.device) -> int:
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product. First choices, not yet tuned on a GPU
-    (benchmarks/gpu_suite.sh measures the decode rows that depend on them)."""
+    (benchmarks/gpu_suite.sh measures the decode rows that depend on them); one row:
+    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages" overrides (benchmarks)."""
+    if M == 1:
+        override = os.environ.get("KILN_INT_GEMV1")
+        if override:
+            bn, bk, split, warps, stages = (int(v) for v in override.split(","))
+            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split)
+        block_n, block_k = 32, 256
+        blocks_n = triton.cdiv(N, block_n)
+        # split K only while there are fewer than ~2 programs per SM (a split costs a
+        # zeroed float32 buffer, atomics and a cast)
+        split = max(1, min(triton.cdiv(K, 4 * block_k),
+                           triton.cdiv(2 * _num_sms(device), blocks_n)))
+        return IntGemmConfig(0, block_n, block_k, 4, 4, split_k=split)
     if M <= GEMV_ROWS:
         # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
         block_n, block_k = (64, 128) if M <= 2 else (32, 64)
@@ -211,6 +301,16 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
+    if cfg.block_m == 0 and M == 1:
+        k_per_split = split_length(K, cfg.split_k, block_k)
+        splits = triton.cdiv(K, k_per_split)
+        atomic = splits > 1
+        out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty(N, dtype=x.dtype, device=x.device)
+        _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
+            x, weight, scale, o, b, out, N, K, G, k_per_split, weight.stride(0),
+            scale.stride(0), ATOMIC=atomic, **common)
+        return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)

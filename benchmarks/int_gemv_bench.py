@@ -1,0 +1,96 @@
+"""Batch-1 W4A16 / W8A16 GEMV launches at Llama-3.1-8B shapes against bf16 cuBLAS, on a
+GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
+second; each shape over a small grid of launch configs (block_n, block_k, split_k, warps,
+stages) and kiln's own choice ("auto").
+
+    python benchmarks/int_gemv_bench.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def timed(fn, reps: int = 20, rounds: int = 10) -> float:
+    """Median microseconds per call, `reps` calls captured in one graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    from kiln.kernels import int_gemm
+    from kiln.kernels.reference import pack_int4
+
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "int_gemv.json"
+    results = []
+    for name, (N, K) in SHAPES.items():
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        us = timed(lambda: x @ w16.T)
+        results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
+                            gbps=N * K * 2 / us / 1e3))
+        print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
+        for bits in (4, 8):
+            if bits == 4:
+                weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
+                scale = torch.rand(N, K // 128, device="cuda") * 0.01
+                offset = -8 * scale
+            else:
+                weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+                scale = torch.rand(N, 1, device="cuda") * 0.01
+                offset = None
+            nbytes = weight.numel() * weight.element_size() + scale.numel() * 4 * (
+                2 if offset is not None else 1)
+            want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
+            configs = ["auto"] + [f"{bn},{bk},{split},4,3" for bn in (16, 32, 64)
+                                  for bk in (128, 256) for split in (1, 4)]
+            for cfg in configs:
+                if cfg == "auto":
+                    os.environ.pop("KILN_INT_GEMV1", None)
+                else:
+                    os.environ["KILN_INT_GEMV1"] = cfg
+                try:
+                    got = int_gemm.int_weight_linear(x, weight, scale, offset)
+                    err = ((got.float() - want).norm() / want.norm()).item()
+                    us = timed(lambda: int_gemm.int_weight_linear(x, weight, scale, offset))
+                except Exception as e:  # a config past the hardware's limits
+                    print(f"{name:8s} int{bits} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                results.append(dict(shape=name, N=N, K=K, kind=f"int{bits}", config=cfg,
+                                    us=us, gbps=nbytes / us / 1e3, rel_err=err))
+                print(f"{name:8s} int{bits} {cfg:14s} {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s"
+                      f" err {err:.1e}", flush=True)
+            os.environ.pop("KILN_INT_GEMV1", None)
+    with open(out_path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    best = {}
+    for r in results:
+        key = (r["shape"], r["kind"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    print("\nbest per shape:")
+    for (shape, kind), r in best.items():
+        print(f"{shape:8s} {kind:5s} {r['config']:14s} {r['us']:8.1f} us {r['gbps']:7.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
