@@ -4,6 +4,8 @@ kiln op on its Triton kernel, with all on the torch reference, and with one op a
 sent to the reference (the op whose swap removes the error is the one to look at).
 
     python benchmarks/bisect_kernels.py gemma2 mixtral
+    python benchmarks/bisect_kernels.py --modules gemma2   # the same engine on CPU and GPU:
+        # every module's output compared, in the order they ran
 """
 
 from __future__ import annotations
@@ -20,7 +22,48 @@ OPS = ["rms_norm", "silu_and_mul", "gelu", "gelu_tanh_and_mul", "layer_norm", "r
        "paged_attention", "moe_route", "fused_moe", "fp8_linear", "int_weight_linear"]
 
 
+def compare_modules(arch: str, root: Path) -> None:
+    """One bf16 engine on the CPU (torch reference ops) and on the GPU: the relative
+    difference of each module's output, in execution order."""
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+    from tests.conftest import make_hf_model
+
+    make_hf_model(arch, root / arch)
+    engine_dir = build(root / arch, root / f"{arch}-bf16", BuildConfig(
+        dtype="bfloat16", max_seq_len=512), progress=False)
+    tokens = list(range(3, 200))
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(engine_dir, RuntimeConfig(device=device, cuda_graphs=False))
+        seen: list[tuple[str, torch.Tensor]] = []
+        hooks = []
+        for name, module in engine.runner.model.named_modules():
+            def hook(mod, args, out, name=name):
+                t = out[0] if isinstance(out, tuple) else out
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    seen.append((name, t.detach().float().cpu()))
+            hooks.append(module.register_forward_hook(hook))
+        logits = sequence_logits(engine, tokens)
+        for h in hooks:
+            h.remove()
+        outputs[device] = (seen, logits)
+    (cpu, cpu_logits), (gpu, gpu_logits) = outputs["cpu"], outputs["cuda"]
+    print(f"{arch}: logits cpu vs gpu {((gpu_logits - cpu_logits).norm() / cpu_logits.norm()):.4f}")
+    for (name, a), (_, b) in zip(cpu, gpu):
+        if a.shape == b.shape:
+            rel = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+            print(f"  {rel:9.5f}  {name} {tuple(a.shape)}")
+
+
 def main() -> None:
+    if sys.argv[1] == "--modules":
+        root = Path(tempfile.mkdtemp())
+        for arch in sys.argv[2:]:
+            compare_modules(arch, root)
+        return
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.eval import sequence_logits

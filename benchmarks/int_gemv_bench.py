@@ -62,7 +62,7 @@ def main() -> None:
                 2 if offset is not None else 1)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             configs = ["auto"] + [f"{bn},{bk},{split},4,3" for bn in (16, 32, 64)
-                                  for bk in (128, 256) for split in (1, 4)]
+                                  for bk in (128, 256, 512) for split in (1, 4)]
             for cfg in configs:
                 if cfg == "auto":
                     os.environ.pop("KILN_INT_GEMV1", None)

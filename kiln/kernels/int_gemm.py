@@ -118,66 +118,54 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, K_PER_
                   GROUP_TILE: tl.constexpr, ATOMIC: tl.constexpr):
     """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
 
-    Products accumulate elementwise in [BLOCK_N, BLOCK_K] float32 registers over the whole
-    K loop and are summed across K once at the end (no reduction per step). 4-bit: the low
-    nibbles (even k) and the high ones (odd k) stay apart, each with its own accumulator
-    and the even / odd inputs, so nothing is interleaved in registers."""
+    The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
+    words): word j of a row holds k = PER j .. PER j + PER - 1 (PER = 8 nibbles or 4
+    bytes, the lowest bits first). Each value becomes a float with integer ops only, as
+    the mantissa of 2^23: float(bits(2^23) | u) - 2^23 = u exactly (int8 goes through
+    u = q + 128); so the loop is shifts, masks and FMAs, no quarter-rate int -> float
+    conversions, and the weight is not rounded to x's dtype (the dequantized value in
+    float32, as the tests bound it). Products accumulate elementwise in [BLOCK_N, words]
+    float32 registers over the whole K loop and are summed across K once at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
+    WORDS: tl.constexpr = BLOCK_K // PER
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)[:, None]
-    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
-    HALF: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K
-    STEP: tl.constexpr = 2 if BITS == 4 else 1
-    j = tl.arange(0, HALF)
-    acc_a = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+    s_rows = rows * stride_sn
+    j = tl.arange(0, WORDS)
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k in range(k_start, k_end, BLOCK_K):
-        ka = k + STEP * j  # the inputs of the low nibbles (4-bit) or of every column
-        mask_a = ka < k_end
-        if BITS == 4:
-            offs_p = k // 2 + j
-            packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
-                             mask=mask_n[:, None] & mask_a[None, :], other=0)
-            qa = (packed & 0xF).to(tl.float32)
-            qb = (packed >> 4).to(tl.float32)
-        else:
-            qa = tl.load(w_ptr + rows * stride_wn + ka[None, :],
-                         mask=mask_n[:, None] & mask_a[None, :], other=0).to(tl.float32)
-            qb = qa
+        kw = k + PER * j  # the first k of each word
+        mask_w = kw < k_end
+        words = tl.load(w_ptr + rows * stride_wn + (k // PER + j)[None, :],
+                        mask=mask_n[:, None] & mask_w[None, :], other=0)
         if GROUP_TILE:
-            sa = tl.load(s_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
-            sb = sa
+            scale = tl.load(s_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
             if HAS_OFFSET:
-                oa = tl.load(o_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
-                ob = oa
-        else:
-            m2 = mask_n[:, None] & mask_a[None, :]
-            sa = tl.load(s_ptr + s_rows + (ka // G)[None, :], mask=m2, other=0.0)
-            sb = tl.load(s_ptr + s_rows + ((ka + 1) // G)[None, :], mask=m2, other=0.0)
+                offset = tl.load(o_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
+        for i in tl.static_range(PER):
+            u = (words >> (BITS * i)) & MASK
+            if BITS == 8:
+                u = u ^ 0x80
+            q = (u | 0x4B000000).to(tl.float32, bitcast=True) - BIAS
+            if not GROUP_TILE:
+                m2 = mask_n[:, None] & mask_w[None, :]
+                scale = tl.load(s_ptr + s_rows + ((kw + i) // G)[None, :], mask=m2, other=0.0)
+                if HAS_OFFSET:
+                    offset = tl.load(o_ptr + s_rows + ((kw + i) // G)[None, :], mask=m2,
+                                     other=0.0)
+            w = q * scale
             if HAS_OFFSET:
-                oa = tl.load(o_ptr + s_rows + (ka // G)[None, :], mask=m2, other=0.0)
-                ob = tl.load(o_ptr + s_rows + ((ka + 1) // G)[None, :], mask=m2, other=0.0)
-        wa = qa * sa
-        if HAS_OFFSET:
-            wa = wa + oa
-        xa = tl.load(x_ptr + ka, mask=mask_a, other=0.0)
-        # the weight in x's dtype, as the reference multiplies it
-        wa = wa.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc_a += wa * xa.to(tl.float32)[None, :]
-        if BITS == 4:
-            wb = qb * sb
-            if HAS_OFFSET:
-                wb = wb + ob
-            xb = tl.load(x_ptr + ka + 1, mask=(ka + 1) < k_end, other=0.0)
-            wb = wb.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc_b += wb * xb.to(tl.float32)[None, :]
-    y = tl.sum(acc_a, axis=1)
-    if BITS == 4:
-        y += tl.sum(acc_b, axis=1)
+                w = w + offset
+            xi = tl.load(x_ptr + kw + i, mask=mask_w, other=0.0).to(tl.float32)
+            acc += w * xi[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         y += tl.where(pid_k == 0, 1.0, 0.0) * bias
@@ -301,15 +289,17 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
-    if cfg.block_m == 0 and M == 1:
+    words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
+        weight.storage_offset() % 4 == 0
+    if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         atomic = splits > 1
         out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
             torch.empty(N, dtype=x.dtype, device=x.device)
         _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
-            x, weight, scale, o, b, out, N, K, G, k_per_split, weight.stride(0),
-            scale.stride(0), ATOMIC=atomic, **common)
+            x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split,
+            weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, **common)
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
