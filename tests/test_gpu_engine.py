@@ -50,20 +50,39 @@ def test_fp32_greedy_matches_transformers_on_gpu(arch, tiny_checkpoints, gpu_eng
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "bloom", "phi", "mixtral"])
-def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines):
-    """kiln in bf16 is as close to the float32 model as transformers in bf16 is: within
-    2% (relative norm), or within 1.5x transformers' own bf16 error where that is larger
-    (Gemma 2's capped scores and Mixtral's near-tied routing on a random tiny model)."""
+def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines, tmp_path):
+    """kiln in bf16 on the GPU is as close to the float32 model as transformers in bf16
+    is: within 2% (relative norm), or within 1.5x transformers' own bf16 error where that
+    is larger. The float32 truth runs on the CPU (transformers' GPU attention backends
+    drop Gemma 2's score capping: 7% off its CPU logits, measured on an H200). Mixtral's
+    router is sharpened first: on a random 4-expert model near-tied routes flip between
+    any two bf16 implementations (5% apart), which is noise, not the MoE's numerics."""
+    import copy
+
     from kiln.eval import sequence_logits
 
-    _, hf = tiny_checkpoints[arch]
+    folder, hf = tiny_checkpoints[arch]
+    engine_dir = gpu_engines[arch, "bfloat16"]
+    if arch == "mixtral":
+        hf = copy.deepcopy(hf)
+        experts = hf.config.num_local_experts
+        with torch.no_grad():
+            for name, param in hf.named_parameters():
+                if name.endswith("gate.weight") and param.shape[0] == experts:
+                    param.mul_(20)
+        hf.save_pretrained(tmp_path / "sharp")
+        for extra in folder.glob("tokenizer*"):
+            (tmp_path / "sharp" / extra.name).write_bytes(extra.read_bytes())
+        engine_dir = build(tmp_path / "sharp", tmp_path / "engine", BuildConfig(
+            dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024),
+            progress=False)
     tokens = list(range(3, 200))
-    ids = torch.tensor([tokens], device="cuda")
     with torch.no_grad():
-        truth = hf.to("cuda")(ids).logits[0].float().cpu()
-        hf_bf16 = hf.to(torch.bfloat16)(ids).logits[0].float().cpu()
-    hf.to("cpu", torch.float32)
-    engine = LLMEngine(gpu_engines[arch, "bfloat16"], RuntimeConfig(device="cuda"))
+        truth = hf(torch.tensor([tokens])).logits[0].float()
+        hf16 = copy.deepcopy(hf).to("cuda", torch.bfloat16)
+        hf_bf16 = hf16(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
+    del hf16
+    engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
     got = sequence_logits(engine, tokens)
 
     def error(x: torch.Tensor) -> float:

