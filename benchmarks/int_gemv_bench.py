@@ -45,7 +45,7 @@ def main() -> None:
     for name, (N, K) in SHAPES.items():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        us = timed(lambda: x @ w16.T)
+        us = timed(lambda: x @ w16.T)  # noqa: B023 (called at once)
         results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
@@ -71,7 +71,7 @@ def main() -> None:
                 try:
                     got = int_gemm.int_weight_linear(x, weight, scale, offset)
                     err = ((got.float() - want).norm() / want.norm()).item()
-                    us = timed(lambda: int_gemm.int_weight_linear(x, weight, scale, offset))
+                    us = timed(lambda: int_gemm.int_weight_linear(x, weight, scale, offset))  # noqa: B023 (called at once)
                 except Exception as e:  # a config past the hardware's limits
                     print(f"{name:8s} int{bits} {cfg}: {type(e).__name__}", flush=True)
                     continue
