@@ -61,8 +61,8 @@ def main() -> None:
             nbytes = weight.numel() * weight.element_size() + scale.numel() * 4 * (
                 2 if offset is not None else 1)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
-            configs = ["auto"] + [f"{bn},{bk},{split},4,3" for bn in (16, 32, 64)
-                                  for bk in (128, 256, 512) for split in (1, 4)]
+            configs = ["auto"] + [f"{c},4,3" for c in (
+                "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]
             for cfg in configs:
                 if cfg == "auto":
                     os.environ.pop("KILN_INT_GEMV1", None)

@@ -52,17 +52,18 @@ def test_fp32_greedy_matches_transformers_on_gpu(arch, tiny_checkpoints, gpu_eng
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "bloom", "phi", "mixtral"])
 def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines, tmp_path):
     """kiln in bf16 on the GPU is as close to the float32 model as transformers in bf16
-    is: within 2% (relative norm), or within 1.5x transformers' own bf16 error where that
-    is larger. The float32 truth runs on the CPU (transformers' GPU attention backends
-    drop Gemma 2's score capping: 7% off its CPU logits, measured on an H200). Mixtral's
-    router is sharpened first: on a random 4-expert model near-tied routes flip between
-    any two bf16 implementations (5% apart), which is noise, not the MoE's numerics."""
+    is to transformers in float32: within 2% (relative norm), or 1.5x transformers' own
+    bf16 error where that is larger. kiln's float32 truth is its float32 engine on the CPU
+    (which test_parity holds to transformers at CI's version): the GPU machine's older
+    transformers computes tiny Gemma 2 (window 6) 7.9% away from it, as far from kiln on
+    the CPU as on the GPU. Mixtral's router is sharpened first: on a random 4-expert
+    model near-tied routes flip between any two bf16 implementations (5% apart)."""
     import copy
 
     from kiln.eval import sequence_logits
 
     folder, hf = tiny_checkpoints[arch]
-    engine_dir = gpu_engines[arch, "bfloat16"]
+    engines = {dtype: gpu_engines[arch, dtype] for dtype in ("float32", "bfloat16")}
     if arch == "mixtral":
         hf = copy.deepcopy(hf)
         experts = hf.config.num_local_experts
@@ -73,22 +74,24 @@ def test_bf16_logits_close_to_transformers(arch, tiny_checkpoints, gpu_engines, 
         hf.save_pretrained(tmp_path / "sharp")
         for extra in folder.glob("tokenizer*"):
             (tmp_path / "sharp" / extra.name).write_bytes(extra.read_bytes())
-        engine_dir = build(tmp_path / "sharp", tmp_path / "engine", BuildConfig(
-            dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024),
-            progress=False)
+        engines = {dtype: build(tmp_path / "sharp", tmp_path / dtype, BuildConfig(
+            dtype=dtype, max_batch_size=32, max_seq_len=512, max_num_tokens=1024),
+            progress=False) for dtype in engines}
     tokens = list(range(3, 200))
     with torch.no_grad():
-        truth = hf(torch.tensor([tokens])).logits[0].float()
+        hf_truth = hf(torch.tensor([tokens])).logits[0].float()
         hf16 = copy.deepcopy(hf).to("cuda", torch.bfloat16)
         hf_bf16 = hf16(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
     del hf16
-    engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
-    got = sequence_logits(engine, tokens)
+    truth = sequence_logits(LLMEngine(engines["float32"], RuntimeConfig(device="cpu")), tokens)
+    got = sequence_logits(LLMEngine(engines["bfloat16"], RuntimeConfig(device="cuda")), tokens)
 
-    def error(x: torch.Tensor) -> float:
-        return ((x - truth).norm() / truth.norm()).item()
+    def error(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((x - ref).norm() / ref.norm()).item()
 
-    assert error(got) < max(2e-2, 1.5 * error(hf_bf16)), (error(got), error(hf_bf16))
+    hf_error = error(hf_bf16, hf_truth)
+    assert error(got, truth) < max(2e-2, 1.5 * hf_error), (error(got, truth), hf_error,
+                                                           error(truth, hf_truth))
 
 
 @pytest.mark.parametrize("graphs, overlap", [(False, False), (True, False), (True, True)])

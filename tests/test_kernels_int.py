@@ -161,6 +161,9 @@ def test_compiles_for_hopper() -> None:
                 for key in ("M", "stride_xm", "stride_om"):
                     values.pop(key)
                 values.update(w_ptr="*i32", stride_wn=K * bits // 32)
+                meta.pop("GROUP_TILE")
+                meta.update(GROUPS=max(1, cfg.block_k // 128) if bits == 4 else 1)
+                values["W_PER_SPLIT"] = 1024 // (32 // bits)
                 kernel = int_gemm._gemv1_kernel
             elif gemv:
                 assert cfg.split_k > 1

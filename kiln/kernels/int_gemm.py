@@ -111,12 +111,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
 
 
 @triton.jit
-def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, K_PER_SPLIT,
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_SPLIT,
                   stride_wn, stride_sn,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  GROUP_TILE: tl.constexpr, ATOMIC: tl.constexpr,
-                  WORD_GROUPS: tl.constexpr = False):
+                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
+                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
 
     The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
@@ -125,60 +124,66 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, K_PER_
     the mantissa of 2^23: float(bits(2^23) | u) - 2^23 = u exactly (int8 goes through
     u = q + 128); so the loop is shifts, masks and FMAs, no quarter-rate int -> float
     conversions, and the weight is not rounded to x's dtype (the dequantized value in
-    float32, as the tests bound it). Products accumulate elementwise in [BLOCK_N, words]
-    float32 registers over the whole K loop and are summed across K once at the end."""
+    float32, as the tests bound it). A K step spans GROUPS whole quantization groups (1
+    when it lies in one): tiles are [BLOCK_N, GROUPS, words per group], so each row loads
+    one scale (and offset) per group and step. Products accumulate elementwise in float32
+    registers over the whole K loop and are summed once at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
-    WORDS: tl.constexpr = BLOCK_K // PER
+    WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
+    mask_n = (offs_n < N)[:, None, None]
+    rows = offs_n.to(tl.int64)[:, None, None]
     s_rows = rows * stride_sn
-    j = tl.arange(0, WORDS)
-    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k in range(k_start, k_end, BLOCK_K):
-        kw = k + PER * j  # the first k of each word
-        mask_w = kw < k_end
-        words = tl.load(w_ptr + rows * stride_wn + (k // PER + j)[None, :],
-                        mask=mask_n[:, None] & mask_w[None, :], other=0)
-        if GROUP_TILE:  # the tile lies in one group: a scale per row
-            scale = tl.load(s_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
-            if HAS_OFFSET:
-                offset = tl.load(o_ptr + s_rows + k // G, mask=mask_n[:, None], other=0.0)
-        elif WORD_GROUPS:  # groups of whole words: a scale per row and word
-            m2 = mask_n[:, None] & mask_w[None, :]
-            scale = tl.load(s_ptr + s_rows + (kw // G)[None, :], mask=m2, other=0.0)
-            if HAS_OFFSET:
-                offset = tl.load(o_ptr + s_rows + (kw // G)[None, :], mask=m2, other=0.0)
+    g = tl.arange(0, GROUPS)[None, :, None]
+    word = g * WPG + tl.arange(0, WPG)[None, None, :]  # [1, GROUPS, WPG] in the step
+    acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+    # The loop runs over words (W_PER_SPLIT words a split, specialized as a multiple of
+    # 16): the compiler then knows where rows' words are 16-byte aligned.
+    w_start = pid_k * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, K // PER)
+    k_end = w_end * PER
+    for w0 in range(w_start, w_end, BLOCK_K // PER):
+        k = w0 * PER
+        kw = k + PER * word  # the first k of each word
+        if EVEN_K:  # every step whole: masks only on rows, so loads can be vectors
+            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n, other=0)
+            mask_g = mask_n & (g < GROUPS)
+            mask_w = word >= 0  # unused
+        else:
+            mask_w = kw < k_end
+            mask_g = mask_n & (k + g * (WPG * PER) < k_end)
+            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w,
+                            other=0)
+        group = k // G + g  # [1, GROUPS, 1]
+        scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
         for i in tl.static_range(PER):
             u = (words >> (BITS * i)) & MASK
             if BITS == 8:
                 u = u ^ 0x80
             q = (u | 0x4B000000).to(tl.float32, bitcast=True) - BIAS
-            if not GROUP_TILE and not WORD_GROUPS:
-                m2 = mask_n[:, None] & mask_w[None, :]
-                scale = tl.load(s_ptr + s_rows + ((kw + i) // G)[None, :], mask=m2, other=0.0)
-                if HAS_OFFSET:
-                    offset = tl.load(o_ptr + s_rows + ((kw + i) // G)[None, :], mask=m2,
-                                     other=0.0)
             w = q * scale
             if HAS_OFFSET:
                 w = w + offset
-            xi = tl.load(x_ptr + kw + i, mask=mask_w, other=0.0).to(tl.float32)
-            acc += w * xi[None, :]
-    y = tl.sum(acc, axis=1)
+            if EVEN_K:
+                xi = tl.load(x_ptr + kw + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptr + kw + i, mask=mask_w, other=0.0).to(tl.float32)
+            acc += w * xi
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
         y += tl.where(pid_k == 0, 1.0, 0.0) * bias
     if ATOMIC:
-        tl.atomic_add(out_ptr + offs_n, y, mask=mask_n, sem="relaxed")
+        tl.atomic_add(out_ptr + offs, y, mask=offs < N, sem="relaxed")
     else:
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -246,9 +251,9 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConf
         if override:
             bn, bk, split, warps, stages = (int(v) for v in override.split(","))
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split)
-        # Measured on an H200 at Llama-3.1-8B shapes (benchmarks/int_gemv_bench.py):
-        # 512-wide K steps and 4 K splits are fastest or within 5% of it for both widths.
-        block_n, block_k = 32, 512
+        # Measured on an H200 at Llama-3.1-8B shapes (benchmarks/int_gemv_bench.py): 4 K
+        # splits and wide K steps (256 keeps int4 free of spills at 32 rows).
+        block_n, block_k = 32, 256
         split = max(1, min(4, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
     if M <= GEMV_ROWS:
@@ -295,16 +300,21 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     b = bias if bias is not None else scale
     words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
         weight.storage_offset() % 4 == 0
-    if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0:
+    per = 32 // bits
+    # a K step in one group, or over whole groups of whole words
+    groups = 1 if G % block_k == 0 else block_k // G \
+        if block_k % G == 0 and G % per == 0 else 0
+    if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0 and groups:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         atomic = splits > 1
         out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
             torch.empty(N, dtype=x.dtype, device=x.device)
         _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
-            x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split,
-            weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic,
-            WORD_GROUPS=G % (32 // bits) == 0, **common)
+            x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split // per,
+            weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, GROUPS=groups,
+            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
+            **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
