@@ -27,7 +27,7 @@ for spec in $stages; do
     int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
     int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
     sq8:*) Q="$Q --quantization int8_sq --kv-cache-dtype int8"; tag="-sq8"; stage=${spec#sq8:} ;;
-    tp2car:*) Q="$Q --tp-size 2 --custom-all-reduce"; tag="-tp2car"; stage=${spec#tp2car:} ;;
+    tp2nccl:*) Q="$Q --tp-size 2 --no-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
     fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac

@@ -416,10 +416,11 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="token budget of one engine step (default: the engine's, 8192)")
         g.add_argument("--tp-size", type=int, default=1)
         g.add_argument("--pp-size", type=int, default=1)
-        g.add_argument("--custom-all-reduce", action="store_true",
+        g.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
+                       default=None,
                        help="TP on CUDA: all-reduce decode-sized messages with kiln's "
                        "one-shot NVLink kernel (fused with add + RMSNorm) instead of NCCL "
-                       "(experimental)")
+                       "(default: on where the GPUs support it)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
                    "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
@@ -465,6 +466,6 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
     rest)."""
     options: dict[str, Any] = {k: getattr(args, k) for k in LIMITS
                                if getattr(args, k, None) is not None}
-    if getattr(args, "custom_all_reduce", False):
-        options["custom_all_reduce"] = True
+    if getattr(args, "custom_all_reduce", None) is not None:
+        options["custom_all_reduce"] = args.custom_all_reduce
     return options

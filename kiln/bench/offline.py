@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=16384)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
-    p.add_argument("--custom-all-reduce", action="store_true",
-                   help="TP: kiln's one-shot all-reduce for decode-sized messages (else NCCL)")
+    p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
+                   default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
+                   "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="engine limit (default: input + output length); one value lets "
                    "several runs share one built engine")
@@ -78,7 +79,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     engine = LLMEngine(engine_dir, RuntimeConfig(
         device=args.device, kv_cache_memory_fraction=args.kv_fraction,
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-        custom_all_reduce=getattr(args, "custom_all_reduce", False),
+        custom_all_reduce=getattr(args, "custom_all_reduce", None),
         speculative_config=args.speculative_config))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine

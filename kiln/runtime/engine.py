@@ -59,9 +59,9 @@ class RuntimeConfig:
     max_num_tokens: int | None = None
     max_seq_len: int | None = None  # at most the built max_seq_len
     # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
-    # with the residual add + RMSNorm after it) instead of NCCL. Opt-in until its
-    # token-level GPU test has passed (its results are checked bit-equal to NCCL's).
-    custom_all_reduce: bool = False
+    # with the residual add + RMSNorm after it) instead of NCCL. None: on where symmetric
+    # memory works (else NCCL, with a log line); False: NCCL for every all-reduce.
+    custom_all_reduce: bool | None = None
     # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
     # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
     speculative_config: Any = None
@@ -100,7 +100,8 @@ class LLMEngine:
             mapping = Mapping()
         self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
         self.custom_all_reduce = False
-        if build.tp_size > 1 and self.device.type == "cuda" and runtime.custom_all_reduce:
+        if build.tp_size > 1 and self.device.type == "cuda" and \
+                runtime.custom_all_reduce is not False:
             from kiln.distributed.comm import setup_custom_all_reduce
 
             self.custom_all_reduce = setup_custom_all_reduce(
