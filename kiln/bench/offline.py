@@ -45,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the measured run: DIR/trace.json (torch profiler, Chrome / "
+                   "Perfetto), DIR/ops.txt and a printed table of the ops and kernels that "
+                   "took the most time; step phases marked (docs/profiling.md)")
     add_build_arguments(p, limits=False)
 
 
@@ -113,6 +117,42 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "tpot_ms": 1000 * sorted(tpot)[len(tpot) // 2],
             "output_tok_s": len(prompts) * output_len / elapsed,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
+
+
+def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
+              out_dir: Path) -> dict[str, Any]:
+    """_run_engine under torch.profiler with the step phases marked: writes the trace and
+    the op table, prints the table (kernels by device time on a GPU, ops by CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kiln.runtime import profiling
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    was = profiling.enabled()
+    profiling.enable()
+    try:
+        with profile(activities=activities) as prof:
+            result = _run_engine(engine, prompts, output_len)
+    finally:
+        profiling.enable(was)
+    prof.export_chrome_trace(str(out_dir / "trace.json"))
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=30)
+    phases = {e.key: e for e in averages if e.key in profiling.PHASES}
+    lines = [f"{'phase':18s} {'calls':>7s} {'host ms':>10s} {'us/call':>9s}"]
+    for name in profiling.PHASES:
+        e = phases.get(name)
+        if e is not None:
+            lines.append(f"{name:18s} {e.count:7d} {e.cpu_time_total / 1000:10.2f} "
+                         f"{e.cpu_time_total / max(e.count, 1):9.1f}")
+    text = (f"step phases (host time, inclusive; {out_dir / 'trace.json'} shows them on a "
+            "timeline):\n" + "\n".join(lines) + f"\n\nops by {sort}:\n{table}")
+    (out_dir / "ops.txt").write_text(text)
+    print(text)
+    return result
 
 
 def _release_device_memory(engine: LLMEngine) -> None:
@@ -206,7 +246,10 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
                 progress=False)  # warm up: kernels compiled, graphs captured
     if engine.speculator is not None:
         engine.speculator.reset_stats()
-    kiln = _run_engine(engine, prompts, args.output_len)
+    if getattr(args, "profile", None):
+        kiln = _profiled(engine, prompts, args.output_len, Path(args.profile))
+    else:
+        kiln = _run_engine(engine, prompts, args.output_len)
     result: dict[str, Any] = {
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
         "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,

@@ -24,6 +24,7 @@ from kiln.runtime import parallel
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.model_runner import ModelRunner, PendingStep, StepResult
 from kiln.runtime.output_processor import Group, Sequence, apply_token
+from kiln.runtime.profiling import phase
 from kiln.runtime.request import (
     PLACEHOLDER,
     Request,
@@ -323,7 +324,8 @@ class LLMEngine:
             raise KilnError(message) from None
 
     def _step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
+        with phase("kiln.schedule"):
+            out = self.scheduler.schedule()
         previous, self._pending = self._pending, None
         processed = previous is not None
         outputs: list[RequestOutput] = []
@@ -370,7 +372,9 @@ class LLMEngine:
             outputs += self._process(self._in_flight.popleft()[0].result())
         busy = set().union(*(ids for _, ids in self._in_flight))
         active = len(self.scheduler.running) + len(self.scheduler.waiting)
-        out = self.scheduler.schedule(busy, max_seqs=max(1, -(-active // self.pipeline_depth)))
+        with phase("kiln.schedule"):
+            out = self.scheduler.schedule(busy,
+                                          max_seqs=max(1, -(-active // self.pipeline_depth)))
         if out:
             pending = self._launch(out)
             self._in_flight.append((pending, {e.request.request_id for e in out.scheduled}))
@@ -402,6 +406,10 @@ class LLMEngine:
         return False
 
     def _process(self, result: StepResult) -> list[RequestOutput]:
+        with phase("kiln.detokenize"):
+            return self._apply(result)
+
+    def _apply(self, result: StepResult) -> list[RequestOutput]:
         changed: dict[str, Group] = {}
         for request_id, (start, entries) in result.prompt_logprobs.items():
             seq = self._seq_of.get(request_id)

@@ -20,6 +20,7 @@ from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import speculative, transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.profiling import phase
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
@@ -60,13 +61,14 @@ class PendingStep:
         """Wait for the device and bring the tokens to the host (the step's one sync)."""
         if self.tokens is None:
             return StepResult([], [], [], prompt_logprobs=self.prompt_logprobs)
-        if self.ready is not None:
-            torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
-        return StepResult(
-            self.requests, self.tokens.tolist(), self.indices,
-            self.logprobs.tolist() if self.logprobs is not None else None,
-            self.logprob_ids.tolist() if self.logprob_ids is not None else None,
-            self.prompt_logprobs)
+        with phase("kiln.wait_tokens"):
+            if self.ready is not None:
+                torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
+            return StepResult(
+                self.requests, self.tokens.tolist(), self.indices,
+                self.logprobs.tolist() if self.logprobs is not None else None,
+                self.logprob_ids.tolist() if self.logprob_ids is not None else None,
+                self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -198,15 +200,18 @@ class ModelRunner:
                 and self.verify_graphs.can_run(out.scheduled):
             return speculative.verify(self.verify_graphs.run(out.scheduled), out.scheduled,
                                       self.engine.model.vocab_size, self.device, {})
-        input_ids, positions, meta, logits_indices = self.prepare(out, previous)
+        with phase("kiln.prepare"):
+            input_ids, positions, meta, logits_indices = self.prepare(out, previous)
         sampling = [e.request for e in out.scheduled if e.sample]
         decode = meta.max_query_len == 1 and len(sampling) == len(out.scheduled) and \
             not any(r.prompt_logprobs is not None for r in sampling)
         if decode and self.graphs is not None and \
                 self.graphs.can_run(len(sampling), meta.block_tables.shape[1]):
-            logits, prompt_lp = self.graphs.run(input_ids, positions, meta), {}
+            with phase("kiln.forward"):
+                logits, prompt_lp = self.graphs.run(input_ids, positions, meta), {}
         else:
-            hidden = self._forward(input_ids, positions, meta)
+            with phase("kiln.forward"):
+                hidden = self._forward(input_ids, positions, meta)
             prompt_lp = {}
             if any(e.request.prompt_logprobs is not None for e in out.scheduled):
                 if hidden is not None:
@@ -215,14 +220,17 @@ class ModelRunner:
                     prompt_lp = broadcast_object_from(prompt_lp, self.last_stage_rank)
             if not sampling:
                 return PendingStep([], [], None, None, None, prompt_lp)
-            logits = None if hidden is None else self.model.compute_logits(hidden[logits_indices])
+            with phase("kiln.forward"):
+                logits = None if hidden is None else \
+                    self.model.compute_logits(hidden[logits_indices])
             if logits is not None and any(e.spec_token_ids for e in out.scheduled):
                 return speculative.verify(logits, [e for e in out.scheduled if e.sample],
                                           self.engine.model.vocab_size, self.device, prompt_lp)
         vocab = self.engine.model.vocab_size
         batch = SamplingBatch.from_requests(sampling, vocab, self.device)
         if logits is not None:
-            tokens, lp, lp_ids = sample(logits, batch)
+            with phase("kiln.sample"):
+                tokens, lp, lp_ids = sample(logits, batch)
         else:  # an earlier pipeline stage: the last one sends the results below
             tokens = torch.empty(len(sampling), dtype=torch.int64, device=self.device)
             lp = lp_ids = None

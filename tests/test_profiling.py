@@ -1,0 +1,55 @@
+"""Step phases for profilers, and `kiln bench ... --profile DIR` (CPU: the torch profiler's
+CPU activity; on a GPU the same run adds kernels and NVTX ranges)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln.runtime import profiling
+
+
+def test_bench_profile_writes_a_trace_with_the_step_phases(tiny_engines, tmp_path, capsys):
+    from kiln.cli import main
+
+    out = tmp_path / "prof"
+    code = main(["bench", "throughput", str(tiny_engines["llama"]), "--input-len", "12",
+                 "--output-len", "6", "--num-requests", "4", "--device", "cpu",
+                 "--profile", str(out), "--out", str(tmp_path / "r.json")])
+    assert code in (0, None)
+    trace = json.loads((out / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    # every phase of a plain CPU step is on the timeline
+    assert set(profiling.PHASES) <= names, set(profiling.PHASES) - names
+    printed = capsys.readouterr().out
+    table = (out / "ops.txt").read_text()
+    assert "kiln.forward" in printed and "aten::" in table
+    assert not profiling.enabled()  # switched back off after the run
+    assert json.loads((tmp_path / "r.json").read_text())["kiln"]["output_tok_s"] > 0
+
+
+def test_phases_are_free_when_off(monkeypatch):
+    """Off, every phase is the same no-op context (no profiler object per step)."""
+    profiling.enable(False)
+    assert profiling.phase("kiln.forward") is profiling.phase("kiln.sample")
+    profiling.enable(True)
+    try:
+        with profiling.phase("kiln.forward") as ctx:
+            assert ctx is None
+        assert profiling.phase("kiln.forward") is not profiling.phase("kiln.forward")
+    finally:
+        profiling.enable(False)
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("0", False)])
+def test_environment_switch(value, expected, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("KILN_NVTX", value)
+    module = importlib.reload(profiling)
+    try:
+        assert module.enabled() is expected
+    finally:
+        monkeypatch.delenv("KILN_NVTX")
+        importlib.reload(profiling)
