@@ -59,10 +59,11 @@ def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -
 
 
 # bloom: ALiBi slopes of each rank's heads; falcon-new: grouped fused QKV, biases;
+# falcon: multi-query, its one KV head replicated on both ranks;
 # gpt2: learned positions, LM head tied; phi: LM head bias, partial rotary; qwen2-moe:
 # experts and the shared expert split along their intermediate size.
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "bloom", "falcon-new", "gpt2", "phi",
-                                  "qwen2-moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "bloom", "falcon-new", "falcon", "gpt2",
+                                  "phi", "qwen2-moe"])
 def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path):
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -97,15 +98,16 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
         llm.engine.close()
 
 
-@pytest.mark.parametrize("kv", ["auto", "fp8"])
-def test_tp2_fp8_engine(kv, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8"), ("falcon", "fp8")])
+def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
     """FP8 engines shard like float ones. Row-parallel ranks scale their own slice (per-row
     weight scales and per-token input scales over the slice, as vLLM does), so TP2 is
-    another FP8 rounding of the same model than TP1: as close to the float model as TP1."""
+    another FP8 rounding of the same model than TP1: as close to the float model as TP1.
+    (falcon: its one KV head and its KV scale replicated on both ranks.)"""
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
-    folder, _ = tiny_checkpoints["llama"]
+    folder, _ = tiny_checkpoints[arch]
     fp8 = dict(quantization="fp8", kv_cache_dtype=kv)
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **fp8),
                        progress=False)

@@ -59,7 +59,10 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
         if getattr(build_cfg, name) < 1:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
     tp = build_cfg.tp_size
-    for what, n in (("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
+    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+        raise BuildError(f"tp_size {tp} and the model's {cfg.num_kv_heads} KV heads: one must "
+                         "divide the other (fewer KV heads than ranks are replicated)")
+    for what, n in (("attention heads", cfg.num_heads),
                     ("intermediate size", cfg.intermediate_size),
                     ("expert intermediate size", cfg.moe_intermediate_size),
                     ("shared expert intermediate size", cfg.shared_expert_intermediate_size)):

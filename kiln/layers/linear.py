@@ -136,17 +136,33 @@ class MergedColumnLinear(ColumnLinear):
 
 
 class QKVLinear(MergedColumnLinear):
-    """Q, K and V projections fused; shard ids 'q', 'k', 'v'."""
+    """Q, K and V projections fused; shard ids 'q', 'k', 'v'. With fewer KV heads than TP
+    ranks (multi-query Falcon, or TP 8 of 4 KV heads) each KV head is replicated on
+    tp / kv_heads consecutive ranks, the ranks whose query heads it serves."""
 
     shard_ids = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  bias: bool = False, mapping: Mapping | None = None) -> None:
-        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden_size, sizes, bias, mapping)
+        tp = (mapping or Mapping()).tp_size
+        self.kv_replicas = tp // num_kv_heads if num_kv_heads < tp else 1
+        local_kv = max(1, num_kv_heads // tp) * head_dim
+        self.full_sizes = [num_heads * head_dim, num_kv_heads * head_dim,
+                           num_kv_heads * head_dim]
+        super().__init__(hidden_size, [num_heads * head_dim, local_kv * tp, local_kv * tp],
+                         bias, mapping)
 
     def shard_index(self, shard_id: object) -> int:
         return "qkv".index(str(shard_id))
+
+    def row_range(self, shard_id: object) -> tuple[int, int, int]:
+        offset, size, source = super().row_range(shard_id)
+        if self.shard_index(shard_id) and self.kv_replicas > 1:
+            source = self.mapping.tp_rank // self.kv_replicas * size
+        return offset, size, source
+
+    def full_rows(self, shard_id: object) -> int:
+        return self.full_sizes[self.shard_index(shard_id)]
 
 
 class RowLinear(LinearBase):

@@ -187,17 +187,17 @@ def enable_kv_scales(attn: Attention, mapping: Mapping) -> None:
     """Give a 1-byte-cache attention layer k_scale / v_scale [kv_heads of this rank],
     1.0 until loaded; a checkpoint's per-tensor scale is broadcast over heads."""
     heads = attn.num_kv_heads
-    start = mapping.tp_rank * heads
+    start = getattr(attn, "kv_head_start", mapping.tp_rank * heads)
+    total = getattr(attn, "total_kv_heads", heads * mapping.tp_size)
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         loaded = loaded.detach().float().reshape(-1)
         if loaded.numel() == 1:
             param.data.fill_(loaded.item())
-        elif loaded.numel() == heads * mapping.tp_size:
+        elif loaded.numel() == total:
             param.data.copy_(loaded[start:start + heads])
         else:
-            raise ValueError(f"expected 1 or {heads * mapping.tp_size} KV scales, "
-                             f"got {loaded.numel()}")
+            raise ValueError(f"expected 1 or {total} KV scales, got {loaded.numel()}")
 
     for name in ("k_scale", "v_scale"):
         param = nn.Parameter(torch.ones(heads, dtype=torch.float32), requires_grad=False)

@@ -54,7 +54,8 @@ class DecoderAttention(nn.Module):
         super().__init__()
         tp = mapping.tp_size
         self.num_heads = cfg.num_heads // tp
-        self.num_kv_heads = cfg.num_kv_heads // tp
+        # fewer KV heads than ranks: one replicated KV head a rank (QKVLinear)
+        self.num_kv_heads = max(1, cfg.num_kv_heads // tp)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
@@ -78,6 +79,10 @@ class DecoderAttention(nn.Module):
             slopes = alibi_slopes(cfg.num_heads)[first:first + self.num_heads].contiguous()
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale,
                               window, cfg.attn_logit_softcap, slopes)
+        # where this rank's KV heads start among the checkpoint's (per-head KV scales)
+        self.attn.kv_head_start = mapping.tp_rank // self.qkv_proj.kv_replicas * \
+            self.num_kv_heads
+        self.attn.total_kv_heads = cfg.num_kv_heads
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
