@@ -147,9 +147,74 @@ def test_tool_calls(client):
     [(delta, finish)] = calls
     assert finish == "tool_calls" and delta[0].function.name == "add"
     jsonschema.validate(json.loads(delta[0].function.arguments), PARAMETERS["add"])
-    for bad in ({}, {"tool_choice": {"type": "function", "function": {"name": "nope"}}}):
+    for bad in ({"tool_choice": "any"},
+                {"tool_choice": {"type": "function", "function": {"name": "nope"}}}):
         with pytest.raises(openai.BadRequestError, match="tool_choice"):
             client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, **bad)
     plain = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
                                            tool_choice="none", max_tokens=4)
     assert plain.choices[0].message.tool_calls is None
+
+
+def test_tool_choice_auto_reads_calls_from_free_text(client):
+    """tool_choice "auto" (and unset, OpenAI's default with tools): a free answer, read for
+    calls; greedy, the stream ends with the same message as the plain response."""
+    messages = [{"role": "user", "content": "Use a tool: add 2 and 3."}]
+    for choice in ({"tool_choice": "auto"}, {}):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                               temperature=0, max_tokens=40, **choice)
+        message, finish = reply.choices[0].message, reply.choices[0].finish_reason
+        if message.tool_calls:
+            assert finish == "tool_calls"
+            for call in message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments),
+                                    {"type": "object"})
+                assert call.function.name in PARAMETERS
+        else:
+            assert finish in ("stop", "length") and message.content
+    stream = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                            temperature=0, max_tokens=40, stream=True)
+    text, calls, finishes = "", [], []
+    for c in stream:
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+            calls += c.choices[0].delta.tool_calls or []
+            finishes += [c.choices[0].finish_reason] if c.choices[0].finish_reason else []
+    assert finishes == [reply.choices[0].finish_reason]
+    assert (text or None) == (message.content or None)
+    assert [(c.function.name, c.function.arguments) for c in calls] == \
+        [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+@pytest.mark.parametrize("text,content,calls", [
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', None,
+     [("add", {"a": 2, "b": 3})]),
+    ('Let me look.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome", '
+     '"unit": "C"}}</tool_call>\n<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}'
+     '</tool_call>', "Let me look.",
+     [("get_weather", {"city": "Rome", "unit": "C"}), ("add", {"a": 1})]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 4, "b": 5}}', None,
+     [("add", {"a": 4, "b": 5})]),
+    ('```json\n[{"name": "add", "arguments": {}}, {"name": "add", "arguments": {"a": 1}}]\n```',
+     None, [("add", {}), ("add", {"a": 1})]),
+    ('{"name": "subtract", "arguments": {}}', None, []),  # not one of the tools
+    ('<tool_call>{"name": "add", "arguments": [1]}</tool_call>', None, []),  # not an object
+    ('{"name": "add"', None, []),  # cut short
+    ("The answer is 5.", None, []),
+])
+def test_parse_tool_calls(text, content, calls):
+    from kiln.serve.openai_tools import _functions, parse_tool_calls
+
+    got_content, got_calls = parse_tool_calls(text, _functions(TOOLS))
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+            for c in got_calls] == calls
+    assert got_content == (content if calls else text)
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in got_calls)
+
+
+def test_streamed_answer_is_held_only_while_it_may_be_a_call():
+    from kiln.serve.openai_tools import may_open_call
+
+    assert may_open_call("  {") and may_open_call("<tool") and may_open_call("``")
+    assert may_open_call("") and may_open_call("<|python")
+    assert not may_open_call("Sure") and not may_open_call("<b>") and not may_open_call("1")

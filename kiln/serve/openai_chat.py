@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import Request
@@ -11,7 +12,13 @@ from kiln.serve.context import ServeContext
 from kiln.serve.errors import APIError
 from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
 from kiln.serve.openai_output import ChoiceState, chat_logprobs, usage
-from kiln.serve.openai_tools import forced_tools, tool_calls
+from kiln.serve.openai_tools import (
+    auto_tools,
+    forced_tools,
+    may_open_call,
+    parse_tool_calls,
+    tool_calls,
+)
 from kiln.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -54,16 +61,38 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
                        request: Request) -> Any:
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     calls_tool = forced_tools(body) is not None  # validated when the call started
+    free_tools = auto_tools(body)  # tool_choice "auto": calls read from the free answer
+
+    def _parsed(completion: CompletionOutput) -> tuple[str | None, list[dict[str, Any]]]:
+        if free_tools is None or completion.finish_reason != "stop":
+            return completion.text, []
+        return parse_tool_calls(completion.text, free_tools)
 
     def _message(completion: CompletionOutput) -> AssistantMessage:
         if calls_tool and completion.finish_reason == "stop":
             return AssistantMessage(tool_calls=tool_calls(completion.text))
+        content, calls = _parsed(completion)
+        if calls:
+            return AssistantMessage(content=content, tool_calls=calls)
         return AssistantMessage(content=completion.text)
 
     def _finish(completion: CompletionOutput) -> str | None:
         if calls_tool and completion.finish_reason == "stop":
             return "tool_calls"
+        if free_tools is not None and _parsed(completion)[1]:
+            return "tool_calls"
         return completion.finish_reason
+
+    def _visible(text: str) -> str:
+        """A free answer's text that cannot belong to a tool call (streamed as it comes)."""
+        if may_open_call(text):
+            return ""
+        tag = "<tool_call>"
+        at = text.find(tag)
+        if at >= 0:
+            return text[:at]
+        held = next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
+        return text[:len(text) - held]
 
     def logprobs(completion: CompletionOutput, positions: range) -> Any:
         if top_n is None or not positions:
@@ -86,6 +115,20 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
                               is None else [{"index": 0, **message.tool_calls[0]}])
                 return [chunk([ChatChunkChoice(index=state.index, delta=delta,
                                                finish_reason=_finish(completion))])]
+            if free_tools is not None:
+                if completion.finish_reason is None:  # hold what may become a call
+                    completion = dataclasses.replace(completion, text=_visible(completion.text))
+                else:
+                    content, calls = _parsed(completion)
+                    if calls:  # the rest of the content and the calls, in the last chunk
+                        sent = completion.text[:state.text.sent]
+                        rest = content[len(sent):] if content and content.startswith(sent) \
+                            else None
+                        state.finished_sent = True
+                        delta = Delta(content=rest or None, tool_calls=[
+                            {"index": i, **c} for i, c in enumerate(calls)])
+                        return [chunk([ChatChunkChoice(index=state.index, delta=delta,
+                                                       finish_reason="tool_calls")])]
             new = state.stream_delta(completion, top_n is not None)
             if new is None:
                 return []

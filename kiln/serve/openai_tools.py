@@ -1,17 +1,24 @@
-"""Function calling on /v1/chat/completions with a forced tool choice.
+"""Function calling on /v1/chat/completions.
 
 With `tool_choice: "required"` or a named function, the answer is generated under a JSON
 schema (structured output) of `{"name": <one of the functions>, "arguments": <its
 parameters schema>}`, so it is always a well-formed call, and is returned as OpenAI's
 `tool_calls`. The tools also go to the model's chat template (`tools`), for templates
-that describe them to the model. `tool_choice: "auto"` (OpenAI's default when tools are
-given) needs a per-model parser of free text that kiln does not have: it is a 400 that
-says what to send instead.
+that describe them to the model.
+
+`tool_choice: "auto"` (OpenAI's default when tools are given): the model answers freely,
+and the answer is read as tool calls when it is written in one of the formats chat
+models are trained to call tools with (parse_tool_calls): Hermes / Qwen / SmolLM
+`<tool_call>{...}</tool_call>` blocks (text around them stays the message content), or a
+whole answer that is one JSON call or a list of them, optionally after Llama 3.1's
+`<|python_tag|>` or inside a ```json fence. A call names one of the request's functions
+and has `arguments` (or `parameters`) that are an object; anything else is plain text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -53,9 +60,7 @@ def forced_tools(body: Any) -> list[dict[str, Any]] | None:
                            param="tool_choice")
         return named
     if choice in (None, "auto"):
-        raise APIError(400, "tool_choice 'auto' is not supported (kiln has no parser for "
-                       "free-text tool calls); send tool_choice 'required' or "
-                       "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        return None  # free text, read for calls afterwards (auto_tools, parse_tool_calls)
     raise APIError(400, f"tool_choice {choice!r} is not one of none, auto, required or a "
                    "named function", param="tool_choice")
 
@@ -73,3 +78,63 @@ def tool_calls(text: str) -> list[dict[str, Any]]:
     call = json.loads(text)
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+
+
+def auto_tools(body: Any) -> list[dict[str, Any]] | None:
+    """The functions a free answer may call (tool_choice "auto" or unset, with tools)."""
+    tools, choice = getattr(body, "tools", None), getattr(body, "tool_choice", None)
+    return _functions(tools) if tools and choice in (None, "auto") else None
+
+
+# Openings of an answer that may be a call: held back while streaming until it is clear.
+CALL_OPENINGS = ("<tool_call>", "<|python_tag|>", "```", "{", "[")
+_TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
+def parse_tool_calls(text: str, functions: list[dict[str, Any]]
+                     ) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) of a free answer: ([], the text) when it holds no call."""
+    names = {f["name"] for f in functions}
+
+    def call(obj: Any) -> dict[str, Any] | None:
+        if not isinstance(obj, dict) or obj.get("name") not in names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": obj["name"], "arguments": json.dumps(args)}}
+
+    def load(s: str) -> Any:
+        try:
+            return json.loads(s)
+        except ValueError:
+            return None
+
+    tagged = _TAGGED.findall(text)
+    if tagged:
+        calls = [call(load(body)) for body in tagged]
+        if all(calls):
+            rest = _TAGGED.sub("", text).strip()
+            return rest or None, calls  # type: ignore[return-value]
+        return text, []
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    fenced = _FENCE.match(body)
+    obj = load(fenced.group(1) if fenced else body)
+    objs = obj if isinstance(obj, list) and obj else [obj]
+    calls = [call(o) for o in objs]
+    if all(calls):
+        return None, calls  # type: ignore[return-value]
+    return text, []
+
+
+def may_open_call(text: str) -> bool:
+    """Whether a streamed answer so far could still turn out to be a call."""
+    s = text.lstrip()
+    return any(s.startswith(o) or o.startswith(s) for o in CALL_OPENINGS)
