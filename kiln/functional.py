@@ -53,6 +53,42 @@ def rms_norm(
     return ref.add_rms_norm(x, residual, weight, eps)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through
+    oneDNN with that packing (2-3.5x faster than a plain GEMM at decode's few rows: the
+    plain call repacks the whole weight every time)."""
+    if packed is not None and not x.is_cuda:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
+                                               "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def prepack_cpu_linears(model: torch.nn.Module, rows_hint: int = 8) -> int:
+    """Give every float32 linear weight of a CPU model a oneDNN-packed copy
+    (`packed_weight`, read by `linear`); KILN_CPU_PACK=0 turns it off. Returns how many
+    were packed (0 where this torch has no oneDNN packing: plain GEMMs then)."""
+    if os.environ.get("KILN_CPU_PACK", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return 0
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    try:  # the ops are internal to torch: check they work here before relying on them
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        if reorder is None or not torch.allclose(
+                linear(x, w, None, reorder(w, rows_hint)), x @ w.T, atol=1e-5):
+            return 0
+    except (RuntimeError, AttributeError):
+        return 0
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(module, "packs_on_cpu", False) and isinstance(weight, torch.Tensor) and \
+                weight.dtype == torch.float32 and weight.dim() == 2 and not weight.is_cuda:
+            module.packed_weight = reorder(weight.detach(), rows_hint)
+            count += 1
+    return count
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _triton(x):
         from kiln.kernels.silu_mul import silu_and_mul as kernel
@@ -133,6 +169,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                        meta.max_query_len, scale, k_scale=k_scale,
                                        v_scale=v_scale, sliding_window=sliding_window,
                                        softcap=softcap, alibi_slopes=alibi_slopes)
+    if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
+        return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
+                                          meta.seq_lens_host, scale, k_scale, v_scale,
+                                          sliding_window, softcap, alibi_slopes)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
                                softcap, alibi_slopes)

@@ -388,3 +388,62 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
+
+
+@pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi", "fp8"])
+def test_batched_decode_reference_equals_per_sequence(feature):
+    """The CPU decode path (all sequences in one padded product) gives the per-sequence
+    loop's results, with NaN in unwritten cache memory (torch.empty) left out."""
+    from kiln.kernels import reference as ref
+
+    torch.manual_seed(0)
+    heads, kv_heads, d, bs = 8, 2, 16, 4
+    seq_lens = [1, 7, 13, 4, 20]
+    blocks = [-(-n // bs) for n in seq_lens]
+    cache = torch.full((sum(blocks) + 3, bs, kv_heads, d), float("nan"))
+    k_cache, v_cache = cache.clone(), cache.clone()
+    table = torch.zeros(len(seq_lens), max(blocks) + 1, dtype=torch.int32)
+    order = torch.randperm(sum(blocks) + 3)
+    for i, (n, used) in enumerate(zip(seq_lens, blocks)):
+        ids, order = order[:used], order[used:]
+        table[i, :used] = ids
+        for p in range(n):  # only the written slots hold numbers
+            k_cache[ids[p // bs], p % bs] = torch.randn(kv_heads, d)
+            v_cache[ids[p // bs], p % bs] = torch.randn(kv_heads, d)
+    scales = {}
+    if feature == "fp8":
+        scales = dict(k_scale=torch.rand(kv_heads) + 0.5, v_scale=torch.rand(kv_heads) + 0.5)
+        k_cache = (k_cache / scales["k_scale"].view(-1, 1)).to(ref.FP8)
+        v_cache = (v_cache / scales["v_scale"].view(-1, 1)).to(ref.FP8)
+    extra = {"window": dict(sliding_window=5), "softcap": dict(softcap=2.0),
+             "alibi": dict(alibi_slopes=ref.alibi_slopes(heads))}.get(feature, {})
+    q = torch.randn(len(seq_lens), heads, d)
+    got = ref.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, d ** -0.5,
+                                     **scales, **extra)
+    want = ref.paged_attention(q, k_cache, v_cache, table, list(range(len(seq_lens) + 1)),
+                               seq_lens, d ** -0.5, **scales, **extra)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_linears_prepacked_for_onednn(tiny_engines, monkeypatch):
+    """A CPU engine's float32 linears (and the LM head) carry a oneDNN packing that gives
+    the plain product's results; KILN_CPU_PACK=0 leaves them plain."""
+    from kiln import functional as KF
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+    packed = [m for m in engine.runner.model.modules() if hasattr(m, "packed_weight")]
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert len(packed) == 4 * engine.config.model.num_layers + 1  # qkv, o, gate_up, down, head
+    x = torch.randn(5, packed[0].weight.shape[1])
+    torch.testing.assert_close(KF.linear(x, packed[0].weight, None, packed[0].packed_weight),
+                               x @ packed[0].weight.T, atol=1e-5, rtol=1e-5)
+    tokens = list(range(3, 40))
+    got = sequence_logits(engine, tokens)
+    monkeypatch.setenv("KILN_CPU_PACK", "0")
+    plain = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
+    assert not any(hasattr(m, "packed_weight") for m in plain.runner.model.modules())
+    torch.testing.assert_close(got, sequence_logits(plain, tokens), atol=1e-5, rtol=1e-5)

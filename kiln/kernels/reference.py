@@ -134,6 +134,59 @@ def write_kv(
         quantize_kv(v, v_scale, v_cache.dtype)
 
 
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention for a decode step (query i is the last token of sequence i), all
+    sequences in one batched product: contexts gathered into [B, L, kv_heads, d] padded to
+    the longest, the padding (and, with a window, the keys before it) masked and zeroed
+    (unwritten cache memory may hold NaN). Same results as the per-sequence loop."""
+    batch = len(seq_lens)
+    block_size = k_cache.shape[1]
+    length = max(seq_lens)
+    blocks = block_tables[:batch, :-(-length // block_size)].long()
+    k = dequantize_kv(k_cache[blocks].flatten(1, 2)[:, :length], k_scale, q.dtype)
+    v = dequantize_kv(v_cache[blocks].flatten(1, 2)[:, :length], v_scale, q.dtype)
+    lens = torch.tensor(seq_lens, device=q.device)
+    k_pos = torch.arange(length, device=q.device)[None, :]
+    q_pos = (lens - 1)[:, None]
+    mask = k_pos <= q_pos  # [B, L]
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    keep = mask[:, :, None, None]
+    k = k.masked_fill(~keep, 0).transpose(1, 2)  # [B, kv_heads, L, d]
+    v = v.masked_fill(~keep, 0).transpose(1, 2)
+    qh = q.reshape(batch, q.shape[1], 1, q.shape[2])  # [B, heads, 1, d]
+    attn_mask = mask[:, None, None, :]
+    if alibi_slopes is not None:
+        distance = (k_pos - q_pos).float()  # [B, L]
+        bias = alibi_slopes.float()[None, :, None, None] * distance[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=bias.masked_fill(~attn_mask, float("-inf")).to(q.dtype),
+            scale=scale, enable_gqa=True)
+    elif softcap is None:
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=attn_mask, scale=scale,
+                                           enable_gqa=True)
+    else:  # in float32, as paged_attention
+        group = qh.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (qh.float() @ k.float().transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        o = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    return o.view(batch, q.shape[1], q.shape[2])
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln import functional as KF
 from kiln.distributed import Mapping
 from kiln.distributed.comm import tp_all_gather_last_dim, tp_all_reduce
 
@@ -42,6 +43,8 @@ class LMHead(VocabEmbedding):
     """logits = h E^T (+ b, Phi-2), gathered over ranks and cut back to the true
     vocabulary size."""
 
+    packs_on_cpu = True  # KF.prepack_cpu_linears
+
     def __init__(self, vocab_size: int, hidden_size: int, mapping: Mapping | None = None,
                  bias: bool = False) -> None:
         super().__init__(vocab_size, hidden_size, mapping)
@@ -59,5 +62,5 @@ class LMHead(VocabEmbedding):
         param.data[: part.shape[0]].copy_(part)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = nn.functional.linear(hidden, self.weight, self.bias)
+        logits = KF.linear(hidden, self.weight, self.bias, getattr(self, "packed_weight", None))
         return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]

@@ -34,6 +34,11 @@ class LinearBase(nn.Module):
     shard_ids: tuple[object, ...] | None = None
     rows_sharded = True
 
+    @property
+    def packs_on_cpu(self) -> bool:
+        """A plain float weight: KF.prepack_cpu_linears may give it a oneDNN packing."""
+        return getattr(getattr(self, "method", None), "name", None) == "none"
+
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  mapping: Mapping | None) -> None:
         super().__init__()

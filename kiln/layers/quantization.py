@@ -81,7 +81,7 @@ class LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
-        return nn.functional.linear(x, layer.weight, bias)
+        return KF.linear(x, layer.weight, bias, getattr(layer, "packed_weight", None))
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         """Build time: turn the loaded float `layer.weight` into this method's parameters."""

@@ -98,6 +98,11 @@ class ModelRunner:
             raise RuntimeError(f"engine weights do not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}; rebuild the engine")
         self.model.eval()
+        if device.type == "cpu":
+            from kiln import functional as KF
+
+            packed = KF.prepack_cpu_linears(self.model)
+            log.debug("packed %d linear weights for oneDNN", packed)
         # LongRoPE (Phi-3): a sequence past the original context rotates with the long
         # factors from its first token (Scheduler.check_long_rope; RotaryEmbedding keeps
         # those rows at long_offset and after).
