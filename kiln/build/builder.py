@@ -59,15 +59,15 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
         if getattr(build_cfg, name) < 1:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
     tp = build_cfg.tp_size
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        raise BuildError(f"tp_size {tp} and the model's {cfg.num_kv_heads} KV heads: one must "
-                         "divide the other (fewer KV heads than ranks are replicated)")
     for what, n in (("attention heads", cfg.num_heads),
                     ("intermediate size", cfg.intermediate_size),
                     ("expert intermediate size", cfg.moe_intermediate_size),
                     ("shared expert intermediate size", cfg.shared_expert_intermediate_size)):
         if n % tp:
             raise BuildError(f"tp_size {tp} does not divide the model's {what} ({n})")
+    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
+        raise BuildError(f"tp_size {tp} and the model's {cfg.num_kv_heads} KV heads: one must "
+                         "divide the other (fewer KV heads than ranks are replicated)")
     if build_cfg.pp_size > cfg.num_layers:
         raise BuildError(f"pp_size {build_cfg.pp_size} exceeds the {cfg.num_layers} layers")
     if cfg.hidden_act not in ACTIVATIONS:
