@@ -65,26 +65,46 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+@functools.cache
+def _onednn_packer():
+    """torch's oneDNN weight packing, if this build has it and it works (the ops are
+    internal to torch: checked once before kiln relies on them)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    try:
+        w, x = torch.randn(8, 4), torch.randn(3, 4)
+        if reorder is None or not torch.allclose(linear(x, w, None, reorder(w, 8)), x @ w.T,
+                                                 atol=1e-5):
+            return None
+    except (RuntimeError, AttributeError):
+        return None
+    return reorder
+
+
+def pack_cpu_weight(weight: torch.Tensor, rows_hint: int = 8) -> torch.Tensor | None:
+    """A float32 CPU weight [N, K] packed for `linear` (None where packing is off:
+    KILN_CPU_PACK=0, another dtype or device, or no oneDNN)."""
+    if os.environ.get("KILN_CPU_PACK", "1") == "0" or weight.is_cuda or \
+            weight.dtype != torch.float32 or weight.dim() != 2:
+        return None
+    reorder = _onednn_packer()
+    return None if reorder is None else reorder(weight.detach(), rows_hint)
+
+
 def prepack_cpu_linears(model: torch.nn.Module, rows_hint: int = 8) -> int:
     """Give every float32 linear weight of a CPU model a oneDNN-packed copy
     (`packed_weight`, read by `linear`); KILN_CPU_PACK=0 turns it off. Returns how many
-    were packed (0 where this torch has no oneDNN packing: plain GEMMs then)."""
-    if os.environ.get("KILN_CPU_PACK", "1") == "0" or not torch.backends.mkldnn.is_available():
-        return 0
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    try:  # the ops are internal to torch: check they work here before relying on them
-        w, x = torch.randn(8, 4), torch.randn(3, 4)
-        if reorder is None or not torch.allclose(
-                linear(x, w, None, reorder(w, rows_hint)), x @ w.T, atol=1e-5):
-            return 0
-    except (RuntimeError, AttributeError):
-        return 0
+    were packed (0 where this torch has no oneDNN packing: plain GEMMs then). Integer and
+    FP8 layers pack the float weight they keep on the CPU on first use instead."""
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if getattr(module, "packs_on_cpu", False) and isinstance(weight, torch.Tensor) and \
-                weight.dtype == torch.float32 and weight.dim() == 2 and not weight.is_cuda:
-            module.packed_weight = reorder(weight.detach(), rows_hint)
+        if getattr(module, "packs_on_cpu", False) and isinstance(weight, torch.Tensor):
+            packed = pack_cpu_weight(weight, rows_hint)
+            if packed is None:
+                continue
+            module.packed_weight = packed
             count += 1
     return count
 
@@ -207,7 +227,8 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               weight_float: torch.Tensor | None = None) -> torch.Tensor:
+               weight_float: torch.Tensor | None = None,
+               packed: torch.Tensor | None = None) -> torch.Tensor:
     """W8A8 FP8 GEMM: x [..., K] (16/32-bit) @ weight [N, K] e4m3fn -> [..., N] in x.dtype.
 
     weight_scale [N] float32 per output row; input_scale None quantizes x per token,
@@ -221,13 +242,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
         y = kernel(x2, weight, weight_scale, input_scale, bias)
     else:
-        y = ref.fp8_linear(x2, weight, weight_scale, input_scale, bias, weight_float)
+        y = ref.fp8_linear(x2, weight, weight_scale, input_scale, bias, weight_float, packed)
     return y.view(*shape[:-1], weight.shape[0])
 
 
 def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                       weight_offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                      weight_float: torch.Tensor | None = None) -> torch.Tensor:
+                      weight_float: torch.Tensor | None = None,
+                      packed: torch.Tensor | None = None) -> torch.Tensor:
     """W4A16 / W8A16: x [..., K] @ dequant(weight)^T -> [..., N] in x.dtype, the weight
     int8 [N, K] or two 4-bit values a byte (uint8 [N, K // 2]) with float32 group scales
     and offsets (see reference.dequantize_int_weight). On CUDA a Triton kernel that
@@ -240,7 +262,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
         y = kernel(x2, weight, weight_scale, weight_offset, bias)
     else:
-        y = ref.int_weight_linear(x2, weight, weight_scale, weight_offset, bias, weight_float)
+        y = ref.int_weight_linear(x2, weight, weight_scale, weight_offset, bias, weight_float,
+                                  packed)
     return y.view(*shape[:-1], weight.shape[0])
 
 

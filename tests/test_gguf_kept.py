@@ -86,10 +86,7 @@ def _logits(engine_dir: Path) -> torch.Tensor:
     return sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
 
 
-def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine, monkeypatch):
-    # Both engines on the plain GEMM: the float engine's oneDNN-packed product sums in
-    # another order (equal to ~1e-6), and this checks the weights' values bit for bit.
-    monkeypatch.setenv("KILN_CPU_PACK", "0")
+def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine):
     kept = build(smollm2_gguf(), tmp_path / "kept", BuildConfig(
         dtype="float32", max_seq_len=256, quantization="gguf"), progress=False)
     plain = smollm2_engine
@@ -144,8 +141,7 @@ def _write_mixed(path: Path, layer1_down: Q = Q.F16) -> None:
     w.close()
 
 
-def test_mixed_types_kept_engine_is_bit_identical(tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_CPU_PACK", "0")  # as above: values bit for bit, one GEMM
+def test_mixed_types_kept_engine_is_bit_identical(tmp_path):
     path = tmp_path / "mixed.gguf"
     _write_mixed(path)
     opts = dict(dtype="float32", max_seq_len=256)

@@ -82,7 +82,8 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               weight_float: torch.Tensor | None = None) -> torch.Tensor:
+               weight_float: torch.Tensor | None = None,
+               packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = (x_q @ w_q^T) * x_scale * w_scale (+ bias), in x's dtype.
 
     weight [N, K] e4m3fn with per-output-row weight_scale [N] float32; x [M, K] is
@@ -96,7 +97,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     else:
         x_q, x_scale = quantize_fp8(x, input_scale), input_scale.view(1, 1)
     w = weight_float if weight_float is not None else weight.float()
-    y = (x_q.float() @ w.T) * x_scale * weight_scale.view(1, -1)
+    if packed is not None:  # w packed for oneDNN (kiln.functional.linear)
+        from kiln.functional import linear
+
+        y = linear(x_q.float(), w, None, packed) * x_scale * weight_scale.view(1, -1)
+    else:
+        y = (x_q.float() @ w.T) * x_scale * weight_scale.view(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -412,9 +418,15 @@ def dequantize_int_weight(weight: torch.Tensor, scale: torch.Tensor,
 
 def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offset: torch.Tensor | None, bias: torch.Tensor | None = None,
-                      weight_float: torch.Tensor | None = None) -> torch.Tensor:
+                      weight_float: torch.Tensor | None = None,
+                      packed: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T + b with W dequantized (float32, then x's dtype): the GEMM a float engine
-    holding the dequantized weight computes. weight_float: a cached dequantized weight."""
+    holding the dequantized weight computes. weight_float: a cached dequantized weight;
+    packed: it packed for oneDNN (float32 x only; kiln.functional.linear)."""
+    if packed is not None and x.dtype == torch.float32:
+        from kiln.functional import linear
+
+        return linear(x, weight_float, None if bias is None else bias.float(), packed)
     w = weight_float if weight_float is not None else dequantize_int_weight(weight, scale, offset)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

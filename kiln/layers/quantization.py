@@ -127,8 +127,9 @@ class FP8Method(LinearMethod):
             if weight_float is None or weight_float.device != layer.weight.device:
                 weight_float = layer.weight.float()
                 layer._weight_float = weight_float
+                layer._weight_packed = KF.pack_cpu_weight(weight_float)
         return KF.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias,
-                             weight_float)
+                             weight_float, getattr(layer, "_weight_packed", None))
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         weight = layer.weight.data.float()

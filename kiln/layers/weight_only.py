@@ -96,15 +96,16 @@ class IntWeightMethod(LinearMethod):
 
                 weight_float = dequantize_int_weight(layer.weight, layer.weight_scale, offset)
                 layer._weight_float = weight_float
+                layer._weight_packed = KF.pack_cpu_weight(weight_float)
         return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
-                                    weight_float)
+                                    weight_float, getattr(layer, "_weight_packed", None))
 
     def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
               offset: torch.Tensor | None) -> None:
         """Replace the layer's parameters by q (values [out, in]), scale and offset."""
         for name in layer.method.param_names:
             delattr(layer, name)
-        layer._weight_float = None
+        layer._weight_float = layer._weight_packed = None
         self.create_weights(layer)
         layer.method = self
         layer.weight.data = pack_int4(q) if self.bits == 4 else q.to(torch.int8)
