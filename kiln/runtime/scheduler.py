@@ -154,6 +154,7 @@ class Scheduler:
         if request.block_ids:
             self.kv.free(request)
         request.num_computed_tokens = 0
+        _drop_drafts(request)
 
     def _entry(self, request: Request, num_new: int) -> ScheduledRequest:
         sample = request.num_computed_tokens + num_new == request.num_tokens
@@ -176,6 +177,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        _drop_drafts(request)
         request.status = RequestStatus.WAITING
         request.stats.num_preemptions += 1
         self.num_preemptions += 1
@@ -188,3 +190,10 @@ class Scheduler:
         for entry in out.scheduled:
             entry.request.num_computed_tokens += entry.num_new_tokens - len(entry.spec_token_ids)
             self.kv.commit(entry.request)
+
+
+def _drop_drafts(request: Request) -> None:
+    """A request recomputed from scratch verifies no drafts: the ones proposed after its
+    last step would otherwise be counted (and rolled back) after its next prefill."""
+    request.spec_token_ids = []
+    request.spec_draft_probs = None
