@@ -125,3 +125,33 @@ def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
     tp1_error, tp2_error = (tp1 - plain).abs().mean(), (got - plain).abs().mean()
     assert tp1_error > 0.01 and tp2_error > 0.01  # both really are FP8
     assert tp2_error < 2 * tp1_error, (tp2_error, tp1_error)
+
+
+@pytest.mark.parametrize("tp", [4, 8])
+def test_tp4_and_tp8_match_single_rank(tp, tmp_path):
+    """4 and 8 gloo ranks (what the 4- and 8-GPU machines run over NCCL) on a tiny Llama
+    of 8 query heads and 2 KV heads (each KV head replicated on tp / 2 ranks): the same
+    logits as one rank, and the same greedy token at every position."""
+    import transformers
+
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+    from tests.conftest import TINY
+
+    config = transformers.LlamaConfig(**{**TINY, "num_attention_heads": 8,
+                                         "num_key_value_heads": 2})
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "hf")
+    engine = build(tmp_path / "hf", tmp_path / f"tp{tp}", BuildConfig(**CFG, tp_size=tp),
+                   progress=False)
+    result = tmp_path / "logits.pt"
+    mp.start_processes(_rank_main, args=(tp, free_port(), str(engine), str(result)),
+                       nprocs=tp, join=True, start_method="spawn")
+    got = torch.load(result)
+    single = LLMEngine(build(tmp_path / "hf", tmp_path / "tp1", BuildConfig(**CFG),
+                             progress=False), RuntimeConfig(device="cpu"))
+    want = sequence_logits(single, TOKENS)
+    assert (got["prefill"] - want[:-1]).abs().max() < 1e-4
+    assert (got["decode"][0] - want[-1]).abs().max() < 1e-4
+    assert torch.equal(got["prefill"].argmax(-1), want[:-1].argmax(-1))
