@@ -173,24 +173,33 @@ def paged_attention_decode(
     k = k.masked_fill(~keep, 0).transpose(1, 2)  # [B, kv_heads, L, d]
     v = v.masked_fill(~keep, 0).transpose(1, 2)
     qh = q.reshape(batch, q.shape[1], 1, q.shape[2])  # [B, heads, 1, d]
-    attn_mask = mask[:, None, None, :]
-    if alibi_slopes is not None:
-        distance = (k_pos - q_pos).float()  # [B, L]
-        bias = alibi_slopes.float()[None, :, None, None] * distance[:, None, None, :]
-        o = F.scaled_dot_product_attention(
-            qh, k, v, attn_mask=bias.masked_fill(~attn_mask, float("-inf")).to(q.dtype),
-            scale=scale, enable_gqa=True)
-    elif softcap is None:
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=attn_mask, scale=scale,
-                                           enable_gqa=True)
-    else:  # in float32, as paged_attention
-        group = qh.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        scores = (qh.float() @ k.float().transpose(-1, -2)) * scale
-        scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-        o = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    o = _attend(qh, k, v, mask[:, None, None, :], (k_pos - q_pos)[:, None, None, :], scale,
+                softcap, alibi_slopes)
     return o.view(batch, q.shape[1], q.shape[2])
+
+
+def _attend(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor,
+            distance: torch.Tensor, scale: float, softcap: float | None,
+            alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale (capped, or + ALiBi) where mask) v for qh [..., heads, Q, d],
+    kh / vh [..., kv_heads, L, d]; mask and distance (key pos - query pos) broadcast to
+    [..., Q, L] without the head dim."""
+    if alibi_slopes is not None:
+        bias = alibi_slopes.float().view(-1, 1, 1) * distance.float()
+        return F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=bias.masked_fill(~mask, float("-inf")).to(qh.dtype),
+            scale=scale, enable_gqa=True)
+    if softcap is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    group = qh.shape[-3] // kh.shape[-3]
+    kh, vh = kh.repeat_interleave(group, -3), vh.repeat_interleave(group, -3)
+    # In float32, as the kernels do: capped scores reach |s| ~ c (50 for Gemma 2), where
+    # a 16-bit score is off by up to 0.25 before the softmax.
+    scores = (qh.float() @ kh.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ vh.float()).to(qh.dtype)
 
 
 def paged_attention(
@@ -238,24 +247,7 @@ def paged_attention(
         if sliding_window is not None:
             mask &= k_pos > q_pos[:, None] - sliding_window
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if alibi_slopes is not None:
-            distance = (k_pos - q_pos[:, None]).float()
-            bias = alibi_slopes.float()[:, None, None] * distance[None]
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=bias.masked_fill(~mask, float("-inf")).to(q.dtype),
-                scale=scale, enable_gqa=True)
-        elif softcap is None:
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
-        else:
-            group = qh.shape[0] // kh.shape[0]
-            kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
-            # In float32, as the kernels do: capped scores reach |s| ~ c (50 for Gemma 2),
-            # where a 16-bit score is off by up to 0.25 before the softmax.
-            scores = (qh.float() @ kh.float().transpose(1, 2)) * scale
-            scores = torch.tanh(scores / softcap) * softcap
-            scores = scores.masked_fill(~mask, float("-inf"))
-            o = (torch.softmax(scores, dim=-1) @ vh.float()).to(q.dtype)
+        o = _attend(qh, kh, vh, mask, k_pos - q_pos[:, None], scale, softcap, alibi_slopes)
         out[start:end] = o.transpose(0, 1)
     return out
 

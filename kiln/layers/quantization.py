@@ -15,7 +15,7 @@ weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,21 @@ class LinearMethod:
 UNQUANTIZED = LinearMethod()
 
 
+def cpu_float_weight(layer: LinearBase, x: torch.Tensor, make: Callable[[], torch.Tensor]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(float32 weight, its oneDNN packing or None) that a quantized layer multiplies on
+    the CPU, made once by `make` and kept (what a float32 engine holds) rather than on
+    every call; (None, None) on a GPU, whose kernels read the quantized weight."""
+    if x.is_cuda:
+        return None, None
+    weight_float = getattr(layer, "_weight_float", None)
+    if weight_float is None or weight_float.device != layer.weight.device:
+        weight_float = make()
+        layer._weight_float = weight_float
+        layer._weight_packed = KF.pack_cpu_weight(weight_float)
+    return weight_float, layer._weight_packed
+
+
 def _load_max(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
     """Fused projections share one input scale: the largest of their shards'."""
     value = loaded.detach().float().reshape(-1).max()
@@ -119,17 +134,10 @@ class FP8Method(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         input_scale = layer.input_scale if self.static else None
-        weight_float = None
-        if not x.is_cuda:
-            # The CPU has no FP8 GEMM: keep the (exact) float32 copy of the weight instead
-            # of converting it on every call; it costs what a float32 engine holds.
-            weight_float = getattr(layer, "_weight_float", None)
-            if weight_float is None or weight_float.device != layer.weight.device:
-                weight_float = layer.weight.float()
-                layer._weight_float = weight_float
-                layer._weight_packed = KF.pack_cpu_weight(weight_float)
+        # The CPU has no FP8 GEMM: it multiplies the (exact) float32 copy of the weight.
+        weight_float, packed = cpu_float_weight(layer, x, lambda: layer.weight.float())
         return KF.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias,
-                             weight_float, getattr(layer, "_weight_packed", None))
+                             weight_float, packed)
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         weight = layer.weight.data.float()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from kiln import functional as KF
-from kiln.kernels.reference import INT8_MAX, MIN_AMAX, pack_int4
+from kiln.kernels.reference import INT8_MAX, MIN_AMAX, dequantize_int_weight, pack_int4
 from kiln.layers.linear import LinearBase
-from kiln.layers.quantization import LinearMethod
+from kiln.layers.quantization import LinearMethod, cpu_float_weight
 
 INT4_DEFAULT_GROUP = 128
 
@@ -86,19 +86,11 @@ class IntWeightMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         offset = layer.weight_offset if self.has_offset else None
-        weight_float = None
-        if not x.is_cuda:
-            # The CPU path multiplies the dequantized weight; keep it rather than
-            # dequantizing on every call (what a float32 engine holds).
-            weight_float = getattr(layer, "_weight_float", None)
-            if weight_float is None or weight_float.device != layer.weight.device:
-                from kiln.kernels.reference import dequantize_int_weight
-
-                weight_float = dequantize_int_weight(layer.weight, layer.weight_scale, offset)
-                layer._weight_float = weight_float
-                layer._weight_packed = KF.pack_cpu_weight(weight_float)
+        # The CPU multiplies the dequantized weight.
+        weight_float, packed = cpu_float_weight(layer, x, lambda: dequantize_int_weight(
+            layer.weight, layer.weight_scale, offset))
         return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
-                                    weight_float, getattr(layer, "_weight_packed", None))
+                                    weight_float, packed)
 
     def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
               offset: torch.Tensor | None) -> None:
