@@ -79,6 +79,11 @@ for spec in $stages; do
              --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
     throughput) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
+    proftput) # the 128/128 run under torch.profiler: step phases and the kernels by GPU time
+             $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+             --output-len 128 --num-requests 1000 $Q --profile /tmp/prof$tag \
+             --out "$OUT/proftput$tag.json" > "$OUT/proftput$tag.log" 2>&1
+             grep -v "^$" "$OUT/proftput$tag.log" | tail -48 ;;
     throughput-64) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
