@@ -83,7 +83,9 @@ for spec in $stages; do
              $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --profile /tmp/prof$tag \
              --out "$OUT/proftput$tag.json" > "$OUT/proftput$tag.log" 2>&1
-             grep -v "^$" "$OUT/proftput$tag.log" | tail -48 ;;
+             grep -v "^$" "$OUT/proftput$tag.log" | tail -48
+             python3 benchmarks/trace_gaps.py /tmp/prof$tag/trace.json --out "$OUT/gaps$tag.json"
+             gzip -c /tmp/prof$tag/trace.json > "$OUT/trace$tag.json.gz"; ls -la "$OUT" ;;
     throughput-64) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \

@@ -1,0 +1,117 @@
+"""Where the GPU sits idle in a `kiln bench ... --profile DIR` trace, and what the host was
+doing meanwhile.
+
+    python benchmarks/trace_gaps.py DIR/trace.json [--min-gap-ms 0.2] [--out gaps.json]
+
+Reads the Chrome trace the torch profiler wrote, merges the device's kernels, copies and
+memsets into busy intervals, and lists the idle gaps between them: total idle time, the
+gaps by size, and for each host range (kiln's step phases and the outermost torch ops)
+how much device idle time fell inside it. A GPU that waits on the host shows its gaps
+inside kiln.schedule / kiln.prepare / kiln.detokenize; one that waits on itself (a sync
+in the middle of a step) shows them inside the op that synced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import gzip
+import json
+from pathlib import Path
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+def load(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def host_ranges(events: list[dict]) -> list[tuple[float, float, str]]:
+    """kiln's phases and the host's torch ops / python ranges, as (start, end, name)."""
+    out = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("user_annotation", "cpu_op",
+                                                       "python_function", "cuda_runtime",
+                                                       "cuda_driver"):
+            continue
+        out.append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    return out
+
+
+def attribute(gaps: list[tuple[float, float]], ranges: list[tuple[float, float, str]]
+              ) -> dict[str, float]:
+    """Idle microseconds overlapped by each host range name (a gap counts once per name)."""
+    ranges = sorted(ranges)
+    starts = [r[0] for r in ranges]
+    per_name: dict[str, float] = collections.defaultdict(float)
+    longest = max((r[1] - r[0] for r in ranges), default=0)
+    for g0, g1 in gaps:
+        seen: dict[str, float] = {}
+        lo = bisect.bisect_left(starts, g0 - longest)
+        hi = bisect.bisect_right(starts, g1)
+        for start, end, name in ranges[lo:hi]:
+            overlap = min(end, g1) - max(start, g0)
+            if overlap > 0:
+                seen[name] = seen.get(name, 0) + overlap
+        for name, us in seen.items():
+            per_name[name] += min(us, g1 - g0)
+    return per_name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace", type=Path)
+    ap.add_argument("--min-gap-ms", type=float, default=0.2)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    events = load(args.trace)
+    busy = busy_intervals(events)
+    if not busy:
+        raise SystemExit("no device events in the trace (a CPU run?)")
+    span = busy[-1][1] - busy[0][0]
+    busy_us = sum(b - a for a, b in busy)
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)
+            if busy[i + 1][0] - busy[i][1] >= 1000 * args.min_gap_ms]
+    idle_us = sum(b - a for a, b in gaps)
+    sizes = sorted((b - a for a, b in gaps), reverse=True)
+    print(f"device span {span / 1e6:.3f} s, busy {busy_us / 1e6:.3f} s "
+          f"({100 * busy_us / span:.1f}%), idle in gaps >= {args.min_gap_ms} ms: "
+          f"{idle_us / 1e6:.3f} s over {len(gaps)} gaps")
+    buckets = [(0.2, 1), (1, 5), (5, 20), (20, 100), (100, 1e9)]
+    for lo, hi in buckets:
+        sel = [s for s in sizes if 1000 * lo <= s < 1000 * hi]
+        if sel:
+            print(f"  gaps {lo:>5} - {hi if hi < 1e9 else 'inf':>5} ms: {len(sel):6d}, "
+                  f"{sum(sel) / 1e6:.3f} s")
+    per_name = attribute(gaps, host_ranges(events))
+    print(f"\nhost ranges overlapping the idle gaps (idle ms inside each; nested ranges "
+          f"each count):")
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:args.top]
+    for name, us in ranked:
+        print(f"  {us / 1000:10.1f} ms  {name[:90]}")
+    if args.out:
+        args.out.write_text(json.dumps({
+            "span_s": span / 1e6, "busy_s": busy_us / 1e6, "idle_s": idle_us / 1e6,
+            "gaps": len(gaps), "largest_gaps_ms": [s / 1000 for s in sizes[:50]],
+            "idle_ms_by_host_range": {k: v / 1000 for k, v in ranked}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
