@@ -85,7 +85,7 @@ for spec in $stages; do
              --out "$OUT/proftput$tag.json" > "$OUT/proftput$tag.log" 2>&1
              grep -v "^$" "$OUT/proftput$tag.log" | tail -48
              python3 benchmarks/trace_gaps.py /tmp/prof$tag/trace.json --out "$OUT/gaps$tag.json"
-             gzip -c /tmp/prof$tag/trace.json > "$OUT/trace$tag.json.gz"; ls -la "$OUT" ;;
+             [ -n "${KEEP_TRACE:-}" ] && gzip -c /tmp/prof$tag/trace.json > "$OUT/trace$tag.json.gz" ;;
     throughput-64) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \

@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--min-gap-ms", type=float, default=0.2)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--detail", type=int, default=6, help="largest gaps shown in detail")
     args = ap.parse_args()
     events = load(args.trace)
     busy = busy_intervals(events)
@@ -106,6 +107,20 @@ def main() -> None:
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:args.top]
     for name, us in ranked:
         print(f"  {us / 1000:10.1f} ms  {name[:90]}")
+    print(f"\nthe {args.detail} largest gaps: the device work right after each (what the host "
+          "was preparing) and the host ranges overlapping it most")
+    device = sorted((e["ts"], e["name"]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
+    device_ts = [t for t, _ in device]
+    ranges = host_ranges(events)
+    for g0, g1 in sorted(gaps, key=lambda g: g[0] - g[1])[:args.detail]:
+        i = bisect.bisect_left(device_ts, g1)
+        after = [name[:60] for _, name in device[i:i + 3]]
+        inside = sorted(((min(e, g1) - max(s, g0), n) for s, e, n in ranges
+                         if min(e, g1) - max(s, g0) > 0), reverse=True)[:6]
+        print(f"  {(g1 - g0) / 1000:9.1f} ms at +{(g0 - busy[0][0]) / 1e6:.3f} s; next: {after}")
+        for us, name in inside:
+            print(f"      {us / 1000:9.1f} ms  {name[:80]}")
     if args.out:
         args.out.write_text(json.dumps({
             "span_s": span / 1e6, "busy_s": busy_us / 1e6, "idle_s": idle_us / 1e6,

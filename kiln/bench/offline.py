@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -129,7 +130,11 @@ def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = engine.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # KILN_PROFILE_CPU=0: device activity only, no per-op host recording, so the idle gaps
+    # in the trace are the plain run's (benchmarks/trace_gaps.py), not profiler overhead.
+    host = not cuda or os.environ.get("KILN_PROFILE_CPU", "1") != "0"
+    activities = ([ProfilerActivity.CPU] if host else []) + \
+        ([ProfilerActivity.CUDA] if cuda else [])
     was = profiling.enabled()
     profiling.enable()
     try:
