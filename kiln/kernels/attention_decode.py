@@ -45,7 +45,7 @@ def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # block-table width varies by step
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,

@@ -19,7 +19,7 @@ from kiln.kernels.paged import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # block-table width varies by step
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,

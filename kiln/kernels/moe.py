@@ -43,7 +43,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_pairs, block_experts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # token count varies by step
 def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr,
     N, K, num_pairs, num_experts, stride_am, stride_we, stride_wn, stride_om,

@@ -139,6 +139,9 @@ class LLMEngine:
         window = windows.pop() if len(windows) == 1 else None
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
                                  window)
+        seconds = self.runner.warmup(max_num_tokens, self.max_seq_len)
+        if seconds:
+            log.info("warmed up the eager path in %.1f s", seconds)
         if runtime.cuda_graphs:
             self.runner.capture_graphs(self.max_batch_size)
         if self.speculator is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,21 +54,48 @@ class PendingStep:
     logprob_ids: torch.Tensor | None
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]]
     ready: torch.cuda.Event | None = None  # tokens received on a side stream (PP)
+    # Pinned host copies of (tokens, logprobs, logprob_ids), enqueued right behind the
+    # sampling, and the event that marks them complete (CUDA only).
+    host: tuple[torch.Tensor | None, ...] | None = None
+    copied: torch.cuda.Event | None = None
 
     def row_of(self) -> dict[str, int]:
         return {r.request_id: i for i, r in enumerate(self.requests)}
+
+    def copy_to_host(self) -> None:
+        """Start the tokens' trip to the host on the current stream, now. Waiting for them
+        in result() then ends with this step's sampling; a plain .tolist() there would
+        queue behind the next step, already launched by overlap scheduling, and the device
+        would sit idle while the host applied the tokens and scheduled the step after."""
+        if self.tokens is None or not self.tokens.is_cuda:
+            return
+
+        def pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return out.copy_(t, non_blocking=True)
+
+        self.host = tuple(pinned(t) for t in (self.tokens, self.logprobs, self.logprob_ids))
+        self.copied = torch.cuda.Event()
+        self.copied.record()
 
     def result(self) -> StepResult:
         """Wait for the device and bring the tokens to the host (the step's one sync)."""
         if self.tokens is None:
             return StepResult([], [], [], prompt_logprobs=self.prompt_logprobs)
         with phase("kiln.wait_tokens"):
-            if self.ready is not None:
-                torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
+            if self.copied is not None and self.host is not None:
+                self.copied.synchronize()
+                tokens, logprobs, logprob_ids = self.host
+            else:
+                if self.ready is not None:
+                    torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
+                tokens, logprobs, logprob_ids = self.tokens, self.logprobs, self.logprob_ids
             return StepResult(
-                self.requests, self.tokens.tolist(), self.indices,
-                self.logprobs.tolist() if self.logprobs is not None else None,
-                self.logprob_ids.tolist() if self.logprob_ids is not None else None,
+                self.requests, tokens.tolist(), self.indices,  # type: ignore[union-attr]
+                logprobs.tolist() if logprobs is not None else None,
+                logprob_ids.tolist() if logprob_ids is not None else None,
                 self.prompt_logprobs)
 
 
@@ -141,6 +169,54 @@ class ModelRunner:
                                    self.num_blocks, self.device)
         seconds = self.graphs.capture()
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
+
+    @torch.inference_mode()
+    def warmup(self, max_num_tokens: int, max_seq_len: int) -> float:
+        """Compile the eager path's kernels now rather than inside the first requests:
+        one mixed step (a prompt and a decode row) for each query-tile size the prefill
+        attention kernel picks, then the greedy and the random sampler. Writes K/V only
+        into the scratch block no request owns. Seconds taken (0 off CUDA / with PP)."""
+        if self.device.type != "cuda" or self.mapping.pp_size > 1:
+            return 0.0
+        started = time.perf_counter()
+        bs, scratch = self.block_size, self.num_blocks
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        logits = None
+        for length in sorted({min(n, max_seq_len - 1, max_num_tokens - 1)
+                              for n in (2, 8, 16, 32, 64, 128)}):
+            seq_lens = [length, length + 1]  # the decode row's context includes its token
+            positions = list(range(length)) + [length]
+            meta = AttentionMetadata(
+                slot_mapping=tensor([scratch * bs + p % bs for p in positions], torch.int64),
+                block_tables=torch.full((2, -(-(length + 1) // bs)), scratch, dtype=torch.int32,
+                                        device=self.device),
+                seq_lens=tensor(seq_lens, torch.int32),
+                query_start_loc=tensor([0, length, length + 1], torch.int32),
+                query_starts_host=[0, length, length + 1], seq_lens_host=seq_lens,
+                max_query_len=length, max_seq_len=length + 1)
+            ids = torch.ones(length + 1, dtype=torch.int64, device=self.device)
+            hidden = self._forward(ids, tensor(positions, torch.int64), meta)
+            logits = self.model.compute_logits(hidden[length - 1:])
+        if logits is not None:
+            rows = logits.shape[0]
+
+            def full(value: float, dtype: torch.dtype) -> torch.Tensor:
+                return torch.full((rows,), value, dtype=dtype, device=self.device)
+
+            for greedy in (True, False):
+                sample(logits, SamplingBatch(
+                    temperature=full(0.0 if greedy else 0.7, torch.float32),
+                    top_k=full(0 if greedy else 50, torch.int64),
+                    top_p=full(1.0 if greedy else 0.9, torch.float32),
+                    min_p=full(0.0, torch.float32), seeds=full(0, torch.int64),
+                    steps=full(0, torch.int64), all_greedy=greedy, penalties=None,
+                    banned=None, bias=None, grammar=None, wants_logprobs=True,
+                    max_logprobs=1))
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     # ---- one step -------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, previous: PendingStep | None = None
@@ -242,7 +318,7 @@ class ModelRunner:
             if batch.wants_logprobs:
                 lp = torch.empty(len(sampling), batch.max_logprobs + 1, device=self.device)
                 lp_ids = torch.empty(lp.shape, dtype=torch.int64, device=self.device)
-        ready = None
+        ready, side = None, None
         if self.mapping.world_size > 1:  # every rank's engine applies the same tokens
             side = self._side_stream()
             if side is not None:
@@ -262,7 +338,10 @@ class ModelRunner:
                     ready = torch.cuda.Event()
                     ready.record(side)
         indices = [r.num_tokens for r in sampling]
-        return PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready)
+        pending = PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            pending.copy_to_host()
+        return pending
 
     def _side_stream(self) -> torch.cuda.Stream | None:
         """The stream an earlier pipeline stage receives sampled tokens on (CUDA only)."""
