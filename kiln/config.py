@@ -421,6 +421,13 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="TP on CUDA: all-reduce decode-sized messages with kiln's "
                        "one-shot NVLink kernel (fused with add + RMSNorm) instead of NCCL "
                        "(default: on where the GPUs support it)")
+        g.add_argument("--attention-sinks", type=int, default=None, metavar="S",
+                       help="StreamingLLM: keep each sequence's first S tokens (whole KV "
+                       "blocks) and its last --attention-window tokens, so generation runs "
+                       "past --max-seq-len in constant memory (RoPE models)")
+        g.add_argument("--attention-window", type=int, default=None, metavar="W",
+                       help="with --attention-sinks: recent tokens kept (default: what "
+                       "max_seq_len leaves after the sinks and one block)")
     g.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
                    help="fp8: W8A8 FP8 weights and activations; int8_wo / int4_wo: INT8 "
                    "(per channel) / INT4 (groups, with offsets) weights, 16-bit "
@@ -466,6 +473,7 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
     rest)."""
     options: dict[str, Any] = {k: getattr(args, k) for k in LIMITS
                                if getattr(args, k, None) is not None}
-    if getattr(args, "custom_all_reduce", None) is not None:
-        options["custom_all_reduce"] = args.custom_all_reduce
+    for name in ("custom_all_reduce", "attention_sinks", "attention_window"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     return options

@@ -140,7 +140,7 @@ def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, rotate_k: bool = True,
 ) -> torch.Tensor:
     """Neox rotary on q and k, k and v written into the paged cache; returns rotary(q).
 
@@ -148,26 +148,30 @@ def rotary_and_write_kv(
     the fused QKV output); cos_sin [max_pos, head_dim] float32 = [cos | sin]; slots < 0
     are not written (padding tokens). 1-byte caches (float8_e4m3fn, int8) store
     k / k_scale[head] and v / v_scale[head] (float32 scales [kv_heads]).
+    rotate_k=False caches k as it comes (attention sinks: paged_attention's key_rotary
+    rotates it when read).
     """
     if _triton(q):
         from kiln.kernels.rotary_kv import rotary_and_write_kv as kernel
 
         return kernel(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, head_dim,
-                      k_scale, v_scale)
+                      k_scale, v_scale, rotate_k)
     return ref.rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                   slot_mapping, head_dim, k_scale, v_scale)
+                                   slot_mapping, head_dim, k_scale, v_scale, rotate_k)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
-                    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+                    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                    key_rotary: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, heads, d] over each sequence's paged context.
 
     1-byte caches are read as value * k_scale[head] / v_scale[head]. sliding_window W:
     a query sees its last W positions; softcap c: scores -> c * tanh(score / c);
     alibi_slopes [heads] float32: ALiBi biases slope * (key pos - query pos).
+    key_rotary (attention sinks): the rotary table [max_pos, head_dim]; the cache holds K
+    before rotary and key n of a sequence is rotated at position n as it is read.
 
     On CUDA a decode step (max_query_len == 1: token i is sequence i) takes the
     split-K decode kernel, whose launch depends only on static shapes (batch rows and
@@ -181,21 +185,23 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens, scale, k_scale=k_scale,
                                           v_scale=v_scale, sliding_window=sliding_window,
-                                          softcap=softcap, alibi_slopes=alibi_slopes)
+                                          softcap=softcap, alibi_slopes=alibi_slopes,
+                                          key_rotary=key_rotary)
         from kiln.kernels.attention_prefill import paged_attention_prefill
 
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
                                        meta.max_query_len, scale, k_scale=k_scale,
                                        v_scale=v_scale, sliding_window=sliding_window,
-                                       softcap=softcap, alibi_slopes=alibi_slopes)
+                                       softcap=softcap, alibi_slopes=alibi_slopes,
+                                       key_rotary=key_rotary)
     if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,
-                                          sliding_window, softcap, alibi_slopes)
+                                          sliding_window, softcap, alibi_slopes, key_rotary)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
-                               softcap, alibi_slopes)
+                               softcap, alibi_slopes, key_rotary)
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool

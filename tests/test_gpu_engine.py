@@ -196,3 +196,17 @@ def test_steps_after_load_compile_nothing(gpu_engines):
     got = run_all(engine, prompts, params, arrivals)
     assert len(got) == len(prompts)
     assert _compiled_kernel_variants() == before
+
+
+def test_attention_sinks_on_gpu_match_the_cpu_engine(gpu_engines):
+    """StreamingLLM on the GPU (keys rotated inside the Triton attention kernels, decode
+    graphs, overlap) generates the CPU engine's tokens, which tests/test_streaming.py holds
+    to a reference StreamingLLM: 3 requests, ~200 tokens each past a 64-token cache."""
+    path = gpu_engines["llama", "float32"]
+    prompts = [[7, 3, 99, 150, 41], list(range(20, 50)), [200, 6] * 9]
+    params = SamplingParams(max_tokens=200, **GREEDY)
+    sinks = dict(attention_sinks=4, attention_window=32)
+    want = run_all(LLMEngine(path, RuntimeConfig(device="cpu", **sinks)), prompts, params)
+    engine = LLMEngine(path, RuntimeConfig(device="cuda", **sinks))
+    assert run_all(engine, prompts, params) == want
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

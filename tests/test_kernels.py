@@ -103,7 +103,7 @@ def _cos_sin(head_dim: int, max_pos: int = 256) -> torch.Tensor:
 
 
 def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
-                    head_dim: int, rotary_dim: int | None = None) -> None:
+                    head_dim: int, rotary_dim: int | None = None, rotate_k: bool = True) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
@@ -116,10 +116,12 @@ def check_rotary_kv(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv
     caches = [torch.randn(5, block_size, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
     ref_caches = [c.clone() for c in caches]
     cos_sin = _cos_sin(head_dim if rotary_dim is None else rotary_dim)
-    q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, head_dim)
-    ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, head_dim)
+    q_rot = rotary_and_write_kv(q, k, v, positions, cos_sin, *caches, slots, head_dim,
+                                rotate_k=rotate_k)
+    ref_q = ref.rotary_and_write_kv(q, k, v, positions, cos_sin, *ref_caches, slots, head_dim,
+                                    rotate_k=rotate_k)
     _close("q", q_rot, ref_q, atol, rtol)
-    _close("k_cache", caches[0], ref_caches[0], atol, rtol)
+    _close("k_cache", caches[0], ref_caches[0], atol if rotate_k else 0, rtol if rotate_k else 0)
     _close("v_cache", caches[1], ref_caches[1], 0, 0)
 
 
@@ -145,7 +147,7 @@ def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: i
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                   head_dim: int, block_m: int | None, block_n: int | None,
                   window: int | None = None, softcap: float | None = None,
-                  alibi: bool = False) -> None:
+                  alibi: bool = False, key_rotary: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
@@ -155,18 +157,21 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
     slopes = ref.alibi_slopes(heads) if alibi else None
+    table = _cos_sin(head_dim) if key_rotary else None
     out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
                                   block_m=block_m, block_n=block_n, sliding_window=window,
-                                  softcap=softcap, alibi_slopes=slopes)
+                                  softcap=softcap, alibi_slopes=slopes, key_rotary=table)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
-                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes,
+                                   key_rotary=table)
     _close("prefill", out, expected, atol, rtol)
 
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                  head_dim: int, num_splits: int | None, window: int | None = None,
-                 softcap: float | None = None, alibi: bool = False) -> None:
+                 softcap: float | None = None, alibi: bool = False,
+                 key_rotary: bool = False) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -175,11 +180,18 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
                                                        head_dim, dtype)
     scale = head_dim ** -0.5
     slopes = ref.alibi_slopes(heads) if alibi else None
+    table = _cos_sin(head_dim) if key_rotary else None
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
                                  scale, num_splits=num_splits, block_n=16,
-                                 sliding_window=window, softcap=softcap, alibi_slopes=slopes)
+                                 sliding_window=window, softcap=softcap, alibi_slopes=slopes,
+                                 key_rotary=table)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
-                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes)
+                                   sliding_window=window, softcap=softcap, alibi_slopes=slopes,
+                                   key_rotary=table)
+    if key_rotary:  # the batched decode reference rotates the same way
+        batched = ref.paged_attention_decode(q[:5], k_cache, v_cache, tables, seq_lens[:5],
+                                             scale, key_rotary=table)
+        _close("decode reference", batched, expected[:5], atol, rtol)
     _close("decode", out[:5], expected[:5], atol, rtol)
     assert torch.equal(out[5], torch.zeros_like(out[5])), "padding row is not zero"
 
@@ -341,6 +353,23 @@ def test_prefill_attention_alibi(interp, heads, kv_heads, block_m, block_n) -> N
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_alibi(interp, heads, kv_heads, num_splits) -> None:
     interp(check_decode, *F32, heads, kv_heads, 32, num_splits, None, None, True)
+
+
+# Attention sinks: keys cached before rotary, rotated at their index as the kernels read them.
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_key_rotary(interp, dtype, atol, rtol, block_m, block_n) -> None:
+    interp(check_prefill, dtype, atol, rtol, 6, 2, 32, block_m, block_n, None, None, False,
+           True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_key_rotary(interp, num_splits) -> None:
+    interp(check_decode, *F32, 6, 2, 32, num_splits, None, None, False, True)
+
+
+def test_rotary_and_write_kv_unrotated_keys(interp) -> None:
+    interp(check_rotary_kv, *F32, 4, 2, 32, None, False)
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])

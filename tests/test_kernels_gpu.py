@@ -143,6 +143,32 @@ def test_decode_attention(batch: int, num_splits: int | None) -> None:
     _close("decode", out, expected, **ATTN)
 
 
+def test_attention_with_key_rotary() -> None:
+    """Attention sinks: keys cached before rotary, rotated at their index by the prefill
+    and decode kernels as read (bf16, real shapes) vs the reference rotating them."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+    from kiln.kernels.attention_prefill import paged_attention_prefill
+    from kiln.layers.rotary import RotaryEmbedding
+
+    table = RotaryEmbedding(HEAD_DIM, 4096, 500000.0, None).cos_sin.cuda()
+    scale = HEAD_DIM ** -0.5
+    seq_lens, q_lens = [4096, 300, 2000], [256, 300, 1]
+    q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
+    out = paged_attention_prefill(
+        q, k_cache, v_cache, tables, torch.tensor(starts, device="cuda").int(),
+        torch.tensor(seq_lens, device="cuda").int(), max(q_lens), scale, key_rotary=table)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
+                                   key_rotary=table)
+    _close("prefill", out, expected, **ATTN)
+    q, k_cache, v_cache, tables, _ = _paged(seq_lens, [1] * 3, 4096 // BLOCK_SIZE)
+    out = paged_attention_decode(q, k_cache, v_cache, tables,
+                                 torch.tensor(seq_lens, device="cuda").int(), scale,
+                                 key_rotary=table)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, [0, 1, 2, 3], seq_lens, scale,
+                                   key_rotary=table)
+    _close("decode", out, expected, **ATTN)
+
+
 def test_decode_attention_cuda_graph() -> None:
     """Captured once, replayed with other seq_lens (incl. 0 = padding) and queries."""
     from kiln.kernels.attention_decode import paged_attention_decode

@@ -50,11 +50,11 @@ def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-    window, softcap, alibi_ptr,
+    window, softcap, alibi_ptr, cos_sin_ptr, stride_cs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -66,7 +66,8 @@ def _decode_kernel(
     the reduce combines linearly).
     WINDOW: the token sees its last `window` keys only, so the splits share those (the
     blocks before them are never read). SOFTCAP: scores -> c * tanh(score / c), softcap
-    = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). All
+    = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). ROPE_K
+    (attention sinks): key n, cached before rotary, is rotated at position n as read. All
     constexpr: off, the plain code.
     """
     seq = tl.program_id(0)
@@ -109,13 +110,15 @@ def _decode_kernel(
                                     n0, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
-                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
     if full_end < end:
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     full_end, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
-                                    window, softcap, False, SOFTCAP, slopes, ALIBI)
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
@@ -194,11 +197,14 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
     sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c);
-    alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference.
+    alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference;
+    key_rotary (attention sinks, 16/32-bit cache): the rotary table; keys are cached
+    before rotary and rotated at their index as read.
 
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
@@ -238,11 +244,14 @@ def paged_attention_decode(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         sliding_window or 0, (softcap or 0.0) * LOG2E,
         alibi_slopes if alibi_slopes is not None else seq_lens,
+        key_rotary if key_rotary is not None else seq_lens,
+        key_rotary.stride(0) if key_rotary is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
-        ALIBI=alibi_slopes is not None, num_warps=4, num_stages=num_stages,
+        ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=4,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

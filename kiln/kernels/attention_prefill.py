@@ -24,10 +24,11 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_bt, window, softcap, alibi_ptr,
+    cos_sin_ptr, stride_cs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr,
+    ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
 
@@ -41,7 +42,9 @@ def _prefill_kernel(
     WINDOW: query p sees keys p - window + 1 .. p only; tiles wholly before the window of
     every row are skipped, tiles some rows see only in part are masked. SOFTCAP: scores
     -> c * tanh(score / c) (softcap is c * log2(e)). ALIBI: scores + alibi[head] *
-    (key pos - query pos) (float32 slopes). All constexpr: off, the plain code.
+    (key pos - query pos) (float32 slopes). ROPE_K (attention sinks): the cache holds keys
+    before rotary; key n is rotated at position n with cos_sin as it is read. All
+    constexpr: off, the plain code.
     """
     pid_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -94,20 +97,23 @@ def _prefill_kernel(
                                         n0, kv_end, q_pos, kv_head, qk_scale,
                                         stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                         HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
-                                        window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
+                                        window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
         kv_start = unmasked_start
     for n0 in range(kv_start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC,
-                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
+                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
-                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI)
+                                    window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
@@ -137,9 +143,10 @@ def paged_attention_prefill(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference
-    (sliding_window, softcap and alibi_slopes, float32 [heads], as there).
+    (sliding_window, softcap, alibi_slopes, float32 [heads], and key_rotary as there).
 
     A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
     block_n and num_stages default to prefill_config's choice for the cache dtype.
@@ -169,10 +176,13 @@ def paged_attention_prefill(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         sliding_window or 0, (softcap or 0.0) * LOG2E,
         alibi_slopes if alibi_slopes is not None else seq_lens,
+        key_rotary if key_rotary is not None else seq_lens,
+        key_rotary.stride(0) if key_rotary is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC=dot_precision(q.dtype), WINDOW=sliding_window is not None,
-        SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None, num_warps=num_warps,
+        SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
+        ROPE_K=key_rotary is not None, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out

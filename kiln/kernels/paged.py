@@ -42,7 +42,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                 DOT_PREC: tl.constexpr, window=0, softcap=0.0,
                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
-                slopes=0.0, ALIBI: tl.constexpr = False):
+                slopes=0.0, ALIBI: tl.constexpr = False, cos_sin_ptr=None, stride_cs=0,
+                ROPE_K: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -59,6 +60,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     k_scale into qk_scale and v_scale into the output, both times 2^8 for e4m3 (kv_scale).
     A 1-byte tile is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V
     always, K for e4m3. A 16-bit cache compiles to the same code as before any of this.
+    ROPE_K (attention sinks; 16/32-bit caches): the cache holds keys before rotary, and
+    key n is rotated at position n here (rotate_key_tile).
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -83,6 +86,9 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
         kt = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)
         if FP8:
             kt = e4m3_bytes(kt, q.dtype)
+        if ROPE_K:
+            kt = rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr,
+                                 stride_cs, HEAD_DIM)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
@@ -112,6 +118,27 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
             v = e4m3_bytes(v, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr, stride_cs,
+                    HEAD_DIM: tl.constexpr):
+    """Neox rotary of a transposed key tile kt [D, N] read from a cache of unrotated keys:
+    key n at position n (cos_sin [max_pos, HEAD_DIM] = [cos | sin], float32), rounded as
+    the reference rotary rounds (table, each product and the sum in the key's dtype). The
+    partner half (d +- HEAD_DIM / 2) is a second load of the same cache lines."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    first = offs_d < HALF
+    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+    kp = tl.load(k_cache_ptr + kv_off[None, :] + partner[:, None], mask=kt_mask, other=0.0)
+    col = tl.where(first, offs_d, offs_d - HALF)
+    table = cos_sin_ptr + offs_n[None, :].to(tl.int64) * stride_cs + col[:, None]
+    dt = kt.dtype
+    cos = tl.load(table, mask=kt_mask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(table + HALF, mask=kt_mask, other=0.0).to(dt).to(tl.float32)
+    a = kt.to(tl.float32)
+    b = tl.where(first[:, None], -kp.to(tl.float32), kp.to(tl.float32))
+    return ((a * cos).to(dt).to(tl.float32) + (b * sin).to(dt).to(tl.float32)).to(dt)
 
 
 @triton.jit

@@ -152,6 +152,7 @@ def paged_attention_decode(
     sliding_window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention for a decode step (query i is the last token of sequence i), all
     sequences in one batched product: contexts gathered into [B, L, kv_heads, d] padded to
@@ -163,6 +164,8 @@ def paged_attention_decode(
     blocks = block_tables[:batch, :-(-length // block_size)].long()
     k = dequantize_kv(k_cache[blocks].flatten(1, 2)[:, :length], k_scale, q.dtype)
     v = dequantize_kv(v_cache[blocks].flatten(1, 2)[:, :length], v_scale, q.dtype)
+    if key_rotary is not None:
+        k = rotate_cached_keys(k, torch.arange(length, device=q.device), key_rotary)
     lens = torch.tensor(seq_lens, device=q.device)
     k_pos = torch.arange(length, device=q.device)[None, :]
     q_pos = (lens - 1)[:, None]
@@ -215,6 +218,7 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -226,6 +230,8 @@ def paged_attention(
     softcap c: scores s = (q . k) * scale become c * tanh(s / c) before the softmax.
     alibi_slopes [heads] float32 (ALiBi, Bloom): scores get slope[h] * (key pos - query
     pos) added (the softmax equals Bloom's slope * key pos; relative stays exact longer).
+    key_rotary [max_pos, head_dim] (attention sinks): the cache holds keys before rotary;
+    key n is rotated at position n (its index in the block list) as it is read.
     """
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
@@ -240,6 +246,8 @@ def paged_attention(
         blocks = block_tables[i, first // block_size:num_blocks].long()
         k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len - first], k_scale, q.dtype)
         v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len - first], v_scale, q.dtype)
+        if key_rotary is not None:
+            k = rotate_cached_keys(k, torch.arange(first, seq_len, device=q.device), key_rotary)
         # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
         k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
@@ -250,6 +258,16 @@ def paged_attention(
         o = _attend(qh, kh, vh, mask, k_pos - q_pos[:, None], scale, softcap, alibi_slopes)
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def rotate_cached_keys(k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+                       ) -> torch.Tensor:
+    """Rotary on keys read from a cache of unrotated keys: k [..., L, kv_heads, d], key l
+    of every leading index at positions[l]."""
+    length, heads, dim = k.shape[-3:]
+    flat = k.reshape(-1, length, heads * dim)
+    rows = positions.repeat(flat.shape[0])
+    return rotary(flat.reshape(-1, heads * dim), rows, cos_sin, dim).view(k.shape)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -293,16 +311,18 @@ def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, rotate_k: bool = True,
 ) -> torch.Tensor:
     """rotary(q); writes rotary(k) and v into the caches at slot_mapping (slots < 0 skipped).
 
     q [T, heads*head_dim] (or [T, heads, head_dim]), k and v likewise with kv heads;
-    returns the rotated q as [T, heads*head_dim].
+    returns the rotated q as [T, heads*head_dim]. rotate_k=False writes k unrotated
+    (attention sinks).
     """
     tokens = q.shape[0]
     q_rot = rotary(q.reshape(tokens, -1), positions, cos_sin, head_dim)
-    k_rot = rotary(k.reshape(tokens, -1), positions, cos_sin, head_dim)
+    k_rot = rotary(k.reshape(tokens, -1), positions, cos_sin, head_dim) if rotate_k else \
+        k.reshape(tokens, -1)
     num_kv_heads = k_cache.shape[2]
     valid = slot_mapping >= 0
     write_kv(k_rot.view(tokens, num_kv_heads, head_dim)[valid],

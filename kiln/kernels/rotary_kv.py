@@ -82,9 +82,10 @@ def _rotary_kv_kernel(
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
     stride_cb, stride_cs_slot, stride_ch, head_dim_arg,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_P: tl.constexpr, PDL: tl.constexpr, ROTATE_K: tl.constexpr = True,
 ):
     """One token: q_out = rot(q); cache[slot] = (rot(k), v). Slots < 0 (padding) skip the write.
+    ROTATE_K False: k is cached as it comes (attention sinks rotate keys as they read them).
 
     rot rotates each head's halves by the angles of this token's position:
     [x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin] with cos, sin = cos_sin[pos].
@@ -125,8 +126,12 @@ def _rotary_kv_kernel(
         offs_kh = tl.arange(0, BLOCK_KH)
         cache_off = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs_slot
         dst = cache_off + offs_kh[:, None] * stride_ch + offs_d[None, :]
-        k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, cos, sin, num_kv_heads, offs_kh,
-                                  offs_d, half, head_dim)
+        if ROTATE_K:
+            k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, cos, sin, num_kv_heads,
+                                      offs_kh, offs_d, half, head_dim)
+        else:  # cos 1, sin 0: the halves come back exactly as loaded
+            k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, 1.0 + 0.0 * cos, 0.0 * sin,
+                                      num_kv_heads, offs_kh, offs_d, half, head_dim)
         cdt = k_cache_ptr.dtype.element_ty
         KV_QUANT: tl.constexpr = cdt.primitive_bitwidth == 8
         if KV_QUANT:
@@ -167,9 +172,10 @@ def rotary_and_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, rotate_k: bool = True,
 ) -> torch.Tensor:
-    """Returns rotary(q) [T, heads*head_dim]; writes rotary(k) and v at slot_mapping.
+    """Returns rotary(q) [T, heads*head_dim]; writes rotary(k) (k with rotate_k=False)
+    and v at slot_mapping.
 
     k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (same strides for both,
     unit stride on the last dim); cos_sin [max_pos, rotary_dim] float32 = [cos | sin],
@@ -203,6 +209,6 @@ def rotary_and_write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim,
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
         BLOCK_P=triton.next_power_of_2(tail) if tail else 0, PDL=use_pdl,
-        num_warps=num_warps, **pdl.launch_args(use_pdl),
+        ROTATE_K=rotate_k, num_warps=num_warps, **pdl.launch_args(use_pdl),
     )
     return q_out

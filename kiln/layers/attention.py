@@ -63,7 +63,9 @@ class Attention(nn.Module):
     also holds `k_scale` / `v_scale` [kv_heads] (see kiln.layers.quantization).
     `sliding_window` W: each query sees its last W positions only; `softcap` c: scores
     become c * tanh(score / c) (Gemma 2); `alibi_slopes` [heads of this rank]: ALiBi
-    biases (Bloom).
+    biases (Bloom). `rotate_keys` (set by the engine for attention sinks): K is cached
+    before rotary and the attention kernels rotate each key by its index in the
+    sequence's block list as they read it (kiln.runtime.streaming).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -82,6 +84,7 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self.register_parameter("k_scale", None)
         self.register_parameter("v_scale", None)
+        self.rotate_keys = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -91,9 +94,10 @@ class Attention(nn.Module):
         # One pass: rotate q and k, store k and v in their cache slots.
         q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                    meta.slot_mapping, self.head_dim, self.k_scale,
-                                   self.v_scale)
+                                   self.v_scale, rotate_k=not self.rotate_keys)
         q = q.view(tokens, self.num_heads, self.head_dim)
         out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                  self.k_scale, self.v_scale, self.sliding_window, self.softcap,
-                                 self.alibi_slopes)
+                                 self.alibi_slopes,
+                                 key_rotary=cos_sin if self.rotate_keys else None)
         return out.view(tokens, self.num_heads * self.head_dim)

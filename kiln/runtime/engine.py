@@ -34,6 +34,7 @@ from kiln.runtime.request import (
 )
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
+from kiln.runtime.streaming import streaming_config
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class RuntimeConfig:
     # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
     # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
     speculative_config: Any = None
+    # Attention sinks (StreamingLLM, kiln.runtime.streaming): keep the first
+    # attention_sinks tokens and the last attention_window (0: what max_seq_len leaves) of
+    # every sequence, so generation runs past max_seq_len in constant memory. 0: off.
+    attention_sinks: int = 0
+    attention_window: int = 0
 
 
 class LLMEngine:
@@ -113,6 +119,12 @@ class LLMEngine:
                             f"{self.engine_dir} was built for; rebuild it with --max-seq-len "
                             f"{self.max_seq_len}")
         self.max_batch_size = runtime.max_batch_size or build.max_batch_size
+        self.streaming = streaming_config(self.config, runtime.attention_sinks,
+                                          runtime.attention_window, self.max_seq_len,
+                                          spec_config is not None)
+        if self.streaming is not None:  # keys cached before rotary, rotated as read
+            for layer in self.runner.model.attention_layers():
+                layer.rotate_keys = True
         self.speculator: Speculator | None = None
         if spec_config is not None:
             if world > 1:
@@ -138,7 +150,7 @@ class LLMEngine:
         # Every layer windowed (Mistral v0.1 style): blocks behind the window are released.
         window = windows.pop() if len(windows) == 1 else None
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
-                                 window)
+                                 window, self.streaming)
         seconds = self.runner.warmup(max_num_tokens, self.max_seq_len)
         if seconds:
             log.info("warmed up the eager path in %.1f s", seconds)
@@ -233,7 +245,7 @@ class LLMEngine:
             raise RequestError(f"the prompt has {len(token_ids)} tokens; this engine's "
                                f"max_seq_len is {self.max_seq_len}, leaving no room to generate")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room:
+        if max_tokens > room and self.streaming is None:  # sinks: no length limit
             raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                                f"exceeds max_seq_len ({self.max_seq_len})")
         for name in ("logprobs", "prompt_logprobs"):

@@ -9,6 +9,10 @@ them until they are handed out again.
 With a sliding window on every layer, blocks wholly before the window of a request's
 next token are released as the request advances (it keeps their place in its block list,
 so positions still map to blocks; the kernels never read them).
+
+With attention sinks (kiln.runtime.streaming) a sequence holds at most its sink blocks,
+its window blocks and the block being filled: allocating past that evicts the oldest
+window block from its block list (request.num_evicted_tokens counts what went).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from kiln.runtime.request import PLACEHOLDER, Request
+from kiln.runtime.streaming import StreamingConfig
 
 # Keys before a window that the attention kernels' tiles may still touch (masked): the
 # prefill kernel starts at the window's first key rounded down to its BLOCK_N (<= 64).
@@ -25,11 +30,13 @@ WINDOW_TILE_MARGIN = 64
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, streaming: StreamingConfig | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.enable_prefix_caching = enable_prefix_caching
+        self.streaming = streaming
+        # Blocks cached under attention sinks hold keys of evicting sequences: no reuse.
+        self.enable_prefix_caching = enable_prefix_caching and streaming is None
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # hash -> block id
@@ -99,7 +106,9 @@ class KVCacheManager:
         `match_prefix` to share instead of recomputing.
         """
         self.release_outside_window(request)
-        needed = self.blocks_needed(num_tokens) - len(request.block_ids) - len(reuse)
+        self._evict_for_sinks(request, num_tokens)
+        needed = self.blocks_needed(num_tokens - request.num_evicted_tokens) - \
+            len(request.block_ids) - len(reuse)
         if needed > 0 and not self.can_allocate(needed, reuse):
             return False
         for block in reuse:
@@ -135,12 +144,36 @@ class KVCacheManager:
     def truncate(self, request: Request, num_tokens: int) -> None:
         """Release the request's blocks past its first num_tokens tokens (speculative
         decoding's rollback: those held only rejected drafts, never committed)."""
-        keep = self.blocks_needed(num_tokens)
+        keep = self.blocks_needed(num_tokens - request.num_evicted_tokens)
         for block in reversed(request.block_ids[keep:]):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+            self._unref(block)
         del request.block_ids[keep:]
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
+    def max_new_tokens(self, request: Request) -> int | None:
+        """Most tokens one step may add to the request (None: no limit of the cache's)."""
+        return self.streaming.max_chunk if self.streaming is not None else None
+
+    def max_blocks(self, request: Request, num_tokens: int) -> int:
+        """Blocks the request holds once it has num_tokens tokens."""
+        needed = self.blocks_needed(num_tokens)
+        return min(needed, self.streaming.capacity_blocks) if self.streaming else needed
+
+    def _evict_for_sinks(self, request: Request, num_tokens: int) -> None:
+        """Attention sinks: drop the oldest window blocks until num_tokens fit the
+        sequence's capacity (the steps in flight have their block tables already; a freed
+        block is rewritten only by a later step, in stream order)."""
+        s = self.streaming
+        if s is None:
+            return
+        while self.blocks_needed(num_tokens - request.num_evicted_tokens) > \
+                s.capacity_blocks and len(request.block_ids) > s.sink_blocks + 1:
+            self._unref(request.block_ids.pop(s.sink_blocks))
+            request.num_evicted_tokens += self.block_size
 
     def release_outside_window(self, request: Request) -> None:
         """Drop the request's references to blocks no query from its next token on can see
@@ -150,9 +183,7 @@ class KVCacheManager:
         first_needed = request.num_computed_tokens - self.sliding_window + 1 - WINDOW_TILE_MARGIN
         outside = min(max(first_needed, 0) // self.block_size, len(request.block_ids))
         for block in request.block_ids[request.num_released_blocks:outside]:
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+            self._unref(block)
         request.num_released_blocks = max(request.num_released_blocks, outside)
 
     @staticmethod
@@ -162,9 +193,8 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go to the queue first (evicted first)."""
         for block in reversed(request.block_ids[request.num_released_blocks:]):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+            self._unref(block)
         request.block_ids = []
         request.num_committed_blocks = 0
         request.num_released_blocks = 0
+        request.num_evicted_tokens = 0

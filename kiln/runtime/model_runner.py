@@ -239,13 +239,16 @@ class ModelRunner:
             if r.token_ids[known - 1] == PLACEHOLDER:
                 in_flight.append((len(input_ids) + known - 1 - start, rows[r.request_id]))
             input_ids += r.token_ids[start:known] + entry.spec_token_ids
+            # The attention side sees cache indices: text positions less what attention
+            # sinks evicted (0 otherwise).
+            c_start, c_end = start - r.num_evicted_tokens, end - r.num_evicted_tokens
             if r.rope_long and self.long_rope is not None:
-                positions += range(start + self.long_rope[1], end + self.long_rope[1])
+                positions += range(c_start + self.long_rope[1], c_end + self.long_rope[1])
             else:
-                positions += range(start, end)
-            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+                positions += range(c_start, c_end)
+            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(c_start, c_end)]
             query_starts.append(query_starts[-1] + end - start)
-            seq_lens.append(end)
+            seq_lens.append(c_end)
             if entry.sample:  # a speculating request: at its last token and each draft
                 logits_indices += range(query_starts[-1] - 1 - len(entry.spec_token_ids),
                                         query_starts[-1])

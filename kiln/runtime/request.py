@@ -127,6 +127,9 @@ class Request:
         self.rope_long = False  # computed with LongRoPE's long factors (Scheduler)
         self.num_committed_blocks = 0  # of block_ids, registered in the prefix cache
         self.num_released_blocks = 0  # leading block_ids outside a sliding window, released
+        # Attention sinks (kiln.runtime.streaming): tokens evicted between the sinks and the
+        # window; block_ids then hold only the kept blocks, and cache index = position - this.
+        self.num_evicted_tokens = 0
         self.stats = RequestStats()
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
