@@ -102,8 +102,8 @@ def main() -> None:
             print(f"  gaps {lo:>5} - {hi if hi < 1e9 else 'inf':>5} ms: {len(sel):6d}, "
                   f"{sum(sel) / 1e6:.3f} s")
     per_name = attribute(gaps, host_ranges(events))
-    print(f"\nhost ranges overlapping the idle gaps (idle ms inside each; nested ranges "
-          f"each count):")
+    print("\nhost ranges overlapping the idle gaps (idle ms inside each; nested ranges "
+          "each count):")
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:args.top]
     for name, us in ranked:
         print(f"  {us / 1000:10.1f} ms  {name[:90]}")
