@@ -1,0 +1,65 @@
+"""Speculative decoding's configuration (vLLM's speculative_config keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.errors import KilnError
+
+METHODS = ("ngram", "draft_model")
+# Draft-model draws use the request's seed xor this, so they are independent of the
+# target's draws at the same positions.
+DRAFT_SEED_SALT = 0x5DEECE66D
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config` keys."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram looked up
+    prompt_lookup_max: int = 4  # ngram: longest, tried first
+    model: str | None = None  # draft_model: engine dir, HF folder or GGUF
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None
+              ) -> SpeculativeConfig | None:
+        """From a dict, a JSON string (the CLI flag) or None; KilnError on a bad value."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise KilnError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise KilnError("speculative_config must be a JSON object, e.g. "
+                            '{"method": "ngram", "num_speculative_tokens": 4}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise KilnError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        method = value.get("method")
+        if method is None and value.get("model"):
+            method = "draft_model"
+        if method not in METHODS:
+            raise KilnError(f"speculative_config method must be one of {METHODS}, "
+                            f"got {method!r}")
+        k = value.get("num_speculative_tokens")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+            raise KilnError("speculative_config needs num_speculative_tokens, an integer in "
+                            f"[1, 32], got {k!r}")
+        config = cls(**{**value, "method": method})
+        lo, hi = config.prompt_lookup_min, config.prompt_lookup_max
+        if method == "ngram" and not (isinstance(lo, int) and isinstance(hi, int) and
+                                      1 <= lo <= hi):
+            raise KilnError("speculative_config needs 1 <= prompt_lookup_min <= "
+                            f"prompt_lookup_max, got {lo!r} and {hi!r}")
+        if method == "draft_model" and not config.model:
+            raise KilnError('speculative_config method "draft_model" needs "model": an '
+                            "engine dir, HF folder or GGUF file of the draft")
+        return config
