@@ -22,7 +22,7 @@ from kiln.distributed.comm import all_reduce_min
 from kiln.errors import KilnError, RequestError
 from kiln.runtime import parallel
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.model_runner import ModelRunner, PendingStep, StepResult
+from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.output_processor import Group, Sequence, apply_token
 from kiln.runtime.profiling import phase
 from kiln.runtime.request import (
@@ -34,6 +34,7 @@ from kiln.runtime.request import (
 )
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
+from kiln.runtime.step import PendingStep, StepResult
 from kiln.runtime.streaming import streaming_config
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 

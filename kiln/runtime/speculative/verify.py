@@ -11,10 +11,10 @@ from kiln.kernels import reference as ref
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.speculative.config import DRAFT_SEED_SALT
 from kiln.runtime.speculative.proposers import filtered_probs
+from kiln.runtime.step import PendingStep
 from kiln.runtime.transfer import to_device
 
 if TYPE_CHECKING:
-    from kiln.runtime.model_runner import PendingStep
     from kiln.runtime.scheduler import ScheduledRequest
 
 
@@ -28,7 +28,6 @@ def verify(logits: torch.Tensor, entries: list[ScheduledRequest], vocab_size: in
     The result has one row per logits row, the request repeated; a row past an entry's
     first rejection holds PLACEHOLDER. Nothing here waits for the device.
     """
-    from kiln.runtime.model_runner import PendingStep
     from kiln.runtime.sampler import SamplingBatch, sample
 
     rows: list[Request] = []
