@@ -146,10 +146,10 @@ def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     if plan.prequantized is None:
         if stats is not None:  # SmoothQuant / AWQ scales, GPTQ rounding
             apply_calibrated_method(model, plan, build_cfg, mapping, progress)
-        quantize_float_model(model, plan.quant, plan.kv_cache_dtype, mapping,
+        quantize_float_model(model, plan.quant, plan.kv_cache_dtype,
                              stats.input_amax if stats else {}, stats.kv_amax if stats else {})
     elif stats is not None:  # calibrated KV scales replace the checkpoint's
-        quantize_float_model(model, plan.load_quant, plan.kv_cache_dtype, mapping, {},
+        quantize_float_model(model, plan.load_quant, plan.kv_cache_dtype, {},
                              stats.kv_amax)
     return {k: v.contiguous() for k, v in model.engine_state_dict().items()}
 

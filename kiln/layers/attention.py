@@ -70,8 +70,13 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None, softcap: float | None = None,
-                 alibi_slopes: torch.Tensor | None = None) -> None:
+                 alibi_slopes: torch.Tensor | None = None, kv_head_start: int = 0,
+                 total_kv_heads: int | None = None) -> None:
         super().__init__()
+        # This rank's KV heads among the checkpoint's total_kv_heads, from kv_head_start
+        # (tensor parallel; a checkpoint's per-head KV-cache scales are sliced by them).
+        self.kv_head_start = kv_head_start
+        self.total_kv_heads = total_kv_heads if total_kv_heads is not None else num_kv_heads
         self.sliding_window = sliding_window
         self.softcap = softcap
         # Derived from the config, never stored in the engine.

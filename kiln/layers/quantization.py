@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from kiln import functional as KF
-from kiln.distributed import Mapping
 from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
@@ -192,12 +191,10 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return KV_CACHE_TORCH_DTYPES.get(kv_cache_dtype, model_dtype)
 
 
-def enable_kv_scales(attn: Attention, mapping: Mapping) -> None:
+def enable_kv_scales(attn: Attention) -> None:
     """Give a 1-byte-cache attention layer k_scale / v_scale [kv_heads of this rank],
     1.0 until loaded; a checkpoint's per-tensor scale is broadcast over heads."""
-    heads = attn.num_kv_heads
-    start = getattr(attn, "kv_head_start", mapping.tp_rank * heads)
-    total = getattr(attn, "total_kv_heads", heads * mapping.tp_size)
+    heads, start, total = attn.num_kv_heads, attn.kv_head_start, attn.total_kv_heads
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         loaded = loaded.detach().float().reshape(-1)
@@ -215,8 +212,7 @@ def enable_kv_scales(attn: Attention, mapping: Mapping) -> None:
         setattr(attn, name, param)
 
 
-def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str,
-                   mapping: Mapping) -> None:
+def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str) -> None:
     """Give each linear layer its method and each attention layer its KV scales (the
     parameters are created uninitialised, for loading)."""
     for name, module in model.named_modules():
@@ -225,7 +221,7 @@ def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str,
             if method is not module.method:
                 module.set_method(method)
         elif isinstance(module, Attention) and kv_cache_dtype in KV_CACHE_TORCH_DTYPES:
-            enable_kv_scales(module, mapping)
+            enable_kv_scales(module)
 
 
 def linear_layers(model: nn.Module) -> Iterable[tuple[str, LinearBase]]:
@@ -233,7 +229,7 @@ def linear_layers(model: nn.Module) -> Iterable[tuple[str, LinearBase]]:
 
 
 def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str,
-                         mapping: Mapping, input_amax: dict[str, torch.Tensor],
+                         input_amax: dict[str, torch.Tensor],
                          kv_amax: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Build time: convert a loaded float model in place to `quant` and the KV dtype.
 
@@ -249,7 +245,7 @@ def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: s
     qmax = KV_QMAX[KV_CACHE_TORCH_DTYPES[kv_cache_dtype]]
     for name, module in model.named_modules():
         if isinstance(module, Attention):
-            enable_kv_scales(module, mapping)
+            enable_kv_scales(module)
             if name in kv_amax:
                 for param, amax in zip((module.k_scale, module.v_scale), kv_amax[name]):
                     param.weight_loader(param, amax.float().clamp_min(MIN_AMAX) / qmax)

@@ -52,7 +52,7 @@ def create_model(cfg: ModelConfig, mapping: Mapping, max_positions: int,
     try:
         with torch.device(device):
             model = model_class(cfg.architecture)(cfg, mapping, max_positions)
-            quantize_model(model, quant or QuantConfig(), kv_cache_dtype, mapping)
+            quantize_model(model, quant or QuantConfig(), kv_cache_dtype)
             return model
     finally:
         torch.set_default_dtype(previous)

@@ -77,12 +77,11 @@ class DecoderAttention(nn.Module):
         if cfg.position_embedding == "alibi":  # this rank's heads
             first = mapping.tp_rank * self.num_heads
             slopes = alibi_slopes(cfg.num_heads)[first:first + self.num_heads].contiguous()
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale,
-                              window, cfg.attn_logit_softcap, slopes)
-        # where this rank's KV heads start among the checkpoint's (per-head KV scales)
-        self.attn.kv_head_start = mapping.tp_rank // self.qkv_proj.kv_replicas * \
-            self.num_kv_heads
-        self.attn.total_kv_heads = cfg.num_kv_heads
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, cfg.head_dim, scale, window,
+            cfg.attn_logit_softcap, slopes,
+            kv_head_start=mapping.tp_rank // self.qkv_proj.kv_replicas * self.num_kv_heads,
+            total_kv_heads=cfg.num_kv_heads)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
