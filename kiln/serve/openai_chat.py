@@ -63,10 +63,16 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
     calls_tool = forced_tools(body) is not None  # validated when the call started
     free_tools = auto_tools(body)  # tool_choice "auto": calls read from the free answer
 
+    parsed: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}  # by answer text
+
     def _parsed(completion: CompletionOutput) -> tuple[str | None, list[dict[str, Any]]]:
+        """A finished free answer's (content, tool calls), parsed once per answer (the
+        message and the finish reason both ask)."""
         if free_tools is None or completion.finish_reason != "stop":
             return completion.text, []
-        return parse_tool_calls(completion.text, free_tools)
+        if completion.text not in parsed:
+            parsed[completion.text] = parse_tool_calls(completion.text, free_tools)
+        return parsed[completion.text]
 
     def _message(completion: CompletionOutput) -> AssistantMessage:
         if calls_tool and completion.finish_reason == "stop":
