@@ -104,7 +104,15 @@ def reports() -> list[CompileReport]:
         "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
         "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
-    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0}, 4))
+    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "ROTATE_K": True}, 4))
+    out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
+        "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+        "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
+        "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
+        "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
+        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
+    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "ROTATE_K": False}, 4,
+        variant="unrotated-k"))
     # Partial rotary: Phi-2 (head_dim 80, 32 rotated), GPT-2 (64, none rotated).
     for variant, half, block_d, block_p in (("phi-2", 16, 16, 64), ("gpt2", 0, 1, 64)):
         out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
@@ -113,16 +121,19 @@ def reports() -> list[CompileReport]:
             "num_heads": 32, "num_kv_heads": 32, "half": half, "block_size": 16,
             "stride_q": 7680, "stride_k": 7680, "stride_v": 7680, "stride_cs": 32,
             "stride_cb": 40960, "stride_cs_slot": 2560, "stride_ch": 80, "head_dim_arg": 80,
-        }, {"BLOCK_H": 32, "BLOCK_KH": 32, "BLOCK_D": block_d, "BLOCK_P": block_p}, 4,
+        }, {"BLOCK_H": 32, "BLOCK_KH": 32, "BLOCK_D": block_d, "BLOCK_P": block_p,
+            "ROTATE_K": True}, 4,
             variant=variant))
     attn = {"q_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf, "out_ptr": bf,
             "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
             "query_start_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": 0.1,
             "stride_qh": 128, "stride_oh": 128, "stride_kb": 16384, "stride_ks": 1024,
-            "stride_kh": 128, "stride_bt": 512, "window": 4096, "softcap": 72.1,
-            "alibi_ptr": "*fp32"}
+            # stride_bt is not specialised at launch (do_not_specialize): no divisibility
+            "stride_kh": 128, "stride_bt": 511, "window": 4096, "softcap": 72.1,
+            "alibi_ptr": "*fp32", "cos_sin_ptr": "*fp32", "stride_cs": 128}
     shape = {"GROUP": 4, "HEAD_DIM": 128, "BLOCK_SIZE": 16, "BLOCK_D": 128, "DOT_PREC": "tf32",
-             "WINDOW": False, "SOFTCAP": False, "ALIBI": False}
+             "WINDOW": False, "SOFTCAP": False, "ALIBI": False, "ROPE_K": False}
+    sinks = {"ROPE_K": True}  # attention sinks: keys rotated as read
     gemma2 = {"WINDOW": True, "SOFTCAP": True}  # sliding window + soft-capping
     for block_m, warps in ((128, 8), (16, 4)):
         out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
@@ -131,6 +142,8 @@ def reports() -> list[CompileReport]:
         **shape, **gemma2, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="window+softcap"))
     out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
         **shape, "ALIBI": True, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="alibi"))
+    out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
+        **shape, **sinks, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="sinks"))
     for splits in (1, 32):
         out.append(compile_sm90(attention_decode._decode_kernel, attn, {
             **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,
@@ -141,6 +154,9 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, attn, {
         **shape, "ALIBI": True, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
         variant="alibi"))
+    out.append(compile_sm90(attention_decode._decode_kernel, attn, {
+        **shape, **sinks, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
+        variant="sinks"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
