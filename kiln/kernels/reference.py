@@ -215,11 +215,26 @@ def paged_attention(
 def rotate_cached_keys(k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
                        ) -> torch.Tensor:
     """Rotary on keys read from a cache of unrotated keys: k [..., L, kv_heads, d], key l
-    of every leading index at positions[l]."""
-    length, heads, dim = k.shape[-3:]
-    flat = k.reshape(-1, length, heads * dim)
-    rows = positions.repeat(flat.shape[0])
-    return rotary(flat.reshape(-1, heads * dim), rows, cos_sin, dim).view(k.shape)
+    of every leading index at positions[l]. Same values as `rotary` (the table and each
+    product in k's dtype); the position tables are built once for all layers of a step."""
+    cos, sin = _key_rotary_tables(cos_sin, positions, k.dtype)
+    half = k.shape[-1] // 2
+    # rotate_half(k) * sin = [-k2, k1] * [sin, sin] = [k2, k1] * [-sin, sin]
+    return k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+
+
+def _key_rotary_tables(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([L, 1, d] cos | cos, [L, 1, d] -sin | sin) in dtype at positions (always a run
+    first .. first + L - 1 here): views of whole-table copies, built once per table and
+    dtype and kept on the table tensor itself (they live and die with it)."""
+    tables = cos_sin.__dict__.setdefault("_kiln_key_rotary", {})
+    if dtype not in tables:
+        cos, sin = cos_sin.to(dtype).chunk(2, dim=-1)
+        tables[dtype] = (torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+    cos, sin = tables[dtype]
+    first, count = int(positions[0]), positions.numel()
+    return cos[first:first + count], sin[first:first + count]
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
