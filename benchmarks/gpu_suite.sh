@@ -5,7 +5,8 @@
 # "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
 # ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
-# "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text).
+# "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
+# "sinks:" attention sinks (4 sinks, a 1024-token window).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -29,6 +30,7 @@ for spec in $stages; do
     sq8:*) Q="$Q --quantization int8_sq --kv-cache-dtype int8"; tag="-sq8"; stage=${spec#sq8:} ;;
     tp2nccl:*) Q="$Q --tp-size 2 --no-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
     fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
+    sinks:*) Q="$Q --attention-sinks 4 --attention-window 1024"; tag="-sinks"; stage=${spec#sinks:} ;;
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
   case $stage in

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
                    help="transformers batch size (default: all requests at once, max 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
+    p.add_argument("--attention-sinks", type=int, default=0, metavar="S",
+                   help="StreamingLLM: keep the first S tokens and the last --attention-window")
+    p.add_argument("--attention-window", type=int, default=0, metavar="W")
     p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile the measured run: DIR/trace.json (torch profiler, Chrome / "
@@ -85,7 +88,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         device=args.device, kv_cache_memory_fraction=args.kv_fraction,
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
         custom_all_reduce=getattr(args, "custom_all_reduce", None),
-        speculative_config=args.speculative_config))
+        speculative_config=args.speculative_config,
+        attention_sinks=args.attention_sinks, attention_window=args.attention_window))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -267,6 +271,8 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
     }
+    if engine.streaming is not None:
+        result["attention_sinks"] = dataclasses.asdict(engine.streaming)
     if engine.speculator is not None:
         result["speculative"] = {"config": dataclasses.asdict(engine.speculator.config),
                                  **engine.speculator.stats()}
