@@ -98,21 +98,17 @@ def reports() -> list[CompileReport]:
         "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8, variant="hidden+residual"))
     out.append(compile_sm90(rms_norm._rms_norm_kernel, {**norm, "n_cols": 128}, {
         "BLOCK_R": 16, "BLOCK_N": 128, "HAS_RESIDUAL": False}, 4, variant="per-head"))
-    out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
+    rotary = {
         "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
         "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
         "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
-    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "ROTATE_K": True}, 4))
-    out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
-        "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
-        "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
-        "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
-        "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
-        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
-    }, {"BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "ROTATE_K": False}, 4,
-        variant="unrotated-k"))
+    }
+    for rotate_k in (True, False):  # False: attention sinks cache K before rotary
+        out.append(compile_sm90(rotary_kv._rotary_kv_kernel, rotary, {
+            "BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "ROTATE_K": rotate_k},
+            4, variant="" if rotate_k else "unrotated-k"))
     # Partial rotary: Phi-2 (head_dim 80, 32 rotated), GPT-2 (64, none rotated).
     for variant, half, block_d, block_p in (("phi-2", 16, 16, 64), ("gpt2", 0, 1, 64)):
         out.append(compile_sm90(rotary_kv._rotary_kv_kernel, {
