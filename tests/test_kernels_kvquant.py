@@ -175,18 +175,20 @@ def _quantized_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_head
 
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torch.dtype,
-                 heads: int, kv_heads: int, head_dim: int, num_splits: int | None) -> None:
+                 heads: int, kv_heads: int, head_dim: int, num_splits: int | None,
+                 key_rotary: bool = False) -> None:
     from kiln.kernels.attention_decode import paged_attention_decode
 
     seq_lens = [1, 17, 100, 64, 0]  # the last row is CUDA-graph padding: output zeros
     q, k_q, v_q, k_scale, v_scale, tables, starts = _quantized_batch(
         seq_lens, [1] * 5, heads, kv_heads, head_dim, dtype, cache_dtype)
     scale = head_dim ** -0.5
+    table = cpu._cos_sin(head_dim) if key_rotary else None
     out = paged_attention_decode(q, k_q, v_q, tables, torch.tensor(seq_lens).int(), scale,
                                  num_splits=num_splits, block_n=16, k_scale=k_scale,
-                                 v_scale=v_scale)
+                                 v_scale=v_scale, key_rotary=table)
     expected = ref.paged_attention(q[:4], k_q, v_q, tables, starts[:5], seq_lens[:4], scale,
-                                   k_scale, v_scale)
+                                   k_scale, v_scale, key_rotary=table)
     vmax = ref.dequantize_kv(v_q, v_scale, torch.float32).abs().max().item()
     cpu._close("decode", out[:4], expected, atol * vmax, rtol)
     assert torch.equal(out[4], torch.zeros_like(out[4])), "padding row is not zero"
@@ -194,7 +196,7 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torc
 
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torch.dtype,
                   heads: int, kv_heads: int, head_dim: int, block_m: int | None,
-                  block_n: int | None) -> None:
+                  block_n: int | None, key_rotary: bool = False) -> None:
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
     # Full prefills, a chunk of 30 after 70 prefix-cached tokens, a decode row, mixed.
@@ -202,12 +204,13 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: tor
     q, k_q, v_q, k_scale, v_scale, tables, starts = _quantized_batch(
         seq_lens, q_lens, heads, kv_heads, head_dim, dtype, cache_dtype)
     scale = head_dim ** -0.5
+    table = cpu._cos_sin(head_dim) if key_rotary else None
     out = paged_attention_prefill(q, k_q, v_q, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
                                   block_m=block_m, block_n=block_n, k_scale=k_scale,
-                                  v_scale=v_scale)
+                                  v_scale=v_scale, key_rotary=table)
     expected = ref.paged_attention(q, k_q, v_q, tables, starts, seq_lens, scale, k_scale,
-                                   v_scale)
+                                   v_scale, key_rotary=table)
     vmax = ref.dequantize_kv(v_q, v_scale, torch.float32).abs().max().item()
     cpu._close("prefill", out, expected, atol * vmax, rtol)
 
@@ -333,6 +336,22 @@ def test_prefill_attention(interp, dtype, atol, rtol, cache_dtype, heads, kv_hea
                            block_m, block_n) -> None:
     interp(check_prefill, dtype, atol, rtol, cache_dtype, heads, kv_heads, head_dim, block_m,
            block_n)
+
+
+# Attention sinks over a 1-byte cache: keys stored before rotary, rotated as read.
+@CACHE_DTYPES
+@pytest.mark.parametrize("dtype,atol,rtol", [ATTN_F32, ATTN_F16], ids=["f32", "f16"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_key_rotary(interp, dtype, atol, rtol, cache_dtype, num_splits) -> None:
+    interp(check_decode, dtype, atol, rtol, cache_dtype, 8, 2, 64, num_splits, True)
+
+
+@CACHE_DTYPES
+@pytest.mark.parametrize("dtype,atol,rtol", [ATTN_F32, ATTN_F16], ids=["f32", "f16"])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (None, None)])
+def test_prefill_attention_key_rotary(interp, dtype, atol, rtol, cache_dtype, block_m,
+                                      block_n) -> None:
+    interp(check_prefill, dtype, atol, rtol, cache_dtype, 8, 2, 64, block_m, block_n, True)
 
 
 @CACHE_DTYPES

@@ -192,3 +192,31 @@ def test_tp2_streaming_equals_one_rank(tiny_checkpoints, tmp_path):
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
     finally:
         llm.engine.close()
+
+
+def _prompt_logprobs(path, prompt: list[int], **runtime) -> torch.Tensor:
+    """Each prompt token's logprob (after the first) from one engine."""
+    engine = LLMEngine(path, RuntimeConfig(device="cpu", **runtime))
+    engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0, **GREEDY), "p")
+    out = None
+    while engine.has_unfinished():
+        out = next((o for o in engine.step() if o.finished), out)
+    return torch.tensor([lp[t] for lp, t in zip(out.prompt_logprobs[1:], prompt[1:])])
+
+
+def test_sinks_over_an_fp8_kv_cache(llama, tiny_checkpoints, tmp_path):
+    """An FP8 cache holds the keys before rotary (the kernels rotate what they dequantize):
+    over a 200-token prompt prefilled in chunks that evict (a 64-token cache), the FP8
+    engine's prompt logprobs stay as close to the float-cache one's as a plain FP8 engine's
+    are to a plain float engine's on a prompt that fits (at most twice as far)."""
+    path, _ = llama
+    folder, _ = tiny_checkpoints["llama"]
+    fp8 = build(folder, tmp_path / "fp8kv", BuildConfig(dtype="float32", max_seq_len=64,
+                                                         max_num_tokens=256,
+                                                         kv_cache_dtype="fp8"), progress=False)
+    prompt = [(i * 37 + 11) % 250 + 3 for i in range(200)]
+    sinks = dict(attention_sinks=4, attention_window=32)
+    streamed = (_prompt_logprobs(fp8, prompt, **sinks) -
+                _prompt_logprobs(path, prompt, **sinks)).abs().mean()
+    plain = (_prompt_logprobs(fp8, prompt[:60]) - _prompt_logprobs(path, prompt[:60])).abs().mean()
+    assert 0 < plain and 0 < streamed <= 2 * plain, (streamed, plain)

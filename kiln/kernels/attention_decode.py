@@ -203,7 +203,7 @@ def paged_attention_decode(
 
     sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c);
     alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference;
-    key_rotary (attention sinks, 16/32-bit cache): the rotary table; keys are cached
+    key_rotary (attention sinks): the rotary table; keys are cached
     before rotary and rotated at their index as read.
 
     max_seq_len (default: what the block table can address) must be static for CUDA

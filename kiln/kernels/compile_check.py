@@ -140,6 +140,10 @@ def reports() -> list[CompileReport]:
         **shape, "ALIBI": True, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="alibi"))
     out.append(compile_sm90(attention_prefill._prefill_kernel, attn, {
         **shape, **sinks, "BLOCK_M": 128, "BLOCK_N": 64}, 8, variant="sinks"))
+    fp8_cache = {**attn, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+                 "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    out.append(compile_sm90(attention_prefill._prefill_kernel, fp8_cache, {
+        **shape, **sinks, "BLOCK_M": 128, "BLOCK_N": 128}, 8, variant="sinks+fp8kv"))
     for splits in (1, 32):
         out.append(compile_sm90(attention_decode._decode_kernel, attn, {
             **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,
@@ -153,6 +157,9 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, attn, {
         **shape, **sinks, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
         variant="sinks"))
+    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {
+        **shape, **sinks, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
+        variant="sinks+fp8kv"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.

@@ -60,8 +60,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     k_scale into qk_scale and v_scale into the output, both times 2^8 for e4m3 (kv_scale).
     A 1-byte tile is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V
     always, K for e4m3. A 16-bit cache compiles to the same code as before any of this.
-    ROPE_K (attention sinks; 16/32-bit caches): the cache holds keys before rotary, and
-    key n is rotated at position n here (rotate_key_tile).
+    ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
+    before rotary, and key n is rotated at position n here (rotate_key_tile).
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,17 +78,17 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     FP8: tl.constexpr = k_cache_ptr.dtype.element_ty == tl.float8e4nv
     WORDS: tl.constexpr = (k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
                            and HEAD_DIM % 4 == 0)
-    if FP8 and WORDS:
+    if FP8 and WORDS and not ROPE_K:
         k = load_kv_words(k_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
         kt = tl.trans(k)
     else:
         kt = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)
-        if FP8:
-            kt = e4m3_bytes(kt, q.dtype)
         if ROPE_K:
             kt = rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr,
-                                 stride_cs, HEAD_DIM)
+                                 stride_cs, HEAD_DIM, q.dtype)
+        elif FP8:
+            kt = e4m3_bytes(kt, q.dtype)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
@@ -122,15 +122,21 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
 
 @triton.jit
 def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr, stride_cs,
-                    HEAD_DIM: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, q_dtype: tl.constexpr):
     """Neox rotary of a transposed key tile kt [D, N] read from a cache of unrotated keys:
     key n at position n (cos_sin [max_pos, HEAD_DIM] = [cos | sin], float32), rounded as
     the reference rotary rounds (table, each product and the sum in the key's dtype). The
-    partner half (d +- HEAD_DIM / 2) is a second load of the same cache lines."""
+    partner half (d +- HEAD_DIM / 2) is a second load of the same cache lines.
+    A 1-byte cache's values (k / k_scale, e4m3 ones as value * 2^-8: e4m3_bytes) are
+    rotated in q's dtype; the scale, a factor per head, commutes with the rotation."""
     HALF: tl.constexpr = HEAD_DIM // 2
     first = offs_d < HALF
     partner = tl.where(first, offs_d + HALF, offs_d - HALF)
     kp = tl.load(k_cache_ptr + kv_off[None, :] + partner[:, None], mask=kt_mask, other=0.0)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        kt, kp = e4m3_bytes(kt, q_dtype), e4m3_bytes(kp, q_dtype)
+    elif k_cache_ptr.dtype.element_ty == tl.int8:
+        kt, kp = kt.to(q_dtype), kp.to(q_dtype)
     col = tl.where(first, offs_d, offs_d - HALF)
     table = cos_sin_ptr + offs_n[None, :].to(tl.int64) * stride_cs + col[:, None]
     dt = kt.dtype

@@ -242,11 +242,13 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in token_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         room = self.max_seq_len - len(token_ids)
+        if self.streaming is not None:  # sinks: no length limit (default: max_seq_len more)
+            room = max(room, self.max_seq_len)
         if room < 1:
             raise RequestError(f"the prompt has {len(token_ids)} tokens; this engine's "
                                f"max_seq_len is {self.max_seq_len}, leaving no room to generate")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room and self.streaming is None:  # sinks: no length limit
+        if max_tokens > room and self.streaming is None:
             raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                                f"exceeds max_seq_len ({self.max_seq_len})")
         for name in ("logprobs", "prompt_logprobs"):

@@ -9,6 +9,11 @@ the sequence's current block list while they read it (queries are rotated at the
 cache index). Evicting a block is then a block-list edit: no key is ever rewritten, and
 the rotary table never needs more rows than the cache holds.
 
+A 1-byte KV cache (fp8, int8) holds the unrotated keys with the engine's per-head scales:
+a key's largest rotated value over positions is at least its largest unrotated one (the
+rotation turns each pair's magnitude onto one axis at some position), so scales
+calibrated on rotated keys cover the unrotated ones.
+
 Granularity: the sinks are whole blocks (`sinks` rounded up to the block size: 4 keeps
 the first 16 tokens with 16-token blocks) and the window is whole blocks too, so a query
 sees between window and window + block_size - 1 recent tokens (its own block is filling).
@@ -77,9 +82,6 @@ def streaming_config(config: EngineConfig, sinks: int | None, window: int | None
         (model.rope_scaling or {}).get("type")
     if scaling in ("longrope", "su"):
         problems.append("a rotary table that does not change with the length (not LongRoPE)")
-    if build.kv_cache_dtype in ("fp8", "int8"):
-        problems.append("a 16- or 32-bit KV cache (this engine's is "
-                        f"{build.kv_cache_dtype})")
     if build.pp_size > 1:
         problems.append("pp_size 1")
     if speculative:
