@@ -92,6 +92,9 @@ for spec in $stages; do
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
+    throughput-1k-noevict) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+             --input-len 1000 --output-len 1000 --num-requests 1000 $Q \
+             --scheduler-policy guaranteed_no_evict --out "$OUT/tput-1k-noevict$tag.json" 2>&1 | tail -8 ;;
     throughput-hf) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
              --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;

@@ -19,6 +19,7 @@ from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
+from kiln.runtime.scheduler import POLICIES
 
 
 def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--attention-sinks", type=int, default=0, metavar="S",
                    help="StreamingLLM: keep the first S tokens and the last --attention-window")
     p.add_argument("--attention-window", type=int, default=0, metavar="W")
+    p.add_argument("--scheduler-policy", default="max_utilization", choices=POLICIES,
+                   help="max_utilization: admit while blocks last, preempt (recompute) when "
+                   "they run out; guaranteed_no_evict: admit only what can run to its end")
     p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="profile the measured run: DIR/trace.json (torch profiler, Chrome / "
@@ -89,7 +93,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
         custom_all_reduce=getattr(args, "custom_all_reduce", None),
         speculative_config=args.speculative_config,
-        attention_sinks=args.attention_sinks, attention_window=args.attention_window))
+        attention_sinks=args.attention_sinks, attention_window=args.attention_window,
+        scheduler_policy=args.scheduler_policy))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -270,6 +275,8 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "input_len": args.input_len,
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
+        "scheduler_policy": engine.scheduler.policy,
+        "preemptions": engine.scheduler.num_preemptions,
     }
     if engine.streaming is not None:
         result["attention_sinks"] = dataclasses.asdict(engine.streaming)
@@ -305,7 +312,8 @@ def _report(result: dict[str, Any], out: str | None) -> None:
     print(f"\n{result['mode']} on {result['device']} ({result['dtype']}, quantization "
           f"{result['quantization']}), {result['num_requests']} x {result['input_len']} in / "
           f"{result['output_len']} out; KV cache {kv['dtype']}: {kv['blocks']} blocks = "
-          f"{kv['tokens']} tokens")
+          f"{kv['tokens']} tokens; scheduler {result.get('scheduler_policy')}, "
+          f"{result.get('preemptions', 0)} preemptions")
     print(f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>12}{'total tok/s':>13}")
     for name, r in rows:
         print(f"{name:<14}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.2f}{r['output_tok_s']:>12.1f}"
