@@ -137,6 +137,12 @@ class ModelConfig:
         return self.sliding_window or None
 
     @property
+    def uniform_window(self) -> int | None:
+        """The sliding window every layer shares (Mistral v0.1 style), else None."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -10,7 +10,6 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,14 @@ import torch
 
 from kiln.build.engine_dir import load_engine_config
 from kiln.distributed import Mapping
-from kiln.distributed.comm import all_reduce_min
+from kiln.distributed.comm import all_reduce_min, setup_custom_all_reduce
 from kiln.errors import KilnError, RequestError
 from kiln.runtime import parallel
-from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.intake import check_request, new_group
+from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
 from kiln.runtime.model_runner import ModelRunner
-from kiln.runtime.output_processor import Group, Sequence, apply_token
+from kiln.runtime.output_processor import Group, Sequence, apply_result
 from kiln.runtime.profiling import phase
 from kiln.runtime.request import (
     PLACEHOLDER,
@@ -36,43 +37,9 @@ from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
 from kiln.runtime.step import PendingStep, StepResult
 from kiln.runtime.streaming import streaming_config
-from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
+from kiln.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Knobs chosen when an engine is loaded (the build fixed the rest)."""
-
-    device: str = "auto"  # auto: cuda if available, else cpu
-    num_kv_blocks: int | None = None  # None: sized from memory
-    kv_cache_memory_fraction: float = 0.9  # of free GPU memory, after weights
-    cpu_kv_cache_bytes: int = 1 << 30
-    scheduler_policy: str = "max_utilization"
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    cuda_graphs: bool = True  # capture decode graphs at load (CUDA only)
-    # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
-    # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
-    overlap_scheduling: bool | None = None
-    # Runtime limits: an engine serves any of them up to what it was built for, so one
-    # built engine serves every combination (None: the build's).
-    max_batch_size: int | None = None
-    max_num_tokens: int | None = None
-    max_seq_len: int | None = None  # at most the built max_seq_len
-    # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
-    # with the residual add + RMSNorm after it) instead of NCCL. None: on where symmetric
-    # memory works (else NCCL, with a log line); False: NCCL for every all-reduce.
-    custom_all_reduce: bool | None = None
-    # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
-    # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
-    speculative_config: Any = None
-    # Attention sinks (StreamingLLM, kiln.runtime.streaming): keep the first
-    # attention_sinks tokens and the last attention_window (0: what max_seq_len leaves) of
-    # every sequence, so generation runs past max_seq_len in constant memory. 0: off.
-    attention_sinks: int = 0
-    attention_window: int = 0
 
 
 class LLMEngine:
@@ -107,12 +74,8 @@ class LLMEngine:
             self.device = torch.device(device)
             mapping = Mapping()
         self.runner = ModelRunner(self.engine_dir, self.config, self.device, mapping)
-        self.custom_all_reduce = False
-        if build.tp_size > 1 and self.device.type == "cuda" and \
-                runtime.custom_all_reduce is not False:
-            from kiln.distributed.comm import setup_custom_all_reduce
-
-            self.custom_all_reduce = setup_custom_all_reduce(
+        self.custom_all_reduce = build.tp_size > 1 and self.device.type == "cuda" and \
+            runtime.custom_all_reduce is not False and setup_custom_all_reduce(
                 self.device, self.config.model.hidden_size, self.runner.dtype, build.tp_size)
         self.max_seq_len = runtime.max_seq_len or build.max_seq_len
         if self.max_seq_len > build.max_seq_len:
@@ -123,9 +86,8 @@ class LLMEngine:
         self.streaming = streaming_config(self.config, runtime.attention_sinks,
                                           runtime.attention_window, self.max_seq_len,
                                           spec_config is not None)
-        if self.streaming is not None:  # keys cached before rotary, rotated as read
-            for layer in self.runner.model.attention_layers():
-                layer.rotate_keys = True
+        if self.streaming is not None:
+            self.runner.cache_keys_unrotated()
         self.speculator: Speculator | None = None
         if spec_config is not None:
             if world > 1:
@@ -133,7 +95,12 @@ class LLMEngine:
                                 "(this one has tp x pp > 1)")
             # Before the KV pool is sized: a draft model's weights and cache need room.
             self.speculator = Speculator(self, spec_config)
-        num_blocks = runtime.num_kv_blocks or self._auto_num_blocks()
+        per_block = self.runner.kv_bytes_per_block()
+        if self.speculator is not None:  # the draft's cache grows with the target's
+            per_block += self.speculator.kv_bytes_per_block(build.block_size)
+        num_blocks = runtime.num_kv_blocks or auto_num_blocks(
+            per_block, self.device, runtime.kv_cache_memory_fraction,
+            runtime.cpu_kv_cache_bytes, self.max_batch_size, self.max_seq_len, build.block_size)
         if world > 1:  # every rank must hold the same pool: the smallest rank decides
             num_blocks = all_reduce_min(num_blocks, self.device)
         min_blocks = -(-self.max_seq_len // build.block_size)
@@ -146,12 +113,9 @@ class LLMEngine:
                             f"be at least max_seq_len ({self.max_seq_len}) or long prompts "
                             "could never be scheduled")
         self.runner.allocate_kv_cache(num_blocks)
-        model = self.config.model
-        windows = {model.layer_window(i) for i in range(model.num_layers)}
-        # Every layer windowed (Mistral v0.1 style): blocks behind the window are released.
-        window = windows.pop() if len(windows) == 1 else None
+        # Every layer windowed: blocks behind the window are released.
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
-                                 window, self.streaming)
+                                 self.config.model.uniform_window, self.streaming)
         seconds = self.runner.warmup(max_num_tokens, self.max_seq_len)
         if seconds:
             log.info("warmed up the eager path in %.1f s", seconds)
@@ -209,20 +173,6 @@ class LLMEngine:
         if self.mirror is not None:
             self.mirror.close()
 
-    def _auto_num_blocks(self) -> int:
-        per_block = self.runner.kv_bytes_per_block()
-        if self.speculator is not None:  # the draft's cache grows with the target's
-            per_block += self.speculator.kv_bytes_per_block(self.config.build.block_size)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.runtime.kv_cache_memory_fraction)
-        else:
-            budget = self.runtime.cpu_kv_cache_bytes
-        build = self.config.build
-        wanted = self.max_batch_size * -(-self.max_seq_len // build.block_size)
-        at_least = -(-self.max_seq_len // build.block_size)  # one full-length request
-        return max(min(budget // per_block, wanted), at_least)
-
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, seed_base: int | None = None) -> str:
@@ -236,26 +186,8 @@ class LLMEngine:
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         token_ids = self._encode(prompt)
-        if not token_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.config.model.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        room = self.max_seq_len - len(token_ids)
-        if self.streaming is not None:  # sinks: no length limit (default: max_seq_len more)
-            room = max(room, self.max_seq_len)
-        if room < 1:
-            raise RequestError(f"the prompt has {len(token_ids)} tokens; this engine's "
-                               f"max_seq_len is {self.max_seq_len}, leaving no room to generate")
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room and self.streaming is None:
-            raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
-                               f"exceeds max_seq_len ({self.max_seq_len})")
-        for name in ("logprobs", "prompt_logprobs"):
-            if (getattr(params, name) or 0) > vocab:
-                raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")
-        if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
-            raise RequestError("seed must be in [0, 2**62)")
+        max_tokens = check_request(token_ids, params, self.config.model.vocab_size,
+                                   self.max_seq_len, unbounded=self.streaming is not None)
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
         if params.json_schema is not None:
             grammars = self._grammar_compiler()
@@ -266,27 +198,15 @@ class LLMEngine:
             seed_base = random.getrandbits(61)
         if self.mirror is not None:
             self.mirror.record(("add", token_ids, params, request_id, seed_base))
-        sequences = []
-        for index in range(params.n):
-            seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            request = Request(seq_id, token_ids, params, max_tokens, self.eos_token_ids)
-            request.sampling_seed = seed_base + index
-            request.bad_words_token_ids = bad_words
-            if params.json_schema is not None:
-                request.grammar = grammars.matcher(params.json_schema)
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens) \
-                if self.tokenizer else None
-            sequences.append(Sequence(request, index, request_id, detok))
-        group = Group(request_id, prompt if isinstance(prompt, str) else None, sequences)
-        if params.prompt_logprobs is not None:
-            group.prompt_logprobs = [None]  # the first prompt token has no logprob
-            sequences[0].request.prompt_logprobs = params.prompt_logprobs
+        group = new_group(request_id, prompt, token_ids, params, max_tokens, seed_base,
+                          self.eos_token_ids, self.tokenizer, bad_words,
+                          grammars if params.json_schema is not None else None)
         self.groups[request_id] = group
-        for seq in sequences:
+        for seq in group.sequences:
             self._seq_of[seq.request.request_id] = seq
         # Siblings of n > 1 wait until the first has computed the prompt, then reuse its
         # KV blocks through the prefix cache instead of computing the prompt n times.
-        lead, *rest = [s.request for s in sequences]
+        lead, *rest = [s.request for s in group.sequences]
         self.scheduler.add(lead)
         if self.kv.enable_prefix_caching:
             group.held_back = rest
@@ -348,7 +268,7 @@ class LLMEngine:
         processed = previous is not None
         outputs: list[RequestOutput] = []
         if previous is not None and not (out and self.overlap and
-                                         not self._needs_host_tokens(out)):
+                                         not out.needs_host_tokens):
             outputs += self._process(previous.result())
             previous = None
             # Those tokens may have finished requests this schedule still holds.
@@ -413,49 +333,12 @@ class LLMEngine:
                                              list(self.eos_token_ids))
         return self._grammars
 
-    @staticmethod
-    def _needs_host_tokens(out) -> bool:
-        """Penalties and bad words read the generated tokens' values on the host."""
-        for entry in out.scheduled:
-            p = entry.request.params
-            if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or \
-                    entry.request.bad_words_token_ids or entry.request.grammar is not None:
-                return True
-        return False
-
     def _process(self, result: StepResult) -> list[RequestOutput]:
         with phase("kiln.detokenize"):
             return self._apply(result)
 
     def _apply(self, result: StepResult) -> list[RequestOutput]:
-        changed: dict[str, Group] = {}
-        for request_id, (start, entries) in result.prompt_logprobs.items():
-            seq = self._seq_of.get(request_id)
-            if seq is None:  # aborted while its step was in flight
-                continue
-            group = self.groups[seq.group_id]
-            # By position: a request preempted and recomputed sends its positions again.
-            group.prompt_logprobs[1 + start:1 + start + len(entries)] = entries  # type: ignore[index]
-            changed[group.request_id] = group
-        now = time.monotonic()
-        for row, (request, token, index) in enumerate(zip(result.requests, result.token_ids,
-                                                          result.indices)):
-            seq = self._seq_of.get(request.request_id)
-            if seq is None or request.status.finished or token == PLACEHOLDER:
-                continue  # PLACEHOLDER: a row past a rejected draft
-            if request.stats.first_token_time is None:
-                request.stats.first_token_time = now
-            logprobs = (result.logprobs[row], result.logprob_ids[row]) \
-                if result.logprobs is not None else None
-            status = apply_token(seq, token, index, logprobs)
-            if status is not None:
-                request.stats.finish_time = now
-                self.scheduler.finish(request, status)
-            group = self.groups[seq.group_id]
-            if group.held_back:  # the prompt is computed now: release the siblings
-                self.scheduler.waiting.extendleft(reversed(group.held_back))
-                group.held_back = []
-            changed[group.request_id] = group
+        changed = apply_result(result, self._seq_of, self.groups, self.scheduler)
         if self.speculator is not None:
             self.speculator.after_step(result.requests, result.token_ids)
         outputs = []

@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
+
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.streaming import StreamingConfig
 
@@ -198,3 +200,17 @@ class KVCacheManager:
         request.num_committed_blocks = 0
         request.num_released_blocks = 0
         request.num_evicted_tokens = 0
+
+
+def auto_num_blocks(bytes_per_block: int, device: torch.device, memory_fraction: float,
+                    cpu_bytes: int, max_batch_size: int, max_seq_len: int,
+                    block_size: int) -> int:
+    """The KV pool's size: memory_fraction of the GPU memory free now (cpu_bytes on the
+    CPU), no more than max_batch_size full-length requests need, at least one."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * memory_fraction)
+    else:
+        budget = cpu_bytes
+    per_request = -(-max_seq_len // block_size)
+    return max(min(budget // bytes_per_block, max_batch_size * per_request), per_request)

@@ -90,6 +90,11 @@ class ModelRunner:
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
 
+    def cache_keys_unrotated(self) -> None:
+        """Attention sinks: K is cached before rotary and rotated as the kernels read it."""
+        for layer in self.model.attention_layers():
+            layer.rotate_keys = True
+
     def capture_graphs(self, max_batch_size: int) -> None:
         """CUDA-graph the decode step for every batch bucket up to max_batch_size."""
         if self.device.type != "cuda" or self.mapping.pp_size > 1:

@@ -6,11 +6,23 @@ holds one CompletionOutput per sequence and is finished when all of them are.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kiln.runtime import grammar
-from kiln.runtime.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from kiln.runtime.request import (
+    PLACEHOLDER,
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestStatus,
+)
 from kiln.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from kiln.runtime.scheduler import Scheduler
+    from kiln.runtime.step import StepResult
 
 
 @dataclass
@@ -98,3 +110,40 @@ def _check_stop_strings(seq: Sequence, text_before: int) -> RequestStatus | None
             seq.request.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
     return None
+
+
+def apply_result(result: StepResult, seq_of: dict[str, Sequence], groups: dict[str, Group],
+                 scheduler: Scheduler) -> dict[str, Group]:
+    """Apply a step's sampled tokens and prompt logprobs to their sequences (finishing
+    those that stop, releasing a group's held-back siblings once its prompt is computed);
+    the groups that changed, by request id. Rows of aborted or finished requests and
+    PLACEHOLDER rows (past a rejected draft) are skipped."""
+    changed: dict[str, Group] = {}
+    for request_id, (start, entries) in result.prompt_logprobs.items():
+        seq = seq_of.get(request_id)
+        if seq is None:  # aborted while its step was in flight
+            continue
+        group = groups[seq.group_id]
+        # By position: a request preempted and recomputed sends its positions again.
+        group.prompt_logprobs[1 + start:1 + start + len(entries)] = entries  # type: ignore[index]
+        changed[group.request_id] = group
+    now = time.monotonic()
+    for row, (request, token, index) in enumerate(zip(result.requests, result.token_ids,
+                                                      result.indices)):
+        seq = seq_of.get(request.request_id)
+        if seq is None or request.status.finished or token == PLACEHOLDER:
+            continue  # PLACEHOLDER: a row past a rejected draft
+        if request.stats.first_token_time is None:
+            request.stats.first_token_time = now
+        logprobs = (result.logprobs[row], result.logprob_ids[row]) \
+            if result.logprobs is not None else None
+        status = apply_token(seq, token, index, logprobs)
+        if status is not None:
+            request.stats.finish_time = now
+            scheduler.finish(request, status)
+        group = groups[seq.group_id]
+        if group.held_back:  # the prompt is computed now: release the siblings
+            scheduler.waiting.extendleft(reversed(group.held_back))
+            group.held_back = []
+        changed[group.request_id] = group
+    return changed

@@ -41,6 +41,17 @@ class SchedulerOutput:
     def __bool__(self) -> bool:
         return bool(self.scheduled)
 
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Penalties, bad words and grammars read the generated tokens' values on the host,
+        so this step cannot be launched before the previous one's tokens arrive."""
+        for entry in self.scheduled:
+            p = entry.request.params
+            if p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty or \
+                    entry.request.bad_words_token_ids or entry.request.grammar is not None:
+                return True
+        return False
+
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_batch_size: int, max_num_tokens: int,

@@ -1,0 +1,40 @@
+"""RuntimeConfig: the knobs chosen when an engine is loaded (the build fixed the rest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Knobs chosen when an engine is loaded (the build fixed the rest)."""
+
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_kv_blocks: int | None = None  # None: sized from memory
+    kv_cache_memory_fraction: float = 0.9  # of free GPU memory, after weights
+    cpu_kv_cache_bytes: int = 1 << 30
+    scheduler_policy: str = "max_utilization"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    cuda_graphs: bool = True  # capture decode graphs at load (CUDA only)
+    # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
+    # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
+    overlap_scheduling: bool | None = None
+    # Runtime limits: an engine serves any of them up to what it was built for, so one
+    # built engine serves every combination (None: the build's).
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    max_seq_len: int | None = None  # at most the built max_seq_len
+    # TP engines on CUDA: small all-reduces through kiln's one-shot NVLink kernel (fused
+    # with the residual add + RMSNorm after it) instead of NCCL. None: on where symmetric
+    # memory works (else NCCL, with a log line); False: NCCL for every all-reduce.
+    custom_all_reduce: bool | None = None
+    # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
+    speculative_config: Any = None
+    # Attention sinks (StreamingLLM, kiln.runtime.streaming): keep the first
+    # attention_sinks tokens and the last attention_window (0: what max_seq_len leaves) of
+    # every sequence, so generation runs past max_seq_len in constant memory. 0: off.
+    attention_sinks: int = 0
+    attention_window: int = 0

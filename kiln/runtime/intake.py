@@ -1,0 +1,62 @@
+"""Requests coming in: what a prompt and its parameters must satisfy on this engine, and
+the group of sequences (n per request) it becomes. A failure is a RequestError for that
+caller only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import RequestError
+from kiln.runtime.output_processor import Group, Sequence
+from kiln.runtime.request import Request, SamplingParams
+from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_seq_len: int,
+                  unbounded: bool = False) -> int:
+    """The request's max_tokens (params' or what max_seq_len leaves), or a RequestError.
+    unbounded (attention sinks): no length limit; max_tokens defaults to max_seq_len."""
+    if not token_ids:
+        raise RequestError("the prompt is empty")
+    if any(not 0 <= t < vocab for t in token_ids):
+        raise RequestError(f"prompt token ids must be in [0, {vocab})")
+    room = max_seq_len - len(token_ids)
+    if unbounded:
+        room = max(room, max_seq_len)
+    if room < 1:
+        raise RequestError(f"the prompt has {len(token_ids)} tokens; this engine's "
+                           f"max_seq_len is {max_seq_len}, leaving no room to generate")
+    max_tokens = params.max_tokens if params.max_tokens is not None else room
+    if max_tokens > room and not unbounded:
+        raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
+                           f"exceeds max_seq_len ({max_seq_len})")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (getattr(params, name) or 0) > vocab:
+            raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")
+    if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
+        raise RequestError("seed must be in [0, 2**62)")
+    return max_tokens
+
+
+def new_group(request_id: str, prompt: str | list[int], token_ids: list[int],
+              params: SamplingParams, max_tokens: int, seed_base: int,
+              eos_token_ids: tuple[int, ...], tokenizer: Tokenizer | None,
+              bad_words: list[list[int]], grammars: Any = None) -> Group:
+    """The request's n sequences (sequence i samples with seed seed_base + i), each with its
+    detokenizer and, for a json_schema, its grammar matcher from `grammars`."""
+    sequences = []
+    for index in range(params.n):
+        seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
+        request = Request(seq_id, token_ids, params, max_tokens, eos_token_ids)
+        request.sampling_seed = seed_base + index
+        request.bad_words_token_ids = bad_words
+        if grammars is not None:
+            request.grammar = grammars.matcher(params.json_schema)
+        detok = IncrementalDetokenizer(tokenizer, token_ids, params.skip_special_tokens) \
+            if tokenizer else None
+        sequences.append(Sequence(request, index, request_id, detok))
+    group = Group(request_id, prompt if isinstance(prompt, str) else None, sequences)
+    if params.prompt_logprobs is not None:
+        group.prompt_logprobs = [None]  # the first prompt token has no logprob
+        sequences[0].request.prompt_logprobs = params.prompt_logprobs
+    return group
