@@ -37,6 +37,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.streaming = streaming
+        # Most tokens one step may add to a sequence (None: no limit of the cache's).
+        self.max_chunk = streaming.max_chunk if streaming is not None else None
         # Blocks cached under attention sinks hold keys of evicting sequences: no reuse.
         self.enable_prefix_caching = enable_prefix_caching and streaming is None
         self.ref_counts = [0] * num_blocks
@@ -156,12 +158,8 @@ class KVCacheManager:
         if self.ref_counts[block] == 0:
             self.free_queue[block] = None
 
-    def max_new_tokens(self, request: Request) -> int | None:
-        """Most tokens one step may add to the request (None: no limit of the cache's)."""
-        return self.streaming.max_chunk if self.streaming is not None else None
-
-    def max_blocks(self, request: Request, num_tokens: int) -> int:
-        """Blocks the request holds once it has num_tokens tokens."""
+    def max_blocks(self, num_tokens: int) -> int:
+        """Blocks a sequence of num_tokens tokens holds (attention sinks cap it)."""
         needed = self.blocks_needed(num_tokens)
         return min(needed, self.streaming.capacity_blocks) if self.streaming else needed
 

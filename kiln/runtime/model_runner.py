@@ -116,24 +116,22 @@ class ModelRunner:
         started = time.perf_counter()
         bs, scratch = self.block_size, self.num_blocks
 
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
         logits = None
         for length in sorted({min(n, max_seq_len - 1, max_num_tokens - 1)
                               for n in (2, 8, 16, 32, 64, 128)}):
             seq_lens = [length, length + 1]  # the decode row's context includes its token
             positions = list(range(length)) + [length]
+            slots = [scratch * bs + p % bs for p in positions]
             meta = AttentionMetadata(
-                slot_mapping=tensor([scratch * bs + p % bs for p in positions], torch.int64),
+                slot_mapping=self._to_device(slots, torch.int64),
                 block_tables=torch.full((2, -(-(length + 1) // bs)), scratch, dtype=torch.int32,
                                         device=self.device),
-                seq_lens=tensor(seq_lens, torch.int32),
-                query_start_loc=tensor([0, length, length + 1], torch.int32),
+                seq_lens=self._to_device(seq_lens, torch.int32),
+                query_start_loc=self._to_device([0, length, length + 1], torch.int32),
                 query_starts_host=[0, length, length + 1], seq_lens_host=seq_lens,
                 max_query_len=length, max_seq_len=length + 1)
             ids = torch.ones(length + 1, dtype=torch.int64, device=self.device)
-            hidden = self._forward(ids, tensor(positions, torch.int64), meta)
+            hidden = self._forward(ids, self._to_device(positions, torch.int64), meta)
             logits = self.model.compute_logits(hidden[length - 1:])
         if logits is not None:
             rows = logits.shape[0]
@@ -154,6 +152,10 @@ class ModelRunner:
         return time.perf_counter() - started
 
     # ---- one step -------------------------------------------------------------------
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list as a device tensor without stalling the host (kiln.runtime.transfer)."""
+        return transfer.to_device(values, dtype, self.device)
+
     def prepare(self, out: SchedulerOutput, previous: PendingStep | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Build the step's device tensors once. Tokens still in flight from `previous`
@@ -191,26 +193,23 @@ class ModelRunner:
         table = [e.request.block_ids + [0] * (max_blocks - len(e.request.block_ids))
                  for e in out.scheduled]
 
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return transfer.to_device(values, dtype, self.device)
-
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.int64),
-            block_tables=to_device(table, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
-            query_start_loc=to_device(query_starts, torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_tables=self._to_device(table, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            query_start_loc=self._to_device(query_starts, torch.int32),
             query_starts_host=query_starts,
             seq_lens_host=seq_lens,
             max_query_len=max(e.num_new_tokens for e in out.scheduled),
             max_seq_len=max(seq_lens),
         )
-        ids = to_device(input_ids, torch.int64)
+        ids = self._to_device(input_ids, torch.int64)
         if in_flight:
             where, source = zip(*in_flight)
-            ids[to_device(list(where), torch.int64)] = \
-                previous.tokens[to_device(list(source), torch.int64)]  # type: ignore[union-attr]
-        return ids, to_device(positions, torch.int64), meta, to_device(logits_indices,
-                                                                      torch.int64)
+            ids[self._to_device(list(where), torch.int64)] = \
+                previous.tokens[self._to_device(list(source), torch.int64)]  # type: ignore[union-attr]
+        return (ids, self._to_device(positions, torch.int64), meta,
+                self._to_device(logits_indices, torch.int64))
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:

@@ -106,7 +106,7 @@ class Scheduler:
                 continue
             self.check_long_rope(request)
             num_new = min(request.num_tokens - request.num_computed_tokens,
-                          self._chunk_budget(request, budget))
+                          self._chunk_budget(budget))
             spec = request.spec_token_ids[:budget - 1] \
                 if request.num_tokens - request.num_computed_tokens == 1 else []
             if spec and self.kv.allocate(request, request.num_tokens + len(spec)):
@@ -141,7 +141,7 @@ class Scheduler:
             remaining = request.num_tokens - num_cached
             if remaining > budget and not self.chunked_prefill:
                 break
-            num_new = min(remaining, self._chunk_budget(request, budget))
+            num_new = min(remaining, self._chunk_budget(budget))
             if not self._admissible(request, num_cached + num_new, reuse):
                 break
             if not self.kv.allocate(request, num_cached + num_new, reuse):
@@ -168,10 +168,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         _drop_drafts(request)
 
-    def _chunk_budget(self, request: Request, budget: int) -> int:
-        """Tokens the request may compute this step: the step's budget, and with attention
+    def _chunk_budget(self, budget: int) -> int:
+        """Tokens a request may compute this step: the step's budget, and with attention
         sinks what its window can take in at once."""
-        cap = self.kv.max_new_tokens(request)
+        cap = self.kv.max_chunk
         return budget if cap is None else min(budget, cap)
 
     def _entry(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -184,7 +184,7 @@ class Scheduler:
         # guaranteed_no_evict: admit only if this request and every running one can grow
         # to their maximum length without anyone being preempted.
         def blocks_to_end(r: Request, held: int) -> int:
-            return max(self.kv.max_blocks(r, r.num_prompt_tokens + r.max_tokens) - held, 0)
+            return max(self.kv.max_blocks(r.num_prompt_tokens + r.max_tokens) - held, 0)
 
         reserved = sum(blocks_to_end(r, len(r.block_ids)) for r in self.running)
         return blocks_to_end(request, len(reuse)) + reserved <= self.kv.num_free_blocks - sum(
