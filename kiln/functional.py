@@ -39,15 +39,20 @@ def _require_triton() -> None:
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    quant: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm; with `residual`, fuses the residual add and returns (normed, x + residual)."""
+    """RMSNorm; with `residual`, fuses the residual add and returns (normed, x + residual).
+    quant (an FP8Quant from the FP8 linear that takes the output): on a GPU the output
+    comes quantized, as an FP8Act, by the same kernel; elsewhere it is returned as is
+    (the linear quantizes it; the numbers are the same)."""
     if _triton(x):
         from kiln.kernels import rms_norm as kernel
 
+        quant = quant if x.dim() == 2 else None
         if residual is None:
-            return kernel.rms_norm(x, weight, eps)
-        return kernel.add_rms_norm(x, residual, weight, eps)
+            return kernel.rms_norm(x, weight, eps, quant)
+        return kernel.add_rms_norm(x, residual, weight, eps, quant)
     if residual is None:
         return ref.rms_norm(x, weight, eps)
     return ref.add_rms_norm(x, residual, weight, eps)
@@ -109,11 +114,14 @@ def prepack_cpu_linears(model: torch.nn.Module, rows_hint: int = 8) -> int:
     return count
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, quant: object = None) -> torch.Tensor:
+    """x = [gate | up] -> silu(gate) * up (SwiGLU); quant: as rms_norm's."""
     if _triton(x):
-        from kiln.kernels.silu_mul import silu_and_mul as kernel
+        from kiln.kernels import silu_mul as kernel
 
-        return kernel(x)
+        if quant is not None and x.dim() == 2:
+            return kernel.act_mul_quant(x, quant)
+        return kernel.silu_and_mul(x)
     return ref.silu_and_mul(x)
 
 
@@ -127,12 +135,14 @@ def gelu(x: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
     return torch.nn.functional.gelu(x, approximate=approximate)
 
 
-def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU: Gemma)."""
+def gelu_tanh_and_mul(x: torch.Tensor, quant: object = None) -> torch.Tensor:
+    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU: Gemma); quant: as rms_norm's."""
     if _triton(x):
-        from kiln.kernels.silu_mul import gelu_tanh_and_mul as kernel
+        from kiln.kernels import silu_mul as kernel
 
-        return kernel(x)
+        if quant is not None and x.dim() == 2:
+            return kernel.act_mul_quant(x, quant, gelu_tanh=True)
+        return kernel.gelu_tanh_and_mul(x)
     return ref.gelu_tanh_and_mul(x)
 
 
@@ -242,8 +252,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     for the shape; elsewhere the exact reference (weight_float: a cached weight.float()).
     """
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if _triton(x):
+    x2 = x if isinstance(x, ref.FP8Act) else x.reshape(-1, shape[-1])  # FP8Act: 2-D
+    if _triton(x2.q if isinstance(x2, ref.FP8Act) else x2):
         from kiln.kernels.fp8 import fp8_linear as kernel
 
         y = kernel(x2, weight, weight_scale, input_scale, bias)

@@ -159,6 +159,28 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, tiny_chec
             assert row.max() - row[token] < 0.5
 
 
+def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path, monkeypatch):
+    """RMSNorm and SiLU*mul writing the FP8 GEMMs' inputs already quantized (the default on
+    a GPU) give the same logits and tokens, bit for bit, as the GEMMs quantizing their
+    inputs in kernels of their own (KILN_FP8_FUSED_QUANT=0)."""
+    from kiln.eval import sequence_logits
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
+        quantization="fp8", kv_cache_dtype="fp8"), progress=False)
+    tokens, prompts = list(range(3, 200)), make_prompts(8, seed=4)
+    got = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("KILN_FP8_FUSED_QUANT", fused)
+        engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
+        got[fused] = (sequence_logits(engine, tokens),
+                      run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY)))
+        del engine
+    assert torch.equal(got["1"][0], got["0"][0])
+    assert got["1"][1] == got["0"][1]
+
+
 def _compiled_kernel_variants() -> int | None:
     """Compiled variants held by kiln's Triton kernels, or None where this Triton keeps
     them elsewhere."""

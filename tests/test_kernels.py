@@ -410,7 +410,10 @@ def test_kernels_compile_for_hopper() -> None:
 
     found = {(r.kernel, r.variant): r for r in reports()}
     for (kernel, variant), r in found.items():
-        assert r.stack_bytes <= (64 if kernel == "sample_kernel" else 0), (kernel, variant, r)
+        # the e4m3-cache decode config (2 warps, see decode_config) keeps 8 bytes on the
+        # stack: measured faster than the spill-free 4-warp one
+        allowed = {"sample_kernel": 64}.get(kernel, 8 if variant == "fp8kv" else 0)
+        assert r.stack_bytes <= allowed, (kernel, variant, r)
         # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel)
         assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0, \
             (kernel, variant, r)

@@ -165,7 +165,63 @@ def check_functional_dispatch() -> None:
     assert torch.equal(_bits(q), _bits(rq)) and torch.equal(s, rs)
 
 
+def check_fused_norm_act_quant(dtype: torch.dtype, M: int, K: int, device: str = "cpu"
+                               ) -> None:
+    """RMSNorm (with and without the residual add) and SiLU / GeGLU products quantized in
+    the same kernel equal, bit for bit, the unfused kernels' output quantized after; and
+    an FP8 linear fed the fused FP8Act gives the unfused result exactly."""
+    from kiln.kernels import fp8, rms_norm, silu_mul
+    from kiln.kernels import reference as ref
+
+    g = torch.Generator(device=device).manual_seed(2)
+    x = _activations(M, K, dtype, device)
+    r = (torch.randn(M, K, device=device, generator=g) * 3).to(dtype)
+    w = (torch.rand(K, device=device, generator=g) + 0.5).to(dtype)
+    gate_up = (torch.randn(M, 2 * K, device=device, generator=g) * 4).to(dtype)
+    for static in (None, torch.tensor([0.02], device=device)):
+        quant = ref.FP8Quant(static)
+
+        def unfused(y, static=static):
+            return ((fp8.quantize_fp8_per_token(y)) if static is None else
+                    (fp8.quantize_fp8_static(y, static), static.view(1, 1).expand(M, 1)))
+
+        cases = {
+            "rms_norm": (rms_norm.rms_norm(x, w, 1e-5, quant),
+                         unfused(rms_norm.rms_norm(x, w, 1e-5))),
+            "add_rms_norm": (rms_norm.add_rms_norm(x, r, w, 1e-5, quant)[0],
+                             unfused(rms_norm.add_rms_norm(x, r, w, 1e-5)[0])),
+            "silu_mul": (silu_mul.act_mul_quant(gate_up, quant),
+                         unfused(silu_mul.silu_and_mul(gate_up))),
+            "gelu_tanh_mul": (silu_mul.act_mul_quant(gate_up, quant, gelu_tanh=True),
+                              unfused(silu_mul.gelu_tanh_and_mul(gate_up))),
+        }
+        for name, (act, (q, s)) in cases.items():
+            label = f"{name} {dtype} {M}x{K} {'static' if static is not None else 'dynamic'}"
+            assert isinstance(act, ref.FP8Act) and act.dtype == dtype, label
+            assert torch.equal(act.scale, s), (label, (act.scale - s).abs().max())
+            assert torch.equal(_bits(act.q), _bits(q)), (label, (_bits(act.q) != _bits(q)).sum())
+        # the residual stream comes out as without quantization
+        assert torch.equal(rms_norm.add_rms_norm(x, r, w, 1e-5, quant)[1],
+                           rms_norm.add_rms_norm(x, r, w, 1e-5)[1])
+        wq, ws = _fp8_weight(24, K, device)
+        act = cases["add_rms_norm"][0]
+        plain = rms_norm.add_rms_norm(x, r, w, 1e-5)[0]
+        backends = ("triton", "scaled_mm") if device == "cuda" and K % 16 == 0 else ("triton",)
+        for backend in backends:
+            y_fused = fp8.fp8_linear(act, wq, ws, static, backend=backend)
+            y_plain = fp8.fp8_linear(plain, wq, ws, static, backend=backend)
+            assert y_fused.dtype == dtype and torch.equal(y_fused, y_plain), backend
+        assert torch.equal(ref.fp8_linear(act, wq, ws, static), ref.fp8_linear(plain, wq, ws,
+                                                                               static))
+
+
 # ---- CPU tests ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,K", [(5, 96), (2, 9000)])
+def test_fused_norm_act_quant(interp, dtype, M, K) -> None:  # noqa: F811
+    interp(check_fused_norm_act_quant, dtype, M, K)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K", [(5, 300), (3, 20000), (1, 64)])
 def test_quantize_matches_reference_bitwise(interp, dtype, M, K) -> None:  # noqa: F811
@@ -241,6 +297,14 @@ def _gpu_weight(N: int, K: int):
         w, ws = _fp8_weight(N, K, "cuda")
         _WEIGHTS[(N, K)] = (w, ws, w.float())
     return _WEIGHTS[(N, K)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K", [(1, 4096), (7, 14336), (300, 4096), (3, 20000)])
+def test_gpu_fused_norm_act_quant(dtype, M, K) -> None:
+    check_fused_norm_act_quant(dtype, M, K, "cuda")
 
 
 @pytest.mark.gpu

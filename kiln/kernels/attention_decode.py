@@ -18,6 +18,7 @@ import triton.language as tl
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
+    NATIVE_E4M3,
     attend_tile,
     dot_precision,
     head_block,
@@ -179,15 +180,22 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     return triton.next_power_of_2(max(splits, 1))
 
 
-def decode_config(cache_dtype: torch.dtype, block_d: int) -> tuple[int, int]:
-    """(BLOCK_N, num_stages) per KV cache dtype: the same for all three.
+def decode_config(cache_dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_stages, num_warps) per KV cache dtype.
 
-    Measured on an H200 (B=64, ctx 8192, 32 q / 8 KV heads, d=128), ms for BLOCK_N,
-    stages = 64,2 / 128,2 / 64,3 / 128,3 / 32,4: bf16 0.489 / 0.498 / 0.500 / 0.492 /
-    0.567;  e4m3 0.445 / 0.488 / 0.658 / 0.494 / 0.561;  int8 0.453 / 0.454 / 0.721 /
-    0.460 / 0.613.
+    Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
+    B=64 ctx 8192; 32 q / 8 KV heads, d=128; 27 configs each). 16-bit caches run at the
+    copy bandwidth (4.3 TB/s) with 64-key tiles, 2 stages, 4 warps (the best config is
+    within 1%). e4m3 is bound by the conversion, not the bytes (~3 TB/s at best): the
+    hardware conversion with 128-key tiles and 2 warps was fastest, 0.537 / 0.193 / 0.345
+    ms for the three shapes vs 0.647 / 0.227 / 0.444 ms for the
+    integer-op path at 64 keys, 4 warps (the old default); 64-key tiles with 2 warps come
+    within 3% of that (0.552 / 0.196 / 0.359 ms) and are taken: 128-key tiles spill 320
+    bytes a thread (compile_check), 64-key ones 8. int8: 64 keys, 4 warps.
     """
-    return (64 if block_d <= 128 else 32), 2
+    if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128:
+        return 64, 2, 2
+    return (64 if block_d <= 128 else 32), 2, 4
 
 
 def paged_attention_decode(
@@ -197,7 +205,7 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-    key_rotary: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
@@ -209,7 +217,8 @@ def paged_attention_decode(
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
     cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads], on device).
-    block_n and num_stages default to decode_config's choice for the cache dtype.
+    block_n, num_stages and num_warps default to decode_config's choice for the cache
+    dtype.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -229,8 +238,9 @@ def paged_attention_decode(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
-    default_n, default_stages = decode_config(k_cache.dtype, block_d)
+    default_n, default_stages, default_warps = decode_config(k_cache.dtype, block_d)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
+    num_warps = num_warps or default_warps
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32,
                                device=q.device)
@@ -250,7 +260,7 @@ def paged_attention_decode(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
-        ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=4,
+        ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
         num_stages=num_stages,
     )
     if num_splits > 1:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -53,8 +54,11 @@ def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], nu
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     constexprs = dict(constexprs)
-    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+    for i, (name, param) in enumerate(inspect.signature(fn.fn).parameters.items()):
         value = values.get(name, 4096)
+        if (name not in constexprs and fn.params[i].is_constexpr
+                and param.default is not inspect.Parameter.empty):
+            constexprs[name] = param.default  # a compile-time option left at its default
         if name in constexprs:
             signature[name] = "constexpr"
         elif isinstance(value, str):
@@ -88,16 +92,28 @@ def reports() -> list[CompileReport]:
     bf = "*bf16"
     out = [compile_sm90(silu_mul._silu_mul_kernel, {
         "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
-    }, {"BLOCK": 2048, "GELU_TANH": False}, 8)]
+    }, {"BLOCK": 2048, "GELU_TANH": False, "PDL": False}, 8)]
     out.append(compile_sm90(silu_mul._silu_mul_kernel, {
         "x_ptr": bf, "out_ptr": bf, "inter": 14336, "stride_x": 28672, "stride_out": 14336,
-    }, {"BLOCK": 2048, "GELU_TANH": True}, 8, variant="gelu_tanh"))
+    }, {"BLOCK": 2048, "GELU_TANH": True, "PDL": False}, 8, variant="gelu_tanh"))
     norm = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "res_out_ptr": bf,
             "eps": 1e-5, "num_rows": 77}
     out.append(compile_sm90(rms_norm._rms_norm_kernel, norm, {
-        "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8, variant="hidden+residual"))
+        "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True, "PDL": False}, 8,
+        variant="hidden+residual"))
     out.append(compile_sm90(rms_norm._rms_norm_kernel, {**norm, "n_cols": 128}, {
-        "BLOCK_R": 16, "BLOCK_N": 128, "HAS_RESIDUAL": False}, 4, variant="per-head"))
+        "BLOCK_R": 16, "BLOCK_N": 128, "HAS_RESIDUAL": False, "PDL": False}, 4,
+        variant="per-head"))
+    # FP8 engines: the output quantized for the W8A8 GEMM after (per token)
+    out.append(compile_sm90(rms_norm._rms_norm_kernel, {
+        **norm, "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32"}, {
+        "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True, "PDL": False, "QUANT": 1,
+        "Y_DTYPE": tl.bfloat16}, 8, variant="residual+fp8"))
+    out.append(compile_sm90(silu_mul._act_mul_quant_kernel, {
+        "x_ptr": bf, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32",
+        "inter": 14336, "stride_x": 28672, "stride_q": 14336,
+    }, {"BLOCK": 16384, "ONE_TILE": True, "QUANT": 1, "GELU_TANH": False,
+        "INTERPRET": False}, 8, variant="fp8"))
     rotary = {
         "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
@@ -160,6 +176,8 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {
         **shape, **sinks, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
         variant="sinks+fp8kv"))
+    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.

@@ -36,7 +36,7 @@ conversion (cvt.rn.satfinite.e4m3x2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -47,6 +47,10 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
     _INTERPRET,
     FP8,
     FP8_MAX,
+    QUANT_DYNAMIC,
+    QUANT_NONE,
+    QUANT_STATIC,
+    FP8Act,
     _dynamic_scale,
     _quant_kernel,
     _quantize,
@@ -56,7 +60,6 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
 )
 
 # ---- GEMM -----------------------------------------------------------------------------
-QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC = 0, 1, 2
 
 
 @triton.jit
@@ -271,8 +274,20 @@ def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: b
         PDL=cfg.pdl and not cfg.fuse_quant and not _INTERPRET, INTERPRET=_INTERPRET)
 
 
-def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                      input_scale: torch.Tensor | None = None,
+def _input(x: torch.Tensor | FP8Act, input_scale: torch.Tensor | None,
+           launch_dependents: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(x_q, per-row scale [M, 1], output dtype): x quantized here, or as it came (an
+    FP8Act from the fused RMSNorm / SiLU-mul kernel, whose quantization is the same)."""
+    if isinstance(x, FP8Act):
+        return x.q, x.scale, x.dtype
+    x_q, x_scale = _quantize(x, None if input_scale is None else input_scale.reshape(1).float(),
+                             launch_dependents=launch_dependents)
+    return x_q, x_scale, x.dtype
+
+
+def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
+                      weight_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None,
                       config: GemmConfig | None = None) -> torch.Tensor:
     """fp8_linear on the Triton kernel (config: the launch, default gemm_config)."""
@@ -282,7 +297,9 @@ def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if M == 0 or N == 0:
         return out
     cfg = config or gemm_config(M, N, K)
-    if x.stride(-1) != 1:
+    if isinstance(x, FP8Act):
+        cfg = replace(cfg, fuse_quant=False)
+    elif x.stride(-1) != 1:
         x = x.contiguous()
     static = input_scale is not None
     if static:
@@ -291,7 +308,7 @@ def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     if cfg.fuse_quant:
         a, a_scale = x, input_scale
     else:
-        a, a_scale = _quantize(x, input_scale, launch_dependents=meta["PDL"])
+        a, a_scale, _ = _input(x, input_scale, launch_dependents=meta["PDL"])
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _fp8_gemm_kernel[grid](
         a, a_scale if a_scale is not None else weight_scale, weight, weight_scale,
@@ -302,19 +319,18 @@ def triton_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     return out
 
 
-def scaled_mm_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         input_scale: torch.Tensor | None = None,
+def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_linear on torch._scaled_mm with rowwise scales (x_q from _quant_kernel).
-
     bf16 and fp16 outputs come straight from it (float32 epilogue, bias in x's dtype);
     it takes no bias with a float32 output, so there the bias is added after.
     """
     N = weight.shape[0]
-    x_q, x_scale = _quantize(x, None if input_scale is None else input_scale.reshape(1).float())
-    fused_bias = bias is not None and x.dtype != torch.float32
+    x_q, x_scale, dtype = _input(x, input_scale)
+    fused_bias = bias is not None and dtype != torch.float32
     y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, N),
-                         bias=bias.to(x.dtype) if fused_bias else None, out_dtype=x.dtype)
+                         bias=bias.to(dtype) if fused_bias else None, out_dtype=dtype)
     if bias is not None and not fused_bias:
         y += bias.float()
     return y
@@ -331,10 +347,11 @@ def _use_scaled_mm(M: int, N: int, K: int) -> bool:
     return M > 64
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """x [M, K] 16/32-bit @ weight [N, K] e4m3fn -> [M, N] in x.dtype; see the module doc.
+    x may come quantized already (an FP8Act with the same scheme as input_scale says).
 
     backend: "triton" or "scaled_mm" to force one; None picks the faster for the shape.
     """

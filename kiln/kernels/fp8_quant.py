@@ -20,11 +20,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
 from kiln.kernels.reference import FP8, FP8_MAX
+from kiln.kernels.reference_quant import FP8Act, FP8Quant  # noqa: F401 -- re-exported
 
 # TRITON_INTERPRET is read when the @triton.jit decorators below run, so read it here too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # float32(1 / 448): what CUDA torch multiplies by for `tensor / 448.0` (see _dynamic_scale)
 _INV_448: tl.constexpr = tl.constexpr((torch.ones((), dtype=torch.float32) / FP8_MAX).item())
+
+
+QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC = 0, 1, 2
 
 
 # ---- quantization ---------------------------------------------------------------------

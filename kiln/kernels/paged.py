@@ -3,6 +3,8 @@ and the per-head scales of 1-byte (e4m3fn, int8) KV caches."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -10,6 +12,12 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
 KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+# e4m3 tiles: converted by the hardware (cvt.rn.f16x2.e4m3x2, two values per instruction;
+# exact) by default. KILN_E4M3_NATIVE=0 (read at import) selects the integer-op path
+# (e4m3_bytes / load_kv_words, values * 2^-8), kept for comparison: on an H200 the native
+# path with 128-key tiles and 2 warps decodes B=512 x 1536 tokens in 0.537 ms vs 0.647 ms
+# (integer path, 64-key tiles, 4 warps); benchmarks/attn_decode_sweep.py.
+NATIVE_E4M3 = tl.constexpr(os.environ.get("KILN_E4M3_NATIVE", "1") == "1")
 
 
 @triton.jit
@@ -54,12 +62,12 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     (the cap of the natural-log scores, carried into base 2). ALIBI: s += slopes[row] *
     (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
     q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
-    run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 as
-    value * 2^-8 built from its bits with integer ops (load_kv_words, e4m3_bytes; the
-    hardware's e4m3 -> bf16 path is two quarter-rate cvt per value). The kernels fold
-    k_scale into qk_scale and v_scale into the output, both times 2^8 for e4m3 (kv_scale).
-    A 1-byte tile is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V
-    always, K for e4m3. A 16-bit cache compiles to the same code as before any of this.
+    run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 by
+    the hardware's e4m3 -> f16 conversion (e4m3_tile; with NATIVE_E4M3 off, as value *
+    2^-8 built from its bits with integer ops). The kernels fold k_scale into qk_scale and
+    v_scale into the output (kv_scale). An int8 tile (and an e4m3 one on the integer path)
+    is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V always, K for e4m3.
+    A 16-bit cache compiles to the same code as before any of this.
     ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
     before rotary, and key n is rotated at position n here (rotate_key_tile).
     """
@@ -78,7 +86,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     FP8: tl.constexpr = k_cache_ptr.dtype.element_ty == tl.float8e4nv
     WORDS: tl.constexpr = (k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
                            and HEAD_DIM % 4 == 0)
-    if FP8 and WORDS and not ROPE_K:
+    if FP8 and WORDS and not ROPE_K and not NATIVE_E4M3:
         k = load_kv_words(k_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
         kt = tl.trans(k)
@@ -88,7 +96,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
             kt = rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr,
                                  stride_cs, HEAD_DIM, q.dtype)
         elif FP8:
-            kt = e4m3_bytes(kt, q.dtype)
+            kt = e4m3_tile(kt, q.dtype)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
@@ -109,13 +117,13 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if WORDS:
+    if WORDS and not (FP8 and NATIVE_E4M3):
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         if FP8:
-            v = e4m3_bytes(v, q.dtype)
+            v = e4m3_tile(v, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -127,14 +135,14 @@ def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_pt
     key n at position n (cos_sin [max_pos, HEAD_DIM] = [cos | sin], float32), rounded as
     the reference rotary rounds (table, each product and the sum in the key's dtype). The
     partner half (d +- HEAD_DIM / 2) is a second load of the same cache lines.
-    A 1-byte cache's values (k / k_scale, e4m3 ones as value * 2^-8: e4m3_bytes) are
+    A 1-byte cache's values (k / k_scale, converted by e4m3_tile for e4m3) are
     rotated in q's dtype; the scale, a factor per head, commutes with the rotation."""
     HALF: tl.constexpr = HEAD_DIM // 2
     first = offs_d < HALF
     partner = tl.where(first, offs_d + HALF, offs_d - HALF)
     kp = tl.load(k_cache_ptr + kv_off[None, :] + partner[:, None], mask=kt_mask, other=0.0)
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
-        kt, kp = e4m3_bytes(kt, q_dtype), e4m3_bytes(kp, q_dtype)
+        kt, kp = e4m3_tile(kt, q_dtype), e4m3_tile(kp, q_dtype)
     elif k_cache_ptr.dtype.element_ty == tl.int8:
         kt, kp = kt.to(q_dtype), kp.to(q_dtype)
     col = tl.where(first, offs_d, offs_d - HALF)
@@ -145,6 +153,15 @@ def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_pt
     a = kt.to(tl.float32)
     b = tl.where(first[:, None], -kp.to(tl.float32), kp.to(tl.float32))
     return ((a * cos).to(dt).to(tl.float32) + (b * sin).to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
+def e4m3_tile(x, dtype: tl.constexpr):
+    """e4m3 values as `dtype`: exactly (hardware conversion), or times 2^-8 with integer ops
+    when NATIVE_E4M3 is off; kv_scale returns the matching factor."""
+    if NATIVE_E4M3:
+        return x.to(dtype)
+    return e4m3_bytes(x, dtype)
 
 
 @triton.jit
@@ -218,7 +235,7 @@ def load_kv_words(cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.cons
 @triton.jit
 def kv_query(q, k_cache_ptr):
     """q as the attention products take it: float16 for an e4m3 cache when q is 16-bit
-    (the e4m3 tiles are built as float16 bits), else as is (a float32 model keeps exact
+    (the e4m3 tiles are converted to float16), else as is (a float32 model keeps exact
     products, the tiles converted float16 -> float32 exactly).
 
     Caveat: bfloat16 -> float16 is exact for 2^-14 <= |q| <= 65504; smaller |q| round to
@@ -233,10 +250,10 @@ def kv_query(q, k_cache_ptr):
 
 @triton.jit
 def kv_scale(k_cache_ptr, scale_ptr, kv_head):
-    """The factor a 1-byte cache's values take back: scale[kv_head], times 2^8 for e4m3
-    (whose tiles come as value * 2^-8)."""
+    """The factor a 1-byte cache's values take back: scale[kv_head], times 2^8 for e4m3 on
+    the integer path (whose tiles come as value * 2^-8)."""
     s = tl.load(scale_ptr + kv_head)
-    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and not NATIVE_E4M3:
         s = s * 256.0
     return s
 
@@ -264,7 +281,7 @@ def kv_scale_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.T
         assert k_cache.element_size() > 1, f"unsupported KV cache dtype {k_cache.dtype}"
         return k_cache, v_cache
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if head_dim % 4 == 0:  # attend_tile reads V (and e4m3 K) as int32 words (load_kv_words)
+    if head_dim % 4 == 0:  # attend_tile may read a tile as int32 words (load_kv_words)
         assert all(all(x % 4 == 0 for x in c.stride()[:-1]) and c.data_ptr() % 4 == 0
                    for c in (k_cache, v_cache)), \
             "a 1-byte KV cache with head_dim % 4 == 0 needs 4-byte aligned rows"

@@ -4,6 +4,8 @@ kernels are tested against them. Re-exported by kiln.kernels.reference."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,34 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127.0  # symmetric int8: [-127, 127]
 MIN_AMAX = 1e-6  # a row of zeros still gets a finite, nonzero scale
+
+
+class FP8Quant(NamedTuple):
+    """How a W8A8 FP8 linear wants its input quantized, for the kernel before it to do it
+    (RMSNorm, SiLU*mul on a GPU): per token (static_scale None) or with a static [1]
+    scale."""
+    static_scale: torch.Tensor | None = None
+
+
+class FP8Act(NamedTuple):
+    """An activation already quantized for an FP8 linear: q [M, K] e4m3fn, scale [M, 1]
+    float32 (per row; a copy of the static scale in static mode), and dtype, the dtype
+    the unquantized activation had (the linear's output dtype)."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -38,10 +68,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     computes up to the order of the float32 sums. weight_float (weight.float(), cached by
     the caller) spares the conversion on every call.
     """
-    if input_scale is None:
-        x_q, x_scale = quantize_fp8_per_token(x)
+    if isinstance(x, FP8Act):  # quantized already (by a fused norm / activation kernel)
+        x_q, x_scale, out_dtype = x.q, x.scale, x.dtype
+    elif input_scale is None:
+        (x_q, x_scale), out_dtype = quantize_fp8_per_token(x), x.dtype
     else:
-        x_q, x_scale = quantize_fp8(x, input_scale), input_scale.view(1, 1)
+        x_q, x_scale, out_dtype = quantize_fp8(x, input_scale), input_scale.view(1, 1), x.dtype
     w = weight_float if weight_float is not None else weight.float()
     if packed is not None:  # w packed for oneDNN (kiln.functional.linear)
         from kiln.functional import linear
@@ -51,7 +83,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         y = (x_q.float() @ w.T) * x_scale * weight_scale.view(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -1,13 +1,27 @@
-"""RMSNorm, optionally fused with the residual add before it: one read, one write per tensor."""
+"""RMSNorm, optionally fused with the residual add before it: one read, one write per tensor.
+Optionally also fused with the FP8 quantization of its output for the W8A8 GEMM after it
+(per-token dynamic or static scale): the output is written as e4m3 plus a scale per row."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from kiln.kernels import pdl
+from kiln.kernels.fp8_quant import (
+    _INTERPRET,
+    FP8,
+    QUANT_DYNAMIC,
+    QUANT_STATIC,
+    FP8Act,
+    _dynamic_scale,
+    _quantize_values,
+)
 from kiln.kernels.pdl import pdl_start
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # token count varies by step
@@ -15,15 +29,22 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     num_rows, n_cols, stride_x, stride_res, stride_out, stride_res_out, eps,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, scale_ptr=None, static_scale_ptr=None, QUANT: tl.constexpr = 0,
+    Y_DTYPE: tl.constexpr = None, INTERPRET: tl.constexpr = False,
 ):
     """s = x (+ r);  y = w * cast(s / sqrt(mean(s^2) + eps)), the mean taken in float32.
 
     With a residual the sum is rounded to the input dtype first (it is also written out
     as the next residual), so y matches torch's unfused `rms_norm(x + r)` bit for bit up
     to the order of the reduction.
+    QUANT (1 dynamic, 2 static): y, rounded to Y_DTYPE (what the unfused norm would
+    store), is quantized to e4m3 as kiln.kernels.fp8_quant's kernel
+    quantizes a stored row, bit for bit; out_ptr is e4m3 and each row's scale goes to
+    scale_ptr. The kernel lets the GEMM behind it (launched with PDL) start at once.
     """
     pdl_start(PDL)
+    if QUANT != 0 and not INTERPRET and not PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < num_rows
@@ -39,8 +60,19 @@ def _rms_norm_kernel(
     normed = (xf * inv_rms[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     y = normed * w[None, :]
-    tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT == 0:
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :],
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        y = y.to(Y_DTYPE).to(tl.float32)
+        if QUANT == 2:
+            scale = tl.zeros([BLOCK_R], tl.float32) + tl.load(static_scale_ptr)
+            inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), scale)
+        else:
+            scale, inv = _dynamic_scale(tl.max(tl.abs(y), axis=1), INTERPRET)
+        q = _quantize_values(y, scale[:, None], inv[:, None], INTERPRET)
+        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q, mask=mask)
+        tl.store(scale_ptr + rows64, scale, mask=row_ok)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -50,13 +82,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, quant: object = None
+            ) -> tuple[torch.Tensor | FP8Act, torch.Tensor | None]:
     n = x.shape[-1]
     x2 = _rows(x)
     num_rows = x2.shape[0]
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype),
-                      device=x.device)
+    y_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x.shape, dtype=FP8 if quant is not None else y_dtype, device=x.device)
     out2 = out.view(-1, n)
+    extra = {}
+    if quant is not None:  # an FP8Quant: e4m3 rows and their scales
+        assert x.dim() == 2, "the fused FP8 output is [tokens, hidden]"
+        scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+        static = quant.static_scale
+        extra = dict(scale_ptr=scale, static_scale_ptr=scale if static is None else static,
+                     QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC,
+                     Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET)
     if residual is not None:
         res2 = _rows(residual)
         res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -73,19 +114,23 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2, res2, weight, out2, res_out2, num_rows, n,
         x2.stride(0), res2.stride(0), out2.stride(0), res_out2.stride(0), eps,
         BLOCK_R=block_r, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-        PDL=use_pdl, num_warps=num_warps, **pdl.launch_args(use_pdl),
+        PDL=use_pdl, num_warps=num_warps, **extra, **pdl.launch_args(use_pdl),
     )
+    if quant is not None:
+        return FP8Act(out, extra["scale_ptr"], y_dtype), res_out
     return out, res_out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = w * x / sqrt(mean(x^2) + eps) over the last dim, any leading shape."""
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: object = None
+             ) -> torch.Tensor | FP8Act:
+    """y = w * x / sqrt(mean(x^2) + eps) over the last dim, any leading shape.
+    quant (an FP8Quant; x 2-D): y quantized to e4m3 in the same pass, as an FP8Act."""
+    return _launch(x, None, weight, eps, quant)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = x + residual; returns (rms_norm(r), r) in one pass."""
-    out, res_out = _launch(x, residual, weight, eps)
+                 eps: float, quant: object = None) -> tuple[torch.Tensor | FP8Act, torch.Tensor]:
+    """r = x + residual; returns (rms_norm(r), r) in one pass (quant: as rms_norm)."""
+    out, res_out = _launch(x, residual, weight, eps, quant)
     assert res_out is not None
     return out, res_out

@@ -1,14 +1,41 @@
 """act(gate) * up for the fused gate_up projection output [T, 2I] = [gate | up]: SiLU
-(SwiGLU) or the tanh GELU (GeGLU, Gemma)."""
+(SwiGLU) or the tanh GELU (GeGLU, Gemma); optionally quantized to FP8 in the same pass
+for the W8A8 down projection (one row per program: the per-token scale needs the row)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from kiln.kernels import pdl
+from kiln.kernels.fp8_quant import (
+    _INTERPRET,
+    FP8,
+    QUANT_DYNAMIC,
+    QUANT_STATIC,
+    FP8Act,
+    FP8Quant,
+    _dynamic_scale,
+    _quantize_values,
+)
 from kiln.kernels.pdl import pdl_start
+
+
+@triton.jit
+def _act_mul(row, cols, mask, inter, GELU_TANH: tl.constexpr):
+    """The product for columns cols of one row, rounded to the input dtype (float32)."""
+    gate = tl.load(row + cols, mask=mask, other=0.0)
+    up = tl.load(row + inter + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    if GELU_TANH:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    else:
+        act = g / (1.0 + tl.exp(-g))
+    out = act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
+    return out.to(gate.dtype)
 
 
 @triton.jit
@@ -25,17 +52,66 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.cons
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
+    out = _act_mul(x_ptr + token * stride_x, cols, mask, inter, GELU_TANH)
+    tl.store(out_ptr + token * stride_out + cols, out, mask=mask)
+
+
+@triton.jit
+def _act_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, inter, stride_x,
+                          stride_q, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
+                          QUANT: tl.constexpr, GELU_TANH: tl.constexpr,
+                          INTERPRET: tl.constexpr):
+    """One token per program: the row of act(gate) * up (rounded to the input dtype, as
+    _silu_mul_kernel stores it), then e4m3 with the row's dynamic scale (QUANT 1) or the
+    static one (2), bit for bit what fp8_quant's kernel makes of the stored row. ONE_TILE:
+    the row stays in registers; else it is computed twice (amax pass, quantize pass)."""
+    if not INTERPRET:
+        gdc_launch_dependents()  # the FP8 GEMM behind (PDL) may start fetching its weight
+    token = tl.program_id(0).to(tl.int64)
     row = x_ptr + token * stride_x
-    gate = tl.load(row + cols, mask=mask, other=0.0)
-    up = tl.load(row + inter + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    if GELU_TANH:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        act = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    q_row = q_ptr + token * stride_q
+    offs = tl.arange(0, BLOCK)
+    if QUANT == 2:
+        scale = tl.load(static_scale_ptr)
+        inv = tl.div_rn(1.0, scale)
+    if ONE_TILE:
+        mask = offs < inter
+        y = _act_mul(row, offs, mask, inter, GELU_TANH).to(tl.float32)
+        if QUANT == 1:
+            scale, inv = _dynamic_scale(tl.max(tl.abs(y), axis=0), INTERPRET)
+        tl.store(q_row + offs, _quantize_values(y, scale, inv, INTERPRET), mask=mask)
     else:
-        act = g / (1.0 + tl.exp(-g))
-    out = act.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + token * stride_out + cols, out.to(gate.dtype), mask=mask)
+        if QUANT == 1:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in range(0, inter, BLOCK):
+                y = _act_mul(row, k + offs, k + offs < inter, inter, GELU_TANH)
+                amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+            scale, inv = _dynamic_scale(tl.max(amax, axis=0), INTERPRET)
+        for k in range(0, inter, BLOCK):
+            mask = k + offs < inter
+            y = _act_mul(row, k + offs, mask, inter, GELU_TANH).to(tl.float32)
+            tl.store(q_row + k + offs, _quantize_values(y, scale, inv, INTERPRET), mask=mask)
+    tl.store(scale_ptr + token, scale)
+
+
+def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False) -> FP8Act:
+    """x [T, 2I] -> e4m3 of act(x[:, :I]) * x[:, I:] with per-row scales (an FP8Act)."""
+    inter = x.shape[-1] // 2
+    assert x.dim() == 2, "the fused FP8 output is [tokens, features]"
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tokens = x.shape[0]
+    q = torch.empty(tokens, inter, dtype=FP8, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    if tokens:
+        block = min(triton.next_power_of_2(inter), 16384)
+        static = quant.static_scale
+        _act_mul_quant_kernel[(tokens,)](
+            x, q, scale, scale if static is None else static, inter, x.stride(0), q.stride(0),
+            BLOCK=block, ONE_TILE=inter <= block,
+            QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC, GELU_TANH=gelu_tanh,
+            INTERPRET=_INTERPRET, num_warps=8 if block >= 4096 else 4 if block >= 1024 else 1)
+    return FP8Act(q, scale, x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:

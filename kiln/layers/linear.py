@@ -70,6 +70,11 @@ class LinearBase(nn.Module):
     def apply_method(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.method.apply(self, x, bias)
 
+    def input_quant(self) -> object:
+        """What the kernel before this layer may quantize its output to (an FP8Quant for a
+        W8A8 FP8 layer), saving the layer's own quantization pass; None: nothing."""
+        return self.method.input_quant(self)
+
     # ---- loading: full HF tensor -> this rank's slice -----------------------------------
     def row_range(self, shard_id: object) -> tuple[int, int, int]:
         """(offset in this rank's rows, rows, offset in the full tensor) of a shard."""

@@ -24,8 +24,12 @@ class GatedMLP(nn.Module):
     def output_projection(self) -> RowLinear:
         return self.down_proj
 
+    def input_quant(self) -> object:
+        return self.gate_up_proj.input_quant()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x),
+                                               self.down_proj.input_quant()))
 
 
 class PlainMLP(nn.Module):
@@ -40,6 +44,9 @@ class PlainMLP(nn.Module):
 
     def output_projection(self) -> RowLinear:
         return self.c_proj
+
+    def input_quant(self) -> object:
+        return self.c_fc.input_quant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(KF.gelu(self.c_fc(x), self.approximate))

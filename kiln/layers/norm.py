@@ -13,9 +13,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: the norm. With residual: (norm(x + residual), x + residual)."""
-        return KF.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant: object = None):
+        """Without residual: the norm. With residual: (norm(x + residual), x + residual).
+        quant: the FP8Quant of the linear the norm feeds (the norm may then come
+        quantized, see KF.rms_norm)."""
+        return KF.rms_norm(x, self.weight, self.eps, residual, quant)
 
 
 class LayerNorm(nn.Module):
@@ -27,7 +30,9 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant: object = None):
+        """As RMSNorm's; quant is ignored (the linear quantizes the output itself)."""
         if residual is None:
             return KF.layer_norm(x, self.weight, self.bias, self.eps)
         summed = x + residual
@@ -39,14 +44,15 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 
 
 def reduce_add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor,
-                    tp_size: int, partial: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    tp_size: int, partial: bool, quant: object = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """norm(x + residual) and x + residual, where x may still be a tensor-parallel partial
     sum (`partial`): the all-reduce then runs first, fused with the add and RMSNorm into
-    one kernel where the custom all-reduce takes the message."""
+    one kernel where the custom all-reduce takes the message. quant: as the norm's."""
     if partial and tp_size > 1:
         if isinstance(norm, RMSNorm):
             fused = tp_all_reduce_add_rms_norm(x, residual, norm.weight, norm.eps, tp_size)
             if fused is not None:
                 return fused
         x = tp_all_reduce(x, tp_size)
-    return norm(x, residual)
+    return norm(x, residual, quant)

@@ -14,6 +14,7 @@ weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 
 from kiln import functional as KF
 from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
+from kiln.kernels.reference_quant import FP8Quant
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
 
@@ -85,6 +87,11 @@ class LinearMethod:
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         """Build time: turn the loaded float `layer.weight` into this method's parameters."""
 
+    def input_quant(self, layer: LinearBase) -> object:
+        """How this method would have its input quantized by the kernel that makes it (an
+        FP8Quant), or None: the norm / activation before it then writes it as usual."""
+        return None
+
 
 UNQUANTIZED = LinearMethod()
 
@@ -137,6 +144,13 @@ class FP8Method(LinearMethod):
         weight_float, packed = cpu_float_weight(layer, x, lambda: layer.weight.float())
         return KF.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias,
                              weight_float, packed)
+
+    def input_quant(self, layer: LinearBase) -> object:
+        """The norm / SiLU-mul before the layer quantizes (KILN_FP8_FUSED_QUANT=0: the
+        layer does, in a kernel of its own; the numbers are the same either way)."""
+        if os.environ.get("KILN_FP8_FUSED_QUANT", "1") == "0":
+            return None
+        return FP8Quant(layer.input_scale if self.static else None)
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         weight = layer.weight.data.float()

@@ -83,6 +83,9 @@ class DecoderAttention(nn.Module):
             kv_head_start=mapping.tp_rank // self.qkv_proj.kv_replicas * self.num_kv_heads,
             total_kv_heads=cfg.num_kv_heads)
 
+    def input_quant(self) -> object:
+        return self.qkv_proj.input_quant()
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
@@ -147,18 +150,21 @@ class DecoderLayer(nn.Module):
             mlp_in = getattr(self, "post_attention_layernorm", None)
             mlp_in = normed if mlp_in is None else mlp_in(residual)
             return self.self_attn(positions, normed) + self.mlp(mlp_in), residual
+        # An FP8 linear after a norm gets its input quantized by the norm (on a GPU).
+        attn_quant = self.self_attn.input_quant()
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, None, attn_quant)
         else:
             hidden, residual = reduce_add_norm(self.input_layernorm, hidden, residual,
-                                               self.tp_size, partial)
+                                               self.tp_size, partial, attn_quant)
         hidden = self.self_attn(positions, hidden)
         if self.sandwich:
             hidden = self.post_attention_layernorm(hidden)
             hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
             return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        mlp_quant = getattr(self.mlp, "input_quant", lambda: None)()  # none for MoE
         hidden, residual = reduce_add_norm(self.post_attention_layernorm, hidden, residual,
-                                           self.tp_size, self.defer_reduce)
+                                           self.tp_size, self.defer_reduce, mlp_quant)
         return self.mlp(hidden), residual
 
 

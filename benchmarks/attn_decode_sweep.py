@@ -1,0 +1,86 @@
+"""Decode attention over a paged KV cache: cache layout x dtype x launch config, on one GPU.
+
+    python benchmarks/attn_decode_sweep.py out.json
+    KILN_E4M3_NATIVE=1 python benchmarks/attn_decode_sweep.py out_native.json
+
+Layouts: `nhd` = [blocks, block_size, kv_heads, d] (a token's heads side by side) and
+`hnd` = the same indices over memory laid out [blocks, kv_heads, block_size, d] (a block of
+one head contiguous), passed to the kernel as a transposed view. Block tables are random
+permutations (a fragmented pool). Prints the best config per (shape, layout, dtype) and
+writes every timing as JSON. GB/s counts the K and V bytes of the contexts once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from functools import partial
+
+import torch
+from triton.testing import do_bench
+
+from kiln.kernels.attention_decode import paged_attention_decode
+
+HEADS, KV_HEADS, D, BS = 32, 8, 128, 16
+SHAPES = [(512, 1536), (256, 1024), (64, 8192), (1, 1024)]
+CONFIGS = list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
+
+
+def make(batch: int, ctx: int, layout: str, dtype: torch.dtype):
+    blocks_per = -(-ctx // BS)
+    n = batch * blocks_per + 1
+    shape = (n, KV_HEADS, BS, D) if layout == "hnd" else (n, BS, KV_HEADS, D)
+    k = torch.randn(shape, device="cuda").to(dtype)
+    v = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "hnd":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    tables = torch.randperm(n - 1, device="cuda")[: batch * blocks_per].view(batch, blocks_per)
+    tables = tables.to(torch.int32)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HEADS, D, device="cuda", dtype=torch.bfloat16)
+    return q, k, v, tables, lens
+
+
+def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else "attn_decode_sweep.json"
+    native = os.environ.get("KILN_E4M3_NATIVE", "0") == "1"
+    dtypes = {"fp8": torch.float8_e4m3fn} if native else {"bf16": torch.bfloat16,
+                                                          "fp8": torch.float8_e4m3fn}
+    rows = []
+    ones = torch.ones(KV_HEADS, device="cuda")
+    for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, ("nhd", "hnd"),
+                                                              dtypes.items()):
+        q, k, v, tables, lens = make(batch, ctx, layout, dt)
+        nbytes = 2 * batch * ctx * KV_HEADS * D * dt.itemsize
+        scales = dict(k_scale=ones, v_scale=ones) if dt.itemsize == 1 else {}
+        best = None
+        for block_n, stages, warps in CONFIGS:
+            try:
+                fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
+                             block_n=block_n, num_stages=stages, num_warps=warps, **scales)
+                ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+            except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
+                print(f"  skip {block_n},{stages},{warps}: {type(e).__name__}")
+                continue
+            row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, native=native,
+                       block_n=block_n, stages=stages, warps=warps, ms=ms,
+                       gbps=nbytes / ms / 1e6)
+            rows.append(row)
+            if best is None or ms < best["ms"]:
+                best = row
+        default = next(r for r in rows[::-1] if r["batch"] == batch and r["ctx"] == ctx and
+                       r["layout"] == layout and r["dtype"] == name and r["block_n"] == 64
+                       and r["stages"] == 2 and r["warps"] == 4)
+        print(f"B={batch:4d} ctx={ctx:5d} {layout} {name}{'-native' if native else ''}: "
+              f"default {default['ms']:.3f} ms ({default['gbps']:.0f} GB/s)  best "
+              f"{best['ms']:.3f} ms ({best['gbps']:.0f} GB/s) at n={best['block_n']} "
+              f"stages={best['stages']} warps={best['warps']}", flush=True)
+        torch.cuda.empty_cache()
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
