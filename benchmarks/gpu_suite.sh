@@ -6,7 +6,8 @@
 # ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
 # "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
-# "sinks:" attention sinks (4 sinks, a 1024-token window).
+# "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to every
+# stage's build/bench, RUN_TAG a suffix to its result files (A/B runs of one stage).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -19,7 +20,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 for spec in $stages; do
   echo "=== $spec"; start=$(date +%s)
   tag=""; stage=$spec
-  Q="--max-seq-len 2048"
+  Q="--max-seq-len 2048 ${EXTRA_ARGS:-}"  # EXTRA_ARGS: more build/bench flags for every stage
   case $spec in
     fp8:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8"; tag="-fp8"; stage=${spec#fp8:} ;;
     fp8w:*) Q="$Q --quantization fp8"; tag="-fp8w"; stage=${spec#fp8w:} ;;
@@ -33,6 +34,7 @@ for spec in $stages; do
     sinks:*) Q="$Q --attention-sinks 4 --attention-window 1024"; tag="-sinks"; stage=${spec#sinks:} ;;
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
+  tag="$tag${RUN_TAG:-}"  # RUN_TAG: a suffix for the result files of repeated variants
   case $stage in
     tests) # three groups at once (one per GPU, the parallel tests on both), a log each,
            # so a hang in one group does not hide the others' results

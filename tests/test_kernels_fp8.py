@@ -203,7 +203,7 @@ def check_fused_norm_act_quant(dtype: torch.dtype, M: int, K: int, device: str =
         # the residual stream comes out as without quantization
         assert torch.equal(rms_norm.add_rms_norm(x, r, w, 1e-5, quant)[1],
                            rms_norm.add_rms_norm(x, r, w, 1e-5)[1])
-        wq, ws = _fp8_weight(24, K, device)
+        wq, ws = _fp8_weight(32, K, device)
         act = cases["add_rms_norm"][0]
         plain = rms_norm.add_rms_norm(x, r, w, 1e-5)[0]
         backends = ("triton", "scaled_mm") if device == "cuda" and K % 16 == 0 else ("triton",)
