@@ -1,7 +1,8 @@
 """Decode attention over a paged KV cache: cache layout x dtype x launch config, on one GPU.
 
-    python benchmarks/attn_decode_sweep.py out.json
-    KILN_E4M3_NATIVE=1 python benchmarks/attn_decode_sweep.py out_native.json
+    python benchmarks/attn_decode_sweep.py out.json                    # bf16 and e4m3
+    KILN_E4M3_NATIVE=0 python benchmarks/attn_decode_sweep.py out_int.json # e4m3 only, each
+    KILN_E4M3_NATIVE=k python benchmarks/attn_decode_sweep.py out_k.json   # e4m3 conversion
 
 Layouts: `nhd` = [blocks, block_size, kv_heads, d] (a token's heads side by side) and
 `hnd` = the same indices over memory laid out [blocks, kv_heads, block_size, d] (a block of
@@ -45,9 +46,9 @@ def make(batch: int, ctx: int, layout: str, dtype: torch.dtype):
 
 def main() -> None:
     out = sys.argv[1] if len(sys.argv) > 1 else "attn_decode_sweep.json"
-    native = os.environ.get("KILN_E4M3_NATIVE", "0") == "1"
-    dtypes = {"fp8": torch.float8_e4m3fn} if native else {"bf16": torch.bfloat16,
-                                                          "fp8": torch.float8_e4m3fn}
+    mode = os.environ.get("KILN_E4M3_NATIVE", "1")  # see kiln.kernels.paged
+    dtypes = {"fp8": torch.float8_e4m3fn} if mode != "1" else {"bf16": torch.bfloat16,
+                                                               "fp8": torch.float8_e4m3fn}
     rows = []
     ones = torch.ones(KV_HEADS, device="cuda")
     for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, ("nhd", "hnd"),
@@ -64,7 +65,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  skip {block_n},{stages},{warps}: {type(e).__name__}")
                 continue
-            row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, native=native,
+            row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
                        block_n=block_n, stages=stages, warps=warps, ms=ms,
                        gbps=nbytes / ms / 1e6)
             rows.append(row)
@@ -73,7 +74,7 @@ def main() -> None:
         default = next(r for r in rows[::-1] if r["batch"] == batch and r["ctx"] == ctx and
                        r["layout"] == layout and r["dtype"] == name and r["block_n"] == 64
                        and r["stages"] == 2 and r["warps"] == 4)
-        print(f"B={batch:4d} ctx={ctx:5d} {layout} {name}{'-native' if native else ''}: "
+        print(f"B={batch:4d} ctx={ctx:5d} {layout} {name} (e4m3 mode {mode}): "
               f"default {default['ms']:.3f} ms ({default['gbps']:.0f} GB/s)  best "
               f"{best['ms']:.3f} ms ({best['gbps']:.0f} GB/s) at n={best['block_n']} "
               f"stages={best['stages']} warps={best['warps']}", flush=True)

@@ -19,6 +19,7 @@ from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
     NATIVE_E4M3,
+    NATIVE_E4M3_V,
     attend_tile,
     dot_precision,
     head_block,
@@ -95,7 +96,7 @@ def _decode_kernel(
     KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
-        qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head)
+        qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head, NATIVE_E4M3)
     q_pos = offs_g  # read by attend_tile for ALiBi only (decode needs no causal mask)
     slopes = 0.0
     if ALIBI:
@@ -122,7 +123,7 @@ def _decode_kernel(
                                     cos_sin_ptr, stride_cs, ROPE_K)
     out = acc / l_i[:, None]
     if KV_QUANT:
-        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
+        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:

@@ -10,6 +10,8 @@ import triton.language as tl
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
+    NATIVE_E4M3,
+    NATIVE_E4M3_V,
     attend_tile,
     dot_precision,
     head_block,
@@ -70,7 +72,7 @@ def _prefill_kernel(
     KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
-        qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head)
+        qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head, NATIVE_E4M3)
 
     slopes = 0.0
     if ALIBI:
@@ -116,7 +118,7 @@ def _prefill_kernel(
                                     cos_sin_ptr, stride_cs, ROPE_K)
     out = acc / l_i[:, None]
     if KV_QUANT:
-        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head)
+        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 

@@ -13,11 +13,16 @@ LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
 KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 # e4m3 tiles: converted by the hardware (cvt.rn.f16x2.e4m3x2, two values per instruction;
-# exact) by default. KILN_E4M3_NATIVE=0 (read at import) selects the integer-op path
-# (e4m3_bytes / load_kv_words, values * 2^-8), kept for comparison: on an H200 the native
-# path with 128-key tiles and 2 warps decodes B=512 x 1536 tokens in 0.537 ms vs 0.647 ms
-# (integer path, 64-key tiles, 4 warps); benchmarks/attn_decode_sweep.py.
-NATIVE_E4M3 = tl.constexpr(os.environ.get("KILN_E4M3_NATIVE", "1") == "1")
+# exact) by default. KILN_E4M3_NATIVE (read at import) picks per operand: "1" both K and
+# V by the hardware; "0" both with integer ops (e4m3_bytes / load_kv_words, values *
+# 2^-8); "k" K by the hardware and V as int32 words with integer ops (V is reduced over
+# tokens, which are not contiguous in the cache: as bytes it reaches the MMA through one
+# shared-memory byte load per value, as words through ldmatrix.trans in 16 bits). On an
+# H200 "1" with 2 warps decodes B=512 x 1536 tokens in 0.552 ms vs 0.647 ms for "0"
+# (benchmarks/attn_decode_sweep.py); "k" is not measured yet.
+_E4M3_MODE = os.environ.get("KILN_E4M3_NATIVE", "1")
+NATIVE_E4M3 = tl.constexpr(_E4M3_MODE in ("1", "k"))  # K (and anything else but V)
+NATIVE_E4M3_V = tl.constexpr(_E4M3_MODE == "1")
 
 
 @triton.jit
@@ -63,7 +68,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
     q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
     run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 by
-    the hardware's e4m3 -> f16 conversion (e4m3_tile; with NATIVE_E4M3 off, as value *
+    the hardware's e4m3 -> f16 conversion (e4m3_tile; on the integer path, as value *
     2^-8 built from its bits with integer ops). The kernels fold k_scale into qk_scale and
     v_scale into the output (kv_scale). An int8 tile (and an e4m3 one on the integer path)
     is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V always, K for e4m3.
@@ -96,7 +101,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
             kt = rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_ptr,
                                  stride_cs, HEAD_DIM, q.dtype)
         elif FP8:
-            kt = e4m3_tile(kt, q.dtype)
+            kt = e4m3_tile(kt, q.dtype, NATIVE_E4M3)
     s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
@@ -117,13 +122,13 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if WORDS and not (FP8 and NATIVE_E4M3):
+    if WORDS and not (FP8 and NATIVE_E4M3_V):
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         if FP8:
-            v = e4m3_tile(v, q.dtype)
+            v = e4m3_tile(v, q.dtype, NATIVE_E4M3_V)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -142,7 +147,7 @@ def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_pt
     partner = tl.where(first, offs_d + HALF, offs_d - HALF)
     kp = tl.load(k_cache_ptr + kv_off[None, :] + partner[:, None], mask=kt_mask, other=0.0)
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
-        kt, kp = e4m3_tile(kt, q_dtype), e4m3_tile(kp, q_dtype)
+        kt, kp = e4m3_tile(kt, q_dtype, NATIVE_E4M3), e4m3_tile(kp, q_dtype, NATIVE_E4M3)
     elif k_cache_ptr.dtype.element_ty == tl.int8:
         kt, kp = kt.to(q_dtype), kp.to(q_dtype)
     col = tl.where(first, offs_d, offs_d - HALF)
@@ -156,10 +161,10 @@ def rotate_key_tile(kt, k_cache_ptr, kv_off, offs_d, offs_n, kt_mask, cos_sin_pt
 
 
 @triton.jit
-def e4m3_tile(x, dtype: tl.constexpr):
-    """e4m3 values as `dtype`: exactly (hardware conversion), or times 2^-8 with integer ops
-    when NATIVE_E4M3 is off; kv_scale returns the matching factor."""
-    if NATIVE_E4M3:
+def e4m3_tile(x, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """e4m3 values as `dtype`: exactly (NATIVE: hardware conversion), or times 2^-8 with
+    integer ops; kv_scale returns the matching factor."""
+    if NATIVE:
         return x.to(dtype)
     return e4m3_bytes(x, dtype)
 
@@ -249,11 +254,11 @@ def kv_query(q, k_cache_ptr):
 
 
 @triton.jit
-def kv_scale(k_cache_ptr, scale_ptr, kv_head):
+def kv_scale(k_cache_ptr, scale_ptr, kv_head, NATIVE: tl.constexpr):
     """The factor a 1-byte cache's values take back: scale[kv_head], times 2^8 for e4m3 on
     the integer path (whose tiles come as value * 2^-8)."""
     s = tl.load(scale_ptr + kv_head)
-    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and not NATIVE_E4M3:
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and not NATIVE:
         s = s * 256.0
     return s
 
