@@ -125,6 +125,17 @@ def test_bad_extras_are_400(server, body, param, words):
     assert error["param"] == param and words in error["message"]
 
 
+def test_num_speculative_tokens_extension(server):
+    """kiln's per-request draft count reaches the engine: this server's engine does not
+    speculate, so asking for drafts is a 400 naming why, and 0 (plain) is served."""
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    reply = httpx.post(server.v1 + "/completions", json={**body, "num_speculative_tokens": 2})
+    assert reply.status_code == 400, reply.text
+    assert "without speculative decoding" in reply.json()["error"]["message"]
+    reply = httpx.post(server.v1 + "/completions", json={**body, "num_speculative_tokens": 0})
+    assert reply.status_code == 200, reply.text
+
+
 def test_chat_bad_logit_bias_is_400(server):
     reply = httpx.post(server.v1 + "/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}],

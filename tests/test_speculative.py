@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.speculative import SpeculativeConfig, ngram_propose
@@ -462,6 +462,46 @@ def test_rollback_invariants_hypothesis():
         assert kv.num_free_blocks == kv.num_blocks
 
     run()
+
+
+def test_per_request_draft_counts(ngram_llama, prompts, plain_outputs):
+    """SamplingParams.num_speculative_tokens: one batch of requests asking for the engine's
+    k (None), fewer (1, 2) and none (0) decodes exactly as without speculation; each stays
+    within its own k, the one with 0 proposes nothing; more than the engine's k, or any on
+    an engine without speculation, is refused when added."""
+    asked = [None, 0, 1, 2]
+    engine_k = ngram_llama.speculator.config.num_speculative_tokens
+    for i, prompt in enumerate(prompts):
+        ngram_llama.add_request(prompt, SamplingParams(
+            max_tokens=40, num_speculative_tokens=asked[i % 4], **GREEDY), f"k{i}")
+    got: dict[str, list[int]] = {}
+    metrics = {}
+    while ngram_llama.has_unfinished():
+        for out in ngram_llama.step():
+            if out.finished:
+                got[out.request_id[1:]] = out.token_ids
+                metrics[int(out.request_id[1:])] = out.metrics
+    assert got == plain_outputs
+    for i, m in metrics.items():
+        k = engine_k if asked[i % 4] is None else asked[i % 4]
+        assert m.num_draft_tokens <= k * m.num_spec_steps, (i, k, m)
+        if k == 0:
+            assert m.num_draft_tokens == m.num_spec_steps == 0
+    assert sum(m.num_draft_tokens for i, m in metrics.items() if asked[i % 4] == 1) > 0
+    assert ngram_llama.kv.num_used_blocks == 0
+    with pytest.raises(RequestError, match="at most"):
+        ngram_llama.add_request([5, 6, 7], SamplingParams(num_speculative_tokens=engine_k + 1))
+    with pytest.raises(RequestError, match=">= 0"):
+        SamplingParams(num_speculative_tokens=-1)
+
+
+def test_per_request_drafts_need_a_speculative_engine(plain_llama):
+    with pytest.raises(RequestError, match="without speculative decoding"):
+        plain_llama.add_request([5, 6, 7], SamplingParams(num_speculative_tokens=2))
+    plain_llama.add_request([5, 6, 7], SamplingParams(max_tokens=2, num_speculative_tokens=0),
+                            "zero-drafts")  # 0 is plain decoding anywhere
+    while plain_llama.has_unfinished():
+        plain_llama.step()
 
 
 def test_request_and_engine_stats_agree_with_metrics(ngram_llama):

@@ -186,8 +186,10 @@ class LLMEngine:
         if request_id in self.groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         token_ids = self._encode(prompt)
-        max_tokens = check_request(token_ids, params, self.config.model.vocab_size,
-                                   self.max_seq_len, unbounded=self.streaming is not None)
+        max_tokens = check_request(
+            token_ids, params, self.config.model.vocab_size, self.max_seq_len,
+            unbounded=self.streaming is not None,
+            max_drafts=self.speculator.config.num_speculative_tokens if self.speculator else 0)
         bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
         if params.json_schema is not None:
             grammars = self._grammar_compiler()

@@ -13,9 +13,10 @@ from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_seq_len: int,
-                  unbounded: bool = False) -> int:
+                  unbounded: bool = False, max_drafts: int = 0) -> int:
     """The request's max_tokens (params' or what max_seq_len leaves), or a RequestError.
-    unbounded (attention sinks): no length limit; max_tokens defaults to max_seq_len."""
+    unbounded (attention sinks): no length limit; max_tokens defaults to max_seq_len.
+    max_drafts: the engine's speculative k (0: no speculation), the most a request may ask."""
     if not token_ids:
         raise RequestError("the prompt is empty")
     if any(not 0 <= t < vocab for t in token_ids):
@@ -35,6 +36,12 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
             raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")
     if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
         raise RequestError("seed must be in [0, 2**62)")
+    if (params.num_speculative_tokens or 0) > max_drafts:
+        raise RequestError(
+            f"num_speculative_tokens {params.num_speculative_tokens}: this engine "
+            + (f"verifies at most {max_drafts} drafts a step (its speculative_config)"
+               if max_drafts else "runs without speculative decoding (start it with a "
+               "speculative_config)"))
     return max_tokens
 
 

@@ -37,6 +37,10 @@ class SamplingParams:
     # Structured output: the text is JSON valid against this schema ({"type": "object"}
     # for any JSON object); needs xgrammar. See kiln/runtime/grammar.py.
     json_schema: dict[str, Any] | str | None = None
+    # Speculative decoding (an engine started with a speculative_config): drafts per verify
+    # step for this request, 0 to decode it plainly; None: the engine's
+    # num_speculative_tokens. More than the engine's is refused when the request arrives.
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +71,8 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              "prompt_logprobs must be >= 0"),
+            (self.num_speculative_tokens is None or self.num_speculative_tokens >= 0,
+             f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}"),
         ]
         for ok, message in checks:
             if not ok:

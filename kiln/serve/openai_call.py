@@ -89,7 +89,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),
-        json_schema=_structured(body))
+        json_schema=_structured(body), num_speculative_tokens=body.num_speculative_tokens)
 
 
 def _structured(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:

@@ -41,6 +41,8 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # kiln extension: drafts per verify step on a speculative engine (0: none)
+    num_speculative_tokens: int | None = None
 
 
 class CompletionRequest(_GenerationRequest):

@@ -106,8 +106,10 @@ class Speculator:
     def _propose(self, requests: list[Request]) -> None:
         wanted, ks = [], []
         for r in requests:
-            # The step emits up to k + 1 tokens: never past max_tokens.
-            k = min(self.config.num_speculative_tokens,
+            # The step emits up to k + 1 tokens: never past max_tokens. A request may ask
+            # for fewer drafts than the engine's k (0: none).
+            own = r.params.num_speculative_tokens
+            k = min(self.config.num_speculative_tokens if own is None else own,
                     r.max_tokens - r.num_output_tokens - 1)
             if k >= 1 and self.eligible(r) and r.num_tokens - r.num_computed_tokens == 1:
                 wanted.append(r)
