@@ -59,6 +59,49 @@ def test_tp2_engine_matches_single_rank_with_staggered_arrivals(engines, overlap
             engine.close()
 
 
+def test_tp2_ngram_speculation_matches_plain_tp2(tiny_checkpoints, tmp_path):
+    """n-gram speculative decoding on a TP2 engine: every rank proposes the same drafts
+    from the same tokens and verifies them in lockstep (seeded sampling rows too: a rank
+    out of step would hang the group), so greedy tokens are the plain TP2 engine's;
+    greedy drafts get accepted (the tiny llama of tests/test_speculative.py continues
+    repeated phrases), blocks come back."""
+    from tests.test_speculative import repeating_prompts
+
+    folder = tiny_checkpoints["llama"][0]
+    engine_dir = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False)
+    prompts = repeating_prompts(6) + make_prompts(3, seed=3)
+    arrivals = [i // 2 for i in range(len(prompts))]
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    for params in (SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7,
+                                  ignore_eos=True)):
+        got = {}
+        for config in (None, spec):
+            engine = LLMEngine(engine_dir, RuntimeConfig(device="cpu", max_num_tokens=24,
+                                                         speculative_config=config))
+            try:
+                got[config is None] = run_all(engine, prompts, params, arrivals)
+                if config is not None:
+                    stats = engine.stats()
+                    assert stats["spec_num_draft_tokens"] > 0 and stats["kv_blocks_used"] == 0
+                    if params.greedy:  # sampled drafts of this flat random model: rejected
+                        assert stats["spec_num_accepted_tokens"] > 0
+            finally:
+                engine.close()
+        if params.greedy:
+            assert got[False] == got[True]
+        else:  # rejection sampling: the target's distribution, not plain decoding's draws
+            assert all(len(t) == 24 for t in got[False].values())
+
+
+def test_draft_model_speculation_on_several_ranks_is_refused(engines):
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match="ngram method on tensor-parallel"):
+        LLMEngine(engines[2], RuntimeConfig(device="cpu", speculative_config={
+            "method": "draft_model", "model": str(engines[1]), "num_speculative_tokens": 2}))
+
+
 @pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
 def test_pipeline_engines_match_single_rank(engines, layout):
     """Pipeline stages (2 and, with TP2 inside each, 4 processes) with two micro-batches

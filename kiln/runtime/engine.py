@@ -60,6 +60,8 @@ class LLMEngine:
         self.exit_on_failure = True  # a server keeps answering (503) instead
         self.tokenizer = Tokenizer.from_engine(self.engine_dir)
         world = build.tp_size * build.pp_size
+        if spec_config is not None:
+            spec_config.check_layout(build.tp_size, build.pp_size)
         self.rank_context, self.mirror = rank_context, None
         if world > 1 and rank_context is None:
             if device == "cuda" and torch.cuda.device_count() < world and \
@@ -90,9 +92,6 @@ class LLMEngine:
             self.runner.cache_keys_unrotated()
         self.speculator: Speculator | None = None
         if spec_config is not None:
-            if world > 1:
-                raise KilnError("speculative decoding runs on single-GPU engines for now "
-                                "(this one has tp x pp > 1)")
             # Before the KV pool is sized: a draft model's weights and cache need room.
             self.speculator = Speculator(self, spec_config)
         per_block = self.runner.kv_bytes_per_block()

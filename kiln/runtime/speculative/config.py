@@ -63,3 +63,11 @@ class SpeculativeConfig:
             raise KilnError('speculative_config method "draft_model" needs "model": an '
                             "engine dir, HF folder or GGUF file of the draft")
         return config
+
+    def check_layout(self, tp_size: int, pp_size: int) -> None:
+        """Several ranks: n-gram drafts on tensor parallel only (each rank proposes the same
+        drafts from the same tokens); a draft model or pipeline stages are refused."""
+        if tp_size * pp_size > 1 and (self.method != "ngram" or pp_size > 1):
+            raise KilnError("speculative decoding on several GPUs takes the ngram method on "
+                            f"tensor-parallel engines (this one: {self.method}, tp {tp_size} "
+                            f"x pp {pp_size})")
