@@ -7,7 +7,9 @@
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
 # "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
 # "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to every
-# stage's build/bench, RUN_TAG a suffix to its result files (A/B runs of one stage).
+# stage's build/bench, RUN_TAG a suffix to its result files (A/B runs of one stage), MODEL
+# another random-weight preset than llama-3.1-8b (e.g. MODEL=gemma-2-9b, mixtral-8x7b:
+# 93 GB of bf16 weights, so KILN_CACHE on a disk that holds them: nvidia-h200-x2).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -34,7 +36,7 @@ for spec in $stages; do
     sinks:*) Q="$Q --attention-sinks 4 --attention-window 1024"; tag="-sinks"; stage=${spec#sinks:} ;;
     allreduce) $T python3 benchmarks/allreduce_bench.py "$OUT/allreduce.json" 2>&1 | tail -8; continue ;;
   esac
-  tag="$tag${RUN_TAG:-}"  # RUN_TAG: a suffix for the result files of repeated variants
+  tag="$tag${RUN_TAG:-}${MODEL:+-$MODEL}"  # suffixes for repeated variants, other models
   case $stage in
     tests) # three groups at once (one per GPU, the parallel tests on both), a log each,
            # so a hang in one group does not hide the others' results
@@ -50,12 +52,12 @@ for spec in $stages; do
            [ "$n" -gt 1 ] && run_group parallel 0,1 tests/test_gpu_parallel.py &
            wait
            for f in "$OUT"/tests-*.log; do echo "--- $f"; grep -E "passed|failed|FAILED|Error|exit" "$f" | tail -15; done ;;
-    latency-b1) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 128 \
+    latency-b1) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
-    ttft) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+    ttft) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 16 --num-requests 1 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
-    build8b) $T python3 -m kiln.cli build --random-weights --config llama-3.1-8b \
+    build8b) $T python3 -m kiln.cli build --random-weights --config ${MODEL:-llama-3.1-8b} \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
     serving) # needs build8b; kiln serve, then tritonserver+kiln if $KILN_TRITON_ENV is a
              # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
@@ -77,27 +79,27 @@ for spec in $stages; do
                  --out "$OUT/triton-inflight.json" 2>&1 | tail -5
              else echo "no KILN_TRITON_ENV: Triton half skipped"; fi ;;
     profile) python3 benchmarks/profile_decode.py /tmp/kiln-8b --batch 64 2>&1 | tail -34 ;;
-    latency) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+    latency) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;
-    latency-hf) $T python3 -m kiln.cli bench latency --random-config llama-3.1-8b --input-len 1000 \
+    latency-hf) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
-    throughput) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+    throughput) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
     proftput) # the 128/128 run under torch.profiler: step phases and the kernels by GPU time
-             $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+             $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --profile /tmp/prof$tag \
              --out "$OUT/proftput$tag.json" > "$OUT/proftput$tag.log" 2>&1
              grep -v "^$" "$OUT/proftput$tag.log" | tail -48
              python3 benchmarks/trace_gaps.py /tmp/prof$tag/trace.json --out "$OUT/gaps$tag.json"
              [ -n "${KEEP_TRACE:-}" ] && gzip -c /tmp/prof$tag/trace.json > "$OUT/trace$tag.json.gz" ;;
-    throughput-64) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+    throughput-64) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
-    throughput-1k) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+    throughput-1k) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
-    throughput-1k-noevict) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
+    throughput-1k-noevict) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q \
              --scheduler-policy guaranteed_no_evict --out "$OUT/tput-1k-noevict$tag.json" 2>&1 | tail -8 ;;
-    throughput-hf) $T python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --input-len 128 \
+    throughput-hf) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
              --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
     spec-ngram) $T python3 benchmarks/speculative.py ngram --out "$OUT/spec-ngram.json" 2>&1 | tail -14 ;;
