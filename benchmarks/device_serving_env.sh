@@ -10,7 +10,7 @@
 # environment (its Python-backend stub crashes on BYTES tensors under numpy 2, see
 # kiln/serve/triton_server.py), and a slim Triton Inference Server cut from the
 # nvidia-pytriton wheel: the tritonserver binary, the Python backend, the Python 3.12
-# stub and the 74 libraries those link (27 MB as tar.xz instead of the 55 MB wheel).
+# stub and the 41 libraries those load (26 MB as tar.xz instead of the 55 MB wheel).
 # The stub also links libpython3.12.so.1.0, which that image has in /usr/lib.
 # Then: `... unpack; bash benchmarks/gpu_suite.sh build8b serving` (name .carry-serving in
 # the device call's carry).
@@ -27,7 +27,9 @@ pack() (  # a subshell: stops at the first error
   # fastapi + uvicorn with their dependencies resolved for 3.12, then only the packages the
   # image lacks (its own anyio, click, h11, typing_extensions, ... stay in charge)
   python3 -m pip download -q "${PY_TAG[@]}" -d "$D/tmp" fastapi 'uvicorn>=0.29'
-  for name in $SERVE_WHEELS; do mv "$D"/tmp/"$name"-*.whl "$D/wheels/"; done
+  for name in $SERVE_WHEELS; do  # a name no longer pulled in is simply not carried
+    for f in "$D"/tmp/"$name"-*.whl; do [ -e "$f" ] && mv "$f" "$D/wheels/"; done
+  done
   rm -rf "$D/tmp" && mkdir -p "$D/tmp"
   python3 -m pip download -q --no-deps "${PY_TAG[@]}" -d "$D/triton-wheels" 'numpy<2'
   python3 -m pip download -q --no-deps "${PY_TAG[@]}" --platform manylinux_2_35_x86_64 \

@@ -6,8 +6,9 @@
 # ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
 # "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
-# "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to every
-# stage's build/bench, RUN_TAG a suffix to its result files (A/B runs of one stage), MODEL
+# "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to the
+# kiln bench stages (latency*, ttft, throughput*; not build8b or the -hf ones), RUN_TAG a
+# suffix to their result files (A/B runs of one stage), MODEL
 # another random-weight preset than llama-3.1-8b (e.g. MODEL=gemma-2-9b, mixtral-8x7b:
 # 93 GB of bf16 weights, so KILN_CACHE on a disk that holds them: nvidia-h200-x2).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
@@ -82,7 +83,7 @@ for spec in $stages; do
     latency) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 256 $Q --out "$OUT/latency$tag.json" 2>&1 | tail -12 ;;
     latency-hf) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
-             --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf.json" 2>&1 | tail -12 ;;
+             --output-len 128 --compare-hf --kv-fraction 0.5 --out "$OUT/latency-hf$tag.json" 2>&1 | tail -12 ;;
     throughput) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 128 --num-requests 1000 $Q --out "$OUT/tput-128$tag.json" 2>&1 | tail -8 ;;
     proftput) # the 128/128 run under torch.profiler: step phases and the kernels by GPU time
@@ -101,7 +102,7 @@ for spec in $stages; do
              --scheduler-policy guaranteed_no_evict --out "$OUT/tput-1k-noevict$tag.json" 2>&1 | tail -8 ;;
     throughput-hf) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} --input-len 128 \
              --output-len 128 --num-requests 64 --compare-hf --kv-fraction 0.5 \
-             --out "$OUT/tput-hf.json" 2>&1 | tail -8 ;;
+             --out "$OUT/tput-hf$tag.json" 2>&1 | tail -8 ;;
     spec-ngram) $T python3 benchmarks/speculative.py ngram --out "$OUT/spec-ngram.json" 2>&1 | tail -14 ;;
     spec-overhead) STAGE_TIMEOUT=600 timeout 600 python3 benchmarks/speculative.py overhead \
              --out "$OUT/spec-overhead.json" 2>&1 | tail -40 ;;

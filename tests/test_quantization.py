@@ -238,3 +238,28 @@ def test_fp8_on_a_card_without_fp8_is_refused(monkeypatch):
     with pytest.raises(KilnError, match="KV cache"):
         model_runner._check_fp8_support("none", "fp8", torch.device("cuda", 0))
     model_runner._check_fp8_support("none", "int8", torch.device("cuda", 0))  # int8 is fine
+
+
+def test_calibration_reads_unquantized_linear_inputs():
+    """On a GPU the norm before an FP8 layer hands it an FP8Act (its input quantized in
+    the norm's kernel); calibrating a pre-quantized FP8 checkpoint (for KV scales) reads
+    every linear's input as a tensor, so calibrate() runs with that fusion off."""
+    from kiln.build.calibrate import calibrate
+    from kiln.layers.quantization import FP8Method, unfused_inputs
+
+    method = FP8Method()
+    assert method.input_quant(None) is not None
+    with unfused_inputs():
+        assert method.input_quant(None) is None
+    seen = []
+
+    class Probe(torch.nn.Module):  # what an FP8 layer's input_quant says during the forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, positions):
+            seen.append(method.input_quant(None))
+
+    calibrate(Probe(), [[1, 2, 3]], torch.device("cpu"), progress=False)
+    assert seen == [None] and method.input_quant(None) is not None

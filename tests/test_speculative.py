@@ -491,8 +491,9 @@ def test_per_request_draft_counts(ngram_llama, prompts, plain_outputs):
     assert ngram_llama.kv.num_used_blocks == 0
     with pytest.raises(RequestError, match="at most"):
         ngram_llama.add_request([5, 6, 7], SamplingParams(num_speculative_tokens=engine_k + 1))
-    with pytest.raises(RequestError, match=">= 0"):
-        SamplingParams(num_speculative_tokens=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(RequestError, match="integer >= 0"):
+            SamplingParams(num_speculative_tokens=bad)
 
 
 def test_per_request_drafts_need_a_speculative_engine(plain_llama):

@@ -19,6 +19,7 @@ from kiln.kernels import reference as ref
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
+from kiln.layers.quantization import unfused_inputs
 
 
 class Stats:
@@ -117,28 +118,31 @@ def calibrate(model: torch.nn.Module, samples: list[list[int]], device: torch.de
     for attn in layers:  # calibrate with a 16-bit cache, whatever the engine will hold
         attn.k_scale = attn.v_scale = None
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    try:
-        for ids in tqdm(samples, desc="calibrating", unit="sample",
-                        disable=None if progress else True, leave=False):
-            n = len(ids)
-            num_blocks = -(-n // block_size)
-            for attn in layers:
-                attn.k_cache, attn.v_cache = torch.zeros(
-                    2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim,
-                    dtype=dtype, device=device)
-            i32 = dict(dtype=torch.int32, device=device)
-            meta = AttentionMetadata(
-                slot_mapping=torch.arange(n, device=device),
-                block_tables=torch.arange(num_blocks, **i32)[None],
-                seq_lens=torch.tensor([n], **i32),
-                query_start_loc=torch.tensor([0, n], **i32),
-                query_starts_host=[0, n], seq_lens_host=[n], max_query_len=n, max_seq_len=n)
-            with forward_context(meta):
-                model(torch.tensor(ids, device=device), torch.arange(n, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-        for attn, (k_scale, v_scale) in zip(layers, kv_scales):
-            attn.k_cache = attn.v_cache = torch.empty(0)
-            attn.k_scale, attn.v_scale = k_scale, v_scale
+    # A pre-quantized FP8 checkpoint's layers would get their inputs quantized by the
+    # norms before them on a GPU; the hooks read them as tensors.
+    with unfused_inputs():
+        try:
+            for ids in tqdm(samples, desc="calibrating", unit="sample",
+                            disable=None if progress else True, leave=False):
+                n = len(ids)
+                num_blocks = -(-n // block_size)
+                for attn in layers:
+                    attn.k_cache, attn.v_cache = torch.zeros(
+                        2, num_blocks, block_size, attn.num_kv_heads, attn.head_dim,
+                        dtype=dtype, device=device)
+                i32 = dict(dtype=torch.int32, device=device)
+                meta = AttentionMetadata(
+                    slot_mapping=torch.arange(n, device=device),
+                    block_tables=torch.arange(num_blocks, **i32)[None],
+                    seq_lens=torch.tensor([n], **i32),
+                    query_start_loc=torch.tensor([0, n], **i32),
+                    query_starts_host=[0, n], seq_lens_host=[n], max_query_len=n, max_seq_len=n)
+                with forward_context(meta):
+                    model(torch.tensor(ids, device=device), torch.arange(n, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+            for attn, (k_scale, v_scale) in zip(layers, kv_scales):
+                attn.k_cache = attn.v_cache = torch.empty(0)
+                attn.k_scale, attn.v_scale = k_scale, v_scale
     return stats

@@ -181,7 +181,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     return triton.next_power_of_2(max(splits, 1))
 
 
-def decode_config(cache_dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
+                  rope_k: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_stages, num_warps) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
@@ -192,9 +193,12 @@ def decode_config(cache_dtype: torch.dtype, block_d: int) -> tuple[int, int, int
     ms for the three shapes vs 0.647 / 0.227 / 0.444 ms for the
     integer-op path at 64 keys, 4 warps (the old default); 64-key tiles with 2 warps come
     within 3% of that (0.552 / 0.196 / 0.359 ms) and are taken: 128-key tiles spill 320
-    bytes a thread (compile_check), 64-key ones 8. int8: 64 keys, 4 warps.
+    bytes a thread (compile_check), 64-key ones 8. int8: 64 keys, 4 warps. Two warps only
+    for up to 16 query heads a KV head (a bigger accumulator spills) and keys rotated
+    elsewhere (not attention sinks' in-kernel rotary).
     """
-    if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128:
+    if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128 and \
+            block_g <= 16 and not rope_k:
         return 64, 2, 2
     return (64 if block_d <= 128 else 32), 2, 4
 
@@ -239,7 +243,9 @@ def paged_attention_decode(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
-    default_n, default_stages, default_warps = decode_config(k_cache.dtype, block_d)
+    block_g = max(16, triton.next_power_of_2(group))
+    default_n, default_stages, default_warps = decode_config(k_cache.dtype, block_d, block_g,
+                                                             key_rotary is not None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     if num_splits > 1:
@@ -258,7 +264,7 @@ def paged_attention_decode(
         key_rotary if key_rotary is not None else seq_lens,
         key_rotary.stride(0) if key_rotary is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,

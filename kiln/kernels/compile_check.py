@@ -108,12 +108,12 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(rms_norm._rms_norm_kernel, {
         **norm, "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32"}, {
         "BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True, "PDL": False, "QUANT": 1,
-        "Y_DTYPE": tl.bfloat16}, 8, variant="residual+fp8"))
+        "Y_DTYPE": tl.bfloat16, "DEPENDENTS": True}, 8, variant="residual+fp8"))
     out.append(compile_sm90(silu_mul._act_mul_quant_kernel, {
         "x_ptr": bf, "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "static_scale_ptr": "*fp32",
         "inter": 14336, "stride_x": 28672, "stride_q": 14336,
     }, {"BLOCK": 16384, "ONE_TILE": True, "QUANT": 1, "GELU_TANH": False,
-        "INTERPRET": False}, 8, variant="fp8"))
+        "INTERPRET": False, "DEPENDENTS": True}, 8, variant="fp8"))
     rotary = {
         "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
+from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of this API
     _INTERPRET,
     FP8,
@@ -257,10 +258,11 @@ def gemm_config(M: int, N: int, K: int) -> GemmConfig:
     return GemmConfig(128, 128, 128, 8, 4, group_m=8, pdl=True)
 
 
-def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: bool
-                      ) -> dict:
+def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: bool,
+                      pdl_ok: bool = True) -> dict:
     """The compile-time arguments of _fp8_gemm_kernel for a launch (also what
-    tests/test_kernels_fp8.py compiles for sm_90)."""
+    tests/test_kernels_fp8.py compiles for sm_90). pdl_ok: the device takes PDL (sm_90+;
+    an sm_89 card has FP8 but no griddepcontrol)."""
     quant = (QUANT_STATIC if static else QUANT_DYNAMIC) if cfg.fuse_quant else QUANT_NONE
     rows = triton.next_power_of_2(M) if cfg.fuse_quant and cfg.block_m == 16 and M <= 16 else 0
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
@@ -271,7 +273,8 @@ def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: b
         AMAX_BLOCK=min(triton.next_power_of_2(K), 8192 // max(rows, 1)),
         PROMOTE_K=min(cfg.promote_k, block_k), ROWS=rows,
         PREFETCH=0 if _INTERPRET else min(cfg.prefetch, K // 128 * 128),
-        PDL=cfg.pdl and not cfg.fuse_quant and not _INTERPRET, INTERPRET=_INTERPRET)
+        PDL=cfg.pdl and not cfg.fuse_quant and not _INTERPRET and pdl_ok,
+        INTERPRET=_INTERPRET)
 
 
 def _input(x: torch.Tensor | FP8Act, input_scale: torch.Tensor | None,
@@ -304,7 +307,8 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     static = input_scale is not None
     if static:
         input_scale = input_scale.reshape(1).float()
-    meta = kernel_constexprs(cfg, M, K, static, bias is not None)
+    meta = kernel_constexprs(cfg, M, K, static, bias is not None,
+                             pdl_ok=pdl.hopper(x.q if isinstance(x, FP8Act) else x))
     if cfg.fuse_quant:
         a, a_scale = x, input_scale
     else:

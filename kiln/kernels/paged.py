@@ -21,6 +21,9 @@ KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 # H200 "1" with 2 warps decodes B=512 x 1536 tokens in 0.552 ms vs 0.647 ms for "0"
 # (benchmarks/attn_decode_sweep.py); "k" is not measured yet.
 _E4M3_MODE = os.environ.get("KILN_E4M3_NATIVE", "1")
+if _E4M3_MODE not in ("0", "1", "k"):
+    raise ValueError(f"KILN_E4M3_NATIVE={_E4M3_MODE!r}: use 1 (hardware conversion, the "
+                     "default), 0 (integer ops) or k (hardware for K, integer ops for V)")
 NATIVE_E4M3 = tl.constexpr(_E4M3_MODE in ("1", "k"))  # K (and anything else but V)
 NATIVE_E4M3_V = tl.constexpr(_E4M3_MODE == "1")
 

@@ -32,11 +32,17 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def enabled(t: torch.Tensor) -> bool:
-    """Whether kernels on t's device are launched with PDL."""
-    return (t.is_cuda and not _INTERPRET and os.environ.get("KILN_PDL", "0") == "1"
+def hopper(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device may use PDL instructions at all (griddepcontrol needs
+    sm_90; compiled, not interpreted)."""
+    return (t.is_cuda and not _INTERPRET
             and _capable(t.device.index if t.device.index is not None else
                          torch.cuda.current_device()))
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device are launched with PDL."""
+    return os.environ.get("KILN_PDL", "0") == "1" and hopper(t)
 
 
 def launch_args(on: bool) -> dict:

@@ -31,6 +31,7 @@ def _rms_norm_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr, scale_ptr=None, static_scale_ptr=None, QUANT: tl.constexpr = 0,
     Y_DTYPE: tl.constexpr = None, INTERPRET: tl.constexpr = False,
+    DEPENDENTS: tl.constexpr = False,
 ):
     """s = x (+ r);  y = w * cast(s / sqrt(mean(s^2) + eps)), the mean taken in float32.
 
@@ -40,10 +41,10 @@ def _rms_norm_kernel(
     QUANT (1 dynamic, 2 static): y, rounded to Y_DTYPE (what the unfused norm would
     store), is quantized to e4m3 as kiln.kernels.fp8_quant's kernel
     quantizes a stored row, bit for bit; out_ptr is e4m3 and each row's scale goes to
-    scale_ptr. The kernel lets the GEMM behind it (launched with PDL) start at once.
+    scale_ptr. DEPENDENTS (sm_90+): the GEMM behind it, launched with PDL, may start at once.
     """
     pdl_start(PDL)
-    if QUANT != 0 and not INTERPRET and not PDL:
+    if DEPENDENTS and not PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
@@ -97,7 +98,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         static = quant.static_scale
         extra = dict(scale_ptr=scale, static_scale_ptr=scale if static is None else static,
                      QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC,
-                     Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET)
+                     Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET,
+                     DEPENDENTS=pdl.hopper(x))
     if residual is not None:
         res2 = _rows(residual)
         res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

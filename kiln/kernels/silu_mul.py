@@ -60,13 +60,15 @@ def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.cons
 def _act_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, inter, stride_x,
                           stride_q, BLOCK: tl.constexpr, ONE_TILE: tl.constexpr,
                           QUANT: tl.constexpr, GELU_TANH: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          INTERPRET: tl.constexpr, DEPENDENTS: tl.constexpr = False):
     """One token per program: the row of act(gate) * up (rounded to the input dtype, as
     _silu_mul_kernel stores it), then e4m3 with the row's dynamic scale (QUANT 1) or the
     static one (2), bit for bit what fp8_quant's kernel makes of the stored row. ONE_TILE:
-    the row stays in registers; else it is computed twice (amax pass, quantize pass)."""
-    if not INTERPRET:
-        gdc_launch_dependents()  # the FP8 GEMM behind (PDL) may start fetching its weight
+    the row stays in registers; else it is computed twice (amax pass, quantize pass).
+    DEPENDENTS (sm_90+): the FP8 GEMM behind, launched with PDL, may start fetching its
+    weight at once."""
+    if DEPENDENTS:
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     row = x_ptr + token * stride_x
     q_row = q_ptr + token * stride_q
@@ -110,7 +112,8 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False) -> 
             x, q, scale, scale if static is None else static, inter, x.stride(0), q.stride(0),
             BLOCK=block, ONE_TILE=inter <= block,
             QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC, GELU_TANH=gelu_tanh,
-            INTERPRET=_INTERPRET, num_warps=8 if block >= 4096 else 4 if block >= 1024 else 1)
+            INTERPRET=_INTERPRET, DEPENDENTS=pdl.hopper(x),
+            num_warps=8 if block >= 4096 else 4 if block >= 1024 else 1)
     return FP8Act(q, scale, x.dtype)
 
 

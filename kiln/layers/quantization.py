@@ -14,9 +14,10 @@ weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,21 @@ class QuantConfig:
 
             return IntWeightMethod.from_spec(spec)
         raise ValueError(f"unknown quantization method {self.method!r}")
+
+
+# Whether FP8 layers let the kernel before them quantize their input (see input_quant).
+_FUSED_INPUT_QUANT = [os.environ.get("KILN_FP8_FUSED_QUANT", "1") != "0"]
+
+
+@contextlib.contextmanager
+def unfused_inputs() -> Iterator[None]:
+    """Every linear layer gets its input unquantized (calibration hooks read it)."""
+    before = _FUSED_INPUT_QUANT[0]
+    _FUSED_INPUT_QUANT[0] = False
+    try:
+        yield
+    finally:
+        _FUSED_INPUT_QUANT[0] = before
 
 
 class LinearMethod:
@@ -146,9 +162,10 @@ class FP8Method(LinearMethod):
                              weight_float, packed)
 
     def input_quant(self, layer: LinearBase) -> object:
-        """The norm / SiLU-mul before the layer quantizes (KILN_FP8_FUSED_QUANT=0: the
-        layer does, in a kernel of its own; the numbers are the same either way)."""
-        if os.environ.get("KILN_FP8_FUSED_QUANT", "1") == "0":
+        """The norm / SiLU-mul before the layer quantizes (with KILN_FP8_FUSED_QUANT=0, or
+        inside `unfused_inputs()`, the layer does, in a kernel of its own; the numbers are
+        the same either way)."""
+        if not _FUSED_INPUT_QUANT[0]:
             return None
         return FP8Quant(layer.input_scale if self.static else None)
 

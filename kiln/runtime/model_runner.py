@@ -214,13 +214,22 @@ class ModelRunner:
         return (ids, self._to_device(positions, torch.int64), meta,
                 self._to_device(logits_indices, torch.int64))
 
+    def _verify(self, logits: torch.Tensor, entries: list, prompt_lp: dict) -> PendingStep:
+        """A verify step's tokens; with several (tensor-parallel) ranks, rank 0's on all of
+        them, as for plain steps: every rank's engine then applies the same tokens even if
+        its logits differed in a last bit."""
+        step = speculative.verify(logits, entries, self.engine.model.vocab_size, self.device,
+                                  prompt_lp)
+        if self.mapping.world_size > 1 and step.tokens is not None:
+            step.tokens = broadcast_from(step.tokens.contiguous(), self.last_stage_rank)
+        return step
+
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, previous: PendingStep | None = None) -> PendingStep:
         """Enqueue the step's forward and sampling; returns before the device finishes."""
         if self.verify_graphs is not None and any(e.spec_token_ids for e in out.scheduled) \
                 and self.verify_graphs.can_run(out.scheduled):
-            return speculative.verify(self.verify_graphs.run(out.scheduled), out.scheduled,
-                                      self.engine.model.vocab_size, self.device, {})
+            return self._verify(self.verify_graphs.run(out.scheduled), out.scheduled, {})
         with phase("kiln.prepare"):
             input_ids, positions, meta, logits_indices = self.prepare(out, previous)
         sampling = [e.request for e in out.scheduled if e.sample]
@@ -245,8 +254,7 @@ class ModelRunner:
                 logits = None if hidden is None else \
                     self.model.compute_logits(hidden[logits_indices])
             if logits is not None and any(e.spec_token_ids for e in out.scheduled):
-                return speculative.verify(logits, [e for e in out.scheduled if e.sample],
-                                          self.engine.model.vocab_size, self.device, prompt_lp)
+                return self._verify(logits, [e for e in out.scheduled if e.sample], prompt_lp)
         vocab = self.engine.model.vocab_size
         batch = SamplingBatch.from_requests(sampling, vocab, self.device)
         if logits is not None:

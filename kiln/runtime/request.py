@@ -71,8 +71,12 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              "prompt_logprobs must be >= 0"),
-            (self.num_speculative_tokens is None or self.num_speculative_tokens >= 0,
-             f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}"),
+            (self.num_speculative_tokens is None or (
+                isinstance(self.num_speculative_tokens, int)
+                and not isinstance(self.num_speculative_tokens, bool)
+                and self.num_speculative_tokens >= 0),
+             f"num_speculative_tokens must be an integer >= 0, got "
+             f"{self.num_speculative_tokens!r}"),
         ]
         for ok, message in checks:
             if not ok:
