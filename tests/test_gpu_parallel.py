@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(folder: str, dtype: str, out_dir: str, custom: bool) -> dict:
-    """Greedy tokens of 16 staggered requests on TP1 and TP2 engines of one checkpoint."""
+def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = False) -> dict:
+    """Greedy tokens of 16 staggered requests on TP1 and TP2 engines of one checkpoint
+    (spec: the TP2 engine speculates with n-gram drafts, half the prompts repeating)."""
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -34,6 +35,10 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool) -> dict:
 
     cfg = dict(dtype=dtype, max_batch_size=32, max_seq_len=512, max_num_tokens=1024)
     prompts = make_prompts(16, seed=11)
+    if spec:
+        from tests.test_speculative import repeating_prompts
+
+        prompts = repeating_prompts(8) + prompts[:8]
     arrivals = [i // 3 for i in range(16)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     single = LLMEngine(build(folder, Path(out_dir) / "tp1", BuildConfig(**cfg), progress=False),
@@ -44,14 +49,19 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool) -> dict:
     del single
     engine = LLMEngine(build(folder, Path(out_dir) / "tp2", BuildConfig(**cfg, tp_size=2),
                              progress=False),
-                       RuntimeConfig(device="cuda", custom_all_reduce=custom))
+                       RuntimeConfig(device="cuda", custom_all_reduce=custom,
+                                     speculative_config={"method": "ngram",
+                                                         "num_speculative_tokens": 3}
+                                     if spec else None))
     try:
-        report = {"graphs": engine.runner.graphs is not None, "overlap": engine.overlap,
+        report = {"graphs": engine.runner.graphs is not None,
+                  "overlap": engine.overlap or spec,  # speculation runs without overlap
                   "custom_all_reduce": engine.custom_all_reduce}
         got = run_all(engine, prompts, params, arrivals)
         logits = engine.sequence_logits(probe)
         report["logits_rel_error"] = ((logits - single_logits).norm()
                                       / single_logits.norm()).item()
+        report["accepted"] = engine.stats().get("spec_num_accepted_tokens", 0)
     finally:
         engine.close()
     report["same"] = sum(got[k] == want[k] for k in want)
@@ -59,15 +69,17 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool) -> dict:
     return report
 
 
-@pytest.mark.parametrize("dtype,custom", [("float32", False), ("bfloat16", False),
-                                          ("bfloat16", True)])
-def test_tp2_gpu_engine_matches_one_gpu(dtype, custom, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("dtype,custom,spec", [
+    ("float32", False, False), ("bfloat16", False, False), ("bfloat16", True, False),
+    ("float32", False, True)], ids=["fp32", "bf16", "bf16-custom", "fp32-ngram"])
+def test_tp2_gpu_engine_matches_one_gpu(dtype, custom, spec, tiny_checkpoints, tmp_path):
     folder, _ = tiny_checkpoints["llama"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     proc = subprocess.run(
         [sys.executable, "-X", "faulthandler", __file__, str(folder), dtype, str(tmp_path),
-         str(int(custom))], capture_output=True, text=True, timeout=170, env=env, cwd=ROOT)
+         str(int(custom)), str(int(spec))], capture_output=True, text=True, timeout=170,
+        env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["graphs"] and report["overlap"], report
@@ -76,9 +88,10 @@ def test_tp2_gpu_engine_matches_one_gpu(dtype, custom, tiny_checkpoints, tmp_pat
     # sums the whole row, and on a random tiny model (near-flat logits) that flips near
     # ties (measured on two H200s: 12 of 16 sequences identical, NCCL and kiln's
     # all-reduce alike), so the logits of one sequence are compared instead.
-    if dtype == "float32":
+    if dtype == "float32":  # with n-gram drafts too (verify graphs on both ranks)
         assert report["same"] == report["total"], report
         assert report["logits_rel_error"] < 1e-4, report
+        assert report["accepted"] > 0 or not spec, report
     else:
         assert report["same"] >= report["total"] // 2, report
         assert report["logits_rel_error"] < 2e-2, report
@@ -88,6 +101,7 @@ if __name__ == "__main__":
     import faulthandler
 
     faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where, then exits
-    result = compare(sys.argv[1], sys.argv[2], sys.argv[3], bool(int(sys.argv[4])))
+    result = compare(sys.argv[1], sys.argv[2], sys.argv[3], bool(int(sys.argv[4])),
+                     bool(int(sys.argv[5])))
     print(json.dumps(result), flush=True)
     os._exit(0)
