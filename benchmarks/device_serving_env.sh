@@ -3,6 +3,7 @@
 # torch, no FastAPI): pack the missing pieces here, unpack them there.
 #
 #   bash benchmarks/device_serving_env.sh pack      # here: .carry-serving/ (git-ignored)
+#                                                   # (PYVER=3.11 for a 3.11 machine)
 #   source benchmarks/device_serving_env.sh unpack  # there: exports PYTHONPATH, KILN_TRITON_ENV
 #
 # What travels (~45 MB, under the device tool's 64 MiB carry): the serve extra's wheels
@@ -15,7 +16,8 @@
 # Then: `... unpack; bash benchmarks/gpu_suite.sh build8b serving` (name .carry-serving in
 # the device call's carry).
 D=.carry-serving
-PY_TAG=(--python-version 3.12 --implementation cp --only-binary=:all:
+PYVER=${PYVER:-3.12}  # the Python of the machine that unpacks (the device image: 3.12)
+PY_TAG=(--python-version "$PYVER" --implementation cp --only-binary=:all:
         --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 SERVE_WHEELS="fastapi starlette pydantic pydantic_core annotated_types typing_inspection uvicorn"
@@ -39,7 +41,7 @@ pack() (  # a subshell: stops at the first error
   local root=$D/tmp ts=pytriton/tritonserver
   local files=("$ts/bin/tritonserver" "$ts/backends/python/libtriton_python.so"
                "$ts/backends/python/triton_python_backend_utils.py"
-               "$ts/python_backend_stubs/3.12/triton_python_backend_stub")
+               "$ts/python_backend_stubs/$PYVER/triton_python_backend_stub")
   # the wheel's own libraries the three binaries load (ldd resolves through the wheel's folder)
   local libs
   libs=$(for f in "${files[@]}"; do
@@ -56,10 +58,14 @@ unpack() {  # in the calling shell (sourced), for its exports
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/serve-site \
     "$D"/wheels/*.whl || return 1
   export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
+  local ver
+  ver=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   python3 -m venv /tmp/triton-env &&
     /tmp/triton-env/bin/python -m pip install -q --no-index --no-deps "$D"/triton-wheels/*.whl &&
-    tar -C /tmp/triton-env/lib/python3.12/site-packages -xJf "$D/tritonserver-slim.tar.xz" ||
+    tar -C "/tmp/triton-env/lib/python$ver/site-packages" -xJf "$D/tritonserver-slim.tar.xz" ||
     return 1
+  [ -e "/tmp/triton-env/lib/python$ver/site-packages/pytriton/tritonserver/python_backend_stubs/$ver" ] ||
+    { echo "the packed stub is not for Python $ver (pack with PYVER=$ver)"; return 1; }
   export KILN_TRITON_ENV=/tmp/triton-env
   echo "PYTHONPATH=$PYTHONPATH KILN_TRITON_ENV=$KILN_TRITON_ENV"
 }
