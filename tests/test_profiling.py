@@ -26,7 +26,12 @@ def test_bench_profile_writes_a_trace_with_the_step_phases(tiny_engines, tmp_pat
     table = (out / "ops.txt").read_text()
     assert "kiln.forward" in printed and "aten::" in table
     assert not profiling.enabled()  # switched back off after the run
-    assert json.loads((tmp_path / "r.json").read_text())["kiln"]["output_tok_s"] > 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["kiln"]["output_tok_s"] > 0
+    # step times are reported (the stall a prompt chunk causes is bounded by max_num_tokens)
+    step = result["kiln"]["step_ms"]
+    assert result["kiln"]["steps"] >= 6 and 0 < step["p50"] <= step["p99"] <= step["max"]
+    assert result["max_num_tokens"] > 0 and "step time p50" in printed
 
 
 def test_phases_are_free_when_off(monkeypatch):

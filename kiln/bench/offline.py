@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kiln.bench.report import summarize
 from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -110,12 +111,15 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     started = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(p, params, f"bench-{i}")
-    ttft, tpot = [], []
+    ttft, tpot, steps = [], [], []
     engine.stream_outputs = False  # per-request times come from the request stats
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar:
         while engine.has_unfinished():
-            for out in engine.step():
+            step_start = time.perf_counter()
+            outputs = engine.step()
+            steps.append(time.perf_counter() - step_start)
+            for out in outputs:
                 m = out.metrics
                 ttft.append(m.first_token_time - m.arrival_time)
                 tpot.append((m.finish_time - m.first_token_time) / max(output_len - 1, 1))
@@ -123,10 +127,16 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     engine.stream_outputs = True
     elapsed = time.perf_counter() - started
     ttft.sort()
+    # Step times as the host sees them (each step waits for the one before on the device):
+    # what a decoding request waits between tokens. A step that also takes a prompt chunk
+    # (at most max_num_tokens tokens) is the stall the chunk size bounds.
+    step_ms = summarize(steps, 1000)
     return {"seconds": elapsed, "ttft_ms": 1000 * ttft[len(ttft) // 2],
             "tpot_ms": 1000 * sorted(tpot)[len(tpot) // 2],
             "output_tok_s": len(prompts) * output_len / elapsed,
-            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
+            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed,
+            "steps": len(steps), "step_ms": {"p50": step_ms["p50"], "p99": step_ms["p99"],
+                                             "max": 1000 * max(steps, default=0.0)}}
 
 
 def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
@@ -277,6 +287,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
         "scheduler_policy": engine.scheduler.policy,
         "preemptions": engine.scheduler.num_preemptions,
+        "max_num_tokens": engine.scheduler.max_num_tokens,
     }
     if engine.streaming is not None:
         result["attention_sinks"] = dataclasses.asdict(engine.streaming)
@@ -318,6 +329,12 @@ def _report(result: dict[str, Any], out: str | None) -> None:
     for name, r in rows:
         print(f"{name:<14}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.2f}{r['output_tok_s']:>12.1f}"
               f"{r['total_tok_s']:>13.1f}")
+    step = result["kiln"].get("step_ms")
+    if step and step["p50"] is not None:
+        print(f"steps: {result['kiln']['steps']}, step time p50 {step['p50']:.1f} ms, p99 "
+              f"{step['p99']:.1f} ms, max {step['max']:.1f} ms (a step takes at most "
+              f"{result.get('max_num_tokens')} prompt tokens beside its decodes: "
+              "--max-num-tokens bounds the stall)")
     if "fraction_of_roofline" in result:
         print(f"HBM: {result['achieved_bandwidth_gb_s']:.0f} GB/s achieved of "
               f"{result['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = "
