@@ -253,7 +253,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """
     shape = x.shape
     x2 = x if isinstance(x, ref.FP8Act) else x.reshape(-1, shape[-1])  # FP8Act: 2-D
-    if _triton(x2.q if isinstance(x2, ref.FP8Act) else x2):
+    if _triton(x):
         from kiln.kernels.fp8 import fp8_linear as kernel
 
         y = kernel(x2, weight, weight_scale, input_scale, bias)

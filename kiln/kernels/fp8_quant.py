@@ -31,6 +31,15 @@ _INV_448: tl.constexpr = tl.constexpr((torch.ones((), dtype=torch.float32) / FP8
 QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC = 0, 1, 2
 
 
+def fused_quant_args(quant: FP8Quant, scale: torch.Tensor) -> dict:
+    """Launch arguments of a kernel that quantizes its own output as `quant` says (RMSNorm,
+    SiLU-mul): QUANT, and the static [1] scale (dynamic: `scale`, the per-row output, as
+    a placeholder never read)."""
+    static = quant.static_scale
+    return dict(static_scale_ptr=scale if static is None else static,
+                QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC)
+
+
 # ---- quantization ---------------------------------------------------------------------
 @triton.jit
 def _e4m3_soft(q):

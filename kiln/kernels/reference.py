@@ -86,11 +86,12 @@ def write_kv(
     slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Scatter k, v [T, kv_heads, head_dim] into caches [blocks, block_size, kv_heads, d]
-    (any strides: a head-major pool is a transposed view)."""
-    block, slot = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
-    k_cache[block, slot] = quantize_kv(k, k_scale, k_cache.dtype)
-    v_cache[block, slot] = quantize_kv(v, v_scale, v_cache.dtype)
+    """Scatter k, v [T, kv_heads, head_dim] into caches [blocks, block_size, kv_heads, d]."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = \
+        quantize_kv(k, k_scale, k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = \
+        quantize_kv(v, v_scale, v_cache.dtype)
 
 
 def paged_attention_decode(

@@ -13,11 +13,10 @@ from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import (
     _INTERPRET,
     FP8,
-    QUANT_DYNAMIC,
-    QUANT_STATIC,
     FP8Act,
     _dynamic_scale,
     _quantize_values,
+    fused_quant_args,
 )
 from kiln.kernels.pdl import pdl_start
 
@@ -95,9 +94,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if quant is not None:  # an FP8Quant: e4m3 rows and their scales
         assert x.dim() == 2, "the fused FP8 output is [tokens, hidden]"
         scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-        static = quant.static_scale
-        extra = dict(scale_ptr=scale, static_scale_ptr=scale if static is None else static,
-                     QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC,
+        extra = dict(scale_ptr=scale, **fused_quant_args(quant, scale),
                      Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET,
                      DEPENDENTS=pdl.hopper(x))
     if residual is not None:

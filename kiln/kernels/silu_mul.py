@@ -13,12 +13,11 @@ from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import (
     _INTERPRET,
     FP8,
-    QUANT_DYNAMIC,
-    QUANT_STATIC,
     FP8Act,
     FP8Quant,
     _dynamic_scale,
     _quantize_values,
+    fused_quant_args,
 )
 from kiln.kernels.pdl import pdl_start
 
@@ -107,12 +106,10 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False) -> 
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     if tokens:
         block = min(triton.next_power_of_2(inter), 16384)
-        static = quant.static_scale
         _act_mul_quant_kernel[(tokens,)](
-            x, q, scale, scale if static is None else static, inter, x.stride(0), q.stride(0),
-            BLOCK=block, ONE_TILE=inter <= block,
-            QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC, GELU_TANH=gelu_tanh,
-            INTERPRET=_INTERPRET, DEPENDENTS=pdl.hopper(x),
+            x, q, scale, inter=inter, stride_x=x.stride(0), stride_q=q.stride(0),
+            BLOCK=block, ONE_TILE=inter <= block, GELU_TANH=gelu_tanh,
+            **fused_quant_args(quant, scale), INTERPRET=_INTERPRET, DEPENDENTS=pdl.hopper(x),
             num_warps=8 if block >= 4096 else 4 if block >= 1024 else 1)
     return FP8Act(q, scale, x.dtype)
 
