@@ -222,14 +222,18 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """SwiGLU experts weighted by the router; see reference. On CUDA: tokens sorted by
-    expert once, then one grouped GEMM per projection (kernels/moe.py)."""
+    expert once, then one grouped GEMM per projection (kernels/moe.py). With scales, the
+    experts are FP8 (W8A8, inputs quantized per token)."""
     if _triton(x):
         from kiln.kernels.moe import fused_moe as kernel
 
-        return kernel(x, w13, w2, topk_weights, topk_ids)
-    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids)
+        return kernel(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale,
+                      w2_scale=w2_scale)
+    return ref.fused_moe(x, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

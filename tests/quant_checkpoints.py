@@ -116,7 +116,8 @@ def ct_kv_cache_supported() -> bool:
 
 
 def compressed_tensors_fp8(src, dest, scheme: str = "FP8_DYNAMIC", kv_cache: bool = False,
-                           num_samples: int = 4, seq_len: int = 32) -> Path:
+                           num_samples: int = 4, seq_len: int = 32,
+                           ignore: tuple[str, ...] = ("lm_head",)) -> Path:
     """Quantize the float checkpoint `src` with llm-compressor's `oneshot` into `dest`.
 
     scheme: "FP8_DYNAMIC" or "FP8" (llm-compressor preset names); kv_cache adds a static
@@ -124,7 +125,8 @@ def compressed_tensors_fp8(src, dest, scheme: str = "FP8_DYNAMIC", kv_cache: boo
     ignored (stays float). Calibration runs `num_samples` random sequences through the
     "basic" pipeline (one full forward each): input_scale = running max|x| / 448; k/v scales
     from llm-compressor's default "minmax" observer, a moving average (constant 0.01) of
-    per-sequence min/max of the post-RoPE keys / values. On transformers >= 5.24, where
+    per-sequence min/max of the post-RoPE keys / values. `ignore`: llm-compressor's ignore
+    list (MoE models add their router, "re:.*mlp.gate$"). On transformers >= 5.24, where
     llm-compressor cannot calibrate the KV cache, the k/v scales and `kv_cache_scheme` are
     added by `_add_ct_kv_scales` in exactly llm-compressor's layout.
     """
@@ -140,7 +142,7 @@ def compressed_tensors_fp8(src, dest, scheme: str = "FP8_DYNAMIC", kv_cache: boo
     if kv_cache:
         kv_scheme = dict(num_bits=8, type="float", strategy="tensor", dynamic=False,
                          symmetric=True)
-    recipe = QuantizationModifier(targets=["Linear"], scheme=scheme, ignore=["lm_head"],
+    recipe = QuantizationModifier(targets=["Linear"], scheme=scheme, ignore=list(ignore),
                                   kv_cache_scheme=kv_scheme)
     ids = calibration_ids(num_samples, seq_len, _vocab(src))
     dataset = Dataset.from_dict({"input_ids": ids.tolist(),

@@ -420,6 +420,7 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
+    assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
 
 
 @pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi", "fp8"])

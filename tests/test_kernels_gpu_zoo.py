@@ -150,6 +150,31 @@ def test_fused_moe_mixtral_shape(tokens) -> None:
     _close_rows("fused_moe", out, _moe_oracle(x, w13, w2, weights, ids))
 
 
+def _fp8_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] weights as e4m3 with per-row scales [E, N] (FP8Method's storage)."""
+    scale = w.float().abs().amax(-1).clamp_min(1e-6) / 448.0
+    return (w.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_fused_moe_fp8_mixtral_shape(tokens) -> None:
+    """FP8 experts (e4m3 tensor-core GEMMs, inputs quantized per token / per pair) against
+    the reference's W8A8 simulation from the same e4m3 weights."""
+    from kiln.kernels.moe import fused_moe
+
+    experts, top_k, hidden, inter = 8, 2, 4096, 14336
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w13, s13 = _fp8_experts(torch.randn(experts, 2 * inter, hidden, device="cuda",
+                                        generator=gen) * 0.02)
+    w2, s2 = _fp8_experts(torch.randn(experts, hidden, inter, device="cuda",
+                                      generator=gen) * 0.02)
+    weights, ids = ref.moe_route(torch.randn(tokens, experts, device="cuda", generator=gen),
+                                 top_k, renormalize=True)
+    out = fused_moe(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
+    _close_rows("fused_moe fp8", out, ref.fused_moe(x, w13, w2, weights, ids, s13, s2))
+
+
 def _close_rows(name: str, out: torch.Tensor, expected: torch.Tensor) -> None:
     """Every token's output within 2% (relative norm) of the float32 oracle: the kernel
     keeps bf16 intermediates (each expert's output, as transformers does), which puts
@@ -167,7 +192,8 @@ def _moe_oracle(x, w13, w2, weights, ids) -> torch.Tensor:
     return ref.fused_moe(x.float(), w13.float(), w2.float(), weights.float(), ids).to(x.dtype)
 
 
-def test_fused_moe_cuda_graph() -> None:
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_fused_moe_cuda_graph(fp8) -> None:
     """Captured once, replayed with other routings: no host sync, same sizes."""
     from kiln.kernels.moe import fused_moe
 
@@ -176,10 +202,14 @@ def test_fused_moe_cuda_graph() -> None:
     w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
     w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.05
     logits = torch.randn(tokens, experts, device="cuda")
+    scales = {}
+    if fp8:
+        (w13, s13), (w2, s2) = _fp8_experts(w13), _fp8_experts(w2)
+        scales = dict(w13_scale=s13, w2_scale=s2)
 
     def step() -> torch.Tensor:
         weights, ids = ref.moe_route(logits, top_k, True)
-        return fused_moe(x, w13, w2, weights, ids)
+        return fused_moe(x, w13, w2, weights, ids, **scales)
 
     step()
     torch.cuda.synchronize()
@@ -190,4 +220,6 @@ def test_fused_moe_cuda_graph() -> None:
         logits.copy_(torch.randn_like(logits) * (trial + 1))
         graph.replay()
         weights, ids = ref.moe_route(logits, top_k, True)
-        _close_rows(f"replay {trial}", out, _moe_oracle(x, w13, w2, weights, ids))
+        want = ref.fused_moe(x, w13, w2, weights, ids, scales["w13_scale"],
+                             scales["w2_scale"]) if fp8 else _moe_oracle(x, w13, w2, weights, ids)
+        _close_rows(f"replay {trial}", out, want)

@@ -98,12 +98,15 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
         llm.engine.close()
 
 
-@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8"), ("falcon", "fp8")])
+@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8"), ("falcon", "fp8"),
+                                     ("qwen2-moe", "auto")])
 def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
     """FP8 engines shard like float ones. Row-parallel ranks scale their own slice (per-row
     weight scales and per-token input scales over the slice, as vLLM does), so TP2 is
     another FP8 rounding of the same model than TP1: as close to the float model as TP1.
-    (falcon: its one KV head and its KV scale replicated on both ranks.)"""
+    (falcon: its one KV head and its KV scale replicated on both ranks; qwen2-moe: FP8
+    experts split along their intermediate size with their per-row scales, and the
+    shared expert.)"""
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
 

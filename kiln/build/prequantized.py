@@ -34,6 +34,10 @@ _LINEARS = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_
             "self_attn.v_proj": "self_attn.qkv_proj", "self_attn.o_proj": "self_attn.o_proj",
             "mlp.gate_proj": "mlp.gate_up_proj", "mlp.up_proj": "mlp.gate_up_proj",
             "mlp.down_proj": "mlp.down_proj"}
+# An MoE layer's HF module (Mixtral's own name, and everyone else's) and the names of an
+# expert's three projections (HF, Mixtral).
+_MOE_BLOCKS = ("mlp", "block_sparse_moe")
+_EXPERT_PROJECTIONS = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
 _KV_SCALE_NAMES = {".k_proj.k_scale": ".k_scale", ".v_proj.v_scale": ".v_scale",
                    ".k_proj.output_scale": ".k_scale", ".v_proj.output_scale": ".v_scale"}
 
@@ -273,13 +277,19 @@ def _ct_match(name: str, pattern: str) -> bool:
 def _ignored(cfg: ModelConfig, patterns: list[str],
              match: Callable[[str, str], bool]) -> tuple[str, ...]:
     """kiln module names to keep in high precision: fused layers whose HF parts are all
-    ignored; a fused layer with only some parts ignored cannot be one GEMM."""
+    ignored; a fused layer with only some parts ignored cannot be one GEMM. The same for
+    the experts of an MoE layer, which kiln holds as one tensor per projection."""
     fused: dict[str, list[bool]] = {}
     for i in range(cfg.num_layers):
         for hf, kiln in _LINEARS.items():
             name = f"model.layers.{i}.{hf}"
             hit = any(match(name, p) for p in patterns)
             fused.setdefault(f"model.layers.{i}.{kiln}", []).append(hit)
+    for i in cfg.moe_layers:
+        fused[f"model.layers.{i}.mlp.experts"] = [
+            any(match(f"model.layers.{i}.{block}.experts.{e}.{proj}", p)
+                for block in _MOE_BLOCKS for proj in aliases for p in patterns)
+            for e in range(cfg.num_experts) for aliases in _EXPERT_PROJECTIONS]
     mixed = [k for k, hits in fused.items() if any(hits) and not all(hits)]
     if mixed:
         raise CheckpointError(f"the checkpoint quantizes only some of the projections kiln "

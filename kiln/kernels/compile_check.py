@@ -183,11 +183,21 @@ def reports() -> list[CompileReport]:
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",
-        "block_experts_ptr": "*i32", "weights_ptr": "*fp32", "N": 28672, "K": 4096,
+        "block_experts_ptr": "*i32", "weights_ptr": "*fp32", "a_scale_ptr": bf,
+        "w_scale_ptr": bf, "N": 28672, "K": 4096,
         "num_pairs": 2048, "num_experts": 8, "stride_am": 4096, "stride_we": 117440512,
         "stride_wn": 4096, "stride_om": 28672,
     }, {"TOP_K": 2, "A_PER_TOKEN": True, "MUL_WEIGHT": False, "BLOCK_M": 64, "BLOCK_N": 64,
         "BLOCK_K": 64, "DOT_PREC": "tf32"}, 4, num_stages=3))
+    # The same with FP8 experts (e4m3 operands, per-row scales), as _grouped_gemm launches it.
+    out.append(compile_sm90(moe._moe_gemm_kernel, {
+        "a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": bf, "sorted_pairs_ptr": "*i32",
+        "block_experts_ptr": "*i32", "weights_ptr": "*fp32", "a_scale_ptr": "*fp32",
+        "w_scale_ptr": "*fp32", "N": 28672, "K": 4096, "num_pairs": 2048, "num_experts": 8,
+        "stride_am": 4096, "stride_we": 117440512, "stride_wn": 4096, "stride_om": 28672,
+    }, {"TOP_K": 2, "A_PER_TOKEN": True, "MUL_WEIGHT": False, "BLOCK_M": 64, "BLOCK_N": 64,
+        "BLOCK_K": 128, "DOT_PREC": "tf32", "FP8_SCALES": True, "PROMOTE_K": 128}, 4,
+        num_stages=3, variant="fp8"))
     out.append(compile_sm90(sampling._sample_kernel, {
         "logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",

@@ -261,17 +261,29 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """sum_j topk_weights[t, j] * expert_{ids[t, j]}(x[t]) for SwiGLU experts:
     expert_e(x) = w2[e] (silu(gate) * up), [gate | up] = w13[e] x.
 
     x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_* [T, k]. One pass per expert that has
     tokens, accumulated in x's dtype (the oracle; the GPU runs kernels.moe).
+    FP8 experts (w13_scale [E, 2I], w2_scale [E, H]): W8A8 as kernels.moe computes it, x
+    quantized per token, the SiLU*mul output (rounded to x's dtype) per row.
     """
     out = torch.zeros_like(x)
+    if w13_scale is not None:
+        x_q, x_scale = quantize_fp8_per_token(x)
     for expert in torch.unique(topk_ids).tolist():
         token, slot = torch.where(topk_ids == expert)
-        h = silu_and_mul(x[token] @ w13[expert].T) @ w2[expert].T
+        if w13_scale is None:
+            h = silu_and_mul(x[token] @ w13[expert].T) @ w2[expert].T
+        else:
+            up = (x_q[token].float() @ w13[expert].float().T) * x_scale[token] \
+                * w13_scale[expert]
+            a_q, a_scale = quantize_fp8_per_token(silu_and_mul(up.to(x.dtype)))
+            h = (a_q.float() @ w2[expert].float().T) * a_scale * w2_scale[expert]
         out.index_add_(0, token, (h * topk_weights[token, slot, None]).to(x.dtype))
     return out
 

@@ -10,6 +10,11 @@ are not linear layers of this kind, so they stay in the model dtype.
 Methods: `none` (the model dtype), `fp8` (W8A8: e4m3fn weights with per-output-row
 scales; inputs quantized per token, or with a calibrated per-tensor scale), and the
 weight-only integer methods `int8_wo` / `int4_wo` (kiln.layers.weight_only).
+
+Mixture-of-experts weights (kiln.layers.moe.Experts) take the method of their module name
+where the method supports experts (`supports_experts`: FP8, whose experts quantize their
+inputs per token in every activation scheme); under the others they stay in the model
+dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
 from kiln.kernels.reference_quant import FP8Quant
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
+from kiln.layers.moe import Experts
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ class LinearMethod:
 
     name = "none"
     param_names: tuple[str, ...] = ("weight",)
+    supports_experts = False  # see create_expert_weights
 
     def create_weights(self, layer: LinearBase) -> None:
         layer.weight = layer.new_param(layer.out_features, layer.in_features)
@@ -107,6 +114,14 @@ class LinearMethod:
         """How this method would have its input quantized by the kernel that makes it (an
         FP8Quant), or None: the norm / activation before it then writes it as usual."""
         return None
+
+    def create_expert_weights(self, experts: Experts) -> None:
+        """Give an MoE layer's experts this method's storage (if supports_experts)."""
+        raise NotImplementedError(f"{self.name} does not quantize MoE experts")
+
+    def quantize_experts_from_float(self, experts: Experts) -> None:
+        """Build time: turn the experts' loaded float weights into this method's storage."""
+        raise NotImplementedError(f"{self.name} does not quantize MoE experts")
 
 
 UNQUANTIZED = LinearMethod()
@@ -140,6 +155,7 @@ class FP8Method(LinearMethod):
     with static activations input_scale [1] (x_q = x / input_scale)."""
 
     name = "fp8"
+    supports_experts = True
 
     def __init__(self, static: bool = False) -> None:
         self.static = static
@@ -182,6 +198,26 @@ class FP8Method(LinearMethod):
             if input_amax is None:
                 raise ValueError("static FP8 activations need calibration")
             layer.input_scale.data = (input_amax.float().clamp_min(MIN_AMAX) / FP8_MAX).reshape(1)
+
+    # Experts: e4m3 weights with per-row scales, like a linear layer's; their inputs are
+    # quantized per token even in a static engine (the tokens an expert sees change with
+    # the routing, and one calibrated scale for every expert loses the most to the
+    # outliers; a checkpoint's per-expert input scales are not read).
+    def create_expert_weights(self, experts: Experts) -> None:
+        experts.create(FP8, scales=True)
+
+    def quantize_experts_from_float(self, experts: Experts) -> None:
+        w13, w2 = experts.w13.data, experts.w2.data
+        experts.create(FP8, scales=True)
+        for weight, param, scale in ((w13, experts.w13, experts.w13_scale),
+                                     (w2, experts.w2, experts.w2_scale)):
+            param.data = torch.empty(weight.shape, dtype=FP8, device=weight.device)
+            scale.data = torch.empty(weight.shape[:2], dtype=torch.float32,
+                                     device=weight.device)
+            for e in range(weight.shape[0]):  # one expert at a time: a float32 copy of one
+                w = weight[e].float()
+                scale.data[e] = w.abs().amax(dim=1).clamp_min(MIN_AMAX) / FP8_MAX
+                param.data[e] = (w / scale.data[e][:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 class Int8Method(LinearMethod):
@@ -251,6 +287,10 @@ def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str) ->
             method = quant.method_for(name)
             if method is not module.method:
                 module.set_method(method)
+        elif isinstance(module, Experts):
+            method = quant.method_for(name)
+            if method.supports_experts:
+                method.create_expert_weights(module)
         elif isinstance(module, Attention) and kv_cache_dtype in KV_CACHE_TORCH_DTYPES:
             enable_kv_scales(module)
 
@@ -271,6 +311,11 @@ def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: s
         method = quant.method_for(name)
         if method is not UNQUANTIZED and layer.method is UNQUANTIZED:  # not done already
             method.quantize_from_float(layer, input_amax.get(name))
+    for name, experts in model.named_modules():
+        if isinstance(experts, Experts) and experts.w13_scale is None:  # not done already
+            method = quant.method_for(name)
+            if method.supports_experts:
+                method.quantize_experts_from_float(experts)
     if kv_cache_dtype not in KV_CACHE_TORCH_DTYPES:
         return
     qmax = KV_QMAX[KV_CACHE_TORCH_DTYPES[kv_cache_dtype]]

@@ -36,9 +36,10 @@ from kiln.layers.moe import SparseMoE
 from kiln.layers.norm import reduce_add_norm
 from kiln.models.convert import to_decoder_names
 
-# One expert's projection: HF (Qwen MoE) or Mixtral (w1 gate, w3 up, w2 down) names.
+# One expert's projection: HF (Qwen MoE) or Mixtral (w1 gate, w3 up, w2 down) names; the
+# weight, or an FP8 checkpoint's weight / input scale.
 EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)"
-                    r"\.weight$")
+                    r"\.(weight|weight_scale|input_scale)$")
 EXPERT_SHARD = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1),
                 "w3": ("w13", 1), "down_proj": ("w2", None), "w2": ("w2", None)}
 # HF projection name -> (fused kiln parameter, shard id).
@@ -247,8 +248,11 @@ class DecoderForCausalLM(nn.Module):
             return None
         expert = EXPERT.match(hf_name)
         if expert:
-            prefix, index, proj = expert.groups()
+            prefix, index, proj, what = expert.groups()
+            if what == "input_scale":  # FP8 experts quantize their inputs per token
+                return None
             param, half = EXPERT_SHARD[proj]
+            param += "_scale" if what == "weight_scale" else ""
             return f"{prefix}.{param}", (int(index), half) if half is not None else int(index)
         for hf_proj, (fused, shard) in FUSED_PROJECTIONS.items():
             if f".{hf_proj}." in hf_name:
