@@ -91,8 +91,14 @@ class DrainingServer(uvicorn.Server):
 def run_server(app: FastAPI, config: ServerConfig) -> None:
     """Serve until stopped (Ctrl-C / SIGTERM), draining running requests first."""
     configure_logging(config.log_level)
-    DrainingServer(_uvicorn_config(app, config), app.state.kiln,
-                   config.shutdown_timeout).run()
+    server = DrainingServer(_uvicorn_config(app, config), app.state.kiln,
+                            config.shutdown_timeout)
+    server.run()
+    # uvicorn re-raises a captured Ctrl-C once it has shut down; asyncio.run turns that into
+    # KeyboardInterrupt only if its main task has not finished first (under load it may
+    # have): the exit status after Ctrl-C is 130 either way.
+    if signal.SIGINT in server._captured_signals:
+        raise KeyboardInterrupt
 
 
 class ServerThread:
