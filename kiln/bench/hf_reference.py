@@ -76,15 +76,16 @@ def unfused_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]
 
 def dequantized_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
                            ) -> dict[str, torch.Tensor]:
-    """FP8 weights times their scales in `dtype`; scale tensors dropped (transformers
-    then runs the float model the quantized one approximates)."""
+    """FP8 weights (linear [N, K] with scales [N], experts [E, N, K] with [E, N]) times
+    their scales in `dtype`; scale tensors dropped (transformers then runs the float model
+    the quantized one approximates)."""
     out = {}
     for name, tensor in state.items():
         if name.endswith(("_scale", ".k_scale", ".v_scale")):
             continue
         scale = state.get(name + "_scale")
-        if scale is not None and tensor.dtype == torch.float8_e4m3fn:
-            tensor = (tensor.float() * scale.float().view(-1, 1)).to(dtype)
+        if scale is not None and tensor.dtype == torch.float8_e4m3fn:  # a scale per row
+            tensor = (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
         out[name] = tensor
     return out
 
