@@ -44,16 +44,21 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
     offs_k = k + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     rows = offs_n.to(tl.int64)[:, None]
+    # Integers to float32 without the quarter-rate conversion instructions: a value
+    # u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly.
     if BITS == 4:
         offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
                          mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
-        low = (packed & 0xF).to(tl.float32)
-        high = (packed >> 4).to(tl.float32)
+        packed = packed.to(tl.int32)
+        low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
-    else:
+    else:  # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
         q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
+        q = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
     if GROUP_TILE:
         s_offs = offs_n.to(tl.int64) * stride_sn + k // G
         scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
