@@ -151,6 +151,7 @@ def rotary_and_write_kv(
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, rotate_k: bool = True,
+    step_cache: dict | None = None,
 ) -> torch.Tensor:
     """Neox rotary on q and k, k and v written into the paged cache; returns rotary(q).
 
@@ -159,7 +160,8 @@ def rotary_and_write_kv(
     are not written (padding tokens). 1-byte caches (float8_e4m3fn, int8) store
     k / k_scale[head] and v / v_scale[head] (float32 scales [kv_heads]).
     rotate_k=False caches k as it comes (attention sinks: paged_attention's key_rotary
-    rotates it when read).
+    rotates it when read). step_cache (the step's AttentionMetadata.host_cache): where the
+    CPU path keeps what every layer of the step would derive alike.
     """
     if _triton(q):
         from kiln.kernels.rotary_kv import rotary_and_write_kv as kernel
@@ -167,7 +169,8 @@ def rotary_and_write_kv(
         return kernel(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, head_dim,
                       k_scale, v_scale, rotate_k)
     return ref.rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
-                                   slot_mapping, head_dim, k_scale, v_scale, rotate_k)
+                                   slot_mapping, head_dim, k_scale, v_scale, rotate_k,
+                                   step_cache)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -208,7 +211,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,
-                                          sliding_window, softcap, alibi_slopes, key_rotary)
+                                          sliding_window, softcap, alibi_slopes, key_rotary,
+                                          step_cache=meta.host_cache)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
                                softcap, alibi_slopes, key_rotary)

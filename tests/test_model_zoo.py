@@ -402,3 +402,18 @@ def test_gguf_moe_matches_transformers(arch, gguf_arch, tiny_checkpoints, tmp_pa
         want = model(torch.tensor([tokens])).logits[0]
     got = sequence_logits(LLM(engine, device="cpu").engine, tokens)
     assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch,tables", [("llama", 1), ("gemma3", 2)])
+def test_layers_share_their_rotary_table(arch, tables, tiny_checkpoints):
+    """One [max_pos, rotary_dim] table per distinct rotary, not one per layer (at 128k
+    positions a table is 64 MiB: 2 GiB for 32 layers); Gemma 3's local layers have their
+    own base."""
+    from kiln.checkpoint import open_checkpoint
+    from kiln.distributed import Mapping
+    from kiln.models import create_model
+
+    cfg = open_checkpoint(tiny_checkpoints[arch][0]).config
+    model = create_model(cfg, Mapping(), 256)
+    found = {id(layer.self_attn.rotary.cos_sin) for layer in model.model.layers.values()}
+    assert len(found) == tables

@@ -60,25 +60,44 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(
-    x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int
+    x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, head_dim: int,
+    step_cache: dict | None = None,
 ) -> torch.Tensor:
     """Neox-style rotary on x [T, heads*head_dim]; cos_sin [max_pos, rotary_dim] = [cos|sin].
 
     Only the first rotary_dim dims of each head rotate (partial rotary, GPT-NeoX / Phi);
     the rest pass through. rotary_dim 0 (learned or no positions) returns x as is.
+    step_cache: keeps the rows of cos_sin at `positions` for the step's other layers.
     """
     tokens = x.shape[0]
     rotary_dim = cos_sin.shape[-1]
     if rotary_dim == 0:
         return x.reshape(tokens, -1)
     x = x.view(tokens, -1, head_dim)
-    x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    cos, sin = cos_sin[positions].to(x.dtype).unsqueeze(1).chunk(2, dim=-1)
-    cos = torch.cat([cos, cos], dim=-1)
-    sin = torch.cat([sin, sin], dim=-1)
+    cos, sin = _rotary_rows(positions, cos_sin, x.dtype, step_cache)
+    if rotary_dim < head_dim:
+        x, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x * cos + rotated * sin, rest], dim=-1).view(tokens, -1)
+    # [x1 | x2] * [cos | cos] + [x2 | x1] * [-sin | sin]
+    out = x * cos + torch.cat([x2, x1], dim=-1) * sin
+    if rotary_dim < head_dim:
+        out = torch.cat([out, rest], dim=-1)
+    return out.view(tokens, -1)
+
+
+def _rotary_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype,
+                 step_cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([cos | cos], [-sin | sin]) [T, 1, rotary_dim] in dtype, for the rows `positions`."""
+    key = ("rotary", id(cos_sin), id(positions), dtype)
+    if step_cache is not None and key in step_cache:
+        table, at, rows = step_cache[key]
+        if table is cos_sin and at is positions:  # (held: no other tensor takes their ids)
+            return rows
+    cos, sin = cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    rows = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    if step_cache is not None:
+        step_cache[key] = (cos_sin, positions, rows)
+    return rows
 
 
 def write_kv(
@@ -107,32 +126,49 @@ def paged_attention_decode(
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None,
+    step_cache: dict | None = None,
 ) -> torch.Tensor:
     """paged_attention for a decode step (query i is the last token of sequence i), all
     sequences in one batched product: contexts gathered into [B, L, kv_heads, d] padded to
     the longest, the padding (and, with a window, the keys before it) masked and zeroed
     (unwritten cache memory may hold NaN). Same results as the per-sequence loop."""
     batch = len(seq_lens)
-    block_size = k_cache.shape[1]
     length = max(seq_lens)
-    blocks = block_tables[:batch, :-(-length // block_size)].long()
+    blocks, mask, drop, distance = _decode_layout(block_tables, seq_lens, k_cache.shape[1],
+                                                  sliding_window, q.device, step_cache)
     k = dequantize_kv(k_cache[blocks].flatten(1, 2)[:, :length], k_scale, q.dtype)
     v = dequantize_kv(v_cache[blocks].flatten(1, 2)[:, :length], v_scale, q.dtype)
     if key_rotary is not None:
         k = rotate_cached_keys(k, torch.arange(length, device=q.device), key_rotary)
-    lens = torch.tensor(seq_lens, device=q.device)
-    k_pos = torch.arange(length, device=q.device)[None, :]
+    k = k.masked_fill(drop, 0).transpose(1, 2)  # [B, kv_heads, L, d]
+    v = v.masked_fill(drop, 0).transpose(1, 2)
+    qh = q.reshape(batch, q.shape[1], 1, q.shape[2])  # [B, heads, 1, d]
+    o = _attend(qh, k, v, mask, distance, scale, softcap, alibi_slopes)
+    return o.view(batch, q.shape[1], q.shape[2])
+
+
+def _decode_layout(block_tables: torch.Tensor, seq_lens: list[int], block_size: int,
+                   sliding_window: int | None, device: torch.device,
+                   step_cache: dict | None) -> tuple[torch.Tensor, ...]:
+    """For a batched decode step: the block ids to gather [B, blocks], the keys each query
+    sees [B, 1, 1, L], the gathered positions to zero [B, L, 1, 1] and key - query
+    positions [B, 1, 1, L] (the same for every layer of the step: kept in step_cache)."""
+    key = ("decode", id(block_tables), sliding_window)
+    if step_cache is not None and key in step_cache and step_cache[key][0] is block_tables:
+        return step_cache[key][1]
+    batch, length = len(seq_lens), max(seq_lens)
+    blocks = block_tables[:batch, :-(-length // block_size)].long()
+    lens = torch.tensor(seq_lens, device=device)
+    k_pos = torch.arange(length, device=device)[None, :]
     q_pos = (lens - 1)[:, None]
     mask = k_pos <= q_pos  # [B, L]
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
-    keep = mask[:, :, None, None]
-    k = k.masked_fill(~keep, 0).transpose(1, 2)  # [B, kv_heads, L, d]
-    v = v.masked_fill(~keep, 0).transpose(1, 2)
-    qh = q.reshape(batch, q.shape[1], 1, q.shape[2])  # [B, heads, 1, d]
-    o = _attend(qh, k, v, mask[:, None, None, :], (k_pos - q_pos)[:, None, None, :], scale,
-                softcap, alibi_slopes)
-    return o.view(batch, q.shape[1], q.shape[2])
+    layout = (blocks, mask[:, None, None, :], ~mask[:, :, None, None],
+              (k_pos - q_pos)[:, None, None, :])
+    if step_cache is not None:
+        step_cache[key] = (block_tables, layout)
+    return layout
 
 
 def _attend(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor,
@@ -293,6 +329,7 @@ def rotary_and_write_kv(
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, rotate_k: bool = True,
+    step_cache: dict | None = None,
 ) -> torch.Tensor:
     """rotary(q); writes rotary(k) and v into the caches at slot_mapping (slots < 0 skipped).
 
@@ -301,15 +338,35 @@ def rotary_and_write_kv(
     (attention sinks).
     """
     tokens = q.shape[0]
-    q_rot = rotary(q.reshape(tokens, -1), positions, cos_sin, head_dim)
-    k_rot = rotary(k.reshape(tokens, -1), positions, cos_sin, head_dim) if rotate_k else \
-        k.reshape(tokens, -1)
     num_kv_heads = k_cache.shape[2]
-    valid = slot_mapping >= 0
-    write_kv(k_rot.view(tokens, num_kv_heads, head_dim)[valid],
-             v.reshape(tokens, num_kv_heads, head_dim)[valid], k_cache, v_cache,
-             slot_mapping[valid], k_scale, v_scale)
+    if rotate_k:  # q and k in one pass
+        q_size = q.reshape(tokens, -1).shape[1]
+        qk = torch.cat([q.reshape(tokens, -1), k.reshape(tokens, -1)], dim=1)
+        qk = rotary(qk, positions, cos_sin, head_dim, step_cache)
+        q_rot, k_rot = qk[:, :q_size], qk[:, q_size:]
+    else:
+        q_rot = rotary(q.reshape(tokens, -1), positions, cos_sin, head_dim, step_cache)
+        k_rot = k.reshape(tokens, -1)
+    k_rot = k_rot.reshape(tokens, num_kv_heads, head_dim)
+    v = v.reshape(tokens, num_kv_heads, head_dim)
+    valid = _valid_slots(slot_mapping, step_cache)
+    if valid is not None:
+        k_rot, v, slot_mapping = k_rot[valid], v[valid], slot_mapping[valid]
+    write_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
+
+
+def _valid_slots(slot_mapping: torch.Tensor, step_cache: dict | None
+                 ) -> torch.Tensor | None:
+    """The tokens with a slot (>= 0) as a boolean mask, or None when all have one."""
+    key = ("valid", id(slot_mapping))
+    if step_cache is not None and key in step_cache and step_cache[key][0] is slot_mapping:
+        return step_cache[key][1]
+    valid = slot_mapping >= 0
+    valid = None if bool(valid.all()) else valid
+    if step_cache is not None:
+        step_cache[key] = (slot_mapping, valid)
+    return valid
 
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     max_query_len: int
     max_seq_len: int
+    # What the CPU path derives from these (rotary rows, masks, gathered block ids): made
+    # by the first layer that needs it, reused by the others in the step.
+    host_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 _current: AttentionMetadata | None = None
@@ -99,7 +102,8 @@ class Attention(nn.Module):
         # One pass: rotate q and k, store k and v in their cache slots.
         q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                    meta.slot_mapping, self.head_dim, self.k_scale,
-                                   self.v_scale, rotate_k=not self.rotate_keys)
+                                   self.v_scale, rotate_k=not self.rotate_keys,
+                                   step_cache=meta.host_cache)
         q = q.view(tokens, self.num_heads, self.head_dim)
         out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                  self.k_scale, self.v_scale, self.sliding_window, self.softcap,

@@ -51,7 +51,7 @@ FUSED_PROJECTIONS = {
 
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
-                 layer: int = 0) -> None:
+                 layer: int = 0, rotary_tables: dict | None = None) -> None:
         super().__init__()
         tp = mapping.tp_size
         self.num_heads = cfg.num_heads // tp
@@ -70,7 +70,8 @@ class DecoderAttention(nn.Module):
             theta, scaling = cfg.rope_local_theta, None
         else:
             theta, scaling = cfg.rope_theta, cfg.rope_scaling
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, max_positions, theta, scaling)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, max_positions, theta, scaling,
+                                      shared=rotary_tables)
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
         # A window as long as every context the engine can hold is global attention.
         window = window if window is not None and window < max_positions else None
@@ -103,11 +104,11 @@ class DecoderLayer(nn.Module):
     (a norm on the attention and MLP outputs too)."""
 
     def __init__(self, cfg: ModelConfig, mapping: Mapping, max_positions: int,
-                 layer: int = 0) -> None:
+                 layer: int = 0, rotary_tables: dict | None = None) -> None:
         super().__init__()
         self.parallel = cfg.parallel_residual
         self.input_layernorm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg, mapping, max_positions, layer)
+        self.self_attn = DecoderAttention(cfg, mapping, max_positions, layer, rotary_tables)
         if not (cfg.parallel_residual and cfg.parallel_shared_norm):
             self.post_attention_layernorm = make_norm(cfg.norm_type, cfg.hidden_size,
                                                       cfg.rms_norm_eps)
@@ -178,9 +179,11 @@ class DecoderBody(nn.Module):
                                                   cfg.hidden_size, mapping)
         if cfg.embedding_norm:  # Bloom
             self.embed_norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
-        # A ModuleDict keyed by global layer index keeps HF names on every pipeline stage.
+        # A ModuleDict keyed by global layer index keeps HF names on every pipeline stage;
+        # layers with the same rotary share its table.
+        rotary_tables: dict = {}
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, mapping, max_positions, i)
+            str(i): DecoderLayer(cfg, mapping, max_positions, i, rotary_tables)
             for i in mapping.pp_layers(cfg.num_layers)
         })
         self.norm = make_norm(cfg.norm_type, cfg.hidden_size, cfg.rms_norm_eps)
