@@ -212,7 +212,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,
                                           sliding_window, softcap, alibi_slopes, key_rotary,
-                                          step_cache=meta.host_cache)
+                                          step_cache=meta.host_cache,
+                                          kv_finite=meta.kv_finite)
     return ref.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.query_starts_host,
                                meta.seq_lens_host, scale, k_scale, v_scale, sliding_window,
                                softcap, alibi_slopes, key_rotary)

@@ -457,6 +457,13 @@ def test_batched_decode_reference_equals_per_sequence(feature):
                                seq_lens, d ** -0.5, **scales, **extra)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # A pool with numbers everywhere (the CPU runtime's, zeroed when allocated, then
+    # written): kv_finite skips zeroing the gathered padding, same results.
+    for c in (k_cache, v_cache):
+        c.copy_(torch.nan_to_num(c.float(), nan=3.0).to(c.dtype))
+    got = ref.paged_attention_decode(q, k_cache, v_cache, table, seq_lens, d ** -0.5,
+                                     **scales, **extra, kv_finite=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_linears_prepacked_for_onednn(tiny_engines, monkeypatch):

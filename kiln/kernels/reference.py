@@ -127,11 +127,13 @@ def paged_attention_decode(
     alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None,
     step_cache: dict | None = None,
+    kv_finite: bool = False,
 ) -> torch.Tensor:
     """paged_attention for a decode step (query i is the last token of sequence i), all
     sequences in one batched product: contexts gathered into [B, L, kv_heads, d] padded to
-    the longest, the padding (and, with a window, the keys before it) masked and zeroed
-    (unwritten cache memory may hold NaN). Same results as the per-sequence loop."""
+    the longest, the padding (and, with a window, the keys before it) masked, and zeroed
+    unless kv_finite (unwritten cache memory may hold NaN, which a zero weight does not
+    cancel). Same results as the per-sequence loop."""
     batch = len(seq_lens)
     length = max(seq_lens)
     blocks, mask, drop, distance = _decode_layout(block_tables, seq_lens, k_cache.shape[1],
@@ -140,8 +142,9 @@ def paged_attention_decode(
     v = dequantize_kv(v_cache[blocks].flatten(1, 2)[:, :length], v_scale, q.dtype)
     if key_rotary is not None:
         k = rotate_cached_keys(k, torch.arange(length, device=q.device), key_rotary)
-    k = k.masked_fill(drop, 0).transpose(1, 2)  # [B, kv_heads, L, d]
-    v = v.masked_fill(drop, 0).transpose(1, 2)
+    if not kv_finite:
+        k, v = k.masked_fill(drop, 0), v.masked_fill(drop, 0)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv_heads, L, d]
     qh = q.reshape(batch, q.shape[1], 1, q.shape[2])  # [B, heads, 1, d]
     o = _attend(qh, k, v, mask, distance, scale, softcap, alibi_slopes)
     return o.view(batch, q.shape[1], q.shape[2])

@@ -34,6 +34,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     max_query_len: int
     max_seq_len: int
+    # The KV pool holds no NaN / inf anywhere (the CPU runtime zeroes it when allocated):
+    # the CPU path may then leave the padding it gathers past a context as it is.
+    kv_finite: bool = False
     # What the CPU path derives from these (rotary rows, masks, gathered block ids): made
     # by the first layer that needs it, reused by the others in the step.
     host_cache: dict = field(default_factory=dict, repr=False, compare=False)

@@ -86,9 +86,12 @@ class ModelRunner:
         # Token-major blocks [block, slot, head, d]. A head-major layout (a block of one
         # head contiguous, as a strided view) measured within 1-3% on an H200
         # (benchmarks/attn_decode_sweep.py), so the simpler one stays.
-        self.kv_cache = torch.empty(len(layers), 2, num_blocks + 1, self.block_size,
-                                    a.num_kv_heads, a.head_dim, dtype=self.kv_dtype,
-                                    device=self.device)
+        # Zeroed on the CPU, whose attention then need not mask the padding it gathers
+        # (AttentionMetadata.kv_finite); the GPU kernels never read past a context.
+        alloc = torch.zeros if self.device.type == "cpu" else torch.empty
+        self.kv_cache = alloc(len(layers), 2, num_blocks + 1, self.block_size,
+                              a.num_kv_heads, a.head_dim, dtype=self.kv_dtype,
+                              device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
@@ -205,6 +208,7 @@ class ModelRunner:
             seq_lens_host=seq_lens,
             max_query_len=max(e.num_new_tokens for e in out.scheduled),
             max_seq_len=max(seq_lens),
+            kv_finite=self.device.type == "cpu",
         )
         ids = self._to_device(input_ids, torch.int64)
         if in_flight:
