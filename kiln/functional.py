@@ -151,7 +151,7 @@ def rotary_and_write_kv(
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, rotate_k: bool = True,
-    step_cache: dict | None = None,
+    step_cache: dict | None = None, kv_finite: bool = False,
 ) -> torch.Tensor:
     """Neox rotary on q and k, k and v written into the paged cache; returns rotary(q).
 
@@ -161,7 +161,8 @@ def rotary_and_write_kv(
     k / k_scale[head] and v / v_scale[head] (float32 scales [kv_heads]).
     rotate_k=False caches k as it comes (attention sinks: paged_attention's key_rotary
     rotates it when read). step_cache (the step's AttentionMetadata.host_cache): where the
-    CPU path keeps what every layer of the step would derive alike.
+    CPU path keeps what every layer of the step would derive alike; kv_finite: the CPU
+    path writes NaN / inf as finite numbers (the pool's promise, see AttentionMetadata).
     """
     if _triton(q):
         from kiln.kernels.rotary_kv import rotary_and_write_kv as kernel
@@ -170,7 +171,7 @@ def rotary_and_write_kv(
                       k_scale, v_scale, rotate_k)
     return ref.rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
                                    slot_mapping, head_dim, k_scale, v_scale, rotate_k,
-                                   step_cache)
+                                   step_cache, kv_finite)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

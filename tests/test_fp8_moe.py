@@ -188,3 +188,47 @@ def test_compare_hf_dequantizes_fp8_experts(tiny_checkpoints, tmp_path):
     want = w13.float() * state["model.layers.1.mlp.experts.w13_scale"][..., None]
     assert torch.equal(model.model.layers[1].mlp.experts.gate_up_proj.data, want)
     assert _rel(_logits(engine), _hf_logits(model)) < 0.2
+
+
+def test_ignore_patterns_of_moe_checkpoints(mixtral_fp8, tiny_checkpoints, tmp_path):
+    """Ignore lists as recipes write them: a router pattern without `$` (it also matches
+    the gate_proj an MoE layer does not have), and Qwen2-MoE's shared expert left float
+    beside FP8 experts."""
+    def router_prefix(config):
+        config["quantization_config"]["ignore"] = ["lm_head", "re:.*mlp.gate"]
+    loose = _edited(mixtral_fp8, tmp_path / "loose", config_edit=router_prefix)
+    engine = build(loose, tmp_path / "e1", BuildConfig(**CFG), progress=False)
+    plain = build(mixtral_fp8, tmp_path / "e0", BuildConfig(**CFG), progress=False)
+    assert torch.equal(_logits(engine), _logits(plain))
+
+    folder, _ = tiny_checkpoints["qwen2-moe"]
+    ckpt = qc.compressed_tensors_fp8(folder, tmp_path / "qwen", ignore=(
+        "lm_head", ROUTER, r"re:.*shared_expert_gate$", r"re:.*shared_expert\..*"))
+    engine = build(ckpt, tmp_path / "e2", BuildConfig(**CFG), progress=False)
+    state = load_file(str(engine / "rank0.safetensors"))
+    assert state["model.layers.0.mlp.experts.w13"].dtype == FP8
+    assert state["model.layers.0.mlp.shared_expert.gate_up_proj.weight"].dtype == torch.float32
+    assert state["model.layers.1.mlp.gate_up_proj.weight"].dtype == FP8  # the dense layer
+
+
+def test_fp8_moe_engines_of_the_earlier_format_ask_for_a_rebuild(tiny_checkpoints, tmp_path):
+    """Format 1 kept FP8 engines' experts in the model dtype: such an engine is refused
+    with what to do (the engine cache rebuilds it), other format-1 engines still load."""
+    from kiln.build import load_engine_config
+    from kiln.errors import KilnError
+
+    def as_format_1(engine_dir):
+        path = engine_dir / "engine.json"
+        data = json.loads(path.read_text())
+        data["format_version"] = 1
+        path.write_text(json.dumps(data))
+
+    moe = build(tiny_checkpoints["mixtral"][0], tmp_path / "moe",
+                BuildConfig(**CFG, quantization="fp8"), progress=False)
+    dense = build(tiny_checkpoints["llama"][0], tmp_path / "dense",
+                  BuildConfig(**CFG, quantization="fp8"), progress=False)
+    for engine in (moe, dense):
+        as_format_1(engine)
+    with pytest.raises(KilnError, match="rebuild the engine"):
+        load_engine_config(moe)
+    assert load_engine_config(dense).format_version == 1

@@ -10,7 +10,9 @@ import torch
 from kiln.config import BuildConfig, EngineConfig, ModelConfig
 from kiln.errors import KilnError
 
-FORMAT_VERSION = 1
+# 2: FP8 engines hold MoE experts in e4m3 (format 1 kept them in the model dtype; other
+# format-1 engines read the same).
+FORMAT_VERSION = 2
 ENGINE_JSON = "engine.json"
 
 
@@ -38,16 +40,21 @@ def load_engine_config(path: str | Path) -> EngineConfig:
                         "build one with `kiln build SOURCE -o DIR`") from None
     except json.JSONDecodeError as e:
         raise KilnError(f"{path / ENGINE_JSON} is corrupt: {e}; rebuild the engine") from None
-    if data.get("format_version") != FORMAT_VERSION:
-        raise KilnError(f"{path} has engine format {data.get('format_version')}, this kiln "
-                        f"reads format {FORMAT_VERSION}; rebuild the engine")
-    return EngineConfig(
-        model=ModelConfig.from_dict(data["model"]),
-        build=BuildConfig.from_dict(data["build"]),
-        source=data.get("source", {}),
-        tuning=data.get("tuning", {}),
-        format_version=data["format_version"],
-    )
+    version = data.get("format_version")
+    engine = None
+    if version in (1, FORMAT_VERSION):
+        engine = EngineConfig(
+            model=ModelConfig.from_dict(data["model"]),
+            build=BuildConfig.from_dict(data["build"]),
+            source=data.get("source", {}),
+            tuning=data.get("tuning", {}),
+            format_version=version,
+        )
+    if engine is None or (version == 1 and engine.model.num_experts
+                          and engine.build.quantization == "fp8"):
+        raise KilnError(f"{path} has engine format {version}, this kiln reads format "
+                        f"{FORMAT_VERSION}; rebuild the engine")
+    return engine
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -38,6 +38,8 @@ _LINEARS = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_
 # expert's three projections (HF, Mixtral).
 _MOE_BLOCKS = ("mlp", "block_sparse_moe")
 _EXPERT_PROJECTIONS = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+_SHARED_EXPERT = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"}
 _KV_SCALE_NAMES = {".k_proj.k_scale": ".k_scale", ".v_proj.v_scale": ".v_scale",
                    ".k_proj.output_scale": ".k_scale", ".v_proj.output_scale": ".v_scale"}
 
@@ -280,16 +282,24 @@ def _ignored(cfg: ModelConfig, patterns: list[str],
     ignored; a fused layer with only some parts ignored cannot be one GEMM. The same for
     the experts of an MoE layer, which kiln holds as one tensor per projection."""
     fused: dict[str, list[bool]] = {}
+    moe = set(cfg.moe_layers)
     for i in range(cfg.num_layers):
         for hf, kiln in _LINEARS.items():
+            if i in moe and hf.startswith("mlp."):
+                continue  # an MoE layer has experts (below) instead of the dense MLP
             name = f"model.layers.{i}.{hf}"
             hit = any(match(name, p) for p in patterns)
             fused.setdefault(f"model.layers.{i}.{kiln}", []).append(hit)
-    for i in cfg.moe_layers:
+    for i in moe:
         fused[f"model.layers.{i}.mlp.experts"] = [
             any(match(f"model.layers.{i}.{block}.experts.{e}.{proj}", p)
                 for block in _MOE_BLOCKS for proj in aliases for p in patterns)
             for e in range(cfg.num_experts) for aliases in _EXPERT_PROJECTIONS]
+        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE: a dense MLP beside them
+            for hf, kiln in _SHARED_EXPERT.items():
+                name = f"model.layers.{i}.mlp.shared_expert.{hf}"
+                fused.setdefault(f"model.layers.{i}.mlp.shared_expert.{kiln}", []).append(
+                    any(match(name, p) for p in patterns))
     mixed = [k for k, hits in fused.items() if any(hits) and not all(hits)]
     if mixed:
         raise CheckpointError(f"the checkpoint quantizes only some of the projections kiln "

@@ -332,13 +332,15 @@ def rotary_and_write_kv(
     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor, head_dim: int, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, rotate_k: bool = True,
-    step_cache: dict | None = None,
+    step_cache: dict | None = None, kv_finite: bool = False,
 ) -> torch.Tensor:
     """rotary(q); writes rotary(k) and v into the caches at slot_mapping (slots < 0 skipped).
 
     q [T, heads*head_dim] (or [T, heads, head_dim]), k and v likewise with kv heads;
     returns the rotated q as [T, heads*head_dim]. rotate_k=False writes k unrotated
-    (attention sinks).
+    (attention sinks). kv_finite: NaN / inf are written as finite numbers (a request
+    whose activations overflow leaves nothing in the pool that another request's padded
+    gather could turn into NaN).
     """
     tokens = q.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -355,6 +357,8 @@ def rotary_and_write_kv(
     valid = _valid_slots(slot_mapping, step_cache)
     if valid is not None:
         k_rot, v, slot_mapping = k_rot[valid], v[valid], slot_mapping[valid]
+    if kv_finite:
+        k_rot, v = torch.nan_to_num(k_rot), torch.nan_to_num(v)
     write_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
 

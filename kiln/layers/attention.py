@@ -34,8 +34,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]
     max_query_len: int
     max_seq_len: int
-    # The KV pool holds no NaN / inf anywhere (the CPU runtime zeroes it when allocated):
-    # the CPU path may then leave the padding it gathers past a context as it is.
+    # The KV pool holds no NaN / inf anywhere (the CPU runtime zeroes it when allocated,
+    # and the writes keep it so): the CPU path may then leave the padding it gathers past
+    # a context (other requests' blocks, stale slots) as it is.
     kv_finite: bool = False
     # What the CPU path derives from these (rotary rows, masks, gathered block ids): made
     # by the first layer that needs it, reused by the others in the step.
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                    meta.slot_mapping, self.head_dim, self.k_scale,
                                    self.v_scale, rotate_k=not self.rotate_keys,
-                                   step_cache=meta.host_cache)
+                                   step_cache=meta.host_cache, kv_finite=meta.kv_finite)
         q = q.view(tokens, self.num_heads, self.head_dim)
         out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
                                  self.k_scale, self.v_scale, self.sliding_window, self.softcap,

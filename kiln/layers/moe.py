@@ -127,8 +127,15 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
-        return KF.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale,
-                            self.w2_scale)
+        w13, w2 = self.w13, self.w2
+        if self.w13_scale is not None and not x.is_cuda:
+            # The CPU multiplies float32 copies of the e4m3 weights (exact), made once, as
+            # quantized linear layers do (quantization.cpu_float_weight).
+            cached = getattr(self, "_float_weights", None)
+            if cached is None or cached[0].device != w13.device:
+                cached = self._float_weights = (w13.float(), w2.float())
+            w13, w2 = cached
+        return KF.fused_moe(x, w13, w2, topk_weights, topk_ids, self.w13_scale, self.w2_scale)
 
 
 class SparseMoE(nn.Module):
