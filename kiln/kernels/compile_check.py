@@ -11,6 +11,7 @@ shapes, so the code is what an H100 would run. Triton must not be in interpreter
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import re
@@ -48,9 +49,10 @@ class CompileReport:
     instructions: dict[str, int]
 
 
-def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
-                 num_stages: int = 2, variant: str = "") -> CompileReport:
-    """values: argument -> '*dtype' for a pointer or an example number; others -> 4096."""
+def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
+             num_stages: int) -> Any:
+    """The sm_90 compiled kernel; values: argument -> '*dtype' for a pointer or an example
+    number; others -> 4096."""
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     constexprs = dict(constexprs)
@@ -72,19 +74,49 @@ def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], nu
             signature[name] = "i32" if abs(value) < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _cuobjdump(kernel: Any, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage",
-                                cubin.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
+                 num_stages: int = 2, variant: str = "") -> CompileReport:
+    """values: argument -> '*dtype' for a pointer or an example number; others -> 4096."""
+    kernel = _compile(fn, values, constexprs, num_warps, num_stages)
+    usage = _cuobjdump(kernel, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     assert found is not None, usage
     ptx = kernel.asm["ptx"]
     return CompileReport(fn.fn.__name__.strip("_"), variant, num_warps, int(found[1]),
                          int(found[2]), {op: ptx.count(op + ".") for op in INSTRUCTIONS})
+
+
+def main_loop_sass(fn: Any, values: dict[str, Any], constexprs: dict[str, Any],
+                   num_warps: int, num_stages: int = 2) -> collections.Counter:
+    """The SASS opcodes of the kernel's main loop (the longest backward branch), counted:
+    for a kernel bound by instruction issue rather than memory (the one-row integer GEMV),
+    instructions per weight is what to drive down, and it can be counted without a GPU."""
+    sass = _cuobjdump(_compile(fn, values, constexprs, num_warps, num_stages), "-sass")
+    lines = [(int(m[1], 16), m[2]) for m in
+             re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    loop = None
+    for addr, text in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target[1], 16) < addr and \
+                (loop is None or addr - int(target[1], 16) > loop[1] - loop[0]):
+            loop = (int(target[1], 16), addr)
+    assert loop is not None, "no loop in the kernel"
+    return collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+        for addr, text in lines if loop[0] <= addr <= loop[1])
 
 
 def reports() -> list[CompileReport]:
