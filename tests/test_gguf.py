@@ -350,3 +350,27 @@ def test_unsupported_architecture_and_tensors(tmp_path: Path) -> None:
     state["model.norm.weight"] = state["model.norm.weight"].astype(np.int32)
     _write(tmp_path / "q.gguf", state)
     assert "type I32" in _error(tmp_path / "q.gguf")
+
+
+def test_a_cached_gguf_engine_is_found_without_reading_the_file(tmp_path: Path, monkeypatch
+                                                                ) -> None:
+    """The engine cache keys a GGUF by its file (path, size, mtime): the second run finds
+    the engine without parsing the GGUF's metadata (most of a warm start's time for the
+    default model); a changed file builds again."""
+    import kiln.resolve as resolve
+    from kiln.config import BuildConfig
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    _write(path, _hf_state("llama"))
+    cfg = BuildConfig(dtype="float32", max_seq_len=64)
+    first = resolve.resolve_engine(path, cfg, progress=False)
+
+    def not_opened(_):
+        raise AssertionError("the checkpoint was opened")
+    monkeypatch.setattr(resolve, "open_checkpoint", not_opened)
+    assert resolve.resolve_engine(path, cfg, progress=False) == first
+    _write(path, _hf_state("llama"), Q.F16)  # another file under the same name
+    monkeypatch.undo()
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    assert resolve.resolve_engine(path, cfg, progress=False) != first

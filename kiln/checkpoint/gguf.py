@@ -354,9 +354,14 @@ class GGUFCheckpoint(Checkpoint):
         return write_gguf_tokenizer(self._reader, dest)
 
     def fingerprint(self) -> str:
-        st = self.source.stat()
-        key = f"{self.source.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return gguf_fingerprint(self.source)
+
+
+def gguf_fingerprint(path: Path) -> str:
+    """A cheap identity of a GGUF file (resolved path, size, mtime), for the engine cache."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
