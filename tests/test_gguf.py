@@ -374,3 +374,34 @@ def test_a_cached_gguf_engine_is_found_without_reading_the_file(tmp_path: Path, 
     monkeypatch.undo()
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
     assert resolve.resolve_engine(path, cfg, progress=False) != first
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)
+def test_kilns_gguf_reader_reads_what_the_gguf_package_reads(tmp_path: Path, qtype: Q,
+                                                             smollm: Path) -> None:
+    """kiln.checkpoint.gguf_file against the gguf package's reader: every metadata value
+    (scalars of each type, arrays of numbers, of strings, of bools) and every tensor's
+    type, shape, place and data; also on the default model's file (its vocabulary)."""
+    from kiln.checkpoint.gguf_file import GGUFFile
+
+    meta = {"test.u8": (7, gguf.GGUFValueType.UINT8), "test.i16": (-3, gguf.GGUFValueType.INT16),
+            "test.f64": (0.1, gguf.GGUFValueType.FLOAT64),
+            "test.flag": (True, gguf.GGUFValueType.BOOL),
+            "test.name": ("naïve", gguf.GGUFValueType.STRING),
+            "test.words": (["a", "", "ü"], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING),
+            "test.ints": ([1, -2, 3], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.INT32),
+            "test.bools": ([True, False], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)}
+    _write(tmp_path / "m.gguf", _hf_state("llama"), qtype, meta=meta)
+    for path in [tmp_path / "m.gguf"] + ([smollm] if qtype == Q.F32 else []):
+        ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+        keys = {k for k in theirs.fields if not k.startswith("GGUF.")}  # its own header
+        assert set(ours.fields) == keys
+        for key in keys:
+            want = theirs.fields[key].contents()
+            assert ours.fields[key].contents() == want, key
+            assert type(ours.fields[key].contents()) is type(want), key
+        assert len(ours.tensors) == len(theirs.tensors)
+        for a, b in zip(ours.tensors, theirs.tensors):
+            assert (a.name, a.tensor_type, a.shape, a.data_offset, a.n_bytes) == (
+                b.name, b.tensor_type, tuple(int(d) for d in b.shape), b.data_offset, b.n_bytes)
+            assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kiln.checkpoint.base import Checkpoint
+from kiln.checkpoint.gguf_file import GGUFFile
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 
@@ -92,7 +93,7 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _SKIPPED_RE = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
 
 
-def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """One metadata value as Python (str, number, bool or list), or default if absent."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -119,7 +120,7 @@ class GGUFCheckpoint(Checkpoint):
         if magic != b"GGUF":
             raise CheckpointError(f"{name} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
         try:
-            self._reader = gguf.GGUFReader(path)
+            self._reader = GGUFFile(path)
         except (ValueError, IndexError, KeyError, TypeError, OverflowError,
                 UnicodeDecodeError) as e:
             # The reader indexes past the end or fails a reshape when the file is cut short.
@@ -178,8 +179,8 @@ class GGUFCheckpoint(Checkpoint):
         hidden, heads = need("embedding_length"), need("attention.head_count")
         head_dim = (field(r, f"{arch}.attention.key_length")
                     or field(r, f"{arch}.rope.dimension_count") or hidden // heads)
-        tokens = r.fields.get("tokenizer.ggml.tokens")
-        vocab = field(r, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
+        tokens = field(r, "tokenizer.ggml.tokens")
+        vocab = field(r, f"{arch}.vocab_size") or (len(tokens) if tokens else None)
         if vocab is None:
             vocab = next((int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight"), 0)
         theta = _f32(field(r, f"{arch}.rope.freq_base", 10000.0))

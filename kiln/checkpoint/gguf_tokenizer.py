@@ -25,6 +25,7 @@ from tokenizers import (
 )
 
 from kiln.checkpoint.gguf import field as gguf_field
+from kiln.checkpoint.gguf_file import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class TokenizerSpec:
     chat_template: str | None = None
 
 
-def write_gguf_tokenizer(reader: gguf.GGUFReader, dest: Path) -> bool:
+def write_gguf_tokenizer(reader: GGUFFile | gguf.GGUFReader, dest: Path) -> bool:
     """Write tokenizer.json and tokenizer_config.json into dest; False for unknown models."""
     model = gguf_field(reader, "tokenizer.ggml.model")
     tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens") or []
