@@ -90,12 +90,27 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
     prompts = [TOKENS, [5, 6, 7], list(range(60, 100))]
     want = [o.token_ids for o in LLM(build(folder, tmp_path / "tp1", BuildConfig(**CFG),
                                            progress=False), device="cpu").generate(prompts, params)]
+    threads = torch.get_num_threads()
     llm = LLM(build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False),
               device="cpu")
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        # the two ranks split this machine's cores (a thread per core each: ~30x slower)
+        from kiln.distributed.launch import cpu_threads_per_rank
+        assert torch.get_num_threads() == (cpu_threads_per_rank(2) or threads)
     finally:
         llm.engine.close()
+    assert torch.get_num_threads() == threads  # this process's own again
+
+
+def test_cpu_ranks_split_the_cores(monkeypatch):
+    from kiln.distributed.launch import cpu_threads_per_rank
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [cpu_threads_per_rank(n) for n in (1, 2, 3, 32)] == [16, 8, 5, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert cpu_threads_per_rank(2) is None  # the user's setting stands
 
 
 @pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8"), ("falcon", "fp8"),

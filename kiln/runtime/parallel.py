@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from kiln.distributed import launch
@@ -34,9 +35,11 @@ class Mirror:
     """Rank 0's end: queues state-changing calls and sends them with the next one that
     needs the workers (step, logits, close)."""
 
-    def __init__(self, ctx: launch.RankContext, workers: list[Any]) -> None:
+    def __init__(self, ctx: launch.RankContext, workers: list[Any],
+                 threads_before: int | None = None) -> None:
         self.ctx = ctx
         self.workers = workers
+        self.threads_before = threads_before  # this process's CPU threads before join
         self.channel = launch.channel(ctx, alive=lambda: all(w.is_alive() for w in workers))
         self.pending: list[tuple] = []
         self.closed = False
@@ -81,6 +84,8 @@ class Mirror:
             _destroy_process_group()
         if isinstance(self.channel, launch.ShmChannel):
             self.channel.close()
+        if self.threads_before is not None:  # join split the cores between the ranks
+            torch.set_num_threads(self.threads_before)
 
 
 def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankContext, Mirror
@@ -95,11 +100,12 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
 
             raise KilnError(f"{engine.engine_dir} is built for {world} ranks (tp x pp), but "
                             f"the launcher started {env_world}; launch {world} processes")
+        threads = torch.get_num_threads()
         ctx = launch.join(rank, world, local_rank, device_type,
                           tp_size=engine.config.build.tp_size)
         if rank != 0:
             return ctx, None
-        mirror = Mirror(ctx, [])
+        mirror = Mirror(ctx, [], threads)
         atexit.register(mirror.close, exiting=True)
         return ctx, mirror
     if dist.is_initialized():
@@ -113,9 +119,10 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     spec = launch.ShmChannel.create(world)
     workers = launch.spawn(world, _spawned_worker,
                            (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
+    threads = torch.get_num_threads()
     ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
     ctx.channel_spec = spec
-    mirror = Mirror(ctx, workers)
+    mirror = Mirror(ctx, workers, threads)
     # Every worker attached the ring before joining the process group, so its name can
     # go now: nothing is left in /dev/shm even if every process is killed.
     mirror.channel.close(unlink=True, keep_mapping=True)
