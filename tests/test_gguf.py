@@ -405,3 +405,40 @@ def test_kilns_gguf_reader_reads_what_the_gguf_package_reads(tmp_path: Path, qty
             assert (a.name, a.tensor_type, a.shape, a.data_offset, a.n_bytes) == (
                 b.name, b.tensor_type, tuple(int(d) for d in b.shape), b.data_offset, b.n_bytes)
             assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
+
+
+def test_kilns_gguf_reader_big_endian_and_malformed(tmp_path: Path) -> None:
+    """A big-endian file reads as the gguf package reads it; a zero alignment or a key
+    written twice is refused as malformed (a CheckpointError for the user, not a crash)."""
+    from kiln.checkpoint.gguf_file import GGUFFile
+
+    def write(path, endian=gguf.GGUFEndian.LITTLE, alignment=None, twice=False):
+        w = gguf.GGUFWriter(path, "llama", endianess=endian)
+        w.add_block_count(2)
+        w.add_array("test.ints", [1, -2, 3])
+        if alignment is not None:
+            w.add_uint32("general.alignment", alignment)
+        if twice:  # the writer refuses a duplicate key: write the same key under two names
+            w.add_uint32("test.twice", 1)
+            w.add_uint32("test.twicf", 2)
+        w.add_tensor("output_norm.weight", np.arange(8, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    big = write(tmp_path / "be.gguf", gguf.GGUFEndian.BIG)
+    ours, theirs = GGUFFile(big), gguf.GGUFReader(big)
+    assert ours.fields["test.ints"].contents() == theirs.fields["test.ints"].contents()
+    assert ours.fields["llama.block_count"].contents() == 2
+    assert np.array_equal(ours.tensors[0].data, np.arange(8, dtype=np.float32))
+    with pytest.raises(ValueError, match="alignment"):
+        GGUFFile(write(tmp_path / "a0.gguf", alignment=0))
+    twice = write(tmp_path / "twice.gguf", twice=True)
+    data = twice.read_bytes().replace(b"test.twicf", b"test.twice")
+    twice.write_bytes(data)
+    with pytest.raises(ValueError, match="twice"):
+        GGUFFile(twice)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        GGUFCheckpoint(tmp_path / "a0.gguf")

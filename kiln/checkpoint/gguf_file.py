@@ -13,6 +13,7 @@ Strings are a u64 length and UTF-8 bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-# gguf.GGUFValueType -> struct format of a scalar
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
+# gguf.GGUFValueType -> struct format of a scalar (after the byte order)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+            10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 # ggml types whose data are plain numpy values (the rest are read as bytes of blocks)
 _PLAIN = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
@@ -49,6 +50,7 @@ class GGUFTensor:
     data_offset: int  # in the file
     n_bytes: int
     _file: np.ndarray
+    _order: str = "<"  # the file's byte order
 
     @property
     def data(self) -> np.ndarray:
@@ -58,45 +60,57 @@ class GGUFTensor:
         dims = tuple(reversed(self.shape))
         plain = _PLAIN.get(self.tensor_type)
         if plain is not None:
-            return raw.view(plain).reshape(dims)
+            return raw.view(np.dtype(plain).newbyteorder(self._order)).reshape(dims)
         return raw.reshape(gguf.quants.quant_shape_to_byte_shape(dims, self.tensor_type))
 
 
 class GGUFFile:
     """fields: key -> GGUFField; tensors: GGUFTensor list; data: the whole file (read-only
-    memory map). Raises ValueError (or UnicodeDecodeError) for a file that is cut short or
-    not GGUF."""
+    memory map). Either byte order. Raises ValueError (or UnicodeDecodeError) for a file
+    that is cut short, malformed or not GGUF."""
 
     def __init__(self, path: str | Path) -> None:
         self.data = np.memmap(path, mode="r").view(np.ndarray)
         buf = memoryview(self.data)
-        self._buf, self._pos = buf, 0
+        self._buf, self._pos, self._order = buf, 0, "<"
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("not a GGUF file")
         self._pos = 4
-        version, n_tensors, n_kv = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
+        version = self._unpack("I")
+        if version & 0xFFFF == 0 and version:  # written big endian (as llama.cpp can)
+            self._order, self._pos = ">", 4
+            version = self._unpack("I")
+        n_tensors, n_kv = self._unpack("Q"), self._unpack("Q")
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} (kiln reads 2 and 3)")
         self.fields: dict[str, GGUFField] = {}
         for _ in range(n_kv):
             key = self._string()
-            self.fields[key] = GGUFField(self._value(self._unpack("<I")))
+            if key in self.fields:
+                raise ValueError(f"metadata key {key!r} appears twice")
+            self.fields[key] = GGUFField(self._value(self._unpack("I")))
         infos = []
         for _ in range(n_tensors):
             name = self._string()
-            dims = tuple(self._unpack("<Q") for _ in range(self._unpack("<I")))
-            infos.append((name, dims, gguf.GGMLQuantizationType(self._unpack("<I")),
-                          self._unpack("<Q")))
+            dims = tuple(self._unpack("Q") for _ in range(self._unpack("I")))
+            infos.append((name, dims, gguf.GGMLQuantizationType(self._unpack("I")),
+                          self._unpack("Q")))
         alignment = self.fields.get("general.alignment", GGUFField(32)).value
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
         start = -(-self._pos // alignment) * alignment
         self.tensors = []
         for name, dims, qtype, offset in infos:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
-            count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            count = math.prod(dims)
+            if count % block:
+                raise ValueError(f"tensor {name} has {count} values, not whole blocks of "
+                                 f"{block} ({qtype.name})")
             self.tensors.append(GGUFTensor(name, dims, qtype, start + offset,
-                                           count // block * size, self.data))
+                                           count // block * size, self.data, self._order))
 
     def _unpack(self, fmt: str) -> Any:
+        fmt = self._order + fmt
         size = struct.calcsize(fmt)
         if self._pos + size > len(self._buf):
             raise ValueError(f"the file ends at byte {len(self._buf)}, inside its header")
@@ -105,7 +119,7 @@ class GGUFFile:
         return value
 
     def _string(self) -> str:
-        n = self._unpack("<Q")
+        n = self._unpack("Q")
         if self._pos + n > len(self._buf):
             raise ValueError(f"the file ends at byte {len(self._buf)}, inside its header")
         text = str(self._buf[self._pos:self._pos + n], "utf-8")
@@ -119,9 +133,9 @@ class GGUFFile:
             return self._string()
         if kind != _ARRAY:
             raise ValueError(f"unknown GGUF value type {kind}")
-        element, count = self._unpack("<I"), self._unpack("<Q")
+        element, count = self._unpack("I"), self._unpack("Q")
         if element in _SCALARS:  # numbers at once
-            dtype = np.dtype(_SCALARS[element])
+            dtype = np.dtype(self._order + _SCALARS[element])
             end = self._pos + count * dtype.itemsize
             if end > len(self._buf):
                 raise ValueError(f"the file ends at byte {len(self._buf)}, inside its header")
