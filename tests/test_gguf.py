@@ -442,3 +442,7 @@ def test_kilns_gguf_reader_big_endian_and_malformed(tmp_path: Path) -> None:
         GGUFFile(twice)
     with pytest.raises(CheckpointError, match="corrupt"):
         GGUFCheckpoint(tmp_path / "a0.gguf")
+    with pytest.raises(ValueError, match="power of two"):
+        GGUFFile(write(tmp_path / "a48.gguf", alignment=48))
+    with pytest.raises(CheckpointError, match="big-endian"):  # its tensors are stored swapped
+        GGUFCheckpoint(big)

@@ -95,7 +95,7 @@ def test_tp2_engine_generates_the_single_rank_tokens(tiny_checkpoints, tmp_path)
               device="cpu")
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
-        # the two ranks split this machine's cores (a thread per core each: ~30x slower)
+        # the two ranks split this machine's cores (a thread per core each ran 5.4x slower)
         from kiln.distributed.launch import cpu_threads_per_rank
         assert torch.get_num_threads() == (cpu_threads_per_rank(2) or threads)
     finally:

@@ -125,6 +125,9 @@ class GGUFCheckpoint(Checkpoint):
                 UnicodeDecodeError) as e:
             # The reader indexes past the end or fails a reshape when the file is cut short.
             raise CheckpointError(f"{name} is truncated or corrupt: {e}") from None
+        if self._reader.byte_order != "<":
+            raise CheckpointError(f"{name} is a big-endian GGUF; kiln reads little-endian "
+                                  "files (the ones llama.cpp writes by default)")
         file_size = len(self._reader.data)
         for t in self._reader.tensors:
             if t.data_offset + t.n_bytes > file_size:

@@ -66,19 +66,22 @@ class GGUFTensor:
 
 class GGUFFile:
     """fields: key -> GGUFField; tensors: GGUFTensor list; data: the whole file (read-only
-    memory map). Either byte order. Raises ValueError (or UnicodeDecodeError) for a file
+    memory map); byte_order "<" or ">" (a big-endian file's metadata reads as such; its
+    tensor data is left as stored). Raises ValueError (or UnicodeDecodeError) for a file
     that is cut short, malformed or not GGUF."""
 
     def __init__(self, path: str | Path) -> None:
         self.data = np.memmap(path, mode="r").view(np.ndarray)
         buf = memoryview(self.data)
-        self._buf, self._pos, self._order = buf, 0, "<"
+        self._buf, self._pos = buf, 0
+        self.byte_order = self._order = "<"
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError("not a GGUF file")
         self._pos = 4
         version = self._unpack("I")
         if version & 0xFFFF == 0 and version:  # written big endian (as llama.cpp can)
-            self._order, self._pos = ">", 4
+            self.byte_order = self._order = ">"
+            self._pos = 4
             version = self._unpack("I")
         n_tensors, n_kv = self._unpack("Q"), self._unpack("Q")
         if version not in (2, 3):
@@ -96,9 +99,12 @@ class GGUFFile:
             infos.append((name, dims, gguf.GGMLQuantizationType(self._unpack("I")),
                           self._unpack("Q")))
         alignment = self.fields.get("general.alignment", GGUFField(32)).value
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
-            raise ValueError(f"general.alignment is {alignment!r}, not a positive integer")
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment is {alignment!r}, not a power of two")
         start = -(-self._pos // alignment) * alignment
+        if len({info[0] for info in infos}) != len(infos):
+            raise ValueError("a tensor name appears twice")
         self.tensors = []
         for name, dims, qtype, offset in infos:
             block, size = gguf.GGML_QUANT_SIZES[qtype]

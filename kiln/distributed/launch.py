@@ -76,10 +76,8 @@ def join(rank: int, world: int, local_rank: int, device_type: str,
                             f"{torch.cuda.device_count()}; start at most that many ranks per node")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    if device_type == "cpu":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launcher == "torchrun" \
-            else world
-        threads = cpu_threads_per_rank(local)
+    if device_type == "cpu" and launcher == "kiln":  # the ranks kiln spawned on this node
+        threads = cpu_threads_per_rank(world)
         if threads:
             torch.set_num_threads(threads)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
@@ -98,10 +96,10 @@ def join(rank: int, world: int, local_rank: int, device_type: str,
 
 
 def cpu_threads_per_rank(local_ranks: int) -> int | None:
-    """Intra-op threads for each of local_ranks CPU ranks on this node: its cores split
-    between them (None when OMP_NUM_THREADS says). Left at torch's default, every rank
-    runs a thread per core, and N ranks of spinning OpenMP threads on the same cores run
-    ~30x slower (three ranks on two cores: 0.7 tok/s, one rank 23.5)."""
+    """Intra-op threads for each of local_ranks CPU ranks kiln spawned on this node: its
+    cores split between them (None when OMP_NUM_THREADS says). Left at torch's default,
+    every rank runs a thread per core: three ranks on two cores ran 5.4x slower (0.7 tok/s,
+    3.8 split). Launchers set their own (torchrun: OMP_NUM_THREADS=1 per process)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \

@@ -120,7 +120,11 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     workers = launch.spawn(world, _spawned_worker,
                            (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
     threads = torch.get_num_threads()
-    ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
+    try:
+        ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
+    except BaseException:
+        torch.set_num_threads(threads)  # join split the cores for the ranks that failed
+        raise
     ctx.channel_spec = spec
     mirror = Mirror(ctx, workers, threads)
     # Every worker attached the ring before joining the process group, so its name can
