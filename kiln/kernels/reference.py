@@ -30,6 +30,11 @@ from kiln.kernels.reference_quant import (  # noqa: F401  (re-exported: ref.quan
     quantize_kv,
     unpack_int4,
 )
+from kiln.kernels.reference_sampling import (  # noqa: F401  (re-exported)
+    filter_probs,
+    sample_tokens,
+    uniform_noise,
+)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -87,17 +92,30 @@ def rotary(
 
 def _rotary_rows(positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype,
                  step_cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([cos | cos], [-sin | sin]) [T, 1, rotary_dim] in dtype, for the rows `positions`."""
+    """([cos | cos], [-sin | sin]) [T, 1, rotary_dim] in dtype, for the rows `positions`
+    (rows of _signed_tables; kept in step_cache for the step's other layers)."""
     key = ("rotary", id(cos_sin), id(positions), dtype)
     if step_cache is not None and key in step_cache:
         table, at, rows = step_cache[key]
         if table is cos_sin and at is positions:  # (held: no other tensor takes their ids)
             return rows
-    cos, sin = cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
-    rows = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+    cos, sin = _signed_tables(cos_sin, dtype)
+    rows = cos[positions], sin[positions]
     if step_cache is not None:
         step_cache[key] = (cos_sin, positions, rows)
     return rows
+
+
+def _signed_tables(cos_sin: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole table as ([max_pos, 1, d] cos | cos, [max_pos, 1, d] -sin | sin) in dtype,
+    built once per table and dtype and kept on the table tensor (they live and die with
+    it): rotate_half(x) * sin = [-x2, x1] * [sin, sin] = [x2, x1] * [-sin, sin]."""
+    tables = cos_sin.__dict__.setdefault("_kiln_signed_rotary", {})
+    if dtype not in tables:
+        cos, sin = cos_sin.to(dtype).chunk(2, dim=-1)
+        tables[dtype] = (torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
+    return tables[dtype]
 
 
 def write_kv(
@@ -266,14 +284,8 @@ def rotate_cached_keys(k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
 
 def _key_rotary_tables(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """([L, 1, d] cos | cos, [L, 1, d] -sin | sin) in dtype at positions (always a run
-    first .. first + L - 1 here): views of whole-table copies, built once per table and
-    dtype and kept on the table tensor itself (they live and die with it)."""
-    tables = cos_sin.__dict__.setdefault("_kiln_key_rotary", {})
-    if dtype not in tables:
-        cos, sin = cos_sin.to(dtype).chunk(2, dim=-1)
-        tables[dtype] = (torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None])
-    cos, sin = tables[dtype]
+    """_signed_tables at positions (always a run first .. first + L - 1 here): views."""
+    cos, sin = _signed_tables(cos_sin, dtype)
     first, count = int(positions[0]), positions.numel()
     return cos[first:first + count], sin[first:first + count]
 
@@ -374,69 +386,3 @@ def _valid_slots(slot_mapping: torch.Tensor, step_cache: dict | None
     if step_cache is not None:
         step_cache[key] = (slot_mapping, valid)
     return valid
-
-
-# splitmix64 constants as signed int64 (torch has no uint64 arithmetic).
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
-
-def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u[b, v] in [2^-24, 1 - 2^-24], a pure function of (seeds[b], steps[b], v).
-
-    The splitmix64 finaliser's top 23 bits plus one half: exact in float32, so u never
-    rounds to 1 and E = -log(u) is never 0 (p / 0 would be inf, or NaN for p = 0, and
-    torch.argmax takes NaN as the maximum).
-    """
-    x = seeds[:, None] * _GOLDEN + steps[:, None] * _MIX1 + torch.arange(
-        vocab_size, device=seeds.device, dtype=torch.int64)[None, :]
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    x = x ^ _shr(x, 31)
-    return (_shr(x, 41).float() + 0.5) / float(1 << 23)
-
-
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 min_p: torch.Tensor) -> torch.Tensor:
-    """Zero what min-p, then top-k, then top-p (over what top-k kept) rule out.
-
-    top_k <= 0, top_p >= 1 and min_p <= 0 switch a row's filter off; a row always keeps
-    its most likely token.
-    """
-    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-    probs = probs.masked_fill(probs < threshold, 0.0)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
-    k = torch.where(top_k > 0, top_k, probs.shape[-1])[:, None]
-    drop = rank >= k
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    total = cumulative[:, -1:]
-    # Keep the smallest prefix whose mass reaches p of what top-k kept.
-    drop |= ((cumulative - sorted_probs) >= top_p[:, None] * total) & (top_p[:, None] < 1)
-    drop[:, 0] = False
-    return probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] int64, no host sync.
-
-    Rows with temperature <= 0 take the argmax. Others draw from softmax(logits / T)
-    after the filters by the exponential race argmax(p / E), E = -log(u) with u the
-    counter-based noise of (seed, step, token): p_i / E_i is largest for token i with
-    probability p_i, and a seeded request draws the same tokens whatever its batch.
-    """
-    greedy = logits.argmax(dim=-1)
-    t = temperature.clamp_min(1e-5)[:, None]
-    probs = filter_probs(torch.softmax(logits.float() / t, dim=-1), top_k, top_p, min_p)
-    race = probs / -torch.log(uniform_noise(seeds, steps, logits.shape[-1]))
-    return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
