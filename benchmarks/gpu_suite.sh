@@ -62,7 +62,7 @@ for spec in $stages; do
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;
     serving) # needs build8b; kiln serve, then tritonserver+kiln if $KILN_TRITON_ENV is a
              # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
-             B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 256 \
+             B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 16,128,256,512 \
                 --input-len 128 --output-len 128"
              python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 > "$OUT/serve.log" 2>&1 & S=$!
              for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break; sleep 1; done

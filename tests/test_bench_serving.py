@@ -25,13 +25,13 @@ def test_bench_serving_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "result.json"
     with serve() as server:
         assert main(["bench", "serving", "--url", server.url, "--concurrency", "1,4",
-                     "--num-prompts", "6", "--input-len", "16", "--output-len", "4",
+                     "--num-prompts", "3,6", "--input-len", "16", "--output-len", "4",
                      "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"] == MODEL
     assert [level["concurrency"] for level in result["levels"]] == [1, 4]
-    for level in result["levels"]:
-        assert level["num_ok"] == 6 and level["num_failed"] == 0
+    for level, count in zip(result["levels"], (3, 6)):  # one prompt count per level
+        assert level["num_ok"] == count and level["num_failed"] == 0
         assert level["mean_output_tokens"] == 4  # ignore_eos: exactly output_len tokens
         assert level["mean_prompt_tokens"] >= 16
         assert 0 < level["ttft_ms"]["p50"] <= level["ttft_ms"]["p99"] <= level["e2e_ms"]["p99"]
@@ -49,3 +49,10 @@ def test_bench_serving_reports_an_unreachable_server(tmp_path, capsys):
     assert main(["bench", "serving", "--url", f"http://127.0.0.1:{port}",
                  "--out", str(tmp_path / "r.json")]) == 2
     assert "failed" in capsys.readouterr().err
+
+
+def test_bench_serving_refuses_prompt_counts_that_do_not_match_the_levels(tmp_path, capsys):
+    assert main(["bench", "serving", "--concurrency", "1,4,16", "--num-prompts", "8,32",
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "2 counts for 3 concurrency levels" in err and "Traceback" not in err

@@ -46,7 +46,7 @@ class ServingBenchConfig:
     url: str = "http://127.0.0.1:8000"
     model: str | None = None  # None: the server's first model
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    num_prompts: int = 64
+    num_prompts: int | tuple[int, ...] = 64  # per level: one count, or one per level
     input_len: int = 128
     output_len: int = 64
     api_key: str | None = None
@@ -65,6 +65,18 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+
+
+def prompts_per_level(cfg: ServingBenchConfig) -> tuple[int, ...]:
+    """Requests sent at each concurrency level: `num_prompts` is one count for every level,
+    or one count per level (a batch-1 level needs far fewer requests than a 256-wide one)."""
+    counts = cfg.num_prompts if isinstance(cfg.num_prompts, tuple) else (cfg.num_prompts,)
+    if len(counts) == 1:
+        return counts * len(cfg.concurrency)
+    if len(counts) != len(cfg.concurrency):
+        raise ValueError(f"{len(counts)} prompt counts for {len(cfg.concurrency)} concurrency "
+                         "levels: give one count, or one per level")
+    return counts
 
 
 def make_prompts(count: int, input_len: int, seed: int) -> list[str]:
@@ -198,8 +210,8 @@ async def run_serving_bench(cfg: ServingBenchConfig) -> dict[str, Any]:
         if not warmup.ok:
             raise RuntimeError(f"the warm-up request failed: {warmup.error}")
         levels = []
-        for concurrency in cfg.concurrency:
-            prompts = make_prompts(cfg.num_prompts, cfg.input_len, cfg.seed + concurrency)
+        for concurrency, count in zip(cfg.concurrency, prompts_per_level(cfg)):
+            prompts = make_prompts(count, cfg.input_len, cfg.seed + concurrency)
             levels.append(await _level(client, cfg, model, prompts, concurrency))
     return {"benchmark": "serving", "model": model, "config": asdict(cfg), "levels": levels}
 
@@ -237,7 +249,7 @@ def _int_list(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,4,16, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be positive")
+        raise argparse.ArgumentTypeError("expected positive numbers like 1,4,16")
     return values
 
 
@@ -251,7 +263,8 @@ def add_parser(modes: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64),
                    help="comma-separated levels (default: 1,4,16,64)")
-    p.add_argument("--num-prompts", type=int, default=64, help="requests per level")
+    p.add_argument("--num-prompts", type=_int_list, default=(64,),
+                   help="requests per level: one count, or one per level (e.g. 16,64,256)")
     p.add_argument("--input-len", type=int, default=128, help="prompt length, in words")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
     p.add_argument("--api-key", default=None)
@@ -268,8 +281,11 @@ def cmd_serving(args: argparse.Namespace) -> None:
 
     from kiln.errors import KilnError
 
-    if args.num_prompts < 1 or args.output_len < 1 or args.input_len < 1:
-        raise KilnError("--num-prompts, --input-len and --output-len must be at least 1")
+    if args.output_len < 1 or args.input_len < 1:
+        raise KilnError("--input-len and --output-len must be at least 1")
+    if len(args.num_prompts) not in (1, len(args.concurrency)):
+        raise KilnError(f"--num-prompts has {len(args.num_prompts)} counts for "
+                        f"{len(args.concurrency)} concurrency levels: give one, or one per level")
     cfg = ServingBenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                              num_prompts=args.num_prompts, input_len=args.input_len,
                              output_len=args.output_len, api_key=args.api_key,
