@@ -14,7 +14,7 @@
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 TQDM_DISABLE=1
 stages=${*:-tests kernels latency throughput}
 T="timeout ${STAGE_TIMEOUT:-300}"  # a hung stage (NCCL teardown) must not eat the run
