@@ -172,7 +172,17 @@ def test_fused_moe_fp8_mixtral_shape(tokens) -> None:
     weights, ids = ref.moe_route(torch.randn(tokens, experts, device="cuda", generator=gen),
                                  top_k, renormalize=True)
     out = fused_moe(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2)
-    _close_rows("fused_moe fp8", out, ref.fused_moe(x, w13, w2, weights, ids, s13, s2))
+    expected = ref.fused_moe(x, w13, w2, weights, ids, s13, s2).float()
+    rel = (out.float() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    # Tiles of 64+ rows run Hopper's wgmma, which sums e4m3 products in reduced precision
+    # between the float32 promotions (every 128 of K, as DeepSeek-V3 and DeepGEMM do); its
+    # last-bit differences flip some roundings of the bf16 intermediate and of its e4m3
+    # quantization. Measured on an H200 at 2048 tokens: median row 4.8e-3, p99 1.8e-2,
+    # max 2.9e-2 (with 16-row mma.sync tiles: median 1.5e-4). Quantizing the activations
+    # at all moves a row by ~5%; a wrong scale, expert or row by 10-100%.
+    assert not out.isnan().any()
+    assert rel.median().item() < 1e-2, f"median row {rel.median().item():.2e}"
+    assert rel.max().item() < 5e-2, f"worst row {rel.max().item():.2e}"
 
 
 def _close_rows(name: str, out: torch.Tensor, expected: torch.Tensor) -> None:
