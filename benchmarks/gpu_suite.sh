@@ -65,14 +65,16 @@ for spec in $stages; do
              B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 16,128,256,512 \
                 --input-len 128 --output-len 128"
              python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 > "$OUT/serve.log" 2>&1 & S=$!
-             for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break; sleep 1; done
+             for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break
+               kill -0 $S 2>/dev/null || { tail -3 "$OUT/serve.log"; break; }; sleep 1; done
              $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln.json" 2>&1 | tail -8
              kill $S; wait $S
              if [ -x "${KILN_TRITON_ENV:-/nonexistent}/bin/python" ]; then
                python3 -m kiln.cli triton-repo /tmp/kiln-8b -o /tmp/kiln-8b-repo --device cuda
                python3 -m kiln.cli triton-serve /tmp/kiln-8b-repo --http-port 8200 \
                  --grpc-port 8201 --metrics-port 8202 > "$OUT/triton.log" 2>&1 & S=$!
-               for _ in $(seq 300); do curl -sf localhost:8200/v2/health/ready >/dev/null && break; sleep 1; done
+               for _ in $(seq 300); do curl -sf localhost:8200/v2/health/ready >/dev/null && break
+                 kill -0 $S 2>/dev/null || { tail -3 "$OUT/triton.log"; break; }; sleep 1; done
                $T $B --api triton --url http://127.0.0.1:8200 --out "$OUT/serving-triton.json" 2>&1 | tail -8
                kill $S; wait $S
                $T python3 benchmarks/triton_inflight.py --triton-env "$KILN_TRITON_ENV" \
