@@ -7,7 +7,7 @@
 #   source benchmarks/device_serving_env.sh unpack  # there: exports PYTHONPATH, KILN_TRITON_ENV
 #
 # What travels (~45 MB, under the device tool's 64 MiB carry): the serve extra's wheels
-# that image lacks (FastAPI, Starlette, pydantic, uvicorn), numpy<2 for Triton's model
+# that image lacks (FastAPI, Starlette, pydantic, uvicorn, opentelemetry-api: FastAPI 0.165 imports it), numpy<2 for Triton's model
 # environment (its Python-backend stub crashes on BYTES tensors under numpy 2, see
 # kiln/serve/triton_server.py), and a slim Triton Inference Server cut from the
 # nvidia-pytriton wheel: the tritonserver binary, the Python backend, the Python 3.12
@@ -20,7 +20,8 @@ PYVER=${PYVER:-3.12}  # the Python of the machine that unpacks (the device image
 PY_TAG=(--python-version "$PYVER" --implementation cp --only-binary=:all:
         --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-SERVE_WHEELS="fastapi starlette pydantic pydantic_core annotated_types typing_inspection uvicorn"
+SERVE_WHEELS="fastapi starlette pydantic pydantic_core annotated_types annotated_doc typing_inspection
+              opentelemetry_api uvicorn"
 
 pack() (  # a subshell: stops at the first error
   set -euo pipefail

@@ -56,3 +56,41 @@ def test_bench_serving_refuses_prompt_counts_that_do_not_match_the_levels(tmp_pa
                  "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "2 counts for 3 concurrency levels" in err and "Traceback" not in err
+
+
+def test_random_weight_engine_serves_text(tmp_path):
+    """A random-weight engine carries a word-level tokenizer over its whole vocabulary, so
+    the serving sweep sends it text (the GPU serving benchmark runs on one), and chat works."""
+    import dataclasses
+
+    import openai
+    import torch
+
+    from kiln.build import build
+    from kiln.checkpoint.random import PRESETS, RandomCheckpoint
+    from kiln.config import BuildConfig, ModelConfig
+    from kiln.tokenizer import Tokenizer
+
+    cfg = dataclasses.replace(ModelConfig(**PRESETS["llama-3.1-8b"]), vocab_size=1024,
+                              hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                              num_kv_heads=2, head_dim=16, bos_token_id=1000,
+                              eos_token_ids=(1001,))
+    engine = build(RandomCheckpoint(cfg, dtype=torch.float32), tmp_path / "e",
+                   BuildConfig(dtype="float32", max_seq_len=256), progress=False)
+    tok = Tokenizer.from_engine(engine)
+    assert tok is not None and tok.vocab_size == 1024 and tok.eos_token_id == 1001
+    assert tok.encode("the of and") == [0, 1, 2]  # common words: one token each
+    assert tok.decode([0, 1, 700, 1001]) == "the of w700"  # the special </s> skipped
+    out = tmp_path / "r.json"
+    with serve(engine) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "the time"}], max_tokens=5,
+            temperature=0, extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 5 and len(chat.choices[0].message.content) > 0
+        assert main(["bench", "serving", "--url", server.url, "--concurrency", "2",
+                     "--num-prompts", "4", "--input-len", "12", "--output-len", "6",
+                     "--out", str(out)]) == 0
+    level = json.loads(out.read_text())["levels"][0]
+    assert level["num_ok"] == 4 and level["mean_output_tokens"] == 6
+    assert level["mean_prompt_tokens"] == 12  # twelve common words: twelve tokens

@@ -21,24 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.bench.report import format_table, plot_lines, summarize, write_json
-
-# Common words: each is one token in most BPE vocabularies, so input_len words are about
-# input_len prompt tokens (the server's usage reports the exact count).
-_WORDS = ("the of and to in is was for on are with as his they be at one have this from "
-          "or had by word but what some we can out other were all there when up use your "
-          "how said an each she which do their time if will way about many then them "
-          "write would like so these her long make thing see him two has look more day "
-          "could go come did number sound no most people my over know water than call "
-          "first who may down side been now find any new work part take get place made "
-          "live where after back little only round man year came show every good me give "
-          "our under name very through just form great think say help low line differ "
-          "turn cause much mean before move right boy old too same tell does set three "
-          "want air well also play small end put home read hand port large spell add even "
-          "land here must big high such follow act why ask men change went light kind off "
-          "need house picture try us again animal point mother world near build self earth "
-          "father head stand own page should country found answer school grow study still "
-          "learn plant cover food sun four between state keep eye never last let thought "
-          "city tree cross farm hard start might story saw far sea draw left late run").split()
+from kiln.checkpoint.word_tokenizer import COMMON_WORDS
 
 
 @dataclass(frozen=True)
@@ -81,7 +64,7 @@ def prompts_per_level(cfg: ServingBenchConfig) -> tuple[int, ...]:
 
 def make_prompts(count: int, input_len: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(rng.choices(_WORDS, k=max(input_len, 1))) for _ in range(count)]
+    return [" ".join(rng.choices(COMMON_WORDS, k=max(input_len, 1))) for _ in range(count)]
 
 
 async def _request(client: Any, cfg: ServingBenchConfig, model: str, prompt: str

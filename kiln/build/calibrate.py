@@ -86,13 +86,13 @@ class Stats:
 def calibration_samples(ckpt: Checkpoint, text_file: str, num_samples: int, seq_len: int,
                         vocab_size: int) -> list[list[int]]:
     """Up to num_samples consecutive windows of seq_len tokens of the text. Sources without
-    a tokenizer (random weights) take the text's UTF-8 bytes as token ids."""
+    a real tokenizer (random weights) take the text's UTF-8 bytes as token ids."""
     path = Path(text_file).expanduser()
     if not path.is_file():
         raise BuildError(f"calibration file {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
     with tempfile.TemporaryDirectory() as tmp:
-        if ckpt.write_tokenizer(Path(tmp)):
+        if not getattr(ckpt, "synthetic_tokenizer", False) and ckpt.write_tokenizer(Path(tmp)):
             from kiln.tokenizer import Tokenizer
 
             ids = Tokenizer(Path(tmp)).encode(text)

@@ -170,9 +170,19 @@ class RandomCheckpoint(Checkpoint):
                 weight = torch.empty(shape, dtype=self.dtype, device=device)
                 yield name, weight.normal_(0, 0.02, generator=generator).cpu()
 
+    # Calibration of a random model reads the text's bytes as ids, not the word tokenizer's
+    # ids (mostly <unk> for real prose).
+    synthetic_tokenizer = True
+
     def write_tokenizer(self, dest: Path) -> bool:
-        return False  # random engines take token ids
+        """A word-level tokenizer over the whole vocabulary (text in and out of servers)."""
+        from kiln.checkpoint.word_tokenizer import write_word_tokenizer
+
+        c = self.config
+        write_word_tokenizer(dest, c.vocab_size, c.bos_token_id, tuple(c.eos_token_ids or ()))
+        return True
 
     def fingerprint(self) -> str:
-        key = json.dumps([self.config.to_dict(), self.seed], sort_keys=True, default=str)
+        key = json.dumps([self.config.to_dict(), self.seed, "word-tokenizer"], sort_keys=True,
+                         default=str)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
