@@ -112,19 +112,34 @@ def bench_ngram(args: argparse.Namespace) -> dict[str, Any]:
                        "speedup": tokens / seconds / plain_tok_s,
                        "acceptance": stats.get("spec_acceptance_rate"),
                        "mean_accepted_length": stats.get("spec_mean_accepted_length"),
-                       "identical_to_plain": outputs == reference}
+                       "identical_to_plain": outputs == reference,
+                       "identical_requests": sum(outputs[i] == reference[i] for i in reference),
+                       "mean_common_prefix": sum(_common(outputs[i], reference[i])
+                                                 for i in reference) / len(reference)}
                 result["runs"].append(run)
                 rows.append([workload, batch, name, f"{run['tok_s']:.1f}",
                              f"{run['speedup']:.2f}x",
                              "-" if run["acceptance"] is None else f"{run['acceptance']:.2f}",
                              "-" if run["mean_accepted_length"] is None
                              else f"{run['mean_accepted_length']:.2f}",
-                             "yes" if run["identical_to_plain"] else "NO"])
+                             "yes" if run["identical_to_plain"] else
+                             f"{run['identical_requests']}/{len(reference)} "
+                             f"(prefix {run['mean_common_prefix']:.0f})"])
     print(f"SmolLM2 n-gram speculation on {_device(plain)}, {len(passages)} prompts from "
           f"{source}, {args.max_tokens} tokens greedy")
     print(format_table(["workload", "batch", "config", "tok/s", "speedup", "accept",
                         "tokens/step", "same text"], rows))
     return result
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Tokens two outputs share before they first differ."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _random_engine(preset: str, max_seq_len: int = 2048) -> Path:
@@ -222,22 +237,26 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     del plain
     torch.cuda.empty_cache()
     k = args.e2e_k
-    rejected = LLMEngine(target_dir, RuntimeConfig(**common, speculative_config={
-        "method": "ngram", "num_speculative_tokens": k}))
-    vocab = rejected.config.model.vocab_size
+    for adaptive in (True, False):
+        rejected = LLMEngine(target_dir, RuntimeConfig(**common, speculative_config={
+            "method": "ngram", "num_speculative_tokens": k, "adaptive": adaptive}))
+        vocab = rejected.config.model.vocab_size
 
-    def random_drafts(requests: list) -> None:  # never what a random model picks
-        for r in requests:
-            room = min(k, r.max_tokens - r.num_output_tokens - 1)
-            r.spec_token_ids = [random.randrange(vocab) for _ in range(max(room, 0))]
-    rejected.speculator._propose = random_drafts  # type: ignore[method-assign]
-    _run(rejected, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)
-    rejected.speculator.reset_stats()
-    _, seconds = _run(rejected, prompts, params, 1)
-    e2e[f"all drafts rejected k={k}"] = tokens / seconds
-    acceptance_rejected = rejected.stats()["spec_acceptance_rate"]
-    del rejected
-    torch.cuda.empty_cache()
+        def random_drafts(requests: list, vocab: int = vocab) -> None:  # never what a
+            for r in requests:  # random model picks
+                room = min(k, r.max_tokens - r.num_output_tokens - 1)
+                r.spec_token_ids = [random.randrange(vocab) for _ in range(max(room, 0))]
+        rejected.speculator._propose = random_drafts  # type: ignore[method-assign]
+        _run(rejected, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)
+        rejected.speculator.reset_stats()
+        _, seconds = _run(rejected, prompts, params, 1)
+        name = "adaptive (pauses)" if adaptive else "adaptive off: every step verifies"
+        e2e[f"all drafts rejected k={k}, {name}"] = tokens / seconds
+        result[f"verify_steps_rejected_adaptive_{adaptive}"] = \
+            rejected.speculator.num_verify_steps
+        acceptance_rejected = rejected.stats()["spec_acceptance_rate"]
+        del rejected
+        torch.cuda.empty_cache()
     with_draft = LLMEngine(target_dir, RuntimeConfig(**common, speculative_config={
         "method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k}))
     _run(with_draft, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)

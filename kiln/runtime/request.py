@@ -153,6 +153,10 @@ class Request:
         # token_ids; and the draft's distributions they were sampled from, if any.
         self.spec_token_ids: list[int] = []
         self.spec_draft_probs: Any = None  # [k, vocab] tensor for a sampled draft
+        # Adaptive speculation: verify steps (or n-gram lookups) in a row that gained no
+        # token, and the output length at which a paused request proposes drafts again.
+        self.spec_misses = 0
+        self.spec_resume_at = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -24,6 +24,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # ngram: longest, tried first
     model: str | None = None  # draft_model: engine dir, HF folder or GGUF
+    # A request whose drafts keep failing pauses speculation (for 4, 8, ... up to 64
+    # tokens after its second miss in a row), so that it decodes as fast as without
+    # speculation (overlapped steps) where drafts do not pay; false: always propose.
+    adaptive: bool = True
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None
@@ -62,6 +66,9 @@ class SpeculativeConfig:
         if method == "draft_model" and not config.model:
             raise KilnError('speculative_config method "draft_model" needs "model": an '
                             "engine dir, HF folder or GGUF file of the draft")
+        if not isinstance(config.adaptive, bool):
+            raise KilnError(f"speculative_config adaptive must be true or false, got "
+                            f"{config.adaptive!r}")
         return config
 
     def check_layout(self, tp_size: int, pp_size: int) -> None:

@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Adaptive speculation: a request pauses after this many misses in a row (a verify step
+# that kept no draft, or an n-gram lookup that found nothing), for PAUSE_MIN tokens, doubled
+# at each further miss up to PAUSE_MAX.
+MISSES_BEFORE_PAUSE = 2
+PAUSE_MIN = 4
+PAUSE_MAX = 64
+
 
 # ---- the engine's side -------------------------------------------------------------------
 class Speculator:
@@ -80,28 +87,59 @@ class Speculator:
                 r.stats.num_spec_steps += 1
                 r.stats.num_draft_tokens += k
                 r.stats.num_accepted_tokens += accepted
+                self._record(r, accepted > 0)
             r.spec_token_ids = []
             r.spec_draft_probs = None
             if r.status.finished:
                 if self.draft is not None:
                     self.draft.release(r.request_id)
                 continue
-            end = len(r.token_ids)
-            while r.token_ids[end - 1] == PLACEHOLDER:
-                end -= 1
-            del r.token_ids[end:]
             if k:
-                # Every kept token but the last is in the KV cache now; trim the rest.
+                # Rejected positions' placeholders go; every kept token but the last is in
+                # the KV cache now; trim the rest. (Only a verify step has such trailing
+                # placeholders: a plain step's last one may be the next step's, in flight.)
+                end = len(r.token_ids)
+                while r.token_ids[end - 1] == PLACEHOLDER:
+                    end -= 1
+                del r.token_ids[end:]
                 r.num_computed_tokens = r.num_tokens - 1
                 kv.truncate(r, r.num_tokens)
                 kv.commit(r)
-            going_on.append(r)
+            if self.will_propose(r):
+                going_on.append(r)
         self._propose(going_on)
         if self.draft is not None:  # shadows of requests gone (aborted, preempted, done)
             running = {r.request_id for r in self.engine.scheduler.running}
             for request_id in list(self.draft.shadows):
                 if request_id not in running:
                     self.draft.release(request_id)
+
+    def will_propose(self, r: Request) -> bool:
+        """Whether r proposes drafts once its last token is on the host: not while the
+        next step is in flight (overlap), nor while adaptive speculation pauses it."""
+        return (r.token_ids[-1] != PLACEHOLDER and self.eligible(r) and
+                (not self.config.adaptive or r.num_output_tokens >= r.spec_resume_at) and
+                r.params.num_speculative_tokens != 0)
+
+    def wants_host_tokens(self) -> bool:
+        """A running request would propose drafts: the engine applies the step in flight
+        before it schedules the next (no overlap for that step)."""
+        running = self.engine.scheduler.running
+        return any(r.spec_token_ids for r in running) or any(
+            self.eligible(r) and r.params.num_speculative_tokens != 0 and
+            (not self.config.adaptive or r.num_output_tokens >= r.spec_resume_at)
+            for r in running)
+
+    def _record(self, r: Request, gained: bool) -> None:
+        """Adaptive speculation: count a miss (pausing the request after a few in a row,
+        for longer each time) or reset the count after a step that kept a draft."""
+        if not gained:
+            r.spec_misses += 1
+            if r.spec_misses >= MISSES_BEFORE_PAUSE:
+                pause = min(PAUSE_MIN << (r.spec_misses - MISSES_BEFORE_PAUSE), PAUSE_MAX)
+                r.spec_resume_at = r.num_output_tokens + pause
+        else:
+            r.spec_misses = 0
 
     def _propose(self, requests: list[Request]) -> None:
         wanted, ks = [], []
@@ -122,6 +160,8 @@ class Speculator:
         for r, k in zip(wanted, ks):
             r.spec_token_ids = ngram_propose(r.token_ids, k, c.prompt_lookup_min,
                                              c.prompt_lookup_max)
+            if not r.spec_token_ids and c.adaptive:
+                self._record(r, False)  # nothing to copy here: look again later
 
     def reset_stats(self) -> None:
         self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
