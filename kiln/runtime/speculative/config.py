@@ -24,7 +24,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # ngram: shortest suffix n-gram looked up
     prompt_lookup_max: int = 4  # ngram: longest, tried first
     model: str | None = None  # draft_model: engine dir, HF folder or GGUF
-    # A request whose drafts keep failing pauses speculation (for 4, 8, ... up to 64
+    # A request whose drafts keep failing pauses speculation (for 4, 16, 64, up to 256
     # tokens after its second miss in a row), so that it decodes as fast as without
     # speculation (overlapped steps) where drafts do not pay; false: always propose.
     adaptive: bool = True
