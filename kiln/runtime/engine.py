@@ -140,9 +140,6 @@ class LLMEngine:
         self.pipeline_depth = build.pp_size
         self._in_flight: collections.deque[tuple[PendingStep, set[str]]] = collections.deque()
         self.max_in_flight = 0  # most micro-batches seen in flight at once (a statistic)
-        # With speculation, a step in flight is applied before the next is scheduled
-        # whenever a request would propose drafts (they follow its last token); steps of
-        # requests that do not (adaptive speculation pauses them) overlap as usual.
         # False: step() returns finished requests only, sparing a per-token output object
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
@@ -266,9 +263,8 @@ class LLMEngine:
         previous, self._pending = self._pending, None
         processed = previous is not None
         outputs: list[RequestOutput] = []
-        if previous is not None and self.speculator is not None and \
-                self.speculator.wants_host_tokens():
-            outputs += self._process(previous.result())  # proposes the next drafts
+        if previous and self.speculator and self.speculator.wants_host_tokens():
+            outputs += self._process(previous.result())  # drafts follow its tokens
             previous = None
         with phase("kiln.schedule"):
             out = self.scheduler.schedule()
