@@ -252,3 +252,16 @@ def test_slow_sender_gets_coalesced_responses(model):
     assert "".join(texts) == want[0][0].text()
     assert [f for _, f in sender.responses] == [0] * (len(texts) - 1) + [FINAL]
     assert len(texts) < 24
+
+
+def test_cancelled_whole_answer_is_aborted(model):
+    """A whole answer sends nothing before its end, but its cancellation is still seen."""
+    request = FakeRequest(text_input=_text(PROMPT), max_tokens=np.array([200]),
+                          ignore_eos=np.array([True]))
+    model.execute([request])
+    assert wait_until(lambda: model.loop.stats()["kv_blocks_used"] > 0)
+    request.sender.cancelled = True
+    assert request.sender.finished.wait(30)
+    [(response, flags)] = request.sender.responses
+    assert response is None and flags == FINAL
+    assert wait_until(lambda: model.loop.stats()["kv_blocks_used"] == 0)

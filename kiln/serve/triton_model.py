@@ -41,6 +41,7 @@ log = logging.getLogger("kiln.triton")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_CHECK_EVERY = 8  # a request's is_cancelled (a round trip) every 8 flushes,
 CANCEL_CHECK_S = 0.25  # or when this long has passed since the last
+GAUGE_INTERVAL_S = 0.05  # the engine's gauges go to Triton at most this often
 
 
 def _text_response(text: str) -> Any:
@@ -87,11 +88,13 @@ class _Outbox:
 
     def post(self, responder: _Responder) -> None:
         self._ready.append(responder)
-        self._wake.set()
+        if not self._wake.is_set():  # set() takes a lock: once per batch, not per post
+            self._wake.set()
 
     def stats(self, stats: dict[str, float]) -> None:
         self._stats = stats
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def shutdown(self) -> None:
         self._stop = True
@@ -99,14 +102,20 @@ class _Outbox:
         self._thread.join(10)
 
     def _run(self) -> None:
+        pushed = 0.0  # when the gauges were last set (each change is a round trip)
         while True:
-            self._wake.wait()
+            due = None if self._stats is None else \
+                max(0.0, pushed + GAUGE_INTERVAL_S - time.monotonic())
+            self._wake.wait(due)
             self._wake.clear()  # before draining: a post from now on wakes us again
             while self._ready:
                 _call(self._ready.popleft().flush)
-            stats, self._stats = self._stats, None
-            if stats is not None and self._gauges is not None:
-                _call(self._gauges.update, stats)
+            if self._stats is not None and (time.monotonic() - pushed >= GAUGE_INTERVAL_S
+                                            or self._stop):
+                stats, self._stats = self._stats, None
+                if self._gauges is not None:
+                    _call(self._gauges.update, stats)
+                pushed = time.monotonic()
             if self._stop:
                 return
 
@@ -136,6 +145,7 @@ class _Responder(ResponseSender):
         self._queued = False
         self._checked = 0.0  # monotonic time of the last is_cancelled
         self._unchecked = CANCEL_CHECK_EVERY  # flushes since then (the first one asks)
+        self._held = 0  # outputs of a whole answer not handed to the sender
 
     # ---- engine thread --------------------------------------------------------------
     def accepted(self) -> None:
@@ -143,7 +153,16 @@ class _Responder(ResponseSender):
 
     def output(self, output: RequestOutput) -> None:
         self._latest = output  # cumulative: a newer output replaces one not yet sent
-        self._schedule()
+        if self.request.stream or output.finished:
+            self._schedule()
+            return
+        # A whole answer sends nothing before the end: wake the sender only to ask
+        # whether the client cancelled, every CANCEL_CHECK_EVERY outputs.
+        self._held += 1
+        if self._held >= CANCEL_CHECK_EVERY:
+            self._held = 0
+            self._unchecked = CANCEL_CHECK_EVERY
+            self._schedule()
 
     def error(self, error: BaseException) -> None:
         self._error = error
