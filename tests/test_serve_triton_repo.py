@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -226,3 +227,41 @@ def test_triton_serve_command_line(tmp_path, capsys, monkeypatch):
     line = capsys.readouterr().out
     assert f"PATH={env.resolve()}/bin:" in line
     assert "tritonserver --model-repository" in line and "--http-port 9100" in line
+
+
+class SlowSender(FakeSender):
+    """A Triton server that takes 30 ms to take each response."""
+
+    def send(self, response=None, flags: int = 0) -> None:
+        time.sleep(0.03)
+        super().send(response, flags)
+
+
+def test_slow_sender_gets_coalesced_responses(model):
+    """Responses go out from the sender thread; one that falls behind the engine gets
+    several tokens per response, in order, the final flag once."""
+    want = _run(model, FakeRequest(text_input=_text(PROMPT), max_tokens=np.array([24]),
+                                   ignore_eos=np.array([True]), temperature=np.array([0.0]),
+                                   exclude_input_in_output=np.array([True]))).responses
+    request = FakeRequest(text_input=_text(PROMPT), max_tokens=np.array([24]),
+                          ignore_eos=np.array([True]), temperature=np.array([0.0]),
+                          stream=np.array([True]))
+    request.sender = SlowSender()
+    sender = _run(model, request)
+    texts = [r.text() for r, _ in sender.responses]
+    assert "".join(texts) == want[0][0].text()
+    assert [f for _, f in sender.responses] == [0] * (len(texts) - 1) + [FINAL]
+    assert len(texts) < 24
+
+
+def test_cancelled_whole_answer_is_aborted(model):
+    """A whole answer sends nothing before its end, but its cancellation is still seen."""
+    request = FakeRequest(text_input=_text(PROMPT), max_tokens=np.array([200]),
+                          ignore_eos=np.array([True]))
+    model.execute([request])
+    assert wait_until(lambda: model.loop.stats()["kv_blocks_used"] > 0)
+    request.sender.cancelled = True
+    assert request.sender.finished.wait(30)
+    [(response, flags)] = request.sender.responses
+    assert response is None and flags == FINAL
+    assert wait_until(lambda: model.loop.stats()["kv_blocks_used"] == 0)

@@ -135,6 +135,11 @@ async def _attempt(client: Any, cfg: ServingBenchConfig, model: str, prompt: str
         result.error = f"{type(e).__name__}: {e}"[:200]
         return result
     result.latency = time.perf_counter() - started
+    if not result.output_tokens and cfg.api == "triton" and cfg.ignore_eos and chunks:
+        # Triton's stream carries no token count and a response may hold several tokens
+        # (a server that coalesces when its sender is behind); ignore_eos makes exactly
+        # output_len of them.
+        result.output_tokens = cfg.output_len
     result.output_tokens = result.output_tokens or chunks
     result.ok = chunks > 0
     if not result.ok:
@@ -142,21 +147,26 @@ async def _attempt(client: Any, cfg: ServingBenchConfig, model: str, prompt: str
     return result
 
 
-async def _level(client: Any, cfg: ServingBenchConfig, model: str, prompts: list[str],
+async def _level(cfg: ServingBenchConfig, model: str, prompts: list[str],
                  concurrency: int) -> dict[str, Any]:
+    """`concurrency` workers, each with a client (one connection) of its own: one pool of
+    hundreds of connections costs the client O(connections) per request, which at high
+    concurrency made the benchmark measure itself."""
     from tqdm.auto import tqdm
 
-    limit = asyncio.Semaphore(concurrency)
+    todo = list(reversed(prompts))
+    results: list[RequestResult] = []
+    clients = [_client(cfg, 1) for _ in range(min(concurrency, len(prompts)))]
     with tqdm(total=len(prompts), desc=f"concurrency {concurrency}", unit="req",
               leave=False) as bar:
-        async def one(prompt: str) -> RequestResult:
-            async with limit:
-                result = await _request(client, cfg, model, prompt)
-            bar.update(1)
-            return result
+        async def worker(client: Any) -> None:
+            async with client:
+                while todo:
+                    results.append(await _request(client, cfg, model, todo.pop()))
+                    bar.update(1)
 
         started = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        await asyncio.gather(*(worker(c) for c in clients))
         duration = time.perf_counter() - started
     ok = [r for r in results if r.ok]
     output_tokens = sum(r.output_tokens for r in ok)
@@ -176,14 +186,18 @@ async def _level(client: Any, cfg: ServingBenchConfig, model: str, prompts: list
     }
 
 
-async def run_serving_bench(cfg: ServingBenchConfig) -> dict[str, Any]:
-    """Run the sweep; the result as written to JSON."""
+def _client(cfg: ServingBenchConfig, connections: int) -> Any:
     import httpx
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=max(cfg.concurrency) + 4)
-    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=cfg.timeout_s) as client:
+    return httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers,
+                             limits=httpx.Limits(max_connections=connections),
+                             timeout=cfg.timeout_s)
+
+
+async def run_serving_bench(cfg: ServingBenchConfig) -> dict[str, Any]:
+    """Run the sweep; the result as written to JSON."""
+    async with _client(cfg, 4) as client:
         model = cfg.model or ("kiln" if cfg.api == "triton" else None)
         if model is None:
             response = await client.get("/v1/models")
@@ -192,10 +206,10 @@ async def run_serving_bench(cfg: ServingBenchConfig) -> dict[str, Any]:
         warmup = await _request(client, cfg, model, make_prompts(1, cfg.input_len, -1)[0])
         if not warmup.ok:
             raise RuntimeError(f"the warm-up request failed: {warmup.error}")
-        levels = []
-        for concurrency, count in zip(cfg.concurrency, prompts_per_level(cfg)):
-            prompts = make_prompts(count, cfg.input_len, cfg.seed + concurrency)
-            levels.append(await _level(client, cfg, model, prompts, concurrency))
+    levels = []
+    for concurrency, count in zip(cfg.concurrency, prompts_per_level(cfg)):
+        prompts = make_prompts(count, cfg.input_len, cfg.seed + concurrency)
+        levels.append(await _level(cfg, model, prompts, concurrency))
     return {"benchmark": "serving", "model": model, "config": asdict(cfg), "levels": levels}
 
 

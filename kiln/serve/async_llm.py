@@ -7,7 +7,8 @@
 The engine steps in one background thread (`EngineLoop`). `submit` hands a group of
 requests to it and waits until the engine has accepted them, so a bad request fails
 right there (RequestError) while the caller can still answer 400. Outputs travel back
-through an asyncio queue per group (`loop.call_soon_threadsafe`). Leaving the iteration
+through an asyncio queue per group, delivered in batches by the event loop's `Mailbox`
+(kiln.serve.delivery: one wakeup per batch, not per token). Leaving the iteration
 early, or cancelling the task that iterates (a client that disconnects), aborts the
 requests in the engine, which frees their KV blocks.
 """
@@ -25,6 +26,7 @@ from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.serve.delivery import Mailbox
 from kiln.serve.engine_loop import EngineDeadError, EngineLoop, NewRequest, Prompt
 
 
@@ -38,13 +40,13 @@ _ACCEPTED = object()
 class _AsyncSink:
     """Forwards the engine thread's events into an asyncio queue on the caller's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Any]) -> None:
-        self._loop = loop
+    def __init__(self, mailbox: Mailbox, events: asyncio.Queue[Any]) -> None:
+        self._mailbox = mailbox
         self._events = events
 
     def _post(self, item: object) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+            self._mailbox.post(self._events.put_nowait, item)
         except RuntimeError:
             pass  # the event loop has closed: nobody is listening any more
 
@@ -120,6 +122,7 @@ class AsyncLLM:
         engine.exit_on_failure = False  # a lost rank turns /health to 503; we keep answering
         self._loop = EngineLoop(engine)
         self._num_unfinished = 0  # touched only from the event loop's thread
+        self._mailboxes: dict[int, Mailbox] = {}  # by id(event loop)
         self._loop.start()
 
     @classmethod
@@ -166,7 +169,7 @@ class AsyncLLM:
         stream = RequestStream(self, [request_id for _, _, request_id in requests], events)
         self._num_unfinished += len(requests)
         self._loop.add([NewRequest(*r) for r in requests],
-                       _AsyncSink(asyncio.get_running_loop(), events))
+                       _AsyncSink(self._mailbox(), events))
         try:
             first = await events.get()
         except asyncio.CancelledError:
@@ -176,6 +179,16 @@ class AsyncLLM:
             stream._release(set(stream.request_ids))
             raise first
         return stream
+
+    def _mailbox(self) -> Mailbox:
+        """The running event loop's mailbox (one per loop; those of closed loops go)."""
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(id(loop))
+        if mailbox is None or mailbox.loop is not loop:
+            self._mailboxes = {k: m for k, m in self._mailboxes.items()
+                               if not m.loop.is_closed()}
+            mailbox = self._mailboxes[id(loop)] = Mailbox(loop)
+        return mailbox
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -201,26 +201,33 @@ async def collect(call: Call, request: Request) -> list[RequestOutput] | None:
 
 def stream_response(call: Call, chunks: ChunkMaker, prelude: list[Any],
                     usage_chunk: Callable[[int, int], Any] | None) -> EventStreamResponse:
-    """SSE: prelude chunks, chunks per output, an optional usage chunk, then [DONE]."""
+    """SSE: prelude chunks, chunks per output, an optional usage chunk, then [DONE].
+
+    The events of one output go out in one body message (one socket write), and the last
+    output's together with the usage chunk and [DONE]; the prelude goes out at once.
+    """
 
     async def events() -> AsyncIterator[str]:
-        for chunk in prelude:
-            yield sse(chunk)
+        if prelude:  # at once (the chat role chunk), before the first token
+            yield "".join(sse(chunk) for chunk in prelude)
+        pending = ""
         try:
             async for output in call.stream:
                 call.tracker.observe(output)
-                for completion, state in call.choices(output):
-                    for chunk in chunks(output, completion, state):
-                        yield sse(chunk)
+                pending += "".join(sse(chunk) for completion, state in call.choices(output)
+                                   for chunk in chunks(output, completion, state))
+                if pending and not call.stream.finished:
+                    yield pending
+                    pending = ""
             if usage_chunk is not None:
-                yield sse(usage_chunk(*call.usage_counts(list(call.tracker.last.values()))))
+                pending += sse(usage_chunk(*call.usage_counts(list(call.tracker.last.values()))))
             call.tracker.finish("ok")
         except Exception as e:
             error = api_error(e)
             call.tracker.finish("error", error.message)
-            yield sse({"error": {"message": error.message, "type": "server_error",
-                                 "param": None, "code": error.code}})
-        yield "data: [DONE]\n\n"
+            pending += sse({"error": {"message": error.message, "type": "server_error",
+                                      "param": None, "code": error.code}})
+        yield pending + "data: [DONE]\n\n"
 
     return EventStreamResponse(events(), call.close)
 
