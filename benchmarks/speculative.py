@@ -114,8 +114,9 @@ def bench_ngram(args: argparse.Namespace) -> dict[str, Any]:
                        "mean_accepted_length": stats.get("spec_mean_accepted_length"),
                        "identical_to_plain": outputs == reference,
                        "identical_requests": sum(outputs[i] == reference[i] for i in reference),
-                       "mean_common_prefix": sum(_common(outputs[i], reference[i])
-                                                 for i in reference) / len(reference)}
+                       "mean_common_prefix": sum(  # tokens shared before they differ
+                           len(os.path.commonprefix([outputs[i], reference[i]]))
+                           for i in reference) / len(reference)}
                 result["runs"].append(run)
                 rows.append([workload, batch, name, f"{run['tok_s']:.1f}",
                              f"{run['speedup']:.2f}x",
@@ -130,16 +131,6 @@ def bench_ngram(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(["workload", "batch", "config", "tok/s", "speedup", "accept",
                         "tokens/step", "same text"], rows))
     return result
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Tokens two outputs share before they first differ."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _random_engine(preset: str, max_seq_len: int = 2048) -> Path:
@@ -242,8 +233,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
             "method": "ngram", "num_speculative_tokens": k, "adaptive": adaptive}))
         vocab = rejected.config.model.vocab_size
 
-        def random_drafts(requests: list, vocab: int = vocab) -> None:  # never what a
-            for r in requests:  # random model picks
+        # Random drafts: never what a random model picks.
+        def random_drafts(requests: list, vocab: int = vocab) -> None:
+            for r in requests:
                 room = min(k, r.max_tokens - r.num_output_tokens - 1)
                 r.spec_token_ids = [random.randrange(vocab) for _ in range(max(room, 0))]
         rejected.speculator._propose = random_drafts  # type: ignore[method-assign]

@@ -57,8 +57,8 @@ def prompts_per_level(cfg: ServingBenchConfig) -> tuple[int, ...]:
     if len(counts) == 1:
         return counts * len(cfg.concurrency)
     if len(counts) != len(cfg.concurrency):
-        raise ValueError(f"{len(counts)} prompt counts for {len(cfg.concurrency)} concurrency "
-                         "levels: give one count, or one per level")
+        raise ValueError(f"--num-prompts has {len(counts)} counts for {len(cfg.concurrency)} "
+                         "concurrency levels: give one, or one per level")
     return counts
 
 
@@ -280,13 +280,14 @@ def cmd_serving(args: argparse.Namespace) -> None:
 
     if args.output_len < 1 or args.input_len < 1:
         raise KilnError("--input-len and --output-len must be at least 1")
-    if len(args.num_prompts) not in (1, len(args.concurrency)):
-        raise KilnError(f"--num-prompts has {len(args.num_prompts)} counts for "
-                        f"{len(args.concurrency)} concurrency levels: give one, or one per level")
     cfg = ServingBenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                              num_prompts=args.num_prompts, input_len=args.input_len,
                              output_len=args.output_len, api_key=args.api_key,
                              seed=args.seed, ignore_eos=args.ignore_eos, api=args.api)
+    try:
+        prompts_per_level(cfg)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
     try:
         result = asyncio.run(run_serving_bench(cfg))
     except (OSError, RuntimeError, httpx.HTTPError) as e:

@@ -92,7 +92,7 @@ def calibration_samples(ckpt: Checkpoint, text_file: str, num_samples: int, seq_
         raise BuildError(f"calibration file {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
     with tempfile.TemporaryDirectory() as tmp:
-        if not getattr(ckpt, "synthetic_tokenizer", False) and ckpt.write_tokenizer(Path(tmp)):
+        if not ckpt.synthetic_tokenizer and ckpt.write_tokenizer(Path(tmp)):
             from kiln.tokenizer import Tokenizer
 
             ids = Tokenizer(Path(tmp)).encode(text)

@@ -23,6 +23,9 @@ class Checkpoint(abc.ABC):
     source: Path
     config: ModelConfig
     hf_config: dict = {}  # the raw config.json of HF folders (quantization_config)
+    # A tokenizer made up for the source (random weights): calibration reads the text's
+    # bytes as ids instead of its ids.
+    synthetic_tokenizer = False
 
     @abc.abstractmethod
     def num_tensors(self) -> int:

@@ -170,9 +170,7 @@ class RandomCheckpoint(Checkpoint):
                 weight = torch.empty(shape, dtype=self.dtype, device=device)
                 yield name, weight.normal_(0, 0.02, generator=generator).cpu()
 
-    # Calibration of a random model reads the text's bytes as ids, not the word tokenizer's
-    # ids (mostly <unk> for real prose).
-    synthetic_tokenizer = True
+    synthetic_tokenizer = True  # word-level, mostly <unk> for real prose
 
     def write_tokenizer(self, dest: Path) -> bool:
         """A word-level tokenizer over the whole vocabulary (text in and out of servers)."""

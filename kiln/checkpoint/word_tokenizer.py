@@ -40,18 +40,14 @@ def write_word_tokenizer(dest: Path, vocab_size: int, bos_token_id: int | None,
     special = {i: "</s>" if n == 0 else f"</s{n}>" for n, i in enumerate(eos_token_ids)}
     if bos_token_id is not None:
         special[bos_token_id] = "<s>"
-    names = [w for w in COMMON_WORDS][:vocab_size]
+    names = list(COMMON_WORDS[:vocab_size])
     names += [f"w{i}" for i in range(len(names), vocab_size)]
     for i, name in special.items():
         if 0 <= i < vocab_size:
             names[i] = name
-    unk = next(i for i in range(len(COMMON_WORDS), vocab_size) if i not in special) \
-        if vocab_size > len(COMMON_WORDS) + len(special) else vocab_size - 1
-    names[unk] = "<unk>"
-    vocab = {}
-    for i, name in enumerate(names):
-        vocab.setdefault(name, i)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    names[max(i for i in range(vocab_size) if i not in special)] = "<unk>"  # the last plain id
+    tok = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)},
+                                     unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(names[i], special=True)
                             for i in sorted(special) if 0 <= i < vocab_size])

@@ -55,7 +55,7 @@ def _error_response(message: str) -> Any:
 
 class ResponseSender:
     """A decoupled Triton request's response sender: `done` once the final flag went
-    out; errors become one final error response (called on kiln's engine thread)."""
+    out; errors become one final error response (called on the thread that sends)."""
 
     sender: Any
     done: bool = False
@@ -219,7 +219,7 @@ _GAUGES = {"kv_blocks_used": "KV-cache blocks held by requests",
 
 
 class _Gauges:
-    """kiln_<stat> gauges in Triton's Prometheus metrics, set from the engine thread."""
+    """kiln_<stat> gauges in Triton's Prometheus metrics (each change one IPC to Triton)."""
 
     def __init__(self, model_name: str) -> None:
         self.values: dict[str, float] = {}

@@ -118,25 +118,27 @@ class Speculator:
                 if request_id not in running:
                     self.draft.release(request_id)
 
+    def _speculating(self, r: Request) -> bool:
+        """r asks for drafts and adaptive speculation does not pause it."""
+        return (r.params.num_speculative_tokens != 0 and self.eligible(r) and
+                (not self.config.adaptive or r.num_output_tokens >= r.spec_resume_at))
+
     def will_propose(self, r: Request) -> bool:
-        """Whether r proposes drafts once its last token is on the host: not while the
-        next step is in flight (overlap), nor while adaptive speculation pauses it."""
-        return (r.token_ids[-1] != PLACEHOLDER and self.eligible(r) and
-                (not self.config.adaptive or r.num_output_tokens >= r.spec_resume_at) and
-                r.params.num_speculative_tokens != 0)
+        """Whether r proposes drafts now: speculating, and its last token on the host (not
+        the placeholder of a next step in flight, with overlap)."""
+        return r.token_ids[-1] != PLACEHOLDER and self._speculating(r)
 
     def wants_host_tokens(self) -> bool:
-        """A running request would propose drafts: the engine applies the step in flight
-        before it schedules the next (no overlap for that step)."""
-        running = self.engine.scheduler.running
-        return any(r.spec_token_ids for r in running) or any(
-            self.eligible(r) and r.params.num_speculative_tokens != 0 and
-            (not self.config.adaptive or r.num_output_tokens >= r.spec_resume_at)
-            for r in running)
+        """A running request has drafts or would propose some: the engine applies the step
+        in flight before it schedules the next (no overlap for that step)."""
+        return any(r.spec_token_ids or self._speculating(r)
+                   for r in self.engine.scheduler.running)
 
     def _record(self, r: Request, gained: bool) -> None:
         """Adaptive speculation: count a miss (pausing the request after a few in a row,
         for longer each time) or reset the count after a step that kept a draft."""
+        if not self.config.adaptive:
+            return
         if not gained:
             r.spec_misses += 1
             if r.spec_misses >= MISSES_BEFORE_PAUSE:
@@ -165,7 +167,7 @@ class Speculator:
         for r, k in zip(wanted, ks):
             r.spec_token_ids = ngram_propose(r.token_ids, k, c.prompt_lookup_min,
                                              c.prompt_lookup_max)
-            if not r.spec_token_ids and c.adaptive:
+            if not r.spec_token_ids:
                 self._record(r, False)  # nothing to copy here: look again later
 
     def reset_stats(self) -> None:
