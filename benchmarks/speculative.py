@@ -9,14 +9,15 @@ batch 1 and batch 8: tok/s
 without speculation and with n-gram proposals for several k, the acceptance, and whether
 the text is identical to plain decoding.
 
-overhead: a Llama-3.1-8B-shape target and a Llama-3.2-1B-shape draft, random weights (so
-acceptance means nothing). Measured: one plain decode step (a graph replay), one verify
-step with k = 1..8 drafts (a graph replay) and one draft decode step, at batch 1; end to
-end, plain decoding against speculation whose every draft is rejected (a proposer of
-random tokens: the cost of the machinery) and against the 1B draft model. From the step
-times, the speedup model: with acceptance a per draft, a verify step emits
-(1 - a^(k+1)) / (1 - a) tokens on average and costs T_verify(k) (+ k T_draft for a draft
-model), against T_plain per token without speculation.
+overhead: a Llama-3.1-8B-shape target and a Llama-3.2-1B-shape draft (or --target /
+--draft presets), random weights (so acceptance means nothing). Measured: one plain
+decode step (a graph replay), one verify step with k = 1..8 drafts (a graph replay) and
+one draft decode step, at batch 1; end to end, plain decoding against speculation whose
+every draft is rejected (a proposer of random tokens: the cost of the machinery) and
+against the 1B draft model. From the step times, the speedup model: with acceptance a
+per draft, a verify step emits (1 - a^(k+1)) / (1 - a) tokens on average and costs
+T_verify(k) (+ k T_draft for a draft model), against T_plain per token without
+speculation.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise SystemExit("overhead needs a CUDA GPU (graph replays)")
-    target_dir = _random_engine("llama-3.1-8b")
-    draft_dir = _random_engine("llama-3.2-1b")
+    target_dir = _random_engine(args.target)
+    draft_dir = _random_engine(args.draft)
     common = dict(device="cuda", max_batch_size=8, num_kv_blocks=args.kv_blocks)
     plain = LLMEngine(target_dir, RuntimeConfig(**common))
     block = plain.runner.block_size
@@ -201,8 +202,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     result["step_ms"] = {"plain": t_plain, "draft_1b": t_draft,
                          "verify": {str(k): v for k, v in t_verify.items()}}
     rows = [[k, f"{t_verify[k]:.3f}", f"{t_verify[k] / t_plain:.2f}"] for k in t_verify]
-    print(f"Llama-3.1-8B shape (random, bf16) on {result['device']}, batch 1, context "
-          f"{context}: plain step {t_plain:.3f} ms, 1B draft step {t_draft:.3f} ms")
+    print(f"{args.target} shape (random, bf16) on {result['device']}, batch 1, context "
+          f"{context}: plain step {t_plain:.3f} ms, {args.draft} draft step {t_draft:.3f} ms")
     print(format_table(["k", "verify ms", "x plain"], rows))
     # The speedup model.
     model_rows, result["speedup_model"] = [], []
@@ -216,7 +217,9 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
                                             "speedup_1b_draft": with_draft})
             model_rows.append([a, k, f"{emitted:.2f}", f"{free:.2f}x", f"{with_draft:.2f}x"])
     print(format_table(["acceptance", "k", "tokens/step", "speedup (n-gram)",
-                        "speedup (1B draft)"], model_rows))
+                        "speedup (draft)"], model_rows))
+    if args.steps_only:
+        return result
     # End to end at zero acceptance.
     prompts = [[random.Random(i).randrange(1000, 100000) for _ in range(args.input_len)]
                for i in range(args.num_prompts)]
@@ -253,7 +256,7 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         "method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k}))
     _run(with_draft, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)
     _, seconds = _run(with_draft, prompts, params, 1)
-    e2e[f"1B draft model k={k} (random: ~0 acceptance)"] = tokens / seconds
+    e2e[f"{args.draft} draft model k={k} (random: ~0 acceptance)"] = tokens / seconds
     result["e2e_tok_s"] = e2e
     result["acceptance_random_drafts"] = acceptance_rejected
     print(format_table(["end to end, batch 1", "tok/s", "x plain"],
@@ -283,6 +286,10 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--e2e-k", type=int, default=4)
     p.add_argument("--kv-blocks", type=int, default=2048)
+    p.add_argument("--target", default="llama-3.1-8b", help="random-weight preset")
+    p.add_argument("--draft", default="llama-3.2-1b", help="random-weight preset")
+    p.add_argument("--steps-only", action="store_true",
+                   help="graph-replay step times and the speedup model, no end-to-end runs")
     for p in sub.choices.values():
         p.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args()
