@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_suite.sh [tests] [kernels] [latency] [throughput] [hf] [serving]
 # A stage prefixed "fp8:" runs with FP8 weights and an FP8 KV cache (e.g. fp8:latency-b1),
 # "fp8w:" with FP8 weights only, "kv8:" with an FP8 KV cache only, "tp2:" on two GPUs
-# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs),
+# ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs, "pp2:"
+# two pipeline stages), NUM_REQUESTS the request count of throughput-1k (default 1000),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
 # "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
 # "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to the
@@ -32,6 +33,7 @@ for spec in $stages; do
     int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
     int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
     sq8:*) Q="$Q --quantization int8_sq --kv-cache-dtype int8"; tag="-sq8"; stage=${spec#sq8:} ;;
+    pp2:*) Q="$Q --pp-size 2"; tag="-pp2"; stage=${spec#pp2:} ;;
     tp2nccl:*) Q="$Q --tp-size 2 --no-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;
     fp8tp2:*) Q="$Q --quantization fp8 --kv-cache-dtype fp8 --tp-size 2"; tag="-fp8tp2"; stage=${spec#fp8tp2:} ;;
     sinks:*) Q="$Q --attention-sinks 4 --attention-window 1024"; tag="-sinks"; stage=${spec#sinks:} ;;
@@ -98,7 +100,7 @@ for spec in $stages; do
     throughput-64) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
-             --input-len 1000 --output-len 1000 --num-requests 1000 $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
+             --input-len 1000 --output-len 1000 --num-requests ${NUM_REQUESTS:-1000} $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
     throughput-1k-noevict) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 1000 --output-len 1000 --num-requests 1000 $Q \
              --scheduler-policy guaranteed_no_evict --out "$OUT/tput-1k-noevict$tag.json" 2>&1 | tail -8 ;;

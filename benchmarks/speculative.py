@@ -221,7 +221,8 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps_only:
         return result
     # End to end at zero acceptance.
-    prompts = [[random.Random(i).randrange(1000, 100000) for _ in range(args.input_len)]
+    vocab = plain.config.model.vocab_size
+    prompts = [[random.Random(i).randrange(vocab // 50, vocab) for _ in range(args.input_len)]
                for i in range(args.num_prompts)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     _run(plain, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)
@@ -254,9 +255,21 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
     with_draft = LLMEngine(target_dir, RuntimeConfig(**common, speculative_config={
         "method": "draft_model", "model": str(draft_dir), "num_speculative_tokens": k}))
-    _run(with_draft, prompts[:1], SamplingParams(max_tokens=8, temperature=0), 1)
+    _run(with_draft, prompts, params, 1)  # warm up: every catch-up length compiled
+    with_draft.speculator.reset_stats()
+    draft = with_draft.speculator.draft
+    draft.num_graph_forwards = draft.num_eager_forwards = 0
+    draft.propose_seconds = 0.0
     _, seconds = _run(with_draft, prompts, params, 1)
     e2e[f"{args.draft} draft model k={k} (random: ~0 acceptance)"] = tokens / seconds
+    result["draft_model_run"] = {
+        "seconds": seconds, "verify_steps": with_draft.speculator.num_verify_steps,
+        "acceptance": with_draft.stats()["spec_acceptance_rate"],
+        "graph_forwards": draft.num_graph_forwards, "eager_forwards": draft.num_eager_forwards,
+        "propose_seconds": draft.propose_seconds}
+    print("draft model run:", ", ".join(f"{key} {value:.4g}" if isinstance(value, float)
+                                        else f"{key} {value}"
+                                        for key, value in result["draft_model_run"].items()))
     result["e2e_tok_s"] = e2e
     result["acceptance_random_drafts"] = acceptance_rejected
     print(format_table(["end to end, batch 1", "tok/s", "x plain"],

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=16384)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
+    p.add_argument("--pp-size", type=int, default=1,
+                   help="pipeline-parallel stages (x --tp-size GPUs in all)")
     p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                    default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
                    "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
@@ -69,7 +71,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     build_cfg = build_config_from_args(args, max_batch_size=args.max_batch_size,
                                        max_seq_len=args.max_seq_len or max(max_seq_len, 256),
                                        max_num_tokens=args.max_num_tokens,
-                                       tp_size=args.tp_size)
+                                       tp_size=args.tp_size, pp_size=args.pp_size)
     if args.random_config:
         from kiln.build import build
         from kiln.checkpoint.random import RandomCheckpoint
@@ -80,6 +82,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         quant += f"-g{build_cfg.group_size}" if build_cfg.group_size else ""
         kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
         tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
+        tp += f"-pp{args.pp_size}" if args.pp_size > 1 else ""
         engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
                                                 f"{quant}{kv}{tp}-{build_cfg.max_seq_len}")
         if not (engine_dir / "engine.json").exists():
@@ -277,7 +280,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
         "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,
-        "tp_size": engine.config.build.tp_size,
+        "tp_size": engine.config.build.tp_size, "pp_size": engine.config.build.pp_size,
         "custom_all_reduce": engine.custom_all_reduce,
         "kv_cache": {"dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
                      "blocks": engine.kv.num_blocks,

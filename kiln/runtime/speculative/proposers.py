@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -86,6 +87,10 @@ class DraftModel:
         self.vocab_size = draft.model.vocab_size
         self.engine = engine
         self.shadows: dict[str, Request] = {}
+        # What the draft costs (benchmarks/speculative.py reads them): forwards replayed
+        # from a decode graph or run eagerly, and the host's seconds in propose().
+        self.num_graph_forwards = self.num_eager_forwards = 0
+        self.propose_seconds = 0.0
 
     def kv_bytes_per_token(self) -> float:
         return self.runner.kv_bytes_per_block() / self.runner.block_size
@@ -112,6 +117,7 @@ class DraftModel:
         """Set spec_token_ids (and spec_draft_probs for sampled requests) of each request."""
         from kiln.runtime.scheduler import ScheduledRequest, SchedulerOutput
 
+        started = time.perf_counter()
         active, budgets = [], []
         for r, k in zip(requests, ks):
             shadow = self.shadows.get(r.request_id)
@@ -148,7 +154,9 @@ class DraftModel:
             if meta.max_query_len == 1 and graphs is not None and \
                     graphs.can_run(len(entries), meta.block_tables.shape[1]):
                 logits = graphs.run(ids, positions, meta).float()
+                self.num_graph_forwards += 1
             else:
+                self.num_eager_forwards += 1
                 hidden = self.runner._forward(ids, positions, meta)
                 logits = self.runner.model.compute_logits(hidden[logits_indices]).float()
             requests_i = [active[j][0] for j in rows]
@@ -164,6 +172,7 @@ class DraftModel:
             r.spec_token_ids = drafts[j]
             r.spec_draft_probs = torch.stack(probs[j]) if probs[j] and \
                 not r.params.greedy else None
+        self.propose_seconds += time.perf_counter() - started
 
 
 def _draft_sample(logits: torch.Tensor, requests: list[Request], offsets: list[int]
