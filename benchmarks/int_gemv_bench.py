@@ -2,7 +2,8 @@
 GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
 second; each shape with the kernel before the K-major 4-bit storage ("old", its default
 launch, benchmarks/int_gemv_legacy.py), kiln's own choice ("auto") and a small grid of
-launch configs (block_n, block_k, split_k (0: kiln's rule), warps, stages).
+launch configs (block_n, block_k, split_k (0: kiln's rule), warps, stages); and kiln's
+choice for 2 and 4 rows of x against cuBLAS.
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -95,22 +96,33 @@ def main() -> None:
                     continue
                 record(name, N, K, kind, cfg, us, nbytes, err)
             os.environ.pop("KILN_INT_GEMV1", None)
+            for rows in (2, 4):  # a few rows of x (small batches, speculation)
+                xr = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+                want_r = xr.float() @ dequantize_int_weight(weight, scale, offset).T
+                fn = lambda: int_gemm.int_weight_linear(xr, weight, scale, offset)  # noqa: B023, E731
+                err = ((fn().float() - want_r).norm() / want_r.norm()).item()
+                record(name, N, K, kind, f"auto-M{rows}", timed(fn), nbytes, err)
+                if bits == 4:
+                    w_r = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                    record(name, N, K, "bf16", f"cublas-M{rows}",
+                           timed(lambda: xr @ w_r.T), N * K * 2)  # noqa: B023
     with open(out_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
     best, per_layer = {}, {}
     for r in results:
         key = (r["shape"], r["kind"])
-        if r["config"] not in ("old", "cublas") and (key not in best or r["us"] < best[key]["us"]):
+        one_row = r["config"] not in ("old", "cublas") and "-M" not in r["config"]
+        if one_row and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-        if r["config"] in ("old", "auto", "cublas"):
+        if r["config"].split("-")[0] in ("old", "auto", "cublas"):
             k = (r["kind"], r["config"])
             per_layer[k] = per_layer.get(k, 0.0) + r["us"]
     print("\nbest new config per shape:")
     for (shape, kind), r in best.items():
         print(f"{shape:8s} {kind:5s} {r['config']:14s} {r['us']:8.1f} us {r['gbps']:7.0f} GB/s")
-    print("\nper layer (qkv + o + gate_up + down), us:")
+    print("\nper layer (qkv + o + gate_up + down), us (-M2 / -M4: 2 / 4 rows of x):")
     for (kind, cfg), us in per_layer.items():
-        print(f"{kind:5s} {cfg:7s} {us:8.1f}")
+        print(f"{kind:5s} {cfg:9s} {us:8.1f}")
 
 
 if __name__ == "__main__":

@@ -158,18 +158,15 @@ def test_compiles_for_hopper() -> None:
                       "stride_wn": K * bits // 8, "stride_sn": K // 128, "stride_om": N}
             if gemv:
                 assert cfg.split_k > 1  # a few programs per SM at N = 4096
-                meta.update(ATOMIC=True, EVEN_K=True, EVEN_N=True, G=128)
-                for key in ("G", "K_PER_SPLIT") + (("M", "stride_xm", "stride_om")
-                                                   if M == 1 else ()):
+                meta.update(ATOMIC=True, EVEN_K=True, EVEN_N=True, G=128,
+                            ROWS=triton.next_power_of_2(M))
+                for key in ("G", "K_PER_SPLIT"):
                     values.pop(key)
                 values.update(w_ptr="*i32", stride_wn=K * bits // 32)
                 meta.pop("GROUP_TILE")
                 values["B_PER_SPLIT"] = int_gemm.split_length(
                     K, cfg.split_k, cfg.block_k) // int_gemv.block_inputs(bits)
-                kernel = int_gemv._gemv1_kernel
-                if M > 1:
-                    meta.update(ROWS=triton.next_power_of_2(M))
-                    kernel = int_gemv._gemv_rows_kernel
+                kernel = int_gemv._int_gemv_kernel
             else:
                 meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False)
                 kernel = int_gemm._gemm_kernel
@@ -212,7 +209,7 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
     from kiln.kernels import int_gemm
 
     weight, scale, offset = _weight(N, K, bits, group, "cuda")
-    for M in (1, 2, 5, 8, 16, 33, 64, 300):
+    for M in (1, 2, 3, 4, 5, 8, 16, 33, 64, 300):
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(M, K, device="cuda").to(dtype)
             bias = torch.randn(N, device="cuda").to(dtype) if M % 2 else None

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_gemv import block_inputs, launch_gemv1
+from kiln.kernels.int_gemv import block_inputs, launch_gemv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
@@ -189,15 +189,13 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 4
     (benchmarks; split_k 0 keeps the rule)."""
     if M <= GEMV_ROWS:
         # int_gemv (one row: 8 weight rows a thread share their activations): 2.8 / 4.1
-        # SASS instructions a weight at one row, 5.2 / 6.5 at two, 8.5 / 9.9 at four
+        # SASS instructions a weight at one row, 5.1 / 7.3 at two, 9.0 / 12.0 at four
         # (int4 / int8, no spills: benchmarks/int_gemv_sass.py); K splits for about 3
-        # programs per SM (~160-240 registers a thread).
+        # programs per SM (~130-240 registers a thread).
         if M == 1:
             block_n, block_k = 64, 512 if bits == 4 else 256
-        elif M == 2:
-            block_n, block_k = 64 if bits == 4 else 32, 256
         else:
-            block_n, block_k = 32 if bits == 4 else 16, 256
+            block_n, block_k = 64 if bits == 4 else 32, 256
         split, warps, stages = 0, 4, 3
         override = os.environ.get("KILN_INT_GEMV1")  # split 0: the default's rule
         if override:
@@ -256,13 +254,14 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
         weight.storage_offset() % 4 == 0
     kb = block_inputs(bits)
-    if cfg.block_m == 0 and words and K % kb == 0 and G % kb == 0 and block_k % kb == 0:
+    if cfg.block_m == 0 and M <= GEMV_ROWS and words and K % kb == 0 and G % kb == 0 and \
+            block_k % kb == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
         atomic = k_per_split < K
         out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
             torch.empty(M, N, dtype=x.dtype, device=x.device)
-        launch_gemv1(x, weight, scale, offset, bias, out, N, K, G, bits, cfg.block_n,
-                     block_k, k_per_split, cfg.num_warps, cfg.num_stages)
+        launch_gemv(x, weight, scale, offset, bias, out, N, K, G, bits, cfg.block_n,
+                    block_k, k_per_split, cfg.num_warps, cfg.num_stages)
         return out.to(x.dtype) if atomic else out
     if cfg.block_m == 0:
         if config is None:
