@@ -1,4 +1,4 @@
-"""Instructions per weight in the main loop of the one-row integer GEMV, without a GPU.
+"""Instructions per weight in the main loop of the decode integer GEMV, without a GPU.
 
     python benchmarks/int_gemv_sass.py [--out int_gemv_sass.json]
 
@@ -59,7 +59,7 @@ def main() -> None:
         for bits in (4, 8):
             cfg = int_gemm.int_gemm_config(m, 4096, K, cpu, bits)
             rows.append(per_weight(bits, cfg.block_n, cfg.block_k, rows=m))
-    print(f"one-row GEMV, K {K}, sm_90 (default tiles: int4 {default[4].block_n}x"
+    print(f"int_gemv, K {K}, sm_90 (default one-row tiles: int4 {default[4].block_n}x"
           f"{default[4].block_k}, int8 {default[8].block_n}x{default[8].block_k})")
     print(f"{'int':>4}{'x rows':>7}{'tile':>10}{'per weight':>12}{'regs':>6}{'stack':>6}  "
           "most frequent (per weight)")
