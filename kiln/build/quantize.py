@@ -15,7 +15,6 @@ from kiln.checkpoint import Checkpoint
 from kiln.config import BuildConfig, ModelConfig
 from kiln.distributed import Mapping
 from kiln.errors import BuildError
-from kiln.kernels.reference import INT4_BLOCK
 from kiln.layers.quantization import QuantConfig
 from kiln.layers.weight_only import INT4_DEFAULT_GROUP
 
@@ -124,10 +123,6 @@ def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) ->
               "attention output (o_proj input)": cfg.q_size // tp_size,
               "intermediate size (down_proj input)": cfg.intermediate_size // tp_size}
     for what, size in inputs.items():
-        if four and size % INT4_BLOCK:
-            raise BuildError(f"4-bit weights need input sizes that are multiples of "
-                             f"{INT4_BLOCK}; the model's {what} is {size}"
-                             f"{' per rank' if tp_size > 1 else ''}")
         if size % group:
             fits = [g for g in (256, 128, 64, 32, 16)
                     if all(s % g == 0 for s in inputs.values())]

@@ -100,33 +100,20 @@ def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], nu
 
 
 def main_loop_sass(fn: Any, values: dict[str, Any], constexprs: dict[str, Any],
-                   num_warps: int, num_stages: int = 2, usage: dict | None = None,
-                   op: str | None = None) -> collections.Counter:
+                   num_warps: int, num_stages: int = 2) -> collections.Counter:
     """The SASS opcodes of the kernel's main loop (the longest backward branch), counted:
     for a kernel bound by instruction issue rather than memory (the one-row integer GEMV),
-    instructions per weight is what to drive down, and it can be counted without a GPU.
-    usage: filled with the kernel's registers and stack bytes. op: the loop with the most
-    of this opcode instead (a kernel with more than one loop)."""
-    kernel = _compile(fn, values, constexprs, num_warps, num_stages)
-    sass = _cuobjdump(kernel, "-sass")
-    if usage is not None:
-        found = re.search(r"REG:(\d+) STACK:(\d+)", _cuobjdump(kernel, "--dump-resource-usage"))
-        usage.update(registers=int(found[1]), stack_bytes=int(found[2]))
+    instructions per weight is what to drive down, and it can be counted without a GPU."""
+    sass = _cuobjdump(_compile(fn, values, constexprs, num_warps, num_stages), "-sass")
     lines = [(int(m[1], 16), m[2]) for m in
              re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
-    loops = []
+    loop = None
     for addr, text in lines:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if target and int(target[1], 16) < addr:
-            loops.append((int(target[1], 16), addr))
-    assert loops, "no loop in the kernel"
-
-    def weight(loop: tuple[int, int]) -> int:
-        if op is None:
-            return loop[1] - loop[0]
-        return sum(1 for a, t in lines if loop[0] <= a <= loop[1] and re.search(rf"\b{op}\b", t))
-
-    loop = max(loops, key=weight)
+        if target and int(target[1], 16) < addr and \
+                (loop is None or addr - int(target[1], 16) > loop[1] - loop[0]):
+            loop = (int(target[1], 16), addr)
+    assert loop is not None, "no loop in the kernel"
     return collections.Counter(
         re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
         for addr, text in lines if loop[0] <= addr <= loop[1])

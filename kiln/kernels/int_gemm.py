@@ -3,17 +3,13 @@
     y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]),  w[n, k] = q[n, k] * s[n, g] + o[n, g]
 
 with g = k // G (see kiln.kernels.reference for the storage: int8 [N, K], or two 4-bit
-values a byte in uint8 [N, K // 2], interleaved in blocks of 32 inputs by pack_int4;
-float32 scales and optional offsets [N, K // G]). Each tile of w is dequantized in
-float32 (as the reference does), cast to x's dtype, and multiplied with float32
-accumulation, so the result is the float GEMM of the dequantized weight up to the order
-of the sums.
+values a byte in uint8 [N, K // 2], even k in the low nibble; float32 scales and
+optional offsets [N, K // G]). Each tile of w is dequantized in float32 (as the reference
+does), cast to x's dtype, and multiplied with float32 accumulation, so the result is the
+float GEMM of the dequantized weight up to the order of the sums.
 
-Three kernels, picked by the number of rows M:
-* M <= GEMV_ROWS (4; decode): kiln.kernels.int_gemv, split-K, about two instructions a
-  weight at one row (one LOP3, one FFMA), the activations' work shared by the weight
-  rows of a thread; where K or the group size is not a multiple of its blocks (32
-  inputs; int8: 16), _gemv_kernel, split-K. Program (n block, k split) reads a
+Two kernels, picked by the number of rows M:
+* M <= GEMV_ROWS (4; decode): _gemv_kernel, split-K. Program (n block, k split) reads a
   BLOCK_N x K/SPLIT_K slab of the weight once, and multiplies it with all M rows on the
   CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
   into a float32 buffer with atomics. Decode is bound by reading the weight, so what
@@ -21,9 +17,7 @@ Three kernels, picked by the number of rows M:
   programs per SM even when N is small.
 * larger M (prefill): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K step dequantizes a
   [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot.
-4-bit tiles are unpacked in storage order and permuted back to k order in registers (a
-layout change the compiler folds into the tile's way to the MMA), so x is loaded as is.
-All are CUDA-graph safe: launches depend only on shapes.
+Both are CUDA-graph safe: launches depend only on shapes.
 """
 
 from __future__ import annotations
@@ -34,8 +28,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from kiln.kernels.int_gemv import block_inputs, launch_gemv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
@@ -54,16 +46,14 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
     rows = offs_n.to(tl.int64)[:, None]
     # Integers to float32 without the quarter-rate conversion instructions: a value
     # u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly.
-    if BITS == 4:  # pack_int4's blocks: byte 4j + m of a block holds k = 8m + 4h + j
+    if BITS == 4:
         offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
                          mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
         packed = packed.to(tl.int32)
         low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        q = tl.join(low, high)  # [BLOCK_N, BLOCK_K // 2, h]: block, j, m, h
-        q = tl.reshape(q, (low.shape[0], BLOCK_K // 32, 4, 4, 2))
-        q = tl.reshape(tl.permute(q, (0, 1, 3, 4, 2)), (low.shape[0], BLOCK_K))  # k order
+        q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
     else:  # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
         q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0)
@@ -125,6 +115,82 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_SPLIT,
+                  stride_wn, stride_sn,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
+                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False):
+    """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
+
+    The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
+    words): word j of a row holds k = PER j .. PER j + PER - 1 (PER = 8 nibbles or 4
+    bytes, the lowest bits first). Each value becomes a float with integer ops only, as
+    the mantissa of 2^23: float(bits(2^23) | u) - 2^23 = u exactly (int8 goes through
+    u = q + 128); so the loop is shifts, masks and FMAs, no quarter-rate int -> float
+    conversions, and the weight is not rounded to x's dtype (the dequantized value in
+    float32, as the tests bound it). A K step spans GROUPS whole quantization groups (1
+    when it lies in one): tiles are [BLOCK_N, GROUPS, words per group], so each row loads
+    one scale (and offset) per group and step. Products accumulate elementwise in float32
+    registers over the whole K loop and are summed once at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
+    WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N)[:, None, None]
+    rows = offs_n.to(tl.int64)[:, None, None]
+    s_rows = rows * stride_sn
+    g = tl.arange(0, GROUPS)[None, :, None]
+    word = g * WPG + tl.arange(0, WPG)[None, None, :]  # [1, GROUPS, WPG] in the step
+    acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+    # The loop runs over words (W_PER_SPLIT words a split, specialized as a multiple of
+    # 16): the compiler then knows where rows' words are 16-byte aligned.
+    w_start = pid_k * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, K // PER)
+    k_end = w_end * PER
+    for w0 in range(w_start, w_end, BLOCK_K // PER):
+        k = w0 * PER
+        kw = k + PER * word  # the first k of each word
+        if EVEN_K:  # every step whole: masks only on rows, so loads can be vectors
+            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n, other=0)
+            mask_g = mask_n & (g < GROUPS)
+            mask_w = word >= 0  # unused
+        else:
+            mask_w = kw < k_end
+            mask_g = mask_n & (k + g * (WPG * PER) < k_end)
+            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w,
+                            other=0)
+        group = k // G + g  # [1, GROUPS, 1]
+        scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
+        for i in tl.static_range(PER):
+            u = (words >> (BITS * i)) & MASK
+            if BITS == 8:
+                u = u ^ 0x80
+            q = (u | 0x4B000000).to(tl.float32, bitcast=True) - BIAS
+            w = q * scale
+            if HAS_OFFSET:
+                w = w + offset
+            if EVEN_K:
+                xi = tl.load(x_ptr + kw + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptr + kw + i, mask=mask_w, other=0.0).to(tl.float32)
+            acc += w * xi
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, 1.0, 0.0) * bias
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs, y, mask=offs < N, sem="relaxed")
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G,
                  stride_xm, stride_wn, stride_sn, stride_om,
@@ -181,44 +247,31 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 4
-                    ) -> IntGemmConfig:
+def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product. First choices, not yet tuned on a GPU
-    (benchmarks/gpu_suite.sh measures the decode rows that depend on them); up to
-    GEMV_ROWS rows: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages" overrides
-    (benchmarks; split_k 0 keeps the rule)."""
-    if M <= GEMV_ROWS:
-        # int_gemv (one row: 8 weight rows a thread share their activations): 2.8 / 4.1
-        # SASS instructions a weight at one row, 5.1 / 7.3 at two, 9.0 / 12.0 at four
-        # (int4 / int8, no spills: benchmarks/int_gemv_sass.py); K splits for about 3
-        # programs per SM (~130-240 registers a thread).
-        if M == 1:
-            block_n, block_k = 64, 512 if bits == 4 else 256
-        else:
-            block_n, block_k = 64 if bits == 4 else 32, 256
-        split, warps, stages = 0, 4, 3
-        override = os.environ.get("KILN_INT_GEMV1")  # split 0: the default's rule
+    (benchmarks/gpu_suite.sh measures the decode rows that depend on them); one row:
+    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages" overrides (benchmarks)."""
+    if M == 1:
+        override = os.environ.get("KILN_INT_GEMV1")
         if override:
-            block_n, block_k, split, warps, stages = (int(v) for v in override.split(","))
-        block_k = min(block_k, max(32, triton.next_power_of_2(K)))
-        if not split:
-            split = triton.cdiv(3 * _num_sms(device), triton.cdiv(N, block_n))
-            split = max(1, min(split, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, warps, stages, split_k=split)
+            bn, bk, split, warps, stages = (int(v) for v in override.split(","))
+            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split)
+        # Measured on an H200 at Llama-3.1-8B shapes (benchmarks/int_gemv_bench.py): 4 K
+        # splits and wide K steps (256 keeps int4 free of spills at 32 rows).
+        block_n, block_k = 32, 256
+        split = max(1, min(4, triton.cdiv(K, block_k)))
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
+    if M <= GEMV_ROWS:
+        # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
+        block_n, block_k = (64, 128) if M <= 2 else (32, 64)
+        blocks_n = triton.cdiv(N, block_n)
+        k_steps = triton.cdiv(K, block_k)
+        # about 4 programs per SM, each at least 2 K steps deep
+        split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
     if M <= 64:
         return IntGemmConfig(32 if M <= 32 else 64, 64, 64, 4, 4)
     return IntGemmConfig(128, 128, 64, 8, 3)
-
-
-def _broadcast_gemv_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConfig:
-    """_gemv_kernel's launch (shapes int_gemv does not take: K or G not a multiple of its
-    blocks); the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K."""
-    block_n, block_k = (64, 128) if M <= 2 else (32, 64)
-    blocks_n = triton.cdiv(N, block_n)
-    k_steps = triton.cdiv(K, block_k)
-    # about 4 programs per SM, each at least 2 K steps deep
-    split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
-    return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
 
 
 def split_length(K: int, split_k: int, block_k: int) -> int:
@@ -238,10 +291,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return torch.empty(M, N, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cfg = config or int_gemm_config(M, N, K, x.device, bits)
+    cfg = config or int_gemm_config(M, N, K, x.device)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    if cfg.block_m and G % block_k and G >= (32 if bits == 4 else 16) \
-            and G & (G - 1) == 0:
+    if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
         # tl.dot tiles: one scale per row and K step, not [BLOCK_N, BLOCK_K] scale and
         # offset tiles in every pipeline stage (past Hopper's shared memory in float32)
         block_k = G
@@ -253,21 +305,23 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     b = bias if bias is not None else scale
     words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
         weight.storage_offset() % 4 == 0
-    kb = block_inputs(bits)
-    if cfg.block_m == 0 and M <= GEMV_ROWS and words and K % kb == 0 and G % kb == 0 and \
-            block_k % kb == 0:
+    per = 32 // bits
+    # a K step in one group, or over whole groups of whole words
+    groups = 1 if G % block_k == 0 else block_k // G \
+        if block_k % G == 0 and G % per == 0 else 0
+    if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0 and groups:
         k_per_split = split_length(K, cfg.split_k, block_k)
-        atomic = k_per_split < K
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty(M, N, dtype=x.dtype, device=x.device)
-        launch_gemv(x, weight, scale, offset, bias, out, N, K, G, bits, cfg.block_n,
-                    block_k, k_per_split, cfg.num_warps, cfg.num_stages)
-        return out.to(x.dtype) if atomic else out
+        splits = triton.cdiv(K, k_per_split)
+        atomic = splits > 1
+        out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty(N, dtype=x.dtype, device=x.device)
+        _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
+            x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split // per,
+            weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, GROUPS=groups,
+            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
+            **{k: v for k, v in common.items() if k != "GROUP_TILE"})
+        return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:
-        if config is None:
-            cfg = _broadcast_gemv_config(M, N, K, x.device)
-            block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-            common.update(BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_TILE=G % block_k == 0)
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         atomic = splits > 1

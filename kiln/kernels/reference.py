@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from kiln.kernels.reference_quant import (  # noqa: F401  (re-exported: ref.quantize_fp8, ...)
     FP8,
     FP8_MAX,
-    INT4_BLOCK,
     INT8_MAX,
     MIN_AMAX,
     FP8Act,

@@ -107,38 +107,21 @@ def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtyp
 
 # ---- integer weights, 16/32-bit activations (W8A16 / W4A16) ------------------------------
 # Storage of an [N, K] weight quantized in groups of G along K (G = K: per channel):
-#   weight  int8 [N, K] (8-bit values), or uint8 [N, K // 2] (4-bit values in 0..15,
-#           interleaved in blocks of 32 inputs: see pack_int4)
+#   weight  int8 [N, K] (8-bit values), or uint8 [N, K // 2] (4-bit values in 0..15, two a
+#           byte: even k in the low nibble, odd k in the high one)
 #   weight_scale  float32 [N, K // G];  weight_offset  float32 [N, K // G] (or none)
 #   w[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G], computed in float32.
 # A float scale and offset per group hold symmetric (offset none), integer-zero-point
 # (offset = -zero * scale) and GGUF's scale-and-minimum blocks (Q4_1, Q4_K, ...) exactly.
-INT4_BLOCK = 32  # inputs per interleaved block of the 4-bit storage (four 32-bit words)
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """[N, K] values 0..15 -> uint8 [N, K // 2], K a multiple of 32 (INT4_BLOCK).
-
-    The one owner of the 4-bit order (unpack_int4 inverts it). Each row is cut into
-    blocks of 32 inputs, 16 bytes read as four little-endian 32-bit words; nibble i (bits
-    4i..4i+3) of word j of block b holds k = 32 b + 4 i + j. So a 16-byte load of a block
-    gives, for each nibble position i, the four consecutive inputs 4i..4i+3, whose
-    activations are one contiguous vector shared by every row (kiln.kernels.int_gemv).
-    In bytes: byte 4 j + m of a block holds k = 32 b + 8 m + j (low nibble) and
-    k = 32 b + 8 m + 4 + j (high nibble)."""
-    n, k = q.shape
-    if k % INT4_BLOCK:
-        raise ValueError(f"4-bit storage needs a multiple of {INT4_BLOCK} inputs, not {k}")
-    blocks = q.to(torch.uint8).reshape(n, k // INT4_BLOCK, 8, 4).transpose(-1, -2)  # [j, i]
-    return (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).reshape(n, k // 2)
+    """[N, K] values 0..15 -> uint8 [N, K // 2], even k in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K // 2] -> uint8 [N, K] (the inverse of pack_int4)."""
-    n, half = packed.shape
-    b = packed.reshape(n, half // 16, 4, 4)  # [block, word j, byte m]
-    nibbles = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(n, half // 16, 4, 8)  # [j, i]
-    return nibbles.transpose(-1, -2).reshape(n, 2 * half)
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
 def dequantize_int_weight(weight: torch.Tensor, scale: torch.Tensor,

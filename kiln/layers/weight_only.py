@@ -1,10 +1,9 @@
 """Weight-only integer linear layers (W8A16, W4A16): the method and its quantizers.
 
 Storage (kiln.kernels.reference): `weight` int8 [out, in] or uint8 [out, in // 2] (two
-4-bit values a byte, interleaved in blocks of 32 inputs: pack_int4), `weight_scale`
-float32 [out, groups] and, for asymmetric formats, `weight_offset` float32 [out, groups];
-w = q * scale + offset per group of `group_size` inputs (group_size 0: one group per row,
-per channel). Activations stay 16/32-bit.
+4-bit values a byte), `weight_scale` float32 [out, groups] and, for asymmetric formats,
+`weight_offset` float32 [out, groups]; w = q * scale + offset per group of `group_size`
+inputs (group_size 0: one group per row, per channel). Activations stay 16/32-bit.
 
 Build-time quantizers (round to nearest):
 - int8_wo: symmetric, scale = max|w| / 127 per group (per channel by default).
@@ -17,13 +16,7 @@ from __future__ import annotations
 import torch
 
 from kiln import functional as KF
-from kiln.kernels.reference import (
-    INT4_BLOCK,
-    INT8_MAX,
-    MIN_AMAX,
-    dequantize_int_weight,
-    pack_int4,
-)
+from kiln.kernels.reference import INT8_MAX, MIN_AMAX, dequantize_int_weight, pack_int4
 from kiln.layers.linear import LinearBase
 from kiln.layers.quantization import LinearMethod, cpu_float_weight
 
@@ -79,9 +72,6 @@ class IntWeightMethod(LinearMethod):
             raise ValueError(f"group size {self.group_size} does not divide the layer's "
                              f"{layer.in_features} inputs")
         if self.bits == 4:
-            if layer.in_features % INT4_BLOCK:
-                raise ValueError(f"4-bit weights need a multiple of {INT4_BLOCK} inputs, not "
-                                 f"the layer's {layer.in_features}")
             layer.weight = layer.new_param(layer.out_features, layer.in_features // 2,
                                            dtype=torch.uint8)
         else:
