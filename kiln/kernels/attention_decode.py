@@ -10,13 +10,11 @@ scales included: each program loads its KV head's k_scale and v_scale).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.attention_fp8 import attend_tile_fp8, fp8_query
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -32,15 +30,6 @@ from kiln.kernels.paged import (
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
-# How decode reads an e4m3 cache (paged_attention_decode's e4m3_mode; default from
-# KILN_E4M3_DECODE, read at import): "old" as before (KILN_E4M3_NATIVE decides); "cvt" V
-# read as words and converted by the hardware in registers (exact, same values as "old");
-# "qk8" q . k on e4m3 tensor cores, q in two e4m3 parts (~bf16 precision), V as "cvt";
-# "qk8x1" q in one e4m3 part (FP8-attention style, 4 significant bits of q).
-E4M3_MODES = {"old": (False, 0), "cvt": (True, 0), "qk8": (True, 2), "qk8x1": (True, 1)}
-E4M3_DECODE = os.environ.get("KILN_E4M3_DECODE", "old")
-if E4M3_DECODE not in E4M3_MODES:
-    raise ValueError(f"KILN_E4M3_DECODE={E4M3_DECODE!r}: use one of {sorted(E4M3_MODES)}")
 
 
 @triton.jit
@@ -68,7 +57,6 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
-    CVT_WORDS: tl.constexpr = False, FP8_QK: tl.constexpr = 0,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -106,9 +94,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)
     KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
-    if FP8_QK:
-        q_hi, q_lo, c_hi, c_lo = fp8_query(q, qk_scale * tl.load(k_scale_ptr + kv_head), FP8_QK)
-    elif KV_QUANT:
+    if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
         qk_scale = qk_scale * kv_scale(k_cache_ptr, k_scale_ptr, kv_head, NATIVE_E4M3)
     q_pos = offs_g  # read by attend_tile for ALiBi only (decode needs no causal mask)
@@ -121,38 +107,23 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
-    if FP8_QK:  # e4m3 q . k (attention_fp8), scores transposed: m, l by key column
-        l_t = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-        for n0 in range(start, full_end, BLOCK_N):
-            acc, m_i, l_t = attend_tile_fp8(q_hi, q_lo, c_hi, c_lo, acc, m_i, l_t, k_cache_ptr,
-                                            v_cache_ptr, table_row, n0, end, kv_head,
-                                            stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                            HEAD_DIM, BLOCK_SIZE, False, FP8_QK)
-        if full_end < end:
-            acc, m_i, l_t = attend_tile_fp8(q_hi, q_lo, c_hi, c_lo, acc, m_i, l_t, k_cache_ptr,
-                                            v_cache_ptr, table_row, full_end, end, kv_head,
-                                            stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                            HEAD_DIM, BLOCK_SIZE, True, FP8_QK)
-        l_i = tl.sum(l_t, axis=0)
-    else:
-        for n0 in range(start, full_end, BLOCK_N):
-            acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                        n0, end, q_pos, kv_head, qk_scale,
-                                        stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                        HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
-                                        window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                        cos_sin_ptr, stride_cs, ROPE_K, CVT_WORDS)
-        if full_end < end:
-            acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
-                                        full_end, end, q_pos, kv_head, qk_scale,
-                                        stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
-                                        HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
-                                        window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                        cos_sin_ptr, stride_cs, ROPE_K, CVT_WORDS)
+    for n0 in range(start, full_end, BLOCK_N):
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    n0, end, q_pos, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
+    if full_end < end:
+        acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
+                                    full_end, end, q_pos, kv_head, qk_scale,
+                                    stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
+                                    HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
+                                    window, softcap, False, SOFTCAP, slopes, ALIBI,
+                                    cos_sin_ptr, stride_cs, ROPE_K)
     out = acc / l_i[:, None]
     if KV_QUANT:
-        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head,
-                             NATIVE_E4M3_V or CVT_WORDS or FP8_QK > 0)
+        out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
@@ -211,7 +182,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
-                  rope_k: bool = False, e4m3_mode: str = "old") -> tuple[int, int, int]:
+                  rope_k: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_stages, num_warps) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
@@ -225,12 +196,7 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     bytes a thread (compile_check), 64-key ones 8. int8: 64 keys, 4 warps. Two warps only
     for up to 16 query heads a KV head (a bigger accumulator spills) and keys rotated
     elsewhere (not attention sinks' in-kernel rotary).
-    e4m3_mode "qk8"/"qk8x1" (wgmma: 64 keys a warp of a warpgroup's 4): 128 keys, 4
-    warps (1.86-2.06 SASS instructions a KV byte in the loop vs 3.29 for "old", 139-145
-    registers; benchmarks/attn_decode_fp8.py times them); "cvt": "old"'s tiles.
     """
-    if cache_dtype == torch.float8_e4m3fn and e4m3_mode in ("qk8", "qk8x1"):
-        return 128, 2, 4
     if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128 and \
             block_g <= 16 and not rope_k:
         return 64, 2, 2
@@ -245,7 +211,6 @@ def paged_attention_decode(
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
-    e4m3_mode: str | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
@@ -260,9 +225,7 @@ def paged_attention_decode(
     block_n, num_stages and num_warps default to decode_config's choice for the cache
     dtype.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
-    65504 (see paged.kv_query). e4m3_mode (default KILN_E4M3_DECODE): see E4M3_MODES;
-    "qk8*" falls back to "cvt" with softcap, ALiBi, key_rotary or a float32 q, and both to
-    "old" when head_dim % 4 != 0 or the cache is not e4m3.
+    65504 (see paged.kv_query).
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -281,16 +244,8 @@ def paged_attention_decode(
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
-    mode = e4m3_mode or E4M3_DECODE
-    assert mode in E4M3_MODES, mode
-    if k_cache.dtype != torch.float8_e4m3fn or head_dim % 4:
-        mode = "old"
-    elif mode.startswith("qk8") and (softcap is not None or alibi_slopes is not None
-                                     or key_rotary is not None or q.dtype == torch.float32):
-        mode = "cvt"
-    cvt_words, fp8_qk = E4M3_MODES[mode]
     default_n, default_stages, default_warps = decode_config(k_cache.dtype, block_d, block_g,
-                                                             key_rotary is not None, mode)
+                                                             key_rotary is not None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     if num_splits > 1:
@@ -312,8 +267,8 @@ def paged_attention_decode(
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
-        ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, CVT_WORDS=cvt_words,
-        FP8_QK=fp8_qk, num_warps=num_warps, num_stages=num_stages,
+        ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

@@ -4,8 +4,7 @@ Llama-3.1-8B shapes on one GPU: prints a table and writes JSON.
     python -m kiln.kernels.bench [out.json] [--only attention] [--rep-ms 200]
 
 Attention and the KV-cache write also run with 1-byte KV caches (`kv=fp8`: e4m3fn,
-`kv=int8`, per-KV-head scales), timed without the reference and SDPA (see the bf16 rows);
-e4m3 decode once per attention_decode.E4M3_MODES (benchmarks/attn_decode_fp8.py: errors too).
+`kv=int8`, per-KV-head scales), timed without the reference and SDPA (see the bf16 rows).
 
 Times are medians from triton.testing.do_bench (CUDA events). GB/s counts the bytes a
 kernel must move at least (each input read once, each output written once); inputs
@@ -27,7 +26,7 @@ import triton
 from triton.testing import do_bench
 
 from kiln.kernels import reference as ref
-from kiln.kernels.attention_decode import E4M3_MODES, paged_attention_decode
+from kiln.kernels.attention_decode import paged_attention_decode
 from kiln.kernels.attention_prefill import paged_attention_prefill
 from kiln.kernels.rms_norm import add_rms_norm, rms_norm
 from kiln.kernels.rotary_kv import rotary_and_write_kv
@@ -123,8 +122,8 @@ def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
     cases = []
     scale = HEAD_DIM ** -0.5
     kv_token_bytes = 2 * KV_HEADS * HEAD_DIM * 2  # K and V, bf16 (1-byte caches: half)
-    for batch in (1, 16, 64, 256, 512):
-        for ctx in ((1024, 8192) if batch <= 64 else (1536,)):
+    for batch in (1, 16, 64):
+        for ctx in (1024, 8192):
             q, k_cache, v_cache, tables, starts = _paged([ctx] * batch, [1] * batch)
             lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             # SDPA over the same K/V laid out contiguously (no paging): [B, kv_heads, ctx, d]
@@ -142,15 +141,12 @@ def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
             for kv, dtype in QUANT_KV.items():
                 (k_q, k_scale), (v_q, v_scale) = _quantized(k_cache, dtype), _quantized(v_cache,
                                                                                         dtype)
-                # e4m3: each of attention_decode.E4M3_MODES (int8: one row)
-                for mode in E4M3_MODES if kv == "fp8" else [None]:
-                    cases.append((
-                        "decode_attention", f"B={batch} ctx={ctx} kv={kv}"
-                        + (f" {mode}" if mode else ""),
-                        partial(paged_attention_decode, q, k_q, v_q, tables, lens, scale,
-                                k_scale=k_scale, v_scale=v_scale, e4m3_mode=mode),
-                        None, None, batch * ctx * kv_token_bytes / 2,
-                        4 * batch * ctx * HEADS * HEAD_DIM))
+                cases.append((
+                    "decode_attention", f"B={batch} ctx={ctx} kv={kv}",
+                    partial(paged_attention_decode, q, k_q, v_q, tables, lens, scale,
+                            k_scale=k_scale, v_scale=v_scale),
+                    None, None, batch * ctx * kv_token_bytes / 2,
+                    4 * batch * ctx * HEADS * HEAD_DIM))
     for num_seqs, new, ctx in ((1, 4096, 4096), (8, 1024, 1024), (4, 512, 4096)):
         q, k_cache, v_cache, tables, starts = _paged([ctx] * num_seqs, [new] * num_seqs)
         qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")

@@ -210,13 +210,6 @@ def reports() -> list[CompileReport]:
         variant="sinks+fp8kv"))
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv"))
-    # the e4m3 modes (attention_decode.E4M3_MODES) at decode_config's tiles
-    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {
-        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32, "CVT_WORDS": True}, 2,
-        variant="fp8kv cvt"))
-    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {
-        **shape, "BLOCK_G": 16, "BLOCK_N": 128, "NUM_SPLITS": 32, "CVT_WORDS": True,
-        "FP8_QK": 2}, 4, variant="fp8kv qk8"))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.

@@ -26,8 +26,6 @@ if _E4M3_MODE not in ("0", "1", "k"):
                      "default), 0 (integer ops) or k (hardware for K, integer ops for V)")
 NATIVE_E4M3 = tl.constexpr(_E4M3_MODE in ("1", "k"))  # K (and anything else but V)
 NATIVE_E4M3_V = tl.constexpr(_E4M3_MODE == "1")
-# The interpreter runs no inline PTX: there the word path converts with .to() (exact too).
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -61,7 +59,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 DOT_PREC: tl.constexpr, window=0, softcap=0.0,
                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
                 slopes=0.0, ALIBI: tl.constexpr = False, cos_sin_ptr=None, stride_cs=0,
-                ROPE_K: tl.constexpr = False, CVT_WORDS: tl.constexpr = False):
+                ROPE_K: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -80,8 +78,6 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     A 16-bit cache compiles to the same code as before any of this.
     ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
     before rotary, and key n is rotated at position n here (rotate_key_tile).
-    CVT_WORDS (e4m3, head_dim % 4 == 0): V read as words and converted exactly by the
-    hardware in registers (load_kv_words with CVT), not as bytes after the layout change.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -129,9 +125,9 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if WORDS and (CVT_WORDS or not (FP8 and NATIVE_E4M3_V)):
+    if WORDS and not (FP8 and NATIVE_E4M3_V):
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
-                          HEAD_DIM, MASK, CVT_WORDS)
+                          HEAD_DIM, MASK)
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         if FP8:
@@ -199,30 +195,6 @@ def _e4m3_pairs(x):
 
 
 @triton.jit
-def _cvt_e4m3_words(w):
-    """int32 words of four e4m3 values (d = 4i .. 4i + 3) -> two uint32 words of float16
-    pairs, exactly: (4i, 4i + 1) and (4i + 2, 4i + 3), by the hardware conversion
-    (cvt.rn.f16x2.e4m3x2, sm_89+), written as PTX so that the compiler cannot move it
-    after the shared-memory round trip into the MMA layout (a plain .to() on a byte tile
-    is moved there and reads the bytes one load each)."""
-    if _INTERPRET:
-        b = w.to(tl.uint32, bitcast=True)
-        v = [_e4m3_bits((b >> (8 * j)) & 0xFF) for j in tl.static_range(4)]
-        return v[0] | (v[1] << 16), v[2] | (v[3] << 16)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.rn.f16x2.e4m3x2 $0, l; "
-        "cvt.rn.f16x2.e4m3x2 $1, h; }",
-        "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
-
-
-@triton.jit
-def _e4m3_bits(b):
-    """uint32 e4m3 byte b -> the uint32 float16 bits of its exact value."""
-    return (b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            .to(tl.uint16, bitcast=True).to(tl.uint32))
-
-
-@triton.jit
 def _half(x, HIGH: tl.constexpr, dtype: tl.constexpr):
     """The float16 in the low or high 16 bits of uint32 x, as `dtype`."""
     if HIGH:
@@ -239,11 +211,9 @@ def _word_byte(w, J: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def load_kv_words(cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                  CVT: tl.constexpr = False):
+                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
     """Tile [BLOCK_N, BLOCK_D] of a 1-byte cache as `dtype`, read as int32 words; e4m3
-    values come scaled by 2^-8 (see e4m3_bytes), or exact with CVT (_cvt_e4m3_words: one
-    cvt per two values; sm_90 SASS F2FP.F16.E4M3.UNPACK_B).
+    values come scaled by 2^-8 (see e4m3_bytes).
 
     An operand reduced over tokens (V in p @ v), which are not contiguous in the cache,
     left as bytes is fed to the MMA one shared-memory byte load per value. Here each word
@@ -258,11 +228,7 @@ def load_kv_words(cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.cons
     if MASK:
         w_mask = n_ok[:, None] & w_mask
     w = tl.load(words + (kv_off // 4)[:, None] + offs_w[None, :], mask=w_mask, other=0)
-    if cache_ptr.dtype.element_ty == tl.float8e4nv and CVT:
-        lo, hi = _cvt_e4m3_words(w)
-        x = tl.join(tl.join(_half(lo, False, dtype), _half(hi, False, dtype)),
-                    tl.join(_half(lo, True, dtype), _half(hi, True, dtype)))
-    elif cache_ptr.dtype.element_ty == tl.float8e4nv:
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
         u = w.to(tl.uint32, bitcast=True)
         even = _e4m3_pairs(u << 8)
         odd = _e4m3_pairs(u)
