@@ -6,10 +6,10 @@
 
 The engine steps in one background thread (`EngineLoop`), or in a child process
 (`AsyncLLM.from_model(..., engine_process=True)`, kiln.serve.engine_proc: what `kiln
-serve` does on a GPU, so that the HTTP work does not share the GIL with the engine's
-step). Either way, nothing here changes: `submit` hands a group of
-requests to it and waits until the engine has accepted them, so a bad request fails
-right there (RequestError) while the caller can still answer 400. Outputs travel back
+serve` does, so that the HTTP work does not share the GIL with the engine's step).
+Either way, nothing here changes: `submit` hands a group of requests to it and waits
+until the engine has accepted them, so a bad request fails right there (RequestError)
+while the caller can still answer 400. Outputs travel back
 through an asyncio queue per group, delivered in batches by the event loop's `Mailbox`
 (kiln.serve.delivery: one wakeup per batch, not per token). Leaving the iteration
 early, or cancelling the task that iterates (a client that disconnects), aborts the
@@ -143,7 +143,7 @@ class AsyncLLM:
         """`model`: an engine dir, a HF folder, a GGUF, or None for the default model.
         `engine_process`: run the engine in a child process (spawned: a script that asks
         for it needs the `if __name__ == "__main__":` guard); the child logs at
-        `log_level`. `kiln serve` picks it by device (`default_engine_process`)."""
+        `log_level`. `kiln serve` does this unless told `--engine-in-process`."""
         if engine_process:
             from kiln.serve.engine_proc import EngineProcess
 
@@ -229,14 +229,3 @@ class AsyncLLM:
         """Stop the engine thread (or process); unfinished requests fail with
         EngineDeadError."""
         self._loop.shutdown()
-
-
-def default_engine_process(device: str = "auto") -> bool:
-    """Whether `kiln serve` runs the engine in a child process by default: on a GPU yes
-    (the step's host time is what bounds throughput, and HTTP work must not take it);
-    on a CPU no (the engine's own threads already use every core; see docs/serving.md)."""
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device).startswith("cuda")

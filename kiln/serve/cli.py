@@ -33,11 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--engine-process", dest="engine_process", action="store_true",
-                       default=None, help="run the engine in a child process, apart from the "
-                       "HTTP server's GIL (default on a GPU)")
+                       default=True, help="run the engine in a child process, so the HTTP "
+                       "work does not share its GIL (the default)")
     where.add_argument("--engine-in-process", dest="engine_process", action="store_false",
-                       help="run the engine in a thread of the server process (default on a "
-                       "CPU; for debugging)")
+                       help="run the engine in a thread of the server process (debugging, "
+                       "profiling one process)")
     p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -83,7 +83,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.errors import KilnError
     from kiln.serve.app import ServerConfig, build_app
-    from kiln.serve.async_llm import AsyncLLM, default_engine_process
+    from kiln.serve.async_llm import AsyncLLM
     from kiln.serve.server import run_server
 
     if args.shutdown_timeout < 0:
@@ -94,8 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)
     llm = AsyncLLM.from_model(args.model, build_config_from_args(args), max_queue=args.max_queue,
-                              engine_process=default_engine_process(args.device)
-                              if args.engine_process is None else args.engine_process,
+                              engine_process=args.engine_process,
                               log_level=args.log_level,
                               device=args.device, speculative_config=args.speculative_config,
                               **limits_from_args(args))
