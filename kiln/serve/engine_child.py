@@ -43,7 +43,7 @@ class _Outbox:
         self._events: list[tuple[int, int, Any]] = []
         self._lock = threading.Lock()
         self._stats: dict[str, float] | None = None
-        self._failure: str | None = None
+        self.failure: str | None = None
 
     def put(self, event: tuple[int, int, Any]) -> None:
         with self._lock:
@@ -55,7 +55,7 @@ class _Outbox:
             stats = self.loop.stats()
             stats, self._stats = (stats if stats != self._stats else None), stats
             failure = self.loop.engine.failure
-            failure, self._failure = (failure if failure != self._failure else None), failure
+            failure, self.failure = (failure if failure != self.failure else None), failure
             if events or stats is not None or failure is not None:
                 self.send(("step", events, stats, failure))
 
@@ -89,6 +89,11 @@ def _read_commands(conn: Connection, loop: Any, outbox: _Outbox) -> None:
 
     while True:
         try:
+            if not conn.poll(0.5):
+                # A rank that dies while the loop is idle: tell the server now (/health).
+                if loop.engine.failure != outbox.failure:
+                    outbox.flush()
+                continue
             message = conn.recv()
         except (EOFError, OSError):
             log.info("kiln: the server has gone; stopping the engine")
