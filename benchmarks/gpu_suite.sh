@@ -66,10 +66,11 @@ for spec in $stages; do
              # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
              B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 16,128,256,512 \
                 --input-len 128 --output-len 128"
-             python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 > "$OUT/serve.log" 2>&1 & S=$!
+             # SERVE_ARGS: more `kiln serve` flags (A/B: SERVE_ARGS=--engine-in-process RUN_TAG=-inproc)
+             python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 ${SERVE_ARGS:-} > "$OUT/serve${RUN_TAG:-}.log" 2>&1 & S=$!
              for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break
                kill -0 $S 2>/dev/null || { tail -3 "$OUT/serve.log"; break; }; sleep 1; done
-             $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln.json" 2>&1 | tail -8
+             $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln${RUN_TAG:-}.json" 2>&1 | tail -8
              kill $S; wait $S
              if [ -x "${KILN_TRITON_ENV:-/nonexistent}/bin/python" ]; then
                python3 -m kiln.cli triton-repo /tmp/kiln-8b -o /tmp/kiln-8b-repo --device cuda

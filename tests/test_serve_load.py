@@ -29,7 +29,8 @@ def _prompts() -> list[str]:
 
 
 @pytest.mark.slow
-def test_concurrent_streams_with_cancellations():
+@pytest.mark.parametrize("engine_process", [False, True], ids=["in-process", "engine-process"])
+def test_concurrent_streams_with_cancellations(engine_process):
     prompts = _prompts()
     cancelled = set(range(5, NUM_REQUESTS, 10))  # 10%
     kept = [i for i in range(NUM_REQUESTS) if i not in cancelled]
@@ -39,7 +40,7 @@ def test_concurrent_streams_with_cancellations():
                                              ignore_eos=True))
     expected = {i: out.text for i, out in zip(kept, want)}
 
-    with serve() as server:
+    with serve(engine_process=engine_process) as server:
         async def one(client: openai.AsyncOpenAI, limit: asyncio.Semaphore, i: int
                       ) -> tuple[int, str, str | None, int]:
             cancel = i in cancelled

@@ -69,12 +69,17 @@ class Served:
 
 @contextlib.contextmanager
 def serve(engine_dir: Path | None = None, max_queue: int | None = None,
-          **config: Any) -> Iterator[Served]:
+          engine_process: bool = False, **config: Any) -> Iterator[Served]:
+    """`engine_process`: the engine runs in a child process (as `kiln serve` on a GPU)."""
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
     from kiln.serve import AsyncLLM, ServerConfig, ServerThread, build_app
 
-    engine = LLMEngine(engine_dir or tiny_chat_engine(), RuntimeConfig(device="cpu"))
-    llm = AsyncLLM(engine, max_queue=max_queue)
+    if engine_process:
+        llm = AsyncLLM.from_model(engine_dir or tiny_chat_engine(), max_queue=max_queue,
+                                  engine_process=True, log_level="warning", device="cpu")
+    else:
+        engine = LLMEngine(engine_dir or tiny_chat_engine(), RuntimeConfig(device="cpu"))
+        llm = AsyncLLM(engine, max_queue=max_queue)
     app = build_app(llm, ServerConfig(served_model_name=MODEL, **config))
     try:
         with ServerThread(app) as server:

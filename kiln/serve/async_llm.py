@@ -4,9 +4,12 @@
     async for output in llm.generate("Hello", SamplingParams(max_tokens=8), "req-1"):
         print(output.text)  # cumulative: the text so far
 
-The engine steps in one background thread (`EngineLoop`). `submit` hands a group of
-requests to it and waits until the engine has accepted them, so a bad request fails
-right there (RequestError) while the caller can still answer 400. Outputs travel back
+The engine steps in one background thread (`EngineLoop`), or in a child process
+(`AsyncLLM.from_model(..., engine_process=True)`, kiln.serve.engine_proc: what `kiln
+serve` does, so that the HTTP work does not share the GIL with the engine's step).
+Either way, nothing here changes: `submit` hands a group of requests to it and waits
+until the engine has accepted them, so a bad request fails right there (RequestError)
+while the caller can still answer 400. Outputs travel back
 through an asyncio queue per group, delivered in batches by the event loop's `Mailbox`
 (kiln.serve.delivery: one wakeup per batch, not per token). Leaving the iteration
 early, or cancelling the task that iterates (a client that disconnects), aborts the
@@ -114,13 +117,20 @@ class RequestStream:
 
 
 class AsyncLLM:
-    """Async generation over one LLMEngine. `max_queue` caps unfinished requests."""
+    """Async generation over one LLMEngine. `max_queue` caps unfinished requests.
 
-    def __init__(self, engine: LLMEngine, max_queue: int | None = None) -> None:
+    `engine` runs in a thread of this process; `from_model(..., engine_process=True)`
+    runs it in a child process instead (then `engine` is a RemoteEngine: its config,
+    tokenizer, max_seq_len and engine_dir, read here)."""
+
+    def __init__(self, engine: LLMEngine, max_queue: int | None = None,
+                 loop: Any = None) -> None:
+        """`loop`: what drives the engine (default: an EngineLoop thread over `engine`;
+        an EngineProcess has the same interface)."""
         self.engine = engine
         self.max_queue = max_queue
         engine.exit_on_failure = False  # a lost rank turns /health to 503; we keep answering
-        self._loop = EngineLoop(engine)
+        self._loop = loop if loop is not None else EngineLoop(engine)
         self._num_unfinished = 0  # touched only from the event loop's thread
         self._mailboxes: dict[int, Mailbox] = {}  # by id(event loop)
         self._loop.start()
@@ -128,8 +138,17 @@ class AsyncLLM:
     @classmethod
     def from_model(cls, model: str | Path | None = None,
                    build_config: BuildConfig | None = None, max_queue: int | None = None,
+                   engine_process: bool = False, log_level: str = "info",
                    **runtime: Any) -> AsyncLLM:
-        """`model`: an engine dir, a HF folder, a GGUF, or None for the default model."""
+        """`model`: an engine dir, a HF folder, a GGUF, or None for the default model.
+        `engine_process`: run the engine in a child process (spawned: a script that asks
+        for it needs the `if __name__ == "__main__":` guard); the child logs at
+        `log_level`. `kiln serve` does this unless told `--engine-in-process`."""
+        if engine_process:
+            from kiln.serve.engine_proc import EngineProcess
+
+            process = EngineProcess(model, build_config, log_level, **runtime)
+            return cls(process.engine, max_queue, loop=process)  # type: ignore[arg-type]
         from kiln.resolve import resolve_engine
 
         engine_dir = resolve_engine(model, build_config)
@@ -207,5 +226,6 @@ class AsyncLLM:
         self._loop.finish_all()
 
     def shutdown(self) -> None:
-        """Stop the engine thread; unfinished requests fail with EngineDeadError."""
+        """Stop the engine thread (or process); unfinished requests fail with
+        EngineDeadError."""
         self._loop.shutdown()

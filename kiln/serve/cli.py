@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM / Ctrl-C: refuse new requests (503) and let running "
                    "ones finish for up to S seconds, then abort them (default: 30)")
     p.add_argument("--device", default="auto")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--engine-process", dest="engine_process", action="store_true",
+                       default=True, help="run the engine in a child process, so the HTTP "
+                       "work does not share its GIL (the default)")
+    where.add_argument("--engine-in-process", dest="engine_process", action="store_false",
+                       help="run the engine in a thread of the server process (debugging, "
+                       "profiling one process)")
     p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
@@ -87,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)
     llm = AsyncLLM.from_model(args.model, build_config_from_args(args), max_queue=args.max_queue,
+                              engine_process=args.engine_process,
+                              log_level=args.log_level,
                               device=args.device, speculative_config=args.speculative_config,
                               **limits_from_args(args))
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,

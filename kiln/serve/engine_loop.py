@@ -74,11 +74,16 @@ class EngineLoop:
     """Owns `engine` from `start()` on; call only the methods below from other threads."""
 
     def __init__(self, engine: LLMEngine,
-                 on_stats: Callable[[dict[str, float]], None] | None = None) -> None:
+                 on_stats: Callable[[dict[str, float]], None] | None = None,
+                 on_iteration: Callable[[], None] | None = None) -> None:
         """`on_stats` (engine thread) hears the stats whenever a step or command changed
-        them, e.g. to push them to a metrics system that is not scraped from here."""
+        them, e.g. to push them to a metrics system that is not scraped from here.
+        `on_iteration` (engine thread) runs after each round of commands and step, and
+        once more when the loop ends: where a sink that batches a step's events sends
+        them (kiln.serve.engine_child)."""
         self.engine = engine
         self._on_stats = on_stats
+        self._on_iteration = on_iteration
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}  # engine thread only
         self._stats = engine.stats()
@@ -88,6 +93,12 @@ class EngineLoop:
     # ---- any thread -----------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop in the calling thread instead of `start()`ing its own, until
+        `shutdown()` (from another thread) or a crash."""
+        self._thread = threading.current_thread()
+        self._run()
 
     def add(self, requests: Sequence[NewRequest], sink: OutputSink) -> None:
         """Queue a group of requests that succeed or fail together (e.g. the n choices of
@@ -118,7 +129,7 @@ class EngineLoop:
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._commands.put(_STOP)
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # ---- engine thread --------------------------------------------------------------
@@ -134,6 +145,8 @@ class EngineLoop:
                 if self._on_stats is not None and stats != self._stats:
                     _call(self._on_stats, stats)
                 self._stats = stats
+                if self._on_iteration is not None:
+                    _call(self._on_iteration)
         except BaseException:  # a bug in this loop: fail everyone rather than hang them
             log.exception("the engine loop crashed")
             raise
@@ -144,6 +157,8 @@ class EngineLoop:
             for command in self._next_commands(block=False):  # adds that came too late
                 if isinstance(command, _Add):
                     _call(command.sink.error, dead)
+            if self._on_iteration is not None:
+                _call(self._on_iteration)
 
     def _next_commands(self, block: bool) -> list[object]:
         commands = [self._commands.get()] if block else []
