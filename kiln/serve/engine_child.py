@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -112,21 +111,14 @@ def _read_commands(conn: Connection, loop: Any, outbox: _Outbox) -> None:
     loop.shutdown(timeout=0)
 
 
-def _configure_logging(level: str) -> None:
-    logger = logging.getLogger("kiln")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
-
-
 def child_main(commands: Connection, outputs: Connection, model: Any, build_config: Any,
                runtime: dict[str, Any], log_level: str) -> None:
     """The engine process's entry point (multiprocessing, spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _configure_logging(log_level)
+    from kiln.serve.server import configure_logging  # the server's format, in this process too
+
+    configure_logging(log_level)
     try:
         from kiln.resolve import resolve_engine
         from kiln.runtime.engine import LLMEngine, RuntimeConfig
