@@ -66,10 +66,11 @@ for spec in $stages; do
              # venv with nvidia-pytriton and numpy<2 (docs/serving.md); same sweep on both
              B="python3 -m kiln.cli bench serving --concurrency 1,16,64,256 --num-prompts 16,128,256,512 \
                 --input-len 128 --output-len 128"
-             # SERVE_ARGS: more `kiln serve` flags (A/B: SERVE_ARGS=--engine-in-process RUN_TAG=-inproc)
+             # SERVE_ARGS: more `kiln serve` flags (A/B: SERVE_ARGS=--engine-in-process RUN_TAG=-inproc);
+             # SKIP_INFLIGHT=1: no triton_inflight.py after the sweeps
              python3 -m kiln.cli serve /tmp/kiln-8b --port 8100 ${SERVE_ARGS:-} > "$OUT/serve${RUN_TAG:-}.log" 2>&1 & S=$!
              for _ in $(seq 300); do curl -sf localhost:8100/health >/dev/null && break
-               kill -0 $S 2>/dev/null || { tail -3 "$OUT/serve.log"; break; }; sleep 1; done
+               kill -0 $S 2>/dev/null || { tail -3 "$OUT/serve${RUN_TAG:-}.log"; break; }; sleep 1; done
              $T $B --url http://127.0.0.1:8100 --out "$OUT/serving-kiln${RUN_TAG:-}.json" 2>&1 | tail -8
              kill $S; wait $S
              if [ -x "${KILN_TRITON_ENV:-/nonexistent}/bin/python" ]; then
@@ -80,7 +81,7 @@ for spec in $stages; do
                  kill -0 $S 2>/dev/null || { tail -3 "$OUT/triton.log"; break; }; sleep 1; done
                $T $B --api triton --url http://127.0.0.1:8200 --out "$OUT/serving-triton.json" 2>&1 | tail -8
                kill $S; wait $S
-               $T python3 benchmarks/triton_inflight.py --triton-env "$KILN_TRITON_ENV" \
+               [ -n "${SKIP_INFLIGHT:-}" ] || $T python3 benchmarks/triton_inflight.py --triton-env "$KILN_TRITON_ENV" \
                  --engine /tmp/kiln-8b --device cuda --max-tokens 128 \
                  --out "$OUT/triton-inflight.json" 2>&1 | tail -5
              else echo "no KILN_TRITON_ENV: Triton half skipped"; fi ;;
