@@ -26,6 +26,7 @@ from kiln.serve.openai_output import (
     usage,
 )
 from kiln.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from kiln.serve.streaming import Event, TextChunk
 
 
 def completion_prompts(body: CompletionRequest) -> list[Prompt]:
@@ -102,12 +103,20 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                                   choices=choices, usage=usage(*counts) if counts else None)
 
     if body.stream:
+        plain: dict[int, TextChunk] = {}  # choice index -> its text-only chunk
+
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
-                   ) -> list[CompletionResponse]:
+                   ) -> list[CompletionResponse | Event]:
             new = state.stream_delta(completion, top_n is not None)
             if new is None:
                 return []
             text, positions = new
+            if state.opened and text and top_n is None and completion.finish_reason is None:
+                template = plain.get(state.index)
+                if template is None:
+                    template = plain[state.index] = TextChunk(response([CompletionChoice(
+                        index=state.index, text=TextChunk.MARK)]))
+                return [template.sse(text)]
             first, state.opened = not state.opened, True
             return [response([choice(output, completion, state, text, positions, first)])]
 

@@ -21,8 +21,15 @@ from starlette.types import Receive, Scope, Send
 T = TypeVar("T")
 
 
+class Event(str):
+    """A server-sent event rendered already (TextChunk.sse)."""
+
+
 def sse(data: Any) -> str:
-    """One server-sent event carrying `data` (a pydantic model, a dict, or a str as is)."""
+    """One server-sent event carrying `data` (a pydantic model, a dict, or a str as is;
+    an Event, rendered already, passes through)."""
+    if isinstance(data, Event):
+        return data
     if hasattr(data, "model_dump_json"):
         text = data.model_dump_json()
     elif isinstance(data, str):
@@ -30,6 +37,25 @@ def sse(data: Any) -> str:
     else:
         text = json.dumps(data, ensure_ascii=False)
     return f"data: {text}\n\n"
+
+
+class TextChunk:
+    """A streamed chunk whose only varying part is one text field: serialized once with a
+    marker in that field, then filled per token by concatenation (a pydantic chunk model
+    costs ~5 us per token and stream; this ~1 us)."""
+
+    MARK = "kiln-text-8c1f2e"
+
+    def __init__(self, chunk: Any) -> None:
+        """`chunk`: the pydantic chunk with MARK as the text; a chunk that does not hold the
+        marker exactly once is refused (ValueError)."""
+        parts = chunk.model_dump_json().split(json.dumps(self.MARK))
+        if len(parts) != 2:
+            raise ValueError("the chunk must hold TextChunk.MARK exactly once")
+        self._head, self._tail = parts
+
+    def sse(self, text: str) -> Event:
+        return Event(f"data: {self._head}{json.dumps(text, ensure_ascii=False)}{self._tail}\n\n")
 
 
 class ClientDisconnected(Exception):
