@@ -102,23 +102,25 @@ def test_draft_model_speculation_on_several_ranks_is_refused(engines):
             "method": "draft_model", "model": str(engines[1]), "num_speculative_tokens": 2}))
 
 
-@pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
-def test_pipeline_engines_match_single_rank(engines, layout):
-    """Pipeline stages (2 and, with TP2 inside each, 4 processes) with two micro-batches
-    in flight: the last stage samples and every rank applies its tokens; logprobs, prompt
-    logprobs and full-sequence logits come back from the last stage to rank 0."""
+@pytest.mark.parametrize("layout,depth", [("pp2", None), ("pp2", 3), ("tp2pp2", None)])
+def test_pipeline_engines_match_single_rank(engines, layout, depth):
+    """Pipeline stages (2 and, with TP2 inside each, 4 processes) with two (or `depth`)
+    micro-batches in flight: the last stage samples and every rank applies its tokens;
+    logprobs, prompt logprobs and full-sequence logits come back from the last stage to
+    rank 0. (On the CPU a stage does not wait in the tokens' broadcast: it launches its
+    next micro-batch and waits when it needs the tokens.)"""
     prompts = make_prompts(6, seed=9)
     arrivals = [0, 0, 1, 3, 4, 6]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2,
                             prompt_logprobs=1)
-    runtime = RuntimeConfig(device="cpu", max_num_tokens=24)
-    single = LLMEngine(engines[1], runtime)
+    single = LLMEngine(engines[1], RuntimeConfig(device="cpu", max_num_tokens=24))
     want = run_all(single, prompts, params, arrivals)
-    engine = LLMEngine(engines[layout], runtime)
+    engine = LLMEngine(engines[layout], RuntimeConfig(device="cpu", max_num_tokens=24,
+                                                      pipeline_depth=depth))
     try:
         assert run_all(engine, prompts, params, arrivals) == want
-        # micro-batches: the stages held two disjoint batches at once
-        assert engine.max_in_flight == 2
+        # micro-batches: the stages held that many disjoint batches at once
+        assert engine.max_in_flight == (depth or 2)
         seeded = SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=3,
                                 ignore_eos=True)
         assert run_all(engine, prompts, seeded, arrivals) == \

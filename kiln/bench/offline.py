@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
     p.add_argument("--pp-size", type=int, default=1,
                    help="pipeline-parallel stages (x --tp-size GPUs in all)")
+    p.add_argument("--pipeline-depth", type=int, default=None,
+                   help="pipeline-parallel engines: micro-batches in flight (default: "
+                   "--pp-size)")
     p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                    default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
                    "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
@@ -98,7 +101,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         custom_all_reduce=getattr(args, "custom_all_reduce", None),
         speculative_config=args.speculative_config,
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
-        scheduler_policy=args.scheduler_policy))
+        scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 
@@ -281,6 +284,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "mode": mode, "model": str(engine.engine_dir), "device": _device_name(engine.device),
         "dtype": engine.config.build.dtype, "quantization": engine.config.build.quantization,
         "tp_size": engine.config.build.tp_size, "pp_size": engine.config.build.pp_size,
+        "pipeline_depth": engine.pipeline_depth,
         "custom_all_reduce": engine.custom_all_reduce,
         "kv_cache": {"dtype": str(engine.runner.kv_dtype).removeprefix("torch."),
                      "blocks": engine.kv.num_blocks,

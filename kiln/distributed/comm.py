@@ -3,6 +3,8 @@ calls them, so single-rank models do not depend on the process-group state here.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -71,6 +73,12 @@ def broadcast_from(x: torch.Tensor, src: int) -> torch.Tensor:
     """x as global rank `src` holds it, on every rank (in place)."""
     dist.broadcast(x, src=src)
     return x
+
+
+def broadcast_async(x: torch.Tensor, src: int) -> Any:
+    """Start broadcasting x from global rank `src` (in place); returns the work to wait on.
+    On gloo the host goes on meanwhile (a pipeline stage launches its next micro-batch)."""
+    return dist.broadcast(x, src=src, async_op=True)
 
 
 def broadcast_object_from(obj: object, src: int) -> object:

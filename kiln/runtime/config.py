@@ -30,6 +30,10 @@ class RuntimeConfig:
     # with the residual add + RMSNorm after it) instead of NCCL. None: on where symmetric
     # memory works (else NCCL, with a log line); False: NCCL for every all-reduce.
     custom_all_reduce: bool | None = None
+    # Pipeline-parallel engines: micro-batches in flight (None: pp_size). One more than
+    # the stages gives the host a stage's time to apply a micro-batch's tokens and launch
+    # the next before a stage idles, at the cost of smaller micro-batches.
+    pipeline_depth: int | None = None
     # Speculative decoding (kiln.runtime.speculative): a dict of vLLM's keys, e.g.
     # {"method": "ngram", "num_speculative_tokens": 4}, or a JSON string of one.
     speculative_config: Any = None

@@ -137,7 +137,7 @@ class LLMEngine:
         self._pending: PendingStep | None = None
         # Pipeline parallel: up to pp_size micro-batches in flight, each of requests the
         # others do not hold, so stage s works on one while stage s+1 works on another.
-        self.pipeline_depth = build.pp_size
+        self.pipeline_depth = runtime.pipeline_depth or build.pp_size
         self._in_flight: collections.deque[tuple[PendingStep, set[str]]] = collections.deque()
         self.max_in_flight = 0  # most micro-batches seen in flight at once (a statistic)
         # False: step() returns finished requests only, sparing a per-token output object

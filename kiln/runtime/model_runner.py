@@ -13,7 +13,13 @@ from safetensors.torch import load_file
 from kiln.build.engine_dir import rank_file
 from kiln.config import EngineConfig
 from kiln.distributed import Mapping
-from kiln.distributed.comm import broadcast_from, broadcast_object_from, pp_recv, pp_send
+from kiln.distributed.comm import (
+    broadcast_async,
+    broadcast_from,
+    broadcast_object_from,
+    pp_recv,
+    pp_send,
+)
 from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
@@ -270,8 +276,14 @@ class ModelRunner:
             if batch.wants_logprobs:
                 lp = torch.empty(len(sampling), batch.max_logprobs + 1, device=self.device)
                 lp_ids = torch.empty(lp.shape, dtype=torch.int64, device=self.device)
-        ready, side = None, None
-        if self.mapping.world_size > 1:  # every rank's engine applies the same tokens
+        ready, side, received = None, None, None
+        if self.mapping.world_size > 1 and self.mapping.pp_size > 1 and \
+                self.device.type != "cuda":
+            # A CPU pipeline stage must not block in the broadcast (until the last stage
+            # has sampled): it goes on to its next micro-batch and waits in result().
+            received = [broadcast_async(t, self.last_stage_rank) for t in
+                        ((tokens, lp, lp_ids) if lp is not None else (tokens,))]
+        elif self.mapping.world_size > 1:  # every rank's engine applies the same tokens
             side = self._side_stream()
             if side is not None:
                 # An earlier pipeline stage receives the tokens on a side stream, so its
@@ -290,7 +302,8 @@ class ModelRunner:
                     ready = torch.cuda.Event()
                     ready.record(side)
         indices = [r.num_tokens for r in sampling]
-        pending = PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready)
+        pending = PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready,
+                              received)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             pending.copy_to_host()
         return pending

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class PendingStep:
     logprob_ids: torch.Tensor | None
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]]
     ready: torch.cuda.Event | None = None  # tokens received on a side stream (PP)
+    received: list[Any] | None = None  # CPU pipeline: the broadcasts' works to wait on
     # Pinned host copies of (tokens, logprobs, logprob_ids), enqueued right behind the
     # sampling, and the event that marks them complete (CUDA only).
     host: tuple[torch.Tensor | None, ...] | None = None
@@ -71,6 +73,8 @@ class PendingStep:
                 self.copied.synchronize()
                 tokens, logprobs, logprob_ids = self.host
             else:
+                for work in self.received or ():
+                    work.wait()
                 if self.ready is not None:
                     torch.cuda.current_stream(self.tokens.device).wait_event(self.ready)
                 tokens, logprobs, logprob_ids = self.tokens, self.logprobs, self.logprob_ids
