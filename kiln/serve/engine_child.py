@@ -41,18 +41,22 @@ class _Outbox:
         self.loop: Any = None  # the EngineLoop, set before it runs
         self._events: list[tuple[int, int, Any]] = []
         self._lock = threading.Lock()
-        self._stats: dict[str, float] | None = None
+        self._stats: dict[str, float] | None = None  # changed since the last message
         self.failure: str | None = None
 
     def put(self, event: tuple[int, int, Any]) -> None:
         with self._lock:
             self._events.append(event)
 
+    def stats_changed(self, stats: dict[str, float]) -> None:
+        """The loop's on_stats (it tells only of changes): sent with the next flush."""
+        with self._lock:
+            self._stats = stats
+
     def flush(self) -> None:
         with self._lock:
             events, self._events = self._events, []
-            stats = self.loop.stats()
-            stats, self._stats = (stats if stats != self._stats else None), stats
+            stats, self._stats = self._stats, None
             failure = self.loop.engine.failure
             failure, self.failure = (failure if failure != self.failure else None), failure
             if events or stats is not None or failure is not None:
@@ -134,7 +138,8 @@ def child_main(commands: Connection, outputs: Connection, model: Any, build_conf
 
     engine.exit_on_failure = False  # a lost rank turns /health to 503; the server answers
     outbox = _Outbox(outputs)
-    loop = outbox.loop = EngineLoop(engine, on_iteration=outbox.flush)
+    loop = outbox.loop = EngineLoop(engine, on_stats=outbox.stats_changed,
+                                    on_iteration=outbox.flush)
     outbox.send(("ready", {"engine_dir": str(engine.engine_dir),
                            "max_seq_len": engine.max_seq_len, "device": str(engine.device),
                            "stats": engine.stats()}))
