@@ -14,7 +14,7 @@ from kiln.serve.protocol import (
     CompletionResponse,
     Delta,
 )
-from kiln.serve.streaming import Event, TextChunk, sse
+from kiln.serve.streaming import Event, TextChunk, TextChunks, sse
 
 TEXTS = ["hello", " world", "", 'quote " and \\ backslash', "line\nbreak\ttab\r",
          "\x00\x01\x1f control", "caf\u00e9 \u4e2d\u6587 \U0001f600", "</script>", "\u2028\u2029",
@@ -53,3 +53,17 @@ def test_a_chunk_without_the_marker_is_refused():
 
 def test_a_plain_string_is_still_wrapped():
     assert sse("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_text_chunks_make_one_template_per_choice():
+    made = []
+
+    def make(index, text):
+        made.append(index)
+        return _chat(index, text)
+
+    chunks = TextChunks(make)
+    for index in (0, 1, 0, 1, 0):
+        event = chunks.sse(index, "tok")
+        assert json.loads(event[len("data: "):-2]) == json.loads(sse(_chat(index, "tok"))[6:])
+    assert made == [0, 1]

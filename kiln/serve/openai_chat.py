@@ -29,7 +29,7 @@ from kiln.serve.protocol import (
     Delta,
     TextPart,
 )
-from kiln.serve.streaming import Event, TextChunk
+from kiln.serve.streaming import Event, TextChunks
 from kiln.tokenizer import Tokenizer
 
 
@@ -112,7 +112,8 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             return ChatCompletionChunk(id=call.id, created=call.created, model=call.model,
                                        choices=choices, usage=usage(*counts) if counts else None)
 
-        plain: dict[int, TextChunk] = {}  # choice index -> its content-only chunk
+        plain = TextChunks(lambda index, text: chunk([ChatChunkChoice(
+            index=index, delta=Delta(content=text))]))  # content only: most tokens
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk | Event]:
@@ -142,12 +143,8 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             if new is None:
                 return []
             text, positions = new
-            if text and top_n is None and completion.finish_reason is None:  # most tokens
-                template = plain.get(state.index)
-                if template is None:
-                    template = plain[state.index] = TextChunk(chunk([ChatChunkChoice(
-                        index=state.index, delta=Delta(content=TextChunk.MARK))]))
-                return [template.sse(text)]
+            if text and top_n is None and completion.finish_reason is None:
+                return [plain.sse(state.index, text)]
             return [chunk([ChatChunkChoice(index=state.index, delta=Delta(content=text or None),
                                            logprobs=logprobs(completion, positions),
                                            finish_reason=completion.finish_reason)])]

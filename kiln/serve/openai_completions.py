@@ -26,7 +26,7 @@ from kiln.serve.openai_output import (
     usage,
 )
 from kiln.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from kiln.serve.streaming import Event, TextChunk
+from kiln.serve.streaming import Event, TextChunks
 
 
 def completion_prompts(body: CompletionRequest) -> list[Prompt]:
@@ -103,7 +103,8 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                                   choices=choices, usage=usage(*counts) if counts else None)
 
     if body.stream:
-        plain: dict[int, TextChunk] = {}  # choice index -> its text-only chunk
+        plain = TextChunks(lambda index, text: response([CompletionChoice(
+            index=index, text=text)]))  # text only: every piece after the first
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[CompletionResponse | Event]:
@@ -112,11 +113,7 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                 return []
             text, positions = new
             if state.opened and text and top_n is None and completion.finish_reason is None:
-                template = plain.get(state.index)
-                if template is None:
-                    template = plain[state.index] = TextChunk(response([CompletionChoice(
-                        index=state.index, text=TextChunk.MARK)]))
-                return [template.sse(text)]
+                return [plain.sse(state.index, text)]
             first, state.opened = not state.opened, True
             return [response([choice(output, completion, state, text, positions, first)])]
 

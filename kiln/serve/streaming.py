@@ -58,6 +58,21 @@ class TextChunk:
         return Event(f"data: {self._head}{json.dumps(text, ensure_ascii=False)}{self._tail}\n\n")
 
 
+class TextChunks:
+    """One TextChunk per choice of a stream, made on first use by `make(index, text)` (the
+    pydantic chunk of choice `index` carrying `text`)."""
+
+    def __init__(self, make: Callable[[int, str], Any]) -> None:
+        self._make = make
+        self._chunks: dict[int, TextChunk] = {}
+
+    def sse(self, index: int, text: str) -> Event:
+        chunk = self._chunks.get(index)
+        if chunk is None:
+            chunk = self._chunks[index] = TextChunk(self._make(index, TextChunk.MARK))
+        return chunk.sse(text)
+
+
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
