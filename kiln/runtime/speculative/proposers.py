@@ -87,8 +87,11 @@ class DraftModel:
         self.vocab_size = draft.model.vocab_size
         self.engine = engine
         self.shadows: dict[str, Request] = {}
-        # What the draft costs (benchmarks/speculative.py reads them): forwards replayed
-        # from a decode graph or run eagerly, and the host's seconds in propose().
+        self.reset_costs()
+
+    def reset_costs(self) -> None:
+        """What the draft costs (benchmarks/speculative.py reads them): forwards replayed
+        from a decode graph or run eagerly, and the host's seconds in propose()."""
         self.num_graph_forwards = self.num_eager_forwards = 0
         self.propose_seconds = 0.0
 

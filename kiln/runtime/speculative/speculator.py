@@ -172,6 +172,8 @@ class Speculator:
 
     def reset_stats(self) -> None:
         self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0
+        if self.draft is not None:
+            self.draft.reset_costs()
 
     def stats(self) -> dict[str, float]:
         drafted = self.num_draft_tokens
