@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from kiln.build.engine_dir import load_engine_config, rank_file
 from kiln.config import ModelConfig
@@ -81,19 +80,31 @@ def dequantized_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
     the quantized one approximates)."""
     out = {}
     for name, tensor in state.items():
-        if name.endswith(("_scale", ".k_scale", ".v_scale")):
+        if _is_scale(name):
             continue
-        scale = state.get(name + "_scale")
-        if scale is not None and tensor.dtype == torch.float8_e4m3fn:  # a scale per row
-            tensor = (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
-        out[name] = tensor
+        out[name] = _dequantized(tensor, state.get(name + "_scale"), dtype)
     return out
 
 
+def _is_scale(name: str) -> bool:
+    return name.endswith(("_scale", ".k_scale", ".v_scale"))
+
+
+def _dequantized(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    if scale is not None and tensor.dtype == torch.float8_e4m3fn:  # a scale per row
+        return (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
+    return tensor
+
+
+@torch.no_grad()
 def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "cpu"):
     """transformers model (eval, engine dtype, on device) holding the engine's rank-0 weights
-    (dequantized: a quantized engine is compared with the float model it approximates)."""
+    (dequantized: a quantized engine is compared with the float model it approximates).
+    The weights are copied in one tensor at a time, so the device needs room for the
+    model and its largest tensor, not two copies of the model (Mixtral-8x7B: 93 GB)."""
     import transformers
+    from safetensors import safe_open
 
     engine = load_engine_config(engine_dir)
     if engine.build.tp_size * engine.build.pp_size != 1:
@@ -102,11 +113,26 @@ def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "c
     dtype = getattr(torch, engine.build.dtype)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
-    state = dequantized_state_dict(load_file(str(rank_file(Path(engine_dir), 0)),
-                                             device=str(device)), dtype)
-    state = unfused_state_dict(cfg, state)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+    targets = model.state_dict()
+    loaded, unexpected = set(), []
+    with safe_open(str(rank_file(Path(engine_dir), 0)), framework="pt",
+                   device=str(device)) as f:
+        names = set(f.keys())
+        for name in sorted(names):
+            if _is_scale(name):
+                continue
+            scale = f.get_tensor(name + "_scale") if name + "_scale" in names else None
+            tensor = _dequantized(f.get_tensor(name), scale, dtype)
+            for hf_name, part in unfused_state_dict(cfg, {name: tensor}).items():
+                if hf_name not in targets or targets[hf_name].shape != part.shape:
+                    unexpected.append(hf_name)
+                    continue
+                targets[hf_name].copy_(part)
+                loaded.add(hf_name)
+            del tensor, scale
+    missing = [m for m in targets if m not in loaded and m != "lm_head.weight"
+               and not m.endswith(("inv_freq", "original_inv_freq"))]
+    if unexpected or missing:
         raise ValueError(f"weights do not fit transformers: {missing[:3]} {unexpected[:3]}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
