@@ -2,6 +2,7 @@
 at Llama-3.1-8B shapes, each fp8 path timed with its activation quantization included.
 
     python benchmarks/fp8_gemm.py [--out fp8_gemm.json] [--ms 1,2,4] [--sweep]
+    python benchmarks/fp8_gemm.py --grid [--ms 1,16] [--out grid.json]
 
 Times are per call, from CUDA-graph replays of many calls that cycle through enough weight
 copies (>= 512 MB) that no call finds its weight in the 50 MB L2: what a decode step sees.
@@ -9,7 +10,9 @@ GB/s: weight bytes (1 per fp8 weight, 2 per bf16 one) over time, the figure of m
 small M (ceiling: ~4,264 GB/s copy bandwidth measured on this H200); TFLOP/s: 2*M*N*K over
 time, the one at large M. --sweep times every Triton launch configuration in
 `sweep_configs` as well and prints the best per (shape, M): how kiln.kernels.fp8's
-gemm_config table and dispatch rule were chosen.
+gemm_config table and dispatch rule were chosen. --grid times the decode tile (16 rows)
+over a grid of launches (rows a program, K step, stages, split-K) on an input that comes
+quantized (as the fused RMSNorm and SiLU*mul kernels hand it over), GEMM alone.
 """
 
 from __future__ import annotations
@@ -51,6 +54,57 @@ def sweep_configs(M: int) -> list[fp8.GemmConfig]:
         out += [G(64, 128, 128, 4, 4, group_m=8, pdl=True), G(64, 64, 256, 4, 4, group_m=8),
                 G(128, 128, 128, 8, 4, group_m=8, pdl=True)]
     return out
+
+
+def grid_configs() -> list[fp8.GemmConfig]:
+    G = fp8.GemmConfig
+    out = []
+    for block_n in (16, 32, 64):
+        for block_k in (256, 512):
+            for stages in (3, 5):
+                for split in (1, 2, 4, 8):
+                    out.append(G(16, block_n, block_k, 4, stages, pdl=True, split_k=split))
+    out += [G(16, 16, 256, 2, 4, pdl=True, split_k=s) for s in (1, 2, 4)]
+    out += [G(16, 64, 256, 8, 4, pdl=True, split_k=s) for s in (1, 2, 4)]
+    out += [G(16, 32, 512, 4, 4, prefetch=2048, pdl=True, split_k=s) for s in (1, 2, 4)]
+    return out
+
+
+def run_grid(ms: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
+    """GEMM alone on an already quantized input, every grid_configs launch; prints the
+    best three per (shape, M) next to the current gemm_config choice."""
+    results = []
+    for N, K in shapes:
+        w8 = make_weights(N, K, max(2, math.ceil(ROTATE_BYTES / (N * K))), fp8.FP8)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            act = fp8.FP8Act(*fp8.quantize_fp8_per_token(x), torch.bfloat16)
+            y_ref = ref.fp8_linear(x.float(), w8[0][0], w8[0][1], None, None)
+            current = fp8.gemm_config(M, N, K)
+            rows = []
+            for cfg in [current] + grid_configs():
+                try:
+                    fn = functools.partial(fp8.triton_fp8_linear, config=cfg)
+                    t = time_calls(fn, [(act, w, s) for w, s in w8])
+                    y = fn(act, w8[0][0], w8[0][1]).float()
+                    err = ((y - y_ref).abs().amax(1) / y_ref.abs().amax(1)).max().item()
+                except Exception as e:  # a config that does not compile or fit
+                    print(f"   {cfg.tag()}: {type(e).__name__} {str(e)[:120]}", flush=True)
+                    continue
+                rec = dict(N=N, K=K, M=M, method=f"grid {cfg.tag()}", us=t * 1e6,
+                           weight_GBps=N * K / t / 1e9, TFLOPs=2.0 * M * N * K / t / 1e12,
+                           rel_err=err, current=cfg == current)
+                results.append(rec)
+                rows.append(rec)
+            rows.sort(key=lambda r: r["us"])
+            now = next(r for r in rows if r["current"])
+            print(f"{N}x{K} M={M}: current {now['method'][5:]} {now['us']:.2f} us "
+                  f"({now['weight_GBps']:.0f} GB/s); best " + ", ".join(
+                      f"{r['method'][5:]} {r['us']:.2f} us ({r['weight_GBps']:.0f} GB/s, "
+                      f"err {r['rel_err']:.0e})" for r in rows[:3]), flush=True)
+        del w8
+        torch.cuda.empty_cache()
+    return results
 
 
 def time_calls(fn, args_list: list[tuple], reps: int = 20) -> float:
@@ -206,6 +260,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every Triton config")
     ap.add_argument("--static", action="store_true", help="static input scale")
     ap.add_argument("--probe", action="store_true", help="only probe _scaled_mm and copy GB/s")
+    ap.add_argument("--grid", action="store_true",
+                    help="the decode tile over a grid of launches, GEMM alone (default --ms 1)")
     args = ap.parse_args(argv)
     if args.probe:
         probe()
@@ -215,8 +271,11 @@ def main(argv: list[str]) -> None:
         tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     start = time.time()
-    results = run(ms, shapes, args.sweep, args.static)
-    summary(results)
+    if args.grid:
+        results = run_grid([1] if args.ms == ",".join(map(str, MS)) else ms, shapes)
+    else:
+        results = run(ms, shapes, args.sweep, args.static)
+        summary(results)
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                        static=args.static, results=results), f, indent=1)

@@ -1,6 +1,7 @@
-"""Tensor parallelism on GPUs over NCCL: the TP2 engine (CUDA graphs, overlap; NCCL, or
-with custom_all_reduce kiln's one-shot all-reduce fused with add + RMSNorm for
-decode-sized messages) gives the single-GPU engine's greedy tokens.
+"""Tensor and pipeline parallelism on GPUs over NCCL: the TP2 engine (CUDA graphs, overlap;
+NCCL, or with custom_all_reduce kiln's one-shot all-reduce fused with add + RMSNorm for
+decode-sized messages) and the PP2 engine (a decode graph per stage, two micro-batches
+in flight) give the single-GPU engine's greedy tokens.
 
 Each case runs in a fresh process: a process that has torn one NCCL engine down gets the
 same process-group names for the next, and symmetric memory keys its state by name (kiln
@@ -24,9 +25,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = False) -> dict:
-    """Greedy tokens of 16 staggered requests on TP1 and TP2 engines of one checkpoint
-    (spec: the TP2 engine speculates with n-gram drafts, half the prompts repeating)."""
+def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = False,
+            layout: str = "tp2") -> dict:
+    """Greedy tokens of 16 staggered requests on a one-GPU and a two-GPU engine of one
+    checkpoint, the second split by `layout` ("tp2" or "pp2"; spec: the TP2 engine
+    speculates with n-gram drafts, half the prompts repeating)."""
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -47,7 +50,8 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = Fa
     probe = prompts[0] + want["0"]
     single_logits = single.sequence_logits(probe)
     del single
-    engine = LLMEngine(build(folder, Path(out_dir) / "tp2", BuildConfig(**cfg, tp_size=2),
+    split = {"tp_size": 2} if layout == "tp2" else {"pp_size": 2}
+    engine = LLMEngine(build(folder, Path(out_dir) / layout, BuildConfig(**cfg, **split),
                              progress=False),
                        RuntimeConfig(device="cuda", custom_all_reduce=custom,
                                      speculative_config={"method": "ngram",
@@ -55,7 +59,8 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = Fa
                                      if spec else None))
     try:
         report = {"graphs": engine.runner.graphs is not None,
-                  "overlap": engine.overlap or spec,  # speculation runs without overlap
+                  # speculation runs without overlap; pipeline stages overlap micro-batches
+                  "overlap": engine.overlap or spec or engine.pipeline_depth > 1,
                   "custom_all_reduce": engine.custom_all_reduce}
         got = run_all(engine, prompts, params, arrivals)
         logits = engine.sequence_logits(probe)
@@ -69,16 +74,19 @@ def compare(folder: str, dtype: str, out_dir: str, custom: bool, spec: bool = Fa
     return report
 
 
-@pytest.mark.parametrize("dtype,custom,spec", [
-    ("float32", False, False), ("bfloat16", False, False), ("bfloat16", True, False),
-    ("float32", False, True)], ids=["fp32", "bf16", "bf16-custom", "fp32-ngram"])
-def test_tp2_gpu_engine_matches_one_gpu(dtype, custom, spec, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("dtype,custom,spec,layout", [
+    ("float32", False, False, "tp2"), ("bfloat16", False, False, "tp2"),
+    ("bfloat16", True, False, "tp2"), ("float32", False, True, "tp2"),
+    ("float32", False, False, "pp2"), ("bfloat16", False, False, "pp2")],
+    ids=["fp32", "bf16", "bf16-custom", "fp32-ngram", "pp2-fp32", "pp2-bf16"])
+def test_two_gpu_engine_matches_one_gpu(dtype, custom, spec, layout, tiny_checkpoints,
+                                        tmp_path):
     folder, _ = tiny_checkpoints["llama"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     proc = subprocess.run(
         [sys.executable, "-X", "faulthandler", __file__, str(folder), dtype, str(tmp_path),
-         str(int(custom)), str(int(spec))], capture_output=True, text=True, timeout=170,
+         str(int(custom)), str(int(spec)), layout], capture_output=True, text=True, timeout=170,
         env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -102,6 +110,6 @@ if __name__ == "__main__":
 
     faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where, then exits
     result = compare(sys.argv[1], sys.argv[2], sys.argv[3], bool(int(sys.argv[4])),
-                     bool(int(sys.argv[5])))
+                     bool(int(sys.argv[5])), sys.argv[6])
     print(json.dumps(result), flush=True)
     os._exit(0)

@@ -268,14 +268,16 @@ def test_e4m3_rounding_matches_torch(interp) -> None:  # noqa: F811
 
 # GemmConfig fields: the decode tile with quantization fused (M <= 16: ROWS rows padded;
 # M = 35: whole tiles) and not, a grouped large-M order; K is not always a multiple of
-# BLOCK_K. (Prefetch and PDL are compiled out under the interpreter.)
-CONFIGS = [(16, 32, 64, 4, 2, True), (16, 16, 128, 4, 2, False), (32, 16, 32, 4, 2, False, 2)]
+# BLOCK_K; split-K over 2 programs where K divides into 2 x BLOCK_K (M = 1 and 35; at
+# K = 200 it falls back to one). (Prefetch and PDL are compiled out under the interpreter.)
+CONFIGS = [(16, 32, 64, 4, 2, True), (16, 16, 128, 4, 2, False), (32, 16, 32, 4, 2, False, 2),
+           (16, 16, 16, 4, 2, False, 1, 128, 0, False, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K", [(1, 48, 256), (5, 40, 200), (35, 64, 96)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped", "split-k"])
 def test_triton_fp8_linear(interp, dtype, M, N, K, static, config) -> None:  # noqa: F811
     interp(check_linear, dtype, M, N, K, static, M % 2 == 1, config)
 
@@ -312,7 +314,8 @@ def test_compiles_for_hopper() -> None:
             r = compile_sm90(fp8._fp8_gemm_kernel, {
                 "x_ptr": "*bf16" if cfg.fuse_quant else "*fp8e4nv", "xs_ptr": "*fp32",
                 "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-                "M": 7, "N": N, "K": K, "stride_xm": K, "stride_wn": K, "stride_om": N,
+                "part_ptr": "*fp32", "count_ptr": "*i32", "M": 7, "N": N, "K": K,
+                "stride_xm": K, "stride_wn": K, "stride_om": N,
             }, meta, cfg.num_warps, cfg.num_stages, variant=cfg.tag())
             assert r.stack_bytes == 0, r
             assert r.instructions["cp.async"] > 0, r
@@ -402,11 +405,13 @@ def test_gpu_fp8_linear(backend, N, K, M) -> None:
 
 
 # launches benchmarks/fp8_gemm.py --sweep times beyond what gemm_config picks: quantization
-# fused into the GEMM (with and without the L2 prefetch), PDL on other tiles
+# fused into the GEMM (with and without the L2 prefetch), PDL on other tiles, split-K
 GPU_CONFIGS = [(16, 32, 256, 4, 4, True), (16, 32, 512, 4, 4, True, 1, 128, 2048),
                (16, 32, 256, 4, 4, False, 1, 128, 0, True),
                (64, 32, 256, 4, 4, False, 1, 128, 1024, True),
-               (64, 64, 256, 4, 4, False, 8, 128, 0, True)]
+               (64, 64, 256, 4, 4, False, 8, 128, 0, True),
+               (16, 32, 256, 4, 4, False, 1, 128, 0, True, 4),
+               (16, 16, 512, 4, 4, False, 1, 128, 1024, True, 2)]
 
 
 @pytest.mark.gpu

@@ -95,9 +95,12 @@ def pp_send(tensors: tuple[torch.Tensor, ...], next_rank: int) -> None:
 
 def pp_recv(like: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device,
             prev_rank: int) -> tuple[torch.Tensor, ...]:
-    out = []
-    for shape in like:
-        t = torch.empty(shape, dtype=dtype, device=device)
+    return pp_recv_into(tuple(torch.empty(shape, dtype=dtype, device=device)
+                              for shape in like), prev_rank)
+
+
+def pp_recv_into(out: tuple[torch.Tensor, ...], prev_rank: int) -> tuple[torch.Tensor, ...]:
+    """Receive the previous stage's activations into `out` (contiguous tensors)."""
+    for t in out:
         dist.recv(t, src=prev_rank)
-        out.append(t)
-    return tuple(out)
+    return out

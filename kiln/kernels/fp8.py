@@ -84,14 +84,40 @@ def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
     return q
 
 
+@triton.jit
+def _split_k_fixup(acc, part_ptr, count_ptr, tile, offs_m, offs_n, mask, M, N,
+                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """Split-K without extra kernels: each of the SPLIT_K programs of a tile stores its
+    partial sum in its own slice of part_ptr ([SPLIT_K, M, N] float32) and counts itself
+    in at count_ptr[tile]; the last to arrive adds the slices in split order (the result
+    does not depend on which program came last) and zeroes the counter for the next call.
+    Returns (sum, is_last)."""
+    pid_k = tl.program_id(1)
+    rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(part_ptr + pid_k * M * N + rows, acc, mask=mask)
+    if not INTERPRET:  # each thread's partial visible device-wide before the count
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros(acc.shape, dtype=tl.float32)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(part_ptr + s * M * N + rows, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(count_ptr + tile, 0)
+    return total, last
+
+
 @triton.jit(do_not_specialize=["M"])
-def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
-                     stride_xm, stride_wn, stride_om,
+def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                     M, N, K, stride_xm, stride_wn, stride_om,
                      QUANT: tl.constexpr, XS_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, AMAX_BLOCK: tl.constexpr,
                      PROMOTE_K: tl.constexpr, ROWS: tl.constexpr, PREFETCH: tl.constexpr,
-                     PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                     PDL: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     """out[BLOCK_M, BLOCK_N] tile = (x_q @ w_q^T) * x_scale * w_scale (+ bias).
 
     QUANT_NONE: x is e4m3fn, x scales in xs_ptr ([M] with XS_PER_ROW, else [1]).
@@ -107,6 +133,8 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
     mantissa). PREFETCH: bytes of each of the program's weight rows asked into L2 first
     thing, so the weight streams while the program waits (PDL: for the quantize kernel
     this one was launched behind) or computes the rows' amax.
+    SPLIT_K > 1 (QUANT_NONE only): program_id(1) takes the SPLIT_K-th part of K it names (K a
+    multiple of SPLIT_K * BLOCK_K), and the tile is finished by _split_k_fixup.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -166,9 +194,13 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
         x_inv = tl.div_rn(1.0, x_scale)
         x_scale_2d = x_scale
         x_inv_2d = x_inv
+    else:
+        x_scale = 0.0  # read in the epilogue
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    k_len = K // SPLIT_K
+    k_start = tl.program_id(1) * k_len
+    for k in range(k_start, k_start + k_len, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_rows + (k + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
             w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None], other=0.0)
@@ -189,6 +221,23 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
         mask_m = offs_m < M
         if QUANT == 1:
             x_scale = _pad_rows(x_scale[:, None], ROWS, BLOCK_M).reshape(BLOCK_M)
+    if SPLIT_K == 1:
+        _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
+                      mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
+    else:
+        tile = pid_m * num_n + pid_n
+        acc, last = _split_k_fixup(acc, part_ptr, count_ptr, tile, offs_m, offs_n,
+                                   mask_m[:, None] & mask_n[None, :], M, N, SPLIT_K, INTERPRET)
+        if last:
+            _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n,
+                          mask_m, mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
+
+
+@triton.jit
+def _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
+                  mask_n, stride_om, QUANT: tl.constexpr, XS_PER_ROW: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """out = acc * x_scale * w_scale (+ bias), in the output's dtype."""
     if QUANT == 0:
         if XS_PER_ROW:
             x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
@@ -217,7 +266,9 @@ class GemmConfig:
     programs; why it is this slow is not understood yet), so gemm_config never picks it.
     pdl: the GEMM is launched behind _quant_kernel with programmatic dependent launch.
     prefetch: bytes of each weight row the program asks into L2 before anything else.
-    promote_k: see PROMOTE_K in _fp8_gemm_kernel."""
+    promote_k: see PROMOTE_K in _fp8_gemm_kernel.
+    split_k: programs a tile's K is split over (_split_k_fixup sums them; used where K
+    divides into split_k * block_k and x comes quantized, else 1)."""
     block_m: int
     block_n: int
     block_k: int
@@ -228,10 +279,12 @@ class GemmConfig:
     promote_k: int = 128
     prefetch: int = 0
     pdl: bool = False
+    split_k: int = 1
 
     def tag(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}"
                 f"s{self.num_stages}{'F' if self.fuse_quant else ''}"
+                f"{f'k{self.split_k}' if self.split_k > 1 else ''}"
                 f"{f'g{self.group_m}' if self.group_m > 1 else ''}"
                 f"{f'p{self.prefetch}' if self.prefetch else ''}{'L' if self.pdl else ''}")
 
@@ -266,7 +319,8 @@ def kernel_constexprs(cfg: GemmConfig, M: int, K: int, static: bool, has_bias: b
     quant = (QUANT_STATIC if static else QUANT_DYNAMIC) if cfg.fuse_quant else QUANT_NONE
     rows = triton.next_power_of_2(M) if cfg.fuse_quant and cfg.block_m == 16 and M <= 16 else 0
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    return dict(
+    split_k = cfg.split_k if quant == QUANT_NONE and K % (cfg.split_k * block_k) == 0 else 1
+    return dict(SPLIT_K=split_k,
         QUANT=quant, XS_PER_ROW=quant == QUANT_NONE, HAS_BIAS=has_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         EVEN_K=K % block_k == 0,
@@ -313,14 +367,36 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
         a, a_scale = x, input_scale
     else:
         a, a_scale, _ = _input(x, input_scale, launch_dependents=meta["PDL"])
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _fp8_gemm_kernel[grid](
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    split = meta["SPLIT_K"]
+    part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) \
+        if split > 1 else out
+    _fp8_gemm_kernel[(tiles, split)](
         a, a_scale if a_scale is not None else weight_scale, weight, weight_scale,
-        bias if bias is not None else weight_scale, out, M, N, K,
+        bias if bias is not None else weight_scale, out, part,
+        split_k_counters(out.device, tiles) if split > 1 else weight_scale, M, N, K,
         a.stride(0), weight.stride(0), out.stride(0), **meta,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if meta["PDL"] else {}))
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The arrival counters of split-K tiles (_split_k_fixup): zeros, shared by every call
+    on the device (each call leaves them zero; calls on one stream run one after another).
+    First needed outside a CUDA-graph capture (the eager warm-up before it), since the
+    buffer must outlive any graph's memory pool; it grows to the largest tile count."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters first needed inside a CUDA-graph capture; "
+                               "run the shape once eagerly first")
+        have = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32,
+                                               device=device)
+    return have
 
 
 def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,

@@ -109,11 +109,14 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch_size: int) -> None:
         """CUDA-graph the decode step for every batch bucket up to max_batch_size."""
-        if self.device.type != "cuda" or self.mapping.pp_size > 1:
-            return  # pipeline stages talk point to point: eager for now
+        if self.device.type != "cuda":
+            return
+        m = self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, self.block_size,
-                                   self.num_blocks, self.device)
+        self.graphs = DecodeGraphs(
+            self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
+            self.device, prev_rank=None if m.is_first_pp_rank else m.rank - m.tp_size,
+            next_rank=None if m.is_last_pp_rank else m.rank + m.tp_size)
         seconds = self.graphs.capture()
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
@@ -122,8 +125,9 @@ class ModelRunner:
         """Compile the eager path's kernels now rather than inside the first requests:
         one mixed step (a prompt and a decode row) for each query-tile size the prefill
         attention kernel picks, then the greedy and the random sampler. Writes K/V only
-        into the scratch block no request owns. Seconds taken (0 off CUDA / with PP)."""
-        if self.device.type != "cuda" or self.mapping.pp_size > 1:
+        into the scratch block no request owns. Seconds taken (0 off CUDA). Pipeline
+        stages run it together (each passes its activations on; the last samples)."""
+        if self.device.type != "cuda":
             return 0.0
         started = time.perf_counter()
         bs, scratch = self.block_size, self.num_blocks
@@ -144,7 +148,8 @@ class ModelRunner:
                 max_query_len=length, max_seq_len=length + 1)
             ids = torch.ones(length + 1, dtype=torch.int64, device=self.device)
             hidden = self._forward(ids, self._to_device(positions, torch.int64), meta)
-            logits = self.model.compute_logits(hidden[length - 1:])
+            if hidden is not None:
+                logits = self.model.compute_logits(hidden[length - 1:])
         if logits is not None:
             rows = logits.shape[0]
 
