@@ -293,12 +293,13 @@ def gemm_config(M: int, N: int, K: int) -> GemmConfig:
     """The Triton launch for an [M, K] x [N, K]^T product, measured on an H200 at the
     Llama-3.1-8B shapes (benchmarks/fp8_gemm.py --sweep). fp8_linear uses it up to
     M = 64 (_use_scaled_mm); above, it is the fallback for what _scaled_mm cannot take."""
-    long_rows = N >= 16384 or (K >= 8192 and M <= 4)
     if M <= 16:  # mma.sync tiles of 16 rows, 32 weight rows per program
-        if long_rows:  # prefetch + PDL: 36.7 vs 43.0 us (28672x4096), 23.1 vs 26.8 (4096x14336)
-            return GemmConfig(16, 32, 512, 4, 4, prefetch=2048, pdl=True)
-        if K >= 8192:  # M 5..16 at K = 14336: PDL measured 10% slower
-            return GemmConfig(16, 32, 256, 4, 4)
+        # From `fp8_gemm.py --grid` (the GEMM alone on a quantized input, as the fused
+        # RMSNorm / SiLU*mul kernels hand it over), M = 1 / 16, us:
+        if N >= 16384:  # 3 stages: 30.9 / 32.2 vs 37.1 / 38.4 with a 2 KB L2 prefetch
+            return GemmConfig(16, 32, 256, 4, 3, pdl=True)
+        if K >= 8192:  # split-K over 2: 19.4 / 20.3 vs 23.5 / 23.6 in one
+            return GemmConfig(16, 32, 512, 4, 3, pdl=True, split_k=2)
         return GemmConfig(16, 32, 256, 4, 4, pdl=True)  # 10.1 vs 10.7 us at 4096x4096
     if M <= 64:  # wgmma tiles of 64 rows
         if N >= 16384:  # wide tiles: 4x fewer programs re-read x (34.6 vs 46.9 us)
