@@ -53,6 +53,34 @@ def test_compare_hf_without_transformers_names_the_extra(tiny_engines, monkeypat
     assert "pip install 'kiln[hf]'" in capsys.readouterr().err
 
 
+def test_compare_hf_out_of_memory_keeps_kilns_result(tiny_engines, monkeypatch, capsys,
+                                                     tmp_path):
+    """transformers running out of memory (Mixtral's experts at 64 x 1000 tokens on an
+    H200) is reported as such; kiln's numbers are printed and written all the same."""
+    import json
+
+    import torch
+
+    from kiln.bench import offline
+    from kiln.cli import main
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB.\nmore")
+
+    monkeypatch.setattr(offline, "_run_hf", oom)
+    out = tmp_path / "r.json"
+    code = main(["bench", "throughput", str(tiny_engines["llama"]), "--compare-hf",
+                 "--input-len", "8", "--output-len", "2", "--num-requests", "2",
+                 "--device", "cpu", "--out", str(out)])
+    assert code in (0, None)
+    text = capsys.readouterr().out
+    assert "transformers did not finish: out of memory at batch 2: CUDA out of memory. " \
+        "Tried to allocate 14.00 GiB." in text
+    result = json.loads(out.read_text())
+    assert result["kiln"]["output_tok_s"] > 0 and "transformers" not in result
+    assert result["transformers_error"].startswith("out of memory at batch 2")
+
+
 def test_gpu_without_triton_and_plots_without_matplotlib(monkeypatch, tmp_path, capsys):
     import importlib.util
 

@@ -310,10 +310,19 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["achieved_bandwidth_gb_s"] = needed / (kiln["tpot_ms"] / 1000) / 1e9
         result["fraction_of_roofline"] = result["roofline_tpot_ms"] / kiln["tpot_ms"]
     if args.compare_hf:
+        k = kiln
+        print(f"kiln: {k['output_tok_s']:.1f} out tok/s, TTFT {k['ttft_ms']:.1f} ms, TPOT "
+              f"{k['tpot_ms']:.2f} ms; now transformers on the same weights", flush=True)
         batch = args.hf_batch or min(len(prompts), 64)
-        result["transformers"] = _run_hf(engine, prompts, args.output_len, batch)
-        result["speedup_output_tok_s"] = kiln["output_tok_s"] / \
-            result["transformers"]["output_tok_s"]
+        try:
+            result["transformers"] = _run_hf(engine, prompts, args.output_len, batch)
+        except torch.OutOfMemoryError as e:  # transformers' own limit, kiln's result stands
+            torch.cuda.empty_cache()
+            result["transformers_error"] = f"out of memory at batch {batch}: " \
+                f"{str(e).splitlines()[0]}"
+        else:
+            result["speedup_output_tok_s"] = kiln["output_tok_s"] / \
+                result["transformers"]["output_tok_s"]
     _report(result, args.out)
     return result
 
@@ -354,6 +363,9 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               "tokens per verify step")
     if "speedup_output_tok_s" in result:
         print(f"kiln / transformers: {result['speedup_output_tok_s']:.1f}x output tokens/s")
+    if "transformers_error" in result:
+        print(f"transformers did not finish: {result['transformers_error']} (a smaller "
+              "--hf-batch may fit)")
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
         _plot(rows, result, Path(out).with_suffix(".png"))
