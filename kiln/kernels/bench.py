@@ -147,7 +147,8 @@ def attention_cases() -> list[tuple[str, str, Fn, Fn, Fn | None, float, float]]:
                             k_scale=k_scale, v_scale=v_scale),
                     None, None, batch * ctx * kv_token_bytes / 2,
                     4 * batch * ctx * HEADS * HEAD_DIM))
-    for num_seqs, new, ctx in ((1, 4096, 4096), (8, 1024, 1024), (4, 512, 4096)):
+    for num_seqs, new, ctx in ((1, 4096, 4096), (1, 8192, 8192), (8, 1024, 1024),
+                               (4, 512, 4096)):
         q, k_cache, v_cache, tables, starts = _paged([ctx] * num_seqs, [new] * num_seqs)
         qsl = torch.tensor(starts, dtype=torch.int32, device="cuda")
         lens = torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda")
