@@ -61,13 +61,13 @@ def test_compare_hf_out_of_memory_keeps_kilns_result(tiny_engines, monkeypatch, 
 
     import torch
 
-    from kiln.bench import offline
+    from kiln.bench import hf_reference
     from kiln.cli import main
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB.\nmore")
 
-    monkeypatch.setattr(offline, "_run_hf", oom)
+    monkeypatch.setattr(hf_reference, "run_hf", oom)
     out = tmp_path / "r.json"
     code = main(["bench", "throughput", str(tiny_engines["llama"]), "--compare-hf",
                  "--input-len", "8", "--output-len", "2", "--num-requests", "2",

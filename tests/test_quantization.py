@@ -229,15 +229,15 @@ def test_cli_bad_quantization_is_one_line(tiny_checkpoints, tmp_path):
 
 
 def test_fp8_on_a_card_without_fp8_is_refused(monkeypatch):
-    from kiln.runtime import model_runner
+    from kiln.runtime import weights
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(KilnError, match=r"NVIDIA A100 \(sm_80\) cannot run; FP8 needs"):
-        model_runner._check_fp8_support("fp8", "auto", torch.device("cuda", 0))
+        weights.check_fp8_support("fp8", "auto", torch.device("cuda", 0))
     with pytest.raises(KilnError, match="KV cache"):
-        model_runner._check_fp8_support("none", "fp8", torch.device("cuda", 0))
-    model_runner._check_fp8_support("none", "int8", torch.device("cuda", 0))  # int8 is fine
+        weights.check_fp8_support("none", "fp8", torch.device("cuda", 0))
+    weights.check_fp8_support("none", "int8", torch.device("cuda", 0))  # int8 is fine
 
 
 def test_calibration_reads_unquantized_linear_inputs():

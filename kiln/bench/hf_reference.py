@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from kiln.build.engine_dir import load_engine_config, rank_file
 from kiln.config import ModelConfig
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import LLMEngine
 
 _HF_CONFIG = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
               "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config",
@@ -137,3 +143,49 @@ def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "c
     if cfg.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
+
+
+def release_device_memory(engine: LLMEngine) -> None:
+    """Give the measured engine's weights, KV pool and CUDA graphs back to the GPU, so that
+    transformers can load the same weights next (Mixtral-8x7B fits an H200 only once)."""
+    runner = engine.runner
+    runner.graphs = None
+    runner.kv_cache = None
+    for layer in runner.model.attention_layers():
+        layer.k_cache = layer.v_cache = torch.empty(0)
+    runner.model.to("meta")
+    torch.cuda.empty_cache()
+
+
+def run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
+           batch: int) -> dict[str, Any]:
+    """transformers `generate` (greedy, every output to output_len) on the engine's weights
+    and prompts, `batch` prompts at a time, after the engine's memory is given back."""
+    if engine.device.type == "cuda":
+        release_device_memory(engine)
+    model = hf_model_from_engine(engine.engine_dir, engine.device)
+
+    def generate(chunk: list[list[int]], n: int, model=model) -> None:
+        ids = torch.tensor(chunk, device=engine.device)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    generate(prompts[:1], 2)  # warm up
+    started = time.perf_counter()
+    generate(prompts[:1], 1)
+    ttft = time.perf_counter() - started
+    started = time.perf_counter()
+    for i in tqdm(range(0, len(prompts), batch), desc="transformers", leave=False):
+        generate(prompts[i:i + batch], output_len)
+    elapsed = time.perf_counter() - started
+    per_batch = elapsed / -(-len(prompts) // batch)
+    del model
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"seconds": elapsed, "ttft_ms": 1000 * ttft,
+            "tpot_ms": 1000 * (per_batch - ttft) / max(output_len - 1, 1),
+            "output_tok_s": len(prompts) * output_len / elapsed,
+            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}

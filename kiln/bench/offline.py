@@ -185,52 +185,6 @@ def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     return result
 
 
-def _release_device_memory(engine: LLMEngine) -> None:
-    """Give the measured engine's weights, KV pool and CUDA graphs back to the GPU, so that
-    transformers can load the same weights next (Mixtral-8x7B fits an H200 only once)."""
-    runner = engine.runner
-    runner.graphs = None
-    runner.kv_cache = None
-    for layer in runner.model.attention_layers():
-        layer.k_cache = layer.v_cache = torch.empty(0)
-    runner.model.to("meta")
-    torch.cuda.empty_cache()
-
-
-def _run_hf(engine: LLMEngine, prompts: list[list[int]], output_len: int,
-            batch: int) -> dict[str, Any]:
-    from kiln.bench.hf_reference import hf_model_from_engine
-
-    if engine.device.type == "cuda":
-        _release_device_memory(engine)
-    model = hf_model_from_engine(engine.engine_dir, engine.device)
-
-    def generate(chunk: list[list[int]], n: int, model=model) -> None:
-        ids = torch.tensor(chunk, device=engine.device)
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    generate(prompts[:1], 2)  # warm up
-    started = time.perf_counter()
-    generate(prompts[:1], 1)
-    ttft = time.perf_counter() - started
-    started = time.perf_counter()
-    for i in tqdm(range(0, len(prompts), batch), desc="transformers", leave=False):
-        generate(prompts[i:i + batch], output_len)
-    elapsed = time.perf_counter() - started
-    per_batch = elapsed / -(-len(prompts) // batch)
-    del model
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"seconds": elapsed, "ttft_ms": 1000 * ttft,
-            "tpot_ms": 1000 * (per_batch - ttft) / max(output_len - 1, 1),
-            "output_tok_s": len(prompts) * output_len / elapsed,
-            "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed}
-
-
 def measured_copy_bandwidth(device: torch.device) -> float | None:
     """Device memory bandwidth in GB/s from a large device-to-device copy (read + write)."""
     if device.type != "cuda":
@@ -310,12 +264,15 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["achieved_bandwidth_gb_s"] = needed / (kiln["tpot_ms"] / 1000) / 1e9
         result["fraction_of_roofline"] = result["roofline_tpot_ms"] / kiln["tpot_ms"]
     if args.compare_hf:
+        from kiln.bench import hf_reference
+
         k = kiln
         print(f"kiln: {k['output_tok_s']:.1f} out tok/s, TTFT {k['ttft_ms']:.1f} ms, TPOT "
               f"{k['tpot_ms']:.2f} ms; now transformers on the same weights", flush=True)
         batch = args.hf_batch or min(len(prompts), 64)
         try:
-            result["transformers"] = _run_hf(engine, prompts, args.output_len, batch)
+            result["transformers"] = hf_reference.run_hf(engine, prompts, args.output_len,
+                                                          batch)
         except torch.OutOfMemoryError as e:  # transformers' own limit, kiln's result stands
             torch.cuda.empty_cache()
             result["transformers_error"] = f"out of memory at batch {batch}: " \

@@ -14,18 +14,15 @@ from H200 measurements that `python benchmarks/fp8_gemm.py --sweep` repeats:
 
 * M <= 64 (decode): the Triton kernel _fp8_gemm_kernel, tiles of 16 rows (mma.sync; the
   fp8 operands widened to f16, float32 accumulation) up to 16 tokens, 64 rows (fp8
-  wgmma) up to 64, 32 weight rows per program so that every SM streams the weight.
-  x is quantized by _quant_kernel first; the GEMM is launched behind it with
-  programmatic dependent launch (PDL: its programs start, and ask their first weight
-  bytes into L2, while the quantization runs). At 1-16 tokens this is 1.25-1.9x faster
-  than _scaled_mm and 1.2-1.55x faster than the bf16 F.linear on the same shapes.
+  wgmma) up to 64, 32 weight rows per program so that every SM streams the weight, K
+  split over programs where it is long (kiln.kernels.split_k). x comes quantized from the
+  fused RMSNorm / SiLU*mul kernels, or from _quant_kernel (then the GEMM is launched
+  behind it with programmatic dependent launch). At 1-16 tokens this is 1.25-1.9x
+  faster than _scaled_mm and 1.2-1.55x faster than the bf16 F.linear on the same shapes.
 * M > 64 (prefill): torch._scaled_mm (rowwise scales, bf16/fp16/fp32 out) on x_q from
   _quant_kernel: up to 1.6x faster than the Triton kernel's large tiles (even at
-  M = 128 on the smallest shape).
-
-The kernel can also quantize x itself (GemmConfig.fuse_quant: one launch instead of two),
-bit-identical, but measured 2.4-5.8x slower than the two launches at M = 1, so the
-dispatch does not use it (see GemmConfig).
+  M = 128 on the smallest shape). (The kernel can also quantize x itself, but slower:
+  see GemmConfig.fuse_quant.)
 
 Everything is CUDA-graph safe: launches depend only on shapes, no value is read on the
 host. Under TRITON_INTERPRET=1 (CPU tests) the kernels follow the CPU reference (see
@@ -59,6 +56,7 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
     quantize_fp8_per_token,
     quantize_fp8_static,
 )
+from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 # ---- GEMM -----------------------------------------------------------------------------
 
@@ -82,32 +80,6 @@ def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
     if ROWS * 2 <= BLOCK_M:
         q = _double_rows(q)
     return q
-
-
-@triton.jit
-def _split_k_fixup(acc, part_ptr, count_ptr, tile, offs_m, offs_n, mask, M, N,
-                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """Split-K without extra kernels: each of the SPLIT_K programs of a tile stores its
-    partial sum in its own slice of part_ptr ([SPLIT_K, M, N] float32) and counts itself
-    in at count_ptr[tile]; the last to arrive adds the slices in split order (the result
-    does not depend on which program came last) and zeroes the counter for the next call.
-    Returns (sum, is_last)."""
-    pid_k = tl.program_id(1)
-    rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    tl.store(part_ptr + pid_k * M * N + rows, acc, mask=mask)
-    if not INTERPRET:  # each thread's partial visible device-wide before the count
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT_K - 1
-    total = tl.zeros(acc.shape, dtype=tl.float32)
-    if last:
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(part_ptr + s * M * N + rows, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-        tl.store(count_ptr + tile, 0)
-    return total, last
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -134,7 +106,7 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
     thing, so the weight streams while the program waits (PDL: for the quantize kernel
     this one was launched behind) or computes the rows' amax.
     SPLIT_K > 1 (QUANT_NONE only): program_id(1) takes the SPLIT_K-th part of K it names (K a
-    multiple of SPLIT_K * BLOCK_K), and the tile is finished by _split_k_fixup.
+    multiple of SPLIT_K * BLOCK_K), and the tile is finished by split_k_fixup.
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -226,8 +198,9 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
                       mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
     else:
         tile = pid_m * num_n + pid_n
-        acc, last = _split_k_fixup(acc, part_ptr, count_ptr, tile, offs_m, offs_n,
-                                   mask_m[:, None] & mask_n[None, :], M, N, SPLIT_K, INTERPRET)
+        acc, last = split_k_fixup(acc, part_ptr, count_ptr, tile,
+                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+                                  mask_m[:, None] & mask_n[None, :], M * N, SPLIT_K, INTERPRET)
         if last:
             _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n,
                           mask_m, mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
@@ -267,7 +240,7 @@ class GemmConfig:
     pdl: the GEMM is launched behind _quant_kernel with programmatic dependent launch.
     prefetch: bytes of each weight row the program asks into L2 before anything else.
     promote_k: see PROMOTE_K in _fp8_gemm_kernel.
-    split_k: programs a tile's K is split over (_split_k_fixup sums them; used where K
+    split_k: programs a tile's K is split over (split_k_fixup sums them; used where K
     divides into split_k * block_k and x comes quantized, else 1)."""
     block_m: int
     block_n: int
@@ -290,9 +263,8 @@ class GemmConfig:
 
 
 def gemm_config(M: int, N: int, K: int) -> GemmConfig:
-    """The Triton launch for an [M, K] x [N, K]^T product, measured on an H200 at the
-    Llama-3.1-8B shapes (benchmarks/fp8_gemm.py --sweep). fp8_linear uses it up to
-    M = 64 (_use_scaled_mm); above, it is the fallback for what _scaled_mm cannot take."""
+    """The Triton launch for an [M, K] x [N, K]^T product (H200, Llama-3.1-8B shapes), used
+    up to M = 64 (_use_scaled_mm); above, the fallback for what _scaled_mm cannot take."""
     if M <= 16:  # mma.sync tiles of 16 rows, 32 weight rows per program
         # From `fp8_gemm.py --grid` (the GEMM alone on a quantized input, as the fused
         # RMSNorm / SiLU*mul kernels hand it over), M = 1 / 16, us:
@@ -380,24 +352,6 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if meta["PDL"] else {}))
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The arrival counters of split-K tiles (_split_k_fixup): zeros, shared by every call
-    on the device (each call leaves them zero; calls on one stream run one after another).
-    First needed outside a CUDA-graph capture (the eager warm-up before it), since the
-    buffer must outlive any graph's memory pool; it grows to the largest tile count."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split-K counters first needed inside a CUDA-graph capture; "
-                               "run the shape once eagerly first")
-        have = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32,
-                                               device=device)
-    return have
 
 
 def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from kiln.build.engine_dir import rank_file
 from kiln.config import EngineConfig
@@ -20,7 +19,6 @@ from kiln.distributed.comm import (
     pp_recv,
     pp_send,
 )
-from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
@@ -31,6 +29,7 @@ from kiln.runtime.request import PLACEHOLDER
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.step import PendingStep
+from kiln.runtime.weights import check_fp8_support, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,14 @@ class ModelRunner:
         cfg = engine.model
         build = engine.build
         self.kv_dtype = kv_cache_torch_dtype(build.kv_cache_dtype, self.dtype)
-        _check_fp8_support(build.quantization, build.kv_cache_dtype, device)
+        check_fp8_support(build.quantization, build.kv_cache_dtype, device)
         quant = QuantConfig(build.quantization if build.quantized else "none",
                             build.activation_scheme, build.quant_ignore, build.group_size,
                             tuple(build.quant_layers.items()))
         self.model = create_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
                                   quant=quant, kv_cache_dtype=build.kv_cache_dtype)
         # The engine dir holds exactly the parameters, in place: no conversion here.
-        missing, unexpected = _load_weights(self.model, rank_file(engine_dir,
+        missing, unexpected = load_weights(self.model, rank_file(engine_dir,
                                                                   self.mapping.rank), device)
         if cfg.tie_word_embeddings:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
@@ -378,39 +377,3 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden) if hidden is not None else torch.empty(
             input_ids.shape[0], self.engine.model.vocab_size, device=self.device)
         return broadcast_from(logits.contiguous(), self.last_stage_rank)
-
-
-def _load_weights(model: torch.nn.Module, path: Path, device: torch.device,
-                  batch_bytes: int = 1 << 30) -> tuple[list[str], list[str]]:
-    """The engine file's tensors assigned to the model's parameters, about a GiB at a
-    time: the model's own (uninitialised) parameters are released as their replacements
-    arrive, so loading needs the model's memory plus one batch, not twice the model
-    (Mixtral-8x7B: 93 GB on a 141 GB GPU). Returns (missing, unexpected) names."""
-    expected = set(model.state_dict())
-    loaded, unexpected = set(), []
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        batch, size = {}, 0
-        names = list(f.keys())
-        for i, name in enumerate(names):
-            batch[name] = f.get_tensor(name)
-            size += batch[name].numel() * batch[name].element_size()
-            if size >= batch_bytes or i == len(names) - 1:
-                result = model.load_state_dict(batch, strict=False, assign=True)
-                unexpected += result.unexpected_keys
-                loaded.update(batch)
-                batch, size = {}, 0
-    return sorted(expected - loaded), unexpected
-
-
-def _check_fp8_support(quantization: str, kv_cache_dtype: str, device: torch.device) -> None:
-    """FP8 tensor cores and e4m3 conversions need compute capability 8.9 (Ada, Hopper)."""
-    if device.type != "cuda" or "fp8" not in (quantization, kv_cache_dtype):
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        what = "weights" if quantization == "fp8" else "KV cache"
-        raise KilnError(f"this engine uses FP8 ({what}), which {name} (sm_{major}{minor}) "
-                        "cannot run; FP8 needs "
-                        "sm_89 or newer (L4, L40S, H100, H200). Rebuild with --quantization "
-                        "none / --kv-cache-dtype int8, or run on the CPU (--device cpu)")

@@ -1,0 +1,57 @@
+"""Split-K finished inside the kernel: no zero-fill before it, no conversion after it.
+
+A tile's K range is split over SPLIT_K programs (program_id(1) names the split). Each
+stores its float32 partial sums in its own slice of a workspace ([SPLIT_K, elems]) and
+counts itself in at a per-tile counter (an atomic with acquire-release order, after a
+fence that makes every thread's stores visible device-wide); the program that arrives
+last adds the slices in split order, so the result does not depend on arrival order
+(unlike float atomics into one buffer), writes the output, and zeroes the counter for
+the next call. The counters live in one zeroed buffer per device that every call leaves
+zeroed again; calls on one stream run one after another, so they never overlap.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems,
+                  SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc: this program's partial sums at element offsets `offs` (any shape, < elems) of
+    its tile's output. Returns (the sum over all splits, whether this program is the last
+    of its tile); only the last program's sum is complete."""
+    pid_k = tl.program_id(1)
+    tl.store(part_ptr + pid_k * elems + offs, acc, mask=mask)
+    if not INTERPRET:  # each thread's partials visible device-wide before the count
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r",
+                                  [tl.arange(0, 1)], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros(acc.shape, dtype=tl.float32)
+    if last:
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(part_ptr + s * elems + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(count_ptr + tile, 0)
+    return total, last
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The arrival counters (zeros, shared by every call on the device). First needed
+    outside a CUDA-graph capture (the eager warm-up before it), since the buffer must
+    outlive any graph's memory pool; it grows to the largest tile count seen."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K counters first needed inside a CUDA-graph capture; "
+                               "run the shape once eagerly first")
+        have = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32,
+                                               device=device)
+    return have

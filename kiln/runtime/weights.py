@@ -1,0 +1,46 @@
+"""Loading an engine's weights onto its device, and what the device must support."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kiln.errors import KilnError
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device,
+                 batch_bytes: int = 1 << 30) -> tuple[list[str], list[str]]:
+    """The engine file's tensors assigned to the model's parameters, about a GiB at a
+    time: the model's own (uninitialised) parameters are released as their replacements
+    arrive, so loading needs the model's memory plus one batch, not twice the model
+    (Mixtral-8x7B: 93 GB on a 141 GB GPU). Returns (missing, unexpected) names."""
+    expected = set(model.state_dict())
+    loaded, unexpected = set(), []
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        batch, size = {}, 0
+        names = list(f.keys())
+        for i, name in enumerate(names):
+            batch[name] = f.get_tensor(name)
+            size += batch[name].numel() * batch[name].element_size()
+            if size >= batch_bytes or i == len(names) - 1:
+                result = model.load_state_dict(batch, strict=False, assign=True)
+                unexpected += result.unexpected_keys
+                loaded.update(batch)
+                batch, size = {}, 0
+    return sorted(expected - loaded), unexpected
+
+
+def check_fp8_support(quantization: str, kv_cache_dtype: str, device: torch.device) -> None:
+    """FP8 tensor cores and e4m3 conversions need compute capability 8.9 (Ada, Hopper)."""
+    if device.type != "cuda" or "fp8" not in (quantization, kv_cache_dtype):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        what = "weights" if quantization == "fp8" else "KV cache"
+        raise KilnError(f"this engine uses FP8 ({what}), which {name} (sm_{major}{minor}) "
+                        "cannot run; FP8 needs "
+                        "sm_89 or newer (L4, L40S, H100, H200). Rebuild with --quantization "
+                        "none / --kv-cache-dtype int8, or run on the CPU (--device cpu)")
