@@ -197,10 +197,10 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
         _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
                       mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
     else:
-        tile = pid_m * num_n + pid_n
-        acc, last = split_k_fixup(acc, part_ptr, count_ptr, tile,
+        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_m * num_n + pid_n,
                                   offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
-                                  mask_m[:, None] & mask_n[None, :], M * N, SPLIT_K, INTERPRET)
+                                  mask_m[:, None] & mask_n[None, :], M * N, offs_n, SPLIT_K,
+                                  INTERPRET)
         if last:
             _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n,
                           mask_m, mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)

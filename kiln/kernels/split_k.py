@@ -18,16 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
-def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems,
+def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems, lanes,
                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     """acc: this program's partial sums at element offsets `offs` (any shape, < elems) of
-    its tile's output. Returns (the sum over all splits, whether this program is the last
-    of its tile); only the last program's sum is complete."""
+    its tile's output. lanes: a small 1-D int32 tensor laid out over the program's threads
+    (e.g. the tile's column offsets), on which the memory fence runs, so that every thread
+    fences its own stores. Returns (the sum over all splits, whether this program is the
+    last of its tile); only the last program's sum is complete."""
     pid_k = tl.program_id(1)
     tl.store(part_ptr + pid_k * elems + offs, acc, mask=mask)
     if not INTERPRET:  # each thread's partials visible device-wide before the count
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r",
-                                  [tl.arange(0, 1)], dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [lanes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
     last = arrived == SPLIT_K - 1
