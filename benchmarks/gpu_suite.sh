@@ -11,7 +11,9 @@
 # kiln bench stages (latency*, ttft, throughput*; not build8b or the -hf ones), RUN_TAG a
 # suffix to their result files (A/B runs of one stage), MODEL
 # another random-weight preset than llama-3.1-8b (e.g. MODEL=gemma-2-9b, mixtral-8x7b:
-# 93 GB of bf16 weights, so KILN_CACHE on a disk that holds them: nvidia-h200-x2).
+# 93 GB of bf16 weights, so KILN_CACHE on a disk that holds them: nvidia-h200-x2; or
+# EXTRA_ARGS="--load-format dummy": nothing stored, each rank draws its weights on its GPU,
+# the way to run llama-3.1-70b / llama-3.1-405b; not with the -hf stages).
 # Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-weights", action="store_true",
                    help="random weights of a real architecture (see --config), for speed tests")
     p.add_argument("--config", help="preset for --random-weights: llama-3.1-8b, llama-3.2-1b, "
-                   "llama-3.2-3b, llama-3.1-70b, qwen2.5-7b, qwen3-8b, mistral-7b, "
+                   "llama-3.2-3b, llama-3.1-70b, llama-3.1-405b, qwen2.5-7b, qwen3-8b, "
+                   "mistral-7b, "
                    "mixtral-8x7b, gemma-2-9b, phi-2, falcon-7b, bloom-7b1, smollm2-135m")
     add_build_arguments(p)
     p.set_defaults(func=cmd_build)

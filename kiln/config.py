@@ -21,6 +21,10 @@ QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo", "int4_awq", "int4_
                  "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
 ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
+# stored: the weights in the engine dir; dummy: none stored, random values filled in on the
+# device at load (speed measurements of models bigger than the disk, as vLLM's "dummy")
+LOAD_FORMATS = ("stored", "dummy")
+DUMMY_QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo")  # no calibration
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class BuildConfig:
     tp_size: int = 1
     pp_size: int = 1
     random_weights: bool = False
+    load_format: str = "stored"  # see LOAD_FORMATS
     # Quantization (see kiln.layers.quantization). A built engine records what it holds:
     # the method, how activations are scaled, and the linear layers kept in high precision.
     quantization: str = "auto"
@@ -133,6 +138,10 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    help="int4_gptq: round the most used input channels first")
     g.add_argument("--calib-samples", type=int, default=32)
     g.add_argument("--calib-seq-len", type=int, default=512)
+    g.add_argument("--load-format", default=None, choices=LOAD_FORMATS,
+                   help="dummy: store no weights; each rank fills its own with random values "
+                   "on the device at load, quantized as built (speed tests of models bigger "
+                   "than the disk: Llama-3.1-70B, 405B)")
 
 
 LIMITS = ("max_batch_size", "max_num_tokens", "max_seq_len")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from kiln.build.engine_dir import load_engine_config, rank_file
 from kiln.config import ModelConfig
+from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
@@ -115,6 +116,9 @@ def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "c
     engine = load_engine_config(engine_dir)
     if engine.build.tp_size * engine.build.pp_size != 1:
         raise ValueError("the transformers comparison needs a single-rank engine")
+    if engine.build.load_format == "dummy":
+        raise KilnError(f"{engine_dir} stores no weights (--load-format dummy): transformers "
+                        "has nothing to load; build it without --load-format dummy to compare")
     cfg = engine.model
     dtype = getattr(torch, engine.build.dtype)
     with torch.device(device):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from kiln.bench.report import summarize
 from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
+from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.scheduler import POLICIES
@@ -86,6 +87,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
         tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
         tp += f"-pp{args.pp_size}" if args.pp_size > 1 else ""
+        tp += "-dummy" if build_cfg.load_format == "dummy" else ""
         engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
                                                 f"{quant}{kv}{tp}-{build_cfg.max_seq_len}")
         if not (engine_dir / "engine.json").exists():
@@ -224,6 +226,9 @@ def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
 
 def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     engine = _engine(args)
+    if args.compare_hf and engine.config.build.load_format == "dummy":
+        raise KilnError("--compare-hf needs stored weights; this engine was built with "
+                        "--load-format dummy")
     vocab = engine.config.model.vocab_size
     prompts = _prompts(args.num_requests, args.input_len, vocab)
     _run_engine(engine, _prompts(min(len(prompts), 4), args.input_len, vocab, seed=1), 4,

@@ -31,7 +31,9 @@ from kiln.config import (
     ACTIVATION_SCHEMES,
     ACTIVATIONS,
     DTYPES,
+    DUMMY_QUANTIZATIONS,
     KV_CACHE_DTYPES,
+    LOAD_FORMATS,
     QUANTIZATIONS,
     BuildConfig,
     EngineConfig,
@@ -50,10 +52,17 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     if build_cfg.dtype not in (*DTYPES, "auto"):
         raise BuildError(f"--dtype {build_cfg.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
     for name, allowed in (("quantization", QUANTIZATIONS), ("kv_cache_dtype", KV_CACHE_DTYPES),
-                          ("activation_scheme", ACTIVATION_SCHEMES)):
+                          ("activation_scheme", ACTIVATION_SCHEMES),
+                          ("load_format", LOAD_FORMATS)):
         if getattr(build_cfg, name) not in allowed:
             raise BuildError(f"--{name.replace('_', '-')} {getattr(build_cfg, name)!r} is not "
                              f"one of: {', '.join(allowed)}")
+    if build_cfg.load_format == "dummy" and (
+            build_cfg.quantization not in DUMMY_QUANTIZATIONS or build_cfg.calib_file
+            or build_cfg.activation_scheme == "static" or build_cfg.kv_cache_dtype == "int8"):
+        raise BuildError("--load-format dummy stores no weights, so nothing can be calibrated: "
+                         "it takes --quantization none, fp8, int8_wo or int4_wo and "
+                         "--kv-cache-dtype auto or fp8, without --calib-file")
     for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "block_size",
                  "tp_size", "pp_size", "calib_samples", "calib_seq_len"):
         if getattr(build_cfg, name) < 1:
@@ -95,6 +104,10 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
         group_size=plan.quant.group_size, quant_layers=dict(plan.quant.layers),
         quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
+    if build_cfg.load_format == "dummy" and build_cfg.quantization not in DUMMY_QUANTIZATIONS:
+        raise BuildError(f"--load-format dummy cannot hold {build_cfg.quantization} weights "
+                         f"(what {ckpt.source} holds); add --quantization none, fp8, int8_wo "
+                         "or int4_wo")
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +115,14 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
     try:
         started = time.perf_counter()
-        if build_cfg.calib_file:
+        if build_cfg.load_format == "dummy":
+            log.info("load format dummy: no weights stored (random ones filled in at load)")
+        elif build_cfg.calib_file:
             plan.stats = calibrate_checkpoint(ckpt, build_cfg, plan, dtype, progress,
                                               lambda m: load_model(ckpt, build_cfg, m, dtype,
                                                                    plan, progress))
         world = build_cfg.tp_size * build_cfg.pp_size
-        for rank in range(world):
+        for rank in range(world if build_cfg.load_format == "stored" else 0):
             mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
             state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
             save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})

@@ -34,6 +34,9 @@ PRESETS: dict[str, dict] = {
                            num_heads=32, num_kv_heads=8),
     "llama-3.1-70b": _llama(hidden_size=8192, intermediate_size=28672, num_layers=80,
                             num_heads=64, num_kv_heads=8),
+    # 810 GB in bf16, 405 GB in FP8: build it with --load-format dummy (no disk holds it)
+    "llama-3.1-405b": _llama(hidden_size=16384, intermediate_size=53248, num_layers=126,
+                             num_heads=128, num_kv_heads=8),
     "llama-3.2-1b": _llama(hidden_size=2048, intermediate_size=8192, num_layers=16,
                            num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
                            rope_scaling={**_LLAMA3_ROPE, "factor": 32.0}),

@@ -29,7 +29,7 @@ from kiln.runtime.request import PLACEHOLDER
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.step import PendingStep
-from kiln.runtime.weights import check_fp8_support, load_weights
+from kiln.runtime.weights import check_fp8_support, dummy_model, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,15 @@ class ModelRunner:
         quant = QuantConfig(build.quantization if build.quantized else "none",
                             build.activation_scheme, build.quant_ignore, build.group_size,
                             tuple(build.quant_layers.items()))
-        self.model = create_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
-                                  quant=quant, kv_cache_dtype=build.kv_cache_dtype)
-        # The engine dir holds exactly the parameters, in place: no conversion here.
-        missing, unexpected = load_weights(self.model, rank_file(engine_dir,
-                                                                  self.mapping.rank), device)
+        if build.load_format == "dummy":  # random weights made here, quantized as built
+            self.model = dummy_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
+                                     quant, build.kv_cache_dtype)
+            missing, unexpected = [], []
+        else:  # the engine dir holds exactly the parameters, in place: no conversion here
+            self.model = create_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
+                                      quant=quant, kv_cache_dtype=build.kv_cache_dtype)
+            missing, unexpected = load_weights(self.model, rank_file(engine_dir,
+                                                                      self.mapping.rank), device)
         if cfg.tie_word_embeddings:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
             missing = [m for m in missing if m != "lm_head.weight"]

@@ -1,4 +1,5 @@
-"""Loading an engine's weights onto its device, and what the device must support."""
+"""Loading an engine's weights onto its device (or making dummy ones there), and what the
+device must support."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kiln.config import ModelConfig
+from kiln.distributed import Mapping
 from kiln.errors import KilnError
+from kiln.layers.quantization import QuantConfig, quantize_float_model
+from kiln.models import create_model
 
 
 def load_weights(model: torch.nn.Module, path: Path, device: torch.device,
@@ -30,6 +35,30 @@ def load_weights(model: torch.nn.Module, path: Path, device: torch.device,
                 loaded.update(batch)
                 batch, size = {}, 0
     return sorted(expected - loaded), unexpected
+
+
+@torch.no_grad()
+def dummy_model(cfg: ModelConfig, mapping: Mapping, max_seq_len: int, dtype: torch.dtype,
+                device: torch.device, quant: QuantConfig, kv_cache_dtype: str,
+                seed: int = 0) -> torch.nn.Module:
+    """A `--load-format dummy` engine's model: this rank's float parameters drawn on the
+    device as random-weight checkpoints draw them (norm weights 1, the rest N(0, 0.02)),
+    then quantized by the same code a build uses (1-byte KV scales 1.0). Nothing is read
+    from disk; the peak is this rank's float model."""
+    model = create_model(cfg, mapping, max_seq_len, dtype, device,
+                         quant=QuantConfig("none"), kv_cache_dtype="auto")
+    # One seed on every rank: replicated parameters (norms, biases) agree across ranks.
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=generator)
+    if quant.method != "none" or kv_cache_dtype != "auto":
+        quantize_float_model(model, quant, kv_cache_dtype, {}, {})
+    return model
 
 
 def check_fp8_support(quantization: str, kv_cache_dtype: str, device: torch.device) -> None:
