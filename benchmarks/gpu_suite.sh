@@ -61,6 +61,13 @@ for spec in $stages; do
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
     ttft) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 16 --num-requests 1 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
+    ttft-prof) # where a 1000-token prompt's first token goes: host phases (kiln.prepare /
+             # forward / sample) against the kernels' device time, and the gaps between them
+             $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
+             --output-len 2 --num-requests 1 $Q --profile /tmp/ttftprof$tag \
+             --out "$OUT/ttft-prof$tag.json" > "$OUT/ttft-prof$tag.log" 2>&1
+             grep -v "^$" "$OUT/ttft-prof$tag.log" | tail -44
+             python3 benchmarks/trace_gaps.py /tmp/ttftprof$tag/trace.json --out "$OUT/ttft-gaps$tag.json" ;;
     long-ctx) # issue 12's long context: batch-1 decode at a 32k-token context against the
              # roofline counting KV bytes, and the 32k prompt's TTFT beside transformers (SDPA)
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 32000 \
