@@ -33,9 +33,10 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device,
-                 prev_rank: int | None = None, next_rank: int | None = None) -> None:
+                 prev_rank: int | None = None, next_rank: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         """prev_rank / next_rank: the neighbouring pipeline stages' ranks (None: this
-        stage is the first / the last)."""
+        stage is the first / the last); dtype: the activations' (the model's dtype)."""
         self.model = model
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.buckets = batch_buckets(max_batch_size)
@@ -56,7 +57,6 @@ class DecodeGraphs:
         self.intermediate = None
         if prev_rank is not None:  # (hidden, residual) from the previous stage
             hidden = model.config.hidden_size
-            dtype = next(model.parameters()).dtype
             self.intermediate = tuple(torch.zeros(n, hidden, dtype=dtype, device=device)
                                       for _ in range(2))
 

@@ -119,7 +119,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
             self.device, prev_rank=None if m.is_first_pp_rank else m.rank - m.tp_size,
-            next_rank=None if m.is_last_pp_rank else m.rank + m.tp_size)
+            next_rank=None if m.is_last_pp_rank else m.rank + m.tp_size, dtype=self.dtype)
         seconds = self.graphs.capture()
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
