@@ -61,6 +61,10 @@ for spec in $stages; do
              --output-len 256 $Q --out "$OUT/latency-b1$tag.json" 2>&1 | tail -8 ;;
     ttft) $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
              --output-len 16 --num-requests 1 $Q --out "$OUT/ttft$tag.json" 2>&1 | tail -8 ;;
+    ttft-ab) # lone prompts' TTFT (128 / 1000 / 2000 tokens, 5 each), prefill from CUDA
+             # graphs against eager, one engine after the other (benchmarks/ttft.py)
+             $T python3 benchmarks/ttft.py --random-config ${MODEL:-llama-3.1-8b} $Q \
+             --out "$OUT/ttft-ab$tag.json" 2>&1 | tail -8 ;;
     ttft-prof) # where a 1000-token prompt's first token goes: host phases (kiln.prepare /
              # forward / sample) against the kernels' device time, and the gaps between them
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
@@ -71,7 +75,8 @@ for spec in $stages; do
     long-ctx) # issue 12's long context: batch-1 decode at a 32k-token context against the
              # roofline counting KV bytes, and the 32k prompt's TTFT beside transformers (SDPA)
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 32000 \
-             --output-len 128 --num-requests 1 --compare-hf $Q --out "$OUT/long-ctx$tag.json" 2>&1 | tail -10 ;;
+             --output-len 128 --num-requests 1 --compare-hf $Q --max-seq-len 32768 \
+             --out "$OUT/long-ctx$tag.json" 2>&1 | tail -10 ;;
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) $T python3 -m kiln.cli build --random-weights --config ${MODEL:-llama-3.1-8b} \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;

@@ -111,6 +111,32 @@ def test_graphs_and_overlap_keep_tokens(gpu_engines, graphs, overlap):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral"])
+def test_prefill_graphs_keep_tokens(gpu_engines, arch, monkeypatch):
+    """A lone prompt's prefill replays a graph of the next token bucket (padded rows go to
+    the scratch block): the same greedy tokens as the eager prefill (fp32), for prompts at,
+    just past and between the buckets, and one longer than the largest (eager)."""
+    from kiln.runtime.cuda_graphs import PrefillGraphs
+
+    replays = []
+    run = PrefillGraphs.run
+    monkeypatch.setattr(PrefillGraphs, "run",
+                        lambda self, ids, *a: replays.append(ids.shape[0]) or run(self, ids, *a))
+    path = gpu_engines[arch, "float32"]
+    eager = LLMEngine(path, RuntimeConfig(device="cuda", prefill_graph_tokens=0))
+    assert eager.runner.prefill_graphs is None
+    engine = LLMEngine(path, RuntimeConfig(device="cuda", prefill_graph_tokens=256))
+    assert engine.runner.prefill_graphs.buckets == [16, 32, 64, 128, 256]
+    lengths = [1, 15, 16, 17, 100, 256, 300]
+    rng = torch.Generator().manual_seed(0)  # no prompt shares a cached prefix with another
+    prompts = [torch.randint(3, 250, (n,), generator=rng).tolist() for n in lengths]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    for prompt in prompts:  # one at a time: each prefill step holds only that prompt
+        assert run_all(engine, [prompt], params) == run_all(eager, [prompt], params), len(prompt)
+    assert replays == [n for n in lengths if 1 < n <= 256]  # 1 token: a decode graph
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 def test_seeded_sampling_same_on_gpu_with_graphs(gpu_engines):
     path = gpu_engines["llama", "float32"]
     params = SamplingParams(max_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=11)

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--pipeline-depth", type=int, default=None,
                    help="pipeline-parallel engines: micro-batches in flight (default: "
                    "--pp-size)")
+    p.add_argument("--prefill-graph-tokens", type=int, default=2048, metavar="N",
+                   help="a step that only prefills one prompt of up to N tokens replays a "
+                   "CUDA graph (0: eager)")
     p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                    default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
                    "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
@@ -103,7 +106,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         custom_all_reduce=getattr(args, "custom_all_reduce", None),
         speculative_config=args.speculative_config,
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
-        scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth))
+        scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth,
+        prefill_graph_tokens=args.prefill_graph_tokens))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 

@@ -18,6 +18,9 @@ class RuntimeConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graphs: bool = True  # capture decode graphs at load (CUDA only)
+    # With cuda_graphs: a step that only prefills one prompt of up to this many tokens
+    # replays a prefill graph (0: eager), capped by max_num_tokens and max_seq_len.
+    prefill_graph_tokens: int = 2048
     # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
     # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
     overlap_scheduling: bool | None = None

@@ -115,11 +115,11 @@ class LLMEngine:
         # Every layer windowed: blocks behind the window are released.
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
                                  self.config.model.uniform_window, self.streaming)
-        seconds = self.runner.warmup(max_num_tokens, self.max_seq_len)
-        if seconds:
+        if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len):
             log.info("warmed up the eager path in %.1f s", seconds)
         if runtime.cuda_graphs:
-            self.runner.capture_graphs(self.max_batch_size)
+            self.runner.capture_graphs(self.max_batch_size, min(
+                runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len))
         if self.speculator is not None:
             self.speculator.start()
         self.scheduler = Scheduler(

@@ -23,7 +23,7 @@ from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import speculative, transfer
-from kiln.runtime.cuda_graphs import DecodeGraphs
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.runtime.profiling import phase
 from kiln.runtime.request import PLACEHOLDER
 from kiln.runtime.sampler import SamplingBatch, sample
@@ -79,6 +79,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.verify_graphs: speculative.VerifyGraphs | None = None  # set by the Speculator
 
     # ---- KV cache -------------------------------------------------------------------
@@ -110,17 +111,29 @@ class ModelRunner:
         for layer in self.model.attention_layers():
             layer.rotate_keys = True
 
-    def capture_graphs(self, max_batch_size: int) -> None:
-        """CUDA-graph the decode step for every batch bucket up to max_batch_size."""
+    def capture_graphs(self, max_batch_size: int, prefill_tokens: int = 0) -> None:
+        """CUDA-graph the decode step for every batch bucket up to max_batch_size, and a
+        lone prompt's prefill for every token bucket up to prefill_tokens (0: none;
+        single-stage engines only). The prefill graphs, the larger, are captured first
+        and the decode graphs share their memory pool."""
         if self.device.type != "cuda":
             return
         m = self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
+        pool = None
+        prefill_tokens -= prefill_tokens % 16
+        if prefill_tokens >= 16 and m.pp_size == 1:
+            self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, max_blocks,
+                                                self.block_size, self.num_blocks, self.device)
+            seconds = self.prefill_graphs.capture()
+            pool = self.prefill_graphs.pool
+            log.info("captured %d prefill graphs (up to %d tokens) in %.1f s",
+                     len(self.prefill_graphs.buckets), prefill_tokens, seconds)
         self.graphs = DecodeGraphs(
             self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
             self.device, prev_rank=None if m.is_first_pp_rank else m.rank - m.tp_size,
             next_rank=None if m.is_last_pp_rank else m.rank + m.tp_size, dtype=self.dtype)
-        seconds = self.graphs.capture()
+        seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
     @torch.inference_mode()
@@ -257,6 +270,10 @@ class ModelRunner:
                 self.graphs.can_run(len(sampling), meta.block_tables.shape[1]):
             with phase("kiln.forward"):
                 logits, prompt_lp = self.graphs.run(input_ids, positions, meta), {}
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(
+                out.scheduled, input_ids.shape[0], meta.block_tables.shape[1]):
+            with phase("kiln.forward"):
+                logits, prompt_lp = self.prefill_graphs.run(input_ids, positions, meta), {}
         else:
             with phase("kiln.forward"):
                 hidden = self._forward(input_ids, positions, meta)

@@ -58,6 +58,7 @@ def dummy_model(cfg: ModelConfig, mapping: Mapping, max_seq_len: int, dtype: tor
             tensor.normal_(0.0, 0.02, generator=generator)
     if quant.method != "none" or kv_cache_dtype != "auto":
         quantize_float_model(model, quant, kv_cache_dtype, {}, {})
+        model.to(device)  # the 1-byte KV scales are made on the CPU (as a build makes them)
     return model
 
 
