@@ -178,7 +178,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
                     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-                    key_rotary: torch.Tensor | None = None) -> torch.Tensor:
+                    key_rotary: torch.Tensor | None = None, out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Causal attention of q [T, heads, d] over each sequence's paged context.
 
     1-byte caches are read as value * k_scale[head] / v_scale[head]. sliding_window W:
@@ -190,8 +191,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     On CUDA a decode step (max_query_len == 1: token i is sequence i) takes the
     split-K decode kernel, whose launch depends only on static shapes (batch rows and
     block-table width), so it can be captured in a CUDA graph; anything else takes the
-    varlen prefill kernel.
+    varlen prefill kernel. out: where to write the result (piecewise CUDA graphs read it
+    from a fixed buffer).
     """
+    result = _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale,
+                              sliding_window, softcap, alibi_slopes, key_rotary, out)
+    if out is not None and result is not out:
+        out.copy_(result)
+    return result if out is None else out
+
+
+def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window,
+                     softcap, alibi_slopes, key_rotary, out):
     if _triton(q):
         if meta.max_query_len == 1:
             from kiln.kernels.attention_decode import paged_attention_decode
@@ -208,7 +219,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                        meta.max_query_len, scale, k_scale=k_scale,
                                        v_scale=v_scale, sliding_window=sliding_window,
                                        softcap=softcap, alibi_slopes=alibi_slopes,
-                                       key_rotary=key_rotary)
+                                       key_rotary=key_rotary, out=out)
     if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,

@@ -137,6 +137,31 @@ def test_prefill_graphs_keep_tokens(gpu_engines, arch, monkeypatch):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral", "bloom"])
+def test_piecewise_graphs_keep_tokens(gpu_engines, arch, monkeypatch):
+    """Mixed steps (prompts joining running decodes, several prompts at once) replay graph
+    pieces with the attention launched between them: the same greedy tokens as eager
+    steps (fp32), including steps past the largest bucket (eager)."""
+    from kiln.runtime.piecewise_graphs import PiecewiseGraphs
+
+    sizes = []
+    run = PiecewiseGraphs.run
+    monkeypatch.setattr(PiecewiseGraphs, "run",
+                        lambda self, ids, *a: sizes.append(ids.shape[0]) or run(self, ids, *a))
+    path = gpu_engines[arch, "float32"]
+    prompts = make_prompts(20, seed=8) + [list(range(3, 250))] * 2  # 2 x 247: past 256
+    arrivals = [i // 4 for i in range(22)]
+    params = [SamplingParams(max_tokens=5 + i % 7, **GREEDY) for i in range(22)]
+    eager = LLMEngine(path, RuntimeConfig(device="cuda", cuda_graphs=False))
+    want = run_all(eager, prompts, params, arrivals)
+    engine = LLMEngine(path, RuntimeConfig(device="cuda", prefill_graph_tokens=256,
+                                           piecewise_graphs=True))
+    assert engine.runner.piecewise.buckets == [16, 32, 64, 128, 256]
+    assert run_all(engine, prompts, params, arrivals) == want
+    assert sizes and max(sizes) <= 256 and any(n > 16 for n in sizes), sizes
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 def test_seeded_sampling_same_on_gpu_with_graphs(gpu_engines):
     path = gpu_engines["llama", "float32"]
     params = SamplingParams(max_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=11)

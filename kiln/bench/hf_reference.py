@@ -153,7 +153,7 @@ def release_device_memory(engine: LLMEngine) -> None:
     """Give the measured engine's weights, KV pool and CUDA graphs back to the GPU, so that
     transformers can load the same weights next (Mixtral-8x7B fits an H200 only once)."""
     runner = engine.runner
-    runner.graphs = runner.prefill_graphs = None
+    runner.graphs = runner.prefill_graphs = runner.piecewise = None
     runner.kv_cache = None
     for layer in runner.model.attention_layers():
         layer.k_cache = layer.v_cache = torch.empty(0)

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("--prefill-graph-tokens", type=int, default=2048, metavar="N",
                    help="a step that only prefills one prompt of up to N tokens replays a "
                    "CUDA graph (0: eager)")
+    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="steps of up to --prefill-graph-tokens tokens replay CUDA graph "
+                   "pieces between their attention calls")
     p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                    default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
                    "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
@@ -107,7 +110,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         speculative_config=args.speculative_config,
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
         scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth,
-        prefill_graph_tokens=args.prefill_graph_tokens))
+        prefill_graph_tokens=args.prefill_graph_tokens,
+        piecewise_graphs=args.piecewise_graphs))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     return engine
 

@@ -145,9 +145,10 @@ def paged_attention_prefill(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
-    key_rotary: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d]; see reference
+    """q [T, heads, d] packed by query_start_loc -> out [T, heads, d] (written into `out`
+    when given: any strides with a unit last one); see reference
     (sliding_window, softcap, alibi_slopes, float32 [heads], and key_rotary as there).
 
     A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
@@ -159,7 +160,9 @@ def paged_attention_prefill(
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty(tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
     if tokens == 0 or num_seqs == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()

@@ -44,6 +44,9 @@ class AttentionMetadata:
 
 
 _current: AttentionMetadata | None = None
+# While piecewise CUDA graphs are captured (kiln.runtime.piecewise_graphs): the object that
+# ends the graph piece at each attention call and runs the attention between pieces.
+_splitter = None
 
 
 @contextlib.contextmanager
@@ -54,6 +57,18 @@ def forward_context(meta: AttentionMetadata) -> Iterator[None]:
         yield
     finally:
         _current = previous
+
+
+@contextlib.contextmanager
+def split_at_attention(splitter) -> Iterator[None]:
+    """Inside: every attention layer hands (itself, q, cos_sin) to splitter.attention(),
+    which returns the buffer the attention output will be in, instead of attending."""
+    global _splitter
+    previous, _splitter = _splitter, splitter
+    try:
+        yield
+    finally:
+        _splitter = previous
 
 
 def current_metadata() -> AttentionMetadata:
@@ -109,8 +124,16 @@ class Attention(nn.Module):
                                    self.v_scale, rotate_k=not self.rotate_keys,
                                    step_cache=meta.host_cache, kv_finite=meta.kv_finite)
         q = q.view(tokens, self.num_heads, self.head_dim)
-        out = KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
-                                 self.k_scale, self.v_scale, self.sliding_window, self.softcap,
-                                 self.alibi_slopes,
-                                 key_rotary=cos_sin if self.rotate_keys else None)
+        if _splitter is not None:  # a piecewise graph capture: attention runs between pieces
+            out = _splitter.attention(self, q, cos_sin)
+        else:
+            out = self.attend(q, meta, cos_sin)
         return out.view(tokens, self.num_heads * self.head_dim)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata, cos_sin: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of rotated q [T, heads, d] over the cache (K/V already written)."""
+        return KF.paged_attention(q, self.k_cache, self.v_cache, meta, self.scale,
+                                  self.k_scale, self.v_scale, self.sliding_window, self.softcap,
+                                  self.alibi_slopes,
+                                  key_rotary=cos_sin if self.rotate_keys else None, out=out)

@@ -21,6 +21,10 @@ class RuntimeConfig:
     # With cuda_graphs: a step that only prefills one prompt of up to this many tokens
     # replays a prefill graph (0: eager), capped by max_num_tokens and max_seq_len.
     prefill_graph_tokens: int = 2048
+    # piecewise_graphs: any other step of up to that many tokens (prompts and decodes
+    # mixed) also replays graph pieces, the attention launched between them. Off by
+    # default: no offline-throughput gain measured (H200, BENCHMARKS.md, eleventh session).
+    piecewise_graphs: bool = False
     # Schedule and launch step N+1 before step N's tokens reach the host, so the CPU work
     # of a step hides behind the GPU's. None: on for CUDA, off on the CPU (no gain there).
     overlap_scheduling: bool | None = None

@@ -118,8 +118,8 @@ class LLMEngine:
         if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len):
             log.info("warmed up the eager path in %.1f s", seconds)
         if runtime.cuda_graphs:
-            self.runner.capture_graphs(self.max_batch_size, min(
-                runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len))
+            self.runner.capture_graphs(self.max_batch_size, min(runtime.prefill_graph_tokens,
+                                       max_num_tokens, self.max_seq_len), runtime.piecewise_graphs)
         if self.speculator is not None:
             self.speculator.start()
         self.scheduler = Scheduler(

@@ -24,7 +24,9 @@ from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import speculative, transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs
+from kiln.runtime.piecewise_graphs import PiecewiseGraphs
 from kiln.runtime.profiling import phase
+from kiln.runtime.prompt_logprobs import prompt_logprobs
 from kiln.runtime.request import PLACEHOLDER
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
@@ -80,6 +82,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.piecewise: PiecewiseGraphs | None = None
         self.verify_graphs: speculative.VerifyGraphs | None = None  # set by the Speculator
 
     # ---- KV cache -------------------------------------------------------------------
@@ -111,24 +114,29 @@ class ModelRunner:
         for layer in self.model.attention_layers():
             layer.rotate_keys = True
 
-    def capture_graphs(self, max_batch_size: int, prefill_tokens: int = 0) -> None:
-        """CUDA-graph the decode step for every batch bucket up to max_batch_size, and a
-        lone prompt's prefill for every token bucket up to prefill_tokens (0: none;
-        single-stage engines only). The prefill graphs, the larger, are captured first
-        and the decode graphs share their memory pool."""
+    def capture_graphs(self, max_batch_size: int, prefill_tokens: int = 0,
+                       piecewise: bool = False) -> None:
+        """CUDA-graph the decode step for every batch bucket up to max_batch_size; on
+        single-stage engines also, for every token bucket up to prefill_tokens (0: none),
+        a lone prompt's prefill (whole) and, with `piecewise`, any step's forward in
+        pieces between its attention calls. All share one memory pool."""
         if self.device.type != "cuda":
             return
         m = self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
-        pool = None
+        pool = torch.cuda.graph_pool_handle()
         prefill_tokens -= prefill_tokens % 16
         if prefill_tokens >= 16 and m.pp_size == 1:
-            self.prefill_graphs = PrefillGraphs(self.model, prefill_tokens, max_blocks,
-                                                self.block_size, self.num_blocks, self.device)
-            seconds = self.prefill_graphs.capture()
-            pool = self.prefill_graphs.pool
+            args = (self.model, prefill_tokens, max_blocks, self.block_size, self.num_blocks,
+                    self.device)
+            if piecewise:
+                self.piecewise = PiecewiseGraphs(*args)
+                log.info("captured piecewise graphs for %d token buckets in %.1f s",
+                         len(self.piecewise.buckets), self.piecewise.capture(pool))
+            self.prefill_graphs = PrefillGraphs(*args)
             log.info("captured %d prefill graphs (up to %d tokens) in %.1f s",
-                     len(self.prefill_graphs.buckets), prefill_tokens, seconds)
+                     len(self.prefill_graphs.buckets), prefill_tokens,
+                     self.prefill_graphs.capture(pool))
         self.graphs = DecodeGraphs(
             self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
             self.device, prev_rank=None if m.is_first_pp_rank else m.rank - m.tp_size,
@@ -276,11 +284,15 @@ class ModelRunner:
                 logits, prompt_lp = self.prefill_graphs.run(input_ids, positions, meta), {}
         else:
             with phase("kiln.forward"):
-                hidden = self._forward(input_ids, positions, meta)
+                if self.piecewise is not None and \
+                        self.piecewise.can_run(out.scheduled, input_ids.shape[0]):
+                    hidden = self.piecewise.run(input_ids, positions, meta)
+                else:
+                    hidden = self._forward(input_ids, positions, meta)
             prompt_lp = {}
             if any(e.request.prompt_logprobs is not None for e in out.scheduled):
                 if hidden is not None:
-                    prompt_lp = self._prompt_logprobs(out, hidden, meta.query_starts_host)
+                    prompt_lp = prompt_logprobs(self.model, out, hidden, meta.query_starts_host)
                 if self.mapping.pp_size > 1:
                     prompt_lp = broadcast_object_from(prompt_lp, self.last_stage_rank)
             if not sampling:
@@ -363,30 +375,6 @@ class ModelRunner:
             return out
         pp_send(out, m.rank + m.tp_size)
         return None
-
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor,
-                         query_starts: list[int]
-                         ) -> dict[str, tuple[int, list[dict[int, float]]]]:
-        """Logprob of each next prompt token (plus the top-n) at the positions computed."""
-        result = {}
-        for i, entry in enumerate(out.scheduled):
-            r = entry.request
-            if r.prompt_logprobs is None:
-                continue
-            start = r.num_computed_tokens
-            end = min(start + entry.num_new_tokens, r.num_prompt_tokens - 1)
-            if end <= start:
-                continue
-            rows = hidden[query_starts[i]:query_starts[i] + end - start]
-            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
-            targets = torch.tensor(r.token_ids[start + 1:end + 1], device=logprobs.device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            top_lp, top_ids = logprobs.topk(r.prompt_logprobs, dim=-1)
-            result[r.request_id] = (start, [
-                {t: c, **dict(zip(ids, lps))}
-                for t, c, ids, lps in zip(targets.tolist(), chosen, top_ids.tolist(),
-                                          top_lp.tolist())])
-        return result
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
