@@ -173,3 +173,14 @@ def test_tp4_and_tp8_match_single_rank(tp, tmp_path):
     assert (got["prefill"] - want[:-1]).abs().max() < 1e-4
     assert (got["decode"][0] - want[-1]).abs().max() < 1e-4
     assert torch.equal(got["prefill"].argmax(-1), want[:-1].argmax(-1))
+
+
+def test_mapping_grid_of_two_stages_of_two():
+    from kiln.distributed import Mapping
+
+    grid = [Mapping(4, rank, tp_size=2, pp_size=2) for rank in range(4)]
+    assert [(m.pp_rank, m.tp_rank) for m in grid] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [m.prev_pp_rank for m in grid] == [None, None, 0, 1]
+    assert [m.next_pp_rank for m in grid] == [2, 3, None, None]
+    assert grid[3].tp_group_ranks() == [2, 3]
+    assert [list(m.pp_layers(5)) for m in grid[::2]] == [[0, 1, 2], [3, 4]]

@@ -40,6 +40,16 @@ class Mapping:
     def is_last_pp_rank(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    @property
+    def prev_pp_rank(self) -> int | None:
+        """The rank (same TP rank) of the stage before this one; None on the first."""
+        return None if self.is_first_pp_rank else self.rank - self.tp_size
+
+    @property
+    def next_pp_rank(self) -> int | None:
+        """The rank (same TP rank) of the stage after this one; None on the last."""
+        return None if self.is_last_pp_rank else self.rank + self.tp_size
+
     def tp_group_ranks(self) -> list[int]:
         start = self.pp_rank * self.tp_size
         return list(range(start, start + self.tp_size))

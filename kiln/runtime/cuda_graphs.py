@@ -143,7 +143,7 @@ class PrefillGraphs:
     The prompt's tokens are padded to the bucket: padded rows read token 0 at position 0,
     write their K/V into the scratch block and are masked out of attention (the sequence's
     query length stays the real one, on the device); only the last real row's logits are
-    computed. Single-stage engines only (tensor parallel included: every rank replays)."""
+    computed. Single-GPU engines for now (ModelRunner.capture_graphs)."""
 
     def __init__(self, model: torch.nn.Module, max_tokens: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device) -> None:

@@ -116,17 +116,18 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch_size: int, prefill_tokens: int = 0,
                        piecewise: bool = False) -> None:
-        """CUDA-graph the decode step for every batch bucket up to max_batch_size; on
-        single-stage engines also, for every token bucket up to prefill_tokens (0: none),
-        a lone prompt's prefill (whole) and, with `piecewise`, any step's forward in
-        pieces between its attention calls. All share one memory pool."""
+        """CUDA-graph the decode step for every batch bucket up to max_batch_size; on one
+        GPU also, for every token bucket up to prefill_tokens (0: none), a lone prompt's
+        prefill (whole) and, with `piecewise`, any step's forward in pieces between its
+        attention calls. All share one memory pool."""
         if self.device.type != "cuda":
             return
         m = self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
         pool = torch.cuda.graph_pool_handle()
         prefill_tokens -= prefill_tokens % 16
-        if prefill_tokens >= 16 and m.pp_size == 1:
+        # One GPU only until measured on several (their NCCL captures are not yet tested).
+        if prefill_tokens >= 16 and m.world_size == 1:
             args = (self.model, prefill_tokens, max_blocks, self.block_size, self.num_blocks,
                     self.device)
             if piecewise:
@@ -139,8 +140,7 @@ class ModelRunner:
                      self.prefill_graphs.capture(pool))
         self.graphs = DecodeGraphs(
             self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
-            self.device, prev_rank=None if m.is_first_pp_rank else m.rank - m.tp_size,
-            next_rank=None if m.is_last_pp_rank else m.rank + m.tp_size, dtype=self.dtype)
+            self.device, prev_rank=m.prev_pp_rank, next_rank=m.next_pp_rank, dtype=self.dtype)
         seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
@@ -368,12 +368,12 @@ class ModelRunner:
         if not m.is_first_pp_rank:
             hidden_size = self.engine.model.hidden_size
             shape = (input_ids.shape[0], hidden_size)
-            intermediate = pp_recv((shape, shape), self.dtype, self.device, m.rank - m.tp_size)
+            intermediate = pp_recv((shape, shape), self.dtype, self.device, m.prev_pp_rank)
         with forward_context(meta):
             out = self.model(input_ids, positions, intermediate)
         if m.is_last_pp_rank:
             return out
-        pp_send(out, m.rank + m.tp_size)
+        pp_send(out, m.next_pp_rank)
         return None
 
     @torch.inference_mode()

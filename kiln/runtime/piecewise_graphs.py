@@ -15,7 +15,7 @@ layer itself ends the piece (kiln.layers.attention.split_at_attention).
 
 Padded rows read token 0 at position 0 and write their K/V into the scratch block; the
 eager attention sees only the real rows (the step's own metadata), and only the real
-rows' hidden states are returned. Single-stage engines only.
+rows' hidden states are returned. Single-GPU engines for now.
 
 Every attention call of every bucket reads q from one buffer and writes into one other
 (a piece copies its q in): kept per layer and bucket, the q views (holding the QKV

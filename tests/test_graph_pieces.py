@@ -1,0 +1,51 @@
+"""What the CUDA-graph paths rest on, checked on the CPU: the token buckets, and the
+attention layers' hand-off to a piecewise capture (kiln.layers.attention.split_at_attention:
+each layer gives up (itself, q, cos_sin) and reads its output from the buffer returned)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.layers.attention import current_metadata, split_at_attention
+from kiln.runtime.cuda_graphs import prefill_buckets
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(2048) == [16, 32, 64, 128, 256] + list(range(384, 2049, 128))
+    assert prefill_buckets(256) == [16, 32, 64, 128, 256]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    for limit in (16, 100, 300, 2048):
+        buckets = prefill_buckets(limit)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == limit
+        for n in range(1, limit + 1):  # every count pads by at most a third past 256
+            b = next(b for b in buckets if b >= n)
+            assert b < 2 * n + 16 and (n <= 256 or b <= n + 128)
+
+
+class EagerSplitter:
+    """Attends at once into a buffer of its own, as a replay does between two pieces."""
+
+    def __init__(self) -> None:
+        self.layers: list = []
+
+    def attention(self, layer, q, cos_sin):
+        self.layers.append(layer)
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+        result = layer.attend(q, current_metadata(), cos_sin, out=out)
+        assert result is out
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "bloom", "mixtral"])
+def test_split_at_attention_hands_over_every_layer(tiny_engines, arch):
+    engine = LLMEngine(tiny_engines[arch], RuntimeConfig(device="cpu"))
+    tokens = [5, 9, 2, 7, 11, 4, 4, 8, 30, 12]
+    want = engine.sequence_logits(tokens)
+    splitter = EagerSplitter()
+    with split_at_attention(splitter):
+        got = engine.sequence_logits(tokens)
+    assert splitter.layers == engine.runner.model.attention_layers()
+    assert torch.equal(got, want)
+    assert engine.sequence_logits(tokens).equal(want)  # the hand-off ends with the block
