@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.layers import AttentionMetadata
 from kiln.layers.attention import current_metadata, split_at_attention
-from kiln.runtime.cuda_graphs import prefill_buckets
+from kiln.runtime.cuda_graphs import TokenBuckets, prefill_buckets
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
 
@@ -22,6 +23,24 @@ def test_prefill_buckets():
         for n in range(1, limit + 1):  # every count pads by at most a third past 256
             b = next(b for b in buckets if b >= n)
             assert b < 2 * n + 16 and (n <= 256 or b <= n + 128)
+
+
+def test_token_buckets_stage_pads_to_the_scratch_block():
+    staged = TokenBuckets(64, block_size=16, scratch_block=5, device=torch.device("cpu"))
+    staged.input_ids.fill_(-1)  # what an earlier, longer step left behind
+    staged.positions.fill_(-1)
+    ids, pos = torch.arange(100, 120), torch.arange(7, 27)
+    slots = torch.arange(200, 220)
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=torch.zeros(1, 2, dtype=torch.int32),
+                             seq_lens=torch.tensor([27]), query_start_loc=torch.tensor([0, 20]),
+                             query_starts_host=[0, 20], seq_lens_host=[27], max_query_len=20,
+                             max_seq_len=27)
+    assert staged.stage(ids, pos, meta) == 32
+    assert staged.input_ids[:20].equal(ids) and staged.positions[:20].equal(pos)
+    assert staged.slot_mapping[:20].equal(slots)
+    assert not staged.input_ids[20:32].any() and not staged.positions[20:32].any()
+    assert (staged.slot_mapping[20:32] == 5 * 16).all()  # padded rows' K/V: scratch block
+    assert (staged.input_ids[32:] == -1).all()  # past the bucket: untouched, never read
 
 
 class EagerSplitter:

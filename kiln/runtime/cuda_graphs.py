@@ -136,7 +136,38 @@ def prefill_buckets(max_tokens: int) -> list[int]:
                   set(range(256, max_tokens, 128)) | {max_tokens})
 
 
-class PrefillGraphs:
+class TokenBuckets:
+    """Static token inputs of graphs captured per token-count bucket: a step's tokens are
+    copied in and padded to the bucket (token 0 at position 0, K/V into the scratch
+    block)."""
+
+    def __init__(self, max_tokens: int, block_size: int, scratch_block: int,
+                 device: torch.device) -> None:
+        self.buckets = prefill_buckets(max_tokens)
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * block_size
+        n = self.buckets[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device)
+
+    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor,
+              meta: AttentionMetadata) -> int:
+        """Copy a step's tokens in (device to device, no sync); returns its bucket."""
+        n = input_ids.shape[0]
+        tokens = next(b for b in self.buckets if b >= n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        if tokens > n:
+            self.input_ids[n:tokens].zero_()
+            self.positions[n:tokens].zero_()
+            self.slot_mapping[n:tokens].fill_(self.scratch_slot)
+        return tokens
+
+
+class PrefillGraphs(TokenBuckets):
     """One prompt's prefill (a single-sequence step with no decode rows) as a graph replay,
     one graph per token-count bucket, giving the logits of the prompt's last token.
 
@@ -147,16 +178,11 @@ class PrefillGraphs:
 
     def __init__(self, model: torch.nn.Module, max_tokens: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device) -> None:
+        super().__init__(max_tokens, block_size, scratch_block, device)
         self.model = model
-        self.buckets = prefill_buckets(max_tokens)
-        self.block_size = block_size
         self.max_blocks = max_blocks_per_seq
-        self.scratch_slot = scratch_block * block_size
         n = self.buckets[-1]
         i32 = dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device)
         self.block_tables = torch.full((1, max_blocks_per_seq), scratch_block, **i32)
         self.seq_lens = torch.full((1,), n, **i32)
         self.query_start_loc = torch.tensor([0, n], **i32)
@@ -203,19 +229,11 @@ class PrefillGraphs:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
             ) -> torch.Tensor:
         """Logits [1, vocab] of the prompt's last token; the step's tensors are on device."""
-        n = input_ids.shape[0]
-        tokens = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        if tokens > n:
-            self.input_ids[n:tokens].zero_()
-            self.positions[n:tokens].zero_()
-            self.slot_mapping[n:tokens].fill_(self.scratch_slot)
+        tokens = self.stage(input_ids, positions, meta)
         width = meta.block_tables.shape[1]
         self.block_tables[:, :width].copy_(meta.block_tables, non_blocking=True)
         self.seq_lens.copy_(meta.seq_lens, non_blocking=True)
         self.query_start_loc.copy_(meta.query_start_loc, non_blocking=True)
-        self.last.fill_(n - 1)
+        self.last.fill_(input_ids.shape[0] - 1)
         self.graphs[tokens].replay()
         return self.logits[tokens]

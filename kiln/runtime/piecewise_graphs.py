@@ -30,23 +30,16 @@ import torch
 
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import split_at_attention
-from kiln.runtime.cuda_graphs import prefill_buckets
+from kiln.runtime.cuda_graphs import TokenBuckets
 
 
-class PiecewiseGraphs:
+class PiecewiseGraphs(TokenBuckets):
     def __init__(self, model: torch.nn.Module, max_tokens: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device) -> None:
+        super().__init__(max_tokens, block_size, scratch_block, device)
         self.model = model
-        self.buckets = prefill_buckets(max_tokens)
         self.max_blocks = max_blocks_per_seq
-        self.block_size = block_size
-        self.scratch_block = scratch_block
-        self.scratch_slot = scratch_block * block_size
-        n = self.buckets[-1]
         self.device = device
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=device)
         self.q_buf: torch.Tensor | None = None  # [n, heads, d]: every call's q and output
         self.out_buf: torch.Tensor | None = None
         # per bucket: the graph pieces, the attention calls between them, the output
@@ -130,14 +123,7 @@ class PiecewiseGraphs:
         """Final hidden states [num_tokens, hidden] of a step whose tensors are on device
         (valid until the next replay of the same bucket)."""
         n = input_ids.shape[0]
-        tokens = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        if tokens > n:
-            self.input_ids[n:tokens].zero_()
-            self.positions[n:tokens].zero_()
-            self.slot_mapping[n:tokens].fill_(self.scratch_slot)
+        tokens = self.stage(input_ids, positions, meta)
         calls = self.calls[tokens]
         for i, piece in enumerate(self.pieces[tokens]):
             piece.replay()
