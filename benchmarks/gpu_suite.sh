@@ -77,6 +77,10 @@ for spec in $stages; do
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 32000 \
              --output-len 128 --num-requests 1 --compare-hf $Q --max-seq-len 32768 \
              --out "$OUT/long-ctx$tag.json" 2>&1 | tail -10 ;;
+    int-gemv) # W4A16 / W8A16 one-row GEMMs at the 8B shapes: the CUDA-core GEMV and the
+             # tensor-core kernel (KILN_INT_DOT) over their launch grids, vs bf16 cuBLAS
+             $T python3 benchmarks/int_gemv_bench.py "$OUT/int_gemv.json" > "$OUT/int_gemv.log" 2>&1
+             tail -12 "$OUT/int_gemv.log" ;;
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) $T python3 -m kiln.cli build --random-weights --config ${MODEL:-llama-3.1-8b} \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;

@@ -1,7 +1,8 @@
 """Batch-1 W4A16 / W8A16 GEMV launches at Llama-3.1-8B shapes against bf16 cuBLAS, on a
 GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
 second; each shape over a small grid of launch configs (block_n, block_k, split_k, warps,
-stages) and kiln's own choice ("auto").
+stages) and kiln's own choice ("auto"), for the CUDA-core GEMV and the tensor-core
+kernel ("dot:", kiln/kernels/int_dot.py, opt-in with KILN_INT_DOT=1).
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -63,10 +64,19 @@ def main() -> None:
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             configs = ["auto"] + [f"{c},4,3" for c in (
                 "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]
+            # the tensor-core kernel (kiln/kernels/int_dot.py): its own choice, then
+            # block_n,block_k,split_k,warps,stages
+            configs += ["dot:auto"] + [f"dot:{c}" for c in (
+                "32,128,2,4,3", "64,128,2,4,3", "32,128,4,4,4", "16,128,4,4,3",
+                "128,128,1,8,3", "64,128,1,4,4")]
             for cfg in configs:
-                if cfg == "auto":
-                    os.environ.pop("KILN_INT_GEMV1", None)
-                else:
+                for var in ("KILN_INT_GEMV1", "KILN_INT_DOT", "KILN_INT_DOT_LAUNCH"):
+                    os.environ.pop(var, None)
+                if cfg.startswith("dot:"):
+                    os.environ["KILN_INT_DOT"] = "1"
+                    if cfg != "dot:auto":
+                        os.environ["KILN_INT_DOT_LAUNCH"] = cfg[4:]
+                elif cfg != "auto":
                     os.environ["KILN_INT_GEMV1"] = cfg
                 try:
                     got = int_gemm.int_weight_linear(x, weight, scale, offset)
@@ -79,7 +89,8 @@ def main() -> None:
                                     us=us, gbps=nbytes / us / 1e3, rel_err=err))
                 print(f"{name:8s} int{bits} {cfg:14s} {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s"
                       f" err {err:.1e}", flush=True)
-            os.environ.pop("KILN_INT_GEMV1", None)
+            for var in ("KILN_INT_GEMV1", "KILN_INT_DOT", "KILN_INT_DOT_LAUNCH"):
+                os.environ.pop(var, None)
     with open(out_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
     best = {}

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.int_dot import int_dot_config, int_dot_enabled, int_dot_linear
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
 
@@ -291,6 +293,11 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return torch.empty(M, N, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if config is None and int_dot_enabled() and weight.stride(0) % 4 == 0 and \
+            weight.storage_offset() % 4 == 0:  # opt-in: the tensor-core decode kernel
+        dot = int_dot_config(M, N, K, G, bits, x.device)
+        if dot is not None:
+            return int_dot_linear(x, weight, scale, offset, bias, dot)
     cfg = config or int_gemm_config(M, N, K, x.device)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
