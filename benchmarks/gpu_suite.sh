@@ -81,6 +81,10 @@ for spec in $stages; do
              # tensor-core kernel (KILN_INT_DOT) over their launch grids, vs bf16 cuBLAS
              $T python3 benchmarks/int_gemv_bench.py "$OUT/int_gemv.json" > "$OUT/int_gemv.log" 2>&1
              tail -12 "$OUT/int_gemv.log" ;;
+    attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,
+             # tile order) at 4k / 8k / 16k causal, bf16 and fp8 caches, vs SDPA
+             $T python3 benchmarks/attn_prefill_sweep.py "$OUT/attn_prefill_sweep.json" \
+             > "$OUT/attn_prefill_sweep.log" 2>&1; grep -v "^  .*Error" "$OUT/attn_prefill_sweep.log" | tail -40 ;;
     kernels) $T python3 -m kiln.kernels.bench "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -30 "$OUT/kernels.log" ;;
     build8b) $T python3 -m kiln.cli build --random-weights --config ${MODEL:-llama-3.1-8b} \
              -o /tmp/kiln-8b --max-seq-len 4096 --max-batch-size 256 2>&1 | tail -3 ;;

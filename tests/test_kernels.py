@@ -53,10 +53,10 @@ def _init_worker() -> None:
 
 @pytest.fixture(scope="module")
 def interp() -> Iterator[Callable[..., Any]]:
-    """run(check, *args): calls check(*args) in the interpreter worker."""
+    """run(check, *args, **kw): calls check(*args, **kw) in the interpreter worker."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker) as pool:
-        yield lambda check, *args: pool.submit(check, *args).result()
+        yield lambda check, *args, **kw: pool.submit(check, *args, **kw).result()
 
 
 def _close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
@@ -147,7 +147,8 @@ def _paged_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_heads: i
 def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                   head_dim: int, block_m: int | None, block_n: int | None,
                   window: int | None = None, softcap: float | None = None,
-                  alibi: bool = False, key_rotary: bool = False) -> None:
+                  alibi: bool = False, key_rotary: bool = False, **launch: Any) -> None:
+    """launch: more paged_attention_prefill options (num_stages, heavy_first, ...)."""
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
@@ -161,7 +162,8 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
     out = paged_attention_prefill(q, k_cache, v_cache, tables, torch.tensor(starts).int(),
                                   torch.tensor(seq_lens).int(), max(q_lens), scale,
                                   block_m=block_m, block_n=block_n, sliding_window=window,
-                                  softcap=softcap, alibi_slopes=slopes, key_rotary=table)
+                                  softcap=softcap, alibi_slopes=slopes, key_rotary=table,
+                                  **launch)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
                                    sliding_window=window, softcap=softcap, alibi_slopes=slopes,
                                    key_rotary=table)

@@ -30,7 +30,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
+    ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
 
@@ -46,11 +46,17 @@ def _prefill_kernel(
     -> c * tanh(score / c) (softcap is c * log2(e)). ALIBI: scores + alibi[head] *
     (key pos - query pos) (float32 slopes). ROPE_K (attention sinks): the cache holds keys
     before rotary; key n is rotated at position n with cos_sin as it is read. All
-    constexpr: off, the plain code.
+    constexpr: off, the plain code. HEAVY_FIRST: the grid is (KV head, sequence, query
+    tile) and the last query tiles (the longest causal rows) start first, so the short
+    ones fill the tail of the launch instead of the long ones.
     """
-    pid_m = tl.program_id(0)
+    if HEAVY_FIRST:
+        pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
+        kv_head = tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+        kv_head = tl.program_id(2)
     seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     row0 = pid_m * BLOCK_M
@@ -146,9 +152,12 @@ def paged_attention_prefill(
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    num_warps: int | None = None, heavy_first: bool = False,
 ) -> torch.Tensor:
     """q [T, heads, d] packed by query_start_loc -> out [T, heads, d] (written into `out`
-    when given: any strides with a unit last one); see reference
+    when given: any strides with a unit last one); see reference. num_warps and
+    heavy_first (the tile order, see the kernel) are for launch sweeps
+    (benchmarks/attn_prefill_sweep.py)
     (sliding_window, softcap, alibi_slopes, float32 [heads], and key_rotary as there).
 
     A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
@@ -173,8 +182,9 @@ def paged_attention_prefill(
         block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
     default_n, default_stages = prefill_config(k_cache.dtype, block_m, block_d)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
-    grid = (triton.cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)
+    num_warps = num_warps or (8 if block_m * block_d >= 128 * 128 else 4)
+    tiles = triton.cdiv(max_query_len * group, block_m)
+    grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -187,7 +197,7 @@ def paged_attention_prefill(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC=dot_precision(q.dtype), WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
-        ROPE_K=key_rotary is not None, num_warps=num_warps,
+        ROPE_K=key_rotary is not None, HEAVY_FIRST=heavy_first, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out
