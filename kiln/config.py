@@ -103,6 +103,10 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="TP on CUDA: all-reduce decode-sized messages with kiln's "
                        "one-shot NVLink kernel (fused with add + RMSNorm) instead of NCCL "
                        "(default: on where the GPUs support it)")
+        g.add_argument("--prefill-graph-tokens", type=int, default=None, metavar="N",
+                       help="CUDA: a step that only prefills one prompt of up to N tokens "
+                       "replays a CUDA graph (default 2048; 0: eager, less memory and load "
+                       "time)")
         g.add_argument("--attention-sinks", type=int, default=None, metavar="S",
                        help="StreamingLLM: keep each sequence's first S tokens (whole KV "
                        "blocks) and its last --attention-window tokens, so generation runs "
@@ -159,7 +163,8 @@ def limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
     rest)."""
     options: dict[str, Any] = {k: getattr(args, k) for k in LIMITS
                                if getattr(args, k, None) is not None}
-    for name in ("custom_all_reduce", "attention_sinks", "attention_window"):
+    for name in ("custom_all_reduce", "attention_sinks", "attention_window",
+                 "prefill_graph_tokens"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options

@@ -68,3 +68,20 @@ def test_split_at_attention_hands_over_every_layer(tiny_engines, arch):
     assert splitter.layers == engine.runner.model.attention_layers()
     assert torch.equal(got, want)
     assert engine.sequence_logits(tokens).equal(want)  # the hand-off ends with the block
+
+
+def test_prefill_graph_tokens_reaches_the_runtime_from_the_command_line(tiny_engines):
+    """`kiln run | serve | chat | eval --prefill-graph-tokens N` becomes the engine's
+    RuntimeConfig (0 turns the prefill graphs off)."""
+    import argparse
+
+    from kiln.config import add_build_arguments, limits_from_args
+    from kiln.llm import LLM
+
+    p = argparse.ArgumentParser()
+    add_build_arguments(p)
+    assert "prefill_graph_tokens" not in limits_from_args(p.parse_args([]))
+    options = limits_from_args(p.parse_args(["--prefill-graph-tokens", "0"]))
+    assert options == {"prefill_graph_tokens": 0}
+    llm = LLM(tiny_engines["llama"], device="cpu", **options)
+    assert llm.engine.runtime.prefill_graph_tokens == 0
