@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import split_at_attention
 from kiln.runtime.cuda_graphs import TokenBuckets
@@ -92,6 +93,10 @@ class PiecewiseGraphs(TokenBuckets):
         """Capture every bucket, largest first, into `pool` (torch.cuda.graph_pool_handle();
         shared with the other graphs: all are replayed one at a time on one stream)."""
         started = time.perf_counter()
+        shapes = {(a.num_heads, a.head_dim) for a in self.model.attention_layers()}
+        if len(shapes) > 1:  # one shared q / output buffer serves every layer
+            raise KilnError(f"piecewise_graphs needs attention layers of one shape (heads, "
+                            f"head_dim); this model has {sorted(shapes)}: leave it off")
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for tokens in reversed(self.buckets):
