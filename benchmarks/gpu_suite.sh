@@ -65,6 +65,11 @@ for spec in $stages; do
              # graphs against eager, one engine after the other (benchmarks/ttft.py)
              $T python3 benchmarks/ttft.py --random-config ${MODEL:-llama-3.1-8b} $Q \
              --out "$OUT/ttft-ab$tag.json" 2>&1 | tail -8 ;;
+    ttft-load) # a prompt's TTFT while 16 others decode (mixed steps): eager mixed steps
+             # against the opt-in piecewise graphs
+             $T python3 benchmarks/ttft.py --random-config ${MODEL:-llama-3.1-8b} $Q \
+             --background 16 --lengths 128,1000 --variants 2048,pw2048 \
+             --out "$OUT/ttft-load$tag.json" 2>&1 | tail -6 ;;
     ttft-prof) # where a 1000-token prompt's first token goes: host phases (kiln.prepare /
              # forward / sample) against the kernels' device time, and the gaps between them
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 1000 \
