@@ -2,7 +2,8 @@
 GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
 second; each shape over a small grid of launch configs (block_n, block_k, split_k, warps,
 stages) and kiln's own choice ("auto"), for the CUDA-core GEMV and the tensor-core
-kernel ("dot:", kiln/kernels/int_dot.py, opt-in with KILN_INT_DOT=1).
+kernel ("dot:", kiln/kernels/int_dot.py, opt-in with KILN_INT_DOT=1); and for bf16,
+cuBLAS against the Triton decode GEMM (kiln/kernels/gemv.py, opt-in KILN_TRITON_GEMV=1).
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -50,6 +51,24 @@ def main() -> None:
         results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
+        from kiln.kernels import gemv  # the Triton 16-bit decode GEMM (opt-in)
+
+        want16 = (x.float() @ w16.float().T)
+        for launch in ("auto", "32,256,1,4,4", "32,256,2,4,4", "32,256,4,4,4", "64,128,2,4,4",
+                       "16,256,4,4,3", "32,512,2,4,3", "64,256,1,8,4"):
+            cfg = None if launch == "auto" else gemv.GemvConfig(
+                *(int(v) for v in launch.split(",")))
+            try:
+                got = gemv.gemv_linear(x, w16, None, cfg)
+                err = ((got.float() - want16).norm() / want16.norm()).item()
+                us = timed(lambda: gemv.gemv_linear(x, w16, None, cfg))  # noqa: B023
+            except Exception as e:  # a launch past the hardware's limits
+                print(f"{name:8s} bf16 triton {launch}: {type(e).__name__}", flush=True)
+                continue
+            results.append(dict(shape=name, N=N, K=K, kind="bf16", config=f"triton:{launch}",
+                                us=us, gbps=N * K * 2 / us / 1e3, rel_err=err))
+            print(f"{name:8s} bf16 triton {launch:14s} {us:8.1f} us "
+                  f"{N * K * 2 / us / 1e3:7.0f} GB/s err {err:.1e}", flush=True)
         for bits in (4, 8):
             if bits == 4:
                 weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()

@@ -67,6 +67,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                                "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
+    if x.is_cuda and os.environ.get("KILN_TRITON_GEMV") == "1":  # opt-in, see kernels.gemv
+        from kiln.kernels.gemv import gemv_enabled, gemv_linear
+
+        if gemv_enabled(x, weight):
+            return gemv_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
