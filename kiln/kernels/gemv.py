@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.silu_mul import _act_mul
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -31,9 +32,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                 INTERPRET: tl.constexpr):
+                 INTERPRET: tl.constexpr, ACT: tl.constexpr = 0):
     """out[:M, n block] = x[:M] @ w[n block]^T (+ bias). SPLIT_K > 1: program_id(1) takes
-    the SPLIT_K-th part of K it names (K a multiple of SPLIT_K * BLOCK_K)."""
+    the SPLIT_K-th part of K it names (K a multiple of SPLIT_K * BLOCK_K).
+    ACT 1 (SiLU) / 2 (tanh GELU): x is a gate_up projection's output [M, 2K] and the
+    input is act(gate) * up, made as the SiLU*mul kernel makes it (the same rounding), so
+    the down projection needs no kernel before it."""
     BLOCK_M: tl.constexpr = 16
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -48,14 +52,17 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
     k_start = tl.program_id(1) * k_len
     for k in range(k_start, k_start + k_len, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_rows + (k + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+            x_mask = mask_m[:, None]
             w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None], other=0.0)
         else:
             mask_k = (k + offs_k) < K
-            x = tl.load(x_rows + (k + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                        other=0.0)
+            x_mask = mask_m[:, None] & mask_k[None, :]
             w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_n[:, None] & mask_k[None, :],
                         other=0.0)
+        if ACT > 0:
+            x = _act_mul(x_rows, (k + offs_k)[None, :], x_mask, K, ACT == 2)
+        else:
+            x = tl.load(x_rows + (k + offs_k)[None, :], mask=x_mask, other=0.0)
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -74,6 +81,14 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
 
 
 @dataclass(frozen=True)
+class GatedAct:
+    """act(gate) * up of a gate_up output [..., 2I] = [gate | up], left for the down
+    projection's GEMM to make as it reads it (gelu: the tanh GELU, else SiLU)."""
+    gate_up: torch.Tensor
+    gelu: bool = False
+
+
+@dataclass(frozen=True)
 class GemvConfig:
     block_n: int
     block_k: int
@@ -84,6 +99,8 @@ class GemvConfig:
 
 def gemv_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """KILN_TRITON_GEMV=1, a CUDA 16-bit weight, and at most MAX_ROWS rows."""
+    if isinstance(x, GatedAct):
+        x = x.gate_up
     return os.environ.get("KILN_TRITON_GEMV", "0") == "1" and x.is_cuda and \
         weight.dtype in (torch.bfloat16, torch.float16) and x.dtype == weight.dtype and \
         x.numel() // x.shape[-1] <= MAX_ROWS
@@ -110,11 +127,19 @@ def gemv_config(M: int, N: int, K: int, device: torch.device, sms: int | None = 
     return GemvConfig(block_n, block_k, split)
 
 
-def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                cfg: GemvConfig | None = None) -> torch.Tensor:
-    """x [..., K] (at most 16 rows) @ weight [N, K]^T (+ bias) -> [..., N] in x's dtype."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
+def gemv_linear(x: torch.Tensor | GatedAct, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, cfg: GemvConfig | None = None
+                ) -> torch.Tensor:
+    """x [..., K] (at most 16 rows) @ weight [N, K]^T (+ bias) -> [..., N] in x's dtype;
+    x a GatedAct: its product made on the fly (K = I)."""
+    act = 0
+    if isinstance(x, GatedAct):
+        act, x = 2 if x.gelu else 1, x.gate_up
+        lead, K = x.shape[:-1], x.shape[-1] // 2
+        x2 = x.reshape(-1, 2 * K)
+    else:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, N = x2.shape[0], weight.shape[0]
@@ -132,5 +157,5 @@ def gemv_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x2.stride(0), weight.stride(0), out.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HAS_BIAS=bias is not None,
         EVEN_K=K % (split * cfg.block_k) == 0, IEEE=x.dtype == torch.float32,
-        INTERPRET=_INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        INTERPRET=_INTERPRET, ACT=act, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.view(*lead, N)
