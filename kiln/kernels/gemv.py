@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.silu_mul import _act_mul
-from kiln.kernels.split_k import split_k_counters, split_k_fixup
+from kiln.kernels.split_k import decode_split, finish_rows, num_sms, split_k_buffers
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 16
@@ -67,17 +67,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    last = True
-    if SPLIT_K > 1:
-        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_n,
-                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
-                                  M * N, offs_n, SPLIT_K, INTERPRET)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_rows(acc, part_ptr, count_ptr, bias_ptr, out_ptr, pid_n, offs_m, offs_n, M, N,
+                stride_om, SPLIT_K, HAS_BIAS, INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -117,13 +108,7 @@ def gemv_config(M: int, N: int, K: int, device: torch.device, sms: int | None = 
         if K % (split * bk) == 0 or split == 1:
             return GemvConfig(bn, bk, split, warps, stages)
     block_n, block_k = 32, min(256, triton.next_power_of_2(K))
-    if sms is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count \
-            if device.type == "cuda" else 8
-    split = 1
-    while triton.cdiv(N, block_n) * split < 2 * sms and K % (2 * split * block_k) == 0 and \
-            K // (2 * split * block_k) >= 4:
-        split *= 2
+    split = decode_split(triton.cdiv(N, block_n), K, block_k, sms or num_sms(device))
     return GemvConfig(block_n, block_k, split)
 
 
@@ -150,8 +135,7 @@ def gemv_linear(x: torch.Tensor | GatedAct, weight: torch.Tensor,
         return out.view(*lead, N)
     tiles = triton.cdiv(N, cfg.block_n)
     split = cfg.split_k if K % (cfg.split_k * cfg.block_k) == 0 else 1
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = split_k_counters(x.device, tiles) if split > 1 else out
+    part, counters = split_k_buffers(split, M, N, tiles, out)
     _gemv_kernel[(tiles, split)](
         x2, weight, bias if bias is not None else out, out, part, counters, M, N, K,
         x2.stride(0), weight.stride(0), out.stride(0),

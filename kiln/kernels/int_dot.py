@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.split_k import split_k_counters, split_k_fixup
+from kiln.kernels.split_k import decode_split, finish_rows, num_sms, split_k_buffers
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_ROWS = 16
@@ -90,17 +90,8 @@ def _int_dot_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, cou
             offset = tl.load(o_ptr + offs_n.to(tl.int64) * stride_sn + group, mask=mask_n,
                              other=0.0)
             acc += x_sum[:, None] * offset[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    last = True
-    if SPLIT_K > 1:
-        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_n,
-                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
-                                  M * N, offs_n, SPLIT_K, INTERPRET)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_rows(acc, part_ptr, count_ptr, bias_ptr, out_ptr, pid_n, offs_m, offs_n, M, N,
+                stride_om, SPLIT_K, HAS_BIAS, INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -134,14 +125,8 @@ def int_dot_config(M: int, N: int, K: int, G: int, bits: int, device: torch.devi
         if G % bk == 0 and K % (split * bk) == 0:
             return IntDotConfig(bn, bk, split, warps, stages)
     block_n = 32
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 8
-    programs = triton.cdiv(N, block_n)
-    split = 1
-    while programs * split < 2 * sms and K % (2 * split * block_k) == 0 and \
-            K // (2 * split * block_k) >= 4:
-        split *= 2  # about two programs an SM, each at least 4 K steps deep
-    return IntDotConfig(block_n, block_k, split)
+    return IntDotConfig(block_n, block_k,
+                        decode_split(triton.cdiv(N, block_n), K, block_k, num_sms(device)))
 
 
 def int_dot_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -157,9 +142,7 @@ def int_dot_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         x = x.contiguous()
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(N, cfg.block_n)
-    part = torch.empty(cfg.split_k, M, N, dtype=torch.float32, device=x.device) \
-        if cfg.split_k > 1 else out
-    counters = split_k_counters(x.device, tiles) if cfg.split_k > 1 else out
+    part, counters = split_k_buffers(cfg.split_k, M, N, tiles, out)
     _int_dot_kernel[(tiles, cfg.split_k)](
         x, weight.view(torch.int32), scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, part, counters, M, N, K, G,
