@@ -82,8 +82,8 @@ for spec in $stages; do
              $T python3 -m kiln.cli bench latency --random-config ${MODEL:-llama-3.1-8b} --input-len 32000 \
              --output-len 128 --num-requests 1 --compare-hf $Q --max-seq-len 32768 \
              --out "$OUT/long-ctx$tag.json" 2>&1 | tail -10 ;;
-    int-gemv) # W4A16 / W8A16 one-row GEMMs at the 8B shapes: the CUDA-core GEMV and the
-             # tensor-core kernel (KILN_INT_DOT) over their launch grids, vs bf16 cuBLAS
+    int-gemv) # W4A16 / W8A16 one-row GEMMs at the 8B shapes: the GEMV over its launch grid
+             # (with and without prefetch), vs bf16 cuBLAS and the Triton 16-bit GEMM
              $T python3 benchmarks/int_gemv_bench.py "$OUT/int_gemv.json" > "$OUT/int_gemv.log" 2>&1
              tail -12 "$OUT/int_gemv.log" ;;
     attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,

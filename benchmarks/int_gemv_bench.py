@@ -1,9 +1,8 @@
 """Batch-1 W4A16 / W8A16 GEMV launches at Llama-3.1-8B shapes against bf16 cuBLAS, on a
 GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
 second; each shape over a small grid of launch configs (block_n, block_k, split_k, warps,
-stages) and kiln's own choice ("auto"), for the CUDA-core GEMV and the tensor-core
-kernel ("dot:", kiln/kernels/int_dot.py, opt-in with KILN_INT_DOT=1); and for bf16,
-cuBLAS against the Triton decode GEMM (kiln/kernels/gemv.py, opt-in KILN_TRITON_GEMV=1).
+stages, and whether the next K step's loads are issued first: a sixth field 1) and kiln's
+own choice ("auto").
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -51,24 +50,6 @@ def main() -> None:
         results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
-        from kiln.kernels import gemv  # the Triton 16-bit decode GEMM (opt-in)
-
-        want16 = (x.float() @ w16.float().T)
-        for launch in ("auto", "32,256,1,4,4", "32,256,2,4,4", "32,256,4,4,4", "64,128,2,4,4",
-                       "16,256,4,4,3", "32,512,2,4,3", "64,256,1,8,4"):
-            cfg = None if launch == "auto" else gemv.GemvConfig(
-                *(int(v) for v in launch.split(",")))
-            try:
-                got = gemv.gemv_linear(x, w16, None, cfg)
-                err = ((got.float() - want16).norm() / want16.norm()).item()
-                us = timed(lambda: gemv.gemv_linear(x, w16, None, cfg))  # noqa: B023
-            except Exception as e:  # a launch past the hardware's limits
-                print(f"{name:8s} bf16 triton {launch}: {type(e).__name__}", flush=True)
-                continue
-            results.append(dict(shape=name, N=N, K=K, kind="bf16", config=f"triton:{launch}",
-                                us=us, gbps=N * K * 2 / us / 1e3, rel_err=err))
-            print(f"{name:8s} bf16 triton {launch:14s} {us:8.1f} us "
-                  f"{N * K * 2 / us / 1e3:7.0f} GB/s err {err:.1e}", flush=True)
         for bits in (4, 8):
             if bits == 4:
                 weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
@@ -83,19 +64,14 @@ def main() -> None:
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             configs = ["auto"] + [f"{c},4,3" for c in (
                 "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]
-            # the tensor-core kernel (kiln/kernels/int_dot.py): its own choice, then
-            # block_n,block_k,split_k,warps,stages
-            configs += ["dot:auto"] + [f"dot:{c}" for c in (
-                "32,128,2,4,3", "64,128,2,4,3", "32,128,4,4,4", "16,128,4,4,3",
-                "128,128,1,8,3", "64,128,1,4,4")]
+            # the same kernel with the next K step's words loaded before this step's math
+            configs += [f"{c},1" for c in (
+                "16,256,4,4,3", "32,256,1,4,3", "32,256,2,4,3", "32,256,4,4,3", "64,128,1,4,3",
+                "64,128,2,4,3", "64,128,4,4,3", "32,128,4,4,3", "16,128,4,2,3", "32,256,1,8,3",
+                "64,256,2,8,3")]
             for cfg in configs:
-                for var in ("KILN_INT_GEMV1", "KILN_INT_DOT", "KILN_INT_DOT_LAUNCH"):
-                    os.environ.pop(var, None)
-                if cfg.startswith("dot:"):
-                    os.environ["KILN_INT_DOT"] = "1"
-                    if cfg != "dot:auto":
-                        os.environ["KILN_INT_DOT_LAUNCH"] = cfg[4:]
-                elif cfg != "auto":
+                os.environ.pop("KILN_INT_GEMV1", None)
+                if cfg != "auto":
                     os.environ["KILN_INT_GEMV1"] = cfg
                 try:
                     got = int_gemm.int_weight_linear(x, weight, scale, offset)
@@ -108,8 +84,7 @@ def main() -> None:
                                     us=us, gbps=nbytes / us / 1e3, rel_err=err))
                 print(f"{name:8s} int{bits} {cfg:14s} {us:8.1f} us {nbytes / us / 1e3:7.0f} GB/s"
                       f" err {err:.1e}", flush=True)
-            for var in ("KILN_INT_GEMV1", "KILN_INT_DOT", "KILN_INT_DOT_LAUNCH"):
-                os.environ.pop(var, None)
+            os.environ.pop("KILN_INT_GEMV1", None)
     with open(out_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
     best = {}

@@ -63,32 +63,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through
     oneDNN with that packing (2-3.5x faster than a plain GEMM at decode's few rows: the
     plain call repacks the whole weight every time)."""
-    if not isinstance(x, torch.Tensor):  # a GatedAct: the down projection makes its input
-        from kiln.kernels.gemv import gemv_linear
-
-        return gemv_linear(x, weight, bias)
     if packed is not None and not x.is_cuda:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                                "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    if x.is_cuda and os.environ.get("KILN_TRITON_GEMV") == "1":  # opt-in, see kernels.gemv
-        from kiln.kernels.gemv import gemv_enabled, gemv_linear
-
-        if gemv_enabled(x, weight):
-            return gemv_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
-
-
-def fused_gated_act(gate_up: torch.Tensor, weight: torch.Tensor, gelu: bool) -> object | None:
-    """With KILN_TRITON_GEMV=1 on CUDA and a decode-sized gate_up output: a GatedAct that
-    `linear(..., weight)` turns into act(gate) * up as its GEMM reads it (no SiLU*mul
-    kernel before the down projection); None: compute the product first."""
-    if os.environ.get("KILN_TRITON_GEMV") != "1" or not gate_up.is_cuda:
-        return None
-    from kiln.kernels.gemv import GatedAct, gemv_enabled
-
-    act = GatedAct(gate_up, gelu)
-    return act if gemv_enabled(act, weight) else None
 
 
 @functools.cache

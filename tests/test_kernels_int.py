@@ -102,61 +102,6 @@ def check_functional_dispatch() -> None:
     _check("functional", x.view(6, 64), y.view(6, 24), weight, scale, offset, None)
 
 
-def check_int_dot(dtype: torch.dtype, M: int, N: int, K: int, bits: int, group: int,
-                  with_bias: bool, launch: tuple | None) -> None:
-    """The tensor-core decode kernel (kiln/kernels/int_dot.py, opt-in): against the
-    reference, its split-K counters left at zero, and int_weight_linear taking it under
-    KILN_INT_DOT=1."""
-    from kiln.kernels import int_dot, int_gemm
-    from kiln.kernels.split_k import split_k_counters
-
-    weight, scale, offset = _weight(N, K, bits, group)
-    torch.manual_seed(M)
-    x = torch.randn(M, K).to(dtype)
-    bias = torch.randn(N).to(dtype) if with_bias else None
-    cfg = int_dot.IntDotConfig(*launch) if launch else \
-        int_dot.int_dot_config(M, N, K, group or K, bits, x.device)
-    assert cfg is not None
-    for _ in range(2):  # twice: the counters are reset for the next call
-        y = int_dot.int_dot_linear(x, weight, scale, offset, bias, cfg)
-        _check(f"int_dot {dtype} {M}x{N}x{K} int{bits} g{group} {cfg}", x, y, weight, scale,
-               offset, bias)
-    assert not split_k_counters(x.device, 1).any()
-    os.environ["KILN_INT_DOT"] = "1"
-    try:
-        routed = int_gemm.int_weight_linear(x, weight, scale, offset, bias)
-    finally:
-        del os.environ["KILN_INT_DOT"]
-    if launch is None:
-        assert torch.equal(routed, y)
-
-
-# ---- CPU tests ------------------------------------------------------------------------
-@pytest.mark.parametrize("M", [1, 5, 16])
-@pytest.mark.parametrize("bits,group,K,launch", [
-    (4, 128, 384, None), (4, 128, 512, (32, 128, 2, 4, 1)), (4, 256, 512, (16, 256, 2, 4, 1)),
-    (8, 0, 192, None), (8, 0, 256, (16, 64, 4, 4, 1)), (8, 64, 256, None)])
-def test_int_dot_kernel(interp, M, bits, group, K, launch) -> None:  # noqa: F811
-    interp(check_int_dot, torch.float16, M, 40, K, bits, group, M == 5, launch)
-
-
-def test_int_dot_kernel_float32(interp) -> None:  # noqa: F811
-    interp(check_int_dot, torch.float32, 3, 24, 256, 4, 128, True, None)
-
-
-def test_int_dot_declines_what_it_cannot_tile() -> None:
-    from kiln.kernels.int_dot import int_dot_config
-
-    cpu = torch.device("cpu")
-    assert int_dot_config(16, 64, 4096, 128, 4, cpu) is not None
-    assert int_dot_config(17, 64, 4096, 128, 4, cpu) is None  # more rows than a tile
-    assert int_dot_config(1, 64, 4096, 64, 4, cpu) is None  # int4 groups under 128
-    assert int_dot_config(1, 64, 576, 576, 8, cpu).block_k == 64  # 576 = 9 x 64
-    assert int_dot_config(1, 64, 96, 96, 8, cpu) is None
-    cfg = int_dot_config(1, 4096, 14336, 14336, 8, cpu)
-    assert cfg.block_k == 256 and 14336 % (cfg.split_k * cfg.block_k) == 0
-
-
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k): GEMV without
 # and with split-K (atomics; the splits end inside K), tl.dot tiles whose K step spans
@@ -199,8 +144,8 @@ def test_compiles_for_hopper() -> None:
     N = K = 4096
     int_gemm._num_sms = lambda device: 132
     for M in (1, 4, 16, 64, 300):
-        cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"))
         for bits in (4, 8):
+            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits)
             meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
             gemv = cfg.block_m == 0
@@ -217,7 +162,8 @@ def test_compiles_for_hopper() -> None:
                     values.pop(key)
                 values.update(w_ptr="*i32", stride_wn=K * bits // 32)
                 meta.pop("GROUP_TILE")
-                meta.update(GROUPS=max(1, cfg.block_k // 128) if bits == 4 else 1)
+                meta.update(GROUPS=max(1, cfg.block_k // 128) if bits == 4 else 1,
+                            PREFETCH=cfg.prefetch)
                 values["W_PER_SPLIT"] = 1024 // (32 // bits)
                 kernel = int_gemm._gemv1_kernel
             elif gemv:
@@ -230,34 +176,13 @@ def test_compiles_for_hopper() -> None:
             r = compile_sm90(kernel, values, meta, cfg.num_warps, cfg.num_stages,
                              variant=f"M{M}-int{bits}")
             assert r.stack_bytes <= (8 if (M, bits) == (16, 4) else 0), r
+            if kernel is int_gemm._gemv1_kernel:  # with two K steps' words in registers
+                r = compile_sm90(kernel, values, dict(meta, PREFETCH=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int{bits}-prefetch")
+                assert r.stack_bytes == 0, r
             if not gemv:
                 mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
                 assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r
-
-
-def test_int_dot_compiles_for_hopper() -> None:
-    """The tensor-core decode kernel's launches at Llama-3.1-8B shapes compile for sm_90:
-    mma.sync products, no stack; prints the registers a thread takes (the CUDA-core GEMV's
-    96-224 were what limited it)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
-    from kiln.kernels import int_dot
-    from kiln.kernels.compile_check import compile_sm90
-
-    for bits, N, K, G in ((4, 28672, 4096, 128), (4, 4096, 14336, 128), (8, 6144, 4096, 4096),
-                          (8, 4096, 14336, 14336)):
-        cfg = int_dot.int_dot_config(1, N, K, G, bits, torch.device("cpu"))
-        values = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
-                  "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
-                  "count_ptr": "*i32", "M": 3, "N": N, "K": K, "G": G, "stride_xm": K,
-                  "stride_wn": K * bits // 32, "stride_sn": K // G, "stride_om": N}
-        meta = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BITS=bits,
-                    HAS_OFFSET=bits == 4, HAS_BIAS=False, SPLIT_K=max(cfg.split_k, 2),
-                    IEEE=False, INTERPRET=False)
-        r = compile_sm90(int_dot._int_dot_kernel, values, meta, cfg.num_warps, cfg.num_stages,
-                         variant=f"int{bits}-{N}x{K}")
-        print(r)
-        assert r.stack_bytes == 0 and r.instructions["mma.sync"] > 0, r
 
 
 def test_main_loop_instructions_are_counted() -> None:
@@ -282,14 +207,9 @@ needs_gpu = pytest.mark.skipif(
 @needs_gpu
 @pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336)])
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
-@pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "int-dot"])
-def test_gpu_int_linear(N, K, bits, group, dot, monkeypatch) -> None:
-    """Every row count through int_weight_linear; with KILN_INT_DOT=1 the rows up to 16
-    go to the tensor-core decode kernel where it applies."""
+def test_gpu_int_linear(N, K, bits, group) -> None:
+    """Every row count through int_weight_linear."""
     from kiln.kernels import int_gemm
-
-    if dot:
-        monkeypatch.setenv("KILN_INT_DOT", "1")
 
     weight, scale, offset = _weight(N, K, bits, group, "cuda")
     for M in (1, 2, 5, 8, 16, 33, 64, 300):
@@ -303,12 +223,8 @@ def test_gpu_int_linear(N, K, bits, group, dot, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dot", [False, True], ids=["cuda-cores", "int-dot"])
-def test_gpu_int_linear_in_a_cuda_graph(dot, monkeypatch) -> None:
+def test_gpu_int_linear_in_a_cuda_graph() -> None:
     from kiln.kernels import int_gemm
-
-    if dot:  # split-K finished in the kernel: its counters must be reset every replay
-        monkeypatch.setenv("KILN_INT_DOT", "1")
 
     weight, scale, offset = _weight(4096, 4096, 4, 128, "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)

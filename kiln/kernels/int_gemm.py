@@ -29,8 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_dot import int_dot_config, int_dot_enabled, int_dot_linear
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
 
@@ -118,11 +116,33 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
 
 
 @triton.jit
+def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
+                stride_wn, PER: tl.constexpr, WPG: tl.constexpr, GROUPS: tl.constexpr,
+                HAS_OFFSET: tl.constexpr, EVEN_K: tl.constexpr):
+    """The words of the K step starting at word w0, and their groups' scales (offsets)."""
+    k = w0 * PER
+    if EVEN_K:  # every step whole: masks only on rows, so loads can be vectors
+        words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n, other=0)
+        mask_g = mask_n & (g < GROUPS)
+    else:
+        mask_w = k + PER * word < k_end
+        mask_g = mask_n & (k + g * (WPG * PER) < k_end)
+        words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w, other=0)
+    group = k // G + g  # [1, GROUPS, 1]
+    scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
+    offset = scale
+    if HAS_OFFSET:
+        offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
+    return words, scale, offset
+
+
+@triton.jit
 def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_SPLIT,
                   stride_wn, stride_sn,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
-                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False):
+                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
+                  PREFETCH: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
 
     The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
@@ -134,13 +154,17 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
     float32, as the tests bound it). A K step spans GROUPS whole quantization groups (1
     when it lies in one): tiles are [BLOCK_N, GROUPS, words per group], so each row loads
     one scale (and offset) per group and step. Products accumulate elementwise in float32
-    registers over the whole K loop and are summed once at the end."""
+    registers over the whole K loop and are summed once at the end.
+    PREFETCH: the next step's words are loaded before this step's are used, so each
+    program has two steps of loads in flight (the kernel waits on memory latency, not on
+    bandwidth, with one)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
     WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
+    STEP: tl.constexpr = BLOCK_K // PER
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = (offs_n < N)[:, None, None]
     rows = offs_n.to(tl.int64)[:, None, None]
@@ -153,22 +177,22 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
     w_start = pid_k * W_PER_SPLIT
     w_end = tl.minimum(w_start + W_PER_SPLIT, K // PER)
     k_end = w_end * PER
-    for w0 in range(w_start, w_end, BLOCK_K // PER):
-        k = w0 * PER
-        kw = k + PER * word  # the first k of each word
-        if EVEN_K:  # every step whole: masks only on rows, so loads can be vectors
-            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n, other=0)
-            mask_g = mask_n & (g < GROUPS)
-            mask_w = word >= 0  # unused
+    if PREFETCH:
+        words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
+                                           w_start, k_end, G, stride_wn, PER, WPG, GROUPS,
+                                           HAS_OFFSET, EVEN_K)
+    for w0 in range(w_start, w_end, STEP):
+        if PREFETCH:
+            # EVEN_K: the last step reloads itself (cached) instead of masking every load
+            w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP
+            n_words, n_scale, n_offset = _gemv1_load(
+                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w_next, k_end, G,
+                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
         else:
-            mask_w = kw < k_end
-            mask_g = mask_n & (k + g * (WPG * PER) < k_end)
-            words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w,
-                            other=0)
-        group = k // G + g  # [1, GROUPS, 1]
-        scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
-        if HAS_OFFSET:
-            offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
+            words, scale, offset = _gemv1_load(
+                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
+                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
+        kw = w0 * PER + PER * word  # the first k of each word
         for i in tl.static_range(PER):
             u = (words >> (BITS * i)) & MASK
             if BITS == 8:
@@ -180,8 +204,10 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
             if EVEN_K:
                 xi = tl.load(x_ptr + kw + i).to(tl.float32)
             else:
-                xi = tl.load(x_ptr + kw + i, mask=mask_w, other=0.0).to(tl.float32)
+                xi = tl.load(x_ptr + kw + i, mask=kw < k_end, other=0.0).to(tl.float32)
             acc += w * xi
+        if PREFETCH:
+            words, scale, offset = n_words, n_scale, n_offset
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
@@ -241,6 +267,7 @@ class IntGemmConfig:
     num_stages: int
     split_k: int = 1
     group_m: int = 8
+    prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
 
 
 def _num_sms(device: torch.device) -> int:
@@ -249,20 +276,24 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def int_gemm_config(M: int, N: int, K: int, device: torch.device) -> IntGemmConfig:
-    """A launch for an [M, K] x [N, K]^T product. First choices, not yet tuned on a GPU
-    (benchmarks/gpu_suite.sh measures the decode rows that depend on them); one row:
-    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages" overrides (benchmarks)."""
+def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
+                    ) -> IntGemmConfig:
+    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). One row:
+    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch]" overrides (benchmarks)."""
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
-            bn, bk, split, warps, stages = (int(v) for v in override.split(","))
-            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split)
-        # Measured on an H200 at Llama-3.1-8B shapes (benchmarks/int_gemv_bench.py): 4 K
-        # splits and wide K steps (256 keeps int4 free of spills at 32 rows).
+            bn, bk, split, warps, stages, *pf = (int(v) for v in override.split(","))
+            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
+                                 prefetch=bool(pf and pf[0]))
+        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, twelfth session):
+        # 32 x 256 tiles, K in 4 splits; int8 with the next step's words loaded first
+        # (batch-1 decode 260.4 tok/s vs 248.5 without; per layer 87.9 us vs 93.2). int4
+        # without (111.9 us vs 106.2 with); its 64 x 128 tiles measured 99.8 us a layer
+        # alone but 216.9 tok/s end to end against 219.4.
         block_n, block_k = 32, 256
         split = max(1, min(4, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=bits == 8)
     if M <= GEMV_ROWS:
         # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
         block_n, block_k = (64, 128) if M <= 2 else (32, 64)
@@ -293,12 +324,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return torch.empty(M, N, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if config is None and int_dot_enabled() and weight.stride(0) % 4 == 0 and \
-            weight.storage_offset() % 4 == 0:  # opt-in: the tensor-core decode kernel
-        dot = int_dot_config(M, N, K, G, bits, x.device)
-        if dot is not None:
-            return int_dot_linear(x, weight, scale, offset, bias, dot)
-    cfg = config or int_gemm_config(M, N, K, x.device)
+    cfg = config or int_gemm_config(M, N, K, x.device, bits)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
         # tl.dot tiles: one scale per row and K step, not [BLOCK_N, BLOCK_K] scale and
@@ -325,7 +351,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
             x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split // per,
             weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, GROUPS=groups,
-            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
+            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0, PREFETCH=cfg.prefetch,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:

@@ -12,8 +12,6 @@ zeroed again; calls on one stream run one after another, so they never overlap.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -59,51 +57,3 @@ def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
         have = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32,
                                                device=device)
     return have
-
-
-@triton.jit
-def finish_rows(acc, part_ptr, count_ptr, bias_ptr, out_ptr, pid_n, offs_m, offs_n, M, N,
-                stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """The epilogue of a decode GEMM program (tile pid_n: rows offs_m x columns offs_n of out,
-    its K split over SPLIT_K programs): the last of them adds the others'
-    partials (split_k_fixup), the bias, and stores the tile in out's dtype."""
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    last = True
-    if SPLIT_K > 1:
-        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_n,
-                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
-                                  M * N, offs_n, SPLIT_K, INTERPRET)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (8 elsewhere: the interpreter's tests)."""
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def decode_split(tiles: int, K: int, block_k: int, sms: int) -> int:
-    """How many programs a tile's K is split over: doubled while there are fewer than two
-    programs an SM, K divides evenly and each program keeps at least 4 K steps."""
-    split = 1
-    while tiles * split < 2 * sms and K % (2 * split * block_k) == 0 and \
-            K // (2 * split * block_k) >= 4:
-        split *= 2
-    return split
-
-
-def split_k_buffers(split: int, M: int, N: int, tiles: int, out: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partials [split, M, N] float32, arrival counters) for a split launch; `out` stands
-    in for both when split is 1 (the kernel never touches them then)."""
-    if split == 1:
-        return out, out
-    return (torch.empty(split, M, N, dtype=torch.float32, device=out.device),
-            split_k_counters(out.device, tiles))

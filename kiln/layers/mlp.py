@@ -15,8 +15,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
                  mapping: Mapping | None = None, act: str = "silu") -> None:
         super().__init__()
-        self.gelu = act not in ("silu", "swish")
-        self.act_and_mul = KF.gelu_tanh_and_mul if self.gelu else KF.silu_and_mul
+        self.act_and_mul = KF.silu_and_mul if act in ("silu", "swish") else \
+            KF.gelu_tanh_and_mul
         self.gate_up_proj = MergedColumnLinear(hidden_size, [intermediate_size] * 2, bias,
                                                mapping)
         self.down_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
@@ -28,13 +28,8 @@ class GatedMLP(nn.Module):
         return self.gate_up_proj.input_quant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        down = self.down_proj
-        if down.method.name == "none" and getattr(down, "packed_weight", None) is None:
-            fused = KF.fused_gated_act(gate_up, down.weight, self.gelu)  # opt-in, decode
-            if fused is not None:
-                return down(fused)
-        return down(self.act_and_mul(gate_up, down.input_quant()))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x),
+                                               self.down_proj.input_quant()))
 
 
 class PlainMLP(nn.Module):
