@@ -3,6 +3,8 @@ chunked prefill and mixed prefill+decode batches)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -129,19 +131,30 @@ def _prefill_kernel(
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int) -> tuple[int, int]:
-    """(BLOCK_N, num_stages) per KV cache dtype.
+@dataclass(frozen=True)
+class PrefillLaunch:
+    block_n: int
+    num_stages: int
+    num_warps: int
+    heavy_first: bool = False
 
-    Measured on an H200 (one 4096-token prefill, 32 q / 8 KV heads, d=128, BLOCK_M=128),
-    ms for BLOCK_N, stages = 64,2 / 128,2 / 64,3 / 32,3:
-    bf16 0.476 / 0.508 / 0.494 / 0.621;  e4m3 0.728 / 0.631 / 0.645 / 0.828;
-    int8 0.645 / 0.612 / 0.664 / 0.796. A 1-byte tile is converted in registers and
-    stored back to shared memory before the MMA: wider tiles amortise that round trip
-    (only measured for full 128-row tiles; smaller ones keep 64).
-    """
-    if cache_dtype.itemsize == 1 and block_m >= 128 and block_d <= 128:
-        return 128, 2
-    return (64 if block_d <= 128 else 32), 2
+
+def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int) -> PrefillLaunch:
+    """The launch per KV cache dtype and query tile.
+
+    Full 128-row tiles, d <= 128, bf16/fp16 and e4m3 caches: 64 keys a step, 3 stages, 4
+    warps, heaviest tiles first, the best of 40 launches on an H200 at 4k and 8k tokens
+    (32 q / 8 KV heads, d 128; benchmarks/attn_prefill_sweep.py, BENCHMARKS.md twelfth
+    session): bf16 0.402 / 1.479 ms against the earlier 64 keys, 2 stages, 8 warps in
+    launch order (0.477 / 1.658); e4m3 0.444 / 1.662 against 128 keys, 2 stages, 8 warps
+    (0.522 / 1.790). int8 caches keep 128 keys, 2 stages, 8 warps (measured before only:
+    0.612 ms at 4k against 0.645 for 64 keys); smaller tiles 64 keys, 2 stages."""
+    if block_m >= 128 and block_d <= 128:
+        if cache_dtype == torch.int8:
+            return PrefillLaunch(128, 2, 8)
+        return PrefillLaunch(64, 3, 4, heavy_first=True)
+    return PrefillLaunch(64 if block_d <= 128 else 32, 2,
+                         8 if block_m * block_d >= 128 * 128 else 4)
 
 
 def paged_attention_prefill(
@@ -152,16 +165,15 @@ def paged_attention_prefill(
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    num_warps: int | None = None, heavy_first: bool = False,
+    num_warps: int | None = None, heavy_first: bool | None = None,
 ) -> torch.Tensor:
     """q [T, heads, d] packed by query_start_loc -> out [T, heads, d] (written into `out`
-    when given: any strides with a unit last one); see reference. num_warps and
-    heavy_first (the tile order, see the kernel) are for launch sweeps
-    (benchmarks/attn_prefill_sweep.py)
+    when given: any strides with a unit last one); see reference. The launch (block_n,
+    num_stages, num_warps, heavy_first: the tile order, see the kernel) defaults to
+    prefill_config's; the arguments are for launch sweeps (benchmarks/attn_prefill_sweep.py)
     (sliding_window, softcap, alibi_slopes, float32 [heads], and key_rotary as there).
 
     A 1-byte cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads]).
-    block_n and num_stages default to prefill_config's choice for the cache dtype.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -180,9 +192,10 @@ def paged_attention_prefill(
     block_d = head_block(head_dim)
     if block_m is None:
         block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
-    default_n, default_stages = prefill_config(k_cache.dtype, block_m, block_d)
-    block_n, num_stages = block_n or default_n, num_stages or default_stages
-    num_warps = num_warps or (8 if block_m * block_d >= 128 * 128 else 4)
+    launch = prefill_config(k_cache.dtype, block_m, block_d)
+    block_n, num_stages = block_n or launch.block_n, num_stages or launch.num_stages
+    num_warps = num_warps or launch.num_warps
+    heavy_first = launch.heavy_first if heavy_first is None else heavy_first
     tiles = triton.cdiv(max_query_len * group, block_m)
     grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
