@@ -111,7 +111,7 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M", [1, 7, 64])
+@pytest.mark.parametrize("M", [1, 7, 64, 260])  # 260: dequantized, then a 16-bit GEMM
 @pytest.mark.parametrize("bits,group,K", [(4, 32, 96), (4, 64, 192), (4, 128, 384),
                                           (8, 0, 99), (8, 32, 160)])
 def test_int_linear_auto(interp, dtype, M, bits, group, K) -> None:  # noqa: F811
@@ -148,6 +148,26 @@ def test_int_gemm_splits_decode_batches(monkeypatch) -> None:
     assert int_gemm.int_gemm_config(64, 28672, 4096, cuda, 8).split_k == 1
     assert int_gemm.int_gemm_config(300, 4096, 4096, cuda, 8).split_k == 1
     assert int_gemm.int_gemm_config(64, 4096, 4096, cuda, 4).split_k == 1
+
+
+def check_dequantize(dtype: torch.dtype, N: int, K: int, bits: int, group: int) -> None:
+    from kiln.kernels import int_gemm
+    from kiln.kernels import reference as ref
+
+    weight, scale, offset = _weight(N, K, bits, group)
+    got = int_gemm.dequantize_weight(weight, scale, offset, dtype)
+    want = ref.dequantize_int_weight(weight, scale, offset).float().to(dtype)
+    assert got.dtype == dtype and got.shape == (N, K)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 96), (4, 16, 80), (4, 128, 384),
+                                          (8, 0, 99), (8, 64, 192)])
+def test_dequantize_weight(interp, bits, group, K) -> None:  # noqa: F811
+    """The scratch weight of the many-row path: the reference's values, rounded to x's
+    dtype (N past a tile, K not a multiple of the step, groups under and over a step)."""
+    for dtype in (torch.float16, torch.float32):
+        interp(check_dequantize, dtype, 70, K, bits, group)
 
 
 def test_functional_dispatch(interp) -> None:  # noqa: F811

@@ -78,6 +78,22 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
     return w
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, G, stride_wn, stride_sn,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                    HAS_OFFSET: tl.constexpr, GROUP_TILE: tl.constexpr):
+    """out[n block, k block] = dequant(w) in out's dtype (out [N, K] contiguous): the tile
+    the GEMM kernels multiply, rounded the same way."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K
+    mask_n = offs_n < N
+    w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                      BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
+    offs_k = k + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PER_SPLIT,
                  stride_xm, stride_wn, stride_sn, stride_om,
@@ -337,10 +353,34 @@ def split_length(K: int, split_k: int, block_k: int) -> int:
     return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
 
 
+# From this many rows the weight is dequantized into a scratch buffer and multiplied by
+# cuBLAS: the dequantization is then paid once per call instead of once per row tile, and
+# writing and reading the 16-bit copy costs little beside the GEMM's math.
+DEQUANT_ROWS = 256
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor,
+                      offset: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight [N, K] in dtype (w = q * scale + offset in float32, then
+    rounded to dtype, as the GEMM kernels round their tiles)."""
+    N = weight.shape[0]
+    K = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+    G = K // scale.shape[1]
+    block_k = G if G < 64 and G >= 16 and G & (G - 1) == 0 else 64
+    out = torch.empty(N, K, dtype=dtype, device=weight.device)
+    _dequant_kernel[(triton.cdiv(N, 64), triton.cdiv(K, block_k))](
+        weight, scale, offset if offset is not None else scale, out, N, K, G,
+        weight.stride(0), scale.stride(0), BLOCK_N=64, BLOCK_K=block_k,
+        BITS=4 if weight.dtype == torch.uint8 else 8, HAS_OFFSET=offset is not None,
+        GROUP_TILE=G % block_k == 0, num_warps=4)
+    return out
+
+
 def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       offset: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                       config: IntGemmConfig | None = None) -> torch.Tensor:
-    """x [M, K] (16/32-bit) @ dequant(weight)^T -> [M, N] in x's dtype; see the module doc."""
+    """x [M, K] (16/32-bit) @ dequant(weight)^T -> [M, N] in x's dtype; see the module doc.
+    From DEQUANT_ROWS rows (no config given): dequantize_weight, then a 16-bit GEMM."""
     M, K = x.shape
     N = weight.shape[0]
     bits = 4 if weight.dtype == torch.uint8 else 8
@@ -349,6 +389,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return torch.empty(M, N, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if config is None and M >= DEQUANT_ROWS:
+        return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
+                                          bias)
     cfg = config or int_gemm_config(M, N, K, x.device, bits)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
