@@ -8,16 +8,20 @@ optional offsets [N, K // G]). Each tile of w is dequantized in float32 (as the 
 does), cast to x's dtype, and multiplied with float32 accumulation, so the result is the
 float GEMM of the dequantized weight up to the order of the sums.
 
-Two kernels, picked by the number of rows M:
+Picked by the number of rows M:
+* M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there).
 * M <= GEMV_ROWS (4; decode): _gemv_kernel, split-K. Program (n block, k split) reads a
   BLOCK_N x K/SPLIT_K slab of the weight once, and multiplies it with all M rows on the
   CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
   into a float32 buffer with atomics. Decode is bound by reading the weight, so what
   matters is that every SM streams its share: SPLIT_K is chosen so there are a few
   programs per SM even when N is small.
-* larger M (prefill): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K step dequantizes a
-  [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot.
-Both are CUDA-graph safe: launches depend only on shapes.
+* M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
+  step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
+  rows: K split when the tiles are few).
+* larger M (prefill): dequantize_weight (_dequant_kernel) into a 16-bit scratch weight,
+  then cuBLAS.
+All are CUDA-graph safe: launches depend only on shapes.
 """
 
 from __future__ import annotations
