@@ -37,9 +37,26 @@ def timed(fn, reps: int = 20, rounds: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def int_weight(N: int, K: int, bits: int):
+    """Random CUDA storage (weight, scale, offset, bytes): int4 in groups of 128 with
+    offsets, int8 per channel."""
+    from kiln.kernels.reference import pack_int4
+
+    if bits == 4:
+        weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
+        scale = torch.rand(N, K // 128, device="cuda") * 0.01
+        offset = -8 * scale
+    else:
+        weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
+        scale = torch.rand(N, 1, device="cuda") * 0.01
+        offset = None
+    nbytes = weight.numel() * weight.element_size() + scale.numel() * 4 * (
+        2 if offset is not None else 1)
+    return weight, scale, offset, nbytes
+
+
 def main() -> None:
     from kiln.kernels import int_gemm
-    from kiln.kernels.reference import pack_int4
 
     out_path = sys.argv[1] if len(sys.argv) > 1 else "int_gemv.json"
     results = []
@@ -51,16 +68,7 @@ def main() -> None:
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
         for bits in (4, 8):
-            if bits == 4:
-                weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
-                scale = torch.rand(N, K // 128, device="cuda") * 0.01
-                offset = -8 * scale
-            else:
-                weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
-                scale = torch.rand(N, 1, device="cuda") * 0.01
-                offset = None
-            nbytes = weight.numel() * weight.element_size() + scale.numel() * 4 * (
-                2 if offset is not None else 1)
+            weight, scale, offset, nbytes = int_weight(N, K, bits)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             configs = ["auto"] + [f"{c},4,3" for c in (
                 "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]

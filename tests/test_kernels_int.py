@@ -103,11 +103,17 @@ def check_functional_dispatch() -> None:
 
 
 
-# IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k): GEMV without
-# and with split-K (atomics; the splits end inside K), tl.dot tiles whose K step spans
-# several groups (gathered scales) or lies in one.
+# IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
+# prefetch, nibble_dots): GEMV without and with split-K (atomics; the splits end inside
+# K), each also with the next K step's loads issued first (prefetch), tl.dot tiles whose
+# K step spans several groups (gathered scales) or lies in one, and int4 tiles multiplied
+# as even-k and odd-k halves (nibble_dots; int8 and gathered scales ignore it).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
-           "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1)}
+           "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
+           "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
+           "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1),
+           "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
+           "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -133,6 +139,8 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
     for split in (2, 4):
         interp(check_linear, torch.float16, M, 40, 512, bits, group, True,
                (16, 16, 32, 4, 1, split))
+    interp(check_linear, torch.float16, M, 40, 512, bits, group, True,
+           (16, 16, 64, 4, 1, 2, 8, False, True))  # int4: with nibble_dots
     interp(check_linear, torch.float32, M, 24, 256, bits, group, False, (16, 32, 64, 4, 1, 2))
 
 
@@ -231,6 +239,10 @@ def test_compiles_for_hopper(monkeypatch) -> None:
             if not gemv:
                 mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
                 assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r
+            if not gemv and bits == 4:  # the even/odd-k products (IntGemmConfig.nibble_dots)
+                r = compile_sm90(kernel, values, dict(meta, NIBBLE_DOTS=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int4-nibbles")
+                assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
 
 
 def test_main_loop_instructions_are_counted() -> None:

@@ -241,18 +241,57 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
+@triton.jit
+def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
+                 stride_wn, stride_sn, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for int4 w whose K step lies
+    in one group, as two products: even k (low nibbles) and odd k (high nibbles)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_p = k // 2 + tl.arange(0, HALF)
+    mask_p = offs_p < K // 2
+    packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_p[None, :],
+                     mask=mask_n[:, None] & mask_p[None, :], other=0).to(tl.int32)
+    s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+    scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    low = low * scale
+    high = high * scale
+    if HAS_OFFSET:
+        offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+        low = low + offset
+        high = high + offset
+    x_mask = mask_m[:, None] & mask_p[None, :]
+    x_even = tl.load(x_rows + 2 * offs_p[None, :], mask=x_mask, other=0.0)
+    x_odd = tl.load(x_rows + 2 * offs_p[None, :] + 1, mask=x_mask, other=0.0)
+    low = low.to(x_even.dtype)
+    high = high.to(x_even.dtype)
+    if IEEE:
+        acc = tl.dot(x_even, tl.trans(low), acc, input_precision="ieee")
+        acc = tl.dot(x_odd, tl.trans(high), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x_even, tl.trans(low), acc)
+        acc = tl.dot(x_odd, tl.trans(high), acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
                  M, N, K, G, stride_xm, stride_wn, stride_sn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr,
-                 SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False):
+                 SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False,
+                 NIBBLE_DOTS: tl.constexpr = False):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
     SPLIT_K * BLOCK_K), and split_k_fixup adds the parts (decode batches: a small N makes
-    too few tiles to keep every SM streaming the weight)."""
+    too few tiles to keep every SM streaming the weight).
+    NIBBLE_DOTS (int4, GROUP_TILE): the low nibbles (even k) and the high ones (odd k)
+    stay two [BLOCK_N, BLOCK_K / 2] tiles, each multiplied with the x columns of its k
+    (a strided load of x), instead of being interleaved into one tile first."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -270,15 +309,20 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     k_len = K // SPLIT_K if SPLIT_K > 1 else K
     k_start = tl.program_id(1) * k_len
     for k in range(k_start, k_start + k_len, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
-                          BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE).to(x_ptr.dtype.element_ty)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        if NIBBLE_DOTS:
+            acc = _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
+                               G, stride_wn, stride_sn, BLOCK_K, HAS_OFFSET, IEEE)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            offs_k = k + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :],
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn,
+                              mask_n, BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
+            w = w.to(x_ptr.dtype.element_ty)
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
     mask = mask_m[:, None] & mask_n[None, :]
     last = True
     if SPLIT_K > 1:
@@ -303,6 +347,7 @@ class IntGemmConfig:
     split_k: int = 1
     group_m: int = 8
     prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
+    nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
 
 
 def _num_sms(device: torch.device) -> int:
@@ -446,5 +491,6 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x, weight, scale, o, b, out, part, counters, M, N, K, G,
         x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=x.dtype == torch.float32,
-        SPLIT_K=split, INTERPRET=_INTERPRET, **common)
+        SPLIT_K=split, INTERPRET=_INTERPRET,
+        NIBBLE_DOTS=cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32, **common)
     return out

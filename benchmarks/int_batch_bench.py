@@ -1,0 +1,89 @@
+"""Decode-batch W4A16 / W8A16 GEMMs (16 / 32 / 64 rows: the tl.dot tiles of
+kiln/kernels/int_gemm.py) at Llama-3.1-8B shapes against bf16 cuBLAS at the same rows, on
+a GPU: microseconds a call inside a CUDA graph, over a grid of launches (block_m,
+block_n, block_k, warps, stages, K splits, and for int4 the even/odd-k products,
+`IntGemmConfig.nibble_dots`) and kiln's own choice ("auto"). Issue #10's 64-request row
+(int4 >= bf16 throughput) is decode at up to 64 rows; this is where its time goes.
+
+    python benchmarks/int_batch_bench.py OUT.json [--rows 16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.int_gemv_bench import SHAPES, int_weight, timed
+
+# block_n, block_k, warps, stages, split_k, nibble_dots (block_m: the rows, 16 to 64);
+# the first is the default before this sweep
+LAUNCHES = [
+    (64, 64, 4, 4, 1, False), (64, 64, 4, 4, 2, False), (64, 64, 4, 4, 4, False),
+    (32, 64, 4, 4, 1, False), (32, 64, 4, 4, 2, False), (32, 64, 4, 4, 4, False),
+    (64, 128, 4, 3, 1, False), (64, 128, 4, 3, 2, False), (64, 128, 8, 3, 2, False),
+    (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 2, False),
+    (64, 64, 4, 4, 1, True), (64, 64, 4, 4, 2, True), (32, 64, 4, 4, 2, True),
+    (64, 128, 4, 3, 1, True), (64, 128, 4, 3, 2, True), (128, 64, 8, 3, 2, True)]
+
+
+def main() -> None:
+    from kiln.kernels import int_gemm
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--rows", default="16,64")
+    ap.add_argument("--most", type=int, default=0, help="only the first N launches")
+    args = ap.parse_args()
+    launches = LAUNCHES[:args.most] if args.most else LAUNCHES
+    results = []
+    for M in (int(v) for v in args.rows.split(",")):
+        for name, (N, K) in SHAPES.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            cublas = timed(lambda a=x, w=w16: a @ w.T)
+            print(f"M {M} {name:8s} bf16 cublas {cublas:8.1f} us", flush=True)
+            results.append(dict(M=M, shape=name, kind="bf16", config="cublas", us=cublas))
+            for bits in (4, 8):
+                weight, scale, offset, nbytes = int_weight(N, K, bits)
+                want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
+                rows = []
+                for launch in [None] + launches:
+                    if launch and launch[5] and bits == 8:
+                        continue
+                    cfg = launch and int_gemm.IntGemmConfig(
+                        min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
+                        split_k=launch[4], nibble_dots=launch[5])
+                    try:
+                        got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
+                        err = ((got.float() - want).norm() / want.norm()).item()
+                        us = timed(lambda a=x, c=cfg, w=weight, s=scale, o=offset:
+                                   int_gemm.int_weight_linear(a, w, s, o, config=c))
+                    except Exception as e:  # past the card's shared memory or registers
+                        print(f"  int{bits} {launch}: {type(e).__name__}", flush=True)
+                        continue
+                    rows.append(dict(M=M, shape=name, kind=f"int{bits}",
+                                     config=str(launch or "auto"), us=us, rel_err=err,
+                                     gbps=nbytes / us / 1e3, vs_bf16=cublas / us))
+                rows.sort(key=lambda r: r["us"])
+                auto = next(r for r in rows if r["config"] == "auto")
+                for r in [auto] + rows[:4]:
+                    print(f"  int{bits} {r['config']:36s} {r['us']:8.1f} us "
+                          f"{r['vs_bf16']:.2f}x cuBLAS bf16  err {r['rel_err']:.1e}", flush=True)
+                results += rows
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "launches": len(launches),
+                   "results": results}, f, indent=1)
+    print("\nper layer (qkv + o + gate_up + down), us: auto / best launch per shape / bf16")
+    for M in sorted({r["M"] for r in results}):
+        for kind in ("int4", "int8"):
+            sel = [r for r in results if r["M"] == M and r["kind"] == kind]
+            auto = sum(r["us"] for r in sel if r["config"] == "auto")
+            best = sum(min(r["us"] for r in sel if r["shape"] == s) for s in SHAPES)
+            bf16 = sum(r["us"] for r in results if r["M"] == M and r["kind"] == "bf16")
+            print(f"M {M:3d} {kind}: {auto:7.1f} / {best:7.1f} / {bf16:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
