@@ -1,0 +1,195 @@
+"""The decode GEMVs of the integer-weight linear layers (kiln.kernels.int_gemm picks them):
+one row (_gemv1_kernel: 32-bit words, integer-only unpacking) and up to GEMV_ROWS rows
+(_gemv_kernel: broadcast products), and the weight tile both they and the tl.dot kernels
+dequantize (_dequant_tile). Storage and numerics: see kiln.kernels.int_gemm."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                  BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  GROUP_TILE: tl.constexpr):
+    """w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zeros past N and K).
+
+    GROUP_TILE: the tile lies in one group (BLOCK_K divides G and k is a multiple of
+    BLOCK_K), so one scale per row; otherwise the scale of every element is gathered."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rows = offs_n.to(tl.int64)[:, None]
+    # Integers to float32 without the quarter-rate conversion instructions: a value
+    # u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly.
+    if BITS == 4:
+        offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
+                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
+        packed = packed.to(tl.int32)
+        low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
+    else:  # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
+        q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
+        q = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+    if GROUP_TILE:
+        s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+        scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    else:
+        s_offs = rows * stride_sn + (offs_k // G)[None, :]
+        mask = mask_n[:, None] & mask_k[None, :]
+        scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)
+    w = q * scale
+    if HAS_OFFSET:
+        w = w + offset
+    return w
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PER_SPLIT,
+                 stride_xm, stride_wn, stride_sn, stride_om,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 GROUP_TILE: tl.constexpr, ATOMIC: tl.constexpr):
+    """out[:M, n block] (+)= x[:M, k split] @ w[n block, k split]^T, M <= ROWS.
+
+    ATOMIC: out is a float32 buffer the splits add into (the first split adds the
+    bias); otherwise one split, out in x's dtype."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k in range(k_start, k_end, BLOCK_K):
+        w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
+                          BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
+        offs_k = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)  # the weight in x's dtype
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
+                stride_wn, PER: tl.constexpr, WPG: tl.constexpr, GROUPS: tl.constexpr,
+                HAS_OFFSET: tl.constexpr, EVEN_K: tl.constexpr):
+    """The words of the K step starting at word w0, and their groups' scales (offsets)."""
+    k = w0 * PER
+    if EVEN_K:  # every step whole: masks only on rows, so loads can be vectors
+        words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n, other=0)
+        mask_g = mask_n & (g < GROUPS)
+    else:
+        mask_w = k + PER * word < k_end
+        mask_g = mask_n & (k + g * (WPG * PER) < k_end)
+        words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w, other=0)
+    group = k // G + g  # [1, GROUPS, 1]
+    scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
+    offset = scale
+    if HAS_OFFSET:
+        offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
+    return words, scale, offset
+
+
+@triton.jit
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_SPLIT,
+                  stride_wn, stride_sn,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
+                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
+                  PREFETCH: tl.constexpr = False):
+    """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
+
+    The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
+    words): word j of a row holds k = PER j .. PER j + PER - 1 (PER = 8 nibbles or 4
+    bytes, the lowest bits first). Each value becomes a float with integer ops only, as
+    the mantissa of 2^23: float(bits(2^23) | u) - 2^23 = u exactly (int8 goes through
+    u = q + 128); so the loop is shifts, masks and FMAs, no quarter-rate int -> float
+    conversions, and the weight is not rounded to x's dtype (the dequantized value in
+    float32, as the tests bound it). A K step spans GROUPS whole quantization groups (1
+    when it lies in one): tiles are [BLOCK_N, GROUPS, words per group], so each row loads
+    one scale (and offset) per group and step. Products accumulate elementwise in float32
+    registers over the whole K loop and are summed once at the end.
+    PREFETCH: the next step's words are loaded before this step's are used, so each
+    program has two steps of loads in flight (the kernel waits on memory latency, not on
+    bandwidth, with one)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
+    WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
+    STEP: tl.constexpr = BLOCK_K // PER
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N)[:, None, None]
+    rows = offs_n.to(tl.int64)[:, None, None]
+    s_rows = rows * stride_sn
+    g = tl.arange(0, GROUPS)[None, :, None]
+    word = g * WPG + tl.arange(0, WPG)[None, None, :]  # [1, GROUPS, WPG] in the step
+    acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
+    # The loop runs over words (W_PER_SPLIT words a split, specialized as a multiple of
+    # 16): the compiler then knows where rows' words are 16-byte aligned.
+    w_start = pid_k * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, K // PER)
+    k_end = w_end * PER
+    if PREFETCH:
+        words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
+                                           w_start, k_end, G, stride_wn, PER, WPG, GROUPS,
+                                           HAS_OFFSET, EVEN_K)
+    for w0 in range(w_start, w_end, STEP):
+        if PREFETCH:
+            # EVEN_K: the last step reloads itself (cached) instead of masking every load
+            w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP
+            n_words, n_scale, n_offset = _gemv1_load(
+                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w_next, k_end, G,
+                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
+        else:
+            words, scale, offset = _gemv1_load(
+                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
+                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
+        kw = w0 * PER + PER * word  # the first k of each word
+        for i in tl.static_range(PER):
+            u = (words >> (BITS * i)) & MASK
+            if BITS == 8:
+                u = u ^ 0x80
+            q = (u | 0x4B000000).to(tl.float32, bitcast=True) - BIAS
+            w = q * scale
+            if HAS_OFFSET:
+                w = w + offset
+            if EVEN_K:
+                xi = tl.load(x_ptr + kw + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptr + kw + i, mask=kw < k_end, other=0.0).to(tl.float32)
+            acc += w * xi
+        if PREFETCH:
+            words, scale, offset = n_words, n_scale, n_offset
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, 1.0, 0.0) * bias
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs, y, mask=offs < N, sem="relaxed")
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
