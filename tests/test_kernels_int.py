@@ -158,6 +158,22 @@ def test_int_gemm_splits_decode_batches(monkeypatch) -> None:
     assert int_gemm.int_gemm_config(64, 4096, 4096, cuda, 4).split_k == 1
 
 
+def check_bias_dtype() -> None:
+    """A float32 bias with 16-bit x: the many-row path casts it as the tiles do."""
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(24, 64, 4, 32)
+    bias = torch.randn(24)
+    for M in (int_gemm.DEQUANT_ROWS - 1, int_gemm.DEQUANT_ROWS):
+        x = torch.randn(M, 64).half()
+        y = int_gemm.int_weight_linear(x, weight, scale, offset, bias)
+        _check(f"bias M={M}", x, y, weight, scale, offset, bias.half())
+
+
+def test_bias_dtype(interp) -> None:  # noqa: F811
+    interp(check_bias_dtype)
+
+
 def check_dequantize(dtype: torch.dtype, N: int, K: int, bits: int, group: int) -> None:
     from kiln.kernels import int_gemm
     from kiln.kernels import reference as ref

@@ -142,7 +142,7 @@ class PrefillLaunch:
 def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int) -> PrefillLaunch:
     """The launch per KV cache dtype and query tile.
 
-    Full 128-row tiles, d <= 128, bf16/fp16 and e4m3 caches: 64 keys a step, 3 stages, 4
+    Full 128-row tiles, d <= 128, every cache but int8: 64 keys a step, 3 stages, 4
     warps, heaviest tiles first, the best of 40 launches on an H200 at 4k and 8k tokens
     (32 q / 8 KV heads, d 128; benchmarks/attn_prefill_sweep.py, BENCHMARKS.md twelfth
     session): bf16 0.402 / 1.479 ms against the earlier 64 keys, 2 stages, 8 warps in

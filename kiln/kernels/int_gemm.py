@@ -198,7 +198,7 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
     if M <= 64:
-        # int8 decode batches: K split in two while that leaves at most two programs an SM
+        # int8 decode batches: K split (doubling) while that leaves at most two programs an SM
         # (N 4096 at 64 rows is 64 tiles), each part at least 8 K steps. H200, 64 x 512 in
         # / 256 out: int8_wo TPOT 12.35 ms vs 14.64 unsplit; int4 15.50 vs 15.97 but fewer
         # tokens/s in that run (3,160 vs 3,284), so int4 stays unsplit.
@@ -255,7 +255,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x = x.contiguous()
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
-                                          bias)
+                                          None if bias is None else bias.to(x.dtype))
     cfg = config or int_gemm_config(M, N, K, x.device, bits)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
