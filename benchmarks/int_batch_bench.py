@@ -1,9 +1,10 @@
 """Decode-batch W4A16 / W8A16 GEMMs (16 / 32 / 64 rows: the tl.dot tiles of
 kiln/kernels/int_gemm.py) at Llama-3.1-8B shapes against bf16 cuBLAS at the same rows, on
-a GPU: microseconds a call inside a CUDA graph, over a grid of launches (block_m,
-block_n, block_k, warps, stages, K splits, and for int4 the even/odd-k products,
-`IntGemmConfig.nibble_dots`) and kiln's own choice ("auto"). Issue #10's 64-request row
-(int4 >= bf16 throughput) is decode at up to 64 rows; this is where its time goes.
+a GPU: microseconds a call inside a CUDA graph (weights cycled through copies, so read
+from HBM), over a grid of launches (block_m, block_n, block_k, warps, stages, K splits,
+and for int4 the even/odd-k products, `IntGemmConfig.nibble_dots`) and kiln's own choice
+("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is decode at up to 64
+rows; this is where its time goes.
 
     python benchmarks/int_batch_bench.py OUT.json [--rows 16,64]
 """
@@ -15,7 +16,7 @@ import json
 
 import torch
 
-from benchmarks.int_gemv_bench import SHAPES, int_weight, timed
+from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
 # block_n, block_k, warps, stages, split_k, nibble_dots (block_m: the rows, 16 to 64);
 # the first is the default before this sweep
@@ -41,13 +42,15 @@ def main() -> None:
     for M in (int(v) for v in args.rows.split(",")):
         for name, (N, K) in SHAPES.items():
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-            cublas = timed(lambda a=x, w=w16: a @ w.T)
+            w16s = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(n_copies(N * K * 2))]
+            cublas = timed([lambda a=x, w=w: a @ w.T for w in w16s])
             print(f"M {M} {name:8s} bf16 cublas {cublas:8.1f} us", flush=True)
             results.append(dict(M=M, shape=name, kind="bf16", config="cublas", us=cublas))
             for bits in (4, 8):
                 weight, scale, offset, nbytes = int_weight(N, K, bits)
                 want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
+                copies = weight_copies(weight, scale, offset, nbytes)
                 rows = []
                 for launch in [None] + launches:
                     if launch and launch[5] and bits == 8:
@@ -58,8 +61,8 @@ def main() -> None:
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()
-                        us = timed(lambda a=x, c=cfg, w=weight, s=scale, o=offset:
-                                   int_gemm.int_weight_linear(a, w, s, o, config=c))
+                        us = timed([lambda a=x, c=cfg, w=w: int_gemm.int_weight_linear(
+                            a, *w, config=c) for w in copies])
                     except Exception as e:  # past the card's shared memory or registers
                         print(f"  int{bits} {launch}: {type(e).__name__}", flush=True)
                         continue

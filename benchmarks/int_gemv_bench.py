@@ -1,8 +1,9 @@
 """Batch-1 W4A16 / W8A16 GEMV launches at Llama-3.1-8B shapes against bf16 cuBLAS, on a
-GPU: time per call (inside a CUDA graph, as decode runs) and the weight bytes read per
-second; each shape over a small grid of launch configs (block_n, block_k, split_k, warps,
-stages, and whether the next K step's loads are issued first: a sixth field 1) and kiln's
-own choice ("auto").
+GPU: time per call (inside a CUDA graph, as decode runs, each call on another copy of
+the weight so that it comes from HBM, not L2) and the weight bytes read per second; each
+shape over a small grid of launch configs (block_n, block_k, split_k, warps, stages, and
+whether the next K step's loads are issued first: a sixth field 1) and kiln's own choice
+("auto").
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -18,14 +19,28 @@ import torch
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
+# Weights of a shape are cycled through copies of at least this many bytes in all, so
+# that every call reads HBM as decode does, not the 50 MB L2 (one int4 QKV is 14 MB:
+# timed alone, the same copy stays in L2 and the kernel looks faster than it runs).
+COLD_BYTES = 256 * 2**20
+
+
+def n_copies(nbytes: int) -> int:
+    return max(1, min(32, -(-COLD_BYTES // nbytes)))
+
+
 def timed(fn, reps: int = 20, rounds: int = 10) -> float:
-    """Median microseconds per call, `reps` calls captured in one graph."""
-    fn()
+    """Median microseconds per call, `reps` calls captured in one graph; fn: one
+    callable, or a list called in turn (each on its own copy of the weight)."""
+    fns = fn if isinstance(fn, list) else [fn]
+    reps = max(reps, len(fns))
+    for f in fns:
+        f()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fns[i % len(fns)]()
     times = []
     for _ in range(rounds):
         start, end = torch.cuda.Event(True), torch.cuda.Event(True)
@@ -35,6 +50,13 @@ def timed(fn, reps: int = 20, rounds: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1000 / reps)
     return sorted(times)[len(times) // 2]
+
+
+def weight_copies(weight, scale, offset, nbytes: int) -> list:
+    """(weight, scale, offset) and clones of it, COLD_BYTES in all."""
+    return [(weight, scale, offset)] + [
+        (weight.clone(), scale.clone(), None if offset is None else offset.clone())
+        for _ in range(n_copies(nbytes) - 1)]
 
 
 def int_weight(N: int, K: int, bits: int):
@@ -62,14 +84,16 @@ def main() -> None:
     results = []
     for name, (N, K) in SHAPES.items():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        us = timed(lambda: x @ w16.T)  # noqa: B023 (called at once)
+        w16s = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                for _ in range(n_copies(N * K * 2))]
+        us = timed([lambda w=w: x @ w.T for w in w16s])  # noqa: B023 (called at once)
         results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
         for bits in (4, 8):
             weight, scale, offset, nbytes = int_weight(N, K, bits)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
+            copies = weight_copies(weight, scale, offset, nbytes)
             configs = ["auto"] + [f"{c},4,3" for c in (
                 "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]
             # the same kernel with the next K step's words loaded before this step's math
@@ -84,7 +108,8 @@ def main() -> None:
                 try:
                     got = int_gemm.int_weight_linear(x, weight, scale, offset)
                     err = ((got.float() - want).norm() / want.norm()).item()
-                    us = timed(lambda: int_gemm.int_weight_linear(x, weight, scale, offset))  # noqa: B023 (called at once)
+                    us = timed([lambda c=c: int_gemm.int_weight_linear(x, *c)  # noqa: B023
+                                for c in copies])
                 except Exception as e:  # a config past the hardware's limits
                     print(f"{name:8s} int{bits} {cfg}: {type(e).__name__}", flush=True)
                     continue
