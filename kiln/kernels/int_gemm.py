@@ -77,9 +77,10 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
         offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
         low = low + offset
         high = high + offset
-    x_mask = mask_m[:, None] & mask_p[None, :]
-    x_even = tl.load(x_rows + 2 * offs_p[None, :], mask=x_mask, other=0.0)
-    x_odd = tl.load(x_rows + 2 * offs_p[None, :] + 1, mask=x_mask, other=0.0)
+    offs_k = k + tl.arange(0, BLOCK_K)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                other=0.0)
+    x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], HALF, 2)))
     low = low.to(x_even.dtype)
     high = high.to(x_even.dtype)
     if IEEE:
@@ -105,8 +106,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     SPLIT_K * BLOCK_K), and split_k_fixup adds the parts (decode batches: a small N makes
     too few tiles to keep every SM streaming the weight).
     NIBBLE_DOTS (int4, GROUP_TILE): the low nibbles (even k) and the high ones (odd k)
-    stay two [BLOCK_N, BLOCK_K / 2] tiles, each multiplied with the x columns of its k
-    (a strided load of x), instead of being interleaved into one tile first."""
+    stay two [BLOCK_N, BLOCK_K / 2] tiles, each multiplied with the x columns of its k (x
+    split in registers, the smaller tile at decode's few rows), instead of the nibbles
+    being interleaved into one weight tile first."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
