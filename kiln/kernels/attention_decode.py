@@ -9,12 +9,11 @@ scales included: each program loads its KV head's k_scale and v_scale).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import num_sms
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -163,11 +162,6 @@ def _reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device) -> int:
     """Enough (sequence, head, split) programs for ~2 waves, each split >= 256 tokens.
@@ -175,7 +169,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
     Depends on static sizes only, so a captured graph keeps it; a power of two so that
     few kernel variants get compiled.
     """
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    sms = num_sms(device)
     wanted = triton.cdiv(2 * sms, max(num_seqs * num_kv_heads, 1))
     splits = min(wanted, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT), MAX_SPLITS)
     return triton.next_power_of_2(max(splits, 1))

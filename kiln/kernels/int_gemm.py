@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_gemv import _dequant_tile, _gemv1_kernel, _gemv_kernel
+from kiln.kernels import num_sms as _num_sms
+from kiln.kernels.int_gemv import _dequant_tile, _gemv1_kernel, _gemv_kernel, _unpack_nibbles
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -69,8 +70,7 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
                      mask=mask_n[:, None] & mask_p[None, :], other=0).to(tl.int32)
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
     scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
-    low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    low, high = _unpack_nibbles(packed)
     low = low * scale
     high = high * scale
     if HAS_OFFSET:
@@ -167,12 +167,6 @@ class IntGemmConfig:
     nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                     ) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight). One row:
@@ -206,8 +200,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         # tokens/s in that run (3,160 vs 3,284), so int4 stays unsplit.
         block_m, block_n, block_k = (32 if M <= 32 else 64), 64, 64
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        split = 1
-        while bits == 8 and tiles * 2 * split <= 2 * _num_sms(device) and \
+        split, sms = 1, _num_sms(device)
+        while bits == 8 and tiles * 2 * split <= 2 * sms and \
                 K % (2 * split * block_k) == 0 and K // (2 * split * block_k) >= 8:
             split *= 2
         return IntGemmConfig(block_m, block_n, block_k, 4, 4, split_k=split)
@@ -225,6 +219,13 @@ def split_length(K: int, split_k: int, block_k: int) -> int:
 DEQUANT_ROWS = 256
 
 
+def group_step(G: int, block_k: int) -> int:
+    """The K step of a tile kernel: a power-of-two group (>= 16) smaller than block_k
+    becomes the step, so each step has one scale per row, not [BLOCK_N, BLOCK_K] scale
+    and offset tiles (in every pipeline stage: past Hopper's shared memory in float32)."""
+    return G if G % block_k and G >= 16 and G & (G - 1) == 0 else block_k
+
+
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor,
                       offset: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The dequantized weight [N, K] in dtype (w = q * scale + offset in float32, then
@@ -232,7 +233,7 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor,
     N = weight.shape[0]
     K = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
     G = K // scale.shape[1]
-    block_k = G if G < 64 and G >= 16 and G & (G - 1) == 0 else 64
+    block_k = group_step(G, 64)
     out = torch.empty(N, K, dtype=dtype, device=weight.device)
     _dequant_kernel[(triton.cdiv(N, 64), triton.cdiv(K, block_k))](
         weight, scale, offset if offset is not None else scale, out, N, K, G,
@@ -260,10 +261,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                                           None if bias is None else bias.to(x.dtype))
     cfg = config or int_gemm_config(M, N, K, x.device, bits)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    if cfg.block_m and G % block_k and G >= 16 and G & (G - 1) == 0:
-        # tl.dot tiles: one scale per row and K step, not [BLOCK_N, BLOCK_K] scale and
-        # offset tiles in every pipeline stage (past Hopper's shared memory in float32)
-        block_k = G
+    if cfg.block_m:
+        block_k = group_step(G, block_k)
     group_tile = G % block_k == 0
     common = dict(BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                   GROUP_TILE=group_tile, BLOCK_N=cfg.block_n, BLOCK_K=block_k,

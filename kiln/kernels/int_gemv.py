@@ -10,6 +10,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _unpack_nibbles(packed):
+    """Bytes of two 4-bit values (int32) -> (low, high) nibbles as float32, without the
+    quarter-rate conversion instructions: a value u < 2^23 in the mantissa of 2^23 reads
+    2^23 + u exactly."""
+    low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return low, high
+
+
+@triton.jit
 def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   GROUP_TILE: tl.constexpr):
@@ -26,9 +36,7 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
         offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
                          mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
-        packed = packed.to(tl.int32)
-        low = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        high = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        low, high = _unpack_nibbles(packed.to(tl.int32))
         q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
     else:  # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
         q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
