@@ -182,13 +182,42 @@ def test_torchrun_two_nodes_give_single_rank_tokens(engines):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                 f"127.0.0.1:{port}", "--rdzv-id", "kiln-test", "--max-restarts", "0"]
-    nodes = [subprocess.Popen([*torchrun, *RUN[:3], str(engines[2]), *RUN[3:]],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=ENV) for _ in range(2)]
-    results = [node.communicate(timeout=180) for node in nodes]
+    # Both "nodes" resolve the endpoint to themselves: say which one hosts the store, as
+    # a deployment with one machine per node does implicitly. A Python stack of every
+    # process is dumped on SIGABRT, should the run hang.
+    env = {**ENV, "PYTHONFAULTHANDLER": "1"}
+    nodes = [subprocess.Popen([*torchrun, "--rdzv-conf", f"is_host={int(host)}", *RUN[:3],
+                               str(engines[2]), *RUN[3:]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+             for host in (True, False)]
+    results = _communicate_or_dump(nodes, timeout=180)
     assert all(node.returncode == 0 for node in nodes), [r[1][-2000:] for r in results]
     texts = [out for out, _ in results if out.strip()]
     assert texts == [single.stdout]  # one node printed (rank 0), the same text
+
+
+def _communicate_or_dump(procs: list[subprocess.Popen], timeout: float) -> list[tuple]:
+    """Every process's (stdout, stderr); past the timeout, a stack dump of each process
+    and its descendants (SIGABRT + PYTHONFAULTHANDLER) and a failure that shows them."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        pids, todo = [], [p.pid for p in procs]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo += _children(pid)
+        for pid in reversed(pids):  # workers first, then their launchers
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        for p in procs:
+            p.kill()
+        dumps = [p.communicate()[1][-6000:] for p in procs]
+        pytest.fail(f"still running after {timeout:.0f} s; stacks:\n" + "\n----\n".join(dumps))
 
 
 _SCRIPT = textwrap.dedent("""
