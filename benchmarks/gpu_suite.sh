@@ -83,7 +83,7 @@ for spec in $stages; do
              --output-len 128 --num-requests 1 --compare-hf $Q --max-seq-len 32768 \
              --out "$OUT/long-ctx$tag.json" 2>&1 | tail -10 ;;
     int-gemv) # W4A16 / W8A16 one-row GEMMs at the 8B shapes: the GEMV over its launch grid
-             # (with and without prefetch), vs bf16 cuBLAS and the Triton 16-bit GEMM
+             # (with and without prefetch, factored scales, vector x), vs bf16 cuBLAS
              $T python3 benchmarks/int_gemv_bench.py "$OUT/int_gemv.json" > "$OUT/int_gemv.log" 2>&1
              tail -12 "$OUT/int_gemv.log" ;;
     int-batch) # W4A16 / W8A16 tl.dot tiles at 16 and 64 rows (decode batches, issue #10's

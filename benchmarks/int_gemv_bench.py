@@ -2,7 +2,8 @@
 GPU: time per call (inside a CUDA graph, as decode runs, each call on another copy of
 the weight so that it comes from HBM, not L2) and the weight bytes read per second; each
 shape over a small grid of launch configs (block_n, block_k, split_k, warps, stages, and
-whether the next K step's loads are issued first: a sixth field 1) and kiln's own choice
+whether the next K step's loads are issued first: a sixth field 1; the scales applied
+once a word: a seventh; x read as one vector a word: an eighth) and kiln's own choice
 ("auto").
 
     python benchmarks/int_gemv_bench.py OUT.json
@@ -101,6 +102,10 @@ def main() -> None:
                 "16,256,4,4,3", "32,256,1,4,3", "32,256,2,4,3", "32,256,4,4,3", "64,128,1,4,3",
                 "64,128,2,4,3", "64,128,4,4,3", "32,128,4,4,3", "16,128,4,2,3", "32,256,1,8,3",
                 "64,256,2,8,3")]
+            # scales applied once a word (seventh field), x as one vector a word (eighth)
+            configs += [f"{c},{pf},1,{xv}" for c in ("32,256,4,4,3", "64,128,4,4,3",
+                                                     "128,256,2,4,3", "64,256,4,4,3")
+                        for pf in (0, 1) for xv in (0, 1)]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

@@ -23,7 +23,8 @@ K = 4096
 TILES = [(32, 256), (64, 128), (128, 64), (256, 32), (512, 32)]  # (BLOCK_N, BLOCK_K)
 
 
-def per_weight(bits: int, block_n: int, block_k: int, warps: int = 4) -> dict:
+def per_weight(bits: int, block_n: int, block_k: int, warps: int = 4, **flags: bool) -> dict:
+    """flags: the kernel's variants (FACTORED, XVEC, PREFETCH)."""
     group = 128 if bits == 4 else K
     per = 32 // bits
     values = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
@@ -31,11 +32,12 @@ def per_weight(bits: int, block_n: int, block_k: int, warps: int = 4) -> dict:
               "W_PER_SPLIT": K // 4 // per, "stride_wn": K // per, "stride_sn": K // group}
     meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=False, BLOCK_N=block_n,
                 BLOCK_K=block_k, ATOMIC=True, EVEN_K=True,
-                GROUPS=max(1, block_k // group))
+                GROUPS=max(1, block_k // group), **flags)
     ops = main_loop_sass(int_gemm._gemv1_kernel, values, meta, warps, 3)
     weights = block_n * block_k / (32 * warps)
     total = sum(ops.values())
-    return {"bits": bits, "block_n": block_n, "block_k": block_k, "loop": total,
+    return {"bits": bits, "block_n": block_n, "block_k": block_k,
+            "variant": "+".join(k.lower() for k, v in flags.items() if v) or "plain", "loop": total,
             "per_weight": round(total / weights, 2),
             "top": {op: round(n / weights, 2) for op, n in ops.most_common(8)}}
 
@@ -45,12 +47,14 @@ def main() -> None:
     ap.add_argument("--out", default="int_gemv_sass.json")
     args = ap.parse_args()
     default = int_gemm.int_gemm_config(1, 4096, K, __import__("torch").device("cpu"))
-    rows = [per_weight(bits, bn, bk) for bits in (4, 8) for bn, bk in TILES]
+    rows = [per_weight(bits, bn, bk, **flags) for bits in (4, 8) for bn, bk in TILES
+            for flags in ({}, {"FACTORED": True}, {"FACTORED": True, "XVEC": True})]
     print(f"one-row GEMV, K {K}, sm_90 (default tile {default.block_n}x{default.block_k})")
-    print(f"{'int':>4}{'tile':>10}{'per weight':>12}  most frequent (per weight)")
+    print(f"{'int':>4}{'tile':>10}{'variant':>15}{'per weight':>12}  most frequent (per weight)")
     for r in rows:
         top = ", ".join(f"{op} {n}" for op, n in list(r["top"].items())[:5])
-        print(f"{r['bits']:>4}{r['block_n']:>5}x{r['block_k']:<4}{r['per_weight']:>12}  {top}")
+        print(f"{r['bits']:>4}{r['block_n']:>5}x{r['block_k']:<4}{r['variant']:>15}"
+              f"{r['per_weight']:>12}  {top}")
     with open(args.out, "w") as f:
         json.dump({"K": K, "default_tile": [default.block_n, default.block_k], "rows": rows},
                   f, indent=2)

@@ -104,13 +104,18 @@ def check_functional_dispatch() -> None:
 
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
-# prefetch, nibble_dots): GEMV without and with split-K (atomics; the splits end inside
-# K), each also with the next K step's loads issued first (prefetch), tl.dot tiles whose
-# K step spans several groups (gathered scales) or lies in one, and int4 tiles multiplied
-# as even-k and odd-k halves (nibble_dots; int8 and gathered scales ignore it).
+# prefetch, nibble_dots, factored, xvec): GEMV without and with split-K (atomics; the
+# splits end inside K), each also with the next K step's loads issued first (prefetch)
+# and with the scales applied once a word (factored, x as one vector a word: xvec; both
+# for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
+# lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
+# and gathered scales ignore it).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
+           "gemv-split3-fac": (0, 16, 32, 4, 1, 3, 8, False, False, True),
+           "gemv-split3-fac-xvec": (0, 16, 32, 4, 1, 3, 8, False, False, True, True),
+           "gemv-1-fac-xvec-pf": (0, 32, 64, 4, 1, 1, 8, True, False, True, True),
            "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1),
            "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
            "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True)}
@@ -129,6 +134,17 @@ def test_int_linear_auto(interp, dtype, M, bits, group, K) -> None:  # noqa: F81
 def test_int_linear_configs(interp, config, M) -> None:  # noqa: F811
     for bits, group, K in ((4, 32, 160), (8, 64, 192)):
         interp(check_linear, torch.float16, M, 40, K, bits, group, True, CONFIGS[config])
+
+
+@pytest.mark.parametrize("xvec", [False, True])
+def test_factored_gemv_odd_shapes(interp, xvec) -> None:  # noqa: F811
+    """The factored one-row GEMV where K ends inside a K step (masked loads), per channel
+    and in groups, with and without K split, float16 and float32."""
+    for bits, group, K in ((4, 32, 96), (4, 128, 384), (8, 0, 100), (8, 32, 160)):
+        for split in (1, 3):
+            for dtype in (torch.float16, torch.float32):
+                interp(check_linear, dtype, 1, 40, K, bits, group, True,
+                       (0, 16, 64, 4, 1, split, 8, False, False, True, xvec))
 
 
 @pytest.mark.parametrize("M", [5, 20, 64])
@@ -253,6 +269,11 @@ def test_compiles_for_hopper(monkeypatch) -> None:
                 r = compile_sm90(kernel, values, dict(meta, PREFETCH=True), cfg.num_warps,
                                  cfg.num_stages, variant=f"M{M}-int{bits}-prefetch")
                 assert r.stack_bytes == 0, r
+                for xvec in (False, True):  # scales once a word (IntGemmConfig.factored)
+                    r = compile_sm90(kernel, values, dict(meta, FACTORED=True, XVEC=xvec),
+                                     cfg.num_warps, cfg.num_stages,
+                                     variant=f"M{M}-int{bits}-factored-xvec{int(xvec)}")
+                    assert r.stack_bytes == 0, r
             if not gemv:
                 mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
                 assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r

@@ -165,18 +165,22 @@ class IntGemmConfig:
     group_m: int = 8
     prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
     nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
+    factored: bool = False  # one-row GEMV: scales applied once a word (_factored_step)
+    xvec: bool = False  # factored: x read as one vector a word
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                     ) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight). One row:
-    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch]" overrides (benchmarks)."""
+    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec]]]"
+    overrides (benchmarks)."""
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
-            bn, bk, split, warps, stages, *pf = (int(v) for v in override.split(","))
-            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
-                                 prefetch=bool(pf and pf[0]))
+            bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
+            pf, factored, xvec = (bool(v) for v in [*flags, 0, 0, 0][:3])
+            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
+                                 factored=factored, xvec=xvec)
         # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, twelfth session):
         # 32 x 256 tiles, K in 4 splits; int8 with the next step's words loaded first
         # (batch-1 decode 260.4 tok/s vs 248.5 without; per layer 87.9 us vs 93.2). int4
@@ -285,6 +289,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split // per,
             weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, GROUPS=groups,
             EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0, PREFETCH=cfg.prefetch,
+            FACTORED=cfg.factored, XVEC=cfg.xvec,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:
