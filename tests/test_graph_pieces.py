@@ -1,15 +1,16 @@
-"""What the CUDA-graph paths rest on, checked on the CPU: the token buckets, and the
-attention layers' hand-off to a piecewise capture (kiln.layers.attention.split_at_attention:
-each layer gives up (itself, q, cos_sin) and reads its output from the buffer returned)."""
+"""What the CUDA-graph paths rest on, checked on the CPU: the token buckets, the decode
+graphs' one logits buffer (their forwards run eagerly here), and the attention layers'
+hand-off to a piecewise capture (kiln.layers.attention.split_at_attention: each layer
+gives up (itself, q, cos_sin) and reads its output from the buffer returned)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kiln.layers import AttentionMetadata
+from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import current_metadata, split_at_attention
-from kiln.runtime.cuda_graphs import TokenBuckets, prefill_buckets
+from kiln.runtime.cuda_graphs import DecodeGraphs, TokenBuckets, prefill_buckets
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
 
@@ -41,6 +42,47 @@ def test_token_buckets_stage_pads_to_the_scratch_block():
     assert not staged.input_ids[20:32].any() and not staged.positions[20:32].any()
     assert (staged.slot_mapping[20:32] == 5 * 16).all()  # padded rows' K/V: scratch block
     assert (staged.input_ids[32:] == -1).all()  # past the bucket: untouched, never read
+
+
+class HiddenFromIds(torch.nn.Module):
+    """A stand-in forward (DecodeGraphs' metadata is the GPU kernels'): the embedding of
+    the ids as the hidden rows, and the real model's LM head (and soft cap)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def forward(self, input_ids, positions):
+        return self.inner.model.embed_tokens(input_ids) * 0.5 + positions[:, None]
+
+    def compute_logits(self, hidden, out=None):
+        return self.inner.compute_logits(hidden, out=out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the final soft cap
+def test_decode_graph_logits_are_views_of_one_buffer(tiny_engines, arch):
+    """Every bucket's logits land in one float32 buffer (not one per bucket: sum(buckets)
+    rows of the vocab, GBs at a max batch of 512), the values of compute_logits."""
+    runner = LLMEngine(tiny_engines[arch], RuntimeConfig(device="cpu")).runner
+    model = HiddenFromIds(runner.model)
+    graphs = DecodeGraphs(model, 16, 4, runner.block_size, runner.num_blocks,
+                          torch.device("cpu"), dtype=runner.dtype)
+    gen = torch.Generator().manual_seed(0)
+    want = {}
+    for bs in reversed(graphs.buckets):  # as capture() runs them: the largest first
+        graphs.input_ids.copy_(torch.randint(3, 200, (16,), generator=gen))
+        graphs.positions.copy_(torch.randint(0, 9, (16,), generator=gen))
+        with torch.inference_mode(), forward_context(graphs._meta(bs)):
+            graphs._stage_forward(bs)
+            want[bs] = runner.model.compute_logits(
+                model(graphs.input_ids[:bs], graphs.positions[:bs]))
+        assert graphs.logits[bs].equal(want[bs])
+    base = graphs.logits_buffer
+    assert base.shape == (16, want[16].shape[1]) and base.dtype == torch.float32
+    for bs, logits in graphs.logits.items():
+        assert logits.data_ptr() == base.data_ptr() and logits.shape[0] == bs
+    if arch == "gemma2":  # the cap bends them: |logits| <= 2
+        assert base.abs().max() <= runner.model.config.final_logit_softcap
 
 
 class EagerSplitter:

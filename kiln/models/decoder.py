@@ -230,10 +230,18 @@ class DecoderForCausalLM(nn.Module):
                                     partial)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """float32 logits; out: a float32 [rows, vocab] buffer to write them into (the
+        same kernels: the conversion to float32 becomes the copy into it)."""
+        logits = self.lm_head(hidden)
+        logits = logits.float() if out is None else out.copy_(logits)
         cap = self.config.final_logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        if cap is None:
+            return logits
+        if out is None:
+            return torch.tanh(logits / cap) * cap
+        return torch.tanh(logits.div_(cap), out=logits).mul_(cap)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers.values()]

@@ -57,7 +57,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # the last stage's outputs
+        # The last stage's outputs: views of one float32 buffer, allocated outside the
+        # graphs' pool (kept per bucket, they would hold sum(buckets) rows of the vocab:
+        # 4.3 GB for Llama-3 at a max batch of 512).
+        self.logits: dict[int, torch.Tensor] = {}
+        self.logits_buffer: torch.Tensor | None = None
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # an earlier stage's
         self.intermediate = None
         if prev_rank is not None:  # (hidden, residual) from the previous stage
@@ -71,7 +75,10 @@ class DecodeGraphs:
             args += (tuple(t[:bs] for t in self.intermediate),)
         out = self.model(*args)
         if self.next_rank is None:
-            self.logits[bs] = self.model.compute_logits(out)
+            if self.logits_buffer is None:  # the largest bucket's warm-up, outside a graph
+                rows = self.model.compute_logits(out[:1])
+                self.logits_buffer = rows.new_empty(self.buckets[-1], rows.shape[1])
+            self.logits[bs] = self.model.compute_logits(out, out=self.logits_buffer[:bs])
         else:
             self.outputs[bs] = out
 

@@ -139,10 +139,13 @@ class VerifyGraphs:
         self.seq_lens = torch.full((n,), w, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32) * w
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # every bucket's logits: views of one buffer (as DecodeGraphs keeps them)
         self.logits: dict[int, torch.Tensor] = {}
+        self.logits_buffer: torch.Tensor | None = None
 
     def _forward(self, bs: int, query_starts: list[int] | None = None,
-                 seq_lens: list[int] | None = None) -> torch.Tensor:
+                 seq_lens: list[int] | None = None, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         from kiln.layers import AttentionMetadata, forward_context
 
         model, tokens = self.runner.model, bs * self.width
@@ -153,7 +156,7 @@ class VerifyGraphs:
             max_query_len=self.width, max_seq_len=self.max_blocks * self.block_size)
         with forward_context(meta):
             hidden = model(self.input_ids[:tokens], self.positions[:tokens])
-            return model.compute_logits(hidden)
+            return model.compute_logits(hidden, out=out)
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -164,11 +167,15 @@ class VerifyGraphs:
         pool = None
         for bs in reversed(self.buckets):
             for _ in range(2):  # warm up: compile kernels, settle allocations
-                self._forward(bs)
+                logits = self._forward(bs)
+            if self.logits_buffer is None:  # the largest bucket, outside the graphs' pool
+                self.logits_buffer = logits.new_empty(bs * self.width, logits.shape[1])
+            del logits
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
+                self.logits[bs] = self._forward(
+                    bs, out=self.logits_buffer[:bs * self.width])
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
