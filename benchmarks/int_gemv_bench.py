@@ -103,9 +103,13 @@ def main() -> None:
                 "64,128,2,4,3", "64,128,4,4,3", "32,128,4,4,3", "16,128,4,2,3", "32,256,1,8,3",
                 "64,256,2,8,3")]
             # scales applied once a word (seventh field), x as one vector a word (eighth)
-            configs += [f"{c},{pf},1,{xv}" for c in ("32,256,4,4,3", "64,128,4,4,3",
-                                                     "128,256,2,4,3", "64,256,4,4,3")
+            # (fewest SASS instructions a weight, Triton 3.6: 512 x 32 and 256 x 32 tiles)
+            configs += [f"{c},{pf},1,{xv}" for c in ("32,256,4,4,3", "64,128,4,4,3")
                         for pf in (0, 1) for xv in (0, 1)]
+            configs += [f"{c},0,1,{xv}" for c in ("512,32,16,4,3", "512,32,32,4,3",
+                                                  "256,32,8,4,3", "256,32,16,4,3",
+                                                  "64,128,8,4,3", "128,64,8,4,3")
+                        for xv in (0, 1)]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

@@ -49,14 +49,18 @@ def main() -> None:
     default = int_gemm.int_gemm_config(1, 4096, K, __import__("torch").device("cpu"))
     rows = [per_weight(bits, bn, bk, **flags) for bits in (4, 8) for bn, bk in TILES
             for flags in ({}, {"FACTORED": True}, {"FACTORED": True, "XVEC": True})]
-    print(f"one-row GEMV, K {K}, sm_90 (default tile {default.block_n}x{default.block_k})")
+    import triton
+
+    print(f"one-row GEMV, K {K}, sm_90, Triton {triton.__version__} (default tile "
+          f"{default.block_n}x{default.block_k})")
     print(f"{'int':>4}{'tile':>10}{'variant':>15}{'per weight':>12}  most frequent (per weight)")
     for r in rows:
         top = ", ".join(f"{op} {n}" for op, n in list(r["top"].items())[:5])
         print(f"{r['bits']:>4}{r['block_n']:>5}x{r['block_k']:<4}{r['variant']:>15}"
               f"{r['per_weight']:>12}  {top}")
     with open(args.out, "w") as f:
-        json.dump({"K": K, "default_tile": [default.block_n, default.block_k], "rows": rows},
+        json.dump({"K": K, "triton": triton.__version__,
+                   "default_tile": [default.block_n, default.block_k], "rows": rows},
                   f, indent=2)
 
 

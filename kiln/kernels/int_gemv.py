@@ -100,11 +100,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
 
 
 @triton.jit
-def _value_at(src, pos: tl.constexpr, BITS: tl.constexpr):
+def _value_at(src, pos: tl.constexpr, BITS: tl.constexpr, E0):
     """The BITS-bit value at bit pos of the int32 words src as float32 (int8: the signed
     byte) in one logic op and one add: or'd into a float whose mantissa bit pos weighs 1
-    (exponent 150 - pos), the masked field reads 2^(23 - pos) + u exactly."""
-    E: tl.constexpr = (150 - pos) << 23
+    (exponent 150 - pos), the masked field reads 2^(23 - pos) + u exactly. E0: 150 << 23
+    as a value the compiler cannot fold (a logic op takes one immediate: with the mask and
+    the exponent both immediates, Triton 3.6 emits two a value)."""
+    E = E0 - (pos << 23)
     if BITS == 4:
         f = ((src & (0xF << pos)) | E).to(tl.float32, bitcast=True)
         return f - (1 << (23 - pos))
@@ -149,15 +151,16 @@ def _factored_step(acc, words, scale, offset, x_ptr, kw, k_end, BITS: tl.constex
     SPLIT: tl.constexpr = 5 if BITS == 4 else 2  # in place: bits 0..19 / 0..15
     SHIFT: tl.constexpr = 12 if BITS == 4 else 16
     hi = words >> SHIFT
+    E0 = (k_end >> 31) + (150 << 23)  # k_end >= 0; see _value_at
     part = tl.zeros(acc.shape, dtype=tl.float32)
     x_sum = tl.zeros(kw.shape, dtype=tl.float32)
     if XVEC:
         cols = _x_columns(x_ptr, kw, k_end, PER, EVEN_K)
     for i in tl.static_range(PER):
         if i < SPLIT:
-            q = _value_at(words, BITS * i, BITS)
+            q = _value_at(words, BITS * i, BITS, E0)
         else:
-            q = _value_at(hi, BITS * i - SHIFT, BITS)
+            q = _value_at(hi, BITS * i - SHIFT, BITS, E0)
         if XVEC:
             xi = cols[i]
         elif EVEN_K:
@@ -217,9 +220,10 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
     PREFETCH: the next step's words are loaded before this step's are used, so each
     program has two steps of loads in flight (the kernel waits on memory latency, not on
     bandwidth, with one).
-    FACTORED: _factored_step, fewer instructions a weight (sm_90 SASS of the K loop
-    at the 8B shape: int4 g128 32 x 256 6.9 vs 7.7, int8 6.0 vs 6.7); XVEC: x read as
-    one vector a word (int4 64 x 128: 5.9, but x passes through shared memory)."""
+    FACTORED: _factored_step, fewer instructions a weight (sm_90 SASS of the K loop at the
+    8B shape, Triton 3.6: int4 g128 64 x 128 5.9 vs 7.7, 512 x 32 4.9 vs 6.9, 32 x 256 7.6
+    vs 8.9; int8 32 x 256 5.4 vs 6.8); XVEC: x read as one vector a word (32 x 256: 6.5,
+    elsewhere within 0.2 of FACTORED alone; x passes through shared memory)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
