@@ -2,7 +2,8 @@
 kiln/kernels/int_gemm.py) at Llama-3.1-8B shapes against bf16 cuBLAS at the same rows, on
 a GPU: microseconds a call inside a CUDA graph (weights cycled through copies, so read
 from HBM), over a grid of launches (block_m, block_n, block_k, warps, stages, K splits,
-and for int4 the even/odd-k products, `IntGemmConfig.nibble_dots`) and kiln's own choice
+and for int4 the even/odd-k products, `IntGemmConfig.nibble_dots`, or values read in place
+from 32-bit words, `IntGemmConfig.words`) and kiln's own choice
 ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is decode at up to 64
 rows; this is where its time goes.
 
@@ -18,7 +19,8 @@ import torch
 
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
-# block_n, block_k, warps, stages, split_k, nibble_dots (block_m: the rows, 16 to 64);
+# block_n, block_k, warps, stages, split_k, nibble_dots[, words] (block_m: the rows, 16
+# to 64);
 # the first is the default before this sweep
 LAUNCHES = [
     (64, 64, 4, 4, 1, False), (64, 64, 4, 4, 2, False), (64, 64, 4, 4, 4, False),
@@ -26,7 +28,12 @@ LAUNCHES = [
     (64, 128, 4, 3, 1, False), (64, 128, 4, 3, 2, False), (64, 128, 8, 3, 2, False),
     (128, 64, 8, 3, 1, False), (128, 64, 8, 3, 2, False),
     (64, 64, 4, 4, 1, True), (64, 64, 4, 4, 2, True), (32, 64, 4, 4, 2, True),
-    (64, 128, 4, 3, 1, True), (64, 128, 4, 3, 2, True), (128, 64, 8, 3, 2, True)]
+    (64, 128, 4, 3, 1, True), (64, 128, 4, 3, 2, True), (128, 64, 8, 3, 2, True),
+    # int4 read from 32-bit words in place (IntGemmConfig.words; SASS of the K loop at
+    # 64 x 64 x 64, Triton 3.6: 8.3 vs 10.9 instructions a weight)
+    (64, 64, 4, 4, 1, False, True), (64, 64, 4, 4, 2, False, True),
+    (32, 64, 4, 4, 2, False, True), (64, 128, 4, 3, 1, False, True),
+    (64, 128, 4, 3, 2, False, True), (128, 64, 8, 3, 2, False, True)]
 
 
 def main() -> None:
@@ -53,11 +60,12 @@ def main() -> None:
                 copies = weight_copies(weight, scale, offset, nbytes)
                 rows = []
                 for launch in [None] + launches:
-                    if launch and launch[5] and bits == 8:
+                    words = bool(launch and len(launch) > 6 and launch[6])
+                    if launch and (launch[5] or words) and bits == 8:
                         continue
                     cfg = launch and int_gemm.IntGemmConfig(
                         min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
-                        split_k=launch[4], nibble_dots=launch[5])
+                        split_k=launch[4], nibble_dots=launch[5], words=words)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()

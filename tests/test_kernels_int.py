@@ -109,7 +109,7 @@ def check_functional_dispatch() -> None:
 # and with the scales applied once a word (factored, x as one vector a word: xvec; both
 # for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
 # lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
-# and gathered scales ignore it).
+# and gathered scales ignore it), or read from 32-bit words in place (words; likewise).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -118,7 +118,9 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "gemv-1-fac-xvec-pf": (0, 32, 64, 4, 1, 1, 8, True, False, True, True),
            "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1),
            "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
-           "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True)}
+           "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True),
+           "dot-words": (16, 16, 32, 4, 1, 1, 8, False, False, False, False, True),
+           "dot-words-64": (32, 32, 64, 4, 1, 1, 8, False, False, False, False, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -157,6 +159,8 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
                (16, 16, 32, 4, 1, split))
     interp(check_linear, torch.float16, M, 40, 512, bits, group, True,
            (16, 16, 64, 4, 1, 2, 8, False, True))  # int4: with nibble_dots
+    interp(check_linear, torch.float16, M, 48, 512, bits, group, True,  # words, EVEN
+           (16, 16, 64, 4, 1, 2, 8, False, False, False, False, True))
     interp(check_linear, torch.float32, M, 24, 256, bits, group, False, (16, 32, 64, 4, 1, 2))
 
 
@@ -280,6 +284,11 @@ def test_compiles_for_hopper(monkeypatch) -> None:
             if not gemv and bits == 4:  # the even/odd-k products (IntGemmConfig.nibble_dots)
                 r = compile_sm90(kernel, values, dict(meta, NIBBLE_DOTS=True), cfg.num_warps,
                                  cfg.num_stages, variant=f"M{M}-int4-nibbles")
+                assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
+                # values read in place from 32-bit words (IntGemmConfig.words)
+                r = compile_sm90(kernel, dict(values, w_ptr="*i32", stride_wn=K // 8),
+                                 dict(meta, WORDS=True, EVEN=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int4-words")
                 assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
 
 

@@ -116,6 +116,42 @@ def _value_at(src, pos: tl.constexpr, BITS: tl.constexpr, E0):
 
 
 @triton.jit
+def _dequant_words(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n, E0,
+                   BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr, EVEN: tl.constexpr):
+    """int4 w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K] from 32-bit words (w_ptr
+    the storage viewed as int32, stride_wn in words; value i of word j is k = 8 j + i),
+    each value read in place (_value_at: one logic op and one add), the tile in one group
+    (one scale a row). EVEN: N and K whole tiles, so no masks."""
+    offs_w = k // 8 + tl.arange(0, BLOCK_K // 8)
+    ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_w[None, :]
+    s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+    if EVEN:
+        words = tl.load(ptrs)
+        scale = tl.load(s_ptr + s_offs)[:, None]
+    else:
+        words = tl.load(ptrs, mask=mask_n[:, None] & (offs_w < K // 8)[None, :], other=0)
+        scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    hi = words >> 12
+    v0, v1 = _value_at(words, 0, 4, E0), _value_at(words, 4, 4, E0)
+    v2, v3 = _value_at(words, 8, 4, E0), _value_at(words, 12, 4, E0)
+    v4, v5 = _value_at(words, 16, 4, E0), _value_at(hi, 8, 4, E0)
+    v6, v7 = _value_at(hi, 12, 4, E0), _value_at(hi, 16, 4, E0)
+    # A join's new axis is the last (fastest): join over bit 2 of the value index first,
+    # then bit 1, then bit 0, so [BLOCK_N, BLOCK_K / 8, r, s, t] holds value 4r + 2s + t
+    # of each word, k = 8 j + 4 r + 2 s + t
+    even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    q = tl.reshape(tl.join(even, odd), (words.shape[0], BLOCK_K))
+    w = q * scale
+    if HAS_OFFSET:
+        if EVEN:
+            w = w + tl.load(o_ptr + s_offs)[:, None]
+        else:
+            w = w + tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    return w
+
+
+@triton.jit
 def _x_columns(x_ptr, kw, k_end, PER: tl.constexpr, EVEN_K: tl.constexpr):
     """x[kw + i] for i < PER, a tuple of float32 tensors shaped like kw, from one vector
     load a word (its PER inputs are adjacent) split in registers."""
