@@ -164,6 +164,23 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
     interp(check_linear, torch.float32, M, 24, 256, bits, group, False, (16, 32, 64, 4, 1, 2))
 
 
+def test_launch_overrides(monkeypatch) -> None:
+    """The benchmarks' launch overrides: one row and decode batches (flags optional)."""
+    from kiln.kernels import int_gemm
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,4,4,3,0,1,1")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=4, factored=True, xvec=True)
+    monkeypatch.setenv("KILN_INT_TILES", "64,64,4,4,2,0,1")
+    assert int_gemm.int_gemm_config(64, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        64, 64, 64, 4, 4, split_k=2, words=True)
+    monkeypatch.setenv("KILN_INT_TILES", "32,64,4,4,1")
+    assert int_gemm.int_gemm_config(16, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        32, 32, 64, 4, 4)
+    assert int_gemm.int_gemm_config(65, 4096, 4096, cpu, 4).block_m == 128  # not a batch
+
+
 def test_int_gemm_splits_decode_batches(monkeypatch) -> None:
     """On an H200 (132 SMs) a 64-row int8 batch at N 4096 (64 tiles) splits K, gate_up's
     448 tiles do not, nor does int4 (measured no faster)."""

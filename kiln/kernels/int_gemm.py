@@ -187,9 +187,10 @@ class IntGemmConfig:
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                     ) -> IntGemmConfig:
-    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). One row:
-    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec]]]"
-    overrides (benchmarks)."""
+    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
+    benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
+    factored[,xvec]]]"; decode batches (GEMV_ROWS < M <= 64): KILN_INT_TILES="block_n,
+    block_k,warps,stages,split_k[,nibble_dots[,words]]"."""
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
@@ -213,6 +214,12 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         # about 4 programs per SM, each at least 2 K steps deep
         split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
+    if M <= 64 and os.environ.get("KILN_INT_TILES"):
+        bn, bk, warps, stages, split, *flags = (
+            int(v) for v in os.environ["KILN_INT_TILES"].split(","))
+        nibbles, words = (bool(v) for v in [*flags, 0, 0][:2])
+        return IntGemmConfig(32 if M <= 32 else 64, bn, bk, warps, stages, split_k=split,
+                             nibble_dots=nibbles, words=words)
     if M <= 64:
         # int8 decode batches: K split (doubling) while that leaves at most two programs an SM
         # (N 4096 at 64 rows is 64 tiles), each part at least 8 K steps. H200, 64 x 512 in
