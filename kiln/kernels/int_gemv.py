@@ -152,6 +152,16 @@ def _dequant_words(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, m
 
 
 @triton.jit
+def _x_at(x_ptr, kw, i: tl.constexpr, k_end, EVEN_K: tl.constexpr):
+    """x[kw + i] as float32 (0 from k_end on, unless every step is whole: EVEN_K). The
+    address as (x_ptr + kw) + i: summing kw + i first compiled to 9.4 instead of 7.8
+    instructions a weight (int4, 256 x 32 tiles)."""
+    if EVEN_K:
+        return tl.load(x_ptr + kw + i).to(tl.float32)
+    return tl.load(x_ptr + kw + i, mask=kw < k_end, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _x_columns(x_ptr, kw, k_end, PER: tl.constexpr, EVEN_K: tl.constexpr):
     """x[kw + i] for i < PER, a tuple of float32 tensors shaped like kw, from one vector
     load a word (its PER inputs are adjacent) split in registers."""
@@ -199,10 +209,8 @@ def _factored_step(acc, words, scale, offset, x_ptr, kw, k_end, BITS: tl.constex
             q = _value_at(hi, BITS * i - SHIFT, BITS, E0)
         if XVEC:
             xi = cols[i]
-        elif EVEN_K:
-            xi = tl.load(x_ptr + kw + i).to(tl.float32)
         else:
-            xi = tl.load(x_ptr + kw + i, mask=kw < k_end, other=0.0).to(tl.float32)
+            xi = _x_at(x_ptr, kw, i, k_end, EVEN_K)
         part += q * xi
         if HAS_OFFSET:
             x_sum += xi
@@ -307,11 +315,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
                 w = q * scale
                 if HAS_OFFSET:
                     w = w + offset
-                if EVEN_K:
-                    xi = tl.load(x_ptr + kw + i).to(tl.float32)
-                else:
-                    xi = tl.load(x_ptr + kw + i, mask=kw < k_end, other=0.0).to(tl.float32)
-                acc += w * xi
+                acc += w * _x_at(x_ptr, kw, i, k_end, EVEN_K)
         if PREFETCH:
             words, scale, offset = n_words, n_scale, n_offset
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
