@@ -314,6 +314,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     M, K = x2.shape
     N = weight.shape[0]
     if x.is_cuda and K % 8 == 0 and N % 8 == 0 and os.environ.get("KILN_TRITON", "1") != "0":
+        if os.environ.get("KILN_INT8_FUSED") == "1":  # one kernel each side (not yet timed)
+            from kiln.kernels import int8_act
+
+            x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous(), rows=17)
+            acc = torch._int_mm(x_q, weight.t())
+            return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias,
+                                               x.dtype).view(*shape[:-1], N)
         x_q, x_scale = ref.quantize_int8_per_token(x2)
         if M <= 16:
             x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - M))

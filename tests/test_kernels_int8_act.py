@@ -1,0 +1,112 @@
+"""INT8 W8A8's per-token quantization and scaling epilogue (kiln/kernels/int8_act.py) against
+the torch reference, bit for bit: CPU through Triton's interpreter (the reference's CPU
+rounding), GPU (pytest -m gpu) against the reference on CUDA tensors, and the kernels
+compiled for sm_90 without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e '.[gpu]')")
+
+
+def _inputs(M: int, K: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 8).to(dtype)
+    if M > 2:
+        x[1] = 0  # a row of zeros: the minimum amax
+        # amax 127 makes the scale 1: halves are ties, rounded to even (2, -4, 0, 6, -0)
+        x[2, :6] = torch.tensor([2.5, -3.5, 0.5, 5.5, -0.5, 127.0])
+        x[2, 6:] = 1.25
+    return x.to(device)
+
+
+def check_quantize(M: int, K: int, dtype: torch.dtype, strided: bool) -> None:
+    from kiln.kernels import int8_act
+    from kiln.kernels.reference_quant import quantize_int8_per_token as reference
+
+    x = _inputs(M, K + 5 if strided else K, dtype)[:, :K]  # rows with a stride
+    q, scale = int8_act.quantize_int8_per_token(x, rows=17)
+    want_q, want_scale = reference(x)
+    assert q.shape == (max(M, 17), K) and scale.shape == (M, 1)
+    assert torch.equal(scale, want_scale), (scale - want_scale).abs().max()
+    assert torch.equal(q[:M], want_q), (q[:M].int() - want_q.int()).abs().max()
+    if M > 2:
+        assert q[2, :6].tolist() == [2, -4, 0, 6, 0, 127] and scale[2].item() == 1.0
+
+
+def check_scale(M: int, N: int, dtype: torch.dtype, with_bias: bool) -> None:
+    from kiln.kernels import int8_act
+
+    g = torch.Generator().manual_seed(M + N)
+    acc = torch.randint(-2**20, 2**20, (M + 3, N), generator=g, dtype=torch.int32)
+    x_scale = torch.rand(M, 1, generator=g) * 0.01
+    w_scale = torch.rand(N, generator=g) * 0.01
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    got = int8_act.scale_int8_product(acc, x_scale, w_scale, bias, dtype)
+    want = acc[:M].float() * x_scale * w_scale.view(1, -1)  # the reference's chain
+    if bias is not None:
+        want = want + bias.float()
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("M,K", [(1, 64), (5, 99), (20, 4096), (3, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quantize_per_token(interp, M, K, dtype) -> None:  # noqa: F811
+    """One tile and several (K past 4096), odd K, a strided row, zero rows and ties."""
+    interp(check_quantize, M, K, dtype, M == 5)
+
+
+@pytest.mark.parametrize("M,N", [(1, 40), (17, 300), (40, 512)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_scale_epilogue(interp, M, N, dtype) -> None:  # noqa: F811
+    for with_bias in (False, True):
+        interp(check_scale, M, N, dtype, with_bias)
+
+
+def test_compiles_for_hopper() -> None:
+    """Both kernels at the Llama-3.1-8B shapes, sm_90: no stack."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels import int8_act
+    from kiln.kernels.compile_check import compile_sm90
+
+    for K, block in ((4096, 4096), (14336, 4096)):
+        r = compile_sm90(int8_act._quant_int8_kernel, {
+            "x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "K": K,
+            "stride_x": K, "stride_q": K}, {"BLOCK_K": block, "ONE_TILE": K <= block,
+                                              "INTERPRET": False}, 8, variant=f"K{K}")
+        assert r.stack_bytes == 0, r
+    r = compile_sm90(int8_act._scale_int8_kernel, {
+        "acc_ptr": "*i32", "x_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+        "out_ptr": "*bf16", "M": 512, "N": 28672, "stride_acc": 28672, "stride_out": 28672},
+        {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 256}, 4)
+    assert r.stack_bytes == 0, r
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("M", [1, 16, 17, 512])
+def test_gpu_int8_linear_fused_is_the_reference(M, monkeypatch) -> None:
+    """KILN_INT8_FUSED=1: the same bits as the torch chain on the GPU, bf16 and fp16."""
+    from kiln import functional as KF
+
+    for dtype in (torch.bfloat16, torch.float16):
+        x = _inputs(M, 4096, dtype, "cuda")
+        g = torch.Generator().manual_seed(1)
+        weight = torch.randint(-127, 128, (6144, 4096), generator=g, dtype=torch.int8).cuda()
+        w_scale = (torch.rand(6144, generator=g) * 0.01).cuda()
+        bias = torch.randn(6144, generator=g).to(dtype).cuda()
+        monkeypatch.delenv("KILN_INT8_FUSED", raising=False)
+        want = KF.int8_linear(x, weight, w_scale, bias)
+        monkeypatch.setenv("KILN_INT8_FUSED", "1")
+        got = KF.int8_linear(x, weight, w_scale, bias)
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
