@@ -1,0 +1,90 @@
+"""Every architecture of the tiny zoo (tests/conftest.py) split over real gloo process
+groups: tensor parallel (2 ranks), pipeline parallel (2 stages) and both (2 stages of 2
+ranks: 4 processes). The split engines' logits, prefill and one decode step through the
+KV cache, are the single-rank engine's within 1e-4 (float32), and so are their greedy
+tokens. One group of processes per layout runs every architecture in turn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kiln.build import build
+from kiln.config import BuildConfig
+from kiln.distributed.launch import free_port
+from tests.conftest import ARCH_CONFIGS
+from tests.test_tensor_parallel import TOKENS, _logits
+
+# as the session's tiny_engines (the single-rank references) are built
+CFG = dict(dtype="float32", max_batch_size=16, max_seq_len=256, max_num_tokens=512)
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}  # (tp, pp)
+
+
+def _zoo_rank(rank: int, world: int, tp: int, port: int, engines: dict, result: str) -> None:
+    """Every engine of `engines` (arch -> dir) in turn on this rank; rank 0 saves the
+    prefill and decode logits of each."""
+    import torch.distributed as dist
+
+    from kiln.build import load_engine_config
+    from kiln.distributed import Mapping
+    from kiln.distributed.comm import set_tp_group
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.model_runner import ModelRunner
+    from kiln.runtime.request import Request, SamplingParams
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.group.WORLD
+        if tp < world:  # every rank creates every stage's group, in the same order
+            for start in range(0, world, tp):
+                made = dist.new_group(list(range(start, start + tp)))
+                group = made if start <= rank < start + tp else group
+        set_tp_group(group)
+        out = {}
+        for arch, engine_dir in engines.items():
+            cfg = load_engine_config(engine_dir)
+            runner = ModelRunner(Path(engine_dir), cfg, torch.device("cpu"),
+                                 Mapping(world, rank, tp, world // tp))
+            runner.allocate_kv_cache(16)
+            kv = KVCacheManager(16, cfg.build.block_size)
+            request = Request("r", TOKENS, SamplingParams(max_tokens=1), 1)
+            prefill = _logits(runner, kv, request, len(TOKENS) - 1)
+            decode = _logits(runner, kv, request, 1)
+            out[arch] = {"prefill": prefill, "decode": decode}
+            dist.barrier()
+        if rank == 0:
+            torch.save(out, result)
+        dist.barrier()  # nobody leaves while a peer may still talk to it
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads may abort in it
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, tiny_engines,
+                                                      tmp_path):
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    tp, pp = LAYOUTS[layout]
+    engines = {arch: str(build(tiny_checkpoints[arch][0], tmp_path / arch,
+                               BuildConfig(**CFG, tp_size=tp, pp_size=pp), progress=False))
+               for arch in ARCH_CONFIGS}
+    result = tmp_path / "logits.pt"
+    mp.start_processes(_zoo_rank, args=(tp * pp, tp, free_port(), engines, str(result)),
+                       nprocs=tp * pp, join=True, start_method="spawn")
+    got = torch.load(result)
+    assert set(got) == set(ARCH_CONFIGS)
+    for arch in ARCH_CONFIGS:
+        want = sequence_logits(LLMEngine(tiny_engines[arch], RuntimeConfig(device="cpu")),
+                               TOKENS)
+        prefill, decode = got[arch]["prefill"], got[arch]["decode"][0]
+        assert (prefill - want[:-1]).abs().max() < 1e-4, arch
+        assert (decode - want[-1]).abs().max() < 1e-4, arch
+        assert torch.equal(prefill.argmax(-1), want[:-1].argmax(-1)), arch
