@@ -196,6 +196,55 @@ def test_torchrun_two_nodes_give_single_rank_tokens(engines):
     assert texts == [single.stdout]  # one node printed (rank 0), the same text
 
 
+_READY_SCRIPT = textwrap.dedent("""
+    import pathlib, sys, time
+    from kiln import LLM, SamplingParams
+    llm = LLM(sys.argv[1], device="cpu")  # ranks other than 0 serve rank 0 in here
+    pathlib.Path(sys.argv[2]).touch()
+    while True:
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=4))
+        time.sleep(0.05)
+""")
+
+
+def test_torchrun_a_killed_node_stops_the_other_with_one_line(engines, tmp_path):
+    """Two torchrun "nodes": the worker of one is killed; the other node's rank (rank 0
+    or 1, whichever it holds) exits within seconds with kiln's line, not a traceback."""
+    script, ready = tmp_path / "loop.py", tmp_path / "ready"
+    script.write_text(_READY_SCRIPT)
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+         "kiln-kill", "--max-restarts", "0", "--rdzv-conf", f"is_host={host}", str(script),
+         str(engines[2]), str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=ENV) for host in (1, 0)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+                [n.communicate(timeout=5)[1][-2000:] for n in nodes if n.poll() is not None]
+            time.sleep(0.2)
+        victims = _children(nodes[1].pid)  # the worker of the node not holding the store
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = _communicate_or_dump(nodes[:1], timeout=60)[0]
+        assert time.monotonic() - started < 20
+        assert nodes[0].returncode != 0
+        line = next(x for x in stderr.splitlines() if x.startswith("kiln: rank "))
+        assert "lost a peer rank" in line and "the engine cannot continue" in line, stderr
+        nodes[1].communicate(timeout=60)
+    finally:
+        for node in nodes:
+            for pid in _children(node.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            node.kill()
+
+
 def _communicate_or_dump(procs: list[subprocess.Popen], timeout: float) -> list[tuple]:
     """Every process's (stdout, stderr); past the timeout, a stack dump of each process
     and its descendants (SIGABRT + PYTHONFAULTHANDLER) and a failure that shows them."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -147,6 +148,24 @@ def watch(workers: list[Any], on_death: Callable[[str], None], interval: float =
             time.sleep(interval)
 
     threading.Thread(target=loop, daemon=True, name="kiln-worker-watch").start()
+
+
+# What a collective raises when a peer rank's process is gone (gloo, NCCL)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "ncclRemoteError", "NCCL communicator was aborted")
+
+
+def peer_lost(error: BaseException | None, rank: int) -> str | None:
+    """One line for a collective's error that says a peer rank is gone; None for others."""
+    if error is None:
+        return None
+    text = str(error).strip()
+    if not (isinstance(error, dist.DistNetworkError) or any(s in text for s in _PEER_GONE)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")
+    first = first.split(". ")[0]  # gloo goes on with advice
+    return (f"kiln: rank {rank} lost a peer rank ({first[:160] or type(error).__name__}); "
+            "the engine cannot continue")
 
 
 def fail(message: str) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,10 +147,7 @@ class LLMEngine:
         self._ids = itertools.count()
         if self.rank_context is not None and self.rank_context.rank != 0 and \
                 rank_context is None:
-            # A launcher (torchrun) started this rank: it serves rank 0, then leaves.
-            parallel.run_worker(self)
-            sys.stdout.flush()
-            os._exit(0)
+            parallel.launched_worker(self)  # serves rank 0, then exits
 
     def fail(self, message: str) -> None:
         """A rank of this engine died: no step can complete any more."""
@@ -252,8 +247,8 @@ class LLMEngine:
         try:
             self.mirror.send(("step",))
             return step()
-        except Exception:
-            message = self.mirror.lost_rank()
+        except Exception as e:
+            message = self.mirror.lost_rank(error=e)
             if message is None:
                 raise
             self.fail(message)  # exits, unless a server keeps answering 503

@@ -51,9 +51,12 @@ class Mirror:
         events, self.pending = [*self.pending, event], []
         self.channel.send(events)
 
-    def lost_rank(self, wait: float = 2.0) -> str | None:
+    def lost_rank(self, wait: float = 2.0, error: BaseException | None = None) -> str | None:
         """Why a collective failed, if a worker process is gone (waiting briefly: the
-        error can reach us before the process is reaped)."""
+        error can reach us before the process is reaped); under a launcher, whose ranks
+        are no processes of ours, if the error says a peer is gone."""
+        if not self.workers:
+            return launch.peer_lost(error, self.ctx.rank)
         deadline = time.monotonic() + wait
         while True:
             for rank, worker in enumerate(self.workers, start=1):
@@ -198,6 +201,20 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def launched_worker(engine: LLMEngine) -> None:
+    """A rank other than 0 that a launcher (torchrun) started: replay rank 0's calls, then
+    exit; one line, exit code 1, when a peer rank is gone."""
+    try:
+        run_worker(engine)
+    except Exception as e:
+        message = launch.peer_lost(e, engine.rank_context.rank)
+        if message is None:
+            raise
+        launch.fail(message)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def run_worker(engine: LLMEngine) -> None:
