@@ -1,7 +1,7 @@
 """Every architecture of the tiny zoo (tests/conftest.py) split over real gloo process
 groups: tensor parallel (2 ranks), pipeline parallel (2 stages), both (2 stages of 2
-ranks: 4 processes), and tensor parallel over 4 ranks (what a 4-GPU machine runs; the
-architectures whose head count 4 divides: one query head a rank, KV heads replicated).
+ranks: 4 processes), tensor parallel over 4 ranks, alone and in 2 stages (8 processes;
+the architectures whose head count 4 divides: one query head a rank, KV heads replicated).
 The split engines' logits, prefill and one decode step through the KV cache, are the
 single-rank engine's within 1e-4 (float32), and so are their greedy tokens. One group of
 processes per layout runs every architecture in turn."""
@@ -23,7 +23,8 @@ from tests.test_tensor_parallel import TOKENS, _logits
 
 # as the session's tiny_engines (the single-rank references) are built
 CFG = dict(dtype="float32", max_batch_size=16, max_seq_len=256, max_num_tokens=512)
-LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2), "tp4": (4, 1)}  # (tp, pp)
+# (tp, pp); tp4 and tp4 x pp2 (8 processes) are what the 4- and 8-GPU machines run
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2), "tp4": (4, 1), "tp4xpp2": (4, 2)}
 
 
 def _zoo_rank(rank: int, world: int, tp: int, port: int, engines: dict, result: str) -> None:
