@@ -172,22 +172,24 @@ def test_tp2_unseeded_sampling_and_abort(engines):
 RUN = ["-m", "kiln", "run", "--prompt", "Hello there", "--max-tokens", "8", "--device", "cpu"]
 
 
-def test_torchrun_two_nodes_give_single_rank_tokens(engines):
-    """Two torchrun "nodes" of one process each (c10d rendezvous on loopback): rank 0
-    prints what the single-rank engine prints."""
+@pytest.mark.parametrize("per_node,engine", [(1, 2), (2, "tp2pp2")])
+def test_torchrun_two_nodes_give_single_rank_tokens(engines, per_node, engine):
+    """Two torchrun "nodes" (c10d rendezvous on loopback) of one process each (a TP2
+    engine) and of two (TP2 x PP2: a stage a node): rank 0 prints what the single-rank
+    engine prints."""
     single = subprocess.run([sys.executable, *RUN[:3], str(engines[1]), *RUN[3:]],
                             capture_output=True, text=True, timeout=120, env=ENV)
     assert single.returncode == 0, single.stderr
     port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                "--nproc-per-node", str(per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
                 f"127.0.0.1:{port}", "--rdzv-id", "kiln-test", "--max-restarts", "0"]
     # Both "nodes" resolve the endpoint to themselves: say which one hosts the store, as
     # a deployment with one machine per node does implicitly. A Python stack of every
     # process is dumped on SIGABRT, should the run hang.
     env = {**ENV, "PYTHONFAULTHANDLER": "1"}
     nodes = [subprocess.Popen([*torchrun, "--rdzv-conf", f"is_host={int(host)}", *RUN[:3],
-                               str(engines[2]), *RUN[3:]], stdout=subprocess.PIPE,
+                               str(engines[engine]), *RUN[3:]], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env)
              for host in (True, False)]
     results = _communicate_or_dump(nodes, timeout=180)
