@@ -152,11 +152,11 @@ class LLMEngine:
     def fail(self, message: str) -> None:
         """A rank of this engine died: no step can complete any more."""
         self.failure = message
-        log.error(message)
         for worker in self.mirror.workers if self.mirror else []:
             worker.kill()
         if self.exit_on_failure:
-            parallel.launch.fail(message)
+            parallel.launch.fail(message)  # the one line, then exit
+        log.error(message)
         parallel.abort_collectives()  # a step blocked on the lost rank fails instead of hanging
 
     def close(self) -> None:
