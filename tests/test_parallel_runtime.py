@@ -227,7 +227,8 @@ def test_torchrun_a_killed_node_stops_the_other_with_one_line(engines, tmp_path)
             assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
                 [n.communicate(timeout=5)[1][-2000:] for n in nodes if n.poll() is not None]
             time.sleep(0.2)
-        victims = _children(nodes[1].pid)  # the worker of the node not holding the store
+        victims = [p for p in _children(nodes[1].pid)  # the worker of the node not
+                   if str(script) in open(f"/proc/{p}/cmdline").read()]  # holding the store
         assert len(victims) == 1
         os.kill(victims[0], signal.SIGKILL)
         started = time.monotonic()
