@@ -24,7 +24,7 @@ from kiln.kernels.reference_quant import FP8Act, FP8Quant  # noqa: F401 -- re-ex
 
 # TRITON_INTERPRET is read when the @triton.jit decorators below run, so read it here too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# float32(1 / 448): what CUDA torch multiplies by for `tensor / 448.0` (see _dynamic_scale)
+# float32(1 / 448): what CUDA torch multiplies by for `tensor / 448.0` (_divide_as_torch)
 _INV_448: tl.constexpr = tl.constexpr((torch.ones((), dtype=torch.float32) / FP8_MAX).item())
 
 
@@ -82,19 +82,22 @@ def _quantize_values(x, scale, inv_scale, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _dynamic_scale(amax, INTERPRET: tl.constexpr):
-    """max(amax, 1e-6) / 448 rounded as the reference rounds it, and its reciprocal.
-
-    The reference divides a tensor by the Python number 448: on the CPU torch divides
-    (correctly rounded), on CUDA it multiplies by the float32 reciprocal 1/448 (a CPU
-    scalar divisor is turned into a product), which differs in the last bit about half
-    the time. The interpreter runs against CPU tensors, compiled kernels against CUDA ones.
-    """
-    amax = tl.maximum(amax, 1e-6)
+def _divide_as_torch(x, DIVISOR: tl.constexpr, INVERSE: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+    """x / DIVISOR rounded as torch rounds `tensor / python_number` (INVERSE: the float32
+    1 / DIVISOR). On the CPU torch divides (correctly rounded), on CUDA it multiplies by
+    the float32 reciprocal (a CPU scalar divisor is turned into a product), which differs
+    in the last bit about half the time. The interpreter runs against CPU tensors,
+    compiled kernels against CUDA ones."""
     if INTERPRET:
-        scale = tl.div_rn(amax, 448.0)
-    else:
-        scale = amax * _INV_448
+        return tl.div_rn(x, DIVISOR)
+    return x * INVERSE
+
+
+@triton.jit
+def _dynamic_scale(amax, INTERPRET: tl.constexpr):
+    """max(amax, 1e-6) / 448 rounded as the reference rounds it, and its reciprocal."""
+    scale = _divide_as_torch(tl.maximum(amax, 1e-6), 448.0, _INV_448, INTERPRET)
     return scale, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 

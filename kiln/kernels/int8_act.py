@@ -9,8 +9,8 @@ output dtype after it: about a dozen passes over [M, K] and [M, N]. At a decode 
 int32 product once.
 
 Numerics: scale = max(amax, 1e-6) / 127 rounded as the reference rounds it (CPU torch
-divides by the Python number, CUDA torch multiplies by the float32 reciprocal: see
-fp8_quant._dynamic_scale), q = round-half-even(x / scale) with the correctly rounded
+divides by the Python number, CUDA torch multiplies by the float32 reciprocal:
+fp8_quant._divide_as_torch), q = round-half-even(x / scale) with the correctly rounded
 quotient (div_rn), clamped to +-127. The epilogue multiplies in the reference's order,
 without fused multiply-adds (enable_fp_fusion=False), so the bias add rounds apart.
 """
@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.fp8_quant import _divide_as_torch
 from kiln.kernels.reference_quant import INT8_MAX, MIN_AMAX
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,11 +52,7 @@ def _quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
             x = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0)
             running = tl.maximum(running, tl.abs(x.to(tl.float32)))
         amax = tl.max(running, axis=0)
-    amax = tl.maximum(amax, _MIN_AMAX)
-    if INTERPRET:  # against CPU tensors: torch divides
-        scale = tl.div_rn(amax, 127.0)
-    else:
-        scale = amax * _INV_127
+    scale = _divide_as_torch(tl.maximum(amax, _MIN_AMAX), 127.0, _INV_127, INTERPRET)
     tl.store(scale_ptr + row, scale)
     if ONE_TILE:
         tl.store(q_row + offs, _round_int8(tl.div_rn(x, scale)), mask=offs < K)

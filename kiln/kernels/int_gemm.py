@@ -37,6 +37,7 @@ from kiln.kernels import num_sms as _num_sms
 from kiln.kernels.int_gemv import (
     _dequant_tile,
     _dequant_words,
+    _exponent_base,
     _gemv1_kernel,
     _gemv_kernel,
     _unpack_nibbles,
@@ -146,7 +147,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                         mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
             if WORDS:
                 w = _dequant_words(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn,
-                                   mask_n, (K >> 31) + (150 << 23), BLOCK_K, HAS_OFFSET, EVEN)
+                                   mask_n, _exponent_base(K), BLOCK_K, HAS_OFFSET, EVEN)
             else:
                 w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn,
                                   mask_n, BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)

@@ -100,12 +100,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G, K_PE
 
 
 @triton.jit
+def _exponent_base(n):
+    """150 << 23 for any n >= 0, as a value the compiler cannot fold (see _value_at)."""
+    return (n >> 31) + (150 << 23)
+
+
+@triton.jit
 def _value_at(src, pos: tl.constexpr, BITS: tl.constexpr, E0):
     """The BITS-bit value at bit pos of the int32 words src as float32 (int8: the signed
     byte) in one logic op and one add: or'd into a float whose mantissa bit pos weighs 1
     (exponent 150 - pos), the masked field reads 2^(23 - pos) + u exactly. E0: 150 << 23
-    as a value the compiler cannot fold (a logic op takes one immediate: with the mask and
-    the exponent both immediates, Triton 3.6 emits two a value)."""
+    as a value the compiler cannot fold, from _exponent_base (a logic op takes one
+    immediate: with the mask and the exponent both immediates, Triton 3.6 emits two a
+    value)."""
     E = E0 - (pos << 23)
     if BITS == 4:
         f = ((src & (0xF << pos)) | E).to(tl.float32, bitcast=True)
@@ -197,7 +204,7 @@ def _factored_step(acc, words, scale, offset, x_ptr, kw, k_end, BITS: tl.constex
     SPLIT: tl.constexpr = 5 if BITS == 4 else 2  # in place: bits 0..19 / 0..15
     SHIFT: tl.constexpr = 12 if BITS == 4 else 16
     hi = words >> SHIFT
-    E0 = (k_end >> 31) + (150 << 23)  # k_end >= 0; see _value_at
+    E0 = _exponent_base(k_end)
     part = tl.zeros(acc.shape, dtype=tl.float32)
     x_sum = tl.zeros(kw.shape, dtype=tl.float32)
     if XVEC:
