@@ -198,11 +198,15 @@ def test_torchrun_two_nodes_give_single_rank_tokens(engines, per_node, engine):
     assert texts == [single.stdout]  # one node printed (rank 0), the same text
 
 
-_READY_SCRIPT = textwrap.dedent("""
+# Generates forever once loaded; says so on stdout ("ready") and, given a second
+# argument, by creating that file (under torchrun, whichever node holds rank 0).
+_SCRIPT = textwrap.dedent("""
     import pathlib, sys, time
     from kiln import LLM, SamplingParams
     llm = LLM(sys.argv[1], device="cpu")  # ranks other than 0 serve rank 0 in here
-    pathlib.Path(sys.argv[2]).touch()
+    print("ready", flush=True)
+    if len(sys.argv) > 2:
+        pathlib.Path(sys.argv[2]).touch()
     while True:
         llm.generate([1, 2, 3], SamplingParams(max_tokens=4))
         time.sleep(0.05)
@@ -213,7 +217,7 @@ def test_torchrun_a_killed_node_stops_the_other_with_one_line(engines, tmp_path)
     """Two torchrun "nodes": the worker of one is killed; the other node's rank (rank 0
     or 1, whichever it holds) exits within seconds with kiln's line, not a traceback."""
     script, ready = tmp_path / "loop.py", tmp_path / "ready"
-    script.write_text(_READY_SCRIPT)
+    script.write_text(_SCRIPT)
     port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
@@ -240,13 +244,11 @@ def test_torchrun_a_killed_node_stops_the_other_with_one_line(engines, tmp_path)
         assert lines[0].endswith("the engine cannot continue"), stderr
         nodes[1].communicate(timeout=60)
     finally:
-        for node in nodes:
-            for pid in _children(node.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            node.kill()
+        for pid in [pid for node in nodes for pid in _descendants(node.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _communicate_or_dump(procs: list[subprocess.Popen], timeout: float) -> list[tuple]:
@@ -256,11 +258,7 @@ def _communicate_or_dump(procs: list[subprocess.Popen], timeout: float) -> list[
     try:
         return [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
-        pids, todo = [], [p.pid for p in procs]
-        while todo:
-            pid = todo.pop()
-            pids.append(pid)
-            todo += _children(pid)
+        pids = [pid for p in procs for pid in _descendants(p.pid)]
         for pid in reversed(pids):  # workers first, then their launchers
             try:
                 os.kill(pid, signal.SIGABRT)
@@ -273,20 +271,18 @@ def _communicate_or_dump(procs: list[subprocess.Popen], timeout: float) -> list[
         pytest.fail(f"still running after {timeout:.0f} s; stacks:\n" + "\n----\n".join(dumps))
 
 
-_SCRIPT = textwrap.dedent("""
-    import sys, time
-    from kiln import LLM, SamplingParams
-    llm = LLM(sys.argv[1], device="cpu")
-    print("ready", flush=True)
-    while True:
-        llm.generate([1, 2, 3], SamplingParams(max_tokens=4))
-        time.sleep(0.05)
-""")
-
-
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it, parents before their children."""
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop(0))
+        todo += _children(found[-1])
+    return found
 
 
 def test_a_dead_worker_stops_rank_0_with_a_message(engines):

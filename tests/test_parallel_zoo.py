@@ -8,9 +8,6 @@ processes per layout runs every architecture in turn."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -19,54 +16,12 @@ from kiln.build import build
 from kiln.config import BuildConfig
 from kiln.distributed.launch import free_port
 from tests.conftest import ARCH_CONFIGS, TINY
-from tests.test_tensor_parallel import TOKENS, _logits
+from tests.test_tensor_parallel import TOKENS, _split_ranks
 
 # as the session's tiny_engines (the single-rank references) are built
 CFG = dict(dtype="float32", max_batch_size=16, max_seq_len=256, max_num_tokens=512)
 # (tp, pp); tp4 and tp4 x pp2 (8 processes) are what the 4- and 8-GPU machines run
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2), "tp4": (4, 1), "tp4xpp2": (4, 2)}
-
-
-def _zoo_rank(rank: int, world: int, tp: int, port: int, engines: dict, result: str) -> None:
-    """Every engine of `engines` (arch -> dir) in turn on this rank; rank 0 saves the
-    prefill and decode logits of each."""
-    import torch.distributed as dist
-
-    from kiln.build import load_engine_config
-    from kiln.distributed import Mapping
-    from kiln.distributed.comm import set_tp_group
-    from kiln.runtime.kv_cache import KVCacheManager
-    from kiln.runtime.model_runner import ModelRunner
-    from kiln.runtime.request import Request, SamplingParams
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        group = dist.group.WORLD
-        if tp < world:  # every rank creates every stage's group, in the same order
-            for start in range(0, world, tp):
-                made = dist.new_group(list(range(start, start + tp)))
-                group = made if start <= rank < start + tp else group
-        set_tp_group(group)
-        out = {}
-        for arch, engine_dir in engines.items():
-            cfg = load_engine_config(engine_dir)
-            runner = ModelRunner(Path(engine_dir), cfg, torch.device("cpu"),
-                                 Mapping(world, rank, tp, world // tp))
-            runner.allocate_kv_cache(16)
-            kv = KVCacheManager(16, cfg.build.block_size)
-            request = Request("r", TOKENS, SamplingParams(max_tokens=1), 1)
-            prefill = _logits(runner, kv, request, len(TOKENS) - 1)
-            decode = _logits(runner, kv, request, 1)
-            out[arch] = {"prefill": prefill, "decode": decode}
-            dist.barrier()
-        if rank == 0:
-            torch.save(out, result)
-        dist.barrier()  # nobody leaves while a peer may still talk to it
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: gloo's threads may abort in it
 
 
 def _archs(tp: int) -> list[str]:
@@ -87,7 +42,7 @@ def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, 
                                BuildConfig(**CFG, tp_size=tp, pp_size=pp), progress=False))
                for arch in archs}
     result = tmp_path / "logits.pt"
-    mp.start_processes(_zoo_rank, args=(tp * pp, tp, free_port(), engines, str(result)),
+    mp.start_processes(_split_ranks, args=(tp * pp, tp, free_port(), engines, str(result)),
                        nprocs=tp * pp, join=True, start_method="spawn")
     got = torch.load(result)
     assert set(got) == set(archs)

@@ -28,7 +28,11 @@ def _logits(runner, kv, request, num_new: int) -> torch.Tensor:
     return logits
 
 
-def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -> None:
+def _split_ranks(rank: int, world: int, tp: int, port: int, engines: dict[str, str],
+                 result: str) -> None:
+    """One rank of a gloo group of `world` (stages of `tp` ranks) running every engine of
+    `engines` (name -> dir) in turn; rank 0 saves {name: {"prefill", "decode"}}: the
+    logits of all prompt tokens but the last, then of one token through the KV cache."""
     import torch.distributed as dist
 
     from kiln.build import load_engine_config
@@ -38,24 +42,42 @@ def _rank_main(rank: int, world: int, port: int, engine_dir: str, result: str) -
     from kiln.runtime.model_runner import ModelRunner
     from kiln.runtime.request import Request, SamplingParams
 
+    torch.set_num_threads(1)  # up to 8 ranks on this machine's cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        set_tp_group(dist.group.WORLD)
-        cfg = load_engine_config(engine_dir)
-        runner = ModelRunner(Path(engine_dir), cfg, torch.device("cpu"),
-                             Mapping(world, rank, world))
-        runner.allocate_kv_cache(16)
-        kv = KVCacheManager(16, cfg.build.block_size)
-        request = Request("r", TOKENS, SamplingParams(max_tokens=1), 1)
-        prefill = _logits(runner, kv, request, len(TOKENS) - 1)  # all but the last token
-        decode = _logits(runner, kv, request, 1)  # then one token through the KV cache
+        group = dist.group.WORLD
+        if tp < world:  # every rank creates every stage's group, in the same order
+            for start in range(0, world, tp):
+                made = dist.new_group(list(range(start, start + tp)))
+                group = made if start <= rank < start + tp else group
+        set_tp_group(group)
+        out = {}
+        for name, engine_dir in engines.items():
+            cfg = load_engine_config(engine_dir)
+            runner = ModelRunner(Path(engine_dir), cfg, torch.device("cpu"),
+                                 Mapping(world, rank, tp, world // tp))
+            runner.allocate_kv_cache(16)
+            kv = KVCacheManager(16, cfg.build.block_size)
+            request = Request("r", TOKENS, SamplingParams(max_tokens=1), 1)
+            prefill = _logits(runner, kv, request, len(TOKENS) - 1)
+            decode = _logits(runner, kv, request, 1)
+            out[name] = {"prefill": prefill, "decode": decode}
+            dist.barrier()
         if rank == 0:
-            torch.save({"prefill": prefill, "decode": decode}, result)
+            torch.save(out, result)
         dist.barrier()  # nobody leaves while a peer may still talk to it
     finally:
         dist.destroy_process_group()
     os._exit(0)  # skip interpreter teardown: gloo's threads may abort in it
+
+
+def _run_split(engine: Path, tp: int, result: Path) -> dict:
+    """The prefill and decode logits of a tp-rank engine, from tp processes."""
+    mp.start_processes(_split_ranks, args=(tp, tp, free_port(), {"e": str(engine)},
+                                           str(result)),
+                       nprocs=tp, join=True, start_method="spawn")
+    return torch.load(result)["e"]
 
 
 # bloom: ALiBi slopes of each rank's heads; falcon-new: grouped fused QKV, biases;
@@ -70,10 +92,7 @@ def test_tp2_matches_single_rank(arch, tiny_checkpoints, tiny_engines, tmp_path)
 
     folder, _ = tiny_checkpoints[arch]
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False)
-    result = tmp_path / "logits.pt"
-    mp.start_processes(_rank_main, args=(2, free_port(), str(engine_tp2), str(result)),
-                       nprocs=2, join=True, start_method="spawn")
-    got = torch.load(result)
+    got = _run_split(engine_tp2, 2, tmp_path / "logits.pt")
     single = LLMEngine(build(folder, tmp_path / "tp1", BuildConfig(**CFG), progress=False),
                        RuntimeConfig(device="cpu"))
     want = sequence_logits(single, TOKENS)
@@ -129,10 +148,7 @@ def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
     fp8 = dict(quantization="fp8", kv_cache_dtype=kv)
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **fp8),
                        progress=False)
-    result = tmp_path / "logits.pt"
-    mp.start_processes(_rank_main, args=(2, free_port(), str(engine_tp2), str(result)),
-                       nprocs=2, join=True, start_method="spawn")
-    got = torch.load(result)["prefill"]
+    got = _run_split(engine_tp2, 2, tmp_path / "logits.pt")["prefill"]
 
     def single(name: str, **options) -> torch.Tensor:
         engine = LLMEngine(build(folder, tmp_path / name, BuildConfig(**CFG, **options),
@@ -163,10 +179,7 @@ def test_tp4_and_tp8_match_single_rank(tp, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     engine = build(tmp_path / "hf", tmp_path / f"tp{tp}", BuildConfig(**CFG, tp_size=tp),
                    progress=False)
-    result = tmp_path / "logits.pt"
-    mp.start_processes(_rank_main, args=(tp, free_port(), str(engine), str(result)),
-                       nprocs=tp, join=True, start_method="spawn")
-    got = torch.load(result)
+    got = _run_split(engine, tp, tmp_path / "logits.pt")
     single = LLMEngine(build(tmp_path / "hf", tmp_path / "tp1", BuildConfig(**CFG),
                              progress=False), RuntimeConfig(device="cpu"))
     want = sequence_logits(single, TOKENS)
