@@ -52,7 +52,10 @@ def test_concurrent_streams_with_cancellations(engine_process):
                 text, finish, chunks = "", None, 0
                 async for chunk in stream:
                     if chunk.usage is not None:  # the last chunk: no choices
-                        assert chunk.usage.completion_tokens == MAX_TOKENS
+                        # (a cancelled stream read after its engine finished it gets it
+                        # too: the whole CANCEL_MAX_TOKENS may come in one chunk)
+                        assert chunk.usage.completion_tokens == (
+                            CANCEL_MAX_TOKENS if cancel else MAX_TOKENS)
                         continue
                     chunks += 1
                     text += chunk.choices[0].text
@@ -83,8 +86,8 @@ def test_concurrent_streams_with_cancellations(engine_process):
         print(f"{NUM_REQUESTS} requests in {elapsed:.1f} s")
 
         for i, text, finish, chunks in results:
-            if i in cancelled:
-                assert chunks == 2 and finish is None
+            if i in cancelled:  # hung up after 2 chunks, unless it ended first (below)
+                assert (chunks == 2 and finish is None) or finish == "length", (chunks, finish)
             else:
                 assert text == expected[i], f"request {i}"
                 assert finish == "length"
