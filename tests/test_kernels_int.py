@@ -181,18 +181,24 @@ def test_launch_overrides(monkeypatch) -> None:
     assert int_gemm.int_gemm_config(65, 4096, 4096, cpu, 4).block_m == 128  # not a batch
 
 
-def test_int_gemm_splits_decode_batches(monkeypatch) -> None:
-    """On an H200 (132 SMs) a 64-row int8 batch at N 4096 (64 tiles) splits K, gate_up's
-    448 tiles do not, nor does int4 (measured no faster)."""
+def test_int_gemm_default_launches() -> None:
+    """The launches measured fastest on an H200 at the 8B shapes (BENCHMARKS.md, fourteenth
+    session): one row factored with x as vectors (int4 64 x 128 in up to 8 K splits, int8
+    32 x 256 in 4); decode batches in two K splits where each keeps 8 K steps."""
     from kiln.kernels import int_gemm
 
-    monkeypatch.setattr(int_gemm, "_num_sms", lambda device: 132)
     cuda = torch.device("cuda")
-    assert int_gemm.int_gemm_config(64, 4096, 4096, cuda, 8).split_k == 4
-    assert int_gemm.int_gemm_config(64, 4096, 14336, cuda, 8).split_k == 4
-    assert int_gemm.int_gemm_config(64, 28672, 4096, cuda, 8).split_k == 1
-    assert int_gemm.int_gemm_config(300, 4096, 4096, cuda, 8).split_k == 1
-    assert int_gemm.int_gemm_config(64, 4096, 4096, cuda, 4).split_k == 1
+    cfg = int_gemm.int_gemm_config
+    assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True)
+    assert cfg(1, 4096, 256, cuda, 4).split_k == 2  # K of two steps: two splits
+    assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
+        0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True)
+    assert cfg(16, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(16, 32, 64, 4, 4, split_k=2)
+    assert cfg(64, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2)
+    assert cfg(40, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 128, 8, 3, split_k=2)
+    assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
+    assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
 
 
 def check_bias_dtype() -> None:
@@ -269,16 +275,16 @@ def test_compiles_for_hopper(monkeypatch) -> None:
                     values.pop(key)
                 values.update(w_ptr="*i32", stride_wn=K * bits // 32)
                 meta.pop("GROUP_TILE")
-                meta.update(GROUPS=max(1, cfg.block_k // 128) if bits == 4 else 1,
-                            PREFETCH=cfg.prefetch)
-                values["W_PER_SPLIT"] = 1024 // (32 // bits)
+                meta.update(GROUPS=max(1, cfg.block_k // 128), PREFETCH=cfg.prefetch,
+                            FACTORED=cfg.factored, XVEC=cfg.xvec)
+                values["W_PER_SPLIT"] = values["K_PER_SPLIT"] // (32 // bits)
                 kernel = int_gemm._gemv1_kernel
             elif gemv:
                 assert cfg.split_k > 1
                 meta.update(ROWS=triton.next_power_of_2(M), ATOMIC=True)
                 kernel = int_gemm._gemv_kernel
             else:  # decode batches with K split (M 16, 64), prefill without
-                assert (cfg.split_k > 1) == (M <= 64 and bits == 8), cfg
+                assert (cfg.split_k > 1) == (M <= 64), cfg
                 meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False,
                             SPLIT_K=cfg.split_k)
                 values.update(part_ptr="*fp32", count_ptr="*i32")
@@ -287,8 +293,8 @@ def test_compiles_for_hopper(monkeypatch) -> None:
                              variant=f"M{M}-int{bits}")
             assert r.stack_bytes <= (8 if (M, bits) == (16, 4) else 0), r
             if kernel is int_gemm._gemv1_kernel:  # with two K steps' words in registers
-                r = compile_sm90(kernel, values, dict(meta, PREFETCH=True), cfg.num_warps,
-                                 cfg.num_stages, variant=f"M{M}-int{bits}-prefetch")
+                r = compile_sm90(kernel, values, dict(meta, PREFETCH=True, FACTORED=False),
+                                 cfg.num_warps, cfg.num_stages, variant=f"M{M}-int{bits}-prefetch")
                 assert r.stack_bytes == 0, r
                 for xvec in (False, True):  # scales once a word (IntGemmConfig.factored)
                     r = compile_sm90(kernel, values, dict(meta, FACTORED=True, XVEC=xvec),

@@ -199,14 +199,15 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
             pf, factored, xvec = (bool(v) for v in [*flags, 0, 0, 0][:3])
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
                                  factored=factored, xvec=xvec)
-        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, twelfth session):
-        # 32 x 256 tiles, K in 4 splits; int8 with the next step's words loaded first
-        # (batch-1 decode 260.4 tok/s vs 248.5 without; per layer 87.9 us vs 93.2). int4
-        # without (111.9 us vs 106.2 with); its 64 x 128 tiles measured 99.8 us a layer
-        # alone but 216.9 tok/s end to end against 219.4.
-        block_n, block_k = 32, 256
-        split = max(1, min(4, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=bits == 8)
+        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth
+        # session): scales applied once a word and x read as one vector a word (factored,
+        # xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o + gate_up +
+        # down) vs 112.8 for the plain 32 x 256 x 4 splits; int8 in 32 x 256 x 4: 83.7 vs
+        # 91.9 (the plain kernel with prefetch).
+        block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
+        split = max(1, min(most, triton.cdiv(K, block_k)))
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
+                             xvec=True)
     if M <= GEMV_ROWS:
         # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
         block_n, block_k = (64, 128) if M <= 2 else (32, 64)
@@ -222,17 +223,15 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         return IntGemmConfig(32 if M <= 32 else 64, bn, bk, warps, stages, split_k=split,
                              nibble_dots=nibbles, words=words)
     if M <= 64:
-        # int8 decode batches: K split (doubling) while that leaves at most two programs an SM
-        # (N 4096 at 64 rows is 64 tiles), each part at least 8 K steps. H200, 64 x 512 in
-        # / 256 out: int8_wo TPOT 12.35 ms vs 14.64 unsplit; int4 15.50 vs 15.97 but fewer
-        # tokens/s in that run (3,160 vs 3,284), so int4 stays unsplit.
-        block_m, block_n, block_k = (32 if M <= 32 else 64), 64, 64
-        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        split, sms = 1, _num_sms(device)
-        while bits == 8 and tiles * 2 * split <= 2 * sms and \
-                K % (2 * split * block_k) == 0 and K // (2 * split * block_k) >= 8:
-            split *= 2
-        return IntGemmConfig(block_m, block_n, block_k, 4, 4, split_k=split)
+        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fourteenth
+        # session; the launches before in brackets): int4 at 16 rows 16 x 32 x 64, 175.8 us
+        # (258.3), at 64 rows 64 x 128, 239.2 (312.7); int8 64 x 128 x 8 warps, 156.6
+        # (190.9) and 217.6 (220.7). K in two splits where each keeps >= 8 K steps.
+        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+        block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
+            (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
+        split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
+        return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split)
     return IntGemmConfig(128, 128, 64, 8, 3)
 
 
