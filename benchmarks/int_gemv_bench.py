@@ -3,8 +3,8 @@ GPU: time per call (inside a CUDA graph, as decode runs, each call on another co
 the weight so that it comes from HBM, not L2) and the weight bytes read per second; each
 shape over a small grid of launch configs (block_n, block_k, split_k, warps, stages, and
 whether the next K step's loads are issued first: a sixth field 1; the scales applied
-once a word: a seventh; x read as one vector a word: an eighth) and kiln's own choice
-("auto").
+once a word: a seventh; x read as one vector a word: an eighth; the K splits summed by
+the last one instead of float32 atomics: a ninth) and kiln's own choice ("auto").
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -95,21 +95,15 @@ def main() -> None:
             weight, scale, offset, nbytes = int_weight(N, K, bits)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             copies = weight_copies(weight, scale, offset, nbytes)
-            configs = ["auto"] + [f"{c},4,3" for c in (
-                "16,256,4", "32,256,1", "32,512,4", "64,128,4", "64,256,4")]
-            # the same kernel with the next K step's words loaded before this step's math
-            configs += [f"{c},1" for c in (
-                "16,256,4,4,3", "32,256,1,4,3", "32,256,2,4,3", "32,256,4,4,3", "64,128,1,4,3",
-                "64,128,2,4,3", "64,128,4,4,3", "32,128,4,4,3", "16,128,4,2,3", "32,256,1,8,3",
-                "64,256,2,8,3")]
-            # scales applied once a word (seventh field), x as one vector a word (eighth)
-            # (fewest SASS instructions a weight, Triton 3.6: 512 x 32 and 256 x 32 tiles)
-            configs += [f"{c},{pf},1,{xv}" for c in ("32,256,4,4,3", "64,128,4,4,3")
-                        for pf in (0, 1) for xv in (0, 1)]
-            configs += [f"{c},0,1,{xv}" for c in ("512,32,16,4,3", "512,32,32,4,3",
-                                                  "256,32,8,4,3", "256,32,16,4,3",
-                                                  "64,128,8,4,3", "128,64,8,4,3")
-                        for xv in (0, 1)]
+            # the plain kernel (the default before the fourteenth session; with prefetch),
+            # then the factored one around the measured best (64 x 128, 8 K splits): more
+            # splits, stages, warps, and the K splits summed in the kernel (ninth field,
+            # fixup: no zeroing and no cast launch) instead of by atomics
+            configs = ["auto", "32,256,4,4,3", "32,256,4,4,3,1"]
+            configs += [f"{c},1,{xv},{fix}" for c in (
+                "64,128,8,4,3,0", "64,128,16,4,3,0", "64,128,8,4,4,0", "64,128,8,8,3,0",
+                "64,128,8,4,3,1", "32,256,4,4,3,0", "32,256,8,4,3,0", "32,128,8,4,3,0",
+                "64,256,8,4,3,0", "128,128,8,8,3,0") for xv, fix in ((1, 0), (1, 1))]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

@@ -104,8 +104,9 @@ def check_functional_dispatch() -> None:
 
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
-# prefetch, nibble_dots, factored, xvec): GEMV without and with split-K (atomics; the
-# splits end inside K), each also with the next K step's loads issued first (prefetch)
+# prefetch, nibble_dots, factored, xvec, words, fixup): GEMV without and with split-K
+# (atomics, or for one row the partials summed by the last split: fixup; the splits end
+# inside K), each also with the next K step's loads issued first (prefetch)
 # and with the scales applied once a word (factored, x as one vector a word: xvec; both
 # for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
 # lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
@@ -116,6 +117,10 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "gemv-split3-fac": (0, 16, 32, 4, 1, 3, 8, False, False, True),
            "gemv-split3-fac-xvec": (0, 16, 32, 4, 1, 3, 8, False, False, True, True),
            "gemv-1-fac-xvec-pf": (0, 32, 64, 4, 1, 1, 8, True, False, True, True),
+           "gemv-split3-fixup": (0, 16, 32, 4, 1, 3, 8, False, False, False, False, False,
+                                 True),
+           "gemv-split3-fac-xvec-fixup": (0, 16, 32, 4, 1, 3, 8, False, False, True, True,
+                                          False, True),
            "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1),
            "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
            "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True),
@@ -138,15 +143,16 @@ def test_int_linear_configs(interp, config, M) -> None:  # noqa: F811
         interp(check_linear, torch.float16, M, 40, K, bits, group, True, CONFIGS[config])
 
 
-@pytest.mark.parametrize("xvec", [False, True])
-def test_factored_gemv_odd_shapes(interp, xvec) -> None:  # noqa: F811
+@pytest.mark.parametrize("xvec,fixup", [(False, False), (True, False), (True, True)])
+def test_factored_gemv_odd_shapes(interp, xvec, fixup) -> None:  # noqa: F811
     """The factored one-row GEMV where K ends inside a K step (masked loads), per channel
-    and in groups, with and without K split, float16 and float32."""
+    and in groups, with and without K split (atomics, or summed by the last split),
+    float16 and float32."""
     for bits, group, K in ((4, 32, 96), (4, 128, 384), (8, 0, 100), (8, 32, 160)):
         for split in (1, 3):
             for dtype in (torch.float16, torch.float32):
                 interp(check_linear, dtype, 1, 40, K, bits, group, True,
-                       (0, 16, 64, 4, 1, split, 8, False, False, True, xvec))
+                       (0, 16, 64, 4, 1, split, 8, False, False, True, xvec, False, fixup))
 
 
 @pytest.mark.parametrize("M", [5, 20, 64])
@@ -172,6 +178,9 @@ def test_launch_overrides(monkeypatch) -> None:
     monkeypatch.setenv("KILN_INT_GEMV1", "64,128,4,4,3,0,1,1")
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=4, factored=True, xvec=True)
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,1,1,1")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True)
     monkeypatch.setenv("KILN_INT_TILES", "64,64,4,4,2,0,1")
     assert int_gemm.int_gemm_config(64, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         64, 64, 64, 4, 4, split_k=2, words=True)
@@ -273,7 +282,8 @@ def test_compiles_for_hopper(monkeypatch) -> None:
                 meta.update(ATOMIC=True)
                 for key in ("M", "stride_xm", "stride_om"):
                     values.pop(key)
-                values.update(w_ptr="*i32", stride_wn=K * bits // 32)
+                values.update(w_ptr="*i32", stride_wn=K * bits // 32, part_ptr="*fp32",
+                              count_ptr="*i32")
                 meta.pop("GROUP_TILE")
                 meta.update(GROUPS=max(1, cfg.block_k // 128), PREFETCH=cfg.prefetch,
                             FACTORED=cfg.factored, XVEC=cfg.xvec)
@@ -294,7 +304,13 @@ def test_compiles_for_hopper(monkeypatch) -> None:
             assert r.stack_bytes <= (8 if (M, bits) == (16, 4) else 0), r
             if kernel is int_gemm._gemv1_kernel:  # with two K steps' words in registers
                 r = compile_sm90(kernel, values, dict(meta, PREFETCH=True, FACTORED=False),
-                                 cfg.num_warps, cfg.num_stages, variant=f"M{M}-int{bits}-prefetch")
+                                 cfg.num_warps, cfg.num_stages,
+                                 variant=f"M{M}-int{bits}-prefetch")
+                assert r.stack_bytes == 0, r
+                # the splits summed by the last one (IntGemmConfig.fixup), out in bf16
+                r = compile_sm90(kernel, dict(values, out_ptr="*bf16"),
+                                 dict(meta, ATOMIC=False, SPLIT_K=cfg.split_k),
+                                 cfg.num_warps, cfg.num_stages, variant=f"M{M}-int{bits}-fixup")
                 assert r.stack_bytes == 0, r
                 for xvec in (False, True):  # scales once a word (IntGemmConfig.factored)
                     r = compile_sm90(kernel, values, dict(meta, FACTORED=True, XVEC=xvec),

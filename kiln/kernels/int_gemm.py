@@ -184,21 +184,22 @@ class IntGemmConfig:
     factored: bool = False  # one-row GEMV: scales applied once a word (_factored_step)
     xvec: bool = False  # factored: x read as one vector a word
     words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
+    fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                     ) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
     benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
-    factored[,xvec]]]"; decode batches (GEMV_ROWS < M <= 64): KILN_INT_TILES="block_n,
+    factored[,xvec[,fixup]]]]"; decode batches (GEMV_ROWS < M <= 64): KILN_INT_TILES="block_n,
     block_k,warps,stages,split_k[,nibble_dots[,words]]"."""
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
             bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
-            pf, factored, xvec = (bool(v) for v in [*flags, 0, 0, 0][:3])
+            pf, factored, xvec, fixup = (bool(v) for v in [*flags, 0, 0, 0, 0][:4])
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
-                                 factored=factored, xvec=xvec)
+                                 factored=factored, xvec=xvec, fixup=fixup)
         # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth
         # session): scales applied once a word and x read as one vector a word (factored,
         # xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o + gate_up +
@@ -305,14 +306,19 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0 and groups:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
-        atomic = splits > 1
+        blocks = triton.cdiv(N, cfg.block_n)
+        atomic = splits > 1 and not cfg.fixup
         out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
             torch.empty(N, dtype=x.dtype, device=x.device)
-        _gemv1_kernel[(triton.cdiv(N, cfg.block_n), splits)](
-            x, weight.view(torch.int32), scale, o, b, out, N, K, G, k_per_split // per,
-            weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic, GROUPS=groups,
-            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0, PREFETCH=cfg.prefetch,
-            FACTORED=cfg.factored, XVEC=cfg.xvec,
+        part, counters = (torch.empty(splits, N, dtype=torch.float32, device=x.device),
+                          split_k_counters(x.device, blocks)) if splits > 1 and cfg.fixup \
+            else (out, out)
+        _gemv1_kernel[(blocks, splits)](
+            x, weight.view(torch.int32), scale, o, b, out, part, counters, N, K, G,
+            k_per_split // per, weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic,
+            GROUPS=groups, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
+            PREFETCH=cfg.prefetch, FACTORED=cfg.factored, XVEC=cfg.xvec,
+            SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.split_k import split_k_fixup
+
 
 @triton.jit
 def _unpack_nibbles(packed):
@@ -249,13 +251,14 @@ def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G
 
 
 @triton.jit
-def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_SPLIT,
-                  stride_wn, stride_sn,
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K,
+                  G, W_PER_SPLIT, stride_wn, stride_sn,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
                   ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
                   PREFETCH: tl.constexpr = False, FACTORED: tl.constexpr = False,
-                  XVEC: tl.constexpr = False):
+                  XVEC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
+                  INTERPRET: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
 
     The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
@@ -274,7 +277,11 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
     FACTORED: _factored_step, fewer instructions a weight (sm_90 SASS of the K loop at the
     8B shape, Triton 3.6: int4 g128 64 x 128 5.9 vs 7.7, 512 x 32 4.9 vs 6.9, 32 x 256 7.6
     vs 8.9; int8 32 x 256 5.4 vs 6.8); XVEC: x read as one vector a word (32 x 256: 6.5,
-    elsewhere within 0.2 of FACTORED alone; x passes through shared memory)."""
+    elsewhere within 0.2 of FACTORED alone; x passes through shared memory).
+    Splits of K (program_id 1) meet either by float32 atomics into a zeroed buffer
+    (ATOMIC: the caller zeroes it and casts the sum, two more launches) or, SPLIT_K > 1,
+    through split_k_fixup: the last split of a block sums the partials and stores the
+    result in out's dtype (one launch)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -327,10 +334,17 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K, G, W_PER_
             words, scale, offset = n_words, n_scale, n_offset
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
-        y += tl.where(pid_k == 0, 1.0, 0.0) * bias
     if ATOMIC:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+            y += tl.where(pid_k == 0, 1.0, 0.0) * bias
         tl.atomic_add(out_ptr + offs, y, mask=offs < N, sem="relaxed")
     else:
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
+        last = True
+        if SPLIT_K > 1:
+            y, last = split_k_fixup(y, part_ptr, count_ptr, pid_n, offs, offs < N, N, offs,
+                                    SPLIT_K, INTERPRET)
+        if last:
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < N)
