@@ -89,7 +89,10 @@ for spec in $stages; do
     int-batch) # W4A16 / W8A16 tl.dot tiles at 16 and 64 rows (decode batches, issue #10's
              # 64-request row) over launches incl. K splits and even/odd-k int4 products
              $T python3 benchmarks/int_batch_bench.py "$OUT/int_batch.json" > "$OUT/int_batch.log" 2>&1
-             tail -6 "$OUT/int_batch.log" ;;
+             tail -6 "$OUT/int_batch.log"
+             # one chart of both sweeps (the int-gemv one when it ran first)
+             python3 benchmarks/plot_int.py $(ls "$OUT"/int_gemv.json "$OUT"/int_batch.json 2>/dev/null) \
+               --out "$OUT/int_kernels.png" ;;
     attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,
              # tile order) at 4k / 8k / 16k causal, bf16 and fp8 caches, vs SDPA
              $T python3 benchmarks/attn_prefill_sweep.py "$OUT/attn_prefill_sweep.json" \

@@ -104,6 +104,10 @@ def main() -> None:
                 "64,128,8,4,3,0", "64,128,16,4,3,0", "64,128,8,4,4,0", "64,128,8,8,3,0",
                 "64,128,8,4,3,1", "32,256,4,4,3,0", "32,256,8,4,3,0", "32,128,8,4,3,0",
                 "64,256,8,4,3,0", "128,128,8,8,3,0") for xv, fix in ((1, 0), (1, 1))]
+            # one K step a program (the most loads in flight: 64 x 128 at K 4096 is 32
+            # splits, 2,048 programs), summed by atomics or by the last split
+            configs += [f"{c},0,1,1,{fix}" for c in ("64,128,32,4,3", "32,256,16,4,3",
+                                                     "64,128,64,4,3") for fix in (0, 1)]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":
