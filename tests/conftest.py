@@ -72,11 +72,12 @@ ARCH_CONFIGS = {
 }
 
 
-def make_hf_model(arch: str, folder: Path, seed: int = 0):
-    """Save a tiny random transformers model of `arch` into folder; return the HF model."""
+def make_hf_model(arch: str, folder: Path, seed: int = 0, configs: dict | None = None):
+    """Save a tiny random transformers model of `arch` (a key of `configs`, by default
+    ARCH_CONFIGS) into folder; return the HF model."""
     import transformers
 
-    cls_name, extra = ARCH_CONFIGS[arch]
+    cls_name, extra = (configs or ARCH_CONFIGS)[arch]
     config = getattr(transformers, cls_name)(**{**TINY, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -4,7 +4,8 @@ ranks: 4 processes), tensor parallel over 4 ranks, alone and in 2 stages (8 proc
 the architectures whose head count 4 divides: one query head a rank, KV heads replicated).
 The split engines' logits, prefill and one decode step through the KV cache, are the
 single-rank engine's within 1e-4 (float32), and so are their greedy tokens. One group of
-processes per layout runs every architecture in turn."""
+processes per layout runs every architecture in turn. Beside the zoo, the 8-process
+mappings of issue #17 (TP8, and PP4 x TP2) on wider Llama and Mixtral models."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from kiln.build import build
 from kiln.config import BuildConfig
 from kiln.distributed.launch import free_port
-from tests.conftest import ARCH_CONFIGS, TINY
+from tests.conftest import ARCH_CONFIGS, TINY, make_hf_model
 from tests.test_tensor_parallel import TOKENS, _split_ranks
 
 # as the session's tiny_engines (the single-rank references) are built
@@ -49,6 +50,43 @@ def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, 
     for arch in archs:
         want = sequence_logits(LLMEngine(tiny_engines[arch], RuntimeConfig(device="cpu")),
                                TOKENS)
+        prefill, decode = got[arch]["prefill"], got[arch]["decode"][0]
+        assert (prefill - want[:-1]).abs().max() < 1e-4, arch
+        assert (decode - want[-1]).abs().max() < 1e-4, arch
+        assert torch.equal(prefill.argmax(-1), want[:-1].argmax(-1)), arch
+
+
+# Issue #17's 8-GPU mappings at their head ratios: Llama-3.1-70B / 405B at TP8 hold one KV
+# head a rank (64 / 128 query heads over 8 KV heads; here 16 over 8), Mixtral's experts are
+# split 8 ways with its 2 KV heads replicated on 4 ranks each; 4 layers, so that PP4 x TP2
+# (the other 8-process mapping) has a layer a stage.
+WIDE = dict(hidden_size=128, num_attention_heads=16, intermediate_size=256,
+            num_hidden_layers=4)
+WIDE_CONFIGS = {
+    "llama-16h-8kv": ("LlamaConfig", dict(WIDE, num_key_value_heads=8, rope_theta=500000.0)),
+    "mixtral-16h-2kv": ("MixtralConfig", dict(WIDE, num_key_value_heads=2, num_local_experts=4,
+                                              num_experts_per_tok=2, sliding_window=None)),
+}
+
+
+@pytest.mark.parametrize("tp,pp", [(8, 1), (2, 4)])
+def test_eight_rank_mappings_match_single_rank(tp, pp, tmp_path):
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    engines, single = {}, {}
+    for arch in WIDE_CONFIGS:
+        folder = tmp_path / "hf" / arch
+        make_hf_model(arch, folder, configs=WIDE_CONFIGS)
+        single[arch] = build(folder, tmp_path / f"{arch}-1", BuildConfig(**CFG), progress=False)
+        engines[arch] = str(build(folder, tmp_path / arch,
+                                  BuildConfig(**CFG, tp_size=tp, pp_size=pp), progress=False))
+    result = tmp_path / "logits.pt"
+    mp.start_processes(_split_ranks, args=(tp * pp, tp, free_port(), engines, str(result)),
+                       nprocs=tp * pp, join=True, start_method="spawn")
+    got = torch.load(result)
+    for arch in WIDE_CONFIGS:
+        want = sequence_logits(LLMEngine(single[arch], RuntimeConfig(device="cpu")), TOKENS)
         prefill, decode = got[arch]["prefill"], got[arch]["decode"][0]
         assert (prefill - want[:-1]).abs().max() < 1e-4, arch
         assert (decode - want[-1]).abs().max() < 1e-4, arch
