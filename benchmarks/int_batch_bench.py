@@ -32,6 +32,14 @@ LAUNCHES = [
     (64, 64, 4, 4, 1, False, True), (64, 128, 4, 3, 2, False, True),
     (32, 64, 4, 4, 2, False, True)]
 
+# Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
+# factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
+# 3.6 in these tiles); the plain split-K GEMV (kiln's choice) is "auto"
+GEMV_LAUNCHES = [
+    (64, 128, 8, 8, 3, True), (64, 128, 8, 4, 3, True), (32, 128, 8, 4, 3, True),
+    (64, 128, 16, 8, 3, True), (16, 256, 4, 4, 3, True), (32, 256, 4, 8, 3, True),
+    (64, 128, 8, 4, 3, False), (32, 64, 16, 4, 3, False)]
+
 
 def main() -> None:
     from kiln.kernels import int_gemm
@@ -57,13 +65,19 @@ def main() -> None:
                 want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
                 copies = weight_copies(weight, scale, offset, nbytes)
                 rows = []
-                for launch in [None] + launches:
+                gemv = GEMV_LAUNCHES if M <= int_gemm.GEMV_ROWS else []
+                for is_gemv, launch in [(False, None)] + [(False, v) for v in launches] + \
+                        [(True, v) for v in gemv]:
                     words = bool(launch and len(launch) > 6 and launch[6])
-                    if launch and (launch[5] or words) and bits == 8:
+                    if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
+                        cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
+                                                     split_k=launch[2], factored=launch[5])
+                    elif launch and (launch[5] or words) and bits == 8:
                         continue
-                    cfg = launch and int_gemm.IntGemmConfig(
-                        min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
-                        split_k=launch[4], nibble_dots=launch[5], words=words)
+                    else:
+                        cfg = launch and int_gemm.IntGemmConfig(
+                            min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
+                            split_k=launch[4], nibble_dots=launch[5], words=words)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()
@@ -73,7 +87,8 @@ def main() -> None:
                         print(f"  int{bits} {launch}: {type(e).__name__}", flush=True)
                         continue
                     rows.append(dict(M=M, shape=name, kind=f"int{bits}",
-                                     config=str(launch or "auto"), us=us, rel_err=err,
+                                     config=("gemv " if is_gemv else "") + str(launch or "auto"),
+                                     us=us, rel_err=err,
                                      gbps=nbytes / us / 1e3, vs_bf16=cublas / us))
                 rows.sort(key=lambda r: r["us"])
                 auto = next(r for r in rows if r["config"] == "auto")

@@ -155,6 +155,18 @@ def test_factored_gemv_odd_shapes(interp, xvec, fixup) -> None:  # noqa: F811
                        (0, 16, 64, 4, 1, split, 8, False, False, True, xvec, False, fixup))
 
 
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_factored_gemv_rows(interp, M) -> None:  # noqa: F811
+    """The factored GEMV for a few rows (kiln.kernels.int_gemv_rows): each word used for
+    every row; K ending inside a step, per channel and in groups, split or not, with and
+    without bias, float16 and float32."""
+    for bits, group, K in ((4, 32, 96), (4, 128, 384), (8, 0, 100), (8, 32, 160)):
+        for split in (1, 3):
+            for dtype in (torch.float16, torch.float32):
+                interp(check_linear, dtype, M, 40, K, bits, group, split == 1,
+                       (0, 16, 64, 4, 1, split, 8, False, False, True))
+
+
 @pytest.mark.parametrize("M", [5, 20, 64])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64), (8, 0)])
 def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
@@ -181,6 +193,9 @@ def test_launch_overrides(monkeypatch) -> None:
     monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,1,1,1")
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True)
+    monkeypatch.setenv("KILN_INT_GEMVN", "64,128,8,4,3,1")
+    assert int_gemm.int_gemm_config(3, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True)
     monkeypatch.setenv("KILN_INT_TILES", "64,64,4,4,2,0,1")
     assert int_gemm.int_gemm_config(64, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         64, 64, 64, 4, 4, split_k=2, words=True)
@@ -331,6 +346,32 @@ def test_compiles_for_hopper(monkeypatch) -> None:
                 assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
 
 
+def test_gemv_rows_compiles_for_hopper() -> None:
+    """The few-rows factored GEMV at 2 and 4 rows, 8B shape, in the tiles the int-batch
+    sweep launches: no stack on sm_90 (Triton 3.6 and 3.9: 64 x 128 int4 at 4 warps takes
+    255 registers at 4 rows, so the sweep also has 8 warps; int8 32 x 256 x 4 warps spills,
+    so it is launched with 8)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels import int_gemv_rows
+    from kiln.kernels.compile_check import compile_sm90
+
+    K = N = 4096
+    for bits, block_n, block_k, warps in ((4, 64, 128, 8), (4, 32, 128, 4), (8, 16, 256, 4),
+                                          (8, 32, 256, 8)):
+        per = 32 // bits
+        for rows in (2, 4):
+            r = compile_sm90(int_gemv_rows._gemv_rows_kernel, {
+                "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+                "bias_ptr": "*bf16", "out_ptr": "*fp32", "M": 3, "N": N, "K": K, "G": 128,
+                "W_PER_SPLIT": K // 8 // per, "stride_xm": K, "stride_wn": K // per,
+                "stride_sn": K // 128, "stride_om": N,
+            }, dict(ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, BITS=bits,
+                    HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUPS=max(1, block_k // 128),
+                    ATOMIC=True, EVEN_K=True), warps, 3, variant=f"rows{rows}-int{bits}")
+            assert r.stack_bytes == 0, r
+
+
 def test_main_loop_instructions_are_counted() -> None:
     """benchmarks/int_gemv_sass.py's measure: the one-row GEMV's K loop in SASS, found and
     counted per opcode (int4: FFMAs for scale-and-offset and for the product)."""
@@ -371,6 +412,31 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
             y = int_gemm.int_weight_linear(x, weight, scale, offset, bias)
             _check(f"{dtype} {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset,
                    bias)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
+def test_gpu_opt_in_gemv_launches(bits, group) -> None:
+    """The opt-in GEMV launches at 8B shapes: one row with the K splits summed in the
+    kernel (fixup), and 2-4 rows factored (kiln.kernels.int_gemv_rows), in the tiles
+    int_gemv_bench / int_batch_bench launch."""
+    from kiln.kernels import int_gemm
+
+    for N, K in ((6144, 4096), (4096, 14336)):
+        weight, scale, offset = _weight(N, K, bits, group, "cuda")
+        launches = [(1, int_gemm.IntGemmConfig(0, 64, 128, 4, 3, split_k=8, factored=True,
+                                                xvec=True, fixup=True)),
+                    (1, int_gemm.IntGemmConfig(0, 64, 128, 4, 3, split_k=32, factored=True,
+                                                xvec=True, fixup=True))]
+        launches += [(M, int_gemm.IntGemmConfig(0, *tile, split_k=split, factored=True))
+                     for M in (2, 3, 4) for tile, split in (((64, 128, 8, 3), 8),
+                                                            ((16, 256, 4, 3), 4))]
+        for M, cfg in launches:
+            x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+            bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None
+            y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
+            _check(f"{M}x{N}x{K} int{bits} g{group} {cfg}", x, y, weight, scale, offset, bias)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ Picked by the number of rows M:
   CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
   into a float32 buffer with atomics. Decode is bound by reading the weight, so what
   matters is that every SM streams its share: SPLIT_K is chosen so there are a few
-  programs per SM even when N is small.
+  programs per SM even when N is small. Opt-in (a config with factored): the one-row
+  kernel's reading for all rows at once (kiln.kernels.int_gemv_rows).
 * M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
   rows: K split when the tiles are few).
@@ -42,6 +43,7 @@ from kiln.kernels.int_gemv import (
     _gemv_kernel,
     _unpack_nibbles,
 )
+from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -191,8 +193,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                     ) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
     benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
-    factored[,xvec[,fixup]]]]"; decode batches (GEMV_ROWS < M <= 64): KILN_INT_TILES="block_n,
-    block_k,warps,stages,split_k[,nibble_dots[,words]]"."""
+    factored[,xvec[,fixup]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
+    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (GEMV_ROWS <
+    M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words]]".
+    """
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
@@ -209,6 +213,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
                              xvec=True)
+    if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
+        bn, bk, split, warps, stages, *flags = (
+            int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
+        return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
+                             factored=bool(flags and flags[0]))
     if M <= GEMV_ROWS:
         # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
         block_n, block_k = (64, 128) if M <= 2 else (32, 64)
@@ -321,6 +330,10 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
+    if cfg.block_m == 0 and cfg.factored and words and block_k % 8 == 0 and groups:
+        return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k,
+                                cfg.split_k, groups, cfg.num_warps, cfg.num_stages, G,
+                                split_length(K, cfg.split_k, block_k))
     if cfg.block_m == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
