@@ -331,8 +331,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if cfg.block_m == 0 and cfg.factored and words and block_k % 8 == 0 and groups:
-        return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k,
-                                cfg.split_k, groups, cfg.num_warps, cfg.num_stages, G,
+        return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
+                                cfg.num_warps, cfg.num_stages, G,
                                 split_length(K, cfg.split_k, block_k))
     if cfg.block_m == 0:
         k_per_split = split_length(K, cfg.split_k, block_k)

@@ -6,6 +6,7 @@ read once for the batch. Opt-in (IntGemmConfig.factored for 2-4 rows) until time
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -82,14 +83,13 @@ def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G,
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_gemv_rows(x, weight, scale, offset, bias, block_n: int, block_k: int,
-                     split_k: int, groups: int, num_warps: int, num_stages: int, G: int,
-                     k_per_split: int):
+def launch_gemv_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int,
+                     block_k: int, groups: int, num_warps: int, num_stages: int, G: int,
+                     k_per_split: int) -> torch.Tensor:
     """x [M, K] (M <= 4) @ dequant(weight)^T -> [M, N] in x's dtype; weight as stored
     (int8 [N, K] or uint8 [N, K // 2], rows whole 32-bit words), k_per_split a multiple
     of block_k (int_gemm.split_length)."""
-    import torch
-
     M, K = x.shape
     N = weight.shape[0]
     bits = 4 if weight.dtype == torch.uint8 else 8
