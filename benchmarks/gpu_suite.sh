@@ -94,6 +94,10 @@ for spec in $stages; do
              # one chart of both sweeps (the int-gemv one when it ran first)
              python3 benchmarks/plot_int.py $(ls "$OUT"/int_gemv.json "$OUT"/int_batch.json 2>/dev/null) \
                --out "$OUT/int_kernels.png" ;;
+    int8-gemv) # W8A8 (int8_sq) products of 1 / 4 / 16 rows: torch._int_mm padded to 17 rows
+             # against the dp4a kernel (KILN_INT8_GEMV=1) over its launches, vs bf16 cuBLAS
+             $T python3 benchmarks/int8_gemv_bench.py "$OUT/int8_gemv.json" > "$OUT/int8_gemv.log" 2>&1
+             tail -4 "$OUT/int8_gemv.log" ;;
     attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,
              # tile order) at 4k / 8k / 16k causal, bf16 and fp8 caches, vs SDPA
              $T python3 benchmarks/attn_prefill_sweep.py "$OUT/attn_prefill_sweep.json" \

@@ -317,10 +317,16 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         # One Triton kernel each side of _int_mm (KILN_INT8_FUSED=0: the torch chain, the
         # same bits): H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s.
         if os.environ.get("KILN_INT8_FUSED", "1") != "0":
-            from kiln.kernels import int8_act
+            from kiln.kernels import int8_act, int8_gemv
 
-            x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous(), rows=17)
-            acc = torch._int_mm(x_q, weight.t())
+            # KILN_INT8_GEMV=1 (opt-in until timed): up to 16 rows, dp4a on the CUDA cores
+            # instead of _int_mm padded to 17 rows; the same int32 sums
+            if 0 < M <= int8_gemv.MAX_ROWS and os.environ.get("KILN_INT8_GEMV") == "1":
+                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
+                acc = int8_gemv.int8_gemv(x_q, weight)
+            else:
+                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous(), rows=17)
+                acc = torch._int_mm(x_q, weight.t())
             return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias,
                                                x.dtype).view(*shape[:-1], N)
         x_q, x_scale = ref.quantize_int8_per_token(x2)

@@ -1,5 +1,6 @@
-"""INT8 W8A8's per-token quantization and scaling epilogue (kiln/kernels/int8_act.py) against
-the torch reference, bit for bit: CPU through Triton's interpreter (the reference's CPU
+"""INT8 W8A8's per-token quantization and scaling epilogue (kiln/kernels/int8_act.py) and
+the dp4a products of a few rows (kiln/kernels/int8_gemv.py) against the torch reference,
+bit for bit: CPU through Triton's interpreter (the reference's CPU
 rounding), GPU (pytest -m gpu) against the reference on CUDA tensors, and the kernels
 compiled for sm_90 without a GPU."""
 
@@ -71,6 +72,29 @@ def test_scale_epilogue(interp, M, N, dtype) -> None:  # noqa: F811
         interp(check_scale, M, N, dtype, with_bias)
 
 
+def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: int) -> None:
+    from kiln.kernels import int8_gemv
+
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    x[0, :4] = torch.tensor([-127, 127, -127, 127], dtype=torch.int8)  # extremes
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    w[0, :4] = torch.tensor([-127, -127, 127, 127], dtype=torch.int8)
+    got = int8_gemv.int8_gemv(x, w, block_n, block_w, split)
+    want = torch._int_mm(torch.nn.functional.pad(x, (0, 0, 0, 17 - M)), w.t())[:M] \
+        if M <= 16 else torch._int_mm(x, w.t())
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_int8_gemv_is_int_mm(interp, M) -> None:  # noqa: F811
+    """Exactly torch._int_mm's int32 sums: N not a multiple of the block, K ending inside
+    a step, one split and several (int32 atomics)."""
+    for N, K, block_n, block_w, split in ((40, 256, 16, 8, 1), (37, 1000, 16, 16, 3),
+                                          (64, 4096, 32, 32, 0)):
+        interp(check_int8_gemv, M, N, K, block_n, block_w, split)
+
+
 def test_compiles_for_hopper() -> None:
     """Both kernels at the Llama-3.1-8B shapes, sm_90: no stack."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -89,6 +113,24 @@ def test_compiles_for_hopper() -> None:
         "out_ptr": "*bf16", "M": 512, "N": 28672, "stride_acc": 28672, "stride_out": 28672},
         {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 256}, 4)
     assert r.stack_bytes == 0, r
+    # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
+    from kiln.kernels import int8_gemv
+    from kiln.kernels.compile_check import main_loop_sass
+
+    for rows, block_n, block_w in ((1, 64, 32), (4, 64, 32), (16, 64, 16)):
+        values = {"x_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*i32", "M": 3, "N": 4096,
+                  "W": 1024, "W_PER_SPLIT": 128, "stride_xm": 1024, "stride_wn": 1024,
+                  "stride_om": 4096}
+        meta = dict(ROWS=rows, BLOCK_N=block_n, BLOCK_W=block_w, ATOMIC=True,
+                    INTERPRET=False)
+        r = compile_sm90(int8_gemv._int8_gemv_kernel, values, meta, 4, 3,
+                         variant=f"rows{rows}")
+        assert r.stack_bytes == 0, r
+        ops = main_loop_sass(int8_gemv._int8_gemv_kernel, values, meta, 4, 3)
+        weights = block_n * block_w * 4 / 128
+        assert ops["IDP"] == rows * weights / 4, ops
+        if rows == 1:
+            assert sum(ops.values()) / weights < 1.0, ops
 
 
 @pytest.mark.gpu
@@ -109,5 +151,26 @@ def test_gpu_int8_linear_fused_is_the_reference(M, monkeypatch) -> None:
         monkeypatch.setenv("KILN_INT8_FUSED", "0")
         want = KF.int8_linear(x, weight, w_scale, bias)
         monkeypatch.delenv("KILN_INT8_FUSED")
+        got = KF.int8_linear(x, weight, w_scale, bias)
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
+    """KILN_INT8_GEMV=1: the dp4a products give int8_linear's bits at the 8B shapes."""
+    from kiln import functional as KF
+
+    for N, K in ((6144, 4096), (4096, 14336)):
+        x = _inputs(M, K, torch.bfloat16, "cuda")
+        g = torch.Generator().manual_seed(2)
+        weight = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).cuda()
+        w_scale = (torch.rand(N, generator=g) * 0.01).cuda()
+        bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+        monkeypatch.delenv("KILN_INT8_GEMV", raising=False)
+        want = KF.int8_linear(x, weight, w_scale, bias)
+        monkeypatch.setenv("KILN_INT8_GEMV", "1")
         got = KF.int8_linear(x, weight, w_scale, bias)
         assert torch.equal(got, want), (got.float() - want.float()).abs().max()
