@@ -1,0 +1,182 @@
+"""Which launch int_weight_linear makes (kiln/kernels/int_gemm.py: the H200-measured
+defaults and the benchmarks' overrides), and how the integer kernels compile for sm_90
+without a GPU: no stack, tensor-core instructions in the tiles, and the SASS instruction
+count of the one-row GEMV's K loop (benchmarks/int_gemv_sass.py's measure)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e '.[gpu]')")
+
+
+def test_launch_overrides(monkeypatch) -> None:
+    """The benchmarks' launch overrides: one row and decode batches (flags optional)."""
+    from kiln.kernels import int_gemm
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,4,4,3,0,1,1")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=4, factored=True, xvec=True)
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,1,1,1")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True)
+    monkeypatch.setenv("KILN_INT_GEMVN", "64,128,8,4,3,1")
+    assert int_gemm.int_gemm_config(3, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True)
+    monkeypatch.setenv("KILN_INT_TILES", "64,64,4,4,2,0,1")
+    assert int_gemm.int_gemm_config(64, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        64, 64, 64, 4, 4, split_k=2, words=True)
+    monkeypatch.setenv("KILN_INT_TILES", "32,64,4,4,1")
+    assert int_gemm.int_gemm_config(16, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        32, 32, 64, 4, 4)
+    assert int_gemm.int_gemm_config(65, 4096, 4096, cpu, 4).block_m == 128  # not a batch
+
+
+def test_int_gemm_default_launches() -> None:
+    """The launches measured fastest on an H200 at the 8B shapes (BENCHMARKS.md, fourteenth
+    session): one row factored with x as vectors (int4 64 x 128 in up to 8 K splits, int8
+    32 x 256 in 4); decode batches in two K splits where each keeps 8 K steps."""
+    from kiln.kernels import int_gemm
+
+    cuda = torch.device("cuda")
+    cfg = int_gemm.int_gemm_config
+    assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True)
+    assert cfg(1, 4096, 256, cuda, 4).split_k == 2  # K of two steps: two splits
+    assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
+        0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True)
+    assert cfg(16, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(16, 32, 64, 4, 4, split_k=2)
+    assert cfg(64, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2)
+    assert cfg(40, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 128, 8, 3, split_k=2)
+    assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
+    assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
+
+
+def test_compiles_for_hopper(monkeypatch) -> None:
+    """The launches int_weight_linear makes on an H200 (132 SMs) at a Llama-3.1-8B shape
+    compile for sm_90: the GEMV without spills, tl.dot tiles on tensor cores (wgmma from
+    64 rows). Measured: 96-224 registers, no stack, but 8 bytes of stack for int4 at 16
+    rows (mma.sync tiles)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    import triton
+
+    from kiln.kernels import int_gemm
+    from kiln.kernels.compile_check import compile_sm90
+
+    N = K = 4096
+    monkeypatch.setattr(int_gemm, "_num_sms", lambda device: 132)
+    for M in (1, 4, 16, 64, 300):
+        for bits in (4, 8):
+            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits)
+            meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
+                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            gemv = cfg.block_m == 0
+            values = {"x_ptr": "*bf16", "w_ptr": "*u8" if bits == 4 else "*i8",
+                      "s_ptr": "*fp32", "o_ptr": "*fp32", "bias_ptr": "*bf16",
+                      "out_ptr": "*fp32" if gemv else "*bf16", "M": 7, "N": N, "K": K,
+                      "G": 128, "stride_xm": K,
+                      "K_PER_SPLIT": int_gemm.split_length(K, cfg.split_k, cfg.block_k),
+                      "stride_wn": K * bits // 8, "stride_sn": K // 128, "stride_om": N}
+            if gemv and M == 1:
+                assert cfg.split_k > 1  # a few programs per SM at N = 4096
+                meta.update(ATOMIC=True)
+                for key in ("M", "stride_xm", "stride_om"):
+                    values.pop(key)
+                values.update(w_ptr="*i32", stride_wn=K * bits // 32, part_ptr="*fp32",
+                              count_ptr="*i32")
+                meta.pop("GROUP_TILE")
+                meta.update(GROUPS=max(1, cfg.block_k // 128), PREFETCH=cfg.prefetch,
+                            FACTORED=cfg.factored, XVEC=cfg.xvec)
+                values["W_PER_SPLIT"] = values["K_PER_SPLIT"] // (32 // bits)
+                kernel = int_gemm._gemv1_kernel
+            elif gemv:
+                assert cfg.split_k > 1
+                meta.update(ROWS=triton.next_power_of_2(M), ATOMIC=True)
+                kernel = int_gemm._gemv_kernel
+            else:  # decode batches with K split (M 16, 64), prefill without
+                assert (cfg.split_k > 1) == (M <= 64), cfg
+                meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False,
+                            SPLIT_K=cfg.split_k)
+                values.update(part_ptr="*fp32", count_ptr="*i32")
+                kernel = int_gemm._gemm_kernel
+            r = compile_sm90(kernel, values, meta, cfg.num_warps, cfg.num_stages,
+                             variant=f"M{M}-int{bits}")
+            assert r.stack_bytes <= (8 if (M, bits) == (16, 4) else 0), r
+            if kernel is int_gemm._gemv1_kernel:  # with two K steps' words in registers
+                r = compile_sm90(kernel, values, dict(meta, PREFETCH=True, FACTORED=False),
+                                 cfg.num_warps, cfg.num_stages,
+                                 variant=f"M{M}-int{bits}-prefetch")
+                assert r.stack_bytes == 0, r
+                # the splits summed by the last one (IntGemmConfig.fixup), out in bf16
+                r = compile_sm90(kernel, dict(values, out_ptr="*bf16"),
+                                 dict(meta, ATOMIC=False, SPLIT_K=cfg.split_k),
+                                 cfg.num_warps, cfg.num_stages, variant=f"M{M}-int{bits}-fixup")
+                assert r.stack_bytes == 0, r
+                for xvec in (False, True):  # scales once a word (IntGemmConfig.factored)
+                    r = compile_sm90(kernel, values, dict(meta, FACTORED=True, XVEC=xvec),
+                                     cfg.num_warps, cfg.num_stages,
+                                     variant=f"M{M}-int{bits}-factored-xvec{int(xvec)}")
+                    assert r.stack_bytes == 0, r
+            if not gemv:
+                mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
+                assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r
+            if not gemv and bits == 4:  # the even/odd-k products (IntGemmConfig.nibble_dots)
+                r = compile_sm90(kernel, values, dict(meta, NIBBLE_DOTS=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int4-nibbles")
+                assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
+                # values read in place from 32-bit words (IntGemmConfig.words)
+                r = compile_sm90(kernel, dict(values, w_ptr="*i32", stride_wn=K // 8),
+                                 dict(meta, WORDS=True, EVEN=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int4-words")
+                assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
+
+
+def test_gemv_rows_compiles_for_hopper() -> None:
+    """The few-rows factored GEMV at 2 and 4 rows, 8B shape, in the tiles the int-batch
+    sweep launches: no stack on sm_90 (Triton 3.6 and 3.9: 64 x 128 int4 at 4 warps takes
+    255 registers at 4 rows, so the sweep also has 8 warps; int8 32 x 256 x 4 warps spills,
+    so it is launched with 8)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels import int_gemv_rows
+    from kiln.kernels.compile_check import compile_sm90
+
+    K = N = 4096
+    for bits, block_n, block_k, warps in ((4, 64, 128, 8), (4, 32, 128, 4), (8, 16, 256, 4),
+                                          (8, 32, 256, 8)):
+        per = 32 // bits
+        for rows in (2, 4):
+            r = compile_sm90(int_gemv_rows._gemv_rows_kernel, {
+                "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+                "bias_ptr": "*bf16", "out_ptr": "*fp32", "M": 3, "N": N, "K": K, "G": 128,
+                "W_PER_SPLIT": K // 8 // per, "stride_xm": K, "stride_wn": K // per,
+                "stride_sn": K // 128, "stride_om": N,
+            }, dict(ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, BITS=bits,
+                    HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUPS=max(1, block_k // 128),
+                    ATOMIC=True, EVEN_K=True), warps, 3, variant=f"rows{rows}-int{bits}")
+            assert r.stack_bytes == 0, r
+
+
+def test_main_loop_instructions_are_counted() -> None:
+    """benchmarks/int_gemv_sass.py's measure: the one-row GEMV's K loop in SASS, found and
+    counted per opcode (int4: FFMAs for scale-and-offset and for the product)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from benchmarks.int_gemv_sass import per_weight
+
+    row = per_weight(4, 32, 256)
+    assert row["top"].get("FFMA", 0) >= 1 and 3 < row["per_weight"] < 20, row
+    assert row["loop"] == round(row["per_weight"] * 64) or row["loop"] > 0
+    # the factored K step: one logic op a value, the scale once a word (Triton 3.6: 5.9
+    # vs 7.7 instructions a weight at 64 x 128, 3.9: 6.2 vs 7.7)
+    for bits in (4, 8):
+        plain, factored = (per_weight(bits, 64, 128, FACTORED=f) for f in (False, True))
+        assert factored["per_weight"] < 0.9 * plain["per_weight"], (plain, factored)
+        assert factored["top"]["LOP3"] < 1.2, factored
