@@ -30,30 +30,38 @@ def _archs(tp: int) -> list[str]:
             if extra.get("num_attention_heads", TINY["num_attention_heads"]) % tp == 0]
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, tiny_engines,
-                                                      tmp_path):
+def _split_matches_single_rank(sources: dict, singles: dict, tp: int, pp: int,
+                               tmp_path) -> None:
+    """Build each HF folder of `sources` (name -> folder) split tp x pp, run them all in one
+    gloo group of tp * pp processes, and hold their logits and greedy tokens to the
+    single-rank engines `singles` (name -> engine dir)."""
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
-    tp, pp = LAYOUTS[layout]
-    archs = _archs(tp)
-    assert len(archs) >= (20 if tp == 4 else len(ARCH_CONFIGS))
-    engines = {arch: str(build(tiny_checkpoints[arch][0], tmp_path / arch,
+    engines = {name: str(build(folder, tmp_path / name,
                                BuildConfig(**CFG, tp_size=tp, pp_size=pp), progress=False))
-               for arch in archs}
+               for name, folder in sources.items()}
     result = tmp_path / "logits.pt"
     mp.start_processes(_split_ranks, args=(tp * pp, tp, free_port(), engines, str(result)),
                        nprocs=tp * pp, join=True, start_method="spawn")
     got = torch.load(result)
-    assert set(got) == set(archs)
-    for arch in archs:
-        want = sequence_logits(LLMEngine(tiny_engines[arch], RuntimeConfig(device="cpu")),
-                               TOKENS)
-        prefill, decode = got[arch]["prefill"], got[arch]["decode"][0]
-        assert (prefill - want[:-1]).abs().max() < 1e-4, arch
-        assert (decode - want[-1]).abs().max() < 1e-4, arch
-        assert torch.equal(prefill.argmax(-1), want[:-1].argmax(-1)), arch
+    assert set(got) == set(sources)
+    for name in sources:
+        want = sequence_logits(LLMEngine(singles[name], RuntimeConfig(device="cpu")), TOKENS)
+        prefill, decode = got[name]["prefill"], got[name]["decode"][0]
+        assert (prefill - want[:-1]).abs().max() < 1e-4, name
+        assert (decode - want[-1]).abs().max() < 1e-4, name
+        assert torch.equal(prefill.argmax(-1), want[:-1].argmax(-1)), name
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, tiny_engines,
+                                                      tmp_path):
+    tp, pp = LAYOUTS[layout]
+    archs = _archs(tp)
+    assert len(archs) >= (20 if tp == 4 else len(ARCH_CONFIGS))
+    _split_matches_single_rank({arch: tiny_checkpoints[arch][0] for arch in archs},
+                               tiny_engines, tp, pp, tmp_path)
 
 
 # Issue #17's 8-GPU mappings at their head ratios: Llama-3.1-70B / 405B at TP8 hold one KV
@@ -71,23 +79,10 @@ WIDE_CONFIGS = {
 
 @pytest.mark.parametrize("tp,pp", [(8, 1), (2, 4)])
 def test_eight_rank_mappings_match_single_rank(tp, pp, tmp_path):
-    from kiln.eval import sequence_logits
-    from kiln.runtime.engine import LLMEngine, RuntimeConfig
-
-    engines, single = {}, {}
+    sources, singles = {}, {}
     for arch in WIDE_CONFIGS:
-        folder = tmp_path / "hf" / arch
-        make_hf_model(arch, folder, configs=WIDE_CONFIGS)
-        single[arch] = build(folder, tmp_path / f"{arch}-1", BuildConfig(**CFG), progress=False)
-        engines[arch] = str(build(folder, tmp_path / arch,
-                                  BuildConfig(**CFG, tp_size=tp, pp_size=pp), progress=False))
-    result = tmp_path / "logits.pt"
-    mp.start_processes(_split_ranks, args=(tp * pp, tp, free_port(), engines, str(result)),
-                       nprocs=tp * pp, join=True, start_method="spawn")
-    got = torch.load(result)
-    for arch in WIDE_CONFIGS:
-        want = sequence_logits(LLMEngine(single[arch], RuntimeConfig(device="cpu")), TOKENS)
-        prefill, decode = got[arch]["prefill"], got[arch]["decode"][0]
-        assert (prefill - want[:-1]).abs().max() < 1e-4, arch
-        assert (decode - want[-1]).abs().max() < 1e-4, arch
-        assert torch.equal(prefill.argmax(-1), want[:-1].argmax(-1)), arch
+        sources[arch] = tmp_path / "hf" / arch
+        make_hf_model(arch, sources[arch], configs=WIDE_CONFIGS)
+        singles[arch] = build(sources[arch], tmp_path / f"{arch}-1", BuildConfig(**CFG),
+                              progress=False)
+    _split_matches_single_rank(sources, singles, tp, pp, tmp_path)

@@ -312,7 +312,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     # a K step in one group, or over whole groups of whole words
     groups = 1 if G % block_k == 0 else block_k // G \
         if block_k % G == 0 and G % per == 0 else 0
-    if cfg.block_m == 0 and M == 1 and words and block_k % 8 == 0 and groups:
+    # the GEMVs that read the weight as 32-bit words, each K step whole groups of them
+    word_gemv = cfg.block_m == 0 and words and block_k % 8 == 0 and groups
+    if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         blocks = triton.cdiv(N, cfg.block_n)
@@ -330,7 +332,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
-    if cfg.block_m == 0 and cfg.factored and words and block_k % 8 == 0 and groups:
+    if word_gemv and cfg.factored:
         return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                                 cfg.num_warps, cfg.num_stages, G,
                                 split_length(K, cfg.split_k, block_k))
