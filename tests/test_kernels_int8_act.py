@@ -160,7 +160,8 @@ def test_gpu_int8_linear_fused_is_the_reference(M, monkeypatch) -> None:
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 @pytest.mark.parametrize("M", [1, 4, 16])
 def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
-    """KILN_INT8_GEMV=1: the dp4a products give int8_linear's bits at the 8B shapes."""
+    """The dp4a products (by default at one row, KILN_INT8_GEMV=1 up to 16) give the bits of
+    _int_mm (KILN_INT8_GEMV=0) at the 8B shapes."""
     from kiln import functional as KF
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -169,8 +170,9 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
         weight = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).cuda()
         w_scale = (torch.rand(N, generator=g) * 0.01).cuda()
         bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
-        monkeypatch.delenv("KILN_INT8_GEMV", raising=False)
+        monkeypatch.setenv("KILN_INT8_GEMV", "0")
         want = KF.int8_linear(x, weight, w_scale, bias)
-        monkeypatch.setenv("KILN_INT8_GEMV", "1")
-        got = KF.int8_linear(x, weight, w_scale, bias)
-        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+        for mode in ("1", ""):
+            monkeypatch.setenv("KILN_INT8_GEMV", mode)
+            got = KF.int8_linear(x, weight, w_scale, bias)
+            assert torch.equal(got, want), (mode, (got.float() - want.float()).abs().max())

@@ -68,17 +68,14 @@ def int8_gemv(x_q: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_
               split_k: int = 0, num_warps: int = 4) -> torch.Tensor:
     """x_q int8 [M, K] (M <= MAX_ROWS) @ weight int8 [N, K]^T -> int32 [M, N], exactly
     torch._int_mm's sums. K a multiple of 4 (whole words), rows 4-byte aligned. split_k 0:
-    enough K splits for ~4 programs an SM (each at least 8 steps)."""
+    16 K splits of at least 2 steps each (H200, 8B shapes, one row, 64 x 32 words: 67.7 us
+    a layer against 74-84 for fewer, deeper splits and 88.0 for _int_mm)."""
     M, K = x_q.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and K % 4 == 0 and x_q.stride(1) == 1 and weight.stride(1) == 1
     W = K // 4
     if split_k <= 0:
-        from kiln.kernels import num_sms
-
-        sms = num_sms(x_q.device) if x_q.is_cuda else 1
-        blocks = triton.cdiv(N, block_n)
-        split_k = max(1, min(triton.cdiv(4 * sms, blocks), W // (8 * block_w)))
+        split_k = max(1, min(16, W // (2 * block_w)))
     per_split = triton.cdiv(triton.cdiv(W, split_k), block_w) * block_w
     splits = triton.cdiv(W, per_split)
     atomic = splits > 1

@@ -10,14 +10,12 @@ float GEMM of the dequantized weight up to the order of the sums.
 
 Picked by the number of rows M:
 * M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there).
-* M <= GEMV_ROWS (4; decode): _gemv_kernel, split-K. Program (n block, k split) reads a
-  BLOCK_N x K/SPLIT_K slab of the weight once, and multiplies it with all M rows on the
-  CUDA cores (broadcast products, float32 sums); the splits' partial sums are added
-  into a float32 buffer with atomics. Decode is bound by reading the weight, so what
-  matters is that every SM streams its share: SPLIT_K is chosen so there are a few
-  programs per SM even when N is small. Opt-in (a config with factored): the one-row
-  kernel's reading for all rows at once (kiln.kernels.int_gemv_rows).
-* M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
+* 2 <= M <= GEMV_ROWS (4), opt-in only (KILN_INT_GEMVN): _gemv_kernel, split-K, each
+  program's weight slab multiplied with all M rows on the CUDA cores, or the one-row
+  kernel's reading for all rows at once (kiln.kernels.int_gemv_rows). Measured on an H200
+  at 4 rows (fifteenth session) both lose to 16-row tl.dot tiles: the plain GEMV by 6.7x
+  (1,136 vs 170 us a layer: its products spill), the factored one by 1.1-1.4x.
+* 2 <= M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
   rows: K split when the tiles are few).
 * larger M (prefill): dequantize_weight (_dequant_kernel) into a 16-bit scratch weight,
@@ -34,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import num_sms as _num_sms
 from kiln.kernels.int_gemv import (
     _dequant_tile,
     _dequant_words,
@@ -47,7 +44,7 @@ from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GEMV_ROWS = 4  # the split-K GEMV up to this many rows, tl.dot tiles above
+GEMV_ROWS = 4  # KILN_INT_GEMVN (a GEMV launch for 2+ rows) applies up to this many rows
 
 
 @triton.jit
@@ -194,7 +191,7 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
     benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
     factored[,xvec[,fixup]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
-    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (GEMV_ROWS <
+    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words]]".
     """
     if M == 1:
@@ -204,28 +201,22 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
             pf, factored, xvec, fixup = (bool(v) for v in [*flags, 0, 0, 0, 0][:4])
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
                                  factored=factored, xvec=xvec, fixup=fixup)
-        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth
-        # session): scales applied once a word and x read as one vector a word (factored,
-        # xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o + gate_up +
-        # down) vs 112.8 for the plain 32 x 256 x 4 splits; int8 in 32 x 256 x 4: 83.7 vs
-        # 91.9 (the plain kernel with prefetch).
+        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth and
+        # fifteenth sessions): scales applied once a word and x read as one vector a word
+        # (factored, xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o
+        # + gate_up + down) vs 112.8 for the plain 32 x 256 x 4 splits; int8 in 32 x 256 x
+        # 4: 83.7 vs 91.9. Where N is small (qkv, o, down: few N blocks) the K splits are
+        # summed by the last one (fixup): int4 o 8.7 vs 10.2 us, down 21.0 vs 23.0; int8 o
+        # 8.5 vs 10.3, down 20.6 vs 22.5; not at gate_up (N 28,672: 38.2 vs 36.1).
         block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
-                             xvec=True)
+                             xvec=True, fixup=split > 1 and N <= 8192)
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
         return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
                              factored=bool(flags and flags[0]))
-    if M <= GEMV_ROWS:
-        # the products of a K step live in registers: ROWS x BLOCK_N x BLOCK_K
-        block_n, block_k = (64, 128) if M <= 2 else (32, 64)
-        blocks_n = triton.cdiv(N, block_n)
-        k_steps = triton.cdiv(K, block_k)
-        # about 4 programs per SM, each at least 2 K steps deep
-        split = max(1, min(k_steps // 2, triton.cdiv(4 * _num_sms(device), blocks_n)))
-        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split)
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
@@ -233,13 +224,18 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         return IntGemmConfig(32 if M <= 32 else 64, bn, bk, warps, stages, split_k=split,
                              nibble_dots=nibbles, words=words)
     if M <= 64:
-        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fourteenth
-        # session; the launches before in brackets): int4 at 16 rows 16 x 32 x 64, 175.8 us
-        # (258.3), at 64 rows 64 x 128, 239.2 (312.7); int8 64 x 128 x 8 warps, 156.6
-        # (190.9) and 217.6 (220.7). K in two splits where each keeps >= 8 K steps.
+        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
+        # session; the launches before in brackets): 2-16 rows in 16 x 32 x 128 tiles, int4
+        # 169.7 us at 4 rows (1,136: the GEMV) and 170.1 at 16 (176.5), int8 148.8 (1,140)
+        # and 149.2 (157.5); at 64 rows 32-wide tiles where N is small (qkv, o, down), int4
+        # 223.4 (241.1), int8 212.7 (217.7). 17-32 rows as measured in the fourteenth
+        # session (not swept since). K in two splits where each keeps >= 8 K steps.
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-        block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
-            (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
+        if M <= 16 or (M > 32 and N <= 8192):
+            block_n, block_k, warps, stages = 32, 128, 4, 3
+        else:
+            block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
+                (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
         split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
         return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split)
     return IntGemmConfig(128, 128, 64, 8, 3)
