@@ -2,10 +2,9 @@
 kiln/kernels/int_gemm.py) at Llama-3.1-8B shapes against bf16 cuBLAS at the same rows, on
 a GPU: microseconds a call inside a CUDA graph (weights cycled through copies, so read
 from HBM), over a grid of launches (block_m, block_n, block_k, warps, stages, K splits,
-and for int4 the even/odd-k products, `IntGemmConfig.nibble_dots`, or values read in place
-from 32-bit words, `IntGemmConfig.words`) and kiln's own choice
-("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is decode at up to 64
-rows; this is where its time goes.
+and whether the scales are applied to each K step's product, `IntGemmConfig.factored`)
+and kiln's own choice ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
+decode at up to 64 rows; this is where its time goes.
 
     python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64]
 """
@@ -19,26 +18,25 @@ import torch
 
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
-# block_n, block_k, warps, stages, split_k, nibble_dots[, words] (block_m: the rows, 16
-# to 64): around the defaults of the fourteenth session (int4 32 x 64 x 2 splits up to 32
-# rows, 64 x 128 x 2 above; int8 64 x 128 x 8 warps x 2), more splits and wider tiles,
-# then the even/odd-k products and the int4 words read in place (both lost there)
+# block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored]] (block_m: the
+# rows, 16 to 64): the defaults of the fifteenth session (16 x 32 x 128 x 2 splits up to
+# 16 rows; at 64 rows 32 x 128 where N is small, else int4 64 x 128, int8 64 x 128 x 8
+# warps) and their neighbours, plain and factored (the scales applied to each K step's
+# product: _factored_dot); the even/odd-k products and int4 words lost before
 LAUNCHES = [
-    (32, 64, 4, 4, 2, False), (32, 64, 4, 4, 1, False), (32, 64, 4, 4, 4, False),
-    (64, 128, 4, 3, 2, False), (64, 128, 8, 3, 2, False), (64, 128, 4, 3, 4, False),
-    (64, 128, 8, 3, 4, False), (32, 128, 4, 3, 2, False), (128, 128, 8, 3, 2, False),
-    (64, 256, 8, 3, 2, False), (64, 64, 4, 4, 2, False),
-    (64, 128, 4, 3, 2, True), (32, 64, 4, 4, 2, True),
-    (64, 64, 4, 4, 1, False, True), (64, 128, 4, 3, 2, False, True),
-    (32, 64, 4, 4, 2, False, True)]
+    (32, 128, 4, 3, 2, False), (32, 64, 4, 4, 1, False), (64, 128, 4, 3, 2, False),
+    (64, 128, 8, 3, 2, False), (32, 128, 4, 3, 1, False), (32, 256, 4, 3, 2, False),
+    (32, 128, 4, 3, 2, False, False, True), (32, 128, 8, 3, 2, False, False, True),
+    (64, 128, 4, 3, 2, False, False, True), (64, 128, 8, 3, 2, False, False, True),
+    (32, 64, 4, 4, 2, False, False, True), (32, 64, 4, 4, 1, False, False, True),
+    (32, 256, 4, 3, 2, False, False, True), (64, 64, 4, 4, 2, False, False, True),
+    (16, 128, 4, 3, 2, False, False, True), (32, 128, 4, 4, 2, False, False, True)]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
-# 3.6 in these tiles); the plain split-K GEMV (kiln's choice) is "auto"
-GEMV_LAUNCHES = [
-    (64, 128, 8, 8, 3, True), (64, 128, 8, 4, 3, True), (32, 128, 8, 4, 3, True),
-    (64, 128, 16, 8, 3, True), (16, 256, 4, 4, 3, True), (32, 256, 4, 8, 3, True),
-    (64, 128, 8, 4, 3, False), (32, 64, 16, 4, 3, False)]
+# 3.6 in these tiles); kiln's choice ("auto") there is 16-row tiles since the fifteenth
+# session (the plain split-K GEMV was 6.7x slower)
+GEMV_LAUNCHES = [(64, 128, 8, 4, 3, True), (64, 128, 8, 8, 3, True)]
 
 
 def main() -> None:
@@ -46,7 +44,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    # 4 rows: kiln's choice is the split-K GEMV (up to GEMV_ROWS), the launches 16-row tiles
+    # 4 rows: the launches and kiln's choice are 16-row tiles, beside the factored GEMV
     ap.add_argument("--rows", default="4,16,64")
     ap.add_argument("--most", type=int, default=0, help="only the first N launches")
     args = ap.parse_args()
@@ -69,6 +67,7 @@ def main() -> None:
                 for is_gemv, launch in [(False, None)] + [(False, v) for v in launches] + \
                         [(True, v) for v in gemv]:
                     words = bool(launch and len(launch) > 6 and launch[6])
+                    factored = bool(launch and len(launch) > 7 and launch[7])
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
                                                      split_k=launch[2], factored=launch[5])
@@ -77,7 +76,8 @@ def main() -> None:
                     else:
                         cfg = launch and int_gemm.IntGemmConfig(
                             min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
-                            split_k=launch[4], nibble_dots=launch[5], words=words)
+                            split_k=launch[4], nibble_dots=launch[5], words=words,
+                            factored=factored)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()

@@ -308,7 +308,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 W8A8: x [..., K] quantized per token @ weight [N, K] int8 (scale [N] per
     output row) -> [..., N] in x.dtype. On CUDA torch._int_mm (int32 accumulation, rows
-    padded to 17 where it needs M > 16), else the reference (the same integer sums)."""
+    padded to 17 where it needs M > 16; one row: dp4a, kernels/int8_gemv.py, the same
+    sums), else the reference (the same integer sums)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M, K = x2.shape

@@ -110,7 +110,8 @@ def check_functional_dispatch() -> None:
 # and with the scales applied once a word (factored, x as one vector a word: xvec; both
 # for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
 # lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
-# and gathered scales ignore it), or read from 32-bit words in place (words; likewise).
+# and gathered scales ignore it), or read from 32-bit words in place (words; likewise), or
+# with the scales applied to each K step's product (factored; gathered scales ignore it).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -125,7 +126,9 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
            "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True),
            "dot-words": (16, 16, 32, 4, 1, 1, 8, False, False, False, False, True),
-           "dot-words-64": (32, 32, 64, 4, 1, 1, 8, False, False, False, False, True)}
+           "dot-words-64": (32, 32, 64, 4, 1, 1, 8, False, False, False, False, True),
+           "dot-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True),
+           "dot-factored-64": (32, 32, 64, 4, 1, 1, 8, False, False, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -180,6 +183,9 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
     interp(check_linear, torch.float16, M, 48, 512, bits, group, True,  # words, EVEN
            (16, 16, 64, 4, 1, 2, 8, False, False, False, False, True))
     interp(check_linear, torch.float32, M, 24, 256, bits, group, False, (16, 32, 64, 4, 1, 2))
+    for dtype in (torch.float16, torch.float32):  # factored, with and without bias
+        interp(check_linear, dtype, M, 40, 512, bits, group, dtype == torch.float16,
+               (16, 16, 64, 4, 1, 2, 8, False, False, True))
 
 
 def check_bias_dtype() -> None:
@@ -251,9 +257,10 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
 @needs_gpu
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
 def test_gpu_opt_in_gemv_launches(bits, group) -> None:
-    """The opt-in GEMV launches at 8B shapes: one row with the K splits summed in the
-    kernel (fixup), and 2-4 rows factored (kiln.kernels.int_gemv_rows), in the tiles
-    int_gemv_bench / int_batch_bench launch."""
+    """The opt-in launches at 8B shapes: one row with 32 K splits summed in the kernel
+    (fixup), 2-4 rows factored (kiln.kernels.int_gemv_rows), and tl.dot tiles with the
+    scales applied to each K step's product (factored), in the tiles int_gemv_bench /
+    int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -265,6 +272,9 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
         launches += [(M, int_gemm.IntGemmConfig(0, *tile, split_k=split, factored=True))
                      for M in (2, 3, 4) for tile, split in (((64, 128, 8, 3), 8),
                                                             ((16, 256, 4, 3), 4))]
+        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
+                                                split_k=2, factored=True))
+                     for M in (4, 16, 64) for bn in (32, 64)]
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

@@ -34,7 +34,10 @@ def test_launch_overrides(monkeypatch) -> None:
         64, 64, 64, 4, 4, split_k=2, words=True)
     monkeypatch.setenv("KILN_INT_TILES", "32,64,4,4,1")
     assert int_gemm.int_gemm_config(16, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
-        32, 32, 64, 4, 4)
+        16, 32, 64, 4, 4)
+    monkeypatch.setenv("KILN_INT_TILES", "32,128,4,3,2,0,0,1")
+    assert int_gemm.int_gemm_config(5, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        16, 32, 128, 4, 3, split_k=2, factored=True)
     assert int_gemm.int_gemm_config(65, 4096, 4096, cpu, 4).block_m == 128  # not a batch
 
 
@@ -56,14 +59,19 @@ def test_int_gemm_default_launches() -> None:
     assert not cfg(1, 28672, 4096, cuda, 4).fixup and cfg(1, 28672, 4096, cuda, 4).factored
     assert not cfg(1, 4096, 128, cuda, 4).fixup
     # 2-16 rows: 16-row tiles, not the GEMV (6.7x slower at 4 rows, fifteenth session)
+    # (int4: one K split where the tiles are many; int8 scales after each step's dot)
     for M in (2, 4, 16):
         assert cfg(M, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
             16, 32, 128, 4, 3, split_k=2)
-    assert cfg(3, 28672, 4096, cuda, 8) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3, split_k=2)
+        assert cfg(M, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
+            16, 32, 256, 4, 3, split_k=2, factored=True)
+    assert cfg(3, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
     assert cfg(64, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(64, 32, 128, 4, 3, split_k=2)
     assert cfg(64, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2)
-    assert cfg(40, 28672, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 128, 8, 3, split_k=2)
+    assert cfg(40, 28672, 4096, cuda, 8) == int_gemm.IntGemmConfig(
+        64, 64, 128, 4, 3, split_k=2, factored=True)
     assert cfg(24, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(32, 32, 64, 4, 4, split_k=2)
+    assert cfg(24, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(32, 64, 128, 8, 3, split_k=2)
     assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
     assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
 
@@ -136,6 +144,11 @@ def test_compiles_for_hopper() -> None:
             if not gemv:
                 mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
                 assert r.instructions[mma] > 0 and r.instructions["cp.async"] > 0, r
+            if not gemv and M <= 64:  # scales applied to each K step's product (factored;
+                # a decode-batch launch: at 128 x 128 x 8 warps it spills 40 bytes, Triton 3.9)
+                r = compile_sm90(kernel, values, dict(meta, FACTORED=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int{bits}-factored")
+                assert r.stack_bytes <= 8 and r.instructions[mma] > 0, r
             if not gemv and bits == 4:  # the even/odd-k products (IntGemmConfig.nibble_dots)
                 r = compile_sm90(kernel, values, dict(meta, NIBBLE_DOTS=True), cfg.num_warps,
                                  cfg.num_stages, variant=f"M{M}-int4-nibbles")

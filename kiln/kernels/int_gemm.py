@@ -38,6 +38,7 @@ from kiln.kernels.int_gemv import (
     _exponent_base,
     _gemv1_kernel,
     _gemv_kernel,
+    _int_tile,
     _unpack_nibbles,
 )
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
@@ -98,6 +99,28 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
     return acc
 
 
+@triton.jit
+def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
+                  stride_wn, stride_sn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr):
+    """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for a K step in one group:
+    (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype)."""
+    offs_k = k + tl.arange(0, BLOCK_K)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                other=0.0)
+    q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS).to(x.dtype)
+    if IEEE:
+        part = tl.dot(x, tl.trans(q), input_precision="ieee")
+    else:
+        part = tl.dot(x, tl.trans(q))
+    s_offs = offs_n.to(tl.int64) * stride_sn + k // G
+    acc += part * tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
+    if HAS_OFFSET:
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        acc += x_sum[:, None] * tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
                  M, N, K, G, stride_xm, stride_wn, stride_sn, stride_om,
@@ -106,7 +129,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  HAS_BIAS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False,
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
-                 EVEN: tl.constexpr = False):
+                 EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -119,7 +142,10 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     WORDS (int4, GROUP_TILE; w_ptr the storage as int32, stride_wn in words): each value
     read in place from its word (_dequant_words); EVEN: N and K whole tiles, no masks on
     the weight (sm_90 SASS of the K loop at 64 x 64 x 64, Triton 3.6: 8.3 vs 10.9
-    instructions a weight)."""
+    instructions a weight).
+    FACTORED (GROUP_TILE): the integers q multiplied as they are (exact in x's dtype), the
+    scale and offset applied to each K step's [BLOCK_M, BLOCK_N] product instead of to
+    every weight: s (x . q) + o sum(x), the one-row GEMV's factoring."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -140,6 +166,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
         if NIBBLE_DOTS:
             acc = _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
                                G, stride_wn, stride_sn, BLOCK_K, HAS_OFFSET, IEEE)
+        elif FACTORED:
+            acc = _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k,
+                                K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE)
         else:
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :],
@@ -180,7 +209,7 @@ class IntGemmConfig:
     group_m: int = 8
     prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
     nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
-    factored: bool = False  # one-row GEMV: scales applied once a word (_factored_step)
+    factored: bool = False  # GEMV: scales once a word (_factored_step); tiles: _factored_dot
     xvec: bool = False  # factored: x read as one vector a word
     words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
     fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
@@ -192,7 +221,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
     factored[,xvec[,fixup]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
-    M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words]]".
+    M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
+    factored]]]".
     """
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
@@ -220,24 +250,37 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words = (bool(v) for v in [*flags, 0, 0][:2])
-        return IntGemmConfig(32 if M <= 32 else 64, bn, bk, warps, stages, split_k=split,
-                             nibble_dots=nibbles, words=words)
+        nibbles, words, factored = (bool(v) for v in [*flags, 0, 0, 0][:3])
+        return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
+                             split_k=split, nibble_dots=nibbles, words=words,
+                             factored=factored)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
-        # session; the launches before in brackets): 2-16 rows in 16 x 32 x 128 tiles, int4
-        # 169.7 us at 4 rows (1,136: the GEMV) and 170.1 at 16 (176.5), int8 148.8 (1,140)
-        # and 149.2 (157.5); at 64 rows 32-wide tiles where N is small (qkv, o, down), int4
-        # 223.4 (241.1), int8 212.7 (217.7). 17-32 rows as measured in the fourteenth
-        # session (not swept since). K in two splits where each keeps >= 8 K steps.
+        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 155 us
+        # at 4 and 16 rows (1,136 at 4 rows: the split-K GEMV; 176.5 at 16); int8 16 x 32 x
+        # 256 factored (scales after each K step's dot: _factored_dot), 127 (1,140; 157.5).
+        # 64 rows: int4 32 x 128 where N is small (qkv, o, down), else 64 x 128, 224 (241);
+        # int8 64 x 128 x 4 warps factored, 197 (218). int4 factored lost at every row
+        # count (151 vs 169 at 4 rows, 259 vs 224 at 64). 17-32 rows as measured in the
+        # fourteenth session (not swept since).
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-        if M <= 16 or (M > 32 and N <= 8192):
+        factored = bits == 8 and (M <= 16 or M > 32)
+        if M <= 16:
+            block_n, block_k, warps, stages = (32, 256, 4, 3) if bits == 8 else (32, 128, 4, 3)
+        elif M > 32 and bits == 8:
+            block_n, block_k, warps, stages = 64, 128, 4, 3
+        elif M > 32 and N <= 8192:
             block_n, block_k, warps, stages = 32, 128, 4, 3
         else:
             block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
                 (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
+        # K in two splits where each keeps >= 8 K steps, unless the tiles are many
+        # (int4 at 16 rows, gate_up's 896 tiles: 62.3 vs 79.7 us in one split)
         split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
-        return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split)
+        if bits == 4 and M <= 16 and triton.cdiv(N, block_n) >= 256:
+            split = 1
+        return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
+                             factored=factored)
     return IntGemmConfig(128, 128, 64, 8, 3)
 
 
@@ -357,5 +400,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
         NIBBLE_DOTS=cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32 and
         not in_words, WORDS=in_words,
-        EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0, **common)
+        EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
+        FACTORED=cfg.factored and group_tile and not in_words and not cfg.nibble_dots,
+        **common)
     return out

@@ -22,6 +22,27 @@ def _unpack_nibbles(packed):
 
 
 @triton.jit
+def _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K: tl.constexpr,
+              BITS: tl.constexpr):
+    """The integers q of w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K], exact
+    (zeros past N and K). Integers to float32 without the quarter-rate conversion
+    instructions: a value u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly."""
+    rows = offs_n.to(tl.int64)[:, None]
+    if BITS == 4:
+        offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
+                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
+        low, high = _unpack_nibbles(packed.to(tl.int32))
+        return tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
+    # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
+    offs_k = k + tl.arange(0, BLOCK_K)
+    q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
+                mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+    u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
+    return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+
+
+@triton.jit
 def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                   GROUP_TILE: tl.constexpr):
@@ -29,30 +50,16 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
 
     GROUP_TILE: the tile lies in one group (BLOCK_K divides G and k is a multiple of
     BLOCK_K), so one scale per row; otherwise the scale of every element is gathered."""
-    offs_k = k + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    rows = offs_n.to(tl.int64)[:, None]
-    # Integers to float32 without the quarter-rate conversion instructions: a value
-    # u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly.
-    if BITS == 4:
-        offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
-                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
-        low, high = _unpack_nibbles(packed.to(tl.int32))
-        q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
-    else:  # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
-        q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0)
-        u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
-        q = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+    q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS)
     if GROUP_TILE:
         s_offs = offs_n.to(tl.int64) * stride_sn + k // G
         scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
         if HAS_OFFSET:
             offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
     else:
-        s_offs = rows * stride_sn + (offs_k // G)[None, :]
-        mask = mask_n[:, None] & mask_k[None, :]
+        offs_k = k + tl.arange(0, BLOCK_K)
+        s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + (offs_k // G)[None, :]
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
         scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
         if HAS_OFFSET:
             offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)
