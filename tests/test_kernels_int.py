@@ -170,6 +170,41 @@ def test_factored_gemv_rows(interp, M) -> None:  # noqa: F811
                        (0, 16, 64, 4, 1, split, 8, False, False, True))
 
 
+def check_digits(dtype: torch.dtype, bits: int, group: int, K: int, N: int) -> None:
+    """The dp4a GEMV on x's digit planes: the path int_weight_linear takes for a digits
+    config (the same bits as digits_gemv called directly), within the float bounds, K
+    split into 1 and 3 parts (the last one short of a whole step), with and without bias
+    and offsets; an x of zeros (scale 1) gives the bias."""
+    from kiln.kernels import int_gemm, int_gemv_digits
+
+    weight, scale, offset = _weight(N, K, bits, group)
+    if bits == 8 and group:
+        offset = torch.randn_like(scale) * 0.01
+    for split in (1, 3):
+        torch.manual_seed(split)
+        x = torch.randn(1, K).to(dtype)
+        x[0, 3] = 40.0  # an outlier: the other values keep 24 bits below it
+        bias = torch.randn(N).to(dtype) if split == 1 else None
+        cfg = int_gemm.IntGemmConfig(0, 16, 64, 4, 1, split_k=split, digits=True)
+        y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
+        direct = int_gemv_digits.digits_gemv(x, weight, scale, offset, bias, 16, 64 // (
+            128 // bits), split, 4, 1)
+        assert torch.equal(y, direct)
+        _check(f"digits {dtype} int{bits} g{group} K{K} split{split}", x, y, weight, scale,
+               offset, bias)
+    zeros = torch.zeros(1, K).to(dtype)
+    bias = torch.randn(N).to(dtype)
+    y = int_gemv_digits.digits_gemv(zeros, weight, scale, offset, bias, 16, 2, 2, 4, 1)
+    assert torch.equal(y, bias.view(1, N)), y
+
+
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 96), (4, 128, 384), (8, 0, 160),
+                                          (8, 32, 192)])
+def test_digits_gemv(interp, bits, group, K) -> None:  # noqa: F811
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        interp(check_digits, dtype, bits, group, K, 40)
+
+
 @pytest.mark.parametrize("M", [5, 20, 64])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64), (8, 0)])
 def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
@@ -258,9 +293,9 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
 def test_gpu_opt_in_gemv_launches(bits, group) -> None:
     """The opt-in launches at 8B shapes: one row with 32 K splits summed in the kernel
-    (fixup), 2-4 rows factored (kiln.kernels.int_gemv_rows), and tl.dot tiles with the
-    scales applied to each K step's product (factored), in the tiles int_gemv_bench /
-    int_batch_bench launch."""
+    (fixup) or on dp4a with x as digit planes (digits), 2-4 rows factored
+    (kiln.kernels.int_gemv_rows), and tl.dot tiles with the scales applied to each K step's
+    product (factored), in the tiles int_gemv_bench / int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -275,6 +310,8 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
         launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
                                                 split_k=2, factored=True))
                      for M in (4, 16, 64) for bn in (32, 64)]
+        launches += [(1, int_gemm.IntGemmConfig(0, bn, 128, warps, 3, split_k=8, digits=True))
+                     for bn, warps in ((64, 4), (128, 8))]  # dp4a on x's digit planes
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

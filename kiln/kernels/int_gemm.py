@@ -8,8 +8,10 @@ optional offsets [N, K // G]). Each tile of w is dequantized in float32 (as the 
 does), cast to x's dtype, and multiplied with float32 accumulation, so the result is the
 float GEMM of the dequantized weight up to the order of the sums.
 
-Picked by the number of rows M:
-* M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there).
+Picked by the number of rows M (the launch: kiln.kernels.int_launch):
+* M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
+  (IntGemmConfig.digits), kiln.kernels.int_gemv_digits: integer dp4a products with x as
+  three signed-byte digit planes.
 * 2 <= M <= GEMV_ROWS (4), opt-in only (KILN_INT_GEMVN): _gemv_kernel, split-K, each
   program's weight slab multiplied with all M rows on the CUDA cores, or the one-row
   kernel's reading for all rows at once (kiln.kernels.int_gemv_rows). Measured on an H200
@@ -26,7 +28,6 @@ All are CUDA-graph safe: launches depend only on shapes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,11 +42,12 @@ from kiln.kernels.int_gemv import (
     _int_tile,
     _unpack_nibbles,
 )
+from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
+from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GEMV_ROWS = 4  # KILN_INT_GEMVN (a GEMV launch for 2+ rows) applies up to this many rows
 
 
 @triton.jit
@@ -197,93 +199,6 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@dataclass(frozen=True)
-class IntGemmConfig:
-    """One launch: GEMV (block_m 0, split_k splits of K) or tl.dot tiles."""
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    split_k: int = 1
-    group_m: int = 8
-    prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
-    nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
-    factored: bool = False  # GEMV: scales once a word (_factored_step); tiles: _factored_dot
-    xvec: bool = False  # factored: x read as one vector a word
-    words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
-    fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
-
-
-def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
-                    ) -> IntGemmConfig:
-    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
-    benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
-    factored[,xvec[,fixup]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
-    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
-    M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored]]]".
-    """
-    if M == 1:
-        override = os.environ.get("KILN_INT_GEMV1")
-        if override:
-            bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
-            pf, factored, xvec, fixup = (bool(v) for v in [*flags, 0, 0, 0, 0][:4])
-            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
-                                 factored=factored, xvec=xvec, fixup=fixup)
-        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth and
-        # fifteenth sessions): scales applied once a word and x read as one vector a word
-        # (factored, xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o
-        # + gate_up + down) vs 112.8 for the plain 32 x 256 x 4 splits; int8 in 32 x 256 x
-        # 4: 83.7 vs 91.9. Where N is small (qkv, o, down: few N blocks) the K splits are
-        # summed by the last one (fixup): int4 o 8.7 vs 10.2 us, down 21.0 vs 23.0; int8 o
-        # 8.5 vs 10.3, down 20.6 vs 22.5; not at gate_up (N 28,672: 38.2 vs 36.1).
-        block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
-        split = max(1, min(most, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
-                             xvec=True, fixup=split > 1 and N <= 8192)
-    if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
-        bn, bk, split, warps, stages, *flags = (
-            int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
-        return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
-                             factored=bool(flags and flags[0]))
-    if M <= 64 and os.environ.get("KILN_INT_TILES"):
-        bn, bk, warps, stages, split, *flags = (
-            int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored = (bool(v) for v in [*flags, 0, 0, 0][:3])
-        return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
-                             split_k=split, nibble_dots=nibbles, words=words,
-                             factored=factored)
-    if M <= 64:
-        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
-        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 155 us
-        # at 4 and 16 rows (1,136 at 4 rows: the split-K GEMV; 176.5 at 16); int8 16 x 32 x
-        # 256 factored (scales after each K step's dot: _factored_dot), 127 (1,140; 157.5).
-        # 64 rows: int4 32 x 128 where N is small (qkv, o, down), else 64 x 128, 224 (241);
-        # int8 64 x 128 x 4 warps factored, 197 (218). int4 factored lost at every row
-        # count (151 vs 169 at 4 rows, 259 vs 224 at 64). 17-32 rows as measured in the
-        # fourteenth session (not swept since).
-        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
-        factored = bits == 8 and (M <= 16 or M > 32)
-        if M <= 16:
-            block_n, block_k, warps, stages = (32, 256, 4, 3) if bits == 8 else (32, 128, 4, 3)
-        elif M > 32 and bits == 8:
-            block_n, block_k, warps, stages = 64, 128, 4, 3
-        elif M > 32 and N <= 8192:
-            block_n, block_k, warps, stages = 32, 128, 4, 3
-        else:
-            block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
-                (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
-        # K in two splits where each keeps >= 8 K steps, unless the tiles are many
-        # (int4 at 16 rows, gate_up's 896 tiles: 62.3 vs 79.7 us in one split)
-        split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
-        if bits == 4 and M <= 16 and triton.cdiv(N, block_n) >= 256:
-            split = 1
-        return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
-                             factored=factored)
-    return IntGemmConfig(128, 128, 64, 8, 3)
-
-
 def split_length(K: int, split_k: int, block_k: int) -> int:
     """Inputs per split of the GEMV: whole K steps."""
     return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
@@ -353,6 +268,11 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         if block_k % G == 0 and G % per == 0 else 0
     # the GEMVs that read the weight as 32-bit words, each K step whole groups of them
     word_gemv = cfg.block_m == 0 and words and block_k % 8 == 0 and groups
+    if cfg.digits and cfg.block_m == 0 and digits_eligible(x, weight, G):
+        per = 32 // bits
+        return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
+                           max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
+                           cfg.num_stages)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)

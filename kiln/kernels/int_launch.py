@@ -1,0 +1,101 @@
+"""Which launch the integer-weight linears make (kiln.kernels.int_gemm.int_weight_linear):
+the H200-measured defaults by row count and shape, and the environment overrides the
+benchmarks sweep them with. Re-exported by kiln.kernels.int_gemm."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+GEMV_ROWS = 4  # KILN_INT_GEMVN (a GEMV launch for 2+ rows) applies up to this many rows
+
+
+@dataclass(frozen=True)
+class IntGemmConfig:
+    """One launch: GEMV (block_m 0, split_k splits of K) or tl.dot tiles."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    group_m: int = 8
+    prefetch: bool = False  # one-row GEMV: the next K step's loads before this step's math
+    nibble_dots: bool = False  # int4 tl.dot tiles: even and odd k multiplied apart
+    factored: bool = False  # GEMV: scales once a word (_factored_step); tiles: _factored_dot
+    xvec: bool = False  # factored: x read as one vector a word
+    words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
+    fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
+    digits: bool = False  # one-row GEMV on dp4a, x as digit planes (int_gemv_digits)
+
+
+def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
+                    ) -> IntGemmConfig:
+    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
+    benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
+    factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
+    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
+    M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
+    factored]]]".
+    """
+    if M == 1:
+        override = os.environ.get("KILN_INT_GEMV1")
+        if override:
+            bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
+            pf, factored, xvec, fixup, digits = (bool(v) for v in [*flags, 0, 0, 0, 0, 0][:5])
+            return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
+                                 factored=factored, xvec=xvec, fixup=fixup, digits=digits)
+        # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth and
+        # fifteenth sessions): scales applied once a word and x read as one vector a word
+        # (factored, xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o
+        # + gate_up + down) vs 112.8 for the plain 32 x 256 x 4 splits; int8 in 32 x 256 x
+        # 4: 83.7 vs 91.9. Where N is small (qkv, o, down: few N blocks) the K splits are
+        # summed by the last one (fixup): int4 o 8.7 vs 10.2 us, down 21.0 vs 23.0; int8 o
+        # 8.5 vs 10.3, down 20.6 vs 22.5; not at gate_up (N 28,672: 38.2 vs 36.1).
+        block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
+        split = max(1, min(most, triton.cdiv(K, block_k)))
+        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
+                             xvec=True, fixup=split > 1 and N <= 8192)
+    if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
+        bn, bk, split, warps, stages, *flags = (
+            int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
+        return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
+                             factored=bool(flags and flags[0]))
+    if M <= 64 and os.environ.get("KILN_INT_TILES"):
+        bn, bk, warps, stages, split, *flags = (
+            int(v) for v in os.environ["KILN_INT_TILES"].split(","))
+        nibbles, words, factored = (bool(v) for v in [*flags, 0, 0, 0][:3])
+        return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
+                             split_k=split, nibble_dots=nibbles, words=words,
+                             factored=factored)
+    if M <= 64:
+        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
+        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 155 us
+        # at 4 and 16 rows (1,136 at 4 rows: the split-K GEMV; 176.5 at 16); int8 16 x 32 x
+        # 256 factored (scales after each K step's dot: _factored_dot), 127 (1,140; 157.5).
+        # 64 rows: int4 32 x 128 where N is small (qkv, o, down), else 64 x 128, 224 (241);
+        # int8 64 x 128 x 4 warps factored, 197 (218). int4 factored lost at every row
+        # count (151 vs 169 at 4 rows, 259 vs 224 at 64). 17-32 rows as measured in the
+        # fourteenth session (not swept since).
+        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+        factored = bits == 8 and (M <= 16 or M > 32)
+        if M <= 16:
+            block_n, block_k, warps, stages = (32, 256, 4, 3) if bits == 8 else (32, 128, 4, 3)
+        elif M > 32 and bits == 8:
+            block_n, block_k, warps, stages = 64, 128, 4, 3
+        elif M > 32 and N <= 8192:
+            block_n, block_k, warps, stages = 32, 128, 4, 3
+        else:
+            block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
+                (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
+        # K in two splits where each keeps >= 8 K steps, unless the tiles are many
+        # (int4 at 16 rows, gate_up's 896 tiles: 62.3 vs 79.7 us in one split)
+        split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
+        if bits == 4 and M <= 16 and triton.cdiv(N, block_n) >= 256:
+            split = 1
+        return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
+                             factored=factored)
+    return IntGemmConfig(128, 128, 64, 8, 3)
