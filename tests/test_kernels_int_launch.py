@@ -164,10 +164,11 @@ def test_compiles_for_hopper() -> None:
 
 
 def test_digits_gemv_compiles_for_hopper() -> None:
-    """The dp4a GEMV on x's digit planes (kiln.kernels.int_gemv_digits) at the 8B shape:
-    no stack on sm_90, dp4a (IDP) in the K loop, 4 chunks x 64 rows a step. Measured with
-    Triton 3.6: 3.95 SASS instructions a weight for int4 (the float GEMV: 5.9), 4.5 for
-    int8; 0.75 of them dp4a for int4 (6 a word of 8 values)."""
+    """The dp4a GEMV on x's digit planes (kiln.kernels.int_gemv_digits) at the 8B shape,
+    4 chunks x 64 rows a step, whole steps (EVEN, as the 8B launches are): no stack on
+    sm_90, 0.75 dp4a (IDP) a weight in the K loop. Measured, SASS instructions a weight:
+    Triton 3.6 3.14 for int4 (the float GEMV: 5.9) and 3.62 for int8 (5.4); Triton 3.9
+    2.47 and 3.72; with masks (not EVEN) 3.95 and 4.5 under 3.6."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     from kiln.kernels import int_gemv_digits
@@ -182,7 +183,7 @@ def test_digits_gemv_compiles_for_hopper() -> None:
                   "K": K, "G": group, "C_PER_SPLIT": 16, "PLANE_W": K // 4,
                   "stride_wn": K * bits // 32, "stride_sn": K // group}
         meta = dict(BITS=bits, BLOCK_N=64, BLOCK_C=4, HAS_OFFSET=bits == 4, HAS_BIAS=True,
-                    SPLIT_K=8, INTERPRET=False)
+                    SPLIT_K=8, INTERPRET=False, EVEN=True)
         r = compile_sm90(int_gemv_digits._digits_gemv_kernel, values, meta, 4, 3,
                          variant=f"digits-int{bits}")
         assert r.stack_bytes == 0, r
@@ -190,7 +191,7 @@ def test_digits_gemv_compiles_for_hopper() -> None:
         weights = 64 * 4 * 4 * (32 // bits) / (32 * 4)  # a thread's, a K step
         # three digit planes: a dp4a a word (int8), two (int4): 0.75 a weight either way
         assert ops["IDP"] == 0.75 * weights, ops
-        assert sum(ops.values()) / weights < 5, ops  # the float GEMV: 5.9 (int4), 5.4
+        assert sum(ops.values()) / weights < 4.2, ops  # the float GEMV: 5.9 (int4), 5.4
 
 
 def test_gemv_rows_compiles_for_hopper() -> None:

@@ -22,8 +22,9 @@ bytes. Here the arithmetic is integer and four values an instruction:
   terms: the dequantized weight times x in float32, as the float GEMV computes it, up to
   summation order and x's fixed-point rounding.
 
-About 1.3 instructions a weight for int4 and 0.9 for int8 (against ~6), plus one small
-launch a call for the digits. Opt-in (IntGemmConfig.digits, KILN_INT_GEMV1's tenth field)
+sm_90 SASS of the K loop (Triton 3.6, whole steps): 3.14 instructions a weight for int4
+and 3.62 for int8, 0.75 of them dp4a (the float GEMV: 5.9 and 5.4), plus one small launch
+a call for the digits. Opt-in (IntGemmConfig.digits, KILN_INT_GEMV1's tenth field)
 until timed on a GPU. Under TRITON_INTERPRET dp4a is computed with shifts and multiplies
 (kiln.kernels.int8_gemv._dot4: the same integers)."""
 
@@ -87,12 +88,20 @@ def _split4(t):
 
 
 @triton.jit
+def _ld(ptrs, mask, EVEN: tl.constexpr):
+    """EVEN: every row and chunk of the launch is whole, so no masks (vector loads)."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _plane_sum(d_ptr, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2, h3, BITS: tl.constexpr,
-               INTERPRET: tl.constexpr):
+               EVEN: tl.constexpr, INTERPRET: tl.constexpr):
     """int32 [BLOCK_N, C]: a digit plane (d_ptr: its words) times each chunk's 4 words."""
     if BITS == 4:  # 8 words a chunk: even-k and odd-k bytes of each weight word
-        xv = tl.load(d_ptr + offs_c[:, None] * 8 + tl.arange(0, 8)[None, :],
-                     mask=mask_c[:, None], other=0)  # [C, 8]
+        xv = _ld(d_ptr + offs_c[:, None] * 8 + tl.arange(0, 8)[None, :], mask_c[:, None],
+                 EVEN)  # [C, 8]
         e, o = tl.split(tl.reshape(xv, (xv.shape[0], 4, 2)))
         e0, e1, e2, e3 = _split4(tl.reshape(e, (1, xv.shape[0], 4)))
         o0, o1, o2, o3 = _split4(tl.reshape(o, (1, xv.shape[0], 4)))
@@ -104,8 +113,8 @@ def _plane_sum(d_ptr, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2, h3, BITS: tl.c
         a = _dot4(o2, h2, a, INTERPRET)
         a = _dot4(e3, w3, a, INTERPRET)
         return _dot4(o3, h3, a, INTERPRET)
-    xv = tl.load(d_ptr + offs_c[:, None] * 4 + tl.arange(0, 4)[None, :],
-                 mask=mask_c[:, None], other=0)  # [C, 4]
+    xv = _ld(d_ptr + offs_c[:, None] * 4 + tl.arange(0, 4)[None, :], mask_c[:, None],
+             EVEN)  # [C, 4]
     x0, x1, x2, x3 = _split4(tl.reshape(xv, (1, xv.shape[0], 4)))
     a = _dot4(x0, w0, tl.zeros(w0.shape, dtype=tl.int32), INTERPRET)
     a = _dot4(x1, w1, a, INTERPRET)
@@ -119,7 +128,7 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
                         stride_sn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr, HAS_OFFSET: tl.constexpr,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        INTERPRET: tl.constexpr, EVEN: tl.constexpr = False):
     """out[n block] = x . dequant(w[n block]) for one row from x's digit planes (d_ptr as
     int32 words, PLANE_W words a plane); program_id(1) takes C_PER_SPLIT chunks of K
     (whole steps of BLOCK_C chunks), the splits summed by split_k_fixup."""
@@ -135,9 +144,9 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
     for c0 in range(c_start, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
-        words = tl.load(w_ptr + rows * stride_wn + offs_c[None, :, None] * 4 +
-                        tl.arange(0, 4)[None, None, :],
-                        mask=mask_n[:, None, None] & mask_c[None, :, None], other=0)
+        words = _ld(w_ptr + rows * stride_wn + offs_c[None, :, None] * 4 +
+                    tl.arange(0, 4)[None, None, :],
+                    mask_n[:, None, None] & mask_c[None, :, None], EVEN)
         w0, w1, w2, w3 = _split4(words)
         h0, h1, h2, h3 = w0, w1, w2, w3
         if BITS == 4:
@@ -145,20 +154,19 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
             h2, h3 = (w2 >> 4) & 0x0F0F0F0F, (w3 >> 4) & 0x0F0F0F0F
             w0, w1 = w0 & 0x0F0F0F0F, w1 & 0x0F0F0F0F
             w2, w3 = w2 & 0x0F0F0F0F, w3 & 0x0F0F0F0F
-        a1 = _plane_sum(d_ptr, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2, h3, BITS,
+        a1 = _plane_sum(d_ptr, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2, h3, BITS, EVEN,
                         INTERPRET)
         a2 = _plane_sum(d_ptr + PLANE_W, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2, h3,
-                        BITS, INTERPRET)
+                        BITS, EVEN, INTERPRET)
         a3 = _plane_sum(d_ptr + 2 * PLANE_W, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2,
-                        h3, BITS, INTERPRET)
+                        h3, BITS, EVEN, INTERPRET)
         f = a1.to(tl.float32) * 65536.0 + a2.to(tl.float32) * 256.0 + a3.to(tl.float32)
         group = (offs_c * CV) // G
         s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + group[None, :]
         mask = mask_n[:, None] & mask_c[None, :]
-        acc += f * tl.load(s_ptr + s_offs, mask=mask, other=0.0) * tl.load(sx_ptr)
+        acc += f * _ld(s_ptr + s_offs, mask, EVEN) * tl.load(sx_ptr)
         if HAS_OFFSET:
-            acc += tl.load(o_ptr + s_offs, mask=mask, other=0.0) * \
-                tl.load(xs_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+            acc += _ld(o_ptr + s_offs, mask, EVEN) * _ld(xs_ptr + offs_c, mask_c, EVEN)[None, :]
     y = tl.sum(acc, axis=1)
     last = True
     if SPLIT_K > 1:
@@ -209,5 +217,6 @@ def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         part, counters, N, K, G, per_split, K // 4, weight.stride(0) // 4, scale.stride(0),
         BITS=bits, BLOCK_N=block_n, BLOCK_C=block_c, HAS_OFFSET=offset is not None,
         HAS_BIAS=bias is not None, SPLIT_K=splits, INTERPRET=_INTERPRET,
-        num_warps=num_warps, num_stages=num_stages)
+        EVEN=N % block_n == 0 and chunks == splits * per_split, num_warps=num_warps,
+        num_stages=num_stages)
     return out
