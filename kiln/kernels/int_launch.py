@@ -73,13 +73,13 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                              factored=factored)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
-        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 155 us
+        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 152 us
         # at 4 and 16 rows (1,136 at 4 rows: the split-K GEMV; 176.5 at 16); int8 16 x 32 x
         # 256 factored (scales after each K step's dot: _factored_dot), 127 (1,140; 157.5).
         # 64 rows: int4 32 x 128 where N is small (qkv, o, down), else 64 x 128, 224 (241);
         # int8 64 x 128 x 4 warps factored, 197 (218). int4 factored lost at every row
-        # count (151 vs 169 at 4 rows, 259 vs 224 at 64). 17-32 rows as measured in the
-        # fourteenth session (not swept since).
+        # count (at best 193 us at 4 and 16 rows, 259 at 64). 17-32 rows as measured in
+        # the fourteenth session (not swept since).
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
         factored = bits == 8 and (M <= 16 or M > 32)
         if M <= 16:
