@@ -2,8 +2,9 @@
 kiln/kernels/int_gemm.py) at Llama-3.1-8B shapes against bf16 cuBLAS at the same rows, on
 a GPU: microseconds a call inside a CUDA graph (weights cycled through copies, so read
 from HBM), over a grid of launches (block_m, block_n, block_k, warps, stages, K splits,
-and whether the scales are applied to each K step's product, `IntGemmConfig.factored`)
-and kiln's own choice ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
+whether the scales are applied to each K step's product, `IntGemmConfig.factored`, or the
+product is integer on x's digit planes, `IntGemmConfig.digits`) and kiln's own choice
+("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
 decode at up to 64 rows; this is where its time goes.
 
     python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64]
@@ -18,7 +19,7 @@ import torch
 
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
-# block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored]] (block_m: the
+# block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits]]] (block_m: the
 # rows, 16 to 64): the defaults of the fifteenth session (16 x 32 x 128 x 2 splits up to
 # 16 rows; at 64 rows 32 x 128 where N is small, else int4 64 x 128, int8 64 x 128 x 8
 # warps) and their neighbours, plain and factored (the scales applied to each K step's
@@ -30,7 +31,12 @@ LAUNCHES = [
     (64, 128, 4, 3, 2, False, False, True), (64, 128, 8, 3, 2, False, False, True),
     (32, 64, 4, 4, 2, False, False, True), (32, 64, 4, 4, 1, False, False, True),
     (32, 256, 4, 3, 2, False, False, True), (64, 64, 4, 4, 2, False, False, True),
-    (16, 128, 4, 3, 2, False, False, True), (32, 128, 4, 4, 2, False, False, True)]
+    (16, 128, 4, 3, 2, False, False, True), (32, 128, 4, 4, 2, False, False, True),
+    # int8 tl.dot on x's digit planes (kiln.kernels.int_gemm_digits, a ninth field)
+    (32, 128, 4, 3, 2, False, False, False, True), (64, 128, 4, 3, 2, False, False, False, True),
+    (32, 256, 4, 3, 2, False, False, False, True), (64, 64, 4, 3, 2, False, False, False, True),
+    (64, 128, 8, 3, 2, False, False, False, True), (32, 128, 4, 3, 1, False, False, False, True),
+    (128, 128, 8, 3, 2, False, False, False, True), (64, 256, 8, 3, 2, False, False, False, True)]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
@@ -68,6 +74,7 @@ def main() -> None:
                         [(True, v) for v in gemv]:
                     words = bool(launch and len(launch) > 6 and launch[6])
                     factored = bool(launch and len(launch) > 7 and launch[7])
+                    digits = bool(launch and len(launch) > 8 and launch[8])
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
                                                      split_k=launch[2], factored=launch[5])
@@ -77,7 +84,7 @@ def main() -> None:
                         cfg = launch and int_gemm.IntGemmConfig(
                             min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
                             split_k=launch[4], nibble_dots=launch[5], words=words,
-                            factored=factored)
+                            factored=factored, digits=digits)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()

@@ -206,6 +206,34 @@ def test_digits_gemv(interp, bits, group, K) -> None:  # noqa: F811
         interp(check_digits, dtype, bits, group, K, 48 if K in (384, 192) else 40)
 
 
+def check_digits_tiles(bits: int, group: int, K: int, M: int) -> None:
+    """int8 tl.dot tiles on x's digit planes (kiln.kernels.int_gemm_digits): int4 in
+    groups, int8 per channel (int32 sums over the whole split: ONE_GROUP) and grouped with
+    offsets; K in 1 and 2 splits, masked rows and columns, an outlier in x."""
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(40, K, bits, group)
+    if bits == 8 and group:
+        offset = torch.randn_like(scale) * 0.01
+    for dtype in (torch.float16, torch.float32):
+        for split in (1, 2):
+            torch.manual_seed(M + split)
+            x = torch.randn(M, K).to(dtype)
+            x[0, 5] = 30.0
+            bias = torch.randn(40).to(dtype) if split == 1 else None
+            cfg = int_gemm.IntGemmConfig(16, 16, 64, 4, 1, split_k=split, digits=True)
+            y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
+            _check(f"digit tiles {dtype} M{M} int{bits} g{group} split{split}", x, y, weight,
+                   scale, offset, bias)
+
+
+@pytest.mark.parametrize("M", [5, 20])
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 512), (4, 128, 512), (8, 0, 256),
+                                          (8, 64, 256)])
+def test_digits_tiles(interp, bits, group, K, M) -> None:  # noqa: F811
+    interp(check_digits_tiles, bits, group, K, M)
+
+
 @pytest.mark.parametrize("M", [5, 20, 64])
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 64), (8, 0)])
 def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
@@ -313,6 +341,9 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
                      for M in (4, 16, 64) for bn in (32, 64)]
         launches += [(1, int_gemm.IntGemmConfig(0, bn, 128, warps, 3, split_k=8, digits=True))
                      for bn, warps in ((64, 4), (128, 8))]  # dp4a on x's digit planes
+        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
+                                                split_k=2, digits=True))
+                     for M in (4, 16, 64) for bn in (32, 64)]  # int8 tl.dot on the digits
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

@@ -11,7 +11,8 @@ float GEMM of the dequantized weight up to the order of the sums.
 Picked by the number of rows M (the launch: kiln.kernels.int_launch):
 * M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
   (IntGemmConfig.digits), kiln.kernels.int_gemv_digits: integer dp4a products with x as
-  three signed-byte digit planes.
+  three signed-byte digit planes (and for tiles kiln.kernels.int_gemm_digits: int8
+  tl.dot on the stored integers).
 * 2 <= M <= GEMV_ROWS (4), opt-in only (KILN_INT_GEMVN): _gemv_kernel, split-K, each
   program's weight slab multiplied with all M rows on the CUDA cores, or the one-row
   kernel's reading for all rows at once (kiln.kernels.int_gemv_rows). Measured on an H200
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.int_gemm_digits import digits_tiles, digits_tiles_eligible
 from kiln.kernels.int_gemv import (
     _dequant_tile,
     _dequant_words,
@@ -45,7 +47,7 @@ from kiln.kernels.int_gemv import (
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
-from kiln.kernels.split_k import split_k_counters, split_k_fixup
+from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -148,14 +150,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     FACTORED (GROUP_TILE): the integers q multiplied as they are (exact in x's dtype), the
     scale and offset applied to each K step's [BLOCK_M, BLOCK_N] product instead of to
     every weight: s (x . q) + o sum(x), the one-row GEMV's factoring."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n  # GROUP_M row tiles walk the columns together (L2 reuse of w)
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n, num_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -186,17 +181,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    last = True
-    if SPLIT_K > 1:
-        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_m * num_n + pid_n,
-                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
-                                  M * N, offs_n, SPLIT_K, INTERPRET)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, pid_m * num_n + pid_n, offs_m,
+                offs_n, mask_m, mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 def split_length(K: int, split_k: int, block_k: int) -> int:
@@ -306,6 +292,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
             ROWS=max(1, triton.next_power_of_2(M)), ATOMIC=atomic, **common)
         return out.to(x.dtype) if atomic else out
+    if cfg.digits and digits_tiles_eligible(K, G, block_k):
+        return digits_tiles(x, weight, scale, offset, bias, cfg.block_m, cfg.block_n, block_k,
+                            cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     split = cfg.split_k if K % (cfg.split_k * block_k) == 0 else 1

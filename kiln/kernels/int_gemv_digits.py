@@ -40,16 +40,20 @@ from kiln.kernels.int8_gemv import _dot4
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-FIXED = 65536.0  # X = x / s * FIXED; three 8-bit digits hold |X| <= 127 * FIXED
-X_MAX = 127 * 65536 + 127 * 256 + 127  # the largest X the digits can hold
+# X = x / s * 2^16; three balanced 8-bit digits hold |X| <= 127 (2^16 + 2^8 + 1)
+X_MAX = 127 * 65536 + 127 * 256 + 127
+WORDS, PAIRS = 1, 2  # digit layouts for int4: per 8-value word, per row (_digits_kernel)
+_X_MAX = tl.constexpr(X_MAX)
+_WORDS = tl.constexpr(WORDS)
+_PAIRS = tl.constexpr(PAIRS)
 
 
 @triton.jit
 def _digits_kernel(x_ptr, d_ptr, sx_ptr, xs_ptr, K, stride_xm, PLANE,
-                   BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, NIBBLES: tl.constexpr):
-    """Row m of x -> its digit planes d[0..2, m, K] (int8; NIBBLES: each 8 values stored
-    even k first, then odd k), sx[m] = s / FIXED, and xs[m, c] = the sum of x over chunk c
-    (CHUNK values) in float32."""
+                   BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, LAYOUT: tl.constexpr):
+    """Row m of x -> its digit planes d[0..2, m, K] (int8; LAYOUT 0: in k order, WORDS:
+    each 8 values even k first, then odd k; PAIRS: the row's even k, then its odd k),
+    sx[m] = s / 2^16, and xs[m, c] = the sum of x over chunk c (CHUNK values), float32."""
     m = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
@@ -58,14 +62,16 @@ def _digits_kernel(x_ptr, d_ptr, sx_ptr, xs_ptr, K, stride_xm, PLANE,
     s = tl.where(amax > 0, amax / 127.0, 1.0)
     v = x / s * 65536.0
     X = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
-    X = tl.minimum(tl.maximum(X, -8355711), 8355711)
+    X = tl.minimum(tl.maximum(X, -_X_MAX), _X_MAX)
     d3 = ((X + 128) & 255) - 128
     X = (X - d3) >> 8
     d2 = ((X + 128) & 255) - 128
     d1 = (X - d2) >> 8
-    if NIBBLES:  # within each 8 values: k = 0, 2, 4, 6, then 1, 3, 5, 7
+    if LAYOUT == _WORDS:  # within each 8 values: k = 0, 2, 4, 6, then 1, 3, 5, 7
         r = offs % 8
         dest = offs - r + r // 2 + 4 * (r % 2)
+    elif LAYOUT == _PAIRS:
+        dest = offs // 2 + (K // 2) * (offs % 2)
     else:
         dest = offs
     row = d_ptr + m * K + dest
@@ -178,6 +184,20 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+def x_digits(x: torch.Tensor, layout: int, chunk: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (digit planes int8 [3, M, K] in `layout`, s / 2^16 float32 [M], sums
+    of x over chunks of `chunk` values float32 [M, K / chunk]); one launch."""
+    M, K = x.shape
+    digits = torch.empty(3, M, K, dtype=torch.int8, device=x.device)
+    sx = torch.empty(M, dtype=torch.float32, device=x.device)
+    xs = torch.empty(M, K // chunk, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _digits_kernel[(M,)](x, digits, sx, xs, K, x.stride(0), M * K, BLOCK_K=block,
+                         CHUNK=chunk, LAYOUT=layout, num_warps=4 if block <= 2048 else 8)
+    return digits, sx, xs
+
+
 def digits_eligible(x: torch.Tensor, weight: torch.Tensor, G: int) -> bool:
     """One row, whole 4-word chunks inside quantization groups, rows of whole words."""
     K = x.shape[1]
@@ -199,12 +219,7 @@ def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     G = K // scale.shape[1]
     cv = 128 // bits  # values a chunk (4 words)
     chunks = K // cv
-    digits = torch.empty(3, 1, K, dtype=torch.int8, device=x.device)
-    sx = torch.empty(1, dtype=torch.float32, device=x.device)
-    xs = torch.empty(1, chunks, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(K)
-    _digits_kernel[(1,)](x, digits, sx, xs, K, x.stride(0), K, BLOCK_K=block, CHUNK=cv,
-                         NIBBLES=bits == 4, num_warps=4 if block <= 2048 else 8)
+    digits, sx, xs = x_digits(x, WORDS if bits == 4 else 0, cv)
     per_split = triton.cdiv(triton.cdiv(chunks, split_k), block_c) * block_c
     splits = triton.cdiv(chunks, per_split)
     blocks = triton.cdiv(N, block_n)

@@ -29,7 +29,7 @@ class IntGemmConfig:
     xvec: bool = False  # factored: x read as one vector a word
     words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
     fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
-    digits: bool = False  # one-row GEMV on dp4a, x as digit planes (int_gemv_digits)
+    digits: bool = False  # x as digit planes: GEMV on dp4a, tiles on int8 tl.dot
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
@@ -39,7 +39,7 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored]]]".
+    factored[,digits]]]]".
     """
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
@@ -67,10 +67,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored = (bool(v) for v in [*flags, 0, 0, 0][:3])
+        nibbles, words, factored, digits = (bool(v) for v in [*flags, 0, 0, 0, 0][:4])
         return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
                              split_k=split, nibble_dots=nibbles, words=words,
-                             factored=factored)
+                             factored=factored, digits=digits)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
         # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 152 us

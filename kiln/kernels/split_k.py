@@ -57,3 +57,35 @@ def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
         have = _COUNTERS[device] = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32,
                                                device=device)
     return have
+
+
+@triton.jit
+def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n, num_n) of program_id(0): GROUP_M row tiles walk the columns together
+    (L2 reuse of the weight)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m, num_n
+
+
+@triton.jit
+def finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_n, mask_m,
+                mask_n, M, N, stride_om, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """Store a [BLOCK_M, BLOCK_N] float32 tile (+ bias) in out's dtype; with SPLIT_K > 1,
+    only the last split of the tile does, after adding the others' (split_k_fixup)."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if SPLIT_K > 1:
+        acc, last = split_k_fixup(acc, part_ptr, count_ptr, tile,
+                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
+                                  M * N, offs_n, SPLIT_K, INTERPRET)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
