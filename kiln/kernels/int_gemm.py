@@ -150,11 +150,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     FACTORED (GROUP_TILE): the integers q multiplied as they are (exact in x's dtype), the
     scale and offset applied to each K step's [BLOCK_M, BLOCK_N] product instead of to
     every weight: s (x . q) + o sum(x), the one-row GEMV's factoring."""
-    pid_m, pid_n, num_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_len = K // SPLIT_K if SPLIT_K > 1 else K
@@ -181,8 +177,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-    finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, pid_m * num_n + pid_n, offs_m,
-                offs_n, mask_m, mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
+    finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_n, mask_m,
+                mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 def split_length(K: int, split_k: int, block_k: int) -> int:

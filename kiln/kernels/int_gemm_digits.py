@@ -68,11 +68,7 @@ def _digits_tile_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
     multiple of SPLIT_K * BLOCK_K, each step in one group. ONE_GROUP (no offsets): each
     split's K range lies in one group (int8 per channel), so the int32 sums run over the
     whole range and are scaled once (each |sum| <= 127 * 128 * K / SPLIT_K < 2^31 / 257)."""
-    pid_m, pid_n, num_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = d_ptr + offs_m.to(tl.int64)[:, None] * K
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
@@ -113,8 +109,8 @@ def _digits_tile_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
         s_offs = offs_n.to(tl.int64) * stride_sn + k_start // G
         acc = _combine(i1, i2, i3) * sx * tl.load(s_ptr + s_offs, mask=mask_n,
                                                    other=0.0)[None, :]
-    finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, pid_m * num_n + pid_n, offs_m,
-                offs_n, mask_m, mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
+    finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_n, mask_m,
+                mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
 def digits_tiles_eligible(K: int, G: int, block_k: int) -> bool:
