@@ -227,6 +227,38 @@ def check_digits_tiles(bits: int, group: int, K: int, M: int) -> None:
                    scale, offset, bias)
 
 
+def check_digits_switch() -> None:
+    """KILN_INT_DIGITS=1: kiln's default launches (one row, and decode-batch tiles) take
+    the digit-plane kernels: the same bits as calling them with those launches."""
+    from kiln.kernels import int_gemm, int_gemm_digits, int_gemv_digits
+
+    weight, scale, offset = _weight(48, 256, 4, 32)
+    os.environ["KILN_INT_DIGITS"] = "1"
+    try:
+        for M in (1, 5):
+            x = torch.randn(M, 256).half()
+            cfg = int_gemm.int_gemm_config(M, 48, 256, x.device, 4)
+            assert cfg.digits, cfg
+            y = int_gemm.int_weight_linear(x, weight, scale, offset)
+            if M == 1:
+                want = int_gemv_digits.digits_gemv(x, weight, scale, offset, None,
+                                                   cfg.block_n, cfg.block_k // 32,
+                                                   cfg.split_k, cfg.num_warps, cfg.num_stages)
+            else:
+                block_k = int_gemm.group_step(32, cfg.block_k)
+                want = int_gemm_digits.digits_tiles(x, weight, scale, offset, None, cfg.block_m,
+                                                    cfg.block_n, block_k, cfg.split_k,
+                                                    cfg.num_warps, cfg.num_stages)
+            assert torch.equal(y, want), M
+            _check(f"digits switch M{M}", x, y, weight, scale, offset, None)
+    finally:
+        del os.environ["KILN_INT_DIGITS"]
+
+
+def test_digits_switch(interp) -> None:  # noqa: F811
+    interp(check_digits_switch)
+
+
 @pytest.mark.parametrize("M", [5, 20])
 @pytest.mark.parametrize("bits,group,K", [(4, 32, 512), (4, 128, 512), (8, 0, 256),
                                           (8, 64, 256)])

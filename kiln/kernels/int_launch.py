@@ -39,8 +39,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
     factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored[,digits]]]]".
+    factored[,digits]]]]". KILN_INT_DIGITS=1: the default launches with x as digit planes
+    (IntGemmConfig.digits; opt-in until timed on a GPU).
     """
+    digits = os.environ.get("KILN_INT_DIGITS") == "1"
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
@@ -58,7 +60,7 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
-                             xvec=True, fixup=split > 1 and N <= 8192)
+                             xvec=True, fixup=split > 1 and N <= 8192, digits=digits)
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
@@ -97,5 +99,5 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         if bits == 4 and M <= 16 and triton.cdiv(N, block_n) >= 256:
             split = 1
         return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
-                             factored=factored)
+                             factored=factored, digits=digits)
     return IntGemmConfig(128, 128, 64, 8, 3)
