@@ -6,7 +6,9 @@ with g = k // G (see kiln.kernels.reference for the storage: int8 [N, K], or two
 values a byte in uint8 [N, K // 2], even k in the low nibble; float32 scales and
 optional offsets [N, K // G]). Each tile of w is dequantized in float32 (as the reference
 does), cast to x's dtype, and multiplied with float32 accumulation, so the result is the
-float GEMM of the dequantized weight up to the order of the sums.
+float GEMM of the dequantized weight up to the order of the sums. (The one-row GEMV and
+the factored tiles, int8's default, apply scale and offset to sums of q x instead: the
+same product without rounding w to x's dtype.)
 
 Picked by the number of rows M (the launch: kiln.kernels.int_launch):
 * M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
