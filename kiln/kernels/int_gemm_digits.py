@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_gemv_digits import PAIRS, x_digits
+from kiln.kernels.int_gemv_digits import PAIRS, _combine, x_digits
 from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,13 +46,6 @@ def _plane_dot(x_rows, lo, hi, mask_m, col, K, BLOCK_K: tl.constexpr, BITS: tl.c
         a = tl.dot(tl.load(x_rows + offs[None, :], mask=mask_m[:, None], other=0),
                    tl.trans(lo), out_dtype=tl.int32)
     return a
-
-
-@triton.jit
-def _combine(a1, a2, a3):
-    """a1 2^16 + a2 2^8 + a3 in float32, two conversions: a2 2^8 + a3 fits in int32 (each
-    |a| <= 2^31 / 257), a1 2^16 may not."""
-    return a1.to(tl.float32) * 65536.0 + (a2 * 256 + a3).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -22,8 +22,8 @@ bytes. Here the arithmetic is integer and four values an instruction:
   terms: the dequantized weight times x in float32, as the float GEMV computes it, up to
   summation order and x's fixed-point rounding.
 
-sm_90 SASS of the K loop (Triton 3.6, whole steps): 3.14 instructions a weight for int4
-and 3.62 for int8, 0.75 of them dp4a (the float GEMV: 5.9 and 5.4), plus one small launch
+sm_90 SASS of the K loop (Triton 3.6, whole steps): 3.08 instructions a weight for int4
+and 3.53 for int8, 0.75 of them dp4a (the float GEMV: 5.9 and 5.4), plus one small launch
 a call for the digits. Opt-in (IntGemmConfig.digits, KILN_INT_GEMV1's tenth field)
 until timed on a GPU. Under TRITON_INTERPRET dp4a is computed with shifts and multiplies
 (kiln.kernels.int8_gemv._dot4: the same integers)."""
@@ -82,6 +82,13 @@ def _digits_kernel(x_ptr, d_ptr, sx_ptr, xs_ptr, K, stride_xm, PLANE,
     sums = tl.sum(tl.reshape(x, (BLOCK_K // CHUNK, CHUNK)), axis=1)
     offs_c = tl.arange(0, BLOCK_K // CHUNK)
     tl.store(xs_ptr + m * (K // CHUNK) + offs_c, sums, mask=offs_c < K // CHUNK)
+
+
+@triton.jit
+def _combine(a1, a2, a3):
+    """The three digit planes' int32 sums as one float32, a1 2^16 + a2 2^8 + a3, in two
+    conversions: a2 2^8 + a3 fits in int32 (each |a| <= 2^31 / 257), a1 2^16 may not."""
+    return a1.to(tl.float32) * 65536.0 + (a2 * 256 + a3).to(tl.float32)
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
                         BITS, EVEN, INTERPRET)
         a3 = _plane_sum(d_ptr + 2 * PLANE_W, offs_c, mask_c, w0, w1, w2, w3, h0, h1, h2,
                         h3, BITS, EVEN, INTERPRET)
-        f = a1.to(tl.float32) * 65536.0 + a2.to(tl.float32) * 256.0 + a3.to(tl.float32)
+        f = _combine(a1, a2, a3)
         group = (offs_c * CV) // G
         s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + group[None, :]
         mask = mask_n[:, None] & mask_c[None, :]
