@@ -252,8 +252,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         if block_k % G == 0 and G % per == 0 else 0
     # the GEMVs that read the weight as 32-bit words, each K step whole groups of them
     word_gemv = cfg.block_m == 0 and words and block_k % 8 == 0 and groups
-    if cfg.digits and cfg.block_m == 0 and digits_eligible(x, weight, G):
-        per = 32 // bits
+    if cfg.digits and cfg.block_m == 0 and M == 1 and words and digits_eligible(K, G, bits):
         return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
                            max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
                            cfg.num_stages)

@@ -205,12 +205,11 @@ def x_digits(x: torch.Tensor, layout: int, chunk: int
     return digits, sx, xs
 
 
-def digits_eligible(x: torch.Tensor, weight: torch.Tensor, G: int) -> bool:
-    """One row, whole 4-word chunks inside quantization groups, rows of whole words."""
-    K = x.shape[1]
-    per = 8 if weight.dtype == torch.uint8 else 4
-    return x.shape[0] == 1 and G % (4 * per) == 0 and K % (4 * per) == 0 and \
-        weight.stride(0) % 4 == 0 and weight.storage_offset() % 4 == 0
+def digits_eligible(K: int, G: int, bits: int) -> bool:
+    """Whole 4-word chunks (128 bits of weight) inside quantization groups (the caller
+    checks one row, and rows of whole 32-bit words)."""
+    chunk = 128 // bits
+    return G % chunk == 0 and K % chunk == 0
 
 
 def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
