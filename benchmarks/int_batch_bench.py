@@ -7,7 +7,7 @@ product is integer on x's digit planes, `IntGemmConfig.digits`) and kiln's own c
 ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
 decode at up to 64 rows; this is where its time goes.
 
-    python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64]
+    python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64] [--bits 4,8]
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ LAUNCHES = [
     (32, 128, 4, 3, 2, False, False, False, True), (64, 128, 4, 3, 2, False, False, False, True),
     (32, 256, 4, 3, 2, False, False, False, True), (64, 64, 4, 3, 2, False, False, False, True),
     (64, 128, 8, 3, 2, False, False, False, True), (32, 128, 4, 3, 1, False, False, False, True),
-    (128, 128, 8, 3, 2, False, False, False, True), (64, 256, 8, 3, 2, False, False, False, True)]
+    (128, 128, 8, 3, 2, False, False, False, True), (64, 256, 8, 3, 2, False, False, False, True),
+    # one split (int8 per channel: each split's int32 sums scaled once, ONE_GROUP)
+    (64, 128, 4, 3, 1, False, False, False, True), (32, 256, 4, 3, 1, False, False, False, True),
+    (64, 256, 4, 3, 1, False, False, False, True), (128, 128, 8, 3, 1, False, False, False, True),
+    (64, 64, 4, 4, 1, False, False, False, True), (32, 64, 4, 4, 1, False, False, False, True)]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
@@ -53,6 +57,7 @@ def main() -> None:
     # 4 rows: the launches and kiln's choice are 16-row tiles, beside the factored GEMV
     ap.add_argument("--rows", default="4,16,64")
     ap.add_argument("--most", type=int, default=0, help="only the first N launches")
+    ap.add_argument("--bits", default="4,8", help="the weights' widths to time")
     args = ap.parse_args()
     launches = LAUNCHES[:args.most] if args.most else LAUNCHES
     results = []
@@ -64,7 +69,7 @@ def main() -> None:
             cublas = timed([lambda a=x, w=w: a @ w.T for w in w16s])
             print(f"M {M} {name:8s} bf16 cublas {cublas:8.1f} us", flush=True)
             results.append(dict(M=M, shape=name, kind="bf16", config="cublas", us=cublas))
-            for bits in (4, 8):
+            for bits in (int(v) for v in args.bits.split(",")):
                 weight, scale, offset, nbytes = int_weight(N, K, bits)
                 want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
                 copies = weight_copies(weight, scale, offset, nbytes)
@@ -110,6 +115,8 @@ def main() -> None:
     for M in sorted({r["M"] for r in results}):
         for kind in ("int4", "int8"):
             sel = [r for r in results if r["M"] == M and r["kind"] == kind]
+            if not sel:
+                continue
             auto = sum(r["us"] for r in sel if r["config"] == "auto")
             best = sum(min(r["us"] for r in sel if r["shape"] == s) for s in SHAPES)
             bf16 = sum(r["us"] for r in results if r["M"] == M and r["kind"] == "bf16")

@@ -232,7 +232,7 @@ def check_digits_switch() -> None:
     the digit-plane kernels: the same bits as calling them with those launches."""
     from kiln.kernels import int_gemm, int_gemm_digits, int_gemv_digits
 
-    weight, scale, offset = _weight(48, 256, 4, 32)
+    weight, scale, offset = _weight(48, 256, 4, 64)
     os.environ["KILN_INT_DIGITS"] = "1"
     try:
         for M in (1, 5):
@@ -245,7 +245,7 @@ def check_digits_switch() -> None:
                                                    cfg.block_n, cfg.block_k // 32,
                                                    cfg.split_k, cfg.num_warps, cfg.num_stages)
             else:
-                block_k = int_gemm.group_step(32, cfg.block_k)
+                block_k = int_gemm.group_step(64, cfg.block_k)
                 want = int_gemm_digits.digits_tiles(x, weight, scale, offset, None, cfg.block_m,
                                                     cfg.block_n, block_k, cfg.split_k,
                                                     cfg.num_warps, cfg.num_stages)
@@ -260,10 +260,22 @@ def test_digits_switch(interp) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("M", [5, 20])
-@pytest.mark.parametrize("bits,group,K", [(4, 32, 512), (4, 128, 512), (8, 0, 256),
-                                          (8, 64, 256)])
+@pytest.mark.parametrize("bits,group,K", [(4, 64, 512), (4, 128, 512), (8, 0, 256),
+                                          (8, 0, 2048), (8, 64, 256)])
 def test_digits_tiles(interp, bits, group, K, M) -> None:  # noqa: F811
     interp(check_digits_tiles, bits, group, K, M)
+
+
+def test_digits_tiles_eligibility() -> None:
+    """Each int8 tl.dot of the digit tiles is >= 32 deep on a GPU (Triton's least): int4
+    (half a K step a product) needs steps of 64, so int4 in groups of 32 takes the float
+    tiles; a step across groups or K not whole steps likewise."""
+    from kiln.kernels.int_gemm_digits import digits_tiles_eligible
+
+    assert digits_tiles_eligible(4096, 128, 64, 4) and digits_tiles_eligible(4096, 32, 32, 8)
+    assert not digits_tiles_eligible(4096, 32, 32, 4)
+    assert not digits_tiles_eligible(4096, 32, 64, 8)
+    assert not digits_tiles_eligible(4000, 4000, 128, 8)
 
 
 @pytest.mark.parametrize("M", [5, 20, 64])

@@ -46,7 +46,7 @@ def test_launch_overrides(monkeypatch) -> None:
 
 def test_int_gemm_default_launches() -> None:
     """The launches measured fastest on an H200 at the 8B shapes (BENCHMARKS.md, fourteenth
-    and fifteenth sessions): one row factored with x as vectors (int4 64 x 128 in up to 8 K
+    to sixteenth sessions): one row factored with x as vectors (int4 64 x 128 in up to 8 K
     splits, int8 32 x 256 in 4, summed in the kernel where N is small); decode batches in
     tiles, two K splits where each keeps 8 K steps."""
     from kiln.kernels import int_gemm
@@ -58,6 +58,8 @@ def test_int_gemm_default_launches() -> None:
     assert cfg(1, 4096, 256, cuda, 4).split_k == 2  # K of two steps: two splits
     assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
         0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True, fixup=True)
+    assert cfg(1, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(  # int8 at the 8B's qkv
+        0, 128, 128, 8, 3, split_k=8, factored=True, xvec=True, fixup=True)
     # many N blocks: the splits add by atomics; one split: nothing to sum
     assert not cfg(1, 28672, 4096, cuda, 4).fixup and cfg(1, 28672, 4096, cuda, 4).factored
     assert not cfg(1, 4096, 128, cuda, 4).fixup
@@ -69,12 +71,31 @@ def test_int_gemm_default_launches() -> None:
         assert cfg(M, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
             16, 32, 256, 4, 3, split_k=2, factored=True)
     assert cfg(3, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
+    # int8 per channel: integer tensor cores on x's digit planes (sixteenth session) at
+    # gate_up's N up to 16 rows, everywhere from 17 rows; one split but where N is small
+    # at 17-32 rows
+    for M in (2, 16):
+        for group in (0, 4096):
+            assert cfg(M, 28672, 4096, cuda, 8, group) == int_gemm.IntGemmConfig(
+                16, 64, 128, 4, 3, digits=True)
+    assert cfg(24, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
+        32, 64, 128, 4, 3, split_k=2, digits=True)
+    assert cfg(32, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(32, 64, 128, 4, 3, digits=True)
+    assert cfg(40, 28672, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, digits=True)
+    assert cfg(64, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 256, 4, 3, digits=True)
+    assert cfg(64, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
+        64, 32, 256, 4, 3, digits=True)
+    # grouped int8 (GGUF Q8_0) on the digits: untimed; int4 on the digits lost
+    assert cfg(4, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
+        16, 32, 256, 4, 3, split_k=2, factored=True)
+    assert cfg(40, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
+        64, 64, 128, 4, 3, split_k=2, factored=True)
+    assert not cfg(4, 28672, 4096, cuda, 4).digits and not cfg(40, 28672, 4096, cuda, 4).digits
     assert cfg(64, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(64, 32, 128, 4, 3, split_k=2)
     assert cfg(64, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2)
-    assert cfg(40, 28672, 4096, cuda, 8) == int_gemm.IntGemmConfig(
-        64, 64, 128, 4, 3, split_k=2, factored=True)
-    assert cfg(24, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(32, 32, 64, 4, 4, split_k=2)
-    assert cfg(24, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(32, 64, 128, 8, 3, split_k=2)
+    assert cfg(24, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(32, 64, 128, 4, 3, split_k=2)
+    assert cfg(24, 4096, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
+        32, 64, 128, 8, 3, split_k=2)
     assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
     assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
 
@@ -93,8 +114,8 @@ def test_compiles_for_hopper() -> None:
 
     N = K = 4096
     for M in (1, 4, 16, 64, 300):
-        for bits in (4, 8):
-            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits)
+        for bits in (4, 8):  # in groups of 128 (int8 per channel: the digit tiles, below)
+            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits, 128)
             meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
             gemv = cfg.block_m == 0
@@ -231,6 +252,19 @@ def test_digits_tiles_compile_for_hopper() -> None:
                     int_gemm._gemm_kernel, dict(common, x_ptr="*bf16", stride_xm=K),
                     dict(meta, GROUP_TILE=True, IEEE=False, FACTORED=bits == 8), 4, 3)
                 assert sum(ops.values()) < 0.8 * sum(float_ops.values()), (ops, float_ops)
+    # int8 per channel: kiln's default digit-tile launches from 17 rows and at gate_up
+    for M, N in ((16, 28672), (32, 4096), (32, 6144), (64, 4096), (64, 6144)):
+        cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), 8)
+        assert cfg.digits, cfg
+        r = compile_sm90(int_gemm_digits._digits_tile_kernel,
+                         dict(common, N=N, stride_om=N, d_ptr="*i8", sx_ptr="*fp32",
+                              xs_ptr="*fp32", PLANE=7 * K),
+                         dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              GROUP_M=8, BITS=8, HAS_OFFSET=False, HAS_BIAS=True,
+                              SPLIT_K=cfg.split_k, INTERPRET=False, ONE_GROUP=True),
+                         cfg.num_warps, cfg.num_stages, variant=f"digits-default-M{M}-N{N}")
+        mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
+        assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
 
 
 def test_gemv_rows_compiles_for_hopper() -> None:

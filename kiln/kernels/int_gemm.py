@@ -12,9 +12,8 @@ same product without rounding w to x's dtype.)
 
 Picked by the number of rows M (the launch: kiln.kernels.int_launch):
 * M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
-  (IntGemmConfig.digits), kiln.kernels.int_gemv_digits: integer dp4a products with x as
-  three signed-byte digit planes (and for tiles kiln.kernels.int_gemm_digits: int8
-  tl.dot on the stored integers).
+  (IntGemmConfig.digits, measured 2x slower), kiln.kernels.int_gemv_digits: integer dp4a
+  products with x as three signed-byte digit planes.
 * 2 <= M <= GEMV_ROWS (4), opt-in only (KILN_INT_GEMVN): _gemv_kernel, split-K, each
   program's weight slab multiplied with all M rows on the CUDA cores, or the one-row
   kernel's reading for all rows at once (kiln.kernels.int_gemv_rows). Measured on an H200
@@ -22,7 +21,9 @@ Picked by the number of rows M (the launch: kiln.kernels.int_launch):
   (1,136 vs 170 us a layer: its products spill), the factored one by 1.1-1.4x.
 * 2 <= M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
-  rows: K split when the tiles are few).
+  rows: K split when the tiles are few). int8 per channel from 17 rows, and at large N
+  from 2: kiln.kernels.int_gemm_digits, the stored integers into int8 tl.dot with x as
+  digit planes (IntGemmConfig.digits).
 * larger M (prefill): dequantize_weight (_dequant_kernel) into a 16-bit scratch weight,
   then cuBLAS.
 All are CUDA-graph safe: launches depend only on shapes.
@@ -234,7 +235,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    cfg = config or int_gemm_config(M, N, K, x.device, bits)
+    cfg = config or int_gemm_config(M, N, K, x.device, bits, G)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m:
         block_k = group_step(G, block_k)
@@ -289,7 +290,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
             ROWS=max(1, triton.next_power_of_2(M)), ATOMIC=atomic, **common)
         return out.to(x.dtype) if atomic else out
-    if cfg.digits and digits_tiles_eligible(K, G, block_k):
+    if cfg.digits and digits_tiles_eligible(K, G, block_k, bits):
         return digits_tiles(x, weight, scale, offset, bias, cfg.block_m, cfg.block_n, block_k,
                             cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)

@@ -13,8 +13,12 @@ the group's scale; offsets add the group's offset times the step's sum of x. The
 result is the float GEMM of the dequantized weight up to summation order and x's
 fixed-point rounding (at most 2^-24 of the row's largest value an element).
 
-Opt-in (IntGemmConfig.digits with block_m > 0: KILN_INT_TILES' ninth field) until timed
-on a GPU. The interpreter runs the same integer products (numpy int32 matmuls)."""
+kiln's default for int8 per channel from 17 rows, and at gate_up's large N from 2 rows
+(kiln.kernels.int_launch; measured on an H200, sixteenth session: a layer at 64 rows 142
+us against 196 for the float tiles; gate_up at 16 rows 37.6 against 45-62). int4 (groups:
+three int32 products converted and scaled every K step) lost at every row count and
+stays opt-in (IntGemmConfig.digits, KILN_INT_TILES' ninth field). The interpreter runs
+the same integer products (numpy int32 matmuls)."""
 
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ def _digits_tile_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
     K], PLANE = M K), sx (s / 2^16 a row) and xs (x summed over each K step a row); K a
     multiple of SPLIT_K * BLOCK_K, each step in one group. ONE_GROUP (no offsets): each
     split's K range lies in one group (int8 per channel), so the int32 sums run over the
-    whole range and are scaled once (each |sum| <= 127 * 128 * K / SPLIT_K < 2^31 / 257)."""
+    whole range and are scaled once (each |sum| <= 128 * 128 * K / SPLIT_K < 2^31;
+    converted to float32 one plane at a time)."""
     tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = d_ptr + offs_m.to(tl.int64)[:, None] * K
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
@@ -100,15 +105,16 @@ def _digits_tile_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
             acc += x_sum[:, None] * tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
     if ONE_GROUP:
         s_offs = offs_n.to(tl.int64) * stride_sn + k_start // G
-        acc = _combine(i1, i2, i3) * sx * tl.load(s_ptr + s_offs, mask=mask_n,
-                                                   other=0.0)[None, :]
+        wide = i1.to(tl.float32) * 65536.0 + i2.to(tl.float32) * 256.0 + i3.to(tl.float32)
+        acc = wide * sx * tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
     finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_n, mask_m,
                 mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
-def digits_tiles_eligible(K: int, G: int, block_k: int) -> bool:
-    """Each K step in one group, K whole steps (the x sums are kept a step)."""
-    return G % block_k == 0 and K % block_k == 0 and block_k >= 32
+def digits_tiles_eligible(K: int, G: int, block_k: int, bits: int) -> bool:
+    """Each K step in one group, K whole steps (the x sums are kept a step), and each int8
+    tl.dot at least 32 deep (the GPU's least; int4 multiplies half a step at a time)."""
+    return G % block_k == 0 and K % block_k == 0 and block_k >= (64 if bits == 4 else 32)
 
 
 def digits_tiles(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -134,6 +140,6 @@ def digits_tiles(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, BITS=bits,
         HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
         INTERPRET=_INTERPRET, ONE_GROUP=offset is None and (K // scale.shape[1]) %
-        (K // split) == 0 and K // split <= 2**31 // (257 * 127 * 128),
+        (K // split) == 0 and K // split < 2**31 // (128 * 128),
         num_warps=num_warps, num_stages=num_stages)
     return out

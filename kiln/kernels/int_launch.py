@@ -32,15 +32,16 @@ class IntGemmConfig:
     digits: bool = False  # x as digit planes: GEMV on dp4a, tiles on int8 tl.dot
 
 
-def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
-                    ) -> IntGemmConfig:
-    """A launch for an [M, K] x [N, K]^T product (bits: of the weight). Overrides for
+def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
+                    group: int = 0) -> IntGemmConfig:
+    """A launch for an [M, K] x [N, K]^T product (bits: of the weight; group: its
+    quantization group along K, 0 or K per channel). Overrides for
     benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
     factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
     factored[,digits]]]]". KILN_INT_DIGITS=1: the default launches with x as digit planes
-    (IntGemmConfig.digits; opt-in until timed on a GPU).
+    (IntGemmConfig.digits; beyond where they are the default, see below).
     """
     digits = os.environ.get("KILN_INT_DIGITS") == "1"
     if M == 1:
@@ -57,10 +58,15 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
         # 4: 83.7 vs 91.9. Where N is small (qkv, o, down: few N blocks) the K splits are
         # summed by the last one (fixup): int4 o 8.7 vs 10.2 us, down 21.0 vs 23.0; int8 o
         # 8.5 vs 10.3, down 20.6 vs 22.5; not at gate_up (N 28,672: 38.2 vs 36.1).
-        block_n, block_k, most = (64, 128, 8) if bits == 4 else (32, 256, 4)
+        # int8 where 4096 < N <= 8192 (the 8B's qkv, 6144): 128 x 128, 8 warps, 8 splits,
+        # 11.4 / 11.5 us against 13.7 / 13.2 (fifteenth / sixteenth sessions' sweeps)
+        wide = bits == 8 and 4096 < N <= 8192
+        block_n, block_k, most = (64, 128, 8) if bits == 4 else (128, 128, 8) if wide \
+            else (32, 256, 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
-                             xvec=True, fixup=split > 1 and N <= 8192, digits=digits)
+        return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
+                             factored=True, xvec=True, fixup=split > 1 and N <= 8192,
+                             digits=digits)
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
@@ -74,25 +80,35 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8
                              split_k=split, nibble_dots=nibbles, words=words,
                              factored=factored, digits=digits)
     if M <= 64:
-        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth
-        # session; the launches before in brackets). 2-16 rows: int4 16 x 32 x 128, 152 us
-        # at 4 and 16 rows (1,136 at 4 rows: the split-K GEMV; 176.5 at 16); int8 16 x 32 x
-        # 256 factored (scales after each K step's dot: _factored_dot), 127 (1,140; 157.5).
-        # 64 rows: int4 32 x 128 where N is small (qkv, o, down), else 64 x 128, 224 (241);
-        # int8 64 x 128 x 4 warps factored, 197 (218). int4 factored lost at every row
-        # count (at best 193 us at 4 and 16 rows, 259 at 64). 17-32 rows as measured in
-        # the fourteenth session (not swept since).
+        # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth and
+        # sixteenth sessions; the launches before in brackets).
         block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+        if bits == 8 and group in (0, K) and (M > 16 or N > 8192):
+            # int8 per channel on the integer tensor cores, x as digit planes
+            # (kiln.kernels.int_gemm_digits; int32 sums over each split, scaled once), one
+            # split but where N is small at 17-32 rows: gate_up at 2-16 rows 37.7 us (48.7
+            # in 16 x 32 x 128 digit tiles, ~61 factored); a layer at 32 rows 130 (259),
+            # at 64 rows 142 (196; bf16 cuBLAS 126)
+            if M <= 32:
+                block_n, block_k, split = 64, 128, 2 if M > 16 and N <= 4096 else 1
+            else:
+                block_n, block_k, split = 64 if N > 4096 else 32, 128 if N > 8192 else 256, 1
+            return IntGemmConfig(block_m, block_n, block_k, 4, 3, split_k=split, digits=True)
+        # 2-16 rows: int4 16 x 32 x 128, 152 us at 4 and 16 rows (1,136 at 4 rows: the
+        # split-K GEMV; 176.5 at 16); int8 (grouped, or per channel where N <= 8192) 16 x
+        # 32 x 256 factored (scales after each K step's dot: _factored_dot). 17-32 rows:
+        # int4 64 x 128, 212 us (254 in 32 x 64 x 4 stages). 64 rows: int4 32 x 128 where
+        # N is small (qkv, o, down), else 64 x 128, 224 (241). int4 factored and on the
+        # digit planes lost at every row count.
         factored = bits == 8 and (M <= 16 or M > 32)
         if M <= 16:
             block_n, block_k, warps, stages = (32, 256, 4, 3) if bits == 8 else (32, 128, 4, 3)
-        elif M > 32 and bits == 8:
-            block_n, block_k, warps, stages = 64, 128, 4, 3
+        elif bits == 8:
+            block_n, block_k, warps, stages = (64, 128, 4, 3) if M > 32 else (64, 128, 8, 3)
         elif M > 32 and N <= 8192:
             block_n, block_k, warps, stages = 32, 128, 4, 3
         else:
-            block_n, block_k, warps, stages = (64, 128, 8, 3) if bits == 8 else \
-                (32, 64, 4, 4) if M <= 32 else (64, 128, 4, 3)
+            block_n, block_k, warps, stages = 64, 128, 4, 3
         # K in two splits where each keeps >= 8 K steps, unless the tiles are many
         # (int4 at 16 rows, gate_up's 896 tiles: 62.3 vs 79.7 us in one split)
         split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
