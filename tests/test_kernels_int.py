@@ -104,14 +104,16 @@ def check_functional_dispatch() -> None:
 
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
-# prefetch, nibble_dots, factored, xvec, words, fixup): GEMV without and with split-K
+# prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap): GEMV without and with
+# split-K
 # (atomics, or for one row the partials summed by the last split: fixup; the splits end
 # inside K), each also with the next K step's loads issued first (prefetch)
 # and with the scales applied once a word (factored, x as one vector a word: xvec; both
 # for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
 # lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
 # and gathered scales ignore it), or read from 32-bit words in place (words; likewise), or
-# with the scales applied to each K step's product (factored; gathered scales ignore it).
+# with the scales applied to each K step's product (factored; gathered scales ignore it);
+# each tl.dot tile also computed transposed, the weight the left operand (swap).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -128,7 +130,13 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "dot-words": (16, 16, 32, 4, 1, 1, 8, False, False, False, False, True),
            "dot-words-64": (32, 32, 64, 4, 1, 1, 8, False, False, False, False, True),
            "dot-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True),
-           "dot-factored-64": (32, 32, 64, 4, 1, 1, 8, False, False, True)}
+           "dot-factored-64": (32, 32, 64, 4, 1, 1, 8, False, False, True),
+           "dot-swap": (16, 16, 32, 4, 1, 1, 8, *[False] * 6, True),
+           "dot-swap-gather": (16, 16, 64, 4, 1, 1, 8, *[False] * 6, True),
+           "dot-swap-64": (32, 64, 64, 4, 1, 1, 8, *[False] * 6, True),
+           "dot-swap-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 3,
+                                 True),
+           "dot-swap-words": (32, 32, 64, 4, 1, 1, 8, *[False] * 3, True, False, False, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -294,6 +302,9 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
     for dtype in (torch.float16, torch.float32):  # factored, with and without bias
         interp(check_linear, dtype, M, 40, 512, bits, group, dtype == torch.float16,
                (16, 16, 64, 4, 1, 2, 8, False, False, True))
+        for factored in (False, True):  # transposed tiles (swap), float32: IEEE products
+            interp(check_linear, dtype, M, 40, 512, bits, group, dtype == torch.float32,
+                   (16, 16, 64, 4, 1, 2, 8, False, False, factored, *[False] * 4, True))
 
 
 def check_bias_dtype() -> None:
@@ -368,7 +379,8 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
     """The opt-in launches at 8B shapes: one row with 32 K splits summed in the kernel
     (fixup) or on dp4a with x as digit planes (digits), 2-4 rows factored
     (kiln.kernels.int_gemv_rows), and tl.dot tiles with the scales applied to each K step's
-    product (factored), in the tiles int_gemv_bench / int_batch_bench launch."""
+    product (factored), on x's digit planes (digits) or transposed (swap), in the tiles
+    int_gemv_bench / int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -388,6 +400,10 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
         launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
                                                 split_k=2, digits=True))
                      for M in (4, 16, 64) for bn in (32, 64)]  # int8 tl.dot on the digits
+        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, bk, 4, 3, split_k=4,
+                                                factored=factored, swap=True))
+                     for M in (4, 16, 64) for bn, bk in ((128, 128), (64, 64))
+                     for factored in (False, True)]  # transposed tiles
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

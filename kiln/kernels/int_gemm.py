@@ -72,6 +72,15 @@ def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, K, G, stride_wn, stride_sn,
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with float32 sums (acc None: none; IEEE: float32 inputs in full
+    float32, not TF32)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
                  stride_wn, stride_sn, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  IEEE: tl.constexpr):
@@ -97,34 +106,33 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
     x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], HALF, 2)))
     low = low.to(x_even.dtype)
     high = high.to(x_even.dtype)
-    if IEEE:
-        acc = tl.dot(x_even, tl.trans(low), acc, input_precision="ieee")
-        acc = tl.dot(x_odd, tl.trans(high), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(x_even, tl.trans(low), acc)
-        acc = tl.dot(x_odd, tl.trans(high), acc)
-    return acc
+    return _dot(x_odd, tl.trans(high), _dot(x_even, tl.trans(low), acc, IEEE), IEEE)
 
 
 @triton.jit
 def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
                   stride_wn, stride_sn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                  HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr):
+                  HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False):
     """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for a K step in one group:
-    (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype)."""
+    (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype). SWAP: acc is the
+    transposed [BLOCK_N, BLOCK_M] tile, q the left operand (see _gemm_kernel)."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
                 other=0.0)
     q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS).to(x.dtype)
-    if IEEE:
-        part = tl.dot(x, tl.trans(q), input_precision="ieee")
-    else:
-        part = tl.dot(x, tl.trans(q))
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
-    acc += part * tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
+    scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)
+    if SWAP:
+        acc += _dot(q, tl.trans(x), None, IEEE) * scale[:, None]
+    else:
+        acc += _dot(x, tl.trans(q), None, IEEE) * scale[None, :]
     if HAS_OFFSET:
         x_sum = tl.sum(x.to(tl.float32), axis=1)
-        acc += x_sum[:, None] * tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[None, :]
+        offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
+        if SWAP:
+            acc += offset[:, None] * x_sum[None, :]
+        else:
+            acc += x_sum[:, None] * offset[None, :]
     return acc
 
 
@@ -136,7 +144,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  HAS_BIAS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr,
                  SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False,
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
-                 EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False):
+                 EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False,
+                 SWAP: tl.constexpr = False):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -152,10 +161,18 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     instructions a weight).
     FACTORED (GROUP_TILE): the integers q multiplied as they are (exact in x's dtype), the
     scale and offset applied to each K step's [BLOCK_M, BLOCK_N] product instead of to
-    every weight: s (x . q) + o sum(x), the one-row GEMV's factoring."""
+    every weight: s (x . q) + o sum(x), the one-row GEMV's factoring.
+    SWAP (not with NIBBLE_DOTS): the tile computed transposed, out^T = w x^T, so the weight
+    tile (dequantized or factored q, made in registers) is tl.dot's left operand, which
+    Hopper's wgmma reads from registers, and the few rows of x its right one (wgmma's N:
+    8-256, so 16-row tiles use wgmma too); otherwise the weight tile is written to shared
+    memory first. BLOCK_N a multiple of 64 for wgmma."""
     tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_len = K // SPLIT_K if SPLIT_K > 1 else K
     k_start = tl.program_id(1) * k_len
     for k in range(k_start, k_start + k_len, BLOCK_K):
@@ -164,7 +181,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                                G, stride_wn, stride_sn, BLOCK_K, HAS_OFFSET, IEEE)
         elif FACTORED:
             acc = _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k,
-                                K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE)
+                                K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE,
+                                SWAP)
         else:
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :],
@@ -176,10 +194,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                 w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn,
                                   mask_n, BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
             w = w.to(x_ptr.dtype.element_ty)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            if SWAP:
+                acc = _dot(w, tl.trans(x), acc, IEEE)
             else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                acc = _dot(x, tl.trans(w), acc, IEEE)
+    if SWAP:
+        acc = tl.trans(acc)
     finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_n, mask_m,
                 mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
@@ -300,14 +320,14 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                       split_k_counters(x.device, tiles)) if split > 1 else (out, out)
     # int4 as 32-bit words, values read in place (IntGemmConfig.words)
     in_words = cfg.words and bits == 4 and words and group_tile and block_k >= 32
+    nibbles = cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32 and not in_words
     _gemm_kernel[(tiles, split)](
         x, weight.view(torch.int32) if in_words else weight, scale, o, b, out, part,
         counters, M, N, K, G, x.stride(0), weight.stride(0) // (4 if in_words else 1),
         scale.stride(0), out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
-        NIBBLE_DOTS=cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32 and
-        not in_words, WORDS=in_words,
+        NIBBLE_DOTS=nibbles, WORDS=in_words,
         EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
         FACTORED=cfg.factored and group_tile and not in_words and not cfg.nibble_dots,
-        **common)
+        SWAP=cfg.swap and not nibbles, **common)
     return out

@@ -30,6 +30,7 @@ class IntGemmConfig:
     words: bool = False  # int4 tl.dot tiles: 32-bit words, values read in place
     fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
     digits: bool = False  # x as digit planes: GEMV on dp4a, tiles on int8 tl.dot
+    swap: bool = False  # tiles: out^T = w x^T, the weight tile wgmma's register operand
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
@@ -40,8 +41,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored[,digits]]]]". KILN_INT_DIGITS=1: the default launches with x as digit planes
-    (IntGemmConfig.digits; beyond where they are the default, see below).
+    factored[,digits[,swap]]]]]". KILN_INT_DIGITS=1: the default launches with x as digit
+    planes (IntGemmConfig.digits; beyond where they are the default, see below).
+    KILN_INT_SWAP=1: decode-batch tiles computed transposed (IntGemmConfig.swap) where the
+    float tiles are the default (int4, grouped int8): opt-in until timed on a GPU.
     """
     digits = os.environ.get("KILN_INT_DIGITS") == "1"
     if M == 1:
@@ -75,10 +78,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored, digits = (bool(v) for v in [*flags, 0, 0, 0, 0][:4])
+        nibbles, words, factored, digits, swap = (bool(v) for v in [*flags, 0, 0, 0, 0, 0][:5])
         return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
                              split_k=split, nibble_dots=nibbles, words=words,
-                             factored=factored, digits=digits)
+                             factored=factored, digits=digits, swap=swap)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth and
         # sixteenth sessions; the launches before in brackets).
@@ -94,6 +97,12 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             else:
                 block_n, block_k, split = 64 if N > 4096 else 32, 128 if N > 8192 else 256, 1
             return IntGemmConfig(block_m, block_n, block_k, 4, 3, split_k=split, digits=True)
+        if os.environ.get("KILN_INT_SWAP") == "1":
+            # the weight tile wgmma's register operand: 128 wide (two wgmma row blocks), K
+            # in 4 splits where N is small (the 8B's qkv: 48 column blocks), else 2
+            split = 4 if N <= 8192 else 2
+            return IntGemmConfig(block_m, 128, 128, 4, 3, split_k=split, factored=bits == 8,
+                                 swap=True)
         # 2-16 rows: int4 16 x 32 x 128, 152 us at 4 and 16 rows (1,136 at 4 rows: the
         # split-K GEMV; 176.5 at 16); int8 (grouped, or per channel where N <= 8192) 16 x
         # 32 x 256 factored (scales after each K step's dot: _factored_dot). 17-32 rows:
