@@ -156,17 +156,20 @@ def test_cli_bad_group_size_is_one_line(tiny_checkpoints, tmp_path):
 # ---- GPU --------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quantization, group, digits", [
-    ("int4_wo", 32, False), ("int8_wo", 0, False), ("int8_sq", 0, False),
-    ("int4_wo", 32, True), ("int8_wo", 0, True)])
-def test_gpu_engine_matches_the_cpu_engine(quantization, group, digits, tiny_checkpoints,
+@pytest.mark.parametrize("quantization, group, switch", [
+    ("int4_wo", 32, None), ("int8_wo", 0, None), ("int8_sq", 0, None),
+    ("int4_wo", 32, "KILN_INT_DIGITS"), ("int8_wo", 0, "KILN_INT_DIGITS"),
+    ("int4_wo", 32, "KILN_INT_SWAP"), ("int8_wo", 0, "KILN_INT_SWAP")])
+def test_gpu_engine_matches_the_cpu_engine(quantization, group, switch, tiny_checkpoints,
                                            tmp_path, monkeypatch):
     """The same float32 engine dir on both devices: Triton int GEMMs (GEMV and tl.dot
-    paths, in CUDA graphs for decode; digits: KILN_INT_DIGITS=1, the integer products on
-    x's digit planes) / torch._int_mm against the CPU reference."""
+    paths, in CUDA graphs for decode; KILN_INT_DIGITS=1: the integer products on x's digit
+    planes; KILN_INT_SWAP=1: decode-batch tiles transposed) / torch._int_mm against the
+    CPU reference."""
     from kiln import SamplingParams
 
-    monkeypatch.setenv("KILN_INT_DIGITS", "1" if digits else "0")
+    for name in ("KILN_INT_DIGITS", "KILN_INT_SWAP"):
+        monkeypatch.setenv(name, "1" if name == switch else "0")
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="float32", max_seq_len=256, quantization=quantization, group_size=group),
