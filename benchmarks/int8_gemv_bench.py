@@ -1,8 +1,8 @@
 """W8A8 (SmoothQuant) products of a few rows at Llama-3.1-8B shapes, on a GPU: torch._int_mm
 with the rows padded to 17 (what int8_linear runs by default) against the dp4a kernel
 (kiln/kernels/int8_gemv.py, KILN_INT8_GEMV=1) over a grid of launches (block_n, block_w
-words a step, K splits, warps), microseconds a call in a CUDA graph with the weight read
-from HBM (int_gemv_bench's copies), and bf16 cuBLAS at the same rows for scale.
+words a step, K splits, warps, loop stages), microseconds a call in a CUDA graph with the
+weight read from HBM (int_gemv_bench's copies), and bf16 cuBLAS at the same rows for scale.
 
     python benchmarks/int8_gemv_bench.py OUT.json [--rows 1,4,16]
 """
@@ -16,9 +16,11 @@ import torch
 
 from benchmarks.int_gemv_bench import SHAPES, n_copies, timed
 
-# (block_n, block_w, split_k (0: kiln's choice), warps)
+# (block_n, block_w, split_k (0: kiln's choice), warps[, loop stages: the K loop
+# software-pipelined, KILN_INT_PIPELINE's])
 LAUNCHES = [(64, 32, 0, 4), (32, 64, 0, 4), (64, 32, 8, 4), (64, 32, 16, 4), (128, 16, 8, 4),
-            (32, 32, 16, 4), (64, 64, 8, 8), (16, 64, 8, 2)]
+            (32, 32, 16, 4), (64, 64, 8, 8), (16, 64, 8, 2), (64, 32, 0, 4, 3), (64, 32, 0, 4, 4),
+            (64, 32, 8, 4, 3), (32, 64, 8, 4, 3), (64, 64, 8, 8, 3)]
 
 
 def main() -> None:
@@ -42,12 +44,13 @@ def main() -> None:
             rows = [("bf16 cublas", timed([lambda a=x16, w=w: a @ w.T for w in w16s])),
                     ("int_mm (17 rows)", timed([lambda a=padded, w=w: torch._int_mm(a, w.t())
                                                 for w in copies]))]
-            for bn, bw, split, warps in LAUNCHES:
-                got = int8_gemv.int8_gemv(x, copies[0], bn, bw, split, warps)
-                assert torch.equal(got, want), (name, M, bn, bw, split)
-                rows.append((f"dp4a {bn},{bw},{split},{warps}", timed(
-                    [lambda w=w: int8_gemv.int8_gemv(x, w, bn, bw, split, warps)  # noqa: B023
-                     for w in copies])))
+            for bn, bw, split, warps, *stages in LAUNCHES:
+                ls = stages[0] if stages else 1
+                got = int8_gemv.int8_gemv(x, copies[0], bn, bw, split, warps, ls)
+                assert torch.equal(got, want), (name, M, bn, bw, split, ls)
+                rows.append((f"dp4a {bn},{bw},{split},{warps},{ls}", timed(
+                    [lambda w=w, a=(bn, bw, split, warps, ls): int8_gemv.int8_gemv(
+                        x, w, *a) for w in copies])))  # noqa: B023
             for config, us in rows:
                 results.append(dict(M=M, shape=name, config=config, us=us,
                                     gbps=N * K / us / 1e3))

@@ -5,7 +5,8 @@ shape over a small grid of launch configs (block_n, block_k, split_k, warps, sta
 whether the next K step's loads are issued first: a sixth field 1; the scales applied
 once a word: a seventh; x read as one vector a word: an eighth; the K splits summed by
 the last one instead of float32 atomics: a ninth; integer dp4a products on x's digit
-planes: a tenth) and kiln's own choice ("auto").
+planes: a tenth; the K loop software-pipelined: an eleventh) and kiln's own choice
+("auto").
 
     python benchmarks/int_gemv_bench.py OUT.json
 """
@@ -109,11 +110,17 @@ def main() -> None:
             # splits, 2,048 programs), summed by atomics or by the last split
             configs += [f"{c},0,1,1,{fix}" for c in ("64,128,32,4,3", "32,256,16,4,3",
                                                      "64,128,64,4,3") for fix in (0, 1)]
+            # the K loop software-pipelined (an eleventh field: the words copied by cp.async
+            # stages - 1 steps ahead), factored with x as vectors, splits summed in the
+            # kernel or by atomics
+            configs += [f"{c},0,1,1,{fix},0,1" for c in (
+                "64,128,8,4,3", "64,128,8,4,4", "32,256,4,4,3", "32,256,4,4,4", "128,128,8,8,3",
+                "64,128,16,4,3", "64,256,8,4,3") for fix in (0, 1)]
             # integer dp4a products on x's three digit planes (kiln.kernels.int_gemv_digits,
-            # a tenth field: one more launch a call for the digits)
-            configs += [f"{c},0,0,0,0,1" for c in (
-                "64,128,8,4,3", "128,128,8,8,3", "64,128,16,4,3", "32,128,8,4,3",
-                "64,256,8,4,3", "64,128,4,4,3", "128,256,8,8,3")]
+            # a tenth field: one more launch a call for the digits; ~2x slower unpipelined,
+            # sixteenth session), plain and pipelined
+            configs += [f"{c},0,0,0,0,1,{p}" for c in ("64,128,8,4,3", "128,128,8,8,3")
+                        for p in (0, 1)]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

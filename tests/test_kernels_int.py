@@ -113,7 +113,8 @@ def check_functional_dispatch() -> None:
 # lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
 # and gathered scales ignore it), or read from 32-bit words in place (words; likewise), or
 # with the scales applied to each K step's product (factored; gathered scales ignore it);
-# each tl.dot tile also computed transposed, the weight the left operand (swap).
+# each tl.dot tile also computed transposed, the weight the left operand (swap); the
+# one-row GEMV's K loop software-pipelined (pipeline).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -124,6 +125,8 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
                                  True),
            "gemv-split3-fac-xvec-fixup": (0, 16, 32, 4, 1, 3, 8, False, False, True, True,
                                           False, True),
+           "gemv-split3-fac-xvec-fixup-pipe": (0, 16, 32, 4, 3, 3, 8, False, False, True, True,
+                                               False, True, False, False, True),
            "dot-gather": (16, 16, 64, 4, 1), "dot-tile": (32, 32, 32, 4, 1),
            "dot-nibbles": (16, 16, 32, 4, 1, 1, 8, False, True),
            "dot-nibbles-64": (32, 16, 64, 4, 1, 1, 8, False, True),
@@ -181,8 +184,9 @@ def test_factored_gemv_rows(interp, M) -> None:  # noqa: F811
 def check_digits(dtype: torch.dtype, bits: int, group: int, K: int, N: int) -> None:
     """The dp4a GEMV on x's digit planes: the path int_weight_linear takes for a digits
     config (the same bits as digits_gemv called directly), within the float bounds, K
-    split into 1 and 3 parts (the last one short of a whole step), with and without bias
-    and offsets; an x of zeros (scale 1) gives the bias."""
+    split into 1 and 3 parts (the last one short of a whole step; its loop
+    software-pipelined), with and without bias and offsets; an x of zeros (scale 1) gives
+    the bias."""
     from kiln.kernels import int_gemm, int_gemv_digits
 
     weight, scale, offset = _weight(N, K, bits, group)
@@ -193,10 +197,11 @@ def check_digits(dtype: torch.dtype, bits: int, group: int, K: int, N: int) -> N
         x = torch.randn(1, K).to(dtype)
         x[0, 3] = 40.0  # an outlier: the other values keep 24 bits below it
         bias = torch.randn(N).to(dtype) if split == 1 else None
-        cfg = int_gemm.IntGemmConfig(0, 16, 64, 4, 1, split_k=split, digits=True)
+        cfg = int_gemm.IntGemmConfig(0, 16, 64, 4, 3, split_k=split, digits=True,
+                                     pipeline=split == 3)
         y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
         direct = int_gemv_digits.digits_gemv(x, weight, scale, offset, bias, 16, 64 // (
-            128 // bits), split, 4, 1)
+            128 // bits), split, 4, 3, 3 if split == 3 else 1)
         assert torch.equal(y, direct)
         _check(f"digits {dtype} int{bits} g{group} K{K} split{split}", x, y, weight, scale,
                offset, bias)
@@ -379,8 +384,8 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
     """The opt-in launches at 8B shapes: one row with 32 K splits summed in the kernel
     (fixup) or on dp4a with x as digit planes (digits), 2-4 rows factored
     (kiln.kernels.int_gemv_rows), and tl.dot tiles with the scales applied to each K step's
-    product (factored), on x's digit planes (digits) or transposed (swap), in the tiles
-    int_gemv_bench / int_batch_bench launch."""
+    product (factored), on x's digit planes (digits) or transposed (swap), one-row K loops
+    software-pipelined (pipeline), in the tiles int_gemv_bench / int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -395,8 +400,13 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
         launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
                                                 split_k=2, factored=True))
                      for M in (4, 16, 64) for bn in (32, 64)]
-        launches += [(1, int_gemm.IntGemmConfig(0, bn, 128, warps, 3, split_k=8, digits=True))
-                     for bn, warps in ((64, 4), (128, 8))]  # dp4a on x's digit planes
+        launches += [(1, int_gemm.IntGemmConfig(0, bn, 128, warps, 3, split_k=8, digits=True,
+                                                pipeline=pipe))
+                     for bn, warps in ((64, 4), (128, 8))
+                     for pipe in (False, True)]  # dp4a on x's digit planes
+        launches += [(1, int_gemm.IntGemmConfig(0, bn, bk, 4, stages, split_k=8, factored=True,
+                                                xvec=True, fixup=True, pipeline=True))
+                     for bn, bk in ((64, 128), (32, 256)) for stages in (3, 4)]  # cp.async
         launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3,
                                                 split_k=2, digits=True))
                      for M in (4, 16, 64) for bn in (32, 64)]  # int8 tl.dot on the digits

@@ -72,7 +72,8 @@ def test_scale_epilogue(interp, M, N, dtype) -> None:  # noqa: F811
         interp(check_scale, M, N, dtype, with_bias)
 
 
-def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: int) -> None:
+def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: int,
+                    loop_stages: int = 1) -> None:
     from kiln.kernels import int8_gemv
 
     g = torch.Generator().manual_seed(M * N + K)
@@ -80,7 +81,7 @@ def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: i
     x[0, :4] = torch.tensor([-127, 127, -127, 127], dtype=torch.int8)  # extremes
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     w[0, :4] = torch.tensor([-127, -127, 127, 127], dtype=torch.int8)
-    got = int8_gemv.int8_gemv(x, w, block_n, block_w, split)
+    got = int8_gemv.int8_gemv(x, w, block_n, block_w, split, loop_stages=loop_stages)
     want = torch._int_mm(torch.nn.functional.pad(x, (0, 0, 0, 17 - M)), w.t())[:M] \
         if M <= 16 else torch._int_mm(x, w.t())
     assert got.dtype == torch.int32 and torch.equal(got, want)
@@ -89,10 +90,11 @@ def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: i
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int8_gemv_is_int_mm(interp, M) -> None:  # noqa: F811
     """Exactly torch._int_mm's int32 sums: N not a multiple of the block, K ending inside
-    a step, one split and several (int32 atomics)."""
+    a step, one split and several (int32 atomics), the K loop software-pipelined or not."""
     for N, K, block_n, block_w, split in ((40, 256, 16, 8, 1), (37, 1000, 16, 16, 3),
                                           (64, 4096, 32, 32, 0)):
         interp(check_int8_gemv, M, N, K, block_n, block_w, split)
+    interp(check_int8_gemv, M, 37, 1000, 16, 16, 3, 3)
 
 
 def test_compiles_for_hopper() -> None:
@@ -172,7 +174,8 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
         bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
         monkeypatch.setenv("KILN_INT8_GEMV", "0")
         want = KF.int8_linear(x, weight, w_scale, bias)
-        for mode in ("1", ""):
+        for mode, pipeline in (("1", "0"), ("", "0"), ("1", "1")):
             monkeypatch.setenv("KILN_INT8_GEMV", mode)
+            monkeypatch.setenv("KILN_INT_PIPELINE", pipeline)  # the K loop pipelined
             got = KF.int8_linear(x, weight, w_scale, bias)
             assert torch.equal(got, want), (mode, (got.float() - want.float()).abs().max())

@@ -29,6 +29,14 @@ def test_launch_overrides(monkeypatch) -> None:
     monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,0,0,0,1")
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, digits=True)
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,1,1,1,0,1")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pipeline=True)
+    monkeypatch.delenv("KILN_INT_GEMV1")
+    monkeypatch.setenv("KILN_INT_PIPELINE", "1")  # the default launch, pipelined
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pipeline=True)
+    monkeypatch.delenv("KILN_INT_PIPELINE")
     monkeypatch.setenv("KILN_INT_GEMVN", "64,128,8,4,3,1")
     assert int_gemm.int_gemm_config(3, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, factored=True)
@@ -307,6 +315,49 @@ def test_swap_tiles_compile_for_hopper() -> None:
 
     for bm, plain_bn in ((16, 32), (64, 64)):
         assert per_weight(bm, 128, True) < 0.8 * per_weight(bm, plain_bn, False)
+
+
+def test_pipelined_gemvs_compile_for_hopper() -> None:
+    """The one-row GEMVs' K loops software-pipelined (IntGemmConfig.pipeline,
+    KILN_INT_PIPELINE=1): with LOOP_STAGES 3 the weight words go through cp.async (Triton
+    pipelines loads on its own only where they feed tl.dot), without it none do; no stack
+    either way. The float GEMV at kiln's int4 and int8 launches, the SmoothQuant dp4a one
+    and the digit-plane one."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels import int8_gemv, int_gemm, int_gemv_digits
+    from kiln.kernels.compile_check import compile_sm90
+
+    K = N = 4096
+    kernels = []
+    for bits in (4, 8):
+        cfg = int_gemm.int_gemm_config(1, N, K, torch.device("cuda"), bits)
+        per = 32 // bits
+        kernels.append((int_gemm._gemv1_kernel, {
+            "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+            "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+            "N": N, "K": K, "G": 128, "stride_wn": K // per, "stride_sn": K // 128,
+            "W_PER_SPLIT": int_gemm.split_length(K, cfg.split_k, cfg.block_k) // per},
+            dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, BLOCK_N=cfg.block_n,
+                 BLOCK_K=cfg.block_k, ATOMIC=False, SPLIT_K=cfg.split_k, GROUPS=1,
+                 FACTORED=True, XVEC=True), cfg.num_warps))
+        kernels.append((int_gemv_digits._digits_gemv_kernel, {
+            "d_ptr": "*i32", "sx_ptr": "*fp32", "xs_ptr": "*fp32", "w_ptr": "*i32",
+            "s_ptr": "*fp32", "o_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+            "part_ptr": "*fp32", "count_ptr": "*i32", "N": N, "K": K, "G": 128,
+            "C_PER_SPLIT": 16, "PLANE_W": K // 4, "stride_wn": K * bits // 32,
+            "stride_sn": K // 128},
+            dict(BITS=bits, BLOCK_N=64, BLOCK_C=4, HAS_OFFSET=bits == 4, HAS_BIAS=True,
+                 SPLIT_K=8, INTERPRET=False, EVEN=True), 4))
+    kernels.append((int8_gemv._int8_gemv_kernel, {
+        "x_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*i32", "M": 3, "N": N, "W": K // 4,
+        "W_PER_SPLIT": 64, "stride_xm": K // 4, "stride_wn": K // 4, "stride_om": N},
+        dict(ROWS=1, BLOCK_N=64, BLOCK_W=32, ATOMIC=True, INTERPRET=False), 4))
+    for kernel, values, meta, warps in kernels:
+        for stages in (1, 3):
+            r = compile_sm90(kernel, values, dict(meta, LOOP_STAGES=stages), warps, 3,
+                             variant=f"loop-stages{stages}")
+            assert r.stack_bytes == 0 and (r.instructions["cp.async"] > 0) == (stages > 1), r
 
 
 def test_gemv_rows_compiles_for_hopper() -> None:

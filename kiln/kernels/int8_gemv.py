@@ -3,8 +3,9 @@ for the SmoothQuant linears (kiln.functional.int8_linear), without padding the r
 17 and on the CUDA cores: the weight and the quantized x are read as 32-bit words of four
 int8 values, and one `dp4a` instruction multiplies and sums a word pair into an int32
 accumulator. The sums are exact integers, so the result is _int_mm's to the bit and the
-same epilogue (kiln.kernels.int8_act.scale_int8_product) follows. Opt-in
-(KILN_INT8_GEMV=1) until timed. Under TRITON_INTERPRET the word products are computed with
+same epilogue (kiln.kernels.int8_act.scale_int8_product) follows. kiln's default for one
+row since the fifteenth session (67.7 vs 88.0 us a layer on an H200; KILN_INT8_GEMV=0/1
+forces _int_mm / this up to 16 rows). Under TRITON_INTERPRET the word products are computed with
 shifts and multiplies (the same integers)."""
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def _dot4(a, b, acc, INTERPRET: tl.constexpr):
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, W, W_PER_SPLIT, stride_xm, stride_wn,
                       stride_om, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_W: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr):
+                      BLOCK_W: tl.constexpr, ATOMIC: tl.constexpr, INTERPRET: tl.constexpr,
+                      LOOP_STAGES: tl.constexpr = 1):
     """out[:M, n block] (+)= sum over this split's words j of dot4(x[:M, j], w[n, j]); x_ptr
     and w_ptr the int8 data viewed as int32 words (W words a row, strides in words).
-    ATOMIC: out is zeroed and the splits add into it (int32 atomics: exact)."""
+    ATOMIC: out is zeroed and the splits add into it (int32 atomics: exact). LOOP_STAGES >
+    1: the loop's loads copied asynchronously that many steps ahead, less one."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -48,7 +51,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, W, W_PER_SPLIT, stride_xm, st
     acc = tl.zeros([ROWS, BLOCK_N, BLOCK_W], dtype=tl.int32)
     w_start = pid_k * W_PER_SPLIT
     w_end = tl.minimum(w_start + W_PER_SPLIT, W)
-    for w0 in range(w_start, w_end, BLOCK_W):
+    for w0 in tl.range(w_start, w_end, BLOCK_W, num_stages=LOOP_STAGES):
         offs_w = (w0 + tl.arange(0, BLOCK_W))[None, None, :]
         in_k = offs_w < w_end
         words = tl.load(w_rows + offs_w, mask=mask_n & in_k, other=0)
@@ -65,11 +68,15 @@ def _int8_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, W, W_PER_SPLIT, stride_xm, st
 
 
 def int8_gemv(x_q: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_w: int = 32,
-              split_k: int = 0, num_warps: int = 4) -> torch.Tensor:
+              split_k: int = 0, num_warps: int = 4, loop_stages: int = 0) -> torch.Tensor:
     """x_q int8 [M, K] (M <= MAX_ROWS) @ weight int8 [N, K]^T -> int32 [M, N], exactly
     torch._int_mm's sums. K a multiple of 4 (whole words), rows 4-byte aligned. split_k 0:
     16 K splits of at least 2 steps each (H200, 8B shapes, one row, 64 x 32 words: 67.7 us
-    a layer against 74-84 for fewer, deeper splits and 88.0 for _int_mm)."""
+    a layer against 74-84 for fewer, deeper splits and 88.0 for _int_mm). loop_stages > 1:
+    the K loop software-pipelined (0: 3 with KILN_INT_PIPELINE=1, opt-in until timed,
+    else 1)."""
+    if loop_stages <= 0:
+        loop_stages = 3 if os.environ.get("KILN_INT_PIPELINE") == "1" else 1
     M, K = x_q.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and K % 4 == 0 and x_q.stride(1) == 1 and weight.stride(1) == 1
@@ -84,5 +91,5 @@ def int8_gemv(x_q: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_
         x_q.view(torch.int32), weight.view(torch.int32), out, M, N, W, per_split,
         x_q.stride(0) // 4, weight.stride(0) // 4, out.stride(0),
         ROWS=max(1, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_W=block_w,
-        ATOMIC=atomic, INTERPRET=_INTERPRET, num_warps=num_warps)
+        ATOMIC=atomic, INTERPRET=_INTERPRET, LOOP_STAGES=loop_stages, num_warps=num_warps)
     return out

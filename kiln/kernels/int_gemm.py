@@ -276,7 +276,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if cfg.digits and cfg.block_m == 0 and M == 1 and words and digits_eligible(K, G, bits):
         return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
                            max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
-                           cfg.num_stages)
+                           cfg.num_stages, cfg.num_stages if cfg.pipeline else 1)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
@@ -293,6 +293,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             GROUPS=groups, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
             PREFETCH=cfg.prefetch, FACTORED=cfg.factored, XVEC=cfg.xvec,
             SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
+            LOOP_STAGES=cfg.num_stages if cfg.pipeline else 1,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
         return (out.to(x.dtype) if atomic else out).view(1, N)
     if word_gemv and cfg.factored:

@@ -265,7 +265,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
                   ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
                   PREFETCH: tl.constexpr = False, FACTORED: tl.constexpr = False,
                   XVEC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-                  INTERPRET: tl.constexpr = False):
+                  INTERPRET: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 1):
     """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
 
     The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
@@ -288,7 +288,11 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
     Splits of K (program_id 1) meet either by float32 atomics into a zeroed buffer
     (ATOMIC: the caller zeroes it and casts the sum, two more launches) or, SPLIT_K > 1,
     through split_k_fixup: the last split of a block sums the partials and stores the
-    result in out's dtype (one launch)."""
+    result in out's dtype (one launch).
+    LOOP_STAGES > 1: the K loop software-pipelined by Triton, each step's words (scales,
+    offsets) copied asynchronously (cp.async) LOOP_STAGES - 1 steps ahead into shared
+    memory; 1: loads into registers as the step needs them (the same SASS as a plain
+    range; Triton pipelines loads on its own only where they feed tl.dot)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -312,7 +316,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
         words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
                                            w_start, k_end, G, stride_wn, PER, WPG, GROUPS,
                                            HAS_OFFSET, EVEN_K)
-    for w0 in range(w_start, w_end, STEP):
+    for w0 in tl.range(w_start, w_end, STEP, num_stages=LOOP_STAGES):
         if PREFETCH:
             # EVEN_K: the last step reloads itself (cached) instead of masking every load
             w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP

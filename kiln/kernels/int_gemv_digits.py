@@ -143,10 +143,13 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
                         stride_sn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr, HAS_OFFSET: tl.constexpr,
                         HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                        INTERPRET: tl.constexpr, EVEN: tl.constexpr = False):
+                        INTERPRET: tl.constexpr, EVEN: tl.constexpr = False,
+                        LOOP_STAGES: tl.constexpr = 1):
     """out[n block] = x . dequant(w[n block]) for one row from x's digit planes (d_ptr as
     int32 words, PLANE_W words a plane); program_id(1) takes C_PER_SPLIT chunks of K
-    (whole steps of BLOCK_C chunks), the splits summed by split_k_fixup."""
+    (whole steps of BLOCK_C chunks), the splits summed by split_k_fixup. LOOP_STAGES > 1:
+    the loop's loads copied asynchronously that many steps ahead, less one (as
+    kiln.kernels.int_gemv._gemv1_kernel's)."""
     pid_n = tl.program_id(0)
     PER: tl.constexpr = 32 // BITS  # values a word
     CV: tl.constexpr = 4 * PER  # values a chunk
@@ -156,7 +159,7 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     c_start = tl.program_id(1) * C_PER_SPLIT
     c_end = tl.minimum(c_start + C_PER_SPLIT, K // CV)
-    for c0 in range(c_start, c_end, BLOCK_C):
+    for c0 in tl.range(c_start, c_end, BLOCK_C, num_stages=LOOP_STAGES):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < c_end
         words = _ld(w_ptr + rows * stride_wn + offs_c[None, :, None] * 4 +
@@ -217,10 +220,10 @@ def digits_eligible(K: int, G: int, bits: int) -> bool:
 def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int = 64,
                 block_c: int = 4, split_k: int = 8, num_warps: int = 4,
-                num_stages: int = 3) -> torch.Tensor:
+                num_stages: int = 3, loop_stages: int = 1) -> torch.Tensor:
     """x [1, K] (16/32-bit) @ dequant(weight)^T -> [1, N] in x's dtype (see the module
     doc; digits_eligible must hold). block_c: 4-word chunks a K step; split_k: programs
-    along K, each whole steps."""
+    along K, each whole steps; loop_stages > 1: the K loop software-pipelined."""
     K = x.shape[1]
     N = weight.shape[0]
     bits = 4 if weight.dtype == torch.uint8 else 8
@@ -240,6 +243,6 @@ def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         part, counters, N, K, G, per_split, K // 4, weight.stride(0) // 4, scale.stride(0),
         BITS=bits, BLOCK_N=block_n, BLOCK_C=block_c, HAS_OFFSET=offset is not None,
         HAS_BIAS=bias is not None, SPLIT_K=splits, INTERPRET=_INTERPRET,
-        EVEN=N % block_n == 0 and chunks == splits * per_split, num_warps=num_warps,
-        num_stages=num_stages)
+        EVEN=N % block_n == 0 and chunks == splits * per_split, LOOP_STAGES=loop_stages,
+        num_warps=num_warps, num_stages=num_stages)
     return out

@@ -31,29 +31,33 @@ class IntGemmConfig:
     fixup: bool = False  # one-row GEMV: K splits summed in the kernel (split_k_fixup)
     digits: bool = False  # x as digit planes: GEMV on dp4a, tiles on int8 tl.dot
     swap: bool = False  # tiles: out^T = w x^T, the weight tile wgmma's register operand
+    pipeline: bool = False  # one-row GEMV: loads cp.async num_stages - 1 steps ahead
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
                     group: int = 0) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight; group: its
-    quantization group along K, 0 or K per channel). Overrides for
-    benchmarks, one row: KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,
-    factored[,xvec[,fixup[,digits]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
+    quantization group along K, 0 or K per channel). Overrides for benchmarks, one row:
+    KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec[,fixup[,
+    digits[,pipeline]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
     factored[,digits[,swap]]]]]". KILN_INT_DIGITS=1: the default launches with x as digit
     planes (IntGemmConfig.digits; beyond where they are the default, see below).
     KILN_INT_SWAP=1: decode-batch tiles computed transposed (IntGemmConfig.swap) where the
-    float tiles are the default (int4, grouped int8): opt-in until timed on a GPU.
+    float tiles are the default (int4, grouped int8); KILN_INT_PIPELINE=1: one-row GEMVs
+    with their K loops software-pipelined (IntGemmConfig.pipeline; SmoothQuant's too):
+    opt-in until timed on a GPU.
     """
     digits = os.environ.get("KILN_INT_DIGITS") == "1"
     if M == 1:
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
             bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
-            pf, factored, xvec, fixup, digits = (bool(v) for v in [*flags, 0, 0, 0, 0, 0][:5])
+            pf, factored, xvec, fixup, digits, pipe = (bool(v) for v in [*flags, *[0] * 6][:6])
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
-                                 factored=factored, xvec=xvec, fixup=fixup, digits=digits)
+                                 factored=factored, xvec=xvec, fixup=fixup, digits=digits,
+                                 pipeline=pipe)
         # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth and
         # fifteenth sessions): scales applied once a word and x read as one vector a word
         # (factored, xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o
@@ -69,7 +73,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
                              factored=True, xvec=True, fixup=split > 1 and N <= 8192,
-                             digits=digits)
+                             digits=digits,
+                             pipeline=os.environ.get("KILN_INT_PIPELINE") == "1")
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
