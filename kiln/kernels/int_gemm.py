@@ -120,12 +120,16 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
                 other=0.0)
     q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS).to(x.dtype)
+    if SWAP:
+        part = _dot(q, tl.trans(x), None, IEEE)
+    else:
+        part = _dot(x, tl.trans(q), None, IEEE)
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
     scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)
     if SWAP:
-        acc += _dot(q, tl.trans(x), None, IEEE) * scale[:, None]
+        acc += part * scale[:, None]
     else:
-        acc += _dot(x, tl.trans(q), None, IEEE) * scale[None, :]
+        acc += part * scale[None, :]
     if HAS_OFFSET:
         x_sum = tl.sum(x.to(tl.float32), axis=1)
         offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
