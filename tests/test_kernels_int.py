@@ -279,6 +279,27 @@ def test_digits_tiles(interp, bits, group, K, M) -> None:  # noqa: F811
     interp(check_digits_tiles, bits, group, K, M)
 
 
+def check_digits_default_odd_k() -> None:
+    """int8 per channel from 17 rows takes the digit tiles by default; where K is not a
+    multiple of the launch's K step (SmolLM2's 576) the step halves until it is (64)."""
+    from kiln.kernels import int_gemm, int_gemm_digits
+
+    weight, scale, _ = _weight(40, 576, 8, 0)
+    x = torch.randn(20, 576).half()
+    cfg = int_gemm.int_gemm_config(20, 40, 576, x.device, 8, 576)
+    assert cfg.digits and cfg.block_k == 128, cfg
+    y = int_gemm.int_weight_linear(x, weight, scale)
+    want = int_gemm_digits.digits_tiles(x, weight, scale, None, None, cfg.block_m,
+                                        cfg.block_n, 64, cfg.split_k, cfg.num_warps,
+                                        cfg.num_stages)
+    assert torch.equal(y, want)
+    _check("digits default K576", x, y, weight, scale, None, None)
+
+
+def test_digits_default_odd_k(interp) -> None:  # noqa: F811
+    interp(check_digits_default_odd_k)
+
+
 def test_digits_tiles_eligibility() -> None:
     """Each int8 tl.dot of the digit tiles is >= 32 deep on a GPU (Triton's least): int4
     (half a K step a product) needs steps of 64, so int4 in groups of 32 takes the float

@@ -263,6 +263,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m:
         block_k = group_step(G, block_k)
+        while cfg.digits and block_k > 32 and (K % block_k or G % block_k):
+            block_k //= 2  # digit tiles take whole K steps (e.g. K 576: steps of 64)
     group_tile = G % block_k == 0
     common = dict(BITS=bits, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                   GROUP_TILE=group_tile, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
