@@ -56,7 +56,7 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
     quantize_fp8_per_token,
     quantize_fp8_static,
 )
-from kiln.kernels.split_k import split_k_counters, split_k_fixup
+from kiln.kernels.split_k import grouped_tile, split_k_counters, split_k_fixup
 
 # ---- GEMM -----------------------------------------------------------------------------
 
@@ -114,12 +114,8 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
     if GROUP_M == 1:
         pid_m = pid % num_m
         pid_n = pid // num_m
-    else:  # groups of GROUP_M row tiles walk the columns together (L2 reuse of w)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+    else:
+        pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N

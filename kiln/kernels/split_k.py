@@ -60,17 +60,22 @@ def split_k_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 
 @triton.jit
-def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The tile of program_id(0) (GROUP_M row tiles walk the columns together: L2 reuse of
-    the weight): its index, its row and column offsets and their masks."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of tile pid: groups of GROUP_M row tiles walk the columns
+    together (L2 reuse of the weight)."""
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+@triton.jit
+def tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The tile of program_id(0) (grouped_tile's order): its index, its row and column
+    offsets and their masks."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return pid_m * num_n + pid_n, offs_m, offs_n, offs_m < M, offs_n < N
