@@ -104,7 +104,8 @@ def check_functional_dispatch() -> None:
 
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
-# prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap): GEMV without and with
+# prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap, pipeline, magic): GEMV
+# without and with
 # split-K
 # (atomics, or for one row the partials summed by the last split: fixup; the splits end
 # inside K), each also with the next K step's loads issued first (prefetch)
@@ -114,7 +115,9 @@ def check_functional_dispatch() -> None:
 # and gathered scales ignore it), or read from 32-bit words in place (words; likewise), or
 # with the scales applied to each K step's product (factored; gathered scales ignore it);
 # each tl.dot tile also computed transposed, the weight the left operand (swap); the
-# one-row GEMV's K loop software-pipelined (pipeline).
+# one-row GEMV's K loop software-pipelined (pipeline); int4 tiles unpacked by bit
+# operations into 16-bit floats 2^7 + q (bf16) or 2^10 + q (fp16) (magic; float32 x and
+# int8 ignore it).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -134,12 +137,15 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "dot-words-64": (32, 32, 64, 4, 1, 1, 8, False, False, False, False, True),
            "dot-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True),
            "dot-factored-64": (32, 32, 64, 4, 1, 1, 8, False, False, True),
-           "dot-swap": (16, 16, 32, 4, 1, 1, 8, *[False] * 6, True),
-           "dot-swap-gather": (16, 16, 64, 4, 1, 1, 8, *[False] * 6, True),
-           "dot-swap-64": (32, 64, 64, 4, 1, 1, 8, *[False] * 6, True),
-           "dot-swap-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 3,
+           "dot-swap": (16, 16, 32, 4, 1, 1, 8, *[False] * 7, True),
+           "dot-swap-gather": (16, 16, 64, 4, 1, 1, 8, *[False] * 7, True),
+           "dot-swap-64": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True),
+           "dot-swap-factored": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 4,
                                  True),
-           "dot-swap-words": (32, 32, 64, 4, 1, 1, 8, *[False] * 3, True, False, False, True)}
+           "dot-swap-words": (32, 32, 64, 4, 1, 1, 8, *[False] * 4, True, False, False, True),
+           "dot-magic": (16, 16, 32, 4, 1, 1, 8, *[False] * 9, True),
+           "dot-magic-gather": (16, 16, 64, 4, 1, 1, 8, *[False] * 9, True),
+           "dot-swap-magic": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True, False, True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -405,8 +411,9 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
     """The opt-in launches at 8B shapes: one row with 32 K splits summed in the kernel
     (fixup) or on dp4a with x as digit planes (digits), 2-4 rows factored
     (kiln.kernels.int_gemv_rows), and tl.dot tiles with the scales applied to each K step's
-    product (factored), on x's digit planes (digits) or transposed (swap), one-row K loops
-    software-pipelined (pipeline), in the tiles int_gemv_bench / int_batch_bench launch."""
+    product (factored), on x's digit planes (digits) or transposed (swap), int4 unpacked by
+    bit operations (magic, bfloat16 x), one-row K loops software-pipelined (pipeline), in
+    the tiles int_gemv_bench / int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -435,6 +442,10 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
                                                 factored=factored, swap=True))
                      for M in (4, 16, 64) for bn, bk in ((128, 128), (64, 64))
                      for factored in (False, True)]  # transposed tiles
+        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), bn, 128, 4, 3, split_k=2,
+                                                swap=swap, magic=True))
+                     for M in (1, 4, 16, 64) for bn, swap in ((32, False), (64, False),
+                                                               (128, True))]  # bit-op int4
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

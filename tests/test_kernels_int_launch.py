@@ -55,7 +55,7 @@ def test_launch_overrides(monkeypatch) -> None:
         16, 128, 128, 4, 3, split_k=2, swap=True)
     monkeypatch.delenv("KILN_INT_TILES")
     monkeypatch.setenv("KILN_INT_SWAP", "1")  # the transposed tiles' A/B switch
-    assert int_gemm.int_gemm_config(5, 28672, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+    assert int_gemm.int_gemm_config(5, 28672, 4096, cpu, 4, 32) == int_gemm.IntGemmConfig(
         16, 128, 128, 4, 3, split_k=2, swap=True)
     assert int_gemm.int_gemm_config(40, 4096, 4096, cpu, 8, 32) == int_gemm.IntGemmConfig(
         64, 128, 128, 4, 3, split_k=4, factored=True, swap=True)
@@ -85,11 +85,23 @@ def test_int_gemm_default_launches() -> None:
     # 2-16 rows: 16-row tiles, not the GEMV (6.7x slower at 4 rows, fifteenth session)
     # (int4: one K split where the tiles are many; int8 scales after each step's dot)
     for M in (2, 4, 16):
-        assert cfg(M, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
+        assert cfg(M, 4096, 4096, cuda, 4, 32) == int_gemm.IntGemmConfig(
             16, 32, 128, 4, 3, split_k=2)
         assert cfg(M, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
             16, 32, 256, 4, 3, split_k=2, factored=True)
-    assert cfg(3, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
+    assert cfg(3, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
+    # int4 in groups of 128 (or per channel), 2-64 rows: transposed tiles unpacked by bit
+    # operations (seventeenth session), KILN_INT_MAGIC=0 the float tiles above
+    for M, block_m in ((2, 16), (16, 16), (24, 32), (64, 64)):
+        for N, K, group in ((28672, 4096, 128), (4096, 14336, 0), (6144, 4096, 4096)):
+            assert cfg(M, N, K, cuda, 4, group) == int_gemm.IntGemmConfig(
+                block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
+    os.environ["KILN_INT_MAGIC"] = "0"
+    try:
+        assert cfg(4, 4096, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(
+            16, 32, 128, 4, 3, split_k=2)
+    finally:
+        del os.environ["KILN_INT_MAGIC"]
     # int8 per channel: integer tensor cores on x's digit planes (sixteenth session) at
     # gate_up's N up to 16 rows, everywhere from 17 rows; one split but where N is small
     # at 17-32 rows
@@ -110,9 +122,12 @@ def test_int_gemm_default_launches() -> None:
     assert cfg(40, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         64, 64, 128, 4, 3, split_k=2, factored=True)
     assert not cfg(4, 28672, 4096, cuda, 4).digits and not cfg(40, 28672, 4096, cuda, 4).digits
-    assert cfg(64, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(64, 32, 128, 4, 3, split_k=2)
-    assert cfg(64, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2)
-    assert cfg(24, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(32, 64, 128, 4, 3, split_k=2)
+    assert cfg(64, 4096, 14336, cuda, 4, 32) == int_gemm.IntGemmConfig(
+        64, 32, 128, 4, 3, split_k=2)
+    assert cfg(64, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(
+        64, 64, 128, 4, 3, split_k=2)
+    assert cfg(24, 4096, 4096, cuda, 4, 32) == int_gemm.IntGemmConfig(
+        32, 64, 128, 4, 3, split_k=2)
     assert cfg(24, 4096, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         32, 64, 128, 8, 3, split_k=2)
     assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split

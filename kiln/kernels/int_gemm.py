@@ -45,6 +45,7 @@ from kiln.kernels.int_gemv import (
     _gemv1_kernel,
     _gemv_kernel,
     _int_tile,
+    _magic_nibbles,
     _unpack_nibbles,
 )
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
@@ -112,27 +113,43 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
 @triton.jit
 def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
                   stride_wn, stride_sn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                  HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False):
+                  HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False,
+                  MAGIC: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
     """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for a K step in one group:
     (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype). SWAP: acc is the
-    transposed [BLOCK_N, BLOCK_M] tile, q the left operand (see _gemm_kernel)."""
+    transposed [BLOCK_N, BLOCK_M] tile, q the left operand (see _gemm_kernel). MAGIC (int4;
+    1: x bfloat16, 2: float16): q is read as BASE + q by bit operations (_magic_nibbles,
+    BASE 128 or 1024), and the BASE sum(x) s its products carry comes off with the offset
+    term."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
                 other=0.0)
-    q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS).to(x.dtype)
+    if MAGIC:
+        offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_p[None, :],
+                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
+        low, high = _magic_nibbles(packed, MAGIC == 2, INTERPRET)
+        q = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
+    else:
+        q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS).to(x.dtype)
     if SWAP:
         part = _dot(q, tl.trans(x), None, IEEE)
     else:
         part = _dot(x, tl.trans(q), None, IEEE)
+    if HAS_OFFSET or MAGIC:
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
     scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)
     if SWAP:
         acc += part * scale[:, None]
     else:
         acc += part * scale[None, :]
-    if HAS_OFFSET:
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
+    if HAS_OFFSET or MAGIC:
+        offset = tl.zeros(scale.shape, dtype=tl.float32)
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
+        if MAGIC:
+            offset -= (1024.0 if MAGIC == 2 else 128.0) * scale
         if SWAP:
             acc += offset[:, None] * x_sum[None, :]
         else:
@@ -149,7 +166,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False,
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
                  EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False,
-                 SWAP: tl.constexpr = False):
+                 SWAP: tl.constexpr = False, MAGIC: tl.constexpr = 0):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -186,7 +203,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
         elif FACTORED:
             acc = _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k,
                                 K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE,
-                                SWAP)
+                                SWAP, MAGIC, INTERPRET)
         else:
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :],
@@ -328,6 +345,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     # int4 as 32-bit words, values read in place (IntGemmConfig.words)
     in_words = cfg.words and bits == 4 and words and group_tile and block_k >= 32
     nibbles = cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32 and not in_words
+    # int4 unpacked by bit operations into 16-bit floats (IntGemmConfig.magic)
+    magic = (2 if x.dtype == torch.float16 else 1) if cfg.magic and bits == 4 and \
+        group_tile and not in_words and not nibbles and x.dtype != torch.float32 else 0
     _gemm_kernel[(tiles, split)](
         x, weight.view(torch.int32) if in_words else weight, scale, o, b, out, part,
         counters, M, N, K, G, x.stride(0), weight.stride(0) // (4 if in_words else 1),
@@ -335,6 +355,6 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
         NIBBLE_DOTS=nibbles, WORDS=in_words,
         EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
-        FACTORED=cfg.factored and group_tile and not in_words and not cfg.nibble_dots,
-        SWAP=cfg.swap and not nibbles, **common)
+        FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
+        SWAP=cfg.swap and not nibbles, MAGIC=magic, **common)
     return out

@@ -32,6 +32,7 @@ class IntGemmConfig:
     digits: bool = False  # x as digit planes: GEMV on dp4a, tiles on int8 tl.dot
     swap: bool = False  # tiles: out^T = w x^T, the weight tile wgmma's register operand
     pipeline: bool = False  # one-row GEMV: loads cp.async num_stages - 1 steps ahead
+    magic: bool = False  # int4 tiles, 16-bit x: nibbles to 2^7 + q (bf16) by bit operations
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
@@ -42,10 +43,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     digits[,pipeline]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored[,digits[,swap]]]]]". KILN_INT_DIGITS=1: the default launches with x as digit
+    factored[,digits[,swap[,magic]]]]]]". KILN_INT_DIGITS=1: the default launches with x as digit
     planes (IntGemmConfig.digits; beyond where they are the default, see below).
     KILN_INT_SWAP=1: decode-batch tiles computed transposed (IntGemmConfig.swap) where the
-    float tiles are the default (int4, grouped int8); KILN_INT_PIPELINE=1: one-row GEMVs
+    float tiles are the default (grouped int8; int4 in groups of 32 or 64); KILN_INT_MAGIC=0:
+    int4 in groups of 128 back on the float tiles; KILN_INT_PIPELINE=1: one-row GEMVs
     with their K loops software-pipelined (IntGemmConfig.pipeline; SmoothQuant's too):
     opt-in until timed on a GPU.
     """
@@ -83,10 +85,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored, digits, swap = (bool(v) for v in [*flags, 0, 0, 0, 0, 0][:5])
+        nibbles, words, factored, digits, swap, magic = (
+            bool(v) for v in [*flags, *[0] * 6][:6])
         return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
                              split_k=split, nibble_dots=nibbles, words=words,
-                             factored=factored, digits=digits, swap=swap)
+                             factored=factored, digits=digits, swap=swap, magic=magic)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth and
         # sixteenth sessions; the launches before in brackets).
@@ -102,6 +105,13 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             else:
                 block_n, block_k, split = 64 if N > 4096 else 32, 128 if N > 8192 else 256, 1
             return IntGemmConfig(block_m, block_n, block_k, 4, 3, split_k=split, digits=True)
+        if bits == 4 and group % 128 == 0 and not digits and \
+                os.environ.get("KILN_INT_MAGIC") != "0":
+            # int4 in groups of 128 (or more): the tile transposed (the weight wgmma's
+            # register operand) and unpacked by bit operations (magic): a layer at 4 / 16 /
+            # 64 rows 125 / 126 / 190 us against 147 / 147 / 222 for the float tiles
+            # (seventeenth session; bf16 cuBLAS 113 / 116 / 125)
+            return IntGemmConfig(block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
         if os.environ.get("KILN_INT_SWAP") == "1":
             # the weight tile wgmma's register operand: 128 wide (two wgmma row blocks), K
             # in 4 splits where N is small (the 8B's qkv: 48 column blocks), else 2
