@@ -96,6 +96,9 @@ def test_int_gemm_default_launches() -> None:
         for N, K, group in ((28672, 4096, 128), (4096, 14336, 0), (6144, 4096, 4096)):
             assert cfg(M, N, K, cuda, 4, group) == int_gemm.IntGemmConfig(
                 block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
+    # float16 x (its 2^10 + q variant has not run on a GPU): the float tiles
+    assert cfg(4, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
+        16, 32, 128, 4, 3, split_k=2)
     os.environ["KILN_INT_MAGIC"] = "0"
     try:
         assert cfg(4, 4096, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(

@@ -276,7 +276,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    cfg = config or int_gemm_config(M, N, K, x.device, bits, G)
+    cfg = config or int_gemm_config(M, N, K, x.device, bits, G, x.dtype)
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m:
         block_k = group_step(G, block_k)

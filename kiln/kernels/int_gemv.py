@@ -48,14 +48,18 @@ def _magic_nibbles(packed, FP16: tl.constexpr, INTERPRET: tl.constexpr):
     if INTERPRET:
         low, high = _unpack_nibbles(packed.to(tl.int32))
         if FP16:
-            return (low + 1024.0).to(tl.float16), (high + 1024.0).to(tl.float16)
-        return (low + 128.0).to(tl.bfloat16), (high + 128.0).to(tl.bfloat16)
-    if FP16:
-        return tl.inline_asm_elementwise(_MAGIC_FP16, "=r,=r,=r,=r,r", [packed],
-                                         dtype=(tl.float16, tl.float16), is_pure=True,
-                                         pack=4)
-    return tl.inline_asm_elementwise(_MAGIC_BF16, "=r,=r,=r,=r,r", [packed],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            low, high = (low + 1024.0).to(tl.float16), (high + 1024.0).to(tl.float16)
+        else:
+            low, high = (low + 128.0).to(tl.bfloat16), (high + 128.0).to(tl.bfloat16)
+    elif FP16:  # (one return: a return inside a compile-time branch does not end it)
+        low, high = tl.inline_asm_elementwise(_MAGIC_FP16, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.float16, tl.float16), is_pure=True,
+                                              pack=4)
+    else:
+        low, high = tl.inline_asm_elementwise(_MAGIC_BF16, "=r,=r,=r,=r,r", [packed],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                              pack=4)
+    return low, high
 
 
 @triton.jit

@@ -36,9 +36,10 @@ class IntGemmConfig:
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
-                    group: int = 0) -> IntGemmConfig:
+                    group: int = 0, dtype: torch.dtype | None = None) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight; group: its
-    quantization group along K, 0 or K per channel). Overrides for benchmarks, one row:
+    quantization group along K, 0 or K per channel; dtype: x's, None for bfloat16).
+    Overrides for benchmarks, one row:
     KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec[,fixup[,
     digits[,pipeline]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
@@ -105,12 +106,13 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             else:
                 block_n, block_k, split = 64 if N > 4096 else 32, 128 if N > 8192 else 256, 1
             return IntGemmConfig(block_m, block_n, block_k, 4, 3, split_k=split, digits=True)
-        if bits == 4 and group % 128 == 0 and not digits and \
-                os.environ.get("KILN_INT_MAGIC") != "0":
+        if bits == 4 and group % 128 == 0 and not digits and dtype in (None, torch.bfloat16) \
+                and os.environ.get("KILN_INT_MAGIC") != "0":
             # int4 in groups of 128 (or more): the tile transposed (the weight wgmma's
             # register operand) and unpacked by bit operations (magic): a layer at 4 / 16 /
             # 64 rows 125 / 126 / 190 us against 147 / 147 / 222 for the float tiles
-            # (seventeenth session; bf16 cuBLAS 113 / 116 / 125)
+            # (seventeenth session; bf16 cuBLAS 113 / 116 / 125). bfloat16 x only: the
+            # float16 variant (2^10 + q) compiles for sm_90 but has not run on a GPU
             return IntGemmConfig(block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
         if os.environ.get("KILN_INT_SWAP") == "1":
             # the weight tile wgmma's register operand: 128 wide (two wgmma row blocks), K
