@@ -98,6 +98,24 @@ for spec in $stages; do
              # against the dp4a kernel (KILN_INT8_GEMV=1) over its launches, vs bf16 cuBLAS
              $T python3 benchmarks/int8_gemv_bench.py "$OUT/int8_gemv.json" > "$OUT/int8_gemv.log" 2>&1
              tail -4 "$OUT/int8_gemv.log" ;;
+    ncu-int) # Nsight Compute (seen working on the device's Firecracker machines) on one call
+             # of kiln's int4 / int8 linears and bf16 cuBLAS at gate_up, 1 and 64 rows: time,
+             # DRAM throughput, instructions, occupancy and the warp stalls per issued
+             # instruction, i.e. whether issue, memory latency or occupancy bounds it
+             # (benchmarks/ncu_linear.py; the whole reports in $OUT)
+             M="smsp__inst_executed.sum,dram__bytes_read.sum"
+             for r in long_scoreboard short_scoreboard wait not_selected math_pipe_throttle \
+                      barrier mio_throttle lg_throttle no_instruction; do
+               M="$M,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
+             for v in "bf16 1" "int4 1" "int8 1" "bf16 64" "int4 64" "int8 64"; do
+               f="$OUT/ncu-${v// /-}$tag.txt"
+               $T ncu --clock-control none --profile-from-start off --kernel-name-base function \
+                 -k 'regex:^(_|nvjet|sm90|cutlass)' --section SpeedOfLight --section Occupancy \
+                 --section LaunchStats --section WarpStateStats --section SchedulerStats \
+                 --metrics "$M" python3 benchmarks/ncu_linear.py $v > "$f" 2>&1
+               echo "--- $v"; grep -E "^  [_a-z]|Duration|DRAM Throughput|Achieved Occupancy|No Eligible|inst_executed.sum|stalled_(long_scoreboard|wait|not_selected)" \
+                 "$f" | sed 's/  */ /g; s/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//'
+             done ;;
     attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,
              # tile order) at 4k / 8k / 16k causal, bf16 and fp8 caches, vs SDPA
              $T python3 benchmarks/attn_prefill_sweep.py "$OUT/attn_prefill_sweep.json" \

@@ -4,7 +4,8 @@ a GPU: microseconds a call inside a CUDA graph (weights cycled through copies, s
 from HBM), over a grid of launches (block_m, block_n, block_k, warps, stages, K splits,
 whether the scales are applied to each K step's product, `IntGemmConfig.factored`, or the
 product is integer on x's digit planes, `IntGemmConfig.digits`, or the tile computed
-transposed, `IntGemmConfig.swap`) and kiln's own choice
+transposed, `IntGemmConfig.swap`, int4 unpacked by bit operations, `IntGemmConfig.magic`)
+and kiln's own choice
 ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
 decode at up to 64 rows; this is where its time goes.
 
@@ -20,7 +21,8 @@ import torch
 
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
-# block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits[, swap]]]]
+# block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits[, swap[,
+# magic]]]]]
 # (block_m: the rows, 16 to 64): the defaults of the fifteenth session (16 x 32 x 128 x 2
 # splits up to 16 rows; at 64 rows 32 x 128 where N is small, else int4 64 x 128, int8 64
 # x 128 x 8 warps) and their neighbours, plain and factored (the scales applied to each K step's
@@ -46,7 +48,12 @@ LAUNCHES = [
     # a tenth field), plain and (int8 grouped only: int8 per channel takes the digits) factored
     *[(*t, *[False] * 4, True) for t in (
         (128, 128, 4, 3, 2), (128, 128, 4, 3, 4), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4),
-        (128, 64, 4, 4, 2), (128, 64, 4, 4, 4), (256, 64, 8, 3, 2), (128, 128, 8, 3, 2))]]
+        (128, 64, 4, 4, 2), (128, 64, 4, 4, 4), (256, 64, 8, 3, 2), (128, 128, 8, 3, 2))],
+    # transposed and int4 unpacked by bit operations (magic, an eleventh field; int4's
+    # default since the seventeenth session: 64 x 128, 2 splits) and their neighbours
+    *[(*t, *[False] * 4, True, True) for t in (
+        (64, 128, 4, 3, 1), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 64, 4, 3, 2),
+        (128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 256, 4, 3, 2))]]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
@@ -87,6 +94,7 @@ def main() -> None:
                     factored = bool(launch and len(launch) > 7 and launch[7])
                     digits = bool(launch and len(launch) > 8 and launch[8])
                     swap = bool(launch and len(launch) > 9 and launch[9])
+                    magic = bool(launch and len(launch) > 10 and launch[10])
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
                                                      split_k=launch[2], factored=launch[5])
@@ -96,7 +104,7 @@ def main() -> None:
                         cfg = launch and int_gemm.IntGemmConfig(
                             min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
                             split_k=launch[4], nibble_dots=launch[5], words=words,
-                            factored=factored, digits=digits, swap=swap)
+                            factored=factored, digits=digits, swap=swap, magic=magic)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()
