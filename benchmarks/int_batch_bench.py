@@ -22,7 +22,7 @@ import torch
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
 # block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits[, swap[,
-# magic]]]]]
+# magic[, sum_dot]]]]]]
 # (block_m: the rows, 16 to 64): the defaults of the fifteenth session (16 x 32 x 128 x 2
 # splits up to 16 rows; at 64 rows 32 x 128 where N is small, else int4 64 x 128, int8 64
 # x 128 x 8 warps) and their neighbours, plain and factored (the scales applied to each K step's
@@ -53,7 +53,11 @@ LAUNCHES = [
     # default since the seventeenth session: 64 x 128, 2 splits) and their neighbours
     *[(*t, *[False] * 4, True, True) for t in (
         (64, 128, 4, 3, 1), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 64, 4, 3, 2),
-        (128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 256, 4, 3, 2))]]
+        (128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 256, 4, 3, 2))],
+    # the same, the sums of x by a tl.dot with ones (sum_dot, a twelfth field; sm_90 SASS
+    # at 64 rows 7.1 instructions a weight and 168 registers against 9.7 and 220)
+    *[(*t, *[False] * 4, True, True, True) for t in (
+        (64, 128, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 4, 3, 2), (128, 128, 8, 3, 2))]]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
@@ -95,6 +99,7 @@ def main() -> None:
                     digits = bool(launch and len(launch) > 8 and launch[8])
                     swap = bool(launch and len(launch) > 9 and launch[9])
                     magic = bool(launch and len(launch) > 10 and launch[10])
+                    sum_dot = bool(launch and len(launch) > 11 and launch[11])
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
                                                      split_k=launch[2], factored=launch[5])
@@ -104,7 +109,8 @@ def main() -> None:
                         cfg = launch and int_gemm.IntGemmConfig(
                             min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
                             split_k=launch[4], nibble_dots=launch[5], words=words,
-                            factored=factored, digits=digits, swap=swap, magic=magic)
+                            factored=factored, digits=digits, swap=swap, magic=magic,
+                            sum_dot=sum_dot)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()

@@ -104,8 +104,8 @@ def check_functional_dispatch() -> None:
 
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
-# prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap, pipeline, magic): GEMV
-# without and with
+# prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap, pipeline, magic,
+# sum_dot): GEMV without and with
 # split-K
 # (atomics, or for one row the partials summed by the last split: fixup; the splits end
 # inside K), each also with the next K step's loads issued first (prefetch)
@@ -117,7 +117,7 @@ def check_functional_dispatch() -> None:
 # each tl.dot tile also computed transposed, the weight the left operand (swap); the
 # one-row GEMV's K loop software-pipelined (pipeline); int4 tiles unpacked by bit
 # operations into 16-bit floats 2^7 + q (bf16) or 2^10 + q (fp16) (magic; float32 x and
-# int8 ignore it).
+# int8 ignore it); the factored tiles' sums of x as a tl.dot with ones (sum_dot).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -145,7 +145,12 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "dot-swap-words": (32, 32, 64, 4, 1, 1, 8, *[False] * 4, True, False, False, True),
            "dot-magic": (16, 16, 32, 4, 1, 1, 8, *[False] * 9, True),
            "dot-magic-gather": (16, 16, 64, 4, 1, 1, 8, *[False] * 9, True),
-           "dot-swap-magic": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True, False, True)}
+           "dot-swap-magic": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True, False, True),
+           "dot-magic-sumdot": (16, 16, 32, 4, 1, 1, 8, *[False] * 9, True, True),
+           "dot-swap-magic-sumdot": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True, False, True,
+                                     True),
+           "dot-factored-sumdot": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 7,
+                                   True)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -446,6 +451,10 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
                                                 swap=swap, magic=True))
                      for M in (1, 4, 16, 64) for bn, swap in ((32, False), (64, False),
                                                                (128, True))]  # bit-op int4
+        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), 64, 128, 4, 3, split_k=2,
+                                                factored=True, swap=swap, magic=True,
+                                                sum_dot=True))
+                     for M in (4, 64) for swap in (False, True)]  # x's sums on tensor cores
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None

@@ -114,13 +114,15 @@ def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K,
 def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
                   stride_wn, stride_sn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False,
-                  MAGIC: tl.constexpr = 0, INTERPRET: tl.constexpr = False):
+                  MAGIC: tl.constexpr = 0, INTERPRET: tl.constexpr = False,
+                  SUM_DOT: tl.constexpr = False):
     """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for a K step in one group:
     (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype). SWAP: acc is the
     transposed [BLOCK_N, BLOCK_M] tile, q the left operand (see _gemm_kernel). MAGIC (int4;
     1: x bfloat16, 2: float16): q is read as BASE + q by bit operations (_magic_nibbles,
     BASE 128 or 1024), and the BASE sum(x) s its products carry comes off with the offset
-    term."""
+    term. SUM_DOT: the sums of x over the step as a product with a tile of ones (tensor
+    cores, the result in the accumulator's layout) instead of a reduction in registers."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
                 other=0.0)
@@ -136,7 +138,13 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
         part = _dot(q, tl.trans(x), None, IEEE)
     else:
         part = _dot(x, tl.trans(q), None, IEEE)
-    if HAS_OFFSET or MAGIC:
+    if SUM_DOT:  # the sums of x on the tensor cores, already broadcast along n
+        ones = tl.full(q.shape, 1.0, x.dtype)
+        if SWAP:
+            x_sums = _dot(ones, tl.trans(x), None, IEEE)
+        else:
+            x_sums = _dot(x, tl.trans(ones), None, IEEE)
+    elif HAS_OFFSET or MAGIC:
         x_sum = tl.sum(x.to(tl.float32), axis=1)
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
     scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)
@@ -150,7 +158,11 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
             offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
         if MAGIC:
             offset -= (1024.0 if MAGIC == 2 else 128.0) * scale
-        if SWAP:
+        if SUM_DOT and SWAP:
+            acc += offset[:, None] * x_sums
+        elif SUM_DOT:
+            acc += x_sums * offset[None, :]
+        elif SWAP:
             acc += offset[:, None] * x_sum[None, :]
         else:
             acc += x_sum[:, None] * offset[None, :]
@@ -166,7 +178,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  SPLIT_K: tl.constexpr = 1, INTERPRET: tl.constexpr = False,
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
                  EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False,
-                 SWAP: tl.constexpr = False, MAGIC: tl.constexpr = 0):
+                 SWAP: tl.constexpr = False, MAGIC: tl.constexpr = 0,
+                 SUM_DOT: tl.constexpr = False):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -203,7 +216,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
         elif FACTORED:
             acc = _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k,
                                 K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE,
-                                SWAP, MAGIC, INTERPRET)
+                                SWAP, MAGIC, INTERPRET, SUM_DOT)
         else:
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :],
@@ -356,5 +369,5 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         NIBBLE_DOTS=nibbles, WORDS=in_words,
         EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
         FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
-        SWAP=cfg.swap and not nibbles, MAGIC=magic, **common)
+        SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot, **common)
     return out

@@ -33,6 +33,7 @@ class IntGemmConfig:
     swap: bool = False  # tiles: out^T = w x^T, the weight tile wgmma's register operand
     pipeline: bool = False  # one-row GEMV: loads cp.async num_stages - 1 steps ahead
     magic: bool = False  # int4 tiles, 16-bit x: nibbles to 2^7 + q (bf16) by bit operations
+    sum_dot: bool = False  # factored / magic tiles: sums of x by a tl.dot with ones
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
@@ -44,8 +45,9 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     digits[,pipeline]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
     stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored[,digits[,swap[,magic]]]]]]". KILN_INT_DIGITS=1: the default launches with x as digit
-    planes (IntGemmConfig.digits; beyond where they are the default, see below).
+    factored[,digits[,swap[,magic[,sum_dot]]]]]]]". KILN_INT_DIGITS=1: the default
+    launches with x as digit planes (IntGemmConfig.digits; beyond where they are the
+    default, see below).
     KILN_INT_SWAP=1: decode-batch tiles computed transposed (IntGemmConfig.swap) where the
     float tiles are the default (grouped int8; int4 in groups of 32 or 64); KILN_INT_MAGIC=0:
     int4 in groups of 128 back on the float tiles; KILN_INT_PIPELINE=1: one-row GEMVs
@@ -86,11 +88,12 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored, digits, swap, magic = (
-            bool(v) for v in [*flags, *[0] * 6][:6])
+        nibbles, words, factored, digits, swap, magic, sum_dot = (
+            bool(v) for v in [*flags, *[0] * 7][:7])
         return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
                              split_k=split, nibble_dots=nibbles, words=words,
-                             factored=factored, digits=digits, swap=swap, magic=magic)
+                             factored=factored, digits=digits, swap=swap, magic=magic,
+                             sum_dot=sum_dot)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth and
         # sixteenth sessions; the launches before in brackets).
