@@ -5,8 +5,9 @@ int8 values, and one `dp4a` instruction multiplies and sums a word pair into an 
 accumulator. The sums are exact integers, so the result is _int_mm's to the bit and the
 same epilogue (kiln.kernels.int8_act.scale_int8_product) follows. kiln's default for one
 row since the fifteenth session (67.7 vs 88.0 us a layer on an H200; KILN_INT8_GEMV=0/1
-forces _int_mm / this up to 16 rows). Under TRITON_INTERPRET the word products are computed with
-shifts and multiplies (the same integers)."""
+forces _int_mm / this up to 16 rows), its K loop software-pipelined since the seventeenth
+(63.6 us). Under TRITON_INTERPRET the word products are computed with shifts and
+multiplies (the same integers)."""
 
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ def int8_gemv(x_q: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_
     torch._int_mm's sums. K a multiple of 4 (whole words), rows 4-byte aligned. split_k 0:
     16 K splits of at least 2 steps each (H200, 8B shapes, one row, 64 x 32 words: 67.7 us
     a layer against 74-84 for fewer, deeper splits and 88.0 for _int_mm). loop_stages > 1:
-    the K loop software-pipelined (0: 3 with KILN_INT_PIPELINE=1, opt-in until timed,
-    else 1)."""
+    the K loop software-pipelined (0: 3, or 1 with KILN_INT_PIPELINE=0; H200, 8B shapes,
+    one row: 63.6 vs 66.6 us a layer, seventeenth session)."""
     if loop_stages <= 0:
-        loop_stages = 3 if os.environ.get("KILN_INT_PIPELINE") == "1" else 1
+        loop_stages = 1 if os.environ.get("KILN_INT_PIPELINE") == "0" else 3
     M, K = x_q.shape
     N = weight.shape[0]
     assert M <= MAX_ROWS and K % 4 == 0 and x_q.stride(1) == 1 and weight.stride(1) == 1
