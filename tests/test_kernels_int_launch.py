@@ -75,7 +75,9 @@ def test_int_gemm_default_launches() -> None:
     assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True)
     assert cfg(1, 4096, 256, cuda, 4).split_k == 2  # K of two steps: two splits
-    assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
+    assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(  # int8 at the 8B's down
+        0, 64, 128, 4, 3, split_k=8, prefetch=True, factored=True, xvec=True, fixup=True)
+    assert cfg(1, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
         0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True, fixup=True)
     assert cfg(1, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(  # int8 at the 8B's qkv
         0, 128, 128, 8, 3, split_k=8, factored=True, xvec=True, fixup=True)

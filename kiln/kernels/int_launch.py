@@ -72,14 +72,18 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         # summed by the last one (fixup): int4 o 8.7 vs 10.2 us, down 21.0 vs 23.0; int8 o
         # 8.5 vs 10.3, down 20.6 vs 22.5; not at gate_up (N 28,672: 38.2 vs 36.1).
         # int8 where 4096 < N <= 8192 (the 8B's qkv, 6144): 128 x 128, 8 warps, 8 splits,
-        # 11.4 / 11.5 us against 13.7 / 13.2 (fifteenth / sixteenth sessions' sweeps)
+        # 11.4 / 11.5 us against 13.7 / 13.2 (fifteenth / sixteenth sessions' sweeps).
+        # int8 where K > 8192 (the 8B's down, 14,336): 64 x 128 in 8 splits, the next
+        # step's loads first (prefetch): 19.9 / 20.0 us against 20.6 / 20.4 (sixteenth /
+        # seventeenth)
         wide = bits == 8 and 4096 < N <= 8192
-        block_n, block_k, most = (64, 128, 8) if bits == 4 else (128, 128, 8) if wide \
-            else (32, 256, 4)
+        deep = bits == 8 and K > 8192 and not wide
+        block_n, block_k, most = (64, 128, 8) if bits == 4 or deep else (128, 128, 8) \
+            if wide else (32, 256, 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
-                             factored=True, xvec=True, fixup=split > 1 and N <= 8192,
-                             digits=digits,
+                             prefetch=deep, factored=True, xvec=True,
+                             fixup=split > 1 and N <= 8192, digits=digits,
                              pipeline=os.environ.get("KILN_INT_PIPELINE") == "1")
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
