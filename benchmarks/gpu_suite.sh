@@ -14,7 +14,8 @@
 # 93 GB of bf16 weights, so KILN_CACHE on a disk that holds them: nvidia-h200-x2; or
 # EXTRA_ARGS="--load-format dummy": nothing stored, each rank draws its weights on its GPU,
 # the way to run llama-3.1-70b / llama-3.1-405b; not with the -hf stages).
-# Results (logs, JSON, PNG) go to $OUT (or ./gpu-out). Runs from the repository root.
+# Results (logs, JSON, PNG) go to $OUT (or ./gpu-out); PACK=NAME packs them into one
+# NAME.tgz at the end. Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
@@ -177,3 +178,9 @@ for spec in $stages; do
   esac
   echo "=== $spec took $(( $(date +%s) - start )) s"
 done
+# PACK=NAME: everything under $OUT into one $OUT/NAME.tgz (the device tool brings back at
+# most 8 files a call; several stages or repeated runs write more)
+if [ -n "${PACK:-}" ]; then
+  tar czf "/tmp/$PACK.tgz" -C "$OUT" --exclude="*.tgz" . && find "$OUT" -type f ! -name "*.tgz" -delete \
+    && mv "/tmp/$PACK.tgz" "$OUT/" && echo "packed into $OUT/$PACK.tgz"
+fi
