@@ -45,12 +45,11 @@ from kiln.kernels.int_gemv import (
     _gemv1_kernel,
     _gemv_kernel,
     _int_tile,
-    _magic_nibbles,
-    _unpack_nibbles,
 )
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
+from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
 from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
