@@ -182,3 +182,39 @@ def test_gpu_engine_matches_the_cpu_engine(quantization, group, switch, tiny_che
     prompts = [[5, 6, 7], list(range(10, 40))]
     assert [o.token_ids for o in gpu.generate(prompts, params)] == \
         [o.token_ids for o in cpu.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_magic_int4_tiles_match_the_float_tiles(tiny_checkpoints, tmp_path, monkeypatch):
+    """A bfloat16 int4 engine (groups of 64): the decode-batch tiles unpacked by bit
+    operations (IntGemmConfig.magic, transposed; forced through KILN_INT_TILES since the
+    default takes them for groups of 128) against the float tiles (KILN_INT_MAGIC=0), both
+    against the CPU engine: a 48-token prompt's logits (48 rows: the decode-batch tiles)
+    and a batch's greedy tokens (2 rows a decode step, in CUDA graphs)."""
+    from kiln import SamplingParams
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=64),
+        progress=False)
+    tokens = TOKENS[:48]
+    want = sequence_logits(LLM(engine_dir, device="cpu").engine, tokens).float()
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40))]
+    err, outs = {}, {}
+    for name, env in (("float", {"KILN_INT_MAGIC": "0"}),
+                      ("magic", {"KILN_INT_TILES": "64,64,4,3,1,0,0,0,0,1,1"})):
+        for key in ("KILN_INT_MAGIC", "KILN_INT_TILES"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        gpu = LLM(engine_dir, device="cuda")
+        got = sequence_logits(gpu.engine, tokens).float().cpu()
+        err[name] = (got - want).abs().mean().item()
+        outs[name] = [o.token_ids for o in gpu.generate(prompts, params)]
+        del gpu
+    # exact integers and float32 scales: no further from the CPU engine than the float
+    # tiles, which round each dequantized weight to bfloat16
+    assert err["magic"] <= 1.5 * err["float"] + 1e-3, err
+    assert all(len(o) == 12 for o in outs["magic"])
