@@ -81,6 +81,17 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _along(v, ROWS: tl.constexpr):
+    """A vector as a column of a 2-D tile (ROWS: along its rows, v[:, None]) or as a row
+    (one return: a return inside a compile-time branch does not end the function)."""
+    if ROWS:
+        t = v[:, None]
+    else:
+        t = v[None, :]
+    return t
+
+
+@triton.jit
 def _nibble_dots(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K, G,
                  stride_wn, stride_sn, BLOCK_K: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  IEEE: tl.constexpr):
@@ -147,20 +158,15 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
         x_sum = tl.sum(x.to(tl.float32), axis=1)
     s_offs = offs_n.to(tl.int64) * stride_sn + k // G
     scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)
-    if SWAP:
-        acc += part * scale[:, None]
-    else:
-        acc += part * scale[None, :]
+    acc += part * _along(scale, SWAP)
     if HAS_OFFSET or MAGIC:
         offset = tl.zeros(scale.shape, dtype=tl.float32)
         if HAS_OFFSET:
             offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
         if MAGIC:
             offset -= (1024.0 if MAGIC == 2 else 128.0) * scale
-        if SUM_DOT and SWAP:
-            acc += offset[:, None] * x_sums
-        elif SUM_DOT:
-            acc += x_sums * offset[None, :]
+        if SUM_DOT:
+            acc += _along(offset, SWAP) * x_sums
         elif SWAP:
             acc += offset[:, None] * x_sum[None, :]
         else:
