@@ -103,7 +103,7 @@ def main() -> None:
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
                                                      split_k=launch[2], factored=launch[5])
-                    elif launch and (launch[5] or words) and bits == 8:
+                    elif launch and (launch[5] or words or magic) and bits == 8:
                         continue
                     else:
                         cfg = launch and int_gemm.IntGemmConfig(

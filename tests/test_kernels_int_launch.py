@@ -53,6 +53,9 @@ def test_launch_overrides(monkeypatch) -> None:
     monkeypatch.setenv("KILN_INT_TILES", "128,128,4,3,2,0,0,0,0,1")
     assert int_gemm.int_gemm_config(5, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         16, 128, 128, 4, 3, split_k=2, swap=True)
+    monkeypatch.setenv("KILN_INT_TILES", "64,128,4,3,2,0,0,0,0,1,1,1")
+    assert int_gemm.int_gemm_config(40, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
+        64, 64, 128, 4, 3, split_k=2, swap=True, magic=True, sum_dot=True)
     monkeypatch.delenv("KILN_INT_TILES")
     monkeypatch.setenv("KILN_INT_SWAP", "1")  # the transposed tiles' A/B switch
     assert int_gemm.int_gemm_config(5, 28672, 4096, cpu, 4, 32) == int_gemm.IntGemmConfig(
@@ -63,7 +66,7 @@ def test_launch_overrides(monkeypatch) -> None:
     assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4).swap
 
 
-def test_int_gemm_default_launches() -> None:
+def test_int_gemm_default_launches(monkeypatch) -> None:
     """The launches measured fastest on an H200 at the 8B shapes (BENCHMARKS.md, fourteenth
     to sixteenth sessions): one row factored with x as vectors (int4 64 x 128 in up to 8 K
     splits, int8 32 x 256 in 4, summed in the kernel where N is small); decode batches in
@@ -101,12 +104,10 @@ def test_int_gemm_default_launches() -> None:
     # float16 x (its 2^10 + q variant has not run on a GPU): the float tiles
     assert cfg(4, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
         16, 32, 128, 4, 3, split_k=2)
-    os.environ["KILN_INT_MAGIC"] = "0"
-    try:
-        assert cfg(4, 4096, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(
-            16, 32, 128, 4, 3, split_k=2)
-    finally:
-        del os.environ["KILN_INT_MAGIC"]
+    monkeypatch.setenv("KILN_INT_MAGIC", "0")
+    assert cfg(4, 4096, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(
+        16, 32, 128, 4, 3, split_k=2)
+    monkeypatch.delenv("KILN_INT_MAGIC")
     # int8 per channel: integer tensor cores on x's digit planes (sixteenth session) at
     # gate_up's N up to 16 rows, everywhere from 17 rows; one split but where N is small
     # at 17-32 rows
