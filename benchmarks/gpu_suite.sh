@@ -108,8 +108,9 @@ for spec in $stages; do
              for r in long_scoreboard short_scoreboard wait not_selected math_pipe_throttle \
                       barrier mio_throttle lg_throttle no_instruction; do
                M="$M,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
-             for v in "bf16 1" "int4 1" "int8 1" "bf16 64" "int4 64" "int8 64"; do
-               f="$OUT/ncu-${v// /-}$tag.txt"
+             # NCU_VARIANTS: which (kind:rows[:shape]), e.g. "int4:1 int4:1:down"
+             for v in ${NCU_VARIANTS:-bf16:1 int4:1 int8:1 bf16:64 int4:64 int8:64}; do
+               v=${v//:/ }; f="$OUT/ncu-${v// /-}$tag.txt"
                $T ncu --clock-control none --profile-from-start off --kernel-name-base function \
                  -k 'regex:^(_|nvjet|sm90|cutlass)' --section SpeedOfLight --section Occupancy \
                  --section LaunchStats --section WarpStateStats --section SchedulerStats \

@@ -5,10 +5,12 @@ shape over a small grid of launch configs (block_n, block_k, split_k, warps, sta
 whether the next K step's loads are issued first: a sixth field 1; the scales applied
 once a word: a seventh; x read as one vector a word: an eighth; the K splits summed by
 the last one instead of float32 atomics: a ninth; integer dp4a products on x's digit
-planes: a tenth; the K loop software-pipelined: an eleventh) and kiln's own choice
-("auto").
+planes: a tenth; the K loop software-pipelined: an eleventh; int4 products in bfloat16
+pairs, kiln.kernels.int_gemv_pairs: a twelfth) and kiln's own choice ("auto").
 
-    python benchmarks/int_gemv_bench.py OUT.json
+    python benchmarks/int_gemv_bench.py OUT.json [--pairs]
+
+--pairs: int4 only, kiln's choice against the pairs GEMV over its launches.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def int_weight(N: int, K: int, bits: int):
 def main() -> None:
     from kiln.kernels import int_gemm
 
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "int_gemv.json"
+    args = [a for a in sys.argv[1:] if a != "--pairs"]
+    out_path = args[0] if args else "int_gemv.json"
+    pairs = "--pairs" in sys.argv
     results = []
     for name, (N, K) in SHAPES.items():
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
@@ -93,7 +97,7 @@ def main() -> None:
         results.append(dict(shape=name, N=N, K=K, kind="bf16", config="cublas", us=us,
                             gbps=N * K * 2 / us / 1e3))
         print(f"{name:8s} bf16 cublas {us:8.1f} us {N * K * 2 / us / 1e3:7.0f} GB/s", flush=True)
-        for bits in (4, 8):
+        for bits in (4,) if pairs else (4, 8):
             weight, scale, offset, nbytes = int_weight(N, K, bits)
             want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
             copies = weight_copies(weight, scale, offset, nbytes)
@@ -120,6 +124,12 @@ def main() -> None:
             # sixteenth session), plain and pipelined
             configs += [f"{c},0,0,0,0,1,{p}" for c in ("64,128,8,4,3", "128,128,8,8,3")
                         for p in (0, 1)]
+            if pairs:  # int4 products in bfloat16 pairs (a twelfth field), by K atomics or
+                # fixup, with and without the next step's loads first (prefetch, the sixth)
+                configs = ["auto"] + [f"{c},{pf},1,1,{fix},0,0,1" for c, fixes in (
+                    ("32,256,4,4,3", (0, 1)), ("64,128,16,4,3", (1,)), ("64,128,8,4,3", (0, 1)),
+                    ("64,256,8,4,3", (1,)), ("128,128,8,8,3", (0, 1)), ("32,256,8,4,3", (1,)))
+                    for fix in fixes for pf in (0, 1)]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

@@ -33,9 +33,14 @@ def test_launch_overrides(monkeypatch) -> None:
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pipeline=True)
     monkeypatch.delenv("KILN_INT_GEMV1")
-    monkeypatch.setenv("KILN_INT_PIPELINE", "1")  # the default launch, pipelined
+    monkeypatch.setenv("KILN_INT_GEMV1", "64,128,8,4,3,0,1,1,1,0,0,1")
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
-        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pipeline=True)
+        0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pairs=True)
+    monkeypatch.delenv("KILN_INT_GEMV1")
+    monkeypatch.setenv("KILN_INT_PIPELINE", "1")  # the default launch, pipelined
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128, torch.float16) == \
+        int_gemm.IntGemmConfig(0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True,
+                               fixup=True, pipeline=True)
     monkeypatch.delenv("KILN_INT_PIPELINE")
     monkeypatch.setenv("KILN_INT_GEMVN", "64,128,8,4,3,1")
     assert int_gemm.int_gemm_config(3, 4096, 4096, cpu, 4) == int_gemm.IntGemmConfig(
@@ -75,9 +80,13 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
 
     cuda = torch.device("cuda")
     cfg = int_gemm.int_gemm_config
-    assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(
+    assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(  # int4, bf16 x: pairs
+        0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True, fixup=True, pairs=True)
+    assert cfg(1, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(
+        0, 64, 128, 4, 3, split_k=16, factored=True, xvec=True, fixup=True, pairs=True)
+    assert cfg(1, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
         0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True, fixup=True)
-    assert cfg(1, 4096, 256, cuda, 4).split_k == 2  # K of two steps: two splits
+    assert cfg(1, 4096, 512, cuda, 4).split_k == 2  # K of two steps: two splits
     assert cfg(1, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(  # int8 at the 8B's down
         0, 64, 128, 4, 3, split_k=8, prefetch=True, factored=True, xvec=True, fixup=True)
     assert cfg(1, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(

@@ -47,6 +47,7 @@ from kiln.kernels.int_gemv import (
     _int_tile,
 )
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
+from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
 from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
@@ -318,6 +319,10 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
                            max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
                            cfg.num_stages, cfg.num_stages if cfg.pipeline else 1)
+    if word_gemv and M == 1 and cfg.pairs and pairs_eligible(x, bits, G, block_k):
+        return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
+                          split_length(K, cfg.split_k, block_k), cfg.fixup, cfg.num_warps,
+                          cfg.num_stages, _INTERPRET, split_k_counters, cfg.prefetch)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)

@@ -335,6 +335,17 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
         if PREFETCH:
             words, scale, offset = n_words, n_scale, n_offset
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    _gemv1_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, N, BLOCK_N,
+                 HAS_BIAS, ATOMIC, SPLIT_K, INTERPRET)
+
+
+@triton.jit
+def _gemv1_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, N,
+                 BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                 SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
+    """A one-row GEMV's block of sums y (float32 [BLOCK_N]) out: added into out's float32
+    buffer (ATOMIC, the first split adding the bias), or summed over the SPLIT_K splits by
+    the last one (split_k_fixup), or stored (one split); the bias added, x's dtype."""
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if ATOMIC:
         if HAS_BIAS:

@@ -34,6 +34,7 @@ class IntGemmConfig:
     pipeline: bool = False  # one-row GEMV: loads cp.async num_stages - 1 steps ahead
     magic: bool = False  # int4 tiles, 16-bit x: nibbles to 2^7 + q (bf16) by bit operations
     sum_dot: bool = False  # factored / magic tiles: sums of x by a tl.dot with ones
+    pairs: bool = False  # one-row int4 GEMV, bf16 x: products in bf16 pairs (int_gemv_pairs)
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
@@ -60,10 +61,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         override = os.environ.get("KILN_INT_GEMV1")
         if override:
             bn, bk, split, warps, stages, *flags = (int(v) for v in override.split(","))
-            pf, factored, xvec, fixup, digits, pipe = (bool(v) for v in [*flags, *[0] * 6][:6])
+            pf, factored, xvec, fixup, digits, pipe, pairs = (
+                bool(v) for v in [*flags, *[0] * 7][:7])
             return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, prefetch=pf,
                                  factored=factored, xvec=xvec, fixup=fixup, digits=digits,
-                                 pipeline=pipe)
+                                 pipeline=pipe, pairs=pairs)
         # Measured on an H200 at the Llama-3.1-8B shapes (BENCHMARKS.md, fourteenth and
         # fifteenth sessions): scales applied once a word and x read as one vector a word
         # (factored, xvec). int4 in 64 x 128 tiles, K in 8 splits: 81.6 us a layer (qkv + o
@@ -75,16 +77,23 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         # 11.4 / 11.5 us against 13.7 / 13.2 (fifteenth / sixteenth sessions' sweeps).
         # int8 where K > 8192 (the 8B's down, 14,336): 64 x 128 in 8 splits, the next
         # step's loads first (prefetch): 19.9 / 20.0 us against 20.6 / 20.4 (sixteenth /
-        # seventeenth)
+        # seventeenth). int4 with bfloat16 x: products in bfloat16 pairs
+        # (kiln.kernels.int_gemv_pairs; 4.1 SASS instructions a weight against 5.9): batch-1
+        # decode 315.7 / 315.8 tok/s against 294.7 / 294.8 (eighteenth session;
+        # KILN_INT_PAIRS=0: the float GEMV)
+        pairs = bits == 4 and dtype in (None, torch.bfloat16) and \
+            os.environ.get("KILN_INT_PAIRS") != "0"
         wide = bits == 8 and 4096 < N <= 8192
         deep = bits == 8 and K > 8192 and not wide
         block_n, block_k, most = (64, 128, 8) if bits == 4 or deep else (128, 128, 8) \
             if wide else (32, 256, 4)
+        if pairs:  # (eighteenth session's sweep) 32 x 256 in 4 splits; K > 8192: 64 x 128 in 16
+            block_n, block_k, most = (64, 128, 16) if K > 8192 else (32, 256, 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
                              prefetch=deep, factored=True, xvec=True,
                              fixup=split > 1 and N <= 8192, digits=digits,
-                             pipeline=os.environ.get("KILN_INT_PIPELINE") == "1")
+                             pipeline=os.environ.get("KILN_INT_PIPELINE") == "1", pairs=pairs)
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))

@@ -1,0 +1,143 @@
+"""The one-row int4 GEMV with its products in bfloat16 pairs (kiln.kernels.int_gemv_pairs,
+IntGemmConfig.pairs): against a torch emulation of the same roundings (word by word: each
+pair's products and running sums rounded to bfloat16, the word's sum in float32), and
+against the float32 product within the rounding bound of that arithmetic. CPU: the
+kernel's interpreter path (the same arithmetic in integer and float32 operations); GPU:
+the inline PTX (fma.rn.bf16x2), which must give the emulation's result up to the order of
+the float32 sums."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
+from tests.test_kernels_int import _weight
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed (pip install -e '.[gpu]')")
+
+U = 2.0 ** -9  # bfloat16's unit roundoff
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def emulate(x: torch.Tensor, weight, scale, offset, bias
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the pairs arithmetic's result, the exact product, a bound on their distance;
+    float64): per word of eight values, lanes even and odd k, r = q - 8 (q without
+    offsets), a = round(r x + a) four times a lane, plus (o + 8 s) times the word's sum of
+    x in pairs (round(round(x0 + x1) + round(x2 + x3)) a lane)."""
+    from kiln.kernels import reference as ref
+
+    N, K = weight.shape[0], weight.shape[1] * 2
+    G = K // scale.shape[1]
+    q = ref.unpack_int4(weight).float() - (8.0 if offset is not None else 0.0)
+    xv = x.float().view(K // 8, 4, 2)
+    r = q.view(N, K // 8, 4, 2)
+    a = torch.zeros(N, K // 8, 2)
+    for j in range(4):
+        a = _bf16(r[:, :, j] * xv[:, j] + a)
+    s = scale.float().repeat_interleave(G // 8, dim=1)
+    y = (a.sum(-1).double() * s).sum(1)
+    # each step's rounding is at most U of its result, which is at most the sum of the
+    # magnitudes so far: four steps, 4 U of the word's sum of |r x|
+    bound = 4 * U * ((r.abs() * xv.abs()).sum((2, 3)).double() * s).sum(1)
+    if offset is not None:
+        xs = _bf16(_bf16(xv[:, 0] + xv[:, 1]) + _bf16(xv[:, 2] + xv[:, 3])).sum(-1)
+        o = (offset.float() + 8 * scale.float()).repeat_interleave(G // 8, dim=1).double()
+        y = y + (o * xs.double()).sum(1)
+        bound = bound + 3 * U * (o.abs() * xv.abs().sum((1, 2)).double()).sum(1)
+    if bias is not None:
+        y = y + bias.double()
+    w = ref.dequantize_int_weight(weight, scale, offset).double()
+    exact = w @ x.double().view(K) + (bias.double() if bias is not None else 0)
+    mags = w.abs() @ x.double().abs().view(K)
+    return y, exact, bound + 1e-6 * mags
+
+
+def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_bias: bool,
+                fixup: bool, device: str = "cpu", block_n: int = 16, block_k: int = 64,
+                prefetch: bool = False) -> None:
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(N, K, 4, group, device)
+    if not with_offset:
+        offset = None
+    torch.manual_seed(K + split)
+    x = torch.randn(1, K, device=device).to(torch.bfloat16)
+    x[0, 5] = 30.0  # an outlier
+    bias = torch.randn(N, device=device).to(torch.bfloat16) if with_bias else None
+    cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=prefetch,
+                                 factored=True, xvec=True, fixup=fixup, pairs=True)
+    y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
+    assert y.shape == (1, N) and y.dtype == torch.bfloat16
+    cpu = [t.cpu() if t is not None else None for t in (x, weight, scale, offset, bias)]
+    want, exact, bound = emulate(*cpu)
+    got = y.cpu().double().view(N)
+    # the bfloat16 output's rounding: a whole ulp (the interpreter truncates)
+    out_ulp = want.abs() * 2.0 ** -7
+    name = f"N{N} K{K} g{group} split{split} offset{with_offset} bias{with_bias} {prefetch}"
+    # the same arithmetic as the emulation (up to the order of float32 sums)
+    assert ((got - want).abs() <= out_ulp + 1e-5 * bound / U).all(), name
+    # and within its rounding bound of the exact product
+    assert ((got - exact).abs() <= bound + out_ulp).all(), name
+
+
+@pytest.mark.parametrize("group,K", [(32, 96), (128, 384), (64, 256)])
+def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
+    """N 40 (masked rows); K ending inside a step (96: steps of 64) or whole; groups
+    smaller and larger than the step; one split, three (atomics) and three summed by the
+    last (fixup); with and without offsets and bias; with and without prefetch."""
+    for split, fixup in ((1, False), (3, False), (3, True)):
+        interp(check_pairs, 40, K, group, split, split == 1 or fixup, split == 1, fixup)
+    # the next step's loads before this step's math (prefetch)
+    interp(check_pairs, 40, K, group, 1, True, False, False, prefetch=True)
+    interp(check_pairs, 40, K, group, 3, True, True, True, prefetch=True)
+
+
+def test_pairs_only_where_eligible(monkeypatch) -> None:
+    """The default one-row launch for int4 asks for pairs (KILN_INT_PAIRS=0: not), for
+    int8 not; float16 / float32 x, more rows or groups smaller than a word take the float
+    GEMV even when asked."""
+    from kiln.kernels import int_gemm
+    from kiln.kernels.int_gemv_pairs import pairs_eligible
+
+    cpu = torch.device("cpu")
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128).pairs
+    assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 8, 4096).pairs
+    assert not int_gemm.int_gemm_config(2, 4096, 4096, cpu, 4, 128).pairs
+    monkeypatch.setenv("KILN_INT_PAIRS", "0")
+    assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128).pairs
+
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    assert pairs_eligible(x, 4, 128, 128) and pairs_eligible(x, 4, 32, 128)
+    assert not pairs_eligible(x.half(), 4, 128, 128)
+    assert not pairs_eligible(x, 8, 128, 128)
+    assert not pairs_eligible(torch.zeros(2, 256, dtype=torch.bfloat16), 4, 128, 128)
+    assert not pairs_eligible(x, 4, 4, 128)  # groups smaller than a word
+
+
+# ---- GPU ----------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (40, 384)])
+def test_gpu_pairs_gemv(N, K) -> None:
+    """The inline PTX at the 8B's shapes in kiln's launch and others: the emulation's
+    result, within the bound."""
+    for bn, bk, split, fixup in ((64, 128, 8, True), (64, 128, 8, False), (32, 256, 4, True),
+                                 (128, 128, 1, False), (64, 128, 16, True)):
+        for prefetch in (False, True):
+            check_pairs(N, K, 128, split, True, split == 1, fixup, "cuda", bn, bk, prefetch)
+    check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
+    check_pairs(N, K, 32, 4, True, False, True, "cuda", 64, 128)
