@@ -29,11 +29,11 @@ def per_weight(bits: int, block_n: int, block_k: int, warps: int = 4, **flags: b
     per = 32 // bits
     values = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
               "bias_ptr": "*bf16", "out_ptr": "*fp32", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "N": 4096, "K": K, "G": group,
+              "count_ptr": "*i32", "N": 4096, "K": K,
               "W_PER_SPLIT": K // 4 // per, "stride_wn": K // per, "stride_sn": K // group}
     meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=False, BLOCK_N=block_n,
                 BLOCK_K=block_k, ATOMIC=True, EVEN_K=True,
-                GROUPS=max(1, block_k // group), **flags)
+                GROUPS=max(1, block_k // group), G=group, **flags)
     ops = main_loop_sass(int_gemm._gemv1_kernel, values, meta, warps, 3)
     weights = block_n * block_k / (32 * warps)
     total = sum(ops.values())

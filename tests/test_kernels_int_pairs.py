@@ -141,3 +141,27 @@ def test_gpu_pairs_gemv(N, K) -> None:
             check_pairs(N, K, 128, split, True, split == 1, fixup, "cuda", bn, bk, prefetch)
     check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
     check_pairs(N, K, 32, 4, True, False, True, "cuda", 64, 128)
+
+
+def test_pairs_gemv_compiles_for_hopper() -> None:
+    """The inline PTX assembles for sm_90 in kiln's launches (and with prefetch), without
+    spills; the products are packed bfloat16 FMAs."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels.compile_check import _compile, compile_sm90
+    from kiln.kernels.int_gemv_pairs import _gemv1_pairs_kernel
+
+    K = 4096
+    values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+              "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
+              "count_ptr": "*i32", "N": 4096, "K": K, "W_PER_SPLIT": K // 8 // 4,
+              "stride_wn": K // 8, "stride_sn": K // 128}
+    for bn, bk in ((32, 256), (64, 128)):
+        for prefetch in (False, True):
+            meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
+                        GROUPS=1, ATOMIC=False, EVEN_K=True, SPLIT_K=4, INTERPRET=False,
+                        PREFETCH=prefetch)
+            r = compile_sm90(_gemv1_pairs_kernel, values, meta, 4, 3)
+            assert r.stack_bytes == 0, r
+    ptx = _compile(_gemv1_pairs_kernel, values, dict(meta, PREFETCH=False), 4, 3).asm["ptx"]
+    assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx

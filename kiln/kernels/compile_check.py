@@ -58,9 +58,11 @@ def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_wa
     constexprs = dict(constexprs)
     for i, (name, param) in enumerate(inspect.signature(fn.fn).parameters.items()):
         value = values.get(name, 4096)
-        if (name not in constexprs and fn.params[i].is_constexpr
-                and param.default is not inspect.Parameter.empty):
-            constexprs[name] = param.default  # a compile-time option left at its default
+        if name not in constexprs and fn.params[i].is_constexpr:
+            if name in values:
+                constexprs[name] = value  # a compile-time parameter given with the values
+            elif param.default is not inspect.Parameter.empty:
+                constexprs[name] = param.default  # a compile-time option left at its default
         if name in constexprs:
             signature[name] = "constexpr"
         elif isinstance(value, str):

@@ -250,7 +250,7 @@ def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G
 
 @triton.jit
 def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K,
-                  G, W_PER_SPLIT, stride_wn, stride_sn,
+                  G: tl.constexpr, W_PER_SPLIT, stride_wn, stride_sn,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
                   ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
