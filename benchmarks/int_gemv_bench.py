@@ -124,12 +124,23 @@ def main() -> None:
             # sixteenth session), plain and pipelined
             configs += [f"{c},0,0,0,0,1,{p}" for c in ("64,128,8,4,3", "128,128,8,8,3")
                         for p in (0, 1)]
+            # one K split (no atomics, zeroing or cast launches; untimed)
+            configs += [f"{c},0,1,1,0" for c in ("32,256,1,4,3", "32,128,1,4,3", "16,256,1,4,3")]
             if pairs:  # int4 products in bfloat16 pairs (a twelfth field), by K atomics or
-                # fixup, with and without the next step's loads first (prefetch, the sixth)
-                configs = ["auto"] + [f"{c},{pf},1,1,{fix},0,0,1" for c, fixes in (
-                    ("32,256,4,4,3", (0, 1)), ("64,128,16,4,3", (1,)), ("64,128,8,4,3", (0, 1)),
-                    ("64,256,8,4,3", (1,)), ("128,128,8,8,3", (0, 1)), ("32,256,8,4,3", (1,)))
-                    for fix in fixes for pf in (0, 1)]
+                # fixup; the eighteenth session's best (prefetch, the sixth field, lost but
+                # at down), then untimed: K loops software-pipelined (cp.async, the eleventh),
+                # one K split (no atomics, zeroing or cast launches), 8 warps
+                configs = ["auto"] + [f"{c},{pf},1,1,{fix},0,{pipe},1" for c, fix, pf, pipe in (
+                    ("32,256,4,4,3", 0, 0, 0), ("32,256,4,4,3", 1, 0, 0),
+                    ("64,128,16,4,3", 1, 0, 0), ("32,256,4,4,3", 1, 1, 0),
+                    ("64,256,8,4,3", 1, 0, 0), ("128,128,8,8,3", 1, 0, 0),
+                    ("32,256,4,4,3", 0, 0, 1), ("32,256,4,4,4", 0, 0, 1),
+                    ("32,256,4,4,3", 1, 0, 1), ("64,128,16,4,3", 1, 0, 1),
+                    ("64,128,8,4,4", 1, 0, 1), ("64,128,8,8,3", 0, 0, 1),
+                    ("32,256,1,4,3", 0, 0, 0), ("32,128,1,4,3", 0, 0, 0),
+                    ("16,256,1,4,3", 0, 0, 0), ("32,256,1,4,3", 0, 0, 1),
+                    ("64,128,8,8,3", 0, 0, 0), ("64,128,8,8,3", 1, 0, 0),
+                    ("32,256,4,8,3", 0, 0, 0), ("64,128,16,8,3", 1, 0, 0))]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

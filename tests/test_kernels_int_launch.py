@@ -109,7 +109,8 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
     for M, block_m in ((2, 16), (16, 16), (24, 32), (64, 64)):
         for N, K, group in ((28672, 4096, 128), (4096, 14336, 0), (6144, 4096, 4096)):
             assert cfg(M, N, K, cuda, 4, group) == int_gemm.IntGemmConfig(
-                block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
+                block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
+                sum_dot=M > 32 and N > 8192)  # x's sums on tensor cores at gate_up, 64 rows
     # float16 x (its 2^10 + q variant has not run on a GPU): the float tiles
     assert cfg(4, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
         16, 32, 128, 4, 3, split_k=2)

@@ -63,7 +63,7 @@ def emulate(x: torch.Tensor, weight, scale, offset, bias
 
 def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_bias: bool,
                 fixup: bool, device: str = "cpu", block_n: int = 16, block_k: int = 64,
-                prefetch: bool = False) -> None:
+                prefetch: bool = False, pipeline: bool = False) -> None:
     from kiln.kernels import int_gemm
 
     weight, scale, offset = _weight(N, K, 4, group, device)
@@ -74,7 +74,8 @@ def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_
     x[0, 5] = 30.0  # an outlier
     bias = torch.randn(N, device=device).to(torch.bfloat16) if with_bias else None
     cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=prefetch,
-                                 factored=True, xvec=True, fixup=fixup, pairs=True)
+                                 factored=True, xvec=True, fixup=fixup, pipeline=pipeline,
+                                 pairs=True)
     y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
     assert y.shape == (1, N) and y.dtype == torch.bfloat16
     cpu = [t.cpu() if t is not None else None for t in (x, weight, scale, offset, bias)]
@@ -140,12 +141,15 @@ def test_gpu_pairs_gemv(N, K) -> None:
         for prefetch in (False, True):
             check_pairs(N, K, 128, split, True, split == 1, fixup, "cuda", bn, bk, prefetch)
     check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
+    check_pairs(N, K, 128, 4, True, False, False, "cuda", 32, 256, pipeline=True)
+    check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256)  # one split: no atomics
     check_pairs(N, K, 32, 4, True, False, True, "cuda", 64, 128)
 
 
 def test_pairs_gemv_compiles_for_hopper() -> None:
-    """The inline PTX assembles for sm_90 in kiln's launches (and with prefetch), without
-    spills; the products are packed bfloat16 FMAs."""
+    """The inline PTX assembles for sm_90 in kiln's launches (and with prefetch, or the K
+    loop pipelined through cp.async), without spills; the products are packed bfloat16
+    FMAs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     from kiln.kernels.compile_check import _compile, compile_sm90
@@ -157,11 +161,13 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
               "count_ptr": "*i32", "N": 4096, "K": K, "W_PER_SPLIT": K // 8 // 4,
               "stride_wn": K // 8, "stride_sn": K // 128}
     for bn, bk in ((32, 256), (64, 128)):
-        for prefetch in (False, True):
+        for prefetch, stages in ((False, 1), (True, 1), (False, 3)):
             meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
                         GROUPS=1, ATOMIC=False, EVEN_K=True, SPLIT_K=4, INTERPRET=False,
-                        PREFETCH=prefetch)
+                        PREFETCH=prefetch, LOOP_STAGES=stages)
             r = compile_sm90(_gemv1_pairs_kernel, values, meta, 4, 3)
             assert r.stack_bytes == 0, r
-    ptx = _compile(_gemv1_pairs_kernel, values, dict(meta, PREFETCH=False), 4, 3).asm["ptx"]
+            assert (r.instructions["cp.async"] > 0) == (stages > 1), r
+    meta = dict(meta, PREFETCH=False, LOOP_STAGES=1)
+    ptx = _compile(_gemv1_pairs_kernel, values, meta, 4, 3).asm["ptx"]
     assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx

@@ -322,7 +322,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if word_gemv and M == 1 and cfg.pairs and pairs_eligible(x, bits, G, block_k):
         return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                           split_length(K, cfg.split_k, block_k), cfg.fixup, cfg.num_warps,
-                          cfg.num_stages, _INTERPRET, split_k_counters, cfg.prefetch)
+                          cfg.num_stages, _INTERPRET, split_k_counters, cfg.prefetch,
+                          cfg.num_stages if cfg.pipeline else 1)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)

@@ -165,11 +165,14 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUPS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        PREFETCH: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 1):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
     in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
-    products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32."""
+    products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32.
+    PREFETCH: the next K step's loads issued before this step's math (slower in the
+    eighteenth session's sweep but at down). LOOP_STAGES > 1: the K loop
+    software-pipelined by Triton (cp.async LOOP_STAGES - 1 steps ahead; untimed)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
@@ -188,7 +191,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
         words, scale, offset, xv = _pairs_load(x_ptr, w_ptr, s_ptr, o_ptr, rows, s_rows,
                                                mask_n, g, word, w_start, k_end, G, stride_wn,
                                                WPG, GROUPS, HAS_OFFSET, EVEN_K)
-    for w0 in range(w_start, w_end, STEP):
+    for w0 in tl.range(w_start, w_end, STEP, num_stages=LOOP_STAGES):
         if PREFETCH:  # the next step's loads issued before this step's math
             # EVEN_K: the last step reloads itself (cached) instead of masking every load
             w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP
@@ -222,8 +225,8 @@ def pairs_eligible(x: torch.Tensor, bits: int, G: int, block_k: int) -> bool:
 def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int,
                block_k: int, groups: int, k_per_split: int, fixup: bool, num_warps: int,
-               num_stages: int, interpret: bool, split_counters, prefetch: bool = False
-               ) -> torch.Tensor:
+               num_stages: int, interpret: bool, split_counters, prefetch: bool = False,
+               loop_stages: int = 1) -> torch.Tensor:
     """x [1, K] bfloat16 @ dequant(int4 weight)^T -> [1, N] bfloat16 (_gemv1_pairs_kernel)."""
     K = x.shape[1]
     N = weight.shape[0]
@@ -243,6 +246,7 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, GROUPS=groups,
         ATOMIC=atomic, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
         SPLIT_K=splits if fixup else 1, INTERPRET=interpret, PREFETCH=prefetch,
+        LOOP_STAGES=loop_stages,
         num_warps=num_warps,
         num_stages=num_stages)
     return (out.to(x.dtype) if atomic else out).view(1, N)

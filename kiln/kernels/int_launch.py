@@ -129,8 +129,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             # register operand) and unpacked by bit operations (magic): a layer at 4 / 16 /
             # 64 rows 125 / 126 / 190 us against 147 / 147 / 222 for the float tiles
             # (seventeenth session; bf16 cuBLAS 113 / 116 / 125). bfloat16 x only: the
-            # float16 variant (2^10 + q) compiles for sm_90 but has not run on a GPU
-            return IntGemmConfig(block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True)
+            # float16 variant (2^10 + q) compiles for sm_90 but has not run on a GPU.
+            # 33-64 rows where N is large (the 8B's gate_up): x's sums by a tl.dot with
+            # ones (sum_dot), 84.8 vs 91.2 us (eighteenth session; qkv, o and down slower)
+            return IntGemmConfig(block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
+                                 sum_dot=M > 32 and N > 8192)
         if os.environ.get("KILN_INT_SWAP") == "1":
             # the weight tile wgmma's register operand: 128 wide (two wgmma row blocks), K
             # in 4 splits where N is small (the 8B's qkv: 48 column blocks), else 2
