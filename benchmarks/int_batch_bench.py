@@ -9,7 +9,7 @@ and kiln's own choice
 ("auto"). Issue #10's 64-request row (int4 >= bf16 throughput) is
 decode at up to 64 rows; this is where its time goes.
 
-    python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64] [--bits 4,8]
+    python benchmarks/int_batch_bench.py OUT.json [--rows 4,16,64] [--bits 4,8] [--magic]
 """
 
 from __future__ import annotations
@@ -63,7 +63,13 @@ LAUNCHES = [
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
 # 3.6 in these tiles); kiln's choice ("auto") there is 16-row tiles since the fifteenth
 # session (the plain split-K GEMV was 6.7x slower)
-GEMV_LAUNCHES = [(64, 128, 8, 4, 3, True), (64, 128, 8, 8, 3, True)]
+GEMV_LAUNCHES = [(64, 128, 8, 4, 3, True), (64, 128, 8, 8, 3, True)] + [
+    # int4 with bfloat16 x, products in bfloat16 pairs, each word unpacked once for all
+    # rows (kiln.kernels.int_gemv_pairs, a seventh field; sm_90 SASS at 32 x 256: 2.8
+    # instructions a weight and row at 2 rows, 2.25 at 4, against 3.9 at one; untimed)
+    (32, 256, 4, 4, 3, False, True), (64, 128, 8, 4, 3, False, True),
+    (32, 256, 1, 4, 3, False, True), (64, 128, 16, 4, 3, False, True),
+    (32, 128, 8, 4, 3, False, True)]
 
 
 def main() -> None:
@@ -103,9 +109,13 @@ def main() -> None:
                     swap = bool(launch and len(launch) > 9 and launch[9])
                     magic = bool(launch and len(launch) > 10 and launch[10])
                     sum_dot = bool(launch and len(launch) > 11 and launch[11])
-                    if is_gemv:  # (block_n, block_k, split, warps, stages, factored)
+                    if is_gemv:  # (block_n, block_k, split, warps, stages, factored[, pairs])
+                        pairs = len(launch) > 6 and launch[6]
+                        if pairs and bits == 8:
+                            continue
                         cfg = int_gemm.IntGemmConfig(0, *launch[:2], *launch[3:5],
-                                                     split_k=launch[2], factored=launch[5])
+                                                     split_k=launch[2], factored=launch[5],
+                                                     pairs=pairs)
                     elif launch and (launch[5] or words or magic) and bits == 8:
                         continue
                     else:

@@ -63,27 +63,36 @@ def emulate(x: torch.Tensor, weight, scale, offset, bias
 
 def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_bias: bool,
                 fixup: bool, device: str = "cpu", block_n: int = 16, block_k: int = 64,
-                prefetch: bool = False, pipeline: bool = False) -> None:
+                prefetch: bool = False, pipeline: bool = False, rows: int = 1) -> None:
+    """rows > 1: _gemv_pairs_rows_kernel (K splits by atomics; fixup and prefetch are one
+    row's only), every row checked."""
     from kiln.kernels import int_gemm
 
     weight, scale, offset = _weight(N, K, 4, group, device)
     if not with_offset:
         offset = None
     torch.manual_seed(K + split)
-    x = torch.randn(1, K, device=device).to(torch.bfloat16)
+    x = torch.randn(rows, K, device=device).to(torch.bfloat16)
     x[0, 5] = 30.0  # an outlier
     bias = torch.randn(N, device=device).to(torch.bfloat16) if with_bias else None
     cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=prefetch,
                                  factored=True, xvec=True, fixup=fixup, pipeline=pipeline,
                                  pairs=True)
     y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
-    assert y.shape == (1, N) and y.dtype == torch.bfloat16
+    assert y.shape == (rows, N) and y.dtype == torch.bfloat16
+    for r in range(rows):
+        _check_row(y[r].cpu(), x[r:r + 1].cpu(), weight, scale, offset, bias,
+                   f"N{N} K{K} g{group} split{split} offset{with_offset} bias{with_bias} "
+                   f"{prefetch} row {r} of {rows}")
+
+
+def _check_row(y: torch.Tensor, x: torch.Tensor, weight, scale, offset, bias, name: str
+               ) -> None:
     cpu = [t.cpu() if t is not None else None for t in (x, weight, scale, offset, bias)]
     want, exact, bound = emulate(*cpu)
-    got = y.cpu().double().view(N)
+    got = y.double().view(-1)
     # the bfloat16 output's rounding: a whole ulp (the interpreter truncates)
     out_ulp = want.abs() * 2.0 ** -7
-    name = f"N{N} K{K} g{group} split{split} offset{with_offset} bias{with_bias} {prefetch}"
     # the same arithmetic as the emulation (up to the order of float32 sums)
     assert ((got - want).abs() <= out_ulp + 1e-5 * bound / U).all(), name
     # and within its rounding bound of the exact product
@@ -102,10 +111,21 @@ def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
     interp(check_pairs, 40, K, group, 3, True, True, True, prefetch=True)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 4])
+def test_pairs_gemv_rows(interp, rows) -> None:  # noqa: F811
+    """2-4 rows (3: a padded fourth): each row as one row's arithmetic, split by atomics
+    or not, K ending inside a step or not, with and without offsets and bias."""
+    for group, K in ((32, 96), (128, 384)):
+        for split in (1, 3):
+            interp(check_pairs, 40, K, group, split, split == 1, split == 3, False,
+                   rows=rows)
+
+
 def test_pairs_only_where_eligible(monkeypatch) -> None:
     """The default one-row launch for int4 asks for pairs (KILN_INT_PAIRS=0: not), for
-    int8 not; float16 / float32 x, more rows or groups smaller than a word take the float
-    GEMV even when asked."""
+    int8 not, nor for 2+ rows (opt-in there); float16 / float32 x, more than 4 rows, rows
+    not aligned to pairs, or groups smaller than a word take the float kernels even when
+    asked."""
     from kiln.kernels import int_gemm
     from kiln.kernels.int_gemv_pairs import pairs_eligible
 
@@ -120,7 +140,11 @@ def test_pairs_only_where_eligible(monkeypatch) -> None:
     assert pairs_eligible(x, 4, 128, 128) and pairs_eligible(x, 4, 32, 128)
     assert not pairs_eligible(x.half(), 4, 128, 128)
     assert not pairs_eligible(x, 8, 128, 128)
-    assert not pairs_eligible(torch.zeros(2, 256, dtype=torch.bfloat16), 4, 128, 128)
+    assert pairs_eligible(torch.zeros(4, 256, dtype=torch.bfloat16), 4, 128, 128)
+    assert not pairs_eligible(torch.zeros(5, 256, dtype=torch.bfloat16), 4, 128, 128)
+    odd_rows = torch.zeros(2, 257, dtype=torch.bfloat16)[:, :256]  # rows not pair-aligned
+    assert not pairs_eligible(odd_rows, 4, 128, 128)
+    assert not pairs_eligible(torch.zeros(1, 258, dtype=torch.bfloat16)[:, 1:257], 4, 128, 128)
     assert not pairs_eligible(x, 4, 4, 128)  # groups smaller than a word
 
 
@@ -143,6 +167,9 @@ def test_gpu_pairs_gemv(N, K) -> None:
     check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
     check_pairs(N, K, 128, 4, True, False, False, "cuda", 32, 256, pipeline=True)
     check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256)  # one split: no atomics
+    for rows in (2, 3, 4):  # the rows kernel (KILN_INT_GEMVN's pairs)
+        check_pairs(N, K, 128, 8, True, rows == 3, False, "cuda", 64, 128, rows=rows)
+        check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256, rows=rows)
     check_pairs(N, K, 32, 4, True, False, True, "cuda", 64, 128)
 
 

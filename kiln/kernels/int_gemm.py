@@ -319,7 +319,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
                            max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
                            cfg.num_stages, cfg.num_stages if cfg.pipeline else 1)
-    if word_gemv and M == 1 and cfg.pairs and pairs_eligible(x, bits, G, block_k):
+    if word_gemv and cfg.pairs and pairs_eligible(x, bits, G, block_k):
         return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                           split_length(K, cfg.split_k, block_k), cfg.fixup, cfg.num_warps,
                           cfg.num_stages, _INTERPRET, split_k_counters, cfg.prefetch,

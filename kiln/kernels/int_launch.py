@@ -43,8 +43,9 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     quantization group along K, 0 or K per channel; dtype: x's, None for bfloat16).
     Overrides for benchmarks, one row:
     KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec[,fixup[,
-    digits[,pipeline]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
-    stages[,factored]" (factored: kiln.kernels.int_gemv_rows); decode batches (2 <=
+    digits[,pipeline[,pairs]]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
+    stages[,factored[,pairs]]" (factored: kiln.kernels.int_gemv_rows; pairs: int4 with
+    bfloat16 x, kiln.kernels.int_gemv_pairs); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
     factored[,digits[,swap[,magic[,sum_dot]]]]]]]". KILN_INT_DIGITS=1: the default
     launches with x as digit planes (IntGemmConfig.digits; beyond where they are the
@@ -97,8 +98,9 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
-        return IntGemmConfig(0, bn, bk, warps, stages, split_k=split,
-                             factored=bool(flags and flags[0]))
+        factored, pairs = (bool(v) for v in [*flags, 0, 0][:2])
+        return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, factored=factored,
+                             pairs=pairs)
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
