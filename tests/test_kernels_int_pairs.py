@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
-from tests.test_kernels_int import _weight
+from tests.test_kernels_int import _weight, needs_gpu
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e '.[gpu]')")
@@ -149,11 +149,6 @@ def test_pairs_only_where_eligible(monkeypatch) -> None:
 
 
 # ---- GPU ----------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-
-
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (40, 384)])

@@ -228,6 +228,19 @@ def _factored_step(acc, words, scale, offset, x_ptr, kw, k_end, BITS: tl.constex
 
 
 @triton.jit
+def _word_tile(pid_n, N, stride_sn, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+               WPG: tl.constexpr):
+    """A program's block of weight rows as [BLOCK_N, 1, 1] (its mask, int64 row indices
+    and their scales' row offsets) and a K step's words as [1, GROUPS, WPG] (the group g
+    of each, and its index in the step)."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n.to(tl.int64)[:, None, None]
+    g = tl.arange(0, GROUPS)[None, :, None]
+    word = g * WPG + tl.arange(0, WPG)[None, None, :]
+    return (offs_n < N)[:, None, None], rows, rows * stride_sn, g, word
+
+
+@triton.jit
 def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
                 stride_wn, PER: tl.constexpr, WPG: tl.constexpr, GROUPS: tl.constexpr,
                 HAS_OFFSET: tl.constexpr, EVEN_K: tl.constexpr):
@@ -291,12 +304,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
     BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
     WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
     STEP: tl.constexpr = BLOCK_K // PER
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N)[:, None, None]
-    rows = offs_n.to(tl.int64)[:, None, None]
-    s_rows = rows * stride_sn
-    g = tl.arange(0, GROUPS)[None, :, None]
-    word = g * WPG + tl.arange(0, WPG)[None, None, :]  # [1, GROUPS, WPG] in the step
+    mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
     acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
     # The loop runs over words (W_PER_SPLIT words a split, specialized as a multiple of
     # 16): the compiler then knows where rows' words are 16-byte aligned.

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store
+from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
 
 
@@ -72,12 +72,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
     STEP: tl.constexpr = BLOCK_K // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N)[:, None, None]
-    rows = offs_n.to(tl.int64)[:, None, None]
-    s_rows = rows * stride_sn
-    g = tl.arange(0, GROUPS)[None, :, None]
-    word = g * WPG + tl.arange(0, WPG)[None, None, :]  # [1, GROUPS, WPG] in the step
+    mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
     acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
     w_start = pid_k * W_PER_SPLIT
     w_end = tl.minimum(w_start + W_PER_SPLIT, K // 8)
@@ -163,12 +158,7 @@ def _gemv_pairs_rows_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N,
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS
     STEP: tl.constexpr = BLOCK_K // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N)[:, None, None]
-    rows = offs_n.to(tl.int64)[:, None, None]
-    s_rows = rows * stride_sn
-    g = tl.arange(0, GROUPS)[None, :, None]
-    word = g * WPG + tl.arange(0, WPG)[None, None, :]
+    mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
     acc0 = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
@@ -209,7 +199,8 @@ PAIRS_ROWS = 4  # the most rows the pairs GEMV takes (_gemv_pairs_rows_kernel)
 
 def pairs_eligible(x: torch.Tensor, bits: int, G: int, block_k: int) -> bool:
     """Where the pairs GEMV applies: int4, 1 to PAIRS_ROWS bfloat16 rows (at an even
-    offset and stride: read as pairs), K steps of whole groups or inside one (the float GEMV's word tiles)."""
+    offset and stride: read as pairs), K steps of whole groups or inside one (the float
+    GEMV's word tiles)."""
     return bits == 4 and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= PAIRS_ROWS and \
         (x.shape[0] == 1 or x.stride(0) % 2 == 0) and x.storage_offset() % 2 == 0 and \
         block_k % 8 == 0 and \

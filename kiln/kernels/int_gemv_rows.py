@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int_gemv import _exponent_base, _gemv1_load, _value_at
+from kiln.kernels.int_gemv import _exponent_base, _gemv1_load, _value_at, _word_tile
 
 
 @triton.jit
@@ -32,12 +32,7 @@ def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, G,
     STEP: tl.constexpr = BLOCK_K // PER
     SPLIT: tl.constexpr = 5 if BITS == 4 else 2  # values read in place: bits 0..19 / 0..15
     SHIFT: tl.constexpr = 12 if BITS == 4 else 16
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N)[:, None, None]
-    rows = offs_n.to(tl.int64)[:, None, None]
-    s_rows = rows * stride_sn
-    g = tl.arange(0, GROUPS)[None, :, None]
-    word = g * WPG + tl.arange(0, WPG)[None, None, :]
+    mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
     r = tl.arange(0, ROWS)[:, None, None, None]  # [ROWS, 1, 1, 1]
     x_rows = x_ptr + r.to(tl.int64) * stride_xm
     mask_r = r < M
