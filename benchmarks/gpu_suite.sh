@@ -95,6 +95,13 @@ for spec in $stages; do
              # one chart of both sweeps (the int-gemv one when it ran first)
              python3 benchmarks/plot_int.py $(ls "$OUT"/int_gemv.json "$OUT"/int_batch.json 2>/dev/null) \
                --out "$OUT/int_kernels.png" ;;
+    int-pairs) # int4 with bfloat16 x in bfloat16 pairs (kiln.kernels.int_gemv_pairs): one row
+             # over its launches (pipelined, one K split, 8 warps), and 2 / 4 rows against
+             # the magic tiles kiln uses there
+             $T python3 benchmarks/int_gemv_bench.py "$OUT/int_pairs.json" --pairs > "$OUT/int_pairs.log" 2>&1
+             grep -A12 "best per" "$OUT/int_pairs.log"
+             $T python3 benchmarks/int_batch_bench.py "$OUT/int_pairs_rows.json" --rows 2,4 --bits 4 \
+               --magic > "$OUT/int_pairs_rows.log" 2>&1; tail -4 "$OUT/int_pairs_rows.log" ;;
     int8-gemv) # W8A8 (int8_sq) products of 1 / 4 / 16 rows: torch._int_mm padded to 17 rows
              # against the dp4a kernel (KILN_INT8_GEMV=1) over its launches, vs bf16 cuBLAS
              $T python3 benchmarks/int8_gemv_bench.py "$OUT/int8_gemv.json" > "$OUT/int8_gemv.log" 2>&1
