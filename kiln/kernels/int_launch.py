@@ -34,7 +34,7 @@ class IntGemmConfig:
     pipeline: bool = False  # one-row GEMV: loads cp.async num_stages - 1 steps ahead
     magic: bool = False  # int4 tiles, 16-bit x: nibbles to 2^7 + q (bf16) by bit operations
     sum_dot: bool = False  # factored / magic tiles: sums of x by a tl.dot with ones
-    pairs: bool = False  # one-row int4 GEMV, bf16 x: products in bf16 pairs (int_gemv_pairs)
+    pairs: bool = False  # int4 GEMV (1-4 rows), bf16 x: products in bf16 pairs (int_gemv_pairs)
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
@@ -79,9 +79,9 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         # int8 where K > 8192 (the 8B's down, 14,336): 64 x 128 in 8 splits, the next
         # step's loads first (prefetch): 19.9 / 20.0 us against 20.6 / 20.4 (sixteenth /
         # seventeenth). int4 with bfloat16 x: products in bfloat16 pairs
-        # (kiln.kernels.int_gemv_pairs; 4.1 SASS instructions a weight against 5.9): batch-1
-        # decode 315.7 / 315.8 tok/s against 294.7 / 294.8 (eighteenth session;
-        # KILN_INT_PAIRS=0: the float GEMV)
+        # (kiln.kernels.int_gemv_pairs; 4.1 SASS instructions a weight against 5.9): a
+        # layer 63.3 us against 76.6, batch-1 decode 337.5 / 337.6 tok/s against 294.6 /
+        # 294.8 (eighteenth session; KILN_INT_PAIRS=0: the float GEMV)
         pairs = bits == 4 and dtype in (None, torch.bfloat16) and \
             os.environ.get("KILN_INT_PAIRS") != "0"
         wide = bits == 8 and 4096 < N <= 8192
