@@ -148,6 +148,59 @@ def test_pairs_only_where_eligible(monkeypatch) -> None:
     assert not pairs_eligible(x, 4, 4, 128)  # groups smaller than a word
 
 
+# ---- the PTX text itself, run by tests/ptx_sim.py ---------------------------------------
+def _exact_word(word: int, xs: list[int], base: int) -> int:
+    """A word's dot product as the PTX must compute it (float32 bits): per half, a running
+    bfloat16 sum from -0 of (q - base) x, each step exact then rounded once; halves added
+    in float32."""
+    import numpy as np
+
+    from tests import ptx_sim
+
+    total = []
+    for half in (0, 1):
+        acc = 0x8000
+        for j in range(4):
+            q = ((word >> (8 * j + 4 * half)) & 0xF) - base
+            x = ptx_sim._bf16_value(xs[j] >> (16 * half))
+            acc = ptx_sim._bf16_round(q * x + ptx_sim._bf16_value(acc))
+        total.append(ptx_sim._f32(acc << 16))
+    return ptx_sim._bits(np.float32(total[0]) + np.float32(total[1]))
+
+
+def test_pairs_ptx_text() -> None:
+    """The inline PTX strings (one row; unpack then dot for several rows; x's sum) run
+    instruction by instruction on the CPU give, bit for bit, the arithmetic the module
+    describes: q - 8 (q without offsets) times x's pairs in value order, bfloat16
+    roundings, float32 halves."""
+    from kiln.kernels import int_pairs_asm as A
+    from tests import ptx_sim
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 2**32, (200,), generator=g, dtype=torch.int64).tolist()
+    words += [0, 0xFFFFFFFF, 0x88888888, 0x01234567]
+    for i, word in enumerate(words):
+        scale = (1.0, 1e-3, 300.0)[i % 3]
+        x = (torch.randn(8, generator=g) * scale).to(torch.bfloat16)
+        if i % 7 == 0:
+            x[i % 8] = 0.0
+        bits = x.view(torch.int16).to(torch.int64) & 0xFFFF
+        xs = [int(bits[2 * j]) | int(bits[2 * j + 1]) << 16 for j in range(4)]
+        for signed, one_row, unpack in ((True, A._PAIRS_SIGNED, A._UNPACK_SIGNED),
+                                        (False, A._PAIRS_UNSIGNED, A._UNPACK_UNSIGNED)):
+            want = _exact_word(word, xs, 8 if signed else 0)
+            assert ptx_sim.run(one_row.value, [word, *xs], 1) == [want], (hex(word), signed)
+            q = ptx_sim.run(unpack.value, [word], 4)
+            assert ptx_sim.run(A._DOT_Q.value, [*q, *xs], 1) == [want], (hex(word), signed)
+        lo = [ptx_sim._bf16_value(v) for v in xs]
+        hi = [ptx_sim._bf16_value(v >> 16) for v in xs]
+        sums = [ptx_sim._bf16_round(ptx_sim._bf16_value(ptx_sim._bf16_round(h[0] + h[1])) +
+                                    ptx_sim._bf16_value(ptx_sim._bf16_round(h[2] + h[3])))
+                for h in (lo, hi)]
+        want = ptx_sim._bits(ptx_sim._f32(sums[0] << 16) + ptx_sim._f32(sums[1] << 16))
+        assert ptx_sim.run(A._SUM_ASM.value, xs, 1) == [want]
+
+
 # ---- GPU ----------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_gpu
