@@ -201,6 +201,28 @@ def test_pairs_ptx_text() -> None:
         assert ptx_sim.run(A._SUM_ASM.value, xs, 1) == [want]
 
 
+def test_magic_nibbles_ptx_text() -> None:
+    """The magic tiles' unpacking (kiln.kernels.int_unpack, the default for int4 decode
+    batches): four bytes (one packed register, byte i element i) -> the low nibbles of
+    bytes 0, 1 / 2, 3 and the high nibbles of bytes 0, 1 / 2, 3 as 16-bit pairs BASE + q
+    (bfloat16 2^7, float16 2^10), in element order."""
+    import struct
+
+    from kiln.kernels import int_unpack
+    from tests import ptx_sim
+
+    g = torch.Generator().manual_seed(1)
+    for word in torch.randint(0, 2**32, (64,), generator=g, dtype=torch.int64).tolist():
+        b = word.to_bytes(4, "little")
+        for asm, to_bits in ((int_unpack._MAGIC_BF16, lambda v: struct.unpack(
+                "<I", struct.pack("<f", 128.0 + v))[0] >> 16),
+                (int_unpack._MAGIC_FP16, lambda v: int(torch.tensor(1024.0 + v).half().view(
+                    torch.int16)) & 0xFFFF)):
+            want = [to_bits(b[i] & 0xF) | to_bits(b[i + 1] & 0xF) << 16 for i in (0, 2)] + \
+                [to_bits(b[i] >> 4) | to_bits(b[i + 1] >> 4) << 16 for i in (0, 2)]
+            assert ptx_sim.run(asm.value, [word], 4) == want, hex(word)
+
+
 # ---- GPU ----------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_gpu
