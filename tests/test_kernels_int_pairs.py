@@ -4,7 +4,9 @@ pair's products and running sums rounded to bfloat16, the word's sum in float32)
 against the float32 product within the rounding bound of that arithmetic. CPU: the
 kernel's interpreter path (the same arithmetic in integer and float32 operations); GPU:
 the inline PTX (fma.rn.bf16x2), which must give the emulation's result up to the order of
-the float32 sums."""
+the float32 sums. The PTX text itself also runs on the CPU, instruction by instruction
+(tests/ptx_sim.py), bit for bit against the arithmetic it implements (and the magic tiles'
+nibble unpacking, kiln.kernels.int_unpack, the same way)."""
 
 from __future__ import annotations
 
