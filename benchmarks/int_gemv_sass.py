@@ -43,6 +43,31 @@ def per_weight(bits: int, block_n: int, block_k: int, warps: int = 4, **flags: b
             "top": {op: round(n / weights, 2) for op, n in ops.most_common(8)}}
 
 
+def pairs_per_weight(rows: int, block_n: int, block_k: int, warps: int = 4) -> dict:
+    """The int4 GEMV in bfloat16 pairs (kiln.kernels.int_gemv_pairs) at `rows` rows:
+    instructions a weight and row."""
+    from kiln.kernels import int_gemv_pairs
+
+    values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+              "bias_ptr": "*bf16", "out_ptr": "*fp32", "N": 4096, "K": K,
+              "W_PER_SPLIT": K // 4 // 8, "stride_wn": K // 8, "stride_sn": K // 128}
+    meta = dict(G=128, HAS_OFFSET=True, HAS_BIAS=False, BLOCK_N=block_n, BLOCK_K=block_k,
+                ATOMIC=True, EVEN_K=True, GROUPS=1, INTERPRET=False)
+    if rows == 1:
+        kernel = int_gemv_pairs._gemv1_pairs_kernel
+        values.update(part_ptr="*fp32", count_ptr="*i32")
+        meta["SPLIT_K"] = 1
+    else:
+        kernel = int_gemv_pairs._gemv_pairs_rows_kernel
+        values.update(M=rows, stride_xm=K // 2, stride_om=4096)
+        meta["ROWS"] = rows
+    ops = main_loop_sass(kernel, values, meta, warps, 3)
+    weights = block_n * block_k / (32 * warps) * rows
+    return {"bits": 4, "block_n": block_n, "block_k": block_k, "variant": f"pairs-{rows}row",
+            "loop": sum(ops.values()), "per_weight": round(sum(ops.values()) / weights, 2),
+            "top": {op: round(n / weights, 2) for op, n in ops.most_common(8)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int_gemv_sass.json")
@@ -50,6 +75,9 @@ def main() -> None:
     default = int_gemm.int_gemm_config(1, 4096, K, __import__("torch").device("cpu"))
     rows = [per_weight(bits, bn, bk, **flags) for bits in (4, 8) for bn, bk in TILES
             for flags in ({}, {"FACTORED": True}, {"FACTORED": True, "XVEC": True})]
+    # bfloat16 pairs (per weight and row), kiln's int4 default at one row since the
+    # eighteenth session
+    rows += [pairs_per_weight(r, bn, bk) for r in (1, 2, 4) for bn, bk in ((32, 256), (64, 128))]
     import triton
 
     print(f"one-row GEMV, K {K}, sm_90, Triton {triton.__version__} (default tile "
