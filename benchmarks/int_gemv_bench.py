@@ -127,20 +127,17 @@ def main() -> None:
             # one K split (no atomics, zeroing or cast launches; untimed)
             configs += [f"{c},0,1,1,0" for c in ("32,256,1,4,3", "32,128,1,4,3", "16,256,1,4,3")]
             if pairs:  # int4 products in bfloat16 pairs (a twelfth field), by K atomics or
-                # fixup; the eighteenth session's best (prefetch, the sixth field, lost but
-                # at down), then untimed: K loops software-pipelined (cp.async, the eleventh),
-                # one K split (no atomics, zeroing or cast launches), 8 warps
-                configs = ["auto"] + [f"{c},{pf},1,1,{fix},0,{pipe},1" for c, fix, pf, pipe in (
-                    ("32,256,4,4,3", 0, 0, 0), ("32,256,4,4,3", 1, 0, 0),
-                    ("64,128,16,4,3", 1, 0, 0), ("32,256,4,4,3", 1, 1, 0),
-                    ("64,256,8,4,3", 1, 0, 0), ("128,128,8,8,3", 1, 0, 0),
-                    ("32,256,4,4,3", 0, 0, 1), ("32,256,4,4,4", 0, 0, 1),
-                    ("32,256,4,4,3", 1, 0, 1), ("64,128,16,4,3", 1, 0, 1),
-                    ("64,128,8,4,4", 1, 0, 1), ("64,128,8,8,3", 0, 0, 1),
-                    ("32,256,1,4,3", 0, 0, 0), ("32,128,1,4,3", 0, 0, 0),
-                    ("16,256,1,4,3", 0, 0, 0), ("32,256,1,4,3", 0, 0, 1),
-                    ("64,128,8,8,3", 0, 0, 0), ("64,128,8,8,3", 1, 0, 0),
-                    ("32,256,4,8,3", 0, 0, 0), ("64,128,16,8,3", 1, 0, 0))]
+                # fixup; the eighteenth session's best, then untimed: K loops
+                # software-pipelined (cp.async, the eleventh field), one K split (no
+                # atomics, zeroing or cast launches), 8 warps
+                configs = ["auto"] + [f"{c},0,1,1,{fix},0,{pipe},1" for c, fix, pipe in (
+                    ("32,256,4,4,3", 0, 0), ("32,256,4,4,3", 1, 0), ("64,128,16,4,3", 1, 0),
+                    ("64,256,8,4,3", 1, 0), ("128,128,8,8,3", 1, 0), ("32,256,4,4,3", 0, 1),
+                    ("32,256,4,4,4", 0, 1), ("32,256,4,4,3", 1, 1), ("64,128,16,4,3", 1, 1),
+                    ("64,128,8,4,4", 1, 1), ("64,128,8,8,3", 0, 1), ("32,256,1,4,3", 0, 0),
+                    ("32,128,1,4,3", 0, 0), ("16,256,1,4,3", 0, 0), ("32,256,1,4,3", 0, 1),
+                    ("64,128,8,8,3", 0, 0), ("64,128,8,8,3", 1, 0), ("32,256,4,8,3", 0, 0),
+                    ("64,128,16,8,3", 1, 0))]
             for cfg in configs:
                 os.environ.pop("KILN_INT_GEMV1", None)
                 if cfg != "auto":

@@ -65,8 +65,8 @@ def emulate(x: torch.Tensor, weight, scale, offset, bias
 
 def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_bias: bool,
                 fixup: bool, device: str = "cpu", block_n: int = 16, block_k: int = 64,
-                prefetch: bool = False, pipeline: bool = False, rows: int = 1) -> None:
-    """rows > 1: _gemv_pairs_rows_kernel (K splits by atomics; fixup and prefetch are one
+                pipeline: bool = False, rows: int = 1) -> None:
+    """rows > 1: _gemv_pairs_rows_kernel (K splits by atomics; fixup and pipeline are one
     row's only), every row checked."""
     from kiln.kernels import int_gemm
 
@@ -77,7 +77,7 @@ def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_
     x = torch.randn(rows, K, device=device).to(torch.bfloat16)
     x[0, 5] = 30.0  # an outlier
     bias = torch.randn(N, device=device).to(torch.bfloat16) if with_bias else None
-    cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, prefetch=prefetch,
+    cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split,
                                  factored=True, xvec=True, fixup=fixup, pipeline=pipeline,
                                  pairs=True)
     y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
@@ -85,7 +85,7 @@ def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_
     for r in range(rows):
         _check_row(y[r].cpu(), x[r:r + 1].cpu(), weight, scale, offset, bias,
                    f"N{N} K{K} g{group} split{split} offset{with_offset} bias{with_bias} "
-                   f"{prefetch} row {r} of {rows}")
+                   f"row {r} of {rows}")
 
 
 def _check_row(y: torch.Tensor, x: torch.Tensor, weight, scale, offset, bias, name: str
@@ -105,12 +105,9 @@ def _check_row(y: torch.Tensor, x: torch.Tensor, weight, scale, offset, bias, na
 def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
     """N 40 (masked rows); K ending inside a step (96: steps of 64) or whole; groups
     smaller and larger than the step; one split, three (atomics) and three summed by the
-    last (fixup); with and without offsets and bias; with and without prefetch."""
+    last (fixup); with and without offsets and bias."""
     for split, fixup in ((1, False), (3, False), (3, True)):
         interp(check_pairs, 40, K, group, split, split == 1 or fixup, split == 1, fixup)
-    # the next step's loads before this step's math (prefetch)
-    interp(check_pairs, 40, K, group, 1, True, False, False, prefetch=True)
-    interp(check_pairs, 40, K, group, 3, True, True, True, prefetch=True)
 
 
 @pytest.mark.parametrize("rows", [2, 3, 4])
@@ -234,8 +231,7 @@ def test_gpu_pairs_gemv(N, K) -> None:
     result, within the bound."""
     for bn, bk, split, fixup in ((64, 128, 8, True), (64, 128, 8, False), (32, 256, 4, True),
                                  (128, 128, 1, False), (64, 128, 16, True)):
-        for prefetch in (False, True):
-            check_pairs(N, K, 128, split, True, split == 1, fixup, "cuda", bn, bk, prefetch)
+        check_pairs(N, K, 128, split, True, split == 1, fixup, "cuda", bn, bk)
     check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
     check_pairs(N, K, 128, 4, True, False, False, "cuda", 32, 256, pipeline=True)
     check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256)  # one split: no atomics
@@ -246,7 +242,7 @@ def test_gpu_pairs_gemv(N, K) -> None:
 
 
 def test_pairs_gemv_compiles_for_hopper() -> None:
-    """The inline PTX assembles for sm_90 in kiln's launches (and with prefetch, or the K
+    """The inline PTX assembles for sm_90 in kiln's launches (and with the K
     loop pipelined through cp.async), without spills; the products are packed bfloat16
     FMAs."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -260,13 +256,13 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
               "count_ptr": "*i32", "N": 4096, "K": K, "W_PER_SPLIT": K // 8 // 4,
               "stride_wn": K // 8, "stride_sn": K // 128}
     for bn, bk in ((32, 256), (64, 128)):
-        for prefetch, stages in ((False, 1), (True, 1), (False, 3)):
+        for stages in (1, 3):
             meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
                         GROUPS=1, ATOMIC=False, EVEN_K=True, SPLIT_K=4, INTERPRET=False,
-                        PREFETCH=prefetch, LOOP_STAGES=stages)
+                        LOOP_STAGES=stages)
             r = compile_sm90(_gemv1_pairs_kernel, values, meta, 4, 3)
             assert r.stack_bytes == 0, r
             assert (r.instructions["cp.async"] > 0) == (stages > 1), r
-    meta = dict(meta, PREFETCH=False, LOOP_STAGES=1)
+    meta = dict(meta, LOOP_STAGES=1)
     ptx = _compile(_gemv1_pairs_kernel, values, meta, 4, 3).asm["ptx"]
     assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx

@@ -51,7 +51,7 @@ from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
 from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
-from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
+from kiln.kernels.split_k import finish_tile, split_k_buffers, split_k_counters, tile_coords
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -322,18 +322,13 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if word_gemv and cfg.pairs and pairs_eligible(x, bits, G, block_k):
         return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                           split_length(K, cfg.split_k, block_k), cfg.fixup, cfg.num_warps,
-                          cfg.num_stages, _INTERPRET, split_k_counters, cfg.prefetch,
-                          cfg.num_stages if cfg.pipeline else 1)
+                          cfg.num_stages, _INTERPRET, cfg.num_stages if cfg.pipeline else 1)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)
         blocks = triton.cdiv(N, cfg.block_n)
-        atomic = splits > 1 and not cfg.fixup
-        out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty(N, dtype=x.dtype, device=x.device)
-        part, counters = (torch.empty(splits, N, dtype=torch.float32, device=x.device),
-                          split_k_counters(x.device, blocks)) if splits > 1 and cfg.fixup \
-            else (out, out)
+        out, part, counters, atomic = split_k_buffers(1, N, splits, blocks, cfg.fixup,
+                                                      x.dtype, x.device)
         _gemv1_kernel[(blocks, splits)](
             x, weight.view(torch.int32), scale, o, b, out, part, counters, N, K, G,
             k_per_split // per, weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic,
@@ -342,7 +337,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
             LOOP_STAGES=cfg.num_stages if cfg.pipeline else 1,
             **{k: v for k, v in common.items() if k != "GROUP_TILE"})
-        return (out.to(x.dtype) if atomic else out).view(1, N)
+        return out.to(x.dtype) if atomic else out
     if word_gemv and cfg.factored:
         return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                                 cfg.num_warps, cfg.num_stages, G,

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.int8_gemv import _dot4
-from kiln.kernels.split_k import split_k_counters, split_k_fixup
+from kiln.kernels.split_k import split_k_buffers, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # X = x / s * 2^16; three balanced 8-bit digits hold |X| <= 127 (2^16 + 2^8 + 1)
@@ -234,9 +234,7 @@ def digits_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     per_split = triton.cdiv(triton.cdiv(chunks, split_k), block_c) * block_c
     splits = triton.cdiv(chunks, per_split)
     blocks = triton.cdiv(N, block_n)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    part, counters = (torch.empty(splits, N, dtype=torch.float32, device=x.device),
-                      split_k_counters(x.device, blocks)) if splits > 1 else (out, out)
+    out, part, counters, _ = split_k_buffers(1, N, splits, blocks, True, x.dtype, x.device)
     _digits_gemv_kernel[(blocks, splits)](
         digits.view(torch.int32), sx, xs, weight.view(torch.int32), scale,
         offset if offset is not None else scale, bias if bias is not None else scale, out,

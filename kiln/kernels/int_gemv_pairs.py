@@ -33,24 +33,23 @@ import triton.language as tl
 
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
+from kiln.kernels.split_k import split_k_buffers
 
 
 @triton.jit
-def _pairs_load(x_ptr, w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
-                stride_wn, WPG: tl.constexpr, GROUPS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """The K step at word w0: the weight's words, their groups' scales (offsets) and x's
-    four pairs of each word ([1, GROUPS, WPG, 4], pairs 4 (w0 + word) .. + 3: one vector
-    load)."""
-    words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
-                                       w0, k_end, G, stride_wn, 8, WPG, GROUPS, HAS_OFFSET,
-                                       EVEN_K)
+def _x_pairs(x_ptr, w0, word, end, MASKED: tl.constexpr):
+    """x's four bfloat16 pairs of each word of the K step at word w0 (pairs 4 (w0 + word)
+    .. + 3 of the int32 view: one vector load; MASKED: zeros from pair `end` on), as four
+    int32 tensors [1, GROUPS, WPG] in value order."""
     offs = ((w0 + word) * 4)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
-    if EVEN_K:
-        xv = tl.load(x_ptr + offs)
+    if MASKED:
+        xv = tl.load(x_ptr + offs, mask=offs < end, other=0)
     else:
-        xv = tl.load(x_ptr + offs, mask=offs < k_end // 2, other=0)
-    return words, scale, offset, xv
+        xv = tl.load(x_ptr + offs)
+    e, o = tl.split(tl.reshape(xv, (xv.shape[0], xv.shape[1], xv.shape[2], 2, 2)))
+    x0, x2 = tl.split(e)
+    x1, x3 = tl.split(o)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -60,14 +59,14 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUPS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        PREFETCH: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 1):
+                        LOOP_STAGES: tl.constexpr = 1):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
     in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
     products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32.
-    PREFETCH: the next K step's loads issued before this step's math (slower in the
-    eighteenth session's sweep but at down). LOOP_STAGES > 1: the K loop
-    software-pipelined by Triton (cp.async LOOP_STAGES - 1 steps ahead; untimed)."""
+    LOOP_STAGES > 1: the K loop software-pipelined by Triton (cp.async LOOP_STAGES - 1
+    steps ahead; untimed). (The next step's loads issued first, as _gemv1_kernel's
+    PREFETCH, lost at every shape but down, where it tied: eighteenth session.)"""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
@@ -77,29 +76,14 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     w_start = pid_k * W_PER_SPLIT
     w_end = tl.minimum(w_start + W_PER_SPLIT, K // 8)
     k_end = w_end * 8
-    if PREFETCH:
-        words, scale, offset, xv = _pairs_load(x_ptr, w_ptr, s_ptr, o_ptr, rows, s_rows,
-                                               mask_n, g, word, w_start, k_end, G, stride_wn,
-                                               WPG, GROUPS, HAS_OFFSET, EVEN_K)
     for w0 in tl.range(w_start, w_end, STEP, num_stages=LOOP_STAGES):
-        if PREFETCH:  # the next step's loads issued before this step's math
-            # EVEN_K: the last step reloads itself (cached) instead of masking every load
-            w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP
-            n_words, n_scale, n_offset, n_xv = _pairs_load(
-                x_ptr, w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w_next, k_end, G,
-                stride_wn, WPG, GROUPS, HAS_OFFSET, EVEN_K)
-        else:
-            words, scale, offset, xv = _pairs_load(
-                x_ptr, w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
-                stride_wn, WPG, GROUPS, HAS_OFFSET, EVEN_K)
-        e, o = tl.split(tl.reshape(xv, (1, GROUPS, WPG, 2, 2)))
-        x0, x2 = tl.split(e)
-        x1, x3 = tl.split(o)
+        words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
+                                           w0, k_end, G, stride_wn, 8, WPG, GROUPS,
+                                           HAS_OFFSET, EVEN_K)
+        x0, x1, x2, x3 = _x_pairs(x_ptr, w0, word, k_end // 2, not EVEN_K)
         acc += _pair_dot(words, x0, x1, x2, x3, HAS_OFFSET, INTERPRET) * scale
         if HAS_OFFSET:
             acc += _pair_sum(x0, x1, x2, x3, INTERPRET) * (offset + 8.0 * scale)
-        if PREFETCH:
-            words, scale, offset, xv = n_words, n_scale, n_offset, n_xv
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     _gemv1_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, N, BLOCK_N,
                  HAS_BIAS, ATOMIC, SPLIT_K, INTERPRET)
@@ -107,15 +91,10 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
 
 @triton.jit
 def _row_step(acc, q0, q1, q2, q3, scale, offset, x_ptr, r, M, stride_xm, w0, word, k_end,
-              GROUPS: tl.constexpr, WPG: tl.constexpr, HAS_OFFSET: tl.constexpr,
-              EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
+              HAS_OFFSET: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + row r's products with a K step's unpacked words (zeros past M rows)."""
-    offs = ((w0 + word) * 4)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
     end = tl.where(r < M, k_end // 2, 0)  # the row's pairs (none past M)
-    xv = tl.load(x_ptr + r * stride_xm + offs, mask=offs < end, other=0)
-    e, o = tl.split(tl.reshape(xv, (1, GROUPS, WPG, 2, 2)))
-    x0, x2 = tl.split(e)
-    x1, x3 = tl.split(o)
+    x0, x1, x2, x3 = _x_pairs(x_ptr + r * stride_xm, w0, word, end, True)
     acc += _pair_dot_q(q0, q1, q2, q3, x0, x1, x2, x3, INTERPRET) * scale
     if HAS_OFFSET:
         acc += _pair_sum(x0, x1, x2, x3, INTERPRET) * offset
@@ -173,15 +152,15 @@ def _gemv_pairs_rows_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N,
         q0, q1, q2, q3 = _pair_unpack(words, HAS_OFFSET, INTERPRET)
         offset = offset + 8.0 * scale  # (with offsets the pairs hold q - 8)
         acc0 = _row_step(acc0, q0, q1, q2, q3, scale, offset, x_ptr, 0, M, stride_xm, w0,
-                         word, k_end, GROUPS, WPG, HAS_OFFSET, EVEN_K, INTERPRET)
+                         word, k_end, HAS_OFFSET, INTERPRET)
         acc1 = _row_step(acc1, q0, q1, q2, q3, scale, offset, x_ptr, 1, M, stride_xm, w0,
-                         word, k_end, GROUPS, WPG, HAS_OFFSET, EVEN_K, INTERPRET)
+                         word, k_end, HAS_OFFSET, INTERPRET)
         if ROWS > 2:
             acc2 = _row_step(acc2, q0, q1, q2, q3, scale, offset, x_ptr, 2, M, stride_xm, w0,
-                             word, k_end, GROUPS, WPG, HAS_OFFSET, EVEN_K, INTERPRET)
+                             word, k_end, HAS_OFFSET, INTERPRET)
         if ROWS > 3:
             acc3 = _row_step(acc3, q0, q1, q2, q3, scale, offset, x_ptr, 3, M, stride_xm, w0,
-                             word, k_end, GROUPS, WPG, HAS_OFFSET, EVEN_K, INTERPRET)
+                             word, k_end, HAS_OFFSET, INTERPRET)
     _row_out(acc0, 0, M, bias_ptr, out_ptr, stride_om, pid_n, pid_k, N, BLOCK_N, HAS_BIAS,
              ATOMIC)
     _row_out(acc1, 1, M, bias_ptr, out_ptr, stride_om, pid_n, pid_k, N, BLOCK_N, HAS_BIAS,
@@ -210,44 +189,28 @@ def pairs_eligible(x: torch.Tensor, bits: int, G: int, block_k: int) -> bool:
 def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int,
                block_k: int, groups: int, k_per_split: int, fixup: bool, num_warps: int,
-               num_stages: int, interpret: bool, split_counters, prefetch: bool = False,
-               loop_stages: int = 1) -> torch.Tensor:
+               num_stages: int, interpret: bool, loop_stages: int = 1) -> torch.Tensor:
     """x [M, K] bfloat16 (M <= PAIRS_ROWS) @ dequant(int4 weight)^T -> [M, N] bfloat16
     (_gemv1_pairs_kernel for one row, _gemv_pairs_rows_kernel for more: K splits by
-    atomics there, fixup and prefetch for one row only)."""
+    atomics there; fixup and loop_stages are one row's only)."""
     M, K = x.shape
     N = weight.shape[0]
-    G = K // scale.shape[1]
     splits = triton.cdiv(K, k_per_split)
     blocks = triton.cdiv(N, block_n)
+    out, part, counters, atomic = split_k_buffers(M, N, splits, blocks, fixup and M == 1,
+                                                  x.dtype, x.device)
+    args = (x.view(torch.int32), weight.view(torch.int32), scale,
+            offset if offset is not None else scale, bias if bias is not None else scale, out)
+    meta = dict(G=K // scale.shape[1], BLOCK_N=block_n, BLOCK_K=block_k,
+                HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, GROUPS=groups,
+                ATOMIC=atomic, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
+                INTERPRET=interpret, num_warps=num_warps, num_stages=num_stages)
     if M > 1:
-        atomic = splits > 1
-        out = torch.zeros(M, N, dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty(M, N, dtype=x.dtype, device=x.device)
         _gemv_pairs_rows_kernel[(blocks, splits)](
-            x.view(torch.int32), weight.view(torch.int32), scale,
-            offset if offset is not None else scale, bias if bias is not None else scale, out,
-            M, N, K, k_per_split // 8, x.stride(0) // 2, weight.stride(0) // 4,
-            scale.stride(0), out.stride(0), G=G, ROWS=max(2, triton.next_power_of_2(M)),
-            BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=offset is not None,
-            HAS_BIAS=bias is not None, GROUPS=groups, ATOMIC=atomic,
-            EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0, INTERPRET=interpret,
-            num_warps=num_warps, num_stages=num_stages)
-        return out.to(x.dtype) if atomic else out
-    atomic = splits > 1 and not fixup
-    out = torch.zeros(N, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(N, dtype=x.dtype, device=x.device)
-    part, counters = (torch.empty(splits, N, dtype=torch.float32, device=x.device),
-                      split_counters(x.device, blocks)) if splits > 1 and fixup else (out, out)
-    _gemv1_pairs_kernel[(blocks, splits)](
-        x.contiguous().view(torch.int32), weight.view(torch.int32), scale,
-        offset if offset is not None else scale,
-        bias if bias is not None else scale, out, part, counters, N, K, k_per_split // 8,
-        weight.stride(0) // 4, scale.stride(0), G=G, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, GROUPS=groups,
-        ATOMIC=atomic, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
-        SPLIT_K=splits if fixup else 1, INTERPRET=interpret, PREFETCH=prefetch,
-        LOOP_STAGES=loop_stages,
-        num_warps=num_warps,
-        num_stages=num_stages)
-    return (out.to(x.dtype) if atomic else out).view(1, N)
+            *args, M, N, K, k_per_split // 8, x.stride(0) // 2, weight.stride(0) // 4,
+            scale.stride(0), out.stride(0), ROWS=max(2, triton.next_power_of_2(M)), **meta)
+    else:
+        _gemv1_pairs_kernel[(blocks, splits)](
+            *args, part, counters, N, K, k_per_split // 8, weight.stride(0) // 4,
+            scale.stride(0), SPLIT_K=splits if fixup else 1, LOOP_STAGES=loop_stages, **meta)
+    return out.to(x.dtype) if atomic else out

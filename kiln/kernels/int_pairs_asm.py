@@ -55,15 +55,15 @@ def _asm(body: str, **names: str) -> str:
 _XS = dict(X0="$2", X1="$3", X2="$4", X3="$5")
 _MS = dict(Q0="m0", Q1="m1", Q2="m2", Q3="m3")
 # one row: $0 = the word's dot product, $1 the word, $2..$5 x's pairs
-_PAIRS_SIGNED = tl.constexpr(_asm(_UNPACK + _DOT, W="$1", BASE="0xC308C308", OUT="$0",
-                                  **_MS, **_XS))  # -136: q - 8
-_PAIRS_UNSIGNED = tl.constexpr(_asm(_UNPACK + _DOT, W="$1", BASE="0xC300C300", OUT="$0",
-                                    **_MS, **_XS))  # -128: q
+_SIGNED, _UNSIGNED = "0xC308C308", "0xC300C300"  # bfloat16 pairs -136 (q - 8), -128 (q)
+_PAIRS_SIGNED, _PAIRS_UNSIGNED = (
+    tl.constexpr(_asm(_UNPACK + _DOT, W="$1", BASE=base, OUT="$0", **_MS, **_XS))
+    for base in (_SIGNED, _UNSIGNED))
 # several rows: the word's pairs once ($0..$3 from the word $4), then a dot a row
-_UNPACK_SIGNED = tl.constexpr(_asm(_UNPACK + "mov.b32 $0, m0;\nmov.b32 $1, m1;\n"
-                                   "mov.b32 $2, m2;\nmov.b32 $3, m3;\n", W="$4",
-                                   BASE="0xC308C308"))
-_UNPACK_UNSIGNED = tl.constexpr(_UNPACK_SIGNED.value.replace("0xC308C308", "0xC300C300"))
+_UNPACK_SIGNED, _UNPACK_UNSIGNED = (
+    tl.constexpr(_asm(_UNPACK + "mov.b32 $0, m0;\nmov.b32 $1, m1;\nmov.b32 $2, m2;\n"
+                      "mov.b32 $3, m3;\n", W="$4", BASE=base))
+    for base in (_SIGNED, _UNSIGNED))
 _DOT_Q = tl.constexpr(_asm(_DOT, Q0="$1", Q1="$2", Q2="$3", Q3="$4", X0="$5", X1="$6",
                            X2="$7", X3="$8", OUT="$0"))
 
@@ -100,18 +100,11 @@ def _halves(pair):
 
 @triton.jit
 def _pair_dot(words, x0, x1, x2, x3, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
-    """sum_i (q_i - 8 SIGNED) x_i over each word's eight values, float32 (see _PAIRS_ASM)."""
+    """sum_i (q_i - 8 SIGNED) x_i over each word's eight values, float32 (_UNPACK then
+    _DOT in one asm block; emulated as _pair_unpack then _pair_dot_q)."""
     if INTERPRET:
-        acc_lo = tl.zeros(words.shape, dtype=tl.float32)
-        acc_hi = tl.zeros(words.shape, dtype=tl.float32)
-        xs = (x0, x1, x2, x3)
-        for j in tl.static_range(4):
-            q_lo = ((words >> (8 * j)) & 0xF).to(tl.float32) - 8.0 * SIGNED
-            q_hi = ((words >> (8 * j + 4)) & 0xF).to(tl.float32) - 8.0 * SIGNED
-            x_lo, x_hi = _halves(xs[j])
-            acc_lo = _round_bf16(q_lo * x_lo + acc_lo)
-            acc_hi = _round_bf16(q_hi * x_hi + acc_hi)
-        p = acc_lo + acc_hi
+        q0, q1, q2, q3 = _pair_unpack(words, SIGNED, INTERPRET)
+        p = _pair_dot_q(q0, q1, q2, q3, x0, x1, x2, x3, INTERPRET)
     elif SIGNED:  # (one return: a return inside a compile-time branch does not end it)
         p = tl.inline_asm_elementwise(_PAIRS_SIGNED, "=f,r,r,r,r,r", [words, x0, x1, x2, x3],
                                       dtype=tl.float32, is_pure=True, pack=1)

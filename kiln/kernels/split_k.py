@@ -98,3 +98,20 @@ def finish_tile(acc, out_ptr, bias_ptr, part_ptr, count_ptr, tile, offs_m, offs_
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def split_k_buffers(rows: int, n: int, splits: int, blocks: int, fixup: bool,
+                    dtype: torch.dtype, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """A split-K GEMV's output [rows, n] and workspace: (out, part, counters, atomic).
+    Several splits meet either in the kernel (fixup: partials [splits, rows * n] in float32,
+    summed by the last split of each of the `blocks` output blocks, out in dtype) or by
+    float32 atomics into a zeroed out (atomic: the caller casts it to dtype); one split
+    writes out in dtype. part and counters are out where unused."""
+    atomic = splits > 1 and not fixup
+    out = torch.zeros(rows, n, dtype=torch.float32, device=device) if atomic else \
+        torch.empty(rows, n, dtype=dtype, device=device)
+    if splits > 1 and fixup:
+        return (out, torch.empty(splits, rows * n, dtype=torch.float32, device=device),
+                split_k_counters(device, blocks), atomic)
+    return out, out, out, atomic
