@@ -171,6 +171,10 @@ for spec in $stages; do
              [ -n "${KEEP_TRACE:-}" ] && gzip -c /tmp/prof$tag/trace.json > "$OUT/trace$tag.json.gz" ;;
     throughput-64) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 512 --output-len 256 --num-requests 64 $Q --out "$OUT/tput-64$tag.json" 2>&1 | tail -8 ;;
+    throughput-few) # a few requests at once (NUM_REQUESTS, default 4): decode at 2-4 rows
+             $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
+             --input-len 128 --output-len 256 --num-requests ${NUM_REQUESTS:-4} $Q \
+             --out "$OUT/tput-few${NUM_REQUESTS:-4}$tag.json" 2>&1 | tail -8 ;;
     throughput-1k) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \
              --input-len 1000 --output-len 1000 --num-requests ${NUM_REQUESTS:-1000} $Q --out "$OUT/tput-1k$tag.json" 2>&1 | tail -8 ;;
     throughput-1k-noevict) $T python3 -m kiln.cli bench throughput --random-config ${MODEL:-llama-3.1-8b} \

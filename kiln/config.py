@@ -52,6 +52,7 @@ class BuildConfig:
     quant_layers: dict[str, str] = field(default_factory=dict)  # gguf: storage per layer
     smooth_alpha: float = 0.5  # int8_sq: SmoothQuant migration strength
     act_order: bool = False  # int4_gptq: columns in order of decreasing activation energy
+    quantize_lm_head: bool = False  # the LM head too, by the weight-only method (RTN)
     calib_samples: int = 32
     calib_seq_len: int = 512
 
@@ -140,6 +141,11 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    "the weights, 0..1 (default 0.5)")
     g.add_argument("--act-order", action="store_true", default=None,
                    help="int4_gptq: round the most used input channels first")
+    g.add_argument("--quantize-lm-head", action="store_true", default=None,
+                   help="int8_wo / int4_wo / int4_awq / int4_gptq: quantize the LM head "
+                   "too (round to nearest, the same storage; by default it stays in the "
+                   "model dtype). A Llama-3-8B head is 1 GB in bf16: batch-1 decode reads it "
+                   "every token")
     g.add_argument("--calib-samples", type=int, default=32)
     g.add_argument("--calib-seq-len", type=int, default=512)
     g.add_argument("--load-format", default=None, choices=LOAD_FORMATS,

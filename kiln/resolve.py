@@ -55,8 +55,9 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     # and token budget, and any max_seq_len up to the one it was built for.
     resolved = dataclasses.replace(
         build_cfg, dtype=str(resolve_dtype(build_cfg.dtype)).removeprefix("torch."))
-    weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS
-               and (k, v) != ("load_format", "stored")}  # keys from before the field stay
+    weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS and (k, v) not in
+               (("load_format", "stored"), ("quantize_lm_head", False))}  # keys from
+    # before those fields stay
     key = hashlib.sha256(json.dumps([fingerprint, weights],
                                     sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{path.stem}-{key}"

@@ -169,13 +169,15 @@ def simulate(model: torch.nn.Module, fp8: bool = False,
             h.remove()
 
 
-def int_weights(model: torch.nn.Module, bits: int, group_size: int) -> None:
-    """Round every decoder projection's weight as kiln's weight-only schemes define it:
+def int_weights(model: torch.nn.Module, bits: int, group_size: int,
+                match: str = ".layers.") -> None:
+    """Round every decoder projection's weight (every linear whose name holds `match`)
+    as kiln's weight-only schemes define it:
     8 bits symmetric (scale = group max |w| / 127), 4 bits asymmetric (scale = (max - min)
     / 15, offset = min, q in 0..15), groups of group_size inputs (0: the whole row);
     the model then computes in float32 on w = q * scale + offset."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and match in name:
             w = module.weight.data.float()
             rows, cols = w.shape
             size = group_size or cols

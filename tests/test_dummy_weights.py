@@ -19,14 +19,16 @@ CFG = dict(dtype="float32", max_seq_len=128, max_batch_size=8, max_num_tokens=25
            load_format="dummy")
 
 
-@pytest.mark.parametrize("quant,kv,group", [("none", "auto", 0), ("fp8", "fp8", 0),
-                                            ("int8_wo", "auto", 0), ("int4_wo", "auto", 32)],
-                         ids=["float", "fp8-kvfp8", "int8", "int4"])
+@pytest.mark.parametrize("quant,kv,group,head", [
+    ("none", "auto", 0, False), ("fp8", "fp8", 0, False), ("int8_wo", "auto", 0, False),
+    ("int4_wo", "auto", 32, False), ("int4_wo", "auto", 32, True)],
+    ids=["float", "fp8-kvfp8", "int8", "int4", "int4-head"])
 def test_dummy_engine_stores_nothing_and_generates(tiny_checkpoints, tmp_path, quant, kv,
-                                                   group):
-    folder, _ = tiny_checkpoints["llama"]
+                                                   group, head):
+    folder, _ = tiny_checkpoints["llama3-rope-tied" if head else "llama"]
     out = build(folder, tmp_path / "e", BuildConfig(**CFG, quantization=quant,
-                                                    kv_cache_dtype=kv, group_size=group),
+                                                    kv_cache_dtype=kv, group_size=group,
+                                                    quantize_lm_head=head),
                 progress=False)
     assert not list(out.glob("*.safetensors"))  # engine.json and the tokenizer only
     built = load_engine_config(out).build
@@ -50,6 +52,12 @@ def test_dummy_engine_stores_nothing_and_generates(tiny_checkpoints, tmp_path, q
         assert 0.018 < std < 0.022, std
     else:
         assert layer.self_attn.qkv_proj.method.name == quant
+    # the LM head: quantized apart from the (tied) float embedding only when asked
+    assert (getattr(model.lm_head, "method", None) is not None
+            and model.lm_head.method.name == quant) == head
+    if head:  # tied in the checkpoint; the quantized head is its own
+        assert model.lm_head.weight.dtype == torch.uint8
+        assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
 def test_dummy_tp2_engine_runs(tiny_checkpoints, tmp_path):

@@ -93,29 +93,47 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
         0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True, fixup=True)
     assert cfg(1, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(  # int8 at the 8B's qkv
         0, 128, 128, 8, 3, split_k=8, factored=True, xvec=True, fixup=True)
-    # many N blocks: the splits add by atomics; one split: nothing to sum
-    assert not cfg(1, 28672, 4096, cuda, 4).fixup and cfg(1, 28672, 4096, cuda, 4).factored
+    # many N blocks: the splits add by atomics; one split: nothing to sum; int4 pairs where
+    # N is large (gate_up): one split (nineteenth session)
+    assert not cfg(1, 28672, 4096, cuda, 8).fixup and cfg(1, 28672, 4096, cuda, 8).factored
+    assert cfg(1, 28672, 4096, cuda, 4) == int_gemm.IntGemmConfig(
+        0, 32, 256, 4, 3, split_k=1, factored=True, xvec=True, pairs=True)
     assert not cfg(1, 4096, 128, cuda, 4).fixup
-    # 2-16 rows: 16-row tiles, not the GEMV (6.7x slower at 4 rows, fifteenth session)
-    # (int4: one K split where the tiles are many; int8 scales after each step's dot)
+    # int4, bfloat16 x, 2-4 rows: the pairs GEMV (nineteenth session), at 3-4 rows only
+    # where N is small; 16 K splits at 2 rows or K > 8192, else 8
+    for M, N, K, split in ((2, 4096, 4096, 16), (2, 28672, 4096, 8), (4, 6144, 4096, 8),
+                           (3, 4096, 14336, 16), (4, 4096, 4096, 8)):
+        for group in (32, 128, 0):
+            assert cfg(M, N, K, cuda, 4, group) == int_gemm.IntGemmConfig(
+                0, 64, 128, 4, 3, split_k=split, pairs=True)
+    # ... unless x cannot be read as pairs, or KILN_INT_PAIRS=0: tiles
+    assert not cfg(2, 4096, 4096, cuda, 4, 128, pairs_ok=False).pairs
+    monkeypatch.setenv("KILN_INT_PAIRS", "0")
+    assert cfg(2, 4096, 4096, cuda, 4, 128).magic
+    monkeypatch.delenv("KILN_INT_PAIRS")
+    # 2-16 rows otherwise: 16-row tiles, not the float GEMV (6.7x slower at 4 rows,
+    # fifteenth session) (int4: one K split where the tiles are many; int8 scales after
+    # each step's dot)
     for M in (2, 4, 16):
-        assert cfg(M, 4096, 4096, cuda, 4, 32) == int_gemm.IntGemmConfig(
+        assert cfg(M, 4096, 4096, cuda, 4, 32, pairs_ok=False) == int_gemm.IntGemmConfig(
             16, 32, 128, 4, 3, split_k=2)
         assert cfg(M, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
             16, 32, 256, 4, 3, split_k=2, factored=True)
     assert cfg(3, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
-    # int4 in groups of 128 (or per channel), 2-64 rows: transposed tiles unpacked by bit
-    # operations (seventeenth session), KILN_INT_MAGIC=0 the float tiles above
-    for M, block_m in ((2, 16), (16, 16), (24, 32), (64, 64)):
+    # int4 in groups of 128 (or per channel), 2-64 rows (3-4 rows where N is large): the
+    # transposed tiles unpacked by bit operations (seventeenth session), KILN_INT_MAGIC=0
+    # the float tiles above
+    for M, block_m in ((2, 16), (4, 16), (16, 16), (24, 32), (64, 64)):
         for N, K, group in ((28672, 4096, 128), (4096, 14336, 0), (6144, 4096, 4096)):
-            assert cfg(M, N, K, cuda, 4, group) == int_gemm.IntGemmConfig(
-                block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
-                sum_dot=M > 32 and N > 8192)  # x's sums on tensor cores at gate_up, 64 rows
+            if M > 4 or N > 8192:
+                assert cfg(M, N, K, cuda, 4, group, pairs_ok=M > 2) == int_gemm.IntGemmConfig(
+                    block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
+                    sum_dot=M > 32 and N > 8192)  # x's sums on tensor cores: gate_up, 64 rows
     # float16 x (its 2^10 + q variant has not run on a GPU): the float tiles
     assert cfg(4, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
         16, 32, 128, 4, 3, split_k=2)
     monkeypatch.setenv("KILN_INT_MAGIC", "0")
-    assert cfg(4, 4096, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(
+    assert cfg(4, 4096, 4096, cuda, 4, 128, pairs_ok=False) == int_gemm.IntGemmConfig(
         16, 32, 128, 4, 3, split_k=2)
     monkeypatch.delenv("KILN_INT_MAGIC")
     # int8 per channel: integer tensor cores on x's digit planes (sixteenth session) at
@@ -165,7 +183,9 @@ def test_compiles_for_hopper() -> None:
     N = K = 4096
     for M in (1, 4, 16, 64, 300):
         for bits in (4, 8):  # in groups of 128 (int8 per channel: the digit tiles, below)
-            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits, 128)
+            # (2-4 rows of int4 take the pairs GEMV: compiled in test_kernels_int_pairs)
+            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits, 128,
+                                           pairs_ok=False)
             meta = dict(BITS=bits, HAS_OFFSET=bits == 4, HAS_BIAS=True, GROUP_TILE=True,
                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
             gemv = cfg.block_m == 0

@@ -110,6 +110,40 @@ def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
         interp(check_pairs, 40, K, group, split, split == 1 or fixup, split == 1, fixup)
 
 
+def check_default_rows(N: int = 64, K: int = 256, device: str = "cpu") -> None:
+    """kiln's own launch (no config) at 2 and 4 rows of bfloat16 x, int4: the pairs GEMV,
+    the same bits as asking for that launch, within the pairs arithmetic's bound; rows
+    whose stride is odd (not readable as pairs): the tiles' launch, the same bits as asking
+    for it (and on a GPU the dequantized product: the interpreter's bfloat16 tl.dot is
+    wrong, so tiles of bfloat16 are checked on GPUs only)."""
+    from kiln.kernels import int_gemm
+    from kiln.kernels import reference as ref
+
+    weight, scale, offset = _weight(N, K, 4, 128, device)
+    w = ref.dequantize_int_weight(weight, scale, offset)
+    for rows in (2, 4):
+        x = torch.randn(rows, K, device=device).to(torch.bfloat16)
+        cfg = int_gemm.int_gemm_config(rows, N, K, x.device, 4, 128, x.dtype)
+        assert cfg.pairs and cfg.block_m == 0, cfg
+        y = int_gemm.int_weight_linear(x, weight, scale, offset)
+        assert torch.equal(y, int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg))
+        for r in range(rows):
+            _check_row(y[r].cpu(), x[r:r + 1].cpu(), weight, scale, offset, None, f"row {r}")
+        odd = torch.randn(rows, K + 1, device=device).to(torch.bfloat16)[:, :K]
+        tiles = int_gemm.int_gemm_config(rows, N, K, x.device, 4, 128, x.dtype, False)
+        assert not tiles.pairs and tiles.block_m, tiles
+        y = int_gemm.int_weight_linear(odd, weight, scale, offset)
+        assert torch.equal(y, int_gemm.int_weight_linear(odd, weight, scale, offset,
+                                                         config=tiles))
+        if device != "cpu":
+            exact = odd.float() @ w.float().T
+            assert (y.float() - exact).abs().max() <= 1e-2 * exact.abs().max(), rows
+
+
+def test_pairs_default_rows(interp) -> None:  # noqa: F811
+    interp(check_default_rows)
+
+
 @pytest.mark.parametrize("rows", [2, 3, 4])
 def test_pairs_gemv_rows(interp, rows) -> None:  # noqa: F811
     """2-4 rows (3: a padded fourth): each row as one row's arithmetic, split by atomics
@@ -121,8 +155,8 @@ def test_pairs_gemv_rows(interp, rows) -> None:  # noqa: F811
 
 
 def test_pairs_only_where_eligible(monkeypatch) -> None:
-    """The default one-row launch for int4 asks for pairs (KILN_INT_PAIRS=0: not), for
-    int8 not, nor for 2+ rows (opt-in there); float16 / float32 x, more than 4 rows, rows
+    """The default 1-4-row launches for int4 ask for pairs (KILN_INT_PAIRS=0: not; 3-4
+    rows only where N <= 8192), for int8 not, nor for 5+ rows; float16 / float32 x, rows
     not aligned to pairs, or groups smaller than a word take the float kernels even when
     asked."""
     from kiln.kernels import int_gemm
@@ -131,9 +165,14 @@ def test_pairs_only_where_eligible(monkeypatch) -> None:
     cpu = torch.device("cpu")
     assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128).pairs
     assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 8, 4096).pairs
-    assert not int_gemm.int_gemm_config(2, 4096, 4096, cpu, 4, 128).pairs
+    assert int_gemm.int_gemm_config(2, 28672, 4096, cpu, 4, 128).pairs
+    assert int_gemm.int_gemm_config(4, 4096, 4096, cpu, 4, 128).pairs
+    assert not int_gemm.int_gemm_config(4, 28672, 4096, cpu, 4, 128).pairs
+    assert not int_gemm.int_gemm_config(5, 4096, 4096, cpu, 4, 128).pairs
+    assert not int_gemm.int_gemm_config(2, 4096, 4096, cpu, 4, 128, torch.float16).pairs
     monkeypatch.setenv("KILN_INT_PAIRS", "0")
     assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128).pairs
+    assert not int_gemm.int_gemm_config(2, 4096, 4096, cpu, 4, 128).pairs
 
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     assert pairs_eligible(x, 4, 128, 128) and pairs_eligible(x, 4, 32, 128)
@@ -239,6 +278,7 @@ def test_gpu_pairs_gemv(N, K) -> None:
         check_pairs(N, K, 128, 8, True, rows == 3, False, "cuda", 64, 128, rows=rows)
         check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256, rows=rows)
     check_pairs(N, K, 32, 4, True, False, True, "cuda", 64, 128)
+    check_default_rows(N, K, "cuda")  # kiln's 2-4-row launch; odd row strides: tiles
 
 
 def test_pairs_gemv_compiles_for_hopper() -> None:

@@ -161,6 +161,25 @@ def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
     assert tp2_error < 2 * tp1_error, (tp2_error, tp1_error)
 
 
+def test_tp2_quantized_lm_head(tiny_checkpoints, tmp_path):
+    """int4 in groups of 32 (whole groups in each rank's slice of K: the single rank's
+    rounding) with the LM head quantized too (qwen2's is tied to the embedding, which
+    stays float): the two ranks' halves of the vocabulary give the single rank's logits."""
+    from kiln.eval import sequence_logits
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    folder, _ = tiny_checkpoints["qwen2"]
+    q = dict(quantization="int4_wo", group_size=32, quantize_lm_head=True)
+    got = _run_split(build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **q),
+                           progress=False), 2, tmp_path / "logits.pt")
+    single = LLMEngine(build(folder, tmp_path / "tp1", BuildConfig(**CFG, **q), progress=False),
+                       RuntimeConfig(device="cpu"))
+    assert single.runner.model.lm_head.method.name == "int4_wo"
+    want = sequence_logits(single, TOKENS)
+    assert (got["prefill"] - want[:-1]).abs().max() < 1e-4
+    assert (got["decode"][0] - want[-1]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("tp", [4, 8])
 def test_tp4_and_tp8_match_single_rank(tp, tmp_path):
     """4 and 8 gloo ranks (what the 4- and 8-GPU machines run over NCCL) on a tiny Llama

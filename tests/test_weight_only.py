@@ -96,6 +96,44 @@ def test_weight_only_engine_matches_its_simulation(arch, quantization, group,
     assert (got - want).abs().max().item() < 1e-3 * max(1.0, scheme_error)
 
 
+@pytest.mark.parametrize("arch, quantization, group", [
+    ("llama", "int4_wo", 32), ("qwen2", "int8_wo", 0), ("llama3-rope-tied", "int4_wo", 64)])
+def test_quantized_lm_head_matches_its_simulation(arch, quantization, group,
+                                                  tiny_checkpoints, tmp_path):
+    """--quantize-lm-head: the head rounded as the projections are (qwen2 and
+    llama3-rope-tied tie it to the embedding, which stays float: the engine stores the
+    rounded head apart and loads it untied), so the logits equal the simulation's with
+    the head rounded too; stored in the kernels' layout, recorded in engine.json."""
+    folder, hf_model = tiny_checkpoints[arch]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group,
+        quantize_lm_head=True), progress=False)
+    assert load_engine_config(engine_dir).build.quantize_lm_head
+    state = load_file(str(engine_dir / "rank0.safetensors"))
+    bits = 8 if quantization == "int8_wo" else 4
+    assert state["lm_head.weight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert state["lm_head.weight_scale"].shape == (256, 64 // (group or 64))
+    assert state["model.embed_tokens.weight"].dtype == torch.float32
+    llm = LLM(engine_dir, device="cpu")
+    head = llm.engine.runner.model.lm_head
+    assert head.method.name == quantization
+    assert head.weight is not llm.engine.runner.model.model.embed_tokens.weight
+    got = sequence_logits(llm.engine, TOKENS)
+    sim = copy.deepcopy(hf_model)
+    int_weights(sim, bits, group)
+    with torch.no_grad():
+        body = sim(torch.tensor([TOKENS])).logits[0]
+        sim.lm_head.weight = torch.nn.Parameter(sim.lm_head.weight.detach().clone())
+        int_weights(sim, bits, group, match="lm_head")  # untied first: the embedding stays
+        want = sim(torch.tensor([TOKENS])).logits[0]
+    head_error = (want - body).abs().max().item()
+    assert head_error > 1e-3  # the head really is rounded
+    assert (got - want).abs().max().item() < 1e-3 * max(1.0, head_error)
+    # the embedding is untouched: the tied model still embeds with the float weights
+    embed = hf_model.get_input_embeddings().weight
+    torch.testing.assert_close(llm.engine.runner.model.model.embed_tokens.weight, embed)
+
+
 def test_int4_engine_dir_holds_kernel_layout(tiny_checkpoints, tmp_path, monkeypatch):
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
@@ -142,6 +180,18 @@ def test_bad_group_size_fails_at_build(options, message, tiny_checkpoints, tmp_p
         build(folder, tmp_path / "e", BuildConfig(dtype="float32", **options), progress=False)
 
 
+@pytest.mark.parametrize("options, held", [
+    (dict(quantization="fp8"), "--quantization fp8 has none"),
+    (dict(), "--quantization none has none")])
+def test_quantize_lm_head_needs_a_weight_only_method(options, held, tiny_checkpoints,
+                                                     tmp_path):
+    folder, _ = tiny_checkpoints["llama"]
+    with pytest.raises(BuildError, match="--quantize-lm-head rounds the LM head with kiln's "
+                       f"weight-only methods .*; {held}"):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32", quantize_lm_head=True,
+                                                  **options), progress=False)
+
+
 def test_cli_bad_group_size_is_one_line(tiny_checkpoints, tmp_path):
     folder, _ = tiny_checkpoints["llama"]
     result = subprocess.run(
@@ -159,21 +209,22 @@ def test_cli_bad_group_size_is_one_line(tiny_checkpoints, tmp_path):
 @pytest.mark.parametrize("quantization, group, switch", [
     ("int4_wo", 32, None), ("int8_wo", 0, None), ("int8_sq", 0, None),
     ("int4_wo", 32, "KILN_INT_DIGITS"), ("int8_wo", 0, "KILN_INT_DIGITS"),
-    ("int4_wo", 32, "KILN_INT_SWAP"), ("int8_wo", 0, "KILN_INT_SWAP")])
+    ("int4_wo", 32, "KILN_INT_SWAP"), ("int8_wo", 0, "KILN_INT_SWAP"),
+    ("int4_wo", 32, "head"), ("int8_wo", 0, "head")])
 def test_gpu_engine_matches_the_cpu_engine(quantization, group, switch, tiny_checkpoints,
                                            tmp_path, monkeypatch):
     """The same float32 engine dir on both devices: Triton int GEMMs (GEMV and tl.dot
     paths, in CUDA graphs for decode; KILN_INT_DIGITS=1: the integer products on x's digit
-    planes; KILN_INT_SWAP=1: decode-batch tiles transposed) / torch._int_mm against the
-    CPU reference."""
+    planes; KILN_INT_SWAP=1: decode-batch tiles transposed; head: the LM head quantized
+    too) / torch._int_mm against the CPU reference."""
     from kiln import SamplingParams
 
     for name in ("KILN_INT_DIGITS", "KILN_INT_SWAP"):
         monkeypatch.setenv(name, "1" if name == switch else "0")
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
-        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group),
-        progress=False)
+        dtype="float32", max_seq_len=256, quantization=quantization, group_size=group,
+        quantize_lm_head=switch == "head"), progress=False)
     cpu, gpu = LLM(engine_dir, device="cpu"), LLM(engine_dir, device="cuda")
     want = sequence_logits(cpu.engine, TOKENS)
     got = sequence_logits(gpu.engine, TOKENS).cpu()

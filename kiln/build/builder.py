@@ -103,7 +103,8 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
         group_size=plan.quant.group_size, quant_layers=dict(plan.quant.layers),
-        quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype)
+        quant_source=plan.source, kv_cache_dtype=plan.kv_cache_dtype,
+        quantize_lm_head=plan.quant.lm_head)
     if build_cfg.load_format == "dummy" and build_cfg.quantization not in DUMMY_QUANTIZATIONS:
         raise BuildError(f"--load-format dummy cannot hold {build_cfg.quantization} weights "
                          f"(what {ckpt.source} holds); add --quantization none, fp8, int8_wo "

@@ -82,8 +82,15 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
             group = group or (INT4_DEFAULT_GROUP if method.startswith("int4") else 0)
             check_group_size(ckpt.config, build_cfg.tp_size, method, group)
         quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
-                            group_size=group if method in INT_WEIGHT_METHODS else 0)
+                            group_size=group if method in INT_WEIGHT_METHODS else 0,
+                            lm_head=bool(build_cfg.quantize_lm_head))
         source = "kiln" if method != "none" else ""
+    if build_cfg.quantize_lm_head and (pre is not None or quant.method not in INT_WEIGHT_METHODS):
+        held = f"{ckpt.source} holds {pre.source} weights" if pre is not None else \
+            f"--quantization {quant.method} has none"
+        raise BuildError(f"--quantize-lm-head rounds the LM head with kiln's weight-only "
+                         f"methods (--quantization {', '.join(INT_WEIGHT_METHODS)}); {held}. "
+                         "Drop --quantize-lm-head or pick one of those")
     kv = build_cfg.kv_cache_dtype
     if kv == "auto":
         kv = (pre.kv_cache_dtype if pre else None) or "auto"

@@ -14,11 +14,13 @@ Picked by the number of rows M (the launch: kiln.kernels.int_launch):
 * M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
   (IntGemmConfig.digits, measured 2x slower), kiln.kernels.int_gemv_digits: integer dp4a
   products with x as three signed-byte digit planes.
-* 2 <= M <= GEMV_ROWS (4), opt-in only (KILN_INT_GEMVN): _gemv_kernel, split-K, each
-  program's weight slab multiplied with all M rows on the CUDA cores, or the one-row
-  kernel's reading for all rows at once (kiln.kernels.int_gemv_rows). Measured on an H200
-  at 4 rows (fifteenth session) both lose to 16-row tl.dot tiles: the plain GEMV by 6.7x
-  (1,136 vs 170 us a layer: its products spill), the factored one by 1.1-1.4x.
+* 2 <= M <= GEMV_ROWS (4): int4 with bfloat16 x, the pairs GEMV for all rows at once
+  (kiln.kernels.int_gemv_pairs; the default at 2 rows, and at 3-4 where N <= 8192). Opt-in
+  (KILN_INT_GEMVN): _gemv_kernel, split-K, each program's weight slab multiplied with all
+  M rows on the CUDA cores, or the one-row kernel's reading for all rows at once
+  (kiln.kernels.int_gemv_rows). Measured on an H200 at 4 rows (fifteenth session) both
+  lose to 16-row tl.dot tiles: the plain GEMV by 6.7x (1,136 vs 170 us a layer: its
+  products spill), the factored one by 1.1-1.4x.
 * 2 <= M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
   rows: K split when the tiles are few). int8 per channel from 17 rows, and at large N
@@ -295,7 +297,11 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    cfg = config or int_gemm_config(M, N, K, x.device, bits, G, x.dtype)
+    words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
+        weight.storage_offset() % 4 == 0
+    cfg = config or int_gemm_config(  # the 2-4-row pairs default takes K steps of 128
+        M, N, K, x.device, bits, G, x.dtype,
+        words and pairs_eligible(x, bits, G, min(128, max(32, triton.next_power_of_2(K)))))
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
     if cfg.block_m:
         block_k = group_step(G, block_k)
@@ -307,8 +313,6 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
-    words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
-        weight.storage_offset() % 4 == 0
     per = 32 // bits
     # a K step in one group, or over whole groups of whole words
     groups = 1 if G % block_k == 0 else block_k // G \

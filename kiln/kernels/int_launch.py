@@ -38,9 +38,11 @@ class IntGemmConfig:
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
-                    group: int = 0, dtype: torch.dtype | None = None) -> IntGemmConfig:
+                    group: int = 0, dtype: torch.dtype | None = None,
+                    pairs_ok: bool = True) -> IntGemmConfig:
     """A launch for an [M, K] x [N, K]^T product (bits: of the weight; group: its
-    quantization group along K, 0 or K per channel; dtype: x's, None for bfloat16).
+    quantization group along K, 0 or K per channel; dtype: x's, None for bfloat16;
+    pairs_ok False: x cannot be read as bfloat16 pairs, so no pairs GEMV for 2-4 rows).
     Overrides for benchmarks, one row:
     KILN_INT_GEMV1="block_n,block_k,split_k,warps,stages[,prefetch[,factored[,xvec[,fixup[,
     digits[,pipeline[,pairs]]]]]]]"; 2-4 rows: KILN_INT_GEMVN="block_n,block_k,split_k,warps,
@@ -88,8 +90,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         deep = bits == 8 and K > 8192 and not wide
         block_n, block_k, most = (64, 128, 8) if bits == 4 or deep else (128, 128, 8) \
             if wide else (32, 256, 4)
-        if pairs:  # (eighteenth session's sweep) 32 x 256 in 4 splits; K > 8192: 64 x 128 in 16
-            block_n, block_k, most = (64, 128, 16) if K > 8192 else (32, 256, 4)
+        if pairs:  # (eighteenth session's sweep) 32 x 256 in 4 splits; K > 8192: 64 x 128 in 16;
+            # N > 8192 (gate_up): one split, no zeroed workspace or cast, 26.8 vs 29.3 us
+            # (nineteenth session)
+            block_n, block_k, most = (64, 128, 16) if K > 8192 else \
+                (32, 256, 1 if N > 8192 else 4)
         split = max(1, min(most, triton.cdiv(K, block_k)))
         return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
                              prefetch=deep, factored=True, xvec=True,
@@ -101,6 +106,15 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         factored, pairs = (bool(v) for v in [*flags, 0, 0][:2])
         return IntGemmConfig(0, bn, bk, warps, stages, split_k=split, factored=factored,
                              pairs=pairs)
+    if M <= GEMV_ROWS and pairs_ok and bits == 4 and dtype in (None, torch.bfloat16) and \
+            (M == 2 or N <= 8192) and not digits and os.environ.get("KILN_INT_PAIRS") != "0":
+        # int4, bfloat16 x, 2-4 rows: the pairs GEMV (each word unpacked once for all rows):
+        # a layer at 2 rows 89.6 us against 125.3 for the magic tiles (bf16 cuBLAS 117.3);
+        # at 4 rows qkv 18.5 vs 19.2, o 14.9 vs 15.2, down 35.6 vs 42.1, but gate_up (N
+        # 28,672) 47.8 in magic tiles against >= 49.5 (nineteenth session). 3 rows take 4's
+        # registers (ROWS a power of two), so the 4-row choice.
+        split = 16 if M == 2 and N <= 8192 or K > 8192 else 8
+        return IntGemmConfig(0, 64, 128, 4, 3, split_k=split, pairs=True)
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))

@@ -8,6 +8,7 @@ from torch import nn
 from kiln import functional as KF
 from kiln.distributed import Mapping
 from kiln.distributed.comm import tp_all_gather_last_dim, tp_all_reduce
+from kiln.layers.linear import LinearBase
 
 
 class VocabEmbedding(nn.Module):
@@ -63,4 +64,22 @@ class LMHead(VocabEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = KF.linear(hidden, self.weight, self.bias, getattr(self, "packed_weight", None))
+        return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]
+
+
+class LinearLMHead(LinearBase):
+    """The LM head as a linear layer (vocabulary rows split over ranks as LMHead splits
+    them), so that a quantization method holds it (BuildConfig.quantize_lm_head). Made
+    from an LMHead, holding the same float weight (the embedding's, where they are tied,
+    until the method replaces it with its own storage) and bias."""
+
+    def __init__(self, head: LMHead) -> None:
+        with torch.device("meta"):  # the float weight is the head's: nothing to allocate
+            super().__init__(head.weight.shape[1], head.rows_per_rank, False, head.mapping)
+        self.vocab_size = head.vocab_size
+        self.weight = head.weight
+        self.bias = head.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.apply_method(hidden, self.bias)
         return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]

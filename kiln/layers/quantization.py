@@ -5,7 +5,9 @@ and, at build time, converts a float weight into its own storage. Models never s
 formats: `quantize_model` walks a built model and gives every linear layer that is not
 declared high precision the method of the engine's `QuantConfig`, and every attention
 layer the KV-cache scales its cache dtype needs. The embedding, the LM head and norms
-are not linear layers of this kind, so they stay in the model dtype.
+are not linear layers of this kind, so they stay in the model dtype; the LM head becomes
+one (LinearLMHead) where the engine asks for it (QuantConfig.lm_head, weight-only
+methods).
 
 Methods: `none` (the model dtype), `fp8` (W8A8: e4m3fn weights with per-output-row
 scales; inputs quantized per token, or with a calibrated per-tensor scale), and the
@@ -32,6 +34,7 @@ from kiln import functional as KF
 from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
 from kiln.kernels.reference_quant import FP8Quant
 from kiln.layers.attention import Attention
+from kiln.layers.embedding import LinearLMHead, LMHead
 from kiln.layers.linear import LinearBase
 from kiln.layers.moe import Experts
 
@@ -46,6 +49,7 @@ class QuantConfig:
     group_size: int = 0  # integer weights: inputs per scale (0: per channel)
     # gguf: (module name, storage) per linear layer, e.g. "int4_g32_offset"; others "none"
     layers: tuple[tuple[str, str], ...] = ()
+    lm_head: bool = False  # the LM head held by the method too (kiln.layers.embedding)
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -279,9 +283,18 @@ def enable_kv_scales(attn: Attention) -> None:
         setattr(attn, name, param)
 
 
+def linear_lm_head(model: nn.Module, quant: QuantConfig) -> None:
+    """quant.lm_head: the model's LM head becomes a linear layer (LinearLMHead, holding
+    the same float weight, tied or not) that the method then quantizes or loads."""
+    head = getattr(model, "lm_head", None)
+    if quant.lm_head and isinstance(head, LMHead):
+        model.lm_head = LinearLMHead(head)
+
+
 def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str) -> None:
     """Give each linear layer its method and each attention layer its KV scales (the
     parameters are created uninitialised, for loading)."""
+    linear_lm_head(model, quant)
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             method = quant.method_for(name)
@@ -307,6 +320,7 @@ def quantize_float_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: s
     input_amax: calibrated max |input| per linear layer name (static activations);
     kv_amax: per attention layer name, max |k| and |v| per KV head of the full model.
     """
+    linear_lm_head(model, quant)
     for name, layer in list(linear_layers(model)):
         method = quant.method_for(name)
         if method is not UNQUANTIZED and layer.method is UNQUANTIZED:  # not done already

@@ -317,8 +317,10 @@ class DecoderForCausalLM(nn.Module):
         return getattr(param, "weight_loader", default_weight_loader)
 
     def engine_state_dict(self) -> dict[str, torch.Tensor]:
-        """What goes into rank{r}.safetensors: tied weights stored once."""
+        """What goes into rank{r}.safetensors: tied weights stored once (a quantized LM
+        head is its own)."""
         state = self.state_dict()
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and \
+                self.lm_head.weight is self.model.embed_tokens.weight:
             state.pop("lm_head.weight", None)
         return state

@@ -50,7 +50,7 @@ class ModelRunner:
         check_fp8_support(build.quantization, build.kv_cache_dtype, device)
         quant = QuantConfig(build.quantization if build.quantized else "none",
                             build.activation_scheme, build.quant_ignore, build.group_size,
-                            tuple(build.quant_layers.items()))
+                            tuple(build.quant_layers.items()), build.quantize_lm_head)
         if build.load_format == "dummy":  # random weights made here, quantized as built
             self.model = dummy_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
                                      quant, build.kv_cache_dtype)
@@ -60,7 +60,7 @@ class ModelRunner:
                                       quant=quant, kv_cache_dtype=build.kv_cache_dtype)
             missing, unexpected = load_weights(self.model, rank_file(engine_dir,
                                                                       self.mapping.rank), device)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not build.quantize_lm_head:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
             missing = [m for m in missing if m != "lm_head.weight"]
         if missing or unexpected:
