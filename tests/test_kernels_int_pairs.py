@@ -112,12 +112,18 @@ def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
 
 def check_default_rows(N: int = 64, K: int = 256, device: str = "cpu") -> None:
     """kiln's own launch (no config) at 2 and 4 rows of bfloat16 x, int4: the pairs GEMV,
-    the same bits as asking for that launch, within the pairs arithmetic's bound; rows
-    whose stride is odd (not readable as pairs): the tiles' launch, the same bits as asking
-    for it (and on a GPU the dequantized product: the interpreter's bfloat16 tl.dot is
-    wrong, so tiles of bfloat16 are checked on GPUs only)."""
+    the same result as asking for that launch (bit for bit on the CPU; on a GPU the K
+    splits add by float32 atomics, in any order), within the pairs arithmetic's bound;
+    rows whose stride is odd (not readable as pairs): the tiles' launch, the same way (and
+    on a GPU the dequantized product: the interpreter's bfloat16 tl.dot is wrong, so tiles
+    of bfloat16 are checked on GPUs only)."""
     from kiln.kernels import int_gemm
     from kiln.kernels import reference as ref
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if device == "cpu":
+            return torch.equal(a, b)
+        return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2.0 ** -7 + 1e-3).all())
 
     weight, scale, offset = _weight(N, K, 4, 128, device)
     w = ref.dequantize_int_weight(weight, scale, offset)
@@ -126,15 +132,14 @@ def check_default_rows(N: int = 64, K: int = 256, device: str = "cpu") -> None:
         cfg = int_gemm.int_gemm_config(rows, N, K, x.device, 4, 128, x.dtype)
         assert cfg.pairs and cfg.block_m == 0, cfg
         y = int_gemm.int_weight_linear(x, weight, scale, offset)
-        assert torch.equal(y, int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg))
+        assert same(y, int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg))
         for r in range(rows):
             _check_row(y[r].cpu(), x[r:r + 1].cpu(), weight, scale, offset, None, f"row {r}")
         odd = torch.randn(rows, K + 1, device=device).to(torch.bfloat16)[:, :K]
         tiles = int_gemm.int_gemm_config(rows, N, K, x.device, 4, 128, x.dtype, False)
         assert not tiles.pairs and tiles.block_m, tiles
         y = int_gemm.int_weight_linear(odd, weight, scale, offset)
-        assert torch.equal(y, int_gemm.int_weight_linear(odd, weight, scale, offset,
-                                                         config=tiles))
+        assert same(y, int_gemm.int_weight_linear(odd, weight, scale, offset, config=tiles))
         if device != "cpu":
             exact = odd.float() @ w.float().T
             assert (y.float() - exact).abs().max() <= 1e-2 * exact.abs().max(), rows
