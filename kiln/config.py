@@ -21,6 +21,7 @@ QUANTIZATIONS = ("auto", "none", "fp8", "int8_wo", "int4_wo", "int4_awq", "int4_
                  "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # auto: the checkpoint's KV scheme, else dtype
 ACTIVATION_SCHEMES = ("auto", "dynamic", "static")  # auto: static when calibrated
+LM_HEAD_QUANTIZATIONS = ("auto", "int8_wo")  # --quantize-lm-head: the layers' method, or int8
 # stored: the weights in the engine dir; dummy: none stored, random values filled in on the
 # device at load (speed measurements of models bigger than the disk, as vLLM's "dummy")
 LOAD_FORMATS = ("stored", "dummy")
@@ -52,7 +53,9 @@ class BuildConfig:
     quant_layers: dict[str, str] = field(default_factory=dict)  # gguf: storage per layer
     smooth_alpha: float = 0.5  # int8_sq: SmoothQuant migration strength
     act_order: bool = False  # int4_gptq: columns in order of decreasing activation energy
-    quantize_lm_head: bool = False  # the LM head too, by the weight-only method (RTN)
+    # the LM head quantized too (RTN): "" no, "auto" the layers' weight-only method,
+    # "int8_wo" int8 per channel under any of them; a built engine records the method
+    quantize_lm_head: str = ""
     calib_samples: int = 32
     calib_seq_len: int = 512
 
@@ -141,11 +144,12 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    "the weights, 0..1 (default 0.5)")
     g.add_argument("--act-order", action="store_true", default=None,
                    help="int4_gptq: round the most used input channels first")
-    g.add_argument("--quantize-lm-head", action="store_true", default=None,
-                   help="int8_wo / int4_wo / int4_awq / int4_gptq: quantize the LM head "
-                   "too (round to nearest, the same storage; by default it stays in the "
-                   "model dtype). A Llama-3-8B head is 1 GB in bf16: batch-1 decode reads it "
-                   "every token")
+    g.add_argument("--quantize-lm-head", nargs="?", const="auto", default=None,
+                   choices=LM_HEAD_QUANTIZATIONS, metavar="{int8_wo}",
+                   help="with int8_wo / int4_wo / int4_awq / int4_gptq: quantize the LM head "
+                   "too, rounded to nearest, in the layers' storage (or int8 per channel: "
+                   "--quantize-lm-head int8_wo); by default it stays in the model dtype. A "
+                   "Llama-3-8B head is 1 GB in bf16, read every decode step")
     g.add_argument("--calib-samples", type=int, default=32)
     g.add_argument("--calib-seq-len", type=int, default=512)
     g.add_argument("--load-format", default=None, choices=LOAD_FORMATS,

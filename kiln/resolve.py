@@ -56,7 +56,7 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     resolved = dataclasses.replace(
         build_cfg, dtype=str(resolve_dtype(build_cfg.dtype)).removeprefix("torch."))
     weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS and (k, v) not in
-               (("load_format", "stored"), ("quantize_lm_head", False))}  # keys from
+               (("load_format", "stored"), ("quantize_lm_head", ""))}  # keys from
     # before those fields stay
     key = hashlib.sha256(json.dumps([fingerprint, weights],
                                     sort_keys=True).encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ def test_dummy_engine_stores_nothing_and_generates(tiny_checkpoints, tmp_path, q
     folder, _ = tiny_checkpoints["llama3-rope-tied" if head else "llama"]
     out = build(folder, tmp_path / "e", BuildConfig(**CFG, quantization=quant,
                                                     kv_cache_dtype=kv, group_size=group,
-                                                    quantize_lm_head=head),
+                                                    quantize_lm_head="auto" if head else ""),
                 progress=False)
     assert not list(out.glob("*.safetensors"))  # engine.json and the tokenizer only
     built = load_engine_config(out).build

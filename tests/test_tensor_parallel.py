@@ -169,7 +169,7 @@ def test_tp2_quantized_lm_head(tiny_checkpoints, tmp_path):
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
     folder, _ = tiny_checkpoints["qwen2"]
-    q = dict(quantization="int4_wo", group_size=32, quantize_lm_head=True)
+    q = dict(quantization="int4_wo", group_size=32, quantize_lm_head="auto")
     got = _run_split(build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **q),
                            progress=False), 2, tmp_path / "logits.pt")
     single = LLMEngine(build(folder, tmp_path / "tp1", BuildConfig(**CFG, **q), progress=False),

@@ -96,35 +96,38 @@ def test_weight_only_engine_matches_its_simulation(arch, quantization, group,
     assert (got - want).abs().max().item() < 1e-3 * max(1.0, scheme_error)
 
 
-@pytest.mark.parametrize("arch, quantization, group", [
-    ("llama", "int4_wo", 32), ("qwen2", "int8_wo", 0), ("llama3-rope-tied", "int4_wo", 64)])
-def test_quantized_lm_head_matches_its_simulation(arch, quantization, group,
+@pytest.mark.parametrize("arch, quantization, group, head", [
+    ("llama", "int4_wo", 32, "auto"), ("qwen2", "int8_wo", 0, "auto"),
+    ("llama3-rope-tied", "int4_wo", 64, "auto"), ("llama3-rope-tied", "int4_wo", 64, "int8_wo")])
+def test_quantized_lm_head_matches_its_simulation(arch, quantization, group, head,
                                                   tiny_checkpoints, tmp_path):
-    """--quantize-lm-head: the head rounded as the projections are (qwen2 and
-    llama3-rope-tied tie it to the embedding, which stays float: the engine stores the
-    rounded head apart and loads it untied), so the logits equal the simulation's with
-    the head rounded too; stored in the kernels' layout, recorded in engine.json."""
+    """--quantize-lm-head: the head rounded as the projections are, or in int8 per
+    channel under int4 layers (qwen2 and llama3-rope-tied tie it to the embedding, which
+    stays float: the engine stores the rounded head apart and loads it untied), so the
+    logits equal the simulation's with the head rounded too; stored in the kernels'
+    layout, its method recorded in engine.json."""
     folder, hf_model = tiny_checkpoints[arch]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="float32", max_seq_len=256, quantization=quantization, group_size=group,
-        quantize_lm_head=True), progress=False)
-    assert load_engine_config(engine_dir).build.quantize_lm_head
+        quantize_lm_head=head), progress=False)
+    held = quantization if head == "auto" else head
+    assert load_engine_config(engine_dir).build.quantize_lm_head == held
     state = load_file(str(engine_dir / "rank0.safetensors"))
-    bits = 8 if quantization == "int8_wo" else 4
+    bits, head_group = (8, 0) if held == "int8_wo" else (4, group)
     assert state["lm_head.weight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
-    assert state["lm_head.weight_scale"].shape == (256, 64 // (group or 64))
+    assert state["lm_head.weight_scale"].shape == (256, 64 // (head_group or 64))
     assert state["model.embed_tokens.weight"].dtype == torch.float32
     llm = LLM(engine_dir, device="cpu")
-    head = llm.engine.runner.model.lm_head
-    assert head.method.name == quantization
-    assert head.weight is not llm.engine.runner.model.model.embed_tokens.weight
+    layer = llm.engine.runner.model.lm_head
+    assert layer.method.name == held
+    assert layer.weight is not llm.engine.runner.model.model.embed_tokens.weight
     got = sequence_logits(llm.engine, TOKENS)
     sim = copy.deepcopy(hf_model)
-    int_weights(sim, bits, group)
+    int_weights(sim, 8 if quantization == "int8_wo" else 4, group)
     with torch.no_grad():
         body = sim(torch.tensor([TOKENS])).logits[0]
         sim.lm_head.weight = torch.nn.Parameter(sim.lm_head.weight.detach().clone())
-        int_weights(sim, bits, group, match="lm_head")  # untied first: the embedding stays
+        int_weights(sim, bits, head_group, match="lm_head")  # untied: the embedding stays
         want = sim(torch.tensor([TOKENS])).logits[0]
     head_error = (want - body).abs().max().item()
     assert head_error > 1e-3  # the head really is rounded
@@ -188,7 +191,7 @@ def test_quantize_lm_head_needs_a_weight_only_method(options, held, tiny_checkpo
     folder, _ = tiny_checkpoints["llama"]
     with pytest.raises(BuildError, match="--quantize-lm-head rounds the LM head with kiln's "
                        f"weight-only methods .*; {held}"):
-        build(folder, tmp_path / "e", BuildConfig(dtype="float32", quantize_lm_head=True,
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32", quantize_lm_head="auto",
                                                   **options), progress=False)
 
 
@@ -224,7 +227,7 @@ def test_gpu_engine_matches_the_cpu_engine(quantization, group, switch, tiny_che
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="float32", max_seq_len=256, quantization=quantization, group_size=group,
-        quantize_lm_head=switch == "head"), progress=False)
+        quantize_lm_head="auto" if switch == "head" else ""), progress=False)
     cpu, gpu = LLM(engine_dir, device="cpu"), LLM(engine_dir, device="cuda")
     want = sequence_logits(cpu.engine, TOKENS)
     got = sequence_logits(gpu.engine, TOKENS).cpu()

@@ -90,7 +90,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         ckpt = RandomCheckpoint(args.random_config)
         quant = "" if build_cfg.quantization in ("auto", "none") else f"-{build_cfg.quantization}"
         quant += f"-g{build_cfg.group_size}" if build_cfg.group_size else ""
-        quant += "-head" if build_cfg.quantize_lm_head else ""
+        head = build_cfg.quantize_lm_head
+        quant += f"-head{'' if head == 'auto' else '-' + head}" if head else ""
         kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
         tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
         tp += f"-pp{args.pp_size}" if args.pp_size > 1 else ""

@@ -83,7 +83,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
             check_group_size(ckpt.config, build_cfg.tp_size, method, group)
         quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
                             group_size=group if method in INT_WEIGHT_METHODS else 0,
-                            lm_head=bool(build_cfg.quantize_lm_head))
+                            lm_head=head_method(build_cfg.quantize_lm_head, method))
         source = "kiln" if method != "none" else ""
     if build_cfg.quantize_lm_head and (pre is not None or quant.method not in INT_WEIGHT_METHODS):
         held = f"{ckpt.source} holds {pre.source} weights" if pre is not None else \
@@ -102,6 +102,14 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
+
+
+def head_method(asked: str, method: str) -> str:
+    """--quantize-lm-head: the head's method (auto: the layers'; int8_wo: int8 per channel,
+    what int8_wo layers hold too), "" where the head stays in the model dtype."""
+    if not asked or method not in INT_WEIGHT_METHODS:
+        return ""
+    return method if asked == "auto" or method == "int8_wo" else asked
 CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
 AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
 DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"

@@ -49,7 +49,7 @@ class QuantConfig:
     group_size: int = 0  # integer weights: inputs per scale (0: per channel)
     # gguf: (module name, storage) per linear layer, e.g. "int4_g32_offset"; others "none"
     layers: tuple[tuple[str, str], ...] = ()
-    lm_head: bool = False  # the LM head held by the method too (kiln.layers.embedding)
+    lm_head: str = ""  # the LM head's method (LinearLMHead): "" none, the method, int8_wo
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -63,6 +63,10 @@ class QuantConfig:
     def method_for(self, module_name: str) -> LinearMethod:
         if self.method == "none" or self.ignores(module_name):
             return UNQUANTIZED
+        if module_name == "lm_head" and self.lm_head not in ("", self.method):
+            from kiln.layers.weight_only import IntWeightMethod
+
+            return IntWeightMethod("int8_wo", 8, 0, False)  # (int8 per channel, its only other)
         if self.method == "fp8":
             return FP8Method(static=self.activation_scheme == "static")
         if self.method in ("int8_wo", "int4_wo", "int4_awq", "int4_gptq"):
