@@ -102,6 +102,9 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
+CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
+AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
 
 
 def head_method(asked: str, method: str) -> str:
@@ -110,9 +113,6 @@ def head_method(asked: str, method: str) -> str:
     if not asked or method not in INT_WEIGHT_METHODS:
         return ""
     return method if asked == "auto" or method == "int8_wo" else asked
-CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
-AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
-DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
 
 
 def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
