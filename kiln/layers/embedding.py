@@ -64,7 +64,13 @@ class LMHead(VocabEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = KF.linear(hidden, self.weight, self.bias, getattr(self, "packed_weight", None))
-        return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]
+        return full_vocabulary(logits, self.mapping, self.vocab_size)
+
+
+def full_vocabulary(logits: torch.Tensor, mapping: Mapping, vocab_size: int) -> torch.Tensor:
+    """A rank's logits (its slice of vocabulary rows) gathered over the TP ranks and cut
+    back to the true vocabulary size (the last rank's slice is padded)."""
+    return tp_all_gather_last_dim(logits, mapping.tp_size)[..., :vocab_size]
 
 
 class LinearLMHead(LinearBase):
@@ -81,5 +87,5 @@ class LinearLMHead(LinearBase):
         self.bias = head.bias
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.apply_method(hidden, self.bias)
-        return tp_all_gather_last_dim(logits, self.mapping.tp_size)[..., : self.vocab_size]
+        return full_vocabulary(self.apply_method(hidden, self.bias), self.mapping,
+                               self.vocab_size)
