@@ -32,6 +32,24 @@ def test_bench_profile_writes_a_trace_with_the_step_phases(tiny_engines, tmp_pat
     step = result["kiln"]["step_ms"]
     assert result["kiln"]["steps"] >= 6 and 0 < step["p50"] <= step["p99"] <= step["max"]
     assert result["max_num_tokens"] > 0 and "step time p50" in printed
+    # ... and split by kind: 4 prompts of 12 tokens, then 4 x 5 decode rows
+    kinds = result["kiln"]["step_kinds"]
+    assert kinds["prompt"]["prompt_tokens"] == 4 * 12
+    assert kinds["prompt"]["decode_rows"] + kinds["decode"]["decode_rows"] == 4 * 5
+    launched = kinds["prompt"]["steps"] + kinds["decode"]["steps"]
+    assert launched == result["kiln"]["steps"]  # CPU: no overlap, every call launched one
+    assert "decode steps:" in printed
+
+
+def test_step_kinds_charge_each_launch_the_next_call_under_overlap():
+    from kiln.bench.report import step_kinds
+
+    seconds = [0.5, 0.2, 0.1, 0.05]  # the last call launched nothing, applied the last step
+    shapes = [(0, 100), (3, 0), (3, 0), None]
+    assert step_kinds(seconds, shapes, overlap=True) == {
+        "prompt": {"steps": 1, "seconds": 0.2, "decode_rows": 0, "prompt_tokens": 100},
+        "decode": {"steps": 2, "seconds": 0.1 + 0.05, "decode_rows": 6, "prompt_tokens": 0}}
+    assert step_kinds(seconds, shapes, overlap=False)["prompt"]["seconds"] == 0.5
 
 
 def test_phases_are_free_when_off(monkeypatch):

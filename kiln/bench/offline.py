@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kiln.bench.report import summarize
+from kiln.bench.report import step_kinds, summarize
 from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.errors import KilnError
@@ -129,14 +129,16 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     started = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(p, params, f"bench-{i}")
-    ttft, tpot, steps = [], [], []
+    ttft, tpot, steps, shapes = [], [], [], []
     engine.stream_outputs = False  # per-request times come from the request stats
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar:
         while engine.has_unfinished():
+            engine.last_launch = None
             step_start = time.perf_counter()
             outputs = engine.step()
             steps.append(time.perf_counter() - step_start)
+            shapes.append(engine.last_launch)
             for out in outputs:
                 m = out.metrics
                 ttft.append(m.first_token_time - m.arrival_time)
@@ -154,7 +156,9 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "output_tok_s": len(prompts) * output_len / elapsed,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed,
             "steps": len(steps), "step_ms": {"p50": step_ms["p50"], "p99": step_ms["p99"],
-                                             "max": 1000 * max(steps, default=0.0)}}
+                                             "max": 1000 * max(steps, default=0.0)},
+            "step_kinds": step_kinds(steps, shapes, engine.overlap)}
+
 
 
 def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
@@ -323,6 +327,10 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               f"{step['p99']:.1f} ms, max {step['max']:.1f} ms (a step takes at most "
               f"{result.get('max_num_tokens')} prompt tokens beside its decodes: "
               "--max-num-tokens bounds the stall)")
+    for name, k in result["kiln"].get("step_kinds", {}).items():
+        print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "
+              f"{k['decode_rows'] / max(k['steps'], 1):.0f} decode rows a step, "
+              f"{k['prompt_tokens']} prompt tokens")
     if "fraction_of_roofline" in result:
         print(f"HBM: {result['achieved_bandwidth_gb_s']:.0f} GB/s achieved of "
               f"{result['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = "

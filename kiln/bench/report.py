@@ -73,3 +73,25 @@ def plot_lines(path: Path, title: str, x_label: str, x: Sequence[float],
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def step_kinds(seconds: list[float], shapes: list[tuple[int, int] | None],
+               overlap: bool) -> dict[str, dict[str, float]]:
+    """Host step times split by what the step computed: "decode" (decode rows only) and
+    "prompt" (prompt or recomputed tokens, with or without decode rows). With overlap
+    scheduling a call launches step N and waits for step N-1's tokens, so its time is
+    step N-1's device time: each launch is charged the next call's time."""
+    if overlap:
+        seconds = seconds[1:] + [0.0]
+    kinds: dict[str, dict[str, float]] = {}
+    for t, shape in zip(seconds, shapes):
+        if shape is None:
+            continue
+        decodes, others = shape
+        k = kinds.setdefault("prompt" if others else "decode",
+                             {"steps": 0, "seconds": 0.0, "decode_rows": 0, "prompt_tokens": 0})
+        k["steps"] += 1
+        k["seconds"] += t
+        k["decode_rows"] += decodes
+        k["prompt_tokens"] += others
+    return kinds

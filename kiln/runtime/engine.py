@@ -142,6 +142,7 @@ class LLMEngine:
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
         self.num_computed_tokens = 0  # tokens run through the model since load
+        self.last_launch: tuple[int, int] | None = None
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
@@ -289,6 +290,11 @@ class LLMEngine:
             if entry.request.stats.first_scheduled_time is None:
                 entry.request.stats.first_scheduled_time = now
         self.num_computed_tokens += out.num_tokens
+        decodes = sum(1 for e in out.scheduled
+                      if e.request.num_computed_tokens == e.request.num_tokens - 1)
+        # (decode rows, other tokens: prompts, recomputed sequences, drafts) of the step
+        # just launched: kiln bench splits its step times by it
+        self.last_launch = (decodes, out.num_tokens - decodes)
         pending = self.runner.launch(out, previous)
         self.scheduler.update(out)
         for request in pending.requests:
