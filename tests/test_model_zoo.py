@@ -78,7 +78,7 @@ def test_compare_hf_model_holds_the_engine_weights(preset, tmp_path):
 def test_moe_roofline_counts_only_the_routed_experts(tmp_path):
     """Batch-1 decode reads top_k of num_experts experts per layer (the Mixtral roofline
     of `kiln bench latency`), counted here by hand in float32 bytes."""
-    from kiln.bench.offline import decode_bytes_per_token
+    from kiln.bench.roofline import decode_bytes_per_token
 
     cfg = shrunk("mixtral-8x7b")
     engine = build(RandomCheckpoint(cfg, dtype=torch.float32), tmp_path / "e",

@@ -16,6 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from kiln.bench.report import step_kinds, summarize
+from kiln.bench.roofline import (
+    decode_bytes_per_token,
+    measured_copy_bandwidth,
+    measured_gemm_rate,
+    throughput_floor,
+)
 from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.errors import KilnError
@@ -201,43 +207,6 @@ def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     return result
 
 
-def measured_copy_bandwidth(device: torch.device) -> float | None:
-    """Device memory bandwidth in GB/s from a large device-to-device copy (read + write)."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 20 * src.numel() / (start.elapsed_time(end) / 1000) / 1e9
-
-
-def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
-    """Bytes one batch-1 decode step must read: every weight but the embedding table
-    (one row of it) and, in an MoE model, but the experts the token is not routed to
-    (top_k of num_experts per layer), plus the KV cache of the context."""
-    model = engine.runner.model
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = engine.config.model
-    if cfg.num_experts:
-        from kiln.layers.moe import Experts
-
-        idle = 1 - cfg.num_experts_per_tok / cfg.num_experts
-        weights -= int(idle * sum(p.numel() * p.element_size() for m in model.modules()
-                                  if isinstance(m, Experts) for p in m.parameters()))
-    embed = model.model.embed_tokens.weight
-    if not engine.config.model.tie_word_embeddings:
-        weights -= embed.numel() * embed.element_size()
-    kv = engine.runner.kv_bytes_per_block() * context_len // engine.runner.block_size
-    return weights + kv
-
-
 def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     engine = _engine(args)
     if args.compare_hf and engine.config.build.load_format == "dummy":
@@ -282,6 +251,12 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         result["roofline_tpot_ms"] = 1000 * needed / (bandwidth * 1e9)
         result["achieved_bandwidth_gb_s"] = needed / (kiln["tpot_ms"] / 1000) / 1e9
         result["fraction_of_roofline"] = result["roofline_tpot_ms"] / kiln["tpot_ms"]
+    if mode == "throughput" and bandwidth:
+        rate = measured_gemm_rate(engine.device, engine.runner.dtype,
+                                  engine.config.build.quantization == "fp8")
+        floor = throughput_floor(engine, args.num_requests, args.input_len, args.output_len,
+                                 bandwidth, rate or 0.0)
+        result["floor"] = {**floor, "fraction": floor["seconds"] / kiln["seconds"]}
     if args.compare_hf:
         from kiln.bench import hf_reference
 
@@ -331,6 +306,12 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "
               f"{k['decode_rows'] / max(k['steps'], 1):.0f} decode rows a step, "
               f"{k['prompt_tokens']} prompt tokens")
+    if "floor" in result:
+        f = result["floor"]
+        print(f"floor {f['output_tok_s']:.0f} out tok/s ({f['seconds']:.1f} s: prefill "
+              f"{f['prefill_s']:.1f} s and decode GEMMs {f['decode_gemm_s']:.1f} s at "
+              f"{f['gemm_tflops']:.0f} TFLOP/s, KV reads {f['kv_read_s']:.1f} s at "
+              f"{f['copy_bandwidth_gb_s']:.0f} GB/s): measured {100 * f['fraction']:.1f}% of it")
     if "fraction_of_roofline" in result:
         print(f"HBM: {result['achieved_bandwidth_gb_s']:.0f} GB/s achieved of "
               f"{result['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = "
