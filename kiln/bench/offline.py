@@ -254,9 +254,10 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     if mode == "throughput" and bandwidth:
         rate = measured_gemm_rate(engine.device, engine.runner.dtype,
                                   engine.config.build.quantization == "fp8")
-        floor = throughput_floor(engine, args.num_requests, args.input_len, args.output_len,
-                                 bandwidth, rate or 0.0)
-        result["floor"] = {**floor, "fraction": floor["seconds"] / kiln["seconds"]}
+        if rate:
+            floor = throughput_floor(engine, args.num_requests, args.input_len,
+                                     args.output_len, bandwidth, rate)
+            result["floor"] = {**floor, "fraction": floor["seconds"] / kiln["seconds"]}
     if args.compare_hf:
         from kiln.bench import hf_reference
 
