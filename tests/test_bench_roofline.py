@@ -5,6 +5,7 @@ counted here by hand from the model's shape."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kiln.bench.roofline import decode_bytes_per_token, flops_per_token, throughput_floor
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -44,3 +45,23 @@ def test_throughput_floor_adds_gemms_and_kv_reads(engine):
     waves = [16, 16, 8]
     assert many["decode_gemm_s"] == pytest.approx(
         sum(4 * max(weights / bandwidth, rows * (layers + head) / rate) for rows in waves))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemm_rate_is_measured_on_the_gpu(fp8):
+    """The rate the floor uses: bf16 cuBLAS, or torch._scaled_mm (FP8 cards only), within
+    what a GPU can do (an H200: ~0.8 PFLOP/s bf16, ~1.3 FP8)."""
+    from kiln.bench.roofline import measured_gemm_rate
+
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need sm_89+")
+    rate = measured_gemm_rate(torch.device("cuda"), torch.bfloat16, fp8)
+    assert rate is not None and 10 < rate < 5000
+
+
+def test_gemm_rate_is_none_off_cuda():
+    from kiln.bench.roofline import measured_gemm_rate
+
+    assert measured_gemm_rate(torch.device("cpu"), torch.float32, False) is None
