@@ -545,3 +545,22 @@ def test_logprobs_of_accepted_tokens_match_plain_decoding(plain_llama, ngram_lla
         assert a.keys() == b.keys()
         assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
     assert spec.cumulative_logprob == pytest.approx(plain.cumulative_logprob, abs=1e-3)
+
+
+def test_launch_shapes_count_drafts_with_their_decode_rows(tiny_engines, prompts):
+    """What `kiln bench` splits its step times by (engine.last_launch): prompt tokens are
+    the prompts' own (no preemption here), whatever the drafts verified beside them."""
+    engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
+                                                            speculative_config=NGRAM))
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(max_tokens=20, **GREEDY), f"r{i}")
+    prompt_tokens = rows = 0
+    while engine.has_unfinished():
+        engine.last_launch = None
+        engine.step()
+        if engine.last_launch is not None:
+            rows += engine.last_launch[0]
+            prompt_tokens += engine.last_launch[1]
+    assert engine.stats()["spec_num_draft_tokens"] > 0
+    assert prompt_tokens == sum(len(p) for p in prompts)
+    assert 0 < rows < len(prompts) * 19  # accepted drafts save decode rows

@@ -290,11 +290,12 @@ class LLMEngine:
             if entry.request.stats.first_scheduled_time is None:
                 entry.request.stats.first_scheduled_time = now
         self.num_computed_tokens += out.num_tokens
-        decodes = sum(1 for e in out.scheduled
-                      if e.request.num_computed_tokens == e.request.num_tokens - 1)
-        # (decode rows, other tokens: prompts, recomputed sequences, drafts) of the step
-        # just launched: kiln bench splits its step times by it
-        self.last_launch = (decodes, out.num_tokens - decodes)
+        decodes = [e for e in out.scheduled
+                   if e.request.num_computed_tokens == e.request.num_tokens - 1]
+        # (decode rows, with their drafts if any; prompt tokens, first time or recomputed)
+        # of the step just launched: kiln bench splits its step times by it
+        self.last_launch = (len(decodes),
+                            out.num_tokens - sum(e.num_new_tokens for e in decodes))
         pending = self.runner.launch(out, previous)
         self.scheduler.update(out)
         for request in pending.requests:
