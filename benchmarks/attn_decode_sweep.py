@@ -3,6 +3,12 @@
     python benchmarks/attn_decode_sweep.py out.json                    # bf16 and e4m3
     KILN_E4M3_NATIVE=0 python benchmarks/attn_decode_sweep.py out_int.json # e4m3 only, each
     KILN_E4M3_NATIVE=k python benchmarks/attn_decode_sweep.py out_k.json   # e4m3 conversion
+    SWEEP_MAXNREG=0,168,128 python benchmarks/attn_decode_sweep.py out.json  # register caps
+    SWEEP_CONFIGS="64,2,2;64,2,4" ...                          # (block_n, stages, warps) only
+
+SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
+1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
+session), and a cap fits more programs an SM at the price of spills.
 
 Layouts: `nhd` = [blocks, block_size, kv_heads, d] (a token's heads side by side) and
 `hnd` = the same indices over memory laid out [blocks, kv_heads, block_size, d] (a block of
@@ -26,7 +32,11 @@ from kiln.kernels.attention_decode import decode_config, paged_attention_decode
 
 HEADS, KV_HEADS, D, BS = 32, 8, 128, 16
 SHAPES = [(512, 1536), (256, 1024), (64, 8192), (1, 1024)]
-CONFIGS = list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
+# SWEEP_CONFIGS="64,2,2;128,2,2": only these (block_n, stages, warps), for a short run
+CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP_CONFIGS"].split(";")] \
+    if os.environ.get("SWEEP_CONFIGS") else \
+    list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
+CAPS = [int(c) for c in os.environ.get("SWEEP_MAXNREG", "0").split(",")]
 
 
 def make(batch: int, ctx: int, layout: str, dtype: torch.dtype):
@@ -57,16 +67,18 @@ def main() -> None:
         nbytes = 2 * batch * ctx * KV_HEADS * D * dt.itemsize
         scales = dict(k_scale=ones, v_scale=ones) if dt.itemsize == 1 else {}
         best = None
-        for block_n, stages, warps in CONFIGS:
+        caps = CAPS if dt.itemsize == 1 else [0]
+        for (block_n, stages, warps), cap in itertools.product(CONFIGS, caps):
             try:
                 fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
-                             block_n=block_n, num_stages=stages, num_warps=warps, **scales)
+                             block_n=block_n, num_stages=stages, num_warps=warps,
+                             max_registers=cap or None, **scales)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
-                print(f"  skip {block_n},{stages},{warps}: {type(e).__name__}")
+                print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
             row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
-                       block_n=block_n, stages=stages, warps=warps, ms=ms,
+                       block_n=block_n, stages=stages, warps=warps, maxnreg=cap, ms=ms,
                        gbps=nbytes / ms / 1e6)
             rows.append(row)
             if best is None or ms < best["ms"]:
@@ -76,13 +88,14 @@ def main() -> None:
             continue
         n, stages, warps = decode_config(dt, D)  # what kiln launches for this cache
         default = next((r for r in rows[::-1] if (r["batch"], r["ctx"], r["layout"],
-                        r["dtype"], r["block_n"], r["stages"], r["warps"]) ==
-                        (batch, ctx, layout, name, n, stages, warps)), None)
+                        r["dtype"], r["block_n"], r["stages"], r["warps"], r["maxnreg"]) ==
+                        (batch, ctx, layout, name, n, stages, warps, 0)), None)
         shown = "n/a" if default is None else \
             f"{default['ms']:.3f} ms ({default['gbps']:.0f} GB/s)"
         print(f"B={batch:4d} ctx={ctx:5d} {layout} {name} (e4m3 mode {mode}): "
               f"kiln's config {shown}  best {best['ms']:.3f} ms ({best['gbps']:.0f} GB/s) "
-              f"at n={best['block_n']} stages={best['stages']} warps={best['warps']}",
+              f"at n={best['block_n']} stages={best['stages']} warps={best['warps']} "
+              f"maxnreg={best['maxnreg'] or 'none'}",
               flush=True)
         torch.cuda.empty_cache()
     with open(out, "w") as f:

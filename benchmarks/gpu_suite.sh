@@ -125,6 +125,10 @@ for spec in $stages; do
                echo "--- $v"; grep -E "^  [_a-z]|Duration|DRAM Throughput|Achieved Occupancy|No Eligible|inst_executed.sum|stalled_(long_scoreboard|wait|not_selected)" \
                  "$f" | sed 's/  */ /g; s/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//'
              done ;;
+    attn-decode-sweep) # decode attention launches per cache dtype (B=512 x 1536, 256 x 1024,
+             # 64 x 8192, 1 x 1024); SWEEP_MAXNREG=0,168,128 adds register caps for 1-byte caches
+             $T python3 benchmarks/attn_decode_sweep.py "$OUT/attn_decode_sweep$tag.json" \
+             > "$OUT/attn_decode_sweep$tag.log" 2>&1; grep "^B=" "$OUT/attn_decode_sweep$tag.log" ;;
     attn-prefill-sweep) # issue 12's prefill attention: launches (tiles, stages, warps,
              # tile order) at 4k / 8k / 16k causal, bf16 and fp8 caches, vs SDPA
              $T python3 benchmarks/attn_prefill_sweep.py "$OUT/attn_prefill_sweep.json" \

@@ -367,6 +367,17 @@ def test_e4m3_bits(interp) -> None:
     interp(check_e4m3_bits)
 
 
+def test_register_cap_setting() -> None:
+    """KILN_KV8_DECODE_MAXNREG: unset is no cap; a count ptxas takes, or one clear line."""
+    from kiln.kernels.attention_decode import _register_cap
+
+    assert _register_cap("") is None
+    assert _register_cap("168") == 168
+    for bad in ("12", "300", "many", "-1"):
+        with pytest.raises(ValueError, match="KILN_KV8_DECODE_MAXNREG"):
+            _register_cap(bad)
+
+
 # ---- GPU tests (Llama-3.1-8B shapes) -----------------------------------------------------
 needs_gpu = [
     pytest.mark.gpu,
@@ -509,6 +520,24 @@ def test_gpu_decode_attention(cache_dtype, num_splits) -> None:
     expected = ref.paged_attention(q.float(), k_q, v_q, tables, list(range(batch + 1)),
                                    seq_lens, scale, k_scale, v_scale)
     _close_to_f32("decode", out, expected, v_q, v_scale)
+
+
+@_gpu
+@pytest.mark.parametrize("cap", [168, 128])
+def test_gpu_decode_attention_register_cap(cache_dtype, cap) -> None:
+    """KILN_KV8_DECODE_MAXNREG's cap makes ptxas spill, never changes a result: the same
+    bits as without it, at Llama-3.1-8B's heads and a batch of mixed lengths."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    seq_lens = [4096, 1, 17, 1500, 3333, 64, 2048, 999]
+    q, k_q, v_q, k_scale, v_scale, tables, _ = _gpu_quantized(seq_lens, [1] * 8, cache_dtype,
+                                                              4096 // BLOCK)
+    lens = torch.tensor(seq_lens, device="cuda").int()
+    args = (q, k_q, v_q, tables, lens, HEAD_DIM ** -0.5)
+    plain = paged_attention_decode(*args, k_scale=k_scale, v_scale=v_scale, num_splits=1)
+    capped = paged_attention_decode(*args, k_scale=k_scale, v_scale=v_scale, num_splits=1,
+                                    max_registers=cap)
+    assert torch.equal(plain, capped)
 
 
 @_gpu

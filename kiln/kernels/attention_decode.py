@@ -9,6 +9,8 @@ scales included: each program loads its KV head's k_scale and v_scale).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,22 @@ from kiln.kernels.paged import (
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
+
+
+def _register_cap(text: str) -> int | None:
+    """KILN_KV8_DECODE_MAXNREG: a register cap (ptxas maxnreg) for decode attention over
+    a 1-byte cache. Such caches decode below the copy bandwidth because the kernel is
+    latency-bound at 4 programs an SM (255 registers a thread at 2 warps; BENCHMARKS.md,
+    twentieth session); a cap of 168 fits 6 (the e4m3 loop then reads 4 spilled values a
+    tile), 128 fits 8 (more spills). Not yet timed on a GPU, so off unless set."""
+    if not text:
+        return None
+    if not text.isdigit() or not 64 <= int(text) <= 255:
+        raise ValueError(f"KILN_KV8_DECODE_MAXNREG={text!r}: a register count from 64 to 255")
+    return int(text)
+
+
+KV8_MAXNREG = _register_cap(os.environ.get("KILN_KV8_DECODE_MAXNREG", ""))
 
 
 @triton.jit
@@ -205,6 +223,7 @@ def paged_attention_decode(
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
@@ -217,7 +236,8 @@ def paged_attention_decode(
     graphs; the split count follows from it and the batch size unless given. A 1-byte
     cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads], on device).
     block_n, num_stages and num_warps default to decode_config's choice for the cache
-    dtype.
+    dtype; max_registers (ptxas maxnreg) to KILN_KV8_DECODE_MAXNREG for a 1-byte cache,
+    else none.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -242,6 +262,9 @@ def paged_attention_decode(
                                                              key_rotary is not None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
+    if max_registers is None and k_cache.element_size() == 1:
+        max_registers = KV8_MAXNREG
+    cap = {"maxnreg": max_registers} if max_registers else {}  # none: the usual compile
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32,
                                device=q.device)
@@ -262,7 +285,7 @@ def paged_attention_decode(
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **cap,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

@@ -50,7 +50,7 @@ class CompileReport:
 
 
 def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
-             num_stages: int) -> Any:
+             num_stages: int, maxnreg: int | None = None) -> Any:
     """The sm_90 compiled kernel; values: argument -> '*dtype' for a pointer or an example
     number; others -> 4096."""
     signature: dict[str, str] = {}
@@ -78,7 +78,8 @@ def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_wa
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def _cuobjdump(kernel: Any, flag: str) -> str:
@@ -90,9 +91,11 @@ def _cuobjdump(kernel: Any, flag: str) -> str:
 
 
 def compile_sm90(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
-                 num_stages: int = 2, variant: str = "") -> CompileReport:
-    """values: argument -> '*dtype' for a pointer or an example number; others -> 4096."""
-    kernel = _compile(fn, values, constexprs, num_warps, num_stages)
+                 num_stages: int = 2, variant: str = "", maxnreg: int | None = None
+                 ) -> CompileReport:
+    """values: argument -> '*dtype' for a pointer or an example number; others -> 4096;
+    maxnreg: a register cap, as a launch's maxnreg= sets it."""
+    kernel = _compile(fn, values, constexprs, num_warps, num_stages, maxnreg)
     usage = _cuobjdump(kernel, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     assert found is not None, usage
@@ -212,6 +215,9 @@ def reports() -> list[CompileReport]:
         variant="sinks+fp8kv"))
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv"))
+    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # capped registers
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv maxnreg=168",
+        maxnreg=168))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
