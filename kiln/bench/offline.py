@@ -166,7 +166,6 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "step_kinds": step_kinds(steps, shapes, engine.overlap)}
 
 
-
 def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
               out_dir: Path) -> dict[str, Any]:
     """_run_engine under torch.profiler with the step phases marked: writes the trace and
