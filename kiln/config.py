@@ -146,10 +146,11 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    help="int4_gptq: round the most used input channels first")
     g.add_argument("--quantize-lm-head", nargs="?", const="auto", default=None,
                    choices=LM_HEAD_QUANTIZATIONS, metavar="{int8_wo}",
-                   help="with int8_wo / int4_wo / int4_awq / int4_gptq: quantize the LM head "
-                   "too, rounded to nearest, in the layers' storage (or int8 per channel: "
-                   "--quantize-lm-head int8_wo); by default it stays in the model dtype. A "
-                   "Llama-3-8B head is 1 GB in bf16, read every decode step")
+                   help="with fp8 / int8_wo / int4_wo / int4_awq / int4_gptq: quantize the "
+                   "LM head too, rounded to nearest, in the layers' storage (fp8: e4m3 per "
+                   "row, its input per token; or int8 per channel: --quantize-lm-head "
+                   "int8_wo); by default it stays in the model dtype. A Llama-3-8B head is "
+                   "1 GB in bf16, read every decode step")
     g.add_argument("--calib-samples", type=int, default=32)
     g.add_argument("--calib-seq-len", type=int, default=512)
     g.add_argument("--load-format", default=None, choices=LOAD_FORMATS,

@@ -26,11 +26,12 @@ def round_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x / scale).round().clamp(-127, 127) * scale
 
 
-def fp8_weights(model: torch.nn.Module) -> None:
-    """Round every decoder projection's weight per output row (scale = row amax / 448);
-    the e4m3 values and scales are kept for the FP8 GEMM of `simulate`."""
+def fp8_weights(model: torch.nn.Module, match: str = ".layers.") -> None:
+    """Round every decoder projection's weight (every linear layer whose name holds
+    `match`; "lm_head": the LM head) per output row (scale = row amax / 448); the e4m3
+    values and scales are kept for the FP8 GEMM of `simulate`."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and match in name:
             w = module.weight.data.float()
             scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-6) / E4M3_MAX
             module.fp8_values = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(
@@ -95,23 +96,25 @@ def smoothquant_weights(model: torch.nn.Module, windows: list[list[int]], alpha:
 def simulate(model: torch.nn.Module, fp8: bool = False,
              input_scales: dict[str, float] | None = None, kv: str | None = None,
              kv_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-             int8: bool = False) -> Iterator[None]:
+             int8: bool = False, fp8_head: bool = False) -> Iterator[None]:
     """Within the block, `model` (a transformers Llama whose weights the caller already
     rounded with fp8_weights, if fp8) rounds linear inputs (per token, or by
     input_scales[module name]) and K/V ("fp8" or "int8", per-head scales per layer index,
-    1.0 when not given)."""
+    1.0 when not given). fp8_head: the LM head too (rounded by fp8_weights(model,
+    "lm_head")), its input per token."""
     from transformers.models.llama import modeling_llama
 
     handles = []
     layer_index = [0]
     if fp8:
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            if isinstance(module, torch.nn.Linear) and (
+                    ".layers." in name or (fp8_head and name == "lm_head")):
                 def fp8_gemm(mod, args, out, name=name):
                     """As FP8 tensor cores compute: sum of products of e4m3 values (exact in
                     float32), then times both scales."""
                     x = args[0].float()
-                    if input_scales is not None:
+                    if input_scales is not None and name != "lm_head":
                         scale = torch.tensor(input_scales[name])
                     else:
                         scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / E4M3_MAX

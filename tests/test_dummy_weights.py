@@ -21,8 +21,8 @@ CFG = dict(dtype="float32", max_seq_len=128, max_batch_size=8, max_num_tokens=25
 
 @pytest.mark.parametrize("quant,kv,group,head", [
     ("none", "auto", 0, False), ("fp8", "fp8", 0, False), ("int8_wo", "auto", 0, False),
-    ("int4_wo", "auto", 32, False), ("int4_wo", "auto", 32, True)],
-    ids=["float", "fp8-kvfp8", "int8", "int4", "int4-head"])
+    ("int4_wo", "auto", 32, False), ("int4_wo", "auto", 32, True), ("fp8", "fp8", 0, True)],
+    ids=["float", "fp8-kvfp8", "int8", "int4", "int4-head", "fp8-head"])
 def test_dummy_engine_stores_nothing_and_generates(tiny_checkpoints, tmp_path, quant, kv,
                                                    group, head):
     folder, _ = tiny_checkpoints["llama3-rope-tied" if head else "llama"]
@@ -56,7 +56,8 @@ def test_dummy_engine_stores_nothing_and_generates(tiny_checkpoints, tmp_path, q
     assert (getattr(model.lm_head, "method", None) is not None
             and model.lm_head.method.name == quant) == head
     if head:  # tied in the checkpoint; the quantized head is its own
-        assert model.lm_head.weight.dtype == torch.uint8
+        assert model.lm_head.weight.dtype == (torch.uint8 if quant == "int4_wo" else
+                                              torch.float8_e4m3fn)
         assert model.model.embed_tokens.weight.dtype == torch.float32
 
 

@@ -150,6 +150,56 @@ def test_quantized_engine_matches_its_simulation(scheme, tiny_checkpoints, tmp_p
     assert diff.max().item() < 0.5 * scheme_error
 
 
+@pytest.mark.parametrize("arch, head, calibrated", [
+    ("llama", "auto", False), ("llama3-rope-tied", "auto", True),
+    ("llama", "int8_wo", False)])
+def test_fp8_lm_head_matches_its_simulation(arch, head, calibrated, tiny_checkpoints,
+                                            tmp_path, calib_text):
+    """--quantization fp8 --quantize-lm-head: the head in e4m3 per row with its input
+    rounded per token (also with static input scales for the layers: the head's input is
+    never calibrated), or in int8 per channel; a tied head is stored apart and the
+    embedding stays float. Logits as the simulation's with the head rounded too."""
+    folder, hf_model = tiny_checkpoints[arch]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization="fp8", quantize_lm_head=head,
+        calib_file=str(calib_text) if calibrated else None, calib_samples=4,
+        calib_seq_len=128), progress=False)
+    build_cfg = load_engine_config(engine_dir).build
+    held = "fp8" if head == "auto" else head
+    assert build_cfg.quantize_lm_head == held
+    assert build_cfg.activation_scheme == ("static" if calibrated else "dynamic")
+    state = load_file(str(engine_dir / "rank0.safetensors"))
+    assert state["lm_head.weight"].dtype == (E4M3 if held == "fp8" else torch.int8)
+    assert "lm_head.input_scale" not in state
+    assert state["model.embed_tokens.weight"].dtype == torch.float32
+    llm = LLM(engine_dir, device="cpu")
+    assert llm.engine.runner.model.lm_head.method.name == held
+    got = sequence_logits(llm.engine, TOKENS)
+
+    sim = copy.deepcopy(hf_model)
+    fp8_weights(sim)
+    inputs, _ = _scales_for_simulation(engine_dir, 2, calibrated, "auto")
+    with torch.no_grad():
+        with simulate(sim, fp8=True, input_scales=inputs):
+            body = sim(torch.tensor([TOKENS])).logits[0]
+        sim.lm_head.weight = torch.nn.Parameter(sim.lm_head.weight.detach().clone())
+        if held == "fp8":
+            fp8_weights(sim, match="lm_head")
+        else:
+            from tests.fake_quant import int_weights
+
+            int_weights(sim, 8, 0, match="lm_head")
+        with simulate(sim, fp8=True, input_scales=inputs, fp8_head=held == "fp8"):
+            want = sim(torch.tensor([TOKENS])).logits[0]
+    head_error = (want - body).abs().max().item()
+    assert head_error > 1e-3  # the head really is rounded
+    diff = (got - want).abs()
+    assert diff.mean().item() < 0.1 * (want - body).abs().mean().item()
+    assert diff.max().item() < 0.5 * head_error
+    embed = hf_model.get_input_embeddings().weight
+    torch.testing.assert_close(llm.engine.runner.model.model.embed_tokens.weight, embed)
+
+
 def test_fp8_engine_dir_holds_kernel_layout(tiny_checkpoints, tmp_path, calib_text,
                                             monkeypatch):
     folder, _ = tiny_checkpoints["llama"]

@@ -132,23 +132,31 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
     assert cpu_threads_per_rank(2) is None  # the user's setting stands
 
 
-@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "fp8"), ("falcon", "fp8"),
-                                     ("qwen2-moe", "auto")])
-def test_tp2_fp8_engine(arch, kv, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("arch,kv,head", [
+    ("llama", "auto", ""), ("llama", "fp8", ""), ("falcon", "fp8", ""),
+    ("qwen2-moe", "auto", ""), ("qwen2", "auto", "auto")])
+def test_tp2_fp8_engine(arch, kv, head, tiny_checkpoints, tmp_path):
     """FP8 engines shard like float ones. Row-parallel ranks scale their own slice (per-row
     weight scales and per-token input scales over the slice, as vLLM does), so TP2 is
     another FP8 rounding of the same model than TP1: as close to the float model as TP1.
     (falcon: its one KV head and its KV scale replicated on both ranks; qwen2-moe: FP8
     experts split along their intermediate size with their per-row scales, and the
-    shared expert.)"""
+    shared expert; qwen2 with --quantize-lm-head: the e4m3 head, tied to the float
+    embedding in the checkpoint, split over the vocabulary.)"""
     from kiln.eval import sequence_logits
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
 
     folder, _ = tiny_checkpoints[arch]
-    fp8 = dict(quantization="fp8", kv_cache_dtype=kv)
+    fp8 = dict(quantization="fp8", kv_cache_dtype=kv, quantize_lm_head=head)
     engine_tp2 = build(folder, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2, **fp8),
                        progress=False)
     got = _run_split(engine_tp2, 2, tmp_path / "logits.pt")["prefill"]
+    if head:  # each rank stores its half of the vocabulary's rows, in e4m3
+        from safetensors.torch import load_file
+
+        for rank in range(2):
+            weight = load_file(str(engine_tp2 / f"rank{rank}.safetensors"))["lm_head.weight"]
+            assert weight.dtype == torch.float8_e4m3fn and weight.shape[0] == 256 // 2
 
     def single(name: str, **options) -> torch.Tensor:
         engine = LLMEngine(build(folder, tmp_path / name, BuildConfig(**CFG, **options),

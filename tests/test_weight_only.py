@@ -184,13 +184,13 @@ def test_bad_group_size_fails_at_build(options, message, tiny_checkpoints, tmp_p
 
 
 @pytest.mark.parametrize("options, held", [
-    (dict(quantization="fp8"), "--quantization fp8 has none"),
+    (dict(quantization="int8_sq"), "--quantization int8_sq has none"),
     (dict(), "--quantization none has none")])
-def test_quantize_lm_head_needs_a_weight_only_method(options, held, tiny_checkpoints,
-                                                     tmp_path):
+def test_quantize_lm_head_needs_a_method_that_holds_it(options, held, tiny_checkpoints,
+                                                       tmp_path):
     folder, _ = tiny_checkpoints["llama"]
     with pytest.raises(BuildError, match="--quantize-lm-head rounds the LM head with kiln's "
-                       f"weight-only methods .*; {held}"):
+                       fr"own methods \(--quantization fp8, int8_wo, .*\); {held}"):
         build(folder, tmp_path / "e", BuildConfig(dtype="float32", quantize_lm_head="auto",
                                                   **options), progress=False)
 

@@ -85,11 +85,11 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
                             group_size=group if method in INT_WEIGHT_METHODS else 0,
                             lm_head=head_method(build_cfg.quantize_lm_head, method))
         source = "kiln" if method != "none" else ""
-    if build_cfg.quantize_lm_head and (pre is not None or quant.method not in INT_WEIGHT_METHODS):
+    if build_cfg.quantize_lm_head and (pre is not None or quant.method not in HEAD_METHODS):
         held = f"{ckpt.source} holds {pre.source} weights" if pre is not None else \
             f"--quantization {quant.method} has none"
-        raise BuildError(f"--quantize-lm-head rounds the LM head with kiln's weight-only "
-                         f"methods (--quantization {', '.join(INT_WEIGHT_METHODS)}); {held}. "
+        raise BuildError(f"--quantize-lm-head rounds the LM head with kiln's own methods "
+                         f"(--quantization {', '.join(HEAD_METHODS)}); {held}. "
                          "Drop --quantize-lm-head or pick one of those")
     kv = build_cfg.kv_cache_dtype
     if kv == "auto":
@@ -102,6 +102,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
+HEAD_METHODS = ("fp8", *INT_WEIGHT_METHODS)  # --quantize-lm-head: the head in e4m3 or ints
 CALIBRATED_METHODS = ("int8_sq", "int4_awq", "int4_gptq")  # need activation statistics
 AWQ_INPUT_ROWS = 256  # input rows per linear layer the AWQ scale search measures on
 DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
@@ -110,7 +111,7 @@ DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parents[1] / "data" / "calib
 def head_method(asked: str, method: str) -> str:
     """--quantize-lm-head: the head's method (auto: the layers'; int8_wo: int8 per channel,
     what int8_wo layers hold too), "" where the head stays in the model dtype."""
-    if not asked or method not in INT_WEIGHT_METHODS:
+    if not asked or method not in HEAD_METHODS:
         return ""
     return method if asked == "auto" or method == "int8_wo" else asked
 

@@ -50,6 +50,7 @@ class QuantConfig:
     # gguf: (module name, storage) per linear layer, e.g. "int4_g32_offset"; others "none"
     layers: tuple[tuple[str, str], ...] = ()
     lm_head: str = ""  # the LM head's method (LinearLMHead): "" none, the method, int8_wo
+    # (int8 per channel under other layers); an FP8 head quantizes its input per token
 
     def ignores(self, module_name: str) -> bool:
         for pattern in self.ignore:
@@ -67,8 +68,9 @@ class QuantConfig:
             from kiln.layers.weight_only import IntWeightMethod
 
             return IntWeightMethod("int8_wo", 8, 0, False)  # (int8 per channel, its only other)
-        if self.method == "fp8":
-            return FP8Method(static=self.activation_scheme == "static")
+        if self.method == "fp8":  # the head's input is not calibrated: per token always
+            return FP8Method(static=self.activation_scheme == "static" and
+                             module_name != "lm_head")
         if self.method in ("int8_wo", "int4_wo", "int4_awq", "int4_gptq"):
             from kiln.layers.weight_only import IntWeightMethod
 
