@@ -171,8 +171,10 @@ def test_seeded_sampling_same_on_gpu_with_graphs(gpu_engines):
     assert a == b
 
 
-@pytest.mark.parametrize("quantization, kv", [("fp8", "auto"), ("none", "fp8"), ("fp8", "fp8")])
-def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, tiny_checkpoints,
+@pytest.mark.parametrize("quantization, kv, head", [
+    ("fp8", "auto", ""), ("none", "fp8", ""), ("fp8", "fp8", ""), ("fp8", "fp8", "auto"),
+    ("fp8", "auto", "int8_wo")])
+def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, head, tiny_checkpoints,
                                                      tmp_path):
     """The GPU path (Triton/cuBLAS FP8 GEMMs, 1-byte KV kernels, graphs, overlap) against
     the exact CPU reference of the same fp8 engine. Not equal: Hopper's FP8 tensor cores
@@ -180,13 +182,13 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, tiny_chec
     tests/test_kernels_fp8.py), and a changed sum can flip a later e4m3 rounding. Measured
     on an H200: mean |diff| 0.018 where the scheme itself moves logits by ~0.06. A wrong
     GPU path (scales, layout) errs by the scheme's whole error or more: so the mean must
-    stay under half of it."""
+    stay under half of it. head: the LM head in e4m3 (auto) or int8 too."""
     from kiln.eval import sequence_logits
 
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="float32", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
-        quantization=quantization, kv_cache_dtype=kv), progress=False)
+        quantization=quantization, kv_cache_dtype=kv, quantize_lm_head=head), progress=False)
     gpu = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
     cpu = LLMEngine(engine_dir, RuntimeConfig(device="cpu"))
     tokens = list(range(3, 120))
