@@ -552,6 +552,7 @@ def test_launch_shapes_count_drafts_with_their_decode_rows(tiny_engines, prompts
     the prompts' own (no preemption here), whatever the drafts verified beside them."""
     engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu",
                                                             speculative_config=NGRAM))
+    engine.record_launches = True
     for i, p in enumerate(prompts):
         engine.add_request(p, SamplingParams(max_tokens=20, **GREEDY), f"r{i}")
     prompt_tokens = rows = 0

@@ -137,6 +137,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
         engine.add_request(p, params, f"bench-{i}")
     ttft, tpot, steps, shapes = [], [], [], []
     engine.stream_outputs = False  # per-request times come from the request stats
+    engine.record_launches = True
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar:
         while engine.has_unfinished():
@@ -150,7 +151,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
                 ttft.append(m.first_token_time - m.arrival_time)
                 tpot.append((m.finish_time - m.first_token_time) / max(output_len - 1, 1))
                 bar.update(1)
-    engine.stream_outputs = True
+    engine.stream_outputs, engine.record_launches = True, False
     elapsed = time.perf_counter() - started
     ttft.sort()
     # Step times as the host sees them (each step waits for the one before on the device):

@@ -14,21 +14,26 @@ from kiln.runtime.engine import LLMEngine
 GEMM_SIZE = 8192  # M = N = K of the rate measurement: a big prefill chunk's GEMMs
 
 
+def _seconds_per_call(call: Any, reps: int) -> float:
+    """Device time of call() (CUDA events), after 3 warm-up calls."""
+    for _ in range(3):
+        call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
+
+
 def measured_copy_bandwidth(device: torch.device) -> float | None:
     """Device memory bandwidth in GB/s from a large device-to-device copy (read + write)."""
     if device.type != "cuda":
         return None
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * 20 * src.numel() / (start.elapsed_time(end) / 1000) / 1e9
+    return 2 * src.numel() / _seconds_per_call(lambda: dst.copy_(src), 20) / 1e9
 
 
 def measured_gemm_rate(device: torch.device, dtype: torch.dtype, fp8: bool) -> float | None:
@@ -59,15 +64,7 @@ def _gemm_rate(device: torch.device, dtype: torch.dtype, fp8: bool) -> float:
     else:
         def call() -> torch.Tensor:
             return a @ b.t()
-    for _ in range(3):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * 10 / (start.elapsed_time(end) / 1000) / 1e12
+    return 2 * n**3 / _seconds_per_call(call, 10) / 1e12
 
 
 def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:

@@ -142,6 +142,7 @@ class LLMEngine:
         # for every running request (offline generation wants nothing in between).
         self.stream_outputs = True
         self.num_computed_tokens = 0  # tokens run through the model since load
+        self.record_launches = False  # keep last_launch: the launched step's launch_shape()
         self.last_launch: tuple[int, int] | None = None
         self.groups: dict[str, Group] = {}
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
@@ -290,12 +291,8 @@ class LLMEngine:
             if entry.request.stats.first_scheduled_time is None:
                 entry.request.stats.first_scheduled_time = now
         self.num_computed_tokens += out.num_tokens
-        decodes = [e for e in out.scheduled
-                   if e.request.num_computed_tokens == e.request.num_tokens - 1]
-        # (decode rows, with their drafts if any; prompt tokens, first time or recomputed)
-        # of the step just launched: kiln bench splits its step times by it
-        self.last_launch = (len(decodes),
-                            out.num_tokens - sum(e.num_new_tokens for e in decodes))
+        if self.record_launches:  # kiln bench splits its step times by what they ran
+            self.last_launch = out.launch_shape()
         pending = self.runner.launch(out, previous)
         self.scheduler.update(out)
         for request in pending.requests:

@@ -41,6 +41,13 @@ class SchedulerOutput:
     def __bool__(self) -> bool:
         return bool(self.scheduled)
 
+    def launch_shape(self) -> tuple[int, int]:
+        """(decode rows, with their drafts if any; prompt tokens, first time or
+        recomputed), before the scheduler's update advances the computed counts."""
+        decodes = [e for e in self.scheduled
+                   if e.request.num_computed_tokens == e.request.num_tokens - 1]
+        return len(decodes), self.num_tokens - sum(e.num_new_tokens for e in decodes)
+
     @property
     def needs_host_tokens(self) -> bool:
         """Penalties, bad words and grammars read the generated tokens' values on the host,
