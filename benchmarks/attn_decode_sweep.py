@@ -5,6 +5,8 @@
     KILN_E4M3_NATIVE=k python benchmarks/attn_decode_sweep.py out_k.json   # e4m3 conversion
     SWEEP_MAXNREG=0,168,128 python benchmarks/attn_decode_sweep.py out.json  # register caps
     SWEEP_CONFIGS="64,2,2;64,2,4" ...                          # (block_n, stages, warps) only
+    SWEEP_SHAPES="496x192;496x128" SWEEP_LAYOUTS=nhd ...      # other shapes, one layout
+    SWEEP_PREFETCH=0,1,2,3 ...                                # the kernel's PREFETCH bits
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -32,6 +34,14 @@ from kiln.kernels.attention_decode import decode_config, paged_attention_decode
 
 HEADS, KV_HEADS, D, BS = 32, 8, 128, 16
 SHAPES = [(512, 1536), (256, 1024), (64, 8192), (1, 1024)]
+# SWEEP_SHAPES="496x192;496x128": other (batch, context) pairs (e.g. 128 / 128's decode)
+if os.environ.get("SWEEP_SHAPES"):
+    SHAPES = [tuple(int(x) for x in s.split("x"))
+              for s in os.environ["SWEEP_SHAPES"].split(";")]
+LAYOUTS = os.environ.get("SWEEP_LAYOUTS", "nhd,hnd").split(",")
+# SWEEP_PREFETCH="0,1": these PREFETCH bits for every config (default: decode_config's)
+PREFETCH = [int(p) for p in os.environ["SWEEP_PREFETCH"].split(",")] \
+    if os.environ.get("SWEEP_PREFETCH") else [None]
 # SWEEP_CONFIGS="64,2,2;128,2,2": only these (block_n, stages, warps), for a short run
 CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP_CONFIGS"].split(";")] \
     if os.environ.get("SWEEP_CONFIGS") else \
@@ -61,24 +71,24 @@ def main() -> None:
                                                                "fp8": torch.float8_e4m3fn}
     rows = []
     ones = torch.ones(KV_HEADS, device="cuda")
-    for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, ("nhd", "hnd"),
-                                                              dtypes.items()):
+    for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, LAYOUTS, dtypes.items()):
         q, k, v, tables, lens = make(batch, ctx, layout, dt)
         nbytes = 2 * batch * ctx * KV_HEADS * D * dt.itemsize
         scales = dict(k_scale=ones, v_scale=ones) if dt.itemsize == 1 else {}
         best = None
         caps = CAPS if dt.itemsize == 1 else [0]
-        for (block_n, stages, warps), cap in itertools.product(CONFIGS, caps):
+        for (block_n, stages, warps), cap, pre in itertools.product(CONFIGS, caps, PREFETCH):
             try:
                 fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
                              block_n=block_n, num_stages=stages, num_warps=warps,
-                             max_registers=cap or None, **scales)
+                             max_registers=cap, prefetch=pre, **scales)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
             row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
-                       block_n=block_n, stages=stages, warps=warps, maxnreg=cap, ms=ms,
+                       block_n=block_n, stages=stages, warps=warps, maxnreg=cap,
+                       prefetch=decode_config(dt, D)[3] if pre is None else pre, ms=ms,
                        gbps=nbytes / ms / 1e6)
             rows.append(row)
             if best is None or ms < best["ms"]:
@@ -86,16 +96,17 @@ def main() -> None:
         if best is None:
             print(f"B={batch:4d} ctx={ctx:5d} {layout} {name}: no config ran", flush=True)
             continue
-        n, stages, warps = decode_config(dt, D)  # what kiln launches for this cache
+        n, stages, warps, pre = decode_config(dt, D)  # what kiln launches for this cache
         default = next((r for r in rows[::-1] if (r["batch"], r["ctx"], r["layout"],
-                        r["dtype"], r["block_n"], r["stages"], r["warps"], r["maxnreg"]) ==
-                        (batch, ctx, layout, name, n, stages, warps, 0)), None)
+                        r["dtype"], r["block_n"], r["stages"], r["warps"], r["maxnreg"],
+                        r["prefetch"]) == (batch, ctx, layout, name, n, stages, warps, 0, pre)),
+                       None)
         shown = "n/a" if default is None else \
             f"{default['ms']:.3f} ms ({default['gbps']:.0f} GB/s)"
         print(f"B={batch:4d} ctx={ctx:5d} {layout} {name} (e4m3 mode {mode}): "
               f"kiln's config {shown}  best {best['ms']:.3f} ms ({best['gbps']:.0f} GB/s) "
               f"at n={best['block_n']} stages={best['stages']} warps={best['warps']} "
-              f"maxnreg={best['maxnreg'] or 'none'}",
+              f"maxnreg={best['maxnreg'] or 'none'} prefetch={best['prefetch']}",
               flush=True)
         torch.cuda.empty_cache()
     with open(out, "w") as f:

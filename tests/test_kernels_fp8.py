@@ -354,6 +354,28 @@ def test_gpu_fused_norm_act_quant(dtype, M, K) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_gpu_act_mul_quant_in_slices(dtype, static) -> None:
+    """From 128 rows act_mul_quant takes a Llama-3.1-8B row (14336) in 8192-wide slices
+    (two passes): the bits of one whole-row tile, and of SiLU*mul quantized after."""
+    from kiln.kernels import fp8, silu_mul
+    from kiln.kernels import reference as ref
+
+    gate_up = (torch.randn(160, 2 * 14336, device="cuda") * 4).to(dtype)
+    quant = ref.FP8Quant(torch.tensor([0.02], device="cuda") if static else None)
+    sliced = silu_mul.act_mul_quant(gate_up, quant)
+    whole = silu_mul.act_mul_quant(gate_up, quant, launch={"block": 16384, "num_warps": 8})
+    y = silu_mul.silu_and_mul(gate_up)
+    q = fp8.quantize_fp8_static(y, quant.static_scale) if static else \
+        fp8.quantize_fp8_per_token(y)[0]
+    for act in (sliced, whole):
+        assert torch.equal(_bits(act.q), _bits(q)), (_bits(act.q) != _bits(q)).sum()
+    assert torch.equal(sliced.scale, whole.scale)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,K", [(1, 4096), (7, 14336), (300, 4096), (3, 20000)])
 def test_gpu_quantize_bitwise(dtype, M, K) -> None:

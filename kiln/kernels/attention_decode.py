@@ -24,6 +24,7 @@ from kiln.kernels.paged import (
     attend_tile,
     dot_precision,
     head_block,
+    kv_block_ids,
     kv_query,
     kv_scale,
     kv_scale_args,
@@ -35,10 +36,13 @@ MAX_SPLITS = 32
 
 def _register_cap(text: str) -> int | None:
     """KILN_KV8_DECODE_MAXNREG: a register cap (ptxas maxnreg) for decode attention over
-    a 1-byte cache. Such caches decode below the copy bandwidth because the kernel is
-    latency-bound at 4 programs an SM (255 registers a thread at 2 warps; BENCHMARKS.md,
-    twentieth session); a cap of 168 fits 6 (the e4m3 loop then reads 4 spilled values a
-    tile), 128 fits 8 (more spills). Not yet timed on a GPU, so off unless set."""
+    a 1-byte cache, off unless set. Measured on an H200 (twenty-first session), the e4m3
+    launch of the twentieth session (64 keys, 2 stages, 2 warps: 255 registers, 4 programs
+    an SM) capped at 168: 0.553 -> 0.513 ms at B=512 x 1536, but 0.358 -> 0.373 at 64 x
+    8192 and 0.056 -> 0.063 at 1 x 1024 (grids that fill no more slots than the uncapped
+    kernel has), and FP8 1000 / 1000 (512 requests) 14,502-14,546 -> 14,873-14,910 out
+    tok/s. The launch decode_config picks now (3 stages, blocks one tile ahead) gains as
+    much without a cap, so none is set by default."""
     if not text:
         return None
     if not text.isdigit() or not 64 <= int(text) <= 255:
@@ -74,6 +78,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -88,6 +93,9 @@ def _decode_kernel(
     = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). ROPE_K
     (attention sinks): key n, cached before rotary, is rotated at position n as read. All
     constexpr: off, the plain code.
+    PREFETCH (bits; latency at short contexts, where a program has few tiles to overlap its
+    first loads with): 1 loads each tile's physical blocks one tile ahead, so the K / V
+    loads of a tile wait on no load of that tile; 2 issues the q load before seq_len is read.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -103,13 +111,16 @@ def _decode_kernel(
     head = kv_head * GROUP + offs_g
     io_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     out_off = seq.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    q_off = seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    if PREFETCH & 2:
+        q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
     if start >= end:
         if NUM_SPLITS == 1:  # empty (padding) row: defined output, no NaN
             tl.store(out_ptr + out_off, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(
                 out_ptr.dtype.element_ty), mask=io_mask)
         return
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
-                + offs_d[None, :], mask=io_mask, other=0.0)
+    if not PREFETCH & 2:
+        q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
     KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
@@ -124,20 +135,29 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    AHEAD: tl.constexpr = (PREFETCH & 1) != 0
+    offs_t = tl.arange(0, BLOCK_N)
+    blocks = 0
+    if AHEAD:
+        blocks = kv_block_ids(table_row, start + offs_t, end, BLOCK_SIZE, True)
     for n0 in range(start, full_end, BLOCK_N):
+        if AHEAD:
+            after = kv_block_ids(table_row, n0 + BLOCK_N + offs_t, end, BLOCK_SIZE, True)
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
                                     window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K)
+                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD)
+        if AHEAD:
+            blocks = after
     if full_end < end:
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     full_end, end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
                                     window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K)
+                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
@@ -194,25 +214,26 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
-                  rope_k: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, num_stages, num_warps) per KV cache dtype.
+                  rope_k: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_stages, num_warps, PREFETCH) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
     B=64 ctx 8192; 32 q / 8 KV heads, d=128; 27 configs each). 16-bit caches run at the
     copy bandwidth (4.3 TB/s) with 64-key tiles, 2 stages, 4 warps (the best config is
-    within 1%). e4m3 is bound by the conversion, not the bytes (~3 TB/s at best): the
-    hardware conversion with 128-key tiles and 2 warps was fastest, 0.537 / 0.193 / 0.345
-    ms for the three shapes vs 0.647 / 0.227 / 0.444 ms for the
-    integer-op path at 64 keys, 4 warps (the old default); 64-key tiles with 2 warps come
-    within 3% of that (0.552 / 0.196 / 0.359 ms) and are taken: 128-key tiles spill 320
-    bytes a thread (compile_check), 64-key ones 8. int8: 64 keys, 4 warps. Two warps only
-    for up to 16 query heads a KV head (a bigger accumulator spills) and keys rotated
-    elsewhere (not attention sinks' in-kernel rotary).
+    within 1%; PREFETCH gains nothing there beyond noise and takes 138 registers instead
+    of 128). e4m3 is bound on the SM side, not by the bytes (~3 TB/s): the hardware
+    conversion with 64-key tiles and 2 warps (128-key tiles spill 320 bytes a thread,
+    compile_check). Twenty-first session: with 3 stages and each tile's blocks loaded one
+    tile ahead (PREFETCH 1) B=512 x 1536 takes 0.479 ms instead of 0.548 (2 stages, none),
+    and FP8 + FP8 KV end to end: 1000 / 1000 (512 requests) 14,944 out tok/s vs 14,502,
+    128 / 128 25,835 / 25,679 vs 25,759 / 25,011 (alternating runs). int8: 64 keys, 4
+    warps. Two warps only for up to 16 query heads a KV head (a bigger accumulator spills)
+    and keys rotated elsewhere (not attention sinks' in-kernel rotary).
     """
     if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128 and \
             block_g <= 16 and not rope_k:
-        return 64, 2, 2
-    return (64 if block_d <= 128 else 32), 2, 4
+        return 64, 3, 2, 1
+    return (64 if block_d <= 128 else 32), 2, 4, 0
 
 
 def paged_attention_decode(
@@ -223,7 +244,7 @@ def paged_attention_decode(
     num_stages: int | None = None, sliding_window: int | None = None,
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
-    max_registers: int | None = None,
+    max_registers: int | None = None, prefetch: int | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
@@ -235,9 +256,9 @@ def paged_attention_decode(
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
     cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads], on device).
-    block_n, num_stages and num_warps default to decode_config's choice for the cache
-    dtype; max_registers (ptxas maxnreg) to KILN_KV8_DECODE_MAXNREG for a 1-byte cache,
-    else none.
+    block_n, num_stages, num_warps and prefetch (the kernel's PREFETCH bits) default to
+    decode_config's choice for the cache dtype; max_registers (ptxas maxnreg) to
+    KILN_KV8_DECODE_MAXNREG for a 1-byte cache, else none.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -258,10 +279,11 @@ def paged_attention_decode(
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
-    default_n, default_stages, default_warps = decode_config(k_cache.dtype, block_d, block_g,
-                                                             key_rotary is not None)
+    default_n, default_stages, default_warps, default_prefetch = decode_config(
+        k_cache.dtype, block_d, block_g, key_rotary is not None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
+    prefetch = default_prefetch if prefetch is None else prefetch
     if max_registers is None and k_cache.element_size() == 1:
         max_registers = KV8_MAXNREG
     cap = {"maxnreg": max_registers} if max_registers else {}  # none: the usual compile
@@ -285,7 +307,7 @@ def paged_attention_decode(
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
-        num_stages=num_stages, **cap,
+        num_stages=num_stages, PREFETCH=prefetch, **cap,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

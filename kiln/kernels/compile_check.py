@@ -214,7 +214,8 @@ def reports() -> list[CompileReport]:
         **shape, **sinks, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 32}, 4,
         variant="sinks+fp8kv"))
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
-        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv"))
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "PREFETCH": 1}, 2, 3,
+        variant="fp8kv"))
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # capped registers
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 2, variant="fp8kv maxnreg=168",
         maxnreg=168))

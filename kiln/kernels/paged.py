@@ -29,18 +29,32 @@ NATIVE_E4M3_V = tl.constexpr(_E4M3_MODE == "1")
 
 
 @triton.jit
+def kv_block_ids(table_row_ptr, offs_n, n_end, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr):
+    """The physical block of each context token offs_n: table_row[n // BLOCK_SIZE] (0 for
+    tokens >= n_end with MASK)."""
+    if MASK:
+        return tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=offs_n < n_end, other=0)
+    return tl.load(table_row_ptr + offs_n // BLOCK_SIZE)
+
+
+@triton.jit
+def kv_block_offsets(block, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
+                     BLOCK_SIZE: tl.constexpr):
+    """Element offsets of context tokens offs_n (one KV head) held in blocks `block`:
+    token n lives in slot n % BLOCK_SIZE of its block."""
+    return (block.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks
+            + kv_head * stride_kh)
+
+
+@triton.jit
 def kv_tile_offsets(table_row_ptr, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
                     BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, n_end):
     """Element offsets of context tokens offs_n (one KV head) in a paged cache.
 
     Token n lives in slot n % BLOCK_SIZE of physical block table_row[n // BLOCK_SIZE].
     """
-    if MASK:
-        block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=offs_n < n_end, other=0)
-    else:
-        block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE)
-    return (block.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks
-            + kv_head * stride_kh)
+    block = kv_block_ids(table_row_ptr, offs_n, n_end, BLOCK_SIZE, MASK)
+    return kv_block_offsets(block, offs_n, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
 
 
 @triton.jit
@@ -59,7 +73,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 DOT_PREC: tl.constexpr, window=0, softcap=0.0,
                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
                 slopes=0.0, ALIBI: tl.constexpr = False, cos_sin_ptr=None, stride_cs=0,
-                ROPE_K: tl.constexpr = False):
+                ROPE_K: tl.constexpr = False, blocks=0, BLOCKS_GIVEN: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -76,13 +90,19 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     v_scale into the output (kv_scale). An int8 tile (and an e4m3 one on the integer path)
     is read as 32-bit words (load_kv_words) when head_dim % 4 == 0: V always, K for e4m3.
     A 16-bit cache compiles to the same code as before any of this.
+    BLOCKS_GIVEN: the caller loaded the tile's physical blocks (kv_block_ids) already,
+    e.g. one tile ahead, so that the K / V loads wait on no load of this tile.
     ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
     before rotary, and key n is rotated at position n here (rotate_key_tile).
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_off = kv_tile_offsets(table_row_ptr, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
-                             BLOCK_SIZE, MASK, n_end)
+    if BLOCKS_GIVEN:
+        kv_off = kv_block_offsets(blocks, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
+                                  BLOCK_SIZE)
+    else:
+        kv_off = kv_tile_offsets(table_row_ptr, offs_n, kv_head, stride_kb, stride_ks,
+                                 stride_kh, BLOCK_SIZE, MASK, n_end)
     d_ok = offs_d < HEAD_DIM
     if MASK:
         n_ok = offs_n < n_end
