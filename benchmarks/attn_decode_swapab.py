@@ -33,6 +33,13 @@ registers (through shared memory: STS.128 + LDSM.T), at more registers.
     # first on the path): registers, spills, wgmma (HGMMA) vs mma.sync (HMMA), main-loop
     # instructions, for every swept config and kiln's kernel as it launches it
     PYTHONPATH=/tmp/t36:$PWD python benchmarks/attn_decode_swapab.py compile [out.json]
+
+Measured on an H200 (twenty-first session, benchmarks/results/h200-2026-12-02-s21/3-swapab):
+correct (worst |diff| 7.5e-3 over every config), but the best e4m3 config (128 keys,
+4 warps, 2 stages) takes 0.512 ms at B=512 x 1536 vs 0.553 for kiln's launch then (1.08x),
+the same ~3.1 TB/s that a register cap or kiln's 3-stage launch reach (0.479 ms): twice
+the warps an SM did not lift the 1-byte cache past that, so it was not taken into kiln.
+bf16: 1.00-1.01x.
 """
 
 from __future__ import annotations

@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
 
     args = parser.parse_args(argv)
+    if argv is None:  # the kiln command itself, not a caller in its own process
+        from kiln.runtime.heap import allow_freeze
+
+        allow_freeze()
     try:
         args.func(args)
     except KilnError as e:

@@ -26,6 +26,7 @@ from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.heap import freeze_startup_heap
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.scheduler import POLICIES
 
@@ -121,6 +122,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         prefill_graph_tokens=args.prefill_graph_tokens,
         piecewise_graphs=args.piecewise_graphs))
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
+    freeze_startup_heap()
     return engine
 
 

@@ -150,9 +150,12 @@ class AsyncLLM:
             process = EngineProcess(model, build_config, log_level, **runtime)
             return cls(process.engine, max_queue, loop=process)  # type: ignore[arg-type]
         from kiln.resolve import resolve_engine
+        from kiln.runtime.heap import freeze_startup_heap
 
         engine_dir = resolve_engine(model, build_config)
-        return cls(LLMEngine(engine_dir, RuntimeConfig(**runtime)), max_queue)
+        engine = LLMEngine(engine_dir, RuntimeConfig(**runtime))
+        freeze_startup_heap()  # `kiln serve --engine-in-process` (a no-op for library callers)
+        return cls(engine, max_queue)
 
     @property
     def tokenizer(self):  # noqa: ANN201 -- kiln.tokenizer.Tokenizer | None

@@ -126,9 +126,12 @@ def child_main(commands: Connection, outputs: Connection, model: Any, build_conf
     try:
         from kiln.resolve import resolve_engine
         from kiln.runtime.engine import LLMEngine, RuntimeConfig
+        from kiln.runtime.heap import allow_freeze, freeze_startup_heap
 
         engine_dir = resolve_engine(model, build_config)
         engine = LLMEngine(engine_dir, RuntimeConfig(**runtime))
+        allow_freeze()  # a process of its own, serving until it is told to stop
+        freeze_startup_heap()
     except BaseException as e:
         if not isinstance(e, KilnError):
             log.exception("the engine could not be started")

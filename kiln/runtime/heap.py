@@ -1,0 +1,38 @@
+"""The Python heap of a serving process: no full garbage collection walks the start-up heap.
+
+A loaded engine's process holds a few hundred thousand Python objects (torch's and
+transformers' modules, the tokenizer, the model's layers), and a full (generation 2)
+collection walks every one of them: ~100 ms on the 2-core CPU CI runs on (SmolLM2,
+186k objects), and one such pause stalled a step of an FP8 128 / 128 run on an H200 for
+130 ms (BENCHMARKS.md, twenty-first session), what a client sees as a TPOT spike. After
+start-up, freeze_startup_heap moves all of it to the permanent generation (gc.freeze),
+so later collections walk only what serving creates. The engine's objects are never
+freed then, which is what a serving process wants and a test process creating engine
+after engine does not: processes that run kiln's command line (allow_freeze) or an
+engine process of their own freeze; a library caller's process is left alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+log = logging.getLogger(__name__)
+_allowed = False
+
+
+def allow_freeze() -> None:
+    """This process runs kiln's command line (or is an engine process): it may freeze."""
+    global _allowed
+    _allowed = True
+
+
+def freeze_startup_heap() -> int:
+    """gc.collect() then gc.freeze() where allowed; the objects now frozen (0: not allowed)."""
+    if not _allowed:
+        return 0
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.debug("froze %d start-up objects out of the garbage collector's walks", frozen)
+    return frozen

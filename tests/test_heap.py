@@ -1,0 +1,40 @@
+"""kiln.runtime.heap: serving processes freeze their start-up heap; library callers never."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from kiln.runtime import heap
+
+
+def test_freeze_only_where_allowed() -> None:
+    """In a fresh interpreter: no freeze until allowed; then the whole heap is frozen, so a
+    full collection has (nearly) nothing left to walk."""
+    script = textwrap.dedent("""
+        import gc, time
+        import torch  # a heap like a serving process's
+        from kiln.runtime import heap
+        assert heap.freeze_startup_heap() == 0 and gc.get_freeze_count() == 0
+        heap.allow_freeze()
+        frozen = heap.freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 10_000, frozen
+        assert len(gc.get_objects()) < frozen / 10, (len(gc.get_objects()), frozen)
+        print("ok", frozen)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def test_cli_called_in_process_leaves_the_heap_alone(tmp_path, monkeypatch) -> None:
+    """main(argv) from a caller's process (tests, scripts) is not the kiln command: it
+    must not freeze that process's objects."""
+    from kiln.cli import main
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    monkeypatch.setattr(heap, "_allowed", False)
+    assert main(["cache", "list"]) == 0
+    assert not heap._allowed
+    assert heap.freeze_startup_heap() == 0
