@@ -6,7 +6,8 @@
     SWEEP_MAXNREG=0,168,128 python benchmarks/attn_decode_sweep.py out.json  # register caps
     SWEEP_CONFIGS="64,2,2;64,2,4" ...                          # (block_n, stages, warps) only
     SWEEP_SHAPES="496x192;496x128" SWEEP_LAYOUTS=nhd ...      # other shapes, one layout
-    SWEEP_PREFETCH=0,1,2,3 ...                                # the kernel's PREFETCH bits
+    SWEEP_PREFETCH=0,1 ...                                    # the kernel's PREFETCH
+    SWEEP_HEADS=1,2,4 ...                   # KV heads a program (attention_decode_heads)
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -39,7 +40,7 @@ if os.environ.get("SWEEP_SHAPES"):
     SHAPES = [tuple(int(x) for x in s.split("x"))
               for s in os.environ["SWEEP_SHAPES"].split(";")]
 LAYOUTS = os.environ.get("SWEEP_LAYOUTS", "nhd,hnd").split(",")
-# SWEEP_PREFETCH="0,1": these PREFETCH bits for every config (default: decode_config's)
+# SWEEP_PREFETCH="0,1": this PREFETCH for every config (default: decode_config's)
 PREFETCH = [int(p) for p in os.environ["SWEEP_PREFETCH"].split(",")] \
     if os.environ.get("SWEEP_PREFETCH") else [None]
 # SWEEP_CONFIGS="64,2,2;128,2,2": only these (block_n, stages, warps), for a short run
@@ -47,6 +48,7 @@ CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP_CONFIG
     if os.environ.get("SWEEP_CONFIGS") else \
     list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
 CAPS = [int(c) for c in os.environ.get("SWEEP_MAXNREG", "0").split(",")]
+HEADS_PER = [int(h) for h in os.environ.get("SWEEP_HEADS", "1").split(",")]
 
 
 def make(batch: int, ctx: int, layout: str, dtype: torch.dtype):
@@ -77,18 +79,21 @@ def main() -> None:
         scales = dict(k_scale=ones, v_scale=ones) if dt.itemsize == 1 else {}
         best = None
         caps = CAPS if dt.itemsize == 1 else [0]
-        for (block_n, stages, warps), cap, pre in itertools.product(CONFIGS, caps, PREFETCH):
+        for (block_n, stages, warps), cap, pre, per in itertools.product(CONFIGS, caps,
+                                                                          PREFETCH, HEADS_PER):
             try:
                 fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
                              block_n=block_n, num_stages=stages, num_warps=warps,
-                             max_registers=cap, prefetch=pre, **scales)
+                             max_registers=cap, prefetch=pre, heads_per_program=per,
+                             **scales)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
             row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
                        block_n=block_n, stages=stages, warps=warps, maxnreg=cap,
-                       prefetch=decode_config(dt, D)[3] if pre is None else pre, ms=ms,
+                       prefetch=decode_config(dt, D)[3] if pre is None else pre,
+                       heads_per_program=per, ms=ms,
                        gbps=nbytes / ms / 1e6)
             rows.append(row)
             if best is None or ms < best["ms"]:
@@ -99,14 +104,15 @@ def main() -> None:
         n, stages, warps, pre = decode_config(dt, D)  # what kiln launches for this cache
         default = next((r for r in rows[::-1] if (r["batch"], r["ctx"], r["layout"],
                         r["dtype"], r["block_n"], r["stages"], r["warps"], r["maxnreg"],
-                        r["prefetch"]) == (batch, ctx, layout, name, n, stages, warps, 0, pre)),
-                       None)
+                        r["prefetch"], r["heads_per_program"]) ==
+                        (batch, ctx, layout, name, n, stages, warps, 0, pre, 1)), None)
         shown = "n/a" if default is None else \
             f"{default['ms']:.3f} ms ({default['gbps']:.0f} GB/s)"
         print(f"B={batch:4d} ctx={ctx:5d} {layout} {name} (e4m3 mode {mode}): "
               f"kiln's config {shown}  best {best['ms']:.3f} ms ({best['gbps']:.0f} GB/s) "
               f"at n={best['block_n']} stages={best['stages']} warps={best['warps']} "
-              f"maxnreg={best['maxnreg'] or 'none'} prefetch={best['prefetch']}",
+              f"maxnreg={best['maxnreg'] or 'none'} prefetch={best['prefetch']} "
+              f"heads/program={best['heads_per_program']}",
               flush=True)
         torch.cuda.empty_cache()
     with open(out, "w") as f:

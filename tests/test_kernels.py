@@ -173,7 +173,7 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                  head_dim: int, num_splits: int | None, window: int | None = None,
                  softcap: float | None = None, alibi: bool = False,
-                 key_rotary: bool = False) -> None:
+                 key_rotary: bool = False, heads_per_program: int | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -186,7 +186,7 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
                                  scale, num_splits=num_splits, block_n=16,
                                  sliding_window=window, softcap=softcap, alibi_slopes=slopes,
-                                 key_rotary=table)
+                                 key_rotary=table, heads_per_program=heads_per_program)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
                                    sliding_window=window, softcap=softcap, alibi_slopes=slopes,
                                    key_rotary=table)
@@ -342,6 +342,18 @@ def test_prefill_attention_window_softcap(interp, window, softcap, block_m, bloc
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_window_softcap(interp, window, softcap, num_splits) -> None:
     interp(check_decode, *F32, 6, 2, 32, num_splits, window, softcap)
+
+
+# Several KV heads a program (attention_decode_heads): one loop over (head, tile), the
+# softmax restarted at each head, contexts of 1-123 tokens over 16-key tiles and a padding
+# row; with and without the blocks loaded a tile ahead, windows and caps.
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("heads_per_program,window,softcap", [
+    (2, None, None), (4, None, None), (4, 37, None), (2, 5, 1.5)])
+def test_decode_attention_heads_per_program(interp, dtype, atol, rtol, heads_per_program,
+                                            window, softcap) -> None:
+    interp(check_decode, dtype, atol, rtol, 8, 4, 32, None, window, softcap,
+           heads_per_program=heads_per_program)
 
 
 # ALiBi: 6 heads (not a power of two: Bloom's extra slopes), MQA and MHA groups.

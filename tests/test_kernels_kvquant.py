@@ -176,7 +176,7 @@ def _quantized_batch(seq_lens: list[int], q_lens: list[int], heads: int, kv_head
 
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torch.dtype,
                  heads: int, kv_heads: int, head_dim: int, num_splits: int | None,
-                 key_rotary: bool = False) -> None:
+                 key_rotary: bool = False, heads_per_program: int | None = None) -> None:
     from kiln.kernels.attention_decode import paged_attention_decode
 
     seq_lens = [1, 17, 100, 64, 0]  # the last row is CUDA-graph padding: output zeros
@@ -186,7 +186,8 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torc
     table = cpu._cos_sin(head_dim) if key_rotary else None
     out = paged_attention_decode(q, k_q, v_q, tables, torch.tensor(seq_lens).int(), scale,
                                  num_splits=num_splits, block_n=16, k_scale=k_scale,
-                                 v_scale=v_scale, key_rotary=table)
+                                 v_scale=v_scale, key_rotary=table,
+                                 heads_per_program=heads_per_program)
     expected = ref.paged_attention(q[:4], k_q, v_q, tables, starts[:5], seq_lens[:4], scale,
                                    k_scale, v_scale, key_rotary=table)
     vmax = ref.dequantize_kv(v_q, v_scale, torch.float32).abs().max().item()
@@ -336,6 +337,16 @@ def test_prefill_attention(interp, dtype, atol, rtol, cache_dtype, heads, kv_hea
                            block_m, block_n) -> None:
     interp(check_prefill, dtype, atol, rtol, cache_dtype, heads, kv_heads, head_dim, block_m,
            block_n)
+
+
+# Several KV heads a program over a 1-byte cache: each head's k_scale and v_scale.
+@CACHE_DTYPES
+@pytest.mark.parametrize("dtype,atol,rtol", [ATTN_F32, ATTN_F16], ids=["f32", "f16"])
+@pytest.mark.parametrize("heads_per_program", [2, 4])
+def test_decode_attention_heads_per_program(interp, dtype, atol, rtol, cache_dtype,
+                                            heads_per_program) -> None:
+    interp(check_decode, dtype, atol, rtol, cache_dtype, 8, 4, 64, None, False,
+           heads_per_program)
 
 
 # Attention sinks over a 1-byte cache: keys stored before rotary, rotated as read.

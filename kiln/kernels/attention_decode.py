@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import num_sms
+from kiln.kernels.attention_decode_heads import launch_decode_heads
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -51,6 +52,9 @@ def _register_cap(text: str) -> int | None:
 
 
 KV8_MAXNREG = _register_cap(os.environ.get("KILN_KV8_DECODE_MAXNREG", ""))
+# KILN_DECODE_HEADS_PER_PROGRAM=N: several KV heads a program where the batch fills the GPU
+# without splits (kiln.kernels.attention_decode_heads); an experiment knob, untimed.
+HEADS_PER_PROGRAM = int(os.environ.get("KILN_DECODE_HEADS_PER_PROGRAM", "1") or 1)
 
 
 @triton.jit
@@ -93,9 +97,8 @@ def _decode_kernel(
     = c * log2(e). ALIBI: scores + alibi[head] * (key pos - (seq_len - 1)). ROPE_K
     (attention sinks): key n, cached before rotary, is rotated at position n as read. All
     constexpr: off, the plain code.
-    PREFETCH (bits; latency at short contexts, where a program has few tiles to overlap its
-    first loads with): 1 loads each tile's physical blocks one tile ahead, so the K / V
-    loads of a tile wait on no load of that tile; 2 issues the q load before seq_len is read.
+    PREFETCH (1: on): each tile's physical blocks are loaded one tile ahead, so the K / V
+    loads of a tile wait on no load of that tile.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,16 +114,13 @@ def _decode_kernel(
     head = kv_head * GROUP + offs_g
     io_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     out_off = seq.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    q_off = seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    if PREFETCH & 2:
-        q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
     if start >= end:
         if NUM_SPLITS == 1:  # empty (padding) row: defined output, no NaN
             tl.store(out_ptr + out_off, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(
                 out_ptr.dtype.element_ty), mask=io_mask)
         return
-    if not PREFETCH & 2:
-        q = tl.load(q_ptr + q_off, mask=io_mask, other=0.0)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
+                + offs_d[None, :], mask=io_mask, other=0.0)
     KV_QUANT: tl.constexpr = k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
     if KV_QUANT:
         q = kv_query(q, k_cache_ptr)
@@ -135,7 +135,7 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
-    AHEAD: tl.constexpr = (PREFETCH & 1) != 0
+    AHEAD: tl.constexpr = PREFETCH != 0
     offs_t = tl.arange(0, BLOCK_N)
     blocks = 0
     if AHEAD:
@@ -245,6 +245,7 @@ def paged_attention_decode(
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
     max_registers: int | None = None, prefetch: int | None = None,
+    heads_per_program: int | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
 
@@ -256,9 +257,13 @@ def paged_attention_decode(
     max_seq_len (default: what the block table can address) must be static for CUDA
     graphs; the split count follows from it and the batch size unless given. A 1-byte
     cache (float8_e4m3fn, int8) needs k_scale and v_scale (float32 [kv_heads], on device).
-    block_n, num_stages, num_warps and prefetch (the kernel's PREFETCH bits) default to
+    block_n, num_stages, num_warps and prefetch (the kernel's PREFETCH) default to
     decode_config's choice for the cache dtype; max_registers (ptxas maxnreg) to
-    KILN_KV8_DECODE_MAXNREG for a 1-byte cache, else none.
+    KILN_KV8_DECODE_MAXNREG for a 1-byte cache, else none. heads_per_program (default
+    KILN_DECODE_HEADS_PER_PROGRAM where the batch alone gives 2 waves of programs, else 1)
+    > 1: that many KV heads a program over the whole context (attention_decode_heads;
+    num_splits is then not used); not with ALiBi or key_rotary (those take the one-head
+    kernel), nor a count that does not divide the KV heads.
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -287,6 +292,17 @@ def paged_attention_decode(
     if max_registers is None and k_cache.element_size() == 1:
         max_registers = KV8_MAXNREG
     cap = {"maxnreg": max_registers} if max_registers else {}  # none: the usual compile
+    heads = heads_per_program or 1
+    if heads_per_program is None and HEADS_PER_PROGRAM > 1 and num_splits == 1 and \
+            num_seqs * num_kv_heads // HEADS_PER_PROGRAM >= 2 * num_sms(q.device):
+        heads = HEADS_PER_PROGRAM
+    if heads > 1 and num_kv_heads % heads == 0 and alibi_slopes is None and key_rotary is None:
+        launch_decode_heads(q, k_cache, v_cache, out, block_tables, seq_lens, scale * LOG2E,
+                            k_scale, v_scale, heads, sliding_window,
+                            None if softcap is None else softcap * LOG2E, block_n, block_d,
+                            block_g, dot_precision(q.dtype), num_stages, num_warps, prefetch,
+                            cap)
+        return out
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32,
                                device=q.device)
