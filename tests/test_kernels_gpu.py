@@ -143,6 +143,24 @@ def test_decode_attention(batch: int, num_splits: int | None) -> None:
     _close("decode", out, expected, **ATTN)
 
 
+@pytest.mark.parametrize("heads_per_program", [2, 8])
+def test_decode_attention_heads_per_program(heads_per_program: int) -> None:
+    """Several KV heads a program (short contexts, as in 128 / 128 throughput): 300
+    sequences of 1-300 tokens and a padding row against the reference."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    seq_lens = torch.randint(1, 301, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    q, k_cache, v_cache, tables, _ = _paged(seq_lens + [1], [1] * 301, 320 // BLOCK_SIZE)
+    lens = torch.tensor(seq_lens + [0], device="cuda").int()
+    scale = HEAD_DIM ** -0.5
+    out = paged_attention_decode(q, k_cache, v_cache, tables, lens, scale,
+                                 heads_per_program=heads_per_program)
+    expected = ref.paged_attention(q[:300], k_cache, v_cache, tables, list(range(301)),
+                                   seq_lens, scale)
+    _close("decode", out[:300], expected, **ATTN)
+    assert torch.equal(out[300], torch.zeros_like(out[300]))
+
+
 def test_attention_with_key_rotary() -> None:
     """Attention sinks: keys cached before rotary, rotated at their index by the prefill
     and decode kernels as read (bf16, real shapes) vs the reference rotating them."""

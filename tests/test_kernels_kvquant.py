@@ -534,6 +534,25 @@ def test_gpu_decode_attention(cache_dtype, num_splits) -> None:
 
 
 @_gpu
+@pytest.mark.parametrize("heads_per_program", [2, 8])
+def test_gpu_decode_attention_heads_per_program(cache_dtype, heads_per_program) -> None:
+    """Several KV heads a program over a 1-byte cache: 300 short contexts (1-300 tokens)
+    against the float32 oracle."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    seq_lens = torch.randint(1, 301, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    q, k_q, v_q, k_scale, v_scale, tables, _ = _gpu_quantized(seq_lens, [1] * 300,
+                                                              cache_dtype, 320 // BLOCK)
+    out = paged_attention_decode(q, k_q, v_q, tables,
+                                 torch.tensor(seq_lens, device="cuda").int(), HEAD_DIM ** -0.5,
+                                 k_scale=k_scale, v_scale=v_scale,
+                                 heads_per_program=heads_per_program)
+    expected = ref.paged_attention(q.float(), k_q, v_q, tables, list(range(301)), seq_lens,
+                                   HEAD_DIM ** -0.5, k_scale, v_scale)
+    _close_to_f32("decode", out, expected, v_q, v_scale)
+
+
+@_gpu
 @pytest.mark.parametrize("cap", [168, 128])
 def test_gpu_decode_attention_register_cap(cache_dtype, cap) -> None:
     """KILN_KV8_DECODE_MAXNREG's cap makes ptxas spill, never changes a result: the same
