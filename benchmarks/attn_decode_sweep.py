@@ -8,6 +8,7 @@
     SWEEP_SHAPES="496x192;496x128" SWEEP_LAYOUTS=nhd ...      # other shapes, one layout
     SWEEP_PREFETCH=0,1 ...                                    # the kernel's PREFETCH
     SWEEP_HEADS=1,2,4 ...                   # KV heads a program (attention_decode_heads)
+    SWEEP_DTYPES=bf16,fp8,int8 ...                            # cache dtypes (int8 too)
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -71,6 +72,9 @@ def main() -> None:
     mode = os.environ.get("KILN_E4M3_NATIVE", "1")  # see kiln.kernels.paged
     dtypes = {"fp8": torch.float8_e4m3fn} if mode != "1" else {"bf16": torch.bfloat16,
                                                                "fp8": torch.float8_e4m3fn}
+    if os.environ.get("SWEEP_DTYPES"):  # e.g. "bf16,fp8,int8"
+        every = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+        dtypes = {n: every[n] for n in os.environ["SWEEP_DTYPES"].split(",")}
     rows = []
     ones = torch.ones(KV_HEADS, device="cuda")
     for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, LAYOUTS, dtypes.items()):

@@ -18,9 +18,9 @@ case ${1:-a} in
       -k "heads_per_program or act_mul_quant_in_slices or decode_attention" > $R/tests.log 2>&1
     tail -3 $R/tests.log; pack
     # decode attention at 128 / 128's contexts: KV heads a program (1 = kiln's kernel)
-    SWEEP_SHAPES="496x192;496x128;496x256;992x192;512x1536" SWEEP_LAYOUTS=nhd \
-      SWEEP_HEADS=1,2,4,8 SWEEP_CONFIGS="64,2,4;64,3,2;64,3,4;32,3,2" \
-      timeout 200 python3 benchmarks/attn_decode_sweep.py $R/attn_heads.json > $R/attn_heads.log 2>&1
+    SWEEP_SHAPES="496x192;496x128;992x192;512x1536" SWEEP_LAYOUTS=nhd \
+      SWEEP_DTYPES=bf16,fp8,int8 SWEEP_HEADS=1,2,4 SWEEP_CONFIGS="64,2,4;64,3,2;32,3,2" \
+      timeout 240 python3 benchmarks/attn_decode_sweep.py $R/attn_heads.json > $R/attn_heads.log 2>&1
     grep "^B=" $R/attn_heads.log; pack
     timeout 120 python3 benchmarks/small_kernels_bench.py $R/small_kernels.json --ms 256,496,1024 \
       > $R/small_kernels.log 2>&1; grep -v Warn $R/small_kernels.log; pack ;;
