@@ -23,6 +23,7 @@ from kiln.kernels.paged import (
     NATIVE_E4M3,
     NATIVE_E4M3_V,
     attend_tile,
+    context_start,
     dot_precision,
     head_block,
     kv_block_ids,
@@ -55,14 +56,6 @@ KV8_MAXNREG = _register_cap(os.environ.get("KILN_KV8_DECODE_MAXNREG", ""))
 # KILN_DECODE_HEADS_PER_PROGRAM=N: several KV heads a program where the batch fills the GPU
 # without splits (kiln.kernels.attention_decode_heads); an experiment knob, untimed.
 HEADS_PER_PROGRAM = int(os.environ.get("KILN_DECODE_HEADS_PER_PROGRAM", "1") or 1)
-
-
-@triton.jit
-def _context_start(seq_len, window, WINDOW: tl.constexpr):
-    """The first key the new token sees: seq_len - window with a sliding window, else 0."""
-    if WINDOW:
-        return tl.maximum(seq_len - window, 0)
-    return 0
 
 
 @triton.jit
@@ -104,7 +97,7 @@ def _decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_start = _context_start(seq_len, window, WINDOW)
+    ctx_start = context_start(seq_len, window, WINDOW)
     split_len = _split_len(seq_len - ctx_start, NUM_SPLITS, BLOCK_N)
     start = ctx_start + split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -182,7 +175,7 @@ def _reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_len = seq_len - _context_start(seq_len, window, WINDOW)
+    ctx_len = seq_len - context_start(seq_len, window, WINDOW)
     split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
     num_active = (ctx_len + split_len - 1) // split_len
     offs_s = tl.arange(0, NUM_SPLITS)

@@ -22,17 +22,11 @@ from kiln.kernels.paged import (
     NATIVE_E4M3,
     NATIVE_E4M3_V,
     attend_tile,
+    context_start,
     kv_block_ids,
     kv_query,
     kv_scale,
 )
-
-
-@triton.jit
-def _first_key(seq_len, window, WINDOW: tl.constexpr):
-    if WINDOW:
-        return tl.maximum(seq_len - window, 0)
-    return 0
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # block-table width varies by step
@@ -51,7 +45,7 @@ def _decode_heads_kernel(
     seq = tl.program_id(0)
     first = tl.program_id(1) * HEADS
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = _first_key(seq_len, window, WINDOW)
+    start = context_start(seq_len, window, WINDOW)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     io_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)

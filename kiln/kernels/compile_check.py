@@ -217,15 +217,14 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "PREFETCH": 1}, 2, 3,
         variant="fp8kv"))
-    heads = {k: v for k, v in fp8_cache.items() if k not in (
-        "part_out_ptr", "part_lse_ptr", "query_start_ptr", "alibi_ptr", "cos_sin_ptr",
-        "stride_cs")}
+    unused = ("part_out_ptr", "part_lse_ptr", "query_start_ptr", "alibi_ptr", "cos_sin_ptr",
+              "stride_cs", "ALIBI", "ROPE_K")  # the several-heads kernel takes none of them
     for cache, warps, stages, pre, name in ((attn, 4, 2, 0, "heads=4"),
                                             (fp8_cache, 2, 3, 1, "fp8kv heads=4")):
         out.append(compile_sm90(attention_decode_heads._decode_heads_kernel, {
-            **heads, "q_ptr": bf, "out_ptr": bf, "k_cache_ptr": cache["k_cache_ptr"],
-            "v_cache_ptr": cache["v_cache_ptr"]}, {
-            **{k: v for k, v in shape.items() if k not in ("ALIBI", "ROPE_K")},
+            **{k: v for k, v in fp8_cache.items() if k not in unused},
+            "k_cache_ptr": cache["k_cache_ptr"], "v_cache_ptr": cache["v_cache_ptr"]}, {
+            **{k: v for k, v in shape.items() if k not in unused},
             "BLOCK_G": 16, "BLOCK_N": 64, "HEADS": 4, "PREFETCH": pre}, warps, stages,
             variant=name))
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # capped registers

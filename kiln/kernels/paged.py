@@ -29,6 +29,14 @@ NATIVE_E4M3_V = tl.constexpr(_E4M3_MODE == "1")
 
 
 @triton.jit
+def context_start(seq_len, window, WINDOW: tl.constexpr):
+    """The first key a decoded token sees: seq_len - window with a sliding window, else 0."""
+    if WINDOW:
+        return tl.maximum(seq_len - window, 0)
+    return 0
+
+
+@triton.jit
 def kv_block_ids(table_row_ptr, offs_n, n_end, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr):
     """The physical block of each context token offs_n: table_row[n // BLOCK_SIZE] (0 for
     tokens >= n_end with MASK)."""

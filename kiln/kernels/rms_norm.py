@@ -108,8 +108,8 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     # Small rows (per-head q/k norms) are batched several to a program.
     block_r = max(1, min(64, 2048 // block_n))
     num_warps = min(max(block_r * block_n // 512, 1), 16)
-    block_r, num_warps = (launch or {}).get("block_r", block_r), \
-        (launch or {}).get("num_warps", num_warps)
+    if launch:
+        block_r, num_warps = launch.get("block_r", block_r), launch.get("num_warps", num_warps)
     grid = (triton.cdiv(num_rows, block_r),)
     use_pdl = pdl.enabled(x)
     _rms_norm_kernel[grid](
