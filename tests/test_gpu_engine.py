@@ -288,24 +288,3 @@ def test_attention_sinks_on_gpu_match_the_cpu_engine(gpu_engines):
     engine = LLMEngine(path, RuntimeConfig(device="cuda", **sinks))
     assert run_all(engine, prompts, params) == want
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
-
-
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
-def test_l2_prefetch_keeps_tokens(gpu_engines, arch, monkeypatch):
-    """Weights asked into L2 on a side stream of the small batches' decode graphs
-    (KILN_L2_PREFETCH_MB): the same greedy tokens as without, over batches that grow and
-    shrink across the prefetch's row limit (bf16, the tiny weights prefetched in full)."""
-    from kiln.runtime import l2_prefetch
-
-    path = gpu_engines[arch, "bfloat16"]
-    prompts = make_prompts(24, seed=7)
-    arrivals = [i // 3 for i in range(24)]
-    params = [SamplingParams(max_tokens=4 + i, **GREEDY) for i in range(24)]
-    want = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params, arrivals)
-    monkeypatch.setattr(l2_prefetch, "MIN_TENSOR_BYTES", 0)
-    monkeypatch.setenv("KILN_L2_PREFETCH_MB", "1")
-    monkeypatch.setenv("KILN_L2_PREFETCH_ROWS", "8")
-    engine = LLMEngine(path, RuntimeConfig(device="cuda"))
-    prefetch = engine.runner.graphs.prefetch
-    assert prefetch is not None and prefetch.requested > 0  # the batch-1 graph asked
-    assert run_all(engine, prompts, params, arrivals) == want

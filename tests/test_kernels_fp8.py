@@ -357,7 +357,7 @@ def test_gpu_fused_norm_act_quant(dtype, M, K) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("static", [False, True])
 def test_gpu_act_mul_quant_in_slices(dtype, static) -> None:
-    """From 128 rows act_mul_quant takes a Llama-3.1-8B row (14336) in 8192-wide slices
+    """From 128 rows act_mul_quant takes a Llama-3.1-8B row (14336) in 4096-wide slices
     (two passes): the bits of one whole-row tile, and of SiLU*mul quantized after."""
     from kiln.kernels import fp8, silu_mul
     from kiln.kernels import reference as ref

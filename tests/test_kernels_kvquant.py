@@ -607,3 +607,19 @@ def test_gpu_decode_attention_cuda_graph(cache_dtype) -> None:
         _close_to_f32(f"replay {trial}", out[live], expected, v_q, v_scale)
         if len(live) < batch:
             assert not out[-1].any(), "padding row is not zero"
+
+
+def test_prefill_launch_follows_the_grid() -> None:
+    """Full 128-row tiles: 4 warps where the grid has two programs an SM or more, 8 (e4m3:
+    128 keys, 2 stages) below that, e.g. one 1k-token prompt alone; int8 keeps its launch."""
+    from kiln.kernels.attention_prefill import prefill_config
+
+    for cache in (torch.bfloat16, torch.float8_e4m3fn, torch.int8):
+        big, small = (prefill_config(cache, 128, 128, s) for s in (False, True))
+        if cache == torch.int8:
+            assert big == small
+            continue
+        assert (big.num_warps, small.num_warps) == (4, 8) and big.heavy_first and \
+            small.heavy_first
+        assert small.block_n == (128 if cache == torch.float8_e4m3fn else 64)
+    assert prefill_config(torch.bfloat16, 64, 128, True) == prefill_config(torch.bfloat16, 64, 128)

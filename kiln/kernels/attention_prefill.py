@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import num_sms
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -139,8 +140,15 @@ class PrefillLaunch:
     heavy_first: bool = False
 
 
-def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int) -> PrefillLaunch:
+def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int,
+                   small_grid: bool = False) -> PrefillLaunch:
     """The launch per KV cache dtype and query tile.
+
+    small_grid (fewer programs than two per SM, e.g. one 1k-token prompt alone: 256 on an
+    H200 with 8 KV heads): 8 warps a 128-row tile, bf16 with 64 keys and 3 stages, e4m3
+    128 keys and 2 stages (one 1024-token prompt: 55.6 -> 45.7 us bf16, 58.8 -> 47.3 us
+    e4m3; from two such prompts on the 4-warp launch below is faster: 73.0 vs 82.0 us;
+    benchmarks/attn_prefill_batch.py, BENCHMARKS.md twenty-second session).
 
     Full 128-row tiles, d <= 128, every cache but int8: 64 keys a step, 3 stages, 4
     warps, heaviest tiles first, the best of 40 launches on an H200 at 4k and 8k tokens
@@ -152,6 +160,10 @@ def prefill_config(cache_dtype: torch.dtype, block_m: int, block_d: int) -> Pref
     if block_m >= 128 and block_d <= 128:
         if cache_dtype == torch.int8:
             return PrefillLaunch(128, 2, 8)
+        if small_grid and cache_dtype == torch.float8_e4m3fn:
+            return PrefillLaunch(128, 2, 8, heavy_first=True)
+        if small_grid:
+            return PrefillLaunch(64, 3, 8, heavy_first=True)
         return PrefillLaunch(64, 3, 4, heavy_first=True)
     return PrefillLaunch(64 if block_d <= 128 else 32, 2,
                          8 if block_m * block_d >= 128 * 128 else 4)
@@ -192,11 +204,12 @@ def paged_attention_prefill(
     block_d = head_block(head_dim)
     if block_m is None:
         block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
-    launch = prefill_config(k_cache.dtype, block_m, block_d)
+    tiles = triton.cdiv(max_query_len * group, block_m)
+    launch = prefill_config(k_cache.dtype, block_m, block_d,
+                            tiles * num_seqs * num_kv_heads < 2 * num_sms(q.device))
     block_n, num_stages = block_n or launch.block_n, num_stages or launch.num_stages
     num_warps = num_warps or launch.num_warps
     heavy_first = launch.heavy_first if heavy_first is None else heavy_first
-    tiles = triton.cdiv(max_query_len * group, block_m)
     grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,

@@ -110,12 +110,12 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False,
         block = min(triton.next_power_of_2(inter), 16384)
         num_warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
         if tokens >= 128 and inter > 8192:
-            # Rows enough to fill the SMs: the row in 8192-wide slices over 16 warps (two
-            # passes, the second from L2) keeps more programs an SM than one 16384-wide tile
-            # (H200, Llama-3.1-8B, 496 rows: 24.7 vs 52.6 us; 1024 rows: 60.3 vs 61.5 us;
-            # benchmarks/small_kernels_bench.py, do_bench: its end-to-end share is not
-            # isolated yet). The same bits either way.
-            block, num_warps = 8192, 16
+            # Rows enough to fill the SMs: the row in 4096-wide slices over 8 warps (two
+            # passes, the second from L2) rather than one 16384-wide tile in registers
+            # (H200, Llama-3.1-8B, CUDA-graph timing, benchmarks/small_kernels_bench.py:
+            # 16384 rows, a prefill step, 488.6 vs 546.3 us; 496 rows 20.1 vs 20.4 us).
+            # The same bits either way.
+            block, num_warps = 4096, 8
         if launch:
             block, num_warps = launch.get("block", block), launch.get("num_warps", num_warps)
         _act_mul_quant_kernel[(tokens,)](

@@ -25,7 +25,6 @@ import torch
 
 from kiln.distributed.comm import pp_recv_into, pp_send
 from kiln.layers import AttentionMetadata, forward_context
-from kiln.runtime.l2_prefetch import WeightPrefetch
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +39,10 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device,
                  prev_rank: int | None = None, next_rank: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16, prefetch: WeightPrefetch | None = None
-                 ) -> None:
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         """prev_rank / next_rank: the neighbouring pipeline stages' ranks (None: this
-        stage is the first / the last); dtype: the activations' (the model's dtype);
-        prefetch: weights asked into L2 between GEMMs in small batches' graphs."""
+        stage is the first / the last); dtype: the activations' (the model's dtype)."""
         self.model = model
-        self.prefetch = prefetch
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.buckets = batch_buckets(max_batch_size)
         self.block_size = block_size
@@ -74,12 +70,6 @@ class DecodeGraphs:
                                       for _ in range(2))
 
     def _stage_forward(self, bs: int) -> None:
-        if self.prefetch is None:
-            return self._stage_forward_body(bs)
-        with self.prefetch.active(bs):
-            self._stage_forward_body(bs)
-
-    def _stage_forward_body(self, bs: int) -> None:
         args = (self.input_ids[:bs], self.positions[:bs])
         if self.intermediate is not None:
             args += (tuple(t[:bs] for t in self.intermediate),)
