@@ -1,0 +1,181 @@
+"""Probe: do a decode step's GEMMs and its decode attention overlap on one GPU?
+
+FP8 1000 / 1000 spends its decode steps about half in decode attention (bound by reading
+the KV cache) and a third in FP8 GEMMs (bound by tensor-core FLOPs at ~500 rows); kiln
+runs them one after another, so the floor in BENCHMARKS.md adds them up. Splitting a
+step's batch in two halves and running one half's attention beside the other half's
+GEMMs (two streams, NanoFlow-style nano-batches) could beat that floor, but only if the
+two kinds of kernel really share the card. This measures it before anything is built:
+per decoder layer of Llama-3.1-8B (FP8 W8A8 + e4m3 KV cache, random values),
+
+    gemms(rows)  the layer's four FP8 GEMMs (qkv, o, gate_up, down) at `rows` rows
+    attn(rows)   decode attention of `rows` sequences at a `ctx`-token context
+
+and times, each as a CUDA graph replayed many times:
+    serial     gemms(B) then attn(B) on one stream (what a step does today)
+    halves     gemms(B/2), attn(B/2), gemms(B/2), attn(B/2) on one stream
+    overlap    halves, each half's attention on a second stream beside the other half's
+               GEMMs (layer L's second half beside layer L + 1's first; fork / join by
+               events), as a two-half nano-batched step would run
+
+    python benchmarks/overlap_probe.py OUT.json [--rows 512] [--ctx 1536,256] [--layers 8]
+
+overlap / serial < 1 is what nano-batching could gain at best (it ignores the extra
+small kernels and the split's own costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kiln.kernels.attention_decode import paged_attention_decode
+from kiln.kernels.fp8 import scaled_mm_fp8_linear
+from kiln.kernels.fp8_quant import FP8Act, quantize_fp8_per_token
+
+H, INTER, Q_HEADS, KV_HEADS, D, BLOCK = 4096, 14336, 32, 8, 128, 16
+DEVICE = "cuda"
+SHAPES = [(6144, H), (H, H), (2 * INTER, H), (H, INTER)]  # (N, K): qkv, o, gate_up, down
+
+
+def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.randn(n, k, device=DEVICE) * 0.02
+    scale = w.abs().amax(dim=1) / 448.0
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale.float().contiguous()
+
+
+class Layer:
+    """One layer's FP8 weights and, per half of the batch, its inputs and KV cache."""
+
+    def __init__(self, rows: int, ctx: int) -> None:
+        self.weights = [fp8_weight(n, k) for n, k in SHAPES]
+        self.halves = [self._half(rows // 2, ctx) for _ in range(2)]
+
+    @staticmethod
+    def _half(rows: int, ctx: int) -> dict:
+        blocks = -(-ctx // BLOCK)
+        cache = torch.randn(rows * blocks, BLOCK, KV_HEADS, D, device=DEVICE)
+        k = (cache * 0.5).to(torch.float8_e4m3fn)
+        v = (cache.flip(0) * 0.5).to(torch.float8_e4m3fn)
+        tables = torch.randperm(rows * blocks, device=DEVICE, dtype=torch.int32).view(rows, -1)
+        x = torch.randn(rows, H, device=DEVICE, dtype=torch.bfloat16)
+        return dict(
+            x=quantize_fp8_per_token(x), inter=quantize_fp8_per_token(
+                torch.randn(rows, INTER, device=DEVICE, dtype=torch.bfloat16)),
+            q=torch.randn(rows, Q_HEADS, D, device=DEVICE, dtype=torch.bfloat16),
+            k=k, v=v, tables=tables,
+            lens=torch.full((rows,), ctx, device=DEVICE, dtype=torch.int32),
+            scales=torch.ones(KV_HEADS, device=DEVICE))
+
+    def gemms(self, half: dict) -> None:
+        for (w, ws), (_n, k) in zip(self.weights, SHAPES):
+            x = half["inter"] if k == INTER else half["x"]
+            scaled_mm_fp8_linear(FP8Act(x[0], x[1], torch.bfloat16), w, ws)
+
+    @staticmethod
+    def attn(half: dict) -> None:
+        paged_attention_decode(half["q"], half["k"], half["v"], half["tables"], half["lens"],
+                               D ** -0.5, k_scale=half["scales"], v_scale=half["scales"])
+
+
+def graph_ms(body, reps: int = 20) -> float:
+    """ms of one body() call, captured as a CUDA graph (warmed up first), median of 3."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[1]
+
+
+def variants(layers: list[Layer]) -> dict[str, float]:
+    second = torch.cuda.Stream()
+
+    def serial() -> None:
+        for layer in layers:  # both halves as one batch: GEMMs then attention
+            for h in layer.halves:
+                layer.gemms(h)
+            for h in layer.halves:
+                layer.attn(h)
+
+    def halves() -> None:
+        for layer in layers:
+            for h in layer.halves:
+                layer.gemms(h)
+                layer.attn(h)
+
+    def overlap() -> None:
+        # each half's attention beside the other half's GEMMs: attn(a, L) with gemms(b, L),
+        # attn(b, L) with gemms(a, L + 1), as a two-half pipeline over the layers would run
+        main = torch.cuda.current_stream()
+        layers[0].gemms(layers[0].halves[0])
+        for i, layer in enumerate(layers):
+            a, b = layer.halves
+            for attn_half, gemm_layer, gemm_half in (
+                    (a, layer, b), (b, layers[i + 1] if i + 1 < len(layers) else None, 0)):
+                second.wait_stream(main)
+                with torch.cuda.stream(second):
+                    layer.attn(attn_half)
+                if gemm_layer is not None:
+                    gemm_layer.gemms(gemm_layer.halves[gemm_half])
+                main.wait_stream(second)
+
+    def gemms_only() -> None:
+        for layer in layers:
+            for h in layer.halves:
+                layer.gemms(h)
+
+    def attn_only() -> None:
+        for layer in layers:
+            for h in layer.halves:
+                layer.attn(h)
+
+    return {name: graph_ms(fn) for name, fn in (
+        ("gemms", gemms_only), ("attn", attn_only), ("serial", serial), ("halves", halves),
+        ("overlap", overlap))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--ctx", default="1536,256")
+    ap.add_argument("--layers", type=int, default=8)
+    args = ap.parse_args()
+    results = []
+    for ctx in (int(c) for c in args.ctx.split(",")):
+        layers = [Layer(args.rows, ctx) for _ in range(args.layers)]
+        t = variants(layers)
+        row = dict(rows=args.rows, ctx=ctx, layers=args.layers, **t,
+                   overlap_vs_serial=t["overlap"] / t["serial"],
+                   ideal=max(t["gemms"], t["attn"]) / t["serial"])
+        results.append(row)
+        print(f"rows {args.rows} ctx {ctx} ({args.layers} layers, ms): gemms {t['gemms']:.3f} "
+              f"attn {t['attn']:.3f} serial {t['serial']:.3f} halves {t['halves']:.3f} "
+              f"overlap {t['overlap']:.3f} -> {row['overlap_vs_serial']:.3f}x serial "
+              f"(perfect overlap {row['ideal']:.3f}x)", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
