@@ -30,6 +30,7 @@ import argparse
 import json
 
 import torch
+from fp8_gemm import time_calls  # benchmarks/ is on the path when run as a script
 
 from kiln.kernels.attention_decode import paged_attention_decode
 from kiln.kernels.fp8 import scaled_mm_fp8_linear
@@ -80,31 +81,6 @@ class Layer:
                                D ** -0.5, k_scale=half["scales"], v_scale=half["scales"])
 
 
-def graph_ms(body, reps: int = 20) -> float:
-    """ms of one body() call, captured as a CUDA graph (warmed up first), median of 3."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / reps)
-    return sorted(times)[1]
-
-
 def variants(layers: list[Layer]) -> dict[str, float]:
     second = torch.cuda.Stream()
 
@@ -147,7 +123,7 @@ def variants(layers: list[Layer]) -> dict[str, float]:
             for h in layer.halves:
                 layer.attn(h)
 
-    return {name: graph_ms(fn) for name, fn in (
+    return {name: time_calls(fn, [()]) * 1e3 for name, fn in (
         ("gemms", gemms_only), ("attn", attn_only), ("serial", serial), ("halves", halves),
         ("overlap", overlap))}
 
