@@ -6,19 +6,22 @@ runs them one after another, so the floor in BENCHMARKS.md adds them up. Splitti
 step's batch in two halves and running one half's attention beside the other half's
 GEMMs (two streams, NanoFlow-style nano-batches) could beat that floor, but only if the
 two kinds of kernel really share the card. This measures it before anything is built:
-per decoder layer of Llama-3.1-8B (FP8 W8A8 + e4m3 KV cache, random values),
+per decoder layer of Llama-3.1-8B (FP8 W8A8 + e4m3 KV cache, or bf16 for both; random
+values),
 
-    gemms(rows)  the layer's four FP8 GEMMs (qkv, o, gate_up, down) at `rows` rows
+    gemms(rows)  the layer's four GEMMs (qkv, o, gate_up, down) at `rows` rows
     attn(rows)   decode attention of `rows` sequences at a `ctx`-token context
 
 and times, each as a CUDA graph replayed many times:
-    serial     gemms(B) then attn(B) on one stream (what a step does today)
+    serial     gemms(B) then attn(B) on one stream (what a step does today; the attention
+               over both halves' caches)
     halves     gemms(B/2), attn(B/2), gemms(B/2), attn(B/2) on one stream
     overlap    halves, each half's attention on a second stream beside the other half's
                GEMMs (layer L's second half beside layer L + 1's first; fork / join by
                events), as a two-half nano-batched step would run
 
     python benchmarks/overlap_probe.py OUT.json [--rows 512] [--ctx 1536,256] [--layers 8]
+        [--formats fp8,bf16]
 
 overlap / serial < 1 is what nano-batching could gain at best (it ignores the extra
 small kernels and the split's own costs).
@@ -27,6 +30,7 @@ small kernels and the split's own costs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -41,39 +45,51 @@ DEVICE = "cuda"
 SHAPES = [(6144, H), (H, H), (2 * INTER, H), (H, INTER)]  # (N, K): qkv, o, gate_up, down
 
 
-def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def weight(n: int, k: int, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = torch.randn(n, k, device=DEVICE) * 0.02
+    if not fp8:
+        return w.to(torch.bfloat16), None
     scale = w.abs().amax(dim=1) / 448.0
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale.float().contiguous()
 
 
+def activations(rows: int, fp8: bool) -> dict:
+    x = torch.randn(rows, H, device=DEVICE, dtype=torch.bfloat16)
+    inter = torch.randn(rows, INTER, device=DEVICE, dtype=torch.bfloat16)
+    if fp8:
+        x, inter = (FP8Act(*quantize_fp8_per_token(t), torch.bfloat16) for t in (x, inter))
+    return dict(x=x, inter=inter)
+
+
 class Layer:
-    """One layer's FP8 weights and, per half of the batch, its inputs and KV cache."""
+    """One layer's weights (FP8 W8A8 or bf16), its GEMM inputs for the whole batch and for
+    each half, and each half's KV cache (e4m3 or bf16)."""
 
-    def __init__(self, rows: int, ctx: int) -> None:
-        self.weights = [fp8_weight(n, k) for n, k in SHAPES]
-        self.halves = [self._half(rows // 2, ctx) for _ in range(2)]
+    def __init__(self, rows: int, ctx: int, fp8: bool) -> None:
+        self.fp8 = fp8
+        self.weights = [weight(n, k, fp8) for n, k in SHAPES]
+        self.whole = activations(rows, fp8)
+        self.halves = [dict(activations(rows // 2, fp8), **self._cache(rows // 2, ctx))
+                       for _ in range(2)]
 
-    @staticmethod
-    def _half(rows: int, ctx: int) -> dict:
+    def _cache(self, rows: int, ctx: int) -> dict:
         blocks = -(-ctx // BLOCK)
-        cache = torch.randn(rows * blocks, BLOCK, KV_HEADS, D, device=DEVICE)
-        k = (cache * 0.5).to(torch.float8_e4m3fn)
-        v = (cache.flip(0) * 0.5).to(torch.float8_e4m3fn)
-        tables = torch.randperm(rows * blocks, device=DEVICE, dtype=torch.int32).view(rows, -1)
-        x = torch.randn(rows, H, device=DEVICE, dtype=torch.bfloat16)
+        cache = torch.randn(rows * blocks, BLOCK, KV_HEADS, D, device=DEVICE) * 0.5
+        dtype = torch.float8_e4m3fn if self.fp8 else torch.bfloat16
+        scales = torch.ones(KV_HEADS, device=DEVICE) if self.fp8 else None
         return dict(
-            x=quantize_fp8_per_token(x), inter=quantize_fp8_per_token(
-                torch.randn(rows, INTER, device=DEVICE, dtype=torch.bfloat16)),
             q=torch.randn(rows, Q_HEADS, D, device=DEVICE, dtype=torch.bfloat16),
-            k=k, v=v, tables=tables,
-            lens=torch.full((rows,), ctx, device=DEVICE, dtype=torch.int32),
-            scales=torch.ones(KV_HEADS, device=DEVICE))
+            k=cache.to(dtype), v=cache.flip(0).to(dtype), scales=scales,
+            tables=torch.randperm(rows * blocks, device=DEVICE, dtype=torch.int32).view(rows, -1),
+            lens=torch.full((rows,), ctx, device=DEVICE, dtype=torch.int32))
 
-    def gemms(self, half: dict) -> None:
+    def gemms(self, part: dict) -> None:
         for (w, ws), (_n, k) in zip(self.weights, SHAPES):
-            x = half["inter"] if k == INTER else half["x"]
-            scaled_mm_fp8_linear(FP8Act(x[0], x[1], torch.bfloat16), w, ws)
+            x = part["inter"] if k == INTER else part["x"]
+            if self.fp8:
+                scaled_mm_fp8_linear(x, w, ws)
+            else:
+                torch.nn.functional.linear(x, w)
 
     @staticmethod
     def attn(half: dict) -> None:
@@ -85,9 +101,8 @@ def variants(layers: list[Layer]) -> dict[str, float]:
     second = torch.cuda.Stream()
 
     def serial() -> None:
-        for layer in layers:  # both halves as one batch: GEMMs then attention
-            for h in layer.halves:
-                layer.gemms(h)
+        for layer in layers:  # the whole batch's GEMMs, then attention (both halves' caches)
+            layer.gemms(layer.whole)
             for h in layer.halves:
                 layer.attn(h)
 
@@ -115,8 +130,7 @@ def variants(layers: list[Layer]) -> dict[str, float]:
 
     def gemms_only() -> None:
         for layer in layers:
-            for h in layer.halves:
-                layer.gemms(h)
+            layer.gemms(layer.whole)
 
     def attn_only() -> None:
         for layer in layers:
@@ -134,16 +148,19 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--ctx", default="1536,256")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--formats", default="fp8,bf16")
     args = ap.parse_args()
     results = []
-    for ctx in (int(c) for c in args.ctx.split(",")):
-        layers = [Layer(args.rows, ctx) for _ in range(args.layers)]
+    for fmt, ctx in itertools.product(args.formats.split(","),
+                                      (int(c) for c in args.ctx.split(","))):
+        layers = [Layer(args.rows, ctx, fmt == "fp8") for _ in range(args.layers)]
         t = variants(layers)
-        row = dict(rows=args.rows, ctx=ctx, layers=args.layers, **t,
+        row = dict(format=fmt, rows=args.rows, ctx=ctx, layers=args.layers, **t,
                    overlap_vs_serial=t["overlap"] / t["serial"],
                    ideal=max(t["gemms"], t["attn"]) / t["serial"])
         results.append(row)
-        print(f"rows {args.rows} ctx {ctx} ({args.layers} layers, ms): gemms {t['gemms']:.3f} "
+        print(f"{fmt} rows {args.rows} ctx {ctx} ({args.layers} layers, ms): "
+              f"gemms {t['gemms']:.3f} "
               f"attn {t['attn']:.3f} serial {t['serial']:.3f} halves {t['halves']:.3f} "
               f"overlap {t['overlap']:.3f} -> {row['overlap_vs_serial']:.3f}x serial "
               f"(perfect overlap {row['ideal']:.3f}x)", flush=True)
