@@ -207,21 +207,30 @@ class DecoderForCausalLM(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The final hidden states; a pipeline stage before the last takes the previous
         stage's (hidden, residual) as `intermediate` (none on the first) and returns its own."""
-        if intermediate is None:
-            hidden, residual = self.model.embed_tokens(input_ids), None
-            if self.config.scale_embeddings:  # in the model dtype, as transformers does
-                hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5,
-                                               dtype=hidden.dtype)
-            if self.config.position_embedding == "learned":
-                hidden = hidden + self.model.embed_positions(positions)
-            if self.config.embedding_norm:
-                hidden = self.model.embed_norm(hidden)
-        else:
-            hidden, residual = intermediate
+        hidden, residual = self.embed(input_ids, positions) if intermediate is None \
+            else intermediate
         partial = False
         for layer in self.model.layers.values():
             hidden, residual = layer(positions, hidden, residual, partial)
             partial = layer.defer_reduce
+        return self.finish(hidden, residual, partial)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, None]:
+        """The first layer's input (hidden, residual = None) on the first pipeline stage."""
+        hidden = self.model.embed_tokens(input_ids)
+        if self.config.scale_embeddings:  # in the model dtype, as transformers does
+            hidden = hidden * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden.dtype)
+        if self.config.position_embedding == "learned":
+            hidden = hidden + self.model.embed_positions(positions)
+        if self.config.embedding_norm:
+            hidden = self.model.embed_norm(hidden)
+        return hidden, None
+
+    def finish(self, hidden: torch.Tensor, residual: torch.Tensor, partial: bool
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """After the last layer: the final norm's output, or on a pipeline stage before the
+        last the (hidden, residual) it sends on (partial: hidden is a TP partial sum)."""
         if not self.mapping.is_last_pp_rank:
             if partial:
                 hidden = tp_all_reduce(hidden, self.mapping.tp_size)
