@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# For the next device session (one H200), one call of ~3 minutes, from the repository root:
-#   bash benchmarks/results/h200-2026-12-02-s22/scripts/next_session.sh
-# 1. Whether a decode step's FP8 GEMMs and its decode attention overlap on the card (two
-#    streams, two halves of the batch; FP8 and bf16): decides whether nano-batched decode is
-#    worth building.
-# 2. FP8 128 / 128 on today's act_mul_quant launch (4096-wide slices, 8 warps), two runs.
+# For the next device session (one H200), from the repository root:
+#   bash benchmarks/results/h200-2026-12-02-s22/scripts/next_session.sh a   (~4 minutes)
+#   bash benchmarks/results/h200-2026-12-02-s22/scripts/next_session.sh b   (~7 minutes)
+# a: GPU tests of the nano-batched decode steps; whether a decode step's GEMMs and its decode
+#    attention overlap on the card at all (benchmarks/overlap_probe.py: FP8 and bf16, two
+#    halves of the batch on two streams); FP8 128 / 128 on today's act_mul_quant launch.
+# b: end to end, KILN_NANO_BATCH=128 (decode graphs of 128+ rows in halves) against off,
+#    alternating: FP8 1000 / 1000 (512 requests), bf16 1000 / 1000 (300), FP8 128 / 128.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
-timeout 240 python3 benchmarks/overlap_probe.py $R/overlap.json --rows 512 --ctx 1536,256 --formats fp8,bf16 \
-  > $R/overlap.log 2>&1; grep -v Warn $R/overlap.log | tail -4; pack
-for i in 1 2; do
-  OUT=$R RUN_TAG=-$i EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=70 \
-    bash benchmarks/gpu_suite.sh fp8:throughput 2>&1 | grep -E "^kiln|decode steps"
+run() {  # run TAG NANO STAGE [NUM_REQUESTS]
+  KILN_NANO_BATCH=$2 NUM_REQUESTS=${4:-1000} OUT=$R RUN_TAG=$1 EXTRA_ARGS="--load-format dummy" \
+    STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh $3 2>&1 | grep -E "^kiln|decode steps"
   pack
-done
+}
+case ${1:-a} in
+  a)
+    timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+      tests/test_gpu_engine.py -k nano_batch > $R/tests.log 2>&1; tail -3 $R/tests.log; pack
+    timeout 240 python3 benchmarks/overlap_probe.py $R/overlap.json --rows 512 \
+      --ctx 1536,256 --formats fp8,bf16 > $R/overlap.log 2>&1
+    grep -v Warn $R/overlap.log | tail -4; pack
+    run -act1 0 fp8:throughput; run -act2 0 fp8:throughput ;;
+  b)
+    for i in 1 2; do
+      run -nano0-$i 0 fp8:throughput-1k 512; run -nano128-$i 128 fp8:throughput-1k 512
+    done
+    run -nano0 0 throughput-1k 300; run -nano128 128 throughput-1k 300
+    run -nano0 0 fp8:throughput; run -nano128 128 fp8:throughput ;;
+esac
