@@ -71,3 +71,22 @@ def test_setting(monkeypatch):
         monkeypatch.setenv("KILN_NANO_BATCH", bad)
         with pytest.raises(ValueError, match="0 \\(off\\) or a row count >= 2"):
             nano_batch.min_rows_from_env()
+
+
+def test_halves_never_share_a_split_k_workspace(tiny_checkpoints, tmp_path):
+    """The split-K GEMMs share one set of counters a device, so halves that would run them
+    at once are not taken: FP8 from 17 rows a half (its split-K launch is for up to 16),
+    integer weights never; unquantized weights from 1 row a half."""
+    from kiln.build import build
+    from kiln.config import BuildConfig
+
+    folder = tiny_checkpoints["llama"][0]
+    for quantization, smallest in (("none", 2), ("fp8", 34), ("int8_wo", None)):
+        cfg = BuildConfig(dtype="float32", max_batch_size=8, max_seq_len=64,
+                          max_num_tokens=64, quantization=quantization)
+        engine = LLMEngine(build(folder, tmp_path / quantization, cfg, progress=False),
+                           RuntimeConfig(device="cpu"))
+        nano = nano_batch.NanoBatch(engine.runner.model, 2)
+        taken = [rows for rows in range(2, 80) if nano.applies(rows)]
+        assert (taken[0] if taken else None) == smallest, quantization
+        assert all(rows % 2 == 0 for rows in taken)

@@ -11,7 +11,8 @@ waited on during capture). The same split on a CPU (no streams) runs the halves 
 the other, which is how its arithmetic is tested.
 
 Opt-in and untimed (KILN_NANO_BATCH=R: decode graphs of R rows and more, R >= 2, even
-buckets; single-GPU engines), pending benchmarks/overlap_probe.py on a GPU.
+buckets; single-GPU engines; bf16/fp16/fp32 and FP8 weights, FP8 with halves of 17 rows
+and more), pending benchmarks/overlap_probe.py on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import current_metadata, split_at_attention
+from kiln.layers.linear import LinearBase
 
 
 def min_rows_from_env() -> int:
@@ -54,6 +56,13 @@ class NanoBatch:
     def __init__(self, model: torch.nn.Module, min_rows: int) -> None:
         self.model = model
         self.min_rows = min_rows
+        # The halves' kernels run at once: none may share a workspace between calls. The
+        # split-K GEMMs do (one set of arrival counters a device: the FP8 kernel's up to 16
+        # rows, the integer kernels'), so FP8 takes halves of 17 rows and more, and the
+        # integer formats none.
+        methods = {m.method.name for m in model.modules() if isinstance(m, LinearBase)}
+        self.min_half = 1 if methods <= {"none"} else 17 if methods <= {"none", "fp8"} \
+            else None
         cuda = next(model.parameters()).is_cuda
         self.streams = [torch.cuda.Stream(), torch.cuda.Stream()] if cuda else None
         self.half = 0
@@ -61,7 +70,9 @@ class NanoBatch:
         self.events: list[torch.cuda.Event] = []
 
     def applies(self, rows: int) -> bool:
-        return self.min_rows >= 2 and rows >= self.min_rows and rows % 2 == 0
+        """Whether a decode step of `rows` rows runs in halves."""
+        return (self.min_half is not None and self.min_rows >= 2 and rows >= self.min_rows
+                and rows % 2 == 0 and rows // 2 >= self.min_half)
 
     def _stream(self, half: int):
         if self.streams is None:
