@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.errors import KilnError
 from kiln.layers.attention import current_metadata
 from kiln.runtime import nano_batch
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -69,7 +70,7 @@ def test_setting(monkeypatch):
     assert nano_batch.min_rows_from_env() == 128
     for bad in ("1", "half"):
         monkeypatch.setenv("KILN_NANO_BATCH", bad)
-        with pytest.raises(ValueError, match="0 \\(off\\) or a row count >= 2"):
+        with pytest.raises(KilnError, match="0 \\(off\\) or a row count >= 2"):
             nano_batch.min_rows_from_env()
 
 

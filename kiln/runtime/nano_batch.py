@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import current_metadata, split_at_attention
 from kiln.layers.linear import LinearBase
@@ -31,7 +32,7 @@ def min_rows_from_env() -> int:
     """KILN_NANO_BATCH: the smallest decode bucket run in halves (0, the default: off)."""
     text = os.environ.get("KILN_NANO_BATCH", "") or "0"
     if not text.isdigit() or int(text) == 1:
-        raise ValueError(f"KILN_NANO_BATCH={text!r}: 0 (off) or a row count >= 2")
+        raise KilnError(f"KILN_NANO_BATCH={text!r}: 0 (off) or a row count >= 2")
     return int(text)
 
 
