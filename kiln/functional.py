@@ -201,6 +201,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return result if out is None else out
 
 
+def leading_decode_rows(meta: AttentionMetadata) -> int:
+    """How many sequences at the head of a mixed step have one query token (decode rows:
+    the scheduler puts the running requests first), when prompt sequences follow them and
+    the step's host copy of query_start_loc is there; else 0. Counted once a step."""
+    found = meta.host_cache.get("leading_decode_rows")
+    if found is None:
+        starts, found = meta.query_starts_host, 0
+        while found + 1 < len(starts) and starts[found + 1] - starts[found] == 1:
+            found += 1
+        if found + 1 >= len(starts):  # no prompt after them (or no host copy)
+            found = 0
+        meta.host_cache["leading_decode_rows"] = found
+    return found
+
+
 def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window,
                      softcap, alibi_slopes, key_rotary, out):
     if _triton(q):
@@ -212,14 +227,19 @@ def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding
                                           v_scale=v_scale, sliding_window=sliding_window,
                                           softcap=softcap, alibi_slopes=alibi_slopes,
                                           key_rotary=key_rotary)
-        from kiln.kernels.attention_prefill import paged_attention_prefill
+        from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
 
+        common = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+                      softcap=softcap, alibi_slopes=alibi_slopes, key_rotary=key_rotary,
+                      out=out)
+        decode_rows = leading_decode_rows(meta)
+        if decode_rows:
+            return paged_attention_mixed(q, k_cache, v_cache, meta.block_tables,
+                                         meta.query_start_loc, meta.seq_lens,
+                                         meta.max_query_len, scale, decode_rows, **common)
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
-                                       meta.max_query_len, scale, k_scale=k_scale,
-                                       v_scale=v_scale, sliding_window=sliding_window,
-                                       softcap=softcap, alibi_slopes=alibi_slopes,
-                                       key_rotary=key_rotary, out=out)
+                                       meta.max_query_len, scale, **common)
     if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,

@@ -305,3 +305,23 @@ def test_nano_batch_keeps_tokens(gpu_engines, arch, monkeypatch):
     nano = engine.runner.graphs.nano
     assert nano is not None and nano.applies(16) and not nano.applies(4)
     assert run_all(engine, prompts, params, arrivals) == want
+
+
+def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, monkeypatch):
+    """Prompts arriving while others decode make mixed steps whose leading decode rows take
+    the decode kernel and the prompts the prefill kernel (paged_attention_mixed): the
+    greedy tokens of the CPU engine (fp32)."""
+    from kiln.kernels import attention_prefill
+
+    calls = []
+    mixed = attention_prefill.paged_attention_mixed
+    monkeypatch.setattr(attention_prefill, "paged_attention_mixed",
+                        lambda *a, **k: calls.append(a[8]) or mixed(*a, **k))
+    path = gpu_engines["llama", "float32"]
+    prompts = make_prompts(16, seed=11)
+    arrivals = [i // 2 for i in range(16)]
+    params = [SamplingParams(max_tokens=6 + i % 5, **GREEDY) for i in range(16)]
+    want = run_all(LLMEngine(path, RuntimeConfig(device="cpu")), prompts, params, arrivals)
+    assert run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params,
+                   arrivals) == want
+    assert calls and max(calls) >= 2, calls

@@ -216,6 +216,36 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: tor
     cpu._close("prefill", out, expected, atol * vmax, rtol)
 
 
+def check_mixed(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torch.dtype) -> None:
+    """A mixed step whose first sequences are decode rows: those through the decode kernel,
+    the rest through the prefill kernel (paged_attention_mixed), and kiln.functional's
+    dispatch counting them, against the reference."""
+    from kiln import functional as KF
+    from kiln.kernels.attention_prefill import paged_attention_mixed
+    from kiln.layers.attention import AttentionMetadata
+
+    heads, kv_heads, head_dim = 8, 2, 64
+    seq_lens, q_lens = [40, 9, 100, 50, 33], [1, 1, 30, 1, 33]
+    q, k_q, v_q, k_scale, v_scale, tables, starts = _quantized_batch(
+        seq_lens, q_lens, heads, kv_heads, head_dim, dtype, cache_dtype)
+    scale = head_dim ** -0.5
+    expected = ref.paged_attention(q, k_q, v_q, tables, starts, seq_lens, scale, k_scale,
+                                   v_scale)
+    vmax = ref.dequantize_kv(v_q, v_scale, torch.float32).abs().max().item()
+    lens = torch.tensor(seq_lens).int()
+    out = paged_attention_mixed(q, k_q, v_q, tables, torch.tensor(starts).int(), lens,
+                                max(q_lens), scale, 2, k_scale=k_scale, v_scale=v_scale)
+    cpu._close("mixed", out, expected, atol * vmax, rtol)
+    KF._triton = lambda x: True  # this worker only
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), block_tables=tables,
+        seq_lens=lens, query_start_loc=torch.tensor(starts).int(), query_starts_host=starts,
+        seq_lens_host=seq_lens, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    assert KF.leading_decode_rows(meta) == 2
+    out = KF.paged_attention(q, k_q, v_q, meta, scale, k_scale, v_scale)
+    cpu._close("functional mixed", out, expected, atol * vmax, rtol)
+
+
 def check_functional(cache_dtype: torch.dtype) -> None:
     """kiln.functional's CUDA branch (kernels fed the scales) against its CPU branch."""
     from kiln import functional as KF
@@ -363,6 +393,12 @@ def test_decode_attention_key_rotary(interp, dtype, atol, rtol, cache_dtype, num
 def test_prefill_attention_key_rotary(interp, dtype, atol, rtol, cache_dtype, block_m,
                                       block_n) -> None:
     interp(check_prefill, dtype, atol, rtol, cache_dtype, 8, 2, 64, block_m, block_n, True)
+
+
+@CACHE_DTYPES
+@pytest.mark.parametrize("dtype,atol,rtol", [ATTN_F32, ATTN_F16], ids=["f32", "f16"])
+def test_mixed_step_decode_rows_first(interp, dtype, atol, rtol, cache_dtype) -> None:
+    interp(check_mixed, dtype, atol, rtol, cache_dtype)
 
 
 @CACHE_DTYPES
@@ -623,3 +659,21 @@ def test_prefill_launch_follows_the_grid() -> None:
             small.heavy_first
         assert small.block_n == (128 if cache == torch.float8_e4m3fn else 64)
     assert prefill_config(torch.bfloat16, 64, 128, True) == prefill_config(torch.bfloat16, 64, 128)
+
+
+def test_leading_decode_rows() -> None:
+    """Decode rows ahead of a prompt are counted (once a step: cached in host_cache); none
+    without a prompt after them, without a host copy, or behind a prompt."""
+    from kiln.functional import leading_decode_rows
+    from kiln.layers.attention import AttentionMetadata
+
+    def meta(starts: list[int]) -> AttentionMetadata:
+        t = torch.zeros(1)
+        return AttentionMetadata(t, t, t, t, starts, [], 1, 1)
+
+    assert leading_decode_rows(meta([0, 1, 2, 3, 10])) == 3
+    assert leading_decode_rows(meta([0, 1, 2, 3])) == 0  # all decode rows
+    assert leading_decode_rows(meta([0, 7, 8])) == 0  # a prompt first
+    assert leading_decode_rows(meta([])) == 0  # a graph's static metadata
+    m = meta([0, 1, 5])
+    assert leading_decode_rows(m) == 1 and m.host_cache["leading_decode_rows"] == 1

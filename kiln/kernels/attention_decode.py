@@ -238,9 +238,10 @@ def paged_attention_decode(
     softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
     max_registers: int | None = None, prefetch: int | None = None,
-    heads_per_program: int | None = None,
+    heads_per_program: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d].
+    """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d]
+    (written into `out` when given: any strides with a unit last one).
 
     sliding_window W: the token sees its last W keys; softcap c: scores -> c tanh(s / c);
     alibi_slopes (float32 [heads], on device): ALiBi biases, as in the reference;
@@ -263,7 +264,9 @@ def paged_attention_decode(
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
     if num_seqs == 0:
         return out
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()

@@ -227,3 +227,30 @@ def paged_attention_prefill(
         num_stages=num_stages,
     )
     return out
+
+
+def paged_attention_mixed(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_query_len: int, scale: float,
+    decode_rows: int, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, sliding_window: int | None = None,
+    softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    key_rotary: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention_prefill's result for a step whose first `decode_rows` sequences have
+    one query token each (decode rows beside prompts, as the scheduler orders a mixed
+    step): those rows go through the decode kernel, one split (a 16-row tile a KV head
+    instead of a 128-row prefill tile of which they would fill 4 rows: the same cache bytes
+    for a 32nd of the products), the prompts through the prefill kernel."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    if out is None:
+        out = torch.empty_like(q)
+    common = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+                  softcap=softcap, alibi_slopes=alibi_slopes, key_rotary=key_rotary)
+    paged_attention_decode(q[:decode_rows], k_cache, v_cache, block_tables[:decode_rows],
+                           seq_lens[:decode_rows], scale, num_splits=1,
+                           out=out[:decode_rows], **common)
+    return paged_attention_prefill(q, k_cache, v_cache, block_tables[decode_rows:],
+                                   query_start_loc[decode_rows:], seq_lens[decode_rows:],
+                                   max_query_len, scale, out=out, **common)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -147,53 +146,12 @@ class ModelRunner:
         seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
-    @torch.inference_mode()
     def warmup(self, max_num_tokens: int, max_seq_len: int) -> float:
-        """Compile the eager path's kernels now rather than inside the first requests:
-        one mixed step (a prompt and a decode row) for each query-tile size the prefill
-        attention kernel picks, then the greedy and the random sampler. Writes K/V only
-        into the scratch block no request owns. Seconds taken (0 off CUDA). Pipeline
-        stages run it together (each passes its activations on; the last samples)."""
-        if self.device.type != "cuda":
-            return 0.0
-        started = time.perf_counter()
-        bs, scratch = self.block_size, self.num_blocks
+        """Compile the eager path's kernels before the first requests (kiln.runtime.warmup);
+        seconds taken (0 off CUDA: nothing to compile)."""
+        from kiln.runtime.warmup import warm_up
 
-        logits = None
-        for length in sorted({min(n, max_seq_len - 1, max_num_tokens - 1)
-                              for n in (2, 8, 16, 32, 64, 128)}):
-            seq_lens = [length, length + 1]  # the decode row's context includes its token
-            positions = list(range(length)) + [length]
-            slots = [scratch * bs + p % bs for p in positions]
-            meta = AttentionMetadata(
-                slot_mapping=self._to_device(slots, torch.int64),
-                block_tables=torch.full((2, -(-(length + 1) // bs)), scratch, dtype=torch.int32,
-                                        device=self.device),
-                seq_lens=self._to_device(seq_lens, torch.int32),
-                query_start_loc=self._to_device([0, length, length + 1], torch.int32),
-                query_starts_host=[0, length, length + 1], seq_lens_host=seq_lens,
-                max_query_len=length, max_seq_len=length + 1)
-            ids = torch.ones(length + 1, dtype=torch.int64, device=self.device)
-            hidden = self._forward(ids, self._to_device(positions, torch.int64), meta)
-            if hidden is not None:
-                logits = self.model.compute_logits(hidden[length - 1:])
-        if logits is not None:
-            rows = logits.shape[0]
-
-            def full(value: float, dtype: torch.dtype) -> torch.Tensor:
-                return torch.full((rows,), value, dtype=dtype, device=self.device)
-
-            for greedy in (True, False):
-                sample(logits, SamplingBatch(
-                    temperature=full(0.0 if greedy else 0.7, torch.float32),
-                    top_k=full(0 if greedy else 50, torch.int64),
-                    top_p=full(1.0 if greedy else 0.9, torch.float32),
-                    min_p=full(0.0, torch.float32), seeds=full(0, torch.int64),
-                    steps=full(0, torch.int64), all_greedy=greedy, penalties=None,
-                    banned=None, bias=None, grammar=None, wants_logprobs=True,
-                    max_logprobs=1))
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - started
+        return warm_up(self, max_num_tokens, max_seq_len) if self.device.type == "cuda" else 0.0
 
     # ---- one step -------------------------------------------------------------------
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
