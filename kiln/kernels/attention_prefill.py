@@ -24,7 +24,12 @@ from kiln.kernels.paged import (
 )
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # block-table width varies by step
+# The block-table width varies by step; a mixed step's prompts start at a row of the step's
+# tables and lengths (paged_attention_mixed), so those pointers are not 16-byte aligned
+# every time: neither specialised on, so no step compiles a new variant.
+@triton.jit(do_not_specialize=["stride_bt"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "query_start_ptr",
+                                            "seq_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
