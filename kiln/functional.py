@@ -219,19 +219,16 @@ def leading_decode_rows(meta: AttentionMetadata) -> int:
 def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window,
                      softcap, alibi_slopes, key_rotary, out):
     if _triton(q):
+        common = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+                      softcap=softcap, alibi_slopes=alibi_slopes, key_rotary=key_rotary,
+                      out=out)
         if meta.max_query_len == 1:
             from kiln.kernels.attention_decode import paged_attention_decode
 
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
-                                          meta.seq_lens, scale, k_scale=k_scale,
-                                          v_scale=v_scale, sliding_window=sliding_window,
-                                          softcap=softcap, alibi_slopes=alibi_slopes,
-                                          key_rotary=key_rotary)
+                                          meta.seq_lens, scale, **common)
         from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
 
-        common = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
-                      softcap=softcap, alibi_slopes=alibi_slopes, key_rotary=key_rotary,
-                      out=out)
         decode_rows = leading_decode_rows(meta)
         if decode_rows:
             return paged_attention_mixed(q, k_cache, v_cache, meta.block_tables,

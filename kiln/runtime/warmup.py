@@ -40,7 +40,9 @@ def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
     steps = [[(n, n), (1, n + 1)] for n in sorted({min(n, top) for n in
                                                   (2, 8, 16, 32, 64, 128)})]
     steps.append([(1, top + 1), (top, top)])
-    steps.append(wide_prefill_step(model, top, max_num_tokens, device))
+    wide = wide_prefill_step(model, top, max_num_tokens, device)
+    if wide != [(top, top)]:  # one prompt: the step above ran it already
+        steps.append(wide)
     return steps
 
 
