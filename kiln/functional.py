@@ -201,6 +201,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return result if out is None else out
 
 
+# KILN_MIXED_DECODE_ROWS=1: a mixed step's leading decode rows take the decode kernel
+# (paged_attention_mixed); opt-in until timed on a GPU.
+MIXED_DECODE_ROWS = os.environ.get("KILN_MIXED_DECODE_ROWS", "0") == "1"
+
+
 def leading_decode_rows(meta: AttentionMetadata) -> int:
     """How many sequences at the head of a mixed step have one query token (decode rows:
     the scheduler puts the running requests first), when prompt sequences follow them and
@@ -229,7 +234,7 @@ def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding
                                           meta.seq_lens, scale, **common)
         from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
 
-        decode_rows = leading_decode_rows(meta)
+        decode_rows = leading_decode_rows(meta) if MIXED_DECODE_ROWS else 0
         if decode_rows:
             return paged_attention_mixed(q, k_cache, v_cache, meta.block_tables,
                                          meta.query_start_loc, meta.seq_lens,

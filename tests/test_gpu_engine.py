@@ -309,10 +309,12 @@ def test_nano_batch_keeps_tokens(gpu_engines, arch, monkeypatch):
 
 def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, monkeypatch):
     """Prompts arriving while others decode make mixed steps whose leading decode rows take
-    the decode kernel and the prompts the prefill kernel (paged_attention_mixed): the
-    greedy tokens of the CPU engine (fp32)."""
+    the decode kernel and the prompts the prefill kernel (paged_attention_mixed, opt-in):
+    the greedy tokens of the CPU engine (fp32)."""
+    from kiln import functional as KF
     from kiln.kernels import attention_prefill
 
+    monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)  # KILN_MIXED_DECODE_ROWS=1
     calls = []
     mixed = attention_prefill.paged_attention_mixed
     monkeypatch.setattr(attention_prefill, "paged_attention_mixed",

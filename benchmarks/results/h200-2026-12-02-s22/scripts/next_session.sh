@@ -8,7 +8,7 @@
 #    contexts; FP8 128 / 128 on today's act_mul_quant launch.
 # b: end to end, KILN_NANO_BATCH=128 (decode graphs of 128+ rows in halves) against off,
 #    alternating: FP8 1000 / 1000 (512 requests), bf16 1000 / 1000 (300), FP8 128 / 128.
-# c: mixed steps' leading decode rows on the decode kernel vs the tree before (ab_old/).
+# c: mixed steps' leading decode rows on the decode kernel (KILN_MIXED_DECODE_ROWS=1) vs off.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -20,7 +20,7 @@ run() {  # run TAG NANO STAGE [NUM_REQUESTS]
 }
 case ${1:-a} in
   a)
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
+    KILN_MIXED_DECODE_ROWS=1 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf --tb=short \
       tests/test_gpu_engine.py tests/test_kernels_kvquant.py \
       -k "nano_batch or mixed or steps_after_load or graphs_and_overlap" > $R/tests.log 2>&1
     tail -3 $R/tests.log; pack
@@ -39,15 +39,11 @@ case ${1:-a} in
     done
     run -nano0 0 throughput-1k 300; run -nano128 128 throughput-1k 300
     run -nano0 0 fp8:throughput; run -nano128 128 fp8:throughput ;;
-  c)  # needs ab_old/: mkdir ab_old && git archive 2db3b4f kiln benchmarks | tar -x -C ab_old (before the mixed split)
+  c)  # mixed steps' leading decode rows on the decode kernel (opt-in) against off
     for i in 1 2; do
-      run -mixed-$i 0 fp8:throughput-1k 512
-      (cd ab_old && KILN_NANO_BATCH=0 NUM_REQUESTS=512 OUT=$R RUN_TAG=-old-$i \
-        EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=120 PYTHONPATH=$PWD \
-        bash benchmarks/gpu_suite.sh fp8:throughput-1k 2>&1 | grep -E "^kiln|steps:"); pack
+      KILN_MIXED_DECODE_ROWS=1 run -mixed1-$i 0 fp8:throughput-1k 512
+      KILN_MIXED_DECODE_ROWS=0 run -mixed0-$i 0 fp8:throughput-1k 512
     done
-    run -mixed 0 throughput-1k 300
-    (cd ab_old && NUM_REQUESTS=300 OUT=$R RUN_TAG=-old EXTRA_ARGS="--load-format dummy" \
-      STAGE_TIMEOUT=120 PYTHONPATH=$PWD bash benchmarks/gpu_suite.sh throughput-1k 2>&1 \
-      | grep -E "^kiln|steps:"); pack ;;
+    KILN_MIXED_DECODE_ROWS=1 run -mixed1 0 throughput-1k 300
+    KILN_MIXED_DECODE_ROWS=0 run -mixed0 0 throughput-1k 300 ;;
 esac
