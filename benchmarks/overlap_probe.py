@@ -120,7 +120,7 @@ def variants(layers: list[Layer]) -> dict[str, float]:
         for i, layer in enumerate(layers):
             a, b = layer.halves
             for attn_half, gemm_layer, gemm_half in (
-                    (a, layer, b), (b, layers[i + 1] if i + 1 < len(layers) else None, 0)):
+                    (a, layer, 1), (b, layers[i + 1] if i + 1 < len(layers) else None, 0)):
                 second.wait_stream(main)
                 with torch.cuda.stream(second):
                     layer.attn(attn_half)

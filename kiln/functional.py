@@ -201,9 +201,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return result if out is None else out
 
 
-# KILN_MIXED_DECODE_ROWS=1: a mixed step's leading decode rows take the decode kernel
-# (paged_attention_mixed); opt-in until timed on a GPU.
-MIXED_DECODE_ROWS = os.environ.get("KILN_MIXED_DECODE_ROWS", "0") == "1"
+# A mixed step's leading decode rows take the decode kernel (paged_attention_mixed; H200,
+# FP8 1000 / 1000: prompt steps 8.28 s vs 8.61 s on the prefill kernel, out tok/s +1.1%).
+# KILN_MIXED_DECODE_ROWS=0 sends them to the prefill kernel with the prompts.
+MIXED_DECODE_ROWS = os.environ.get("KILN_MIXED_DECODE_ROWS", "1") != "0"
 
 
 def leading_decode_rows(meta: AttentionMetadata) -> int:

@@ -290,31 +290,14 @@ def test_attention_sinks_on_gpu_match_the_cpu_engine(gpu_engines):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
-def test_nano_batch_keeps_tokens(gpu_engines, arch, monkeypatch):
-    """Decode graphs of 8 rows and more captured as two halves on two streams, their
-    attention kernels taking turns (KILN_NANO_BATCH): the same greedy tokens (fp32), over
-    batches that grow and shrink across the threshold."""
-    path = gpu_engines[arch, "float32"]
-    prompts = make_prompts(24, seed=9)
-    arrivals = [i // 3 for i in range(24)]
-    params = [SamplingParams(max_tokens=4 + i, **GREEDY) for i in range(24)]
-    want = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params, arrivals)
-    monkeypatch.setenv("KILN_NANO_BATCH", "8")
-    engine = LLMEngine(path, RuntimeConfig(device="cuda"))
-    nano = engine.runner.graphs.nano
-    assert nano is not None and nano.applies(16) and not nano.applies(4)
-    assert run_all(engine, prompts, params, arrivals) == want
-
-
 def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, monkeypatch):
     """Prompts arriving while others decode make mixed steps whose leading decode rows take
-    the decode kernel and the prompts the prefill kernel (paged_attention_mixed, opt-in):
+    the decode kernel and the prompts the prefill kernel (paged_attention_mixed):
     the greedy tokens of the CPU engine (fp32)."""
     from kiln import functional as KF
     from kiln.kernels import attention_prefill
 
-    monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)  # KILN_MIXED_DECODE_ROWS=1
+    monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)  # the default (env could turn it off)
     calls = []
     mixed = attention_prefill.paged_attention_mixed
     monkeypatch.setattr(attention_prefill, "paged_attention_mixed",

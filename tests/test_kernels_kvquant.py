@@ -237,7 +237,7 @@ def check_mixed(dtype: torch.dtype, atol: float, rtol: float, cache_dtype: torch
                                 max(q_lens), scale, 2, k_scale=k_scale, v_scale=v_scale)
     cpu._close("mixed", out, expected, atol * vmax, rtol)
     KF._triton = lambda x: True  # this worker only
-    KF.MIXED_DECODE_ROWS = True  # (opt-in: KILN_MIXED_DECODE_ROWS=1)
+    KF.MIXED_DECODE_ROWS = True  # (the default; KILN_MIXED_DECODE_ROWS=0 turns it off)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(starts[-1], dtype=torch.int64), block_tables=tables,
         seq_lens=lens, query_start_loc=torch.tensor(starts).int(), query_starts_host=starts,

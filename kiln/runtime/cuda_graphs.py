@@ -25,8 +25,6 @@ import torch
 
 from kiln.distributed.comm import pp_recv_into, pp_send
 from kiln.layers import AttentionMetadata, forward_context
-from kiln.layers.attention import current_metadata
-from kiln.runtime.nano_batch import NanoBatch
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +39,10 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device,
                  prev_rank: int | None = None, next_rank: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16, nano: NanoBatch | None = None) -> None:
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         """prev_rank / next_rank: the neighbouring pipeline stages' ranks (None: this
-        stage is the first / the last); dtype: the activations' (the model's dtype); nano:
-        the big buckets' steps in two halves on two streams (single-stage engines)."""
+        stage is the first / the last); dtype: the activations' (the model's dtype)."""
         self.model = model
-        self.nano = nano
         self.prev_rank, self.next_rank = prev_rank, next_rank
         self.buckets = batch_buckets(max_batch_size)
         self.block_size = block_size
@@ -77,10 +73,7 @@ class DecodeGraphs:
         args = (self.input_ids[:bs], self.positions[:bs])
         if self.intermediate is not None:
             args += (tuple(t[:bs] for t in self.intermediate),)
-        if self.nano is not None and self.nano.applies(bs) and self.intermediate is None:
-            out = self.nano.forward(*args, current_metadata())
-        else:
-            out = self.model(*args)
+        out = self.model(*args)
         if self.next_rank is None:
             if self.logits_buffer is None:  # the largest bucket's warm-up, outside a graph
                 rows = self.model.compute_logits(out[:1])

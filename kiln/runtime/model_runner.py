@@ -23,7 +23,6 @@ from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import speculative, transfer
 from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs
-from kiln.runtime.nano_batch import NanoBatch, min_rows_from_env
 from kiln.runtime.piecewise_graphs import PiecewiseGraphs
 from kiln.runtime.profiling import phase
 from kiln.runtime.prompt_logprobs import prompt_logprobs
@@ -140,9 +139,7 @@ class ModelRunner:
                      self.prefill_graphs.capture(pool))
         self.graphs = DecodeGraphs(
             self.model, max_batch_size, max_blocks, self.block_size, self.num_blocks,
-            self.device, prev_rank=m.prev_pp_rank, next_rank=m.next_pp_rank, dtype=self.dtype,
-            nano=NanoBatch(self.model, nano) if (nano := min_rows_from_env()) and
-            m.world_size == 1 else None)
+            self.device, prev_rank=m.prev_pp_rank, next_rank=m.next_pp_rank, dtype=self.dtype)
         seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 

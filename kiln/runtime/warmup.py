@@ -4,9 +4,8 @@ Triton compile inside a step stalls the device for 0.1-1.4 s).
 Mixed steps (prompts beside decode rows) are run with every K/V written into the scratch
 block no request owns, one for each launch the attention kernels can take:
 - a prompt then a decode row, for each query-tile size the prefill kernel picks;
-- a decode row first, as the scheduler orders a mixed step (with KILN_MIXED_DECODE_ROWS=1
-  decode rows ahead of the prompts take the decode kernel:
-  kiln.kernels.attention_prefill.paged_attention_mixed);
+- a decode row first, as the scheduler orders a mixed step (decode rows ahead of the
+  prompts take the decode kernel: kiln.kernels.attention_prefill.paged_attention_mixed);
 - prompts enough for the prefill kernel's grid to hold two programs an SM (its launch
   differs from a lone short prompt's: attention_prefill.prefill_config);
 then the greedy and the random sampler. Pipeline stages run it together (each passes its
