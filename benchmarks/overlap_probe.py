@@ -24,7 +24,9 @@ and times, each as a CUDA graph replayed many times:
         [--formats fp8,bf16]
 
 overlap / serial < 1 is what nano-batching could gain at best (it ignores the extra
-small kernels and the split's own costs).
+small kernels and the split's own costs). On an H200 (twenty-third session) it came out
+at 1.06-1.23x (slower than serial) for FP8 and bf16 at 256 and 1536 tokens, and kiln's
+nano-batched steps were slower end to end: removed (BENCHMARKS.md).
 """
 
 from __future__ import annotations
