@@ -145,11 +145,11 @@ def sdpa(q, k, v, scale):
                                           enable_gqa=True).transpose(0, 1)
 
 
-def quick() -> None:
-    """Every launch variant's arithmetic in the interpreter (small shape, CPU)."""
+def quick(launches: list[dict] = LAUNCHES) -> None:
+    """The launches' arithmetic in the interpreter (small shape, CPU)."""
     q, k, v = qkv_views(200, "cpu", torch.float32)  # not a whole tile
     want = sdpa(q, k, v, HEAD_DIM ** -0.5)
-    for launch in LAUNCHES:
+    for launch in launches:
         got = causal_tma(q, k, v, HEAD_DIM ** -0.5, **launch)
         err = (got - want).abs().max().item()
         print(f"{launch}: max |diff| {err:.2e}")
