@@ -169,9 +169,16 @@ def rotary_and_write_kv(
 
         return kernel(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, head_dim,
                       k_scale, v_scale, rotate_k)
+    _usual_layout(k_cache, v_cache)
     return ref.rotary_and_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
                                    slot_mapping, head_dim, k_scale, v_scale, rotate_k,
                                    step_cache, kv_finite)
+
+
+def _usual_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if v_cache.shape != k_cache.shape:
+        raise ValueError("a V cache stored transposed inside its blocks (KILN_KV_V_TRANSPOSED) "
+                         "is read by the GPU kernels only")
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -243,6 +250,7 @@ def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding
         return paged_attention_prefill(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens,
                                        meta.max_query_len, scale, **common)
+    _usual_layout(k_cache, v_cache)
     if meta.max_query_len == 1 and len(meta.seq_lens_host) == q.shape[0] > 1:
         return ref.paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens_host, scale, k_scale, v_scale,

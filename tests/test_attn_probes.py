@@ -1,6 +1,6 @@
-"""The attention probes in benchmarks/ (prototype kernels timed on a GPU against kiln's):
-their arithmetic in the interpreter, so that what a device session times is a kernel that
-computes attention (against SDPA / kiln's own decode kernel)."""
+"""The attention probe in benchmarks/ (a prototype kernel timed on a GPU against kiln's):
+its arithmetic in the interpreter, so that what a device session times is a kernel that
+computes attention (against SDPA)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "benchmarks")
 
 
-def check_decode_vt() -> None:
-    sys.path.insert(0, BENCHMARKS)
-    import attn_decode_vt
-
-    attn_decode_vt.quick()  # asserts each output against kiln's decode kernel
-
-
 def check_prefill_tma() -> None:
     sys.path.insert(0, BENCHMARKS)
     import attn_prefill_tma
@@ -27,10 +20,6 @@ def check_prefill_tma() -> None:
     attn_prefill_tma.quick([  # one query head a tile; a KV head's group packed
         dict(block_m=128, block_n=64, num_warps=8, num_stages=2, pack_group=False),
         dict(block_m=128, block_n=64, num_warps=8, num_stages=3, pack_group=True)])
-
-
-def test_decode_with_v_transposed_matches_kiln(interp) -> None:  # noqa: F811
-    interp(check_decode_vt)
 
 
 def test_tma_prefill_probe_matches_sdpa(interp) -> None:  # noqa: F811

@@ -237,6 +237,34 @@ def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path):
     assert got[True][1] == got[False][1]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi"])
+def test_v_transposed_kv_cache_changes_nothing(arch, tiny_checkpoints, tmp_path, monkeypatch):
+    """An e4m3 KV cache whose V blocks hold V transposed (KILN_KV_V_TRANSPOSED=1, opt-in:
+    kiln.kernels.paged.load_v_transposed) gives the logits and tokens of the usual layout,
+    bit for bit: the same values reach the same MMAs, only loaded another way. gemma2's
+    windowed layers keep the usual layout beside transposed ones; phi rotates 40% of d."""
+    from kiln.eval import sequence_logits
+    from kiln.runtime import model_runner
+
+    folder, _ = tiny_checkpoints[arch]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
+        kv_cache_dtype="fp8"), progress=False)
+    tokens, prompts = list(range(3, 200)), make_prompts(8, seed=5)
+    got = {}
+    for v_t in (False, True):
+        monkeypatch.setattr(model_runner, "V_TRANSPOSED", v_t)
+        engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
+        transposed = [a.v_cache.shape != a.k_cache.shape
+                      for a in engine.runner.model.attention_layers()]
+        assert any(transposed) == v_t and (arch != "gemma2" or not all(transposed))
+        got[v_t] = (sequence_logits(engine, tokens),
+                    run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY)))
+        del engine
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[True][1] == got[False][1]
+
+
 def _compiled_kernel_variants() -> int | None:
     """Compiled variants held by kiln's Triton kernels, or None where this Triton keeps
     them elsewhere."""

@@ -608,6 +608,44 @@ def test_gpu_decode_attention_register_cap(cache_dtype, cap) -> None:
 
 
 @_gpu
+def test_gpu_v_transposed_reads_the_same(cache_dtype) -> None:
+    """V stored transposed inside each block (KILN_KV_V_TRANSPOSED; paged.v_transposed):
+    decode (one split, the launcher's splits, two heads a program), prefill over a cached
+    prefix and a mixed step read what the usual layout gives, within the float32 oracle's
+    bound, at Llama-3.1-8B's heads and mixed lengths."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+    from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
+
+    seq_lens, q_lens = [4096, 1, 17, 1500, 333, 64], [1, 1, 17, 700, 333, 1]
+    q, k_q, v_q, k_scale, v_scale, tables, starts = _gpu_quantized(seq_lens, q_lens,
+                                                                   cache_dtype, 4096 // BLOCK)
+    v_t = v_q.permute(0, 2, 3, 1).contiguous()
+    lens = torch.tensor(seq_lens, device="cuda").int()
+    qsl = torch.tensor(starts, device="cuda").int()
+    scale, scales = HEAD_DIM ** -0.5, dict(k_scale=k_scale, v_scale=v_scale)
+    dec = q[qsl[1:].long() - 1]  # each sequence's last query as a decode row
+    runs = {
+        "decode": lambda v: paged_attention_decode(dec, k_q, v, tables, lens, scale, **scales),
+        "decode, 1 split": lambda v: paged_attention_decode(dec, k_q, v, tables, lens, scale,
+                                                            num_splits=1, **scales),
+        "decode, 2 heads": lambda v: paged_attention_decode(
+            dec, k_q, v, tables, lens, scale, num_splits=1, heads_per_program=2, **scales),
+        "prefill": lambda v: paged_attention_prefill(q, k_q, v, tables, qsl, lens,
+                                                     max(q_lens), scale, **scales),
+        "mixed": lambda v: paged_attention_mixed(q, k_q, v, tables, qsl, lens, max(q_lens),
+                                                 scale, 2, **scales),
+    }
+    expected = ref.paged_attention(q.float(), k_q, v_q, tables, starts, seq_lens, scale,
+                                   k_scale, v_scale)
+    for name, run in runs.items():
+        usual, transposed = run(v_q), run(v_t)
+        bound = 2.0 ** -8 * usual.float().abs().max().item()
+        assert (transposed.float() - usual.float()).abs().max().item() <= bound, name
+        if name in ("prefill", "mixed"):
+            _close_to_f32(name, transposed, expected, v_q, v_scale)
+
+
+@_gpu
 def test_gpu_decode_attention_cuda_graph(cache_dtype) -> None:
     """Captured once, replayed with other seq_lens (incl. 0 = padding), queries and scale
     values (read on the device at replay)."""

@@ -30,6 +30,7 @@ from kiln.kernels.paged import (
     kv_query,
     kv_scale,
     kv_scale_args,
+    v_transposed,
 )
 
 MIN_TOKENS_PER_SPLIT = 256
@@ -75,7 +76,7 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = 0, V_T: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -91,7 +92,8 @@ def _decode_kernel(
     (attention sinks): key n, cached before rotary, is rotated at position n as read. All
     constexpr: off, the plain code.
     PREFETCH (1: on): each tile's physical blocks are loaded one tile ahead, so the K / V
-    loads of a tile wait on no load of that tile.
+    loads of a tile wait on no load of that tile. V_T: V blocks stored transposed
+    (paged.load_v_transposed).
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -141,7 +143,7 @@ def _decode_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, False, DOT_PREC,
                                     window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD)
+                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD, V_T)
         if AHEAD:
             blocks = after
     if full_end < end:
@@ -150,7 +152,7 @@ def _decode_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
                                     window, softcap, False, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD)
+                                    cos_sin_ptr, stride_cs, ROPE_K, blocks, AHEAD, V_T)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
@@ -269,7 +271,9 @@ def paged_attention_decode(
     assert out.shape == q.shape and out.stride(-1) == 1
     if num_seqs == 0:
         return out
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    v_t = v_transposed(k_cache, v_cache)
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and \
+        (v_t or k_cache.stride() == v_cache.stride())
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     seq_lens = seq_lens.contiguous()
     if max_seq_len is None:
@@ -285,6 +289,8 @@ def paged_attention_decode(
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     prefetch = default_prefetch if prefetch is None else prefetch
+    assert not v_t or (sliding_window is None and key_rotary is None and
+                       block_n % block_size == 0), "V transposed: tiles of whole blocks"
     if max_registers is None and k_cache.element_size() == 1:
         max_registers = KV8_MAXNREG
     cap = {"maxnreg": max_registers} if max_registers else {}  # none: the usual compile
@@ -297,7 +303,7 @@ def paged_attention_decode(
                             k_scale, v_scale, heads, sliding_window,
                             None if softcap is None else softcap * LOG2E, block_n, block_d,
                             block_g, dot_precision(q.dtype), num_stages, num_warps, prefetch,
-                            cap)
+                            cap, v_t)
         return out
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_heads, num_splits, block_d, dtype=torch.float32,
@@ -319,7 +325,7 @@ def paged_attention_decode(
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
-        num_stages=num_stages, PREFETCH=prefetch, **cap,
+        num_stages=num_stages, PREFETCH=prefetch, V_T=v_t, **cap,
     )
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](

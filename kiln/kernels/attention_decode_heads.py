@@ -37,7 +37,7 @@ def _decode_heads_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HEADS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
-    SOFTCAP: tl.constexpr, PREFETCH: tl.constexpr,
+    SOFTCAP: tl.constexpr, PREFETCH: tl.constexpr, V_T: tl.constexpr = False,
 ):
     """One (sequence, HEADS KV heads): out[seq, h*GROUP:(h+1)*GROUP] for each of them, as
     _decode_kernel computes it with one split (1-byte caches: k_scale into the scores,
@@ -87,7 +87,7 @@ def _decode_heads_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, False, DOT_PREC,
                                     window, softcap, False, SOFTCAP, 0.0, False,
-                                    None, 0, False, blocks, AHEAD)
+                                    None, 0, False, blocks, AHEAD, V_T)
         if AHEAD:
             blocks = after
         if t + 1 == tiles:
@@ -102,9 +102,9 @@ def launch_decode_heads(q, k_cache, v_cache, out, block_tables, seq_lens, qk_sca
                         v_scale, heads: int, sliding_window: int | None,
                         softcap_log2: float | None, block_n: int, block_d: int, block_g: int,
                         dot_prec: str, num_stages: int, num_warps: int, prefetch: int,
-                        cap: dict) -> None:
+                        cap: dict, v_t: bool = False) -> None:
     """The launch paged_attention_decode makes with heads_per_program = heads (checked
-    there): grid (sequences, KV heads / heads)."""
+    there): grid (sequences, KV heads / heads). v_t: V blocks stored transposed."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     _decode_heads_kernel[(num_seqs, num_kv_heads // heads)](
@@ -114,6 +114,6 @@ def launch_decode_heads(q, k_cache, v_cache, out, block_tables, seq_lens, qk_sca
         softcap_log2 or 0.0, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         HEADS=heads, DOT_PREC=dot_prec, WINDOW=sliding_window is not None,
-        SOFTCAP=softcap_log2 is not None, PREFETCH=prefetch, num_warps=num_warps,
+        SOFTCAP=softcap_log2 is not None, PREFETCH=prefetch, V_T=v_t, num_warps=num_warps,
         num_stages=num_stages, **cap)
 

@@ -21,6 +21,7 @@ from kiln.kernels.paged import (
     kv_query,
     kv_scale,
     kv_scale_args,
+    v_transposed,
 )
 
 
@@ -39,6 +40,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
+    V_T: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
 
@@ -56,7 +58,8 @@ def _prefill_kernel(
     before rotary; key n is rotated at position n with cos_sin as it is read. All
     constexpr: off, the plain code. HEAVY_FIRST: the grid is (KV head, sequence, query
     tile) and the last query tiles (the longest causal rows) start first, so the short
-    ones fill the tail of the launch instead of the long ones.
+    ones fill the tail of the launch instead of the long ones. V_T: V blocks stored
+    transposed (paged.load_v_transposed; no window, so every tile starts on a block).
     """
     if HEAVY_FIRST:
         pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -114,7 +117,7 @@ def _prefill_kernel(
                                         stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                         HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
                                         window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
         kv_start = unmasked_start
     for n0 in range(kv_start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
@@ -122,14 +125,14 @@ def _prefill_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC,
                                     window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
                                     window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
@@ -203,7 +206,9 @@ def paged_attention_prefill(
     assert out.shape == q.shape and out.stride(-1) == 1
     if tokens == 0 or num_seqs == 0:
         return out
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    v_t = v_transposed(k_cache, v_cache)
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and \
+        (v_t or k_cache.stride() == v_cache.stride())
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
     block_d = head_block(head_dim)
@@ -215,6 +220,8 @@ def paged_attention_prefill(
     block_n, num_stages = block_n or launch.block_n, num_stages or launch.num_stages
     num_warps = num_warps or launch.num_warps
     heavy_first = launch.heavy_first if heavy_first is None else heavy_first
+    assert not v_t or (sliding_window is None and key_rotary is None and
+                       block_n % k_cache.shape[1] == 0), "V transposed: tiles of whole blocks"
     grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
@@ -228,8 +235,8 @@ def paged_attention_prefill(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC=dot_precision(q.dtype), WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
-        ROPE_K=key_rotary is not None, HEAVY_FIRST=heavy_first, num_warps=num_warps,
-        num_stages=num_stages,
+        ROPE_K=key_rotary is not None, HEAVY_FIRST=heavy_first, V_T=v_t,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -157,7 +157,8 @@ def reports() -> list[CompileReport]:
         "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
         "num_heads": 32, "num_kv_heads": 8, "half": 64, "block_size": 16, "stride_q": 6144,
         "stride_k": 6144, "stride_v": 6144, "stride_cs": 128, "stride_cb": 16384,
-        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128,
+        "stride_cs_slot": 1024, "stride_ch": 128, "head_dim_arg": 128, "stride_vs": 1024,
+        "stride_vh": 128, "stride_vd": 1,
     }
     for rotate_k in (True, False):  # False: attention sinks cache K before rotary
         out.append(compile_sm90(rotary_kv._rotary_kv_kernel, rotary, {
@@ -171,6 +172,7 @@ def reports() -> list[CompileReport]:
             "num_heads": 32, "num_kv_heads": 32, "half": half, "block_size": 16,
             "stride_q": 7680, "stride_k": 7680, "stride_v": 7680, "stride_cs": 32,
             "stride_cb": 40960, "stride_cs_slot": 2560, "stride_ch": 80, "head_dim_arg": 80,
+            "stride_vs": 2560, "stride_vh": 80, "stride_vd": 1,
         }, {"BLOCK_H": 32, "BLOCK_KH": 32, "BLOCK_D": block_d, "BLOCK_P": block_p,
             "ROTATE_K": True}, 4,
             variant=variant))
@@ -217,6 +219,12 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # decode_config's
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "PREFETCH": 1}, 2, 3,
         variant="fp8kv"))
+    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # V transposed
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1, "PREFETCH": 1, "V_T": True},
+        2, 3, variant="fp8kv V_T"))
+    out.append(compile_sm90(attention_prefill._prefill_kernel, fp8_cache, {
+        **shape, "BLOCK_M": 128, "BLOCK_N": 128, "HEAVY_FIRST": True, "V_T": True}, 8, 2,
+        variant="fp8kv V_T"))
     unused = ("part_out_ptr", "part_lse_ptr", "query_start_ptr", "alibi_ptr", "cos_sin_ptr",
               "stride_cs", "ALIBI", "ROPE_K")  # the several-heads kernel takes none of them
     for cache, warps, stages, pre, name in ((attn, 4, 2, 0, "heads=4"),

@@ -81,7 +81,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 DOT_PREC: tl.constexpr, window=0, softcap=0.0,
                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
                 slopes=0.0, ALIBI: tl.constexpr = False, cos_sin_ptr=None, stride_cs=0,
-                ROPE_K: tl.constexpr = False, blocks=0, BLOCKS_GIVEN: tl.constexpr = False):
+                ROPE_K: tl.constexpr = False, blocks=0, BLOCKS_GIVEN: tl.constexpr = False,
+                V_T: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -102,6 +103,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     e.g. one tile ahead, so that the K / V loads wait on no load of this tile.
     ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
     before rotary, and key n is rotated at position n here (rotate_key_tile).
+    V_T: the V cache's blocks hold V transposed (load_v_transposed); n0 a multiple of the
+    block size, BLOCK_N of it too.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,7 +156,13 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if WORDS and not (FP8 and NATIVE_E4M3_V):
+    if V_T:
+        vt = load_v_transposed(v_cache_ptr, table_row_ptr, n0, n_end, kv_head, stride_kb,
+                               BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE)
+        if FP8:
+            vt = e4m3_tile(vt, q.dtype, NATIVE_E4M3_V)
+        v = tl.trans(vt.to(q.dtype))
+    elif WORDS and not (FP8 and NATIVE_E4M3_V):
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
     else:
@@ -162,6 +171,34 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
             v = e4m3_tile(v, q.dtype, NATIVE_E4M3_V)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def load_v_transposed(v_cache_ptr, table_row_ptr, n0, n_end, kv_head, stride_kb,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr):
+    """V of keys n0 .. n0 + BLOCK_N as [BLOCK_D, BLOCK_N] (d, keys) from a cache whose
+    blocks hold V transposed, [kv_heads, head_dim, block_size] (tokens fastest; the tensor
+    [blocks, kv_heads, head_dim, block_size]). Read as [blocks, d, block_size], rows of
+    BLOCK_SIZE contiguous values, so the reduction dim of p @ v is contiguous as K's is in
+    q @ k^T: a 1-byte V then reaches the MMA by ldmatrix instead of one shared-memory load
+    a byte (benchmarks/attn_decode_vt.py). n0 is a multiple of BLOCK_SIZE.
+    Whole blocks are read, unmasked (the pipeliner stages them; blocks past the context
+    are block 0's): keys past the context get p = 0 but their values must be finite, so
+    the engine zeroes a pool it lays out this way (written values are: e4m3 saturates)."""
+    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    offs_b = tl.arange(0, NB)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    b_ok = n0 + offs_b * BLOCK_SIZE < n_end
+    blk = tl.load(table_row_ptr + n0 // BLOCK_SIZE + offs_b, mask=b_ok, other=0)
+    off = (blk.to(tl.int64)[:, None, None] * stride_kb + kv_head * (HEAD_DIM * BLOCK_SIZE)
+           + offs_d[None, :, None] * BLOCK_SIZE + offs_s[None, None, :])
+    if BLOCK_D != HEAD_DIM:
+        v3 = tl.load(v_cache_ptr + off, mask=offs_d[None, :, None] < HEAD_DIM, other=0.0)
+    else:
+        v3 = tl.load(v_cache_ptr + off)
+    return tl.reshape(tl.permute(v3, (1, 0, 2)), [BLOCK_D, BLOCK_N])
 
 
 @triton.jit
@@ -292,6 +329,21 @@ def kv_scale(k_cache_ptr, scale_ptr, kv_head, NATIVE: tl.constexpr):
     if k_cache_ptr.dtype.element_ty == tl.float8e4nv and not NATIVE:
         s = s * 256.0
     return s
+
+
+def v_transposed(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether v_cache holds V transposed inside each block, [blocks, kv_heads, head_dim,
+    block_size] beside k_cache [blocks, block_size, kv_heads, head_dim] (the engine's
+    KILN_KV_V_TRANSPOSED layout: the same bytes a block, viewed another way). The shape
+    says which; the strides are checked (the kernels derive V's from the sizes)."""
+    if v_cache.shape == k_cache.shape:
+        return False
+    blocks, block_size, kv_heads, head_dim = k_cache.shape
+    assert v_cache.shape == (blocks, kv_heads, head_dim, block_size), (k_cache.shape,
+                                                                        v_cache.shape)
+    assert v_cache.is_contiguous() and k_cache.stride(0) == v_cache.stride(0), \
+        (k_cache.stride(), v_cache.stride())
+    return True
 
 
 def dot_precision(dtype: object) -> str:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import pdl
-from kiln.kernels.paged import kv_scale_args
+from kiln.kernels.paged import kv_scale_args, v_transposed
 from kiln.kernels.pdl import pdl_start
 
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (the reference saturates to it)
@@ -59,14 +59,14 @@ def _to_cache(x, scale, CACHE_DTYPE: tl.constexpr):
 
 @triton.jit
 def _copy_tail(src_ptr, dst_ptr, heads, offs_h, stride_src_h, stride_dst_h, tail_start,
-               head_dim, scale_ptr, BLOCK_P: tl.constexpr):
+               head_dim, scale_ptr, BLOCK_P: tl.constexpr, stride_dst_d=1):
     """dst[h, d] = src[h, d] for d in tail_start .. head_dim (the dims rotary leaves), into
     the model dtype or, for a 1-byte destination, quantized by scale[h] like _to_cache."""
     offs_p = tail_start + tl.arange(0, BLOCK_P)
     mask = (offs_h[:, None] < heads) & (offs_p[None, :] < head_dim)
     x = tl.load(src_ptr + offs_h[:, None] * stride_src_h + offs_p[None, :], mask=mask,
                 other=0.0)
-    dst = dst_ptr + offs_h[:, None] * stride_dst_h + offs_p[None, :]
+    dst = dst_ptr + offs_h[:, None] * stride_dst_h + offs_p[None, :] * stride_dst_d
     cdt = dst_ptr.dtype.element_ty
     if cdt.primitive_bitwidth == 8:
         scale = tl.load(scale_ptr + offs_h, mask=offs_h < heads, other=1.0)[:, None]
@@ -80,7 +80,7 @@ def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_out_ptr,
     k_scale_ptr, v_scale_ptr, num_heads, num_kv_heads, half, block_size,
     stride_q, stride_k, stride_v, stride_q_out, stride_cs,
-    stride_cb, stride_cs_slot, stride_ch, head_dim_arg,
+    stride_cb, stride_cs_slot, stride_ch, head_dim_arg, stride_vs, stride_vh, stride_vd,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PDL: tl.constexpr, ROTATE_K: tl.constexpr = True,
 ):
@@ -93,6 +93,8 @@ def _rotary_kv_kernel(
     model dtype) / k_scale[head] and v / v_scale[head], quantized by _to_cache.
     BLOCK_P > 0 (partial rotary): only dims 0 .. 2*half rotate; dims 2*half .. head_dim_arg
     of q, k and v are copied by _copy_tail. BLOCK_P == 0 compiles to the full-rotary code.
+    V goes to v_cache at block * stride_cb + slot * stride_vs + head * stride_vh + d *
+    stride_vd (K's strides, or V transposed inside each block: paged.v_transposed).
     """
     pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
@@ -126,6 +128,8 @@ def _rotary_kv_kernel(
         offs_kh = tl.arange(0, BLOCK_KH)
         cache_off = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs_slot
         dst = cache_off + offs_kh[:, None] * stride_ch + offs_d[None, :]
+        v_off = (slot // block_size) * stride_cb + (slot % block_size) * stride_vs
+        v_dst = v_off + offs_kh[:, None] * stride_vh + offs_d[None, :] * stride_vd
         if ROTATE_K:
             k1, k2, kv_mask = _rotate(k_ptr + token * stride_k, cos, sin, num_kv_heads,
                                       offs_kh, offs_d, half, head_dim)
@@ -145,21 +149,23 @@ def _rotary_kv_kernel(
             vs = tl.load(v_scale_ptr + offs_kh, mask=head_ok, other=1.0)[:, None]
             v1 = tl.load(v_src, mask=kv_mask, other=0.0).to(tl.float32)
             v2 = tl.load(v_src + half, mask=kv_mask, other=0.0).to(tl.float32)
-            tl.store(v_cache_ptr + dst, _to_cache(v1, vs, cdt), mask=kv_mask)
-            tl.store(v_cache_ptr + dst + half, _to_cache(v2, vs, cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + v_dst, _to_cache(v1, vs, cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + v_dst + half * stride_vd, _to_cache(v2, vs, cdt),
+                     mask=kv_mask)
         else:
             tl.store(k_cache_ptr + dst, k1.to(dt).to(cdt), mask=kv_mask)
             tl.store(k_cache_ptr + dst + half, k2.to(dt).to(cdt), mask=kv_mask)
             v_src = v_ptr + token * stride_v + offs_kh[:, None] * head_dim + offs_d[None, :]
             v1 = tl.load(v_src, mask=kv_mask, other=0.0)
             v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
-            tl.store(v_cache_ptr + dst, v1.to(cdt), mask=kv_mask)
-            tl.store(v_cache_ptr + dst + half, v2.to(cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + v_dst, v1.to(cdt), mask=kv_mask)
+            tl.store(v_cache_ptr + v_dst + half * stride_vd, v2.to(cdt), mask=kv_mask)
         if PARTIAL:
             _copy_tail(k_ptr + token * stride_k, k_cache_ptr + cache_off, num_kv_heads, offs_kh,
                        head_dim, stride_ch, 2 * half, head_dim, k_scale_ptr, BLOCK_P)
-            _copy_tail(v_ptr + token * stride_v, v_cache_ptr + cache_off, num_kv_heads, offs_kh,
-                       head_dim, stride_ch, 2 * half, head_dim, v_scale_ptr, BLOCK_P)
+            _copy_tail(v_ptr + token * stride_v, v_cache_ptr + v_off, num_kv_heads, offs_kh,
+                       head_dim, stride_vh, 2 * half, head_dim, v_scale_ptr, BLOCK_P,
+                       stride_vd)
 
 
 def _token_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -178,8 +184,9 @@ def rotary_and_write_kv(
     and v at slot_mapping.
 
     k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim] (same strides for both,
-    unit stride on the last dim); cos_sin [max_pos, rotary_dim] float32 = [cos | sin],
-    rotary_dim <= head_dim (partial rotary; 0: no rotation).
+    unit stride on the last dim; or v_cache [num_blocks, kv_heads, head_dim, block_size],
+    V transposed inside each block: paged.v_transposed); cos_sin [max_pos, rotary_dim]
+    float32 = [cos | sin], rotary_dim <= head_dim (partial rotary; 0: no rotation).
     A float8_e4m3fn or int8 cache needs k_scale and v_scale (float32 [kv_heads]).
     """
     tokens = q.shape[0]
@@ -191,7 +198,13 @@ def rotary_and_write_kv(
     q2 = _token_rows(q, num_heads * head_dim)
     k2 = _token_rows(k, num_kv_heads * head_dim)
     v2 = _token_rows(v, num_kv_heads * head_dim)
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    block_size = k_cache.shape[1]
+    if v_transposed(k_cache, v_cache):
+        v_strides = (1, head_dim * block_size, block_size)
+    else:
+        assert k_cache.stride() == v_cache.stride()
+        v_strides = (k_cache.stride(1), k_cache.stride(2), 1)
+    assert k_cache.stride(-1) == 1
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     half = cos_sin.shape[1] // 2
@@ -204,9 +217,9 @@ def rotary_and_write_kv(
     use_pdl = pdl.enabled(q)
     _rotary_kv_kernel[(tokens,)](
         q2, k2, v2, positions, cos_sin, k_cache, v_cache, slot_mapping, q_out,
-        k_scale, v_scale, num_heads, num_kv_heads, half, k_cache.shape[1],
+        k_scale, v_scale, num_heads, num_kv_heads, half, block_size,
         q2.stride(0), k2.stride(0), v2.stride(0), q_out.stride(0), cos_sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim, *v_strides,
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
         BLOCK_P=triton.next_power_of_2(tail) if tail else 0, PDL=use_pdl,
         ROTATE_K=rotate_k, num_warps=num_warps, **pdl.launch_args(use_pdl),

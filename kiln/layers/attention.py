@@ -81,7 +81,8 @@ class Attention(nn.Module):
     """Writes this step's K/V into the paged cache, then attends over the whole context.
 
     `k_cache` / `v_cache` [num_blocks, block_size, kv_heads, head_dim] are bound by the
-    model runner after it allocates the KV pool. With a 1-byte cache (fp8, int8) the layer
+    model runner after it allocates the KV pool (v_cache [num_blocks, kv_heads, head_dim,
+    block_size] where the runner lays V out transposed: model_runner.transposes_v). With a 1-byte cache (fp8, int8) the layer
     also holds `k_scale` / `v_scale` [kv_heads] (see kiln.layers.quantization).
     `sliding_window` W: each query sees its last W positions only; `softcap` c: scores
     become c * tanh(score / c) (Gemma 2); `alibi_slopes` [heads of this rank]: ALiBi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,6 +34,24 @@ from kiln.runtime.step import PendingStep
 from kiln.runtime.weights import check_fp8_support, dummy_model, load_weights
 
 log = logging.getLogger(__name__)
+
+
+# KILN_KV_V_TRANSPOSED=1 (opt-in, untimed end to end): an e4m3 KV cache's V blocks hold V
+# transposed ([kv heads, head_dim, block_size]) on the GPU, so that the attention kernels'
+# p @ v reads V the way q @ k^T reads K (kiln.kernels.paged.load_v_transposed: the decode
+# main loop compiles to 626 instructions a 64-key tile instead of 1,179, sm_90). Layers
+# with a sliding window or unrotated keys (attention sinks) keep the usual layout.
+V_TRANSPOSED = os.environ.get("KILN_KV_V_TRANSPOSED", "0") == "1"
+
+
+def transposes_v(attn, kv_dtype: torch.dtype, block_size: int, device: torch.device) -> bool:
+    """Whether this attention layer's V cache is laid out transposed (V_TRANSPOSED): on a
+    GPU, an e4m3 cache, blocks a kernel tile holds whole, no window, rotated keys, and a
+    shape that tells the layouts apart (the kernels read the layout from it)."""
+    return V_TRANSPOSED and device.type == "cuda" and kv_dtype == torch.float8_e4m3fn and \
+        block_size in (8, 16, 32) and attn.sliding_window is None and not attn.rotate_keys \
+        and (attn.num_kv_heads, attn.head_dim, block_size) != \
+        (block_size, attn.num_kv_heads, attn.head_dim)
 
 
 class ModelRunner:
@@ -100,12 +119,19 @@ class ModelRunner:
         # (benchmarks/attn_decode_sweep.py), so the simpler one stays.
         # Zeroed on the CPU, whose attention then need not mask the padding it gathers
         # (AttentionMetadata.kv_finite); the GPU kernels never read past a context.
-        alloc = torch.zeros if self.device.type == "cpu" else torch.empty
+        # A pool whose V is laid out transposed is zeroed too: those reads are unmasked
+        # (kiln.kernels.paged.load_v_transposed).
+        transposed = [transposes_v(a, self.kv_dtype, self.block_size, self.device)
+                      for a in layers]
+        alloc = torch.zeros if self.device.type == "cpu" or any(transposed) else torch.empty
         self.kv_cache = alloc(len(layers), 2, num_blocks + 1, self.block_size,
                               a.num_kv_heads, a.head_dim, dtype=self.kv_dtype,
                               device=self.device)
         for i, attn in enumerate(layers):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            if transposed[i]:
+                attn.v_cache = attn.v_cache.view(  # kiln.kernels.paged.v_transposed
+                    num_blocks + 1, attn.num_kv_heads, attn.head_dim, self.block_size)
         self.num_blocks = num_blocks
 
     def cache_keys_unrotated(self) -> None:
