@@ -237,19 +237,25 @@ def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path):
     assert got[True][1] == got[False][1]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi"])
-def test_v_transposed_kv_cache_changes_nothing(arch, tiny_checkpoints, tmp_path, monkeypatch):
-    """An e4m3 KV cache whose V blocks hold V transposed (KILN_KV_V_TRANSPOSED=1, opt-in:
+@pytest.mark.parametrize("arch, kv", [("llama", "fp8"), ("gemma2", "fp8"), ("phi", "fp8"),
+                                      ("llama", "int8")])
+def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_path,
+                                               monkeypatch):
+    """A 1-byte KV cache whose V blocks hold V transposed (KILN_KV_V_TRANSPOSED=1, opt-in:
     kiln.kernels.paged.load_v_transposed) gives the logits and tokens of the usual layout,
     bit for bit: the same values reach the same MMAs, only loaded another way. gemma2's
-    windowed layers keep the usual layout beside transposed ones; phi rotates 40% of d."""
+    windowed layers keep the usual layout beside transposed ones; phi rotates 40% of d;
+    int8 takes its per-head scales from a calibration text."""
     from kiln.eval import sequence_logits
     from kiln.runtime import model_runner
 
     folder, _ = tiny_checkpoints[arch]
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
-        kv_cache_dtype="fp8"), progress=False)
+        kv_cache_dtype=kv, **(dict(calib_file=str(calib), calib_samples=2)
+                              if kv == "int8" else {})), progress=False)
     tokens, prompts = list(range(3, 200)), make_prompts(8, seed=5)
     got = {}
     for v_t in (False, True):

@@ -1,7 +1,7 @@
 """V stored transposed inside each KV block (KILN_KV_V_TRANSPOSED, kiln.kernels.paged
 .v_transposed): the write kernel puts every value where the usual layout has it, permuted,
 and the decode, several-heads, prefill and mixed launches read the same attention from it
-(interpreter), for an e4m3 and a float32 cache, full and partial rotary."""
+(interpreter), for e4m3, int8 and float32 caches, full and partial rotary."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ def check_v_transposed(cache_dtype: torch.dtype, rotary_dim: int) -> None:
     angles = torch.arange(128).float()[:, None] * inv[None, :]
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1)
     scales = {}
-    if cache_dtype == torch.float8_e4m3fn:
-        scales = dict(k_scale=torch.full((KV_HEADS,), 0.01), v_scale=torch.full((KV_HEADS,), 0.02))
+    if cache_dtype.itemsize == 1:
+        scales = dict(k_scale=torch.full((KV_HEADS,), 0.03), v_scale=torch.full((KV_HEADS,), 0.02))
     # stale (finite) values everywhere, as a pool holds after earlier requests: the usual
     # kernels mask keys past a context, the transposed read multiplies them by p = 0
-    usual = [torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM).to(cache_dtype)
+    usual = [(torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM) * 20).to(cache_dtype)
              for _ in range(2)]
     k_t = usual[0].clone()
     v_t = usual[1].permute(0, 2, 3, 1).contiguous()
@@ -81,7 +81,7 @@ def check_v_transposed(cache_dtype: torch.dtype, rotary_dim: int) -> None:
             (name, (got - want).abs().max().item())
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float32])
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.int8, torch.float32])
 @pytest.mark.parametrize("rotary_dim", [HEAD_DIM, HEAD_DIM // 2])
 def test_v_transposed_cache(interp, cache_dtype, rotary_dim) -> None:  # noqa: F811
     interp(check_v_transposed, cache_dtype, rotary_dim)
@@ -102,7 +102,7 @@ def test_cpu_reference_refuses_a_transposed_v_cache() -> None:
 
 
 def test_which_layers_transpose_v(tiny_engines, monkeypatch) -> None:
-    """KILN_KV_V_TRANSPOSED picks the layers a GPU engine with an e4m3 cache lays out
+    """KILN_KV_V_TRANSPOSED picks the layers a GPU engine with a 1-byte cache lays out
     transposed: not windowed ones (gemma2 alternates), not unrotated keys (attention
     sinks), not blocks larger than a kernel tile, not other caches or devices."""
     from kiln.runtime import model_runner
@@ -117,6 +117,7 @@ def test_which_layers_transpose_v(tiny_engines, monkeypatch) -> None:
     assert picks == [a.sliding_window is None for a in layers] and any(picks) \
         and not all(picks)
     full = layers[picks.index(True)]
+    assert model_runner.transposes_v(full, torch.int8, 16, cuda)
     assert not model_runner.transposes_v(full, torch.bfloat16, 16, cuda)
     assert not model_runner.transposes_v(full, e4m3, 16, torch.device("cpu"))
     assert not model_runner.transposes_v(full, e4m3, 64, cuda)

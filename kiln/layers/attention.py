@@ -82,8 +82,9 @@ class Attention(nn.Module):
 
     `k_cache` / `v_cache` [num_blocks, block_size, kv_heads, head_dim] are bound by the
     model runner after it allocates the KV pool (v_cache [num_blocks, kv_heads, head_dim,
-    block_size] where the runner lays V out transposed: model_runner.transposes_v). With a 1-byte cache (fp8, int8) the layer
-    also holds `k_scale` / `v_scale` [kv_heads] (see kiln.layers.quantization).
+    block_size] where the runner lays V out transposed: model_runner.transposes_v). With a
+    1-byte cache (fp8, int8) the layer also holds `k_scale` / `v_scale` [kv_heads] (see
+    kiln.layers.quantization).
     `sliding_window` W: each query sees its last W positions only; `softcap` c: scores
     become c * tanh(score / c) (Gemma 2); `alibi_slopes` [heads of this rank]: ALiBi
     biases (Bloom). `rotate_keys` (set by the engine for attention sinks): K is cached

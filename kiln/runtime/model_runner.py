@@ -36,19 +36,20 @@ from kiln.runtime.weights import check_fp8_support, dummy_model, load_weights
 log = logging.getLogger(__name__)
 
 
-# KILN_KV_V_TRANSPOSED=1 (opt-in, untimed end to end): an e4m3 KV cache's V blocks hold V
+# KILN_KV_V_TRANSPOSED=1 (opt-in, untimed end to end): a 1-byte KV cache's V blocks hold V
 # transposed ([kv heads, head_dim, block_size]) on the GPU, so that the attention kernels'
-# p @ v reads V the way q @ k^T reads K (kiln.kernels.paged.load_v_transposed: the decode
-# main loop compiles to 626 instructions a 64-key tile instead of 1,179, sm_90). Layers
-# with a sliding window or unrotated keys (attention sinks) keep the usual layout.
+# p @ v reads V the way q @ k^T reads K (kiln.kernels.paged.load_v_transposed: the e4m3
+# decode main loop compiles to 718 instructions a 64-key tile instead of 1,179, int8's to
+# ~1,060-1,270 instead of ~1,400-1,630, sm_90). Layers with a sliding window or unrotated
+# keys (attention sinks) keep the usual layout.
 V_TRANSPOSED = os.environ.get("KILN_KV_V_TRANSPOSED", "0") == "1"
 
 
 def transposes_v(attn, kv_dtype: torch.dtype, block_size: int, device: torch.device) -> bool:
     """Whether this attention layer's V cache is laid out transposed (V_TRANSPOSED): on a
-    GPU, an e4m3 cache, blocks a kernel tile holds whole, no window, rotated keys, and a
-    shape that tells the layouts apart (the kernels read the layout from it)."""
-    return V_TRANSPOSED and device.type == "cuda" and kv_dtype == torch.float8_e4m3fn and \
+    GPU, a 1-byte cache (e4m3, int8), blocks a kernel tile holds whole, no window, rotated
+    keys, and a shape that tells the layouts apart (the kernels read the layout from it)."""
+    return V_TRANSPOSED and device.type == "cuda" and kv_dtype.itemsize == 1 and \
         block_size in (8, 16, 32) and attn.sliding_window is None and not attn.rotate_keys \
         and (attn.num_kv_heads, attn.head_dim, block_size) != \
         (block_size, attn.num_kv_heads, attn.head_dim)
