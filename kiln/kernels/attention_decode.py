@@ -23,6 +23,7 @@ from kiln.kernels.paged import (
     NATIVE_E4M3,
     NATIVE_E4M3_V,
     attend_tile,
+    check_v_tiles,
     context_start,
     dot_precision,
     head_block,
@@ -272,8 +273,7 @@ def paged_attention_decode(
     if num_seqs == 0:
         return out
     v_t = v_transposed(k_cache, v_cache)
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and \
-        (v_t or k_cache.stride() == v_cache.stride())
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     seq_lens = seq_lens.contiguous()
     if max_seq_len is None:
@@ -289,8 +289,7 @@ def paged_attention_decode(
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     prefetch = default_prefetch if prefetch is None else prefetch
-    assert not v_t or (sliding_window is None and key_rotary is None and
-                       block_n % block_size == 0), "V transposed: tiles of whole blocks"
+    check_v_tiles(v_t, block_n, block_size, sliding_window, key_rotary)
     if max_registers is None and k_cache.element_size() == 1:
         max_registers = KV8_MAXNREG
     cap = {"maxnreg": max_registers} if max_registers else {}  # none: the usual compile

@@ -16,6 +16,7 @@ from kiln.kernels.paged import (
     NATIVE_E4M3,
     NATIVE_E4M3_V,
     attend_tile,
+    check_v_tiles,
     dot_precision,
     head_block,
     kv_query,
@@ -207,8 +208,7 @@ def paged_attention_prefill(
     if tokens == 0 or num_seqs == 0:
         return out
     v_t = v_transposed(k_cache, v_cache)
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and \
-        (v_t or k_cache.stride() == v_cache.stride())
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
     block_d = head_block(head_dim)
@@ -220,8 +220,7 @@ def paged_attention_prefill(
     block_n, num_stages = block_n or launch.block_n, num_stages or launch.num_stages
     num_warps = num_warps or launch.num_warps
     heavy_first = launch.heavy_first if heavy_first is None else heavy_first
-    assert not v_t or (sliding_window is None and key_rotary is None and
-                       block_n % k_cache.shape[1] == 0), "V transposed: tiles of whole blocks"
+    check_v_tiles(v_t, block_n, k_cache.shape[1], sliding_window, key_rotary)
     grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,

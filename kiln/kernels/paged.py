@@ -335,8 +335,10 @@ def v_transposed(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether v_cache holds V transposed inside each block, [blocks, kv_heads, head_dim,
     block_size] beside k_cache [blocks, block_size, kv_heads, head_dim] (the engine's
     KILN_KV_V_TRANSPOSED layout: the same bytes a block, viewed another way). The shape
-    says which; the strides are checked (the kernels derive V's from the sizes)."""
+    says which; the strides are checked (the usual layout: K's; transposed: contiguous,
+    the kernels derive V's from the sizes)."""
     if v_cache.shape == k_cache.shape:
+        assert k_cache.stride() == v_cache.stride(), (k_cache.stride(), v_cache.stride())
         return False
     blocks, block_size, kv_heads, head_dim = k_cache.shape
     assert v_cache.shape == (blocks, kv_heads, head_dim, block_size), (k_cache.shape,
@@ -344,6 +346,15 @@ def v_transposed(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     assert v_cache.is_contiguous() and k_cache.stride(0) == v_cache.stride(0), \
         (k_cache.stride(), v_cache.stride())
     return True
+
+
+def check_v_tiles(v_t: bool, block_n: int, block_size: int, sliding_window: int | None,
+                  key_rotary: torch.Tensor | None) -> None:
+    """A transposed V is read a whole block at a time from tile starts on block
+    boundaries: tiles of whole blocks, no window, no sinks (the engine lays such layers out
+    the usual way)."""
+    assert not v_t or (sliding_window is None and key_rotary is None and
+                       block_n % block_size == 0), "V transposed: tiles of whole blocks"
 
 
 def dot_precision(dtype: object) -> str:

@@ -199,11 +199,8 @@ def rotary_and_write_kv(
     k2 = _token_rows(k, num_kv_heads * head_dim)
     v2 = _token_rows(v, num_kv_heads * head_dim)
     block_size = k_cache.shape[1]
-    if v_transposed(k_cache, v_cache):
-        v_strides = (1, head_dim * block_size, block_size)
-    else:
-        assert k_cache.stride() == v_cache.stride()
-        v_strides = (k_cache.stride(1), k_cache.stride(2), 1)
+    v_strides = (1, head_dim * block_size, block_size) if v_transposed(k_cache, v_cache) \
+        else (k_cache.stride(1), k_cache.stride(2), 1)
     assert k_cache.stride(-1) == 1
     k_scale, v_scale = kv_scale_args(k_cache, v_cache, k_scale, v_scale)
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
