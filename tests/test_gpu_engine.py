@@ -241,11 +241,12 @@ def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path):
                                       ("llama", "int8")])
 def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_path,
                                                monkeypatch):
-    """A 1-byte KV cache whose V blocks hold V transposed (KILN_KV_V_TRANSPOSED=1, opt-in:
-    kiln.kernels.paged.load_v_transposed) gives the logits and tokens of the usual layout,
-    bit for bit: the same values reach the same MMAs, only loaded another way. gemma2's
-    windowed layers keep the usual layout beside transposed ones; phi rotates 40% of d;
-    int8 takes its per-head scales from a calibration text."""
+    """A 1-byte KV cache whose V blocks hold V transposed (the default,
+    kiln.kernels.paged.load_v_transposed; KILN_KV_V_TRANSPOSED=0: the usual layout) gives
+    the logits and tokens of the usual layout, bit for bit: the same values reach the same
+    MMAs, only loaded another way. gemma2's windowed layers keep the usual layout beside
+    transposed ones; phi rotates 40% of d; int8 takes its per-head scales from a
+    calibration text."""
     from kiln.eval import sequence_logits
     from kiln.runtime import model_runner
 

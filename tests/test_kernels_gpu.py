@@ -279,3 +279,35 @@ def test_functional_dispatch() -> None:
         out = KF.paged_attention(q, k_cache, v_cache, meta, 0.088)
         expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, 0.088)
         _close(f"functional q_lens={q_lens}", out, expected, **ATTN)
+
+
+
+def _mixed_step(decode_rows: int, prompts: int, width_extra: int) -> None:
+    """paged_attention_mixed on decode_rows decode rows then `prompts` 128-token prompts,
+    the tables `width_extra` blocks wider than needed, against the reference."""
+    from kiln.kernels.attention_prefill import paged_attention_mixed
+
+    seq_lens = [300 + 17 * i for i in range(decode_rows)] + [128] * prompts
+    q_lens = [1] * decode_rows + [128] * prompts
+    q, k_cache, v_cache, tables, starts = _paged(
+        seq_lens, q_lens, -(-max(seq_lens) // BLOCK_SIZE) + width_extra)
+    scale = HEAD_DIM ** -0.5
+    out = paged_attention_mixed(
+        q, k_cache, v_cache, tables, torch.tensor(starts, device="cuda").int(),
+        torch.tensor(seq_lens, device="cuda").int(), 128, scale, decode_rows)
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale)
+    _close(f"mixed {decode_rows} + {prompts}", out, expected, **ATTN)
+
+
+@pytest.mark.parametrize("prompts", [2, 64])  # the small-grid launch; the usual one
+def test_mixed_steps_compile_no_new_prefill_variant(prompts: int) -> None:
+    """A mixed step's prompts start at row decode_rows of the step's tables and lengths, so
+    the prefill kernel gets pointers of any alignment (also as its unused ALiBi / rotary
+    arguments): compiled once, the same launch at any decode_rows compiles nothing new."""
+    from kiln.runtime.profiling import CompileWatch
+
+    _mixed_step(4, prompts, 0)  # compiles this grid's launch (and the decode kernel's)
+    with CompileWatch() as watch:
+        for decode_rows, width_extra in ((1, 1), (2, 0), (3, 5), (5, 2)):
+            _mixed_step(decode_rows, prompts, width_extra)
+    assert watch.events == [], [e["kernel"] for e in watch.events]

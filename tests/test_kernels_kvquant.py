@@ -482,6 +482,7 @@ def test_gpu_rotary_and_write_kv(cache_dtype) -> None:
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
     tokens, max_pos, num_blocks = 4096, 8192, 600
+    torch.manual_seed(3)
     qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda",
                       dtype=torch.bfloat16)
     q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
@@ -521,13 +522,19 @@ def test_gpu_rotary_and_write_kv(cache_dtype) -> None:
         rotary_and_write_kv(*args, *bf16, slots, HEAD_DIM)  # the 16-bit path's rot(k)
         own = ref.quantize_kv(bf16[0].flatten(0, 1)[written], k_scale, cache_dtype)
         _equal_bytes("k_cache vs the 16-bit path's rot(k)", k_out, own)
-        # vs the reference: half a bf16 ulp of a product (|k| < 8: 2^-6), with room, plus
-        # one quantization step (int8: the scale; e4m3: 2^-3 relative, 2^-9 subnormal)
+        # vs the reference: one bf16 ulp of each product (<= 2^-7 |k_d| and 2^-7 |k_d'|,
+        # d' = d -+ d / 2: the fused one; 0.03 alone missed a product above 4, failing once
+        # in the 24th session's three runs), one quantization step (int8: the scale; e4m3:
+        # 2^-3 relative, 2^-9 subnormal) and the sum's rounding
         got = ref.dequantize_kv(k_out, k_scale, torch.float32)
         want = ref.dequantize_kv(ref_caches[0].flatten(0, 1)[written], k_scale, torch.float32)
         step = k_scale.view(1, -1, 1) * (1.0 if cache_dtype == INT8 else 2.0 ** -9)
         rtol = 0.016 + (0.125 if cache_dtype == FP8 else 0.0)
-        bad = (got - want).abs() > 0.03 + step + rtol * want.abs()
+        mag = k.float().view(tokens, KV_HEADS, HEAD_DIM).abs()
+        mag = mag + mag.roll(HEAD_DIM // 2, dims=-1)  # |k_d| + |k_d'|
+        kept = torch.nonzero(slots >= 0).flatten()
+        mag = mag[kept[torch.argsort(slots[kept])]]  # in slot order, as k_out
+        bad = (got - want).abs() > 0.01 + 2.0 ** -7 * mag + step + rtol * want.abs()
         assert not bad.any(), f"k_cache: {bad.sum().item()} values off the reference"
 
 

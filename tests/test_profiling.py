@@ -39,6 +39,8 @@ def test_bench_profile_writes_a_trace_with_the_step_phases(tiny_engines, tmp_pat
     launched = kinds["prompt"]["steps"] + kinds["decode"]["steps"]
     assert launched == result["kiln"]["steps"]  # CPU: no overlap, every call launched one
     assert "decode steps:" in printed
+    # the CPU compiles no Triton kernel: none reported
+    assert result["kiln"]["compiles"]["count"] == 0 and "Triton compiled" not in printed
 
 
 def test_step_kinds_charge_each_launch_the_next_call_under_overlap():
@@ -76,3 +78,35 @@ def test_environment_switch(value, expected, monkeypatch):
     finally:
         monkeypatch.delenv("KILN_NVTX")
         importlib.reload(profiling)
+
+
+def test_compile_watch_records_what_triton_compiles_and_restores_its_hooks():
+    """CompileWatch takes Triton's JIT hooks while entered (called as Triton 3.x calls them:
+    the cache hook before a compile, the post-compile hook after), passes each call on to a
+    hook already set, and puts that hook back on exit. The GPU test
+    tests/test_kernels_gpu.py::test_mixed_steps_compile_no_new_prefill_variant uses it on
+    real compiles."""
+    knobs = pytest.importorskip("triton").knobs.runtime
+    seen = []
+    def before(**kw):
+        seen.append(kw["repr"])
+
+    saved = knobs.jit_cache_hook, knobs.jit_post_compile_hook
+    knobs.jit_cache_hook, knobs.jit_post_compile_hook = before, None
+    try:
+        class Fn:
+            module, name = "kiln.kernels.x", "_kernel"
+
+        with profiling.CompileWatch() as watch:
+            for key in ("a", "b"):
+                call = dict(key=key, repr=f"_kernel[{key}]", fn=Fn,
+                            compile={"key": key}, is_manual_warmup=False,
+                            already_compiled=False)
+                assert not knobs.jit_cache_hook(**call)  # a true answer would skip the compile
+                knobs.jit_post_compile_hook(**call)
+        assert [e["kernel"] for e in watch.events] == ["kiln.kernels.x._kernel"] * 2
+        assert watch.summary()["kernels"] == {"kiln.kernels.x._kernel": 2}
+        assert seen == ["_kernel[a]", "_kernel[b]"]  # the hook set before still ran
+        assert (knobs.jit_cache_hook, knobs.jit_post_compile_hook) == (before, None)
+    finally:
+        knobs.jit_cache_hook, knobs.jit_post_compile_hook = saved

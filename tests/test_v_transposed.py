@@ -111,7 +111,8 @@ def test_which_layers_transpose_v(tiny_engines, monkeypatch) -> None:
     layers = LLMEngine(tiny_engines["gemma2"], RuntimeConfig(device="cpu")).runner.model \
         .attention_layers()
     cuda, e4m3 = torch.device("cuda"), torch.float8_e4m3fn
-    assert not any(model_runner.transposes_v(a, e4m3, 16, cuda) for a in layers)  # opt-in
+    monkeypatch.setattr(model_runner, "V_TRANSPOSED", False)  # KILN_KV_V_TRANSPOSED=0
+    assert not any(model_runner.transposes_v(a, e4m3, 16, cuda) for a in layers)
     monkeypatch.setattr(model_runner, "V_TRANSPOSED", True)
     picks = [model_runner.transposes_v(a, e4m3, 16, cuda) for a in layers]
     assert picks == [a.sliding_window is None for a in layers] and any(picks) \

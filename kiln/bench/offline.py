@@ -27,6 +27,7 @@ from kiln.config import add_build_arguments
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.heap import freeze_startup_heap
+from kiln.runtime.profiling import CompileWatch
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.scheduler import POLICIES
 
@@ -141,7 +142,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     engine.stream_outputs = False  # per-request times come from the request stats
     engine.record_launches = True
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
-              leave=False) as bar:
+              leave=False) as bar, CompileWatch() as compiles:
         while engine.has_unfinished():
             engine.last_launch = None
             step_start = time.perf_counter()
@@ -166,7 +167,9 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed,
             "steps": len(steps), "step_ms": {"p50": step_ms["p50"], "p99": step_ms["p99"],
                                              "max": 1000 * max(steps, default=0.0)},
-            "step_kinds": step_kinds(steps, shapes, engine.overlap)}
+            "step_kinds": step_kinds(steps, shapes, engine.overlap),
+            # Triton kernels compiled inside the run (none expected: each stalls its step)
+            "compiles": {**compiles.summary(), "events": compiles.events[:20]}}
 
 
 def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
@@ -305,6 +308,11 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               f"{step['p99']:.1f} ms, max {step['max']:.1f} ms (a step takes at most "
               f"{result.get('max_num_tokens')} prompt tokens beside its decodes: "
               "--max-num-tokens bounds the stall)")
+    compiled = result["kiln"].get("compiles") or {}
+    if compiled.get("count"):
+        names = ", ".join(f"{k.rsplit('.', 1)[-1]} x{n}" for k, n in compiled["kernels"].items())
+        print(f"Triton compiled {compiled['count']} kernel variants inside the timed run "
+              f"({compiled['ms']:.0f} ms of stalled steps): {names}")
     for name, k in result["kiln"].get("step_kinds", {}).items():
         print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "
               f"{k['decode_rows'] / max(k['steps'], 1):.0f} decode rows a step, "

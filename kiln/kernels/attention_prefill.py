@@ -28,10 +28,12 @@ from kiln.kernels.paged import (
 
 # The block-table width varies by step; a mixed step's prompts start at a row of the step's
 # tables and lengths (paged_attention_mixed), so those pointers are not 16-byte aligned
-# every time: neither specialised on, so no step compiles a new variant.
+# every time, nor the lengths passed again as the unused ALiBi / rotary pointers: none
+# specialised on, so no step compiles a new variant (one did, 1.5-2.1 s inside the 8B
+# 128 / 128 run: a few prompts after an odd number of decode rows; H200, 24th session).
 @triton.jit(do_not_specialize=["stride_bt"],
             do_not_specialize_on_alignment=["block_tables_ptr", "query_start_ptr",
-                                            "seq_lens_ptr"])
+                                            "seq_lens_ptr", "alibi_ptr", "cos_sin_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,

@@ -58,3 +58,77 @@ class _Phase:
 
 def phase(name: str) -> contextlib.AbstractContextManager:
     return _Phase(name) if _enabled else _OFF
+
+
+class CompileWatch:
+    """Records the Triton kernels compiled (or loaded from Triton's disk cache) while it is
+    entered: a compile inside a serving step stalls the device for 0.1-1.5 s, so a timed run
+    should see none (the engine compiles at load: kiln.runtime.warmup). Uses Triton's JIT
+    hooks, chaining any hook already set; nothing is recorded under TRITON_INTERPRET.
+
+        with CompileWatch() as watch: ...
+        watch.events  # [{"kernel": qualified name, "ms": time to compile or load, "repr": ...}]
+    """
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._started: dict[int, tuple[str, str, float]] = {}
+        self._knobs: Any = None
+
+    def _before(self, **kw: Any) -> Any:
+        import time
+        fn = kw["fn"]
+        self._started[id(kw["compile"]["key"])] = (f"{fn.module}.{fn.name}", _spec(kw),
+                                                   time.perf_counter())
+        return self._chained[0](**kw) if self._chained[0] else None
+
+    def _after(self, **kw: Any) -> Any:
+        import time
+        found = self._started.pop(id(kw["compile"]["key"]), None)
+        if found:
+            name, text, t0 = found
+            self.events.append({"kernel": name, "ms": round(1000 * (time.perf_counter() - t0), 1),
+                                "repr": text[:600]})
+        return self._chained[1](**kw) if self._chained[1] else None
+
+    def __enter__(self) -> CompileWatch:
+        try:
+            from triton import knobs
+        except ImportError:  # no Triton (or one without JIT hooks): nothing to watch
+            return self
+        self._knobs = knobs.runtime
+        self._chained = (self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook)
+        self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._before, self._after
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._knobs is not None:
+            self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._chained
+            self._knobs = None
+
+    def summary(self) -> dict[str, Any]:
+        """{"count", "ms" (total), "kernels": {name: count}} for a benchmark's JSON."""
+        kernels: dict[str, int] = {}
+        for e in self.events:
+            kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
+        return {"count": len(self.events), "ms": round(sum(e["ms"] for e in self.events), 1),
+                "kernels": kernels}
+
+
+def _spec(kw: dict[str, Any]) -> str:
+    """The launch options and constexpr values of a compile, e.g. "num_warps=8
+    num_stages=2 BLOCK_M=128 ...", and which arguments are specialised (16-byte aligned
+    or divisible by 16), as far as this Triton's hook says; else Triton's own repr."""
+    import json
+    try:
+        data = json.loads(kw["compile"]["specialization_data"])
+        names = list(data["signature"])
+        opts = data["options"]
+        parts = [f"num_warps={opts['num_warps']}", f"num_stages={opts['num_stages']}"]
+        for path, value in zip(data["constant_keys"], data["constant_vals"]):
+            if data["signature"][names[path[0]]] == "constexpr":
+                parts.append(f"{names[path[0]]}={value}")
+        aligned = [names[path[0]] for path in data["attrs_keys"]]
+        return " ".join(parts) + (f" aligned/div16: {','.join(aligned)}" if aligned else "")
+    except Exception:  # another Triton's layout: its repr
+        return kw.get("repr", "")
