@@ -15,6 +15,10 @@ instructions a tile (`--sass`), 184 registers, no spills.
     python benchmarks/attn_decode_vt.py OUT.json [--decode 512x1536,496x256,...]
         [--prefill 1x1024,16x1000,1x8192]
     python benchmarks/attn_decode_vt.py --sass     (no GPU: main-loop SASS counts, sm_90)
+    python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...]
+        (decode launches on the transposed layout: 32-128 keys a tile, 2-8 warps, 2-4
+        stages, blocks a tile ahead or not; kiln's launch was tuned on the usual layout,
+        with 253 registers where the transposed loop takes 184)
 
 Llama-3.1-8B heads (32 / 8, d 128), 16-token blocks, one split a sequence in decode (the
 shapes are chosen so that the launcher picks one split too); prefill: causal prompts with
@@ -81,18 +85,68 @@ def sass() -> None:
               + ", ".join(f"{op} {n}" for op, n in counts.most_common(12)))
 
 
+def sweep(args: argparse.Namespace, time_calls) -> None:
+    """Decode launches on the transposed layout, each checked against kiln's launch on the
+    usual layout, timed by CUDA-graph replays; the best per shape printed first."""
+    import itertools
+
+    scale = HEAD_DIM ** -0.5
+    launches = list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (0, 1)))
+    results = []
+    for spec in filter(None, args.decode.split(",")):
+        batch, ctx = (int(x) for x in spec.split("x"))
+        q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, [1] * batch)
+        common = dict(num_splits=1, k_scale=ks, v_scale=vs)
+        want = paged_attention_decode(q, k8, v8, tables, lens, scale, **common).float()
+        cache_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM
+        rows = [dict(batch=batch, ctx=ctx, launch="kiln, usual layout", ms=1e3 * time_calls(
+            partial(paged_attention_decode, q, k8, v8, tables, lens, scale, **common), [()]))]
+        rows.append(dict(batch=batch, ctx=ctx, launch="kiln, V transposed", ms=1e3 * time_calls(
+            partial(paged_attention_decode, q, k8, vt8, tables, lens, scale, **common), [()])))
+        for block_n, warps, stages, prefetch in launches:
+            name = f"{block_n} keys, {warps} warps, {stages} stages, prefetch {prefetch}"
+            fn = partial(paged_attention_decode, q, k8, vt8, tables, lens, scale, **common,
+                         block_n=block_n, num_warps=warps, num_stages=stages,
+                         prefetch=prefetch, heads_per_program=1)
+            try:
+                err = (fn().float() - want).abs().max().item()
+            except Exception as e:  # shared memory, registers
+                print(f"{batch} x {ctx} {name}: {type(e).__name__}: {str(e)[:100]}",
+                      flush=True)
+                continue
+            if err > 0.05:
+                print(f"{batch} x {ctx} {name}: differs by {err:.3f}; not timed", flush=True)
+                continue
+            rows.append(dict(batch=batch, ctx=ctx, launch=name, ms=1e3 * time_calls(fn, [()])))
+        rows.sort(key=lambda r: r["ms"])
+        for r in rows[:12] + [r for r in rows[12:] if r["launch"].startswith("kiln")]:
+            print(f"decode {batch:4d} x {ctx:5d} {r['launch']:42s} {r['ms']:.4f} ms "
+                  f"({cache_bytes / r['ms'] / 1e6:5.0f} GB/s)", flush=True)
+        results += rows
+        del q, k8, v8, vt8
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--decode", default="512x1536,496x256,496x192,256x1024,64x8192")
     ap.add_argument("--prefill", default="1x1024,16x1000,1x8192")
     ap.add_argument("--sass", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     if args.sass:
         sass()
         return
     sys.path.insert(0, os.path.dirname(__file__))
     from fp8_gemm import time_calls  # CUDA-graph replays
+
+    if args.sweep:
+        sweep(args, time_calls)
+        return
 
     scale = HEAD_DIM ** -0.5
     results = []
