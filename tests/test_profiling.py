@@ -110,3 +110,36 @@ def test_compile_watch_records_what_triton_compiles_and_restores_its_hooks():
         assert (knobs.jit_cache_hook, knobs.jit_post_compile_hook) == (before, None)
     finally:
         knobs.jit_cache_hook, knobs.jit_post_compile_hook = saved
+
+
+def test_compiles_after_an_engine_load_are_logged_once_a_kernel(caplog):
+    """After an engine's load (profiling.loading: its warm-up and graph capture) a Triton
+    compile is a stalled step: logged as a warning naming the kernel, once a kernel; none
+    while an engine loads."""
+    knobs = pytest.importorskip("triton").knobs.runtime
+    saved = knobs.jit_cache_hook, knobs.jit_post_compile_hook
+    try:
+        with profiling.loading():
+            pass  # installs the process-wide watch
+
+        class Fn:
+            module, name = "kiln.kernels.x", "_late_kernel"
+
+        def compile_once(key: str) -> None:
+            call = dict(key=key, repr="r", fn=Fn, compile={"key": key},
+                        is_manual_warmup=False, already_compiled=False)
+            knobs.jit_cache_hook(**call)
+            knobs.jit_post_compile_hook(**call)
+
+        with caplog.at_level("WARNING", logger="kiln"):
+            with profiling.loading():
+                compile_once("during load")
+            assert not caplog.records
+            compile_once("in a step")
+            compile_once("again")
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "kiln.kernels.x._late_kernel" in warned[0] \
+            and "inside a step" in warned[0]
+    finally:
+        profiling._after_load.told.discard("kiln.kernels.x._late_kernel")
+        knobs.jit_cache_hook, knobs.jit_post_compile_hook = saved

@@ -23,14 +23,8 @@ from kiln.runtime.intake import check_request, new_group
 from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.output_processor import Group, Sequence, apply_result
-from kiln.runtime.profiling import phase
-from kiln.runtime.request import (
-    PLACEHOLDER,
-    Request,
-    RequestOutput,
-    RequestStatus,
-    SamplingParams,
-)
+from kiln.runtime.profiling import loading, phase
+from kiln.runtime.request import PLACEHOLDER, Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
 from kiln.runtime.step import PendingStep, StepResult
@@ -113,11 +107,13 @@ class LLMEngine:
         # Every layer windowed: blocks behind the window are released.
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
                                  self.config.model.uniform_window, self.streaming)
-        if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len):
-            log.info("warmed up the eager path in %.1f s", seconds)
-        if runtime.cuda_graphs:
-            self.runner.capture_graphs(self.max_batch_size, min(runtime.prefill_graph_tokens,
-                                       max_num_tokens, self.max_seq_len), runtime.piecewise_graphs)
+        with loading():  # Triton compiles here are expected; after it each is a stall, logged
+            if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len):
+                log.info("warmed up the eager path in %.1f s", seconds)
+            if runtime.cuda_graphs:
+                self.runner.capture_graphs(self.max_batch_size, min(
+                    runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len),
+                    runtime.piecewise_graphs)
         if self.speculator is not None:
             self.speculator.start()
         self.scheduler = Scheduler(

@@ -17,7 +17,9 @@ step's one sync), kiln.detokenize (tokens applied, text, stop checks, outputs).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,6 +115,50 @@ class CompileWatch:
             kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
         return {"count": len(self.events), "ms": round(sum(e["ms"] for e in self.events), 1),
                 "kernels": kernels}
+
+
+class _AfterLoad(CompileWatch):
+    """The process-wide watch an engine's load installs: a Triton compile while no engine
+    is loading is a step stalled by a launch the warm-up missed; logged once a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: set[str] = set()
+
+    def _after(self, **kw: Any) -> Any:
+        result = super()._after(**kw)
+        while self.events:
+            e = self.events.pop()
+            if not _loading and e["kernel"] not in self.told:
+                self.told.add(e["kernel"])
+                logging.getLogger("kiln").warning(
+                    "Triton compiled %s inside a step (%.0f ms stall; %s): the engine's "
+                    "warm-up missed this launch, please report it", e["kernel"], e["ms"],
+                    e["repr"])
+        return result
+
+
+_after_load = _AfterLoad()
+_loading = 0
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """Around an engine's warm-up and graph capture, whose Triton compiles are expected; the
+    first call installs the process-wide watch (_AfterLoad) that logs any other."""
+    global _loading
+    try:
+        from triton import knobs
+        top = getattr(knobs.runtime.jit_post_compile_hook, "__self__", None)
+    except ImportError:
+        top = None
+    if _after_load._knobs is None and type(top).__name__ != "_AfterLoad":  # (module reloads)
+        _after_load.__enter__()
+    _loading += 1
+    try:
+        yield
+    finally:
+        _loading -= 1
 
 
 def _spec(kw: dict[str, Any]) -> str:
