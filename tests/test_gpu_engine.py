@@ -8,6 +8,7 @@ import torch
 from kiln.build import build
 from kiln.config import BuildConfig
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.profiling import CompileWatch
 from kiln.runtime.request import SamplingParams
 from tests.conftest import ARCH_CONFIGS
 from tests.test_runtime import make_prompts, run_all
@@ -295,19 +296,23 @@ def _compiled_kernel_variants() -> int | None:
 def test_steps_after_load_compile_nothing(gpu_engines):
     """Loading an engine (decode graphs + the eager warm-up) compiles every Triton kernel
     its steps use: prompts of many lengths, mixed prefill + decode steps whose block tables
-    differ in width, greedy and sampled rows then compile nothing. A compile inside a step
-    stalls the device for 0.1-1.4 s (seen in the 128/128 throughput run on an H200)."""
+    differ in width, greedy and sampled rows, eager decode steps (a request wants its
+    prompt's logprobs) then compile nothing. A compile inside a step stalls the device for
+    0.1-2 s (seen in the 128/128 throughput run on an H200)."""
     engine = LLMEngine(gpu_engines["llama", "bfloat16"], RuntimeConfig(device="cuda"))
     before = _compiled_kernel_variants()
     if before is None:
         pytest.skip("this Triton version keeps its compiled kernels elsewhere")
-    prompts = make_prompts(24, seed=9) + [[7] * 300, [9] * 17]
+    prompts = make_prompts(24, seed=9) + [[7] * 300, [9] * 17, [5, 6, 7]]
     arrivals = [i // 4 for i in range(len(prompts))]
     params = [SamplingParams(max_tokens=12 + i % 7, **GREEDY) if i % 2 else
               SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=i)
               for i in range(len(prompts))]
-    got = run_all(engine, prompts, params, arrivals)
+    params[9] = SamplingParams(max_tokens=12, prompt_logprobs=1, **GREEDY)  # eager decodes
+    with CompileWatch() as watch:
+        got = run_all(engine, prompts, params, arrivals)
     assert len(got) == len(prompts)
+    assert watch.events == [], [(e["kernel"], e["repr"]) for e in watch.events]
     assert _compiled_kernel_variants() == before
 
 

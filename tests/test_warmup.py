@@ -5,6 +5,7 @@ steps after load compile nothing)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kiln.runtime import warmup
@@ -16,16 +17,64 @@ from tests.test_runtime import make_prompts, run_all
 def test_steps_cover_every_launch(tiny_engines, monkeypatch):
     engine = LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))
     model = engine.runner.model
-    steps = warmup.warmup_steps(model, 512, 256, torch.device("cpu"))
-    firsts = [seqs[0][0] for seqs in steps]
-    assert firsts[:6] == [2, 8, 16, 32, 64, 128] and all(s[1][0] == 1 for s in steps[:6])
-    assert steps[6] == [(1, 256), (255, 255)]  # a decode row first
     attn = model.attention_layers()[0]
-    wide = steps[7]  # 128-row tiles x prompts x KV heads >= two programs an SM (8 here)
-    tiles = -(-255 * (attn.num_heads // attn.num_kv_heads) // 128)
-    assert len(wide) * tiles * attn.num_kv_heads >= 16 and set(wide) == {(255, 255)}
+    group = attn.num_heads // attn.num_kv_heads
+    steps = warmup.warmup_steps(model, 512, 256, torch.device("cpu"))
+    prompts = [s for s in steps if len(s) == 2 and s[0][0] > 1 == s[1][0]]  # prompt, decode row
+    assert [s[0][0] for s in prompts] == warmup.prefill_lengths(model, 255)
+    assert [(1, 256), (255, 255)] in steps  # a decode row first
+    wide = steps[len(prompts) + 1]  # one 128-row tile a prompt, two programs an SM (8 here)
+    (length, ctx), = set(wide)
+    assert length == ctx and 64 < length * group <= 128
+    assert len(wide) * attn.num_kv_heads >= 16
+    decode = steps[len(prompts) + 2:]
+    assert all(new == 1 for s in decode for new, _ in s)
+    assert [s[0][1] for s in decode[:-2]] == [256] and [len(s) for s in decode[-2:]] == [2, 16]
     monkeypatch.setattr(warmup, "num_sms", lambda device: 10_000)  # capped by the budget
-    assert len(warmup.wide_prefill_step(model, 255, 512, torch.device("cpu"))) == 2
+    assert len(warmup.wide_prefill_step(model, 100, torch.device("cpu"))) == 100 // length
+
+
+class _Attn:
+    def __init__(self, heads: int, kv_heads: int) -> None:
+        self.num_heads, self.num_kv_heads = heads, kv_heads
+
+
+class _Model:
+    def __init__(self, *shapes: tuple[int, int]) -> None:
+        self.layers = [_Attn(*s) for s in shapes]
+
+    def attention_layers(self) -> list[_Attn]:
+        return self.layers
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8), (40, 8), (28, 4), (64, 8),
+                                            (48, 4), (32, 2)])
+def test_prefill_lengths_take_every_tile_size(heads, kv_heads):
+    """The prefill kernel's query tile is min(128, max(16, next_pow2(prompt length x
+    group))) rows: the warm-up's prompt lengths reach each size a prompt of 2 or more
+    tokens can take, for GQA groups 1, 4, 5, 7, 8, 12, 16; two attention shapes in one
+    model get both sets."""
+    group = heads // kv_heads
+
+    def tile(n: int) -> int:
+        return min(128, max(16, 1 << (n * group - 1).bit_length()))
+
+    got = {tile(n) for n in warmup.prefill_lengths(_Model((heads, kv_heads)), 4095)}
+    assert got == {tile(n) for n in range(2, 4096)}
+    both = warmup.prefill_lengths(_Model((heads, kv_heads), (32, 32)), 4095)
+    assert set(warmup.prefill_lengths(_Model((32, 32)), 4095)) <= set(both)
+    assert max(warmup.prefill_lengths(_Model((heads, kv_heads)), 20)) == 20  # capped at top
+
+
+def test_decode_steps_take_every_split_count():
+    """One decode row at contexts whose block-table widths give the decode kernel's split
+    counts 1, 2, 4, ... 32 (256 tokens a split at least), capped at the longest context."""
+    from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+
+    ones = [s[0][1] for s in warmup.decode_steps(100_000) if len(s) == 1]
+    assert {-(-ctx // MIN_TOKENS_PER_SPLIT) for ctx in ones} == \
+        {1 << i for i in range(MAX_SPLITS.bit_length())}
+    assert [s[0][1] for s in warmup.decode_steps(1000) if len(s) == 1] == [256, 512, 1001]
 
 
 def test_warm_up_runs_and_leaves_the_cache_to_requests(tiny_engines):

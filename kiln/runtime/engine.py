@@ -114,8 +114,8 @@ class LLMEngine:
                 self.runner.capture_graphs(self.max_batch_size, min(
                     runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len),
                     runtime.piecewise_graphs)
-        if self.speculator is not None:
-            self.speculator.start()
+            if self.speculator is not None:  # a draft model's warm-up, verify graphs
+                self.speculator.start()
         self.scheduler = Scheduler(
             self.kv, self.max_batch_size,
             max_num_tokens, runtime.scheduler_policy,

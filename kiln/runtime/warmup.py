@@ -1,15 +1,19 @@
 """The eager path's kernels compiled at engine load, not inside the first requests (a
-Triton compile inside a step stalls the device for 0.1-1.4 s).
+Triton compile inside a step stalls the device for 0.1-2 s; after load each is logged:
+kiln.runtime.profiling.loading).
 
-Mixed steps (prompts beside decode rows) are run with every K/V written into the scratch
-block no request owns, one for each launch the attention kernels can take:
-- a prompt then a decode row, for each query-tile size the prefill kernel picks;
+Steps are run with every K/V written into the scratch block no request owns, one for each
+launch the attention kernels can take:
+- a prompt then a decode row, for each query-tile size the prefill kernel picks (16-128
+  rows of (token, head) pairs: the prompt lengths follow each GQA group of the model);
 - a decode row first, as the scheduler orders a mixed step (decode rows ahead of the
   prompts take the decode kernel: kiln.kernels.attention_prefill.paged_attention_mixed);
-- prompts enough for the prefill kernel's grid to hold two programs an SM (its launch
-  differs from a lone short prompt's: attention_prefill.prefill_config);
+- short prompts enough for the prefill kernel's grid to hold two programs an SM (its
+  launch differs from a few prompts': attention_prefill.prefill_config);
+- decode rows alone at contexts that take each split count of the decode kernel, and 2 and
+  16 of them (eager decode steps: graphs off, or prompt logprobs requested);
 then the greedy and the random sampler. Pipeline stages run it together (each passes its
-activations on; the last samples).
+activations on; the last samples). A speculative draft model runs them too.
 """
 
 from __future__ import annotations
@@ -23,27 +27,50 @@ from kiln.layers import AttentionMetadata
 from kiln.runtime.sampler import SamplingBatch, sample
 
 
-def wide_prefill_step(model: torch.nn.Module, length: int, max_num_tokens: int,
-                      device: torch.device) -> list[tuple[int, int]]:
-    """Prompts of `length` tokens, as (new tokens, context) a sequence: enough for the
-    prefill attention's 128-row tiles to make two programs an SM."""
+def prefill_lengths(model: torch.nn.Module, top: int) -> list[int]:
+    """Prompt lengths (at most top) that give the prefill kernel each query-tile size it
+    picks, min(128, max(16, next_pow2(length * group))), for every GQA group of the
+    model's attention layers (Qwen2.5-7B's 7, Llama-3-70B's 8 need lengths Llama-8B's 4
+    does not), beside 2, 8, 16, 32, 64, 128."""
+    lengths = {2, 8, 16, 32, 64, 128}
+    for group in {a.num_heads // a.num_kv_heads for a in model.attention_layers()}:
+        for rows in (16, 32, 64, 128):
+            n = rows // group
+            if n >= 2 and max(16, 1 << (n * group - 1).bit_length()) == rows:
+                lengths.add(n)
+    return sorted({min(n, top) for n in lengths})
+
+
+def wide_prefill_step(model: torch.nn.Module, max_num_tokens: int, device: torch.device
+                      ) -> list[tuple[int, int]]:
+    """Prompts, as (new tokens, context) a sequence, each one 128-row query tile, enough of
+    them for two programs an SM: the prefill kernel's launch for a full grid, whatever
+    max_num_tokens and max_seq_len allow a single prompt."""
     attn = model.attention_layers()[0]
-    tiles = -(-length * (attn.num_heads // attn.num_kv_heads) // 128)
-    count = -(-2 * num_sms(device) // (tiles * attn.num_kv_heads))
+    group = attn.num_heads // attn.num_kv_heads
+    length = max(2, 64 // group + 1)  # length * group in 65 .. 128
+    count = -(-2 * num_sms(device) // attn.num_kv_heads)
     return [(length, length)] * max(1, min(count, max_num_tokens // length))
+
+
+def decode_steps(top: int) -> list[list[tuple[int, int]]]:
+    """Decode rows alone: one at contexts of 256 * 2^i tokens (the decode kernel's split
+    count follows the block tables' width: 1, 2, ... 32 splits), then 2 and 16 rows."""
+    from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+
+    contexts = sorted({min(MIN_TOKENS_PER_SPLIT << i, top + 1)
+                       for i in range(MAX_SPLITS.bit_length())})
+    return [[(1, ctx)] for ctx in contexts] + [[(1, min(64, top + 1))] * n for n in (2, 16)]
 
 
 def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
                  device: torch.device) -> list[list[tuple[int, int]]]:
-    """The mixed steps run, each a list of (new tokens, context length) a sequence."""
+    """The steps run, each a list of (new tokens, context length) a sequence."""
     top = min(max_seq_len - 1, max_num_tokens - 1)
-    steps = [[(n, n), (1, n + 1)] for n in sorted({min(n, top) for n in
-                                                  (2, 8, 16, 32, 64, 128)})]
+    steps = [[(n, n), (1, n + 1)] for n in prefill_lengths(model, top)]
     steps.append([(1, top + 1), (top, top)])
-    wide = wide_prefill_step(model, top, max_num_tokens, device)
-    if wide != [(top, top)]:  # one prompt: the step above ran it already
-        steps.append(wide)
-    return steps
+    steps.append(wide_prefill_step(model, max_num_tokens, device))
+    return steps + decode_steps(top)
 
 
 @torch.inference_mode()
