@@ -131,12 +131,15 @@ def test_compiles_after_an_engine_load_are_logged_once_a_kernel(caplog):
             knobs.jit_cache_hook(**call)
             knobs.jit_post_compile_hook(**call)
 
+        before = profiling.compiles_after_load()["kernel_compiles_after_load"]
         with caplog.at_level("WARNING", logger="kiln"):
             with profiling.loading():
                 compile_once("during load")
             assert not caplog.records
             compile_once("in a step")
             compile_once("again")
+        # every compile after load counts (engine.stats(), /metrics), each kernel told once
+        assert profiling.compiles_after_load()["kernel_compiles_after_load"] == before + 2
         warned = [r.getMessage() for r in caplog.records]
         assert len(warned) == 1 and "kiln.kernels.x._late_kernel" in warned[0] \
             and "inside a step" in warned[0]

@@ -179,6 +179,7 @@ def test_metrics_and_request_log(server, caplog):
     for gauge in ("kiln_num_requests_running", "kiln_num_requests_waiting",
                   "kiln_kv_cache_usage_ratio", "kiln_prefix_cache_hit_rate"):
         assert metric(text, gauge) >= 0
+    assert metric(text, "kiln_kernel_compiles_after_load_total") == 0  # the CPU compiles none
 
 
 def test_api_key():

@@ -23,7 +23,7 @@ from kiln.runtime.intake import check_request, new_group
 from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.output_processor import Group, Sequence, apply_result
-from kiln.runtime.profiling import loading, phase
+from kiln.runtime.profiling import compiles_after_load, loading, phase
 from kiln.runtime.request import PLACEHOLDER, Request, RequestOutput, RequestStatus, SamplingParams
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
@@ -390,6 +390,6 @@ class LLMEngine:
             "kv_cache_usage": self.kv.usage,
             "prefix_cache_hit_rate": self.kv.hit_rate,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_computed_tokens": self.num_computed_tokens,
+            "num_computed_tokens": self.num_computed_tokens, **compiles_after_load(),
             **(self.speculator.stats() if self.speculator is not None else {}),
         }

@@ -124,11 +124,15 @@ class _AfterLoad(CompileWatch):
     def __init__(self) -> None:
         super().__init__()
         self.told: set[str] = set()
+        self.count, self.seconds = 0, 0.0  # compiles after load and their stalls
 
     def _after(self, **kw: Any) -> Any:
         result = super()._after(**kw)
         while self.events:
             e = self.events.pop()
+            if not _loading:
+                self.count += 1
+                self.seconds += e["ms"] / 1000
             if not _loading and e["kernel"] not in self.told:
                 self.told.add(e["kernel"])
                 logging.getLogger("kiln").warning(
@@ -146,19 +150,28 @@ _loading = 0
 def loading() -> Iterator[None]:
     """Around an engine's warm-up and graph capture, whose Triton compiles are expected; the
     first call installs the process-wide watch (_AfterLoad) that logs any other."""
-    global _loading
+    global _loading, _after_load
     try:
         from triton import knobs
         top = getattr(knobs.runtime.jit_post_compile_hook, "__self__", None)
     except ImportError:
         top = None
-    if _after_load._knobs is None and type(top).__name__ != "_AfterLoad":  # (module reloads)
+    if type(top).__name__ == "_AfterLoad":  # installed (by this module before a reload)
+        _after_load = top
+    elif _after_load._knobs is None:
         _after_load.__enter__()
     _loading += 1
     try:
         yield
     finally:
         _loading -= 1
+
+
+def compiles_after_load() -> dict[str, float]:
+    """Triton compiles in this process while no engine was loading, and their seconds
+    (engine.stats(): /metrics shows them; each stalled a step)."""
+    return {"kernel_compiles_after_load": _after_load.count,
+            "kernel_compile_stall_seconds": round(_after_load.seconds, 3)}
 
 
 def _spec(kw: dict[str, Any]) -> str:

@@ -33,6 +33,11 @@ _ENGINE_GAUGES = {
                               "Fraction of looked-up prompt tokens found in the prefix cache",
                               "gauge"),
     "num_preemptions": ("kiln_num_preemptions", "Requests preempted since start", "counter"),
+    "kernel_compiles_after_load": ("kiln_kernel_compiles_after_load",
+                                   "Triton kernels compiled after the engine loaded (each "
+                                   "stalled a step; the log names them)", "counter"),
+    "kernel_compile_stall_seconds": ("kiln_kernel_compile_stall_seconds",
+                                     "Seconds of those compiles", "counter"),
     # Speculative decoding (only with --speculative-config).
     "spec_num_draft_tokens": ("kiln_spec_draft_tokens", "Draft tokens proposed", "counter"),
     "spec_num_accepted_tokens": ("kiln_spec_accepted_tokens", "Draft tokens accepted",
