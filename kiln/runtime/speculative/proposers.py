@@ -108,8 +108,10 @@ class DraftModel:
         self.runner.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(num_blocks, self.runner.block_size, False)
         # Its catch-up forwards (a whole prompt the first time, then 1 .. k + 1 tokens) are
-        # eager: their kernels compiled now, not inside a step (GPU only, as the target's)
-        self.runner.warmup(engine.max_seq_len, engine.max_seq_len)
+        # eager: their kernels compiled now, not inside a step (GPU only, as the target's;
+        # a prompt longer than the target's step budget takes the same launches)
+        budget = engine.runtime.max_num_tokens or engine.config.build.max_num_tokens
+        self.runner.warmup(budget, engine.max_seq_len)
         if engine.runtime.cuda_graphs:  # the k - 1 single-token steps replay decode graphs
             self.runner.capture_graphs(min(engine.max_batch_size, 64))
 
