@@ -154,6 +154,80 @@ def quick(launches: list[dict] = LAUNCHES) -> None:
         err = (got - want).abs().max().item()
         print(f"{launch}: max |diff| {err:.2e}")
         assert err < 1e-3, launch
+    # kiln's paged kernel over 64- / 128-token blocks, gathered and by TMA (float16 here:
+    # the interpreter's bfloat16 is not exact)
+    q16 = qkv_views(200, "cpu", torch.float16)[0]
+    variants = paged_block_variants(200, q16, HEAD_DIM ** -0.5)
+    assert len(variants) == 2 * sum(len(cache_kinds(*launch[:3])) for launch in PAGED_LAUNCHES)
+    print(f"{len(variants)} paged launches agree with SDPA")
+
+
+# kiln's paged kernel over 64- / 128-token KV blocks: the tiles gathered as with 16-token
+# blocks, or read by TMA (KILN_PREFILL_TMA, kiln.kernels.paged_tma: one block holds a tile)
+PAGED_LAUNCHES = [(64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 8, 2), (128, 64, 4, 3),
+                  (128, 128, 8, 3), (128, 128, 8, 2)]  # block size, keys a tile, warps, stages
+
+
+def cache_kinds(bs: int, block_n: int, warps: int) -> tuple[str, ...]:
+    """The caches a paged launch is timed on: 16-bit (q's dtype), e4m3 for two."""
+    return ("16-bit", "e4m3") if (bs, block_n, warps) in ((64, 64, 4), (128, 128, 8)) \
+        else ("16-bit",)
+
+
+def paged_block_variants(n: int, q: torch.Tensor, scale: float) -> dict:
+    """name -> call, each checked first against SDPA over the same K / V (caches of q's
+    dtype; e4m3 for two launches, against SDPA over the e4m3 values)."""
+    from kiln.kernels import paged_tma
+    from kiln.kernels.attention_prefill import paged_attention_prefill
+
+    out = {}
+    dev = q.device
+    k_all, v_all = (x.contiguous() for x in qkv_views(n, dev, q.dtype)[1:])
+    for bs, block_n, warps, stages in PAGED_LAUNCHES:
+        blocks = -(-n // bs)
+        order = torch.randperm(blocks, device=dev).int()
+        table = order[None, :]
+        caches = []
+        for x in (k_all, v_all):  # the prompt's K / V in shuffled blocks
+            c = torch.zeros(blocks, bs, KV_HEADS, HEAD_DIM, device=dev, dtype=x.dtype)
+            c.view(-1, KV_HEADS, HEAD_DIM)[(order.long()[:, None] * bs + torch.arange(
+                bs, device=dev)).flatten()[:n]] = x
+            caches.append(c)
+        for kv in cache_kinds(bs, block_n, warps):
+            kc, vc = caches
+            extra = {}
+            ref = sdpa(q, k_all, v_all, scale)
+            if kv == "e4m3":
+                kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+                one = torch.ones(KV_HEADS, device=dev)
+                extra = dict(k_scale=one, v_scale=one)
+                ref = sdpa(q, k_all.to(torch.float8_e4m3fn).to(q.dtype),
+                           v_all.to(torch.float8_e4m3fn).to(q.dtype), scale)
+            for tma in (False, True):
+                name = (f"paged bs={bs} {'TMA' if tma else 'gather'} {kv} block_n={block_n} "
+                        f"num_warps={warps} num_stages={stages}")
+                run = partial(paged_attention_prefill, q, kc, vc, table,
+                              torch.tensor([0, n], dtype=torch.int32, device=dev),
+                              torch.tensor([n], dtype=torch.int32, device=dev), n, scale,
+                              block_n=block_n, num_warps=warps, num_stages=stages,
+                              heavy_first=True, **extra)
+
+                def call(run=run, tma=tma):
+                    paged_tma.ENABLED = tma
+                    try:
+                        return run()
+                    finally:
+                        paged_tma.ENABLED = False
+                try:
+                    err = (call().float() - ref.float()).abs().max().item()
+                except Exception as e:  # shared memory, registers
+                    print(f"{n} {name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    continue
+                if err > 0.05:
+                    print(f"{n} {name}: differs from SDPA by {err:.3f}; not timed", flush=True)
+                    continue
+                out[name] = call
+    return out
 
 
 def main() -> None:
@@ -186,6 +260,7 @@ def main() -> None:
         lens = torch.tensor([n], dtype=torch.int32, device="cuda")
         timed["kiln paged"] = partial(paged_attention_prefill, pq, k_cache, v_cache, tables,
                                       qsl, lens, n, scale)
+        timed.update(paged_block_variants(n, q, scale))
         for launch in LAUNCHES:
             name = "tma " + " ".join(f"{key}={val}" for key, val in launch.items())
             try:

@@ -432,6 +432,8 @@ def test_kernels_compile_for_hopper() -> None:
         assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0, \
             (kernel, variant, r)
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
+    for variant in ("TMA bs=64", "fp8kv TMA bs=64"):  # K / V tiles by TMA (paged_tma)
+        assert found[("prefill_kernel", variant)].instructions["cp.async.bulk"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
     assert found[("decode_kernel", "fp8kv maxnreg=168")].registers <= 168  # the cap holds
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0

@@ -104,6 +104,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
         tp += f"-pp{args.pp_size}" if args.pp_size > 1 else ""
         tp += "-dummy" if build_cfg.load_format == "dummy" else ""
+        tp += f"-bs{build_cfg.block_size}" if build_cfg.block_size != 16 else ""
         engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
                                                 f"{quant}{kv}{tp}-{build_cfg.max_seq_len}")
         if not (engine_dir / "engine.json").exists():

@@ -67,6 +67,9 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
                  "tp_size", "pp_size", "calib_samples", "calib_seq_len"):
         if getattr(build_cfg, name) < 1:
             raise BuildError(f"{name} must be at least 1, got {getattr(build_cfg, name)}")
+    if build_cfg.block_size & (build_cfg.block_size - 1) or not 8 <= build_cfg.block_size <= 256:
+        raise BuildError(f"--block-size {build_cfg.block_size}: tokens per KV cache block must "
+                         "be a power of two from 8 to 256 (16 by default)")
     tp = build_cfg.tp_size
     for what, n in (("attention heads", cfg.num_heads),
                     ("intermediate size", cfg.intermediate_size),

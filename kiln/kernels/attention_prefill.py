@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import num_sms
+from kiln.kernels import num_sms, paged_tma
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -38,12 +38,12 @@ def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     qk_scale, k_scale_ptr, v_scale_ptr, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_bt, window, softcap, alibi_ptr,
-    cos_sin_ptr, stride_cs,
+    cos_sin_ptr, stride_cs, k_desc, v_desc,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False, HEAVY_FIRST: tl.constexpr = False,
-    V_T: tl.constexpr = False,
+    V_T: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale + causal) V for one (query tile, sequence, KV head).
 
@@ -120,7 +120,8 @@ def _prefill_kernel(
                                         stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                         HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
                                         window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T, k_desc=k_desc,
+                                    v_desc=v_desc, TMA=TMA)
         kv_start = unmasked_start
     for n0 in range(kv_start, full_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
@@ -128,14 +129,16 @@ def _prefill_kernel(
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, False, True, DOT_PREC,
                                     window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T, k_desc=k_desc,
+                                    v_desc=v_desc, TMA=TMA)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row,
                                     n0, kv_end, q_pos, kv_head, qk_scale,
                                     stride_kb, stride_ks, stride_kh, BLOCK_N, BLOCK_D,
                                     HEAD_DIM, BLOCK_SIZE, True, True, DOT_PREC,
                                     window, softcap, WINDOW, SOFTCAP, slopes, ALIBI,
-                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T)
+                                    cos_sin_ptr, stride_cs, ROPE_K, V_T=V_T, k_desc=k_desc,
+                                    v_desc=v_desc, TMA=TMA)
     out = acc / l_i[:, None]
     if KV_QUANT:
         out = out * kv_scale(k_cache_ptr, v_scale_ptr, kv_head, NATIVE_E4M3_V)
@@ -223,6 +226,8 @@ def paged_attention_prefill(
     num_warps = num_warps or launch.num_warps
     heavy_first = launch.heavy_first if heavy_first is None else heavy_first
     check_v_tiles(v_t, block_n, k_cache.shape[1], sliding_window, key_rotary)
+    tma = paged_tma.usable(k_cache, block_n, head_dim, block_d, key_rotary is not None, v_t)
+    k_desc, v_desc = paged_tma.descriptors(k_cache, v_cache, block_n) if tma else (None, None)
     grid = (num_kv_heads, num_seqs, tiles) if heavy_first else (tiles, num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
@@ -231,12 +236,12 @@ def paged_attention_prefill(
         sliding_window or 0, (softcap or 0.0) * LOG2E,
         alibi_slopes if alibi_slopes is not None else seq_lens,
         key_rotary if key_rotary is not None else seq_lens,
-        key_rotary.stride(0) if key_rotary is not None else 0,
+        key_rotary.stride(0) if key_rotary is not None else 0, k_desc, v_desc,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PREC=dot_precision(q.dtype), WINDOW=sliding_window is not None,
         SOFTCAP=softcap is not None, ALIBI=alibi_slopes is not None,
-        ROPE_K=key_rotary is not None, HEAVY_FIRST=heavy_first, V_T=v_t,
+        ROPE_K=key_rotary is not None, HEAVY_FIRST=heavy_first, V_T=v_t, TMA=tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

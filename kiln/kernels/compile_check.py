@@ -66,6 +66,8 @@ def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_wa
                 constexprs[name] = param.default  # a compile-time option left at its default
         if name in constexprs:
             signature[name] = "constexpr"
+        elif isinstance(value, str) and value.startswith("tensordesc"):
+            signature[name] = value  # a host TensorDescriptor (TMA), as the launcher sees it
         elif isinstance(value, str):
             signature[name] = value
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -200,6 +202,13 @@ def reports() -> list[CompileReport]:
                  "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     out.append(compile_sm90(attention_prefill._prefill_kernel, fp8_cache, {
         **shape, **sinks, "BLOCK_M": 128, "BLOCK_N": 128}, 8, variant="sinks+fp8kv"))
+    for cache, dtype, name in ((attn, "bf16", "TMA bs=64"), (fp8_cache, "fp8e4nv",
+                                                            "fp8kv TMA bs=64")):
+        desc = f"tensordesc<{dtype}[1,64,128]>"  # paged_tma: whole 64-token blocks a tile
+        out.append(compile_sm90(attention_prefill._prefill_kernel, {
+            **cache, "k_desc": desc, "v_desc": desc, "stride_kb": 65536}, {
+            **shape, "BLOCK_SIZE": 64, "BLOCK_M": 128, "BLOCK_N": 64, "HEAVY_FIRST": True,
+            "TMA": True}, 8, 3, variant=name))
     for splits in (1, 32):
         out.append(compile_sm90(attention_decode._decode_kernel, attn, {
             **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": splits}, 4,

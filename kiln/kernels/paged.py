@@ -9,17 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.paged_tma import tma_kv_tiles
+
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
 KV_QUANT_DTYPES = (torch.float8_e4m3fn, torch.int8)
-# e4m3 tiles: converted by the hardware (cvt.rn.f16x2.e4m3x2, two values per instruction;
-# exact) by default. KILN_E4M3_NATIVE (read at import) picks per operand: "1" both K and
-# V by the hardware; "0" both with integer ops (e4m3_bytes / load_kv_words, values *
-# 2^-8); "k" K by the hardware and V as int32 words with integer ops (V is reduced over
-# tokens, which are not contiguous in the cache: as bytes it reaches the MMA through one
-# shared-memory byte load per value, as words through ldmatrix.trans in 16 bits). On an
-# H200 "1" with 2 warps decodes B=512 x 1536 tokens in 0.552 ms vs 0.647 ms for "0"
-# (benchmarks/attn_decode_sweep.py); "k" is not measured yet.
+# e4m3 tiles: converted by the hardware (cvt.rn.f16x2.e4m3x2, exact) by default.
+# KILN_E4M3_NATIVE (read at import) picks per operand: "1" K and V by the hardware; "0"
+# both with integer ops (e4m3_bytes / load_kv_words, values * 2^-8); "k" K by the hardware,
+# V as int32 words with integer ops (ldmatrix.trans in 16 bits instead of a shared-memory
+# byte load a value). H200, B=512 x 1536, 2 warps: "1" 0.552 ms, "0" 0.647 ms
+# (benchmarks/attn_decode_sweep.py); "k" not measured.
 _E4M3_MODE = os.environ.get("KILN_E4M3_NATIVE", "1")
 if _E4M3_MODE not in ("0", "1", "k"):
     raise ValueError(f"KILN_E4M3_NATIVE={_E4M3_MODE!r}: use 1 (hardware conversion, the "
@@ -57,10 +57,8 @@ def kv_block_offsets(block, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
 @triton.jit
 def kv_tile_offsets(table_row_ptr, offs_n, kv_head, stride_kb, stride_ks, stride_kh,
                     BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr, n_end):
-    """Element offsets of context tokens offs_n (one KV head) in a paged cache.
-
-    Token n lives in slot n % BLOCK_SIZE of physical block table_row[n // BLOCK_SIZE].
-    """
+    """Element offsets of context tokens offs_n (one KV head) in a paged cache: token n
+    in slot n % BLOCK_SIZE of physical block table_row[n // BLOCK_SIZE]."""
     block = kv_block_ids(table_row_ptr, offs_n, n_end, BLOCK_SIZE, MASK)
     return kv_block_offsets(block, offs_n, kv_head, stride_kb, stride_ks, stride_kh, BLOCK_SIZE)
 
@@ -82,7 +80,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                 WINDOW: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
                 slopes=0.0, ALIBI: tl.constexpr = False, cos_sin_ptr=None, stride_cs=0,
                 ROPE_K: tl.constexpr = False, blocks=0, BLOCKS_GIVEN: tl.constexpr = False,
-                V_T: tl.constexpr = False):
+                V_T: tl.constexpr = False, k_desc=None, v_desc=None, TMA: tl.constexpr = False):
     """Folds keys n0 .. n0+BLOCK_N into the running (acc, m, l) of queries q [M, D].
 
     s = (q . k) * scale * log2(e);  m' = max(m, max_n s);  p = 2^(s - m')
@@ -104,7 +102,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     ROPE_K (attention sinks; any cache, a 1-byte K read as bytes): the cache holds keys
     before rotary, and key n is rotated at position n here (rotate_key_tile).
     V_T: the V cache's blocks hold V transposed (load_v_transposed); n0 a multiple of the
-    block size, BLOCK_N of it too.
+    block size, BLOCK_N of it too. TMA: K and V come by tensor descriptors (paged_tma; the
+    tile inside one block), values of keys past n_end zeroed here.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -125,7 +124,11 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     FP8: tl.constexpr = k_cache_ptr.dtype.element_ty == tl.float8e4nv
     WORDS: tl.constexpr = (k_cache_ptr.dtype.element_ty.primitive_bitwidth == 8
                            and HEAD_DIM % 4 == 0)
-    if FP8 and WORDS and not ROPE_K and not NATIVE_E4M3:
+    if TMA:
+        k, v_tile = tma_kv_tiles(k_desc, v_desc, table_row_ptr, n0, kv_head, BLOCK_N, HEAD_DIM,
+                                 BLOCK_SIZE)
+        kt = e4m3_tile(tl.trans(k), q.dtype, NATIVE_E4M3) if FP8 else tl.trans(k)
+    elif FP8 and WORDS and not ROPE_K and not NATIVE_E4M3:
         k = load_kv_words(k_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
         kt = tl.trans(k)
@@ -156,7 +159,11 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     p = tl.exp2(s - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if V_T:
+    if TMA:
+        v = e4m3_tile(v_tile, q.dtype, NATIVE_E4M3_V) if FP8 else v_tile
+        if MASK:  # stale (or never written) values past the context: p = 0 must stay 0
+            v = tl.where((offs_n < n_end)[:, None], v, 0.0)
+    elif V_T:
         vt = load_v_transposed(v_cache_ptr, table_row_ptr, n0, n_end, kv_head, stride_kb,
                                BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE)
         if FP8:
