@@ -138,6 +138,8 @@ def test_compiles_after_an_engine_load_are_logged_once_a_kernel(caplog):
             assert not caplog.records
             compile_once("in a step")
             compile_once("again")
+            Fn.module = "torch._inductor.generated"  # another library's kernel: not kiln's
+            compile_once("not ours")
         # every compile after load counts (engine.stats(), /metrics), each kernel told once
         assert profiling.compiles_after_load()["kernel_compiles_after_load"] == before + 2
         warned = [r.getMessage() for r in caplog.records]

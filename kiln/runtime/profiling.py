@@ -118,8 +118,9 @@ class CompileWatch:
 
 
 class _AfterLoad(CompileWatch):
-    """The process-wide watch an engine's load installs: a Triton compile while no engine
-    is loading is a step stalled by a launch the warm-up missed; logged once a kernel."""
+    """The process-wide watch an engine's load installs: a compile of one of kiln's Triton
+    kernels while no engine is loading is a step stalled by a launch the warm-up missed;
+    logged once a kernel (other code's kernels, e.g. torch.compile's, are not kiln's)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,10 +131,11 @@ class _AfterLoad(CompileWatch):
         result = super()._after(**kw)
         while self.events:
             e = self.events.pop()
-            if not _loading:
-                self.count += 1
-                self.seconds += e["ms"] / 1000
-            if not _loading and e["kernel"] not in self.told:
+            if _loading or not e["kernel"].startswith("kiln."):  # (others' kernels: theirs)
+                continue
+            self.count += 1
+            self.seconds += e["ms"] / 1000
+            if e["kernel"] not in self.told:
                 self.told.add(e["kernel"])
                 logging.getLogger("kiln").warning(
                     "Triton compiled %s inside a step (%.0f ms stall; %s): the engine's "
