@@ -311,3 +311,52 @@ def test_mixed_steps_compile_no_new_prefill_variant(prompts: int) -> None:
         for decode_rows, width_extra in ((1, 1), (2, 0), (3, 5), (5, 2)):
             _mixed_step(decode_rows, prompts, width_extra)
     assert watch.events == [], [e["kernel"] for e in watch.events]
+
+
+@pytest.mark.parametrize("block_size,block_n,warps", [(64, 64, 4), (64, 64, 8), (128, 128, 8)])
+@pytest.mark.parametrize("kv", ["bf16", "e4m3"])
+def test_prefill_tma_tiles(block_size: int, block_n: int, warps: int, kv: str,
+                           monkeypatch) -> None:
+    """KILN_PREFILL_TMA (kiln.kernels.paged_tma): with 64- / 128-token KV blocks the prefill
+    kernel reads its K / V tiles by TMA and computes what the gathered tiles give (8B
+    heads; plain and chunked prompts, never-written slots past each context)."""
+    from kiln.kernels import paged_tma
+    from kiln.kernels.attention_prefill import paged_attention_prefill
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    seq_lens, q_lens = [3000, 700, 1000], [3000, 200, 1000]
+    blocks = [-(-n // block_size) for n in seq_lens]
+    pool = sum(blocks) + 2
+    cache = [torch.full((pool, block_size, KV_HEADS, HEAD_DIM), float("nan"), device="cuda",
+                        dtype=torch.bfloat16) for _ in range(2)]
+    order = torch.randperm(pool, device="cuda").int()
+    tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device="cuda")
+    for i, (n, used) in enumerate(zip(seq_lens, blocks)):
+        tables[i, :used], order = order[:used], order[used:]
+        slots = tables[i, torch.arange(n, device="cuda") // block_size].long() * block_size + \
+            torch.arange(n, device="cuda") % block_size
+        for c in cache:
+            c.view(-1, KV_HEADS, HEAD_DIM)[slots] = torch.randn(
+                n, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    extra = {}
+    if kv == "e4m3":
+        cache = [c.to(torch.float8_e4m3fn) for c in cache]
+        ones = torch.ones(KV_HEADS, device="cuda")
+        extra = dict(k_scale=ones, v_scale=ones)
+    starts = torch.tensor([0] + q_lens, device="cuda").cumsum(0).int()
+    q = torch.randn(sum(q_lens), HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor(seq_lens, device="cuda").int()
+    scale = HEAD_DIM ** -0.5
+    taken = []
+    descriptors = paged_tma.descriptors
+    monkeypatch.setattr(paged_tma, "descriptors", lambda *a: taken.append(1) or descriptors(*a))
+
+    def run(tma: bool) -> torch.Tensor:
+        monkeypatch.setattr(paged_tma, "ENABLED", tma)
+        return paged_attention_prefill(q, *cache, tables, starts, lens, max(q_lens), scale,
+                                       block_n=block_n, num_warps=warps, **extra)
+
+    want, got = run(False), run(True)
+    assert taken and not got.isnan().any()
+    _close("prefill by TMA", got, want, atol=1e-2, rtol=1e-2)
