@@ -32,6 +32,9 @@ def test_steps_cover_every_launch(tiny_engines, monkeypatch):
     assert [s[0][1] for s in decode[:-2]] == [256] and [len(s) for s in decode[-2:]] == [2, 16]
     monkeypatch.setattr(warmup, "num_sms", lambda device: 10_000)  # capped by the budget
     assert len(warmup.wide_prefill_step(model, 100, torch.device("cpu"))) == 100 // length
+    for budget in (8, 20):  # no step holds more tokens than a step may
+        small = warmup.warmup_steps(model, budget, 256, torch.device("cpu"))
+        assert small and all(sum(new for new, _ in s) <= budget for s in small)
 
 
 class _Attn:

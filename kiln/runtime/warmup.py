@@ -50,7 +50,7 @@ def wide_prefill_step(model: torch.nn.Module, max_num_tokens: int, device: torch
     group = attn.num_heads // attn.num_kv_heads
     length = max(2, 64 // group + 1)  # length * group in 65 .. 128
     count = -(-2 * num_sms(device) // attn.num_kv_heads)
-    return [(length, length)] * max(1, min(count, max_num_tokens // length))
+    return [(length, length)] * min(count, max_num_tokens // length)  # none past the budget
 
 
 def decode_steps(top: int) -> list[list[tuple[int, int]]]:
@@ -70,7 +70,7 @@ def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
     steps = [[(n, n), (1, n + 1)] for n in prefill_lengths(model, top)]
     steps.append([(1, top + 1), (top, top)])
     steps.append(wide_prefill_step(model, max_num_tokens, device))
-    return steps + decode_steps(top)
+    return [s for s in steps + decode_steps(top) if s and len(s) <= max_num_tokens]
 
 
 @torch.inference_mode()
