@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.test_kernels import interp  # noqa: F401
+from tests.test_v_transposed import shuffled_tables
 
 KV_HEADS, HEADS, HEAD_DIM = 2, 8, 32
 
@@ -21,12 +22,7 @@ def check_tma(cache_dtype: torch.dtype, block: int, block_n: int | None) -> None
 
     torch.manual_seed(0)
     lens, q_lens = [150, 70, 64], [150, 30, 64]  # the second a later chunk of its prompt
-    per_seq = [-(-n // block) for n in lens]
-    num_blocks = sum(per_seq) + 2
-    order = torch.randperm(num_blocks)
-    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int32)
-    for i, used in enumerate(per_seq):
-        tables[i, :used], order = order[:used], order[used:]
+    tables, num_blocks = shuffled_tables(lens, block)
     pool = [torch.full((num_blocks, block, KV_HEADS, HEAD_DIM), float("nan")) for _ in "kv"]
     for i, n in enumerate(lens):
         for t in range(n):

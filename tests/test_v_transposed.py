@@ -14,18 +14,25 @@ KV_HEADS, HEADS, HEAD_DIM, BLOCK = 2, 8, 32, 16
 LENS = [40, 17, 64]
 
 
+def shuffled_tables(lens: list[int], block: int) -> tuple[torch.Tensor, int]:
+    """(block tables of sequences of `lens` tokens over shuffled physical blocks, pool
+    size with two blocks no sequence owns)."""
+    per_seq = [-(-n // block) for n in lens]
+    num_blocks = sum(per_seq) + 2
+    order = torch.randperm(num_blocks)
+    tables = torch.zeros(len(lens), max(per_seq), dtype=torch.int32)
+    for i, used in enumerate(per_seq):
+        tables[i, :used], order = order[:used], order[used:]
+    return tables, num_blocks
+
+
 def check_v_transposed(cache_dtype: torch.dtype, rotary_dim: int) -> None:
     from kiln.kernels.attention_decode import paged_attention_decode
     from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
     torch.manual_seed(0)
-    per_seq = [-(-n // BLOCK) for n in LENS]
-    num_blocks = sum(per_seq) + 2
-    order = torch.randperm(num_blocks)
-    tables = torch.zeros(len(LENS), max(per_seq), dtype=torch.int32)
-    for i, used in enumerate(per_seq):
-        tables[i, :used], order = order[:used], order[used:]
+    tables, num_blocks = shuffled_tables(LENS, BLOCK)
     positions = torch.cat([torch.arange(n) for n in LENS])
     slots = torch.cat([tables[i, torch.arange(n) // BLOCK].long() * BLOCK + torch.arange(n)
                        % BLOCK for i, n in enumerate(LENS)])

@@ -146,6 +146,12 @@ def _prefill_kernel(
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
+def query_tile_rows(max_query_len: int, group: int) -> int:
+    """Rows of (token, query head) pairs a program takes: 16 to 128 (kiln.runtime.warmup
+    compiles each size a model's prompts can reach)."""
+    return min(128, max(16, triton.next_power_of_2(max_query_len * group)))
+
+
 @dataclass(frozen=True)
 class PrefillLaunch:
     block_n: int
@@ -218,7 +224,7 @@ def paged_attention_prefill(
     query_start_loc, seq_lens = query_start_loc.contiguous(), seq_lens.contiguous()
     block_d = head_block(head_dim)
     if block_m is None:
-        block_m = min(128, max(16, triton.next_power_of_2(max_query_len * group)))
+        block_m = query_tile_rows(max_query_len, group)
     tiles = triton.cdiv(max_query_len * group, block_m)
     launch = prefill_config(k_cache.dtype, block_m, block_d,
                             tiles * num_seqs * num_kv_heads < 2 * num_sms(q.device))

@@ -98,7 +98,7 @@ class LLMEngine:
         if num_blocks < min_blocks:
             raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
                             f"max_seq_len={self.max_seq_len}; need at least {min_blocks}")
-        max_num_tokens = runtime.max_num_tokens or build.max_num_tokens
+        self.max_num_tokens = max_num_tokens = runtime.max_num_tokens or build.max_num_tokens
         if not runtime.enable_chunked_prefill and max_num_tokens < self.max_seq_len:
             raise KilnError(f"without chunked prefill, max_num_tokens ({max_num_tokens}) must "
                             f"be at least max_seq_len ({self.max_seq_len}) or long prompts "

@@ -17,8 +17,10 @@ step's one sync), kiln.detokenize (tokens applied, text, stop checks, outputs).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,14 +80,12 @@ class CompileWatch:
         self._knobs: Any = None
 
     def _before(self, **kw: Any) -> Any:
-        import time
         fn = kw["fn"]
         self._started[id(kw["compile"]["key"])] = (f"{fn.module}.{fn.name}", _spec(kw),
                                                    time.perf_counter())
         return self._chained[0](**kw) if self._chained[0] else None
 
     def _after(self, **kw: Any) -> Any:
-        import time
         found = self._started.pop(id(kw["compile"]["key"]), None)
         if found:
             name, text, t0 = found
@@ -180,7 +180,6 @@ def _spec(kw: dict[str, Any]) -> str:
     """The launch options and constexpr values of a compile, e.g. "num_warps=8
     num_stages=2 BLOCK_M=128 ...", and which arguments are specialised (16-byte aligned
     or divisible by 16), as far as this Triton's hook says; else Triton's own repr."""
-    import json
     try:
         data = json.loads(kw["compile"]["specialization_data"])
         names = list(data["signature"])

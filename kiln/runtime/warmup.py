@@ -32,11 +32,13 @@ def prefill_lengths(model: torch.nn.Module, top: int) -> list[int]:
     picks, min(128, max(16, next_pow2(length * group))), for every GQA group of the
     model's attention layers (Qwen2.5-7B's 7, Llama-3-70B's 8 need lengths Llama-8B's 4
     does not), beside 2, 8, 16, 32, 64, 128."""
+    from kiln.kernels.attention_prefill import query_tile_rows
+
     lengths = {2, 8, 16, 32, 64, 128}
     for group in {a.num_heads // a.num_kv_heads for a in model.attention_layers()}:
         for rows in (16, 32, 64, 128):
             n = rows // group
-            if n >= 2 and max(16, 1 << (n * group - 1).bit_length()) == rows:
+            if n >= 2 and query_tile_rows(n, group) == rows:
                 lengths.add(n)
     return sorted({min(n, top) for n in lengths})
 

@@ -110,8 +110,7 @@ class DraftModel:
         # Its catch-up forwards (a whole prompt the first time, then 1 .. k + 1 tokens) are
         # eager: their kernels compiled now, not inside a step (GPU only, as the target's;
         # a prompt longer than the target's step budget takes the same launches)
-        budget = engine.runtime.max_num_tokens or engine.config.build.max_num_tokens
-        self.runner.warmup(budget, engine.max_seq_len)
+        self.runner.warmup(engine.max_num_tokens, engine.max_seq_len)
         if engine.runtime.cuda_graphs:  # the k - 1 single-token steps replay decode graphs
             self.runner.capture_graphs(min(engine.max_batch_size, 64))
 
