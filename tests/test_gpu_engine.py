@@ -247,9 +247,15 @@ def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_p
     the logits and tokens of the usual layout, bit for bit: the same values reach the same
     MMAs, only loaded another way. gemma2's windowed layers keep the usual layout beside
     transposed ones; phi rotates 40% of d; int8 takes its per-head scales from a
-    calibration text."""
+    calibration text. The decode launch is pinned to the usual layout's (the transposed one
+    takes 128-key tiles by default: other rounding, not another layout)."""
     from kiln.eval import sequence_logits
+    from kiln.kernels import attention_decode
     from kiln.runtime import model_runner
+
+    config = attention_decode.decode_config
+    monkeypatch.setattr(attention_decode, "decode_config",
+                        lambda dtype, bd, bg=16, rope=False, v_t=False: config(dtype, bd, bg, rope))
 
     folder, _ = tiny_checkpoints[arch]
     calib = tmp_path / "calib.txt"
@@ -350,3 +356,34 @@ def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, mo
     assert run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params,
                    arrivals) == want
     assert calls and max(calls) >= 2, calls
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkeypatch):
+    """An engine on 64-token KV blocks reads its prefill K / V tiles by TMA
+    (kiln.kernels.paged_tma) or gathers them: the same logits bit for bit and the same
+    greedy tokens (bf16 and e4m3 caches; prompts over several blocks, mixed steps)."""
+    from kiln.eval import sequence_logits
+    from kiln.kernels import paged_tma
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
+        kv_cache_dtype=kv, block_size=64), progress=False)
+    tokens, prompts = list(range(3, 300)), make_prompts(12, seed=7) + [[5] * 260]
+    arrivals = [i // 3 for i in range(len(prompts))]
+    taken, descriptors = [], paged_tma.descriptors
+    monkeypatch.setattr(paged_tma, "descriptors", lambda *a: taken.append(1) or descriptors(*a))
+    got = {}
+    for tma in (False, True):
+        monkeypatch.setattr(paged_tma, "ENABLED", tma)
+        engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
+        got[tma] = (sequence_logits(engine, tokens),
+                    run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY),
+                            arrivals))
+        del engine
+        assert bool(taken) == tma
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[True][1] == got[False][1]

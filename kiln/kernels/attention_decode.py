@@ -210,7 +210,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
-                  rope_k: bool = False) -> tuple[int, int, int, int]:
+                  rope_k: bool = False, v_t: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_N, num_stages, num_warps, PREFETCH) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
@@ -225,10 +225,15 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     128 / 128 25,835 / 25,679 vs 25,759 / 25,011 (alternating runs). int8: 64 keys, 4
     warps. Two warps only for up to 16 query heads a KV head (a bigger accumulator spills)
     and keys rotated elsewhere (not attention sinks' in-kernel rotary).
+    Twenty-fifth session, V transposed in the blocks (v_t, the default 1-byte layout since
+    the 24th): its lighter loop (184 registers, not 253) takes 128-key tiles on 2 warps, 3
+    stages, prefetch 1, the best of 54 launches at every shape swept
+    (benchmarks/attn_decode_vt.py --sweep): B=512 x 1536 0.403 ms vs 0.458 with 64 keys,
+    256 x 1024 0.148 vs 0.160, 64 x 8192 0.259 vs 0.294, 496 x 256 0.092 vs 0.094.
     """
     if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128 and \
             block_g <= 16 and not rope_k:
-        return 64, 3, 2, 1
+        return (128 if v_t else 64), 3, 2, 1
     return (64 if block_d <= 128 else 32), 2, 4, 0
 
 
@@ -285,7 +290,7 @@ def paged_attention_decode(
     block_d = head_block(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     default_n, default_stages, default_warps, default_prefetch = decode_config(
-        k_cache.dtype, block_d, block_g, key_rotary is not None)
+        k_cache.dtype, block_d, block_g, key_rotary is not None, v_t)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     prefetch = default_prefetch if prefetch is None else prefetch
