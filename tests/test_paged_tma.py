@@ -37,7 +37,7 @@ def check_tma(cache_dtype: torch.dtype, block: int, block_n: int | None) -> None
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = HEAD_DIM ** -0.5
     taken = []
-    descriptors = paged_tma.descriptors
+    descriptors, enabled = paged_tma.descriptors, paged_tma.ENABLED
     paged_tma.descriptors = lambda *a: taken.append(a[2]) or descriptors(*a)
 
     def run(window: int | None = None) -> torch.Tensor:
@@ -68,7 +68,7 @@ def check_tma(cache_dtype: torch.dtype, block: int, block_n: int | None) -> None
         assert len(taken) == before + (not small_e4m3), name
         assert not got.isnan().any() and torch.equal(got, want), \
             (name, (got.float() - want.float()).abs().max().item())
-    paged_tma.ENABLED, paged_tma.descriptors = False, descriptors
+    paged_tma.ENABLED, paged_tma.descriptors = enabled, descriptors
     # and the gather path agrees with the reference (stale NaN slots masked there too)
     finite = [torch.nan_to_num(c.float()).to(cache_dtype) for c in caches]
     want = ref.paged_attention(q, *finite, tables, starts.tolist(), lens, scale,
@@ -84,12 +84,17 @@ def test_tma_tiles_read_what_the_gather_reads(interp, cache_dtype, block, block_
 
 
 def test_which_caches_take_tma(monkeypatch) -> None:
-    """Only when opted in, with tiles inside one block, a power-of-two head dim, a 16-bit
-    or e4m3 cache in the usual layout and keys rotated before caching."""
+    """Not when turned off, nor by default off a Hopper GPU (the interpreter, a CPU
+    tensor); else with tiles inside one block, a power-of-two head dim, a 16-bit or e4m3
+    cache in the usual layout and keys rotated before caching."""
     from kiln.kernels import paged_tma
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     cache = torch.zeros(4, 64, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    monkeypatch.setattr(paged_tma, "ENABLED", None)  # the default
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not paged_tma.usable(cache, 64, HEAD_DIM, HEAD_DIM, False, False)  # not on a GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not paged_tma.usable(cache, 64, HEAD_DIM, HEAD_DIM, False, False)
     monkeypatch.setattr(paged_tma, "ENABLED", False)
     assert not paged_tma.usable(cache, 64, HEAD_DIM, HEAD_DIM, False, False)
     monkeypatch.setattr(paged_tma, "ENABLED", True)

@@ -2,10 +2,12 @@
 blocks at least as long as the attention kernel's key tile (`--block-size 64` or 128),
 every tile lies inside one block, so a tile is one rectangular copy the hardware does on
 its own, instead of a gather whose per-element addresses the warps compute (one 16-token
-block at a time). Opt-in (KILN_PREFILL_TMA=1) for the prefill kernel until timed: on an
-H200 a Triton causal kernel over contiguous K / V read this way reaches 0.88x SDPA at 8k
-tokens with 128-key tiles and 8 warps, where kiln's paged gathers take 0.67x
-(benchmarks/attn_prefill_tma.py, BENCHMARKS.md twenty-fourth session).
+block at a time). On by default on Hopper (KILN_PREFILL_TMA=0: off; =1: also under the
+Triton interpreter). H200, 8B heads, 25th session (benchmarks/attn_prefill_tma.py):
+causal prefill over 64-token blocks 0.84x / 0.81x SDPA at 4k / 8k tokens by TMA, 0.49x /
+0.48x gathered with the same launch (64 keys, 4 warps, 3 stages), against 0.66x for
+kiln's gathers over 16-token blocks; end to end, a lone 32k-token prompt's TTFT 1,282 ms
+(64-token blocks, TMA) vs 1,407 (16-token blocks), 8k 212 vs 218 ms.
 
 The descriptors view a cache [blocks, block_size, kv_heads, head_dim] as [blocks,
 block_size, kv_heads * head_dim] (any block stride, rows contiguous) with boxes [1,
@@ -22,15 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = os.environ.get("KILN_PREFILL_TMA", "0") == "1"
+# None: on a Hopper GPU (not under the interpreter); True: wherever usable; False: never.
+ENABLED: bool | None = {"0": False, "1": True}.get(os.environ.get("KILN_PREFILL_TMA", ""))
 
 
 def usable(k_cache: torch.Tensor, block_n: int, head_dim: int, block_d: int,
            rope_k: bool, v_t: bool) -> bool:
-    """Whether the prefill kernel reads its tiles by TMA: opted in, a Hopper GPU (or the
-    interpreter), tiles inside one block, head_dim a power of two, a 16-bit or e4m3 cache
-    in the usual layout, keys rotated before they were cached."""
-    if not ENABLED or rope_k or v_t or head_dim != block_d:
+    """Whether the prefill kernel reads its tiles by TMA: not turned off, a Hopper GPU (or
+    the interpreter when turned on), tiles inside one block, head_dim a power of two, a
+    16-bit or e4m3 cache in the usual layout, keys rotated before they were cached."""
+    if ENABLED is False or rope_k or v_t or head_dim != block_d:
         return False
     if k_cache.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
         return False
@@ -39,7 +42,7 @@ def usable(k_cache: torch.Tensor, block_n: int, head_dim: int, block_d: int,
             k_cache.stride(1) != k_cache.shape[2] * head_dim:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
+        return ENABLED is True
     return k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device)[0] >= 9
 
 
