@@ -361,8 +361,9 @@ def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, mo
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkeypatch):
     """An engine on 64-token KV blocks reads its prefill K / V tiles by TMA (by default,
-    kiln.kernels.paged_tma) or gathers them (KILN_PREFILL_TMA=0): the same logits bit for bit and the same
-    greedy tokens (bf16 and e4m3 caches; prompts over several blocks, mixed steps)."""
+    kiln.kernels.paged_tma) or gathers them (KILN_PREFILL_TMA=0): the same logits bit for
+    bit and the same greedy tokens (bf16 and e4m3 caches; prompts over several blocks,
+    mixed steps)."""
     from kiln.eval import sequence_logits
     from kiln.kernels import paged_tma
 
