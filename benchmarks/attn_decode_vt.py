@@ -15,7 +15,7 @@ instructions a tile (`--sass`), 184 registers, no spills.
     python benchmarks/attn_decode_vt.py OUT.json [--decode 512x1536,496x256,...]
         [--prefill 1x1024,16x1000,1x8192]
     python benchmarks/attn_decode_vt.py --sass     (no GPU: main-loop SASS counts, sm_90)
-    python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...]
+    python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...] [--kv int8]
         (decode launches on the transposed layout: 32-128 keys a tile, 2-8 warps, 2-4
         stages, blocks a tile ahead or not; kiln's launch was tuned on the usual layout,
         with 253 registers where the transposed loop takes 184)
@@ -41,16 +41,23 @@ from kiln.kernels.attention_prefill import paged_attention_prefill
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 
 
-def make_case(lens: list[int], q_lens: list[int]):
-    """q, e4m3 K / V caches (V also transposed), tables, query starts, lengths, scales."""
+def make_case(lens: list[int], q_lens: list[int], kv: str = "e4m3"):
+    """q, 1-byte K / V caches (e4m3 or int8; V also transposed), tables, query starts,
+    lengths, per-head scales."""
     per_seq = [-(-n // BLOCK_SIZE) for n in lens]
     num_blocks = sum(per_seq) + 1
     k = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda")
     v = torch.randn_like(k)
-    k_scale = (k.abs().amax(dim=(0, 1, 3)) / 448).contiguous()
-    v_scale = (v.abs().amax(dim=(0, 1, 3)) / 448).contiguous()
-    k8 = (k / k_scale[:, None]).to(torch.float8_e4m3fn)
-    v8 = (v / v_scale[:, None]).to(torch.float8_e4m3fn)
+    top = 448 if kv == "e4m3" else 127
+    k_scale = (k.abs().amax(dim=(0, 1, 3)) / top).contiguous()
+    v_scale = (v.abs().amax(dim=(0, 1, 3)) / top).contiguous()
+
+    def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x = x / scale[:, None]
+        return x.to(torch.float8_e4m3fn) if kv == "e4m3" else \
+            x.round().clamp(-127, 127).to(torch.int8)
+
+    k8, v8 = quantize(k, k_scale), quantize(v, v_scale)
     del k, v
     vt8 = v8.permute(0, 2, 3, 1).contiguous()
     order = torch.randperm(num_blocks - 1, device="cuda").int()
@@ -95,7 +102,8 @@ def sweep(args: argparse.Namespace, time_calls) -> None:
     results = []
     for spec in filter(None, args.decode.split(",")):
         batch, ctx = (int(x) for x in spec.split("x"))
-        q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, [1] * batch)
+        q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, [1] * batch,
+                                                                 args.kv)
         common = dict(num_splits=1, k_scale=ks, v_scale=vs)
         want = paged_attention_decode(q, k8, v8, tables, lens, scale, **common).float()
         cache_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM
@@ -127,7 +135,8 @@ def sweep(args: argparse.Namespace, time_calls) -> None:
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "kv": args.kv,
+                       "results": results}, f, indent=1)
 
 
 def main() -> None:
@@ -137,6 +146,8 @@ def main() -> None:
     ap.add_argument("--prefill", default="1x1024,16x1000,1x8192")
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kv", choices=("e4m3", "int8"), default="e4m3",
+                    help="the 1-byte cache (--sweep; int8: SmoothQuant engines' KV)")
     args = ap.parse_args()
     if args.sass:
         sass()

@@ -51,8 +51,10 @@ for spec in $stages; do
              CUDA_VISIBLE_DEVICES=$gpus timeout "$G" python3 -m pytest -q -m gpu -p no:cacheprovider \
                -rf --tb=short "$@" > "$OUT/tests-$name.log" 2>&1; echo "exit $?" >> "$OUT/tests-$name.log"; }
            n=$(nvidia-smi -L | wc -l); b=$(( n > 1 ? 1 : 0 ))
-           # (the engine tests alone take ~190 s on an H200: FP8 and KV kernels apart)
-           run_group a 0 tests/test_kernels_gpu.py tests/test_gpu_engine.py tests/test_bench_roofline.py &
+           # (the engine tests alone take ~190-250 s on an H200, each engine loaded runs the
+           # warm-up: a group of their own since the 25th session, when group a ran past 330 s)
+           run_group a 0 tests/test_kernels_gpu.py tests/test_bench_roofline.py &
+           run_group e 0 tests/test_gpu_engine.py &
            run_group c $b tests/test_kernels_fp8.py tests/test_kernels_kvquant.py &
            run_group b $b tests/test_kernels_gpu_zoo.py tests/test_kernels_int.py \
              tests/test_kernels_int8_act.py tests/test_weight_only.py tests/test_gpu_speculative.py &
