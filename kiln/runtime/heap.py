@@ -14,11 +14,13 @@ engine process of their own freeze; a library caller's process is left alone.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 
 log = logging.getLogger(__name__)
 _allowed = False
+_unfreeze_at_exit = False
 
 
 def allow_freeze() -> None:
@@ -29,8 +31,12 @@ def allow_freeze() -> None:
 
 def freeze_startup_heap() -> int:
     """gc.collect() then gc.freeze() where allowed; the objects now frozen (0: not allowed)."""
+    global _unfreeze_at_exit
     if not _allowed:
         return 0
+    if not _unfreeze_at_exit:  # shutdown then frees them (Triton's bindings otherwise print
+        atexit.register(gc.unfreeze)  # ~30 lines of "nanobind: leaked ..." at exit)
+        _unfreeze_at_exit = True
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
