@@ -388,3 +388,50 @@ def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkey
         assert bool(taken) == (tma is None)
     assert torch.equal(got[None][0], got[False][0])
     assert got[None][1] == got[False][1]
+
+
+def test_parallel_compile_at_load(gpu_engines, tmp_path):
+    """KILN_COMPILE_THREADS=8 with an empty Triton cache (a fresh container): the warm-up's
+    kernels compile on threads (kiln.runtime.precompile), the warm-up after them compiles
+    nothing, and the engine generates what one loaded the usual way does."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = gpu_engines["llama", "bfloat16"]
+    prompts = make_prompts(6, seed=3)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    want = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params)
+    script = textwrap.dedent(f"""
+        import json
+        from kiln.runtime import warmup
+        from kiln.runtime.engine import LLMEngine, RuntimeConfig
+        from kiln.runtime.profiling import CompileWatch
+        from kiln.runtime.request import SamplingParams
+        from tests.test_runtime import run_all
+
+        counts, real = [], warmup.warm_up
+
+        def watched(*a, **k):
+            with CompileWatch() as watch:
+                out = real(*a, **k)
+            counts.append(len(watch.events))
+            return out
+
+        warmup.warm_up = watched
+        engine = LLMEngine({str(path)!r}, RuntimeConfig(device="cuda"))
+        got = run_all(engine, {prompts!r}, SamplingParams(max_tokens=12, temperature=0,
+                                                          ignore_eos=True))
+        print(json.dumps({{"precompiled": engine.runner.precompiled, "counts": counts,
+                          "tokens": got}}))
+    """)
+    env = dict(os.environ, KILN_COMPILE_THREADS="8", TRITON_CACHE_DIR=str(tmp_path / "tc"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["precompiled"] > 10, result
+    assert result["counts"][0] == 0 and result["counts"][-1] == 0, result["counts"]
+    assert result["tokens"] == want

@@ -174,9 +174,19 @@ class ModelRunner:
     def warmup(self, max_num_tokens: int, max_seq_len: int) -> float:
         """Compile the eager path's kernels before the first requests (kiln.runtime.warmup);
         seconds taken (0 off CUDA: nothing to compile)."""
+        from kiln.runtime import precompile
         from kiln.runtime.warmup import warm_up
 
-        return warm_up(self, max_num_tokens, max_seq_len) if self.device.type == "cuda" else 0.0
+        self.precompiled = 0  # kernels compiled on threads first (KILN_COMPILE_THREADS)
+        if self.device.type != "cuda":
+            return 0.0
+        if precompile.THREADS > 1 and self.mapping.world_size == 1:
+            self.precompiled, seconds = precompile.compile_in_parallel(
+                lambda: warm_up(self, max_num_tokens, max_seq_len), self.device,
+                precompile.THREADS)
+            log.info("compiled %d kernels on %d threads in %.1f s", self.precompiled,
+                     precompile.THREADS, seconds)
+        return warm_up(self, max_num_tokens, max_seq_len)
 
     # ---- one step -------------------------------------------------------------------
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:

@@ -3,6 +3,7 @@
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh a   (~6 minutes)
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh b   (~6 minutes)
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh c   (~3 minutes)
+#   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh d   (~5 minutes)
 # a: the whole GPU suite, its groups rebalanced (the engine tests alone: group e).
 # b: bf16 on 16- vs 64-token KV blocks (TMA prefill tiles, the default on Hopper since the
 #    25th session), one after the other: 1000 / 1000 x 300, 128 / 128 x 1000, batch 1 128 /
@@ -34,3 +35,16 @@ case ${1:-a} in
       --decode 512x1536,256x1024,496x256,64x8192 > $R/vt_sweep_int8.log 2>&1
     grep -v Warn $R/vt_sweep_int8.log | grep "^decode" | head -70; pack ;;
 esac
+# d (~5 minutes; run as `... next_session.sh d`): cold loads, Triton's cache empty each time,
+#    the warm-up's compiles one after another vs on 12 threads (KILN_COMPILE_THREADS,
+#    kiln.runtime.precompile: opt-in until this), bf16 and FP8: engine_load_s in the JSON.
+if [ "${1:-}" = d ]; then
+  for q in "" "--quantization fp8 --kv-cache-dtype fp8"; do for t in 0 12; do
+    rm -rf /tmp/tc; TRITON_CACHE_DIR=/tmp/tc KILN_COMPILE_THREADS=$t timeout 150 \
+      python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --load-format dummy \
+      --max-seq-len 2048 --input-len 128 --output-len 16 --num-requests 64 $q \
+      --out $R/cold-t$t${q:+-fp8}.json > $R/cold-t$t${q:+-fp8}.log 2>&1
+    python3 -c "import json; print('threads $t ${q:+fp8}', json.load(open('$R/cold-t$t${q:+-fp8}.json'))['engine_load_s'])"
+    pack
+  done; done
+fi

@@ -1,0 +1,68 @@
+"""The warm-up's Triton kernels compiled on several threads (KILN_COMPILE_THREADS=N; opt-in
+until timed on a GPU).
+
+On a machine whose Triton cache is empty (a fresh container), loading an 8B engine spends
+most of its time compiling: 17.5 s to load bf16 and 24.5 s FP8 on an H200 against 7.3 s
+with the cache warm (BENCHMARKS.md, twenty-fifth session), one kernel after another as the
+warm-up's steps reach them. A compile is mostly MLIR passes and ptxas, which run without
+Python's lock: six decode-kernel compiles for sm_90 take 2.28 s one after another and
+1.36 s on two threads of a 2-core machine.
+
+So the warm-up runs twice. First with Triton's cache hook answering "handled" for every
+kernel that would compile: the launch is skipped (its outputs are left unwritten: the
+warm-up's inputs are made on the host and nothing of its outputs steers a later launch,
+its sampling draws by an exponential race, no multinomial to trip on them) and the
+kernel's specialization is recorded; then those compile on N threads
+(JITFunction.preload, the specialization Triton serialized); then the real warm-up finds
+them compiled. One process of one GPU only (ranks would skip collectives' kernels in
+step, but a rank's custom all-reduce waits on its peers' launches).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0)
+
+
+def compile_in_parallel(run: Callable[[], object], device: torch.device, threads: int
+                        ) -> tuple[int, float]:
+    """Run `run` with every kernel launch that would compile skipped and recorded, then
+    compile those on `threads` threads; (kernels compiled, seconds)."""
+    from triton import knobs
+
+    started = time.perf_counter()
+    found: dict[tuple[int, str], tuple[object, str]] = {}
+
+    def defer(**kw: object) -> bool:
+        fn = kw["fn"].jit_function  # type: ignore[attr-defined]
+        found.setdefault((id(fn), str(kw["key"])),
+                         (fn, kw["compile"]["specialization_data"]))  # type: ignore[index]
+        return True  # handled: no compile, no launch
+
+    chained = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = defer
+    try:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        knobs.runtime.jit_cache_hook = chained
+
+    def compile_one(item: tuple[object, str]) -> None:
+        fn, data = item
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton compiles for the thread's current device
+        try:
+            fn.preload(data)  # type: ignore[attr-defined]
+        except Exception:  # the real warm-up compiles it again, and says why it fails
+            pass
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        list(pool.map(compile_one, found.values()))
+    return len(found), time.perf_counter() - started
