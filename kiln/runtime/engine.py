@@ -108,12 +108,13 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
                                  self.config.model.uniform_window, self.streaming)
         with loading():  # Triton compiles here are expected; after it each is a stall, logged
-            if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len):
+            graph_tokens = min(runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len)
+            if seconds := self.runner.warmup(max_num_tokens, self.max_seq_len, *(
+                    (self.max_batch_size, graph_tokens) if runtime.cuda_graphs else ())):
                 log.info("warmed up the eager path in %.1f s", seconds)
             if runtime.cuda_graphs:
-                self.runner.capture_graphs(self.max_batch_size, min(
-                    runtime.prefill_graph_tokens, max_num_tokens, self.max_seq_len),
-                    runtime.piecewise_graphs)
+                self.runner.capture_graphs(self.max_batch_size, graph_tokens,
+                                           runtime.piecewise_graphs)
             if self.speculator is not None:  # a draft model's warm-up, verify graphs
                 self.speculator.start()
         self.scheduler = Scheduler(

@@ -171,9 +171,11 @@ class ModelRunner:
         seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
 
-    def warmup(self, max_num_tokens: int, max_seq_len: int) -> float:
+    def warmup(self, max_num_tokens: int, max_seq_len: int, graph_batch: int = 0,
+               graph_tokens: int = 0) -> float:
         """Compile the eager path's kernels before the first requests (kiln.runtime.warmup);
-        seconds taken (0 off CUDA: nothing to compile)."""
+        seconds taken (0 off CUDA: nothing to compile). graph_batch / graph_tokens: the
+        graphs captured next (kiln.runtime.precompile compiles their kernels too)."""
         from kiln.runtime import precompile
         from kiln.runtime.warmup import warm_up
 
@@ -181,8 +183,9 @@ class ModelRunner:
         if self.device.type != "cuda":
             return 0.0
         if precompile.THREADS > 1 and self.mapping.world_size == 1:
+            shaped = precompile.graph_steps(graph_batch, graph_tokens, max_seq_len)
             self.precompiled, seconds = precompile.compile_in_parallel(
-                lambda: warm_up(self, max_num_tokens, max_seq_len), self.device,
+                lambda: warm_up(self, max_num_tokens, max_seq_len, shaped), self.device,
                 precompile.THREADS)
             log.info("compiled %d kernels on %d threads in %.1f s", self.precompiled,
                      precompile.THREADS, seconds)

@@ -30,6 +30,22 @@ import torch
 THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0)
 
 
+def graph_steps(max_batch_size: int, prefill_tokens: int, max_seq_len: int
+                ) -> list[list[tuple[int, int]]]:
+    """Eager steps shaped as the CUDA graphs captured after the warm-up (decode rows at
+    each batch bucket, a lone prompt at each token bucket: their GEMM launches differ by
+    row count), as (new tokens, context) a sequence, for the skipped pass only: its
+    kernels then compile on the threads too, not one by one inside the capture."""
+    from kiln.runtime.cuda_graphs import batch_buckets, prefill_buckets
+
+    steps = [[(1, min(64, max_seq_len))] * b for b in batch_buckets(max_batch_size)] \
+        if max_batch_size > 0 else []
+    prefill_tokens -= prefill_tokens % 16
+    if prefill_tokens >= 16:
+        steps += [[(t, t)] for t in prefill_buckets(prefill_tokens) if t <= max_seq_len]
+    return steps
+
+
 def compile_in_parallel(run: Callable[[], object], device: torch.device, threads: int
                         ) -> tuple[int, float]:
     """Run `run` with every kernel launch that would compile skipped and recorded, then

@@ -76,13 +76,15 @@ def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
 
 
 @torch.inference_mode()
-def warm_up(runner, max_num_tokens: int, max_seq_len: int) -> float:
-    """Run the steps above on a ModelRunner (any device: the CPU runs them in tests);
-    seconds taken."""
+def warm_up(runner, max_num_tokens: int, max_seq_len: int,
+            extra_steps: list[list[tuple[int, int]]] = ()) -> float:
+    """Run the steps above (and extra_steps: kiln.runtime.precompile's graph-shaped ones)
+    on a ModelRunner (any device: the CPU runs them in tests); seconds taken."""
     started = time.perf_counter()
     bs, scratch = runner.block_size, runner.num_blocks
     logits = None
-    for seqs in warmup_steps(runner.model, max_num_tokens, max_seq_len, runner.device):
+    steps = warmup_steps(runner.model, max_num_tokens, max_seq_len, runner.device)
+    for seqs in steps + [s for s in extra_steps if sum(n for n, _ in s) <= max_num_tokens]:
         seq_lens = [ctx for _, ctx in seqs]
         positions = [p for new, ctx in seqs for p in range(ctx - new, ctx)]
         starts = [0]
