@@ -70,10 +70,13 @@ def compile_in_parallel(run: Callable[[], object], device: torch.device, threads
     finally:
         knobs.runtime.jit_cache_hook = chained
 
+    index = (device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+
     def compile_one(item: tuple[object, str]) -> None:
         fn, data = item
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # Triton compiles for the thread's current device
+        if index is not None:
+            torch.cuda.set_device(index)  # Triton compiles for the thread's current device
         try:
             fn.preload(data)  # type: ignore[attr-defined]
         except Exception:  # the real warm-up compiles it again, and says why it fails
