@@ -390,17 +390,28 @@ def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkey
     assert got[None][1] == got[False][1]
 
 
-def test_parallel_compile_at_load(gpu_engines, tmp_path):
+@pytest.mark.parametrize("arch, quantization", [("llama", "none"), ("mixtral", "none"),
+                                                 ("gemma2", "none"), ("llama", "fp8"),
+                                                 ("llama", "int4_wo")])
+def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoints,
+                                  tmp_path):
     """KILN_COMPILE_THREADS=8 with an empty Triton cache (a fresh container): the warm-up's
-    kernels compile on threads (kiln.runtime.precompile), the warm-up after them compiles
-    nothing, and the engine generates what one loaded the usual way does."""
+    kernels compile on threads (kiln.runtime.precompile; its first pass skips launches,
+    leaving outputs unwritten), the warm-up after them compiles nothing, and the engine
+    generates what one loaded the usual way does (bf16 dense / MoE / softcapped-windowed,
+    FP8 weights + FP8 KV, int4 weights)."""
     import json
     import os
     import subprocess
     import sys
     import textwrap
 
-    path = gpu_engines["llama", "bfloat16"]
+    path = gpu_engines[arch, "bfloat16"]
+    if quantization != "none":
+        path = build(tiny_checkpoints[arch][0], tmp_path / "q", BuildConfig(
+            dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
+            quantization=quantization, group_size=32 if quantization == "int4_wo" else 0,
+            kv_cache_dtype="fp8" if quantization == "fp8" else "auto"), progress=False)
     prompts = make_prompts(6, seed=3)
     params = SamplingParams(max_tokens=12, **GREEDY)
     want = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params)

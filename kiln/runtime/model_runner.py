@@ -185,7 +185,8 @@ class ModelRunner:
         if precompile.THREADS > 1 and self.mapping.world_size == 1:
             shaped = precompile.graph_steps(graph_batch, graph_tokens, max_seq_len)
             self.precompiled, seconds = precompile.compile_in_parallel(
-                lambda: warm_up(self, max_num_tokens, max_seq_len, shaped), self.device,
+                lambda: warm_up(self, max_num_tokens, max_seq_len, shaped, skipped=True),
+                self.device,
                 precompile.THREADS)
             log.info("compiled %d kernels on %d threads in %.1f s", self.precompiled,
                      precompile.THREADS, seconds)

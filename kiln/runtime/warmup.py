@@ -77,9 +77,11 @@ def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
 
 @torch.inference_mode()
 def warm_up(runner, max_num_tokens: int, max_seq_len: int,
-            extra_steps: list[list[tuple[int, int]]] = ()) -> float:
+            extra_steps: list[list[tuple[int, int]]] = (), skipped: bool = False) -> float:
     """Run the steps above (and extra_steps: kiln.runtime.precompile's graph-shaped ones)
-    on a ModelRunner (any device: the CPU runs them in tests); seconds taken."""
+    on a ModelRunner (any device: the CPU runs them in tests); seconds taken. skipped: the
+    launches are being skipped (precompile's first pass), so no logprobs are gathered at
+    the sampled ids, which no kernel wrote."""
     started = time.perf_counter()
     bs, scratch = runner.block_size, runner.num_blocks
     logits = None
@@ -116,7 +118,7 @@ def warm_up(runner, max_num_tokens: int, max_seq_len: int,
                 top_p=full(1.0 if greedy else 0.9, torch.float32),
                 min_p=full(0.0, torch.float32), seeds=full(0, torch.int64),
                 steps=full(0, torch.int64), all_greedy=greedy, penalties=None,
-                banned=None, bias=None, grammar=None, wants_logprobs=True,
+                banned=None, bias=None, grammar=None, wants_logprobs=not skipped,
                 max_logprobs=1))
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
