@@ -1,21 +1,23 @@
 """The warm-up's Triton kernels compiled on several threads (KILN_COMPILE_THREADS=N; opt-in
-until timed on a GPU).
+until its GPU test over the formats has run).
 
-On a machine whose Triton cache is empty (a fresh container), loading an 8B engine spends
-most of its time compiling: 17.5 s to load bf16 and 24.5 s FP8 on an H200 against 7.3 s
-with the cache warm (BENCHMARKS.md, twenty-fifth session), one kernel after another as the
-warm-up's steps reach them. A compile is mostly MLIR passes and ptxas, which run without
-Python's lock: six decode-kernel compiles for sm_90 take 2.28 s one after another and
-1.36 s on two threads of a 2-core machine.
+On a machine whose Triton cache is empty (a fresh container), loading an engine spends
+most of its time compiling: an 8B engine loads in 17.5 s (bf16) / 24.5 s (FP8) on an H200
+against 7.3 s with the cache warm, one kernel after another as the warm-up's steps reach
+them. A compile is mostly MLIR passes and ptxas, which run without Python's lock: six
+decode-kernel compiles for sm_90 take 2.28 s one after another, 1.36 s on two threads of
+a 2-core machine; a Llama-3.2-1B-shape engine loads cold in 17-19 s on 12 threads instead
+of 25-29 s, the same tokens (BENCHMARKS.md, twenty-fifth session).
 
 So the warm-up runs twice. First with Triton's cache hook answering "handled" for every
-kernel that would compile: the launch is skipped (its outputs are left unwritten: the
-warm-up's inputs are made on the host and nothing of its outputs steers a later launch,
-its sampling draws by an exponential race, no multinomial to trip on them) and the
-kernel's specialization is recorded; then those compile on N threads
-(JITFunction.preload, the specialization Triton serialized); then the real warm-up finds
-them compiled. One process of one GPU only (ranks would skip collectives' kernels in
-step, but a rank's custom all-reduce waits on its peers' launches).
+kernel that would compile: the launch is skipped and the kernel's specialization recorded.
+Its outputs stay unwritten, which is safe because the warm-up's inputs are made on the
+host and nothing reads a kernel's output as an index (its sampling draws by an
+exponential race, and this pass gathers no logprobs at the sampled ids); a pass that
+fails anyway is logged and the load goes on. Then the recorded kernels compile on N
+threads (JITFunction.preload, the specialization Triton serialized), and the real warm-up
+finds them compiled. One process of one GPU only (ranks would skip collectives' kernels
+in step, but a rank's custom all-reduce waits on its peers' launches).
 """
 
 from __future__ import annotations
