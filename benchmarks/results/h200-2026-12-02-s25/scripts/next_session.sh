@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # For the next device session (one H200), from the repository root:
-#   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh a   (~6 minutes)
+#   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh a   (~7.5 minutes)
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh b   (~6 minutes)
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh c   (~3 minutes)
 #   bash benchmarks/results/h200-2026-12-02-s25/scripts/next_session.sh d   (~5 minutes)
@@ -23,7 +23,7 @@ run() {  # run TAG STAGE NUM_REQUESTS [EXTRA]
 }
 case ${1:-a} in
   a)
-    OUT=$R STAGE_TIMEOUT=330 timeout 345 bash benchmarks/gpu_suite.sh tests > $R/suite.log 2>&1
+    OUT=$R STAGE_TIMEOUT=420 timeout 435 bash benchmarks/gpu_suite.sh tests > $R/suite.log 2>&1
     tail -n 3 $R/tests-*.log; pack ;;
   b)
     for stage in throughput-1k:300 throughput:1000 latency-b1:1; do
