@@ -240,6 +240,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "input_len": args.input_len,
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
+        "load_phases": engine.runner.load_phases,  # warm-up, compile threads, graphs (GPU)
         "scheduler_policy": engine.scheduler.policy,
         "preemptions": engine.scheduler.num_preemptions,
         "max_num_tokens": engine.scheduler.max_num_tokens,

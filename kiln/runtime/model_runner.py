@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -101,6 +102,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.load_phases: dict[str, float] = {}  # seconds of the load's GPU phases
         self.prefill_graphs: PrefillGraphs | None = None
         self.piecewise: PiecewiseGraphs | None = None
         self.verify_graphs: speculative.VerifyGraphs | None = None  # set by the Speculator
@@ -149,7 +151,7 @@ class ModelRunner:
         attention calls. All share one memory pool."""
         if self.device.type != "cuda":
             return
-        m = self.mapping
+        started, m = time.perf_counter(), self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
         pool = torch.cuda.graph_pool_handle()
         prefill_tokens -= prefill_tokens % 16
@@ -170,6 +172,7 @@ class ModelRunner:
             self.device, prev_rank=m.prev_pp_rank, next_rank=m.next_pp_rank, dtype=self.dtype)
         seconds = self.graphs.capture(pool)
         log.info("captured %d decode graphs in %.1f s", len(self.graphs.buckets), seconds)
+        self.load_phases["graphs_s"] = round(time.perf_counter() - started, 2)
 
     def warmup(self, max_num_tokens: int, max_seq_len: int, graph_batch: int = 0,
                graph_tokens: int = 0) -> float:
@@ -190,7 +193,11 @@ class ModelRunner:
                 precompile.THREADS)
             log.info("compiled %d kernels on %d threads in %.1f s", self.precompiled,
                      precompile.THREADS, seconds)
-        return warm_up(self, max_num_tokens, max_seq_len)
+            self.load_phases.update(kernels_on_threads=self.precompiled,
+                                    threads_s=round(seconds, 2))
+        seconds = warm_up(self, max_num_tokens, max_seq_len)
+        self.load_phases["warm_up_s"] = round(seconds, 2)
+        return seconds
 
     # ---- one step -------------------------------------------------------------------
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:

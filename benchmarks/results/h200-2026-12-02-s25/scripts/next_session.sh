@@ -44,7 +44,7 @@ if [ "${1:-}" = d ]; then
       python3 -m kiln.cli bench throughput --random-config llama-3.1-8b --load-format dummy \
       --max-seq-len 2048 --input-len 128 --output-len 16 --num-requests 64 $q \
       --out $R/cold-t$t${q:+-fp8}.json > $R/cold-t$t${q:+-fp8}.log 2>&1
-    python3 -c "import json; print('threads $t ${q:+fp8}', json.load(open('$R/cold-t$t${q:+-fp8}.json'))['engine_load_s'])"
+    python3 -c "import json; d = json.load(open('$R/cold-t$t${q:+-fp8}.json')); print('threads $t ${q:+fp8}', d['engine_load_s'], d.get('load_phases'))"
     pack
   done; done
 fi
