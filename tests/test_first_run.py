@@ -79,6 +79,7 @@ def test_compare_hf_out_of_memory_keeps_kilns_result(tiny_engines, monkeypatch, 
     result = json.loads(out.read_text())
     assert result["kiln"]["output_tok_s"] > 0 and "transformers" not in result
     assert result["load_phases"] == {}  # no warm-up or graphs on the CPU
+    assert f"engine loaded in {result['engine_load_s']:.1f} s\n" in text
     assert result["transformers_error"].startswith("out of memory at batch 2")
 
 

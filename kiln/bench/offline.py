@@ -300,6 +300,12 @@ def _report(result: dict[str, Any], out: str | None) -> None:
           f"{result['output_len']} out; KV cache {kv['dtype']}: {kv['blocks']} blocks = "
           f"{kv['tokens']} tokens; scheduler {result.get('scheduler_policy')}, "
           f"{result.get('preemptions', 0)} preemptions")
+    phases = result.get("load_phases") or {}
+    if "engine_load_s" in result:
+        print(f"engine loaded in {result['engine_load_s']:.1f} s" + "".join(
+            f", {label} {phases[key]:.1f} s" for key, label in (
+                ("threads_s", "kernels compiled on threads"), ("warm_up_s", "warm-up"),
+                ("graphs_s", "CUDA graphs")) if key in phases))
     print(f"{'engine':<14}{'TTFT ms':>10}{'TPOT ms':>10}{'out tok/s':>12}{'total tok/s':>13}")
     for name, r in rows:
         print(f"{name:<14}{r['ttft_ms']:>10.1f}{r['tpot_ms']:>10.2f}{r['output_tok_s']:>12.1f}"
