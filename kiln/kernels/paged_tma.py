@@ -18,6 +18,7 @@ stored; the caller masks their scores and their values.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,7 +44,12 @@ def usable(k_cache: torch.Tensor, block_n: int, head_dim: int, block_d: int,
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return ENABLED is True
-    return k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device)[0] >= 9
+    return k_cache.is_cuda and _hopper(k_cache.device.index)
+
+
+@functools.cache
+def _hopper(index: int | None) -> bool:  # (asked on every prefill launch: once a device)
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int):
