@@ -132,8 +132,9 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                    "layer's input size (default: 128 for int4, per channel for int8)")
     g.add_argument("--block-size", type=int, default=None, metavar="TOKENS",
                    help="tokens per KV cache block, a power of two from 8 to 256 (default "
-                   "16; 64 or 128 let the prefill kernel read whole tiles by TMA with "
-                   "KILN_PREFILL_TMA=1; prefix caching shares whole blocks)")
+                   "16; on Hopper, 64 or 128 let the prefill kernel read whole tiles by "
+                   "TMA: long prompts with a 16-bit cache; prefix caching shares whole "
+                   "blocks)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="fp8 or int8: 1-byte KV cache with per-head scales (int8 needs "
                    "--calib-file); auto: the checkpoint's KV scheme, else --dtype")

@@ -435,7 +435,7 @@ def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoi
         engine = LLMEngine({str(path)!r}, RuntimeConfig(device="cuda"))
         got = run_all(engine, {prompts!r}, SamplingParams(max_tokens=12, temperature=0,
                                                           ignore_eos=True))
-        print(json.dumps({{"precompiled": engine.runner.precompiled, "counts": counts,
+        print(json.dumps({{"counts": counts,
                           "tokens": got, "phases": engine.runner.load_phases}}))
     """)
     env = dict(os.environ, KILN_COMPILE_THREADS="8", TRITON_CACHE_DIR=str(tmp_path / "tc"))
@@ -443,9 +443,8 @@ def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoi
                           timeout=600, env=env, cwd=os.getcwd())
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["precompiled"] > 10, result
     phases = result["phases"]  # what `kiln bench` reports as load_phases
-    assert phases["kernels_on_threads"] == result["precompiled"] and phases["threads_s"] > 0
+    assert phases["kernels_on_threads"] > 10 and phases["threads_s"] > 0, result
     assert phases["warm_up_s"] > 0 and phases["graphs_s"] > 0
     assert result["counts"][0] == 0 and result["counts"][-1] == 0, result["counts"]
     assert result["tokens"] == want

@@ -182,19 +182,16 @@ class ModelRunner:
         from kiln.runtime import precompile
         from kiln.runtime.warmup import warm_up
 
-        self.precompiled = 0  # kernels compiled on threads first (KILN_COMPILE_THREADS)
         if self.device.type != "cuda":
             return 0.0
         if precompile.THREADS > 1 and self.mapping.world_size == 1:
             shaped = precompile.graph_steps(graph_batch, graph_tokens, max_seq_len)
-            self.precompiled, seconds = precompile.compile_in_parallel(
+            count, seconds = precompile.compile_in_parallel(
                 lambda: warm_up(self, max_num_tokens, max_seq_len, shaped, skipped=True),
-                self.device,
-                precompile.THREADS)
-            log.info("compiled %d kernels on %d threads in %.1f s", self.precompiled,
-                     precompile.THREADS, seconds)
-            self.load_phases.update(kernels_on_threads=self.precompiled,
-                                    threads_s=round(seconds, 2))
+                self.device, precompile.THREADS)
+            log.info("compiled %d kernels on %d threads in %.1f s", count, precompile.THREADS,
+                     seconds)
+            self.load_phases.update(kernels_on_threads=count, threads_s=round(seconds, 2))
         seconds = warm_up(self, max_num_tokens, max_seq_len)
         self.load_phases["warm_up_s"] = round(seconds, 2)
         return seconds

@@ -29,7 +29,7 @@ while e.has_unfinished():
         if o.finished:
             res[o.request_id] = o.token_ids
 stats = {k: v for k, v in e.stats().items() if "compile" in k}
-print(json.dumps(dict(load_s=round(load, 2), precompiled=e.runner.precompiled, stats=stats,
+print(json.dumps(dict(load_s=round(load, 2), precompiled=e.runner.load_phases.get("kernels_on_threads", 0), stats=stats,
                       tokens=res)))
 """
 results = {}
