@@ -94,14 +94,14 @@ def test_warm_up_runs_and_leaves_the_cache_to_requests(tiny_engines):
     assert run_all(engine, prompts, params) == want
     # and the graph-shaped steps of KILN_COMPILE_THREADS' skipped pass (kiln.runtime.
     # precompile): decode rows at each batch bucket, lone prompts at each token bucket
-    from kiln.runtime.cuda_graphs import batch_buckets, prefill_buckets
+    from kiln.runtime.cuda_graphs import batch_buckets, prefill_buckets, prefill_graph_tokens
     from kiln.runtime.precompile import graph_steps
 
     tokens = min(200, engine.max_seq_len)  # as the engine passes them
     shaped = graph_steps(32, tokens, engine.max_seq_len)
     assert [len(s) for s in shaped if s[0][0] == 1] == batch_buckets(32)
     assert [s[0][0] for s in shaped if len(s) == 1 and s[0][0] > 1] == \
-        prefill_buckets(tokens - tokens % 16)
+        prefill_buckets(prefill_graph_tokens(tokens))
     assert graph_steps(0, 8, 512) == []
     runner = engine.runner
     seen = []

@@ -136,6 +136,12 @@ class DecodeGraphs:
         return self.logits[bs][:n]
 
 
+def prefill_graph_tokens(tokens: int) -> int:
+    """The largest prefill graph for a budget of `tokens`: a multiple of 16, 0 (none)
+    under 16."""
+    return tokens - tokens % 16 if tokens >= 16 else 0
+
+
 def prefill_buckets(max_tokens: int) -> list[int]:
     """Token counts a prefill graph is captured for: powers of two to 256, then every 128
     (a prompt pads to the next: at most 1/3 more rows, ~2% for long prompts)."""

@@ -24,7 +24,7 @@ from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.quantization import QuantConfig, kv_cache_torch_dtype
 from kiln.models import create_model
 from kiln.runtime import speculative, transfer
-from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs
+from kiln.runtime.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_tokens
 from kiln.runtime.piecewise_graphs import PiecewiseGraphs
 from kiln.runtime.profiling import phase
 from kiln.runtime.prompt_logprobs import prompt_logprobs
@@ -154,9 +154,9 @@ class ModelRunner:
         started, m = time.perf_counter(), self.mapping
         max_blocks = -(-self.engine.build.max_seq_len // self.block_size)
         pool = torch.cuda.graph_pool_handle()
-        prefill_tokens -= prefill_tokens % 16
+        prefill_tokens = prefill_graph_tokens(prefill_tokens)
         # One GPU only until measured on several (their NCCL captures are not yet tested).
-        if prefill_tokens >= 16 and m.world_size == 1:
+        if prefill_tokens and m.world_size == 1:
             args = (self.model, prefill_tokens, max_blocks, self.block_size, self.num_blocks,
                     self.device)
             if piecewise:

@@ -40,12 +40,12 @@ def graph_steps(max_batch_size: int, prefill_tokens: int, max_seq_len: int
     each batch bucket, a lone prompt at each token bucket: their GEMM launches differ by
     row count), as (new tokens, context) a sequence, for the skipped pass only: its
     kernels then compile on the threads too, not one by one inside the capture."""
-    from kiln.runtime.cuda_graphs import batch_buckets, prefill_buckets
+    from kiln.runtime.cuda_graphs import batch_buckets, prefill_buckets, prefill_graph_tokens
 
     steps = [[(1, min(64, max_seq_len))] * b for b in batch_buckets(max_batch_size)] \
         if max_batch_size > 0 else []
-    prefill_tokens -= prefill_tokens % 16
-    if prefill_tokens >= 16:
+    prefill_tokens = prefill_graph_tokens(prefill_tokens)
+    if prefill_tokens:
         steps += [[(t, t)] for t in prefill_buckets(prefill_tokens) if t <= max_seq_len]
     return steps
 
