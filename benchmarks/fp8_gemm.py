@@ -3,6 +3,7 @@ at Llama-3.1-8B shapes, each fp8 path timed with its activation quantization inc
 
     python benchmarks/fp8_gemm.py [--out fp8_gemm.json] [--ms 1,2,4] [--sweep]
     python benchmarks/fp8_gemm.py --grid [--ms 1,16] [--out grid.json]
+    python benchmarks/fp8_gemm.py --scaling [--ms 512,16384]   # rowwise vs tensorwise scales
 
 Times are per call, from CUDA-graph replays of many calls that cycle through enough weight
 copies (>= 512 MB) that no call finds its weight in the 50 MB L2: what a decode step sees.
@@ -252,6 +253,49 @@ def probe() -> None:
     print(f"probe device copy: {2 * src.numel() / t / 1e9:.0f} GB/s (read + write)", flush=True)
 
 
+def _scaled(x, w, scale_a, scale_b):
+    return torch._scaled_mm(x, w.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+
+
+def _mm(x, w):
+    return torch.mm(x, w.t())
+
+
+def run_scaling(ms: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
+    """The GEMM alone (inputs quantized beforehand), torch._scaled_mm with rowwise scales (a
+    scale per token and per weight row: kiln's default scheme) against tensorwise ones (one
+    scale each: static activations over per-tensor weights, as TensorRT-LLM's FP8
+    checkpoints hold), and bf16 torch.mm: whether per-tensor scaling buys GEMM speed."""
+    results = []
+    for N, K in shapes:
+        copies = max(2, math.ceil(ROTATE_BYTES / (N * K)))
+        w8 = make_weights(N, K, copies, fp8.FP8)
+        w16 = [(w.to(torch.bfloat16) * 0.02, None) for w, _ in w8[:max(2, copies // 2)]]
+        one = torch.ones(1, device="cuda")
+        for M in ms:
+            xq, xs = fp8.quantize_fp8_per_token(torch.randn(M, K, device="cuda"))
+            x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            variants = {  # name: (function, its argument tuples, one a weight copy)
+                "rowwise": (_scaled, [(xq, w, xs, s.view(1, N)) for w, s in w8]),
+                "tensorwise": (_scaled, [(xq, w, one, one) for w, _ in w8]),
+                "bf16 mm": (_mm, [(x16, w) for w, _ in w16]),
+            }
+            for name, (fn, args) in variants.items():
+                try:
+                    t = time_calls(fn, args)
+                except Exception as e:
+                    print(f"{N} {K} {M} {name}: {type(e).__name__} {str(e)[:120]}", flush=True)
+                    continue
+                rec = dict(N=N, K=K, M=M, method=name, us=t * 1e6,
+                           weight_GBps=N * K * (2 if name == "bf16 mm" else 1) / t / 1e9,
+                           TFLOPs=2.0 * M * N * K / t / 1e12)
+                results.append(rec)
+                print(row(rec), flush=True)
+        del w8, w16
+        torch.cuda.empty_cache()
+    return results
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="fp8_gemm.json")
@@ -260,6 +304,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--sweep", action="store_true", help="also time every Triton config")
     ap.add_argument("--static", action="store_true", help="static input scale")
     ap.add_argument("--probe", action="store_true", help="only probe _scaled_mm and copy GB/s")
+    ap.add_argument("--scaling", action="store_true",
+                    help="_scaled_mm rowwise vs tensorwise vs bf16, GEMM alone")
     ap.add_argument("--grid", action="store_true",
                     help="the decode tile over a grid of launches, GEMM alone (default --ms 1)")
     args = ap.parse_args(argv)
@@ -271,7 +317,9 @@ def main(argv: list[str]) -> None:
         tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     start = time.time()
-    if args.grid:
+    if args.scaling:
+        results = run_scaling(ms, shapes)
+    elif args.grid:
         results = run_grid([1] if args.ms == ",".join(map(str, MS)) else ms, shapes)
     else:
         results = run(ms, shapes, args.sweep, args.static)
