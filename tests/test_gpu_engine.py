@@ -394,11 +394,12 @@ def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkey
                                                  ("gemma2", "none"), ("llama", "fp8"),
                                                  ("llama", "int4_wo")])
 def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoints,
-                                  tmp_path):
-    """KILN_COMPILE_THREADS=8 with an empty Triton cache (a fresh container): the warm-up's
-    kernels compile on threads (kiln.runtime.precompile; its first pass skips launches,
-    leaving outputs unwritten), the warm-up after them compiles nothing, and the engine
-    generates what one loaded the usual way does (bf16 dense / MoE / softcapped-windowed,
+                                  tmp_path, monkeypatch):
+    """KILN_COMPILE_THREADS=8 (threads are the default since the 26th session) with an
+    empty Triton cache (a fresh container): the warm-up's kernels compile on threads
+    (kiln.runtime.precompile; its first pass skips launches, leaving outputs unwritten),
+    the warm-up after them compiles nothing, and the engine generates what one loaded
+    with the kernels compiled one by one does (bf16 dense / MoE / softcapped-windowed,
     FP8 weights + FP8 KV, int4 weights)."""
     import json
     import os
@@ -414,6 +415,8 @@ def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoi
             kv_cache_dtype="fp8" if quantization == "fp8" else "auto"), progress=False)
     prompts = make_prompts(6, seed=3)
     params = SamplingParams(max_tokens=12, **GREEDY)
+    from kiln.runtime import precompile
+    monkeypatch.setattr(precompile, "THREADS", 0)  # the reference: compiles one by one
     want = run_all(LLMEngine(path, RuntimeConfig(device="cuda")), prompts, params)
     script = textwrap.dedent(f"""
         import json

@@ -66,3 +66,21 @@ def test_a_failing_pass_still_compiles_what_it_found(caplog) -> None:
     assert knobs.runtime.jit_cache_hook is before
     assert count == 1 and [d for d, _ in kernel.loaded] == ["spec k1"]
     assert "ValueError: boom" in caplog.text
+
+
+def test_thread_count_from_the_environment(monkeypatch, caplog) -> None:
+    """On by default (min(12, usable CPUs)); KILN_COMPILE_THREADS sets the count (0: off);
+    a value that is not a number is named in a warning and the default kept."""
+    from kiln.runtime import precompile
+
+    monkeypatch.delenv("KILN_COMPILE_THREADS", raising=False)
+    default = precompile._threads()
+    assert 1 <= default <= 12
+    monkeypatch.setenv("KILN_COMPILE_THREADS", "0")
+    assert precompile._threads() == 0
+    monkeypatch.setenv("KILN_COMPILE_THREADS", " 5 ")
+    assert precompile._threads() == 5
+    monkeypatch.setenv("KILN_COMPILE_THREADS", "many")
+    with caplog.at_level("WARNING", logger="kiln.runtime.precompile"):
+        assert precompile._threads() == default
+    assert "'many'" in caplog.text

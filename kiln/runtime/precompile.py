@@ -1,5 +1,6 @@
-"""The warm-up's Triton kernels compiled on several threads (KILN_COMPILE_THREADS=N; opt-in
-until its GPU test over the formats has run).
+"""The warm-up's Triton kernels compiled on several threads: on by default on one GPU,
+min(12, the CPUs this process may use) threads; KILN_COMPILE_THREADS=N sets the count, 0 or
+1 turns it off (the kernels then compile one by one as the warm-up reaches them).
 
 On a machine whose Triton cache is empty (a fresh container), loading an engine spends
 most of its time compiling: an 8B engine loads in 17.5 s (bf16) / 24.5 s (FP8) on an H200
@@ -7,7 +8,9 @@ against 7.3 s with the cache warm, one kernel after another as the warm-up's ste
 them. A compile is mostly MLIR passes and ptxas, which run without Python's lock: six
 decode-kernel compiles for sm_90 take 2.28 s one after another, 1.36 s on two threads of
 a 2-core machine; a Llama-3.2-1B-shape engine loads cold in 17-19 s on 12 threads instead
-of 25-29 s, the same tokens (BENCHMARKS.md, twenty-fifth session).
+of 25-29 s, the same tokens (BENCHMARKS.md, twenty-fifth session); Llama-3.1-8B bf16 in
+14.0 s instead of 17.9 (twenty-sixth; its GPU test over llama, mixtral, gemma2, FP8 + FP8
+KV and int4 passed there).
 
 So the warm-up runs twice. First with Triton's cache hook answering "handled" for every
 kernel that would compile: the launch is skipped and the kernel's specialization recorded.
@@ -31,7 +34,24 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 log = logging.getLogger(__name__)
-THREADS = int(os.environ.get("KILN_COMPILE_THREADS", "0") or 0)
+
+
+def _threads() -> int:
+    value = os.environ.get("KILN_COMPILE_THREADS", "").strip()
+    if value:
+        try:
+            return int(value)
+        except ValueError:
+            log.warning("KILN_COMPILE_THREADS=%r is not a number of threads; using the "
+                        "default", value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(12, cpus)
+
+
+THREADS = _threads()
 
 
 def graph_steps(max_batch_size: int, prefill_tokens: int, max_seq_len: int
