@@ -55,7 +55,7 @@ for spec in $stages; do
            # warm-up: a group of their own since the 25th session, when group a ran past 330 s)
            run_group a 0 tests/test_kernels_gpu.py tests/test_bench_roofline.py &
            run_group e 0 tests/test_gpu_engine.py &
-           run_group c $b tests/test_kernels_fp8.py tests/test_kernels_kvquant.py &
+           run_group c $b tests/test_kernels_fp8.py tests/test_kernels_kvquant.py tests/test_fp8_mid.py &
            run_group b $b tests/test_kernels_gpu_zoo.py tests/test_kernels_int.py \
              tests/test_kernels_int8_act.py tests/test_weight_only.py tests/test_gpu_speculative.py &
            [ "$n" -gt 1 ] && run_group parallel 0,1 tests/test_gpu_parallel.py &

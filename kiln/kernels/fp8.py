@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels import pdl
+from kiln.kernels import fp8_mid, pdl
 from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of this API
     _INTERPRET,
     FP8,
@@ -359,6 +359,8 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     """
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
+    if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-384 rows (opt-in): see fp8_mid
+        return fp8_mid.tensorwise_fp8_linear(x_q, x_scale, weight, weight_scale, dtype, bias)
     fused_bias = bias is not None and dtype != torch.float32
     y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, N),
                          bias=bias.to(dtype) if fused_bias else None, out_dtype=dtype)
