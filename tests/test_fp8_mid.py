@@ -1,7 +1,8 @@
-"""kiln.kernels.fp8_mid (opt-in, KILN_FP8_MID_TENSORWISE=1): FP8 linear layers of 65-384
-rows as a tensorwise _scaled_mm into float32 and a kernel that applies the scales, against
-the reference W8A8 linear (per-token and static activations, with and without bias);
-the scale kernel runs under the Triton interpreter (_scaled_mm on the CPU)."""
+"""kiln.kernels.fp8_mid (on by default; KILN_FP8_MID_TENSORWISE=0 off): FP8 linear layers
+of 65-192 rows (256 where K > N) as a tensorwise _scaled_mm into float32 and a kernel that
+applies the scales, against the reference W8A8 linear (per-token and static activations,
+with and without bias); the scale kernel under the Triton interpreter (_scaled_mm on the
+CPU)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ def check_mid(dtype: torch.dtype, M: int, N: int, K: int, static: bool, bias: bo
     try:
         got = fp8.fp8_linear(x, wq, ws, in_scale, b, backend="scaled_mm")
         assert fp8_mid.use(M, N, K) == bool(taken)
-        assert not fp8_mid.use(64, N, K) and not fp8_mid.use(385, N, K)
+        top = 256 if K > N else 192
+        assert fp8_mid.use(top, N, K) and not fp8_mid.use(top + 1, N, K)
+        assert not fp8_mid.use(64, N, K)
+        assert fp8_mid.use(256, 4096, 14336) and not fp8_mid.use(257, 4096, 14336)
         assert not fp8_mid.use(M, 28672, K)
     finally:
         fp8_mid.ENABLED, fp8_mid.tensorwise_fp8_linear = saved, real
@@ -49,6 +53,7 @@ def check_mid(dtype: torch.dtype, M: int, N: int, K: int, static: bool, bias: bo
 def test_mid_rows_tensorwise(interp, dtype, static, bias) -> None:  # noqa: F811
     interp(check_mid, dtype, 96, 80, 64, static, bias)
     interp(check_mid, dtype, 40, 48, 32, static, bias)  # below 65 rows: the usual path
+    interp(check_mid, dtype, 200, 48, 96, static, bias)  # K > N: up to 256 rows
 
 
 @pytest.mark.gpu
@@ -63,7 +68,7 @@ def test_gpu_mid_rows_match_rowwise(N, K) -> None:
     w = torch.randn(N, K, device="cuda", generator=g) * 0.02
     ws = w.abs().amax(1) / 448
     wq = (w / ws[:, None]).to(torch.float8_e4m3fn)
-    for M in (65, 128, 384):
+    for M in (65, 128, 256):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
         xq, xs = fp8.quantize_fp8_per_token(x)
         want = fp8.scaled_mm_fp8_linear(fp8.FP8Act(xq, xs, x.dtype), wq, ws) \

@@ -2,12 +2,13 @@
 # For the next device session (one H200), from the repository root:
 #   bash benchmarks/results/h200-2026-12-03-s26/scripts/next_session.sh a   (~4 minutes)
 #   bash benchmarks/results/h200-2026-12-03-s26/scripts/next_session.sh b   (~5 minutes)
-# a: the GPU test of kiln.kernels.fp8_mid (opt-in, written after the 26th session's device
-#    time), then fp8_gemm.py at 64-384 rows with KILN_FP8_MID_TENSORWISE=1 and without (the
-#    "auto" column is what fp8_linear picks).
-# b: FP8 + FP8 KV end to end where decode batches hold 65-384 rows (max batch 128 and 256,
-#    1000 / 1000 x 300 and 128 / 128 x 1000), the mid-row path on and off, alternating. If it
-#    wins: on by default (fp8_mid.ENABLED), and GPU suite group c covers it.
+# a: the GPU test of kiln.kernels.fp8_mid and the FP8 kernel tests, then fp8_gemm.py at
+#    64-384 rows with KILN_FP8_MID_TENSORWISE=1 and 0 (the "auto" column is what
+#    fp8_linear picks). Run in the 26th session (call 5) already, before the window was cut
+#    to 65-192 rows (256 where K > N); repeat only to check that cut.
+# b: FP8 + FP8 KV end to end where decode batches hold 65-256 rows (max batch 256 and 128,
+#    1000 / 1000 x 300 and 128 / 128 x 1000), the mid-row path (on by default since the 26th
+#    session) on and off, alternating: its end-to-end effect, not yet measured.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
