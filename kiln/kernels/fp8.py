@@ -19,10 +19,10 @@ from H200 measurements that `python benchmarks/fp8_gemm.py --sweep` repeats:
   fused RMSNorm / SiLU*mul kernels, or from _quant_kernel (then the GEMM is launched
   behind it with programmatic dependent launch). At 1-16 tokens this is 1.25-1.9x
   faster than _scaled_mm and 1.2-1.55x faster than the bf16 F.linear on the same shapes.
-* M > 64 (prefill): torch._scaled_mm (rowwise scales, bf16/fp16/fp32 out) on x_q from
-  _quant_kernel: up to 1.6x faster than the Triton kernel's large tiles (even at
-  M = 128 on the smallest shape). (The kernel can also quantize x itself, but slower:
-  see GemmConfig.fuse_quant.)
+* M > 64: torch._scaled_mm on x_q from _quant_kernel (rowwise scales, bf16/fp16/fp32
+  out; at 65-192 rows tensorwise plus a scale kernel, kiln.kernels.fp8_mid): up to 1.6x
+  faster than the Triton kernel's large tiles. (The kernel can also quantize x itself,
+  but slower: see GemmConfig.fuse_quant.)
 
 Everything is CUDA-graph safe: launches depend only on shapes, no value is read on the
 host. Under TRITON_INTERPRET=1 (CPU tests) the kernels follow the CPU reference (see
@@ -359,7 +359,7 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     """
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
-    if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-384 rows (opt-in): see fp8_mid
+    if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-192 (256) rows: see fp8_mid
         return fp8_mid.tensorwise_fp8_linear(x_q, x_scale, weight, weight_scale, dtype, bias)
     fused_bias = bias is not None and dtype != torch.float32
     y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, N),
