@@ -82,6 +82,6 @@ def tensorwise_fp8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torc
         block = min(triton.next_power_of_2(N), 1024)
         _scale_kernel[(M, triton.cdiv(N, block))](
             acc, x_scale.reshape(-1).float(), weight_scale.reshape(-1), bias, out, N,
-            acc.stride(0), out.stride(0), XS_PER_ROW=x_scale.numel() == M and M > 1,
+            acc.stride(0), out.stride(0), XS_PER_ROW=x_scale.numel() == M,
             HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=4)
     return out
