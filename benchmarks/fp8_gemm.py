@@ -2,7 +2,7 @@
 at Llama-3.1-8B shapes, each fp8 path timed with its activation quantization included.
 
     python benchmarks/fp8_gemm.py [--out fp8_gemm.json] [--ms 1,2,4] [--sweep]
-    python benchmarks/fp8_gemm.py --grid [--ms 1,16] [--out grid.json]
+    python benchmarks/fp8_gemm.py --grid [--swap] [--ms 1,16] [--out grid.json]
     python benchmarks/fp8_gemm.py --scaling [--ms 512,16384]   # rowwise vs tensorwise scales
 
 Times are per call, from CUDA-graph replays of many calls that cycle through enough weight
@@ -71,7 +71,16 @@ def grid_configs() -> list[fp8.GemmConfig]:
     return out
 
 
-def run_grid(ms: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
+def swap_grid_configs() -> list[fp8.GemmConfig]:
+    """kiln.kernels.fp8_swap's launches: weight rows a program (the wgmma's M), K step,
+    pipeline depth, split-K (--grid --swap)."""
+    G = fp8.GemmConfig
+    return [G(16, rows, block_k, 4, stages, pdl=True, split_k=split, swap=True)
+            for rows in (64, 128) for block_k in (64, 128, 256) for stages in (4, 6, 8, 10, 12)
+            for split in (1, 2, 4)]
+
+
+def run_grid(ms: list[int], shapes: list[tuple[int, int]], swap: bool = False) -> list[dict]:
     """GEMM alone on an already quantized input, every grid_configs launch; prints the
     best three per (shape, M) next to the current gemm_config choice."""
     results = []
@@ -83,7 +92,7 @@ def run_grid(ms: list[int], shapes: list[tuple[int, int]]) -> list[dict]:
             y_ref = ref.fp8_linear(x.float(), w8[0][0], w8[0][1], None, None)
             current = fp8.gemm_config(M, N, K)
             rows = []
-            for cfg in [current] + grid_configs():
+            for cfg in [current] + (swap_grid_configs() if swap else grid_configs()):
                 try:
                     fn = functools.partial(fp8.triton_fp8_linear, config=cfg)
                     t = time_calls(fn, [(act, w, s) for w, s in w8])
@@ -308,6 +317,8 @@ def main(argv: list[str]) -> None:
                     help="_scaled_mm rowwise vs tensorwise vs bf16, GEMM alone")
     ap.add_argument("--grid", action="store_true",
                     help="the decode tile over a grid of launches, GEMM alone (default --ms 1)")
+    ap.add_argument("--swap", action="store_true",
+                    help="with --grid: the swapped-operand launches (kiln.kernels.fp8_swap)")
     args = ap.parse_args(argv)
     if args.probe:
         probe()
@@ -320,7 +331,7 @@ def main(argv: list[str]) -> None:
     if args.scaling:
         results = run_scaling(ms, shapes)
     elif args.grid:
-        results = run_grid([1] if args.ms == ",".join(map(str, MS)) else ms, shapes)
+        results = run_grid([1] if args.ms == ",".join(map(str, MS)) else ms, shapes, args.swap)
     else:
         results = run(ms, shapes, args.sweep, args.static)
         summary(results)

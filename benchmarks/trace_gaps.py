@@ -9,6 +9,10 @@ gaps by size, and for each host range (kiln's step phases and the outermost torc
 how much device idle time fell inside it. A GPU that waits on the host shows its gaps
 inside kiln.schedule / kiln.prepare / kiln.detokenize; one that waits on itself (a sync
 in the middle of a step) shows them inside the op that synced.
+
+--by-kernel: every kernel by name (calls, device time, and the idle time just before each
+call, however short): at batch 1, where a CUDA graph's small kernels and the gaps between
+launches go.
 """
 
 from __future__ import annotations
@@ -74,6 +78,33 @@ def attribute(gaps: list[tuple[float, float]], ranges: list[tuple[float, float, 
     return per_name
 
 
+def by_kernel(events: list[dict], top: int) -> list[dict]:
+    """Per kernel name: calls, device us, and the idle us between the previous device
+    event's end and each call's start (gaps over 1 ms left out: host stalls, not launch)."""
+    device = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                    if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
+    rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    end = None
+    for start, stop, name in device:
+        row = rows[name]
+        row[0] += 1
+        row[1] += stop - start
+        if end is not None and 0 < start - end < 1000:
+            row[2] += start - end
+        end = stop if end is None else max(end, stop)
+    total = sum(r[1] + r[2] for r in rows.values()) or 1.0
+    ranked = sorted(rows.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))[:top]
+    print(f"\n{'kernel':64s} {'calls':>7s} {'busy ms':>9s} {'idle ms':>9s} {'us/call':>8s} "
+          f"{'share':>6s}")
+    out = []
+    for name, (calls, busy, idle) in ranked:
+        print(f"{name[:64]:64s} {calls:7d} {busy / 1000:9.2f} {idle / 1000:9.2f} "
+              f"{busy / calls:8.2f} {100 * (busy + idle) / total:5.1f}%")
+        out.append({"kernel": name, "calls": calls, "busy_ms": busy / 1000,
+                    "idle_before_ms": idle / 1000})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace", type=Path)
@@ -81,8 +112,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--detail", type=int, default=6, help="largest gaps shown in detail")
+    ap.add_argument("--by-kernel", action="store_true",
+                    help="also the kernels by name with the idle time before their calls")
     args = ap.parse_args()
     events = load(args.trace)
+    kernels = by_kernel(events, args.top) if args.by_kernel else None
     busy = busy_intervals(events)
     if not busy:
         raise SystemExit("no device events in the trace (a CPU run?)")
@@ -125,7 +159,8 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "span_s": span / 1e6, "busy_s": busy_us / 1e6, "idle_s": idle_us / 1e6,
             "gaps": len(gaps), "largest_gaps_ms": [s / 1000 for s in sizes[:50]],
-            "idle_ms_by_host_range": {k: v / 1000 for k, v in ranked}}, indent=1))
+            "idle_ms_by_host_range": {k: v / 1000 for k, v in ranked},
+            "by_kernel": kernels}, indent=1))
 
 
 if __name__ == "__main__":

@@ -269,15 +269,20 @@ def test_e4m3_rounding_matches_torch(interp) -> None:  # noqa: F811
 # GemmConfig fields: the decode tile with quantization fused (M <= 16: ROWS rows padded;
 # M = 35: whole tiles) and not, a grouped large-M order; K is not always a multiple of
 # BLOCK_K; split-K over 2 programs where K divides into 2 x BLOCK_K (M = 1 and 35; at
-# K = 200 it falls back to one). (Prefetch and PDL are compiled out under the interpreter.)
+# K = 200 it falls back to one); the swapped-operand kernel (kiln.kernels.fp8_swap: M <= 16,
+# else the tile above), alone and split. (Prefetch and PDL are compiled out under the
+# interpreter.)
 CONFIGS = [(16, 32, 64, 4, 2, True), (16, 16, 128, 4, 2, False), (32, 16, 32, 4, 2, False, 2),
-           (16, 16, 16, 4, 2, False, 1, 128, 0, False, 2)]
+           (16, 16, 16, 4, 2, False, 1, 128, 0, False, 2),
+           (16, 16, 64, 4, 2, False, 1, 128, 0, False, 1, True),
+           (16, 32, 32, 4, 2, False, 1, 128, 0, False, 2, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K", [(1, 48, 256), (5, 40, 200), (35, 64, 96)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped", "split-k"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped", "split-k",
+                                                  "swap", "swap-split-k"])
 def test_triton_fp8_linear(interp, dtype, M, N, K, static, config) -> None:  # noqa: F811
     interp(check_linear, dtype, M, N, K, static, M % 2 == 1, config)
 
@@ -299,19 +304,23 @@ def test_compiles_for_hopper() -> None:
     meant: no spills, tensor-core dots (wgmma for tiles of 64+ rows), async copies."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
-    from kiln.kernels import fp8
+    from kiln.kernels import fp8, fp8_swap
     from kiln.kernels.compile_check import compile_sm90
 
     seen = set()
     for N, K in SHAPES:
         for M in (1, 2, 7, 16, 64, 128, 300, 4096):
-            cfg = fp8.gemm_config(M, N, K)
-            meta = fp8.kernel_constexprs(cfg, M, K, static=False, has_bias=True)
-            key = (cfg, meta["ROWS"], meta["BLOCK_K"], meta["PREFETCH"])
+            cfg = fp8.gemm_config(M, N, K, swap_ok=True)  # an H100 / H200's launches
+            swap = cfg.swap and M <= 16
+            meta = fp8_swap.swap_constexprs(cfg.block_n, cfg.block_k, cfg.split_k, M, N, K,
+                                            True, True, False) if swap else \
+                fp8.kernel_constexprs(cfg, M, K, static=False, has_bias=True)
+            key = (cfg, swap, meta.get("ROWS"), meta["BLOCK_K"], meta.get("PREFETCH"),
+                   meta["SPLIT_K"])
             if key in seen:
                 continue
             seen.add(key)
-            r = compile_sm90(fp8._fp8_gemm_kernel, {
+            r = compile_sm90(fp8_swap._fp8_swap_kernel if swap else fp8._fp8_gemm_kernel, {
                 "x_ptr": "*bf16" if cfg.fuse_quant else "*fp8e4nv", "xs_ptr": "*fp32",
                 "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                 "part_ptr": "*fp32", "count_ptr": "*i32", "M": 7, "N": N, "K": K,
@@ -319,7 +328,7 @@ def test_compiles_for_hopper() -> None:
             }, meta, cfg.num_warps, cfg.num_stages, variant=cfg.tag())
             assert r.stack_bytes == 0, r
             assert r.instructions["cp.async"] > 0, r
-            mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
+            mma = "wgmma.mma_async" if cfg.block_m >= 64 or swap else "mma.sync"
             assert r.instructions[mma] > 0, r
     r = compile_sm90(fp8._quant_kernel, {
         "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
@@ -398,7 +407,7 @@ def test_gpu_quantize_bitwise(dtype, M, K) -> None:
 
 def _gpu_linear_case(backend: str, dtype: torch.dtype, N: int, K: int, M: int, static: bool,
                      with_bias: bool) -> None:
-    from kiln.kernels import fp8
+    from kiln.kernels import fp8, fp8_swap
     from kiln.kernels import reference as ref
 
     w, ws, wf = _gpu_weight(N, K)
@@ -408,7 +417,8 @@ def _gpu_linear_case(backend: str, dtype: torch.dtype, N: int, K: int, M: int, s
     y = fp8.fp8_linear(x, w, ws, in_scale, bias, backend=backend)
     assert y.dtype == dtype and y.shape == (M, N)
     y32 = ref.fp8_linear(x.float(), w, ws, in_scale, None if bias is None else bias.float(), wf)
-    exact = backend == "triton" and fp8.gemm_config(M, N, K).block_m < 64
+    cfg = fp8.gemm_config(M, N, K, fp8_swap.wgmma_device(w))  # fp8 wgmma sums less exactly
+    exact = backend == "triton" and cfg.block_m < 64 and not (cfg.swap and M <= 16)
     _check_linear(f"{backend} {dtype} M={M} N={N} K={K} static={static} bias={with_bias}",
                   y, y32, _abs_sum(x, wf, ws, in_scale), EXACT_TOL if exact else FP8_MMA_TOL)
 
@@ -433,7 +443,9 @@ GPU_CONFIGS = [(16, 32, 256, 4, 4, True), (16, 32, 512, 4, 4, True, 1, 128, 2048
                (64, 32, 256, 4, 4, False, 1, 128, 1024, True),
                (64, 64, 256, 4, 4, False, 8, 128, 0, True),
                (16, 32, 256, 4, 4, False, 1, 128, 0, True, 4),
-               (16, 16, 512, 4, 4, False, 1, 128, 1024, True, 2)]
+               (16, 16, 512, 4, 4, False, 1, 128, 1024, True, 2),
+               (16, 64, 256, 4, 6, False, 1, 128, 0, True, 2, True),
+               (16, 128, 128, 4, 8, False, 1, 128, 0, True, 1, True)]
 
 
 @pytest.mark.gpu
@@ -454,7 +466,8 @@ def test_gpu_triton_configs(config) -> None:
                 y32 = ref.fp8_linear(x.float(), w, ws, in_scale, bias.float(), wf)
                 _check_linear(f"{cfg.tag()} M={M} N={N} K={K} static={in_scale is not None}",
                               y, y32, _abs_sum(x, wf, ws, in_scale),
-                              EXACT_TOL if cfg.block_m < 64 else FP8_MMA_TOL)
+                              EXACT_TOL if cfg.block_m < 64 and not (cfg.swap and M <= 16)
+                              else FP8_MMA_TOL)
 
 
 @pytest.mark.gpu

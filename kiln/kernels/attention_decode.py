@@ -230,10 +230,16 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     stages, prefetch 1, the best of 54 launches at every shape swept
     (benchmarks/attn_decode_vt.py --sweep): B=512 x 1536 0.403 ms vs 0.458 with 64 keys,
     256 x 1024 0.148 vs 0.160, 64 x 8192 0.259 vs 0.294, 496 x 256 0.092 vs 0.094.
+    Twenty-seventh session, int8 on the transposed layout (SmoothQuant engines' KV; the same
+    54 launches): 128 keys, 2 warps, 3 stages, no prefetch, against the 64 keys / 4 warps it
+    had: 512 x 1536 0.454 ms vs 0.585, 256 x 1024 0.165 vs 0.214, 64 x 8192 0.291 vs 0.513,
+    496 x 256 0.104 vs 0.114 (32 keys 0.097 there: not worth a launch of its own).
     """
-    if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3 and block_d <= 128 and \
-            block_g <= 16 and not rope_k:
-        return (128 if v_t else 64), 3, 2, 1
+    if block_d <= 128 and block_g <= 16 and not rope_k:
+        if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3:
+            return (128 if v_t else 64), 3, 2, 1
+        if cache_dtype == torch.int8 and v_t:
+            return 128, 3, 2, 0
     return (64 if block_d <= 128 else 32), 2, 4, 0
 
 

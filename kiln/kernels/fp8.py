@@ -12,13 +12,13 @@ nearest even, and the dynamic scale is rounded the way torch rounds `amax / 448`
 fp8_linear picks one of two GEMM backends by shape (_use_scaled_mm: M > 64 tokens),
 from H200 measurements that `python benchmarks/fp8_gemm.py --sweep` repeats:
 
-* M <= 64 (decode): the Triton kernel _fp8_gemm_kernel, tiles of 16 rows (mma.sync; the
-  fp8 operands widened to f16, float32 accumulation) up to 16 tokens, 64 rows (fp8
-  wgmma) up to 64, 32 weight rows per program so that every SM streams the weight, K
-  split over programs where it is long (kiln.kernels.split_k). x comes quantized from the
-  fused RMSNorm / SiLU*mul kernels, or from _quant_kernel (then the GEMM is launched
-  behind it with programmatic dependent launch). At 1-16 tokens this is 1.25-1.9x
-  faster than _scaled_mm and 1.2-1.55x faster than the bf16 F.linear on the same shapes.
+* M <= 64 (decode): Triton kernels. Up to 16 tokens on Hopper, kiln.kernels.fp8_swap (the
+  weight's rows as a 64-row fp8 wgmma's M) where K < 8192; else _fp8_gemm_kernel, tiles
+  of 16 rows (mma.sync, fp8 widened to f16, float32 sums) or 64 (fp8 wgmma) up to 64
+  tokens, 32 weight rows a program, K split where long (kiln.kernels.split_k). x comes
+  quantized from the fused RMSNorm / SiLU*mul kernels, or from _quant_kernel (launched
+  before the GEMM with programmatic dependent launch). At 1-16 tokens 1.25-1.9x faster
+  than _scaled_mm, 1.2-1.55x faster than bf16 F.linear on the same shapes.
 * M > 64: torch._scaled_mm on x_q from _quant_kernel (rowwise scales, bf16/fp16/fp32
   out; at 65-192 rows tensorwise plus a scale kernel, kiln.kernels.fp8_mid): up to 1.6x
   faster than the Triton kernel's large tiles. (The kernel can also quantize x itself,
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels import fp8_mid, pdl
+from kiln.kernels import fp8_mid, fp8_swap, pdl
 from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of this API
     _INTERPRET,
     FP8,
@@ -50,6 +50,7 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
     QUANT_STATIC,
     FP8Act,
     _dynamic_scale,
+    _pad_rows,
     _quant_kernel,
     _quantize,
     _quantize_values,
@@ -59,27 +60,6 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
 from kiln.kernels.split_k import grouped_tile, split_k_counters, split_k_fixup
 
 # ---- GEMM -----------------------------------------------------------------------------
-
-
-@triton.jit
-def _double_rows(q):
-    """[R, C] -> [2R, C]: q on top of R rows of zeros (goes through shared memory)."""
-    return tl.reshape(tl.permute(tl.join(q, tl.zeros_like(q)), (2, 0, 1)),
-                      (2 * q.shape[0], q.shape[1]))
-
-
-@triton.jit
-def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """[ROWS, C] -> [BLOCK_M, C] (BLOCK_M = 16), zeros below; ROWS a power of two."""
-    if ROWS * 16 <= BLOCK_M:
-        q = _double_rows(q)
-    if ROWS * 8 <= BLOCK_M:
-        q = _double_rows(q)
-    if ROWS * 4 <= BLOCK_M:
-        q = _double_rows(q)
-    if ROWS * 2 <= BLOCK_M:
-        q = _double_rows(q)
-    return q
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -228,16 +208,13 @@ def _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_
 class GemmConfig:
     """One launch configuration of _fp8_gemm_kernel.
 
-    fuse_quant: x is quantized inside the GEMM (one launch; M <= 16 rows quantized as
-    ROWS = next power of two, the rest padded), else by _quant_kernel first. Measured on
-    an H200 at M = 1 the fused launch takes 27-213 us where the two launches take 10-37
-    (each program reads and quantizes x itself, and the time grows with the number of
-    programs; why it is this slow is not understood yet), so gemm_config never picks it.
-    pdl: the GEMM is launched behind _quant_kernel with programmatic dependent launch.
-    prefetch: bytes of each weight row the program asks into L2 before anything else.
-    promote_k: see PROMOTE_K in _fp8_gemm_kernel.
+    fuse_quant: x is quantized inside the GEMM (one launch), else by _quant_kernel first;
+    never picked (H200, M = 1: 27-213 us against 10-37 for the two launches).
+    pdl: launched behind _quant_kernel with programmatic dependent launch. prefetch: bytes
+    of each weight row asked into L2 first. promote_k: PROMOTE_K of _fp8_gemm_kernel.
     split_k: programs a tile's K is split over (split_k_fixup sums them; used where K
-    divides into split_k * block_k and x comes quantized, else 1)."""
+    divides into split_k * block_k and x comes quantized, else 1).
+    swap (M <= 16): kiln.kernels.fp8_swap, block_n weight rows as the wgmma's M."""
     block_m: int
     block_n: int
     block_k: int
@@ -249,18 +226,26 @@ class GemmConfig:
     prefetch: int = 0
     pdl: bool = False
     split_k: int = 1
+    swap: bool = False
 
     def tag(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}"
                 f"s{self.num_stages}{'F' if self.fuse_quant else ''}"
                 f"{f'k{self.split_k}' if self.split_k > 1 else ''}"
                 f"{f'g{self.group_m}' if self.group_m > 1 else ''}"
-                f"{f'p{self.prefetch}' if self.prefetch else ''}{'L' if self.pdl else ''}")
+                f"{f'p{self.prefetch}' if self.prefetch else ''}{'L' if self.pdl else ''}"
+                f"{'S' if self.swap else ''}")
 
 
-def gemm_config(M: int, N: int, K: int) -> GemmConfig:
+def gemm_config(M: int, N: int, K: int, swap_ok: bool = False) -> GemmConfig:
     """The Triton launch for an [M, K] x [N, K]^T product (H200, Llama-3.1-8B shapes), used
-    up to M = 64 (_use_scaled_mm); above, the fallback for what _scaled_mm cannot take."""
+    up to M = 64 (_use_scaled_mm); above, the fallback for what _scaled_mm cannot take.
+    swap_ok: the device takes fp8_swap's launches (fp8_swap.wgmma_device)."""
+    if M <= 16 and swap_ok and K < 8192:  # fp8_swap: 27th session, `fp8_gemm.py --grid --swap`
+        # M = 1 / 16, us: QKV 8.90 / 8.87 vs 10.31 / 10.56, O 8.12 / 8.09 vs 8.30 / 8.65,
+        # gate-up 30.32 / 31.37 vs 30.73 / 32.30; the down projection (K 14336) keeps the
+        # tile below (19.0 vs 19.8). FP8 batch 1 (H200): 319.7 vs 310.1 tok/s.
+        return GemmConfig(16, 64, 128, 4, 4 if N >= 16384 else 10, pdl=True, swap=True)
     if M <= 16:  # mma.sync tiles of 16 rows, 32 weight rows per program
         # From `fp8_gemm.py --grid` (the GEMM alone on a quantized input, as the fused
         # RMSNorm / SiLU*mul kernels hand it over), M = 1 / 16, us:
@@ -322,8 +307,8 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = config or gemm_config(M, N, K)
-    if isinstance(x, FP8Act):
+    cfg = config or gemm_config(M, N, K, fp8_swap.wgmma_device(weight))
+    if isinstance(x, FP8Act) or (cfg.swap and M <= 16):
         cfg = replace(cfg, fuse_quant=False)
     elif x.stride(-1) != 1:
         x = x.contiguous()
@@ -336,6 +321,10 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
         a, a_scale = x, input_scale
     else:
         a, a_scale, _ = _input(x, input_scale, launch_dependents=meta["PDL"])
+    if cfg.swap and M <= 16:
+        return fp8_swap.swap_fp8_linear(a, a_scale, weight, weight_scale, bias, out,
+                                        cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                                        cfg.split_k, meta["PDL"], _INTERPRET)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     split = meta["SPLIT_K"]
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) \
@@ -355,8 +344,7 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_linear on torch._scaled_mm with rowwise scales (x_q from _quant_kernel).
     bf16 and fp16 outputs come straight from it (float32 epilogue, bias in x's dtype);
-    it takes no bias with a float32 output, so there the bias is added after.
-    """
+    it takes no bias with a float32 output, so there the bias is added after."""
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
     if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-192 (256) rows: see fp8_mid

@@ -178,3 +178,22 @@ def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _quantize(x, scale.reshape(1).float())[0]
 
 
+@triton.jit
+def _double_rows(q):
+    """[R, C] -> [2R, C]: q on top of R rows of zeros (goes through shared memory)."""
+    return tl.reshape(tl.permute(tl.join(q, tl.zeros_like(q)), (2, 0, 1)),
+                      (2 * q.shape[0], q.shape[1]))
+
+
+@triton.jit
+def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[ROWS, C] -> [BLOCK_M, C] (BLOCK_M = 16), zeros below; ROWS a power of two."""
+    if ROWS * 16 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 8 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 4 <= BLOCK_M:
+        q = _double_rows(q)
+    if ROWS * 2 <= BLOCK_M:
+        q = _double_rows(q)
+    return q
