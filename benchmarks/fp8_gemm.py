@@ -71,11 +71,12 @@ def grid_configs() -> list[fp8.GemmConfig]:
     return out
 
 
-def swap_grid_configs() -> list[fp8.GemmConfig]:
-    """kiln.kernels.fp8_swap's launches: weight rows a program (the wgmma's M), K step,
-    pipeline depth, split-K (--grid --swap)."""
+def swap_grid_configs(M: int) -> list[fp8.GemmConfig]:
+    """kiln.kernels.fp8_swap's launches for M tokens (a tile of 16, 32 or 64): weight rows a
+    program (the wgmma's M), K step, pipeline depth, split-K (--grid --swap)."""
     G = fp8.GemmConfig
-    return [G(16, rows, block_k, 4, stages, pdl=True, split_k=split, swap=True)
+    tokens = 16 if M <= 16 else 32 if M <= 32 else 64
+    return [G(tokens, rows, block_k, 4, stages, pdl=True, split_k=split, swap=True)
             for rows in (64, 128) for block_k in (64, 128, 256) for stages in (4, 6, 8, 10, 12)
             for split in (1, 2, 4)]
 
@@ -92,7 +93,7 @@ def run_grid(ms: list[int], shapes: list[tuple[int, int]], swap: bool = False) -
             y_ref = ref.fp8_linear(x.float(), w8[0][0], w8[0][1], None, None)
             current = fp8.gemm_config(M, N, K)
             rows = []
-            for cfg in [current] + (swap_grid_configs() if swap else grid_configs()):
+            for cfg in [current] + (swap_grid_configs(M) if swap else grid_configs()):
                 try:
                     fn = functools.partial(fp8.triton_fp8_linear, config=cfg)
                     t = time_calls(fn, [(act, w, s) for w, s in w8])

@@ -269,20 +269,21 @@ def test_e4m3_rounding_matches_torch(interp) -> None:  # noqa: F811
 # GemmConfig fields: the decode tile with quantization fused (M <= 16: ROWS rows padded;
 # M = 35: whole tiles) and not, a grouped large-M order; K is not always a multiple of
 # BLOCK_K; split-K over 2 programs where K divides into 2 x BLOCK_K (M = 1 and 35; at
-# K = 200 it falls back to one); the swapped-operand kernel (kiln.kernels.fp8_swap: M <= 16,
-# else the tile above), alone and split. (Prefetch and PDL are compiled out under the
-# interpreter.)
+# K = 200 it falls back to one); the swapped-operand kernel (kiln.kernels.fp8_swap: M up to
+# the token tile, 16 or 64, else the unswapped tile), alone and split. (Prefetch and PDL
+# are compiled out under the interpreter.)
 CONFIGS = [(16, 32, 64, 4, 2, True), (16, 16, 128, 4, 2, False), (32, 16, 32, 4, 2, False, 2),
            (16, 16, 16, 4, 2, False, 1, 128, 0, False, 2),
            (16, 16, 64, 4, 2, False, 1, 128, 0, False, 1, True),
-           (16, 32, 32, 4, 2, False, 1, 128, 0, False, 2, True)]
+           (16, 32, 32, 4, 2, False, 1, 128, 0, False, 2, True),
+           (64, 16, 32, 4, 2, False, 1, 128, 0, False, 1, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K", [(1, 48, 256), (5, 40, 200), (35, 64, 96)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped", "split-k",
-                                                  "swap", "swap-split-k"])
+                                                  "swap", "swap-split-k", "swap-64"])
 def test_triton_fp8_linear(interp, dtype, M, N, K, static, config) -> None:  # noqa: F811
     interp(check_linear, dtype, M, N, K, static, M % 2 == 1, config)
 
@@ -311,9 +312,9 @@ def test_compiles_for_hopper() -> None:
     for N, K in SHAPES:
         for M in (1, 2, 7, 16, 64, 128, 300, 4096):
             cfg = fp8.gemm_config(M, N, K, swap_ok=True)  # an H100 / H200's launches
-            swap = cfg.swap and M <= 16
-            meta = fp8_swap.swap_constexprs(cfg.block_n, cfg.block_k, cfg.split_k, M, N, K,
-                                            True, True, False) if swap else \
+            swap = cfg.swap and M <= cfg.block_m
+            meta = fp8_swap.swap_constexprs(cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
+                                            M, N, K, True, True, False) if swap else \
                 fp8.kernel_constexprs(cfg, M, K, static=False, has_bias=True)
             key = (cfg, swap, meta.get("ROWS"), meta["BLOCK_K"], meta.get("PREFETCH"),
                    meta["SPLIT_K"])
@@ -418,7 +419,7 @@ def _gpu_linear_case(backend: str, dtype: torch.dtype, N: int, K: int, M: int, s
     assert y.dtype == dtype and y.shape == (M, N)
     y32 = ref.fp8_linear(x.float(), w, ws, in_scale, None if bias is None else bias.float(), wf)
     cfg = fp8.gemm_config(M, N, K, fp8_swap.wgmma_device(w))  # fp8 wgmma sums less exactly
-    exact = backend == "triton" and cfg.block_m < 64 and not (cfg.swap and M <= 16)
+    exact = backend == "triton" and cfg.block_m < 64 and not (cfg.swap and M <= cfg.block_m)
     _check_linear(f"{backend} {dtype} M={M} N={N} K={K} static={static} bias={with_bias}",
                   y, y32, _abs_sum(x, wf, ws, in_scale), EXACT_TOL if exact else FP8_MMA_TOL)
 
@@ -466,8 +467,8 @@ def test_gpu_triton_configs(config) -> None:
                 y32 = ref.fp8_linear(x.float(), w, ws, in_scale, bias.float(), wf)
                 _check_linear(f"{cfg.tag()} M={M} N={N} K={K} static={in_scale is not None}",
                               y, y32, _abs_sum(x, wf, ws, in_scale),
-                              EXACT_TOL if cfg.block_m < 64 and not (cfg.swap and M <= 16)
-                              else FP8_MMA_TOL)
+                              FP8_MMA_TOL if cfg.block_m >= 64 or (cfg.swap and M <= cfg.block_m)
+                              else EXACT_TOL)
 
 
 @pytest.mark.gpu

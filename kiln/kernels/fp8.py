@@ -214,7 +214,7 @@ class GemmConfig:
     of each weight row asked into L2 first. promote_k: PROMOTE_K of _fp8_gemm_kernel.
     split_k: programs a tile's K is split over (split_k_fixup sums them; used where K
     divides into split_k * block_k and x comes quantized, else 1).
-    swap (M <= 16): kiln.kernels.fp8_swap, block_n weight rows as the wgmma's M."""
+    swap (M <= block_m): kiln.kernels.fp8_swap, block_n weight rows as the wgmma's M."""
     block_m: int
     block_n: int
     block_k: int
@@ -308,7 +308,8 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     if M == 0 or N == 0:
         return out
     cfg = config or gemm_config(M, N, K, fp8_swap.wgmma_device(weight))
-    if isinstance(x, FP8Act) or (cfg.swap and M <= 16):
+    swap = cfg.swap and M <= cfg.block_m
+    if isinstance(x, FP8Act) or swap:
         cfg = replace(cfg, fuse_quant=False)
     elif x.stride(-1) != 1:
         x = x.contiguous()
@@ -321,10 +322,10 @@ def triton_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
         a, a_scale = x, input_scale
     else:
         a, a_scale, _ = _input(x, input_scale, launch_dependents=meta["PDL"])
-    if cfg.swap and M <= 16:
-        return fp8_swap.swap_fp8_linear(a, a_scale, weight, weight_scale, bias, out,
-                                        cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
-                                        cfg.split_k, meta["PDL"], _INTERPRET)
+    if swap:
+        return fp8_swap.swap_fp8_linear(
+            a, a_scale, weight, weight_scale, bias, out, cfg.block_m, cfg.block_n, cfg.block_k,
+            cfg.num_warps, cfg.num_stages, cfg.split_k, meta["PDL"], _INTERPRET)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     split = meta["SPLIT_K"]
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) \

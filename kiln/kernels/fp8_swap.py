@@ -1,4 +1,4 @@
-"""FP8 W8A8 linear for decode rows (M <= 16) with the operands swapped: the weight's rows
+"""FP8 W8A8 linear for decode rows (M <= 64) with the operands swapped: the weight's rows
 are the tensor core's M, the tokens its N.
 
     out^T[n, m] = sum_k w_q[n, k] * x_q[m, k],  y[m, n] = out^T[n, m] * x_scale[m] * w_scale[n]
@@ -8,7 +8,8 @@ it runs on mma.sync, which takes fp8 operands only after widening them to f16 in
 registers: every weight byte is converted and moved through registers. Swapped, a
 [BLOCK_W, BLOCK_K] weight tile is the A operand of a 64-row wgmma, read from shared memory
 as it arrived (fp8 into the tensor core, no conversion), and the tokens pad to a 16-wide
-B tile; the saved issue slots go to a deeper pipeline of weight tiles. This is the layout
+B tile (16, 32 or 64 wide: BLOCK_T, all of M in one); the saved issue slots go to a
+deeper pipeline of weight tiles. This is the layout
 cuBLAS's own skinny GEMMs use (its bf16 decode GEMVs on the H200: 128 weight rows x 8
 tokens, 12 stages). The sums, scales (x scale first, then w scale, as _fp8_epilogue) and
 split-K (kiln.kernels.split_k) are the same as the unswapped kernel's; only the order of
@@ -98,12 +99,13 @@ def _fp8_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_w[:, None] & mask_t[None, :])
 
 
-def swap_constexprs(block_w: int, block_k: int, split_k: int, M: int, N: int, K: int,
-                    has_bias: bool, pdl_ok: bool, interpret: bool) -> dict:
+def swap_constexprs(block_t: int, block_w: int, block_k: int, split_k: int, M: int, N: int,
+                    K: int, has_bias: bool, pdl_ok: bool, interpret: bool) -> dict:
     """_fp8_swap_kernel's compile-time arguments (also what compile checks use)."""
     block_k = min(block_k, max(32, triton.next_power_of_2(K)))
     split = split_k if K % (split_k * block_k) == 0 else 1
-    return dict(HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_T=16, BLOCK_K=block_k,
+    assert M <= block_t, "the swapped FP8 GEMM takes all tokens in one tile"
+    return dict(HAS_BIAS=has_bias, BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_K=block_k,
                 EVEN_K=K % block_k == 0, EVEN_N=N % block_w == 0,
                 PROMOTE_K=min(128, block_k), SPLIT_K=split, PDL=pdl_ok and not interpret,
                 INTERPRET=interpret)
@@ -111,15 +113,14 @@ def swap_constexprs(block_w: int, block_k: int, split_k: int, M: int, N: int, K:
 
 def swap_fp8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
                     weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                    block_w: int, block_k: int, num_warps: int, num_stages: int,
+                    block_t: int, block_w: int, block_k: int, num_warps: int, num_stages: int,
                     split_k: int, pdl_ok: bool, interpret: bool) -> torch.Tensor:
-    """out [M, N] (M <= 16) = the swapped GEMM of an already quantized x_q [M, K] (per-row
+    """out [M, N] (M <= block_t) = the swapped GEMM of an already quantized x_q [M, K] (per-row
     scales x_scale [M, 1]) and weight [N, K] e4m3fn with weight_scale [N]."""
     M, K = x_q.shape
     N = weight.shape[0]
-    assert M <= 16, "the swapped FP8 GEMM takes up to 16 tokens"
-    meta = swap_constexprs(block_w, block_k, split_k, M, N, K, bias is not None, pdl_ok,
-                           interpret)
+    meta = swap_constexprs(block_t, block_w, block_k, split_k, M, N, K, bias is not None,
+                           pdl_ok, interpret)
     tiles = triton.cdiv(N, block_w)
     split = meta["SPLIT_K"]
     part = torch.empty(split, M, N, dtype=torch.float32, device=out.device) \

@@ -35,9 +35,9 @@ for (N, K) in sorted({(r["N"], r["K"]) for r in rows}):
 def parse(tag: str) -> fp8.GemmConfig:
     """'16x64x256w4s6k2LS' -> GemmConfig (the fields fp8_gemm.py's swap grid varies)."""
     import re
-    m = re.fullmatch(r"16x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?L?S", tag)
-    return fp8.GemmConfig(16, int(m[1]), int(m[2]), int(m[3]), int(m[4]), pdl=True,
-                          split_k=int(m[5] or 1), swap=True)
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?L?S", tag)
+    return fp8.GemmConfig(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]), pdl=True,
+                          split_k=int(m[6] or 1), swap=True)
 
 
 if len(sys.argv) > 2:
