@@ -15,7 +15,7 @@ instructions a tile (`--sass`), 184 registers, no spills.
     python benchmarks/attn_decode_vt.py OUT.json [--decode 512x1536,496x256,...]
         [--prefill 1x1024,16x1000,1x8192]
     python benchmarks/attn_decode_vt.py --sass     (no GPU: main-loop SASS counts, sm_90)
-    python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...] [--kv int8]
+    python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...] [--kv int8] [--splits 8]
         (decode launches on the transposed layout: 32-128 keys a tile, 2-8 warps, 2-4
         stages, blocks a tile ahead or not; kiln's launch was tuned on the usual layout,
         with 253 registers where the transposed loop takes 184)
@@ -104,7 +104,7 @@ def sweep(args: argparse.Namespace, time_calls) -> None:
         batch, ctx = (int(x) for x in spec.split("x"))
         q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, [1] * batch,
                                                                  args.kv)
-        common = dict(num_splits=1, k_scale=ks, v_scale=vs)
+        common = dict(num_splits=args.splits, k_scale=ks, v_scale=vs)
         want = paged_attention_decode(q, k8, v8, tables, lens, scale, **common).float()
         cache_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM
         rows = [dict(batch=batch, ctx=ctx, launch="kiln, usual layout", ms=1e3 * time_calls(
@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--kv", choices=("e4m3", "int8"), default="e4m3",
                     help="the 1-byte cache (--sweep; int8: SmoothQuant engines' KV)")
+    ap.add_argument("--splits", type=int, default=1,
+                    help="--sweep: context splits (a power of two; the engine takes 8 at batch "
+                         "1 with a 2048-token limit: attention_decode.choose_num_splits)")
     args = ap.parse_args()
     if args.sass:
         sass()

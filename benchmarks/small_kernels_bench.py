@@ -12,7 +12,7 @@ Llama-3.1-8B shapes, each variant checked bit for bit against kiln's launch:
   warps a program.
 - the LM head's float32 logits ([M, 4096] x [128256, 4096]): F.linear then .float()
   (kiln's compute_logits), or one GEMM with a float32 output (torch.mm out_dtype), and
-  the greedy argmax over either.
+  the greedy argmax over either (torch's, kiln's chunked greedy_tokens).
 GB/s counts the bytes each kernel must move once.
 """
 
@@ -27,6 +27,7 @@ from fp8_gemm import time_calls  # benchmarks/ is on the path when run as a scri
 
 from kiln.kernels import rms_norm as rn
 from kiln.kernels.reference_quant import FP8Quant
+from kiln.kernels.sampling import greedy_tokens
 from kiln.kernels.silu_mul import act_mul_quant
 
 H, INTER, VOCAB = 4096, 14336, 128256
@@ -93,6 +94,7 @@ def logits_variants(m: int, w: torch.Tensor) -> list[dict]:
         "mm out_dtype=float32": lambda: torch.mm(h, w.t(), out_dtype=torch.float32),
         "argmax float32": lambda: want.argmax(-1),
         "argmax bf16": lambda: F.linear(h, w).argmax(-1),
+        "greedy_tokens float32": lambda: greedy_tokens(want),  # kiln's chunked argmax
     }
     for name, fn in variants.items():
         try:
@@ -101,7 +103,9 @@ def logits_variants(m: int, w: torch.Tensor) -> list[dict]:
             rows.append(dict(kernel="logits", M=m, launch=name, error=str(e)[:120]))
             continue
         same = None
-        if got.dtype == torch.float32:
+        if name.startswith("greedy"):
+            same = float((got != want.argmax(-1)).sum())  # rows that differ from torch
+        elif got.dtype == torch.float32:
             same = float((got - want).abs().max())
         ms = _time(lambda fn=fn: fn(), [()], w.numel() * 2)  # the weight dominates
         rows.append(dict(kernel="logits", M=m, launch=name, us=ms * 1e3, max_diff=same))

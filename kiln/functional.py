@@ -43,9 +43,8 @@ def rms_norm(
     quant: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm; with `residual`, fuses the residual add and returns (normed, x + residual).
-    quant (an FP8Quant from the FP8 linear that takes the output): on a GPU the output
-    comes quantized, as an FP8Act, by the same kernel; elsewhere it is returned as is
-    (the linear quantizes it; the numbers are the same)."""
+    quant (an FP8Quant of the FP8 linear taking the output): on a GPU the output comes
+    quantized (an FP8Act) by the same kernel; elsewhere as is (the linear quantizes it)."""
     if _triton(x):
         from kiln.kernels import rms_norm as kernel
 
@@ -60,9 +59,8 @@ def rms_norm(
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through
-    oneDNN with that packing (2-3.5x faster than a plain GEMM at decode's few rows: the
-    plain call repacks the whole weight every time)."""
+    """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through oneDNN
+    (2-3.5x faster than a plain GEMM at decode's few rows, which repacks it every time)."""
     if packed is not None and not x.is_cuda:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                                "none", [], "")
@@ -375,6 +373,15 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     else:
         y = ref.int8_linear(x2, weight, weight_scale, bias)
     return y.view(*shape[:-1], N)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax [B] int64 of logits [B, V] (the first of equal largest values, NaN largest)."""
+    if _triton(logits):
+        from kiln.kernels.sampling import greedy_tokens as kernel
+
+        return kernel(logits)
+    return logits.argmax(dim=-1)
 
 
 def sample_tokens(

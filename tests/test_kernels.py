@@ -234,6 +234,24 @@ def check_sampling(candidates: int) -> None:
     assert not mismatch.any(), (mismatch.tolist(), kept.sum(-1).tolist())
 
 
+def check_greedy(dtype: torch.dtype, vocab: int, chunk: int) -> None:
+    """kiln.kernels.sampling.greedy_tokens = torch.argmax: random rows, equal maxima in
+    several chunks (the first wins), an all -inf row (index 0), a NaN (taken as largest)."""
+    from kiln.kernels.sampling import greedy_tokens
+
+    torch.manual_seed(vocab)
+    logits = (torch.randn(7, vocab) * 3).to(dtype)
+    logits[1, :] = 1.0  # all equal: 0
+    logits[2, vocab // 3] = logits[2, vocab - 1] = 50.0  # tie across chunks: the first
+    logits[3, :] = float("-inf")
+    logits[4, vocab - 1] = 60.0  # the last index, in the ragged last chunk
+    logits[5, vocab // 2] = float("nan")
+    got = greedy_tokens(logits, chunk=chunk)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, logits.argmax(dim=-1)), (got.tolist(), logits.argmax(-1).tolist())
+    assert got[2].item() == vocab // 3 and got[3].item() == 0 and got[5].item() == vocab // 2
+
+
 def check_functional_dispatch() -> None:
     """The CUDA branch of kiln.functional (kernels fed from AttentionMetadata)."""
     from kiln import functional as KF
@@ -409,6 +427,13 @@ def test_uniform_noise_is_strictly_inside_0_1() -> None:
 @pytest.mark.parametrize("candidates", [4096, 16], ids=["candidate-list", "whole-row"])
 def test_sample_tokens_matches_reference(interp, candidates) -> None:
     interp(check_sampling, candidates)
+
+
+@pytest.mark.parametrize("dtype,vocab,chunk", [(torch.float32, 1000, 256),
+                                               (torch.bfloat16, 300, 64),
+                                               (torch.float32, 100, 4096)])
+def test_greedy_tokens_match_torch_argmax(interp, dtype, vocab, chunk) -> None:
+    interp(check_greedy, dtype, vocab, chunk)
 
 
 def test_functional_dispatch(interp) -> None:

@@ -247,6 +247,19 @@ def test_sample_tokens(rows: int, candidates: int) -> None:
     assert torch.equal(out, expected), (out.tolist(), expected.tolist())
 
 
+@pytest.mark.parametrize("rows", [1, 496])
+def test_greedy_tokens(rows: int) -> None:
+    """The chunked argmax at a real vocabulary (128,256) = torch.argmax, ties and NaN too."""
+    from kiln.kernels.sampling import greedy_tokens
+
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(rows, 128256, device="cuda") * 4).to(dtype)
+        logits[0, 5000] = logits[0, 100000] = 99.0
+        if rows > 1:
+            logits[1, 77777] = float("nan")
+        assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+
+
 def test_sample_tokens_cuda_graph() -> None:
     from kiln.kernels.sampling import sample_tokens
 

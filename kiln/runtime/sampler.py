@@ -146,7 +146,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
     if batch.grammar is not None:
         logits = apply_grammar(logits, batch.grammar)
     if batch.all_greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = KF.greedy_tokens(logits)
     else:
         tokens = KF.sample_tokens(logits, batch.temperature, batch.top_k, batch.top_p,
                                   batch.min_p, batch.seeds, batch.steps)
