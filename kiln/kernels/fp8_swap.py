@@ -18,6 +18,8 @@ the tensor core's partial sums differs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -26,14 +28,16 @@ from triton.language.extra.cuda import gdc_wait
 from kiln.kernels.fp8_quant import _INTERPRET
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
+ENABLED = os.environ.get("KILN_FP8_SWAP", "1") != "0"  # 0: the unswapped decode tile
 _WGMMA: dict[int, bool] = {}
 
 
 def wgmma_device(t: torch.Tensor) -> bool:
     """Whether t's GPU runs the swapped launches as measured: Hopper or datacenter
     Blackwell (sm_90 / sm_100: 64-row fp8 MMAs from shared memory, 227 KB of it); not
-    under the interpreter, not on sm_89 / sm_120 (about 100 KB of shared memory)."""
-    if not t.is_cuda or _INTERPRET:
+    under the interpreter, not on sm_89 / sm_120 (about 100 KB of shared memory), not
+    with KILN_FP8_SWAP=0."""
+    if not ENABLED or not t.is_cuda or _INTERPRET:
         return False
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     if index not in _WGMMA:
