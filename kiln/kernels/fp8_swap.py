@@ -7,13 +7,13 @@ kiln.kernels.fp8's decode tile puts the (padded) tokens in the MMA's 16 rows, so
 it runs on mma.sync, which takes fp8 operands only after widening them to f16 in
 registers: every weight byte is converted and moved through registers. Swapped, a
 [BLOCK_W, BLOCK_K] weight tile is the A operand of a 64-row wgmma, read from shared memory
-as it arrived (fp8 into the tensor core, no conversion), and the tokens pad to a 16-wide
-B tile (16, 32 or 64 wide: BLOCK_T, all of M in one); the saved issue slots go to a
-deeper pipeline of weight tiles. This is the layout
-cuBLAS's own skinny GEMMs use (its bf16 decode GEMVs on the H200: 128 weight rows x 8
-tokens, 12 stages). The sums, scales (x scale first, then w scale, as _fp8_epilogue) and
-split-K (kiln.kernels.split_k) are the same as the unswapped kernel's; only the order of
-the tensor core's partial sums differs.
+as it arrived (fp8 into the tensor core, no conversion), and the tokens pad to the B
+tile's BLOCK_T (16, 32 or 64: all of M in one tile); the issue slots saved go to a deeper
+pipeline of weight tiles. cuBLAS's own skinny GEMMs take this layout (its bf16 decode
+GEMVs on the H200: 128 weight rows x 8 tokens, 12 stages). The sums, the scales (x's
+first, then w's, as _fp8_epilogue) and split-K (kiln.kernels.split_k) are the unswapped
+kernel's; only the order of the tensor core's partial sums differs, and Hopper's fp8
+wgmma sums in reduced precision between promotions (PROMOTE_K), as _scaled_mm does.
 """
 
 from __future__ import annotations
