@@ -241,8 +241,9 @@ def gemm_config(M: int, N: int, K: int, swap_ok: bool = False) -> GemmConfig:
     """The Triton launch for an [M, K] x [N, K]^T product (H200, Llama-3.1-8B shapes), used
     up to M = 64 (_use_scaled_mm); above, the fallback for what _scaled_mm cannot take.
     swap_ok: the device takes fp8_swap's launches (fp8_swap.wgmma_device)."""
-    if M <= 16 and swap_ok and K < 8192:  # fp8_swap: 27th session, `fp8_gemm.py --grid --swap`
-        # M = 1 / 16, us: QKV 8.90 / 8.87 vs 10.31 / 10.56, O 8.12 / 8.09 vs 8.30 / 8.65,
+    if M <= 16 and swap_ok and K < 8192 and N % 64 == 0 and K % 128 == 0:  # fp8_swap, 27th:
+        # `fp8_gemm.py --grid --swap` (whole tiles only, as measured), M = 1 / 16, us:
+        # QKV 8.90 / 8.87 vs 10.31 / 10.56, O 8.12 / 8.09 vs 8.30 / 8.65,
         # gate-up 30.32 / 31.37 vs 30.73 / 32.30; the down projection (K 14336) keeps the
         # tile below (19.0 vs 19.8). FP8 batch 1 (H200): 319.7 vs 310.1 tok/s.
         return GemmConfig(16, 64, 128, 4, 4 if N >= 16384 else 10, pdl=True, swap=True)
