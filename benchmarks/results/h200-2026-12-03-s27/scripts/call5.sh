@@ -3,7 +3,7 @@
 # default (M <= 16, K < 8192, Hopper), int8's transposed decode launch changed and greedy
 # sampling took a chunked argmax; then FP8 + FP8 KV batch 1 (--quantize-lm-head), this tree
 # against the session's start (ab_old/: `git archive 71633d4 kiln benchmarks`), alternating,
-# two runs each; bf16 batch 1 the same, one run each.
+# two runs each; the small kernels at one row.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -21,9 +21,7 @@ for i in 1 2; do
   (cd ab_old && PYTHONPATH=$PWD timeout 75 python3 -m kiln.cli $B --out $R/b1-old$i.json > $R/b1-old$i.log 2>&1)
   grep -h "^kiln" $R/b1-new$i.log $R/b1-old$i.log; pack
 done
-# bf16 batch 1: the chunked greedy argmax (new) against torch's
-B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
-  --input-len 128 --output-len 256"
-timeout 70 python3 -m kiln.cli $B --out $R/b1-bf16-new.json > $R/b1-bf16-new.log 2>&1
-(cd ab_old && PYTHONPATH=$PWD timeout 70 python3 -m kiln.cli $B --out $R/b1-bf16-old.json > $R/b1-bf16-old.log 2>&1)
-grep -h "^kiln" $R/b1-bf16-new.log $R/b1-bf16-old.log; pack
+# batch-1 small kernels: greedy_tokens against torch's argmax, act_mul_quant / add_rms_norm
+# + e4m3 launches at one row
+timeout 60 python3 benchmarks/small_kernels_bench.py $R/small_b1.json --ms 1 > $R/small_b1.log 2>&1
+cat $R/small_b1.log; pack
