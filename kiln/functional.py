@@ -376,18 +376,18 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax [B] int64 of logits [B, V] (the first of equal largest values, NaN largest)."""
-    if _triton(logits):
+    """argmax [B] int64 of logits [B, V] (the first of equal largest values, NaN largest);
+    KILN_GREEDY_KERNEL=0: torch.argmax on the GPU too."""
+    if _triton(logits) and os.environ.get("KILN_GREEDY_KERNEL", "1") != "0":
         from kiln.kernels.sampling import greedy_tokens as kernel
 
         return kernel(logits)
     return logits.argmax(dim=-1)
 
 
-def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-    min_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor,
+                  steps: torch.Tensor) -> torch.Tensor:
     """Token ids [B] int64 from logits [B, V] with per-row parameters [B], no host sync.
 
     temperature <= 0 is greedy; top_k <= 0, top_p >= 1, min_p <= 0 switch a filter off.

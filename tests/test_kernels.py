@@ -453,9 +453,10 @@ def test_kernels_compile_for_hopper() -> None:
         # spills, outside its main loop
         allowed = {"sample_kernel": 64}.get(kernel, {"fp8kv maxnreg=168": 256}.get(variant, 0))
         assert r.stack_bytes <= allowed, (kernel, variant, r)
-        # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel)
-        assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0, \
-            (kernel, variant, r)
+        # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel); greedy's
+        # merge reads 32 values a row, one a thread
+        assert r.instructions["ld.global.v4"] + r.instructions["cp.async"] > 0 or \
+            kernel == "argmax_merge_kernel", (kernel, variant, r)
     assert found[("prefill_kernel", "BLOCK_M=128")].instructions["wgmma.mma_async"] > 0
     for variant in ("TMA bs=64", "fp8kv TMA bs=64"):  # K / V tiles by TMA (paged_tma)
         assert found[("prefill_kernel", variant)].instructions["cp.async.bulk"] > 0

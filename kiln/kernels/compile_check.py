@@ -274,6 +274,13 @@ def reports() -> list[CompileReport]:
     }, {"TOP_K": 2, "A_PER_TOKEN": True, "MUL_WEIGHT": False, "BLOCK_M": 64, "BLOCK_N": 64,
         "BLOCK_K": 128, "DOT_PREC": "tf32", "FP8_SCALES": True, "PROMOTE_K": 128}, 4,
         num_stages=3, variant="fp8"))
+    for logits in ("*fp32", "*bf16"):  # greedy_tokens' chunks
+        out.append(compile_sm90(sampling._argmax_chunk_kernel, {
+            "logits_ptr": logits, "val_ptr": "*fp32", "idx_ptr": "*i32", "vocab": 128256,
+            "stride_row": 128256}, {"CHUNKS": 32, "BLOCK": 4096}, 8, variant=logits[1:]))
+    out.append(compile_sm90(sampling._argmax_merge_kernel, {
+        "val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "vocab": 128256},
+        {"CHUNKS": 32, "BLOCK_C": 32}, 1))
     out.append(compile_sm90(sampling._sample_kernel, {
         "logits_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
         "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
