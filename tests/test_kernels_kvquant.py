@@ -646,7 +646,10 @@ def test_gpu_v_transposed_reads_the_same(cache_dtype) -> None:
                                    k_scale, v_scale)
     for name, run in runs.items():
         usual, transposed = run(v_q), run(v_t)
-        bound = 2.0 ** -8 * usual.float().abs().max().item()
+        # one bf16 ulp of the largest output: the layouts' launches may take different key
+        # tiles (int8 decode: 64 keys on the usual layout, 128 transposed), so their online
+        # softmax rounds differently (H200, 27th session: 0.03125 at outputs up to ~6)
+        bound = 2.0 ** -7 * usual.float().abs().max().item()
         assert (transposed.float() - usual.float()).abs().max().item() <= bound, name
         if name in ("prefill", "mixed"):
             _close_to_f32(name, transposed, expected, v_q, v_scale)
