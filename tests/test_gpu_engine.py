@@ -248,14 +248,15 @@ def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_p
     MMAs, only loaded another way. gemma2's windowed layers keep the usual layout beside
     transposed ones; phi rotates 40% of d; int8 takes its per-head scales from a
     calibration text. The decode launch is pinned to the usual layout's (the transposed one
-    takes 128-key tiles by default: other rounding, not another layout)."""
+    takes other tiles by default: other rounding, not another layout)."""
     from kiln.eval import sequence_logits
     from kiln.kernels import attention_decode
     from kiln.runtime import model_runner
 
     config = attention_decode.decode_config
     monkeypatch.setattr(attention_decode, "decode_config",
-                        lambda dtype, bd, bg=16, rope=False, v_t=False: config(dtype, bd, bg, rope))
+                        lambda dtype, bd, bg=16, rope=False, v_t=False, split_tokens=None:
+                        config(dtype, bd, bg, rope))
 
     folder, _ = tiny_checkpoints[arch]
     calib = tmp_path / "calib.txt"

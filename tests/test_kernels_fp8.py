@@ -270,20 +270,22 @@ def test_e4m3_rounding_matches_torch(interp) -> None:  # noqa: F811
 # M = 35: whole tiles) and not, a grouped large-M order; K is not always a multiple of
 # BLOCK_K; split-K over 2 programs where K divides into 2 x BLOCK_K (M = 1 and 35; at
 # K = 200 it falls back to one); the swapped-operand kernel (kiln.kernels.fp8_swap: M up to
-# the token tile, 16 or 64, else the unswapped tile), alone and split. (Prefetch and PDL
+# the token tile, 16, 32 or 64, else the unswapped tile), alone and split. (Prefetch and PDL
 # are compiled out under the interpreter.)
 CONFIGS = [(16, 32, 64, 4, 2, True), (16, 16, 128, 4, 2, False), (32, 16, 32, 4, 2, False, 2),
            (16, 16, 16, 4, 2, False, 1, 128, 0, False, 2),
            (16, 16, 64, 4, 2, False, 1, 128, 0, False, 1, True),
            (16, 32, 32, 4, 2, False, 1, 128, 0, False, 2, True),
-           (64, 16, 32, 4, 2, False, 1, 128, 0, False, 1, True)]
+           (64, 16, 32, 4, 2, False, 1, 128, 0, False, 1, True),
+           (32, 16, 64, 4, 2, False, 1, 128, 0, False, 1, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("M,N,K", [(1, 48, 256), (5, 40, 200), (35, 64, 96)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["fused", "quant-kernel", "grouped", "split-k",
-                                                  "swap", "swap-split-k", "swap-64"])
+                                                  "swap", "swap-split-k", "swap-64",
+                                                  "swap-32"])
 def test_triton_fp8_linear(interp, dtype, M, N, K, static, config) -> None:  # noqa: F811
     interp(check_linear, dtype, M, N, K, static, M % 2 == 1, config)
 
@@ -310,7 +312,7 @@ def test_compiles_for_hopper() -> None:
 
     seen = set()
     for N, K in SHAPES:
-        for M in (1, 2, 7, 16, 64, 128, 300, 4096):
+        for M in (1, 2, 7, 16, 32, 64, 128, 300, 4096):
             cfg = fp8.gemm_config(M, N, K, swap_ok=True)  # an H100 / H200's launches
             swap = cfg.swap and M <= cfg.block_m
             meta = fp8_swap.swap_constexprs(cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
@@ -428,7 +430,7 @@ def _gpu_linear_case(backend: str, dtype: torch.dtype, N: int, K: int, M: int, s
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "scaled_mm"])
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("M", [1, 7, 64, 300])
+@pytest.mark.parametrize("M", [1, 7, 32, 64, 300])
 def test_gpu_fp8_linear(backend, N, K, M) -> None:
     """Both backends, dynamic and static, with and without bias, bf16 and fp16."""
     for dtype in (torch.bfloat16, torch.float16):

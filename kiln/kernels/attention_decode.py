@@ -210,7 +210,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
-                  rope_k: bool = False, v_t: bool = False) -> tuple[int, int, int, int]:
+                  rope_k: bool = False, v_t: bool = False,
+                  split_tokens: int | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_N, num_stages, num_warps, PREFETCH) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
@@ -234,9 +235,16 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     54 launches): 128 keys, 2 warps, 3 stages, no prefetch, against the 64 keys / 4 warps it
     had: 512 x 1536 0.454 ms vs 0.585, 256 x 1024 0.165 vs 0.214, 64 x 8192 0.291 vs 0.513,
     496 x 256 0.104 vs 0.114 (32 keys 0.097 there: not worth a launch of its own).
+    Twenty-eighth session, e4m3 at small batches (split_tokens: the most keys a split can
+    get, max context / splits, static): splits are whole tiles, so 128-key tiles leave
+    most of batch 1's 8 splits empty at short contexts; where a split gets at most 512
+    keys, 64-key tiles on 4 warps, 2 stages, prefetch 1 (the best sum over 54 launches,
+    8 splits, us): 1 x 256 6.3 vs 8.1, 1 x 512 6.2 vs 8.1, 4 x 384 7.3 vs 9.0.
     """
     if block_d <= 128 and block_g <= 16 and not rope_k:
         if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3:
+            if v_t and split_tokens is not None and split_tokens <= 512:
+                return 64, 2, 4, 1
             return (128 if v_t else 64), 3, 2, 1
         if cache_dtype == torch.int8 and v_t:
             return 128, 3, 2, 0
@@ -289,14 +297,15 @@ def paged_attention_decode(
     seq_lens = seq_lens.contiguous()
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
+    max_ctx = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
     if num_splits is None:
-        max_ctx = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
     block_d = head_block(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     default_n, default_stages, default_warps, default_prefetch = decode_config(
-        k_cache.dtype, block_d, block_g, key_rotary is not None, v_t)
+        k_cache.dtype, block_d, block_g, key_rotary is not None, v_t,
+        triton.cdiv(max_ctx, num_splits) if num_splits > 1 else None)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     prefetch = default_prefetch if prefetch is None else prefetch

@@ -234,6 +234,9 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # its launch
         **shape, "BLOCK_G": 16, "BLOCK_N": 128, "NUM_SPLITS": 1, "PREFETCH": 1, "V_T": True},
         2, 3, variant="fp8kv V_T 128"))
+    out.append(compile_sm90(attention_decode._decode_kernel, fp8_cache, {  # at batch 1
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "PREFETCH": 1, "V_T": True},
+        4, 2, variant="fp8kv V_T splits=8"))
     out.append(compile_sm90(attention_decode._decode_kernel, {  # int8's launch (27th)
         **fp8_cache, "k_cache_ptr": "*i8", "v_cache_ptr": "*i8"}, {
         **shape, "BLOCK_G": 16, "BLOCK_N": 128, "NUM_SPLITS": 1, "V_T": True}, 2, 3,

@@ -241,12 +241,21 @@ def gemm_config(M: int, N: int, K: int, swap_ok: bool = False) -> GemmConfig:
     """The Triton launch for an [M, K] x [N, K]^T product (H200, Llama-3.1-8B shapes), used
     up to M = 64 (_use_scaled_mm); above, the fallback for what _scaled_mm cannot take.
     swap_ok: the device takes fp8_swap's launches (fp8_swap.wgmma_device)."""
-    if M <= 16 and swap_ok and K < 8192 and N % 64 == 0 and K % 128 == 0:  # fp8_swap, 27th:
-        # `fp8_gemm.py --grid --swap` (whole tiles only, as measured), M = 1 / 16, us:
-        # QKV 8.90 / 8.87 vs 10.31 / 10.56, O 8.12 / 8.09 vs 8.30 / 8.65,
-        # gate-up 30.32 / 31.37 vs 30.73 / 32.30; the down projection (K 14336) keeps the
-        # tile below (19.0 vs 19.8). FP8 batch 1 (H200): 319.7 vs 310.1 tok/s.
-        return GemmConfig(16, 64, 128, 4, 4 if N >= 16384 else 10, pdl=True, swap=True)
+    if swap_ok and M <= 64 and N % 64 == 0 and K % 128 == 0:  # fp8_swap (27th / 28th)
+        # `fp8_gemm.py --grid --swap` (whole tiles only, as measured), us:
+        # M = 1 / 16: QKV 8.90 / 8.87 vs 10.31 / 10.56, O 8.12 / 8.09 vs 8.30 / 8.65,
+        # gate-up 30.32 / 31.37 vs 30.73 / 32.30, LM head (128256 rows, 6 stages) 121.9 /
+        # 127.4 vs 126.1 / 129.3; the down projection (K 14336) keeps the split-K tile
+        # below (19.0 vs 19.8). M = 32 (32-token tiles): QKV 9.03 vs 13.11, O 8.50 vs
+        # 10.77, down 22.19 vs 30.05, gate-up 32.03 vs 32.58; M = 64: QKV 10.42 vs 13.35,
+        # O 10.01 vs 11.16, down 27.57 vs 30.51, gate-up keeps the wide tile (33.80 vs 34.48).
+        if M <= 16 and K < 8192:
+            return GemmConfig(16, 64, 128, 4, 6 if N >= 65536 else 4 if N >= 16384 else 10,
+                              pdl=True, swap=True)
+        if 16 < M <= 32:
+            return GemmConfig(32, 64, 128, 4, 4 if N >= 16384 else 10, pdl=True, swap=True)
+        if 32 < M and N < 16384:
+            return GemmConfig(64, 64, 128, 4, 10 if K >= 8192 else 8, pdl=True, swap=True)
     if M <= 16:  # mma.sync tiles of 16 rows, 32 weight rows per program
         # From `fp8_gemm.py --grid` (the GEMM alone on a quantized input, as the fused
         # RMSNorm / SiLU*mul kernels hand it over), M = 1 / 16, us:
