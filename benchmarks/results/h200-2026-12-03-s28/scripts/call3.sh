@@ -15,7 +15,7 @@ timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kerne
   tests/test_kernels_kvquant.py tests/test_kernels_gpu.py > $R/tests-kernels.log 2>&1 &
 timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_gpu_engine.py \
   -k "fp8 or v_transposed" > $R/tests-engine.log 2>&1
-wait; tail -2 $R/tests-kernels.log $R/tests-engine.log; pack
+wait; tail -n 2 $R/tests-kernels.log $R/tests-engine.log; pack
 fi
 run() {  # name, timeout, args...
   local n=$1 t=$2; shift 2
