@@ -2,7 +2,8 @@
 # 28th session, call 5 (one H200): second samples of call 4's 32- / 64-row FP8 runs (this
 # tree vs ab_old/, the session's start), then where batch 1's time goes now (per-kernel
 # tables of `kiln bench latency --profile`): FP8 + FP8 KV and int4 RTN g128, both with
-# --quantize-lm-head.
+# --quantize-lm-head. First the FP8 GEMM GPU tests (the swapped kernel's epilogue is now
+# fp8_quant._fp8_epilogue on its transposed sums). Part b (next session): m64b, int4.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -16,9 +17,14 @@ run() {  # name, timeout, args...
   timeout $t python3 -m kiln.cli "$@" --out $R/$n-new.json > $R/$n-new.log 2>&1
   echo "$n"; grep -h "^kiln" $R/$n-new.log $R/$n-old.log; pack
 }
+if [ "${1:-a}" = a ]; then
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_fp8.py \
+  -k "swap or triton or dispatch" > $R/tests-fp8.log 2>&1; tail -n 2 $R/tests-fp8.log; pack
 run m32b 90 bench throughput $Q --input-len 128 --output-len 512 --num-requests 64 --max-batch-size 32
+T="b1-fp8"; else
 run m64b 90 bench throughput $Q --input-len 128 --output-len 512 --num-requests 128 --max-batch-size 64
-for t in b1-fp8 b1-int4; do
+T="b1-int4"; fi
+for t in $T; do
   q="--quantization fp8 --kv-cache-dtype fp8"
   [ $t = b1-int4 ] && q="--quantization int4_wo --group-size 128"
   KILN_PROFILE_CPU=0 timeout 100 python3 -m kiln.cli bench latency --random-config llama-3.1-8b \
