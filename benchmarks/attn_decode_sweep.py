@@ -9,6 +9,8 @@
     SWEEP_PREFETCH=0,1 ...                                    # the kernel's PREFETCH
     SWEEP_HEADS=1,2,4 ...                   # KV heads a program (attention_decode_heads)
     SWEEP_DTYPES=bf16,fp8,int8 ...                            # cache dtypes (int8 too)
+    SWEEP_SPLITS=8 SWEEP_SHAPES="1x256;1x512" ...   # context splits as the engine takes them
+                                      # at batch 1 with a 2048-token limit (default: from ctx)
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -50,6 +52,9 @@ CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP_CONFIG
     list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
 CAPS = [int(c) for c in os.environ.get("SWEEP_MAXNREG", "0").split(",")]
 HEADS_PER = [int(h) for h in os.environ.get("SWEEP_HEADS", "1").split(",")]
+# SWEEP_SPLITS=8: that many context splits (the engine's count follows from its static
+# context limit, not the context: choose_num_splits); default: the launcher's for ctx
+SPLITS = int(os.environ.get("SWEEP_SPLITS", "0")) or None
 
 
 def make(batch: int, ctx: int, layout: str, dtype: torch.dtype):
@@ -89,12 +94,13 @@ def main() -> None:
                 fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
                              block_n=block_n, num_stages=stages, num_warps=warps,
                              max_registers=cap, prefetch=pre, heads_per_program=per,
-                             **scales)
+                             num_splits=SPLITS, **scales)
                 ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
             row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
+                       splits=SPLITS,
                        block_n=block_n, stages=stages, warps=warps, maxnreg=cap,
                        prefetch=decode_config(dt, D)[3] if pre is None else pre,
                        heads_per_program=per, ms=ms,
