@@ -173,7 +173,8 @@ def check_prefill(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_h
 def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_heads: int,
                  head_dim: int, num_splits: int | None, window: int | None = None,
                  softcap: float | None = None, alibi: bool = False,
-                 key_rotary: bool = False, heads_per_program: int | None = None) -> None:
+                 key_rotary: bool = False, heads_per_program: int | None = None,
+                 fused_reduce: bool | None = None) -> None:
     from kiln.kernels import reference as ref
     from kiln.kernels.attention_decode import paged_attention_decode
 
@@ -186,7 +187,8 @@ def check_decode(dtype: torch.dtype, atol: float, rtol: float, heads: int, kv_he
     out = paged_attention_decode(q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(),
                                  scale, num_splits=num_splits, block_n=16,
                                  sliding_window=window, softcap=softcap, alibi_slopes=slopes,
-                                 key_rotary=table, heads_per_program=heads_per_program)
+                                 key_rotary=table, heads_per_program=heads_per_program,
+                                 fused_reduce=fused_reduce)
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts[:6], seq_lens[:5], scale,
                                    sliding_window=window, softcap=softcap, alibi_slopes=slopes,
                                    key_rotary=table)
@@ -360,6 +362,23 @@ def test_prefill_attention_window_softcap(interp, window, softcap, block_m, bloc
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_attention_window_softcap(interp, window, softcap, num_splits) -> None:
     interp(check_decode, *F32, 6, 2, 32, num_splits, window, softcap)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [F32, F16])
+@pytest.mark.parametrize("num_splits,window", [(4, None), (8, None), (4, 20)])
+def test_decode_attention_fused_reduce(interp, dtype, atol, rtol, num_splits, window) -> None:
+    """The splits combined by the last of them in the decode kernel
+    (KILN_DECODE_FUSED_REDUCE): contexts with every split, some and none (the padding row)
+    covered, a window, against the reference; the arrival counters are left zeroed."""
+    interp(check_decode_fused, dtype, atol, rtol, num_splits, window)
+
+
+def check_decode_fused(dtype: torch.dtype, atol: float, rtol: float, num_splits: int,
+                       window: int | None) -> None:
+    from kiln.kernels.split_k import split_k_counters
+
+    check_decode(dtype, atol, rtol, 8, 2, 64, num_splits, window, fused_reduce=True)
+    assert not split_k_counters(torch.device("cpu"), 12).any()
 
 
 # Several KV heads a program (attention_decode_heads): one loop over (head, tile), the

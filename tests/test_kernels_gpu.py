@@ -143,6 +143,36 @@ def test_decode_attention(batch: int, num_splits: int | None) -> None:
     _close("decode", out, expected, **ATTN)
 
 
+@pytest.mark.parametrize("batch,max_ctx", [(1, 384), (7, 2048), (32, 8192)])
+def test_decode_attention_fused_reduce(batch: int, max_ctx: int) -> None:
+    """The last split combining the splits in the decode kernel (KILN_DECODE_FUSED_REDUCE),
+    8 and 32 splits, contexts covering all and few of them, against the reference and
+    the reduce launch; twice in a CUDA graph (the arrival counters left zeroed)."""
+    from kiln.kernels.attention_decode import paged_attention_decode
+
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, max_ctx + 1, (batch,), generator=gen).tolist()
+    seq_lens[0] = max_ctx
+    q, k_cache, v_cache, tables, _ = _paged(seq_lens, [1] * batch, max_ctx // BLOCK_SIZE)
+    lens = torch.tensor(seq_lens, device="cuda").int()
+    scale = HEAD_DIM ** -0.5
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, list(range(batch + 1)),
+                                   seq_lens, scale)
+    for splits in (8, 32):
+        run = lambda fused: paged_attention_decode(  # noqa: E731
+            q, k_cache, v_cache, tables, lens, scale, num_splits=splits, fused_reduce=fused)
+        fused, plain = run(True), run(False)
+        _close(f"decode fused {splits}", fused, expected, **ATTN)
+        torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(True)
+        for _ in range(2):
+            captured.zero_()
+            graph.replay()
+            assert torch.equal(captured, fused)
+
+
 @pytest.mark.parametrize("heads_per_program", [2, 8])
 def test_decode_attention_heads_per_program(heads_per_program: int) -> None:
     """Several KV heads a program (short contexts, as in 128 / 128 throughput): 300

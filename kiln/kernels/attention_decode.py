@@ -17,6 +17,13 @@ import triton.language as tl
 
 from kiln.kernels import num_sms
 from kiln.kernels.attention_decode_heads import launch_decode_heads
+from kiln.kernels.attention_splits import (
+    FUSED_REDUCE,
+    _active_splits,
+    _reduce_kernel,
+    _split_len,
+    combine_splits,
+)
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -33,7 +40,9 @@ from kiln.kernels.paged import (
     kv_scale_args,
     v_transposed,
 )
+from kiln.kernels.split_k import split_k_counters
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
 
@@ -60,16 +69,9 @@ KV8_MAXNREG = _register_cap(os.environ.get("KILN_KV8_DECODE_MAXNREG", ""))
 HEADS_PER_PROGRAM = int(os.environ.get("KILN_DECODE_HEADS_PER_PROGRAM", "1") or 1)
 
 
-@triton.jit
-def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Context tokens per split: the keys shared evenly, rounded up to whole tiles."""
-    per_split = (ctx_len + NUM_SPLITS - 1) // NUM_SPLITS
-    return tl.maximum((per_split + BLOCK_N - 1) // BLOCK_N, 1) * BLOCK_N
-
-
 @triton.jit(do_not_specialize=["stride_bt"])  # block-table width varies by step
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
     block_tables_ptr, seq_lens_ptr, qk_scale, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     window, softcap, alibi_ptr, cos_sin_ptr, stride_cs,
@@ -77,13 +79,15 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0, V_T: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0, V_T: tl.constexpr = False, FUSED: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
 
     With one split the result is final: o = acc / l. Otherwise the split writes its
-    normalised partial o_s and lse_s = m_s + log2(l_s) (base 2) for the reduce kernel.
+    normalised partial o_s and lse_s = m_s + log2(l_s) (base 2) for the reduce kernel, or
+    FUSED: for the last of its splits to combine (attention_splits.combine_splits).
     A 1-byte cache (compile-time branch on its element type) holds K / k_scale[kv_head] and
     V / v_scale[kv_head]: k_scale goes into the score scale, v_scale into o (and o_s, which
     the reduce combines linearly).
@@ -114,6 +118,12 @@ def _decode_kernel(
         if NUM_SPLITS == 1:  # empty (padding) row: defined output, no NaN
             tl.store(out_ptr + out_off, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(
                 out_ptr.dtype.element_ty), mask=io_mask)
+        elif FUSED:  # counted in all the same
+            part = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + head) * NUM_SPLITS
+            combine_splits(out_ptr, out_off, io_mask, part_out_ptr, part_lse_ptr, part,
+                           count_ptr, seq, kv_head,
+                           _active_splits(seq_len, window, NUM_SPLITS, BLOCK_N, WINDOW),
+                           offs_g, offs_d, GROUP, BLOCK_D, NUM_SPLITS, INTERPRET)
         return
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + head[:, None] * stride_qh
                 + offs_d[None, :], mask=io_mask, other=0.0)
@@ -161,39 +171,15 @@ def _decode_kernel(
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
         # partials laid out [seq, head, split, d] and [seq, head, split]
-        num_heads = tl.num_programs(1) * GROUP
-        part = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
-        tl.store(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=io_mask)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=offs_g < GROUP)
-
-
-@triton.jit
-def _reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh, window,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, WINDOW: tl.constexpr,
-):
-    """o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s, over the
-    splits that covered part of the context (the same split lengths as the decode kernel)."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    ctx_len = seq_len - context_start(seq_len, window, WINDOW)
-    split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
-    num_active = (ctx_len + split_len - 1) // split_len
-    offs_s = tl.arange(0, NUM_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    active = offs_s < num_active
-    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
-    lse = tl.load(part_lse_ptr + part, mask=active, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # no split: all weights 0
-    weight = tl.where(active, tl.exp2(lse - lse_max), 0.0)
-    parts = tl.load(part_out_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=active[:, None], other=0.0)
-    out = tl.sum(parts * weight[:, None], axis=0) / tl.maximum(tl.sum(weight, axis=0), 1e-30)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+        part = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + head) * NUM_SPLITS
+        mine = part + split
+        tl.store(part_out_ptr + mine[:, None] * BLOCK_D + offs_d[None, :], out, mask=io_mask)
+        tl.store(part_lse_ptr + mine, m_i + tl.log2(l_i), mask=offs_g < GROUP)
+        if FUSED:
+            combine_splits(out_ptr, out_off, io_mask, part_out_ptr, part_lse_ptr, part,
+                           count_ptr, seq, kv_head,
+                           _active_splits(seq_len, window, NUM_SPLITS, BLOCK_N, WINDOW),
+                           offs_g, offs_d, GROUP, BLOCK_D, NUM_SPLITS, INTERPRET)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
@@ -261,6 +247,7 @@ def paged_attention_decode(
     key_rotary: torch.Tensor | None = None, num_warps: int | None = None,
     max_registers: int | None = None, prefetch: int | None = None,
     heads_per_program: int | None = None, out: torch.Tensor | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """q [num_seqs, heads, d] (token i belongs to sequence i) -> out [num_seqs, heads, d]
     (written into `out` when given: any strides with a unit last one).
@@ -280,6 +267,8 @@ def paged_attention_decode(
     > 1: that many KV heads a program over the whole context (attention_decode_heads;
     num_splits is then not used); not with ALiBi or key_rotary (those take the one-head
     kernel), nor a count that does not divide the KV heads.
+    fused_reduce (default KILN_DECODE_FUSED_REDUCE): splits combined by the last of them
+    in the decode kernel instead of a reduce launch (kiln.kernels.attention_splits).
     With an e4m3 cache and a 16-bit q the products run in float16: |q| must stay below
     65504 (see paged.kv_query).
     """
@@ -331,8 +320,11 @@ def paged_attention_decode(
                                device=q.device)
     else:
         part_out = part_lse = out  # unused
+    fused = (FUSED_REDUCE if fused_reduce is None else fused_reduce) and num_splits > 1
+    counters = split_k_counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, scale * LOG2E,
+        q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens,
+        scale * LOG2E,
         k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         sliding_window or 0, (softcap or 0.0) * LOG2E,
@@ -344,9 +336,10 @@ def paged_attention_decode(
         NUM_SPLITS=num_splits, DOT_PREC=dot_precision(q.dtype),
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
-        num_stages=num_stages, PREFETCH=prefetch, V_T=v_t, **cap,
+        num_stages=num_stages, PREFETCH=prefetch, V_T=v_t, FUSED=fused,
+        INTERPRET=_INTERPRET, **cap,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
             sliding_window or 0, WINDOW=sliding_window is not None,

@@ -259,6 +259,13 @@ def reports() -> list[CompileReport]:
         maxnreg=168))
     out.append(compile_sm90(attention_decode._reduce_kernel, attn, {
         "HEAD_DIM": 128, "BLOCK_N": 64, "BLOCK_D": 128, "NUM_SPLITS": 32, "WINDOW": False}, 2))
+    fused = {"count_ptr": "*i32"}  # splits combined in the decode kernel (attention_splits)
+    out.append(compile_sm90(attention_decode._decode_kernel, {**attn, **fused}, {
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "FUSED": True}, 4,
+        variant="fused reduce"))
+    out.append(compile_sm90(attention_decode._decode_kernel, {**fp8_cache, **fused}, {
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "PREFETCH": 1, "V_T": True,
+        "FUSED": True}, 4, 2, variant="fp8kv V_T fused reduce"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",
