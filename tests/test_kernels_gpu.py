@@ -159,8 +159,10 @@ def test_decode_attention_fused_reduce(batch: int, max_ctx: int) -> None:
     expected = ref.paged_attention(q, k_cache, v_cache, tables, list(range(batch + 1)),
                                    seq_lens, scale)
     for splits in (8, 32):
-        run = lambda fused: paged_attention_decode(  # noqa: E731
-            q, k_cache, v_cache, tables, lens, scale, num_splits=splits, fused_reduce=fused)
+        def run(fused: bool, splits: int = splits) -> torch.Tensor:
+            return paged_attention_decode(q, k_cache, v_cache, tables, lens, scale,
+                                          num_splits=splits, fused_reduce=fused)
+
         fused, plain = run(True), run(False)
         _close(f"decode fused {splits}", fused, expected, **ATTN)
         torch.testing.assert_close(fused, plain, atol=2e-3, rtol=2e-3)

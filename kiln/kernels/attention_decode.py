@@ -223,13 +223,15 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     496 x 256 0.104 vs 0.114 (32 keys 0.097 there: not worth a launch of its own).
     Twenty-eighth session, e4m3 at small batches (split_tokens: the most keys a split can
     get, max context / splits, static): splits are whole tiles, so 128-key tiles leave
-    most of batch 1's 8 splits empty at short contexts; where a split gets at most 512
-    keys, 64-key tiles on 4 warps, 2 stages, prefetch 1 (the best sum over 54 launches,
-    8 splits, us): 1 x 256 6.3 vs 8.1, 1 x 512 6.2 vs 8.1, 4 x 384 7.3 vs 9.0.
+    most of batch 1's 8 splits empty at short contexts; where a split gets at most 256
+    keys (batch 1-8 at a 2048-token limit: the case measured), 64-key tiles on 4 warps, 2
+    stages, prefetch 1 (the best sum over 54 launches, 8 splits, us): 1 x 256 6.3 vs 8.1,
+    1 x 512 6.2 vs 8.1, 4 x 384 7.3 vs 9.0; FP8 batch 1 333.3 vs 325.3 tok/s with
+    the swapped GEMMs at 17-64 rows.
     """
     if block_d <= 128 and block_g <= 16 and not rope_k:
         if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3:
-            if v_t and split_tokens is not None and split_tokens <= 512:
+            if v_t and split_tokens is not None and split_tokens <= 256:
                 return 64, 2, 4, 1
             return (128 if v_t else 64), 3, 2, 1
         if cache_dtype == torch.int8 and v_t:

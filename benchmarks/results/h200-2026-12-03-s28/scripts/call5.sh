@@ -7,7 +7,8 @@
 #    fp8_quant._fp8_epilogue on its transposed sums: reverted untested, re-apply it first
 #    with `git revert <the revert>`), m32b, the FP8 profile;
 # b: m64b, the int4 profile, then bf16 decode attention at batch 1 with the engine's 8
-#    splits (bf16's 64-key tiles leave splits empty at short contexts, as e4m3's 128 did).
+#    splits (bf16's 64-key tiles leave splits empty at short contexts, as e4m3's 128 did),
+#    and int8's (128 keys) the same way.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -43,4 +44,6 @@ if [ "${1:-a}" = b ]; then
   SWEEP_SPLITS=8 SWEEP_SHAPES="1x256;1x512;4x384" SWEEP_LAYOUTS=nhd SWEEP_DTYPES=bf16 \
     SWEEP_PREFETCH=0,1 timeout 150 python3 benchmarks/attn_decode_sweep.py $R/bf16_b1.json \
     > $R/bf16_b1.log 2>&1; grep "^B=" $R/bf16_b1.log; pack
+  timeout 120 python3 benchmarks/attn_decode_vt.py $R/int8_b1.json --sweep --kv int8 --splits 8 \
+    --decode 1x256,1x512,4x384 > $R/int8_b1.log 2>&1; grep "kiln" $R/int8_b1.log; pack
 fi
