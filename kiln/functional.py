@@ -210,6 +210,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # FP8 1000 / 1000: prompt steps 8.28 s vs 8.61 s on the prefill kernel, out tok/s +1.1%).
 # KILN_MIXED_DECODE_ROWS=0 sends them to the prefill kernel with the prompts.
 MIXED_DECODE_ROWS = os.environ.get("KILN_MIXED_DECODE_ROWS", "1") != "0"
+GREEDY_KERNEL = os.environ.get("KILN_GREEDY_KERNEL", "1") != "0"  # 0: torch.argmax on GPUs
 
 
 def leading_decode_rows(meta: AttentionMetadata) -> int:
@@ -376,9 +377,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """argmax [B] int64 of logits [B, V] (the first of equal largest values, NaN largest);
-    KILN_GREEDY_KERNEL=0: torch.argmax on the GPU too."""
-    if _triton(logits) and os.environ.get("KILN_GREEDY_KERNEL", "1") != "0":
+    """argmax [B] int64 of logits [B, V] (the first of equal largest values, NaN largest)."""
+    if GREEDY_KERNEL and _triton(logits):
         from kiln.kernels.sampling import greedy_tokens as kernel
 
         return kernel(logits)

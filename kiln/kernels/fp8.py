@@ -12,10 +12,11 @@ nearest even, and the dynamic scale is rounded the way torch rounds `amax / 448`
 fp8_linear picks one of two GEMM backends by shape (_use_scaled_mm: M > 64 tokens),
 from H200 measurements that `python benchmarks/fp8_gemm.py --sweep` repeats:
 
-* M <= 64 (decode): Triton kernels. Up to 16 tokens on Hopper, kiln.kernels.fp8_swap (the
-  weight's rows as a 64-row fp8 wgmma's M) where K < 8192; else _fp8_gemm_kernel, tiles
-  of 16 rows (mma.sync, fp8 widened to f16, float32 sums) or 64 (fp8 wgmma) up to 64
-  tokens, 32 weight rows a program, K split where long (kiln.kernels.split_k). x comes
+* M <= 64 (decode): Triton kernels. On Hopper mostly kiln.kernels.fp8_swap (the
+  weight's rows as a 64-row fp8 wgmma's M, the tokens padded to 16 / 32 / 64; see
+  gemm_config for where); else _fp8_gemm_kernel, tiles of 16 rows (mma.sync, fp8 widened
+  to f16, float32 sums) or 64 (fp8 wgmma) up to 64 tokens, 32 weight rows a program, K
+  split where long (kiln.kernels.split_k). x comes
   quantized from the fused RMSNorm / SiLU*mul kernels, or from _quant_kernel (launched
   before the GEMM with programmatic dependent launch). At 1-16 tokens 1.25-1.9x faster
   than _scaled_mm, 1.2-1.55x faster than bf16 F.linear on the same shapes.
