@@ -51,6 +51,7 @@ from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of
     QUANT_STATIC,
     FP8Act,
     _dynamic_scale,
+    _fp8_epilogue,
     _pad_rows,
     _quant_kernel,
     _quantize,
@@ -181,28 +182,6 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
         if last:
             _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n,
                           mask_m, mask_n, stride_om, QUANT, XS_PER_ROW, HAS_BIAS)
-
-
-@triton.jit
-def _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
-                  mask_n, stride_om, QUANT: tl.constexpr, XS_PER_ROW: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
-    """out = acc * x_scale * w_scale (+ bias), in the output's dtype."""
-    if QUANT == 0:
-        if XS_PER_ROW:
-            x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
-        else:
-            x_scale = tl.load(xs_ptr)
-    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    if QUANT == 2 or (QUANT == 0 and not XS_PER_ROW):
-        y = acc * x_scale
-    else:
-        y = acc * x_scale[:, None]
-    y = y * w_scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @dataclass(frozen=True)

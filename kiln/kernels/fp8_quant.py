@@ -197,3 +197,27 @@ def _pad_rows(q, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
     if ROWS * 2 <= BLOCK_M:
         q = _double_rows(q)
     return q
+
+
+@triton.jit
+def _fp8_epilogue(acc, x_scale, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m,
+                  mask_n, stride_om, QUANT: tl.constexpr, XS_PER_ROW: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """out = acc * x_scale * w_scale (+ bias), in the output's dtype: the epilogue of
+    kiln.kernels.fp8's GEMM and of fp8_swap's (which hands its [weight rows, tokens]
+    sums over transposed)."""
+    if QUANT == 0:
+        if XS_PER_ROW:
+            x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        else:
+            x_scale = tl.load(xs_ptr)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    if QUANT == 2 or (QUANT == 0 and not XS_PER_ROW):
+        y = acc * x_scale
+    else:
+        y = acc * x_scale[:, None]
+    y = y * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels.fp8_quant import _INTERPRET
+from kiln.kernels.fp8_quant import _INTERPRET, _fp8_epilogue
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 ENABLED = os.environ.get("KILN_FP8_SWAP", "1") != "0"  # 0: the unswapped decode tile
@@ -92,15 +92,9 @@ def _fp8_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
                                   INTERPRET)
     else:
         last = True
-    if last:
-        x_scale = tl.load(xs_ptr + offs_t, mask=mask_t, other=0.0)
-        w_scale = tl.load(ws_ptr + offs_w, mask=mask_w, other=0.0)
-        y = acc * x_scale[None, :]
-        y = y * w_scale[:, None]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_w, mask=mask_w, other=0.0).to(tl.float32)[:, None]
-        out = out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + offs_w[:, None]
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_w[:, None] & mask_t[None, :])
+    if last:  # QUANT_NONE with per-row x scales, on [tokens, weight rows]
+        _fp8_epilogue(tl.trans(acc), None, xs_ptr, ws_ptr, bias_ptr, out_ptr, offs_t, offs_w,
+                      mask_t, mask_w, stride_om, 0, True, HAS_BIAS)
 
 
 def swap_constexprs(block_t: int, block_w: int, block_k: int, split_k: int, M: int, N: int,
