@@ -1,0 +1,211 @@
+"""16-bit decode linear (M <= 16 tokens) with the operands swapped, and the kernel before
+it folded into its prologue: RMSNorm (with the residual add) or act(gate) * up.
+
+    out^T[n, m] = sum_k w[n, k] * a[m, k],  a = prologue(x)
+
+The weight's rows are the tensor core's M (a 64-row wgmma per warp group on Hopper, read
+from shared memory as the weight arrived), the tokens pad to its N (16), as cuBLAS's own
+bf16 decode GEMVs do (128 weight rows x 8 tokens, 12 stages on an H200) and as
+kiln.kernels.fp8_swap does for e4m3. What cuBLAS cannot do is the prologue:
+
+- NORM_RMS / NORM_ADD_RMS: a = w_norm * rms_norm(x (+ r)). Each program first walks the
+  M rows of x (and r) once for their sums of squares (8 KB a row from L2 at 4096 wide),
+  then normalises each K tile as it multiplies it, with kiln.kernels.rms_norm's roundings
+  (the sum rounded to x's dtype, the normalised value rounded before the weight, the
+  product rounded to the GEMM's dtype): the norm kernel's launch is gone. With the
+  residual, program (0, 0) also writes s = x + r to res_out (a new tensor, so nobody
+  reads what it overwrites).
+- ACT_SILU / ACT_GELU_TANH: x is [M, 2I] = [gate | up] and a = act(gate) * up rounded as
+  kiln.kernels.silu_mul rounds it: the SiLU*mul launch of the MLP is gone.
+
+A sum of squares is taken over K in BLOCK_K chunks, so the norm's float32 mean may differ
+from the norm kernel's in its last bit; everything else rounds as the unfused kernels.
+Several K splits meet in the kernel (kiln.kernels.split_k: no zero or reduce launch).
+Opt-in (KILN_BF16_SWAP=1) until measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kiln.kernels.silu_mul import _act_mul
+from kiln.kernels.split_k import split_k_counters, split_k_fixup
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ENABLED = os.environ.get("KILN_BF16_SWAP", "0") == "1"
+MAX_ROWS = 16  # the tokens' tile (N of the MMA)
+NORM_NONE, NORM_RMS, NORM_ADD_RMS = 0, 1, 2
+ACT_NONE, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapConfig:
+    block_w: int = 128  # weight rows a program
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 8
+    split_k: int = 1
+
+    def tag(self) -> str:
+        return (f"{self.block_w}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+                f"k{self.split_k}")
+
+
+def swap_config(M: int, N: int, K: int) -> SwapConfig:
+    """The launch for [M <= 16, K] x [N, K]^T: ~2 waves of programs on 132 SMs."""
+    block_w = 64 if N <= 8192 else 128
+    split = 1
+    while N // block_w * split < 200 and K // (split * 2) >= 1024:
+        split *= 2
+    return SwapConfig(block_w, 128, 4, 8, split)
+
+
+@triton.jit
+def _norm_input(x_rows, r_rows, offs_k, mask, NORM: tl.constexpr):
+    """s = x (+ r), rounded to x's dtype as kiln.kernels.rms_norm rounds it."""
+    x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+    if NORM == 2:
+        r = tl.load(r_rows + offs_k[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _gemm_input(x_rows, r_rows, nw_ptr, offs_k, mask_t, inv_rms, inter, K,
+                EVEN_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                A_DTYPE: tl.constexpr):
+    """The GEMM's [BLOCK_T, BLOCK_K] input tile a = prologue(x) at columns offs_k."""
+    if EVEN_K:
+        mask = mask_t[:, None]
+    else:
+        mask = mask_t[:, None] & (offs_k < K)[None, :]
+    if ACT != 0:
+        a = _act_mul(x_rows, offs_k[None, :], mask, inter, ACT == 2)
+    elif NORM != 0:
+        s = _norm_input(x_rows, r_rows, offs_k, mask, NORM)
+        normed = (s.to(tl.float32) * inv_rms[:, None]).to(s.dtype).to(tl.float32)
+        w = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        a = normed * w[None, :]
+    else:
+        a = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+    return a.to(A_DTYPE)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+                      count_ptr, M, N, K, stride_xm, stride_rm, stride_ro, stride_wn,
+                      stride_om, eps,
+                      NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                      PDL: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
+    of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
+    GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
+    pid_w = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_w = offs_w < N
+    mask_t = offs_t < M
+    w_rows = w_ptr + offs_w.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xm
+    r_rows = r_ptr + offs_t.to(tl.int64)[:, None] * stride_rm
+    A_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    if PDL:
+        gdc_wait()  # x (and r) come from the kernel before
+        gdc_launch_dependents()
+
+    inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
+    if NORM != 0:  # the rows' sums of squares; program (0, 0) writes s = x + r
+        first = (offs_t * 0 + pid_w + pid_k) == 0
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            mask = mask_t[:, None] & ((k + offs_k) < K)[None, :]
+            s = _norm_input(x_rows, r_rows, k + offs_k, mask, NORM)
+            if NORM == 2:
+                tl.store(res_out_ptr + offs_t.to(tl.int64)[:, None] * stride_ro
+                         + (k + offs_k)[None, :], s, mask=mask & first[:, None])
+            sf = s.to(tl.float32)
+            ss += tl.sum(sf * sf, axis=1)
+        inv_rms = tl.rsqrt(ss / K + eps)
+
+    acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
+    k_len = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_len
+    for k in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_rows + (k + offs_k)[None, :])
+        elif EVEN_K:
+            w = tl.load(w_rows + (k + offs_k)[None, :], mask=mask_w[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + (k + offs_k)[None, :],
+                        mask=mask_w[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
+        a = _gemm_input(x_rows, r_rows, nw_ptr, k + offs_k, mask_t, inv_rms, K, K, EVEN_K,
+                        NORM, ACT, A_DTYPE)
+        acc = tl.dot(w, tl.trans(a), acc)
+
+    out_mask = mask_w[:, None] & mask_t[None, :]
+    if SPLIT_K > 1:
+        acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_w,
+                                  offs_t.to(tl.int64)[None, :] * N + offs_w[:, None],
+                                  out_mask, M * N, offs_w, SPLIT_K, INTERPRET)
+    else:
+        last = True
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_w, mask=mask_w, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + offs_w[:, None],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+              residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+              eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
+              pdl_ok: bool = False, res_out: torch.Tensor | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
+    - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
+      result is (y, x + residual) (written to res_out when given);
+    - act: x is [M, 2I] = [gate | up] and a = act(gate) * up (ACT_SILU, ACT_GELU_TANH);
+    - else a = x.
+    Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype."""
+    M = x.shape[0]
+    N, K = weight.shape
+    assert 0 < M <= MAX_ROWS, f"the swapped GEMV takes 1-{MAX_ROWS} rows, got {M}"
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1
+    norm = NORM_NONE if norm_weight is None else (NORM_RMS if residual is None
+                                                  else NORM_ADD_RMS)
+    assert not (norm and act), "one prologue: a norm or an activation"
+    assert x.shape[1] == (2 * K if act else K), "x's width does not match the weight"
+    cfg = config or swap_config(M, N, K)
+    block_k = min(cfg.block_k, max(16, triton.next_power_of_2(K)))
+    split = cfg.split_k if K >= cfg.split_k * block_k else 1
+    tiles = triton.cdiv(N, cfg.block_w)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if norm == NORM_ADD_RMS:
+        assert residual.shape == x.shape and residual.stride(-1) == 1
+        res_out = torch.empty_like(x) if res_out is None else res_out
+    r = residual if residual is not None else x
+    ro = res_out if res_out is not None else x
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) \
+        if split > 1 else out
+    counters = split_k_counters(x.device, tiles) if split > 1 else out
+    pdl = pdl_ok and not _INTERPRET
+    _gemv_swap_kernel[(tiles, split)](
+        x, r, norm_weight if norm_weight is not None else weight, ro, weight,
+        bias if bias is not None else weight, out, part, counters, M, N, K, x.stride(0),
+        r.stride(0), ro.stride(0), weight.stride(0), out.stride(0), eps,
+        NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
+        BLOCK_T=MAX_ROWS, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, PDL=pdl, INTERPRET=_INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"launch_pdl": True} if pdl else {}))
+    return (out, res_out) if norm == NORM_ADD_RMS else out

@@ -1,0 +1,133 @@
+"""kiln.kernels.gemv_swap (opt-in, KILN_BF16_SWAP=1): the swapped 16-bit decode linear with
+RMSNorm (+ residual) or act(gate) * up folded into its prologue, under the Triton
+interpreter against the unfused torch reference (norm or activation, rounded to the
+dtype, then the linear): every prologue, odd K, ragged N, split K, bias, 1-16 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
+
+
+def check_swap(dtype: torch.dtype, M: int, N: int, K: int, prologue: str, bias: bool,
+               split_k: int, block_k: int) -> None:
+    from kiln.kernels import gemv_swap as gs
+    from kiln.kernels import reference as ref
+
+    torch.manual_seed(M * 7 + N + K)
+    width = 2 * K if prologue in ("silu", "gelu") else K
+    x = torch.randn(M, width, dtype=dtype)
+    r = torch.randn(M, K, dtype=dtype)
+    nw = (1 + 0.1 * torch.randn(K)).to(dtype)
+    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    cfg = gs.SwapConfig(block_w=32, block_k=block_k, num_warps=4, num_stages=2,
+                        split_k=split_k)
+    res = None
+    if prologue == "none":
+        a, got = x, gs.gemv_swap(x, w, b, config=cfg)
+    elif prologue == "rms":
+        a = ref.rms_norm(x, nw, 1e-5)
+        got = gs.gemv_swap(x, w, b, norm_weight=nw, eps=1e-5, config=cfg)
+    elif prologue == "add_rms":
+        a, want_res = ref.add_rms_norm(x, r, nw, 1e-5)
+        got, res = gs.gemv_swap(x, w, b, residual=r, norm_weight=nw, eps=1e-5, config=cfg)
+        assert torch.equal(res, want_res)  # s = x + r, rounded to the dtype, bit for bit
+    else:
+        a = ref.silu_and_mul(x) if prologue == "silu" else ref.gelu_tanh_and_mul(x)
+        act = gs.ACT_SILU if prologue == "silu" else gs.ACT_GELU_TANH
+        got = gs.gemv_swap(x, w, b, act=act, config=cfg)
+    want = a.float() @ w.float().T + (b.float() if bias else 0)
+    assert got.shape == (M, N) and got.dtype == dtype
+    # the GEMM input a rounds as the unfused kernels; the sums differ in order (and the
+    # norm's mean in its last float32 bit): a few ulp of the output
+    tol = 2e-2 if dtype == torch.float16 else 1e-4
+    err = ((got.float() - want).abs() / (want.abs() + 1)).max().item()
+    assert err < tol, f"max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("prologue", ["none", "rms", "add_rms", "silu", "gelu"])
+@pytest.mark.parametrize("M,N,K,split_k,block_k", [
+    (1, 96, 256, 1, 64),     # even tiles
+    (3, 70, 200, 2, 64),     # ragged N, odd K, two splits
+    (16, 64, 128, 4, 32),    # all 16 rows, four splits
+])
+def test_gemv_swap_matches_the_unfused_reference(interp, prologue, M, N, K,  # noqa: F811
+                                                 split_k, block_k) -> None:
+    interp(check_swap, torch.float16, M, N, K, prologue, bias=M == 3, split_k=split_k,
+           block_k=block_k)
+
+
+def test_gemv_swap_float32(interp) -> None:  # noqa: F811
+    interp(check_swap, torch.float32, 2, 48, 96, "add_rms", bias=True, split_k=2, block_k=32)
+
+
+def check_errors() -> None:
+    from kiln.kernels import gemv_swap as gs
+
+    x = torch.randn(17, 64, dtype=torch.float16)
+    w = torch.randn(32, 64, dtype=torch.float16)
+    with pytest.raises(AssertionError, match="1-16 rows"):
+        gs.gemv_swap(x, w)
+    with pytest.raises(AssertionError, match="width"):
+        gs.gemv_swap(x[:2], w, act=gs.ACT_SILU)
+    with pytest.raises(AssertionError, match="one prologue"):
+        gs.gemv_swap(x[:2], w, norm_weight=w[0], act=gs.ACT_SILU)
+
+
+def test_gemv_swap_refuses_what_it_cannot_take(interp) -> None:  # noqa: F811
+    interp(check_errors)
+
+
+def check_config() -> None:
+    from kiln.kernels.gemv_swap import swap_config
+
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        cfg = swap_config(1, n, k)
+        programs = -(-n // cfg.block_w) * cfg.split_k
+        assert programs >= 132 and k % (cfg.split_k * cfg.block_k) == 0, (n, k, cfg)
+
+
+def test_swap_config_fills_the_card(interp) -> None:  # noqa: F811
+    interp(check_config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("layer", ["qkv", "o", "gate_up", "down"])
+def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
+    """bf16 at Llama-3.1-8B shapes, the default launch, against kiln's unfused kernels and
+    F.linear: within bf16 rounding of the output; the residual sum bit for bit."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
+    import torch.nn.functional as F
+
+    from kiln.kernels import gemv_swap as gs
+    from kiln.kernels import rms_norm, silu_mul
+
+    N, K = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+            "down": (4096, 14336)}[layer]
+    g = torch.Generator(device="cuda").manual_seed(M)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(M, 2 * K if layer == "down" else K, device="cuda", generator=g).to(**bf)
+    r = torch.randn(M, K, device="cuda", generator=g).to(**bf)
+    nw = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(**bf)
+    if layer in ("qkv", "gate_up"):
+        a, want_res = rms_norm.add_rms_norm(x, r, nw, 1e-5)
+        got, res = gs.gemv_swap(x, w, residual=r, norm_weight=nw, eps=1e-5)
+        assert torch.equal(res, want_res)
+    elif layer == "down":
+        a = silu_mul.silu_and_mul(x)
+        got = gs.gemv_swap(x, w, act=gs.ACT_SILU)
+    else:
+        a = x
+        got = gs.gemv_swap(x, w, config=gs.SwapConfig(64, 128, 4, 8, 4))  # four splits
+    want = F.linear(a, w).float()
+    err = ((got.float() - want).abs().amax(1) / want.abs().amax(1)).max().item()
+    assert err < 1.6e-2, f"{layer} M={M}: {err:.2e}"
