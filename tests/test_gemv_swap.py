@@ -131,3 +131,83 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
     want = F.linear(a, w).float()
     err = ((got.float() - want).abs().amax(1) / want.abs().amax(1)).max().item()
     assert err < 1.6e-2, f"{layer} M={M}: {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, tiny_checkpoints, tmp_path,
+                                                       monkeypatch) -> None:
+    """KILN_BF16_SWAP=1: decode steps of 1-16 rows take the swapped GEMV with the norms and
+    the activation in its prologue (Llama: SiLU; Gemma-2: tanh GELU, sandwich norms, which
+    keep their own kernels). float32 engines (the GEMV in full precision, as cuBLAS's):
+    the same greedy tokens as with it off, through CUDA graphs and requests arriving at
+    different steps; and it was taken."""
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from kiln.kernels import gemv_swap
+    from kiln.layers import swap_input
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+    from kiln.runtime.request import SamplingParams
+    from tests.test_runtime import make_prompts, run_all
+
+    folder, _ = tiny_checkpoints[arch]
+    path = build(folder, tmp_path / "e", BuildConfig(
+        dtype="float32", max_batch_size=16, max_seq_len=256, max_num_tokens=512),
+        progress=False)
+    prompts = make_prompts(12, seed=3)
+    arrivals = [i // 2 for i in range(12)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the swapped GEMV is taken on sm_90 only")
+    calls, real = [], gemv_swap.gemv_swap
+    monkeypatch.setattr(gemv_swap, "gemv_swap",
+                        lambda *a, **k: calls.append(k.get("act", 0)) or real(*a, **k))
+    monkeypatch.setattr(swap_input, "DTYPES", (torch.float32,))
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(swap_input, "ENABLED", on)
+        engine = LLMEngine(path, RuntimeConfig(device="cuda"))
+        got[on] = run_all(engine, prompts, params, arrivals)
+        del engine
+        assert bool(calls) == on
+    assert got[True] == got[False]
+    assert 0 in calls and (1 if arch == "llama" else 2) in calls
+
+
+
+def check_plumbing() -> None:
+    """A norm and a gated MLP through kiln's layers with the swap on (the worker's kernels
+    interpreted, every CPU tensor taken): the norm and the activation hand over
+    PendingInputs, the linears consume them, and the result is the unfused one's."""
+    from kiln import functional as KF
+    from kiln.layers import swap_input
+    from kiln.layers.mlp import GatedMLP
+    from kiln.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
+    swap_input.takes = lambda x: x.dim() == 2 and x.shape[0] <= 16
+    mlp, norm = GatedMLP(64, 96).half(), RMSNorm(64, 1e-5).half()
+    for p in list(mlp.parameters()) + list(norm.parameters()):
+        p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1 + (p is norm.weight)).half()
+    x, res = torch.randn(3, 64, dtype=torch.float16), torch.randn(3, 64, dtype=torch.float16)
+    got = {}
+    for on in (False, True):
+        swap_input.ENABLED = on
+        quant = mlp.input_quant()
+        assert (quant is swap_input.SWAP_PROLOGUE) == on
+        normed, summed = norm(x, res, quant)
+        assert isinstance(normed, swap_input.PendingInput) == on
+        got[on] = (mlp(normed), summed)
+    torch.testing.assert_close(got[True][1], got[False][1], rtol=0, atol=0)
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=2e-2, atol=2e-3)
+    # a PendingInput something else gets is computed by the unfused kernels
+    pending, summed = norm(x, res, swap_input.SWAP_PROLOGUE)
+    swap_input.ENABLED = False
+    torch.testing.assert_close(pending.materialize(), norm(x, res)[0], rtol=0, atol=0)
+    torch.testing.assert_close(summed, x + res, rtol=0, atol=0)
+
+
+def test_swap_prologue_plumbing(interp) -> None:  # noqa: F811
+    interp(check_plumbing)

@@ -119,6 +119,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + offs_t.to(tl.int64)[:, None] * stride_rm
     A_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    # float32 weights (tests: engines compared with cuBLAS's float32 GEMMs) in full precision
+    DOT_PREC: tl.constexpr = "ieee" if A_DTYPE == tl.float32 else "tf32"
     if PDL:
         gdc_wait()  # x (and r) come from the kernel before
         gdc_launch_dependents()
@@ -150,7 +152,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                         mask=mask_w[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
         a = _gemm_input(x_rows, r_rows, nw_ptr, k + offs_k, mask_t, inv_rms, K, K, EVEN_K,
                         NORM, ACT, A_DTYPE)
-        acc = tl.dot(w, tl.trans(a), acc)
+        acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PREC)
 
     out_mask = mask_w[:, None] & mask_t[None, :]
     if SPLIT_K > 1:

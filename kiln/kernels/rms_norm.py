@@ -19,6 +19,7 @@ from kiln.kernels.fp8_quant import (
     fused_quant_args,
 )
 from kiln.kernels.pdl import pdl_start
+from kiln.layers.swap_input import SwapPrologue, pending_norm
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -126,13 +127,24 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: object = None
              ) -> torch.Tensor | FP8Act:
     """y = w * x / sqrt(mean(x^2) + eps) over the last dim, any leading shape.
-    quant (an FP8Quant; x 2-D): y quantized to e4m3 in the same pass, as an FP8Act."""
+    quant (an FP8Quant; x 2-D): y quantized to e4m3 in the same pass, as an FP8Act;
+    SWAP_PROLOGUE: left to the swapped GEMV after it where that takes x (a PendingInput)."""
+    if isinstance(quant, SwapPrologue):
+        pending = pending_norm(x, None, weight, eps)
+        if pending is not None:
+            return pending
+        quant = None
     return _launch(x, None, weight, eps, quant)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float, quant: object = None) -> tuple[torch.Tensor | FP8Act, torch.Tensor]:
     """r = x + residual; returns (rms_norm(r), r) in one pass (quant: as rms_norm)."""
+    if isinstance(quant, SwapPrologue):
+        pending = pending_norm(x, residual, weight, eps)
+        if pending is not None:
+            return pending
+        quant = None
     out, res_out = _launch(x, residual, weight, eps, quant)
     assert res_out is not None
     return out, res_out

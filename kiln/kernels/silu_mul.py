@@ -20,6 +20,7 @@ from kiln.kernels.fp8_quant import (
     fused_quant_args,
 )
 from kiln.kernels.pdl import pdl_start
+from kiln.layers.swap_input import SwapPrologue, pending_act
 
 
 @triton.jit
@@ -98,7 +99,12 @@ def _act_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, inter, stri
 def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False,
                   launch: dict | None = None) -> FP8Act:
     """x [T, 2I] -> e4m3 of act(x[:, :I]) * x[:, I:] with per-row scales (an FP8Act).
-    launch: block / num_warps instead of the choice below (benchmarks)."""
+    launch: block / num_warps instead of the choice below (benchmarks). quant
+    SWAP_PROLOGUE: left to the swapped GEMV after it (a PendingInput) where that takes x,
+    else the unquantized product."""
+    if isinstance(quant, SwapPrologue):
+        pending = pending_act(x, gelu_tanh)
+        return pending if pending is not None else silu_and_mul(x, gelu_tanh)
     inter = x.shape[-1] // 2
     assert x.dim() == 2, "the fused FP8 output is [tokens, features]"
     if x.stride(-1) != 1:

@@ -33,10 +33,12 @@ from torch import nn
 from kiln import functional as KF
 from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
 from kiln.kernels.reference_quant import FP8Quant
+from kiln.layers import swap_input
 from kiln.layers.attention import Attention
 from kiln.layers.embedding import LinearLMHead, LMHead
 from kiln.layers.linear import LinearBase
 from kiln.layers.moe import Experts
+from kiln.layers.swap_input import PendingInput
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class LinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
+        if isinstance(x, PendingInput):  # the norm / activation before left it to us
+            return x.linear(layer.weight, bias)
         return KF.linear(x, layer.weight, bias, getattr(layer, "packed_weight", None))
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
@@ -122,7 +126,12 @@ class LinearMethod:
 
     def input_quant(self, layer: LinearBase) -> object:
         """How this method would have its input quantized by the kernel that makes it (an
-        FP8Quant), or None: the norm / activation before it then writes it as usual."""
+        FP8Quant), or None: the norm / activation before it then writes it as usual.
+        Unquantized 16-bit layers with KILN_BF16_SWAP=1: SWAP_PROLOGUE (kiln.layers.swap_input:
+        at 1-16 rows on Hopper the norm / activation is left to this layer's GEMV)."""
+        if (self.name == "none" and swap_input.ENABLED and _FUSED_INPUT_QUANT[0]
+                and layer.weight.dtype in swap_input.DTYPES):
+            return swap_input.SWAP_PROLOGUE
         return None
 
     def create_expert_weights(self, experts: Experts) -> None:

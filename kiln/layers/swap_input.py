@@ -1,0 +1,114 @@
+"""A 16-bit linear layer's input handed over uncomputed, for the layer's kernel to compute
+in its prologue (kiln.kernels.gemv_swap: RMSNorm with the residual add, or act(gate) * up,
+folded into the swapped decode GEMV). Opt-in: KILN_BF16_SWAP=1.
+
+The way FP8 layers have their input quantized by the norm before them (input_quant() ->
+FP8Quant -> FP8Act), an unquantized layer's input_quant() returns SWAP_PROLOGUE; the norm
+or activation wrapper then returns a PendingInput instead of launching its kernel where
+the swapped GEMV takes the rows (a decode step of 1-16 rows in bf16 / fp16 on Hopper), and
+LinearMethod.apply hands it to gemv_swap. The residual sum the norm returns beside it is
+an empty tensor the GEMV's program (0, 0) fills; the decoder layer reads it only after
+the linear ran. Anything else that gets a PendingInput calls materialize().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+ENABLED = os.environ.get("KILN_BF16_SWAP", "0") == "1"
+DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
+_CAPABLE: dict[int, bool] = {}
+
+
+class SwapPrologue:
+    """The marker LinearMethod.input_quant() returns when its layer computes its input."""
+
+    def __repr__(self) -> str:
+        return "SWAP_PROLOGUE"
+
+
+SWAP_PROLOGUE = SwapPrologue()
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the swapped GEMV takes x's rows: 2-D, 1-16 rows, 16-bit, on sm_90 (what was
+    measured), not under the Triton interpreter."""
+    if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= 16
+            and x.dtype in DTYPES
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index) == (9, 0)
+    return _CAPABLE[index]
+
+
+@dataclasses.dataclass
+class PendingInput:
+    """norm_weight * rms_norm(x (+ residual)) (act == 0) or act(gate) * up of x = [gate | up]
+    (act 1: SiLU, 2: tanh GELU), not yet computed; res_out: where x + residual goes."""
+
+    x: torch.Tensor
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    eps: float = 0.0
+    act: int = 0
+    res_out: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.x.shape[0], self.x.shape[1] // (2 if self.act else 1)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """weight's linear of the input, the prologue computed by the GEMV."""
+        from kiln.kernels import gemv_swap
+
+        if self.act:
+            return gemv_swap.gemv_swap(self.x, weight, bias, act=self.act)
+        out = gemv_swap.gemv_swap(self.x, weight, bias, residual=self.residual,
+                                  norm_weight=self.norm_weight, eps=self.eps,
+                                  res_out=self.res_out)
+        return out[0] if self.residual is not None else out
+
+    def materialize(self) -> torch.Tensor:
+        """The input itself, by the unfused kernels (and res_out filled)."""
+        from kiln.kernels import rms_norm, silu_mul
+
+        if self.act:
+            return silu_mul.silu_and_mul(self.x, gelu_tanh=self.act == 2)
+        if self.residual is None:
+            return rms_norm.rms_norm(self.x, self.norm_weight, self.eps)
+        out, summed = rms_norm.add_rms_norm(self.x, self.residual, self.norm_weight, self.eps)
+        self.res_out.copy_(summed)
+        return out
+
+
+def pending_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> PendingInput | tuple[PendingInput, torch.Tensor] | None:
+    """The norm's result left to the linear after it (None: x is not for the swapped GEMV):
+    the PendingInput, and with a residual the (still empty) x + residual beside it."""
+    if not takes(x) or weight.dtype != x.dtype or x.stride(-1) != 1 or (
+            residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1)):
+        return None
+    if residual is None:
+        return PendingInput(x, None, weight, eps)
+    res_out = torch.empty_like(x)
+    return PendingInput(x, residual, weight, eps, 0, res_out), res_out
+
+
+def pending_act(x: torch.Tensor, gelu_tanh: bool) -> PendingInput | None:
+    """act(gate) * up left to the linear after it (None: not for the swapped GEMV)."""
+    if not takes(x) or x.stride(-1) != 1:
+        return None
+    return PendingInput(x, act=2 if gelu_tanh else 1)
