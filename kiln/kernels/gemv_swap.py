@@ -58,20 +58,22 @@ class SwapConfig:
 
 
 def swap_config(M: int, N: int, K: int) -> SwapConfig:
-    """The launch for [M <= 16, K] x [N, K]^T: ~2 waves of programs on 132 SMs."""
-    block_w = 64 if N <= 8192 else 128
-    split = 1
-    while N // block_w * split < 200 and K // (split * 2) >= 1024:
-        split *= 2
-    return SwapConfig(block_w, 128, 4, 8, split)
+    """The launch for [M <= 16, K] x [N, K]^T. The best of 31-40 launches a shape at one
+    row (H200, 29th session, benchmarks/gemv_swap_bench.py --grid, us; cuBLAS beside):
+    QKV 6144 x 4096 64 x 128, 6 stages 14.63 (15.16), O 4096 x 4096 8 stages 11.06 (13.14),
+    gate-up 28672 x 4096 4 stages 56.28 (57.35), down 4096 x 14336 6 stages in 2 K splits
+    30.54 (32.22)."""
+    stages = 4 if N >= 16384 else 8 if N <= 4096 and K <= 4096 else 6
+    return SwapConfig(64, 128, 4, stages, 2 if K >= 8192 else 1)
 
 
 @triton.jit
-def _norm_input(x_rows, r_rows, offs_k, mask, NORM: tl.constexpr):
-    """s = x (+ r), rounded to x's dtype as kiln.kernels.rms_norm rounds it."""
-    x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+def _norm_input(x_rows, r_rows, offs, mask, NORM: tl.constexpr):
+    """s = x (+ r), rounded to x's dtype as kiln.kernels.rms_norm rounds it (offs: column
+    offsets, broadcast against the row pointers)."""
+    x = tl.load(x_rows + offs, mask=mask, other=0.0)
     if NORM == 2:
-        r = tl.load(r_rows + offs_k[None, :], mask=mask, other=0.0)
+        r = tl.load(r_rows + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
     return x
 
@@ -88,7 +90,7 @@ def _gemm_input(x_rows, r_rows, nw_ptr, offs_k, mask_t, inv_rms, inter, K,
     if ACT != 0:
         a = _act_mul(x_rows, offs_k[None, :], mask, inter, ACT == 2)
     elif NORM != 0:
-        s = _norm_input(x_rows, r_rows, offs_k, mask, NORM)
+        s = _norm_input(x_rows, r_rows, offs_k[None, :], mask, NORM)
         normed = (s.to(tl.float32) * inv_rms[:, None]).to(s.dtype).to(tl.float32)
         w = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         a = normed * w[None, :]
@@ -103,8 +105,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       stride_om, eps,
                       NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                      PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                      NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                      SPLIT_K: tl.constexpr, PDL: tl.constexpr, INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
@@ -127,16 +129,20 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
     if NORM != 0:  # the rows' sums of squares; program (0, 0) writes s = x + r
-        first = (offs_t * 0 + pid_w + pid_k) == 0
+        offs_n = tl.arange(0, NORM_BLOCK)
+        first = (offs_n * 0 + pid_w + pid_k) == 0
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            mask = mask_t[:, None] & ((k + offs_k) < K)[None, :]
-            s = _norm_input(x_rows, r_rows, k + offs_k, mask, NORM)
-            if NORM == 2:
-                tl.store(res_out_ptr + offs_t.to(tl.int64)[:, None] * stride_ro
-                         + (k + offs_k)[None, :], s, mask=mask & first[:, None])
-            sf = s.to(tl.float32)
-            ss += tl.sum(sf * sf, axis=1)
+        for m in range(0, M):  # a row at a time, in loads as wide as the row (<= 4096)
+            sq = tl.zeros([NORM_BLOCK], dtype=tl.float32)
+            for k in range(0, K, NORM_BLOCK):
+                cols = k + offs_n
+                s = _norm_input(x_ptr + m * stride_xm, r_ptr + m * stride_rm, cols,
+                                cols < K, NORM)
+                if NORM == 2:
+                    tl.store(res_out_ptr + m * stride_ro + cols, s, mask=(cols < K) & first)
+                sf = s.to(tl.float32)
+                sq += sf * sf
+            ss = tl.where(offs_t == m, tl.sum(sq, axis=0), ss)
         inv_rms = tl.rsqrt(ss / K + eps)
 
     acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
@@ -206,7 +212,8 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         bias if bias is not None else weight, out, part, counters, M, N, K, x.stride(0),
         r.stride(0), ro.stride(0), weight.stride(0), out.stride(0), eps,
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
-        BLOCK_T=MAX_ROWS, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
+        NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
         EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, PDL=pdl, INTERPRET=_INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}))
