@@ -79,23 +79,40 @@ def _norm_input(x_rows, r_rows, offs, mask, NORM: tl.constexpr):
 
 
 @triton.jit
-def _gemm_input(x_rows, r_rows, nw_ptr, offs_k, mask_t, inv_rms, inter, K,
-                EVEN_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                A_DTYPE: tl.constexpr):
-    """The GEMM's [BLOCK_T, BLOCK_K] input tile a = prologue(x) at columns offs_k."""
-    if EVEN_K:
-        mask = mask_t[:, None]
-    else:
-        mask = mask_t[:, None] & (offs_k < K)[None, :]
+def _prologue(x_rows, r_rows, nw_ptr, offs, kmask, mask, inv_rms, inter,
+              NORM: tl.constexpr, ACT: tl.constexpr):
+    """prologue(x) at the given rows (pointers) and columns offs (broadcast), in float32
+    (exact: what is rounded to the GEMM's dtype next is)."""
     if ACT != 0:
-        a = _act_mul(x_rows, offs_k[None, :], mask, inter, ACT == 2)
+        a = _act_mul(x_rows, offs, mask, inter, ACT == 2).to(tl.float32)
     elif NORM != 0:
-        s = _norm_input(x_rows, r_rows, offs_k[None, :], mask, NORM)
-        normed = (s.to(tl.float32) * inv_rms[:, None]).to(s.dtype).to(tl.float32)
-        w = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        a = normed * w[None, :]
+        s = _norm_input(x_rows, r_rows, offs, mask, NORM)
+        normed = (s.to(tl.float32) * inv_rms).to(s.dtype).to(tl.float32)
+        a = normed * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
     else:
-        a = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+        a = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, inv_rms,
+                inter, K, EVEN_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                A_DTYPE: tl.constexpr, ONE_ROW: tl.constexpr):
+    """The GEMM's [BLOCK_T, BLOCK_K] input tile a = prologue(x) at columns offs_k. ONE_ROW
+    (M == 1): the prologue runs on row 0 alone and the padding rows are zeros, rather than
+    computing the activation / norm for 16 rows of which 15 are masked."""
+    kmask = offs_k < K
+    if ONE_ROW and (NORM != 0 or ACT != 0):
+        inv0 = tl.sum(tl.where(offs_t == 0, inv_rms, 0.0), axis=0)
+        a1 = _prologue(x_ptr, r_ptr, nw_ptr, offs_k, kmask, kmask, inv0, inter, NORM, ACT)
+        a = tl.where(offs_t[:, None] == 0, a1[None, :], 0.0)
+    else:
+        if EVEN_K:
+            mask = mask_t[:, None]
+        else:
+            mask = mask_t[:, None] & kmask[None, :]
+        a = _prologue(x_rows, r_rows, nw_ptr, offs_k[None, :], kmask[None, :], mask,
+                      inv_rms[:, None], inter, NORM, ACT)
     return a.to(A_DTYPE)
 
 
@@ -106,7 +123,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                      SPLIT_K: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
+                      INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
@@ -156,8 +174,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         else:
             w = tl.load(w_rows + (k + offs_k)[None, :],
                         mask=mask_w[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
-        a = _gemm_input(x_rows, r_rows, nw_ptr, k + offs_k, mask_t, inv_rms, K, K, EVEN_K,
-                        NORM, ACT, A_DTYPE)
+        a = _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, k + offs_k, offs_t, mask_t,
+                        inv_rms, K, K, EVEN_K, NORM, ACT, A_DTYPE, ONE_ROW)
         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PREC)
 
     out_mask = mask_w[:, None] & mask_t[None, :]
@@ -214,7 +232,8 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
-        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, PDL=pdl, INTERPRET=_INTERPRET,
+        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, ONE_ROW=M == 1, PDL=pdl,
+        INTERPRET=_INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}))
     return (out, res_out) if norm == NORM_ADD_RMS else out
