@@ -9,7 +9,8 @@ that no call finds its weight in L2 (benchmarks/fp8_gemm.time_calls):
   and gate-up, SiLU*mul for down), as a decode step runs them;
 - swap: the swapped GEMV alone (default launch, then --grid's launches, best three shown);
 - fused: the swapped GEMV with that kernel in its prologue (default launch and the
-  plain grid's best three).
+  plain grid's best three); fused-prepass: the norm's sums of squares in a pass before
+  the GEMM rather than beside it (gemv_swap's late_norm=False), default launch.
 So "fused vs unfused" is what a layer would save; each swap result is checked against
 F.linear of the same (unfused) input: max |diff| / max |ref| per row is printed as err.
 """
@@ -56,14 +57,15 @@ def prologue_fns(pro: str | None, x, r, nw):
         def unfused(w):
             return F.linear(rms_norm.add_rms_norm(x, r, nw, 1e-5)[0], w)
 
-        def fused(w, cfg):
-            return gs.gemv_swap(x, w, residual=r, norm_weight=nw, eps=1e-5, config=cfg)[0]
+        def fused(w, cfg, late=True):
+            return gs.gemv_swap(x, w, residual=r, norm_weight=nw, eps=1e-5, config=cfg,
+                                late_norm=late)[0]
         return unfused, fused, rms_norm.add_rms_norm(x, r, nw, 1e-5)[0]
     if pro == "silu":
         def unfused(w):
             return F.linear(silu_mul.silu_and_mul(x), w)
 
-        def fused(w, cfg):
+        def fused(w, cfg, late=True):
             return gs.gemv_swap(x, w, act=gs.ACT_SILU, config=cfg)
         return unfused, fused, silu_mul.silu_and_mul(x)
     return None, None, x
@@ -111,6 +113,9 @@ def bench_case(name: str, ws: list[torch.Tensor], M: int, with_grid: bool,
         for cfg in [default] + [c for c in configs if c.tag() in best and c != default]:
             record(f"fused {cfg.tag()}", lambda w, c=cfg: fused(w, c), cfg,
                    lambda c=cfg: fused(ws[0], c))
+        if pro == "norm":  # the norm's sums of squares in a pass before the GEMM instead
+            record("fused-prepass", lambda w: fused(w, default, False), None,
+                   lambda: fused(ws[0], default, False))
     fuseds = sorted((r for r in rows if r["method"].startswith("fused")), key=lambda r: r["us"])
     line = [f"{name:8s} M={M}: " + ", ".join(f"{r['method']} {r['us']:.2f}" for r in rows
                                              if r["config"] is None)]

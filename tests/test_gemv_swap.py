@@ -31,9 +31,10 @@ def check_swap(dtype: torch.dtype, M: int, N: int, K: int, prologue: str, bias: 
     elif prologue == "rms":
         a = ref.rms_norm(x, nw, 1e-5)
         got = gs.gemv_swap(x, w, b, norm_weight=nw, eps=1e-5, config=cfg)
-    elif prologue == "add_rms":
+    elif prologue in ("add_rms", "add_rms_prepass"):
         a, want_res = ref.add_rms_norm(x, r, nw, 1e-5)
-        got, res = gs.gemv_swap(x, w, b, residual=r, norm_weight=nw, eps=1e-5, config=cfg)
+        got, res = gs.gemv_swap(x, w, b, residual=r, norm_weight=nw, eps=1e-5, config=cfg,
+                                late_norm=prologue == "add_rms")
         assert torch.equal(res, want_res)  # s = x + r, rounded to the dtype, bit for bit
     else:
         a = ref.silu_and_mul(x) if prologue == "silu" else ref.gelu_tanh_and_mul(x)
@@ -48,7 +49,8 @@ def check_swap(dtype: torch.dtype, M: int, N: int, K: int, prologue: str, bias: 
     assert err < tol, f"max relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("prologue", ["none", "rms", "add_rms", "silu", "gelu"])
+@pytest.mark.parametrize("prologue", ["none", "rms", "add_rms", "add_rms_prepass", "silu",
+                                      "gelu"])
 @pytest.mark.parametrize("M,N,K,split_k,block_k", [
     (1, 96, 256, 1, 64),     # even tiles
     (3, 70, 200, 2, 64),     # ragged N, odd K, two splits

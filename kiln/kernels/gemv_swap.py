@@ -8,18 +8,21 @@ from shared memory as the weight arrived), the tokens pad to its N (16), as cuBL
 bf16 decode GEMVs do (128 weight rows x 8 tokens, 12 stages on an H200) and as
 kiln.kernels.fp8_swap does for e4m3. What cuBLAS cannot do is the prologue:
 
-- NORM_RMS / NORM_ADD_RMS: a = w_norm * rms_norm(x (+ r)). Each program first walks the
-  M rows of x (and r) once for their sums of squares (8 KB a row from L2 at 4096 wide),
-  then normalises each K tile as it multiplies it, with kiln.kernels.rms_norm's roundings
-  (the sum rounded to x's dtype, the normalised value rounded before the weight, the
-  product rounded to the GEMM's dtype): the norm kernel's launch is gone. With the
-  residual, program (0, 0) also writes s = x + r to res_out (a new tensor, so nobody
-  reads what it overwrites).
+- NORM_RMS / NORM_ADD_RMS: a = w_norm * rms_norm(x (+ r)). Where K is not split (QKV and
+  gate-up), each program reads all of s = x (+ r) anyway: it multiplies w_norm * s into
+  the GEMM and sums s * s beside it, and the sums are scaled by 1 / rms at the end
+  (LATE_NORM), so nothing waits for the norm. That rounds w_norm * s to the GEMM's dtype
+  where kiln.kernels.rms_norm rounds s / rms first and w_norm * (that) after: the GEMM's
+  input differs in its last bit, within the dtype's rounding of the result. Otherwise
+  (late_norm=False, or K split) a pass before the GEMM takes each row's sum of squares
+  (row-wide loads from L2) and each K tile is normalised with rms_norm's roundings. With
+  the residual, program 0 also writes s to res_out (a new tensor, so nobody reads what it
+  overwrites). The norm kernel's launch is gone.
 - ACT_SILU / ACT_GELU_TANH: x is [M, 2I] = [gate | up] and a = act(gate) * up rounded as
   kiln.kernels.silu_mul rounds it: the SiLU*mul launch of the MLP is gone.
 
-A sum of squares is taken over K in BLOCK_K chunks, so the norm's float32 mean may differ
-from the norm kernel's in its last bit; everything else rounds as the unfused kernels.
+The sums of squares are added in another order than the norm kernel's, so the norm's
+float32 mean may differ from it in its last bit.
 Several K splits meet in the kernel (kiln.kernels.split_k: no zero or reduce launch).
 Opt-in (KILN_BF16_SWAP=1) until measured on a GPU.
 """
@@ -42,6 +45,8 @@ ENABLED = os.environ.get("KILN_BF16_SWAP", "0") == "1"
 MAX_ROWS = 16  # the tokens' tile (N of the MMA)
 NORM_NONE, NORM_RMS, NORM_ADD_RMS = 0, 1, 2
 ACT_NONE, ACT_SILU, ACT_GELU_TANH = 0, 1, 2
+# the norm's 1 / rms applied to the GEMM's sums at the end where K is not split (module doc)
+LATE_NORM = os.environ.get("KILN_SWAP_LATE_NORM", "1") != "0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +107,13 @@ def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, in
     (M == 1): the prologue runs on row 0 alone and the padding rows are zeros, rather than
     computing the activation / norm for 16 rows of which 15 are masked."""
     kmask = offs_k < K
-    if ONE_ROW and (NORM != 0 or ACT != 0):
+    if NORM == 0 and ACT == 0:  # as loaded (straight into shared memory by cp.async)
+        if EVEN_K:
+            a = tl.load(x_rows + offs_k[None, :], mask=mask_t[:, None], other=0.0)
+        else:
+            a = tl.load(x_rows + offs_k[None, :], mask=mask_t[:, None] & kmask[None, :],
+                        other=0.0)
+    elif ONE_ROW:
         inv0 = tl.sum(tl.where(offs_t == 0, inv_rms, 0.0), axis=0)
         a1 = _prologue(x_ptr, r_ptr, nw_ptr, offs_k, kmask, kmask, inv0, inter, NORM, ACT)
         a = tl.where(offs_t[:, None] == 0, a1[None, :], 0.0)
@@ -116,6 +127,34 @@ def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, in
     return a.to(A_DTYPE)
 
 
+@triton.jit
+def _late_norm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, res_out_ptr, stride_ro, offs_k,
+                     offs_t, mask_t, pid_w, K, NORM: tl.constexpr, A_DTYPE: tl.constexpr,
+                     ONE_ROW: tl.constexpr):
+    """(a = w_norm * s, s * s) at columns offs_k, s = x (+ r) (stored by the first program):
+    the norm's 1 / rms is applied to the GEMM's sums at the end (LATE_NORM)."""
+    kmask = offs_k < K
+    nw = tl.load(nw_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
+    if ONE_ROW:
+        s1 = _norm_input(x_ptr, r_ptr, offs_k, kmask, NORM)
+        if NORM == 2:
+            tl.store(res_out_ptr + offs_k, s1, mask=kmask & (offs_k * 0 + pid_w == 0))
+        sf = s1.to(tl.float32)
+        a = tl.where(offs_t[:, None] == 0, (sf * nw).to(A_DTYPE)[None, :],
+                     tl.zeros([offs_t.shape[0], offs_k.shape[0]], A_DTYPE))
+        sq = sf * sf  # row 0's, [BLOCK_K]
+    else:
+        mask = mask_t[:, None] & kmask[None, :]
+        s2 = _norm_input(x_rows, r_rows, offs_k[None, :], mask, NORM)
+        if NORM == 2:
+            tl.store(res_out_ptr + offs_t.to(tl.int64)[:, None] * stride_ro + offs_k[None, :],
+                     s2, mask=mask & (offs_t * 0 + pid_w == 0)[:, None])
+        sf = s2.to(tl.float32)
+        a = (sf * nw[None, :]).to(A_DTYPE)
+        sq = sf * sf
+    return a, sq
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
                       count_ptr, M, N, K, stride_xm, stride_rm, stride_ro, stride_wn,
@@ -123,7 +162,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
+                      SPLIT_K: tl.constexpr, ONE_ROW: tl.constexpr,
+                      LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr, PDL: tl.constexpr,
                       INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
@@ -146,7 +186,11 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         gdc_launch_dependents()
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if NORM != 0:  # the rows' sums of squares; program (0, 0) writes s = x + r
+    if ONE_ROW:
+        sq_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    else:
+        sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    if PRE_PASS:  # the rows' sums of squares; program (0, 0) writes s = x + r
         offs_n = tl.arange(0, NORM_BLOCK)
         first = (offs_n * 0 + pid_w + pid_k) == 0
         ss = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -174,9 +218,21 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         else:
             w = tl.load(w_rows + (k + offs_k)[None, :],
                         mask=mask_w[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
-        a = _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, k + offs_k, offs_t, mask_t,
-                        inv_rms, K, K, EVEN_K, NORM, ACT, A_DTYPE, ONE_ROW)
+        if LATE_NORM:
+            a, sq_k = _late_norm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, res_out_ptr,
+                                       stride_ro, k + offs_k, offs_t, mask_t, pid_w, K, NORM,
+                                       A_DTYPE, ONE_ROW)
+            sq_acc += sq_k
+        else:
+            a = _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, k + offs_k, offs_t, mask_t,
+                            inv_rms, K, K, EVEN_K, NORM, ACT, A_DTYPE, ONE_ROW)
         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PREC)
+    if LATE_NORM:  # 1 / rms of each row, from the sums of squares of its whole s
+        if ONE_ROW:
+            ss = tl.where(offs_t == 0, tl.sum(sq_acc, axis=0), 0.0)
+        else:
+            ss = tl.sum(sq_acc, axis=1)
+        acc = acc * tl.rsqrt(ss / K + eps)[None, :]
 
     out_mask = mask_w[:, None] & mask_t[None, :]
     if SPLIT_K > 1:
@@ -195,8 +251,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
 def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
-              pdl_ok: bool = False, res_out: torch.Tensor | None = None
-              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              pdl_ok: bool = False, res_out: torch.Tensor | None = None,
+              late_norm: bool = LATE_NORM) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
       result is (y, x + residual) (written to res_out when given);
@@ -225,6 +281,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         if split > 1 else out
     counters = split_k_counters(x.device, tiles) if split > 1 else out
     pdl = pdl_ok and not _INTERPRET
+    late = norm != NORM_NONE and split == 1 and late_norm
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
         bias if bias is not None else weight, out, part, counters, M, N, K, x.stride(0),
@@ -232,7 +289,8 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
-        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, ONE_ROW=M == 1, PDL=pdl,
+        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, ONE_ROW=M == 1,
+        LATE_NORM=late, PRE_PASS=norm != NORM_NONE and not late, PDL=pdl,
         INTERPRET=_INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}))
