@@ -62,13 +62,15 @@ class SwapConfig:
                 f"k{self.split_k}")
 
 
-def swap_config(M: int, N: int, K: int) -> SwapConfig:
+def swap_config(M: int, N: int, K: int, elem: int = 2) -> SwapConfig:
     """The launch for [M <= 16, K] x [N, K]^T. The best of 31-40 launches a shape at one
     row (H200, 29th session, benchmarks/gemv_swap_bench.py --grid, us; cuBLAS beside):
     QKV 6144 x 4096 64 x 128, 6 stages 14.63 (15.16), O 4096 x 4096 8 stages 11.06 (13.14),
     gate-up 28672 x 4096 4 stages 56.28 (57.35), down 4096 x 14336 6 stages in 2 K splits
     30.54 (32.22)."""
     stages = 4 if N >= 16384 else 8 if N <= 4096 and K <= 4096 else 6
+    # elem: bytes a weight; a stage holds 64 weight rows and up to 32 rows of x and r
+    stages = max(2, min(stages, 160 * 1024 // ((64 + 32) * 128 * elem)))
     return SwapConfig(64, 128, 4, stages, 2 if K >= 8192 else 1)
 
 
@@ -100,12 +102,10 @@ def _prologue(x_rows, r_rows, nw_ptr, offs, kmask, mask, inv_rms, inter,
 
 
 @triton.jit
-def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, inv_rms,
-                inter, K, EVEN_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
-                A_DTYPE: tl.constexpr, ONE_ROW: tl.constexpr):
-    """The GEMM's [BLOCK_T, BLOCK_K] input tile a = prologue(x) at columns offs_k. ONE_ROW
-    (M == 1): the prologue runs on row 0 alone and the padding rows are zeros, rather than
-    computing the activation / norm for 16 rows of which 15 are masked."""
+def _gemm_input(x_rows, r_rows, nw_ptr, offs_k, mask_t, inv_rms, inter, K,
+                EVEN_K: tl.constexpr, NORM: tl.constexpr, ACT: tl.constexpr,
+                A_DTYPE: tl.constexpr):
+    """The GEMM's [BLOCK_T, BLOCK_K] input tile a = prologue(x) at columns offs_k."""
     kmask = offs_k < K
     if NORM == 0 and ACT == 0:  # as loaded (straight into shared memory by cp.async)
         if EVEN_K:
@@ -113,11 +113,7 @@ def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, in
         else:
             a = tl.load(x_rows + offs_k[None, :], mask=mask_t[:, None] & kmask[None, :],
                         other=0.0)
-    elif ONE_ROW:
-        inv0 = tl.sum(tl.where(offs_t == 0, inv_rms, 0.0), axis=0)
-        a1 = _prologue(x_ptr, r_ptr, nw_ptr, offs_k, kmask, kmask, inv0, inter, NORM, ACT)
-        a = tl.where(offs_t[:, None] == 0, a1[None, :], 0.0)
-    else:
+    else:  # loaded as [BLOCK_T, BLOCK_K] tiles (cp.async, pipelined as the weight is)
         if EVEN_K:
             mask = mask_t[:, None]
         else:
@@ -128,30 +124,22 @@ def _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, offs_k, offs_t, mask_t, in
 
 
 @triton.jit
-def _late_norm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, res_out_ptr, stride_ro, offs_k,
-                     offs_t, mask_t, pid_w, K, NORM: tl.constexpr, A_DTYPE: tl.constexpr,
-                     ONE_ROW: tl.constexpr):
+def _late_norm_input(x_rows, r_rows, nw_ptr, res_out_ptr, stride_ro, offs_k, offs_t, mask_t,
+                     pid_w, K, NORM: tl.constexpr, A_DTYPE: tl.constexpr):
     """(a = w_norm * s, s * s) at columns offs_k, s = x (+ r) (stored by the first program):
     the norm's 1 / rms is applied to the GEMM's sums at the end (LATE_NORM)."""
     kmask = offs_k < K
-    nw = tl.load(nw_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)
-    if ONE_ROW:
-        s1 = _norm_input(x_ptr, r_ptr, offs_k, kmask, NORM)
-        if NORM == 2:
-            tl.store(res_out_ptr + offs_k, s1, mask=kmask & (offs_k * 0 + pid_w == 0))
-        sf = s1.to(tl.float32)
-        a = tl.where(offs_t[:, None] == 0, (sf * nw).to(A_DTYPE)[None, :],
-                     tl.zeros([offs_t.shape[0], offs_k.shape[0]], A_DTYPE))
-        sq = sf * sf  # row 0's, [BLOCK_K]
-    else:
-        mask = mask_t[:, None] & kmask[None, :]
-        s2 = _norm_input(x_rows, r_rows, offs_k[None, :], mask, NORM)
-        if NORM == 2:
-            tl.store(res_out_ptr + offs_t.to(tl.int64)[:, None] * stride_ro + offs_k[None, :],
-                     s2, mask=mask & (offs_t * 0 + pid_w == 0)[:, None])
-        sf = s2.to(tl.float32)
-        a = (sf * nw[None, :]).to(A_DTYPE)
-        sq = sf * sf
+    # the norm weight as a [BLOCK_T, BLOCK_K] tile of equal rows: pipelined with the rest
+    nw = tl.load(nw_ptr + offs_t[:, None] * 0 + offs_k[None, :], mask=kmask[None, :],
+                 other=0.0).to(tl.float32)
+    mask = mask_t[:, None] & kmask[None, :]
+    s2 = _norm_input(x_rows, r_rows, offs_k[None, :], mask, NORM)
+    if NORM == 2:
+        tl.store(res_out_ptr + offs_t.to(tl.int64)[:, None] * stride_ro + offs_k[None, :],
+                 s2, mask=mask & (offs_t * 0 + pid_w == 0)[:, None])
+    sf = s2.to(tl.float32)
+    a = (sf * nw).to(A_DTYPE)
+    sq = sf * sf
     return a, sq
 
 
@@ -162,9 +150,8 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, ONE_ROW: tl.constexpr,
-                      LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr, PDL: tl.constexpr,
-                      INTERPRET: tl.constexpr):
+                      SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
+                      PDL: tl.constexpr, INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
@@ -186,10 +173,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         gdc_launch_dependents()
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if ONE_ROW:
-        sq_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    else:
-        sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     if PRE_PASS:  # the rows' sums of squares; program (0, 0) writes s = x + r
         offs_n = tl.arange(0, NORM_BLOCK)
         first = (offs_n * 0 + pid_w + pid_k) == 0
@@ -219,20 +203,15 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
             w = tl.load(w_rows + (k + offs_k)[None, :],
                         mask=mask_w[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
         if LATE_NORM:
-            a, sq_k = _late_norm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, res_out_ptr,
-                                       stride_ro, k + offs_k, offs_t, mask_t, pid_w, K, NORM,
-                                       A_DTYPE, ONE_ROW)
+            a, sq_k = _late_norm_input(x_rows, r_rows, nw_ptr, res_out_ptr, stride_ro,
+                                       k + offs_k, offs_t, mask_t, pid_w, K, NORM, A_DTYPE)
             sq_acc += sq_k
         else:
-            a = _gemm_input(x_ptr, r_ptr, x_rows, r_rows, nw_ptr, k + offs_k, offs_t, mask_t,
-                            inv_rms, K, K, EVEN_K, NORM, ACT, A_DTYPE, ONE_ROW)
+            a = _gemm_input(x_rows, r_rows, nw_ptr, k + offs_k, mask_t, inv_rms, K, K,
+                            EVEN_K, NORM, ACT, A_DTYPE)
         acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PREC)
     if LATE_NORM:  # 1 / rms of each row, from the sums of squares of its whole s
-        if ONE_ROW:
-            ss = tl.where(offs_t == 0, tl.sum(sq_acc, axis=0), 0.0)
-        else:
-            ss = tl.sum(sq_acc, axis=1)
-        acc = acc * tl.rsqrt(ss / K + eps)[None, :]
+        acc = acc * tl.rsqrt(tl.sum(sq_acc, axis=1) / K + eps)[None, :]
 
     out_mask = mask_w[:, None] & mask_t[None, :]
     if SPLIT_K > 1:
@@ -267,7 +246,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
                                                   else NORM_ADD_RMS)
     assert not (norm and act), "one prologue: a norm or an activation"
     assert x.shape[1] == (2 * K if act else K), "x's width does not match the weight"
-    cfg = config or swap_config(M, N, K)
+    cfg = config or swap_config(M, N, K, weight.element_size())
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(K)))
     split = cfg.split_k if K >= cfg.split_k * block_k else 1
     tiles = triton.cdiv(N, cfg.block_w)
@@ -289,9 +268,8 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
-        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, ONE_ROW=M == 1,
-        LATE_NORM=late, PRE_PASS=norm != NORM_NONE and not late, PDL=pdl,
-        INTERPRET=_INTERPRET,
+        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, LATE_NORM=late,
+        PRE_PASS=norm != NORM_NONE and not late, PDL=pdl, INTERPRET=_INTERPRET,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"launch_pdl": True} if pdl else {}))
     return (out, res_out) if norm == NORM_ADD_RMS else out
