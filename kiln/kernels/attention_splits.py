@@ -6,8 +6,8 @@ lse_s = m_s + log2(l_s) (base 2); the final output is
     o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s
 
 over the splits that covered part of the context. Either a second launch does it
-(_reduce_kernel, a program per (sequence, query head)), or the decode kernel itself
-(combine_splits, the default; KILN_DECODE_FUSED_REDUCE=0 for the launch): every split counts itself in at a counter
+(_reduce_kernel, a program per (sequence, query head); KILN_DECODE_FUSED_REDUCE=0), or by
+default the decode kernel itself (combine_splits): every split counts itself in at a counter
 of its (sequence, KV head) after its partials are visible device-wide, and the one that
 arrives last combines all of them, in split order, and zeroes the counter again (the
 protocol of kiln.kernels.split_k's GEMMs, whose counters it shares). That saves a launch a

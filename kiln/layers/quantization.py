@@ -119,6 +119,11 @@ class LinearMethod:
               ) -> torch.Tensor:
         if isinstance(x, PendingInput):  # the norm / activation before left it to us
             return x.linear(layer.weight, bias)
+        if swap_input.PLAIN and layer.weight.shape[0] <= swap_input.MAX_N and \
+                swap_input.takes(x) and layer.weight.dtype == x.dtype:
+            from kiln.kernels import gemv_swap
+
+            return gemv_swap.gemv_swap(x, layer.weight, bias)
         return KF.linear(x, layer.weight, bias, getattr(layer, "packed_weight", None))
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:

@@ -18,7 +18,12 @@ import os
 
 import torch
 
-ENABLED = os.environ.get("KILN_BF16_SWAP", "0") == "1"
+# KILN_BF16_SWAP=1: 16-bit decode linears (1-16 rows, sm_90) on the swapped GEMV, plain;
+# =fused: with the norm / activation before them in its prologue (slower so far); 0: cuBLAS
+_MODE = os.environ.get("KILN_BF16_SWAP", "0")
+ENABLED = _MODE == "fused"
+PLAIN = _MODE == "1"
+MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
 
