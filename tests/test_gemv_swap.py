@@ -138,13 +138,14 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["plain", "fused"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, tiny_checkpoints, tmp_path,
+def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoints, tmp_path,
                                                        monkeypatch) -> None:
-    """KILN_BF16_SWAP=1: decode steps of 1-16 rows take the swapped GEMV with the norms and
-    the activation in its prologue (Llama: SiLU; Gemma-2: tanh GELU, sandwich norms, which
-    keep their own kernels). float32 engines (the GEMV in full precision, as cuBLAS's):
-    the same greedy tokens as with it off, through CUDA graphs and requests arriving at
+    """KILN_BF16_SWAP=1 (plain) / fused: decode steps of 1-16 rows take the swapped GEMV,
+    fused: with the norms and the activation in its prologue (Llama: SiLU; Gemma-2: tanh
+    GELU, sandwich norms, which keep their own kernels). float32 engines (the GEMV in
+    full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA graphs and requests arriving at
     different steps; and it was taken."""
     from kiln.build import build
     from kiln.config import BuildConfig
@@ -169,13 +170,15 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, tiny_checkpoints, t
     monkeypatch.setattr(swap_input, "DTYPES", (torch.float32,))
     got = {}
     for on in (False, True):
-        monkeypatch.setattr(swap_input, "ENABLED", on)
+        monkeypatch.setattr(swap_input, "ENABLED", on and mode == "fused")
+        monkeypatch.setattr(swap_input, "PLAIN", on and mode == "plain")
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
         del engine
         assert bool(calls) == on
     assert got[True] == got[False]
-    assert 0 in calls and (1 if arch == "llama" else 2) in calls
+    assert 0 in calls
+    assert ((1 if arch == "llama" else 2) in calls) == (mode == "fused")
 
 
 
