@@ -145,8 +145,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     """KILN_BF16_SWAP=1 (plain) / fused: decode steps of 1-16 rows take the swapped GEMV,
     fused: with the norms and the activation in its prologue (Llama: SiLU; Gemma-2: tanh
     GELU, sandwich norms, which keep their own kernels). float32 engines (the GEMV in
-    full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA graphs and requests arriving at
-    different steps; and it was taken."""
+    full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA
+    graphs and requests arriving at different steps; and it was taken."""
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.kernels import gemv_swap
