@@ -1,29 +1,18 @@
 #!/usr/bin/env bash
-# 29th session, call 6 (one H200): issue #10's SmoothQuant ratio and issue #8's 128 / 128,
-# side by side in one call.
-# a: SmoothQuant W8A8 + int8 KV against bf16, 1000 / 1000 x 300 (both on this tree, one
-#    run each: the sq8 build calibrates stored random weights, ~65 s), the ratio #10 asks
-#    for (>= 1.3x bf16; 1.11x at 500 requests in the 14th session, bf16 unmeasured since).
-# b: FP8 + FP8 KV 128 / 128 x 1000 with the LM head in e4m3 (--quantize-lm-head) against
-#    the bf16 head, alternating, two runs each: the head was 0.73 ms of a 12.8 ms step at
-#    496 rows (21st session's profile).
+# 29th session, call 6 (one H200): bf16 batch 1 with the plain swapped GEMV
+# (KILN_BF16_SWAP=1: no prologue; the norms and SiLU*mul keep their kernels) on / off,
+# alternating, twice (call 5: the plain kernel beat cuBLAS at every shape, the fused
+# prologues did not); first the engine tests of both modes.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
-if [ "${1:-a}" = a ]; then
-  B="bench throughput --random-config llama-3.1-8b --max-seq-len 2048 --input-len 1000 \
-    --output-len 1000 --num-requests 300"
-  timeout 220 python3 -m kiln.cli $B --quantization int8_sq --kv-cache-dtype int8 \
-    --out $R/sq8.json > $R/sq8.log 2>&1; echo sq8; grep -h "^kiln" $R/sq8.log; pack
-  timeout 120 python3 -m kiln.cli $B --load-format dummy --out $R/bf16.json > $R/bf16.log 2>&1
-  echo bf16; grep -h "^kiln" $R/bf16.log; pack
-else
-  B="bench throughput --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
-    --quantization fp8 --kv-cache-dtype fp8 --input-len 128 --output-len 128 --num-requests 1000"
-  for i in 1 2; do for h in 1 0; do
-    q=""; [ $h = 1 ] && q="--quantize-lm-head"
-    timeout 100 python3 -m kiln.cli $B $q --out $R/t128-h$h-$i.json > $R/t128-h$h-$i.log 2>&1
-    echo "t128 head-quantized=$h"; grep -h "^kiln" $R/t128-h$h-$i.log; pack
-  done; done
-fi
+timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_gemv_swap.py \
+  -k engine > $R/tests-engine-swap.log 2>&1; tail -n 2 $R/tests-engine-swap.log; pack
+B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
+  --input-len 128 --output-len 256"
+for i in 1 2; do for s in 1 0; do
+  KILN_BF16_SWAP=$s timeout 60 python3 -m kiln.cli $B --out $R/b1-plain$s-$i.json \
+    > $R/b1-plain$s-$i.log 2>&1; echo "b1 plain swap=$s"; grep -h "^kiln" $R/b1-plain$s-$i.log
+  pack
+done; done
