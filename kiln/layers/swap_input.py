@@ -1,6 +1,8 @@
-"""A 16-bit linear layer's input handed over uncomputed, for the layer's kernel to compute
-in its prologue (kiln.kernels.gemv_swap: RMSNorm with the residual add, or act(gate) * up,
-folded into the swapped decode GEMV). Opt-in: KILN_BF16_SWAP=1.
+"""Which 16-bit decode linears run on the swapped GEMV (kiln.kernels.gemv_swap), and a
+linear layer's input handed over uncomputed, for that kernel to compute in its prologue
+(RMSNorm with the residual add, or act(gate) * up). By default (KILN_BF16_SWAP=1) the plain
+GEMV takes unquantized layers at 1-16 rows on sm_90 (LinearMethod.apply); the prologues
+are opt-in (KILN_BF16_SWAP=fused), being slower so far; 0 keeps cuBLAS.
 
 The way FP8 layers have their input quantized by the norm before them (input_quant() ->
 FP8Quant -> FP8Act), an unquantized layer's input_quant() returns SWAP_PROLOGUE; the norm
@@ -18,9 +20,10 @@ import os
 
 import torch
 
-# KILN_BF16_SWAP=1: 16-bit decode linears (1-16 rows, sm_90) on the swapped GEMV, plain;
-# =fused: with the norm / activation before them in its prologue (slower so far); 0: cuBLAS
-_MODE = os.environ.get("KILN_BF16_SWAP", "0")
+# 16-bit decode linears (1-16 rows, sm_90) on the swapped GEMV, plain (the default, "1":
+# bf16 batch 1 225.3 / 225.4 vs 216.2 / 216.3 tok/s on cuBLAS, H200, 29th session);
+# "fused": with the norm / activation before them in its prologue (slower: 182.6); "0": cuBLAS
+_MODE = os.environ.get("KILN_BF16_SWAP", "1")
 ENABLED = _MODE == "fused"
 PLAIN = _MODE == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
@@ -39,9 +42,9 @@ SWAP_PROLOGUE = SwapPrologue()
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether the swapped GEMV takes x's rows: 2-D, 1-16 rows, 16-bit, on sm_90 (what was
-    measured), not under the Triton interpreter."""
-    if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= 16
+    """Whether the swapped GEMV takes x's rows: 2-D with unit column stride, 1-16 rows,
+    16-bit, on sm_90 (what was measured), not under the Triton interpreter."""
+    if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= 16 and x.stride(-1) == 1
             and x.dtype in DTYPES
             and os.environ.get("TRITON_INTERPRET") != "1"):
         return False
