@@ -483,6 +483,8 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("decode_kernel", "fp8kv maxnreg=168")].registers <= 168  # the cap holds
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
     assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
+    for variant in ("6144x4096", "4096x14336"):  # the swapped bf16 decode GEMV
+        assert found[("gemv_swap_kernel", variant)].instructions["wgmma.mma_async"] > 0
 
 
 @pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi", "fp8"])

@@ -30,6 +30,7 @@ from kiln.kernels import (
     attention_decode,
     attention_decode_heads,
     attention_prefill,
+    gemv_swap,
     moe,
     rms_norm,
     rotary_kv,
@@ -266,6 +267,19 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, {**fp8_cache, **fused}, {
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "PREFETCH": 1, "V_T": True,
         "FUSED": True}, 4, 2, variant="fp8kv V_T fused reduce"))
+    # bf16 decode linears (gemv_swap's launches at one row): QKV, down (2 K splits)
+    swap = {"x_ptr": bf, "r_ptr": bf, "nw_ptr": bf, "res_out_ptr": bf, "w_ptr": bf,
+            "bias_ptr": bf, "out_ptr": bf, "part_ptr": "*fp32", "count_ptr": "*i32", "M": 3,
+            "eps": 1e-5}
+    for n, k, cfg in ((6144, 4096, gemv_swap.swap_config(1, 6144, 4096)),
+                      (4096, 14336, gemv_swap.swap_config(1, 4096, 14336))):
+        out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
+            **swap, "N": n, "K": k, "stride_xm": k, "stride_rm": k, "stride_ro": k,
+            "stride_wn": k, "stride_om": n}, {
+            "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": cfg.block_w, "BLOCK_T": 16,
+            "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
+            "SPLIT_K": cfg.split_k, "LATE_NORM": False, "PRE_PASS": False, "PDL": False,
+            "INTERPRET": False}, cfg.num_warps, cfg.num_stages, variant=f"{n}x{k}"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",
