@@ -170,7 +170,7 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     monkeypatch.setattr(swap_input, "DTYPES", (torch.float32,))
     got = {}
     for on in (False, True):
-        monkeypatch.setattr(swap_input, "ENABLED", on and mode == "fused")
+        monkeypatch.setattr(swap_input, "FUSED", on and mode == "fused")
         monkeypatch.setattr(swap_input, "PLAIN", on and mode == "plain")
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
@@ -194,13 +194,14 @@ def check_plumbing() -> None:
     torch.manual_seed(0)
     KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
     swap_input.takes = lambda x: x.dim() == 2 and x.shape[0] <= 16
+    swap_input.PLAIN = False  # off: the torch linear (F.linear), not the plain GEMV
     mlp, norm = GatedMLP(64, 96).half(), RMSNorm(64, 1e-5).half()
     for p in list(mlp.parameters()) + list(norm.parameters()):
         p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1 + (p is norm.weight)).half()
     x, res = torch.randn(3, 64, dtype=torch.float16), torch.randn(3, 64, dtype=torch.float16)
     got = {}
     for on in (False, True):
-        swap_input.ENABLED = on
+        swap_input.FUSED = on
         quant = mlp.input_quant()
         assert (quant is swap_input.SWAP_PROLOGUE) == on
         normed, summed = norm(x, res, quant)
@@ -210,7 +211,7 @@ def check_plumbing() -> None:
     torch.testing.assert_close(got[True][0], got[False][0], rtol=2e-2, atol=2e-3)
     # a PendingInput something else gets is computed by the unfused kernels
     pending, summed = norm(x, res, swap_input.SWAP_PROLOGUE)
-    swap_input.ENABLED = False
+    swap_input.FUSED = False
     torch.testing.assert_close(pending.materialize(), norm(x, res)[0], rtol=0, atol=0)
     torch.testing.assert_close(summed, x + res, rtol=0, atol=0)
 

@@ -56,10 +56,10 @@ LATE_NORM = os.environ.get("KILN_SWAP_LATE_NORM", "1") != "0"
 
 @dataclasses.dataclass(frozen=True)
 class SwapConfig:
-    block_w: int = 128  # weight rows a program
+    block_w: int = 64  # weight rows a program (swap_config picks the launch)
     block_k: int = 128
     num_warps: int = 4
-    num_stages: int = 8
+    num_stages: int = 6
     split_k: int = 1
 
     def tag(self) -> str:

@@ -132,9 +132,9 @@ class LinearMethod:
     def input_quant(self, layer: LinearBase) -> object:
         """How this method would have its input quantized by the kernel that makes it (an
         FP8Quant), or None: the norm / activation before it then writes it as usual.
-        Unquantized 16-bit layers with KILN_BF16_SWAP=1: SWAP_PROLOGUE (kiln.layers.swap_input:
+        Unquantized 16-bit layers with KILN_BF16_SWAP=fused: SWAP_PROLOGUE (swap_input:
         at 1-16 rows on Hopper the norm / activation is left to this layer's GEMV)."""
-        if (self.name == "none" and swap_input.ENABLED and _FUSED_INPUT_QUANT[0]
+        if (self.name == "none" and swap_input.FUSED and _FUSED_INPUT_QUANT[0]
                 and layer.weight.dtype in swap_input.DTYPES):
             return swap_input.SWAP_PROLOGUE
         return None

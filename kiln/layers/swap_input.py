@@ -24,7 +24,13 @@ import torch
 # bf16 batch 1 225.3 / 225.4 vs 216.2 / 216.3 tok/s on cuBLAS, H200, 29th session);
 # "fused": with the norm / activation before them in its prologue (slower: 182.6); "0": cuBLAS
 _MODE = os.environ.get("KILN_BF16_SWAP", "1")
-ENABLED = _MODE == "fused"
+if _MODE not in ("0", "1", "fused"):
+    import warnings
+
+    warnings.warn(f"KILN_BF16_SWAP={_MODE!r} is not 0, 1 or fused: 1 (the default) is used",
+                  stacklevel=1)
+    _MODE = "1"
+FUSED = _MODE == "fused"
 PLAIN = _MODE == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
