@@ -218,3 +218,38 @@ def check_plumbing() -> None:
 
 def test_swap_prologue_plumbing(interp) -> None:  # noqa: F811
     interp(check_plumbing)
+
+
+def check_plain_route() -> None:
+    """KILN_BF16_SWAP=1 (the default): an unquantized linear whose rows the swapped GEMV
+    takes runs on it (the worker's kernels interpreted, every CPU tensor taken), wider
+    weights (vocabulary heads) and inputs it does not take stay on the torch linear."""
+    import torch.nn.functional as F
+
+    from kiln.kernels import gemv_swap
+    from kiln.layers import swap_input
+    from kiln.layers.linear import ColumnLinear
+
+    torch.manual_seed(1)
+    swap_input.PLAIN, swap_input.FUSED = True, False
+    swap_input.takes = lambda x: x.dim() == 2 and x.shape[0] <= 16
+    calls, real = [], gemv_swap.gemv_swap
+    gemv_swap.gemv_swap = lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)
+    try:
+        layer = ColumnLinear(64, 96, bias=True).half()
+        for p in layer.parameters():
+            p.data = torch.randn_like(p, dtype=torch.float32).half() * 0.1
+        x = torch.randn(3, 64, dtype=torch.float16)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=2e-2, atol=2e-3)
+        assert calls == [(96, 64)]
+        layer(torch.randn(17, 64, dtype=torch.float16))  # 17 rows: not taken
+        swap_input.MAX_N = 64  # a weight wider than that: not taken
+        layer(x)
+        assert calls == [(96, 64)]
+    finally:
+        gemv_swap.gemv_swap, swap_input.MAX_N = real, 65536
+
+
+def test_plain_route(interp) -> None:  # noqa: F811
+    interp(check_plain_route)
