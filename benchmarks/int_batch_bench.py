@@ -54,6 +54,11 @@ LAUNCHES = [
     *[(*t, *[False] * 4, True, True) for t in (
         (64, 128, 4, 3, 1), (64, 128, 4, 4, 2), (64, 128, 4, 3, 4), (64, 64, 4, 3, 2),
         (128, 128, 4, 3, 2), (128, 128, 8, 3, 2), (64, 256, 4, 3, 2))],
+    # transposed magic tiles with deeper cp.async rings, for one row (29th session: the
+    # swapped bf16 GEMV beat cuBLAS with 4-8 stages; int4 batch 1 is latency-bound)
+    *[(*t, *[False] * 4, True, True) for t in (
+        (64, 128, 4, 6, 1), (64, 128, 4, 8, 1), (64, 128, 4, 6, 2), (64, 256, 4, 4, 1),
+        (128, 128, 4, 6, 1))],
     # the same, the sums of x by a tl.dot with ones (sum_dot, a twelfth field; sm_90 SASS
     # at 64 rows 7.1 instructions a weight and 168 registers against 9.7 and 220)
     *[(*t, *[False] * 4, True, True, True) for t in (
