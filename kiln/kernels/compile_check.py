@@ -278,7 +278,7 @@ def reports() -> list[CompileReport]:
             "stride_wn": k, "stride_om": n}, {
             "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": cfg.block_w, "BLOCK_T": 16,
             "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
-            "SPLIT_K": cfg.split_k, "LATE_NORM": False, "PRE_PASS": False, "PDL": False,
+            "SPLIT_K": cfg.split_k, "LATE_NORM": False, "PRE_PASS": False,
             "INTERPRET": False}, cfg.num_warps, cfg.num_stages, variant=f"{n}x{k}"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {

@@ -41,7 +41,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels.silu_mul import _act_mul
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
@@ -156,7 +155,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
-                      PDL: tl.constexpr, INTERPRET: tl.constexpr):
+                      INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
@@ -173,9 +172,6 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     A_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     # float32 weights (tests: engines compared with cuBLAS's float32 GEMMs) in full precision
     DOT_PREC: tl.constexpr = "ieee" if A_DTYPE == tl.float32 else "tf32"
-    if PDL:
-        gdc_wait()  # x (and r) come from the kernel before
-        gdc_launch_dependents()
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
     sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -235,7 +231,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
 def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
-              pdl_ok: bool = False, res_out: torch.Tensor | None = None,
+              res_out: torch.Tensor | None = None,
               late_norm: bool = LATE_NORM) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
@@ -264,7 +260,6 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) \
         if split > 1 else out
     counters = split_k_counters(x.device, tiles) if split > 1 else out
-    pdl = pdl_ok and not _INTERPRET
     late = norm != NORM_NONE and split == 1 and late_norm
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
@@ -274,7 +269,6 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
         EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, LATE_NORM=late,
-        PRE_PASS=norm != NORM_NONE and not late, PDL=pdl, INTERPRET=_INTERPRET,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({"launch_pdl": True} if pdl else {}))
+        PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, res_out) if norm == NORM_ADD_RMS else out

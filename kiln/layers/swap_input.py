@@ -35,6 +35,7 @@ PLAIN = _MODE == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once: takes() is per linear
 
 
 class SwapPrologue:
@@ -52,7 +53,7 @@ def takes(x: torch.Tensor) -> bool:
     16-bit, on sm_90 (what was measured), not under the Triton interpreter."""
     if not (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= 16 and x.stride(-1) == 1
             and x.dtype in DTYPES
-            and os.environ.get("TRITON_INTERPRET") != "1"):
+            and not _INTERPRET):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _CAPABLE:
