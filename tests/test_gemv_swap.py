@@ -138,7 +138,49 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["plain", "fused"])
+@pytest.mark.parametrize("layer", ["qkv", "down"])
+def test_gpu_gemv_swap_pdl_waits_for_its_input(layer: str, monkeypatch) -> None:
+    """Launched with PDL (KILN_SWAP_PDL) behind the norm / SiLU*mul that writes its input,
+    which lets it start at once, in a CUDA graph replayed on new inputs: the GEMV reads
+    each replay's input, not the last one's, and gives the bits of the plain launch;
+    prefetch budgets from none to more than the weight."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs sm_90")
+    from kiln.kernels import gemv_swap as gs
+    from kiln.kernels import pdl, rms_norm, silu_mul
+
+    N, K = {"qkv": (6144, 4096), "down": (4096, 14336)}[layer]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.empty(1, 2 * K if layer == "down" else K, **bf)
+    nw = torch.ones(K, **bf)
+
+    def step(pdl_launch: bool, mb: float) -> torch.Tensor:
+        a = silu_mul.silu_and_mul(x) if layer == "down" else rms_norm.rms_norm(x, nw, 1e-5)
+        return gs.gemv_swap(a, w, pdl_launch=pdl_launch, prefetch_mb=mb)
+
+    for mb in (0.0, 8.0, 1024.0):
+        monkeypatch.setattr(pdl, "SWAP_GEMV", True)  # the kernel before lets it start
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        step(True, mb)  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step(True, mb)
+        monkeypatch.setattr(pdl, "SWAP_GEMV", False)
+        for _ in range(3):
+            x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+            graph.replay()
+            assert torch.equal(got, step(False, 0.0)), (layer, mb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["plain", "fused", "pdl"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoints, tmp_path,
                                                        monkeypatch) -> None:
@@ -146,10 +188,11 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     fused: with the norms and the activation in its prologue (Llama: SiLU; Gemma-2: tanh
     GELU, sandwich norms, which keep their own kernels). float32 engines (the GEMV in
     full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA
-    graphs and requests arriving at different steps; and it was taken."""
+    graphs and requests arriving at different steps; and it was taken. pdl: plain, launched
+    with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1)."""
     from kiln.build import build
     from kiln.config import BuildConfig
-    from kiln.kernels import gemv_swap
+    from kiln.kernels import gemv_swap, pdl
     from kiln.layers import swap_input
     from kiln.runtime.engine import LLMEngine, RuntimeConfig
     from kiln.runtime.request import SamplingParams
@@ -171,7 +214,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     got = {}
     for on in (False, True):
         monkeypatch.setattr(swap_input, "FUSED", on and mode == "fused")
-        monkeypatch.setattr(swap_input, "PLAIN", on and mode == "plain")
+        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl"))
+        monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode == "pdl")
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
         del engine

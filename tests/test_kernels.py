@@ -483,8 +483,12 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("decode_kernel", "fp8kv maxnreg=168")].registers <= 168  # the cap holds
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
     assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
-    for variant in ("6144x4096", "4096x14336"):  # the swapped bf16 decode GEMV
+    for variant in ("6144x4096", "4096x14336", "PDL"):  # the swapped bf16 decode GEMV
         assert found[("gemv_swap_kernel", variant)].instructions["wgmma.mma_async"] > 0
+    # launched with PDL: its weight asked into L2, then griddepcontrol.wait / launch_dependents
+    pdl_gemv = found[("gemv_swap_kernel", "PDL")].instructions
+    assert pdl_gemv["cp.async.bulk.prefetch"] > 0 and pdl_gemv["griddepcontrol"] >= 2
+    assert found[("gemv_swap_kernel", "6144x4096")].instructions["griddepcontrol"] == 0
 
 
 @pytest.mark.parametrize("feature", ["plain", "window", "softcap", "alibi", "fp8"])

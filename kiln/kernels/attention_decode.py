@@ -14,8 +14,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
-from kiln.kernels import num_sms
+from kiln.kernels import num_sms, pdl
 from kiln.kernels.attention_decode_heads import launch_decode_heads
 from kiln.kernels.attention_splits import (
     FUSED_REDUCE,
@@ -80,7 +81,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, DOT_PREC: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0, V_T: tl.constexpr = False, FUSED: tl.constexpr = False,
-    INTERPRET: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, DEPENDENTS: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -98,8 +99,10 @@ def _decode_kernel(
     constexpr: off, the plain code.
     PREFETCH (1: on): each tile's physical blocks are loaded one tile ahead, so the K / V
     loads of a tile wait on no load of that tile. V_T: V blocks stored transposed
-    (paged.load_v_transposed).
+    (paged.load_v_transposed). DEPENDENTS: the swapped GEMV behind it may start at once.
     """
+    if DEPENDENTS:
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -339,7 +342,8 @@ def paged_attention_decode(
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
         num_stages=num_stages, PREFETCH=prefetch, V_T=v_t, FUSED=fused,
-        INTERPRET=_INTERPRET, **cap,
+        INTERPRET=_INTERPRET, DEPENDENTS=pdl.dependents(q),
+        **cap,
     )
     if num_splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_heads)](

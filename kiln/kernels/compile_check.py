@@ -38,7 +38,8 @@ from kiln.kernels import (
     silu_mul,
 )
 
-INSTRUCTIONS = ("ld.global.v4", "cp.async", "cp.async.bulk", "mma.sync", "wgmma.mma_async")
+INSTRUCTIONS = ("ld.global.v4", "cp.async", "cp.async.bulk", "mma.sync", "wgmma.mma_async",
+                "cp.async.bulk.prefetch", "griddepcontrol")
 
 
 @dataclass
@@ -280,6 +281,14 @@ def reports() -> list[CompileReport]:
             "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
             "SPLIT_K": cfg.split_k, "LATE_NORM": False, "PRE_PASS": False,
             "INTERPRET": False}, cfg.num_warps, cfg.num_stages, variant=f"{n}x{k}"))
+    cfg = gemv_swap.swap_config(1, 4096, 4096)  # O, launched with PDL behind attention
+    out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
+        **swap, "N": 4096, "K": 4096, "stride_xm": 4096, "stride_rm": 4096, "stride_ro": 4096,
+        "stride_wn": 4096, "stride_om": 4096}, {
+        "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
+        "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
+        "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
+        "PDL": True, "PREFETCH": 4096}, cfg.num_warps, cfg.num_stages, variant="PDL"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",

@@ -41,7 +41,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kiln.kernels import num_sms, pdl
+from kiln.kernels.pdl import prefetch_l2
 from kiln.kernels.silu_mul import _act_mul
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
@@ -155,10 +158,14 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
-                      INTERPRET: tl.constexpr):
+                      INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+                      PREFETCH: tl.constexpr = 0):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
-    GEMM's (the intermediate size I for ACT, x then being [M, 2I])."""
+    GEMM's (the intermediate size I for ACT, x then being [M, 2I]).
+    PDL (launched with PDL): the first PREFETCH bytes of each of the program's weight rows
+    (its share of K) are asked into L2, then the program waits for the kernel before; the
+    weight streams while that kernel runs."""
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -172,6 +179,14 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     A_DTYPE: tl.constexpr = w_ptr.dtype.element_ty
     # float32 weights (tests: engines compared with cuBLAS's float32 GEMMs) in full precision
     DOT_PREC: tl.constexpr = "ieee" if A_DTYPE == tl.float32 else "tf32"
+    k_len = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_len
+    if PREFETCH > 0:
+        prefetch_l2(w_ptr + tl.where(mask_w, offs_w, 0).to(tl.int64) * stride_wn + k_start,
+                    tl.full([BLOCK_W], PREFETCH, tl.int32))
+    if PDL:
+        gdc_wait()  # x (and r) come from the kernel before
+        gdc_launch_dependents()
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
     sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -193,8 +208,6 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         inv_rms = tl.rsqrt(ss / K + eps)
 
     acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
-    k_len = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_len
     for k in range(k_start, tl.minimum(k_start + k_len, K), BLOCK_K):
         if EVEN_K and EVEN_N:
             w = tl.load(w_rows + (k + offs_k)[None, :])
@@ -231,14 +244,17 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
 def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
-              res_out: torch.Tensor | None = None,
-              late_norm: bool = LATE_NORM) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              res_out: torch.Tensor | None = None, late_norm: bool = LATE_NORM,
+              pdl_launch: bool | None = None, prefetch_mb: float | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
       result is (y, x + residual) (written to res_out when given);
     - act: x is [M, 2I] = [gate | up] and a = act(gate) * up (ACT_SILU, ACT_GELU_TANH);
     - else a = x.
-    Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype."""
+    Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype.
+    pdl_launch (default kiln.kernels.pdl.SWAP_GEMV, on sm_90): launched with PDL, asking L2
+    for prefetch_mb (default KILN_SWAP_PREFETCH_MB) of the weight before it waits."""
     M = x.shape[0]
     N, K = weight.shape
     assert 0 < M <= MAX_ROWS, f"the swapped GEMV takes 1-{MAX_ROWS} rows, got {M}"
@@ -261,6 +277,11 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         if split > 1 else out
     counters = split_k_counters(x.device, tiles) if split > 1 else out
     late = norm != NORM_NONE and split == 1 and late_norm
+    use_pdl = (pdl.SWAP_GEMV if pdl_launch is None else pdl_launch) and pdl.hopper(x)
+    share = K - (split - 1) * triton.cdiv(K, split * block_k) * block_k  # the last split's
+    prefetch = prefetch_bytes(tiles * split, cfg.block_w, share * weight.element_size(),
+                              pdl.SWAP_PREFETCH_MB if prefetch_mb is None else prefetch_mb,
+                              x.device) if use_pdl and K % 8 == 0 else 0
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
         bias if bias is not None else weight, out, part, counters, M, N, K, x.stride(0),
@@ -269,6 +290,17 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
         EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, LATE_NORM=late,
-        PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl,
+        PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_args(use_pdl))
     return (out, res_out) if norm == NORM_ADD_RMS else out
+
+
+def prefetch_bytes(programs: int, block_w: int, share_bytes: int, budget_mb: float,
+                   device: torch.device) -> int:
+    """Bytes of each weight row a PDL-launched program asks L2 for before it waits: the
+    budget spread over the programs of the first wave (two an SM), in whole 128-byte lines,
+    at most the row's share of K (share_bytes)."""
+    first_wave = min(programs, 2 * num_sms(device))
+    per_row = int(budget_mb * 2 ** 20 / (first_wave * block_w)) // 128 * 128
+    return max(0, min(per_row, share_bytes // 16 * 16))

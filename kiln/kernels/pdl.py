@@ -25,6 +25,12 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The swapped 16-bit decode GEMV (kiln.kernels.gemv_swap) launched with PDL behind the
+# kernels before it (norms, SiLU*mul, decode attention), which let it start at once: it
+# asks L2 for the first bytes of its weight while they run, then waits (opt-in until
+# measured: KILN_SWAP_PDL=1; KILN_SWAP_PREFETCH_MB the bytes a GEMV asks for).
+SWAP_GEMV = os.environ.get("KILN_SWAP_PDL", "0") == "1"
+SWAP_PREFETCH_MB = float(os.environ.get("KILN_SWAP_PREFETCH_MB", "8"))
 
 
 @functools.cache
@@ -45,6 +51,11 @@ def enabled(t: torch.Tensor) -> bool:
     return os.environ.get("KILN_PDL", "0") == "1" and hopper(t)
 
 
+def dependents(t: torch.Tensor) -> bool:
+    """Whether a kernel before a swapped GEMV lets it start at once (KILN_SWAP_PDL)."""
+    return SWAP_GEMV and hopper(t)
+
+
 def launch_args(on: bool) -> dict:
     """The extra launch keyword for a kernel started with PDL."""
     return {"launch_pdl": True} if on else {}
@@ -57,3 +68,26 @@ def pdl_start(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr, DEPENDENTS: tl.constexpr):
+    """pdl_start(PDL); DEPENDENTS (not PDL-launched itself): let the kernel after start at
+    once (it waits for this one with griddepcontrol.wait before touching memory)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    else:
+        if DEPENDENTS:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(row_ptrs, nbytes):
+    """Ask L2 for nbytes at each of row_ptrs (a tensor of pointers, 16-byte aligned; nbytes
+    an int32 tensor like it of multiples of 16): one bulk prefetch
+    (cp.async.bulk.prefetch.L2, sm_90) a pointer, nothing waits for it."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)

@@ -92,7 +92,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(x.shape, dtype=FP8 if quant is not None else y_dtype, device=x.device)
     out2 = out.view(-1, n)
-    extra = {}
+    extra = {"DEPENDENTS": pdl.dependents(x)}  # a swapped GEMV behind it may start
     if quant is not None:  # an FP8Quant: e4m3 rows and their scales
         assert x.dim() == 2, "the fused FP8 output is [tokens, hidden]"
         scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)

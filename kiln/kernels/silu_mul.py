@@ -19,7 +19,7 @@ from kiln.kernels.fp8_quant import (
     _quantize_values,
     fused_quant_args,
 )
-from kiln.kernels.pdl import pdl_start
+from kiln.kernels.pdl import pdl_enter
 from kiln.layers.swap_input import SwapPrologue, pending_act
 
 
@@ -40,15 +40,16 @@ def _act_mul(row, cols, mask, inter, GELU_TANH: tl.constexpr):
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_out, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr, GELU_TANH: tl.constexpr = False):
+                     PDL: tl.constexpr, GELU_TANH: tl.constexpr = False,
+                     DEPENDENTS: tl.constexpr = False):
     """out[t, i] = cast(g / (1 + exp(-g))) * u  with g = x[t, i], u = x[t, I + i];
     GELU_TANH: cast(g / 2 * (1 + tanh(sqrt(2 / pi) * (g + 0.044715 g^3)))) * u, with
     tanh(z) = 1 - 2 / (exp(2z) + 1) (saturates to +-1).
 
     The activation is rounded to the input dtype before the product, as torch's unfused
-    `F.silu(gate) * up` does.
+    `F.silu(gate) * up` does. DEPENDENTS: the swapped GEMV behind it may start at once.
     """
-    pdl_start(PDL)
+    pdl_enter(PDL, DEPENDENTS)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -146,8 +147,8 @@ def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:
     grid = (x2.shape[0], triton.cdiv(inter, block))
     use_pdl = pdl.enabled(x)
     _silu_mul_kernel[grid](x2, out2, inter, x2.stride(0), out2.stride(0), BLOCK=block,
-                           PDL=use_pdl, GELU_TANH=gelu_tanh, num_warps=num_warps,
-                           **pdl.launch_args(use_pdl))
+                           PDL=use_pdl, GELU_TANH=gelu_tanh, DEPENDENTS=pdl.dependents(x),
+                           num_warps=num_warps, **pdl.launch_args(use_pdl))
     return out
 
 
