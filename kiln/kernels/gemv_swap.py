@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels import num_sms, pdl
+from kiln.kernels import pdl
 from kiln.kernels.pdl import prefetch_l2
 from kiln.kernels.silu_mul import _act_mul
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
@@ -279,7 +279,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     late = norm != NORM_NONE and split == 1 and late_norm
     use_pdl = (pdl.SWAP_GEMV if pdl_launch is None else pdl_launch) and pdl.hopper(x)
     share = K - (split - 1) * triton.cdiv(K, split * block_k) * block_k  # the last split's
-    prefetch = prefetch_bytes(tiles * split, cfg.block_w, share * weight.element_size(),
+    prefetch = pdl.prefetch_bytes(tiles * split, cfg.block_w, share * weight.element_size(),
                               pdl.SWAP_PREFETCH_MB if prefetch_mb is None else prefetch_mb,
                               x.device) if use_pdl and K % 8 == 0 else 0
     _gemv_swap_kernel[(tiles, split)](
@@ -295,12 +295,3 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         **pdl.launch_args(use_pdl))
     return (out, res_out) if norm == NORM_ADD_RMS else out
 
-
-def prefetch_bytes(programs: int, block_w: int, share_bytes: int, budget_mb: float,
-                   device: torch.device) -> int:
-    """Bytes of each weight row a PDL-launched program asks L2 for before it waits: the
-    budget spread over the programs of the first wave (two an SM), in whole 128-byte lines,
-    at most the row's share of K (share_bytes)."""
-    first_wave = min(programs, 2 * num_sms(device))
-    per_row = int(budget_mb * 2 ** 20 / (first_wave * block_w)) // 128 * 128
-    return max(0, min(per_row, share_bytes // 16 * 16))

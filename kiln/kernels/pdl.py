@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kiln.kernels import num_sms
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The swapped 16-bit decode GEMV (kiln.kernels.gemv_swap) launched with PDL behind the
 # kernels before it (norms, SiLU*mul, decode attention), which let it start at once: it
@@ -31,6 +33,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # measured: KILN_SWAP_PDL=1; KILN_SWAP_PREFETCH_MB the bytes a GEMV asks for).
 SWAP_GEMV = os.environ.get("KILN_SWAP_PDL", "0") == "1"
 SWAP_PREFETCH_MB = float(os.environ.get("KILN_SWAP_PREFETCH_MB", "8"))
+# the same for the swapped FP8 GEMM (kiln.kernels.fp8_swap, PDL-launched behind its input's
+# quantization since the 19th session): the L2 prefetch before it waits, opt-in
+FP8_PREFETCH_MB = float(os.environ.get("KILN_FP8_PREFETCH_MB", "0"))
 
 
 @functools.cache
@@ -91,3 +96,13 @@ def prefetch_l2(row_ptrs, nbytes):
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
         "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
         "=r,l,r", [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_bytes(programs: int, block_w: int, share_bytes: int, budget_mb: float,
+                   device: torch.device) -> int:
+    """Bytes of each weight row a PDL-launched program asks L2 for before it waits: the
+    budget spread over the programs of the first wave (two an SM), in whole 128-byte lines,
+    at most the row's share of K (share_bytes)."""
+    first_wave = min(programs, 2 * num_sms(device))
+    per_row = int(budget_mb * 2 ** 20 / (first_wave * block_w)) // 128 * 128
+    return max(0, min(per_row, share_bytes // 16 * 16))

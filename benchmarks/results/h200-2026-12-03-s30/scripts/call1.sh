@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # 30th session, call 1 (one H200): the swapped bf16 GEMV launched with PDL behind the
 # kernels before it, asking L2 for its first weight bytes while they run (KILN_SWAP_PDL,
-# KILN_SWAP_PREFETCH_MB): its GPU tests, then batch 1 against it off, alternating.
+# KILN_SWAP_PREFETCH_MB): its GPU tests, then batch 1 against it off, alternating; last,
+# the same L2 prefetch in the swapped FP8 GEMM (KILN_FP8_PREFETCH_MB), FP8 + FP8 KV.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_gemv_swap.py \
-  -k "pdl or 8b" > $R/tests-swap.log 2>&1; tail -n 3 $R/tests-swap.log; pack
+  tests/test_kernels_fp8.py -k "pdl or 8b or prefetch_keeps" > $R/tests-swap.log 2>&1; tail -n 3 $R/tests-swap.log; pack
 B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
   --input-len 128 --output-len 256"
 run() { local name=$1; shift
@@ -23,3 +24,8 @@ for i in 1 2; do
 done
 timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_gemv_swap.py \
   -k "engine" > $R/tests-engine.log 2>&1; tail -n 3 $R/tests-engine.log; pack
+F="$B --quantization fp8 --kv-cache-dtype fp8"
+for mb in 0 8; do
+  KILN_FP8_PREFETCH_MB=$mb timeout 60 python3 -m kiln.cli $F --out $R/fp8-mb$mb.json \
+    > $R/fp8-mb$mb.log 2>&1; echo "fp8 b1 prefetch $mb MB"; grep -h "^kiln" $R/fp8-mb$mb.log; pack
+done
