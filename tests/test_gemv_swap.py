@@ -1,7 +1,9 @@
-"""kiln.kernels.gemv_swap (opt-in, KILN_BF16_SWAP=1): the swapped 16-bit decode linear with
-RMSNorm (+ residual) or act(gate) * up folded into its prologue, under the Triton
-interpreter against the unfused torch reference (norm or activation, rounded to the
-dtype, then the linear): every prologue, odd K, ragged N, split K, bias, 1-16 rows."""
+"""kiln.kernels.gemv_swap (the default for 16-bit decode linears on sm_90; its prologues
+opt-in, KILN_BF16_SWAP=fused): the swapped 16-bit decode linear, plain or with RMSNorm
+(+ residual) or act(gate) * up folded into its prologue, under the Triton interpreter
+against the unfused torch reference (norm or activation, rounded to the dtype, then the
+linear): every prologue, odd K, ragged N, split K, bias, 1-16 rows; on a GPU at 8B shapes,
+launched with PDL (KILN_SWAP_PDL), and in engines."""
 
 from __future__ import annotations
 
