@@ -144,7 +144,7 @@ class CustomAllReduce:
         else:
             res2, res_out, res_out2 = x2, None, out2
         block_n = triton.next_power_of_2(n)
-        use_pdl = pdl.enabled(x)
+        use_pdl = pdl.ALLREDUCE and pdl.enabled(x)  # opt-in: untested on two GPUs
         _one_shot_kernel[(rows,)](
             x2, res2, weight if weight is not None else x2, out2, res_out2,
             self.data_ptrs, self.flag_ptrs, self.counters,
