@@ -72,6 +72,11 @@ class ModelRunner:
         quant = QuantConfig(build.quantization if build.quantized else "none",
                             build.activation_scheme, build.quant_ignore, build.group_size,
                             tuple(build.quant_layers.items()), build.quantize_lm_head)
+        if device.type == "cuda":  # PDL for the small decode kernels where the linears
+            from kiln.kernels import pdl  # take part (kiln.kernels.pdl)
+
+            pdl.set_small_kernels(quant.method in ("none", "fp8") and all(
+                q in ("none", "fp8") for q in build.quant_layers.values()))
         if build.load_format == "dummy":  # random weights made here, quantized as built
             self.model = dummy_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
                                      quant, build.kv_cache_dtype)
