@@ -68,6 +68,35 @@ def test_gemv_swap_float32(interp) -> None:  # noqa: F811
     interp(check_swap, torch.float32, 2, 48, 96, "add_rms", bias=True, split_k=2, block_k=32)
 
 
+def check_glu(M: int, N: int, K: int, split_k: int, block_k: int, act: str) -> None:
+    """The GLU epilogue (weight [2N, K] = [gate | up] -> act(gate) * up, [M, N]): the bits of
+    the plain kernel's [M, 2N] followed by kiln's SiLU*mul / GeGLU kernel, ragged N (a
+    program's gate and up halves cut short alike), split K, bias."""
+    from kiln.kernels import gemv_swap as gs
+    from kiln.kernels import silu_mul
+
+    torch.manual_seed(M + N + K)
+    x = torch.randn(M, K, dtype=torch.float16)
+    w = (torch.randn(2 * N, K) / K ** 0.5).to(torch.float16)
+    b = torch.randn(2 * N, dtype=torch.float16) if M == 3 else None
+    cfg = gs.SwapConfig(block_w=32, block_k=block_k, num_warps=4, num_stages=2,
+                        split_k=split_k)
+    code = gs.ACT_SILU if act == "silu" else gs.ACT_GELU_TANH
+    got = gs.gemv_swap(x, w, b, glu=code, config=cfg)
+    assert got.shape == (M, N) and got.dtype == torch.float16
+    want = silu_mul.silu_and_mul(gs.gemv_swap(x, w, b, config=cfg), gelu_tanh=act == "gelu")
+    assert torch.equal(got, want)
+    with pytest.raises(AssertionError, match="no prologue"):
+        gs.gemv_swap(torch.cat([x, x], 1), w, act=code, glu=code, config=cfg)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("M,N,K,split_k,block_k", [
+    (1, 96, 256, 1, 64), (3, 70, 200, 2, 64), (16, 64, 128, 4, 32)])
+def test_gemv_swap_glu_epilogue(interp, M, N, K, split_k, block_k, act) -> None:  # noqa: F811
+    interp(check_glu, M, N, K, split_k, block_k, act)
+
+
 def check_errors() -> None:
     from kiln.kernels import gemv_swap as gs
 
@@ -140,6 +169,26 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_gpu_gemv_swap_glu_at_8b_shape(M: int) -> None:
+    """The GLU epilogue at Llama-3.1-8B's gate-up (28672 x 4096, bf16): the bits of the
+    plain kernel followed by kiln's SiLU*mul kernel."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
+    from kiln.kernels import gemv_swap as gs
+    from kiln.kernels import silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    w = (torch.randn(28672, 4096, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(M, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    got = gs.gemv_swap(x, w, glu=gs.ACT_SILU)
+    assert torch.equal(got, silu_mul.silu_and_mul(gs.gemv_swap(x, w)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("layer", ["qkv", "down"])
 def test_gpu_gemv_swap_pdl_waits_for_its_input(layer: str, monkeypatch) -> None:
     """Launched with PDL (KILN_SWAP_PDL) behind the norm / SiLU*mul that writes its input,
@@ -182,7 +231,7 @@ def test_gpu_gemv_swap_pdl_waits_for_its_input(layer: str, monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["plain", "fused", "pdl"])
+@pytest.mark.parametrize("mode", ["plain", "fused", "pdl", "glu"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoints, tmp_path,
                                                        monkeypatch) -> None:
@@ -191,7 +240,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     GELU, sandwich norms, which keep their own kernels). float32 engines (the GEMV in
     full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA
     graphs and requests arriving at different steps; and it was taken. pdl: plain, launched
-    with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1)."""
+    with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1); glu: plain,
+    act(gate) * up in the gate-up GEMV's epilogue (KILN_SWAP_GLU=1)."""
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.kernels import gemv_swap, pdl
@@ -211,12 +261,14 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
         pytest.skip("the swapped GEMV is taken on sm_90 only")
     calls, real = [], gemv_swap.gemv_swap
     monkeypatch.setattr(gemv_swap, "gemv_swap",
-                        lambda *a, **k: calls.append(k.get("act", 0)) or real(*a, **k))
+                        lambda *a, **k: calls.append(k.get("act", 0) or 10 * k.get("glu", 0))
+                        or real(*a, **k))
     monkeypatch.setattr(swap_input, "DTYPES", (torch.float32,))
     got = {}
     for on in (False, True):
         monkeypatch.setattr(swap_input, "FUSED", on and mode == "fused")
-        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl"))
+        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl", "glu"))
+        monkeypatch.setattr(swap_input, "GLU", on and mode == "glu")
         monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode == "pdl")
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
@@ -225,6 +277,7 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     assert got[True] == got[False]
     assert 0 in calls
     assert ((1 if arch == "llama" else 2) in calls) == (mode == "fused")
+    assert ((10 if arch == "llama" else 20) in calls) == (mode == "glu")
 
 
 
@@ -299,3 +352,45 @@ def check_plain_route() -> None:
 
 def test_plain_route(interp) -> None:  # noqa: F811
     interp(check_plain_route)
+
+
+def check_glu_route() -> None:
+    """KILN_SWAP_GLU=1: a gated MLP at decode rows takes the gate-up GEMV's GLU epilogue
+    (SiLU, and tanh GELU for Gemma's) and gives the bits of the unfused route (the plain
+    GEMV, then kiln's SiLU*mul kernel); prefill rows (17) and a down projection that wants
+    its input quantized by the activation kernel keep the unfused route."""
+    from kiln import functional as KF
+    from kiln.kernels import gemv_swap
+    from kiln.layers import swap_input
+    from kiln.layers.mlp import GatedMLP
+
+    torch.manual_seed(2)
+    KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
+    swap_input.takes = lambda x: x.dim() == 2 and x.shape[0] <= 16
+    swap_input.PLAIN, swap_input.FUSED = True, False
+    calls, real = [], gemv_swap.gemv_swap
+    gemv_swap.gemv_swap = lambda *a, **k: calls.append(k.get("glu", 0)) or real(*a, **k)
+    try:
+        for act in ("silu", "gelu_pytorch_tanh"):
+            mlp = GatedMLP(64, 96, act=act).half()
+            for p in mlp.parameters():
+                p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1).half()
+            x = torch.randn(5, 64, dtype=torch.float16)
+            got = {}
+            for on in (False, True):
+                swap_input.GLU = on
+                calls.clear()
+                got[on] = mlp(x)
+                assert calls == ([1 if act == "silu" else 2, 0] if on else [0, 0]), calls
+            assert torch.equal(got[True], got[False])
+            calls.clear()
+            mlp(torch.randn(17, 64, dtype=torch.float16))
+            assert calls == []  # prefill rows: F.linear and the activation kernel
+            mlp.down_proj.input_quant = lambda: object()  # an FP8 down projection's wish
+            assert swap_input.glu_linear(mlp.gate_up_proj, x, 1, mlp.down_proj) is None
+    finally:
+        gemv_swap.gemv_swap, swap_input.GLU = real, False
+
+
+def test_glu_route(interp) -> None:  # noqa: F811
+    interp(check_glu_route)

@@ -289,6 +289,14 @@ def reports() -> list[CompileReport]:
         "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
         "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
         "PDL": True, "PREFETCH": 4096}, cfg.num_warps, cfg.num_stages, variant="PDL"))
+    cfg = gemv_swap.swap_config(1, 28672, 4096)  # gate-up with act(gate) * up (GLU)
+    out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
+        **swap, "N": 14336, "K": 4096, "stride_xm": 4096, "stride_rm": 4096,
+        "stride_ro": 4096, "stride_wn": 4096, "stride_om": 14336}, {
+        "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
+        "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
+        "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
+        "PDL": True, "GLU": 1}, cfg.num_warps, cfg.num_stages, variant="GLU"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",

@@ -45,7 +45,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
 from kiln.kernels.pdl import prefetch_l2
-from kiln.kernels.silu_mul import _act_mul
+from kiln.kernels.silu_mul import _act_mul, act_mul_values
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,19 +159,31 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
                       INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = 0):
+                      PREFETCH: tl.constexpr = 0, GLU: tl.constexpr = 0):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I]).
     PDL (launched with PDL): the first PREFETCH bytes of each of the program's weight rows
     (its share of K) are asked into L2, then the program waits for the kernel before; the
-    weight streams while that kernel runs."""
+    weight streams while that kernel runs.
+    GLU (1 SiLU, 2 tanh GELU): w is [2N, K] = [gate | up] and out[token, j] = act(gate_j) *
+    up_j for j < N: a program's 64 rows are the 32 gate rows and the 32 up rows of its 32
+    columns, and the epilogue rounds both as stored and multiplies them as
+    kiln.kernels.silu_mul does (the SiLU*mul launch after the gate-up GEMV is gone)."""
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    HALF: tl.constexpr = BLOCK_W // 2
+    if GLU != 0:  # rows r < HALF: gate, the rest: up, of columns pid_w * HALF + r % HALF
+        rows_in = tl.arange(0, BLOCK_W)
+        cols = pid_w * HALF + rows_in % HALF
+        offs_w = cols + (rows_in // HALF) * N
+        mask_w = cols < N
+    else:
+        offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+        mask_w = offs_w < N
+    NW = N * 2 if GLU != 0 else N  # the weight's rows
     offs_t = tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_w = offs_w < N
     mask_t = offs_t < M
     w_rows = w_ptr + offs_w.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xm
@@ -230,28 +242,38 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     out_mask = mask_w[:, None] & mask_t[None, :]
     if SPLIT_K > 1:
         acc, last = split_k_fixup(acc, part_ptr, count_ptr, pid_w,
-                                  offs_t.to(tl.int64)[None, :] * N + offs_w[:, None],
-                                  out_mask, M * N, offs_w, SPLIT_K, INTERPRET)
+                                  offs_t.to(tl.int64)[None, :] * NW + offs_w[:, None],
+                                  out_mask, M * NW, offs_w, SPLIT_K, INTERPRET)
     else:
         last = True
     if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_w, mask=mask_w, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + offs_w[:, None],
-                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        y = acc.to(out_ptr.dtype.element_ty)
+        if GLU != 0:  # [gate; up] rows -> act(gate) * up, as silu_mul on the stored GEMM
+            gate, up = tl.split(tl.permute(tl.reshape(y, [2, HALF, BLOCK_T]), [1, 2, 0]))
+            cols_h = pid_w * HALF + tl.arange(0, HALF)
+            tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + cols_h[:, None],
+                     act_mul_values(gate, up, GLU == 2),
+                     mask=(cols_h < N)[:, None] & mask_t[None, :])
+        else:
+            tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + offs_w[:, None], y,
+                     mask=out_mask)
 
 
 def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
               res_out: torch.Tensor | None = None, late_norm: bool = LATE_NORM,
-              pdl_launch: bool | None = None, prefetch_mb: float | None = None
-              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              pdl_launch: bool | None = None, prefetch_mb: float | None = None,
+              glu: int = ACT_NONE) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
       result is (y, x + residual) (written to res_out when given);
     - act: x is [M, 2I] = [gate | up] and a = act(gate) * up (ACT_SILU, ACT_GELU_TANH);
-    - else a = x.
+    - else a = x;
+    glu (ACT_SILU / ACT_GELU_TANH, with a = x only): weight is [2N, K] = [gate | up] and y
+      [M, N] = act(x @ gate^T) * (x @ up^T), rounded as the unfused GEMM + silu_mul.
     Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype.
     pdl_launch (default kiln.kernels.pdl.SWAP_GEMV, on sm_90): launched with PDL, asking L2
     for prefetch_mb (default KILN_SWAP_PREFETCH_MB) of the weight before it waits."""
@@ -263,11 +285,14 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
                                                   else NORM_ADD_RMS)
     assert not (norm and act), "one prologue: a norm or an activation"
     assert x.shape[1] == (2 * K if act else K), "x's width does not match the weight"
+    assert not (glu and (norm or act)), "the GLU epilogue takes no prologue"
+    assert not glu or N % 2 == 0, "the GLU epilogue takes [gate | up] weights"
     cfg = config or swap_config(M, N, K, weight.element_size())
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(K)))
     split = cfg.split_k if K >= cfg.split_k * block_k else 1
-    tiles = triton.cdiv(N, cfg.block_w)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    n_out = N // 2 if glu else N  # out's columns
+    tiles = triton.cdiv(n_out, cfg.block_w // 2 if glu else cfg.block_w)
+    out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if norm == NORM_ADD_RMS:
         assert residual.shape == x.shape and residual.stride(-1) == 1
         res_out = torch.empty_like(x) if res_out is None else res_out
@@ -279,19 +304,21 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     late = norm != NORM_NONE and split == 1 and late_norm
     use_pdl = (pdl.SWAP_GEMV if pdl_launch is None else pdl_launch) and pdl.hopper(x)
     share = K - (split - 1) * triton.cdiv(K, split * block_k) * block_k  # the last split's
-    prefetch = pdl.prefetch_bytes(tiles * split, cfg.block_w, share * weight.element_size(),
-                              pdl.SWAP_PREFETCH_MB if prefetch_mb is None else prefetch_mb,
-                              x.device) if use_pdl and K % 8 == 0 else 0
+    prefetch = pdl.prefetch_bytes(
+        tiles * split, cfg.block_w, share * weight.element_size(),
+        pdl.SWAP_PREFETCH_MB if prefetch_mb is None else prefetch_mb,
+        x.device) if use_pdl and K % 8 == 0 else 0
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
-        bias if bias is not None else weight, out, part, counters, M, N, K, x.stride(0),
+        bias if bias is not None else weight, out, part, counters, M, n_out, K, x.stride(0),
         r.stride(0), ro.stride(0), weight.stride(0), out.stride(0), eps,
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
-        EVEN_N=N % cfg.block_w == 0, SPLIT_K=split, LATE_NORM=late,
+        EVEN_N=n_out % (cfg.block_w // 2 if glu else cfg.block_w) == 0, SPLIT_K=split,
+        LATE_NORM=late,
         PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl,
-        PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH=prefetch, GLU=glu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl.launch_args(use_pdl))
     return (out, res_out) if norm == NORM_ADD_RMS else out
 

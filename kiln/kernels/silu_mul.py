@@ -28,6 +28,13 @@ def _act_mul(row, cols, mask, inter, GELU_TANH: tl.constexpr):
     """The product for columns cols of one row, rounded to the input dtype (float32)."""
     gate = tl.load(row + cols, mask=mask, other=0.0)
     up = tl.load(row + inter + cols, mask=mask, other=0.0)
+    return act_mul_values(gate, up, GELU_TANH)
+
+
+@triton.jit
+def act_mul_values(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up of gate and up as stored (16-bit), the activation rounded to their
+    dtype before the product, the result too."""
     g = gate.to(tl.float32)
     if GELU_TANH:
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)

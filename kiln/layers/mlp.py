@@ -5,6 +5,7 @@ from torch import nn
 
 from kiln import functional as KF
 from kiln.distributed import Mapping
+from kiln.layers import swap_input
 from kiln.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
 
 
@@ -17,6 +18,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.act_and_mul = KF.silu_and_mul if act in ("silu", "swish") else \
             KF.gelu_tanh_and_mul
+        self.glu_act = 1 if act in ("silu", "swish") else 2  # gemv_swap's ACT_* code
         self.gate_up_proj = MergedColumnLinear(hidden_size, [intermediate_size] * 2, bias,
                                                mapping)
         self.down_proj = RowLinear(intermediate_size, hidden_size, bias, mapping)
@@ -28,8 +30,11 @@ class GatedMLP(nn.Module):
         return self.gate_up_proj.input_quant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x),
-                                               self.down_proj.input_quant()))
+        # decode rows on Hopper (KILN_SWAP_GLU): act(gate) * up in the gate-up GEMV's epilogue
+        h = swap_input.glu_linear(self.gate_up_proj, x, self.glu_act, self.down_proj)
+        if h is None:
+            h = self.act_and_mul(self.gate_up_proj(x), self.down_proj.input_quant())
+        return self.down_proj(h)
 
 
 class PlainMLP(nn.Module):

@@ -32,6 +32,9 @@ if _MODE not in ("0", "1", "fused"):
     _MODE = "1"
 FUSED = _MODE == "fused"
 PLAIN = _MODE == "1"
+# the gated MLP's act(gate) * up in the gate-up GEMV's epilogue (glu_linear), opt-in until
+# timed on a GPU: KILN_SWAP_GLU=1
+GLU = os.environ.get("KILN_SWAP_GLU", "0") == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
@@ -127,3 +130,21 @@ def pending_act(x: torch.Tensor, gelu_tanh: bool) -> PendingInput | None:
     if not takes(x) or x.stride(-1) != 1:
         return None
     return PendingInput(x, act=2 if gelu_tanh else 1)
+
+
+def glu_linear(layer: object, x: object, act: int, down: object) -> torch.Tensor | None:
+    """act(gate) * up of a merged [gate | up] layer at x by the swapped GEMV's GLU epilogue
+    (act 1: SiLU, 2: tanh GELU), or None where it does not take x (KILN_SWAP_GLU off, x not
+    a decode step's rows on sm_90, a quantized gate-up, or a down projection that wants its
+    input quantized by the activation kernel)."""
+    if not (GLU and PLAIN) or not isinstance(x, torch.Tensor) or \
+            getattr(layer.method, "name", None) != "none" or \
+            getattr(layer, "gather_output", False):
+        return None
+    weight = layer.weight
+    if weight.dtype != x.dtype or weight.shape[0] > MAX_N or not takes(x) or \
+            down.input_quant() is not None:
+        return None
+    from kiln.kernels import gemv_swap
+
+    return gemv_swap.gemv_swap(x, weight, layer.bias, glu=act)
