@@ -311,3 +311,41 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
     meta = dict(meta, LOOP_STAGES=1)
     ptx = _compile(_gemv1_pairs_kernel, values, meta, 4, 3).asm["ptx"]
     assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx
+    # launched with PDL (KILN_INT_PDL): it waits for the kernel before, then lets the next go
+    r = compile_sm90(_gemv1_pairs_kernel, values, dict(meta, PDL=True), 4, 3)
+    assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, r
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_pairs_gemv_pdl_waits_for_its_input(monkeypatch) -> None:
+    """KILN_INT_PDL: the one-row INT4 GEMV launched with PDL behind the RMSNorm that writes
+    its input (which lets it start at once), in a CUDA graph replayed on new inputs: each
+    replay's result is the plain launch's, bit for bit, at the 8B's QKV (4 K splits summed
+    in the kernel) and down (16 splits) shapes."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs sm_90")
+    from kiln.kernels import int_gemm, pdl, rms_norm
+
+    for N, K in ((6144, 4096), (4096, 14336)):
+        weight, scale, offset = _weight(N, K, 4, 128, "cuda")
+        x = torch.empty(1, K, device="cuda", dtype=torch.bfloat16)
+        nw = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+
+        def step(x=x, nw=nw, weight=weight, scale=scale, offset=offset) -> torch.Tensor:
+            return int_gemm.int_weight_linear(rms_norm.rms_norm(x, nw, 1e-5), weight, scale,
+                                              offset)
+
+        monkeypatch.setattr(pdl, "INT_GEMV", True)
+        x.copy_(torch.randn(1, K, device="cuda"))
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step()
+        monkeypatch.setattr(pdl, "INT_GEMV", False)
+        for _ in range(3):
+            x.copy_(torch.randn(1, K, device="cuda"))
+            graph.replay()
+            assert torch.equal(got, step()), (N, K)

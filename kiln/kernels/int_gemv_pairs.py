@@ -30,7 +30,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kiln.kernels import pdl
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
 from kiln.kernels.split_k import split_k_buffers
@@ -59,14 +61,19 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUPS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-                        LOOP_STAGES: tl.constexpr = 1):
+                        LOOP_STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
     in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
     products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32.
     LOOP_STAGES > 1: the K loop software-pipelined by Triton (cp.async LOOP_STAGES - 1
     steps ahead; untimed). (The next step's loads issued first, as _gemv1_kernel's
-    PREFETCH, lost at every shape but down, where it tied: eighteenth session.)"""
+    PREFETCH, lost at every shape but down, where it tied: eighteenth session.)
+    PDL (launched with PDL, KILN_INT_PDL=1): waits for the kernel before, then lets the one
+    after start."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
@@ -189,10 +196,13 @@ def pairs_eligible(x: torch.Tensor, bits: int, G: int, block_k: int) -> bool:
 def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int,
                block_k: int, groups: int, k_per_split: int, fixup: bool, num_warps: int,
-               num_stages: int, interpret: bool, loop_stages: int = 1) -> torch.Tensor:
+               num_stages: int, interpret: bool, loop_stages: int = 1,
+               pdl_launch: bool | None = None) -> torch.Tensor:
     """x [M, K] bfloat16 (M <= PAIRS_ROWS) @ dequant(int4 weight)^T -> [M, N] bfloat16
     (_gemv1_pairs_kernel for one row, _gemv_pairs_rows_kernel for more: K splits by
-    atomics there; fixup and loop_stages are one row's only)."""
+    atomics there; fixup and loop_stages are one row's only). pdl_launch (default
+    kiln.kernels.pdl.INT_GEMV, on sm_90): one row without a zeroed workspace launched with
+    PDL."""
     M, K = x.shape
     N = weight.shape[0]
     splits = triton.cdiv(K, k_per_split)
@@ -210,7 +220,10 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
             *args, M, N, K, k_per_split // 8, x.stride(0) // 2, weight.stride(0) // 4,
             scale.stride(0), out.stride(0), ROWS=max(2, triton.next_power_of_2(M)), **meta)
     else:
+        use_pdl = (pdl.INT_GEMV if pdl_launch is None else pdl_launch) and not atomic and \
+            pdl.hopper(x)
         _gemv1_pairs_kernel[(blocks, splits)](
             *args, part, counters, N, K, k_per_split // 8, weight.stride(0) // 4,
-            scale.stride(0), SPLIT_K=splits if fixup else 1, LOOP_STAGES=loop_stages, **meta)
+            scale.stride(0), SPLIT_K=splits if fixup else 1, LOOP_STAGES=loop_stages,
+            PDL=use_pdl, **meta, **pdl.launch_args(use_pdl))
     return out.to(x.dtype) if atomic else out

@@ -43,6 +43,9 @@ _ON = os.environ.get("KILN_PDL", "1") != "0"
 ALLREDUCE = os.environ.get("KILN_PDL") == "1"  # the custom all-reduce's: asked for only
 SWAP_GEMV = _ON and os.environ.get("KILN_SWAP_PDL", "1") != "0"
 SWAP_PREFETCH_MB = float(os.environ.get("KILN_SWAP_PREFETCH_MB", "0"))
+# the one-row INT4 GEMV (kiln.kernels.int_gemv_pairs) the same way, and the small kernels'
+# PDL with it in INT4 engines: opt-in until timed (KILN_INT_PDL=1)
+INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "0") == "1"
 # the same for the swapped FP8 GEMM (kiln.kernels.fp8_swap, PDL-launched behind its input's
 # quantization since the 19th session): the L2 prefetch before it waits, opt-in
 FP8_PREFETCH_MB = float(os.environ.get("KILN_FP8_PREFETCH_MB", "0"))
@@ -79,8 +82,9 @@ def enabled(t: torch.Tensor) -> bool:
 
 
 def dependents(t: torch.Tensor) -> bool:
-    """Whether a kernel before a swapped GEMV lets it start at once (KILN_SWAP_PDL)."""
-    return SWAP_GEMV and hopper(t)
+    """Whether a kernel before a decode GEMV lets it start at once (KILN_SWAP_PDL, or
+    KILN_INT_PDL for the INT4 one)."""
+    return (SWAP_GEMV or INT_GEMV) and hopper(t)
 
 
 def launch_args(on: bool) -> dict:
