@@ -240,7 +240,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     GELU, sandwich norms, which keep their own kernels). float32 engines (the GEMV in
     full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA
     graphs and requests arriving at different steps; and it was taken. pdl: plain, launched
-    with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1); glu: plain,
+    with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1), the decode
+    attention PDL-launched too (KILN_ATTN_PDL=1); glu: plain,
     act(gate) * up in the gate-up GEMV's epilogue (KILN_SWAP_GLU=1)."""
     from kiln.build import build
     from kiln.config import BuildConfig
@@ -270,6 +271,7 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
         monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl", "glu"))
         monkeypatch.setattr(swap_input, "GLU", on and mode == "glu")
         monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode == "pdl")
+        monkeypatch.setattr(pdl, "ATTENTION", on and mode == "pdl")  # KILN_ATTN_PDL too
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
         del engine

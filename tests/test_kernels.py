@@ -481,6 +481,7 @@ def test_kernels_compile_for_hopper() -> None:
         assert found[("prefill_kernel", variant)].instructions["cp.async.bulk"] > 0
     assert found[("decode_kernel", "splits=32")].instructions["mma.sync"] > 0
     assert found[("decode_kernel", "fp8kv maxnreg=168")].registers <= 168  # the cap holds
+    assert found[("decode_kernel", "fused reduce PDL")].instructions["griddepcontrol"] == 2
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
     assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
     for variant in ("6144x4096", "4096x14336", "PDL", "GLU"):  # the swapped bf16 decode GEMV

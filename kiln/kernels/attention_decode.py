@@ -14,7 +14,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from kiln.kernels import num_sms, pdl
 from kiln.kernels.attention_decode_heads import launch_decode_heads
@@ -41,6 +40,7 @@ from kiln.kernels.paged import (
     kv_scale_args,
     v_transposed,
 )
+from kiln.kernels.pdl import pdl_enter
 from kiln.kernels.split_k import split_k_counters
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,6 +82,7 @@ def _decode_kernel(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, ROPE_K: tl.constexpr = False,
     PREFETCH: tl.constexpr = 0, V_T: tl.constexpr = False, FUSED: tl.constexpr = False,
     INTERPRET: tl.constexpr = False, DEPENDENTS: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """One (sequence, KV head, split): the GROUP query heads of that KV head attend to the
     split's slice of the context with an online softmax.
@@ -100,9 +101,9 @@ def _decode_kernel(
     PREFETCH (1: on): each tile's physical blocks are loaded one tile ahead, so the K / V
     loads of a tile wait on no load of that tile. V_T: V blocks stored transposed
     (paged.load_v_transposed). DEPENDENTS: the swapped GEMV behind it may start at once.
+    PDL (launched with PDL behind the rotary + KV write, KILN_ATTN_PDL=1): waits for it first.
     """
-    if DEPENDENTS:
-        gdc_launch_dependents()
+    pdl_enter(PDL, DEPENDENTS)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -327,6 +328,7 @@ def paged_attention_decode(
         part_out = part_lse = out  # unused
     fused = (FUSED_REDUCE if fused_reduce is None else fused_reduce) and num_splits > 1
     counters = split_k_counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens
+    use_pdl = pdl.ATTENTION and pdl.enabled(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens,
         scale * LOG2E,
@@ -342,8 +344,8 @@ def paged_attention_decode(
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         ALIBI=alibi_slopes is not None, ROPE_K=key_rotary is not None, num_warps=num_warps,
         num_stages=num_stages, PREFETCH=prefetch, V_T=v_t, FUSED=fused,
-        INTERPRET=_INTERPRET, DEPENDENTS=pdl.dependents(q),
-        **cap,
+        INTERPRET=_INTERPRET, DEPENDENTS=pdl.dependents(q), PDL=use_pdl,
+        **cap, **pdl.launch_args(use_pdl),
     )
     if num_splits > 1 and not fused:
         _reduce_kernel[(num_seqs, num_heads)](

@@ -268,6 +268,9 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_decode._decode_kernel, {**fp8_cache, **fused}, {
         **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "PREFETCH": 1, "V_T": True,
         "FUSED": True}, 4, 2, variant="fp8kv V_T fused reduce"))
+    out.append(compile_sm90(attention_decode._decode_kernel, {**attn, **fused}, {
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 8, "FUSED": True, "PDL": True},
+        4, variant="fused reduce PDL"))  # KILN_ATTN_PDL
     # bf16 decode linears (gemv_swap's launches at one row): QKV, down (2 K splits)
     swap = {"x_ptr": bf, "r_ptr": bf, "nw_ptr": bf, "res_out_ptr": bf, "w_ptr": bf,
             "bias_ptr": bf, "out_ptr": bf, "part_ptr": "*fp32", "count_ptr": "*i32", "M": 3,

@@ -46,6 +46,8 @@ SWAP_PREFETCH_MB = float(os.environ.get("KILN_SWAP_PREFETCH_MB", "0"))
 # the one-row INT4 GEMV (kiln.kernels.int_gemv_pairs) the same way, and the small kernels'
 # PDL with it in INT4 engines: opt-in until timed (KILN_INT_PDL=1)
 INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "0") == "1"
+# the decode attention PDL-launched behind the rotary + KV write (opt-in until timed)
+ATTENTION = os.environ.get("KILN_ATTN_PDL", "0") == "1"
 # the same for the swapped FP8 GEMM (kiln.kernels.fp8_swap, PDL-launched behind its input's
 # quantization since the 19th session): the L2 prefetch before it waits, opt-in
 FP8_PREFETCH_MB = float(os.environ.get("KILN_FP8_PREFETCH_MB", "0"))

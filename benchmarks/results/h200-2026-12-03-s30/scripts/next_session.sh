@@ -5,7 +5,8 @@
 # - KILN_SWAP_GLU=1: act(gate) * up in the gate-up GEMV's epilogue (bf16; the SiLU*mul
 #   launch gone; 238.0 tok/s without it in the 30th, the target 240);
 # - KILN_INT_PDL=1: the one-row INT4 GEMV PDL-launched, and the small kernels with it in
-#   INT4 engines (372.1 without it in the 30th; the PDL of the swapped bf16 GEMV gave +4.2%).
+#   INT4 engines (372.1 without it in the 30th; the PDL of the swapped bf16 GEMV gave +4.2%);
+# - KILN_ATTN_PDL=1: the decode attention PDL-launched behind the rotary + KV write.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -21,5 +22,6 @@ run() { local name=$1 q=$2; shift 2
   echo "b1 $name ($*)"; grep -h "^kiln" $R/b1-$name.log; pack; }
 for i in 1 2; do
   run glu1-$i "" KILN_SWAP_GLU=1; run glu0-$i "" KILN_SWAP_GLU=0
+  run attn1-$i "" KILN_ATTN_PDL=1; run both-$i "" KILN_ATTN_PDL=1 KILN_SWAP_GLU=1
   run int4pdl1-$i "$I" KILN_INT_PDL=1; run int4pdl0-$i "$I" KILN_INT_PDL=0
 done
