@@ -396,3 +396,25 @@ def check_glu_route() -> None:
 
 def test_glu_route(interp) -> None:  # noqa: F811
     interp(check_glu_route)
+
+
+def test_pdl_policy(monkeypatch) -> None:
+    """Which engines PDL-launch their small decode kernels (kiln.kernels.pdl): those whose
+    decode linears are PDL-launched too (16-bit on the swapped GEMV, sm_90 only; FP8; INT4
+    only with KILN_INT_PDL=1), since behind the others it cost batch 1 (INT4 -2.7%); and
+    nothing on a CPU tensor, whatever the engine."""
+    from kiln.kernels import pdl
+
+    monkeypatch.setattr(pdl, "INT_GEMV", False)
+    assert pdl.linears_take_part("none", (), True)
+    assert not pdl.linears_take_part("none", (), False)  # 16-bit off Hopper: cuBLAS
+    assert pdl.linears_take_part("fp8", (), False)
+    for method in ("int4_wo", "int8_wo", "int8_sq", "int4_awq"):
+        assert not pdl.linears_take_part(method, (), True), method
+    assert not pdl.linears_take_part("gguf", ("int4_g32_offset", "none"), True)
+    monkeypatch.setattr(pdl, "INT_GEMV", True)
+    assert pdl.linears_take_part("int4_wo", (), True)
+    assert not pdl.linears_take_part("int8_wo", (), True)
+    monkeypatch.setattr(pdl, "_SMALL", [True])
+    pdl.set_small_kernels(True)
+    assert not pdl.enabled(torch.zeros(1)) and not pdl.dependents(torch.zeros(1))

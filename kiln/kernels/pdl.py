@@ -35,10 +35,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from kiln.kernels import num_sms
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The swapped 16-bit decode GEMV (kiln.kernels.gemv_swap) launched with PDL behind the
-# kernels before it (norms, SiLU*mul, decode attention), which let it start at once: it
-# asks L2 for the first bytes of its weight while they run, then waits (opt-in until
-# measured: KILN_SWAP_PDL=1; KILN_SWAP_PREFETCH_MB the bytes a GEMV asks for).
+# KILN_PDL=0: nothing PDL-launched. The swapped 16-bit decode GEMV (kiln.kernels.gemv_swap)
+# launched with PDL behind the kernels before it (norms, SiLU*mul, decode attention), which
+# let it start at once (KILN_SWAP_PDL=0: not); KILN_SWAP_PREFETCH_MB: the bytes of its
+# weight it asks L2 for before it waits (0: slower at every budget tried).
 _ON = os.environ.get("KILN_PDL", "1") != "0"
 ALLREDUCE = os.environ.get("KILN_PDL") == "1"  # the custom all-reduce's: asked for only
 SWAP_GEMV = _ON and os.environ.get("KILN_SWAP_PDL", "1") != "0"
@@ -76,6 +76,15 @@ def set_small_kernels(linears_wait: bool) -> None:
     362.2 / 362.3 tok/s against 372.1 with KILN_PDL=0), as it cost bf16 when its GEMV did
     not (225.0 against 228.4)."""
     _SMALL[0] = linears_wait
+
+
+def linears_take_part(method: str, layer_methods: tuple[str, ...], sm90: bool) -> bool:
+    """Whether an engine's decode linears are PDL-launched (set_small_kernels): 16-bit ones
+    on the swapped GEMV (sm_90 only), FP8 (the swapped FP8 GEMM), INT4 with KILN_INT_PDL=1;
+    every per-layer method (GGUF's storages) among them."""
+    takes_part = ("none",) * sm90 + ("fp8",) + (
+        ("int4_wo", "int4_awq", "int4_gptq") if INT_GEMV else ())
+    return method in takes_part and all(q in takes_part for q in layer_methods)
 
 
 def enabled(t: torch.Tensor) -> bool:

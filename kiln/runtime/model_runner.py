@@ -75,10 +75,9 @@ class ModelRunner:
         if device.type == "cuda":  # PDL for the small decode kernels where the linears
             from kiln.kernels import pdl  # take part (kiln.kernels.pdl)
 
-            takes_part = ("none", "fp8") + (  # the INT4 GEMV too with KILN_INT_PDL=1
-                ("int4_wo", "int4_awq", "int4_gptq") if pdl.INT_GEMV else ())
-            pdl.set_small_kernels(quant.method in takes_part and all(
-                q in ("none", "fp8") for q in build.quant_layers.values()))
+            pdl.set_small_kernels(pdl.linears_take_part(
+                quant.method, tuple(build.quant_layers.values()),
+                torch.cuda.get_device_capability(device) == (9, 0)))
         if build.load_format == "dummy":  # random weights made here, quantized as built
             self.model = dummy_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
                                      quant, build.kv_cache_dtype)
