@@ -53,7 +53,8 @@ for spec in $stages; do
            n=$(nvidia-smi -L | wc -l); b=$(( n > 1 ? 1 : 0 ))
            # (the engine tests alone take ~190-250 s on an H200, each engine loaded runs the
            # warm-up: a group of their own since the 25th session, when group a ran past 330 s)
-           run_group a 0 tests/test_kernels_gpu.py tests/test_bench_roofline.py tests/test_gemv_swap.py &
+           run_group a 0 tests/test_kernels_gpu.py tests/test_bench_roofline.py tests/test_gemv_swap.py \
+             tests/test_gemv_swap_epilogues.py &
            run_group e 0 tests/test_gpu_engine.py &
            run_group c $b tests/test_kernels_fp8.py tests/test_kernels_kvquant.py tests/test_fp8_mid.py &
            run_group b $b tests/test_kernels_gpu_zoo.py tests/test_kernels_int.py \

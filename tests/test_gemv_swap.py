@@ -2,8 +2,8 @@
 opt-in, KILN_BF16_SWAP=fused): the swapped 16-bit decode linear, plain or with RMSNorm
 (+ residual) or act(gate) * up folded into its prologue, under the Triton interpreter
 against the unfused torch reference (norm or activation, rounded to the dtype, then the
-linear): every prologue, odd K, ragged N, split K, bias, 1-16 rows; on a GPU at 8B shapes,
-launched with PDL (KILN_SWAP_PDL), and in engines."""
+linear): every prologue, odd K, ragged N, split K, bias, 1-16 rows; on a GPU at 8B shapes
+and in engines (with each opt-in of tests/test_gemv_swap_epilogues.py's too)."""
 
 from __future__ import annotations
 
@@ -66,35 +66,6 @@ def test_gemv_swap_matches_the_unfused_reference(interp, prologue, M, N, K,  # n
 
 def test_gemv_swap_float32(interp) -> None:  # noqa: F811
     interp(check_swap, torch.float32, 2, 48, 96, "add_rms", bias=True, split_k=2, block_k=32)
-
-
-def check_glu(M: int, N: int, K: int, split_k: int, block_k: int, act: str) -> None:
-    """The GLU epilogue (weight [2N, K] = [gate | up] -> act(gate) * up, [M, N]): the bits of
-    the plain kernel's [M, 2N] followed by kiln's SiLU*mul / GeGLU kernel, ragged N (a
-    program's gate and up halves cut short alike), split K, bias."""
-    from kiln.kernels import gemv_swap as gs
-    from kiln.kernels import silu_mul
-
-    torch.manual_seed(M + N + K)
-    x = torch.randn(M, K, dtype=torch.float16)
-    w = (torch.randn(2 * N, K) / K ** 0.5).to(torch.float16)
-    b = torch.randn(2 * N, dtype=torch.float16) if M == 3 else None
-    cfg = gs.SwapConfig(block_w=32, block_k=block_k, num_warps=4, num_stages=2,
-                        split_k=split_k)
-    code = gs.ACT_SILU if act == "silu" else gs.ACT_GELU_TANH
-    got = gs.gemv_swap(x, w, b, glu=code, config=cfg)
-    assert got.shape == (M, N) and got.dtype == torch.float16
-    want = silu_mul.silu_and_mul(gs.gemv_swap(x, w, b, config=cfg), gelu_tanh=act == "gelu")
-    assert torch.equal(got, want)
-    with pytest.raises(AssertionError, match="no prologue"):
-        gs.gemv_swap(torch.cat([x, x], 1), w, act=code, glu=code, config=cfg)
-
-
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-@pytest.mark.parametrize("M,N,K,split_k,block_k", [
-    (1, 96, 256, 1, 64), (3, 70, 200, 2, 64), (16, 64, 128, 4, 32)])
-def test_gemv_swap_glu_epilogue(interp, M, N, K, split_k, block_k, act) -> None:  # noqa: F811
-    interp(check_glu, M, N, K, split_k, block_k, act)
 
 
 def check_errors() -> None:
@@ -169,69 +140,7 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_gpu_gemv_swap_glu_at_8b_shape(M: int) -> None:
-    """The GLU epilogue at Llama-3.1-8B's gate-up (28672 x 4096, bf16): the bits of the
-    plain kernel followed by kiln's SiLU*mul kernel."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
-    from kiln.kernels import gemv_swap as gs
-    from kiln.kernels import silu_mul
-
-    g = torch.Generator(device="cuda").manual_seed(M)
-    w = (torch.randn(28672, 4096, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    x = torch.randn(M, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    got = gs.gemv_swap(x, w, glu=gs.ACT_SILU)
-    assert torch.equal(got, silu_mul.silu_and_mul(gs.gemv_swap(x, w)))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("layer", ["qkv", "down"])
-def test_gpu_gemv_swap_pdl_waits_for_its_input(layer: str, monkeypatch) -> None:
-    """Launched with PDL (KILN_SWAP_PDL) behind the norm / SiLU*mul that writes its input,
-    which lets it start at once, in a CUDA graph replayed on new inputs: the GEMV reads
-    each replay's input, not the last one's, and gives the bits of the plain launch;
-    prefetch budgets from none to more than the weight."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("PDL needs sm_90")
-    from kiln.kernels import gemv_swap as gs
-    from kiln.kernels import pdl, rms_norm, silu_mul
-
-    N, K = {"qkv": (6144, 4096), "down": (4096, 14336)}[layer]
-    g = torch.Generator(device="cuda").manual_seed(7)
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    x = torch.empty(1, 2 * K if layer == "down" else K, **bf)
-    nw = torch.ones(K, **bf)
-
-    def step(pdl_launch: bool, mb: float) -> torch.Tensor:
-        a = silu_mul.silu_and_mul(x) if layer == "down" else rms_norm.rms_norm(x, nw, 1e-5)
-        return gs.gemv_swap(a, w, pdl_launch=pdl_launch, prefetch_mb=mb)
-
-    for mb in (0.0, 8.0, 1024.0):
-        monkeypatch.setattr(pdl, "SWAP_GEMV", True)  # the kernel before lets it start
-        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
-        step(True, mb)  # compiled outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = step(True, mb)
-        monkeypatch.setattr(pdl, "SWAP_GEMV", False)
-        for _ in range(3):
-            x.copy_(torch.randn(x.shape, device="cuda", generator=g))
-            graph.replay()
-            assert torch.equal(got, step(False, 0.0)), (layer, mb)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["plain", "fused", "pdl", "glu"])
+@pytest.mark.parametrize("mode", ["plain", "fused", "pdl", "glu", "rope"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoints, tmp_path,
                                                        monkeypatch) -> None:
@@ -241,7 +150,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     full precision, as cuBLAS's): the same greedy tokens as with it off, through CUDA
     graphs and requests arriving at different steps; and it was taken. pdl: plain, launched
     with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1), the decode
-    attention PDL-launched too (KILN_ATTN_PDL=1); glu: plain,
+    attention PDL-launched too (KILN_ATTN_PDL=1); rope: plain, the QKV GEMV with the rotary
+    and KV write in its epilogue (KILN_SWAP_ROPE=1); glu: plain,
     act(gate) * up in the gate-up GEMV's epilogue (KILN_SWAP_GLU=1)."""
     from kiln.build import build
     from kiln.config import BuildConfig
@@ -262,14 +172,16 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
         pytest.skip("the swapped GEMV is taken on sm_90 only")
     calls, real = [], gemv_swap.gemv_swap
     monkeypatch.setattr(gemv_swap, "gemv_swap",
-                        lambda *a, **k: calls.append(k.get("act", 0) or 10 * k.get("glu", 0))
+                        lambda *a, **k: calls.append(k.get("act", 0) or 10 * k.get("glu", 0)
+                                                     or 100 * (k.get("rope") is not None))
                         or real(*a, **k))
     monkeypatch.setattr(swap_input, "DTYPES", (torch.float32,))
     got = {}
     for on in (False, True):
         monkeypatch.setattr(swap_input, "FUSED", on and mode == "fused")
-        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl", "glu"))
+        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl", "glu", "rope"))
         monkeypatch.setattr(swap_input, "GLU", on and mode == "glu")
+        monkeypatch.setattr(swap_input, "ROPE", on and mode == "rope")
         monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode == "pdl")
         monkeypatch.setattr(pdl, "ATTENTION", on and mode == "pdl")  # KILN_ATTN_PDL too
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
@@ -280,7 +192,7 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     assert 0 in calls
     assert ((1 if arch == "llama" else 2) in calls) == (mode == "fused")
     assert ((10 if arch == "llama" else 20) in calls) == (mode == "glu")
-
+    assert (100 in calls) == (mode == "rope")
 
 
 def check_plumbing() -> None:
@@ -354,67 +266,3 @@ def check_plain_route() -> None:
 
 def test_plain_route(interp) -> None:  # noqa: F811
     interp(check_plain_route)
-
-
-def check_glu_route() -> None:
-    """KILN_SWAP_GLU=1: a gated MLP at decode rows takes the gate-up GEMV's GLU epilogue
-    (SiLU, and tanh GELU for Gemma's) and gives the bits of the unfused route (the plain
-    GEMV, then kiln's SiLU*mul kernel); prefill rows (17) and a down projection that wants
-    its input quantized by the activation kernel keep the unfused route."""
-    from kiln import functional as KF
-    from kiln.kernels import gemv_swap
-    from kiln.layers import swap_input
-    from kiln.layers.mlp import GatedMLP
-
-    torch.manual_seed(2)
-    KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
-    swap_input.takes = lambda x: x.dim() == 2 and x.shape[0] <= 16
-    swap_input.PLAIN, swap_input.FUSED = True, False
-    calls, real = [], gemv_swap.gemv_swap
-    gemv_swap.gemv_swap = lambda *a, **k: calls.append(k.get("glu", 0)) or real(*a, **k)
-    try:
-        for act in ("silu", "gelu_pytorch_tanh"):
-            mlp = GatedMLP(64, 96, act=act).half()
-            for p in mlp.parameters():
-                p.data = (torch.randn_like(p, dtype=torch.float32) * 0.1).half()
-            x = torch.randn(5, 64, dtype=torch.float16)
-            got = {}
-            for on in (False, True):
-                swap_input.GLU = on
-                calls.clear()
-                got[on] = mlp(x)
-                assert calls == ([1 if act == "silu" else 2, 0] if on else [0, 0]), calls
-            assert torch.equal(got[True], got[False])
-            calls.clear()
-            mlp(torch.randn(17, 64, dtype=torch.float16))
-            assert calls == []  # prefill rows: F.linear and the activation kernel
-            mlp.down_proj.input_quant = lambda: object()  # an FP8 down projection's wish
-            assert swap_input.glu_linear(mlp.gate_up_proj, x, 1, mlp.down_proj) is None
-    finally:
-        gemv_swap.gemv_swap, swap_input.GLU = real, False
-
-
-def test_glu_route(interp) -> None:  # noqa: F811
-    interp(check_glu_route)
-
-
-def test_pdl_policy(monkeypatch) -> None:
-    """Which engines PDL-launch their small decode kernels (kiln.kernels.pdl): those whose
-    decode linears are PDL-launched too (16-bit on the swapped GEMV, sm_90 only; FP8; INT4
-    only with KILN_INT_PDL=1), since behind the others it cost batch 1 (INT4 -2.7%); and
-    nothing on a CPU tensor, whatever the engine."""
-    from kiln.kernels import pdl
-
-    monkeypatch.setattr(pdl, "INT_GEMV", False)
-    assert pdl.linears_take_part("none", (), True)
-    assert not pdl.linears_take_part("none", (), False)  # 16-bit off Hopper: cuBLAS
-    assert pdl.linears_take_part("fp8", (), False)
-    for method in ("int4_wo", "int8_wo", "int8_sq", "int4_awq"):
-        assert not pdl.linears_take_part(method, (), True), method
-    assert not pdl.linears_take_part("gguf", ("int4_g32_offset", "none"), True)
-    monkeypatch.setattr(pdl, "INT_GEMV", True)
-    assert pdl.linears_take_part("int4_wo", (), True)
-    assert not pdl.linears_take_part("int8_wo", (), True)
-    monkeypatch.setattr(pdl, "_SMALL", [True])
-    pdl.set_small_kernels(True)
-    assert not pdl.enabled(torch.zeros(1)) and not pdl.dependents(torch.zeros(1))

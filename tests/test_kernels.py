@@ -484,7 +484,7 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("decode_kernel", "fused reduce PDL")].instructions["griddepcontrol"] == 2
     assert found[("moe_gemm_kernel", "")].instructions["wgmma.mma_async"] > 0
     assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
-    for variant in ("6144x4096", "4096x14336", "PDL", "GLU"):  # the swapped bf16 decode GEMV
+    for variant in ("6144x4096", "4096x14336", "PDL", "GLU", "ROPE"):  # swapped bf16 GEMV
         assert found[("gemv_swap_kernel", variant)].instructions["wgmma.mma_async"] > 0
     # launched with PDL: its weight asked into L2, then griddepcontrol.wait / launch_dependents
     pdl_gemv = found[("gemv_swap_kernel", "PDL")].instructions

@@ -300,6 +300,18 @@ def reports() -> list[CompileReport]:
         "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
         "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
         "PDL": True, "GLU": 1}, cfg.num_warps, cfg.num_stages, variant="GLU"))
+    cfg = gemv_swap.swap_config(1, 6144, 4096)  # QKV with rotary + the KV write (ROPE)
+    out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
+        **swap, "N": 6144, "K": 4096, "stride_xm": 4096, "stride_rm": 4096,
+        "stride_ro": 4096, "stride_wn": 4096, "stride_om": 4096, "pos_ptr": "*i64",
+        "cs_ptr": "*fp32", "kc_ptr": bf, "vc_ptr": bf, "slot_ptr": "*i64", "num_heads": 32,
+        "num_kv_heads": 8, "block_size": 16, "stride_cs": 128, "stride_cb": 16384,
+        "stride_cslot": 1024, "stride_ch": 128, "stride_vs": 1024, "stride_vh": 128,
+        "stride_vd": 1}, {
+        "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
+        "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
+        "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
+        "PDL": True, "ROPE_HALF": 64}, cfg.num_warps, cfg.num_stages, variant="ROPE"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",

@@ -44,6 +44,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
+from kiln.kernels.gemv_swap_rope import RopeArgs, launch_shape, rope_epilogue, rope_rows
 from kiln.kernels.pdl import prefetch_l2
 from kiln.kernels.silu_mul import _act_mul, act_mul_values
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
@@ -159,7 +160,11 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
                       INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = 0, GLU: tl.constexpr = 0):
+                      PREFETCH: tl.constexpr = 0, GLU: tl.constexpr = 0,
+                      pos_ptr=None, cs_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
+                      num_heads=0, num_kv_heads=0, block_size=1, stride_cs=0, stride_cb=0,
+                      stride_cslot=0, stride_ch=0, stride_vs=0, stride_vh=0, stride_vd=0,
+                      ROPE_HALF: tl.constexpr = 0):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I]).
@@ -169,7 +174,9 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     GLU (1 SiLU, 2 tanh GELU): w is [2N, K] = [gate | up] and out[token, j] = act(gate_j) *
     up_j for j < N: a program's 64 rows are the 32 gate rows and the 32 up rows of its 32
     columns, and the epilogue rounds both as stored and multiplies them as
-    kiln.kernels.silu_mul does (the SiLU*mul launch after the gate-up GEMV is gone)."""
+    kiln.kernels.silu_mul does (the SiLU*mul launch after the gate-up GEMV is gone).
+    ROPE_HALF (head_dim / 2): w is the fused QKV weight, out is q's [M, num_heads *
+    head_dim]; rotary and the KV-cache write in the epilogue (kiln.kernels.gemv_swap_rope)."""
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_W // 2
@@ -178,6 +185,9 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
         cols = pid_w * HALF + rows_in % HALF
         offs_w = cols + (rows_in // HALF) * N
         mask_w = cols < N
+    elif ROPE_HALF > 0:  # 32 dims of a head's first half, then the 32 they rotate with
+        offs_w = rope_rows(pid_w, ROPE_HALF, BLOCK_W)
+        mask_w = offs_w < N
     else:
         offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
         mask_w = offs_w < N
@@ -256,6 +266,11 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
             tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + cols_h[:, None],
                      act_mul_values(gate, up, GLU == 2),
                      mask=(cols_h < N)[:, None] & mask_t[None, :])
+        elif ROPE_HALF > 0:
+            rope_epilogue(y, pid_w, offs_t, mask_t, out_ptr, stride_om, pos_ptr, cs_ptr,
+                          kc_ptr, vc_ptr, slot_ptr, num_heads, num_kv_heads, block_size,
+                          stride_cs, stride_cb, stride_cslot, stride_ch, stride_vs,
+                          stride_vh, stride_vd, ROPE_HALF, BLOCK_W, BLOCK_T)
         else:
             tl.store(out_ptr + offs_t.to(tl.int64)[None, :] * stride_om + offs_w[:, None], y,
                      mask=out_mask)
@@ -266,14 +281,17 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
               res_out: torch.Tensor | None = None, late_norm: bool = LATE_NORM,
               pdl_launch: bool | None = None, prefetch_mb: float | None = None,
-              glu: int = ACT_NONE) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+              glu: int = ACT_NONE, rope: RopeArgs | None = None
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
       result is (y, x + residual) (written to res_out when given);
     - act: x is [M, 2I] = [gate | up] and a = act(gate) * up (ACT_SILU, ACT_GELU_TANH);
     - else a = x;
     glu (ACT_SILU / ACT_GELU_TANH, with a = x only): weight is [2N, K] = [gate | up] and y
-      [M, N] = act(x @ gate^T) * (x @ up^T), rounded as the unfused GEMM + silu_mul.
+      [M, N] = act(x @ gate^T) * (x @ up^T), rounded as the unfused GEMM + silu_mul;
+    rope (with a = x only): weight is the fused QKV one; returns rotary(q) [M, num_heads *
+      head_dim], rotary(k) and v written into the caches (kiln.kernels.gemv_swap_rope).
     Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype.
     pdl_launch (default kiln.kernels.pdl.SWAP_GEMV, on sm_90): launched with PDL, asking L2
     for prefetch_mb (default KILN_SWAP_PREFETCH_MB) of the weight before it waits."""
@@ -287,11 +305,18 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     assert x.shape[1] == (2 * K if act else K), "x's width does not match the weight"
     assert not (glu and (norm or act)), "the GLU epilogue takes no prologue"
     assert not glu or N % 2 == 0, "the GLU epilogue takes [gate | up] weights"
+    assert rope is None or not (glu or norm or act), "the rotary epilogue takes no prologue"
     cfg = config or swap_config(M, N, K, weight.element_size())
     block_k = min(cfg.block_k, max(16, triton.next_power_of_2(K)))
     split = cfg.split_k if K >= cfg.split_k * block_k else 1
     n_out = N // 2 if glu else N  # out's columns
     tiles = triton.cdiv(n_out, cfg.block_w // 2 if glu else cfg.block_w)
+    extra, n_arg = {}, n_out  # the kernel's N: out's columns, or the QKV weight's rows
+    if rope is not None:  # out: q, [M, num_heads * head_dim]
+        head_dim = rope.cos_sin.shape[1]
+        assert cfg.block_w == 64 and N == (rope.num_heads + 2 * rope.num_kv_heads) * head_dim
+        tiles, n_out, n_arg = launch_shape(N, head_dim), rope.num_heads * head_dim, N
+        extra = dict(rope.kernel_args(head_dim), ROPE_HALF=head_dim // 2)
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if norm == NORM_ADD_RMS:
         assert residual.shape == x.shape and residual.stride(-1) == 1
@@ -310,15 +335,15 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         x.device) if use_pdl and K % 8 == 0 else 0
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
-        bias if bias is not None else weight, out, part, counters, M, n_out, K, x.stride(0),
+        bias if bias is not None else weight, out, part, counters, M, n_arg, K, x.stride(0),
         r.stride(0), ro.stride(0), weight.stride(0), out.stride(0), eps,
         NORM=norm, ACT=act, HAS_BIAS=bias is not None, BLOCK_W=cfg.block_w,
         BLOCK_T=MAX_ROWS, BLOCK_K=block_k,
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
-        EVEN_N=n_out % (cfg.block_w // 2 if glu else cfg.block_w) == 0, SPLIT_K=split,
+        EVEN_N=n_arg % (cfg.block_w // 2 if glu else cfg.block_w) == 0, SPLIT_K=split,
         LATE_NORM=late,
         PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl,
         PREFETCH=prefetch, GLU=glu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl.launch_args(use_pdl))
+        **extra, **pdl.launch_args(use_pdl))
     return (out, res_out) if norm == NORM_ADD_RMS else out
 

@@ -119,18 +119,41 @@ class Attention(nn.Module):
                 positions: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         """q [T, heads*d], k, v [T, kv_heads*d] before rotary; cos_sin the rotary table."""
         meta = current_metadata()
-        tokens = q.shape[0]
         # One pass: rotate q and k, store k and v in their cache slots.
         q = KF.rotary_and_write_kv(q, k, v, positions, cos_sin, self.k_cache, self.v_cache,
                                    meta.slot_mapping, self.head_dim, self.k_scale,
                                    self.v_scale, rotate_k=not self.rotate_keys,
                                    step_cache=meta.host_cache, kv_finite=meta.kv_finite)
+        return self.attend_rotated(q, cos_sin)
+
+    def attend_rotated(self, q: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        """Attention of rotary(q) [T, heads*d], the step's K / V already in the cache."""
+        tokens = q.shape[0]
         q = q.view(tokens, self.num_heads, self.head_dim)
         if _splitter is not None:  # a piecewise graph capture: attention runs between pieces
             out = _splitter.attention(self, q, cos_sin)
         else:
-            out = self.attend(q, meta, cos_sin)
+            out = self.attend(q, current_metadata(), cos_sin)
         return out.view(tokens, self.num_heads * self.head_dim)
+
+    def fused_qkv(self, qkv_proj: nn.Module, x: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor) -> torch.Tensor | None:
+        """rotary(q) [T, heads*d] from the QKV GEMV with the rotary and this step's K / V
+        write in its epilogue (kiln.kernels.gemv_swap_rope, KILN_SWAP_ROPE=1), or None
+        where it does not take the layer: then qkv_proj and forward() as usual."""
+        from kiln.layers import swap_input
+
+        if not swap_input.rope_takes(qkv_proj, x) or self.rotate_keys or \
+                self.k_scale is not None:
+            return None
+        from kiln.kernels import gemv_swap, gemv_swap_rope
+
+        if not gemv_swap_rope.takes(self.head_dim, cos_sin, self.k_cache, x.dtype):
+            return None
+        rope = gemv_swap_rope.RopeArgs(
+            positions.contiguous(), cos_sin, self.k_cache, self.v_cache,
+            current_metadata().slot_mapping.contiguous(), self.num_heads, self.num_kv_heads)
+        return gemv_swap.gemv_swap(x, qkv_proj.weight, qkv_proj.bias, rope=rope)
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata, cos_sin: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,6 +35,9 @@ PLAIN = _MODE == "1"
 # the gated MLP's act(gate) * up in the gate-up GEMV's epilogue (glu_linear), opt-in until
 # timed on a GPU: KILN_SWAP_GLU=1
 GLU = os.environ.get("KILN_SWAP_GLU", "0") == "1"
+# the QKV GEMV with the rotary + KV-cache write in its epilogue (Attention.fused_qkv),
+# opt-in until timed on a GPU: KILN_SWAP_ROPE=1
+ROPE = os.environ.get("KILN_SWAP_ROPE", "0") == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
@@ -132,19 +135,26 @@ def pending_act(x: torch.Tensor, gelu_tanh: bool) -> PendingInput | None:
     return PendingInput(x, act=2 if gelu_tanh else 1)
 
 
+def _plain_16bit(layer: object, x: object) -> bool:
+    """An unquantized, unsharded-output layer whose weight and rows the swapped GEMV takes."""
+    return isinstance(x, torch.Tensor) and getattr(layer.method, "name", None) == "none" \
+        and not getattr(layer, "gather_output", False) and layer.weight.dtype == x.dtype \
+        and layer.weight.shape[0] <= MAX_N and takes(x)
+
+
+def rope_takes(layer: object, x: object) -> bool:
+    """Whether the fused QKV layer's GEMV may do the rotary + KV write (KILN_SWAP_ROPE;
+    the rotary and cache are checked by the attention layer)."""
+    return ROPE and PLAIN and _plain_16bit(layer, x)
+
+
 def glu_linear(layer: object, x: object, act: int, down: object) -> torch.Tensor | None:
     """act(gate) * up of a merged [gate | up] layer at x by the swapped GEMV's GLU epilogue
     (act 1: SiLU, 2: tanh GELU), or None where it does not take x (KILN_SWAP_GLU off, x not
     a decode step's rows on sm_90, a quantized gate-up, or a down projection that wants its
     input quantized by the activation kernel)."""
-    if not (GLU and PLAIN) or not isinstance(x, torch.Tensor) or \
-            getattr(layer.method, "name", None) != "none" or \
-            getattr(layer, "gather_output", False):
-        return None
-    weight = layer.weight
-    if weight.dtype != x.dtype or weight.shape[0] > MAX_N or not takes(x) or \
-            down.input_quant() is not None:
+    if not (GLU and PLAIN and _plain_16bit(layer, x)) or down.input_quant() is not None:
         return None
     from kiln.kernels import gemv_swap
 
-    return gemv_swap.gemv_swap(x, weight, layer.bias, glu=act)
+    return gemv_swap.gemv_swap(x, layer.weight, layer.bias, glu=act)

@@ -89,6 +89,10 @@ class DecoderAttention(nn.Module):
         return self.qkv_proj.input_quant()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.q_norm is None:  # decode rows on Hopper (KILN_SWAP_ROPE): one launch
+            q = self.attn.fused_qkv(self.qkv_proj, x, positions, self.rotary.cos_sin)
+            if q is not None:
+                return self.o_proj(self.attn.attend_rotated(q, self.rotary.cos_sin))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             tokens = q.shape[0]
