@@ -204,7 +204,8 @@ def test_pdl_policy(monkeypatch) -> None:
     assert not pdl.enabled(torch.zeros(1)) and not pdl.dependents(torch.zeros(1))
 
 
-def check_rope(M: int, head_dim: int, split_k: int, v_t: bool) -> None:
+def check_rope(M: int, head_dim: int, split_k: int, v_t: bool, heads: int = 4,
+               kv_heads: int = 2) -> None:
     """The QKV GEMV with rotary and the KV-cache write in its epilogue: rotary(q) and both
     caches bit for bit what the plain GEMV followed by kiln's rotary + KV-write kernel
     gives (interpreted), a padding token's slot (-1) left alone, V transposed or not."""
@@ -213,7 +214,7 @@ def check_rope(M: int, head_dim: int, split_k: int, v_t: bool) -> None:
     from kiln.kernels.rotary_kv import rotary_and_write_kv
 
     torch.manual_seed(M + head_dim)
-    heads, kv_heads, K, bs, blocks = 4, 2, 128, 4, 6
+    K, bs, blocks = 128, 4, 6
     N = (heads + 2 * kv_heads) * head_dim
     x = torch.randn(M, K, dtype=torch.float16)
     w = (torch.randn(N, K) / K ** 0.5).to(torch.float16)
@@ -243,9 +244,15 @@ def check_rope(M: int, head_dim: int, split_k: int, v_t: bool) -> None:
 
 
 @pytest.mark.parametrize("M,head_dim,split_k,v_t", [
-    (1, 128, 1, False), (3, 64, 2, True), (16, 128, 1, True)])
+    (1, 128, 1, False), (3, 64, 2, True), (16, 128, 1, True),
+    (5, 16, 1, False), (2, 32, 2, True)])  # small heads: several a program
 def test_gemv_swap_rope_epilogue(interp, M, head_dim, split_k, v_t) -> None:  # noqa: F811
     interp(check_rope, M, head_dim, split_k, v_t)
+
+
+def test_gemv_swap_rope_epilogue_ragged_heads(interp) -> None:  # noqa: F811
+    """3 + 2 x 1 heads of 32: the last program holds the V head and one past the weight."""
+    interp(check_rope, 3, 32, 1, False, heads=3, kv_heads=1)
 
 
 def check_rope_route() -> None:

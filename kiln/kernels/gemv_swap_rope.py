@@ -8,8 +8,10 @@ kiln.kernels.rotary_kv does (each product and the sum rounded to the model dtype
 rotary(q) to q_out and rotary(k) and v to their paged-cache slots. The rotary + KV-write
 launch after the QKV GEMV is gone.
 
-Taken (kiln.layers.swap_input.rope_qkv, opt-in KILN_SWAP_ROPE=1) where the rotary is full
-(rotary_dim == head_dim, half a multiple of 32), the cache is 16-bit in the model's dtype,
+Heads narrower than 64 come several to a program (all their dims), each pair q, k or v by
+its head. Taken (Attention.fused_qkv, opt-in KILN_SWAP_ROPE=1) where the rotary is full
+(rotary_dim == head_dim; half a multiple of 32, or head_dim dividing 64), the cache is
+16-bit in the model's dtype,
 and keys are rotated before caching (not attention sinks); anything else keeps the
 rotary kernel.
 """
@@ -58,21 +60,29 @@ def takes(head_dim: int, cos_sin: torch.Tensor, k_cache: torch.Tensor,
           dtype: torch.dtype) -> bool:
     """Whether the epilogue can take a layer's rotary and cache (module doc)."""
     half = head_dim // 2
-    return (cos_sin.dim() == 2 and cos_sin.shape[1] == head_dim and half % HALF == 0
-            and cos_sin.stride(1) == 1 and k_cache.dtype == dtype and k_cache.numel() > 0
-            and k_cache.stride(-1) == 1)
+    return (cos_sin.dim() == 2 and cos_sin.shape[1] == head_dim and head_dim % 2 == 0
+            and (half % HALF == 0 or 64 % head_dim == 0) and cos_sin.stride(1) == 1
+            and k_cache.dtype == dtype and k_cache.numel() > 0 and k_cache.stride(-1) == 1)
+
+
+@triton.jit
+def _layout(pid_w, H: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(first head, first dim) of a program's H dims of each half of BLOCK_W / (2 H) heads:
+    half >= 32: 32 dims of one head (H = 32); head_dim < 64: 64 / head_dim whole heads."""
+    PER_HEAD: tl.constexpr = ROPE_HALF // H  # programs a head
+    return (pid_w // PER_HEAD) * (BLOCK_W // (2 * H)), (pid_w % PER_HEAD) * H
 
 
 @triton.jit
 def rope_rows(pid_w, ROPE_HALF: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The program's 64 weight rows: 32 dims of one head's first half, then the 32 they
-    rotate with in its second half (ROPE_HALF = head_dim / 2)."""
-    PER_HEAD: tl.constexpr = ROPE_HALF // (BLOCK_W // 2)
-    head = pid_w // PER_HEAD
-    j0 = (pid_w % PER_HEAD) * (BLOCK_W // 2)
+    """The program's 64 weight rows, head by head: H dims of the head's first half, then
+    the H they rotate with in its second half (ROPE_HALF = head_dim / 2; _layout)."""
+    H: tl.constexpr = ROPE_HALF if ROPE_HALF < BLOCK_W // 2 else BLOCK_W // 2
+    head0, j0 = _layout(pid_w, H, ROPE_HALF, BLOCK_W)
     rows_in = tl.arange(0, BLOCK_W)
-    return head * (2 * ROPE_HALF) + j0 + rows_in % (BLOCK_W // 2) + \
-        (rows_in // (BLOCK_W // 2)) * ROPE_HALF
+    within = rows_in % (2 * H)
+    return (head0 + rows_in // (2 * H)) * (2 * ROPE_HALF) + (within // H) * ROPE_HALF + j0 + \
+        within % H
 
 
 @triton.jit
@@ -82,47 +92,52 @@ def rope_epilogue(y, pid_w, offs_t, mask_t, q_ptr, stride_q, pos_ptr, cs_ptr, kc
                   ROPE_HALF: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr):
     """y [BLOCK_W rows (rope_rows), BLOCK_T tokens] as the GEMM stores it: q heads rotated
     into q_ptr [tokens, num_heads * head_dim], k heads rotated and v heads as they are into
-    the caches at each token's slot (kiln.kernels.rotary_kv's roundings)."""
-    H: tl.constexpr = BLOCK_W // 2
-    PER_HEAD: tl.constexpr = ROPE_HALF // H
-    head = pid_w // PER_HEAD
-    d = (pid_w % PER_HEAD) * H + tl.arange(0, H)  # dims of the first half
-    x1, x2 = tl.split(tl.permute(tl.reshape(y, [2, H, BLOCK_T]), [1, 2, 0]))  # [H, tokens]
+    the caches at each token's slot (kiln.kernels.rotary_kv's roundings). Each of the
+    BLOCK_W / 2 pairs is q, k or v by its head (a program may hold several)."""
+    H: tl.constexpr = ROPE_HALF if ROPE_HALF < BLOCK_W // 2 else BLOCK_W // 2
+    GROUPS: tl.constexpr = BLOCK_W // (2 * H)  # heads a program
+    head0, j0 = _layout(pid_w, H, ROPE_HALF, BLOCK_W)
+    P: tl.constexpr = BLOCK_W // 2
+    x1, x2 = tl.split(tl.permute(tl.reshape(y, [GROUPS, 2, H, BLOCK_T]), [0, 2, 3, 1]))
+    x1 = tl.reshape(x1, [P, BLOCK_T])  # [pairs, tokens]
+    x2 = tl.reshape(x2, [P, BLOCK_T])
+    pair = tl.arange(0, P)
+    head = head0 + pair // H
+    d = j0 + pair % H  # each pair's dim in its head's first half
     dt = y.dtype
-    if head < num_heads + num_kv_heads:  # q or k: rotated
-        pos = tl.load(pos_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-        row = cs_ptr + pos[None, :] * stride_cs + d[:, None]
-        cos = tl.load(row, mask=mask_t[None, :], other=0.0).to(dt).to(tl.float32)
-        sin = tl.load(row + ROPE_HALF, mask=mask_t[None, :], other=0.0).to(dt).to(tl.float32)
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        y1 = ((a1 * cos).to(dt).to(tl.float32) + (-a2 * sin).to(dt).to(tl.float32)).to(dt)
-        y2 = ((a2 * cos).to(dt).to(tl.float32) + (a1 * sin).to(dt).to(tl.float32)).to(dt)
-    else:
-        y1 = x1
-        y2 = x2
-    if head < num_heads:
-        q_rows = q_ptr + offs_t.to(tl.int64)[None, :] * stride_q + head * (2 * ROPE_HALF)
-        tl.store(q_rows + d[:, None], y1, mask=mask_t[None, :])
-        tl.store(q_rows + ROPE_HALF + d[:, None], y2, mask=mask_t[None, :])
-    else:
-        slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
-        ok = (mask_t & (slot >= 0))[None, :]
-        blk = (slot // block_size) * stride_cb
-        within = slot % block_size
-        if head < num_heads + num_kv_heads:
-            k_at = kc_ptr + (blk + within * stride_cslot + (head - num_heads) * stride_ch)
-            tl.store(k_at[None, :] + d[:, None], y1, mask=ok)
-            tl.store(k_at[None, :] + ROPE_HALF + d[:, None], y2, mask=ok)
-        else:
-            kvh = head - num_heads - num_kv_heads
-            v_at = vc_ptr + (blk + within * stride_vs + kvh * stride_vh)
-            tl.store(v_at[None, :] + d[:, None] * stride_vd, y1, mask=ok)
-            tl.store(v_at[None, :] + (ROPE_HALF + d[:, None]) * stride_vd, y2, mask=ok)
+    pos = tl.load(pos_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    row = cs_ptr + pos[None, :] * stride_cs + d[:, None]
+    cos = tl.load(row, mask=mask_t[None, :], other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(row + ROPE_HALF, mask=mask_t[None, :], other=0.0).to(dt).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    is_v = (head >= num_heads + num_kv_heads)[:, None]
+    real = (head < num_heads + 2 * num_kv_heads)[:, None]  # the last program's may not be
+    y1 = tl.where(is_v, x1, ((a1 * cos).to(dt).to(tl.float32)
+                             + (-a2 * sin).to(dt).to(tl.float32)).to(dt))
+    y2 = tl.where(is_v, x2, ((a2 * cos).to(dt).to(tl.float32)
+                             + (a1 * sin).to(dt).to(tl.float32)).to(dt))
+    is_q = (head < num_heads)[:, None] & mask_t[None, :]
+    q_at = q_ptr + offs_t.to(tl.int64)[None, :] * stride_q + (head * (2 * ROPE_HALF) + d)[:, None]
+    tl.store(q_at, y1, mask=is_q)
+    tl.store(q_at + ROPE_HALF, y2, mask=is_q)
+    slot = tl.load(slot_ptr + offs_t, mask=mask_t, other=-1).to(tl.int64)
+    ok = (mask_t & (slot >= 0))[None, :]
+    cell = (slot // block_size) * stride_cb  # [tokens]: the slot's block
+    within = slot % block_size
+    is_k = (head >= num_heads)[:, None] & ~is_v & ok
+    k_at = kc_ptr + (cell + within * stride_cslot)[None, :] + \
+        ((head - num_heads) * stride_ch + d)[:, None]
+    tl.store(k_at, y1, mask=is_k)
+    tl.store(k_at + ROPE_HALF, y2, mask=is_k)
+    v_at = vc_ptr + (cell + within * stride_vs)[None, :] + \
+        ((head - num_heads - num_kv_heads) * stride_vh + d * stride_vd)[:, None]
+    tl.store(v_at, y1, mask=is_v & real & ok)
+    tl.store(v_at + ROPE_HALF * stride_vd, y2, mask=is_v & real & ok)
 
 
 def launch_shape(N: int, head_dim: int) -> int:
-    """Programs of the QKV GEMV with the epilogue: one per 32 rotation pairs of a head."""
-    assert N % head_dim == 0 and (head_dim // 2) % HALF == 0, (N, head_dim)
-    return N // head_dim * (head_dim // 2 // HALF)
-
+    """Programs of the QKV GEMV with the epilogue: 64 weight rows each (rope_rows)."""
+    assert N % head_dim == 0 and ((head_dim // 2) % HALF == 0 or 64 % head_dim == 0), \
+        (N, head_dim)
+    return triton.cdiv(N, 64)
