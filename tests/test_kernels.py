@@ -486,9 +486,8 @@ def test_kernels_compile_for_hopper() -> None:
     assert found[("moe_gemm_kernel", "fp8")].instructions["wgmma.mma_async"] > 0
     for variant in ("6144x4096", "4096x14336", "PDL", "GLU", "ROPE"):  # swapped bf16 GEMV
         assert found[("gemv_swap_kernel", variant)].instructions["wgmma.mma_async"] > 0
-    # launched with PDL: its weight asked into L2, then griddepcontrol.wait / launch_dependents
-    pdl_gemv = found[("gemv_swap_kernel", "PDL")].instructions
-    assert pdl_gemv["cp.async.bulk.prefetch"] > 0 and pdl_gemv["griddepcontrol"] >= 2
+    # launched with PDL: griddepcontrol.wait, then launch_dependents
+    assert found[("gemv_swap_kernel", "PDL")].instructions["griddepcontrol"] >= 2
     assert found[("gemv_swap_kernel", "6144x4096")].instructions["griddepcontrol"] == 0
 
 

@@ -475,27 +475,6 @@ def test_gpu_triton_configs(config) -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_fp8_swap_prefetch_keeps_bits(monkeypatch) -> None:
-    """KILN_FP8_PREFETCH_MB: the swapped GEMM (PDL-launched behind its input's
-    quantization) asks L2 for its first weight bytes before it waits: the same bits as
-    without, budgets up to more than the weight, at one and 16 rows, one split and two."""
-    from kiln.kernels import fp8, fp8_swap, pdl
-
-    if not fp8_swap.wgmma_device(torch.empty(1, device="cuda")):
-        pytest.skip("the swapped FP8 GEMM runs on sm_90 / sm_100")
-    for N, K in ((6144, 4096), (4096, 14336)):
-        w, ws, _ = _gpu_weight(N, K)
-        for M in (1, 16):
-            x = _activations(M, K, torch.bfloat16, "cuda", seed=M)
-            got = {}
-            for mb in (0.0, 4.0, 1024.0):
-                monkeypatch.setattr(pdl, "FP8_PREFETCH_MB", mb)
-                got[mb] = fp8.fp8_linear(x, w, ws, None, None, backend="triton")
-            assert torch.equal(got[0.0], got[4.0]) and torch.equal(got[0.0], got[1024.0])
-
-
-@pytest.mark.gpu
-@needs_gpu
 def test_gpu_auto_dispatch_and_graph() -> None:
     """The default backend at every benchmarked M, also replayed from a CUDA graph."""
     from kiln.kernels import fp8

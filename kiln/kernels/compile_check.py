@@ -39,7 +39,7 @@ from kiln.kernels import (
 )
 
 INSTRUCTIONS = ("ld.global.v4", "cp.async", "cp.async.bulk", "mma.sync", "wgmma.mma_async",
-                "cp.async.bulk.prefetch", "griddepcontrol")
+                "griddepcontrol")
 
 
 @dataclass
@@ -291,7 +291,7 @@ def reports() -> list[CompileReport]:
         "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
         "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
         "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
-        "PDL": True, "PREFETCH": 4096}, cfg.num_warps, cfg.num_stages, variant="PDL"))
+        "PDL": True}, cfg.num_warps, cfg.num_stages, variant="PDL"))
     cfg = gemv_swap.swap_config(1, 28672, 4096)  # gate-up with act(gate) * up (GLU)
     out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
         **swap, "N": 14336, "K": 4096, "stride_xm": 4096, "stride_rm": 4096,

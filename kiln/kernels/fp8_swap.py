@@ -25,9 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import _INTERPRET, _fp8_epilogue
-from kiln.kernels.pdl import prefetch_l2
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 ENABLED = os.environ.get("KILN_FP8_SWAP", "1") != "0"  # 0: the unswapped decode tile
@@ -53,7 +51,7 @@ def _fp8_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
                      HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                      PROMOTE_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
-                     INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                     INTERPRET: tl.constexpr):
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc * x_scale[token] * w_scale[row] (+ bias[row]).
     x [M, K] e4m3fn with per-row scales xs [M]; w [N, K] e4m3fn with scales ws [N]; M <=
@@ -66,15 +64,12 @@ def _fp8_swap_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, 
     mask_t = offs_t < M
     w_rows = w_ptr + offs_w.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xm
-    k_len = K // SPLIT_K
-    k_start = tl.program_id(1) * k_len
-    if PREFETCH > 0:  # the first bytes of the program's weight rows into L2 (KILN_FP8_PREFETCH_MB)
-        prefetch_l2(w_ptr + tl.where(mask_w, offs_w, 0).to(tl.int64) * stride_wn + k_start,
-                    tl.full([BLOCK_W], PREFETCH, tl.int32))
     if PDL:
         gdc_wait()  # x and its scales come from the kernel before
 
     acc = tl.zeros([BLOCK_W, BLOCK_T], dtype=tl.float32)
+    k_len = K // SPLIT_K
+    k_start = tl.program_id(1) * k_len
     for k in range(k_start, k_start + k_len, BLOCK_K):
         if EVEN_K:
             if EVEN_N:
@@ -132,7 +127,5 @@ def swap_fp8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
         x_q, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
         part, split_k_counters(out.device, tiles) if split > 1 else weight_scale, M, N, K,
         x_q.stride(0), weight.stride(0), out.stride(0), **meta, num_warps=num_warps,
-        PREFETCH=pdl.prefetch_bytes(tiles * split, block_w, K // split, pdl.FP8_PREFETCH_MB,
-                                    out.device) if meta["PDL"] and K % 16 == 0 else 0,
         num_stages=num_stages, **({"launch_pdl": True} if meta["PDL"] else {}))
     return out

@@ -41,11 +41,10 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
 from kiln.kernels.gemv_swap_rope import RopeArgs, launch_shape, rope_epilogue, rope_rows
-from kiln.kernels.pdl import prefetch_l2
+from kiln.kernels.pdl import pdl_start
 from kiln.kernels.silu_mul import _act_mul, act_mul_values
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
@@ -160,7 +159,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
                       NORM_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                       SPLIT_K: tl.constexpr, LATE_NORM: tl.constexpr, PRE_PASS: tl.constexpr,
                       INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = 0, GLU: tl.constexpr = 0,
+                      GLU: tl.constexpr = 0,
                       pos_ptr=None, cs_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
                       num_heads=0, num_kv_heads=0, block_size=1, stride_cs=0, stride_cb=0,
                       stride_cslot=0, stride_ch=0, stride_vs=0, stride_vh=0, stride_vd=0,
@@ -168,9 +167,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     """acc[BLOCK_W weight rows, BLOCK_T tokens] over the program's share of K (program_id(1)
     of SPLIT_K), then out[token, row] = acc (+ bias[row]) in out's dtype. K here is the
     GEMM's (the intermediate size I for ACT, x then being [M, 2I]).
-    PDL (launched with PDL): the first PREFETCH bytes of each of the program's weight rows
-    (its share of K) are asked into L2, then the program waits for the kernel before; the
-    weight streams while that kernel runs.
+    PDL (launched with PDL): waits for the kernel before, then lets the one after start.
     GLU (1 SiLU, 2 tanh GELU): w is [2N, K] = [gate | up] and out[token, j] = act(gate_j) *
     up_j for j < N: a program's 64 rows are the 32 gate rows and the 32 up rows of its 32
     columns, and the epilogue rounds both as stored and multiplies them as
@@ -203,12 +200,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     DOT_PREC: tl.constexpr = "ieee" if A_DTYPE == tl.float32 else "tf32"
     k_len = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_start = pid_k * k_len
-    if PREFETCH > 0:
-        prefetch_l2(w_ptr + tl.where(mask_w, offs_w, 0).to(tl.int64) * stride_wn + k_start,
-                    tl.full([BLOCK_W], PREFETCH, tl.int32))
-    if PDL:
-        gdc_wait()  # x (and r) come from the kernel before
-        gdc_launch_dependents()
+    pdl_start(PDL)  # x (and r) come from the kernel before
 
     inv_rms = tl.zeros([BLOCK_T], dtype=tl.float32)
     sq_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -280,8 +272,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
               eps: float = 1e-6, act: int = ACT_NONE, config: SwapConfig | None = None,
               res_out: torch.Tensor | None = None, late_norm: bool = LATE_NORM,
-              pdl_launch: bool | None = None, prefetch_mb: float | None = None,
-              glu: int = ACT_NONE, rope: RopeArgs | None = None
+              pdl_launch: bool | None = None, glu: int = ACT_NONE, rope: RopeArgs | None = None
               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [M, N] = a @ weight^T (+ bias) for M <= 16 rows of x, a = the prologue of x:
     - norm_weight given: a = norm_weight * rms_norm(x (+ residual)); with a residual, the
@@ -293,8 +284,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     rope (with a = x only): weight is the fused QKV one; returns rotary(q) [M, num_heads *
       head_dim], rotary(k) and v written into the caches (kiln.kernels.gemv_swap_rope).
     Rounding as the unfused kernels (module doc); weight [N, K] in x's dtype.
-    pdl_launch (default kiln.kernels.pdl.SWAP_GEMV, on sm_90): launched with PDL, asking L2
-    for prefetch_mb (default KILN_SWAP_PREFETCH_MB) of the weight before it waits."""
+    pdl_launch (default kiln.kernels.pdl.SWAP_GEMV, on sm_90): launched with PDL."""
     M = x.shape[0]
     N, K = weight.shape
     assert 0 < M <= MAX_ROWS, f"the swapped GEMV takes 1-{MAX_ROWS} rows, got {M}"
@@ -328,11 +318,6 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     counters = split_k_counters(x.device, tiles) if split > 1 else out
     late = norm != NORM_NONE and split == 1 and late_norm
     use_pdl = (pdl.SWAP_GEMV if pdl_launch is None else pdl_launch) and pdl.hopper(x)
-    share = K - (split - 1) * triton.cdiv(K, split * block_k) * block_k  # the last split's
-    prefetch = pdl.prefetch_bytes(
-        tiles * split, cfg.block_w, share * weight.element_size(),
-        pdl.SWAP_PREFETCH_MB if prefetch_mb is None else prefetch_mb,
-        x.device) if use_pdl and K % 8 == 0 else 0
     _gemv_swap_kernel[(tiles, split)](
         x, r, norm_weight if norm_weight is not None else weight, ro, weight,
         bias if bias is not None else weight, out, part, counters, M, n_arg, K, x.stride(0),
@@ -342,8 +327,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         NORM_BLOCK=min(4096, triton.next_power_of_2(K)), EVEN_K=K % block_k == 0,
         EVEN_N=n_arg % (cfg.block_w // 2 if glu else cfg.block_w) == 0, SPLIT_K=split,
         LATE_NORM=late,
-        PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl,
-        PREFETCH=prefetch, GLU=glu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **extra, **pdl.launch_args(use_pdl))
+        PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl, GLU=glu,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, **pdl.launch_args(use_pdl))
     return (out, res_out) if norm == NORM_ADD_RMS else out
 

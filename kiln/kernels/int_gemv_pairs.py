@@ -30,11 +30,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
+from kiln.kernels.pdl import pdl_start
 from kiln.kernels.split_k import split_k_buffers
 
 
@@ -71,9 +71,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     PREFETCH, lost at every shape but down, where it tied: eighteenth session.)
     PDL (launched with PDL, KILN_INT_PDL=1): waits for the kernel before, then lets the one
     after start."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step

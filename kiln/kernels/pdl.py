@@ -18,9 +18,8 @@ once. H200, Llama-3.1-8B, batch 1 (128 in / 256 out), alternating in one call: b
 327.4 / 327.5 against 323.7 / 323.8. The custom all-reduce's PDL launch (two GPUs, not
 lent since it was written) stays opt-in: KILN_PDL=1 explicitly. The FP8 GEMM's own PDL
 launch behind its quantization kernel (kiln.kernels.fp8) is separate and on.
-An L2 prefetch of the GEMV's first weight bytes before it waits (KILN_SWAP_PREFETCH_MB,
-KILN_FP8_PREFETCH_MB) made both slower (bf16 8 MB 226.9, 24 MB 213.7; FP8 8 MB 313.9 vs
-323.6): off by default.
+An L2 prefetch of the GEMV's first weight bytes before it waits (cp.async.bulk.prefetch)
+made both slower (bf16 8 MB 226.9, 24 MB 213.7; FP8 8 MB 313.9 vs 323.6) and was removed.
 """
 from __future__ import annotations
 
@@ -32,25 +31,18 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kiln.kernels import num_sms
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # KILN_PDL=0: nothing PDL-launched. The swapped 16-bit decode GEMV (kiln.kernels.gemv_swap)
 # launched with PDL behind the kernels before it (norms, SiLU*mul, decode attention), which
-# let it start at once (KILN_SWAP_PDL=0: not); KILN_SWAP_PREFETCH_MB: the bytes of its
-# weight it asks L2 for before it waits (0: slower at every budget tried).
+# let it start at once (KILN_SWAP_PDL=0: not).
 _ON = os.environ.get("KILN_PDL", "1") != "0"
 ALLREDUCE = os.environ.get("KILN_PDL") == "1"  # the custom all-reduce's: asked for only
 SWAP_GEMV = _ON and os.environ.get("KILN_SWAP_PDL", "1") != "0"
-SWAP_PREFETCH_MB = float(os.environ.get("KILN_SWAP_PREFETCH_MB", "0"))
 # the one-row INT4 GEMV (kiln.kernels.int_gemv_pairs) the same way, and the small kernels'
 # PDL with it in INT4 engines: opt-in until timed (KILN_INT_PDL=1)
 INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "0") == "1"
 # the decode attention PDL-launched behind the rotary + KV write (opt-in until timed)
 ATTENTION = os.environ.get("KILN_ATTN_PDL", "0") == "1"
-# the same for the swapped FP8 GEMM (kiln.kernels.fp8_swap, PDL-launched behind its input's
-# quantization since the 19th session): the L2 prefetch before it waits, opt-in
-FP8_PREFETCH_MB = float(os.environ.get("KILN_FP8_PREFETCH_MB", "0"))
 
 
 @functools.cache
@@ -123,23 +115,3 @@ def pdl_enter(PDL: tl.constexpr, DEPENDENTS: tl.constexpr):
         if DEPENDENTS:
             gdc_launch_dependents()
 
-
-@triton.jit
-def prefetch_l2(row_ptrs, nbytes):
-    """Ask L2 for nbytes at each of row_ptrs (a tensor of pointers, 16-byte aligned; nbytes
-    an int32 tensor like it of multiples of 16): one bulk prefetch
-    (cp.async.bulk.prefetch.L2, sm_90) a pointer, nothing waits for it."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; "
-        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [row_ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def prefetch_bytes(programs: int, block_w: int, share_bytes: int, budget_mb: float,
-                   device: torch.device) -> int:
-    """Bytes of each weight row a PDL-launched program asks L2 for before it waits: the
-    budget spread over the programs of the first wave (two an SM), in whole 128-byte lines,
-    at most the row's share of K (share_bytes)."""
-    first_wave = min(programs, 2 * num_sms(device))
-    per_row = int(budget_mb * 2 ** 20 / (first_wave * block_w)) // 128 * 128
-    return max(0, min(per_row, share_bytes // 16 * 16))
