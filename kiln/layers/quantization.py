@@ -119,8 +119,7 @@ class LinearMethod:
               ) -> torch.Tensor:
         if isinstance(x, PendingInput):  # the norm / activation before left it to us
             return x.linear(layer.weight, bias)
-        if swap_input.PLAIN and layer.weight.shape[0] <= swap_input.MAX_N and \
-                swap_input.takes(x) and layer.weight.dtype == x.dtype:
+        if swap_input.PLAIN and swap_input.weight_takes(layer.weight, x):
             from kiln.kernels import gemv_swap
 
             return gemv_swap.gemv_swap(x, layer.weight, bias)

@@ -135,11 +135,16 @@ def pending_act(x: torch.Tensor, gelu_tanh: bool) -> PendingInput | None:
     return PendingInput(x, act=2 if gelu_tanh else 1)
 
 
+def weight_takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the swapped GEMV takes x's rows against this 16-bit weight (not a vocabulary
+    head's: more than MAX_N rows stay on cuBLAS)."""
+    return weight.dtype == x.dtype and weight.shape[0] <= MAX_N and takes(x)
+
+
 def _plain_16bit(layer: object, x: object) -> bool:
     """An unquantized, unsharded-output layer whose weight and rows the swapped GEMV takes."""
     return isinstance(x, torch.Tensor) and getattr(layer.method, "name", None) == "none" \
-        and not getattr(layer, "gather_output", False) and layer.weight.dtype == x.dtype \
-        and layer.weight.shape[0] <= MAX_N and takes(x)
+        and not getattr(layer, "gather_output", False) and weight_takes(layer.weight, x)
 
 
 def rope_takes(layer: object, x: object) -> bool:
