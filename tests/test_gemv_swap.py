@@ -140,7 +140,7 @@ def test_gpu_gemv_swap_at_8b_shapes(M: int, layer: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["plain", "fused", "pdl", "glu", "rope"])
+@pytest.mark.parametrize("mode", ["plain", "fused", "pdl", "glu", "rope", "all"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoints, tmp_path,
                                                        monkeypatch) -> None:
@@ -152,7 +152,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     with PDL behind the norms, SiLU*mul and decode attention (KILN_SWAP_PDL=1), the decode
     attention PDL-launched too (KILN_ATTN_PDL=1); rope: plain, the QKV GEMV with the rotary
     and KV write in its epilogue (KILN_SWAP_ROPE=1); glu: plain,
-    act(gate) * up in the gate-up GEMV's epilogue (KILN_SWAP_GLU=1)."""
+    act(gate) * up in the gate-up GEMV's epilogue (KILN_SWAP_GLU=1); all: pdl, rope and glu
+    together (the defaults on sm_90)."""
     from kiln.build import build
     from kiln.config import BuildConfig
     from kiln.kernels import gemv_swap, pdl
@@ -179,11 +180,11 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     got = {}
     for on in (False, True):
         monkeypatch.setattr(swap_input, "FUSED", on and mode == "fused")
-        monkeypatch.setattr(swap_input, "PLAIN", on and mode in ("plain", "pdl", "glu", "rope"))
-        monkeypatch.setattr(swap_input, "GLU", on and mode == "glu")
-        monkeypatch.setattr(swap_input, "ROPE", on and mode == "rope")
-        monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode == "pdl")
-        monkeypatch.setattr(pdl, "ATTENTION", on and mode == "pdl")  # KILN_ATTN_PDL too
+        monkeypatch.setattr(swap_input, "PLAIN", on and mode != "fused")
+        monkeypatch.setattr(swap_input, "GLU", on and mode in ("glu", "all"))
+        monkeypatch.setattr(swap_input, "ROPE", on and mode in ("rope", "all"))
+        monkeypatch.setattr(pdl, "SWAP_GEMV", on and mode in ("pdl", "all"))
+        monkeypatch.setattr(pdl, "ATTENTION", on and mode in ("pdl", "all"))  # KILN_ATTN_PDL
         engine = LLMEngine(path, RuntimeConfig(device="cuda"))
         got[on] = run_all(engine, prompts, params, arrivals)
         del engine
@@ -191,8 +192,8 @@ def test_gpu_engine_with_the_swapped_gemv_keeps_tokens(arch, mode, tiny_checkpoi
     assert got[True] == got[False]
     assert 0 in calls
     assert ((1 if arch == "llama" else 2) in calls) == (mode == "fused")
-    assert ((10 if arch == "llama" else 20) in calls) == (mode == "glu")
-    assert (100 in calls) == (mode == "rope")
+    assert ((10 if arch == "llama" else 20) in calls) == (mode in ("glu", "all"))
+    assert (100 in calls) == (mode in ("rope", "all"))
 
 
 def check_plumbing() -> None:
