@@ -101,7 +101,7 @@ def _decode_kernel(
     PREFETCH (1: on): each tile's physical blocks are loaded one tile ahead, so the K / V
     loads of a tile wait on no load of that tile. V_T: V blocks stored transposed
     (paged.load_v_transposed). DEPENDENTS: the swapped GEMV behind it may start at once.
-    PDL (launched with PDL behind the rotary + KV write, KILN_ATTN_PDL=1): waits for it first.
+    PDL (launched with PDL behind the rotary + KV write, KILN_ATTN_PDL=0: not): waits for it first.
     """
     pdl_enter(PDL, DEPENDENTS)
     seq = tl.program_id(0)

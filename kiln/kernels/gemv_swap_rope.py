@@ -9,7 +9,7 @@ rotary(q) to q_out and rotary(k) and v to their paged-cache slots. The rotary + 
 launch after the QKV GEMV is gone.
 
 Heads narrower than 64 come several to a program (all their dims), each pair q, k or v by
-its head. Taken (Attention.fused_qkv, opt-in KILN_SWAP_ROPE=1) where the rotary is full
+its head. Taken (Attention.fused_qkv; KILN_SWAP_ROPE=0: not) where the rotary is full
 (rotary_dim == head_dim; half a multiple of 32, or head_dim dividing 64), the cache is
 16-bit in the model's dtype,
 and keys are rotated before caching (not attention sinks); anything else keeps the

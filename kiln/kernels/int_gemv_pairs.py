@@ -69,7 +69,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     LOOP_STAGES > 1: the K loop software-pipelined by Triton (cp.async LOOP_STAGES - 1
     steps ahead; untimed). (The next step's loads issued first, as _gemv1_kernel's
     PREFETCH, lost at every shape but down, where it tied: eighteenth session.)
-    PDL (launched with PDL, KILN_INT_PDL=1): waits for the kernel before, then lets the one
+    PDL (launched with PDL; KILN_INT_PDL=0: not): waits for the kernel before, then lets the one
     after start."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
