@@ -71,6 +71,36 @@ def test_launch_overrides(monkeypatch) -> None:
     assert not int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4).swap
 
 
+def test_int4_row_tiles(monkeypatch) -> None:
+    """KILN_INT_ROW_TILES=1: the one-row int4 pairs GEMV in the 31st session's sweep
+    winners at the 8B shapes (gate_up 16 x 512 in one split, 2 warps; o and down 64 x 256
+    in 8 splits summed in the kernel, the K loop pipelined), qkv as before; off, the
+    defaults."""
+    from kiln.kernels import int_gemm, int_launch
+
+    cpu = torch.device("cpu")
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+              "down": (4096, 14336)}
+    before = {k: int_gemm.int_gemm_config(1, n, k_, cpu, 4, 128) for k, (n, k_) in
+              shapes.items()}
+    monkeypatch.setattr(int_launch, "ROW_TILES", True)
+    got = {k: int_gemm.int_gemm_config(1, n, k_, cpu, 4, 128) for k, (n, k_) in
+           shapes.items()}
+    assert got["qkv"] == before["qkv"]
+    assert got["gate_up"] == int_gemm.IntGemmConfig(
+        0, 16, 512, 2, 3, split_k=1, factored=True, xvec=True, pairs=True)
+    for name in ("o", "down"):
+        assert got[name] == int_gemm.IntGemmConfig(
+            0, 64, 256, 4, 3, split_k=8, factored=True, xvec=True, fixup=True,
+            pipeline=True, pairs=True), name
+        assert got[name] != before[name]
+    # float16 activations keep the float GEMV's launch, int8 is not taken
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 4, 128, torch.float16) == \
+        int_gemm.IntGemmConfig(0, 64, 128, 4, 3, split_k=8, factored=True, xvec=True,
+                               fixup=True)
+    assert int_gemm.int_gemm_config(1, 4096, 4096, cpu, 8).block_n == 32
+
+
 def test_int_gemm_default_launches(monkeypatch) -> None:
     """The launches measured fastest on an H200 at the 8B shapes (BENCHMARKS.md, fourteenth
     to sixteenth sessions): one row factored with x as vectors (int4 64 x 128 in up to 8 K

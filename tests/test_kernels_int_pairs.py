@@ -65,7 +65,7 @@ def emulate(x: torch.Tensor, weight, scale, offset, bias
 
 def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_bias: bool,
                 fixup: bool, device: str = "cpu", block_n: int = 16, block_k: int = 64,
-                pipeline: bool = False, rows: int = 1) -> None:
+                pipeline: bool = False, rows: int = 1, warps: int = 4) -> None:
     """rows > 1: _gemv_pairs_rows_kernel (K splits by atomics; fixup and pipeline are one
     row's only), every row checked."""
     from kiln.kernels import int_gemm
@@ -77,7 +77,7 @@ def check_pairs(N: int, K: int, group: int, split: int, with_offset: bool, with_
     x = torch.randn(rows, K, device=device).to(torch.bfloat16)
     x[0, 5] = 30.0  # an outlier
     bias = torch.randn(N, device=device).to(torch.bfloat16) if with_bias else None
-    cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split,
+    cfg = int_gemm.IntGemmConfig(0, block_n, block_k, warps, 3, split_k=split,
                                  factored=True, xvec=True, fixup=fixup, pipeline=pipeline,
                                  pairs=True)
     y = int_gemm.int_weight_linear(x, weight, scale, offset, bias, config=cfg)
@@ -108,6 +108,14 @@ def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
     last (fixup); with and without offsets and bias."""
     for split, fixup in ((1, False), (3, False), (3, True)):
         interp(check_pairs, 40, K, group, split, split == 1 or fixup, split == 1, fixup)
+
+
+def test_pairs_gemv_row_tiles(interp) -> None:  # noqa: F811
+    """KILN_INT_ROW_TILES's launches at small shapes: K steps of 512 (four groups of 128
+    a step) in one split on 2 warps; 64 x 256 in splits summed in the kernel with the K
+    loop pipelined."""
+    interp(check_pairs, 40, 1024, 128, 1, True, False, False, "cpu", 16, 512, warps=2)
+    interp(check_pairs, 72, 1536, 128, 3, True, True, True, "cpu", 64, 256, pipeline=True)
 
 
 def check_default_rows(N: int = 64, K: int = 256, device: str = "cpu") -> None:
@@ -279,6 +287,9 @@ def test_gpu_pairs_gemv(N, K) -> None:
     check_pairs(N, K, 128, 8, False, True, True, "cuda", 64, 128)
     check_pairs(N, K, 128, 4, True, False, False, "cuda", 32, 256, pipeline=True)
     check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256)  # one split: no atomics
+    # KILN_INT_ROW_TILES's launches (31st session's sweep)
+    check_pairs(N, K, 128, 1, True, False, False, "cuda", 16, 512, warps=2)
+    check_pairs(N, K, 128, 8, True, False, True, "cuda", 64, 256, pipeline=True)
     for rows in (2, 3, 4):  # the rows kernel (KILN_INT_GEMVN's pairs)
         check_pairs(N, K, 128, 8, True, rows == 3, False, "cuda", 64, 128, rows=rows)
         check_pairs(N, K, 128, 1, True, True, False, "cuda", 32, 256, rows=rows)
@@ -300,15 +311,15 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
               "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
               "count_ptr": "*i32", "N": 4096, "K": K, "W_PER_SPLIT": K // 8 // 4,
               "stride_wn": K // 8, "stride_sn": K // 128}
-    for bn, bk in ((32, 256), (64, 128)):
+    for bn, bk, warps in ((32, 256, 4), (64, 128, 4), (16, 512, 2), (64, 256, 4)):
         for stages in (1, 3):
             meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
-                        GROUPS=1, ATOMIC=False, EVEN_K=True, SPLIT_K=4, INTERPRET=False,
-                        LOOP_STAGES=stages)
-            r = compile_sm90(_gemv1_pairs_kernel, values, meta, 4, 3)
-            assert r.stack_bytes == 0, r
+                        GROUPS=max(1, bk // 128), ATOMIC=False, EVEN_K=True, SPLIT_K=4,
+                        INTERPRET=False, LOOP_STAGES=stages)
+            r = compile_sm90(_gemv1_pairs_kernel, values, meta, warps, 3)
+            assert r.stack_bytes == 0, (bn, bk, stages, r)
             assert (r.instructions["cp.async"] > 0) == (stages > 1), r
-    meta = dict(meta, LOOP_STAGES=1)
+    meta = dict(meta, BLOCK_N=64, BLOCK_K=128, GROUPS=1, LOOP_STAGES=1)
     ptx = _compile(_gemv1_pairs_kernel, values, meta, 4, 3).asm["ptx"]
     assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx
     # launched with PDL (KILN_INT_PDL): it waits for the kernel before, then lets the next go

@@ -37,6 +37,11 @@ class IntGemmConfig:
     pairs: bool = False  # int4 GEMV (1-4 rows), bf16 x: products in bf16 pairs (int_gemv_pairs)
 
 
+# KILN_INT_ROW_TILES=1: the one-row int4 pairs GEMV in the launches of the 31st session's
+# sweep where it beat the default (o, down, gate_up; opt-in until timed in an engine)
+ROW_TILES = os.environ.get("KILN_INT_ROW_TILES") == "1"
+
+
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
                     group: int = 0, dtype: torch.dtype | None = None,
                     pairs_ok: bool = True) -> IntGemmConfig:
@@ -95,11 +100,18 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             # (nineteenth session)
             block_n, block_k, most = (64, 128, 16) if K > 8192 else \
                 (32, 256, 1 if N > 8192 else 4)
+        warps, pipe = 8 if wide else 4, os.environ.get("KILN_INT_PIPELINE") == "1"
+        if pairs and ROW_TILES and (N > 8192 or N <= 4096 or K > 8192):
+            # 31st session's sweep (benchmarks/int4_row_sweep.py, H200, us): gate_up 16 x
+            # 512, 2 warps, one split: 25.1 vs 26.2; o and down 64 x 256 in 8 splits, the
+            # K loop pipelined: 7.6 vs 9.0 and 16.5 vs 17.3; qkv kept (9.5: best)
+            block_n, block_k, most, warps, pipe = (16, 512, 1, 2, False) if N > 8192 else \
+                (64, 256, 8, 4, True)
         split = max(1, min(most, triton.cdiv(K, block_k)))
-        return IntGemmConfig(0, block_n, block_k, 8 if wide else 4, 3, split_k=split,
+        return IntGemmConfig(0, block_n, block_k, warps, 3, split_k=split,
                              prefetch=deep, factored=True, xvec=True,
-                             fixup=split > 1 and N <= 8192, digits=digits,
-                             pipeline=os.environ.get("KILN_INT_PIPELINE") == "1", pairs=pairs)
+                             fixup=split > 1 and N <= 8192, digits=digits, pipeline=pipe,
+                             pairs=pairs)
     if M <= GEMV_ROWS and os.environ.get("KILN_INT_GEMVN"):
         bn, bk, split, warps, stages, *flags = (
             int(v) for v in os.environ["KILN_INT_GEMVN"].split(","))
