@@ -38,6 +38,9 @@ PLAIN = _MODE == "1"
 # attention's PDL 239.2 / 239.3 tok/s against 234.9 / 235.0 without the three
 GLU = os.environ.get("KILN_SWAP_GLU", "1") != "0"
 ROPE = os.environ.get("KILN_SWAP_ROPE", "1") != "0"
+# the same GLU epilogue in the one-row int4 GEMV (IntWeightMethod.apply_glu), opt-in until
+# timed on a GPU: KILN_INT_GLU=1
+INT_GLU = os.environ.get("KILN_INT_GLU") == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
@@ -157,9 +160,15 @@ def glu_linear(layer: object, x: object, act: int, down: object) -> torch.Tensor
     """act(gate) * up of a merged [gate | up] layer at x by the swapped GEMV's GLU epilogue
     (act 1: SiLU, 2: tanh GELU), or None where it does not take x (KILN_SWAP_GLU off, x not
     a decode step's rows on sm_90, a quantized gate-up, or a down projection that wants its
-    input quantized by the activation kernel)."""
-    if not (GLU and PLAIN and _plain_16bit(layer, x)) or down.input_quant() is not None:
+    input quantized by the activation kernel); a one-row int4 gate-up with KILN_INT_GLU=1:
+    its method's apply_glu."""
+    if not isinstance(x, torch.Tensor) or down.input_quant() is not None:
         return None
-    from kiln.kernels import gemv_swap
+    if GLU and PLAIN and _plain_16bit(layer, x):
+        from kiln.kernels import gemv_swap
 
-    return gemv_swap.gemv_swap(x, layer.weight, layer.bias, glu=act)
+        return gemv_swap.gemv_swap(x, layer.weight, layer.bias, glu=act)
+    apply_glu = getattr(layer.method, "apply_glu", None)
+    if INT_GLU and apply_glu is not None and not getattr(layer, "gather_output", False):
+        return apply_glu(layer, x, act)
+    return None

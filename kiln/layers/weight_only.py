@@ -92,6 +92,18 @@ class IntWeightMethod(LinearMethod):
         return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
                                     weight_float, packed)
 
+    def apply_glu(self, layer: LinearBase, x: torch.Tensor, act: int) -> torch.Tensor | None:
+        """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
+        the one-row GEMV's GLU epilogue (act 1: SiLU, 2: tanh GELU), or None where it does
+        not take x (kiln.kernels.int_gemv_pairs.int4_glu)."""
+        if not (self.bits == 4 and x.dim() == 2 and x.shape[0] == 1
+                and x.dtype == torch.bfloat16 and KF._triton(x)):
+            return None
+        from kiln.kernels.int_gemv_pairs import int4_glu
+
+        return int4_glu(x, layer.weight, layer.weight_scale,
+                        layer.weight_offset if self.has_offset else None, layer.bias, act)
+
     def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
               offset: torch.Tensor | None) -> None:
         """Replace the layer's parameters by q (values [out, in]), scale and offset."""
