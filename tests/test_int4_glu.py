@@ -144,3 +144,34 @@ def test_int4_glu_compiles_for_hopper() -> None:
                     INTERPRET=False, PDL=True, GLU=glu)
         r = compile_sm90(_gemv1_pairs_kernel, values, meta, warps, 3)
         assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, (bn, bk, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_int4_engine_with_the_glu_epilogue(tiny_checkpoints, tmp_path, monkeypatch):
+    """A bfloat16 int4 engine (groups of 32) decoding one request at a time through CUDA
+    graphs: with KILN_INT_GLU the epilogue is taken and the greedy tokens are those of the
+    unfused route."""
+    from kiln import LLM, SamplingParams
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from kiln.kernels import int_gemv_pairs
+    from kiln.layers import swap_input
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=32),
+        progress=False)
+    taken, real = [], int_gemv_pairs.int4_glu
+    monkeypatch.setattr(int_gemv_pairs, "int4_glu",
+                        lambda *a: taken.append(a[-1]) or real(*a))
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(swap_input, "INT_GLU", on)
+        llm = LLM(engine_dir, device="cuda")
+        got[on] = [llm.generate([p], params)[0].token_ids
+                   for p in ([5, 6, 7], list(range(10, 40)))]
+        del llm
+        assert bool(taken) == on
+    assert got[True] == got[False]
