@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# For the next device session (one H200; written in the 31st after its device time ran
+# out). The two INT4 opt-ins of the 31st, their GPU tests first, then INT4 batch 1 with
+# each on and off, alternating, twice (~300 s):
+# - KILN_INT_ROW_TILES=1: the one-row pairs GEMV in the launches of the 31st's sweep
+#   (benchmarks/int4_row_sweep.py: gate_up 25.1 vs 26.2 us, o 7.6 vs 9.0, down 16.5 vs 17.3);
+# - KILN_INT_GLU=1: act(gate) * up in the one-row int4 GEMV's epilogue (the SiLU*mul
+#   launch gone; bf16's GLU epilogue gave +0.5%).
+# INT4 batch 1 was 391.1 / 392.0 tok/s in the 31st (the target 450).
+set -u
+export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
+R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
+timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_int4_glu.py \
+  tests/test_kernels_int_pairs.py > $R/tests.log 2>&1; tail -n 3 $R/tests.log; pack
+B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
+  --input-len 128 --output-len 256 --quantization int4_wo --group-size 128 --quantize-lm-head"
+run() { local name=$1; shift
+  env "$@" timeout 70 python3 -m kiln.cli $B --out $R/b1-$name.json > $R/b1-$name.log 2>&1
+  echo "b1 $name ($*)"; grep -h "^kiln" $R/b1-$name.log; pack; }
+for i in 1 2; do
+  run int4-$i A=1; run tiles-$i KILN_INT_ROW_TILES=1; run glu-$i KILN_INT_GLU=1
+  run both-$i KILN_INT_ROW_TILES=1 KILN_INT_GLU=1
+done
