@@ -25,7 +25,7 @@ LAUNCHES = ["", "16,128,1,4,3,0,1,1,0,0,0,1", "32,128,3,4,3,0,1,1,1,0,1,1",
 def check_glu(cols: int, K: int, group: int, launch: str, with_offset: bool, with_bias: bool,
               device: str = "cpu") -> None:
     from kiln.kernels import int_gemm, silu_mul
-    from kiln.kernels.int_gemv_pairs import int4_glu
+    from kiln.kernels.int_gemv_epilogues import int4_glu
 
     if launch:
         os.environ["KILN_INT_GEMV1"] = launch
@@ -56,7 +56,7 @@ def test_int4_glu_epilogue(interp, launch) -> None:  # noqa: F811
 def test_int4_glu_not_taken() -> None:
     """Where the epilogue cannot run the route stays unfused: several rows, an odd row
     count, int8 storage, and a launch that sums its K splits by atomics."""
-    from kiln.kernels.int_gemv_pairs import int4_glu
+    from kiln.kernels.int_gemv_epilogues import int4_glu
 
     weight, scale, offset = _weight(80, 256, 4, 128)
     x = torch.randn(1, 256).to(torch.bfloat16)
@@ -76,15 +76,15 @@ def check_int4_mlp_route() -> None:
     """An int4 gated MLP at one row with KILN_INT_GLU=1 takes the epilogue and gives the
     unfused route's bits (SiLU and tanh GELU); two rows do not take it."""
     from kiln import functional as KF
-    from kiln.kernels import int_gemv_pairs
+    from kiln.kernels import int_gemv_epilogues
     from kiln.layers import swap_input
     from kiln.layers.mlp import GatedMLP
     from kiln.layers.weight_only import IntWeightMethod
 
     torch.manual_seed(3)
     KF._triton = lambda x: True  # CPU tensors, kernels interpreted (this worker only)
-    calls, real = [], int_gemv_pairs.int4_glu
-    int_gemv_pairs.int4_glu = lambda *a: calls.append(a[-1]) or real(*a)
+    calls, real = [], int_gemv_epilogues.int4_glu
+    int_gemv_epilogues.int4_glu = lambda *a: calls.append(a[-1]) or real(*a)
     try:
         for act in ("silu", "gelu_pytorch_tanh"):
             mlp = GatedMLP(256, 128, act=act).to(torch.bfloat16)
@@ -105,7 +105,7 @@ def check_int4_mlp_route() -> None:
             mlp(torch.randn(2, 256).to(torch.bfloat16))
             assert calls == []
     finally:
-        int_gemv_pairs.int4_glu, swap_input.INT_GLU = real, False
+        int_gemv_epilogues.int4_glu, swap_input.INT_GLU = real, False
 
 
 def test_int4_mlp_route(interp) -> None:  # noqa: F811
@@ -148,30 +148,43 @@ def test_int4_glu_compiles_for_hopper() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_int4_engine_with_the_glu_epilogue(tiny_checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["glu", "rope", "both"])
+def test_gpu_int4_engine_with_the_epilogues(mode, tiny_checkpoints, tmp_path, monkeypatch):
     """A bfloat16 int4 engine (groups of 32) decoding one request at a time through CUDA
-    graphs: with KILN_INT_GLU the epilogue is taken and the greedy tokens are those of the
-    unfused route."""
+    graphs: with KILN_INT_GLU / KILN_INT_ROPE the epilogues are taken and the greedy tokens
+    are those of the unfused route."""
     from kiln import LLM, SamplingParams
     from kiln.build import build
     from kiln.config import BuildConfig
-    from kiln.kernels import int_gemv_pairs
+    from kiln.kernels import int_gemv_epilogues as ep
     from kiln.layers import swap_input
 
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=32),
         progress=False)
-    taken, real = [], int_gemv_pairs.int4_glu
-    monkeypatch.setattr(int_gemv_pairs, "int4_glu",
-                        lambda *a: taken.append(a[-1]) or real(*a))
+    taken = []
+
+    def counted(name: str, real):
+        def call(*args):
+            y = real(*args)
+            if y is not None:
+                taken.append(name)
+            return y
+        return call
+
+    for name in ("int4_glu", "int4_rope"):
+        monkeypatch.setattr(ep, name, counted(name, getattr(ep, name)))
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     got = {}
     for on in (False, True):
-        monkeypatch.setattr(swap_input, "INT_GLU", on)
+        monkeypatch.setattr(swap_input, "INT_GLU", on and mode in ("glu", "both"))
+        monkeypatch.setattr(swap_input, "INT_ROPE", on and mode in ("rope", "both"))
+        taken.clear()
         llm = LLM(engine_dir, device="cuda")
         got[on] = [llm.generate([p], params)[0].token_ids
                    for p in ([5, 6, 7], list(range(10, 40)))]
         del llm
-        assert bool(taken) == on
+        assert ("int4_glu" in taken) == (on and mode != "rope"), taken
+        assert ("int4_rope" in taken) == (on and mode != "glu"), taken
     assert got[True] == got[False]

@@ -27,16 +27,21 @@ kiln.kernels.int_pairs_asm.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
 from kiln.kernels import pdl
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
+from kiln.kernels.int_gemv_epilogues import epilogue_rows, epilogue_store, rows_tile
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
 from kiln.kernels.pdl import pdl_start
-from kiln.kernels.silu_mul import act_mul_values
-from kiln.kernels.split_k import split_k_buffers, split_k_fixup
+from kiln.kernels.split_k import split_k_buffers
+
+if TYPE_CHECKING:
+    from kiln.kernels.gemv_swap_rope import RopeArgs
 
 
 @triton.jit
@@ -63,7 +68,11 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         GROUPS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
                         LOOP_STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
-                        GLU: tl.constexpr = 0):
+                        GLU: tl.constexpr = 0,
+                        pos_ptr=None, cs_ptr=None, kc_ptr=None, vc_ptr=None, slot_ptr=None,
+                        num_heads=0, num_kv_heads=0, block_size=1, stride_cs=0,
+                        stride_cb=0, stride_cslot=0, stride_ch=0, stride_vs=0, stride_vh=0,
+                        stride_vd=0, ROPE_HALF: tl.constexpr = 0):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
     in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
@@ -73,15 +82,17 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     PREFETCH, lost at every shape but down, where it tied: eighteenth session.)
     PDL (launched with PDL; KILN_INT_PDL=0: not): waits for the kernel before, then lets the one
     after start. GLU (1: SiLU, 2: tanh GELU): w is [gate | up] (N rows), out [N / 2] =
-    act(gate) * up, a program's rows half gate, half the up rows of the same columns
-    (_glu_tile, _glu_store); not with ATOMIC."""
+    act(gate) * up; ROPE_HALF (head_dim / 2): w is the fused QKV weight, out q's [num_heads
+    * head_dim], rotary and the KV-cache write in the epilogue (kiln.kernels.int_gemv
+    _epilogues: the programs' rows, the stores; not with ATOMIC)."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
     STEP: tl.constexpr = BLOCK_K // 8
-    if GLU != 0:
-        mask_n, rows, s_rows, g, word = _glu_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
+    if GLU != 0 or ROPE_HALF > 0:
+        offs_e, valid_e = epilogue_rows(pid_n, N, BLOCK_N, GLU, ROPE_HALF)
+        mask_n, rows, s_rows, g, word = rows_tile(offs_e, valid_e, stride_sn, GROUPS, WPG)
     else:
         mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
     acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
@@ -97,55 +108,14 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
         if HAS_OFFSET:
             acc += _pair_sum(x0, x1, x2, x3, INTERPRET) * (offset + 8.0 * scale)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if GLU != 0:
-        _glu_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N, BLOCK_N, HAS_BIAS,
-                   SPLIT_K, INTERPRET, GLU)
+    if GLU != 0 or ROPE_HALF > 0:
+        epilogue_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N, BLOCK_N, HAS_BIAS,
+                       SPLIT_K, INTERPRET, GLU, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                       num_heads, num_kv_heads, block_size, stride_cs, stride_cb,
+                       stride_cslot, stride_ch, stride_vs, stride_vh, stride_vd, ROPE_HALF)
     else:
         _gemv1_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, N, BLOCK_N,
                      HAS_BIAS, ATOMIC, SPLIT_K, INTERPRET)
-
-
-@triton.jit
-def _glu_rows(pid_n, N, BLOCK_N: tl.constexpr):
-    """A GLU program's weight rows: BLOCK_N / 2 columns of the gate half of the N rows, then
-    the same columns of the up half; and whether each column is real."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    i = tl.arange(0, BLOCK_N)
-    col = pid_n * HALF + i % HALF
-    return col + (i // HALF) * (N // 2), col < N // 2
-
-
-@triton.jit
-def _glu_tile(pid_n, N, stride_sn, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-              WPG: tl.constexpr):
-    """_word_tile's tuple for a GLU program's rows (_glu_rows)."""
-    offs_n, valid = _glu_rows(pid_n, N, BLOCK_N)
-    rows = offs_n.to(tl.int64)[:, None, None]
-    g = tl.arange(0, GROUPS)[None, :, None]
-    word = g * WPG + tl.arange(0, WPG)[None, None, :]
-    return valid[:, None, None], rows, rows * stride_sn, g, word
-
-
-@triton.jit
-def _glu_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N, BLOCK_N: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-               GLU: tl.constexpr):
-    """A GLU program's sums y [BLOCK_N] (gate, then up rows) out as act(gate) * up in out's
-    dtype, rounded as the GEMV's stored output then kiln's SiLU*mul kernel round them; K
-    splits summed by the last (split_k_fixup)."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    offs_n, valid = _glu_rows(pid_n, N, BLOCK_N)
-    last = True
-    if SPLIT_K > 1:  # each split's partials at the rows' own slots of its [N] workspace
-        y, last = split_k_fixup(y, part_ptr, count_ptr, pid_n, offs_n, valid, N, offs_n,
-                                SPLIT_K, INTERPRET)
-    if last:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=valid, other=0.0).to(tl.float32)
-        yb = y.to(out_ptr.dtype.element_ty)
-        gate, up = tl.split(tl.permute(tl.reshape(yb, [2, HALF]), [1, 0]))
-        cols = pid_n * HALF + tl.arange(0, HALF)
-        tl.store(out_ptr + cols, act_mul_values(gate, up, GLU == 2), mask=cols < N // 2)
 
 
 @triton.jit
@@ -249,24 +219,33 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                offset: torch.Tensor | None, bias: torch.Tensor | None, block_n: int,
                block_k: int, groups: int, k_per_split: int, fixup: bool, num_warps: int,
                num_stages: int, interpret: bool, loop_stages: int = 1,
-               pdl_launch: bool | None = None, glu: int = 0) -> torch.Tensor:
+               pdl_launch: bool | None = None, glu: int = 0,
+               rope: RopeArgs | None = None) -> torch.Tensor:
     """x [M, K] bfloat16 (M <= PAIRS_ROWS) @ dequant(int4 weight)^T -> [M, N] bfloat16
     (_gemv1_pairs_kernel for one row, _gemv_pairs_rows_kernel for more: K splits by
     atomics there; fixup and loop_stages are one row's only). pdl_launch (default
     kiln.kernels.pdl.INT_GEMV, on sm_90): one row without a zeroed workspace launched with
     PDL. glu (1: SiLU, 2: tanh GELU; one row, splits summed in the kernel or one): weight
     is [gate | up] and the result [1, N / 2] = act(x @ gate^T) * (x @ up^T), the bits of
-    this GEMV followed by kiln's SiLU*mul kernel."""
+    this GEMV followed by kiln's SiLU*mul kernel. rope (one row, as glu): weight is the
+    fused QKV one; returns rotary(q) [1, num_heads * head_dim], rotary(k) and v written
+    into the caches, the bits of this GEMV followed by kiln.kernels.rotary_kv."""
     M, K = x.shape
     N = weight.shape[0]
     splits = triton.cdiv(K, k_per_split)
     blocks = triton.cdiv(N // 2, block_n // 2) if glu else triton.cdiv(N, block_n)
     out, part, counters, atomic = split_k_buffers(M, N, splits, blocks, fixup and M == 1,
                                                   x.dtype, x.device)
-    assert not glu or (M == 1 and not atomic and N % 2 == 0 and block_n % 2 == 0), \
-        "the GLU epilogue takes one row, its K splits summed in the kernel"
-    if glu:
-        out = torch.empty(1, N // 2, dtype=x.dtype, device=x.device)
+    extra = {}
+    if glu or rope is not None:
+        assert M == 1 and not atomic and not (glu and rope), \
+            "an epilogue takes one row, its K splits summed in the kernel"
+        assert not glu or (N % 2 == 0 and block_n % 2 == 0)
+        cols = N // 2 if glu else rope.num_heads * rope.cos_sin.shape[1]
+        out = torch.empty(1, cols, dtype=x.dtype, device=x.device)
+        if rope is not None:
+            extra = dict(rope.kernel_args(rope.cos_sin.shape[1]),
+                         ROPE_HALF=rope.cos_sin.shape[1] // 2)
     args = (x.view(torch.int32), weight.view(torch.int32), scale,
             offset if offset is not None else scale, bias if bias is not None else scale, out)
     meta = dict(G=K // scale.shape[1], BLOCK_N=block_n, BLOCK_K=block_k,
@@ -283,34 +262,6 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         _gemv1_pairs_kernel[(blocks, splits)](
             *args, part, counters, N, K, k_per_split // 8, weight.stride(0) // 4,
             scale.stride(0), SPLIT_K=splits if fixup else 1, LOOP_STAGES=loop_stages,
-            PDL=use_pdl, GLU=glu, **meta, **pdl.launch_args(use_pdl))
+            PDL=use_pdl, GLU=glu, **meta, **extra, **pdl.launch_args(use_pdl))
     return out.to(x.dtype) if atomic else out
 
-
-def int4_glu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-             offset: torch.Tensor | None, bias: torch.Tensor | None, act: int
-             ) -> torch.Tensor | None:
-    """act(gate) * up [1, N / 2] of one bfloat16 row x through an int4 [gate | up] weight
-    (uint8 [N, K / 2], kiln.kernels.int_gemm's storage) by the one-row pairs GEMV's GLU
-    epilogue, in the launch kiln makes for the unfused GEMV of that shape; None where that
-    launch is not the pairs GEMV or sums its K splits by atomics."""
-    from kiln.kernels.int_gemm import _INTERPRET, int_gemm_config, split_length
-
-    M, K = x.shape
-    N = weight.shape[0]
-    G = K // scale.shape[1]
-    if M != 1 or weight.dtype != torch.uint8 or N % 2 or x.stride(-1) != 1 or not (
-            weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0
-            and weight.storage_offset() % 4 == 0):
-        return None
-    cfg = int_gemm_config(1, N, K, x.device, 4, G, x.dtype)
-    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    groups = 1 if G % block_k == 0 else block_k // G if block_k % G == 0 and G % 8 == 0 else 0
-    k_per_split = split_length(K, cfg.split_k, block_k)
-    if not (cfg.pairs and not cfg.digits and groups and block_k % 8 == 0
-            and cfg.block_n % 2 == 0 and pairs_eligible(x, 4, G, block_k)
-            and (cfg.fixup or triton.cdiv(K, k_per_split) == 1)):
-        return None
-    return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
-                      k_per_split, cfg.fixup, cfg.num_warps, cfg.num_stages, _INTERPRET,
-                      cfg.num_stages if cfg.pipeline else 1, glu=act)

@@ -139,21 +139,21 @@ class Attention(nn.Module):
     def fused_qkv(self, qkv_proj: nn.Module, x: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor) -> torch.Tensor | None:
         """rotary(q) [T, heads*d] from the QKV GEMV with the rotary and this step's K / V
-        write in its epilogue (kiln.kernels.gemv_swap_rope, KILN_SWAP_ROPE=0: not), or None
-        where it does not take the layer: then qkv_proj and forward() as usual."""
+        write in its epilogue (kiln.kernels.gemv_swap_rope, KILN_SWAP_ROPE=0: not; one-row
+        int4: KILN_INT_ROPE=1), or None where it does not take the layer: then qkv_proj and
+        forward() as usual."""
         from kiln.layers import swap_input
 
-        if not swap_input.rope_takes(qkv_proj, x) or self.rotate_keys or \
-                self.k_scale is not None:
+        route = swap_input.rope_route(qkv_proj, x)
+        if route is None or self.rotate_keys or self.k_scale is not None:
             return None
-        from kiln.kernels import gemv_swap, gemv_swap_rope
+        from kiln.kernels import gemv_swap_rope
 
         if not gemv_swap_rope.takes(self.head_dim, cos_sin, self.k_cache, x.dtype):
             return None
-        rope = gemv_swap_rope.RopeArgs(
+        return route(gemv_swap_rope.RopeArgs(
             positions.contiguous(), cos_sin, self.k_cache, self.v_cache,
-            current_metadata().slot_mapping.contiguous(), self.num_heads, self.num_kv_heads)
-        return gemv_swap.gemv_swap(x, qkv_proj.weight, qkv_proj.bias, rope=rope)
+            current_metadata().slot_mapping.contiguous(), self.num_heads, self.num_kv_heads))
 
     def attend(self, q: torch.Tensor, meta: AttentionMetadata, cos_sin: torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:

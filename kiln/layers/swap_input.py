@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -38,9 +39,11 @@ PLAIN = _MODE == "1"
 # attention's PDL 239.2 / 239.3 tok/s against 234.9 / 235.0 without the three
 GLU = os.environ.get("KILN_SWAP_GLU", "1") != "0"
 ROPE = os.environ.get("KILN_SWAP_ROPE", "1") != "0"
-# the same GLU epilogue in the one-row int4 GEMV (IntWeightMethod.apply_glu), opt-in until
-# timed on a GPU: KILN_INT_GLU=1
+# the same epilogues in the one-row int4 GEMV (kiln.kernels.int_gemv_epilogues through
+# IntWeightMethod.apply_glu / apply_rope), opt-in until timed on a GPU: KILN_INT_GLU=1,
+# KILN_INT_ROPE=1
 INT_GLU = os.environ.get("KILN_INT_GLU") == "1"
+INT_ROPE = os.environ.get("KILN_INT_ROPE") == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
@@ -150,10 +153,21 @@ def _plain_16bit(layer: object, x: object) -> bool:
         and not getattr(layer, "gather_output", False) and weight_takes(layer.weight, x)
 
 
-def rope_takes(layer: object, x: object) -> bool:
-    """Whether the fused QKV layer's GEMV may do the rotary + KV write (KILN_SWAP_ROPE;
-    the rotary and cache are checked by the attention layer)."""
-    return ROPE and PLAIN and _plain_16bit(layer, x)
+def rope_route(layer: object, x: object) -> Callable[[object], torch.Tensor | None] | None:
+    """How the fused QKV layer's GEMV at x may do the rotary + KV write: a function of the
+    kiln.kernels.gemv_swap_rope.RopeArgs that returns rotary(q) (or None where the launch
+    does not take it), or None. The swapped 16-bit GEMV (KILN_SWAP_ROPE), a one-row int4
+    GEMV (KILN_INT_ROPE=1: the method's apply_rope); the attention layer checks the rotary
+    and the cache."""
+    if ROPE and PLAIN and _plain_16bit(layer, x):
+        from kiln.kernels import gemv_swap
+
+        return lambda rope: gemv_swap.gemv_swap(x, layer.weight, layer.bias, rope=rope)
+    apply_rope = getattr(layer.method, "apply_rope", None)
+    if INT_ROPE and apply_rope is not None and isinstance(x, torch.Tensor) and \
+            not getattr(layer, "gather_output", False):
+        return lambda rope: apply_rope(layer, x, rope)
+    return None
 
 
 def glu_linear(layer: object, x: object, act: int, down: object) -> torch.Tensor | None:

@@ -96,13 +96,30 @@ class IntWeightMethod(LinearMethod):
         """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
         the one-row GEMV's GLU epilogue (act 1: SiLU, 2: tanh GELU), or None where it does
         not take x (kiln.kernels.int_gemv_pairs.int4_glu)."""
-        if not (self.bits == 4 and x.dim() == 2 and x.shape[0] == 1
-                and x.dtype == torch.bfloat16 and KF._triton(x)):
+        if not self._one_row(x):
             return None
-        from kiln.kernels.int_gemv_pairs import int4_glu
+        from kiln.kernels.int_gemv_epilogues import int4_glu
 
         return int4_glu(x, layer.weight, layer.weight_scale,
                         layer.weight_offset if self.has_offset else None, layer.bias, act)
+
+    def apply_rope(self, layer: LinearBase, x: torch.Tensor, rope: object
+                   ) -> torch.Tensor | None:
+        """rotary(q) of a fused int4 QKV layer at one bfloat16 row on a GPU, rotary(k) and
+        v written into rope's caches (a kiln.kernels.gemv_swap_rope.RopeArgs), by the
+        one-row GEMV's epilogue; None where it does not take x
+        (kiln.kernels.int_gemv_epilogues.int4_rope)."""
+        if not self._one_row(x):
+            return None
+        from kiln.kernels.int_gemv_epilogues import int4_rope
+
+        return int4_rope(x, layer.weight, layer.weight_scale,
+                         layer.weight_offset if self.has_offset else None, layer.bias, rope)
+
+    def _one_row(self, x: torch.Tensor) -> bool:
+        """One bfloat16 row of int4 on a GPU (or the interpreter): the epilogues' input."""
+        return self.bits == 4 and x.dim() == 2 and x.shape[0] == 1 and \
+            x.dtype == torch.bfloat16 and KF._triton(x)
 
     def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
               offset: torch.Tensor | None) -> None:
