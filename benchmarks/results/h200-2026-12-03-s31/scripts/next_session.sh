@@ -5,7 +5,11 @@
 # - KILN_INT_ROW_TILES=1: the one-row pairs GEMV in the launches of the 31st's sweep
 #   (benchmarks/int4_row_sweep.py: gate_up 25.1 vs 26.2 us, o 7.6 vs 9.0, down 16.5 vs 17.3);
 # - KILN_INT_GLU=1: act(gate) * up in the one-row int4 GEMV's epilogue (the SiLU*mul
-#   launch gone; bf16's GLU epilogue gave +0.5%).
+#   launch gone; bf16's GLU epilogue gave +0.5%);
+# - KILN_INT_ROPE=1: the rotary + KV write in the one-row int4 QKV GEMV's epilogue (bf16's
+#   gave +0.7%).
+# If the three win together and the tests pass: make them the default, then run
+# `bash benchmarks/gpu_suite.sh tests` in the next call.
 # INT4 batch 1 was 391.1 / 392.0 tok/s in the 31st (the target 450). Between the two
 # rounds, two targets not measured since the 19th / 11th session: int4 64 x 512 / 256
 # against bf16 (issue #10: >= bf16; 0.84x then) and bf16 batch-1 decode at a 32k context
@@ -15,16 +19,15 @@ export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/t
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_int4_glu.py \
-  tests/test_kernels_int_pairs.py > $R/tests.log 2>&1; tail -n 3 $R/tests.log; pack
+  tests/test_int4_rope.py tests/test_kernels_int_pairs.py > $R/tests.log 2>&1; tail -n 3 $R/tests.log; pack
 B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
   --input-len 128 --output-len 256 --quantization int4_wo --group-size 128 --quantize-lm-head"
 run() { local name=$1; shift
   env "$@" timeout 70 python3 -m kiln.cli $B --out $R/b1-$name.json > $R/b1-$name.log 2>&1
   echo "b1 $name ($*)"; grep -h "^kiln" $R/b1-$name.log; pack; }
-b1_round() { local i=$1
-  run int4-$i A=1; run tiles-$i KILN_INT_ROW_TILES=1; run glu-$i KILN_INT_GLU=1
-  run both-$i KILN_INT_ROW_TILES=1 KILN_INT_GLU=1; }
-b1_round 1
+ALL="KILN_INT_ROW_TILES=1 KILN_INT_GLU=1 KILN_INT_ROPE=1"
+run int4-1 A=1; run tiles-1 KILN_INT_ROW_TILES=1; run glu-1 KILN_INT_GLU=1
+run rope-1 KILN_INT_ROPE=1; run all-1 $ALL
 T="bench throughput --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
   --input-len 512 --output-len 256 --num-requests 64"
 for q in none int4_wo; do
@@ -34,4 +37,4 @@ done
 timeout 120 python3 -m kiln.cli bench latency --random-config llama-3.1-8b --load-format dummy \
   --input-len 32000 --output-len 128 --num-requests 1 --max-seq-len 32768 \
   --out $R/long-ctx.json > $R/long-ctx.log 2>&1; echo "32k context"; grep -h "^kiln\|HBM" $R/long-ctx.log; pack
-b1_round 2
+run int4-2 A=1; run all-2 $ALL
