@@ -124,26 +124,35 @@ def test_gpu_int4_glu_at_8b_shape(launch) -> None:
     check_glu(40, 1024, 32, launch, False, True, "cuda")
 
 
-def test_int4_glu_compiles_for_hopper() -> None:
-    """The epilogue compiles for sm_90 without spills in kiln's gate-up launches (one
-    split; 16 x 512 on 2 warps) and with splits summed in the kernel, PDL-launched."""
+def compile_epilogue(N: int, K: int, launches, **epilogue) -> None:
+    """The one-row int4 GEMV with an epilogue compiled for sm_90 in each (BLOCK_N, BLOCK_K,
+    warps, K splits) launch, PDL-launched: no spills, the griddepcontrol wait and launch.
+    epilogue: GLU=... or ROPE_HALF=... with the rotary's arguments."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     from kiln.kernels.compile_check import compile_sm90
     from kiln.kernels.int_gemv_pairs import _gemv1_pairs_kernel
 
-    K = 4096
-    values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
-              "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "N": 28672, "K": K, "W_PER_SPLIT": K // 8,
-              "stride_wn": K // 8, "stride_sn": K // 128}
-    for bn, bk, warps, split, glu in ((32, 256, 4, 1, 1), (16, 512, 2, 1, 2),
-                                      (32, 256, 4, 4, 1)):
+    rope = {k: epilogue.pop(k) for k in list(epilogue) if not k.isupper()}
+    for bn, bk, warps, split in launches:
+        values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+                  "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
+                  "count_ptr": "*i32", "N": N, "K": K, "W_PER_SPLIT": K // 8 // split,
+                  "stride_wn": K // 8, "stride_sn": K // 128, **rope}
         meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
                     GROUPS=bk // 128, ATOMIC=False, EVEN_K=True, SPLIT_K=split,
-                    INTERPRET=False, PDL=True, GLU=glu)
+                    INTERPRET=False, PDL=True, **epilogue)
         r = compile_sm90(_gemv1_pairs_kernel, values, meta, warps, 3)
         assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, (bn, bk, r)
+
+
+def test_int4_glu_compiles_for_hopper() -> None:
+    """The epilogue compiles for sm_90 without spills in kiln's gate-up launches (one
+    split; 16 x 512 on 2 warps) and with splits summed in the kernel, PDL-launched; SiLU
+    and tanh GELU."""
+    for glu in (1, 2):
+        compile_epilogue(28672, 4096, ((32, 256, 4, 1), (16, 512, 2, 1), (32, 256, 4, 4)),
+                         GLU=glu)
 
 
 @pytest.mark.gpu

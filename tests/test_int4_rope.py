@@ -164,26 +164,13 @@ def test_int4_rope_route(interp) -> None:  # noqa: F811
 def test_int4_rope_compiles_for_hopper() -> None:
     """The epilogue compiles for sm_90 without spills in the QKV launch (32 rows, 4 K splits
     summed in the kernel) and on 16-row programs, PDL-launched."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
-    from kiln.kernels.compile_check import compile_sm90
-    from kiln.kernels.int_gemv_pairs import _gemv1_pairs_kernel
+    from tests.test_int4_glu import compile_epilogue
 
-    K = 4096
-    values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
-              "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "N": 6144, "K": K, "W_PER_SPLIT": K // 32,
-              "stride_wn": K // 8, "stride_sn": K // 128, "pos_ptr": "*i64",
-              "cs_ptr": "*fp32", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i64",
-              "num_heads": 32, "num_kv_heads": 8, "block_size": 16, "stride_cs": 128,
-              "stride_cb": 16384, "stride_cslot": 1024, "stride_ch": 128,
-              "stride_vs": 1024, "stride_vh": 128, "stride_vd": 1}
-    for bn, bk, split in ((32, 256, 4), (16, 512, 1)):
-        meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
-                    GROUPS=bk // 128, ATOMIC=False, EVEN_K=True, SPLIT_K=split,
-                    INTERPRET=False, PDL=True, ROPE_HALF=64)
-        r = compile_sm90(_gemv1_pairs_kernel, values, meta, 4, 3)
-        assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, (bn, r)
+    compile_epilogue(
+        6144, 4096, ((32, 256, 4, 4), (16, 512, 4, 1)), ROPE_HALF=64, pos_ptr="*i64",
+        cs_ptr="*fp32", kc_ptr="*bf16", vc_ptr="*bf16", slot_ptr="*i64", num_heads=32,
+        num_kv_heads=8, block_size=16, stride_cs=128, stride_cb=16384, stride_cslot=1024,
+        stride_ch=128, stride_vs=1024, stride_vh=128, stride_vd=1)
 
 
 @pytest.mark.gpu
