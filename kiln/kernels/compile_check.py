@@ -53,9 +53,10 @@ class CompileReport:
 
 
 def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_warps: int,
-             num_stages: int, maxnreg: int | None = None) -> Any:
+             num_stages: int, maxnreg: int | None = None, fp_fusion: bool = True) -> Any:
     """The sm_90 compiled kernel; values: argument -> '*dtype' for a pointer or an example
-    number; others -> 4096."""
+    number; others -> 4096. fp_fusion False: the launch option enable_fp_fusion=False (no
+    multiply-add contracted into an FMA)."""
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     constexprs = dict(constexprs)
@@ -84,7 +85,8 @@ def _compile(fn: Any, values: dict[str, Any], constexprs: dict[str, Any], num_wa
     return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages,
-                                   **({"maxnreg": maxnreg} if maxnreg else {})})
+                                   **({"maxnreg": maxnreg} if maxnreg else {}),
+                                   **({} if fp_fusion else {"enable_fp_fusion": False})})
 
 
 def _cuobjdump(kernel: Any, flag: str) -> str:
@@ -127,6 +129,33 @@ def main_loop_sass(fn: Any, values: dict[str, Any], constexprs: dict[str, Any],
     return collections.Counter(
         re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
         for addr, text in lines if loop[0] <= addr <= loop[1])
+
+
+def rotary_launches() -> list[tuple]:
+    """compile_sm90's (kernel, values, constexprs, warps, stages) of the two rotary launches
+    at the Llama-3.1-8B shape: kiln.kernels.rotary_kv's kernel (one token's 32 + 8 heads of
+    128) and the QKV GEMV with the rotary + KV write in its epilogue (gemv_swap, ROPE)."""
+    bf = "*bf16"
+    cfg = gemv_swap.swap_config(1, 6144, 4096)
+    return [(rotary_kv._rotary_kv_kernel, {
+        "q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+        "k_cache_ptr": bf, "v_cache_ptr": bf, "slot_ptr": "*i64", "q_out_ptr": bf,
+        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "num_heads": 32, "num_kv_heads": 8,
+        "half": 64, "block_size": 16, "head_dim_arg": 128, "stride_vd": 1}, {
+        "BLOCK_H": 32, "BLOCK_KH": 8, "BLOCK_D": 64, "BLOCK_P": 0, "PDL": False,
+        "ROTATE_K": True}, 4, 3), (gemv_swap._gemv_swap_kernel, {
+        "x_ptr": bf, "r_ptr": bf, "nw_ptr": bf, "res_out_ptr": bf, "w_ptr": bf,
+        "bias_ptr": bf, "out_ptr": bf, "part_ptr": "*fp32", "count_ptr": "*i32", "M": 3,
+        "eps": 1e-5, "N": 6144, "K": 4096, "stride_xm": 4096, "stride_rm": 4096,
+        "stride_ro": 4096, "stride_wn": 4096, "stride_om": 4096, "pos_ptr": "*i64",
+        "cs_ptr": "*fp32", "kc_ptr": bf, "vc_ptr": bf, "slot_ptr": "*i64", "num_heads": 32,
+        "num_kv_heads": 8, "block_size": 16, "stride_cs": 128, "stride_cb": 16384,
+        "stride_cslot": 1024, "stride_ch": 128, "stride_vs": 1024, "stride_vh": 128,
+        "stride_vd": 1}, {
+        "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
+        "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
+        "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
+        "PDL": True, "ROPE_HALF": 64}, cfg.num_warps, cfg.num_stages)]
 
 
 def reports() -> list[CompileReport]:
@@ -300,18 +329,7 @@ def reports() -> list[CompileReport]:
         "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
         "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
         "PDL": True, "GLU": 1}, cfg.num_warps, cfg.num_stages, variant="GLU"))
-    cfg = gemv_swap.swap_config(1, 6144, 4096)  # QKV with rotary + the KV write (ROPE)
-    out.append(compile_sm90(gemv_swap._gemv_swap_kernel, {
-        **swap, "N": 6144, "K": 4096, "stride_xm": 4096, "stride_rm": 4096,
-        "stride_ro": 4096, "stride_wn": 4096, "stride_om": 4096, "pos_ptr": "*i64",
-        "cs_ptr": "*fp32", "kc_ptr": bf, "vc_ptr": bf, "slot_ptr": "*i64", "num_heads": 32,
-        "num_kv_heads": 8, "block_size": 16, "stride_cs": 128, "stride_cb": 16384,
-        "stride_cslot": 1024, "stride_ch": 128, "stride_vs": 1024, "stride_vh": 128,
-        "stride_vd": 1}, {
-        "NORM": 0, "ACT": 0, "HAS_BIAS": False, "BLOCK_W": 64, "BLOCK_T": 16,
-        "BLOCK_K": cfg.block_k, "NORM_BLOCK": 4096, "EVEN_K": True, "EVEN_N": True,
-        "SPLIT_K": 1, "LATE_NORM": False, "PRE_PASS": False, "INTERPRET": False,
-        "PDL": True, "ROPE_HALF": 64}, cfg.num_warps, cfg.num_stages, variant="ROPE"))
+    out.append(compile_sm90(*rotary_launches()[1], variant="ROPE"))
     # Mixtral-8x7B's up projection (H 4096 -> 2 x 14336), top-2 routing.
     out.append(compile_sm90(moe._moe_gemm_kernel, {
         "a_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sorted_pairs_ptr": "*i32",

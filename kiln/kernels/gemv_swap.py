@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import pdl
+from kiln.kernels import pdl, rotary_kv
 from kiln.kernels.gemv_swap_rope import RopeArgs, launch_shape, rope_epilogue, rope_rows
 from kiln.kernels.pdl import pdl_start
 from kiln.kernels.silu_mul import _act_mul, act_mul_values
@@ -328,6 +328,7 @@ def gemv_swap(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         EVEN_N=n_arg % (cfg.block_w // 2 if glu else cfg.block_w) == 0, SPLIT_K=split,
         LATE_NORM=late,
         PRE_PASS=norm != NORM_NONE and not late, INTERPRET=_INTERPRET, PDL=use_pdl, GLU=glu,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, **pdl.launch_args(use_pdl))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, **pdl.launch_args(use_pdl),
+        **(rotary_kv.NO_FUSION if rope is not None else {}))
     return (out, res_out) if norm == NORM_ADD_RMS else out
 

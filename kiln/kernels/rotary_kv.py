@@ -5,6 +5,8 @@ positions) only copies."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,12 @@ from kiln.kernels.pdl import pdl_start
 FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (the reference saturates to it)
 INT8_MAX = tl.constexpr(127.0)  # symmetric int8
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 half to even
+# The rotation is written with HF's roundings (each product, then the sum, to the model
+# dtype), but compiled with FP fusion (Triton's default) LLVM contracts a product and the sum
+# into one fma.rn.bf16x2: 12-18% of the elements one unit off HF's on an H200 (31st
+# session). KILN_ROTARY_EXACT=1 compiles the rotary launches (this kernel, the QKV GEMV's
+# rotary epilogue) without FP fusion: HF's roundings; opt-in until run on a GPU.
+NO_FUSION = {"enable_fp_fusion": False} if os.environ.get("KILN_ROTARY_EXACT") == "1" else {}
 
 
 @triton.jit
@@ -219,6 +227,6 @@ def rotary_and_write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), head_dim, *v_strides,
         BLOCK_H=block_h, BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_D=block_d,
         BLOCK_P=triton.next_power_of_2(tail) if tail else 0, PDL=use_pdl,
-        ROTATE_K=rotate_k, num_warps=num_warps, **pdl.launch_args(use_pdl),
+        ROTATE_K=rotate_k, num_warps=num_warps, **pdl.launch_args(use_pdl), **NO_FUSION,
     )
     return q_out

@@ -10,6 +10,9 @@
 #   gave +0.7%).
 # If the three win together and the tests pass: make them the default, then run
 # `bash benchmarks/gpu_suite.sh tests` in the next call.
+# Mode b (`next_session.sh b`, ~200 s): KILN_ROTARY_EXACT=1 (the rotary launches compiled
+# without FP fusion, so HF's roundings, not one fma.rn.bf16x2 a product and sum): the 8B
+# rotary tests and rope_diag.py with it, then bf16 batch 1 with it on and off, twice.
 # INT4 batch 1 was 391.1 / 392.0 tok/s in the 31st (the target 450). Between the two
 # rounds, two targets not measured since the 19th / 11th session: int4 64 x 512 / 256
 # against bf16 (issue #10: >= bf16; 0.84x then) and bf16 batch-1 decode at a 32k context
@@ -18,6 +21,20 @@ set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 R=/tmp/r; mkdir -p $R; OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 pack() { tar czf "$OUT/r.tgz" -C /tmp r; }
+if [ "${1:-a}" = b ]; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    tests/test_gemv_swap_epilogues.py -k "rope_at" > $R/tests-b.log 2>&1; tail -n 3 $R/tests-b.log
+  KILN_ROTARY_EXACT=1 timeout 60 python3 benchmarks/results/h200-2026-12-03-s31/scripts/rope_diag.py \
+    > $R/rope_diag_exact.log 2>&1; grep "^M=" $R/rope_diag_exact.log; pack
+  B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
+    --input-len 128 --output-len 256"
+  for i in 1 2; do for e in 0 1; do
+    KILN_ROTARY_EXACT=$e timeout 70 python3 -m kiln.cli $B --out $R/b1-exact$e-$i.json \
+      > $R/b1-exact$e-$i.log 2>&1; echo "b1 KILN_ROTARY_EXACT=$e"; grep -h "^kiln" $R/b1-exact$e-$i.log
+    pack
+  done; done
+  exit 0
+fi
 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_int4_glu.py \
   tests/test_int4_rope.py tests/test_kernels_int_pairs.py > $R/tests.log 2>&1; tail -n 3 $R/tests.log; pack
 B="bench latency --random-config llama-3.1-8b --load-format dummy --max-seq-len 2048 \
