@@ -1,7 +1,8 @@
-"""The one-row int4 GEMV with act(gate) * up in its epilogue (kiln.kernels.int_gemv_pairs
-.int4_glu, opt-in KILN_INT_GLU=1): the bits of the unfused route (the same GEMV storing
-[gate | up], then kiln's SiLU*mul kernel) under the Triton interpreter and on a GPU at the
-8B's gate-up shape, and the gated MLP of an int4 layer routed to it."""
+"""The one-row int4 GEMV with act(gate) * up in its epilogue
+(kiln.kernels.int_gemv_epilogues.int4_glu, opt-in KILN_INT_GLU=1): the bits of the unfused
+route (the same GEMV storing [gate | up], then kiln's SiLU*mul kernel) under the Triton
+interpreter and on a GPU at the 8B's gate-up shape, and the gated MLP of an int4 layer
+routed to it."""
 
 from __future__ import annotations
 

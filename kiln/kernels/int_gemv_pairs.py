@@ -78,13 +78,15 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
     products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32.
     LOOP_STAGES > 1: the K loop software-pipelined by Triton (cp.async LOOP_STAGES - 1
-    steps ahead; untimed). (The next step's loads issued first, as _gemv1_kernel's
-    PREFETCH, lost at every shape but down, where it tied: eighteenth session.)
-    PDL (launched with PDL; KILN_INT_PDL=0: not): waits for the kernel before, then lets the one
-    after start. GLU (1: SiLU, 2: tanh GELU): w is [gate | up] (N rows), out [N / 2] =
-    act(gate) * up; ROPE_HALF (head_dim / 2): w is the fused QKV weight, out q's [num_heads
-    * head_dim], rotary and the KV-cache write in the epilogue (kiln.kernels.int_gemv
-    _epilogues: the programs' rows, the stores; not with ATOMIC)."""
+    steps ahead; the 31st session's sweep: faster at o and down with 8 splits). (The next
+    step's loads issued first, as _gemv1_kernel's PREFETCH, lost at every shape but down,
+    where it tied: eighteenth session.)
+    PDL (launched with PDL; KILN_INT_PDL=0: not): waits for the kernel before, then lets
+    the one after start.
+    Epilogues (kiln.kernels.int_gemv_epilogues; not with ATOMIC): GLU (1: SiLU, 2: tanh
+    GELU), w is [gate | up] (N rows) and out [N / 2] = act(gate) * up; ROPE_HALF (head_dim
+    / 2), w is the fused QKV weight and out q's [num_heads * head_dim], rotary(k) and v
+    written into the caches."""
     pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -95,7 +95,7 @@ class IntWeightMethod(LinearMethod):
     def apply_glu(self, layer: LinearBase, x: torch.Tensor, act: int) -> torch.Tensor | None:
         """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
         the one-row GEMV's GLU epilogue (act 1: SiLU, 2: tanh GELU), or None where it does
-        not take x (kiln.kernels.int_gemv_pairs.int4_glu)."""
+        not take x (kiln.kernels.int_gemv_epilogues.int4_glu)."""
         if not self._one_row(x):
             return None
         from kiln.kernels.int_gemv_epilogues import int4_glu
