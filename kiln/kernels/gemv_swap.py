@@ -45,7 +45,7 @@ import triton.language as tl
 from kiln.kernels import pdl, rotary_kv
 from kiln.kernels.gemv_swap_rope import RopeArgs, launch_shape, rope_epilogue, rope_rows
 from kiln.kernels.pdl import pdl_start
-from kiln.kernels.silu_mul import _act_mul, act_mul_values
+from kiln.kernels.silu_mul import _act_mul, act_mul_values, glu_rows
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -178,10 +178,7 @@ def _gemv_swap_kernel(x_ptr, r_ptr, nw_ptr, res_out_ptr, w_ptr, bias_ptr, out_pt
     pid_k = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_W // 2
     if GLU != 0:  # rows r < HALF: gate, the rest: up, of columns pid_w * HALF + r % HALF
-        rows_in = tl.arange(0, BLOCK_W)
-        cols = pid_w * HALF + rows_in % HALF
-        offs_w = cols + (rows_in // HALF) * N
-        mask_w = cols < N
+        offs_w, mask_w = glu_rows(pid_w, N, BLOCK_W)
     elif ROPE_HALF > 0:  # 32 dims of a head's first half, then the 32 they rotate with
         offs_w = rope_rows(pid_w, ROPE_HALF, BLOCK_W)
         mask_w = offs_w < N

@@ -49,9 +49,14 @@ from kiln.kernels.int_gemv import (
     _int_tile,
 )
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
-from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv
+from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv, pairs_launch, word_aligned
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
-from kiln.kernels.int_launch import GEMV_ROWS, IntGemmConfig, int_gemm_config  # noqa: F401
+from kiln.kernels.int_launch import (  # noqa: F401
+    GEMV_ROWS,
+    IntGemmConfig,
+    int_gemm_config,
+    split_length,
+)
 from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
 from kiln.kernels.split_k import finish_tile, split_k_buffers, split_k_counters, tile_coords
 
@@ -246,11 +251,6 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                 mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
-def split_length(K: int, split_k: int, block_k: int) -> int:
-    """Inputs per split of the GEMV: whole K steps."""
-    return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-
-
 # From this many rows the weight is dequantized into a scratch buffer and multiplied by
 # cuBLAS: the dequantization is then paid once per call instead of once per row tile, and
 # writing and reading the 16-bit copy costs little beside the GEMM's math.
@@ -297,8 +297,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    words = weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
-        weight.storage_offset() % 4 == 0
+    words = word_aligned(weight)
     cfg = config or int_gemm_config(  # the 2-4-row pairs default takes K steps of 128
         M, N, K, x.device, bits, G, x.dtype,
         words and pairs_eligible(x, bits, G, min(128, max(32, triton.next_power_of_2(K)))))
@@ -323,10 +322,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return digits_gemv(x, weight, scale, offset, bias, cfg.block_n,
                            max(1, block_k // (4 * per)), cfg.split_k, cfg.num_warps,
                            cfg.num_stages, cfg.num_stages if cfg.pipeline else 1)
-    if word_gemv and cfg.pairs and pairs_eligible(x, bits, G, block_k):
-        return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
-                          split_length(K, cfg.split_k, block_k), cfg.fixup, cfg.num_warps,
-                          cfg.num_stages, _INTERPRET, cfg.num_stages if cfg.pipeline else 1)
+    launch = pairs_launch(x, scale, cfg, bits, words)
+    if launch is not None:
+        return pairs_gemv(x, weight, scale, offset, bias, *launch)
     if word_gemv and M == 1:
         k_per_split = split_length(K, cfg.split_k, block_k)
         splits = triton.cdiv(K, k_per_split)

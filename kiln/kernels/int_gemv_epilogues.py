@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.gemv_swap_rope import rope_epilogue, rope_rows
-from kiln.kernels.silu_mul import act_mul_values
+from kiln.kernels.silu_mul import act_mul_values, glu_rows
 from kiln.kernels.split_k import split_k_fixup
 
 if TYPE_CHECKING:
@@ -37,11 +37,7 @@ def epilogue_rows(pid_n, N, BLOCK_N: tl.constexpr, GLU: tl.constexpr,
     """A program's BLOCK_N weight rows (of N) and whether each is real: GLU, BLOCK_N / 2
     columns of the gate half then the same of the up half; ROPE_HALF, rope_rows."""
     if GLU != 0:
-        HALF: tl.constexpr = BLOCK_N // 2
-        i = tl.arange(0, BLOCK_N)
-        col = pid_n * HALF + i % HALF
-        offs = col + (i // HALF) * (N // 2)
-        valid = col < N // 2
+        offs, valid = glu_rows(pid_n, N // 2, BLOCK_N)
     else:
         offs = rope_rows(pid_n, ROPE_HALF, BLOCK_N)
         valid = offs < N
@@ -90,38 +86,26 @@ def epilogue_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N,
 
 def _one_row_launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                     ) -> tuple | None:
-    """(config, block_k, groups, inputs per split) of the launch kiln makes for the unfused
-    one-row int4 GEMV of x and this weight, where it is the pairs GEMV and sums its K
-    splits in the kernel; else None."""
-    from kiln.kernels.int_gemm import int_gemm_config, split_length
-    from kiln.kernels.int_gemv_pairs import pairs_eligible
+    """pairs_gemv's launch arguments (kiln.kernels.int_gemm.pairs_launch) of the launch
+    kiln makes for the unfused one-row int4 GEMV of x and this weight, where it is the
+    pairs GEMV and sums its K splits in the kernel; else None."""
+    from kiln.kernels.int_gemv_pairs import pairs_launch, word_aligned
+    from kiln.kernels.int_launch import int_gemm_config
 
     M, K = x.shape
-    N = weight.shape[0]
-    G = K // scale.shape[1]
-    if M != 1 or weight.dtype != torch.uint8 or x.stride(-1) != 1 or not (
-            weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0
-            and weight.storage_offset() % 4 == 0):
+    if M != 1 or weight.dtype != torch.uint8 or x.stride(-1) != 1:
         return None
-    cfg = int_gemm_config(1, N, K, x.device, 4, G, x.dtype)
-    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    groups = 1 if G % block_k == 0 else block_k // G if block_k % G == 0 and G % 8 == 0 else 0
-    k_per_split = split_length(K, cfg.split_k, block_k)
-    if not (cfg.pairs and not cfg.digits and groups and block_k % 8 == 0
-            and pairs_eligible(x, 4, G, block_k)
-            and (cfg.fixup or triton.cdiv(K, k_per_split) == 1)):
+    cfg = int_gemm_config(1, weight.shape[0], K, x.device, 4, K // scale.shape[1], x.dtype)
+    launch = None if cfg.digits else pairs_launch(x, scale, cfg, 4, word_aligned(weight))
+    if launch is None or not (cfg.fixup or triton.cdiv(K, launch[3]) == 1):
         return None
-    return cfg, block_k, groups, k_per_split
+    return launch
 
 
 def _launch(x, weight, scale, offset, bias, launch, **epilogue) -> torch.Tensor:
-    from kiln.kernels.int_gemm import _INTERPRET
     from kiln.kernels.int_gemv_pairs import pairs_gemv
 
-    cfg, block_k, groups, k_per_split = launch
-    return pairs_gemv(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
-                      k_per_split, cfg.fixup, cfg.num_warps, cfg.num_stages, _INTERPRET,
-                      cfg.num_stages if cfg.pipeline else 1, **epilogue)
+    return pairs_gemv(x, weight, scale, offset, bias, *launch, **epilogue)
 
 
 def int4_glu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -131,7 +115,7 @@ def int4_glu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     (uint8 [N, K / 2], kiln.kernels.int_gemm's storage; act 1: SiLU, 2: tanh GELU), or None
     where the epilogue does not take the launch (_one_row_launch, odd rows)."""
     launch = _one_row_launch(x, weight, scale)
-    if launch is None or weight.shape[0] % 2 or launch[0].block_n % 2:
+    if launch is None or weight.shape[0] % 2 or launch[0] % 2:  # launch[0]: block_n
         return None
     return _launch(x, weight, scale, offset, bias, launch, glu=act)
 
@@ -147,7 +131,7 @@ def int4_rope(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     head_dim = rope.cos_sin.shape[1]
     if launch is None:
         return None
-    block_n = launch[0].block_n
+    block_n = launch[0]
     if weight.shape[0] != (rope.num_heads + 2 * rope.num_kv_heads) * head_dim or not (
             (head_dim // 2) % (block_n // 2) == 0 or block_n % head_dim == 0):
         return None

@@ -27,6 +27,7 @@ kiln.kernels.int_pairs_asm.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,9 +37,12 @@ import triton.language as tl
 from kiln.kernels import pdl
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
 from kiln.kernels.int_gemv_epilogues import epilogue_rows, epilogue_store, rows_tile
+from kiln.kernels.int_launch import IntGemmConfig, split_length
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
 from kiln.kernels.pdl import pdl_start
 from kiln.kernels.split_k import split_k_buffers
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 if TYPE_CHECKING:
     from kiln.kernels.gemv_swap_rope import RopeArgs
@@ -215,6 +219,30 @@ def pairs_eligible(x: torch.Tensor, bits: int, G: int, block_k: int) -> bool:
         (x.shape[0] == 1 or x.stride(0) % 2 == 0) and x.storage_offset() % 2 == 0 and \
         block_k % 8 == 0 and \
         (G % block_k == 0 or (block_k % G == 0 and G % 8 == 0))
+
+
+def word_aligned(weight: torch.Tensor) -> bool:
+    """Whether the packed weight reads as 32-bit words (the word GEMVs')."""
+    return weight.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and \
+        weight.storage_offset() % 4 == 0
+
+
+def pairs_launch(x: torch.Tensor, scale: torch.Tensor, cfg: IntGemmConfig, bits: int,
+                 words: bool) -> tuple | None:
+    """pairs_gemv's arguments after (x, weight, scale, offset, bias) for the GEMV launch cfg
+    (block_n, block_k, groups, inputs a split, fixup, warps, stages, interpret, loop
+    stages), or None where it is not the pairs GEMV: cfg asks for another, or x and the
+    weight (words: word_aligned) do not take it (pairs_eligible; K steps of whole groups
+    of whole words)."""
+    K = x.shape[1]
+    G = K // scale.shape[1]
+    block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
+    groups = 1 if G % block_k == 0 else block_k // G if block_k % G == 0 and G % 8 == 0 else 0
+    if not (cfg.pairs and cfg.block_m == 0 and words and block_k % 8 == 0 and groups
+            and pairs_eligible(x, bits, G, block_k)):
+        return None
+    return (cfg.block_n, block_k, groups, split_length(K, cfg.split_k, block_k), cfg.fixup,
+            cfg.num_warps, cfg.num_stages, _INTERPRET, cfg.num_stages if cfg.pipeline else 1)
 
 
 def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

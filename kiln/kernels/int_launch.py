@@ -191,3 +191,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
         return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
                              factored=factored, digits=digits)
     return IntGemmConfig(128, 128, 64, 8, 3)
+
+
+def split_length(K: int, split_k: int, block_k: int) -> int:
+    """Inputs per split of the GEMV: whole K steps."""
+    return triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k

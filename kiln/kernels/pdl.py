@@ -16,7 +16,11 @@ once. H200, Llama-3.1-8B, batch 1 (128 in / 256 out), alternating in one call: b
 / 238.1 tok/s against 228.4 / 228.5 with neither; the small kernels alone 225.0 / 225.1
 (the 22nd session measured them alone within the noise, 215.78 vs 215.23); FP8 + FP8 KV
 327.4 / 327.5 against 323.7 / 323.8. The custom all-reduce's PDL launch (two GPUs, not
-lent since it was written) stays opt-in: KILN_PDL=1 explicitly. The FP8 GEMM's own PDL
+lent since it was written) stays opt-in: KILN_PDL=1 explicitly. Since the 31st session
+the decode attention (KILN_ATTN_PDL=0: not) and the one-row INT4 GEMV (KILN_INT_PDL=0: not;
+the small kernels then take part in INT4 engines too) are PDL-launched as well: bf16 batch
+1 with the GEMV epilogues 239.2 / 239.3 against 234.9 / 235.0, INT4 387.6 / 387.9 against
+370.4 / 372.0, FP8 342.3 against 337.0. The FP8 GEMM's own PDL
 launch behind its quantization kernel (kiln.kernels.fp8) is separate and on.
 An L2 prefetch of the GEMV's first weight bytes before it waits (cp.async.bulk.prefetch)
 made both slower (bf16 8 MB 226.9, 24 MB 213.7; FP8 8 MB 313.9 vs 323.6) and was removed.

@@ -32,6 +32,17 @@ def _act_mul(row, cols, mask, inter, GELU_TANH: tl.constexpr):
 
 
 @triton.jit
+def glu_rows(pid, cols, BLOCK: tl.constexpr):
+    """A GLU program's BLOCK rows of a [gate | up] weight of 2 * cols rows (the fused
+    epilogues of the decode GEMVs): the gate rows of BLOCK / 2 columns, then the up rows of
+    the same columns; and whether each column is real."""
+    HALF: tl.constexpr = BLOCK // 2
+    i = tl.arange(0, BLOCK)
+    col = pid * HALF + i % HALF
+    return col + (i // HALF) * cols, col < cols
+
+
+@triton.jit
 def act_mul_values(gate, up, GELU_TANH: tl.constexpr):
     """act(gate) * up of gate and up as stored (16-bit), the activation rounded to their
     dtype before the product, the result too."""
