@@ -11,6 +11,7 @@
     SWEEP_DTYPES=bf16,fp8,int8 ...                            # cache dtypes (int8 too)
     SWEEP_SPLITS=8 SWEEP_SHAPES="1x256;1x512" ...   # context splits as the engine takes them
                                       # at batch 1 with a 2048-token limit (default: from ctx)
+    SWEEP_BS=64 ...                         # tokens a cache block (kiln build --block-size)
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -36,7 +37,8 @@ from triton.testing import do_bench
 
 from kiln.kernels.attention_decode import decode_config, paged_attention_decode
 
-HEADS, KV_HEADS, D, BS = 32, 8, 128, 16
+HEADS, KV_HEADS, D = 32, 8, 128
+BS = int(os.environ.get("SWEEP_BS", "16"))  # tokens a cache block (the engine's default: 16)
 SHAPES = [(512, 1536), (256, 1024), (64, 8192), (1, 1024)]
 # SWEEP_SHAPES="496x192;496x128": other (batch, context) pairs (e.g. 128 / 128's decode)
 if os.environ.get("SWEEP_SHAPES"):
@@ -100,7 +102,7 @@ def main() -> None:
                 print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
             row = dict(batch=batch, ctx=ctx, layout=layout, dtype=name, e4m3_mode=mode,
-                       splits=SPLITS,
+                       splits=SPLITS, block_size=BS,
                        block_n=block_n, stages=stages, warps=warps, maxnreg=cap,
                        prefetch=decode_config(dt, D)[3] if pre is None else pre,
                        heads_per_program=per, ms=ms,

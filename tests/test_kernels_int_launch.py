@@ -72,15 +72,16 @@ def test_launch_overrides(monkeypatch) -> None:
 
 
 def test_int4_row_tiles(monkeypatch) -> None:
-    """KILN_INT_ROW_TILES=1: the one-row int4 pairs GEMV in the 31st session's sweep
-    winners at the 8B shapes (gate_up 16 x 512 in one split, 2 warps; o and down 64 x 256
-    in 8 splits summed in the kernel, the K loop pipelined), qkv as before; off, the
-    defaults."""
+    """KILN_INT_ROW_TILES (the default since the 32nd session): the one-row int4 pairs GEMV
+    in the 31st session's sweep winners at the 8B shapes (gate_up 16 x 512 in one split,
+    2 warps; o and down 64 x 256 in 8 splits summed in the kernel, the K loop pipelined),
+    qkv as before; off (KILN_INT_ROW_TILES=0), the older launches."""
     from kiln.kernels import int_gemm, int_launch
 
     cpu = torch.device("cpu")
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
               "down": (4096, 14336)}
+    monkeypatch.setattr(int_launch, "ROW_TILES", False)
     before = {k: int_gemm.int_gemm_config(1, n, k_, cpu, 4, 128) for k, (n, k_) in
               shapes.items()}
     monkeypatch.setattr(int_launch, "ROW_TILES", True)
@@ -106,10 +107,12 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
     to sixteenth sessions): one row factored with x as vectors (int4 64 x 128 in up to 8 K
     splits, int8 32 x 256 in 4, summed in the kernel where N is small); decode batches in
     tiles, two K splits where each keeps 8 K steps."""
-    from kiln.kernels import int_gemm
+    from kiln.kernels import int_gemm, int_launch
 
     cuda = torch.device("cuda")
     cfg = int_gemm.int_gemm_config
+    # the one-row int4 pairs launches before KILN_INT_ROW_TILES (its: test_int4_row_tiles)
+    monkeypatch.setattr(int_launch, "ROW_TILES", False)
     assert cfg(1, 4096, 4096, cuda, 4) == int_gemm.IntGemmConfig(  # int4, bf16 x: pairs
         0, 32, 256, 4, 3, split_k=4, factored=True, xvec=True, fixup=True, pairs=True)
     assert cfg(1, 4096, 14336, cuda, 4) == int_gemm.IntGemmConfig(
@@ -198,7 +201,7 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
     assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
 
 
-def test_compiles_for_hopper() -> None:
+def test_compiles_for_hopper(monkeypatch) -> None:
     """The launches int_weight_linear makes on an H200 (132 SMs) at a Llama-3.1-8B shape
     compile for sm_90: the GEMV without spills, tl.dot tiles on tensor cores (wgmma from
     64 rows). Measured: 96-224 registers, no stack, but 8 bytes of stack for int4 at 16
@@ -210,6 +213,9 @@ def test_compiles_for_hopper() -> None:
     from kiln.kernels import int_gemm
     from kiln.kernels.compile_check import compile_sm90
 
+    # the float GEMV's launches (the int4 pairs GEMV's, KILN_INT_ROW_TILES's included: in
+    # test_kernels_int_pairs)
+    monkeypatch.setenv("KILN_INT_PAIRS", "0")
     N = K = 4096
     for M in (1, 4, 16, 64, 300):
         for bits in (4, 8):  # in groups of 128 (int8 per channel: the digit tiles, below)

@@ -1,11 +1,11 @@
 """Epilogues of the one-row int4 GEMV (kiln.kernels.int_gemv_pairs) at batch-1 decode, each
 saving the launch that follows the unfused GEMV, with its bits:
 
-- GLU (`int4_glu`, KILN_INT_GLU=1): the merged [gate | up] weight; a program's rows are
+- GLU (`int4_glu`, KILN_INT_GLU=0: not): the merged [gate | up] weight; a program's rows are
   BLOCK_N / 2 gate rows and the up rows of the same columns, and the epilogue stores
   act(gate) * up rounded as kiln's SiLU*mul kernel rounds the stored GEMM
   (kiln.kernels.silu_mul.act_mul_values);
-- rotary + KV write (`int4_rope`, KILN_INT_ROPE=1): the fused QKV weight; a program's rows
+- rotary + KV write (`int4_rope`, KILN_INT_ROPE=0: not): the fused QKV weight; a program's rows
   are dims of a head's first half and the dims they rotate with
   (kiln.kernels.gemv_swap_rope.rope_rows), and the epilogue stores rotary(q) and writes
   rotary(k) and v into the paged caches as kiln.kernels.rotary_kv does.

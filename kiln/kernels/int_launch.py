@@ -37,9 +37,10 @@ class IntGemmConfig:
     pairs: bool = False  # int4 GEMV (1-4 rows), bf16 x: products in bf16 pairs (int_gemv_pairs)
 
 
-# KILN_INT_ROW_TILES=1: the one-row int4 pairs GEMV in the launches of the 31st session's
-# sweep where it beat the default (o, down, gate_up; opt-in until timed in an engine)
-ROW_TILES = os.environ.get("KILN_INT_ROW_TILES") == "1"
+# The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
+# older default (o, down, gate_up; KILN_INT_ROW_TILES=0: not). INT4 batch 1 on an H200 (32nd
+# session): 399.7 tok/s against 392.1 / 392.3 without
+ROW_TILES = os.environ.get("KILN_INT_ROW_TILES", "1") != "0"
 
 
 def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,

@@ -140,7 +140,7 @@ class Attention(nn.Module):
                   cos_sin: torch.Tensor) -> torch.Tensor | None:
         """rotary(q) [T, heads*d] from the QKV GEMV with the rotary and this step's K / V
         write in its epilogue (kiln.kernels.gemv_swap_rope, KILN_SWAP_ROPE=0: not; one-row
-        int4: KILN_INT_ROPE=1), or None where it does not take the layer: then qkv_proj and
+        int4: KILN_INT_ROPE=0: not), or None where it does not take the layer: then qkv_proj and
         forward() as usual."""
         from kiln.layers import swap_input
 

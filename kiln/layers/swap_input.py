@@ -40,10 +40,11 @@ PLAIN = _MODE == "1"
 GLU = os.environ.get("KILN_SWAP_GLU", "1") != "0"
 ROPE = os.environ.get("KILN_SWAP_ROPE", "1") != "0"
 # the same epilogues in the one-row int4 GEMV (kiln.kernels.int_gemv_epilogues through
-# IntWeightMethod.apply_glu / apply_rope), opt-in until timed on a GPU: KILN_INT_GLU=1,
-# KILN_INT_ROPE=1
-INT_GLU = os.environ.get("KILN_INT_GLU") == "1"
-INT_ROPE = os.environ.get("KILN_INT_ROPE") == "1"
+# IntWeightMethod.apply_glu / apply_rope; KILN_INT_GLU=0 / KILN_INT_ROPE=0: not). INT4 batch
+# 1 on an H200 (32nd session), with KILN_INT_ROW_TILES's launches: 402.9 / 402.7 tok/s
+# against 399.7 with the row tiles alone
+INT_GLU = os.environ.get("KILN_INT_GLU", "1") != "0"
+INT_ROPE = os.environ.get("KILN_INT_ROPE", "1") != "0"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}
@@ -157,7 +158,7 @@ def rope_route(layer: object, x: object) -> Callable[[object], torch.Tensor | No
     """How the fused QKV layer's GEMV at x may do the rotary + KV write: a function of the
     kiln.kernels.gemv_swap_rope.RopeArgs that returns rotary(q) (or None where the launch
     does not take it), or None. The swapped 16-bit GEMV (KILN_SWAP_ROPE), a one-row int4
-    GEMV (KILN_INT_ROPE=1: the method's apply_rope); the attention layer checks the rotary
+    GEMV (KILN_INT_ROPE=0: not; the method's apply_rope); the attention layer checks the rotary
     and the cache."""
     if ROPE and PLAIN and _plain_16bit(layer, x):
         from kiln.kernels import gemv_swap
@@ -174,8 +175,8 @@ def glu_linear(layer: object, x: object, act: int, down: object) -> torch.Tensor
     """act(gate) * up of a merged [gate | up] layer at x by the swapped GEMV's GLU epilogue
     (act 1: SiLU, 2: tanh GELU), or None where it does not take x (KILN_SWAP_GLU off, x not
     a decode step's rows on sm_90, a quantized gate-up, or a down projection that wants its
-    input quantized by the activation kernel); a one-row int4 gate-up with KILN_INT_GLU=1:
-    its method's apply_glu."""
+    input quantized by the activation kernel); a one-row int4 gate-up (KILN_INT_GLU=0:
+    not): its method's apply_glu."""
     if not isinstance(x, torch.Tensor) or down.input_quant() is not None:
         return None
     if GLU and PLAIN and _plain_16bit(layer, x):
