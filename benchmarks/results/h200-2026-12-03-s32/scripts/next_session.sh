@@ -23,6 +23,9 @@ for i in 1 2; do for v in "0 32" "1 32" "1 64"; do set -- $v
     --out $OUT/long-t$1-s$2-$i.json > $OUT/long-t$1-s$2-$i.log 2>&1
   echo "32k, long tiles $1, max splits $2"; grep -h "^kiln\|HBM" $OUT/long-t$1-s$2-$i.log
 done; done
+# the same on 64-token cache blocks (cut off in the 32nd's call 4)
+timeout 90 python3 -m kiln.cli $L --block-size 64 --out $OUT/long-bs64.json > $OUT/long-bs64.log 2>&1
+echo "32k, 64-token blocks"; grep -h "^kiln\|HBM" $OUT/long-bs64.log
 # int4 at 64 rows (issue #10's batch-64 row, 0.83x): where a layer's time goes now, the
 # magic launches against bf16 cuBLAS (~40 s)
 timeout 120 python3 benchmarks/int_batch_bench.py $OUT/int-batch64.json --rows 64 --bits 4 \
