@@ -175,6 +175,29 @@ def test_decode_attention_fused_reduce(batch: int, max_ctx: int) -> None:
             assert torch.equal(captured, fused)
 
 
+@pytest.mark.parametrize("splits", [None, 64])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_attention_long_tiles(monkeypatch, batch: int, splits: int | None) -> None:
+    """KILN_DECODE_LONG_TILES=1 at a 32k context (32 splits of 1,024 keys, the engine's at
+    batch 1 with --max-seq-len 32768, or 64 of 512: not taken): 128-key tiles against the
+    reference and the default launch."""
+    from kiln.kernels import attention_decode
+
+    seq_lens = [32000, 17, 20001][:batch]
+    q, k_cache, v_cache, tables, _ = _paged(seq_lens, [1] * batch, 32768 // BLOCK_SIZE)
+    lens = torch.tensor(seq_lens, device="cuda").int()
+    scale = HEAD_DIM ** -0.5
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, list(range(batch + 1)),
+                                   seq_lens, scale)
+    plain = attention_decode.paged_attention_decode(q, k_cache, v_cache, tables, lens, scale,
+                                                    num_splits=splits)
+    monkeypatch.setattr(attention_decode, "LONG_TILES", True)
+    out = attention_decode.paged_attention_decode(q, k_cache, v_cache, tables, lens, scale,
+                                                  num_splits=splits)
+    _close("decode, long tiles", out, expected, **ATTN)
+    torch.testing.assert_close(out, plain, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("heads_per_program", [2, 8])
 def test_decode_attention_heads_per_program(heads_per_program: int) -> None:
     """Several KV heads a program (short contexts, as in 128 / 128 throughput): 300

@@ -11,6 +11,8 @@
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_gpu.py \
+  -k long_tiles > $OUT/tests-long.log 2>&1; tail -n 3 $OUT/tests-long.log
 export SWEEP_SHAPES=1x32000 SWEEP_DTYPES=bf16 SWEEP_LAYOUTS=nhd \
   SWEEP_CONFIGS="64,2,4;128,3,4;128,4,4;128,2,8"
 for sp in 32 64; do
