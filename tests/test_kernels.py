@@ -614,3 +614,13 @@ def test_decode_long_tiles(interp, monkeypatch) -> None:
     assert cfg(torch.bfloat16, 128) == (64, 2, 4, 0)  # one split
     assert cfg(torch.int8, 128, split_tokens=4096) == (64, 2, 4, 0)  # 1-byte: not taken
     interp(check_decode_long_tiles)
+
+
+def test_decode_max_splits_setting() -> None:
+    """KILN_DECODE_MAX_SPLITS: 32 unless set, another power of two, else one clear error."""
+    from kiln.kernels.attention_decode import _max_splits
+
+    assert _max_splits("") == 32 and _max_splits("64") == 64
+    for bad in ("48", "0", "512", "x"):
+        with pytest.raises(ValueError, match="a power of two from 1 to 256"):
+            _max_splits(bad)

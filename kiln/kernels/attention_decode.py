@@ -45,7 +45,6 @@ from kiln.kernels.split_k import split_k_counters
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_TOKENS_PER_SPLIT = 256
-MAX_SPLITS = 32  # KILN_DECODE_MAX_SPLITS (below, checked): another power of two
 # KILN_DECODE_LONG_TILES=1: 16-bit caches take 128-key tiles, 3 stages, 4 warps where a
 # split gets >= 1024 keys (batch 1 in a 32k engine). 32nd session, H200, bf16, 1 x 32,000
 # keys in 16 splits: 54.0 us against 72.5 for the default 64 / 2 / 4 (2,429 vs 1,807
@@ -70,12 +69,18 @@ def _register_cap(text: str) -> int | None:
     return int(text)
 
 
+def _max_splits(text: str) -> int:
+    """KILN_DECODE_MAX_SPLITS: the most context splits decode attention takes (default 32),
+    a power of two."""
+    if not text:
+        return 32
+    if not text.isdigit() or not 1 <= int(text) <= 256 or int(text) & (int(text) - 1):
+        raise ValueError(f"KILN_DECODE_MAX_SPLITS={text!r}: a power of two from 1 to 256")
+    return int(text)
+
+
 KV8_MAXNREG = _register_cap(os.environ.get("KILN_KV8_DECODE_MAXNREG", ""))
-_splits = os.environ.get("KILN_DECODE_MAX_SPLITS", "")
-if _splits:
-    if not _splits.isdigit() or not 1 <= int(_splits) <= 256 or int(_splits) & (int(_splits) - 1):
-        raise ValueError(f"KILN_DECODE_MAX_SPLITS={_splits!r}: a power of two from 1 to 256")
-    MAX_SPLITS = int(_splits)
+MAX_SPLITS = _max_splits(os.environ.get("KILN_DECODE_MAX_SPLITS", ""))
 # KILN_DECODE_HEADS_PER_PROGRAM=N: several KV heads a program where the batch fills the GPU
 # without splits (kiln.kernels.attention_decode_heads); an experiment knob, untimed.
 HEADS_PER_PROGRAM = int(os.environ.get("KILN_DECODE_HEADS_PER_PROGRAM", "1") or 1)
