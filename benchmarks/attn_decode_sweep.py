@@ -108,6 +108,9 @@ def main() -> None:
                        heads_per_program=per, ms=ms,
                        gbps=nbytes / ms / 1e6)
             rows.append(row)
+            print(f"  B={batch} ctx={ctx} {layout} {name} {block_n},{stages},{warps} "
+                  f"maxnreg={cap} prefetch={row['prefetch']} heads={per}: "
+                  f"{ms * 1e3:.1f} us ({row['gbps']:.0f} GB/s)", flush=True)
             if best is None or ms < best["ms"]:
                 best = row
         if best is None:

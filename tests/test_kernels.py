@@ -584,35 +584,38 @@ def check_decode_long_tiles() -> None:
     from kiln.kernels import attention_decode
     from kiln.kernels import reference as ref
 
-    seq_lens = [5, 2040]  # tables 130 blocks wide: 2 splits of 1,040 keys
+    seq_lens = [5, 2040]  # 2 splits of a 16k engine: 1,024 keys each at most
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, [1, 1], 4, 2, 32,
                                                        torch.float16)
-    attention_decode.LONG_TILES = True  # (in the shared interpreter worker: restored)
+    before, attention_decode.LONG_TILES = attention_decode.LONG_TILES, True  # restored
     try:
         out = attention_decode.paged_attention_decode(
             q, k_cache, v_cache, tables, torch.tensor(seq_lens).int(), 32 ** -0.5,
-            num_splits=2)
+            num_splits=2, max_seq_len=16384)
     finally:
-        attention_decode.LONG_TILES = False
+        attention_decode.LONG_TILES = before
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens,
                                    32 ** -0.5)
     _close("decode, 128-key tiles", out, expected, *F16[1:])
 
 
 def test_decode_long_tiles(interp, monkeypatch) -> None:
-    """KILN_DECODE_LONG_TILES=1 (opt-in): 16-bit caches whose splits get >= 1024 keys take
-    128-key tiles, 3 stages, 4 warps (1-byte caches and shorter splits keep theirs), and
-    the kernel at that launch matches the reference over a 2,040-token context."""
+    """16-bit caches whose splits can get >= 1024 keys in an engine of >= 16k tokens take
+    128-key tiles, 3 stages, 4 warps (1-byte caches, shorter splits and shorter engines
+    keep theirs; KILN_DECODE_LONG_TILES=0: never), and the kernel at that launch matches
+    the reference over a 2,040-token context."""
     from kiln.kernels import attention_decode
 
     cfg = attention_decode.decode_config
-    assert cfg(torch.bfloat16, 128, split_tokens=1024) == (64, 2, 4, 0)  # off: the default
+    monkeypatch.setattr(attention_decode, "LONG_TILES", False)
+    assert cfg(torch.bfloat16, 128, split_tokens=1024, context=32768) == (64, 2, 4, 0)
     monkeypatch.setattr(attention_decode, "LONG_TILES", True)
-    assert cfg(torch.bfloat16, 128, split_tokens=1024) == (128, 3, 4, 0)
-    assert cfg(torch.float16, 128, split_tokens=4096) == (128, 3, 4, 0)
-    assert cfg(torch.bfloat16, 128, split_tokens=1023) == (64, 2, 4, 0)
-    assert cfg(torch.bfloat16, 128) == (64, 2, 4, 0)  # one split
-    assert cfg(torch.int8, 128, split_tokens=4096) == (64, 2, 4, 0)  # 1-byte: not taken
+    assert cfg(torch.bfloat16, 128, split_tokens=1024, context=32768) == (128, 3, 4, 0)
+    assert cfg(torch.float16, 128, split_tokens=4096, context=16384) == (128, 3, 4, 0)
+    assert cfg(torch.bfloat16, 128, split_tokens=1024, context=8192) == (64, 2, 4, 0)
+    assert cfg(torch.bfloat16, 128, split_tokens=1023, context=32736) == (64, 2, 4, 0)
+    assert cfg(torch.bfloat16, 128, context=32768) == (64, 2, 4, 0)  # one split
+    assert cfg(torch.int8, 128, split_tokens=4096, context=32768) == (64, 2, 4, 0)  # 1 byte
     interp(check_decode_long_tiles)
 
 

@@ -178,9 +178,9 @@ def test_decode_attention_fused_reduce(batch: int, max_ctx: int) -> None:
 @pytest.mark.parametrize("splits", [None, 64])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_attention_long_tiles(monkeypatch, batch: int, splits: int | None) -> None:
-    """KILN_DECODE_LONG_TILES=1 at a 32k context (32 splits of 1,024 keys, the engine's at
-    batch 1 with --max-seq-len 32768, or 64 of 512: not taken): 128-key tiles against the
-    reference and the default launch."""
+    """Long tiles at a 32k context (32 splits of 1,024 keys, the engine's at batch 1 with
+    --max-seq-len 32768, or 64 of 512: not taken): 128-key tiles against the reference and
+    the 64-key launch (KILN_DECODE_LONG_TILES=0)."""
     from kiln.kernels import attention_decode
 
     seq_lens = [32000, 17, 20001][:batch]
@@ -189,6 +189,7 @@ def test_decode_attention_long_tiles(monkeypatch, batch: int, splits: int | None
     scale = HEAD_DIM ** -0.5
     expected = ref.paged_attention(q, k_cache, v_cache, tables, list(range(batch + 1)),
                                    seq_lens, scale)
+    monkeypatch.setattr(attention_decode, "LONG_TILES", False)
     plain = attention_decode.paged_attention_decode(q, k_cache, v_cache, tables, lens, scale,
                                                     num_splits=splits)
     monkeypatch.setattr(attention_decode, "LONG_TILES", True)

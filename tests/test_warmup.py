@@ -71,11 +71,13 @@ def test_prefill_lengths_take_every_tile_size(heads, kv_heads):
 
 def test_decode_steps_take_every_split_count():
     """One decode row at contexts whose block-table widths give the decode kernel's split
-    counts 1, 2, 4, ... 32 (256 tokens a split at least), capped at the longest context."""
+    counts 1, 2, 4, ... 32 (256 tokens a split at least), capped at the longest context,
+    and one at the longest (its splits' long tiles)."""
     from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
     ones = [s[0][1] for s in warmup.decode_steps(100_000) if len(s) == 1]
-    assert {-(-ctx // MIN_TOKENS_PER_SPLIT) for ctx in ones} == \
+    assert ones[-1] == 100_001
+    assert {-(-ctx // MIN_TOKENS_PER_SPLIT) for ctx in ones[:-1]} == \
         {1 << i for i in range(MAX_SPLITS.bit_length())}
     assert [s[0][1] for s in warmup.decode_steps(1000) if len(s) == 1] == [256, 512, 1001]
 

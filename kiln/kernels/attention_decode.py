@@ -45,12 +45,15 @@ from kiln.kernels.split_k import split_k_counters
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_TOKENS_PER_SPLIT = 256
-# KILN_DECODE_LONG_TILES=1: 16-bit caches take 128-key tiles, 3 stages, 4 warps where a
-# split gets >= 1024 keys (batch 1 in a 32k engine). 32nd session, H200, bf16, 1 x 32,000
-# keys in 16 splits: 54.0 us against 72.5 for the default 64 / 2 / 4 (2,429 vs 1,807
-# GB/s); the engine's 32 splits and end to end not timed yet, so opt-in
-LONG_TILES = os.environ.get("KILN_DECODE_LONG_TILES") == "1"
-LONG_SPLIT = 1024
+# 16-bit caches take 128-key tiles, 3 stages, 4 warps where a split can get >= 1024 keys in
+# an engine of >= 16k tokens (KILN_DECODE_LONG_TILES=0: 64-key tiles everywhere). H200,
+# bf16, Llama-3.1-8B shape, alternating runs (33rd session): batch 1 at 32k (32 splits)
+# 85.2 / 85.2% of the roofline against 83.4 / 83.4% (TPOT 5.29 vs 5.41 ms); 4 x 16000 in
+# a 32k engine (16 splits) TPOT 14.40 vs 14.88 ms; but 8 x 4000 in an 8k engine (8 splits
+# of ~500 real keys) 8.44 / 8.47 vs 8.31 / 8.32, hence the engine-size test. The choice
+# is static (CUDA graphs), so a long engine whose splits get ~500 real keys loses as much.
+LONG_TILES = os.environ.get("KILN_DECODE_LONG_TILES", "1") != "0"
+LONG_SPLIT, LONG_CONTEXT = 1024, 16384
 
 
 def _register_cap(text: str) -> int | None:
@@ -217,7 +220,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
                   rope_k: bool = False, v_t: bool = False,
-                  split_tokens: int | None = None) -> tuple[int, int, int, int]:
+                  split_tokens: int | None = None, context: int = 0
+                  ) -> tuple[int, int, int, int]:
     """(BLOCK_N, num_stages, num_warps, PREFETCH) per KV cache dtype.
 
     Measured on an H200 (benchmarks/attn_decode_sweep.py: B=512 ctx 1536, B=256 ctx 1024,
@@ -247,7 +251,8 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
     keys (batch 1-8 at a 2048-token limit: the case measured), 64-key tiles on 4 warps, 2
     stages, prefetch 1 (the best sum over 54 launches, 8 splits, us): 1 x 256 6.3 vs 8.1,
     1 x 512 6.2 vs 8.1, 4 x 384 7.3 vs 9.0; FP8 batch 1 333.3 vs 325.3 tok/s with
-    the swapped GEMMs at 17-64 rows.
+    the swapped GEMMs at 17-64 rows. context: the most keys a sequence can have (the
+    engine's limit or the window): long engines' 16-bit caches, LONG_TILES above.
     """
     if block_d <= 128 and block_g <= 16 and not rope_k:
         if cache_dtype == torch.float8_e4m3fn and NATIVE_E4M3:
@@ -257,7 +262,7 @@ def decode_config(cache_dtype: torch.dtype, block_d: int, block_g: int = 16,
         if cache_dtype == torch.int8 and v_t:
             return 128, 3, 2, 0
         if LONG_TILES and cache_dtype.itemsize == 2 and split_tokens is not None and \
-                split_tokens >= LONG_SPLIT:
+                split_tokens >= LONG_SPLIT and context >= LONG_CONTEXT:
             return 128, 3, 4, 0
     return (64 if block_d <= 128 else 32), 2, 4, 0
 
@@ -319,7 +324,7 @@ def paged_attention_decode(
     block_g = max(16, triton.next_power_of_2(group))
     default_n, default_stages, default_warps, default_prefetch = decode_config(
         k_cache.dtype, block_d, block_g, key_rotary is not None, v_t,
-        triton.cdiv(max_ctx, num_splits) if num_splits > 1 else None)
+        triton.cdiv(max_ctx, num_splits) if num_splits > 1 else None, max_ctx)
     block_n, num_stages = block_n or default_n, num_stages or default_stages
     num_warps = num_warps or default_warps
     prefetch = default_prefetch if prefetch is None else prefetch

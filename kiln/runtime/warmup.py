@@ -57,11 +57,12 @@ def wide_prefill_step(model: torch.nn.Module, max_num_tokens: int, device: torch
 
 def decode_steps(top: int) -> list[list[tuple[int, int]]]:
     """Decode rows alone: one at contexts of 256 * 2^i tokens (the decode kernel's split
-    count follows the block tables' width: 1, 2, ... 32 splits), then 2 and 16 rows."""
+    count follows the block tables' width: 1, 2, ... 32 splits) and one at the longest
+    (long splits take their own tiles: decode_config), then 2 and 16 rows."""
     from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
     contexts = sorted({min(MIN_TOKENS_PER_SPLIT << i, top + 1)
-                       for i in range(MAX_SPLITS.bit_length())})
+                       for i in range(MAX_SPLITS.bit_length())} | {top + 1})
     return [[(1, ctx)] for ctx in contexts] + [[(1, min(64, top + 1))] * n for n in (2, 16)]
 
 
