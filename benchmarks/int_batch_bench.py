@@ -92,13 +92,10 @@ def main() -> None:
     ap.add_argument("--most", type=int, default=0, help="only the first N launches")
     ap.add_argument("--bits", default="4,8", help="the weights' widths to time")
     ap.add_argument("--magic", action="store_true", help="only the magic (and sum_dot) launches")
-    ap.add_argument("--presum", action="store_true", help="only the presum launches")
     args = ap.parse_args()
     launches = LAUNCHES[:args.most] if args.most else LAUNCHES
     if args.magic:
         launches = [v for v in launches if len(v) > 10 and v[10]]
-    if args.presum:
-        launches = [v for v in launches if len(v) > 12 and v[12]]
     results = []
     for M in (int(v) for v in args.rows.split(",")):
         for name, (N, K) in SHAPES.items():

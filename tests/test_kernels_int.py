@@ -426,9 +426,8 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
     (fixup) or on dp4a with x as digit planes (digits), 2-4 rows factored
     (kiln.kernels.int_gemv_rows), and tl.dot tiles with the scales applied to each K step's
     product (factored), on x's digit planes (digits) or transposed (swap), int4 unpacked by
-    bit operations (magic, bfloat16 x), x's sums from a launch before (presum), one-row K
-    loops software-pipelined (pipeline), in the tiles int_gemv_bench / int_batch_bench
-    launch."""
+    bit operations (magic, bfloat16 x), one-row K loops software-pipelined (pipeline), in
+    the tiles int_gemv_bench / int_batch_bench launch."""
     from kiln.kernels import int_gemm
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -465,10 +464,6 @@ def test_gpu_opt_in_gemv_launches(bits, group) -> None:
                                                 factored=True, swap=swap, magic=True,
                                                 sum_dot=True))
                      for M in (4, 64) for swap in (False, True)]  # x's sums on tensor cores
-        launches += [(M, int_gemm.IntGemmConfig(min(64, max(16, M)), 64, 128, 4, 3, split_k=2,
-                                                factored=True, swap=True, magic=True,
-                                                presum=True))
-                     for M in (4, 16, 64)]  # x's sums from a launch before
         for M, cfg in launches:
             x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
             bias = torch.randn(N, device="cuda").to(torch.bfloat16) if M % 2 else None
