@@ -22,7 +22,7 @@ import torch
 from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
 # block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits[, swap[,
-# magic[, sum_dot[, presum]]]]]]]
+# magic[, sum_dot]]]]]]
 # (block_m: the rows, 16 to 64): the defaults of the fifteenth session (16 x 32 x 128 x 2
 # splits up to 16 rows; at 64 rows 32 x 128 where N is small, else int4 64 x 128, int8 64
 # x 128 x 8 warps) and their neighbours, plain and factored (the scales applied to each K step's
@@ -62,12 +62,7 @@ LAUNCHES = [
     # the same, the sums of x by a tl.dot with ones (sum_dot, a twelfth field; sm_90 SASS
     # at 64 rows 7.1 instructions a weight and 168 registers against 9.7 and 220)
     *[(*t, *[False] * 4, True, True, True) for t in (
-        (64, 128, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 4, 3, 2), (128, 128, 8, 3, 2))],
-    # the same, the sums of x from a launch before the GEMM (presum, a thirteenth field;
-    # sm_90 SASS, 33rd session: 7.00 instructions a weight at 64 rows against sum_dot's
-    # 7.08 and its second HGMMA per step gone; 5.45 at 16 rows against 6.03)
-    *[(*t, *[False] * 4, True, True, False, True) for t in (
-        (64, 128, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 4, 3, 2), (64, 64, 4, 4, 2))]]
+        (64, 128, 4, 3, 2), (64, 128, 4, 3, 1), (128, 128, 4, 3, 2), (128, 128, 8, 3, 2))]]
 
 # Up to GEMV_ROWS rows, GEMV launches too: (block_n, block_k, split_k, warps, stages,
 # factored), factored being kiln.kernels.int_gemv_rows (no spills at 4 rows under Triton
@@ -119,7 +114,6 @@ def main() -> None:
                     swap = bool(launch and len(launch) > 9 and launch[9])
                     magic = bool(launch and len(launch) > 10 and launch[10])
                     sum_dot = bool(launch and len(launch) > 11 and launch[11])
-                    presum = bool(launch and len(launch) > 12 and launch[12])
                     if is_gemv:  # (block_n, block_k, split, warps, stages, factored[, pairs])
                         pairs = len(launch) > 6 and launch[6]
                         if pairs and bits == 8:
@@ -134,7 +128,7 @@ def main() -> None:
                             min(64, max(16, M)), launch[0], launch[1], launch[2], launch[3],
                             split_k=launch[4], nibble_dots=launch[5], words=words,
                             factored=factored, digits=digits, swap=swap, magic=magic,
-                            sum_dot=sum_dot, presum=presum)
+                            sum_dot=sum_dot)
                     try:
                         got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                         err = ((got.float() - want).norm() / want.norm()).item()

@@ -105,7 +105,7 @@ def check_functional_dispatch() -> None:
 
 # IntGemmConfig fields (block_m, block_n, block_k, warps, stages, split_k, group_m,
 # prefetch, nibble_dots, factored, xvec, words, fixup, digits, swap, pipeline, magic,
-# sum_dot, pairs, presum): GEMV without and with
+# sum_dot): GEMV without and with
 # split-K
 # (atomics, or for one row the partials summed by the last split: fixup; the splits end
 # inside K), each also with the next K step's loads issued first (prefetch)
@@ -117,8 +117,7 @@ def check_functional_dispatch() -> None:
 # each tl.dot tile also computed transposed, the weight the left operand (swap); the
 # one-row GEMV's K loop software-pipelined (pipeline); int4 tiles unpacked by bit
 # operations into 16-bit floats 2^7 + q (bf16) or 2^10 + q (fp16) (magic; float32 x and
-# int8 ignore it); the factored tiles' sums of x as a tl.dot with ones (sum_dot), or from
-# a launch before the GEMM (presum).
+# int8 ignore it); the factored tiles' sums of x as a tl.dot with ones (sum_dot).
 CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 64, 4, 1, 1),
            "gemv-split3-pf": (0, 16, 32, 4, 1, 3, 8, True),
            "gemv-1-pf": (0, 32, 64, 4, 1, 1, 8, True),
@@ -153,12 +152,6 @@ CONFIGS = {"auto": None, "gemv-split3": (0, 16, 32, 4, 1, 3), "gemv-1": (0, 32, 
            "dot-swap-magic-sumdot": (32, 64, 64, 4, 1, 1, 8, *[False] * 7, True, False, True,
                                      True),
            "dot-factored-sumdot": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 7,
-                                   True),
-           "dot-magic-presum": (16, 16, 32, 4, 1, 1, 8, *[False] * 9, True, False, False,
-                                True),
-           "dot-swap-magic-presum": (32, 64, 64, 4, 1, 2, 8, *[False] * 7, True, False, True,
-                                     False, False, True),
-           "dot-factored-presum": (16, 16, 32, 4, 1, 1, 8, False, False, True, *[False] * 9,
                                    True)}
 
 

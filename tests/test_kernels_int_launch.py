@@ -162,12 +162,6 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
                 assert cfg(M, N, K, cuda, 4, group, pairs_ok=M > 2) == int_gemm.IntGemmConfig(
                     block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
                     sum_dot=M > 32 and N > 8192)  # x's sums on tensor cores: gate_up, 64 rows
-    # KILN_INT_PRESUM=1 (untimed): x's step sums from a launch before, at every row count
-    monkeypatch.setenv("KILN_INT_PRESUM", "1")
-    for M, N in ((16, 4096), (64, 28672)):
-        assert cfg(M, N, 4096, cuda, 4, 128) == int_gemm.IntGemmConfig(
-            M, 64, 128, 4, 3, split_k=2, swap=True, magic=True, presum=True)
-    monkeypatch.delenv("KILN_INT_PRESUM")
     # float16 x (its 2^10 + q variant has not run on a GPU): the float tiles
     assert cfg(4, 4096, 4096, cuda, 4, 128, torch.float16) == int_gemm.IntGemmConfig(
         16, 32, 128, 4, 3, split_k=2)
@@ -504,37 +498,3 @@ def test_main_loop_instructions_are_counted() -> None:
     assert one["per_weight"] < 0.95 * factored["per_weight"], (one, factored)
     assert one["top"]["HFMA2"] >= 0.9 and four["per_weight"] < 0.75 * one["per_weight"], \
         (one, four)
-
-
-def test_presum_tiles_compile_for_hopper() -> None:
-    """The transposed magic tiles with x's step sums from a launch before (presum) compile
-    for sm_90 on wgmma without spills at 16 and 64 rows, and their K loop issues no more
-    instructions than the sums taken in the tile (in registers, or by a tl.dot with ones)
-    and fewer tensor-core instructions than the tl.dot with ones: 33rd session, Triton 3.6,
-    64 rows 7.00 a weight against 7.08 (sum_dot) and 9.73; 16 rows 5.45 against 5.89 and
-    6.03."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
-    from kiln.kernels import int_gemm
-    from kiln.kernels.compile_check import compile_sm90, main_loop_sass
-
-    K, N = 4096, 28672
-    values = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "o_ptr": "*fp32",
-              "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "xs_ptr": "*fp32", "M": 64, "N": N, "K": K, "G": 128,
-              "stride_xm": K, "stride_wn": K // 2, "stride_sn": K // 128, "stride_om": N,
-              "stride_xsm": K // 128}
-    for block_m in (16, 64):
-        loops = {}
-        for name, flags in (("regs", {}), ("sum_dot", {"SUM_DOT": True}),
-                            ("presum", {"PRESUM": True})):
-            meta = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, BITS=4,
-                        HAS_OFFSET=True, HAS_BIAS=False, GROUP_TILE=True, IEEE=False,
-                        SPLIT_K=2, FACTORED=True, SWAP=True, MAGIC=1, **flags)
-            if name == "presum":
-                r = compile_sm90(int_gemm._gemm_kernel, values, meta, 4, 3)
-                assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
-            loops[name] = main_loop_sass(int_gemm._gemm_kernel, values, meta, 4, 3)
-        total = {name: sum(ops.values()) for name, ops in loops.items()}
-        assert total["presum"] <= min(total["regs"], total["sum_dot"]), (block_m, total)
-        assert loops["presum"]["HGMMA"] < loops["sum_dot"]["HGMMA"], (block_m, loops)

@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.int_gemm_digits import digits_tiles, digits_tiles_eligible
-from kiln.kernels.int_gemm_presum import step_sums
 from kiln.kernels.int_gemv import (
     _dequant_tile,
     _dequant_words,
@@ -134,15 +133,14 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
                   stride_wn, stride_sn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, IEEE: tl.constexpr, SWAP: tl.constexpr = False,
                   MAGIC: tl.constexpr = 0, INTERPRET: tl.constexpr = False,
-                  SUM_DOT: tl.constexpr = False, xs_rows=None, PRESUM: tl.constexpr = False):
+                  SUM_DOT: tl.constexpr = False):
     """acc + x[:, k:k + BLOCK_K] @ w[offs_n, k:k + BLOCK_K]^T for a K step in one group:
     (x @ q^T) s + sum(x) o, q the stored integers (exact in x's dtype). SWAP: acc is the
     transposed [BLOCK_N, BLOCK_M] tile, q the left operand (see _gemm_kernel). MAGIC (int4;
     1: x bfloat16, 2: float16): q is read as BASE + q by bit operations (_magic_nibbles,
     BASE 128 or 1024), and the BASE sum(x) s its products carry comes off with the offset
     term. SUM_DOT: the sums of x over the step as a product with a tile of ones (tensor
-    cores, the result in the accumulator's layout) instead of a reduction in registers;
-    PRESUM: loaded from xs_rows (kiln.kernels.int_gemm_presum, step k // BLOCK_K)."""
+    cores, the result in the accumulator's layout) instead of a reduction in registers."""
     offs_k = k + tl.arange(0, BLOCK_K)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
                 other=0.0)
@@ -158,9 +156,7 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
         part = _dot(q, tl.trans(x), None, IEEE)
     else:
         part = _dot(x, tl.trans(q), None, IEEE)
-    if PRESUM:
-        x_sum = tl.load(xs_rows + k // BLOCK_K, mask=mask_m, other=0.0)
-    elif SUM_DOT:  # the sums of x on the tensor cores, already broadcast along n
+    if SUM_DOT:  # the sums of x on the tensor cores, already broadcast along n
         ones = tl.full(q.shape, 1.0, x.dtype)
         if SWAP:
             x_sums = _dot(ones, tl.trans(x), None, IEEE)
@@ -177,7 +173,7 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
             offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)
         if MAGIC:
             offset -= (1024.0 if MAGIC == 2 else 128.0) * scale
-        if SUM_DOT and not PRESUM:
+        if SUM_DOT:
             acc += _along(offset, SWAP) * x_sums
         elif SWAP:
             acc += offset[:, None] * x_sum[None, :]
@@ -187,8 +183,8 @@ def _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k, K
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, xs_ptr,
-                 M, N, K, G, stride_xm, stride_wn, stride_sn, stride_om, stride_xsm,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                 M, N, K, G, stride_xm, stride_wn, stride_sn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                  HAS_BIAS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr,
@@ -196,7 +192,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
                  EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False,
                  SWAP: tl.constexpr = False, MAGIC: tl.constexpr = 0,
-                 SUM_DOT: tl.constexpr = False, PRESUM: tl.constexpr = False):
+                 SUM_DOT: tl.constexpr = False):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -217,8 +213,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     tile (dequantized or factored q, made in registers) is tl.dot's left operand, which
     Hopper's wgmma reads from registers, and the few rows of x its right one (wgmma's N:
     8-256, so 16-row tiles use wgmma too); otherwise the weight tile is written to shared
-    memory first. BLOCK_N a multiple of 64 for wgmma. PRESUM (factored): the sums of x
-    over each K step from xs_ptr [M, K / BLOCK_K] (see _factored_dot)."""
+    memory first. BLOCK_N a multiple of 64 for wgmma."""
     tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if SWAP:
@@ -234,8 +229,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
         elif FACTORED:
             acc = _factored_dot(acc, x_rows, w_ptr, s_ptr, o_ptr, offs_n, mask_m, mask_n, k,
                                 K, G, stride_wn, stride_sn, BLOCK_K, BITS, HAS_OFFSET, IEEE,
-                                SWAP, MAGIC, INTERPRET, SUM_DOT,
-                                xs_ptr + offs_m.to(tl.int64) * stride_xsm, PRESUM)
+                                SWAP, MAGIC, INTERPRET, SUM_DOT)
         else:
             offs_k = k + tl.arange(0, BLOCK_K)
             x = tl.load(x_rows + offs_k[None, :],
@@ -375,16 +369,13 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     # int4 unpacked by bit operations into 16-bit floats (IntGemmConfig.magic)
     magic = (2 if x.dtype == torch.float16 else 1) if cfg.magic and bits == 4 and \
         group_tile and not in_words and not nibbles and x.dtype != torch.float32 else 0
-    factored = (cfg.factored or magic > 0) and group_tile and not in_words and not nibbles
-    presum = step_sums(x, block_k) if cfg.presum and factored else None
     _gemm_kernel[(tiles, split)](
         x, weight.view(torch.int32) if in_words else weight, scale, o, b, out, part,
-        counters, x if presum is None else presum, M, N, K, G, x.stride(0),
-        weight.stride(0) // (4 if in_words else 1), scale.stride(0), out.stride(0),
-        0 if presum is None else presum.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+        counters, M, N, K, G, x.stride(0), weight.stride(0) // (4 if in_words else 1),
+        scale.stride(0), out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
         NIBBLE_DOTS=nibbles, WORDS=in_words,
         EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
-        FACTORED=factored, SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot,
-        PRESUM=presum is not None, **common)
+        FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
+        SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot, **common)
     return out

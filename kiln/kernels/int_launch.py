@@ -35,7 +35,6 @@ class IntGemmConfig:
     magic: bool = False  # int4 tiles, 16-bit x: nibbles to 2^7 + q (bf16) by bit operations
     sum_dot: bool = False  # factored / magic tiles: sums of x by a tl.dot with ones
     pairs: bool = False  # int4 GEMV (1-4 rows), bf16 x: products in bf16 pairs (int_gemv_pairs)
-    presum: bool = False  # factored / magic tiles: x's step sums by a launch before (presum)
 
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
@@ -56,14 +55,13 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     stages[,factored[,pairs]]" (factored: kiln.kernels.int_gemv_rows; pairs: int4 with
     bfloat16 x, kiln.kernels.int_gemv_pairs); decode batches (2 <=
     M <= 64): KILN_INT_TILES="block_n,block_k,warps,stages,split_k[,nibble_dots[,words[,
-    factored[,digits[,swap[,magic[,sum_dot[,presum]]]]]]]]". KILN_INT_DIGITS=1: the default
+    factored[,digits[,swap[,magic[,sum_dot]]]]]]]". KILN_INT_DIGITS=1: the default
     launches with x as digit planes (IntGemmConfig.digits; beyond where they are the
     default, see below).
     KILN_INT_SWAP=1: decode-batch tiles computed transposed (IntGemmConfig.swap) where the
     float tiles are the default (grouped int8; int4 in groups of 32 or 64); KILN_INT_MAGIC=0:
-    int4 in groups of 128 back on the float tiles; KILN_INT_PRESUM=1: the magic tiles take
-    x's sums from a launch before (IntGemmConfig.presum, untimed); KILN_INT_PIPELINE=1:
-    one-row GEMVs with their K loops software-pipelined (IntGemmConfig.pipeline): slower
+    int4 in groups of 128 back on the float tiles; KILN_INT_PIPELINE=1: one-row GEMVs
+    with their K loops software-pipelined (IntGemmConfig.pipeline): measured slower
     (seventeenth session: int4 gate_up 40.0 vs 36.2 us), an A/B switch (SmoothQuant's
     dp4a GEMV, where it is faster, pipelines by default; =0 turns that off).
     """
@@ -133,12 +131,12 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
     if M <= 64 and os.environ.get("KILN_INT_TILES"):
         bn, bk, warps, stages, split, *flags = (
             int(v) for v in os.environ["KILN_INT_TILES"].split(","))
-        nibbles, words, factored, digits, swap, magic, sum_dot, presum = (
-            bool(v) for v in [*flags, *[0] * 8][:8])
+        nibbles, words, factored, digits, swap, magic, sum_dot = (
+            bool(v) for v in [*flags, *[0] * 7][:7])
         return IntGemmConfig(16 if M <= 16 else 32 if M <= 32 else 64, bn, bk, warps, stages,
                              split_k=split, nibble_dots=nibbles, words=words,
                              factored=factored, digits=digits, swap=swap, magic=magic,
-                             sum_dot=sum_dot, presum=presum)
+                             sum_dot=sum_dot)
     if M <= 64:
         # H200, Llama-3.1-8B shapes, a layer's four linears (BENCHMARKS.md, fifteenth and
         # sixteenth sessions; the launches before in brackets).
@@ -163,9 +161,8 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             # float16 variant (2^10 + q) compiles for sm_90 but has not run on a GPU.
             # 33-64 rows where N is large (the 8B's gate_up): x's sums by a tl.dot with
             # ones (sum_dot), 84.8 vs 91.2 us (eighteenth session; qkv, o and down slower)
-            presum = os.environ.get("KILN_INT_PRESUM") == "1"
             return IntGemmConfig(block_m, 64, 128, 4, 3, split_k=2, swap=True, magic=True,
-                                 sum_dot=M > 32 and N > 8192 and not presum, presum=presum)
+                                 sum_dot=M > 32 and N > 8192)
         if os.environ.get("KILN_INT_SWAP") == "1":
             # the weight tile wgmma's register operand: 128 wide (two wgmma row blocks), K
             # in 4 splits where N is small (the 8B's qkv: 48 column blocks), else 2
