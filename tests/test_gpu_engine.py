@@ -452,3 +452,51 @@ def test_parallel_compile_at_load(arch, quantization, gpu_engines, tiny_checkpoi
     assert phases["warm_up_s"] > 0 and phases["graphs_s"] > 0
     assert result["counts"][0] == 0 and result["counts"][-1] == 0, result["counts"]
     assert result["tokens"] == want
+
+
+def test_long_engine_graphs_compile_nothing(tiny_checkpoints, tmp_path):
+    """A 32k engine whose steps take at most 1,024 tokens (the warm-up's own contexts stop
+    there) with an empty Triton cache: the decode graphs' launches at the full block-table
+    width (long splits on 128-key tiles, a split count per batch bucket) compile at load on
+    the threads or in the warm-up (kiln.runtime.warmup.full_width_decode_steps), none
+    inside the capture (33rd session: ~26 s of a cold load went there); the engine then
+    generates (the tiles' numerics: tests/test_kernels_gpu.py's long-tile test)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = build(tiny_checkpoints["llama"][0], tmp_path / "long", BuildConfig(
+        dtype="bfloat16", max_batch_size=32, max_seq_len=32768, max_num_tokens=1024),
+        progress=False)
+    prompts = make_prompts(4, seed=5)
+    script = textwrap.dedent(f"""
+        import json
+        from kiln.runtime.engine import LLMEngine, RuntimeConfig
+        from kiln.runtime.model_runner import ModelRunner
+        from kiln.runtime.profiling import CompileWatch
+        from kiln.runtime.request import SamplingParams
+        from tests.test_runtime import run_all
+
+        counts, real = [], ModelRunner.capture_graphs
+
+        def watched(*a, **k):
+            with CompileWatch() as watch:
+                out = real(*a, **k)
+            counts.append([e["kernel"] for e in watch.events])
+            return out
+
+        ModelRunner.capture_graphs = watched
+        engine = LLMEngine({str(path)!r}, RuntimeConfig(device="cuda"))
+        got = run_all(engine, {prompts!r}, SamplingParams(max_tokens=8, temperature=0,
+                                                          ignore_eos=True))
+        print(json.dumps({{"counts": counts, "tokens": got}}))
+    """)
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "tc"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["counts"] == [[]], result["counts"]
+    assert [len(t) for t in result["tokens"].values()] == [8] * len(prompts)

@@ -71,13 +71,11 @@ def test_prefill_lengths_take_every_tile_size(heads, kv_heads):
 
 def test_decode_steps_take_every_split_count():
     """One decode row at contexts whose block-table widths give the decode kernel's split
-    counts 1, 2, 4, ... 32 (256 tokens a split at least), capped at the longest context,
-    and one at the longest (its splits' long tiles)."""
+    counts 1, 2, 4, ... 32 (256 tokens a split at least), capped at the longest context."""
     from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
     ones = [s[0][1] for s in warmup.decode_steps(100_000) if len(s) == 1]
-    assert ones[-1] == 100_001
-    assert {-(-ctx // MIN_TOKENS_PER_SPLIT) for ctx in ones[:-1]} == \
+    assert {-(-ctx // MIN_TOKENS_PER_SPLIT) for ctx in ones} == \
         {1 << i for i in range(MAX_SPLITS.bit_length())}
     assert [s[0][1] for s in warmup.decode_steps(1000) if len(s) == 1] == [256, 512, 1001]
 
@@ -114,3 +112,25 @@ def test_warm_up_runs_and_leaves_the_cache_to_requests(tiny_engines):
     del runner._forward
     assert engine.kv.num_free_blocks == free
     assert run_all(engine, prompts, params) == want
+
+
+def test_full_width_decode_steps_take_every_split_count(monkeypatch):
+    """Decode rows at the full block-table width, one step for each split count the decode
+    kernel takes there, with the fewest rows that give it: on an H200 (132 SMs), 8 KV
+    heads and a 32k limit, 32 / 16 / 8 / 4 / 2 splits at 1 / 4 / 8 / 16 / 32 rows (their
+    128-key tiles compile at load, not inside the graph capture); capped by max_rows."""
+    from kiln.kernels import attention_decode
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(attention_decode, "num_sms", lambda device: 132)
+    steps = warmup.full_width_decode_steps(_Model((32, 8)), 32768, cpu, 512)
+    assert [len(s) for s in steps] == [1, 4, 8, 16, 32]
+    assert all(s == [(1, 32768)] * len(s) for s in steps)
+    splits = [attention_decode.choose_num_splits(len(s), 8, 32768, cpu) for s in steps]
+    assert splits == [32, 16, 8, 4, 2]
+    assert [len(s) for s in warmup.full_width_decode_steps(_Model((32, 8)), 32768, cpu, 8)] \
+        == [1, 4, 8]
+    assert warmup.full_width_decode_steps(_Model((32, 8)), 256, cpu, 512) == []  # one split
+    # and the warm-up takes them at the engine's limit (eager decode rows of any batch)
+    got = warmup.warmup_steps(_Model((32, 8)), 512, 32768, cpu)
+    assert all(s in got for s in steps if len(s) <= 512)

@@ -57,13 +57,34 @@ def wide_prefill_step(model: torch.nn.Module, max_num_tokens: int, device: torch
 
 def decode_steps(top: int) -> list[list[tuple[int, int]]]:
     """Decode rows alone: one at contexts of 256 * 2^i tokens (the decode kernel's split
-    count follows the block tables' width: 1, 2, ... 32 splits) and one at the longest
-    (long splits take their own tiles: decode_config), then 2 and 16 rows."""
+    count follows the block tables' width: 1, 2, ... 32 splits), then 2 and 16 rows."""
     from kiln.kernels.attention_decode import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 
     contexts = sorted({min(MIN_TOKENS_PER_SPLIT << i, top + 1)
-                       for i in range(MAX_SPLITS.bit_length())} | {top + 1})
+                       for i in range(MAX_SPLITS.bit_length())})
     return [[(1, ctx)] for ctx in contexts] + [[(1, min(64, top + 1))] * n for n in (2, 16)]
+
+
+def full_width_decode_steps(model: torch.nn.Module, context: int, device: torch.device,
+                            max_rows: int) -> list[list[tuple[int, int]]]:
+    """Decode rows at `context` tokens (block tables that wide: the decode graphs' at the
+    engine's limit), one step for each split count the decode kernel takes there, with
+    the fewest rows (<= max_rows) that give it. The split count follows the rows and the
+    width, and long engines' splits take their own tiles (decode_config), so these are
+    launches that short contexts do not compile."""
+    from kiln.kernels.attention_decode import choose_num_splits
+
+    kv_heads = model.attention_layers()[0].num_kv_heads
+    steps, seen, rows = [], set(), 1
+    while rows <= max_rows:
+        splits = choose_num_splits(rows, kv_heads, context, device)
+        if splits == 1:
+            break
+        if splits not in seen:
+            seen.add(splits)
+            steps.append([(1, context)] * rows)
+        rows *= 2
+    return steps
 
 
 def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
@@ -73,7 +94,9 @@ def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
     steps = [[(n, n), (1, n + 1)] for n in prefill_lengths(model, top)]
     steps.append([(1, top + 1), (top, top)])
     steps.append(wide_prefill_step(model, max_num_tokens, device))
-    return [s for s in steps + decode_steps(top) if s and len(s) <= max_num_tokens]
+    steps += decode_steps(top) + full_width_decode_steps(model, max_seq_len, device,
+                                                         max_num_tokens)
+    return [s for s in steps if s and len(s) <= max_num_tokens]
 
 
 @torch.inference_mode()
