@@ -131,6 +131,9 @@ def test_full_width_decode_steps_take_every_split_count(monkeypatch):
     assert [len(s) for s in warmup.full_width_decode_steps(_Model((32, 8)), 32768, cpu, 8)] \
         == [1, 4, 8]
     assert warmup.full_width_decode_steps(_Model((32, 8)), 256, cpu, 512) == []  # one split
+    # two attention shapes (e.g. 8 and 2 KV heads): the split counts of both
+    both = warmup.full_width_decode_steps(_Model((32, 8), (32, 2)), 32768, cpu, 512)
+    assert [len(s) for s in both] == [1, 4, 8, 16, 32, 64, 128]
     # and the warm-up takes them at the engine's limit (eager decode rows of any batch)
     got = warmup.warmup_steps(_Model((32, 8)), 512, 32768, cpu)
     assert all(s in got for s in steps if len(s) <= 512)

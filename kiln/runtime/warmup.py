@@ -74,11 +74,11 @@ def full_width_decode_steps(model: torch.nn.Module, context: int, device: torch.
     launches that short contexts do not compile."""
     from kiln.kernels.attention_decode import choose_num_splits
 
-    kv_heads = model.attention_layers()[0].num_kv_heads
+    kv_heads = sorted({layer.num_kv_heads for layer in model.attention_layers()})
     steps, seen, rows = [], set(), 1
     while rows <= max_rows:
-        splits = choose_num_splits(rows, kv_heads, context, device)
-        if splits == 1:
+        splits = tuple(choose_num_splits(rows, kv, context, device) for kv in kv_heads)
+        if max(splits) == 1:
             break
         if splits not in seen:
             seen.add(splits)
