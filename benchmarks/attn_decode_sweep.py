@@ -12,6 +12,13 @@
     SWEEP_SPLITS=8 SWEEP_SHAPES="1x256;1x512" ...   # context splits as the engine takes them
                                       # at batch 1 with a 2048-token limit (default: from ctx)
     SWEEP_BS=64 ...                         # tokens a cache block (kiln build --block-size)
+    SWEEP_TIMER=do_bench ...      # time Python-launched calls, as sessions before the 33rd did
+
+Each launch is timed in a CUDA graph that calls it over copies of the cache (>= 512 MB in
+all, so no call finds its K/V in L2), as the engine's decode graphs call it: launched from
+Python one by one (triton's do_bench), a call takes at least its CPU launch time, so
+kernels shorter than that were timed by the CPU (the likely reason the 33rd session's
+sweep timed 1 x 16,000 keys slower than 1 x 32,000 at every launch, ~100 us against ~52).
 
 SWEEP_MAXNREG adds a register cap (ptxas maxnreg; 0 = none) to every 1-byte-cache config:
 1-byte caches are latency-bound at 255 registers a thread (BENCHMARKS.md, twentieth
@@ -35,6 +42,7 @@ from functools import partial
 import torch
 from triton.testing import do_bench
 
+from benchmarks.fp8_gemm import time_calls
 from kiln.kernels.attention_decode import decode_config, paged_attention_decode
 
 HEADS, KV_HEADS, D = 32, 8, 128
@@ -53,6 +61,8 @@ CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["SWEEP_CONFIG
     if os.environ.get("SWEEP_CONFIGS") else \
     list(itertools.product((32, 64, 128), (2, 3, 4), (2, 4, 8)))
 CAPS = [int(c) for c in os.environ.get("SWEEP_MAXNREG", "0").split(",")]
+TIMER = os.environ.get("SWEEP_TIMER", "graph")
+COPY_BYTES = 512 << 20  # K/V bytes a graph's calls read in all (H200's L2: 50 MB)
 HEADS_PER = [int(h) for h in os.environ.get("SWEEP_HEADS", "1").split(",")]
 # SWEEP_SPLITS=8: that many context splits (the engine's count follows from its static
 # context limit, not the context: choose_num_splits); default: the launcher's for ctx
@@ -85,19 +95,21 @@ def main() -> None:
     rows = []
     ones = torch.ones(KV_HEADS, device="cuda")
     for (batch, ctx), layout, (name, dt) in itertools.product(SHAPES, LAYOUTS, dtypes.items()):
-        q, k, v, tables, lens = make(batch, ctx, layout, dt)
         nbytes = 2 * batch * ctx * KV_HEADS * D * dt.itemsize
+        copies = min(256, -(-COPY_BYTES // nbytes)) if TIMER == "graph" else 1
+        sets = [make(batch, ctx, layout, dt) for _ in range(copies)]
         scales = dict(k_scale=ones, v_scale=ones) if dt.itemsize == 1 else {}
         best = None
         caps = CAPS if dt.itemsize == 1 else [0]
         for (block_n, stages, warps), cap, pre, per in itertools.product(CONFIGS, caps,
                                                                           PREFETCH, HEADS_PER):
             try:
-                fn = partial(paged_attention_decode, q, k, v, tables, lens, 0.088,
+                fn = partial(paged_attention_decode, scale=0.088,
                              block_n=block_n, num_stages=stages, num_warps=warps,
                              max_registers=cap, prefetch=pre, heads_per_program=per,
                              num_splits=SPLITS, **scales)
-                ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+                ms = time_calls(fn, sets) * 1e3 if TIMER == "graph" else \
+                    do_bench(partial(fn, *sets[0]), warmup=10, rep=60, return_mode="median")
             except Exception as e:  # noqa: BLE001 -- out of shared memory etc.
                 print(f"  skip {block_n},{stages},{warps},{cap}: {type(e).__name__}")
                 continue
@@ -129,6 +141,7 @@ def main() -> None:
               f"maxnreg={best['maxnreg'] or 'none'} prefetch={best['prefetch']} "
               f"heads/program={best['heads_per_program']}",
               flush=True)
+        sets = None
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
