@@ -43,7 +43,11 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks.fp8_gemm import time_calls
-from kiln.kernels.attention_decode import decode_config, paged_attention_decode
+from kiln.kernels.attention_decode import (
+    choose_num_splits,
+    decode_config,
+    paged_attention_decode,
+)
 
 HEADS, KV_HEADS, D = 32, 8, 128
 BS = int(os.environ.get("SWEEP_BS", "16"))  # tokens a cache block (the engine's default: 16)
@@ -128,7 +132,10 @@ def main() -> None:
         if best is None:
             print(f"B={batch:4d} ctx={ctx:5d} {layout} {name}: no config ran", flush=True)
             continue
-        n, stages, warps, pre = decode_config(dt, D)  # what kiln launches for this cache
+        width = -(-ctx // BS) * BS  # what kiln launches for this cache and width
+        splits = SPLITS or choose_num_splits(batch, KV_HEADS, width, torch.device("cuda"))
+        n, stages, warps, pre = decode_config(
+            dt, D, split_tokens=-(-width // splits) if splits > 1 else None, context=width)
         default = next((r for r in rows[::-1] if (r["batch"], r["ctx"], r["layout"],
                         r["dtype"], r["block_n"], r["stages"], r["warps"], r["maxnreg"],
                         r["prefetch"], r["heads_per_program"]) ==
