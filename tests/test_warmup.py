@@ -137,3 +137,11 @@ def test_full_width_decode_steps_take_every_split_count(monkeypatch):
     # and the warm-up takes them at the engine's limit (eager decode rows of any batch)
     got = warmup.warmup_steps(_Model((32, 8)), 512, 32768, cpu)
     assert all(s in got for s in steps if len(s) <= 512)
+    # and at the decode graphs' width (the built limit) where the runtime limit is lower
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(engine=SimpleNamespace(build=SimpleNamespace(max_seq_len=32768)),
+                             model=_Model((32, 8)), device=cpu)
+    assert warmup.graph_width_steps(runner, 512, 2048) == steps
+    assert warmup.graph_width_steps(runner, 512, 32768) == []  # warmup_steps' own width
+    assert warmup.graph_width_steps(runner, 0, 2048) == []  # no graphs

@@ -186,14 +186,11 @@ class ModelRunner:
         seconds taken (0 off CUDA: nothing to compile). graph_batch / graph_tokens: the
         graphs captured next (kiln.runtime.precompile compiles their kernels too)."""
         from kiln.runtime import precompile
-        from kiln.runtime.warmup import full_width_decode_steps, warm_up
+        from kiln.runtime.warmup import graph_width_steps, warm_up
 
         if self.device.type != "cuda":
             return 0.0
-        # the decode graphs' block tables span the built limit (capture_graphs)
-        built = self.engine.build.max_seq_len
-        wide = full_width_decode_steps(self.model, built, self.device, graph_batch) \
-            if graph_batch and built != max_seq_len else []
+        wide = graph_width_steps(self, graph_batch, max_seq_len)
         if precompile.THREADS > 1 and self.mapping.world_size == 1:
             shaped = precompile.graph_steps(graph_batch, graph_tokens, max_seq_len) + wide
             count, seconds = precompile.compile_in_parallel(

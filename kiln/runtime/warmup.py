@@ -87,6 +87,17 @@ def full_width_decode_steps(model: torch.nn.Module, context: int, device: torch.
     return steps
 
 
+def graph_width_steps(runner, max_batch_size: int, max_seq_len: int
+                      ) -> list[list[tuple[int, int]]]:
+    """full_width_decode_steps at the decode graphs' width (their block tables span the
+    built limit: ModelRunner.capture_graphs) where it is not max_seq_len, whose width
+    warmup_steps takes already; none without graphs (max_batch_size 0)."""
+    built = runner.engine.build.max_seq_len
+    if not max_batch_size or built == max_seq_len:
+        return []
+    return full_width_decode_steps(runner.model, built, runner.device, max_batch_size)
+
+
 def warmup_steps(model: torch.nn.Module, max_num_tokens: int, max_seq_len: int,
                  device: torch.device) -> list[list[tuple[int, int]]]:
     """The steps run, each a list of (new tokens, context length) a sequence."""
