@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             spec = request_spec_stats(output.metrics)
             print(f"[kiln] speculative: acceptance {spec['acceptance_rate']:.2f}, "
                   f"{spec['mean_accepted_length']:.2f} tokens per verify step", file=sys.stderr)
+    engine.close()  # multi-rank engines: the ranks stop together, before interpreter exit
 
 
 # Each module defines add_parser(subparsers) adding its commands with set_defaults(func=...).

@@ -68,8 +68,8 @@ class Mirror:
             time.sleep(0.05)
 
     def close(self, exiting: bool = False) -> None:
-        """Stop the workers. At interpreter exit the process group is left to the OS:
-        NCCL's teardown can block once the peers are gone."""
+        """Stop the workers. At interpreter exit, once the workers kiln spawned are gone,
+        the process group is left to the OS: NCCL's teardown can block without peers."""
         if self.closed:
             return
         self.closed = True
@@ -83,7 +83,9 @@ class Mirror:
         set_tp_group(None)
         for worker in workers:  # they tear down and exit; then nothing waits on a peer
             worker.join(timeout=30)
-        if not exiting:
+        # Under a launcher the peers tear their groups down now too (launched_worker), so
+        # rank 0 does the same rather than leave gloo's threads to interpreter teardown.
+        if not exiting or self.ctx.launcher != "kiln":
             _destroy_process_group()
         if isinstance(self.channel, launch.ShmChannel):
             self.channel.close()
