@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 
 import httpx
 
@@ -25,3 +28,23 @@ def test_kiln_serve_subprocess():
     assert "Application shutdown complete" in stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(line["route"] == "/v1/completions" and line["status"] == "ok" for line in lines)
+
+
+def test_kiln_serve_refuses_a_port_it_cannot_listen_on_before_loading():
+    """A port in use, a port out of range, a host that does not resolve: one line and a
+    non-zero exit, before the model loads (the engine path given does not exist, so a
+    load would fail with another message)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {(str(port), "127.0.0.1"): "Address already in use; choose another --port",
+                 ("70000", "127.0.0.1"): "'70000' is not a port number (0-65535)",
+                 ("0", "nosuch.invalid"): "give --host an address of this machine"}
+        for (port_arg, host), message in cases.items():
+            run = subprocess.run([sys.executable, "-m", "kiln", "serve", "/nonexistent/engine",
+                                  "--host", host, "--port", port_arg],
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 2, run.stderr
+            assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
+            assert "nonexistent" not in run.stderr, run.stderr

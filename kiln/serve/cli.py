@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: loopback only; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
     p.add_argument("--max-queue", type=int, default=None, metavar="N",
@@ -65,12 +65,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-env", default=os.environ.get("KILN_TRITON_ENV"),
                    help="venv with nvidia-pytriton and numpy<2 (default: $KILN_TRITON_ENV)")
     p.add_argument("--host", default="127.0.0.1", help="address of all three endpoints")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=port_number, default=8000)
+    p.add_argument("--grpc-port", type=port_number, default=8001)
+    p.add_argument("--metrics-port", type=port_number, default=8002)
     p.add_argument("--print-command", action="store_true",
                    help="print the environment and command instead of running them")
     p.set_defaults(func=cmd_triton_serve)
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return port
 
 
 def _is_loopback(host: str) -> bool:
@@ -84,12 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.errors import KilnError
     from kiln.serve.app import ServerConfig, build_app
     from kiln.serve.async_llm import AsyncLLM
-    from kiln.serve.server import run_server
+    from kiln.serve.server import check_listen, run_server
 
     if args.shutdown_timeout < 0:
         raise KilnError("--shutdown-timeout must be >= 0")
     if args.max_queue is not None and args.max_queue < 1:
         raise KilnError("--max-queue must be at least 1")
+    check_listen(args.host, args.port)  # before the model loads, not after
     if not _is_loopback(args.host) and not args.api_key:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
               "reach this port can use the model", file=sys.stderr)

@@ -10,8 +10,10 @@ stops. A second signal ends the drain at once. The exit status is 0 after SIGTER
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,6 +40,33 @@ def _uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
     # No access log: every API call gets one structured line from kiln.serve.requests.
     return uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                           access_log=False, timeout_graceful_shutdown=5)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail in one line, before a model loads for minutes, when the server could not listen
+    on host:port (a port in use, an address not of this machine). Binds and closes what
+    uvicorn will bind: every address the host resolves to, with SO_REUSEADDR as asyncio's
+    servers set it (a port left in TIME_WAIT passes, a listening one does not)."""
+    from kiln.errors import KilnError
+
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise KilnError(f"cannot listen on {host}:{port}: {e.strerror}; give --host an "
+                        "address of this machine (127.0.0.1, 0.0.0.0, ...)") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                hint = "choose another --port" if e.errno == errno.EADDRINUSE else \
+                    "check --host and --port"
+                raise KilnError(f"cannot listen on {host}:{port}: {e.strerror or e}; "
+                                f"{hint}") from None
 
 
 log = logging.getLogger("kiln.serve")
