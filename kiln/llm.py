@@ -39,9 +39,11 @@ class LLM:
         if build_options or limits:
             build_config = dataclasses.replace(build_config or BuildConfig(), **build_options,
                                                **limits)
-        runtime = options  # limits stay here too: a cached engine serves them at runtime
+        # Limits stay in the runtime too: a cached engine serves them at runtime. Checked
+        # (the device, ...) before a build that could take minutes.
+        runtime = RuntimeConfig(**options)
         self.engine_dir = resolve_engine(model, build_config)
-        self.engine = LLMEngine(self.engine_dir, RuntimeConfig(**runtime))
+        self.engine = LLMEngine(self.engine_dir, runtime)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

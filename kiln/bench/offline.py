@@ -90,6 +90,15 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
                                        max_seq_len=args.max_seq_len or max(max_seq_len, 256),
                                        max_num_tokens=args.max_num_tokens,
                                        tp_size=args.tp_size, pp_size=args.pp_size)
+    runtime = RuntimeConfig(  # checked (the device, ...) before a build
+        device=args.device, kv_cache_memory_fraction=args.kv_fraction,
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        custom_all_reduce=getattr(args, "custom_all_reduce", None),
+        speculative_config=args.speculative_config,
+        attention_sinks=args.attention_sinks, attention_window=args.attention_window,
+        scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth,
+        prefill_graph_tokens=args.prefill_graph_tokens,
+        piecewise_graphs=args.piecewise_graphs)
     if args.random_config:
         from kiln.build import build
         from kiln.checkpoint.random import RandomCheckpoint
@@ -114,15 +123,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     else:
         engine_dir = resolve_engine(args.model, build_cfg)
     started = time.perf_counter()
-    engine = LLMEngine(engine_dir, RuntimeConfig(
-        device=args.device, kv_cache_memory_fraction=args.kv_fraction,
-        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-        custom_all_reduce=getattr(args, "custom_all_reduce", None),
-        speculative_config=args.speculative_config,
-        attention_sinks=args.attention_sinks, attention_window=args.attention_window,
-        scheduler_policy=args.scheduler_policy, pipeline_depth=args.pipeline_depth,
-        prefill_graph_tokens=args.prefill_graph_tokens,
-        piecewise_graphs=args.piecewise_graphs))
+    engine = LLMEngine(engine_dir, runtime)
     engine.load_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
     freeze_startup_heap()
     return engine

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from kiln.errors import KilnError
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -49,3 +53,29 @@ class RuntimeConfig:
     # every sequence, so generation runs past max_seq_len in constant memory. 0: off.
     attention_sinks: int = 0
     attention_window: int = 0
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device this machine lacks fails before any build
+
+
+def resolve_device(name: str) -> str:
+    """The device kiln runs on for `name` ("auto": cuda when a GPU is visible, else
+    cpu; "cpu", "cuda", "cuda:N"), or a KilnError saying what is wrong."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise KilnError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu" and device.index is None:
+        return name
+    if device.type != "cuda":
+        raise KilnError(f"kiln runs on NVIDIA GPUs (cuda, cuda:N) and the CPU, not {name!r}")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else \
+            "torch sees no CUDA GPU (driver, CUDA_VISIBLE_DEVICES?)"
+        raise KilnError(f"device {name!r} asked for, but {why}; use --device cpu (or auto)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise KilnError(f"device {name!r} asked for, but {torch.cuda.device_count()} GPUs "
+                        "are visible (cuda:0 is the first)")
+    return name

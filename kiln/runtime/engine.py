@@ -18,7 +18,7 @@ from kiln.distributed import Mapping
 from kiln.distributed.comm import all_reduce_min, setup_custom_all_reduce
 from kiln.errors import KilnError, RequestError
 from kiln.runtime import parallel
-from kiln.runtime.config import RuntimeConfig
+from kiln.runtime.config import RuntimeConfig, resolve_device
 from kiln.runtime.intake import check_request, new_group
 from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
 from kiln.runtime.model_runner import ModelRunner
@@ -45,9 +45,7 @@ class LLMEngine:
         spec_config = SpeculativeConfig.parse(runtime.speculative_config)  # fail fast
         self.config = load_engine_config(self.engine_dir)
         build = self.config.build
-        device = runtime.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(runtime.device)
         self.failure: str | None = None  # why a multi-rank engine cannot go on
         self.exit_on_failure = True  # a server keeps answering (503) instead
         self.tokenizer = Tokenizer.from_engine(self.engine_dir)
@@ -55,6 +53,10 @@ class LLMEngine:
         if spec_config is not None:
             spec_config.check_layout(build.tp_size, build.pp_size)
         self.rank_context, self.mirror = rank_context, None
+        if world > 1 and device.startswith("cuda:"):
+            raise KilnError(f"a {world}-rank engine takes GPUs 0-{world - 1} (one a rank), so "
+                            f"--device {device} cannot place it; use --device cuda and "
+                            "CUDA_VISIBLE_DEVICES to choose the GPUs")
         if world > 1 and rank_context is None:
             if device == "cuda" and torch.cuda.device_count() < world and \
                     parallel.launch.launcher_rank() is None:

@@ -144,6 +144,7 @@ class AsyncLLM:
         `engine_process`: run the engine in a child process (spawned: a script that asks
         for it needs the `if __name__ == "__main__":` guard); the child logs at
         `log_level`. `kiln serve` does this unless told `--engine-in-process`."""
+        RuntimeConfig(**runtime)  # bad options (a device this machine lacks) fail here
         if engine_process:
             from kiln.serve.engine_proc import EngineProcess
 

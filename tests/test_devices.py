@@ -1,0 +1,56 @@
+"""The device a user asks for: one clear line when this machine cannot run it, before any
+build or load (`kiln run --device cuda` on a CPU-only machine was a torch traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kiln import LLM
+from kiln.errors import KilnError
+from kiln.runtime.config import RuntimeConfig, resolve_device
+
+
+def test_resolve_device_names_what_is_wrong(monkeypatch):
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    for name, message in {"tpu": "unknown device 'tpu'", "mps": "not 'mps'",
+                          "cpu:1": "not 'cpu:1'", "": "unknown device ''"}.items():
+        with pytest.raises(KilnError, match=message):
+            RuntimeConfig(device=name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KilnError, match="use --device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(KilnError, match="'cuda:2' asked for, but 2 GPUs are visible"):
+        resolve_device("cuda:2")
+
+
+def test_a_multi_rank_engine_refuses_one_gpu_index(monkeypatch, tmp_path):
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from tests.test_serve_support import tiny_chat_checkpoint
+
+    engine = build(tiny_chat_checkpoint(), tmp_path / "tp2",
+                   BuildConfig(dtype="float32", max_seq_len=64, tp_size=2), progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(KilnError, match="2-rank engine takes GPUs 0-1"):
+        LLM(engine, device="cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+def test_kiln_run_on_a_gpu_that_is_not_there_is_one_line(tmp_path):
+    """Before the default model is even looked for or built."""
+    run = subprocess.run([sys.executable, "-m", "kiln", "run", str(tmp_path / "missing"),
+                          "--prompt", "hi", "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines() == [
+        "kiln: error: device 'cuda' asked for, but this torch is a CPU build; use --device "
+        "cpu (or auto)"], run.stderr
