@@ -358,6 +358,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
                 x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
                 acc = int8_gemv.int8_gemv(x_q, weight)
+            elif M > int8_gemv.MAX_ROWS and os.environ.get("KILN_INT8_GEMM") == "triton":
+                # Opt-in, untimed: the epilogue inside the GEMM (no int32 product in memory)
+                from kiln.kernels import int8_gemm
+
+                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
+                return int8_gemm.int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias,
+                                                x.dtype).view(*shape[:-1], N)
             else:
                 x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous(), rows=17)
                 acc = torch._int_mm(x_q, weight.t())

@@ -97,6 +97,37 @@ def test_int8_gemv_is_int_mm(interp, M) -> None:  # noqa: F811
     interp(check_int8_gemv, M, 37, 1000, 16, 16, 3, 3)
 
 
+def check_int8_gemm(M: int, N: int, K: int, tiles: tuple, dtype: torch.dtype,
+                    with_bias: bool) -> None:
+    from kiln.kernels import int8_act, int8_gemm
+
+    g = torch.Generator().manual_seed(M * N + K)
+    x_q = torch.randint(-127, 128, (M + 2, K), generator=g, dtype=torch.int8)  # rows past M
+    x_q[0, :4] = torch.tensor([-127, 127, -127, 127], dtype=torch.int8)  # extremes
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    w[0, :4] = torch.tensor([-127, -127, 127, 127], dtype=torch.int8)
+    x_scale = torch.rand(M, 1, generator=g) * 0.01
+    w_scale = torch.rand(N, generator=g) * 0.01
+    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
+    cfg = int8_gemm.Int8GemmConfig(*tiles)
+    got = int8_gemm.int8_scaled_mm(x_q, x_scale, w, w_scale, bias, dtype, cfg)
+    want = int8_act.scale_int8_product(torch._int_mm(x_q, w.t()), x_scale, w_scale, bias,
+                                       dtype)
+    assert got.shape == (M, N) and got.dtype == dtype
+    assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+@pytest.mark.parametrize("M,N,K", [(17, 48, 64), (40, 100, 96), (70, 64, 200)])
+def test_int8_gemm_is_int_mm_and_epilogue(interp, M, N, K) -> None:  # noqa: F811
+    """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives _int_mm + the scaling epilogue's
+    bits: row and column tiles past M and N, K ending inside a step, grouped program
+    order over several row tiles, bias or none, fp16 / bf16 / fp32 outputs."""
+    for tiles, dtype, with_bias in (((16, 32, 32, 2, 4, 2), torch.float16, True),
+                                    ((32, 16, 64, 1, 4, 1), torch.bfloat16, False),
+                                    ((16, 64, 32, 4, 4, 3), torch.float32, True)):
+        interp(check_int8_gemm, M, N, K, tiles, dtype, with_bias)
+
+
 def test_compiles_for_hopper() -> None:
     """Both kernels at the Llama-3.1-8B shapes, sm_90: no stack."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -115,6 +146,19 @@ def test_compiles_for_hopper() -> None:
         "out_ptr": "*bf16", "M": 512, "N": 28672, "stride_acc": 28672, "stride_out": 28672},
         {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 256}, 4)
     assert r.stack_bytes == 0, r
+    # the fused W8A8 GEMM at kiln's three tile choices: int8 wgmma, no stack
+    from kiln.kernels import int8_gemm
+
+    for M in (64, 256, 512):
+        cfg = int8_gemm.gemm_config(M, 28672, 4096)
+        r = compile_sm90(int8_gemm._int8_gemm_kernel, {
+            "x_ptr": "*i8", "x_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
+            "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": M, "N": 28672, "K": 4096,
+            "stride_x": 4096, "stride_w": 4096, "stride_out": 28672},
+            {"HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+             "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True},
+            cfg.num_warps, cfg.num_stages, variant=f"M{M}")
+        assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
     from kiln.kernels import int8_gemv
     from kiln.kernels.compile_check import main_loop_sass
@@ -179,3 +223,25 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
             monkeypatch.setenv("KILN_INT_PIPELINE", pipeline)  # the K loop pipelined
             got = KF.int8_linear(x, weight, w_scale, bias)
             assert torch.equal(got, want), (mode, (got.float() - want.float()).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("M", [17, 100, 512, 4096])
+def test_gpu_int8_gemm_is_the_default_path(M, monkeypatch) -> None:
+    """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives the bits of _int_mm + the scaling
+    epilogue (the default) at the 8B shapes, bf16 and fp16, with and without bias."""
+    from kiln import functional as KF
+
+    for (N, K), dtype in (((6144, 4096), torch.bfloat16), ((4096, 14336), torch.float16)):
+        x = _inputs(M, K, dtype, "cuda")
+        g = torch.Generator().manual_seed(3)
+        weight = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).cuda()
+        w_scale = (torch.rand(N, generator=g) * 0.01).cuda()
+        for bias in (None, torch.randn(N, generator=g).to(dtype).cuda()):
+            monkeypatch.delenv("KILN_INT8_GEMM", raising=False)
+            want = KF.int8_linear(x, weight, w_scale, bias)
+            monkeypatch.setenv("KILN_INT8_GEMM", "triton")
+            got = KF.int8_linear(x, weight, w_scale, bias)
+            assert torch.equal(got, want), (got.float() - want.float()).abs().max()

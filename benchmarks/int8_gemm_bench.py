@@ -1,0 +1,119 @@
+"""SmoothQuant W8A8 GEMMs at decode-batch and prefill rows (Llama-3.1-8B shapes): the fused
+Triton GEMM (kiln/kernels/int8_gemm.py, the scaling epilogue in the kernel, opt-in
+KILN_INT8_GEMM=triton) over a grid of tiles, against what int8_sq engines run by default
+(torch._int_mm, its int32 product written and read back by int8_act's epilogue), _int_mm
+alone, bf16 cuBLAS and FP8 _scaled_mm (rowwise) on the same rows. Microseconds a call from
+CUDA-graph replays over weight copies past L2 (benchmarks.fp8_gemm.time_calls); each
+Triton launch is checked bit for bit against the default path first.
+
+    python benchmarks/int8_gemm_bench.py OUT.json [--rows 32,64,128,256,512,1024,4096]
+
+Prints a table per row count (TOPS = 2 M N K / time) and writes every timing to OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from benchmarks.fp8_gemm import time_calls
+from benchmarks.int_gemv_bench import SHAPES, n_copies
+
+# (block_m, block_n, block_k, group_m, warps, stages); kiln's choice (gemm_config) is
+# timed as "auto" beside them.
+TILES = [
+    (64, 128, 128, 8, 4, 4), (64, 256, 128, 8, 4, 3), (64, 128, 256, 8, 4, 3),
+    (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4), (128, 128, 256, 8, 8, 3),
+    (128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 256, 64, 8, 8, 5),
+    (256, 128, 128, 8, 8, 3), (128, 128, 128, 1, 8, 4), (128, 256, 128, 16, 8, 3),
+]
+
+
+def measure(M: int, name: str, dev: str) -> dict:
+    """One shape at M rows: every path's microseconds a call ("best": the fastest tile)."""
+    from kiln.kernels import int8_act, int8_gemm
+
+    N, K = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    ws = [torch.randint(-127, 128, (N, K), device="cuda", generator=g, dtype=torch.int8)
+          for _ in range(n_copies(N * K))]
+    scales = [torch.rand(N, device="cuda", generator=g) * 0.01 for _ in ws]
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    x_q, x_scale = int8_act.quantize_int8_per_token(x, rows=17)
+    w16 = [w.to(torch.bfloat16) for w in ws[:max(1, n_copies(2 * N * K))]]
+    w8 = [w.to(torch.float8_e4m3fn) for w in ws]
+    xf8, xs, one = x.to(torch.float8_e4m3fn), torch.ones(M, 1, device="cuda"), \
+        torch.ones(1, N, device="cuda")
+
+    def default(w, s):
+        acc = torch._int_mm(x_q, w.t())
+        return int8_act.scale_int8_product(acc, x_scale, s, None, torch.bfloat16)
+
+    def fused(w, s, cfg):
+        return int8_gemm.int8_scaled_mm(x_q, x_scale, w, s, None, torch.bfloat16, cfg)
+
+    row = {"rows": M, "shape": name, "N": N, "K": K, "device": dev}
+    row["default"] = time_calls(default, list(zip(ws, scales))) * 1e6
+    row["int_mm"] = time_calls(lambda w: torch._int_mm(x_q, w.t()), [(w,) for w in ws]) * 1e6
+    row["bf16"] = time_calls(lambda w: torch.nn.functional.linear(x, w),
+                             [(w,) for w in w16]) * 1e6
+    row["fp8"] = time_calls(lambda w: torch._scaled_mm(
+        xf8, w.t(), scale_a=xs, scale_b=one, out_dtype=torch.bfloat16), [(w,) for w in w8]) * 1e6
+    want = default(ws[0], scales[0])
+    launches = {"auto": None, **{"x".join(map(str, t)): int8_gemm.Int8GemmConfig(*t)
+                                 for t in TILES}}
+    for label, cfg in launches.items():
+        if cfg is not None and cfg.smem_bytes > 220 * 1024:
+            continue
+        try:
+            if not torch.equal(fused(ws[0], scales[0], cfg), want):
+                row[f"triton {label}"] = "MISMATCH"
+                continue
+            row[f"triton {label}"] = time_calls(fused, [(w, s, cfg) for w, s in
+                                                       zip(ws, scales)]) * 1e6
+        except Exception as e:  # a launch that does not fit: say so, go on
+            row[f"triton {label}"] = f"{type(e).__name__}: {str(e)[:80]}"
+    timed = {k: v for k, v in row.items() if k.startswith("triton") and isinstance(v, float)}
+    row["best"] = min(timed, key=timed.get) if timed else None
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", nargs="?", default="int8_gemm.json")
+    ap.add_argument("--rows", default="32,64,128,256,512,1024,4096")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    results = []
+    for M in [int(r) for r in args.rows.split(",")]:
+        table = []
+        for name in args.shapes.split(","):
+            row = measure(M, name, dev)
+            table.append(row)
+            results.append(row)
+            best = row["best"]
+            t_best = row[best] if best else float("nan")
+            tops = 2 * M * row["N"] * row["K"] / 1e12
+            print(f"M={M:5d} {name:8s} default {row['default']:8.1f} us  _int_mm "
+                  f"{row['int_mm']:8.1f}  bf16 {row['bf16']:8.1f}  fp8 {row['fp8']:8.1f}  "
+                  f"triton auto {row.get('triton auto')}  best {best} {t_best:.1f} us "
+                  f"({tops / t_best * 1e6:.0f} TOPS; default "
+                  f"{tops / row['default'] * 1e6:.0f})", flush=True)
+        layer = {k: sum(r[k] for r in table) for k in ("default", "int_mm", "bf16", "fp8")}
+        layer["triton auto"] = sum(r["triton auto"] for r in table
+                                   if isinstance(r.get("triton auto"), float))
+        layer["triton best"] = sum(r[r["best"]] for r in table if r["best"])
+        print(f"M={M:5d} layer: " + ", ".join(f"{k} {v:.1f}" for k, v in layer.items()),
+              flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "tiles": TILES, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        sys.exit("int8_gemm_bench.py needs a CUDA GPU")
+    main()

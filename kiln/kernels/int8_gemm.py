@@ -1,0 +1,124 @@
+"""INT8 W8A8 GEMM with the scaling epilogue in the kernel (SmoothQuant engines, batches of
+more than 16 rows): the int32 tile of sum_k x_q[m, k] * w_q[n, k] never leaves registers.
+
+    y[m, n] = (float(acc[m, n]) * x_scale[m]) * w_scale[n] (+ bias[n]), in x's dtype
+
+Beside it the default path is torch._int_mm, which writes the int32 product [M, N] to
+memory, then kernels.int8_act's epilogue reads it back: 8 bytes an output element moved
+for nothing. At 512 rows of Llama-3.1-8B that is ~176 MB a layer (~40 us at the copy
+bandwidth) beside GEMMs of ~300 us at cuBLAS's int8 rate, plus a launch a linear.
+
+Bits: the integer sums are exact (|q| <= 127, so K up to 133,000 fits int32), and the
+epilogue is _scale_int8_kernel's arithmetic in its order without fused multiply-adds,
+so the output is the default path's to the bit.
+
+Tiles: a wgmma of BLOCK_M x BLOCK_N x BLOCK_K int8 (s8 . s8 -> s32 on Hopper), the K loop
+software-pipelined over `num_stages` cp.async buffers, programs ordered in groups of
+GROUP_M row tiles so a band of weight columns is read from L2 by each of them. Rows and
+columns past M / N are loaded from row 0 / column 0 (no masks in the K loop) and not
+stored.
+
+Opt-in and untimed (KILN_INT8_GEMM=triton; benchmarks/int8_gemm_bench.py times it against
+_int_mm + epilogue at the 8B shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Int8GemmConfig:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @property
+    def smem_bytes(self) -> int:
+        return (self.block_m + self.block_n) * self.block_k * self.num_stages
+
+
+def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
+    """Tiles by row count (untuned guesses for Hopper; the bench sweeps around them): 64-row
+    tiles up to 64 rows, 128 x 128 up to 256, then 128 x 256 with three stages (144 KB
+    of shared memory)."""
+    if M <= 64:
+        return Int8GemmConfig(64, 128, 128, 8, 4, 4)
+    if M <= 256:
+        return Int8GemmConfig(128, 128, 128, 8, 8, 4)
+    return Int8GemmConfig()
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                      stride_x, stride_w, stride_out, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # past M / N: row / column 0
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    x_tile = x_ptr + rows[:, None] * stride_x + offs_k[None, :]
+    w_tile = w_ptr + cols[:, None] * stride_w + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_tile)
+            b = tl.load(w_tile)
+        else:
+            in_k = offs_k[None, :] < K - k * BLOCK_K
+            a = tl.load(x_tile, mask=in_k, other=0)
+            b = tl.load(w_tile, mask=in_k, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        x_tile += BLOCK_K
+        w_tile += BLOCK_K
+
+    mask_m, mask_n = offs_m < M, offs_n < N
+    x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    y = (acc.to(tl.float32) * x_scale[:, None]) * w_scale[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """x_q int8 [>= M, K] (its first M rows: x_scale's), x_scale float32 [M, 1], weight int8
+    [N, K], weight_scale float32 [N] -> [M, N] in dtype: int8_act.scale_int8_product(
+    torch._int_mm(x_q, weight.t()), ...) to the bit, without the int32 product in memory."""
+    M, (N, K) = x_scale.shape[0], weight.shape
+    if x_q.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("int8_scaled_mm wants x_q and weight contiguous along K")
+    out = torch.empty(M, N, dtype=dtype, device=x_q.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = config or gemm_config(M, N, K)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _int8_gemm_kernel[grid](x_q, x_scale, weight, weight_scale,
+                            weight_scale if bias is None else bias, out, M, N, K,
+                            x_q.stride(0), weight.stride(0), out.stride(0),
+                            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+                            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                            EVEN_K=K % cfg.block_k == 0, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return out
