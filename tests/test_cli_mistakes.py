@@ -1,5 +1,7 @@
-"""The device a user asks for: one clear line when this machine cannot run it, before any
-build or load (`kiln run --device cuda` on a CPU-only machine was a torch traceback)."""
+"""Command-line mistakes found by trying them (34th session), each now one clear line before
+any build or load: a device this machine cannot run (`kiln run --device cuda` on a CPU-only
+machine was a torch traceback), `kiln bench` counts below 1 (`--num-requests 0` was an
+IndexError after the engine loaded)."""
 
 from __future__ import annotations
 
@@ -54,3 +56,15 @@ def test_kiln_run_on_a_gpu_that_is_not_there_is_one_line(tmp_path):
     assert run.stderr.strip().splitlines() == [
         "kiln: error: device 'cuda' asked for, but this torch is a CPU build; use --device "
         "cpu (or auto)"], run.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--num-requests", "0"), ("--input-len", "-3"),
+                                        ("--output-len", "x"), ("--hf-batch", "0")])
+def test_kiln_bench_counts_below_one_are_refused(flag, value, capsys):
+    from kiln.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "latency", "/nonexistent/engine", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a whole number >= 1, got '{value}'" in err, err
