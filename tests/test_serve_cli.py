@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.test_serve_support import MODEL, start_kiln_serve, tiny_chat_engine
 
@@ -48,3 +49,24 @@ def test_kiln_serve_refuses_a_port_it_cannot_listen_on_before_loading():
             assert run.returncode == 2, run.stderr
             assert message in run.stderr and "Traceback" not in run.stderr, run.stderr
             assert "nonexistent" not in run.stderr, run.stderr
+
+
+def test_kiln_triton_serve_names_the_busy_port(tmp_path):
+    """`kiln triton-serve` checks its three ports before Triton starts (whose own message
+    comes after its models load): the busy one is named by its flag."""
+    from kiln.distributed.launch import free_port
+    from tests.triton_support import triton_env_dir
+
+    if not (triton_env_dir() / "pyvenv.cfg").is_file():
+        pytest.skip(f"no Triton env at {triton_env_dir()} (make setup makes it)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "kiln", "triton-serve", str(tmp_path),
+                              "--triton-env", str(triton_env_dir()), "--grpc-port", str(port),
+                              "--http-port", str(free_port()), "--metrics-port",
+                              str(free_port())], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (f"kiln: error: cannot listen on 127.0.0.1:{port}: Address "
+                                  "already in use; choose another --grpc-port"), run.stderr

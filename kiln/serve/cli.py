@@ -142,6 +142,12 @@ def cmd_triton_serve(args: argparse.Namespace) -> None:
         raise KilnError(f"model repository {args.repository} does not exist "
                         "(write one with `kiln triton-repo`)")
     env = prepare_triton_env(args.triton_env)
+    if not args.print_command:  # a port in use: one line now, not Triton's log later
+        from kiln.serve.server import check_listen
+
+        for port, flag in ((args.http_port, "--http-port"), (args.grpc_port, "--grpc-port"),
+                           (args.metrics_port, "--metrics-port")):
+            check_listen(args.host, port, flag)
     argv, environ = tritonserver_command(env, args.repository, args.http_port, args.grpc_port,
                                          args.metrics_port, args.host)
     if args.print_command:

@@ -42,7 +42,7 @@ def _uvicorn_config(app: FastAPI, config: ServerConfig) -> uvicorn.Config:
                           access_log=False, timeout_graceful_shutdown=5)
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, flag: str = "--port") -> None:
     """Fail in one line, before a model loads for minutes, when the server could not listen
     on host:port (a port in use, an address not of this machine). Binds and closes what
     uvicorn will bind: every address the host resolves to, with SO_REUSEADDR as asyncio's
@@ -63,8 +63,8 @@ def check_listen(host: str, port: int) -> None:
             try:
                 sock.bind(address)
             except OSError as e:
-                hint = "choose another --port" if e.errno == errno.EADDRINUSE else \
-                    "check --host and --port"
+                hint = f"choose another {flag}" if e.errno == errno.EADDRINUSE else \
+                    f"check --host and {flag}"
                 raise KilnError(f"cannot listen on {host}:{port}: {e.strerror or e}; "
                                 f"{hint}") from None
 
