@@ -22,7 +22,7 @@ import torch
 from benchmarks.fp8_gemm import time_calls
 from benchmarks.int_gemv_bench import SHAPES, n_copies
 
-# (block_m, block_n, block_k, group_m, warps, stages); kiln's choice (gemm_config) is
+# (block_m, block_n, block_k, group_m, warps, stages[, split_k]); kiln's choice (gemm_config) is
 # timed as "auto" beside them. Triton 3.6 does not overlap one K step's integer wgmma with
 # the next (wait_group 0 each step), so tiles small enough for two or three programs an SM
 # (<= ~110 KB of shared memory, <= 128 registers a thread) let one program's products
@@ -32,6 +32,9 @@ TILES = [
     (128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 4, 3),
     (128, 128, 64, 8, 8, 4), (128, 128, 256, 8, 8, 3), (128, 256, 128, 8, 8, 3),
     (128, 256, 64, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 128, 1, 8, 3),
+    # K split (a seventh field; gemm_config splits where tiles are fewer than two an SM)
+    (64, 128, 128, 8, 4, 3, 2), (64, 128, 128, 8, 8, 3, 4), (128, 128, 128, 8, 8, 3, 2),
+    (128, 128, 128, 8, 8, 3, 4),
 ]
 
 

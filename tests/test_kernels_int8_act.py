@@ -121,10 +121,13 @@ def check_int8_gemm(M: int, N: int, K: int, tiles: tuple, dtype: torch.dtype,
 def test_int8_gemm_is_int_mm_and_epilogue(interp, M, N, K) -> None:  # noqa: F811
     """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives _int_mm + the scaling epilogue's
     bits: row and column tiles past M and N, K ending inside a step, grouped program
-    order over several row tiles, bias or none, fp16 / bf16 / fp32 outputs."""
+    order over several row tiles, K split over 2-3 programs (a split with no K step at
+    K = 64), bias or none, fp16 / bf16 / fp32 outputs."""
     for tiles, dtype, with_bias in (((16, 32, 32, 2, 4, 2), torch.float16, True),
                                     ((32, 16, 64, 1, 4, 1), torch.bfloat16, False),
-                                    ((16, 64, 32, 4, 4, 3), torch.float32, True)):
+                                    ((16, 64, 32, 4, 4, 3), torch.float32, True),
+                                    ((16, 32, 32, 2, 4, 2, 3), torch.bfloat16, True),
+                                    ((32, 16, 32, 1, 4, 2, 2), torch.float16, False)):
         interp(check_int8_gemm, M, N, K, tiles, dtype, with_bias)
 
 
@@ -150,13 +153,15 @@ def test_compiles_for_hopper() -> None:
     from kiln.kernels import int8_gemm
 
     for M in (64, 256, 512):
-        cfg = int8_gemm.gemm_config(M, 28672, 4096)
+        cfg = int8_gemm.gemm_config(M, 4096, 4096)  # o: split K at 64 and 256 rows
         r = compile_sm90(int8_gemm._int8_gemm_kernel, {
             "x_ptr": "*i8", "x_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
-            "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": M, "N": 28672, "K": 4096,
-            "stride_x": 4096, "stride_w": 4096, "stride_out": 28672},
+            "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*i32", "count_ptr": "*i32",
+            "M": M, "N": 4096, "K": 4096, "stride_x": 4096, "stride_w": 4096,
+            "stride_out": 4096},
             {"HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-             "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True},
+             "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
+             "SPLIT_K": cfg.split_k, "INTERPRET": False},
             cfg.num_warps, cfg.num_stages, variant=f"M{M}")
         assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row

@@ -16,7 +16,9 @@ Tiles: a wgmma of BLOCK_M x BLOCK_N x BLOCK_K int8 (s8 . s8 -> s32 on Hopper), t
 software-pipelined over `num_stages` cp.async buffers, programs ordered in groups of
 GROUP_M row tiles so a band of weight columns is read from L2 by each of them. Rows and
 columns past M / N are loaded from row 0 / column 0 (no masks in the K loop) and not
-stored.
+stored. Where the tiles are too few for two programs an SM (o and down at decode batches),
+K is split: each split stores its int32 partials and the last to arrive adds them in
+split order (kernels.split_k), still exact, then runs the epilogue.
 
 Opt-in and untimed (KILN_INT8_GEMM=triton; benchmarks/int8_gemm_bench.py times it against
 _int_mm + epilogue at the 8B shapes).
@@ -24,11 +26,17 @@ _int_mm + epilogue at the 8B shapes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.split_k import split_k_counters, split_k_fixup
+
+_SMS = 132  # H100 / H200 SXM; the split rule's target is two programs on each
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class Int8GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    split_k: int = 1  # K split over this many programs a tile (int32 partials, summed exactly)
 
     @property
     def smem_bytes(self) -> int:
@@ -50,16 +59,22 @@ def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
     tiles up to 64 rows, then 128 x 128, three stages: 96 KB of shared memory and ~115
     registers a thread, so two programs share an SM and one's products run while the
     other waits on its K step (Triton 3.6 does not pipeline integer wgmma within one)."""
-    if M <= 64:
-        return Int8GemmConfig(64, 128, 128, 8, 4, 3)
-    return Int8GemmConfig(128, 128, 128, 8, 8, 3)
+    cfg = Int8GemmConfig(64, 128, 128, 8, 4, 3) if M <= 64 else \
+        Int8GemmConfig(128, 128, 128, 8, 8, 3)
+    # Too few tiles for two programs an SM (o and down at decode batches: 32 tiles of 128
+    # columns): split K, keeping >= 1024 of it a split
+    tiles, split = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), 1
+    while tiles * split * 2 <= 2 * _SMS and K // (split * 2) >= 1024:
+        split *= 2
+    return replace(cfg, split_k=split)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
-                      stride_x, stride_w, stride_out, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr,
+                      count_ptr, M, N, K, stride_x, stride_w, stride_out,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -74,10 +89,14 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     offs_k = tl.arange(0, BLOCK_K)
     rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # past M / N: row / column 0
     cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    x_tile = x_ptr + rows[:, None] * stride_x + offs_k[None, :]
-    w_tile = w_ptr + cols[:, None] * stride_w + offs_k[None, :]
+    steps = tl.cdiv(K, BLOCK_K)  # this split's K steps: [first, last)
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, steps)
+    x_tile = x_ptr + rows[:, None] * stride_x + first * BLOCK_K + offs_k[None, :]
+    w_tile = w_ptr + cols[:, None] * stride_w + first * BLOCK_K + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(first, last):
         if EVEN_K:
             a = tl.load(x_tile)
             b = tl.load(w_tile)
@@ -90,13 +109,20 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
         w_tile += BLOCK_K
 
     mask_m, mask_n = offs_m < M, offs_n < N
-    x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
-    w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    y = (acc.to(tl.float32) * x_scale[:, None]) * w_scale[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    done = True
+    if SPLIT_K > 1:  # the last split of the tile adds the others' int32 partials, exactly
+        acc, done = split_k_fixup(acc, part_ptr, count_ptr, pid,
+                                  offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], mask,
+                                  M * N, offs_n, SPLIT_K, INTERPRET)
+    if done:
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        y = (acc.to(tl.float32) * x_scale[:, None]) * w_scale[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_out + offs_n[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -112,12 +138,16 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     if M == 0 or N == 0:
         return out
     cfg = config or gemm_config(M, N, K)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _int8_gemm_kernel[grid](x_q, x_scale, weight, weight_scale,
-                            weight_scale if bias is None else bias, out, M, N, K,
-                            x_q.stride(0), weight.stride(0), out.stride(0),
-                            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
-                            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                            EVEN_K=K % cfg.block_k == 0, num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, enable_fp_fusion=False)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    part = count = out  # not read with one split
+    if cfg.split_k > 1:
+        part = torch.empty(cfg.split_k, M * N, dtype=torch.int32, device=x_q.device)
+        count = split_k_counters(x_q.device, tiles)
+    _int8_gemm_kernel[(tiles, cfg.split_k)](
+        x_q, x_scale, weight, weight_scale, weight_scale if bias is None else bias, out, part,
+        count, M, N, K, x_q.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
+        SPLIT_K=cfg.split_k, INTERPRET=_INTERPRET, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=False)
     return out

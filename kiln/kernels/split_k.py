@@ -33,11 +33,16 @@ def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems, lanes,
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
     last = arrived == SPLIT_K - 1
-    total = tl.zeros(acc.shape, dtype=tl.float32)
+    total = tl.zeros(acc.shape, dtype=acc.dtype)  # float32, or int32 sums kept exact
     if last:
-        for s in tl.static_range(SPLIT_K):
-            total += tl.load(part_ptr + s * elems + offs, mask=mask, other=0.0,
-                             cache_modifier=".cg")
+        if acc.dtype == tl.int32:  # GEMM tiles (int8_gemm): one partial in registers at once
+            for s in range(SPLIT_K):
+                total += tl.load(part_ptr + s * elems + offs, mask=mask, other=0,
+                                 cache_modifier=".cg")
+        else:
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + s * elems + offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
         tl.store(count_ptr + tile, 0)
     return total, last
 
