@@ -358,8 +358,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
             if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
                 x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
                 acc = int8_gemv.int8_gemv(x_q, weight)
-            elif M > int8_gemv.MAX_ROWS and os.environ.get("KILN_INT8_GEMM") == "triton":
-                # Opt-in, untimed: the epilogue inside the GEMM (no int32 product in memory)
+            elif os.environ.get("KILN_INT8_GEMM") == "triton":
+                # Opt-in, untimed: the epilogue inside the GEMM (no int32 product in memory,
+                # no padding to 17 rows)
                 from kiln.kernels import int8_gemm
 
                 x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())

@@ -117,7 +117,7 @@ def check_int8_gemm(M: int, N: int, K: int, tiles: tuple, dtype: torch.dtype,
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
 
 
-@pytest.mark.parametrize("M,N,K", [(17, 48, 64), (40, 100, 96), (70, 64, 200)])
+@pytest.mark.parametrize("M,N,K", [(5, 40, 96), (17, 48, 64), (40, 100, 96), (70, 64, 200)])
 def test_int8_gemm_is_int_mm_and_epilogue(interp, M, N, K) -> None:  # noqa: F811
     """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives _int_mm + the scaling epilogue's
     bits: row and column tiles past M and N, K ending inside a step, grouped program
@@ -149,10 +149,10 @@ def test_compiles_for_hopper() -> None:
         "out_ptr": "*bf16", "M": 512, "N": 28672, "stride_acc": 28672, "stride_out": 28672},
         {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 256}, 4)
     assert r.stack_bytes == 0, r
-    # the fused W8A8 GEMM at kiln's three tile choices: int8 wgmma, no stack
+    # the fused W8A8 GEMM at kiln's tile choices: int8 mma.sync / wgmma, no stack
     from kiln.kernels import int8_gemm
 
-    for M in (64, 256, 512):
+    for M in (16, 64, 256, 512):
         cfg = int8_gemm.gemm_config(M, 4096, 4096)  # o: split K at 64 and 256 rows
         r = compile_sm90(int8_gemm._int8_gemm_kernel, {
             "x_ptr": "*i8", "x_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
@@ -163,7 +163,8 @@ def test_compiles_for_hopper() -> None:
              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
              "SPLIT_K": cfg.split_k, "INTERPRET": False},
             cfg.num_warps, cfg.num_stages, variant=f"M{M}")
-        assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
+        mma = "mma.sync" if M <= 16 else "wgmma.mma_async"  # 16-row tiles: mma.sync
+        assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
     from kiln.kernels import int8_gemv
     from kiln.kernels.compile_check import main_loop_sass
@@ -233,7 +234,7 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("M", [17, 100, 512, 4096])
+@pytest.mark.parametrize("M", [2, 16, 17, 100, 512, 4096])
 def test_gpu_int8_gemm_is_the_default_path(M, monkeypatch) -> None:
     """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives the bits of _int_mm + the scaling
     epilogue (the default) at the 8B shapes, bf16 and fp16, with and without bias."""

@@ -1,5 +1,5 @@
-"""INT8 W8A8 GEMM with the scaling epilogue in the kernel (SmoothQuant engines, batches of
-more than 16 rows): the int32 tile of sum_k x_q[m, k] * w_q[n, k] never leaves registers.
+"""INT8 W8A8 GEMM with the scaling epilogue in the kernel (SmoothQuant engines, decode
+batches and prefill): the int32 tile of sum_k x_q[m, k] * w_q[n, k] never leaves registers.
 
     y[m, n] = (float(acc[m, n]) * x_scale[m]) * w_scale[n] (+ bias[n]), in x's dtype
 
@@ -20,8 +20,9 @@ stored. Where the tiles are too few for two programs an SM (o and down at decode
 K is split: each split stores its int32 partials and the last to arrive adds them in
 split order (kernels.split_k), still exact, then runs the epilogue.
 
-Opt-in and untimed (KILN_INT8_GEMM=triton; benchmarks/int8_gemm_bench.py times it against
-_int_mm + epilogue at the 8B shapes).
+Opt-in and untimed (KILN_INT8_GEMM=triton: every row count but one row, which keeps the
+dp4a GEMV; benchmarks/int8_gemm_bench.py times it against _int_mm + epilogue at the 8B
+shapes).
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ class Int8GemmConfig:
 
 
 def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
-    """Tiles by row count (untuned guesses for Hopper; the bench sweeps around them): 64-row
-    tiles up to 64 rows, then 128 x 128, three stages: 96 KB of shared memory and ~115
-    registers a thread, so two programs share an SM and one's products run while the
-    other waits on its K step (Triton 3.6 does not pipeline integer wgmma within one)."""
-    cfg = Int8GemmConfig(64, 128, 128, 8, 4, 3) if M <= 64 else \
+    """Tiles by row count (untuned guesses for Hopper; the bench sweeps around them): 16-row
+    tiles (mma.sync) up to 16 rows, 64-row ones up to 64, then 128 x 128, three stages:
+    96 KB of shared memory and ~115 registers a thread, so two programs share an SM and
+    one's products run while the other waits on its K step (Triton 3.6 does not pipeline
+    integer wgmma within one)."""
+    cfg = Int8GemmConfig(16, 64, 256, 1, 4, 4) if M <= 16 else \
+        Int8GemmConfig(64, 128, 128, 8, 4, 3) if M <= 64 else \
         Int8GemmConfig(128, 128, 128, 8, 8, 3)
     # Too few tiles for two programs an SM (o and down at decode batches: 32 tiles of 128
     # columns): split K, keeping >= 1024 of it a split

@@ -7,7 +7,7 @@
 #   bash next_session.sh [a] [b]     (default: both)
 # b (~6 min, added in the 34th session, which had no device time): the fused W8A8 GEMM
 # (kernels/int8_gemm.py, KILN_INT8_GEMM=triton): its GPU test, its tiles against
-# _int_mm + epilogue / bf16 / FP8 at 64-4096 rows, then SmoothQuant + int8 KV 1000 / 1000
+# _int_mm + epilogue / bf16 / FP8 at 4-4096 rows, then SmoothQuant + int8 KV 1000 / 1000
 # x 300 with and without it and bf16 beside them (issue #10's 1.3x; 1.07x in the 30th).
 set -u
 parts=${*:-a b}
@@ -35,7 +35,7 @@ if [[ " $parts " == *" b "* ]]; then
   unset TRITON_CACHE_DIR
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_int8_act.py \
     > $OUT/int8-tests.log 2>&1; tail -n 3 $OUT/int8-tests.log
-  timeout 240 python3 benchmarks/int8_gemm_bench.py $OUT/int8_gemm.json --rows 64,256,512,1024,4096 \
+  timeout 240 python3 benchmarks/int8_gemm_bench.py $OUT/int8_gemm.json --rows 4,16,64,256,512,1024,4096 \
     > $OUT/int8_gemm.log 2>&1; grep "layer\|MISMATCH" $OUT/int8_gemm.log
   for v in default triton bf16; do
     case $v in
