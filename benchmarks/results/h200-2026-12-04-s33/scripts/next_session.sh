@@ -4,13 +4,13 @@
 # written after call 4 showed a cold 32k load spending 29.7 s in the graph capture against
 # 3.4 with the 64-key tiles): their GPU test, then a cold 32k load (empty Triton cache) and
 # its batch-1 decode (85.2-85.4% of the roofline in the 33rd), then a warm one.
-#   bash next_session.sh [a] [b]     (default: both)
-# b (~6 min, added in the 34th session, which had no device time): the fused W8A8 GEMM
-# (kernels/int8_gemm.py, KILN_INT8_GEMM=triton): its GPU test, its tiles against
-# _int_mm + epilogue / bf16 / FP8 at 4-4096 rows, then SmoothQuant + int8 KV 1000 / 1000
-# x 300 with and without it and bf16 beside them (issue #10's 1.3x; 1.07x in the 30th).
+#   bash next_session.sh a|b|c     (one device call each: a ~6, b ~5, c ~7 minutes)
+# b and c were added in the 34th session, which had no device time: the fused W8A8 GEMM
+# (kernels/int8_gemm.py, KILN_INT8_GEMM=triton). b: its GPU test, its tiles against
+# _int_mm + epilogue / bf16 / FP8 at 4-4096 rows; c: SmoothQuant + int8 KV 1000 / 1000 x 300
+# with and without it and bf16 beside them (issue #10's 1.3x; 1.07x in the 30th).
 set -u
-parts=${*:-a b}
+parts=${*:-a}
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if [[ " $parts " == *" a "* ]]; then
@@ -37,11 +37,13 @@ if [[ " $parts " == *" b "* ]]; then
     > $OUT/int8-tests.log 2>&1; tail -n 3 $OUT/int8-tests.log
   timeout 240 python3 benchmarks/int8_gemm_bench.py $OUT/int8_gemm.json --rows 4,16,64,256,512,1024,4096 \
     > $OUT/int8_gemm.log 2>&1; grep "layer\|MISMATCH" $OUT/int8_gemm.log
+fi
+if [[ " $parts " == *" c "* ]]; then
   for v in default triton bf16; do
     case $v in
       default) env=""; q="--quantization int8_sq --kv-cache-dtype int8" ;;
       triton) env="KILN_INT8_GEMM=triton"; q="--quantization int8_sq --kv-cache-dtype int8" ;;
-      bf16) env=""; q="" ;;
+      bf16) env=""; q="--load-format dummy" ;;  # (the 30th's call 4: sq8 built and calibrated, ~200 s)
     esac
     env $env timeout 240 python3 -m kiln.cli bench throughput --random-config llama-3.1-8b \
       --input-len 1000 --output-len 1000 --num-requests 300 --max-seq-len 2048 $q \
