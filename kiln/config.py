@@ -85,6 +85,23 @@ class EngineConfig:
     format_version: int = 1
 
 
+def int_in(low: int, high: int | None = None, what: str = "a whole number"
+           ) -> Any:
+    """An argparse type: a whole number in [low, high] (no upper bound without high)."""
+    bounds = f">= {low}" if high is None else f"({low}-{high})"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
 def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None:
     """The build options of `kiln build | run | serve | bench | eval` (limits: the
     engine-size options, which bench and eval set themselves)."""

@@ -337,40 +337,18 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """INT8 W8A8: x [..., K] quantized per token @ weight [N, K] int8 (scale [N] per
-    output row) -> [..., N] in x.dtype. On CUDA torch._int_mm (int32 accumulation, rows
-    padded to 17 where it needs M > 16; one row: dp4a, kernels/int8_gemv.py, the same
-    sums), else the reference (the same integer sums)."""
+    output row) -> [..., N] in x.dtype. On CUDA the Triton kernels around torch._int_mm
+    (kiln.kernels.int8_gemm.int8_linear chooses), else the reference (the same integer
+    sums)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M, K = x2.shape
     N = weight.shape[0]
     if x.is_cuda and K % 8 == 0 and N % 8 == 0 and os.environ.get("KILN_TRITON", "1") != "0":
-        # One Triton kernel each side of _int_mm (KILN_INT8_FUSED=0: the torch chain, the
-        # same bits): H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s.
-        if os.environ.get("KILN_INT8_FUSED", "1") != "0":
-            from kiln.kernels import int8_act, int8_gemv
+        if os.environ.get("KILN_INT8_FUSED", "1") != "0":  # =0: the torch chain below
+            from kiln.kernels.int8_gemm import int8_linear as kernel
 
-            # One row (decode of one sequence): dp4a on the CUDA cores instead of _int_mm
-            # padded to 17 rows, the same int32 sums: H200, 8B shapes, 67.7 vs 88.0 us a
-            # layer. KILN_INT8_GEMV=0: _int_mm always; =1: dp4a up to 16 rows (at 4 rows
-            # _int_mm wins qkv and gate_up, at 16 every shape).
-            gemv = os.environ.get("KILN_INT8_GEMV", "")
-            if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
-                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
-                acc = int8_gemv.int8_gemv(x_q, weight)
-            elif os.environ.get("KILN_INT8_GEMM") == "triton":
-                # Opt-in, untimed: the epilogue inside the GEMM (no int32 product in memory,
-                # no padding to 17 rows)
-                from kiln.kernels import int8_gemm
-
-                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous())
-                return int8_gemm.int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias,
-                                                x.dtype).view(*shape[:-1], N)
-            else:
-                x_q, x_scale = int8_act.quantize_int8_per_token(x2.contiguous(), rows=17)
-                acc = torch._int_mm(x_q, weight.t())
-            return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias,
-                                               x.dtype).view(*shape[:-1], N)
+            return kernel(x2, weight, weight_scale, bias).view(*shape[:-1], N)
         x_q, x_scale = ref.quantize_int8_per_token(x2)
         if M <= 16:
             x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - M))

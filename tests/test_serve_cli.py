@@ -40,7 +40,7 @@ def test_kiln_serve_refuses_a_port_it_cannot_listen_on_before_loading():
         busy.listen()
         port = busy.getsockname()[1]
         cases = {(str(port), "127.0.0.1"): "Address already in use; choose another --port",
-                 ("70000", "127.0.0.1"): "'70000' is not a port number (0-65535)",
+                 ("70000", "127.0.0.1"): "expected a port number (0-65535), got '70000'",
                  ("0", "nosuch.invalid"): "give --host an address of this machine"}
         for (port_arg, host), message in cases.items():
             run = subprocess.run([sys.executable, "-m", "kiln", "serve", "/nonexistent/engine",

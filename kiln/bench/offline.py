@@ -23,7 +23,7 @@ from kiln.bench.roofline import (
     throughput_floor,
 )
 from kiln.cli import SPEC_HELP
-from kiln.config import add_build_arguments
+from kiln.config import add_build_arguments, int_in
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.heap import freeze_startup_heap
@@ -32,24 +32,13 @@ from kiln.runtime.request import SamplingParams
 from kiln.runtime.scheduler import POLICIES
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
     p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf (default: SmolLM2)")
     p.add_argument("--random-config", help="build a random-weight engine of this preset "
                    "(e.g. llama-3.1-8b) into the cache and bench it")
-    p.add_argument("--input-len", type=positive_int, default=1000 if latency else 128)
-    p.add_argument("--output-len", type=positive_int, default=128)
-    p.add_argument("--num-requests", type=positive_int, default=1 if latency else 256)
+    p.add_argument("--input-len", type=int_in(1), default=1000 if latency else 128)
+    p.add_argument("--output-len", type=int_in(1), default=128)
+    p.add_argument("--num-requests", type=int_in(1), default=1 if latency else 256)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=16384)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
@@ -74,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
                    help="fraction of free GPU memory for the KV cache")
     p.add_argument("--compare-hf", action="store_true",
                    help="also run transformers generate on the same weights")
-    p.add_argument("--hf-batch", type=positive_int, default=None,
+    p.add_argument("--hf-batch", type=int_in(1), default=None,
                    help="transformers batch size (default: all requests at once, max 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)

@@ -22,7 +22,7 @@ split order (kernels.split_k), still exact, then runs the epilogue.
 
 Opt-in and untimed (KILN_INT8_GEMM=triton: every row count but one row, which keeps the
 dp4a GEMV; benchmarks/int8_gemm_bench.py times it against _int_mm + epilogue at the 8B
-shapes).
+shapes). int8_linear at the end is where CUDA W8A8 linears choose among the routes.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import int8_act, int8_gemv
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _SMS = 132  # H100 / H200 SXM; the split rule's target is two programs on each
@@ -154,3 +155,28 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
         SPLIT_K=cfg.split_k, INTERPRET=_INTERPRET, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=False)
     return out
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 on CUDA, x [M, K] -> [M, N] in x's dtype: x quantized per token by one kernel
+    (int8_act), then the int32 sums by one of three routes, all the same integers, and the
+    scaling (one kernel; KILN_INT8_FUSED=0 in kiln.functional runs the torch chain
+    instead, the same bits: H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s):
+    - one row: dp4a on the CUDA cores (int8_gemv) instead of _int_mm padded to 17 rows,
+      H200 8B shapes 67.7 vs 88.0 us a layer. KILN_INT8_GEMV=0: never; =1: up to 16 rows
+      (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
+    - KILN_INT8_GEMM=triton (opt-in, untimed): this module's GEMM, the scaling inside it;
+    - else torch._int_mm (rows padded to 17) and int8_act's epilogue."""
+    M = x.shape[0]
+    gemv = os.environ.get("KILN_INT8_GEMV", "")
+    if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
+        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
+        acc = int8_gemv.int8_gemv(x_q, weight)
+    elif os.environ.get("KILN_INT8_GEMM") == "triton":
+        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
+        return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
+    else:
+        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous(), rows=17)
+        acc = torch._int_mm(x_q, weight.t())
+    return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias, x.dtype)

@@ -144,7 +144,7 @@ class AsyncLLM:
         `engine_process`: run the engine in a child process (spawned: a script that asks
         for it needs the `if __name__ == "__main__":` guard); the child logs at
         `log_level`. `kiln serve` does this unless told `--engine-in-process`."""
-        RuntimeConfig(**runtime)  # bad options (a device this machine lacks) fail here
+        config = RuntimeConfig(**runtime)  # bad options (a device this machine lacks) fail here
         if engine_process:
             from kiln.serve.engine_proc import EngineProcess
 
@@ -154,7 +154,7 @@ class AsyncLLM:
         from kiln.runtime.heap import freeze_startup_heap
 
         engine_dir = resolve_engine(model, build_config)
-        engine = LLMEngine(engine_dir, RuntimeConfig(**runtime))
+        engine = LLMEngine(engine_dir, config)
         freeze_startup_heap()  # `kiln serve --engine-in-process` (a no-op for library callers)
         return cls(engine, max_queue)
 

@@ -8,7 +8,9 @@ import os
 import sys
 
 from kiln.cli import SPEC_HELP
-from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
+from kiln.config import add_build_arguments, build_config_from_args, int_in, limits_from_args
+
+PORT = int_in(0, 65535, "a port number")  # argparse type (0: any free port)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: loopback only; 0.0.0.0 for all)")
-    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY)")
     p.add_argument("--max-queue", type=int, default=None, metavar="N",
@@ -65,23 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-env", default=os.environ.get("KILN_TRITON_ENV"),
                    help="venv with nvidia-pytriton and numpy<2 (default: $KILN_TRITON_ENV)")
     p.add_argument("--host", default="127.0.0.1", help="address of all three endpoints")
-    p.add_argument("--http-port", type=port_number, default=8000)
-    p.add_argument("--grpc-port", type=port_number, default=8001)
-    p.add_argument("--metrics-port", type=port_number, default=8002)
+    p.add_argument("--http-port", type=PORT, default=8000)
+    p.add_argument("--grpc-port", type=PORT, default=8001)
+    p.add_argument("--metrics-port", type=PORT, default=8002)
     p.add_argument("--print-command", action="store_true",
                    help="print the environment and command instead of running them")
     p.set_defaults(func=cmd_triton_serve)
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port (0: any free one)."""
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return port
 
 
 def _is_loopback(host: str) -> bool:
