@@ -152,17 +152,19 @@ def test_compiles_for_hopper() -> None:
     # the fused W8A8 GEMM at kiln's tile choices: int8 mma.sync / wgmma, no stack
     from kiln.kernels import int8_gemm
 
-    for M in (16, 64, 256, 512):
-        cfg = int8_gemm.gemm_config(M, 4096, 4096)  # o: split K at 64 and 256 rows
+    # (o at 4 rows and down at 64 split K; gate_up at 16 takes 128-column tiles, at 1024
+    # 128-row ones)
+    for M, N, K in ((4, 4096, 4096), (16, 28672, 4096), (64, 4096, 14336),
+                    (256, 4096, 4096), (1024, 4096, 4096)):
+        cfg = int8_gemm.gemm_config(M, N, K)
         r = compile_sm90(int8_gemm._int8_gemm_kernel, {
             "x_ptr": "*i8", "x_scale_ptr": "*fp32", "w_ptr": "*i8", "w_scale_ptr": "*fp32",
             "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*i32", "count_ptr": "*i32",
-            "M": M, "N": 4096, "K": 4096, "stride_x": 4096, "stride_w": 4096,
-            "stride_out": 4096},
+            "M": M, "N": N, "K": K, "stride_x": K, "stride_w": K, "stride_out": N},
             {"HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
              "SPLIT_K": cfg.split_k, "INTERPRET": False},
-            cfg.num_warps, cfg.num_stages, variant=f"M{M}")
+            cfg.num_warps, cfg.num_stages, variant=f"M{M}N{N}K{K}")
         mma = "mma.sync" if M <= 16 else "wgmma.mma_async"  # 16-row tiles: mma.sync
         assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
@@ -234,10 +236,11 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("M", [2, 16, 17, 100, 512, 4096])
-def test_gpu_int8_gemm_is_the_default_path(M, monkeypatch) -> None:
-    """The fused W8A8 GEMM (KILN_INT8_GEMM=triton) gives the bits of _int_mm + the scaling
-    epilogue (the default) at the 8B shapes, bf16 and fp16, with and without bias."""
+@pytest.mark.parametrize("M", [2, 16, 49, 100, 512, 4096])
+def test_gpu_int8_gemm_is_the_torch_path(M, monkeypatch) -> None:
+    """The fused W8A8 GEMM (the Hopper default at 2-16 and 49+ rows) gives the bits of
+    _int_mm + the scaling epilogue (KILN_INT8_GEMM=torch) at the 8B shapes, bf16 and fp16,
+    with and without bias."""
     from kiln import functional as KF
 
     for (N, K), dtype in (((6144, 4096), torch.bfloat16), ((4096, 14336), torch.float16)):
@@ -246,7 +249,7 @@ def test_gpu_int8_gemm_is_the_default_path(M, monkeypatch) -> None:
         weight = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).cuda()
         w_scale = (torch.rand(N, generator=g) * 0.01).cuda()
         for bias in (None, torch.randn(N, generator=g).to(dtype).cuda()):
-            monkeypatch.delenv("KILN_INT8_GEMM", raising=False)
+            monkeypatch.setenv("KILN_INT8_GEMM", "torch")
             want = KF.int8_linear(x, weight, w_scale, bias)
             monkeypatch.setenv("KILN_INT8_GEMM", "triton")
             got = KF.int8_linear(x, weight, w_scale, bias)

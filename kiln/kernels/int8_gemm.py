@@ -20,13 +20,15 @@ stored. Where the tiles are too few for two programs an SM (o and down at decode
 K is split: each split stores its int32 partials and the last to arrive adds them in
 split order (kernels.split_k), still exact, then runs the epilogue.
 
-Opt-in and untimed (KILN_INT8_GEMM=triton: every row count but one row, which keeps the
-dp4a GEMV; benchmarks/int8_gemm_bench.py times it against _int_mm + epilogue at the 8B
-shapes). int8_linear at the end is where CUDA W8A8 linears choose among the routes.
+The default on Hopper from 2 rows on (one row keeps the dp4a GEMV; KILN_INT8_GEMM=torch
+for _int_mm + epilogue, =triton on other GPUs); benchmarks/int8_gemm_bench.py times it
+against _int_mm + epilogue, bf16 and FP8 at the 8B shapes. int8_linear at the end is where
+CUDA W8A8 linears choose among the routes.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -57,18 +59,26 @@ class Int8GemmConfig:
 
 
 def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
-    """Tiles by row count (untuned guesses for Hopper; the bench sweeps around them): 16-row
-    tiles (mma.sync) up to 16 rows, 64-row ones up to 64, then 128 x 128, three stages:
-    96 KB of shared memory and ~115 registers a thread, so two programs share an SM and
-    one's products run while the other waits on its K step (Triton 3.6 does not pipeline
-    integer wgmma within one)."""
-    cfg = Int8GemmConfig(16, 64, 256, 1, 4, 4) if M <= 16 else \
-        Int8GemmConfig(64, 128, 128, 8, 4, 3) if M <= 64 else \
-        Int8GemmConfig(128, 128, 128, 8, 8, 3)
-    # Too few tiles for two programs an SM (o and down at decode batches: 32 tiles of 128
-    # columns): split K, keeping >= 1024 of it a split
+    """Tiles by row count, from the 35th session's H200 sweep at the 8B shapes
+    (benchmarks/int8_gemm_bench.py; BENCHMARKS.md): 16-row tiles (mma.sync) up to 16 rows,
+    128 columns wide where the 64-wide ones would be more than two an SM (gate_up); 64-row
+    tiles, four stages, up to 255 rows and wherever 128-row ones would be fewer than 1.5
+    an SM; else 128 x 128 x 128, three stages. Small tiles let two programs share an SM so
+    one's products run while the other waits (Triton 3.6 does not pipeline integer wgmma
+    within one). K is split where the tiles are too few: at 16-row tiles until two
+    programs an SM (>= 1024 of K a split), at 64-row ones until one (>= 3072: at 64 rows
+    down's K split 4 ways took 29 us against 43, o's 2 ways 16 against 14)."""
+    if M <= 16:
+        cfg = Int8GemmConfig(16, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * _SMS else \
+            Int8GemmConfig(16, 64, 256, 1, 4, 4)
+        per_sm, min_k = 2, 1024
+    else:
+        big = M >= 256 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * _SMS
+        cfg = Int8GemmConfig(128, 128, 128, 8, 8, 3) if big else \
+            Int8GemmConfig(64, 128, 128, 8, 4, 4)
+        per_sm, min_k = 1, 3072
     tiles, split = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), 1
-    while tiles * split * 2 <= 2 * _SMS and K // (split * 2) >= 1024:
+    while tiles * split * 2 <= per_sm * _SMS and K // (split * 2) >= min_k:
         split *= 2
     return replace(cfg, split_k=split)
 
@@ -166,17 +176,35 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     - one row: dp4a on the CUDA cores (int8_gemv) instead of _int_mm padded to 17 rows,
       H200 8B shapes 67.7 vs 88.0 us a layer. KILN_INT8_GEMV=0: never; =1: up to 16 rows
       (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
-    - KILN_INT8_GEMM=triton (opt-in, untimed): this module's GEMM, the scaling inside it;
+    - from 2 rows on a Hopper GPU, this module's GEMM with the scaling inside it (H200,
+      8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 78 / 89 / 135 / 390 / 1581
+      us against 95 / 102 / 219 / 587 / 2249), but not at 17-48 rows, where a 64-row tile
+      is half empty (32 rows: 113 against 98). KILN_INT8_GEMM=torch: never; =triton: on
+      any CUDA GPU (untimed off Hopper);
     - else torch._int_mm (rows padded to 17) and int8_act's epilogue."""
     M = x.shape[0]
     gemv = os.environ.get("KILN_INT8_GEMV", "")
     if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
         x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
         acc = int8_gemv.int8_gemv(x_q, weight)
-    elif os.environ.get("KILN_INT8_GEMM") == "triton":
+    elif (M <= 16 or M > 48) and _fused_gemm(x.device):
         x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
         return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
     else:
         x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous(), rows=17)
         acc = torch._int_mm(x_q, weight.t())
     return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias, x.dtype)
+
+
+def _fused_gemm(device: torch.device) -> bool:
+    """int8_linear's choice of this module's GEMM (KILN_INT8_GEMM read each call, as tests
+    and benchmarks switch it)."""
+    choice = os.environ.get("KILN_INT8_GEMM", "")
+    if choice in ("torch", "0"):
+        return False
+    return choice == "triton" or _is_hopper(device.index)
+
+
+@functools.cache
+def _is_hopper(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
