@@ -59,23 +59,27 @@ class Int8GemmConfig:
 
 
 def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
-    """Tiles by row count, from the 35th session's H200 sweep at the 8B shapes
+    """Tiles by row count, from the 35th session's H200 sweeps at the 8B shapes
     (benchmarks/int8_gemm_bench.py; BENCHMARKS.md): 16-row tiles (mma.sync) up to 16 rows,
-    128 columns wide where the 64-wide ones would be more than two an SM (gate_up); 64-row
-    tiles, four stages, up to 255 rows and wherever 128-row ones would be fewer than 1.5
-    an SM; else 128 x 128 x 128, three stages. Small tiles let two programs share an SM so
-    one's products run while the other waits (Triton 3.6 does not pipeline integer wgmma
-    within one). K is split where the tiles are too few: at 16-row tiles until two
-    programs an SM (>= 1024 of K a split), at 64-row ones until one (>= 3072: at 64 rows
-    down's K split 4 ways took 29 us against 43, o's 2 ways 16 against 14)."""
+    128 columns wide where the 64-wide ones would be more than two an SM (gate_up); from
+    128 rows, 128 x 128 x 128 tiles on 4 warps, three stages, where they are at least 1.5
+    an SM (gate_up at 512 rows: 107 us against 122 on 8 warps), else 64-row ones. Small
+    tiles let two or three programs share an SM so one's products run while another
+    waits (Triton 3.6 does not pipeline integer wgmma within one). K is split where the
+    tiles are too few: at 16-row tiles until two programs an SM (>= 1024 of K a split),
+    at 64-row ones until one (>= 3072: at 64 rows down's K split 4 ways took 29 us against
+    43, o's 2 ways 16 against 14)."""
     if M <= 16:
         cfg = Int8GemmConfig(16, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * _SMS else \
             Int8GemmConfig(16, 64, 256, 1, 4, 4)
         per_sm, min_k = 2, 1024
     else:
-        big = M >= 256 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * _SMS
-        cfg = Int8GemmConfig(128, 128, 128, 8, 8, 3) if big else \
-            Int8GemmConfig(64, 128, 128, 8, 4, 4)
+        big = M >= 128 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * _SMS
+        # 64-row tiles: four stages (96 KB, two programs an SM) while that is one wave,
+        # else three (72 KB, three an SM): qkv at 512 rows, 384 tiles, 23 us against 31
+        tiles = triton.cdiv(M, 64) * triton.cdiv(N, 128)
+        cfg = Int8GemmConfig(128, 128, 128, 8, 4, 3) if big else \
+            Int8GemmConfig(64, 128, 128, 8, 4, 4 if tiles <= 2 * _SMS else 3)
         per_sm, min_k = 1, 3072
     tiles, split = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), 1
     while tiles * split * 2 <= per_sm * _SMS and K // (split * 2) >= min_k:
