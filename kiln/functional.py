@@ -340,6 +340,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     output row) -> [..., N] in x.dtype. On CUDA the Triton kernels around torch._int_mm
     (kiln.kernels.int8_gemm.int8_linear chooses), else the reference (the same integer
     sums)."""
+    if isinstance(x, ref.Int8Act):  # quantized by the norm / SiLU-mul before (on CUDA)
+        from kiln.kernels.int8_gemm import int8_linear as kernel
+
+        return kernel(x, weight, weight_scale, bias)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     M, K = x2.shape

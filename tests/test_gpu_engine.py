@@ -238,6 +238,32 @@ def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path):
     assert got[True][1] == got[False][1]
 
 
+def test_int8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path,
+                                                     monkeypatch):
+    """A SmoothQuant engine (int8_sq + int8 KV) whose RMSNorm and SiLU*mul write the int8
+    GEMMs' inputs already quantized (KILN_INT8_FUSED_QUANT=1) gives the logits and tokens
+    of the GEMMs quantizing their inputs themselves, bit for bit."""
+    from kiln.eval import sequence_logits
+    from kiln.layers import quantization
+
+    folder, _ = tiny_checkpoints["llama"]
+    engine_dir = build(folder, tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
+        quantization="int8_sq", kv_cache_dtype="int8"), progress=False)
+    tokens, prompts = list(range(3, 200)), make_prompts(8, seed=4)
+    got = {}
+    for fused in (True, False):  # graphs are captured at load: the engine lives inside
+        monkeypatch.setattr(quantization, "_FUSED_INT8_INPUT", fused)
+        engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
+        downs = [m for n, m in engine.runner.model.named_modules() if n.endswith("down_proj")]
+        assert downs and all((m.input_quant() is not None) == fused for m in downs)
+        got[fused] = (sequence_logits(engine, tokens),
+                      run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY)))
+        del engine
+    assert torch.equal(got[True][0], got[False][0])
+    assert got[True][1] == got[False][1]
+
+
 @pytest.mark.parametrize("arch, kv", [("llama", "fp8"), ("gemma2", "fp8"), ("phi", "fp8"),
                                       ("llama", "int8")])
 def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_path,

@@ -131,6 +131,74 @@ def test_int8_gemm_is_int_mm_and_epilogue(interp, M, N, K) -> None:  # noqa: F81
         interp(check_int8_gemm, M, N, K, tiles, dtype, with_bias)
 
 
+def check_fused_int8_input(dtype: torch.dtype, M: int, K: int, device: str = "cpu") -> None:
+    """RMSNorm (with and without the residual add) and SiLU / GeGLU products quantized to
+    int8 in the same kernel (an Int8Quant, KILN_INT8_FUSED_QUANT=1) equal, bit for bit,
+    the unfused kernels' output quantized after by int8_act (rows of zeros and halves
+    included); the residual stream is unchanged; a W8A8 linear fed the Int8Act gives
+    the unfused result exactly through both GEMM routes (the fused GEMM, _int_mm)."""
+    from kiln.kernels import int8_act, int8_gemm, rms_norm, silu_mul
+    from kiln.kernels.reference_quant import Int8Act, Int8Quant
+
+    g = torch.Generator().manual_seed(5)
+    x = _inputs(M, K, dtype, device)
+    r = (torch.randn(M, K, generator=g) * 3).to(dtype).to(device)
+    w = (torch.rand(K, generator=g) + 0.5).to(dtype).to(device)
+    gate_up = (torch.randn(M, 2 * K, generator=g) * 4).to(dtype).to(device)
+    gate_up[0] = 0
+    quant, q8 = Int8Quant(), int8_act.quantize_int8_per_token
+    sliced = {"block": (1 << (K - 1).bit_length()) // 4, "num_warps": 4}  # two passes a row
+    cases = {
+        "rms_norm": (rms_norm.rms_norm(x, w, 1e-5, quant), q8(rms_norm.rms_norm(x, w, 1e-5))),
+        "add_rms_norm": (rms_norm.add_rms_norm(x, r, w, 1e-5, quant)[0],
+                         q8(rms_norm.add_rms_norm(x, r, w, 1e-5)[0])),
+        "silu_mul": (silu_mul.act_mul_quant(gate_up, quant), q8(silu_mul.silu_and_mul(gate_up))),
+        "silu_mul in slices": (silu_mul.act_mul_quant(gate_up, quant, launch=sliced),
+                               q8(silu_mul.silu_and_mul(gate_up))),
+        "gelu_tanh_mul": (silu_mul.act_mul_quant(gate_up, quant, gelu_tanh=True),
+                          q8(silu_mul.gelu_tanh_and_mul(gate_up))),
+    }
+    for name, (act, (q, scale)) in cases.items():
+        label = f"{name} {dtype} {M}x{K}"
+        assert isinstance(act, Int8Act) and act.dtype == dtype and act.q.dtype == torch.int8
+        assert torch.equal(act.scale, scale), (label, (act.scale - scale).abs().max())
+        assert torch.equal(act.q, q), (label, (act.q.int() - q.int()).abs().max())
+    assert torch.equal(rms_norm.add_rms_norm(x, r, w, 1e-5, quant)[1],
+                       rms_norm.add_rms_norm(x, r, w, 1e-5)[1])
+    weight = torch.randint(-127, 128, (48, K), generator=g, dtype=torch.int8).to(device)
+    w_scale = (torch.rand(48, generator=g) * 0.01).to(device)
+    act, plain = cases["add_rms_norm"][0], rms_norm.add_rms_norm(x, r, w, 1e-5)[0]
+    before = os.environ.get("KILN_INT8_GEMM")
+    try:
+        for route in ("torch", "triton"):
+            os.environ["KILN_INT8_GEMM"] = route
+            got = int8_gemm.int8_linear(act, weight, w_scale, None)
+            want = int8_gemm.int8_linear(plain, weight, w_scale, None)
+            assert got.dtype == dtype and torch.equal(got, want), route
+    finally:
+        os.environ.pop("KILN_INT8_GEMM", None)
+        if before is not None:
+            os.environ["KILN_INT8_GEMM"] = before
+
+
+@pytest.mark.parametrize("dtype,M,K", [(torch.bfloat16, 5, 96), (torch.float32, 3, 160),
+                                       (torch.float16, 2, 1000)])
+def test_fused_int8_input(interp, dtype, M, K) -> None:  # noqa: F811
+    interp(check_fused_int8_input, dtype, M, K)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("M", [2, 7, 300])
+def test_gpu_fused_int8_input(M) -> None:
+    """check_fused_int8_input at Llama-3.1-8B's hidden size, bf16 and fp16 (300 rows: the
+    SiLU-mul row of 14336 in slices by default)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        check_fused_int8_input(dtype, M, 4096, "cuda")
+        check_fused_int8_input(dtype, M, 14336, "cuda")
+
+
 def test_compiles_for_hopper() -> None:
     """Both kernels at the Llama-3.1-8B shapes, sm_90: no stack."""
     if os.environ.get("TRITON_INTERPRET") == "1":

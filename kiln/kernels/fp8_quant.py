@@ -20,7 +20,12 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kiln.kernels import pdl
 from kiln.kernels.reference import FP8, FP8_MAX
-from kiln.kernels.reference_quant import FP8Act, FP8Quant  # noqa: F401 -- re-exported
+from kiln.kernels.reference_quant import (  # noqa: F401 -- FP8Act, FP8Quant re-exported
+    FP8Act,
+    FP8Quant,
+    Int8Act,
+    Int8Quant,
+)
 
 # TRITON_INTERPRET is read when the @triton.jit decorators below run, so read it here too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -28,16 +33,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INV_448: tl.constexpr = tl.constexpr((torch.ones((), dtype=torch.float32) / FP8_MAX).item())
 
 
-QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC = 0, 1, 2
+QUANT_NONE, QUANT_DYNAMIC, QUANT_STATIC, QUANT_INT8 = 0, 1, 2, 3
 
 
-def fused_quant_args(quant: FP8Quant, scale: torch.Tensor) -> dict:
+def fused_quant_args(quant: FP8Quant | Int8Quant, scale: torch.Tensor) -> dict:
     """Launch arguments of a kernel that quantizes its own output as `quant` says (RMSNorm,
-    SiLU-mul): QUANT, and the static [1] scale (dynamic: `scale`, the per-row output, as
-    a placeholder never read)."""
+    SiLU-mul): QUANT (QUANT_INT8: int8 per token, int8_act's numbers), and the static [1]
+    scale (dynamic: `scale`, the per-row output, as a placeholder never read)."""
+    if isinstance(quant, Int8Quant):
+        return dict(static_scale_ptr=scale, QUANT=QUANT_INT8)
     static = quant.static_scale
     return dict(static_scale_ptr=scale if static is None else static,
                 QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC)
+
+
+def quantized_act(quant: FP8Quant | Int8Quant, q_shape: tuple, scale: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, type]:
+    """The fused kernel's output buffer for `quant` (e4m3, or int8 for an Int8Quant) and
+    the class wrapping it with its scales (FP8Act / Int8Act)."""
+    int8 = isinstance(quant, Int8Quant)
+    return (torch.empty(q_shape, dtype=torch.int8 if int8 else FP8, device=scale.device),
+            Int8Act if int8 else FP8Act)
 
 
 # ---- quantization ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
             x = tl.load(x_row + k + offs, mask=k + offs < K, other=0.0)
             running = tl.maximum(running, tl.abs(x.to(tl.float32)))
         amax = tl.max(running, axis=0)
-    scale = _divide_as_torch(tl.maximum(amax, _MIN_AMAX), 127.0, _INV_127, INTERPRET)
+    scale = _int8_scale(amax, INTERPRET)
     tl.store(scale_ptr + row, scale)
     if ONE_TILE:
         tl.store(q_row + offs, _round_int8(tl.div_rn(x, scale)), mask=offs < K)
@@ -61,6 +61,13 @@ def _quant_int8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
             mask = k + offs < K
             x = tl.load(x_row + k + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(q_row + k + offs, _round_int8(tl.div_rn(x, scale)), mask=mask)
+
+
+@triton.jit
+def _int8_scale(amax, INTERPRET: tl.constexpr):
+    """A row's scale, max(amax, 1e-6) / 127, rounded as the reference rounds it (also the
+    fused RMSNorm / SiLU-mul kernels' with an Int8Quant)."""
+    return _divide_as_torch(tl.maximum(amax, _MIN_AMAX), 127.0, _INV_127, INTERPRET)
 
 
 @triton.jit

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import int8_act, int8_gemv
+from kiln.kernels.reference_quant import Int8Act
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
 _SMS = 132  # H100 / H200 SXM; the split rule's target is two programs on each
@@ -171,33 +172,43 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     return out
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """W8A8 on CUDA, x [M, K] -> [M, N] in x's dtype: x quantized per token by one kernel
-    (int8_act), then the int32 sums by one of three routes, all the same integers, and the
+    (int8_act; an Int8Act comes quantized by the RMSNorm / SiLU-mul before, the same
+    numbers), then the int32 sums by one of three routes, all the same integers, and the
     scaling (one kernel; KILN_INT8_FUSED=0 in kiln.functional runs the torch chain
     instead, the same bits: H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s):
     - one row: dp4a on the CUDA cores (int8_gemv) instead of _int_mm padded to 17 rows,
       H200 8B shapes 67.7 vs 88.0 us a layer. KILN_INT8_GEMV=0: never; =1: up to 16 rows
       (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
     - from 2 rows on a Hopper GPU, this module's GEMM with the scaling inside it (H200,
-      8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 78 / 89 / 135 / 390 / 1581
-      us against 95 / 102 / 219 / 587 / 2249), but not at 17-48 rows, where a 64-row tile
+      8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 73 / 90 / 132 / 338 / 1453
+      us against 96 / 103 / 219 / 630 / 2283), but not at 17-48 rows, where a 64-row tile
       is half empty (32 rows: 113 against 98). KILN_INT8_GEMM=torch: never; =triton: on
       any CUDA GPU (untimed off Hopper);
     - else torch._int_mm (rows padded to 17) and int8_act's epilogue."""
     M = x.shape[0]
     gemv = os.environ.get("KILN_INT8_GEMV", "")
     if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
-        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
+        x_q, x_scale = _quantized(x)
         acc = int8_gemv.int8_gemv(x_q, weight)
     elif (M <= 16 or M > 48) and _fused_gemm(x.device):
-        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous())
+        x_q, x_scale = _quantized(x)
         return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
     else:
-        x_q, x_scale = int8_act.quantize_int8_per_token(x.contiguous(), rows=17)
+        x_q, x_scale = _quantized(x, rows=17)
         acc = torch._int_mm(x_q, weight.t())
     return int8_act.scale_int8_product(acc, x_scale, weight_scale, bias, x.dtype)
+
+
+def _quantized(x: torch.Tensor | Int8Act, rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q [>= rows, K], x_scale [M, 1]): x quantized per token, or an Int8Act's (its q
+    padded with rows of zeros, never read, to `rows`)."""
+    if not isinstance(x, Int8Act):
+        return int8_act.quantize_int8_per_token(x.contiguous(), rows or None)
+    pad = rows - x.q.shape[0]
+    return (torch.nn.functional.pad(x.q, (0, 0, 0, pad)) if pad > 0 else x.q), x.scale
 
 
 def _fused_gemm(device: torch.device) -> bool:

@@ -18,6 +18,8 @@ from kiln.kernels.reference_quant import (  # noqa: F401  (re-exported: ref.quan
     MIN_AMAX,
     FP8Act,
     FP8Quant,
+    Int8Act,
+    Int8Quant,
     dequantize_int_weight,
     dequantize_kv,
     fp8_linear,

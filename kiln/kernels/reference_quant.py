@@ -44,6 +44,17 @@ class FP8Act(NamedTuple):
         return self.q.shape
 
 
+class Int8Quant(NamedTuple):
+    """What an INT8 W8A8 linear (SmoothQuant) asks of the kernel before it, with
+    KILN_INT8_FUSED_QUANT=1: its input quantized per token (as quantize_int8_per_token)."""
+
+
+class Int8Act(FP8Act):
+    """An activation already quantized for an INT8 W8A8 linear: FP8Act's fields, q int8
+    [M, K] with symmetric per-row scales."""
+    __slots__ = ()
+
+
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3fn(clamp(x / scale, +-448)) in float32 arithmetic; scale broadcasts against x."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

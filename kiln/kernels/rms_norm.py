@@ -1,6 +1,7 @@
 """RMSNorm, optionally fused with the residual add before it: one read, one write per tensor.
-Optionally also fused with the FP8 quantization of its output for the W8A8 GEMM after it
-(per-token dynamic or static scale): the output is written as e4m3 plus a scale per row."""
+Optionally also fused with the quantization of its output for the W8A8 GEMM after it: FP8
+(per-token dynamic or static scale), written as e4m3 plus a scale per row, or INT8 per
+token (SmoothQuant)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import (
     _INTERPRET,
-    FP8,
     FP8Act,
     _dynamic_scale,
     _quantize_values,
     fused_quant_args,
+    quantized_act,
 )
+from kiln.kernels.int8_act import _int8_scale, _round_int8
 from kiln.kernels.pdl import pdl_start
 from kiln.layers.swap_input import SwapPrologue, pending_norm
 
@@ -41,7 +43,8 @@ def _rms_norm_kernel(
     QUANT (1 dynamic, 2 static): y, rounded to Y_DTYPE (what the unfused norm would
     store), is quantized to e4m3 as kiln.kernels.fp8_quant's kernel
     quantizes a stored row, bit for bit; out_ptr is e4m3 and each row's scale goes to
-    scale_ptr. DEPENDENTS (sm_90+): the GEMM behind it, launched with PDL, may start at once.
+    scale_ptr. QUANT 3: to int8 per row as int8_act's kernel does (out_ptr int8).
+    DEPENDENTS (sm_90+): the GEMM behind it, launched with PDL, may start at once.
     """
     pdl_start(PDL)
     if DEPENDENTS and not PDL:
@@ -66,12 +69,16 @@ def _rms_norm_kernel(
                  y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         y = y.to(Y_DTYPE).to(tl.float32)
-        if QUANT == 2:
-            scale = tl.zeros([BLOCK_R], tl.float32) + tl.load(static_scale_ptr)
-            inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), scale)
+        if QUANT == 3:  # int8 per token (SmoothQuant), int8_act's kernel's numbers
+            scale = _int8_scale(tl.max(tl.abs(y), axis=1), INTERPRET)
+            q = _round_int8(tl.div_rn(y, scale[:, None]))
         else:
-            scale, inv = _dynamic_scale(tl.max(tl.abs(y), axis=1), INTERPRET)
-        q = _quantize_values(y, scale[:, None], inv[:, None], INTERPRET)
+            if QUANT == 2:
+                scale = tl.zeros([BLOCK_R], tl.float32) + tl.load(static_scale_ptr)
+                inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), scale)
+            else:
+                scale, inv = _dynamic_scale(tl.max(tl.abs(y), axis=1), INTERPRET)
+            q = _quantize_values(y, scale[:, None], inv[:, None], INTERPRET)
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], q, mask=mask)
         tl.store(scale_ptr + rows64, scale, mask=row_ok)
 
@@ -90,15 +97,16 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     x2 = _rows(x)
     num_rows = x2.shape[0]
     y_dtype = torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty(x.shape, dtype=FP8 if quant is not None else y_dtype, device=x.device)
-    out2 = out.view(-1, n)
+    out = torch.empty(x.shape, dtype=y_dtype, device=x.device)
     extra = {"DEPENDENTS": pdl.dependents(x)}  # a swapped GEMV behind it may start
-    if quant is not None:  # an FP8Quant: e4m3 rows and their scales
-        assert x.dim() == 2, "the fused FP8 output is [tokens, hidden]"
+    if quant is not None:  # an FP8Quant / Int8Quant: e4m3 / int8 rows and their scales
+        assert x.dim() == 2, "the fused quantized output is [tokens, hidden]"
         scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+        out, act_type = quantized_act(quant, x.shape, scale, y_dtype)
         extra = dict(scale_ptr=scale, **fused_quant_args(quant, scale),
                      Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET,
                      DEPENDENTS=pdl.hopper(x))
+    out2 = out.view(-1, n)
     if residual is not None:
         res2 = _rows(residual)
         res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -120,14 +128,15 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         PDL=use_pdl, num_warps=num_warps, **extra, **pdl.launch_args(use_pdl),
     )
     if quant is not None:
-        return FP8Act(out, extra["scale_ptr"], y_dtype), res_out
+        return act_type(out, extra["scale_ptr"], y_dtype), res_out
     return out, res_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quant: object = None
              ) -> torch.Tensor | FP8Act:
     """y = w * x / sqrt(mean(x^2) + eps) over the last dim, any leading shape.
-    quant (an FP8Quant; x 2-D): y quantized to e4m3 in the same pass, as an FP8Act;
+    quant (an FP8Quant / Int8Quant; x 2-D): y quantized to e4m3 / int8 in the same pass,
+    as an FP8Act / Int8Act;
     SWAP_PROLOGUE: left to the swapped GEMV after it where that takes x (a PendingInput)."""
     if isinstance(quant, SwapPrologue):
         pending = pending_norm(x, None, weight, eps)

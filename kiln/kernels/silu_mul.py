@@ -1,6 +1,6 @@
 """act(gate) * up for the fused gate_up projection output [T, 2I] = [gate | up]: SiLU
-(SwiGLU) or the tanh GELU (GeGLU, Gemma); optionally quantized to FP8 in the same pass
-for the W8A8 down projection (one row per program: the per-token scale needs the row)."""
+(SwiGLU) or the tanh GELU (GeGLU, Gemma); optionally quantized to FP8 or INT8 in the same
+pass for the W8A8 down projection (one row per program: the per-token scale needs the row)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from kiln.kernels import pdl
 from kiln.kernels.fp8_quant import (
     _INTERPRET,
-    FP8,
     FP8Act,
     FP8Quant,
+    Int8Quant,
     _dynamic_scale,
     _quantize_values,
     fused_quant_args,
+    quantized_act,
 )
+from kiln.kernels.int8_act import _int8_scale, _round_int8
 from kiln.kernels.pdl import pdl_enter
 from kiln.layers.swap_input import SwapPrologue, pending_act
 
@@ -82,7 +84,8 @@ def _act_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, inter, stri
                           INTERPRET: tl.constexpr, DEPENDENTS: tl.constexpr = False):
     """One token per program: the row of act(gate) * up (rounded to the input dtype, as
     _silu_mul_kernel stores it), then e4m3 with the row's dynamic scale (QUANT 1) or the
-    static one (2), bit for bit what fp8_quant's kernel makes of the stored row. ONE_TILE:
+    static one (2), bit for bit what fp8_quant's kernel makes of the stored row (QUANT 3:
+    int8 with the row's scale, as int8_act's kernel). ONE_TILE:
     the row stays in registers; else it is computed twice (amax pass, quantize pass).
     DEPENDENTS (sm_90+): the FP8 GEMM behind, launched with PDL, may start fetching its
     weight at once."""
@@ -100,24 +103,36 @@ def _act_mul_quant_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, inter, stri
         y = _act_mul(row, offs, mask, inter, GELU_TANH).to(tl.float32)
         if QUANT == 1:
             scale, inv = _dynamic_scale(tl.max(tl.abs(y), axis=0), INTERPRET)
-        tl.store(q_row + offs, _quantize_values(y, scale, inv, INTERPRET), mask=mask)
+        if QUANT == 3:
+            scale = _int8_scale(tl.max(tl.abs(y), axis=0), INTERPRET)
+            tl.store(q_row + offs, _round_int8(tl.div_rn(y, scale)), mask=mask)
+        else:
+            tl.store(q_row + offs, _quantize_values(y, scale, inv, INTERPRET), mask=mask)
     else:
-        if QUANT == 1:
+        if QUANT != 2:
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for k in range(0, inter, BLOCK):
                 y = _act_mul(row, k + offs, k + offs < inter, inter, GELU_TANH)
                 amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-            scale, inv = _dynamic_scale(tl.max(amax, axis=0), INTERPRET)
+            if QUANT == 3:
+                scale = _int8_scale(tl.max(amax, axis=0), INTERPRET)
+            else:
+                scale, inv = _dynamic_scale(tl.max(amax, axis=0), INTERPRET)
         for k in range(0, inter, BLOCK):
             mask = k + offs < inter
             y = _act_mul(row, k + offs, mask, inter, GELU_TANH).to(tl.float32)
-            tl.store(q_row + k + offs, _quantize_values(y, scale, inv, INTERPRET), mask=mask)
+            if QUANT == 3:
+                tl.store(q_row + k + offs, _round_int8(tl.div_rn(y, scale)), mask=mask)
+            else:
+                tl.store(q_row + k + offs, _quantize_values(y, scale, inv, INTERPRET),
+                         mask=mask)
     tl.store(scale_ptr + token, scale)
 
 
-def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False,
+def act_mul_quant(x: torch.Tensor, quant: FP8Quant | Int8Quant, gelu_tanh: bool = False,
                   launch: dict | None = None) -> FP8Act:
-    """x [T, 2I] -> e4m3 of act(x[:, :I]) * x[:, I:] with per-row scales (an FP8Act).
+    """x [T, 2I] -> e4m3 (int8 for an Int8Quant) of act(x[:, :I]) * x[:, I:] with per-row
+    scales (an FP8Act / Int8Act).
     launch: block / num_warps instead of the choice below (benchmarks). quant
     SWAP_PROLOGUE: left to the swapped GEMV after it (a PendingInput) where that takes x,
     else the unquantized product."""
@@ -129,8 +144,8 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False,
     if x.stride(-1) != 1:
         x = x.contiguous()
     tokens = x.shape[0]
-    q = torch.empty(tokens, inter, dtype=FP8, device=x.device)
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    q, act_type = quantized_act(quant, (tokens, inter), scale, x.dtype)
     if tokens:
         block = min(triton.next_power_of_2(inter), 16384)
         num_warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
@@ -149,7 +164,7 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant, gelu_tanh: bool = False,
             BLOCK=block, ONE_TILE=inter <= block, GELU_TANH=gelu_tanh,
             **fused_quant_args(quant, scale), INTERPRET=_INTERPRET, DEPENDENTS=pdl.hopper(x),
             num_warps=num_warps)
-    return FP8Act(q, scale, x.dtype)
+    return act_type(q, scale, x.dtype)
 
 
 def silu_and_mul(x: torch.Tensor, gelu_tanh: bool = False) -> torch.Tensor:

@@ -32,7 +32,7 @@ from torch import nn
 
 from kiln import functional as KF
 from kiln.kernels.reference import FP8, FP8_MAX, INT8_MAX, MIN_AMAX
-from kiln.kernels.reference_quant import FP8Quant
+from kiln.kernels.reference_quant import FP8Quant, Int8Quant
 from kiln.layers import swap_input
 from kiln.layers.attention import Attention
 from kiln.layers.embedding import LinearLMHead, LMHead
@@ -90,8 +90,10 @@ class QuantConfig:
         raise ValueError(f"unknown quantization method {self.method!r}")
 
 
-# Whether FP8 layers let the kernel before them quantize their input (see input_quant).
+# Whether FP8 layers let the kernel before them quantize their input (see input_quant),
+# and INT8 W8A8 ones (opt-in, KILN_INT8_FUSED_QUANT=1, until timed on a GPU).
 _FUSED_INPUT_QUANT = [os.environ.get("KILN_FP8_FUSED_QUANT", "1") != "0"]
+_FUSED_INT8_INPUT = os.environ.get("KILN_INT8_FUSED_QUANT", "0") == "1"
 
 
 @contextlib.contextmanager
@@ -260,6 +262,14 @@ class Int8Method(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         return KF.int8_linear(x, layer.weight, layer.weight_scale, bias)
+
+    def input_quant(self, layer: LinearBase) -> object:
+        """With KILN_INT8_FUSED_QUANT=1 the norm / SiLU-mul before the layer quantizes its
+        input per token (on a GPU; the same numbers as the layer's own kernel)."""
+        if not (_FUSED_INT8_INPUT and _FUSED_INPUT_QUANT[0]) or \
+                layer.in_features % 8 or layer.out_features % 8:  # (_int_mm's shapes)
+            return None
+        return Int8Quant()
 
     def quantize_from_float(self, layer: LinearBase, input_amax: torch.Tensor | None) -> None:
         weight = layer.weight.data.float()
