@@ -187,6 +187,33 @@ def test_fused_int8_input(interp, dtype, M, K) -> None:  # noqa: F811
     interp(check_fused_int8_input, dtype, M, K)
 
 
+def test_fused_int8_input_compiles_for_hopper() -> None:
+    """The int8 outputs of RMSNorm (with the residual add) and SiLU-mul (a 14336 row whole
+    and in 4096-wide slices) at Llama-3.1-8B's shapes, sm_90: no stack."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    import triton.language as tl
+
+    from kiln.kernels import rms_norm, silu_mul
+    from kiln.kernels.compile_check import compile_sm90
+
+    r = compile_sm90(rms_norm._rms_norm_kernel, {
+        "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*i8",
+        "res_out_ptr": "*bf16", "num_rows": 300, "n_cols": 4096, "stride_x": 4096,
+        "stride_res": 4096, "stride_out": 4096, "stride_res_out": 4096, "eps": 1e-5,
+        "scale_ptr": "*fp32", "static_scale_ptr": "*fp32"},
+        {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True, "PDL": False, "QUANT": 3,
+         "Y_DTYPE": tl.bfloat16, "INTERPRET": False, "DEPENDENTS": True}, 8)
+    assert r.stack_bytes == 0, r
+    for block in (16384, 4096):
+        r = compile_sm90(silu_mul._act_mul_quant_kernel, {
+            "x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32",
+            "static_scale_ptr": "*fp32", "inter": 14336, "stride_x": 28672, "stride_q": 14336},
+            {"BLOCK": block, "ONE_TILE": block >= 14336, "QUANT": 3, "GELU_TANH": False,
+             "INTERPRET": False, "DEPENDENTS": True}, 8, variant=f"int8-{block}")
+        assert r.stack_bytes == 0, r
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
