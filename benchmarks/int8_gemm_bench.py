@@ -35,9 +35,11 @@ TILES = [
     # K split (a seventh field; gemm_config splits where tiles are fewer than two an SM)
     (64, 128, 128, 8, 4, 3, 2), (64, 128, 128, 8, 8, 3, 4), (128, 128, 128, 8, 8, 3, 2),
     (128, 128, 128, 8, 8, 3, 4),
-    # 16-row tiles (mma.sync) for 2-16 rows
+    # 16- and 32-row tiles (mma.sync) for 2-48 rows (at 17-48 kiln keeps _int_mm: a 64-row
+    # tile is half empty there; these are the candidates)
     (16, 64, 256, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 64, 256, 1, 4, 4, 4),
-    (16, 64, 128, 1, 4, 6, 2),
+    (16, 64, 128, 1, 4, 6, 2), (32, 64, 256, 1, 4, 4), (32, 128, 128, 1, 4, 4),
+    (32, 64, 256, 1, 4, 4, 2), (32, 128, 128, 4, 4, 4),
 ]
 
 
@@ -81,8 +83,9 @@ def measure(M: int, name: str, dev: str) -> dict:
     launches = {**{"x".join(map(str, t)): int8_gemm.Int8GemmConfig(*t) for t in TILES},
                 "auto": None}
     for label, cfg in launches.items():
-        if cfg is not None and (cfg.smem_bytes > 220 * 1024 or (cfg.block_m == 16) != (M <= 16)):
-            continue  # too much shared memory; 16-row tiles at 2-16 rows only
+        if cfg is not None and (cfg.smem_bytes > 220 * 1024 or (cfg.block_m < 64) != (M <= 48)
+                                or cfg.block_m > 16 and M <= 16):
+            continue  # too much shared memory; 16-row tiles at 2-48 rows, 32-row at 17-48
         try:
             if not torch.equal(fused(ws[0], scales[0], cfg), want):
                 row[f"triton {label}"] = "MISMATCH"
