@@ -213,53 +213,34 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, head, tin
             assert row.max() - row[token] < 0.5
 
 
-def test_fp8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path):
-    """RMSNorm and SiLU*mul writing the FP8 GEMMs' inputs already quantized (the default on
-    a GPU) give the same logits and tokens, bit for bit, as the GEMMs quantizing their
-    inputs in kernels of their own (`unfused_inputs()`, or KILN_FP8_FUSED_QUANT=0)."""
+@pytest.mark.parametrize("quantization, kv", [("fp8", "fp8"), ("int8_sq", "int8")])
+def test_fused_activation_quant_changes_nothing(quantization, kv, tiny_checkpoints, tmp_path,
+                                                monkeypatch):
+    """RMSNorm and SiLU*mul writing the W8A8 GEMMs' inputs already quantized (FP8: the
+    default on a GPU; SmoothQuant's int8: KILN_INT8_FUSED_QUANT=1) give the same logits
+    and tokens, bit for bit, as the GEMMs quantizing their inputs in kernels of their own
+    (`unfused_inputs()`, or KILN_FP8_FUSED_QUANT=0 / KILN_INT8_FUSED_QUANT=0)."""
     import contextlib
 
     from kiln.eval import sequence_logits
-    from kiln.layers.quantization import unfused_inputs
+    from kiln.layers import quantization as quant_layers
 
+    monkeypatch.setattr(quant_layers, "_FUSED_INT8_INPUT", True)
     folder, _ = tiny_checkpoints["llama"]
     engine_dir = build(folder, tmp_path / "e", BuildConfig(
         dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
-        quantization="fp8", kv_cache_dtype="fp8"), progress=False)
+        quantization=quantization, kv_cache_dtype=kv), progress=False)
     tokens, prompts = list(range(3, 200)), make_prompts(8, seed=4)
     got = {}
     for fused in (True, False):  # graphs are captured at load: the engine lives inside
-        with contextlib.nullcontext() if fused else unfused_inputs():
+        with contextlib.nullcontext() if fused else quant_layers.unfused_inputs():
             engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
+            downs = [m for n, m in engine.runner.model.named_modules()
+                     if n.endswith("down_proj")]
+            assert downs and all((m.input_quant() is not None) == fused for m in downs)
             got[fused] = (sequence_logits(engine, tokens),
                           run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY)))
             del engine
-    assert torch.equal(got[True][0], got[False][0])
-    assert got[True][1] == got[False][1]
-
-
-def test_int8_fused_activation_quant_changes_nothing(tiny_checkpoints, tmp_path,
-                                                     monkeypatch):
-    """A SmoothQuant engine (int8_sq + int8 KV) whose RMSNorm and SiLU*mul write the int8
-    GEMMs' inputs already quantized (KILN_INT8_FUSED_QUANT=1) gives the logits and tokens
-    of the GEMMs quantizing their inputs themselves, bit for bit."""
-    from kiln.eval import sequence_logits
-    from kiln.layers import quantization
-
-    folder, _ = tiny_checkpoints["llama"]
-    engine_dir = build(folder, tmp_path / "e", BuildConfig(
-        dtype="bfloat16", max_batch_size=32, max_seq_len=512, max_num_tokens=1024,
-        quantization="int8_sq", kv_cache_dtype="int8"), progress=False)
-    tokens, prompts = list(range(3, 200)), make_prompts(8, seed=4)
-    got = {}
-    for fused in (True, False):  # graphs are captured at load: the engine lives inside
-        monkeypatch.setattr(quantization, "_FUSED_INT8_INPUT", fused)
-        engine = LLMEngine(engine_dir, RuntimeConfig(device="cuda"))
-        downs = [m for n, m in engine.runner.model.named_modules() if n.endswith("down_proj")]
-        assert downs and all((m.input_quant() is not None) == fused for m in downs)
-        got[fused] = (sequence_logits(engine, tokens),
-                      run_all(engine, prompts, SamplingParams(max_tokens=16, **GREEDY)))
-        del engine
     assert torch.equal(got[True][0], got[False][0])
     assert got[True][1] == got[False][1]
 

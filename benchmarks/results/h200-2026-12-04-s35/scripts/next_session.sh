@@ -15,7 +15,7 @@ if [[ " $parts " == *" a "* ]]; then
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_int8_act.py \
     > $OUT/int8-tests.log 2>&1; tail -n 2 $OUT/int8-tests.log
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_gpu_engine.py \
-    -k "int8_fused or fp8_fused" > $OUT/engine-tests.log 2>&1; tail -n 2 $OUT/engine-tests.log
+    -k "fused_activation_quant" > $OUT/engine-tests.log 2>&1; tail -n 2 $OUT/engine-tests.log
   timeout 60 python3 benchmarks/int8_gemm_bench.py $OUT/int8_gemm.json --rows 24,32,48 \
     > $OUT/int8_gemm.log 2>&1; grep "layer\|MISMATCH" $OUT/int8_gemm.log
   for round in 1 2; do
