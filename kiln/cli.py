@@ -85,6 +85,12 @@ _PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval", "kiln.resol
 def main(argv: list[str] | None = None) -> int:
     from kiln import __version__
 
+    words = sys.argv[1:] if argv is None else argv
+    if words and not {"-h", "--help", "--version"} & set(words):
+        from kiln.cpu_wait import choose_openmp_wait
+
+        choose_openmp_wait()  # before torch is imported (the subcommands below import it)
+
     parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
