@@ -36,11 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import int8_act, int8_gemv
+from kiln.kernels import int8_act, int8_gemv, num_sms
 from kiln.kernels.reference_quant import Int8Act
 from kiln.kernels.split_k import split_k_counters, split_k_fixup
 
-_SMS = 132  # H100 / H200 SXM; the split rule's target is two programs on each
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -59,7 +58,7 @@ class Int8GemmConfig:
         return (self.block_m + self.block_n) * self.block_k * self.num_stages
 
 
-def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
+def gemm_config(M: int, N: int, K: int, sms: int = 132) -> Int8GemmConfig:
     """Tiles by row count, from the 35th session's H200 sweeps at the 8B shapes
     (benchmarks/int8_gemm_bench.py; BENCHMARKS.md): 16-row tiles (mma.sync) up to 16 rows,
     128 columns wide where the 64-wide ones would be more than two an SM (gate_up); from
@@ -69,21 +68,22 @@ def gemm_config(M: int, N: int, K: int) -> Int8GemmConfig:
     waits (Triton 3.6 does not pipeline integer wgmma within one). K is split where the
     tiles are too few: at 16-row tiles until two programs an SM (>= 1024 of K a split),
     at 64-row ones until one (>= 3072: at 64 rows down's K split 4 ways took 29 us against
-    43, o's 2 ways 16 against 14)."""
+    43, o's 2 ways 16 against 14). sms: the GPU's multiprocessors (an H100 / H200 SXM's
+    132 by default; int8_scaled_mm passes the device's)."""
     if M <= 16:
-        cfg = Int8GemmConfig(16, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * _SMS else \
+        cfg = Int8GemmConfig(16, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * sms else \
             Int8GemmConfig(16, 64, 256, 1, 4, 4)
         per_sm, min_k = 2, 1024
     else:
-        big = M >= 128 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * _SMS
+        big = M >= 128 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * sms
         # 64-row tiles: four stages (96 KB, two programs an SM) while that is one wave,
         # else three (72 KB, three an SM): qkv at 512 rows, 384 tiles, 23 us against 31
         tiles = triton.cdiv(M, 64) * triton.cdiv(N, 128)
         cfg = Int8GemmConfig(128, 128, 128, 8, 4, 3) if big else \
-            Int8GemmConfig(64, 128, 128, 8, 4, 4 if tiles <= 2 * _SMS else 3)
+            Int8GemmConfig(64, 128, 128, 8, 4, 4 if tiles <= 2 * sms else 3)
         per_sm, min_k = 1, 3072
     tiles, split = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), 1
-    while tiles * split * 2 <= per_sm * _SMS and K // (split * 2) >= min_k:
+    while tiles * split * 2 <= per_sm * sms and K // (split * 2) >= min_k:
         split *= 2
     return replace(cfg, split_k=split)
 
@@ -156,7 +156,7 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     out = torch.empty(M, N, dtype=dtype, device=x_q.device)
     if M == 0 or N == 0:
         return out
-    cfg = config or gemm_config(M, N, K)
+    cfg = config or gemm_config(M, N, K, num_sms(x_q.device))
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     part = count = out  # not read with one split
     if cfg.split_k > 1:
