@@ -68,3 +68,31 @@ def test_kiln_bench_counts_below_one_are_refused(flag, value, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected a whole number >= 1, got '{value}'" in err, err
+
+
+def test_a_max_seq_len_whose_kv_cache_does_not_fit_is_one_line(monkeypatch, tmp_path):
+    """`kiln run --max-seq-len 999999` on the default model built it and then died in the
+    CPU allocator (a 46 GB KV cache on a 24 GB machine), and every later `kiln run` of the
+    default model with it. Now the engine refuses with what fits; the built engine still
+    serves a shorter max_seq_len (a runtime setting)."""
+    from kiln import SamplingParams
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from kiln.runtime import kv_cache
+    from tests.test_serve_support import tiny_chat_checkpoint
+
+    engine = build(tiny_chat_checkpoint(), tmp_path / "e",
+                   BuildConfig(dtype="float32", max_seq_len=4096), progress=False)
+    llm = LLM(engine, device="cpu", max_seq_len=64)
+    per_block = llm.engine.runner.kv_bytes_per_block()
+    del llm
+    monkeypatch.setattr(kv_cache, "_cpu_available", lambda: 20 * per_block)  # 16-token blocks
+    with pytest.raises(KilnError, match=r"one request of max_seq_len=4096 needs [\d.]+ GB of KV "
+                       r"cache and this machine has 0.0 GB free: lower --max-seq-len \(a runtime "
+                       r"setting; about 304 tokens fit\)"):
+        LLM(engine, device="cpu")
+    llm = LLM(engine, device="cpu", max_seq_len=64)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    with pytest.raises(KilnError, match="needs"):
+        kv_cache.auto_num_blocks(1 << 40, torch.device("cpu"), 0.9, 1 << 30, 8, 16, 16)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kiln.errors import KilnError
 from kiln.runtime.request import PLACEHOLDER, Request
 from kiln.runtime.streaming import StreamingConfig
 
@@ -204,11 +205,35 @@ def auto_num_blocks(bytes_per_block: int, device: torch.device, memory_fraction:
                     cpu_bytes: int, max_batch_size: int, max_seq_len: int,
                     block_size: int) -> int:
     """The KV pool's size: memory_fraction of the GPU memory free now (cpu_bytes on the
-    CPU), no more than max_batch_size full-length requests need, at least one."""
+    CPU), no more than max_batch_size full-length requests need, at least one (a KilnError
+    when even one does not fit in the memory free now)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * memory_fraction)
     else:
-        budget = cpu_bytes
+        free, budget = _cpu_available(), cpu_bytes
     per_request = -(-max_seq_len // block_size)
+    if free is not None and (per_request + 1) * bytes_per_block > free:
+        fits = max(free // bytes_per_block - 1, 0) * block_size
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        raise KilnError(
+            f"one request of max_seq_len={max_seq_len} needs {_gb(per_request * bytes_per_block)}"
+            f" of KV cache and {where} has {_gb(free)} free: lower --max-seq-len (a runtime "
+            f"setting; about {fits} tokens fit)")
     return max(min(budget // bytes_per_block, max_batch_size * per_request), per_request)
+
+
+def _cpu_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
