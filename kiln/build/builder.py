@@ -99,10 +99,6 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         log.warning("max_seq_len %d capped to the %d positions %s has learned",
                     build_cfg.max_seq_len, positions, ckpt.config.architecture)
         build_cfg = dataclasses.replace(build_cfg, max_seq_len=positions)
-    elif build_cfg.max_seq_len > positions:  # runs (rotary has no table end), unreliably
-        log.warning("max_seq_len %d is past the %d positions %s was trained on: outputs past "
-                    "them are unreliable", build_cfg.max_seq_len, positions,
-                    ckpt.config.architecture)
     build_cfg = with_default_calibration(build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
@@ -118,6 +114,10 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
                          "or int4_wo")
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, ckpt.source)
+    if build_cfg.max_seq_len > positions:  # runs (rotary has no table end), unreliably
+        log.warning("max_seq_len %d is past the %d positions %s was trained on: outputs past "
+                    "them are unreliable", build_cfg.max_seq_len, positions,
+                    ckpt.config.architecture)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
     scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
