@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # For the next device session (one H200), written in the 35th after its device time ran out.
 #   bash next_session.sh a      (one device call, ~7 minutes)
+#   bash next_session.sh b      (one device call, ~6 minutes)
 # a: SmoothQuant's inputs quantized by the RMSNorm / SiLU-mul before the GEMMs
 # (KILN_INT8_FUSED_QUANT=1, opt-in, CPU-tested bit for bit): its GPU tests, the small-row
 # tile candidates of the fused W8A8 GEMM (17-48 rows keep _int_mm), then int8_sq + int8 KV
@@ -32,6 +33,20 @@ if [[ " $parts " == *" a "* ]]; then
         --out $OUT/r$round-$v.json > $OUT/r$round-$v.log 2>&1
       echo "round $round $v $(grep -h '^kiln ' $OUT/r$round-$v.log | tail -1) t=$SECONDS"
     done
+  done
+  rm -f $OUT/*.png
+fi
+# b: bf16 batch 1 (issue #12's 240 tok/s; 239.2 / 239.3 in the 31st) three times, and the
+# SmoothQuant batch 1 beside it with the fused inputs on and off (one row: the dp4a GEMV)
+if [[ " $parts " == *" b "* ]]; then
+  for i in 1 2 3; do
+    RUN_TAG=-$i timeout 150 bash benchmarks/gpu_suite.sh latency-b1 > $OUT/b1-bf16-$i.log 2>&1
+    echo "bf16 b1 run $i: $(grep -h '^kiln ' $OUT/b1-bf16-$i.log | tail -1)"
+  done
+  for f in 0 1; do
+    KILN_INT8_FUSED_QUANT=$f RUN_TAG=-f$f timeout 240 bash benchmarks/gpu_suite.sh sq8:latency-b1 \
+      > $OUT/b1-sq8-f$f.log 2>&1
+    echo "sq8 b1 fused inputs $f: $(grep -h '^kiln ' $OUT/b1-sq8-f$f.log | tail -1)"
   done
   rm -f $OUT/*.png
 fi
