@@ -262,8 +262,8 @@ def test_v_transposed_kv_cache_changes_nothing(arch, kv, tiny_checkpoints, tmp_p
 
     config = attention_decode.decode_config
     monkeypatch.setattr(attention_decode, "decode_config",
-                        lambda dtype, bd, bg=16, rope=False, v_t=False, split_tokens=None:
-                        config(dtype, bd, bg, rope))
+                        lambda dtype, bd, bg=16, rope=False, v_t=False, split_tokens=None,
+                        context=0: config(dtype, bd, bg, rope, False, split_tokens, context))
 
     folder, _ = tiny_checkpoints[arch]
     calib = tmp_path / "calib.txt"

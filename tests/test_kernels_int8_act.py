@@ -255,9 +255,9 @@ def test_compiles_for_hopper() -> None:
     # the fused W8A8 GEMM at kiln's tile choices: int8 mma.sync / wgmma, no stack
     from kiln.kernels import int8_gemm
 
-    # (o at 4 rows and down at 64 split K; gate_up at 16 takes 128-column tiles, at 1024
+    # (o at 4 rows and down at 24 and 64 split K; gate_up at 16 takes 128-column tiles, at 1024
     # 128-row ones)
-    for M, N, K in ((4, 4096, 4096), (16, 28672, 4096), (64, 4096, 14336),
+    for M, N, K in ((4, 4096, 4096), (16, 28672, 4096), (24, 4096, 14336), (64, 4096, 14336),
                     (256, 4096, 4096), (1024, 4096, 4096)):
         cfg = int8_gemm.gemm_config(M, N, K)
         r = compile_sm90(int8_gemm._int8_gemm_kernel, {
@@ -268,7 +268,7 @@ def test_compiles_for_hopper() -> None:
              "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
              "SPLIT_K": cfg.split_k, "INTERPRET": False},
             cfg.num_warps, cfg.num_stages, variant=f"M{M}N{N}K{K}")
-        mma = "mma.sync" if M <= 16 else "wgmma.mma_async"  # 16-row tiles: mma.sync
+        mma = "mma.sync" if M <= 32 else "wgmma.mma_async"  # 16 / 32-row tiles: mma.sync
         assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
     from kiln.kernels import int8_gemv
@@ -339,9 +339,9 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("M", [2, 16, 49, 100, 512, 4096])
+@pytest.mark.parametrize("M", [2, 16, 17, 32, 49, 100, 512, 4096])
 def test_gpu_int8_gemm_is_the_torch_path(M, monkeypatch) -> None:
-    """The fused W8A8 GEMM (the Hopper default at 2-16 and 49+ rows) gives the bits of
+    """The fused W8A8 GEMM (the Hopper default at 2-32 and 49+ rows) gives the bits of
     _int_mm + the scaling epilogue (KILN_INT8_GEMM=torch) at the 8B shapes, bf16 and fp16,
     with and without bias."""
     from kiln import functional as KF

@@ -59,8 +59,9 @@ class Int8GemmConfig:
 
 
 def gemm_config(M: int, N: int, K: int, sms: int = 132) -> Int8GemmConfig:
-    """Tiles by row count, from the 35th session's H200 sweeps at the 8B shapes
+    """Tiles by row count, from the 35th / 36th sessions' H200 sweeps at the 8B shapes
     (benchmarks/int8_gemm_bench.py; BENCHMARKS.md): 16-row tiles (mma.sync) up to 16 rows,
+    32-row ones up to 32,
     128 columns wide where the 64-wide ones would be more than two an SM (gate_up); from
     128 rows, 128 x 128 x 128 tiles on 4 warps, three stages, where they are at least 1.5
     an SM (gate_up at 512 rows: 107 us against 122 on 8 warps), else 64-row ones. Small
@@ -70,10 +71,13 @@ def gemm_config(M: int, N: int, K: int, sms: int = 132) -> Int8GemmConfig:
     at 64-row ones until one (>= 3072: at 64 rows down's K split 4 ways took 29 us against
     43, o's 2 ways 16 against 14). sms: the GPU's multiprocessors (an H100 / H200 SXM's
     132 by default; int8_scaled_mm passes the device's)."""
-    if M <= 16:
-        cfg = Int8GemmConfig(16, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * sms else \
-            Int8GemmConfig(16, 64, 256, 1, 4, 4)
-        per_sm, min_k = 2, 1024
+    if M <= 32:
+        # 17-32 rows: 32-row tiles, K split only to one program an SM (36th, 24 / 32 rows:
+        # a layer 76 us against 97 for _int_mm + the epilogue; down split 2 ways 22 vs 34)
+        rows = 16 if M <= 16 else 32
+        cfg = Int8GemmConfig(rows, 128, 128, 1, 4, 4) if triton.cdiv(N, 64) > 2 * sms else \
+            Int8GemmConfig(rows, 64, 256, 1, 4, 4)
+        per_sm, min_k = (2 if M <= 16 else 1), 1024
     else:
         big = M >= 128 and triton.cdiv(M, 128) * triton.cdiv(N, 128) * 2 >= 3 * sms
         # 64-row tiles: four stages (96 KB, two programs an SM) while that is one wave,
@@ -184,16 +188,17 @@ def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: t
       (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
     - from 2 rows on a Hopper GPU, this module's GEMM with the scaling inside it (H200,
       8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 73 / 90 / 132 / 338 / 1453
-      us against 96 / 103 / 219 / 630 / 2283), but not at 17-48 rows, where a 64-row tile
-      is half empty (32 rows: 113 against 98). KILN_INT8_GEMM=torch: never; =triton: on
-      any CUDA GPU (untimed off Hopper);
+      us against 96 / 103 / 219 / 630 / 2283; 32-row tiles at 17-32 rows, 76 against 97
+      at 24), but not at 33-48 rows, where neither tile beats _int_mm on every shape (48
+      rows: 64-row tiles 94 us, 32-row ones 92, against 100). KILN_INT8_GEMM=torch: never;
+      =triton: on any CUDA GPU (untimed off Hopper);
     - else torch._int_mm (rows padded to 17) and int8_act's epilogue."""
     M = x.shape[0]
     gemv = os.environ.get("KILN_INT8_GEMV", "")
     if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
         x_q, x_scale = _quantized(x)
         acc = int8_gemv.int8_gemv(x_q, weight)
-    elif (M <= 16 or M > 48) and _fused_gemm(x.device):
+    elif (M <= 32 or M > 48) and _fused_gemm(x.device):
         x_q, x_scale = _quantized(x)
         return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
     else:

@@ -91,9 +91,10 @@ class QuantConfig:
 
 
 # Whether FP8 layers let the kernel before them quantize their input (see input_quant),
-# and INT8 W8A8 ones (opt-in, KILN_INT8_FUSED_QUANT=1, until timed on a GPU).
+# and INT8 W8A8 ones (KILN_INT8_FUSED_QUANT=0 turns it off; H200, int8_sq 1000 / 1000 x 300:
+# 12,775 out tok/s against 12,704 unfused, TTFT 2.85 s against 2.90, in the 36th session).
 _FUSED_INPUT_QUANT = [os.environ.get("KILN_FP8_FUSED_QUANT", "1") != "0"]
-_FUSED_INT8_INPUT = os.environ.get("KILN_INT8_FUSED_QUANT", "0") == "1"
+_FUSED_INT8_INPUT = os.environ.get("KILN_INT8_FUSED_QUANT", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -264,8 +265,8 @@ class Int8Method(LinearMethod):
         return KF.int8_linear(x, layer.weight, layer.weight_scale, bias)
 
     def input_quant(self, layer: LinearBase) -> object:
-        """With KILN_INT8_FUSED_QUANT=1 the norm / SiLU-mul before the layer quantizes its
-        input per token (on a GPU; the same numbers as the layer's own kernel)."""
+        """The norm / SiLU-mul before the layer quantizes its input per token (on a GPU;
+        the same numbers as the layer's own kernel; KILN_INT8_FUSED_QUANT=0: not)."""
         if not (_FUSED_INT8_INPUT and _FUSED_INPUT_QUANT[0]) or \
                 layer.in_features % 8 or layer.out_features % 8:  # (_int_mm's shapes)
             return None
