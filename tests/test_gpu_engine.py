@@ -217,7 +217,7 @@ def test_fp8_engine_on_gpu_matches_its_cpu_reference(quantization, kv, head, tin
 def test_fused_activation_quant_changes_nothing(quantization, kv, tiny_checkpoints, tmp_path,
                                                 monkeypatch):
     """RMSNorm and SiLU*mul writing the W8A8 GEMMs' inputs already quantized (FP8: the
-    default on a GPU; SmoothQuant's int8: KILN_INT8_FUSED_QUANT=1) give the same logits
+    default on a GPU, and SmoothQuant's int8 since the 36th session) give the same logits
     and tokens, bit for bit, as the GEMMs quantizing their inputs in kernels of their own
     (`unfused_inputs()`, or KILN_FP8_FUSED_QUANT=0 / KILN_INT8_FUSED_QUANT=0)."""
     import contextlib

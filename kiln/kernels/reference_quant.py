@@ -45,8 +45,9 @@ class FP8Act(NamedTuple):
 
 
 class Int8Quant(NamedTuple):
-    """What an INT8 W8A8 linear (SmoothQuant) asks of the kernel before it, with
-    KILN_INT8_FUSED_QUANT=1: its input quantized per token (as quantize_int8_per_token)."""
+    """What an INT8 W8A8 linear (SmoothQuant) asks of the kernel before it (by default;
+    KILN_INT8_FUSED_QUANT=0: nothing): its input quantized per token (as
+    quantize_int8_per_token)."""
 
 
 class Int8Act(FP8Act):
