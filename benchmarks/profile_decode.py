@@ -1,7 +1,9 @@
 """Where a decode step's time goes: step time with graphs/overlap on and off, and the
-top GPU kernels of a few batch-1 decode steps (torch.profiler).
+top GPU kernels of a few decode steps (torch.profiler), at batch 1 or --profile-batch.
 
     python benchmarks/profile_decode.py ENGINE_DIR [--batch 1] [--context 1000]
+    python benchmarks/profile_decode.py ENGINE_DIR --profile-only --profile-batch 296 \
+        --context 1500 --kv-fraction 0.6   # a 1000 / 1000 run's mid-decode step
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
 
 
-def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int = 64) -> float:
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+def admit(engine: LLMEngine, batch: int, context: int, max_tokens: int, first: int) -> None:
+    """batch requests of context tokens added and stepped until every prompt is in (the
+    steps after are decodes only), then a few steps to settle."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request([100 + i] * context, params)
-    for _ in range(6):  # prefill and settle
+        engine.add_request([first + i] * context, params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_output_tokens == 0 for r in sched.running):
         engine.step()
+    for _ in range(4):
+        engine.step()
+
+
+def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int = 64) -> float:
+    admit(engine, batch, context, steps + 8, 100)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
@@ -39,6 +50,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1000)
     ap.add_argument("--profile-only", action="store_true",
                     help="skip the graphs/overlap on/off table (e.g. for TP engines)")
+    ap.add_argument("--profile-batch", type=int, default=1,
+                    help="requests decoding in the profiled steps (each --context long)")
+    ap.add_argument("--kv-fraction", type=float, default=0.3,
+                    help="kv_cache_memory_fraction of the engines")
     args = ap.parse_args()
     engine = None
     if not args.profile_only:
@@ -48,18 +63,16 @@ def main() -> None:
             torch.cuda.empty_cache()
             engine = LLMEngine(args.engine, RuntimeConfig(cuda_graphs=graphs,
                                                           overlap_scheduling=overlap,
-                                                          kv_cache_memory_fraction=0.3))
+                                                          kv_cache_memory_fraction=args.kv_fraction))
             for batch in sorted({1, args.batch}):
                 print(f"{graphs!s:>7}{overlap!s:>8}{batch:>6}"
                       f"{decode_ms(engine, batch, args.context):>9.3f}", flush=True)
         del engine
-    engine = LLMEngine(args.engine, RuntimeConfig(kv_cache_memory_fraction=0.3))
-    print(f"batch 1 decode: {decode_ms(engine, 1, args.context):.3f} ms/step", flush=True)
-    decode_ms(engine, 1, args.context, steps=8)
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    engine.add_request([7] * args.context, params)
-    for _ in range(8):
-        engine.step()
+    engine = LLMEngine(args.engine, RuntimeConfig(kv_cache_memory_fraction=args.kv_fraction))
+    batch = args.profile_batch
+    print(f"batch {batch} decode: {decode_ms(engine, batch, args.context):.3f} ms/step",
+          flush=True)
+    admit(engine, batch, args.context, 40, 7)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
