@@ -185,7 +185,8 @@ def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: t
     instead, the same bits: H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s):
     - one row: dp4a on the CUDA cores (int8_gemv) instead of _int_mm padded to 17 rows,
       H200 8B shapes 67.7 vs 88.0 us a layer. KILN_INT8_GEMV=0: never; =1: up to 16 rows
-      (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
+      (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape); KILN_INT8_GEMV_EPILOGUE=1
+      (opt-in until timed): the scaling inside it too, one launch instead of three;
     - from 2 rows on a Hopper GPU, this module's GEMM with the scaling inside it (H200,
       8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 73 / 90 / 132 / 338 / 1453
       us against 96 / 103 / 219 / 630 / 2283; 32-row tiles at 17-32 rows, 76 against 97
@@ -197,6 +198,9 @@ def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: t
     gemv = os.environ.get("KILN_INT8_GEMV", "")
     if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
         x_q, x_scale = _quantized(x)
+        if os.environ.get("KILN_INT8_GEMV_EPILOGUE") == "1":  # one launch (untimed)
+            return int8_gemv.int8_gemv_scaled(x_q, x_scale, weight, weight_scale, bias,
+                                              x.dtype)
         acc = int8_gemv.int8_gemv(x_q, weight)
     elif (M <= 32 or M > 48) and _fused_gemm(x.device):
         x_q, x_scale = _quantized(x)

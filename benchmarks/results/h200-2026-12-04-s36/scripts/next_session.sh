@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # For the next device session (one H200), written in the 36th after its device time ran out.
 #   bash next_session.sh a      (one device call, ~6 minutes)
+#   bash next_session.sh b      (one device call, ~5 minutes)
 # a: where a SmoothQuant 1000 / 1000 decode step's time goes (#10 asks 1.3x bf16; the 36th
 # measured 1.26x: 12,775 vs 10,129, decode 20.6 vs 25.2 ms a token, the run's printout 76%
 # of its floor). A mid-run decode step: 296 requests at a 1500-token context, int8_sq +
@@ -9,6 +10,7 @@
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+if [[ " ${*:-a} " == *" a "* ]]; then
 for v in sq8 bf16; do
   case $v in
     sq8) q="--quantization int8_sq --kv-cache-dtype int8" ;;  # calibrated: weights stored
@@ -21,3 +23,25 @@ for v in sq8 bf16; do
     --context 1500 --kv-fraction 0.75 > $OUT/profile-$v.log 2>&1
   head -n 3 $OUT/profile-$v.log; grep -A 26 "GPU kernel time" $OUT/profile-$v.log | cut -c 1-140
 done
+fi
+# b: the one-launch dp4a GEMV with the scaling inside (KILN_INT8_GEMV_EPILOGUE=1, opt-in,
+# written in the 36th after the device time ran out, interpreter-tested bit for bit): its
+# GPU tests (kernel, and the int8_sq engines against the CPU engine with it on), then
+# SmoothQuant batch 1 with it off / on twice (36th: 266.6 tok/s, 50% of the roofline; 12
+# launches a layer for the four linears where bf16 has 4). If it wins, make it the default
+# (int8_gemm.int8_linear) and say so in docs/kernels.md and BENCHMARKS.md.
+if [[ " ${*:-a} " == *" b "* ]]; then
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_kernels_int8_act.py \
+    -k "gemv" > $OUT/gemv-tests.log 2>&1; tail -n 2 $OUT/gemv-tests.log
+  KILN_INT8_GEMV_EPILOGUE=1 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    tests/test_weight_only.py -k "int8_sq" > $OUT/gemv-engine-tests.log 2>&1
+  tail -n 2 $OUT/gemv-engine-tests.log
+  for round in 1 2; do
+    for e in 0 1; do
+      KILN_INT8_GEMV_EPILOGUE=$e RUN_TAG=-e$e-$round timeout 150 bash benchmarks/gpu_suite.sh \
+        sq8:latency-b1 > $OUT/b1-sq8-e$e-$round.log 2>&1
+      echo "sq8 b1 epilogue $e round $round: $(grep -h '^kiln ' $OUT/b1-sq8-e$e-$round.log | tail -1)"
+    done
+  done
+  rm -f $OUT/*.png $OUT/*.json
+fi
