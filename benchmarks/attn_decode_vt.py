@@ -13,7 +13,7 @@ read as [blocks, d, block_size] (rows of 16 contiguous bytes) and laid out as [d
 instructions a tile (`--sass`), 184 registers, no spills.
 
     python benchmarks/attn_decode_vt.py OUT.json [--decode 512x1536,496x256,...]
-        [--prefill 1x1024,16x1000,1x8192]
+        [--prefill 1x1024,16x1000,1x8192] [--kv int8]
     python benchmarks/attn_decode_vt.py --sass     (no GPU: main-loop SASS counts, sm_90)
     python benchmarks/attn_decode_vt.py OUT.json --sweep [--decode ...] [--kv int8] [--splits 8]
         (decode launches on the transposed layout: 32-128 keys a tile, 2-8 warps, 2-4
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--sass", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--kv", choices=("e4m3", "int8"), default="e4m3",
-                    help="the 1-byte cache (--sweep; int8: SmoothQuant engines' KV)")
+                    help="the 1-byte cache (int8: SmoothQuant engines' KV)")
     ap.add_argument("--splits", type=int, default=1,
                     help="--sweep: context splits (a power of two; the engine takes 8 at batch "
                          "1 with a 2048-token limit: attention_decode.choose_num_splits)")
@@ -168,7 +168,8 @@ def main() -> None:
         for spec in filter(None, specs.split(",")):
             batch, ctx = (int(x) for x in spec.split("x"))
             q_lens = [1 if kind == "decode" else ctx] * batch
-            q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, q_lens)
+            q, k8, v8, vt8, tables, starts, lens, ks, vs = make_case([ctx] * batch, q_lens,
+                                                                     args.kv)
             if kind == "decode":
                 run = {"usual": partial(paged_attention_decode, q, k8, v8, tables, lens, scale,
                                         num_splits=1, k_scale=ks, v_scale=vs),
@@ -194,7 +195,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "kv": args.kv,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

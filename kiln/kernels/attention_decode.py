@@ -24,6 +24,7 @@ from kiln.kernels.attention_splits import (
     _split_len,
     combine_splits,
 )
+from kiln.kernels.kv_operands import kv_query
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -35,7 +36,6 @@ from kiln.kernels.paged import (
     dot_precision,
     head_block,
     kv_block_ids,
-    kv_query,
     kv_scale,
     kv_scale_args,
     v_transposed,

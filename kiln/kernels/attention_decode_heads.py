@@ -18,13 +18,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.kv_operands import kv_query
 from kiln.kernels.paged import (
     NATIVE_E4M3,
     NATIVE_E4M3_V,
     attend_tile,
     context_start,
     kv_block_ids,
-    kv_query,
     kv_scale,
 )
 

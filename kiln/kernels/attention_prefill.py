@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import num_sms, paged_tma
+from kiln.kernels.kv_operands import kv_query
 from kiln.kernels.paged import (
     LOG2E,
     LOG2E_C,
@@ -19,7 +20,6 @@ from kiln.kernels.paged import (
     check_v_tiles,
     dot_precision,
     head_block,
-    kv_query,
     kv_scale,
     kv_scale_args,
     v_transposed,

@@ -275,6 +275,12 @@ def reports() -> list[CompileReport]:
     out.append(compile_sm90(attention_prefill._prefill_kernel, fp8_cache, {
         **shape, "BLOCK_M": 128, "BLOCK_N": 128, "HEAVY_FIRST": True, "V_T": True}, 8, 2,
         variant="fp8kv V_T"))
+    int8_cache = {**fp8_cache, "k_cache_ptr": "*i8", "v_cache_ptr": "*i8"}
+    out.append(compile_sm90(attention_prefill._prefill_kernel, int8_cache, {
+        **shape, "BLOCK_M": 128, "BLOCK_N": 128, "HEAVY_FIRST": True, "V_T": True}, 8, 2,
+        variant="int8kv V_T"))
+    out.append(compile_sm90(attention_decode._decode_kernel, int8_cache, {  # V as words
+        **shape, "BLOCK_G": 16, "BLOCK_N": 64, "NUM_SPLITS": 1}, 4, 2, variant="int8kv"))
     unused = ("part_out_ptr", "part_lse_ptr", "query_start_ptr", "alibi_ptr", "cos_sin_ptr",
               "stride_cs", "ALIBI", "ROPE_K")  # the several-heads kernel takes none of them
     for cache, warps, stages, pre, name in ((attn, 4, 2, 0, "heads=4"),

@@ -9,6 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.kv_operands import (
+    INT8_KV_F16,
+    int8_halves,
+    int8_word_pairs,
+    kv_operand,
+    unbias,
+)
 from kiln.kernels.paged_tma import tma_kv_tiles
 
 LOG2E = 1.4426950408889634
@@ -90,7 +97,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     key of the tile yet (m' = -inf). SOFTCAP: s = c * tanh(s / c), softcap = c * log2(e)
     (the cap of the natural-log scores, carried into base 2). ALIBI: s += slopes[row] *
     (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
-    q comes from kv_query (float16 for an e4m3 cache and a 16-bit model); both products
+    q comes from kv_query (float16 for an e4m3 cache and a 16-bit model, and for an int8
+    one with KILN_INT8_KV_F16=1: kv_operands); both products
     run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 by
     the hardware's e4m3 -> f16 conversion (e4m3_tile; on the integer path, as value *
     2^-8 built from its bits with integer ops). The kernels fold k_scale into qk_scale and
@@ -139,7 +147,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                                  stride_cs, HEAD_DIM, q.dtype)
         elif FP8:
             kt = e4m3_tile(kt, q.dtype, NATIVE_E4M3)
-    s = tl.dot(q, kt.to(q.dtype), input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, kv_operand(kt, q.dtype), input_precision=DOT_PREC) * qk_scale
     if SOFTCAP:
         s = softcap_scores(s, softcap)
     if ALIBI:
@@ -168,7 +176,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
                                BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE)
         if FP8:
             vt = e4m3_tile(vt, q.dtype, NATIVE_E4M3_V)
-        v = tl.trans(vt.to(q.dtype))
+        v = tl.trans(kv_operand(vt, q.dtype))
     elif WORDS and not (FP8 and NATIVE_E4M3_V):
         v = load_kv_words(v_cache_ptr, kv_off, offs_n < n_end, q.dtype, BLOCK_N, BLOCK_D,
                           HEAD_DIM, MASK)
@@ -176,7 +184,8 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
         if FP8:
             v = e4m3_tile(v, q.dtype, NATIVE_E4M3_V)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), kv_operand(v, q.dtype),
+                                        input_precision=DOT_PREC)
     return acc, m_new, l_i
 
 
@@ -306,26 +315,16 @@ def load_kv_words(cache_ptr, kv_off, n_ok, dtype: tl.constexpr, BLOCK_N: tl.cons
         odd = _e4m3_pairs(u)
         x = tl.join(tl.join(_half(even, False, dtype), _half(even, True, dtype)),
                     tl.join(_half(odd, False, dtype), _half(odd, True, dtype)))
+    elif INT8_KV_F16 and dtype == tl.float16:  # kv_operands: integer ops, no conversions
+        u = w.to(tl.uint32, bitcast=True)
+        even = int8_word_pairs(u)
+        odd = int8_word_pairs(u >> 8)
+        x = unbias(tl.join(tl.join(int8_halves(even, False), int8_halves(even, True)),
+                           tl.join(int8_halves(odd, False), int8_halves(odd, True))))
     else:
         x = tl.join(tl.join(_word_byte(w, 0, dtype), _word_byte(w, 2, dtype)),
                     tl.join(_word_byte(w, 1, dtype), _word_byte(w, 3, dtype)))
     return tl.reshape(x, [BLOCK_N, BLOCK_D])  # [n, i, k, s] holds d = 4i + 2k + s
-
-
-@triton.jit
-def kv_query(q, k_cache_ptr):
-    """q as the attention products take it: float16 for an e4m3 cache when q is 16-bit
-    (the e4m3 tiles are converted to float16), else as is (a float32 model keeps exact
-    products, the tiles converted float16 -> float32 exactly).
-
-    Caveat: bfloat16 -> float16 is exact for 2^-14 <= |q| <= 65504; smaller |q| round to
-    a multiple of 2^-24 (absolute error <= 2^-25, nothing next to the scores), but
-    |q| > 65504 would become inf. Queries of real models (post-RoPE, before the softmax
-    scale) stay orders of magnitude below that.
-    """
-    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and q.dtype.primitive_bitwidth == 16:
-        q = q.to(tl.float16)
-    return q
 
 
 @triton.jit

@@ -2,6 +2,7 @@
 # For the next device session (one H200), written in the 36th after its device time ran out.
 #   bash next_session.sh a      (one device call, ~7 minutes)
 #   bash next_session.sh b      (one device call, ~5 minutes)
+#   bash next_session.sh c      (one device call, ~9 minutes; first if time is short)
 # a: where a SmoothQuant 1000 / 1000 decode step's time goes (#10 asks 1.3x bf16; the 36th
 # measured 1.26x: 12,775 vs 10,129, decode 20.6 vs 25.2 ms a token, the run's printout 76%
 # of its floor). A mid-run decode step: 296 requests at a 1500-token context, int8_sq +
@@ -43,6 +44,37 @@ if [[ " ${*:-a} " == *" b "* ]]; then
       KILN_INT8_GEMV_EPILOGUE=$e RUN_TAG=-e$e-$round timeout 150 bash benchmarks/gpu_suite.sh \
         sq8:latency-b1 > $OUT/b1-sq8-e$e-$round.log 2>&1
       echo "sq8 b1 epilogue $e round $round: $(grep -h '^kiln ' $OUT/b1-sq8-e$e-$round.log | tail -1)"
+    done
+  done
+  rm -f $OUT/*.png $OUT/*.json
+fi
+# c: an int8 KV cache's attention products in float16 (KILN_INT8_KV_F16=1, opt-in, written
+# in the 36th without a GPU: the tiles converted by prmt + sub.f16x2, 1,682 main-loop
+# instructions a 128-key tile against 2,039; e4m3 takes 1,290). The 21st-27th found 1-byte
+# decode attention bound on the SM side (int8 V_T at B=512 x 1536 0.454 ms, e4m3 0.403).
+# GPU tests with it on (kernels against the reference, the int8_sq engines against the CPU
+# engine), the decode / prefill kernels off / on, then int8_sq + int8 KV 1000 / 1000 x 300
+# off / on twice (36th: 12,775; #10 asks 1.3x bf16's 10,129 = 13,170). If it wins, make it
+# the default (kv_operands.INT8_KV_F16) and say so in docs/kernels.md and BENCHMARKS.md.
+if [[ " ${*:-a} " == *" c "* ]]; then
+  KILN_INT8_KV_F16=1 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    tests/test_kernels_kvquant.py > $OUT/kvf16-tests.log 2>&1; tail -n 2 $OUT/kvf16-tests.log
+  KILN_INT8_KV_F16=1 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf \
+    tests/test_weight_only.py tests/test_gpu_engine.py -k "int8" > $OUT/kvf16-engine.log 2>&1
+  tail -n 2 $OUT/kvf16-engine.log
+  for f in 0 1; do
+    KILN_INT8_KV_F16=$f timeout 120 python3 benchmarks/attn_decode_vt.py $OUT/attn-f$f.json \
+      --kv int8 --decode 512x1536,296x1500,256x1024,64x8192 --prefill 1x8192 \
+      > $OUT/attn-f$f.log 2>&1; echo "KILN_INT8_KV_F16=$f"; cat $OUT/attn-f$f.log | cut -c 1-110
+  done
+  for round in 1 2; do
+    for f in 0 1; do
+      [ $SECONDS -gt 420 ] && break 2
+      KILN_INT8_KV_F16=$f timeout 200 python3 -m kiln.cli bench throughput \
+        --random-config llama-3.1-8b --input-len 1000 --output-len 1000 --num-requests 300 \
+        --max-seq-len 2048 --quantization int8_sq --kv-cache-dtype int8 \
+        --out $OUT/r$round-f$f.json > $OUT/r$round-f$f.log 2>&1
+      echo "round $round KILN_INT8_KV_F16=$f $(grep -h '^kiln ' $OUT/r$round-f$f.log | tail -1) t=$SECONDS"
     done
   done
   rm -f $OUT/*.png $OUT/*.json
