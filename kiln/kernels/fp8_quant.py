@@ -47,8 +47,8 @@ def fused_quant_args(quant: FP8Quant | Int8Quant, scale: torch.Tensor) -> dict:
                 QUANT=QUANT_DYNAMIC if static is None else QUANT_STATIC)
 
 
-def quantized_act(quant: FP8Quant | Int8Quant, q_shape: tuple, scale: torch.Tensor,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, type]:
+def quantized_act(quant: FP8Quant | Int8Quant, q_shape: tuple, scale: torch.Tensor
+                  ) -> tuple[torch.Tensor, type]:
     """The fused kernel's output buffer for `quant` (e4m3, or int8 for an Int8Quant) and
     the class wrapping it with its scales (FP8Act / Int8Act)."""
     int8 = isinstance(quant, Int8Quant)

@@ -91,10 +91,10 @@ def _int8_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, W, W_PER_SPLIT, stride_xm, st
         tl.store(out, y, mask=mask)
 
 
-def _launch(x_q: torch.Tensor, weight: torch.Tensor, block_w: int, split_k: int,
-            loop_stages: int) -> tuple[int, int, int, int]:
+def _launch(x_q: torch.Tensor, weight: torch.Tensor, block_w: int, split_k: int
+            ) -> tuple[int, int, int, int]:
     """(M, N, words a split, splits) of a launch: split_k 0 picks 16 K splits of at least
-    2 steps each; loop_stages 0: 3, or 1 with KILN_INT_PIPELINE=0."""
+    2 steps each."""
     M, K = x_q.shape
     assert M <= MAX_ROWS and K % 4 == 0 and x_q.stride(1) == 1 and weight.stride(1) == 1
     W = K // 4
@@ -105,6 +105,7 @@ def _launch(x_q: torch.Tensor, weight: torch.Tensor, block_w: int, split_k: int,
 
 
 def _stages(loop_stages: int) -> int:
+    """The K loop's pipelining: loop_stages, or for 0: 3 (1 with KILN_INT_PIPELINE=0)."""
     if loop_stages <= 0:
         return 1 if os.environ.get("KILN_INT_PIPELINE") == "0" else 3
     return loop_stages
@@ -118,7 +119,7 @@ def int8_gemv(x_q: torch.Tensor, weight: torch.Tensor, block_n: int = 64, block_
     a layer against 74-84 for fewer, deeper splits and 88.0 for _int_mm). loop_stages > 1:
     the K loop software-pipelined (0: 3, or 1 with KILN_INT_PIPELINE=0; H200, 8B shapes,
     one row: 63.6 vs 66.6 us a layer, seventeenth session)."""
-    M, N, per_split, splits = _launch(x_q, weight, block_w, split_k, loop_stages)
+    M, N, per_split, splits = _launch(x_q, weight, block_w, split_k)
     atomic = splits > 1
     out = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.int32, device=x_q.device)
     _int8_gemv_kernel[(triton.cdiv(N, block_n), splits)](
@@ -137,7 +138,7 @@ def int8_gemv_scaled(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Ten
     """int8_act.scale_int8_product(int8_gemv(x_q, weight), x_scale, weight_scale, bias,
     dtype) to the bit in one launch: no zero-filled int32 product, no epilogue launch
     (three launches a linear become one; KILN_INT8_GEMV_EPILOGUE=1 in int8_linear)."""
-    M, N, per_split, splits = _launch(x_q, weight, block_w, split_k, loop_stages)
+    M, N, per_split, splits = _launch(x_q, weight, block_w, split_k)
     out = torch.empty(M, N, dtype=dtype, device=x_q.device)
     part = count = out  # not read with one split
     if splits > 1:

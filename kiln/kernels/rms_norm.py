@@ -105,7 +105,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if quant is not None:  # an FP8Quant / Int8Quant: e4m3 / int8 rows and their scales
         assert x.dim() == 2, "the fused quantized output is [tokens, hidden]"
         scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
-        out, act_type = quantized_act(quant, x.shape, scale, y_dtype)
+        out, act_type = quantized_act(quant, x.shape, scale)
         extra = dict(scale_ptr=scale, **fused_quant_args(quant, scale),
                      Y_DTYPE=_TL_DTYPES[y_dtype], INTERPRET=_INTERPRET,
                      DEPENDENTS=pdl.hopper(x))

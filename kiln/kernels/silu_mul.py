@@ -145,7 +145,7 @@ def act_mul_quant(x: torch.Tensor, quant: FP8Quant | Int8Quant, gelu_tanh: bool 
         x = x.contiguous()
     tokens = x.shape[0]
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
-    q, act_type = quantized_act(quant, (tokens, inter), scale, x.dtype)
+    q, act_type = quantized_act(quant, (tokens, inter), scale)
     if tokens:
         block = min(triton.next_power_of_2(inter), 16384)
         num_warps = 8 if block >= 4096 else 4 if block >= 1024 else 1
