@@ -17,29 +17,47 @@ from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import SamplingParams
 
 
-def admit(engine: LLMEngine, batch: int, context: int, max_tokens: int, first: int) -> None:
+def admit(engine: LLMEngine, batch: int, context: int, first: int) -> list[str]:
     """batch requests of context tokens added and stepped until every prompt is in (the
-    steps after are decodes only), then a few steps to settle."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request([first + i] * context, params)
+    steps after are decodes only), then a few steps to settle. Their max_tokens is all the
+    room left (max_seq_len - context): none finishes in the steps measured after (a prompt
+    computed in the first of the admission steps has already decoded one token a step since,
+    so a budget of only the measured steps ended requests inside them and the batch shrank:
+    the 36th's "296 requests" step timed 13.2 ms where kiln bench's steps of 297 rows took
+    17.9). Returns their ids (finish them with release)."""
+    room = engine.max_seq_len - context
+    params = SamplingParams(max_tokens=room, temperature=0, ignore_eos=True)
+    ids = [engine.add_request([first + i] * context, params, f"profile-{first}-{i}")
+           for i in range(batch)]
     sched = engine.scheduler
     while sched.waiting or any(r.num_output_tokens == 0 for r in sched.running):
         engine.step()
     for _ in range(4):
         engine.step()
+    running = len(sched.running)
+    assert running == batch, f"{running} of {batch} requests decoding (KV cache too small?)"
+    return ids
+
+
+def release(engine: LLMEngine, ids: list[str]) -> None:
+    for request_id in ids:
+        engine.abort(request_id)
+    while engine.has_unfinished():
+        engine.step()
 
 
 def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int = 64) -> float:
-    admit(engine, batch, context, steps + 8, 100)
+    ids = admit(engine, batch, context, 100)
+    steps = min(steps, engine.max_seq_len - context - 40)  # every request decodes throughout
+    assert len(engine.scheduler.running) == batch
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
     elapsed = (time.perf_counter() - start) / steps
-    while engine.has_unfinished():
-        engine.step()
+    assert len(engine.scheduler.running) == batch, "a request finished inside the timing"
+    release(engine, ids)
     return 1000 * elapsed
 
 
@@ -72,7 +90,7 @@ def main() -> None:
     batch = args.profile_batch
     print(f"batch {batch} decode: {decode_ms(engine, batch, args.context):.3f} ms/step",
           flush=True)
-    admit(engine, batch, args.context, 40, 7)
+    ids = admit(engine, batch, args.context, 7)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
@@ -82,6 +100,8 @@ def main() -> None:
     gpu_us = sum(e.self_device_time_total for e in events) / 10
     print(f"GPU kernel time per step (rank 0): {gpu_us / 1000:.3f} ms")
     print(events.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    assert len(engine.scheduler.running) == batch, "a request finished inside the profile"
+    release(engine, ids)
     engine.close()
 
 

@@ -87,37 +87,6 @@ def check_int8_gemv(M: int, N: int, K: int, block_n: int, block_w: int, split: i
     assert got.dtype == torch.int32 and torch.equal(got, want)
 
 
-def check_int8_gemv_scaled(M: int, N: int, K: int, block_n: int, block_w: int, split: int,
-                           dtype: torch.dtype, with_bias: bool) -> None:
-    from kiln.kernels import int8_act, int8_gemv
-
-    g = torch.Generator().manual_seed(M * N + K)
-    x_q = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
-    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
-    x_scale = torch.rand(M, 1, generator=g) * 0.01
-    w_scale = torch.rand(N, generator=g) * 0.01
-    bias = torch.randn(N, generator=g).to(dtype) if with_bias else None
-    want = int8_act.scale_int8_product(int8_gemv.int8_gemv(x_q, w, block_n, block_w, split),
-                                       x_scale, w_scale, bias, dtype)
-    for _ in range(2):  # the split-K counters left zeroed for the next call
-        got = int8_gemv.int8_gemv_scaled(x_q, x_scale, w, w_scale, bias, dtype, block_n,
-                                         block_w, split)
-        assert got.shape == (M, N) and got.dtype == dtype
-        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
-
-
-@pytest.mark.parametrize("M", [1, 3, 16])
-def test_int8_gemv_scaled_is_gemv_and_epilogue(interp, M) -> None:  # noqa: F811
-    """The dp4a products with the scaling inside (KILN_INT8_GEMV_EPILOGUE=1): int8_gemv +
-    int8_act's epilogue, bit for bit, with one split and several (the last of a column
-    block sums the int32 partials), columns past N, bias or none, bf16 / fp16 / fp32."""
-    for N, K, block_n, block_w, split, dtype, with_bias in (
-            (40, 256, 16, 8, 1, torch.bfloat16, True), (37, 1000, 16, 16, 3, torch.float16,
-                                                        False),
-            (64, 4096, 32, 32, 0, torch.float32, True)):
-        interp(check_int8_gemv_scaled, M, N, K, block_n, block_w, split, dtype, with_bias)
-
-
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_int8_gemv_is_int_mm(interp, M) -> None:  # noqa: F811
     """Exactly torch._int_mm's int32 sums: N not a multiple of the block, K ending inside
@@ -308,8 +277,7 @@ def test_compiles_for_hopper() -> None:
     for rows, block_n, block_w in ((1, 64, 32), (4, 64, 32), (16, 64, 16)):
         values = {"x_ptr": "*i32", "w_ptr": "*i32", "out_ptr": "*i32", "M": 3, "N": 4096,
                   "W": 1024, "W_PER_SPLIT": 128, "stride_xm": 1024, "stride_wn": 1024,
-                  "stride_om": 4096, **{p: "*i32" for p in (
-                      "x_scale_ptr", "w_scale_ptr", "bias_ptr", "part_ptr", "count_ptr")}}
+                  "stride_om": 4096}
         meta = dict(ROWS=rows, BLOCK_N=block_n, BLOCK_W=block_w, ATOMIC=True,
                     INTERPRET=False)
         r = compile_sm90(int8_gemv._int8_gemv_kernel, values, meta, 4, 3,
@@ -320,12 +288,6 @@ def test_compiles_for_hopper() -> None:
         assert ops["IDP"] == rows * weights / 4, ops
         if rows == 1:
             assert sum(ops.values()) / weights < 1.0, ops
-    # with the scaling inside (int8_gemv_scaled): 16 splits met by split_k_fixup, no stack
-    values.update(out_ptr="*bf16", x_scale_ptr="*fp32", w_scale_ptr="*fp32", bias_ptr="*bf16")
-    r = compile_sm90(int8_gemv._int8_gemv_kernel, values, dict(
-        ROWS=1, BLOCK_N=64, BLOCK_W=32, ATOMIC=False, INTERPRET=False, LOOP_STAGES=3,
-        EPILOGUE=True, HAS_BIAS=True, SPLIT_K=16), 4, 3, variant="scaled")
-    assert r.stack_bytes == 0, r
 
 
 @pytest.mark.gpu
@@ -355,9 +317,8 @@ def test_gpu_int8_linear_fused_is_the_reference(M, monkeypatch) -> None:
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
 @pytest.mark.parametrize("M", [1, 4, 16])
 def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
-    """The dp4a products (by default at one row, KILN_INT8_GEMV=1 up to 16), with the
-    scaling after them or inside (KILN_INT8_GEMV_EPILOGUE=1), give the bits of _int_mm
-    (KILN_INT8_GEMV=0) at the 8B shapes."""
+    """The dp4a products (by default at one row, KILN_INT8_GEMV=1 up to 16) give the bits of
+    _int_mm (KILN_INT8_GEMV=0) at the 8B shapes."""
     from kiln import functional as KF
 
     for N, K in ((6144, 4096), (4096, 14336)):
@@ -368,11 +329,9 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
         bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
         monkeypatch.setenv("KILN_INT8_GEMV", "0")
         want = KF.int8_linear(x, weight, w_scale, bias)
-        for mode, pipeline, epilogue in (("1", "0", "0"), ("", "0", "0"), ("1", "1", "0"),
-                                         ("1", "1", "1"), ("", "", "1")):
+        for mode, pipeline in (("1", "0"), ("", "0"), ("1", "1")):
             monkeypatch.setenv("KILN_INT8_GEMV", mode)
             monkeypatch.setenv("KILN_INT_PIPELINE", pipeline)  # the K loop pipelined
-            monkeypatch.setenv("KILN_INT8_GEMV_EPILOGUE", epilogue)  # the scaling inside
             got = KF.int8_linear(x, weight, w_scale, bias)
             assert torch.equal(got, want), (mode, (got.float() - want.float()).abs().max())
 
@@ -380,9 +339,9 @@ def test_gpu_int8_gemv_is_int_mm(M, monkeypatch) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("M", [2, 16, 17, 32, 49, 100, 512, 4096])
+@pytest.mark.parametrize("M", [2, 16, 17, 32, 40, 49, 100, 296, 512, 4096])
 def test_gpu_int8_gemm_is_the_torch_path(M, monkeypatch) -> None:
-    """The fused W8A8 GEMM (the Hopper default at 2-32 and 49+ rows) gives the bits of
+    """The fused W8A8 GEMM (the Hopper default from 2 rows on) gives the bits of
     _int_mm + the scaling epilogue (KILN_INT8_GEMM=torch) at the 8B shapes, bf16 and fp16,
     with and without bias."""
     from kiln import functional as KF

@@ -1,6 +1,7 @@
-"""KILN_INT8_KV_F16 (kiln/kernels/kv_operands.py, opt-in): an int8 KV cache's attention
-products in float16, the tiles converted with integer ops (the word-pair path) or one
-prmt / sub.f16x2 sequence a register (int8_f16) instead of the compiler's conversions.
+"""KILN_INT8_KV_F16 (kiln/kernels/kv_operands.py, the default; =0 turns it off): an int8
+KV cache's attention products in float16, the tiles converted with integer ops (the
+word-pair path) or one prmt / sub.f16x2 sequence a register (int8_f16) instead of the
+compiler's conversions.
 
 CPU: in Triton's interpreter (the worker of tests/test_kernels_kvquant.py) a float16
 model's decode and prefill attention over an int8 cache give the same bits with the
@@ -9,7 +10,7 @@ word-pair decoding is checked for every int8 value in every byte of a word. sm_9
 decode kernel's main loop compiled both ways (no GPU): no I2F, fewer instructions.
 
     pytest tests/test_kv_int8_f16.py
-    KILN_INT8_KV_F16=1 pytest -m gpu tests/test_kernels_kvquant.py   # the GPU check
+    pytest -m gpu tests/test_kernels_kvquant.py   # the GPU check (KILN_INT8_KV_F16=0: the old path)
 """
 
 from __future__ import annotations

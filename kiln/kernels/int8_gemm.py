@@ -15,8 +15,11 @@ so the output is the default path's to the bit.
 Tiles: a wgmma of BLOCK_M x BLOCK_N x BLOCK_K int8 (s8 . s8 -> s32 on Hopper), the K loop
 software-pipelined over `num_stages` cp.async buffers, programs ordered in groups of
 GROUP_M row tiles so a band of weight columns is read from L2 by each of them. Rows and
-columns past M / N are loaded from row 0 / column 0 (no masks in the K loop) and not
-stored. Where the tiles are too few for two programs an SM (o and down at decode batches),
+columns past M / N are loaded from rows / columns M / N back (offs % M: no masks in the K
+loop) and not stored. (Until the 37th session they were all row 0: a partial band of
+128-row tiles was far slower than a full one, H200, gate_up 134.4 us at 296 rows against
+81.7 at 384, every program of the band reading one line of x ~88 times a K step.) Where
+the tiles are too few for two programs an SM (o and down at decode batches),
 K is split: each split stores its int32 partials and the last to arrive adds them in
 split order (kernels.split_k), still exact, then runs the epilogue.
 
@@ -110,8 +113,8 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # past M / N: row / column 0
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    rows = (offs_m % M).to(tl.int64)  # past M / N: distinct rows / columns (one line of
+    cols = (offs_n % N).to(tl.int64)  # x read by every row past M was a hot spot)
     steps = tl.cdiv(K, BLOCK_K)  # this split's K steps: [first, last)
     per_split = tl.cdiv(steps, SPLIT_K)
     first = tl.program_id(1) * per_split
@@ -185,24 +188,20 @@ def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: t
     instead, the same bits: H200, int8_sq 500 x 1000/1000, 10,948 vs 7,152 out tok/s):
     - one row: dp4a on the CUDA cores (int8_gemv) instead of _int_mm padded to 17 rows,
       H200 8B shapes 67.7 vs 88.0 us a layer. KILN_INT8_GEMV=0: never; =1: up to 16 rows
-      (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape); KILN_INT8_GEMV_EPILOGUE=1
-      (opt-in until timed): the scaling inside it too, one launch instead of three;
+      (at 4 rows _int_mm wins qkv and gate_up, at 16 every shape);
     - from 2 rows on a Hopper GPU, this module's GEMM with the scaling inside it (H200,
       8B shapes, a layer at 4 / 64 / 256 / 1024 / 4096 rows: 73 / 90 / 132 / 338 / 1453
       us against 96 / 103 / 219 / 630 / 2283; 32-row tiles at 17-32 rows, 76 against 97
-      at 24), but not at 33-48 rows, where neither tile beats _int_mm on every shape (48
-      rows: 64-row tiles 94 us, 32-row ones 92, against 100). KILN_INT8_GEMM=torch: never;
-      =triton: on any CUDA GPU (untimed off Hopper);
+      at 24; 33-48 rows since the 37th session's fix of rows past M: 87.8 against 101.4
+      at 48, 296 rows 159.7 against 289.9). KILN_INT8_GEMM=torch: never; =triton: on any
+      CUDA GPU (untimed off Hopper);
     - else torch._int_mm (rows padded to 17) and int8_act's epilogue."""
     M = x.shape[0]
     gemv = os.environ.get("KILN_INT8_GEMV", "")
     if M == 1 and gemv != "0" or 0 < M <= int8_gemv.MAX_ROWS and gemv == "1":
         x_q, x_scale = _quantized(x)
-        if os.environ.get("KILN_INT8_GEMV_EPILOGUE") == "1":  # one launch (untimed)
-            return int8_gemv.int8_gemv_scaled(x_q, x_scale, weight, weight_scale, bias,
-                                              x.dtype)
         acc = int8_gemv.int8_gemv(x_q, weight)
-    elif (M <= 32 or M > 48) and _fused_gemm(x.device):
+    elif _fused_gemm(x.device):
         x_q, x_scale = _quantized(x)
         return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, x.dtype)
     else:

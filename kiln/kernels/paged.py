@@ -98,7 +98,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row_ptr, n0, n
     (the cap of the natural-log scores, carried into base 2). ALIBI: s += slopes[row] *
     (n - q_pos[row]), slopes already times log2(e). All off compile to the plain code.
     q comes from kv_query (float16 for an e4m3 cache and a 16-bit model, and for an int8
-    one with KILN_INT8_KV_F16=1: kv_operands); both products
+    one by default, KILN_INT8_KV_F16: kv_operands); both products
     run in q's dtype. 1-byte caches reach them exactly: int8 converted as stored, e4m3 by
     the hardware's e4m3 -> f16 conversion (e4m3_tile; on the integer path, as value *
     2^-8 built from its bits with integer ops). The kernels fold k_scale into qk_scale and
