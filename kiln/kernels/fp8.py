@@ -34,6 +34,7 @@ conversion (cvt.rn.satfinite.e4m3x2).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -338,6 +339,10 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     it takes no bias with a float32 output, so there the bias is added after."""
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
+    if _use_tiles(x_q.shape[0], N, weight):
+        from kiln.kernels import int8_gemm
+
+        return int8_gemm.fp8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, dtype)
     if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-192 (256) rows: see fp8_mid
         return fp8_mid.tensorwise_fp8_linear(x_q, x_scale, weight, weight_scale, dtype, bias)
     fused_bias = bias is not None and dtype != torch.float32
@@ -346,6 +351,20 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     if bias is not None and not fused_bias:
         y += bias.float()
     return y
+
+
+# KILN_FP8_TILES=1 (opt-in until timed end to end): 257-511 rows, and the gate-up projection
+# (N >= 16384) at 129-256, on the W8A8 GEMM's tiles with e4m3 inputs (int8_gemm.fp8_scaled_mm)
+# instead of _scaled_mm. H200, a Llama-3.1-8B layer's four linears (37th session,
+# benchmarks/fp8_tiles_bench.py): 154.8 us against 199.9 at 296 rows, 190.5 against 222.3 at
+# 448; cuBLAS stays ahead at 512 (182.0 against 196.3). Not the same sums as cuBLAS (5e-3 to
+# 1.1e-2 of the largest output apart there): to be checked against exact products first.
+_TILES = os.environ.get("KILN_FP8_TILES") == "1"
+
+
+def _use_tiles(M: int, N: int, weight: torch.Tensor) -> bool:
+    return _TILES and (256 < M < 512 or 128 < M <= 256 and N >= 16384) and \
+        fp8_swap.wgmma_device(weight)
 
 
 def _use_scaled_mm(M: int, N: int, K: int) -> bool:
