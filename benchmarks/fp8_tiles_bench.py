@@ -7,7 +7,9 @@ are uneven across batch sizes (37th session, a layer's four linears: 186 us at 5
 Triton pipelining integer wgmma, which it does for fp8. Microseconds a call from CUDA-graph
 replays over weight copies past L2; every launch is checked against _scaled_mm first
 (max |difference| over max |value|; the 37th measured 5e-3 to 1.1e-2, more than one bf16
-rounding: see "exact", both against float64 products, added after that run).
+rounding, with the fp8 MMA's sums never promoted to float32 (Triton's sm_90 default). The
+kernel now promotes them every K step, as kiln's other FP8 kernels do, untimed; "exact":
+both against float64 products).
 
     python benchmarks/fp8_tiles_bench.py OUT.json [--rows 128,160,224,296,384,448,512,1024]
 """

@@ -296,6 +296,19 @@ def test_compiles_for_hopper() -> None:
             cfg.num_warps, cfg.num_stages, variant=f"M{M}N{N}K{K}")
         mma = "mma.sync" if M <= 32 else "wgmma.mma_async"  # 16 / 32-row tiles: mma.sync
         assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
+    # the same tiles on e4m3 (fp8_scaled_mm, KILN_FP8_TILES): fp8 wgmma, no stack
+    for M, N, K in ((296, 28672, 4096), (448, 4096, 14336)):
+        cfg = int8_gemm.gemm_config(M, N, K)
+        r = compile_sm90(int8_gemm._int8_gemm_kernel, {
+            "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
+            "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+            "part_ptr": "*fp32", "count_ptr": "*i32", "M": M, "N": N, "K": K, "stride_x": K,
+            "stride_w": K, "stride_out": N},
+            {"HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+             "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
+             "SPLIT_K": cfg.split_k, "INTERPRET": False, "FLOAT": True},
+            cfg.num_warps, cfg.num_stages, variant=f"fp8M{M}N{N}K{K}")
+        assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
     from kiln.kernels import int8_gemv
     from kiln.kernels.compile_check import main_loop_sass

@@ -102,7 +102,9 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
                       FLOAT: tl.constexpr = False):
-    """FLOAT: e4m3 x and w, float32 sums (fp8_scaled_mm); else int8, int32 sums."""
+    """FLOAT: e4m3 x and w, float32 sums (fp8_scaled_mm), the tensor core's shorter sums
+    added to them every K step (max_num_imprecise_acc, as kiln.kernels.fp8's PROMOTE_K);
+    else int8, int32 sums."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -139,7 +141,10 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
             else:
                 a = tl.load(x_tile, mask=in_k, other=0)
                 b = tl.load(w_tile, mask=in_k, other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype)
+        if FLOAT:  # the fp8 MMA's short sums promoted to float32 every step, as fp8.py's
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_tile += BLOCK_K
         w_tile += BLOCK_K
 
