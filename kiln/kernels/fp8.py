@@ -357,8 +357,9 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
 # (N >= 16384) at 129-256, on the W8A8 GEMM's tiles with e4m3 inputs (int8_gemm.fp8_scaled_mm)
 # instead of _scaled_mm. H200, a Llama-3.1-8B layer's four linears (37th session,
 # benchmarks/fp8_tiles_bench.py): 154.8 us against 199.9 at 296 rows, 190.5 against 222.3 at
-# 448; cuBLAS stays ahead at 512 (182.0 against 196.3). Not the same sums as cuBLAS (5e-3 to
-# 1.1e-2 of the largest output apart there): to be checked against exact products first.
+# 448; cuBLAS stays ahead at 512 (182.0 against 196.3), timed before the tiles promoted the
+# fp8 MMA's sums every K step (5e-3 to 1.1e-2 of the largest output from cuBLAS's then):
+# to be timed again and checked against exact products (the next session's script).
 _TILES = os.environ.get("KILN_FP8_TILES") == "1"
 
 

@@ -6,8 +6,9 @@
 # inputs (KILN_FP8_TILES=1, opt-in; kiln/kernels/fp8.py _use_tiles, int8_gemm.fp8_scaled_mm).
 # The 37th timed the tiles against cuBLAS (call 9, a layer's four linears: 154.8 vs 199.9 us
 # at 296 rows, 190.5 vs 222.3 at 448, 196.3 vs 182.0 at 512) but not their accuracy against
-# exact products (they differ from _scaled_mm by 5e-3 to 1.1e-2 of the largest output) nor
-# an engine. Here: the GPU tests with it on, the bench again with errors against float64
+# exact products (they differ from _scaled_mm by 5e-3 to 1.1e-2 of the largest output: the
+# fp8 MMA's short sums were never promoted; the kernel now promotes them every K step, as
+# kiln's other FP8 kernels do, which may cost some of the gain) nor an engine. Here: the GPU tests with it on, the bench again with errors against float64
 # products at the rows near the rule's edges (a 1000-request run decodes ~504 rows), then
 # FP8 + FP8 KV 1000 / 1000 x 300 off / on twice (#8 asks 19,500 at x 1000: 15,741). If it
 # wins and its errors are no worse than cuBLAS's, make it the default (fp8._TILES), refit
