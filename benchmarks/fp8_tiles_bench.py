@@ -16,13 +16,12 @@ both against float64 products).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
 from benchmarks.fp8_gemm import time_calls
+from benchmarks.int8_gemm_bench import sweep_rows, tile_launches, time_tiles
 from benchmarks.int_gemv_bench import SHAPES, n_copies
 
 # (block_m, block_n, block_k, group_m, warps, stages[, split_k])
@@ -64,57 +63,36 @@ def measure(M: int, name: str, dev: str) -> dict:
     # float32 unless promoted (cuBLAS promotes; Triton after max_num_imprecise_acc)
     exact = (x_q.double() @ ws[0].double().t()) * x_scale.double() * scales[0].double()
     row["scaled_mm err"] = (want.double() - exact).abs().max().item() / peak
-    launches = {**{"x".join(map(str, t)): int8_gemm.Int8GemmConfig(*t) for t in TILES},
-                "auto": None}
-    for label, cfg in launches.items():
-        if cfg is not None and cfg.smem_bytes > 220 * 1024:
-            continue
-        try:
-            got = tiles(ws[0], scales[0], cfg)
-            err = (got.float() - want).abs().max().item() / peak
-            if err > 2e-2:
-                row[f"tiles {label}"] = f"MISMATCH {err:.2e}"
-                continue
-            row[f"err {label}"] = err
-            row[f"exact err {label}"] = (got.double() - exact).abs().max().item() / peak
-            row[f"tiles {label}"] = time_calls(tiles, [(w, s, cfg) for w, s in
-                                                      zip(ws, scales)]) * 1e6
-        except Exception as e:  # a launch that does not fit: say so, go on
-            row[f"tiles {label}"] = f"{type(e).__name__}: {str(e)[:80]}"
-    timed = {k: v for k, v in row.items() if k.startswith("tiles") and isinstance(v, float)}
-    row["best"] = min(timed, key=timed.get) if timed else None
+    launches = {label: cfg for label, cfg in tile_launches(TILES).items()
+                if cfg is None or cfg.smem_bytes <= 220 * 1024}
+
+    def check(cfg):
+        got = tiles(ws[0], scales[0], cfg)
+        label = next(k for k, v in launches.items() if v is cfg)
+        err = (got.float() - want).abs().max().item() / peak
+        if err > 2e-2:
+            return f"MISMATCH {err:.2e}"
+        row[f"err {label}"] = err
+        row[f"exact err {label}"] = (got.double() - exact).abs().max().item() / peak
+        return None
+
+    time_tiles(row, "tiles", launches, check, tiles, list(zip(ws, scales)))
     return row
 
 
+def describe(M: int, name: str, row: dict) -> str:
+    best = row["best"]
+    label = best[6:] if best else ""
+    return (f"M={M:5d} {name:8s} kiln {row['kiln']:7.1f} us  _scaled_mm "
+            f"{row['scaled_mm']:7.1f}  tiles auto {row.get('tiles auto')}  best {best} "
+            f"{row[best] if best else float('nan'):.1f} us (against _scaled_mm "
+            f"{row.get('err ' + label)}; against exact: it {row.get('exact err ' + label)}, "
+            f"_scaled_mm {row['scaled_mm err']:.2e})")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", nargs="?", default="fp8_tiles.json")
-    ap.add_argument("--rows", default="128,160,224,296,384,448,512,1024")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    args = ap.parse_args()
-    dev = torch.cuda.get_device_name()
-    results = []
-    for M in [int(r) for r in args.rows.split(",")]:
-        table = []
-        for name in args.shapes.split(","):
-            row = measure(M, name, dev)
-            table.append(row)
-            results.append(row)
-            best = row["best"]
-            print(f"M={M:5d} {name:8s} kiln {row['kiln']:7.1f} us  _scaled_mm "
-                  f"{row['scaled_mm']:7.1f}  tiles auto {row.get('tiles auto')}  best {best} "
-                  f"{row[best] if best else float('nan'):.1f} us "
-                  f"(against _scaled_mm {row.get('err ' + best[6:]) if best else None}; "
-                  f"against exact: it {row.get('exact err ' + best[6:]) if best else None}, "
-                  f"_scaled_mm {row['scaled_mm err']:.2e})", flush=True)
-        layer = {k: sum(r[k] for r in table) for k in ("kiln", "scaled_mm")}
-        layer["tiles auto"] = sum(r["tiles auto"] for r in table
-                                  if isinstance(r.get("tiles auto"), float))
-        layer["tiles best"] = sum(r[r["best"]] for r in table if r["best"])
-        print(f"M={M:5d} layer: " + ", ".join(f"{k} {v:.1f}" for k, v in layer.items()),
-              flush=True)
-        with open(args.out, "w") as f:
-            json.dump({"device": dev, "tiles": TILES, "results": results}, f, indent=1)
+    sweep_rows(measure, describe, ("kiln", "scaled_mm"), "tiles", TILES, "fp8_tiles.json",
+               "128,160,224,296,384,448,512,1024")
 
 
 if __name__ == "__main__":

@@ -80,29 +80,64 @@ def measure(M: int, name: str, dev: str) -> dict:
     want = default(ws[0], scales[0])
     # kiln's choice timed last: the first launch timed after cuBLAS's came out 10-15% slower
     # than the same tile timed later (35th session, 128 x 128 tiles at 768-4096 rows)
-    launches = {**{"x".join(map(str, t)): int8_gemm.Int8GemmConfig(*t) for t in TILES},
-                "auto": None}
-    for label, cfg in launches.items():
-        if cfg is not None and (cfg.smem_bytes > 220 * 1024 or (cfg.block_m < 64) != (M <= 48)
-                                or cfg.block_m > 16 and M <= 16):
-            continue  # too much shared memory; 16-row tiles at 2-48 rows, 32-row at 17-48
-        try:
-            if not torch.equal(fused(ws[0], scales[0], cfg), want):
-                row[f"triton {label}"] = "MISMATCH"
-                continue
-            row[f"triton {label}"] = time_calls(fused, [(w, s, cfg) for w, s in
-                                                       zip(ws, scales)]) * 1e6
-        except Exception as e:  # a launch that does not fit: say so, go on
-            row[f"triton {label}"] = f"{type(e).__name__}: {str(e)[:80]}"
-    timed = {k: v for k, v in row.items() if k.startswith("triton") and isinstance(v, float)}
-    row["best"] = min(timed, key=timed.get) if timed else None
+    launches = {label: cfg for label, cfg in tile_launches(TILES).items() if cfg is None or (
+        cfg.smem_bytes <= 220 * 1024 and (cfg.block_m < 64) == (M <= 48)
+        and not (cfg.block_m > 16 and M <= 16))}  # 16-row tiles at 2-48 rows, 32 at 17-48
+
+    def check(cfg):
+        return None if torch.equal(fused(ws[0], scales[0], cfg), want) else "MISMATCH"
+
+    time_tiles(row, "triton", launches, check, fused, list(zip(ws, scales)))
     return row
 
 
-def main() -> None:
+def tile_launches(tiles: list) -> dict:
+    """{label: Int8GemmConfig} of the tiles swept, kiln's choice ("auto", None) last: the
+    first launch timed after cuBLAS's came out 10-15% slower than the same tile timed later
+    (35th session, 128 x 128 tiles at 768-4096 rows)."""
+    from kiln.kernels import int8_gemm
+
+    return {**{"x".join(map(str, t)): int8_gemm.Int8GemmConfig(*t) for t in tiles},
+            "auto": None}
+
+
+def time_tiles(row: dict, prefix: str, launches: dict, check, run, args: list) -> None:
+    """row[f"{prefix} {label}"] = microseconds a call of run(*a, cfg) over args, for each
+    launch that check(cfg) passes (None; else what it returns is stored), or the error of
+    one that does not fit; row["best"]: the fastest key."""
+    for label, cfg in launches.items():
+        try:
+            bad = check(cfg)
+            if bad is not None:
+                row[f"{prefix} {label}"] = bad
+                continue
+            row[f"{prefix} {label}"] = time_calls(run, [(*a, cfg) for a in args]) * 1e6
+        except Exception as e:  # a launch that does not fit: say so, go on
+            row[f"{prefix} {label}"] = f"{type(e).__name__}: {str(e)[:80]}"
+    timed = {k: v for k, v in row.items() if k.startswith(prefix) and isinstance(v, float)}
+    row["best"] = min(timed, key=timed.get) if timed else None
+
+
+def describe(M: int, name: str, row: dict) -> str:
+    """One shape's line of the table."""
+    best = row["best"]
+    t_best = row[best] if best else float("nan")
+    tops = 2 * M * row["N"] * row["K"] / 1e12
+    return (f"M={M:5d} {name:8s} default {row['default']:8.1f} us  _int_mm "
+            f"{row['int_mm']:8.1f}  bf16 {row['bf16']:8.1f}  fp8 {row['fp8']:8.1f}  "
+            f"triton auto {row.get('triton auto')}  best {best} {t_best:.1f} us "
+            f"({tops / t_best * 1e6:.0f} TOPS; default {tops / row['default'] * 1e6:.0f})")
+
+
+def sweep_rows(measure, describe, columns: tuple[str, ...], prefix: str, tiles: list,
+               out: str, rows: str) -> None:
+    """The command line of a GEMM sweep (this one, fp8_tiles_bench.py): measure(M, shape,
+    device) -> a row per shape at each row count, a line each (describe), then the layer
+    (the four shapes summed: `columns`, `prefix` auto and the best tile), all rows written
+    to OUT.json after each row count."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("out", nargs="?", default="int8_gemm.json")
-    ap.add_argument("--rows", default="4,16,32,64,128,256,512,1024,4096")
+    ap.add_argument("out", nargs="?", default=out)
+    ap.add_argument("--rows", default=rows)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
@@ -113,22 +148,20 @@ def main() -> None:
             row = measure(M, name, dev)
             table.append(row)
             results.append(row)
-            best = row["best"]
-            t_best = row[best] if best else float("nan")
-            tops = 2 * M * row["N"] * row["K"] / 1e12
-            print(f"M={M:5d} {name:8s} default {row['default']:8.1f} us  _int_mm "
-                  f"{row['int_mm']:8.1f}  bf16 {row['bf16']:8.1f}  fp8 {row['fp8']:8.1f}  "
-                  f"triton auto {row.get('triton auto')}  best {best} {t_best:.1f} us "
-                  f"({tops / t_best * 1e6:.0f} TOPS; default "
-                  f"{tops / row['default'] * 1e6:.0f})", flush=True)
-        layer = {k: sum(r[k] for r in table) for k in ("default", "int_mm", "bf16", "fp8")}
-        layer["triton auto"] = sum(r["triton auto"] for r in table
-                                   if isinstance(r.get("triton auto"), float))
-        layer["triton best"] = sum(r[r["best"]] for r in table if r["best"])
+            print(describe(M, name, row), flush=True)
+        layer = {k: sum(r[k] for r in table) for k in columns}
+        layer[f"{prefix} auto"] = sum(r[f"{prefix} auto"] for r in table
+                                      if isinstance(r.get(f"{prefix} auto"), float))
+        layer[f"{prefix} best"] = sum(r[r["best"]] for r in table if r["best"])
         print(f"M={M:5d} layer: " + ", ".join(f"{k} {v:.1f}" for k, v in layer.items()),
               flush=True)
         with open(args.out, "w") as f:
-            json.dump({"device": dev, "tiles": TILES, "results": results}, f, indent=1)
+            json.dump({"device": dev, "tiles": tiles, "results": results}, f, indent=1)
+
+
+def main() -> None:
+    sweep_rows(measure, describe, ("default", "int_mm", "bf16", "fp8"), "triton", TILES,
+               "int8_gemm.json", "4,16,32,64,128,256,512,1024,4096")
 
 
 if __name__ == "__main__":
