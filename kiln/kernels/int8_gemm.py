@@ -179,7 +179,8 @@ def fp8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
                   config: Int8GemmConfig | None = None) -> torch.Tensor:
     """The same tiles on e4m3 x_q / weight with float32 sums (kiln.kernels.fp8's
     epilogue order): an experiment against torch._scaled_mm at decode batches of
-    128-1024 rows (benchmarks/fp8_tiles_bench.py); no engine calls it."""
+    128-1024 rows (benchmarks/fp8_tiles_bench.py); engines call it only with
+    KILN_FP8_TILES=1 (kiln.kernels.fp8._use_tiles)."""
     return _tiles_mm(x_q, x_scale, weight, weight_scale, bias, dtype, config)
 
 
