@@ -42,7 +42,10 @@ fi
 # warps, stages, prefetch) at both shapes; if a launch wins at 296 x 1500 by more than the
 # noise, give attention_decode's launch choice a rule for it and time 1000 / 1000 x 300.
 if [[ " ${*:-a} " == *" b "* ]]; then
-  timeout 280 python3 benchmarks/attn_decode_vt.py $OUT/sweep-int8.json --sweep --kv int8 \
+  timeout 240 python3 benchmarks/attn_decode_vt.py $OUT/sweep-int8.json --sweep --kv int8 \
     --decode 296x1500,512x1536 > $OUT/sweep-int8.log 2>&1; grep -v "differs" $OUT/sweep-int8.log | head -40
+  # two splits a sequence at 296 x 1500 (choose_num_splits gives one there: 2,368 programs)
+  timeout 150 python3 benchmarks/attn_decode_vt.py $OUT/sweep-int8-s2.json --sweep --kv int8 \
+    --decode 296x1500 --splits 2 > $OUT/sweep-int8-s2.log 2>&1; grep -v "differs" $OUT/sweep-int8-s2.log | head -16
   rm -f $OUT/*.json
 fi
