@@ -1,5 +1,7 @@
 """Where a decode step's time goes: step time with graphs/overlap on and off, and the
-top GPU kernels of a few decode steps (torch.profiler), at batch 1 or --profile-batch.
+top GPU kernels of a few decode steps (torch.profiler), at batch 1 or --profile-batch,
+then the same grouped (attention, linears, activation, norms, rotary + KV write, LM-head
+sampling, copies, other) in ms a step.
 
     python benchmarks/profile_decode.py ENGINE_DIR [--batch 1] [--context 1000]
     python benchmarks/profile_decode.py ENGINE_DIR --profile-only --profile-batch 296 \
@@ -9,6 +11,7 @@ top GPU kernels of a few decode steps (torch.profiler), at batch 1 or --profile-
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
@@ -61,6 +64,38 @@ def decode_ms(engine: LLMEngine, batch: int, context: int, steps: int = 64) -> f
     return 1000 * elapsed
 
 
+# kernel name -> part of the step; the first pattern that matches decides
+PARTS = [
+    ("attention", r"_decode_kernel|_prefill_kernel|attention|flash|_attn"),
+    ("linears", r"gemm|gemv|nvjet|xmma|cutlass|_swap|_int_|_fp8_|_mid_|matmul|_mm_|splitK"),
+    ("activation (+ quant)", r"silu|act_mul|gelu"),
+    ("norms (+ quant)", r"rms_norm|layer_norm|_norm_"),
+    ("rotary + KV write", r"rotary|_kv_"),
+    ("quantization", r"_quant"),
+    ("sampling", r"argmax|sampl|top_k|top_p|softmax"),
+    ("copies", r"Memcpy|Memset|copy|elementwise|index|fill|gather|cat"),
+]
+
+
+def on_device(event) -> bool:
+    """A kernel or copy itself, not the CPU-side op that launched it (whose "self" device
+    time repeats its kernels')."""
+    return event.device_type != torch.autograd.DeviceType.CPU
+
+
+def breakdown(events, steps: int) -> list[tuple[str, float]]:
+    """(part, ms a step) of the profiled kernels and copies, by PARTS."""
+    totals: dict[str, float] = {}
+    for e in events:
+        us = e.self_device_time_total
+        if not us or not on_device(e):
+            continue
+        part = next((name for name, pattern in PARTS if re.search(pattern, e.key)), "other")
+        totals[part] = totals.get(part, 0.0) + us / 1000 / steps
+    order = [name for name, _ in PARTS] + ["other"]
+    return [(part, totals[part]) for part in order if part in totals]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
@@ -97,9 +132,12 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events) / 10
+    gpu_us = sum(e.self_device_time_total for e in events if on_device(e)) / 10
     print(f"GPU kernel time per step (rank 0): {gpu_us / 1000:.3f} ms")
     print(events.table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+    print(f"{'part':24s}{'ms a step':>10s}{'share':>8s}")
+    for part, ms in breakdown(events, 10):
+        print(f"{part:24s}{ms:10.3f}{100 * ms * 1000 / gpu_us:7.1f}%")
     assert len(engine.scheduler.running) == batch, "a request finished inside the profile"
     release(engine, ids)
     engine.close()
