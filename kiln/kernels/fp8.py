@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels import fp8_mid, fp8_swap, pdl
+from kiln.kernels import fp8_mid, fp8_swap, int8_gemm, pdl
 from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of this API
     _INTERPRET,
     FP8,
@@ -340,8 +340,6 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
     if _use_tiles(x_q.shape[0], N, weight):
-        from kiln.kernels import int8_gemm
-
         return int8_gemm.fp8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, dtype)
     if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-192 (256) rows: see fp8_mid
         return fp8_mid.tensorwise_fp8_linear(x_q, x_scale, weight, weight_scale, dtype, bias)

@@ -170,27 +170,15 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                    config: Int8GemmConfig | None = None) -> torch.Tensor:
     """x_q int8 [>= M, K] (its first M rows: x_scale's), x_scale float32 [M, 1], weight int8
     [N, K], weight_scale float32 [N] -> [M, N] in dtype: int8_act.scale_int8_product(
-    torch._int_mm(x_q, weight.t()), ...) to the bit, without the int32 product in memory."""
-    return _tiles_mm(x_q, x_scale, weight, weight_scale, bias, dtype, config)
-
-
-def fp8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                  weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  config: Int8GemmConfig | None = None) -> torch.Tensor:
-    """The same tiles on e4m3 x_q / weight with float32 sums (kiln.kernels.fp8's
-    epilogue order): an experiment against torch._scaled_mm at decode batches of
-    128-1024 rows (benchmarks/fp8_tiles_bench.py); engines call it only with
-    KILN_FP8_TILES=1 (kiln.kernels.fp8._use_tiles)."""
-    return _tiles_mm(x_q, x_scale, weight, weight_scale, bias, dtype, config)
-
-
-def _tiles_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-              weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-              config: Int8GemmConfig | None) -> torch.Tensor:
+    torch._int_mm(x_q, weight.t()), ...) to the bit, without the int32 product in memory.
+    e4m3 x_q and weight (fp8_scaled_mm) take float32 sums instead."""
     M, (N, K) = x_scale.shape[0], weight.shape
     if x_q.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("the scaled GEMM wants x_q and weight contiguous along K")
-    is_float = x_q.dtype != torch.int8
+    if {x_q.dtype, weight.dtype} not in ({torch.int8}, {torch.float8_e4m3fn}):
+        raise ValueError(f"the scaled GEMM takes int8 or e4m3 x_q and weight, not "
+                         f"{x_q.dtype} and {weight.dtype}")
+    is_float = x_q.dtype == torch.float8_e4m3fn
     out = torch.empty(M, N, dtype=dtype, device=x_q.device)
     if M == 0 or N == 0:
         return out
@@ -209,6 +197,16 @@ def _tiles_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
         SPLIT_K=cfg.split_k, INTERPRET=_INTERPRET, FLOAT=is_float, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=False)
     return out
+
+
+def fp8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                  weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """The same tiles on e4m3 x_q / weight with float32 sums (kiln.kernels.fp8's
+    epilogue order): an experiment against torch._scaled_mm at decode batches of
+    128-1024 rows (benchmarks/fp8_tiles_bench.py); engines call it only with
+    KILN_FP8_TILES=1 (kiln.kernels.fp8._use_tiles)."""
+    return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, dtype, config)
 
 
 def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: torch.Tensor,
