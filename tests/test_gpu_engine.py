@@ -112,6 +112,37 @@ def test_graphs_and_overlap_keep_tokens(gpu_engines, graphs, overlap):
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
+def test_decode_graph_routes_keep_tokens(gpu_engines):
+    """Every batch replaying the widest bucket's graph (what a route to a faster, larger
+    bucket does) gives the eager engine's tokens; the load timed every bucket."""
+    path = gpu_engines["llama", "float32"]
+    prompts = make_prompts(24, seed=7)
+    arrivals = [i // 3 for i in range(24)]
+    params = [SamplingParams(max_tokens=8 + i, **GREEDY) for i in range(24)]
+    want = run_all(LLMEngine(path, RuntimeConfig(device="cuda", cuda_graphs=False)),
+                   prompts, params, arrivals)
+    engine = LLMEngine(path, RuntimeConfig(device="cuda"))
+    graphs = engine.runner.graphs
+    assert sorted(graphs.replay_ms) == graphs.buckets
+    assert all(t > 0 for t in graphs.replay_ms.values())
+    widest = graphs.buckets[-1]
+    replayed = []
+
+    class Watched:
+        def __init__(self, graph):
+            self.graph = graph
+
+        def replay(self):
+            replayed.append(widest)
+            self.graph.replay()
+
+    graphs.graphs[widest] = Watched(graphs.graphs[widest])
+    graphs.route = {b: widest for b in graphs.buckets}
+    assert run_all(engine, prompts, params, arrivals) == want
+    assert len(replayed) > 20
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral"])
 def test_prefill_graphs_keep_tokens(gpu_engines, arch, monkeypatch):
     """A lone prompt's prefill replays a graph of the next token bucket (padded rows go to

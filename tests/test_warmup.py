@@ -145,3 +145,19 @@ def test_full_width_decode_steps_take_every_split_count(monkeypatch):
     assert warmup.graph_width_steps(runner, 512, 2048) == steps
     assert warmup.graph_width_steps(runner, 512, 32768) == []  # warmup_steps' own width
     assert warmup.graph_width_steps(runner, 0, 2048) == []  # no graphs
+
+
+def test_route_buckets_take_a_larger_bucket_only_when_faster():
+    """A batch replays a larger bucket's decode graph only where that graph is faster than
+    its own by more than the margin, and then the fastest of the larger ones."""
+    from kiln.runtime.cuda_graphs import DecodeGraphs, route_buckets
+
+    times = {16: 1.0, 32: 2.0, 48: 1.5, 64: 1.96, 80: 1.97}
+    assert route_buckets(times, margin=0.03) == {16: 16, 32: 48, 48: 48, 64: 64, 80: 80}
+    assert route_buckets({16: 3.0, 32: 2.5, 48: 1.0}) == {16: 48, 32: 48, 48: 48}
+    assert route_buckets({16: 1.0, 32: 0.98}) == {16: 16, 32: 32}  # within the margin
+    assert route_buckets({16: 1.0, 32: 0.9}) == {16: 32, 32: 32}
+    assert route_buckets({}) == {}
+    graphs = object.__new__(DecodeGraphs)  # what the bench reports of them
+    graphs.buckets, graphs.route = [1, 2, 4, 8, 16, 32, 48], {4: 16, 32: 48, 48: 48}
+    assert graphs.moved_batches() == [(3, 4, 16), (17, 32, 48)]

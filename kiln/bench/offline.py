@@ -242,6 +242,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
         "load_phases": engine.runner.load_phases,  # warm-up, compile threads, graphs (GPU)
+        "graph_routes": _graph_routes(engine.runner.graphs),
         "scheduler_policy": engine.scheduler.policy,
         "preemptions": engine.scheduler.num_preemptions,
         "max_num_tokens": engine.scheduler.max_num_tokens,
@@ -287,6 +288,15 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return result
 
 
+def _graph_routes(graphs) -> list[dict[str, Any]]:
+    """The batch sizes that replay a larger bucket's decode graph, with both replay times."""
+    if graphs is None:
+        return []
+    ms = graphs.replay_ms
+    return [{"batches": [lo, hi], "replays": to, "ms": round(ms[hi], 3),
+             "replay_ms": round(ms[to], 3)} for lo, hi, to in graphs.moved_batches()]
+
+
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -317,6 +327,11 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               f"{step['p99']:.1f} ms, max {step['max']:.1f} ms (a step takes at most "
               f"{result.get('max_num_tokens')} prompt tokens beside its decodes: "
               "--max-num-tokens bounds the stall)")
+    if result.get("graph_routes"):
+        print("decode graphs replayed for faster buckets (KILN_GRAPH_ROUTE=0: off): " +
+              ", ".join(f"batches {r['batches'][0]}-{r['batches'][1]} -> {r['replays']} "
+                        f"({r['ms']:.2f} -> {r['replay_ms']:.2f} ms)"
+                        for r in result["graph_routes"]))
     compiled = result["kiln"].get("compiles") or {}
     if compiled.get("count"):
         names = ", ".join(f"{k.rsplit('.', 1)[-1]} x{n}" for k, n in compiled["kernels"].items())

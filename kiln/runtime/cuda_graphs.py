@@ -19,6 +19,7 @@ twice as long in the host's ~330 kernel launches as the GPU spends running them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -29,10 +30,31 @@ from kiln.layers import AttentionMetadata, forward_context
 log = logging.getLogger(__name__)
 
 
+# A batch may replay a larger bucket's graph when that one runs faster: cuBLAS's choice
+# of GEMM tiles makes a step's time uneven in its rows (an 8B FP8 layer's four linears on
+# an H200: 195 us at 296 rows, 160 at 384; 226 at 448, 182 at 512). The buckets are timed
+# once, after capture; KILN_GRAPH_ROUTE=0 keeps every batch on its own bucket.
+ROUTE = os.environ.get("KILN_GRAPH_ROUTE", "1") != "0"
+ROUTE_MARGIN = 0.03  # a larger bucket must be this much faster (timing noise: ~1%)
+
+
 def batch_buckets(max_batch_size: int) -> list[int]:
     small = [1, 2, 4, 8]
     return sorted({b for b in small if b < max_batch_size} |
                   set(range(16, max_batch_size, 16)) | {max_batch_size})
+
+
+def route_buckets(times: dict[int, float], margin: float = ROUTE_MARGIN) -> dict[int, int]:
+    """Bucket -> the bucket to replay for it: the fastest of the larger ones when it beats
+    the bucket's own time by more than `margin`, else the bucket itself."""
+    route: dict[int, int] = {}
+    fastest = None  # the fastest bucket larger than the current one
+    for b in sorted(times, reverse=True):
+        take = fastest is not None and times[fastest] < times[b] * (1 - margin)
+        route[b] = fastest if take else b  # type: ignore[assignment]
+        if fastest is None or times[b] < times[fastest]:
+            fastest = b
+    return route
 
 
 class DecodeGraphs:
@@ -57,6 +79,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.route: dict[int, int] = {}  # bucket -> the bucket replayed (route_buckets)
+        self.replay_ms: dict[int, float] = {}
         # The last stage's outputs: views of one float32 buffer, allocated outside the
         # graphs' pool (kept per bucket, they would hold sum(buckets) rows of the vocab:
         # 4.3 GB for Llama-3 at a max batch of 512).
@@ -107,7 +131,46 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         self.pool = pool
         torch.cuda.synchronize()
+        # Ranks of a parallel engine must replay the same bucket (their collectives match
+        # rows), and their timings differ: one process only until routes are agreed on.
+        if ROUTE and self.prev_rank is None and self.next_rank is None and not (
+                torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            self.replay_ms = self.time_replays()
+            self.route = route_buckets(self.replay_ms)
+            moved = {b: r for b, r in self.route.items() if r != b}
+            if moved:
+                log.info("decode graphs replayed for faster buckets: %s", ", ".join(
+                    f"{b}->{r} ({self.replay_ms[b]:.2f}->{self.replay_ms[r]:.2f} ms)"
+                    for b, r in sorted(moved.items())))
         return time.perf_counter() - started
+
+    def time_replays(self, rounds: int = 3) -> dict[int, float]:
+        """Median replay time of each bucket's graph in ms, the buckets taken in turn each
+        round (clock drift spreads over all), after one untimed round. The static inputs
+        are the capture's: every row attends to one token, so the times are the step's
+        parts that grow with rows (the linears, the LM head, the small kernels)."""
+        events = {b: [] for b in self.buckets}
+        for r in range(rounds + 1):
+            for b in self.buckets:
+                start, end = torch.cuda.Event(enable_timing=True), \
+                    torch.cuda.Event(enable_timing=True)
+                start.record()
+                self.graphs[b].replay()
+                end.record()
+                if r:
+                    events[b].append((start, end))
+        torch.cuda.synchronize()
+        return {b: sorted(s.elapsed_time(e) for s, e in pairs)[rounds // 2]
+                for b, pairs in events.items()}
+
+    def moved_batches(self) -> list[tuple[int, int, int]]:
+        """(first batch, last batch, bucket replayed) for every bucket routed elsewhere."""
+        out, below = [], 0
+        for b in self.buckets:
+            if self.route.get(b, b) != b:
+                out.append((below + 1, b, self.route[b]))
+            below = b
+        return out
 
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and max_blocks <= self.max_blocks
@@ -118,6 +181,7 @@ class DecodeGraphs:
         (None on a pipeline stage before the last, which sends its rows on instead)."""
         n = input_ids.shape[0]
         bs = next(b for b in self.buckets if b >= n)
+        bs = self.route.get(bs, bs)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
