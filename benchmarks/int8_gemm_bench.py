@@ -131,7 +131,7 @@ def describe(M: int, name: str, row: dict) -> str:
 
 def sweep_rows(measure, describe, columns: tuple[str, ...], prefix: str, tiles: list,
                out: str, rows: str) -> None:
-    """The command line of a GEMM sweep (this one, fp8_tiles_bench.py): measure(M, shape,
+    """The command line of a GEMM sweep: measure(M, shape,
     device) -> a row per shape at each row count, a line each (describe), then the layer
     (the four shapes summed: `columns`, `prefix` auto and the best tile), all rows written
     to OUT.json after each row count."""

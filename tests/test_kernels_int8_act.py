@@ -131,32 +131,6 @@ def test_int8_gemm_is_int_mm_and_epilogue(interp, M, N, K) -> None:  # noqa: F81
         interp(check_int8_gemm, M, N, K, tiles, dtype, with_bias)
 
 
-def check_fp8_tiles(M: int, N: int, K: int, tiles: tuple, dtype: torch.dtype) -> None:
-    from kiln.kernels import int8_gemm
-
-    g = torch.Generator().manual_seed(M * N + K)
-    x_q = torch.randn(M, K, generator=g).to(torch.float8_e4m3fn)
-    w = torch.randn(N, K, generator=g).to(torch.float8_e4m3fn)
-    x_scale = torch.rand(M, 1, generator=g) * 0.01
-    w_scale = torch.rand(N, generator=g) * 0.01
-    got = int8_gemm.fp8_scaled_mm(x_q, x_scale, w, w_scale, None, dtype,
-                                  int8_gemm.Int8GemmConfig(*tiles))
-    want = ((x_q.double() @ w.double().t()) * x_scale.double()) * w_scale.double()
-    assert got.shape == (M, N) and got.dtype == dtype
-    torch.testing.assert_close(got.double(), want, rtol=1e-6 if dtype == torch.float32
-                               else 8e-3, atol=1e-9)
-
-
-@pytest.mark.parametrize("M,N,K", [(5, 40, 96), (40, 100, 200)])
-def test_fp8_tiles_are_the_products(interp, M, N, K) -> None:  # noqa: F811
-    """The W8A8 tiles on e4m3 inputs (int8_gemm.fp8_scaled_mm, the experiment of
-    benchmarks/fp8_tiles_bench.py): the scaled products of the e4m3 values, rows and
-    columns past M and N, K ending inside a step, K split (float32 partials)."""
-    for tiles, dtype in (((16, 32, 32, 2, 4, 2), torch.float32),
-                         ((32, 16, 64, 1, 4, 1, 3), torch.bfloat16)):
-        interp(check_fp8_tiles, M, N, K, tiles, dtype)
-
-
 def check_fused_int8_input(dtype: torch.dtype, M: int, K: int, device: str = "cpu") -> None:
     """RMSNorm (with and without the residual add) and SiLU / GeGLU products quantized to
     int8 in the same kernel (an Int8Quant, KILN_INT8_FUSED_QUANT=1) equal, bit for bit,
@@ -296,19 +270,6 @@ def test_compiles_for_hopper() -> None:
             cfg.num_warps, cfg.num_stages, variant=f"M{M}N{N}K{K}")
         mma = "mma.sync" if M <= 32 else "wgmma.mma_async"  # 16 / 32-row tiles: mma.sync
         assert r.stack_bytes == 0 and r.instructions[mma] > 0, r
-    # the same tiles on e4m3 (fp8_scaled_mm, KILN_FP8_TILES): fp8 wgmma, no stack
-    for M, N, K in ((296, 28672, 4096), (448, 4096, 14336)):
-        cfg = int8_gemm.gemm_config(M, N, K)
-        r = compile_sm90(int8_gemm._int8_gemm_kernel, {
-            "x_ptr": "*fp8e4nv", "x_scale_ptr": "*fp32", "w_ptr": "*fp8e4nv",
-            "w_scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-            "part_ptr": "*fp32", "count_ptr": "*i32", "M": M, "N": N, "K": K, "stride_x": K,
-            "stride_w": K, "stride_out": N},
-            {"HAS_BIAS": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-             "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m, "EVEN_K": True,
-             "SPLIT_K": cfg.split_k, "INTERPRET": False, "FLOAT": True},
-            cfg.num_warps, cfg.num_stages, variant=f"fp8M{M}N{N}K{K}")
-        assert r.stack_bytes == 0 and r.instructions["wgmma.mma_async"] > 0, r
     # the dp4a products: one dp4a (IDP) a word pair, ~0.7 instructions a weight at 1 row
     from kiln.kernels import int8_gemv
     from kiln.kernels.compile_check import main_loop_sass
@@ -396,36 +357,3 @@ def test_gpu_int8_gemm_is_the_torch_path(M, monkeypatch) -> None:
             monkeypatch.setenv("KILN_INT8_GEMM", "triton")
             got = KF.int8_linear(x, weight, w_scale, bias)
             assert torch.equal(got, want), (got.float() - want.float()).abs().max()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("M", [160, 296, 448])
-def test_gpu_fp8_tiles_path(M, monkeypatch) -> None:
-    """KILN_FP8_TILES=1 (FP8 linears at 257-511 rows, gate-up at 129-256, on the W8A8
-    tiles): as close to the exact products of the e4m3 values as _scaled_mm's path is (at
-    most twice its error plus one bf16 rounding of the largest output), bias included, at
-    the 8B shapes; where the rule does not pick it, the output is the _scaled_mm path's."""
-    from kiln.kernels import fp8
-
-    for N, K in ((6144, 4096), (28672, 4096), (4096, 14336)):
-        g = torch.Generator(device="cuda").manual_seed(N + M)
-        x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
-        w = (torch.randn(N, K, device="cuda", generator=g) * 0.5).to(torch.float8_e4m3fn)
-        w_scale = torch.rand(N, device="cuda", generator=g) * 0.01
-        bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
-        monkeypatch.setattr(fp8, "_TILES", False)
-        want = fp8.fp8_linear(x, w, w_scale, bias=bias)
-        monkeypatch.setattr(fp8, "_TILES", True)
-        got = fp8.fp8_linear(x, w, w_scale, bias=bias)
-        if not fp8._use_tiles(M, N, w):
-            assert torch.equal(got, want)
-            continue
-        x_q, x_scale = fp8.quantize_fp8_per_token(x)
-        exact = (x_q.double() @ w.double().t()) * x_scale.double() * w_scale.double() \
-            + bias.double()
-        peak = exact.abs().max().item()
-        err_got = (got.double() - exact).abs().max().item() / peak
-        err_want = (want.double() - exact).abs().max().item() / peak
-        assert err_got <= 2 * err_want + 2 ** -8, (N, K, err_got, err_want)

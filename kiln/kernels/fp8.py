@@ -34,7 +34,6 @@ conversion (cvt.rn.satfinite.e4m3x2).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from kiln.kernels import fp8_mid, fp8_swap, int8_gemm, pdl
+from kiln.kernels import fp8_mid, fp8_swap, pdl
 from kiln.kernels.fp8_quant import (  # noqa: F401 -- the quantizers are part of this API
     _INTERPRET,
     FP8,
@@ -339,8 +338,6 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     it takes no bias with a float32 output, so there the bias is added after."""
     N = weight.shape[0]
     x_q, x_scale, dtype = _input(x, input_scale)
-    if _use_tiles(x_q.shape[0], N, weight):
-        return int8_gemm.fp8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, dtype)
     if fp8_mid.use(x_q.shape[0], N, x_q.shape[1]):  # 65-192 (256) rows: see fp8_mid
         return fp8_mid.tensorwise_fp8_linear(x_q, x_scale, weight, weight_scale, dtype, bias)
     fused_bias = bias is not None and dtype != torch.float32
@@ -349,21 +346,6 @@ def scaled_mm_fp8_linear(x: torch.Tensor | FP8Act, weight: torch.Tensor,
     if bias is not None and not fused_bias:
         y += bias.float()
     return y
-
-
-# KILN_FP8_TILES=1 (opt-in until timed end to end): 257-511 rows, and the gate-up projection
-# (N >= 16384) at 129-256, on the W8A8 GEMM's tiles with e4m3 inputs (int8_gemm.fp8_scaled_mm)
-# instead of _scaled_mm. H200, a Llama-3.1-8B layer's four linears (37th session,
-# benchmarks/fp8_tiles_bench.py): 154.8 us against 199.9 at 296 rows, 190.5 against 222.3 at
-# 448; cuBLAS stays ahead at 512 (182.0 against 196.3), timed before the tiles promoted the
-# fp8 MMA's sums every K step (5e-3 to 1.1e-2 of the largest output from cuBLAS's then):
-# to be timed again and checked against exact products (the next session's script).
-_TILES = os.environ.get("KILN_FP8_TILES") == "1"
-
-
-def _use_tiles(M: int, N: int, weight: torch.Tensor) -> bool:
-    return _TILES and (256 < M < 512 or 128 < M <= 256 and N >= 16384) and \
-        fp8_swap.wgmma_device(weight)
 
 
 def _use_scaled_mm(M: int, N: int, K: int) -> bool:

@@ -100,11 +100,7 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
                       count_ptr, M, N, K, stride_x, stride_w, stride_out,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
-                      FLOAT: tl.constexpr = False):
-    """FLOAT: e4m3 x and w, float32 sums (fp8_scaled_mm), the tensor core's shorter sums
-    added to them every K step (max_num_imprecise_acc, as kiln.kernels.fp8's PROMOTE_K);
-    else int8, int32 sums."""
+                      SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -125,26 +121,16 @@ def _int8_gemm_kernel(x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     last = tl.minimum(first + per_split, steps)
     x_tile = x_ptr + rows[:, None] * stride_x + first * BLOCK_K + offs_k[None, :]
     w_tile = w_ptr + cols[:, None] * stride_w + first * BLOCK_K + offs_k[None, :]
-    if FLOAT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(first, last):
         if EVEN_K:
             a = tl.load(x_tile)
             b = tl.load(w_tile)
         else:
             in_k = offs_k[None, :] < K - k * BLOCK_K
-            if FLOAT:  # (no int 0 converts to e4m3)
-                a = tl.load(x_tile, mask=in_k, other=0.0)
-                b = tl.load(w_tile, mask=in_k, other=0.0)
-            else:
-                a = tl.load(x_tile, mask=in_k, other=0)
-                b = tl.load(w_tile, mask=in_k, other=0)
-        if FLOAT:  # the fp8 MMA's short sums promoted to float32 every step, as fp8.py's
-            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)
-        else:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+            a = tl.load(x_tile, mask=in_k, other=0)
+            b = tl.load(w_tile, mask=in_k, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         x_tile += BLOCK_K
         w_tile += BLOCK_K
 
@@ -170,15 +156,13 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
                    config: Int8GemmConfig | None = None) -> torch.Tensor:
     """x_q int8 [>= M, K] (its first M rows: x_scale's), x_scale float32 [M, 1], weight int8
     [N, K], weight_scale float32 [N] -> [M, N] in dtype: int8_act.scale_int8_product(
-    torch._int_mm(x_q, weight.t()), ...) to the bit, without the int32 product in memory.
-    e4m3 x_q and weight (fp8_scaled_mm) take float32 sums instead."""
+    torch._int_mm(x_q, weight.t()), ...) to the bit, without the int32 product in memory."""
     M, (N, K) = x_scale.shape[0], weight.shape
     if x_q.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("the scaled GEMM wants x_q and weight contiguous along K")
-    if {x_q.dtype, weight.dtype} not in ({torch.int8}, {torch.float8_e4m3fn}):
-        raise ValueError(f"the scaled GEMM takes int8 or e4m3 x_q and weight, not "
+    if x_q.dtype != torch.int8 or weight.dtype != torch.int8:
+        raise ValueError(f"the scaled GEMM takes int8 x_q and weight, not "
                          f"{x_q.dtype} and {weight.dtype}")
-    is_float = x_q.dtype == torch.float8_e4m3fn
     out = torch.empty(M, N, dtype=dtype, device=x_q.device)
     if M == 0 or N == 0:
         return out
@@ -186,27 +170,16 @@ def int8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     part = count = out  # not read with one split
     if cfg.split_k > 1:
-        part = torch.empty(cfg.split_k, M * N, dtype=torch.float32 if is_float else
-                           torch.int32, device=x_q.device)
+        part = torch.empty(cfg.split_k, M * N, dtype=torch.int32, device=x_q.device)
         count = split_k_counters(x_q.device, tiles)
     _int8_gemm_kernel[(tiles, cfg.split_k)](
         x_q, x_scale, weight, weight_scale, weight_scale if bias is None else bias, out, part,
         count, M, N, K, x_q.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0,
-        SPLIT_K=cfg.split_k, INTERPRET=_INTERPRET, FLOAT=is_float, num_warps=cfg.num_warps,
+        SPLIT_K=cfg.split_k, INTERPRET=_INTERPRET, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=False)
     return out
-
-
-def fp8_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                  weight_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  config: Int8GemmConfig | None = None) -> torch.Tensor:
-    """The same tiles on e4m3 x_q / weight with float32 sums (kiln.kernels.fp8's
-    epilogue order): an experiment against torch._scaled_mm at decode batches of
-    128-1024 rows (benchmarks/fp8_tiles_bench.py); engines call it only with
-    KILN_FP8_TILES=1 (kiln.kernels.fp8._use_tiles)."""
-    return int8_scaled_mm(x_q, x_scale, weight, weight_scale, bias, dtype, config)
 
 
 def int8_linear(x: torch.Tensor | Int8Act, weight: torch.Tensor, weight_scale: torch.Tensor,
