@@ -1,8 +1,9 @@
 """Decode steps (and a lone prompt's prefill) as CUDA graph replays, one graph per bucket.
 
 Captured once at engine load. A decode step (one new token per sequence) copies its
-inputs into static buffers, pads the batch to the next bucket and replays the graph:
-one launch for the whole forward and the LM head, nothing synced with the host. Padded
+inputs into static buffers, pads the batch to the next bucket (or to a larger one whose
+graph was timed faster at load: route_buckets) and replays the graph: one launch for the
+whole forward and the LM head, nothing synced with the host. Padded
 rows write their K/V into a scratch block nobody owns and attend to nothing real.
 
 A pipeline stage graphs its own layers: a stage after the first receives the previous
