@@ -155,8 +155,14 @@ def test_route_buckets_take_a_larger_bucket_only_when_faster():
     times = {16: 1.0, 32: 2.0, 48: 1.5, 64: 1.96, 80: 1.97}
     assert route_buckets(times, margin=0.03) == {16: 16, 32: 48, 48: 48, 64: 64, 80: 80}
     assert route_buckets({16: 3.0, 32: 2.5, 48: 1.0}) == {16: 48, 32: 48, 48: 48}
+    # the smallest larger bucket as fast as the fastest (within the margin)
+    assert route_buckets({16: 3.0, 32: 1.01, 48: 1.0, 64: 0.99}) == \
+        {16: 32, 32: 32, 48: 48, 64: 64}
     assert route_buckets({16: 1.0, 32: 0.98}) == {16: 16, 32: 32}  # within the margin
-    assert route_buckets({16: 1.0, 32: 0.9}) == {16: 32, 32: 32}
+    assert route_buckets({16: 2.0, 32: 1.8}) == {16: 32, 32: 32}
+    # a tiny model's buckets: 10% apart is 0.03 ms, under the least worth a route
+    assert route_buckets({16: 0.30, 32: 0.27}) == {16: 16, 32: 32}
+    assert route_buckets({16: 0.30, 32: 0.27}, min_ms=0.0) == {16: 32, 32: 32}
     assert route_buckets({}) == {}
     graphs = object.__new__(DecodeGraphs)  # what the bench reports of them
     graphs.buckets, graphs.route = [1, 2, 4, 8, 16, 32, 48], {4: 16, 32: 48, 48: 48}

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # once, after capture; KILN_GRAPH_ROUTE=0 keeps every batch on its own bucket.
 ROUTE = os.environ.get("KILN_GRAPH_ROUTE", "1") != "0"
 ROUTE_MARGIN = 0.03  # a larger bucket must be this much faster (timing noise: ~1%)
+ROUTE_MIN_MS = 0.1  # and by this much: a small model's buckets all take about the same time
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -45,16 +46,21 @@ def batch_buckets(max_batch_size: int) -> list[int]:
                   set(range(16, max_batch_size, 16)) | {max_batch_size})
 
 
-def route_buckets(times: dict[int, float], margin: float = ROUTE_MARGIN) -> dict[int, int]:
-    """Bucket -> the bucket to replay for it: the fastest of the larger ones when it beats
-    the bucket's own time by more than `margin`, else the bucket itself."""
+def route_buckets(times: dict[int, float], margin: float = ROUTE_MARGIN,
+                  min_ms: float = ROUTE_MIN_MS) -> dict[int, int]:
+    """Bucket -> the bucket to replay for it. Where the fastest larger bucket beats the
+    bucket's own time by more than `margin` and `min_ms`, the smallest larger bucket within
+    `margin` of that fastest one (the least padding, and the same choice from load to load
+    when two are as fast); else the bucket itself."""
+    order = sorted(times)
     route: dict[int, int] = {}
-    fastest = None  # the fastest bucket larger than the current one
-    for b in sorted(times, reverse=True):
-        take = fastest is not None and times[fastest] < times[b] * (1 - margin)
-        route[b] = fastest if take else b  # type: ignore[assignment]
-        if fastest is None or times[b] < times[fastest]:
-            fastest = b
+    for i, b in enumerate(order):
+        larger = order[i + 1:]
+        best = min((times[c] for c in larger), default=times[b])
+        if best < times[b] * (1 - margin) and times[b] - best > min_ms:
+            route[b] = next(c for c in larger if times[c] <= best * (1 + margin))
+        else:
+            route[b] = b
     return route
 
 
