@@ -167,3 +167,11 @@ def test_route_buckets_take_a_larger_bucket_only_when_faster():
     graphs = object.__new__(DecodeGraphs)  # what the bench reports of them
     graphs.buckets, graphs.route = [1, 2, 4, 8, 16, 32, 48], {4: 16, 32: 48, 48: 48}
     assert graphs.moved_batches() == [(3, 4, 16), (17, 32, 48)]
+    from kiln.bench.offline import _graph_routes
+
+    graphs.replay_ms = {b: 1.0 + b / 100 for b in graphs.buckets}
+    reported = _graph_routes(graphs)
+    assert reported["graph_routes"][1] == {"batches": [17, 32], "replays": 48, "ms": 1.32,
+                                           "replay_ms": 1.48}
+    assert list(reported["graph_replay_ms"]) == ["1", "2", "4", "8", "16", "32", "48"]
+    assert _graph_routes(None) == {}  # the CPU: no graphs

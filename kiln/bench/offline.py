@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "output_len": args.output_len, "num_requests": args.num_requests,
         "engine_load_s": round(engine.load_seconds, 2), "kiln": kiln,  # type: ignore[attr-defined]
         "load_phases": engine.runner.load_phases,  # warm-up, compile threads, graphs (GPU)
-        "graph_routes": _graph_routes(engine.runner.graphs),
+        **_graph_routes(engine.runner.graphs),  # graph_routes, graph_replay_ms
         "scheduler_policy": engine.scheduler.policy,
         "preemptions": engine.scheduler.num_preemptions,
         "max_num_tokens": engine.scheduler.max_num_tokens,
@@ -288,13 +288,13 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return result
 
 
-def _graph_routes(graphs) -> list[dict[str, Any]]:
-    """The batch sizes that replay a larger bucket's decode graph, with both replay times."""
-    if graphs is None:
-        return []
-    ms = graphs.replay_ms
-    return [{"batches": [lo, hi], "replays": to, "ms": round(ms[hi], 3),
-             "replay_ms": round(ms[to], 3)} for lo, hi, to in graphs.moved_batches()]
+def _graph_routes(graphs) -> dict[str, Any]:
+    """Batches that replay a larger bucket's decode graph; every bucket's replay ms."""
+    ms = graphs.replay_ms if graphs is not None else {}
+    return {"graph_routes": [{"batches": [lo, hi], "replays": to, "ms": round(ms[hi], 3),
+                              "replay_ms": round(ms[to], 3)} for lo, hi, to in
+                             graphs.moved_batches()],
+            "graph_replay_ms": {str(b): round(t, 3) for b, t in sorted(ms.items())}} if ms else {}
 
 
 def _device_name(device: torch.device) -> str:
