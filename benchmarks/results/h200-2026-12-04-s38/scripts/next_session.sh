@@ -36,10 +36,12 @@ if [[ " ${*:-a} " == *" a "* ]]; then
     [ $SECONDS -lt 500 ] && run fp8b420 $r 80 $FP8 --input-len 128 --output-len 512 --num-requests 420
   done
   grep -h "replayed for faster" $OUT/fp8b420-r1.log | cut -c 1-600
+  python3 -c "import json; print('FP8 replay ms', json.load(open('$OUT/fp8b420-r1.json')).get('graph_replay_ms'))"
   rm -f $OUT/*.json $OUT/*.png
 fi
 if [[ " ${*:-a} " == *" b "* ]]; then
   for r in 0 1; do run b440 $r 80 --input-len 128 --output-len 512 --num-requests 440; done
+  python3 -c "import json; print('bf16 replay ms', json.load(open('$OUT/b440-r1.json')).get('graph_replay_ms'))"
   rm -f $OUT/*.json $OUT/*.png
   timeout 240 python3 benchmarks/attn_decode_vt.py $OUT/sweep-int8.json --sweep --kv int8 \
     --decode 128x1500,200x1500,296x1000,296x2000,384x1500 > $OUT/sweep-int8.log 2>&1
