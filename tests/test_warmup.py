@@ -150,7 +150,7 @@ def test_full_width_decode_steps_take_every_split_count(monkeypatch):
 def test_route_buckets_take_a_larger_bucket_only_when_faster():
     """A batch replays a larger bucket's decode graph only where that graph is faster than
     its own by more than the margin, and then the fastest of the larger ones."""
-    from kiln.runtime.cuda_graphs import DecodeGraphs, route_buckets
+    from kiln.runtime.cuda_graphs import DecodeGraphs, describe_routes, route_buckets
 
     times = {16: 1.0, 32: 2.0, 48: 1.5, 64: 1.96, 80: 1.97}
     assert route_buckets(times, margin=0.03) == {16: 16, 32: 48, 48: 48, 64: 64, 80: 80}
@@ -175,3 +175,5 @@ def test_route_buckets_take_a_larger_bucket_only_when_faster():
                                            "replay_ms": 1.48}
     assert list(reported["graph_replay_ms"]) == ["1", "2", "4", "8", "16", "32", "48"]
     assert _graph_routes(None) == {}  # the CPU: no graphs
+    assert describe_routes(reported["graph_routes"]) == \
+        "batches 3-4 -> 16 (1.04 -> 1.16 ms), batches 17-32 -> 48 (1.32 -> 1.48 ms)"

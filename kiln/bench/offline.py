@@ -25,6 +25,7 @@ from kiln.bench.roofline import (
 from kiln.cli import SPEC_HELP
 from kiln.config import add_build_arguments, int_in
 from kiln.errors import KilnError
+from kiln.runtime.cuda_graphs import describe_routes
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.heap import freeze_startup_heap
 from kiln.runtime.profiling import CompileWatch
@@ -289,12 +290,8 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
 
 def _graph_routes(graphs) -> dict[str, Any]:
-    """Batches that replay a larger bucket's decode graph; every bucket's replay ms."""
-    ms = graphs.replay_ms if graphs is not None else {}
-    return {"graph_routes": [{"batches": [lo, hi], "replays": to, "ms": round(ms[hi], 3),
-                              "replay_ms": round(ms[to], 3)} for lo, hi, to in
-                             graphs.moved_batches()],
-            "graph_replay_ms": {str(b): round(t, 3) for b, t in sorted(ms.items())}} if ms else {}
+    """The decode graphs' routes and replay times (DecodeGraphs.routes_report)."""
+    return graphs.routes_report() if graphs is not None else {}
 
 
 def _device_name(device: torch.device) -> str:
@@ -329,9 +326,7 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               "--max-num-tokens bounds the stall)")
     if result.get("graph_routes"):
         print("decode graphs replayed for faster buckets (KILN_GRAPH_ROUTE=0: off): " +
-              ", ".join(f"batches {r['batches'][0]}-{r['batches'][1]} -> {r['replays']} "
-                        f"({r['ms']:.2f} -> {r['replay_ms']:.2f} ms)"
-                        for r in result["graph_routes"]))
+              describe_routes(result["graph_routes"]))
     compiled = result["kiln"].get("compiles") or {}
     if compiled.get("count"):
         names = ", ".join(f"{k.rsplit('.', 1)[-1]} x{n}" for k, n in compiled["kernels"].items())

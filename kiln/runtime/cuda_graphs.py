@@ -64,6 +64,12 @@ def route_buckets(times: dict[int, float], margin: float = ROUTE_MARGIN,
     return route
 
 
+def describe_routes(routes: list[dict]) -> str:
+    """routes_report()["graph_routes"] in a line."""
+    return ", ".join(f"batches {r['batches'][0]}-{r['batches'][1]} -> {r['replays']} "
+                     f"({r['ms']:.2f} -> {r['replay_ms']:.2f} ms)" for r in routes)
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
                  block_size: int, scratch_block: int, device: torch.device,
@@ -144,11 +150,9 @@ class DecodeGraphs:
                 torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             self.replay_ms = self.time_replays()
             self.route = route_buckets(self.replay_ms)
-            moved = {b: r for b, r in self.route.items() if r != b}
-            if moved:
-                log.info("decode graphs replayed for faster buckets: %s", ", ".join(
-                    f"{b}->{r} ({self.replay_ms[b]:.2f}->{self.replay_ms[r]:.2f} ms)"
-                    for b, r in sorted(moved.items())))
+            if self.route != {b: b for b in self.buckets}:
+                log.info("decode graphs replayed for faster buckets: %s",
+                         describe_routes(self.routes_report()["graph_routes"]))
         return time.perf_counter() - started
 
     def time_replays(self, rounds: int = 3) -> dict[int, float]:
@@ -178,6 +182,17 @@ class DecodeGraphs:
                 out.append((below + 1, b, self.route[b]))
             below = b
         return out
+
+    def routes_report(self) -> dict:
+        """The batches that replay a larger bucket's graph (with both replay times) and
+        every bucket's replay ms, as kiln bench records them; {} where none were timed."""
+        ms = self.replay_ms
+        if not ms:
+            return {}
+        return {"graph_routes": [{"batches": [lo, hi], "replays": to, "ms": round(ms[hi], 3),
+                                  "replay_ms": round(ms[to], 3)}
+                                 for lo, hi, to in self.moved_batches()],
+                "graph_replay_ms": {str(b): round(t, 3) for b, t in sorted(ms.items())}}
 
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.buckets[-1] and max_blocks <= self.max_blocks
