@@ -2,6 +2,7 @@
 # For the next device session (one H200), written in the 38th after its device time ran out.
 #   bash next_session.sh a      (one device call, ~7 minutes)
 #   bash next_session.sh b      (one device call, ~6 minutes)
+#   bash next_session.sh c      (one device call, ~8 minutes; written in the 39th, no device)
 # a: decode graph routes (KILN_GRAPH_ROUTE, kiln/runtime/cuda_graphs.py route_buckets, on by
 # default since the 38th) where the 38th's pairs were noise: FP8 + FP8 KV 1000 / 1000 x 300
 # (297 rows replay the 368 graph: 9.06 -> 8.40 ms a replay; pairs +3.9% and -1.5%), three
@@ -13,6 +14,13 @@
 # prefetch 4% ahead of kiln's 128 / 2 / 3 / none at 296 x 1500, behind at 512 x 1536): where
 # does the small tile win? If by > 3% over a band of batch sizes, a rule in decode_config
 # (it would need the batch: DecodeGraphs captures per bucket, so the bucket can pass it).
+# c: prompt attention through PyTorch's FlashAttention over gathered K / V (KILN_PREFILL_FLASH=1,
+# kiln/kernels/attention_flash.py, opt-in until this runs): its GPU tests, then
+# benchmarks/attn_prefill_flash.py (8k: SDPA flash vs kiln Triton vs kiln flash, gather
+# included; issue #12's >= 1.0x SDPA), then lone-prompt TTFT at 8k / 32k with it off / on
+# (16-token blocks; the 25th: 217.9 / 1,406.9 ms). If the flash path wins at every case and
+# the tests pass, make it the default (ENABLED: "1" unless KILN_PREFILL_FLASH=0) and run
+# bf16 1000 / 1000 x 300 off / on (prompt steps' share) in the next call.
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -47,4 +55,20 @@ if [[ " ${*:-a} " == *" b "* ]]; then
     --decode 128x1500,200x1500,296x1000,296x2000,384x1500 > $OUT/sweep-int8.log 2>&1
   grep -v "differs" $OUT/sweep-int8.log | grep "kiln, V transposed\|32 keys, 2 warps, 2 stages, prefetch 1"
   rm -f $OUT/*.json
+fi
+if [[ " ${*:-a} " == *" c "* ]]; then
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider \
+    "tests/test_kernels_gpu.py::test_prefill_attention_flash" \
+    "tests/test_gpu_engine.py::test_flash_prompt_attention_keeps_logits" > $OUT/tests.log 2>&1
+  tail -15 $OUT/tests.log; echo "tests t=$SECONDS"
+  timeout 150 python3 benchmarks/attn_prefill_flash.py $OUT/attn-flash.json > $OUT/attn-flash.log 2>&1
+  cat $OUT/attn-flash.log; echo "bench t=$SECONDS"
+  for f in 0 1; do
+    [ $SECONDS -gt 420 ] && break
+    KILN_PREFILL_FLASH=$f timeout 90 python3 benchmarks/ttft.py --random-config llama-3.1-8b \
+      --load-format dummy --max-seq-len 32768 --max-num-tokens 32768 \
+      --lengths 8000,32000 --variants 0 --repeats 3 --out $OUT/ttft-f$f.json > $OUT/ttft-f$f.log 2>&1
+    echo "flash=$f"; tail -3 $OUT/ttft-f$f.log
+  done
+  rm -f $OUT/ttft-*.json
 fi
