@@ -2,6 +2,7 @@
 "prefill attention >= 1.0x SDPA").
 
     python benchmarks/attn_prefill_flash.py OUT.json [--cases 4096,8192,32768,16x1000,8192@24576]
+        [--kv e4m3]
 
 A case is one prompt of N tokens ("8192"), P prompts of N tokens in one step ("16x1000":
 a 1000 / 1000 prefill step), or a chunk of N tokens over a cached prefix of M ("8192@24576":
@@ -15,6 +16,10 @@ first before it is timed (do_bench median, ms) and TFLOP/s counts the causal hal
 - `kiln triton, paged`: kiln's Triton prefill kernel (the default);
 - `kiln flash, paged`: kiln.kernels.attention_flash (KILN_PREFILL_FLASH=1), the gather of
   each layer included, the step's plan made once (as for 32 layers) and timed apart.
+
+With --kv e4m3 the paged cache holds e4m3 values with a scale a KV head (FP8 KV engines;
+the contiguous lines get the same values in bf16, so they time what the gather's
+dequantization feeds).
 """
 
 from __future__ import annotations
@@ -69,12 +74,20 @@ def setup(q_lens: list[int], seq_lens: list[int], dev: str = "cuda"):
     return q, k_all, v_all, k_cache, v_cache, meta
 
 
-def variants(q_lens, seq_lens):
+def variants(q_lens, seq_lens, kv: str = "bf16"):
     from kiln.kernels import attention_flash
     from kiln.kernels.attention_prefill import paged_attention_prefill
 
     q, k_all, v_all, k_cache, v_cache, meta = setup(q_lens, seq_lens)
     scale = HEAD_DIM ** -0.5
+    scales = {}
+    if kv == "e4m3":
+        one = torch.ones(KV_HEADS, device="cuda")
+        scales = dict(k_scale=one * 0.01, v_scale=one * 0.01)
+        k_cache = (k_cache * 100).to(torch.float8_e4m3fn)
+        v_cache = (v_cache * 100).to(torch.float8_e4m3fn)
+        k_all = [(k * 100).to(torch.float8_e4m3fn).to(q.dtype) * 0.01 for k in k_all]
+        v_all = [(v * 100).to(torch.float8_e4m3fn).to(q.dtype) * 0.01 for v in v_all]
     k_cat, v_cat = torch.cat(k_all), torch.cat(v_all)
     cu_k = torch.tensor([0] + torch.tensor(seq_lens).cumsum(0).tolist(), device="cuda").int()
     out = {}
@@ -97,9 +110,9 @@ def variants(q_lens, seq_lens):
         max(seq_lens), scale, None, None)
     out["kiln triton, paged"] = partial(
         paged_attention_prefill, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-        meta.seq_lens, meta.max_query_len, scale)
+        meta.seq_lens, meta.max_query_len, scale, **scales)
     out["kiln flash, paged"] = partial(attention_flash.paged_attention_flash, q, k_cache,
-                                       v_cache, meta, scale)
+                                       v_cache, meta, scale, **scales)
 
     def plan():
         meta.host_cache.clear()
@@ -114,11 +127,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?")
     ap.add_argument("--cases", default="1024,4096,8192,32768,16x1000,8192@24576")
+    ap.add_argument("--kv", choices=["bf16", "e4m3"], default="bf16")
     args = ap.parse_args()
     results = []
     for case in args.cases.split(","):
         q_lens, seq_lens = parse(case)
-        fns, flops, plan = variants(q_lens, seq_lens)
+        fns, flops, plan = variants(q_lens, seq_lens, args.kv)
         first = None
         for name, fn in fns.items():
             try:
@@ -130,7 +144,8 @@ def main() -> None:
                 first = got
             err = (got - first).abs().max().item()
             ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-            row = dict(case=case, variant=name, ms=ms, tflops=flops / ms / 1e9, max_diff=err)
+            row = dict(case=case, kv=args.kv, variant=name, ms=ms, tflops=flops / ms / 1e9,
+                       max_diff=err)
             results.append(row)
             print(f"{case:>12} {name:<24} {ms:9.4f} ms {row['tflops']:7.1f} TFLOP/s "
                   f"(max |diff| {err:.3f})", flush=True)

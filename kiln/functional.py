@@ -248,7 +248,7 @@ def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding
                 sliding_window):
             return attention_flash.paged_attention_flash(
                 q, k_cache, v_cache, meta, scale, decode_rows, sliding_window, alibi_slopes,
-                out)
+                out, k_scale, v_scale)
         if decode_rows:
             return paged_attention_mixed(q, k_cache, v_cache, meta.block_tables,
                                          meta.query_start_loc, meta.seq_lens,

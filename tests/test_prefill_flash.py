@@ -1,8 +1,9 @@
 """The FlashAttention prompt path (KILN_PREFILL_FLASH=1, kiln.kernels.attention_flash) on
 the CPU: its per-step plan (which cache slots each prompt's context gathers, the packed
-query / key offsets, sliding windows) and the split of a mixed step, with a torch stand-in
-for the CUDA-only flash op, against the reference paged attention; and which steps may
-take it. The flash op itself is checked on a GPU (tests/test_kernels_gpu.py)."""
+query / key offsets, sliding windows), 1-byte caches and the split of a mixed step, with a
+torch stand-in for the CUDA-only flash op, against the reference paged attention; and
+which steps may take it. The flash op itself is checked on a GPU
+(tests/test_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,11 @@ def varlen_causal(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window, alib
     return out
 
 
-def reference_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out,
-                     sliding_window=None, alibi_slopes=None):
+def reference_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, **extra):
     assert block_tables.shape[0] == q.shape[0] == seq_lens.shape[0]
     out.copy_(ref.paged_attention(q, k_cache, v_cache, block_tables,
                                   list(range(q.shape[0] + 1)), seq_lens.tolist(), scale,
-                                  sliding_window=sliding_window, alibi_slopes=alibi_slopes))
+                                  **extra))
 
 
 def _meta(tables, starts, seq_lens) -> AttentionMetadata:
@@ -59,9 +59,12 @@ def _meta(tables, starts, seq_lens) -> AttentionMetadata:
         max_seq_len=max(seq_lens))
 
 
-@pytest.mark.parametrize("window,alibi", [(None, False), (20, False), (None, True)])
+@pytest.mark.parametrize("window,alibi,cache", [
+    (None, False, None), (20, False, None), (None, True, None),
+    (None, False, torch.float8_e4m3fn), (20, False, torch.int8)])
 @pytest.mark.parametrize("decode_rows", [0, 2])
-def test_flash_path_matches_reference(monkeypatch, window, alibi, decode_rows) -> None:
+def test_flash_path_matches_reference(monkeypatch, window, alibi, cache, decode_rows) -> None:
+    """cache: a 1-byte cache (gathered, then dequantized as the reference reads it)."""
     monkeypatch.setattr(flash, "_attend", varlen_causal)
     monkeypatch.setattr(flash, "_decode", reference_decode)
     # decode rows first (as the scheduler orders a mixed step), then a fresh prompt, a
@@ -74,21 +77,28 @@ def test_flash_path_matches_reference(monkeypatch, window, alibi, decode_rows) -
     for i, n in enumerate(seq_lens):  # slots no context owns hold NaN: never gathered
         for t in range(n):
             used[tables[i, t // 8], t % 8] = True
-    k_cache[~used], v_cache[~used] = float("nan"), float("nan")
+    scales = {}
+    if cache is not None:
+        scales = dict(k_scale=torch.tensor([0.03, 0.05]), v_scale=torch.tensor([0.02, 0.04]))
+        k_cache = (k_cache / scales["k_scale"].view(-1, 1)).clamp(-100, 100).round().to(cache)
+        v_cache = (v_cache / scales["v_scale"].view(-1, 1)).clamp(-100, 100).round().to(cache)
+    else:
+        k_cache[~used], v_cache[~used] = float("nan"), float("nan")
     scale = HEAD_DIM ** -0.5
     slopes = ref.alibi_slopes(HEADS) if alibi else None
     meta = _meta(tables, starts, seq_lens)
     out = torch.full_like(q, float("nan"))
     got = flash.paged_attention_flash(q, k_cache, v_cache, meta, scale, decode_rows, window,
-                                      slopes, out=out)
+                                      slopes, out=out, **scales)
     assert got is out
     want = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
-                               sliding_window=window, alibi_slopes=slopes)
+                               sliding_window=window, alibi_slopes=slopes, **scales)
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     step = meta.host_cache[("flash_plan", decode_rows, window)]
     # the plan is made once a step: a second layer reuses it
-    flash.paged_attention_flash(q, k_cache, v_cache, meta, scale, decode_rows, window, slopes)
+    flash.paged_attention_flash(q, k_cache, v_cache, meta, scale, decode_rows, window, slopes,
+                                **scales)
     assert meta.host_cache[("flash_plan", decode_rows, window)] is step
     assert step.cu_q.tolist() == [s - decode_rows for s in starts[decode_rows:]]
     keys = [n - (0 if window is None else max(n - m - window + 1, 0))
@@ -104,9 +114,11 @@ def test_which_steps_take_it(monkeypatch) -> None:
     assert flash.usable(q, k_cache, v_cache, meta)
     assert flash.usable(q, k_cache, v_cache, meta, sliding_window=8,
                         alibi_slopes=ref.alibi_slopes(HEADS))
-    fp8 = k_cache.to(torch.float8_e4m3fn)
-    scale = torch.ones(KV_HEADS)
-    assert not flash.usable(q, fp8, fp8, meta, k_scale=scale)  # 1-byte caches: Triton
+    for one_byte in (torch.float8_e4m3fn, torch.int8):  # with their scales
+        c = k_cache.to(one_byte)
+        assert flash.usable(q, c, c, meta, k_scale=torch.ones(KV_HEADS))
+        assert not flash.usable(q, c, c, meta)
+    assert not flash.usable(q, k_cache.half(), v_cache.half(), meta)  # another 16-bit dtype
     assert not flash.usable(q.float(), k_cache.float(), v_cache.float(), meta)  # float32
     assert not flash.usable(q, k_cache, v_cache, meta, softcap=30.0)
     assert not flash.usable(q, k_cache, v_cache, meta, key_rotary=torch.zeros(64, HEAD_DIM))

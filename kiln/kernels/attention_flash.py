@@ -11,8 +11,10 @@ kernel SDPA's flash backend calls) over the packed sequences, causal aligned to 
 each context. The gather moves 4 bytes a key a KV head-dim lane (bf16 K and V): for an 8k
 prompt of Llama-3.1-8B shape 32 MB a layer, ~10 us against ~1 ms of attention.
 
-Taken for a step's prompts when the model is fp16 / bf16 with a cache of the same dtype,
-and none of softcap, attention sinks, V stored transposed: those keep the Triton kernel,
+Taken for a step's prompts when the model is fp16 / bf16 with a cache of the same dtype or
+a 1-byte one (e4m3, int8: gathered, then value * scale[head] in float32 rounded to the
+model's dtype, as the reference reads them), and none of softcap, attention sinks, V stored
+transposed: those keep the Triton kernel,
 as do CUDA graph captures (the gather's size is the step's). Sliding windows and ALiBi go
 to the kernel's own window and bias arguments. Decode rows at the head of a mixed step keep
 the decode kernel. The slots of the gather are planned once a step (kept in the step's
@@ -49,9 +51,11 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
            k_scale=None, softcap=None, alibi_slopes=None, key_rotary=None,
            sliding_window=None) -> bool:
     """Whether this step's prompt rows can take the flash path (see the module doc)."""
-    if not ENABLED or softcap is not None or key_rotary is not None or k_scale is not None:
+    if not ENABLED or softcap is not None or key_rotary is not None:
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
+    one_byte = k_cache.dtype in (torch.float8_e4m3fn, torch.int8) and k_scale is not None
+    if q.dtype not in (torch.float16, torch.bfloat16) or (k_cache.dtype != q.dtype
+                                                           and not one_byte):
         return False
     if v_cache.shape != k_cache.shape or q.shape[-1] > 256 or q.shape[-1] % 8:
         return False
@@ -130,11 +134,20 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, **common):
                            out=out, **common)
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor, cache_scale: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    values = cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    if cache.dtype == dtype:
+        return values
+    return (values.float() * cache_scale.view(-1, 1)).to(dtype)
+
+
 def paged_attention_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta, scale: float, decode_rows: int = 0,
                           sliding_window: int | None = None,
                           alibi_slopes: torch.Tensor | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention's result for a step (q [T, heads, d]) whose sequences from
     decode_rows on are prompts (or chunks of them): the first decode_rows rows (one token
     each) through the decode kernel, the prompts gathered and through FlashAttention."""
@@ -142,8 +155,8 @@ def paged_attention_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         out = torch.empty_like(q)
     if decode_rows:
         _decode(q[:decode_rows], k_cache, v_cache, meta.block_tables[:decode_rows],
-                meta.seq_lens[:decode_rows], scale, out[:decode_rows],
-                sliding_window=sliding_window, alibi_slopes=alibi_slopes)
+                meta.seq_lens[:decode_rows], scale, out[:decode_rows], k_scale=k_scale,
+                v_scale=v_scale, sliding_window=sliding_window, alibi_slopes=alibi_slopes)
     key = ("flash_plan", decode_rows, sliding_window)
     step = meta.host_cache.get(key)
     if step is None:
@@ -151,8 +164,8 @@ def paged_attention_flash(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                                            sliding_window, q.device)
     if step.slots.numel() == 0:
         return out
-    k = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, step.slots)
-    v = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, step.slots)
+    k = _gather(k_cache, step.slots, k_scale, q.dtype)
+    v = _gather(v_cache, step.slots, v_scale, q.dtype)
     rows = q[step.first_row:]
     if rows.stride(-1) != 1:
         rows = rows.contiguous()

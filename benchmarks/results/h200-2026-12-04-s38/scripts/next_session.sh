@@ -63,6 +63,8 @@ if [[ " ${*:-a} " == *" c "* ]]; then
   tail -15 $OUT/tests.log; echo "tests t=$SECONDS"
   timeout 150 python3 benchmarks/attn_prefill_flash.py $OUT/attn-flash.json > $OUT/attn-flash.log 2>&1
   cat $OUT/attn-flash.log; echo "bench t=$SECONDS"
+  timeout 60 python3 benchmarks/attn_prefill_flash.py --kv e4m3 --cases 8192,16x1000 \
+    > $OUT/attn-flash-e4m3.log 2>&1; cat $OUT/attn-flash-e4m3.log
   for f in 0 1; do
     [ $SECONDS -gt 420 ] && break
     KILN_PREFILL_FLASH=$f timeout 90 python3 benchmarks/ttft.py --random-config llama-3.1-8b \
