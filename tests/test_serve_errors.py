@@ -38,7 +38,12 @@ def _check_error(response: httpx.Response, status: int, *words: str,
     ({"temperature": -1}, ["temperature"], "temperature"),
     ({"top_p": 1.5}, ["top_p"], "top_p"),
     ({"presence_penalty": 3}, ["presence_penalty"], "presence_penalty"),
-    ({"max_tokens": 0}, ["max_tokens"], "max_tokens"),
+    ({"max_tokens": -1}, ["max_tokens"], "max_tokens"),
+    ({"max_tokens": 0, "stream": True}, ["max_tokens 0", "stream"], "max_tokens"),
+    ({"n": -1}, ["n must"], "n"),
+    ({"min_tokens": 10, "max_tokens": 2}, ["min_tokens", "max_tokens"], "min_tokens"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "bogus"}}}}, ["response_format", "bogus"], "response_format"),
     ({"max_tokens": 10_000}, ["max_seq_len"], None),
     ({"prompt": "word " * 400}, ["max_seq_len"], None),
     ({"prompt": ""}, ["empty"], None),
@@ -78,11 +83,27 @@ def test_missing_and_malformed(server):
     ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, ["function"], "tools"),
     ({"response_format": {"type": "yaml"}}, ["response_format"], "response_format"),
     ({"max_completion_tokens": 10_000}, ["max_seq_len"], None),
+    ({"max_completion_tokens": 0}, ["max_completion_tokens"], "max_completion_tokens"),
+    ({"logprobs": True, "top_logprobs": 21}, ["top_logprobs"], "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "bogus"}}}], "tool_choice": "required"}, ["tools", "bogus"], "tools"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function"}]}]},
+     ["tool_calls"], "messages"),
 ])
 def test_bad_chat_requests(server, body, words, param):
     good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     response = httpx.post(server.v1 + "/chat/completions", json={**good, **body})
-    _check_error(response, 400, *words, param=param)
+    error = _check_error(response, 400, *words, param=param)
+    assert ".cc:" not in error["message"]  # no grammar library internals
+
+
+def test_json_body_without_its_content_type(server):
+    """`curl -d` sends a form content type: the OpenAI routes read the body as JSON."""
+    response = httpx.post(server.v1 + "/completions", content=json.dumps(GOOD).encode(),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == httpx.post(
+        server.v1 + "/completions", json=GOOD).json()["choices"][0]["text"]
 
 
 def test_openai_client_sees_bad_request_and_server_goes_on(server):
@@ -104,7 +125,7 @@ def test_body_size_limit(server):
 
     response = httpx.post(server.v1 + "/completions", content=chunked(),
                           headers={"content-type": "application/json"})
-    _check_error(response, 413, "exceeds")
+    assert _check_error(response, 413, "exceeds")["code"] == "request_too_large"
     assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
 
 
@@ -211,6 +232,9 @@ def test_full_queue_answers_429_at_once():
             next(iter(stream))  # both are running
         with pytest.raises(openai.RateLimitError, match="limit of 2"):
             client.completions.create(**GOOD)
+        # a call that could never fit is not told to retry
+        with pytest.raises(openai.BadRequestError, match="more than the server ever holds"):
+            client.completions.create(**{**GOOD, "prompt": ["a", "b", "c"]})
         for stream in streams:
             stream.close()
         assert wait_until(lambda: server.llm.num_unfinished == 0

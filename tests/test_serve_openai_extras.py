@@ -44,6 +44,39 @@ def test_echo_with_logprobs_covers_prompt_tokens(client, reference):
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
 
 
+def test_max_tokens_0_scores_the_prompt(client, reference):
+    """echo + logprobs + max_tokens 0, as evaluation harnesses score a text: the prompt
+    and its tokens' logprobs, nothing generated."""
+    want = reference.generate(PROMPT, SamplingParams(max_tokens=1, prompt_logprobs=1))[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1,
+                                    max_tokens=0)
+    choice = got.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert got.usage.completion_tokens == 0
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(want.prompt_token_ids) and lp.token_logprobs[0] is None
+    for token, value, expected in zip(want.prompt_token_ids[1:], lp.token_logprobs[1:],
+                                      want.prompt_logprobs[1:]):
+        assert value == pytest.approx(expected[token], abs=1e-4)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+    assert plain.choices[0].text == "" and plain.usage.completion_tokens == 0
+
+
+def test_top_logprobs_hold_the_sampled_token(client):
+    """Completions (OpenAI's legacy API): each position's top_logprobs has the token that
+    was sampled, even where it is not among the top `logprobs` (then logprobs + 1)."""
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, n=3,
+                                    temperature=1.5, seed=3, logprobs=1)
+    outside = 0
+    for choice in got.choices:
+        lp = choice.logprobs
+        for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[token] == pytest.approx(value) and len(top) in (1, 2)
+            outside += len(top) == 2
+    assert outside  # at this temperature some sampled tokens are not the most likely
+
+
 def test_prompt_logprobs_extension(client, reference):
     want = reference.generate(PROMPT, SamplingParams(**GREEDY, prompt_logprobs=2))[0]
     got = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY,

@@ -156,6 +156,48 @@ def test_tool_calls(client):
     assert plain.choices[0].message.tool_calls is None
 
 
+def test_forced_call_cut_at_its_last_token_is_still_a_call(client):
+    """A forced call whose JSON is whole when max_tokens stops it (before the end token)
+    is a tool call; one cut inside its JSON is the text so far, finish_reason "length"."""
+    messages = [{"role": "user", "content": "Add 2 and 3."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="required", seed=4, max_tokens=48)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    used = whole.usage.completion_tokens  # the call's tokens and the end token
+    cut = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                         tool_choice="required", seed=4, max_tokens=used - 1)
+    assert cut.usage.completion_tokens == used - 1
+    assert cut.choices[0].finish_reason == "tool_calls"
+    [a], [b] = cut.choices[0].message.tool_calls, whole.choices[0].message.tool_calls
+    assert (a.function.name, a.function.arguments) == (b.function.name, b.function.arguments)
+    short = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="required", seed=4, max_tokens=3)
+    assert short.choices[0].finish_reason == "length"
+    assert short.choices[0].message.tool_calls is None
+    assert short.choices[0].message.content.startswith("{")
+
+
+def test_tool_results_go_back_to_the_model(client, reference):
+    """The tool-calling loop: the assistant's call and a `tool` message with its result
+    are templated into the next turn (the tiny model's template renders any role)."""
+    messages = [{"role": "user", "content": "Add 2 and 3."},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                           tool_choice="none", temperature=0, max_tokens=5)
+    text = reference.engine.tokenizer.apply_chat_template(
+        [messages[0], {"role": "assistant", "content": "", "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+         {"role": "tool", "content": "5", "tool_call_id": "call_1"}], True)
+    want = reference.generate(reference.engine.tokenizer.encode(text, add_special_tokens=False),
+                              SamplingParams(temperature=0, max_tokens=5))[0]
+    assert reply.choices[0].message.content == want.text
+    assert reply.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
 def test_tool_choice_auto_reads_calls_from_free_text(client):
     """tool_choice "auto" (and unset, OpenAI's default with tools): a free answer, read for
     calls; greedy, the stream ends with the same message as the plain response."""

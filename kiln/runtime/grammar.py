@@ -11,6 +11,7 @@ other requests in the batch are unaffected (their rows are left out of the bitma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,15 @@ class GrammarCompiler:
             except RequestError:
                 raise
             except Exception as e:  # xgrammar's errors for schemas it cannot compile
-                raise RequestError(f"json_schema: {str(e).splitlines()[0][:300]}") from None
+                raise RequestError(f"json_schema: {_library_message(e)}") from None
             self._compiled[key] = compiled
         return _xgrammar().GrammarMatcher(compiled)
+
+
+def _library_message(error: Exception) -> str:
+    """The grammar library's first line without its log prefix ("[time] file.cc:line: ")."""
+    line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r"^\[[0-9:. ]+\]\s*\S+:\d+:\s*", "", line)[:300]
 
 
 def grammar_bitmask(requests: list[Any], vocab_size: int, device: torch.device

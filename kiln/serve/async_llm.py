@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import BuildConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.serve.delivery import Mailbox
@@ -185,6 +185,10 @@ class AsyncLLM:
         engine's RequestError (bad prompt, too long, duplicate id) for this group only."""
         if self.engine.failure is not None:
             raise EngineDeadError(self.engine.failure)
+        if self.max_queue is not None and len(requests) > self.max_queue:
+            raise RequestError(f"this call makes {len(requests)} requests (one a prompt), more "
+                               f"than the server ever holds at once ({self.max_queue}, "
+                               "--max-queue): send fewer prompts a call")
         if self.max_queue is not None and self._num_unfinished + len(requests) > self.max_queue:
             raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished "
                                  "requests; retry later")

@@ -106,7 +106,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = {404: f"no route for {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed here"}.get(
                        exc.status_code, str(exc.detail))
-        return error_response(request, APIError(exc.status_code, message))
+        code = "request_too_large" if exc.status_code == 413 else None  # a chunked body
+        return error_response(request, APIError(exc.status_code, message, code=code))
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, api_error(exc))

@@ -43,7 +43,8 @@ async def _send_error(scope: Scope, send: Send, status: int, message: str,
 class GuardMiddleware:
     """Rejects requests without the API key (401), bodies over `max_body_bytes` (413),
     and, while the server drains before it stops, every new request but probes and
-    /metrics (503; the probes answer 503 themselves)."""
+    /metrics (503; the probes answer 503 themselves). POST bodies of the OpenAI routes are
+    read as JSON whatever content type they declare."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int,
                  draining: Callable[[], bool] = lambda: False) -> None:
@@ -61,6 +62,13 @@ class GuardMiddleware:
                               "shutting_down", [(b"connection", b"close")])
             return
         headers = dict(scope.get("headers", ()))
+        if scope.get("method") == "POST" and scope["path"].startswith("/v1/") and \
+                not headers.get(b"content-type", b"").startswith(b"application/json"):
+            # The OpenAI routes take JSON only: read a body sent without its type (curl -d
+            # sends form encoding by default) as the JSON it is, not as a form.
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
+                                          if k != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
         if self.api_key and not _is_open(scope["path"]) and not self._authorized(headers):
             await _send_error(scope, send, 401, "a valid API key is required: send "
                               "'Authorization: Bearer <key>'", "invalid_api_key",

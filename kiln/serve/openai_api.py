@@ -9,10 +9,16 @@ from fastapi import APIRouter, Depends, Request
 from kiln.serve.context import ServeContext, get_context
 from kiln.serve.engine_loop import Prompt
 from kiln.serve.openai_call import start_call
-from kiln.serve.openai_chat import chat_prompt, check_chat_request, respond_chat
+from kiln.serve.openai_chat import (
+    chat_prompt,
+    check_chat_request,
+    message_chars,
+    respond_chat,
+)
 from kiln.serve.openai_completions import (
     completion_prompts,
     engine_choices,
+    engine_max_tokens,
     respond_completion,
 )
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -40,7 +46,7 @@ async def create_completion(body: CompletionRequest, request: Request,
                             ctx: ServeContext = Depends(get_context)) -> Any:
     best_of, logprobs, prompt_logprobs = engine_choices(body)
     call = await start_call(ctx, "/v1/completions", "cmpl", body,
-                            lambda: completion_prompts(body), body.max_tokens, logprobs,
+                            lambda: completion_prompts(body), engine_max_tokens(body), logprobs,
                             best_of, prompt_logprobs)
     return await respond_completion(ctx, call, body, request)
 
@@ -56,5 +62,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                   else body.max_tokens)
     call = await start_call(ctx, "/v1/chat/completions", "chatcmpl", body, prompts,
-                            max_tokens, top_n)
+                            max_tokens, top_n, prompt_chars=message_chars(body))
     return await respond_chat(ctx, call, body, request)

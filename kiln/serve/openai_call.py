@@ -7,6 +7,7 @@ the prompt's KV blocks shared); choice p * n + i is completion i of prompt p.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 from fastapi import Request, Response
 
+from kiln.errors import RequestError
 from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
 from kiln.serve.async_llm import RequestStream
 from kiln.serve.context import ServeContext
@@ -28,6 +30,9 @@ from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, u
 
 MAX_CHOICES = 128  # prompts x n in one call
 MAX_LOGPROBS = 20
+# Chat templates and tokenization of requests larger than this (characters of message
+# text) run on a worker thread, so that other streams are not held up meanwhile.
+INLINE_PROMPT_CHARS = 32_768
 _INT64 = 1 << 63
 
 # Called per new output of one choice: the SSE chunks (pydantic models) to send.
@@ -153,23 +158,36 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
                      body: CompletionRequest | ChatCompletionRequest,
                      make_prompts: Callable[[], list[Prompt]], max_tokens: int | None,
                      logprobs: int | None, n: int | None = None,
-                     prompt_logprobs: int | None = None) -> Call:
+                     prompt_logprobs: int | None = None, prompt_chars: int = 0) -> Call:
     """Check the request, make its prompts, submit it; every failure is logged. `n`: the
-    engine's choices per prompt when not the body's (best_of)."""
+    engine's choices per prompt when not the body's (best_of); prompt_chars: how much
+    text make_prompts works on (past INLINE_PROMPT_CHARS, it runs on a thread)."""
     call_id = f"{prefix}-{uuid.uuid4().hex}"
     tracker = ctx.metrics.track(call_id, route)
     try:
         ctx.check_model(body.model)
-        prompts = make_prompts()
+        prompts = await asyncio.to_thread(make_prompts) \
+            if prompt_chars > INLINE_PROMPT_CHARS else make_prompts()
         n = body.n if n is None else n
-        if body.n < 1 or len(prompts) * n > MAX_CHOICES:
-            param = "n" if n == body.n else "best_of"
-            raise APIError(400, f"{param} must be in [1, {MAX_CHOICES // len(prompts)}]",
-                           param=param)
+        if body.n < 1 or len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"n must be in [1, {MAX_CHOICES // len(prompts)}]", param="n")
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"best_of must be in [1, {MAX_CHOICES // len(prompts)}]",
+                           param="best_of")
         params = sampling_params(body, max_tokens, logprobs, n, prompt_logprobs,
                                  ctx.llm.engine.config.model.vocab_size)
         group = [(prompt, params, f"{call_id}-{p}") for p, prompt in enumerate(prompts)]
-        stream = await ctx.llm.submit(group)
+        try:
+            stream = await ctx.llm.submit(group)
+        except RequestError as e:
+            if not str(e).startswith("json_schema:"):
+                raise
+            from kiln.serve.openai_tools import forced_tools
+
+            where = "tools" if forced_tools(body) is not None else "response_format"
+            raise APIError(400, f"{where}: the JSON schema does not compile: "
+                           f"{str(e).removeprefix('json_schema:').strip()}",
+                           param=where) from None
     except BaseException as e:
         tracker.finish("error", str(e))
         raise

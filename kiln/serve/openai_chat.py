@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from fastapi import Request
@@ -10,7 +11,13 @@ from fastapi import Request
 from kiln.runtime.request import CompletionOutput, RequestOutput
 from kiln.serve.context import ServeContext
 from kiln.serve.errors import APIError
-from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
+from kiln.serve.openai_call import (
+    MAX_LOGPROBS,
+    Call,
+    collect,
+    disconnected_response,
+    stream_response,
+)
 from kiln.serve.openai_output import ChoiceState, chat_logprobs, usage
 from kiln.serve.openai_tools import (
     auto_tools,
@@ -26,6 +33,7 @@ from kiln.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     Delta,
     TextPart,
 )
@@ -36,6 +44,23 @@ from kiln.tokenizer import Tokenizer
 def check_chat_request(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got "
+                       f"{body.top_logprobs}", param="top_logprobs")
+    if body.max_completion_tokens is not None and body.max_completion_tokens < 1:
+        raise APIError(400, "max_completion_tokens must be at least 1, got "
+                       f"{body.max_completion_tokens}", param="max_completion_tokens")
+
+
+def message_chars(body: ChatCompletionRequest) -> int:
+    """How much text the chat template and the tokenizer will work on."""
+    total = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(part.text or "") for part in m.content)
+    return total
 
 
 def _text(content: str | list[TextPart] | None) -> str:
@@ -46,12 +71,40 @@ def _text(content: str | list[TextPart] | None) -> str:
     return "\n".join(part.text or "" for part in content)
 
 
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """One message as chat templates read it: developer as system; an assistant turn's
+    tool calls with their arguments as objects (OpenAI sends JSON text), a tool turn's
+    tool_call_id and name."""
+    message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": _text(m.content)}
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise APIError(400, "an assistant message's tool_calls must be {'type': "
+                               "'function', 'function': {'name': ..., 'arguments': ...}}",
+                               param="messages")
+            arguments = function.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except ValueError:
+                    pass  # the template gets the text as it came
+            calls.append({**call, "type": "function",
+                          "function": {"name": function["name"], "arguments": arguments}})
+        message["tool_calls"] = calls
+    if m.role == "tool":
+        message.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name))
+                        if v is not None})
+    return message
+
+
 def chat_prompt(tokenizer: Tokenizer | None, body: ChatCompletionRequest) -> list[int]:
     """Token ids of the templated conversation."""
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so it cannot apply a chat template")
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": _text(m.content)} for m in body.messages]
+    messages = [_template_message(m) for m in body.messages]
     tools = body.tools if body.tools and body.tool_choice != "none" else None
     text = tokenizer.apply_chat_template(messages, body.add_generation_prompt, tools=tools)
     # The template already wrote any BOS it wants: don't let the tokenizer add another.
@@ -75,16 +128,29 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             parsed[completion.text] = parse_tool_calls(completion.text, free_tools)
         return parsed[completion.text]
 
+    def _forced(completion: CompletionOutput) -> list[dict[str, Any]] | None:
+        """A forced call's tool_calls once its JSON is whole: at the stop, or at the
+        token limit when the limit fell on the call's last token."""
+        if not calls_tool or completion.finish_reason not in ("stop", "length"):
+            return None
+        try:
+            return tool_calls(completion.text)
+        except (ValueError, KeyError, TypeError):
+            if completion.finish_reason == "stop":
+                raise
+            return None  # cut by max_tokens: a prefix of the call, returned as text
+
     def _message(completion: CompletionOutput) -> AssistantMessage:
-        if calls_tool and completion.finish_reason == "stop":
-            return AssistantMessage(tool_calls=tool_calls(completion.text))
+        forced = _forced(completion)
+        if forced is not None:
+            return AssistantMessage(tool_calls=forced)
         content, calls = _parsed(completion)
         if calls:
             return AssistantMessage(content=content, tool_calls=calls)
         return AssistantMessage(content=completion.text)
 
     def _finish(completion: CompletionOutput) -> str | None:
-        if calls_tool and completion.finish_reason == "stop":
+        if _forced(completion) is not None:
             return "tool_calls"
         if free_tools is not None and _parsed(completion)[1]:
             return "tool_calls"

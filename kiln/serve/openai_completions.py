@@ -3,12 +3,15 @@
 `echo` puts the prompt before each choice's text (and, with `logprobs`, the prompt
 tokens' logprobs before the generated ones, the first being null, as OpenAI does).
 `best_of` asks the engine for best_of candidates per prompt and returns the n with the
-highest cumulative logprob. `prompt_logprobs` (vLLM's extension) adds each prompt
-token's logprob and the top-n alternatives, keyed by token id.
+highest cumulative logprob. `max_tokens: 0` (not streamed) generates nothing: with `echo`
+and `logprobs` it scores the prompt, as evaluation harnesses ask OpenAI's legacy API to
+(the engine computes one token, which the answer leaves out). `prompt_logprobs` (vLLM's
+extension) adds each prompt token's logprob and the top-n alternatives, keyed by token id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import Request
@@ -38,6 +41,9 @@ def completion_prompts(body: CompletionRequest) -> list[Prompt]:
                        param="best_of")
     if body.best_of is not None and body.best_of > body.n and body.stream:
         raise APIError(400, "best_of cannot be used with stream", param="best_of")
+    if body.max_tokens == 0 and body.stream:
+        raise APIError(400, "max_tokens 0 (the prompt alone, e.g. to score it with echo and "
+                       "logprobs) cannot be streamed", param="max_tokens")
     prompt = body.prompt
     if isinstance(prompt, str):
         return [prompt]
@@ -58,6 +64,18 @@ def engine_choices(body: CompletionRequest) -> tuple[int, int | None, int | None
     wanted = [v for v in (body.prompt_logprobs,
                           body.logprobs if body.echo else None) if v is not None]
     return best_of, logprobs, max(wanted) if wanted else None
+
+
+def engine_max_tokens(body: CompletionRequest) -> int | None:
+    """max_tokens 0 computes one token, left out of the answer (_prompt_only)."""
+    return 1 if body.max_tokens == 0 else body.max_tokens
+
+
+def _prompt_only(output: RequestOutput) -> RequestOutput:
+    return dataclasses.replace(output, outputs=[dataclasses.replace(
+        c, text="", token_ids=[], finish_reason="length", stop_reason=None,
+        cumulative_logprob=None if c.cumulative_logprob is None else 0.0,
+        logprobs=None if c.logprobs is None else []) for c in output.outputs])
 
 
 def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
@@ -124,6 +142,8 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
     finals = await collect(call, request)
     if finals is None:
         return disconnected_response()
+    if body.max_tokens == 0:
+        finals = [_prompt_only(output) for output in finals]
     choices = []
     for output in finals:
         base = call.prompt_of[output.request_id] * body.n

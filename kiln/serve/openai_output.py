@@ -62,6 +62,16 @@ def _entries(completion: CompletionOutput, positions: range, top_n: int
     return rows
 
 
+def _with_token(tokens: TokenTexts, top: list[tuple[int, float]], token_id: int,
+                logprob: float | None) -> dict[str, float]:
+    """Completions' top_logprobs: the top_n alternatives and, as OpenAI's legacy API
+    always includes it, the token itself (up to top_n + 1 entries)."""
+    out = {tokens.text(t): v for t, v in top}
+    if logprob is not None and all(t != token_id for t, _ in top):
+        out[tokens.text(token_id)] = logprob
+    return out
+
+
 def completion_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: range,
                         top_n: int, state: ChoiceState) -> CompletionLogprobs:
     out = CompletionLogprobs()
@@ -69,7 +79,7 @@ def completion_logprobs(tokens: TokenTexts, completion: CompletionOutput, positi
         text = tokens.text(token_id)
         out.tokens.append(text)
         out.token_logprobs.append(logprob)
-        out.top_logprobs.append({tokens.text(t): v for t, v in top})
+        out.top_logprobs.append(_with_token(tokens, top, token_id, logprob))
         out.text_offset.append(state.text_offset)
         state.text_offset += len(text)
     return out
@@ -86,8 +96,8 @@ def echo_logprobs(tokens: TokenTexts, output: RequestOutput, top_n: int,
         out.tokens.append(text)
         out.token_logprobs.append(entry.get(token_id) if entry else None)
         top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n] if entry else None
-        out.top_logprobs.append({tokens.text(t): v for t, v in top} if top is not None
-                                else None)
+        out.top_logprobs.append(_with_token(tokens, top, token_id, entry.get(token_id))
+                                if top is not None else None)
         out.text_offset.append(state.text_offset)
         state.text_offset += len(text)
     return out
