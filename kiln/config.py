@@ -182,6 +182,24 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
 
 
 LIMITS = ("max_batch_size", "max_num_tokens", "max_seq_len")
+# What an engine's weights depend on: fixed by its build, not changeable when it is loaded.
+WEIGHT_OPTIONS = ("dtype", "quantization", "kv_cache_dtype", "tp_size", "pp_size",
+                  "block_size", "group_size", "activation_scheme", "quantize_lm_head",
+                  "smooth_alpha", "act_order", "calib_file", "load_format")
+_CHOICES = (("dtype", ("auto", *DTYPES)), ("quantization", QUANTIZATIONS),
+            ("kv_cache_dtype", KV_CACHE_DTYPES), ("activation_scheme", ACTIVATION_SCHEMES),
+            ("load_format", LOAD_FORMATS))
+
+
+def check_choices(build: BuildConfig) -> None:
+    """The build options that name one of a set of values, checked before anything is
+    opened or built (the model-dependent checks are kiln.build.builder.validate's)."""
+    from kiln.errors import BuildError
+
+    for name, allowed in _CHOICES:
+        if getattr(build, name) not in allowed:
+            raise BuildError(f"--{name.replace('_', '-')} {getattr(build, name)!r} is not "
+                             f"one of: {', '.join(allowed)}")
 
 
 def build_config_from_args(args: argparse.Namespace, **overrides: Any) -> BuildConfig:

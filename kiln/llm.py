@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kiln.config import LIMITS, BuildConfig
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 from kiln.resolve import resolve_engine
 from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
@@ -50,10 +51,14 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """One output per prompt, in order. Prompts are strings or token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
+        elif len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams: "
+                               "give one for all, or one per prompt")
+        elif not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError("params must be SamplingParams (one, or one per prompt)")
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         self.engine.stream_outputs = False
@@ -76,8 +81,7 @@ class LLM:
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
                     params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
         """The best beams per prompt, best first, with cumulative logprobs and scores."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         token_ids = [self.engine._encode(p) for p in prompts]
         return beam_search(self.engine, token_ids, params or BeamSearchParams())
 
@@ -90,3 +94,17 @@ class LLM:
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                          add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params)
+
+
+def _prompt_list(prompts: Any) -> list[Prompt]:
+    """One prompt (a string, or token ids) or a sequence of them, as a list of prompts."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and isinstance(prompts[0], numbers.Integral)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)) and \
+            all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, bytes)
+                                       and all(isinstance(t, numbers.Integral) for t in p))
+                for p in prompts):
+        return list(prompts)
+    raise RequestError("prompts must be a string, a list of token ids, or a list of those; "
+                       f"got {type(prompts).__name__}")

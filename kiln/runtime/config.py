@@ -56,6 +56,17 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device this machine lacks fails before any build
+        for name, low in (("max_batch_size", 1), ("max_num_tokens", 1), ("max_seq_len", 1),
+                          ("num_kv_blocks", 1), ("pipeline_depth", 1),
+                          ("prefill_graph_tokens", 0), ("attention_sinks", 0),
+                          ("attention_window", 0), ("cpu_kv_cache_bytes", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise KilnError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise KilnError("kv_cache_memory_fraction must be in (0, 1], got "
+                            f"{self.kv_cache_memory_fraction}")
 
 
 def resolve_device(name: str) -> str:

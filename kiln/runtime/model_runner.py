@@ -32,7 +32,7 @@ from kiln.runtime.request import PLACEHOLDER
 from kiln.runtime.sampler import SamplingBatch, sample
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.step import PendingStep
-from kiln.runtime.weights import check_fp8_support, dummy_model, load_weights
+from kiln.runtime.weights import check_fp8_support, dummy_model, load_weights, weights_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class ModelRunner:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
             missing = [m for m in missing if m != "lm_head.weight"]
         if missing or unexpected:
-            raise RuntimeError(f"engine weights do not match the model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}; rebuild the engine")
+            raise weights_mismatch(missing, unexpected)
         self.model.eval()
         if device.type == "cpu":
             from kiln import functional as KF

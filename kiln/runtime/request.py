@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,18 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     def validate(self) -> None:
+        for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs",
+                     "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, numbers.Integral)):
+                raise RequestError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+                    not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.max_tokens is None or self.max_tokens >= 1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from kiln.config import ModelConfig
 from kiln.distributed import Mapping
@@ -23,18 +23,30 @@ def load_weights(model: torch.nn.Module, path: Path, device: torch.device,
     (Mixtral-8x7B: 93 GB on a 141 GB GPU). Returns (missing, unexpected) names."""
     expected = set(model.state_dict())
     loaded, unexpected = set(), []
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        batch, size = {}, 0
-        names = list(f.keys())
-        for i, name in enumerate(names):
-            batch[name] = f.get_tensor(name)
-            size += batch[name].numel() * batch[name].element_size()
-            if size >= batch_bytes or i == len(names) - 1:
-                result = model.load_state_dict(batch, strict=False, assign=True)
-                unexpected += result.unexpected_keys
-                loaded.update(batch)
-                batch, size = {}, 0
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            batch, size = {}, 0
+            names = list(f.keys())
+            for i, name in enumerate(names):
+                batch[name] = f.get_tensor(name)
+                size += batch[name].numel() * batch[name].element_size()
+                if size >= batch_bytes or i == len(names) - 1:
+                    result = model.load_state_dict(batch, strict=False, assign=True)
+                    unexpected += result.unexpected_keys
+                    loaded.update(batch)
+                    batch, size = {}, 0
+    except (SafetensorError, OSError) as e:
+        raise KilnError(f"{path} cannot be read ({e}); rebuild the engine") from None
+    except RuntimeError as e:  # load_state_dict: shapes unlike what engine.json describes
+        detail = " ".join(str(e).split())[:300]
+        raise KilnError(f"{path} does not hold the model its engine.json describes "
+                        f"({detail}); rebuild the engine") from None
     return sorted(expected - loaded), unexpected
+
+
+def weights_mismatch(missing: list[str], unexpected: list[str]) -> KilnError:
+    return KilnError(f"engine weights do not match the model: missing {missing[:3]}, "
+                     f"unexpected {unexpected[:3]}; rebuild the engine")
 
 
 @torch.no_grad()
