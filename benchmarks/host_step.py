@@ -7,7 +7,7 @@ With overlap scheduling the device computes step N while the host schedules step
 prepares its inputs and applies step N - 1's tokens; when that host work takes longer
 than a decode graph's replay (~10 ms at 512 rows of an FP8 8B model on an H200) the
 device waits. This runs a random-weight engine whose forward costs almost nothing (the
-Llama layout at hidden 64, one layer, a 49,152-token vocabulary, float32 on the CPU) at
+Llama layout at hidden 64, one layer, a 4,096-token vocabulary, float32 on the CPU) at
 `--batch` running requests (128-token prompts, greedy, ignore_eos) and times `--steps`
 decode steps: the wall time per step less the model's forward and sampling (on a GPU those
 are a graph replay the host only launches), and that host time by phase (schedule,
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--batch", default="256,512")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()

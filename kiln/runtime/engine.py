@@ -6,7 +6,6 @@ import collections
 import itertools
 import logging
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -285,10 +284,6 @@ class LLMEngine:
     def _launch(self, out, previous: PendingStep | None = None) -> PendingStep:
         """Enqueue a scheduled step on the device; its sampled tokens are placeholders on
         the host until the step's result is processed."""
-        now = time.monotonic()
-        for entry in out.scheduled:
-            if entry.request.stats.first_scheduled_time is None:
-                entry.request.stats.first_scheduled_time = now
         self.num_computed_tokens += out.num_tokens
         if self.record_launches:  # kiln bench splits its step times by what they ran
             self.last_launch = out.launch_shape()

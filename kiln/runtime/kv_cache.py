@@ -110,10 +110,14 @@ class KVCacheManager:
         `reuse` (only for a request holding no blocks yet) are prefix blocks from
         `match_prefix` to share instead of recomputing.
         """
-        self.release_outside_window(request)
-        self._evict_for_sinks(request, num_tokens)
-        needed = self.blocks_needed(num_tokens - request.num_evicted_tokens) - \
+        if self.sliding_window is not None:
+            self.release_outside_window(request)
+        if self.streaming is not None:
+            self._evict_for_sinks(request, num_tokens)
+        needed = -(-(num_tokens - request.num_evicted_tokens) // self.block_size) - \
             len(request.block_ids) - len(reuse)
+        if needed <= 0 and not reuse:  # a decode step inside its last block: most steps
+            return True
         if needed > 0 and not self.can_allocate(needed, reuse):
             return False
         for block in reuse:
@@ -136,8 +140,10 @@ class KVCacheManager:
             return
         known = request.num_computed_tokens
         if request.token_ids[-1] == PLACEHOLDER:  # a block holding it is not known yet
-            known = min(known, request.num_tokens - 1)
+            known = min(known, len(request.token_ids) - 1)
         num_full = min(known // self.block_size, len(request.block_ids))
+        if num_full <= request.num_committed_blocks:  # no block filled since: most steps
+            return
         hashes = self._hashes(request, num_full)
         for i in range(request.num_committed_blocks, num_full):
             block, h = request.block_ids[i], hashes[i]

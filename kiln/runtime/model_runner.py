@@ -234,19 +234,21 @@ class ModelRunner:
                 positions += range(c_start + self.long_rope[1], c_end + self.long_rope[1])
             else:
                 positions += range(c_start, c_end)
-            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(c_start, c_end)]
+            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(c_start, c_end)] \
+                if c_end - c_start > 1 else (r.block_ids[c_start // bs] * bs + c_start % bs,)
             query_starts.append(query_starts[-1] + end - start)
             seq_lens.append(c_end)
             if entry.sample:  # a speculating request: at its last token and each draft
                 logits_indices += range(query_starts[-1] - 1 - len(entry.spec_token_ids),
                                         query_starts[-1])
         max_blocks = max(len(e.request.block_ids) for e in out.scheduled)
-        table = [e.request.block_ids + [0] * (max_blocks - len(e.request.block_ids))
-                 for e in out.scheduled]
+        table, zeros = [], [0] * max_blocks  # flat: one list, not one a row (512 a step)
+        for e in out.scheduled:
+            table += e.request.block_ids + zeros[len(e.request.block_ids):]
 
         meta = AttentionMetadata(
             slot_mapping=self._to_device(slots, torch.int64),
-            block_tables=self._to_device(table, torch.int32),
+            block_tables=self._to_device(table, torch.int32).view(len(out.scheduled), -1),
             seq_lens=self._to_device(seq_lens, torch.int32),
             query_start_loc=self._to_device(query_starts, torch.int32),
             query_starts_host=query_starts,
@@ -348,7 +350,7 @@ class ModelRunner:
                 if side is not None:
                     ready = torch.cuda.Event()
                     ready.record(side)
-        indices = [r.num_tokens for r in sampling]
+        indices = [len(r.token_ids) for r in sampling]
         pending = PendingStep(sampling, indices, tokens, lp, lp_ids, prompt_lp, ready,
                               received)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():

@@ -46,7 +46,10 @@ class Group:
 
     @property
     def finished(self) -> bool:
-        return all(s.request.status.finished for s in self.sequences)
+        sequences = self.sequences
+        if len(sequences) == 1:  # (n = 1: asked per group and step)
+            return sequences[0].request.status.finished
+        return all(s.request.status.finished for s in sequences)
 
     def output(self) -> RequestOutput:
         completions = []
@@ -76,7 +79,7 @@ def apply_token(seq: Sequence, token: int, index: int,
         entry.update(zip(ids[1:params.logprobs + 1], values[1:params.logprobs + 1]))
         request.logprobs.append(entry)
         request.cumulative_logprob += values[0]
-    text_before = len(seq.text)
+    text_before = len(seq.text) if params.stop else 0
     if seq.detok is not None:
         seq.text += seq.detok.add(token)
     status = None

@@ -119,7 +119,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+        return self._value_ in _FINISHED  # (per token and request: not through .name)
+
+
+_FINISHED = frozenset(("stop", "length", "abort"))
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Request:
                  max_tokens: int, eos_token_ids: tuple[int, ...] = ()) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)  # (read per token: no property)
         self.token_ids = list(prompt_token_ids)  # prompt + output, grows each step
         self.params = params
         self.max_tokens = max_tokens  # resolved: never past the engine's max_seq_len
@@ -174,10 +178,6 @@ class Request:
         # token, and the output length at which a paused request proposes drafts again.
         self.spec_misses = 0
         self.spec_resume_at = 0
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -84,17 +84,22 @@ def penalty_tensors(requests: list[Request], vocab_size: int,
 def banned_tokens(requests: list[Request], vocab_size: int,
                   device: torch.device) -> torch.Tensor | None:
     """Stop/EOS ids before min_tokens is reached, and single-token bad words."""
-    rows = []
-    for r in requests:
+    rows: list[list[int]] = []
+    for i, r in enumerate(requests):
+        min_tokens = r.params.min_tokens
+        if not (min_tokens or r.bad_words_token_ids):
+            continue  # (most requests: nothing to ban, nothing to compute)
         ids: list[int] = []
-        if r.num_output_tokens < r.params.min_tokens:
+        if len(r.token_ids) - r.num_prompt_tokens < min_tokens:
             ids += list(r.params.stop_token_ids)
             if not r.params.ignore_eos:
                 ids += list(r.eos_token_ids)
         ids += r.banned_next_tokens()
-        rows.append(ids)
-    if not any(rows):
+        if ids:
+            rows += [[] for _ in range(i - len(rows))] + [ids]
+    if not rows:
         return None
+    rows += [[] for _ in range(len(requests) - len(rows))]
     mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
     for i, ids in enumerate(rows):
         mask[i, [t for t in ids if 0 <= t < vocab_size]] = True

@@ -9,6 +9,7 @@ decoding. A request samples a token only in the step that computes its last know
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Set
 from dataclasses import dataclass, field
@@ -102,35 +103,40 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_tokens
         seqs = max_seqs if max_seqs is not None else self.max_batch_size
-        scheduled_ids: set[str] = set()
         # Running requests first, oldest first; the newest may be preempted for them.
+        # (This loop runs for every running request every step: what it reads is hoisted.)
         i = 0
-        while i < len(self.running) and budget > 0 and len(out.scheduled) < seqs:
-            request = self.running[i]
-            if request.num_output_tokens >= request.max_tokens or \
+        running, scheduled, allocate = self.running, out.scheduled, self.kv.allocate
+        long_rope = self.long_rope_after is not None
+        while i < len(running) and budget > 0 and len(scheduled) < seqs:
+            request = running[i]
+            num_tokens = len(request.token_ids)
+            if num_tokens - request.num_prompt_tokens >= request.max_tokens or \
                     request.request_id in busy:
                 i += 1  # its last token is still in flight; it will finish, not continue
                 continue
-            self.check_long_rope(request)
-            num_new = min(request.num_tokens - request.num_computed_tokens,
-                          self._chunk_budget(budget))
-            spec = request.spec_token_ids[:budget - 1] \
-                if request.num_tokens - request.num_computed_tokens == 1 else []
-            if spec and self.kv.allocate(request, request.num_tokens + len(spec)):
+            if long_rope:
+                self.check_long_rope(request)
+            left = num_tokens - request.num_computed_tokens
+            num_new = min(left, self._chunk_budget(budget))
+            spec = request.spec_token_ids[:budget - 1] if left == 1 and \
+                request.spec_token_ids else None
+            if spec and allocate(request, request.num_tokens + len(spec)):
                 out.scheduled.append(ScheduledRequest(request, 1 + len(spec), True, spec))
-                scheduled_ids.add(request.request_id)
                 budget -= 1 + len(spec)
                 i += 1
                 continue
-            while not self.kv.allocate(request, request.num_computed_tokens + num_new):
+            while not allocate(request, request.num_computed_tokens + num_new):
                 victim = next((r for r in reversed(self.running)
                                if r.request_id not in busy), request)
                 self._preempt(victim, out)
+                scheduled = out.scheduled  # (_preempt made a new list)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(self._entry(request, num_new))
-                scheduled_ids.add(request.request_id)
+                scheduled.append(ScheduledRequest(request, num_new,
+                                                  request.num_computed_tokens + num_new ==
+                                                  len(request.token_ids)))
                 budget -= num_new
                 i += 1
                 continue
@@ -157,6 +163,8 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             request.stats.num_cached_tokens = max(request.stats.num_cached_tokens, num_cached)
             request.status = RequestStatus.RUNNING
+            if request.stats.first_scheduled_time is None:
+                request.stats.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.scheduled.append(self._entry(request, num_new))
             budget -= num_new

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,11 @@ import torch
 
 from kiln.runtime.profiling import phase
 from kiln.runtime.request import Request
+
+# Seconds the host has spent waiting for sampled tokens (CUDA), summed over all steps:
+# kiln bench reads it per step. A step in which the host never waits was bound by the
+# host's own work (scheduling, inputs, applying tokens), not by the device.
+TOKEN_WAIT = [0.0]
 
 
 @dataclass
@@ -70,7 +76,9 @@ class PendingStep:
             return StepResult([], [], [], prompt_logprobs=self.prompt_logprobs)
         with phase("kiln.wait_tokens"):
             if self.copied is not None and self.host is not None:
+                started = time.perf_counter()
                 self.copied.synchronize()
+                TOKEN_WAIT[0] += time.perf_counter() - started
                 tokens, logprobs, logprob_ids = self.host
             else:
                 for work in self.received or ():
