@@ -8,6 +8,7 @@ leaves, Ctrl-C stops the current answer and keeps the chat going.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 
@@ -35,6 +36,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from kiln.llm import LLM
     from kiln.runtime.request import SamplingParams
 
+    # Checked before the model loads: a bad option fails now, not at the first message.
+    asked = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                           top_p=args.top_p)
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               **limits_from_args(args))
     tokenizer = llm.tokenizer
@@ -71,8 +75,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print("(that message alone is longer than the model's context)", flush=True)
             continue
         room = llm.engine.max_seq_len - len(prompt)
-        params = SamplingParams(max_tokens=min(args.max_tokens, room),
-                                temperature=args.temperature, top_p=args.top_p)
+        params = dataclasses.replace(asked, max_tokens=min(args.max_tokens, room))
         answer, stopped = _answer(llm.engine, prompt, params)
         print(" [stopped]" if stopped else "", flush=True)
         history.append({"role": "assistant", "content": answer})

@@ -36,6 +36,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from kiln.llm import LLM
     from kiln.runtime.request import SamplingParams
 
+    # Checked before anything loads or builds.
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               speculative_config=args.speculative_config, **limits_from_args(args))
     prompt = args.prompt
@@ -44,8 +47,6 @@ def cmd_run(args: argparse.Namespace) -> None:
             raise KilnError("this model has no tokenizer, so --chat cannot apply a template")
         prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}]), add_special_tokens=False)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     engine = llm.engine
     started = time.perf_counter()
     request_id = engine.add_request(prompt, params)

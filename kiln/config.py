@@ -114,7 +114,8 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
         g.add_argument("--max-batch-size", type=int, default=None,
                        help="sequences per step (default: the engine's, 64 for new builds)")
         g.add_argument("--max-seq-len", type=int, default=None,
-                       help="prompt + output tokens (default: the engine's, 4096 for new builds)")
+                       help="prompt + output tokens (default: the engine's; for new builds "
+                       "4096, or the model's trained positions where fewer)")
         g.add_argument("--max-num-tokens", type=int, default=None,
                        help="token budget of one engine step (default: the engine's, 8192)")
         g.add_argument("--tp-size", type=int, default=1)
@@ -188,7 +189,7 @@ WEIGHT_OPTIONS = ("dtype", "quantization", "kv_cache_dtype", "tp_size", "pp_size
                   "smooth_alpha", "act_order", "calib_file", "load_format")
 _CHOICES = (("dtype", ("auto", *DTYPES)), ("quantization", QUANTIZATIONS),
             ("kv_cache_dtype", KV_CACHE_DTYPES), ("activation_scheme", ACTIVATION_SCHEMES),
-            ("load_format", LOAD_FORMATS))
+            ("load_format", LOAD_FORMATS), ("quantize_lm_head", ("", *LM_HEAD_QUANTIZATIONS)))
 
 
 def check_choices(build: BuildConfig) -> None:

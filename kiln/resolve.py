@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from kiln.build import build
+from kiln.build.builder import planned_max_seq_len
 from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
 from kiln.checkpoint import open_checkpoint, source_fingerprint
 from kiln.config import LIMITS, WEIGHT_OPTIONS, BuildConfig, check_choices
@@ -70,8 +71,9 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     engine_dir = cache_dir() / "engines" / f"{path.stem}-{key}"
     if is_engine_dir(engine_dir):
         try:
-            built = load_engine_config(engine_dir).build
-            if built.max_seq_len >= build_cfg.max_seq_len:
+            cached = load_engine_config(engine_dir)
+            built = cached.build
+            if built.max_seq_len >= planned_max_seq_len(cached.model, build_cfg):
                 return engine_dir
             build_cfg = dataclasses.replace(  # a longer context: rebuild, keep the larger
                 build_cfg, max_batch_size=max(build_cfg.max_batch_size, built.max_batch_size))

@@ -152,10 +152,22 @@ def test_bad_source_fails_with_clear_error(case, llama_folder, tmp_path):
     (BuildConfig(tp_size=3), "tp_size 3 does not divide"),
     (BuildConfig(dtype="int8"), "--dtype 'int8'"),
     (BuildConfig(max_seq_len=0), "max_seq_len must be at least 1"),
+    (BuildConfig(quantization="int8_sq", smooth_alpha=2), r"--smooth-alpha 2: .* \[0, 1\]"),
+    (BuildConfig(smooth_alpha=-0.1), r"--smooth-alpha -0.1"),
+    (BuildConfig(quantization="fp8", group_size=-3), "--group-size -3 must be a positive"),
+    (BuildConfig(quantize_lm_head="int4"), "--quantize-lm-head 'int4' is not one of"),
 ])
 def test_bad_build_config(cfg, message, llama_folder, tmp_path):
     with pytest.raises(BuildError, match=message):
         build(llama_folder, tmp_path / "out", cfg, progress=False)
+
+
+def test_a_missing_calibration_file_is_found_before_any_work(llama_folder):
+    from kiln.build.builder import validate
+    from kiln.checkpoint import open_checkpoint
+
+    with pytest.raises(BuildError, match="calibration file /nonexistent/c.txt does not exist"):
+        validate(open_checkpoint(llama_folder).config, BuildConfig(calib_file="/nonexistent/c.txt"))
 
 
 def test_learned_positions_cap_max_seq_len(tmp_path):
@@ -169,6 +181,59 @@ def test_learned_positions_cap_max_seq_len(tmp_path):
     assert len(llm.generate([[5] * 500], GREEDY)[0].token_ids) > 0
     with pytest.raises(KilnError, match="512"):
         llm.generate([[5] * 600], GREEDY)
+
+
+def test_max_seq_len_not_given_is_the_models_positions(llama_folder, tmp_path, caplog):
+    """The default 4096 past a model's 512 positions warned about a length nobody asked
+    for; now the engine gets the 512. One asked for past them is built, with the warning."""
+    engine = build(llama_folder, tmp_path / "default", BuildConfig(dtype="float32"),
+                   progress=False)
+    assert load_engine_config(engine).build.max_seq_len == 512
+    assert "positions" not in caplog.text
+    engine = build(llama_folder, tmp_path / "long", BuildConfig(dtype="float32",
+                                                                 max_seq_len=1024),
+                   progress=False)
+    assert load_engine_config(engine).build.max_seq_len == 1024
+    assert "max_seq_len 1024 is past the 512 positions" in caplog.text
+
+
+def test_source_path_is_recorded_absolute(llama_folder, tmp_path, monkeypatch):
+    """`kiln run hf` (a relative path) showed "hf" as the source in `kiln cache list`."""
+    monkeypatch.chdir(llama_folder.parent)
+    engine = build(Path(llama_folder.name), tmp_path / "e", F32, progress=False)
+    assert load_engine_config(engine).source["path"] == str(llama_folder.resolve())
+
+
+def test_a_tokenizer_past_the_models_vocab_is_refused(tmp_path):
+    """A config vocab_size (258) below its tokenizer's ids built, then every text prompt
+    failed at run time ("prompt token ids must be in [0, ...)"). A vocab_size above them
+    (padding) builds."""
+    from tests.test_eval_summarize import tiny_model_with_tokenizer
+
+    folder = tiny_model_with_tokenizer(tmp_path / "hf")  # 258 tokens, vocab_size 258
+    _edit_config(folder, vocab_size=200)
+    with pytest.raises(BuildError, match="the tokenizer has 258 tokens but the model's "
+                       "vocab_size is 200"):
+        build(folder, tmp_path / "out", F32, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("under", ["a file", "/proc"])
+def test_an_output_that_cannot_be_written_is_one_line(under, llama_folder, tmp_path):
+    """-o under a regular file was a FileExistsError traceback, -o /proc/x one of
+    tempfile.mkdtemp's."""
+    if under == "/proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    if under == "a file":
+        (tmp_path / "afile.txt").write_text("")
+        out, message = tmp_path / "afile.txt" / "sub", "afile.txt is a file, not a directory"
+    else:
+        out, message = Path("/proc/kiln-engine"), "cannot write /proc/kiln-engine: "
+    result = subprocess.run([sys.executable, "-m", "kiln", "build", str(llama_folder), "-o",
+                             str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("kiln: error: cannot write") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_config_field_kiln_cannot_honour_is_named(tmp_path):

@@ -82,12 +82,12 @@ def test_a_max_seq_len_whose_kv_cache_does_not_fit_is_one_line(monkeypatch, tmp_
     from tests.test_serve_support import tiny_chat_checkpoint
 
     engine = build(tiny_chat_checkpoint(), tmp_path / "e",
-                   BuildConfig(dtype="float32", max_seq_len=4096), progress=False)
+                   BuildConfig(dtype="float32", max_seq_len=4000), progress=False)
     llm = LLM(engine, device="cpu", max_seq_len=64)
     per_block = llm.engine.runner.kv_bytes_per_block()
     del llm
     monkeypatch.setattr(kv_cache, "_cpu_available", lambda: 20 * per_block)  # 16-token blocks
-    with pytest.raises(KilnError, match=r"one request of max_seq_len=4096 needs [\d.]+ GB of KV "
+    with pytest.raises(KilnError, match=r"one request of max_seq_len=4000 needs [\d.]+ GB of KV "
                        r"cache and this machine has 0.0 GB free: lower --max-seq-len \(a runtime "
                        r"setting; about 304 tokens fit\)"):
         LLM(engine, device="cpu")
@@ -96,3 +96,63 @@ def test_a_max_seq_len_whose_kv_cache_does_not_fit_is_one_line(monkeypatch, tmp_
     assert len(out[0].token_ids) == 4
     with pytest.raises(KilnError, match="needs"):
         kv_cache.auto_num_blocks(1 << 40, torch.device("cpu"), 0.9, 1 << 30, 8, 16, 16)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--kv-fraction", "0"], "--kv-fraction must be in (0, 1]"),
+    (["--kv-fraction", "2"], "--kv-fraction must be in (0, 1]"),
+    (["--max-seq-len", "10"], "--max-seq-len 10 leaves no room for --input-len 16 + "
+     "--output-len 4 = 20 tokens"),
+    (["--out", "{tmp}/afile.txt/x.json"], "afile.txt is a file, not a directory"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--profile", "{tmp}/afile.txt"], "--profile {tmp}/afile.txt is a file"),
+])
+def test_kiln_bench_options_are_checked_before_any_work(options, message, tmp_path, capsys):
+    """--kv-fraction 0 or 2 ran (unchecked on the CPU); --max-seq-len below input + output
+    ran past it; an --out under a regular file failed with a traceback after the whole
+    benchmark. Now each is one line before the model is even looked for."""
+    from kiln.cli import main
+
+    (tmp_path / "afile.txt").write_text("")
+    options = [o.format(tmp=tmp_path) for o in options]
+    code = main(["bench", "latency", str(tmp_path / "no-engine"), "--input-len", "16",
+                 "--output-len", "4", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kiln: error: ")
+    assert message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
+
+
+def test_kiln_bench_max_seq_len_is_the_engines_runtime_limit(tiny_engines, capsys):
+    """On a built engine --max-seq-len was ignored; now it is the runtime limit `kiln run`
+    sets: at most the built one (256 here)."""
+    from kiln.cli import main
+
+    code = main(["bench", "latency", str(tiny_engines["llama"]), "--input-len", "16",
+                 "--output-len", "4", "--max-seq-len", "300", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kiln: error: max_seq_len 300 exceeds the 256"), err
+
+
+def test_kiln_bench_serving_out_is_checked_before_the_run(tmp_path, capsys):
+    from kiln.cli import main
+
+    (tmp_path / "afile.txt").write_text("")
+    code = main(["bench", "serving", "--url", "http://127.0.0.1:9", "--out",
+                 str(tmp_path / "afile.txt" / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kiln: error: --out ") and "is a file" in err, err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "-1", "temperature must be >= 0, got -1.0"),
+    ("--max-tokens", "0", "max_tokens must be at least 1, got 0"),
+    ("--top-p", "2", "top_p must be in (0, 1], got 2.0"),
+])
+def test_kiln_chat_sampling_options_are_checked_before_loading(flag, value, message, tmp_path,
+                                                               capsys):
+    """They loaded the model, printed the banner and failed at the first message."""
+    from kiln.cli import main
+
+    code = main(["chat", str(tmp_path / "no-model"), flag, value])
+    out, err = capsys.readouterr()
+    assert code == 2 and err == f"kiln: error: {message}\n" and "kiln chat" not in out

@@ -124,7 +124,8 @@ def test_hf_folder_with_only_a_sentencepiece_model(sentencepiece_model,
     from tests.conftest import make_hf_model
 
     folder = tmp_path / "hf"
-    make_hf_model("llama", folder)
+    # vocab_size as the tokenizer's 1000 pieces: a smaller one is refused at build time.
+    make_hf_model("llama", folder, configs={"llama": ("LlamaConfig", dict(vocab_size=1000))})
     shutil.copy(sentencepiece_model, folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     engine = build(folder, tmp_path / "engine", BuildConfig(dtype="float32", max_seq_len=64),

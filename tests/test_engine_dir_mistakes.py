@@ -128,3 +128,23 @@ def test_bad_build_choices_fail_before_building(tmp_path, monkeypatch, capsys):
             LLM(tiny_chat_checkpoint(), device="cpu", **options)
     assert "building" not in capsys.readouterr().out
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_model_of_few_positions_is_built_once(tmp_path, monkeypatch, capsys):
+    """Built without --max-seq-len, an engine gets the model's trained positions where
+    they are fewer than the default 4096; the cache finds it again (it was rebuilt on every
+    run while the cache compared it with 4096)."""
+    from tests.test_serve_support import tiny_chat_checkpoint
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    first = LLM(tiny_chat_checkpoint(), device="cpu")
+    second = LLM(tiny_chat_checkpoint(), device="cpu")
+    assert capsys.readouterr().out.count("building") == 1
+    assert first.engine_dir == second.engine_dir
+    assert first.engine.max_seq_len == json.loads(
+        (tiny_chat_checkpoint() / "config.json").read_text())["max_position_embeddings"]
+
+
+def test_run_checks_sampling_options_before_loading(tmp_path, capsys):
+    line = _run(tmp_path / "no-such-model", capsys, "--temperature", "-1")
+    assert "temperature must be >= 0" in line

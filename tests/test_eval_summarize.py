@@ -134,6 +134,43 @@ def test_perplexity_takes_build_options(tiny_source, tmp_path, monkeypatch, caps
     assert values[0] != values[1] and values[1] == pytest.approx(values[0], rel=0.05)
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--window", "0"], "--window must be at least 2 (tokens scored together), got 0"),
+    (["--window", "-4"], "--window must be at least 2 (tokens scored together), got -4"),
+    (["--window", "1"], "--window must be at least 2 (tokens scored together), got 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 2 (a token and the one after it), "
+     "got 0"),
+])
+def test_perplexity_options_too_small_are_one_line(options, message, tmp_path, capsys):
+    """--window 0 was a ValueError traceback, -4 and 1 ZeroDivisionErrors, --max-tokens 0
+    "the text holds fewer than 2 tokens": now what is wrong, before the model loads."""
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score")
+    code = main(["eval", "perplexity", str(tmp_path / "no-model"), "--file", str(text),
+                 *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"kiln: error: {message}\n"
+
+
+@pytest.mark.parametrize("mode, options, message", [
+    ("quality", ["--max-ppl-tokens", "1"], "--max-ppl-tokens must be at least 2"),
+    ("quality", ["--out", "{tmp}/afile.txt/q.json"], "afile.txt is a file, not a directory"),
+    ("summarize", ["--out", "{tmp}/afile.txt/s.json"], "afile.txt is a file, not a directory"),
+])
+def test_eval_options_are_checked_before_the_model_loads(mode, options, message, tmp_path,
+                                                         capsys):
+    """An --out under a regular file failed with a traceback after the whole evaluation."""
+    (tmp_path / "afile.txt").write_text("")
+    text = tmp_path / "text.txt"
+    text.write_text("some text to score")
+    data = write_passages(tmp_path / "data.jsonl", 1, chars=100)
+    files = ["--file", str(text)] if mode == "quality" else []
+    code = main(["eval", mode, str(tmp_path / "no-model"), *files, "--data", str(data),
+                 *[o.format(tmp=tmp_path) for o in options]])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kiln: error: ") and message in err, err
+
+
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory) -> Path:
     return tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny_tok") / "model")

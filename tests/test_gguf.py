@@ -376,6 +376,19 @@ def test_a_cached_gguf_engine_is_found_without_reading_the_file(tmp_path: Path, 
     assert resolve.resolve_engine(path, cfg, progress=False) != first
 
 
+def test_the_gguf_extension_is_read_in_any_case(tmp_path: Path) -> None:
+    """A file named `copy.GGUF` was "neither a HuggingFace model folder nor a .gguf
+    file"; so was a folder holding one."""
+    from kiln.checkpoint import open_checkpoint, source_fingerprint
+
+    path = tmp_path / "folder" / "M.GGUF"
+    path.parent.mkdir()
+    _write(path, _hf_state("llama"))
+    for named in (path, path.parent):
+        assert open_checkpoint(named).source == path
+        assert source_fingerprint(named) is not None
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q4_1, Q.Q6_K], ids=lambda q: q.name)
 def test_kilns_gguf_reader_reads_what_the_gguf_package_reads(tmp_path: Path, qtype: Q,
                                                              smollm: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import random
 import time
@@ -15,71 +14,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kiln.bench.report import step_kinds, summarize
+from kiln.bench.offline_args import add_arguments, check_args
+from kiln.bench.report import step_kinds, summarize, write_json
 from kiln.bench.roofline import (
     decode_bytes_per_token,
     measured_copy_bandwidth,
     measured_gemm_rate,
     throughput_floor,
 )
-from kiln.cli import SPEC_HELP
-from kiln.config import add_build_arguments, int_in
 from kiln.errors import KilnError
 from kiln.runtime.cuda_graphs import describe_routes
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.heap import freeze_startup_heap
 from kiln.runtime.profiling import CompileWatch
 from kiln.runtime.request import SamplingParams
-from kiln.runtime.scheduler import POLICIES
-
-
-def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
-    p.add_argument("model", nargs="?", help="engine dir, HF folder or .gguf (default: SmolLM2)")
-    p.add_argument("--random-config", help="build a random-weight engine of this preset "
-                   "(e.g. llama-3.1-8b) into the cache and bench it")
-    p.add_argument("--input-len", type=int_in(1), default=1000 if latency else 128)
-    p.add_argument("--output-len", type=int_in(1), default=128)
-    p.add_argument("--num-requests", type=int_in(1), default=1 if latency else 256)
-    p.add_argument("--max-batch-size", type=int, default=512)
-    p.add_argument("--max-num-tokens", type=int, default=16384)
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs")
-    p.add_argument("--pp-size", type=int, default=1,
-                   help="pipeline-parallel stages (x --tp-size GPUs in all)")
-    p.add_argument("--pipeline-depth", type=int, default=None,
-                   help="pipeline-parallel engines: micro-batches in flight (default: "
-                   "--pp-size)")
-    p.add_argument("--prefill-graph-tokens", type=int, default=2048, metavar="N",
-                   help="a step that only prefills one prompt of up to N tokens replays a "
-                   "CUDA graph (0: eager)")
-    p.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="steps of up to --prefill-graph-tokens tokens replay CUDA graph "
-                   "pieces between their attention calls")
-    p.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
-                   default=None, help="TP: kiln's one-shot all-reduce for decode-sized "
-                   "messages (default: on where supported; --no-custom-all-reduce: NCCL)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="engine limit (default: input + output length); one value lets "
-                   "several runs share one built engine")
-    p.add_argument("--kv-fraction", type=float, default=0.9,
-                   help="fraction of free GPU memory for the KV cache")
-    p.add_argument("--compare-hf", action="store_true",
-                   help="also run transformers generate on the same weights")
-    p.add_argument("--hf-batch", type=int_in(1), default=None,
-                   help="transformers batch size (default: all requests at once, max 64)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--speculative-config", default=None, metavar="JSON", help=SPEC_HELP)
-    p.add_argument("--attention-sinks", type=int, default=0, metavar="S",
-                   help="StreamingLLM: keep the first S tokens and the last --attention-window")
-    p.add_argument("--attention-window", type=int, default=0, metavar="W")
-    p.add_argument("--scheduler-policy", default="max_utilization", choices=POLICIES,
-                   help="max_utilization: admit while blocks last, preempt (recompute) when "
-                   "they run out; guaranteed_no_evict: admit only what can run to its end")
-    p.add_argument("--out", default=None, help="JSON result path (a .png plot is written beside)")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="profile the measured run: DIR/trace.json (torch profiler, Chrome / "
-                   "Perfetto), DIR/ops.txt and a printed table of the ops and kernels that "
-                   "took the most time; step phases marked (docs/profiling.md)")
-    add_build_arguments(p, limits=False)
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
@@ -94,6 +42,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     runtime = RuntimeConfig(  # checked (the device, ...) before a build
         device=args.device, kv_cache_memory_fraction=args.kv_fraction,
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,  # a built engine's limit, as `kiln run` sets it
         custom_all_reduce=getattr(args, "custom_all_reduce", None),
         speculative_config=args.speculative_config,
         attention_sinks=args.attention_sinks, attention_window=args.attention_window,
@@ -216,6 +165,7 @@ def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
 
 
 def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    check_args(args)
     engine = _engine(args)
     if args.compare_hf and engine.config.build.load_format == "dummy":
         raise KilnError("--compare-hf needs stored weights; this engine was built with "
@@ -358,7 +308,7 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         print(f"transformers did not finish: {result['transformers_error']} (a smaller "
               "--hf-batch may fit)")
     if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(out), result)
         _plot(rows, result, Path(out).with_suffix(".png"))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,30 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def check_writable(path: str | Path | None, option: str, folder: bool = False) -> None:
+    """A KilnError, before any work, unless `path` (a file, or with folder a directory;
+    None: not asked for) can be written: missing parents can be made, none is a file."""
+    from kiln.errors import KilnError
+
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise KilnError(f"{option} {path} is a {'file' if folder else 'directory'}")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise KilnError(f"{option} {path} is read-only")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KilnError(f"{option} {path}: {existing} is a file, not a directory")
+    try:  # access() says yes to root everywhere: make something there instead
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as e:
+        raise KilnError(f"{option} {path}: cannot write in {existing} "
+                        f"({e.strerror or e})") from None
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:

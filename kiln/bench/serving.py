@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.bench.report import format_table, plot_lines, summarize, write_json
+from kiln.bench.report import check_writable, format_table, plot_lines, summarize, write_json
 from kiln.checkpoint.word_tokenizer import COMMON_WORDS
 
 
@@ -280,6 +280,7 @@ def cmd_serving(args: argparse.Namespace) -> None:
 
     if args.output_len < 1 or args.input_len < 1:
         raise KilnError("--input-len and --output-len must be at least 1")
+    check_writable(args.out, "--out")
     cfg = ServingBenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                              num_prompts=args.num_prompts, input_len=args.input_len,
                              output_len=args.output_len, api_key=args.api_key,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -28,16 +29,12 @@ from kiln.build.quantize import (
 )
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
-    ACTIVATION_SCHEMES,
     ACTIVATIONS,
-    DTYPES,
     DUMMY_QUANTIZATIONS,
-    KV_CACHE_DTYPES,
-    LOAD_FORMATS,
-    QUANTIZATIONS,
     BuildConfig,
     EngineConfig,
     ModelConfig,
+    check_choices,
 )
 from kiln.distributed import Mapping
 from kiln.errors import BuildError, CheckpointError
@@ -45,18 +42,12 @@ from kiln.layers.quantization import quantize_float_model
 from kiln.models import create_model
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_SEQ_LEN = BuildConfig.max_seq_len  # "not given" (planned_max_seq_len)
 
 
 def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     """Everything a user can get wrong about a build, checked before any work starts."""
-    if build_cfg.dtype not in (*DTYPES, "auto"):
-        raise BuildError(f"--dtype {build_cfg.dtype!r} is not one of: auto, {', '.join(DTYPES)}")
-    for name, allowed in (("quantization", QUANTIZATIONS), ("kv_cache_dtype", KV_CACHE_DTYPES),
-                          ("activation_scheme", ACTIVATION_SCHEMES),
-                          ("load_format", LOAD_FORMATS)):
-        if getattr(build_cfg, name) not in allowed:
-            raise BuildError(f"--{name.replace('_', '-')} {getattr(build_cfg, name)!r} is not "
-                             f"one of: {', '.join(allowed)}")
+    check_choices(build_cfg)
     if build_cfg.load_format == "dummy" and (
             build_cfg.quantization not in DUMMY_QUANTIZATIONS or build_cfg.calib_file
             or build_cfg.activation_scheme == "static" or build_cfg.kv_cache_dtype == "int8"):
@@ -70,6 +61,14 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     if build_cfg.block_size & (build_cfg.block_size - 1) or not 8 <= build_cfg.block_size <= 256:
         raise BuildError(f"--block-size {build_cfg.block_size}: tokens per KV cache block must "
                          "be a power of two from 8 to 256 (16 by default)")
+    if not 0 <= build_cfg.smooth_alpha <= 1:
+        raise BuildError(f"--smooth-alpha {build_cfg.smooth_alpha}: the share of the activation "
+                         "range SmoothQuant moves into the weights must be in [0, 1] (0.5 by "
+                         "default)")
+    if build_cfg.group_size < 0:
+        raise BuildError(f"--group-size {build_cfg.group_size} must be a positive number")
+    if build_cfg.calib_file is not None and not Path(build_cfg.calib_file).expanduser().is_file():
+        raise BuildError(f"calibration file {build_cfg.calib_file} does not exist")
     tp = build_cfg.tp_size
     for what, n in (("attention heads", cfg.num_heads),
                     ("intermediate size", cfg.intermediate_size),
@@ -89,16 +88,18 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
 
 def build(source: str | Path | Checkpoint, output_dir: str | Path,
           build_cfg: BuildConfig | None = None, progress: bool = True) -> Path:
-    """Build `source` (HF folder, GGUF file or an opened Checkpoint) into `output_dir`."""
+    """Build `source` (HF folder, GGUF file or an opened Checkpoint) into `output_dir`
+    (max_seq_len: see planned_max_seq_len)."""
     build_cfg = build_cfg or BuildConfig()
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     validate(ckpt.config, build_cfg)
     positions = ckpt.config.max_position_embeddings
-    if ckpt.config.position_embedding == "learned" and build_cfg.max_seq_len > positions:
-        # A model with learned positions (GPT-2) has no position past its table.
-        log.warning("max_seq_len %d capped to the %d positions %s has learned",
-                    build_cfg.max_seq_len, positions, ckpt.config.architecture)
-        build_cfg = dataclasses.replace(build_cfg, max_seq_len=positions)
+    max_seq_len = planned_max_seq_len(ckpt.config, build_cfg)
+    if max_seq_len != build_cfg.max_seq_len:
+        if build_cfg.max_seq_len != DEFAULT_MAX_SEQ_LEN:  # asked for: learned positions cap it
+            log.warning("max_seq_len %d capped to the %d positions %s has learned",
+                        build_cfg.max_seq_len, positions, ckpt.config.architecture)
+        build_cfg = dataclasses.replace(build_cfg, max_seq_len=max_seq_len)
     build_cfg = with_default_calibration(build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
@@ -118,11 +119,13 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         log.warning("max_seq_len %d is past the %d positions %s was trained on: outputs past "
                     "them are unreliable", build_cfg.max_seq_len, positions,
                     ckpt.config.architecture)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
-    scratch = Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
+    scratch = _scratch_dir(output_dir)
     try:
         started = time.perf_counter()
+        has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
+        if has_tokenizer:
+            _check_tokenizer_fits(scratch / "tokenizer", ckpt)
         if build_cfg.load_format == "dummy":
             log.info("load format dummy: no weights stored (random ones filled in at load)")
         elif build_cfg.calib_file:
@@ -134,10 +137,11 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
             mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
             state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
             save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
-        has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
+        # Absolute: `kiln cache list` shows where an engine came from, from any directory.
+        where = ckpt.source.resolve() if ckpt.source.exists() else ckpt.source
         write_engine_config(scratch, EngineConfig(
             model=ckpt.config, build=build_cfg,
-            source={"path": str(ckpt.source), "fingerprint": ckpt.fingerprint(),
+            source={"path": str(where), "fingerprint": ckpt.fingerprint(),
                     "has_tokenizer": has_tokenizer,
                     "build_seconds": round(time.perf_counter() - started, 2)},
         ))
@@ -149,6 +153,18 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     return output_dir
 
 
+def planned_max_seq_len(cfg: ModelConfig, build_cfg: BuildConfig) -> int:
+    """The max_seq_len `build` gives an engine of `cfg`. BuildConfig's default (4096) counts
+    as not given: the model's trained positions where they are fewer. A value asked for
+    past them is kept (with a warning), except that learned positions (GPT-2) cap any
+    value to their table: the model has no position past it."""
+    asked, positions = build_cfg.max_seq_len, cfg.max_position_embeddings
+    if 0 < positions < asked and (asked == DEFAULT_MAX_SEQ_LEN
+                                  or cfg.position_embedding == "learned"):
+        return positions
+    return asked
+
+
 def _check_output_dir(output_dir: Path, source: Path) -> None:
     """A rebuild replaces an engine dir; anything else that exists is the user's data."""
     if output_dir.exists() and output_dir.resolve() == source.resolve():
@@ -157,6 +173,41 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
                                 and not is_engine_dir(output_dir)):
         raise BuildError(f"{output_dir} exists and is not a kiln engine dir; choose an empty "
                          "or new directory for -o")
+
+
+def _scratch_dir(output_dir: Path) -> Path:
+    """An empty dir beside output_dir to build into, or a BuildError saying why output_dir
+    cannot be written."""
+    for parent in output_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BuildError(f"cannot write {output_dir}: {parent} is a file, not a "
+                                 "directory")
+            break
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
+    except OSError as e:
+        raise BuildError(f"cannot write {output_dir}: {e.strerror or e} in "
+                         f"{output_dir.parent}") from None
+
+
+def _check_tokenizer_fits(folder: Path, ckpt: Checkpoint) -> None:
+    """Every id of the tokenizer written into folder has a row in the model's embedding
+    (a vocab_size larger than the tokenizer's, padding, is fine)."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = data["model"].get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [t["id"] for t in data.get("added_tokens") or ()]
+        size = max(ids, default=-1) + 1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # a tokenizer this does not read: its loader says what is wrong
+    if size > ckpt.config.vocab_size:
+        raise BuildError(
+            f"{ckpt.source}: the tokenizer has {size} tokens but the model's vocab_size is "
+            f"{ckpt.config.vocab_size}, so text would encode to ids the model has no "
+            "embedding for; does the tokenizer belong to these weights?")
 
 
 def convert_rank(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,

@@ -11,11 +11,12 @@ __all__ = ["Checkpoint", "open_checkpoint", "source_fingerprint"]
 
 
 def _gguf_file(path: Path) -> Path | None:
-    """The GGUF file `path` names: itself, or the one .gguf of a folder without config.json."""
-    if path.is_file() and path.suffix == ".gguf":
+    """The GGUF file `path` names: itself, or the one .gguf of a folder without config.json
+    (the extension in any case: .GGUF too)."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return path
     if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
+        ggufs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
         if len(ggufs) == 1:
             return ggufs[0]
     return None

@@ -44,9 +44,20 @@ def read_text(path: str | Path) -> str:
         raise KilnError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def check_perplexity_options(window: int, max_tokens: int | None,
+                             max_flag: str = "--max-tokens") -> None:
+    """A KilnError for a window or token limit too small to score a token after another."""
+    if window < 2:
+        raise KilnError(f"--window must be at least 2 (tokens scored together), got {window}")
+    if max_tokens is not None and max_tokens < 2:
+        raise KilnError(f"{max_flag} must be at least 2 (a token and the one after it), got "
+                        f"{max_tokens}")
+
+
 def text_perplexity(engine: LLMEngine, text: str, window: int,
                     max_tokens: int | None = None) -> tuple[float, int, int]:
     """(perplexity, tokens, window) of a text on the engine."""
+    check_perplexity_options(window, max_tokens)
     if engine.tokenizer is None:
         raise KilnError("this engine has no tokenizer, so it cannot read text")
     ids = engine.tokenizer.encode(text)[:max_tokens]
@@ -83,6 +94,7 @@ def open_llm(args: argparse.Namespace, **overrides):
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> None:
+    check_perplexity_options(args.window, args.max_tokens)
     text = read_text(args.file)
     llm = open_llm(args)
     ppl, count, window = text_perplexity(llm.engine, text, args.window, args.max_tokens)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ def is_float(overrides: dict[str, str]) -> bool:
 
 def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     from kiln.config import build_config_from_args, limits_from_args
-    from kiln.eval import read_text, text_perplexity
+    from kiln.eval import check_perplexity_options, read_text, text_perplexity
     from kiln.eval.summarize import evaluate, load_samples, rouge
     from kiln.llm import LLM
     from kiln.resolve import is_engine_dir
@@ -58,6 +57,9 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     if args.model and is_engine_dir(Path(args.model)):
         raise KilnError("kiln eval quality builds the model once per format: give it the "
                         "source (a HF folder or a .gguf), not a built engine dir")
+    check_perplexity_options(args.window, args.max_ppl_tokens, "--max-ppl-tokens")
+    if args.max_tokens < 1:
+        raise KilnError("--max-tokens must be at least 1")
     formats = parse_formats(args.formats)
     if not any(is_float(o) for _, o in formats):
         formats.insert(0, (args.dtype if args.dtype != "auto" else "float", {}))
@@ -172,10 +174,13 @@ def add_parser(modes: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quality(args: argparse.Namespace) -> None:
+    from kiln.bench.report import check_writable, write_json
+
+    check_writable(args.out, "--out")
     result = run(args)
     print_table(result)
     if args.out:
         out = Path(args.out)
-        out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(out, result)
         plot(result, out.with_suffix(".png"))
         print(f"kiln: wrote {out}")

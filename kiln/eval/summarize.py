@@ -134,7 +134,7 @@ def load_hf_model(source: str, dtype):
     path = Path(source).expanduser()
     if not path.exists():
         raise KilnError(f"--compare-hf: {path} does not exist (a HF folder or a .gguf file)")
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype)
     else:
@@ -219,11 +219,13 @@ def add_parser(modes: argparse._SubParsersAction) -> None:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
+    from kiln.bench.report import check_writable, write_json
     from kiln.eval import open_llm
 
     samples = load_samples(args.data, args.max_samples)
     if args.max_tokens < 1:
         raise KilnError("--max-tokens must be at least 1")
+    check_writable(args.out, "--out")
     if args.compare_hf and not Path(args.compare_hf).expanduser().exists():
         raise KilnError(f"--compare-hf: {args.compare_hf} does not exist")
     llm = open_llm(args)
@@ -235,7 +237,7 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
                           "threshold": args.rouge_threshold,
                           "passed": score >= args.rouge_threshold}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(Path(args.out), result)
         print(f"kiln: wrote {args.out}")
     gate = result.get("gate")
     if gate and not gate["passed"]:

@@ -36,7 +36,7 @@ def default_model_name(llm: AsyncLLM) -> str:
     engine = llm.engine
     source = (engine.config.source or {}).get("path")
     path = Path(source) if source else engine.engine_dir
-    name = path.stem if path.suffix == ".gguf" else path.name
+    name = path.stem if path.suffix.lower() == ".gguf" else path.name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "kiln"
 
 
