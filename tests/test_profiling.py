@@ -48,9 +48,12 @@ def test_step_kinds_charge_each_launch_the_next_call_under_overlap():
 
     seconds = [0.5, 0.2, 0.1, 0.05]  # the last call launched nothing, applied the last step
     shapes = [(0, 100), (3, 0), (3, 0), None]
-    assert step_kinds(seconds, shapes, overlap=True) == {
-        "prompt": {"steps": 1, "seconds": 0.2, "decode_rows": 0, "prompt_tokens": 100},
-        "decode": {"steps": 2, "seconds": 0.1 + 0.05, "decode_rows": 6, "prompt_tokens": 0}}
+    waits = [0.0, 0.15, 0.01, 0.04]  # the host's waits for tokens, in the same calls
+    assert step_kinds(seconds, shapes, overlap=True, waits=waits) == {
+        "prompt": {"steps": 1, "seconds": 0.2, "decode_rows": 0, "prompt_tokens": 100,
+                   "token_wait_seconds": 0.15},
+        "decode": {"steps": 2, "seconds": 0.1 + 0.05, "decode_rows": 6, "prompt_tokens": 0,
+                   "token_wait_seconds": 0.01 + 0.04}}
     assert step_kinds(seconds, shapes, overlap=False)["prompt"]["seconds"] == 0.5
 
 

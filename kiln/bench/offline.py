@@ -28,6 +28,7 @@ from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.heap import freeze_startup_heap
 from kiln.runtime.profiling import CompileWatch
 from kiln.runtime.request import SamplingParams
+from kiln.runtime.step import TOKEN_WAIT
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
@@ -90,16 +91,17 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     started = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(p, params, f"bench-{i}")
-    ttft, tpot, steps, shapes = [], [], [], []
+    ttft, tpot, steps, shapes, waits = [], [], [], [], []
     engine.stream_outputs = False  # per-request times come from the request stats
     engine.record_launches = True
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
               leave=False) as bar, CompileWatch() as compiles:
         while engine.has_unfinished():
             engine.last_launch = None
-            step_start = time.perf_counter()
+            step_start, waited = time.perf_counter(), TOKEN_WAIT[0]
             outputs = engine.step()
             steps.append(time.perf_counter() - step_start)
+            waits.append(TOKEN_WAIT[0] - waited)
             shapes.append(engine.last_launch)
             for out in outputs:
                 m = out.metrics
@@ -119,7 +121,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
             "total_tok_s": len(prompts) * (len(prompts[0]) + output_len) / elapsed,
             "steps": len(steps), "step_ms": {"p50": step_ms["p50"], "p99": step_ms["p99"],
                                              "max": 1000 * max(steps, default=0.0)},
-            "step_kinds": step_kinds(steps, shapes, engine.overlap),
+            "step_kinds": step_kinds(steps, shapes, engine.overlap, waits),
             # Triton kernels compiled inside the run (none expected: each stalls its step)
             "compiles": {**compiles.summary(), "events": compiles.events[:20]}}
 
@@ -283,9 +285,12 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         print(f"Triton compiled {compiled['count']} kernel variants inside the timed run "
               f"({compiled['ms']:.0f} ms of stalled steps): {names}")
     for name, k in result["kiln"].get("step_kinds", {}).items():
+        waited = k.get("token_wait_seconds", 0.0)
         print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "
               f"{k['decode_rows'] / max(k['steps'], 1):.0f} decode rows a step, "
-              f"{k['prompt_tokens']} prompt tokens")
+              f"{k['prompt_tokens']} prompt tokens" + (
+                  f"; the host waited for tokens {waited:.2f} s of them (little: the "
+                  "device waited on the host)" if "cpu" not in result["device"] else ""))
     if "floor" in result:
         f = result["floor"]
         print(f"floor {f['output_tok_s']:.0f} out tok/s ({f['seconds']:.1f} s: prefill "

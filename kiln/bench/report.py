@@ -102,22 +102,27 @@ def plot_lines(path: Path, title: str, x_label: str, x: Sequence[float],
 
 
 def step_kinds(seconds: list[float], shapes: list[tuple[int, int] | None],
-               overlap: bool) -> dict[str, dict[str, float]]:
+               overlap: bool, waits: list[float] | None = None) -> dict[str, dict[str, float]]:
     """Host step times split by what the step computed: "decode" (decode rows only) and
     "prompt" (prompt or recomputed tokens, with or without decode rows). With overlap
     scheduling a call launches step N and waits for step N-1's tokens, so its time is
-    step N-1's device time: each launch is charged the next call's time."""
+    step N-1's device time: each launch is charged the next call's time. waits: the
+    seconds each call spent waiting for sampled tokens (kiln.runtime.step.TOKEN_WAIT); a
+    kind whose calls hardly wait kept its device waiting on the host instead."""
+    waits = waits if waits is not None else [0.0] * len(seconds)
     if overlap:
-        seconds = seconds[1:] + [0.0]
+        seconds, waits = seconds[1:] + [0.0], waits[1:] + [0.0]
     kinds: dict[str, dict[str, float]] = {}
-    for t, shape in zip(seconds, shapes):
+    for t, wait, shape in zip(seconds, waits, shapes):
         if shape is None:
             continue
         decodes, others = shape
         k = kinds.setdefault("prompt" if others else "decode",
-                             {"steps": 0, "seconds": 0.0, "decode_rows": 0, "prompt_tokens": 0})
+                             {"steps": 0, "seconds": 0.0, "decode_rows": 0, "prompt_tokens": 0,
+                              "token_wait_seconds": 0.0})
         k["steps"] += 1
         k["seconds"] += t
+        k["token_wait_seconds"] += wait
         k["decode_rows"] += decodes
         k["prompt_tokens"] += others
     return kinds

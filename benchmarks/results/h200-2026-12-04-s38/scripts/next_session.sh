@@ -3,6 +3,7 @@
 #   bash next_session.sh a      (one device call, ~7 minutes)
 #   bash next_session.sh b      (one device call, ~6 minutes)
 #   bash next_session.sh c      (one device call, ~8 minutes; written in the 39th, no device)
+#   bash next_session.sh d      (one device call, ~5 minutes; written in the 39th)
 # a: decode graph routes (KILN_GRAPH_ROUTE, kiln/runtime/cuda_graphs.py route_buckets, on by
 # default since the 38th) where the 38th's pairs were noise: FP8 + FP8 KV 1000 / 1000 x 300
 # (297 rows replay the 368 graph: 9.06 -> 8.40 ms a replay; pairs +3.9% and -1.5%), three
@@ -21,6 +22,12 @@
 # (16-token blocks; the 25th: 217.9 / 1,406.9 ms). If the flash path wins at every case and
 # the tests pass, make it the default (ENABLED: "1" unless KILN_PREFILL_FLASH=0) and run
 # bf16 1000 / 1000 x 300 off / on (prompt steps' share) in the next call.
+# d: is FP8 128 / 128 bound by the host? Its decode steps took 12.1 ms at ~500 rows against
+# 9.8 ms for the 512-row graph's replay (38th). kiln bench now prints how long the host
+# waited for sampled tokens in the decode steps (kiln.runtime.step.TOKEN_WAIT): near 0 means
+# the device waited on the host. The 39th cut the host's work a 512-row step by 25% on the
+# 2-core CPU (benchmarks/host_step.py: 8.67 -> 6.51 ms): this card's host measured the same
+# way, then FP8 and bf16 128 / 128 x 1000 once each (compare with the 38th: 25.4k / 17.8k).
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -73,4 +80,13 @@ if [[ " ${*:-a} " == *" c "* ]]; then
     echo "flash=$f"; tail -3 $OUT/ttft-f$f.log
   done
   rm -f $OUT/ttft-*.json
+fi
+if [[ " ${*:-a} " == *" d "* ]]; then
+  timeout 120 python3 benchmarks/host_step.py --batch 256,512 --repeats 3 > $OUT/host-step.log 2>&1
+  timeout 60 python3 benchmarks/host_step.py --batch 512 --repeats 3 --stream >> $OUT/host-step.log 2>&1
+  cat $OUT/host-step.log; echo "host t=$SECONDS"
+  run fp8-128 1 100 $FP8 --input-len 128 --output-len 128 --num-requests 1000
+  run bf16-128 1 100 --input-len 128 --output-len 128 --num-requests 1000
+  grep -h "steps:" $OUT/fp8-128-r1.log $OUT/bf16-128-r1.log
+  rm -f $OUT/*.json $OUT/*.png
 fi
