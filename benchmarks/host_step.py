@@ -49,8 +49,10 @@ def engine_dir(vocab: int) -> Path:
     return out
 
 
-def timed(obj, name: str, acc: dict, key: str) -> None:
-    """Wrap obj.name so that its time adds to acc[key]."""
+def timed(obj, name: str, acc: dict, key: str):
+    """Wrap obj.name (a method, a module's function, a classmethod) so that its time adds
+    to acc[key]; returns what puts the original back."""
+    original = vars(obj).get(name) if isinstance(obj, type) else getattr(obj, name)
     fn = getattr(obj, name)
 
     def wrapper(*a, **k):
@@ -60,6 +62,7 @@ def timed(obj, name: str, acc: dict, key: str) -> None:
         finally:
             acc[key] += time.perf_counter() - t
     setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, original)
 
 
 def run(batch: int, steps: int, stream: bool, vocab: int) -> dict:
@@ -75,25 +78,9 @@ def run(batch: int, steps: int, stream: bool, vocab: int) -> dict:
     timed(engine.scheduler, "update", acc, "update")
     timed(engine.runner, "prepare", acc, "prepare")
     timed(engine, "_process", acc, "apply")
-    descriptor = sampler.SamplingBatch.__dict__["from_requests"]
-    batch_from = sampler.SamplingBatch.from_requests
-    sample = model_runner.sample
-
-    def from_requests(*a, **k):
-        t = time.perf_counter()
-        try:
-            return batch_from(*a, **k)
-        finally:
-            acc["sampling params"] += time.perf_counter() - t
-
-    def sample_timed(*a, **k):
-        t = time.perf_counter()
-        try:
-            return sample(*a, **k)
-        finally:
-            acc["forward"] += time.perf_counter() - t
-    sampler.SamplingBatch.from_requests = from_requests
-    model_runner.sample = sample_timed
+    # module-level ones: put back after the run
+    restore = [timed(sampler.SamplingBatch, "from_requests", acc, "sampling params"),
+               timed(model_runner, "sample", acc, "forward")]
     try:
         rng = random.Random(batch)
         params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
@@ -113,8 +100,8 @@ def run(batch: int, steps: int, stream: bool, vocab: int) -> dict:
         while engine.has_unfinished():
             engine.step()
     finally:
-        sampler.SamplingBatch.from_requests = descriptor
-        model_runner.sample = sample
+        for undo in restore:
+            undo()
     phases = {k: v / steps * 1e3 for k, v in acc.items()}
     host = wall - phases.pop("forward", 0.0)
     return dict(batch=batch, stream=stream, wall_ms=wall, host_ms=host,
