@@ -88,6 +88,12 @@ class IncrementalDetokenizer:
     Each new token is decoded together with a few tokens before it, so that tokenizers
     whose pieces depend on context (SentencePiece's leading space, byte-level BPE's
     partial UTF-8 sequences) give the same text as decoding everything at once.
+
+    The same rule runs inside `tokenizers` (its DecodeStream, primed with the prompt's last
+    tokens: ~1 us a token against ~5.7 for two Python decode calls, SmolLM2's tokenizer),
+    except where the prompt's tail ends inside a UTF-8 sequence (a prompt of token ids),
+    and from any token the stream refuses on: this class's own decodes then go on, with
+    the offsets both keep.
     """
 
     CONTEXT = 5
@@ -100,10 +106,22 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        self._stream = _decode_stream(tokenizer, self.ids, skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (maybe empty)."""
         self.ids.append(token_id)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self.tokenizer.tok, token_id)
+            except Exception:  # the stream's prefix check: this class decodes from here
+                self._stream = None
+            else:
+                if not delta:
+                    return ""
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                self.text += delta
+                return delta
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         after = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
@@ -113,3 +131,19 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta
+
+
+def _decode_stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool) -> Any:
+    """A `tokenizers` DecodeStream primed with ids, or None (a tokenizers without one, a
+    prompt tail that ends inside a character: the stream would emit the prompt's bytes)."""
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:
+        return None
+    if getattr(tokenizer, "tok", None) is None or \
+            tokenizer.decode(ids, skip_special_tokens).endswith("\ufffd"):
+        return None
+    try:
+        return DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
+    except TypeError:  # before tokenizers 0.22: no priming
+        return None

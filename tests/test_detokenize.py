@@ -35,6 +35,29 @@ def test_byte_level_bpe_incremental(smollm2_tokenizer, text):
     check_incremental(smollm2_tokenizer, text)
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_stream_gives_the_decodes_deltas(smollm2_tokenizer, skip_special_tokens):
+    """The detokenizer's `tokenizers` DecodeStream path gives, token by token, the deltas
+    of its own two-decode path: random token ids (partial UTF-8, special tokens) after
+    text prompts (the stream primed) and after random prompts (some ending inside a
+    character, where the stream is not used)."""
+    import random
+
+    tok, rng = smollm2_tokenizer, random.Random(0)
+    streamed = 0
+    for trial in range(300):
+        prompt = tok.encode(TEXTS[trial % len(TEXTS)]) if trial % 2 else \
+            [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 9))]
+        output = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+        fast = IncrementalDetokenizer(tok, prompt, skip_special_tokens)
+        plain = IncrementalDetokenizer(tok, prompt, skip_special_tokens)
+        plain._stream = None
+        streamed += fast._stream is not None
+        assert [fast.add(t) for t in output] == [plain.add(t) for t in output], trial
+        assert fast.text == plain.text
+    assert streamed >= 150  # every text prompt, most random ones
+
+
 @pytest.fixture(scope="module")
 def sentencepiece_model(tmp_path_factory) -> Path:
     """botchan_en_bpe_1000.model (a BPE SentencePiece model) from the sentencepiece sdist."""
