@@ -48,13 +48,19 @@ class SamplingBatch:
         top_k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in ps]
         needs_penalty = any(p.repetition_penalty != 1 or p.presence_penalty or
                             p.frequency_penalty for p in ps)
+        # Two copies a step, not six: the rows of [3, B'] tensors, B' = B rounded up to 4
+        # so that every row starts 16-byte aligned as a tensor of its own would (Triton
+        # compiles another kernel variant for a pointer that is not).
+        n, pad = len(ps), [0] * (-len(ps) % 4)
+        floats = tensor([[0.0 if p.greedy else p.temperature for p in ps] + pad,
+                         [p.top_p for p in ps] + pad, [p.min_p for p in ps] + pad],
+                        torch.float32)
+        ints = tensor([top_k + pad, [r.sampling_seed for r in requests] + pad,
+                       [len(r.token_ids) - r.num_prompt_tokens for r in requests] + pad],
+                      torch.int64)
         return cls(
-            temperature=tensor([0.0 if p.greedy else p.temperature for p in ps], torch.float32),
-            top_k=tensor(top_k, torch.int64),
-            top_p=tensor([p.top_p for p in ps], torch.float32),
-            min_p=tensor([p.min_p for p in ps], torch.float32),
-            seeds=tensor([r.sampling_seed for r in requests], torch.int64),
-            steps=tensor([r.num_output_tokens for r in requests], torch.int64),
+            temperature=floats[0, :n], top_k=ints[0, :n], top_p=floats[1, :n],
+            min_p=floats[2, :n], seeds=ints[1, :n], steps=ints[2, :n],
             all_greedy=all(p.greedy for p in ps),
             penalties=penalty_tensors(requests, vocab_size, device) if needs_penalty else None,
             banned=banned_tokens(requests, vocab_size, device),
