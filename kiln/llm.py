@@ -88,6 +88,8 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if not all(conversations):
+            raise RequestError("a conversation needs at least one message")
         if self.tokenizer is None:
             raise KilnError("this engine has no tokenizer, so it cannot apply a chat template")
         # The template writes the special tokens itself: encode without adding a BOS.

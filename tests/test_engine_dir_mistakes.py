@@ -148,3 +148,42 @@ def test_a_model_of_few_positions_is_built_once(tmp_path, monkeypatch, capsys):
 def test_run_checks_sampling_options_before_loading(tmp_path, capsys):
     line = _run(tmp_path / "no-such-model", capsys, "--temperature", "-1")
     assert "temperature must be >= 0" in line
+
+
+def test_api_calls_that_cannot_work(engine):
+    from kiln.runtime.beam_search import BeamSearchParams
+
+    llm = LLM(engine, device="cpu")
+    with pytest.raises(KilnError, match="beam_width must be at most the vocabulary"):
+        llm.beam_search("Hi", BeamSearchParams(beam_width=10**6))
+    with pytest.raises(KilnError, match="at least one message"):
+        llm.chat([])
+
+
+def test_streams_read_in_turns_keep_their_whole_text(engine):
+    """Several LLMEngine.stream iterators advanced in turns: each gets its whole text (a
+    step one of them ran used to drop the others' last pieces)."""
+    llm = LLM(engine, device="cpu")
+    prompts = ["The capital of France is", "Once upon a time", "Hello"]
+    params = [SamplingParams(max_tokens=n, temperature=0) for n in (9, 16, 5)]
+    want = [o.text for o in llm.generate(prompts, params)]
+    streams = [llm.engine.stream(p, sp) for p, sp in zip(prompts, params)]
+    got, live = [""] * 3, [True] * 3
+    while any(live):
+        for i, it in enumerate(streams):
+            if live[i]:
+                try:
+                    got[i] += next(it)
+                except StopIteration:
+                    live[i] = False
+    assert got == want and not llm.engine.has_unfinished()
+
+
+def test_any_integer_seed_samples_the_same_each_time(engine):
+    """Seeds past int64's range (UINT64 on the Triton routes) are folded into the sampler's
+    range: the same seed always gives the same text."""
+    llm = LLM(engine, device="cpu")
+    big = 2**64 - 1
+    texts = [llm.generate("Hi", SamplingParams(max_tokens=8, seed=s))[0].text
+             for s in (big, big, big % 2**62, -5, -5)]
+    assert texts[0] == texts[1] == texts[2] and texts[3] == texts[4]

@@ -81,6 +81,20 @@ def test_generate_errors(server, body, status, words):
         assert words in response.json()["error"]
 
 
+def test_generate_as_docs_curl_it(server, greedy_text):
+    """docs/serving.md's `curl -d` (form content type, as curl sends by default) works as
+    JSON; `stream` on generate is a 400 pointing to generate_stream."""
+    body = {"text_input": PROMPT, "max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/generate",
+                          content=json.dumps(body).encode(),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    assert response.json()["text_output"] == PROMPT + greedy_text
+    response = httpx.post(f"{server.url}/v2/models/{MODEL}/generate",
+                          json={**body, "stream": True})
+    assert response.status_code == 400 and "generate_stream" in response.json()["error"]
+
+
 def test_unknown_model_and_bad_json(server):
     response = httpx.post(f"{server.url}/v2/models/other/generate", json={"text_input": "x"})
     assert response.status_code == 404 and "other" in response.json()["error"]

@@ -114,7 +114,7 @@ TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}
      "has no data"),
     ({"inputs": [TEXT, {"name": "temperature", "datatype": "FP32", "shape": [1],
                         "data": [-1]}]}, "temperature must be >= 0"),
-    ({"inputs": [TEXT], "outputs": [{"name": "logits"}]}, "unknown output"),
+    ({"inputs": [TEXT], "outputs": [{"name": "logits"}]}, "unknown output 'logits';"),
     ({"inputs": [TEXT, {"name": "stream", "datatype": "BOOL", "shape": [1],
                         "data": [True]}]}, "use generate_stream"),
     ({"inputs": [{**TEXT, "parameters": {"binary_data_size": 10}}]}, "past the end"),

@@ -147,6 +147,9 @@ def test_tensorrt_llm_refuses_what_it_does_not_serve(tritonserver, greedy):
     with pytest.raises(InferenceServerException, match="beam_width"):
         _stream(tritonserver, "tensorrt_llm", _trtllm_inputs(
             greedy.prompt_token_ids, 4, beam_width=np.array([[2]], np.int32)))
+    with pytest.raises(InferenceServerException, match="the prompt is empty"):
+        _stream(tritonserver, "tensorrt_llm", _trtllm_inputs(
+            greedy.prompt_token_ids, 4, input_lengths=np.array([[0]], np.int32)))
     with pytest.raises(InferenceServerException, match="lora_task_id"):
         _stream(tritonserver, "tensorrt_llm", _trtllm_inputs(
             greedy.prompt_token_ids, 4, lora_task_id=np.array([[1]], np.uint64)))

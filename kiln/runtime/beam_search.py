@@ -66,6 +66,10 @@ class _Search:
 
 def beam_search(engine: LLMEngine, prompts: list[list[int]],
                 params: BeamSearchParams) -> list[BeamSearchOutput]:
+    vocab = engine.config.model.vocab_size
+    if params.beam_width > vocab:
+        raise RequestError(f"beam_width must be at most the vocabulary size ({vocab}), got "
+                           f"{params.beam_width}")
     searches = [_Search(p, params, [([], 0.0)]) for p in prompts]
     width = params.beam_width
     eos = () if params.ignore_eos else engine.eos_token_ids

@@ -170,7 +170,8 @@ class LLMEngine:
         """Queue a prompt (text or token ids). Raises RequestError for this request only.
 
         Sequence i of the request samples with seed (params.seed or seed_base or a random
-        draw) + i."""
+        draw) + i; a seed is any integer (folded into [0, 2**62): the sampler's counters
+        are int64), so the same seed always samples the same."""
         params = params or SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -186,7 +187,7 @@ class LLMEngine:
             grammars = self._grammar_compiler()
             grammars.matcher(params.json_schema)  # a bad schema fails here, for this caller
         if params.seed is not None:
-            seed_base = params.seed
+            seed_base = params.seed % (1 << 62)
         elif seed_base is None:
             seed_base = random.getrandbits(61)
         if self.mirror is not None:
@@ -348,19 +349,11 @@ class LLMEngine:
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
-        """Run one request to the end, yielding its text as it is generated."""
-        request_id = self.add_request(prompt, params)
-        shown = 0
-        try:
-            while request_id in self.groups:
-                for output in self.step():
-                    if output.request_id == request_id:
-                        text = output.outputs[0].text
-                        if len(text) > shown:
-                            yield text[shown:]
-                            shown = len(text)
-        finally:
-            self.abort(request_id)
+        """Run one request to the end, yielding its text as it is generated (several
+        streams may be read in turns: kiln.runtime.streams)."""
+        from kiln.runtime.streams import stream
+
+        return stream(self, prompt, params)
 
     def sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len, vocab] (on the host) of every position of one sequence, computed in

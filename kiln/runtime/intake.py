@@ -34,8 +34,6 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > vocab:
             raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")
-    if params.seed is not None and not 0 <= params.seed < (1 << 62) - params.n:
-        raise RequestError("seed must be in [0, 2**62)")
     if (params.num_speculative_tokens or 0) > max_drafts:
         raise RequestError(
             f"num_speculative_tokens {params.num_speculative_tokens}: this engine "

@@ -126,6 +126,6 @@ def parse_generate_request(body: Mapping[str, Any]) -> GenerateInput:
         field, convert = SAMPLING_INPUTS[name]
         fields[field] = convert(name, value)
     seed = fields.get("seed")
-    if seed is not None and not -(1 << 63) <= seed < 1 << 63:
+    if seed is not None and not -(1 << 63) <= seed < 1 << 64:  # int64 or uint64
         raise RequestError("seed must fit in 64 bits")
     return GenerateInput(text, SamplingParams(**fields), stream, exclude)

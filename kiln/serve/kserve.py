@@ -123,8 +123,13 @@ def _reply(ctx: ServeContext, text: str, **extra: Any) -> dict[str, Any]:
 @router.post("/models/{name}/versions/{version}/generate")
 async def generate(name: str, request: Request, body: Any = Body(...), version: str = VERSION,
                    ctx: ServeContext = Depends(get_context)) -> Any:
-    parsed, stream, tracker = await _start(ctx, name, version,
-                                           lambda: parse_generate_request(body),
+    def parse() -> Any:
+        parsed = parse_generate_request(body)
+        if parsed.stream:
+            raise RequestError("stream is not supported by generate; use generate_stream")
+        return parsed
+
+    parsed, stream, tracker = await _start(ctx, name, version, parse,
                                            "/v2/models/{name}/generate")
     output = await _whole(request, stream, tracker)
     if isinstance(output, Response):

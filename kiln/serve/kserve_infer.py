@@ -67,7 +67,8 @@ def read_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     binary_output = bool(parameters.get("binary_data_output", False))
     for output in request.get("outputs") or []:
         if not isinstance(output, Mapping) or output.get("name") not in _OUTPUT_NAMES:
-            raise RequestError(f"unknown output {output!r}; this model has "
+            name = output.get("name") if isinstance(output, Mapping) else output
+            raise RequestError(f"unknown output {name!r}; this model has "
                                f"{', '.join(sorted(_OUTPUT_NAMES))}")
         binary_output = bool((output.get("parameters") or {}).get("binary_data",
                                                                    binary_output))

@@ -62,10 +62,13 @@ class GuardMiddleware:
                               "shutting_down", [(b"connection", b"close")])
             return
         headers = dict(scope.get("headers", ()))
-        if scope.get("method") == "POST" and scope["path"].startswith("/v1/") and \
-                not headers.get(b"content-type", b"").startswith(b"application/json"):
-            # The OpenAI routes take JSON only: read a body sent without its type (curl -d
-            # sends form encoding by default) as the JSON it is, not as a form.
+        kind = headers.get(b"content-type", b"")
+        if scope.get("method") == "POST" and (
+                scope["path"].startswith("/v1/") and not kind.startswith(b"application/json")
+                or scope["path"].startswith("/v2/")
+                and kind in (b"", b"application/x-www-form-urlencoded")):
+            # The OpenAI routes take JSON only, and /v2 JSON or binary tensors: read a body
+            # sent without its type (curl -d sends form encoding) as the JSON it is.
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
                                           if k != b"content-type"]
                      + [(b"content-type", b"application/json")]}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -249,8 +250,21 @@ def _request_body(request: Any) -> dict[str, Any]:
     return body
 
 
+def _exit_with_server(server: int) -> None:
+    """End this model's process once tritonserver (its parent) is gone: a server that
+    stops without waiting for running requests (its exit timeout) would otherwise leave it
+    generating for nobody, adopted by init."""
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="kiln-server-watch", daemon=True).start()
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        _exit_with_server(os.getppid())
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(

@@ -14,6 +14,7 @@ here (so this module runs only inside Triton, where triton_python_backend_utils 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,13 @@ from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.serve.engine_loop import EngineLoop, NewRequest
-from kiln.serve.triton_model import FINAL, ResponseSender, _error_response, _Gauges
+from kiln.serve.triton_model import (
+    FINAL,
+    ResponseSender,
+    _error_response,
+    _exit_with_server,
+    _Gauges,
+)
 from kiln.tokenizer import Tokenizer
 
 
@@ -153,6 +160,7 @@ class TensorRTLLMModel:
     """The `tensorrt_llm` model: kiln's engine behind TensorRT-LLM's token tensors."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        _exit_with_server(os.getppid())  # (see there)
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(
@@ -172,6 +180,8 @@ class TensorRTLLMModel:
             raise RequestError("input_ids is required")
         prompt = [int(i) for i in _one_row("input_ids", ids).reshape(-1).tolist()]
         length = _scalar(request, "input_lengths")
+        if not prompt or length == 0:
+            raise RequestError("the prompt is empty")
         if length is not None:
             if not 0 < length <= len(prompt):
                 raise RequestError(f"input_lengths {length} does not fit the "
