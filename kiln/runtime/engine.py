@@ -143,6 +143,7 @@ class LLMEngine:
         self.record_launches = False  # keep last_launch: the launched step's launch_shape()
         self.last_launch: tuple[int, int] | None = None
         self.groups: dict[str, Group] = {}
+        self.streamed: dict[str, RequestOutput | None] = {}  # stream(): kiln.runtime.streams
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
         if self.rank_context is not None and self.rank_context.rank != 0 and \

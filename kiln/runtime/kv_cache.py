@@ -114,7 +114,7 @@ class KVCacheManager:
             self.release_outside_window(request)
         if self.streaming is not None:
             self._evict_for_sinks(request, num_tokens)
-        needed = -(-(num_tokens - request.num_evicted_tokens) // self.block_size) - \
+        needed = self.blocks_needed(num_tokens - request.num_evicted_tokens) - \
             len(request.block_ids) - len(reuse)
         if needed <= 0 and not reuse:  # a decode step inside its last block: most steps
             return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.runtime.request import SamplingParams
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
@@ -17,7 +17,7 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | 
     one engine may be read in turns: a step that one of them runs keeps the outputs of the
     others for them (their last pieces too; they were dropped before)."""
     request_id = engine.add_request(prompt, params)
-    kept: dict[str, RequestOutput | None] = engine.__dict__.setdefault("_streamed", {})
+    kept = engine.streamed
     kept[request_id] = None
     shown = 0
     try:
