@@ -540,33 +540,3 @@ def test_long_engine_graphs_compile_nothing(tiny_checkpoints, tmp_path):
     assert [len(t) for t in result["tokens"].values()] == [8] * len(prompts)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral-window", "bloom", "qwen3"])
-def test_flash_prompt_attention_keeps_logits(arch, gpu_engines, monkeypatch):
-    """KILN_PREFILL_FLASH=1 (kiln.kernels.attention_flash): the prompts of a step attend
-    through PyTorch's FlashAttention over their gathered K / V. A bf16 engine's logits of
-    a sequence stay within 1% (relative norm) of the Triton kernel's, sliding window
-    (mistral-window) and ALiBi (bloom) included; long prompts in 64-token chunks beside
-    decoding requests (mixed steps, chunks over a cached prefix) run through it. The
-    numbers of those steps: tests/test_kernels_gpu.py::test_prefill_attention_flash."""
-    from kiln.eval import sequence_logits
-    from kiln.kernels import attention_flash
-
-    calls, flash = [], attention_flash.paged_attention_flash
-    monkeypatch.setattr(attention_flash, "paged_attention_flash",
-                        lambda *a, **k: calls.append(a[5]) or flash(*a, **k))
-    path = gpu_engines[arch, "bfloat16"]
-    tokens = list(range(3, 200))
-    got = {}
-    for on in (False, True):
-        monkeypatch.setattr(attention_flash, "ENABLED", on)
-        got[on] = sequence_logits(LLMEngine(path, RuntimeConfig(device="cuda")),
-                                  tokens).float()
-        assert bool(calls) == on
-    error = ((got[True] - got[False]).norm() / got[False].norm()).item()
-    assert error < 1e-2, error
-    engine = LLMEngine(path, RuntimeConfig(device="cuda", max_num_tokens=64))
-    prompts = [(p * 12)[:400] for p in make_prompts(8, seed=5)]
-    outs = run_all(engine, prompts, SamplingParams(max_tokens=8, **GREEDY),
-                   [i // 2 for i in range(8)])
-    assert len(outs) == 8 and all(len(o) == 8 for o in outs.values())
-    assert max(calls) >= 1, calls  # decode rows beside prompts

@@ -125,51 +125,6 @@ def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
     _close("prefill", out, expected, **ATTN)
 
 
-@pytest.mark.parametrize("window,alibi,kv", [(None, False, None), (1000, False, None),
-                                             (None, True, None), (None, False, "e4m3")])
-def test_prefill_attention_flash(window: int | None, alibi: bool, kv: str | None,
-                                 monkeypatch) -> None:
-    """KILN_PREFILL_FLASH=1: decode rows, a later chunk of a prompt over its cached prefix
-    and whole prompts (8k among them) through kiln.functional.paged_attention, which sends
-    the prompts to PyTorch's FlashAttention over gathered K / V: the reference's output,
-    and the Triton kernels' (paged_attention_mixed) within bf16 rounding."""
-    from kiln import functional as KF
-    from kiln.kernels import attention_flash
-    from kiln.kernels.attention_prefill import paged_attention_mixed
-    from kiln.layers.attention import AttentionMetadata
-
-    monkeypatch.setattr(attention_flash, "ENABLED", True)
-    monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)
-    calls, flash = [], attention_flash.paged_attention_flash
-    monkeypatch.setattr(attention_flash, "paged_attention_flash",
-                        lambda *a, **k: calls.append(a[5]) or flash(*a, **k))
-    seq_lens, q_lens = [700, 130, 3000, 8192, 77], [1, 1, 200, 8192, 77]
-    q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
-    scale = HEAD_DIM ** -0.5
-    slopes = ref.alibi_slopes(HEADS).cuda() if alibi else None
-    scales = {}
-    if kv == "e4m3":
-        scales = dict(k_scale=torch.full((KV_HEADS,), 0.02, device="cuda"),
-                      v_scale=torch.full((KV_HEADS,), 0.03, device="cuda"))
-        k_cache = (k_cache / 0.02).to(torch.float8_e4m3fn)
-        v_cache = (v_cache / 0.03).to(torch.float8_e4m3fn)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.long, device="cuda"),
-        block_tables=tables, seq_lens=torch.tensor(seq_lens, device="cuda").int(),
-        query_start_loc=torch.tensor(starts, device="cuda").int(), query_starts_host=starts,
-        seq_lens_host=seq_lens, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
-    out = KF.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=window,
-                             alibi_slopes=slopes, **scales)
-    assert calls == [2]
-    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
-                                   sliding_window=window, alibi_slopes=slopes, **scales)
-    _close("flash", out, expected, **ATTN)
-    triton_out = paged_attention_mixed(q, k_cache, v_cache, tables, meta.query_start_loc,
-                                       meta.seq_lens, max(q_lens), scale, 2,
-                                       sliding_window=window, alibi_slopes=slopes, **scales)
-    _close("flash vs triton", out, triton_out, **ATTN)
-
-
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_decode_attention(batch: int, num_splits: int | None) -> None:
