@@ -289,8 +289,9 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "
               f"{k['decode_rows'] / max(k['steps'], 1):.0f} decode rows a step, "
               f"{k['prompt_tokens']} prompt tokens" + (
-                  f"; the host waited for tokens {waited:.2f} s of them (little: the "
-                  "device waited on the host)" if "cpu" not in result["device"] else ""))
+                  f"; the host waited for sampled tokens {waited:.2f} s of them "
+                  f"({100 * waited / max(k['seconds'], 1e-9):.0f}%; near 0: the device "
+                  "waited on the host)" if "cpu" not in result["device"] else ""))
     if "floor" in result:
         f = result["floor"]
         print(f"floor {f['output_tok_s']:.0f} out tok/s ({f['seconds']:.1f} s: prefill "

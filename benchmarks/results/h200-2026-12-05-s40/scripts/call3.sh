@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# 40th session, call 3: prefill attention against each SDPA backend; where FP8 128/128's
+# 40th session, call 3: the GPU engine tests after the 39th's host changes; prefill attention against each SDPA backend; where FP8 128/128's
 # decode steps spend the ~2.7 ms beyond the 512-row graph's replay (profile + trace gaps).
 set -u
 export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1 KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_engine.py > $OUT/tests.log 2>&1
+tail -5 $OUT/tests.log; echo "tests t=$SECONDS"
 timeout 120 python3 benchmarks/attn_prefill_sdpa.py --cases 4096,8192,32768,16x1000 > $OUT/attn-sdpa.log 2>&1
 timeout 40 python3 benchmarks/attn_prefill_sdpa.py --kv e4m3 --cases 8192 >> $OUT/attn-sdpa.log 2>&1
 cat $OUT/attn-sdpa.log; echo "attn t=$SECONDS"
