@@ -55,3 +55,17 @@ def test_cli_called_in_process_leaves_the_heap_alone(tmp_path, monkeypatch) -> N
     assert main(["cache", "list"]) == 0
     assert not heap._allowed
     assert heap.freeze_startup_heap() == 0
+
+
+def test_collection_watch_counts_pauses() -> None:
+    """CollectionWatch (kiln bench's "garbage collector paused the run" line) sees each
+    collection inside its block, full ones apart, and nothing after it."""
+    import gc
+
+    with heap.CollectionWatch() as watch:
+        gc.collect()
+        gc.collect(0)
+    gc.collect()
+    got = watch.summary()
+    assert got["collections"] >= 2 and got["full"] == 1, got
+    assert got["ms"] >= got["full_max_ms"] > 0, got

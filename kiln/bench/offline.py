@@ -25,7 +25,7 @@ from kiln.bench.roofline import (
 from kiln.errors import KilnError
 from kiln.runtime.cuda_graphs import describe_routes
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
-from kiln.runtime.heap import freeze_startup_heap
+from kiln.runtime.heap import CollectionWatch, freeze_startup_heap
 from kiln.runtime.profiling import CompileWatch
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.step import TOKEN_WAIT
@@ -95,7 +95,7 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
     engine.stream_outputs = False  # per-request times come from the request stats
     engine.record_launches = True
     with tqdm(total=len(prompts), desc="kiln", unit="req", disable=None if progress else True,
-              leave=False) as bar, CompileWatch() as compiles:
+              leave=False) as bar, CompileWatch() as compiles, CollectionWatch() as collected:
         while engine.has_unfinished():
             engine.last_launch = None
             step_start, waited = time.perf_counter(), TOKEN_WAIT[0]
@@ -123,7 +123,8 @@ def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,
                                              "max": 1000 * max(steps, default=0.0)},
             "step_kinds": step_kinds(steps, shapes, engine.overlap, waits),
             # Triton kernels compiled inside the run (none expected: each stalls its step)
-            "compiles": {**compiles.summary(), "events": compiles.events[:20]}}
+            "compiles": {**compiles.summary(), "events": compiles.events[:20]},
+            "garbage_collections": collected.summary()}
 
 
 def _profiled(engine: LLMEngine, prompts: list[list[int]], output_len: int,
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     prompts = _prompts(args.num_requests, args.input_len, vocab)
     _run_engine(engine, _prompts(min(len(prompts), 4), args.input_len, vocab, seed=1), 4,
                 progress=False)  # warm up: kernels compiled, graphs captured
+    freeze_startup_heap()  # what the warm-up made too (no full collection walks it)
     if engine.speculator is not None:
         engine.speculator.reset_stats()
     if getattr(args, "profile", None):
@@ -284,6 +286,11 @@ def _report(result: dict[str, Any], out: str | None) -> None:
         names = ", ".join(f"{k.rsplit('.', 1)[-1]} x{n}" for k, n in compiled["kernels"].items())
         print(f"Triton compiled {compiled['count']} kernel variants inside the timed run "
               f"({compiled['ms']:.0f} ms of stalled steps): {names}")
+    collected = result["kiln"].get("garbage_collections") or {}
+    if collected.get("full"):
+        print(f"Python's garbage collector paused the run {collected['ms']:.0f} ms "
+              f"({collected['collections']} collections, {collected['full']} full, the "
+              f"longest {collected['full_max_ms']:.0f} ms)")
     for name, k in result["kiln"].get("step_kinds", {}).items():
         waited = k.get("token_wait_seconds", 0.0)
         print(f"{name} steps: {k['steps']} in {k['seconds']:.2f} s, "

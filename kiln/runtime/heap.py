@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
+import time
 
 log = logging.getLogger(__name__)
 _allowed = False
@@ -42,3 +43,32 @@ def freeze_startup_heap() -> int:
     frozen = gc.get_freeze_count()
     log.debug("froze %d start-up objects out of the garbage collector's walks", frozen)
     return frozen
+
+
+class CollectionWatch:
+    """Garbage collections inside a with-block (gc.callbacks): how many of each generation
+    and how long they paused the process, so that a run's step-time spikes can be told
+    apart from the device's."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info.get("generation", 0), time.perf_counter() - self._started))
+
+    def __enter__(self) -> CollectionWatch:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        full = [s for g, s in self.pauses if g == 2]
+        return {"collections": len(self.pauses), "full": len(full),
+                "ms": round(1000 * sum(s for _, s in self.pauses), 2),
+                "full_max_ms": round(1000 * max(full, default=0.0), 2)}
