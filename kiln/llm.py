@@ -15,6 +15,7 @@ from kiln.errors import KilnError, RequestError
 from kiln.resolve import resolve_engine
 from kiln.runtime.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.runtime.heap import frozen_while
 from kiln.runtime.request import RequestOutput, SamplingParams
 
 Prompt = str | list[int]
@@ -63,14 +64,15 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         self.engine.stream_outputs = False
         try:
-            for prompt, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, sp))
-            with tqdm(total=len(ids), desc="generating", unit="req",
-                      disable=not use_tqdm) as bar:
-                while self.engine.has_unfinished():
-                    for output in self.engine.step():
-                        results[output.request_id] = output
-                        bar.update(1)
+            with frozen_while():  # no full collection walks the loaded engine meanwhile
+                for prompt, sp in zip(prompts, params):
+                    ids.append(self.engine.add_request(prompt, sp))
+                with tqdm(total=len(ids), desc="generating", unit="req",
+                          disable=not use_tqdm) as bar:
+                    while self.engine.has_unfinished():
+                        for output in self.engine.step():
+                            results[output.request_id] = output
+                            bar.update(1)
         finally:
             self.engine.stream_outputs = True
             for request_id in ids:  # after an error or Ctrl-C: leave nothing running

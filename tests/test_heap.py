@@ -69,3 +69,26 @@ def test_collection_watch_counts_pauses() -> None:
     got = watch.summary()
     assert got["collections"] >= 2 and got["full"] == 1, got
     assert got["ms"] >= got["full_max_ms"] > 0, got
+
+
+def test_frozen_while_gives_everything_back() -> None:
+    """LLM.generate's scope (a fresh interpreter): the heap is frozen inside and wholly
+    unfrozen after, so an engine dropped later is freed; a heap frozen before (kiln's
+    command line) stays frozen."""
+    script = textwrap.dedent("""
+        import gc
+        from kiln.runtime import heap
+        assert gc.get_freeze_count() == 0
+        with heap.frozen_while():
+            inside = gc.get_freeze_count()
+        assert inside > 1000 and gc.get_freeze_count() == 0, inside
+        gc.freeze()
+        before = gc.get_freeze_count()
+        with heap.frozen_while():
+            pass
+        assert gc.get_freeze_count() == before
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]

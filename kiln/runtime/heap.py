@@ -9,15 +9,18 @@ start-up, freeze_startup_heap moves all of it to the permanent generation (gc.fr
 so later collections walk only what serving creates. The engine's objects are never
 freed then, which is what a serving process wants and a test process creating engine
 after engine does not: processes that run kiln's command line (allow_freeze) or an
-engine process of their own freeze; a library caller's process is left alone.
+engine process of their own freeze; a library caller's process is frozen only while
+LLM.generate runs (frozen_while), and everything goes back to the collector after it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 _allowed = False
@@ -43,6 +46,23 @@ def freeze_startup_heap() -> int:
     frozen = gc.get_freeze_count()
     log.debug("froze %d start-up objects out of the garbage collector's walks", frozen)
     return frozen
+
+
+@contextlib.contextmanager
+def frozen_while() -> Iterator[None]:
+    """The heap as it is now left out of the collector's walks inside the block, for a
+    library caller's generation loop (LLM.generate): full collections there walk only what
+    the loop makes, and on leaving everything goes back to the collector, so nothing
+    outlives the process's own references. A process that froze its heap already (kiln's
+    command line) is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class CollectionWatch:
