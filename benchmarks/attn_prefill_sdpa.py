@@ -15,7 +15,10 @@ first before it is timed (do_bench median, ms) and TFLOP/s counts the causal hal
   causal mask is top-left);
 - `flash op, contiguous`: `aten._flash_attention_forward` over packed sequences, causal
   aligned to each context's end (so it also times chunks over a cached prefix);
-- `kiln triton, paged`: kiln's Triton prefill kernel.
+- `kiln triton, paged`: kiln's Triton prefill kernel;
+- `kiln sdpa, paged`: kiln.kernels.attention_sdpa (KILN_PREFILL_SDPA=1; whole prompts only):
+  the step's own K / V gathered by its slot mapping, then SDPA (cuDNN) per run of equal
+  lengths.
 
 With --kv e4m3 the paged cache holds e4m3 values with a scale a KV head (FP8 KV engines;
 the contiguous lines get the same values in bf16).
@@ -68,8 +71,11 @@ def setup(q_lens: list[int], seq_lens: list[int], dev: str = "cuda"):
     for n in q_lens:
         starts.append(starts[-1] + n)
     q = torch.randn(starts[-1], HEADS, HEAD_DIM, device=dev, dtype=dt)
+    slots = torch.cat([(tables[i, :used].long()[:, None] * BLOCK + torch.arange(
+        BLOCK, device=dev)).flatten()[s - n:s]
+        for i, (s, n, used) in enumerate(zip(seq_lens, q_lens, blocks))])
     meta = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.long, device=dev),
+        slot_mapping=slots,
         block_tables=tables, seq_lens=torch.tensor(seq_lens, device=dev).int(),
         query_start_loc=torch.tensor(starts, device=dev).int(), query_starts_host=starts,
         seq_lens_host=list(seq_lens), max_query_len=max(q_lens), max_seq_len=max(seq_lens))
@@ -124,6 +130,11 @@ def variants(q_lens, seq_lens, kv: str = "bf16"):
             q, k_cat, v_cat, meta.query_start_loc, cu_k, max(q_lens), max(seq_lens), 0.0,
             True, False, scale=scale)[0]
     out["flash op, contiguous"] = flash_op
+    if q_lens == seq_lens:  # whole prompts: KILN_PREFILL_SDPA=1's path, its gather included
+        from kiln.kernels.attention_sdpa import paged_attention_sdpa
+
+        out["kiln sdpa, paged"] = partial(paged_attention_sdpa, q, k_cache, v_cache, meta,
+                                          scale, **scales)
     out["kiln triton, paged"] = partial(
         paged_attention_prefill, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
         meta.seq_lens, meta.max_query_len, scale, **scales)

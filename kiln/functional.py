@@ -239,9 +239,14 @@ def _paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding
 
             return paged_attention_decode(q, k_cache, v_cache, meta.block_tables,
                                           meta.seq_lens, scale, **common)
+        from kiln.kernels import attention_sdpa as sdpa
         from kiln.kernels.attention_prefill import paged_attention_mixed, paged_attention_prefill
 
         decode_rows = leading_decode_rows(meta) if MIXED_DECODE_ROWS else 0
+        if sdpa.ENABLED and sdpa.usable(q, k_cache, v_cache, meta, decode_rows, k_scale,
+                                        softcap, alibi_slopes, key_rotary, sliding_window):
+            return sdpa.paged_attention_sdpa(q, k_cache, v_cache, meta, scale, decode_rows,
+                                             out, k_scale, v_scale, sliding_window)
         if decode_rows:
             return paged_attention_mixed(q, k_cache, v_cache, meta.block_tables,
                                          meta.query_start_loc, meta.seq_lens,

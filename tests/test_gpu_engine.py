@@ -397,6 +397,38 @@ def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, mo
     assert calls and max(calls) >= 2, calls
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
+def test_sdpa_prompt_attention_keeps_logits(arch, gpu_engines, monkeypatch):
+    """KILN_PREFILL_SDPA=1 (kiln.kernels.attention_sdpa): whole prompts attend through SDPA
+    (cuDNN on Hopper) over their own K / V. A bf16 engine's logits of a sequence stay
+    within 1% (relative norm) of the Triton kernel's; prompts arriving in 64-token chunks
+    beside decoding requests take it for their first chunks, decode rows first in the
+    step, and every request runs to its end."""
+    from kiln.eval import sequence_logits
+    from kiln.kernels import attention_sdpa
+
+    monkeypatch.setattr(attention_sdpa, "MIN_TOKENS", 16)  # tiny engines' short prompts
+    calls, real = [], attention_sdpa.paged_attention_sdpa
+    monkeypatch.setattr(attention_sdpa, "paged_attention_sdpa",
+                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    path = gpu_engines[arch, "bfloat16"]
+    tokens = list(range(3, 200))
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(attention_sdpa, "ENABLED", on)
+        got[on] = sequence_logits(LLMEngine(path, RuntimeConfig(device="cuda")),
+                                  tokens).float()
+        assert bool(calls) == on
+    error = ((got[True] - got[False]).norm() / got[False].norm()).item()
+    assert error < 1e-2, error
+    engine = LLMEngine(path, RuntimeConfig(device="cuda", max_num_tokens=64))
+    prompts = [(p * 12)[:400] for p in make_prompts(8, seed=5)]
+    outs = run_all(engine, prompts, SamplingParams(max_tokens=8, **GREEDY),
+                   [i // 2 for i in range(8)])
+    assert len(outs) == 8 and all(len(o) == 8 for o in outs.values())
+    assert max(calls) >= 1, calls  # decode rows beside prompts
+
+
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_tma_prefill_tiles_change_nothing(kv, tiny_checkpoints, tmp_path, monkeypatch):
     """An engine on 64-token KV blocks reads its prefill K / V tiles by TMA (by default,

@@ -125,6 +125,52 @@ def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
     _close("prefill", out, expected, **ATTN)
 
 
+@pytest.mark.parametrize("kv,window", [(None, None), ("e4m3", None), (None, 8192)])
+def test_prefill_attention_sdpa(kv: str | None, window: int | None, monkeypatch) -> None:
+    """KILN_PREFILL_SDPA=1: two decode rows, then whole prompts (two of 1000 tokens in one
+    batched call, an 8k one, a 300-token one) through kiln.functional.paged_attention,
+    which sends the prompts to SDPA (cuDNN on Hopper) over the step's own K / V: the
+    reference's output, and the Triton kernel's (paged_attention_mixed) within bf16
+    rounding."""
+    from kiln import functional as KF
+    from kiln.kernels import attention_sdpa
+    from kiln.kernels.attention_prefill import paged_attention_mixed
+    from kiln.layers.attention import AttentionMetadata
+
+    monkeypatch.setattr(attention_sdpa, "ENABLED", True)
+    monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)
+    calls, real = [], attention_sdpa.paged_attention_sdpa
+    monkeypatch.setattr(attention_sdpa, "paged_attention_sdpa",
+                        lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    seq_lens, q_lens = [700, 130, 1000, 1000, 8192, 300], [1, 1, 1000, 1000, 8192, 300]
+    q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
+    slots = torch.cat([(tables[i, :(n + BLOCK_SIZE - 1) // BLOCK_SIZE].long()[:, None]
+                        * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device="cuda")).flatten()
+                       [n - m:n] for i, (n, m) in enumerate(zip(seq_lens, q_lens))])
+    scale = HEAD_DIM ** -0.5
+    scales = {}
+    if kv == "e4m3":
+        scales = dict(k_scale=torch.full((KV_HEADS,), 0.02, device="cuda"),
+                      v_scale=torch.full((KV_HEADS,), 0.03, device="cuda"))
+        k_cache = (k_cache / 0.02).to(torch.float8_e4m3fn)
+        v_cache = (v_cache / 0.03).to(torch.float8_e4m3fn)
+    meta = AttentionMetadata(
+        slot_mapping=slots, block_tables=tables,
+        seq_lens=torch.tensor(seq_lens, device="cuda").int(),
+        query_start_loc=torch.tensor(starts, device="cuda").int(), query_starts_host=starts,
+        seq_lens_host=seq_lens, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
+    out = KF.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=window,
+                             **scales)
+    assert calls == [2]
+    expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
+                                   sliding_window=window, **scales)
+    _close("sdpa", out, expected, **ATTN)
+    triton_out = paged_attention_mixed(q, k_cache, v_cache, tables, meta.query_start_loc,
+                                       meta.seq_lens, max(q_lens), scale, 2,
+                                       sliding_window=window, **scales)
+    _close("sdpa vs triton", out, triton_out, **ATTN)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("num_splits", [None, 1])
 def test_decode_attention(batch: int, num_splits: int | None) -> None:
