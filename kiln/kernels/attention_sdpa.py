@@ -13,9 +13,9 @@ reference reads them), with no plan to make. Consecutive prompts of one length g
 batched call, others one call each; decode rows at the head of a mixed step keep the
 decode kernel.
 
-Not taken for sliding windows, ALiBi, softcap, attention sinks, V stored transposed,
-float32, graph-captured steps, chunks over a cached prefix, or steps whose prompts are all
-shorter than MIN_TOKENS: the Triton kernel keeps those.
+Not taken for sliding windows shorter than a prompt of the step, ALiBi, softcap, attention
+sinks, V stored transposed, float32, graph-captured steps, chunks over a cached prefix, or
+steps whose prompts are all shorter than MIN_TOKENS: the Triton kernel keeps those.
 """
 
 from __future__ import annotations
