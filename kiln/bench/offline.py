@@ -298,7 +298,9 @@ def _report(result: dict[str, Any], out: str | None) -> None:
               f"{k['prompt_tokens']} prompt tokens" + (
                   f"; the host waited for sampled tokens {waited:.2f} s of them "
                   f"({100 * waited / max(k['seconds'], 1e-9):.0f}%; near 0: the device "
-                  "waited on the host)" if "cpu" not in result["device"] else ""))
+                  f"waited on the host), and worked "
+                  f"{1000 * (k['seconds'] - waited) / max(k['steps'], 1):.1f} ms a step"
+                  if "cpu" not in result["device"] else ""))
     if "floor" in result:
         f = result["floor"]
         print(f"floor {f['output_tok_s']:.0f} out tok/s ({f['seconds']:.1f} s: prefill "
