@@ -4,6 +4,8 @@
 #   bash next_session.sh b      (one device call, ~6 minutes)
 #   bash next_session.sh c      (one device call, ~8 minutes; written in the 39th, no device)
 #   bash next_session.sh d      (one device call, ~5 minutes; written in the 39th)
+# c and d ran in the 40th session (benchmarks/results/h200-2026-12-05-s40/call1, call2);
+# a and b are still to run.
 # a: decode graph routes (KILN_GRAPH_ROUTE, kiln/runtime/cuda_graphs.py route_buckets, on by
 # default since the 38th) where the 38th's pairs were noise: FP8 + FP8 KV 1000 / 1000 x 300
 # (297 rows replay the 368 graph: 9.06 -> 8.40 ms a replay; pairs +3.9% and -1.5%), three
