@@ -35,6 +35,12 @@ class LLM:
     def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
                  **options: Any) -> None:
         build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
+        runtime_fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
+        unknown = sorted(set(options) - build_fields - runtime_fields)
+        if unknown:
+            raise KilnError(f"LLM() got unknown option(s) {', '.join(unknown)}; it takes "
+                            "BuildConfig and RuntimeConfig fields, e.g. dtype, quantization, "
+                            "kv_cache_dtype, device, max_batch_size, max_seq_len")
         limits = {k: options[k] for k in LIMITS if options.get(k) is not None}
         build_options = {k: options.pop(k) for k in list(options)
                          if k in build_fields and k not in LIMITS}

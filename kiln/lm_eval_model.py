@@ -56,7 +56,9 @@ class KilnLM(TemplateLM):
         # batch_size is the harness's chunking; kiln's scheduler batches by its own limits.
         if max_batch_size:
             options["max_batch_size"] = int(max_batch_size)
-        device = "auto" if device in (None, "", "cuda") else device
+        # The harness's default (cuda:0, set whether or not a GPU is there) picks like
+        # kiln's own default; a device named in model_args is taken as given.
+        device = "auto" if device in (None, "", "cuda", "cuda:0") else device
         self.llm = LLM(str(pretrained) if pretrained else None, device=device, **options)
         self.engine = self.llm.engine
         self.tokenizer = self.engine.tokenizer
@@ -65,6 +67,24 @@ class KilnLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.max_gen_toks = int(max_gen_toks)
         self._prefix_token_id = prefix_token_id
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict | None = None) -> KilnLM:
+        """model_args first: the harness's own options (its --device and --batch_size,
+        always set) fill in only what model_args leave out, where lm-eval's default
+        would pass `device` twice."""
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict | None = None) -> KilnLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string),
+                                       additional_config)
 
     # ---- tokens -----------------------------------------------------------------------
     @property
@@ -181,9 +201,15 @@ class KilnLM(TemplateLM):
 
 def main() -> int:
     """`lm_eval` with kiln's model registered (python -m kiln.lm_eval_model ...)."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    result = cli_evaluate()
+    try:
+        result = cli_evaluate()
+    except KilnError as e:  # a user's mistake (an engine, a model_arg): one line
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

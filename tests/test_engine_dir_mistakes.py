@@ -158,6 +158,8 @@ def test_api_calls_that_cannot_work(engine):
         llm.beam_search("Hi", BeamSearchParams(beam_width=10**6))
     with pytest.raises(KilnError, match="at least one message"):
         llm.chat([])
+    with pytest.raises(KilnError, match=r"LLM\(\) got unknown option\(s\) bogus_option"):
+        LLM(engine, device="cpu", bogus_option=3)
 
 
 def test_streams_read_in_turns_keep_their_whole_text(engine):

@@ -90,14 +90,32 @@ def test_kiln_scores_equal_hf(tiny_folder, tiny_engine, task_dir, monkeypatch):
     assert gen[0] == gen[1]
 
 
-def test_lm_eval_command_line(tiny_engine, task_dir, tmp_path):
-    """`python -m kiln.lm_eval_model` is the harness's CLI with `--model kiln` known."""
+@pytest.mark.parametrize("device_args", [[], ["--device", "cpu"]])
+def test_lm_eval_command_line(tiny_engine, task_dir, tmp_path, device_args):
+    """`python -m kiln.lm_eval_model` is the harness's CLI with `--model kiln` known. As the
+    README writes it (no --device: the harness passes its default, cuda:0, which picks
+    like kiln's own default on this CPU machine), and with a device in model_args beside
+    the harness's --device (model_args win; both used to reach the model twice)."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    model_args = f"pretrained={tiny_engine}" + (",device=cpu" if device_args else "")
     result = subprocess.run(
         [sys.executable, "-m", "kiln.lm_eval_model", "run", "--model", "kiln",
-         "--model_args", f"pretrained={tiny_engine}", "--tasks", "kiln_test_mc",
+         "--model_args", model_args, "--tasks", "kiln_test_mc",
          "--include_path", str(task_dir), "--output_path", str(tmp_path / "out"),
-         "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+         *device_args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "kiln_test_mc" in result.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_lm_eval_command_line_mistake(tiny_engine, task_dir, tmp_path):
+    """A kiln mistake inside the harness (an unknown model_arg) is one line, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln.lm_eval_model", "run", "--model", "kiln",
+         "--model_args", f"pretrained={tiny_engine},bogus=1", "--tasks", "kiln_test_mc",
+         "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+        timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "kiln: error: kiln lm-eval model: unknown model_args bogus" in result.stderr
+    assert "Traceback" not in result.stderr
