@@ -41,18 +41,28 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
         return False
     if v_cache.shape != k_cache.shape or not k_cache.is_contiguous():
         return False  # V transposed, or a cache this view cannot flatten
-    starts, lens = meta.query_starts_host, meta.seq_lens_host
-    if not lens or len(starts) != len(lens) + 1:
-        return False  # no host copy of the step's layout (graph-captured steps)
-    longest = 0
-    for i in range(decode_rows, len(lens)):
-        new = starts[i + 1] - starts[i]
-        if new != lens[i]:
-            return False  # a chunk over a cached prefix
-        longest = max(longest, new)
+    longest = _longest_fresh_prompt(meta, decode_rows)
     if longest < MIN_TOKENS or (sliding_window is not None and longest > sliding_window):
         return False
     return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _longest_fresh_prompt(meta, decode_rows: int) -> int:
+    """The longest prompt of sequences decode_rows.. when every one of them is whole
+    (nothing cached before it), else 0; once a step, not once a layer."""
+    key = ("sdpa_longest", decode_rows)
+    found = meta.host_cache.get(key)
+    if found is None:
+        starts, lens, found = meta.query_starts_host, meta.seq_lens_host, 0
+        if lens and len(starts) == len(lens) + 1:  # (graph-captured steps have no copy)
+            for i in range(decode_rows, len(lens)):
+                new = starts[i + 1] - starts[i]
+                if new != lens[i]:  # a chunk over a cached prefix
+                    found = 0
+                    break
+                found = max(found, new)
+        meta.host_cache[key] = found
+    return found
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, **common):
