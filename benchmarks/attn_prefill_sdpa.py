@@ -16,7 +16,7 @@ first before it is timed (do_bench median, ms) and TFLOP/s counts the causal hal
 - `flash op, contiguous`: `aten._flash_attention_forward` over packed sequences, causal
   aligned to each context's end (so it also times chunks over a cached prefix);
 - `kiln triton, paged`: kiln's Triton prefill kernel;
-- `kiln sdpa, paged`: kiln.kernels.attention_sdpa (KILN_PREFILL_SDPA=1; whole prompts only):
+- `kiln sdpa, paged`: kiln.kernels.attention_sdpa (the default; whole prompts only):
   the step's own K / V gathered by its slot mapping, then SDPA (cuDNN) per run of equal
   lengths.
 
@@ -130,7 +130,7 @@ def variants(q_lens, seq_lens, kv: str = "bf16"):
             q, k_cat, v_cat, meta.query_start_loc, cu_k, max(q_lens), max(seq_lens), 0.0,
             True, False, scale=scale)[0]
     out["flash op, contiguous"] = flash_op
-    if q_lens == seq_lens:  # whole prompts: KILN_PREFILL_SDPA=1's path, its gather included
+    if q_lens == seq_lens:  # whole prompts: the SDPA path, its gather included
         from kiln.kernels.attention_sdpa import paged_attention_sdpa
 
         out["kiln sdpa, paged"] = partial(paged_attention_sdpa, q, k_cache, v_cache, meta,

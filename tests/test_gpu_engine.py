@@ -399,11 +399,11 @@ def test_mixed_steps_with_decode_rows_first_match_the_cpu_engine(gpu_engines, mo
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mixtral"])
 def test_sdpa_prompt_attention_keeps_logits(arch, gpu_engines, monkeypatch):
-    """KILN_PREFILL_SDPA=1 (kiln.kernels.attention_sdpa): whole prompts attend through SDPA
-    (cuDNN on Hopper) over their own K / V. A bf16 engine's logits of a sequence stay
-    within 1% (relative norm) of the Triton kernel's; prompts arriving in 64-token chunks
-    beside decoding requests take it for their first chunks, decode rows first in the
-    step, and every request runs to its end."""
+    """kiln.kernels.attention_sdpa (the default; KILN_PREFILL_SDPA=0 turns it off): whole
+    prompts attend through SDPA (cuDNN on Hopper) over their own K / V. A bf16 engine's logits
+    of a sequence stay within 1% (relative norm) of the Triton kernel's; prompts arriving in
+    64-token chunks beside decoding requests take it for their first chunks, decode rows first
+    in the step, and every request runs to its end."""
     from kiln.eval import sequence_logits
     from kiln.kernels import attention_sdpa
 

@@ -127,11 +127,10 @@ def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
 
 @pytest.mark.parametrize("kv,window", [(None, None), ("e4m3", None), (None, 8192)])
 def test_prefill_attention_sdpa(kv: str | None, window: int | None, monkeypatch) -> None:
-    """KILN_PREFILL_SDPA=1: two decode rows, then whole prompts (two of 1000 tokens in one
-    batched call, an 8k one, a 300-token one) through kiln.functional.paged_attention,
-    which sends the prompts to SDPA (cuDNN on Hopper) over the step's own K / V: the
-    reference's output, and the Triton kernel's (paged_attention_mixed) within bf16
-    rounding."""
+    """kiln.kernels.attention_sdpa: two decode rows, then whole prompts (two of 1000 tokens in
+    one batched call, an 8k one, a 300-token one) through kiln.functional.paged_attention, which
+    sends the prompts to SDPA (cuDNN on Hopper) over the step's own K / V: the reference's
+    output, and the Triton kernel's (paged_attention_mixed) within bf16 rounding."""
     from kiln import functional as KF
     from kiln.kernels import attention_sdpa
     from kiln.kernels.attention_prefill import paged_attention_mixed

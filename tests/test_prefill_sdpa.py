@@ -1,4 +1,4 @@
-"""Fresh prompts through SDPA (KILN_PREFILL_SDPA=1, kiln.kernels.attention_sdpa) on the CPU:
+"""Fresh prompts through SDPA (kiln.kernels.attention_sdpa, the default on GPUs) on the CPU:
 the gather of the step's own keys and values by its slot mapping, 1-byte caches, runs of
 equal-length prompts batched, decode rows of a mixed step apart, against the reference
 paged attention; and which steps may take it. SDPA's cuDNN backend itself is checked on a
@@ -85,6 +85,7 @@ def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype) -> 
 
 def test_which_steps_take_it(monkeypatch) -> None:
     monkeypatch.setattr(sdpa, "MIN_TOKENS", 16)
+    monkeypatch.setattr(sdpa, "MIN_TOKENS_1BYTE", 25)
     seq_lens, q_lens = [30, 20], [30, 20]
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, HEADS, KV_HEADS,
                                                        HEAD_DIM, torch.bfloat16,
@@ -107,7 +108,11 @@ def test_which_steps_take_it(monkeypatch) -> None:
     chunk = _meta(tables, [0, 30, 34], [30, 20])  # the second: 4 tokens over 16 cached
     assert not sdpa.usable(q[:34], k_cache, v_cache, chunk)
     short = _meta(tables, [0, 10, 20], [10, 10])
-    assert not sdpa.usable(q[:20], k_cache, v_cache, short)  # every prompt < MIN_TOKENS
+    assert not sdpa.usable(q[:20], k_cache, v_cache, short)  # sqrt(10² + 10²) < MIN_TOKENS
+    pair = _meta(tables, [0, 12, 24], [12, 12])  # each < MIN_TOKENS, sqrt(12² + 12²) >= it
+    assert sdpa.usable(q[:24], k_cache, v_cache, pair)
+    c = k_cache.to(torch.float8_e4m3fn)
+    assert not sdpa.usable(q[:24], c, c, pair, k_scale=torch.ones(KV_HEADS))  # < the 1-byte one
     mixed = _meta(tables, [0, 1, 21], [17, 20])  # a decode row, then a fresh prompt
     assert sdpa.usable(q[:21], k_cache, v_cache, mixed, decode_rows=1)
     assert not sdpa.usable(q[:21], k_cache, v_cache, mixed)  # the decode row as a prompt
