@@ -16,9 +16,10 @@ first before it is timed (do_bench median, ms) and TFLOP/s counts the causal hal
 - `flash op, contiguous`: `aten._flash_attention_forward` over packed sequences, causal
   aligned to each context's end (so it also times chunks over a cached prefix);
 - `kiln triton, paged`: kiln's Triton prefill kernel;
-- `kiln sdpa, paged`: kiln.kernels.attention_sdpa (the default; whole prompts only):
-  the step's own K / V gathered by its slot mapping, then SDPA (cuDNN) per run of equal
-  lengths.
+- `kiln sdpa, paged`: kiln.kernels.attention_sdpa (the default): whole prompts' own K / V
+  gathered by the step's slot mapping, then SDPA (cuDNN) per run of equal lengths; a chunk
+  over a cached prefix as two cuDNN calls (prefix, own) merged by their log-sum-exps
+  (`kiln sdpa, K / V repeated`: the same with K / V heads repeated to the query heads).
 
 With --kv e4m3 the paged cache holds e4m3 values with a scale a KV head (FP8 KV engines;
 the contiguous lines get the same values in bf16).
@@ -130,11 +131,20 @@ def variants(q_lens, seq_lens, kv: str = "bf16"):
             q, k_cat, v_cat, meta.query_start_loc, cu_k, max(q_lens), max(seq_lens), 0.0,
             True, False, scale=scale)[0]
     out["flash op, contiguous"] = flash_op
-    if q_lens == seq_lens:  # whole prompts: the SDPA path, its gather included
-        from kiln.kernels.attention_sdpa import paged_attention_sdpa
+    from kiln.kernels import attention_sdpa
 
-        out["kiln sdpa, paged"] = partial(paged_attention_sdpa, q, k_cache, v_cache, meta,
-                                          scale, **scales)
+    out["kiln sdpa, paged"] = partial(attention_sdpa.paged_attention_sdpa, q, k_cache, v_cache,
+                                      meta, scale, **scales)
+    if q_lens != seq_lens:  # chunks over a cached prefix: cuDNN given K / V heads repeated
+
+        def repeated():
+            attention_sdpa.CUDNN_GQA = False
+            try:
+                return attention_sdpa.paged_attention_sdpa(q, k_cache, v_cache, meta, scale,
+                                                           **scales)
+            finally:
+                attention_sdpa.CUDNN_GQA = True
+        out["kiln sdpa, K / V repeated"] = repeated
     out["kiln triton, paged"] = partial(
         paged_attention_prefill, q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
         meta.seq_lens, meta.max_query_len, scale, **scales)

@@ -125,23 +125,29 @@ def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
     _close("prefill", out, expected, **ATTN)
 
 
-@pytest.mark.parametrize("kv,window", [(None, None), ("e4m3", None), (None, 8192)])
-def test_prefill_attention_sdpa(kv: str | None, window: int | None, monkeypatch) -> None:
+@pytest.mark.parametrize("kv,window,gqa", [(None, None, True), (None, None, False),
+                                           ("e4m3", None, True), (None, 8192, True)])
+def test_prefill_attention_sdpa(kv: str | None, window: int | None, gqa: bool,
+                                monkeypatch) -> None:
     """kiln.kernels.attention_sdpa: two decode rows, then whole prompts (two of 1000 tokens in
-    one batched call, an 8k one, a 300-token one) through kiln.functional.paged_attention, which
-    sends the prompts to SDPA (cuDNN on Hopper) over the step's own K / V: the reference's
-    output, and the Triton kernel's (paged_attention_mixed) within bf16 rounding."""
+    one batched call, an 8k one, a 300-token one) and chunks over cached prefixes (2,048
+    tokens over 3,952, 100 over 900) through kiln.functional.paged_attention, which sends the
+    prompts to SDPA (cuDNN on Hopper; the chunks as two cuDNN calls merged by their
+    log-sum-exps, K / V heads as they are or repeated): the reference's output, and the
+    Triton kernel's (paged_attention_mixed) within bf16 rounding."""
     from kiln import functional as KF
     from kiln.kernels import attention_sdpa
     from kiln.kernels.attention_prefill import paged_attention_mixed
     from kiln.layers.attention import AttentionMetadata
 
     monkeypatch.setattr(attention_sdpa, "ENABLED", True)
+    monkeypatch.setattr(attention_sdpa, "CUDNN_GQA", gqa)
     monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)
     calls, real = [], attention_sdpa.paged_attention_sdpa
     monkeypatch.setattr(attention_sdpa, "paged_attention_sdpa",
                         lambda *a, **k: calls.append(a[5]) or real(*a, **k))
-    seq_lens, q_lens = [700, 130, 1000, 1000, 8192, 300], [1, 1, 1000, 1000, 8192, 300]
+    seq_lens = [700, 130, 1000, 1000, 6000, 8192, 300, 1000]
+    q_lens = [1, 1, 1000, 1000, 2048, 8192, 300, 100]
     q, k_cache, v_cache, tables, starts = _paged(seq_lens, q_lens)
     slots = torch.cat([(tables[i, :(n + BLOCK_SIZE - 1) // BLOCK_SIZE].long()[:, None]
                         * BLOCK_SIZE + torch.arange(BLOCK_SIZE, device="cuda")).flatten()

@@ -45,13 +45,18 @@ def _meta(tables, starts, seq_lens) -> AttentionMetadata:
 @pytest.mark.parametrize("cache", [None, torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("decode_rows", [0, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype) -> None:
+@pytest.mark.parametrize("chunks", [False, True])
+def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype, chunks) -> None:
     """Decode rows first (as the scheduler orders a mixed step), then whole prompts: two
     of one length (one batched call), one of another, a one-token prompt, two more of
-    one length. Slots no prompt owns hold NaN: never read."""
+    one length; with chunks, a chunk of 12 tokens over 28 cached splits the last two (one
+    call each), and a one-token chunk over 29 ends the step (the chunks: two calls each,
+    merged by their log-sum-exps). Slots no prompt owns hold NaN: never read."""
     monkeypatch.setattr(sdpa, "_decode", reference_decode)
-    seq_lens = [40, 17][:decode_rows] + [33, 33, 20, 1, 16, 16]
-    q_lens = [1, 1][:decode_rows] + [33, 33, 20, 1, 16, 16]
+    seq_lens = [40, 17][:decode_rows] + ([33, 33, 20, 1, 16, 40, 16, 30] if chunks
+                                         else [33, 33, 20, 1, 16, 16])
+    q_lens = [1, 1][:decode_rows] + ([33, 33, 20, 1, 16, 12, 16, 1] if chunks
+                                     else [33, 33, 20, 1, 16, 16])
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, HEADS, KV_HEADS,
                                                        HEAD_DIM, dtype, block_size=BLOCK)
     used = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
@@ -77,7 +82,8 @@ def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype) -> 
     got = sdpa.paged_attention_sdpa(q, k_cache, v_cache, meta, scale, decode_rows, out=out,
                                     **scales)
     assert got is out and not got.isnan().any()
-    assert calls == [2, 1, 1, 2]  # runs of equal lengths: 33 x 2, 20, 1, 16 x 2
+    # runs of equal lengths: 33 x 2, 20, 1, 16 x 2 (16, 16 with a chunk between them)
+    assert calls == ([2, 1, 1, 1, 1] if chunks else [2, 1, 1, 2])
     want = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale, **scales)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **tol)
@@ -106,7 +112,15 @@ def test_which_steps_take_it(monkeypatch) -> None:
     assert not sdpa.usable(q, k_cache, v_cache, meta, key_rotary=torch.zeros(64, HEAD_DIM))
     assert not sdpa.usable(q, k_cache, v_cache.permute(0, 2, 3, 1), meta)  # V transposed
     chunk = _meta(tables, [0, 30, 34], [30, 20])  # the second: 4 tokens over 16 cached
+    assert sdpa.usable(q[:34], k_cache, v_cache, chunk)
+    monkeypatch.setattr(sdpa, "MAX_CHUNKS", 0)
     assert not sdpa.usable(q[:34], k_cache, v_cache, chunk)
+    monkeypatch.setattr(sdpa, "MAX_CHUNKS", 8)
+    small = _meta(tables, [0, 1, 3], [14, 20])  # 1 x (1 + 26) + 2 x (2 + 36) < 16²
+    assert not sdpa.usable(q[:3], k_cache, v_cache, small)
+    big = _meta(tables, [0, 3, 6], [20, 30])  # 3 x (3 + 34) + 3 x (3 + 54) >= 16²
+    assert sdpa.usable(q[:6], k_cache, v_cache, big)
+    assert not sdpa.usable(q[:6], k_cache, v_cache, big, sliding_window=29)  # a context > it
     short = _meta(tables, [0, 10, 20], [10, 10])
     assert not sdpa.usable(q[:20], k_cache, v_cache, short)  # sqrt(10² + 10²) < MIN_TOKENS
     pair = _meta(tables, [0, 12, 24], [12, 12])  # each < MIN_TOKENS, sqrt(12² + 12²) >= it
@@ -115,7 +129,7 @@ def test_which_steps_take_it(monkeypatch) -> None:
     assert not sdpa.usable(q[:24], c, c, pair, k_scale=torch.ones(KV_HEADS))  # < the 1-byte one
     mixed = _meta(tables, [0, 1, 21], [17, 20])  # a decode row, then a fresh prompt
     assert sdpa.usable(q[:21], k_cache, v_cache, mixed, decode_rows=1)
-    assert not sdpa.usable(q[:21], k_cache, v_cache, mixed)  # the decode row as a prompt
+    assert sdpa.usable(q[:21], k_cache, v_cache, mixed)  # the decode row: a one-token chunk
     captured = _meta(tables, starts, seq_lens)
     captured.query_starts_host, captured.seq_lens_host = [], []  # a graph-captured step
     assert not sdpa.usable(q, k_cache, v_cache, captured)
