@@ -105,6 +105,38 @@ def test_min_tokens_and_bad_words_are_banned():
     assert set(torch.nonzero(batch.banned[0]).flatten().tolist()) == {0, 5, 9, 8}
 
 
+def test_tiny_repetition_penalty_samples_no_nan():
+    """A repetition penalty so small that seen logits divided by it overflow float32 (QA:
+    1e-45 gave NaN and token 0): they are capped at float32's max, so a seen token wins."""
+    batch = batch_for([SamplingParams(temperature=0, repetition_penalty=1e-45),
+                       SamplingParams(temperature=1.0, repetition_penalty=1e-45, seed=1)])
+    logits = torch.full((2, VOCAB), -1.0)
+    logits[:, [2, 3]] = 0.5  # seen (prompt 1, 2, 3), positive
+    penalized = apply_penalties(logits, batch.penalties)
+    assert penalized.isfinite().all()
+    tokens, _, _ = sample(logits, batch)
+    assert set(tokens.tolist()) <= {2, 3}
+
+
+def test_grammar_wins_over_min_tokens():
+    """min_tokens bans EOS, but a grammar that allows only EOS (a complete value) must
+    still end: the ban is dropped for that row; a row the grammar leaves more keeps it."""
+    pytest.importorskip("xgrammar")
+    import dataclasses
+
+    params = SamplingParams(temperature=0, min_tokens=5)
+    requests = [Request(str(i), [1], params, 10, eos_token_ids=(4,)) for i in range(2)]
+    batch = SamplingBatch.from_requests(requests, VOCAB, torch.device("cpu"))
+    bitmask = torch.zeros(2, (VOCAB + 31) // 32, dtype=torch.int32)
+    bitmask[0, 0] = 1 << 4  # row 0: EOS only
+    bitmask[1, 0] = 1 << 4 | 1 << 7  # row 1: EOS or 7
+    batch = dataclasses.replace(batch, grammar=(bitmask, [0, 1]))
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 4] = 5.0  # EOS most likely
+    tokens, _, _ = sample(logits, batch)
+    assert tokens.tolist() == [4, 7]
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_engines):
     return LLMEngine(tiny_engines["llama"], RuntimeConfig(device="cpu"))

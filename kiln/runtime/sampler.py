@@ -130,11 +130,14 @@ def _pinned_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def apply_penalties(logits: torch.Tensor, penalties: tuple[torch.Tensor, ...]) -> torch.Tensor:
     counts, seen, rep, pres, freq = penalties
     # Repetition penalty (CTRL): shrink logits of tokens already seen, towards lower.
-    rep = rep[:, None]
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    rep = rep[:, None]  # (a tiny penalty must not make several logits +inf: NaN in softmax)
+    penalized = torch.where(logits > 0, (logits / rep).clamp_max(_FLOAT32_MAX), logits * rep)
     logits = torch.where(seen, penalized, logits)
     # OpenAI presence / frequency penalties on generated tokens.
     return logits - freq[:, None] * counts - pres[:, None] * (counts > 0).float()
@@ -152,10 +155,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch
         logits = apply_penalties(logits, batch.penalties)
     if batch.bias is not None:
         logits = logits + batch.bias
-    if batch.banned is not None:
-        logits = logits.masked_fill(batch.banned, float("-inf"))
     if batch.grammar is not None:
         logits = apply_grammar(logits, batch.grammar)
+        if batch.banned is not None:  # min_tokens / bad words leave the grammar some token
+            banned = logits.masked_fill(batch.banned, float("-inf"))
+            logits = torch.where(banned.isneginf().all(-1, keepdim=True), logits, banned)
+    elif batch.banned is not None:
+        logits = logits.masked_fill(batch.banned, float("-inf"))
     if batch.all_greedy:
         tokens = KF.greedy_tokens(logits)
     else:
