@@ -228,6 +228,53 @@ def test_tool_choice_auto_reads_calls_from_free_text(client):
         [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
 
 
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+    "required": ["city"]}}}]
+CALL_SCHEMA = {"type": "json_schema", "json_schema": {"name": "call", "schema": {
+    "type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"], "additionalProperties": False}},
+    "required": ["name", "arguments"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("how", [{"tool_choice": "required"},
+                                 {"tool_choice": "auto", "response_format": CALL_SCHEMA}])
+def test_each_choice_streams_its_call_once(client, how):
+    """n > 1: choices finish at different steps, and the engine's later outputs repeat the
+    finished ones; each choice's call still goes out once, with an id of its own."""
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for seed in range(3):
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, tools=WEATHER, n=2, seed=seed, max_tokens=60,
+            stream=True, **how)
+        calls: dict[int, list] = {0: [], 1: []}
+        finishes: dict[int, list] = {0: [], 1: []}
+        for chunk in stream:
+            for choice in chunk.choices:
+                calls[choice.index] += choice.delta.tool_calls or []
+                finishes[choice.index] += [choice.finish_reason] if choice.finish_reason \
+                    else []
+        assert finishes == {0: ["tool_calls"], 1: ["tool_calls"]}, (seed, finishes)
+        assert [len(calls[0]), len(calls[1])] == [1, 1], (seed, calls)
+        assert calls[0][0].id != calls[1][0].id
+        for [call] in calls.values():
+            assert json.loads(call.function.arguments)["city"]
+
+
+def test_identical_choices_get_calls_of_their_own(client):
+    """Greedy n = 2: the same answer twice, read as a call; each choice's call has its
+    own id (ids name calls, not texts)."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=WEATHER, tool_choice="auto", response_format=CALL_SCHEMA, n=2, temperature=0,
+        max_tokens=60)
+    first, second = (c.message.tool_calls for c in reply.choices)
+    assert [(c.function.name, c.function.arguments) for c in first] == \
+        [(c.function.name, c.function.arguments) for c in second]
+    assert first[0].id != second[0].id
+
+
 @pytest.mark.parametrize("text,content,calls", [
     ('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', None,
      [("add", {"a": 2, "b": 3})]),

@@ -117,16 +117,18 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
     calls_tool = forced_tools(body) is not None  # validated when the call started
     free_tools = auto_tools(body)  # tool_choice "auto": calls read from the free answer
 
-    parsed: dict[str, tuple[str | None, list[dict[str, Any]]]] = {}  # by answer text
+    # By (choice, answer text): choices with the same text get calls with ids of their own.
+    parsed: dict[tuple[int, str], tuple[str | None, list[dict[str, Any]]]] = {}
 
     def _parsed(completion: CompletionOutput) -> tuple[str | None, list[dict[str, Any]]]:
         """A finished free answer's (content, tool calls), parsed once per answer (the
         message and the finish reason both ask)."""
         if free_tools is None or completion.finish_reason != "stop":
             return completion.text, []
-        if completion.text not in parsed:
-            parsed[completion.text] = parse_tool_calls(completion.text, free_tools)
-        return parsed[completion.text]
+        key = (completion.index, completion.text)  # one prompt: index is the choice's
+        if key not in parsed:
+            parsed[key] = parse_tool_calls(completion.text, free_tools)
+        return parsed[key]
 
     def _forced(completion: CompletionOutput) -> list[dict[str, Any]] | None:
         """A forced call's tool_calls once its JSON is whole: at the stop, or at the
@@ -183,9 +185,12 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
 
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk | Event]:
+            if state.finished_sent:  # n > 1: later outputs repeat a finished choice
+                return []
             if calls_tool:  # the call goes out whole, once its JSON is complete
                 if completion.finish_reason is None:
                     return []
+                state.finished_sent = True
                 message = _message(completion)
                 delta = Delta(content=message.content, tool_calls=None if message.tool_calls
                               is None else [{"index": 0, **message.tool_calls[0]}])
