@@ -53,7 +53,11 @@ def forced_tools(body: Any) -> list[dict[str, Any]] | None:
     if choice == "required":
         return functions
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "a named tool_choice is {'type': 'function', 'function': "
+                           "{'name': ...}}, the name of one of the tools", param="tool_choice")
         named = [f for f in functions if f["name"] == name]
         if not named:
             raise APIError(400, f"tool_choice names {name!r}, which is not in tools",
