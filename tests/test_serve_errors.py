@@ -102,13 +102,28 @@ def test_bad_chat_requests(server, body, words, param):
     assert ".cc:" not in error["message"]  # no grammar library internals
 
 
+def _http_count(server, route: str, status: int) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return metric(text, f'kiln_http_requests_total{{route="{route}",status="{status}"}}', 0.0)
+
+
 def test_json_body_without_its_content_type(server):
-    """`curl -d` sends a form content type: the OpenAI routes read the body as JSON."""
+    """`curl -d` sends a form content type: the OpenAI routes read the body as JSON, and
+    /metrics counts it under its route."""
+    before = _http_count(server, "/v1/completions", 200)
+    unmatched = _http_count(server, "unmatched", 200)
     response = httpx.post(server.v1 + "/completions", content=json.dumps(GOOD).encode(),
                           headers={"content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 200, response.text
+    assert _http_count(server, "/v1/completions", 200) == before + 1
+    assert _http_count(server, "unmatched", 200) == unmatched
     assert response.json()["choices"][0]["text"] == httpx.post(
         server.v1 + "/completions", json=GOOD).json()["choices"][0]["text"]
+    generate = f"/v2/models/{MODEL}/generate"
+    before = _http_count(server, "/v2/models/{name}/generate", 200)
+    assert httpx.post(server.url + generate, content=b'{"text_input": "hi", "max_tokens": 2}'
+                      ).status_code == 200
+    assert _http_count(server, "/v2/models/{name}/generate", 200) == before + 1
 
 
 def test_openai_client_sees_bad_request_and_server_goes_on(server):
@@ -123,7 +138,9 @@ def test_openai_client_sees_bad_request_and_server_goes_on(server):
 
 def test_body_size_limit(server):
     big = {**GOOD, "prompt": "x" * 30_000}
+    before = _http_count(server, "/v1/completions", 413)
     _check_error(httpx.post(server.v1 + "/completions", json=big), 413, "exceeds")
+    assert _http_count(server, "/v1/completions", 413) == before + 1  # its route, refused
 
     def chunked():  # no content-length: counted as it arrives
         yield json.dumps(big).encode()
@@ -131,6 +148,7 @@ def test_body_size_limit(server):
     response = httpx.post(server.v1 + "/completions", content=chunked(),
                           headers={"content-type": "application/json"})
     assert _check_error(response, 413, "exceeds")["code"] == "request_too_large"
+    assert _http_count(server, "/v1/completions", 413) == before + 2
     assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
 
 
@@ -218,6 +236,9 @@ def test_api_key():
             assert response.status_code == 401, path
         _check_error(httpx.post(server.v1 + "/completions", json=GOOD,
                                 headers={"Authorization": "Bearer wrong"}), 401, "API key")
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer s3cret"}).text
+        assert metric(text, 'kiln_http_requests_total{route="/v1/completions",status="401"}') \
+            == 1  # refused before routing, counted under its route
         assert httpx.post(server.url + f"/v2/models/{MODEL}/generate",
                           json={"text_input": "hi"}).json() == {
             "error": "a valid API key is required: send 'Authorization: Bearer <key>'"}

@@ -80,5 +80,6 @@ def build_app(llm: AsyncLLM, config: ServerConfig | None = None) -> FastAPI:
     # The last added runs first: count every response, including the guard's refusals.
     app.add_middleware(GuardMiddleware, api_key=config.api_key,
                        max_body_bytes=config.max_body_bytes, draining=lambda: ctx.draining)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics,
+                       routers=[app.router, openai_api.router, kserve.router])
     return app

@@ -7,9 +7,11 @@ responses through an extra task and hide client disconnects from the routes.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.serve.errors import error_body
@@ -68,10 +70,10 @@ class GuardMiddleware:
                 or scope["path"].startswith("/v2/")
                 and kind in (b"", b"application/x-www-form-urlencoded")):
             # The OpenAI routes take JSON only, and /v2 JSON or binary tensors: read a body
-            # sent without its type (curl -d sends form encoding) as the JSON it is.
-            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
-                                          if k != b"content-type"]
-                     + [(b"content-type", b"application/json")]}
+            # sent without its type (curl -d sends form encoding) as the JSON it is. In
+            # place: the route the router records in the scope must reach MetricsMiddleware.
+            scope["headers"] = [(k, v) for k, v in scope.get("headers", ())
+                                if k != b"content-type"] + [(b"content-type", b"application/json")]
         if self.api_key and not _is_open(scope["path"]) and not self._authorized(headers):
             await _send_error(scope, send, 401, "a valid API key is required: send "
                               "'Authorization: Bearer <key>'", "invalid_api_key",
@@ -113,12 +115,35 @@ class GuardMiddleware:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
+def _route_name(scope: Scope, routers: Sequence[Any]) -> str:
+    """The route template that served the request, or would have (a request the guard
+    refused before routing: 401, 413, 503), matched as the router does; else "unmatched".
+    `routers`: those whose routes the app serves (FastAPI wraps included routers in
+    objects of its own, without a path: their routes are matched from their router)."""
+    route = scope.get("route")
+    if route is None:
+        partial = None
+        for candidate in (r for router in routers for r in router.routes):
+            if getattr(candidate, "path", None) is None:
+                continue
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and partial is None:
+                partial = candidate  # the path, another method: the router's 405
+        route = route or partial
+    return getattr(route, "path", None) or "unmatched"
+
+
 class MetricsMiddleware:
     """Counts responses by route template (not raw path: model names stay out of labels)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routers: Sequence[Any] = ()
+                 ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routers = routers  # to name the route of requests refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,6 +160,5 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(name, str(status)).inc()
+            self.metrics.http_requests.labels(_route_name(scope, self.routers),
+                                              str(status)).inc()
