@@ -56,6 +56,9 @@ def _check_error(response: httpx.Response, status: int, *words: str,
     ({"seed": 2**64}, ["seed"], "seed"),
     ({"suffix": "end"}, ["suffix"], "suffix"),
     ({"best_of": 2, "n": 3}, ["best_of", "at least n"], "best_of"),
+    ({"prompt": ["Hi"] * 129}, ["at most 128 prompts", "129"], "prompt"),
+    ({"prompt": [[1, 2]] * 200, "n": 2}, ["at most 128 prompts", "200"], "prompt"),
+    ({"prompt": ["Hi"] * 65, "n": 2}, ["n must be in [1, 1]"], "n"),
 ])
 def test_bad_completion_requests(server, body, words, param):
     response = httpx.post(server.v1 + "/completions", json={**GOOD, **body})

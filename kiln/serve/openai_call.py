@@ -168,6 +168,10 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
         ctx.check_model(body.model)
         prompts = await asyncio.to_thread(make_prompts) \
             if prompt_chars > INLINE_PROMPT_CHARS else make_prompts()
+        if len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"a call takes at most {MAX_CHOICES} prompts (with n choices "
+                           f"each, {MAX_CHOICES} choices in all), got {len(prompts)}",
+                           param="prompt")
         n = body.n if n is None else n
         if body.n < 1 or len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"n must be in [1, {MAX_CHOICES // len(prompts)}]", param="n")
