@@ -59,6 +59,8 @@ def _check_error(response: httpx.Response, status: int, *words: str,
     ({"prompt": ["Hi"] * 129}, ["at most 128 prompts", "129"], "prompt"),
     ({"prompt": [[1, 2]] * 200, "n": 2}, ["at most 128 prompts", "200"], "prompt"),
     ({"prompt": ["Hi"] * 65, "n": 2}, ["n must be in [1, 1]"], "n"),
+    ({"stream_options": {"include_usage": True}}, ["stream_options", "stream: true"],
+     "stream_options"),
 ])
 def test_bad_completion_requests(server, body, words, param):
     response = httpx.post(server.v1 + "/completions", json={**GOOD, **body})
@@ -97,6 +99,8 @@ def test_missing_and_malformed(server):
         "type": "bogus"}}}], "tool_choice": "required"}, ["tools", "bogus"], "tools"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function"}]}]},
      ["tool_calls"], "messages"),
+    ({"stream_options": {"include_usage": True}, "stream": False},
+     ["stream_options", "stream: true"], "stream_options"),
 ])
 def test_bad_chat_requests(server, body, words, param):
     good = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

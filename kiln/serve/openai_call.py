@@ -166,6 +166,8 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
     tracker = ctx.metrics.track(call_id, route)
     try:
         ctx.check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options")
         prompts = await asyncio.to_thread(make_prompts) \
             if prompt_chars > INLINE_PROMPT_CHARS else make_prompts()
         if len(prompts) > MAX_CHOICES:
