@@ -34,7 +34,13 @@ class Tokenizer:
         return self.tok.token_to_id(token) if token else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # tokenizers takes valid Unicode only
+            at = lone_surrogate(text) if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise RequestError(f"the text {not_unicode(text, at)}") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -61,6 +67,25 @@ class Tokenizer:
                                    **{k: v or "" for k, v in self.special.items()}, **extra)
         except jinja2.TemplateError as e:
             raise RequestError(f"chat template failed: {e}") from None
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate, or None. A JSON escape (\\ud800) can put one in
+    a string; it is not valid Unicode, so it has no UTF-8 and no tokenizer takes it."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def not_unicode(text: str, at: int) -> str:
+    """The end of the message for a lone surrogate at `at` (it names the code point, never
+    the text: a message holding it could not be sent as UTF-8 either)."""
+    return (f"is not valid Unicode: it holds a lone surrogate, U+{ord(text[at]):04X} at "
+            f"character {at}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

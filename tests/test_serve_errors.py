@@ -114,6 +114,42 @@ def _http_count(server, route: str, status: int) -> float:
     return metric(text, f'kiln_http_requests_total{{route="{route}",status="{status}"}}', 0.0)
 
 
+@pytest.mark.parametrize(("route", "raw", "where", "param"), [
+    ("/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}',
+     "messages[0].content", "messages"),
+    ("/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", '
+     '"text": "hi \\ud800"}]}]}', "messages[0].content[0].text", "messages"),
+    ("/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "tools": [{'
+     '"type": "function", "function": {"name": "f", "description": "\\ud800"}}]}',
+     "tools[0].function.description", "tools"),
+    ("/completions", '{"prompt": "\\ud800 hi"}', "prompt", "prompt"),
+    ("/completions", '{"prompt": ["ok", "\\udbff\\udbff"]}', "prompt[1]", "prompt"),
+    ("/completions", '{"prompt": "hi", "stop": ["\\udfff"]}', "stop[0]", "stop"),
+])
+def test_text_that_is_not_unicode(server, route, raw, where, param):
+    """A JSON escape can carry a lone surrogate, which is not Unicode (no UTF-8, no
+    tokenizer takes it): a 400 naming the field, and the server goes on."""
+    body = json.loads(raw) | {"model": MODEL, "max_tokens": 2}
+    response = httpx.post(server.v1 + route, content=json.dumps(body),
+                          headers={"content-type": "application/json"})
+    error = _check_error(response, 400, f"{where} is not valid Unicode", "lone surrogate",
+                         param=param)
+    assert "U+D" in error["message"]
+    assert httpx.post(server.v1 + "/completions", json=GOOD).status_code == 200
+
+
+def test_text_that_is_not_unicode_v2_and_tokenizer(server):
+    for raw, name in (('{"text_input": "\\ud800 hi"}', "text_input"),
+                      ('{"text_input": "hi", "stop": ["\\udfff"]}', "stop")):
+        response = httpx.post(server.url + f"/v2/models/{MODEL}/generate", content=raw)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith(f"{name} is not valid Unicode")
+    from kiln.errors import RequestError
+
+    with pytest.raises(RequestError, match="not valid Unicode.*U\\+DFFF at character 3"):
+        server.llm.tokenizer.encode("abc\udfff")  # kiln run, LLM.generate: the same 400
+
+
 def test_json_body_without_its_content_type(server):
     """`curl -d` sends a form content type: the OpenAI routes read the body as JSON, and
     /metrics counts it under its route."""

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from kiln.errors import KilnError, RequestError
 from kiln.serve.async_llm import QueueFullError
 from kiln.serve.engine_loop import EngineDeadError, EngineStepError
+from kiln.tokenizer import lone_surrogate, not_unicode
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,42 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+def check_unicode(body: Any) -> None:
+    """A 400 naming the first string of a request (pydantic models, dicts, lists) that is
+    not valid Unicode; its param is the top-level field."""
+    found = _lone_surrogate_in(body, "")
+    if found is not None:
+        where, text, at = found
+        raise APIError(400, f"{where} {not_unicode(text, at)}",
+                       param=re.split(r"[.\[ ]", where, maxsplit=1)[0] or None)
+
+
+def _lone_surrogate_in(value: Any, where: str) -> tuple[str, str, int] | None:
+    """(where, the string, the surrogate's position) of the first lone surrogate."""
+    if isinstance(value, str):
+        at = lone_surrogate(value)
+        return None if at is None else (where, value, at)
+    if isinstance(value, BaseModel | dict):
+        items = vars(value).items() if isinstance(value, BaseModel) else value.items()
+        for key, item in items:
+            key = str(key)
+            at = lone_surrogate(key)
+            if at is not None:
+                return (f"{where} (a key)" if where else "a key", key, at)
+            found = _lone_surrogate_in(item, f"{where}.{key}" if where else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple) and not set(map(type, value)) <= _NOT_TEXT:
+        for i, item in enumerate(value):  # not a list of numbers (token ids)
+            found = _lone_surrogate_in(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+_NOT_TEXT = {int, float, bool, type(None)}
 
 
 def error_body(path: str, status: int, message: str, param: str | None = None,

@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln.errors import RequestError
 from kiln.runtime.request import SamplingParams
+from kiln.tokenizer import lone_surrogate, not_unicode
 
 
 def _scalar(name: str, value: Any) -> Any:
@@ -58,10 +59,17 @@ def _strings(name: str, value: Any) -> list[str]:
         elif isinstance(item, bytes):
             out.append(item.decode())
         elif isinstance(item, str):
-            out.append(item)
+            out.append(_unicode(name, item))
         else:
             raise RequestError(f"{name} must be a string or a list of strings")
     return [s for s in out if s]
+
+
+def _unicode(name: str, text: str) -> str:
+    at = lone_surrogate(text)
+    if at is not None:
+        raise RequestError(f"{name} {not_unicode(text, at)}")
+    return text
 
 
 # request name -> (SamplingParams field, converter)
@@ -114,6 +122,7 @@ def parse_generate_request(body: Mapping[str, Any]) -> GenerateInput:
     text = _scalar("text_input", values.pop("text_input"))
     if not isinstance(text, str):
         raise RequestError("text_input must be a string")
+    _unicode("text_input", text)
     stream = _bool("stream", values.pop("stream", False))
     exclude = _bool("exclude_input_in_output", values.pop("exclude_input_in_output", False))
     fields: dict[str, Any] = {}

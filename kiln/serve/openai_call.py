@@ -22,7 +22,7 @@ from kiln.serve.async_llm import RequestStream
 from kiln.serve.context import ServeContext
 from kiln.serve.deltas import TextDeltas
 from kiln.serve.engine_loop import Prompt
-from kiln.serve.errors import APIError, api_error
+from kiln.serve.errors import APIError, api_error, check_unicode
 from kiln.serve.metrics import RequestTracker
 from kiln.serve.openai_output import ChoiceState
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -165,6 +165,7 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
     call_id = f"{prefix}-{uuid.uuid4().hex}"
     tracker = ctx.metrics.track(call_id, route)
     try:
+        check_unicode(body)
         ctx.check_model(body.model)
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
