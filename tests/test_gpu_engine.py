@@ -408,6 +408,7 @@ def test_sdpa_prompt_attention_keeps_logits(arch, gpu_engines, monkeypatch):
     from kiln.kernels import attention_sdpa
 
     monkeypatch.setattr(attention_sdpa, "MIN_TOKENS", 16)  # tiny engines' short prompts
+    monkeypatch.setattr(attention_sdpa, "MIN_CHUNK_TOKENS", 16)
     calls, real = [], attention_sdpa.paged_attention_sdpa
     monkeypatch.setattr(attention_sdpa, "paged_attention_sdpa",
                         lambda *a, **k: calls.append(a[5]) or real(*a, **k))

@@ -142,6 +142,7 @@ def test_prefill_attention_sdpa(kv: str | None, window: int | None, gqa: bool,
 
     monkeypatch.setattr(attention_sdpa, "ENABLED", True)
     monkeypatch.setattr(attention_sdpa, "CUDNN_GQA", gqa)
+    monkeypatch.setattr(attention_sdpa, "MIN_CHUNK_TOKENS", 100)
     monkeypatch.setattr(KF, "MIXED_DECODE_ROWS", True)
     calls, real = [], attention_sdpa.paged_attention_sdpa
     monkeypatch.setattr(attention_sdpa, "paged_attention_sdpa",

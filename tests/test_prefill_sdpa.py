@@ -92,6 +92,7 @@ def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype, chu
 def test_which_steps_take_it(monkeypatch) -> None:
     monkeypatch.setattr(sdpa, "MIN_TOKENS", 16)
     monkeypatch.setattr(sdpa, "MIN_TOKENS_1BYTE", 25)
+    monkeypatch.setattr(sdpa, "MIN_CHUNK_TOKENS", 1)
     seq_lens, q_lens = [30, 20], [30, 20]
     q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, HEADS, KV_HEADS,
                                                        HEAD_DIM, torch.bfloat16,
@@ -116,6 +117,9 @@ def test_which_steps_take_it(monkeypatch) -> None:
     monkeypatch.setattr(sdpa, "MAX_CHUNKS", 0)
     assert not sdpa.usable(q[:34], k_cache, v_cache, chunk)
     monkeypatch.setattr(sdpa, "MAX_CHUNKS", 8)
+    monkeypatch.setattr(sdpa, "MIN_CHUNK_TOKENS", 5)
+    assert not sdpa.usable(q[:34], k_cache, v_cache, chunk)  # a chunk of 4 new tokens
+    monkeypatch.setattr(sdpa, "MIN_CHUNK_TOKENS", 1)
     small = _meta(tables, [0, 1, 3], [14, 20])  # 1 x (1 + 26) + 2 x (2 + 36) < 16²
     assert not sdpa.usable(q[:3], k_cache, v_cache, small)
     big = _meta(tables, [0, 3, 6], [20, 30])  # 3 x (3 + 34) + 3 x (3 + 54) >= 16²

@@ -20,16 +20,17 @@ The gather and the calls cost a fixed ~0.03 ms a layer (more for 1-byte caches, 
 dequantized on the way), so a step comes here only when its prompts' causal work is worth
 it: sqrt(sum over its prompts of new tokens x (new + 2 x cached), i.e. of squared lengths
 for whole prompts) at least MIN_TOKENS (2048; 8192 for 1-byte caches), with at most
-MAX_CHUNKS chunks over cached prefixes (two calls each). Measured on the H200 (41st
-session, 8B heads, ms a layer, SDPA path / Triton): bf16 1k 0.055 / 0.046, 2k 0.107 /
-0.116, 8k 1.09 / 1.49, 32k 15.3 / 22.6, 16 x 1000 0.41 / 0.55, 64 x 256 0.24 / 0.28; e4m3
-1k 0.121 / 0.048, 16 x 1000 0.64 / 0.57, 8k 1.18 / 1.67. A lone prompt's TTFT: 8k 225 ->
-211 ms, 32k 1,424 -> 1,202 ms.
+MAX_CHUNKS chunks over cached prefixes (two calls each), each of at least MIN_CHUNK_TOKENS
+(2048) new tokens. Measured on the H200 (41st session, 8B heads, ms a layer, SDPA path /
+Triton): bf16 1k 0.055 / 0.046, 2k 0.107 / 0.116, 8k 1.09 / 1.49, 32k 15.3 / 22.6, 16 x
+1000 0.41 / 0.55, 64 x 256 0.24 / 0.28; e4m3 1k 0.121 / 0.048, 16 x 1000 0.64 / 0.57, 8k
+1.18 / 1.67; chunks 1024 over 3000 cached 0.28 / 0.20, 2048 over 6000 0.50 / 0.66, 8192
+over 24576 6.62 / 10.07. A lone prompt's TTFT: 8k 225 -> 211 ms, 32k 1,424 -> 1,202 ms in
+one chunk, 1,413 -> 1,193 ms in chunks of 8192 (the default budget).
 
 Not taken for sliding windows shorter than a prompt of the step, ALiBi, softcap, attention
 sinks, V stored transposed (1-byte caches' default layout), float32, graph-captured steps,
-steps with more chunks than MAX_CHUNKS, or steps below the size above: the Triton kernel
-keeps those.
+or steps beyond the limits above: the Triton kernel keeps those.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ ENABLED = os.environ.get("KILN_PREFILL_SDPA", "1") != "0"
 MIN_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_MIN_TOKENS", "2048"))
 MIN_TOKENS_1BYTE = int(os.environ.get("KILN_PREFILL_SDPA_MIN_TOKENS_1BYTE", "8192"))
 MAX_CHUNKS = int(os.environ.get("KILN_PREFILL_SDPA_MAX_CHUNKS", "8"))
+# a chunk over a cached prefix comes here only with this many new tokens (41st session, H200:
+# 1024 over 3000 cached 0.28 ms against Triton's 0.20; 2048 over 6000 0.50 against 0.66)
+MIN_CHUNK_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_MIN_CHUNK_TOKENS", "2048"))
 # cuDNN's op takes fewer KV heads than query heads as they are (else K / V are repeated)
 CUDNN_GQA = os.environ.get("KILN_SDPA_CUDNN_GQA", "1") == "1"
 
@@ -59,27 +63,32 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
         return False
     if v_cache.shape != k_cache.shape or not k_cache.is_contiguous():
         return False  # V transposed, or a cache this view cannot flatten
-    longest, size, chunks = _prompts(meta, decode_rows)
+    longest, size, chunks, smallest_chunk = _prompts(meta, decode_rows)
     if size < (MIN_TOKENS_1BYTE if one_byte else MIN_TOKENS) or chunks > MAX_CHUNKS or (
+            chunks and smallest_chunk < MIN_CHUNK_TOKENS) or (
             sliding_window is not None and longest > sliding_window):
         return False
     return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _prompts(meta, decode_rows: int) -> tuple[int, float, int]:
+def _prompts(meta, decode_rows: int) -> tuple[int, float, int, int]:
     """(the longest context, sqrt of the prompts' summed causal work, the number of chunks
-    over a cached prefix) of sequences decode_rows..; once a step, not once a layer. A
-    chunk of n new tokens over c cached ones counts n x (n + 2c): a whole prompt's n²."""
+    over a cached prefix, the fewest new tokens of a chunk) of sequences decode_rows..;
+    once a step, not once a layer. A chunk of n new tokens over c cached ones counts
+    n x (n + 2c): a whole prompt's n²."""
     key = ("sdpa_prompts", decode_rows)
     found = meta.host_cache.get(key)
     if found is None:
-        starts, lens, longest, work, chunks = meta.query_starts_host, meta.seq_lens_host, 0, 0, 0
+        starts, lens = meta.query_starts_host, meta.seq_lens_host
+        longest = work = chunks = 0
+        smallest = 1 << 62
         if lens and len(starts) == len(lens) + 1:  # (graph-captured steps have no copy)
             for i in range(decode_rows, len(lens)):
                 new = starts[i + 1] - starts[i]
                 longest, work = max(longest, lens[i]), work + new * (2 * lens[i] - new)
-                chunks += new != lens[i]
-        found = meta.host_cache[key] = (longest, work ** 0.5, chunks)
+                if new != lens[i]:
+                    chunks, smallest = chunks + 1, min(smallest, new)
+        found = meta.host_cache[key] = (longest, work ** 0.5, chunks, smallest)
     return found
 
 
