@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import httpx
 import openai
@@ -242,6 +244,39 @@ def test_client_that_hangs_up_aborts_a_whole_answer(server, route):
     assert wait_until(lambda: server.llm.num_unfinished == 0
                       and server.llm.stats()["kv_blocks_used"] == 0)
     assert aborted() == before + 1
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", f"/v2/models/{MODEL}/generate"])
+def test_client_that_leaves_before_acceptance_is_never_run(server, route, monkeypatch):
+    """A client that leaves while its request waits for the engine (busy with a long step)
+    has its request aborted before the engine runs it: no step ever produces an output
+    for it (QA: such requests were prefilled anyway, holding up everyone after them)."""
+    engine, slow, seen = server.llm.engine, threading.Event(), set()
+    real_step = engine.step
+
+    def step():
+        if slow.is_set():
+            slow.clear()
+            time.sleep(1.0)  # a long prompt step
+        outputs = real_step()
+        seen.update(o.request_id for o in outputs)
+        return outputs
+
+    monkeypatch.setattr(engine, "step", step)
+    body = {"text_input": "Tell me everything"} if route.startswith("/v2") else {
+        "model": MODEL, "prompt": "Tell me everything"}
+    busy = threading.Thread(target=httpx.post, args=(server.url + route,), kwargs=dict(
+        json={**body, "max_tokens": 120, "ignore_eos": True}, timeout=60))
+    busy.start()
+    assert wait_until(lambda: seen)
+    running = set(seen)
+    slow.set()
+    assert wait_until(lambda: not slow.is_set())  # the engine is in its long step
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + route, json={**body, "max_tokens": 5}, timeout=0.3)
+    busy.join()
+    assert wait_until(lambda: server.llm.num_unfinished == 0)
+    assert seen == running, seen - running
 
 
 def test_metrics_and_request_log(server, caplog):

@@ -14,13 +14,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from kiln.errors import KilnError, RequestError
 from kiln.serve.async_llm import QueueFullError
 from kiln.serve.engine_loop import EngineDeadError, EngineStepError
+from kiln.serve.streaming import ClientDisconnected
 from kiln.tokenizer import lone_surrogate, not_unicode
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, api_error(exc))
 
+    async def _gone(request: Request, exc: Exception) -> Response:
+        # The client left before its requests were accepted (they were aborted); nobody
+        # reads this, 499 is what proxies log for "client closed request".
+        return Response(status_code=499)
+
+    app.add_exception_handler(ClientDisconnected, _gone)
     app.add_exception_handler(APIError, _known)
     app.add_exception_handler(KilnError, _known)
     # Anything else is a bug: Starlette answers with this handler, then re-raises so

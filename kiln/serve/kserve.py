@@ -23,7 +23,13 @@ from kiln.serve.errors import APIError, api_error
 from kiln.serve.generate_params import INPUTS, OUTPUTS, GenerateInput, parse_generate_request
 from kiln.serve.kserve_infer import InferRequest, infer_response, read_infer_request
 from kiln.serve.metrics import RequestTracker
-from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, until_disconnect
+from kiln.serve.streaming import (
+    ClientDisconnected,
+    EventStreamResponse,
+    sse,
+    submit_watched,
+    until_disconnect,
+)
 
 router = APIRouter(prefix="/v2")
 
@@ -76,16 +82,18 @@ async def model_ready(name: str, version: str = VERSION,
 
 
 async def _start(ctx: ServeContext, name: str, version: str, parse: Callable[[], Any],
-                 route: str) -> tuple[GenerateInput, Any, RequestTracker]:
+                 route: str, request: Request | None = None
+                 ) -> tuple[GenerateInput, Any, RequestTracker]:
     """Check the model, parse the request (`parse` -> GenerateInput), submit it."""
     request_id = f"gen-{uuid.uuid4().hex}"
     tracker = ctx.metrics.track(request_id, route)
     try:
         _model(ctx, name, version)
         parsed = parse()
-        stream = await ctx.llm.submit([(parsed.text, parsed.params, request_id)])
+        stream = await submit_watched(ctx, [(parsed.text, parsed.params, request_id)], request)
     except BaseException as e:
-        tracker.finish("error", str(e))
+        tracker.finish(*(("aborted",) if isinstance(e, ClientDisconnected) else
+                         ("error", str(e))))
         raise
     return parsed, stream, tracker
 
@@ -130,7 +138,7 @@ async def generate(name: str, request: Request, body: Any = Body(...), version: 
         return parsed
 
     parsed, stream, tracker = await _start(ctx, name, version, parse,
-                                           "/v2/models/{name}/generate")
+                                           "/v2/models/{name}/generate", request)
     output = await _whole(request, stream, tracker)
     if isinstance(output, Response):
         return output
@@ -157,7 +165,7 @@ async def infer(name: str, request: Request, version: str = VERSION,
 
     body = await request.body()
     parsed, stream, tracker = await _start(ctx, name, version, parse,
-                                           "/v2/models/{name}/infer")
+                                           "/v2/models/{name}/infer", request)
     output = await _whole(request, stream, tracker)
     if isinstance(output, Response):
         return output
@@ -173,11 +181,12 @@ async def infer(name: str, request: Request, version: str = VERSION,
 
 @router.post("/models/{name}/generate_stream")
 @router.post("/models/{name}/versions/{version}/generate_stream")
-async def generate_stream(name: str, body: Any = Body(...), version: str = VERSION,
+async def generate_stream(name: str, request: Request, body: Any = Body(...),
+                          version: str = VERSION,
                           ctx: ServeContext = Depends(get_context)) -> EventStreamResponse:
     parsed, stream, tracker = await _start(ctx, name, version,
                                            lambda: parse_generate_request(body),
-                                           "/v2/models/{name}/generate_stream")
+                                           "/v2/models/{name}/generate_stream", request)
     deltas = TextDeltas(parsed.params.stop)
 
     async def events() -> AsyncIterator[str]:

@@ -47,7 +47,7 @@ async def create_completion(body: CompletionRequest, request: Request,
     best_of, logprobs, prompt_logprobs = engine_choices(body)
     call = await start_call(ctx, "/v1/completions", "cmpl", body,
                             lambda: completion_prompts(body), engine_max_tokens(body), logprobs,
-                            best_of, prompt_logprobs)
+                            best_of, prompt_logprobs, request=request)
     return await respond_completion(ctx, call, body, request)
 
 
@@ -62,5 +62,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                   else body.max_tokens)
     call = await start_call(ctx, "/v1/chat/completions", "chatcmpl", body, prompts,
-                            max_tokens, top_n, prompt_chars=message_chars(body))
+                            max_tokens, top_n, prompt_chars=message_chars(body),
+                            request=request)
     return await respond_chat(ctx, call, body, request)

@@ -26,7 +26,13 @@ from kiln.serve.errors import APIError, api_error, check_unicode
 from kiln.serve.metrics import RequestTracker
 from kiln.serve.openai_output import ChoiceState
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
-from kiln.serve.streaming import ClientDisconnected, EventStreamResponse, sse, until_disconnect
+from kiln.serve.streaming import (
+    ClientDisconnected,
+    EventStreamResponse,
+    sse,
+    submit_watched,
+    until_disconnect,
+)
 
 MAX_CHOICES = 128  # prompts x n in one call
 MAX_LOGPROBS = 20
@@ -158,7 +164,8 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
                      body: CompletionRequest | ChatCompletionRequest,
                      make_prompts: Callable[[], list[Prompt]], max_tokens: int | None,
                      logprobs: int | None, n: int | None = None,
-                     prompt_logprobs: int | None = None, prompt_chars: int = 0) -> Call:
+                     prompt_logprobs: int | None = None, prompt_chars: int = 0,
+                     request: Request | None = None) -> Call:
     """Check the request, make its prompts, submit it; every failure is logged. `n`: the
     engine's choices per prompt when not the body's (best_of); prompt_chars: how much
     text make_prompts works on (past INLINE_PROMPT_CHARS, it runs on a thread)."""
@@ -185,7 +192,7 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
                                  ctx.llm.engine.config.model.vocab_size)
         group = [(prompt, params, f"{call_id}-{p}") for p, prompt in enumerate(prompts)]
         try:
-            stream = await ctx.llm.submit(group)
+            stream = await submit_watched(ctx, group, request)
         except RequestError as e:
             if not str(e).startswith("json_schema:"):
                 raise
@@ -196,7 +203,8 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
                            f"{str(e).removeprefix('json_schema:').strip()}",
                            param=where) from None
     except BaseException as e:
-        tracker.finish("error", str(e))
+        tracker.finish(*(("aborted",) if isinstance(e, ClientDisconnected) else
+                         ("error", str(e))))
         raise
     states = [ChoiceState(i, TextDeltas(params.stop)) for i in range(len(prompts) * n)]
     return Call(call_id, int(time.time()), ctx.model_name, n, stream, tracker,

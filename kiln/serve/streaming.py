@@ -111,6 +111,15 @@ class EventStreamResponse(StreamingResponse):
                 self._on_close()
 
 
+async def submit_watched(ctx: Any, group: list, request: Request | None) -> Any:
+    """ctx.llm.submit(group), given up (its requests aborted before the engine runs them)
+    if the client leaves while the engine is busy with the step before: ClientDisconnected,
+    which the app answers with 499."""
+    if request is None:
+        return await ctx.llm.submit(group)
+    return await until_disconnect(request, ctx.llm.submit(group))
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it and raising ClientDisconnected if the client leaves."""
     task = asyncio.ensure_future(work)
