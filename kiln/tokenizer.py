@@ -61,12 +61,30 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
             x, indent=indent, ensure_ascii=False)
+        messages = [_plain_message(m, i) for i, m in enumerate(messages)]
         try:
             template = env.from_string(self.chat_template)
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **{k: v or "" for k, v in self.special.items()}, **extra)
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise RequestError(f"chat template failed: {e}") from None
+
+
+def _plain_message(message: Any, index: int) -> dict[str, Any]:
+    """A message as chat templates read it: OpenAI-style content parts ([{"type": "text",
+    "text": ...}]) joined into one string (as the server does), None content as ""."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise RequestError(f"messages[{index}] must be a dict with a role and content, "
+                           f"e.g. {{'role': 'user', 'content': 'Hello'}}")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return {**message, "content": content or ""}
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        return {**message, "content": "\n".join(p["text"] for p in content)}
+    raise RequestError(f"messages[{index}].content must be a string or a list of text parts "
+                       "({'type': 'text', 'text': ...}); only text is supported")
 
 
 def lone_surrogate(text: str) -> int | None:

@@ -136,6 +136,23 @@ def test_chat_template_applies(smollm2_engine):
     assert "Paris" in out.text
 
 
+def test_chat_takes_openai_content_parts(smollm2_engine):
+    """LLM.chat with OpenAI-style messages: text parts joined as the server joins them,
+    None content as empty; other parts and malformed messages are a RequestError."""
+    from kiln.errors import RequestError
+
+    tok = LLM(smollm2_engine, device="cpu").tokenizer
+    plain = tok.apply_chat_template([{"role": "user", "content": "Hi\nthere"}])
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    assert tok.apply_chat_template([{"role": "user", "content": parts}]) == plain
+    assert tok.apply_chat_template([{"role": "user", "content": None}]) == \
+        tok.apply_chat_template([{"role": "user", "content": ""}])
+    for bad, words in (([{"role": "user", "content": [{"type": "image_url"}]}], "text parts"),
+                       ([{"content": "Hi"}], "messages[0]"), (["Hi"], "messages[0]")):
+        with pytest.raises(RequestError, match=words.replace("[", r"\[")):
+            tok.apply_chat_template(bad)
+
+
 def test_hf_folder_with_only_a_sentencepiece_model(sentencepiece_model,
                                                    sentencepiece_tokenizer, tmp_path):
     """Older checkpoints ship tokenizer.model only: the build converts it to tokenizer.json."""
