@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         allow_freeze()
     try:
         args.func(args)
+        sys.stdout.flush()  # here, not at interpreter exit: a closed pipe is caught below
+    except BrokenPipeError:
+        if not _output_closed():
+            raise
+        return 141  # as a command killed by SIGPIPE (`kiln ... | head`): no traceback
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         return 2
@@ -152,6 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _output_closed() -> bool:
+    """Whether stdout or stderr is a pipe whose reader is gone (`kiln cache list | head
+    -1`); such a stream is pointed at /dev/null, so that the interpreter's last flush of
+    it does not fail too. A broken pipe elsewhere (a socket, a child process) is an error."""
+    import os
+    import select
+
+    closed = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poll.poll(0)):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+                closed = True
+        except (AttributeError, OSError, ValueError):  # no fd (captured), no poll (Windows)
+            continue
+    return closed
 
 
 if __name__ == "__main__":

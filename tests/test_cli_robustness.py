@@ -1,0 +1,67 @@
+"""The command line and the build where a QA pass found them wanting, run as users run
+them (the kiln command in a subprocess where signals, pipes or spawned ranks matter)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.build import build
+from kiln.config import BuildConfig
+from tests.conftest import make_hf_model
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+KILN = [sys.executable, "-m", "kiln"]
+CFG = dict(dtype="float32", max_seq_len=64, max_batch_size=4, max_num_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    """A tiny Llama HF folder with no tokenizer files."""
+    folder = tmp_path_factory.mktemp("robust") / "hf"
+    make_hf_model("llama", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_with_tokenizer(hf, tmp_path_factory) -> Path:
+    """The same weights with a word-level tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("robust-tok") / "hf"
+    shutil.copytree(hf, folder)
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 200)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kiln: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# ---- output into a closed pipe (`kiln ... | head`) ----
+@pytest.mark.parametrize("command", ["cache-list", "run"])
+def test_output_into_a_closed_pipe_exits_quietly(command, hf_with_tokenizer, tmp_path):
+    if command == "run":
+        engine = build(hf_with_tokenizer, tmp_path / "e", BuildConfig(**CFG),
+                       progress=False)
+        args = ["run", str(engine), "--prompt", "w5 w6", "--max-tokens", "20", "--device",
+                "cpu"]
+    else:
+        args = ["cache", "list"]
+    proc = subprocess.Popen([*KILN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "KILN_CACHE": str(tmp_path / "cache")})
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
