@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln.build import build
+from kiln.cli import main
 from kiln.config import BuildConfig
 from tests.conftest import make_hf_model
 
@@ -65,3 +66,11 @@ def test_output_into_a_closed_pipe_exits_quietly(command, hf_with_tokenizer, tmp
     stderr = proc.stderr.read()
     assert proc.wait(60) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+# ---- kiln bench names its own option ----
+def test_kiln_bench_names_random_config(capsys):
+    assert main(["bench", "latency", "--random-config", "bogus"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("kiln: error: unknown --random-config 'bogus'; presets: "
+                           "llama-3.1-8b, "), line

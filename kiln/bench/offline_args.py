@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser, latency: bool) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """What `run` can tell is wrong before it builds or loads anything."""
+    if args.random_config is not None:
+        from kiln.checkpoint.random import PRESETS
+
+        if args.random_config not in PRESETS:
+            raise KilnError(f"unknown --random-config {args.random_config!r}; presets: "
+                            + ", ".join(PRESETS))
     if not 0 < args.kv_fraction <= 1:
         raise KilnError(f"--kv-fraction must be in (0, 1] (of the free GPU memory), got "
                         f"{args.kv_fraction}")
