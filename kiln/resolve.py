@@ -7,11 +7,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 from kiln.build import build
 from kiln.build.builder import planned_max_seq_len
 from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
+from kiln.build.scratch import leftovers, remove_leftover
 from kiln.checkpoint import open_checkpoint, source_fingerprint
 from kiln.config import LIMITS, WEIGHT_OPTIONS, BuildConfig, check_choices
 from kiln.errors import KilnError
@@ -123,8 +125,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("cache", help="list or free the engines built into the cache "
                        "($KILN_CACHE, default ~/.cache/kiln)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="cached engines with sizes").set_defaults(func=_cmd_list)
-    clear = actions.add_parser("clear", help="delete cached engines (all, or those named)")
+    listing = actions.add_parser("list", help="cached engines with sizes, and what killed "
+                                 "builds left")
+    listing.set_defaults(func=_cmd_list)
+    clear = actions.add_parser("clear", help="delete cached engines and what killed builds "
+                               "left (all, or those named)")
     clear.add_argument("names", nargs="*", help="engine names from `kiln cache list`")
     clear.set_defaults(func=_cmd_clear)
 
@@ -135,9 +140,10 @@ def _engines() -> list[Path]:
 
 
 def _cmd_list(args) -> None:
-    engines = _engines()
-    if not engines:
-        print(f"no cached engines in {cache_dir() / 'engines'}")
+    engines, root = _engines(), cache_dir() / "engines"
+    incomplete = leftovers(root)
+    if not engines and not incomplete:
+        print(f"no cached engines in {root}")
         return
     total = 0
     print(f"{'engine':<48}{'size':>10}  {'dtype':<9}{'quant':<6}{'kv':<6}{'seq':>6}  source")
@@ -151,20 +157,33 @@ def _cmd_list(args) -> None:
                   f"{b.kv_cache_dtype:<6}{b.max_seq_len:>6}  {source}")
         except KilnError:
             print(f"{path.name:<48}{_human(size):>10}  (stale format: rebuilt on next use)")
-    print(f"{len(engines)} engine(s), {_human(total)} in {cache_dir() / 'engines'}")
+    for path in incomplete:
+        size = _size(path)
+        total += size
+        print(f"{path.name:<48}{_human(size):>10}  (incomplete: left by a build that was "
+              "killed; `kiln cache clear` removes it)")
+    count = f"{len(engines)} engine(s)" + (f" and {len(incomplete)} incomplete build(s)"
+                                           if incomplete else "")
+    print(f"{count}, {_human(total)} in {root}")
 
 
 def _cmd_clear(args) -> None:
-    import shutil
-
-    engines = _engines()
+    engines, incomplete = _engines(), leftovers(cache_dir() / "engines")
     if args.names:
-        by_name = {p.name: p for p in engines}
+        by_name = {p.name: p for p in (*engines, *incomplete)}
         unknown = [n for n in args.names if n not in by_name]
         if unknown:
             raise KilnError(f"no cached engine named {', '.join(unknown)}; see `kiln cache list`")
-        engines = [by_name[n] for n in args.names]
+        chosen = {by_name[n] for n in args.names}
+        engines = [p for p in engines if p in chosen]
+        incomplete = [p for p in incomplete if p in chosen]
     freed = sum(_size(p) for p in engines)
     for path in engines:
         shutil.rmtree(path)
-    print(f"removed {len(engines)} engine(s), freed {_human(freed)}")
+    removed = 0
+    for path in incomplete:  # unless a build took it since (its lock says so)
+        size = _size(path)
+        if remove_leftover(path):
+            freed, removed = freed + size, removed + 1
+    also = f" and {removed} incomplete build(s)" if removed else ""
+    print(f"removed {len(engines)} engine(s){also}, freed {_human(freed)}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,55 @@ def test_kiln_bench_names_random_config(capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith("kiln: error: unknown --random-config 'bogus'; presets: "
                            "llama-3.1-8b, "), line
+
+
+# ---- interrupted builds ----
+def _start_build(out: Path, cache: Path) -> tuple[subprocess.Popen, Path]:
+    """A random-weight build (~3 s of work) into cache/engines, and its scratch dir
+    once it exists."""
+    before = set((cache / "engines").glob(".kiln-build-*"))
+    proc = subprocess.Popen([*KILN, "build", "--random-weights", "--config", "smollm2-135m",
+                             "--dtype", "float32", "-o", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "KILN_CACHE": str(cache)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = set((cache / "engines").glob(".kiln-build-*")) - before
+        if new:
+            return proc, new.pop()
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("the build made no scratch dir in 60 s")
+
+
+def test_killed_builds_are_listed_and_cleared_but_not_one_in_progress(tmp_path, monkeypatch,
+                                                                       capsys):
+    cache = tmp_path / "cache"
+    (cache / "engines").mkdir(parents=True)
+    monkeypatch.setenv("KILN_CACHE", str(cache))
+    running, in_progress = _start_build(cache / "engines" / "a", cache)
+    try:
+        running.send_signal(signal.SIGSTOP)  # holds its scratch dir, as a slow build does
+        killed, leftover = _start_build(cache / "engines" / "b", cache)
+        killed.kill()
+        killed.wait(30)
+        assert main(["cache", "list"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert len(listed) == 3, listed  # header, the leftover, the total
+        assert listed[1].startswith(leftover.name) and "incomplete" in listed[1]
+        assert listed[2].startswith("0 engine(s) and 1 incomplete build(s), ")
+        assert main(["cache", "clear"]) == 0
+        assert capsys.readouterr().out.startswith("removed 0 engine(s) and 1 incomplete "
+                                                  "build(s), freed ")
+        assert not leftover.exists() and in_progress.is_dir()
+        # SIGTERM cleans up as Ctrl-C does (sent while stopped: it arrives on SIGCONT)
+        running.send_signal(signal.SIGTERM)
+        running.send_signal(signal.SIGCONT)
+        assert running.wait(30) == 128 + signal.SIGTERM, running.stderr.read()
+        assert "Traceback" not in running.stderr.read()
+        assert not in_progress.exists() and not (cache / "engines" / "a").exists()
+        assert main(["cache", "list"]) == 0
+        assert capsys.readouterr().out.startswith("no cached engines")
+    finally:
+        running.kill()

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from kiln.build.quantize import (
     plan_quantization,
     with_default_calibration,
 )
+from kiln.build.scratch import make_scratch, release, terminate_unwinds
 from kiln.checkpoint import Checkpoint, open_checkpoint
 from kiln.config import (
     ACTIVATIONS,
@@ -120,37 +120,45 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
                     "them are unreliable", build_cfg.max_seq_len, positions,
                     ckpt.config.architecture)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
-    scratch = _scratch_dir(output_dir)
-    try:
-        started = time.perf_counter()
-        has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
-        if has_tokenizer:
-            _check_tokenizer_fits(scratch / "tokenizer", ckpt)
-        if build_cfg.load_format == "dummy":
-            log.info("load format dummy: no weights stored (random ones filled in at load)")
-        elif build_cfg.calib_file:
-            plan.stats = calibrate_checkpoint(ckpt, build_cfg, plan, dtype, progress,
-                                              lambda m: load_model(ckpt, build_cfg, m, dtype,
-                                                                   plan, progress))
-        world = build_cfg.tp_size * build_cfg.pp_size
-        for rank in range(world if build_cfg.load_format == "stored" else 0):
-            mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
-            state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
-            save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
-        # Absolute: `kiln cache list` shows where an engine came from, from any directory.
-        where = ckpt.source.resolve() if ckpt.source.exists() else ckpt.source
-        write_engine_config(scratch, EngineConfig(
-            model=ckpt.config, build=build_cfg,
-            source={"path": str(where), "fingerprint": ckpt.fingerprint(),
-                    "has_tokenizer": has_tokenizer,
-                    "build_seconds": round(time.perf_counter() - started, 2)},
-        ))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        scratch.rename(output_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # Killed builds leave it behind (`kiln cache list | clear` finds it: its lock is gone).
+    with terminate_unwinds():  # SIGTERM cleans up as Ctrl-C does
+        scratch, lock = make_scratch(output_dir)
+        try:
+            _write_engine(scratch, ckpt, build_cfg, plan, dtype, progress)
+            if output_dir.exists():
+                shutil.rmtree(output_dir)
+            scratch.rename(output_dir)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            release(lock)
     return output_dir
+
+
+def _write_engine(scratch: Path, ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,
+                  dtype: torch.dtype, progress: bool) -> None:
+    started = time.perf_counter()
+    has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
+    if has_tokenizer:
+        _check_tokenizer_fits(scratch / "tokenizer", ckpt)
+    if build_cfg.load_format == "dummy":
+        log.info("load format dummy: no weights stored (random ones filled in at load)")
+    elif build_cfg.calib_file:
+        plan.stats = calibrate_checkpoint(ckpt, build_cfg, plan, dtype, progress,
+                                          lambda m: load_model(ckpt, build_cfg, m, dtype,
+                                                               plan, progress))
+    world = build_cfg.tp_size * build_cfg.pp_size
+    for rank in range(world if build_cfg.load_format == "stored" else 0):
+        mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
+        state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
+        save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
+    # Absolute: `kiln cache list` shows where an engine came from, from any directory.
+    where = ckpt.source.resolve() if ckpt.source.exists() else ckpt.source
+    write_engine_config(scratch, EngineConfig(
+        model=ckpt.config, build=build_cfg,
+        source={"path": str(where), "fingerprint": ckpt.fingerprint(),
+                "has_tokenizer": has_tokenizer,
+                "build_seconds": round(time.perf_counter() - started, 2)},
+    ))
 
 
 def planned_max_seq_len(cfg: ModelConfig, build_cfg: BuildConfig) -> int:
@@ -173,23 +181,6 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
                                 and not is_engine_dir(output_dir)):
         raise BuildError(f"{output_dir} exists and is not a kiln engine dir; choose an empty "
                          "or new directory for -o")
-
-
-def _scratch_dir(output_dir: Path) -> Path:
-    """An empty dir beside output_dir to build into, or a BuildError saying why output_dir
-    cannot be written."""
-    for parent in output_dir.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise BuildError(f"cannot write {output_dir}: {parent} is a file, not a "
-                                 "directory")
-            break
-    try:
-        output_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".kiln-build-", dir=output_dir.parent))
-    except OSError as e:
-        raise BuildError(f"cannot write {output_dir}: {e.strerror or e} in "
-                         f"{output_dir.parent}") from None
 
 
 def _check_tokenizer_fits(folder: Path, ckpt: Checkpoint) -> None:

@@ -1,0 +1,121 @@
+"""The scratch dir a build writes into before it renames it to the engine dir, and what an
+interrupted build leaves behind.
+
+A build holds an exclusive lock (flock) on its scratch dir until it is renamed or removed,
+so another process can tell a build in progress from the leftover of one that was killed
+(kill -9, the OOM killer): the kernel drops the lock with the process. SIGTERM unwinds a
+build like Ctrl-C does, so its scratch dir goes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from kiln.errors import BuildError
+
+PREFIX = ".kiln-build-"
+
+
+def make_scratch(output_dir: Path) -> tuple[Path, int | None]:
+    """An empty, locked dir beside output_dir and its lock (release with `release`), or a
+    BuildError saying why output_dir cannot be written."""
+    for parent in output_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BuildError(f"cannot write {output_dir}: {parent} is a file, not a "
+                                 "directory")
+            break
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=output_dir.parent))
+            lock = _lock(path)
+            if lock is not False:
+                return path, lock
+            # `kiln cache clear` took it between mkdtemp and the lock, and removes it
+    except OSError as e:
+        raise BuildError(f"cannot write {output_dir}: {e.strerror or e} in "
+                         f"{output_dir.parent}") from None
+
+
+def release(lock: int | None) -> None:
+    if lock is not None:
+        os.close(lock)
+
+
+def _lock(path: Path) -> int | None | bool:
+    """An fd holding path's exclusive lock; False when another process holds it or path
+    is gone; None where locks are not available (then nothing is ever a leftover)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_nlink == 0:  # removed by whoever held it before us
+            raise BlockingIOError
+    except OSError:
+        os.close(fd)
+        return False
+    return fd
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Scratch dirs in folder that no build holds: what killed builds left behind."""
+    found = []
+    for path in sorted(folder.glob(PREFIX + "*")) if folder.is_dir() else ():
+        lock = _lock(path) if path.is_dir() else False
+        if lock is not False and lock is not None:
+            os.close(lock)
+            found.append(path)
+    return found
+
+
+def remove_leftover(path: Path) -> bool:
+    """Remove a scratch dir unless a build took it meanwhile; whether it was removed."""
+    lock = _lock(path)
+    if lock is False or lock is None:
+        return False
+    try:
+        shutil.rmtree(path)
+    finally:
+        os.close(lock)
+    return True
+
+
+@contextlib.contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """SIGTERM (and SIGHUP) raise SystemExit(128 + signal) inside the block, as Ctrl-C
+    raises KeyboardInterrupt, so the build's cleanup runs; a second one while it cleans
+    up is ignored. Only where the signal's default action (death) stands, in the main
+    thread: a handler someone else installed is left alone."""
+    signals = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        signals = []
+    previous = {}
+    for number in signals:
+        if signal.getsignal(number) is signal.SIG_DFL:
+            previous[number] = signal.signal(number, _unwind)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _unwind(number: int, frame) -> None:
+    for other in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if other is not None and signal.getsignal(other) is _unwind:
+            signal.signal(other, signal.SIG_IGN)
+    raise SystemExit(128 + number)
