@@ -42,9 +42,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               speculative_config=args.speculative_config, **limits_from_args(args))
     prompt = args.prompt
+    if llm.tokenizer is None:
+        from kiln.resolve import missing_tokenizer
+
+        raise KilnError(missing_tokenizer(llm.engine_dir))
     if args.chat:
-        if llm.tokenizer is None:
-            raise KilnError("this model has no tokenizer, so --chat cannot apply a template")
         prompt = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}]), add_special_tokens=False)
     engine = llm.engine

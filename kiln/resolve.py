@@ -108,6 +108,22 @@ def _check_built_like(path: Path, asked: BuildConfig | None) -> None:
                         "source: kiln build SOURCE -o DIR ...")
 
 
+def missing_tokenizer(engine_dir: Path) -> str:
+    """Why `engine_dir` has no tokenizer and what to do about it, for a command-line user
+    (who cannot pass token ids instead of text)."""
+    try:
+        source = load_engine_config(engine_dir).source
+    except KilnError:
+        source = {}
+    path = source.get("path", "SOURCE")
+    if source.get("has_tokenizer"):
+        return (f"{engine_dir} is incomplete: its tokenizer/ folder is missing, so text "
+                f"cannot be encoded; build the engine again: kiln build {path} -o DIR")
+    return (f"{engine_dir} has no tokenizer, so text cannot be encoded: its source {path} "
+            "held no tokenizer files when it was built; add the model's tokenizer.json (or "
+            "tokenizer.model) to it and build again")
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 

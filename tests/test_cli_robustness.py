@@ -3,6 +3,7 @@ them (the kiln command in a subprocess where signals, pipes or spawned ranks mat
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -128,3 +129,31 @@ def test_killed_builds_are_listed_and_cleared_but_not_one_in_progress(tmp_path, 
         assert capsys.readouterr().out.startswith("no cached engines")
     finally:
         running.kill()
+
+
+# ---- engines without a tokenizer ----
+def test_engines_without_a_tokenizer_say_so_and_how_to_fix_it(hf, hf_with_tokenizer,
+                                                               tmp_path):
+    built = subprocess.run([*KILN, "build", str(hf), "-o", str(tmp_path / "notok"), "--dtype",
+                            "float32", "--max-seq-len", "64"], capture_output=True, text=True,
+                           env=ENV, timeout=120)
+    assert built.returncode == 0, built.stderr
+    assert (f"{hf} has no tokenizer files (tokenizer.json or tokenizer.model): the engine "
+            "will take token ids only, not text prompts") in built.stderr
+    run = subprocess.run([*KILN, "run", str(tmp_path / "notok"), "--prompt", "hi"],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 2
+    assert _one_error_line(run.stderr) == (
+        f"kiln: error: {tmp_path / 'notok'} has no tokenizer, so text cannot be encoded: its "
+        f"source {hf} held no tokenizer files when it was built; add the model's "
+        "tokenizer.json (or tokenizer.model) to it and build again")
+
+    engine = build(hf_with_tokenizer, tmp_path / "tok", BuildConfig(**CFG), progress=False)
+    assert json.loads((engine / "engine.json").read_text())["source"]["has_tokenizer"]
+    shutil.rmtree(engine / "tokenizer")
+    run = subprocess.run([*KILN, "run", str(engine), "--prompt", "hi"], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert run.returncode == 2
+    assert _one_error_line(run.stderr) == (
+        f"kiln: error: {engine} is incomplete: its tokenizer/ folder is missing, so text "
+        f"cannot be encoded; build the engine again: kiln build {hf_with_tokenizer} -o DIR")

@@ -140,6 +140,9 @@ def _write_engine(scratch: Path, ckpt: Checkpoint, build_cfg: BuildConfig, plan:
     has_tokenizer = ckpt.write_tokenizer(scratch / "tokenizer")
     if has_tokenizer:
         _check_tokenizer_fits(scratch / "tokenizer", ckpt)
+    else:
+        log.warning("%s has no tokenizer files (tokenizer.json or tokenizer.model): the "
+                    "engine will take token ids only, not text prompts", ckpt.source)
     if build_cfg.load_format == "dummy":
         log.info("load format dummy: no weights stored (random ones filled in at load)")
     elif build_cfg.calib_file:
