@@ -22,6 +22,9 @@ def cmd_build(args: argparse.Namespace) -> None:
     if args.random_weights:
         from kiln.checkpoint.random import RandomCheckpoint
 
+        if args.source:
+            raise KilnError(f"SOURCE ({args.source}) and --random-weights conflict: build "
+                            "either a checkpoint or random weights of a --config preset")
         source = RandomCheckpoint(args.config or "llama-3.1-8b")
     else:
         if args.config:

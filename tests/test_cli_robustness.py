@@ -157,3 +157,43 @@ def test_engines_without_a_tokenizer_say_so_and_how_to_fix_it(hf, hf_with_tokeni
     assert _one_error_line(run.stderr) == (
         f"kiln: error: {engine} is incomplete: its tokenizer/ folder is missing, so text "
         f"cannot be encoded; build the engine again: kiln build {hf_with_tokenizer} -o DIR")
+
+
+# ---- kiln build: SOURCE with --random-weights, a build too large for the memory ----
+def test_kiln_build_source_and_random_weights_conflict(hf, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["build", str(hf), "--random-weights", "--config", "smollm2-135m",
+                 "-o", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"kiln: error: SOURCE ({hf}) and --random-weights conflict: build either a "
+        "checkpoint or random weights of a --config preset")
+    assert not out.exists()
+
+
+def test_a_build_larger_than_the_free_memory_is_refused_before_any_work(monkeypatch,
+                                                                        tmp_path, capsys):
+    import kiln.build.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000_000)
+    out = tmp_path / "engines" / "big"
+    assert main(["build", "--random-weights", "--config", "smollm2-135m", "--dtype",
+                 "float32", "-o", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("kiln: error: this build needs at least 0.5 GB of memory (the "
+                           "model's weights in float32, held whole before they are "
+                           "written) but 0.1 GB is available; free memory, or build with "
+                           "a smaller --config, --dtype bfloat16"), line
+    assert not (tmp_path / "engines").exists()  # not even a scratch dir
+
+
+def test_the_memory_estimate_is_one_ranks_weights():
+    import torch
+
+    from kiln.build.memory import rank_bytes
+    from kiln.checkpoint.random import RandomCheckpoint
+
+    cfg = RandomCheckpoint("smollm2-135m").config
+    one = rank_bytes(cfg, BuildConfig(), torch.float32, None, "auto")
+    assert 134e6 * 4 < one < 136e6 * 4  # its parameters (tied head) and a rotary table
+    assert rank_bytes(cfg, BuildConfig(), torch.bfloat16, None, "auto") < one * 0.51
+    assert rank_bytes(cfg, BuildConfig(tp_size=3), torch.float32, None, "auto") < one * 0.4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -19,6 +20,7 @@ from kiln.build.engine_dir import (
     resolve_dtype,
     write_engine_config,
 )
+from kiln.build.memory import check_fits, rank_bytes
 from kiln.build.quantize import (
     QuantPlan,
     apply_calibrated_method,
@@ -119,6 +121,9 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
         log.warning("max_seq_len %d is past the %d positions %s was trained on: outputs past "
                     "them are unreliable", build_cfg.max_seq_len, positions,
                     ckpt.config.architecture)
+    if build_cfg.load_format == "stored":  # before any work: the OOM killer says nothing
+        check_fits(rank_bytes(ckpt.config, build_cfg, dtype, plan.load_quant,
+                              plan.load_kv_cache_dtype), dtype, build_cfg, ckpt.source)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
     # Killed builds leave it behind (`kiln cache list | clear` finds it: its lock is gone).
     with terminate_unwinds():  # SIGTERM cleans up as Ctrl-C does
@@ -154,6 +159,8 @@ def _write_engine(scratch: Path, ckpt: Checkpoint, build_cfg: BuildConfig, plan:
         mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
         state = convert_rank(ckpt, build_cfg, mapping, dtype, progress, plan)
         save_file(state, str(rank_file(scratch, rank)), metadata={"format": "pt"})
+        del state  # and the model's reference cycles: one rank in memory at a time
+        gc.collect()  # (a TP2 1B bf16 build held both ranks: 2.86 GB peak, now 1.65)
     # Absolute: `kiln cache list` shows where an engine came from, from any directory.
     where = ckpt.source.resolve() if ckpt.source.exists() else ckpt.source
     write_engine_config(scratch, EngineConfig(
