@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a command killed by SIGPIPE (`kiln ... | head`): no traceback
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: a mistake in what was asked
     except ModuleNotFoundError as e:
         from kiln.extras import missing_extra_message
 

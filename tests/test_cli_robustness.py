@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -197,3 +198,26 @@ def test_the_memory_estimate_is_one_ranks_weights():
     assert 134e6 * 4 < one < 136e6 * 4  # its parameters (tied head) and a rotary table
     assert rank_bytes(cfg, BuildConfig(), torch.bfloat16, None, "auto") < one * 0.51
     assert rank_bytes(cfg, BuildConfig(tp_size=3), torch.float32, None, "auto") < one * 0.4
+
+
+# ---- a multi-rank engine from a script without the __main__ guard ----
+def test_an_unguarded_script_loading_a_multi_rank_engine_fails_in_seconds(hf, tmp_path):
+    """Each spawned rank imports the script again and so starts the engine again: it
+    stops there, and rank 0 says why instead of waiting in the rendezvous."""
+    engine = build(hf, tmp_path / "tp2", BuildConfig(**CFG, tp_size=2), progress=False)
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        from kiln import LLM
+        llm = LLM({str(engine)!r}, device="cpu")
+        print("loaded")
+    """))
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=ENV, timeout=90)
+    assert time.monotonic() - started < 60
+    assert run.returncode == 1 and "loaded" not in run.stdout
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("kiln.distributed.launch.RankDied: worker rank 1 died as it "
+                           "started"), run.stderr
+    assert f"top level of {script}" in last and 'if __name__ == "__main__":' in last
+    assert "bootstrapping phase" not in run.stderr and "leaked" not in run.stderr

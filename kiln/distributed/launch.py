@@ -31,6 +31,16 @@ from kiln.errors import KilnError
 
 # Fixed size of one step message: a step with no new requests fits in one broadcast.
 MESSAGE_BYTES = 4096
+# Exit code of a process multiprocessing spawned that, importing the user's main module
+# again (the spawn start method does), reached code that starts a multi-rank engine: a
+# script without the `if __name__ == "__main__":` guard.
+MAIN_REIMPORTED = 86
+
+
+class RankDied(KilnError):
+    """A rank kiln spawned died before the engine started."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -135,6 +145,41 @@ def spawn(world: int, target: Callable[..., None], args: tuple) -> list[Any]:
     return workers
 
 
+def reimporting_main() -> bool:
+    """Whether this process is a spawned child still importing the parent's main module
+    (where starting processes fails: multiprocessing's "bootstrapping phase" error)."""
+    from multiprocessing import process
+
+    return bool(getattr(process.current_process(), "_inheriting", False))
+
+
+def death_message(rank: int, exitcode: int | None, starting: bool = False) -> str:
+    """What to say when worker `rank` exited with `exitcode` (no "kiln: " prefix)."""
+    if exitcode == MAIN_REIMPORTED:
+        main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+        return (f"worker rank {rank} died as it started (exit code {exitcode}): it ran the "
+                f"top level of {main} again, which starts this multi-rank engine again; "
+                "start it (LLM(...)) under `if __name__ == \"__main__\":`")
+    return (f"worker rank {rank} died (exit code {exitcode}); the engine cannot "
+            f"{'start' if starting else 'continue'}")
+
+
+def await_started(workers: list[Any], started: Any, timeout: float = 600.0) -> None:
+    """Wait until every worker released the `started` semaphore (it is about to join the
+    process group, where a rank that died would keep rank 0 waiting for minutes); a
+    RankDied for the first found dead before that."""
+    deadline, pending = time.monotonic() + timeout, len(workers)
+    while pending:
+        if started.acquire(timeout=0.05):
+            pending -= 1
+            continue
+        for rank, worker in enumerate(workers, start=1):
+            if not worker.is_alive():
+                raise RankDied(death_message(rank, worker.exitcode, starting=True))
+        if time.monotonic() > deadline:
+            raise RankDied(f"{pending} worker rank(s) did not start in {timeout:.0f} s")
+
+
 def watch(workers: list[Any], on_death: Callable[[str], None], interval: float = 0.2) -> None:
     """A thread that calls on_death(message) once when any worker process exits."""
     def loop() -> None:
@@ -142,8 +187,7 @@ def watch(workers: list[Any], on_death: Callable[[str], None], interval: float =
             for rank, worker in enumerate(list(workers), start=1):
                 if not worker.is_alive():
                     if workers:  # not a shutdown in progress
-                        on_death(f"kiln: worker rank {rank} died (exit code "
-                                 f"{worker.exitcode}); the engine cannot continue")
+                        on_death(f"kiln: {death_message(rank, worker.exitcode)}")
                     return
             time.sleep(interval)
 
@@ -236,7 +280,8 @@ class ShmChannel:
         context = mp.get_context("spawn")
         shm = shared_memory.SharedMemory(create=True, size=cls.SLOTS * cls.SLOT_BYTES)
         spec = {"name": shm.name, "ready": [context.Semaphore(0) for _ in range(world - 1)],
-                "free": [context.Semaphore(cls.SLOTS) for _ in range(world - 1)]}
+                "free": [context.Semaphore(cls.SLOTS) for _ in range(world - 1)],
+                "started": context.Semaphore(0)}  # a worker about to join (await_started)
         shm.close()
         return spec
 
@@ -273,6 +318,16 @@ class ShmChannel:
             assert self.fallback is not None
             return self.fallback.recv()
         return pickle.loads(data)
+
+    @staticmethod
+    def discard(spec: dict) -> None:
+        """Remove the memory of a spec no channel was made of (the ranks did not start)."""
+        from multiprocessing import shared_memory
+
+        try:
+            shared_memory.SharedMemory(name=spec["name"]).unlink()
+        except OSError:
+            pass
 
     def close(self, unlink: bool = False, keep_mapping: bool = False) -> None:
         """Unlink the name (the creator, once every worker attached) and/or unmap."""

@@ -119,23 +119,39 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
         raise KilnError("this process still holds the process group of an earlier "
                         "multi-GPU engine that could not be released; start the new engine "
                         "in a new process")
+    if launch.reimporting_main():  # a spawned worker re-running an unguarded script
+        raise SystemExit(launch.MAIN_REIMPORTED)  # rank 0 says what to do (death_message)
     port = launch.free_port()
     tp = engine.config.build.tp_size
     spec = launch.ShmChannel.create(world)
     workers = launch.spawn(world, _spawned_worker,
                            (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
     threads = torch.get_num_threads()
+    joined = False
+
+    def on_death(message: str) -> None:
+        if not joined:  # nothing interrupts the rendezvous: the one line, and exit
+            launch.fail(message)
+        engine.fail(message)
+
     try:
+        launch.await_started(workers, spec["started"])  # a worker that died says so now
+        launch.watch(workers, on_death)
         ctx = launch.join(0, world, 0, device_type, f"tcp://127.0.0.1:{port}", "kiln", tp)
     except BaseException:
+        stopped = list(workers)
+        workers.clear()  # the watcher stops watching
+        for worker in stopped:
+            worker.kill()
+        launch.ShmChannel.discard(spec)
         torch.set_num_threads(threads)  # join split the cores for the ranks that failed
         raise
+    joined = True
     ctx.channel_spec = spec
     mirror = Mirror(ctx, workers, threads)
     # Every worker attached the ring before joining the process group, so its name can
     # go now: nothing is left in /dev/shm even if every process is killed.
     mirror.channel.close(unlink=True, keep_mapping=True)
-    launch.watch(mirror.workers, engine.fail)
     atexit.register(mirror.close, exiting=True)
     return ctx, mirror
 
@@ -184,6 +200,8 @@ def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: 
     device_type = "cuda" if runtime.device.startswith("cuda") or (
         runtime.device == "auto" and _cuda()) else "cpu"
     channel = launch.ShmChannel(channel_spec, rank, None) if channel_spec else None
+    if channel_spec:
+        channel_spec["started"].release()  # rank 0 stops watching for a death at start
     ctx = launch.join(rank, world, rank, device_type, f"tcp://127.0.0.1:{port}", "kiln",
                       tp_size)
     ctx.channel_spec = channel_spec
