@@ -54,6 +54,10 @@ def test_build_options_of_a_built_engine_are_fixed(engine, capsys):
     (lambda d: d["build"].update(max_seq_len=-1), "build.max_seq_len is -1"),
     (lambda d: d["build"].update(dtype="float99"), "build.dtype is 'float99'"),
     (lambda d: d["build"].update(tp_size=2), "lacks rank1.safetensors"),
+    (lambda d: d["model"].update(position_embedding="bogus"),
+     "model.position_embedding is 'bogus' (kiln knows rope, learned, alibi)"),
+    (lambda d: d["model"].update(hidden_act="foo"), "model.hidden_act is 'foo' (kiln knows silu"),
+    (lambda d: d["model"].update(norm_type="foo"), "model.norm_type is 'foo'"),
 ])
 def test_an_edited_engine_json_is_one_line(engine, tmp_path, capsys, edit, words):
     copy = shutil.copytree(engine, tmp_path / "e")

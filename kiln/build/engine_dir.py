@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import (
+    ACTIVATIONS,
     DTYPES,
     KV_CACHE_DTYPES,
     LIMITS,
@@ -19,6 +20,8 @@ from kiln.config import (
 )
 from kiln.errors import KilnError
 
+NORM_TYPES = ("rmsnorm", "layernorm")  # kiln.layers.norm.make_norm
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi")  # kiln.models.decoder
 # 2: FP8 engines hold MoE experts in e4m3 (format 1 kept them in the model dtype; other
 # format-1 engines read the same).
 FORMAT_VERSION = 2
@@ -104,6 +107,13 @@ def _problems(engine: EngineConfig) -> list[str]:
                                               "int8"))):
         if getattr(b, name) not in allowed:
             found.append(f"build.{name} is {getattr(b, name)!r}")
+    # The model's layer kinds: the build checks the activation (kiln.build.builder.validate,
+    # the same list); the norms and positions it writes come from the architecture.
+    for name, allowed in (("hidden_act", ACTIVATIONS), ("norm_type", NORM_TYPES),
+                          ("position_embedding", POSITION_EMBEDDINGS)):
+        if getattr(m, name) not in allowed:
+            found.append(f"model.{name} is {getattr(m, name)!r} (kiln knows "
+                         f"{', '.join(allowed)})")
     return found
 
 
