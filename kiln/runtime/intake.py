@@ -31,6 +31,12 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
     if max_tokens > room and not unbounded:
         raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                            f"exceeds max_seq_len ({max_seq_len})")
+    for name, ids in (("stop_token_ids", params.stop_token_ids),
+                      ("logit_bias", params.logit_bias or ())):
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise RequestError(f"{name}: token id {t} is not in the vocabulary (0 to "
+                                   f"{vocab - 1})")
     for name in ("logprobs", "prompt_logprobs"):
         if (getattr(params, name) or 0) > vocab:
             raise RequestError(f"{name} must be at most the vocabulary size ({vocab})")

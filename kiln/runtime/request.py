@@ -6,6 +6,7 @@ import enum
 import math
 import numbers
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +46,6 @@ class SamplingParams:
     num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]  # "" would match everywhere
         self.validate()
 
     @property
@@ -55,6 +53,14 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     def validate(self) -> None:
+        """Raise RequestError for a value of the wrong kind or out of range. Also puts the
+        word lists in their one form, whenever they were set (a str assigned to stop after
+        construction is one stop string, not its characters). The engine runs this when
+        a request is added; what depends on the engine (the vocabulary, max_seq_len) is
+        checked there (kiln.runtime.intake.check_request)."""
+        self.stop = [s for s in _strings("stop", self.stop) if s]  # "" would match anywhere
+        self.bad_words = [w for w in _strings("bad_words", self.bad_words) if w]
+        self.stop_token_ids = _token_ids(self.stop_token_ids)
         for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs",
                      "prompt_logprobs"):
             value = getattr(self, name)
@@ -98,12 +104,44 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+        if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
+            raise RequestError("logit_bias must be a dict of token id -> bias, got "
+                               f"{_show(self.logit_bias)}")
         for token_id, bias in (self.logit_bias or {}).items():
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
                 raise RequestError(f"logit_bias keys must be token ids, got {token_id!r}")
-            if not -100 <= bias <= 100:
+            if token_id < 0:
+                raise RequestError(f"logit_bias: token id {token_id} is not in the vocabulary")
+            if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or \
+                    not -100 <= bias <= 100:
                 raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} "
                                    f"for token {token_id}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    """stop / bad_words: one string or a list of strings, as a new list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+        return list(value)
+    raise RequestError(f"{name} must be a string or a list of strings, got {_show(value)}")
+
+
+def _token_ids(value: Any) -> list[int]:
+    """stop_token_ids: a list of token ids (whole numbers >= 0), as a new list of ints."""
+    if not isinstance(value, (list, tuple)) or any(
+            isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in value):
+        raise RequestError(f"stop_token_ids must be a list of token ids (whole numbers), got "
+                           f"{_show(value)}")
+    for t in value:
+        if t < 0:
+            raise RequestError(f"stop_token_ids: token id {t} is not in the vocabulary")
+    return [int(t) for t in value]
 
 
 # Stands in request.token_ids for a sampled token still on its way from the device.

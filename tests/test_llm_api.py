@@ -1,0 +1,90 @@
+"""The Python API as a QA pass used it (42nd session): streamed text against the final
+text (stop strings, other calls between pieces), what SamplingParams and BeamSearchParams
+take, bad words, the stopping token in the text, and closing an LLM. Each mistake is a
+RequestError / KilnError for that call only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.errors import RequestError
+from kiln.runtime.engine import LLMEngine, RuntimeConfig
+from kiln.serve import AsyncLLM
+from tests.test_serve_support import tiny_chat_engine
+
+PROMPT = "The capital of France is a city that"
+FREE = dict(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(tiny_chat_engine(), device="cpu")
+
+
+# ---- 2. SamplingParams: the types inside its lists, token ids in the vocabulary -------
+@pytest.mark.parametrize("options,words", [
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    (dict(stop=["a", 5]), "stop must be a string or a list of strings"),
+    (dict(bad_words=[3]), "bad_words must be a string or a list of strings"),
+    (dict(stop_token_ids="a"), "stop_token_ids must be a list of token ids"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list of token ids"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids must be a list of token ids"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids: token id -1 is not in the vocabulary"),
+    (dict(logit_bias={5: "a"}), "logit_bias values must be in"),
+    (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
+])
+def test_sampling_lists_of_the_wrong_kind(options, words):
+    with pytest.raises(RequestError, match=words.replace("[", r"\[")):
+        SamplingParams(**options)
+
+
+def test_params_set_after_construction_fail_when_added(llm):
+    good = SamplingParams(max_tokens=4, temperature=0)
+    bad = SamplingParams(max_tokens=4, temperature=0)
+    bad.stop_token_ids = 5  # type: ignore[assignment]
+    with pytest.raises(RequestError, match="stop_token_ids must be a list"):
+        llm.generate(["a", "b"], [good, bad])
+    assert not llm.engine.has_unfinished()
+    vocab = llm.engine.config.model.vocab_size
+    for options, words in ((dict(stop_token_ids=[vocab]), f"stop_token_ids: token id {vocab} "),
+                           (dict(logit_bias={vocab + 5: 1.0}), f"logit_bias: token id "
+                                                                f"{vocab + 5} ")):
+        with pytest.raises(RequestError, match=words + r"is not in the vocabulary \(0 to "):
+            llm.generate("a", SamplingParams(max_tokens=4, **options))
+
+
+def test_a_stop_string_assigned_later_is_one_string(llm):
+    free = llm.generate(PROMPT, SamplingParams(**FREE))[0].text
+    params = SamplingParams(**FREE)
+    params.stop = stop = free[5:9]  # type: ignore[assignment]
+    out = llm.generate(PROMPT, params)[0]
+    assert out.outputs[0].stop_reason == stop and out.text == free[:free.index(stop)]
+
+
+def test_a_bad_request_ends_no_other_async_request(llm):
+    """Before, SamplingParams with stop_token_ids="a" was accepted and failed the engine's
+    step, ending every request of it."""
+    front = AsyncLLM(LLMEngine(tiny_chat_engine(), RuntimeConfig(device="cpu")))
+    want = llm.generate(PROMPT, SamplingParams(**FREE))[0].text
+    bad = SamplingParams(max_tokens=8)
+    bad.stop_token_ids = "a"  # type: ignore[assignment]
+
+    async def run() -> str:
+        async def collect() -> list:
+            return [o async for o in front.generate(PROMPT, SamplingParams(**FREE))]
+
+        good = asyncio.ensure_future(collect())
+        await asyncio.sleep(0.05)  # running in the engine meanwhile
+        with pytest.raises(RequestError, match="stop_token_ids"):
+            await front.submit([("x", bad, "bad-1")])
+        with pytest.raises(RequestError, match="stop_token_ids"):
+            async for _ in front.generate("x", bad):
+                pass
+        return (await good)[-1].text
+    try:
+        assert asyncio.run(run()) == want
+    finally:
+        front.shutdown()
