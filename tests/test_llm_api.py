@@ -24,6 +24,43 @@ def llm():
     return LLM(tiny_chat_engine(), device="cpu")
 
 
+def _stop_across_tokens(llm: LLM) -> tuple[str, str]:
+    """A stop string that starts inside one generated token's text and ends in the next
+    one's, and the text before it (what the request's final text is)."""
+    pieces = list(llm.engine.stream(PROMPT, SamplingParams(**FREE)))
+    full, at = "".join(pieces), 0
+    for piece, after in zip(pieces, pieces[1:]):
+        stop = full[at + 1:at + len(piece) + 1]
+        if len(piece) >= 2 and after and full.find(stop) == at + 1:
+            return stop, full[:at + 1]
+        at += len(piece)
+    raise AssertionError(f"no token of {pieces} takes a stop string across its end")
+
+
+# ---- 1. streamed text never shows part of a stop string the final text drops ----------
+def test_stream_holds_back_what_may_become_a_stop_string(llm):
+    stop, final = _stop_across_tokens(llm)
+    params = SamplingParams(**FREE, stop=[stop])
+    assert llm.generate(PROMPT, params)[0].text == final
+    pieces = list(llm.engine.stream(PROMPT, params))
+    assert "".join(pieces) == final
+
+
+def test_async_generate_text_only_grows(llm):
+    stop, final = _stop_across_tokens(llm)
+    front = AsyncLLM(LLMEngine(tiny_chat_engine(), RuntimeConfig(device="cpu")))
+
+    async def run() -> list[str]:
+        return [o.text async for o in front.generate(PROMPT, SamplingParams(**FREE,
+                                                                            stop=[stop]))]
+    try:
+        texts = asyncio.run(run())
+    finally:
+        front.shutdown()
+    assert texts[-1] == final
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts
+
+
 # ---- 2. SamplingParams: the types inside its lists, token ids in the vocabulary -------
 @pytest.mark.parametrize("options,words", [
     (dict(stop=5), "stop must be a string or a list of strings, got 5"),

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from kiln.runtime.request import SamplingParams
+from kiln.runtime.text_deltas import TextDeltas
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
@@ -19,7 +20,7 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | 
     request_id = engine.add_request(prompt, params)
     kept = engine.streamed
     kept[request_id] = None
-    shown = 0
+    deltas = TextDeltas(params.stop)
     try:
         while True:
             output = kept[request_id]
@@ -31,10 +32,9 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | 
                         kept[out.request_id] = out
                 continue
             kept[request_id] = None
-            text = output.outputs[0].text
-            if len(text) > shown:
-                yield text[shown:]
-                shown = len(text)
+            delta = deltas.next(output.outputs[0].text, output.finished)
+            if delta:
+                yield delta
             if output.finished:
                 break
     finally:

@@ -19,6 +19,7 @@ requests in the engine, which frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +30,7 @@ from kiln.config import BuildConfig
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.delivery import Mailbox
 from kiln.serve.engine_loop import EngineDeadError, EngineLoop, NewRequest, Prompt
 
@@ -219,12 +221,20 @@ class AsyncLLM:
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request until it finishes."""
+        """Cumulative outputs of one request until it finishes. With stop strings, each
+        sequence's text holds back up to len(longest stop string) - 1 characters until
+        it finishes (as vLLM does): the engine cuts a stop string once it matches, and
+        the text seen so far only ever grows into the final one."""
         request_id = request_id or uuid.uuid4().hex
-        stream = await self.submit([(prompt, params or SamplingParams(), request_id)])
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()  # (puts a stop string assigned after construction in its list)
+        stream = await self.submit([(prompt, params, request_id)])
+        deltas: dict[int, TextDeltas] = {}
         try:
             async for output in stream:
-                yield output
+                yield _held_back(output, params.stop, deltas) if params.stop else output
         finally:
             stream.abort()
 
@@ -237,3 +247,16 @@ class AsyncLLM:
         """Stop the engine thread (or process); unfinished requests fail with
         EngineDeadError."""
         self._loop.shutdown()
+
+
+def _held_back(output: RequestOutput, stop: list[str], deltas: dict[int, TextDeltas]
+               ) -> RequestOutput:
+    """The output with each unfinished sequence's text short of what may become a stop
+    string (`deltas`: what was shown of each sequence so far, by index)."""
+    completions = []
+    for c in output.outputs:
+        shown = deltas.setdefault(c.index, TextDeltas(stop))
+        shown.next(c.text, output.finished or c.finish_reason is not None)
+        completions.append(c if shown.sent == len(c.text)
+                           else dataclasses.replace(c, text=c.text[:shown.sent]))
+    return dataclasses.replace(output, outputs=completions)

@@ -1,22 +1,8 @@
-"""Streamed text: the new part of a growing text, minus what may become a stop string."""
+"""Streamed text deltas: kiln.runtime.text_deltas (shared with LLMEngine.stream and
+AsyncLLM.generate), under the name the server's routes import."""
 
 from __future__ import annotations
 
+from kiln.runtime.text_deltas import TextDeltas, stop_holdback
 
-def stop_holdback(stop: list[str]) -> int:
-    """Characters to hold back: a stop string may be completed by later tokens, the engine
-    then cuts it from the text, and text already sent cannot be taken back."""
-    return max((len(s) for s in stop), default=1) - 1
-
-
-class TextDeltas:
-    def __init__(self, stop: list[str] | None = None) -> None:
-        self.holdback = stop_holdback(stop or [])
-        self.sent = 0  # characters sent so far
-
-    def next(self, text: str, finished: bool) -> str:
-        """The text to send now, given the whole text so far."""
-        end = len(text) if finished else max(len(text) - self.holdback, self.sent)
-        delta = text[self.sent:end]
-        self.sent = max(end, self.sent)
-        return delta
+__all__ = ["TextDeltas", "stop_holdback"]
