@@ -68,22 +68,28 @@ class LLM:
             raise RequestError("params must be SamplingParams (one, or one per prompt)")
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        self.engine.stream_outputs = False
+        engine = self.engine
+        engine.stream_outputs = False
         try:
             with frozen_while():  # no full collection walks the loaded engine meanwhile
                 for prompt, sp in zip(prompts, params):
-                    ids.append(self.engine.add_request(prompt, sp))
+                    ids.append(engine.add_request(prompt, sp))
+                # Until these requests finish: others (a stream read half-way) run along
+                # and keep their outputs for their readers (LLMEngine._apply).
+                pending = set(ids)
                 with tqdm(total=len(ids), desc="generating", unit="req",
                           disable=not use_tqdm) as bar:
-                    while self.engine.has_unfinished():
-                        for output in self.engine.step():
-                            results[output.request_id] = output
-                            bar.update(1)
+                    while pending and engine.has_unfinished():
+                        for output in engine.step():
+                            if output.finished and output.request_id in pending:
+                                pending.discard(output.request_id)
+                                results[output.request_id] = output
+                                bar.update(1)
         finally:
-            self.engine.stream_outputs = True
+            engine.stream_outputs = True
             for request_id in ids:  # after an error or Ctrl-C: leave nothing running
                 if request_id not in results:
-                    self.engine.abort(request_id)
+                    engine.abort(request_id)
         return [results[i] for i in ids]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],

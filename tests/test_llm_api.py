@@ -11,6 +11,7 @@ import pytest
 
 from kiln import LLM, SamplingParams
 from kiln.errors import RequestError
+from kiln.runtime.beam_search import BeamSearchParams
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.serve import AsyncLLM
 from tests.test_serve_support import tiny_chat_engine
@@ -125,3 +126,21 @@ def test_a_bad_request_ends_no_other_async_request(llm):
         assert asyncio.run(run()) == want
     finally:
         front.shutdown()
+
+
+# ---- 4. a stream read half-way while other calls run the engine; n > 1 -------------------
+def test_a_stream_keeps_its_text_across_other_calls(llm):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    full = llm.generate("Hello", params)[0].text
+    stream = llm.engine.stream("Hello", params)
+    first = next(stream)
+    assert len(llm.generate("The capital", SamplingParams(max_tokens=5, temperature=0))) == 1
+    assert llm.beam_search("Hi", BeamSearchParams(beam_width=2, max_tokens=3))[0].sequences
+    assert first + "".join(stream) == full
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_stream_of_several_sequences_is_refused(llm):
+    with pytest.raises(RequestError, match="n=2 asks for 2"):
+        llm.engine.stream("Hello", SamplingParams(n=2))
+    assert not llm.engine.has_unfinished()

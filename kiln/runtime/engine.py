@@ -337,21 +337,24 @@ class LLMEngine:
         changed = apply_result(result, self._seq_of, self.groups, self.scheduler)
         if self.speculator is not None:
             self.speculator.after_step(result.requests, result.token_ids)
-        outputs = []
+        outputs, streamed = [], self.streamed
         for group in changed.values():
             if group.finished:
                 self.groups.pop(group.request_id, None)
                 for seq in group.sequences:
                     self._seq_of.pop(seq.request.request_id, None)
-            elif not self.stream_outputs:
+            elif not self.stream_outputs and group.request_id not in streamed:
                 continue
-            outputs.append(group.output())
+            outputs.append(output := group.output())
+            if group.request_id in streamed:  # kept for its stream, whoever runs the step
+                streamed[group.request_id] = output
         return outputs
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None
                ) -> Iterator[str]:
-        """Run one request to the end, yielding its text as it is generated (several
-        streams may be read in turns: kiln.runtime.streams)."""
+        """Run one request (n=1) to the end, yielding its text as it is generated; the
+        pieces join into the final text, even with other calls stepping the engine between
+        them (kiln.runtime.streams)."""
         from kiln.runtime.streams import stream
 
         return stream(self, prompt, params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from kiln.errors import RequestError
 from kiln.runtime.request import SamplingParams
 from kiln.runtime.text_deltas import TextDeltas
 
@@ -14,9 +15,27 @@ if TYPE_CHECKING:
 
 def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | None
            ) -> Iterator[str]:
-    """Run one request to the end, yielding its text as it is generated. Several streams of
-    one engine may be read in turns: a step that one of them runs keeps the outputs of the
-    others for them (their last pieces too; they were dropped before)."""
+    """Run one request to the end, yielding its text as it is generated; the pieces join
+    into the final text. While a stop string could still match, up to len(longest stop
+    string) - 1 characters are held back (as vLLM does): the engine cuts a stop string from
+    the text, and a piece already yielded cannot be taken back.
+
+    Several streams of one engine may be read in turns, and other calls may run the engine
+    between two pieces (LLM.generate, LLM.beam_search, engine.step): whoever runs a step
+    keeps this stream's output for it (LLMEngine._apply), so it still yields its whole
+    text. One sequence only: n > 1 is a RequestError (LLM.generate or AsyncLLM.generate
+    give every sequence)."""
+    params = params or SamplingParams()
+    params.validate()  # here, not at the first next(): n must be known now
+    if params.n != 1:
+        raise RequestError(f"stream() yields the text of one sequence, and n={params.n} asks "
+                           f"for {params.n}: use LLM.generate, or AsyncLLM.generate for "
+                           "outputs as they grow")
+    return _pieces(engine, prompt, params)
+
+
+def _pieces(engine: LLMEngine, prompt: str | list[int], params: SamplingParams
+            ) -> Iterator[str]:
     request_id = engine.add_request(prompt, params)
     kept = engine.streamed
     kept[request_id] = None
@@ -26,10 +45,8 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | 
             output = kept[request_id]
             if output is None:
                 if request_id not in engine.groups:
-                    break
-                for out in engine.step():
-                    if out.request_id in kept:
-                        kept[out.request_id] = out
+                    break  # aborted
+                engine.step()  # keeps the outputs of every stream in `kept`
                 continue
             kept[request_id] = None
             delta = deltas.next(output.outputs[0].text, output.finished)
