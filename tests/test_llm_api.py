@@ -128,6 +128,21 @@ def test_a_bad_request_ends_no_other_async_request(llm):
         front.shutdown()
 
 
+# ---- 3. bad words: as written and after a space -----------------------------------------
+def test_a_bad_word_without_a_leading_space_is_banned(llm):
+    tok = llm.tokenizer
+    free = llm.generate(PROMPT, SamplingParams(**FREE))[0]
+    # A generated token whose text starts with no space and is a whole word's encoding.
+    token, word = next((t, w) for t in free.token_ids
+                       if (w := tok.decode([t])) and w == w.strip()
+                       and tok.encode(w, add_special_tokens=False) == [t])
+    out = llm.generate(PROMPT, SamplingParams(**FREE, bad_words=[word]))[0]
+    assert token not in out.token_ids
+    spaced = tok.encode(" " + word, add_special_tokens=False)
+    if len(spaced) == 1:  # the spaced form is banned as before
+        assert spaced[0] not in out.token_ids
+
+
 # ---- 4. a stream read half-way while other calls run the engine; n > 1 -------------------
 def test_a_stream_keeps_its_text_across_other_calls(llm):
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -18,7 +18,7 @@ from kiln.distributed.comm import all_reduce_min, setup_custom_all_reduce
 from kiln.errors import KilnError, RequestError
 from kiln.runtime import parallel
 from kiln.runtime.config import RuntimeConfig, resolve_device
-from kiln.runtime.intake import check_request, new_group
+from kiln.runtime.intake import bad_words_token_ids, check_request, new_group
 from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.output_processor import Group, Sequence, apply_result
@@ -183,7 +183,7 @@ class LLMEngine:
             token_ids, params, self.config.model.vocab_size, self.max_seq_len,
             unbounded=self.streaming is not None,
             max_drafts=self.speculator.config.num_speculative_tokens if self.speculator else 0)
-        bad_words = [self._encode(" " + w.lstrip(), False) for w in params.bad_words]
+        bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
         if params.json_schema is not None:
             grammars = self._grammar_compiler()
             grammars.matcher(params.json_schema)  # a bad schema fails here, for this caller

@@ -49,6 +49,23 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
     return max_tokens
 
 
+def bad_words_token_ids(tokenizer: Tokenizer | None, words: list[str]) -> list[list[int]]:
+    """The token sequences that spell each bad word: as written (the start of the text, or
+    after a newline) and after a space, the two ways a tokenizer may split it (as vLLM
+    bans them; vLLM skips the spaced form where it has another length, kiln bans both)."""
+    if not words:
+        return []
+    if tokenizer is None:
+        raise RequestError("bad_words need the engine's tokenizer, and this engine has none")
+    banned: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in banned:
+                banned.append(ids)
+    return banned
+
+
 def new_group(request_id: str, prompt: str | list[int], token_ids: list[int],
               params: SamplingParams, max_tokens: int, seed_base: int,
               eos_token_ids: tuple[int, ...], tokenizer: Tokenizer | None,
