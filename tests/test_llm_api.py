@@ -159,3 +159,30 @@ def test_a_stream_of_several_sequences_is_refused(llm):
     with pytest.raises(RequestError, match="n=2 asks for 2"):
         llm.engine.stream("Hello", SamplingParams(n=2))
     assert not llm.engine.has_unfinished()
+
+
+# ---- 5. beam search: its params and the length, up front --------------------------------
+@pytest.mark.parametrize("options,words", [
+    (dict(beam_width="4"), "beam_width must be a whole number >= 1, got '4'"),
+    (dict(beam_width=2.5), "beam_width must be a whole number >= 1, got 2.5"),
+    (dict(max_tokens=None), "max_tokens must be a whole number >= 1, got None"),
+    (dict(num_return_sequences=1.0), "num_return_sequences must be a whole number"),
+    (dict(length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+    (dict(early_stopping=1), "early_stopping must be True, False or 'never'"),
+])
+def test_beam_search_params_of_the_wrong_kind(options, words):
+    with pytest.raises(RequestError, match=words):
+        BeamSearchParams(**options)
+
+
+def test_beam_search_checks_the_length_up_front(llm):
+    limit = llm.engine.max_seq_len
+    prompt = list(range(10, 10 + limit - 5))
+    with pytest.raises(RequestError, match=rf"prompt \({limit - 5} tokens\) \+ max_tokens "
+                                           rf"\(10\) exceeds max_seq_len \({limit}\)"):
+        llm.beam_search(prompt, BeamSearchParams(beam_width=2, max_tokens=10))
+    params = BeamSearchParams(beam_width=2, max_tokens=2)
+    params.beam_width = "2"  # type: ignore[assignment]
+    with pytest.raises(RequestError, match="beam_width must be a whole number"):
+        llm.beam_search("Hi", params)
+    assert not llm.engine.has_unfinished()

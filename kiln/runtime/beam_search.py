@@ -13,10 +13,13 @@ logprob_sum / generated_len ** length_penalty; the best W unfinished ones contin
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from kiln.errors import RequestError
 from kiln.runtime.engine import LLMEngine
+from kiln.runtime.intake import check_request
 from kiln.runtime.request import SamplingParams
 
 NEG_INF = -1.0e9
@@ -32,12 +35,29 @@ class BeamSearchParams:
     num_return_sequences: int | None = None  # default: beam_width
 
     def __post_init__(self) -> None:
-        if self.beam_width < 1 or self.max_tokens < 1:
-            raise RequestError("beam_width and max_tokens must be at least 1")
-        if self.early_stopping not in (True, False, "never"):
-            raise RequestError("early_stopping must be True, False or 'never'")
+        self.validate()
+
+    def validate(self) -> None:
+        """RequestError for a value of the wrong kind or out of range (beam_search runs
+        this again, for values set after construction)."""
+        for name in ("beam_width", "max_tokens", "num_return_sequences"):
+            value = getattr(self, name)
+            if (value is not None or name != "num_return_sequences") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                    or value < 1):
+                raise RequestError(f"{name} must be a whole number >= 1, got {value!r}")
+        if isinstance(self.length_penalty, bool) or \
+                not isinstance(self.length_penalty, numbers.Real) or \
+                not math.isfinite(self.length_penalty):
+            raise RequestError(f"length_penalty must be a finite number, got "
+                               f"{self.length_penalty!r}")
+        if not any(self.early_stopping is v for v in (True, False)) and \
+                self.early_stopping != "never":
+            raise RequestError(f"early_stopping must be True, False or 'never', got "
+                               f"{self.early_stopping!r}")
         if not 1 <= (self.num_return_sequences or self.beam_width) <= self.beam_width:
-            raise RequestError("num_return_sequences must be in [1, beam_width]")
+            raise RequestError(f"num_return_sequences must be in [1, beam_width "
+                               f"({self.beam_width})], got {self.num_return_sequences}")
 
 
 @dataclass
@@ -66,12 +86,40 @@ class _Search:
 
 def beam_search(engine: LLMEngine, prompts: list[list[int]],
                 params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """Every prompt is checked as a request of max_tokens before the search starts."""
+    if not isinstance(params, BeamSearchParams):
+        raise RequestError(f"params must be BeamSearchParams, got {type(params).__name__}")
+    params.validate()
     vocab = engine.config.model.vocab_size
     if params.beam_width > vocab:
         raise RequestError(f"beam_width must be at most the vocabulary size ({vocab}), got "
                            f"{params.beam_width}")
+    for prompt in prompts:
+        check_request(prompt, SamplingParams(max_tokens=params.max_tokens), vocab,
+                      engine.max_seq_len, unbounded=engine.streaming is not None)
     searches = [_Search(p, params, [([], 0.0)]) for p in prompts]
+    live: set[str] = set()  # beam requests in the engine
+    try:
+        _run(engine, searches, params, live)
+    finally:  # after an error or Ctrl-C: leave no beam running
+        for rid in live:
+            engine.abort(rid)
+    outputs = []
+    for s in searches:
+        best = sorted(s.finished, key=lambda b: -b.score)
+        best = best[: params.num_return_sequences or params.beam_width]
+        for b in best:
+            if engine.tokenizer is not None:
+                b.text = engine.tokenizer.decode(b.token_ids)
+        outputs.append(BeamSearchOutput(s.prompt, best))
+    return outputs
+
+
+def _run(engine: LLMEngine, searches: list[_Search], params: BeamSearchParams,
+         live: set[str]) -> None:
     width = params.beam_width
+    # Top 2W continuations of each beam (no more than the vocabulary has).
+    top_n = min(2 * width, engine.config.model.vocab_size)
     eos = () if params.ignore_eos else engine.eos_token_ids
     while not all(s.done for s in searches):
         # One engine request per live beam, all run together.
@@ -82,13 +130,15 @@ def beam_search(engine: LLMEngine, prompts: list[list[int]],
             for bi, (tokens, _) in enumerate(s.running):
                 rid = f"beam-{si}-{bi}-{len(tokens)}"
                 engine.add_request(s.prompt + tokens, SamplingParams(
-                    max_tokens=1, temperature=0, logprobs=2 * width, ignore_eos=True), rid)
+                    max_tokens=1, temperature=0, logprobs=top_n, ignore_eos=True), rid)
+                live.add(rid)
                 ids[rid] = (s, bi)
         top: dict[str, dict[int, float]] = {}
         while len(top) < len(ids):
             for out in engine.step():
                 if out.finished and out.request_id in ids:
                     top[out.request_id] = out.outputs[0].logprobs[0]
+                    live.discard(out.request_id)
         for s in searches:
             if s.done:
                 continue
