@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 
 from kiln import LLM, SamplingParams
@@ -14,7 +15,7 @@ from kiln.errors import RequestError
 from kiln.runtime.beam_search import BeamSearchParams
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.serve import AsyncLLM
-from tests.test_serve_support import tiny_chat_engine
+from tests.test_serve_support import MODEL, tiny_chat_engine
 
 PROMPT = "The capital of France is a city that"
 FREE = dict(max_tokens=24, temperature=0, ignore_eos=True)
@@ -186,3 +187,37 @@ def test_beam_search_checks_the_length_up_front(llm):
     with pytest.raises(RequestError, match="beam_width must be a whole number"):
         llm.beam_search("Hi", params)
     assert not llm.engine.has_unfinished()
+
+
+# ---- 8. the token that stops a request stays out of its text (as in vLLM) ----------------
+def test_the_stopping_token_stays_out_of_the_text(llm):
+    eos = llm.engine.eos_token_ids[0]
+    eos_text = llm.tokenizer.decode([eos], skip_special_tokens=False)
+    forced = dict(max_tokens=8, temperature=0, min_tokens=2, logit_bias={eos: 100.0},
+                  skip_special_tokens=False)
+    out = llm.generate(PROMPT, SamplingParams(**forced))[0]
+    assert out.token_ids[-1] == eos and len(out.token_ids) == 3 and out.finish_reason == "stop"
+    assert eos_text not in out.text and out.text == llm.generate(
+        PROMPT, SamplingParams(max_tokens=2, temperature=0))[0].text
+    kept = llm.generate(PROMPT, SamplingParams(**forced, include_stop_str_in_output=True))[0]
+    assert kept.text == out.text + eos_text
+    free = llm.generate(PROMPT, SamplingParams(**FREE))[0]
+    stop_id = free.token_ids[3]
+    first = free.token_ids.index(stop_id)
+    stopped = llm.generate(PROMPT, SamplingParams(**FREE, stop_token_ids=[stop_id]))[0]
+    assert stopped.token_ids == free.token_ids[:first + 1] and stopped.text == llm.generate(
+        PROMPT, SamplingParams(**{**FREE, "max_tokens": first}))[0].text
+
+
+def test_the_server_leaves_the_stopping_token_out_too(llm, server):
+    eos = llm.engine.eos_token_ids[0]
+    body = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={
+        str(eos): 100}, extra_body={"min_tokens": 2, "skip_special_tokens": False})
+    want = llm.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0, min_tokens=2,
+                                               logit_bias={eos: 100.0},
+                                               skip_special_tokens=False))[0].text
+    assert llm.tokenizer.decode([eos], skip_special_tokens=False) not in want
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    assert client.completions.create(**body).choices[0].text == want
+    chunks = client.completions.create(**body, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want

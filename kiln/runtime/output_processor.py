@@ -80,17 +80,20 @@ def apply_token(seq: Sequence, token: int, index: int,
         request.logprobs.append(entry)
         request.cumulative_logprob += values[0]
     text_before = len(seq.text) if params.stop else 0
-    if seq.detok is not None:
-        seq.text += seq.detok.add(token)
     status = None
-    # The grammar follows every token (min_tokens or not); complete JSON ends the text.
-    json_complete = request.grammar is not None and grammar.advance(request, token)
     if generated >= params.min_tokens:
         if not params.ignore_eos and token in request.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif token in params.stop_token_ids:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
-        elif json_complete:
+    # A stop token (EOS, stop_token_ids) stays out of the text, as in vLLM, unless
+    # include_stop_str_in_output (its id stays in token_ids).
+    if seq.detok is not None and (status is None or params.include_stop_str_in_output):
+        seq.text += seq.detok.add(token)
+    # The grammar follows every token (min_tokens or not); complete JSON ends the text.
+    json_complete = request.grammar is not None and grammar.advance(request, token)
+    if generated >= params.min_tokens and status is None:
+        if json_complete:
             status = RequestStatus.FINISHED_STOPPED
         elif params.stop:
             status = _check_stop_strings(seq, text_before)
