@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import numbers
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
+from kiln.build.engine_dir import load_engine_config
 from kiln.config import LIMITS, BuildConfig
 from kiln.errors import KilnError, RequestError
 from kiln.resolve import resolve_engine
@@ -19,6 +23,10 @@ from kiln.runtime.heap import frozen_while
 from kiln.runtime.request import RequestOutput, SamplingParams
 
 Prompt = str | list[int]
+
+# The multi-rank engines of this process's LLMs. A process holds one process group at a
+# time: an engine whose LLM was dropped without close() is closed when the next LLM loads.
+_MULTI_RANK: list[tuple[weakref.ref, LLMEngine]] = []
 
 
 class LLM:
@@ -30,6 +38,11 @@ class LLM:
     fields (device, num_kv_blocks, ...). The limits max_batch_size, max_num_tokens and
     max_seq_len are runtime settings of any engine (up to its built max_seq_len), and size
     an engine built into the cache.
+
+    `close()` (or leaving `with LLM(...) as llm:`) releases the engine: a multi-rank
+    engine's other ranks stop and its process group is freed, so the process can load
+    another; using the LLM after it is a KilnError. An LLM dropped without close() has
+    its multi-rank engine closed when the next LLM loads.
     """
 
     def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
@@ -50,9 +63,38 @@ class LLM:
         # Limits stay in the runtime too: a cached engine serves them at runtime. Checked
         # (the device, ...) before a build that could take minutes.
         runtime = RuntimeConfig(**options)
+        self._engine: LLMEngine | None = None
         self.engine_dir = resolve_engine(model, build_config)
-        self.engine = LLMEngine(self.engine_dir, runtime)
-        self.tokenizer = self.engine.tokenizer
+        _release_dropped(self.engine_dir)
+        self._engine = LLMEngine(self.engine_dir, runtime)
+        self.tokenizer = self._engine.tokenizer
+        if self._engine.mirror is not None:
+            _MULTI_RANK.append((weakref.ref(self), self._engine))
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise KilnError("this LLM is closed (close(), or the end of its `with` block); "
+                            "create a new LLM to generate again")
+        return self._engine
+
+    def close(self) -> None:
+        """Release the engine (see the class); closing again does nothing."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        _MULTI_RANK[:] = [(ref, e) for ref, e in _MULTI_RANK if e is not engine]
+        engine.close()
+        del engine
+        gc.collect()  # the weights and the KV cache go now, unless held elsewhere
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -110,6 +152,21 @@ class LLM:
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                          add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params)
+
+
+def _release_dropped(engine_dir: Path) -> None:
+    """Close the multi-rank engines whose LLM is gone; a KilnError if a multi-rank engine
+    is to load while an LLM holding another one is still open (llm.engine.close() closes
+    only the engine: that is enough)."""
+    for ref, engine in list(_MULTI_RANK):
+        if ref() is None or engine.mirror.closed:
+            _MULTI_RANK.remove((ref, engine))
+            engine.close()
+    build = load_engine_config(engine_dir).build
+    if _MULTI_RANK and build.tp_size * build.pp_size > 1:
+        raise KilnError("this process already runs a multi-rank engine (an LLM not closed "
+                        "yet); call its close(), or use `with LLM(...) as llm:`, before "
+                        "loading another one")
 
 
 def _prompt_list(prompts: Any) -> list[Prompt]:

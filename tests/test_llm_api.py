@@ -6,16 +6,19 @@ RequestError / KilnError for that call only."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import openai
 import pytest
 
 from kiln import LLM, SamplingParams
-from kiln.errors import RequestError
+from kiln.build import build
+from kiln.config import BuildConfig
+from kiln.errors import KilnError, RequestError
 from kiln.runtime.beam_search import BeamSearchParams
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.serve import AsyncLLM
-from tests.test_serve_support import MODEL, tiny_chat_engine
+from tests.test_serve_support import MODEL, tiny_chat_checkpoint, tiny_chat_engine
 
 PROMPT = "The capital of France is a city that"
 FREE = dict(max_tokens=24, temperature=0, ignore_eos=True)
@@ -221,3 +224,37 @@ def test_the_server_leaves_the_stopping_token_out_too(llm, server):
     assert client.completions.create(**body).choices[0].text == want
     chunks = client.completions.create(**body, stream=True)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+
+
+# ---- 6. closing an LLM --------------------------------------------------------------------
+def test_closed_llm_says_so(llm):
+    closed = LLM(tiny_chat_engine(), device="cpu")
+    closed.close()
+    closed.close()  # again: nothing
+    for call in (lambda: closed.generate("Hi"), lambda: closed.engine.stream("Hi"),
+                 lambda: closed.beam_search("Hi"), lambda: closed.chat(
+                     [{"role": "user", "content": "Hi"}])):
+        with pytest.raises(KilnError, match="this LLM is closed"):
+            call()
+
+
+def test_close_releases_a_multi_rank_engine(tmp_path):
+    engine = build(tiny_chat_checkpoint(), tmp_path / "tp2", BuildConfig(
+        dtype="float32", max_seq_len=256, max_batch_size=16, max_num_tokens=512, tp_size=2),
+        progress=False)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with LLM(engine, device="cpu") as llm:
+        want = llm.generate("Hello", params)[0].text
+        with pytest.raises(KilnError, match=r"call its close\(\)"):
+            LLM(engine, device="cpu")
+    with pytest.raises(KilnError, match="this LLM is closed"):
+        llm.generate("Hello", params)
+    again = LLM(engine, device="cpu")  # its process group was released
+    assert again.generate("Hello", params)[0].text == want
+    del again
+    gc.collect()  # dropped without close(): closed when the next LLM loads
+    last = LLM(engine, device="cpu")
+    try:
+        assert last.generate("Hello", params)[0].text == want
+    finally:
+        last.close()

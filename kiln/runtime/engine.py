@@ -161,9 +161,12 @@ class LLMEngine:
         parallel.abort_collectives()  # a step blocked on the lost rank fails instead of hanging
 
     def close(self) -> None:
-        """Stop the other ranks of a multi-rank engine (a single-rank one has none)."""
+        """Stop the other ranks of a multi-rank engine (a single-rank one has none); a
+        closed engine's step() is a KilnError."""
         if self.mirror is not None:
             self.mirror.close()
+        self.failure = self.failure or ("this engine is closed (close()); load it again "
+                                        "(a new LLM) to generate")
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
