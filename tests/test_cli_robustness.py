@@ -132,6 +132,30 @@ def test_killed_builds_are_listed_and_cleared_but_not_one_in_progress(tmp_path, 
         running.kill()
 
 
+def test_a_build_where_locks_are_unavailable_still_gets_a_scratch_dir(tmp_path, monkeypatch):
+    """A filesystem without flock (ENOLCK): the build goes on unlocked (it looped making
+    scratch dirs), and such a dir is never taken for a killed build's."""
+    import errno
+    import fcntl
+    import threading
+
+    from kiln.build import scratch
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    made = []
+    thread = threading.Thread(target=lambda: made.append(scratch.make_scratch(tmp_path / "e")),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert made, "make_scratch did not return"
+    path, lock = made[0]
+    assert path.is_dir() and lock is None
+    assert len(list(tmp_path.glob(".kiln-build-*"))) == 1 and scratch.leftovers(tmp_path) == []
+
+
 # ---- engines without a tokenizer ----
 def test_engines_without_a_tokenizer_say_so_and_how_to_fix_it(hf, hf_with_tokenizer,
                                                                tmp_path):

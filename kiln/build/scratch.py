@@ -34,12 +34,13 @@ def make_scratch(output_dir: Path) -> tuple[Path, int | None]:
             break
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        while True:
+        for _ in range(100):
             path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=output_dir.parent))
             lock = _lock(path)
             if lock is not False:
                 return path, lock
             # `kiln cache clear` took it between mkdtemp and the lock, and removes it
+        raise OSError("another process removed every scratch dir this build made")
     except OSError as e:
         raise BuildError(f"cannot write {output_dir}: {e.strerror or e} in "
                          f"{output_dir.parent}") from None
@@ -63,9 +64,10 @@ def _lock(path: Path) -> int | None | bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_nlink == 0:  # removed by whoever held it before us
-            raise BlockingIOError
-    except OSError:
+    except OSError as e:
+        os.close(fd)
+        return False if isinstance(e, BlockingIOError) else None  # else: no locks here
+    if os.fstat(fd).st_nlink == 0:  # removed by whoever held it before us
         os.close(fd)
         return False
     return fd
