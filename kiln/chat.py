@@ -42,7 +42,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               **limits_from_args(args))
     tokenizer = llm.tokenizer
-    if tokenizer is None or not tokenizer.chat_template:
+    if tokenizer is None:
+        from kiln.resolve import missing_tokenizer
+
+        raise KilnError(missing_tokenizer(llm.engine_dir))
+    if not tokenizer.chat_template:
         raise KilnError("this model has no chat template; use `kiln run --prompt ...`")
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

@@ -172,6 +172,10 @@ def test_engines_without_a_tokenizer_say_so_and_how_to_fix_it(hf, hf_with_tokeni
         f"kiln: error: {tmp_path / 'notok'} has no tokenizer, so text cannot be encoded: its "
         f"source {hf} held no tokenizer files when it was built; add the model's "
         "tokenizer.json (or tokenizer.model) to it and build again")
+    chat = subprocess.run([*KILN, "chat", str(tmp_path / "notok")], capture_output=True,
+                          text=True, env=ENV, timeout=120, input="")
+    assert chat.returncode == 2
+    assert _one_error_line(chat.stderr) == _one_error_line(run.stderr)  # the same line
 
     engine = build(hf_with_tokenizer, tmp_path / "tok", BuildConfig(**CFG), progress=False)
     assert json.loads((engine / "engine.json").read_text())["source"]["has_tokenizer"]
