@@ -126,15 +126,17 @@ def test_prefill_attention(seq_lens: list[int], q_lens: list[int]) -> None:
 
 
 @pytest.mark.parametrize("kv,window,gqa", [(None, None, True), (None, None, False),
-                                           ("e4m3", None, True), (None, 8192, True)])
+                                           ("e4m3", None, True), ("e4m3-vt", None, True),
+                                           (None, 8192, True)])
 def test_prefill_attention_sdpa(kv: str | None, window: int | None, gqa: bool,
                                 monkeypatch) -> None:
     """kiln.kernels.attention_sdpa: two decode rows, then whole prompts (two of 1000 tokens in
     one batched call, an 8k one, a 300-token one) and chunks over cached prefixes (2,048
     tokens over 3,952, 100 over 900) through kiln.functional.paged_attention, which sends the
     prompts to SDPA (cuDNN on Hopper; the chunks as two cuDNN calls merged by their
-    log-sum-exps, K / V heads as they are or repeated): the reference's output, and the
-    Triton kernel's (paged_attention_mixed) within bf16 rounding."""
+    log-sum-exps, K / V heads as they are or repeated; e4m3-vt: V transposed in its blocks,
+    KILN_PREFILL_SDPA_VT=1): the reference's output, and the Triton kernel's
+    (paged_attention_mixed) within bf16 rounding."""
     from kiln import functional as KF
     from kiln.kernels import attention_sdpa
     from kiln.kernels.attention_prefill import paged_attention_mixed
@@ -155,23 +157,26 @@ def test_prefill_attention_sdpa(kv: str | None, window: int | None, gqa: bool,
                        [n - m:n] for i, (n, m) in enumerate(zip(seq_lens, q_lens))])
     scale = HEAD_DIM ** -0.5
     scales = {}
-    if kv == "e4m3":
+    if kv is not None:
         scales = dict(k_scale=torch.full((KV_HEADS,), 0.02, device="cuda"),
                       v_scale=torch.full((KV_HEADS,), 0.03, device="cuda"))
         k_cache = (k_cache / 0.02).to(torch.float8_e4m3fn)
         v_cache = (v_cache / 0.03).to(torch.float8_e4m3fn)
+    v_run = v_cache  # what the kernels read
+    if kv == "e4m3-vt":
+        monkeypatch.setattr(attention_sdpa, "V_TRANSPOSED", True)
+        v_run = v_cache.permute(0, 2, 3, 1).contiguous()  # [blocks, kv heads, d, block]
     meta = AttentionMetadata(
         slot_mapping=slots, block_tables=tables,
         seq_lens=torch.tensor(seq_lens, device="cuda").int(),
         query_start_loc=torch.tensor(starts, device="cuda").int(), query_starts_host=starts,
         seq_lens_host=seq_lens, max_query_len=max(q_lens), max_seq_len=max(seq_lens))
-    out = KF.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window=window,
-                             **scales)
+    out = KF.paged_attention(q, k_cache, v_run, meta, scale, sliding_window=window, **scales)
     assert calls == [2]
     expected = ref.paged_attention(q, k_cache, v_cache, tables, starts, seq_lens, scale,
                                    sliding_window=window, **scales)
     _close("sdpa", out, expected, **ATTN)
-    triton_out = paged_attention_mixed(q, k_cache, v_cache, tables, meta.query_start_loc,
+    triton_out = paged_attention_mixed(q, k_cache, v_run, tables, meta.query_start_loc,
                                        meta.seq_lens, max(q_lens), scale, 2,
                                        sliding_window=window, **scales)
     _close("sdpa vs triton", out, triton_out, **ATTN)

@@ -89,6 +89,33 @@ def test_sdpa_path_matches_reference(monkeypatch, cache, decode_rows, dtype, chu
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("cache", [torch.float8_e4m3fn, torch.int8])
+def test_v_transposed_gathers_the_same(monkeypatch, cache) -> None:
+    """KILN_PREFILL_SDPA_VT=1: a 1-byte cache whose V blocks hold V transposed ([kv heads,
+    d, block], the engine's default for them) gives the usual layout's output bit for bit,
+    whole prompts and chunks over a cached prefix; usable() takes it only when on."""
+    seq_lens, q_lens = [33, 20, 40], [33, 20, 12]
+    q, k_cache, v_cache, tables, starts = _paged_batch(seq_lens, q_lens, HEADS, KV_HEADS,
+                                                       HEAD_DIM, torch.bfloat16,
+                                                       block_size=BLOCK)
+    scales = dict(k_scale=torch.tensor([0.03, 0.05]), v_scale=torch.tensor([0.02, 0.04]))
+    k_cache = (k_cache.float() / scales["k_scale"].view(-1, 1)).clamp(-100, 100).round()
+    v_cache = (v_cache.float() / scales["v_scale"].view(-1, 1)).clamp(-100, 100).round()
+    k_cache, v_cache = k_cache.to(cache), v_cache.to(cache)
+    v_t = v_cache.permute(0, 2, 3, 1).contiguous()  # [blocks, kv heads, d, block]
+    meta = _meta(tables, starts, seq_lens)
+    want = sdpa.paged_attention_sdpa(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5, **scales)
+    got = sdpa.paged_attention_sdpa(q, k_cache, v_t, _meta(tables, starts, seq_lens),
+                                    HEAD_DIM ** -0.5, **scales)
+    assert torch.equal(got, want)
+    monkeypatch.setattr(sdpa, "MIN_TOKENS_1BYTE", 16)
+    monkeypatch.setattr(sdpa, "MIN_CHUNK_TOKENS", 1)
+    for on in (False, True):
+        monkeypatch.setattr(sdpa, "V_TRANSPOSED", on)
+        assert sdpa.usable(q, k_cache, v_t, meta, k_scale=scales["k_scale"]) == on
+        assert sdpa.usable(q, k_cache, v_cache, meta, k_scale=scales["k_scale"])
+
+
 def test_which_steps_take_it(monkeypatch) -> None:
     monkeypatch.setattr(sdpa, "MIN_TOKENS", 16)
     monkeypatch.setattr(sdpa, "MIN_TOKENS_1BYTE", 25)

@@ -29,8 +29,9 @@ over 24576 6.62 / 10.07. A lone prompt's TTFT: 8k 225 -> 211 ms, 32k 1,424 -> 1,
 one chunk, 1,413 -> 1,193 ms in chunks of 8192 (the default budget).
 
 Not taken for sliding windows shorter than a prompt of the step, ALiBi, softcap, attention
-sinks, V stored transposed (1-byte caches' default layout), float32, graph-captured steps,
-or steps beyond the limits above: the Triton kernel keeps those.
+sinks, V stored transposed (1-byte caches' default layout; KILN_PREFILL_SDPA_VT=1 gathers
+it, untimed), float32, graph-captured steps, or steps beyond the limits above: the Triton
+kernel keeps those.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ MAX_CHUNKS = int(os.environ.get("KILN_PREFILL_SDPA_MAX_CHUNKS", "8"))
 # a chunk over a cached prefix comes here only with this many new tokens (41st session, H200:
 # 1024 over 3000 cached 0.28 ms against Triton's 0.20; 2048 over 6000 0.50 against 0.66)
 MIN_CHUNK_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_MIN_CHUNK_TOKENS", "2048"))
+# 1-byte caches keep V transposed in their blocks ([kv heads, head_dim, block], the engine's
+# default for them): gathered slot by slot when this is on (41st session: CPU-tested, opt-in
+# until timed on a GPU)
+V_TRANSPOSED = os.environ.get("KILN_PREFILL_SDPA_VT", "0") == "1"
 # cuDNN's op takes fewer KV heads than query heads as they are (else K / V are repeated)
 CUDNN_GQA = os.environ.get("KILN_SDPA_CUDNN_GQA", "1") == "1"
 
@@ -61,8 +66,9 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
     if q.dtype not in (torch.float16, torch.bfloat16) or (k_cache.dtype != q.dtype
                                                            and not one_byte):
         return False
-    if v_cache.shape != k_cache.shape or not k_cache.is_contiguous():
-        return False  # V transposed, or a cache this view cannot flatten
+    if not k_cache.is_contiguous() or (v_cache.shape != k_cache.shape and not (
+            V_TRANSPOSED and _v_transposed(k_cache, v_cache))):
+        return False  # a cache this view cannot flatten, or V transposed (unless on)
     longest, size, chunks, smallest_chunk = _prompts(meta, decode_rows)
     if size < (MIN_TOKENS_1BYTE if one_byte else MIN_TOKENS) or chunks > MAX_CHUNKS or (
             chunks and smallest_chunk < MIN_CHUNK_TOKENS) or (
@@ -99,9 +105,19 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, **common):
                            out=out, **common)
 
 
+def _v_transposed(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    blocks, block, kv_heads, dim = k_cache.shape
+    return v_cache.shape == (blocks, kv_heads, dim, block) and v_cache.is_contiguous()
+
+
 def _gather(cache: torch.Tensor, slots: torch.Tensor, cache_scale: torch.Tensor | None,
-            dtype: torch.dtype) -> torch.Tensor:
-    values = cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+            dtype: torch.dtype, block: int | None = None) -> torch.Tensor:
+    """The cache's values at these slots, [N, kv heads, d] in dtype (dequantized by
+    cache_scale a head); `block`: the cache holds V transposed in blocks of that size."""
+    if block is None:
+        values = cache.view(-1, *cache.shape[2:]).index_select(0, slots)
+    else:
+        values = cache[slots // block, :, :, slots % block]
     if cache.dtype == dtype:
         return values
     return (values.float() * cache_scale.view(-1, 1)).to(dtype)
@@ -166,8 +182,9 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     starts, lens = meta.query_starts_host, meta.seq_lens_host
     first = starts[decode_rows]
     slots = meta.slot_mapping[first:]
+    block = k_cache.shape[1] if v_cache.shape != k_cache.shape else None  # V transposed
     k = _gather(k_cache, slots, k_scale, q.dtype)
-    v = _gather(v_cache, slots, v_scale, q.dtype)
+    v = _gather(v_cache, slots, v_scale, q.dtype, block)
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[2]
     runs, chunks = _groups(starts, lens, decode_rows)
 
@@ -184,7 +201,7 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         cached = lens[seq] - n
         prefix = _prefix_slots(meta, seq, cached, k_cache.shape[1])
         kp = _gather(k_cache, prefix, k_scale, q.dtype)
-        vp = _gather(v_cache, prefix, v_scale, q.dtype)
+        vp = _gather(v_cache, prefix, v_scale, q.dtype, block)
         qs = split(q, row, 1, n)
         o_prefix, lse_prefix = _attend(qs, split(kp, 0, 1, cached), split(vp, 0, 1, cached),
                                        False, scale)
