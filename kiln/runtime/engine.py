@@ -349,7 +349,7 @@ class LLMEngine:
             elif not self.stream_outputs and group.request_id not in streamed:
                 continue
             outputs.append(output := group.output())
-            if group.request_id in streamed:  # kept for its stream, whoever runs the step
+            if streamed and group.request_id in streamed:  # for its stream, whoever steps
                 streamed[group.request_id] = output
         return outputs
 

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 import kiln
 from kiln.errors import RequestError
 from kiln.runtime.request import RequestOutput
+from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.context import ServeContext, get_context
-from kiln.serve.deltas import TextDeltas
 from kiln.serve.errors import APIError, api_error
 from kiln.serve.generate_params import INPUTS, OUTPUTS, GenerateInput, parse_generate_request
 from kiln.serve.kserve_infer import InferRequest, infer_response, read_infer_request

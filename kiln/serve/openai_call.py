@@ -18,9 +18,9 @@ from fastapi import Request, Response
 
 from kiln.errors import RequestError
 from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.async_llm import RequestStream
 from kiln.serve.context import ServeContext
-from kiln.serve.deltas import TextDeltas
 from kiln.serve.engine_loop import Prompt
 from kiln.serve.errors import APIError, api_error, check_unicode
 from kiln.serve.metrics import RequestTracker

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.runtime.request import CompletionOutput, RequestOutput
-from kiln.serve.deltas import TextDeltas
+from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.protocol import (
     ChatLogprobs,
     CompletionLogprobs,

@@ -34,7 +34,7 @@ import triton_python_backend_utils as pb_utils
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput
-from kiln.serve.deltas import TextDeltas
+from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.engine_loop import EngineLoop, NewRequest
 from kiln.serve.generate_params import INPUTS, GenerateInput, parse_generate_request
 
