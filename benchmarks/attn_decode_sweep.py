@@ -40,9 +40,9 @@ import sys
 from functools import partial
 
 import torch
+from fp8_gemm import time_calls
 from triton.testing import do_bench
 
-from benchmarks.fp8_gemm import time_calls
 from kiln.kernels.attention_decode import (
     choose_num_splits,
     decode_config,

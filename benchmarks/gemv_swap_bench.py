@@ -25,8 +25,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+from fp8_gemm import ROTATE_BYTES, make_weights, time_calls
 
-from benchmarks.fp8_gemm import ROTATE_BYTES, make_weights, time_calls
 from kiln.kernels import gemv_swap as gs
 from kiln.kernels import rms_norm, silu_mul
 

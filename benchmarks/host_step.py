@@ -97,12 +97,12 @@ def run(batch: int, steps: int, stream: bool, vocab: int) -> dict:
         for _ in range(steps):
             engine.step()
         wall = (time.perf_counter() - start) / steps * 1e3
+        phases = {k: v / steps * 1e3 for k, v in acc.items()}  # before the drain below
         while engine.has_unfinished():
             engine.step()
     finally:
         for undo in restore:
             undo()
-    phases = {k: v / steps * 1e3 for k, v in acc.items()}
     host = wall - phases.pop("forward", 0.0)
     return dict(batch=batch, stream=stream, wall_ms=wall, host_ms=host,
                 phases_ms={k: v for k, v in phases.items()})

@@ -15,8 +15,8 @@ import json
 
 import torch
 import triton
+from int_gemv_bench import SHAPES, int_weight, timed, weight_copies
 
-from benchmarks.int_gemv_bench import SHAPES, int_weight, timed, weight_copies
 from kiln.kernels import int_gemm
 from kiln.kernels.int_launch import IntGemmConfig
 

@@ -18,9 +18,8 @@ import json
 import sys
 
 import torch
-
-from benchmarks.fp8_gemm import time_calls
-from benchmarks.int_gemv_bench import SHAPES, n_copies
+from fp8_gemm import time_calls
+from int_gemv_bench import SHAPES, n_copies
 
 # (block_m, block_n, block_k, group_m, warps, stages[, split_k]); kiln's choice (gemm_config) is
 # timed as "auto" beside them. Triton 3.6 does not overlap one K step's integer wgmma with

@@ -13,8 +13,7 @@ import argparse
 import json
 
 import torch
-
-from benchmarks.int_gemv_bench import SHAPES, n_copies, timed
+from int_gemv_bench import SHAPES, n_copies, timed
 
 # (block_n, block_w, split_k (0: kiln's choice), warps[, loop stages: the K loop
 # software-pipelined, KILN_INT_PIPELINE's])

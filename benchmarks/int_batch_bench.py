@@ -18,8 +18,7 @@ import argparse
 import json
 
 import torch
-
-from benchmarks.int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
+from int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
 # block_n, block_k, warps, stages, split_k, nibble_dots[, words[, factored[, digits[, swap[,
 # magic[, sum_dot]]]]]]

@@ -22,7 +22,8 @@ import torch
 
 
 def main(argv: list[str]) -> None:
-    from benchmarks.int_gemv_bench import SHAPES, int_weight
+    from int_gemv_bench import SHAPES, int_weight
+
     from kiln.kernels import int_gemm
 
     kind, rows = argv[0], int(argv[1])
