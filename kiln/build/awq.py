@@ -62,22 +62,24 @@ def awq_model(model: nn.Module, inputs: dict[str, list[torch.Tensor]], group_siz
     place; returns the alpha chosen per linear layer. inputs: calibration rows per
     linear layer of the whole model (row-parallel inputs are sliced to this rank)."""
     chosen = {}
-    targets = [(kind, prev, linear, key) for name, layer in model.named_modules()
-               for kind, prev, linear, key in scaled_inputs(name, layer)]
-    for kind, prev, linear, key in tqdm(targets, desc="AWQ", unit="input", leave=False,
-                                        disable=None if progress else True):
+    targets = [(kind, prev, linears, key) for name, layer in model.named_modules()
+               for kind, prev, linears, key in scaled_inputs(name, layer)]
+    for kind, prev, linears, key in tqdm(targets, desc="AWQ", unit="input", leave=False,
+                                         disable=None if progress else True):
         if key not in inputs:
             continue
-        x = torch.cat(inputs[key]).to(linear.weight.device)
+        x = torch.cat(inputs[key]).to(linears[0].weight.device)
         if kind == "up":
-            size = linear.in_features
+            size = linears[0].in_features
             x = x.narrow(1, mapping.tp_rank * size, size)
-        s, alpha, _ = search_scale(x, linear.weight.data, group_size)
+        # Layers sharing an input share its scale: searched over their rows together.
+        weight = torch.cat([linear.weight.data for linear in linears])
+        s, alpha, _ = search_scale(x, weight, group_size)
         chosen[key] = alpha
         if alpha == 0:
             continue
         if kind == "norm":
-            scale_after_norm(prev, linear, s)
+            scale_after_norm(prev, linears, s)
         else:
-            scale_after_up(prev, linear, s)
+            scale_after_up(prev, linears[0], s)
     return chosen

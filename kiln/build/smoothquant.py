@@ -8,7 +8,9 @@ For a linear layer with input x (per-channel calibrated max |x_j| = a_j) and wei
 and x / s, W * s give the same product with flatter activations. x / s is folded into
 what produces x, so nothing is added at run time:
 - q/k/v (fused) and the first MLP projection: the norm before them (weight, and bias for
-  LayerNorm) is divided by s;
+  LayerNorm) is divided by s (which norm: the model's norm_feeds; with Gemma 2/3's
+  sandwich norms the MLP's is pre_feedforward_layernorm; a norm shared by attention and
+  MLP, as in Phi-2, gets one s for both);
 - the gated MLP's down projection: its input is silu(gate) * up, so up's rows are
   divided by s.
 The attention output projection (its input mixes heads through softmax) and a plain
@@ -38,13 +40,15 @@ def smoothing_factors(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha
     return s.clamp_min(MIN_FACTOR)
 
 
-def scale_after_norm(norm: nn.Module, linear: LinearBase, s: torch.Tensor) -> None:
-    """The linear layer's input channels times s, the norm that feeds it divided by s."""
-    s = s.to(linear.weight.device)
+def scale_after_norm(norm: nn.Module, linears: list[LinearBase], s: torch.Tensor) -> None:
+    """The input channels of the linear layers times s, the norm that feeds them divided
+    by s."""
+    s = s.to(norm.weight.device)
     norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
     if getattr(norm, "bias", None) is not None:
         norm.bias.data = (norm.bias.data.float() / s).to(norm.bias.dtype)
-    linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)
+    for linear in linears:
+        linear.weight.data = (linear.weight.data.float() * s).to(linear.weight.dtype)
 
 
 def scale_after_up(gate_up: LinearBase, down: LinearBase, s: torch.Tensor) -> None:
@@ -64,32 +68,33 @@ def smooth_model(model: nn.Module, channel_amax: dict[str, torch.Tensor], alpha:
     """Fold smoothing factors into a loaded float model (this rank's slice) in place.
     channel_amax: per linear layer name, max |x| per input channel of the whole model."""
     for name, layer in model.named_modules():
-        for kind, prev, linear, key in scaled_inputs(name, layer):
+        for kind, prev, linears, key in scaled_inputs(name, layer):
             if key not in channel_amax:
                 continue
             amax = channel_amax[key]
             if kind == "up":  # row parallel: this rank's slice of the intermediate size
-                size = linear.in_features
+                size = linears[0].in_features
                 amax = amax.narrow(0, mapping.tp_rank * size, size)
-            s = smoothing_factors(amax, [linear.weight.data], alpha)
+            s = smoothing_factors(amax, [linear.weight.data for linear in linears], alpha)
             if kind == "norm":
-                scale_after_norm(prev, linear, s)
+                scale_after_norm(prev, linears, s)
             else:
-                scale_after_up(prev, linear, s)
+                scale_after_up(prev, linears[0], s)
 
 
-def scaled_inputs(name: str, layer: nn.Module) -> list[tuple[str, nn.Module, LinearBase, str]]:
+def scaled_inputs(name: str, layer: nn.Module
+                  ) -> list[tuple[str, nn.Module, list[LinearBase], str]]:
     """The linear inputs of a decoder layer whose scale can move into what produces
-    them: (kind "norm" or "up", producer, linear layer, the linear layer's name)."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not hasattr(layer, "input_layernorm"):
+    them: (kind "norm" or "up", producer, the linear layers that take that input alone,
+    the first one's name: where calibration keeps the input's statistics). Which norm
+    feeds which linear layers is the model's declaration (its layers' norm_feeds)."""
+    feeds = getattr(layer, "norm_feeds", None)
+    if feeds is None:
         return []
-    out: list[tuple[str, nn.Module, LinearBase, str]] = [
-        ("norm", layer.input_layernorm, attn.qkv_proj, f"{name}.self_attn.qkv_proj")]
-    first = "gate_up_proj" if hasattr(mlp, "gate_up_proj") else "c_fc"
-    if hasattr(layer, "post_attention_layernorm") and hasattr(mlp, first):
-        out.append(("norm", layer.post_attention_layernorm, getattr(mlp, first),
-                    f"{name}.mlp.{first}"))
-    if hasattr(mlp, "gate_up_proj"):
-        out.append(("up", mlp.gate_up_proj, mlp.down_proj, f"{name}.mlp.down_proj"))
+    out: list[tuple[str, nn.Module, list[LinearBase], str]] = [
+        ("norm", norm, [layer.get_submodule(path) for path in paths], f"{name}.{paths[0]}")
+        for norm, paths in feeds()]
+    mlp = getattr(layer, "mlp", None)
+    if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"):
+        out.append(("up", mlp.gate_up_proj, [mlp.down_proj], f"{name}.mlp.down_proj"))
     return out

@@ -143,6 +143,24 @@ class DecoderLayer(nn.Module):
         if self.defer_reduce:
             self.mlp.output_projection().defer_reduce = True
 
+    def norm_feeds(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """(norm, names within this layer of the linear layers that take the norm's output
+        and nothing else): where a per-input-channel scale of those linear layers can be
+        folded into the norm (SmoothQuant, AWQ). The MLP's norm is pre_feedforward_layernorm
+        with sandwich norms (post_attention_layernorm then normalises attention's output);
+        a norm shared by attention and MLP (Phi-2, Falcon-7B) feeds both, so one scale
+        must serve both; an MoE layer's router also takes its norm's output: none there."""
+        first = next((f"mlp.{n}" for n in ("gate_up_proj", "c_fc") if hasattr(self.mlp, n)),
+                     None)
+        if not hasattr(self, "post_attention_layernorm"):  # parallel, shared norm
+            return [(self.input_layernorm, ("self_attn.qkv_proj", first))] if first else []
+        feeds = [(self.input_layernorm, ("self_attn.qkv_proj",))]
+        if first is not None:
+            norm = self.pre_feedforward_layernorm if self.sandwich \
+                else self.post_attention_layernorm
+            feeds.append((norm, (first,)))
+        return feeds
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, partial: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
