@@ -121,6 +121,37 @@ def test_unknown_packing_is_one_line(change, message, checkpoints, tmp_path):
         build(path, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
 
 
+@pytest.mark.parametrize("change", ["g_idx in order", "g_idx shuffled", "group_size 64"])
+def test_tensors_that_contradict_the_packing_are_one_line(change, checkpoints, tmp_path):
+    """weight_g_idx (llm-compressor's actorder "group") is read, not dropped: in order it
+    changes nothing, out of order kiln cannot hold it; the scales' group count must be the
+    config's group size."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(checkpoints[True], path)
+    if change == "group_size 64":
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+        (path / "config.json").write_text(json.dumps(config))
+    else:
+        state = load_file(str(path / "model.safetensors"))
+        g_idx = torch.arange(128, dtype=torch.int32) // 32
+        if change == "g_idx shuffled":
+            g_idx = g_idx[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
+        state["model.layers.1.mlp.down_proj.weight_g_idx"] = g_idx
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if change == "g_idx in order":
+        assert _kiln_logits(path, tmp_path)[1].isfinite().all()
+        return
+    message = {"g_idx shuffled": r"model\.layers\.1\.mlp\.down_proj\.weight_g_idx puts "
+               r"inputs in groups out of order \(act-order, desc_act\)",
+               "group_size 64": r"the scales imply group size 32 \(128 inputs / 4 scales a "
+               r"row\), quantization_config says 64"}[change]
+    with pytest.raises(CheckpointError, match=message):
+        build(path, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+
+
 def test_w8a8_int_quantized_runs_as_int8_sq(checkpoints, tmp_path):
     """kiln's int8_sq engine on the checkpoint's own int8 weights and scales equals the
     scheme computed from its definition (per-token int8 inputs, scale max|x| / 127, exact

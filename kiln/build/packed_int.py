@@ -7,7 +7,9 @@ GPTQ (`quant_method: gptq`, AutoGPTQ / GPTQModel format v1): `qweight` int32 [in
 out], word r of a column holding inputs 8r + i in bits 4i; `qzeros` int32 [groups,
 out / 8], outputs 8c + i in bits 4i, storing zero - 1; `scales` [groups, out]; `g_idx`
 [in] the group of each input; w = (q - zero) * scale. kiln holds groups of consecutive
-inputs, so desc_act checkpoints (g_idx out of order) are refused.
+inputs, so desc_act checkpoints (g_idx out of order) are refused: from the config, and
+from any g_idx that is not arange(in) // group_size (rows cannot be regrouped exactly).
+group_size -1 (one group a row) is kiln's per-channel storage (group size 0).
 
 compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16, e.g. GPTQModifier):
 per linear layer `weight_packed` int32 [out, in * bits / 32] (values q in [-2^(b-1),
@@ -29,7 +31,8 @@ from kiln.build.prequantized import Prequantized
 from kiln.errors import CheckpointError
 from kiln.kernels.reference import pack_int4
 
-PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+G_IDX = ("g_idx", "weight_g_idx")  # each input's group: checked in order, then dropped
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -48,8 +51,8 @@ class PackQuantized(Prequantized):
     bits: int = 4
     symmetric: bool = True
     parts: tuple[str, ...] = PARTS
-    dropped: tuple[str, ...] = ()
     fmt: str = "compressed-tensors pack-quantized"
+    order_hint: str = "quantize with actorder 'weight' or none"
 
     def needed(self) -> set[str]:
         return {"weight_packed", "weight_scale", "weight_shape"} | (
@@ -61,7 +64,8 @@ class PackQuantized(Prequantized):
         need = self.needed()
         for name, tensor in stream:
             prefix, _, suffix = name.rpartition(".")
-            if suffix in self.dropped:
+            if suffix in G_IDX:
+                self._check_group_order(name, tensor)
                 continue
             if suffix not in self.parts:
                 yield name, tensor
@@ -75,11 +79,34 @@ class PackQuantized(Prequantized):
             raise CheckpointError(f"{prefix} lacks {', '.join(sorted(need - set(parts)))} "
                                   f"of its {self.fmt} weight")
 
+    def _check_group_order(self, name: str, g_idx: torch.Tensor) -> None:
+        """g_idx must put inputs in groups of consecutive inputs (arange(in) // size)."""
+        g = g_idx.reshape(-1).long()
+        size = int((g == 0).sum())
+        if size and torch.equal(g, torch.arange(len(g)) // size):
+            return
+        raise CheckpointError(f"unsupported {self.fmt} checkpoint: {name} puts inputs in "
+                              "groups out of order (act-order, desc_act), and kiln holds "
+                              f"groups of consecutive inputs; {self.order_hint}")
+
+    def _check_groups(self, prefix: str, inputs: int, groups: int) -> None:
+        """The scales' group count against the config's group size (0: per channel)."""
+        if groups < 1 or inputs % groups:
+            raise CheckpointError(f"{prefix}: {groups} groups of scales for {inputs} inputs")
+        configured = self.quant.group_size or inputs
+        if inputs // groups != configured:
+            said = self.quant.group_size or "per channel"
+            raise CheckpointError(
+                f"{prefix}: the scales imply group size {inputs // groups} ({inputs} inputs "
+                f"/ {groups} scales a row), quantization_config says {said}; is the config "
+                "from another export of this model?")
+
     def _convert(self, prefix: str, parts: dict[str, torch.Tensor]
                  ) -> Iterator[tuple[str, torch.Tensor]]:
         rows, cols = (int(v) for v in parts["weight_shape"].reshape(-1)[:2])
         u = unpack_int32(parts["weight_packed"], self.bits, cols)
         scale = parts["weight_scale"].float().reshape(rows, -1)
+        self._check_groups(prefix, cols, scale.shape[1])
         mid = 1 << (self.bits - 1)
         if self.symmetric:
             zero = torch.full_like(scale, float(mid))
@@ -114,9 +141,11 @@ class AutoAWQ(PackQuantized):
         q = _awq_unpack(qweight, order)  # [in, out]
         zero = _awq_unpack(qzeros, order).float()  # [groups, out]
         scale = scales.float()
-        if scale.shape[1] != outputs or inputs % scale.shape[0]:
-            raise CheckpointError(f"{prefix}.scales has shape {tuple(scale.shape)}, not "
-                                  f"[groups, {outputs}]")
+        if scale.dim() != 2 or scale.shape[1] != outputs or zero.shape != scale.shape:
+            raise CheckpointError(f"{prefix}: scales {tuple(scale.shape)} and qzeros "
+                                  f"{tuple(qzeros.shape)} do not fit qweight "
+                                  f"{tuple(qweight.shape)} ([groups, {outputs}] each)")
+        self._check_groups(prefix, inputs, scale.shape[0])
         yield from _int4_parts(prefix, q.T, scale.T, zero.T)
 
 
@@ -131,8 +160,8 @@ def _awq_unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class GPTQPacked(PackQuantized):
     parts: tuple[str, ...] = ("qweight", "qzeros", "scales")
-    dropped: tuple[str, ...] = ("g_idx",)  # in order (desc_act is refused from the config)
     fmt: str = "GPTQ"
+    order_hint: str = "quantize with desc_act=False"
 
     def needed(self) -> set[str]:
         return {"qweight", "qzeros", "scales"}
@@ -143,7 +172,13 @@ class GPTQPacked(PackQuantized):
         inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
         q = unpack_int32(qweight.T.contiguous(), 4, inputs)  # [out, in]
         zero = unpack_int32(qzeros, 4, outputs).float() + 1  # [groups, out]
-        yield from _int4_parts(prefix, q, scales.float().T, zero.T)
+        scale = scales.float()
+        if scale.dim() != 2 or scale.shape[1] != outputs or zero.shape != scale.shape:
+            raise CheckpointError(f"{prefix}: scales {tuple(scale.shape)} and qzeros "
+                                  f"{tuple(qzeros.shape)} do not fit qweight "
+                                  f"{tuple(qweight.shape)} ([groups, {outputs}] each)")
+        self._check_groups(prefix, inputs, scale.shape[0])
+        yield from _int4_parts(prefix, q, scale.T, zero.T)
 
 
 def _int4_parts(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor

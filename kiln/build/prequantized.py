@@ -106,9 +106,11 @@ def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
     return GGUFBlocks(QuantConfig("gguf", layers=layers), None, "gguf")
 
 
-def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequantized | None:
+def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig,
+                      names: list[str] | None = None) -> Prequantized | None:
     """The scheme of a HF folder, None for a float checkpoint; CheckpointError if kiln
-    cannot read it."""
+    cannot read it. names: the checkpoint's tensor names, where known (AWQ / GPTQ layers
+    stored in float are found by them)."""
     qc = hf_config.get("quantization_config")
     legacy = folder / "hf_quant_config.json"
     if qc is None and legacy.is_file():
@@ -127,7 +129,7 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig) -> Prequa
     if method == "modelopt":
         return _modelopt(qc, cfg)
     if method in ("awq", "gptq"):
-        return _awq_gptq(method, qc, cfg)
+        return _awq_gptq(method, qc, cfg, names or [])
     if method == "fp8":  # transformers' own FP8 config (e.g. DeepSeek / Qwen FP8 blocks)
         raise CheckpointError(
             f"the checkpoint is quantized with quant_method 'fp8' ({_describe(qc)}); kiln "
@@ -225,21 +227,24 @@ def _int8_w8a8(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
     return Prequantized(QuantConfig("int8_sq", ignore=ignore), None, "compressed-tensors")
 
 
-def _awq_gptq(method: str, qc: dict, cfg: ModelConfig) -> Prequantized:
+def _awq_gptq(method: str, qc: dict, cfg: ModelConfig, names: list[str]) -> Prequantized:
     from kiln.build.packed_int import AutoAWQ, GPTQPacked
 
     name = f"{method}: {_describe(qc)}"
-    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
-    if bits != 4 or not isinstance(group, int) or group <= 0:
+    bits = _int_field(qc, ("bits", "w_bit"))
+    group = _int_field(qc, ("group_size", "q_group_size"))
+    if bits != 4 or group is None or group == 0 or group < -1:
         raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads 4-bit "
-                              "weights in groups")
+                              "weights in groups (group_size > 0) or per channel (-1)")
+    ignore = _unquantized(cfg, names, qc.get("modules_to_not_convert"))
+    quant = QuantConfig("int4_wo", ignore=ignore, group_size=max(group, 0))
     if method == "awq":
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm" or not qc.get("zero_point", True):
             raise CheckpointError(f"unsupported AutoAWQ packing version={version!r} "
                                   f"zero_point={qc.get('zero_point', True)}; kiln reads GEMM "
                                   "packing with zero points")
-        return AutoAWQ(QuantConfig("int4_wo", group_size=group), None, "awq")
+        return AutoAWQ(quant, None, "awq")
     fmt = str(qc.get("checkpoint_format", "gptq")).lower()
     if fmt != "gptq":
         raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads 'gptq' "
@@ -248,7 +253,43 @@ def _awq_gptq(method: str, qc: dict, cfg: ModelConfig) -> Prequantized:
         raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs in "
                               "groups out of order, and kiln holds groups of consecutive "
                               "inputs; quantize with desc_act=False")
-    return GPTQPacked(QuantConfig("int4_wo", group_size=group), None, "gptq")
+    return GPTQPacked(quant, None, "gptq")
+
+
+def _int_field(qc: dict, keys: tuple[str, ...]) -> int | None:
+    """An integer field of quantization_config (its first key present; a numeric string
+    counts), None when absent."""
+    key = next((k for k in keys if qc.get(k) is not None), None)
+    if key is None:
+        return None
+    value = qc[key]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"quantization_config {key} is {value!r}; expected an integer")
+    return value
+
+
+def _unquantized(cfg: ModelConfig, names: list[str], not_converted: object
+                 ) -> tuple[str, ...]:
+    """kiln layers an AWQ / GPTQ checkpoint stores in float (AutoAWQ's
+    modules_to_not_convert, or any projection saved with `.weight` and no `.qweight`):
+    from the tensor names where the reader has them, else from modules_to_not_convert
+    (names matched as substrings, as AutoAWQ and transformers match them)."""
+    if names:
+        have = set(names)
+        floats = {n.removesuffix(".weight") for n in names
+                  if n.endswith(".weight") and n.removesuffix("weight") + "qweight" not in have}
+        fused = tuple(f for f in sorted(floats)  # stored fused (Phi-3): kiln's own names
+                      if f.endswith((".self_attn.qkv_proj", ".mlp.gate_up_proj")))
+        return _ignored(cfg, sorted(floats), lambda name, p: name == p) + fused
+    if not isinstance(not_converted, list) or \
+            not all(isinstance(p, str) for p in not_converted):
+        if not_converted is None:
+            return ()
+        raise CheckpointError(f"quantization_config modules_to_not_convert is "
+                              f"{not_converted!r}; expected a list of module names")
+    return _ignored(cfg, not_converted, lambda name, p: p in name)
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:

@@ -58,7 +58,8 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
             check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32)
     elif ckpt.hf_config:
-        pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config)
+        pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config,
+                                getattr(ckpt, "tensor_names", list)())
     calibrated = build_cfg.calib_file is not None
     if pre is not None:
         if asked not in ("auto", pre.quant.method):

@@ -77,6 +77,10 @@ class HFCheckpoint(Checkpoint):
             f"{self.source} has no weights: expected model.safetensors, a sharded "
             "model.safetensors.index.json, or pytorch_model.bin")
 
+    def tensor_names(self) -> list[str]:
+        """The tensors' names, read from safetensors headers ([] for .bin files)."""
+        return list(self._names)
+
     def num_tensors(self) -> int:
         return len(self._names) if self._names else len(self._files)
 
