@@ -106,6 +106,56 @@ def test_unreadable_quantized_checkpoint_names_its_scheme(quantization_config, m
     assert not (tmp_path / "e").exists()
 
 
+_CT_FP8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+           "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                 "dynamic": True}, "targets": ["Linear"]}
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ("fp8", r"config\.json's quantization_config is a string \('fp8'\); quantization tools "
+     "write a JSON object there"),
+    ([{"quant_method": "awq"}], "quantization_config is a list"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": [{"weights": {"num_bits": 8}}]},
+     r"compressed-tensors config_groups \(group name -> scheme\) is a list"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"group_0": "fp8"}}, r"config_groups\['group_0'\] is a string"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"group_0": {"weights": "fp8", "targets": ["Linear"]}}},
+     r"compressed-tensors weights scheme is a string \('fp8'\)"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"group_0": {**_CT_FP8, "input_activations": 8}}},
+     "input_activations scheme is a number"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "kv_cache_scheme": "fp8",
+      "config_groups": {"group_0": _CT_FP8}}, "kv_cache_scheme is a string"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": "lm_head",
+      "config_groups": {"group_0": _CT_FP8}},
+     "quantization_config ignore is 'lm_head'; expected a list of module names"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": "lm_head"},
+     "exclude_modules is 'lm_head'; expected a list"),
+    ({"quant_algo": "FP8", "producer": "modelopt"}, "quantized with 'an unnamed method'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False},
+     r"says gptq, but the checkpoint holds no packed weights \(\.qweight\)"),
+])
+def test_malformed_quantization_config_is_one_line(quantization_config, message,
+                                                   float_folder, tmp_path):
+    folder = _with_quant_config(float_folder, tmp_path, quantization_config)
+    with pytest.raises(CheckpointError, match=message):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", r"hf_quant_config\.json is a list \(\[1, 2\]\)"),
+    ('{"quantization": "FP8"}', r"hf_quant_config\.json's \"quantization\" is a string"),
+])
+def test_malformed_hf_quant_config_is_one_line(content, message, float_folder, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(float_folder, folder)
+    (folder / "hf_quant_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        build(folder, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+
+
 def test_prequantized_refuses_another_quantization(float_folder, tmp_path):
     folder = qc.modelopt_fp8(float_folder, tmp_path / "ckpt")
     with pytest.raises(KilnError, match="already quantized"):

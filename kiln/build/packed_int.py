@@ -27,9 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.build.prequantized import Prequantized
+from kiln.build.prequantized import Prequantized, describe, ignored, name_list
+from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 from kiln.kernels.reference import pack_int4
+from kiln.layers.quantization import QuantConfig
 
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 G_IDX = ("g_idx", "weight_g_idx")  # each input's group: checked in order, then dropped
@@ -187,6 +189,70 @@ def _int4_parts(prefix: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.T
     yield f"{prefix}.weight", pack_int4(q)
     yield f"{prefix}.weight_scale", scale.contiguous()
     yield f"{prefix}.weight_offset", (-zero * scale).contiguous()
+
+
+def awq_gptq(method: str, qc: dict, cfg: ModelConfig, names: list[str]) -> Prequantized:
+    """An AutoAWQ GEMM or GPTQ v1 checkpoint's scheme (its quantization_config and, where
+    known, tensor names), or CheckpointError naming what kiln cannot hold."""
+    name = f"{method}: {describe(qc)}"
+    bits = _int_field(qc, ("bits", "w_bit"))
+    group = _int_field(qc, ("group_size", "q_group_size"))
+    if bits != 4 or group is None or group == 0 or group < -1:
+        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads 4-bit "
+                              "weights in groups (group_size > 0) or per channel (-1)")
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm" or not qc.get("zero_point", True):
+            raise CheckpointError(f"unsupported AutoAWQ packing version={version!r} "
+                                  f"zero_point={qc.get('zero_point', True)}; kiln reads GEMM "
+                                  "packing with zero points")
+    else:
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt != "gptq":
+            raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads "
+                                  "'gptq' (v1: zero points stored minus one)")
+        if qc.get("desc_act"):
+            raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs "
+                                  "in groups out of order, and kiln holds groups of "
+                                  "consecutive inputs; quantize with desc_act=False")
+    ignore = _unquantized(cfg, method, names, qc.get("modules_to_not_convert"))
+    quant = QuantConfig("int4_wo", ignore=ignore, group_size=max(group, 0))
+    return AutoAWQ(quant, None, "awq") if method == "awq" else GPTQPacked(quant, None, "gptq")
+
+
+def _int_field(qc: dict, keys: tuple[str, ...]) -> int | None:
+    """An integer field of quantization_config (its first key present; a numeric string
+    counts), None when absent."""
+    key = next((k for k in keys if qc.get(k) is not None), None)
+    if key is None:
+        return None
+    value = qc[key]
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"quantization_config {key} is {value!r}; expected an integer")
+    return value
+
+
+def _unquantized(cfg: ModelConfig, method: str, names: list[str], not_converted: object
+                 ) -> tuple[str, ...]:
+    """kiln layers an AWQ / GPTQ checkpoint stores in float (AutoAWQ's
+    modules_to_not_convert, or any projection saved with `.weight` and no `.qweight`):
+    from the tensor names where the reader has them, else from modules_to_not_convert
+    (names matched as substrings, as AutoAWQ and transformers match them)."""
+    if names:
+        have = set(names)
+        if not any(n.endswith(".qweight") for n in have):
+            raise CheckpointError(f"quantization_config says {method}, but the checkpoint "
+                                  "holds no packed weights (.qweight): is config.json from "
+                                  "another export of this model?")
+        floats = {n.removesuffix(".weight") for n in names
+                  if n.endswith(".weight") and n.removesuffix("weight") + "qweight" not in have}
+        fused = tuple(f for f in sorted(floats)  # stored fused (Phi-3): kiln's own names
+                      if f.endswith((".self_attn.qkv_proj", ".mlp.gate_up_proj")))
+        return ignored(cfg, sorted(floats), lambda name, p: name == p) + fused
+    return ignored(cfg, name_list(not_converted, "modules_to_not_convert"),
+                   lambda name, p: p in name)
 
 
 def pack_quantized_scheme(weights: dict, inputs: dict | None, name: str

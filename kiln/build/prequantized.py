@@ -115,40 +115,69 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig,
     legacy = folder / "hf_quant_config.json"
     if qc is None and legacy.is_file():
         try:
-            qc = {"quant_method": "modelopt",
-                  **json.loads(legacy.read_text()).get("quantization", {})}
+            data = as_object(json.loads(legacy.read_text()), str(legacy))
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{legacy} is not valid JSON: {e}") from None
+        qc = {"quant_method": "modelopt",
+              **as_object(data.get("quantization", {}), f"{legacy}'s \"quantization\"")}
     if qc is None:
         return None
+    qc = as_object(qc, f"{folder / 'config.json'}'s quantization_config")
     method = str(qc.get("quant_method", "")).lower()
-    if not method and (qc.get("producer") or {}).get("name") == "modelopt":
+    producer = qc.get("producer")
+    if not method and isinstance(producer, dict) and producer.get("name") == "modelopt":
         method = "modelopt"  # modelopt 0.31-0.32 wrote no quant_method
     if method == "compressed-tensors":
         return _compressed_tensors(qc, cfg)
     if method == "modelopt":
         return _modelopt(qc, cfg)
     if method in ("awq", "gptq"):
-        return _awq_gptq(method, qc, cfg, names or [])
+        from kiln.build.packed_int import awq_gptq
+
+        return awq_gptq(method, qc, cfg, names or [])
     if method == "fp8":  # transformers' own FP8 config (e.g. DeepSeek / Qwen FP8 blocks)
         raise CheckpointError(
-            f"the checkpoint is quantized with quant_method 'fp8' ({_describe(qc)}); kiln "
+            f"the checkpoint is quantized with quant_method 'fp8' ({describe(qc)}); kiln "
             "reads FP8 checkpoints in the compressed-tensors and modelopt formats")
     raise CheckpointError(
         f"the checkpoint is quantized with {method or 'an unnamed method'!r} "
-        f"({_describe(qc)}); kiln reads compressed-tensors (FP8, pack-quantized INT4/INT8, "
+        f"({describe(qc)}); kiln reads compressed-tensors (FP8, pack-quantized INT4/INT8, "
         "int-quantized W8A8), modelopt FP8, AutoAWQ GEMM and GPTQ checkpoints; use the float "
         "checkpoint with --quantization fp8 / int4_awq / int4_gptq / ... instead")
 
 
-def _describe(qc: dict) -> str:
+def describe(qc: dict) -> str:
     keys = ("quant_method", "format", "quant_algo", "bits", "group_size")
     return ", ".join(f"{k}={qc[k]}" for k in keys if k in qc)
 
 
+def as_object(value: object, what: str) -> dict:
+    """A JSON object of a quantization config, or CheckpointError saying what it is."""
+    if isinstance(value, dict):
+        return value
+    kind = {str: "a string", list: "a list", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise CheckpointError(f"{what} is {kind} ({shown}); quantization tools write a JSON "
+                          "object there")
+
+
+def name_list(value: object, what: str) -> list[str]:
+    """A list of module names (or patterns) of quantization_config; [] when absent."""
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise CheckpointError(f"quantization_config {what} is {value!r}; expected a list of "
+                          "module names")
+
+
 def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
     fmt = qc.get("format")
-    groups = list((qc.get("config_groups") or {}).values())
+    config_groups = as_object(qc.get("config_groups") or {},
+                              "compressed-tensors config_groups (group name -> scheme)")
+    groups = [as_object(g, f"compressed-tensors config_groups[{k!r}]")
+              for k, g in config_groups.items()]
     if not groups:
         raise CheckpointError("compressed-tensors quantization_config has no config_groups")
     schemes = {json.dumps({k: g.get(k) for k in ("weights", "input_activations")},
@@ -156,8 +185,10 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
     if len(schemes) > 1:
         raise CheckpointError("compressed-tensors checkpoint mixes several schemes "
                               f"({len(schemes)} config groups); kiln reads one FP8 scheme")
-    weights = groups[0].get("weights") or {}
+    weights = as_object(groups[0].get("weights") or {}, "compressed-tensors weights scheme")
     inputs = groups[0].get("input_activations")
+    if inputs is not None:
+        inputs = as_object(inputs, "compressed-tensors input_activations scheme")
     name = (f"compressed-tensors format={fmt}, weights {weights.get('type')}"
             f"{weights.get('num_bits')}/{weights.get('strategy')}, inputs "
             + (f"{inputs.get('type')}{inputs.get('num_bits')}/{inputs.get('strategy')}"
@@ -185,11 +216,13 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
         raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
                               ", not 'compressed'; save it with save_compressed=True")
     kv = qc.get("kv_cache_scheme")
+    if kv is not None:
+        kv = as_object(kv, "compressed-tensors kv_cache_scheme")
     if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8
                    and kv.get("strategy", "tensor") == "tensor"):
         raise CheckpointError(f"unsupported kv_cache_scheme {kv}; kiln reads FP8 per-tensor "
                               "KV scales")
-    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    ignore = ignored(cfg, name_list(qc.get("ignore"), "ignore"), _ct_match)
     return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
                         "compressed-tensors")
 
@@ -202,7 +235,7 @@ def _pack_quantized(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | No
     if qc.get("quantization_status", "compressed") != "compressed":
         raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
                               ", not 'compressed'; save it with save_compressed=True")
-    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    ignore = ignored(cfg, name_list(qc.get("ignore"), "ignore"), _ct_match)
     quant = QuantConfig("int4_wo" if bits == 4 else "int8_wo", ignore=ignore, group_size=group)
     return PackQuantized(quant, None, "compressed-tensors", bits=bits, symmetric=symmetric)
 
@@ -223,73 +256,8 @@ def _int8_w8a8(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,
     if qc.get("quantization_status", "compressed") != "compressed":
         raise CheckpointError(f"compressed-tensors checkpoint is {qc['quantization_status']!r}"
                               ", not 'compressed'; save it with save_compressed=True")
-    ignore = _ignored(cfg, qc.get("ignore") or [], _ct_match)
+    ignore = ignored(cfg, name_list(qc.get("ignore"), "ignore"), _ct_match)
     return Prequantized(QuantConfig("int8_sq", ignore=ignore), None, "compressed-tensors")
-
-
-def _awq_gptq(method: str, qc: dict, cfg: ModelConfig, names: list[str]) -> Prequantized:
-    from kiln.build.packed_int import AutoAWQ, GPTQPacked
-
-    name = f"{method}: {_describe(qc)}"
-    bits = _int_field(qc, ("bits", "w_bit"))
-    group = _int_field(qc, ("group_size", "q_group_size"))
-    if bits != 4 or group is None or group == 0 or group < -1:
-        raise CheckpointError(f"unsupported quantized checkpoint ({name}); kiln reads 4-bit "
-                              "weights in groups (group_size > 0) or per channel (-1)")
-    ignore = _unquantized(cfg, names, qc.get("modules_to_not_convert"))
-    quant = QuantConfig("int4_wo", ignore=ignore, group_size=max(group, 0))
-    if method == "awq":
-        version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm" or not qc.get("zero_point", True):
-            raise CheckpointError(f"unsupported AutoAWQ packing version={version!r} "
-                                  f"zero_point={qc.get('zero_point', True)}; kiln reads GEMM "
-                                  "packing with zero points")
-        return AutoAWQ(quant, None, "awq")
-    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-    if fmt != "gptq":
-        raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads 'gptq' "
-                              "(v1: zero points stored minus one)")
-    if qc.get("desc_act"):
-        raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs in "
-                              "groups out of order, and kiln holds groups of consecutive "
-                              "inputs; quantize with desc_act=False")
-    return GPTQPacked(quant, None, "gptq")
-
-
-def _int_field(qc: dict, keys: tuple[str, ...]) -> int | None:
-    """An integer field of quantization_config (its first key present; a numeric string
-    counts), None when absent."""
-    key = next((k for k in keys if qc.get(k) is not None), None)
-    if key is None:
-        return None
-    value = qc[key]
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CheckpointError(f"quantization_config {key} is {value!r}; expected an integer")
-    return value
-
-
-def _unquantized(cfg: ModelConfig, names: list[str], not_converted: object
-                 ) -> tuple[str, ...]:
-    """kiln layers an AWQ / GPTQ checkpoint stores in float (AutoAWQ's
-    modules_to_not_convert, or any projection saved with `.weight` and no `.qweight`):
-    from the tensor names where the reader has them, else from modules_to_not_convert
-    (names matched as substrings, as AutoAWQ and transformers match them)."""
-    if names:
-        have = set(names)
-        floats = {n.removesuffix(".weight") for n in names
-                  if n.endswith(".weight") and n.removesuffix("weight") + "qweight" not in have}
-        fused = tuple(f for f in sorted(floats)  # stored fused (Phi-3): kiln's own names
-                      if f.endswith((".self_attn.qkv_proj", ".mlp.gate_up_proj")))
-        return _ignored(cfg, sorted(floats), lambda name, p: name == p) + fused
-    if not isinstance(not_converted, list) or \
-            not all(isinstance(p, str) for p in not_converted):
-        if not_converted is None:
-            return ()
-        raise CheckpointError(f"quantization_config modules_to_not_convert is "
-                              f"{not_converted!r}; expected a list of module names")
-    return _ignored(cfg, not_converted, lambda name, p: p in name)
 
 
 def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
@@ -305,8 +273,8 @@ def _modelopt(qc: dict, cfg: ModelConfig) -> Prequantized:
         kv = "FP8" if (kv.get("type"), kv.get("num_bits")) == ("float", 8) else str(kv)
     if kv and str(kv).upper() != "FP8":
         raise CheckpointError(f"unsupported modelopt KV cache scheme {kv!r}; kiln reads FP8")
-    patterns = qc.get("exclude_modules") or qc.get("ignore") or []
-    ignore = _ignored(cfg, patterns, lambda name, p: fnmatch.fnmatchcase(name, p))
+    patterns = name_list(qc.get("exclude_modules") or qc.get("ignore"), "exclude_modules")
+    ignore = ignored(cfg, patterns, lambda name, p: fnmatch.fnmatchcase(name, p))
     return Prequantized(QuantConfig("fp8", schemes[algo], ignore), "fp8" if kv else None,
                         "modelopt")
 
@@ -317,7 +285,7 @@ def _ct_match(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _ignored(cfg: ModelConfig, patterns: list[str],
+def ignored(cfg: ModelConfig, patterns: list[str],
              match: Callable[[str, str], bool]) -> tuple[str, ...]:
     """kiln module names to keep in high precision: fused layers whose HF parts are all
     ignored; a fused layer with only some parts ignored cannot be one GEMM. The same for
