@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +352,33 @@ def test_unsupported_architecture_and_tensors(tmp_path: Path) -> None:
     state["model.norm.weight"] = state["model.norm.weight"].astype(np.int32)
     _write(tmp_path / "q.gguf", state)
     assert "type I32" in _error(tmp_path / "q.gguf")
+
+
+@pytest.mark.parametrize("row", [64, 0])
+def test_rows_that_are_not_whole_blocks(tmp_path: Path, row: int) -> None:
+    """ggml blocks never span rows: a Q4_K tensor (blocks of 256) whose rows hold 64
+    values, or none (what a broken converter writes), is refused at open, naming the
+    tensor, its row length, type and block size, for every --quantization."""
+    state = _hf_state("llama")
+    path = tmp_path / "m.gguf"
+    _write(path, state, Q.Q4_K)
+    name = b"blk.0.ffn_down.weight"
+    data = bytearray(path.read_bytes())
+    at = data.index(name) + len(name)  # then: dims u32, dims x u64 (innermost first)
+    dims = struct.unpack_from("<IQQ", data, at)
+    assert dims == (2, FFN, HIDDEN)
+    struct.pack_into("<IQQ", data, at, 2, row, FFN * HIDDEN // 64 if row else HIDDEN)
+    path.write_bytes(bytes(data))
+    message = ("m.gguf is truncated or corrupt: tensor blk.0.ffn_down.weight has rows of 64 "
+               "values, not whole Q4_K blocks of 256" if row else
+               r"tensor blk.0.ffn_down.weight \(Q4_K\) has shape \[0, 256\]: no values")
+    assert re.search(message, _error(path))
+    from kiln.build import build
+    from kiln.config import BuildConfig
+
+    for quantization in ("none", "gguf"):
+        with pytest.raises(CheckpointError, match=message):
+            build(path, tmp_path / "e", BuildConfig(quantization=quantization), progress=False)
 
 
 def test_a_cached_gguf_engine_is_found_without_reading_the_file(tmp_path: Path, monkeypatch

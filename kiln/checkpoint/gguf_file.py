@@ -109,6 +109,13 @@ class GGUFFile:
         for name, dims, qtype, offset in infos:
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             count = math.prod(dims)
+            if not all(dims):
+                raise ValueError(f"tensor {name} ({qtype.name}) has shape {list(dims)}: no "
+                                 "values; the converter that wrote it is broken")
+            if dims and dims[0] % block:  # ggml blocks never span rows
+                raise ValueError(f"tensor {name} has rows of {dims[0]} values, not whole "
+                                 f"{qtype.name} blocks of {block}; the converter that wrote "
+                                 "it is broken")
             if count % block:
                 raise ValueError(f"tensor {name} has {count} values, not whole blocks of "
                                  f"{block} ({qtype.name})")
