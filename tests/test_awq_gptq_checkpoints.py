@@ -171,3 +171,19 @@ def test_checkpoint_that_disagrees_with_itself_is_one_line(fmt, kwargs, message,
     _write(hf_model, tmp_path / fmt, fmt, **kwargs)
     with pytest.raises(CheckpointError, match=message):
         build(tmp_path / fmt, tmp_path / "e", BuildConfig(dtype="float32"), progress=False)
+
+
+@pytest.mark.parametrize("option", [dict(group_size=32), dict(act_order=True),
+                                    dict(smooth_alpha=0.7)])
+def test_options_of_kilns_own_quantization_are_refused(option, tiny_checkpoints, tmp_path):
+    """The checkpoint's weights are already rounded: --group-size, --act-order and
+    --smooth-alpha would change nothing (they were accepted and ignored)."""
+    from kiln.errors import BuildError
+
+    _, hf_model = tiny_checkpoints["llama"]
+    _write(hf_model, tmp_path / "awq", "awq")
+    flag = "--" + next(iter(option)).replace("_", "-")
+    with pytest.raises(BuildError, match=rf"awq is already quantized \(awq, int4_wo\): {flag} "
+                       "applies when kiln quantizes float weights; drop it"):
+        build(tmp_path / "awq", tmp_path / "e", BuildConfig(dtype="float32", **option),
+              progress=False)

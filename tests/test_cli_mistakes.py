@@ -156,3 +156,74 @@ def test_kiln_chat_sampling_options_are_checked_before_loading(flag, value, mess
     code = main(["chat", str(tmp_path / "no-model"), flag, value])
     out, err = capsys.readouterr()
     assert code == 2 and err == f"kiln: error: {message}\n" and "kiln chat" not in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quantization", "fp8", "--group-size", "32"], "--group-size 32 has no effect with "
+     "--quantization fp8: it applies to int8_wo, int4_wo, int4_awq, int4_gptq; drop it or "
+     "pick one of those"),
+    (["--quantization", "int8_sq", "--group-size", "32"],
+     "--group-size 32 has no effect with --quantization int8_sq"),
+    (["--quantization", "int4_wo", "--act-order"],
+     "--act-order has no effect with --quantization int4_wo: it applies to int4_gptq"),
+    (["--quantization", "none", "--smooth-alpha", "0.9"],
+     "--smooth-alpha 0.9 has no effect with --quantization none: it applies to int8_sq"),
+    (["--quantization", "int8_wo", "--activation-scheme", "static"],
+     "--activation-scheme static has no effect with --quantization int8_wo: it applies to fp8"),
+    (["--group-size", "32"], "--group-size 32 has no effect with --quantization none (auto: "),
+    (["--quantization", "int4_wo", "--group-size", "0"], "int4 groups of 128 inputs (the "
+     "default: --group-size not given, or 0) do not divide the model's hidden size (q/k/v, "
+     "gate/up inputs), 64; give --group-size, a positive even number that divides every "
+     "layer's inputs (e.g. 64)"),
+    (["--quantization", "int4_wo", "--group-size", "48"], "--group-size 48 does not divide "
+     "the model's hidden size (q/k/v, gate/up inputs), 64: the group size must be a positive "
+     "even number that divides every layer's inputs; try --group-size 64"),
+])
+@pytest.mark.parametrize("command", ["build", "bench", "LLM"])
+def test_build_options_that_do_nothing_are_refused(command, flags, message, tiny_checkpoints,
+                                                   tmp_path, capsys, monkeypatch):
+    """Options of another quantization method were accepted and ignored (`--quantization
+    fp8 --group-size 32` built plain FP8); now one line before any work, from `kiln build`,
+    `kiln bench` and LLM(...) alike (all through kiln.build.builder.validate and
+    plan_quantization). Options left at their defaults count as not given."""
+    from kiln.cli import main
+    from kiln.errors import BuildError
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    folder, _ = tiny_checkpoints["llama"]
+    if command == "LLM":
+        options = {flags[i].lstrip("-").replace("-", "_"): flags[i + 1] for i in range(
+            0, len(flags), 2) if flags[i] != "--act-order"}
+        options = {k: float(v) if k == "smooth_alpha" else int(v) if k == "group_size" else v
+                   for k, v in options.items()}
+        if "--act-order" in flags:
+            options["act_order"] = True
+        with pytest.raises(BuildError) as e:
+            LLM(str(folder), device="cpu", dtype="float32", **options)
+        assert str(e.value) == message or str(e.value).startswith(message), str(e.value)
+        return
+    args = ["build", str(folder), "-o", str(tmp_path / "e")] if command == "build" else \
+        ["bench", "latency", str(folder), "--input-len", "8", "--output-len", "2",
+         "--device", "cpu"]
+    code = main([*args, "--dtype", "float32", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"kiln: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "cache" / "engines").exists()
+
+
+def test_build_options_at_their_defaults_count_as_not_given(tiny_checkpoints):
+    from kiln.build.builder import validate
+    from kiln.build.quantize import plan_quantization
+    from kiln.checkpoint import open_checkpoint
+    from kiln.config import QUANTIZATIONS, BuildConfig
+
+    ckpt = open_checkpoint(tiny_checkpoints["llama"][0])
+    cfg = ckpt.config
+    for method in QUANTIZATIONS:
+        validate(cfg, BuildConfig(quantization=method))
+    validate(cfg, BuildConfig(quantization="int4_gptq", group_size=32, act_order=True))
+    validate(cfg, BuildConfig(quantization="int8_sq", smooth_alpha=0.8))
+    validate(cfg, BuildConfig(quantization="fp8", activation_scheme="dynamic"))
+    # `kiln eval quality` builds its float reference with the FP8 formats' options
+    plan = plan_quantization(ckpt, BuildConfig(activation_scheme="static", calib_file="c"))
+    assert plan.quant.method == "none"

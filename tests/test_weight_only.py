@@ -173,8 +173,11 @@ def test_int8_default_is_per_channel_and_llm_takes_the_options(tiny_checkpoints,
 # ---- bad input ----------------------------------------------------------------------------
 @pytest.mark.parametrize("options, message", [
     (dict(quantization="int4_wo", group_size=48), r"--group-size 48 does not divide the "
-     r"model's hidden size .* 64; try --group-size 64"),
-    (dict(quantization="int4_wo"), "--group-size 128 does not divide"),
+     r"model's hidden size .* 64: the group size must be a positive even number that "
+     r"divides every layer's inputs; try --group-size 64"),
+    (dict(quantization="int4_wo"), r"int4 groups of 128 inputs \(the default: --group-size "
+     r"not given, or 0\) do not divide the model's hidden size .* 64; give --group-size, a "
+     r"positive even number that divides every layer's inputs \(e.g. 64\)"),
     (dict(quantization="int4_wo", group_size=7), "must be a positive even number"),
 ])
 def test_bad_group_size_fails_at_build(options, message, tiny_checkpoints, tmp_path):

@@ -25,6 +25,7 @@ from kiln.build.quantize import (
     QuantPlan,
     apply_calibrated_method,
     calibrate_checkpoint,
+    check_options_apply,
     plan_quantization,
     with_default_calibration,
 )
@@ -69,6 +70,8 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
                          "default)")
     if build_cfg.group_size < 0:
         raise BuildError(f"--group-size {build_cfg.group_size} must be a positive number")
+    if build_cfg.quantization != "auto":  # auto: plan_quantization, once it is resolved
+        check_options_apply(build_cfg, build_cfg.quantization)
     if build_cfg.calib_file is not None and not Path(build_cfg.calib_file).expanduser().is_file():
         raise BuildError(f"calibration file {build_cfg.calib_file} does not exist")
     tp = build_cfg.tp_size

@@ -56,7 +56,9 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     if gguf_types is not None and keep_gguf_quantized(asked):
         pre = gguf_plan(gguf_types())
         if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
-            check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32)
+            check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32,
+                             "GGUF blocks of 32 inputs (whole on each --tp-size rank)",
+                             suggest_size=False)
     elif ckpt.hf_config:
         pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config,
                                 getattr(ckpt, "tensor_names", list)())
@@ -69,9 +71,18 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         if build_cfg.activation_scheme not in ("auto", pre.quant.activation_scheme):
             raise BuildError(f"{ckpt.source} has {pre.quant.activation_scheme} FP8 input "
                              "scales; --activation-scheme cannot change that")
+        for name, default, _ in METHOD_OPTIONS[:3]:
+            if getattr(build_cfg, name) != default:
+                raise BuildError(f"{ckpt.source} is already quantized ({pre.source}, "
+                                 f"{pre.quant.method}): --{name.replace('_', '-')} applies "
+                                 "when kiln quantizes float weights; drop it")
         quant, source = pre.quant, pre.source
     else:
         method = "none" if asked == "auto" else asked
+        if asked == "auto":  # (--activation-scheme is left to `kiln eval quality`'s float
+            # reference, built with the options of the FP8 formats it is compared with)
+            check_options_apply(build_cfg, method, f" (auto: {ckpt.source} holds float "
+                                "weights)", ("group_size", "act_order", "smooth_alpha"))
         scheme = build_cfg.activation_scheme
         if scheme == "auto":
             scheme = "static" if calibrated else "dynamic"
@@ -79,9 +90,13 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
             raise BuildError("--activation-scheme static needs calibration: add "
                              "--calib-file TEXT (any text in the model's language)")
         group = build_cfg.group_size
-        if method in INT_WEIGHT_METHODS:
-            group = group or (INT4_DEFAULT_GROUP if method.startswith("int4") else 0)
+        if method in INT_WEIGHT_METHODS and group:
             check_group_size(ckpt.config, build_cfg.tp_size, method, group)
+        elif method in INT_WEIGHT_METHODS and method.startswith("int4"):
+            group = INT4_DEFAULT_GROUP  # (0 also means the default: per channel for int8)
+            check_group_size(ckpt.config, build_cfg.tp_size, method, group,
+                             f"int4 groups of {group} inputs (the default: --group-size not "
+                             "given, or 0)")
         quant = QuantConfig(method, scheme if method == "fp8" else "dynamic",
                             group_size=group if method in INT_WEIGHT_METHODS else 0,
                             lm_head=head_method(build_cfg.quantize_lm_head, method))
@@ -128,12 +143,15 @@ def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
     return dataclasses.replace(build_cfg, calib_file=str(DEFAULT_CALIBRATION_TEXT))
 
 
-def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) -> None:
-    """The group size divides the input size of every linear layer on every rank."""
+def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int,
+                     named: str | None = None, suggest_size: bool = True) -> None:
+    """The group size divides the input size of every linear layer on every rank. named:
+    what the group is in the message (default: the --group-size the user gave);
+    suggest_size: whether a --group-size would fix it."""
     four = method.startswith("int4")
+    kind = f"a positive{' even' if four else ''} number"
     if group < 0 or (four and group % 2):
-        raise BuildError(f"--group-size {group} must be a positive{' even' if four else ''} "
-                         "number")
+        raise BuildError(f"{named or f'--group-size {group}'} must be {kind}")
     if not group:
         return
     inputs = {"hidden size (q/k/v, gate/up inputs)": cfg.hidden_size,
@@ -144,8 +162,38 @@ def check_group_size(cfg: ModelConfig, tp_size: int, method: str, group: int) ->
             fits = [g for g in (256, 128, 64, 32, 16)
                     if all(s % g == 0 for s in inputs.values())]
             hint = f"; try --group-size {fits[0]}" if fits else ""
-            raise BuildError(f"--group-size {group} does not divide the model's {what}, "
-                             f"{size}{' per rank' if tp_size > 1 else ''}{hint}")
+            where = f"the model's {what}, {size}{' per rank' if tp_size > 1 else ''}"
+            if named is not None:  # not the user's --group-size
+                suggest = f"; give --group-size, {kind} that divides every layer's inputs" \
+                    + (f" (e.g. {fits[0]})" if fits else "") if suggest_size else ""
+                raise BuildError(f"{named} do not divide {where}{suggest}")
+            raise BuildError(f"--group-size {group} does not divide {where}: the group size "
+                             f"must be {kind} that divides every layer's inputs{hint}")
+
+
+# Build options only some methods use: (BuildConfig field, its default (not given), the
+# methods it applies to). A value other than the default with another method is refused
+# (as TensorRT-LLM's and vLLM's quantization options are): it would change nothing.
+METHOD_OPTIONS = (
+    ("group_size", 0, INT_WEIGHT_METHODS),
+    ("act_order", False, ("int4_gptq",)),
+    ("smooth_alpha", 0.5, ("int8_sq",)),
+    ("activation_scheme", "auto", ("fp8",)),
+)
+
+
+def check_options_apply(build_cfg: BuildConfig, method: str, why: str = "",
+                        fields: tuple[str, ...] = ("group_size", "act_order", "smooth_alpha",
+                                                   "activation_scheme")) -> None:
+    """The method-specific build options given (not at their defaults) apply to method
+    (what --quantization resolved to; why: how, when it was not named)."""
+    for name, default, methods in METHOD_OPTIONS:
+        value = getattr(build_cfg, name)
+        if name in fields and value != default and method not in methods:
+            flag = "--" + name.replace("_", "-")
+            shown = flag if isinstance(value, bool) else f"{flag} {value}"
+            raise BuildError(f"{shown} has no effect with --quantization {method}{why}: it "
+                             f"applies to {', '.join(methods)}; drop it or pick one of those")
 
 
 def calibrate_checkpoint(ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,
