@@ -135,6 +135,41 @@ def _drop_tensor(folder: Path, tmp: Path) -> Path:
     return dst
 
 
+def _edit_tensor(name: str, edit):
+    """A source whose tensor `name` is edit(tensor) (the .bin format: any dtype, unlike
+    what config.json says)."""
+    def make(folder: Path, tmp: Path) -> Path:
+        from safetensors.torch import save_file
+
+        dst = copy_folder(folder, tmp / "x")
+        state = load_file(str(dst / "model.safetensors"))
+        state[name] = edit(state[name].clone())
+        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return dst
+    return make
+
+
+def _poke(value: float):
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        t.view(-1)[[5, 17]] = value
+        return t
+    return edit
+
+
+BAD_SOURCES["NaN weights"] = (
+    _edit_tensor("model.layers.1.mlp.down_proj.weight", _poke(float("nan"))),
+    "checkpoint tensor 'model.layers.1.mlp.down_proj.weight' holds 2 NaN and 0 infinite "
+    "value(s) of 8192: the file is corrupt")
+BAD_SOURCES["infinite norm"] = (
+    _edit_tensor("model.norm.weight", _poke(-float("inf"))),
+    "'model.norm.weight' holds 0 NaN and 2 infinite value(s) of 64")
+BAD_SOURCES["integer weight"] = (
+    _edit_tensor("model.layers.0.self_attn.q_proj.weight", lambda t: (t * 100).to(torch.int32)),
+    "checkpoint tensor 'model.layers.0.self_attn.q_proj.weight' is int32 where kiln expects "
+    "float weights, and config.json has no quantization_config saying how to read it")
+BAD_SOURCES["stray FP8 weight"] = (
+    _edit_tensor("model.layers.0.mlp.up_proj.weight", lambda t: t.to(torch.float8_e4m3fn)),
+    "'model.layers.0.mlp.up_proj.weight' is float8_e4m3fn where kiln expects float weights")
 BAD_SOURCES["truncated safetensors"] = (_truncate, "truncated")
 BAD_SOURCES["missing tensor"] = (_drop_tensor, "missing 1 tensor(s): model.layers.1.mlp")
 

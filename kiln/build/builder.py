@@ -242,6 +242,8 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
     stream = ckpt.tensors() if plan.prequantized is None else plan.prequantized.stream(ckpt)
     stream = (pair for name, tensor in stream for pair in model.split_fused(name, tensor))
+    # Each tensor checked once, by the first TP rank of the pipeline stage that holds it.
+    check = mapping.tp_rank == 0 and not ckpt.synthetic_values
     for hf_name, tensor in tqdm(stream, total=ckpt.num_tensors(), desc=desc,
                                 unit="tensor", disable=None if progress else True, leave=False):
         target = model.weight_target(hf_name)
@@ -253,6 +255,8 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
                 f"checkpoint tensor {hf_name!r} has no place in a {ckpt.config.architecture} "
                 "model; does config.json describe this checkpoint?")
         param = params[name]
+        if check:
+            _check_values(hf_name, tensor, param, plan.prequantized is None)
         try:
             model.loader_for(param)(param, tensor, shard)
         except ValueError as e:
@@ -260,6 +264,30 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
         loaded.add(name if shard is None else f"{name}:{shard}")
     _check_complete(model, params, loaded)
     return model
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_values(hf_name: str, tensor: torch.Tensor, param: torch.nn.Parameter,
+                  unquantized: bool) -> None:
+    """What a checkpoint tensor cannot hold: NaN / Inf (one min/max pass, as it is loaded),
+    or, in a checkpoint without quantization_config, integers / FP8 where the parameter
+    takes float weights (they would be cast silently; a quantized format's loaders say
+    what they take)."""
+    if unquantized and param.dtype in _FLOATS and tensor.dtype not in _FLOATS:
+        raise CheckpointError(
+            f"checkpoint tensor {hf_name!r} is {str(tensor.dtype).removeprefix('torch.')} "
+            "where kiln expects float weights, and config.json has no quantization_config "
+            "saying how to read it; is it from a quantized export whose config was lost?")
+    if tensor.dtype in _FLOATS and tensor.numel():
+        low, high = torch.aminmax(tensor)
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise CheckpointError(
+                f"checkpoint tensor {hf_name!r} holds {nan} NaN and {inf} infinite value(s) "
+                f"of {tensor.numel()}: the file is corrupt, or the model diverged in "
+                "training; re-download or re-export it")
 
 
 def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],

@@ -26,6 +26,8 @@ class Checkpoint(abc.ABC):
     # A tokenizer made up for the source (random weights): calibration reads the text's
     # bytes as ids instead of its ids.
     synthetic_tokenizer = False
+    # Values made up by kiln itself (random weights): the build skips its check of them.
+    synthetic_values = False
 
     @abc.abstractmethod
     def num_tensors(self) -> int:

@@ -116,6 +116,8 @@ def _model_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 class RandomCheckpoint(Checkpoint):
     """Normal(0, 0.02) weights (norms at 1) under HF names, for a preset or a ModelConfig."""
 
+    synthetic_values = True
+
     def __init__(self, config: str | ModelConfig, seed: int = 0,
                  dtype: torch.dtype = torch.bfloat16) -> None:
         if isinstance(config, str):
