@@ -132,8 +132,16 @@ class KilnLM(TemplateLM):
 
         sequences = []
         for _, context, continuation in requests:
-            # Left-truncate like the harness's hf model: max_length inputs + the last target.
-            sequences.append((context + continuation)[-(self.max_length + 1):])
+            # As the harness's hf model means to: max_length inputs + the last target, the
+            # continuation whole and the context cut from the left (at least one token of
+            # it left, for the first target's logprob).
+            if len(continuation) > self.max_length:
+                raise KilnError(
+                    f"a continuation of {len(continuation)} tokens is longer than this "
+                    f"engine can score (max_length {self.max_length}: max_seq_len "
+                    f"{self.engine.max_seq_len} - 2); use an engine with a larger max_seq_len")
+            keep = self.max_length + 1 - len(continuation)
+            sequences.append(context[-keep:] + continuation)
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
         outputs = self.llm.generate(sequences, params, use_tqdm=not disable_tqdm)
         results = []

@@ -119,3 +119,30 @@ def test_lm_eval_command_line_mistake(tiny_engine, task_dir, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "kiln: error: kiln lm-eval model: unknown model_args bogus" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_continuation_longer_than_the_engine(tiny_engine):
+    """The context is cut from the left and the continuation kept whole (scored as on an
+    engine long enough for the cut sequence); a continuation that alone is longer than
+    max_length is a one-line KilnError (it was a KeyError deep in the scoring)."""
+    from kiln.errors import KilnError
+    from kiln.lm_eval_model import KilnLM
+
+    short = KilnLM(pretrained=str(tiny_engine), device="cpu", max_seq_len=16)
+    assert short.max_length == 14
+    full = KilnLM(pretrained=str(tiny_engine), device="cpu")
+    context = short.tok_encode("The red cat sat by the blue river near the green tree. " * 2)
+    continuation = short.tok_encode(" and the dog", add_special_tokens=False)
+    assert len(context) > short.max_length
+    for cut in (len(continuation), short.max_length):  # as long as the engine takes
+        cont = (continuation * 8)[:cut]
+        [(got, _)] = short._loglikelihood_tokens([(None, context, cont)], disable_tqdm=True)
+        kept = context[-(short.max_length + 1 - cut):]
+        [(want, _)] = full._loglikelihood_tokens([(None, kept, cont)], disable_tqdm=True)
+        assert got == pytest.approx(want, abs=1e-4)
+    for extra in (1, 4):  # no context token left / a KeyError deep in the scoring
+        too_long = (continuation * 8)[:short.max_length + extra]
+        with pytest.raises(KilnError, match=f"continuation of {len(too_long)} tokens is "
+                           "longer than this engine can score") as error:
+            short._loglikelihood_tokens([(None, context, too_long)], disable_tqdm=True)
+        assert "\n" not in str(error.value)
