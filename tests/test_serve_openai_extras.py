@@ -165,6 +165,7 @@ def test_num_speculative_tokens_extension(server):
     reply = httpx.post(server.v1 + "/completions", json={**body, "num_speculative_tokens": 2})
     assert reply.status_code == 400, reply.text
     assert "without speculative decoding" in reply.json()["error"]["message"]
+    assert reply.json()["error"]["param"] == "num_speculative_tokens"
     reply = httpx.post(server.v1 + "/completions", json={**body, "num_speculative_tokens": 0})
     assert reply.status_code == 200, reply.text
 

@@ -91,6 +91,24 @@ def test_config_errors_are_one_line():
         SpeculativeConfig("ngram", 3)
 
 
+
+def test_keys_of_the_other_method_are_refused():
+    """A key that does not apply to the method was accepted and ignored."""
+    with pytest.raises(KilnError, match="model does not apply to method 'ngram'"):
+        SpeculativeConfig.parse({"method": "ngram", "model": "/tmp",
+                                 "num_speculative_tokens": 2})
+    with pytest.raises(KilnError, match="prompt_lookup_max, prompt_lookup_min do not apply "
+                       "to method 'draft_model'"):
+        SpeculativeConfig.parse({"method": "draft_model", "model": "/tmp", "prompt_lookup_min":
+                                 1, "prompt_lookup_max": 2, "num_speculative_tokens": 2})
+    with pytest.raises(KilnError, match="prompt_lookup_min does not apply"):
+        SpeculativeConfig.parse({"model": "/tmp", "prompt_lookup_min": 2,
+                                 "num_speculative_tokens": 2})  # draft_model by its model
+    # null is no value: what vLLM's full configs send for the other method's keys
+    assert SpeculativeConfig.parse({"method": "ngram", "model": None,
+                                    "num_speculative_tokens": 2}) == SpeculativeConfig("ngram", 2)
+
+
 def test_ngram_greedy_identity_in_a_batch(ngram_llama, prompts, plain_outputs):
     """Every request speculates, in one continuous batch, with small token budgets."""
     got = run_all(ngram_llama, prompts, SamplingParams(max_tokens=40, **GREEDY),

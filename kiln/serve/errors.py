@@ -112,11 +112,12 @@ def api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
 
-_PARAM_NAME = re.compile(r"^([a-z_]+) (must|is|are) ")
+_PARAM_NAME = re.compile(r"^([a-z_]+)(?: (?:must|is|are) | -?\d+: |: )")
 
 
 def _param_of(message: str) -> str | None:
-    """SamplingParams messages start with the parameter's name ("top_p must be ...")."""
+    """Request checks start with the parameter's name: "top_p must be ...",
+    "logit_bias: token id ...", "num_speculative_tokens 4: this engine ..."."""
     match = _PARAM_NAME.match(message)
     return match.group(1) if match else None
 

@@ -10,6 +10,9 @@ from typing import Any
 from kiln.errors import KilnError
 
 METHODS = ("ngram", "draft_model")
+# Keys of one method only: given to the other, they would be ignored, so they are refused.
+_ONLY_FOR = {"prompt_lookup_min": "ngram", "prompt_lookup_max": "ngram",
+             "model": "draft_model"}
 # Draft-model draws use the request's seed xor this, so they are independent of the
 # target's draws at the same positions.
 DRAFT_SEED_SALT = 0x5DEECE66D
@@ -53,6 +56,12 @@ class SpeculativeConfig:
         if method not in METHODS:
             raise KilnError(f"speculative_config method must be one of {METHODS}, "
                             f"got {method!r}")
+        foreign = sorted(key for key in _ONLY_FOR if _ONLY_FOR[key] != method and
+                         value.get(key) is not None)
+        if foreign:
+            raise KilnError(f"speculative_config {', '.join(foreign)} "
+                            f"{'does' if len(foreign) == 1 else 'do'} not apply to method "
+                            f"{method!r} (only to {_ONLY_FOR[foreign[0]]!r})")
         k = value.get("num_speculative_tokens")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
             raise KilnError("speculative_config needs num_speculative_tokens, an integer in "
