@@ -307,3 +307,244 @@ def test_streamed_answer_is_held_only_while_it_may_be_a_call():
     assert may_open_call("  {") and may_open_call("<tool") and may_open_call("``")
     assert may_open_call("") and may_open_call("<|python")
     assert not may_open_call("Sure") and not may_open_call("<b>") and not may_open_call("1")
+
+
+# ---- keywords the grammar would not enforce are refused, never ignored ----------------
+REFUSED = [  # (schema, the keyword and JSON path the error names)
+    ({"type": "object", "properties": {"tags": {
+        "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 2},
+        "minItems": 3, "maxItems": 3, "uniqueItems": True}}, "required": ["tags"]},
+     "uniqueItems at $.properties.tags"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]},
+     "required at $ names 'b'"),
+    ({"type": "integer", "minimum": 0, "maximum": 12, "not": {"enum": list(range(10))}},
+     "not at $"),
+    ({"type": "object", "properties": {"k": {"enum": ["x", "y"]}, "v": {"type": "integer"}},
+      "required": ["k", "v"], "if": {"properties": {"k": {"const": "x"}}},
+      "then": {"properties": {"v": {"const": 1}}}}, "if at $"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+      "dependentRequired": {"a": ["b"]}}, "dependentRequired at $"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "contains at $"),
+    ({"type": "array", "items": {"anyOf": [{"type": "integer"}], "minimum": 3}},
+     "minimum at $.items is ignored beside anyOf"),
+    ({"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n", "maximum": 3},
+     "maximum at $ is ignored beside $ref"),
+    ({"$defs": {"n": {"type": "array", "uniqueItems": True}}, "$ref": "#/$defs/n"},
+     "uniqueItems at $.$defs.n"),
+    ({"allOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "maximum": 5}]},
+     "allOf at $"),
+    ({"oneOf": [{"type": "integer"}, {"type": "integer", "minimum": 0}]}, "oneOf at $"),
+    ({"type": "integer", "multipleOf": 7, "minimum": 1}, "multipleOf at $"),
+    ({"type": "integer", "multipleOf": 2000}, "multipleOf at $"),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf at $"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 2}, "maxLength at $"),
+    ({"type": "string", "format": "uri", "maxLength": 20}, "maxLength at $"),
+    ({"type": "string", "format": "regex"}, "format at $"),
+    ({"minimum": 3}, "minimum at $ is not enforced without a \"type\""),
+    ({"type": "string", "enum": ["a", 1]}, "type at $ is ignored beside enum"),
+    ({"properties": {"when": {"const": "now", "maxLength": 1}}},
+     "maxLength at $.properties.when"),
+]
+
+
+@pytest.mark.parametrize("schema,where", REFUSED, ids=[w.split(" at ")[0] + str(i)
+                                                      for i, (_, w) in enumerate(REFUSED)])
+def test_unenforced_keywords_are_refused(tiny, schema, where):
+    with pytest.raises(KilnError, match="json_schema: " + where.replace("$", r"\$")
+                       .replace("[", r"\[")):
+        tiny.generate("x", SamplingParams(json_schema=schema, max_tokens=4))
+    # and not a word of it was generated: the engine goes on
+    assert tiny.generate("x", SamplingParams(max_tokens=2, temperature=0))[0].token_ids
+
+
+ENFORCED = [  # (schema, text it must reject) where the grammar does what the keyword says
+    ({"type": "integer", "multipleOf": 7}, "15"),
+    ({"type": "integer", "multipleOf": 3, "minimum": 0, "maximum": 9999}, "10"),
+    ({"type": "integer", "exclusiveMinimum": 5, "maximum": 6}, "5"),
+    ({"type": "number", "minimum": 1.5}, "1.2"),
+    ({"type": "string", "minLength": 3, "maxLength": 4}, '"ab"'),
+    ({"type": "string", "format": "date"}, '"2024-13-01"'),
+    ({"type": "string", "format": "email", "description": "an annotation"}, '"x"'),
+    ({"type": "string", "format": "no-such-format", "maxLength": 2}, '"abc"'),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": False, "maxItems": 1},
+     "[1, 1]"),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False}, "[1, 2]"),
+    ({"type": "object", "minProperties": 2, "additionalProperties": {"type": "integer"}},
+     '{"a": 1}'),
+    ({"type": "object", "maxProperties": 1, "additionalProperties": {"type": "integer"}},
+     '{"a": 1, "b": 2}'),
+    ({"type": "object", "patternProperties": {"^x": {"type": "integer"}},
+      "additionalProperties": False}, '{"y": 1}'),
+    ({"type": "object", "propertyNames": {"maxLength": 2}}, '{"abc": 1}'),
+    ({"type": "object", "properties": {"a": {"type": "integer"}},
+      "unevaluatedProperties": False}, '{"a": 1, "b": 2}'),
+    ({"type": ["integer", "string"], "minimum": 3}, "1"),
+    ({"type": "string", "const": "x"}, '"y"'),
+    ({"$defs": {"n": {"type": "integer"}}, "$ref": "#/$defs/n", "title": "n"}, '"s"'),
+    ({"anyOf": [{"type": "integer", "maximum": 5}, {"type": "boolean"}]}, "9"),
+    ({"allOf": [{"type": "integer", "maximum": 5}]}, "9"),
+    ({"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}, "-1"),
+    # a discriminated union (pydantic's layout): the branches cannot overlap
+    ({"$defs": {k: {"type": "object", "properties": {"kind": {"const": k}, "n": {
+        "type": "integer"}}, "required": ["kind", "n"]} for k in ("cat", "dog")},
+      "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"}],
+      "discriminator": {"propertyName": "kind"}}, '{"kind": "cow", "n": 1}'),
+]
+
+
+@pytest.mark.parametrize("schema,bad", ENFORCED, ids=[str(i) for i in range(len(ENFORCED))])
+def test_enforced_keywords_are_accepted(tiny, schema, bad):
+    """What check_schema lets through, the grammar enforces: it rejects a text the schema
+    rejects, and generated answers validate."""
+    validator = jsonschema.Draft202012Validator(schema,
+                                                format_checker=jsonschema.FormatChecker())
+    assert not validator.is_valid(json.loads(bad))
+    matcher = tiny.engine._grammar_compiler().matcher(schema)
+    assert not (matcher.accept_string(bad) and matcher.is_completed())
+    for out in tiny.generate(["JSON:"] * 2, [SamplingParams(
+            json_schema=schema, max_tokens=32, temperature=1.0, seed=s) for s in range(2)]):
+        if out.finish_reason == "stop":
+            validator.validate(json.loads(out.text))
+
+
+# ---- min_tokens: the grammar wins ------------------------------------------------------
+SMALL = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 5}},
+         "required": ["a"], "additionalProperties": False}
+
+
+def _ends_with_the_json(out, eos: tuple[int, ...]) -> None:
+    _check(out.text, SMALL)
+    assert out.finish_reason == "stop" and out.token_ids[-1] in eos
+    assert len(out.token_ids) < 20  # short of min_tokens: nothing follows the JSON
+
+
+def test_min_tokens_stops_when_the_json_is_complete(tiny):
+    """min_tokens holds the end back only while the grammar allows something else: once
+    the JSON is complete the answer ends there (it went on with free text after an end
+    token in the middle of the output); greedy, sampled, n > 1 and with ignore_eos."""
+    eos = tiny.engine.eos_token_ids
+    [greedy] = tiny.generate("Give JSON:", SamplingParams(
+        json_schema=SMALL, min_tokens=20, max_tokens=30, temperature=0))
+    _ends_with_the_json(greedy, eos)
+    [group] = tiny.generate("Give JSON:", SamplingParams(
+        json_schema=SMALL, min_tokens=20, max_tokens=30, temperature=1.0, seed=3, n=3))
+    assert len(group.outputs) == 3
+    for out in group.outputs:
+        _ends_with_the_json(out, eos)
+    [no_eos] = tiny.generate("Give JSON:", SamplingParams(
+        json_schema=SMALL, min_tokens=20, max_tokens=30, temperature=0, ignore_eos=True))
+    _ends_with_the_json(no_eos, eos)
+    # a number the grammar may go on with: min_tokens makes it longer, within the schema
+    [digits] = tiny.generate("Give JSON:", SamplingParams(
+        json_schema={"type": "integer", "minimum": 0, "maximum": 99999}, min_tokens=3,
+        max_tokens=10, temperature=0))
+    assert digits.finish_reason == "stop" and len(digits.token_ids) >= 3
+    assert 0 <= json.loads(digits.text) <= 99999
+
+
+def test_min_tokens_with_a_schema_on_a_speculative_engine(tiny):
+    """Constrained requests decode plainly on a speculative engine: the same answers."""
+    spec = LLM(tiny_chat_engine(), device="cpu", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3})
+    params = [SamplingParams(json_schema=SMALL, min_tokens=20, max_tokens=30, temperature=0),
+              SamplingParams(json_schema=SMALL, min_tokens=20, max_tokens=30, seed=5, n=2),
+              SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)]
+    prompts = ["Give JSON:", "More JSON:", "free text free text free text"]
+    got, want = spec.generate(prompts, params), tiny.generate(prompts, params)
+    for a, b in zip(got, want):
+        assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    for out in got[0].outputs + got[1].outputs:
+        _ends_with_the_json(out, tiny.engine.eos_token_ids)
+
+
+def test_a_finished_grammar_allows_only_its_end(tiny):
+    """Its bitmask row (were it sampled again) holds the end tokens, not every token."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kiln.runtime.grammar import grammar_bitmask
+
+    eos = tiny.engine.eos_token_ids
+    matcher = tiny.engine._grammar_compiler().matcher(SMALL)
+    assert matcher.accept_string('{"a": 1}') and matcher.accept_token(eos[0])
+    assert matcher.is_terminated()
+    vocab = tiny.engine.config.model.vocab_size
+    done = SimpleNamespace(grammar=matcher, eos_token_ids=eos)
+    free = SimpleNamespace(grammar=None, eos_token_ids=eos)
+    bitmask, rows = grammar_bitmask([free, done], vocab, torch.device("cpu"))
+    assert rows == [1]
+    logits = torch.zeros(2, vocab)
+    from kiln.runtime.grammar import apply_grammar
+
+    allowed = apply_grammar(logits, (bitmask, rows))[1].isfinite().nonzero().flatten()
+    assert allowed.tolist() == sorted(t for t in eos if t < vocab)
+
+
+def test_openai_min_tokens_and_a_schema(client):
+    """The server: the answer is the JSON, finish_reason "stop", fewer than min_tokens."""
+    for stream in (False, True):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Give JSON"}], temperature=0,
+            max_completion_tokens=30, stream=stream, extra_body={"min_tokens": 20},
+            response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                    "schema": SMALL}})
+        if stream:
+            chunks = [c for c in reply if c.choices]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+            assert reply.usage.completion_tokens < 20
+        _check(text, SMALL)
+        assert finish == "stop"
+
+
+# ---- vLLM's constrained-decoding fields -------------------------------------------------
+def test_vllm_guided_json_and_structured_outputs(client):
+    messages = [{"role": "user", "content": "colour?"}]
+    for extra in ({"guided_json": SCHEMAS[0]}, {"guided_json": json.dumps(SCHEMAS[0])},
+                  {"structured_outputs": {"json": SCHEMAS[0]}},
+                  {"guided_json": SCHEMAS[0], "guided_decoding_backend": "xgrammar"}):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48,
+                                               seed=1, extra_body=extra)
+        assert reply.choices[0].finish_reason == "stop", extra
+        _check(reply.choices[0].message.content, SCHEMAS[0])
+    reply = client.completions.create(model=MODEL, prompt="{", max_tokens=64, seed=2,
+                                      extra_body={"structured_outputs": {"json_object": True}})
+    if reply.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(reply.choices[0].text), dict)
+    else:
+        assert reply.choices[0].text.startswith("{")
+
+
+@pytest.mark.parametrize("extra,param,words", [
+    ({"guided_choice": ["red", "blue"]}, "guided_choice", '"enum"'),
+    ({"guided_regex": "[0-9]{3}"}, "guided_regex", '"pattern"'),
+    ({"guided_grammar": 'root ::= "a"'}, "guided_grammar", "JSON schema"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "whitespace"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs", "choice"),
+    ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "jsn"),
+    ({"guided_json": "not json"}, "guided_json", "JSON schema object"),
+    ({"guided_json": {"type": "object"}, "guided_decoding_backend": "outlines"},
+     "guided_decoding_backend", "xgrammar"),
+    ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}},
+     "guided_json", "exclude each other"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json",
+     "uniqueItems at $"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}}}},
+     "response_format", "required at $ names 'b'"),
+    ({"structured_outputs": {"json": {"type": "no-such"}}}, "structured_outputs",
+     "does not compile"),
+])
+def test_unserved_constraints_are_400(client, extra, param, words):
+    """Never ignored: a 400 whose param is the field and whose message says what to use."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, max_tokens=4, extra_body=extra,
+                                       messages=[{"role": "user", "content": "Pick"}])
+    body = error.value.body
+    assert body["param"] == param and words in body["message"], body

@@ -6,6 +6,9 @@ sampler applies it to the logits on the device (disallowed tokens -> -inf), and 
 the step the sampled token advances the matcher. That needs the sampled token on the
 host before the next step, so the engine does not overlap steps holding such a request;
 other requests in the batch are unaffected (their rows are left out of the bitmask).
+
+Before a schema is compiled, check_schema (kiln.runtime.grammar_schema) refuses the
+keywords the grammar would not enforce, so an answer that completes always validates.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from kiln.errors import RequestError
+from kiln.runtime.grammar_schema import check_schema
 
 
 def _xgrammar() -> Any:
@@ -51,10 +55,15 @@ class GrammarCompiler:
         return self._compiler
 
     def matcher(self, schema: dict[str, Any] | str) -> Any:
-        """A fresh matcher for `schema`; RequestError if the schema does not compile."""
+        """A fresh matcher for `schema`; RequestError if the schema does not compile or
+        uses a keyword the grammar would not enforce (check_schema)."""
         key = schema if isinstance(schema, str) else json.dumps(schema)  # order matters
         compiled = self._compiled.get(key)
         if compiled is None:
+            try:
+                check_schema(json.loads(key))
+            except json.JSONDecodeError:
+                pass  # xgrammar says what is wrong with it
             try:
                 # Compact JSON: no free whitespace, so a small model cannot wander off
                 # into endless spaces before the closing brace.
@@ -62,7 +71,8 @@ class GrammarCompiler:
             except RequestError:
                 raise
             except Exception as e:  # xgrammar's errors for schemas it cannot compile
-                raise RequestError(f"json_schema: {_library_message(e)}") from None
+                raise RequestError("json_schema: the JSON schema does not compile: "
+                                   f"{_library_message(e)}") from None
             self._compiled[key] = compiled
         return _xgrammar().GrammarMatcher(compiled)
 
@@ -84,6 +94,11 @@ def grammar_bitmask(requests: list[Any], vocab_size: int, device: torch.device
     for i in rows:
         if not requests[i].grammar.is_terminated():
             requests[i].grammar.fill_next_token_bitmask(bitmask, i)
+        else:  # complete (the request stops there): nothing but an end token again
+            bitmask[i] = 0
+            for t in requests[i].eos_token_ids:
+                if 0 <= t < vocab_size:
+                    bitmask[i, t // 32] |= (1 << t % 32) - (1 << 32 if t % 32 == 31 else 0)
     if device.type == "cuda":
         bitmask = bitmask.pin_memory().to(device, non_blocking=True)
     return bitmask, rows

@@ -81,22 +81,24 @@ def apply_token(seq: Sequence, token: int, index: int,
         request.cumulative_logprob += values[0]
     text_before = len(seq.text) if params.stop else 0
     status = None
-    if generated >= params.min_tokens:
+    # The grammar follows every token. It ends on an end token once the JSON is complete,
+    # and then nothing may follow: the request stops there even short of min_tokens or
+    # with ignore_eos (the grammar wins; min_tokens only held the EOS back while the
+    # grammar allowed something else).
+    json_complete = request.grammar is not None and grammar.advance(request, token)
+    if generated >= params.min_tokens or json_complete:
         if not params.ignore_eos and token in request.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
         elif token in params.stop_token_ids:
             status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token
-    # A stop token (EOS, stop_token_ids) stays out of the text, as in vLLM, unless
-    # include_stop_str_in_output (its id stays in token_ids).
+        elif json_complete:
+            status = RequestStatus.FINISHED_STOPPED
+    # A stop token (EOS, stop_token_ids, the grammar's end) stays out of the text, as in
+    # vLLM, unless include_stop_str_in_output (its id stays in token_ids).
     if seq.detok is not None and (status is None or params.include_stop_str_in_output):
         seq.text += seq.detok.add(token)
-    # The grammar follows every token (min_tokens or not); complete JSON ends the text.
-    json_complete = request.grammar is not None and grammar.advance(request, token)
-    if generated >= params.min_tokens and status is None:
-        if json_complete:
-            status = RequestStatus.FINISHED_STOPPED
-        elif params.stop:
-            status = _check_stop_strings(seq, text_before)
+    if generated >= params.min_tokens and status is None and params.stop:
+        status = _check_stop_strings(seq, text_before)
     if status is None and generated >= request.max_tokens:
         status = RequestStatus.FINISHED_LENGTH
     if status is not None:

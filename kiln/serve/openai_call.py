@@ -8,6 +8,7 @@ the prompt's KV blocks shared); choice p * n + i is completion i of prompt p.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -100,20 +101,95 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),
-        json_schema=_structured(body), num_speculative_tokens=body.num_speculative_tokens)
+        json_schema=structured(body)[0], num_speculative_tokens=body.num_speculative_tokens)
 
 
-def _structured(body: CompletionRequest | ChatCompletionRequest) -> dict[str, Any] | None:
+def structured(body: CompletionRequest | ChatCompletionRequest
+               ) -> tuple[dict[str, Any] | str | None, str | None]:
+    """(the schema the answer must match, the request field it came from); (None, None)
+    for free text. One of response_format, vLLM's guided_json / structured_outputs, or a
+    forced tool call; vLLM's other constraints are refused (400), never ignored."""
     from kiln.serve.openai_tools import forced_tools, tool_call_schema
 
-    schema = json_schema_of(getattr(body, "response_format", None))
+    _refuse_guided(body)
+    sources = [(field, schema) for field, schema in (
+        ("response_format", json_schema_of(getattr(body, "response_format", None))),
+        ("guided_json", _schema_field("guided_json", body.guided_json)),
+        ("structured_outputs", _structured_outputs(body.structured_outputs)))
+        if schema is not None]
     functions = forced_tools(body)
-    if functions is None:
-        return schema
-    if schema is not None:
-        raise APIError(400, "a forced tool_choice and a JSON response_format exclude each "
-                       "other", param="response_format")
-    return tool_call_schema(functions)
+    if functions is not None:
+        sources.append(("tools", tool_call_schema(functions)))
+    if len(sources) > 1:
+        (first, _), (second, _) = sources[:2]
+        what = {"tools": "a forced tool_choice"}
+        raise APIError(400, f"{what.get(first, first)} and {what.get(second, second)} exclude "
+                       "each other: give the answer one constraint", param=second)
+    return (sources[0][1], sources[0][0]) if sources else (None, None)
+
+
+# vLLM's constraints that kiln (JSON schemas only) cannot honour, and what to use instead.
+_AS_JSON_STRING = " (the answer is then a quoted JSON string)"
+_INSTEAD = {
+    "choice": 'response_format {"type": "json_schema", "json_schema": {"schema": '
+              '{"enum": [...]}}}' + _AS_JSON_STRING,
+    "regex": 'response_format {"type": "json_schema", "json_schema": {"schema": {"type": '
+             '"string", "pattern": ...}}}' + _AS_JSON_STRING,
+    "grammar": "a JSON schema in response_format (kiln constrains answers to JSON schemas "
+               "only)",
+    "whitespace_pattern": "nothing: kiln's JSON has no free whitespace",
+    "structural_tag": "response_format json_schema, or tools with tool_choice \"required\"",
+}
+
+
+def _refuse_guided(body: Any) -> None:
+    for kind in ("choice", "regex", "grammar", "whitespace_pattern"):
+        if getattr(body, f"guided_{kind}") is not None:
+            raise APIError(400, f"guided_{kind} is not supported; use {_INSTEAD[kind]}",
+                           param=f"guided_{kind}")
+    backend = body.guided_decoding_backend
+    if backend is not None and (not isinstance(backend, str) or
+                                backend.split(":")[0] not in ("xgrammar", "auto")):
+        raise APIError(400, f"guided_decoding_backend {backend!r} is not available: kiln "
+                       'constrains answers with xgrammar ("xgrammar" or "auto")',
+                       param="guided_decoding_backend")
+
+
+def _schema_field(name: str, value: Any) -> dict[str, Any] | str | None:
+    """A JSON schema given as an object or as JSON text (vLLM takes both)."""
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except json.JSONDecodeError:
+            pass
+    raise APIError(400, f"{name} must be a JSON schema object", param=name.split(".")[0])
+
+
+def _structured_outputs(options: Any) -> dict[str, Any] | str | None:
+    """vLLM's structured_outputs: json (a schema) or json_object; its flags for
+    whitespace, fallback and additional properties ask for what kiln always does."""
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise APIError(400, "structured_outputs must be an object", param="structured_outputs")
+    for key, value in options.items():
+        if key in _INSTEAD and value is not None:
+            raise APIError(400, f"structured_outputs.{key} is not supported; use "
+                           f"{_INSTEAD[key]}", param="structured_outputs")
+        if key not in (*_INSTEAD, "json", "json_object", "disable_fallback",
+                       "disable_any_whitespace", "disable_additional_properties"):
+            raise APIError(400, f"structured_outputs.{key} is not a known option",
+                           param="structured_outputs")
+    schema = _schema_field("structured_outputs.json", options.get("json"))
+    if options.get("json_object"):
+        if schema is not None:
+            raise APIError(400, "structured_outputs: json and json_object exclude each other",
+                           param="structured_outputs")
+        return {"type": "object"}
+    return schema
 
 
 def json_schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -196,11 +272,8 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
         except RequestError as e:
             if not str(e).startswith("json_schema:"):
                 raise
-            from kiln.serve.openai_tools import forced_tools
-
-            where = "tools" if forced_tools(body) is not None else "response_format"
-            raise APIError(400, f"{where}: the JSON schema does not compile: "
-                           f"{str(e).removeprefix('json_schema:').strip()}",
+            where = structured(body)[1]  # the schema does not compile, or asks too much
+            raise APIError(400, f"{where}: {str(e).removeprefix('json_schema:').strip()}",
                            param=where) from None
     except BaseException as e:
         tracker.finish(*(("aborted",) if isinstance(e, ClientDisconnected) else

@@ -2,7 +2,9 @@
 
 Field names and defaults follow the OpenAI API reference. Unknown request fields are
 ignored, as other OpenAI-compatible servers do, so clients written for them work here.
-A few vLLM-style extensions (top_k, min_p, ignore_eos, ...) sit beside the standard ones.
+A few vLLM-style extensions (top_k, min_p, ignore_eos, ...) sit beside the standard ones;
+vLLM's constrained-decoding fields are known, so that those kiln cannot honour are
+refused rather than ignored.
 Value ranges are checked by `SamplingParams`, not here, so there is one set of rules.
 """
 
@@ -43,6 +45,16 @@ class _GenerationRequest(BaseModel):
     include_stop_str_in_output: bool = False
     # kiln extension: drafts per verify step on a speculative engine (0: none)
     num_speculative_tokens: int | None = None
+    # vLLM's constrained decoding (kiln.serve.openai_call.structured): guided_json and
+    # structured_outputs' json / json_object are served like response_format; the others
+    # are refused with a 400 that says what to use instead, never ignored.
+    guided_json: Any = None
+    guided_choice: Any = None
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
+    structured_outputs: Any = None
 
 
 class CompletionRequest(_GenerationRequest):
