@@ -519,12 +519,15 @@ def test_vllm_guided_json_and_structured_outputs(client):
 
 
 @pytest.mark.parametrize("extra,param,words", [
-    ({"guided_choice": ["red", "blue"]}, "guided_choice", '"enum"'),
-    ({"guided_regex": "[0-9]{3}"}, "guided_regex", '"pattern"'),
-    ({"guided_grammar": 'root ::= "a"'}, "guided_grammar", "JSON schema"),
+    ({"guided_choice": "red"}, "guided_choice", "list of non-empty strings"),
+    ({"guided_regex": "[0-9"}, "guided_regex", "regular expression does not compile"),
+    ({"guided_grammar": 'root ::= foo'}, "guided_grammar", "grammar does not compile"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "exclude each other"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "whitespace"),
-    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs", "structured_outputs.regex"),
-    ({"structured_outputs": {"choice": ["a"]}}, "structured_outputs", "choice"),
+    ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs",
+     "give one of"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs",
+     "structured_outputs.structural_tag"),
     ({"structured_outputs": {"jsn": {}}}, "structured_outputs", "jsn"),
     ({"guided_json": "not json"}, "guided_json", "JSON schema object"),
     ({"guided_json": {"type": "object"}, "guided_decoding_backend": "outlines"},

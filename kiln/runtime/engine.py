@@ -187,9 +187,9 @@ class LLMEngine:
             unbounded=self.streaming is not None,
             max_drafts=self.speculator.config.num_speculative_tokens if self.speculator else 0)
         bad_words = bad_words_token_ids(self.tokenizer, params.bad_words)
-        if params.json_schema is not None:
+        if params.constraint is not None:
             grammars = self._grammar_compiler()
-            grammars.matcher(params.json_schema)  # a bad schema fails here, for this caller
+            grammars.matcher(params.constraint)  # a bad constraint fails here, for this caller
         if params.seed is not None:
             seed_base = params.seed % (1 << 62)
         elif seed_base is None:
@@ -198,7 +198,7 @@ class LLMEngine:
             self.mirror.record(("add", token_ids, params, request_id, seed_base))
         group = new_group(request_id, prompt, token_ids, params, max_tokens, seed_base,
                           self.eos_token_ids, self.tokenizer, bad_words,
-                          grammars if params.json_schema is not None else None)
+                          grammars if params.constraint is not None else None)
         self.groups[request_id] = group
         for seq in group.sequences:
             self._seq_of[seq.request.request_id] = seq
@@ -327,7 +327,7 @@ class LLMEngine:
 
         if getattr(self, "_grammars", None) is None:
             if self.tokenizer is None:
-                raise RequestError("json_schema needs the engine's tokenizer")
+                raise RequestError("structured output needs the engine's tokenizer")
             self._grammars = GrammarCompiler(self.tokenizer.folder, self.config.model.vocab_size,
                                              list(self.eos_token_ids))
         return self._grammars

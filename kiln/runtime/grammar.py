@@ -1,4 +1,5 @@
-"""Structured output: JSON-schema constrained decoding with xgrammar.
+"""Structured output: constrained decoding with xgrammar (a JSON schema, a regular
+expression, a list of choices or an EBNF grammar).
 
 Each constrained sequence holds an xgrammar `GrammarMatcher`. Before a step the host
 fills one bitmask row per constrained row (the tokens the grammar allows next), the
@@ -34,7 +35,8 @@ def _xgrammar() -> Any:
 
 
 class GrammarCompiler:
-    """Compiles JSON schemas for one engine's tokenizer (lazily, cached per schema)."""
+    """Compiles constraints (JSON schemas, regexes, choices, EBNF grammars) for one
+    engine's tokenizer (lazily, cached per constraint)."""
 
     def __init__(self, tokenizer_dir: Path, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.tokenizer_dir = tokenizer_dir
@@ -54,27 +56,42 @@ class GrammarCompiler:
             self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
 
-    def matcher(self, schema: dict[str, Any] | str) -> Any:
-        """A fresh matcher for `schema`; RequestError if the schema does not compile or
-        uses a keyword the grammar would not enforce (check_schema)."""
-        key = schema if isinstance(schema, str) else json.dumps(schema)  # order matters
+    def matcher(self, constraint: tuple[str, Any] | dict[str, Any] | str) -> Any:
+        """A fresh matcher for `constraint`, SamplingParams.constraint's (kind, value) or a
+        JSON schema; RequestError, its message starting with the kind, if it does not
+        compile or (a schema) uses a keyword the grammar would not enforce (check_schema)."""
+        kind, value = constraint if isinstance(constraint, tuple) else ("json_schema",
+                                                                        constraint)
+        key = (kind, value if isinstance(value, str) else json.dumps(value))  # order matters
         compiled = self._compiled.get(key)
         if compiled is None:
-            try:
-                check_schema(json.loads(key))
-            except json.JSONDecodeError:
-                pass  # xgrammar says what is wrong with it
-            try:
-                # Compact JSON: no free whitespace, so a small model cannot wander off
-                # into endless spaces before the closing brace.
-                compiled = self._get_compiler().compile_json_schema(key, any_whitespace=False)
-            except RequestError:
-                raise
-            except Exception as e:  # xgrammar's errors for schemas it cannot compile
-                raise RequestError("json_schema: the JSON schema does not compile: "
-                                   f"{_library_message(e)}") from None
+            compiled = self._compile(kind, key[1])
             self._compiled[key] = compiled
         return _xgrammar().GrammarMatcher(compiled)
+
+    def _compile(self, kind: str, text: str) -> Any:
+        if kind == "json_schema":
+            try:
+                check_schema(json.loads(text))
+            except json.JSONDecodeError:
+                pass  # xgrammar says what is wrong with it
+        what = {"json_schema": "the JSON schema", "regex": "the regular expression",
+                "choice": "the choices", "grammar": "the grammar"}[kind]
+        compiler = self._get_compiler()
+        try:
+            if kind == "json_schema":
+                # Compact JSON: no free whitespace, so a small model cannot wander off
+                # into endless spaces before the closing brace.
+                return compiler.compile_json_schema(text, any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(text)
+            if kind == "choice":  # one alternative per string, as JSON-escaped literals
+                return compiler.compile_grammar("root ::= " + " | ".join(
+                    json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
+            return compiler.compile_grammar(text)
+        except Exception as e:  # xgrammar's errors for what it cannot compile
+            raise RequestError(f"{kind}: {what} does not compile: {_library_message(e)}"
+                               ) from None
 
 
 def _library_message(error: Exception) -> str:

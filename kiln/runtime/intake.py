@@ -71,7 +71,7 @@ def new_group(request_id: str, prompt: str | list[int], token_ids: list[int],
               eos_token_ids: tuple[int, ...], tokenizer: Tokenizer | None,
               bad_words: list[list[int]], grammars: Any = None) -> Group:
     """The request's n sequences (sequence i samples with seed seed_base + i), each with its
-    detokenizer and, for a json_schema, its grammar matcher from `grammars`."""
+    detokenizer and, for a constrained request, its grammar matcher from `grammars`."""
     sequences = []
     for index in range(params.n):
         seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -79,7 +79,7 @@ def new_group(request_id: str, prompt: str | list[int], token_ids: list[int],
         request.sampling_seed = seed_base + index
         request.bad_words_token_ids = bad_words
         if grammars is not None:
-            request.grammar = grammars.matcher(params.json_schema)
+            request.grammar = grammars.matcher(params.constraint)
         detok = IncrementalDetokenizer(tokenizer, token_ids, params.skip_special_tokens) \
             if tokenizer else None
         sequences.append(Sequence(request, index, request_id, detok))

@@ -37,9 +37,14 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    # Structured output: the text is JSON valid against this schema ({"type": "object"}
-    # for any JSON object); needs xgrammar. See kiln/runtime/grammar.py.
+    # Structured output (needs xgrammar; kiln/runtime/grammar.py), at most one of four: the
+    # text is JSON valid against json_schema ({"type": "object"} for any JSON object),
+    # matches the regular expression regex, is exactly one of the strings of choice, or is
+    # a sentence of grammar (EBNF as xgrammar and llama.cpp's GBNF write it, rule "root").
     json_schema: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
     # Speculative decoding (an engine started with a speculative_config): drafts per verify
     # step for this request, 0 to decode it plainly; None: the engine's
     # num_speculative_tokens. More than the engine's is refused when the request arrives.
@@ -51,6 +56,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def constraint(self) -> tuple[str, Any] | None:
+        """(kind, value) of the structured-output field that is set, or None."""
+        for kind in CONSTRAINTS:
+            value = getattr(self, kind)
+            if value is not None:
+                return kind, value
+        return None
 
     def validate(self) -> None:
         """Raise RequestError for a value of the wrong kind or out of range. Also puts the
@@ -104,6 +118,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+        self._check_constraint()
         if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
             raise RequestError("logit_bias must be a dict of token id -> bias, got "
                                f"{_show(self.logit_bias)}")
@@ -116,6 +131,25 @@ class SamplingParams:
                     not -100 <= bias <= 100:
                 raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} "
                                    f"for token {token_id}")
+
+
+    def _check_constraint(self) -> None:
+        given = [kind for kind in CONSTRAINTS if getattr(self, kind) is not None]
+        if len(given) > 1:
+            raise RequestError(f"{given[0]} and {given[1]} both constrain the text; give one")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RequestError(f"{name} must be a non-empty string, got {_show(value)}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                    isinstance(c, str) and c for c in self.choice):
+                raise RequestError("choice must be a list of non-empty strings, got "
+                                   f"{_show(self.choice)}")
+            self.choice = list(self.choice)
+
+
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
 
 
 def _show(value: Any) -> str:

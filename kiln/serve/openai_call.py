@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request, Response
 
 from kiln.errors import RequestError
-from kiln.runtime.request import CompletionOutput, RequestOutput, SamplingParams
+from kiln.runtime.request import CONSTRAINTS, CompletionOutput, RequestOutput, SamplingParams
 from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.async_llm import RequestStream
 from kiln.serve.context import ServeContext
@@ -101,25 +101,34 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),
-        json_schema=structured(body)[0], num_speculative_tokens=body.num_speculative_tokens)
+        **constraint_fields(structured(body)[0]),
+        num_speculative_tokens=body.num_speculative_tokens)
+
+
+def constraint_fields(constraint: tuple[str, Any] | None) -> dict[str, Any]:
+    """SamplingParams' keyword for a (kind, value) constraint: json_schema, regex, ..."""
+    return {} if constraint is None else {constraint[0]: constraint[1]}
 
 
 def structured(body: CompletionRequest | ChatCompletionRequest
-               ) -> tuple[dict[str, Any] | str | None, str | None]:
-    """(the schema the answer must match, the request field it came from); (None, None)
-    for free text. One of response_format, vLLM's guided_json / structured_outputs, or a
-    forced tool call; vLLM's other constraints are refused (400), never ignored."""
+               ) -> tuple[tuple[str, Any] | None, str | None]:
+    """((kind, value) the answer must match, the request field it came from); (None, None)
+    for free text. One of response_format, vLLM's guided_json / guided_regex /
+    guided_choice / guided_grammar / structured_outputs, or a forced tool call."""
     from kiln.serve.openai_tools import forced_tools, tool_call_schema
 
-    _refuse_guided(body)
-    sources = [(field, schema) for field, schema in (
-        ("response_format", json_schema_of(getattr(body, "response_format", None))),
-        ("guided_json", _schema_field("guided_json", body.guided_json)),
+    _check_backend(body)
+    sources = [(field, c) for field, c in (
+        ("response_format", _schema(json_schema_of(getattr(body, "response_format", None)))),
+        ("guided_json", _schema(_schema_field("guided_json", body.guided_json))),
+        ("guided_regex", _text("guided_regex", "regex", body.guided_regex)),
+        ("guided_choice", _choice("guided_choice", body.guided_choice)),
+        ("guided_grammar", _text("guided_grammar", "grammar", body.guided_grammar)),
         ("structured_outputs", _structured_outputs(body.structured_outputs)))
-        if schema is not None]
+        if c is not None]
     functions = forced_tools(body)
     if functions is not None:
-        sources.append(("tools", tool_call_schema(functions)))
+        sources.append(("tools", ("json_schema", tool_call_schema(functions))))
     if len(sources) > 1:
         (first, _), (second, _) = sources[:2]
         what = {"tools": "a forced tool_choice"}
@@ -128,25 +137,33 @@ def structured(body: CompletionRequest | ChatCompletionRequest
     return (sources[0][1], sources[0][0]) if sources else (None, None)
 
 
-# vLLM's constraints that kiln (JSON schemas only) cannot honour, and what to use instead.
-_AS_JSON_STRING = " (the answer is then a quoted JSON string)"
-_INSTEAD = {
-    "choice": 'response_format {"type": "json_schema", "json_schema": {"schema": '
-              '{"enum": [...]}}}' + _AS_JSON_STRING,
-    "regex": 'response_format {"type": "json_schema", "json_schema": {"schema": {"type": '
-             '"string", "pattern": ...}}}' + _AS_JSON_STRING,
-    "grammar": "a JSON schema in response_format (kiln constrains answers to JSON schemas "
-               "only)",
-    "whitespace_pattern": "nothing: kiln's JSON has no free whitespace",
-    "structural_tag": "response_format json_schema, or tools with tool_choice \"required\"",
-}
+def _schema(schema: Any) -> tuple[str, Any] | None:
+    return None if schema is None else ("json_schema", schema)
 
 
-def _refuse_guided(body: Any) -> None:
-    for kind in ("choice", "regex", "grammar", "whitespace_pattern"):
-        if getattr(body, f"guided_{kind}") is not None:
-            raise APIError(400, f"guided_{kind} is not supported; use {_INSTEAD[kind]}",
-                           param=f"guided_{kind}")
+def _text(name: str, kind: str, value: Any) -> tuple[str, str] | None:
+    """A regular expression or an EBNF grammar: a non-empty string."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"{name} must be a non-empty string", param=name.split(".")[0])
+    return kind, value
+
+
+def _choice(name: str, value: Any) -> tuple[str, list[str]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(c, str) and c for c in value):
+        raise APIError(400, f"{name} must be a list of non-empty strings",
+                       param=name.split(".")[0])
+    return "choice", value
+
+
+def _check_backend(body: Any) -> None:
+    if body.guided_whitespace_pattern is not None:
+        raise APIError(400, "guided_whitespace_pattern is not supported: kiln's JSON has no "
+                       "free whitespace", param="guided_whitespace_pattern")
     backend = body.guided_decoding_backend
     if backend is not None and (not isinstance(backend, str) or
                                 backend.split(":")[0] not in ("xgrammar", "auto")):
@@ -168,28 +185,35 @@ def _schema_field(name: str, value: Any) -> dict[str, Any] | str | None:
     raise APIError(400, f"{name} must be a JSON schema object", param=name.split(".")[0])
 
 
-def _structured_outputs(options: Any) -> dict[str, Any] | str | None:
-    """vLLM's structured_outputs: json (a schema) or json_object; its flags for
-    whitespace, fallback and additional properties ask for what kiln always does."""
+def _structured_outputs(options: Any) -> tuple[str, Any] | None:
+    """vLLM's structured_outputs: one of json (a schema), json_object, regex, choice or
+    grammar; its flags for whitespace, fallback and additional properties ask for what
+    kiln always does."""
     if options is None:
         return None
     if not isinstance(options, dict):
         raise APIError(400, "structured_outputs must be an object", param="structured_outputs")
     for key, value in options.items():
-        if key in _INSTEAD and value is not None:
-            raise APIError(400, f"structured_outputs.{key} is not supported; use "
-                           f"{_INSTEAD[key]}", param="structured_outputs")
-        if key not in (*_INSTEAD, "json", "json_object", "disable_fallback",
-                       "disable_any_whitespace", "disable_additional_properties"):
+        if key in ("structural_tag", "whitespace_pattern") and value is not None:
+            raise APIError(400, f"structured_outputs.{key} is not supported; use response_format"
+                           " json_schema (or tools with tool_choice \"required\")",
+                           param="structured_outputs")
+        if key not in ("structural_tag", "whitespace_pattern", "json", "json_object", "regex",
+                       "choice", "grammar", "disable_fallback", "disable_any_whitespace",
+                       "disable_additional_properties"):
             raise APIError(400, f"structured_outputs.{key} is not a known option",
                            param="structured_outputs")
-    schema = _schema_field("structured_outputs.json", options.get("json"))
-    if options.get("json_object"):
-        if schema is not None:
-            raise APIError(400, "structured_outputs: json and json_object exclude each other",
-                           param="structured_outputs")
-        return {"type": "object"}
-    return schema
+    given = [c for c in (
+        _schema(_schema_field("structured_outputs.json", options.get("json"))),
+        _schema({"type": "object"} if options.get("json_object") else None),
+        _text("structured_outputs.regex", "regex", options.get("regex")),
+        _choice("structured_outputs.choice", options.get("choice")),
+        _text("structured_outputs.grammar", "grammar", options.get("grammar")))
+        if c is not None]
+    if len(given) > 1:
+        raise APIError(400, "structured_outputs: give one of json, json_object, regex, choice "
+                       "and grammar", param="structured_outputs")
+    return given[0] if given else None
 
 
 def json_schema_of(response_format: Any) -> dict[str, Any] | None:
@@ -270,10 +294,11 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
         try:
             stream = await submit_watched(ctx, group, request)
         except RequestError as e:
-            if not str(e).startswith("json_schema:"):
+            kind = str(e).split(":")[0]
+            if kind not in CONSTRAINTS:
                 raise
-            where = structured(body)[1]  # the schema does not compile, or asks too much
-            raise APIError(400, f"{where}: {str(e).removeprefix('json_schema:').strip()}",
+            where = structured(body)[1]  # the constraint does not compile, or asks too much
+            raise APIError(400, f"{where}: {str(e).removeprefix(kind + ':').strip()}",
                            param=where) from None
     except BaseException as e:
         tracker.finish(*(("aborted",) if isinstance(e, ClientDisconnected) else
