@@ -1,17 +1,17 @@
-"""Starting the ranks of a multi-rank engine, and the channel rank 0 talks to them on.
+"""Starting the ranks of a multi-rank engine, and telling which one died.
 
 Two ways in: under torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT, e.g. mpirun or srun wrappers), every rank runs the same
 command and joins through the environment; without a launcher, rank 0 (the user's
 process) spawns ranks 1..N-1 itself on this node. Either way the model's collectives go
-over NCCL (GPUs) or gloo (CPU), and a gloo group carries rank 0's step messages.
+over NCCL (GPUs) or gloo (CPU), and a gloo group carries rank 0's step messages (the
+channels: kiln.distributed.channels; where the ranks meet: kiln.distributed.rendezvous).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import pickle
 import re
 import signal
 import socket
@@ -26,21 +26,33 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kiln.distributed import rendezvous
+from kiln.distributed.channels import MESSAGE_BYTES, Channel, ShmChannel  # noqa: F401 (were here)
 from kiln.distributed.comm import set_tp_group
 from kiln.errors import KilnError
 
-# Fixed size of one step message: a step with no new requests fits in one broadcast.
-MESSAGE_BYTES = 4096
 # Exit code of a process multiprocessing spawned that, importing the user's main module
 # again (the spawn start method does), reached code that starts a multi-rank engine: a
 # script without the `if __name__ == "__main__":` guard.
 MAIN_REIMPORTED = 86
+# Exit code of a worker kiln spawned that stopped because another rank was lost (its
+# collective failed): rank 0 names the rank that died first, not this one.
+PEER_LOST = 87
 
 
 class RankDied(KilnError):
-    """A rank kiln spawned died before the engine started."""
+    """A rank of the engine died (or was lost) and the engine cannot start or go on."""
 
     exit_code = 1
+
+
+class PeerLost(RankDied):
+    """This rank's collective failed because another rank's process is gone."""
+
+
+class WorkerError(KilnError):
+    """A worker kiln spawned stopped on a KilnError of its own (a mistake the user can
+    fix, e.g. a damaged rank file): its message, for rank 0 to raise."""
 
 
 @dataclass
@@ -51,7 +63,8 @@ class RankContext:
     commands: Any  # gloo process group for step messages
     launcher: str  # "torchrun" or "kiln"
     channel_spec: Any = None  # shared-memory channel to the workers kiln spawned
-    channel: Any = None  # a worker's ShmChannel, attached before it joined
+    channel: Any = None  # this rank's ShmChannel, attached before it joined
+    excepthook: Any = None  # sys.excepthook before joining (torch prefixes it with [rankN])
 
 
 def channel(ctx: RankContext, alive: Callable[[], bool] | None = None) -> Any:
@@ -91,9 +104,15 @@ def join(rank: int, world: int, local_rank: int, device_type: str,
         threads = cpu_threads_per_rank(world)
         if threads:
             torch.set_num_threads(threads)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(minutes=10))
+    if init_method == "env://" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        where: dict[str, Any] = {"init_method": init_method}  # torchrun's agents met already
+    else:  # any other launcher, or kiln's own workers: rank 0 hosts the store
+        host, port = rendezvous.address(init_method)
+        where = {"store": rendezvous.store(host, port, rank, world, rendezvous.join_timeout(),
+                                           quiet=launcher == "kiln")}
+    excepthook = sys.excepthook
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank,
+                            world_size=world, timeout=timedelta(minutes=10), **where)
     tp_size = tp_size or world
     if tp_size == world:
         set_tp_group(dist.group.WORLD)
@@ -103,7 +122,14 @@ def join(rank: int, world: int, local_rank: int, device_type: str,
             if start <= rank < start + tp_size:
                 set_tp_group(group)
     commands = dist.new_group(backend="gloo", timeout=timedelta(days=1))
-    return RankContext(rank, world, device, commands, launcher)
+    return RankContext(rank, world, device, commands, launcher, excepthook=excepthook)
+
+
+def restore_excepthook(ctx: RankContext | None) -> None:
+    """Put back the sys.excepthook of before the join: init_process_group wraps it in one
+    that prefixes "[rankN]: ", and a process that ran several engines stacked them."""
+    if ctx is not None and ctx.excepthook is not None:
+        sys.excepthook, ctx.excepthook = ctx.excepthook, None
 
 
 def cpu_threads_per_rank(local_ranks: int) -> int | None:
@@ -124,13 +150,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent dies (no orphans)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Linux: the kernel kills this process when its parent dies (no orphans). Given the
+    parent's pid, a parent already gone by now ends this process too."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def spawn(world: int, target: Callable[..., None], args: tuple) -> list[Any]:
@@ -160,35 +189,88 @@ def death_message(rank: int, exitcode: int | None, starting: bool = False) -> st
         return (f"worker rank {rank} died as it started (exit code {exitcode}): it ran the "
                 f"top level of {main} again, which starts this multi-rank engine again; "
                 "start it (LLM(...)) under `if __name__ == \"__main__\":`")
-    return (f"worker rank {rank} died (exit code {exitcode}); the engine cannot "
-            f"{'start' if starting else 'continue'}")
+    how = f"exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"worker rank {rank} died ({how}); the engine cannot " \
+           f"{'start' if starting else 'continue'}"
 
 
-def await_started(workers: list[Any], started: Any, timeout: float = 600.0) -> None:
+class Deaths:
+    """The first death among the workers kiln spawned, decided once (the workers rank 0
+    kills afterwards do not count): a worker that stopped on a lost peer (PEER_LOST) is
+    named only when no other died, and one killed by a signal comes before one that
+    exited. A worker that reported its error (ShmChannel.report) is named with it."""
+
+    def __init__(self, workers: list[Any], channel: ShmChannel | None = None) -> None:
+        self.workers, self.channel = workers, channel
+        self.starting = True  # "the engine cannot start", until it has
+        self.first: KilnError | None = None
+        self._lock = threading.Lock()
+
+    def find(self, wait: float = 0.0, settle: float = 0.5) -> KilnError | None:
+        """The first death as the error to raise, waiting up to `wait` seconds for one
+        (an error can reach rank 0 before the process is reaped); None if none died."""
+        with self._lock:
+            if self.first is None:
+                self.first = self._find(list(self.workers), wait, settle)
+            return self.first
+
+    def _find(self, workers: list[Any], wait: float, settle: float) -> KilnError | None:
+        deadline, seen = time.monotonic() + wait, None
+        while True:
+            dead = [(rank, w.exitcode) for rank, w in enumerate(workers, start=1)
+                    if not w.is_alive()]
+            causes = [d for d in dead if d[1] != PEER_LOST]
+            now = time.monotonic()
+            if causes or (seen is not None and now - seen > settle):
+                rank, code = min(causes or dead, key=lambda d: (d[1] is None or d[1] >= 0))
+                return self.error(rank, code)
+            if dead:
+                seen = seen or now
+            elif now > deadline:
+                return None
+            time.sleep(0.02)
+
+    def error(self, rank: int, exitcode: int | None) -> KilnError:
+        reported = self.channel.reported(rank) if self.channel is not None else None
+        if reported:
+            return WorkerError(f"worker rank {rank}: {reported}")
+        return RankDied(death_message(rank, exitcode, self.starting))
+
+
+def await_started(deaths: Deaths, started: Any, timeout: float = 600.0) -> None:
     """Wait until every worker released the `started` semaphore (it is about to join the
-    process group, where a rank that died would keep rank 0 waiting for minutes); a
-    RankDied for the first found dead before that."""
-    deadline, pending = time.monotonic() + timeout, len(workers)
+    process group, where a rank that died would keep rank 0 waiting for minutes); the
+    error of the first that died before that."""
+    deadline, pending = time.monotonic() + timeout, len(deaths.workers)
     while pending:
         if started.acquire(timeout=0.05):
             pending -= 1
             continue
-        for rank, worker in enumerate(workers, start=1):
-            if not worker.is_alive():
-                raise RankDied(death_message(rank, worker.exitcode, starting=True))
+        if not all(w.is_alive() for w in deaths.workers):
+            death = deaths.find()
+            if death is not None:
+                raise death
         if time.monotonic() > deadline:
             raise RankDied(f"{pending} worker rank(s) did not start in {timeout:.0f} s")
 
 
-def watch(workers: list[Any], on_death: Callable[[str], None], interval: float = 0.2) -> None:
-    """A thread that calls on_death(message) once when any worker process exits."""
+def watch(deaths: Deaths, on_death: Callable[[KilnError], None],
+          interval: float = 0.2) -> None:
+    """A thread that calls on_death(error) once when a worker process exits."""
+    workers = deaths.workers  # cleared in place when the engine shuts down: stop watching
+
     def loop() -> None:
         while workers:
-            for rank, worker in enumerate(list(workers), start=1):
-                if not worker.is_alive():
-                    if workers:  # not a shutdown in progress
-                        on_death(f"kiln: {death_message(rank, worker.exitcode)}")
-                    return
+            if not all(w.is_alive() for w in list(workers)):
+                death = deaths.find()
+                if workers and death is not None:  # not a shutdown in progress
+                    on_death(death)
+                return
             time.sleep(interval)
 
     threading.Thread(target=loop, daemon=True, name="kiln-worker-watch").start()
@@ -199,139 +281,21 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
               "ncclRemoteError", "NCCL communicator was aborted")
 
 
-def peer_lost(error: BaseException | None, rank: int) -> str | None:
+def peer_lost(error: BaseException | None, rank: int, starting: bool = False) -> str | None:
     """One line for a collective's error that says a peer rank is gone; None for others."""
     if error is None:
         return None
+    if isinstance(error, PeerLost):
+        return f"kiln: {error}"
     text = str(error).strip()
     if not (isinstance(error, dist.DistNetworkError) or any(s in text for s in _PEER_GONE)):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")
     first = first.split(". ")[0]  # gloo goes on with advice
     return (f"kiln: rank {rank} lost a peer rank ({first[:160] or type(error).__name__}); "
-            "the engine cannot continue")
+            f"the engine cannot {'start' if starting else 'continue'}")
 
 
 def fail(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     os._exit(1)
-
-
-class Channel:
-    """Rank 0 -> all ranks, pickled messages over the gloo group: one fixed-size
-    broadcast when the message fits (the common case), a second for the rest."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-        self.buffer = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
-
-    def send(self, message: Any) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        head = len(data).to_bytes(8, "little") + data[: MESSAGE_BYTES - 8]
-        self.buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(self.buffer, src=0, group=self.group)
-        if len(data) > MESSAGE_BYTES - 8:
-            rest = torch.frombuffer(bytearray(data[MESSAGE_BYTES - 8:]), dtype=torch.uint8)
-            dist.broadcast(rest, src=0, group=self.group)
-
-    def recv(self) -> Any:
-        dist.broadcast(self.buffer, src=0, group=self.group)
-        raw = self.buffer.numpy().tobytes()
-        size = int.from_bytes(raw[:8], "little")
-        data = raw[8: 8 + min(size, MESSAGE_BYTES - 8)]
-        if size > MESSAGE_BYTES - 8:
-            rest = torch.empty(size - (MESSAGE_BYTES - 8), dtype=torch.uint8)
-            dist.broadcast(rest, src=0, group=self.group)
-            data += rest.numpy().tobytes()
-        return pickle.loads(data)
-
-
-class ShmChannel:
-    """Rank 0 -> the workers it spawned on this node: pickled messages in a ring of
-    shared-memory slots, with a pair of semaphores per worker (message ready, slot free).
-
-    A send costs a few microseconds and wakes each worker directly, where a gloo
-    broadcast costs ~120-280 us to send and ~150 us to arrive on a 2-core machine
-    (`benchmarks/control_message.py`). A message larger than a slot is announced in its
-    slot and follows over the gloo channel. The semaphores also order the memory: what
-    rank 0 wrote before releasing "ready" is what the worker reads after acquiring it.
-    """
-
-    SLOTS = 8
-    SLOT_BYTES = 1 << 20
-
-    def __init__(self, spec: dict, rank: int, fallback: Channel | None,
-                 alive: Callable[[], bool] | None = None) -> None:
-        from multiprocessing import resource_tracker, shared_memory
-
-        self.rank, self.fallback, self.alive = rank, fallback, alive
-        self.shm = shared_memory.SharedMemory(name=spec["name"])
-        if rank != 0:  # the creator unlinks it; an attached process must not (bpo-39959)
-            resource_tracker.unregister(self.shm._name, "shared_memory")  # noqa: SLF001
-        self.ready, self.free = spec["ready"], spec["free"]
-        self.seq = 0
-
-    @classmethod
-    def create(cls, world: int) -> dict:
-        """The spec a worker attaches with (passed to it as a spawn argument)."""
-        import multiprocessing as mp
-        from multiprocessing import shared_memory
-
-        context = mp.get_context("spawn")
-        shm = shared_memory.SharedMemory(create=True, size=cls.SLOTS * cls.SLOT_BYTES)
-        spec = {"name": shm.name, "ready": [context.Semaphore(0) for _ in range(world - 1)],
-                "free": [context.Semaphore(cls.SLOTS) for _ in range(world - 1)],
-                "started": context.Semaphore(0)}  # a worker about to join (await_started)
-        shm.close()
-        return spec
-
-    def _slot(self) -> int:
-        return (self.seq % self.SLOTS) * self.SLOT_BYTES
-
-    def send(self, message: Any) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for free in self.free:
-            while not free.acquire(timeout=1.0):  # the ring is full: a worker is behind
-                if self.alive is not None and not self.alive():
-                    raise RuntimeError("a worker stopped reading step messages")
-        at, buf = self._slot(), self.shm.buf
-        inline = len(data) <= self.SLOT_BYTES - 8
-        buf[at:at + 8] = (len(data) if inline else -1).to_bytes(8, "little", signed=True)
-        if inline:
-            buf[at + 8:at + 8 + len(data)] = data
-        for ready in self.ready:
-            ready.release()
-        self.seq += 1
-        if not inline:
-            assert self.fallback is not None
-            self.fallback.send(message)
-
-    def recv(self) -> Any:
-        ready, free = self.ready[self.rank - 1], self.free[self.rank - 1]
-        ready.acquire()
-        at, buf = self._slot(), self.shm.buf
-        size = int.from_bytes(buf[at:at + 8], "little", signed=True)
-        data = bytes(buf[at + 8:at + 8 + size]) if size >= 0 else None
-        free.release()
-        self.seq += 1
-        if data is None:
-            assert self.fallback is not None
-            return self.fallback.recv()
-        return pickle.loads(data)
-
-    @staticmethod
-    def discard(spec: dict) -> None:
-        """Remove the memory of a spec no channel was made of (the ranks did not start)."""
-        from multiprocessing import shared_memory
-
-        try:
-            shared_memory.SharedMemory(name=spec["name"]).unlink()
-        except OSError:
-            pass
-
-    def close(self, unlink: bool = False, keep_mapping: bool = False) -> None:
-        """Unlink the name (the creator, once every worker attached) and/or unmap."""
-        if unlink:
-            self.shm.unlink()
-        if not keep_mapping:
-            self.shm.close()

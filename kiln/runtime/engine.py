@@ -20,6 +20,7 @@ from kiln.runtime import parallel
 from kiln.runtime.config import RuntimeConfig, resolve_device
 from kiln.runtime.intake import bad_words_token_ids, check_request, new_group
 from kiln.runtime.kv_cache import KVCacheManager, auto_num_blocks
+from kiln.runtime.limits import check_kv_blocks, runtime_limits
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.output_processor import Group, Sequence, apply_result
 from kiln.runtime.profiling import compiles_after_load, loading, phase
@@ -27,7 +28,6 @@ from kiln.runtime.request import PLACEHOLDER, Request, RequestOutput, RequestSta
 from kiln.runtime.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from kiln.runtime.speculative import SpeculativeConfig, Speculator
 from kiln.runtime.step import PendingStep, StepResult
-from kiln.runtime.streaming import streaming_config
 from kiln.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class LLMEngine:
         if spec_config is not None:
             spec_config.check_layout(build.tp_size, build.pp_size)
         self.rank_context, self.mirror = rank_context, None
+        limits = runtime_limits(self.engine_dir, self.config, runtime, spec_config is not None)
+        self.max_seq_len, self.max_batch_size = limits.max_seq_len, limits.max_batch_size
+        self.max_num_tokens, self.streaming = limits.max_num_tokens, limits.streaming
         if world > 1 and device.startswith("cuda:"):
             raise KilnError(f"a {world}-rank engine takes GPUs 0-{world - 1} (one a rank), so "
                             f"--device {device} cannot place it; use --device cuda and "
@@ -62,6 +65,15 @@ class LLMEngine:
                 raise KilnError(f"the engine needs {world} GPUs, "
                                 f"{torch.cuda.device_count()} are visible")
             self.rank_context, self.mirror = parallel.start(self, world, device)
+        with parallel.starting(self):  # a rank lost meanwhile: one error, the ranks stopped
+            self._load(spec_config, world, device)
+        if self.rank_context is not None and self.rank_context.rank != 0 and \
+                rank_context is None:
+            parallel.launched_worker(self)  # serves rank 0, then exits
+
+    def _load(self, spec_config: SpeculativeConfig | None, world: int, device: str) -> None:
+        """Load this rank's weights, size and allocate the KV cache, warm up."""
+        runtime, build = self.runtime, self.config.build
         if self.rank_context is not None:
             self.device = self.rank_context.device
             mapping = Mapping(world, self.rank_context.rank, build.tp_size, build.pp_size)
@@ -72,15 +84,6 @@ class LLMEngine:
         self.custom_all_reduce = build.tp_size > 1 and self.device.type == "cuda" and \
             runtime.custom_all_reduce is not False and setup_custom_all_reduce(
                 self.device, self.config.model.hidden_size, self.runner.dtype, build.tp_size)
-        self.max_seq_len = runtime.max_seq_len or build.max_seq_len
-        if self.max_seq_len > build.max_seq_len:
-            raise KilnError(f"max_seq_len {self.max_seq_len} exceeds the {build.max_seq_len} "
-                            f"{self.engine_dir} was built for; rebuild it with --max-seq-len "
-                            f"{self.max_seq_len}")
-        self.max_batch_size = runtime.max_batch_size or build.max_batch_size
-        self.streaming = streaming_config(self.config, runtime.attention_sinks,
-                                          runtime.attention_window, self.max_seq_len,
-                                          spec_config is not None)
         if self.streaming is not None:
             self.runner.cache_keys_unrotated()
         self.speculator: Speculator | None = None
@@ -95,15 +98,8 @@ class LLMEngine:
             runtime.cpu_kv_cache_bytes, self.max_batch_size, self.max_seq_len, build.block_size)
         if world > 1:  # every rank must hold the same pool: the smallest rank decides
             num_blocks = all_reduce_min(num_blocks, self.device)
-        min_blocks = -(-self.max_seq_len // build.block_size)
-        if num_blocks < min_blocks:
-            raise KilnError(f"num_kv_blocks={num_blocks} cannot hold one request of "
-                            f"max_seq_len={self.max_seq_len}; need at least {min_blocks}")
-        self.max_num_tokens = max_num_tokens = runtime.max_num_tokens or build.max_num_tokens
-        if not runtime.enable_chunked_prefill and max_num_tokens < self.max_seq_len:
-            raise KilnError(f"without chunked prefill, max_num_tokens ({max_num_tokens}) must "
-                            f"be at least max_seq_len ({self.max_seq_len}) or long prompts "
-                            "could never be scheduled")
+        check_kv_blocks(num_blocks, self.max_seq_len, build.block_size)
+        max_num_tokens = self.max_num_tokens
         self.runner.allocate_kv_cache(num_blocks)
         # Every layer windowed: blocks behind the window are released.
         self.kv = KVCacheManager(num_blocks, build.block_size, runtime.enable_prefix_caching,
@@ -146,19 +142,12 @@ class LLMEngine:
         self.streamed: dict[str, RequestOutput | None] = {}  # stream(): kiln.runtime.streams
         self._seq_of: dict[str, Sequence] = {}  # scheduler request id -> sequence
         self._ids = itertools.count()
-        if self.rank_context is not None and self.rank_context.rank != 0 and \
-                rank_context is None:
-            parallel.launched_worker(self)  # serves rank 0, then exits
 
     def fail(self, message: str) -> None:
-        """A rank of this engine died: no step can complete any more."""
-        self.failure = message
-        for worker in self.mirror.workers if self.mirror else []:
-            worker.kill()
-        if self.exit_on_failure:
-            parallel.launch.fail(message)  # the one line, then exit
-        log.error(message)
-        parallel.abort_collectives()  # a step blocked on the lost rank fails instead of hanging
+        """A rank of this engine died: no step can complete any more (said once)."""
+        if self.failure is None:
+            self.failure = message
+            parallel.failed(self, message)  # exits, unless a server answers 503 instead
 
     def close(self) -> None:
         """Stop the other ranks of a multi-rank engine (a single-rank one has none); a
@@ -247,17 +236,8 @@ class LLMEngine:
         if self.failure is not None:
             raise KilnError(self.failure)
         step = self._step_pipelined if self.pipeline_depth > 1 else self._step
-        if self.mirror is None:
-            return step()
-        try:
-            self.mirror.send(("step",))
-            return step()
-        except Exception as e:
-            message = self.mirror.lost_rank(error=e)
-            if message is None:
-                raise
-            self.fail(message)  # exits, unless a server keeps answering 503
-            raise KilnError(message) from None
+        # A rank lost in the step fails the engine (Mirror.call)
+        return step() if self.mirror is None else self.mirror.call(("step",), step)
 
     def _step(self) -> list[RequestOutput]:
         previous, self._pending = self._pending, None
@@ -366,7 +346,11 @@ class LLMEngine:
         """Logits [len, vocab] (on the host) of every position of one sequence, computed in
         one step outside the scheduler (perplexity, evaluation)."""
         if self.mirror is not None:
-            self.mirror.send(("logits", list(token_ids)))
+            return self.mirror.call(("logits", list(token_ids)),
+                                    lambda: self._sequence_logits(token_ids))
+        return self._sequence_logits(token_ids)
+
+    def _sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
         request = Request("eval", list(token_ids), SamplingParams(max_tokens=1), 1)
         self.scheduler.check_long_rope(request)
         if not self.kv.allocate(request, len(token_ids)):

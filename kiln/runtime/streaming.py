@@ -83,7 +83,9 @@ def streaming_config(config: EngineConfig, sinks: int | None, window: int | None
     if scaling in ("longrope", "su"):
         problems.append("a rotary table that does not change with the length (not LongRoPE)")
     if build.pp_size > 1:
-        problems.append("pp_size 1")
+        problems.append(f"pp_size 1 (this engine has {build.pp_size} pipeline stages): "
+                        "rebuild it with --pp-size 1 (--tp-size works with attention sinks), "
+                        "or leave attention sinks off")
     if speculative:
         problems.append("no speculative decoding")
     if stream.window_blocks < 1:

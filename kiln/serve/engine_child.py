@@ -8,11 +8,14 @@ every request (outputs as deltas, kiln.serve.engine_wire), with the stats when c
 
 The child ignores SIGINT and SIGTERM (a Ctrl-C in the terminal reaches the whole process
 group; the server drains first, then stops the child). It stops when the server says so,
-or when the command pipe closes: the server has gone, however it went.
+or when the command pipe closes: the server has gone, however it went. It also dies with
+the server (`watch_parent`): the engine of a rank other than 0 under a launcher serves
+rank 0's from its constructor, never reads the pipe, and would be left serving alone.
 
     server -> child: ("add", gid, [(prompt, params, request_id), ...]) | ("abort", [ids])
                      | ("finish_all",) | ("stop",)
     child -> server: ("ready", facts) | ("failed", error) | ("dead", reason)
+                     | ("rank", N) (a rank N > 0 under a launcher: it will not be ready)
                      | ("step", [(gid, ACCEPTED | OUTPUT | ERROR, payload), ...],
                         stats or None, failure or None)
 """
@@ -20,8 +23,10 @@ or when the command pipe closes: the server has gone, however it went.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -115,20 +120,50 @@ def _read_commands(conn: Connection, loop: Any, outbox: _Outbox) -> None:
     loop.shutdown(timeout=0)
 
 
+def watch_parent(parent: int | None, death_signal: bool = True) -> None:
+    """End this process when the server's does, however it ends: the kernel kills it
+    (Linux's parent-death signal, where `death_signal`), else a thread sees it adopted
+    by another process within half a second. Rank 0's engine also stops when its command
+    pipe closes; the engine of a rank other than 0 (under a launcher) never reads the
+    pipe: it would serve on, orphaned, and rank 0 would never see the rank lost."""
+    if parent is None:
+        return
+    if death_signal:
+        from kiln.distributed.launch import die_with_parent
+
+        die_with_parent(parent)
+    elif os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="kiln-parent-watch").start()
+
+
 def child_main(commands: Connection, outputs: Connection, model: Any, build_config: Any,
-               runtime: dict[str, Any], log_level: str) -> None:
+               runtime: dict[str, Any], log_level: str, parent: int | None = None,
+               death_signal: bool = True) -> None:
     """The engine process's entry point (multiprocessing, spawn)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    watch_parent(parent, death_signal)
     from kiln.serve.server import configure_logging  # the server's format, in this process too
 
     configure_logging(log_level)
     try:
+        from kiln.distributed.launch import launcher_rank
         from kiln.resolve import resolve_engine
         from kiln.runtime.engine import LLMEngine, RuntimeConfig
         from kiln.runtime.heap import allow_freeze, freeze_startup_heap
 
         engine_dir = resolve_engine(model, build_config)
+        if (env := launcher_rank()) is not None and env[0] != 0:
+            # Its engine serves rank 0's until rank 0 closes it, then the process exits
+            # (LLMEngine() does not return): no "ready" will come (EngineProcess._ended).
+            outputs.send(("rank", env[0]))
         engine = LLMEngine(engine_dir, RuntimeConfig(**runtime))
         allow_freeze()  # a process of its own, serving until it is told to stop
         freeze_startup_heap()

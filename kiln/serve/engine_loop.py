@@ -89,6 +89,10 @@ class EngineLoop:
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._stopped = threading.Event()
+        # A multi-rank engine under a launcher pings its other ranks while idle, so that a
+        # rank lost then turns the engine unhealthy at once (kiln.runtime.parallel.Mirror)
+        mirror = getattr(engine, "mirror", None)
+        self._ping_every: float | None = getattr(mirror, "ping_every", None)
 
     # ---- any thread -----------------------------------------------------------------
     def start(self) -> None:
@@ -161,7 +165,12 @@ class EngineLoop:
                 _call(self._on_iteration)
 
     def _next_commands(self, block: bool) -> list[object]:
-        commands = [self._commands.get()] if block else []
+        commands = []
+        while block and not commands:
+            try:
+                commands.append(self._commands.get(timeout=self._ping_every))
+            except queue.Empty:
+                self._ping()
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -204,11 +213,22 @@ class EngineLoop:
             self._sinks[request_id] = command.sink
         _call(command.sink.accepted)
 
+    def _ping(self) -> None:
+        try:
+            self.engine.mirror.ping()
+        except KilnError:  # a rank was lost: the engine logged it and says so (failure)
+            pass
+        except Exception:
+            log.exception("pinging the engine's other ranks failed")
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            log.exception("engine step failed; ending the requests it held")
+            if not isinstance(e, KilnError):
+                log.exception("engine step failed; ending the requests it held")
+            elif str(e) != getattr(self.engine, "failure", None):  # else logged once already
+                log.error("engine step failed (%s); ending the requests it held", e)
             self._fail_all(EngineStepError(f"the engine failed: {e}"))
             return
         for output in outputs:

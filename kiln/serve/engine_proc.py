@@ -21,12 +21,15 @@ import atexit
 import itertools
 import logging
 import multiprocessing as mp
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from kiln.distributed.launch import RankDied
 from kiln.errors import KilnError
 from kiln.serve.engine_child import ACCEPTED, OUTPUT, child_main
 from kiln.serve.engine_loop import EngineDeadError, NewRequest, OutputSink, _call
@@ -70,9 +73,14 @@ class EngineProcess:
         context = mp.get_context("spawn")
         commands_out, self._commands = context.Pipe(duplex=False)
         self._events, events_in = context.Pipe(duplex=False)
+        # The child dies with this process (kiln.serve.engine_child.watch_parent): the
+        # kernel's parent-death signal fires when the thread that started it exits, so it
+        # is asked for only from the main thread.
+        main_thread = threading.current_thread() is threading.main_thread()
         self._process = context.Process(
             target=child_main, name="kiln-engine",
-            args=(commands_out, events_in, model, build_config, runtime, log_level))
+            args=(commands_out, events_in, model, build_config, runtime, log_level,
+                  os.getpid(), main_thread))
         self._process.start()
         commands_out.close()  # the child's ends: else their closing would go unnoticed
         events_in.close()
@@ -101,20 +109,40 @@ class EngineProcess:
         return self._process.pid
 
     def _wait_ready(self) -> dict[str, Any]:
-        while not self._events.poll(0.2):
-            if not self._process.is_alive():
-                raise KilnError(f"the engine process exited (exit code "
-                                f"{self._process.exitcode}) before it was ready")
-        try:
-            message = self._events.recv()
-        except EOFError:
-            self._process.join(5)
-            raise KilnError(f"the engine process exited (exit code {self._process.exitcode})"
-                            " before it was ready") from None
-        if message[0] == "failed":
-            self._process.join(10)
-            raise rebuild_error(*message[1])
-        return message[1]
+        rank = None  # a rank other than 0 under a launcher: its engine serves rank 0's
+        while True:
+            if not self._events.poll(0.2):
+                if self._process.is_alive():
+                    continue
+                self._ended(rank)
+            try:
+                message = self._events.recv()
+            except EOFError:
+                self._process.join(5)
+                self._ended(rank)
+            if message[0] == "rank":
+                rank = message[1]
+                continue
+            if message[0] == "failed":
+                self._process.join(10)
+                raise rebuild_error(*message[1])
+            return message[1]
+
+    def _ended(self, rank: int | None) -> NoReturn:
+        """The engine process exited before it was ready: an error; for a rank other than
+        0 (which is never ready: it serves rank 0 until rank 0 stops the engine) the end
+        of this rank's work, as that of a rank that `kiln run` started."""
+        code = self._process.exitcode
+        if rank is None:
+            raise KilnError(f"the engine process exited (exit code {code}) before it was "
+                            "ready")
+        if code == 0:
+            print(f"kiln: rank {rank}: rank 0 stopped the engine; this rank is done",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(0)
+        if code is not None and code > 0:
+            raise SystemExit(code)  # it said why (a lost peer rank: one line)
+        raise RankDied(f"the engine process of rank {rank} died (exit code {code})")
 
     # ---- the EngineLoop interface (any thread) --------------------------------------
     def start(self) -> None:
