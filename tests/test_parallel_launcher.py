@@ -84,12 +84,12 @@ def test_join_timeout_must_be_seconds(monkeypatch):
             join_timeout()
 
 
-def _serve_two_ranks(engine) -> tuple[subprocess.Popen, subprocess.Popen, str]:
+def _serve_two_ranks(engine, **env: str) -> tuple[subprocess.Popen, subprocess.Popen, str]:
     """`kiln serve` on both ranks (rank 0 serves HTTP), once rank 0 answers /health."""
     port = free_port()
     rank1 = subprocess.Popen([sys.executable, "-m", "kiln", "serve", str(engine), "--port",
                               str(free_port()), "--device", "cpu"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=_rank_env(1, port),
+                             stderr=subprocess.PIPE, text=True, env=_rank_env(1, port, **env),
                              start_new_session=True)
     try:
         rank0, url = start_kiln_serve(engine, "--served-model-name", "tp2",
@@ -137,11 +137,13 @@ def test_serve_rank_1_killed_takes_its_engine_and_rank_0_turns_unhealthy(tp2):
         _kill_all(rank0, rank1)
 
 
-def test_serve_rank_1_ends_quietly_when_rank_0_stops(tp2):
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_serve_rank_1_ends_quietly_when_rank_0_stops(tp2, torchrun):
     """Ctrl-C of rank 0's server (a normal stop): rank 1's engine process exits when rank
     0 closes the engine; its server said "the engine process exited (exit code 0) before
-    it was ready" and exited 2. Now it says rank 0 stopped and exits 0."""
-    rank0, rank1, url = _serve_two_ranks(tp2)
+    it was ready" and exited 2. Now it says rank 0 stopped and exits 0; under torchrun 1,
+    so that its agent does not wait minutes in its exit barrier for the stopped node."""
+    rank0, rank1, url = _serve_two_ranks(tp2, TORCHELASTIC_RUN_ID="t" if torchrun else "")
     try:
         reply = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": "Hi",
                                                            "max_tokens": 3}, timeout=30)
@@ -150,8 +152,9 @@ def test_serve_rank_1_ends_quietly_when_rank_0_stops(tp2):
         _, stderr0 = _end(rank0, timeout=30)
         _, stderr1 = _end(rank1, timeout=30)
         assert rank0.returncode == 130, stderr0
-        assert rank1.returncode == 0, stderr1
+        assert rank1.returncode == (1 if torchrun else 0), stderr1
         assert stderr1.strip() == "kiln: rank 1: rank 0 stopped the engine; this rank is " \
-                                  "done", stderr1
+            "done" + (" (exit 1, so that torchrun ends this node now)" if torchrun else ""), \
+            stderr1
     finally:
         _kill_all(rank0, rank1)

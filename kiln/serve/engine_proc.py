@@ -137,9 +137,14 @@ class EngineProcess:
             raise KilnError(f"the engine process exited (exit code {code}) before it was "
                             "ready")
         if code == 0:
-            print(f"kiln: rank {rank}: rank 0 stopped the engine; this rank is done",
+            # Under torchrun, exit 1: an agent whose ranks all exited 0 waits in its exit
+            # barrier for the other nodes' agents (5 minutes, deaf to SIGTERM, when rank 0's
+            # agent was interrupted); a failed rank ends the agent at once.
+            agent = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+            print(f"kiln: rank {rank}: rank 0 stopped the engine; this rank is done"
+                  + (" (exit 1, so that torchrun ends this node now)" if agent else ""),
                   file=sys.stderr, flush=True)
-            raise SystemExit(0)
+            raise SystemExit(1 if agent else 0)
         if code is not None and code > 0:
             raise SystemExit(code)  # it said why (a lost peer rank: one line)
         raise RankDied(f"the engine process of rank {rank} died (exit code {code})")
