@@ -91,6 +91,16 @@ class PackQuantized(Prequantized):
                               "groups out of order (act-order, desc_act), and kiln holds "
                               f"groups of consecutive inputs; {self.order_hint}")
 
+    def _check_int4(self, prefix: str, parts: dict[str, torch.Tensor], zero: torch.Tensor,
+                    inputs: int, outputs: int) -> None:
+        """AWQ / GPTQ: scales and unpacked zeros [groups, outputs], groups as configured."""
+        scale, qweight, qzeros = parts["scales"], parts["qweight"], parts["qzeros"]
+        if scale.dim() != 2 or scale.shape[1] != outputs or zero.shape != scale.shape:
+            raise CheckpointError(f"{prefix}: scales {tuple(scale.shape)} and qzeros "
+                                  f"{tuple(qzeros.shape)} do not fit qweight "
+                                  f"{tuple(qweight.shape)} ([groups, {outputs}] each)")
+        self._check_groups(prefix, inputs, scale.shape[0])
+
     def _check_groups(self, prefix: str, inputs: int, groups: int) -> None:
         """The scales' group count against the config's group size (0: per channel)."""
         if groups < 1 or inputs % groups:
@@ -143,11 +153,7 @@ class AutoAWQ(PackQuantized):
         q = _awq_unpack(qweight, order)  # [in, out]
         zero = _awq_unpack(qzeros, order).float()  # [groups, out]
         scale = scales.float()
-        if scale.dim() != 2 or scale.shape[1] != outputs or zero.shape != scale.shape:
-            raise CheckpointError(f"{prefix}: scales {tuple(scale.shape)} and qzeros "
-                                  f"{tuple(qzeros.shape)} do not fit qweight "
-                                  f"{tuple(qweight.shape)} ([groups, {outputs}] each)")
-        self._check_groups(prefix, inputs, scale.shape[0])
+        self._check_int4(prefix, parts, zero, inputs, outputs)
         yield from _int4_parts(prefix, q.T, scale.T, zero.T)
 
 
@@ -175,11 +181,7 @@ class GPTQPacked(PackQuantized):
         q = unpack_int32(qweight.T.contiguous(), 4, inputs)  # [out, in]
         zero = unpack_int32(qzeros, 4, outputs).float() + 1  # [groups, out]
         scale = scales.float()
-        if scale.dim() != 2 or scale.shape[1] != outputs or zero.shape != scale.shape:
-            raise CheckpointError(f"{prefix}: scales {tuple(scale.shape)} and qzeros "
-                                  f"{tuple(qzeros.shape)} do not fit qweight "
-                                  f"{tuple(qweight.shape)} ([groups, {outputs}] each)")
-        self._check_groups(prefix, inputs, scale.shape[0])
+        self._check_int4(prefix, parts, zero, inputs, outputs)
         yield from _int4_parts(prefix, q, scale.T, zero.T)
 
 
