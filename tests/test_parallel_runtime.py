@@ -297,6 +297,17 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def assert_unhealthy(url: str) -> None:
+    """/health turns 503 within 10 s (a rank was lost), and a new request is refused."""
+    deadline = time.monotonic() + 10
+    while httpx.get(url + "/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health stayed 200"
+        time.sleep(0.2)
+    refused = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": "Hi",
+                                                         "max_tokens": 2}, timeout=10)
+    assert refused.status_code == 503
+
+
 def test_a_dead_worker_stops_rank_0_with_a_message(engines):
     proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(engines[2])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -330,13 +341,7 @@ def test_kiln_serve_tp2_answers_and_turns_unhealthy_when_a_worker_dies(engines):
                    if "spawn" in open(f"/proc/{p}/cmdline").read()]
         assert workers
         os.kill(workers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while httpx.get(url + "/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health stayed 200"
-            time.sleep(0.2)
-        refused = httpx.post(url + "/v1/completions", json={"model": "tp2", "prompt": "Hi",
-                                                             "max_tokens": 2}, timeout=10)
-        assert refused.status_code == 503
+        assert_unhealthy(url)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

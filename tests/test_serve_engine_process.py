@@ -15,6 +15,7 @@ import pytest
 
 from kiln.runtime.request import CompletionOutput, RequestOutput
 from kiln.serve.engine_wire import OutputAssembler, OutputEncoder
+from tests.test_parallel_failures import _alive
 from tests.test_serve_errors import (  # noqa: F401 -- run again against this module's server
     test_bad_completion_requests,
     test_client_that_hangs_up_aborts_a_whole_answer,
@@ -58,14 +59,6 @@ def _idle(server) -> bool:
     return server.llm.num_unfinished == 0 and server.llm.stats()["kv_blocks_used"] == 0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -81,7 +74,7 @@ def _children(pid: int) -> list[int]:
 
 def test_the_engine_runs_in_another_process(server):
     process = server.llm._loop
-    assert process.pid != os.getpid() and _pid_alive(process.pid)
+    assert process.pid != os.getpid() and _alive(process.pid)
     assert server.llm.engine.max_seq_len == 256 and server.llm.tokenizer is not None
 
 
@@ -143,8 +136,8 @@ def test_engine_death_is_503():
 def test_shutdown_stops_the_engine_process():
     with serve(engine_process=True) as served:
         pid = served.llm._loop.pid
-        assert _pid_alive(pid)
-    assert not _pid_alive(pid)
+        assert _alive(pid)
+    assert not _alive(pid)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
@@ -160,7 +153,7 @@ def test_kiln_serve_leaves_no_engine_process(sig):
         proc.send_signal(sig)
         assert proc.wait(60) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
         # Killed, the server cannot stop its child: the child sees its pipe close.
-        assert wait_until(lambda: not any(map(_pid_alive, children)), 30)
+        assert wait_until(lambda: not any(map(_alive, children)), 30)
     finally:
         if proc.poll() is None:
             proc.kill()
