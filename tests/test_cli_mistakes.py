@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import kiln
 from kiln import LLM
 from kiln.errors import KilnError
 from kiln.runtime.config import RuntimeConfig, resolve_device
@@ -158,6 +160,9 @@ def test_kiln_chat_sampling_options_are_checked_before_loading(flag, value, mess
     assert code == 2 and err == f"kiln: error: {message}\n" and "kiln chat" not in out
 
 
+CALIBRATION_TEXT = str(Path(kiln.__file__).parent / "data" / "calibration.txt")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--quantization", "fp8", "--group-size", "32"], "--group-size 32 has no effect with "
      "--quantization fp8: it applies to int8_wo, int4_wo, int4_awq, int4_gptq; drop it or "
@@ -171,6 +176,10 @@ def test_kiln_chat_sampling_options_are_checked_before_loading(flag, value, mess
     (["--quantization", "int8_wo", "--activation-scheme", "static"],
      "--activation-scheme static has no effect with --quantization int8_wo: it applies to fp8"),
     (["--group-size", "32"], "--group-size 32 has no effect with --quantization none (auto: "),
+    (["--quantization", "int8_wo", "--calib-file", CALIBRATION_TEXT], "--calib-file has no "
+     "effect with --quantization int8_wo and --kv-cache-dtype auto: calibration sets static "
+     "FP8 input scales, int8_sq/int4_awq/int4_gptq's statistics and fp8/int8 KV scales; drop "
+     "it"),
     (["--quantization", "int4_wo", "--group-size", "0"], "int4 groups of 128 inputs (the "
      "default: --group-size not given, or 0) do not divide the model's hidden size (q/k/v, "
      "gate/up inputs), 64; give --group-size, a positive even number that divides every "
@@ -224,6 +233,7 @@ def test_build_options_at_their_defaults_count_as_not_given(tiny_checkpoints):
     validate(cfg, BuildConfig(quantization="int4_gptq", group_size=32, act_order=True))
     validate(cfg, BuildConfig(quantization="int8_sq", smooth_alpha=0.8))
     validate(cfg, BuildConfig(quantization="fp8", activation_scheme="dynamic"))
-    # `kiln eval quality` builds its float reference with the FP8 formats' options
-    plan = plan_quantization(ckpt, BuildConfig(activation_scheme="static", calib_file="c"))
+    # `kiln eval quality` builds its float reference with the FP8 formats' options (and
+    # without their calibration text, which changes nothing there)
+    plan = plan_quantization(ckpt, BuildConfig(activation_scheme="static"))
     assert plan.quant.method == "none"

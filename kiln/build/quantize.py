@@ -114,7 +114,19 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         raise BuildError("--kv-cache-dtype int8 needs per-head scales from calibration: add "
                          "--calib-file TEXT, or use --kv-cache-dtype fp8 (scale 1.0 "
                          "without calibration)")
+    if calibrated and not uses_calibration(quant.method, quant.activation_scheme, kv):
+        raise BuildError(f"--calib-file has no effect with --quantization {quant.method} and "
+                         f"--kv-cache-dtype {kv}: calibration sets static FP8 input scales, "
+                         f"{'/'.join(CALIBRATED_METHODS)}'s statistics and fp8/int8 KV "
+                         "scales; drop it")
     return QuantPlan(quant, kv, pre, source)
+
+
+def uses_calibration(method: str, activation_scheme: str, kv_cache_dtype: str) -> bool:
+    """Whether calibration text changes an engine of these settings (activation_scheme:
+    "auto" counts as static, which calibration makes it)."""
+    return method in CALIBRATED_METHODS or kv_cache_dtype in ("fp8", "int8") or (
+        method == "fp8" and activation_scheme in ("static", "auto"))
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")

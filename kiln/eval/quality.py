@@ -48,6 +48,7 @@ def is_float(overrides: dict[str, str]) -> bool:
 
 
 def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
+    from kiln.build.quantize import uses_calibration
     from kiln.config import build_config_from_args, limits_from_args
     from kiln.eval import check_perplexity_options, read_text, text_perplexity
     from kiln.eval.summarize import evaluate, load_samples, rouge
@@ -82,6 +83,9 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
             cfg = dataclasses.replace(base, **overrides)
             if cfg.kv_cache_dtype == "int8" or cfg.activation_scheme == "static":
                 cfg = dataclasses.replace(cfg, calib_file=calib_file)
+            if not uses_calibration(cfg.quantization, cfg.activation_scheme,
+                                    cfg.kv_cache_dtype):  # the float reference, say
+                cfg = dataclasses.replace(cfg, calib_file=None)
             print(f"kiln: format {name}", flush=True)
             llm = LLM(args.model, cfg, device=args.device, **limits_from_args(args))
             ppl, count, window = text_perplexity(llm.engine, text, args.window,
