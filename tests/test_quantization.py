@@ -313,3 +313,32 @@ def test_calibration_reads_unquantized_linear_inputs():
 
     calibrate(Probe(), [[1, 2, 3]], torch.device("cpu"), progress=False)
     assert seen == [None] and method.input_quant(None) is not None
+
+
+def test_calibration_text_that_is_not_text_or_not_the_models_script(tmp_path, caplog):
+    """A binary file given as --calib-file is refused in one line (it decoded with
+    replacement characters and calibrated on their tokens); text the tokenizer cannot
+    read (mostly its unknown token) calibrates with a warning that says so."""
+    from kiln.build.calibrate import calibration_samples
+    from kiln.checkpoint import open_checkpoint
+    from tests.quant_checkpoints import tiny_llama, tiny_tokenizer
+
+    folder = tiny_llama(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(folder)  # word-level "t0".."t255", unknown "t0"
+    ckpt = open_checkpoint(folder)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(torch.randint(128, 256, (4000,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(BuildError, match=r"model.bin is not UTF-8 text \(\d+% of it does not "
+                                         r"decode\); give a plain text file"):
+        calibration_samples(ckpt, str(binary), 4, 64, 256)
+    known = tmp_path / "known.txt"
+    known.write_text(" ".join(f"t{i % 7 + 3}" for i in range(300)))  # (not t1..: "t1" is BOS)
+    with caplog.at_level("WARNING", logger="kiln.build.calibrate"):
+        samples = calibration_samples(ckpt, str(known), 4, 64, 256)
+    assert len(samples) == 4 and not caplog.records
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("Le renard brun saute par-dessus le chien paresseux. " * 20)
+    with caplog.at_level("WARNING", logger="kiln.build.calibrate"):
+        calibration_samples(ckpt, str(foreign), 4, 64, 256)
+    assert len(caplog.records) == 1 and "100% of calibration file" in caplog.text and \
+        "are the unknown token" in caplog.text, caplog.text

@@ -7,6 +7,7 @@ The model runs one sample at a time with a private KV cache, on the GPU when the
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from kiln.layers import AttentionMetadata, forward_context
 from kiln.layers.attention import Attention
 from kiln.layers.linear import LinearBase
 from kiln.layers.quantization import unfused_inputs
+
+log = logging.getLogger(__name__)
 
 
 class Stats:
@@ -91,15 +94,27 @@ def calibration_samples(ckpt: Checkpoint, text_file: str, num_samples: int, seq_
     if not path.is_file():
         raise BuildError(f"calibration file {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
+    if text.count("\ufffd") > 0.1 * len(text):  # a model file or an archive, say
+        raise BuildError(f"calibration file {path} is not UTF-8 text ("
+                         f"{text.count(chr(0xfffd)) / len(text):.0%} of it does not decode); "
+                         "give a plain text file in the model's language")
+    unknown = None
     with tempfile.TemporaryDirectory() as tmp:
         if not ckpt.synthetic_tokenizer and ckpt.write_tokenizer(Path(tmp)):
             from kiln.tokenizer import Tokenizer
 
-            ids = Tokenizer(Path(tmp)).encode(text)
+            tokenizer = Tokenizer(Path(tmp))
+            ids = tokenizer.encode(text)
+            unknown = tokenizer.token_to_id(tokenizer.special["unk_token"])
         else:
             ids = [b % vocab_size for b in text.encode()]
     if len(ids) < 2:
         raise BuildError(f"calibration file {path} holds fewer than 2 tokens")
+    if unknown is not None and ids.count(unknown) > 0.05 * len(ids):
+        log.warning("%.0f%% of calibration file %s's tokens are the unknown token: the "
+                    "tokenizer does not know its script, so the scales will fit other text "
+                    "badly; calibrate on text in the model's language",
+                    100 * ids.count(unknown) / len(ids), path)
     return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)][:num_samples]
 
 
