@@ -26,8 +26,9 @@ class ServeContext:
     def ready(self) -> bool:
         return self.llm.alive and not self.draining
 
-    def check_model(self, name: str | None, status: int = 400) -> None:
-        """`name` must be the served model's (None means it)."""
+    def check_model(self, name: str | None, status: int = 404) -> None:
+        """`name` must be the served model's (None means it): else a 404, as OpenAI and
+        vLLM answer an unknown model (openai.NotFoundError)."""
         if name is not None and name != self.model_name:
             raise APIError(status, f"the model {name!r} does not exist; this server serves "
                            f"{self.model_name!r}", param="model", code="model_not_found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -41,6 +42,9 @@ MAX_LOGPROBS = 20
 # text) run on a worker thread, so that other streams are not held up meanwhile.
 INLINE_PROMPT_CHARS = 32_768
 _INT64 = 1 << 63
+# The engine's RequestErrors (kiln.runtime.intake.check_request) for a prompt that leaves
+# no room to generate, or no room for max_tokens.
+_TOO_LONG = re.compile(r"the prompt has \d+ tokens; |prompt \(\d+ tokens\) \+ max_tokens ")
 
 # Called per new output of one choice: the SSE chunks (pydantic models) to send.
 ChunkMaker = Callable[[RequestOutput, CompletionOutput, ChoiceState], list[Any]]
@@ -82,8 +86,10 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
     the body's (best_of candidates)."""
     n = body.n if n is None else n
     # Checked here because a bad value would fail the engine step of the whole batch.
-    if body.seed is not None and not -_INT64 <= body.seed < _INT64 - max(n, 1):
-        raise APIError(400, "seed must fit in 64 bits", param="seed")
+    # Choice i samples with seed + i: the last, seed + n - 1, must fit in an int64 too.
+    if body.seed is not None and not -_INT64 <= body.seed <= _INT64 - max(n, 1):
+        raise APIError(400, f"seed must be in [-2**63, 2**63 - {max(n, 1)}] (choice i of n "
+                       "samples with seed + i, a signed 64-bit integer)", param="seed")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="logprobs")
     if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
@@ -294,6 +300,9 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
         try:
             stream = await submit_watched(ctx, group, request)
         except RequestError as e:
+            if _TOO_LONG.match(str(e)):  # OpenAI's code and field, which clients look for
+                raise APIError(400, str(e), code="context_length_exceeded", param="messages"
+                               if isinstance(body, ChatCompletionRequest) else "prompt") from None
             kind = str(e).split(":")[0]
             if kind not in CONSTRAINTS:
                 raise
@@ -309,12 +318,16 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
                 {rid: p for p, (_, _, rid) in enumerate(group)}, states)
 
 
-async def collect(call: Call, request: Request) -> list[RequestOutput] | None:
-    """Final outputs, one per prompt; None if the client went away first."""
+async def collect(call: Call, request: Request,
+                  view: Callable[[RequestOutput], RequestOutput] | None = None
+                  ) -> list[RequestOutput] | None:
+    """Final outputs, one per prompt; None if the client went away first. `view`: what
+    the answer makes of each output (max_tokens 0 leaves out the one token computed), so
+    that metrics and the request log count what the client gets."""
 
     async def consume() -> None:
         async for output in call.stream:
-            call.tracker.observe(output)
+            call.tracker.observe(output if view is None else view(output))
 
     try:
         await until_disconnect(request, consume())

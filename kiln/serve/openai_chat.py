@@ -131,16 +131,13 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
         return parsed[key]
 
     def _forced(completion: CompletionOutput) -> list[dict[str, Any]] | None:
-        """A forced call's tool_calls once its JSON is whole: at the stop, or at the
-        token limit when the limit fell on the call's last token."""
+        """A forced call's tool_calls once its JSON is whole: at the grammar's end, or at
+        the token limit when the limit fell on the call's last token. None for a call cut
+        short (by max_tokens, a stop string or a stop_token_ids token): its text is the
+        answer, with that finish_reason."""
         if not calls_tool or completion.finish_reason not in ("stop", "length"):
             return None
-        try:
-            return tool_calls(completion.text)
-        except (ValueError, KeyError, TypeError):
-            if completion.finish_reason == "stop":
-                raise
-            return None  # cut by max_tokens: a prefix of the call, returned as text
+        return tool_calls(completion.text)
 
     def _message(completion: CompletionOutput) -> AssistantMessage:
         forced = _forced(completion)

@@ -23,9 +23,11 @@ from kiln.serve.errors import APIError
 from kiln.serve.openai_call import Call, collect, disconnected_response, stream_response
 from kiln.serve.openai_output import (
     ChoiceState,
+    TextOffsets,
     completion_logprobs,
     echo_logprobs,
     prompt_logprobs,
+    prompt_offsets,
     usage,
 )
 from kiln.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse
@@ -87,23 +89,40 @@ def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]
 async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequest,
                              request: Request) -> Any:
     top_n = body.logprobs
+    tokenizer = ctx.tokens.tokenizer
 
     def prompt_text(output: RequestOutput) -> str:
+        """The echo: a text prompt as sent; token ids decoded with their special tokens
+        (as vLLM echoes them), so that the text holds every token logprobs list."""
         if output.prompt is not None:
             return output.prompt
-        tokenizer = ctx.llm.tokenizer
-        return tokenizer.decode(output.prompt_token_ids) if tokenizer is not None else ""
+        return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) \
+            if tokenizer is not None else ""
+
+    def starts(output: RequestOutput, completion: CompletionOutput, state: ChoiceState,
+               count: int) -> list[int]:
+        """Where the choice's first `count` generated tokens start in its generated text."""
+        if state.offsets is None:
+            state.offsets = TextOffsets(tokenizer, output.prompt_token_ids,
+                                        body.skip_special_tokens)
+        return state.offsets.upto(completion.token_ids, count)
 
     def choice(output: RequestOutput, completion: CompletionOutput, state: ChoiceState,
-               text: str, positions: range, first: bool) -> CompletionChoice:
-        """`first`: the choice's first piece, which carries the echo and prompt logprobs."""
+               text: str, positions: range, first: bool, end: int) -> CompletionChoice:
+        """`first`: the choice's first piece, which carries the echo and prompt logprobs;
+        `end`: how much of the generated text has been given out with this piece (no
+        token's text_offset is past it)."""
         logprobs = None
         if first and body.echo:
-            text = prompt_text(output) + text
+            echoed = prompt_text(output)
+            text, state.text_offset = echoed + text, len(echoed)
             if top_n is not None:
-                logprobs = echo_logprobs(ctx.tokens, output, top_n, state)
+                logprobs = echo_logprobs(ctx.tokens, output, top_n,
+                                         prompt_offsets(tokenizer, output, echoed))
         if top_n is not None and positions:
-            generated = completion_logprobs(ctx.tokens, completion, positions, top_n, state)
+            begin = starts(output, completion, state, positions.stop)
+            offsets = [state.text_offset + min(begin[i], end) for i in positions]
+            generated = completion_logprobs(ctx.tokens, completion, positions, top_n, offsets)
             if logprobs is None:
                 logprobs = generated
             else:
@@ -130,25 +149,34 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
             if new is None:
                 return []
             text, positions = new
+            if top_n is not None and completion.finish_reason is None:
+                # A token whose text is held back (it may become a stop string, which
+                # would be cut) waits with it, so that no text_offset points past the text.
+                begin = starts(output, completion, state, positions.stop)
+                ready = next((i for i in positions if begin[i] > state.text.sent),
+                             positions.stop)
+                positions, state.sent_tokens = range(positions.start, ready), ready
+                if not text and not positions:
+                    return []
             if state.opened and text and top_n is None and completion.finish_reason is None:
                 return [plain.sse(state.index, text)]
             first, state.opened = not state.opened, True
-            return [response([choice(output, completion, state, text, positions, first)])]
+            return [response([choice(output, completion, state, text, positions, first,
+                                     state.text.sent)])]
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         usage_chunk = (lambda p, c: response([], (p, c))) if include_usage else None
         return stream_response(call, chunks, [], usage_chunk)
 
-    finals = await collect(call, request)
+    finals = await collect(call, request, _prompt_only if body.max_tokens == 0 else None)
     if finals is None:
         return disconnected_response()
-    if body.max_tokens == 0:
-        finals = [_prompt_only(output) for output in finals]
     choices = []
     for output in finals:
         base = call.prompt_of[output.request_id] * body.n
         for i, completion in enumerate(_best(output.outputs, body.n)):
             choices.append(choice(output, completion, ChoiceState(base + i), completion.text,
-                                  range(len(completion.token_ids)), True))
+                                  range(len(completion.token_ids)), True,
+                                  len(completion.text)))
     choices.sort(key=lambda c: c.index)
     return response(choices, call.usage_counts(finals))

@@ -15,6 +15,7 @@ from kiln.serve.protocol import (
     Usage,
 )
 from kiln.serve.tokens import TokenTexts
+from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 @dataclass
@@ -24,7 +25,8 @@ class ChoiceState:
     index: int
     text: TextDeltas = field(default_factory=TextDeltas)
     sent_tokens: int = 0
-    text_offset: int = 0  # of the next token, for completions logprobs
+    text_offset: int = 0  # where the generated text starts in the choice's (after an echo)
+    offsets: TextOffsets | None = None  # completions logprobs: where its tokens start
     finished_sent: bool = False  # n > 1: a finished choice is repeated in later outputs
     opened: bool = False  # a stream has sent this choice's first chunk
 
@@ -46,6 +48,47 @@ class ChoiceState:
         if not text and not finished and not (with_logprobs and positions):
             return None
         return text, positions
+
+
+class TextOffsets:
+    """Where each generated token starts in its choice's text (completions' text_offset):
+    characters as the engine's detokenizer adds them (primed with the prompt's tail), so a
+    token that holds part of a UTF-8 character adds none until a later one completes it."""
+
+    def __init__(self, tokenizer: Tokenizer | None, context: list[int],
+                 skip_special_tokens: bool) -> None:
+        self.detok = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, context, skip_special_tokens)
+        self.starts: list[int] = []
+        self.chars = 0
+
+    def upto(self, token_ids: list[int], count: int) -> list[int]:
+        """The starts of the first `count` tokens (and any computed before)."""
+        for i in range(len(self.starts), count):
+            self.starts.append(self.chars)
+            if self.detok is not None:
+                self.chars += len(self.detok.add(token_ids[i]))
+        return self.starts
+
+
+def prompt_offsets(tokenizer: Tokenizer | None, output: RequestOutput, echoed: str
+                   ) -> list[int]:
+    """Where each prompt token starts in the echoed prompt: a text prompt's own offsets
+    when the tokenizer makes these ids of it (a BOS it adds starts at 0), else as decoding
+    with special tokens adds them (token-id prompts are echoed so); at most len(echoed)."""
+    ids = list(output.prompt_token_ids)
+    starts = None
+    if tokenizer is not None and output.prompt is not None:
+        encoding = tokenizer.tok.encode(output.prompt, add_special_tokens=True)
+        if encoding.ids == ids:
+            starts = [start for start, _ in encoding.offsets]
+    if starts is None:
+        starts = TextOffsets(tokenizer, [], False).upto(ids, len(ids))
+    out, last = [], 0
+    for start in starts:  # a token added at the end (an EOS) says 0: keep them in order
+        last = min(max(last, start), len(echoed))
+        out.append(last)
+    return out
 
 
 def _entries(completion: CompletionOutput, positions: range, top_n: int
@@ -73,33 +116,32 @@ def _with_token(tokens: TokenTexts, top: list[tuple[int, float]], token_id: int,
 
 
 def completion_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: range,
-                        top_n: int, state: ChoiceState) -> CompletionLogprobs:
+                        top_n: int, offsets: list[int]) -> CompletionLogprobs:
+    """`offsets`: where each position's token starts in the choice's text."""
     out = CompletionLogprobs()
-    for token_id, logprob, top in _entries(completion, positions, top_n):
-        text = tokens.text(token_id)
-        out.tokens.append(text)
+    for (token_id, logprob, top), offset in zip(_entries(completion, positions, top_n),
+                                                offsets, strict=True):
+        out.tokens.append(tokens.text(token_id))
         out.token_logprobs.append(logprob)
         out.top_logprobs.append(_with_token(tokens, top, token_id, logprob))
-        out.text_offset.append(state.text_offset)
-        state.text_offset += len(text)
+        out.text_offset.append(offset)
     return out
 
 
 def echo_logprobs(tokens: TokenTexts, output: RequestOutput, top_n: int,
-                  state: ChoiceState) -> CompletionLogprobs:
-    """The prompt tokens in completions logprobs (`echo`): the first has no logprob."""
+                  offsets: list[int]) -> CompletionLogprobs:
+    """The prompt tokens in completions logprobs (`echo`): the first has no logprob;
+    `offsets` from prompt_offsets."""
     out = CompletionLogprobs()
     entries = output.prompt_logprobs or []
     for i, token_id in enumerate(output.prompt_token_ids):
         entry = entries[i] if i < len(entries) else None
-        text = tokens.text(token_id)
-        out.tokens.append(text)
+        out.tokens.append(tokens.text(token_id))
         out.token_logprobs.append(entry.get(token_id) if entry else None)
         top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n] if entry else None
         out.top_logprobs.append(_with_token(tokens, top, token_id, entry.get(token_id))
                                 if top is not None else None)
-        out.text_offset.append(state.text_offset)
-        state.text_offset += len(text)
+        out.text_offset.append(offsets[i])
     return out
 
 

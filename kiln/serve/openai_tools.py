@@ -77,9 +77,17 @@ def tool_call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def tool_calls(text: str) -> list[dict[str, Any]]:
-    """The generated call (JSON under tool_call_schema) as OpenAI's tool_calls."""
-    call = json.loads(text)
+def tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The generated call (JSON under tool_call_schema) as OpenAI's tool_calls, or None
+    when the text is not a whole call: `max_tokens`, a `stop` string or a
+    `stop_token_ids` token cut it short (the answer is then that text)."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or \
+            "arguments" not in call:
+        return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
 
