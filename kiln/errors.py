@@ -19,3 +19,8 @@ class BuildError(KilnError):
 
 class RequestError(KilnError):
     """One request is invalid (too long, bad sampling parameters); others go on."""
+
+
+class PromptTooLongError(RequestError):
+    """The prompt (with max_tokens) does not fit the engine's max_seq_len: OpenAI's
+    context_length_exceeded."""

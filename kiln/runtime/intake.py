@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.errors import RequestError
+from kiln.errors import PromptTooLongError, RequestError
 from kiln.runtime.output_processor import Group, Sequence
 from kiln.runtime.request import Request, SamplingParams
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -25,11 +25,11 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
     if unbounded:
         room = max(room, max_seq_len)
     if room < 1:
-        raise RequestError(f"the prompt has {len(token_ids)} tokens; this engine's "
+        raise PromptTooLongError(f"the prompt has {len(token_ids)} tokens; this engine's "
                            f"max_seq_len is {max_seq_len}, leaving no room to generate")
     max_tokens = params.max_tokens if params.max_tokens is not None else room
     if max_tokens > room and not unbounded:
-        raise RequestError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
+        raise PromptTooLongError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                            f"exceeds max_seq_len ({max_seq_len})")
     for name, ids in (("stop_token_ids", params.stop_token_ids),
                       ("logit_bias", params.logit_bias or ())):

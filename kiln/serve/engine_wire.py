@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kiln.errors import KilnError, RequestError
+from kiln.errors import KilnError, PromptTooLongError, RequestError
 from kiln.runtime.request import CompletionOutput, RequestOutput
 
 # A delta of one completion: (index, text kept, text appended, tokens kept, tokens appended,
@@ -126,6 +126,7 @@ def rebuild_error(kind: str, message: str) -> KilnError:
     from kiln.serve.engine_loop import EngineDeadError, EngineStepError
 
     classes: dict[str, type[KilnError]] = {
-        c.__name__: c for c in (KilnError, RequestError, EngineStepError, EngineDeadError)}
+        c.__name__: c for c in (KilnError, RequestError, PromptTooLongError, EngineStepError,
+                                EngineDeadError)}
     return classes.get(kind, KilnError)(message)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +17,7 @@ from typing import Any
 
 from fastapi import Request, Response
 
-from kiln.errors import RequestError
+from kiln.errors import PromptTooLongError, RequestError
 from kiln.runtime.request import CONSTRAINTS, CompletionOutput, RequestOutput, SamplingParams
 from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.async_llm import RequestStream
@@ -42,9 +41,6 @@ MAX_LOGPROBS = 20
 # text) run on a worker thread, so that other streams are not held up meanwhile.
 INLINE_PROMPT_CHARS = 32_768
 _INT64 = 1 << 63
-# The engine's RequestErrors (kiln.runtime.intake.check_request) for a prompt that leaves
-# no room to generate, or no room for max_tokens.
-_TOO_LONG = re.compile(r"the prompt has \d+ tokens; |prompt \(\d+ tokens\) \+ max_tokens ")
 
 # Called per new output of one choice: the SSE chunks (pydantic models) to send.
 ChunkMaker = Callable[[RequestOutput, CompletionOutput, ChoiceState], list[Any]]
@@ -300,7 +296,7 @@ async def start_call(ctx: ServeContext, route: str, prefix: str,
         try:
             stream = await submit_watched(ctx, group, request)
         except RequestError as e:
-            if _TOO_LONG.match(str(e)):  # OpenAI's code and field, which clients look for
+            if isinstance(e, PromptTooLongError):  # OpenAI's code and field, for clients
                 raise APIError(400, str(e), code="context_length_exceeded", param="messages"
                                if isinstance(body, ChatCompletionRequest) else "prompt") from None
             kind = str(e).split(":")[0]
