@@ -119,9 +119,29 @@ def missing_tokenizer(engine_dir: Path) -> str:
     if source.get("has_tokenizer"):
         return (f"{engine_dir} is incomplete: its tokenizer/ folder is missing, so text "
                 f"cannot be encoded; build the engine again: kiln build {path} -o DIR")
+    reason = _gguf_no_tokenizer_reason(Path(path))
+    if reason is not None:
+        return (f"{engine_dir} has no tokenizer, so text cannot be encoded: its source "
+                f"{path}: {reason}; build from the model's HF folder (with its "
+                "tokenizer.json) instead")
     return (f"{engine_dir} has no tokenizer, so text cannot be encoded: its source {path} "
             "held no tokenizer files when it was built; add the model's tokenizer.json (or "
             "tokenizer.model) to it and build again")
+
+
+def _gguf_no_tokenizer_reason(path: Path) -> str | None:
+    """Why a GGUF source gave no tokenizer (a tokenizer model kiln does not convert, or
+    none at all), or None for other sources and a GGUF no longer readable."""
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    from kiln.checkpoint.gguf_file import GGUFFile
+    from kiln.checkpoint.gguf_tokenizer import no_tokenizer_reason
+
+    try:
+        return no_tokenizer_reason(GGUFFile(path))
+    except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError,
+            UnicodeDecodeError):
+        return None
 
 
 def _size(path: Path) -> int:

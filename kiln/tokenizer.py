@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +169,13 @@ class IncrementalDetokenizer:
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
         after = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if after.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
-        delta = after[len(before):]
+        # Where the prompt ended inside a character, `before` ends with the U+FFFD that
+        # `after` now spells as the character: the delta starts where they part.
+        delta = after[len(os.path.commonprefix([before, after])):]
+        if not delta:
+            return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta

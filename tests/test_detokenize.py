@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
@@ -16,13 +17,42 @@ TEXTS = ["Hello, world! 你好世界 🎉🎉 naïve café",
          "x = [i**2 for i in range(10)]"]
 
 
+def streamed_text(tokenizer: Tokenizer, prompt: list[int], output: list[int],
+                  skip_special_tokens: bool = True) -> str:
+    """What streaming `output` after `prompt` must give: the text of the whole past the
+    prompt's own text, where a prompt that ends inside a character (its text ends with
+    U+FFFD) leaves that character to the output."""
+    full = tokenizer.decode(prompt + output, skip_special_tokens)
+    before = tokenizer.decode(prompt, skip_special_tokens)
+    return full[len(os.path.commonprefix([before, full])):]
+
+
 def check_incremental(tokenizer: Tokenizer, text: str) -> None:
+    """Every split of the text's tokens into prompt and output (some inside a character:
+    a prompt of token ids can end anywhere)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    prompt, output = ids[:2], ids[2:]
-    detok = IncrementalDetokenizer(tokenizer, prompt)
-    deltas = [detok.add(t) for t in output]
-    assert not any("\ufffd" in d for d in deltas)  # never half a character
-    assert "".join(deltas) == tokenizer.decode(ids)[len(tokenizer.decode(prompt)):]
+    for split in range(1, len(ids)):
+        prompt, output = ids[:split], ids[split:]
+        detok = IncrementalDetokenizer(tokenizer, prompt)
+        deltas = [detok.add(t) for t in output]
+        assert not any("\ufffd" in d for d in deltas), split  # never half a character
+        assert "".join(deltas) == streamed_text(tokenizer, prompt, output), split
+    assert streamed_text(tokenizer, ids[:2], ids[2:]) == \
+        tokenizer.decode(ids)[len(tokenizer.decode(ids[:2])):]  # a whole-character split
+
+
+def test_prompt_ending_inside_a_character(smollm2_tokenizer):
+    """A prompt of token ids that stops inside a character: the output's first token
+    completes it, and the stream gives that character (it once dropped one)."""
+    tok = smollm2_tokenizer
+    ids, more = tok.encode("世界🤖", add_special_tokens=False), tok.encode("🤖 ok")
+    prompt, output = ids[:-1], ids[-1:] + more
+    assert tok.decode(prompt).endswith("\ufffd")
+    for stream in (True, False):
+        detok = IncrementalDetokenizer(tok, prompt)
+        if not stream:
+            detok._stream = None
+        assert "".join(detok.add(t) for t in output) == "🤖🤖 ok"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +85,10 @@ def test_decode_stream_gives_the_decodes_deltas(smollm2_tokenizer, skip_special_
         streamed += fast._stream is not None
         assert [fast.add(t) for t in output] == [plain.add(t) for t in output], trial
         assert fast.text == plain.text
+        # All of the output's text, less what waits for the rest of a character.
+        want = streamed_text(tok, prompt, output, skip_special_tokens)
+        assert want.startswith(fast.text), trial
+        assert want == fast.text or want.endswith("\ufffd"), trial
     assert streamed >= 150  # every text prompt, most random ones
 
 

@@ -149,8 +149,9 @@ def _write_engine(scratch: Path, ckpt: Checkpoint, build_cfg: BuildConfig, plan:
     if has_tokenizer:
         _check_tokenizer_fits(scratch / "tokenizer", ckpt)
     else:
-        log.warning("%s has no tokenizer files (tokenizer.json or tokenizer.model): the "
-                    "engine will take token ids only, not text prompts", ckpt.source)
+        log.warning("%s: the engine will take token ids only, not text prompts",
+                    getattr(ckpt, "no_tokenizer_reason", None) or f"{ckpt.source} has no "
+                    "tokenizer files (tokenizer.json or tokenizer.model)")
     if build_cfg.load_format == "dummy":
         log.info("load format dummy: no weights stored (random ones filled in at load)")
     elif build_cfg.calib_file:

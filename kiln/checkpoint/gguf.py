@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 
 from kiln.checkpoint.base import Checkpoint
 from kiln.checkpoint.gguf_file import GGUFFile
+from kiln.checkpoint.gguf_rope import rope_scaling
+from kiln.checkpoint.gguf_shards import open_shards, shard_paths
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 
@@ -128,12 +129,17 @@ class GGUFCheckpoint(Checkpoint):
         if self._reader.byte_order != "<":
             raise CheckpointError(f"{name} is a big-endian GGUF; kiln reads little-endian "
                                   "files (the ones llama.cpp writes by default)")
-        file_size = len(self._reader.data)
-        for t in self._reader.tensors:
-            if t.data_offset + t.n_bytes > file_size:
-                raise CheckpointError(
-                    f"{name} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}"
-                    f" but the file has {file_size}; re-download it")
+        readers = open_shards(path, self._reader)  # a split GGUF: its tensors in every shard
+        self._tensors = [t for r in readers for t in r.tensors]
+        files = shard_paths(path, len(readers)) if len(readers) > 1 else [path]
+        for reader, file in zip(readers, files or [path], strict=True):
+            file_size = len(reader.data)
+            for t in reader.tensors:
+                if t.data_offset + t.n_bytes > file_size:
+                    raise CheckpointError(
+                        f"{file.name} is truncated: tensor {t.name} ends at byte "
+                        f"{t.data_offset + t.n_bytes} but the file has {file_size}; "
+                        "re-download it")
         arch = field(self._reader, "general.architecture")
         if arch not in ARCHITECTURES:
             raise CheckpointError(
@@ -145,12 +151,19 @@ class GGUFCheckpoint(Checkpoint):
         except (TypeError, ValueError, ZeroDivisionError) as e:
             # e.g. a per-layer list where llama-family models have one head count
             raise CheckpointError(f"{name} has malformed model metadata: {e}") from None
+        from kiln.checkpoint.gguf_tokenizer import no_tokenizer_reason, read_tokenizer_spec
+
+        # The tokenizer metadata checked now (an unknown pre-tokenizer, ids past the
+        # vocabulary), not after the build has begun.
+        self._tokenizer = read_tokenizer_spec(self._reader, name)
+        reason = no_tokenizer_reason(self._reader)
+        self.no_tokenizer_reason = None if reason is None else f"{name}: {reason}"
 
     def _map_names(self, arch: str) -> dict[str, str]:
         names: dict[str, str] = {}
         layer_names = _LAYER_NAMES | (_SANDWICH_LAYER_NAMES if arch == "gemma2" else {}) | (
             _PLAIN_MLP_LAYER_NAMES if arch in ("gpt2", "phi2") else {})
-        for t in self._reader.tensors:
+        for t in self._tensors:
             if _SKIPPED_RE.fullmatch(t.name):
                 continue
             hf = _GLOBAL_NAMES.get(t.name)
@@ -185,11 +198,14 @@ class GGUFCheckpoint(Checkpoint):
         tokens = field(r, "tokenizer.ggml.tokens")
         vocab = field(r, f"{arch}.vocab_size") or (len(tokens) if tokens else None)
         if vocab is None:
-            vocab = next((int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight"), 0)
+            vocab = next((int(t.shape[-1]) for t in self._tensors
+                          if t.name == "token_embd.weight"), 0)
         theta = _f32(field(r, f"{arch}.rope.freq_base", 10000.0))
         eps = field(r, f"{arch}.attention.layer_norm_rms_epsilon")
         # Stop on end-of-turn too: chat GGUFs often keep <|eot_id|> apart from eos.
         eos = [field(r, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        if tokens:  # llama.cpp ignores an end-of-turn id past the vocabulary
+            eos = [e for e in eos if isinstance(e, int) and 0 <= e < len(tokens)]
         tensor_names = set(self._names)
         return dataclasses.replace(ModelConfig(
             architecture=ARCHITECTURES[arch][0],
@@ -203,7 +219,8 @@ class GGUFCheckpoint(Checkpoint):
             max_position_embeddings=int(field(r, f"{arch}.context_length", 4096)),
             rms_norm_eps=1e-6 if eps is None else _f32(eps),
             rope_theta=theta,
-            rope_scaling=self._rope_scaling(arch, theta, int(head_dim)),
+            rope_scaling=rope_scaling(r, self._tensors, arch, theta, int(head_dim),
+                                      self.source.name),
             tie_word_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             o_bias="blk.0.attn_output.bias" in tensor_names,
@@ -275,51 +292,12 @@ class GGUFCheckpoint(Checkpoint):
                 attn_scale=(hidden / heads) ** -0.5 if layers == 46 else None)
         return fields
 
-    def _rope_scaling(self, arch: str, theta: float, head_dim: int) -> dict[str, Any] | None:
-        r = self._reader
-        kind = field(r, f"{arch}.rope.scaling.type", "none")
-        factor = field(r, f"{arch}.rope.scaling.factor")
-        if kind in ("linear", "yarn") and factor:
-            scaling: dict[str, Any] = {"rope_type": kind, "factor": _f32(factor)}
-            orig = field(r, f"{arch}.rope.scaling.original_context_length")
-            if orig:
-                scaling["original_max_position_embeddings"] = int(orig)
-            return scaling
-        if kind != "none":
-            raise CheckpointError(
-                f"{self.source.name} uses rope scaling {kind!r}; kiln supports linear and yarn")
-        freqs = next((t for t in r.tensors if t.name == "rope_freqs.weight"), None)
-        return None if freqs is None else self._llama3_rope(freqs, theta, head_dim)
-
-    def _llama3_rope(self, t: Any, theta: float, head_dim: int) -> dict[str, Any] | None:
-        """Llama 3.1+ keeps its rope scaling only as per-frequency divisors (rope_freqs).
-
-        Recompute them from the HF llama3 formula with Meta's published parameters and
-        accept the file only if they match, so a model is never run with the wrong rotary.
-        """
-        got = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64)
-        if np.allclose(got, 1.0):
-            return None
-        scaling = {"rope_type": "llama3", "factor": _f32(got.max()), "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        orig, low, high = 8192, 1.0, 4.0
-        want = []
-        for i in range(head_dim // 2):
-            wavelen = 2 * math.pi * theta ** (2 * i / head_dim)
-            smooth = min(max((orig / wavelen - low) / (high - low), 0.0), 1.0)
-            want.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
-        if len(want) != len(got) or not np.allclose(got, want, rtol=1e-4):
-            raise CheckpointError(
-                f"{self.source.name} has a rope_freqs tensor that is not Llama 3 rope scaling "
-                "with the usual parameters; kiln cannot reproduce its rotary embedding")
-        return scaling
-
     def num_tensors(self) -> int:
         return len(self._names)
 
     def tensor_types(self) -> dict[str, gguf.GGMLQuantizationType]:
         """HF name -> the GGUF type its data is stored in."""
-        return {self._names[t.name]: t.tensor_type for t in self._reader.tensors
+        return {self._names[t.name]: t.tensor_type for t in self._tensors
                 if t.name in self._names}
 
     def tensors(self, decoder: BlockDecoder | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -327,7 +305,7 @@ class GGUFCheckpoint(Checkpoint):
         (suffix -> row-major tensor) comes as those parts, named `<name less .weight>.
         <suffix>`, instead (the build keeps quantized blocks that way)."""
         cfg = self.config
-        for t in self._reader.tensors:
+        for t in self._tensors:
             hf = self._names.get(t.name)
             if hf is None:
                 continue
@@ -353,19 +331,28 @@ class GGUFCheckpoint(Checkpoint):
             yield hf, w
 
     def write_tokenizer(self, dest: Path) -> bool:
-        from kiln.checkpoint.gguf_tokenizer import write_gguf_tokenizer
+        from kiln.checkpoint.gguf_tokenizer import write_tokenizer
 
-        return write_gguf_tokenizer(self._reader, dest)
+        if self._tokenizer is None:  # no_tokenizer_reason says why
+            return False
+        write_tokenizer(self._tokenizer, dest)
+        return True
 
     def fingerprint(self) -> str:
         return gguf_fingerprint(self.source)
 
 
 def gguf_fingerprint(path: Path) -> str:
-    """A cheap identity of a GGUF file (resolved path, size, mtime), for the engine cache."""
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """A cheap identity of a GGUF file (resolved path, size, mtime; of every shard, for a
+    split GGUF named as llama.cpp names shards), for the engine cache."""
+    files = [p for p in shard_paths(path) or [] if p.is_file()] or [path]
+    if path not in files:  # a shard named apart from its siblings
+        files.insert(0, path)
+    keys = []
+    for file in files:
+        st = file.stat()
+        keys.append(f"{file.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -26,28 +26,13 @@ from tokenizers import (
 
 from kiln.checkpoint.gguf import field as gguf_field
 from kiln.checkpoint.gguf_file import GGUFFile
+from kiln.checkpoint.gguf_pretok import GPT2, PRE_TOKENIZERS
+from kiln.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Qwen2's split is llama3's with single digits.
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-
-# tokenizer.ggml.pre -> (regex llama.cpp splits words with first, whether GPT-2's regex then
-# splits again). "smollm" splits off every digit, then splits the GPT-2 way.
-_PRE_SPLITS: dict[str, tuple[str | None, bool]] = {
-    "default": (None, True), "gpt2": (None, True), "gpt-2": (None, True),
-    "smollm": (r"\p{N}", True),
-    "llama3": (_LLAMA3_SPLIT, False), "llama-v3": (_LLAMA3_SPLIT, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False),
-    "qwen2": (_QWEN2_SPLIT, False), "deepseek-r1-qwen": (_QWEN2_SPLIT, False),
-}
-# llama.cpp takes a whole word straight from the vocab before merging for these.
-_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}
 
 
 @dataclass
@@ -67,29 +52,113 @@ class TokenizerSpec:
     chat_template: str | None = None
 
 
-def write_gguf_tokenizer(reader: GGUFFile | gguf.GGUFReader, dest: Path) -> bool:
-    """Write tokenizer.json and tokenizer_config.json into dest; False for unknown models."""
+_MODELS = ("gpt2", "llama")  # the tokenizer.ggml.model values kiln converts
+
+
+def no_tokenizer_reason(reader: GGUFFile | gguf.GGUFReader) -> str | None:
+    """Why the file's tokenizer cannot be rebuilt (the build then takes token ids only),
+    or None where it can."""
     model = gguf_field(reader, "tokenizer.ggml.model")
-    tokens: list[str] = gguf_field(reader, "tokenizer.ggml.tokens") or []
-    if model not in ("gpt2", "llama") or not tokens:
-        return False
-    spec = TokenizerSpec(
+    if model is None or not gguf_field(reader, "tokenizer.ggml.tokens"):
+        return "the GGUF carries no tokenizer (no tokenizer.ggml.tokens)"
+    if model not in _MODELS:
+        return (f"GGUF tokenizer model {model!r} is not supported (kiln converts "
+                f"{' and '.join(_MODELS)} tokenizers)")
+    return None
+
+
+def read_tokenizer_spec(reader: GGUFFile | gguf.GGUFReader, name: str = "the GGUF"
+                        ) -> TokenizerSpec | None:
+    """The file's tokenizer metadata, checked (a CheckpointError naming the bad key,
+    `name` the file's); None where there is none kiln converts (no_tokenizer_reason)."""
+    if no_tokenizer_reason(reader) is not None:
+        return None
+    model = gguf_field(reader, "tokenizer.ggml.model")
+    tokens = _strings(reader, "tokenizer.ggml.tokens", name)
+    pre = gguf_field(reader, "tokenizer.ggml.pre")
+    if model == "gpt2":
+        if pre is None:
+            log.warning("%s names no pre-tokenizer (tokenizer.ggml.pre): splitting words "
+                        "the GPT-2 way, which may not be how the model was trained", name)
+        elif pre not in PRE_TOKENIZERS:
+            raise CheckpointError(
+                f"{name} has GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre), which kiln "
+                "does not know, so it cannot split text as the model does; build from the "
+                "model's HF folder (with its tokenizer.json) instead. Known: "
+                + ", ".join(sorted(PRE_TOKENIZERS)))
+    split = PRE_TOKENIZERS.get(pre or "default", GPT2)
+    specials = {key: _token_id(reader, f"tokenizer.ggml.{k}_token_id", len(tokens), name,
+                               strict=key != "pad")
+                for key, k in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
+                               ("unk", "unknown"))}
+    # SentencePiece models get BOS by default in llama.cpp, and so do byte-level BPE ones
+    # whose pre-tokenizer llama.cpp gives it (llama3, tekken).
+    add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token",
+                              model == "llama" or (model == "gpt2" and split.add_bos)))
+    add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False))
+    for key in ("bos", "eos"):  # as llama.cpp refuses it
+        if gguf_field(reader, f"tokenizer.ggml.add_{key}_token") and specials[key] is None:
+            raise CheckpointError(f"{name} sets tokenizer.ggml.add_{key}_token but has no "
+                                  f"tokenizer.ggml.{key}_token_id")
+    return TokenizerSpec(
         model=model, tokens=tokens,
-        types=gguf_field(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens),
-        specials={name: gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
-                  for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"),
-                                    ("unk", "unknown"))},
-        # SentencePiece models get BOS by default in llama.cpp; byte-level BPE ones do not.
-        add_bos=bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
-        add_eos=bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        scores=gguf_field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens),
-        merges=gguf_field(reader, "tokenizer.ggml.merges") or [],
-        pre=gguf_field(reader, "tokenizer.ggml.pre", "default"),
+        types=_numbers(reader, "tokenizer.ggml.token_type", len(tokens), NORMAL, name),
+        specials=specials, add_bos=add_bos, add_eos=add_eos,
+        scores=_numbers(reader, "tokenizer.ggml.scores", len(tokens), 0.0, name),
+        merges=_strings(reader, "tokenizer.ggml.merges", name) if model == "gpt2" else [],
+        pre=pre or "default",
         add_space_prefix=bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)),
         chat_template=gguf_field(reader, "tokenizer.chat_template"),
     )
+
+
+def write_gguf_tokenizer(reader: GGUFFile | gguf.GGUFReader, dest: Path,
+                         name: str = "the GGUF") -> bool:
+    """Write tokenizer.json and tokenizer_config.json into dest; False where the file has
+    no tokenizer kiln converts (no_tokenizer_reason says why)."""
+    spec = read_tokenizer_spec(reader, name)
+    if spec is None:
+        return False
     write_tokenizer(spec, dest)
     return True
+
+
+def _strings(reader: GGUFFile | gguf.GGUFReader, key: str, name: str) -> list[str]:
+    value = gguf_field(reader, key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{name}: {key} is not a list of strings")
+    return value
+
+
+def _numbers(reader: GGUFFile | gguf.GGUFReader, key: str, count: int, default: Any,
+             name: str) -> list[Any]:
+    """One number per token (llama.cpp refuses a shorter list too)."""
+    value = gguf_field(reader, key)
+    if value is None:
+        return [default] * count
+    if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{name}: {key} is not a list of numbers")
+    if len(value) < count:
+        raise CheckpointError(f"{name}: {key} has {len(value)} entries for the {count} tokens "
+                              "of tokenizer.ggml.tokens; the converter that wrote it is broken")
+    return value[:count]
+
+
+def _token_id(reader: GGUFFile | gguf.GGUFReader, key: str, count: int, name: str,
+              strict: bool) -> int | None:
+    value = gguf_field(reader, key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count:
+        return value
+    if strict:
+        raise CheckpointError(f"{name}: {key} is {value!r}, not the id of one of the {count} "
+                              "tokens of tokenizer.ggml.tokens")
+    log.warning("%s: %s is %r, not a token id; ignored", name, key, value)
+    return None
 
 
 def write_tokenizer(spec: TokenizerSpec, dest: Path, write_config: bool = True) -> None:
@@ -137,16 +206,18 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> Tokenizer:
+    split = PRE_TOKENIZERS.get(pre)
+    if split is None:
+        raise CheckpointError(f"GGUF pre-tokenizer {pre!r} is not one kiln knows")
     vocab = _vocab(tokens)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    # "a b": llama.cpp cuts at the first space after the first character.
+    cuts = [(m, m.find(" ", 1)) for m in merges]
+    pairs = [(m[:at], m[at + 1:]) for m, at in cuts if at > 0]
     # Drop merges that reference tokens missing from the vocab instead of failing the build.
     pairs = [(a, b) for a, b in pairs if a in vocab and b in vocab and a + b in vocab]
-    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
-    if pre not in _PRE_SPLITS:
-        log.warning("unknown GGUF pre-tokenizer %r; splitting words the GPT-2 way", pre)
-    split, gpt2_regex = _PRE_SPLITS.get(pre, (None, True))
-    steps = [] if split is None else [pre_tokenizers.Split(Regex(split), behavior="isolated")]
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex))
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=split.ignore_merges))
+    steps = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in split.splits]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split.gpt2))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     return tok

@@ -1,4 +1,4 @@
-"""Rotary position embedding tables (default, linear, Llama 3 and LongRoPE scaling)."""
+"""Rotary position embedding tables (default, linear, Llama 3, LongRoPE and YaRN scaling)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from kiln.errors import BuildError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 def _rope_type(scaling: dict[str, Any] | None) -> str:
@@ -24,6 +24,53 @@ def longrope_attention_factor(scaling: dict[str, Any]) -> float:
     factor = float(scaling["factor"])
     original = float(scaling["original_max_position_embeddings"])
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The scale on cos/sin: LongRoPE's and YaRN's (as transformers computes them), else 1."""
+    rope_type = _rope_type(scaling)
+    if rope_type == "longrope":
+        return longrope_attention_factor(scaling)  # type: ignore[arg-type]
+    if rope_type != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:  # type: ignore[union-attr]
+        return float(scaling["attention_factor"])  # type: ignore[index]
+    factor = float(scaling["factor"])  # type: ignore[index]
+    mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")  # type: ignore
+    if mscale and mscale_all:
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all))
+    return _yarn_mscale(factor)
+
+
+def _yarn(inv_freq: torch.Tensor, head_dim: int, theta: float,
+          scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): the high frequencies kept, the low ones divided by `factor`,
+    a linear ramp between them over the dims whose rotations in the original context fall
+    between beta_slow and beta_fast."""
+    original = scaling.get("original_max_position_embeddings")
+    if not original or not scaling.get("factor"):
+        raise BuildError("yarn rope scaling needs factor and original_max_position_embeddings "
+                         f"in rope_scaling (it has {sorted(scaling)})")
+    factor = float(scaling["factor"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # ramp 0: extrapolate (the frequency as is), 1: interpolate (divided by factor)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
@@ -40,6 +87,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         long = max_positions > int(scaling["original_max_position_embeddings"])  # type: ignore
         factors = scaling["long_factor" if long else "short_factor"]  # type: ignore[index]
         return inv_freq / torch.tensor(factors, dtype=torch.float32)
+    if rope_type == "yarn":
+        return _yarn(inv_freq, head_dim, theta, scaling)  # type: ignore[arg-type]
     factor = float(scaling["factor"])  # type: ignore[index]
     if rope_type == "linear":
         return inv_freq / factor
@@ -99,7 +148,7 @@ class RotaryEmbedding(nn.Module):
                 freqs = torch.cat([mixed, freqs])
                 self.long_offset = max_positions
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
-        if _rope_type(scaling) == "longrope":
-            cos_sin = cos_sin * longrope_attention_factor(scaling)  # type: ignore[arg-type]
+        if attention_factor(scaling) != 1.0:  # LongRoPE, YaRN
+            cos_sin = cos_sin * attention_factor(scaling)
         # Not persistent: it is derived from the config, never stored in the engine.
         self.register_buffer("cos_sin", cos_sin, persistent=False)
