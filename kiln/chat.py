@@ -2,18 +2,20 @@
 
 Answers stream as they are generated; the conversation is kept across turns (the oldest
 turns are dropped when it outgrows the context). /reset starts over, /exit or Ctrl-D
-leaves, Ctrl-C stops the current answer and keeps the chat going.
+leaves, Ctrl-C stops the current answer and keeps the chat going. A message that cannot
+be sent (bytes that are not UTF-8) is refused with a line saying why, and the chat goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import signal
 import sys
 
 from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 
 PROMPT = "you> "
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
@@ -39,6 +41,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     # Checked before the model loads: a bad option fails now, not at the first message.
     asked = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                            top_p=args.top_p)
+    if args.system is not None and (problem := unicode_problem(args.system)):
+        raise KilnError(f"--system {problem}")
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               **limits_from_args(args))
     tokenizer = llm.tokenizer
@@ -50,6 +54,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise KilnError("this model has no chat template; use `kiln run --prompt ...`")
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 arrives whole
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"kiln chat ({llm.engine_dir.name}). {HELP}", flush=True)
     while True:
         try:
@@ -59,6 +65,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             return
         except KeyboardInterrupt:
             print()
+            continue
+        problem = unicode_problem(line)
+        if problem is not None:
+            print(f"(not sent: that message {problem})", flush=True)
             continue
         text = line.strip()
         if text in ("/exit", "/quit"):
@@ -73,16 +83,34 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(f"(unknown command {text.split()[0]}; {HELP})", flush=True)
             continue
         history.append({"role": "user", "content": line})
-        prompt = _fit(llm, history, start, args.max_tokens)
-        if prompt is None:
+        try:
+            prompt = _fit(llm, history, start, args.max_tokens)
+            if prompt is None:
+                raise RequestError("that message alone is longer than the model's context")
+            room = llm.engine.max_seq_len - len(prompt)
+            params = dataclasses.replace(asked, max_tokens=min(args.max_tokens, room))
+            answer, stopped = _answer(llm.engine, prompt, params)
+        except RequestError as e:  # this message only: the conversation goes on without it
             history.pop()
-            print("(that message alone is longer than the model's context)", flush=True)
+            print(f"({e})", flush=True)
             continue
-        room = llm.engine.max_seq_len - len(prompt)
-        params = dataclasses.replace(asked, max_tokens=min(args.max_tokens, room))
-        answer, stopped = _answer(llm.engine, prompt, params)
         print(" [stopped]" if stopped else "", flush=True)
         history.append({"role": "assistant", "content": answer})
+
+
+def unicode_problem(text: str) -> str | None:
+    """What makes a line typed or an argument (bytes that are not UTF-8 arrive as lone
+    surrogates) not valid Unicode, counted in its characters; None when it is valid."""
+    from kiln.tokenizer import lone_surrogate
+
+    at = lone_surrogate(text)
+    if at is None:
+        return None
+    code = ord(text[at])
+    what = f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else \
+        f"a lone surrogate U+{code:04X}"
+    after = f" (after {text[max(0, at - 20):at]!r})" if at else ""
+    return f"is not UTF-8 text: {what} at character {at + 1}{after}"
 
 
 def _answer(engine, prompt: list[int], params) -> tuple[str, bool]:

@@ -42,6 +42,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     # Checked before anything loads or builds.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    from kiln.chat import unicode_problem
+
+    if problem := unicode_problem(args.prompt):  # counted in what was typed, not the template
+        raise KilnError(f"--prompt {problem}")
     llm = LLM(args.model, build_config_from_args(args), device=args.device,
               speculative_config=args.speculative_config, **limits_from_args(args))
     prompt = args.prompt
@@ -89,6 +93,15 @@ _PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval", "kiln.resol
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `kiln` command: its exit status. Ctrl-C ends it with 130 and no traceback,
+    whenever it comes (the imports of the first second or two too)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from kiln import __version__
 
     words = sys.argv[1:] if argv is None else argv
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                    "llama-3.2-3b, llama-3.1-70b, llama-3.1-405b, qwen2.5-7b, qwen3-8b, "
                    "mistral-7b, "
                    "mixtral-8x7b, gemma-2-9b, phi-2, falcon-7b, bloom-7b1, smollm2-135m")
-    add_build_arguments(p)
+    add_build_arguments(p, runtime=False)  # (--attention-sinks etc. would change nothing)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("run", help="generate text for one prompt")
@@ -159,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kiln: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 

@@ -102,9 +102,11 @@ def int_in(low: int, high: int | None = None, what: str = "a whole number"
     return parse
 
 
-def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None:
+def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True,
+                        runtime: bool = True) -> None:
     """The build options of `kiln build | run | serve | bench | eval` (limits: the
-    engine-size options, which bench and eval set themselves)."""
+    engine-size options, which bench sets itself; runtime: with limits, the options only
+    a loaded engine uses, which `kiln build` does not offer: they would change nothing)."""
     g = p.add_argument_group("build options")
     g.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on GPU, float32 on CPU), float32, float16, bfloat16")
@@ -120,6 +122,7 @@ def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True) -> None
                        help="token budget of one engine step (default: the engine's, 8192)")
         g.add_argument("--tp-size", type=int, default=1)
         g.add_argument("--pp-size", type=int, default=1)
+    if limits and runtime:
         g.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="TP on CUDA: all-reduce decode-sized messages with kiln's "

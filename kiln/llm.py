@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import numbers
+import os
+import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +45,21 @@ class LLM:
     engine's other ranks stop and its process group is freed, so the process can load
     another; using the LLM after it is a KilnError. An LLM dropped without close() has
     its multi-rank engine closed when the next LLM loads.
+
+    Threads may share an LLM: its calls run one at a time (generate, chat and beam_search
+    whole; the engine's add_request, step and abort each, so a stream read in one thread
+    waits for a generate in another to end). close() does not wait: a call running in
+    another thread ends with a KilnError saying the engine is closed.
     """
 
     def __init__(self, model: str | Path | None = None, build_config: BuildConfig | None = None,
                  **options: Any) -> None:
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise KilnError(f"LLM(model) takes a path (str or Path) or None, got "
+                            f"{type(model).__name__}")
+        if build_config is not None and not isinstance(build_config, BuildConfig):
+            raise KilnError(f"LLM(build_config=) takes a BuildConfig, got "
+                            f"{type(build_config).__name__}")
         build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
         runtime_fields = {f.name for f in dataclasses.fields(RuntimeConfig)}
         unknown = sorted(set(options) - build_fields - runtime_fields)
@@ -66,7 +79,7 @@ class LLM:
         self._engine: LLMEngine | None = None
         self.engine_dir = resolve_engine(model, build_config)
         _release_dropped(self.engine_dir)
-        self._engine = LLMEngine(self.engine_dir, runtime)
+        self._engine = _Engine(self.engine_dir, runtime)
         self.tokenizer = self._engine.tokenizer
         if self._engine.mirror is not None:
             _MULTI_RANK.append((weakref.ref(self), self._engine))
@@ -103,7 +116,10 @@ class LLM:
         prompts = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
-        elif len(params) != len(prompts):
+        elif not isinstance(params, (Sequence, Iterator)) or isinstance(params, (str, bytes)):
+            raise RequestError("params must be SamplingParams (one, or one per prompt); got "
+                               f"{type(params).__name__}")
+        elif len(params := list(params)) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(params)} SamplingParams: "
                                "give one for all, or one per prompt")
         elif not all(isinstance(p, SamplingParams) for p in params):
@@ -111,6 +127,12 @@ class LLM:
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         engine = self.engine
+        with engine.lock:  # another thread's call runs before or after this one, whole
+            self._run(engine, prompts, params, ids, results, use_tqdm)
+        return [results[i] for i in ids]
+
+    def _run(self, engine: _Engine, prompts: list[Prompt], params: list[SamplingParams],
+             ids: list[str], results: dict[str, RequestOutput], use_tqdm: bool) -> None:
         engine.stream_outputs = False
         try:
             with frozen_while():  # no full collection walks the loaded engine meanwhile
@@ -132,18 +154,28 @@ class LLM:
             for request_id in ids:  # after an error or Ctrl-C: leave nothing running
                 if request_id not in results:
                     engine.abort(request_id)
-        return [results[i] for i in ids]
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt],
                     params: BeamSearchParams | None = None) -> list[BeamSearchOutput]:
         """The best beams per prompt, best first, with cumulative logprobs and scores."""
         prompts = _prompt_list(prompts)
-        token_ids = [self.engine._encode(p) for p in prompts]
-        return beam_search(self.engine, token_ids, params or BeamSearchParams())
+        if params is not None and not isinstance(params, BeamSearchParams):
+            raise RequestError(f"beam_search takes BeamSearchParams, got {type(params).__name__}")
+        engine = self.engine
+        with engine.lock:
+            token_ids = [engine._encode(p) for p in prompts]
+            return beam_search(engine, token_ids, params or BeamSearchParams())
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | None = None) -> list[RequestOutput]:
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        conversations = messages if messages and isinstance(messages, list) and \
+            isinstance(messages[0], list) else [messages]
+        for conversation in conversations:
+            if not isinstance(conversation, list) or \
+                    not all(isinstance(m, Mapping) for m in conversation):
+                raise RequestError("messages must be a list of messages ({'role': ..., "
+                                   "'content': ...}), or a list of such lists; got "
+                                   f"{type(conversation).__name__}")
         if not all(conversations):
             raise RequestError("a conversation needs at least one message")
         if self.tokenizer is None:
@@ -152,6 +184,31 @@ class LLM:
         prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                          add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params)
+
+
+class _Engine(LLMEngine):
+    """An LLM's engine: its calls that change requests or run the model take `lock` (an
+    RLock, which the LLM's own calls hold throughout), so threads take turns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lock = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def add_request(self, *args: Any, **kwargs: Any) -> str:
+        with self.lock:
+            return super().add_request(*args, **kwargs)
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            super().abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        with self.lock:
+            return super().step()
+
+    def sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
+        with self.lock:
+            return super().sequence_logits(token_ids)
 
 
 def _release_dropped(engine_dir: Path) -> None:
@@ -170,14 +227,29 @@ def _release_dropped(engine_dir: Path) -> None:
 
 
 def _prompt_list(prompts: Any) -> list[Prompt]:
-    """One prompt (a string, or token ids) or a sequence of them, as a list of prompts."""
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and isinstance(prompts[0], numbers.Integral)):
+    """One prompt (a string, or token ids) or a sequence (or iterator) of them, as a list of
+    prompts; a RequestError naming what is not one."""
+    if isinstance(prompts, Iterator):
+        prompts = list(prompts)
+    if _is_prompt(prompts) and (isinstance(prompts, str) or prompts):
         return [prompts]
-    if isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)) and \
-            all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, bytes)
-                                       and all(isinstance(t, numbers.Integral) for t in p))
-                for p in prompts):
-        return list(prompts)
-    raise RequestError("prompts must be a string, a list of token ids, or a list of those; "
-                       f"got {type(prompts).__name__}")
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)):
+        raise RequestError(f"prompts must be a string, a list of token ids, or a list of "
+                           f"those; got {_kind(prompts)}")
+    for i, prompt in enumerate(prompts):
+        if not _is_prompt(prompt):
+            raise RequestError(f"prompts[{i}] must be a string or a list of token ids, got "
+                               f"{_kind(prompt)}")
+    return list(prompts)
+
+
+def _is_prompt(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray))
+        and all(isinstance(t, numbers.Integral) for t in value))
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes (decode them to a str first)"
+    return type(value).__name__

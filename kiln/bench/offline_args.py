@@ -67,6 +67,10 @@ def check_args(args: argparse.Namespace) -> None:
     if args.random_config is not None:
         from kiln.checkpoint.random import PRESETS
 
+        if args.model:
+            raise KilnError(f"MODEL ({args.model}) and --random-config conflict: bench either "
+                            "a model or random weights of a --random-config preset")
+
         if args.random_config not in PRESETS:
             raise KilnError(f"unknown --random-config {args.random_config!r}; presets: "
                             + ", ".join(PRESETS))

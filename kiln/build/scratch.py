@@ -5,6 +5,11 @@ A build holds an exclusive lock (flock) on its scratch dir until it is renamed o
 so another process can tell a build in progress from the leftover of one that was killed
 (kill -9, the OOM killer): the kernel drops the lock with the process. SIGTERM unwinds a
 build like Ctrl-C does, so its scratch dir goes too.
+
+mkdtemp makes a private dir (0700) and safetensors private files (0600); a built engine
+follows the umask instead (0755 / 0644 under umask 022), as `cp -r` or `mkdir` would
+make it: the scratch dir is made so, and `release` gives the files of the engine dir it
+became their modes.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -36,6 +42,7 @@ def make_scratch(output_dir: Path) -> tuple[Path, int | None]:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=output_dir.parent))
+            os.chmod(path, 0o777 & ~_umask())
             lock = _lock(path)
             if lock is not False:
                 return path, lock
@@ -47,8 +54,36 @@ def make_scratch(output_dir: Path) -> tuple[Path, int | None]:
 
 
 def release(lock: int | None) -> None:
+    """Drop the scratch dir's lock; the engine dir it was renamed to (the lock's fd follows
+    it) gets the modes the umask gives new files and dirs first (see the module)."""
     if lock is not None:
-        os.close(lock)
+        try:
+            if os.fstat(lock).st_nlink:  # renamed into place, not removed
+                follow_umask(lock)
+        finally:
+            os.close(lock)
+
+
+def follow_umask(folder: Path | int) -> None:
+    """The files and dirs under folder (a path, or an open dir's fd; symlinks left alone)
+    get the modes that the umask gives new ones: 0644 and 0755 under umask 022."""
+    mask = _umask()
+    walk = os.fwalk(".", dir_fd=folder) if isinstance(folder, int) else os.fwalk(folder)
+    for _, dirs, files, fd in walk:
+        for name in dirs + files:
+            mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                os.chmod(name, (0o777 if stat.S_ISDIR(mode) else 0o666) & ~mask, dir_fd=fd)
+
+
+def _umask() -> int:
+    try:  # Linux 4.7+: read without setting it (other threads may be creating files)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o22)  # elsewhere it is read by setting it
+        os.umask(mask)
+        return mask
 
 
 def _lock(path: Path) -> int | None | bool:

@@ -33,11 +33,19 @@ def perplexity(engine: LLMEngine, token_ids: list[int], window: int = 1024) -> f
     return math.exp(nll / count)
 
 
+def check_file(path: str | Path) -> Path:
+    """A file the user named, or a KilnError saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise KilnError(f"{path} is a directory, not a file")
+    if not path.exists():
+        raise KilnError(f"{path} does not exist")
+    return path
+
+
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file given by the user, or one clear KilnError."""
-    path = Path(path)
-    if not path.is_file():
-        raise KilnError(f"{path} does not exist")
+    path = check_file(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

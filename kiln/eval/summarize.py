@@ -26,12 +26,19 @@ class Sample:
 def load_samples(path: str | Path, max_samples: int | None = None) -> list[Sample]:
     """One Sample per JSONL line: {"article": ..., "summary": ...} (the summary optional;
     "document"/"text" and "reference"/"highlights" are read too). Errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise KilnError(f"{path} does not exist")
+    from kiln.eval import check_file
+
+    if max_samples is not None and max_samples < 1:
+        raise KilnError(f"--max-samples must be at least 1, got {max_samples}")
+    path = check_file(path)
     samples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise KilnError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte "
+                                f"{e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -181,6 +188,20 @@ def evaluate(llm, samples: list[Sample], max_tokens: int, compare_hf: str | None
     return result
 
 
+def check_threshold(threshold: float | None, samples: list[Sample],
+                    compare_hf: str | None) -> None:
+    """--rouge-threshold: a ROUGE score in [0, 1], with something to score against (see
+    gate_score), checked before any generation."""
+    if threshold is None:
+        return
+    if not 0 <= threshold <= 1:  # (NaN too)
+        raise KilnError(f"--rouge-threshold must be in [0, 1] (ROUGE-L is an F1 score), got "
+                        f"{threshold}")
+    if not compare_hf and all(s.reference is None for s in samples):
+        raise KilnError("--rouge-threshold needs reference summaries in the data (no line "
+                        "has one) or --compare-hf")
+
+
 def gate_score(result: dict[str, Any]) -> tuple[str, float]:
     """The score --rouge-threshold applies to: kiln's ROUGE-L against the references, or
     against transformers when no line has a reference."""
@@ -222,9 +243,10 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
     from kiln.bench.report import check_writable, write_json
     from kiln.eval import open_llm
 
-    samples = load_samples(args.data, args.max_samples)
     if args.max_tokens < 1:
         raise KilnError("--max-tokens must be at least 1")
+    samples = load_samples(args.data, args.max_samples)
+    check_threshold(args.rouge_threshold, samples, args.compare_hf)
     check_writable(args.out, "--out")
     if args.compare_hf and not Path(args.compare_hf).expanduser().exists():
         raise KilnError(f"--compare-hf: {args.compare_hf} does not exist")

@@ -12,6 +12,8 @@ from typing import Any
 
 from kiln.errors import RequestError
 
+INT64 = 1 << 63  # seeds are signed 64-bit integers: [-INT64, INT64)
+
 
 @dataclass
 class SamplingParams:
@@ -95,6 +97,8 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens must be at most max_tokens ({self.max_tokens}), got "
              f"{self.min_tokens}"),
+            (self.seed is None or -INT64 <= self.seed < INT64, f"seed must be a signed 64-bit "
+             f"integer, in [-2**63, 2**63 - 1], got {self.seed}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= -1, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -237,8 +241,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
-        # Noise seed for sampling: per request, so a seeded request is batch invariant.
-        self.sampling_seed = 0
+        self._sampling_seed = 0  # sampling_seed: the noise seed, per request
         self.bad_words_token_ids: list[list[int]] = []
         self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
         self.grammar: Any = None  # xgrammar GrammarMatcher of a json_schema request
@@ -250,6 +253,20 @@ class Request:
         # token, and the output length at which a paused request proposes drafts again.
         self.spec_misses = 0
         self.spec_resume_at = 0
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of this sequence's sampling noise, an int64: per request, so a seeded
+        request is batch invariant. Sequence i of a request with a seed samples with seed + i
+        (wrapped to 64 bits), so distinct seeds draw distinct streams."""
+        return self._sampling_seed
+
+    @sampling_seed.setter
+    def sampling_seed(self, value: int) -> None:
+        seed = self.params.seed
+        if seed is not None:  # value is the engine's seed base + i; the base may be the seed
+            value = seed + (value - seed) % (1 << 62)  # folded into [0, 2**62): keep all bits
+        self._sampling_seed = (value + INT64) % (1 << 64) - INT64
 
     @property
     def num_tokens(self) -> int:

@@ -88,10 +88,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from kiln.serve.async_llm import AsyncLLM
     from kiln.serve.server import check_listen, run_server
 
-    if args.shutdown_timeout < 0:
-        raise KilnError("--shutdown-timeout must be >= 0")
+    if not args.shutdown_timeout >= 0:  # (NaN too; inf: running requests are never cut)
+        raise KilnError(f"--shutdown-timeout must be a number of seconds >= 0, got "
+                        f"{args.shutdown_timeout}")
     if args.max_queue is not None and args.max_queue < 1:
         raise KilnError("--max-queue must be at least 1")
+    if args.max_body_bytes < 1:
+        raise KilnError(f"--max-body-bytes must be at least 1 (every request body larger is "
+                        f"refused with 413), got {args.max_body_bytes}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise KilnError("--served-model-name must not be empty (leave it out for the source "
+                        "checkpoint's name)")
     check_listen(args.host, args.port)  # before the model loads, not after
     if not _is_loopback(args.host) and not args.api_key:
         print(f"kiln: warning: serving on {args.host} without --api-key: anyone who can "
