@@ -12,7 +12,7 @@ import pytest
 
 from kiln import LLM, SamplingParams
 from kiln.cli import main
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RequestError
 from kiln.runtime.config import RuntimeConfig
 
 
@@ -87,7 +87,7 @@ def test_generate_checks_prompts_and_params(engine):
     with pytest.raises(KilnError, match="1 prompts but 2 SamplingParams"):
         llm.generate(["a"], [one, one])
     for bad in (None, 5, [1.5, 2], ["a", None]):
-        with pytest.raises(KilnError, match="prompts must be"):
+        with pytest.raises(KilnError, match=r"prompts(\[\d\])? must be"):
             llm.generate(bad, one)
     texts = [o.text for o in llm.generate(["a", [5, 6]], [one, one])]
     assert texts == [llm.generate("a", one)[0].text, llm.generate([5, 6], one)[0].text]
@@ -185,11 +185,13 @@ def test_streams_read_in_turns_keep_their_whole_text(engine):
     assert got == want and not llm.engine.has_unfinished()
 
 
-def test_any_integer_seed_samples_the_same_each_time(engine):
-    """Seeds past int64's range (UINT64 on the Triton routes) are folded into the sampler's
-    range: the same seed always gives the same text."""
+def test_any_int64_seed_samples_the_same_each_time(engine):
+    """Any int64 seed, negative or past 2**62, gives the same text each time (the Triton
+    routes' UINT64 seeds arrive as the int64 of the same bits); one outside int64 is a
+    RequestError."""
     llm = LLM(engine, device="cpu")
-    big = 2**64 - 1
     texts = [llm.generate("Hi", SamplingParams(max_tokens=8, seed=s))[0].text
-             for s in (big, big, big % 2**62, -5, -5)]
-    assert texts[0] == texts[1] == texts[2] and texts[3] == texts[4]
+             for s in (2**63 - 1, 2**63 - 1, -5, -5)]
+    assert texts[0] == texts[1] and texts[2] == texts[3]
+    with pytest.raises(RequestError, match="seed must be a signed 64-bit integer"):
+        llm.generate("Hi", SamplingParams(max_tokens=8, seed=2**64 - 1))

@@ -104,3 +104,20 @@ def test_unknown_model_and_bad_json(server):
     response = httpx.post(f"{server.url}/v2/models/{MODEL}/generate", content=b"{oops",
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]
+
+
+def test_generate_uint64_seed_is_the_int64_of_its_bits(server):
+    """Triton's seed input is UINT64: 2**64 - 1 samples as the int64 -1 does (it was
+    refused once SamplingParams took int64 seeds only)."""
+    url = f"{server.url}/v2/models/{MODEL}/generate"
+
+    def text(seed: int) -> str:
+        reply = httpx.post(url, json={"text_input": PROMPT, "exclude_input_in_output": True,
+                                      "parameters": {"max_tokens": 8, "temperature": 1.0,
+                                                     "seed": seed}})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["text_output"]
+
+    assert text(2**64 - 1) == text(-1)
+    assert httpx.post(url, json={"text_input": PROMPT, "parameters": {
+        "max_tokens": 2, "seed": 2**64}}).status_code == 400

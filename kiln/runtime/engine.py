@@ -162,9 +162,9 @@ class LLMEngine:
                     request_id: str | None = None, seed_base: int | None = None) -> str:
         """Queue a prompt (text or token ids). Raises RequestError for this request only.
 
-        Sequence i of the request samples with seed (params.seed or seed_base or a random
-        draw) + i; a seed is any integer (folded into [0, 2**62): the sampler's counters
-        are int64), so the same seed always samples the same."""
+        Sequence i of the request samples with seed (params.seed, an int64, or seed_base
+        or a random draw) + i, wrapped to 64 bits: the same seed always samples the same,
+        and distinct seeds draw distinct streams."""
         params = params or SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -180,7 +180,7 @@ class LLMEngine:
             grammars = self._grammar_compiler()
             grammars.matcher(params.constraint)  # a bad constraint fails here, for this caller
         if params.seed is not None:
-            seed_base = params.seed % (1 << 62)
+            seed_base = params.seed
         elif seed_base is None:
             seed_base = random.getrandbits(61)
         if self.mirror is not None:

@@ -263,9 +263,6 @@ class Request:
 
     @sampling_seed.setter
     def sampling_seed(self, value: int) -> None:
-        seed = self.params.seed
-        if seed is not None:  # value is the engine's seed base + i; the base may be the seed
-            value = seed + (value - seed) % (1 << 62)  # folded into [0, 2**62): keep all bits
         self._sampling_seed = (value + INT64) % (1 << 64) - INT64
 
     @property

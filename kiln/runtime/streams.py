@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -36,19 +37,23 @@ def stream(engine: LLMEngine, prompt: str | list[int], params: SamplingParams | 
 
 def _pieces(engine: LLMEngine, prompt: str | list[int], params: SamplingParams
             ) -> Iterator[str]:
+    # An LLM's engine has a lock (steps from other threads): take the kept output and
+    # clear it in one go, or another thread's step could write the last one in between.
+    lock = getattr(engine, "lock", None) or contextlib.nullcontext()
     request_id = engine.add_request(prompt, params)
     kept = engine.streamed
     kept[request_id] = None
     deltas = TextDeltas(params.stop)
     try:
         while True:
-            output = kept[request_id]
+            with lock:
+                output, kept[request_id] = kept[request_id], None
+                gone = output is None and request_id not in engine.groups
+            if gone:
+                break  # aborted
             if output is None:
-                if request_id not in engine.groups:
-                    break  # aborted
                 engine.step()  # keeps the outputs of every stream in `kept`
                 continue
-            kept[request_id] = None
             delta = deltas.next(output.outputs[0].text, output.finished)
             if delta:
                 yield delta

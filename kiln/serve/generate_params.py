@@ -137,4 +137,6 @@ def parse_generate_request(body: Mapping[str, Any]) -> GenerateInput:
     seed = fields.get("seed")
     if seed is not None and not -(1 << 63) <= seed < 1 << 64:  # int64 or uint64
         raise RequestError("seed must fit in 64 bits")
+    if seed is not None and seed >= 1 << 63:  # uint64: the same 64 bits as an int64
+        fields["seed"] = seed - (1 << 64)
     return GenerateInput(text, SamplingParams(**fields), stream, exclude)
