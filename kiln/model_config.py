@@ -192,13 +192,8 @@ class ModelConfig:
             partial = float(rope.pop("partial_rotary_factor",
                                      hf.get("partial_rotary_factor", 1.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type == "longrope":  # Phi-3 keeps the original context at the top level
-                original = int(rope.get("original_max_position_embeddings")
-                               or hf["original_max_position_embeddings"])
-                rope["original_max_position_embeddings"] = original
-                rope.setdefault("factor", None)
-                if rope["factor"] is None:
-                    rope["factor"] = int(hf.get("max_position_embeddings", 4096)) / original
+            if rope_type in ("llama3", "yarn", "longrope"):
+                _default_original_context(rope, rope_type, hf, local_rope is not None)
             rope_scaling = rope if rope_type not in (None, "default") else None
             local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
             window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
@@ -265,6 +260,21 @@ class ModelConfig:
             raise CheckpointError(f"config.json is missing the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config.json has a field of the wrong type: {e}") from None
+
+
+def _default_original_context(rope: dict[str, Any], rope_type: str, hf: dict[str, Any],
+                              per_layer_type: bool) -> None:
+    """The pretraining context and factor of a llama3 / yarn / longrope block as
+    transformers' standardize_rope_params and rope init fill them in: the top-level
+    original_max_position_embeddings first (Phi-3 keeps it there; not for Gemma 3's rope
+    per layer type), else the block's, else max_position_embeddings; yarn's and
+    longrope's factor, absent or null, max_position_embeddings / that (DeepSeek-V3)."""
+    positions = int(hf.get("max_position_embeddings", 4096))
+    top = None if per_layer_type else hf.get("original_max_position_embeddings")
+    original = int(top or rope.get("original_max_position_embeddings") or positions)
+    rope["original_max_position_embeddings"] = original
+    if rope_type != "llama3" and rope.get("factor") is None:
+        rope["factor"] = positions / original
 
 
 def _falcon(hf: dict[str, Any], num_heads: int) -> dict[str, Any]:

@@ -8,18 +8,34 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import RequestError
+from kiln.errors import KilnError, RequestError
+
+
+class TokenizerFileError(KilnError):
+    """A tokenizer file that cannot be read: `path` is the file, the message one line."""
+
+    def __init__(self, path: Path, why: object) -> None:
+        self.path, self.why = path, " ".join(str(why).split()) or type(why).__name__
+        super().__init__(f"{path} cannot be read ({self.why}): the engine's tokenizer file is "
+                         "damaged; rebuild the engine from a good copy of the model")
 
 
 class Tokenizer:
     """Wraps tokenizer.json; reads special tokens and the chat template from its config."""
 
     def __init__(self, folder: Path) -> None:
+        """A TokenizerFileError (one line naming the file) where a file is not one that
+        `tokenizers` (tokenizer.json) or JSON (the configs) can read."""
         from tokenizers import Tokenizer as HFTokenizer
 
         self.folder = folder
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises Exception ("Model missing.", serde's)
+            raise TokenizerFileError(folder / "tokenizer.json", e) from None
         config = _read_json(folder / "tokenizer_config.json")
+        if not isinstance(config, dict):
+            raise TokenizerFileError(folder / "tokenizer_config.json", "not a JSON object")
         self.chat_template = _chat_template(folder, config)
         self.special = {k: _token_str(config.get(k)) for k in
                         ("bos_token", "eos_token", "pad_token", "unk_token")}
@@ -107,8 +123,11 @@ def not_unicode(text: str, at: int) -> str:
             f"character {at}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError too
+        raise TokenizerFileError(path, e) from None
 
 
 def _token_str(value: Any) -> str | None:
@@ -118,9 +137,16 @@ def _token_str(value: Any) -> str | None:
 def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
-    template = config.get("chat_template") or _read_json(folder / "chat_template.json").get(
-        "chat_template")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise TokenizerFileError(jinja, e) from None
+    template = config.get("chat_template")
+    if not template:
+        data = _read_json(folder / "chat_template.json")
+        if not isinstance(data, dict):
+            raise TokenizerFileError(folder / "chat_template.json", "not a JSON object")
+        template = data.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template

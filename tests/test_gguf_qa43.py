@@ -208,6 +208,34 @@ def test_split_gguf_mistakes_are_one_line(tmp_path: Path) -> None:
     assert "is not shard 2 of 3" in _error(mixed[0])
 
 
+def test_a_folder_of_one_split_gguf_opens_its_first_shard(tmp_path: Path) -> None:
+    """A folder holding the shards of one split GGUF was not taken for a GGUF (users had
+    to name the first shard): it opens that shard, which reads them all."""
+    from kiln.checkpoint import open_checkpoint, source_fingerprint
+
+    _write(tmp_path / "whole.gguf", _hf_state("llama"))
+    whole = GGUFCheckpoint(tmp_path / "whole.gguf")
+    paths = _split(tmp_path / "whole.gguf", tmp_path / "split", 3, stem="Model-Q8_0")
+    ckpt = open_checkpoint(tmp_path / "split")
+    assert isinstance(ckpt, GGUFCheckpoint) and ckpt.source == paths[0]
+    assert ckpt.config == whole.config and ckpt.num_tensors() == whole.num_tensors()
+    assert source_fingerprint(tmp_path / "split") == gguf_fingerprint(paths[0])
+    # Its first shard missing: the lowest one there, whose reader names the first.
+    paths[0].rename(tmp_path / "first.gguf")
+    with pytest.raises(CheckpointError, match=f"is shard 2 of 3 .*{paths[0].name}"):
+        open_checkpoint(tmp_path / "split")
+    # Shards and another GGUF beside them, or two splits' shards: which is meant?
+    (tmp_path / "first.gguf").rename(paths[0])
+    (tmp_path / "split" / "mmproj.gguf").write_bytes((tmp_path / "whole.gguf").read_bytes())
+    with pytest.raises(CheckpointError, match=r"holds 4 .gguf files \(Model-Q8_0-00001-of-"
+                       r".*not the shards of one split GGUF; name the one to use"):
+        open_checkpoint(tmp_path / "split")
+    (tmp_path / "split" / "mmproj.gguf").unlink()
+    _split(tmp_path / "whole.gguf", tmp_path / "split", 2, stem="Other")
+    with pytest.raises(CheckpointError, match="holds 5 .gguf files"):
+        open_checkpoint(tmp_path / "split")
+
+
 # ---- malformed tokenizer metadata --------------------------------------------------------
 
 _SPM_TOKENS = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "a"]

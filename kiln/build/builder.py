@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from kiln.build import scratch as scratches
 from kiln.build.engine_dir import (
+    ENGINE_JSON,
     is_engine_dir,
     rank_file,
     resolve_dtype,
@@ -43,6 +47,7 @@ from kiln.distributed import Mapping
 from kiln.errors import BuildError, CheckpointError
 from kiln.layers.quantization import quantize_float_model
 from kiln.models import create_model
+from kiln.tokenizer import Tokenizer, TokenizerFileError
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = BuildConfig.max_seq_len  # "not given" (planned_max_seq_len)
@@ -129,17 +134,96 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
                               plan.load_kv_cache_dtype), dtype, build_cfg, ckpt.source)
     # Write into a scratch dir and rename at the end: a half-built engine never exists.
     # Killed builds leave it behind (`kiln cache list | clear` finds it: its lock is gone).
+    # A dir that cannot be replaced (a mount point: a Docker volume) gets the scratch dir
+    # inside it, and the engine's files are moved out of it, engine.json last.
+    in_place = _in_place(output_dir)
+    for path in scratches.leftovers(output_dir) if in_place else ():  # killed builds'
+        scratches.remove_leftover(path)
     with terminate_unwinds():  # SIGTERM cleans up as Ctrl-C does
-        scratch, lock = make_scratch(output_dir)
+        scratch, lock = make_scratch(output_dir / ENGINE_JSON if in_place else output_dir)
         try:
             _write_engine(scratch, ckpt, build_cfg, plan, dtype, progress)
-            if output_dir.exists():
-                shutil.rmtree(output_dir)
-            scratch.rename(output_dir)
+            if in_place or not _replace(output_dir, scratch):
+                held, lock = lock, None
+                release(held)  # gives the files their modes (see scratch) while still there
+                _move_into(scratch, output_dir)
+        except Exception as e:
+            if not _no_space(e):
+                raise
+            shutil.rmtree(scratch, ignore_errors=True)  # then what is free can be told
+            raise BuildError(_no_space_message(output_dir, ckpt, build_cfg, plan, dtype)
+                             ) from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             release(lock)
     return output_dir
+
+
+def _in_place(output_dir: Path) -> bool:
+    """Whether the engine goes into output_dir: a mount point cannot be renamed over, and
+    a symlink's target is where it should go."""
+    return output_dir.is_dir() and (os.path.ismount(output_dir) or output_dir.is_symlink())
+
+
+def _replace(output_dir: Path, scratch: Path) -> bool:
+    """Rename scratch to output_dir, an old engine there removed first; False where
+    output_dir turns out to be a mount point (EBUSY: a bind mount of the same filesystem,
+    which os.path.ismount does not see), emptied."""
+    try:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        scratch.rename(output_dir)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return False
+    return True
+
+
+def _move_into(scratch: Path, output_dir: Path) -> None:
+    """The engine written in scratch moved into output_dir in place of what is there (an
+    old engine: its engine.json first, so a build stopped halfway leaves no engine; other
+    builds' scratch dirs and a filesystem's lost+found stay), the new engine.json last."""
+    old = [p for p in output_dir.iterdir() if p != scratch and not _kept(p)]
+    for path in sorted(old, key=lambda p: p.name != ENGINE_JSON):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in sorted(scratch.iterdir(), key=lambda p: p.name == ENGINE_JSON):
+        shutil.move(path, output_dir / path.name)  # a rename; a copy across filesystems
+
+
+def _kept(path: Path) -> bool:
+    """What an engine dir may hold besides the engine (see _move_into)."""
+    return path.name.startswith(scratches.PREFIX) or (
+        path.name == "lost+found" and os.path.ismount(path.parent))
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or in the text of safetensors' or tokenizers' error."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _no_space_message(output_dir: Path, ckpt: Checkpoint, build_cfg: BuildConfig,
+                      plan: QuantPlan, dtype: torch.dtype) -> str:
+    needs = build_cfg.tp_size * build_cfg.pp_size * rank_bytes(
+        ckpt.config, build_cfg, dtype, plan.quant, plan.kv_cache_dtype) \
+        if build_cfg.load_format == "stored" else 0  # dummy: no weights stored
+    where = next((p for p in (output_dir, *output_dir.parents) if p.exists()), output_dir)
+    try:
+        free = f", {_size(shutil.disk_usage(where).free)} free there"
+    except OSError:
+        free = ""
+    return (f"no space left on device writing the engine to {output_dir} (it needs about "
+            f"{_size(needs)} for its weights{free}); free some space, or build it elsewhere "
+            "(kiln build -o DIR; KILN_CACHE=DIR for the engines kiln run builds)")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
 def _write_engine(scratch: Path, ckpt: Checkpoint, build_cfg: BuildConfig, plan: QuantPlan,
@@ -191,15 +275,23 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
     """A rebuild replaces an engine dir; anything else that exists is the user's data."""
     if output_dir.exists() and output_dir.resolve() == source.resolve():
         raise BuildError(f"the output {output_dir} is the source checkpoint; choose another -o")
-    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir())
-                                and not is_engine_dir(output_dir)):
+    if output_dir.is_file() or (output_dir.is_dir() and not is_engine_dir(output_dir)
+                                and not all(map(_kept, output_dir.iterdir()))):
         raise BuildError(f"{output_dir} exists and is not a kiln engine dir; choose an empty "
                          "or new directory for -o")
 
 
 def _check_tokenizer_fits(folder: Path, ckpt: Checkpoint) -> None:
-    """Every id of the tokenizer written into folder has a row in the model's embedding
-    (a vocab_size larger than the tokenizer's, padding, is fine)."""
+    """The tokenizer written into folder loads (a damaged file is refused, the source's
+    named), and every id of it has a row in the model's embedding (a vocab_size larger
+    than the tokenizer's, padding, is fine)."""
+    try:
+        Tokenizer(folder)
+    except TokenizerFileError as e:
+        src = ckpt.source / e.path.name
+        raise CheckpointError(f"{src if src.is_file() else ckpt.source}: its tokenizer cannot "
+                              f"be loaded ({e.why}); is the file damaged? re-download or "
+                              "re-export it") from None
     try:
         data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         vocab = data["model"].get("vocab") or {}
