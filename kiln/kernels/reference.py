@@ -371,8 +371,9 @@ def rotary_and_write_kv(
     valid = _valid_slots(slot_mapping, step_cache)
     if valid is not None:
         k_rot, v, slot_mapping = k_rot[valid], v[valid], slot_mapping[valid]
-    if kv_finite:
-        k_rot, v = torch.nan_to_num(k_rot), torch.nan_to_num(v)
+    if kv_finite:  # as 0: the dtype's max (nan_to_num's inf) times a query overflows to
+        # inf in a padded gather's masked score, and the mask makes that NaN
+        k_rot, v = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (k_rot, v))
     write_kv(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
 
