@@ -91,7 +91,8 @@ TOKENS = list(range(3, 120))
 @pytest.fixture(scope="module")
 def calib_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_bytes(bytes(range(3, 250)) * 12)  # tiny models take UTF-8 bytes as ids
+    # Tiny models take the text's UTF-8 bytes as ids: every ASCII byte and multi-byte ones.
+    path.write_bytes((bytes(range(3, 128)) + "éüñ漢字🙂".encode()) * 12)
     return path
 
 
