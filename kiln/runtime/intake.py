@@ -8,7 +8,7 @@ from typing import Any
 
 from kiln.errors import PromptTooLongError, RequestError
 from kiln.runtime.output_processor import Group, Sequence
-from kiln.runtime.request import Request, SamplingParams
+from kiln.runtime.request import INT64, Request, SamplingParams
 from kiln.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -76,7 +76,8 @@ def new_group(request_id: str, prompt: str | list[int], token_ids: list[int],
     for index in range(params.n):
         seq_id = request_id if params.n == 1 else f"{request_id}#{index}"
         request = Request(seq_id, token_ids, params, max_tokens, eos_token_ids)
-        request.sampling_seed = seed_base + index
+        # wrapped to int64, so distinct seeds draw distinct streams
+        request.sampling_seed = (seed_base + index + INT64) % (1 << 64) - INT64
         request.bad_words_token_ids = bad_words
         if grammars is not None:
             request.grammar = grammars.matcher(params.constraint)

@@ -241,7 +241,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
-        self._sampling_seed = 0  # sampling_seed: the noise seed, per request
+        # The int64 seed of this sequence's sampling noise: per request, so a seeded request
+        # is batch invariant (new_group: seed + i, wrapped to 64 bits).
+        self.sampling_seed = 0
         self.bad_words_token_ids: list[list[int]] = []
         self.prompt_logprobs: int | None = None  # top-n prompt logprobs wanted from this one
         self.grammar: Any = None  # xgrammar GrammarMatcher of a json_schema request
@@ -253,17 +255,6 @@ class Request:
         # token, and the output length at which a paused request proposes drafts again.
         self.spec_misses = 0
         self.spec_resume_at = 0
-
-    @property
-    def sampling_seed(self) -> int:
-        """The seed of this sequence's sampling noise, an int64: per request, so a seeded
-        request is batch invariant. Sequence i of a request with a seed samples with seed + i
-        (wrapped to 64 bits), so distinct seeds draw distinct streams."""
-        return self._sampling_seed
-
-    @sampling_seed.setter
-    def sampling_seed(self, value: int) -> None:
-        self._sampling_seed = (value + INT64) % (1 << 64) - INT64
 
     @property
     def num_tokens(self) -> int:

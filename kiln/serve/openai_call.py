@@ -18,7 +18,13 @@ from typing import Any
 from fastapi import Request, Response
 
 from kiln.errors import PromptTooLongError, RequestError
-from kiln.runtime.request import CONSTRAINTS, CompletionOutput, RequestOutput, SamplingParams
+from kiln.runtime.request import (
+    CONSTRAINTS,
+    INT64,
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+)
 from kiln.runtime.text_deltas import TextDeltas
 from kiln.serve.async_llm import RequestStream
 from kiln.serve.context import ServeContext
@@ -40,7 +46,6 @@ MAX_LOGPROBS = 20
 # Chat templates and tokenization of requests larger than this (characters of message
 # text) run on a worker thread, so that other streams are not held up meanwhile.
 INLINE_PROMPT_CHARS = 32_768
-_INT64 = 1 << 63
 
 # Called per new output of one choice: the SSE chunks (pydantic models) to send.
 ChunkMaker = Callable[[RequestOutput, CompletionOutput, ChoiceState], list[Any]]
@@ -83,7 +88,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
     n = body.n if n is None else n
     # Checked here because a bad value would fail the engine step of the whole batch.
     # Choice i samples with seed + i: the last, seed + n - 1, must fit in an int64 too.
-    if body.seed is not None and not -_INT64 <= body.seed <= _INT64 - max(n, 1):
+    if body.seed is not None and not -INT64 <= body.seed <= INT64 - max(n, 1):
         raise APIError(400, f"seed must be in [-2**63, 2**63 - {max(n, 1)}] (choice i of n "
                        "samples with seed + i, a signed 64-bit integer)", param="seed")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
