@@ -7,7 +7,6 @@ import errno
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -136,17 +135,17 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
     # Killed builds leave it behind (`kiln cache list | clear` finds it: its lock is gone).
     # A dir that cannot be replaced (a mount point: a Docker volume) gets the scratch dir
     # inside it, and the engine's files are moved out of it, engine.json last.
-    in_place = _in_place(output_dir)
+    in_place = scratches.in_place(output_dir)
     for path in scratches.leftovers(output_dir) if in_place else ():  # killed builds'
         scratches.remove_leftover(path)
     with terminate_unwinds():  # SIGTERM cleans up as Ctrl-C does
         scratch, lock = make_scratch(output_dir / ENGINE_JSON if in_place else output_dir)
         try:
             _write_engine(scratch, ckpt, build_cfg, plan, dtype, progress)
-            if in_place or not _replace(output_dir, scratch):
+            if in_place or not scratches.replace(output_dir, scratch):
                 held, lock = lock, None
                 release(held)  # gives the files their modes (see scratch) while still there
-                _move_into(scratch, output_dir)
+                scratches.move_into(scratch, output_dir)
         except Exception as e:
             if not _no_space(e):
                 raise
@@ -157,47 +156,6 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
             shutil.rmtree(scratch, ignore_errors=True)
             release(lock)
     return output_dir
-
-
-def _in_place(output_dir: Path) -> bool:
-    """Whether the engine goes into output_dir: a mount point cannot be renamed over, and
-    a symlink's target is where it should go."""
-    return output_dir.is_dir() and (os.path.ismount(output_dir) or output_dir.is_symlink())
-
-
-def _replace(output_dir: Path, scratch: Path) -> bool:
-    """Rename scratch to output_dir, an old engine there removed first; False where
-    output_dir turns out to be a mount point (EBUSY: a bind mount of the same filesystem,
-    which os.path.ismount does not see), emptied."""
-    try:
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        scratch.rename(output_dir)
-    except OSError as e:
-        if e.errno != errno.EBUSY:
-            raise
-        return False
-    return True
-
-
-def _move_into(scratch: Path, output_dir: Path) -> None:
-    """The engine written in scratch moved into output_dir in place of what is there (an
-    old engine: its engine.json first, so a build stopped halfway leaves no engine; other
-    builds' scratch dirs and a filesystem's lost+found stay), the new engine.json last."""
-    old = [p for p in output_dir.iterdir() if p != scratch and not _kept(p)]
-    for path in sorted(old, key=lambda p: p.name != ENGINE_JSON):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for path in sorted(scratch.iterdir(), key=lambda p: p.name == ENGINE_JSON):
-        shutil.move(path, output_dir / path.name)  # a rename; a copy across filesystems
-
-
-def _kept(path: Path) -> bool:
-    """What an engine dir may hold besides the engine (see _move_into)."""
-    return path.name.startswith(scratches.PREFIX) or (
-        path.name == "lost+found" and os.path.ismount(path.parent))
 
 
 def _no_space(e: BaseException) -> bool:
@@ -276,7 +234,7 @@ def _check_output_dir(output_dir: Path, source: Path) -> None:
     if output_dir.exists() and output_dir.resolve() == source.resolve():
         raise BuildError(f"the output {output_dir} is the source checkpoint; choose another -o")
     if output_dir.is_file() or (output_dir.is_dir() and not is_engine_dir(output_dir)
-                                and not all(map(_kept, output_dir.iterdir()))):
+                                and not all(map(scratches.kept, output_dir.iterdir()))):
         raise BuildError(f"{output_dir} exists and is not a kiln engine dir; choose an empty "
                          "or new directory for -o")
 

@@ -15,6 +15,7 @@ became their modes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from kiln.build.engine_dir import ENGINE_JSON
 from kiln.errors import BuildError
 
 PREFIX = ".kiln-build-"
@@ -156,3 +158,46 @@ def _unwind(number: int, frame) -> None:
         if other is not None and signal.getsignal(other) is _unwind:
             signal.signal(other, signal.SIG_IGN)
     raise SystemExit(128 + number)
+
+
+# Where the engine goes: renamed over output_dir, or moved into a dir that cannot be
+# replaced (a mount point: a Docker volume), engine.json last.
+def in_place(output_dir: Path) -> bool:
+    """Whether the engine goes into output_dir: a mount point cannot be renamed over, and
+    a symlink's target is where it should go."""
+    return output_dir.is_dir() and (os.path.ismount(output_dir) or output_dir.is_symlink())
+
+
+def replace(output_dir: Path, scratch: Path) -> bool:
+    """Rename scratch to output_dir, an old engine there removed first; False where
+    output_dir turns out to be a mount point (EBUSY: a bind mount of the same filesystem,
+    which os.path.ismount does not see), emptied."""
+    try:
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        scratch.rename(output_dir)
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise
+        return False
+    return True
+
+
+def move_into(scratch: Path, output_dir: Path) -> None:
+    """The engine written in scratch moved into output_dir in place of what is there (an
+    old engine: its engine.json first, so a build stopped halfway leaves no engine; other
+    builds' scratch dirs and a filesystem's lost+found stay), the new engine.json last."""
+    old = [p for p in output_dir.iterdir() if p != scratch and not kept(p)]
+    for path in sorted(old, key=lambda p: p.name != ENGINE_JSON):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in sorted(scratch.iterdir(), key=lambda p: p.name == ENGINE_JSON):
+        shutil.move(path, output_dir / path.name)  # a rename; a copy across filesystems
+
+
+def kept(path: Path) -> bool:
+    """What an engine dir may hold besides the engine (see move_into)."""
+    return path.name.startswith(PREFIX) or (
+        path.name == "lost+found" and os.path.ismount(path.parent))
