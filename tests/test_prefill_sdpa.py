@@ -166,3 +166,30 @@ def test_which_steps_take_it(monkeypatch) -> None:
     assert not sdpa.usable(q, k_cache, v_cache, captured)
     monkeypatch.setattr(sdpa, "ENABLED", False)
     assert not sdpa.usable(q, k_cache, v_cache, meta)
+
+
+def test_short_chunks_over_long_caches_take_sdpa(monkeypatch) -> None:
+    """A chunk over a cached prefix takes the two SDPA calls from MIN_CHUNK_TOKENS new
+    tokens, or from SHORT_CHUNK_TOKENS where the cache behind it is long (the H200 points of
+    the 44th session: 1024 over 1000 / 3000 cached stay on Triton, 1024 over 8000 and 1536
+    over 3000 move), and a step takes the path only when every chunk of it pays."""
+    for knob, value in (("MIN_CHUNK_TOKENS", 2048), ("SHORT_CHUNK_TOKENS", 1024),
+                        ("SHORT_CHUNK_WORK", 3200)):
+        monkeypatch.setattr(sdpa, knob, value)
+    assert not sdpa.chunk_pays(1024, 1000) and not sdpa.chunk_pays(1024, 3000)
+    assert sdpa.chunk_pays(1024, 8000) and sdpa.chunk_pays(1536, 3000)
+    assert sdpa.chunk_pays(2048, 0) and not sdpa.chunk_pays(1023, 100_000)
+    monkeypatch.setattr(sdpa, "MIN_TOKENS", 16)
+    monkeypatch.setattr(sdpa, "MIN_CHUNK_TOKENS", 8)
+    monkeypatch.setattr(sdpa, "SHORT_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(sdpa, "SHORT_CHUNK_WORK", 11)  # 4 x (4 + 2 x 12) = 112 < 121
+    monkeypatch.setattr(sdpa, "ENABLED", True)
+    k_cache = torch.randn(6, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    q = torch.randn(24, HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    tables = torch.arange(6).view(2, 3)
+    near = _meta(tables, [0, 12, 16], [12, 16])  # 4 new over 12 cached: short of the work
+    far = _meta(tables, [0, 12, 16], [12, 20])  # 4 over 16: 4 x 36 = 144 >= 121
+    assert not sdpa.usable(q[:16], k_cache, k_cache.clone(), near)
+    assert sdpa.usable(q[:16], k_cache, k_cache.clone(), far)
+    monkeypatch.setattr(sdpa, "SHORT_CHUNK_TOKENS", 5)  # 4 new tokens: too few either way
+    assert not sdpa.usable(q[:16], k_cache, k_cache.clone(), far)

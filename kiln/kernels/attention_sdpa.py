@@ -21,17 +21,17 @@ dequantized on the way), so a step comes here only when its prompts' causal work
 it: sqrt(sum over its prompts of new tokens x (new + 2 x cached), i.e. of squared lengths
 for whole prompts) at least MIN_TOKENS (2048; 8192 for 1-byte caches), with at most
 MAX_CHUNKS chunks over cached prefixes (two calls each), each of at least MIN_CHUNK_TOKENS
-(2048) new tokens. Measured on the H200 (41st session, 8B heads, ms a layer, SDPA path /
-Triton): bf16 1k 0.055 / 0.046, 2k 0.107 / 0.116, 8k 1.09 / 1.49, 32k 15.3 / 22.6, 16 x
-1000 0.41 / 0.55, 64 x 256 0.24 / 0.28; e4m3 1k 0.121 / 0.048, 16 x 1000 0.64 / 0.57, 8k
-1.18 / 1.67; chunks 1024 over 3000 cached 0.28 / 0.20, 2048 over 6000 0.50 / 0.66, 8192
-over 24576 6.62 / 10.07. A lone prompt's TTFT: 8k 225 -> 211 ms, 32k 1,424 -> 1,202 ms in
-one chunk, 1,413 -> 1,193 ms in chunks of 8192 (the default budget).
+(2048) new tokens or of 1024 over a long cache (chunk_pays). Measured on the H200 (41st
+session, 8B heads, ms a layer, SDPA path / Triton): bf16 1k 0.055 / 0.046, 2k 0.107 /
+0.116, 8k 1.09 / 1.49, 32k 15.3 / 22.6, 16 x 1000 0.41 / 0.55, 64 x 256 0.24 / 0.28; e4m3
+1k 0.121 / 0.048, 16 x 1000 0.64 / 0.57, 8k 1.18 / 1.67; chunks 1024 over 3000 cached 0.28
+/ 0.20, 2048 over 6000 0.50 / 0.66, 8192 over 24576 6.62 / 10.07. A lone prompt's TTFT: 8k
+225 -> 211 ms, 32k 1,424 -> 1,202 ms in one chunk, 1,413 -> 1,193 ms in chunks of 8192
+(the default budget).
 
 Not taken for sliding windows shorter than a prompt of the step, ALiBi, softcap, attention
-sinks, V stored transposed (1-byte caches' default layout; KILN_PREFILL_SDPA_VT=1 gathers
-it, untimed), float32, graph-captured steps, or steps beyond the limits above: the Triton
-kernel keeps those.
+sinks, float32, graph-captured steps, or steps beyond the limits above: the Triton kernel
+keeps those.
 """
 
 from __future__ import annotations
@@ -45,13 +45,20 @@ ENABLED = os.environ.get("KILN_PREFILL_SDPA", "1") != "0"
 MIN_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_MIN_TOKENS", "2048"))
 MIN_TOKENS_1BYTE = int(os.environ.get("KILN_PREFILL_SDPA_MIN_TOKENS_1BYTE", "8192"))
 MAX_CHUNKS = int(os.environ.get("KILN_PREFILL_SDPA_MAX_CHUNKS", "8"))
-# a chunk over a cached prefix comes here only with this many new tokens (41st session, H200:
-# 1024 over 3000 cached 0.28 ms against Triton's 0.20; 2048 over 6000 0.50 against 0.66)
+# a chunk over a cached prefix comes here with this many new tokens, or with at least
+# SHORT_CHUNK_TOKENS over a cache long enough that sqrt(new x (new + 2 x cached)) reaches
+# SHORT_CHUNK_WORK (H200, bf16, ms a layer SDPA / Triton: 41st 1024 over 3000 cached 0.28 /
+# 0.20, 2048 over 6000 0.50 / 0.66; 44th 1024 over 1000 0.18 / 0.10, over 8000 0.32 / 0.49,
+# over 24000 0.81 / 1.38, 1536 over 3000 0.25 / 0.34, over 12000 0.64 / 1.15, 2048 over
+# 2000 0.27 / 0.30: the short chunks win from ~3,400 on that measure, lose at 2,700)
 MIN_CHUNK_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_MIN_CHUNK_TOKENS", "2048"))
+SHORT_CHUNK_TOKENS = int(os.environ.get("KILN_PREFILL_SDPA_SHORT_CHUNK_TOKENS", "1024"))
+SHORT_CHUNK_WORK = int(os.environ.get("KILN_PREFILL_SDPA_SHORT_CHUNK_WORK", "3200"))
 # 1-byte caches keep V transposed in their blocks ([kv heads, head_dim, block], the engine's
-# default for them): gathered slot by slot when this is on (41st session: CPU-tested, opt-in
-# until timed on a GPU)
-V_TRANSPOSED = os.environ.get("KILN_PREFILL_SDPA_VT", "0") == "1"
+# default for them), gathered slot by slot (44th session, H200, FP8 + FP8 KV: a lone
+# 32k prompt's TTFT 1,227 -> 941 ms, 8k 164 either way); KILN_PREFILL_SDPA_VT=0 leaves
+# their prompts to the Triton kernel
+V_TRANSPOSED = os.environ.get("KILN_PREFILL_SDPA_VT", "1") != "0"
 # cuDNN's op takes fewer KV heads than query heads as they are (else K / V are repeated)
 CUDNN_GQA = os.environ.get("KILN_SDPA_CUDNN_GQA", "1") == "1"
 
@@ -69,33 +76,41 @@ def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta,
     if not k_cache.is_contiguous() or (v_cache.shape != k_cache.shape and not (
             V_TRANSPOSED and _v_transposed(k_cache, v_cache))):
         return False  # a cache this view cannot flatten, or V transposed (unless on)
-    longest, size, chunks, smallest_chunk = _prompts(meta, decode_rows)
-    if size < (MIN_TOKENS_1BYTE if one_byte else MIN_TOKENS) or chunks > MAX_CHUNKS or (
-            chunks and smallest_chunk < MIN_CHUNK_TOKENS) or (
+    longest, size, chunks = _prompts(meta, decode_rows)
+    if size < (MIN_TOKENS_1BYTE if one_byte else MIN_TOKENS) or len(chunks) > MAX_CHUNKS or (
+            not all(chunk_pays(*c) for c in chunks)) or (
             sliding_window is not None and longest > sliding_window):
         return False
     return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _prompts(meta, decode_rows: int) -> tuple[int, float, int, int]:
-    """(the longest context, sqrt of the prompts' summed causal work, the number of chunks
-    over a cached prefix, the fewest new tokens of a chunk) of sequences decode_rows..;
-    once a step, not once a layer. A chunk of n new tokens over c cached ones counts
-    n x (n + 2c): a whole prompt's n²."""
+def _prompts(meta, decode_rows: int) -> tuple[int, float, tuple]:
+    """(the longest context, sqrt of the prompts' summed causal work, the chunks over a
+    cached prefix as (new, cached) tokens) of sequences decode_rows..; once a step, not once
+    a layer. A chunk of n new tokens over c cached ones counts n x (n + 2c): a whole
+    prompt's n²."""
     key = ("sdpa_prompts", decode_rows)
     found = meta.host_cache.get(key)
     if found is None:
         starts, lens = meta.query_starts_host, meta.seq_lens_host
-        longest = work = chunks = 0
-        smallest = 1 << 62
+        longest = work = 0
+        chunks = []
         if lens and len(starts) == len(lens) + 1:  # (graph-captured steps have no copy)
             for i in range(decode_rows, len(lens)):
                 new = starts[i + 1] - starts[i]
                 longest, work = max(longest, lens[i]), work + new * (2 * lens[i] - new)
                 if new != lens[i]:
-                    chunks, smallest = chunks + 1, min(smallest, new)
-        found = meta.host_cache[key] = (longest, work ** 0.5, chunks, smallest)
+                    chunks.append((new, lens[i] - new))
+        found = meta.host_cache[key] = (longest, work ** 0.5, tuple(chunks))
     return found
+
+
+def chunk_pays(new: int, cached: int) -> bool:
+    """Whether a chunk of `new` tokens over `cached` ones goes through SDPA's two calls
+    rather than the Triton kernel: MIN_CHUNK_TOKENS new tokens, or SHORT_CHUNK_TOKENS over a
+    cache that makes sqrt(new x (new + 2 x cached)) at least SHORT_CHUNK_WORK."""
+    return new >= MIN_CHUNK_TOKENS or (
+        new >= SHORT_CHUNK_TOKENS and new * (new + 2 * cached) >= SHORT_CHUNK_WORK ** 2)
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, **common):
