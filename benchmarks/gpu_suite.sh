@@ -18,6 +18,12 @@
 # NAME.tgz at the end. Runs from the repository root.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+# The device image has had no `gguf` since the 44th session: wheels in .whl/ (pip download
+# gguf there, carry .whl) are installed beside it for the tests that read GGUF files.
+if [ -d .whl ] && ! python3 -c "import gguf" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} KILN_CACHE=${KILN_CACHE:-/tmp/kiln-cache} TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 TQDM_DISABLE=1
 stages=${*:-tests kernels latency throughput}
