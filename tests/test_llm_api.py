@@ -14,7 +14,7 @@ import pytest
 from kiln import LLM, SamplingParams
 from kiln.build import build
 from kiln.config import BuildConfig
-from kiln.errors import KilnError, RequestError
+from kiln.errors import KilnError, PromptTooLongError, RequestError
 from kiln.runtime.beam_search import BeamSearchParams
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.serve import AsyncLLM
@@ -190,6 +190,23 @@ def test_beam_search_checks_the_length_up_front(llm):
     with pytest.raises(RequestError, match="beam_width must be a whole number"):
         llm.beam_search("Hi", params)
     assert not llm.engine.has_unfinished()
+
+
+def test_sequence_logits_checks_the_sequence(llm):
+    """LLMEngine.sequence_logits (perplexity, evaluation): a sequence past max_seq_len, an
+    empty one or ids outside the vocabulary are RequestErrors (were an IndexError from the
+    KV gather), and the longest allowed one still scores every position."""
+    engine = llm.engine
+    limit, vocab = engine.max_seq_len, engine.config.model.vocab_size
+    with pytest.raises(PromptTooLongError, match=rf"{limit + 1} tokens; this engine's "
+                                                 rf"max_seq_len is {limit}"):
+        engine.sequence_logits([5] * (limit + 1))
+    with pytest.raises(RequestError, match="empty"):
+        engine.sequence_logits([])
+    with pytest.raises(RequestError, match=r"in \[0, "):
+        engine.sequence_logits([5, vocab])
+    assert engine.sequence_logits([7] * limit).shape == (limit, vocab)
+    assert not engine.has_unfinished() and engine.kv.num_used_blocks == 0
 
 
 # ---- 8. the token that stops a request stays out of its text (as in vLLM) ----------------

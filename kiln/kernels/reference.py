@@ -196,10 +196,18 @@ def _decode_layout(block_tables: torch.Tensor, seq_lens: list[int], block_size: 
 
 def _attend(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor,
             distance: torch.Tensor, scale: float, softcap: float | None,
-            alibi_slopes: torch.Tensor | None) -> torch.Tensor:
+            alibi_slopes: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale (capped, or + ALiBi) where mask) v for qh [..., heads, Q, d],
     kh / vh [..., kv_heads, L, d]; mask and distance (key pos - query pos) broadcast to
-    [..., Q, L] without the head dim."""
+    [..., Q, L] without the head dim. causal: the mask is exactly key <= query with Q = L.
+    One sequence's [heads, Q, d] gets a batch dim: on the CPU only 4-D inputs reach torch's
+    fused kernel (2,000 tokens, 9 heads: 0.48 s as 3-D, 0.10 as 4-D, 0.05 causal)."""
+    if qh.dim() == 3:
+        return _attend(qh[None], kh[None], vh[None], mask, distance, scale, softcap,
+                       alibi_slopes, causal)[0]
+    if causal and alibi_slopes is None and softcap is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                              enable_gqa=True)
     if alibi_slopes is not None:
         bias = alibi_slopes.float().view(-1, 1, 1) * distance.float()
         return F.scaled_dot_product_attention(
@@ -268,7 +276,8 @@ def paged_attention(
         if sliding_window is not None:
             mask &= k_pos > q_pos[:, None] - sliding_window
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        o = _attend(qh, kh, vh, mask, k_pos - q_pos[:, None], scale, softcap, alibi_slopes)
+        o = _attend(qh, kh, vh, mask, k_pos - q_pos[:, None], scale, softcap, alibi_slopes,
+                    causal=num_new == seq_len and first == 0 and sliding_window is None)
         out[start:end] = o.transpose(0, 1)
     return out
 

@@ -15,7 +15,7 @@ import torch
 from kiln.build.engine_dir import load_engine_config
 from kiln.distributed import Mapping
 from kiln.distributed.comm import all_reduce_min, setup_custom_all_reduce
-from kiln.errors import KilnError, RequestError
+from kiln.errors import KilnError, PromptTooLongError, RequestError
 from kiln.runtime import parallel
 from kiln.runtime.config import RuntimeConfig, resolve_device
 from kiln.runtime.intake import bad_words_token_ids, check_request, new_group
@@ -351,6 +351,11 @@ class LLMEngine:
         return self._sequence_logits(token_ids)
 
     def _sequence_logits(self, token_ids: list[int]) -> torch.Tensor:
+        if len(token_ids) > self.max_seq_len:
+            raise PromptTooLongError(f"the sequence has {len(token_ids)} tokens; this "
+                                     f"engine's max_seq_len is {self.max_seq_len}")
+        check_request(list(token_ids), SamplingParams(max_tokens=None),
+                      self.config.model.vocab_size, self.max_seq_len + 1)
         request = Request("eval", list(token_ids), SamplingParams(max_tokens=1), 1)
         self.scheduler.check_long_rope(request)
         if not self.kv.allocate(request, len(token_ids)):
