@@ -4,10 +4,14 @@ into one), with the architecture table that maps HF names to kiln's generic deco
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from kiln.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # HF architecture name -> (kiln model family, per-family flags). Families are rows here,
 # not classes: one generic decoder serves every row.
@@ -26,7 +30,7 @@ _LLAMA_FAMILY = {
     # GPT-style rows (kiln.models.convert maps their tensor names onto the decoder's).
     # GPT-2: learned absolute positions, Conv1D (transposed) weights, biases everywhere.
     "GPT2LMHeadModel": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
-                        "position_embedding": "learned", "tie_word_embeddings": True},
+                        "position_embedding": "learned"},
     # GPT-NeoX / Pythia: x + attn(ln1(x)) + mlp(ln2(x)), rotary on part of each head.
     "GPTNeoXForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
                            "parallel_residual_key": "use_parallel_residual"},
@@ -36,12 +40,10 @@ _LLAMA_FAMILY = {
                        "lm_head_bias": True},
     # Bloom: ALiBi instead of positions, a LayerNorm on the embeddings, per-head fused QKV.
     "BloomForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
-                         "position_embedding": "alibi", "embedding_norm": True,
-                         "tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"},
+                         "position_embedding": "alibi", "embedding_norm": True},
     # Falcon: parallel attention + MLP (one shared LayerNorm, or ln_attn / ln_mlp in the
     # new decoder architecture of 40B / 180B), multi-query or grouped KV (see _falcon).
     "FalconForCausalLM": {"norm_type": "layernorm", "gated_mlp": False,
-                          "tie_word_embeddings": True, "hidden_act": "gelu",
                           "parallel_residual_key": "parallel_attn"},
     # Mixture of experts (kiln.layers.moe): top-k routing over SwiGLU experts; Mixtral
     # renormalises the top-k weights, the Qwen MoEs when norm_topk_prob says so; Qwen2-MoE
@@ -58,6 +60,16 @@ _LLAMA_FAMILY = {
 }
 ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "gelu_new")
 SUPPORTED_ARCHITECTURES = tuple(_LLAMA_FAMILY)
+# config.json model_type -> architecture (read where architectures names none kiln knows).
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
+               "starcoder2": "Starcoder2ForCausalLM", "gpt2": "GPT2LMHeadModel",
+               "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
+               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+               "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
+               "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 # GPT-era config.json names -> the names read below.
 _HF_ALIASES = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers",
                "n_head": "num_attention_heads", "n_positions": "max_position_embeddings",
@@ -165,22 +177,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Read a HuggingFace `config.json` dict (transformers 4 or 5 layout)."""
-        archs = hf.get("architectures") or []
-        arch = archs[0] if archs else _arch_from_model_type(hf.get("model_type"))
-        if arch not in _LLAMA_FAMILY:
-            raise CheckpointError(
-                f"unsupported architecture {arch!r}; kiln supports: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
-            )
+        from kiln.checkpoint.hf_defaults import HF_DEFAULTS  # (kiln.checkpoint imports this)
+
+        arch = _architecture(hf)
         flags = _LLAMA_FAMILY[arch]
-        hf = {**{_HF_ALIASES[k]: v for k, v in hf.items() if k in _HF_ALIASES}, **hf}
+        # A key config.json leaves out means what transformers' config class defaults it to.
+        hf = {**HF_DEFAULTS.get(arch, {}),
+              **{_HF_ALIASES[k]: v for k, v in hf.items() if k in _HF_ALIASES}, **hf}
         _refuse_unsupported(arch, hf)
         bias_key = flags.get("bias_key", "attention_bias")
         all_bias = bool(flags.get("bias", False))
         try:
-            num_heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            head_dim = hf.get("head_dim") or hidden // num_heads
+            num_heads = _whole(hf, "num_attention_heads")
+            hidden = _whole(hf, "hidden_size")
+            head_dim = _whole(hf, "head_dim", hidden // num_heads)
             eos = hf.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
             # transformers 5 moved rope_theta / rope_scaling into rope_parameters; Gemma 3
@@ -192,12 +202,15 @@ class ModelConfig:
             partial = float(rope.pop("partial_rotary_factor",
                                      hf.get("partial_rotary_factor", 1.0)))
             rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):  # as transformers
+                rope_type = rope["rope_type"] = "longrope"  # (Phi-3's first 128k configs)
+                rope.pop("type", None)
             if rope_type in ("llama3", "yarn", "longrope"):
                 _default_original_context(rope, rope_type, hf, local_rope is not None)
             rope_scaling = rope if rope_type not in (None, "default") else None
             local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
             window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-            layers = int(hf["num_hidden_layers"])
+            layers = _whole(hf, "num_hidden_layers")
             pattern = flags.get("layer_pattern")
             layer_types = tuple(hf.get("layer_types") or ())
             if pattern and not layer_types:
@@ -209,20 +222,19 @@ class ModelConfig:
             scalar = hf.get("query_pre_attn_scalar") if flags.get("sandwich_norms") else None
             fields = dict(
                 architecture=arch,
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_whole(hf, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(hf.get("intermediate_size") or 4 * hidden),
+                intermediate_size=_whole(hf, "intermediate_size", 4 * hidden),
                 num_layers=layers,
                 num_heads=num_heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-                head_dim=int(head_dim),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                num_kv_heads=_whole(hf, "num_key_value_heads", num_heads),
+                head_dim=head_dim,
+                max_position_embeddings=_whole(hf, "max_position_embeddings", 4096),
                 rms_norm_eps=float(hf.get("layer_norm_eps", 1e-5) if layernorm
                                    else hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings",
-                                                flags.get("tie_word_embeddings", False))),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=all_bias or bool(flags.get("qkv_bias", hf.get(bias_key, False))),
                 o_bias=all_bias or (bool(hf.get(bias_key, False)) and not flags.get("qkv_bias")),
                 mlp_bias=all_bias or bool(hf.get("mlp_bias", hf.get(bias_key, False)
@@ -283,7 +295,7 @@ def _falcon(hf: dict[str, Any], num_heads: int) -> dict[str, Any]:
     two LayerNorms (ln_attn, ln_mlp) unless num_ln_in_parallel_attn is 1."""
     new_arch = bool(hf.get("new_decoder_architecture", False))
     if new_arch:
-        kv_heads = int(hf["num_kv_heads"])
+        kv_heads = int(hf.get("num_kv_heads") or num_heads)
     else:
         kv_heads = 1 if hf.get("multi_query", True) else num_heads
     bias = bool(hf.get("bias", False))
@@ -334,21 +346,44 @@ def _refuse_unsupported(arch: str, hf: dict[str, Any]) -> None:
 
 
 def _activation(arch: str, hf: dict[str, Any]) -> str:
-    default = _LLAMA_FAMILY[arch].get("hidden_act", "silu")
-    act = str(hf.get("hidden_activation") or hf.get("hidden_act") or default)
+    act = str(hf.get("hidden_activation") or hf.get("hidden_act") or "silu")
     # Gemma's releases say "gelu" but mean the tanh approximation (as transformers does).
     gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
     return "gelu_pytorch_tanh" if gemma and act == "gelu" else act
 
 
-def _arch_from_model_type(model_type: str | None) -> str:
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-               "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
-               "starcoder2": "Starcoder2ForCausalLM", "gpt2": "GPT2LMHeadModel",
-               "gpt_neox": "GPTNeoXForCausalLM", "phi": "PhiForCausalLM",
-               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-               "bloom": "BloomForCausalLM", "falcon": "FalconForCausalLM",
-               "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-               "qwen3_moe": "Qwen3MoeForCausalLM"}
-    return by_type.get(model_type or "", f"<model_type={model_type}>")
+def _architecture(hf: dict[str, Any]) -> str:
+    """The first architecture config.json lists that kiln knows, else its model_type's (as
+    transformers picks the class by model_type: ["LLaMAForCausalLM"] exports load)."""
+    listed = hf.get("architectures") or []
+    listed = [str(a) for a in (listed if isinstance(listed, list) else [listed])]
+    arch = next((a for a in listed if a in _LLAMA_FAMILY), None)
+    if arch is not None:
+        return arch
+    model_type = hf.get("model_type")
+    if isinstance(model_type, str) and model_type in MODEL_TYPES:
+        if listed:
+            log.warning("config.json lists architecture(s) %s, which kiln does not know; "
+                        "reading it by its model_type %r as %s", ", ".join(listed),
+                        model_type, MODEL_TYPES[model_type])
+        return MODEL_TYPES[model_type]
+    if listed:
+        also = f" (model_type {model_type!r})" if model_type is not None else ""
+        raise CheckpointError(f"unsupported architecture {', '.join(map(repr, listed))}{also}; "
+                              "kiln supports: " + ", ".join(SUPPORTED_ARCHITECTURES))
+    if model_type is None:
+        raise CheckpointError('config.json names neither its architectures nor its model_type; '
+                              'add the model\'s, e.g. "architectures": ["LlamaForCausalLM"]')
+    raise CheckpointError(f"unsupported model_type {model_type!r} in config.json; kiln "
+                          "supports the model types " + ", ".join(MODEL_TYPES))
+
+
+def _whole(hf: dict[str, Any], key: str, fallback: int | None = None) -> int:
+    """hf[key] as an int (absent or null: fallback; no fallback: a KeyError where absent),
+    or a CheckpointError naming the field."""
+    value = hf[key] if fallback is None else hf.get(key) or fallback
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1 or \
+            isinstance(value, float) and not value.is_integer():
+        raise CheckpointError(f"config.json field {key!r} is {json.dumps(value)}; it must be a "
+                              "positive whole number")
+    return int(value)

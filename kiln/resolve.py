@@ -70,7 +70,7 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     # before those fields stay
     key = hashlib.sha256(json.dumps([fingerprint, weights],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    engine_dir = cache_dir() / "engines" / f"{path.stem}-{key}"
+    engine_dir = cache_dir() / "engines" / f"{_source_name(path)}-{key}"
     if is_engine_dir(engine_dir):
         try:
             cached = load_engine_config(engine_dir)
@@ -82,8 +82,17 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
         except KilnError:
             pass  # stale format: rebuild below
     if progress:
-        print(f"kiln: building {path.name} into {engine_dir} (once)", flush=True)
+        print(f"kiln: building {_source_name(path)} into {engine_dir} (once)", flush=True)
     return build(ckpt or open_checkpoint(path), engine_dir, build_cfg, progress=progress)
+
+
+def _source_name(path: Path) -> str:
+    """What the cache names a source's engines after: its folder's full name, made
+    absolute (`kiln run .`; `Llama-3.2-1B`, not cut at its dot), a file's without its
+    extension (model.Q4_K_M). Symlinks are not followed: the hub cache's point at blobs
+    named by their hash."""
+    path = Path(os.path.abspath(path))
+    return (path.stem if path.is_file() else path.name) or "model"
 
 
 def _check_built_like(path: Path, asked: BuildConfig | None) -> None:

@@ -37,8 +37,7 @@ class Tokenizer:
         if not isinstance(config, dict):
             raise TokenizerFileError(folder / "tokenizer_config.json", "not a JSON object")
         self.chat_template = _chat_template(folder, config)
-        self.special = {k: _token_str(config.get(k)) for k in
-                        ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special = special_tokens(folder, config)
         self.eos_token_id = self.token_to_id(self.special["eos_token"])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
 
@@ -128,6 +127,22 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError too
         raise TokenizerFileError(path, e) from None
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def special_tokens(folder: Path, config: dict[str, Any]) -> dict[str, str | None]:
+    """BOS / EOS / PAD / UNK as transformers reads them: from tokenizer_config.json (config);
+    where it has no added_tokens_decoder (exports before transformers 4.34),
+    special_tokens_map.json's tokens come over its own."""
+    special = {k: _token_str(config.get(k)) for k in SPECIAL_TOKENS}
+    if "added_tokens_decoder" not in config:
+        mapped = _read_json(folder / "special_tokens_map.json")
+        if not isinstance(mapped, dict):
+            raise TokenizerFileError(folder / "special_tokens_map.json", "not a JSON object")
+        special.update({k: _token_str(mapped[k]) for k in SPECIAL_TOKENS if k in mapped})
+    return special
 
 
 def _token_str(value: Any) -> str | None:

@@ -102,8 +102,10 @@ BAD_SOURCES = {
     "no config.json": (lambda f, t: (copy_folder(f, t / "x") / "config.json").unlink() or t / "x",
                        "no config.json"),
     "unknown architecture": (
-        lambda f, t: _edit_config(copy_folder(f, t / "x"), architectures=["MambaForCausalLM"])
-        or t / "x", "unsupported architecture 'MambaForCausalLM'; kiln supports: .*"
+        lambda f, t: _edit_config(copy_folder(f, t / "x"), architectures=["MambaForCausalLM"],
+                                  model_type="mamba")
+        or t / "x", "unsupported architecture 'MambaForCausalLM' (model_type 'mamba'); "
+                    "kiln supports: .*"
                     "GPT2LMHeadModel, GPTNeoXForCausalLM, PhiForCausalLM"),
     "shape mismatch": (
         lambda f, t: _edit_config(copy_folder(f, t / "x"), intermediate_size=96) or t / "x",
@@ -281,7 +283,7 @@ def test_config_field_kiln_cannot_honour_is_named(tmp_path):
 
 def test_cli_reports_one_line_without_traceback(llama_folder, tmp_path):
     bad = copy_folder(llama_folder, tmp_path / "bad")
-    _edit_config(bad, architectures=["MambaForCausalLM"])
+    _edit_config(bad, architectures=["MambaForCausalLM"], model_type="mamba")
     result = subprocess.run([sys.executable, "-m", "kiln.cli", "build", str(bad), "-o",
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2

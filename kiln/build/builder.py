@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from kiln.config import (
 from kiln.distributed import Mapping
 from kiln.errors import BuildError, CheckpointError
 from kiln.layers.quantization import quantize_float_model
+from kiln.layers.rotary import check_rope_scaling
 from kiln.models import create_model
 from kiln.tokenizer import Tokenizer, TokenizerFileError
 
@@ -93,6 +95,7 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     if cfg.hidden_act not in ACTIVATIONS:
         raise BuildError(f"activation {cfg.hidden_act!r} is not supported "
                          f"(supported: {', '.join(ACTIVATIONS)})")
+    check_rope_scaling(cfg.rope_scaling, cfg.rotary_dim)
 
 
 def build(source: str | Path | Checkpoint, output_dir: str | Path,
@@ -290,6 +293,7 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
                          quant=plan.load_quant, kv_cache_dtype=plan.load_kv_cache_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
+    unused: list[str] = []
     desc = f"converting rank {mapping.rank}" if mapping.world_size > 1 else "converting"
     stream = ckpt.tensors() if plan.prequantized is None else plan.prequantized.stream(ckpt)
     stream = (pair for name, tensor in stream for pair in model.split_fused(name, tensor))
@@ -301,10 +305,9 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
         if target is None:
             continue
         name, shard = target
-        if name not in params:
-            raise CheckpointError(
-                f"checkpoint tensor {hf_name!r} has no place in a {ckpt.config.architecture} "
-                "model; does config.json describe this checkpoint?")
+        if name not in params:  # transformers too loads past tensors it has no place for
+            unused.append(hf_name)
+            continue
         param = params[name]
         if check:
             _check_values(hf_name, tensor, param, plan.prequantized is None)
@@ -313,7 +316,16 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
         except ValueError as e:
             raise CheckpointError(f"tensor {hf_name!r} does not match the config: {e}") from None
         loaded.add(name if shard is None else f"{name}:{shard}")
-    _check_complete(model, params, loaded)
+    origins = getattr(ckpt, "origins", {})
+    unused_text = ", ".join(f"{n} ({origins[n]})" if n in origins else n for n in unused[:3]) \
+        + (" ..." if len(unused) > 3 else "")
+    _check_complete(model, params, loaded, getattr(ckpt, "weight_files", ()),
+                    f"; it holds {len(unused)} tensor(s) a {ckpt.config.architecture} model "
+                    f"has no place for ({unused_text}): does config.json describe this "
+                    "checkpoint?" if unused else "")
+    if unused and mapping.rank == 0:
+        log.warning("the checkpoint holds %d tensor(s) a %s model does not use, ignored: %s",
+                    len(unused), ckpt.config.architecture, unused_text)
     return model
 
 
@@ -342,7 +354,7 @@ def _check_values(hf_name: str, tensor: torch.Tensor, param: torch.nn.Parameter,
 
 
 def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-                    loaded: set[str]) -> None:
+                    loaded: set[str], files: Sequence[str], hint: str) -> None:
     expected = set()
     for name in model.engine_state_dict():
         param = params[name]
@@ -353,4 +365,6 @@ def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        read = f" (it read {', '.join(files)})" if files else ""
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {shown}{read}"
+                              + hint)

@@ -69,5 +69,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         from kiln.checkpoint.hf import HFCheckpoint
 
         return HFCheckpoint(path)
+    if path.is_file() and (path.parent / "config.json").is_file():
+        raise CheckpointError(f"{path} is a file of a HuggingFace model folder; pass the "
+                              f"folder that holds it: {path.parent}")
     raise CheckpointError(
         f"{path} is neither a HuggingFace model folder nor a .gguf file")

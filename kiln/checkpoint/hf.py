@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class HFCheckpoint(Checkpoint):
             hf_config = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+        if not isinstance(hf_config, dict):
+            raise CheckpointError(f"{config_path} is not a JSON object of config fields")
         self.hf_config = hf_config  # build/ reads quantization_config from it
         self.config = ModelConfig.from_hf(hf_config)
         # Chat models often list their end-of-turn token only in generation_config.json.
@@ -49,24 +52,22 @@ class HFCheckpoint(Checkpoint):
             merged = tuple(dict.fromkeys([*self.config.eos_token_ids, *eos]))
             self.config = dataclasses.replace(self.config, eos_token_ids=merged)
         self._files = self._weight_files()
+        self.origins: dict[str, str] = {}
         if self._files[0].suffix == ".safetensors":
             self._names = [n for f in self._files for n in _safetensors_header(f)]
         else:
             self._names = []
 
     def _weight_files(self) -> list[Path]:
-        index = self.source / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is malformed: {e}") from None
-            files = sorted({self.source / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{index.name} lists shard(s) that are missing: {', '.join(missing)}")
-            return files
+        """The files transformers would load, in its order: model.safetensors, the shards
+        of model.safetensors.index.json, pytorch_model.bin, the shards of
+        pytorch_model.bin.index.json; else every *.safetensors (shards without an index),
+        else every pytorch_model*.bin."""
+        for name in ("model.safetensors", "model.safetensors.index.json",
+                     "pytorch_model.bin", "pytorch_model.bin.index.json"):
+            path = self.source / name
+            if path.is_file():
+                return self._shards(path) if name.endswith(".json") else [path]
         found = sorted(self.source.glob("*.safetensors"))
         if found:
             return found
@@ -77,6 +78,23 @@ class HFCheckpoint(Checkpoint):
             f"{self.source} has no weights: expected model.safetensors, a sharded "
             "model.safetensors.index.json, or pytorch_model.bin")
 
+    def _shards(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.source / f for f in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is malformed: {e}") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index.name} lists shard(s) that are missing: {', '.join(missing)}")
+        return files
+
+    @property
+    def weight_files(self) -> list[str]:
+        """The names of the files the weights are read from."""
+        return [f.name for f in self._files]
+
     def tensor_names(self) -> list[str]:
         """The tensors' names, read from safetensors headers ([] for .bin files)."""
         return list(self._names)
@@ -85,6 +103,7 @@ class HFCheckpoint(Checkpoint):
         return len(self._names) if self._names else len(self._files)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the weight files; origins[name] says which file it came from."""
         for path in self._files:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
@@ -92,14 +111,17 @@ class HFCheckpoint(Checkpoint):
                 try:
                     with safe_open(str(path), framework="pt") as f:
                         for name in f.keys():
+                            self.origins[name] = path.name
                             yield name, f.get_tensor(name)
                 except Exception as e:  # safetensors raises its own error types
                     raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
             else:
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:  # torch.save's format before PyTorch 1.6 (not a zip) cannot be mapped
+                    state = torch.load(path, map_location="cpu", weights_only=True,
+                                       mmap=zipfile.is_zipfile(path))
                 except Exception as e:
                     raise CheckpointError(f"{path.name} could not be loaded: {e}") from None
+                self.origins.update(dict.fromkeys(state, path.name))
                 yield from state.items()
 
     def write_tokenizer(self, dest: Path) -> bool:
@@ -110,12 +132,16 @@ class HFCheckpoint(Checkpoint):
                 dest.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest / name)
                 copied = copied or name == "tokenizer.json"
-        if not copied and (self.source / "tokenizer.model").is_file():
-            from kiln.checkpoint.sentencepiece import convert_sentencepiece
+        model_file = self.source / "tokenizer.model"
+        if not copied and model_file.is_file():
+            from kiln.checkpoint.sentencepiece import convert_sentencepiece, unconvertible_reason
 
-            copied = convert_sentencepiece(self.source / "tokenizer.model", dest,
-                                           write_config=not (dest / "tokenizer_config.json")
-                                           .is_file())
+            # The build's warning says why the engine takes token ids only.
+            self.no_tokenizer_reason = unconvertible_reason(model_file)
+            if self.no_tokenizer_reason is None:
+                copied = convert_sentencepiece(
+                    model_file, dest, hf_folder=self.source,
+                    write_config=not (dest / "tokenizer_config.json").is_file())
         return copied
 
     def fingerprint(self) -> str:

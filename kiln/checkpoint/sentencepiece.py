@@ -1,10 +1,15 @@
 """Convert a SentencePiece BPE `tokenizer.model` (older HF checkpoints ship only that)
-into tokenizer.json, through the same builder as GGUF tokenizers."""
+into tokenizer.json, through the same builder as GGUF tokenizers; from a HF folder, with
+what its tokenizer_config.json, added_tokens.json and special_tokens_map.json say, as
+transformers reads them."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kiln.checkpoint.gguf_tokenizer import (
     BYTE,
@@ -16,25 +21,58 @@ from kiln.checkpoint.gguf_tokenizer import (
     TokenizerSpec,
     write_tokenizer,
 )
+from kiln.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 
-def convert_sentencepiece(model_file: Path, dest: Path, write_config: bool = False) -> bool:
-    """Write dest/tokenizer.json for a BPE SentencePiece model; False if it cannot."""
+def unconvertible_reason(model_file: Path) -> str | None:
+    """Why `model_file` cannot be converted (sentencepiece missing, not a BPE model), or
+    None where it can."""
     try:
-        from sentencepiece import SentencePieceProcessor
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
     except ImportError:
-        log.warning("%s: install sentencepiece and protobuf to convert it; the engine will "
-                    "take token ids only", model_file)
+        return f"{model_file}: install sentencepiece and protobuf to convert it"
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise CheckpointError(f"{model_file} is not a SentencePiece model ({e}); is the file "
+                              "damaged? re-download it") from None
+    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
+        kind = model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+        return (f"{model_file} is a {kind} SentencePiece model, which kiln does not convert "
+                "(BPE ones only); add the model's tokenizer.json beside it")
+    return None
+
+
+@dataclass
+class _HFSettings:
+    """What a HF folder says about its SentencePiece tokenizer."""
+
+    specials: dict[str, str | None]  # bos / eos / pad / unk -> token, where named
+    added: dict[int, tuple[str, bool]] = field(default_factory=dict)  # id -> (text, special)
+    add_bos: bool = True  # LlamaTokenizer's defaults
+    add_eos: bool = False
+    legacy: bool = False
+    add_prefix_space: bool | None = None
+
+
+def convert_sentencepiece(model_file: Path, dest: Path, write_config: bool = False,
+                          hf_folder: Path | None = None) -> bool:
+    """Write dest/tokenizer.json for a BPE SentencePiece model; False (with a warning) if
+    it cannot. hf_folder: the model folder whose tokenizer files say which tokens are
+    added, whether BOS / EOS are added and how spaces lead a text (transformers' rules:
+    a space is prefixed to the text, after special tokens too only with legacy: true)."""
+    reason = unconvertible_reason(model_file)
+    if reason is not None:
+        log.warning("%s; the engine will take token ids only", reason)
         return False
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
     proto = model_pb2.ModelProto()
     proto.ParseFromString(model_file.read_bytes())
-    if proto.trainer_spec.model_type != model_pb2.TrainerSpec.BPE:
-        log.warning("%s is not a BPE SentencePiece model (unigram is not converted yet); the "
-                    "engine will take token ids only", model_file)
-        return False
     sp = SentencePieceProcessor(model_file=str(model_file))
     tokens, types = [], []
     for i in range(sp.get_piece_size()):
@@ -43,15 +81,107 @@ def convert_sentencepiece(model_file: Path, dest: Path, write_config: bool = Fal
                      BYTE if sp.is_byte(i) else UNUSED if sp.is_unused(i) else
                      USER_DEFINED if proto.pieces[i].type == proto.pieces[i].USER_DEFINED
                      else NORMAL)
-
-    def special(i: int) -> int | None:
-        return i if i >= 0 else None
-
-    spec = TokenizerSpec(
-        model="llama", tokens=tokens, types=types,
-        scores=[sp.get_score(i) for i in range(len(tokens))],
-        specials={"bos": special(sp.bos_id()), "eos": special(sp.eos_id()),
-                  "pad": special(sp.pad_id()), "unk": special(sp.unk_id())},
-        add_bos=True, add_space_prefix=proto.normalizer_spec.add_dummy_prefix)
+    scores = [sp.get_score(i) for i in range(len(tokens))]
+    specials = {"bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id()}
+    specials = {k: v if v >= 0 else None for k, v in specials.items()}
+    settings = _hf_settings(hf_folder) if hf_folder is not None else None
+    add_bos, add_eos = True, False
+    add_space_prefix = proto.normalizer_spec.add_dummy_prefix
+    if settings is not None:
+        _add_tokens(tokens, types, scores, settings.added)
+        first = {t: i for i, t in reversed(list(enumerate(tokens)))}
+        for key, token in settings.specials.items():
+            specials[key] = first.get(token) if token is not None else None
+        add_bos, add_eos = settings.add_bos, settings.add_eos
+        if settings.add_prefix_space is not None:
+            add_space_prefix = settings.add_prefix_space
+    spec = TokenizerSpec(model="llama", tokens=tokens, types=types, scores=scores,
+                         specials=specials, add_bos=add_bos, add_eos=add_eos,
+                         add_space_prefix=add_space_prefix)
     write_tokenizer(spec, dest, write_config)
+    if settings is not None:
+        scheme = "never" if not add_space_prefix else "always" if settings.legacy else "first"
+        _prefix_as_transformers(dest / "tokenizer.json", scheme)
     return True
+
+
+def _add_tokens(tokens: list[str], types: list[int], scores: list[float],
+                added: dict[int, tuple[str, bool]]) -> None:
+    """Place the folder's added tokens at their ids (past the pieces: appended, any gap
+    filled with unreachable placeholders, so that every id stays the one declared)."""
+    for token_id in sorted(added):
+        text, special = added[token_id]
+        while len(tokens) <= token_id:
+            tokens.append(f"<|reserved_token_{len(tokens)}|>")
+            types.append(UNUSED)
+            scores.append(0.0)
+        tokens[token_id] = text
+        types[token_id] = CONTROL if special else USER_DEFINED
+
+
+def _prefix_as_transformers(path: Path, scheme: str) -> None:
+    """Spaces as transformers' LlamaTokenizer spells them: Metaspace, the "▁" prefixed to
+    the text where it does not start with a space ("first": only to the text's start,
+    "always": after each special token too, "never")."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
+                             "prepend_scheme": scheme, "split": False}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def _hf_settings(folder: Path) -> _HFSettings:
+    """transformers' reading: tokenizer_config.json's added_tokens_decoder where it has one;
+    else (older exports) added_tokens.json, with special_tokens_map.json's tokens over the
+    config's."""
+    from kiln.tokenizer import TokenizerFileError, special_tokens
+
+    config = _json_object(folder / "tokenizer_config.json")
+    try:
+        named = special_tokens(folder, config)
+    except TokenizerFileError as e:
+        raise CheckpointError(f"{e.path} cannot be read ({e.why}); is the file damaged? "
+                              "re-download or re-export it") from None
+    specials = {key: named[f"{key}_token"] for key in ("bos", "eos", "pad", "unk")
+                if f"{key}_token" in config or named[f"{key}_token"] is not None}
+    added: dict[int, tuple[str, bool]] = {}
+    try:
+        if "added_tokens_decoder" in config:
+            for token_id, token in config["added_tokens_decoder"].items():
+                added[int(token_id)] = (str(token["content"]), bool(token.get("special")))
+        else:
+            special = {t for t in named.values() if t}
+            for source in (config, _json_object(folder / "special_tokens_map.json")):
+                for key in ("additional_special_tokens", "extra_special_tokens"):
+                    listed = source.get(key)
+                    special |= {str(_token_text(t)) for t in listed or ()
+                                if isinstance(listed, list)}
+            for text, token_id in _json_object(folder / "added_tokens.json").items():
+                added[int(token_id)] = (str(text), text in special)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{folder}: an added token in tokenizer_config.json or "
+                              f"added_tokens.json is malformed ({e!r}); re-export the "
+                              "tokenizer") from None
+    return _HFSettings(
+        specials=specials, added=added,
+        add_bos=bool(config.get("add_bos_token", True)),
+        add_eos=bool(config.get("add_eos_token", False)),
+        legacy=bool(config.get("legacy", False)),
+        add_prefix_space=config.get("add_prefix_space"))
+
+
+def _token_text(token: Any) -> Any:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); is the file damaged? "
+                              "re-download or re-export it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download or re-export it")
+    return data

@@ -8,9 +8,39 @@ from typing import Any
 import torch
 from torch import nn
 
-from kiln.errors import BuildError
+from kiln.errors import BuildError, CheckpointError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
+# What each type's table is computed from (config reading fills original_max_position_embeddings
+# in, and yarn's and longrope's factor, absent or null, as transformers computes a null one).
+_NEEDS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings"),
+          "yarn": ("factor", "original_max_position_embeddings"),
+          "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None, rotary_dim: int) -> None:
+    """A CheckpointError naming the field where the model's rope_scaling (rope_parameters
+    in transformers 5) is of a type kiln does not compute, or lacks what its type needs."""
+    rope_type = _rope_type(scaling)
+    where = "config.json's rope_scaling"
+    supported = f"kiln supports the rope types {', '.join(SUPPORTED_ROPE_TYPES)}"
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(f"{where} has type {rope_type!r}, which is not supported; "
+                              f"{supported}")
+    for key in _NEEDS.get(rope_type, ()):
+        value = scaling.get(key)  # type: ignore[union-attr]
+        if value is None:
+            raise CheckpointError(f"{where} of type {rope_type!r} has no {key!r}; a {rope_type} "
+                                  f"block needs {', '.join(_NEEDS[rope_type])} ({supported})")
+        if key.endswith("_factor") and key != "factor":
+            ok = isinstance(value, list) and len(value) == rotary_dim // 2 and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            want = f"a list of {rotary_dim // 2} numbers (one per rotary dim pair)"
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            want = "a positive number"
+        if not ok:
+            raise CheckpointError(f"{where} field {key!r} is {value!r}; it must be {want}")
 
 
 def _rope_type(scaling: dict[str, Any] | None) -> str:
