@@ -194,14 +194,13 @@ def _decode_layout(block_tables: torch.Tensor, seq_lens: list[int], block_size: 
     return layout
 
 
-def _attend(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask: torch.Tensor,
-            distance: torch.Tensor, scale: float, softcap: float | None,
-            alibi_slopes: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T * scale (capped, or + ALiBi) where mask) v for qh [..., heads, Q, d],
-    kh / vh [..., kv_heads, L, d]; mask and distance (key pos - query pos) broadcast to
-    [..., Q, L] without the head dim. causal: the mask is exactly key <= query with Q = L.
-    One sequence's [heads, Q, d] gets a batch dim: on the CPU only 4-D inputs reach torch's
-    fused kernel (2,000 tokens, 9 heads: 0.48 s as 3-D, 0.10 as 4-D, 0.05 causal)."""
+def _attend(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, mask, distance,
+            scale: float, softcap: float | None, alibi_slopes: torch.Tensor | None,
+            causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T * scale (capped, or + ALiBi) where mask) v, qh [..., heads, Q, d], kh /
+    vh [..., kv_heads, L, d]; mask, distance (key - query pos, for ALiBi) to [..., Q, L] or
+    None where causal (key <= query, Q = L). 3-D gets a batch dim: only 4-D reaches torch's
+    fused CPU kernel (2,000 tokens, 9 heads: 0.48 s as 3-D, 0.10 as 4-D, 0.05 causal)."""
     if qh.dim() == 3:
         return _attend(qh[None], kh[None], vh[None], mask, distance, scale, softcap,
                        alibi_slopes, causal)[0]
@@ -259,25 +258,26 @@ def paged_attention(
     for i, seq_len in enumerate(seq_lens):
         start, end = query_starts[i], query_starts[i + 1]
         num_new = end - start
-        num_blocks = -(-seq_len // block_size)
-        # With a window, blocks before the first query's window are never read (the KV
-        # manager may have released them).
+        # New query j sits at seq_len - num_new + j. With a window, blocks before the first
+        # query's window are never read (the KV manager may have released them).
         first = 0 if sliding_window is None else \
             max(seq_len - num_new - sliding_window + 1, 0) // block_size * block_size
-        blocks = block_tables[i, first // block_size:num_blocks].long()
+        blocks = block_tables[i, first // block_size:-(-seq_len // block_size)].long()
         k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len - first], k_scale, q.dtype)
         v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len - first], v_scale, q.dtype)
         if key_rotary is not None:
             k = rotate_cached_keys(k, torch.arange(first, seq_len, device=q.device), key_rotary)
-        # Query j (0-based among new tokens) sits at position seq_len - num_new + j.
-        q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
-        mask = k_pos <= q_pos[:, None]
-        if sliding_window is not None:
-            mask &= k_pos > q_pos[:, None] - sliding_window
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        o = _attend(qh, kh, vh, mask, k_pos - q_pos[:, None], scale, softcap, alibi_slopes,
-                    causal=num_new == seq_len and first == 0 and sliding_window is None)
+        causal = num_new == seq_len and first == 0 and sliding_window is None
+        mask = distance = None
+        if not causal or softcap is not None or alibi_slopes is not None:
+            q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+            distance = k_pos - q_pos if alibi_slopes is not None else None
+        o = _attend(qh, kh, vh, mask, distance, scale, softcap, alibi_slopes, causal)
         out[start:end] = o.transpose(0, 1)
     return out
 
