@@ -32,7 +32,8 @@ _LLAMA_FAMILY = {
     "GPT2LMHeadModel": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
                         "position_embedding": "learned"},
     # GPT-NeoX / Pythia: x + attn(ln1(x)) + mlp(ln2(x)), rotary on part of each head.
-    "GPTNeoXForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
+    # Its attention biases follow attention_bias (default true), the MLP's are always there.
+    "GPTNeoXForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "mlp_bias": True,
                            "parallel_residual_key": "use_parallel_residual"},
     # Phi-2: one LayerNorm feeds attention and MLP in parallel; partial rotary; LM head bias.
     "PhiForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
@@ -237,8 +238,8 @@ class ModelConfig:
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=all_bias or bool(flags.get("qkv_bias", hf.get(bias_key, False))),
                 o_bias=all_bias or (bool(hf.get(bias_key, False)) and not flags.get("qkv_bias")),
-                mlp_bias=all_bias or bool(hf.get("mlp_bias", hf.get(bias_key, False)
-                                                 if bias_key == "use_bias" else False)),
+                mlp_bias=all_bias or bool(flags.get("mlp_bias")) or bool(hf.get(
+                    "mlp_bias", hf.get(bias_key, False) if bias_key == "use_bias" else False)),
                 qk_norm=bool(flags.get("qk_norm", False)),
                 hidden_act=_activation(arch, hf),
                 norm_weight_offset=float(flags.get("norm_weight_offset", 0.0)),
@@ -279,13 +280,16 @@ def _default_original_context(rope: dict[str, Any], rope_type: str, hf: dict[str
     """The pretraining context and factor of a llama3 / yarn / longrope block as
     transformers' standardize_rope_params and rope init fill them in: the top-level
     original_max_position_embeddings first (Phi-3 keeps it there; not for Gemma 3's rope
-    per layer type), else the block's, else max_position_embeddings; yarn's and
-    longrope's factor, absent or null, max_position_embeddings / that (DeepSeek-V3)."""
+    per layer type), else the block's, else max_position_embeddings; a null yarn factor
+    and a null or absent longrope one max_position_embeddings / that (DeepSeek-V3). A
+    yarn block without the key is left so: transformers' validation refuses it (a
+    KeyError), and so does check_rope_scaling."""
     positions = int(hf.get("max_position_embeddings", 4096))
     top = None if per_layer_type else hf.get("original_max_position_embeddings")
     original = int(top or rope.get("original_max_position_embeddings") or positions)
     rope["original_max_position_embeddings"] = original
-    if rope_type != "llama3" and rope.get("factor") is None:
+    if (rope_type == "longrope" or rope_type == "yarn" and "factor" in rope) \
+            and rope.get("factor") is None:
         rope["factor"] = positions / original
 
 

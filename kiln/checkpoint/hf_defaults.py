@@ -42,7 +42,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                             hidden_act="gelu_new", bos_token_id=50256, eos_token_id=50256),
     "GPTNeoXForCausalLM": dict(max_position_embeddings=2048, partial_rotary_factor=0.25,
                                hidden_act="gelu", intermediate_size=24576, bos_token_id=0,
-                               eos_token_id=2),
+                               eos_token_id=2, attention_bias=True),
     "PhiForCausalLM": dict(max_position_embeddings=2048, partial_rotary_factor=0.5,
                            hidden_act="gelu_new", intermediate_size=8192, bos_token_id=1,
                            eos_token_id=2),
