@@ -258,9 +258,10 @@ def test_yarn_defaults_as_transformers(top, block, scaling, tmp_path):
     assert (got - want).abs().max() < 1e-4
 
 
-def test_yarn_without_factor_takes_the_context_ratio():
-    """No factor key at all (transformers' validation wants the key, and reads null as
-    the ratio): kiln reads it as null."""
+def test_yarn_without_factor_is_left_without_one():
+    """No factor key at all: transformers' validation refuses it (a KeyError; only a null
+    factor is the context ratio), so kiln leaves it out and the build refuses it
+    (tests/test_tokenizer_qa45.py)."""
     from kiln.model_config import ModelConfig
 
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
@@ -268,6 +269,6 @@ def test_yarn_without_factor_takes_the_context_ratio():
               "max_position_embeddings": 8192,
               "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 2048}}
     assert ModelConfig.from_hf(config).rope_scaling == {
-        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}
-    del config["rope_scaling"]["original_max_position_embeddings"]  # then factor 1
-    assert ModelConfig.from_hf(config).rope_scaling["factor"] == 1.0
+        "type": "yarn", "original_max_position_embeddings": 2048}
+    config["rope_scaling"]["factor"] = None  # a null one: the ratio
+    assert ModelConfig.from_hf(config).rope_scaling["factor"] == 4.0

@@ -167,7 +167,7 @@ def test_sentencepiece_folder_tokenizes_as_transformers(layout, sp_folder, tmp_p
     config, files = SP_LAYOUTS[layout]
     folder = shutil.copytree(sp_folder, tmp_path / "hf")
     # add_bos_token written out: without it transformers 5 adds no BOS (its LlamaTokenizer
-    # documents True, transformers 4 added one; kiln does, as the SentencePiece model does).
+    # documents True, transformers 4 added one), nor does kiln: tests/test_tokenizer_qa45.py.
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "add_bos_token": True, **config}))
@@ -182,15 +182,16 @@ def test_sentencepiece_folder_tokenizes_as_transformers(layout, sp_folder, tmp_p
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
 
 
-def test_unigram_tokenizer_model_gives_one_accurate_warning(sp_folder, tmp_path, caplog):
-    """It said "not a BPE SentencePiece model" and then "has no tokenizer files"."""
+def test_char_tokenizer_model_gives_one_accurate_warning(sp_folder, tmp_path, caplog):
+    """It said "not a BPE SentencePiece model" and then "has no tokenizer files" (for a
+    unigram model then; kiln converts those now: tests/test_tokenizer_qa45.py)."""
     folder = shutil.copytree(sp_folder, tmp_path / "hf")
-    (folder / "tokenizer.model").write_bytes(_train_sentencepiece("unigram", 300))
+    (folder / "tokenizer.model").write_bytes(_train_sentencepiece("char", 300))
     with caplog.at_level(logging.WARNING):
         engine = build(folder, tmp_path / "engine", F32, progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert "unigram SentencePiece model" in warnings[0]
+    assert "char SentencePiece model" in warnings[0]
     assert "token ids only" in warnings[0] and "no tokenizer files" not in warnings[0]
     assert not (engine / "tokenizer" / "tokenizer.json").exists()
 

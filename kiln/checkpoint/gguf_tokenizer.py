@@ -161,8 +161,10 @@ def _token_id(reader: GGUFFile | gguf.GGUFReader, key: str, count: int, name: st
     return None
 
 
-def write_tokenizer(spec: TokenizerSpec, dest: Path, write_config: bool = True) -> None:
-    """tokenizer.json (and, unless told not to, tokenizer_config.json) for the spec."""
+def write_tokenizer(spec: TokenizerSpec, dest: Path, write_config: bool = True,
+                    flags: dict[int, dict[str, bool]] | None = None) -> None:
+    """tokenizer.json (and, unless told not to, tokenizer_config.json) for the spec.
+    flags: AddedToken settings (lstrip, rstrip, single_word, normalized) by token id."""
     tokens, types, specials = spec.tokens, spec.types, spec.specials
     if spec.model == "gpt2":
         tok = _byte_level_bpe(tokens, spec.merges, spec.pre)
@@ -172,11 +174,22 @@ def write_tokenizer(spec: TokenizerSpec, dest: Path, write_config: bool = True) 
                                  None if unk is None else tokens[unk], spec.add_space_prefix)
     # llama.cpp matches control/user-defined/unknown tokens whole in the text, so
     # "<|im_start|>" is one id. Only user-defined ones (e.g. <think>) survive skip_special.
-    pairs = list(zip(tokens, types, strict=False))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in pairs if ty in (UNKNOWN, CONTROL)])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in pairs if ty == USER_DEFINED])
+    flags = flags or {}
+    ids = range(min(len(tokens), len(types)))
+    tok.add_special_tokens([AddedToken(tokens[i], **{"special": True, "normalized": False,
+                                                     **flags.get(i, {})})
+                            for i in ids if types[i] in (UNKNOWN, CONTROL)])
+    tok.add_tokens([AddedToken(tokens[i], **{"special": False, "normalized": False,
+                                             **flags.get(i, {})})
+                    for i in ids if types[i] == USER_DEFINED])
+    save_tokenizer(tok, spec, dest, write_config)
+
+
+def save_tokenizer(tok: Tokenizer, spec: TokenizerSpec, dest: Path,
+                   write_config: bool = True) -> None:
+    """Write tok (its added tokens in place) with the spec's BOS / EOS wrapping as
+    dest/tokenizer.json, and unless told not to, a tokenizer_config.json naming them."""
+    tokens, specials = spec.tokens, spec.specials
     post = _post_processor(tokens, specials, spec.add_bos, spec.add_eos)
     if post is not None:
         tok.post_processor = post

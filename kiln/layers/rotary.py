@@ -11,9 +11,12 @@ from torch import nn
 from kiln.errors import BuildError, CheckpointError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
-# What each type's table is computed from (config reading fills original_max_position_embeddings
-# in, and yarn's and longrope's factor, absent or null, as transformers computes a null one).
-_NEEDS = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings"),
+# What each type's table is computed from: the keys transformers' rope validation requires
+# (a KeyError there). Config reading fills original_max_position_embeddings in, a null yarn
+# factor and a null or absent longrope one, as transformers computes them.
+_NEEDS = {"linear": ("factor",),
+          "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings"),
           "yarn": ("factor", "original_max_position_embeddings"),
           "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
 
@@ -29,10 +32,13 @@ def check_rope_scaling(scaling: dict[str, Any] | None, rotary_dim: int) -> None:
                               f"{supported}")
     for key in _NEEDS.get(rope_type, ()):
         value = scaling.get(key)  # type: ignore[union-attr]
-        if value is None:
+        if value is None:  # (transformers: "Missing required keys in `rope_parameters`")
+            hint = "; set it (a null one is max_position_embeddings / original_max_position_" \
+                "embeddings, as in transformers)" if (rope_type, key) == ("yarn", "factor") \
+                else f" ({supported})"
             raise CheckpointError(f"{where} of type {rope_type!r} has no {key!r}; a {rope_type} "
-                                  f"block needs {', '.join(_NEEDS[rope_type])} ({supported})")
-        if key.endswith("_factor") and key != "factor":
+                                  f"block needs {', '.join(_NEEDS[rope_type])}{hint}")
+        if key in ("short_factor", "long_factor"):
             ok = isinstance(value, list) and len(value) == rotary_dim // 2 and all(
                 isinstance(v, int | float) and not isinstance(v, bool) for v in value)
             want = f"a list of {rotary_dim // 2} numbers (one per rotary dim pair)"
