@@ -246,3 +246,22 @@ def test_unigram_model_naming_llama_tokenizer_tokenizes_as_sentencepiece(models,
     for text in UNIGRAM_TEXTS[:4]:
         assert ours.encode(text) == sp.encode(text), text
         assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
+
+
+def test_cache_key_follows_tokenizer_model_and_added_tokens(models, llama, tmp_path):
+    """The engine cache (kiln run FOLDER) is keyed by the files a folder without
+    tokenizer.json converts its tokenizer from: replacing tokenizer.model or
+    added_tokens.json builds a new engine instead of reusing the old tokenizer."""
+    import os
+
+    from kiln.checkpoint import open_checkpoint
+
+    folder = _folder(llama, tmp_path, models["bpe"], None)
+    first = open_checkpoint(folder).fingerprint()
+    assert open_checkpoint(folder).fingerprint() == first
+    (folder / "tokenizer.model").write_bytes(models["unigram"])
+    second = open_checkpoint(folder).fingerprint()
+    assert second != first
+    (folder / "added_tokens.json").write_text(json.dumps({"<extra>": 400}))
+    os.utime(folder / "added_tokens.json", ns=(1, 1))
+    assert open_checkpoint(folder).fingerprint() != second

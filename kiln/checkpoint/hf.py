@@ -25,6 +25,11 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
+# What a folder without tokenizer.json is converted from: part of its engines' cache key, as
+# is the conversion's version (raised when kiln converts such a folder differently, so that
+# cached engines do not keep an older tokenizer).
+SENTENCEPIECE_FILES = ("tokenizer.model", "added_tokens.json")
+SENTENCEPIECE_CONVERSION = 2
 
 
 class HFCheckpoint(Checkpoint):
@@ -146,7 +151,11 @@ class HFCheckpoint(Checkpoint):
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(str(self.source.resolve()).encode())
-        tokenizer = [self.source / n for n in TOKENIZER_FILES if (self.source / n).is_file()]
+        tokenizer = [self.source / n for n in (*TOKENIZER_FILES, *SENTENCEPIECE_FILES)
+                     if (self.source / n).is_file()]
+        if (self.source / "tokenizer.model").is_file() and \
+                not (self.source / "tokenizer.json").is_file():
+            h.update(f"sentencepiece conversion {SENTENCEPIECE_CONVERSION}".encode())
         for path in [self.source / "config.json", *self._files, *tokenizer]:
             st = path.stat()
             h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
