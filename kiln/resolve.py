@@ -68,6 +68,8 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS and (k, v) not in
                (("load_format", "stored"), ("quantize_lm_head", ""))}  # keys from
     # before those fields stay
+    if weights.get("calib_file"):  # calibrated weights depend on the text, not its name
+        weights["calib_file"] = _file_identity(Path(weights["calib_file"]))
     key = hashlib.sha256(json.dumps([fingerprint, weights],
                                     sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{_source_name(path)}-{key}"
@@ -84,6 +86,15 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     if progress:
         print(f"kiln: building {_source_name(path)} into {engine_dir} (once)", flush=True)
     return build(ckpt or open_checkpoint(path), engine_dir, build_cfg, progress=progress)
+
+
+def _file_identity(path: Path) -> str:
+    """A calibration file's name and the hash of its contents (edited text: another
+    engine); the name alone where it cannot be read (the build then says why)."""
+    try:
+        return f"{path}:{hashlib.sha256(path.expanduser().read_bytes()).hexdigest()[:16]}"
+    except OSError:
+        return str(path)
 
 
 def _source_name(path: Path) -> str:
