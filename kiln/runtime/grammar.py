@@ -7,6 +7,8 @@ sampler applies it to the logits on the device (disallowed tokens -> -inf), and 
 the step the sampled token advances the matcher. That needs the sampled token on the
 host before the next step, so the engine does not overlap steps holding such a request;
 other requests in the batch are unaffected (their rows are left out of the bitmask).
+A constraint that allows no first token is refused when it is compiled; one that reaches
+a dead end later (its mask empty) ends that request with the text so far (advance).
 
 Before a schema is compiled, check_schema (kiln.runtime.grammar_schema) refuses the
 keywords the grammar would not enforce, so an answer that completes always validates.
@@ -75,23 +77,37 @@ class GrammarCompiler:
                 check_schema(json.loads(text))
             except json.JSONDecodeError:
                 pass  # xgrammar says what is wrong with it
-        what = {"json_schema": "the JSON schema", "regex": "the regular expression",
-                "choice": "the choices", "grammar": "the grammar"}[kind]
         compiler = self._get_compiler()
         try:
             if kind == "json_schema":
                 # Compact JSON: no free whitespace, so a small model cannot wander off
                 # into endless spaces before the closing brace.
-                return compiler.compile_json_schema(text, any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(text)
-            if kind == "choice":  # one alternative per string, as JSON-escaped literals
-                return compiler.compile_grammar("root ::= " + " | ".join(
+                compiled = compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(text)
+            elif kind == "choice":  # one alternative per string, as JSON-escaped literals
+                compiled = compiler.compile_grammar("root ::= " + " | ".join(
                     json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
-            return compiler.compile_grammar(text)
+            else:
+                compiled = compiler.compile_grammar(text)
         except Exception as e:  # xgrammar's errors for what it cannot compile
-            raise RequestError(f"{kind}: {what} does not compile: {_library_message(e)}"
-                               ) from None
+            raise RequestError(f"{kind}: {WHAT[kind]} does not compile: "
+                               f"{_library_message(e)}") from None
+        # An empty language (a regex such as [^\s\S]) leaves no first token: refused
+        # here, not sampled from a row of -inf logits. Where the dead end lies further on
+        # ("ab[^\s\S]"), only generation finds it (advance).
+        xgr = _xgrammar()
+        matcher = xgr.GrammarMatcher(compiled)
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        if not matcher.is_terminated() and not bool(bitmask.any()):
+            raise RequestError(f"{kind}: {WHAT[kind]} allows no answer: no token can start "
+                               "a text that matches it")
+        return compiled
+
+
+WHAT = {"json_schema": "the JSON schema", "regex": "the regular expression",
+        "choice": "the choices", "grammar": "the grammar"}
 
 
 def _library_message(error: Exception) -> str:
@@ -111,6 +127,8 @@ def grammar_bitmask(requests: list[Any], vocab_size: int, device: torch.device
     for i in rows:
         if not requests[i].grammar.is_terminated():
             requests[i].grammar.fill_next_token_bitmask(bitmask, i)
+            if not bool(bitmask[i].any()):  # a dead end: no token continues the text.
+                bitmask[i] = -1  # Finite logits to sample from; advance refuses the token.
         else:  # complete (the request stops there): nothing but an end token again
             bitmask[i] = 0
             for t in requests[i].eos_token_ids:
@@ -129,8 +147,19 @@ def apply_grammar(logits: torch.Tensor, mask: tuple[torch.Tensor, list[int]]) ->
     return logits
 
 
-def advance(request: Any, token: int) -> bool:
-    """Feed a sampled token to the request's matcher; True once the grammar is complete."""
-    if not request.grammar.is_terminated():
-        request.grammar.accept_token(token)
-    return request.grammar.is_terminated()
+def advance(request: Any, token: int) -> bool | None:
+    """Feed a sampled token to the request's matcher; True once the grammar is complete,
+    None if the matcher refuses it: a dead end, where the grammar allowed no token at all
+    (its mask was empty), so the request ends there (dead_end_reason)."""
+    matcher = request.grammar
+    if matcher.is_terminated():
+        return True
+    if not matcher.accept_token(token):
+        return None
+    return matcher.is_terminated()
+
+
+def dead_end_reason(request: Any) -> str:
+    """The stop_reason of a request ended at a dead end of its constraint."""
+    kind = request.params.constraint[0]
+    return f"{kind}: {WHAT[kind]} allows no token after the text so far"

@@ -71,6 +71,17 @@ def apply_token(seq: Sequence, token: int, index: int,
     """Put a sampled token at its place in the sequence (where a placeholder stood);
     return the finish status if the sequence must stop there."""
     request, params = seq.request, seq.request.params
+    # The grammar follows every token. It ends on an end token once the JSON is complete,
+    # and then nothing may follow: the request stops there even short of min_tokens or
+    # with ignore_eos (the grammar wins; min_tokens only held the EOS back while the
+    # grammar allowed something else). Where it allowed no token at all (a dead end the
+    # compiler could not see), the token is dropped and the request ends with its text
+    # so far, finish_reason "abort" and stop_reason saying why.
+    json_complete = request.grammar is not None and grammar.advance(request, token)
+    if json_complete is None:
+        del request.token_ids[index:]
+        request.stop_reason = grammar.dead_end_reason(request)
+        return RequestStatus.FINISHED_ABORTED
     request.token_ids[index] = token
     generated = index + 1 - request.num_prompt_tokens
     if logprobs is not None and params.logprobs is not None:
@@ -81,11 +92,6 @@ def apply_token(seq: Sequence, token: int, index: int,
         request.cumulative_logprob += values[0]
     text_before = len(seq.text) if params.stop else 0
     status = None
-    # The grammar follows every token. It ends on an end token once the JSON is complete,
-    # and then nothing may follow: the request stops there even short of min_tokens or
-    # with ignore_eos (the grammar wins; min_tokens only held the EOS back while the
-    # grammar allowed something else).
-    json_complete = request.grammar is not None and grammar.advance(request, token)
     if generated >= params.min_tokens or json_complete:
         if not params.ignore_eos and token in request.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED

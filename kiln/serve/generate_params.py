@@ -26,7 +26,16 @@ def _scalar(name: str, value: Any) -> Any:
         raise RequestError(f"{name} must be a single value, got {len(value)}")
     if hasattr(value, "item"):  # a numpy scalar from a Triton tensor
         value = value.item()
-    return value.decode() if isinstance(value, bytes) else value
+    return utf8(name, value) if isinstance(value, bytes) else value
+
+
+def utf8(name: str, raw: bytes) -> str:
+    """A BYTES element as text; RequestError naming the input if it is not UTF-8."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name} must be UTF-8 text ({e.reason}: 0x{raw[e.start]:02x} at "
+                           f"byte {e.start})") from None
 
 
 def _int(name: str, value: Any) -> int:
@@ -57,7 +66,7 @@ def _strings(name: str, value: Any) -> list[str]:
         if isinstance(item, list | tuple):
             out += _strings(name, item)
         elif isinstance(item, bytes):
-            out.append(item.decode())
+            out.append(utf8(name, item))
         elif isinstance(item, str):
             out.append(_unicode(name, item))
         else:

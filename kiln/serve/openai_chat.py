@@ -192,7 +192,8 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
                 delta = Delta(content=message.content, tool_calls=None if message.tool_calls
                               is None else [{"index": 0, **message.tool_calls[0]}])
                 return [chunk([ChatChunkChoice(index=state.index, delta=delta,
-                                               finish_reason=_finish(completion))])]
+                                               finish_reason=_finish(completion),
+                                               stop_reason=completion.stop_reason)])]
             if free_tools is not None:
                 if completion.finish_reason is None:  # hold what may become a call
                     completion = dataclasses.replace(completion, text=_visible(completion.text))
@@ -215,7 +216,8 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
                 return [plain.sse(state.index, text)]
             return [chunk([ChatChunkChoice(index=state.index, delta=Delta(content=text or None),
                                            logprobs=logprobs(completion, positions),
-                                           finish_reason=completion.finish_reason)])]
+                                           finish_reason=completion.finish_reason,
+                                           stop_reason=completion.stop_reason)])]
 
         # OpenAI opens each choice with a chunk that carries only the role.
         prelude = [chunk([ChatChunkChoice(index=s.index, delta=Delta(role="assistant",
@@ -230,7 +232,7 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
         return disconnected_response()
     choices = [ChatChoice(index=state.index, message=_message(completion),
                           logprobs=logprobs(completion, range(len(completion.token_ids))),
-                          finish_reason=_finish(completion))
+                          finish_reason=_finish(completion), stop_reason=completion.stop_reason)
                for output in finals for completion, state in call.choices(output)]
     choices.sort(key=lambda c: c.index)
     return ChatCompletionResponse(id=call.id, created=call.created, model=call.model,

@@ -132,7 +132,7 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                       if first and body.prompt_logprobs is not None else None)
         return CompletionChoice(index=state.index, text=text, logprobs=logprobs,
                                 finish_reason=completion.finish_reason,
-                                prompt_logprobs=prompt_lps)
+                                stop_reason=completion.stop_reason, prompt_logprobs=prompt_lps)
 
     def response(choices: list[CompletionChoice], counts: tuple[int, int] | None = None
                  ) -> CompletionResponse:

@@ -125,6 +125,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # Extension (vLLM): the stop string or stop_token_ids token that ended the choice;
+    # with finish_reason "abort" from the engine, why (a constraint that allows no token).
+    stop_reason: int | str | None = None
     # Extension (vLLM): per prompt token (the first has none), token id -> logprob.
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
@@ -165,6 +168,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # as CompletionChoice's
 
 
 class ChatCompletionResponse(BaseModel):
@@ -187,6 +191,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # as CompletionChoice's
 
 
 class ChatCompletionChunk(BaseModel):

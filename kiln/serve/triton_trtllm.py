@@ -26,6 +26,7 @@ from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine, RuntimeConfig
 from kiln.runtime.request import RequestOutput, SamplingParams
 from kiln.serve.engine_loop import EngineLoop, NewRequest
+from kiln.serve.generate_params import utf8
 from kiln.serve.triton_model import (
     FINAL,
     ResponseSender,
@@ -33,6 +34,7 @@ from kiln.serve.triton_model import (
     _exit_with_server,
     _Gauges,
 )
+from kiln.serve.trtllm_contract import ENSEMBLE_INPUTS
 from kiln.tokenizer import Tokenizer
 
 
@@ -86,6 +88,17 @@ def _word_lists(name: str, array: np.ndarray | None) -> list[list[int]]:
             words.append(ids[start:end])
         start = end
     return words
+
+
+# tensorrt_llm input -> the ensemble input that feeds it, where the names differ
+_ENSEMBLE_NAME = {target: spec.name for spec, step, target in ENSEMBLE_INPUTS
+                  if step == "tensorrt_llm" and spec.name != target}
+
+
+def _as_sent(name: str) -> str:
+    """An input's name in an error: "runtime_top_k (the ensemble's top_k)"."""
+    other = _ENSEMBLE_NAME.get(name)
+    return name if other is None else f"{name} (the ensemble's {other})"
 
 
 def word_list_tensor(words: list[list[int]]) -> np.ndarray:
@@ -195,6 +208,7 @@ class TensorRTLLMModel:
             raise RequestError("beam_width > 1 is not served by kiln's tensorrt_llm model; "
                                "use num_return_sequences for several samples")
         fields: dict[str, Any] = {"max_tokens": int(max_tokens)}
+        sent: dict[str, str] = {}  # SamplingParams field -> the input it came from
         for name, field in (("temperature", "temperature"), ("runtime_top_k", "top_k"),
                             ("runtime_top_p", "top_p"), ("min_tokens", "min_tokens"),
                             ("repetition_penalty", "repetition_penalty"),
@@ -204,7 +218,7 @@ class TensorRTLLMModel:
                             ("num_return_sequences", "n")):
             value = _scalar(request, name)
             if value is not None:
-                fields[field] = value
+                fields[field], sent[field] = value, name
         if "seed" in fields and fields["seed"] >= 1 << 63:  # uint64 on the wire
             fields["seed"] -= 1 << 64
         end_id = _scalar(request, "end_id")
@@ -227,8 +241,12 @@ class TensorRTLLMModel:
         exclude = bool(_scalar(request, "exclude_input_in_output"))
         try:
             params = SamplingParams(**fields)
-        except (TypeError, ValueError) as e:
-            raise RequestError(str(e)) from None
+        except (KilnError, TypeError, ValueError) as e:  # named as sent: not "n", "top_k"
+            message = str(e)
+            field = message.split(" ", 1)[0]
+            if sent.get(field, field) != field:
+                message = _as_sent(sent[field]) + message[len(field):]
+            raise RequestError(message) from None
         return prompt, params, streaming, exclude, log_probs
 
     def _decode(self, ids: list[int]) -> str:
@@ -266,10 +284,10 @@ class PreprocessingModel:
         self.end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
         self.pad_id = pad if pad is not None else self.end_id
 
-    def _words(self, array: np.ndarray | None) -> np.ndarray:
+    def _words(self, name: str, array: np.ndarray | None) -> np.ndarray:
         words = []
         for item in ([] if array is None else array[0].reshape(-1).tolist()):
-            text = item.decode() if isinstance(item, bytes) else str(item)
+            text = utf8(name, item) if isinstance(item, bytes) else str(item)
             if text:
                 words.append(self.tokenizer.encode(text, add_special_tokens=False))
         return word_list_tensor(words)
@@ -280,15 +298,18 @@ class PreprocessingModel:
             try:
                 query = _input(request, "QUERY")
                 text = _one_row("QUERY", query).reshape(-1)[0]
-                ids = self.tokenizer.encode(text.decode() if isinstance(text, bytes) else text)
+                ids = self.tokenizer.encode(utf8("QUERY (the ensemble's text_input)", text)
+                                            if isinstance(text, bytes) else text)
                 out_len = _input(request, "REQUEST_OUTPUT_LEN").reshape(1, -1)[:, :1]
                 end_id = _scalar(request, "END_ID")
                 pad_id = _scalar(request, "PAD_ID")
                 tensors = [
                     ("INPUT_ID", np.array([ids], np.int32)),
                     ("REQUEST_INPUT_LEN", np.array([[len(ids)]], np.int32)),
-                    ("BAD_WORDS_IDS", self._words(_input(request, "BAD_WORDS_DICT"))),
-                    ("STOP_WORDS_IDS", self._words(_input(request, "STOP_WORDS_DICT"))),
+                    ("BAD_WORDS_IDS", self._words("BAD_WORDS_DICT (the ensemble's bad_words)",
+                                                  _input(request, "BAD_WORDS_DICT"))),
+                    ("STOP_WORDS_IDS", self._words("STOP_WORDS_DICT (the ensemble's stop_words)",
+                                                   _input(request, "STOP_WORDS_DICT"))),
                     ("REQUEST_OUTPUT_LEN", out_len.astype(np.int32)),
                     ("OUT_END_ID", np.array([[self.end_id if end_id is None else end_id]],
                                             np.int32)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,8 @@ from kiln.runtime.transfer import to_device
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
+
+log = logging.getLogger(__name__)
 
 
 # ---- proposers --------------------------------------------------------------------------
@@ -79,6 +82,10 @@ class DraftModel:
                 engine.tokenizer.tok.get_vocab() != draft_tok.tok.get_vocab():
             raise KilnError("the draft model's tokenizer differs from the target's: "
                             "speculative decoding needs the same vocabulary")
+        if draft_tok is None:  # accepted, as vLLM accepts a draft model: sizes compared
+            log.warning("the draft model %s has no tokenizer files: only its vocabulary "
+                        "size (%d tokens, as the target's) was checked; its token ids are "
+                        "read as the target's", self.engine_dir, draft.model.vocab_size)
         if draft.build.max_seq_len < engine.max_seq_len:
             raise KilnError(f"the draft engine {self.engine_dir} was built for max_seq_len "
                             f"{draft.build.max_seq_len}, below the target's "
