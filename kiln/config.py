@@ -195,15 +195,29 @@ _CHOICES = (("dtype", ("auto", *DTYPES)), ("quantization", QUANTIZATIONS),
             ("load_format", LOAD_FORMATS), ("quantize_lm_head", ("", *LM_HEAD_QUANTIZATIONS)))
 
 
+# The numeric build options and the type each takes (a float option takes an int too).
+_NUMBERS = {f.name: getattr(f.type, "__name__", f.type)
+            for f in dataclasses.fields(BuildConfig) if f.type in ("int", "float", int, float)}
+
+
 def check_choices(build: BuildConfig) -> None:
-    """The build options that name one of a set of values, checked before anything is
-    opened or built (the model-dependent checks are kiln.build.builder.validate's)."""
+    """The build options that name one of a set of values, and the numeric ones' types
+    (LLM(..., group_size="32") is one line, not a TypeError deep in the build), checked
+    before anything is opened or built (the model-dependent checks are
+    kiln.build.builder.validate's)."""
     from kiln.errors import BuildError
 
     for name, allowed in _CHOICES:
         if getattr(build, name) not in allowed:
             raise BuildError(f"--{name.replace('_', '-')} {getattr(build, name)!r} is not "
                              f"one of: {', '.join(allowed)}")
+    for name, kind in _NUMBERS.items():
+        value = getattr(build, name)
+        if isinstance(value, bool) or not isinstance(value, int if kind == "int"
+                                                     else (int, float)):
+            what = "a whole number" if kind == "int" else "a number"
+            raise BuildError(f"--{name.replace('_', '-')} ({name}) must be {what}, got "
+                             f"{value!r} ({type(value).__name__})")
 
 
 def build_config_from_args(args: argparse.Namespace, **overrides: Any) -> BuildConfig:

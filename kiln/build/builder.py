@@ -112,9 +112,9 @@ def build(source: str | Path | Checkpoint, output_dir: str | Path,
             log.warning("max_seq_len %d capped to the %d positions %s has learned",
                         build_cfg.max_seq_len, positions, ckpt.config.architecture)
         build_cfg = dataclasses.replace(build_cfg, max_seq_len=max_seq_len)
-    build_cfg = with_default_calibration(build_cfg)
     dtype = resolve_dtype(build_cfg.dtype)
     plan = plan_quantization(ckpt, build_cfg)
+    build_cfg = with_default_calibration(build_cfg, plan)
     build_cfg = dataclasses.replace(
         build_cfg, dtype=str(dtype).removeprefix("torch."), quantization=plan.quant.method,
         activation_scheme=plan.quant.activation_scheme, quant_ignore=plan.quant.ignore,
@@ -319,10 +319,13 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
     origins = getattr(ckpt, "origins", {})
     unused_text = ", ".join(f"{n} ({origins[n]})" if n in origins else n for n in unused[:3]) \
         + (" ..." if len(unused) > 3 else "")
+    pre = plan.prequantized  # (calibration replaces the checkpoint's KV scales)
+    kv_scales = "optional" if pre is None or build_cfg.calib_file else \
+        "all" if pre.kv_scales_required else "all or none"
     _check_complete(model, params, loaded, getattr(ckpt, "weight_files", ()),
                     f"; it holds {len(unused)} tensor(s) a {ckpt.config.architecture} model "
                     f"has no place for ({unused_text}): does config.json describe this "
-                    "checkpoint?" if unused else "")
+                    "checkpoint?" if unused else "", kv_scales)
     if unused and mapping.rank == 0:
         log.warning("the checkpoint holds %d tensor(s) a %s model does not use, ignored: %s",
                     len(unused), ckpt.config.architecture, unused_text)
@@ -354,14 +357,26 @@ def _check_values(hf_name: str, tensor: torch.Tensor, param: torch.nn.Parameter,
 
 
 def _check_complete(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-                    loaded: set[str], files: Sequence[str], hint: str) -> None:
-    expected = set()
+                    loaded: set[str], files: Sequence[str], hint: str,
+                    kv_scales: str = "optional") -> None:
+    """Every parameter loaded. The KV scales (optional parameters, 1.0 until loaded):
+    kv_scales "optional" (kiln's own fp8 KV without calibration), "all" (a checkpoint
+    whose kv_cache_scheme declares them) or "all or none" (any other pre-quantized one:
+    modelopt's fp8_cast stores none)."""
+    expected, optional = set(), set()
     for name in model.engine_state_dict():
         param = params[name]
         if getattr(param, "optional", False):
+            optional.add(name)
             continue
         shard_ids = getattr(param, "shard_ids", None)
         expected |= {f"{name}:{s}" for s in shard_ids} if shard_ids else {name}
+    if kv_scales == "all" or (kv_scales == "all or none" and optional & loaded):
+        expected |= optional
+        if optional - loaded:
+            hint += ("; its kv_cache_scheme needs every attention layer's k_scale and v_scale"
+                     if kv_scales == "all" else "; it holds the KV cache scales of some "
+                     "attention layers only") + ": is the export incomplete?"
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -9,7 +9,8 @@ out / 8], outputs 8c + i in bits 4i, storing zero - 1; `scales` [groups, out]; `
 [in] the group of each input; w = (q - zero) * scale. kiln holds groups of consecutive
 inputs, so desc_act checkpoints (g_idx out of order) are refused: from the config, and
 from any g_idx that is not arange(in) // group_size (rows cannot be regrouped exactly).
-group_size -1 (one group a row) is kiln's per-channel storage (group size 0).
+group_size -1 (one group a row) is kiln's per-channel storage (group size 0); there
+desc_act changes nothing stored (the one group holds every input), so it is read.
 
 compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16, e.g. GPTQModifier):
 per linear layer `weight_packed` int32 [out, in * bits / 32] (values q in [-2^(b-1),
@@ -18,6 +19,11 @@ per linear layer `weight_packed` int32 [out, in * bits / 32] (values q in [-2^(b
 `weight_zero_point` packed the same way along the output dimension ([out * b / 32,
 groups]); w = (q - zero) * scale. In kiln's terms (kiln.kernels.reference): the stored
 unsigned values u = q + 2^(b-1) with scale and offset = -(zero + 2^(b-1)) * scale.
+actorder "weight" (alias "static") only orders GPTQ's rounding: the stored layout is the
+same as without it; "group" (groups out of input order) is refused.
+
+Every packed tensor is int32 and every scale a float: a tensor of another dtype (a
+float qweight, int scales) is refused by name rather than decoded into garbage.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from kiln.kernels.reference import pack_int4
 from kiln.layers.quantization import QuantConfig
 
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+PACKED = ("weight_packed", "weight_zero_point", "qweight", "qzeros")  # int32 words
+SCALES = ("weight_scale", "scales")  # floats
 G_IDX = ("g_idx", "weight_g_idx")  # each input's group: checked in order, then dropped
 
 
@@ -75,11 +83,28 @@ class PackQuantized(Prequantized):
             parts = pending.setdefault(prefix, {})
             parts[suffix] = tensor
             if need <= set(parts):
-                yield from self._convert(prefix, pending.pop(prefix))
+                parts = pending.pop(prefix)
+                self._check_dtypes(prefix, parts)
+                yield from self._convert(prefix, parts)
         if pending:
             prefix, parts = next(iter(pending.items()))
             raise CheckpointError(f"{prefix} lacks {', '.join(sorted(need - set(parts)))} "
                                   f"of its {self.fmt} weight")
+
+    def _check_dtypes(self, prefix: str, parts: dict[str, torch.Tensor]) -> None:
+        """Packed words int32, scales floating point: anything else would be cast
+        silently into meaningless weights."""
+        for suffix, tensor in parts.items():
+            if suffix in PACKED and tensor.dtype != torch.int32:
+                expected = "int32 (packed integer values)"
+            elif suffix in SCALES and not tensor.dtype.is_floating_point:
+                expected = "floating point (float16, bfloat16 or float32)"
+            else:
+                continue
+            raise CheckpointError(f"checkpoint tensor {prefix}.{suffix} is "
+                                  f"{str(tensor.dtype).removeprefix('torch.')}, where the "
+                                  f"{self.fmt} format stores {expected}; the file is damaged "
+                                  "or was converted wrongly: re-download or re-export it")
 
     def _check_group_order(self, name: str, g_idx: torch.Tensor) -> None:
         """g_idx must put inputs in groups of consecutive inputs (arange(in) // size)."""
@@ -213,7 +238,7 @@ def awq_gptq(method: str, qc: dict, cfg: ModelConfig, names: list[str]) -> Prequ
         if fmt != "gptq":
             raise CheckpointError(f"unsupported GPTQ checkpoint_format {fmt!r}; kiln reads "
                                   "'gptq' (v1: zero points stored minus one)")
-        if qc.get("desc_act"):
+        if qc.get("desc_act") and group != -1:  # one group a row: the order changes nothing
             raise CheckpointError(f"unsupported GPTQ checkpoint ({name}): desc_act puts inputs "
                                   "in groups out of order, and kiln holds groups of "
                                   "consecutive inputs; quantize with desc_act=False")
@@ -273,10 +298,10 @@ def pack_quantized_scheme(weights: dict, inputs: dict | None, name: str
     if bits == 8 and not symmetric:
         raise CheckpointError(f"unsupported quantized checkpoint ({name}): asymmetric 8-bit "
                               "weights")
-    if weights.get("actorder") not in (None, "static", False):
+    if weights.get("actorder") not in (None, "weight", "static", False):  # static: alias
         raise CheckpointError(f"unsupported quantized checkpoint ({name}): actorder "
                               f"{weights.get('actorder')!r} permutes groups; kiln reads "
-                              "actorder static or none")
+                              "actorder weight (static) or none")
     group = int(weights.get("group_size") or 0) if strategy == "group" else 0
     if strategy == "group" and group <= 0:
         raise CheckpointError(f"unsupported quantized checkpoint ({name}): group strategy "

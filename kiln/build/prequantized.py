@@ -5,10 +5,12 @@ Supported: integer weights repacked by kiln.build.packed_int (compressed-tensors
 W8A8 (as int8_sq), and FP8 W8A8 in the formats most public FP8 checkpoints use:
 - compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
   per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
-  optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`).
+  optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`, which
+  every attention layer must then hold).
 - NVIDIA Model Optimizer HF export (`quant_method: modelopt` in config.json, or an older
   `hf_quant_config.json`): `quant_algo` FP8 (per-tensor weight and input scales) or
-  FP8_PER_CHANNEL_PER_TOKEN, optional FP8 KV (`k_proj.k_scale` / `v_proj.v_scale`).
+  FP8_PER_CHANNEL_PER_TOKEN, optional FP8 KV (`k_proj.k_scale` / `v_proj.v_scale` in
+  every layer, or in none: `fp8_cast`, scale 1.0).
 Anything else fails with the scheme's name. Tensors keep their HF names apart from the KV
 scales, which are renamed to `self_attn.k_scale` / `self_attn.v_scale` for every format.
 """
@@ -49,6 +51,9 @@ class Prequantized:
     quant: QuantConfig
     kv_cache_dtype: str | None  # "fp8" when the checkpoint carries KV scales
     source: str  # the format's name
+    # every attention layer's k_scale / v_scale must be stored (compressed-tensors'
+    # kv_cache_scheme); otherwise they are all or none (modelopt's fp8_cast: none, 1.0)
+    kv_scales_required: bool = False
 
     def rename(self, hf_name: str) -> str:
         for old, new in _KV_SCALE_NAMES.items():
@@ -224,7 +229,7 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
                               "KV scales")
     ignore = ignored(cfg, name_list(qc.get("ignore"), "ignore"), _ct_match)
     return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
-                        "compressed-tensors")
+                        "compressed-tensors", kv_scales_required=bool(kv))
 
 
 def _pack_quantized(qc: dict, cfg: ModelConfig, weights: dict, inputs: dict | None,

@@ -62,7 +62,8 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     elif ckpt.hf_config:
         pre = read_quantization(ckpt.source, ckpt.hf_config, ckpt.config,
                                 getattr(ckpt, "tensor_names", list)())
-    calibrated = build_cfg.calib_file is not None
+    # kiln's default text: for the methods that need calibration (see with_default_calibration)
+    calibrated = build_cfg.calib_file is not None or default_calibration(build_cfg, pre)
     if pre is not None:
         if asked not in ("auto", pre.quant.method):
             raise BuildError(f"{ckpt.source} is already quantized ({pre.source}, "
@@ -114,7 +115,13 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         raise BuildError("--kv-cache-dtype int8 needs per-head scales from calibration: add "
                          "--calib-file TEXT, or use --kv-cache-dtype fp8 (scale 1.0 "
                          "without calibration)")
-    if calibrated and not uses_calibration(quant.method, quant.activation_scheme, kv):
+    if calibrated and not uses_calibration(quant.method, quant.activation_scheme, kv,
+                                           pre is not None):
+        if pre is not None:
+            raise BuildError(f"--calib-file has no effect on {ckpt.source}: it is already "
+                             f"quantized ({pre.source}, {quant.method}, its scales stored), "
+                             "and calibration would only set fp8/int8 KV cache scales "
+                             f"(--kv-cache-dtype {kv} here); drop it")
         raise BuildError(f"--calib-file has no effect with --quantization {quant.method} and "
                          f"--kv-cache-dtype {kv}: calibration sets static FP8 input scales, "
                          f"{'/'.join(CALIBRATED_METHODS)}'s statistics and fp8/int8 KV "
@@ -122,11 +129,14 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     return QuantPlan(quant, kv, pre, source)
 
 
-def uses_calibration(method: str, activation_scheme: str, kv_cache_dtype: str) -> bool:
+def uses_calibration(method: str, activation_scheme: str, kv_cache_dtype: str,
+                     prequantized: bool = False) -> bool:
     """Whether calibration text changes an engine of these settings (activation_scheme:
-    "auto" counts as static, which calibration makes it)."""
-    return method in CALIBRATED_METHODS or kv_cache_dtype in ("fp8", "int8") or (
-        method == "fp8" and activation_scheme in ("static", "auto"))
+    "auto" counts as static, which calibration makes it). A pre-quantized checkpoint
+    keeps its own weights and input scales: only KV cache scales are calibrated."""
+    return kv_cache_dtype in ("fp8", "int8") or not prequantized and (
+        method in CALIBRATED_METHODS or method == "fp8" and activation_scheme in (
+            "static", "auto"))
 
 
 INT_WEIGHT_METHODS = ("int8_wo", "int4_wo", "int4_awq", "int4_gptq")
@@ -144,9 +154,17 @@ def head_method(asked: str, method: str) -> str:
     return method if asked == "auto" or method == "int8_wo" else asked
 
 
-def with_default_calibration(build_cfg: BuildConfig) -> BuildConfig:
+def default_calibration(build_cfg: BuildConfig, pre: Prequantized | None) -> bool:
+    """Whether the build calibrates on kiln's own text: a method that needs calibration,
+    no --calib-file, and float weights (a checkpoint already quantized with it, a W8A8
+    one as int8_sq, is calibrated only for an fp8 / int8 KV cache)."""
+    return build_cfg.quantization in CALIBRATED_METHODS and not build_cfg.calib_file and (
+        pre is None or build_cfg.kv_cache_dtype in ("fp8", "int8"))
+
+
+def with_default_calibration(build_cfg: BuildConfig, plan: QuantPlan) -> BuildConfig:
     """A method that needs calibration and no --calib-file: kiln's own text."""
-    if build_cfg.quantization not in CALIBRATED_METHODS or build_cfg.calib_file:
+    if not default_calibration(build_cfg, plan.prequantized):
         return build_cfg
     if not DEFAULT_CALIBRATION_TEXT.is_file():
         raise BuildError(f"--quantization {build_cfg.quantization} needs calibration text and "
