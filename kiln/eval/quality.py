@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ def is_float(overrides: dict[str, str]) -> bool:
     return set(overrides) <= {"dtype"}
 
 
+def prequantized_source(model: str | None) -> bool:
+    """Whether model is a HF folder already quantized (its weights and input scales kept,
+    so only KV cache scales are calibrated: kiln.build.quantize.uses_calibration)."""
+    folder = Path(model) if model else None
+    if folder is None or not folder.is_dir():
+        return False
+    if (folder / "hf_quant_config.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False  # the build says what is wrong with it
+    return isinstance(config, dict) and config.get("quantization_config") is not None
+
+
 def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
     from kiln.build.quantize import uses_calibration
     from kiln.config import build_config_from_args, limits_from_args
@@ -77,6 +93,7 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
         Path(calib_file).write_text(text[half:], encoding="utf-8")
         text = text[:half]
     base = build_config_from_args(args)
+    pre = prequantized_source(args.model)
     rows = []
     try:
         for name, overrides in formats:
@@ -84,7 +101,7 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
             if cfg.kv_cache_dtype == "int8" or cfg.activation_scheme == "static":
                 cfg = dataclasses.replace(cfg, calib_file=calib_file)
             if not uses_calibration(cfg.quantization, cfg.activation_scheme,
-                                    cfg.kv_cache_dtype):  # the float reference, say
+                                    cfg.kv_cache_dtype, pre):  # the float reference, say
                 cfg = dataclasses.replace(cfg, calib_file=None)
             print(f"kiln: format {name}", flush=True)
             llm = LLM(args.model, cfg, device=args.device, **limits_from_args(args))
