@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from typing import NoReturn
 
 MODES = ("kiln.bench.offline", "kiln.bench.serving")
 
 
+class ModeParser(argparse.ArgumentParser):
+    """A mode's options: a bad one (`--output-len 0`, `--input-len abc`, an unknown
+    option) is one line, `kiln: error: ...` with exit code 2, as kiln's other mistakes
+    are, rather than the mode's 28-line usage and then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kiln: error: {message} (see {self.prog} --help)\n")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: one mode each (see kiln bench --help)")
-    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE",
+                             parser_class=ModeParser)
     for module in MODES:
         importlib.import_module(module).add_parser(modes)

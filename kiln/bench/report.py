@@ -84,17 +84,19 @@ def plot_lines(path: Path, title: str, x_label: str, x: Sequence[float],
     FigureCanvasAgg(fig)
     for i, (y_label, series) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        drawn = False
         for name, values in series.items():
             points = [(a, b) for a, b in zip(x, values) if b is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
+                drawn = True
         if len(x) > 1 and min(x) > 0:
             ax.set_xscale("log", base=2)
         ax.set_xticks(list(x), [str(v) for v in x])
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
-        if any(len(v) for v in series.values()):
+        if drawn:  # a panel with no value (TPOT, ITL of 1-token answers) has no legend
             ax.legend(fontsize=8)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from kiln.bench.report import check_writable, format_table, plot_lines, summarize, write_json
 from kiln.checkpoint.word_tokenizer import COMMON_WORDS
+from kiln.config import int_in
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,9 @@ def add_parser(modes: argparse._SubParsersAction) -> None:
                    help="comma-separated levels (default: 1,4,16,64)")
     p.add_argument("--num-prompts", type=_int_list, default=(64,),
                    help="requests per level: one count, or one per level (e.g. 16,64,256)")
-    p.add_argument("--input-len", type=int, default=128, help="prompt length, in words")
-    p.add_argument("--output-len", type=int, default=64, help="max_tokens of each request")
+    p.add_argument("--input-len", type=int_in(1), default=128, help="prompt length, in words")
+    p.add_argument("--output-len", type=int_in(1), default=64,
+                   help="max_tokens of each request")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
@@ -278,8 +280,6 @@ def cmd_serving(args: argparse.Namespace) -> None:
 
     from kiln.errors import KilnError
 
-    if args.output_len < 1 or args.input_len < 1:
-        raise KilnError("--input-len and --output-len must be at least 1")
     check_writable(args.out, "--out")
     cfg = ServingBenchConfig(url=args.url, model=args.model, concurrency=args.concurrency,
                              num_prompts=args.num_prompts, input_len=args.input_len,

@@ -21,6 +21,13 @@ def sequence_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
 
 def perplexity(engine: LLMEngine, token_ids: list[int], window: int = 1024) -> float:
     """exp(mean NLL) over non-overlapping windows (each window starts fresh)."""
+    return scored_perplexity(engine, token_ids, window)[0]
+
+
+def scored_perplexity(engine: LLMEngine, token_ids: list[int], window: int = 1024
+                      ) -> tuple[float, int]:
+    """(perplexity, tokens scored): each window's first token has no context to be
+    scored with, nor has a last window of one token, so fewer are scored than read."""
     nll, count = 0.0, 0
     for start in range(0, len(token_ids) - 1, window):
         chunk = token_ids[start:start + window]
@@ -30,7 +37,7 @@ def perplexity(engine: LLMEngine, token_ids: list[int], window: int = 1024) -> f
         targets = torch.tensor(chunk[1:])
         nll += torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="sum").item()
         count += len(chunk) - 1
-    return math.exp(nll / count)
+    return math.exp(nll / count), count
 
 
 def check_file(path: str | Path) -> Path:
@@ -64,7 +71,7 @@ def check_perplexity_options(window: int, max_tokens: int | None,
 
 def text_perplexity(engine: LLMEngine, text: str, window: int,
                     max_tokens: int | None = None) -> tuple[float, int, int]:
-    """(perplexity, tokens, window) of a text on the engine."""
+    """(perplexity, tokens scored, window) of a text on the engine."""
     check_perplexity_options(window, max_tokens)
     if engine.tokenizer is None:
         raise KilnError("this engine has no tokenizer, so it cannot read text")
@@ -72,7 +79,7 @@ def text_perplexity(engine: LLMEngine, text: str, window: int,
     if len(ids) < 2:
         raise KilnError("the text holds fewer than 2 tokens")
     window = min(window, engine.max_seq_len)
-    return perplexity(engine, ids, window), len(ids), window
+    return (*scored_perplexity(engine, ids, window), window)
 
 
 def add_parser(sub) -> None:
@@ -106,4 +113,4 @@ def _cmd_perplexity(args: argparse.Namespace) -> None:
     text = read_text(args.file)
     llm = open_llm(args)
     ppl, count, window = text_perplexity(llm.engine, text, args.window, args.max_tokens)
-    print(f"perplexity {ppl:.4f} over {count} tokens (window {window})")
+    print(f"perplexity {ppl:.4f} over {count} tokens scored (window {window})")

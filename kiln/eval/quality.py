@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nquality vs {result['reference_format']}: perplexity over "
-          f"{result['formats'][0]['perplexity_tokens']} tokens, {result['num_samples']} "
+          f"{result['formats'][0]['perplexity_tokens']} tokens scored, {result['num_samples']} "
           f"summaries of {result['max_tokens']} tokens max")
     print(f"{'format':<16}{'perplexity':>12}{'delta':>10}{'delta %':>9}"
           f"{'ROUGE-L vs float':>18}{'ROUGE-L vs ref':>16}")
