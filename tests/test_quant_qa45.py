@@ -348,3 +348,29 @@ def test_numeric_options_of_the_right_type_still_build(tiny, tmp_path):
     build(tiny[0], tmp_path / "e", BuildConfig(**CFG, quantization="int8_sq", smooth_alpha=1,
                                                calib_samples=2, calib_seq_len=32),
           progress=False)
+
+
+# ---- FP8 / int8 weights stored as floats: exact codes load, anything else is refused ----
+@pytest.mark.parametrize("kind", ["fp8", "w8a8"])
+@pytest.mark.parametrize("codes", [True, False])
+def test_float_stored_quantized_weight(kind, codes, tiny, tmp_path, capsys):
+    from kiln.cli import main
+
+    folder = tmp_path / "ckpt"
+    (_fp8 if kind == "fp8" else _w8a8)(tiny[1], folder)
+    engine = build(folder, tmp_path / "ref", BuildConfig(**CFG), progress=False)
+    state = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    state[name] = state[name].float() if codes else state[name].float() + 0.25
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    code = main(["build", str(folder), "-o", str(tmp_path / "e"), "--dtype", "float32"])
+    err = capsys.readouterr().err.strip()
+    if codes:  # the same engine as from the 1-byte tensor
+        assert code == 0, err
+        want = load_file(str(engine / "rank0.safetensors"))
+        got = load_file(str(tmp_path / "e" / "rank0.safetensors"))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        return
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"checkpoint tensor {name!r} is float32 with values that are not" in err
+    assert "Traceback" not in err and not (tmp_path / "e").exists()

@@ -333,6 +333,7 @@ def load_model(ckpt: Checkpoint, build_cfg: BuildConfig, mapping: Mapping,
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CODES = (torch.float8_e4m3fn, torch.int8)  # quantized weights' parameter dtypes
 
 
 def _check_values(hf_name: str, tensor: torch.Tensor, param: torch.nn.Parameter,
@@ -340,12 +341,20 @@ def _check_values(hf_name: str, tensor: torch.Tensor, param: torch.nn.Parameter,
     """What a checkpoint tensor cannot hold: NaN / Inf (one min/max pass, as it is loaded),
     or, in a checkpoint without quantization_config, integers / FP8 where the parameter
     takes float weights (they would be cast silently; a quantized format's loaders say
-    what they take)."""
+    what they take); in a quantized one, floats that are not the FP8 / int8 codes the
+    parameter holds."""
     if unquantized and param.dtype in _FLOATS and tensor.dtype not in _FLOATS:
         raise CheckpointError(
             f"checkpoint tensor {hf_name!r} is {str(tensor.dtype).removeprefix('torch.')} "
             "where kiln expects float weights, and config.json has no quantization_config "
             "saying how to read it; is it from a quantized export whose config was lost?")
+    if not unquantized and param.dtype in _CODES and tensor.dtype in _FLOATS and \
+            not torch.equal(tensor.to(param.dtype).to(tensor.dtype), tensor):  # (codes
+        # stored as floats load as they are; kiln's own methods quantize float weights)
+        raise CheckpointError(
+            f"checkpoint tensor {hf_name!r} is {str(tensor.dtype).removeprefix('torch.')} with "
+            f"values that are not {str(param.dtype).removeprefix('torch.')} codes, where the "
+            "checkpoint's quantization_config stores quantized weights; re-export it")
     if tensor.dtype in _FLOATS and tensor.numel():
         low, high = torch.aminmax(tensor)
         if not (torch.isfinite(low) and torch.isfinite(high)):
