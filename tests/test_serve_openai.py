@@ -21,6 +21,7 @@ def test_models(client):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert models[0].model_extra["chat_template"] is True  # kiln's field (the playground's)
 
 
 def test_completions_match_engine(client, reference):

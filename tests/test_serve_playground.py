@@ -107,8 +107,8 @@ def test_answer_streams_with_ttft_and_tokens_per_second(page, keyed_server):
 
 
 def _chat_bodies(page) -> list[dict]:
-    """The bodies of the page's chat and completion requests from now on (not the
-    template probe's, max_tokens 1 with one message)."""
+    """The bodies of the page's chat and completion requests from now on (max_tokens 1
+    left out)."""
     bodies: list[dict] = []
 
     def seen(request):
@@ -269,4 +269,5 @@ def test_a_model_without_a_chat_template_gets_plain_completions(page, no_templat
             assert bodies[-1]["prompt"] == question and "messages" not in bodies[-1]
         assert page.locator("#log .msg.error").count() == 0
         chat = [u for u in page.requested if u.endswith("/v1/chat/completions")]
-        assert len(chat) == 1  # the probe only
+        assert chat == []  # /v1/models said so: no chat request at all
+        assert httpx.get(served.v1 + "/models").json()["data"][0]["chat_template"] is False

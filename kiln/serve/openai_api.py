@@ -38,7 +38,9 @@ async def get_model(model: str, ctx: ServeContext = Depends(get_context)) -> Mod
 
 
 def _model_card(ctx: ServeContext) -> ModelCard:
-    return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.llm.max_seq_len)
+    tokenizer = ctx.llm.tokenizer
+    return ModelCard(id=ctx.model_name, created=ctx.created, max_model_len=ctx.llm.max_seq_len,
+                     chat_template=bool(tokenizer is not None and tokenizer.chat_template))
 
 
 @router.post("/v1/completions", response_model=None)

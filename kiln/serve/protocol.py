@@ -209,6 +209,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "kiln"
     max_model_len: int | None = None
+    # kiln's own field: whether /v1/chat/completions can template messages for this model
+    # (without a template only /v1/completions takes prompts; the playground reads it).
+    chat_template: bool | None = None
 
 
 class ModelList(BaseModel):

@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 const history = [];  // the conversation as the next request sends it
 let running = null;  // the answer streaming now: { controller, stopped }
 let plain = false;  // the model has no chat template: plain completions of the typed text
+const templates = {};  // model id -> whether it has a chat template (/v1/models says)
 // The server's 400 for a chat request to a model without a chat template (kiln.tokenizer).
 const NO_TEMPLATE = /no chat template/i;
 
@@ -59,30 +60,16 @@ async function loadModels() {
     if (!response.ok) throw new Error(await errorText(response));
     const body = await response.json();
     select.replaceChildren();
-    for (const m of body.data) select.add(new Option(m.id, m.id));
+    for (const m of body.data) {
+      select.add(new Option(m.id, m.id));
+      templates[m.id] = m.chat_template;  // kiln's field; absent elsewhere: chat
+    }
   } catch (e) {
     setStats("models: " + e.message, true, "models");
     return;
   }
   if ($("stats").dataset.kind === "models") setStats("", true);  // a wrong key's 401, say
-  await checkTemplate();
-}
-
-// Whether the model has a chat template, before anything is typed: a one-token chat
-// request (the model list does not say). Without one, messages go out as plain
-// completions. A probe that fails otherwise leaves chat on; a send that meets the 400
-// switches then.
-async function checkTemplate() {
-  try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), body: JSON.stringify({
-        model: $("model").value, messages: [{ role: "user", content: "Hi" }], max_tokens: 1 }),
-    });
-    if (response.status === 400) setPlain(NO_TEMPLATE.test(await errorText(response)));
-    else if (response.ok) setPlain(false);
-  } catch (e) {
-    // unreachable now: the next send says so
-  }
+  setPlain(templates[$("model").value] === false);
 }
 
 function requestBody(prompt) {
@@ -132,7 +119,7 @@ async function send() {
     if (!plain && response.status === 400) {
       const message = await errorText(response);
       if (!NO_TEMPLATE.test(message)) throw new Error(message);
-      setPlain(true);  // the probe did not find out: say so now, and send it as text
+      setPlain(true);  // /v1/models did not say (another server): now send it as text
       response = await post(prompt, run);
     }
     if (!response.ok) throw new Error(await errorText(response));
