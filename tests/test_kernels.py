@@ -560,6 +560,24 @@ def test_cpu_linears_prepacked_for_onednn(tiny_engines, monkeypatch):
     torch.testing.assert_close(got, sequence_logits(plain, tokens), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])
+def test_cpu_linear_takes_the_packed_weight_from_four_rows(rows, monkeypatch):
+    """Decode of 1-3 sequences reads the plain weight (MKL's GEMV is faster there), more rows
+    the oneDNN packing; the same product either way."""
+    from kiln import functional as KF
+
+    if KF.pack_cpu_weight(torch.randn(8, 4)) is None:
+        pytest.skip("this torch has no oneDNN packing")
+    w, x = torch.randn(48, 32), torch.randn(rows, 32)
+    calls = []
+    plain = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda *a, **k: calls.append(1) or plain(*a, **k))
+    got = KF.linear(x, w, None, KF.pack_cpu_weight(w))
+    torch.testing.assert_close(got, x @ w.T, atol=1e-5, rtol=1e-5)
+    assert bool(calls) == (rows < KF.PACKED_MIN_ROWS) and KF.PACKED_MIN_ROWS == 4
+
+
 def test_cpu_kv_writes_keep_the_pool_finite():
     """kv_finite (the CPU runtime's zeroed pool): a request whose K/V overflow writes
     finite numbers, so another request's padded gather over that block stays finite.
