@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through oneDNN
     from PACKED_MIN_ROWS rows (2-3.5x faster than a plain GEMM at 8 rows, which repacks it
-    every time; below, the plain weight's GEMV is faster)."""
+    every time)."""
     if packed is not None and not x.is_cuda and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                                "none", [], "")
@@ -69,9 +69,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
-# Below 4 rows (decode of 1-3 sequences) the plain weight is faster: MKL's GEMV streams it
-# from memory where the packed layout costs more. SmolLM2 on the 2-core CPU, ms a decode
-# step plain / packed: 1 row 37 / 44, 2 rows 37 / 46, 3 rows 41 / 48, 4 rows 57 / 49.
+# Below 4 rows the plain weight (MKL's GEMV) is faster. SmolLM2 on the 2-core CPU, ms a
+# decode step plain / packed: 1 row 37 / 44, 2 rows 37 / 46, 3 rows 41 / 48, 4 rows 57 / 49.
 PACKED_MIN_ROWS = int(os.environ.get("KILN_CPU_PACK_MIN_ROWS", "4"))
 
 
