@@ -60,8 +60,7 @@ def rms_norm(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b. On the CPU a weight prepacked by prepack_cpu_linears goes through oneDNN
-    from PACKED_MIN_ROWS rows (2-3.5x faster than a plain GEMM at 8 rows, which repacks it
-    every time)."""
+    from PACKED_MIN_ROWS rows (2-3.5x faster at 8 rows than a plain GEMM's repacking)."""
     if packed is not None and not x.is_cuda and x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias,
                                                "none", [], "")
