@@ -103,7 +103,8 @@ def test_folder_without_keys_runs_as_transformers_loads_it(arch, drop, tmp_path)
 
 # ---- D2 / D10: a folder with tokenizer.model only -------------------------------------------
 
-def _train_sentencepiece(kind: str, vocab_size: int) -> bytes:
+def _train_sentencepiece(kind: str, vocab_size: int, **options) -> bytes:
+    """A tiny SentencePiece model (sentencepiece's own trainer) as tokenizer.model bytes."""
     import io
     import random
 
@@ -117,7 +118,7 @@ def _train_sentencepiece(kind: str, vocab_size: int) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
         model_type=kind, byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
-        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2, **options)
     return model.getvalue()
 
 

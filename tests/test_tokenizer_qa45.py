@@ -7,10 +7,8 @@ a unigram tokenizer.model is converted."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 
@@ -21,24 +19,9 @@ from kiln.config import BuildConfig
 from kiln.errors import CheckpointError
 from kiln.tokenizer import Tokenizer
 from tests.conftest import make_hf_model
+from tests.test_hf_layouts_qa44 import _train_sentencepiece as _train
 
 F32 = BuildConfig(dtype="float32", max_seq_len=64)
-
-
-def _train(kind: str, vocab_size: int, **options) -> bytes:
-    """A tiny SentencePiece model (sentencepiece's own trainer) as tokenizer.model bytes."""
-    import sentencepiece as spm
-
-    words = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog. "
-             "Hello world, this is a tiny tokenizer for kiln.").split()
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(500)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-        model_type=kind, byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
-        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2, **options)
-    return model.getvalue()
 
 
 @pytest.fixture(scope="module")
