@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiln.config import add_build_arguments, build_config_from_args, limits_from_args
+from kiln.config import OneLineParser, add_build_arguments, build_config_from_args, limits_from_args
 from kiln.errors import KilnError
 
 SPEC_HELP = ("speculative decoding, JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": 4} "
@@ -110,9 +110,9 @@ def _main(argv: list[str] | None) -> int:
 
         choose_openmp_wait()  # before torch is imported (the subcommands below import it)
 
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    parser = OneLineParser(prog="kiln", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("build", help="build a HF folder or GGUF file into an engine dir")
     p.add_argument("source", nargs="?", help="HF folder or .gguf (default: SmolLM2-135M)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from kiln.model_config import (  # noqa: F401  (re-exported)
     ACTIVATIONS,
@@ -101,6 +101,14 @@ def int_in(low: int, high: int | None = None, what: str = "a whole number"
 
     return parse
 
+
+class OneLineParser(argparse.ArgumentParser):
+    """kiln's command-line parsers: a bad option (`--port abc`, `--output-len 0`, an unknown
+    one) is one line, `kiln: error: ...` with exit code 2, as kiln's other mistakes are,
+    rather than the command's whole usage and then the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"kiln: error: {message} (see {self.prog} --help)\n")
 
 def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True,
                         runtime: bool = True) -> None:

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import NoReturn
+
+from kiln.config import OneLineParser
 
 MODES = ("kiln.bench.offline", "kiln.bench.serving")
 
 
-class ModeParser(argparse.ArgumentParser):
-    """A mode's options: a bad one (`--output-len 0`, `--input-len abc`, an unknown
-    option) is one line, `kiln: error: ...` with exit code 2, as kiln's other mistakes
-    are, rather than the mode's 28-line usage and then the error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"kiln: error: {message} (see {self.prog} --help)\n")
+# A mode's options: a bad one is one line (kiln.config.OneLineParser).
+ModeParser = OneLineParser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
