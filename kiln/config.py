@@ -110,6 +110,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"kiln: error: {message} (see {self.prog} --help)\n")
 
+
 def add_build_arguments(p: argparse.ArgumentParser, limits: bool = True,
                         runtime: bool = True) -> None:
     """The build options of `kiln build | run | serve | bench | eval` (limits: the

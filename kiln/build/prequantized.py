@@ -111,11 +111,9 @@ def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
     return GGUFBlocks(QuantConfig("gguf", layers=layers), None, "gguf")
 
 
-def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig,
-                      names: list[str] | None = None) -> Prequantized | None:
-    """The scheme of a HF folder, None for a float checkpoint; CheckpointError if kiln
-    cannot read it. names: the checkpoint's tensor names, where known (AWQ / GPTQ layers
-    stored in float are found by them)."""
+def quantization_config(folder: Path, hf_config: dict) -> object:
+    """What a HF folder says of its quantization: config.json's quantization_config, else
+    an older modelopt export's hf_quant_config.json (as one); None for float weights."""
     qc = hf_config.get("quantization_config")
     legacy = folder / "hf_quant_config.json"
     if qc is None and legacy.is_file():
@@ -125,6 +123,15 @@ def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig,
             raise CheckpointError(f"{legacy} is not valid JSON: {e}") from None
         qc = {"quant_method": "modelopt",
               **as_object(data.get("quantization", {}), f"{legacy}'s \"quantization\"")}
+    return qc
+
+
+def read_quantization(folder: Path, hf_config: dict, cfg: ModelConfig,
+                      names: list[str] | None = None) -> Prequantized | None:
+    """The scheme of a HF folder, None for a float checkpoint; CheckpointError if kiln
+    cannot read it. names: the checkpoint's tensor names, where known (AWQ / GPTQ layers
+    stored in float are found by them)."""
+    qc = quantization_config(folder, hf_config)
     if qc is None:
         return None
     qc = as_object(qc, f"{folder / 'config.json'}'s quantization_config")

@@ -51,16 +51,20 @@ def is_float(overrides: dict[str, str]) -> bool:
 def prequantized_source(model: str | None) -> bool:
     """Whether model is a HF folder already quantized (its weights and input scales kept,
     so only KV cache scales are calibrated: kiln.build.quantize.uses_calibration)."""
+    from kiln.build.prequantized import quantization_config
+
     folder = Path(model) if model else None
     if folder is None or not folder.is_dir():
         return False
-    if (folder / "hf_quant_config.json").is_file():
-        return True
-    try:
+    try:  # (a damaged file: the build says what is wrong with it)
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return False  # the build says what is wrong with it
-    return isinstance(config, dict) and config.get("quantization_config") is not None
+        config = {}
+    try:
+        return quantization_config(folder, config if isinstance(config, dict) else {}) \
+            is not None
+    except KilnError:
+        return False
 
 
 def run(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
