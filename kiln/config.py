@@ -201,7 +201,8 @@ WEIGHT_OPTIONS = ("dtype", "quantization", "kv_cache_dtype", "tp_size", "pp_size
                   "smooth_alpha", "act_order", "calib_file", "load_format")
 _CHOICES = (("dtype", ("auto", *DTYPES)), ("quantization", QUANTIZATIONS),
             ("kv_cache_dtype", KV_CACHE_DTYPES), ("activation_scheme", ACTIVATION_SCHEMES),
-            ("load_format", LOAD_FORMATS), ("quantize_lm_head", ("", *LM_HEAD_QUANTIZATIONS)))
+            ("load_format", LOAD_FORMATS),
+            ("quantize_lm_head", ("", *LM_HEAD_QUANTIZATIONS, "gguf")))  # gguf: recorded only
 
 
 # The numeric build options and the type each takes (a float option takes an int too).

@@ -13,6 +13,7 @@ from pathlib import Path
 from kiln.build import build
 from kiln.build.builder import planned_max_seq_len
 from kiln.build.engine_dir import is_engine_dir, load_engine_config, resolve_dtype
+from kiln.build.quantize import keep_gguf_quantized
 from kiln.build.scratch import leftovers, remove_leftover
 from kiln.checkpoint import open_checkpoint, source_fingerprint
 from kiln.config import LIMITS, WEIGHT_OPTIONS, BuildConfig, check_choices
@@ -68,6 +69,9 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     weights = {k: v for k, v in resolved.to_dict().items() if k not in LIMITS and (k, v) not in
                (("load_format", "stored"), ("quantize_lm_head", ""))}  # keys from
     # before those fields stay
+    if path.suffix == ".gguf" and weights["quantization"] == "auto":  # kept blocks or not
+        weights["quantization"] = "gguf" if keep_gguf_quantized("auto", build_cfg.dtype) \
+            else "auto"  # (auto: the key of a dequantized build, as before)
     if weights.get("calib_file"):  # calibrated weights depend on the text, not its name
         weights["calib_file"] = _file_identity(Path(weights["calib_file"]))
     key = hashlib.sha256(json.dumps([fingerprint, weights],

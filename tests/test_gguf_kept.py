@@ -22,6 +22,7 @@ from kiln.checkpoint.gguf import GGUFCheckpoint
 from kiln.config import BuildConfig
 from kiln.errors import BuildError
 from kiln.eval import sequence_logits
+from kiln.kernels import cpu_int
 from kiln.kernels.reference import dequantize_int_weight
 from tests.conftest import smollm2_gguf
 from tests.test_gguf import (
@@ -86,23 +87,36 @@ def _logits(engine_dir: Path) -> torch.Tensor:
     return sequence_logits(LLM(engine_dir, device="cpu").engine, TOKENS)
 
 
-def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine):
+def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine, monkeypatch):
     kept = build(smollm2_gguf(), tmp_path / "kept", BuildConfig(
         dtype="float32", max_seq_len=256, quantization="gguf"), progress=False)
     plain = smollm2_engine
-    if load_engine_config(plain).build.quantization != "none":  # auto keeps on CUDA
-        plain = build(smollm2_gguf(), tmp_path / "plain", BuildConfig(
+    if load_engine_config(plain).build.quantization != "none":  # auto keeps on CUDA and
+        plain = build(smollm2_gguf(), tmp_path / "plain", BuildConfig(  # kiln's CPU kernel
             dtype="float32", max_seq_len=256, quantization="none"), progress=False)
     cfg = load_engine_config(kept).build
-    assert (cfg.quantization, cfg.quant_source) == ("gguf", "gguf")
+    assert (cfg.quantization, cfg.quant_source, cfg.quantize_lm_head) == ("gguf", "gguf", "gguf")
+    # the Q4_1 linears, and the Q8_0 embedding kept a second time as the tied LM head
+    assert cfg.quant_layers.pop("lm_head") == "int8_g32"
     assert set(cfg.quant_layers.values()) == {"int4_g32_offset"}
     assert len(cfg.quant_layers) == 30 * 4
     state = load_file(str(kept / "rank0.safetensors"))
     assert state["model.layers.0.self_attn.qkv_proj.weight"].shape == (576 + 2 * 192, 288)
     assert state["model.layers.0.self_attn.qkv_proj.weight"].dtype == torch.uint8
-    assert torch.equal(_logits(kept), _logits(plain))
+    assert state["lm_head.weight"].dtype == torch.int8
+    assert state["lm_head.weight_scale"].shape == (49152, 576 // 32)
+    rows = TOKENS[:cpu_int.MAX_ROWS]  # a step kiln.kernels.cpu_int takes, where it runs
+    kernel = sequence_logits(LLM(kept, device="cpu").engine, rows)
+    monkeypatch.setattr(cpu_int, "_library", None)  # the reference: dequantized weights
+    monkeypatch.setattr(cpu_int, "_tried", True)
+    assert torch.equal(_logits(kept), _logits(plain))  # the values llama.cpp dequantizes
+    reference = sequence_logits(LLM(kept, device="cpu").engine, rows)
+    # float32 sums in another order: 1.5e-3 at most here (logits up to 36), where the
+    # dequantized engine and transformers differ by 8.8e-3
+    torch.testing.assert_close(kernel, reference, rtol=0, atol=5e-3)
+    assert torch.equal(kernel.argmax(-1), reference.argmax(-1))
     size = sum(f.stat().st_size for f in kept.iterdir() if f.is_file())
-    assert size < 0.4 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
+    assert size < 0.45 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
 
 
 MIXED = {  # HF projection -> GGUF type, as Q4_K_M-style files mix them
@@ -112,10 +126,14 @@ MIXED = {  # HF projection -> GGUF type, as Q4_K_M-style files mix them
 }
 
 
-def _write_mixed(path: Path, layer1_down: Q = Q.F16) -> None:
+def _write_mixed(path: Path, layer1_down: Q = Q.F16, head: Q | None = None,
+                 tied: bool = False) -> None:
     """A tiny llama GGUF, one type per projection (MIXED); layer 1's down_proj in
-    `layer1_down`; random blocks with finite scales."""
+    `layer1_down`; output.weight in `head` (float if None), or, tied, no output.weight
+    and token_embd in `head`; random blocks with finite scales."""
     state = _hf_state("llama")
+    if tied:
+        del state["lm_head.weight"]
     w = gguf.GGUFWriter(path, "llama")
     for add, value in ((w.add_block_count, LAYERS), (w.add_context_length, 2048),
                        (w.add_embedding_length, HIDDEN), (w.add_feed_forward_length, FFN),
@@ -126,6 +144,8 @@ def _write_mixed(path: Path, layer1_down: Q = Q.F16) -> None:
         qtype = next((t for p, t in MIXED.items() if f".{p}." in name), None)
         if name == "model.layers.1.mlp.down_proj.weight":
             qtype = layer1_down
+        if name == ("model.embed_tokens.weight" if tied else "lm_head.weight"):
+            qtype = head
         if qtype is None or x.ndim == 1:
             w.add_tensor(_gguf_name(name), x)
         elif qtype == Q.F16:
@@ -168,11 +188,49 @@ def test_mixed_types_kept_engine_is_bit_identical(tmp_path):
     assert torch.equal(got, want)
 
 
-def test_default_keeps_blocks_on_cuda_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head, tied", [(Q.Q6_K, False), (Q.Q8_0, True), (Q.Q4_0, True)],
+                         ids=["Q6_K-output", "Q8_0-tied", "Q4_0-tied"])
+def test_quantized_lm_head_is_kept(tmp_path, monkeypatch, head, tied):
+    """output.weight (or the token_embd a head is tied to) in a kept type: the head keeps
+    its blocks (the embedding, tied, looks up float values); the same logits as a
+    dequantized engine, and through kiln's CPU kernel close to them."""
+    path = tmp_path / "head.gguf"
+    _write_mixed(path, head=head, tied=tied)
+    opts = dict(dtype="float32", max_seq_len=256)
+    kept = build(path, tmp_path / "kept", BuildConfig(quantization="gguf", **opts),
+                 progress=False)
+    plain = build(path, tmp_path / "plain", BuildConfig(quantization="none", **opts),
+                  progress=False)
+    built = load_engine_config(kept)
+    assert built.model.tie_word_embeddings == tied
+    assert built.build.quant_layers["lm_head"] == layer_spec([head])
+    assert built.build.quantize_lm_head == "gguf"
+    state = load_file(str(kept / "rank0.safetensors"))
+    assert state["lm_head.weight"].dtype == (torch.uint8 if head == Q.Q4_0 else torch.int8)
+    assert state["model.embed_tokens.weight"].dtype == torch.float32
+    rows = TOKENS[:cpu_int.MAX_ROWS]
+    kernel = sequence_logits(LLM(kept, device="cpu").engine, rows)
+    monkeypatch.setattr(cpu_int, "_library", None)
+    monkeypatch.setattr(cpu_int, "_tried", True)
+    want = sequence_logits(LLM(plain, device="cpu").engine, rows)
+    assert torch.isfinite(want).all() and want.std() > 0
+    assert torch.equal(sequence_logits(LLM(kept, device="cpu").engine, rows), want)
+    # each layer's kernel sums are closer to float64 than float32 GEMM's (test_cpu_int);
+    # two random layers amplify either order's rounding to ~2e-4 of the largest logit
+    torch.testing.assert_close(kernel, want, rtol=0, atol=5e-4 * want.abs().max().item())
+
+
+def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch):
     path = tmp_path / "mixed.gguf"
     _write_mixed(path)
     ckpt = GGUFCheckpoint(path)
+    monkeypatch.setattr(cpu_int, "available", lambda: False)  # a CPU without the kernel
     assert plan_quantization(ckpt, BuildConfig()).quant.method == "none"
+    monkeypatch.setattr(cpu_int, "available", lambda: True)  # with it: float32 engines keep
+    plan = plan_quantization(ckpt, BuildConfig())
+    assert (plan.quant.method, plan.quant.lm_head) == ("gguf", "")  # (an F32 head here)
+    assert plan_quantization(ckpt, BuildConfig(dtype="bfloat16")).quant.method == "none"
+    monkeypatch.setattr(cpu_int, "available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     plan = plan_quantization(ckpt, BuildConfig())
     assert (plan.quant.method, plan.source) == ("gguf", "gguf")

@@ -80,14 +80,26 @@ class GGUFBlocks(Prequantized):
         from kiln.build.gguf_blocks import decode_blocks, to_storage
 
         specs = dict(self.quant.layers)
+        tied_head: dict[str, torch.Tensor] = {}
 
         def decode(hf_name: str, qtype, data, rows: int, cols: int):
-            spec = specs.get(kiln_linear(hf_name) or "", "none")
+            if hf_name == "model.embed_tokens.weight" and "lm_head" in specs:
+                if "lm_head.weight" not in types:  # the head is this tensor: kept for it,
+                    tied_head.update(to_storage(*decode_blocks(qtype, data, rows, cols),
+                                                specs["lm_head"]))
+                return None  # and the embedding looks up its float values
+            module = "lm_head" if hf_name == "lm_head.weight" else kiln_linear(hf_name)
+            spec = specs.get(module or "", "none")
             if spec == "none" or not hf_name.endswith(".weight"):
                 return None
             return to_storage(*decode_blocks(qtype, data, rows, cols), spec)
 
-        return ckpt.tensors(decoder=decode)  # type: ignore[call-arg]
+        types = getattr(ckpt, "tensor_types", dict)()
+        for name, tensor in ckpt.tensors(decoder=decode):  # type: ignore[call-arg]
+            yield name, tensor
+            while tied_head:
+                suffix, part = tied_head.popitem()
+                yield f"lm_head.{suffix}", part
 
 
 def kiln_linear(hf_name: str) -> str | None:
@@ -107,8 +119,13 @@ def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
         module = kiln_linear(hf_name)
         if module is not None and hf_name.endswith(".weight"):
             parts.setdefault(module, []).append(qtype)
+    # The LM head: output.weight, or the embedding it is tied to (no output.weight)
+    head = types.get("lm_head.weight", types.get("model.embed_tokens.weight"))
+    if head is not None and layer_spec([head]) != "none":
+        parts["lm_head"] = [head]
     layers = tuple(sorted((m, layer_spec(t)) for m, t in parts.items()))
-    return GGUFBlocks(QuantConfig("gguf", layers=layers), None, "gguf")
+    return GGUFBlocks(QuantConfig("gguf", layers=layers,
+                                  lm_head="gguf" if "lm_head" in parts else ""), None, "gguf")
 
 
 def quantization_config(folder: Path, hf_config: dict) -> object:

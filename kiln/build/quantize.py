@@ -37,13 +37,20 @@ class QuantPlan:
         return self.kv_cache_dtype if self.prequantized else "auto"
 
 
-def keep_gguf_quantized(asked: str) -> bool:
+def keep_gguf_quantized(asked: str, dtype: str = "auto") -> bool:
     """GGUF sources: whether the build keeps the file's quantized blocks. `auto` keeps
-    them where kiln runs its integer-weight kernels (CUDA: decode reads 4-8x fewer bytes
-    than bf16), and dequantizes on the CPU, where the reference GEMM dequantizes the
-    weight to float32 anyway (and keeps it), so keeping blocks saves neither time nor
-    memory there."""
-    return asked == "gguf" or (asked == "auto" and torch.cuda.is_available())
+    them where kiln has integer-weight kernels: CUDA (decode reads 4-8x fewer bytes than
+    bf16) and a float32 engine on a CPU that runs kiln.kernels.cpu_int (AVX-512F and a C
+    compiler; decode steps read the integers). Elsewhere the CPU multiplies dequantized
+    float32 weights anyway, so `auto` dequantizes at build."""
+    if asked != "auto":
+        return asked == "gguf"
+    if torch.cuda.is_available():
+        return True
+    from kiln.build.engine_dir import resolve_dtype
+    from kiln.kernels import cpu_int
+
+    return resolve_dtype(dtype) == torch.float32 and cpu_int.available()
 
 
 def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
@@ -53,7 +60,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
         raise BuildError(f"--quantization gguf keeps a GGUF file's quantized blocks; "
                          f"{ckpt.source} is not a GGUF file")
     pre: Prequantized | None = None
-    if gguf_types is not None and keep_gguf_quantized(asked):
+    if gguf_types is not None and keep_gguf_quantized(asked, build_cfg.dtype):
         pre = gguf_plan(gguf_types())
         if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
             check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32,
@@ -102,6 +109,9 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
                             group_size=group if method in INT_WEIGHT_METHODS else 0,
                             lm_head=head_method(build_cfg.quantize_lm_head, method))
         source = "kiln" if method != "none" else ""
+    if build_cfg.quantize_lm_head == "gguf":  # engine.json's record of a kept GGUF head
+        raise BuildError("--quantize-lm-head takes auto or int8_wo; a GGUF file's quantized "
+                         "LM head is kept by --quantization auto / gguf")
     if build_cfg.quantize_lm_head and (pre is not None or quant.method not in HEAD_METHODS):
         held = f"{ckpt.source} holds {pre.source} weights" if pre is not None else \
             f"--quantization {quant.method} has none"

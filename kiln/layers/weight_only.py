@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kiln import functional as KF
+from kiln.kernels import cpu_int
 from kiln.kernels.reference import INT8_MAX, MIN_AMAX, dequantize_int_weight, pack_int4
 from kiln.layers.linear import LinearBase
 from kiln.layers.quantization import LinearMethod, cpu_float_weight
@@ -86,11 +87,27 @@ class IntWeightMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         offset = layer.weight_offset if self.has_offset else None
-        # The CPU multiplies the dequantized weight.
+        if not x.is_cuda and cpu_int.takes(x.reshape(-1, x.shape[-1]), self.bits,
+                                           self.group_size or layer.in_features):
+            return self._cpu_kernel(layer, x, bias)
+        # Elsewhere the CPU multiplies the dequantized weight.
         weight_float, packed = cpu_float_weight(layer, x, lambda: dequantize_int_weight(
             layer.weight, layer.weight_scale, offset))
         return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
                                     weight_float, packed)
+
+    def _cpu_kernel(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+        """Decode-sized float32 steps on the CPU: kiln.kernels.cpu_int reads the integers
+        (its tile layout made at first use and kept, as cpu_float_weight keeps a float
+        weight)."""
+        tiled = getattr(layer, "_cpu_tiles", None)
+        if tiled is None:
+            tiled = layer._cpu_tiles = cpu_int.TiledWeight(
+                layer.weight, layer.weight_scale,
+                layer.weight_offset if self.has_offset else None)
+        y = tiled(x.reshape(-1, x.shape[-1]), bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def apply_glu(self, layer: LinearBase, x: torch.Tensor, act: int) -> torch.Tensor | None:
         """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
@@ -126,7 +143,7 @@ class IntWeightMethod(LinearMethod):
         """Replace the layer's parameters by q (values [out, in]), scale and offset."""
         for name in layer.method.param_names:
             delattr(layer, name)
-        layer._weight_float = layer._weight_packed = None
+        layer._weight_float = layer._weight_packed = layer._cpu_tiles = None
         self.create_weights(layer)
         layer.method = self
         layer.weight.data = pack_int4(q) if self.bits == 4 else q.to(torch.int8)

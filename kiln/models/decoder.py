@@ -280,8 +280,9 @@ class DecoderForCausalLM(nn.Module):
     # ---- building -------------------------------------------------------------------
     def weight_target(self, hf_name: str) -> tuple[str, object] | None:
         """Map an HF tensor name to (kiln parameter name, shard id); None to skip it."""
-        if self.config.tie_word_embeddings and hf_name == "lm_head.weight":
-            return None
+        if self.config.tie_word_embeddings and hf_name == "lm_head.weight" and \
+                self.lm_head.weight is self.model.embed_tokens.weight:
+            return None  # (a GGUF file's kept head has its own weight: loaded)
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
         parts = hf_name.split(".")
