@@ -30,6 +30,7 @@ from kiln.kernels.reference_quant import (  # noqa: F401  (re-exported: ref.quan
     quantize_fp8_per_token,
     quantize_int8_per_token,
     quantize_kv,
+    read_kv,
     unpack_int4,
 )
 from kiln.kernels.reference_sampling import (  # noqa: F401  (re-exported)
@@ -154,12 +155,11 @@ def paged_attention_decode(
     the longest, the padding (and, with a window, the keys before it) masked, and zeroed
     unless kv_finite (unwritten cache memory may hold NaN, which a zero weight does not
     cancel). Same results as the per-sequence loop."""
-    batch = len(seq_lens)
-    length = max(seq_lens)
+    batch, length = len(seq_lens), max(seq_lens)
     blocks, mask, drop, distance = _decode_layout(block_tables, seq_lens, k_cache.shape[1],
                                                   sliding_window, q.device, step_cache)
-    k = dequantize_kv(k_cache[blocks].flatten(1, 2)[:, :length], k_scale, q.dtype)
-    v = dequantize_kv(v_cache[blocks].flatten(1, 2)[:, :length], v_scale, q.dtype)
+    k, v = read_kv(k_cache, blocks, length, k_scale, q.dtype), \
+        read_kv(v_cache, blocks, length, v_scale, q.dtype)
     if key_rotary is not None:
         k = rotate_cached_keys(k, torch.arange(length, device=q.device), key_rotary)
     if not kv_finite:
@@ -263,8 +263,8 @@ def paged_attention(
         first = 0 if sliding_window is None else \
             max(seq_len - num_new - sliding_window + 1, 0) // block_size * block_size
         blocks = block_tables[i, first // block_size:-(-seq_len // block_size)].long()
-        k = dequantize_kv(k_cache[blocks].flatten(0, 1)[:seq_len - first], k_scale, q.dtype)
-        v = dequantize_kv(v_cache[blocks].flatten(0, 1)[:seq_len - first], v_scale, q.dtype)
+        k = read_kv(k_cache, blocks, seq_len - first, k_scale, q.dtype)
+        v = read_kv(v_cache, blocks, seq_len - first, v_scale, q.dtype)
         if key_rotary is not None:
             k = rotate_cached_keys(k, torch.arange(first, seq_len, device=q.device), key_rotary)
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
