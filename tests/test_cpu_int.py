@@ -113,3 +113,14 @@ def test_compiled_once_into_the_cache(monkeypatch, tmp_path):
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
     assert not list((tmp_path / "cpu_kernels").glob("*.so.*")) and \
         len(list((tmp_path / "cpu_kernels").iterdir())) == 1  # no temporary files left
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits, offset", [(4, True), (4, False), (8, False), (8, True)])
+def test_dequantize_is_the_reference_bit_for_bit(bits, offset):
+    """The float32 weight of prompt-sized steps: q * scale (+ offset), rounded after each
+    operation as the torch reference does (fp32 scales: products that round)."""
+    weight, scale, off = _storage(bits, 37, 192, 64, offset, seed=bits)
+    scale = scale * 1.2345678  # not a short fraction: the product rounds
+    assert torch.equal(cpu_int.dequantize(weight, scale, off),
+                       dequantize_int_weight(weight, scale, off))

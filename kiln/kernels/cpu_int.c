@@ -111,6 +111,31 @@ static inline __attribute__((always_inline)) void tile_rows(
     }
 }
 
+/* The float32 weight [N, K] of kiln's storage as stored (row-major, 4-bit pairs of k a
+ * byte, scale / offset [N, K / G]), multiplied then added as the reference dequantizes
+ * (bit for bit): prompt-sized steps multiply it with oneDNN. */
+void kiln_int_dequantize(int bits, long N, long K, int G, const uint8_t *wq,
+                         const float *scale, const float *offset, float *w, int nthreads) {
+    long groups = K / G;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long n = 0; n < N; n++) {
+        for (long g = 0; g < groups; g++) {
+            float d = scale[n * groups + g], o = offset ? offset[n * groups + g] : 0.0f;
+            float *out = w + n * K + g * G;
+            if (bits == 4) {
+                const uint8_t *p = wq + (n * K + g * G) / 2;
+                for (int k = 0; k < G; k += 2) {
+                    out[k] = (float)(p[k / 2] & 15) * d + o;
+                    out[k + 1] = (float)(p[k / 2] >> 4) * d + o;
+                }
+            } else {
+                const int8_t *p = (const int8_t *)wq + n * K + g * G;
+                for (int k = 0; k < G; k++) out[k] = (float)p[k] * d + o;
+            }
+        }
+    }
+}
+
 /* y [M, N] = x [M, K] W^T (+ bias [N]); bits 4 or 8; offset and bias may be NULL.
  * Returns 0, or -1 when memory for the group sums of x cannot be had. */
 int kiln_int_gemm(int bits, long M, long N, long K, int G, const float *x,

@@ -91,8 +91,9 @@ class IntWeightMethod(LinearMethod):
                                            self.group_size or layer.in_features):
             return self._cpu_kernel(layer, x, bias)
         # Elsewhere the CPU multiplies the dequantized weight.
-        weight_float, packed = cpu_float_weight(layer, x, lambda: dequantize_int_weight(
-            layer.weight, layer.weight_scale, offset))
+        weight_float, packed = cpu_float_weight(layer, x, lambda: (
+            cpu_int.dequantize if cpu_int.available() and not layer.weight.is_cuda
+            else dequantize_int_weight)(layer.weight, layer.weight_scale, offset))
         return KF.int_weight_linear(x, layer.weight, layer.weight_scale, offset, bias,
                                     weight_float, packed)
 
