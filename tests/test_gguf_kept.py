@@ -222,18 +222,20 @@ def test_quantized_lm_head_is_kept(tmp_path, monkeypatch, head, tied):
 
 def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch):
     path = tmp_path / "mixed.gguf"
-    _write_mixed(path)
+    _write_mixed(path, head=Q.Q8_0)
     ckpt = GGUFCheckpoint(path)
     monkeypatch.setattr(cpu_int, "available", lambda: False)  # a CPU without the kernel
     assert plan_quantization(ckpt, BuildConfig()).quant.method == "none"
     monkeypatch.setattr(cpu_int, "available", lambda: True)  # with it: float32 engines keep
-    plan = plan_quantization(ckpt, BuildConfig())
-    assert (plan.quant.method, plan.quant.lm_head) == ("gguf", "")  # (an F32 head here)
+    plan = plan_quantization(ckpt, BuildConfig())  # the layers and the head
+    assert (plan.quant.method, plan.quant.lm_head) == ("gguf", "gguf")
+    assert dict(plan.quant.layers)["lm_head"] == "int8_g32"
     assert plan_quantization(ckpt, BuildConfig(dtype="bfloat16")).quant.method == "none"
     monkeypatch.setattr(cpu_int, "available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = plan_quantization(ckpt, BuildConfig())
-    assert (plan.quant.method, plan.source) == ("gguf", "gguf")
+    plan = plan_quantization(ckpt, BuildConfig())  # CUDA: the layers (the head: not yet
+    assert (plan.quant.method, plan.source, plan.quant.lm_head) == ("gguf", "gguf", "")
+    assert "lm_head" not in dict(plan.quant.layers)  # measured there, it stays float)
     assert plan_quantization(ckpt, BuildConfig(quantization="none")).quant.method == "none"
     requantized = plan_quantization(ckpt, BuildConfig(quantization="int8_wo"))
     assert requantized.prequantized is None and requantized.quant.method == "int8_wo"

@@ -110,8 +110,10 @@ def kiln_linear(hf_name: str) -> str | None:
     return None
 
 
-def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
-    """Which linear layers of a GGUF file stay quantized, and in which storage."""
+def gguf_plan(types: dict[str, object], keep_head: bool = True) -> GGUFBlocks:
+    """Which linear layers of a GGUF file stay quantized, and in which storage; with
+    keep_head, the LM head too (kiln.build.quantize keeps it off CUDA builds, where an
+    integer head with GGUF's groups has not been measured yet)."""
     from kiln.build.gguf_blocks import layer_spec
 
     parts: dict[str, list] = {}
@@ -121,7 +123,7 @@ def gguf_plan(types: dict[str, object]) -> GGUFBlocks:
             parts.setdefault(module, []).append(qtype)
     # The LM head: output.weight, or the embedding it is tied to (no output.weight)
     head = types.get("lm_head.weight", types.get("model.embed_tokens.weight"))
-    if head is not None and layer_spec([head]) != "none":
+    if keep_head and head is not None and layer_spec([head]) != "none":
         parts["lm_head"] = [head]
     layers = tuple(sorted((m, layer_spec(t)) for m, t in parts.items()))
     return GGUFBlocks(QuantConfig("gguf", layers=layers,

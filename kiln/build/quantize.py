@@ -61,7 +61,7 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
                          f"{ckpt.source} is not a GGUF file")
     pre: Prequantized | None = None
     if gguf_types is not None and keep_gguf_quantized(asked, build_cfg.dtype):
-        pre = gguf_plan(gguf_types())
+        pre = gguf_plan(gguf_types(), keep_head=not torch.cuda.is_available())
         if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
             check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32,
                              "GGUF blocks of 32 inputs (whole on each --tp-size rank)",
