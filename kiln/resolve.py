@@ -72,6 +72,8 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     if path.suffix == ".gguf" and weights["quantization"] == "auto":  # kept blocks or not
         weights["quantization"] = "gguf" if keep_gguf_quantized("auto", build_cfg.dtype) \
             else "auto"  # (auto: the key of a dequantized build, as before)
+    if weights["quantization"] == "gguf":  # 2: heads kept, a tied embedding read from them
+        weights["gguf_layout"] = 2
     if weights.get("calib_file"):  # calibrated weights depend on the text, not its name
         weights["calib_file"] = _file_identity(Path(weights["calib_file"]))
     key = hashlib.sha256(json.dumps([fingerprint, weights],

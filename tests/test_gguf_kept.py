@@ -105,6 +105,7 @@ def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine, mon
     assert state["model.layers.0.self_attn.qkv_proj.weight"].dtype == torch.uint8
     assert state["lm_head.weight"].dtype == torch.int8
     assert state["lm_head.weight_scale"].shape == (49152, 576 // 32)
+    assert "model.embed_tokens.weight" not in state  # tied: the embedding reads the head
     rows = TOKENS[:cpu_int.MAX_ROWS]  # a step kiln.kernels.cpu_int takes, where it runs
     kernel = sequence_logits(LLM(kept, device="cpu").engine, rows)
     monkeypatch.setattr(cpu_int, "_library", None)  # the reference: dequantized weights
@@ -116,7 +117,7 @@ def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine, mon
     torch.testing.assert_close(kernel, reference, rtol=0, atol=5e-3)
     assert torch.equal(kernel.argmax(-1), reference.argmax(-1))
     size = sum(f.stat().st_size for f in kept.iterdir() if f.is_file())
-    assert size < 0.45 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
+    assert size < 0.25 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
 
 
 MIXED = {  # HF projection -> GGUF type, as Q4_K_M-style files mix them
@@ -192,8 +193,9 @@ def test_mixed_types_kept_engine_is_bit_identical(tmp_path):
                          ids=["Q6_K-output", "Q8_0-tied", "Q4_0-tied"])
 def test_quantized_lm_head_is_kept(tmp_path, monkeypatch, head, tied):
     """output.weight (or the token_embd a head is tied to) in a kept type: the head keeps
-    its blocks (the embedding, tied, looks up float values); the same logits as a
-    dequantized engine, and through kiln's CPU kernel close to them."""
+    its blocks (a tied embedding is not stored again: it looks its rows up in the head's
+    blocks); the same logits as a dequantized engine, and through kiln's CPU kernel close
+    to them."""
     path = tmp_path / "head.gguf"
     _write_mixed(path, head=head, tied=tied)
     opts = dict(dtype="float32", max_seq_len=256)
@@ -207,7 +209,10 @@ def test_quantized_lm_head_is_kept(tmp_path, monkeypatch, head, tied):
     assert built.build.quantize_lm_head == "gguf"
     state = load_file(str(kept / "rank0.safetensors"))
     assert state["lm_head.weight"].dtype == (torch.uint8 if head == Q.Q4_0 else torch.int8)
-    assert state["model.embed_tokens.weight"].dtype == torch.float32
+    if tied:
+        assert "model.embed_tokens.weight" not in state
+    else:
+        assert state["model.embed_tokens.weight"].dtype == torch.float32
     rows = TOKENS[:cpu_int.MAX_ROWS]
     kernel = sequence_logits(LLM(kept, device="cpu").engine, rows)
     monkeypatch.setattr(cpu_int, "_library", None)
@@ -251,3 +256,24 @@ def test_gguf_quantization_of_a_hf_folder_is_one_line(tiny_checkpoints, tmp_path
          "--quantization", "gguf"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("kiln: error: --quantization gguf keeps")
+
+
+def test_transformers_reference_of_a_kept_engine(tmp_path):
+    """`kiln bench --compare-hf` builds transformers from the engine's weights: a kept
+    engine's integer layers (4- and 8-bit, groups of 16 / 32, offsets) and the tied head
+    that holds the embedding dequantize to the dequantized engine's weights exactly."""
+    from kiln.bench.hf_reference import hf_model_from_engine
+
+    path = tmp_path / "tied.gguf"
+    _write_mixed(path, head=Q.Q8_0, tied=True)
+    opts = dict(dtype="float32", max_seq_len=256)
+    kept = build(path, tmp_path / "kept", BuildConfig(quantization="gguf", **opts),
+                 progress=False)
+    plain = build(path, tmp_path / "plain", BuildConfig(quantization="none", **opts),
+                  progress=False)
+    ids = torch.tensor([TOKENS[:20]])
+    with torch.no_grad():
+        got = hf_model_from_engine(kept)(ids).logits
+        want = hf_model_from_engine(plain)(ids).logits
+    assert torch.isfinite(want).all() and want.std() > 0
+    assert torch.equal(got, want)

@@ -82,25 +82,32 @@ def unfused_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]
 
 def dequantized_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype
                            ) -> dict[str, torch.Tensor]:
-    """FP8 weights (linear [N, K] with scales [N], experts [E, N, K] with [E, N]) times
-    their scales in `dtype`; scale tensors dropped (transformers then runs the float model
-    the quantized one approximates)."""
+    """FP8 weights (linear [N, K] with scales [N], experts [E, N, K] with [E, N]) and
+    integer ones (scales [N] or [N, groups], offsets) dequantized in `dtype`; scale and
+    offset tensors dropped (transformers then runs the float model the quantized one
+    approximates)."""
     out = {}
     for name, tensor in state.items():
         if _is_scale(name):
             continue
-        out[name] = _dequantized(tensor, state.get(name + "_scale"), dtype)
+        out[name] = _dequantized(tensor, state.get(name + "_scale"), dtype,
+                                 state.get(name + "_offset"))
     return out
 
 
 def _is_scale(name: str) -> bool:
-    return name.endswith(("_scale", ".k_scale", ".v_scale"))
+    return name.endswith(("_scale", ".k_scale", ".v_scale", ".weight_offset"))
 
 
-def _dequantized(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
-                 ) -> torch.Tensor:
+def _dequantized(tensor: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
+                 offset: torch.Tensor | None = None) -> torch.Tensor:
     if scale is not None and tensor.dtype == torch.float8_e4m3fn:  # a scale per row
         return (tensor.float() * scale.float().unsqueeze(-1)).to(dtype)
+    if scale is not None and tensor.dtype in (torch.int8, torch.uint8):  # kiln's storage
+        from kiln.kernels.reference import dequantize_int_weight
+
+        groups = scale.float() if scale.dim() == 2 else scale.float().view(-1, 1)
+        return dequantize_int_weight(tensor, groups, offset).to(dtype)
     return tensor
 
 
@@ -128,11 +135,16 @@ def hf_model_from_engine(engine_dir: str | Path, device: str | torch.device = "c
     with safe_open(str(rank_file(Path(engine_dir), 0)), framework="pt",
                    device=str(device)) as f:
         names = set(f.keys())
+        # a kept GGUF head holds the tied embedding (VocabEmbedding.look_up_in)
+        read_head = cfg.tie_word_embeddings and "model.embed_tokens.weight" not in names
         for name in sorted(names):
             if _is_scale(name):
                 continue
-            scale = f.get_tensor(name + "_scale") if name + "_scale" in names else None
-            tensor = _dequantized(f.get_tensor(name), scale, dtype)
+            scale, offset = (f.get_tensor(name + suffix) if name + suffix in names else None
+                             for suffix in ("_scale", "_offset"))
+            tensor = _dequantized(f.get_tensor(name), scale, dtype, offset)
+            if read_head and name == "lm_head.weight":
+                name = "model.embed_tokens.weight"
             for hf_name, part in unfused_state_dict(cfg, {name: tensor}).items():
                 if hf_name not in targets or targets[hf_name].shape != part.shape:
                     unexpected.append(hf_name)

@@ -80,8 +80,8 @@ def decode_bytes_per_token(engine: LLMEngine, context_len: int) -> int:
         idle = 1 - cfg.num_experts_per_tok / cfg.num_experts
         weights -= int(idle * sum(p.numel() * p.element_size() for m in model.modules()
                                   if isinstance(m, Experts) for p in m.parameters()))
-    embed = model.model.embed_tokens.weight
     if not engine.config.model.tie_word_embeddings:
+        embed = model.model.embed_tokens.weight
         weights -= embed.numel() * embed.element_size()
     kv = engine.runner.kv_bytes_per_block() * context_len // engine.runner.block_size
     return weights + kv

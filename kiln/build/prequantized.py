@@ -83,11 +83,11 @@ class GGUFBlocks(Prequantized):
         tied_head: dict[str, torch.Tensor] = {}
 
         def decode(hf_name: str, qtype, data, rows: int, cols: int):
-            if hf_name == "model.embed_tokens.weight" and "lm_head" in specs:
-                if "lm_head.weight" not in types:  # the head is this tensor: kept for it,
-                    tied_head.update(to_storage(*decode_blocks(qtype, data, rows, cols),
-                                                specs["lm_head"]))
-                return None  # and the embedding looks up its float values
+            if hf_name == "model.embed_tokens.weight" and "lm_head" in specs and \
+                    "lm_head.weight" not in types:  # tied: the head keeps it, and the
+                tied_head.update(to_storage(*decode_blocks(qtype, data, rows, cols),
+                                            specs["lm_head"]))
+                return {}  # embedding looks its rows up there (VocabEmbedding.look_up_in)
             module = "lm_head" if hf_name == "lm_head.weight" else kiln_linear(hf_name)
             spec = specs.get(module or "", "none")
             if spec == "none" or not hf_name.endswith(".weight"):

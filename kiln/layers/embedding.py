@@ -33,11 +33,31 @@ class VocabEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.mapping.tp_size == 1:
-            return nn.functional.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         local = input_ids - self.vocab_start
         valid = (local >= 0) & (local < self.rows_per_rank)
-        out = nn.functional.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight)
+        out = self._rows(local.clamp(0, self.rows_per_rank - 1))
         return tp_all_reduce(out * valid.unsqueeze(-1).to(out.dtype), self.mapping.tp_size)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self.__dict__.get("_head")  # (not a submodule: its parameters are the head's)
+        if head is None:
+            return nn.functional.embedding(ids, self.weight)
+        from kiln.kernels.reference import dequantize_int_weight
+
+        offset = getattr(head, "weight_offset", None)
+        flat = ids.reshape(-1)
+        rows = dequantize_int_weight(head.weight[flat], head.weight_scale[flat],
+                                     None if offset is None else offset[flat])
+        return rows.to(self._dtype).view(*ids.shape, rows.shape[-1])
+
+    def look_up_in(self, head: LinearLMHead) -> None:
+        """Tied to an LM head whose integer storage holds this embedding's values exactly
+        (a GGUF file's kept token_embd, BuildConfig.quantize_lm_head "gguf"): the float
+        weight is dropped (not stored, not loaded) and a lookup dequantizes its rows."""
+        self._dtype = self.weight.dtype
+        del self.weight
+        self.__dict__["_head"] = head
 
 
 class LMHead(VocabEmbedding):

@@ -336,6 +336,10 @@ def quantize_model(model: nn.Module, quant: QuantConfig, kv_cache_dtype: str) ->
                 method.create_expert_weights(module)
         elif isinstance(module, Attention) and kv_cache_dtype in KV_CACHE_TORCH_DTYPES:
             enable_kv_scales(module)
+    config = getattr(model, "config", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if quant.lm_head == "gguf" and getattr(config, "tie_word_embeddings", False) and embed:
+        embed.look_up_in(model.lm_head)  # the kept token_embd, held once
 
 
 def linear_layers(model: nn.Module) -> Iterable[tuple[str, LinearBase]]:

@@ -281,7 +281,7 @@ class DecoderForCausalLM(nn.Module):
     def weight_target(self, hf_name: str) -> tuple[str, object] | None:
         """Map an HF tensor name to (kiln parameter name, shard id); None to skip it."""
         if self.config.tie_word_embeddings and hf_name == "lm_head.weight" and \
-                self.lm_head.weight is self.model.embed_tokens.weight:
+                self.lm_head.weight is getattr(self.model.embed_tokens, "weight", None):
             return None  # (a GGUF file's kept head has its own weight: loaded)
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
@@ -353,6 +353,6 @@ class DecoderForCausalLM(nn.Module):
         head is its own)."""
         state = self.state_dict()
         if self.config.tie_word_embeddings and \
-                self.lm_head.weight is self.model.embed_tokens.weight:
+                self.lm_head.weight is getattr(self.model.embed_tokens, "weight", None):
             state.pop("lm_head.weight", None)
         return state
