@@ -126,14 +126,20 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor |
     torch); the float32 weight that prompt-sized steps multiply. Needs available()."""
     lib = library()
     assert lib is not None
-    bits = 4 if weight.dtype == torch.uint8 else 8
-    n, k = weight.shape[0], weight.shape[1] * (2 if bits == 4 else 1)
+    bits, n, k, group = storage_shape(weight, scale)
     weight, scale = weight.contiguous(), scale.float().contiguous()
     offset = None if offset is None else offset.float().contiguous()
     w = torch.empty(n, k, dtype=torch.float32)
-    lib.kiln_int_dequantize(bits, n, k, k // scale.shape[1], weight.data_ptr(), scale.data_ptr(),
+    lib.kiln_int_dequantize(bits, n, k, group, weight.data_ptr(), scale.data_ptr(),
                             _pointer(offset), w.data_ptr(), torch.get_num_threads())
     return w
+
+
+def storage_shape(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int, int]:
+    """(bits, out features, in features, group size) of kiln's integer storage."""
+    bits = 4 if weight.dtype == torch.uint8 else 8
+    k = weight.shape[1] * (2 if bits == 4 else 1)
+    return bits, weight.shape[0], k, k // scale.shape[1]
 
 
 def to_tiles(t: torch.Tensor) -> torch.Tensor:
@@ -150,10 +156,8 @@ class TiledWeight:
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> None:
-        self.bits = 4 if weight.dtype == torch.uint8 else 8
-        self.out_features = weight.shape[0]
-        self.in_features = weight.shape[1] * (2 if self.bits == 4 else 1)
-        self.group_size = self.in_features // scale.shape[1]
+        self.bits, self.out_features, self.in_features, self.group_size = \
+            storage_shape(weight, scale)
         self.weight = to_tiles(weight)  # 4-bit: byte pairs of k stay as stored
         self.scale = to_tiles(scale.float())
         self.offset = None if offset is None else to_tiles(offset.float())

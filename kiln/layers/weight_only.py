@@ -87,9 +87,10 @@ class IntWeightMethod(LinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
               ) -> torch.Tensor:
         offset = layer.weight_offset if self.has_offset else None
-        if not x.is_cuda and cpu_int.takes(x.reshape(-1, x.shape[-1]), self.bits,
-                                           self.group_size or layer.in_features):
-            return self._cpu_kernel(layer, x, bias)
+        if not x.is_cuda:
+            rows = x.reshape(-1, x.shape[-1])
+            if cpu_int.takes(rows, self.bits, self.group_size or layer.in_features):
+                return self._cpu_kernel(layer, rows, bias).view(*x.shape[:-1], -1)
         # Elsewhere the CPU multiplies the dequantized weight.
         weight_float, packed = cpu_float_weight(layer, x, lambda: (
             cpu_int.dequantize if cpu_int.available() and not layer.weight.is_cuda
@@ -99,16 +100,15 @@ class IntWeightMethod(LinearMethod):
 
     def _cpu_kernel(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None
                     ) -> torch.Tensor:
-        """Decode-sized float32 steps on the CPU: kiln.kernels.cpu_int reads the integers
-        (its tile layout made at first use and kept, as cpu_float_weight keeps a float
-        weight)."""
+        """x [M, K], a decode-sized float32 step on the CPU: kiln.kernels.cpu_int reads the
+        integers (its tile layout made at first use and kept, as cpu_float_weight keeps a
+        float weight)."""
         tiled = getattr(layer, "_cpu_tiles", None)
         if tiled is None:
             tiled = layer._cpu_tiles = cpu_int.TiledWeight(
                 layer.weight, layer.weight_scale,
                 layer.weight_offset if self.has_offset else None)
-        y = tiled(x.reshape(-1, x.shape[-1]), bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return tiled(x, bias)
 
     def apply_glu(self, layer: LinearBase, x: torch.Tensor, act: int) -> torch.Tensor | None:
         """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
