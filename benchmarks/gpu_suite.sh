@@ -64,7 +64,7 @@ for spec in $stages; do
            run_group e 0 tests/test_gpu_engine.py &
            run_group c $b tests/test_kernels_fp8.py tests/test_kernels_kvquant.py tests/test_fp8_mid.py &
            run_group b $b tests/test_kernels_gpu_zoo.py tests/test_kernels_int.py tests/test_int4_glu.py tests/test_int4_rope.py \
-             tests/test_kernels_int8_act.py tests/test_weight_only.py tests/test_gpu_speculative.py &
+             tests/test_kernels_int8_act.py tests/test_weight_only.py tests/test_gpu_speculative.py tests/test_gguf_kept.py &
            [ "$n" -gt 1 ] && run_group parallel 0,1 tests/test_gpu_parallel.py &
            wait
            for f in "$OUT"/tests-*.log; do echo "--- $f"; grep -E "passed|failed|FAILED|Error|exit" "$f" | tail -15; done ;;

@@ -277,3 +277,33 @@ def test_transformers_reference_of_a_kept_engine(tmp_path):
         want = hf_model_from_engine(plain)(ids).logits
     assert torch.isfinite(want).all() and want.std() > 0
     assert torch.equal(got, want)
+
+
+# ---- GPU --------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("built_on", ["cpu", "cuda"])
+def test_kept_engine_on_gpu_matches_the_cpu_engine(built_on, tmp_path, monkeypatch):
+    """A kept GGUF engine loaded on the GPU: the Triton integer GEMMs (the tied Q8_0 head
+    too, as a CPU build keeps it, with the embedding reading its rows from it) against
+    the same engine dir on the CPU."""
+    from kiln import SamplingParams
+
+    path = tmp_path / "tied.gguf"
+    _write_mixed(path, head=Q.Q8_0, tied=True)
+    if built_on == "cpu":  # what `kiln build` on a machine without CUDA writes
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engine_dir = build(path, tmp_path / "kept", BuildConfig(
+        dtype="float32", max_seq_len=256, quantization="gguf"), progress=False)
+    monkeypatch.undo()
+    head = load_engine_config(engine_dir).build.quant_layers.get("lm_head")
+    assert head == ("int8_g32" if built_on == "cpu" else None)
+    cpu, gpu = LLM(engine_dir, device="cpu"), LLM(engine_dir, device="cuda")
+    want = sequence_logits(cpu.engine, TOKENS[:32])
+    got = sequence_logits(gpu.engine, TOKENS[:32]).float().cpu()
+    assert torch.isfinite(want).all() and want.std() > 0
+    assert (got - want).abs().mean().item() < 1e-3 * want.abs().max().item()
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(10, 40))]
+    assert [o.token_ids for o in gpu.generate(prompts, params)] == \
+        [o.token_ids for o in cpu.generate(prompts, params)]
