@@ -91,7 +91,7 @@ def _pack_quantized(hf_model, folder, symmetric: bool = True, **weights) -> dict
 
 
 def _fp8(hf_model, folder, static: bool = False, kv_scales: str = "all",
-         declare_kv: bool = True) -> None:
+         declare_kv: bool = True, kv_scheme: dict | None = None) -> None:
     """compressed-tensors float-quantized FP8: per-channel weight scales, inputs dynamic
     per token (or static: input_scale); with declare_kv a kv_cache_scheme and
     self_attn.k_scale / v_scale in every layer ("all"), none ("none"), or all but
@@ -113,7 +113,7 @@ def _fp8(hf_model, folder, static: bool = False, kv_scales: str = "all",
                   dynamic=not static, symmetric=True)
     weights = dict(num_bits=8, type="float", strategy="channel", dynamic=False,
                    symmetric=True)
-    extra = dict(kv_cache_scheme=KV_SCHEME) if declare_kv else {}
+    extra = dict(kv_cache_scheme=kv_scheme or KV_SCHEME) if declare_kv else {}
     _save(folder, state, hf_model, _ct_config("float-quantized", weights, inputs, **extra))
 
 
@@ -235,6 +235,28 @@ def test_declared_kv_scheme_without_its_scales_is_refused(kv_scales, message, ti
     with pytest.raises(CheckpointError, match=message):
         build(tmp_path / "ckpt", tmp_path / "e", BuildConfig(**CFG), progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_dynamic_kv_scheme_keeps_a_16_bit_cache(tiny, tmp_path, caplog):
+    """A dynamic kv_cache_scheme stores no scales (they come from each step's keys and
+    values): the engine keeps a 16-bit cache and says why; fp8 asked: static scales."""
+    _fp8(tiny[1], tmp_path / "ckpt", kv_scales="none", kv_scheme=dict(KV_SCHEME, dynamic=True))
+    with caplog.at_level("WARNING", logger="kiln.build.prequantized"):
+        engine_dir = build(tmp_path / "ckpt", tmp_path / "e", BuildConfig(**CFG),
+                           progress=False)
+    assert load_engine_config(engine_dir).build.kv_cache_dtype == "auto"
+    assert _kv_scales(engine_dir) == {}
+    assert "kv_cache_scheme is dynamic" in caplog.text and "stays 16-bit" in caplog.text
+    fp8 = build(tmp_path / "ckpt", tmp_path / "e8", BuildConfig(**CFG, kv_cache_dtype="fp8"),
+                progress=False)
+    assert load_engine_config(fp8).build.kv_cache_dtype == "fp8"
+    assert set(_kv_scales(fp8).values()) == {1.0}
+
+
+def test_asymmetric_kv_scheme_is_refused(tiny, tmp_path):
+    _fp8(tiny[1], tmp_path / "ckpt", kv_scheme=dict(KV_SCHEME, symmetric=False))
+    with pytest.raises(CheckpointError, match="unsupported kv_cache_scheme .*symmetric"):
+        build(tmp_path / "ckpt", tmp_path / "e", BuildConfig(**CFG), progress=False)
 
 
 def test_missing_kv_scales_are_calibrated_when_asked(tiny, tmp_path):

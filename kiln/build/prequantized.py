@@ -6,7 +6,8 @@ W8A8 (as int8_sq), and FP8 W8A8 in the formats most public FP8 checkpoints use:
 - compressed-tensors `float-quantized` (llm-compressor): e4m3 weights with per-channel or
   per-tensor `weight_scale`, dynamic per-token or static per-tensor `input_scale`,
   optional `kv_cache_scheme` (static per-tensor `self_attn.k_scale` / `v_scale`, which
-  every attention layer must then hold).
+  every attention layer must then hold; a dynamic one stores none and leaves the cache
+  16-bit, with a warning).
 - NVIDIA Model Optimizer HF export (`quant_method: modelopt` in config.json, or an older
   `hf_quant_config.json`): `quant_algo` FP8 (per-tensor weight and input scales) or
   FP8_PER_CHANNEL_PER_TOKEN, optional FP8 KV (`k_proj.k_scale` / `v_proj.v_scale` in
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from kiln.checkpoint import Checkpoint
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 from kiln.layers.quantization import QuantConfig
+
+log = logging.getLogger(__name__)
 
 # HF linear names of one decoder layer, and the kiln layer each is fused into.
 _LINEARS = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
@@ -250,9 +254,18 @@ def _compressed_tensors(qc: dict, cfg: ModelConfig) -> Prequantized:
     if kv is not None:
         kv = as_object(kv, "compressed-tensors kv_cache_scheme")
     if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8
-                   and kv.get("strategy", "tensor") == "tensor"):
+                   and kv.get("strategy", "tensor") == "tensor"
+                   and kv.get("symmetric", True) is not False):
         raise CheckpointError(f"unsupported kv_cache_scheme {kv}; kiln reads FP8 per-tensor "
-                              "KV scales")
+                              "symmetric KV scales")
+    if kv and kv.get("dynamic") not in (None, False):
+        # scales taken from each step's keys and values, which a paged cache written
+        # step by step cannot hold: no scales are stored, and the cache stays 16-bit
+        log.warning("%s: its kv_cache_scheme is dynamic (scales computed from each step's "
+                    "keys and values, none stored), which kiln's paged cache cannot hold; "
+                    "the KV cache stays 16-bit (--kv-cache-dtype fp8 [--calib-file TEXT] "
+                    "for a 1-byte one with static scales)", name)
+        kv = None
     ignore = ignored(cfg, name_list(qc.get("ignore"), "ignore"), _ct_match)
     return Prequantized(QuantConfig("fp8", scheme, ignore), "fp8" if kv else None,
                         "compressed-tensors", kv_scales_required=bool(kv))
