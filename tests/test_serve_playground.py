@@ -106,6 +106,21 @@ def test_answer_streams_with_ttft_and_tokens_per_second(page, keyed_server):
     assert shot.width > 50 and high - low > 100
 
 
+def test_a_one_token_answer_shows_no_rate(page, keyed_server):
+    """One token has no inter-token time: TTFT and "1 token", not "0.0 tok/s"."""
+    page.goto(keyed_server.url + "/")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.fill("#max-tokens", "1")
+    page.fill("#prompt", "Hello there")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('stats').dataset.done === '1' && "
+                           "document.getElementById('stats').textContent.includes('1 token')",
+                           timeout=60_000)
+    stats = page.inner_text("#stats")
+    assert stats.startswith("TTFT ") and "tok/s" not in stats and "1 token ·" in stats, stats
+
+
 def _chat_bodies(page) -> list[dict]:
     """The bodies of the page's chat and completion requests from now on (max_tokens 1
     left out)."""

@@ -194,9 +194,12 @@ function stats(got, done, cut) {
   const parts = [];
   if (got.first !== null) {
     const tokens = got.tokens || got.chunks;
-    const rate = tokens > 1 ? (tokens - 1) / ((performance.now() - got.first) / 1000) : 0;
-    parts.push(`TTFT ${(got.first - got.started).toFixed(0)} ms`, `${rate.toFixed(1)} tok/s`,
-      `${tokens} tokens`);
+    parts.push(`TTFT ${(got.first - got.started).toFixed(0)} ms`);
+    if (tokens > 1) {  // a rate needs two tokens: one answers with TTFT alone
+      const rate = (tokens - 1) / ((performance.now() - got.first) / 1000);
+      parts.push(`${rate.toFixed(1)} tok/s`);
+    }
+    parts.push(`${tokens} ${tokens === 1 ? "token" : "tokens"}`);
   } else if (done && !cut) {
     parts.push(`${got.tokens} tokens`);  // an empty answer (an end token came first)
   }
