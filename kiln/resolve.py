@@ -79,18 +79,23 @@ def resolve_engine(model: str | Path | None, build_cfg: BuildConfig | None = Non
     key = hashlib.sha256(json.dumps([fingerprint, weights],
                                     sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_dir() / "engines" / f"{_source_name(path)}-{key}"
+    why = "(once)"
     if is_engine_dir(engine_dir):
         try:
             cached = load_engine_config(engine_dir)
             built = cached.build
-            if built.max_seq_len >= planned_max_seq_len(cached.model, build_cfg):
+            wanted = planned_max_seq_len(cached.model, build_cfg)
+            if built.max_seq_len >= wanted:
                 return engine_dir
             build_cfg = dataclasses.replace(  # a longer context: rebuild, keep the larger
                 build_cfg, max_batch_size=max(build_cfg.max_batch_size, built.max_batch_size))
+            why = f"again: it was built for {built.max_seq_len} tokens, {wanted} asked"
+            if wanted > planned_max_seq_len(cached.model, BuildConfig()):  # the shared entry
+                why += f"; runs that name no --max-seq-len will then take {wanted}"
         except KilnError:
             pass  # stale format: rebuild below
     if progress:
-        print(f"kiln: building {_source_name(path)} into {engine_dir} (once)", flush=True)
+        print(f"kiln: building {_source_name(path)} into {engine_dir} {why}", flush=True)
     return build(ckpt or open_checkpoint(path), engine_dir, build_cfg, progress=progress)
 
 

@@ -135,8 +135,20 @@ def test_runtime_limits_reuse_one_cached_engine(tiny_checkpoints, tmp_path, monk
     assert second.engine_dir == first.engine_dir
     assert (second.engine.max_batch_size, second.engine.max_seq_len) == (3, 96)
     assert second.engine.scheduler.max_num_tokens == 64
+    capsys.readouterr()
     longer = LLM(folder, dtype="float32", device="cpu", max_seq_len=200)
     assert longer.engine_dir == first.engine_dir and longer.engine.max_seq_len == 200
+    said = capsys.readouterr().out
+    assert "again: it was built for 128 tokens, 200 asked\n" in said, said
+    # past what a run naming no length plans (the model's 512 positions): the shared entry
+    # changes what every later run gets, and the rebuild says so
+    assert LLM(folder, dtype="float32", device="cpu", max_seq_len=1024).engine.max_seq_len \
+        == 1024
+    said = capsys.readouterr().out
+    assert "again: it was built for 200 tokens, 1024 asked; runs that name no --max-seq-len" \
+        " will then take 1024" in said, said
+    assert LLM(folder, dtype="float32", device="cpu").engine.max_seq_len == 1024
+    assert "building" not in capsys.readouterr().out
     assert len(list((tmp_path / "engines").iterdir())) == 1
     assert main(["cache", "list"]) == 0
     listing = capsys.readouterr().out
