@@ -2,6 +2,7 @@
 dequantized engine runs, over one decode step's linears of a model shape.
 
     python benchmarks/cpu_int_bench.py [--rows 1 2 4 8 16 32 64] [--repeats 7] [--out F]
+    KILN_CPU_INT_ISA=avx2 python benchmarks/cpu_int_bench.py ...   # the AVX2 build
 
 The default shape is SmolLM2-135M as its GGUF (Q4_1) stores it: 30 layers of int4 group-32
 QKV / O / gate-up / down with offsets, and the Q8_0 LM head as int8 group 32. Each variant
@@ -47,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     if not cpu_int.available():
         raise SystemExit("kiln's CPU integer GEMM is not available here (see "
-                         "kiln/kernels/cpu_int.py: AVX-512F and a C compiler)")
+                         "kiln/kernels/cpu_int.py: AVX-512F or AVX2, and a C compiler)")
     torch.manual_seed(0)
     shapes = [(HIDDEN + 2 * KV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)]
     print(f"making {LAYERS} layers of int4 weights and their float32 copies ...", flush=True)
@@ -88,7 +89,8 @@ def main() -> None:
               f"{row['speedup_vs_onednn']:>8.2f}x  kernel {k['min_ms']:.1f}-{k['max_ms']:.1f}, "
               f"oneDNN {o['min_ms']:.1f}-{o['max_ms']:.1f}", flush=True)
     with open(args.out, "w") as f:
-        json.dump({"threads": torch.get_num_threads(), "shape": "SmolLM2-135M Q4_1 + Q8_0 head",
+        json.dump({"threads": torch.get_num_threads(), "isa": cpu_int.isa(),
+                   "shape": "SmolLM2-135M Q4_1 + Q8_0 head",
                    "results": results}, f, indent=2)
 
 

@@ -11,7 +11,7 @@ from kiln.kernels.reference_quant import dequantize_int_weight, pack_int4
 from kiln.layers.weight_only import IntWeightMethod, quantize_int4_asymmetric
 
 needs_kernel = pytest.mark.skipif(not cpu_int.available(), reason="kiln's CPU integer GEMM "
-                                  "needs x86-64 with AVX-512F and a C compiler")
+                                  "needs x86-64 with AVX-512F or AVX2 and a C compiler")
 
 
 def _storage(bits: int, n: int, k: int, group: int, offset: bool, seed: int = 0):
@@ -99,17 +99,18 @@ def test_unavailable_kernel_falls_back(monkeypatch, tmp_path):
     monkeypatch.delenv("KILN_CPU_INT_KERNEL")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
-    assert cpu_int._compile() is None  # (a clear log line, no exception)
+    assert cpu_int._compile("avx2") is None  # (a clear log line, no exception)
+    assert cpu_int._compile(None) is None  # no AVX2 / AVX-512F: the same
 
 
 @needs_kernel
 def test_compiled_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("KILN_CACHE", str(tmp_path))
-    lib = cpu_int._compile()
-    built = list((tmp_path / "cpu_kernels").glob("cpu_int-*.so"))
+    lib = cpu_int._compile(cpu_int.isa())
+    built = list((tmp_path / "cpu_kernels").glob(f"cpu_int-{cpu_int.isa()}-*.so"))
     assert lib is not None and len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    assert cpu_int._compile() is not None
+    assert cpu_int._compile(cpu_int.isa()) is not None
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
     assert not list((tmp_path / "cpu_kernels").glob("*.so.*")) and \
         len(list((tmp_path / "cpu_kernels").iterdir())) == 1  # no temporary files left
@@ -124,3 +125,28 @@ def test_dequantize_is_the_reference_bit_for_bit(bits, offset):
     scale = scale * 1.2345678  # not a short fraction: the product rounds
     assert torch.equal(cpu_int.dequantize(weight, scale, off),
                        dequantize_int_weight(weight, scale, off))
+
+
+needs_avx512 = pytest.mark.skipif(cpu_int.isa() != "avx512", reason="the AVX-512 build to "
+                                  "compare with needs AVX-512F")
+
+
+@needs_kernel
+@needs_avx512
+@pytest.mark.parametrize("bits, offset", [(4, True), (8, False), (8, True)])
+def test_avx2_build_gives_the_avx512_bits(bits, offset, monkeypatch):
+    """The AVX2 build (4 rows at once in two ymm halves; CPUs without AVX-512) sums each
+    lane in the same order: the same bits as the AVX-512 build, rows 1-11 around both row
+    blocks, padded tiles, bias."""
+    weight, scale, off = _storage(bits, 40, 192, 64, offset, seed=bits)
+    tiled, bias = cpu_int.TiledWeight(weight, scale, off), torch.randn(40)
+    xs = [torch.randn(rows, 192) for rows in (1, 2, 3, 4, 5, 7, 9, 11)]
+    want = [tiled(x, bias) for x in xs]
+    monkeypatch.setenv("KILN_CPU_INT_ISA", "avx2")
+    assert cpu_int.isa() == "avx2"
+    monkeypatch.setattr(cpu_int, "_tried", False)
+    monkeypatch.setattr(cpu_int, "_library", None)
+    assert cpu_int.available()
+    assert cpu_int.library()._name.split("/")[-1].startswith("cpu_int-avx2-")
+    for x, w in zip(xs, want):
+        assert torch.equal(tiled(x, bias), w), x.shape

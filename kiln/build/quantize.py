@@ -40,7 +40,7 @@ class QuantPlan:
 def keep_gguf_quantized(asked: str, dtype: str = "auto") -> bool:
     """GGUF sources: whether the build keeps the file's quantized blocks. `auto` keeps
     them where kiln has integer-weight kernels: CUDA (decode reads 4-8x fewer bytes than
-    bf16) and a float32 engine on a CPU that runs kiln.kernels.cpu_int (AVX-512F and a C
+    bf16) and a float32 engine on a CPU that runs kiln.kernels.cpu_int (AVX-512F or AVX2, a C
     compiler; decode steps read the integers). Elsewhere the CPU multiplies dequantized
     float32 weights anyway, so `auto` dequantizes at build."""
     if asked != "auto":

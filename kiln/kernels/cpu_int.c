@@ -11,25 +11,72 @@
  * per row, and the scale and offset enter once a group: sum_g scale_g * S_g + offset_g *
  * X_g, X_g the group's sum of x. Values are dequantized exactly (q * scale + offset is
  * the float32 weight a dequantized engine holds); only the order of the float32 sums
- * differs from a float32 GEMM. Compiled at first use with -march=native (AVX-512F
- * required; kiln.kernels.cpu_int falls back to the float32 GEMM elsewhere). Threads:
- * the OpenMP runtime torch has loaded, nthreads as torch.get_num_threads(). */
+ * differs from a float32 GEMM. Compiled at first use with -march=native: AVX-512F (a tile
+ * is one zmm register, 8 rows at once) or AVX2 + FMA (two ymm registers, 4 rows at once);
+ * each lane's sums run in the same order on both, so they give the same bits. kiln.kernels.cpu_int falls back to the float32 GEMM elsewhere. Threads: the OpenMP
+ * runtime torch has loaded, nthreads as torch.get_num_threads(). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef __AVX512F__
-#error "kiln's CPU integer GEMM needs AVX-512F"
-#endif
-
-#define ROWS 8 /* rows of x a tile works on at once (2 x 8 zmm registers) */
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
 
-static inline __m512 u8_to_f32(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
-static inline __m512 i8_to_f32(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+#if defined(__AVX512F__)
+#define ROWS 8 /* rows of x a tile works on at once (2 x 8 zmm registers) */
+typedef __m512 v16; /* 16 float32 lanes: one tile's outputs */
+static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
+static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline v16 v_fma(v16 a, v16 b, v16 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline v16 v_fma1(v16 a, float b, v16 c) { return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c); }
+static inline v16 u8_to_f32(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline v16 i8_to_f32(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+static inline v16 v_load_part(const float *p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+static inline void v_store_part(float *p, v16 v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
+}
+static inline v16 v_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ROWS 4 /* 4 rows x (accumulator + group sum) x 2 ymm: 16 registers, fastest measured (3-8) */
+typedef struct { __m256 lo, hi; } v16;
+static inline v16 v_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline v16 v_load(const float *p) { return (v16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline v16 v_fma(v16 a, v16 b, v16 c) {
+    return (v16){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+static inline v16 v_fma1(v16 a, float b, v16 c) {
+    __m256 s = _mm256_set1_ps(b);
+    return (v16){_mm256_fmadd_ps(a.lo, s, c.lo), _mm256_fmadd_ps(a.hi, s, c.hi)};
+}
+static inline v16 u8_to_f32(__m128i b) {
+    return (v16){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+static inline v16 i8_to_f32(__m128i b) {
+    return (v16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+static inline v16 v_load_part(const float *p, int n) {
+    float t[16] = {0};
+    memcpy(t, p, sizeof(float) * (size_t)n);
+    return v_load(t);
+}
+static inline void v_store_part(float *p, v16 v, int n) {
+    float t[16];
+    _mm256_storeu_ps(t, v.lo);
+    _mm256_storeu_ps(t + 8, v.hi);
+    memcpy(p, t, sizeof(float) * (size_t)n);
+}
+static inline v16 v_add(v16 a, v16 b) {
+    return (v16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+#else
+#error "kiln's CPU integer GEMM needs AVX-512F or AVX2 + FMA"
+#endif
 
 /* One tile (16 outputs) x m rows; always inlined with a constant m so the accumulators
  * stay in registers. */
@@ -37,8 +84,8 @@ static inline __attribute__((always_inline)) void tile(
     int m, int bits, const float *x, long K, const float *xs, long groups, int G, int S,
     const uint8_t *wq, const float *sc, const float *of, const float *bias, float *y,
     long N, long n0, int valid, long wnext, long snext) {
-    __m512 acc[ROWS], s[ROWS];
-    for (int r = 0; r < m; r++) acc[r] = _mm512_setzero_ps();
+    v16 acc[ROWS], s[ROWS];
+    for (int r = 0; r < m; r++) acc[r] = v_zero();
     const __m128i low4 = _mm_set1_epi8(15);
     for (long g = 0; g < groups; g++) {
         long k0 = g * G;
@@ -49,43 +96,41 @@ static inline __attribute__((always_inline)) void tile(
             _mm_prefetch((const char *)(sc + snext + g * 16), _MM_HINT_T0);
             if (of) _mm_prefetch((const char *)(of + snext + g * 16), _MM_HINT_T0);
         }
-        __m512 d = _mm512_loadu_ps(sc + g * 16);
+        v16 d = v_load(sc + g * 16);
         /* sub-blocks of S inputs: a long group (per channel) is summed in pieces */
         for (long k1 = k0; k1 < k0 + G; k1 += S) {
-            for (int r = 0; r < m; r++) s[r] = _mm512_setzero_ps();
+            for (int r = 0; r < m; r++) s[r] = v_zero();
             if (bits == 4) {
                 const uint8_t *p = wq + k1 * 8;
                 for (int kk = 0; kk < S; kk += 2) {
                     __m128i b = _mm_loadu_si128((const __m128i *)(p + kk * 8));
-                    __m512 lo = u8_to_f32(_mm_and_si128(b, low4));
-                    __m512 hi = u8_to_f32(_mm_and_si128(_mm_srli_epi16(b, 4), low4));
+                    v16 lo = u8_to_f32(_mm_and_si128(b, low4));
+                    v16 hi = u8_to_f32(_mm_and_si128(_mm_srli_epi16(b, 4), low4));
                     const float *xk = x + k1 + kk;
                     for (int r = 0; r < m; r++) {
-                        s[r] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xk[r * K]), s[r]);
-                        s[r] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xk[r * K + 1]), s[r]);
+                        s[r] = v_fma1(lo, xk[r * K], s[r]);
+                        s[r] = v_fma1(hi, xk[r * K + 1], s[r]);
                     }
                 }
             } else {
                 const int8_t *p = (const int8_t *)wq + k1 * 16;
                 for (int kk = 0; kk < S; kk++) {
-                    __m512 w = i8_to_f32(_mm_loadu_si128((const __m128i *)(p + kk * 16)));
+                    v16 w = i8_to_f32(_mm_loadu_si128((const __m128i *)(p + kk * 16)));
                     const float *xk = x + k1 + kk;
                     for (int r = 0; r < m; r++)
-                        s[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xk[r * K]), s[r]);
+                        s[r] = v_fma1(w, xk[r * K], s[r]);
                 }
             }
-            for (int r = 0; r < m; r++) acc[r] = _mm512_fmadd_ps(d, s[r], acc[r]);
+            for (int r = 0; r < m; r++) acc[r] = v_fma(d, s[r], acc[r]);
         }
         if (of) {
-            __m512 o = _mm512_loadu_ps(of + g * 16);
+            v16 o = v_load(of + g * 16);
             for (int r = 0; r < m; r++)
-                acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
+                acc[r] = v_fma1(o, xs[r * groups + g], acc[r]);
         }
     }
-    __mmask16 keep = (__mmask16)((1u << valid) - 1);
-    __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < m; r++)
-        _mm512_mask_storeu_ps(y + r * N + n0, keep, _mm512_add_ps(acc[r], b));
+    v16 b = bias ? v_load_part(bias + n0, valid) : v_zero();
+    for (int r = 0; r < m; r++) v_store_part(y + r * N + n0, v_add(acc[r], b), valid);
 }
 
 #define TILE(MM) tile(MM, bits, x, K, xs, groups, G, S, wq, sc, of, bias, y, N, n0, valid, wnext, snext)
@@ -100,13 +145,25 @@ static inline __attribute__((always_inline)) void tile_rows(
         float *y = y0 + r0 * N;
         switch (M - r0 < ROWS ? (int)(M - r0) : ROWS) {
             case 1: TILE(1); break;
+#if ROWS > 2
             case 2: TILE(2); break;
+#endif
+#if ROWS > 3
             case 3: TILE(3); break;
+#endif
+#if ROWS > 4
             case 4: TILE(4); break;
+#endif
+#if ROWS > 5
             case 5: TILE(5); break;
+#endif
+#if ROWS > 6
             case 6: TILE(6); break;
+#endif
+#if ROWS > 7
             case 7: TILE(7); break;
-            default: TILE(8); break;
+#endif
+            default: TILE(ROWS); break; /* ROWS rows (at most 8) */
         }
     }
 }

@@ -8,9 +8,11 @@ holds (q * scale + offset in float32); only the order of the float32 sums differ
 
 The C source is compiled at first use with the machine's compiler (`$CC`, else `gcc`;
 FLAGS, under $KILN_CACHE/cpu_kernels, a second or so) and loaded with ctypes; the call
-releases the GIL. Where that fails (no compiler, no AVX-512F, not
-x86-64) or KILN_CPU_INT_KERNEL=0, `available()` is False and the caller multiplies the
-dequantized float32 weight instead, as before.
+releases the GIL. It takes AVX-512F where the CPU has it, else AVX2 + FMA (most x86-64
+CPUs since 2013; the same bits, fewer rows at once); KILN_CPU_INT_ISA=avx2 picks AVX2 on
+an AVX-512 CPU. Where that fails (no compiler, neither instruction set, not x86-64) or
+KILN_CPU_INT_KERNEL=0, `available()` is False and the caller multiplies the dequantized
+float32 weight instead, as before.
 """
 
 from __future__ import annotations
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 TILE = 16  # outputs per tile (one 16-lane register)
-# Steps of up to this many rows take the kernel; more (prompts) multiply the dequantized
-# float32 weight with oneDNN, faster there (cpu_int_bench.py, SmolLM2, ms a step, kernel /
-# oneDNN: 8 rows 11.0 / 31.7, 32 rows 40.3 / 50.3, 64 rows 82.0 / 78.7, 128 161 / 126).
-MAX_ROWS = int(os.environ.get("KILN_CPU_INT_MAX_ROWS", "64"))
 
 _library: ctypes.CDLL | None = None
 _tried = False
@@ -51,13 +49,23 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compile() -> ctypes.CDLL | None:
+def isa() -> str | None:
+    """The instruction set the kernel is compiled for here: avx512, avx2 or None."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    if "avx512f" not in _cpu_flags().split():
-        log.info("kiln's CPU integer GEMM needs AVX-512F; integer layers multiply "
-                 "dequantized float32 weights on this CPU")
+    flags = set(_cpu_flags().split())
+    asked = os.environ.get("KILN_CPU_INT_ISA", "auto")
+    if "avx512f" in flags and asked != "avx2":
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else None
+
+
+def _compile(target_isa: str | None) -> ctypes.CDLL | None:
+    if target_isa is None:
+        log.info("kiln's CPU integer GEMM needs x86-64 with AVX-512F or AVX2 + FMA; integer "
+                 "layers multiply dequantized float32 weights on this CPU")
         return None
+    flags = FLAGS + (("-mno-avx512f",) if target_isa == "avx2" else ())
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         log.info("no C compiler found ($CC, gcc): integer layers multiply dequantized "
@@ -66,15 +74,15 @@ def _compile() -> ctypes.CDLL | None:
     from kiln.resolve import cache_dir
 
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
-    target = cache_dir() / "cpu_kernels" / f"cpu_int-{key}.so"
+    target = cache_dir() / "cpu_kernels" / f"cpu_int-{target_isa}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+            done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True,
                                   text=True, timeout=120)
             if done.returncode != 0:
                 log.info("compiling kiln's CPU integer GEMM failed (%s); integer layers "
@@ -105,8 +113,16 @@ def library() -> ctypes.CDLL | None:
     if not _tried:
         _tried = True
         if os.environ.get("KILN_CPU_INT_KERNEL", "1") != "0":
-            _library = _compile()
+            _library = _compile(isa())
     return _library
+
+
+# Steps of up to this many rows take the kernel; more (prompts) multiply the dequantized
+# float32 weight with oneDNN, faster there (cpu_int_bench.py, SmolLM2, ms a step, kernel /
+# oneDNN; AVX-512: 8 rows 11.0 / 31.7, 32 rows 40.3 / 50.3, 64 rows 82.0 / 78.7, 128 161 /
+# 126; the AVX2 build, against oneDNN's AVX-512 on the same host: 8 rows 15.8 / 32.0, 16
+# 32.4 / 39.8, 32 58.7 / 53.4).
+MAX_ROWS = int(os.environ.get("KILN_CPU_INT_MAX_ROWS") or (64 if isa() == "avx512" else 16))
 
 
 def available() -> bool:
