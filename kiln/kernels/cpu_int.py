@@ -119,10 +119,11 @@ def library() -> ctypes.CDLL | None:
 
 # Steps of up to this many rows take the kernel; more (prompts) multiply the dequantized
 # float32 weight with oneDNN, faster there (cpu_int_bench.py, SmolLM2, ms a step, kernel /
-# oneDNN; AVX-512: 8 rows 11.0 / 31.7, 32 rows 40.3 / 50.3, 64 rows 82.0 / 78.7, 128 161 /
-# 126; the AVX2 build, against oneDNN's AVX-512 on the same host: 8 rows 15.8 / 32.0, 16
-# 32.4 / 39.8, 32 58.7 / 53.4).
-MAX_ROWS = int(os.environ.get("KILN_CPU_INT_MAX_ROWS") or (64 if isa() == "avx512" else 16))
+# oneDNN: 8 rows 11.0 / 31.7, 32 rows 40.3 / 50.3, 64 rows 82.0 / 78.7, 128 161 / 126).
+# The AVX2 build is slower than oneDNN from ~24 rows (32: 58.7 / 53.4), but the float32
+# copy costs its making and 4 bytes a weight: 8 prompts x 64 tokens 1.9-2.1x transformers
+# with 64 here, 1.2-1.4x with 16.
+MAX_ROWS = int(os.environ.get("KILN_CPU_INT_MAX_ROWS", "64"))
 
 
 def available() -> bool:
