@@ -270,6 +270,12 @@ def paged_attention(
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         causal = num_new == seq_len and first == 0 and sliding_window is None
         mask = distance = None
+        if num_new == 1 and sliding_window is None and softcap is None and alibi_slopes is None:
+            # one query (decode) sees every key: no mask to build (SDPA without one)
+            o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale,
+                                               enable_gqa=True)[0]
+            out[start:end] = o.transpose(0, 1)
+            continue
         if not causal or softcap is not None or alibi_slopes is not None:
             q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
             k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
