@@ -1,8 +1,6 @@
 """Torch reference ops: the CPU path, and the oracle every Triton kernel is tested against.
-
 Numerics follow HuggingFace transformers' Llama (norms in float32, rotary in the model
-dtype) so that kiln matches it within dtype tolerance.
-"""
+dtype) so that kiln matches it within dtype tolerance."""
 
 from __future__ import annotations
 
@@ -33,11 +31,7 @@ from kiln.kernels.reference_quant import (  # noqa: F401  (re-exported: ref.quan
     read_kv,
     unpack_int4,
 )
-from kiln.kernels.reference_sampling import (  # noqa: F401  (re-exported)
-    filter_probs,
-    sample_tokens,
-    uniform_noise,
-)
+from kiln.kernels.reference_sampling import filter_probs, sample_tokens, uniform_noise  # noqa: F401  (re-exported)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -273,14 +267,9 @@ def paged_attention(
             k = rotate_cached_keys(k, torch.arange(first, seq_len, device=q.device), key_rotary)
         qh, kh, vh = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         causal = num_new == seq_len and first == 0 and sliding_window is None
+        sees_all = num_new == 1 and sliding_window is None  # a lone query: no mask to build
         mask = distance = None
-        if num_new == 1 and sliding_window is None and softcap is None and alibi_slopes is None:
-            # one query (decode) sees every key: no mask to build (SDPA without one)
-            o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale,
-                                               enable_gqa=True)[0]
-            out[start:end] = o.transpose(0, 1)
-            continue
-        if not causal or softcap is not None or alibi_slopes is not None:
+        if not (causal or sees_all) or softcap is not None or alibi_slopes is not None:
             q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
             k_pos = torch.arange(first, seq_len, device=q.device)[None, :]
             mask = k_pos <= q_pos
