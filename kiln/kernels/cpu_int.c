@@ -13,7 +13,8 @@
  * the float32 weight a dequantized engine holds); only the order of the float32 sums
  * differs from a float32 GEMM. Compiled at first use with -march=native: AVX-512F (a tile
  * is one zmm register, 8 rows at once) or AVX2 + FMA (two ymm registers, 4 rows at once);
- * each lane's sums run in the same order on both, so they give the same bits. kiln.kernels.cpu_int falls back to the float32 GEMM elsewhere. Threads: the OpenMP
+ * each lane's sums run in the same order on both, so they give the same bits.
+ * kiln.kernels.cpu_int falls back to the float32 GEMM elsewhere. Threads: the OpenMP
  * runtime torch has loaded, nthreads as torch.get_num_threads(). */
 #include <immintrin.h>
 #include <stdint.h>
@@ -41,7 +42,7 @@ static inline void v_store_part(float *p, v16 v, int n) {
 }
 static inline v16 v_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
 #elif defined(__AVX2__) && defined(__FMA__)
-#define ROWS 4 /* 4 rows x (accumulator + group sum) x 2 ymm: 16 registers, fastest measured (3-8) */
+#define ROWS 4 /* 4 rows x (accumulator + group sum) x 2 ymm; fastest of 2-8 measured */
 typedef struct { __m256 lo, hi; } v16;
 static inline v16 v_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 static inline v16 v_load(const float *p) { return (v16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
