@@ -5,7 +5,10 @@ head kept: what CPU builds keep and CUDA builds do not yet), int4 groups of 32 w
 offsets (Q4_0 / Q4_1) and of 128 (`int4_wo --quantize-lm-head`); microseconds a call in a
 CUDA graph (int_gemv_bench.timed), each variant checked against its dequantized weight.
 
-    python benchmarks/head_bench.py OUT.json [--rows 1,8,64]
+    python benchmarks/head_bench.py OUT.json [--rows 1,8,64] [--layers]
+
+--layers: the same layouts on Llama-3.1-8B's decoder linears (a kept GGUF's layers: Q4_0
+/ Q4_1 as int4 g32, Q8_0 as int8 g32, K-quant mixes as int8 g16 with offsets).
 """
 
 from __future__ import annotations
@@ -18,20 +21,24 @@ from int_gemv_bench import timed
 
 HEADS = {"llama-3.1-8b": (128256, 4096), "qwen2.5-7b": (152064, 3584),
          "smollm2-135m": (49152, 576)}
+# --layers: Llama-3.1-8B's decoder linears, as a kept GGUF file's layers hold them
+LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
 LAYOUTS = {"int8 per channel": (8, 0), "int8 g32 (Q8_0)": (8, 32),
-           "int4 g32 offset (Q4_1)": (4, 32), "int4 g128 offset": (4, 128)}
+           "int8 g16 offset (K mix)": (8, 16), "int4 g32 offset (Q4_1)": (4, 32),
+           "int4 g128 offset": (4, 128)}
 
 
-def storage(n: int, k: int, bits: int, group: int):
+def storage(n: int, k: int, bits: int, group: int, offset: bool):
     from kiln.kernels.reference import pack_int4
 
     groups = k // (group or k)
+    scale = torch.rand(n, groups, device="cuda") * 0.01 + 1e-3
     if bits == 4:
         weight = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
-        scale = torch.rand(n, groups, device="cuda") * 0.01 + 1e-3
-        return weight, scale, -8 * scale
-    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-    return weight, torch.rand(n, groups, device="cuda") * 0.01 + 1e-3, None
+    else:
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    return weight, scale, -8 * scale if offset else None
 
 
 def main() -> None:
@@ -41,12 +48,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--rows", default="1,8,64")
+    ap.add_argument("--layers", action="store_true", help="the 8B decoder's linears")
     args = ap.parse_args()
+    shapes = LAYERS if args.layers else HEADS
     results = []
-    print(f"{'head':14s}{'rows':>5}  {'layout':24s}{'us':>9}{'vs bf16':>9}", flush=True)
-    for name, (n, k) in HEADS.items():
+    print(f"{'shape':14s}{'rows':>5}  {'layout':24s}{'us':>9}{'vs bf16':>9}", flush=True)
+    for name, (n, k) in shapes.items():
         w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        stores = {layout: storage(n, k, *spec) for layout, spec in LAYOUTS.items()}
+        stores = {layout: storage(n, k, bits, group, "offset" in layout)
+                  for layout, (bits, group) in LAYOUTS.items() if k % (group or k) == 0}
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
