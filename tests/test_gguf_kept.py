@@ -225,7 +225,7 @@ def test_quantized_lm_head_is_kept(tmp_path, monkeypatch, head, tied):
     torch.testing.assert_close(kernel, want, rtol=0, atol=5e-4 * want.abs().max().item())
 
 
-def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch):
+def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch, caplog):
     path = tmp_path / "mixed.gguf"
     _write_mixed(path, head=Q.Q8_0)
     ckpt = GGUFCheckpoint(path)
@@ -238,9 +238,18 @@ def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch):
     assert plan_quantization(ckpt, BuildConfig(dtype="bfloat16")).quant.method == "none"
     monkeypatch.setattr(cpu_int, "available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    plan = plan_quantization(ckpt, BuildConfig())  # CUDA: the layers (the head: not yet
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kiln.build.quantize"):
+        plan = plan_quantization(ckpt, BuildConfig())  # CUDA: the layers; the head stays
     assert (plan.quant.method, plan.source, plan.quant.lm_head) == ("gguf", "gguf", "")
-    assert "lm_head" not in dict(plan.quant.layers)  # measured there, it stays float)
+    assert "lm_head" not in dict(plan.quant.layers)  # float (47th session: int8 g32 loses
+    # to bf16 from 8 rows), and the build says what kept blocks cost under load
+    assert "slower than bf16 from ~8 concurrent requests" in caplog.text
+    assert "--quantization none" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kiln.build.quantize"):
+        plan_quantization(ckpt, BuildConfig(quantization="gguf"))  # asked for: no notice
+    assert "concurrent requests" not in caplog.text
     assert plan_quantization(ckpt, BuildConfig(quantization="none")).quant.method == "none"
     requantized = plan_quantization(ckpt, BuildConfig(quantization="int8_wo"))
     assert requantized.prequantized is None and requantized.quant.method == "int8_wo"
