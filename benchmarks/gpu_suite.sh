@@ -6,6 +6,7 @@
 # ("tp2nccl:" the same with NCCL for every all-reduce, "fp8tp2:" FP8 on two GPUs, "pp2:"
 # two pipeline stages), NUM_REQUESTS the request count of throughput-1k (default 1000),
 # "int4:" with INT4 weights (RTN, groups of 128), "int8w:" with INT8 weights (per channel),
+# "q4g32:" / "q8g32:" INT4 / INT8 weights in groups of 32 (GGUF Q4_0-Q4_1 / Q8_0's layouts),
 # "sq8:" SmoothQuant W8A8 with an INT8 KV cache (calibrated on kiln's shipped text),
 # "sinks:" attention sinks (4 sinks, a 1024-token window). EXTRA_ARGS adds flags to the
 # kiln bench stages (latency*, ttft, throughput*; not build8b or the -hf ones), RUN_TAG a
@@ -41,6 +42,8 @@ for spec in $stages; do
     tp2:*) Q="$Q --tp-size 2"; tag="-tp2"; stage=${spec#tp2:} ;;
     int4:*) Q="$Q --quantization int4_wo --group-size 128"; tag="-int4"; stage=${spec#int4:} ;;
     int8w:*) Q="$Q --quantization int8_wo"; tag="-int8w"; stage=${spec#int8w:} ;;
+    q4g32:*) Q="$Q --quantization int4_wo --group-size 32"; tag="-q4g32"; stage=${spec#q4g32:} ;;  # GGUF Q4_0 / Q4_1's layout
+    q8g32:*) Q="$Q --quantization int8_wo --group-size 32"; tag="-q8g32"; stage=${spec#q8g32:} ;;  # GGUF Q8_0's layout
     sq8:*) Q="$Q --quantization int8_sq --kv-cache-dtype int8"; tag="-sq8"; stage=${spec#sq8:} ;;
     pp2:*) Q="$Q --pp-size 2"; tag="-pp2"; stage=${spec#pp2:} ;;
     tp2nccl:*) Q="$Q --tp-size 2 --no-custom-all-reduce"; tag="-tp2nccl"; stage=${spec#tp2nccl:} ;;

@@ -5,10 +5,12 @@ head kept: what CPU builds keep and CUDA builds do not yet), int4 groups of 32 w
 offsets (Q4_0 / Q4_1) and of 128 (`int4_wo --quantize-lm-head`); microseconds a call in a
 CUDA graph (int_gemv_bench.timed), each variant checked against its dequantized weight.
 
-    python benchmarks/head_bench.py OUT.json [--rows 1,8,64] [--layers]
+    python benchmarks/head_bench.py OUT.json [--rows 1,8,64] [--layers] [--only g32,g16]
 
 --layers: the same layouts on Llama-3.1-8B's decoder linears (a kept GGUF's layers: Q4_0
-/ Q4_1 as int4 g32, Q8_0 as int8 g32, K-quant mixes as int8 g16 with offsets).
+/ Q4_1 as int4 g32, Q8_0 as int8 g32, K-quant mixes as int8 g16 with offsets), and the
+layer's sum (the four linears) per layout. --only: the layouts whose names hold one of
+these words (bf16 always).
 """
 
 from __future__ import annotations
@@ -49,14 +51,17 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--layers", action="store_true", help="the 8B decoder's linears")
+    ap.add_argument("--only", default="", help="layouts whose names hold one of these words")
     args = ap.parse_args()
+    words = [w for w in args.only.split(",") if w]
     shapes = LAYERS if args.layers else HEADS
     results = []
     print(f"{'shape':14s}{'rows':>5}  {'layout':24s}{'us':>9}{'vs bf16':>9}", flush=True)
     for name, (n, k) in shapes.items():
         w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         stores = {layout: storage(n, k, bits, group, "offset" in layout)
-                  for layout, (bits, group) in LAYOUTS.items() if k % (group or k) == 0}
+                  for layout, (bits, group) in LAYOUTS.items() if k % (group or k) == 0
+                  and (not words or any(w in layout for w in words))}
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = timed(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
@@ -73,6 +78,14 @@ def main() -> None:
                 print(f"{name:14s}{m:>5}  {layout:24s}{us:9.1f}{base / us:8.2f}x", flush=True)
         del w16, stores
         torch.cuda.empty_cache()
+    if args.layers:  # a decoder layer: its four linears summed
+        sums: dict[tuple[int, str], float] = {}
+        for r in results:
+            sums[r["rows"], r["layout"]] = sums.get((r["rows"], r["layout"]), 0.0) + r["us"]
+        for (m, layout), us in sums.items():
+            base = sums[m, "bf16 cuBLAS"]
+            results.append(dict(head="layer", rows=m, layout=layout, us=us, vs_bf16=base / us))
+            print(f"{'layer':14s}{m:>5}  {layout:24s}{us:9.1f}{base / us:8.2f}x", flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
 

@@ -6,6 +6,11 @@ a CUDA graph, weights cycled through copies (read from HBM); results printed as 
 and written to OUT.json after each shape.
 
     python benchmarks/int4_row_sweep.py OUT.json [--shapes gate_up,down,qkv,o]
+        [--bits 4|8 --group G --offsets]
+
+--bits 8 / --group: other layouts (int8: the float GEMV, factored, x as vectors; e.g. a
+kept GGUF file's Q8_0 `--bits 8 --group 32`, Q4_0 / Q4_1 `--group 32`, K-quant mixes
+`--bits 8 --group 16 --offsets`).
 """
 
 from __future__ import annotations
@@ -44,19 +49,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--shapes", default="gate_up,down,qkv,o")
+    ap.add_argument("--bits", type=int, default=4, choices=(4, 8))
+    ap.add_argument("--group", type=int, default=128, help="0: per channel")
+    ap.add_argument("--offsets", action="store_true", help="int8 with offsets (int4: always)")
     args = ap.parse_args()
+    pairs = args.bits == 4
     results = []
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        weight, scale, offset, nbytes = int_weight(N, K, 4)
+        weight, scale, offset, nbytes = int_weight(N, K, args.bits, args.group,
+                                                   pairs or args.offsets)
         want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
         copies = weight_copies(weight, scale, offset, nbytes)
+        layout = f"int{args.bits} g{args.group}" + (" offsets" if offset is not None else "")
         rows = []
         for launch in [None] + launches(N, K):
             cfg = launch and IntGemmConfig(
                 0, launch[0], launch[1], launch[3], 3, split_k=launch[2], factored=True,
-                xvec=True, fixup=launch[2] > 1, pairs=True, pipeline=launch[4])
+                xvec=True, fixup=launch[2] > 1, pairs=pairs, pipeline=launch[4])
             try:
                 got = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
                 err = ((got.float() - want).norm() / want.norm()).item()
@@ -65,7 +76,7 @@ def main() -> None:
             except Exception as e:  # past the card's registers or shared memory
                 print(f"{name} {launch}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                 continue
-            r = dict(shape=name, config=str(launch or "auto"), us=us, rel_err=err,
+            r = dict(shape=name, config=str(launch or "auto"), us=us, rel_err=err, layout=layout,
                      tbps=nbytes / us / 1e6)
             rows.append(r)
             print(f"{name:8s} {r['config']:32s} {us:7.1f} us {r['tbps']:.2f} TB/s "

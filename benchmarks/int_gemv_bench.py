@@ -64,19 +64,21 @@ def weight_copies(weight, scale, offset, nbytes: int) -> list:
         for _ in range(n_copies(nbytes) - 1)]
 
 
-def int_weight(N: int, K: int, bits: int):
+def int_weight(N: int, K: int, bits: int, group: int | None = None,
+               offsets: bool | None = None):
     """Random CUDA storage (weight, scale, offset, bytes): int4 in groups of 128 with
-    offsets, int8 per channel."""
+    offsets, int8 per channel (group: another group size, 0 per channel; offsets: with or
+    without, by default int4's)."""
     from kiln.kernels.reference import pack_int4
 
+    group = (128 if bits == 4 else K) if group is None else group or K
+    offsets = bits == 4 if offsets is None else offsets
     if bits == 4:
         weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
-        scale = torch.rand(N, K // 128, device="cuda") * 0.01
-        offset = -8 * scale
     else:
         weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
-        scale = torch.rand(N, 1, device="cuda") * 0.01
-        offset = None
+    scale = torch.rand(N, K // group, device="cuda") * 0.01
+    offset = -8 * scale if offsets else None
     nbytes = weight.numel() * weight.element_size() + scale.numel() * 4 * (
         2 if offset is not None else 1)
     return weight, scale, offset, nbytes

@@ -346,6 +346,48 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
                    (16, 16, 64, 4, 1, 2, 8, False, False, factored, *[False] * 4, True))
 
 
+def check_grouped_steps(bits: int, group: int, K: int, M: int, config: tuple) -> None:
+    """Decode-batch tiles whose K step spans several groups (GGUF's 16 and 32): the
+    launch keeps its step and the kernel takes a [BLOCK_N, groups] scale tile (GROUPS),
+    with offsets for int8 too (the K-quant mixes), K not a whole number of steps."""
+    from kiln.kernels import int_gemm
+
+    weight, scale, offset = _weight(40, K, bits, group, seed=M)
+    if offset is None:
+        offset = torch.randn_like(scale) * 1e-2
+    launched = []
+    kernel = int_gemm._gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append((kw["BLOCK_K"], kw["GROUPS"]))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    int_gemm._gemm_kernel = Spy()
+    try:
+        torch.manual_seed(M)
+        x = torch.randn(M, K).half()
+        bias = torch.randn(40).half()
+        y = int_gemm.int_weight_linear(x, weight, scale, offset, bias,
+                                       config=int_gemm.IntGemmConfig(*config))
+    finally:
+        int_gemm._gemm_kernel = kernel
+    assert launched == [(config[2], config[2] // group)], launched  # K > every step
+    _check(f"groups {M}x40x{K} int{bits} g{group} {config}", x, y, weight, scale, offset, bias)
+
+
+@pytest.mark.parametrize("M", [7, 20])
+@pytest.mark.parametrize("bits,group,K", [(8, 16, 400), (8, 32, 384), (4, 32, 416),
+                                          (4, 16, 272)])
+def test_int_gemm_grouped_steps(interp, bits, group, K, M) -> None:  # noqa: F811
+    for config in ((16, 16, 128, 4, 1), (16, 32, 256, 4, 1),  # swap, split K in two
+                   (16, 64, 64, 4, 1, 1, 8, *[False] * 7, True), (32, 16, 64, 4, 1, 2)):
+        if config[5:6] != (2,) or K % (2 * config[2]) == 0:
+            interp(check_grouped_steps, bits, group, K, M, config)
+
+
 def check_bias_dtype() -> None:
     """A float32 bias with 16-bit x: the many-row path casts it as the tiles do."""
     from kiln.kernels import int_gemm
@@ -396,12 +438,15 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("N,K", [(4096, 4096), (14336, 4096), (4096, 14336)])
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 0), (8, 32), (8, 16)])
 def test_gpu_int_linear(N, K, bits, group) -> None:
-    """Every row count through int_weight_linear."""
+    """Every row count through int_weight_linear (int8 in groups of 32 and 16: a GGUF
+    file's Q8_0 and K-quant layers kept, the latter with offsets)."""
     from kiln.kernels import int_gemm
 
     weight, scale, offset = _weight(N, K, bits, group, "cuda")
+    if bits == 8 and group == 16:
+        offset = torch.randn_like(scale) * 1e-2
     for M in (1, 2, 5, 8, 16, 33, 64, 300):
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(M, K, device="cuda").to(dtype)

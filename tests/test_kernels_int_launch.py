@@ -152,7 +152,8 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
             16, 32, 128, 4, 3, split_k=2)
         assert cfg(M, 4096, 4096, cuda, 8) == int_gemm.IntGemmConfig(
             16, 32, 256, 4, 3, split_k=2, factored=True)
-    assert cfg(3, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3)
+    assert cfg(3, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(16, 32, 128, 4, 3,
+                                                                    split_k=2)
     # int4 in groups of 128 (or per channel), 2-64 rows (3-4 rows where N is large): the
     # transposed tiles unpacked by bit operations (seventeenth session), KILN_INT_MAGIC=0
     # the float tiles above
@@ -183,20 +184,25 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
     assert cfg(64, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 256, 4, 3, digits=True)
     assert cfg(64, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
         64, 32, 256, 4, 3, digits=True)
-    # grouped int8 (GGUF Q8_0) on the digits: untimed; int4 on the digits lost
+    # groups of 16-64 (GGUF's layouts): 32 x 128 tiles, several groups a K step (48th
+    # session); KILN_INT_GROUPED=step: the launches before (int8 factored, the group the step)
+    for M, block_m in ((4, 16), (24, 32), (40, 64), (64, 64)):
+        for N, K, bits, group in ((28672, 4096, 8, 32), (4096, 14336, 4, 32),
+                                  (28672, 4096, 4, 64), (4096, 4096, 8, 16)):
+            assert cfg(M, N, K, cuda, bits, group, pairs_ok=False) == \
+                int_gemm.IntGemmConfig(block_m, 32, 128, 4, 3, split_k=2)
+    assert cfg(8, 4096, 1024, cuda, 8, 32).split_k == 1  # 4 K steps of 256: too few
+    monkeypatch.setattr(int_launch, "GROUPED", "step")
     assert cfg(4, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         16, 32, 256, 4, 3, split_k=2, factored=True)
     assert cfg(40, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         64, 64, 128, 4, 3, split_k=2, factored=True)
-    assert not cfg(4, 28672, 4096, cuda, 4).digits and not cfg(40, 28672, 4096, cuda, 4).digits
     assert cfg(64, 4096, 14336, cuda, 4, 32) == int_gemm.IntGemmConfig(
         64, 32, 128, 4, 3, split_k=2)
-    assert cfg(64, 28672, 4096, cuda, 4, 64) == int_gemm.IntGemmConfig(
-        64, 64, 128, 4, 3, split_k=2)
-    assert cfg(24, 4096, 4096, cuda, 4, 32) == int_gemm.IntGemmConfig(
-        32, 64, 128, 4, 3, split_k=2)
     assert cfg(24, 4096, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         32, 64, 128, 8, 3, split_k=2)
+    monkeypatch.setattr(int_launch, "GROUPED", "groups")
+    assert not cfg(4, 28672, 4096, cuda, 4).digits and not cfg(40, 28672, 4096, cuda, 4).digits
     assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
     assert cfg(300, 4096, 4096, cuda, 8).split_k == 1
 

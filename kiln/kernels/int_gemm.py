@@ -53,6 +53,7 @@ from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv, pairs_launch
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import (  # noqa: F401
     GEMV_ROWS,
+    GROUPED,
     IntGemmConfig,
     int_gemm_config,
     split_length,
@@ -192,7 +193,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                  NIBBLE_DOTS: tl.constexpr = False, WORDS: tl.constexpr = False,
                  EVEN: tl.constexpr = False, FACTORED: tl.constexpr = False,
                  SWAP: tl.constexpr = False, MAGIC: tl.constexpr = 0,
-                 SUM_DOT: tl.constexpr = False):
+                 SUM_DOT: tl.constexpr = False, GROUPS: tl.constexpr = 1):
     """out[m block, n block] = x[m block] @ dequant(w[n block])^T (+ bias), tl.dot tiles.
     IEEE: float32 inputs multiplied in full float32 (no TF32), as the reference does.
     SPLIT_K > 1: program_id(1) takes the SPLIT_K-th part of K it names (K a multiple of
@@ -213,7 +214,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     tile (dequantized or factored q, made in registers) is tl.dot's left operand, which
     Hopper's wgmma reads from registers, and the few rows of x its right one (wgmma's N:
     8-256, so 16-row tiles use wgmma too); otherwise the weight tile is written to shared
-    memory first. BLOCK_N a multiple of 64 for wgmma."""
+    memory first. BLOCK_N a multiple of 64 for wgmma.
+    GROUPS > 1 (the float tiles): each K step is GROUPS whole groups, their scales a
+    [BLOCK_N, GROUPS] tile (_dequant_tile), so groups of 16 or 32 (GGUF) keep long steps."""
     tile, offs_m, offs_n, mask_m, mask_n = tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if SWAP:
@@ -239,7 +242,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                                    mask_n, _exponent_base(K), BLOCK_K, HAS_OFFSET, EVEN)
             else:
                 w = _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn,
-                                  mask_n, BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE)
+                                  mask_n, BLOCK_K, BITS, HAS_OFFSET, GROUP_TILE, GROUPS)
             w = w.to(x_ptr.dtype.element_ty)
             if SWAP:
                 acc = _dot(w, tl.trans(x), acc, IEEE)
@@ -262,6 +265,11 @@ def group_step(G: int, block_k: int) -> int:
     becomes the step, so each step has one scale per row, not [BLOCK_N, BLOCK_K] scale
     and offset tiles (in every pipeline stage: past Hopper's shared memory in float32)."""
     return G if G % block_k and G >= 16 and G & (G - 1) == 0 else block_k
+
+
+def step_groups(G: int, block_k: int) -> int:
+    """Whole groups in a K step of block_k (a power of two), 1 unless G is smaller."""
+    return block_k // G if G < block_k and block_k % G == 0 and G >= 16 else 1
 
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor,
@@ -302,7 +310,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         M, N, K, x.device, bits, G, x.dtype,
         words and pairs_eligible(x, bits, G, min(128, max(32, triton.next_power_of_2(K)))))
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    if cfg.block_m:
+    tile_groups = step_groups(G, block_k) if cfg.block_m and not cfg.digits and \
+        GROUPED != "step" else 1
+    if cfg.block_m and (tile_groups == 1 and GROUPED != "gather" or cfg.digits):
         block_k = group_step(G, block_k)
         while cfg.digits and block_k > 32 and (K % block_k or G % block_k):
             block_k //= 2  # digit tiles take whole K steps (e.g. K 576: steps of 64)
@@ -377,5 +387,6 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         NIBBLE_DOTS=nibbles, WORDS=in_words,
         EVEN=in_words and N % cfg.block_n == 0 and K % (split * block_k) == 0,
         FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
-        SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot, **common)
+        SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot,
+        GROUPS=tile_groups if GROUPED == "groups" else 1, **common)
     return out

@@ -36,17 +36,28 @@ def _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K: tl.constexpr,
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                  GROUP_TILE: tl.constexpr):
+                  GROUP_TILE: tl.constexpr, GROUPS: tl.constexpr = 1):
     """w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zeros past N and K).
 
     GROUP_TILE: the tile lies in one group (BLOCK_K divides G and k is a multiple of
-    BLOCK_K), so one scale per row; otherwise the scale of every element is gathered."""
+    BLOCK_K), so one scale per row. GROUPS > 1: the tile is GROUPS whole groups (G =
+    BLOCK_K / GROUPS, k a multiple of BLOCK_K), a [BLOCK_N, GROUPS] scale tile broadcast
+    over each group's values. Otherwise the scale of every element is gathered."""
     q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS)
     if GROUP_TILE:
         s_offs = offs_n.to(tl.int64) * stride_sn + k // G
         scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
         if HAS_OFFSET:
             offset = tl.load(o_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
+    elif GROUPS > 1:
+        SIZE: tl.constexpr = BLOCK_K // GROUPS
+        offs_g = k // SIZE + tl.arange(0, GROUPS)
+        s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
+        mask = mask_n[:, None] & (offs_g < K // SIZE)[None, :]
+        scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
+        if HAS_OFFSET:
+            offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
+        q = tl.reshape(q, (q.shape[0], GROUPS, SIZE))
     else:
         offs_k = k + tl.arange(0, BLOCK_K)
         s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + (offs_k // G)[None, :]
@@ -57,6 +68,8 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
     w = q * scale
     if HAS_OFFSET:
         w = w + offset
+    if GROUPS > 1 and not GROUP_TILE:
+        w = tl.reshape(w, (w.shape[0], BLOCK_K))
     return w
 
 

@@ -37,6 +37,16 @@ class IntGemmConfig:
     pairs: bool = False  # int4 GEMV (1-4 rows), bf16 x: products in bf16 pairs (int_gemv_pairs)
 
 
+# K steps of the decode-batch tiles where the group is smaller (int_gemm.step_groups):
+# "groups" (default) keeps the launch's step, GROUPS whole groups a step with a [BLOCK_N,
+# GROUPS] scale tile; "step" (the launches before the 48th session) makes the group the
+# step; "gather" keeps the step and loads the scale of every element (KILN_INT_GROUPED).
+# A Llama-3.1-8B layer's four linears on an H100 (48th session), us at 8 / 64 rows, groups
+# against step: int8 g32 (GGUF Q8_0) 137 / 207 against 231 / 384, int4 g32 with offsets
+# (Q4_0 / Q4_1) 130 / 214 against 257 / 320, int8 g16 with offsets (K-quant mixes) 182 /
+# 286 against 556 / 971 (bf16 cuBLAS 156 / 162); gather 0.03-0.13x bf16
+GROUPED = os.environ.get("KILN_INT_GROUPED", "groups")
+
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
 # older default (o, down, gate_up; KILN_INT_ROW_TILES=0: not). INT4 batch 1 on an H200 (32nd
 # session): 399.7 tok/s against 392.1 / 392.3 without
@@ -169,6 +179,11 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             split = 4 if N <= 8192 else 2
             return IntGemmConfig(block_m, 128, 128, 4, 3, split_k=split, factored=bits == 8,
                                  swap=True)
+        if 16 <= group < 128 and group < K and not digits and GROUPED == "groups":
+            # groups of 16-64 (GGUF's layouts), several a K step (see GROUPED above):
+            # 32 x 128 tiles, best of nine launches at 8 and 64 rows (48th session)
+            split = 2 if K % 256 == 0 and K // 256 >= 8 else 1
+            return IntGemmConfig(block_m, 32, 128, 4, 3, split_k=split)
         # 2-16 rows: int4 16 x 32 x 128, 152 us at 4 and 16 rows (1,136 at 4 rows: the
         # split-K GEMV; 176.5 at 16); int8 (grouped, or per channel where N <= 8192) 16 x
         # 32 x 256 factored (scales after each K step's dot: _factored_dot). 17-32 rows:
