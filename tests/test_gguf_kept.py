@@ -244,7 +244,7 @@ def test_default_keeps_blocks_where_kernels_read_them(tmp_path, monkeypatch, cap
     assert (plan.quant.method, plan.source, plan.quant.lm_head) == ("gguf", "gguf", "")
     assert "lm_head" not in dict(plan.quant.layers)  # float (47th session: int8 g32 loses
     # to bf16 from 8 rows), and the build says what kept blocks cost under load
-    assert "slower than bf16 from ~8 concurrent requests" in caplog.text
+    assert "slower than bf16 at ~64 concurrent requests" in caplog.text
     assert "--quantization none" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="kiln.build.quantize"):

@@ -184,8 +184,8 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
     assert cfg(64, 6144, 4096, cuda, 8) == int_gemm.IntGemmConfig(64, 64, 256, 4, 3, digits=True)
     assert cfg(64, 4096, 14336, cuda, 8) == int_gemm.IntGemmConfig(
         64, 32, 256, 4, 3, digits=True)
-    # one row in groups of 16-64 (GGUF's layouts; 48th session's sweep): int4 pairs where
-    # N is large one split of 32 x 256, else 64 x 256 in 8; int8 16 x 256 pipelined, else
+    # one row in the groups swept (48th session; GGUF's layouts): int4 g32 pairs where
+    # N is large one split of 32 x 256, else 64 x 256 in 8; int8 g16 16 x 256 pipelined, else
     # 32 x 256 in 4 splits, 8 warps
     assert cfg(1, 28672, 4096, cuda, 4, 32) == int_gemm.IntGemmConfig(
         0, 32, 256, 4, 3, split_k=1, factored=True, xvec=True, pairs=True)
@@ -193,8 +193,11 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
         0, 64, 256, 4, 3, split_k=8, factored=True, xvec=True, fixup=True, pairs=True)
     assert cfg(1, 28672, 4096, cuda, 8, 16) == int_gemm.IntGemmConfig(
         0, 16, 256, 4, 3, split_k=1, factored=True, xvec=True, pipeline=True)
-    assert cfg(1, 4096, 14336, cuda, 8, 32) == int_gemm.IntGemmConfig(
+    assert cfg(1, 4096, 14336, cuda, 8, 16) == int_gemm.IntGemmConfig(
         0, 32, 256, 8, 3, split_k=4, factored=True, xvec=True, fixup=True)
+    # groups not swept (int4 g64, int8 g32): the launches above
+    assert cfg(1, 28672, 4096, cuda, 4, 64) == cfg(1, 28672, 4096, cuda, 4, 128)
+    assert cfg(1, 4096, 14336, cuda, 8, 32) == cfg(1, 4096, 14336, cuda, 8, 0)
     assert cfg(1, 4096, 4096, cuda, 4, 128).block_k == 256  # groups of 128: as before
     # groups of 16-64 (GGUF's layouts): 32 x 128 tiles, several groups a K step (48th
     # session); KILN_INT_GROUPED=step: the launches before (int8 factored, the group the step)

@@ -66,9 +66,10 @@ def plan_quantization(ckpt: Checkpoint, build_cfg: BuildConfig) -> QuantPlan:
     if gguf_types is not None and keep_gguf_quantized(asked, build_cfg.dtype):
         pre = gguf_plan(gguf_types(), keep_head=not torch.cuda.is_available())
         if asked == "auto" and torch.cuda.is_available():  # measured: docs/quantization.md
-            log.warning("GGUF blocks kept for the GPU: faster for one stream, slower than "
-                        "bf16 from ~8 concurrent requests (K-quant layers at any load); "
-                        "--quantization none dequantizes at build where the bf16 weights fit")
+            log.warning("GGUF blocks kept for the GPU: faster for one stream, decode "
+                        "steps slower than bf16 at ~64 concurrent requests (K-quant mixes "
+                        "from fewer); --quantization none dequantizes at build where the "
+                        "bf16 weights fit")
         if build_cfg.tp_size > 1:  # row-parallel layers split K: whole blocks per rank
             check_group_size(ckpt.config, build_cfg.tp_size, "int8_wo", 32,
                              "GGUF blocks of 32 inputs (whole on each --tp-size rank)",

@@ -118,11 +118,12 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             # K loop pipelined: 7.6 vs 9.0 and 16.5 vs 17.3; qkv kept (9.5: best)
             block_n, block_k, most, warps, pipe = (16, 512, 1, 2, False) if N > 8192 else \
                 (64, 256, 8, 4, True)
-        if 16 <= group < 128 and group < K and GROUPED == "groups" and (pairs or bits == 8):
-            # groups of 16-64 (GGUF's layouts; 48th session's sweep on an H100, cold
-            # weights, us): int4 g32 gate_up 32 x 256 one split 39.5 (56.5 in the launch
-            # above), down 64 x 256 in 8 splits 25.3 (38.6), o 10.3 (17.5); int8 g16 with
-            # offsets gate_up 16 x 256 pipelined 74.3 (95.2), down 32 x 256 in 4, 8 warps
+        if 16 <= group <= (32 if pairs else 16 if bits == 8 else 0) and group < K and \
+                GROUPED == "groups":
+            # the groups swept (48th session, an H100, cold weights, us; GGUF's layouts):
+            # int4 g32 gate_up 32 x 256 one split 39.5 (56.5 in the launch above), down 64
+            # x 256 in 8 splits 25.3 (38.6), o 10.3 (17.5); int8 g16 with offsets (K-quant
+            # mixes) gate_up 16 x 256 pipelined 74.3 (95.2), down 32 x 256 in 4, 8 warps
             # 39.9 (62.2)
             block_n, block_k, most, warps, pipe = (
                 (32, 256, 1, 4, False) if N > 8192 else (64, 256, 8, 4, False)) if pairs else \
