@@ -125,10 +125,10 @@ def test_gpu_int4_glu_at_8b_shape(launch) -> None:
     check_glu(40, 1024, 32, launch, False, True, "cuda")
 
 
-def compile_epilogue(N: int, K: int, launches, **epilogue) -> None:
+def compile_epilogue(N: int, K: int, launches, group: int = 128, **epilogue) -> None:
     """The one-row int4 GEMV with an epilogue compiled for sm_90 in each (BLOCK_N, BLOCK_K,
     warps, K splits) launch, PDL-launched: no spills, the griddepcontrol wait and launch.
-    epilogue: GLU=... or ROPE_HALF=... with the rotary's arguments."""
+    epilogue: GLU=... or ROPE_HALF=... with the rotary's arguments; group: the weight's."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
     from kiln.kernels.compile_check import compile_sm90
@@ -139,9 +139,9 @@ def compile_epilogue(N: int, K: int, launches, **epilogue) -> None:
         values = {"x_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
                   "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32",
                   "count_ptr": "*i32", "N": N, "K": K, "W_PER_SPLIT": K // 8 // split,
-                  "stride_wn": K // 8, "stride_sn": K // 128, **rope}
-        meta = dict(G=128, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
-                    GROUPS=bk // 128, ATOMIC=False, EVEN_K=True, SPLIT_K=split,
+                  "stride_wn": K // 8, "stride_sn": K // group, **rope}
+        meta = dict(G=group, BLOCK_N=bn, BLOCK_K=bk, HAS_OFFSET=True, HAS_BIAS=False,
+                    GROUPS=max(1, bk // group), ATOMIC=False, EVEN_K=True, SPLIT_K=split,
                     INTERPRET=False, PDL=True, **epilogue)
         r = compile_sm90(_gemv1_pairs_kernel, values, meta, warps, 3)
         assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, (bn, bk, r)
@@ -154,6 +154,8 @@ def test_int4_glu_compiles_for_hopper() -> None:
     for glu in (1, 2):
         compile_epilogue(28672, 4096, ((32, 256, 4, 1), (16, 512, 2, 1), (32, 256, 4, 4)),
                          GLU=glu)
+        # groups of 32 (GGUF's Q4 layouts): the launch kiln makes at gate-up (48th session)
+        compile_epilogue(28672, 4096, ((32, 256, 4, 1),), group=32, GLU=glu)
 
 
 @pytest.mark.gpu

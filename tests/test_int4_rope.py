@@ -171,6 +171,11 @@ def test_int4_rope_compiles_for_hopper() -> None:
         cs_ptr="*fp32", kc_ptr="*bf16", vc_ptr="*bf16", slot_ptr="*i64", num_heads=32,
         num_kv_heads=8, block_size=16, stride_cs=128, stride_cb=16384, stride_cslot=1024,
         stride_ch=128, stride_vs=1024, stride_vh=128, stride_vd=1)
+    compile_epilogue(  # groups of 32 (GGUF's Q4 layouts): 64 rows, 8 splits (48th session)
+        6144, 4096, ((64, 256, 4, 8),), group=32, ROPE_HALF=64, pos_ptr="*i64",
+        cs_ptr="*fp32", kc_ptr="*bf16", vc_ptr="*bf16", slot_ptr="*i64", num_heads=32,
+        num_kv_heads=8, block_size=16, stride_cs=128, stride_cb=16384, stride_cslot=1024,
+        stride_ch=128, stride_vs=1024, stride_vh=128, stride_vd=1)
 
 
 @pytest.mark.gpu

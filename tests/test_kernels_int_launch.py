@@ -519,3 +519,51 @@ def test_main_loop_instructions_are_counted() -> None:
     assert one["per_weight"] < 0.95 * factored["per_weight"], (one, factored)
     assert one["top"]["HFMA2"] >= 0.9 and four["per_weight"] < 0.75 * one["per_weight"], \
         (one, four)
+
+
+def test_grouped_launches_compile_for_hopper() -> None:
+    """A kept GGUF file's layouts (int8 g32: Q8_0; int4 g32 with offsets: Q4_0 / Q4_1; int8
+    g16 with offsets: K-quant mixes) in kiln's launches at the 8B's gate-up compile for
+    sm_90 without spills: the decode-batch tiles with K steps of several groups (GROUPS,
+    48th session) on tensor cores, and the one-row int8 g16 GEMV."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from kiln.kernels import int_gemm
+    from kiln.kernels.compile_check import compile_sm90
+
+    N, K = 28672, 4096
+    for bits, group, offsets in ((8, 32, False), (4, 32, True), (8, 16, True)):
+        for M in (1, 8, 64):
+            cfg = int_gemm.int_gemm_config(M, N, K, torch.device("cuda"), bits, group,
+                                           pairs_ok=False)
+            if M == 1 and cfg.pairs:
+                continue  # the int4 pairs GEMV: test_int4_glu's compile check
+            values = {"x_ptr": "*bf16", "w_ptr": "*u8" if bits == 4 else "*i8",
+                      "s_ptr": "*fp32", "o_ptr": "*fp32", "bias_ptr": "*bf16",
+                      "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": 7,
+                      "N": N, "K": K, "G": group, "stride_xm": K,
+                      "stride_wn": K * bits // 8, "stride_sn": K // group, "stride_om": N}
+            meta = dict(BITS=bits, HAS_OFFSET=offsets, HAS_BIAS=False, BLOCK_N=cfg.block_n,
+                        BLOCK_K=cfg.block_k)
+            if M == 1:
+                for key in ("M", "stride_xm", "stride_om"):
+                    values.pop(key)
+                values.update(w_ptr="*i32", stride_wn=K * bits // 32,
+                              W_PER_SPLIT=int_gemm.split_length(K, cfg.split_k, cfg.block_k)
+                              // (32 // bits))
+                meta.update(GROUPS=cfg.block_k // group, ATOMIC=False, SPLIT_K=cfg.split_k,
+                            FACTORED=cfg.factored, XVEC=cfg.xvec,
+                            LOOP_STAGES=cfg.num_stages if cfg.pipeline else 1)
+                kernel = int_gemm._gemv1_kernel
+            else:
+                assert int_gemm.step_groups(group, cfg.block_k) > 1, cfg
+                meta.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m, IEEE=False,
+                            GROUP_TILE=False, SPLIT_K=cfg.split_k,
+                            GROUPS=int_gemm.step_groups(group, cfg.block_k))
+                kernel = int_gemm._gemm_kernel
+            r = compile_sm90(kernel, values, meta, cfg.num_warps, cfg.num_stages,
+                             variant=f"M{M}-int{bits}-g{group}")
+            assert r.stack_bytes == 0, r
+            if M > 1:
+                mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
+                assert r.instructions[mma] > 0, r
