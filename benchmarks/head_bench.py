@@ -6,11 +6,15 @@ offsets (Q4_0 / Q4_1) and of 128 (`int4_wo --quantize-lm-head`); microseconds a 
 CUDA graph (int_gemv_bench.timed), each variant checked against its dequantized weight.
 
     python benchmarks/head_bench.py OUT.json [--rows 1,8,64] [--layers] [--only g32,g16]
+        [--cold]
 
 --layers: the same layouts on Llama-3.1-8B's decoder linears (a kept GGUF's layers: Q4_0
 / Q4_1 as int4 g32, Q8_0 as int8 g32, K-quant mixes as int8 g16 with offsets), and the
 layer's sum (the four linears) per layout. --only: the layouts whose names hold one of
-these words (bf16 always).
+these words (bf16 always). --cold: each timing cycles through copies of the weight (256
+MB in all, as int_gemv_bench does), so weights that fit the L2 cache (an H100's 50 MB:
+the 8B's o and qkv, in bf16 too) are read from HBM; without it (the 47th and 48th
+sessions' tables) one weight is read again and again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import json
 
 import torch
-from int_gemv_bench import timed
+from int_gemv_bench import n_copies, timed, weight_copies
 
 HEADS = {"llama-3.1-8b": (128256, 4096), "qwen2.5-7b": (152064, 3584),
          "smollm2-135m": (49152, 576)}
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,64")
     ap.add_argument("--layers", action="store_true", help="the 8B decoder's linears")
     ap.add_argument("--only", default="", help="layouts whose names hold one of these words")
+    ap.add_argument("--cold", action="store_true", help="weights read from HBM (copies)")
     args = ap.parse_args()
     words = [w for w in args.only.split(",") if w]
     shapes = LAYERS if args.layers else HEADS
@@ -64,15 +69,23 @@ def main() -> None:
                   and (not words or any(w in layout for w in words))}
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base = timed(lambda x=x, w=w16: torch.nn.functional.linear(x, w))
+            bf16s = [w16] + [w16.clone() for _ in range(
+                n_copies(w16.numel() * 2) - 1 if args.cold else 0)]
+            base = timed([lambda x=x, w=w: torch.nn.functional.linear(x, w) for w in bf16s])
+            del bf16s
             rows = [("bf16 cuBLAS", base)]
             for layout, (weight, scale, offset) in stores.items():
                 got = KF.int_weight_linear(x, weight, scale, offset).float()
                 want = x.float() @ dequantize_int_weight(weight, scale, offset).float().T
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 assert err < 2e-2, (name, m, layout, err)
-                rows.append((layout, timed(lambda x=x, w=weight, s=scale, o=offset:
-                                           KF.int_weight_linear(x, w, s, o))))
+                nbytes = sum(t.numel() * t.element_size() for t in (weight, scale, offset)
+                             if t is not None)
+                copies = weight_copies(weight, scale, offset, nbytes) if args.cold else \
+                    [(weight, scale, offset)]
+                rows.append((layout, timed([lambda x=x, c=c: KF.int_weight_linear(x, *c)
+                                            for c in copies])))
+                del copies
             for layout, us in rows:
                 results.append(dict(head=name, rows=m, layout=layout, us=us, vs_bf16=base / us))
                 print(f"{name:14s}{m:>5}  {layout:24s}{us:9.1f}{base / us:8.2f}x", flush=True)
