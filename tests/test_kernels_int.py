@@ -388,6 +388,40 @@ def test_int_gemm_grouped_steps(interp, bits, group, K, M) -> None:  # noqa: F81
             interp(check_grouped_steps, bits, group, K, M, config)
 
 
+def check_even_tiles(bits: int, group: int, M: int) -> None:
+    """KILN_INT_EVEN=1 (int_launch.EVEN_TILES): the float tiles without masks on the weight
+    where N and K are whole tiles, the same result as with them; ragged shapes keep them."""
+    from kiln.kernels import int_gemm
+
+    launched = []
+    kernel = int_gemm._gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw["EVEN"])
+                return kernel[grid](*args, **kw)
+            return launch
+
+    int_gemm._gemm_kernel, int_gemm.EVEN_TILES = Spy(), True
+    try:
+        for N, K, even in ((64, 512, True), (40, 512, False), (64, 480, False)):
+            weight, scale, offset = _weight(N, K, bits, group, seed=N + K)
+            torch.manual_seed(M)
+            x = torch.randn(M, K).half()
+            cfg = int_gemm.IntGemmConfig(16, 32, 128, 4, 1, 2)
+            y = int_gemm.int_weight_linear(x, weight, scale, offset, None, config=cfg)
+            assert launched.pop() == even, (N, K)
+            _check(f"even {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset, None)
+    finally:
+        int_gemm._gemm_kernel, int_gemm.EVEN_TILES = kernel, False
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 16), (4, 128), (8, 0)])
+def test_int_gemm_even_tiles(interp, bits, group) -> None:  # noqa: F811
+    interp(check_even_tiles, bits, group, 7)
+
+
 def check_bias_dtype() -> None:
     """A float32 bias with 16-bit x: the many-row path casts it as the tiles do."""
     from kiln.kernels import int_gemm

@@ -567,3 +567,7 @@ def test_grouped_launches_compile_for_hopper() -> None:
             if M > 1:
                 mma = "wgmma.mma_async" if cfg.block_m >= 64 else "mma.sync"
                 assert r.instructions[mma] > 0, r
+                # without masks on whole tiles (KILN_INT_EVEN=1)
+                r = compile_sm90(kernel, values, dict(meta, EVEN=True), cfg.num_warps,
+                                 cfg.num_stages, variant=f"M{M}-int{bits}-g{group}-even")
+                assert r.stack_bytes == 0 and r.instructions[mma] > 0, r

@@ -14,21 +14,28 @@ from kiln.kernels.split_k import split_k_fixup
 
 @triton.jit
 def _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K: tl.constexpr,
-              BITS: tl.constexpr):
+              BITS: tl.constexpr, EVEN: tl.constexpr = False):
     """The integers q of w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K], exact
-    (zeros past N and K). Integers to float32 without the quarter-rate conversion
-    instructions: a value u < 2^23 in the mantissa of 2^23 reads 2^23 + u exactly."""
+    (zeros past N and K; EVEN: the tile lies inside, no masks). Integers to float32
+    without the quarter-rate conversion instructions: a value u < 2^23 in the mantissa of
+    2^23 reads 2^23 + u exactly."""
     rows = offs_n.to(tl.int64)[:, None]
     if BITS == 4:
         offs_p = k // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
-                         mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
+        if EVEN:
+            packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :])
+        else:
+            packed = tl.load(w_ptr + rows * stride_wn + offs_p[None, :],
+                             mask=mask_n[:, None] & (offs_p < K // 2)[None, :], other=0)
         low, high = _unpack_nibbles(packed.to(tl.int32))
         return tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # even k low
     # int8 q: u = q + 128 (its bits xor 0x80) in 0..255
     offs_k = k + tl.arange(0, BLOCK_K)
-    q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
-                mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
+    if EVEN:
+        q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :])
+    else:
+        q = tl.load(w_ptr + rows * stride_wn + offs_k[None, :],
+                    mask=mask_n[:, None] & (offs_k < K)[None, :], other=0)
     u = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
     return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
 
@@ -36,14 +43,16 @@ def _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K: tl.constexpr,
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, mask_n,
                   BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                  GROUP_TILE: tl.constexpr, GROUPS: tl.constexpr = 1):
+                  GROUP_TILE: tl.constexpr, GROUPS: tl.constexpr = 1,
+                  EVEN: tl.constexpr = False):
     """w[offs_n, k:k + BLOCK_K] as float32 [BLOCK_N, BLOCK_K] (zeros past N and K).
 
     GROUP_TILE: the tile lies in one group (BLOCK_K divides G and k is a multiple of
     BLOCK_K), so one scale per row. GROUPS > 1: the tile is GROUPS whole groups (G =
     BLOCK_K / GROUPS, k a multiple of BLOCK_K), a [BLOCK_N, GROUPS] scale tile broadcast
-    over each group's values. Otherwise the scale of every element is gathered."""
-    q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS)
+    over each group's values. Otherwise the scale of every element is gathered. EVEN (with
+    GROUP_TILE or GROUPS): the tile lies inside N and K, loads without masks."""
+    q = _int_tile(w_ptr, offs_n, k, K, stride_wn, mask_n, BLOCK_K, BITS, EVEN)
     if GROUP_TILE:
         s_offs = offs_n.to(tl.int64) * stride_sn + k // G
         scale = tl.load(s_ptr + s_offs, mask=mask_n, other=0.0)[:, None]
@@ -53,10 +62,15 @@ def _dequant_tile(w_ptr, s_ptr, o_ptr, offs_n, k, K, G, stride_wn, stride_sn, ma
         SIZE: tl.constexpr = BLOCK_K // GROUPS
         offs_g = k // SIZE + tl.arange(0, GROUPS)
         s_offs = offs_n.to(tl.int64)[:, None] * stride_sn + offs_g[None, :]
-        mask = mask_n[:, None] & (offs_g < K // SIZE)[None, :]
-        scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
-        if HAS_OFFSET:
-            offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
+        if EVEN:
+            scale = tl.load(s_ptr + s_offs)[:, :, None]
+            if HAS_OFFSET:
+                offset = tl.load(o_ptr + s_offs)[:, :, None]
+        else:
+            mask = mask_n[:, None] & (offs_g < K // SIZE)[None, :]
+            scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
+            if HAS_OFFSET:
+                offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0)[:, :, None]
         q = tl.reshape(q, (q.shape[0], GROUPS, SIZE))
     else:
         offs_k = k + tl.arange(0, BLOCK_K)

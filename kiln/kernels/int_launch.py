@@ -46,6 +46,10 @@ class IntGemmConfig:
 # (Q4_0 / Q4_1) 130 / 214 against 257 / 320, int8 g16 with offsets (K-quant mixes) 182 /
 # 286 against 556 / 971 (bf16 cuBLAS 156 / 162); gather 0.03-0.13x bf16
 GROUPED = os.environ.get("KILN_INT_GROUPED", "groups")
+# The float tiles without masks where N and K are whole tiles (KILN_INT_EVEN=1; opt-in, not
+# yet timed on a GPU): the K loop of int4 g32 at 64 x 32 x 128 counted in sm_90 SASS, 11.3
+# instructions a weight with masks (48th session)
+EVEN_TILES = os.environ.get("KILN_INT_EVEN") == "1"
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
 # older default (o, down, gate_up; KILN_INT_ROW_TILES=0: not). INT4 batch 1 on an H200 (32nd

@@ -17,3 +17,8 @@ done
 timeout 120 python3 benchmarks/int4_row_sweep.py "$OUT/row-int8-g32.json" --bits 8 --group 32 \
   --shapes gate_up,down,o > "$OUT/row-int8-g32.log" 2>&1
 grep -E "^==|Error" "$OUT/row-int8-g32.log"
+# the float tiles without masks on whole tiles (KILN_INT_EVEN=1, opt-in: 10.1 against 11.3
+# SASS instructions a weight in int4 g32's K loop at 64 rows), on cold weights
+KILN_INT_EVEN=1 timeout 150 python3 benchmarks/head_bench.py "$OUT/cold-even.json" \
+  --rows 8,64 --layers --cold --only g32,g16 > "$OUT/cold-even.log" 2>&1
+grep -E "^layer|Error" "$OUT/cold-even.log" | sed "s/^/[even] /"
