@@ -23,7 +23,7 @@ import argparse
 import json
 
 import torch
-from int_gemv_bench import n_copies, timed, weight_copies
+from int_gemv_bench import int_weight, n_copies, timed, weight_copies
 
 HEADS = {"llama-3.1-8b": (128256, 4096), "qwen2.5-7b": (152064, 3584),
          "smollm2-135m": (49152, 576)}
@@ -33,18 +33,6 @@ LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 LAYOUTS = {"int8 per channel": (8, 0), "int8 g32 (Q8_0)": (8, 32),
            "int8 g16 offset (K mix)": (8, 16), "int4 g32 offset (Q4_1)": (4, 32),
            "int4 g128 offset": (4, 128)}
-
-
-def storage(n: int, k: int, bits: int, group: int, offset: bool):
-    from kiln.kernels.reference import pack_int4
-
-    groups = k // (group or k)
-    scale = torch.rand(n, groups, device="cuda") * 0.01 + 1e-3
-    if bits == 4:
-        weight = pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
-    else:
-        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
-    return weight, scale, -8 * scale if offset else None
 
 
 def main() -> None:
@@ -64,7 +52,7 @@ def main() -> None:
     print(f"{'shape':14s}{'rows':>5}  {'layout':24s}{'us':>9}{'vs bf16':>9}", flush=True)
     for name, (n, k) in shapes.items():
         w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        stores = {layout: storage(n, k, bits, group, "offset" in layout)
+        stores = {layout: int_weight(n, k, bits, group, "offset" in layout)
                   for layout, (bits, group) in LAYOUTS.items() if k % (group or k) == 0
                   and (not words or any(w in layout for w in words))}
         for m in (int(v) for v in args.rows.split(",")):
@@ -74,13 +62,11 @@ def main() -> None:
             base = timed([lambda x=x, w=w: torch.nn.functional.linear(x, w) for w in bf16s])
             del bf16s
             rows = [("bf16 cuBLAS", base)]
-            for layout, (weight, scale, offset) in stores.items():
+            for layout, (weight, scale, offset, nbytes) in stores.items():
                 got = KF.int_weight_linear(x, weight, scale, offset).float()
                 want = x.float() @ dequantize_int_weight(weight, scale, offset).float().T
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 assert err < 2e-2, (name, m, layout, err)
-                nbytes = sum(t.numel() * t.element_size() for t in (weight, scale, offset)
-                             if t is not None)
                 copies = weight_copies(weight, scale, offset, nbytes) if args.cold else \
                     [(weight, scale, offset)]
                 rows.append((layout, timed([lambda x=x, c=c: KF.int_weight_linear(x, *c)

@@ -74,7 +74,7 @@ def int_weight(N: int, K: int, bits: int, group: int | None = None,
     group = (128 if bits == 4 else K) if group is None else group or K
     offsets = bits == 4 if offsets is None else offsets
     if bits == 4:
-        weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8)).cuda()
+        weight = pack_int4(torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda"))
     else:
         weight = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda")
     scale = torch.rand(N, K // group, device="cuda") * 0.01

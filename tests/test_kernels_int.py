@@ -15,8 +15,10 @@ differ in order only, so |y - y32| <= 2e-5 * S + 1 ulp of the output dtype
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -110,10 +112,11 @@ def check_functional_dispatch() -> None:
 # (atomics, or for one row the partials summed by the last split: fixup; the splits end
 # inside K), each also with the next K step's loads issued first (prefetch)
 # and with the scales applied once a word (factored, x as one vector a word: xvec; both
-# for one row only), tl.dot tiles whose K step spans several groups (gathered scales) or
-# lies in one, and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8
-# and gathered scales ignore it), or read from 32-bit words in place (words; likewise), or
-# with the scales applied to each K step's product (factored; gathered scales ignore it);
+# for one row only), tl.dot tiles whose K step spans several groups (a scale tile; groups
+# that do not divide the step gather every scale: test_gathered_scales) or lies in one,
+# and int4 tiles multiplied as even-k and odd-k halves (nibble_dots; int8 and several
+# groups a step ignore it), or read from 32-bit words in place (words; likewise), or
+# with the scales applied to each K step's product (factored; likewise);
 # each tl.dot tile also computed transposed, the weight the left operand (swap); the
 # one-row GEMV's K loop software-pipelined (pipeline); int4 tiles unpacked by bit
 # operations into 16-bit floats 2^7 + q (bf16) or 2^10 + q (fp16) (magic; float32 x and
@@ -346,6 +349,28 @@ def test_int_gemm_split_k(interp, M, bits, group) -> None:  # noqa: F811
                    (16, 16, 64, 4, 1, 2, 8, False, False, factored, *[False] * 4, True))
 
 
+@contextlib.contextmanager
+def _tile_launches() -> Iterator[list[dict]]:
+    """The keyword arguments of each launch of int_gemm's tile kernel inside the block."""
+    from kiln.kernels import int_gemm
+
+    launched: list[dict] = []
+    kernel = int_gemm._gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append(kw)
+                return kernel[grid](*args, **kw)
+            return launch
+
+    int_gemm._gemm_kernel = Spy()
+    try:
+        yield launched
+    finally:
+        int_gemm._gemm_kernel = kernel
+
+
 def check_grouped_steps(bits: int, group: int, K: int, M: int, config: tuple) -> None:
     """Decode-batch tiles whose K step spans several groups (GGUF's 16 and 32): the
     launch keeps its step and the kernel takes a [BLOCK_N, groups] scale tile (GROUPS),
@@ -355,26 +380,14 @@ def check_grouped_steps(bits: int, group: int, K: int, M: int, config: tuple) ->
     weight, scale, offset = _weight(40, K, bits, group, seed=M)
     if offset is None:
         offset = torch.randn_like(scale) * 1e-2
-    launched = []
-    kernel = int_gemm._gemm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append((kw["BLOCK_K"], kw["GROUPS"]))
-                return kernel[grid](*args, **kw)
-            return launch
-
-    int_gemm._gemm_kernel = Spy()
-    try:
-        torch.manual_seed(M)
-        x = torch.randn(M, K).half()
-        bias = torch.randn(40).half()
+    torch.manual_seed(M)
+    x = torch.randn(M, K).half()
+    bias = torch.randn(40).half()
+    with _tile_launches() as launched:
         y = int_gemm.int_weight_linear(x, weight, scale, offset, bias,
                                        config=int_gemm.IntGemmConfig(*config))
-    finally:
-        int_gemm._gemm_kernel = kernel
-    assert launched == [(config[2], config[2] // group)], launched  # K > every step
+    assert [(kw["BLOCK_K"], kw["GROUPS"]) for kw in launched] == \
+        [(config[2], config[2] // group)], launched  # K > every step
     _check(f"groups {M}x40x{K} int{bits} g{group} {config}", x, y, weight, scale, offset, bias)
 
 
@@ -393,33 +406,38 @@ def check_even_tiles(bits: int, group: int, M: int) -> None:
     where N and K are whole tiles, the same result as with them; ragged shapes keep them."""
     from kiln.kernels import int_gemm
 
-    launched = []
-    kernel = int_gemm._gemm_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                launched.append(kw["EVEN"])
-                return kernel[grid](*args, **kw)
-            return launch
-
-    int_gemm._gemm_kernel, int_gemm.EVEN_TILES = Spy(), True
+    int_gemm.EVEN_TILES = True
     try:
         for N, K, even in ((64, 512, True), (40, 512, False), (64, 480, False)):
             weight, scale, offset = _weight(N, K, bits, group, seed=N + K)
             torch.manual_seed(M)
             x = torch.randn(M, K).half()
             cfg = int_gemm.IntGemmConfig(16, 32, 128, 4, 1, 2)
-            y = int_gemm.int_weight_linear(x, weight, scale, offset, None, config=cfg)
-            assert launched.pop() == even, (N, K)
+            with _tile_launches() as launched:
+                y = int_gemm.int_weight_linear(x, weight, scale, offset, None, config=cfg)
+            assert [kw["EVEN"] for kw in launched] == [even], (N, K)
             _check(f"even {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset, None)
     finally:
-        int_gemm._gemm_kernel, int_gemm.EVEN_TILES = kernel, False
+        int_gemm.EVEN_TILES = False
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 16), (4, 128), (8, 0)])
 def test_int_gemm_even_tiles(interp, bits, group) -> None:  # noqa: F811
     interp(check_even_tiles, bits, group, 7)
+
+
+def check_gathered_scales(config: tuple, M: int) -> None:
+    """Groups that neither hold a K step nor divide it (48 here) keep the step and load
+    every element's scale (GROUP_TILE and GROUPS off)."""
+    with _tile_launches() as launched:
+        check_linear(torch.float16, M, 40, 192, 8, 48, True, config)
+    assert [(kw["GROUP_TILE"], kw["GROUPS"]) for kw in launched] == [(False, 1)], launched
+
+
+@pytest.mark.parametrize("config", ["dot-gather", "dot-swap-gather", "dot-magic-gather"])
+def test_gathered_scales(interp, config) -> None:  # noqa: F811
+    for M in (7, 20):
+        interp(check_gathered_scales, CONFIGS[config], M)
 
 
 def check_bias_dtype() -> None:

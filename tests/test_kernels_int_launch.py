@@ -207,7 +207,7 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
             assert cfg(M, N, K, cuda, bits, group, pairs_ok=False) == \
                 int_gemm.IntGemmConfig(block_m, 32, 128, 4, 3, split_k=2)
     assert cfg(8, 4096, 1024, cuda, 8, 32).split_k == 1  # 4 K steps of 256: too few
-    monkeypatch.setattr(int_launch, "GROUPED", "step")
+    monkeypatch.setattr(int_launch, "GROUPED", False)
     assert cfg(4, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         16, 32, 256, 4, 3, split_k=2, factored=True)
     assert cfg(40, 28672, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
@@ -216,7 +216,7 @@ def test_int_gemm_default_launches(monkeypatch) -> None:
         64, 32, 128, 4, 3, split_k=2)
     assert cfg(24, 4096, 4096, cuda, 8, 32) == int_gemm.IntGemmConfig(
         32, 64, 128, 8, 3, split_k=2)
-    monkeypatch.setattr(int_launch, "GROUPED", "groups")
+    monkeypatch.setattr(int_launch, "GROUPED", True)
     assert not cfg(4, 28672, 4096, cuda, 4).digits and not cfg(40, 28672, 4096, cuda, 4).digits
     assert cfg(64, 4096, 1024, cuda, 8).split_k == 1  # 2 x 4 K steps: too few to split
     assert cfg(300, 4096, 4096, cuda, 8).split_k == 1

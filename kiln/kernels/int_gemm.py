@@ -315,9 +315,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         M, N, K, x.device, bits, G, x.dtype,
         words and pairs_eligible(x, bits, G, min(128, max(32, triton.next_power_of_2(K)))))
     block_k = min(cfg.block_k, max(32, triton.next_power_of_2(K)))
-    tile_groups = step_groups(G, block_k) if cfg.block_m and not cfg.digits and \
-        GROUPED != "step" else 1
-    if cfg.block_m and (tile_groups == 1 and GROUPED != "gather" or cfg.digits):
+    tile_groups = step_groups(G, block_k) if cfg.block_m and not cfg.digits and GROUPED \
+        else 1
+    if cfg.block_m and tile_groups == 1:
         block_k = group_step(G, block_k)
         while cfg.digits and block_k > 32 and (K % block_k or G % block_k):
             block_k //= 2  # digit tiles take whole K steps (e.g. K 576: steps of 64)
@@ -394,5 +394,5 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         N % cfg.block_n == 0 and K % (split * block_k) == 0,
         FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
         SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot,
-        GROUPS=tile_groups if GROUPED == "groups" else 1, **common)
+        GROUPS=tile_groups, **common)
     return out

@@ -38,14 +38,14 @@ class IntGemmConfig:
 
 
 # K steps of the decode-batch tiles where the group is smaller (int_gemm.step_groups):
-# "groups" (default) keeps the launch's step, GROUPS whole groups a step with a [BLOCK_N,
-# GROUPS] scale tile; "step" (the launches before the 48th session) makes the group the
-# step; "gather" keeps the step and loads the scale of every element (KILN_INT_GROUPED).
-# A Llama-3.1-8B layer's four linears on an H100 (48th session), us at 8 / 64 rows, groups
+# several whole groups a step with a [BLOCK_N, GROUPS] scale tile, and launches for them;
+# KILN_INT_GROUPED=step: the launches before the 48th session, the group the step. A
+# Llama-3.1-8B layer's four linears on an H100 (48th session), us at 8 / 64 rows, groups
 # against step: int8 g32 (GGUF Q8_0) 137 / 207 against 231 / 384, int4 g32 with offsets
 # (Q4_0 / Q4_1) 130 / 214 against 257 / 320, int8 g16 with offsets (K-quant mixes) 182 /
-# 286 against 556 / 971 (bf16 cuBLAS 156 / 162); gather 0.03-0.13x bf16
-GROUPED = os.environ.get("KILN_INT_GROUPED", "groups")
+# 286 against 556 / 971 (bf16 cuBLAS 156 / 162). Loading every element's scale at the
+# launch's step instead was 0.03-0.13x bf16 (removed; BENCHMARKS.md)
+GROUPED = os.environ.get("KILN_INT_GROUPED") != "step"
 # The float tiles without masks where N and K are whole tiles (KILN_INT_EVEN=1; opt-in, not
 # yet timed on a GPU): the K loop of int4 g32 at 64 x 32 x 128 counted in sm_90 SASS, 11.3
 # instructions a weight with masks (48th session)
@@ -122,8 +122,7 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             # K loop pipelined: 7.6 vs 9.0 and 16.5 vs 17.3; qkv kept (9.5: best)
             block_n, block_k, most, warps, pipe = (16, 512, 1, 2, False) if N > 8192 else \
                 (64, 256, 8, 4, True)
-        if 16 <= group <= (32 if pairs else 16 if bits == 8 else 0) and group < K and \
-                GROUPED == "groups":
+        if 16 <= group <= (32 if pairs else 16 if bits == 8 else 0) and group < K and GROUPED:
             # the groups swept (48th session, an H100, cold weights, us; GGUF's layouts):
             # int4 g32 gate_up 32 x 256 one split 39.5 (56.5 in the launch above), down 64
             # x 256 in 8 splits 25.3 (38.6), o 10.3 (17.5); int8 g16 with offsets (K-quant
@@ -194,11 +193,10 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             split = 4 if N <= 8192 else 2
             return IntGemmConfig(block_m, 128, 128, 4, 3, split_k=split, factored=bits == 8,
                                  swap=True)
-        if 16 <= group < 128 and group < K and not digits and GROUPED == "groups":
+        if 16 <= group < 128 and group < K and not digits and GROUPED:
             # groups of 16-64 (GGUF's layouts), several a K step (see GROUPED above):
             # 32 x 128 tiles, best of nine launches at 8 and 64 rows (48th session)
-            split = 2 if K % 256 == 0 and K // 256 >= 8 else 1
-            return IntGemmConfig(block_m, 32, 128, 4, 3, split_k=split)
+            return IntGemmConfig(block_m, 32, 128, 4, 3, split_k=_two_splits(K, 128))
         # 2-16 rows: int4 16 x 32 x 128, 152 us at 4 and 16 rows (1,136 at 4 rows: the
         # split-K GEMV; 176.5 at 16); int8 (grouped, or per channel where N <= 8192) 16 x
         # 32 x 256 factored (scales after each K step's dot: _factored_dot). 17-32 rows:
@@ -216,12 +214,17 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             block_n, block_k, warps, stages = 64, 128, 4, 3
         # K in two splits where each keeps >= 8 K steps, unless the tiles are many
         # (int4 at 16 rows, gate_up's 896 tiles: 62.3 vs 79.7 us in one split)
-        split = 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
+        split = _two_splits(K, block_k)
         if bits == 4 and M <= 16 and triton.cdiv(N, block_n) >= 256:
             split = 1
         return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
                              factored=factored, digits=digits)
     return IntGemmConfig(128, 128, 64, 8, 3)
+
+
+def _two_splits(K: int, block_k: int) -> int:
+    """Decode-batch tiles: K in two splits where each keeps >= 8 whole K steps."""
+    return 2 if K % (2 * block_k) == 0 and K // (2 * block_k) >= 8 else 1
 
 
 def split_length(K: int, split_k: int, block_k: int) -> int:
