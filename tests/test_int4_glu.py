@@ -25,7 +25,7 @@ LAUNCHES = ["", "16,128,1,4,3,0,1,1,0,0,0,1", "32,128,3,4,3,0,1,1,1,0,1,1",
 
 def check_glu(cols: int, K: int, group: int, launch: str, with_offset: bool, with_bias: bool,
               device: str = "cpu") -> None:
-    from kiln.kernels import int_gemm, silu_mul
+    from kiln.kernels import int_gemm, pdl, silu_mul
     from kiln.kernels.int_gemv_epilogues import int4_glu
 
     if launch:
@@ -42,8 +42,12 @@ def check_glu(cols: int, K: int, group: int, launch: str, with_offset: bool, wit
             assert got is not None and got.shape == (1, cols), (launch, act)
             want = silu_mul.silu_and_mul(stored, gelu_tanh=act == 2)
             assert torch.equal(got, want), (cols, K, group, launch, act)
+        pdl.INT_PRELOAD = False  # the K loop without its first step before the PDL wait
+        assert torch.equal(int4_glu(x, weight, scale, offset, bias, 1),
+                           silu_mul.silu_and_mul(stored)), (cols, K, group, launch)
     finally:
         os.environ.pop("KILN_INT_GEMV1", None)
+        pdl.INT_PRELOAD = True
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)

@@ -110,6 +110,35 @@ def test_pairs_gemv(interp, group, K) -> None:  # noqa: F811
         interp(check_pairs, 40, K, group, split, split == 1 or fixup, split == 1, fixup)
 
 
+def check_preload() -> None:
+    """KILN_INT_PRELOAD (the default: the first K step's words, scales and offsets loaded
+    before the PDL wait): the bits of the plain K loop, with K ending inside a step, in
+    splits summed in the kernel and in a loop pipelined by Triton (the GLU epilogue's:
+    test_int4_glu)."""
+    from kiln.kernels import int_gemm, pdl
+
+    for N, K, group, split, block_n, block_k, fixup, stages in (
+            (40, 96, 32, 1, 16, 64, False, 1), (72, 1536, 128, 3, 64, 256, True, 3),
+            (64, 384, 128, 2, 32, 128, True, 1)):
+        weight, scale, offset = _weight(N, K, 4, group, "cpu")
+        torch.manual_seed(K)
+        x = torch.randn(1, K).to(torch.bfloat16)
+        cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
+                                     xvec=True, fixup=fixup, pipeline=stages > 1, pairs=True)
+        got = {}
+        for on in (False, True):
+            pdl.INT_PRELOAD = on
+            try:
+                got[on] = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
+            finally:
+                pdl.INT_PRELOAD = True
+        assert torch.equal(got[True], got[False]), (N, K, split)
+
+
+def test_pairs_gemv_preload_keeps_the_bits(interp) -> None:  # noqa: F811
+    interp(check_preload)
+
+
 def test_pairs_gemv_row_tiles(interp) -> None:  # noqa: F811
     """KILN_INT_ROW_TILES's launches at small shapes: K steps of 512 (four groups of 128
     a step) in one split on 2 warps; 64 x 256 in splits summed in the kernel with the K
@@ -323,17 +352,22 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
     ptx = _compile(_gemv1_pairs_kernel, values, meta, 4, 3).asm["ptx"]
     assert ptx.count("fma.rn.bf16x2") >= 8 * 8 and "cvt.f32.bf16" not in ptx
     # launched with PDL (KILN_INT_PDL): it waits for the kernel before, then lets the next go
-    r = compile_sm90(_gemv1_pairs_kernel, values, dict(meta, PDL=True), 4, 3)
-    assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, r
+    # (KILN_INT_PRELOAD: the first step's loads before the wait)
+    for preload in (False, True):
+        r = compile_sm90(_gemv1_pairs_kernel, values, dict(meta, PDL=True, PRELOAD=preload),
+                         4, 3)
+        assert r.stack_bytes == 0 and r.instructions["griddepcontrol"] == 2, r
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_pairs_gemv_pdl_waits_for_its_input(monkeypatch) -> None:
+@pytest.mark.parametrize("preload", [False, True])
+def test_gpu_pairs_gemv_pdl_waits_for_its_input(preload, monkeypatch) -> None:
     """KILN_INT_PDL: the one-row INT4 GEMV launched with PDL behind the RMSNorm that writes
     its input (which lets it start at once), in a CUDA graph replayed on new inputs: each
     replay's result is the plain launch's, bit for bit, at the 8B's QKV (4 K splits summed
-    in the kernel) and down (16 splits) shapes."""
+    in the kernel) and down (16 splits) shapes; also with its first weights loaded before
+    the wait (KILN_INT_PRELOAD)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
     if torch.cuda.get_device_capability() < (9, 0):
@@ -350,12 +384,14 @@ def test_gpu_pairs_gemv_pdl_waits_for_its_input(monkeypatch) -> None:
                                               offset)
 
         monkeypatch.setattr(pdl, "INT_GEMV", True)
+        monkeypatch.setattr(pdl, "INT_PRELOAD", preload)
         x.copy_(torch.randn(1, K, device="cuda"))
         step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             got = step()
         monkeypatch.setattr(pdl, "INT_GEMV", False)
+        monkeypatch.setattr(pdl, "INT_PRELOAD", False)
         for _ in range(3):
             x.copy_(torch.randn(1, K, device="cuda"))
             graph.replay()

@@ -24,6 +24,13 @@ the small kernels then take part in INT4 engines too) are PDL-launched as well: 
 launch behind its quantization kernel (kiln.kernels.fp8) is separate and on.
 An L2 prefetch of the GEMV's first weight bytes before it waits (cp.async.bulk.prefetch)
 made both slower (bf16 8 MB 226.9, 24 MB 213.7; FP8 8 MB 313.9 vs 323.6) and was removed.
+Since the 49th session the one-row INT4 GEMV loads its first K step (words, scales,
+offsets: a program's own, into registers) before it waits (KILN_INT_PRELOAD=0: not). On an
+H100, alternating in one call: INT4 g128 batch 1 385.7 / 385.5 tok/s against 376.4 / 376.5
+(+2.4%; 386.1 / 387.1 against 376.9 / 378.9 in another call), the GGUF Q4 layout (int4 g32)
+280.6 against 269.7; the first two steps before the wait 349.1 / 350.6 (slower, not
+kept). The same for the swapped bf16 GEMV's first weight tile: 181.5 / 181.6 against
+182.3 / 182.3, not kept.
 """
 from __future__ import annotations
 
@@ -46,6 +53,9 @@ SWAP_GEMV = _ON and os.environ.get("KILN_SWAP_PDL", "1") != "0"
 # PDL with it in INT4 engines (KILN_INT_PDL=0: not; INT4 batch 1 387.7 tok/s against 371.2
 # without, H200, 31st session)
 INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "1") != "0"
+# the one-row INT4 GEMV's first K step of weights loaded before its wait (KILN_INT_PRELOAD=0:
+# not), the weight streaming while the kernel before finishes (module doc)
+INT_PRELOAD = os.environ.get("KILN_INT_PRELOAD", "1") != "0"
 # the decode attention PDL-launched behind the rotary + KV write (KILN_ATTN_PDL=0: not)
 ATTENTION = _ON and os.environ.get("KILN_ATTN_PDL", "1") != "0"
 
