@@ -220,20 +220,33 @@ def test_glu_route(interp) -> None:  # noqa: F811
 def test_pdl_policy(monkeypatch) -> None:
     """Which engines PDL-launch their small decode kernels (kiln.kernels.pdl): those whose
     decode linears are PDL-launched too (16-bit on the swapped GEMV, sm_90 only; FP8; INT4
-    unless KILN_INT_PDL=0), since behind the others it cost batch 1 (INT4 -2.7%); and
-    nothing on a CPU tensor, whatever the engine."""
+    unless KILN_INT_PDL=0; GGUF files whose every storage is one of these), since behind
+    the others it cost batch 1 (INT4 -2.7%); and nothing on a CPU tensor, whatever the
+    engine."""
     from kiln.kernels import pdl
 
     monkeypatch.setattr(pdl, "INT_GEMV", False)
-    assert pdl.linears_take_part("none", (), True)
-    assert not pdl.linears_take_part("none", (), False)  # 16-bit off Hopper: cuBLAS
-    assert pdl.linears_take_part("fp8", (), False)
+    assert pdl.linears_take_part("none", {}, True)
+    assert not pdl.linears_take_part("none", {}, False)  # 16-bit off Hopper: cuBLAS
+    assert pdl.linears_take_part("fp8", {}, False)
     for method in ("int4_wo", "int8_wo", "int8_sq", "int4_awq"):
-        assert not pdl.linears_take_part(method, (), True), method
-    assert not pdl.linears_take_part("gguf", ("int4_g32_offset", "none"), True)
+        assert not pdl.linears_take_part(method, {}, True), method
+    # SmolLM2's GGUF: Q4_1 linears, the tied head in Q8_0 (engine.json's quant_layers)
+    smol = {f"model.layers.{i}.{m}": "int4_g32_offset" for i in range(30)
+            for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                      "mlp.down_proj")} | {"lm_head": "int8_g32"}
+    assert not pdl.linears_take_part("gguf", smol, True)
     monkeypatch.setattr(pdl, "INT_GEMV", True)
-    assert pdl.linears_take_part("int4_wo", (), True)
-    assert not pdl.linears_take_part("int8_wo", (), True)
+    assert pdl.linears_take_part("int4_wo", {}, True)
+    assert not pdl.linears_take_part("int8_wo", {}, True)
+    # GGUF: where every layer's storage runs on a PDL-launched GEMV (Q4_0 / Q4_1 / Q4_K
+    # blocks on the one-row INT4 GEMV, 16-bit tensors on the swapped one); the head (once a
+    # step) does not count
+    assert pdl.linears_take_part("gguf", smol, True)
+    assert pdl.linears_take_part("gguf", {"a": "int4_g32", "b": "none"}, True)
+    assert not pdl.linears_take_part("gguf", {"a": "int4_g32", "b": "none"}, False)
+    assert not pdl.linears_take_part("gguf", smol | {"a": "int8_g16_offset"}, True)
+    assert not pdl.linears_take_part("gguf", {"lm_head": "int4_g32"}, True)
     monkeypatch.setattr(pdl, "_SMALL", [True])
     pdl.set_small_kernels(True)
     assert not pdl.enabled(torch.zeros(1)) and not pdl.dependents(torch.zeros(1))

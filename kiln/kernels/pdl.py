@@ -85,13 +85,25 @@ def set_small_kernels(linears_wait: bool) -> None:
     _SMALL[0] = linears_wait
 
 
-def linears_take_part(method: str, layer_methods: tuple[str, ...], sm90: bool) -> bool:
+def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool:
     """Whether an engine's decode linears are PDL-launched (set_small_kernels): 16-bit ones
     on the swapped GEMV (sm_90 only), FP8 (the swapped FP8 GEMM), INT4 (unless KILN_INT_PDL=0);
-    every per-layer method (GGUF's storages) among them."""
+    every per-layer method among them. A GGUF engine ("gguf") takes part where every
+    linear's storage does: 16-bit ("none"), or 4-bit ("int4_g32[_offset]": Q4_0, Q4_1 and
+    Q4_K blocks, on the same one-row INT4 GEMV as int4_wo); one 8-bit storage (Q8_0, Q5-Q6
+    blocks: the float GEMV, not PDL-launched) keeps the small kernels' plain launches.
+    storages: engine.json's quant_layers (linear name -> storage); the LM head's, run once
+    a step, is left out, as int4_wo engines' 8-bit heads are."""
     takes_part = ("none",) * sm90 + ("fp8",) + (
         ("int4_wo", "int4_awq", "int4_gptq") if INT_GEMV else ())
-    return method in takes_part and all(q in takes_part for q in layer_methods)
+
+    def part(q: str) -> bool:
+        return q in takes_part or (INT_GEMV and q.startswith("int4_g"))
+
+    layers = [q for name, q in storages.items() if name != "lm_head"]
+    if method == "gguf":
+        return bool(layers) and all(part(q) for q in layers)
+    return method in takes_part and all(part(q) for q in layers)
 
 
 def enabled(t: torch.Tensor) -> bool:

@@ -76,7 +76,7 @@ class ModelRunner:
             from kiln.kernels import pdl  # take part (kiln.kernels.pdl)
 
             pdl.set_small_kernels(pdl.linears_take_part(
-                quant.method, tuple(build.quant_layers.values()),
+                quant.method, build.quant_layers,
                 torch.cuda.get_device_capability(device) == (9, 0)))
         if build.load_format == "dummy":  # random weights made here, quantized as built
             self.model = dummy_model(cfg, self.mapping, build.max_seq_len, self.dtype, device,
