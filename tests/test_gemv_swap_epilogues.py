@@ -235,6 +235,7 @@ def test_pdl_policy(monkeypatch) -> None:
     smol = {f"model.layers.{i}.{m}": "int4_g32_offset" for i in range(30)
             for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                       "mlp.down_proj")} | {"lm_head": "int8_g32"}
+    monkeypatch.setattr(pdl, "GGUF", True)  # KILN_GGUF_PDL=1
     assert not pdl.linears_take_part("gguf", smol, True)
     monkeypatch.setattr(pdl, "INT_GEMV", True)
     assert pdl.linears_take_part("int4_wo", {}, True)
@@ -247,6 +248,8 @@ def test_pdl_policy(monkeypatch) -> None:
     assert not pdl.linears_take_part("gguf", {"a": "int4_g32", "b": "none"}, False)
     assert not pdl.linears_take_part("gguf", smol | {"a": "int8_g16_offset"}, True)
     assert not pdl.linears_take_part("gguf", {"lm_head": "int4_g32"}, True)
+    monkeypatch.setattr(pdl, "GGUF", False)  # the default until timed
+    assert not pdl.linears_take_part("gguf", smol, True)
     monkeypatch.setattr(pdl, "_SMALL", [True])
     pdl.set_small_kernels(True)
     assert not pdl.enabled(torch.zeros(1)) and not pdl.dependents(torch.zeros(1))

@@ -56,6 +56,9 @@ INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "1") != "0"
 # the one-row INT4 GEMV's first K step of weights loaded before its wait (KILN_INT_PRELOAD=0:
 # not), the weight streaming while the kernel before finishes (module doc)
 INT_PRELOAD = os.environ.get("KILN_INT_PRELOAD", "1") != "0"
+# GGUF engines whose every layer runs on a PDL-launched GEMV take part as int4_wo ones do
+# (linears_take_part; KILN_GGUF_PDL=1, opt-in until timed on a GGUF engine)
+GGUF = os.environ.get("KILN_GGUF_PDL") == "1"
 # the decode attention PDL-launched behind the rotary + KV write (KILN_ATTN_PDL=0: not)
 ATTENTION = _ON and os.environ.get("KILN_ATTN_PDL", "1") != "0"
 
@@ -88,10 +91,11 @@ def set_small_kernels(linears_wait: bool) -> None:
 def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool:
     """Whether an engine's decode linears are PDL-launched (set_small_kernels): 16-bit ones
     on the swapped GEMV (sm_90 only), FP8 (the swapped FP8 GEMM), INT4 (unless KILN_INT_PDL=0);
-    every per-layer method among them. A GGUF engine ("gguf") takes part where every
-    linear's storage does: 16-bit ("none"), or 4-bit ("int4_g32[_offset]": Q4_0, Q4_1 and
-    Q4_K blocks, on the same one-row INT4 GEMV as int4_wo); one 8-bit storage (Q8_0, Q5-Q6
-    blocks: the float GEMV, not PDL-launched) keeps the small kernels' plain launches.
+    every per-layer method among them. A GGUF engine ("gguf") takes part (KILN_GGUF_PDL=1,
+    opt-in until timed on one) where every linear's storage does: 16-bit ("none"), or
+    4-bit ("int4_g32[_offset]": Q4_0, Q4_1 and Q4_K blocks, on the same one-row INT4 GEMV
+    as int4_wo); one 8-bit storage (Q8_0, Q5-Q6 blocks: the float GEMV, not PDL-launched)
+    keeps the small kernels' plain launches.
     storages: engine.json's quant_layers (linear name -> storage); the LM head's, run once
     a step, is left out, as int4_wo engines' 8-bit heads are."""
     takes_part = ("none",) * sm90 + ("fp8",) + (
@@ -102,7 +106,7 @@ def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool
 
     layers = [q for name, q in storages.items() if name != "lm_head"]
     if method == "gguf":
-        return bool(layers) and all(part(q) for q in layers)
+        return GGUF and bool(layers) and all(part(q) for q in layers)
     return method in takes_part and all(part(q) for q in layers)
 
 
