@@ -11,7 +11,7 @@ the factored tiles, int8's default, apply scale and offset to sums of q x instea
 same product without rounding w to x's dtype.)
 
 Picked by the number of rows M (the launch: kiln.kernels.int_launch):
-* M == 1: _gemv1_kernel (32-bit words, integer-only unpacking, see there); opt-in
+* M == 1: kiln.kernels.int_gemv1 (32-bit words, integer-only unpacking, see there); opt-in
   (IntGemmConfig.digits, measured 2x slower), kiln.kernels.int_gemv_digits: integer dp4a
   products with x as three signed-byte digit planes.
 * 2 <= M <= GEMV_ROWS (4): int4 with bfloat16 x, the pairs GEMV for all rows at once
@@ -44,10 +44,10 @@ from kiln.kernels.int_gemv import (
     _dequant_tile,
     _dequant_words,
     _exponent_base,
-    _gemv1_kernel,
     _gemv_kernel,
     _int_tile,
 )
+from kiln.kernels.int_gemv1 import _gemv1_kernel, gemv1  # noqa: F401  (compile checks)
 from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv, pairs_launch, word_aligned
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
@@ -60,7 +60,7 @@ from kiln.kernels.int_launch import (  # noqa: F401
     split_length,
 )
 from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
-from kiln.kernels.split_k import finish_tile, split_k_buffers, split_k_counters, tile_coords
+from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -341,20 +341,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if launch is not None:
         return pairs_gemv(x, weight, scale, offset, bias, *launch)
     if word_gemv and M == 1:
-        k_per_split = split_length(K, cfg.split_k, block_k)
-        splits = triton.cdiv(K, k_per_split)
-        blocks = triton.cdiv(N, cfg.block_n)
-        out, part, counters, atomic = split_k_buffers(1, N, splits, blocks, cfg.fixup,
-                                                      x.dtype, x.device)
-        _gemv1_kernel[(blocks, splits)](
-            x, weight.view(torch.int32), scale, o, b, out, part, counters, N, K, G,
-            k_per_split // per, weight.stride(0) // 4, scale.stride(0), ATOMIC=atomic,
-            GROUPS=groups, EVEN_K=K % k_per_split == 0 and k_per_split % block_k == 0,
-            PREFETCH=cfg.prefetch, FACTORED=cfg.factored, XVEC=cfg.xvec,
-            SPLIT_K=splits if cfg.fixup else 1, INTERPRET=_INTERPRET,
-            LOOP_STAGES=cfg.num_stages if cfg.pipeline else 1,
-            **{k: v for k, v in common.items() if k != "GROUP_TILE"})
-        return out.to(x.dtype) if atomic else out
+        return gemv1(x, weight, scale, offset, bias, cfg, bits, block_k, groups)
     if word_gemv and cfg.factored:
         return launch_gemv_rows(x, weight, scale, offset, bias, cfg.block_n, block_k, groups,
                                 cfg.num_warps, cfg.num_stages, G,

@@ -1,7 +1,8 @@
 """The decode GEMVs of the integer-weight linear layers (kiln.kernels.int_gemm picks them):
-one row (_gemv1_kernel: 32-bit words, integer-only unpacking) and up to GEMV_ROWS rows
-(_gemv_kernel: broadcast products), and the weight tile both they and the tl.dot kernels
-dequantize (_dequant_tile). Storage and numerics: see kiln.kernels.int_gemm."""
+up to GEMV_ROWS rows (_gemv_kernel: broadcast products), the pieces of the one-row GEMV
+(kiln.kernels.int_gemv1._gemv1_kernel: 32-bit words, integer-only unpacking) that the
+other word GEMVs share, and the weight tile the GEMVs and the tl.dot kernels dequantize
+(_dequant_tile). Storage and numerics: see kiln.kernels.int_gemm."""
 
 from __future__ import annotations
 
@@ -286,92 +287,6 @@ def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G
     if HAS_OFFSET:
         offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
     return words, scale, offset
-
-
-@triton.jit
-def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K,
-                  G: tl.constexpr, W_PER_SPLIT, stride_wn, stride_sn,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPS: tl.constexpr,
-                  ATOMIC: tl.constexpr, EVEN_K: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = False, FACTORED: tl.constexpr = False,
-                  XVEC: tl.constexpr = False, SPLIT_K: tl.constexpr = 1,
-                  INTERPRET: tl.constexpr = False, LOOP_STAGES: tl.constexpr = 1):
-    """out[n block] (+)= x[k split] . w[n block, k split] for one row x (batch-1 decode).
-
-    The weight is read as 32-bit words (w_ptr is the storage viewed as int32, stride_wn in
-    words): word j of a row holds k = PER j .. PER j + PER - 1 (PER = 8 nibbles or 4
-    bytes, the lowest bits first). Each value becomes a float with integer ops only, as
-    the mantissa of 2^23: float(bits(2^23) | u) - 2^23 = u exactly (int8 goes through
-    u = q + 128); so the loop is shifts, masks and FMAs, no quarter-rate int -> float
-    conversions, and the weight is not rounded to x's dtype (the dequantized value in
-    float32, as the tests bound it). A K step spans GROUPS whole quantization groups (1
-    when it lies in one): tiles are [BLOCK_N, GROUPS, words per group], so each row loads
-    one scale (and offset) per group and step. Products accumulate elementwise in float32
-    registers over the whole K loop and are summed once at the end.
-    PREFETCH: the next step's words are loaded before this step's are used, so each
-    program has two steps of loads in flight (the kernel waits on memory latency, not on
-    bandwidth, with one).
-    FACTORED: _factored_step, fewer instructions a weight (sm_90 SASS of the K loop at the
-    8B shape, Triton 3.6: int4 g128 64 x 128 5.9 vs 7.7, 512 x 32 4.9 vs 6.9, 32 x 256 7.6
-    vs 8.9; int8 32 x 256 5.4 vs 6.8); XVEC: x read as one vector a word (32 x 256: 6.5,
-    elsewhere within 0.2 of FACTORED alone; x passes through shared memory).
-    Splits of K (program_id 1) meet either by float32 atomics into a zeroed buffer
-    (ATOMIC: the caller zeroes it and casts the sum, two more launches) or, SPLIT_K > 1,
-    through split_k_fixup: the last split of a block sums the partials and stores the
-    result in out's dtype (one launch).
-    LOOP_STAGES > 1: the K loop software-pipelined by Triton, each step's words (scales,
-    offsets) copied asynchronously (cp.async) LOOP_STAGES - 1 steps ahead into shared
-    memory; 1: loads into registers as the step needs them (the same SASS as a plain
-    range; Triton pipelines loads on its own only where they feed tl.dot)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    PER: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    BIAS: tl.constexpr = 8388608.0 + (128.0 if BITS == 8 else 0.0)
-    WPG: tl.constexpr = BLOCK_K // PER // GROUPS  # words per group in a step
-    STEP: tl.constexpr = BLOCK_K // PER
-    mask_n, rows, s_rows, g, word = _word_tile(pid_n, N, stride_sn, BLOCK_N, GROUPS, WPG)
-    acc = tl.zeros([BLOCK_N, GROUPS, WPG], dtype=tl.float32)
-    # The loop runs over words (W_PER_SPLIT words a split, specialized as a multiple of
-    # 16): the compiler then knows where rows' words are 16-byte aligned.
-    w_start = pid_k * W_PER_SPLIT
-    w_end = tl.minimum(w_start + W_PER_SPLIT, K // PER)
-    k_end = w_end * PER
-    if PREFETCH:
-        words, scale, offset = _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word,
-                                           w_start, k_end, G, stride_wn, PER, WPG, GROUPS,
-                                           HAS_OFFSET, EVEN_K)
-    for w0 in tl.range(w_start, w_end, STEP, num_stages=LOOP_STAGES):
-        if PREFETCH:
-            # EVEN_K: the last step reloads itself (cached) instead of masking every load
-            w_next = tl.minimum(w0 + STEP, w_end - STEP) if EVEN_K else w0 + STEP
-            n_words, n_scale, n_offset = _gemv1_load(
-                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w_next, k_end, G,
-                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
-        else:
-            words, scale, offset = _gemv1_load(
-                w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G,
-                stride_wn, PER, WPG, GROUPS, HAS_OFFSET, EVEN_K)
-        kw = w0 * PER + PER * word  # the first k of each word
-        if FACTORED:
-            acc = _factored_step(acc, words, scale, offset, x_ptr, kw, k_end, BITS, PER,
-                                 HAS_OFFSET, EVEN_K, XVEC)
-        else:
-            for i in tl.static_range(PER):
-                u = (words >> (BITS * i)) & MASK
-                if BITS == 8:
-                    u = u ^ 0x80
-                q = (u | 0x4B000000).to(tl.float32, bitcast=True) - BIAS
-                w = q * scale
-                if HAS_OFFSET:
-                    w = w + offset
-                acc += w * _x_at(x_ptr, kw, i, k_end, EVEN_K)
-        if PREFETCH:
-            words, scale, offset = n_words, n_scale, n_offset
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    _gemv1_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, pid_k, N, BLOCK_N,
-                 HAS_BIAS, ATOMIC, SPLIT_K, INTERPRET)
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """One-row W4A16 / W8A16 products on dp4a: x written as three signed-byte digit planes.
 
-The float GEMV (kiln.kernels.int_gemv._gemv1_kernel) spends ~6 instructions a weight on
+The float GEMV (kiln.kernels.int_gemv1._gemv1_kernel) spends ~6 instructions a weight on
 unpacking, converting and multiplying in float32, and on an H200 it is bound by that, not
 by HBM: int4 and int8 take the same time at gate_up (36 us), int4 streaming half the
 bytes. Here the arithmetic is integer and four values an instruction:
@@ -149,7 +149,7 @@ def _digits_gemv_kernel(d_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, ou
     int32 words, PLANE_W words a plane); program_id(1) takes C_PER_SPLIT chunks of K
     (whole steps of BLOCK_C chunks), the splits summed by split_k_fixup. LOOP_STAGES > 1:
     the loop's loads copied asynchronously that many steps ahead, less one (as
-    kiln.kernels.int_gemv._gemv1_kernel's)."""
+    kiln.kernels.int_gemv1._gemv1_kernel's)."""
     pid_n = tl.program_id(0)
     PER: tl.constexpr = 32 // BITS  # values a word
     CV: tl.constexpr = 4 * PER  # values a chunk

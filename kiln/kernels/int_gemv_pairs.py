@@ -3,7 +3,7 @@ decode of W4A16 engines whose activations are bfloat16 (the default since the ei
 session), and an opt-in version for 2-4 rows (_gemv_pairs_rows_kernel: each word
 unpacked once, then multiplied with every row; KILN_INT_GEMVN's seventh field).
 
-kiln's float GEMV (kiln.kernels.int_gemv._gemv1_kernel) turns each weight into a
+kiln's float GEMV (kiln.kernels.int_gemv1._gemv1_kernel) turns each weight into a
 float32 and multiplies it in float32: ~5.9 SASS instructions a weight, and Nsight
 Compute shows it bound by instruction issue, not by HBM (seventeenth session). Here a
 32-bit word of eight int4 values becomes four bfloat16 pairs by bit operations (a shift,
@@ -92,7 +92,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         PRELOAD: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
-    in kiln.kernels.int_gemv._gemv1_kernel (int4, PER = 8 values a word); each word's
+    in kiln.kernels.int_gemv1._gemv1_kernel (int4, PER = 8 values a word); each word's
     products summed in bfloat16 pairs (_pair_dot), scaled once a word in float32.
     LOOP_STAGES > 1: the K loop software-pipelined by Triton (cp.async LOOP_STAGES - 1
     steps ahead; the 31st session's sweep: faster at o and down with 8 splits). (The next

@@ -1,5 +1,5 @@
 """The factored integer GEMV for a few rows (decode at 2-4 sequences, a speculative verify):
-the one-row kernel's reading (kiln.kernels.int_gemv._gemv1_kernel: 32-bit words, each
+the one-row kernel's reading (kiln.kernels.int_gemv1._gemv1_kernel: 32-bit words, each
 value read in place as a float's mantissa, the scale and offset applied once a word as
 s sum q x + o sum x) with every word used for all M <= ROWS rows of x, so the weight is
 read once for the batch. Opt-in (IntGemmConfig.factored for 2-4 rows) until timed."""

@@ -30,7 +30,8 @@ H100, alternating in one call: INT4 g128 batch 1 385.7 / 385.5 tok/s against 376
 (+2.4%; 386.1 / 387.1 against 376.9 / 378.9 in another call), the GGUF Q4 layout (int4 g32)
 280.6 against 269.7; the first two steps before the wait 349.1 / 350.6 (slower, not
 kept). The same for the swapped bf16 GEMV's first weight tile: 181.5 / 181.6 against
-182.3 / 182.3, not kept.
+182.3 / 182.3, not kept. Opt-in until timed: the one-row INT8 GEMV PDL-launched the same
+way (KILN_INT8_PDL=1), and GGUF engines' small kernels (KILN_GGUF_PDL=1).
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "1") != "0"
 # the one-row INT4 GEMV's first K step of weights loaded before its wait (KILN_INT_PRELOAD=0:
 # not), the weight streaming while the kernel before finishes (module doc)
 INT_PRELOAD = os.environ.get("KILN_INT_PRELOAD", "1") != "0"
+# the one-row INT8 GEMV (kiln.kernels.int_gemv1: int8_wo, GGUF's Q8_0 and Q5-Q6 blocks,
+# 8-bit LM heads) the same way, its first K step loaded before the wait (KILN_INT8_PDL=1;
+# opt-in until timed); int8_wo engines' small kernels then take part
+INT8_GEMV = _ON and os.environ.get("KILN_INT8_PDL") == "1"
 # GGUF engines whose every layer runs on a PDL-launched GEMV take part as int4_wo ones do
 # (linears_take_part; KILN_GGUF_PDL=1, opt-in until timed on a GGUF engine)
 GGUF = os.environ.get("KILN_GGUF_PDL") == "1"
@@ -101,8 +106,12 @@ def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool
     takes_part = ("none",) * sm90 + ("fp8",) + (
         ("int4_wo", "int4_awq", "int4_gptq") if INT_GEMV else ())
 
+    if INT8_GEMV:
+        takes_part += ("int8_wo",)
+
     def part(q: str) -> bool:
-        return q in takes_part or (INT_GEMV and q.startswith("int4_g"))
+        return q in takes_part or (INT_GEMV and q.startswith("int4_g")) or (
+            INT8_GEMV and q.startswith("int8_g"))
 
     layers = [q for name, q in storages.items() if name != "lm_head"]
     if method == "gguf":
