@@ -19,6 +19,7 @@ from kiln.build import build, load_engine_config
 from kiln.build.gguf_blocks import KEPT_TYPES, decode_blocks, layer_spec, to_storage
 from kiln.build.quantize import plan_quantization
 from kiln.checkpoint.gguf import GGUFCheckpoint
+from kiln.checkpoint.random_gguf import random_blocks
 from kiln.config import BuildConfig
 from kiln.errors import BuildError
 from kiln.eval import sequence_logits
@@ -40,23 +41,10 @@ Q = gguf.GGMLQuantizationType
 TOKENS = list(range(3, 100))
 
 
-def _random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random bytes, with every fp16 field (d, m, dmin) a random finite value."""
-    weights, size = gguf.GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (rows, cols // weights, size), dtype=np.uint8)
-    fields = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-              Q.Q6_K: (208,)}.get(qtype, (0,))
-    for start in fields:
-        values = (rng.standard_normal((rows, cols // weights)) * 0.01).astype(np.float16)
-        data[:, :, start:start + 2] = values.view(np.uint8).reshape(rows, -1, 2)
-    return data.reshape(rows, -1)
-
-
 @pytest.mark.parametrize("qtype", list(KEPT_TYPES), ids=lambda q: q.name)
 def test_kept_blocks_dequantize_to_llama_cpp_values_bit_for_bit(qtype):
     rows, cols = 6, 512
-    data = _random_blocks(qtype, rows, cols)
+    data = random_blocks(qtype, rows, cols)
     want = torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(rows, cols).copy())
     q, scale, offset = decode_blocks(qtype, data, rows, cols)
     bits, group, has_offset = KEPT_TYPES[qtype]
@@ -154,7 +142,7 @@ def _write_mixed(path: Path, layer1_down: Q = Q.F16, head: Q | None = None,
         else:
             if ".q_proj." in name or ".k_proj." in name:
                 x = _llama_cpp_permute(x, HEADS if ".q_proj." in name else KV_HEADS)
-            w.add_tensor(_gguf_name(name), _random_blocks(qtype, *x.shape, seed=seed),
+            w.add_tensor(_gguf_name(name), random_blocks(qtype, *x.shape, seed=seed),
                          raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
-from tests.test_kernels_int import _weight
+from tests.test_kernels_int import _weight, check_pdl_behind_norm
 
 # (N, K, group, launch: block_n, block_k, split_k, warps, stages, prefetch, factored, xvec,
 # fixup, pipeline)
@@ -96,7 +96,7 @@ def test_int8_pdl_policy(monkeypatch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_int8_gemv_pdl_waits_for_its_input(monkeypatch) -> None:
+def test_gpu_int8_gemv_pdl_waits_for_its_input() -> None:
     """Launched with PDL behind the RMSNorm that writes its input, in a CUDA graph replayed
     on new inputs: the bits of the plain launch, per channel at the 8B's QKV and down
     shapes and in groups of 16 with offsets (GGUF's K-quant mixes)."""
@@ -104,27 +104,9 @@ def test_gpu_int8_gemv_pdl_waits_for_its_input(monkeypatch) -> None:
         pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("PDL needs sm_90")
-    from kiln.kernels import int_gemm, pdl, rms_norm
-
     for N, K, group in ((6144, 4096, 0), (4096, 14336, 0), (4096, 14336, 16)):
         weight, scale, _ = _weight(N, K, 8, group, "cuda")
         offset = torch.randn_like(scale) * 1e-3 if group else None
-        x = torch.empty(1, K, device="cuda", dtype=torch.bfloat16)
-        nw = torch.ones(K, device="cuda", dtype=torch.bfloat16)
-
-        def step(x=x, nw=nw, weight=weight, scale=scale, offset=offset) -> torch.Tensor:
-            return int_gemm.int_weight_linear(rms_norm.rms_norm(x, nw, 1e-5), weight, scale,
-                                              offset)
-
-        monkeypatch.setattr(pdl, "INT8_GEMV", True)
-        monkeypatch.setattr(pdl, "_SMALL", [True])  # the norm lets it start at once
-        x.copy_(torch.randn(1, K, device="cuda"))
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = step()
-        monkeypatch.setattr(pdl, "INT8_GEMV", False)
-        for _ in range(3):
-            x.copy_(torch.randn(1, K, device="cuda"))
-            graph.replay()
-            assert torch.equal(got, step()), (N, K, group)
+        # _SMALL: the norm lets the GEMV start at once
+        check_pdl_behind_norm(weight, scale, offset, {"INT8_GEMV": True, "_SMALL": [True]},
+                              {"INT8_GEMV": False}, f"{N}x{K} g{group}")

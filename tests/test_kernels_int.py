@@ -55,6 +55,40 @@ def _weight(N: int, K: int, bits: int, group: int, device: str = "cpu", seed: in
     return weight.to(device), scale.to(device), None if offset is None else offset.to(device)
 
 
+def check_pdl_behind_norm(weight, scale, offset, on: dict, off: dict, name: str = "") -> None:
+    """The one-row integer GEMV behind the RMSNorm that writes its input (which lets it
+    start at once), captured in a CUDA graph with kiln.kernels.pdl's attributes as in on,
+    replayed on new inputs: each replay gives the bits of the launch with them as in off."""
+    from kiln.kernels import int_gemm, pdl, rms_norm
+
+    K = weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+    x = torch.empty(1, K, device="cuda", dtype=torch.bfloat16)
+    nw = torch.ones(K, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> torch.Tensor:
+        return int_gemm.int_weight_linear(rms_norm.rms_norm(x, nw, 1e-5), weight, scale,
+                                          offset)
+
+    saved = {k: getattr(pdl, k) for k in {**on, **off}}
+    try:
+        for k, v in on.items():
+            setattr(pdl, k, v)
+        x.copy_(torch.randn(1, K, device="cuda"))
+        step()  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step()
+        for k, v in off.items():
+            setattr(pdl, k, v)
+        for _ in range(3):
+            x.copy_(torch.randn(1, K, device="cuda"))
+            graph.replay()
+            assert torch.equal(got, step()), name
+    finally:
+        for k, v in saved.items():
+            setattr(pdl, k, v)
+
+
 def _check(name: str, x: torch.Tensor, y: torch.Tensor, weight, scale, offset,
            bias: torch.Tensor | None) -> None:
     from kiln.kernels import reference as ref

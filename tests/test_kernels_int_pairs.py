@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.test_kernels import interp  # noqa: F401  (module-scoped interpreter worker)
-from tests.test_kernels_int import _weight, needs_gpu
+from tests.test_kernels_int import _weight, check_pdl_behind_norm, needs_gpu
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed (pip install -e '.[gpu]')")
@@ -362,7 +362,7 @@ def test_pairs_gemv_compiles_for_hopper() -> None:
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("preload", [False, True])
-def test_gpu_pairs_gemv_pdl_waits_for_its_input(preload, monkeypatch) -> None:
+def test_gpu_pairs_gemv_pdl_waits_for_its_input(preload) -> None:
     """KILN_INT_PDL: the one-row INT4 GEMV launched with PDL behind the RMSNorm that writes
     its input (which lets it start at once), in a CUDA graph replayed on new inputs: each
     replay's result is the plain launch's, bit for bit, at the 8B's QKV (4 K splits summed
@@ -372,27 +372,7 @@ def test_gpu_pairs_gemv_pdl_waits_for_its_input(preload, monkeypatch) -> None:
         pytest.skip("TRITON_INTERPRET=1 would run the kernel on the host")
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("PDL needs sm_90")
-    from kiln.kernels import int_gemm, pdl, rms_norm
-
     for N, K in ((6144, 4096), (4096, 14336)):
         weight, scale, offset = _weight(N, K, 4, 128, "cuda")
-        x = torch.empty(1, K, device="cuda", dtype=torch.bfloat16)
-        nw = torch.ones(K, device="cuda", dtype=torch.bfloat16)
-
-        def step(x=x, nw=nw, weight=weight, scale=scale, offset=offset) -> torch.Tensor:
-            return int_gemm.int_weight_linear(rms_norm.rms_norm(x, nw, 1e-5), weight, scale,
-                                              offset)
-
-        monkeypatch.setattr(pdl, "INT_GEMV", True)
-        monkeypatch.setattr(pdl, "INT_PRELOAD", preload)
-        x.copy_(torch.randn(1, K, device="cuda"))
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = step()
-        monkeypatch.setattr(pdl, "INT_GEMV", False)
-        monkeypatch.setattr(pdl, "INT_PRELOAD", False)
-        for _ in range(3):
-            x.copy_(torch.randn(1, K, device="cuda"))
-            graph.replay()
-            assert torch.equal(got, step()), (N, K)
+        check_pdl_behind_norm(weight, scale, offset, {"INT_GEMV": True, "INT_PRELOAD": preload},
+                              {"INT_GEMV": False, "INT_PRELOAD": False}, f"{N}x{K}")

@@ -1,5 +1,6 @@
-"""benchmarks/random_gguf.py: a random-block GGUF file of a preset's shape builds into a
-kept engine whose every decoder linear is in the asked llama.cpp type, and it generates."""
+"""kiln.checkpoint.random_gguf (benchmarks/random_gguf.py's command line): a random-block
+GGUF file of a preset's shape builds into a kept engine whose every decoder linear is in
+the asked llama.cpp type, and it generates; bad names get one line."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_random_gguf_builds_a_kept_engine(tmp_path):
 def test_random_gguf_says_what_is_wrong(tmp_path, capsys):
     import random_gguf
 
-    for args, message in ((["--config", "nope"], "unknown --config"),
+    for args, message in ((["--config", "nope"], "unknown config 'nope'; one of"),
                           (["--config", "phi-2"], "not a llama-architecture"),
                           (["--type", "Q9"], "unknown llama.cpp type")):
         with pytest.raises(SystemExit, match=message):
