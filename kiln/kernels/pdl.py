@@ -99,15 +99,13 @@ def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool
     every per-layer method among them. A GGUF engine ("gguf") takes part (KILN_GGUF_PDL=1,
     opt-in until timed on one) where every linear's storage does: 16-bit ("none"), or
     4-bit ("int4_g32[_offset]": Q4_0, Q4_1 and Q4_K blocks, on the same one-row INT4 GEMV
-    as int4_wo); one 8-bit storage (Q8_0, Q5-Q6 blocks: the float GEMV, not PDL-launched)
-    keeps the small kernels' plain launches.
+    as int4_wo); one 8-bit storage (Q8_0, Q5-Q6 blocks: the float GEMV, PDL-launched only
+    with KILN_INT8_PDL=1, which lets int8_wo take part too) keeps the small kernels' plain
+    launches.
     storages: engine.json's quant_layers (linear name -> storage); the LM head's, run once
     a step, is left out, as int4_wo engines' 8-bit heads are."""
     takes_part = ("none",) * sm90 + ("fp8",) + (
-        ("int4_wo", "int4_awq", "int4_gptq") if INT_GEMV else ())
-
-    if INT8_GEMV:
-        takes_part += ("int8_wo",)
+        ("int4_wo", "int4_awq", "int4_gptq") if INT_GEMV else ()) + ("int8_wo",) * INT8_GEMV
 
     def part(q: str) -> bool:
         return q in takes_part or (INT_GEMV and q.startswith("int4_g")) or (
