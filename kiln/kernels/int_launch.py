@@ -46,9 +46,10 @@ class IntGemmConfig:
 # 286 against 556 / 971 (bf16 cuBLAS 156 / 162). Loading every element's scale at the
 # launch's step instead was 0.03-0.13x bf16 (removed; BENCHMARKS.md)
 GROUPED = os.environ.get("KILN_INT_GROUPED") != "step"
-# The float tiles without masks where N and K are whole tiles (KILN_INT_EVEN=1; opt-in, not
-# yet timed on a GPU): the K loop of int4 g32 at 64 x 32 x 128 counted in sm_90 SASS, 11.3
-# instructions a weight with masks (48th session)
+# The float tiles without masks where N and K are whole tiles (KILN_INT_EVEN=1; opt-in):
+# the K loop of int4 g32 at 64 x 32 x 128 in sm_90 SASS, 10.1 instructions a weight against
+# 11.3 with masks (48th session); a layer on an H100, one run each (49th): 3-6% faster in
+# four of the six GGUF layouts x 8 / 64 rows, 2% slower in one (BENCHMARKS.md)
 EVEN_TILES = os.environ.get("KILN_INT_EVEN") == "1"
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
