@@ -226,6 +226,7 @@ def test_pdl_policy(monkeypatch) -> None:
     from kiln.kernels import pdl
 
     monkeypatch.setattr(pdl, "INT_GEMV", False)
+    monkeypatch.setattr(pdl, "INT8_GEMV", False)  # KILN_INT8_PDL=0 (test_int_gemv1_pdl)
     assert pdl.linears_take_part("none", {}, True)
     assert not pdl.linears_take_part("none", {}, False)  # 16-bit off Hopper: cuBLAS
     assert pdl.linears_take_part("fp8", {}, False)
@@ -235,7 +236,7 @@ def test_pdl_policy(monkeypatch) -> None:
     smol = {f"model.layers.{i}.{m}": "int4_g32_offset" for i in range(30)
             for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                       "mlp.down_proj")} | {"lm_head": "int8_g32"}
-    monkeypatch.setattr(pdl, "GGUF", True)  # KILN_GGUF_PDL=1
+    monkeypatch.setattr(pdl, "GGUF", True)  # the default (KILN_GGUF_PDL)
     assert not pdl.linears_take_part("gguf", smol, True)
     monkeypatch.setattr(pdl, "INT_GEMV", True)
     assert pdl.linears_take_part("int4_wo", {}, True)
@@ -248,7 +249,7 @@ def test_pdl_policy(monkeypatch) -> None:
     assert not pdl.linears_take_part("gguf", {"a": "int4_g32", "b": "none"}, False)
     assert not pdl.linears_take_part("gguf", smol | {"a": "int8_g16_offset"}, True)
     assert not pdl.linears_take_part("gguf", {"lm_head": "int4_g32"}, True)
-    monkeypatch.setattr(pdl, "GGUF", False)  # the default until timed
+    monkeypatch.setattr(pdl, "GGUF", False)  # KILN_GGUF_PDL=0
     assert not pdl.linears_take_part("gguf", smol, True)
     monkeypatch.setattr(pdl, "_SMALL", [True])
     pdl.set_small_kernels(True)

@@ -1,9 +1,9 @@
 """The one-row INT8 GEMV (kiln.kernels.int_gemv1) launched with PDL and its first K step
-loaded before the wait (KILN_INT8_PDL=1, opt-in until timed): the bits of the plain launch
-under the interpreter (per channel, groups of 16 with offsets, K ending inside a step,
-splits summed in the kernel, the prefetching and the pipelined K loops), compiled for
-sm_90 without spills, on a GPU in a replayed CUDA graph behind the RMSNorm that writes its
-input; and which engines' small kernels then take part."""
+loaded before the wait (the default since the 50th session; KILN_INT8_PDL=0: not): the
+bits of the plain launch under the interpreter (per channel, groups of 16 with offsets, K
+ending inside a step, splits summed in the kernel, the prefetching and the pipelined K
+loops), compiled for sm_90 without spills, on a GPU in a replayed CUDA graph behind the
+RMSNorm that writes its input; and which engines' small kernels then take part."""
 
 from __future__ import annotations
 
@@ -79,8 +79,9 @@ def test_int8_gemv_pdl_compiles_for_hopper() -> None:
 
 
 def test_int8_pdl_policy(monkeypatch) -> None:
-    """With KILN_INT8_PDL=1, int8_wo engines and GGUF files of 8-bit blocks (with Q4 ones
-    too) PDL-launch their small kernels; without it they do not."""
+    """With the one-row INT8 GEMV PDL-launched (the default), int8_wo engines and GGUF files
+    of 8-bit blocks (with Q4 ones too) PDL-launch their small kernels; with
+    KILN_INT8_PDL=0 they do not."""
     from kiln.kernels import pdl
 
     monkeypatch.setattr(pdl, "INT_GEMV", True)

@@ -436,23 +436,29 @@ def test_int_gemm_grouped_steps(interp, bits, group, K, M) -> None:  # noqa: F81
 
 
 def check_even_tiles(bits: int, group: int, M: int) -> None:
-    """KILN_INT_EVEN=1 (int_launch.EVEN_TILES): the float tiles without masks on the weight
-    where N and K are whole tiles, the same result as with them; ragged shapes keep them."""
+    """The float tiles without masks on the weight where N and K are whole tiles, the same
+    result as with them; ragged shapes keep them. By default (int_launch.EVEN_GROUPS) only
+    groups of 32 go without; KILN_INT_EVEN=1 (None): every group."""
     from kiln.kernels import int_gemm
 
-    int_gemm.EVEN_TILES = True
+    default = int_gemm.EVEN_GROUPS
     try:
-        for N, K, even in ((64, 512, True), (40, 512, False), (64, 480, False)):
-            weight, scale, offset = _weight(N, K, bits, group, seed=N + K)
-            torch.manual_seed(M)
-            x = torch.randn(M, K).half()
-            cfg = int_gemm.IntGemmConfig(16, 32, 128, 4, 1, 2)
-            with _tile_launches() as launched:
-                y = int_gemm.int_weight_linear(x, weight, scale, offset, None, config=cfg)
-            assert [kw["EVEN"] for kw in launched] == [even], (N, K)
-            _check(f"even {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset, None)
+        for groups in (None, (32,)):
+            int_gemm.EVEN_GROUPS = groups
+            shapes = ((64, 512, True), (40, 512, False), (64, 480, False))
+            for N, K, whole in shapes if groups is None else shapes[:1]:
+                even = whole and (groups is None or group in groups)
+                weight, scale, offset = _weight(N, K, bits, group, seed=N + K)
+                torch.manual_seed(M)
+                x = torch.randn(M, K).half()
+                cfg = int_gemm.IntGemmConfig(16, 32, 128, 4, 1, 2)
+                with _tile_launches() as launched:
+                    y = int_gemm.int_weight_linear(x, weight, scale, offset, None, config=cfg)
+                assert [kw["EVEN"] for kw in launched] == [even], (groups, N, K)
+                _check(f"even {M}x{N}x{K} int{bits} g{group}", x, y, weight, scale, offset,
+                       None)
     finally:
-        int_gemm.EVEN_TILES = False
+        int_gemm.EVEN_GROUPS = default
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 16), (4, 128), (8, 0)])

@@ -52,7 +52,7 @@ from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv, pairs_launch, word_aligned
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import (  # noqa: F401
-    EVEN_TILES,
+    EVEN_GROUPS,
     GEMV_ROWS,
     GROUPED,
     IntGemmConfig,
@@ -205,9 +205,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
     split in registers, the smaller tile at decode's few rows), instead of the nibbles
     being interleaved into one weight tile first.
     WORDS (int4, GROUP_TILE; w_ptr the storage as int32, stride_wn in words): each value
-    read in place from its word (_dequant_words). EVEN (WORDS, or the float tiles with
-    KILN_INT_EVEN=1): N and K whole tiles, no masks on the weight (WORDS: sm_90 SASS of
-    the K loop at 64 x 64 x 64, Triton 3.6, 8.3 vs 10.9 instructions a weight).
+    read in place from its word (_dequant_words). EVEN (WORDS, or the float tiles in the
+    groups of int_launch.EVEN_GROUPS): N and K whole tiles, no masks on the weight (WORDS:
+    sm_90 SASS of the K loop at 64 x 64 x 64, Triton 3.6, 8.3 vs 10.9 instructions a weight).
     FACTORED (GROUP_TILE): the integers q multiplied as they are (exact in x's dtype), the
     scale and offset applied to each K step's [BLOCK_M, BLOCK_N] product instead of to
     every weight: s (x . q) + o sum(x), the one-row GEMV's factoring.
@@ -377,8 +377,9 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         scale.stride(0), out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
         NIBBLE_DOTS=nibbles, WORDS=in_words,
-        EVEN=(in_words or EVEN_TILES and not nibbles and not (cfg.factored or magic)) and
-        N % cfg.block_n == 0 and K % (split * block_k) == 0,
+        EVEN=(in_words or (EVEN_GROUPS is None or G in EVEN_GROUPS) and not nibbles
+              and not (cfg.factored or magic)) and N % cfg.block_n == 0
+        and K % (split * block_k) == 0,
         FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
         SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot,
         GROUPS=tile_groups, **common)

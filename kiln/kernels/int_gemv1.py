@@ -86,7 +86,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count
     offsets) copied asynchronously (cp.async) LOOP_STAGES - 1 steps ahead into shared
     memory; 1: loads into registers as the step needs them (the same SASS as a plain
     range; Triton pipelines loads on its own only where they feed tl.dot).
-    PDL (launched with PDL; INT8 with KILN_INT8_PDL=1, opt-in until timed): waits for the
+    PDL (launched with PDL; INT8 unless KILN_INT8_PDL=0): waits for the
     kernel before (which wrote x), then lets the next start; PRELOAD (with it): the first
     K step's words, scales and offsets loaded before the wait, as the INT4 pairs GEMV does
     (kiln.kernels.pdl); PREFETCH loads them there anyway."""

@@ -46,11 +46,17 @@ class IntGemmConfig:
 # 286 against 556 / 971 (bf16 cuBLAS 156 / 162). Loading every element's scale at the
 # launch's step instead was 0.03-0.13x bf16 (removed; BENCHMARKS.md)
 GROUPED = os.environ.get("KILN_INT_GROUPED") != "step"
-# The float tiles without masks where N and K are whole tiles (KILN_INT_EVEN=1; opt-in):
-# the K loop of int4 g32 at 64 x 32 x 128 in sm_90 SASS, 10.1 instructions a weight against
-# 11.3 with masks (48th session); a layer on an H100, one run each (49th): 3-6% faster in
-# four of the six GGUF layouts x 8 / 64 rows, 2% slower in one (BENCHMARKS.md)
-EVEN_TILES = os.environ.get("KILN_INT_EVEN") == "1"
+# The float tiles without masks where N and K are whole tiles, for the groups (K // scale
+# columns) named; None: every group. The K loop of int4 g32 at 64 x 32 x 128 in sm_90 SASS:
+# 10.1 instructions a weight against 11.3 with masks (48th session). A Llama-3.1-8B layer,
+# cold weights, H100, twice (50th session), us with masks -> without: int8 g32 (GGUF Q8_0)
+# 8 rows 141.9 -> 135.6 and 138.6 -> 134.6, 64 rows 214.9 -> 200.9 and 211.6 -> 198.1;
+# int4 g32 with offsets (Q4_0 / Q4_1) 8 rows 136.0 -> 127.9 and 132.9 -> 127.7, 64 rows
+# 219.5 -> 219.7 and 215.6 -> 216.3; int8 g16 with offsets (K-quant mixes) 8 rows 185.5 ->
+# 181.3 and 181.9 -> 180.0, 64 rows 291.3 -> 294.9 and 289.2 -> 292.9 (slower: g16 keeps
+# its masks). KILN_INT_EVEN=1: every group, 0: none
+EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
+    os.environ.get("KILN_INT_EVEN", ""), (32,))
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
 # older default (o, down, gate_up; KILN_INT_ROW_TILES=0: not). INT4 batch 1 on an H200 (32nd

@@ -30,8 +30,12 @@ H100, alternating in one call: INT4 g128 batch 1 385.7 / 385.5 tok/s against 376
 (+2.4%; 386.1 / 387.1 against 376.9 / 378.9 in another call), the GGUF Q4 layout (int4 g32)
 280.6 against 269.7; the first two steps before the wait 349.1 / 350.6 (slower, not
 kept). The same for the swapped bf16 GEMV's first weight tile: 181.5 / 181.6 against
-182.3 / 182.3, not kept. Opt-in until timed: the one-row INT8 GEMV PDL-launched the same
-way (KILN_INT8_PDL=1), and GGUF engines' small kernels (KILN_GGUF_PDL=1).
+182.3 / 182.3, not kept. Since the 50th session the one-row INT8 GEMV is PDL-launched the
+same way (KILN_INT8_PDL=0: not; H100, batch 1 alternating twice: int8_wo 276.5 / 276.4
+against 263.6 / 263.5, int8 g32 (GGUF Q8_0) 229.7 / 229.3 against 222.7 / 223.2, INT4 with
+an 8-bit head 387.2 / 385.7 against 385.7 / 385.6), and GGUF engines' small kernels with
+it (KILN_GGUF_PDL=0: not; random Q4_1 files, batch 1: SmolLM2's shape 1351.3 / 1325.6
+against 1002.8 / 921.2, Llama-3.1-8B's 280.2 / 279.9 against 279.4 / 279.8).
 """
 from __future__ import annotations
 
@@ -58,12 +62,12 @@ INT_GEMV = _ON and os.environ.get("KILN_INT_PDL", "1") != "0"
 # not), the weight streaming while the kernel before finishes (module doc)
 INT_PRELOAD = os.environ.get("KILN_INT_PRELOAD", "1") != "0"
 # the one-row INT8 GEMV (kiln.kernels.int_gemv1: int8_wo, GGUF's Q8_0 and Q5-Q6 blocks,
-# 8-bit LM heads) the same way, its first K step loaded before the wait (KILN_INT8_PDL=1;
-# opt-in until timed); int8_wo engines' small kernels then take part
-INT8_GEMV = _ON and os.environ.get("KILN_INT8_PDL") == "1"
+# 8-bit LM heads) the same way, its first K step loaded before the wait (KILN_INT8_PDL=0:
+# not); int8_wo engines' small kernels then take part
+INT8_GEMV = _ON and os.environ.get("KILN_INT8_PDL", "1") != "0"
 # GGUF engines whose every layer runs on a PDL-launched GEMV take part as int4_wo ones do
-# (linears_take_part; KILN_GGUF_PDL=1, opt-in until timed on a GGUF engine)
-GGUF = os.environ.get("KILN_GGUF_PDL") == "1"
+# (linears_take_part; KILN_GGUF_PDL=0: not)
+GGUF = os.environ.get("KILN_GGUF_PDL", "1") != "0"
 # the decode attention PDL-launched behind the rotary + KV write (KILN_ATTN_PDL=0: not)
 ATTENTION = _ON and os.environ.get("KILN_ATTN_PDL", "1") != "0"
 
@@ -96,12 +100,11 @@ def set_small_kernels(linears_wait: bool) -> None:
 def linears_take_part(method: str, storages: dict[str, str], sm90: bool) -> bool:
     """Whether an engine's decode linears are PDL-launched (set_small_kernels): 16-bit ones
     on the swapped GEMV (sm_90 only), FP8 (the swapped FP8 GEMM), INT4 (unless KILN_INT_PDL=0);
-    every per-layer method among them. A GGUF engine ("gguf") takes part (KILN_GGUF_PDL=1,
-    opt-in until timed on one) where every linear's storage does: 16-bit ("none"), or
-    4-bit ("int4_g32[_offset]": Q4_0, Q4_1 and Q4_K blocks, on the same one-row INT4 GEMV
-    as int4_wo); one 8-bit storage (Q8_0, Q5-Q6 blocks: the float GEMV, PDL-launched only
-    with KILN_INT8_PDL=1, which lets int8_wo take part too) keeps the small kernels' plain
-    launches.
+    every per-layer method among them. A GGUF engine ("gguf") takes part (unless
+    KILN_GGUF_PDL=0) where every linear's storage does: 16-bit ("none"), 4-bit
+    ("int4_g32[_offset]": Q4_0, Q4_1 and Q4_K blocks, on the same one-row INT4 GEMV as
+    int4_wo) and 8-bit ("int8_g*": Q8_0, Q5-Q6 blocks, on the one-row INT8 GEMV, as
+    int8_wo; with KILN_INT8_PDL=0 one of them keeps the small kernels' plain launches).
     storages: engine.json's quant_layers (linear name -> storage); the LM head's, run once
     a step, is left out, as int4_wo engines' 8-bit heads are."""
     takes_part = ("none",) * sm90 + ("fp8",) + (
