@@ -243,12 +243,17 @@ def test_ctrl_c_during_the_imports_exits_130_quietly(tmp_path):
 
 
 def test_a_real_ctrl_c_early_in_a_command_prints_no_traceback(tmp_path):
+    """SIGINT 0.6 s in: during the imports, or (where they were quicker: a warm file cache)
+    while the default model loads or generates. A run that could end first (a path that
+    does not exist: one line and exit 2 in 0.5 s on a warm cache) made this flaky."""
+    from tests.conftest import smollm2_gguf
+
     env = {**os.environ, "KILN_CACHE": str(tmp_path / "cache")}
-    child = subprocess.Popen([sys.executable, "-m", "kiln", "run", str(tmp_path / "no-model"),
-                              "--prompt", "hi"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
+    child = subprocess.Popen([sys.executable, "-m", "kiln", "run", str(smollm2_gguf()),
+                              "--prompt", "hi", "--max-tokens", "4096"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(0.6)  # the imports take longer than this
+    time.sleep(0.6)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
     # 130, or killed by SIGINT (-2) where a library ran Python code of its own when it came
