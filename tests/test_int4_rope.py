@@ -80,8 +80,8 @@ def check_rope(head_dim: int, launch: str, v_t: bool, slot: int, heads: int = 4,
 def test_int4_rope_epilogue(interp, launch) -> None:  # noqa: F811
     """Heads of 128 and 64 (a program's rows, dims of one head) and of 16 (whole heads a
     program), V transposed or not, a written slot and a padding token's (-1)."""
-    interp(check_rope, 128, launch, False, 9)
-    interp(check_rope, 64, launch, True, 22)
+    interp(check_rope, 128, launch, False, 9, 2, 1)  # 2 heads, 1 KV head: half the rows
+    interp(check_rope, 64, launch, True, 22, 2, 1)
     interp(check_rope, 16, launch, False, -1)
 
 

@@ -60,6 +60,8 @@ def test_every_architecture_split_matches_single_rank(layout, tiny_checkpoints, 
     tp, pp = LAYOUTS[layout]
     archs = _archs(tp)
     assert len(archs) >= (20 if tp == 4 else len(ARCH_CONFIGS))
+    if tp * pp == 8:  # 8 processes on CI's 2 cores: every third architecture (76 s for all);
+        archs = archs[::3]  # tp4 and tp2xpp2 run every one
     _split_matches_single_rank({arch: tiny_checkpoints[arch][0] for arch in archs},
                                tiny_engines, tp, pp, tmp_path)
 
