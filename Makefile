@@ -36,7 +36,7 @@ run: $(VENV)/.installed  # the main job needs no Triton server
 	$(VENV)/bin/kiln run --prompt "$(PROMPT)"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25  # the slowest 25 listed, to keep CI short
 
 lint: setup
 	$(VENV)/bin/ruff check kiln tests
