@@ -368,6 +368,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     # int4 as 32-bit words, values read in place (IntGemmConfig.words)
     in_words = cfg.words and bits == 4 and words and group_tile and block_k >= 32
     nibbles = cfg.nibble_dots and bits == 4 and group_tile and block_k >= 32 and not in_words
+    mask_free = EVEN_GROUPS is None or G in EVEN_GROUPS  # the float tiles' group (EVEN)
     # int4 unpacked by bit operations into 16-bit floats (IntGemmConfig.magic)
     magic = (2 if x.dtype == torch.float16 else 1) if cfg.magic and bits == 4 and \
         group_tile and not in_words and not nibbles and x.dtype != torch.float32 else 0
@@ -377,9 +378,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         scale.stride(0), out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
         IEEE=x.dtype == torch.float32, SPLIT_K=split, INTERPRET=_INTERPRET,
         NIBBLE_DOTS=nibbles, WORDS=in_words,
-        EVEN=(in_words or (EVEN_GROUPS is None or G in EVEN_GROUPS) and not nibbles
-              and not (cfg.factored or magic)) and N % cfg.block_n == 0
-        and K % (split * block_k) == 0,
+        EVEN=(in_words or mask_free and not nibbles and not (cfg.factored or magic)) and
+        N % cfg.block_n == 0 and K % (split * block_k) == 0,
         FACTORED=(cfg.factored or magic > 0) and group_tile and not in_words and not nibbles,
         SWAP=cfg.swap and not nibbles, MAGIC=magic, SUM_DOT=cfg.sum_dot,
         GROUPS=tile_groups, **common)
