@@ -263,6 +263,10 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
 # cuBLAS: the dequantization is then paid once per call instead of once per row tile, and
 # writing and reading the 16-bit copy costs little beside the GEMM's math.
 DEQUANT_ROWS = 256
+# Rows that take kiln.kernels.int_wgmma's Gluon kernel on Hopper (int4; KILN_INT_WGMMA=1:
+# 5-64, "A-B": A-B; off by default until timed end to end)
+WGMMA_ROWS = tuple(int(v) for v in {"1": "5-64", "": "1-0"}.get(
+    os.environ.get("KILN_INT_WGMMA", ""), os.environ.get("KILN_INT_WGMMA", "")).split("-"))
 
 
 def group_step(G: int, block_k: int) -> int:
@@ -310,6 +314,11 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
+    if config is None and WGMMA_ROWS[0] <= M <= WGMMA_ROWS[1] and bits == 4:
+        from kiln.kernels.int_wgmma import w4_wgmma, wgmma_eligible
+
+        if wgmma_eligible(x, weight, scale):  # Hopper's warpgroup MMA (Gluon), opt-in
+            return w4_wgmma(x, weight, scale, offset, bias)
     words = word_aligned(weight)
     cfg = config or int_gemm_config(  # the 2-4-row pairs default takes K steps of 128
         M, N, K, x.device, bits, G, x.dtype,

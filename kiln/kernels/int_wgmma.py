@@ -1,0 +1,318 @@
+"""W4A16 decode batches on Hopper's warpgroup MMA, written in Gluon (Triton's
+lower-level language: explicit layouts, shared memory and asynchronous wgmma).
+
+kiln's Triton tiles for int4 weights at 5-64 rows (kiln.kernels.int_gemm) feed
+`tl.dot` a weight tile made in registers inside the K loop, and Triton then waits for
+each step's tensor-core product before the next step starts (the 33rd session's SASS:
+`WARPGROUP.DEPBAR` after every step), so a Llama-3.1-8B layer took 185-190 us at 64 rows
+against bf16 cuBLAS's 125. Here the loop is laid out by hand, computed transposed
+(out^T [N, M] = W [N, K] @ x^T [K, M]: the weight's rows are the MMA's 64-row side, the
+batch its narrow side, 8 to 64 columns):
+
+* each K step's packed words and x's tile are loaded into registers one step ahead;
+* the words are dequantized in registers (q from its nibble by bit operations, then
+  w = q * s + o by one float32 FMA and rounded to bfloat16: the float tiles' numerics)
+  and stored to one of two shared-memory tiles, x's tile to one of two others;
+* the step's wgmma is issued asynchronously and waited for only one step later, so the
+  tensor cores multiply step i while the threads dequantize step i + 1.
+
+K splits (for the few column blocks of qkv, o and down) meet in the kernel: the last
+split of a block adds the others' float32 partial sums in split order
+(kiln.kernels.split_k's protocol). Hopper (sm_90) only; there is no interpreter for
+Gluon, so CPU tests compile it for sm_90 and check the launch rules, and GPU tests check
+its results against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    async_copy,
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from kiln.kernels.split_k import split_k_counters
+
+# Eight int4 values of a 32-bit word (value i at bits 4i) -> four bfloat16 pairs (int32)
+# of w = q * S + O: the nibble or'd into the mantissa of 2^23 (lop3) and 2^23 taken off
+# (exact), one float32 FMA, the pair rounded to bfloat16 by one cvt. $4 is the word (the
+# other three word registers repeat it), $8 the scale, $12 the offset.
+_DEQUANT = gl.constexpr("{\n.reg .b32 t, a, b;\n" + "".join(
+    (f"shr.u32 t, $4, {8 * j};\n" if j else "mov.b32 t, $4;\n") +
+    "lop3.b32 a, t, 0xF, 0x4B000000, 0xea;\n"
+    "shr.u32 t, t, 4;\n"
+    "lop3.b32 b, t, 0xF, 0x4B000000, 0xea;\n"
+    "sub.f32 a, a, 0f4B000000;\n"
+    "sub.f32 b, b, 0f4B000000;\n"
+    "fma.rn.f32 a, a, $8, $12;\n"
+    "fma.rn.f32 b, b, $8, $12;\n"
+    f"cvt.rn.bf16x2.f32 ${j}, b, a;\n" for j in range(4)) + "}")
+_DEQUANT_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4 + ["f"] * 8))
+
+
+# The same with three instructions a weight instead of four: each pair's two nibbles are
+# shifted to bits 12 and 16 (one shift a pair) and or'd into 2^23 (lop3), so the float is
+# 2^23 + q 2^12 (or 2^16); one FMA with S12 = s 2^-12 and C12 = o - 2^11 s (S16, C16
+# alike) gives q s + o, 2^23 taken off through C. C's rounding (half an ulp of 2^11 s,
+# ~2^-13 s) is far below bfloat16's (2^-9 of |w|, ~2^-7 s for a typical |w| of 8 s).
+# $4 the word, $8 S12, $12 C12, $16 S16, $20 C16.
+_DEQUANT_FAST = gl.constexpr("{\n.reg .b32 t, a, b;\n" + "".join(
+    f"{op} t, $4, {sh};\n"
+    "lop3.b32 a, t, 0xF000, 0x4B000000, 0xea;\n"
+    "lop3.b32 b, t, 0xF0000, 0x4B000000, 0xea;\n"
+    "fma.rn.f32 a, a, $8, $12;\n"
+    "fma.rn.f32 b, b, $16, $20;\n"
+    f"cvt.rn.bf16x2.f32 ${j}, b, a;\n"
+    for j, (op, sh) in enumerate([("shl.b32", 12), ("shl.b32", 4), ("shr.u32", 4),
+                                  ("shr.u32", 12)])) + "}")
+_DEQUANT_FAST_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4 + ["f"] * 16))
+
+
+@gluon.jit
+def _dequant_fast(words, scale, offset):
+    """_dequant's result by _DEQUANT_FAST (scale and offset as there)."""
+    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 4]
+    s12 = scale * (1.0 / 4096.0)
+    s16 = scale * (1.0 / 65536.0)
+    c12 = offset - 2048.0 * scale
+    c16 = offset - 128.0 * scale
+    return gl.inline_asm_elementwise(
+        _DEQUANT_FAST, _DEQUANT_FAST_ARGS,
+        [words.broadcast_to(shape), s12.broadcast_to(shape), c12.broadcast_to(shape),
+         s16.broadcast_to(shape), c16.broadcast_to(shape)],
+        dtype=gl.int32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _dequant(words, scale, offset):
+    """int32 [R, GW, WT, 4] (bfloat16 pairs, value order) from int32 words [R, GW, WT, 1]
+    and float32 scales and offsets [R, GW, 1, 1], broadcast in the thread that holds them."""
+    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 4]
+    return gl.inline_asm_elementwise(
+        _DEQUANT, _DEQUANT_ARGS,
+        [words.broadcast_to(shape), scale.broadcast_to(shape), offset.broadcast_to(shape)],
+        dtype=gl.int32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _issue_step(w_ring, s_ring, o_ring, x_ring, step, STAGES: gl.constexpr, w_ptrs, s_ptrs,
+                o_ptrs, x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G: gl.constexpr,
+                WT: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
+    """The K step at k into ring slot `slot` by cp.async, one commit group (nothing read,
+    zeros written, past the split's end): its words, the scales and offsets of the
+    groups each thread's words lie in, and x's tile. step: the split's step index (so
+    the words' offset, step * BLOCK_K / 8, is known 16-byte aligned)."""
+    k = k_start + step * BLOCK_K
+    slot = step % STAGES
+    live = k < k_end
+    words = step * (BLOCK_K // 8)
+    async_copy.async_copy_global_to_shared(w_ring.index(slot), w_ptrs + words,
+                                           mask=(offs_wt * 0 == 0) & live)
+    groups = (k + gw * (WT * 8)) // G
+    async_copy.async_copy_global_to_shared(s_ring.index(slot), s_ptrs + groups[None, :],
+                                           mask=(groups[None, :] >= 0) & live)
+    if HAS_OFFSET:
+        async_copy.async_copy_global_to_shared(o_ring.index(slot), o_ptrs + groups[None, :],
+                                               mask=(groups[None, :] >= 0) & live)
+    async_copy.async_copy_global_to_shared(x_ring.index(slot), x_ptrs + k,
+                                           mask=(offs_xk < k_end - k)[None, :])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                     M, N, K, K_PER_SPLIT, W_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_om,
+                     G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                     FAST: gl.constexpr):
+    """out[M, N] (x bfloat16 [M, K]; w int4 as int32 words [N, K / 8], stride_wn in words;
+    scales / offsets float32 [N, K / G]) for the column block program_id(0), the K split
+    program_id(1) and the row block program_id(2); 4 warps (one warpgroup)."""
+    WORDS: gl.constexpr = BLOCK_K // 8
+    WT: gl.constexpr = 4  # words a thread dequantizes per row (32 values: in one group)
+    GW: gl.constexpr = WORDS // WT
+    WARPS: gl.constexpr = gl.num_warps()  # 4 a warpgroup of 64 weight rows
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, WT, 4], [32 // GW, GW, 1, 1],
+                                        [WARPS, 1, 1, 1], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(3, L4)  # words [BLOCK_N, GW, WT]
+    LS: gl.constexpr = gl.SliceLayout(2, LW)  # scales [BLOCK_N, GW]
+    LX: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_K, BLOCK_K // 8],
+                                        [WARPS, 1], [1, 0])
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                gl.bfloat16)
+    # the same bytes as pairs (int32): the dequantized pairs are stored as they come
+    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
+    X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K],
+                                                                gl.bfloat16)
+    RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    RING_S: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], X_SMEM)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GW, WT], RING)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, GW], RING_S)
+    o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, GW],
+                                       RING_S)
+
+    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    rows = gl.minimum(rows, N - 1).to(gl.int64)  # (rows past N: sums never stored)
+    gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
+    wt = gl.arange(0, WT, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+    offs_wt = (gw[None, :] * WT)[:, :, None] + wt[None, None, :]
+    # (words: the split's first, 16-byte aligned)
+    w_ptrs = w_ptr + pid_k * W_PER_SPLIT + (rows[:, None] * stride_wn)[:, :, None] + offs_wt
+    s_ptrs = s_ptr + rows[:, None] * stride_sn
+    o_ptrs = o_ptr + rows[:, None] * stride_sn
+    # x's rows past M read row M - 1 (their columns of the product are never stored)
+    offs_xm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LX)),
+                         M - 1)
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LX))
+    x_ptrs = x_ptr + offs_xm.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = gl.minimum(k_start + K_PER_SPLIT, K)
+    for s in gl.static_range(STAGES - 1):  # the first steps into shared memory
+        _issue_step(w_ring, s_ring, o_ring, x_ring, s, STAGES, w_ptrs, s_ptrs, o_ptrs,
+                    x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G, WT, BLOCK_K, HAS_OFFSET)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
+    i = 0
+    for _ in range(k_start, k_end, BLOCK_K):
+        slot = i % STAGES
+        async_copy.wait_group(STAGES - 2)  # this step's loads are in, every thread's
+        gl.thread_barrier()
+        words = w_ring.index(slot).load(LW)
+        scale = s_ring.index(slot).load(LS)
+        if HAS_OFFSET:
+            offset = o_ring.index(slot).load(LS)
+        else:
+            offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
+        if FAST:
+            pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
+                                  offset[:, :, None, None])
+        else:
+            pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
+                             offset[:, :, None, None])
+        buf = i % 2
+        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+        fence_async_shared()
+        gl.thread_barrier()
+        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # the step before's MMA is done and its words were read by every thread (the
+        # barrier above): its slot takes the step STAGES - 1 ahead
+        _issue_step(w_ring, s_ring, o_ring, x_ring, i + STAGES - 1, STAGES, w_ptrs, s_ptrs,
+                    o_ptrs, x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G, WT, BLOCK_K,
+                    HAS_OFFSET)
+        i += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    LO: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [WARPS, 1], [0, 1])
+    y = gl.convert_layout(acc, LO)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LO))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LO))
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    last = True
+    if SPLIT_K > 1:  # kiln.kernels.split_k's protocol: partials, a fence, the count
+        elems = M * N
+        offs = offs_m.to(gl.int64)[None, :] * N + offs_n[:, None]
+        gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        if last:
+            y = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=LO)
+            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
+                y += gl.load(part_ptr + sp * elems + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+            gl.store(count_ptr + tile, 0)
+    if last:
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+        out = out_ptr + offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
+        gl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """A launch: weight rows a program (64 a warpgroup: 4 warps each), K step, K splits,
+    ring stages, and the dequantization (fast: _DEQUANT_FAST, else _DEQUANT)."""
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    stages: int = 3
+    fast: bool = True
+
+
+def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
+    """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
+    column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
+    split_k,stages,fast" overrides (benchmarks)."""
+    override = os.environ.get("KILN_INT_WGMMA_CFG")
+    if override:
+        bn, bk, split, stages, fast = (int(v) for v in override.split(","))
+        return WgmmaConfig(bn, bk, split, stages, bool(fast))
+    blocks = triton.cdiv(N, 128)
+    split = 1
+    while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
+        split *= 2
+    return WgmmaConfig(split_k=split)
+
+
+def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                   block_k: int = 128) -> bool:
+    """Whether w4_wgmma takes this product: Hopper, bfloat16 x with rows 16-byte
+    aligned, int4 weight as 32-bit words, groups of whole 32-value thread slices (G a
+    multiple of 32) and K in whole steps."""
+    K = x.shape[1]
+    G = K // scale.shape[1]
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and \
+        x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and \
+        K % block_k == 0 and G % 32 == 0 and (G % block_k == 0 or block_k % G == 0) and \
+        x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and \
+        weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+
+
+def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+             offset: torch.Tensor | None, bias: torch.Tensor | None,
+             config: WgmmaConfig | None = None) -> torch.Tensor:
+    """x [M, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
+    offsets [N, K / G])^T (+ bias) -> [M, N] bfloat16 (see the module doc)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    cfg = config or wgmma_config(M, N, K)
+    G = K // scale.shape[1]
+    block_m = 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
+    steps = K // cfg.block_k
+    k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), split, triton.cdiv(M, block_m))
+    part, counters = (torch.empty(split, M * N, dtype=torch.float32, device=x.device),
+                      split_k_counters(x.device, grid[0] * grid[2])) if split > 1 else \
+        (out, out)
+    _w4_wgmma_kernel[grid](
+        x, weight.view(torch.int32), scale, offset if offset is not None else scale,
+        bias if bias is not None else scale, out, part, counters, M, N, K, k_per_split,
+        k_per_split // 8, x.stride(0), weight.stride(0) // 4, scale.stride(0),
+        out.stride(0), G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
+        HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+        STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
+    return out

@@ -1,0 +1,181 @@
+"""kiln.kernels.int_wgmma: the Gluon W4A16 kernel on Hopper's warpgroup MMA.
+
+Gluon has no interpreter, so on the CPU: the two dequantization PTX blocks the kernel
+ships are executed by a small PTX evaluator (the handful of instructions they use) and
+compared with the reference dequantization; the kernel is compiled for sm_90 (no
+spills, the tensor-core steps not serialized); the launch rules. On a Hopper GPU: the
+kernel against the reference GEMM."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from kiln.kernels import int_wgmma
+from kiln.kernels.reference import dequantize_int_weight, pack_int4
+
+
+def _bits(f: torch.Tensor) -> torch.Tensor:
+    return f.float().view(torch.int32).long() & 0xFFFFFFFF
+
+
+def _float(b: torch.Tensor) -> torch.Tensor:
+    """uint32 patterns (int64) as float32."""
+    return ((b + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
+
+
+def _imm(token: str) -> int:
+    if token.startswith("0f"):
+        return int(token[2:], 16)
+    return int(token, 0) & 0xFFFFFFFF
+
+
+def run_ptx(asm: str, operands: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Evaluate a block of the PTX the dequantization uses over tensors of 32-bit
+    patterns (int64 holding uint32); operands: '$N' -> bits. Returns every register."""
+    regs = dict(operands)
+
+    def val(tok: str) -> torch.Tensor:
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        return torch.full_like(next(iter(operands.values())), _imm(tok))
+
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        d, srcs = args[0], [val(a) for a in args[1:]]
+        if op == "mov.b32":
+            out = srcs[0]
+        elif op == "shr.u32":
+            out = srcs[0] >> srcs[1]
+        elif op == "shl.b32":
+            out = (srcs[0] << srcs[1]) & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            assert int(args[4], 0) == 0xEA, "only (a & b) | c"
+            out = (srcs[0] & srcs[1]) | srcs[2]
+        elif op == "sub.f32":
+            out = _bits(_float(srcs[0]) - _float(srcs[1]))
+        elif op == "fma.rn.f32":  # exact in float64 (products of float32s), rounded once
+            out = _bits((_float(srcs[0]).double() * _float(srcs[1]).double() +
+                         _float(srcs[2]).double()).float())
+        elif op == "cvt.rn.bf16x2.f32":
+            hi, lo = (_float(s).to(torch.bfloat16).view(torch.int16).long() & 0xFFFF
+                      for s in srcs)
+            out = (hi << 16) | lo
+        else:
+            raise AssertionError(f"no evaluator for {op}")
+        regs[d] = out & 0xFFFFFFFF
+    return regs
+
+
+def _dequant_by_ptx(fast: bool, words: torch.Tensor, s: torch.Tensor, o: torch.Tensor):
+    """bfloat16 [n, 8] of each word (value order) from the shipped PTX."""
+    if fast:
+        ops = {"$4": words, "$8": _bits(s / 4096), "$12": _bits(o - 2048 * s),
+               "$16": _bits(s / 65536), "$20": _bits(o - 128 * s)}
+        regs = run_ptx(int_wgmma._DEQUANT_FAST.value, ops)
+    else:
+        regs = run_ptx(int_wgmma._DEQUANT.value, {"$4": words, "$8": _bits(s),
+                                                   "$12": _bits(o)})
+    pairs = torch.stack([regs[f"${j}"] for j in range(4)], dim=1)  # [n, 4]
+    halves = torch.stack([pairs & 0xFFFF, pairs >> 16], dim=2).reshape(-1, 8)
+    return ((halves + 2**15) % 2**16 - 2**15).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_dequantization_ptx_gives_the_reference_weights(fast):
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    q = torch.randint(0, 16, (n, 8), generator=gen, dtype=torch.uint8)
+    s = torch.rand(n, generator=gen) * 0.02 + 1e-4
+    o = -(torch.rand(n, generator=gen) * 10) * s  # RTN's minimum, GGUF's -m
+    words = pack_int4(q).view(torch.int32).long().flatten() & 0xFFFFFFFF
+    got = _dequant_by_ptx(fast, words, s, o).float()
+    want = (q.float() * s[:, None] + o[:, None]).to(torch.bfloat16).float()
+    # one bfloat16 step, or (fast: C's rounding, where q s + o nearly cancels) 2^-12 s
+    tol = torch.maximum(want.abs() * 2.0 ** -7, s[:, None] * 2.0 ** -12 * fast)
+    off = (got - want).abs()
+    assert (off <= tol).all(), "more than one bfloat16 step from the reference"
+    # the exact form rounds q s + o once (as the float tiles); the fast one's C carries
+    # ~2^-13 s of rounding, which moves a few values across a bfloat16 rounding boundary
+    assert (off > 0).float().mean() <= (0.02 if fast else 0.002)
+
+
+def test_the_ptx_evaluator_catches_a_wrong_shift():
+    """The check above can fail: the fast block with its third shift wrong is caught."""
+    broken = int_wgmma._DEQUANT_FAST.value.replace("shr.u32 t, $4, 4;", "shr.u32 t, $4, 8;")
+    words = torch.tensor([0x76543210], dtype=torch.int64)
+    s, o = torch.tensor([0.01]), torch.tensor([0.0])
+    ops = {"$4": words, "$8": _bits(s / 4096), "$12": _bits(o - 2048 * s),
+           "$16": _bits(s / 65536), "$20": _bits(o - 128 * s)}
+    good = run_ptx(int_wgmma._DEQUANT_FAST.value, ops)["$2"]
+    bad = run_ptx(broken, ops)["$2"]
+    assert not torch.equal(good, bad)
+
+
+def test_launch_rules():
+    cfg = int_wgmma.wgmma_config(64, 28672, 4096)
+    assert cfg.split_k == 1  # gate_up: 224 column blocks fill the SMs
+    qkv = int_wgmma.wgmma_config(64, 6144, 4096)
+    assert 48 * qkv.split_k <= 2 * 132 and qkv.split_k >= 2
+    down = int_wgmma.wgmma_config(64, 4096, 14336)
+    assert down.split_k >= 4
+    x = torch.zeros(4, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(4096, 2048, dtype=torch.uint8)
+    assert not int_wgmma.wgmma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
+
+
+@pytest.mark.parametrize("block_m,block_n", [(8, 128), (16, 128), (64, 128), (64, 64)])
+def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, block_n):
+    from kiln.kernels import compile_check as cc
+
+    values = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
+              "bias_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
+              "count_ptr": "*i32", "M": 64, "N": 28672, "K": 4096, "K_PER_SPLIT": 4096,
+              "W_PER_SPLIT": 512, "stride_xm": 4096, "stride_wn": 512, "stride_sn": 32,
+              "stride_om": 28672}
+    const = dict(G=128, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
+                 HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True)
+    warps = block_n // 16
+    report = cc.compile_sm90(int_wgmma._w4_wgmma_kernel, values, const, warps)
+    assert report.stack_bytes == 0
+    assert report.instructions["wgmma.mma_async"] > 0 and report.instructions["cp.async"] > 0
+    sass = cc._cuobjdump(cc._compile(int_wgmma._w4_wgmma_kernel, values, const, warps, 2),
+                         "-sass")
+    # one wait for the step before (<= 1 in flight) a loop, none after each MMA
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 1
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1  # after the loop
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the wgmma kernel needs a Hopper GPU")
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("N,K,G", [(6144, 4096, 128), (4096, 14336, 128), (1000, 1024, 32),
+                                   (256, 512, 64)])
+@pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
+    gen = torch.Generator(device="cuda").manual_seed(M * 7 + N)
+    q = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=gen)
+    weight = pack_int4(q)
+    scale = torch.rand(N, K // G, device="cuda", generator=gen) * 0.02
+    offset = -8 * scale if offsets else None
+    b = torch.randn(N, device="cuda", generator=gen) if bias else None
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
+    want = x.float() @ w.T + (b if bias else 0)
+    for split in (1, 4):
+        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast)
+        got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 1e-2, (split, err)
