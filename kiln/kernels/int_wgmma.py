@@ -35,9 +35,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy,
     fence_async_shared,
+    mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels.split_k import split_k_counters
 
@@ -128,12 +131,47 @@ def _issue_step(w_ring, s_ring, o_ring, x_ring, step, STAGES: gl.constexpr, w_pt
 
 
 @gluon.jit
+def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
+               pid_m, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HAS_BIAS: gl.constexpr,
+               SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
+    """out[m, n] = acc[n, m] (+ bias) in out's dtype; with K splits, the last split of the
+    tile adds the others' partial sums first (kiln.kernels.split_k's protocol)."""
+    LO: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [WARPS, 1], [0, 1])
+    y = gl.convert_layout(acc, LO)
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LO))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LO))
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    last = True
+    if SPLIT_K > 1:  # kiln.kernels.split_k's protocol: partials, a fence, the count
+        elems = M * N
+        offs = offs_m.to(gl.int64)[None, :] * N + offs_n[:, None]
+        gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
+        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+        gl.thread_barrier()
+        tile = pid_m * gl.num_programs(0) + pid_n
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        if last:
+            y = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=LO)
+            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
+                y += gl.load(part_ptr + sp * elems + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+            gl.store(count_ptr + tile, 0)
+    if last:
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
+        out = out_ptr + offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
+        gl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
                      M, N, K, K_PER_SPLIT, W_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_om,
                      G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     FAST: gl.constexpr):
+                     FAST: gl.constexpr, FENCE: gl.constexpr = True):
     """out[M, N] (x bfloat16 [M, K]; w int4 as int32 words [N, K / 8], stride_wn in words;
     scales / offsets float32 [N, K / G]) for the column block program_id(0), the K split
     program_id(1) and the row block program_id(2); 4 warps (one warpgroup)."""
@@ -207,7 +245,8 @@ def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, co
                              offset[:, :, None, None])
         buf = i % 2
         a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-        fence_async_shared()
+        if FENCE:
+            fence_async_shared()
         gl.thread_barrier()
         a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
         acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
@@ -221,33 +260,126 @@ def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, co
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    LO: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [WARPS, 1], [0, 1])
-    y = gl.convert_layout(acc, LO)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LO))
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LO))
-    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    last = True
-    if SPLIT_K > 1:  # kiln.kernels.split_k's protocol: partials, a fence, the count
-        elems = M * N
-        offs = offs_m.to(gl.int64)[None, :] * N + offs_n[:, None]
-        gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
-        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+    _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
+               pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
+
+
+@gluon.jit
+def _tma_step(w_desc, x_desc, w_ring, x_ring, bars, step, STAGES: gl.constexpr, k_start,
+              k_end, row0, m0, BLOCK_K: gl.constexpr):
+    """The split's K step `step` (its words and x's tile) into ring slot step % STAGES by
+    TMA, counted on the slot's barrier (nothing past the split's end)."""
+    k = k_start + step * BLOCK_K
+    slot = step % STAGES
+    live = k < k_end
+    bar = bars.index(slot)
+    mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=live)
+    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
+    tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _scales(s_ptrs, o_ptrs, k, gw, G: gl.constexpr, WT: gl.constexpr,
+            HAS_OFFSET: gl.constexpr, LS: gl.constexpr):
+    """The scales and offsets [BLOCK_N, GW] of the groups of K step k's thread slices."""
+    groups = (k + gw * (WT * 8)) // G
+    scale = gl.load(s_ptrs + groups[None, :])
+    if HAS_OFFSET:
+        offset = gl.load(o_ptrs + groups[None, :])
+    else:
+        offset = gl.zeros(scale.shape, gl.float32, layout=LS)
+    return scale, offset
+
+
+@gluon.jit
+def _w4_wgmma_tma_kernel(x_desc, w_desc, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
+                         count_ptr, M, N, K, K_PER_SPLIT, stride_sn, stride_om,
+                         G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                         STAGES: gl.constexpr, FAST: gl.constexpr):
+    """_w4_wgmma_kernel's product with the words and x's tiles loaded by TMA into rings
+    (the tensor-memory accelerator's copies are tracked by barriers, not by the threads,
+    so the proxy fence before each wgmma waits for none of them); scales and offsets
+    loaded into registers a step ahead."""
+    WORDS: gl.constexpr = BLOCK_K // 8
+    WT: gl.constexpr = 4
+    GW: gl.constexpr = WORDS // WT
+    WARPS: gl.constexpr = gl.num_warps()
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, WT, 4], [32 // GW, GW, 1, 1],
+                                        [WARPS, 1, 1, 1], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(3, L4)
+    LS: gl.constexpr = gl.SliceLayout(2, LW)
+    LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                gl.bfloat16)
+    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    pid_m = gl.program_id(2)
+    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+    rows = gl.minimum(rows, N - 1).to(gl.int64)  # (rows past N: sums never stored)
+    gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
+    s_ptrs = s_ptr + rows[:, None] * stride_sn
+    o_ptrs = o_ptr + rows[:, None] * stride_sn
+    k_start = pid_k * K_PER_SPLIT
+    k_end = gl.minimum(k_start + K_PER_SPLIT, K)
+    row0 = pid_n * BLOCK_N
+    m0 = pid_m * BLOCK_M
+    for s in gl.static_range(STAGES - 1):
+        _tma_step(w_desc, x_desc, w_ring, x_ring, bars, s, STAGES, k_start, k_end, row0, m0,
+                  BLOCK_K)
+    scale, offset = _scales(s_ptrs, o_ptrs, k_start, gw, G, WT, HAS_OFFSET, LS)
+    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
+    i = 0
+    for k in range(k_start, k_end, BLOCK_K):
+        slot = i % STAGES
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
+                                  LW, assert_trivial=True)
+        if FAST:
+            pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
+                                  offset[:, :, None, None])
+        else:
+            pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
+                             offset[:, :, None, None])
+        buf = i % 2
+        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+        fence_async_shared()
         gl.thread_barrier()
-        tile = pid_m * gl.num_programs(0) + pid_n
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
-        if last:
-            y = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=LO)
-            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
-                y += gl.load(part_ptr + sp * elems + offs, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-            gl.store(count_ptr + tile, 0)
-    if last:
-        if HAS_BIAS:
-            y += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
-        out = out_ptr + offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
-        gl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+        # the next step's scales, in flight while the tensor cores work (the last step's
+        # again on the last step)
+        scale, offset = _scales(s_ptrs, o_ptrs, gl.minimum(k + BLOCK_K, k_end - BLOCK_K), gw,
+                                G, WT, HAS_OFFSET, LS)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # the step before's MMA is done and its words were read by every thread (the
+        # barrier above): its slot takes the step STAGES - 1 ahead
+        _tma_step(w_desc, x_desc, w_ring, x_ring, bars, i + STAGES - 1, STAGES, k_start,
+                  k_end, row0, m0, BLOCK_K)
+        i += 1
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
+               pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
+
+
+# KILN_INT_WGMMA_FENCE=0: no proxy fence between the dequantized tile's stores and the
+# wgmma that reads it (unsafe; a diagnostic of what the fence costs)
+_FENCE = os.environ.get("KILN_INT_WGMMA_FENCE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -259,16 +391,17 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
+    tma: bool = True  # words and x by TMA (_w4_wgmma_tma_kernel), else cp.async
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
     column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast" overrides (benchmarks)."""
+    split_k,stages,fast[,tma]" overrides (benchmarks)."""
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast = (int(v) for v in override.split(","))
-        return WgmmaConfig(bn, bk, split, stages, bool(fast))
+        bn, bk, split, stages, fast, use_tma = (int(v) for v in (override + ",1").split(",")[:6])
+        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(use_tma))
     blocks = triton.cdiv(N, 128)
     split = 1
     while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
@@ -308,11 +441,24 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     part, counters = (torch.empty(split, M * N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0] * grid[2])) if split > 1 else \
         (out, out)
-    _w4_wgmma_kernel[grid](
-        x, weight.view(torch.int32), scale, offset if offset is not None else scale,
-        bias if bias is not None else scale, out, part, counters, M, N, K, k_per_split,
-        k_per_split // 8, x.stride(0), weight.stride(0) // 4, scale.stride(0),
-        out.stride(0), G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
-        HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-        STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
+    meta = dict(G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
+                HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+                STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
+    o = offset if offset is not None else scale
+    b = bias if bias is not None else scale
+    if cfg.tma:
+        words = weight.view(torch.int32)
+        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, cfg.block_k],
+                                  gl.NVMMASharedLayout.get_default_for([block_m, cfg.block_k],
+                                                                       gl.bfloat16))
+        w_shape = [cfg.block_n, cfg.block_k // 8]
+        w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1], w_shape,
+                                  gl.NVMMASharedLayout.get_default_for(w_shape, gl.int32))
+        _w4_wgmma_tma_kernel[grid](x_desc, w_desc, scale, o, b, out, part, counters, M, N, K,
+                                   k_per_split, scale.stride(0), out.stride(0), **meta)
+    else:
+        _w4_wgmma_kernel[grid](
+            x, weight.view(torch.int32), scale, o, b, out, part, counters, M, N, K,
+            k_per_split, k_per_split // 8, x.stride(0), weight.stride(0) // 4,
+            scale.stride(0), out.stride(0), FENCE=_FENCE, **meta)
     return out
