@@ -153,20 +153,22 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, block_n):
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1  # after the loop
 
 
-@pytest.mark.parametrize("block_m", [8, 64])
-def test_the_tma_kernel_compiles_for_hopper_without_spills(block_m):
+@pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])
+def test_the_tma_kernel_compiles_for_hopper_without_spills(block_m, group):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
 
     x_l = gl.NVMMASharedLayout.get_default_for([block_m, 128], gl.bfloat16)
     w_l = gl.NVMMASharedLayout.get_default_for([128, 16], gl.int32)
+    s_l = gl.NVMMASharedLayout.get_default_for([128, 4], gl.float32)
     values = {"x_desc": f"tensordesc<bf16[{block_m},128],{x_l!r}>",
-              "w_desc": f"tensordesc<i32[128,16],{w_l!r}>", "s_ptr": "*fp32",
-              "o_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "M": 64, "N": 28672, "K": 4096, "K_PER_SPLIT": 4096,
-              "stride_sn": 32, "stride_om": 28672}
-    const = dict(G=128, BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
+              "w_desc": f"tensordesc<i32[128,16],{w_l!r}>",
+              "s_desc": f"tensordesc<fp32[128,4],{s_l!r}>",
+              "o_desc": f"tensordesc<fp32[128,4],{s_l!r}>", "bias_ptr": "*fp32",
+              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": 64,
+              "N": 28672, "K": 4096, "K_PER_SPLIT": 4096, "stride_om": 28672}
+    const = dict(G=group, BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
                  HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True)
     report = cc.compile_sm90(int_wgmma._w4_wgmma_tma_kernel, values, const, 8)
     assert report.stack_bytes == 0

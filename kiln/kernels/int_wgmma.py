@@ -265,35 +265,49 @@ def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, co
 
 
 @gluon.jit
-def _tma_step(w_desc, x_desc, w_ring, x_ring, bars, step, STAGES: gl.constexpr, k_start,
-              k_end, row0, m0, BLOCK_K: gl.constexpr):
-    """The split's K step `step` (its words and x's tile) into ring slot step % STAGES by
-    TMA, counted on the slot's barrier (nothing past the split's end)."""
+def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, step,
+              STAGES: gl.constexpr, k_start, k_end, row0, m0, G: gl.constexpr,
+              BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
+    """The split's K step `step` into ring slot step % STAGES by TMA, counted on the
+    slot's barrier (nothing past the split's end): its words, x's tile, and the scales
+    (and offsets) of 4 groups from the step's first (16 bytes a row, TMA's least)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
     bar = bars.index(slot)
-    mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes, pred=live)
+    NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
+        s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
+    mbarrier.expect(bar, NBYTES, pred=live)
     tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
     tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
-
-
-@gluon.jit
-def _scales(s_ptrs, o_ptrs, k, gw, G: gl.constexpr, WT: gl.constexpr,
-            HAS_OFFSET: gl.constexpr, LS: gl.constexpr):
-    """The scales and offsets [BLOCK_N, GW] of the groups of K step k's thread slices."""
-    groups = (k + gw * (WT * 8)) // G
-    scale = gl.load(s_ptrs + groups[None, :])
+    tma.async_copy_global_to_shared(s_desc, [row0, k // G], bar, s_ring.index(slot), pred=live)
     if HAS_OFFSET:
-        offset = gl.load(o_ptrs + groups[None, :])
-    else:
-        offset = gl.zeros(scale.shape, gl.float32, layout=LS)
-    return scale, offset
+        tma.async_copy_global_to_shared(o_desc, [row0, k // G], bar, o_ring.index(slot),
+                                        pred=live)
 
 
 @gluon.jit
-def _w4_wgmma_tma_kernel(x_desc, w_desc, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
-                         count_ptr, M, N, K, K_PER_SPLIT, stride_sn, stride_om,
+def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr,
+                 WARPS: gl.constexpr, LS: gl.constexpr):
+    """[BLOCK_N, GW] of a ring's 4 groups a row: the group of each thread slice (slice gw
+    covers values gw * 8 WT ..: group column gw * 8 WT // G)."""
+    SPAN: gl.constexpr = GW * WT * 8 // G  # the step's groups (0: a step inside one)
+    if SPAN <= 1:
+        L1: gl.constexpr = gl.BlockedLayout([1, 1], [32 // GW, GW], [WARPS, 1], [1, 0])
+        col = ring.index(slot).slice(0, 1, dim=1).load(L1)
+        vals = gl.convert_layout(col.broadcast_to([col.shape[0], GW]), LS)
+    elif SPAN == GW:
+        vals = ring.index(slot).slice(0, GW, dim=1).load(LS)
+    else:  # two slices a group (groups of 64 in steps of 128)
+        L2: gl.constexpr = gl.BlockedLayout([1, SPAN], [32 // GW, GW], [WARPS, 1], [1, 0])
+        pair = ring.index(slot).slice(0, SPAN, dim=1).load(L2)
+        vals = gl.convert_layout(gl.reshape(gl.join(pair, pair), [pair.shape[0], GW]), LS)
+    return vals
+
+
+@gluon.jit
+def _w4_wgmma_tma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr,
+                         count_ptr, M, N, K, K_PER_SPLIT, stride_om,
                          G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                          HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
@@ -301,7 +315,7 @@ def _w4_wgmma_tma_kernel(x_desc, w_desc, s_ptr, o_ptr, bias_ptr, out_ptr, part_p
     """_w4_wgmma_kernel's product with the words and x's tiles loaded by TMA into rings
     (the tensor-memory accelerator's copies are tracked by barriers, not by the threads,
     so the proxy fence before each wgmma waits for none of them); scales and offsets
-    loaded into registers a step ahead."""
+    by TMA too (4 groups a row a step)."""
     WORDS: gl.constexpr = BLOCK_K // 8
     WT: gl.constexpr = 4
     GW: gl.constexpr = WORDS // WT
@@ -322,32 +336,34 @@ def _w4_wgmma_tma_kernel(x_desc, w_desc, s_ptr, o_ptr, bias_ptr, out_ptr, part_p
     a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
     x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
+    o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, 4],
+                                       s_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
     fence_async_shared()
     gl.thread_barrier()
 
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-    rows = gl.minimum(rows, N - 1).to(gl.int64)  # (rows past N: sums never stored)
-    gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
-    s_ptrs = s_ptr + rows[:, None] * stride_sn
-    o_ptrs = o_ptr + rows[:, None] * stride_sn
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
     row0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
     for s in gl.static_range(STAGES - 1):
-        _tma_step(w_desc, x_desc, w_ring, x_ring, bars, s, STAGES, k_start, k_end, row0, m0,
-                  BLOCK_K)
-    scale, offset = _scales(s_ptrs, o_ptrs, k_start, gw, G, WT, HAS_OFFSET, LS)
+        _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
+                  STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
     i = 0
-    for k in range(k_start, k_end, BLOCK_K):
+    for _ in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
+        scale = _step_groups(s_ring, slot, GW, WT, G, WARPS, LS)
+        if HAS_OFFSET:
+            offset = _step_groups(o_ring, slot, GW, WT, G, WARPS, LS)
+        else:
+            offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
         if FAST:
             pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
                                   offset[:, :, None, None])
@@ -360,15 +376,11 @@ def _w4_wgmma_tma_kernel(x_desc, w_desc, s_ptr, o_ptr, bias_ptr, out_ptr, part_p
         gl.thread_barrier()
         a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
         acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-        # the next step's scales, in flight while the tensor cores work (the last step's
-        # again on the last step)
-        scale, offset = _scales(s_ptrs, o_ptrs, gl.minimum(k + BLOCK_K, k_end - BLOCK_K), gw,
-                                G, WT, HAS_OFFSET, LS)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # the step before's MMA is done and its words were read by every thread (the
         # barrier above): its slot takes the step STAGES - 1 ahead
-        _tma_step(w_desc, x_desc, w_ring, x_ring, bars, i + STAGES - 1, STAGES, k_start,
-                  k_end, row0, m0, BLOCK_K)
+        _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
+                  i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
         i += 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for s in gl.static_range(STAGES):
@@ -413,12 +425,14 @@ def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                    block_k: int = 128) -> bool:
     """Whether w4_wgmma takes this product: Hopper, bfloat16 x with rows 16-byte
     aligned, int4 weight as 32-bit words, groups of whole 32-value thread slices (G a
-    multiple of 32) and K in whole steps."""
+    multiple of 32), K in whole steps, scale rows 16-byte aligned (TMA: K / G a multiple
+    of 4)."""
     K = x.shape[1]
     G = K // scale.shape[1]
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and \
         x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and \
         K % block_k == 0 and G % 32 == 0 and (G % block_k == 0 or block_k % G == 0) and \
+        scale.shape[1] % 4 == 0 and scale.stride(0) % 4 == 0 and scale.stride(1) == 1 and \
         x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and \
         weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
 
@@ -454,8 +468,11 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         w_shape = [cfg.block_n, cfg.block_k // 8]
         w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1], w_shape,
                                   gl.NVMMASharedLayout.get_default_for(w_shape, gl.int32))
-        _w4_wgmma_tma_kernel[grid](x_desc, w_desc, scale, o, b, out, part, counters, M, N, K,
-                                   k_per_split, scale.stride(0), out.stride(0), **meta)
+        s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
+        s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1],
+                                           [cfg.block_n, 4], s_layout) for t in (scale, o))
+        _w4_wgmma_tma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M,
+                                   N, K, k_per_split, out.stride(0), **meta)
     else:
         _w4_wgmma_kernel[grid](
             x, weight.view(torch.int32), scale, o, b, out, part, counters, M, N, K,
