@@ -7,9 +7,8 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
-Launches: the default (words and x by TMA), the same by cp.async; --sweep: around the
-default, one field at a time (64 rows a program, K steps of 256, 2 / 4 stages, the exact
-dequantization, half / twice the K splits).
+--sweep: around the default launch, one field at a time (64 rows a program, K steps of
+256, 2 / 4 stages, the exact dequantization, half / twice the K splits).
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
     from kiln.kernels.int_wgmma import wgmma_config
 
     base = wgmma_config(M, N, K)
-    out = {"wgmma": base, "cp.async": dataclasses.replace(base, tma=False)}
+    out = {"wgmma": base}
     if sweep:
         rep = dataclasses.replace
         out.update({"bn64": rep(base, block_n=64), "bk256": rep(base, block_k=256),

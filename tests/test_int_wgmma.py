@@ -131,30 +131,8 @@ def test_launch_rules():
     assert not int_wgmma.wgmma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
 
 
-@pytest.mark.parametrize("block_m,block_n", [(8, 128), (16, 128), (64, 128), (64, 64)])
-def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, block_n):
-    from kiln.kernels import compile_check as cc
-
-    values = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
-              "bias_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
-              "count_ptr": "*i32", "M": 64, "N": 28672, "K": 4096, "K_PER_SPLIT": 4096,
-              "W_PER_SPLIT": 512, "stride_xm": 4096, "stride_wn": 512, "stride_sn": 32,
-              "stride_om": 28672}
-    const = dict(G=128, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
-                 HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True)
-    warps = block_n // 16
-    report = cc.compile_sm90(int_wgmma._w4_wgmma_kernel, values, const, warps)
-    assert report.stack_bytes == 0
-    assert report.instructions["wgmma.mma_async"] > 0 and report.instructions["cp.async"] > 0
-    sass = cc._cuobjdump(cc._compile(int_wgmma._w4_wgmma_kernel, values, const, warps, 2),
-                         "-sass")
-    # one wait for the step before (<= 1 in flight) a loop, none after each MMA
-    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 1
-    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1  # after the loop
-
-
 @pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])
-def test_the_tma_kernel_compiles_for_hopper_without_spills(block_m, group):
+def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
@@ -170,10 +148,17 @@ def test_the_tma_kernel_compiles_for_hopper_without_spills(block_m, group):
               "N": 28672, "K": 4096, "K_PER_SPLIT": 4096, "stride_om": 28672}
     const = dict(G=group, BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
                  HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True)
-    report = cc.compile_sm90(int_wgmma._w4_wgmma_tma_kernel, values, const, 8)
+    report = cc.compile_sm90(int_wgmma._w4_wgmma_kernel, values, const, 8)
     assert report.stack_bytes == 0
     assert report.instructions["wgmma.mma_async"] > 0
     assert report.instructions["cp.async.bulk"] > 0  # the TMA copies
+    sass = cc._cuobjdump(cc._compile(int_wgmma._w4_wgmma_kernel, values, const, 8, 2), "-sass")
+    # one wait for the step before (<= 1 in flight) a loop, none after each MMA, and no
+    # proxy fence waiting on a load of the thread's own (every copy is TMA's)
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 1
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1  # after the loop
+    loop = sass.split("WARPGROUP.DEPBAR.LE gsb0, 0x0")[0]
+    assert not re.search(r"\bLDG", loop), "a load of the thread's own before the fence"
 
 
 def _hopper() -> bool:
@@ -197,8 +182,8 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split, tma in ((1, True), (4, True), (4, False)):
-        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast, tma=tma)
+    for split in (1, 4):
+        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 1e-2, (split, err)

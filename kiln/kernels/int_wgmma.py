@@ -33,7 +33,6 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy,
     fence_async_shared,
     mbarrier,
     tma,
@@ -106,31 +105,6 @@ def _dequant(words, scale, offset):
 
 
 @gluon.jit
-def _issue_step(w_ring, s_ring, o_ring, x_ring, step, STAGES: gl.constexpr, w_ptrs, s_ptrs,
-                o_ptrs, x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G: gl.constexpr,
-                WT: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
-    """The K step at k into ring slot `slot` by cp.async, one commit group (nothing read,
-    zeros written, past the split's end): its words, the scales and offsets of the
-    groups each thread's words lie in, and x's tile. step: the split's step index (so
-    the words' offset, step * BLOCK_K / 8, is known 16-byte aligned)."""
-    k = k_start + step * BLOCK_K
-    slot = step % STAGES
-    live = k < k_end
-    words = step * (BLOCK_K // 8)
-    async_copy.async_copy_global_to_shared(w_ring.index(slot), w_ptrs + words,
-                                           mask=(offs_wt * 0 == 0) & live)
-    groups = (k + gw * (WT * 8)) // G
-    async_copy.async_copy_global_to_shared(s_ring.index(slot), s_ptrs + groups[None, :],
-                                           mask=(groups[None, :] >= 0) & live)
-    if HAS_OFFSET:
-        async_copy.async_copy_global_to_shared(o_ring.index(slot), o_ptrs + groups[None, :],
-                                               mask=(groups[None, :] >= 0) & live)
-    async_copy.async_copy_global_to_shared(x_ring.index(slot), x_ptrs + k,
-                                           mask=(offs_xk < k_end - k)[None, :])
-    async_copy.commit_group()
-
-
-@gluon.jit
 def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
                pid_m, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, HAS_BIAS: gl.constexpr,
                SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
@@ -163,105 +137,6 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
             y += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
         out = out_ptr + offs_m.to(gl.int64)[None, :] * stride_om + offs_n[:, None]
         gl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@gluon.jit
-def _w4_wgmma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
-                     M, N, K, K_PER_SPLIT, W_PER_SPLIT, stride_xm, stride_wn, stride_sn, stride_om,
-                     G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     FAST: gl.constexpr, FENCE: gl.constexpr = True):
-    """out[M, N] (x bfloat16 [M, K]; w int4 as int32 words [N, K / 8], stride_wn in words;
-    scales / offsets float32 [N, K / G]) for the column block program_id(0), the K split
-    program_id(1) and the row block program_id(2); 4 warps (one warpgroup)."""
-    WORDS: gl.constexpr = BLOCK_K // 8
-    WT: gl.constexpr = 4  # words a thread dequantizes per row (32 values: in one group)
-    GW: gl.constexpr = WORDS // WT
-    WARPS: gl.constexpr = gl.num_warps()  # 4 a warpgroup of 64 weight rows
-    L4: gl.constexpr = gl.BlockedLayout([1, 1, WT, 4], [32 // GW, GW, 1, 1],
-                                        [WARPS, 1, 1, 1], [3, 2, 1, 0])
-    LW: gl.constexpr = gl.SliceLayout(3, L4)  # words [BLOCK_N, GW, WT]
-    LS: gl.constexpr = gl.SliceLayout(2, LW)  # scales [BLOCK_N, GW]
-    LX: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BLOCK_K, BLOCK_K // 8],
-                                        [WARPS, 1], [1, 0])
-    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                  instr_shape=[16, BLOCK_M, 16])
-    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                gl.bfloat16)
-    # the same bytes as pairs (int32): the dequantized pairs are stored as they come
-    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
-    X_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K],
-                                                                gl.bfloat16)
-    RING: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    RING_S: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    pid_m = gl.program_id(2)
-    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], X_SMEM)
-    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, GW, WT], RING)
-    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, GW], RING_S)
-    o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, GW],
-                                       RING_S)
-
-    rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-    rows = gl.minimum(rows, N - 1).to(gl.int64)  # (rows past N: sums never stored)
-    gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
-    wt = gl.arange(0, WT, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
-    offs_wt = (gw[None, :] * WT)[:, :, None] + wt[None, None, :]
-    # (words: the split's first, 16-byte aligned)
-    w_ptrs = w_ptr + pid_k * W_PER_SPLIT + (rows[:, None] * stride_wn)[:, :, None] + offs_wt
-    s_ptrs = s_ptr + rows[:, None] * stride_sn
-    o_ptrs = o_ptr + rows[:, None] * stride_sn
-    # x's rows past M read row M - 1 (their columns of the product are never stored)
-    offs_xm = gl.minimum(pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LX)),
-                         M - 1)
-    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LX))
-    x_ptrs = x_ptr + offs_xm.to(gl.int64)[:, None] * stride_xm + offs_xk[None, :]
-
-    k_start = pid_k * K_PER_SPLIT
-    k_end = gl.minimum(k_start + K_PER_SPLIT, K)
-    for s in gl.static_range(STAGES - 1):  # the first steps into shared memory
-        _issue_step(w_ring, s_ring, o_ring, x_ring, s, STAGES, w_ptrs, s_ptrs, o_ptrs,
-                    x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G, WT, BLOCK_K, HAS_OFFSET)
-    acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
-    i = 0
-    for _ in range(k_start, k_end, BLOCK_K):
-        slot = i % STAGES
-        async_copy.wait_group(STAGES - 2)  # this step's loads are in, every thread's
-        gl.thread_barrier()
-        words = w_ring.index(slot).load(LW)
-        scale = s_ring.index(slot).load(LS)
-        if HAS_OFFSET:
-            offset = o_ring.index(slot).load(LS)
-        else:
-            offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
-        if FAST:
-            pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
-                                  offset[:, :, None, None])
-        else:
-            pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
-                             offset[:, :, None, None])
-        buf = i % 2
-        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-        if FENCE:
-            fence_async_shared()
-        gl.thread_barrier()
-        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        # the step before's MMA is done and its words were read by every thread (the
-        # barrier above): its slot takes the step STAGES - 1 ahead
-        _issue_step(w_ring, s_ring, o_ring, x_ring, i + STAGES - 1, STAGES, w_ptrs, s_ptrs,
-                    o_ptrs, x_ptrs, k_start, k_end, offs_wt, offs_xk, gw, G, WT, BLOCK_K,
-                    HAS_OFFSET)
-        i += 1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    async_copy.wait_group(0)
-
-    _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
-               pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
 
 
 @gluon.jit
@@ -306,7 +181,7 @@ def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr
 
 
 @gluon.jit
-def _w4_wgmma_tma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr,
+def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr,
                          count_ptr, M, N, K, K_PER_SPLIT, stride_om,
                          G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
@@ -347,6 +222,9 @@ def _w4_wgmma_tma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part
 
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
+    # (every split has a step: no path around the loop, whose zeroed accumulator would
+    # make ptxas serialize the wgmma pipeline)
+    gl.assume(k_end > k_start)
     row0 = pid_n * BLOCK_N
     m0 = pid_m * BLOCK_M
     for s in gl.static_range(STAGES - 1):
@@ -389,11 +267,6 @@ def _w4_wgmma_tma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part
                pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
 
 
-# KILN_INT_WGMMA_FENCE=0: no proxy fence between the dequantized tile's stores and the
-# wgmma that reads it (unsafe; a diagnostic of what the fence costs)
-_FENCE = os.environ.get("KILN_INT_WGMMA_FENCE", "1") != "0"
-
-
 @dataclass(frozen=True)
 class WgmmaConfig:
     """A launch: weight rows a program (64 a warpgroup: 4 warps each), K step, K splits,
@@ -403,17 +276,16 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
-    tma: bool = True  # words and x by TMA (_w4_wgmma_tma_kernel), else cp.async
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
     column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast[,tma]" overrides (benchmarks)."""
+    split_k,stages,fast" overrides (benchmarks)."""
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast, use_tma = (int(v) for v in (override + ",1").split(",")[:6])
-        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(use_tma))
+        bn, bk, split, stages, fast = (int(v) for v in override.split(","))
+        return WgmmaConfig(bn, bk, split, stages, bool(fast))
     blocks = triton.cdiv(N, 128)
     split = 1
     while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
@@ -460,22 +332,16 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
-    if cfg.tma:
-        words = weight.view(torch.int32)
-        x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, cfg.block_k],
-                                  gl.NVMMASharedLayout.get_default_for([block_m, cfg.block_k],
-                                                                       gl.bfloat16))
-        w_shape = [cfg.block_n, cfg.block_k // 8]
-        w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1], w_shape,
-                                  gl.NVMMASharedLayout.get_default_for(w_shape, gl.int32))
-        s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
-        s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1],
-                                           [cfg.block_n, 4], s_layout) for t in (scale, o))
-        _w4_wgmma_tma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M,
-                                   N, K, k_per_split, out.stride(0), **meta)
-    else:
-        _w4_wgmma_kernel[grid](
-            x, weight.view(torch.int32), scale, o, b, out, part, counters, M, N, K,
-            k_per_split, k_per_split // 8, x.stride(0), weight.stride(0) // 4,
-            scale.stride(0), out.stride(0), FENCE=_FENCE, **meta)
+    words = weight.view(torch.int32)
+    x_desc = TensorDescriptor(x, [M, K], [x.stride(0), 1], [block_m, cfg.block_k],
+                              gl.NVMMASharedLayout.get_default_for([block_m, cfg.block_k],
+                                                                   gl.bfloat16))
+    w_shape = [cfg.block_n, cfg.block_k // 8]
+    w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1], w_shape,
+                              gl.NVMMASharedLayout.get_default_for(w_shape, gl.int32))
+    s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
+    s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, 4],
+                                       s_layout) for t in (scale, o))
+    _w4_wgmma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
+                           k_per_split, out.stride(0), **meta)
     return out
