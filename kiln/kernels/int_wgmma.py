@@ -167,16 +167,15 @@ def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr
     """[BLOCK_N, GW] of a ring's 4 groups a row: the group of each thread slice (slice gw
     covers values gw * 8 WT ..: group column gw * 8 WT // G)."""
     SPAN: gl.constexpr = GW * WT * 8 // G  # the step's groups (0: a step inside one)
-    if SPAN <= 1:
-        L1: gl.constexpr = gl.BlockedLayout([1, 1], [32 // GW, GW], [WARPS, 1], [1, 0])
-        col = ring.index(slot).slice(0, 1, dim=1).load(L1)
-        vals = gl.convert_layout(col.broadcast_to([col.shape[0], GW]), LS)
-    elif SPAN == GW:
-        vals = ring.index(slot).slice(0, GW, dim=1).load(LS)
-    else:  # two slices a group (groups of 64 in steps of 128)
-        L2: gl.constexpr = gl.BlockedLayout([1, SPAN], [32 // GW, GW], [WARPS, 1], [1, 0])
-        pair = ring.index(slot).slice(0, SPAN, dim=1).load(L2)
-        vals = gl.convert_layout(gl.reshape(gl.join(pair, pair), [pair.shape[0], GW]), LS)
+    tile = ring.index(slot).load(LS)  # [BLOCK_N, 4]: slice gw holds column gw
+    if SPAN == GW:
+        vals = tile
+    else:  # slice gw takes column gw * SPAN // GW: each such column summed over the slices
+        gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
+        vals = gl.zeros(tile.shape, gl.float32, layout=LS)
+        for c in gl.static_range(max(SPAN, 1)):
+            col = gl.sum(gl.where((gw == c)[None, :], tile, 0.0), axis=1)
+            vals = gl.where((gw * SPAN // GW == c)[None, :], col[:, None], vals)
     return vals
 
 

@@ -7,8 +7,7 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/benchmarks KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 120 python3 -m pytest -q -x tests/test_int_wgmma.py -p no:cacheprovider --tb=short \
-  -m gpu -k "fast and 6144 and (64 or 5)" 2>&1 | tail -4
+timeout 120 python3 -m pytest -q -x tests/test_int_wgmma.py -p no:cacheprovider --tb=short -m gpu -k "4096-128-64 or 4096-128-5" 2>&1 | tail -4
 timeout 200 python3 benchmarks/int_wgmma_bench.py "$OUT/wgmma-g128.json" --groups 128 --sweep \
   > "$OUT/wgmma-g128.log" 2>&1; grep -E "kiln|wgmma |failed" "$OUT/wgmma-g128.log" | head -50; tail -6 "$OUT/wgmma-g128.log"
 timeout 100 python3 benchmarks/int_wgmma_bench.py "$OUT/wgmma-g32.json" --groups 32 --rows 8,64 \
