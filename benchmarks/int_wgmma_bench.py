@@ -7,8 +7,7 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
---sweep: around the default launch, one field at a time (64 rows a program, K steps of
-256, 2 / 4 stages, the exact dequantization, half / twice the K splits).
+--sweep: around the default launch, one field at a time (64 rows a program, 2 / 4 stages, the exact dequantization, half / twice the K splits).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
     out = {"wgmma": base}
     if sweep:
         rep = dataclasses.replace
-        out.update({"bn64": rep(base, block_n=64), "bk256": rep(base, block_k=256),
+        out.update({"bn64": rep(base, block_n=64),
                     "st2": rep(base, stages=2), "st4": rep(base, stages=4),
                     "exact": rep(base, fast=False),
                     "split/2": rep(base, split_k=max(1, base.split_k // 2)),

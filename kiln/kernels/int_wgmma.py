@@ -301,6 +301,7 @@ def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     K = x.shape[1]
     G = K // scale.shape[1]
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and \
+        block_k == 128 and \
         x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and \
         K % block_k == 0 and G % 32 == 0 and (G % block_k == 0 or block_k % G == 0) and \
         scale.shape[1] % 4 == 0 and scale.stride(0) % 4 == 0 and scale.stride(1) == 1 and \
