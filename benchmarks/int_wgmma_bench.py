@@ -7,7 +7,8 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
---sweep: around the default launch, one field at a time (64 rows a program, 2 / 4 stages, the exact dequantization, half / twice the K splits).
+--sweep: around the default launch, one field at a time (64 rows a program, 2 / 4
+stages, the exact dequantization, half / twice the K splits).
 """
 
 from __future__ import annotations
