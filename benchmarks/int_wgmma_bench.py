@@ -28,7 +28,7 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
     from kiln.kernels.int_wgmma import wgmma_config
 
     base = wgmma_config(M, N, K)
-    out = {"wgmma": base}
+    out = {"wgmma": base, "a_regs": dataclasses.replace(base, a_regs=True)}
     if sweep:
         rep = dataclasses.replace
         out.update({"bn64": rep(base, block_n=64),

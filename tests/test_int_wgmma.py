@@ -182,8 +182,8 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split in (1, 4):
-        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast)
+    for split, a_regs in ((1, False), (4, False), (4, True)):
+        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast, a_regs=a_regs and fast)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 1e-2, (split, err)

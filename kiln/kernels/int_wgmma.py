@@ -93,6 +93,29 @@ def _dequant_fast(words, scale, offset):
         dtype=gl.int32, is_pure=True, pack=4)
 
 
+# The fast block with eight bfloat16 results (A in registers: a tensor of bfloat16 for
+# the layout conversion into the wgmma operand): the same instructions, each input
+# given as eight repeated registers ($4 the word, $12 S12, $20 C12, $28 S16, $36 C16).
+_DEQUANT_FAST8 = gl.constexpr(_DEQUANT_FAST.value.replace("$20", "$36").replace(
+    "$16", "$28").replace("$12", "$20").replace("$8", "$12"))
+_DEQUANT_FAST8_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8 + ["f"] * 32))
+
+
+@gluon.jit
+def _dequant_fast_bf16(words, scale, offset):
+    """bfloat16 [R, GW, WT, 8] (value order) by _DEQUANT_FAST8; inputs as _dequant's."""
+    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 8]
+    s12 = scale * (1.0 / 4096.0)
+    s16 = scale * (1.0 / 65536.0)
+    c12 = offset - 2048.0 * scale
+    c16 = offset - 128.0 * scale
+    return gl.inline_asm_elementwise(
+        _DEQUANT_FAST8, _DEQUANT_FAST8_ARGS,
+        [words.broadcast_to(shape), s12.broadcast_to(shape), c12.broadcast_to(shape),
+         s16.broadcast_to(shape), c16.broadcast_to(shape)],
+        dtype=gl.bfloat16, is_pure=True, pack=8)
+
+
 @gluon.jit
 def _dequant(words, scale, offset):
     """int32 [R, GW, WT, 4] (bfloat16 pairs, value order) from int32 words [R, GW, WT, 1]
@@ -185,7 +208,8 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
                          G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                          BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                          HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-                         STAGES: gl.constexpr, FAST: gl.constexpr):
+                         STAGES: gl.constexpr, FAST: gl.constexpr,
+                         A_REGS: gl.constexpr = False):
     """_w4_wgmma_kernel's product with the words and x's tiles loaded by TMA into rings
     (the tensor-memory accelerator's copies are tracked by barriers, not by the threads,
     so the proxy fence before each wgmma waits for none of them); scales and offsets
@@ -207,7 +231,9 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    # (A in registers: no shared tiles for it; a small placeholder)
+    a_smem = gl.allocate_shared_memory(gl.int32, [1, 8, 32] if A_REGS else
+                                       [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
     x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
@@ -230,6 +256,8 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
                   STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
+    DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+    a_keep = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=DOT_A)
     i = 0
     for _ in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
@@ -241,25 +269,36 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
             offset = _step_groups(o_ring, slot, GW, WT, G, WARPS, LS)
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
-        if FAST:
-            pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
-                                  offset[:, :, None, None])
+        if A_REGS:  # the tile into the wgmma's register operand (no proxy fence)
+            w = _dequant_fast_bf16(words[:, :, :, None], scale[:, :, None, None],
+                                   offset[:, :, None, None])
+            a_new = gl.convert_layout(gl.reshape(w, [BLOCK_N, BLOCK_K]), DOT_A)
+            acc = warpgroup_mma(a_new, x_ring.index(slot).permute((1, 0)), acc,
+                                is_async=True)
+            # the step before's operand lives until its MMA is done
+            acc, a_new, a_old = warpgroup_mma_wait(num_outstanding=1,
+                                                   deps=(acc, a_new, a_keep))
+            a_keep = a_new
         else:
-            pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
-                             offset[:, :, None, None])
-        buf = i % 2
-        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-        fence_async_shared()
-        gl.thread_barrier()
-        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if FAST:
+                pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
+                                      offset[:, :, None, None])
+            else:
+                pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
+                                 offset[:, :, None, None])
+            buf = i % 2
+            a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+            fence_async_shared()
+            gl.thread_barrier()
+            a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+            acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # the step before's MMA is done and its words were read by every thread (the
         # barrier above): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
                   i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
         i += 1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_keep))[0]
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
@@ -275,16 +314,18 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
+    a_regs: bool = False  # the dequantized tile into wgmma's register operand (A_REGS)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
     column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast" overrides (benchmarks)."""
+    split_k,stages,fast[,a_regs]" overrides (benchmarks)."""
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast = (int(v) for v in override.split(","))
-        return WgmmaConfig(bn, bk, split, stages, bool(fast))
+        bn, bk, split, stages, fast, a_regs = (
+            int(v) for v in (override + ",0").split(",")[:6])
+        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs))
     blocks = triton.cdiv(N, 128)
     split = 1
     while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
@@ -329,7 +370,8 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         (out, out)
     meta = dict(G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
                 HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-                STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
+                STAGES=cfg.stages, FAST=cfg.fast, A_REGS=cfg.a_regs,
+                num_warps=cfg.block_n // 16)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
     words = weight.view(torch.int32)
