@@ -107,6 +107,23 @@ def test_the_dequantization_ptx_gives_the_reference_weights(fast):
     assert (off > 0).float().mean() <= (0.02 if fast else 0.002)
 
 
+def test_the_eight_output_block_reads_its_renamed_inputs():
+    """_DEQUANT_FAST8 (bfloat16 results for the register operand) is _DEQUANT_FAST with its
+    inputs at the registers eight repeats put them in: the same pairs from them."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (256, 8), generator=gen, dtype=torch.uint8)
+    words = pack_int4(q).view(torch.int32).long().flatten() & 0xFFFFFFFF
+    s = torch.rand(256, generator=gen) * 0.02 + 1e-4
+    o = -(torch.rand(256, generator=gen) * 10) * s
+    terms = [_bits(s / 4096), _bits(o - 2048 * s), _bits(s / 65536), _bits(o - 128 * s)]
+    four = run_ptx(int_wgmma._DEQUANT_FAST.value,
+                   {"$4": words, **{f"${8 + 4 * i}": t for i, t in enumerate(terms)}})
+    eight = run_ptx(int_wgmma._DEQUANT_FAST8.value,
+                    {"$4": words, **{f"${12 + 8 * i}": t for i, t in enumerate(terms)}})
+    for j in range(4):
+        assert torch.equal(four[f"${j}"], eight[f"${j}"])
+
+
 def test_the_ptx_evaluator_catches_a_wrong_shift():
     """The check above can fail: the fast block with its third shift wrong is caught."""
     broken = int_wgmma._DEQUANT_FAST.value.replace("shr.u32 t, $4, 4;", "shr.u32 t, $4, 8;")

@@ -78,21 +78,6 @@ _DEQUANT_FAST = gl.constexpr("{\n.reg .b32 t, a, b;\n" + "".join(
 _DEQUANT_FAST_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4 + ["f"] * 16))
 
 
-@gluon.jit
-def _dequant_fast(words, scale, offset):
-    """_dequant's result by _DEQUANT_FAST (scale and offset as there)."""
-    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 4]
-    s12 = scale * (1.0 / 4096.0)
-    s16 = scale * (1.0 / 65536.0)
-    c12 = offset - 2048.0 * scale
-    c16 = offset - 128.0 * scale
-    return gl.inline_asm_elementwise(
-        _DEQUANT_FAST, _DEQUANT_FAST_ARGS,
-        [words.broadcast_to(shape), s12.broadcast_to(shape), c12.broadcast_to(shape),
-         s16.broadcast_to(shape), c16.broadcast_to(shape)],
-        dtype=gl.int32, is_pure=True, pack=4)
-
-
 # The fast block with eight bfloat16 results (A in registers: a tensor of bfloat16 for
 # the layout conversion into the wgmma operand): the same instructions, each input
 # given as eight repeated registers ($4 the word, $12 S12, $20 C12, $28 S16, $36 C16).
@@ -102,18 +87,22 @@ _DEQUANT_FAST8_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8 + ["f"] *
 
 
 @gluon.jit
-def _dequant_fast_bf16(words, scale, offset):
-    """bfloat16 [R, GW, WT, 8] (value order) by _DEQUANT_FAST8; inputs as _dequant's."""
-    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 8]
-    s12 = scale * (1.0 / 4096.0)
-    s16 = scale * (1.0 / 65536.0)
-    c12 = offset - 2048.0 * scale
-    c16 = offset - 128.0 * scale
-    return gl.inline_asm_elementwise(
-        _DEQUANT_FAST8, _DEQUANT_FAST8_ARGS,
-        [words.broadcast_to(shape), s12.broadcast_to(shape), c12.broadcast_to(shape),
-         s16.broadcast_to(shape), c16.broadcast_to(shape)],
-        dtype=gl.bfloat16, is_pure=True, pack=8)
+def _dequant_fast(words, scale, offset, BF16: gl.constexpr = False):
+    """_dequant's result by _DEQUANT_FAST (scale and offset as there); BF16: bfloat16
+    [R, GW, WT, 8] in value order (_DEQUANT_FAST8) instead of int32 pairs."""
+    PACK: gl.constexpr = 8 if BF16 else 4
+    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], PACK]
+    args = [words.broadcast_to(shape), (scale * (1.0 / 4096.0)).broadcast_to(shape),
+            (offset - 2048.0 * scale).broadcast_to(shape),
+            (scale * (1.0 / 65536.0)).broadcast_to(shape),
+            (offset - 128.0 * scale).broadcast_to(shape)]
+    if BF16:
+        out = gl.inline_asm_elementwise(_DEQUANT_FAST8, _DEQUANT_FAST8_ARGS, args,
+                                        dtype=gl.bfloat16, is_pure=True, pack=8)
+    else:
+        out = gl.inline_asm_elementwise(_DEQUANT_FAST, _DEQUANT_FAST_ARGS, args,
+                                        dtype=gl.int32, is_pure=True, pack=4)
+    return out
 
 
 @gluon.jit
@@ -270,8 +259,8 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
         if A_REGS:  # the tile into the wgmma's register operand (no proxy fence)
-            w = _dequant_fast_bf16(words[:, :, :, None], scale[:, :, None, None],
-                                   offset[:, :, None, None])
+            w = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
+                              offset[:, :, None, None], True)
             a_new = gl.convert_layout(gl.reshape(w, [BLOCK_N, BLOCK_K]), DOT_A)
             acc = warpgroup_mma(a_new, x_ring.index(slot).permute((1, 0)), acc,
                                 is_async=True)
