@@ -136,6 +136,16 @@ def test_the_ptx_evaluator_catches_a_wrong_shift():
     assert not torch.equal(good, bad)
 
 
+def test_the_switch_reads_its_rows():
+    from kiln.kernels.int_launch import wgmma_rows
+
+    assert wgmma_rows("") == wgmma_rows("0") == (1, 0)  # off: no row count takes it
+    assert wgmma_rows("1") == (5, 64)
+    assert wgmma_rows("2-16") == (2, 16)
+    with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
+        assert wgmma_rows("yes") == (1, 0)
+
+
 def test_launch_rules():
     cfg = int_wgmma.wgmma_config(64, 28672, 4096)
     assert cfg.split_k == 1  # gate_up: 224 column blocks fill the SMs

@@ -55,6 +55,7 @@ from kiln.kernels.int_launch import (  # noqa: F401
     EVEN_GROUPS,
     GEMV_ROWS,
     GROUPED,
+    WGMMA_ROWS,
     IntGemmConfig,
     int_gemm_config,
     split_length,
@@ -263,10 +264,6 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
 # cuBLAS: the dequantization is then paid once per call instead of once per row tile, and
 # writing and reading the 16-bit copy costs little beside the GEMM's math.
 DEQUANT_ROWS = 256
-# Rows that take kiln.kernels.int_wgmma's Gluon kernel on Hopper (int4; KILN_INT_WGMMA=1:
-# 5-64, "A-B": A-B; off by default until timed end to end)
-WGMMA_ROWS = tuple(int(v) for v in {"1": "5-64", "": "1-0"}.get(
-    os.environ.get("KILN_INT_WGMMA", ""), os.environ.get("KILN_INT_WGMMA", "")).split("-"))
 
 
 def group_step(G: int, block_k: int) -> int:

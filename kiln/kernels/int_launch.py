@@ -58,6 +58,27 @@ GROUPED = os.environ.get("KILN_INT_GROUPED") != "step"
 EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
     os.environ.get("KILN_INT_EVEN", ""), (32,))
 
+def wgmma_rows(value: str) -> tuple[int, int]:
+    """The rows (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on Hopper
+    (int4), from KILN_INT_WGMMA: "" or "0" none (the default until it is timed end to
+    end), "1" 5-64, "A-B" A to B; anything else none, with a warning."""
+    if value in ("", "0"):
+        return (1, 0)
+    if value == "1":
+        return (5, 64)
+    first, _, last = value.partition("-")
+    if first.isdigit() and last.isdigit():
+        return (int(first), int(last))
+    import warnings
+
+    warnings.warn(f"KILN_INT_WGMMA={value!r} is not 0, 1 or A-B (rows A to B); ignored",
+                  stacklevel=2)
+    return (1, 0)
+
+
+WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
+
+
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
 # older default (o, down, gate_up; KILN_INT_ROW_TILES=0: not). INT4 batch 1 on an H200 (32nd
 # session): 399.7 tok/s against 392.1 / 392.3 without
