@@ -9,18 +9,25 @@ against bf16 cuBLAS's 125. Here the loop is laid out by hand, computed transpose
 (out^T [N, M] = W [N, K] @ x^T [K, M]: the weight's rows are the MMA's 64-row side, the
 batch its narrow side, 8 to 64 columns):
 
-* each K step's packed words and x's tile are loaded into registers one step ahead;
+* each K step's packed words, x's tile and four groups of scales (and offsets) a row
+  are loaded by TMA into a ring of STAGES slots, counted on a barrier a slot (TMA's
+  copies are not the threads' own, so the proxy fence below does not wait for them: a
+  first version loaded by cp.async and each fence waited for the next steps' loads,
+  ~95 us at gate_up whatever the rows on an H100, 51st session);
 * the words are dequantized in registers (q from its nibble by bit operations, then
-  w = q * s + o by one float32 FMA and rounded to bfloat16: the float tiles' numerics)
-  and stored to one of two shared-memory tiles, x's tile to one of two others;
+  w = q * s + o by one float32 FMA, rounded to bfloat16; _DEQUANT_FAST by default) and
+  stored to one of two shared-memory tiles, which a proxy fence hands to the tensor
+  cores (A_REGS: converted into wgmma's register operand instead, untimed);
 * the step's wgmma is issued asynchronously and waited for only one step later, so the
   tensor cores multiply step i while the threads dequantize step i + 1.
 
 K splits (for the few column blocks of qkv, o and down) meet in the kernel: the last
 split of a block adds the others' float32 partial sums in split order
 (kiln.kernels.split_k's protocol). Hopper (sm_90) only; there is no interpreter for
-Gluon, so CPU tests compile it for sm_90 and check the launch rules, and GPU tests check
-its results against the reference.
+Gluon, so CPU tests run the dequantization PTX through a small evaluator, compile the
+kernel for sm_90 and check the launch rules, and GPU tests check its results against
+the reference. Opt-in (KILN_INT_WGMMA, kiln.kernels.int_launch.wgmma_rows) until it is
+faster end to end.
 """
 
 from __future__ import annotations
