@@ -199,17 +199,15 @@ def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr
 
 
 @gluon.jit
-def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr,
-                         count_ptr, M, N, K, K_PER_SPLIT, stride_om,
-                         G: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
-                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-                         STAGES: gl.constexpr, FAST: gl.constexpr,
-                         A_REGS: gl.constexpr = False):
-    """_w4_wgmma_kernel's product with the words and x's tiles loaded by TMA into rings
-    (the tensor-memory accelerator's copies are tracked by barriers, not by the threads,
-    so the proxy fence before each wgmma waits for none of them); scales and offsets
-    by TMA too (4 groups a row a step)."""
+def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr, count_ptr,
+                     M, N, K, K_PER_SPLIT, stride_om, G: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                     FAST: gl.constexpr, A_REGS: gl.constexpr = False):
+    """out[M, N] = x [M, K] @ dequant(w)^T (+ bias) for the column block program_id(0),
+    the K split program_id(1) and the row block program_id(2) (see the module doc): x
+    bfloat16, w int4 as int32 words [N, K / 8], scales and offsets float32 [N, K / G],
+    each a TMA descriptor; 4 warps (one warpgroup) a 64 rows of BLOCK_N."""
     WORDS: gl.constexpr = BLOCK_K // 8
     WT: gl.constexpr = 4
     GW: gl.constexpr = WORDS // WT
