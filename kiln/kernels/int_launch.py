@@ -58,6 +58,7 @@ GROUPED = os.environ.get("KILN_INT_GROUPED") != "step"
 EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
     os.environ.get("KILN_INT_EVEN", ""), (32,))
 
+
 def wgmma_rows(value: str) -> tuple[int, int]:
     """The rows (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on Hopper
     (int4), from KILN_INT_WGMMA: "" or "0" none (the default until it is timed end to

@@ -182,7 +182,7 @@ def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, ba
 
 @gluon.jit
 def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr,
-                 WARPS: gl.constexpr, LS: gl.constexpr):
+                 LS: gl.constexpr):
     """[BLOCK_N, GW] of a ring's 4 groups a row: the group of each thread slice (slice gw
     covers values gw * 8 WT ..: group column gw * 8 WT // G)."""
     SPAN: gl.constexpr = GW * WT * 8 // G  # the step's groups (0: a step inside one)
@@ -258,9 +258,9 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
-        scale = _step_groups(s_ring, slot, GW, WT, G, WARPS, LS)
+        scale = _step_groups(s_ring, slot, GW, WT, G, LS)
         if HAS_OFFSET:
-            offset = _step_groups(o_ring, slot, GW, WT, G, WARPS, LS)
+            offset = _step_groups(o_ring, slot, GW, WT, G, LS)
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
         if A_REGS:  # the tile into the wgmma's register operand (no proxy fence)
@@ -273,6 +273,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
             acc, a_new, a_old = warpgroup_mma_wait(num_outstanding=1,
                                                    deps=(acc, a_new, a_keep))
             a_keep = a_new
+            gl.thread_barrier()  # every warp has read this step's words (the refill below)
         else:
             if FAST:
                 pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
@@ -288,7 +289,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
             acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # the step before's MMA is done and its words were read by every thread (the
-        # barrier above): its slot takes the step STAGES - 1 ahead
+        # barrier of this step): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
                   i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
         i += 1
