@@ -188,6 +188,35 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     assert not re.search(r"\bLDG", loop), "a load of the thread's own before the fence"
 
 
+def test_warp_specialized_kernel_compiles_for_hopper():
+    from triton.experimental.gluon import language as gl
+
+    from kiln.kernels import compile_check as cc
+    from kiln.kernels import int_wgmma_ws
+
+    x_l = gl.NVMMASharedLayout.get_default_for([16, 128], gl.bfloat16)
+    w_l = gl.NVMMASharedLayout.get_default_for([128, 16], gl.int32)
+    s_l = gl.NVMMASharedLayout.get_default_for([128, 4], gl.float32)
+    values = {"x_desc": f"tensordesc<bf16[16,128],{x_l!r}>",
+              "w_desc": f"tensordesc<i32[128,16],{w_l!r}>",
+              "s_desc": f"tensordesc<fp32[128,4],{s_l!r}>",
+              "o_desc": f"tensordesc<fp32[128,4],{s_l!r}>", "bias_ptr": "*fp32",
+              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": 64,
+              "N": 28672, "K": 4096, "K_PER_SPLIT": 4096, "stride_om": 28672}
+    const = dict(G=128, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, HAS_OFFSET=True,
+                 HAS_BIAS=False, SPLIT_K=1, STAGES=4, FAST=True)
+    kernel = cc._compile(int_wgmma_ws._w4_wgmma_ws_kernel, values, const, 8, 2, maxnreg=80)
+    ptx = kernel.asm["ptx"]
+    # the copy warp gives its registers to the compute warps
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24", ptx)
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+104", ptx)
+    assert ptx.count("cp.async.bulk.tensor") >= 4  # words, x, scales, offsets
+    assert ptx.count("wgmma.mma_async") > 0
+    assert "mbarrier.arrive.shared::cta.b64" in ptx  # a slot handed back a step
+    report = cc.compile_sm90(int_wgmma_ws._w4_wgmma_ws_kernel, values, const, 8, maxnreg=80)
+    assert report.stack_bytes == 0
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -209,8 +238,9 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split, a_regs in ((1, False), (4, False), (4, True)):
-        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast, a_regs=a_regs and fast)
+    for split, a_regs, ws in ((1, False, False), (4, False, False), (4, True, False),
+                              (1, False, True), (4, False, True)):
+        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast, a_regs=a_regs and fast, ws=ws)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 1e-2, (split, err)

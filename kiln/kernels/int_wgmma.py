@@ -310,17 +310,18 @@ class WgmmaConfig:
     stages: int = 3
     fast: bool = True
     a_regs: bool = False  # the dequantized tile into wgmma's register operand (A_REGS)
+    ws: bool = False  # warp-specialized: a copy warp (kiln.kernels.int_wgmma_ws)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
     column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast[,a_regs]" overrides (benchmarks)."""
+    split_k,stages,fast[,a_regs[,ws]]" overrides (benchmarks)."""
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast, a_regs = (
-            int(v) for v in (override + ",0").split(",")[:6])
-        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs))
+        bn, bk, split, stages, fast, a_regs, ws = (
+            int(v) for v in (override + ",0,0").split(",")[:7])
+        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs), bool(ws))
     blocks = triton.cdiv(N, 128)
     split = 1
     while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
@@ -365,8 +366,13 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         (out, out)
     meta = dict(G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
                 HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-                STAGES=cfg.stages, FAST=cfg.fast, A_REGS=cfg.a_regs,
-                num_warps=cfg.block_n // 16)
+                STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
+    kernel = _w4_wgmma_kernel
+    if cfg.ws:  # (num_warps + 4 warps at 80 registers: the compute warps get 104)
+        from kiln.kernels.int_wgmma_ws import _w4_wgmma_ws_kernel as kernel
+        meta["maxnreg"] = 80
+    else:
+        meta["A_REGS"] = cfg.a_regs
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
     words = weight.view(torch.int32)
@@ -379,6 +385,6 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
     s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, 4],
                                        s_layout) for t in (scale, o))
-    _w4_wgmma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
-                           k_per_split, out.stride(0), **meta)
+    kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
+                 k_per_split, out.stride(0), **meta)
     return out
