@@ -164,7 +164,9 @@ def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, ba
               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
     """The split's K step `step` into ring slot step % STAGES by TMA, counted on the
     slot's barrier (nothing past the split's end): its words, x's tile, and the scales
-    (and offsets) of 4 groups from the step's first (16 bytes a row, TMA's least)."""
+    (and offsets) of the 4 groups from the step's first rounded down to a multiple of 4
+    (16 bytes a row, TMA's least; a box at a column not a multiple of 16 bytes was an
+    illegal instruction on an H100, 52nd session)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
@@ -174,26 +176,29 @@ def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, ba
     mbarrier.expect(bar, NBYTES, pred=live)
     tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
     tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
-    tma.async_copy_global_to_shared(s_desc, [row0, k // G], bar, s_ring.index(slot), pred=live)
+    col = k // G // 4 * 4
+    tma.async_copy_global_to_shared(s_desc, [row0, col], bar, s_ring.index(slot), pred=live)
     if HAS_OFFSET:
-        tma.async_copy_global_to_shared(o_desc, [row0, k // G], bar, o_ring.index(slot),
+        tma.async_copy_global_to_shared(o_desc, [row0, col], bar, o_ring.index(slot),
                                         pred=live)
 
 
 @gluon.jit
-def _step_groups(ring, slot, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr,
+def _step_groups(ring, slot, k, GW: gl.constexpr, WT: gl.constexpr, G: gl.constexpr,
                  LS: gl.constexpr):
-    """[BLOCK_N, GW] of a ring's 4 groups a row: the group of each thread slice (slice gw
-    covers values gw * 8 WT ..: group column gw * 8 WT // G)."""
+    """[BLOCK_N, GW] of a ring's 4 groups a row (from group k // G rounded down to a
+    multiple of 4: _tma_step): the group of each thread slice (slice gw covers values
+    k + gw * 8 WT ..: group k // G + gw * 8 WT // G)."""
     SPAN: gl.constexpr = GW * WT * 8 // G  # the step's groups (0: a step inside one)
     tile = ring.index(slot).load(LS)  # [BLOCK_N, 4]: slice gw holds column gw
-    if SPAN == GW:
+    if SPAN == GW:  # (groups of 32: the step's first group is a multiple of 4)
         vals = tile
-    else:  # slice gw takes column gw * SPAN // GW: each such column summed over the slices
+    else:  # slice gw takes column first + gw * SPAN // GW: each such column summed over
+        first = k // G % 4  # the slices
         gw = gl.arange(0, GW, layout=gl.SliceLayout(0, LS))
         vals = gl.zeros(tile.shape, gl.float32, layout=LS)
         for c in gl.static_range(max(SPAN, 1)):
-            col = gl.sum(gl.where((gw == c)[None, :], tile, 0.0), axis=1)
+            col = gl.sum(gl.where((gw == first + c)[None, :], tile, 0.0), axis=1)
             vals = gl.where((gw * SPAN // GW == c)[None, :], col[:, None], vals)
     return vals
 
@@ -253,14 +258,14 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
     a_keep = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=DOT_A)
     i = 0
-    for _ in range(k_start, k_end, BLOCK_K):
+    for k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
-        scale = _step_groups(s_ring, slot, GW, WT, G, LS)
+        scale = _step_groups(s_ring, slot, k, GW, WT, G, LS)
         if HAS_OFFSET:
-            offset = _step_groups(o_ring, slot, GW, WT, G, LS)
+            offset = _step_groups(o_ring, slot, k, GW, WT, G, LS)
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
         if A_REGS:  # the tile into the wgmma's register operand (no proxy fence)

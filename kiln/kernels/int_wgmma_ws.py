@@ -37,9 +37,10 @@ def _ws_load(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, rea
         mbarrier.expect(bar, NBYTES)
         tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot))
         tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot))
-        tma.async_copy_global_to_shared(s_desc, [row0, k // G], bar, s_ring.index(slot))
+        col = k // G // 4 * 4  # (a multiple of 16 bytes: _tma_step)
+        tma.async_copy_global_to_shared(s_desc, [row0, col], bar, s_ring.index(slot))
         if HAS_OFFSET:
-            tma.async_copy_global_to_shared(o_desc, [row0, k // G], bar, o_ring.index(slot))
+            tma.async_copy_global_to_shared(o_desc, [row0, col], bar, o_ring.index(slot))
         i += 1
 
 
@@ -65,14 +66,14 @@ def _ws_compute(w_ring, x_ring, s_ring, o_ring, a_smem, ready, empty, k_start, k
                                                                 gl.bfloat16)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
     i = 0
-    for _ in range(k_start, k_end, BLOCK_K):
+    for k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
-        scale = _step_groups(s_ring, slot, GW, WT, G, LS)
+        scale = _step_groups(s_ring, slot, k, GW, WT, G, LS)
         if HAS_OFFSET:
-            offset = _step_groups(o_ring, slot, GW, WT, G, LS)
+            offset = _step_groups(o_ring, slot, k, GW, WT, G, LS)
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
         if FAST:
