@@ -8,6 +8,9 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/benchmarks KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
+P=benchmarks/results/2026-12-06-s52/probe.py
+for a in "32 8 1 0 0" "128 8 1 0 0" "64 8 1 0 0" "128 64 4 0 0" "128 8 1 1 0" "128 8 1 0 1" \
+         "32 64 1 0 1" "128 64 4 0 1"; do timeout 60 python3 $P $a 2>&1 | tail -1; done
 timeout 200 python3 -m pytest -q tests/test_int_wgmma.py -p no:cacheprovider --tb=short -m gpu \
   -x 2>&1 | tail -8
 M="smsp__inst_executed.sum,dram__bytes_read.sum"
