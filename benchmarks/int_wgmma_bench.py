@@ -7,10 +7,10 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
---sweep: around the default launch, one field at a time (64 rows a program, 2 / 4 / 6
-stages, the exact dequantization, half / twice the K splits), and the A-in-registers
-launch with 4 and 6 stages (its ring is smaller: no shared tile for the weights), and the
-warp-specialized launch with 4.
+--sweep: around the default launch, one field at a time (64 rows a program, 4 stages),
+the A-in-registers launch with 6 stages (its ring is smaller: no shared tile for the
+weights), and the warp-specialized launch with 4 stages, 64 rows a program, half / twice
+the K splits.
 """
 
 from __future__ import annotations
@@ -34,15 +34,13 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
            "ws": dataclasses.replace(base, ws=True)}
     if sweep:
         rep = dataclasses.replace
-        out.update({"bn64": rep(base, block_n=64),
-                    "st2": rep(base, stages=2), "st4": rep(base, stages=4),
-                    "st6": rep(base, stages=6),
-                    "ar_st4": rep(base, a_regs=True, stages=4),
+        out.update({"bn64": rep(base, block_n=64), "st4": rep(base, stages=4),
                     "ar_st6": rep(base, a_regs=True, stages=6),
                     "ws_st4": rep(base, ws=True, stages=4),
-                    "exact": rep(base, fast=False),
-                    "split/2": rep(base, split_k=max(1, base.split_k // 2)),
-                    "split*2": rep(base, split_k=base.split_k * 2)})
+                    "ws_bn64": rep(base, ws=True, block_n=64),
+                    "ws_bn64s4": rep(base, ws=True, block_n=64, stages=4),
+                    "ws_split/2": rep(base, ws=True, split_k=max(1, base.split_k // 2)),
+                    "ws_split*2": rep(base, ws=True, split_k=base.split_k * 2)})
     return out
 
 
