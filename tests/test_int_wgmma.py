@@ -146,7 +146,7 @@ def test_the_switch_reads_its_rows():
         assert wgmma_rows("yes") == (1, 0)
 
 
-def test_launch_rules():
+def test_launch_rules(monkeypatch):
     cfg = int_wgmma.wgmma_config(64, 28672, 4096)
     assert cfg.split_k == 1  # gate_up: 224 column blocks fill the SMs
     qkv = int_wgmma.wgmma_config(64, 6144, 4096)
@@ -156,6 +156,14 @@ def test_launch_rules():
     x = torch.zeros(4, 4096, dtype=torch.bfloat16)
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
     assert not int_wgmma.wgmma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
+    # the override: every field, or split 0 for the rule's split (for its rows a program)
+    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,3,4,0,0,1")
+    assert int_wgmma.wgmma_config(64, 6144, 4096) == int_wgmma.WgmmaConfig(
+        64, 128, 3, 4, False, False, True)
+    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,0,4,1,0,1")
+    half = int_wgmma.wgmma_config(64, 6144, 4096)
+    assert half.ws and half.block_n == 64 and half.stages == 4
+    assert half.split_k == max(1, qkv.split_k // 2)  # twice the column blocks
 
 
 @pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])

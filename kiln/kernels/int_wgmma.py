@@ -32,6 +32,7 @@ faster end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -321,17 +322,20 @@ class WgmmaConfig:
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
     column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast[,a_regs[,ws]]" overrides (benchmarks)."""
+    split_k,stages,fast[,a_regs[,ws]]" overrides (benchmarks; split_k 0: this rule's)."""
+    cfg = WgmmaConfig(split_k=0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
         bn, bk, split, stages, fast, a_regs, ws = (
             int(v) for v in (override + ",0,0").split(",")[:7])
-        return WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs), bool(ws))
-    blocks = triton.cdiv(N, 128)
+        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs), bool(ws))
+    if cfg.split_k:
+        return cfg
+    blocks = triton.cdiv(N, cfg.block_n)
     split = 1
-    while blocks * split * 2 <= 2 * sms and K // (128 * split * 2) >= 4:
+    while blocks * split * 2 <= 2 * sms and K // (cfg.block_k * split * 2) >= 4:
         split *= 2
-    return WgmmaConfig(split_k=split)
+    return dataclasses.replace(cfg, split_k=split)
 
 
 def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
