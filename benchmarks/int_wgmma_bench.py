@@ -7,10 +7,8 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
---sweep: around the default launch, one field at a time (64 rows a program, 4 stages),
-the A-in-registers launch with 6 stages (its ring is smaller: no shared tile for the
-weights), and the warp-specialized launch with 4 stages, 64 rows a program, half / twice
-the K splits.
+--sweep: around the default launch, one field at a time (the other rows a program of 64
+/ 128, 2 / 4 stages, the exact dequantization, half / twice the K splits).
 """
 
 from __future__ import annotations
@@ -30,17 +28,14 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
     from kiln.kernels.int_wgmma import wgmma_config
 
     base = wgmma_config(M, N, K)
-    out = {"wgmma": base, "a_regs": dataclasses.replace(base, a_regs=True),
-           "ws": dataclasses.replace(base, ws=True)}
+    out = {"wgmma": base}
     if sweep:
         rep = dataclasses.replace
-        out.update({"bn64": rep(base, block_n=64), "st4": rep(base, stages=4),
-                    "ar_st6": rep(base, a_regs=True, stages=6),
-                    "ws_st4": rep(base, ws=True, stages=4),
-                    "ws_bn64": rep(base, ws=True, block_n=64),
-                    "ws_bn64s4": rep(base, ws=True, block_n=64, stages=4),
-                    "ws_split/2": rep(base, ws=True, split_k=max(1, base.split_k // 2)),
-                    "ws_split*2": rep(base, ws=True, split_k=base.split_k * 2)})
+        out.update({"bn" + str(192 - base.block_n): rep(base, block_n=192 - base.block_n),
+                    "st2": rep(base, stages=2), "st4": rep(base, stages=4),
+                    "exact": rep(base, fast=False),
+                    "split/2": rep(base, split_k=max(1, base.split_k // 2)),
+                    "split*2": rep(base, split_k=base.split_k * 2)})
     return out
 
 

@@ -107,23 +107,6 @@ def test_the_dequantization_ptx_gives_the_reference_weights(fast):
     assert (off > 0).float().mean() <= (0.02 if fast else 0.002)
 
 
-def test_the_eight_output_block_reads_its_renamed_inputs():
-    """_DEQUANT_FAST8 (bfloat16 results for the register operand) is _DEQUANT_FAST with its
-    inputs at the registers eight repeats put them in: the same pairs from them."""
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randint(0, 16, (256, 8), generator=gen, dtype=torch.uint8)
-    words = pack_int4(q).view(torch.int32).long().flatten() & 0xFFFFFFFF
-    s = torch.rand(256, generator=gen) * 0.02 + 1e-4
-    o = -(torch.rand(256, generator=gen) * 10) * s
-    terms = [_bits(s / 4096), _bits(o - 2048 * s), _bits(s / 65536), _bits(o - 128 * s)]
-    four = run_ptx(int_wgmma._DEQUANT_FAST.value,
-                   {"$4": words, **{f"${8 + 4 * i}": t for i, t in enumerate(terms)}})
-    eight = run_ptx(int_wgmma._DEQUANT_FAST8.value,
-                    {"$4": words, **{f"${12 + 8 * i}": t for i, t in enumerate(terms)}})
-    for j in range(4):
-        assert torch.equal(four[f"${j}"], eight[f"${j}"])
-
-
 def test_the_ptx_evaluator_catches_a_wrong_shift():
     """The check above can fail: the fast block with its third shift wrong is caught."""
     broken = int_wgmma._DEQUANT_FAST.value.replace("shr.u32 t, $4, 4;", "shr.u32 t, $4, 8;")
@@ -148,7 +131,7 @@ def test_the_switch_reads_its_rows():
 
 def test_launch_rules(monkeypatch):
     cfg = int_wgmma.wgmma_config(64, 28672, 4096)
-    assert cfg.split_k == 1  # gate_up: 224 column blocks fill the SMs
+    assert cfg.split_k == 1  # gate_up: 448 column blocks of 64 fill the SMs
     qkv = int_wgmma.wgmma_config(64, 6144, 4096)
     assert 48 * qkv.split_k <= 2 * 132 and qkv.split_k >= 2
     down = int_wgmma.wgmma_config(64, 4096, 14336)
@@ -156,14 +139,25 @@ def test_launch_rules(monkeypatch):
     x = torch.zeros(4, 4096, dtype=torch.bfloat16)
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
     assert not int_wgmma.wgmma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
+    assert cfg.block_n == 64 and int_wgmma.wgmma_config(32, 28672, 4096).block_n == 128
     # the override: every field, or split 0 for the rule's split (for its rows a program)
-    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,3,4,0,0,1")
-    assert int_wgmma.wgmma_config(64, 6144, 4096) == int_wgmma.WgmmaConfig(
-        64, 128, 3, 4, False, False, True)
-    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,0,4,1,0,1")
-    half = int_wgmma.wgmma_config(64, 6144, 4096)
-    assert half.ws and half.block_n == 64 and half.stages == 4
-    assert half.split_k == max(1, qkv.split_k // 2)  # twice the column blocks
+    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,3,4,0")
+    assert int_wgmma.wgmma_config(64, 6144, 4096) == int_wgmma.WgmmaConfig(64, 128, 3, 4, False)
+    monkeypatch.setenv("KILN_INT_WGMMA_CFG", "128,128,0,4,1")
+    twice = int_wgmma.wgmma_config(64, 6144, 4096)
+    assert twice.block_n == 128 and twice.stages == 4 and twice.fast
+    assert twice.split_k == 2 * qkv.split_k  # half the column blocks
+
+
+def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
+    from kiln.kernels import int_launch
+
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", (5, 64))
+    assert int_launch.wgmma_takes(64, 28672, 4096) and int_launch.wgmma_takes(64, 4096, 14336)
+    assert not int_launch.wgmma_takes(64, 6144, 4096)  # qkv, o: the Triton tiles
+    assert int_launch.wgmma_takes(16, 6144, 4096) and not int_launch.wgmma_takes(4, 6144, 4096)
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", (1, 0))  # off
+    assert not int_launch.wgmma_takes(64, 28672, 4096)
 
 
 @pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])
@@ -196,35 +190,6 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     assert not re.search(r"\bLDG", loop), "a load of the thread's own before the fence"
 
 
-def test_warp_specialized_kernel_compiles_for_hopper():
-    from triton.experimental.gluon import language as gl
-
-    from kiln.kernels import compile_check as cc
-    from kiln.kernels import int_wgmma_ws
-
-    x_l = gl.NVMMASharedLayout.get_default_for([16, 128], gl.bfloat16)
-    w_l = gl.NVMMASharedLayout.get_default_for([128, 16], gl.int32)
-    s_l = gl.NVMMASharedLayout.get_default_for([128, 4], gl.float32)
-    values = {"x_desc": f"tensordesc<bf16[16,128],{x_l!r}>",
-              "w_desc": f"tensordesc<i32[128,16],{w_l!r}>",
-              "s_desc": f"tensordesc<fp32[128,4],{s_l!r}>",
-              "o_desc": f"tensordesc<fp32[128,4],{s_l!r}>", "bias_ptr": "*fp32",
-              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": 64,
-              "N": 28672, "K": 4096, "K_PER_SPLIT": 4096, "stride_om": 28672}
-    const = dict(G=128, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, HAS_OFFSET=True,
-                 HAS_BIAS=False, SPLIT_K=1, STAGES=4, FAST=True)
-    kernel = cc._compile(int_wgmma_ws._w4_wgmma_ws_kernel, values, const, 8, 2, maxnreg=80)
-    ptx = kernel.asm["ptx"]
-    # the copy warp gives its registers to the compute warps
-    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+24", ptx)
-    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+104", ptx)
-    assert ptx.count("cp.async.bulk.tensor") >= 4  # words, x, scales, offsets
-    assert ptx.count("wgmma.mma_async") > 0
-    assert "mbarrier.arrive.shared::cta.b64" in ptx  # a slot handed back a step
-    report = cc.compile_sm90(int_wgmma_ws._w4_wgmma_ws_kernel, values, const, 8, maxnreg=80)
-    assert report.stack_bytes == 0
-
-
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
@@ -246,9 +211,8 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split, a_regs, ws in ((1, False, False), (4, False, False), (4, True, False),
-                              (1, False, True), (4, False, True)):
-        cfg = int_wgmma.WgmmaConfig(split_k=split, fast=fast, a_regs=a_regs and fast, ws=ws)
+    for split, block_n in ((1, 128), (4, 128), (2, 64)):
+        cfg = int_wgmma.WgmmaConfig(block_n=block_n, split_k=split, fast=fast)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 1e-2, (split, err)

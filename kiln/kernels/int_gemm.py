@@ -55,10 +55,10 @@ from kiln.kernels.int_launch import (  # noqa: F401
     EVEN_GROUPS,
     GEMV_ROWS,
     GROUPED,
-    WGMMA_ROWS,
     IntGemmConfig,
     int_gemm_config,
     split_length,
+    wgmma_takes,
 )
 from kiln.kernels.int_unpack import _magic_nibbles, _unpack_nibbles
 from kiln.kernels.split_k import finish_tile, split_k_counters, tile_coords
@@ -311,7 +311,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    if config is None and WGMMA_ROWS[0] <= M <= WGMMA_ROWS[1] and bits == 4:
+    if config is None and bits == 4 and wgmma_takes(M, N, K):
         from kiln.kernels.int_wgmma import w4_wgmma, wgmma_eligible
 
         if wgmma_eligible(x, weight, scale):  # Hopper's warpgroup MMA (Gluon), opt-in

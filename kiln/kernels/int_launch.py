@@ -78,6 +78,15 @@ def wgmma_rows(value: str) -> tuple[int, int]:
 
 
 WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
+# Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
+# 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
+# o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)
+WGMMA_MIN_WEIGHTS = 1 << 25
+
+
+def wgmma_takes(M: int, N: int, K: int) -> bool:
+    """Whether an int4 product of M rows goes to kiln.kernels.int_wgmma (if eligible)."""
+    return WGMMA_ROWS[0] <= M <= WGMMA_ROWS[1] and (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS)
 
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the

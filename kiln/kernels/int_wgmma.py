@@ -17,7 +17,7 @@ batch its narrow side, 8 to 64 columns):
 * the words are dequantized in registers (q from its nibble by bit operations, then
   w = q * s + o by one float32 FMA, rounded to bfloat16; _DEQUANT_FAST by default) and
   stored to one of two shared-memory tiles, which a proxy fence hands to the tensor
-  cores (A_REGS: converted into wgmma's register operand instead, untimed);
+  cores;
 * the step's wgmma is issued asynchronously and waited for only one step later, so the
   tensor cores multiply step i while the threads dequantize step i + 1.
 
@@ -86,31 +86,16 @@ _DEQUANT_FAST = gl.constexpr("{\n.reg .b32 t, a, b;\n" + "".join(
 _DEQUANT_FAST_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4 + ["f"] * 16))
 
 
-# The fast block with eight bfloat16 results (A in registers: a tensor of bfloat16 for
-# the layout conversion into the wgmma operand): the same instructions, each input
-# given as eight repeated registers ($4 the word, $12 S12, $20 C12, $28 S16, $36 C16).
-_DEQUANT_FAST8 = gl.constexpr(_DEQUANT_FAST.value.replace("$20", "$36").replace(
-    "$16", "$28").replace("$12", "$20").replace("$8", "$12"))
-_DEQUANT_FAST8_ARGS = gl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8 + ["f"] * 32))
-
-
 @gluon.jit
-def _dequant_fast(words, scale, offset, BF16: gl.constexpr = False):
-    """_dequant's result by _DEQUANT_FAST (scale and offset as there); BF16: bfloat16
-    [R, GW, WT, 8] in value order (_DEQUANT_FAST8) instead of int32 pairs."""
-    PACK: gl.constexpr = 8 if BF16 else 4
-    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], PACK]
+def _dequant_fast(words, scale, offset):
+    """_dequant's result by _DEQUANT_FAST (scale and offset as there)."""
+    shape: gl.constexpr = [words.shape[0], words.shape[1], words.shape[2], 4]
     args = [words.broadcast_to(shape), (scale * (1.0 / 4096.0)).broadcast_to(shape),
             (offset - 2048.0 * scale).broadcast_to(shape),
             (scale * (1.0 / 65536.0)).broadcast_to(shape),
             (offset - 128.0 * scale).broadcast_to(shape)]
-    if BF16:
-        out = gl.inline_asm_elementwise(_DEQUANT_FAST8, _DEQUANT_FAST8_ARGS, args,
-                                        dtype=gl.bfloat16, is_pure=True, pack=8)
-    else:
-        out = gl.inline_asm_elementwise(_DEQUANT_FAST, _DEQUANT_FAST_ARGS, args,
-                                        dtype=gl.int32, is_pure=True, pack=4)
-    return out
+    return gl.inline_asm_elementwise(_DEQUANT_FAST, _DEQUANT_FAST_ARGS, args,
+                                     dtype=gl.int32, is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -209,7 +194,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
                      M, N, K, K_PER_SPLIT, stride_om, G: gl.constexpr, BLOCK_N: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     FAST: gl.constexpr, A_REGS: gl.constexpr = False):
+                     FAST: gl.constexpr):
     """out[M, N] = x [M, K] @ dequant(w)^T (+ bias) for the column block program_id(0),
     the K split program_id(1) and the row block program_id(2) (see the module doc): x
     bfloat16, w int4 as int32 words [N, K / 8], scales and offsets float32 [N, K / G],
@@ -231,9 +216,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    # (A in registers: no shared tiles for it; a small placeholder)
-    a_smem = gl.allocate_shared_memory(gl.int32, [1, 8, 32] if A_REGS else
-                                       [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
     x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
@@ -256,8 +239,6 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
                   STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
-    DOT_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
-    a_keep = gl.zeros([BLOCK_N, BLOCK_K], gl.bfloat16, layout=DOT_A)
     i = 0
     for k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
@@ -269,37 +250,25 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
             offset = _step_groups(o_ring, slot, k, GW, WT, G, LS)
         else:
             offset = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
-        if A_REGS:  # the tile into the wgmma's register operand (no proxy fence)
-            w = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
-                              offset[:, :, None, None], True)
-            a_new = gl.convert_layout(gl.reshape(w, [BLOCK_N, BLOCK_K]), DOT_A)
-            acc = warpgroup_mma(a_new, x_ring.index(slot).permute((1, 0)), acc,
-                                is_async=True)
-            # the step before's operand lives until its MMA is done
-            acc, a_new, a_old = warpgroup_mma_wait(num_outstanding=1,
-                                                   deps=(acc, a_new, a_keep))
-            a_keep = a_new
-            gl.thread_barrier()  # every warp has read this step's words (the refill below)
+        if FAST:
+            pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
+                                  offset[:, :, None, None])
         else:
-            if FAST:
-                pairs = _dequant_fast(words[:, :, :, None], scale[:, :, None, None],
-                                      offset[:, :, None, None])
-            else:
-                pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
-                                 offset[:, :, None, None])
-            buf = i % 2
-            a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-            fence_async_shared()
-            gl.thread_barrier()
-            a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-            acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
+                             offset[:, :, None, None])
+        buf = i % 2
+        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+        fence_async_shared()
+        gl.thread_barrier()
+        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # the step before's MMA is done and its words were read by every thread (the
         # barrier of this step): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
                   i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
         i += 1
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a_keep))[0]
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
@@ -315,20 +284,18 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
-    a_regs: bool = False  # the dequantized tile into wgmma's register operand (A_REGS)
-    ws: bool = False  # warp-specialized: a copy warp (kiln.kernels.int_wgmma_ws)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
-    """The launch for [M, K] x [N, K]^T: 128 weight rows a program, K split until the
-    column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG="block_n,block_k,
-    split_k,stages,fast[,a_regs[,ws]]" overrides (benchmarks; split_k 0: this rule's)."""
-    cfg = WgmmaConfig(split_k=0)
+    """The launch for [M, K] x [N, K]^T: 128 weight rows a program (64 past 32 rows: the
+    52nd session's sweep, gate_up 64.1 us against 75.5 at 64 rows on an H100), K split
+    until the column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG=
+    "block_n,block_k,split_k,stages,fast" overrides (benchmarks; split_k 0: the rule's)."""
+    cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast, a_regs, ws = (
-            int(v) for v in (override + ",0,0").split(",")[:7])
-        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast), bool(a_regs), bool(ws))
+        bn, bk, split, stages, fast = (int(v) for v in override.split(",")[:5])
+        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast))
     if cfg.split_k:
         return cfg
     blocks = triton.cdiv(N, cfg.block_n)
@@ -376,12 +343,6 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     meta = dict(G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
                 HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
                 STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
-    kernel = _w4_wgmma_kernel
-    if cfg.ws:  # (num_warps + 4 warps at 80 registers: the compute warps get 104)
-        from kiln.kernels.int_wgmma_ws import _w4_wgmma_ws_kernel as kernel
-        meta["maxnreg"] = 80
-    else:
-        meta["A_REGS"] = cfg.a_regs
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
     words = weight.view(torch.int32)
@@ -394,6 +355,6 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
     s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, 4],
                                        s_layout) for t in (scale, o))
-    kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
-                 k_per_split, out.stride(0), **meta)
+    _w4_wgmma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
+                           k_per_split, out.stride(0), **meta)
     return out
