@@ -10,13 +10,11 @@ export PYTHONPATH=$PWD:$PWD/benchmarks KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFER
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 150 python3 -m pytest -q tests/test_int_wgmma.py -p no:cacheprovider --tb=short -m gpu \
   -x 2>&1 | tail -4 | tee "$OUT/gpu-tests.log"
-for i in 1 2; do
-  for v in 0 33-64; do
-    KILN_INT_WGMMA=$v RUN_TAG=-wg$v-$i EXTRA_ARGS="--load-format dummy" \
-      STAGE_TIMEOUT=150 bash benchmarks/gpu_suite.sh int4:throughput-64 2>&1 \
-      | grep -E "kiln |tok/s|TPOT|rror" | sed "s/^/[wgmma=$v $i] /" | tee -a "$OUT/e2e.log"
-  done
-done
-RUN_TAG=-bf16 EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=150 \
-  bash benchmarks/gpu_suite.sh throughput-64 2>&1 | grep -E "kiln |tok/s|TPOT|rror" \
-  | sed "s/^/[bf16] /" | tee -a "$OUT/e2e.log"
+run() {  # run TAG WGMMA SPEC
+  KILN_INT_WGMMA=$2 RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=150 \
+    bash benchmarks/gpu_suite.sh $3 2>&1 | grep -E "kiln |tok/s|TPOT|rror" \
+    | sed "s/^/[$1] /" | tee -a "$OUT/e2e.log"
+}
+run wg0-1 0 int4:throughput-64; run wg1-1 33-64 int4:throughput-64
+run bf16 0 throughput-64
+run wg0-2 0 int4:throughput-64; run wg1-2 33-64 int4:throughput-64
