@@ -122,7 +122,8 @@ def test_the_ptx_evaluator_catches_a_wrong_shift():
 def test_the_switch_reads_its_rows():
     from kiln.kernels.int_launch import wgmma_rows
 
-    assert wgmma_rows("") == wgmma_rows("0") == (1, 0)  # off: no row count takes it
+    assert wgmma_rows("") == (33, 64)  # the default: the batches it was timed at
+    assert wgmma_rows("0") == (1, 0)  # off: no row count takes it
     assert wgmma_rows("1") == (5, 64)
     assert wgmma_rows("2-16") == (2, 16)
     with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
@@ -158,6 +159,21 @@ def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
     assert int_launch.wgmma_takes(16, 6144, 4096) and not int_launch.wgmma_takes(4, 6144, 4096)
     monkeypatch.setattr(int_launch, "WGMMA_ROWS", (1, 0))  # off
     assert not int_launch.wgmma_takes(64, 28672, 4096)
+
+
+def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):
+    import sys
+
+    from kiln.kernels import int_launch
+
+    int_launch.wgmma_module.cache_clear()
+    assert int_launch.wgmma_module() is int_wgmma
+    int_launch.wgmma_module.cache_clear()
+    monkeypatch.setitem(sys.modules, "kiln.kernels.int_wgmma", None)  # import fails
+    try:
+        assert int_launch.wgmma_module() is None
+    finally:
+        int_launch.wgmma_module.cache_clear()
 
 
 @pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])
