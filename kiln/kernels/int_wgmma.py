@@ -213,7 +213,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     """out[M, N] = x [M, K] @ dequant(w)^T (+ bias) for the column block program_id(0),
     the K split program_id(1) and the row block program_id(2) (see the module doc): x
     bfloat16, w int4 as int32 words [N, K / 8], scales and offsets float32 [N, K / G],
-    each a TMA descriptor; 4 warps (one warpgroup) a 64 rows of BLOCK_N."""
+    each a TMA descriptor; 4 warps (one warpgroup) for each 64 rows of BLOCK_N."""
     WORDS: gl.constexpr = BLOCK_K // 8
     WT: gl.constexpr = 4
     GW: gl.constexpr = WORDS // WT
@@ -246,8 +246,9 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     else:
         bx, bs, bo = bw, bw, bw
     bars = (bw, bx, bs, bo)
+    NB: gl.constexpr = (4 if HAS_OFFSET else 3) if SPLIT_BARS else 1  # the barriers in use
     for s in gl.static_range(STAGES):
-        for b in gl.static_range(4 if SPLIT_BARS else 1):
+        for b in gl.static_range(NB):
             mbarrier.init(bars[b].index(s), count=1)
     fence_async_shared()
     gl.thread_barrier()
@@ -266,12 +267,8 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     i = 0
     for k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
-        mbarrier.wait(bw.index(slot), (i // STAGES) & 1)
-        if SPLIT_BARS:
-            mbarrier.wait(bx.index(slot), (i // STAGES) & 1)
-            mbarrier.wait(bs.index(slot), (i // STAGES) & 1)
-            if HAS_OFFSET:
-                mbarrier.wait(bo.index(slot), (i // STAGES) & 1)
+        for b in gl.static_range(NB):
+            mbarrier.wait(bars[b].index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
         scale = _step_groups(s_ring, slot, k, GW, WT, G, LS)
@@ -300,7 +297,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         i += 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for s in gl.static_range(STAGES):
-        for b in gl.static_range(4 if SPLIT_BARS else 1):
+        for b in gl.static_range(NB):
             mbarrier.invalidate(bars[b].index(s))
     _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
                pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
