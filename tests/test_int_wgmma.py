@@ -122,12 +122,15 @@ def test_the_ptx_evaluator_catches_a_wrong_shift():
 def test_the_switch_reads_its_rows():
     from kiln.kernels.int_launch import wgmma_rows
 
-    assert wgmma_rows("") == (33, 64)  # the default: the batches it was timed at
-    assert wgmma_rows("0") == (1, 0)  # off: no row count takes it
-    assert wgmma_rows("1") == (5, 64)
-    assert wgmma_rows("2-16") == (2, 16)
+    assert wgmma_rows("") == ((33, 64),)  # the default: the batches it was timed at
+    assert wgmma_rows("0") == ()  # off: no row count takes it
+    assert wgmma_rows("1") == ((5, 64),)
+    assert wgmma_rows("2-16") == ((2, 16),)
+    assert wgmma_rows("5-8, 33-64") == ((5, 8), (33, 64))
     with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
-        assert wgmma_rows("yes") == (1, 0)
+        assert wgmma_rows("yes") == ()
+    with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
+        assert wgmma_rows("5-8,x") == ()
 
 
 def test_launch_rules(monkeypatch):
@@ -153,12 +156,16 @@ def test_launch_rules(monkeypatch):
 def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
     from kiln.kernels import int_launch
 
-    monkeypatch.setattr(int_launch, "WGMMA_ROWS", (5, 64))
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", ((5, 64),))
     assert int_launch.wgmma_takes(64, 28672, 4096) and int_launch.wgmma_takes(64, 4096, 14336)
     assert not int_launch.wgmma_takes(64, 6144, 4096)  # qkv, o: the Triton tiles
     assert int_launch.wgmma_takes(16, 6144, 4096) and not int_launch.wgmma_takes(4, 6144, 4096)
-    monkeypatch.setattr(int_launch, "WGMMA_ROWS", (1, 0))  # off
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", ())  # off
     assert not int_launch.wgmma_takes(64, 28672, 4096)
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", ((5, 8), (33, 64)))  # two ranges
+    assert int_launch.wgmma_takes(8, 6144, 4096) and int_launch.wgmma_takes(64, 28672, 4096)
+    assert not int_launch.wgmma_takes(16, 6144, 4096)
+    assert not int_launch.wgmma_takes(65, 28672, 4096)
 
 
 def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):

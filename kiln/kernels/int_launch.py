@@ -60,26 +60,29 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
     os.environ.get("KILN_INT_EVEN", ""), (32,))
 
 
-def wgmma_rows(value: str) -> tuple[int, int]:
-    """The rows (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on Hopper
-    (int4), from KILN_INT_WGMMA: "" the default, 33-64 (timed end to end: int4 64 x 512
-    / 256 on an H100 at 5,809.9 out tok/s against 5,314.9 without, bf16 5,725.9; 52nd
-    session), "0" none, "1" 5-64 (5-32 timed per linear only), "A-B" A to B; anything
-    else none, with a warning."""
+def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
+    """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
+    Hopper (int4), from KILN_INT_WGMMA: "" the default, 33-64 (timed end to end: int4 64 x
+    512 / 256 on an H100 at 5,809.9 out tok/s against 5,314.9 without, bf16 5,725.9; 52nd
+    session), "0" none, "1" 5-64 (5-32 timed per linear only), "A-B" A to B, "A-B,C-D"
+    both; anything else none, with a warning."""
     if value == "":
-        return (33, 64)
+        return ((33, 64),)
     if value == "0":
-        return (1, 0)
+        return ()
     if value == "1":
-        return (5, 64)
-    first, _, last = value.partition("-")
-    if first.isdigit() and last.isdigit():
-        return (int(first), int(last))
-    import warnings
+        return ((5, 64),)
+    ranges = []
+    for part in value.split(","):
+        first, _, last = part.strip().partition("-")
+        if not (first.isdigit() and last.isdigit()):
+            import warnings
 
-    warnings.warn(f"KILN_INT_WGMMA={value!r} is not 0, 1 or A-B (rows A to B); ignored",
-                  stacklevel=2)
-    return (1, 0)
+            warnings.warn(f"KILN_INT_WGMMA={value!r} is not 0, 1 or A-B[,C-D] (rows A to B); "
+                          "ignored", stacklevel=2)
+            return ()
+        ranges.append((int(first), int(last)))
+    return tuple(ranges)
 
 
 WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
@@ -103,7 +106,8 @@ def wgmma_module():
 
 def wgmma_takes(M: int, N: int, K: int) -> bool:
     """Whether an int4 product of M rows goes to kiln.kernels.int_wgmma (if eligible)."""
-    return WGMMA_ROWS[0] <= M <= WGMMA_ROWS[1] and (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS)
+    return (any(a <= M <= b for a, b in WGMMA_ROWS)
+            and (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS))
 
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
