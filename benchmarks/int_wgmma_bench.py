@@ -7,7 +7,6 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
         [--sweep]
 
-Each row size times the default launch and the same with a barrier a copy (bars4).
 --sweep: around the default launch, one field at a time (the other rows a program of 64
 / 128, 2 / 4 stages, the exact dequantization, half / twice the K splits).
 """
@@ -29,7 +28,7 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
     from kiln.kernels.int_wgmma import wgmma_config
 
     base = wgmma_config(M, N, K)
-    out = {"wgmma": base, "bars4": dataclasses.replace(base, split_bars=True)}
+    out = {"wgmma": base}
     if sweep:
         rep = dataclasses.replace
         out.update({"bn" + str(192 - base.block_n): rep(base, block_n=192 - base.block_n),

@@ -148,39 +148,25 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
 @gluon.jit
 def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, step,
               STAGES: gl.constexpr, k_start, k_end, row0, m0, G: gl.constexpr,
-              BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr, SPLIT_BARS: gl.constexpr):
+              BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
     """The split's K step `step` into ring slot step % STAGES by TMA, counted on the
     slot's barrier (nothing past the split's end): its words, x's tile, and the scales
     (and offsets) of the 4 groups from the step's first rounded down to a multiple of 4
     (16 bytes a row, TMA's least; a box at a column not a multiple of 16 bytes was an
-    illegal instruction on an H100, 52nd session). bars: the words', x's, scales' and
-    offsets' barriers, one (SPLIT_BARS False) or four allocations: Triton's shared-memory
-    barrier pass puts a CTA barrier between copies that arrive on one allocation, and
-    between an expect and a copy on it, so with four the expects come first and the four
-    copies follow one barrier (3 CTA barriers a step in the SASS instead of 6)."""
+    illegal instruction on an H100, 52nd session)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
-    bw, bx, bs, bo = bars
+    bar = bars.index(slot)
+    NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
+        s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
+    mbarrier.expect(bar, NBYTES, pred=live)
+    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
+    tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
     col = k // G // 4 * 4
-    if SPLIT_BARS:
-        mbarrier.expect(bw.index(slot), w_desc.block_type.nbytes, pred=live)
-        mbarrier.expect(bx.index(slot), x_desc.block_type.nbytes, pred=live)
-        mbarrier.expect(bs.index(slot), s_desc.block_type.nbytes, pred=live)
-        if HAS_OFFSET:
-            mbarrier.expect(bo.index(slot), s_desc.block_type.nbytes, pred=live)
-    else:
-        NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
-            s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
-        mbarrier.expect(bw.index(slot), NBYTES, pred=live)
-    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bw.index(slot), w_ring.index(slot),
-                                    pred=live)
-    tma.async_copy_global_to_shared(x_desc, [m0, k], bx.index(slot), x_ring.index(slot),
-                                    pred=live)
-    tma.async_copy_global_to_shared(s_desc, [row0, col], bs.index(slot), s_ring.index(slot),
-                                    pred=live)
+    tma.async_copy_global_to_shared(s_desc, [row0, col], bar, s_ring.index(slot), pred=live)
     if HAS_OFFSET:
-        tma.async_copy_global_to_shared(o_desc, [row0, col], bo.index(slot), o_ring.index(slot),
+        tma.async_copy_global_to_shared(o_desc, [row0, col], bar, o_ring.index(slot),
                                         pred=live)
 
 
@@ -209,7 +195,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
                      M, N, K, K_PER_SPLIT, stride_om, G: gl.constexpr, BLOCK_N: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     FAST: gl.constexpr, SPLIT_BARS: gl.constexpr = False):
+                     FAST: gl.constexpr):
     """out[M, N] = x [M, K] @ dequant(w)^T (+ bias) for the column block program_id(0),
     the K split program_id(1) and the row block program_id(2) (see the module doc): x
     bfloat16, w int4 as int32 words [N, K / 8], scales and offsets float32 [N, K / G],
@@ -237,19 +223,9 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
     o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, 4],
                                        s_desc.layout)
-    BAR: gl.constexpr = mbarrier.MBarrierLayout()
-    bw = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)  # (every copy's, or the words')
-    if SPLIT_BARS:  # x's, the scales' and the offsets' own (_tma_step)
-        bx = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
-        bs = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
-        bo = gl.allocate_shared_memory(gl.int64, [STAGES, 1], BAR)
-    else:
-        bx, bs, bo = bw, bw, bw
-    bars = (bw, bx, bs, bo)
-    NB: gl.constexpr = (4 if HAS_OFFSET else 3) if SPLIT_BARS else 1  # the barriers in use
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        for b in gl.static_range(NB):
-            mbarrier.init(bars[b].index(s), count=1)
+        mbarrier.init(bars.index(s), count=1)
     fence_async_shared()
     gl.thread_barrier()
 
@@ -262,13 +238,12 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     m0 = pid_m * BLOCK_M
     for s in gl.static_range(STAGES - 1):
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
-                  STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET, SPLIT_BARS)
+                  STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
     i = 0
     for k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
-        for b in gl.static_range(NB):
-            mbarrier.wait(bars[b].index(slot), (i // STAGES) & 1)
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
                                   LW, assert_trivial=True)
         scale = _step_groups(s_ring, slot, k, GW, WT, G, LS)
@@ -292,13 +267,11 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         # the step before's MMA is done and its words were read by every thread (the
         # barrier of this step): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
-                  i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET,
-                  SPLIT_BARS)
+                  i + STAGES - 1, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
         i += 1
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     for s in gl.static_range(STAGES):
-        for b in gl.static_range(NB):
-            mbarrier.invalidate(bars[b].index(s))
+        mbarrier.invalidate(bars.index(s))
     _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid_n, pid_k,
                pid_m, BLOCK_N, BLOCK_M, HAS_BIAS, SPLIT_K, WARPS)
 
@@ -312,20 +285,18 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
-    split_bars: bool = False  # a barrier a copy (_tma_step; untimed)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program (64 past 32 rows: the
     52nd session's sweep, gate_up 64.1 us against 75.5 at 64 rows on an H100), K split
     until the column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG=
-    "block_n,block_k,split_k,stages,fast[,split_bars]" overrides (benchmarks; split_k 0:
-    the rule's)."""
+    "block_n,block_k,split_k,stages,fast" overrides (benchmarks; split_k 0: the rule's)."""
     cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast, bars = (int(v) for v in (override + ",0").split(",")[:6])
-        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast), bool(bars))
+        bn, bk, split, stages, fast = (int(v) for v in override.split(",")[:5])
+        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast))
     if cfg.split_k:
         return cfg
     blocks = triton.cdiv(N, cfg.block_n)
@@ -372,8 +343,7 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         (out, out)
     meta = dict(G=G, BLOCK_N=cfg.block_n, BLOCK_M=block_m, BLOCK_K=cfg.block_k,
                 HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-                STAGES=cfg.stages, FAST=cfg.fast, SPLIT_BARS=cfg.split_bars,
-                num_warps=cfg.block_n // 16)
+                STAGES=cfg.stages, FAST=cfg.fast, num_warps=cfg.block_n // 16)
     o = offset if offset is not None else scale
     b = bias if bias is not None else scale
     words = weight.view(torch.int32)
