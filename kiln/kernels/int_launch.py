@@ -62,16 +62,17 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
 
 def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
     """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
-    Hopper (int4), from KILN_INT_WGMMA: "" the default, 33-64 (timed end to end: int4 64 x
-    512 / 256 on an H100 at 5,809.9 out tok/s against 5,314.9 without, bf16 5,725.9; 52nd
-    session), "0" none, "1" 5-64 (5-32 timed per linear only), "A-B" A to B, "A-B,C-D"
-    both; anything else none, with a warning."""
-    if value == "":
-        return ((33, 64),)
+    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-64, "0" none, "A-B"
+    rows A to B, "A-B,C-D" both; anything else none, with a warning. Timed end to end on
+    an H100 (int4 out tok/s; 53rd session): 16 requests of 128 in / 256 out 2,972.7 /
+    2,968.1 at 5-64 against 2,886.2 / 2,898.5 at 5-8 and 33-64 (bf16 2,679.4); 32
+    requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6 (bf16 4,607.9); 8 requests
+    1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8 (bf16 1,392.6); 64 x 512 /
+    256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
+    if value in ("", "1"):
+        return ((5, 64),)
     if value == "0":
         return ()
-    if value == "1":
-        return ((5, 64),)
     ranges = []
     for part in value.split(","):
         first, _, last = part.strip().partition("-")

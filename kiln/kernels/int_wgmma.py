@@ -290,7 +290,9 @@ class WgmmaConfig:
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     """The launch for [M, K] x [N, K]^T: 128 weight rows a program (64 past 32 rows: the
     52nd session's sweep, gate_up 64.1 us against 75.5 at 64 rows on an H100), K split
-    until the column blocks fill about two waves of the SMs. KILN_INT_WGMMA_CFG=
+    until the column blocks fill about two waves of the SMs, one at 9-32 rows (53rd
+    session, H100, 16 rows: o 14.3 us with half the two waves' split against 33.1, down
+    35.4 against 48.4; 12 rows 14.3 and 35.3 against 22.1 and 37.6). KILN_INT_WGMMA_CFG=
     "block_n,block_k,split_k,stages,fast" overrides (benchmarks; split_k 0: the rule's)."""
     cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
@@ -300,8 +302,9 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     if cfg.split_k:
         return cfg
     blocks = triton.cdiv(N, cfg.block_n)
+    waves = 1 if 8 < M <= 32 else 2
     split = 1
-    while blocks * split * 2 <= 2 * sms and K // (cfg.block_k * split * 2) >= 4:
+    while blocks * split * 2 <= waves * sms and K // (cfg.block_k * split * 2) >= 4:
         split *= 2
     return dataclasses.replace(cfg, split_k=split)
 
