@@ -144,6 +144,9 @@ def test_launch_rules(monkeypatch):
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
     assert not int_wgmma.wgmma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
     assert cfg.block_n == 64 and int_wgmma.wgmma_config(32, 28672, 4096).block_n == 128
+    # o: two waves of programs at 8 rows, one at 9-32 (two there were 2.3x slower, H100)
+    assert int_wgmma.wgmma_config(8, 4096, 4096).split_k == 8
+    assert all(int_wgmma.wgmma_config(m, 4096, 4096).split_k == 4 for m in (9, 16, 32))
     # the override: every field, or split 0 for the rule's split (for its rows a program)
     monkeypatch.setenv("KILN_INT_WGMMA_CFG", "64,128,3,4,0")
     assert int_wgmma.wgmma_config(64, 6144, 4096) == int_wgmma.WgmmaConfig(64, 128, 3, 4, False)
