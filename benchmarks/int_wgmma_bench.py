@@ -5,7 +5,9 @@ call in a CUDA graph on cold weights (int_gemv_bench.timed / weight_copies), eac
 checked against the reference GEMM (float32 of the bf16-rounded dequantized weight).
 
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
-        [--sweep]
+        [--sweep] [--bits 8]
+
+--bits 8: int8 a channel (kiln.kernels.int8_wgmma; --groups ignored, printed as 0).
 
 --sweep: around the default launch, one field at a time (the other rows a program of 64
 / 128, 2 / 4 stages, the exact dequantization, half / twice the K splits).
@@ -24,10 +26,11 @@ LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 
 
-def variants(M: int, N: int, K: int, sweep: bool) -> dict:
+def variants(M: int, N: int, K: int, sweep: bool, bits: int) -> dict:
+    from kiln.kernels.int8_wgmma import w8_config
     from kiln.kernels.int_wgmma import wgmma_config
 
-    base = wgmma_config(M, N, K)
+    base = wgmma_config(M, N, K) if bits == 4 else w8_config(M, N, K)
     out = {"wgmma": base}
     if sweep:
         rep = dataclasses.replace
@@ -41,6 +44,7 @@ def variants(M: int, N: int, K: int, sweep: bool) -> dict:
 
 def main() -> None:
     from kiln.kernels import int_gemm
+    from kiln.kernels.int8_wgmma import w8_wgmma
     from kiln.kernels.int_wgmma import w4_wgmma
     from kiln.kernels.reference import dequantize_int_weight
 
@@ -49,15 +53,18 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--groups", default="128,32")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     args = ap.parse_args()
+    launch = w4_wgmma if args.bits == 4 else w8_wgmma
+    groups = args.groups if args.bits == 4 else "0"
     results = []
     print(f"{'shape':8s}{'G':>4}{'rows':>5}  {'launch':10s}{'us':>8}{'vs bf16':>9}{'err':>9}",
           flush=True)
-    for group in (int(g) for g in args.groups.split(",")):
+    for group in (int(g) for g in groups.split(",")):
         for name, (n, k) in LAYERS.items():
             w16s = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                     for _ in range(n_copies(n * k * 2))]
-            weight, scale, offset, nbytes = int_weight(n, k, 4, group, True)
+            weight, scale, offset, nbytes = int_weight(n, k, args.bits, group, args.bits == 4)
             copies = weight_copies(weight, scale, offset, nbytes)
             w_ref = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
             for m in (int(v) for v in args.rows.split(",")):
@@ -67,8 +74,8 @@ def main() -> None:
                 bf16 = timed([lambda w=w: x @ w.T for w in w16s])  # noqa: B023
                 row = dict(shape=name, N=n, K=k, group=group, rows=m)
                 launches = {"kiln": lambda c: int_gemm.int_weight_linear(x, *c)}  # noqa: B023
-                for label, cfg in variants(m, n, k, args.sweep).items():
-                    launches[label] = lambda c, cfg=cfg: w4_wgmma(x, *c, None, cfg)  # noqa: B023
+                for label, cfg in variants(m, n, k, args.sweep, args.bits).items():
+                    launches[label] = lambda c, cfg=cfg: launch(x, *c, None, cfg)  # noqa: B023
                 for label, fn in launches.items():
                     try:
                         got = fn(copies[0]).float()

@@ -56,6 +56,13 @@ def run_ptx(asm: str, operands: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             out = srcs[0] >> srcs[1]
         elif op == "shl.b32":
             out = (srcs[0] << srcs[1]) & 0xFFFFFFFF
+        elif op == "xor.b32":
+            out = srcs[0] ^ srcs[1]
+        elif op == "prmt.b32":  # byte i of d: byte (selector nibble i) of {b, a}
+            both, sel = srcs[0] | (srcs[1] << 32), _imm(args[3])
+            out = sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
+                      for i in range(4))
+            assert not sel & 0x8888, "no sign replication"
         elif op == "lop3.b32":
             assert int(args[4], 0) == 0xEA, "only (a & b) | c"
             out = (srcs[0] & srcs[1]) | srcs[2]
@@ -214,15 +221,18 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1  # after the loop
     loop = sass.split("WARPGROUP.DEPBAR.LE gsb0, 0x0")[0]
     assert not re.search(r"\bLDG", loop), "a load of the thread's own before the fence"
-    # the K loop (from the last backward branch's target before the final wait) has a
-    # step's four copies
+    assert sum("UTMALDG" in t for t in k_loop(sass)) == 4  # words, x, scales, offsets
+
+
+def k_loop(sass: str) -> list[str]:
+    """The K loop's instructions: from the last backward branch's target before the
+    final wgmma wait to that branch."""
     lines = [(int(m[1], 16), m[2]) for m in
              re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
     end = next(a for a, t in lines if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in t)
     back = [(a, int(m[1], 16)) for a, t in lines
             if a < end and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
-    body = [t for a, t in lines if back[-1][1] <= a <= back[-1][0]]
-    assert sum("UTMALDG" in t for t in body) == 4  # words, x, scales, offsets
+    return [t for a, t in lines if back[-1][1] <= a <= back[-1][0]]
 
 
 def _hopper() -> bool:

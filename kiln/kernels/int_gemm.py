@@ -312,10 +312,10 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
-    if config is None and bits == 4 and x.is_cuda and wgmma_takes(M, N, K):
-        wgmma = wgmma_module()  # Hopper's warpgroup MMA (Gluon)
-        if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale):
-            return wgmma.w4_wgmma(x, weight, scale, offset, bias)
+    if config is None and x.is_cuda and wgmma_takes(M, N, K, bits):
+        wgmma = wgmma_module(bits)  # Hopper's warpgroup MMA (Gluon)
+        if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale, offset):
+            return wgmma.wgmma_linear(x, weight, scale, offset, bias)
     words = word_aligned(weight)
     cfg = config or int_gemm_config(  # the 2-4-row pairs default takes K steps of 128
         M, N, K, x.device, bits, G, x.dtype,

@@ -87,6 +87,9 @@ def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
 
 
 WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
+# int8 a channel (kiln.kernels.int8_wgmma): off unless KILN_INT8_WGMMA names rows (A-B;
+# "1" 5-64), not yet timed on a GPU
+INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"))
 # Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
 # 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
 # o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)
@@ -94,20 +97,21 @@ WGMMA_MIN_WEIGHTS = 1 << 25
 
 
 @functools.cache
-def wgmma_module():
-    """kiln.kernels.int_wgmma, or None where this Triton has no Gluon for Hopper (older
-    than 3.5: the Triton tiles then take every row count)."""
+def wgmma_module(bits: int = 4):
+    """kiln.kernels.int_wgmma (bits 4) or int8_wgmma (8), or None where this Triton has
+    no Gluon for Hopper (older than 3.5: the Triton tiles then take every row count)."""
     import importlib
 
     try:
-        return importlib.import_module("kiln.kernels.int_wgmma")
+        return importlib.import_module("kiln.kernels." + ("int_wgmma" if bits == 4 else
+                                                           "int8_wgmma"))
     except ImportError:
         return None
 
 
-def wgmma_takes(M: int, N: int, K: int) -> bool:
-    """Whether an int4 product of M rows goes to kiln.kernels.int_wgmma (if eligible)."""
-    return (any(a <= M <= b for a, b in WGMMA_ROWS)
+def wgmma_takes(M: int, N: int, K: int, bits: int = 4) -> bool:
+    """Whether a product of M rows goes to wgmma_module(bits)'s kernel (if eligible)."""
+    return (any(a <= M <= b for a, b in (WGMMA_ROWS if bits == 4 else INT8_WGMMA_ROWS))
             and (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS))
 
 

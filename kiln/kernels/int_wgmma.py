@@ -310,7 +310,7 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
 
 
 def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   block_k: int = 128) -> bool:
+                   offset: torch.Tensor | None = None, block_k: int = 128) -> bool:
     """Whether w4_wgmma takes this product: Hopper, bfloat16 x with rows 16-byte
     aligned, int4 weight as 32-bit words, groups of whole 32-value thread slices (G a
     multiple of 32), K in whole steps, scale rows 16-byte aligned (TMA: K / G a multiple
@@ -362,3 +362,6 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     _w4_wgmma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
                            k_per_split, out.stride(0), **meta)
     return out
+
+
+wgmma_linear = w4_wgmma  # (kiln.kernels.int_gemm's dispatch: int_launch.wgmma_module(4))
