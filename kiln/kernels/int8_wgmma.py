@@ -22,15 +22,20 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
-    warpgroup_mma,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from kiln.kernels.int_wgmma import WgmmaConfig, _store_out, wgmma_config
+from kiln.kernels.int_wgmma import (
+    WgmmaConfig,
+    _a_tiles_x_ring,
+    _mma_step,
+    _ring_barriers,
+    _store_out,
+    wgmma_config,
+)
 from kiln.kernels.split_k import split_k_counters
 
 # Four int8 values of a 32-bit word (value i in byte i) -> two bfloat16 pairs (int32):
@@ -77,20 +82,12 @@ def _w8_wgmma_kernel(x_desc, w_desc, scale_ptr, bias_ptr, out_ptr, part_ptr, cou
     LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                gl.bfloat16)
-    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    a_smem, x_ring = _a_tiles_x_ring(x_desc, BLOCK_N, BLOCK_M, BLOCK_K, STAGES)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
+    bars = _ring_barriers(STAGES)
 
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
@@ -111,13 +108,7 @@ def _w8_wgmma_kernel(x_desc, w_desc, scale_ptr, bias_ptr, out_ptr, part_ptr, cou
         pairs = gl.inline_asm_elementwise(_BYTES, "=r,=r,r,r",
                                           [words[:, :, :, None].broadcast_to(shape)],
                                           dtype=gl.int32, is_pure=True, pack=2)
-        buf = i % 2
-        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-        fence_async_shared()
-        gl.thread_barrier()
-        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        acc = _mma_step(pairs, a_smem, x_ring, slot, i, acc, BLOCK_N, BLOCK_K)
         # the step before's MMA is done and every thread read its words (this step's
         # barrier): its slot takes the step STAGES - 1 ahead
         _load_step(w_desc, x_desc, w_ring, x_ring, bars, i + STAGES - 1, STAGES, k_start,

@@ -191,6 +191,47 @@ def _step_groups(ring, slot, k, GW: gl.constexpr, WT: gl.constexpr, G: gl.conste
 
 
 @gluon.jit
+def _a_tiles_x_ring(x_desc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """The two shared tiles of dequantized weights (bfloat16 pairs as int32, in the
+    swizzle wgmma reads a bfloat16 [BLOCK_N, BLOCK_K] tile with) and x's ring."""
+    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                gl.bfloat16)
+    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
+    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    return a_smem, x_ring
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """A ring's barriers, one a slot, initialized and fenced before any copy."""
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
+    return bars
+
+
+@gluon.jit
+def _mma_step(pairs, a_smem, x_ring, slot, i, acc, BLOCK_N: gl.constexpr,
+              BLOCK_K: gl.constexpr):
+    """Step i's dequantized bfloat16 pairs into shared tile i % 2, handed to the tensor
+    cores (a proxy fence, then every thread's stores by a CTA barrier), the step's wgmma
+    issued against x's ring slot and the step before's waited for."""
+    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                gl.bfloat16)
+    buf = i % 2
+    a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+    fence_async_shared()
+    gl.thread_barrier()
+    a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+    acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+
+
+@gluon.jit
 def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr, count_ptr,
                      M, N, K, K_PER_SPLIT, stride_om, G: gl.constexpr, BLOCK_N: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
@@ -211,23 +252,15 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
-    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                gl.bfloat16)
-    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    a_smem, x_ring = _a_tiles_x_ring(x_desc, BLOCK_N, BLOCK_M, BLOCK_K, STAGES)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
     o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, 4],
                                        s_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    fence_async_shared()
-    gl.thread_barrier()
+    bars = _ring_barriers(STAGES)
 
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
@@ -257,13 +290,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         else:
             pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
                              offset[:, :, None, None])
-        buf = i % 2
-        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-        fence_async_shared()
-        gl.thread_barrier()
-        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        acc = _mma_step(pairs, a_smem, x_ring, slot, i, acc, BLOCK_N, BLOCK_K)
         # the step before's MMA is done and its words were read by every thread (the
         # barrier of this step): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
