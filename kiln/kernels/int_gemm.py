@@ -58,6 +58,7 @@ from kiln.kernels.int_launch import (  # noqa: F401
     IntGemmConfig,
     int_gemm_config,
     split_length,
+    tma_gemv,
     wgmma_module,
     wgmma_takes,
 )
@@ -312,6 +313,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if config is None and M >= DEQUANT_ROWS:
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
+    if config is None and M == 1 and bits == 4 and (gemv := tma_gemv(x, weight, scale)):
+        return gemv(x, weight, scale, offset, bias)  # TMA-fed (Hopper, opt-in)
     if config is None and x.is_cuda and wgmma_takes(M, N, K, bits):
         wgmma = wgmma_module(bits)  # Hopper's warpgroup MMA (Gluon)
         if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale, offset):

@@ -87,6 +87,9 @@ def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
 
 
 WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
+# one int4 row by kiln.kernels.int4_gemv_tma (TMA-fed; KILN_INT4_GEMV_TMA=1, not yet run
+# on a GPU)
+GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "0") == "1"
 # int8 a channel (kiln.kernels.int8_wgmma): off unless KILN_INT8_WGMMA names rows (A-B;
 # "1" 5-64), not yet timed on a GPU
 INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"))
@@ -107,6 +110,17 @@ def wgmma_module(bits: int = 4):
                                                            "int8_wgmma"))
     except ImportError:
         return None
+
+
+def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
+    """kiln.kernels.int4_gemv_tma.w4_gemv_tma where GEMV_TMA is on and it takes this
+    one-row int4 product, else None."""
+    if not (GEMV_TMA and x.is_cuda):
+        return None
+    from kiln.kernels import int4_gemv_tma
+
+    return int4_gemv_tma.w4_gemv_tma if int4_gemv_tma.gemv_tma_eligible(x, weight, scale) \
+        else None
 
 
 def wgmma_takes(M: int, N: int, K: int, bits: int = 4) -> bool:

@@ -1,0 +1,204 @@
+"""The one-row int4 GEMV on Hopper fed by TMA, in Gluon (opt-in: KILN_INT4_GEMV_TMA=1;
+written in the 53rd session without a GPU: compiled for sm_90 only).
+
+kiln's one-row int4 GEMV (kiln.kernels.int_gemv_pairs) reads its words into registers
+and is bound by memory latency at about half the copy bandwidth (the 28th session's
+profile): a thread can keep only so many loads in flight. Here each program's weight
+rows stream through a ring of STAGES shared-memory slots filled by TMA (a K step of
+BLOCK_N rows x BLOCK_K values a slot, with its groups' scales and offsets), so a
+program keeps tens of KB in flight whatever its registers.
+
+The arithmetic is int_gemv_pairs': a word's eight values become bfloat16 pairs
+2^7 + q - 128 and multiply x's pairs in packed bfloat16 FMAs (kiln.kernels.int_pairs_asm,
+the same PTX), the pairs' halves meet in float32 once a word; a thread takes one group of
+a row (G / 8 words), so y = sum over groups of s * sum(q x) + o * sum(x). x's pairs come
+by TMA too, one copy a step, and every thread reads its words' from shared memory. K
+splits meet in the kernel (kiln.kernels.split_k's protocol, int_wgmma._store_out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
+from kiln.kernels.int_wgmma import _ring_barriers, _store_out
+from kiln.kernels.split_k import split_k_counters
+
+_DOT = gl.constexpr(_PAIRS_UNSIGNED.value)  # (word, x's four pairs) -> sum q x, float32
+_XSUM = gl.constexpr(_SUM_ASM.value)  # (x's four pairs) -> their eight values' sum
+
+
+@gluon.jit
+def _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, step,
+               STAGES: gl.constexpr, k_start, k_end, row0, G: gl.constexpr,
+               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
+    """The split's K step `step` into ring slot step % STAGES by TMA (nothing past the
+    split's end): the rows' words, their scales and offsets of the step's groups, and x's
+    pairs, counted on the slot's barrier."""
+    k = k_start + step * BLOCK_K
+    slot = step % STAGES
+    live = k < k_end
+    bar = bars.index(slot)
+    NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
+        s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
+    mbarrier.expect(bar, NBYTES, pred=live)
+    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
+    tma.async_copy_global_to_shared(s_desc, [row0, k // G], bar, s_ring.index(slot), pred=live)
+    if HAS_OFFSET:
+        tma.async_copy_global_to_shared(o_desc, [row0, k // G], bar, o_ring.index(slot),
+                                        pred=live)
+    tma.async_copy_global_to_shared(x_desc, [0, k // 2], bar, x_ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_ptr,
+                        count_ptr, N, K, K_PER_SPLIT, G: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
+                        HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+    """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
+    K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
+    [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor."""
+    WT: gl.constexpr = G // 8  # a thread's words of a row in a step: one group
+    GW: gl.constexpr = BLOCK_K // G  # groups a step
+    WARPS: gl.constexpr = gl.num_warps()
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, WT], [32 // GW, GW, 1], [WARPS, 1, 1],
+                                        [2, 1, 0])
+    LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
+    LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, GW]
+    LX: gl.constexpr = gl.SliceLayout(0, L3)  # [GW, WT]: x's pairs of a thread's words
+    L4: gl.constexpr = gl.BlockedLayout([1, 1, WT, 4], [32 // GW, GW, 1, 1],
+                                        [WARPS, 1, 1, 1], [3, 2, 1, 0])
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
+                                       w_desc.layout)
+    s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, GW], s_desc.layout)
+    o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, GW],
+                                       s_desc.layout)
+    x_ring = gl.allocate_shared_memory(gl.int32, [STAGES, 1, BLOCK_K // 2], x_desc.layout)
+    bars = _ring_barriers(STAGES)
+
+    k_start = pid_k * K_PER_SPLIT
+    k_end = gl.minimum(k_start + K_PER_SPLIT, K)
+    row0 = pid_n * BLOCK_N
+    for s in gl.static_range(STAGES):  # (a slot is refilled as soon as it is read)
+        _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, s,
+                   STAGES, k_start, k_end, row0, G, BLOCK_K, HAS_OFFSET)
+    acc = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
+    i = 0
+    for _k in range(k_start, k_end, BLOCK_K):
+        slot = i % STAGES
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
+                                  L3, assert_trivial=True)
+        # x's pairs of the thread's words, 16 bytes a word, split into pair 0..3 of each
+        xw = x_ring.index(slot).reshape([GW, WT, 4]).load(gl.SliceLayout(0, L4))
+        even, odd = gl.split(gl.reshape(xw, [GW, WT, 2, 2]))  # pairs 0, 2 and 1, 3
+        x0, x2 = gl.split(even)
+        x1, x3 = gl.split(odd)
+        x0 = gl.convert_layout(x0, LX, assert_trivial=True)[None, :, :]
+        x1 = gl.convert_layout(x1, LX, assert_trivial=True)[None, :, :]
+        x2 = gl.convert_layout(x2, LX, assert_trivial=True)[None, :, :]
+        x3 = gl.convert_layout(x3, LX, assert_trivial=True)[None, :, :]
+        scale = s_ring.index(slot).load(LS)
+        shape: gl.constexpr = [BLOCK_N, GW, WT]
+        dots = gl.inline_asm_elementwise(
+            _DOT, "=f,r,r,r,r,r", [words, x0.broadcast_to(shape), x1.broadcast_to(shape),
+                                   x2.broadcast_to(shape), x3.broadcast_to(shape)],
+            dtype=gl.float32, is_pure=True, pack=1)
+        acc += scale * gl.sum(dots, axis=2)
+        if HAS_OFFSET:
+            xsum = gl.inline_asm_elementwise(_XSUM, "=f,r,r,r,r", [x0, x1, x2, x3],
+                                             dtype=gl.float32, is_pure=True, pack=1)
+            acc += o_ring.index(slot).load(LS) * gl.sum(xsum, axis=2)
+        # every thread has read the slot (a CTA barrier): it takes the step STAGES ahead
+        gl.thread_barrier()
+        _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars,
+                   i + STAGES, STAGES, k_start, k_end, row0, G, BLOCK_K, HAS_OFFSET)
+        i += 1
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+    y = gl.sum(acc, axis=1)
+    _store_out(y[:, None], bias_ptr, out_ptr, part_ptr, count_ptr, 1, N, N, pid_n, pid_k, 0,
+               BLOCK_N, 1, HAS_BIAS, SPLIT_K, WARPS)
+
+
+@dataclass(frozen=True)
+class GemvTmaConfig:
+    """A launch: weight rows a program, K values a step, K splits, ring stages, warps."""
+    block_n: int = 64
+    block_k: int = 512
+    split_k: int = 1
+    stages: int = 4
+    num_warps: int = 4
+
+
+def gemv_tma_config(N: int, K: int, G: int, sms: int = 132) -> GemvTmaConfig:
+    """K split until the row blocks fill about one wave of the SMs (each program keeps
+    its ring of ~78 KB in flight; untimed: benchmarks/int4_gemv_tma_bench.py sweeps)."""
+    cfg = GemvTmaConfig(block_k=512)
+    blocks = triton.cdiv(N, cfg.block_n)
+    split = 1
+    while blocks * split * 2 <= sms and K // (cfg.block_k * split * 2) >= 2:
+        split *= 2
+    return GemvTmaConfig(cfg.block_n, cfg.block_k, split, cfg.stages, cfg.num_warps)
+
+
+def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      block_k: int = 512) -> bool:
+    """One bfloat16 row on Hopper, int4 words, groups of 32-128 (4 or more a K step of
+    block_k: the scale box's 16 bytes), K in whole steps, TMA's alignments."""
+    M, K = x.shape
+    G = K // scale.shape[1]
+    return M == 1 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and \
+        x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and G in (32, 64, 128) and \
+        K % block_k == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and \
+        x.data_ptr() % 16 == 0 and \
+        scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and \
+        weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+
+
+def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor | None, bias: torch.Tensor | None,
+                config: GemvTmaConfig | None = None) -> torch.Tensor:
+    """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
+    offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16."""
+    _, K = x.shape
+    N = weight.shape[0]
+    G = K // scale.shape[1]
+    cfg = config or gemv_tma_config(N, K, G)
+    GW = cfg.block_k // G
+    steps = K // cfg.block_k
+    k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
+    split = triton.cdiv(K, k_per_split)
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), split)
+    part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
+                      split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
+    # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
+    # at least 16 bytes wide; no swizzle (the threads read rows of words, not wgmma)
+    assert cfg.block_k <= 512 and GW >= 4 and cfg.block_k % G == 0, cfg
+    words = weight.view(torch.int32)
+    flat = gl.NVMMASharedLayout(0, 32, 2)
+    w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1],
+                              [cfg.block_n, cfg.block_k // 8], flat)
+    s_layout = flat
+    o = offset if offset is not None else scale
+    s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, GW],
+                                       s_layout) for t in (scale, o))
+    pairs = x.view(torch.int32)
+    x_desc = TensorDescriptor(pairs, [1, K // 2], [pairs.stride(0), 1], [1, cfg.block_k // 2],
+                              flat)
+    _w4_gemv_tma_kernel[grid](w_desc, s_desc, o_desc, x_desc, bias if bias is not None else
+                              scale, out, part, counters, N, K, k_per_split, G=G,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                              HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
+                              SPLIT_K=split, STAGES=cfg.stages, num_warps=cfg.num_warps)
+    return out

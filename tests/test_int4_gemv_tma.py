@@ -1,0 +1,117 @@
+"""kiln.kernels.int4_gemv_tma: the TMA-fed one-row int4 GEMV (Gluon, Hopper; opt-in).
+
+Its arithmetic is int_pairs_asm's PTX (tested there through the interpreter's
+emulation); on the CPU the kernel is compiled for sm_90 (no spills, every layout change
+free, the K loop's copies and no global load of the thread's own), the launch rules and
+the switch are checked. On a Hopper GPU: against the reference, and through
+int_weight_linear's dispatch."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from kiln.kernels import int4_gemv_tma
+from kiln.kernels.reference import dequantize_int_weight, pack_int4
+from tests.test_int_wgmma import _hopper
+
+
+def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4):
+    from triton.experimental.gluon import language as gl
+
+    from kiln.kernels import compile_check as cc
+
+    block_k = 512
+    GW = block_k // G
+    s_l = w_l = gl.NVMMASharedLayout(0, 32, 2)
+    values = {"w_desc": f"tensordesc<i32[{block_n},{block_k // 8}],{w_l!r}>",
+              "s_desc": f"tensordesc<fp32[{block_n},{GW}],{s_l!r}>",
+              "o_desc": f"tensordesc<fp32[{block_n},{GW}],{s_l!r}>",
+              "x_desc": f"tensordesc<i32[1,{block_k // 2}],{s_l!r}>", "bias_ptr": "*fp32",
+              "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "N": 4096,
+              "K": 14336, "K_PER_SPLIT": 3584}
+    const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
+                 HAS_BIAS=False, SPLIT_K=4, STAGES=stages)
+    report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
+    sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
+                                     warps, 2), "-sass")
+    return report, sass
+
+
+@pytest.mark.parametrize("G,block_n,warps,offsets", [(128, 64, 4, True), (32, 64, 4, True),
+                                                     (64, 128, 8, False)])
+def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
+    report, sass = _compile(G, block_n, warps, offsets)
+    assert report.stack_bytes == 0 and report.registers <= 128
+    assert report.instructions["cp.async.bulk"] > 0  # the TMA copies
+    # the K loop (the longest backward branch before the barriers are invalidated; the
+    # barrier waits' retry paths come after): a step's copies refill the slot it read
+    lines = [(int(m[1], 16), m[2]) for m in
+             re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    done = next(a for a, t in lines if "CCTL.IV" in t)
+    back = [(a, int(m[1], 16)) for a, t in lines
+            if a < done and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
+    end, start = max(back, key=lambda b: b[0] - b[1])
+    body = [t for a, t in lines if start <= a <= end]
+    assert sum("UTMALDG" in t for t in body) == (4 if offsets else 3)  # w, s, (o,) x
+    assert not any(re.search(r"\bLDG", t) for t in body)  # everything by TMA
+    words = block_n * 512 // 8 // (32 * warps)  # a thread's words a step
+    assert sum("PRMT" in t for t in body) == 4 * words  # int_pairs_asm's unpacking
+
+
+def test_launch_rules_and_the_switch(monkeypatch):
+    from kiln.kernels import int_launch
+
+    down = int4_gemv_tma.gemv_tma_config(4096, 14336, 128)
+    assert down.block_k == 512 and 64 * down.split_k <= 132 and down.split_k >= 2
+    gate_up = int4_gemv_tma.gemv_tma_config(28672, 4096, 128)
+    assert gate_up.split_k == 1  # 448 row blocks
+    assert int4_gemv_tma.gemv_tma_config(4096, 4096, 32).block_k == 512
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    w = torch.zeros(4096, 2048, dtype=torch.uint8)
+    assert not int4_gemv_tma.gemv_tma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
+    assert not int_launch.GEMV_TMA  # off unless KILN_INT4_GEMV_TMA=1
+    monkeypatch.setattr(int_launch, "GEMV_TMA", True)
+    assert int_launch.tma_gemv(x, w, torch.zeros(4096, 32)) is None  # (CPU tensors)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
+@pytest.mark.parametrize("N,K,G", [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 32),
+                                   (1000, 2048, 64)])
+@pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])
+def test_gpu_matches_the_reference(N, K, G, offsets, bias):
+    gen = torch.Generator(device="cuda").manual_seed(N + G)
+    q = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=gen)
+    weight = pack_int4(q)
+    scale = torch.rand(N, K // G, device="cuda", generator=gen) * 0.02
+    offset = -8 * scale if offsets else None
+    b = torch.randn(N, device="cuda", generator=gen) if bias else None
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert int4_gemv_tma.gemv_tma_eligible(x, weight, scale)
+    want = x.float() @ dequantize_int_weight(weight, scale, offset).T + (b if bias else 0)
+    for cfg in (None, int4_gemv_tma.GemvTmaConfig(128, 512, 1, 3, 8),
+                int4_gemv_tma.GemvTmaConfig(64, 512, 4, 6, 4)):
+        got = int4_gemv_tma.w4_gemv_tma(x, weight, scale, offset, b, cfg).float()
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < 1e-2, (cfg, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
+def test_gpu_dispatch_matches_the_default_gemv(monkeypatch):
+    from kiln.kernels import int_gemm, int_launch
+
+    q = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.uint8)
+    weight, scale = pack_int4(q), torch.rand(4096, 32, device="cuda") * 0.02
+    offset = -8 * scale
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    pairs = int_gemm.int_weight_linear(x, weight, scale, offset).float()
+    monkeypatch.setattr(int_launch, "GEMV_TMA", True)
+    calls = []
+    monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma",
+                        lambda *a, f=int4_gemv_tma.w4_gemv_tma: calls.append(1) or f(*a))
+    got = int_gemm.int_weight_linear(x, weight, scale, offset).float()
+    assert calls and (got - pairs).abs().max() / pairs.abs().max() < 1e-2
