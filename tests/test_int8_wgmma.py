@@ -80,6 +80,8 @@ def test_it_takes_only_a_scale_a_channel_and_is_off_by_default(monkeypatch):
     w = torch.zeros(4096, 4096, dtype=torch.int8)
     assert not int8_wgmma.wgmma_eligible(x, w, torch.ones(4096, 1))  # not CUDA
     assert int_launch.wgmma_rows("0") == () and not int_launch.wgmma_takes(16, 4096, 4096, 8)
+    with pytest.warns(UserWarning, match="KILN_INT8_WGMMA='x'"):
+        assert int_launch.wgmma_rows("x", "KILN_INT8_WGMMA") == ()
     monkeypatch.setattr(int_launch, "INT8_WGMMA_ROWS", ((5, 64),))
     assert int_launch.wgmma_takes(16, 4096, 4096, 8)
     assert int_launch.wgmma_module(8) is int8_wgmma

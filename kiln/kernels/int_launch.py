@@ -60,7 +60,7 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
     os.environ.get("KILN_INT_EVEN", ""), (32,))
 
 
-def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
+def wgmma_rows(value: str, name: str = "KILN_INT_WGMMA") -> tuple[tuple[int, int], ...]:
     """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
     Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-64, "0" none, "A-B"
     rows A to B, "A-B,C-D" both; anything else none, with a warning. Timed end to end on
@@ -79,8 +79,8 @@ def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
         if not (first.isdigit() and last.isdigit()):
             import warnings
 
-            warnings.warn(f"KILN_INT_WGMMA={value!r} is not 0, 1 or A-B[,C-D] (rows A to B); "
-                          "ignored", stacklevel=2)
+            warnings.warn(f"{name}={value!r} is not 0, 1 or A-B[,C-D] (rows A to B); ignored",
+                          stacklevel=2)
             return ()
         ranges.append((int(first), int(last)))
     return tuple(ranges)
@@ -92,7 +92,7 @@ WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
 GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "0") == "1"
 # int8 a channel (kiln.kernels.int8_wgmma): off unless KILN_INT8_WGMMA names rows (A-B;
 # "1" 5-64), not yet timed on a GPU
-INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"))
+INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"), "KILN_INT8_WGMMA")
 # Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
 # 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
 # o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)
