@@ -12,7 +12,7 @@ The arithmetic is int_gemv_pairs': a word's eight values become bfloat16 pairs
 2^7 + q - 128 and multiply x's pairs in packed bfloat16 FMAs (kiln.kernels.int_pairs_asm,
 the same PTX), the pairs' halves meet in float32 once a word; a thread takes one group of
 a row (G / 8 words), so y = sum over groups of s * sum(q x) + o * sum(x). x's pairs come
-by TMA too, one copy a step, and every thread reads its words' from shared memory. K
+by TMA too, one copy a step; each thread reads its words' pairs from shared memory. K
 splits meet in the kernel (kiln.kernels.split_k's protocol, int_wgmma._store_out).
 """
 
