@@ -5,9 +5,12 @@ call in a CUDA graph on cold weights (int_gemv_bench.timed / weight_copies), eac
 checked against the reference GEMM (float32 of the bf16-rounded dequantized weight).
 
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
-        [--sweep] [--bits 8]
+        [--sweep] [--bits 8 | --gemv-tma]
 
 --bits 8: int8 a channel (kiln.kernels.int8_wgmma; --groups ignored, printed as 0).
+--gemv-tma: one row through kiln.kernels.int4_gemv_tma (the TMA-fed GEMV; --rows
+ignored), "kiln" then being the default one-row GEMV; --sweep: rows a program, warps,
+stages, half / twice the K splits.
 
 --sweep: around the default launch, one field at a time (the other rows a program of 64
 / 128, 2 / 4 stages, the exact dequantization, half / twice the K splits).
@@ -26,14 +29,23 @@ LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 
 
-def variants(M: int, N: int, K: int, sweep: bool, bits: int) -> dict:
+def variants(M: int, N: int, K: int, sweep: bool, bits: int, group: int,
+             gemv: bool) -> dict:
+    from kiln.kernels.int4_gemv_tma import gemv_tma_config
     from kiln.kernels.int8_wgmma import w8_config
     from kiln.kernels.int_wgmma import wgmma_config
 
+    rep = dataclasses.replace
+    if gemv:
+        base = gemv_tma_config(N, K, group)
+        return {"tma": base} | ({
+            "bn32": rep(base, block_n=32), "bn128w8": rep(base, block_n=128, num_warps=8),
+            "w8": rep(base, num_warps=8), "st3": rep(base, stages=3),
+            "st6": rep(base, stages=6), "split/2": rep(base, split_k=max(1, base.split_k // 2)),
+            "split*2": rep(base, split_k=base.split_k * 2)} if sweep else {})
     base = wgmma_config(M, N, K) if bits == 4 else w8_config(M, N, K)
     out = {"wgmma": base}
     if sweep:
-        rep = dataclasses.replace
         out.update({"bn" + str(192 - base.block_n): rep(base, block_n=192 - base.block_n),
                     "st2": rep(base, stages=2), "st4": rep(base, stages=4),
                     "exact": rep(base, fast=False),
@@ -44,6 +56,7 @@ def variants(M: int, N: int, K: int, sweep: bool, bits: int) -> dict:
 
 def main() -> None:
     from kiln.kernels import int_gemm
+    from kiln.kernels.int4_gemv_tma import w4_gemv_tma
     from kiln.kernels.int8_wgmma import w8_wgmma
     from kiln.kernels.int_wgmma import w4_wgmma
     from kiln.kernels.reference import dequantize_int_weight
@@ -54,8 +67,11 @@ def main() -> None:
     ap.add_argument("--groups", default="128,32")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    ap.add_argument("--gemv-tma", action="store_true")
     args = ap.parse_args()
-    launch = w4_wgmma if args.bits == 4 else w8_wgmma
+    launch = w4_gemv_tma if args.gemv_tma else w4_wgmma if args.bits == 4 else w8_wgmma
+    if args.gemv_tma:
+        args.rows, args.bits = "1", 4
     groups = args.groups if args.bits == 4 else "0"
     results = []
     print(f"{'shape':8s}{'G':>4}{'rows':>5}  {'launch':10s}{'us':>8}{'vs bf16':>9}{'err':>9}",
@@ -74,7 +90,8 @@ def main() -> None:
                 bf16 = timed([lambda w=w: x @ w.T for w in w16s])  # noqa: B023
                 row = dict(shape=name, N=n, K=k, group=group, rows=m)
                 launches = {"kiln": lambda c: int_gemm.int_weight_linear(x, *c)}  # noqa: B023
-                for label, cfg in variants(m, n, k, args.sweep, args.bits).items():
+                for label, cfg in variants(m, n, k, args.sweep, args.bits, group,
+                                           args.gemv_tma).items():
                     launches[label] = lambda c, cfg=cfg: launch(x, *c, None, cfg)  # noqa: B023
                 for label, fn in launches.items():
                     try:

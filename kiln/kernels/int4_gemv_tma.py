@@ -142,7 +142,7 @@ class GemvTmaConfig:
 
 def gemv_tma_config(N: int, K: int, G: int, sms: int = 132) -> GemvTmaConfig:
     """K split until the row blocks fill about one wave of the SMs (each program keeps
-    its ring of ~78 KB in flight; untimed: benchmarks/int4_gemv_tma_bench.py sweeps)."""
+    its ring of ~78 KB in flight; untimed: benchmarks/int_wgmma_bench.py --gemv-tma sweeps)."""
     cfg = GemvTmaConfig(block_k=512)
     blocks = triton.cdiv(N, cfg.block_n)
     split = 1

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "${1:-a}" = c ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_int4_gemv_tma.py \
     --tb=short 2>&1 | tail -6
-  timeout 200 python3 benchmarks/int4_gemv_tma_bench.py "$OUT/gemv-tma.json" --sweep \
+  timeout 200 python3 benchmarks/int_wgmma_bench.py "$OUT/gemv-tma.json" --gemv-tma --sweep \
     > "$OUT/gemv-tma.log" 2>&1; tail -4 "$OUT/gemv-tma.log"
   b1() {  # b1 TAG ENV...
     env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
