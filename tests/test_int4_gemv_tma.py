@@ -72,9 +72,31 @@ def test_launch_rules_and_the_switch(monkeypatch):
     x = torch.zeros(1, 4096, dtype=torch.bfloat16)
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
     assert not int4_gemv_tma.gemv_tma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
-    assert not int_launch.GEMV_TMA  # off unless KILN_INT4_GEMV_TMA=1
-    monkeypatch.setattr(int_launch, "GEMV_TMA", True)
+    assert int_launch.GEMV_TMA == "32"  # groups of 32 unless KILN_INT4_GEMV_TMA says
+    monkeypatch.setattr(int_launch, "GEMV_TMA", "1")
     assert int_launch.tma_gemv(x, w, torch.zeros(4096, 32)) is None  # (CPU tensors)
+    assert int4_gemv_tma.gemv_tma_config(4096, 4096, 32).block_n == 32
+    assert int4_gemv_tma.gemv_tma_config(4096, 4096, 128).block_n == 64
+
+
+def test_groups_of_32_skip_the_pairs_epilogues(monkeypatch):
+    """Where the TMA GEMV takes a one-row int4 product, the layer's GLU / rotary epilogues
+    (the pairs GEMV's) are not taken: the unfused launches run (faster, 54th session)."""
+    from kiln.kernels import int_launch
+    from kiln.layers import weight_only
+
+    method = weight_only.IntWeightMethod.__new__(weight_only.IntWeightMethod)
+    method.bits = 4
+    layer = type("L", (), {"weight": torch.zeros(8, 512, dtype=torch.uint8),
+                           "weight_scale": torch.zeros(8, 32)})()
+    x = torch.zeros(1, 1024, dtype=torch.bfloat16)
+    monkeypatch.setattr(weight_only.KF, "_triton", lambda x: True)
+    monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: None)
+    assert method._one_row(x, layer)
+    monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: int4_gemv_tma.w4_gemv_tma)
+    assert not method._one_row(x, layer)
+    assert method.apply_glu(layer, x, 1) is None
+    assert method.apply_rope(layer, x, None) is None
 
 
 @pytest.mark.gpu
@@ -109,9 +131,48 @@ def test_gpu_dispatch_matches_the_default_gemv(monkeypatch):
     offset = -8 * scale
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     pairs = int_gemm.int_weight_linear(x, weight, scale, offset).float()
-    monkeypatch.setattr(int_launch, "GEMV_TMA", True)
+    monkeypatch.setattr(int_launch, "GEMV_TMA", "1")
     calls = []
     monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma",
                         lambda *a, f=int4_gemv_tma.w4_gemv_tma: calls.append(1) or f(*a))
     got = int_gemm.int_weight_linear(x, weight, scale, offset).float()
     assert calls and (got - pairs).abs().max() / pairs.abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
+def test_gpu_engine_in_groups_of_32_decodes_the_pairs_gemvs_tokens(tmp_path, monkeypatch):
+    """A bfloat16 int4 engine in groups of 32 (GGUF's Q4 layouts) whose linears the TMA
+    GEMV takes at decode (K a multiple of 512), through CUDA graphs: greedy tokens of the
+    pairs GEMV with its epilogues (KILN_INT4_GEMV_TMA=0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kiln import LLM, SamplingParams
+    from kiln.build import build
+    from kiln.config import BuildConfig
+    from kiln.kernels import int_launch
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=320, max_position_embeddings=256))
+    model.save_pretrained(tmp_path / "hf")
+    engine_dir = build(tmp_path / "hf", tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=32),
+        progress=False)
+    calls = []
+    real = int4_gemv_tma.w4_gemv_tma
+    monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma", lambda *a: calls.append(1) or real(*a))
+    # (8 tokens: the two GEMVs round differently, so a near tie of a random model's
+    # logits could part them later on)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    got = {}
+    for switch in ("0", "32"):
+        monkeypatch.setattr(int_launch, "GEMV_TMA", switch)
+        calls.clear()
+        llm = LLM(engine_dir, device="cuda")
+        got[switch] = [llm.generate([p], params)[0].token_ids
+                       for p in ([5, 6, 7], list(range(10, 60)))]
+        del llm
+        assert bool(calls) == (switch == "32")
+    assert got["32"] == got["0"]

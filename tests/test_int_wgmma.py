@@ -129,9 +129,9 @@ def test_the_ptx_evaluator_catches_a_wrong_shift():
 def test_the_switch_reads_its_rows():
     from kiln.kernels.int_launch import wgmma_rows
 
-    assert wgmma_rows("") == ((5, 64),)  # the default: the batches it was timed at
+    assert wgmma_rows("") == ((5, 128),)  # the default: the batches it was timed at
     assert wgmma_rows("0") == ()  # off: no row count takes it
-    assert wgmma_rows("1") == ((5, 64),)
+    assert wgmma_rows("1") == ((5, 128),)
     assert wgmma_rows("2-16") == ((2, 16),)
     assert wgmma_rows("5-8, 33-64") == ((5, 8), (33, 64))
     with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
@@ -176,6 +176,24 @@ def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
     assert int_launch.wgmma_takes(8, 6144, 4096) and int_launch.wgmma_takes(64, 28672, 4096)
     assert not int_launch.wgmma_takes(16, 6144, 4096)
     assert not int_launch.wgmma_takes(65, 28672, 4096)
+
+
+def test_prompt_rows_take_the_dequantized_weight_but_int8_with_many_tiles(monkeypatch):
+    from kiln.kernels import int_launch
+
+    monkeypatch.setattr(int_launch, "_sms", lambda device: 132)
+    x = torch.zeros(1)
+    assert int_launch.dequant_first(65, 4096, 4, x) and int_launch.dequant_first(255, 4096, 8, x)
+    assert not int_launch.dequant_first(64, 4096, 4, x)  # decode batches: the kernels
+    assert not int_launch.dequant_first(256, 4096, 4, x)  # (DEQUANT_ROWS: always)
+    assert int_launch.dequant_first(128, 28672, 4, x)  # int4 (gate_up: Gluon's first)
+    assert not int_launch.dequant_first(128, 28672, 8, x)  # int8 gate_up: 224 tiles
+    assert int_launch.dequant_first(128, 14336, 8, x)  # 112 tiles: under a wave
+    assert not int_launch.dequant_first(200, 14336, 8, x)  # 224
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", ((5, 128),))
+    assert int_launch.wgmma_takes(128, 28672, 4096) and int_launch.wgmma_takes(65, 4096, 14336)
+    assert not int_launch.wgmma_takes(128, 4096, 4096)  # o: dequantized
+    assert not int_launch.wgmma_takes(129, 28672, 4096)
 
 
 def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):
@@ -241,7 +259,7 @@ def _hopper() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the wgmma kernel needs a Hopper GPU")
-@pytest.mark.parametrize("M", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 64, 100])
 @pytest.mark.parametrize("N,K,G", [(6144, 4096, 128), (4096, 14336, 128), (1000, 1024, 32),
                                    (256, 512, 64)])
 @pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])

@@ -541,7 +541,7 @@ def test_gpu_int_linear(N, K, bits, group) -> None:
     weight, scale, offset = _weight(N, K, bits, group, "cuda")
     if bits == 8 and group == 16:
         offset = torch.randn_like(scale) * 1e-2
-    for M in (1, 2, 5, 8, 16, 33, 64, 300):
+    for M in (1, 2, 5, 8, 16, 33, 64, 65, 128, 200, 300):  # 65-255: Gluon, dequantized, tiles
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(M, K, device="cuda").to(dtype)
             bias = torch.randn(N, device="cuda").to(dtype) if M % 2 else None

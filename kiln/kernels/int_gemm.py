@@ -52,10 +52,12 @@ from kiln.kernels.int_gemv_digits import digits_eligible, digits_gemv
 from kiln.kernels.int_gemv_pairs import pairs_eligible, pairs_gemv, pairs_launch, word_aligned
 from kiln.kernels.int_gemv_rows import launch_gemv_rows
 from kiln.kernels.int_launch import (  # noqa: F401
+    DEQUANT_ROWS,
     EVEN_GROUPS,
     GEMV_ROWS,
     GROUPED,
     IntGemmConfig,
+    dequant_first,
     int_gemm_config,
     split_length,
     tma_gemv,
@@ -262,12 +264,6 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_
                 mask_n, M, N, stride_om, HAS_BIAS, SPLIT_K, INTERPRET)
 
 
-# From this many rows the weight is dequantized into a scratch buffer and multiplied by
-# cuBLAS: the dequantization is then paid once per call instead of once per row tile, and
-# writing and reading the 16-bit copy costs little beside the GEMM's math.
-DEQUANT_ROWS = 256
-
-
 def group_step(G: int, block_k: int) -> int:
     """The K step of a tile kernel: a power-of-two group (>= 16) smaller than block_k
     becomes the step, so each step has one scale per row, not [BLOCK_N, BLOCK_K] scale
@@ -310,15 +306,15 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return torch.empty(M, N, dtype=x.dtype, device=x.device)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if config is None and M >= DEQUANT_ROWS:
-        return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
-                                          None if bias is None else bias.to(x.dtype))
     if config is None and M == 1 and bits == 4 and (gemv := tma_gemv(x, weight, scale)):
         return gemv(x, weight, scale, offset, bias)  # TMA-fed (Hopper, opt-in)
     if config is None and x.is_cuda and wgmma_takes(M, N, K, bits):
         wgmma = wgmma_module(bits)  # Hopper's warpgroup MMA (Gluon)
         if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale, offset):
             return wgmma.wgmma_linear(x, weight, scale, offset, bias)
+    if config is None and (M >= DEQUANT_ROWS or x.is_cuda and dequant_first(M, N, bits, x)):
+        return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
+                                          None if bias is None else bias.to(x.dtype))
     words = word_aligned(weight)
     cfg = config or int_gemm_config(  # the 2-4-row pairs default takes K steps of 128
         M, N, K, x.device, bits, G, x.dtype,

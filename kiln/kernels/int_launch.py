@@ -62,15 +62,19 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
 
 def wgmma_rows(value: str, name: str = "KILN_INT_WGMMA") -> tuple[tuple[int, int], ...]:
     """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
-    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-64, "0" none, "A-B"
-    rows A to B, "A-B,C-D" both; anything else none, with a warning. Timed end to end on
+    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-128, "0" none, "A-B"
+    rows A to B, "A-B,C-D" both; anything else none, with a warning. At 65-128 rows
+    (prompts) only gate_up and down (WGMMA_MIN_WEIGHTS), 54th session, an H200, us at 128
+    / 65 rows: gate_up 127.4 / 172.1 against the dequantized weight's 179.0 / 175.9 and
+    the Triton tiles' 202.0 / 190.8, down 76.6 / 88.8 against 92.0 / 88.8 and 358.5 /
+    345.6. Timed end to end on
     an H100 (int4 out tok/s; 53rd session): 16 requests of 128 in / 256 out 2,972.7 /
     2,968.1 at 5-64 against 2,886.2 / 2,898.5 at 5-8 and 33-64 (bf16 2,679.4); 32
     requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6 (bf16 4,607.9); 8 requests
     1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8 (bf16 1,392.6); 64 x 512 /
     256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
     if value in ("", "1"):
-        return ((5, 64),)
+        return ((5, 128),)
     if value == "0":
         return ()
     ranges = []
@@ -87,9 +91,14 @@ def wgmma_rows(value: str, name: str = "KILN_INT_WGMMA") -> tuple[tuple[int, int
 
 
 WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
-# one int4 row by kiln.kernels.int4_gemv_tma (TMA-fed; KILN_INT4_GEMV_TMA=1, not yet run
-# on a GPU)
-GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "0") == "1"
+# One int4 row by kiln.kernels.int4_gemv_tma (TMA-fed) on Hopper, the GLU and rotary
+# epilogues of the pairs GEMV then not taken (kiln.layers.weight_only): by default in groups
+# of 32 (GGUF's Q4 layouts; KILN_INT4_GEMV_TMA=1: every group, 0: none). 54th session, an
+# H200, Llama-3.1-8B at batch 1 (128 in / 256 out, out tok/s): groups of 32 372.3 / 372.4
+# against 317.8 / 317.5 for the pairs GEMV with its epilogues (o and down alone 334.6 /
+# 334.9, gate_up too 363.3 / 363.3); groups of 128 313.2 / 313.3 against 415.6 / 415.7
+# (a layer's four linears 73.5 us against 55.4; in groups of 32, 61.6 against 89.5)
+GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "32")
 # int8 a channel (kiln.kernels.int8_wgmma): off unless KILN_INT8_WGMMA names rows (A-B;
 # "1" 5-64), not yet timed on a GPU
 INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"), "KILN_INT8_WGMMA")
@@ -113,14 +122,51 @@ def wgmma_module(bits: int = 4):
 
 
 def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
-    """kiln.kernels.int4_gemv_tma.w4_gemv_tma where GEMV_TMA is on and it takes this
-    one-row int4 product, else None."""
-    if not (GEMV_TMA and x.is_cuda):
+    """kiln.kernels.int4_gemv_tma.w4_gemv_tma where GEMV_TMA takes this one-row int4
+    product's group and the kernel takes the product, else None."""
+    group = x.shape[-1] // max(1, scale.shape[-1])
+    if not (x.is_cuda and (GEMV_TMA == "1" or GEMV_TMA == "32" and group == 32)):
         return None
-    from kiln.kernels import int4_gemv_tma
+    module = _gemv_tma_module()
+    return module.w4_gemv_tma if module is not None and \
+        module.gemv_tma_eligible(x, weight, scale) else None
 
-    return int4_gemv_tma.w4_gemv_tma if int4_gemv_tma.gemv_tma_eligible(x, weight, scale) \
-        else None
+
+@functools.cache
+def _gemv_tma_module():
+    """kiln.kernels.int4_gemv_tma, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from kiln.kernels import int4_gemv_tma
+    except ImportError:
+        return None
+    return int4_gemv_tma
+
+
+# From this many rows (prefill) the weight is dequantized into a 16-bit scratch buffer and
+# multiplied by cuBLAS: the dequantization is paid once per call instead of once per row
+# tile (kiln.kernels.int_gemm.dequantize_weight)
+DEQUANT_ROWS = 256
+# KILN_INT_DEQUANT_FIRST=0: 65-255 rows in the Triton tiles (before the 54th session)
+DEQUANT_FIRST = os.environ.get("KILN_INT_DEQUANT_FIRST") != "0"
+
+
+def dequant_first(M: int, N: int, bits: int, x: torch.Tensor) -> bool:
+    """Whether a product of 65 to DEQUANT_ROWS - 1 rows on a GPU takes the dequantized
+    weight and cuBLAS too (where the Gluon kernel does not take it): all but int8 where
+    the Triton tiles (128 x 128) fill the SMs. 54th session, an H200, Llama-3.1-8B, us at
+    128 / 65 rows: int4 g128 qkv 40.4 / 38.5 against the tiles' 96.9 / 94.8, o 27.5 / 25.2
+    against 97.3 / 96.6, down 92.0 / 88.8 against 358.5 / 345.6 (the Gluon kernel: 76.6 /
+    88.8); int8 down 94.1 / 91.0 against 265.1 / 239.3, gate_up 185.8 / 183.8 against the
+    tiles' 119.8 / 116.6 (bf16 cuBLAS, a layer: 134.1 / 125.3)."""
+    if not (DEQUANT_FIRST and 64 < M < DEQUANT_ROWS):
+        return False
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    return not (bits == 8 and tiles >= _sms(x.device))
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def wgmma_takes(M: int, N: int, K: int, bits: int = 4) -> bool:

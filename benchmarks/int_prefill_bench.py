@@ -1,0 +1,75 @@
+"""Integer-weight linears at prompt sizes (65-512 rows, below and at DEQUANT_ROWS) on a
+GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
+bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
+in 64-row blocks (kiln.kernels.int_wgmma), and bf16 cuBLAS, on Llama-3.1-8B's decoder
+linears; us a call in a CUDA graph on cold weights (int_gemv_bench.timed), each checked
+against the float32 reference.
+
+    python benchmarks/int_prefill_bench.py OUT.json [--rows 65,128,256] [--kinds 4:128,4:32,8:0]
+
+Batch-1 latency's 128-token prompt runs at 128 rows: its TTFT is this table's 128 row
+times 32 layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from int_gemv_bench import int_weight, n_copies, timed, weight_copies
+
+LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
+
+
+def main() -> None:
+    from kiln.kernels import int_gemm, int_launch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--rows", default="65,128,256")
+    ap.add_argument("--kinds", default="4:128,4:32,8:0", help="bits:group (0: a channel)")
+    args = ap.parse_args()
+    wgmma = int_launch.wgmma_module(4)
+    results, table = [], {}
+    for M in (int(v) for v in args.rows.split(",")):
+        for name, (N, K) in LAYERS.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w16s = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(n_copies(N * K * 2))]
+            us = timed([lambda a=x, w=w: a @ w.T for w in w16s])
+            results.append(dict(M=M, shape=name, kind="bf16", launch="cublas", us=us))
+            table.setdefault((M, "bf16", "cublas"), []).append(us)
+            del w16s
+            for kind in args.kinds.split(","):
+                bits, group = (int(v) for v in kind.split(":"))
+                weight, scale, offset, nbytes = int_weight(N, K, bits, group)
+                want = int_gemm.int_weight_linear(x.float(), weight, scale, offset)
+                copies = weight_copies(weight, scale, offset, nbytes)
+                launches = {
+                    "kiln": lambda a, w, s, o: int_gemm.int_weight_linear(a, w, s, o),
+                    "dequant": lambda a, w, s, o: a @ int_gemm.dequantize_weight(
+                        w, s, o, a.dtype).T}
+                if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale,
+                                                                            offset):
+                    launches["gluon"] = lambda a, w, s, o: wgmma.wgmma_linear(a, w, s, o, None)
+                for launch, fn in launches.items():
+                    got = fn(x, weight, scale, offset)
+                    err = ((got.float() - want).norm() / want.norm()).item()
+                    us = timed([lambda c=c, f=fn, a=x: f(a, *c) for c in copies], reps=8, rounds=5)
+                    print(f"M {M:4d} {name:8s} int{bits} g{group:<4d} {launch:8s} {us:8.1f} us"
+                          f"  err {err:.1e}", flush=True)
+                    results.append(dict(M=M, shape=name, kind=kind, launch=launch, us=us,
+                                        err=err))
+                    table.setdefault((M, kind, launch), []).append(us)
+                del copies
+    print("\na layer (qkv + o + gate_up + down), us")
+    for (M, kind, launch), v in table.items():
+        print(f"M {M:4d} {kind:6s} {launch:8s} {sum(v):8.1f}")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
