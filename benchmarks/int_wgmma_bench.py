@@ -5,9 +5,10 @@ call in a CUDA graph on cold weights (int_gemv_bench.timed / weight_copies), eac
 checked against the reference GEMM (float32 of the bf16-rounded dequantized weight).
 
     python benchmarks/int_wgmma_bench.py OUT.json [--rows 1,8,16,32,64] [--groups 128,32]
-        [--sweep] [--bits 8 | --gemv-tma]
+        [--sweep] [--gemv-tma]
 
---bits 8: int8 a channel (kiln.kernels.int8_wgmma; --groups ignored, printed as 0).
+(--bits 8, the int8 version: removed with it in the 54th session; its sweep is in
+benchmarks/results/2026-12-06-s54/s53a-w8-rows.log.)
 --gemv-tma: one row through kiln.kernels.int4_gemv_tma (the TMA-fed GEMV; --rows
 ignored), "kiln" then being the default one-row GEMV; --sweep: rows a program, warps,
 stages, half / twice the K splits.
@@ -29,10 +30,8 @@ LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 
 
-def variants(M: int, N: int, K: int, sweep: bool, bits: int, group: int,
-             gemv: bool) -> dict:
+def variants(M: int, N: int, K: int, sweep: bool, group: int, gemv: bool) -> dict:
     from kiln.kernels.int4_gemv_tma import gemv_tma_config
-    from kiln.kernels.int8_wgmma import w8_config
     from kiln.kernels.int_wgmma import wgmma_config
 
     rep = dataclasses.replace
@@ -43,7 +42,7 @@ def variants(M: int, N: int, K: int, sweep: bool, bits: int, group: int,
             "w8": rep(base, num_warps=8), "st3": rep(base, stages=3),
             "st6": rep(base, stages=6), "split/2": rep(base, split_k=max(1, base.split_k // 2)),
             "split*2": rep(base, split_k=base.split_k * 2)} if sweep else {})
-    base = wgmma_config(M, N, K) if bits == 4 else w8_config(M, N, K)
+    base = wgmma_config(M, N, K)
     out = {"wgmma": base}
     if sweep:
         out.update({"bn" + str(192 - base.block_n): rep(base, block_n=192 - base.block_n),
@@ -57,7 +56,6 @@ def variants(M: int, N: int, K: int, sweep: bool, bits: int, group: int,
 def main() -> None:
     from kiln.kernels import int_gemm
     from kiln.kernels.int4_gemv_tma import w4_gemv_tma
-    from kiln.kernels.int8_wgmma import w8_wgmma
     from kiln.kernels.int_wgmma import w4_wgmma
     from kiln.kernels.reference import dequantize_int_weight
 
@@ -66,13 +64,12 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16,32,64")
     ap.add_argument("--groups", default="128,32")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
     ap.add_argument("--gemv-tma", action="store_true")
     args = ap.parse_args()
-    launch = w4_gemv_tma if args.gemv_tma else w4_wgmma if args.bits == 4 else w8_wgmma
+    launch = w4_gemv_tma if args.gemv_tma else w4_wgmma
     if args.gemv_tma:
-        args.rows, args.bits = "1", 4
-    groups = args.groups if args.bits == 4 else "0"
+        args.rows = "1"
+    groups = args.groups
     results = []
     print(f"{'shape':8s}{'G':>4}{'rows':>5}  {'launch':10s}{'us':>8}{'vs bf16':>9}{'err':>9}",
           flush=True)
@@ -80,7 +77,7 @@ def main() -> None:
         for name, (n, k) in LAYERS.items():
             w16s = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                     for _ in range(n_copies(n * k * 2))]
-            weight, scale, offset, nbytes = int_weight(n, k, args.bits, group, args.bits == 4)
+            weight, scale, offset, nbytes = int_weight(n, k, 4, group, True)
             copies = weight_copies(weight, scale, offset, nbytes)
             w_ref = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
             for m in (int(v) for v in args.rows.split(",")):
@@ -90,8 +87,7 @@ def main() -> None:
                 bf16 = timed([lambda w=w: x @ w.T for w in w16s])  # noqa: B023
                 row = dict(shape=name, N=n, K=k, group=group, rows=m)
                 launches = {"kiln": lambda c: int_gemm.int_weight_linear(x, *c)}  # noqa: B023
-                for label, cfg in variants(m, n, k, args.sweep, args.bits, group,
-                                           args.gemv_tma).items():
+                for label, cfg in variants(m, n, k, args.sweep, group, args.gemv_tma).items():
                     launches[label] = lambda c, cfg=cfg: launch(x, *c, None, cfg)  # noqa: B023
                 for label, fn in launches.items():
                     try:

@@ -99,9 +99,6 @@ WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT_WGMMA", ""))
 # 334.9, gate_up too 363.3 / 363.3); groups of 128 313.2 / 313.3 against 415.6 / 415.7
 # (a layer's four linears 73.5 us against 55.4; in groups of 32, 61.6 against 89.5)
 GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "32")
-# int8 a channel (kiln.kernels.int8_wgmma): off unless KILN_INT8_WGMMA names rows (A-B;
-# "1" 5-64), not yet timed on a GPU
-INT8_WGMMA_ROWS = wgmma_rows(os.environ.get("KILN_INT8_WGMMA", "0"), "KILN_INT8_WGMMA")
 # Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
 # 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
 # o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)
@@ -110,13 +107,24 @@ WGMMA_MIN_WEIGHTS = 1 << 25
 
 @functools.cache
 def wgmma_module(bits: int = 4):
-    """kiln.kernels.int_wgmma (bits 4) or int8_wgmma (8), or None where this Triton has
-    no Gluon for Hopper (older than 3.5: the Triton tiles then take every row count)."""
+    """kiln.kernels.int_wgmma (bits 4), or None: int8 (an int8 version, its weights exact
+    in bfloat16, was slower than the Triton tiles at 8-32 rows on an H200 and 0.92x bf16 at
+    64: removed in the 54th session, BENCHMARKS.md), or a Triton without Gluon for Hopper
+    (older than 3.5: the Triton tiles then take every row count)."""
+    return _gluon_module("int_wgmma") if bits == 4 else None
+
+
+@functools.cache
+def _gemv_tma_module():
+    return _gluon_module("int4_gemv_tma")
+
+
+def _gluon_module(name: str):
+    """kiln.kernels.NAME, or None where its import fails (no Gluon in this Triton)."""
     import importlib
 
     try:
-        return importlib.import_module("kiln.kernels." + ("int_wgmma" if bits == 4 else
-                                                           "int8_wgmma"))
+        return importlib.import_module("kiln.kernels." + name)
     except ImportError:
         return None
 
@@ -130,16 +138,6 @@ def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
     module = _gemv_tma_module()
     return module.w4_gemv_tma if module is not None and \
         module.gemv_tma_eligible(x, weight, scale) else None
-
-
-@functools.cache
-def _gemv_tma_module():
-    """kiln.kernels.int4_gemv_tma, or None where this Triton has no Gluon for Hopper."""
-    try:
-        from kiln.kernels import int4_gemv_tma
-    except ImportError:
-        return None
-    return int4_gemv_tma
 
 
 # From this many rows (prefill) the weight is dequantized into a 16-bit scratch buffer and
@@ -171,8 +169,8 @@ def _sms(device: torch.device) -> int:
 
 def wgmma_takes(M: int, N: int, K: int, bits: int = 4) -> bool:
     """Whether a product of M rows goes to wgmma_module(bits)'s kernel (if eligible)."""
-    return (any(a <= M <= b for a, b in (WGMMA_ROWS if bits == 4 else INT8_WGMMA_ROWS))
-            and (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS))
+    return bits == 4 and any(a <= M <= b for a, b in WGMMA_ROWS) and \
+        (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS)
 
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
