@@ -17,10 +17,7 @@ import argparse
 import json
 
 import torch
-from int_gemv_bench import int_weight, n_copies, timed, weight_copies
-
-LAYERS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-          "down": (4096, 14336)}
+from int_gemv_bench import SHAPES, int_weight, n_copies, timed, weight_copies
 
 
 def main() -> None:
@@ -34,7 +31,7 @@ def main() -> None:
     wgmma = int_launch.wgmma_module(4)
     results, table = [], {}
     for M in (int(v) for v in args.rows.split(",")):
-        for name, (N, K) in LAYERS.items():
+        for name, (N, K) in SHAPES.items():
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             w16s = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
                     for _ in range(n_copies(N * K * 2))]
