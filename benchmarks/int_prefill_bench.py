@@ -1,7 +1,8 @@
 """Integer-weight linears at prompt sizes (65-512 rows, below and at DEQUANT_ROWS) on a
 GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
 bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
-in 64-row blocks (kiln.kernels.int_wgmma), and bf16 cuBLAS, on Llama-3.1-8B's decoder
+in 64-row blocks (kiln.kernels.int_wgmma) and in 128-row blocks with 3 / 4 ring stages
+(gluon128s3 / s4), and bf16 cuBLAS, on Llama-3.1-8B's decoder
 linears; us a call in a CUDA graph on cold weights (int_gemv_bench.timed), each checked
 against the float32 reference.
 
@@ -14,6 +15,7 @@ times 32 layers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -51,10 +53,20 @@ def main() -> None:
                 if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale,
                                                                             offset):
                     launches["gluon"] = lambda a, w, s, o: wgmma.wgmma_linear(a, w, s, o, None)
+                    for bm, stages in ((128, 3), (128, 4)):  # one block of 128 rows (untimed)
+                        cfg = dataclasses.replace(wgmma.wgmma_config(M, N, K), block_m=bm,
+                                                  stages=stages)
+                        launches[f"gluon{bm}s{stages}"] = \
+                            lambda a, w, s, o, c=cfg: wgmma.wgmma_linear(a, w, s, o, None, c)
                 for launch, fn in launches.items():
-                    got = fn(x, weight, scale, offset)
-                    err = ((got.float() - want).norm() / want.norm()).item()
-                    us = timed([lambda c=c, f=fn, a=x: f(a, *c) for c in copies], reps=8, rounds=5)
+                    try:
+                        got = fn(x, weight, scale, offset)
+                        err = ((got.float() - want).norm() / want.norm()).item()
+                        us = timed([lambda c=c, f=fn, a=x: f(a, *c) for c in copies], reps=8,
+                                   rounds=5)
+                    except Exception as exc:  # past the shared memory
+                        print(f"M {M:4d} {name:8s} {launch}: {type(exc).__name__}", flush=True)
+                        continue
                     print(f"M {M:4d} {name:8s} int{bits} g{group:<4d} {launch:8s} {us:8.1f} us"
                           f"  err {err:.1e}", flush=True)
                     results.append(dict(M=M, shape=name, kind=kind, launch=launch, us=us,

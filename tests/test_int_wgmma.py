@@ -211,7 +211,7 @@ def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):
         int_launch.wgmma_module.cache_clear()
 
 
-@pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64)])
+@pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64), (128, 128)])
 def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     from triton.experimental.gluon import language as gl
 
@@ -274,8 +274,9 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split, block_n in ((1, 128), (4, 128), (2, 64)):
-        cfg = int_wgmma.WgmmaConfig(block_n=block_n, split_k=split, fast=fast)
+    for split, block_n, block_m in ((1, 128, 0), (4, 128, 0), (2, 64, 0), (2, 64, 128),
+                                    (1, 64, 128)):
+        cfg = int_wgmma.WgmmaConfig(block_n=block_n, split_k=split, fast=fast, block_m=block_m)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
-        assert err < 1e-2, (split, err)
+        assert err < 1e-2, (split, block_m, err)

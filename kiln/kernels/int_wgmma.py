@@ -116,7 +116,9 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
                SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
     """out[m, n] = acc[n, m] (+ bias) in out's dtype; with K splits, the last split of the
     tile adds the others' partial sums first (kiln.kernels.split_k's protocol)."""
-    LO: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [WARPS, 1], [0, 1])
+    # past 64 rows, 8 columns a thread (one vector store, one address for 8 values)
+    LO: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WARPS], [0, 1]) if BLOCK_M > 64 \
+        else gl.BlockedLayout([1, 1], [32, 1], [WARPS, 1], [0, 1])
     y = gl.convert_layout(acc, LO)
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LO))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LO))
@@ -312,6 +314,7 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
+    block_m: int = 0  # x rows a program: 0 by M (8, 16, 32, then 64); 128 untimed
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
@@ -320,12 +323,13 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     until the column blocks fill about two waves of the SMs, one at 9-32 rows (53rd
     session, H100, 16 rows: o 14.3 us with half the two waves' split against 33.1, down
     35.4 against 48.4; 12 rows 14.3 and 35.3 against 22.1 and 37.6). KILN_INT_WGMMA_CFG=
-    "block_n,block_k,split_k,stages,fast" overrides (benchmarks; split_k 0: the rule's)."""
+    "block_n,block_k,split_k,stages,fast[,block_m]" overrides (benchmarks; split_k 0: the
+    rule's)."""
     cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
-        bn, bk, split, stages, fast = (int(v) for v in override.split(",")[:5])
-        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast))
+        bn, bk, split, stages, fast, bm = (int(v) for v in (override + ",0").split(",")[:6])
+        cfg = WgmmaConfig(bn, bk, split, stages, bool(fast), bm)
     if cfg.split_k:
         return cfg
     blocks = triton.cdiv(N, cfg.block_n)
@@ -362,7 +366,7 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     N = weight.shape[0]
     cfg = config or wgmma_config(M, N, K)
     G = K // scale.shape[1]
-    block_m = 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
+    block_m = cfg.block_m or (8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64)
     steps = K // cfg.block_k
     k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
