@@ -18,22 +18,24 @@ from kiln.kernels.reference import dequantize_int_weight, pack_int4
 from tests.test_int_wgmma import _hopper
 
 
-def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4):
+def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4,
+             glu: int = 0):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
 
     block_k = 512
     GW = block_k // G
+    rows = block_n // 2 if glu else block_n  # a TMA box's
     s_l = w_l = gl.NVMMASharedLayout(0, 32, 2)
-    values = {"w_desc": f"tensordesc<i32[{block_n},{block_k // 8}],{w_l!r}>",
-              "s_desc": f"tensordesc<fp32[{block_n},{GW}],{s_l!r}>",
-              "o_desc": f"tensordesc<fp32[{block_n},{GW}],{s_l!r}>",
+    values = {"w_desc": f"tensordesc<i32[{rows},{block_k // 8}],{w_l!r}>",
+              "s_desc": f"tensordesc<fp32[{rows},{GW}],{s_l!r}>",
+              "o_desc": f"tensordesc<fp32[{rows},{GW}],{s_l!r}>",
               "x_desc": f"tensordesc<i32[1,{block_k // 2}],{s_l!r}>", "bias_ptr": "*fp32",
               "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "N": 4096,
               "K": 14336, "K_PER_SPLIT": 3584}
     const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
-                 HAS_BIAS=False, SPLIT_K=4, STAGES=stages)
+                 HAS_BIAS=glu > 0, SPLIT_K=1 if glu else 4, STAGES=stages, GLU=glu)
     report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
     sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
                                      warps, 2), "-sass")
@@ -58,7 +60,25 @@ def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
     assert sum("UTMALDG" in t for t in body) == (4 if offsets else 3)  # w, s, (o,) x
     assert not any(re.search(r"\bLDG", t) for t in body)  # everything by TMA
     words = block_n * 512 // 8 // (32 * warps)  # a thread's words a step
-    assert sum("PRMT" in t for t in body) == 4 * words  # int_pairs_asm's unpacking
+    # int_pairs_asm's unpacking: a word's four byte selections (ptxas may add a PRMT of
+    # its own, e.g. 0x5410 packing two halves)
+    assert sum(bool(re.search(r"PRMT.*0x(4400|5511|6622|7733)", t)) for t in body) == 4 * words
+
+
+@pytest.mark.parametrize("G,block_n,glu", [(32, 32, 1), (128, 64, 2)])
+def test_the_glu_epilogue_compiles_with_two_copies_a_tensor(G, block_n, glu):
+    """[gate | up] rows of a program by two TMA boxes a tensor and step (words, scales,
+    offsets; x once), act(gate) * up out of the loop, no spills."""
+    report, sass = _compile(G, block_n, 4, True, glu=glu)
+    assert report.stack_bytes == 0 and report.registers <= 128
+    lines = [(int(m[1], 16), m[2]) for m in
+             re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
+    done = next(a for a, t in lines if "CCTL.IV" in t)
+    back = [(a, int(m[1], 16)) for a, t in lines
+            if a < done and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
+    end, start = max(back, key=lambda b: b[0] - b[1])
+    assert sum("UTMALDG" in t for a, t in lines if start <= a <= end) == 7  # 2 x 3 + x
+    assert any("MUFU.EX2" in t for a, t in lines if a > done)  # the activation, after
 
 
 def test_launch_rules_and_the_switch(monkeypatch):
@@ -92,11 +112,16 @@ def test_groups_of_32_skip_the_pairs_epilogues(monkeypatch):
     x = torch.zeros(1, 1024, dtype=torch.bfloat16)
     monkeypatch.setattr(weight_only.KF, "_triton", lambda x: True)
     monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: None)
-    assert method._one_row(x, layer)
-    monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: int4_gemv_tma.w4_gemv_tma)
-    assert not method._one_row(x, layer)
-    assert method.apply_glu(layer, x, 1) is None
+    assert method._one_row(x) and method._tma_gemv(layer, x) is None
+    calls = []
+    monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: lambda *a, **k: calls.append(k))
+    assert method.apply_glu(layer, x, 1) is None and not calls  # unfused: SiLU*mul after
     assert method.apply_rope(layer, x, None) is None
+    monkeypatch.setattr(int_launch, "GEMV_TMA_GLU", True)  # the TMA GEMV's own epilogue
+    method.has_offset = False
+    layer.bias = None
+    method.apply_glu(layer, x, 2)
+    assert calls == [{"glu": 2}]
 
 
 @pytest.mark.gpu
@@ -162,17 +187,40 @@ def test_gpu_engine_in_groups_of_32_decodes_the_pairs_gemvs_tokens(tmp_path, mon
         progress=False)
     calls = []
     real = int4_gemv_tma.w4_gemv_tma
-    monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     # (8 tokens: the two GEMVs round differently, so a near tie of a random model's
     # logits could part them later on)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     got = {}
-    for switch in ("0", "32"):
+    for switch, glu in (("0", False), ("32", False), ("32", True)):  # (glu: its epilogue)
         monkeypatch.setattr(int_launch, "GEMV_TMA", switch)
+        monkeypatch.setattr(int_launch, "GEMV_TMA_GLU", glu)
         calls.clear()
         llm = LLM(engine_dir, device="cuda")
-        got[switch] = [llm.generate([p], params)[0].token_ids
-                       for p in ([5, 6, 7], list(range(10, 60)))]
+        got[switch, glu] = [llm.generate([p], params)[0].token_ids
+                            for p in ([5, 6, 7], list(range(10, 60)))]
         del llm
         assert bool(calls) == (switch == "32")
-    assert got["32"] == got["0"]
+    assert got["32", False] == got["0", False] == got["32", True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
+@pytest.mark.parametrize("cols,K,G", [(14336, 4096, 32), (14336, 4096, 128), (1000, 1024, 32)])
+@pytest.mark.parametrize("act,bias", [(1, False), (2, True)])
+def test_gpu_glu_epilogue_is_the_act_mul_of_the_stored_gemv(cols, K, G, act, bias):
+    """act(gate) * up out of the kernel: bit for bit kiln's SiLU*mul of the GEMV's stored
+    [gate | up] (the same launch, one K split; ragged columns)."""
+    from kiln.kernels import silu_mul
+
+    gen = torch.Generator(device="cuda").manual_seed(cols + G + act)
+    q = torch.randint(0, 16, (2 * cols, K), device="cuda", dtype=torch.uint8, generator=gen)
+    scale = torch.rand(2 * cols, K // G, device="cuda", generator=gen) * 0.02
+    b = torch.randn(2 * cols, device="cuda", generator=gen).to(torch.bfloat16) if bias else None
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cfg = int4_gemv_tma.GemvTmaConfig(32 if G == 32 else 64, 512, 1, 4, 4)
+    args = (x, pack_int4(q), scale, -8 * scale, b, cfg)
+    stored = int4_gemv_tma.w4_gemv_tma(*args)
+    got = int4_gemv_tma.w4_gemv_tma(*args, glu=act)
+    assert torch.equal(got, silu_mul.silu_and_mul(stored, gelu_tanh=act == 2))

@@ -36,45 +36,92 @@ _XSUM = gl.constexpr(_SUM_ASM.value)  # (x's four pairs) -> their eight values' 
 
 
 @gluon.jit
+def _copy_rows(desc, row0, row1, k, bar, dst, live, HALF: gl.constexpr):
+    """A TMA copy of desc's box at [row0, k] into dst; HALF (GLU): two boxes of HALF rows,
+    at row0 (gate) into dst's first half and at row1 (up) into its second."""
+    if HALF:
+        tma.async_copy_global_to_shared(desc, [row0, k], bar, dst.slice(0, HALF), pred=live)
+        tma.async_copy_global_to_shared(desc, [row1, k], bar, dst.slice(HALF, HALF),
+                                        pred=live)
+    else:
+        tma.async_copy_global_to_shared(desc, [row0, k], bar, dst, pred=live)
+
+
+@gluon.jit
 def _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, step,
-               STAGES: gl.constexpr, k_start, k_end, row0, G: gl.constexpr,
-               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
+               STAGES: gl.constexpr, k_start, k_end, row0, row1, G: gl.constexpr,
+               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr, HALF: gl.constexpr):
     """The split's K step `step` into ring slot step % STAGES by TMA (nothing past the
     split's end): the rows' words, their scales and offsets of the step's groups, and x's
-    pairs, counted on the slot's barrier."""
+    pairs, counted on the slot's barrier (HALF: the rows in two halves, _copy_rows)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
     bar = bars.index(slot)
-    NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
-        s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
+    NBYTES: gl.constexpr = (w_desc.block_type.nbytes + s_desc.block_type.nbytes *
+                            (2 if HAS_OFFSET else 1)) * (2 if HALF else 1) + \
+        x_desc.block_type.nbytes
     mbarrier.expect(bar, NBYTES, pred=live)
-    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
-    tma.async_copy_global_to_shared(s_desc, [row0, k // G], bar, s_ring.index(slot), pred=live)
+    _copy_rows(w_desc, row0, row1, k // 8, bar, w_ring.index(slot), live, HALF)
+    _copy_rows(s_desc, row0, row1, k // G, bar, s_ring.index(slot), live, HALF)
     if HAS_OFFSET:
-        tma.async_copy_global_to_shared(o_desc, [row0, k // G], bar, o_ring.index(slot),
-                                        pred=live)
+        _copy_rows(o_desc, row0, row1, k // G, bar, o_ring.index(slot), live, HALF)
     tma.async_copy_global_to_shared(x_desc, [0, k // 2], bar, x_ring.index(slot), pred=live)
+
+
+@gluon.jit
+def _glu_out(y, bias_ptr, out_ptr, pid_n, cols, BLOCK_N: gl.constexpr,
+             HAS_BIAS: gl.constexpr, GLU: gl.constexpr, WARPS: gl.constexpr):
+    """act(gate) * up of a program's sums y (BLOCK_N / 2 gate rows, then the up rows of
+    the same columns) into out[cols of the program], rounded as kiln's SiLU*mul kernel
+    rounds the stored GEMM (kiln.kernels.silu_mul.act_mul_values; GLU 1: SiLU, 2: tanh
+    GELU)."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    buf.store(y)
+    gl.thread_barrier()
+    gate = buf.slice(0, HALF).load(L1)
+    up = buf.slice(HALF, HALF).load(L1)
+    c = pid_n * HALF + gl.arange(0, HALF, layout=L1)
+    mask = c < cols
+    if HAS_BIAS:
+        gate += gl.load(bias_ptr + c, mask=mask, other=0.0).to(gl.float32)
+        up += gl.load(bias_ptr + cols + c, mask=mask, other=0.0).to(gl.float32)
+    dt: gl.constexpr = out_ptr.dtype.element_ty
+    g = gate.to(dt).to(gl.float32)
+    if GLU == 2:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = 0.5 * g * (2.0 - 2.0 / (gl.exp(2.0 * z) + 1.0))
+    else:
+        act = g / (1.0 + gl.exp(-g))
+    out = act.to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
+    gl.store(out_ptr + c, out.to(dt), mask=mask)
 
 
 @gluon.jit
 def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_ptr,
                         count_ptr, N, K, K_PER_SPLIT, G: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
-                        HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr):
+                        HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
+                        GLU: gl.constexpr = 0):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
-    [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor."""
-    WT: gl.constexpr = G // 8  # a thread's words of a row in a step: one group
+    [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
+    2 tanh GELU; one split): w is [gate | up], a program's rows BLOCK_N / 2 columns of
+    each, and out [0, N / 2] = act(gate) * up (_glu_out)."""
+    WT: gl.constexpr = 4  # a thread's words of a row in a step: a slice of 32 values
+    SPG: gl.constexpr = G // 32  # slices a group
     GW: gl.constexpr = BLOCK_K // G  # groups a step
+    TR: gl.constexpr = 32 // (GW * SPG)  # rows of a warp (BLOCK_K / 32 slices a row)
     WARPS: gl.constexpr = gl.num_warps()
-    L3: gl.constexpr = gl.BlockedLayout([1, 1, WT], [32 // GW, GW, 1], [WARPS, 1, 1],
-                                        [2, 1, 0])
-    LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
-    LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BLOCK_N, GW]
-    LX: gl.constexpr = gl.SliceLayout(0, L3)  # [GW, WT]: x's pairs of a thread's words
-    L4: gl.constexpr = gl.BlockedLayout([1, 1, WT, 4], [32 // GW, GW, 1, 1],
-                                        [WARPS, 1, 1, 1], [3, 2, 1, 0])
+    L5: gl.constexpr = gl.BlockedLayout([1, 1, 1, WT, 4], [TR, GW, SPG, 1, 1],
+                                        [WARPS, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    L4: gl.constexpr = gl.SliceLayout(4, L5)  # [BLOCK_N, GW, SPG, WT]: the words
+    LA: gl.constexpr = gl.SliceLayout(3, L4)  # [BLOCK_N, GW, SPG]: a slice's sums
+    LS: gl.constexpr = gl.SliceLayout(2, LA)  # [BLOCK_N, GW]: scales, offsets
+    LX: gl.constexpr = gl.SliceLayout(0, L4)  # [GW, SPG, WT]: x's pairs of a thread's words
+    LW2: gl.constexpr = gl.BlockedLayout([1, WT], [TR, GW * SPG], [WARPS, 1], [1, 0])
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
@@ -87,47 +134,54 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
 
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
-    row0 = pid_n * BLOCK_N
+    HALF: gl.constexpr = BLOCK_N // 2 if GLU else 0
+    row0 = pid_n * (HALF if GLU else BLOCK_N)
+    row1 = N // 2 + row0  # (GLU: the up rows)
     for s in gl.static_range(STAGES):  # (a slot is refilled as soon as it is read)
         _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, s,
-                   STAGES, k_start, k_end, row0, G, BLOCK_K, HAS_OFFSET)
-    acc = gl.zeros([BLOCK_N, GW], gl.float32, layout=LS)
+                   STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF)
+    acc = gl.zeros([BLOCK_N, GW, SPG], gl.float32, layout=LA)
     i = 0
     for _k in range(k_start, k_end, BLOCK_K):
         slot = i % STAGES
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        words = gl.convert_layout(gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, WT]),
-                                  L3, assert_trivial=True)
+        words = gl.convert_layout(
+            gl.reshape(w_ring.index(slot).load(LW2), [BLOCK_N, GW, SPG, WT]), L4,
+            assert_trivial=True)
         # x's pairs of the thread's words, 16 bytes a word, split into pair 0..3 of each
-        xw = x_ring.index(slot).reshape([GW, WT, 4]).load(gl.SliceLayout(0, L4))
-        even, odd = gl.split(gl.reshape(xw, [GW, WT, 2, 2]))  # pairs 0, 2 and 1, 3
+        xw = x_ring.index(slot).reshape([GW, SPG, WT, 4]).load(gl.SliceLayout(0, L5))
+        even, odd = gl.split(gl.reshape(xw, [GW, SPG, WT, 2, 2]))  # pairs 0, 2 and 1, 3
         x0, x2 = gl.split(even)
         x1, x3 = gl.split(odd)
-        x0 = gl.convert_layout(x0, LX, assert_trivial=True)[None, :, :]
-        x1 = gl.convert_layout(x1, LX, assert_trivial=True)[None, :, :]
-        x2 = gl.convert_layout(x2, LX, assert_trivial=True)[None, :, :]
-        x3 = gl.convert_layout(x3, LX, assert_trivial=True)[None, :, :]
+        x0 = gl.convert_layout(x0, LX, assert_trivial=True)[None]
+        x1 = gl.convert_layout(x1, LX, assert_trivial=True)[None]
+        x2 = gl.convert_layout(x2, LX, assert_trivial=True)[None]
+        x3 = gl.convert_layout(x3, LX, assert_trivial=True)[None]
         scale = s_ring.index(slot).load(LS)
-        shape: gl.constexpr = [BLOCK_N, GW, WT]
+        shape: gl.constexpr = [BLOCK_N, GW, SPG, WT]
         dots = gl.inline_asm_elementwise(
             _DOT, "=f,r,r,r,r,r", [words, x0.broadcast_to(shape), x1.broadcast_to(shape),
                                    x2.broadcast_to(shape), x3.broadcast_to(shape)],
             dtype=gl.float32, is_pure=True, pack=1)
-        acc += scale * gl.sum(dots, axis=2)
+        acc += scale[:, :, None] * gl.sum(dots, axis=3)
         if HAS_OFFSET:
             xsum = gl.inline_asm_elementwise(_XSUM, "=f,r,r,r,r", [x0, x1, x2, x3],
                                              dtype=gl.float32, is_pure=True, pack=1)
-            acc += o_ring.index(slot).load(LS) * gl.sum(xsum, axis=2)
+            acc += o_ring.index(slot).load(LS)[:, :, None] * gl.sum(xsum, axis=3)
         # every thread has read the slot (a CTA barrier): it takes the step STAGES ahead
         gl.thread_barrier()
         _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars,
-                   i + STAGES, STAGES, k_start, k_end, row0, G, BLOCK_K, HAS_OFFSET)
+                   i + STAGES, STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET,
+                   HALF)
         i += 1
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
-    y = gl.sum(acc, axis=1)
-    _store_out(y[:, None], bias_ptr, out_ptr, part_ptr, count_ptr, 1, N, N, pid_n, pid_k, 0,
-               BLOCK_N, 1, HAS_BIAS, SPLIT_K, WARPS)
+    y = gl.sum(gl.sum(acc, axis=2), axis=1)
+    if GLU:
+        _glu_out(y, bias_ptr, out_ptr, pid_n, N // 2, BLOCK_N, HAS_BIAS, GLU, WARPS)
+    else:
+        _store_out(y[:, None], bias_ptr, out_ptr, part_ptr, count_ptr, 1, N, N, pid_n, pid_k,
+                   0, BLOCK_N, 1, HAS_BIAS, SPLIT_K, WARPS)
 
 
 @dataclass(frozen=True)
@@ -170,32 +224,36 @@ def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor | None, bias: torch.Tensor | None,
-                config: GemvTmaConfig | None = None) -> torch.Tensor:
+                config: GemvTmaConfig | None = None, glu: int = 0) -> torch.Tensor:
     """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
-    offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16."""
+    offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16; glu 1 / 2 (a [gate | up] weight):
+    act(gate) * up [1, N / 2] (SiLU / tanh GELU, rounded as kiln.kernels.silu_mul's; K in
+    one split)."""
     _, K = x.shape
     N = weight.shape[0]
     G = K // scale.shape[1]
     cfg = config or gemv_tma_config(N, K, G)
     GW = cfg.block_k // G
     steps = K // cfg.block_k
-    k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
+    k_per_split = K if glu else \
+        triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, cfg.block_n), split)
+    rows = cfg.block_n // 2 if glu else cfg.block_n  # a TMA box's weight rows
+    out = torch.empty(1, N // 2 if glu else N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(out.shape[1], rows), split)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
     # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
     # at least 16 bytes wide; no swizzle (the threads read rows of words, not wgmma)
     assert cfg.block_k <= 512 and GW >= 4 and cfg.block_k % G == 0, cfg
+    assert not glu or N % 2 == 0 and cfg.block_n % 2 == 0, (N, cfg)
     words = weight.view(torch.int32)
     flat = gl.NVMMASharedLayout(0, 32, 2)
     w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1],
-                              [cfg.block_n, cfg.block_k // 8], flat)
-    s_layout = flat
+                              [rows, cfg.block_k // 8], flat)
     o = offset if offset is not None else scale
-    s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, GW],
-                                       s_layout) for t in (scale, o))
+    s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, GW], flat)
+                      for t in (scale, o))
     pairs = x.view(torch.int32)
     x_desc = TensorDescriptor(pairs, [1, K // 2], [pairs.stride(0), 1], [1, cfg.block_k // 2],
                               flat)
@@ -203,5 +261,6 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               scale, out, part, counters, N, K, k_per_split, G=G,
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
-                              SPLIT_K=split, STAGES=cfg.stages, num_warps=cfg.num_warps)
+                              SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
+                              num_warps=cfg.num_warps)
     return out

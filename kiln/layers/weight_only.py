@@ -114,7 +114,14 @@ class IntWeightMethod(LinearMethod):
         """act(gate) * up of a merged [gate | up] int4 layer at one bfloat16 row on a GPU by
         the one-row GEMV's GLU epilogue (act 1: SiLU, 2: tanh GELU), or None where it does
         not take x (kiln.kernels.int_gemv_epilogues.int4_glu)."""
-        if not self._one_row(x, layer):
+        tma = self._tma_gemv(layer, x)
+        if tma is not None:  # the TMA-fed GEMV's own GLU epilogue (opt-in), or unfused
+            from kiln.kernels.int_launch import GEMV_TMA_GLU
+
+            return tma(x, layer.weight, layer.weight_scale,
+                       layer.weight_offset if self.has_offset else None, layer.bias,
+                       glu=act) if GEMV_TMA_GLU else None
+        if not self._one_row(x):
             return None
         from kiln.kernels.int_gemv_epilogues import int4_glu
 
@@ -127,22 +134,27 @@ class IntWeightMethod(LinearMethod):
         v written into rope's caches (a kiln.kernels.gemv_swap_rope.RopeArgs), by the
         one-row GEMV's epilogue; None where it does not take x
         (kiln.kernels.int_gemv_epilogues.int4_rope)."""
-        if not self._one_row(x, layer):
+        if not self._one_row(x) or self._tma_gemv(layer, x) is not None:
             return None
         from kiln.kernels.int_gemv_epilogues import int4_rope
 
         return int4_rope(x, layer.weight, layer.weight_scale,
                          layer.weight_offset if self.has_offset else None, layer.bias, rope)
 
-    def _one_row(self, x: torch.Tensor, layer: LinearBase) -> bool:
-        """One bfloat16 row of int4 on a GPU (or the interpreter): the epilogues' input,
-        unless the TMA-fed GEMV takes the product (kiln.kernels.int_launch.tma_gemv: the
-        unfused launches are then faster)."""
+    def _one_row(self, x: torch.Tensor) -> bool:
+        """One bfloat16 row of int4 on a GPU (or the interpreter): the epilogues' input."""
+        return self.bits == 4 and x.dim() == 2 and x.shape[0] == 1 and \
+            x.dtype == torch.bfloat16 and KF._triton(x)
+
+    def _tma_gemv(self, layer: LinearBase, x: torch.Tensor):
+        """The TMA-fed GEMV where it takes this one-row product
+        (kiln.kernels.int_launch.tma_gemv), else None: the pairs GEMV's epilogues are then
+        not taken (the unfused launches are faster, 54th session)."""
+        if not self._one_row(x):
+            return None
         from kiln.kernels.int_launch import tma_gemv
 
-        return self.bits == 4 and x.dim() == 2 and x.shape[0] == 1 and \
-            x.dtype == torch.bfloat16 and KF._triton(x) and \
-            tma_gemv(x, layer.weight, layer.weight_scale) is None
+        return tma_gemv(x, layer.weight, layer.weight_scale)
 
     def store(self, layer: LinearBase, q: torch.Tensor, scale: torch.Tensor,
               offset: torch.Tensor | None) -> None:
