@@ -2,9 +2,9 @@
 GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
 bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
 in 64-row blocks (kiln.kernels.int_wgmma) and in 128-row blocks with 3 / 4 ring stages
-(gluon128s3 / s4), and bf16 cuBLAS, on Llama-3.1-8B's decoder
-linears; us a call in a CUDA graph on cold weights (int_gemv_bench.timed), each checked
-against the float32 reference.
+(gluon128s3 / s4), Triton tiles (int4 magic, int8 on digit planes) and bf16 cuBLAS, on
+Llama-3.1-8B's decoder linears; us a call in a CUDA graph on cold weights
+(int_gemv_bench.timed), each checked against the float32 reference.
 
     python benchmarks/int_prefill_bench.py OUT.json [--rows 65,128,256] [--kinds 4:128,4:32,8:0]
 
@@ -58,6 +58,18 @@ def main() -> None:
                                                   stages=stages)
                         launches[f"gluon{bm}s{stages}"] = \
                             lambda a, w, s, o, c=cfg: wgmma.wgmma_linear(a, w, s, o, None, c)
+                # Triton tiles kiln has for decode batches, at prompt rows (untimed there):
+                # int4 transposed + magic (16-64 rows' default before Gluon), int8 on x's
+                # digit planes (int8 tensor cores; 17-64 rows' default)
+                tiles = {"magic64": int_gemm.IntGemmConfig(64, 64, 128, 4, 3, split_k=2,
+                                                           swap=True, magic=True),
+                         "magic128": int_gemm.IntGemmConfig(128, 64, 128, 8, 3, swap=True,
+                                                            magic=True)} if bits == 4 else {
+                    "digits64": int_gemm.IntGemmConfig(64, 64, 128, 4, 3, digits=True),
+                    "digits128": int_gemm.IntGemmConfig(128, 128, 128, 8, 3, digits=True)}
+                for label, cfg in tiles.items():
+                    launches[label] = lambda a, w, s, o, c=cfg: int_gemm.int_weight_linear(
+                        a, w, s, o, config=c)
                 for launch, fn in launches.items():
                     try:
                         got = fn(x, weight, scale, offset)
