@@ -1,4 +1,5 @@
-"""kiln.kernels.int4_gemv_tma: the TMA-fed one-row int4 GEMV (Gluon, Hopper; opt-in).
+"""kiln.kernels.int4_gemv_tma: the TMA-fed one-row int4 GEMV (Gluon, Hopper; groups of
+32 by default).
 
 Its arithmetic is int_pairs_asm's PTX (tested there through the interpreter's
 emulation); on the CPU the kernel is compiled for sm_90 (no spills, every layout change

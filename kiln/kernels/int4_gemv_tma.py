@@ -1,5 +1,6 @@
-"""The one-row int4 GEMV on Hopper fed by TMA, in Gluon (opt-in: KILN_INT4_GEMV_TMA=1;
-written in the 53rd session without a GPU: compiled for sm_90 only).
+"""The one-row int4 GEMV on Hopper fed by TMA, in Gluon: the default for groups of 32
+(GGUF's Q4 layouts) since the 54th session (kiln.kernels.int_launch.GEMV_TMA; written in
+the 53rd).
 
 kiln's one-row int4 GEMV (kiln.kernels.int_gemv_pairs) reads its words into registers
 and is bound by memory latency at about half the copy bandwidth (the 28th session's
@@ -10,10 +11,12 @@ program keeps tens of KB in flight whatever its registers.
 
 The arithmetic is int_gemv_pairs': a word's eight values become bfloat16 pairs
 2^7 + q - 128 and multiply x's pairs in packed bfloat16 FMAs (kiln.kernels.int_pairs_asm,
-the same PTX), the pairs' halves meet in float32 once a word; a thread takes one group of
-a row (G / 8 words), so y = sum over groups of s * sum(q x) + o * sum(x). x's pairs come
-by TMA too, one copy a step; each thread reads its words' pairs from shared memory. K
-splits meet in the kernel (kiln.kernels.split_k's protocol, int_wgmma._store_out).
+the same PTX), the pairs' halves meet in float32 once a word; a thread takes a 32-value
+slice of a row a step (4 words; 16 lanes a row), so y = sum over slices of s * sum(q x)
++ o * sum(x) with the slice's group's s and o. x's pairs come by TMA too, one copy a
+step; each thread reads its words' pairs from shared memory. K splits meet in the kernel
+(kiln.kernels.split_k's protocol, int_wgmma._store_out). An opt-in GLU epilogue
+(KILN_INT4_GEMV_TMA_GLU=1, not yet run on a GPU) takes a merged gate-up: _glu_out.
 """
 
 from __future__ import annotations
@@ -218,7 +221,7 @@ def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and G in (32, 64, 128) and \
         K % block_k == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and \
         x.data_ptr() % 16 == 0 and \
-        scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and \
+        scale.dtype == torch.float32 and scale.stride(1) == 1 and scale.stride(0) % 4 == 0 and \
         weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
 
 

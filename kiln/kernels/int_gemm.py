@@ -11,7 +11,9 @@ the factored tiles, int8's default, apply scale and offset to sums of q x instea
 same product without rounding w to x's dtype.)
 
 Picked by the number of rows M (the launch: kiln.kernels.int_launch):
-* M == 1: kiln.kernels.int_gemv1 (32-bit words, integer-only unpacking, see there); opt-in
+* M == 1: int4 in groups of 32 on Hopper, kiln.kernels.int4_gemv_tma (TMA-fed); int4
+  with bfloat16 x, kiln.kernels.int_gemv_pairs; else kiln.kernels.int_gemv1 (32-bit words,
+  integer-only unpacking, see there); opt-in
   (IntGemmConfig.digits, measured 2x slower), kiln.kernels.int_gemv_digits: integer dp4a
   products with x as three signed-byte digit planes.
 * 2 <= M <= GEMV_ROWS (4): int4 with bfloat16 x, the pairs GEMV for all rows at once
@@ -21,6 +23,9 @@ Picked by the number of rows M (the launch: kiln.kernels.int_launch):
   (kiln.kernels.int_gemv_rows). Measured on an H200 at 4 rows (fifteenth session) both
   lose to 16-row tl.dot tiles: the plain GEMV by 6.7x (1,136 vs 170 us a layer: its
   products spill), the factored one by 1.1-1.4x.
+* 5-128 rows, int4 on Hopper: kiln.kernels.int_wgmma (Gluon; past 32 rows gate_up and
+  down only). 65-255 rows otherwise on a GPU: as from DEQUANT_ROWS, but int8 where the
+  128 x 128 tiles fill the SMs (int_launch.dequant_first).
 * 2 <= M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
   rows: K split when the tiles are few). int8 per channel from 17 rows, and at large N
@@ -307,7 +312,7 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     if x.stride(-1) != 1:
         x = x.contiguous()
     if config is None and M == 1 and bits == 4 and (gemv := tma_gemv(x, weight, scale)):
-        return gemv(x, weight, scale, offset, bias)  # TMA-fed (Hopper, opt-in)
+        return gemv(x, weight, scale, offset, bias)  # TMA-fed (Hopper, groups of 32)
     if config is None and x.is_cuda and wgmma_takes(M, N, K, bits):
         wgmma = wgmma_module(bits)  # Hopper's warpgroup MMA (Gluon)
         if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale, offset):
