@@ -8,9 +8,10 @@
 #      default (TMA, unfused SiLU*mul) vs KILN_INT4_GEMV_TMA_GLU=1; groups of 128, default
 #      (pairs GEMV + epilogues) vs the TMA GEMV on every linear with its GLU epilogue
 #      (rotary unfused); #10's target is 450 tok/s at groups of 128 (425.0 / 425.9 now)
-#   c (~5 min): linears at 65-256 rows (int_prefill_bench.py: the Gluon 128-row blocks,
+#   c (~7 min): linears at 65-200 rows (int_prefill_bench.py: the Gluon 128-row blocks,
 #      the magic / digit-plane tiles), then 128 requests of 128 / 256 int4 vs bf16
-#      (0.65x in the 54th) with the 128-row blocks if they won (set KILN_INT_WGMMA_CFG)
+#      (0.65x in the 54th), then #10's 64 x 512 / 256 int4 vs bf16 on the H200 (0.83x in
+#      the 32nd, before the Gluon kernel; 1.015x on an H100 in the 52nd)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:$PWD/benchmarks KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFERED=1
@@ -38,6 +39,12 @@ c) timeout 300 python3 benchmarks/int_prefill_bench.py "$OUT/prefill.json" --row
    run t128 int4 int4:throughput-few
    NUM_REQUESTS=128 RUN_TAG=-bf16 EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=150 \
      bash benchmarks/gpu_suite.sh throughput-few 2>&1 | grep -E "kiln |rror" \
-     | sed "s/^/[bf16] /" | tee -a "$OUT/t128.log" ;;
+     | sed "s/^/[bf16] /" | tee -a "$OUT/t128.log"
+   for i in 1 2; do  # (int4's and bf16's engines built above)
+     run t64 int4-$i int4:throughput-64
+     RUN_TAG=-bf16-$i EXTRA_ARGS="--load-format dummy" STAGE_TIMEOUT=150 \
+       bash benchmarks/gpu_suite.sh throughput-64 2>&1 | grep -E "kiln |rror" \
+       | sed "s/^/[bf16-$i] /" | tee -a "$OUT/t64.log"
+   done ;;
 esac
 rm -f "$OUT"/*.png
