@@ -20,23 +20,28 @@ from tests.test_int_wgmma import _hopper
 
 
 def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4,
-             glu: int = 0):
+             glu: int = 0, rope_half: int = 0):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
 
     block_k = 512
     GW = block_k // G
-    rows = block_n // 2 if glu else block_n  # a TMA box's
+    rows = block_n // 2 if glu or rope_half else block_n  # a TMA box's
     s_l = w_l = gl.NVMMASharedLayout(0, 32, 2)
     values = {"w_desc": f"tensordesc<i32[{rows},{block_k // 8}],{w_l!r}>",
               "s_desc": f"tensordesc<fp32[{rows},{GW}],{s_l!r}>",
               "o_desc": f"tensordesc<fp32[{rows},{GW}],{s_l!r}>",
               "x_desc": f"tensordesc<i32[1,{block_k // 2}],{s_l!r}>", "bias_ptr": "*fp32",
               "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "N": 4096,
-              "K": 14336, "K_PER_SPLIT": 3584}
+              "K": 14336, "K_PER_SPLIT": 3584, "pos_ptr": "*i64", "cs_ptr": "*fp32",
+              "kc_ptr": "*bf16", "vc_ptr": "*bf16", "slot_ptr": "*i64",
+              **dict.fromkeys(("num_heads", "num_kv_heads", "block_size", "stride_cs",
+                               "stride_cb", "stride_cslot", "stride_ch", "stride_vs",
+                               "stride_vh", "stride_vd"), "i32")}
     const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
-                 HAS_BIAS=glu > 0, SPLIT_K=1 if glu else 4, STAGES=stages, GLU=glu)
+                 HAS_BIAS=glu > 0 or rope_half > 0, SPLIT_K=1 if glu or rope_half else 4,
+                 STAGES=stages, GLU=glu, ROPE_HALF=rope_half)
     report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
     sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
                                      warps, 2), "-sass")
@@ -66,11 +71,14 @@ def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
     assert sum(bool(re.search(r"PRMT.*0x(4400|5511|6622|7733)", t)) for t in body) == 4 * words
 
 
-@pytest.mark.parametrize("G,block_n,glu", [(32, 32, 1), (128, 64, 2)])
-def test_the_glu_epilogue_compiles_with_two_copies_a_tensor(G, block_n, glu):
-    """[gate | up] rows of a program by two TMA boxes a tensor and step (words, scales,
-    offsets; x once), act(gate) * up out of the loop, no spills."""
-    report, sass = _compile(G, block_n, 4, True, glu=glu)
+@pytest.mark.parametrize("G,block_n,glu,rope_half", [(32, 32, 1, 0), (128, 64, 2, 0),
+                                                    (32, 32, 0, 64), (128, 64, 0, 32)])
+def test_the_glu_and_rope_epilogues_compile_with_two_copies_a_tensor(G, block_n, glu,
+                                                                    rope_half):
+    """[gate | up] rows, or a head's dims and those they rotate with, of a program by two
+    TMA boxes a tensor and step (words, scales, offsets; x once), the epilogue out of the
+    loop (act(gate) * up: an exp; the rotary: stores to q and the caches), no spills."""
+    report, sass = _compile(G, block_n, 4, True, glu=glu, rope_half=rope_half)
     assert report.stack_bytes == 0 and report.registers <= 128
     lines = [(int(m[1], 16), m[2]) for m in
              re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
@@ -79,7 +87,11 @@ def test_the_glu_epilogue_compiles_with_two_copies_a_tensor(G, block_n, glu):
             if a < done and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
     end, start = max(back, key=lambda b: b[0] - b[1])
     assert sum("UTMALDG" in t for a, t in lines if start <= a <= end) == 7  # 2 x 3 + x
-    assert any("MUFU.EX2" in t for a, t in lines if a > done)  # the activation, after
+    after = [t for a, t in lines if a > done]
+    if glu:
+        assert any("MUFU.EX2" in t for t in after)  # the activation
+    else:  # q or a k head rotated, or a v head: four pairs of stores a path
+        assert sum(bool(re.search(r"\bSTG", t)) for t in after) >= 6
 
 
 def test_launch_rules_and_the_switch(monkeypatch):
@@ -123,6 +135,10 @@ def test_groups_of_32_skip_the_pairs_epilogues(monkeypatch):
     layer.bias = None
     method.apply_glu(layer, x, 2)
     assert calls == [{"glu": 2}]
+    monkeypatch.setattr(int_launch, "GEMV_TMA_ROPE", True)  # and its rotary epilogue
+    monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma_rope", lambda *a: calls.append(a[-1]))
+    method.apply_rope(layer, x, "rope")
+    assert calls[-1] == "rope"
 
 
 @pytest.mark.gpu
@@ -194,13 +210,14 @@ def test_gpu_engine_in_groups_of_32_decodes_the_pairs_gemvs_tokens(tmp_path, mon
     # logits could part them later on)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     got = {}
-    for switch, glu in (("0", False), ("32", False), ("32", True)):  # (glu: its epilogue)
+    for switch, fused in (("0", False), ("32", False), ("32", True)):  # (its epilogues)
         monkeypatch.setattr(int_launch, "GEMV_TMA", switch)
-        monkeypatch.setattr(int_launch, "GEMV_TMA_GLU", glu)
+        monkeypatch.setattr(int_launch, "GEMV_TMA_GLU", fused)
+        monkeypatch.setattr(int_launch, "GEMV_TMA_ROPE", fused)
         calls.clear()
         llm = LLM(engine_dir, device="cuda")
-        got[switch, glu] = [llm.generate([p], params)[0].token_ids
-                            for p in ([5, 6, 7], list(range(10, 60)))]
+        got[switch, fused] = [llm.generate([p], params)[0].token_ids
+                              for p in ([5, 6, 7], list(range(10, 60)))]
         del llm
         assert bool(calls) == (switch == "32")
     assert got["32", False] == got["0", False] == got["32", True]
@@ -225,3 +242,64 @@ def test_gpu_glu_epilogue_is_the_act_mul_of_the_stored_gemv(cols, K, G, act, bia
     stored = int4_gemv_tma.w4_gemv_tma(*args)
     got = int4_gemv_tma.w4_gemv_tma(*args, glu=act)
     assert torch.equal(got, silu_mul.silu_and_mul(stored, gelu_tanh=act == 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
+@pytest.mark.parametrize("G,head_dim,v_t,slot", [(32, 128, False, 5), (128, 64, True, -1),
+                                                 (32, 64, True, 9)])
+def test_gpu_rope_epilogue_is_the_rotary_of_the_stored_gemv(G, head_dim, v_t, slot):
+    """rotary(q), rotary(k) and v into the paged caches out of the kernel: v the bits of
+    the stored GEMV's, q and k within the bound of an emulation of HF's roundings (compiled
+    kernels contract products into FMAs: tests/test_int4_rope.py), the rest of the cache
+    untouched, no cache write for a slot < 0."""
+    from kiln.kernels.gemv_swap_rope import RopeArgs
+    from kiln.kernels.rotary_kv import rotary_and_write_kv
+    from tests.test_gemv_swap_epilogues import _rotary_emulated
+
+    heads, kv_heads, K, bs, blocks = 8, 2, 1024, 4, 6
+    N = (heads + 2 * kv_heads) * head_dim
+    gen = torch.Generator(device="cuda").manual_seed(G + head_dim)
+    q4 = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=gen)
+    scale = torch.rand(N, K // G, device="cuda", generator=gen) * 0.02
+    bias = (torch.randn(N, device="cuda", generator=gen) * 0.1).to(torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pos = torch.tensor([27], device="cuda")
+    slots = torch.tensor([slot], device="cuda")
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim)
+    ang = torch.arange(32, device="cuda").float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], 1)
+    shape_v = (blocks, kv_heads, head_dim, bs) if v_t else (blocks, bs, kv_heads, head_dim)
+    kc = torch.randn(blocks, bs, kv_heads, head_dim, device="cuda").to(torch.bfloat16)
+    vc = torch.randn(*shape_v, device="cuda").to(torch.bfloat16)
+    mine = (kc.clone(), vc.clone())
+    args = (x, pack_int4(q4), scale, -8 * scale, bias)
+    stored = int4_gemv_tma.w4_gemv_tma(*args)
+    q, k, v = stored.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+    rotary_and_write_kv(q, k, v, pos, cos_sin, kc, vc, slots, head_dim)
+    got = int4_gemv_tma.w4_gemv_tma_rope(*args, RopeArgs(pos, cos_sin, *mine, slots, heads,
+                                                         kv_heads))
+    assert got is not None and got.shape == (1, heads * head_dim)
+    assert torch.equal(mine[1], vc)
+    checks = [(got, q)]
+    rest = torch.ones(blocks * bs, dtype=torch.bool, device="cuda")
+    if slot >= 0:
+        checks.append((mine[0].view(-1, kv_heads * head_dim)[slot:slot + 1], k))
+        rest[slot] = False
+    assert torch.equal(mine[0].view(blocks * bs, -1)[rest], kc.view(blocks * bs, -1)[rest])
+    for ours, src in checks:
+        emu, bound = _rotary_emulated(src, pos, cos_sin, head_dim)
+        assert bool(((ours.float() - emu.float()).abs() <= bound).all())
+
+
+def test_rope_takes_whole_heads_of_the_fused_qkv():
+    from kiln.kernels.gemv_swap_rope import RopeArgs
+
+    def rope(head_dim, heads=8, kv_heads=2):
+        z = torch.zeros(1)
+        return RopeArgs(z, torch.zeros(32, head_dim), z, z, z, heads, kv_heads)
+
+    assert int4_gemv_tma.rope_takes(12 * 128, rope(128), 32)  # 4 programs a head
+    assert int4_gemv_tma.rope_takes(12 * 64, rope(64), 64)  # one
+    assert not int4_gemv_tma.rope_takes(12 * 128 + 8, rope(128), 32)  # not q, k, v heads
+    assert not int4_gemv_tma.rope_takes(12 * 16, rope(16), 32)  # a program past a head

@@ -22,6 +22,7 @@ step; each thread reads its words' pairs from shared memory. K splits meet in th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -33,6 +34,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
 from kiln.kernels.int_wgmma import _ring_barriers, _store_out
 from kiln.kernels.split_k import split_k_counters
+
+if TYPE_CHECKING:
+    from kiln.kernels.gemv_swap_rope import RopeArgs
 
 _DOT = gl.constexpr(_PAIRS_UNSIGNED.value)  # (word, x's four pairs) -> sum q x, float32
 _XSUM = gl.constexpr(_SUM_ASM.value)  # (x's four pairs) -> their eight values' sum
@@ -103,16 +107,74 @@ def _glu_out(y, bias_ptr, out_ptr, pid_n, cols, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
+def _rope_out(y, bias_ptr, q_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads,
+              num_kv_heads, block_size, stride_cs, stride_cb, stride_cslot, stride_ch,
+              stride_vs, stride_vh, stride_vd, BLOCK_N: gl.constexpr,
+              ROPE_HALF: gl.constexpr, HAS_BIAS: gl.constexpr, WARPS: gl.constexpr):
+    """A program's sums y of one head's dims (BLOCK_N / 2 of its first half, then the dims
+    they rotate with) through the rotary + KV write of kiln.kernels.rotary_kv, rounded as
+    kiln.kernels.gemv_swap_rope.rope_epilogue rounds the stored GEMM: a q head rotated into
+    q_ptr, a k head rotated and a v head as it is into the paged caches at the token's
+    slot (< 0: not written)."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    buf.store(y)
+    gl.thread_barrier()
+    x1 = buf.slice(0, HALF).load(L1)
+    x2 = buf.slice(HALF, HALF).load(L1)
+    head = pid_n // (ROPE_HALF // HALF)
+    d = pid_n % (ROPE_HALF // HALF) * HALF + gl.arange(0, HALF, layout=L1)
+    if HAS_BIAS:
+        x1 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + d).to(gl.float32)
+        x2 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + ROPE_HALF + d).to(gl.float32)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    b1 = x1.to(dt)
+    b2 = x2.to(dt)
+    a1 = b1.to(gl.float32)
+    a2 = b2.to(gl.float32)
+    row = cs_ptr + gl.load(pos_ptr).to(gl.int64) * stride_cs + d
+    cos = gl.load(row).to(dt).to(gl.float32)
+    sin = gl.load(row + ROPE_HALF).to(dt).to(gl.float32)
+    y1 = ((a1 * cos).to(dt).to(gl.float32) + (-a2 * sin).to(dt).to(gl.float32)).to(dt)
+    y2 = ((a2 * cos).to(dt).to(gl.float32) + (a1 * sin).to(dt).to(gl.float32)).to(dt)
+    if head < num_heads:
+        q_at = q_ptr + head * (2 * ROPE_HALF) + d
+        gl.store(q_at, y1)
+        gl.store(q_at + ROPE_HALF, y2)
+    else:
+        slot = gl.load(slot_ptr).to(gl.int64)
+        if slot >= 0:
+            block = slot // block_size * stride_cb
+            within = slot % block_size
+            if head < num_heads + num_kv_heads:
+                k_at = kc_ptr + block + within * stride_cslot + (head - num_heads) * stride_ch + d
+                gl.store(k_at, y1)
+                gl.store(k_at + ROPE_HALF, y2)
+            else:  # v: as stored (its own strides: V may be transposed in each block)
+                v_at = vc_ptr + block + within * stride_vs + \
+                    (head - num_heads - num_kv_heads) * stride_vh + d * stride_vd
+                gl.store(v_at, b1)
+                gl.store(v_at + ROPE_HALF * stride_vd, b2)
+
+
+@gluon.jit
 def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_ptr,
-                        count_ptr, N, K, K_PER_SPLIT, G: gl.constexpr, BLOCK_N: gl.constexpr,
+                        count_ptr, N, K, K_PER_SPLIT, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                        num_heads, num_kv_heads, block_size, stride_cs, stride_cb,
+                        stride_cslot, stride_ch, stride_vs, stride_vh, stride_vd,
+                        G: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                        GLU: gl.constexpr = 0):
+                        GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
     [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
     2 tanh GELU; one split): w is [gate | up], a program's rows BLOCK_N / 2 columns of
-    each, and out [0, N / 2] = act(gate) * up (_glu_out)."""
+    each, and out [0, N / 2] = act(gate) * up (_glu_out). ROPE_HALF (head_dim / 2; one
+    split): w is the fused QKV, a program's rows BLOCK_N / 2 dims of a head's first half
+    and the dims they rotate with, out the rotated q (_rope_out; pos_ptr ..: its
+    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args)."""
     WT: gl.constexpr = 4  # a thread's words of a row in a step: a slice of 32 values
     SPG: gl.constexpr = G // 32  # slices a group
     GW: gl.constexpr = BLOCK_K // G  # groups a step
@@ -137,9 +199,13 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
 
     k_start = pid_k * K_PER_SPLIT
     k_end = gl.minimum(k_start + K_PER_SPLIT, K)
-    HALF: gl.constexpr = BLOCK_N // 2 if GLU else 0
-    row0 = pid_n * (HALF if GLU else BLOCK_N)
-    row1 = N // 2 + row0  # (GLU: the up rows)
+    HALF: gl.constexpr = BLOCK_N // 2 if GLU or ROPE_HALF else 0
+    if ROPE_HALF:  # a head's dims (pid_n % per head) * HALF .., then those + ROPE_HALF
+        row0 = pid_n // (ROPE_HALF // HALF) * (2 * ROPE_HALF) + pid_n % (ROPE_HALF // HALF) * HALF
+        row1 = row0 + ROPE_HALF
+    else:
+        row0 = pid_n * (HALF if GLU else BLOCK_N)
+        row1 = N // 2 + row0  # (GLU: the up rows)
     for s in gl.static_range(STAGES):  # (a slot is refilled as soon as it is read)
         _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, s,
                    STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF)
@@ -182,6 +248,11 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     y = gl.sum(gl.sum(acc, axis=2), axis=1)
     if GLU:
         _glu_out(y, bias_ptr, out_ptr, pid_n, N // 2, BLOCK_N, HAS_BIAS, GLU, WARPS)
+    elif ROPE_HALF:
+        _rope_out(y, bias_ptr, out_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
+                  num_heads, num_kv_heads, block_size, stride_cs, stride_cb, stride_cslot,
+                  stride_ch, stride_vs, stride_vh, stride_vd, BLOCK_N, ROPE_HALF, HAS_BIAS,
+                  WARPS)
     else:
         _store_out(y[:, None], bias_ptr, out_ptr, part_ptr, count_ptr, 1, N, N, pid_n, pid_k,
                    0, BLOCK_N, 1, HAS_BIAS, SPLIT_K, WARPS)
@@ -227,29 +298,34 @@ def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
 def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor | None, bias: torch.Tensor | None,
-                config: GemvTmaConfig | None = None, glu: int = 0) -> torch.Tensor:
+                config: GemvTmaConfig | None = None, glu: int = 0,
+                rope: RopeArgs | None = None) -> torch.Tensor:
     """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
     offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16; glu 1 / 2 (a [gate | up] weight):
-    act(gate) * up [1, N / 2] (SiLU / tanh GELU, rounded as kiln.kernels.silu_mul's; K in
-    one split)."""
+    act(gate) * up [1, N / 2] (SiLU / tanh GELU, rounded as kiln.kernels.silu_mul's);
+    rope (a fused QKV weight): rotary(q) [1, num_heads * head_dim], rotary(k) and v into
+    rope's caches (rope_takes). Both with K in one split."""
     _, K = x.shape
     N = weight.shape[0]
     G = K // scale.shape[1]
     cfg = config or gemv_tma_config(N, K, G)
     GW = cfg.block_k // G
     steps = K // cfg.block_k
-    k_per_split = K if glu else \
+    k_per_split = K if glu or rope is not None else \
         triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
-    rows = cfg.block_n // 2 if glu else cfg.block_n  # a TMA box's weight rows
-    out = torch.empty(1, N // 2 if glu else N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(out.shape[1], rows), split)
+    rows = cfg.block_n // 2 if glu or rope is not None else cfg.block_n  # a TMA box's
+    head_dim = rope.cos_sin.shape[1] if rope is not None else 0
+    out = torch.empty(1, N // 2 if glu else rope.num_heads * head_dim if rope is not None
+                      else N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N // 2 if glu or rope is not None else N, rows), split)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
     # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
     # at least 16 bytes wide; no swizzle (the threads read rows of words, not wgmma)
     assert cfg.block_k <= 512 and GW >= 4 and cfg.block_k % G == 0, cfg
     assert not glu or N % 2 == 0 and cfg.block_n % 2 == 0, (N, cfg)
+    assert rope is None or rope_takes(N, rope, cfg.block_n), (N, cfg)
     words = weight.view(torch.int32)
     flat = gl.NVMMASharedLayout(0, 32, 2)
     w_desc = TensorDescriptor(words, [N, K // 8], [words.stride(0), 1],
@@ -260,10 +336,35 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     pairs = x.view(torch.int32)
     x_desc = TensorDescriptor(pairs, [1, K // 2], [pairs.stride(0), 1], [1, cfg.block_k // 2],
                               flat)
+    extra = rope.kernel_args(head_dim) if rope is not None else dict(
+        pos_ptr=scale, cs_ptr=scale, kc_ptr=scale, vc_ptr=scale, slot_ptr=scale,
+        **dict.fromkeys(("num_heads", "num_kv_heads", "block_size", "stride_cs", "stride_cb",
+                         "stride_cslot", "stride_ch", "stride_vs", "stride_vh", "stride_vd"),
+                        0))
     _w4_gemv_tma_kernel[grid](w_desc, s_desc, o_desc, x_desc, bias if bias is not None else
-                              scale, out, part, counters, N, K, k_per_split, G=G,
+                              scale, out, part, counters, N, K, k_per_split, **extra, G=G,
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                               SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
-                              num_warps=cfg.num_warps)
+                              ROPE_HALF=head_dim // 2, num_warps=cfg.num_warps)
     return out
+
+
+def rope_takes(N: int, rope: RopeArgs, block_n: int) -> bool:
+    """Whether the rotary epilogue takes a fused QKV weight of N rows in programs of
+    block_n rows: the heads' rows (N = (num_heads + 2 num_kv_heads) head_dim), each
+    program within one head (half a head a multiple of block_n / 2)."""
+    head_dim = rope.cos_sin.shape[1]
+    return N == (rope.num_heads + 2 * rope.num_kv_heads) * head_dim and \
+        head_dim % 2 == 0 and (head_dim // 2) % (block_n // 2) == 0
+
+
+def w4_gemv_tma_rope(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     offset: torch.Tensor | None, bias: torch.Tensor | None, rope: RopeArgs
+                     ) -> torch.Tensor | None:
+    """w4_gemv_tma with the rotary epilogue in its default launch, or None where the
+    epilogue does not take it (rope_takes)."""
+    cfg = gemv_tma_config(weight.shape[0], x.shape[1], x.shape[1] // scale.shape[1])
+    if not rope_takes(weight.shape[0], rope, cfg.block_n):
+        return None
+    return w4_gemv_tma(x, weight, scale, offset, bias, cfg, rope=rope)

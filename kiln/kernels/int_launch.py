@@ -102,6 +102,9 @@ GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "32")
 # the merged gate-up through its own GLU epilogue (kiln.kernels.int4_gemv_tma, glu; 54th
 # session, not yet run on a GPU): KILN_INT4_GEMV_TMA_GLU=1; else unfused, then SiLU*mul
 GEMV_TMA_GLU = os.environ.get("KILN_INT4_GEMV_TMA_GLU") == "1"
+# the fused QKV through its own rotary + KV-write epilogue (w4_gemv_tma_rope; written in the
+# 54th session, not yet run on a GPU): KILN_INT4_GEMV_TMA_ROPE=1; else unfused, then rotary
+GEMV_TMA_ROPE = os.environ.get("KILN_INT4_GEMV_TMA_ROPE") == "1"
 # Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
 # 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
 # o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)

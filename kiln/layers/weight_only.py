@@ -116,11 +116,11 @@ class IntWeightMethod(LinearMethod):
         not take x (kiln.kernels.int_gemv_epilogues.int4_glu)."""
         tma = self._tma_gemv(layer, x)
         if tma is not None:  # the TMA-fed GEMV's own GLU epilogue (opt-in), or unfused
-            from kiln.kernels.int_launch import GEMV_TMA_GLU
+            from kiln.kernels import int_launch
 
             return tma(x, layer.weight, layer.weight_scale,
                        layer.weight_offset if self.has_offset else None, layer.bias,
-                       glu=act) if GEMV_TMA_GLU else None
+                       glu=act) if int_launch.GEMV_TMA_GLU else None
         if not self._one_row(x):
             return None
         from kiln.kernels.int_gemv_epilogues import int4_glu
@@ -134,7 +134,17 @@ class IntWeightMethod(LinearMethod):
         v written into rope's caches (a kiln.kernels.gemv_swap_rope.RopeArgs), by the
         one-row GEMV's epilogue; None where it does not take x
         (kiln.kernels.int_gemv_epilogues.int4_rope)."""
-        if not self._one_row(x) or self._tma_gemv(layer, x) is not None:
+        if self._tma_gemv(layer, x) is not None:  # its own epilogue (opt-in), or unfused
+            from kiln.kernels import int_launch
+
+            if not int_launch.GEMV_TMA_ROPE:
+                return None
+            from kiln.kernels.int4_gemv_tma import w4_gemv_tma_rope
+
+            return w4_gemv_tma_rope(x, layer.weight, layer.weight_scale,
+                                    layer.weight_offset if self.has_offset else None,
+                                    layer.bias, rope)
+        if not self._one_row(x):
             return None
         from kiln.kernels.int_gemv_epilogues import int4_rope
 

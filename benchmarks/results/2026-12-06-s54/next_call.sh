@@ -4,10 +4,11 @@
 #      TMA GEMV's slice layout and GLU epilogue, an engine in groups of 32 through it, the
 #      Gluon kernel's 128-row blocks), then the TMA GEMV per linear at groups of 128 / 32
 #      (--sweep: 32 / 64 / 128 rows a program) against the pairs GEMV
-#   b (~8 min): batch 1 (128 in / 256 out, --quantize-lm-head) alternating: groups of 32,
-#      default (TMA, unfused SiLU*mul) vs KILN_INT4_GEMV_TMA_GLU=1; groups of 128, default
-#      (pairs GEMV + epilogues) vs the TMA GEMV on every linear with its GLU epilogue
-#      (rotary unfused); #10's target is 450 tok/s at groups of 128 (425.0 / 425.9 now)
+#   b (~9 min): batch 1 (128 in / 256 out, --quantize-lm-head) alternating: groups of 32,
+#      default (TMA, unfused SiLU*mul and rotary) vs its GLU and rotary epilogues
+#      (KILN_INT4_GEMV_TMA_GLU=1 KILN_INT4_GEMV_TMA_ROPE=1); groups of 128, default (pairs
+#      GEMV + epilogues) vs the TMA GEMV on every linear with both epilogues; #10's
+#      target is 450 tok/s at groups of 128 (425.0 / 425.9 now)
 #   c (~7 min): linears at 65-200 rows (int_prefill_bench.py: the Gluon 128-row blocks,
 #      the magic / digit-plane tiles), then 128 requests of 128 / 256 int4 vs bf16
 #      (0.65x in the 54th), then #10's 64 x 512 / 256 int4 vs bf16 on the H200 (0.83x in
@@ -27,11 +28,12 @@ a) timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_int4_g
      --tb=short 2>&1 | tail -8
    timeout 220 python3 benchmarks/int_wgmma_bench.py "$OUT/gemv-tma.json" --gemv-tma --sweep \
      > "$OUT/gemv-tma.log" 2>&1; tail -4 "$OUT/gemv-tma.log" ;;
-b) run b1 warm q4g32:latency-b1; run b1 warm int4:latency-b1 KILN_INT4_GEMV_TMA=1
+b) ep="KILN_INT4_GEMV_TMA_GLU=1 KILN_INT4_GEMV_TMA_ROPE=1"
+   run b1 warm q4g32:latency-b1 $ep; run b1 warm int4:latency-b1 KILN_INT4_GEMV_TMA=1 $ep
    for i in 1 2; do
-     run b1 g32-$i q4g32:latency-b1; run b1 g32glu-$i q4g32:latency-b1 KILN_INT4_GEMV_TMA_GLU=1
+     run b1 g32-$i q4g32:latency-b1; run b1 g32ep-$i q4g32:latency-b1 $ep
      run b1 g128-$i int4:latency-b1
-     run b1 g128tma-$i int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_GLU=1
+     run b1 g128tma-$i int4:latency-b1 KILN_INT4_GEMV_TMA=1 $ep
    done ;;
 c) timeout 300 python3 benchmarks/int_prefill_bench.py "$OUT/prefill.json" --rows 65,128,200 \
      > "$OUT/prefill.log" 2>&1; grep -A60 "^a layer" "$OUT/prefill.log"
