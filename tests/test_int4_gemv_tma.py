@@ -48,21 +48,26 @@ def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4
     return report, sass
 
 
-@pytest.mark.parametrize("G,block_n,warps,offsets", [(128, 64, 4, True), (32, 64, 4, True),
-                                                     (64, 128, 8, False)])
-def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
-    report, sass = _compile(G, block_n, warps, offsets)
-    assert report.stack_bytes == 0 and report.registers <= 128
-    assert report.instructions["cp.async.bulk"] > 0  # the TMA copies
-    # the K loop (the longest backward branch before the barriers are invalidated; the
-    # barrier waits' retry paths come after): a step's copies refill the slot it read
+def _loop_and_after(sass: str) -> tuple[list[str], list[str]]:
+    """The K loop's instructions (the longest backward branch before the barriers are
+    invalidated; the barrier waits' retry paths come after) and those after the
+    invalidation (the epilogue)."""
     lines = [(int(m[1], 16), m[2]) for m in
              re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
     done = next(a for a, t in lines if "CCTL.IV" in t)
     back = [(a, int(m[1], 16)) for a, t in lines
             if a < done and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
     end, start = max(back, key=lambda b: b[0] - b[1])
-    body = [t for a, t in lines if start <= a <= end]
+    return [t for a, t in lines if start <= a <= end], [t for a, t in lines if a > done]
+
+
+@pytest.mark.parametrize("G,block_n,warps,offsets", [(128, 64, 4, True), (32, 64, 4, True),
+                                                     (64, 128, 8, False)])
+def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
+    report, sass = _compile(G, block_n, warps, offsets)
+    assert report.stack_bytes == 0 and report.registers <= 128
+    assert report.instructions["cp.async.bulk"] > 0  # the TMA copies
+    body, _ = _loop_and_after(sass)  # a step's copies refill the slot it read
     assert sum("UTMALDG" in t for t in body) == (4 if offsets else 3)  # w, s, (o,) x
     assert not any(re.search(r"\bLDG", t) for t in body)  # everything by TMA
     words = block_n * 512 // 8 // (32 * warps)  # a thread's words a step
@@ -80,14 +85,8 @@ def test_the_glu_and_rope_epilogues_compile_with_two_copies_a_tensor(G, block_n,
     loop (act(gate) * up: an exp; the rotary: stores to q and the caches), no spills."""
     report, sass = _compile(G, block_n, 4, True, glu=glu, rope_half=rope_half)
     assert report.stack_bytes == 0 and report.registers <= 128
-    lines = [(int(m[1], 16), m[2]) for m in
-             re.finditer(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", sass, re.M)]
-    done = next(a for a, t in lines if "CCTL.IV" in t)
-    back = [(a, int(m[1], 16)) for a, t in lines
-            if a < done and (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", t)) and int(m[1], 16) < a]
-    end, start = max(back, key=lambda b: b[0] - b[1])
-    assert sum("UTMALDG" in t for a, t in lines if start <= a <= end) == 7  # 2 x 3 + x
-    after = [t for a, t in lines if a > done]
+    body, after = _loop_and_after(sass)
+    assert sum("UTMALDG" in t for t in body) == 7  # 2 x (w, s, o) + x
     if glu:
         assert any("MUFU.EX2" in t for t in after)  # the activation
     else:  # q or a k head rotated, or a v head: four pairs of stores a path

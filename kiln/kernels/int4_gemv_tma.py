@@ -77,6 +77,19 @@ def _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, b
 
 
 @gluon.jit
+def _halves(y, BLOCK_N: gl.constexpr, WARPS: gl.constexpr):
+    """A program's sums y [BLOCK_N] as its two halves [BLOCK_N / 2] in one 1-D layout
+    (through shared memory), and arange(BLOCK_N / 2) in it."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    buf.store(y)
+    gl.thread_barrier()
+    return buf.slice(0, HALF).load(L1), buf.slice(HALF, HALF).load(L1), \
+        gl.arange(0, HALF, layout=L1)
+
+
+@gluon.jit
 def _glu_out(y, bias_ptr, out_ptr, pid_n, cols, BLOCK_N: gl.constexpr,
              HAS_BIAS: gl.constexpr, GLU: gl.constexpr, WARPS: gl.constexpr):
     """act(gate) * up of a program's sums y (BLOCK_N / 2 gate rows, then the up rows of
@@ -84,13 +97,8 @@ def _glu_out(y, bias_ptr, out_ptr, pid_n, cols, BLOCK_N: gl.constexpr,
     rounds the stored GEMM (kiln.kernels.silu_mul.act_mul_values; GLU 1: SiLU, 2: tanh
     GELU)."""
     HALF: gl.constexpr = BLOCK_N // 2
-    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    buf.store(y)
-    gl.thread_barrier()
-    gate = buf.slice(0, HALF).load(L1)
-    up = buf.slice(HALF, HALF).load(L1)
-    c = pid_n * HALF + gl.arange(0, HALF, layout=L1)
+    gate, up, i = _halves(y, BLOCK_N, WARPS)
+    c = pid_n * HALF + i
     mask = c < cols
     if HAS_BIAS:
         gate += gl.load(bias_ptr + c, mask=mask, other=0.0).to(gl.float32)
@@ -117,14 +125,9 @@ def _rope_out(y, bias_ptr, q_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_p
     q_ptr, a k head rotated and a v head as it is into the paged caches at the token's
     slot (< 0: not written)."""
     HALF: gl.constexpr = BLOCK_N // 2
-    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    buf.store(y)
-    gl.thread_barrier()
-    x1 = buf.slice(0, HALF).load(L1)
-    x2 = buf.slice(HALF, HALF).load(L1)
+    x1, x2, i = _halves(y, BLOCK_N, WARPS)
     head = pid_n // (ROPE_HALF // HALF)
-    d = pid_n % (ROPE_HALF // HALF) * HALF + gl.arange(0, HALF, layout=L1)
+    d = pid_n % (ROPE_HALF // HALF) * HALF + i
     if HAS_BIAS:
         x1 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + d).to(gl.float32)
         x2 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + ROPE_HALF + d).to(gl.float32)
