@@ -1,8 +1,8 @@
 """Integer-weight linears at prompt sizes (65-512 rows, below and at DEQUANT_ROWS) on a
 GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
 bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
-in 64-row blocks (kiln.kernels.int_wgmma) and in 128-row blocks with 3 / 4 ring stages
-(gluon128s3 / s4), Triton tiles (int4 magic, int8 on digit planes) and bf16 cuBLAS, on
+in 64-row blocks (kiln.kernels.int_wgmma) and in 128-row blocks (gluon128n<weight rows
+a program>s<ring stages>), Triton tiles (int4 magic, int8 on digit planes) and bf16 cuBLAS, on
 Llama-3.1-8B's decoder linears; us a call in a CUDA graph on cold weights
 (int_gemv_bench.timed), each checked against the float32 reference.
 
@@ -53,10 +53,11 @@ def main() -> None:
                 if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale,
                                                                             offset):
                     launches["gluon"] = lambda a, w, s, o: wgmma.wgmma_linear(a, w, s, o, None)
-                    for bm, stages in ((128, 3), (128, 4)):  # one block of 128 rows (untimed)
+                    # one block of 128 rows (untimed), 64 or 128 weight rows a program
+                    for bm, bn, stages in ((128, 64, 3), (128, 64, 4), (128, 128, 2)):
                         cfg = dataclasses.replace(wgmma.wgmma_config(M, N, K), block_m=bm,
-                                                  stages=stages)
-                        launches[f"gluon{bm}s{stages}"] = \
+                                                  block_n=bn, stages=stages)
+                        launches[f"gluon{bm}n{bn}s{stages}"] = \
                             lambda a, w, s, o, c=cfg: wgmma.wgmma_linear(a, w, s, o, None, c)
                 # Triton tiles kiln has for decode batches, at prompt rows (untimed there):
                 # int4 transposed + magic (16-64 rows' default before Gluon), int8 on x's
