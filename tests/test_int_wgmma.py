@@ -209,6 +209,13 @@ def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):
         assert int_launch.wgmma_module() is None
     finally:
         int_launch.wgmma_module.cache_clear()
+    monkeypatch.delitem(sys.modules, "kiln.kernels.int_wgmma")
+    monkeypatch.setattr(int_launch.triton, "__version__", "3.5.1")  # Gluon's API before
+    try:
+        assert int_launch.wgmma_module() is None
+        assert int_launch._gluon_module("int4_gemv_tma") is None
+    finally:
+        int_launch.wgmma_module.cache_clear()
 
 
 @pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64), (128, 128)])

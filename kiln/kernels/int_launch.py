@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,13 @@ def _gemv_tma_module():
 
 
 def _gluon_module(name: str):
-    """kiln.kernels.NAME, or None where its import fails (no Gluon in this Triton)."""
+    """kiln.kernels.NAME, or None where its import fails (no Gluon in this Triton) or this
+    Triton is older than the 3.6 the Gluon kernels are written against (Gluon's API
+    changes between releases: an older one would fail at the first launch)."""
     import importlib
 
+    if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < (3, 6):
+        return None
     try:
         return importlib.import_module("kiln.kernels." + name)
     except ImportError:
