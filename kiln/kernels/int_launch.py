@@ -117,7 +117,7 @@ def wgmma_module(bits: int = 4):
     """kiln.kernels.int_wgmma (bits 4), or None: int8 (an int8 version, its weights exact
     in bfloat16, was slower than the Triton tiles at 8-32 rows on an H200 and 0.92x bf16 at
     64: removed in the 54th session, BENCHMARKS.md), or a Triton without Gluon for Hopper
-    (older than 3.5: the Triton tiles then take every row count)."""
+    (older than 3.6: the Triton tiles then take every row count)."""
     return _gluon_module("int_wgmma") if bits == 4 else None
 
 
