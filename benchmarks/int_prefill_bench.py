@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--rows", default="65,128,256")
     ap.add_argument("--kinds", default="4:128,4:32,8:0", help="bits:group (0: a channel)")
     args = ap.parse_args()
-    wgmma = int_launch.wgmma_module(4)
+    wgmma = int_launch.wgmma_module()
     results, table = [], {}
     for M in (int(v) for v in args.rows.split(",")):
         for name, (N, K) in SHAPES.items():
@@ -50,15 +50,14 @@ def main() -> None:
                     "kiln": lambda a, w, s, o: int_gemm.int_weight_linear(a, w, s, o),
                     "dequant": lambda a, w, s, o: a @ int_gemm.dequantize_weight(
                         w, s, o, a.dtype).T}
-                if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale,
-                                                                            offset):
-                    launches["gluon"] = lambda a, w, s, o: wgmma.wgmma_linear(a, w, s, o, None)
+                if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale):
+                    launches["gluon"] = lambda a, w, s, o: wgmma.w4_wgmma(a, w, s, o, None)
                     # one block of 128 rows (untimed), 64 or 128 weight rows a program
                     for bm, bn, stages in ((128, 64, 3), (128, 64, 4), (128, 128, 2)):
                         cfg = dataclasses.replace(wgmma.wgmma_config(M, N, K), block_m=bm,
                                                   block_n=bn, stages=stages)
                         launches[f"gluon{bm}n{bn}s{stages}"] = \
-                            lambda a, w, s, o, c=cfg: wgmma.wgmma_linear(a, w, s, o, None, c)
+                            lambda a, w, s, o, c=cfg: wgmma.w4_wgmma(a, w, s, o, None, c)
                 # Triton tiles kiln has for decode batches, at prompt rows (untimed there):
                 # int4 transposed + magic (16-64 rows' default before Gluon), int8 on x's
                 # digit planes (int8 tensor cores; 17-64 rows' default)

@@ -313,10 +313,10 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x = x.contiguous()
     if config is None and M == 1 and bits == 4 and (gemv := tma_gemv(x, weight, scale)):
         return gemv(x, weight, scale, offset, bias)  # TMA-fed (Hopper, groups of 32)
-    if config is None and x.is_cuda and wgmma_takes(M, N, K, bits):
-        wgmma = wgmma_module(bits)  # Hopper's warpgroup MMA (Gluon)
-        if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale, offset):
-            return wgmma.wgmma_linear(x, weight, scale, offset, bias)
+    if config is None and bits == 4 and x.is_cuda and wgmma_takes(M, N, K):
+        wgmma = wgmma_module()  # Hopper's warpgroup MMA (Gluon)
+        if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale):
+            return wgmma.w4_wgmma(x, weight, scale, offset, bias)
     if config is None and (M >= DEQUANT_ROWS or x.is_cuda and dequant_first(M, N, bits, x)):
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))

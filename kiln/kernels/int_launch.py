@@ -61,7 +61,7 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
     os.environ.get("KILN_INT_EVEN", ""), (32,))
 
 
-def wgmma_rows(value: str, name: str = "KILN_INT_WGMMA") -> tuple[tuple[int, int], ...]:
+def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
     """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
     Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-128, "0" none, "A-B"
     rows A to B, "A-B,C-D" both; anything else none, with a warning. At 65-128 rows
@@ -84,8 +84,8 @@ def wgmma_rows(value: str, name: str = "KILN_INT_WGMMA") -> tuple[tuple[int, int
         if not (first.isdigit() and last.isdigit()):
             import warnings
 
-            warnings.warn(f"{name}={value!r} is not 0, 1 or A-B[,C-D] (rows A to B); ignored",
-                          stacklevel=2)
+            warnings.warn(f"KILN_INT_WGMMA={value!r} is not 0, 1 or A-B[,C-D] (rows A to B); "
+                          "ignored", stacklevel=2)
             return ()
         ranges.append((int(first), int(last)))
     return tuple(ranges)
@@ -113,12 +113,12 @@ WGMMA_MIN_WEIGHTS = 1 << 25
 
 
 @functools.cache
-def wgmma_module(bits: int = 4):
-    """kiln.kernels.int_wgmma (bits 4), or None: int8 (an int8 version, its weights exact
-    in bfloat16, was slower than the Triton tiles at 8-32 rows on an H200 and 0.92x bf16 at
-    64: removed in the 54th session, BENCHMARKS.md), or a Triton without Gluon for Hopper
-    (older than 3.6: the Triton tiles then take every row count)."""
-    return _gluon_module("int_wgmma") if bits == 4 else None
+def wgmma_module():
+    """kiln.kernels.int_wgmma, or None where this Triton has no Gluon for Hopper (older
+    than 3.6: the Triton tiles then take every row count). (An int8 version, its weights
+    exact in bfloat16, was slower than the Triton tiles at 8-32 rows on an H200 and 0.92x
+    bf16 at 64: removed in the 54th session, BENCHMARKS.md.)"""
+    return _gluon_module("int_wgmma")
 
 
 @functools.cache
@@ -178,9 +178,9 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def wgmma_takes(M: int, N: int, K: int, bits: int = 4) -> bool:
-    """Whether a product of M rows goes to wgmma_module(bits)'s kernel (if eligible)."""
-    return bits == 4 and any(a <= M <= b for a, b in WGMMA_ROWS) and \
+def wgmma_takes(M: int, N: int, K: int) -> bool:
+    """Whether an int4 product of M rows goes to kiln.kernels.int_wgmma (if eligible)."""
+    return any(a <= M <= b for a, b in WGMMA_ROWS) and \
         (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS)
 
 

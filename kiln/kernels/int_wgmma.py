@@ -193,19 +193,6 @@ def _step_groups(ring, slot, k, GW: gl.constexpr, WT: gl.constexpr, G: gl.conste
 
 
 @gluon.jit
-def _a_tiles_x_ring(x_desc, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                    BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
-    """The two shared tiles of dequantized weights (bfloat16 pairs as int32, in the
-    swizzle wgmma reads a bfloat16 [BLOCK_N, BLOCK_K] tile with) and x's ring."""
-    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                gl.bfloat16)
-    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
-    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
-    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    return a_smem, x_ring
-
-
-@gluon.jit
 def _ring_barriers(STAGES: gl.constexpr):
     """A ring's barriers, one a slot, initialized and fenced before any copy."""
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -214,23 +201,6 @@ def _ring_barriers(STAGES: gl.constexpr):
     fence_async_shared()
     gl.thread_barrier()
     return bars
-
-
-@gluon.jit
-def _mma_step(pairs, a_smem, x_ring, slot, i, acc, BLOCK_N: gl.constexpr,
-              BLOCK_K: gl.constexpr):
-    """Step i's dequantized bfloat16 pairs into shared tile i % 2, handed to the tensor
-    cores (a proxy fence, then every thread's stores by a CTA barrier), the step's wgmma
-    issued against x's ring slot and the step before's waited for."""
-    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
-                                                                gl.bfloat16)
-    buf = i % 2
-    a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
-    fence_async_shared()
-    gl.thread_barrier()
-    a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
-    acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
 
 
 @gluon.jit
@@ -254,10 +224,14 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     LW2: gl.constexpr = gl.BlockedLayout([1, WT], [32 // GW, GW], [WARPS, 1], [1, 0])
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                   instr_shape=[16, BLOCK_M, 16])
+    A_SMEM: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K],
+                                                                gl.bfloat16)
+    A_PAIRS: gl.constexpr = gl.NVMMASharedLayout(A_SMEM.swizzle_byte_width, 32, 2)
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     pid_m = gl.program_id(2)
-    a_smem, x_ring = _a_tiles_x_ring(x_desc, BLOCK_N, BLOCK_M, BLOCK_K, STAGES)
+    a_smem = gl.allocate_shared_memory(gl.int32, [2, BLOCK_N, BLOCK_K // 2], A_PAIRS)
+    x_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], w_desc.layout)
     s_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N, 4], s_desc.layout)
     o_ring = gl.allocate_shared_memory(gl.float32, [STAGES if HAS_OFFSET else 1, BLOCK_N, 4],
@@ -292,7 +266,13 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         else:
             pairs = _dequant(words[:, :, :, None], scale[:, :, None, None],
                              offset[:, :, None, None])
-        acc = _mma_step(pairs, a_smem, x_ring, slot, i, acc, BLOCK_N, BLOCK_K)
+        buf = i % 2
+        a_smem.index(buf).store(gl.reshape(pairs, [BLOCK_N, BLOCK_K // 2]))
+        fence_async_shared()
+        gl.thread_barrier()
+        a = a_smem.index(buf)._reinterpret(gl.bfloat16, [BLOCK_N, BLOCK_K], A_SMEM)
+        acc = warpgroup_mma(a, x_ring.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         # the step before's MMA is done and its words were read by every thread (the
         # barrier of this step): its slot takes the step STAGES - 1 ahead
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
@@ -341,7 +321,7 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
 
 
 def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                   offset: torch.Tensor | None = None, block_k: int = 128) -> bool:
+                   block_k: int = 128) -> bool:
     """Whether w4_wgmma takes this product: Hopper, bfloat16 x with rows 16-byte
     aligned, int4 weight as 32-bit words, groups of whole 32-value thread slices (G a
     multiple of 32), K in whole steps, scale rows 16-byte aligned (TMA: K / G a multiple
@@ -394,5 +374,3 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                            k_per_split, out.stride(0), **meta)
     return out
 
-
-wgmma_linear = w4_wgmma  # (kiln.kernels.int_gemm's dispatch: int_launch.wgmma_module(4))
