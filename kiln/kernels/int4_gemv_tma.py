@@ -314,14 +314,15 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     cfg = config or gemv_tma_config(N, K, G)
     GW = cfg.block_k // G
     steps = K // cfg.block_k
-    k_per_split = K if glu or rope is not None else \
+    halves = bool(glu) or rope is not None  # a program's rows as two TMA boxes, one split
+    k_per_split = K if halves else \
         triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
-    rows = cfg.block_n // 2 if glu or rope is not None else cfg.block_n  # a TMA box's
+    rows = cfg.block_n // 2 if halves else cfg.block_n  # a TMA box's
     head_dim = rope.cos_sin.shape[1] if rope is not None else 0
     out = torch.empty(1, N // 2 if glu else rope.num_heads * head_dim if rope is not None
                       else N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N // 2 if glu or rope is not None else N, rows), split)
+    grid = (triton.cdiv(N, cfg.block_n), split)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
     # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
