@@ -56,13 +56,6 @@ def run_ptx(asm: str, operands: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             out = srcs[0] >> srcs[1]
         elif op == "shl.b32":
             out = (srcs[0] << srcs[1]) & 0xFFFFFFFF
-        elif op == "xor.b32":
-            out = srcs[0] ^ srcs[1]
-        elif op == "prmt.b32":  # byte i of d: byte (selector nibble i) of {b, a}
-            both, sel = srcs[0] | (srcs[1] << 32), _imm(args[3])
-            out = sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i)
-                      for i in range(4))
-            assert not sel & 0x8888, "no sign replication"
         elif op == "lop3.b32":
             assert int(args[4], 0) == 0xEA, "only (a & b) | c"
             out = (srcs[0] & srcs[1]) | srcs[2]
