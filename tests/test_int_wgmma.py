@@ -122,9 +122,9 @@ def test_the_ptx_evaluator_catches_a_wrong_shift():
 def test_the_switch_reads_its_rows():
     from kiln.kernels.int_launch import wgmma_rows
 
-    assert wgmma_rows("") == ((5, 128),)  # the default: the batches it was timed at
+    assert wgmma_rows("") == ((5, 255),)  # the default: the batches it was timed at
     assert wgmma_rows("0") == ()  # off: no row count takes it
-    assert wgmma_rows("1") == ((5, 128),)
+    assert wgmma_rows("1") == ((5, 255),)
     assert wgmma_rows("2-16") == ((2, 16),)
     assert wgmma_rows("5-8, 33-64") == ((5, 8), (33, 64))
     with pytest.warns(UserWarning, match="KILN_INT_WGMMA"):
@@ -154,6 +154,12 @@ def test_launch_rules(monkeypatch):
     twice = int_wgmma.wgmma_config(64, 6144, 4096)
     assert twice.block_n == 128 and twice.stages == 4 and twice.fast
     assert twice.split_k == 2 * qkv.split_k  # half the column blocks
+    monkeypatch.delenv("KILN_INT_WGMMA_CFG")
+    # prompts past 64 rows: 128 rows a program, 4 stages, the 64-row blocks' splits
+    for M in (65, 128, 200):
+        cfg = int_wgmma.wgmma_config(M, 6144, 4096)
+        assert (cfg.block_m, cfg.stages, cfg.split_k) == (128, 4, qkv.split_k)
+    assert int_wgmma.wgmma_config(64, 6144, 4096).block_m == 0  # (by M: 64)
 
 
 def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
@@ -171,22 +177,42 @@ def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):
     assert not int_launch.wgmma_takes(65, 28672, 4096)
 
 
-def test_prompt_rows_take_the_dequantized_weight_but_int8_with_many_tiles(monkeypatch):
+def test_prompt_rows_take_the_dequantized_weight_but_int8(monkeypatch):
     from kiln.kernels import int_launch
 
     monkeypatch.setattr(int_launch, "_sms", lambda device: 132)
     x = torch.zeros(1)
-    assert int_launch.dequant_first(65, 4096, 4, x) and int_launch.dequant_first(255, 4096, 8, x)
-    assert not int_launch.dequant_first(64, 4096, 4, x)  # decode batches: the kernels
-    assert not int_launch.dequant_first(256, 4096, 4, x)  # (DEQUANT_ROWS: always)
-    assert int_launch.dequant_first(128, 28672, 4, x)  # int4 (gate_up: Gluon's first)
-    assert not int_launch.dequant_first(128, 28672, 8, x)  # int8 gate_up: 224 tiles
-    assert int_launch.dequant_first(128, 14336, 8, x)  # 112 tiles: under a wave
-    assert not int_launch.dequant_first(200, 14336, 8, x)  # 224
-    monkeypatch.setattr(int_launch, "WGMMA_ROWS", ((5, 128),))
-    assert int_launch.wgmma_takes(128, 28672, 4096) and int_launch.wgmma_takes(65, 4096, 14336)
-    assert not int_launch.wgmma_takes(128, 4096, 4096)  # o: dequantized
-    assert not int_launch.wgmma_takes(129, 28672, 4096)
+    assert int_launch.dequant_first(65, 4096, 4096, 128, 4, x)
+    assert int_launch.dequant_first(255, 4096, 4096, 16, 8, x)  # grouped int8
+    assert not int_launch.dequant_first(64, 4096, 4096, 128, 4, x)  # decode batches
+    assert not int_launch.dequant_first(256, 4096, 4096, 128, 4, x)  # (DEQUANT_ROWS: always)
+    assert int_launch.dequant_first(128, 28672, 4096, 128, 4, x)  # int4 (Gluon's first)
+    assert not int_launch.dequant_first(128, 28672, 4096, 32, 8, x)  # 224 tiles
+    assert int_launch.dequant_first(128, 14336, 4096, 32, 8, x)  # 112 tiles: under a wave
+    assert not int_launch.dequant_first(200, 14336, 4096, 32, 8, x)  # 224
+    assert not int_launch.dequant_first(100, 4096, 4096, 4096, 8, x)  # per channel: digits
+    monkeypatch.setattr(int_launch, "WGMMA_ROWS", int_launch.wgmma_rows(""))
+    assert all(int_launch.wgmma_takes(m, n, k) for m in (65, 128)  # all four linears
+               for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)))
+    assert int_launch.wgmma_takes(129, 28672, 4096) and int_launch.wgmma_takes(255, 4096, 14336)
+    assert not int_launch.wgmma_takes(129, 4096, 4096)  # o: dequantized
+    assert not int_launch.wgmma_takes(64, 4096, 4096)  # (33-64 rows: the Triton tiles)
+    assert not int_launch.wgmma_takes(256, 28672, 4096)
+
+
+def test_int8_prompt_rows_take_digit_plane_tiles(monkeypatch):
+    from kiln.kernels import int_launch
+
+    monkeypatch.setattr(int_launch, "_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    wide = int_launch.int_gemm_config(128, 28672, 4096, cuda, 8, 0)  # gate_up: 224 tiles
+    assert wide.digits and (wide.block_m, wide.block_n) == (128, 128)
+    for M, N in ((65, 6144), (200, 4096), (255, 4096)):
+        cfg = int_launch.int_gemm_config(M, N, 4096, cuda, 8, 4096)
+        assert cfg.digits and (cfg.block_m, cfg.block_n, cfg.block_k) == (64, 64, 128)
+    grouped = int_launch.int_gemm_config(128, 4096, 4096, cuda, 8, 32)
+    assert not grouped.digits  # (the float tiles, where dequant_first leaves them)
+    assert not int_launch.int_gemm_config(100, 4096, 4096, torch.device("cpu"), 8, 0).digits
 
 
 def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):

@@ -23,9 +23,10 @@ Picked by the number of rows M (the launch: kiln.kernels.int_launch):
   (kiln.kernels.int_gemv_rows). Measured on an H200 at 4 rows (fifteenth session) both
   lose to 16-row tl.dot tiles: the plain GEMV by 6.7x (1,136 vs 170 us a layer: its
   products spill), the factored one by 1.1-1.4x.
-* 5-128 rows, int4 on Hopper: kiln.kernels.int_wgmma (Gluon; past 32 rows gate_up and
-  down only). 65-255 rows otherwise on a GPU: as from DEQUANT_ROWS, but int8 where the
-  128 x 128 tiles fill the SMs (int_launch.dequant_first).
+* 5-255 rows, int4 on Hopper: kiln.kernels.int_wgmma (Gluon; at 33-64 and 129-255 rows
+  gate_up and down only). 65-255 rows otherwise on a GPU: as from DEQUANT_ROWS, but int8
+  per channel on x's digit planes, and grouped int8 where the 128 x 128 tiles fill the SMs
+  (int_launch.dequant_first).
 * 2 <= M < DEQUANT_ROWS (256; decode batches): _gemm_kernel, [BLOCK_M, BLOCK_N] tiles, each K
   step dequantizes a [BLOCK_N, BLOCK_K] tile of w and feeds it to tl.dot (int8 up to 64
   rows: K split when the tiles are few). int8 per channel from 17 rows, and at large N
@@ -317,7 +318,8 @@ def int_weight_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         wgmma = wgmma_module()  # Hopper's warpgroup MMA (Gluon)
         if wgmma is not None and wgmma.wgmma_eligible(x, weight, scale):
             return wgmma.w4_wgmma(x, weight, scale, offset, bias)
-    if config is None and (M >= DEQUANT_ROWS or x.is_cuda and dequant_first(M, N, bits, x)):
+    if config is None and (M >= DEQUANT_ROWS or
+                           x.is_cuda and dequant_first(M, N, K, G, bits, x)):
         return torch.nn.functional.linear(x, dequantize_weight(weight, scale, offset, x.dtype),
                                           None if bias is None else bias.to(x.dtype))
     words = word_aligned(weight)

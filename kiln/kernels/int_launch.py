@@ -63,19 +63,20 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
 
 def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
     """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
-    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-128, "0" none, "A-B"
-    rows A to B, "A-B,C-D" both; anything else none, with a warning. At 65-128 rows
-    (prompts) only gate_up and down (WGMMA_MIN_WEIGHTS), 54th session, an H200, us at 128
-    / 65 rows: gate_up 127.4 / 172.1 against the dequantized weight's 179.0 / 175.9 and
-    the Triton tiles' 202.0 / 190.8, down 76.6 / 88.8 against 92.0 / 88.8 and 358.5 /
-    345.6. Timed end to end on
-    an H100 (int4 out tok/s; 53rd session): 16 requests of 128 in / 256 out 2,972.7 /
-    2,968.1 at 5-64 against 2,886.2 / 2,898.5 at 5-8 and 33-64 (bf16 2,679.4); 32
-    requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6 (bf16 4,607.9); 8 requests
-    1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8 (bf16 1,392.6); 64 x 512 /
-    256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
+    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-255, "0" none, "A-B"
+    rows A to B, "A-B,C-D" both; anything else none, with a warning. At 33-64 and 129-255
+    rows only gate_up and down (wgmma_takes). 55th session, an H100, a layer's four linears
+    in 128-row blocks (int_wgmma.wgmma_config), us at 65 / 128 / 200 rows (the picks'
+    sums): groups of 128 276.2 / 215.2 / 420.3 against 343.9 / 283.3 / 444.3 for the 54th
+    session's rule (64-row blocks for gate_up and down up to 128 rows, the dequantized
+    weight otherwise; bf16 cuBLAS 173.4 / 178.2 / 190.9), groups of 32 277.4 / 211.5 /
+    432.6 against 363.5 / 296.7 / 516.6. Timed end to end on an H100 (int4 out tok/s; 53rd session): 16
+    requests of 128 in / 256 out 2,972.7 / 2,968.1 at 5-64 against 2,886.2 / 2,898.5 at
+    5-8 and 33-64 (bf16 2,679.4); 32 requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6
+    (bf16 4,607.9); 8 requests 1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8
+    (bf16 1,392.6); 64 x 512 / 256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
     if value in ("", "1"):
-        return ((5, 128),)
+        return ((5, 255),)
     if value == "0":
         return ()
     ranges = []
@@ -106,9 +107,12 @@ GEMV_TMA_GLU = os.environ.get("KILN_INT4_GEMV_TMA_GLU") == "1"
 # the fused QKV through its own rotary + KV-write epilogue (w4_gemv_tma_rope; written in the
 # 54th session, not yet run on a GPU): KILN_INT4_GEMV_TMA_ROPE=1; else unfused, then rotary
 GEMV_TMA_ROPE = os.environ.get("KILN_INT4_GEMV_TMA_ROPE") == "1"
-# Past 32 rows the Gluon kernel took only the big linears of a layer (52nd session, H100,
-# 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and 53.0; qkv and
-# o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9)
+# At 33-64 and 129-255 rows the Gluon kernel takes only the big linears of a layer (52nd
+# session, H100, 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and
+# 53.0; qkv and o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9. 55th, H100, 200
+# rows, groups of 128: gate_up 206.2 against the dequantized weight's 233.8, down 125.3
+# against 119.8; qkv 65.4 against 54.3, o 61.8 against 34.5); at 65-128 rows all four
+# (128-row blocks; 128 rows: qkv 37.9 against 44.8 in 64-row blocks and 31.8 dequantized)
 WGMMA_MIN_WEIGHTS = 1 << 25
 
 
@@ -159,16 +163,19 @@ DEQUANT_ROWS = 256
 DEQUANT_FIRST = os.environ.get("KILN_INT_DEQUANT_FIRST") != "0"
 
 
-def dequant_first(M: int, N: int, bits: int, x: torch.Tensor) -> bool:
+def dequant_first(M: int, N: int, K: int, G: int, bits: int, x: torch.Tensor) -> bool:
     """Whether a product of 65 to DEQUANT_ROWS - 1 rows on a GPU takes the dequantized
-    weight and cuBLAS too (where the Gluon kernel does not take it): all but int8 where
-    the Triton tiles (128 x 128) fill the SMs. 54th session, an H200, Llama-3.1-8B, us at
-    128 / 65 rows: int4 g128 qkv 40.4 / 38.5 against the tiles' 96.9 / 94.8, o 27.5 / 25.2
-    against 97.3 / 96.6, down 92.0 / 88.8 against 358.5 / 345.6 (the Gluon kernel: 76.6 /
-    88.8); int8 down 94.1 / 91.0 against 265.1 / 239.3, gate_up 185.8 / 183.8 against the
-    tiles' 119.8 / 116.6 (bf16 cuBLAS, a layer: 134.1 / 125.3)."""
+    weight and cuBLAS too (where the Gluon kernel does not take it): all but int8, which
+    keeps Triton tiles (per channel: x as digit planes, int_gemm_config; grouped: where the
+    128 x 128 tiles fill the SMs). 54th session, an H200, Llama-3.1-8B, us at 128 / 65
+    rows: int4 g128 qkv 40.4 / 38.5 against the tiles' 96.9 / 94.8, o 27.5 / 25.2 against
+    97.3 / 96.6, down 92.0 / 88.8 against 358.5 / 345.6; int8 down 94.1 / 91.0 against
+    265.1 / 239.3, gate_up 185.8 / 183.8 against the float tiles' 119.8 / 116.6 (bf16
+    cuBLAS, a layer: 134.1 / 125.3)."""
     if not (DEQUANT_FIRST and 64 < M < DEQUANT_ROWS):
         return False
+    if bits == 8 and G == K:
+        return False  # the digit-plane tiles (int_gemm_config)
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
     return not (bits == 8 and tiles >= _sms(x.device))
 
@@ -181,7 +188,7 @@ def _sms(device: torch.device) -> int:
 def wgmma_takes(M: int, N: int, K: int) -> bool:
     """Whether an int4 product of M rows goes to kiln.kernels.int_wgmma (if eligible)."""
     return any(a <= M <= b for a, b in WGMMA_ROWS) and \
-        (M <= 32 or N * K >= WGMMA_MIN_WEIGHTS)
+        (M <= 32 or 64 < M <= 128 or N * K >= WGMMA_MIN_WEIGHTS)
 
 
 # The one-row int4 pairs GEMV in the launches of the 31st session's sweep where it beat the
@@ -352,6 +359,14 @@ def int_gemm_config(M: int, N: int, K: int, device: torch.device, bits: int = 8,
             split = 1
         return IntGemmConfig(block_m, block_n, block_k, warps, stages, split_k=split,
                              factored=factored, digits=digits)
+    if bits == 8 and group in (0, K) and M < DEQUANT_ROWS and device.type == "cuda":
+        # int8 per channel at 65-255 rows on the digit planes: 128 x 128 tiles where they
+        # fill the SMs, else 64 x 64 (55th session, an H100, Llama-3.1-8B, us at 65 / 128 /
+        # 200 rows: a layer 205.8 / 211.9 / 350.9 against 314.2 / 322.9 / 447.6 for the
+        # dequantized weight and the float tiles, bf16 cuBLAS 173.4 / 178.2 / 190.9)
+        wide = triton.cdiv(M, 128) * triton.cdiv(N, 128) >= _sms(device)
+        return IntGemmConfig(128, 128, 128, 8, 3, digits=True) if wide else \
+            IntGemmConfig(64, 64, 128, 4, 3, digits=True)
     return IntGemmConfig(128, 128, 64, 8, 3)
 
 

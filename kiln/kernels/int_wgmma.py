@@ -7,7 +7,7 @@ each step's tensor-core product before the next step starts (the 33rd session's 
 `WARPGROUP.DEPBAR` after every step), so a Llama-3.1-8B layer took 185-190 us at 64 rows
 against bf16 cuBLAS's 125. Here the loop is laid out by hand, computed transposed
 (out^T [N, M] = W [N, K] @ x^T [K, M]: the weight's rows are the MMA's 64-row side, the
-batch its narrow side, 8 to 64 columns):
+batch its narrow side, 8 to 128 columns):
 
 * each K step's packed words, x's tile and four groups of scales (and offsets) a row
   are loaded by TMA into a ring of STAGES slots, counted on a barrier a slot (TMA's
@@ -26,9 +26,9 @@ split of a block adds the others' float32 partial sums in split order
 (kiln.kernels.split_k's protocol). Hopper (sm_90) only; there is no interpreter for
 Gluon, so CPU tests run the dequantization PTX through a small evaluator, compile the
 kernel for sm_90 and check the launch rules, and GPU tests check its results against
-the reference. The default at 33-64 rows (int4 64 x 512 / 256 on an H100: 1.09x the
-Triton tiles end to end, 1.01x bf16; 52nd session); KILN_INT_WGMMA picks other rows
-(kiln.kernels.int_launch.wgmma_rows).
+the reference. The default at 5-255 rows (int4 64 x 512 / 256 on an H100: 1.09x the
+Triton tiles end to end, 1.01x bf16, 52nd session; prompts of 65-255 rows, 55th);
+KILN_INT_WGMMA picks other rows (kiln.kernels.int_launch.wgmma_rows).
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
-    block_m: int = 0  # x rows a program: 0 by M (8, 16, 32, then 64); 128 untimed
+    block_m: int = 0  # x rows a program: 0 by M (8, 16, 32, 64, then 128)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
@@ -304,8 +304,11 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     session, H100, 16 rows: o 14.3 us with half the two waves' split against 33.1, down
     35.4 against 48.4; 12 rows 14.3 and 35.3 against 22.1 and 37.6). KILN_INT_WGMMA_CFG=
     "block_n,block_k,split_k,stages,fast[,block_m]" overrides (benchmarks; split_k 0: the
-    rule's)."""
-    cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0)
+    rule's). Past 64 rows 128 rows a program, 4 stages (55th session, H100, a layer's four
+    linears at 128 rows, groups of 128: 215.2 us against 222.1 in 3 stages, 291.7 with 128
+    weight rows a program and 2 stages, 282.2 in 64-row blocks)."""
+    cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0, stages=4 if M > 64 else 3,
+                      block_m=128 if M > 64 else 0)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
         bn, bk, split, stages, fast, bm = (int(v) for v in (override + ",0").split(",")[:6])
@@ -346,7 +349,8 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     N = weight.shape[0]
     cfg = config or wgmma_config(M, N, K)
     G = K // scale.shape[1]
-    block_m = cfg.block_m or (8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64)
+    block_m = cfg.block_m or (8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64 if
+                              M <= 64 else 128)
     steps = K // cfg.block_k
     k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
