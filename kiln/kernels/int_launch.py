@@ -70,8 +70,8 @@ def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
     sums): groups of 128 276.2 / 215.2 / 420.3 against 343.9 / 283.3 / 444.3 for the 54th
     session's rule (64-row blocks for gate_up and down up to 128 rows, the dequantized
     weight otherwise; bf16 cuBLAS 173.4 / 178.2 / 190.9), groups of 32 277.4 / 211.5 /
-    432.6 against 363.5 / 296.7 / 516.6. Timed end to end on an H100 (int4 out tok/s; 53rd session): 16
-    requests of 128 in / 256 out 2,972.7 / 2,968.1 at 5-64 against 2,886.2 / 2,898.5 at
+    432.6 against 363.5 / 296.7 / 516.6. Timed end to end on an H100 (int4 out tok/s;
+    53rd session): 16 requests of 128 in / 256 out 2,972.7 / 2,968.1 at 5-64 against 2,886.2 / 2,898.5 at
     5-8 and 33-64 (bf16 2,679.4); 32 requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6
     (bf16 4,607.9); 8 requests 1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8
     (bf16 1,392.6); 64 x 512 / 256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
