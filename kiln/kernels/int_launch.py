@@ -62,19 +62,19 @@ EVEN_GROUPS: tuple[int, ...] | None = {"1": None, "0": ()}.get(
 
 
 def wgmma_rows(value: str) -> tuple[tuple[int, int], ...]:
-    """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on
-    Hopper (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-255, "0" none, "A-B"
-    rows A to B, "A-B,C-D" both; anything else none, with a warning. At 33-64 and 129-255
-    rows only gate_up and down (wgmma_takes). 55th session, an H100, a layer's four linears
-    in 128-row blocks (int_wgmma.wgmma_config), us at 65 / 128 / 200 rows (the picks'
-    sums): groups of 128 276.2 / 215.2 / 420.3 against 343.9 / 283.3 / 444.3 for the 54th
-    session's rule (64-row blocks for gate_up and down up to 128 rows, the dequantized
-    weight otherwise; bf16 cuBLAS 173.4 / 178.2 / 190.9), groups of 32 277.4 / 211.5 /
-    432.6 against 363.5 / 296.7 / 516.6. Timed end to end on an H100 (int4 out tok/s;
-    53rd session): 16 requests of 128 in / 256 out 2,972.7 / 2,968.1 at 5-64 against 2,886.2 / 2,898.5 at
-    5-8 and 33-64 (bf16 2,679.4); 32 requests 4,957.0 / 4,955.4 against 4,802.5 / 4,808.6
-    (bf16 4,607.9); 8 requests 1,691.4 / 1,701.9 against 1,516.1 / 1,495.6 off at 5-8
-    (bf16 1,392.6); 64 x 512 / 256 5,809.9 against 5,314.9 off (bf16 5,725.9; 52nd)."""
+    """The row ranges (first, last) that take kiln.kernels.int_wgmma's Gluon kernel on Hopper
+    (int4), from KILN_INT_WGMMA: "" (the default) and "1" 5-255, "0" none, "A-B" rows A to B,
+    "A-B,C-D" both; anything else none, with a warning. At 33-64 and 129-255 rows only gate_up
+    and down (wgmma_takes). 55th session, an H100, a layer's four linears in 128-row blocks
+    (int_wgmma.wgmma_config), us at 65 / 128 / 200 rows (the picks' sums): groups of 128 276.2 /
+    215.2 / 420.3 against 343.9 / 283.3 / 444.3 for the 54th session's rule (64-row blocks for
+    gate_up and down up to 128 rows, the dequantized weight otherwise; bf16 cuBLAS 173.4 / 178.2
+    / 190.9), groups of 32 277.4 / 211.5 / 432.6 against 363.5 / 296.7 / 516.6. Timed end to end
+    on an H100 (int4 out tok/s; 53rd session): 16 requests of 128 in / 256 out 2,972.7 / 2,968.1
+    at 5-64 against 2,886.2 / 2,898.5 at 5-8 and 33-64 (bf16 2,679.4); 32 requests 4,957.0 /
+    4,955.4 against 4,802.5 / 4,808.6 (bf16 4,607.9); 8 requests 1,691.4 / 1,701.9 against
+    1,516.1 / 1,495.6 off at 5-8 (bf16 1,392.6); 64 x 512 / 256 5,809.9 against 5,314.9 off
+    (bf16 5,725.9; 52nd)."""
     if value in ("", "1"):
         return ((5, 255),)
     if value == "0":
