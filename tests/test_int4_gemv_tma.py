@@ -9,6 +9,7 @@ int_weight_linear's dispatch."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -105,6 +106,7 @@ def test_launch_rules_and_the_switch(monkeypatch):
     w = torch.zeros(4096, 2048, dtype=torch.uint8)
     assert not int4_gemv_tma.gemv_tma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
     assert int_launch.GEMV_TMA == "32"  # groups of 32 unless KILN_INT4_GEMV_TMA says
+    assert int_launch.GEMV_TMA_GLU and int_launch.GEMV_TMA_ROPE  # its epilogues too
     monkeypatch.setattr(int_launch, "GEMV_TMA", "1")
     assert int_launch.tma_gemv(x, w, torch.zeros(4096, 32)) is None  # (CPU tensors)
     assert int4_gemv_tma.gemv_tma_config(4096, 4096, 32).block_n == 32
@@ -193,8 +195,8 @@ def agree_to_rounding(runs: list[list], tol: float) -> int:
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             for step, (la, lb) in enumerate(zip(a.logprobs, b.logprobs)):
-                common = la.keys() & lb.keys()
-                diff = max(abs(la[t] - lb[t]) for t in common)
+                common = la.keys() & lb.keys()  # (none: the two ranked different tokens)
+                diff = max((abs(la[t] - lb[t]) for t in common), default=math.inf)
                 assert diff < tol, (step, diff)
                 worst = max(worst, diff)
                 ta, tb = a.token_ids[step], b.token_ids[step]
@@ -217,7 +219,8 @@ def test_agreement_to_rounding_allows_near_ties_only():
                                              {9: -3.0}])]  # parted at a tie, then free
     assert agree_to_rounding([base, same, tie], 0.05) == 20
     for bad in ([{1: -0.5}, {3: -0.5, 2: -0.9}, {}],  # parted where no tie was
-                [{1: -0.7}, {2: -0.7}, {3: -0.1}]):  # a step's logprob moved
+                [{1: -0.7}, {2: -0.7}, {3: -0.1}],  # a step's logprob moved
+                [{1: -0.5}, {4: -0.1}, {3: -0.1}]):  # no token ranked by both
         with pytest.raises(AssertionError):
             agree_to_rounding([base, [C(token_ids=[1, 3, 3] if len(bad[1]) == 2 else
                                         [1, 2, 3], logprobs=bad)]], 0.05)

@@ -115,7 +115,7 @@ class IntWeightMethod(LinearMethod):
         the one-row GEMV's GLU epilogue (act 1: SiLU, 2: tanh GELU), or None where it does
         not take x (kiln.kernels.int_gemv_epilogues.int4_glu)."""
         tma = self._tma_gemv(layer, x)
-        if tma is not None:  # the TMA-fed GEMV's own GLU epilogue (opt-in), or unfused
+        if tma is not None:  # the TMA-fed GEMV's own GLU epilogue (default), or unfused
             from kiln.kernels import int_launch
 
             return tma(x, layer.weight, layer.weight_scale,
@@ -134,7 +134,7 @@ class IntWeightMethod(LinearMethod):
         v written into rope's caches (a kiln.kernels.gemv_swap_rope.RopeArgs), by the
         one-row GEMV's epilogue; None where it does not take x
         (kiln.kernels.int_gemv_epilogues.int4_rope)."""
-        if self._tma_gemv(layer, x) is not None:  # its own epilogue (opt-in), or unfused
+        if self._tma_gemv(layer, x) is not None:  # its own epilogue (default), or unfused
             from kiln.kernels import int_launch
 
             if not int_launch.GEMV_TMA_ROPE:
@@ -159,7 +159,7 @@ class IntWeightMethod(LinearMethod):
     def _tma_gemv(self, layer: LinearBase, x: torch.Tensor):
         """The TMA-fed GEMV where it takes this one-row product
         (kiln.kernels.int_launch.tma_gemv), else None: the pairs GEMV's epilogues are then
-        not taken (the unfused launches are faster, 54th session)."""
+        not taken (the TMA GEMV's own, or the unfused launches)."""
         if not self._one_row(x):
             return None
         from kiln.kernels.int_launch import tma_gemv
