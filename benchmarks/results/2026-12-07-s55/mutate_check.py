@@ -23,8 +23,9 @@ for name, fn in (("real", real), ("rolled", lambda *a, **k: real(*a, **k).roll(1
         t.test_gpu_engine_in_groups_of_32_decodes_as_the_pairs_gemv(
             Path(tempfile.mkdtemp()), mp)
         print(name, "passed", flush=True)
-    except AssertionError as exc:
-        print(name, "FAILED:", str(exc)[:200], flush=True)
+    except Exception as exc:  # (the 55th session's run: the mutant ended in an uncaught
+        # exception, likely max() over no common token before agree_to_rounding's default)
+        print(name, "FAILED:", type(exc).__name__, str(exc)[:200], flush=True)
     finally:
         mp.undo()
     torch.cuda.empty_cache()
