@@ -1,10 +1,10 @@
 """Integer-weight linears at prompt sizes (65-512 rows, below and at DEQUANT_ROWS) on a
 GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
 bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
-in 64-row blocks (kiln.kernels.int_wgmma) and in 128-row blocks (gluon128n<weight rows
-a program>s<ring stages>), Triton tiles (int4 magic, int8 on digit planes) and bf16 cuBLAS, on
-Llama-3.1-8B's decoder linears; us a call in a CUDA graph on cold weights
-(int_gemv_bench.timed), each checked against the float32 reference.
+(kiln.kernels.int_wgmma: its rule's launch, 64-row blocks, 128 weight rows a program in
+2 stages, half and twice the rule's K splits), Triton tiles (int4 magic, int8 on digit
+planes) and bf16 cuBLAS, on Llama-3.1-8B's decoder linears; us a call in a CUDA graph
+on cold weights (int_gemv_bench.timed), each checked against the float32 reference.
 
     python benchmarks/int_prefill_bench.py OUT.json [--rows 65,128,256] [--kinds 4:128,4:32,8:0]
 
@@ -52,11 +52,16 @@ def main() -> None:
                         w, s, o, a.dtype).T}
                 if bits == 4 and wgmma is not None and wgmma.wgmma_eligible(x, weight, scale):
                     launches["gluon"] = lambda a, w, s, o: wgmma.w4_wgmma(a, w, s, o, None)
-                    # one block of 128 rows (untimed), 64 or 128 weight rows a program
-                    for bm, bn, stages in ((128, 64, 3), (128, 64, 4), (128, 128, 2)):
-                        cfg = dataclasses.replace(wgmma.wgmma_config(M, N, K), block_m=bm,
-                                                  block_n=bn, stages=stages)
-                        launches[f"gluon{bm}n{bn}s{stages}"] = \
+                    # the rule's launch (past 64 rows: 128-row blocks, 64 weight rows a
+                    # program, 4 stages) against 64-row blocks (the 54th session's), 128
+                    # weight rows a program, and half / twice the rule's K splits
+                    rule = wgmma.wgmma_config(M, N, K)
+                    for label, change in (("64rows", dict(block_m=64, stages=3)),
+                                          ("n128s2", dict(block_n=128, stages=2)),
+                                          ("split/2", dict(split_k=max(1, rule.split_k // 2))),
+                                          ("split*2", dict(split_k=rule.split_k * 2))):
+                        cfg = dataclasses.replace(rule, **change)
+                        launches["gluon" + label] = \
                             lambda a, w, s, o, c=cfg: wgmma.w4_wgmma(a, w, s, o, None, c)
                 # Triton tiles kiln has for decode batches, at prompt rows (untimed there):
                 # int4 transposed + magic (16-64 rows' default before Gluon), int8 on x's
