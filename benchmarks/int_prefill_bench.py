@@ -1,8 +1,8 @@
 """Integer-weight linears at prompt sizes (65-512 rows, below and at DEQUANT_ROWS) on a
 GPU: kiln's choice (int_gemm.int_weight_linear) against the weight dequantized into a
 bf16 scratch then cuBLAS (the path from DEQUANT_ROWS rows), Hopper's Gluon int4 kernel
-(kiln.kernels.int_wgmma: its rule's launch, 64-row blocks, 128 weight rows a program in
-2 stages, half and twice the rule's K splits), Triton tiles (int4 magic, int8 on digit
+(kiln.kernels.int_wgmma: its rule's launch, 64- and 256-row blocks, 128 weight rows a
+program in 2 stages, half and twice the rule's K splits), Triton tiles (int4 magic, int8 on digit
 planes) and bf16 cuBLAS, on Llama-3.1-8B's decoder linears; us a call in a CUDA graph
 on cold weights (int_gemv_bench.timed), each checked against the float32 reference.
 
@@ -56,7 +56,10 @@ def main() -> None:
                     # program, 4 stages) against 64-row blocks (the 54th session's), 128
                     # weight rows a program, and half / twice the rule's K splits
                     rule = wgmma.wgmma_config(M, N, K)
+                    # 256-row blocks (wgmma's widest N; 2 stages: a third would pass the
+                    # shared memory; sm_90 compile: 237 registers, no spills) for 129-255
                     for label, change in (("64rows", dict(block_m=64, stages=3)),
+                                          ("256rows", dict(block_m=256, stages=2)),
                                           ("n128s2", dict(block_n=128, stages=2)),
                                           ("split/2", dict(split_k=max(1, rule.split_k // 2))),
                                           ("split*2", dict(split_k=rule.split_k * 2))):
