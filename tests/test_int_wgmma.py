@@ -158,8 +158,9 @@ def test_launch_rules(monkeypatch):
     # prompts past 64 rows: 128 rows a program, 4 stages, the 64-row blocks' splits
     for M in (65, 128, 200):
         cfg = int_wgmma.wgmma_config(M, 6144, 4096)
-        assert (cfg.block_m, cfg.stages, cfg.split_k) == (128, 4, qkv.split_k)
-    assert int_wgmma.wgmma_config(64, 6144, 4096).block_m == 0  # (by M: 64)
+        assert cfg.block_m == 0 and int_wgmma.block_rows(M) == 128  # (by M)
+        assert (cfg.stages, cfg.split_k) == (4, qkv.split_k)
+    assert int_wgmma.block_rows(64) == 64 and int_wgmma.wgmma_config(64, 6144, 4096).stages == 3
 
 
 def test_past_32_rows_only_the_big_linears_take_it(monkeypatch):

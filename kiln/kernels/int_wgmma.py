@@ -294,7 +294,7 @@ class WgmmaConfig:
     split_k: int = 1
     stages: int = 3
     fast: bool = True
-    block_m: int = 0  # x rows a program: 0 by M (8, 16, 32, 64, then 128)
+    block_m: int = 0  # x rows a program; 0: by M (block_rows)
 
 
 def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
@@ -307,8 +307,7 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     rule's). Past 64 rows 128 rows a program, 4 stages (55th session, H100, a layer's four
     linears at 128 rows, groups of 128: 215.2 us against 222.1 in 3 stages, 291.7 with 128
     weight rows a program and 2 stages, 282.2 in 64-row blocks)."""
-    cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0, stages=4 if M > 64 else 3,
-                      block_m=128 if M > 64 else 0)
+    cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0, stages=4 if M > 64 else 3)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
         bn, bk, split, stages, fast, bm = (int(v) for v in (override + ",0").split(",")[:6])
@@ -321,6 +320,12 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     while blocks * split * 2 <= waves * sms and K // (cfg.block_k * split * 2) >= 4:
         split *= 2
     return dataclasses.replace(cfg, split_k=split)
+
+
+def block_rows(M: int) -> int:
+    """x rows a program where the launch leaves them to M (WgmmaConfig.block_m 0): the
+    batch padded to 8, 16, 32 or 64 rows, past 64 in blocks of 128."""
+    return 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
 def wgmma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -349,8 +354,7 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     N = weight.shape[0]
     cfg = config or wgmma_config(M, N, K)
     G = K // scale.shape[1]
-    block_m = cfg.block_m or (8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64 if
-                              M <= 64 else 128)
+    block_m = cfg.block_m or block_rows(M)
     steps = K // cfg.block_k
     k_per_split = triton.cdiv(steps, max(1, min(cfg.split_k, steps))) * cfg.block_k
     split = triton.cdiv(K, k_per_split)
