@@ -21,7 +21,7 @@ from tests.test_int_wgmma import _hopper
 
 
 def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4,
-             glu: int = 0, rope_half: int = 0):
+             glu: int = 0, rope_half: int = 0, pdl: bool = False):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
@@ -42,7 +42,7 @@ def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4
                                "stride_vh", "stride_vd"), "i32")}
     const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
                  HAS_BIAS=glu > 0 or rope_half > 0, SPLIT_K=1 if glu or rope_half else 4,
-                 STAGES=stages, GLU=glu, ROPE_HALF=rope_half)
+                 STAGES=stages, GLU=glu, ROPE_HALF=rope_half, PDL=pdl)
     report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
     sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
                                      warps, 2), "-sass")
@@ -75,6 +75,28 @@ def test_compiles_for_hopper_without_spills(G, block_n, warps, offsets):
     # int_pairs_asm's unpacking: a word's four byte selections (ptxas may add a PRMT of
     # its own, e.g. 0x5410 packing two halves)
     assert sum(bool(re.search(r"PRMT.*0x(4400|5511|6622|7733)", t)) for t in body) == 4 * words
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_pdl_copies_the_weights_before_the_wait_and_x_after(offsets):
+    """Launched with PDL: the ring's words, scales (and offsets) are copied before
+    griddepcontrol.wait (ACQBULK), x's pairs only after it, then the kernel after may start
+    (PREEXIT); nothing read from global memory before the wait; the loop as without PDL."""
+    stages = 4
+    report, sass = _compile(128, 64, 4, offsets, stages=stages, pdl=True)
+    assert report.stack_bytes == 0 and report.instructions["griddepcontrol"] == 2
+    body, _ = _loop_and_after(sass)
+    lines = [t for t in re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass, re.M)]
+    wait = next(i for i, t in enumerate(lines) if "ACQBULK" in t)
+    loop = lines.index(body[0])
+    before = lines[:wait]
+    assert sum("UTMALDG" in t for t in before) == stages * (3 if offsets else 2)
+    assert not any(re.search(r"\bLDG", t) for t in before)
+    assert any("PREEXIT" in t for t in lines[wait:loop])
+    assert sum("UTMALDG" in t for t in lines[wait:loop]) == stages  # x's pairs
+    assert sum("UTMALDG" in t for t in body) == (4 if offsets else 3)
+    plain, _ = _loop_and_after(_compile(128, 64, 4, offsets, stages=stages)[1])
+    assert len(body) == len(plain)
 
 
 @pytest.mark.parametrize("G,block_n,glu,rope_half", [(32, 32, 1, 0), (128, 64, 2, 0),
@@ -149,7 +171,7 @@ def test_groups_of_32_skip_the_pairs_epilogues(monkeypatch):
 @pytest.mark.parametrize("N,K,G", [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 32),
                                    (1000, 2048, 64)])
 @pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])
-def test_gpu_matches_the_reference(N, K, G, offsets, bias):
+def test_gpu_matches_the_reference(N, K, G, offsets, bias, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(N + G)
     q = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=gen)
     weight = pack_int4(q)
@@ -159,11 +181,12 @@ def test_gpu_matches_the_reference(N, K, G, offsets, bias):
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     assert int4_gemv_tma.gemv_tma_eligible(x, weight, scale)
     want = x.float() @ dequantize_int_weight(weight, scale, offset).T + (b if bias else 0)
-    for cfg in (None, int4_gemv_tma.GemvTmaConfig(128, 512, 1, 3, 8),
-                int4_gemv_tma.GemvTmaConfig(64, 512, 4, 6, 4)):
+    for cfg, pdl in ((None, False), (None, True), (int4_gemv_tma.GemvTmaConfig(
+            128, 512, 1, 3, 8), False), (int4_gemv_tma.GemvTmaConfig(64, 512, 4, 6, 4), True)):
+        monkeypatch.setattr(int4_gemv_tma, "PDL", pdl)  # (its launch with PDL too)
         got = int4_gemv_tma.w4_gemv_tma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
-        assert err < 1e-2, (cfg, err)
+        assert err < 1e-2, (cfg, pdl, err)
 
 
 @pytest.mark.gpu
@@ -231,9 +254,10 @@ def test_agreement_to_rounding_allows_near_ties_only():
 def test_gpu_engine_in_groups_of_32_decodes_as_the_pairs_gemv(tmp_path, monkeypatch):
     """A bfloat16 int4 engine in groups of 32 (GGUF's Q4 layouts) whose linears the TMA
     GEMV takes at decode (K a multiple of 512), through CUDA graphs, with and without its
-    GLU / rotary epilogues: each decode step's logprobs those of the pairs GEMV
-    (KILN_INT4_GEMV_TMA=0) to bfloat16 rounding (the two sum in different orders, so a
-    random model's near ties may part their greedy tokens; agree_to_rounding)."""
+    GLU / rotary epilogues (and launched with PDL behind the PDL-launched norms): each
+    decode step's logprobs those of the pairs GEMV (KILN_INT4_GEMV_TMA=0) to bfloat16
+    rounding (the two sum in different orders, so a random model's near ties may part
+    their greedy tokens; agree_to_rounding)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln import LLM, SamplingParams
@@ -256,8 +280,10 @@ def test_gpu_engine_in_groups_of_32_decodes_as_the_pairs_gemv(tmp_path, monkeypa
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=8)
     prompts = [[5, 6, 7], list(range(10, 60)), [300, 2, 150, 9]]
     runs = []
-    for switch, fused in (("0", False), ("32", False), ("32", True)):  # (its epilogues)
+    for switch, fused, pdl in (("0", False, False), ("32", False, False),
+                               ("32", True, False), ("32", True, True)):  # (epilogues, PDL)
         monkeypatch.setattr(int_launch, "GEMV_TMA", switch)
+        monkeypatch.setattr(int4_gemv_tma, "PDL", pdl)
         monkeypatch.setattr(int_launch, "GEMV_TMA_GLU", fused)
         monkeypatch.setattr(int_launch, "GEMV_TMA_ROPE", fused)
         calls.clear()

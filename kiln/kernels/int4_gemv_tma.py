@@ -22,6 +22,7 @@ default since the 55th session (KILN_INT4_GEMV_TMA_GLU=0 / KILN_INT4_GEMV_TMA_RO
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,17 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from kiln.kernels import pdl
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
-from kiln.kernels.int_wgmma import _ring_barriers, _store_out
+from kiln.kernels.int_wgmma import _gdc_wait_and_release, _ring_barriers, _store_out
 from kiln.kernels.split_k import split_k_counters
 
 if TYPE_CHECKING:
     from kiln.kernels.gemv_swap_rope import RopeArgs
+
+# launched with PDL behind the kernel before (its weights' first ring copied before the
+# wait), as the pairs GEMV is (KILN_INT4_GEMV_TMA_PDL=1; opt-in until timed on a GPU)
+PDL = os.environ.get("KILN_INT4_GEMV_TMA_PDL") == "1"
 
 _DOT = gl.constexpr(_PAIRS_UNSIGNED.value)  # (word, x's four pairs) -> sum q x, float32
 _XSUM = gl.constexpr(_SUM_ASM.value)  # (x's four pairs) -> their eight values' sum
@@ -58,23 +64,29 @@ def _copy_rows(desc, row0, row1, k, bar, dst, live, HALF: gl.constexpr):
 @gluon.jit
 def _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, step,
                STAGES: gl.constexpr, k_start, k_end, row0, row1, G: gl.constexpr,
-               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr, HALF: gl.constexpr):
+               BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr, HALF: gl.constexpr,
+               WEIGHTS: gl.constexpr = True, X: gl.constexpr = True):
     """The split's K step `step` into ring slot step % STAGES by TMA (nothing past the
     split's end): the rows' words, their scales and offsets of the step's groups, and x's
-    pairs, counted on the slot's barrier (HALF: the rows in two halves, _copy_rows)."""
+    pairs, counted on the slot's barrier (HALF: the rows in two halves, _copy_rows).
+    WEIGHTS / X: those copies only (PDL: the weights, and the whole step's bytes expected,
+    before the wait; x after it)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
     bar = bars.index(slot)
-    NBYTES: gl.constexpr = (w_desc.block_type.nbytes + s_desc.block_type.nbytes *
-                            (2 if HAS_OFFSET else 1)) * (2 if HALF else 1) + \
-        x_desc.block_type.nbytes
-    mbarrier.expect(bar, NBYTES, pred=live)
-    _copy_rows(w_desc, row0, row1, k // 8, bar, w_ring.index(slot), live, HALF)
-    _copy_rows(s_desc, row0, row1, k // G, bar, s_ring.index(slot), live, HALF)
-    if HAS_OFFSET:
-        _copy_rows(o_desc, row0, row1, k // G, bar, o_ring.index(slot), live, HALF)
-    tma.async_copy_global_to_shared(x_desc, [0, k // 2], bar, x_ring.index(slot), pred=live)
+    if WEIGHTS:
+        NBYTES: gl.constexpr = (w_desc.block_type.nbytes + s_desc.block_type.nbytes *
+                                (2 if HAS_OFFSET else 1)) * (2 if HALF else 1) + \
+            x_desc.block_type.nbytes
+        mbarrier.expect(bar, NBYTES, pred=live)
+        _copy_rows(w_desc, row0, row1, k // 8, bar, w_ring.index(slot), live, HALF)
+        _copy_rows(s_desc, row0, row1, k // G, bar, s_ring.index(slot), live, HALF)
+        if HAS_OFFSET:
+            _copy_rows(o_desc, row0, row1, k // G, bar, o_ring.index(slot), live, HALF)
+    if X:
+        tma.async_copy_global_to_shared(x_desc, [0, k // 2], bar, x_ring.index(slot),
+                                        pred=live)
 
 
 @gluon.jit
@@ -170,7 +182,8 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
                         G: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                        GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0):
+                        GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0,
+                        PDL: gl.constexpr = False):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
     [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
@@ -178,7 +191,8 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     each, and out [0, N / 2] = act(gate) * up (_glu_out). ROPE_HALF (head_dim / 2; one
     split): w is the fused QKV, a program's rows BLOCK_N / 2 dims of a head's first half
     and the dims they rotate with, out the rotated q (_rope_out; pos_ptr ..: its
-    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args)."""
+    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args). PDL (launched with PDL):
+    the ring's first weights, scales and offsets copied before the wait, x after it."""
     WT: gl.constexpr = 4  # a thread's words of a row in a step: a slice of 32 values
     SPG: gl.constexpr = G // 32  # slices a group
     GW: gl.constexpr = BLOCK_K // G  # groups a step
@@ -212,7 +226,14 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
         row1 = N // 2 + row0  # (GLU: the up rows)
     for s in gl.static_range(STAGES):  # (a slot is refilled as soon as it is read)
         _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, s,
-                   STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF)
+                   STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,
+                   X=not PDL)
+    if PDL:  # the ring's weights stream while the kernel before finishes; x after it
+        _gdc_wait_and_release()
+        for s in gl.static_range(STAGES):
+            _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars,
+                       s, STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,
+                       WEIGHTS=False)
     acc = gl.zeros([BLOCK_N, GW, SPG], gl.float32, layout=LA)
     i = 0
     for _k in range(k_start, k_end, BLOCK_K):
@@ -341,6 +362,7 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     pairs = x.view(torch.int32)
     x_desc = TensorDescriptor(pairs, [1, K // 2], [pairs.stride(0), 1], [1, cfg.block_k // 2],
                               flat)
+    use_pdl = PDL and pdl.INT_GEMV and pdl.hopper(x)
     extra = rope.kernel_args(head_dim) if rope is not None else dict(
         pos_ptr=scale, cs_ptr=scale, kc_ptr=scale, vc_ptr=scale, slot_ptr=scale,
         **dict.fromkeys(("num_heads", "num_kv_heads", "block_size", "stride_cs", "stride_cb",
@@ -351,7 +373,8 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                               SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
-                              ROPE_HALF=head_dim // 2, num_warps=cfg.num_warps)
+                              ROPE_HALF=head_dim // 2, PDL=use_pdl, num_warps=cfg.num_warps,
+                              **pdl.launch_args(use_pdl))
     return out
 
 

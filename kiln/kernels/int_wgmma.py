@@ -193,6 +193,15 @@ def _step_groups(ring, slot, k, GW: gl.constexpr, WT: gl.constexpr, G: gl.conste
 
 
 @gluon.jit
+def _gdc_wait_and_release():
+    """PDL: wait for the kernel before (its writes visible), then let the one after start."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _ring_barriers(STAGES: gl.constexpr):
     """A ring's barriers, one a slot, initialized and fenced before any copy."""
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
