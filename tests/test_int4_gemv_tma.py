@@ -132,7 +132,7 @@ def test_launch_rules_and_the_switch(monkeypatch):
     monkeypatch.setattr(int_launch, "GEMV_TMA", "1")
     assert int_launch.tma_gemv(x, w, torch.zeros(4096, 32)) is None  # (CPU tensors)
     assert int4_gemv_tma.gemv_tma_config(4096, 4096, 32).block_n == 32
-    assert int4_gemv_tma.gemv_tma_config(4096, 4096, 128).block_n == 64
+    assert int4_gemv_tma.gemv_tma_config(4096, 4096, 128).block_n == 32
 
 
 def test_groups_of_32_skip_the_pairs_epilogues(monkeypatch):

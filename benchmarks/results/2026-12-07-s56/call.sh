@@ -26,7 +26,7 @@ for stage in ${*:-a}; do case $stage in
 a) timeout 360 python3 -m pytest -q -s -p no:cacheprovider -m gpu "tests/test_kernels_int.py::test_gpu_int_linear" \
      tests/test_int4_gemv_tma.py tests/test_int_wgmma.py --tb=short 2>&1 \
      | grep -Ev "Writing|^$" | tail -25 > "$OUT/1tests.log"; tail -6 "$OUT/1tests.log"
-   timeout 90 python3 benchmarks/results/2026-12-07-s55/mutate_check.py 2>&1 \
+   timeout 150 python3 benchmarks/results/2026-12-07-s55/mutate_check.py 2>&1 \
      | grep -E "^(real|rolled)|Error" | tee "$OUT/2mutate.log" ;;
 f) for pdl in 1 0; do  # 0: PDL off everywhere, so each kernel's span is its own time
      env KILN_PDL=$pdl KILN_INT_PDL=$pdl KILN_ATTN_PDL=$pdl timeout 200 python3 -m kiln.cli \
