@@ -23,6 +23,9 @@ run() {  # run DIR TAG SPEC [ENV...]
     | grep -E "kiln |rror" | sed "s/^/[$2] /" | tee -a "$OUT/$LOG")
 }
 for stage in ${*:-a}; do case $stage in
+a2) timeout ${A2:-240} python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int4_gemv_tma.py \
+     "tests/test_kernels_int.py::test_gpu_int_linear" --tb=short 2>&1 \
+     | grep -Ev "Writing|^$" | tail -25 > "$OUT/1tests.log"; tail -6 "$OUT/1tests.log" ;;
 a) timeout 360 python3 -m pytest -q -s -p no:cacheprovider -m gpu "tests/test_kernels_int.py::test_gpu_int_linear" \
      tests/test_int4_gemv_tma.py tests/test_int_wgmma.py --tb=short 2>&1 \
      | grep -Ev "Writing|^$" | tail -25 > "$OUT/1tests.log"; tail -6 "$OUT/1tests.log"
@@ -45,7 +48,7 @@ b) export NUM_REQUESTS=128 LOG=4e2e.log X=""
    done
    run . bf16 throughput-few ;;
 t) export LOG=6pdl.log X="--quantize-lm-head"  # the TMA GEMV launched with PDL (new)
-   for i in 1 2; do
+   for i in ${ROUNDS:-1 2}; do
      run . g128-pairs$i int4:latency-b1
      run . g128-tmapdl$i int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
      run . g32-tma$i q4g32:latency-b1
