@@ -54,6 +54,9 @@ t) export LOG=6pdl.log X="--quantize-lm-head"  # the TMA GEMV launched with PDL 
      run . g32-tma$i q4g32:latency-b1
      run . g32-tmapdl$i q4g32:latency-b1 KILN_INT4_GEMV_TMA_PDL=1
    done ;;
+u) export LOG=6pdl.log X="--quantize-lm-head"  # t's groups of 128 only, once
+   run . g128-tmapdl int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
+   run . g128-pairs int4:latency-b1 ;;
 c) export LOG=5b1.log X="--quantize-lm-head"
    for i in 1 2; do
      run . g128-new$i int4:latency-b1; run ab_old g128-old$i int4:latency-b1
