@@ -238,8 +238,8 @@ def test_a_triton_without_gluon_falls_back_to_the_triton_tiles(monkeypatch):
         int_launch.wgmma_module.cache_clear()
 
 
-@pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64), (128, 128)])
-def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
+def _compile(block_m: int, group: int, pdl: bool = False):
+    """The kernel compiled for sm_90 at gate_up's shape: (report, SASS)."""
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
@@ -254,12 +254,18 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
               "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": 64,
               "N": 28672, "K": 4096, "K_PER_SPLIT": 4096, "stride_om": 28672}
     const = dict(G=group, BLOCK_N=128, BLOCK_M=block_m, BLOCK_K=128, HAS_OFFSET=True,
-                 HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True)
+                 HAS_BIAS=False, SPLIT_K=1, STAGES=3, FAST=True, PDL=pdl)
     report = cc.compile_sm90(int_wgmma._w4_wgmma_kernel, values, const, 8)
+    return report, cc._cuobjdump(cc._compile(int_wgmma._w4_wgmma_kernel, values, const, 8, 2),
+                                 "-sass")
+
+
+@pytest.mark.parametrize("block_m,group", [(8, 128), (64, 128), (16, 32), (16, 64), (128, 128)])
+def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
+    report, sass = _compile(block_m, group)
     assert report.stack_bytes == 0
     assert report.instructions["wgmma.mma_async"] > 0
     assert report.instructions["cp.async.bulk"] > 0  # the TMA copies
-    sass = cc._cuobjdump(cc._compile(int_wgmma._w4_wgmma_kernel, values, const, 8, 2), "-sass")
     # one wait for the step before (<= 1 in flight) a loop, none after each MMA, and no
     # proxy fence waiting on a load of the thread's own (every copy is TMA's)
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 1
@@ -267,6 +273,24 @@ def test_compiles_for_hopper_without_spills_or_serialized_mma(block_m, group):
     loop = sass.split("WARPGROUP.DEPBAR.LE gsb0, 0x0")[0]
     assert not re.search(r"\bLDG", loop), "a load of the thread's own before the fence"
     assert sum("UTMALDG" in t for t in k_loop(sass)) == 4  # words, x, scales, offsets
+
+
+def test_pdl_copies_the_weights_before_the_wait_and_x_after():
+    """Launched with PDL (KILN_INT_WGMMA_PDL=1): the first STAGES - 1 steps' words, scales
+    and offsets are copied before griddepcontrol.wait (ACQBULK), x's tiles only after it,
+    then the kernel after may start (PREEXIT), before the loop's first barrier wait; the
+    loop refills a slot with all four copies."""
+    report, sass = _compile(16, 128, pdl=True)
+    assert report.stack_bytes == 0 and report.instructions["griddepcontrol"] == 2
+    lines = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass, re.M)
+    wait = next(i for i, t in enumerate(lines) if "ACQBULK" in t)
+    loop = next(i for i, t in enumerate(lines) if "PHASECHK" in t)  # a slot's first wait
+    done = next(i for i, t in enumerate(lines) if "CCTL.IV" in t)  # barriers invalidated
+    assert sum("UTMALDG" in t for t in lines[:wait]) == 2 * 3  # (STAGES 3)
+    assert not any(re.search(r"\bLDG", t) for t in lines[:wait])
+    assert any("PREEXIT" in t for t in lines[wait:loop])
+    assert sum("UTMALDG" in t for t in lines[wait:loop]) == 2  # x's tiles
+    assert sum("UTMALDG" in t for t in lines[loop:done]) == 4  # words, x, scales, offsets
 
 
 def k_loop(sass: str) -> list[str]:
@@ -291,7 +315,7 @@ def _hopper() -> bool:
                                    (256, 512, 64)])
 @pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("fast", [True, False])
-def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
+def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast, monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(M * 7 + N)
     q = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8, generator=gen)
     weight = pack_int4(q)
@@ -301,9 +325,11 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = dequantize_int_weight(weight, scale, offset).to(torch.bfloat16).float()
     want = x.float() @ w.T + (b if bias else 0)
-    for split, block_n, block_m in ((1, 128, 0), (4, 128, 0), (2, 64, 0), (2, 64, 128),
-                                    (1, 64, 128)):
+    for split, block_n, block_m, pdl in ((1, 128, 0, False), (4, 128, 0, True),
+                                         (2, 64, 0, False), (2, 64, 128, True),
+                                         (1, 64, 128, False)):
         cfg = int_wgmma.WgmmaConfig(block_n=block_n, split_k=split, fast=fast, block_m=block_m)
+        monkeypatch.setattr(int_wgmma, "PDL", pdl)  # (its launch with PDL too)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
-        assert err < 1e-2, (split, block_m, err)
+        assert err < 1e-2, (split, block_m, pdl, err)

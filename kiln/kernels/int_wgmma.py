@@ -10,10 +10,8 @@ against bf16 cuBLAS's 125. Here the loop is laid out by hand, computed transpose
 batch its narrow side, 8 to 128 columns):
 
 * each K step's packed words, x's tile and four groups of scales (and offsets) a row
-  are loaded by TMA into a ring of STAGES slots, counted on a barrier a slot (TMA's
-  copies are not the threads' own, so the proxy fence below does not wait for them: a
-  first version loaded by cp.async and each fence waited for the next steps' loads,
-  ~95 us at gate_up whatever the rows on an H100, 51st session);
+  are loaded by TMA into a ring of STAGES slots, counted on a barrier a slot (not by
+  cp.async, whose loads the proxy fence below waited for: docs/kernels.md);
 * the words are dequantized in registers (q from its nibble by bit operations, then
   w = q * s + o by one float32 FMA, rounded to bfloat16; _DEQUANT_FAST by default) and
   stored to one of two shared-memory tiles, which a proxy fence hands to the tensor
@@ -50,7 +48,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from kiln.kernels import pdl
 from kiln.kernels.split_k import split_k_counters
+
+# launched with PDL, the ring's first weights copied before the wait, as the one-row
+# GEMVs are (KILN_INT_WGMMA_PDL=1; opt-in until timed on a GPU)
+PDL = os.environ.get("KILN_INT_WGMMA_PDL") == "1"
 
 # Eight int4 values of a 32-bit word (value i at bits 4i) -> four bfloat16 pairs (int32)
 # of w = q * S + O: the nibble or'd into the mantissa of 2^23 (lop3) and 2^23 taken off
@@ -150,26 +153,31 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
 @gluon.jit
 def _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, step,
               STAGES: gl.constexpr, k_start, k_end, row0, m0, G: gl.constexpr,
-              BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr):
+              BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr, WEIGHTS: gl.constexpr = True,
+              X: gl.constexpr = True):
     """The split's K step `step` into ring slot step % STAGES by TMA, counted on the
     slot's barrier (nothing past the split's end): its words, x's tile, and the scales
     (and offsets) of the 4 groups from the step's first rounded down to a multiple of 4
     (16 bytes a row, TMA's least; a box at a column not a multiple of 16 bytes was an
-    illegal instruction on an H100, 52nd session)."""
+    illegal instruction on an H100, 52nd session). WEIGHTS / X: those copies only (PDL)."""
     k = k_start + step * BLOCK_K
     slot = step % STAGES
     live = k < k_end
     bar = bars.index(slot)
-    NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
-        s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
-    mbarrier.expect(bar, NBYTES, pred=live)
-    tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot), pred=live)
-    tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
-    col = k // G // 4 * 4
-    tma.async_copy_global_to_shared(s_desc, [row0, col], bar, s_ring.index(slot), pred=live)
-    if HAS_OFFSET:
-        tma.async_copy_global_to_shared(o_desc, [row0, col], bar, o_ring.index(slot),
+    if WEIGHTS:
+        NBYTES: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes + \
+            s_desc.block_type.nbytes * (2 if HAS_OFFSET else 1)
+        mbarrier.expect(bar, NBYTES, pred=live)
+        tma.async_copy_global_to_shared(w_desc, [row0, k // 8], bar, w_ring.index(slot),
                                         pred=live)
+        col = k // G // 4 * 4
+        tma.async_copy_global_to_shared(s_desc, [row0, col], bar, s_ring.index(slot),
+                                        pred=live)
+        if HAS_OFFSET:
+            tma.async_copy_global_to_shared(o_desc, [row0, col], bar, o_ring.index(slot),
+                                            pred=live)
+    if X:
+        tma.async_copy_global_to_shared(x_desc, [m0, k], bar, x_ring.index(slot), pred=live)
 
 
 @gluon.jit
@@ -193,15 +201,6 @@ def _step_groups(ring, slot, k, GW: gl.constexpr, WT: gl.constexpr, G: gl.conste
 
 
 @gluon.jit
-def _gdc_wait_and_release():
-    """PDL: wait for the kernel before (its writes visible), then let the one after start."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _ring_barriers(STAGES: gl.constexpr):
     """A ring's barriers, one a slot, initialized and fenced before any copy."""
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -217,11 +216,12 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
                      M, N, K, K_PER_SPLIT, stride_om, G: gl.constexpr, BLOCK_N: gl.constexpr,
                      BLOCK_M: gl.constexpr, BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
-                     FAST: gl.constexpr):
+                     FAST: gl.constexpr, PDL: gl.constexpr = False):
     """out[M, N] = x [M, K] @ dequant(w)^T (+ bias) for the column block program_id(0),
     the K split program_id(1) and the row block program_id(2) (see the module doc): x
     bfloat16, w int4 as int32 words [N, K / 8], scales and offsets float32 [N, K / G],
-    each a TMA descriptor; 4 warps (one warpgroup) for each 64 rows of BLOCK_N."""
+    each a TMA descriptor; 4 warps (one warpgroup) for each 64 rows of BLOCK_N. PDL: the
+    first steps' words, scales and offsets copied before the wait, x after it."""
     WORDS: gl.constexpr = BLOCK_K // 8
     WT: gl.constexpr = 4
     GW: gl.constexpr = WORDS // WT
@@ -256,7 +256,13 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
     m0 = pid_m * BLOCK_M
     for s in gl.static_range(STAGES - 1):
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
-                  STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET)
+                  STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET, X=not PDL)
+    if PDL:  # the ring's weights stream while the kernel before finishes; x after it
+        pdl.gluon_start()
+        for s in gl.static_range(STAGES - 1):
+            _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
+                      s, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET,
+                      WEIGHTS=False)
     acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=ACC)
     i = 0
     for k in range(k_start, k_end, BLOCK_K):
@@ -332,8 +338,7 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
 
 
 def block_rows(M: int) -> int:
-    """x rows a program where the launch leaves them to M (WgmmaConfig.block_m 0): the
-    batch padded to 8, 16, 32 or 64 rows, past 64 in blocks of 128."""
+    """x rows a program where WgmmaConfig.block_m is 0: M padded to 8-64, past 64 128."""
     return 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
 
 
@@ -387,7 +392,9 @@ def w4_wgmma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     s_layout = gl.NVMMASharedLayout.get_default_for([cfg.block_n, 4], gl.float32)
     s_desc, o_desc = (TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [cfg.block_n, 4],
                                        s_layout) for t in (scale, o))
+    use_pdl = PDL and pdl.INT_GEMV and pdl.hopper(x)
     _w4_wgmma_kernel[grid](x_desc, w_desc, s_desc, o_desc, b, out, part, counters, M, N, K,
-                           k_per_split, out.stride(0), **meta)
+                           k_per_split, out.stride(0), PDL=use_pdl, **meta,
+                           **pdl.launch_args(use_pdl))
     return out
 

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The 56th session's device calls (nvidia-h200 preferred; carry .whl; ab_old/ = the tree
+# The 56th session's device calls, none of which ran (no machine could be started all
+# session): for the 57th (nvidia-h200 preferred; run a2 before making either PDL launch the
+# default; carry .whl; ab_old/ = the tree
 # before the 55th session's changes, untracked so the copy carries it:
 #   mkdir ab_old && git archive 370d94b kiln benchmarks | tar -x -C ab_old ):
+#  a2 (~5 min): the GPU tests of the two PDL launches (both kernels' references, the TMA
+#     GEMV's engine test with PDL) and test_gpu_int_linear; a: the same and more
 #  a (~6.5 min): GPU tests (the TMA GEMV engine test by logprobs, the Gluon 128-row blocks,
 #     test_gpu_int_linear over every row count: the 65-255-row launches) + the mutant check
 #  f (~2 min): where an int4 g128 batch-1 step goes (kiln bench latency --profile,
 #     trace_gaps --by-kernel): what is left beside the GEMVs
 #  t (~6 min): batch 1 (128 / 256, --quantize-lm-head): the TMA GEMV launched with PDL
 #     (KILN_INT4_GEMV_TMA_PDL=1) against the default, groups of 128 (pairs GEMV) and 32
+#  w (~7 min): the Gluon decode-batch kernel launched with PDL (KILN_INT_WGMMA_PDL=1)
+#     against not, int4 64 x 512 / 256 and 16 requests of 128 / 256
 #  c (~6 min): batch 1 (128 / 256, --quantize-lm-head) int4 g128 and q4g32, new vs old
 #  p (~6 min): int_prefill_bench at 65 / 128 / 192 / 255 rows (256-row Gluon blocks)
 #  b (~8 min): 128 requests of 128 / 256, int4 and int8_wo new vs old, and bf16
@@ -23,8 +29,9 @@ run() {  # run DIR TAG SPEC [ENV...]
     | grep -E "kiln |rror" | sed "s/^/[$2] /" | tee -a "$OUT/$LOG")
 }
 for stage in ${*:-a}; do case $stage in
-a2) timeout ${A2:-240} python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int4_gemv_tma.py \
-     "tests/test_kernels_int.py::test_gpu_int_linear" --tb=short 2>&1 \
+a2) timeout ${A2:-300} python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int4_gemv_tma.py \
+     "tests/test_kernels_int.py::test_gpu_int_linear" \
+     "tests/test_int_wgmma.py::test_gpu_matches_the_reference" --tb=short 2>&1 \
      | grep -Ev "Writing|^$" | tail -25 > "$OUT/1tests.log"; tail -6 "$OUT/1tests.log" ;;
 a) timeout 360 python3 -m pytest -q -s -p no:cacheprovider -m gpu "tests/test_kernels_int.py::test_gpu_int_linear" \
      tests/test_int4_gemv_tma.py tests/test_int_wgmma.py --tb=short 2>&1 \
@@ -53,6 +60,12 @@ t) export LOG=6pdl.log X="--quantize-lm-head"  # the TMA GEMV launched with PDL 
      run . g128-tmapdl$i int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
      run . g32-tma$i q4g32:latency-b1
      run . g32-tmapdl$i q4g32:latency-b1 KILN_INT4_GEMV_TMA_PDL=1
+   done ;;
+w) export LOG=7wgmma-pdl.log X=""  # the Gluon decode-batch kernel launched with PDL (new)
+   for i in ${ROUNDS:-1 2}; do
+     run . int4-64$i int4:throughput-64; run . int4-64pdl$i int4:throughput-64 KILN_INT_WGMMA_PDL=1
+     run . int4-16$i int4:throughput-few NUM_REQUESTS=16
+     run . int4-16pdl$i int4:throughput-few NUM_REQUESTS=16 KILN_INT_WGMMA_PDL=1
    done ;;
 u) export LOG=6pdl.log X="--quantize-lm-head"  # t's groups of 128 only, once
    run . g128-tmapdl int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
