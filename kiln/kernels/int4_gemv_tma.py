@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
+from kiln.kernels.gluon_pdl import gluon_start
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
 from kiln.kernels.int_wgmma import _ring_barriers, _store_out
 from kiln.kernels.split_k import split_k_counters
@@ -229,7 +230,7 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
                    STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,
                    X=not PDL)
     if PDL:  # the ring's weights stream while the kernel before finishes; x after it
-        pdl.gluon_start()
+        gluon_start()
         for s in gl.static_range(STAGES):
             _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars,
                        s, STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,

@@ -49,10 +49,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
+from kiln.kernels.gluon_pdl import gluon_start
 from kiln.kernels.split_k import split_k_counters
 
-# launched with PDL, the ring's first weights copied before the wait, as the one-row
-# GEMVs are (KILN_INT_WGMMA_PDL=1; opt-in until timed on a GPU)
+# KILN_INT_WGMMA_PDL=1: launched with PDL, the first weights before the wait (untimed)
 PDL = os.environ.get("KILN_INT_WGMMA_PDL") == "1"
 
 # Eight int4 values of a 32-bit word (value i at bits 4i) -> four bfloat16 pairs (int32)
@@ -258,7 +258,7 @@ def _w4_wgmma_kernel(x_desc, w_desc, s_desc, o_desc, bias_ptr, out_ptr, part_ptr
         _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars, s,
                   STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET, X=not PDL)
     if PDL:  # the ring's weights stream while the kernel before finishes; x after it
-        pdl.gluon_start()
+        gluon_start()
         for s in gl.static_range(STAGES - 1):
             _tma_step(w_desc, x_desc, s_desc, o_desc, w_ring, x_ring, s_ring, o_ring, bars,
                       s, STAGES, k_start, k_end, row0, m0, G, BLOCK_K, HAS_OFFSET,

@@ -45,8 +45,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,16 +143,6 @@ def pdl_start(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@gluon.jit
-def gluon_start():
-    """pdl_start in a Gluon kernel launched with PDL (kiln.kernels.int_wgmma,
-    int4_gemv_tma): wait for the kernel before, then let the one after start."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
