@@ -14,6 +14,8 @@
 #     (KILN_INT4_GEMV_TMA_PDL=1) against the default, groups of 128 (pairs GEMV) and 32
 #  w (~7 min): the Gluon decode-batch kernel launched with PDL (KILN_INT_WGMMA_PDL=1)
 #     against not, int4 64 x 512 / 256 and 16 requests of 128 / 256
+#  (one 10-minute call fits `ROUNDS=1 ... a2 t`; then `t` again and `w` in the next)
+#  u (~2 min): t's groups of 128 only, once
 #  c (~6 min): batch 1 (128 / 256, --quantize-lm-head) int4 g128 and q4g32, new vs old
 #  p (~6 min): int_prefill_bench at 65 / 128 / 192 / 255 rows (256-row Gluon blocks)
 #  b (~8 min): 128 requests of 128 / 256, int4 and int8_wo new vs old, and bf16
