@@ -18,6 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
+def arrive(count_ptr, slot, lanes, INTERPRET: tl.constexpr):
+    """Count this program in at counter `slot`, after a fence that makes every thread's
+    stores so far visible device-wide (lanes: as split_k_fixup's); returns how many
+    programs had arrived before it (acquire-release order: the last one reads theirs)."""
+    if not INTERPRET:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [lanes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
 def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems, lanes,
                   SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr):
     """acc: this program's partial sums at element offsets `offs` (any shape, < elems) of
@@ -27,12 +39,7 @@ def split_k_fixup(acc, part_ptr, count_ptr, tile, offs, mask, elems, lanes,
     last of its tile); only the last program's sum is complete."""
     pid_k = tl.program_id(1)
     tl.store(part_ptr + pid_k * elems + offs, acc, mask=mask)
-    if not INTERPRET:  # each thread's partials visible device-wide before the count
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [lanes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT_K - 1
+    last = arrive(count_ptr, tile, lanes, INTERPRET) == SPLIT_K - 1
     total = tl.zeros(acc.shape, dtype=acc.dtype)  # float32, or int32 sums kept exact
     if last:
         if acc.dtype == tl.int32:  # GEMM tiles (int8_gemm): one partial in registers at once

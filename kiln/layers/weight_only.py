@@ -18,6 +18,7 @@ import torch
 from kiln import functional as KF
 from kiln.kernels import cpu_int
 from kiln.kernels.reference import INT8_MAX, MIN_AMAX, dequantize_int_weight, pack_int4
+from kiln.layers import swap_input
 from kiln.layers.linear import LinearBase
 from kiln.layers.quantization import LinearMethod, cpu_float_weight
 
@@ -150,6 +151,24 @@ class IntWeightMethod(LinearMethod):
 
         return int4_rope(x, layer.weight, layer.weight_scale,
                          layer.weight_offset if self.has_offset else None, layer.bias, rope)
+
+    def fuses_add_norm(self, layer: LinearBase, x: torch.Tensor) -> bool:
+        """KILN_INT_ADD_NORM=1 (opt-in): one bfloat16 row of int4 on the pairs GEMV (not
+        the TMA-fed one), whose epilogue may then add the residual and normalize."""
+        return swap_input.INT_ADD_NORM and self._one_row(x) and \
+            self._tma_gemv(layer, x) is None
+
+    def apply_add_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor,
+                       norm_weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """kiln.kernels.int_gemv_epilogues.int4_add_norm where fuses_add_norm holds."""
+        if not self.fuses_add_norm(layer, x):
+            return None
+        from kiln.kernels.int_gemv_epilogues import int4_add_norm
+
+        return int4_add_norm(x, layer.weight, layer.weight_scale,
+                             layer.weight_offset if self.has_offset else None, residual,
+                             norm_weight, eps)
 
     def _one_row(self, x: torch.Tensor) -> bool:
         """One bfloat16 row of int4 on a GPU (or the interpreter): the epilogues' input."""

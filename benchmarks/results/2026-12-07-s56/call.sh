@@ -12,9 +12,11 @@
 #     trace_gaps --by-kernel): what is left beside the GEMVs
 #  t (~6 min): batch 1 (128 / 256, --quantize-lm-head): the TMA GEMV launched with PDL
 #     (KILN_INT4_GEMV_TMA_PDL=1) against the default, groups of 128 (pairs GEMV) and 32
-#  w (~7 min): the Gluon decode-batch kernel launched with PDL (KILN_INT_WGMMA_PDL=1)
-#     against not, int4 64 x 512 / 256 and 16 requests of 128 / 256
+#  w (~8 min): the Gluon decode-batch kernel launched with PDL (KILN_INT_WGMMA_PDL=1)
+#     against not, int4 64 x 512 / 256 and 16 requests of 128 / 256; bf16 64 x 512 / 256
 #  (one 10-minute call fits `ROUNDS=1 ... a2 t`; then `t` again and `w` in the next)
+#  n (~4 min at ROUNDS=1, 57th): the GPU tests of the int4 GEMV's add + RMSNorm epilogue,
+#     then batch 1 g128 with KILN_INT_ADD_NORM=1 against without
 #  u (~2 min): t's groups of 128 only, once
 #  c (~6 min): batch 1 (128 / 256, --quantize-lm-head) int4 g128 and q4g32, new vs old
 #  p (~6 min): int_prefill_bench at 65 / 128 / 192 / 255 rows (256-row Gluon blocks)
@@ -68,6 +70,14 @@ w) export LOG=7wgmma-pdl.log X=""  # the Gluon decode-batch kernel launched with
      run . int4-64$i int4:throughput-64; run . int4-64pdl$i int4:throughput-64 KILN_INT_WGMMA_PDL=1
      run . int4-16$i int4:throughput-few NUM_REQUESTS=16
      run . int4-16pdl$i int4:throughput-few NUM_REQUESTS=16 KILN_INT_WGMMA_PDL=1
+     run . bf16-64$i throughput-64  # #10's 64 x 512 / 256 bar, on this card
+   done ;;
+n) timeout 240 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int4_add_norm.py \
+     --tb=short 2>&1 | grep -Ev "Writing|^$" | tail -15 > "$OUT/8addnorm-tests.log"
+   tail -4 "$OUT/8addnorm-tests.log"  # the o / down GEMVs' add + RMSNorm epilogue (57th)
+   export LOG=8addnorm.log X="--quantize-lm-head"
+   for i in ${ROUNDS:-1 2}; do
+     run . g128-addnorm$i int4:latency-b1 KILN_INT_ADD_NORM=1; run . g128-pairs$i int4:latency-b1
    done ;;
 u) export LOG=6pdl.log X="--quantize-lm-head"  # t's groups of 128 only, once
    run . g128-tmapdl int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
