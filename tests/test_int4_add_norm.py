@@ -42,6 +42,8 @@ def check_add_norm(N: int, K: int, group: int, launch: str, with_offset: bool,
         stored = int_gemm.int_weight_linear(x, weight, scale, offset, None)
         want, want_res = rms_norm.add_rms_norm(stored, residual, norm_weight, EPS)
         for _ in range(2):
+            poison = torch.full_like(residual, float("nan"))  # the memory res_out may reuse:
+            del poison  # a norm read before every block stored its rows is then NaN
             got = int4_add_norm(x, weight, scale, offset, residual, norm_weight, EPS)
             assert got is not None, (N, K, group, launch)
             normed, res = got
