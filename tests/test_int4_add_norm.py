@@ -161,18 +161,19 @@ def test_gpu_int4_add_norm_at_8b_shape(launch) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_int4_engine_with_add_norm(tmp_path, monkeypatch) -> None:
-    """A bfloat16 int4 engine (groups of 128, the pairs GEMV) decoding one request at a time
-    through CUDA graphs: with KILN_INT_ADD_NORM=1 the epilogue is taken (o and down of every
-    layer) and each decode step's logprobs agree with the unfused route's to bfloat16
-    rounding (agree_to_rounding)."""
+@pytest.mark.parametrize("group", [128, 32])
+def test_gpu_int4_engine_with_add_norm(group, tmp_path, monkeypatch) -> None:
+    """A bfloat16 int4 engine (groups of 128: the pairs GEMV; of 32: the TMA-fed one on
+    Hopper) decoding one request at a time through CUDA graphs: with KILN_INT_ADD_NORM=1 the
+    epilogue is taken (o and down of every layer) and each decode step's logprobs agree
+    with the unfused route's to bfloat16 rounding (agree_to_rounding)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kiln import LLM, SamplingParams
     from kiln.build import build
     from kiln.config import BuildConfig
-    from kiln.kernels import int_gemv_epilogues as ep
     from kiln.layers import swap_input
+    from kiln.layers.weight_only import IntWeightMethod
     from tests.test_int4_gemv_tma import agree_to_rounding
 
     torch.manual_seed(0)
@@ -181,12 +182,12 @@ def test_gpu_int4_engine_with_add_norm(tmp_path, monkeypatch) -> None:
         num_key_value_heads=4, vocab_size=320, max_position_embeddings=256))
     model.save_pretrained(tmp_path / "hf")
     engine_dir = build(tmp_path / "hf", tmp_path / "e", BuildConfig(
-        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=128),
+        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=group),
         progress=False)
     taken = []
-    real = ep.int4_add_norm
-    monkeypatch.setattr(ep, "int4_add_norm",
-                        lambda *a: (lambda y: taken.append(y is not None) or y)(real(*a)))
+    real = IntWeightMethod.apply_add_norm
+    monkeypatch.setattr(IntWeightMethod, "apply_add_norm", lambda *a: (
+        lambda y: taken.append(y is not None) or y)(real(*a)))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=8)
     prompts = [[5, 6, 7], list(range(10, 60)), [300, 2, 150, 9]]
     runs = []
@@ -198,3 +199,48 @@ def test_gpu_int4_engine_with_add_norm(tmp_path, monkeypatch) -> None:
         del llm
         assert bool(taken) == on and all(taken), taken
     print("largest logprob difference x 1000:", agree_to_rounding(runs, 0.05))
+
+
+def test_tma_gemv_add_norm_compiles_for_hopper() -> None:
+    """The TMA-fed GEMV's add + RMSNorm epilogue (Gluon) compiles for sm_90 without
+    spills, in 4 K splits (the down projection's) and PDL-launched; its K loop is as long
+    as the plain launch's."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process: kernels are not compiled")
+    from tests.test_int4_gemv_tma import _compile, _loop_and_after
+
+    for G in (32, 128):
+        report, sass = _compile(G, 32, 4, True, pdl=True, add_norm=True)
+        assert report.stack_bytes == 0, report
+        plain = _compile(G, 32, 4, True, pdl=True)[1]
+        # (the same count: ptxas picks other equivalent opcodes for a few, e.g. a shift
+        # for an IMAD.U32)
+        assert len(_loop_and_after(sass)[0]) == len(_loop_and_after(plain)[0])
+        assert "RED" in sass or "ATOM" in sass  # the row's count
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("N,K,G", [(4096, 4096, 32), (4096, 14336, 32), (4096, 14336, 128),
+                                   (1000, 1024, 32)])
+def test_gpu_tma_gemv_add_norm(N, K, G) -> None:
+    """The TMA-fed GEMV's epilogue against the same GEMV stored, then kiln's add +
+    RMSNorm kernel, twice in a row: the next residual bit for bit, the norm within one
+    bfloat16 step."""
+    from kiln.kernels import rms_norm
+    from kiln.kernels.int4_gemv_tma import w4_gemv_tma, w4_gemv_tma_add_norm
+
+    weight, scale, offset = _weight(N, K, 4, G, "cuda", seed=N + K)
+    torch.manual_seed(G)
+    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+    residual = torch.randn(1, N, device="cuda").to(torch.bfloat16)
+    norm_weight = torch.randn(N, device="cuda").to(torch.bfloat16)
+    want, want_res = rms_norm.add_rms_norm(w4_gemv_tma(x, weight, scale, offset, None),
+                                           residual, norm_weight, EPS)
+    for _ in range(2):
+        normed, res = w4_gemv_tma_add_norm(x, weight, scale, offset, residual, norm_weight,
+                                           EPS)
+        assert torch.equal(res, want_res)
+        step = want.float().abs().clamp_min(1e-3) * 2.0 ** -7
+        assert ((normed.float() - want.float()).abs() <= step).all()

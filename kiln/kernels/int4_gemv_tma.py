@@ -35,6 +35,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
 from kiln.kernels.gluon_pdl import gluon_start
+from kiln.kernels.int4_gemv_tma_out import _add_norm_out, _glu_out, _rope_out
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
 from kiln.kernels.int_wgmma import _ring_barriers, _store_out
 from kiln.kernels.split_k import split_k_counters
@@ -91,91 +92,6 @@ def _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, b
 
 
 @gluon.jit
-def _halves(y, BLOCK_N: gl.constexpr, WARPS: gl.constexpr):
-    """A program's sums y [BLOCK_N] as its two halves [BLOCK_N / 2] in one 1-D layout
-    (through shared memory), and arange(BLOCK_N / 2) in it."""
-    HALF: gl.constexpr = BLOCK_N // 2
-    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    buf = gl.allocate_shared_memory(gl.float32, [BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    buf.store(y)
-    gl.thread_barrier()
-    return buf.slice(0, HALF).load(L1), buf.slice(HALF, HALF).load(L1), \
-        gl.arange(0, HALF, layout=L1)
-
-
-@gluon.jit
-def _glu_out(y, bias_ptr, out_ptr, pid_n, cols, BLOCK_N: gl.constexpr,
-             HAS_BIAS: gl.constexpr, GLU: gl.constexpr, WARPS: gl.constexpr):
-    """act(gate) * up of a program's sums y (BLOCK_N / 2 gate rows, then the up rows of
-    the same columns) into out[cols of the program], rounded as kiln's SiLU*mul kernel
-    rounds the stored GEMM (kiln.kernels.silu_mul.act_mul_values; GLU 1: SiLU, 2: tanh
-    GELU)."""
-    HALF: gl.constexpr = BLOCK_N // 2
-    gate, up, i = _halves(y, BLOCK_N, WARPS)
-    c = pid_n * HALF + i
-    mask = c < cols
-    if HAS_BIAS:
-        gate += gl.load(bias_ptr + c, mask=mask, other=0.0).to(gl.float32)
-        up += gl.load(bias_ptr + cols + c, mask=mask, other=0.0).to(gl.float32)
-    dt: gl.constexpr = out_ptr.dtype.element_ty
-    g = gate.to(dt).to(gl.float32)
-    if GLU == 2:
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        act = 0.5 * g * (2.0 - 2.0 / (gl.exp(2.0 * z) + 1.0))
-    else:
-        act = g / (1.0 + gl.exp(-g))
-    out = act.to(dt).to(gl.float32) * up.to(dt).to(gl.float32)
-    gl.store(out_ptr + c, out.to(dt), mask=mask)
-
-
-@gluon.jit
-def _rope_out(y, bias_ptr, q_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, num_heads,
-              num_kv_heads, block_size, stride_cs, stride_cb, stride_cslot, stride_ch,
-              stride_vs, stride_vh, stride_vd, BLOCK_N: gl.constexpr,
-              ROPE_HALF: gl.constexpr, HAS_BIAS: gl.constexpr, WARPS: gl.constexpr):
-    """A program's sums y of one head's dims (BLOCK_N / 2 of its first half, then the dims
-    they rotate with) through the rotary + KV write of kiln.kernels.rotary_kv, rounded as
-    kiln.kernels.gemv_swap_rope.rope_epilogue rounds the stored GEMM: a q head rotated into
-    q_ptr, a k head rotated and a v head as it is into the paged caches at the token's
-    slot (< 0: not written)."""
-    HALF: gl.constexpr = BLOCK_N // 2
-    x1, x2, i = _halves(y, BLOCK_N, WARPS)
-    head = pid_n // (ROPE_HALF // HALF)
-    d = pid_n % (ROPE_HALF // HALF) * HALF + i
-    if HAS_BIAS:
-        x1 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + d).to(gl.float32)
-        x2 += gl.load(bias_ptr + head * (2 * ROPE_HALF) + ROPE_HALF + d).to(gl.float32)
-    dt: gl.constexpr = q_ptr.dtype.element_ty
-    b1 = x1.to(dt)
-    b2 = x2.to(dt)
-    a1 = b1.to(gl.float32)
-    a2 = b2.to(gl.float32)
-    row = cs_ptr + gl.load(pos_ptr).to(gl.int64) * stride_cs + d
-    cos = gl.load(row).to(dt).to(gl.float32)
-    sin = gl.load(row + ROPE_HALF).to(dt).to(gl.float32)
-    y1 = ((a1 * cos).to(dt).to(gl.float32) + (-a2 * sin).to(dt).to(gl.float32)).to(dt)
-    y2 = ((a2 * cos).to(dt).to(gl.float32) + (a1 * sin).to(dt).to(gl.float32)).to(dt)
-    if head < num_heads:
-        q_at = q_ptr + head * (2 * ROPE_HALF) + d
-        gl.store(q_at, y1)
-        gl.store(q_at + ROPE_HALF, y2)
-    else:
-        slot = gl.load(slot_ptr).to(gl.int64)
-        if slot >= 0:
-            block = slot // block_size * stride_cb
-            within = slot % block_size
-            if head < num_heads + num_kv_heads:
-                k_at = kc_ptr + block + within * stride_cslot + (head - num_heads) * stride_ch + d
-                gl.store(k_at, y1)
-                gl.store(k_at + ROPE_HALF, y2)
-            else:  # v: as stored (its own strides: V may be transposed in each block)
-                v_at = vc_ptr + block + within * stride_vs + \
-                    (head - num_heads - num_kv_heads) * stride_vh + d * stride_vd
-                gl.store(v_at, b1)
-                gl.store(v_at + ROPE_HALF * stride_vd, b2)
-
-
-@gluon.jit
 def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_ptr,
                         count_ptr, N, K, K_PER_SPLIT, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
                         num_heads, num_kv_heads, block_size, stride_cs, stride_cb,
@@ -184,7 +100,9 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                         GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0,
-                        PDL: gl.constexpr = False):
+                        PDL: gl.constexpr = False, ADD_NORM: gl.constexpr = False,
+                        res_ptr=None, res_out_ptr=None, nw_ptr=None, eps=0.0,
+                        NORM_N: gl.constexpr = 1):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
     [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
@@ -192,8 +110,9 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     each, and out [0, N / 2] = act(gate) * up (_glu_out). ROPE_HALF (head_dim / 2; one
     split): w is the fused QKV, a program's rows BLOCK_N / 2 dims of a head's first half
     and the dims they rotate with, out the rotated q (_rope_out; pos_ptr ..: its
-    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args). PDL (launched with PDL):
-    the ring's first weights, scales and offsets copied before the wait, x after it."""
+    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args). ADD_NORM (no bias): x W^T
+    + res into res_out, out its RMSNorm (_add_norm_out). PDL (launched with PDL): the
+    ring's first weights, scales and offsets copied before the wait, x after it."""
     WT: gl.constexpr = 4  # a thread's words of a row in a step: a slice of 32 values
     SPG: gl.constexpr = G // 32  # slices a group
     GW: gl.constexpr = BLOCK_K // G  # groups a step
@@ -272,7 +191,10 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     y = gl.sum(gl.sum(acc, axis=2), axis=1)
-    if GLU:
+    if ADD_NORM:
+        _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps,
+                      pid_n, pid_k, N, BLOCK_N, NORM_N, SPLIT_K, WARPS)
+    elif GLU:
         _glu_out(y, bias_ptr, out_ptr, pid_n, N // 2, BLOCK_N, HAS_BIAS, GLU, WARPS)
     elif ROPE_HALF:
         _rope_out(y, bias_ptr, out_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
@@ -325,12 +247,13 @@ def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor | None, bias: torch.Tensor | None,
                 config: GemvTmaConfig | None = None, glu: int = 0,
-                rope: RopeArgs | None = None) -> torch.Tensor:
+                rope: RopeArgs | None = None, add_norm: tuple | None = None) -> torch.Tensor:
     """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
     offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16; glu 1 / 2 (a [gate | up] weight):
     act(gate) * up [1, N / 2] (SiLU / tanh GELU, rounded as kiln.kernels.silu_mul's);
     rope (a fused QKV weight): rotary(q) [1, num_heads * head_dim], rotary(k) and v into
-    rope's caches (rope_takes). Both with K in one split."""
+    rope's caches (rope_takes). Both with K in one split. add_norm (residual, res_out, norm
+    weight, eps; no bias): x W^T + residual into res_out, and its RMSNorm returned."""
     _, K = x.shape
     N = weight.shape[0]
     G = K // scale.shape[1]
@@ -348,6 +271,13 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     grid = (triton.cdiv(N, cfg.block_n), split)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
+    if add_norm is not None:  # + the row's own counter past the row blocks'
+        assert not glu and rope is None and bias is None
+        counters = split_k_counters(x.device, grid[0] + 1)
+        extra_norm = dict(ADD_NORM=True, res_ptr=add_norm[0], res_out_ptr=add_norm[1],
+                          nw_ptr=add_norm[2], eps=add_norm[3], NORM_N=triton.next_power_of_2(N))
+    else:
+        extra_norm = {}
     # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
     # at least 16 bytes wide; no swizzle (the threads read rows of words, not wgmma)
     assert cfg.block_k <= 512 and GW >= 4 and cfg.block_k % G == 0, cfg
@@ -375,7 +305,7 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                               SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
                               ROPE_HALF=head_dim // 2, PDL=use_pdl, num_warps=cfg.num_warps,
-                              **pdl.launch_args(use_pdl))
+                              **extra_norm, **pdl.launch_args(use_pdl))
     return out
 
 
@@ -397,3 +327,20 @@ def w4_gemv_tma_rope(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if not rope_takes(weight.shape[0], rope, cfg.block_n):
         return None
     return w4_gemv_tma(x, weight, scale, offset, bias, cfg, rope=rope)
+
+
+def w4_gemv_tma_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                         offset: torch.Tensor | None, residual: torch.Tensor,
+                         norm_weight: torch.Tensor, eps: float
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm of x W^T + residual, x W^T + residual) by w4_gemv_tma's default launch with
+    the add + RMSNorm epilogue (no bias), or None where the operands do not take it."""
+    N = weight.shape[0]
+    if residual.shape != (1, N) or not residual.is_contiguous() or \
+            residual.dtype != x.dtype or norm_weight.dtype != x.dtype or \
+            norm_weight.shape != (N,):
+        return None
+    res_out = torch.empty_like(residual)
+    out = w4_gemv_tma(x, weight, scale, offset, None,
+                      add_norm=(residual, res_out, norm_weight, eps))
+    return out, res_out

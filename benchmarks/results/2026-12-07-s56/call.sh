@@ -16,7 +16,8 @@
 #     against not, int4 64 x 512 / 256 and 16 requests of 128 / 256; bf16 64 x 512 / 256
 #  (one 10-minute call fits `ROUNDS=1 ... a2 t`; then `t` again and `w` in the next)
 #  n (~4 min at ROUNDS=1, 57th): the GPU tests of the int4 GEMV's add + RMSNorm epilogue,
-#     then batch 1 g128 with KILN_INT_ADD_NORM=1 against without
+#     then batch 1 g128 with KILN_INT_ADD_NORM=1 against without (N32=1: and groups of 32,
+#     the TMA GEMV's epilogue)
 #  u (~2 min): t's groups of 128 only, once
 #  c (~6 min): batch 1 (128 / 256, --quantize-lm-head) int4 g128 and q4g32, new vs old
 #  p (~6 min): int_prefill_bench at 65 / 128 / 192 / 255 rows (256-row Gluon blocks)
@@ -78,6 +79,8 @@ n) timeout 240 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int
    export LOG=8addnorm.log X="--quantize-lm-head"
    for i in ${ROUNDS:-1 2}; do
      run . g128-addnorm$i int4:latency-b1 KILN_INT_ADD_NORM=1; run . g128-pairs$i int4:latency-b1
+     [ -n "${N32:-}" ] && { run . g32-addnorm$i q4g32:latency-b1 KILN_INT_ADD_NORM=1
+                           run . g32-tma$i q4g32:latency-b1; }
    done ;;
 u) export LOG=6pdl.log X="--quantize-lm-head"  # t's groups of 128 only, once
    run . g128-tmapdl int4:latency-b1 KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_PDL=1
