@@ -15,9 +15,11 @@ the same PTX), the pairs' halves meet in float32 once a word; a thread takes a 3
 slice of a row a step (4 words; 16 lanes a row), so y = sum over slices of s * sum(q x)
 + o * sum(x) with the slice's group's s and o. x's pairs come by TMA too, one copy a
 step; each thread reads its words' pairs from shared memory. K splits meet in the kernel
-(kiln.kernels.split_k's protocol, int_wgmma._store_out). Its GLU epilogue takes a merged
-gate-up (_glu_out) and its rotary + KV-write epilogue a fused QKV (_rope_out), both by
-default since the 55th session (KILN_INT4_GEMV_TMA_GLU=0 / KILN_INT4_GEMV_TMA_ROPE=0: off).
+(kiln.kernels.split_k's protocol, int_wgmma._store_out). Its epilogues
+(kiln.kernels.int4_gemv_tma_out): GLU at a merged gate-up and rotary + KV write at a fused
+QKV, both by default since the 55th session (KILN_INT4_GEMV_TMA_GLU=0 /
+KILN_INT4_GEMV_TMA_ROPE=0: off), and the add + RMSNorm after o and down (opt-in,
+KILN_INT_ADD_NORM=1).
 """
 
 from __future__ import annotations
