@@ -167,23 +167,12 @@ def test_gpu_int4_engine_with_add_norm(group, tmp_path, monkeypatch) -> None:
     Hopper) decoding one request at a time through CUDA graphs: with KILN_INT_ADD_NORM=1 the
     epilogue is taken (o and down of every layer) and each decode step's logprobs agree
     with the unfused route's to bfloat16 rounding (agree_to_rounding)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kiln import LLM, SamplingParams
-    from kiln.build import build
-    from kiln.config import BuildConfig
     from kiln.layers import swap_input
     from kiln.layers.weight_only import IntWeightMethod
-    from tests.test_int4_gemv_tma import agree_to_rounding
+    from tests.test_int4_gemv_tma import agree_to_rounding, tiny_int4_engine
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=320, max_position_embeddings=256))
-    model.save_pretrained(tmp_path / "hf")
-    engine_dir = build(tmp_path / "hf", tmp_path / "e", BuildConfig(
-        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=group),
-        progress=False)
+    engine_dir = tiny_int4_engine(tmp_path, group)
     taken = []
     real = IntWeightMethod.apply_add_norm
     monkeypatch.setattr(IntWeightMethod, "apply_add_norm", lambda *a: (

@@ -252,6 +252,24 @@ def test_agreement_to_rounding_allows_near_ties_only():
                                         [1, 2, 3], logprobs=bad)]], 0.05)
 
 
+def tiny_int4_engine(tmp_path, group: int):
+    """A random 2-layer Llama (hidden 512: K in whole 512-value TMA steps) built as a
+    bfloat16 int4 engine in groups of `group`; its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kiln.build import build
+    from kiln.config import BuildConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=320, max_position_embeddings=256))
+    model.save_pretrained(tmp_path / "hf")
+    return build(tmp_path / "hf", tmp_path / "e", BuildConfig(
+        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=group),
+        progress=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the TMA GEMV needs a Hopper GPU")
 def test_gpu_engine_in_groups_of_32_decodes_as_the_pairs_gemv(tmp_path, monkeypatch):
@@ -261,21 +279,10 @@ def test_gpu_engine_in_groups_of_32_decodes_as_the_pairs_gemv(tmp_path, monkeypa
     decode step's logprobs those of the pairs GEMV (KILN_INT4_GEMV_TMA=0) to bfloat16
     rounding (the two sum in different orders, so a random model's near ties may part
     their greedy tokens; agree_to_rounding)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kiln import LLM, SamplingParams
-    from kiln.build import build
-    from kiln.config import BuildConfig
     from kiln.kernels import int_launch
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, vocab_size=320, max_position_embeddings=256))
-    model.save_pretrained(tmp_path / "hf")
-    engine_dir = build(tmp_path / "hf", tmp_path / "e", BuildConfig(
-        dtype="bfloat16", max_seq_len=256, quantization="int4_wo", group_size=32),
-        progress=False)
+    engine_dir = tiny_int4_engine(tmp_path, 32)
     calls = []
     real = int4_gemv_tma.w4_gemv_tma
     monkeypatch.setattr(int4_gemv_tma, "w4_gemv_tma",
