@@ -36,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
-from kiln.kernels.gluon_pdl import gluon_start
+from kiln.kernels.gluon_sync import gluon_start
 from kiln.kernels.int4_gemv_tma_out import _add_norm_out, _glu_out, _rope_out
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
 from kiln.kernels.int_wgmma import _ring_barriers, _store_out

@@ -9,6 +9,8 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from kiln.kernels.gluon_sync import arrive
+
 
 @gluon.jit
 def _halves(y, BLOCK_N: gl.constexpr, WARPS: gl.constexpr):
@@ -96,16 +98,6 @@ def _rope_out(y, bias_ptr, q_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_p
 
 
 @gluon.jit
-def _arrive(count_ptr, slot, lanes):
-    """kiln.kernels.split_k.arrive: every thread's stores visible device-wide, then the
-    count (acquire-release); how many programs had arrived before this one."""
-    gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [lanes],
-                              dtype=gl.int32, is_pure=False, pack=1)
-    gl.thread_barrier()
-    return gl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
-
-
-@gluon.jit
 def _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps, pid_n,
                   pid_k, N, BLOCK_N: gl.constexpr, NORM_N: gl.constexpr,
                   SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
@@ -121,7 +113,7 @@ def _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr,
     last = True
     if SPLIT_K > 1:
         gl.store(part_ptr + pid_k * N + offs, y, mask=valid)
-        last = _arrive(count_ptr, pid_n, offs) == SPLIT_K - 1
+        last = arrive(count_ptr, pid_n, offs) == SPLIT_K - 1
         if last:
             y = gl.zeros([BLOCK_N], gl.float32, layout=L1)
             for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
@@ -133,7 +125,7 @@ def _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr,
         r = gl.load(res_ptr + offs, mask=valid, other=0.0).to(gl.float32)
         gl.store(res_out_ptr + offs, (y.to(dt).to(gl.float32) + r).to(dt), mask=valid)
         blocks = gl.num_programs(0)
-        if _arrive(count_ptr, blocks, offs) == blocks - 1:
+        if arrive(count_ptr, blocks, offs) == blocks - 1:
             LN: gl.constexpr = gl.BlockedLayout([max(1, NORM_N // (32 * WARPS))], [32],
                                                 [WARPS], [0])
             cols = gl.arange(0, NORM_N, layout=LN)

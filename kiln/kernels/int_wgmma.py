@@ -49,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
-from kiln.kernels.gluon_pdl import gluon_start
+from kiln.kernels.gluon_sync import arrive, gluon_start
 from kiln.kernels.split_k import split_k_counters
 
 # KILN_INT_WGMMA_PDL=1: launched with PDL, the first weights before the wait (untimed)
@@ -131,12 +131,8 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
         elems = M * N
         offs = offs_m.to(gl.int64)[None, :] * N + offs_n[:, None]
         gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
-        gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [offs_n],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-        gl.thread_barrier()
         tile = pid_m * gl.num_programs(0) + pid_n
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        last = arrived == SPLIT_K - 1
+        last = arrive(count_ptr, tile, offs_n) == SPLIT_K - 1
         if last:
             y = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=LO)
             for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
