@@ -90,5 +90,21 @@ c) export LOG=5b1.log X="--quantize-lm-head"
      run . g128-new$i int4:latency-b1; run ab_old g128-old$i int4:latency-b1
      run . g32-new$i q4g32:latency-b1; run ab_old g32-old$i q4g32:latency-b1
    done ;;
+x) export LOG=9x.log X="--quantize-lm-head"  # 58th: repeats of t / n, PDL with the epilogue
+   for i in 1 2; do
+     run . g32-tma$i q4g32:latency-b1; run . g32-tmapdl$i q4g32:latency-b1 KILN_INT4_GEMV_TMA_PDL=1
+     run . g32-both$i q4g32:latency-b1 KILN_INT4_GEMV_TMA_PDL=1 KILN_INT_ADD_NORM=1
+   done
+   run . g128-pairs int4:latency-b1; run . g128-addnorm int4:latency-b1 KILN_INT_ADD_NORM=1
+   export X=""; run . int4-64pdl int4:throughput-64 KILN_INT_WGMMA_PDL=1
+   run . int4-64 int4:throughput-64 ;;
+v) timeout 200 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_int_wgmma.py \
+     tests/test_int4_gemv_tma.py --tb=short 2>&1 | grep -Ev "Writing|^$" | tail -15 > "$OUT/10tests.log"
+   tail -4 "$OUT/10tests.log"  # 58th: the TMA GEMV's PDL launch and 65-128 rows' one wave
+   export LOG=10v.log X="--quantize-lm-head"
+   run . g32-default q4g32:latency-b1; run . g128-default int4:latency-b1
+   timeout 200 python3 benchmarks/int_prefill_bench.py /tmp/prefill.json --rows 65,100,128 \
+     --kinds 4:128,4:32 > "$OUT/10prefill.log" 2>&1
+   grep -A40 "^a layer" "$OUT/10prefill.log" | grep -E "kiln|cublas|split" ;;
 esac; done
 rm -f "$OUT"/*.json "$OUT"/*.png
