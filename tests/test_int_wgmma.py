@@ -155,14 +155,14 @@ def test_launch_rules(monkeypatch):
     assert twice.block_n == 128 and twice.stages == 4 and twice.fast
     assert twice.split_k == 2 * qkv.split_k  # half the column blocks
     monkeypatch.delenv("KILN_INT_WGMMA_CFG")
-    # prompts past 64 rows: 128 rows a program, 4 stages; one 128-row block (65-128 rows)
-    # in one wave, half the 64-row blocks' split, two blocks (129-255) with the same split
+    # prompts past 64 rows: 128 rows a program, 4 stages, one wave (half the 64-row
+    # blocks' split)
     for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
         split = int_wgmma.wgmma_config(64, n, k).split_k
-        for M in (65, 128, 129, 200):
+        for M in (65, 128, 129, 255):
             cfg = int_wgmma.wgmma_config(M, n, k)
             assert cfg.block_m == 0 and int_wgmma.block_rows(M) == 128  # (by M)
-            assert (cfg.stages, cfg.split_k) == (4, split // 2 if M <= 128 else split)
+            assert (cfg.stages, cfg.split_k) == (4, split // 2)
     assert int_wgmma.block_rows(64) == 64 and int_wgmma.wgmma_config(64, 6144, 4096).stages == 3
 
 

@@ -317,9 +317,11 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     "block_n,block_k,split_k,stages,fast[,block_m]" overrides (benchmarks; split_k 0: the
     rule's). Past 64 rows 128 rows a program, 4 stages (55th session, H100, a layer's four
     linears at 128 rows, groups of 128: 215.2 us against 222.1 in 3 stages, 291.7 with 128
-    weight rows a program and 2 stages, 282.2 in 64-row blocks). At 65-128 rows (one row
-    block) one wave (58th session, H100, a layer at 128 rows in groups of 128: 179.0 us
-    against 210.5 with two; 65 rows 241.2 against 278.0)."""
+    weight rows a program and 2 stages, 282.2 in 64-row blocks). Past 64 rows one wave
+    (58th session, H100, groups of 128: a layer at 128 rows 178.6 us against 259.6 with two,
+    65 rows 238.5 against 299.1; down, the one linear of 129-255 rows the kernel takes
+    beside gate_up (split 1 either way), 103.8 against 123.3 at 192 rows, 89.7 against
+    109.6 at 255)."""
     cfg = WgmmaConfig(block_n=64 if M > 32 else 128, split_k=0, stages=4 if M > 64 else 3)
     override = os.environ.get("KILN_INT_WGMMA_CFG")
     if override:
@@ -328,7 +330,7 @@ def wgmma_config(M: int, N: int, K: int, sms: int = 132) -> WgmmaConfig:
     if cfg.split_k:
         return cfg
     blocks = triton.cdiv(N, cfg.block_n)
-    waves = 1 if 8 < M <= 32 or 64 < M <= 128 else 2
+    waves = 1 if 8 < M <= 32 or M > 64 else 2
     split = 1
     while blocks * split * 2 <= waves * sms and K // (cfg.block_k * split * 2) >= 4:
         split *= 2
