@@ -21,7 +21,7 @@ from tests.test_int_wgmma import _hopper
 
 
 def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4,
-             glu: int = 0, rope_half: int = 0, pdl: bool = False, add_norm: bool = False):
+             glu: int = 0, rope_half: int = 0, pdl: bool = False):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
@@ -43,9 +43,6 @@ def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4
     const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
                  HAS_BIAS=glu > 0 or rope_half > 0, SPLIT_K=1 if glu or rope_half else 4,
                  STAGES=stages, GLU=glu, ROPE_HALF=rope_half, PDL=pdl)
-    if add_norm:  # the add + RMSNorm epilogue (kiln.kernels.int4_gemv_tma_out._add_norm_out)
-        values.update(res_ptr="*bf16", res_out_ptr="*bf16", nw_ptr="*bf16", eps=1e-5)
-        const.update(ADD_NORM=True, NORM_N=4096)
     report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
     sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
                                      warps, 2), "-sass")

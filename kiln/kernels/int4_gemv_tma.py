@@ -18,8 +18,7 @@ step; each thread reads its words' pairs from shared memory. K splits meet in th
 (kiln.kernels.split_k's protocol, int_wgmma._store_out). Its epilogues
 (kiln.kernels.int4_gemv_tma_out): GLU at a merged gate-up and rotary + KV write at a fused
 QKV, both by default since the 55th session (KILN_INT4_GEMV_TMA_GLU=0 /
-KILN_INT4_GEMV_TMA_ROPE=0: off), and the add + RMSNorm after o and down (opt-in,
-KILN_INT_ADD_NORM=1).
+KILN_INT4_GEMV_TMA_ROPE=0: off).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
 from kiln.kernels.gluon_sync import gluon_start
-from kiln.kernels.int4_gemv_tma_out import _add_norm_out, _glu_out, _rope_out
+from kiln.kernels.int4_gemv_tma_out import _glu_out, _rope_out
 from kiln.kernels.int_pairs_asm import _PAIRS_UNSIGNED, _SUM_ASM
 from kiln.kernels.int_wgmma import _ring_barriers, _store_out
 from kiln.kernels.split_k import split_k_counters
@@ -103,9 +102,7 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                         GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0,
-                        PDL: gl.constexpr = False, ADD_NORM: gl.constexpr = False,
-                        res_ptr=None, res_out_ptr=None, nw_ptr=None, eps=0.0,
-                        NORM_N: gl.constexpr = 1):
+                        PDL: gl.constexpr = False):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
     [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
@@ -113,9 +110,8 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     each, and out [0, N / 2] = act(gate) * up (_glu_out). ROPE_HALF (head_dim / 2; one
     split): w is the fused QKV, a program's rows BLOCK_N / 2 dims of a head's first half
     and the dims they rotate with, out the rotated q (_rope_out; pos_ptr ..: its
-    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args). ADD_NORM (no bias): x W^T
-    + res into res_out, out its RMSNorm (_add_norm_out). PDL (launched with PDL): the
-    ring's first weights, scales and offsets copied before the wait, x after it."""
+    arguments, kiln.kernels.gemv_swap_rope.RopeArgs.kernel_args). PDL (launched with PDL):
+    the ring's first weights, scales and offsets copied before the wait, x after it."""
     WT: gl.constexpr = 4  # a thread's words of a row in a step: a slice of 32 values
     SPG: gl.constexpr = G // 32  # slices a group
     GW: gl.constexpr = BLOCK_K // G  # groups a step
@@ -194,10 +190,7 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
     y = gl.sum(gl.sum(acc, axis=2), axis=1)
-    if ADD_NORM:
-        _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps,
-                      pid_n, pid_k, N, BLOCK_N, NORM_N, SPLIT_K, WARPS)
-    elif GLU:
+    if GLU:
         _glu_out(y, bias_ptr, out_ptr, pid_n, N // 2, BLOCK_N, HAS_BIAS, GLU, WARPS)
     elif ROPE_HALF:
         _rope_out(y, bias_ptr, out_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
@@ -250,13 +243,12 @@ def gemv_tma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 offset: torch.Tensor | None, bias: torch.Tensor | None,
                 config: GemvTmaConfig | None = None, glu: int = 0,
-                rope: RopeArgs | None = None, add_norm: tuple | None = None) -> torch.Tensor:
+                rope: RopeArgs | None = None) -> torch.Tensor:
     """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
     offsets [N, K / G])^T (+ bias) -> [1, N] bfloat16; glu 1 / 2 (a [gate | up] weight):
     act(gate) * up [1, N / 2] (SiLU / tanh GELU, rounded as kiln.kernels.silu_mul's);
     rope (a fused QKV weight): rotary(q) [1, num_heads * head_dim], rotary(k) and v into
-    rope's caches (rope_takes). Both with K in one split. add_norm (residual, res_out, norm
-    weight, eps; no bias): x W^T + residual into res_out, and its RMSNorm returned."""
+    rope's caches (rope_takes). Both with K in one split."""
     _, K = x.shape
     N = weight.shape[0]
     G = K // scale.shape[1]
@@ -274,13 +266,6 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     grid = (triton.cdiv(N, cfg.block_n), split)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, grid[0])) if split > 1 else (out, out)
-    if add_norm is not None:  # + the row's own counter past the row blocks'
-        assert not glu and rope is None and bias is None
-        counters = split_k_counters(x.device, grid[0] + 1)
-        extra_norm = dict(ADD_NORM=True, res_ptr=add_norm[0], res_out_ptr=add_norm[1],
-                          nw_ptr=add_norm[2], eps=add_norm[3], NORM_N=triton.next_power_of_2(N))
-    else:
-        extra_norm = {}
     # TMA boxes of at most 256 values a dimension (x's pairs: BLOCK_K / 2), the scales'
     # at least 16 bytes wide; no swizzle (the threads read rows of words, not wgmma)
     assert cfg.block_k <= 512 and GW >= 4 and cfg.block_k % G == 0, cfg
@@ -308,7 +293,7 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                               SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
                               ROPE_HALF=head_dim // 2, PDL=use_pdl, num_warps=cfg.num_warps,
-                              **extra_norm, **pdl.launch_args(use_pdl))
+                              **pdl.launch_args(use_pdl))
     return out
 
 
@@ -330,20 +315,3 @@ def w4_gemv_tma_rope(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if not rope_takes(weight.shape[0], rope, cfg.block_n):
         return None
     return w4_gemv_tma(x, weight, scale, offset, bias, cfg, rope=rope)
-
-
-def w4_gemv_tma_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                         offset: torch.Tensor | None, residual: torch.Tensor,
-                         norm_weight: torch.Tensor, eps: float
-                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(RMSNorm of x W^T + residual, x W^T + residual) by w4_gemv_tma's default launch with
-    the add + RMSNorm epilogue (no bias), or None where the operands do not take it."""
-    N = weight.shape[0]
-    if residual.shape != (1, N) or not residual.is_contiguous() or \
-            residual.dtype != x.dtype or norm_weight.dtype != x.dtype or \
-            norm_weight.shape != (N,):
-        return None
-    res_out = torch.empty_like(residual)
-    out = w4_gemv_tma(x, weight, scale, offset, None,
-                      add_norm=(residual, res_out, norm_weight, eps))
-    return out, res_out

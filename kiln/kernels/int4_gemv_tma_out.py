@@ -1,15 +1,13 @@
 """The epilogues of the TMA-fed one-row int4 GEMV (kiln.kernels.int4_gemv_tma), each
-saving the launch after it: act(gate) * up of a merged gate-up (_glu_out), the rotary +
-KV-cache write of a fused QKV (_rope_out), and the residual add + RMSNorm after the o and
-down projections (_add_norm_out, opt-in KILN_INT_ADD_NORM=1; the pairs GEMV's
-kiln.kernels.int_gemv_epilogues.add_norm_store in Gluon)."""
+saving the launch after it: act(gate) * up of a merged gate-up (_glu_out) and the rotary +
+KV-cache write of a fused QKV (_rope_out). (A residual add + RMSNorm epilogue after the o
+and down projections was measured no faster and removed in the 58th session:
+BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-
-from kiln.kernels.gluon_sync import arrive
 
 
 @gluon.jit
@@ -96,44 +94,3 @@ def _rope_out(y, bias_ptr, q_ptr, pid_n, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_p
                 gl.store(v_at, b1)
                 gl.store(v_at + ROPE_HALF * stride_vd, b2)
 
-
-@gluon.jit
-def _add_norm_out(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps, pid_n,
-                  pid_k, N, BLOCK_N: gl.constexpr, NORM_N: gl.constexpr,
-                  SPLIT_K: gl.constexpr, WARPS: gl.constexpr):
-    """A program's sums y [BLOCK_N] (its K split's; the last split of the row block adds
-    the others', kiln.kernels.split_k's protocol) rounded to the residual's dtype, plus
-    the residual, stored as the next residual; the program whose block arrives last
-    (counter slot num_programs(0)) stores w * rms_norm of the whole row (NORM_N: N to a
-    power of two) into out, as kiln.kernels.int_gemv_epilogues.add_norm_store does."""
-    L1: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    y = gl.convert_layout(y, L1)
-    offs = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=L1)
-    valid = offs < N
-    last = True
-    if SPLIT_K > 1:
-        gl.store(part_ptr + pid_k * N + offs, y, mask=valid)
-        last = arrive(count_ptr, pid_n, offs) == SPLIT_K - 1
-        if last:
-            y = gl.zeros([BLOCK_N], gl.float32, layout=L1)
-            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
-                y += gl.load(part_ptr + sp * N + offs, mask=valid, other=0.0,
-                             cache_modifier=".cg")
-            gl.store(count_ptr + pid_n, 0)
-    if last:
-        dt: gl.constexpr = res_out_ptr.dtype.element_ty
-        r = gl.load(res_ptr + offs, mask=valid, other=0.0).to(gl.float32)
-        gl.store(res_out_ptr + offs, (y.to(dt).to(gl.float32) + r).to(dt), mask=valid)
-        blocks = gl.num_programs(0)
-        if arrive(count_ptr, blocks, offs) == blocks - 1:
-            LN: gl.constexpr = gl.BlockedLayout([max(1, NORM_N // (32 * WARPS))], [32],
-                                                [WARPS], [0])
-            cols = gl.arange(0, NORM_N, layout=LN)
-            inside = cols < N
-            x = gl.load(res_out_ptr + cols, mask=inside, other=0.0,
-                        cache_modifier=".cg").to(gl.float32)
-            inv_rms = gl.rsqrt(gl.sum(x * x, axis=0) / N + eps)
-            w = gl.load(nw_ptr + cols, mask=inside, other=0.0).to(gl.float32)
-            normed = (x * inv_rms).to(dt).to(gl.float32) * w
-            gl.store(out_ptr + cols, normed.to(out_ptr.dtype.element_ty), mask=inside)
-            gl.store(count_ptr + blocks, 0)

@@ -8,12 +8,7 @@ saving the launch that follows the unfused GEMV, with its bits:
 - rotary + KV write (`int4_rope`, KILN_INT_ROPE=0: not): the fused QKV weight; a program's rows
   are dims of a head's first half and the dims they rotate with
   (kiln.kernels.gemv_swap_rope.rope_rows), and the epilogue stores rotary(q) and writes
-  rotary(k) and v into the paged caches as kiln.kernels.rotary_kv does;
-- add + RMSNorm (`int4_add_norm`, opt-in: KILN_INT_ADD_NORM=1): the output projection
-  (o or down, no bias) followed by the residual add and the RMSNorm of the next linear's
-  input. Each program stores its rows of x W^T + residual (the next residual, rounded as
-  kiln's add + RMSNorm kernel rounds it) and counts itself in; the program that arrives
-  last reads the whole row back and stores its norm, so the norm's own launch is saved.
+  rotary(k) and v into the paged caches as kiln.kernels.rotary_kv does.
 
 K splits are summed in the kernel (split_k_fixup) at each row's own slot of the [N]
 workspace; a launch that would sum them by float32 atomics takes no epilogue. Both run in
@@ -30,7 +25,7 @@ import triton.language as tl
 
 from kiln.kernels.gemv_swap_rope import rope_epilogue, rope_rows
 from kiln.kernels.silu_mul import act_mul_values, glu_rows
-from kiln.kernels.split_k import arrive, split_k_fixup
+from kiln.kernels.split_k import split_k_fixup
 
 if TYPE_CHECKING:
     from kiln.kernels.gemv_swap_rope import RopeArgs
@@ -89,38 +84,6 @@ def epilogue_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N,
                           stride_vs, stride_vh, stride_vd, ROPE_HALF, BLOCK_N, 1)
 
 
-@triton.jit
-def add_norm_store(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps, pid_n,
-                   N, BLOCK_N: tl.constexpr, NORM_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    """A program's sums y [BLOCK_N] (rows pid_n * BLOCK_N on) rounded to the residual's
-    dtype as the unfused GEMV stores them, plus the residual, stored as the next residual
-    (rounded again, as kiln.kernels.rms_norm does); the program whose block arrives last
-    (counter slot num_programs(0), after the split-K tiles') stores w * rms_norm of the
-    whole row (NORM_N: N to a power of two) into out and zeroes its counter."""
-    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = offs < N
-    last = True
-    if SPLIT_K > 1:
-        y, last = split_k_fixup(y, part_ptr, count_ptr, pid_n, offs, valid, N, offs,
-                                SPLIT_K, INTERPRET)
-    if last:
-        dtype = res_out_ptr.dtype.element_ty
-        r = tl.load(res_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(res_out_ptr + offs, (y.to(dtype).to(tl.float32) + r).to(dtype), mask=valid)
-        blocks = tl.num_programs(0)
-        if arrive(count_ptr, blocks, offs, INTERPRET) == blocks - 1:
-            cols = tl.arange(0, NORM_N)
-            inside = cols < N
-            x = tl.load(res_out_ptr + cols, mask=inside, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-            inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-            w = tl.load(nw_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            normed = (x * inv_rms).to(dtype).to(tl.float32) * w
-            tl.store(out_ptr + cols, normed.to(out_ptr.dtype.element_ty), mask=inside)
-            tl.store(count_ptr + blocks, 0)
-
-
 def _one_row_launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
                     ) -> tuple | None:
     """pairs_gemv's launch arguments (kiln.kernels.int_gemm.pairs_launch) of the launch
@@ -173,23 +136,3 @@ def int4_rope(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
             (head_dim // 2) % (block_n // 2) == 0 or block_n % head_dim == 0):
         return None
     return _launch(x, weight, scale, offset, bias, launch, rope=rope)
-
-
-def int4_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                  offset: torch.Tensor | None, residual: torch.Tensor,
-                  norm_weight: torch.Tensor, eps: float
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(norm_weight * rms_norm(x W^T + residual), x W^T + residual) of one bfloat16 row x
-    through an int4 weight (no bias) in one launch, as the unfused GEMV followed by kiln's
-    add + RMSNorm kernel rounds them (the norm's sum of squares in another order); None
-    where the epilogue does not take the launch (_one_row_launch) or the operands."""
-    launch = _one_row_launch(x, weight, scale)
-    N = weight.shape[0]
-    if launch is None or residual.shape != (1, N) or not residual.is_contiguous() or \
-            residual.dtype != x.dtype or norm_weight.dtype != x.dtype or \
-            norm_weight.shape != (N,):
-        return None
-    res_out = torch.empty_like(residual)
-    out = _launch(x, weight, scale, offset, None, launch,
-                  add_norm=(residual, res_out, norm_weight, eps))
-    return out, res_out

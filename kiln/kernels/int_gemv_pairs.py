@@ -36,16 +36,11 @@ import triton.language as tl
 
 from kiln.kernels import pdl
 from kiln.kernels.int_gemv import _gemv1_load, _gemv1_store, _word_tile
-from kiln.kernels.int_gemv_epilogues import (
-    add_norm_store,
-    epilogue_rows,
-    epilogue_store,
-    rows_tile,
-)
+from kiln.kernels.int_gemv_epilogues import epilogue_rows, epilogue_store, rows_tile
 from kiln.kernels.int_launch import IntGemmConfig, split_length
 from kiln.kernels.int_pairs_asm import _pair_dot, _pair_dot_q, _pair_sum, _pair_unpack
 from kiln.kernels.pdl import pdl_start
-from kiln.kernels.split_k import split_k_buffers, split_k_counters
+from kiln.kernels.split_k import split_k_buffers
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -94,9 +89,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
                         num_heads=0, num_kv_heads=0, block_size=1, stride_cs=0,
                         stride_cb=0, stride_cslot=0, stride_ch=0, stride_vs=0, stride_vh=0,
                         stride_vd=0, ROPE_HALF: tl.constexpr = 0,
-                        PRELOAD: tl.constexpr = False, ADD_NORM: tl.constexpr = False,
-                        res_ptr=None, res_out_ptr=None, nw_ptr=None, eps=0.0,
-                        NORM_N: tl.constexpr = 1):
+                        PRELOAD: tl.constexpr = False):
     """out[n block] (+)= x[k split] . w[n block, k split] for one bfloat16 row x (x_ptr:
     x viewed as int32, a bfloat16 pair each). Tiles, K splits and the weight's words as
     in kiln.kernels.int_gemv1._gemv1_kernel (int4, PER = 8 values a word); each word's
@@ -114,8 +107,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     Epilogues (kiln.kernels.int_gemv_epilogues; not with ATOMIC): GLU (1: SiLU, 2: tanh
     GELU), w is [gate | up] (N rows) and out [N / 2] = act(gate) * up; ROPE_HALF (head_dim
     / 2), w is the fused QKV weight and out q's [num_heads * head_dim], rotary(k) and v
-    written into the caches; ADD_NORM (no bias), x W^T + res -> res_out and out its
-    RMSNorm (weight nw, NORM_N: N to a power of two; split_k counters past the tiles')."""
+    written into the caches."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     WPG: tl.constexpr = BLOCK_K // 8 // GROUPS  # words per group in a step
@@ -147,10 +139,7 @@ def _gemv1_pairs_kernel(x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
         acc = _pairs_step(acc, words, scale, offset, x_ptr, w0, word, k_end, not EVEN_K,
                           HAS_OFFSET, INTERPRET)
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if ADD_NORM:
-        add_norm_store(y, out_ptr, part_ptr, count_ptr, res_ptr, res_out_ptr, nw_ptr, eps,
-                       pid_n, N, BLOCK_N, NORM_N, SPLIT_K, INTERPRET)
-    elif GLU != 0 or ROPE_HALF > 0:
+    if GLU != 0 or ROPE_HALF > 0:
         epilogue_store(y, bias_ptr, out_ptr, part_ptr, count_ptr, pid_n, N, BLOCK_N, HAS_BIAS,
                        SPLIT_K, INTERPRET, GLU, pos_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr,
                        num_heads, num_kv_heads, block_size, stride_cs, stride_cb,
@@ -286,7 +275,7 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                block_k: int, groups: int, k_per_split: int, fixup: bool, num_warps: int,
                num_stages: int, interpret: bool, loop_stages: int = 1,
                pdl_launch: bool | None = None, glu: int = 0,
-               rope: RopeArgs | None = None, add_norm: tuple | None = None) -> torch.Tensor:
+               rope: RopeArgs | None = None) -> torch.Tensor:
     """x [M, K] bfloat16 (M <= PAIRS_ROWS) @ dequant(int4 weight)^T -> [M, N] bfloat16
     (_gemv1_pairs_kernel for one row, _gemv_pairs_rows_kernel for more: K splits by
     atomics there; fixup and loop_stages are one row's only). pdl_launch (default
@@ -295,9 +284,7 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     is [gate | up] and the result [1, N / 2] = act(x @ gate^T) * (x @ up^T), the bits of
     this GEMV followed by kiln's SiLU*mul kernel. rope (one row, as glu): weight is the
     fused QKV one; returns rotary(q) [1, num_heads * head_dim], rotary(k) and v written
-    into the caches, the bits of this GEMV followed by kiln.kernels.rotary_kv. add_norm
-    (one row, as glu, no bias): (residual, res_out, norm weight, eps); x W^T + residual
-    goes to res_out and the result is its RMSNorm (kiln.kernels.int_gemv_epilogues)."""
+    into the caches, the bits of this GEMV followed by kiln.kernels.rotary_kv."""
     M, K = x.shape
     N = weight.shape[0]
     splits = triton.cdiv(K, k_per_split)
@@ -314,12 +301,6 @@ def pairs_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         if rope is not None:
             extra = dict(rope.kernel_args(rope.cos_sin.shape[1]),
                          ROPE_HALF=rope.cos_sin.shape[1] // 2)
-    if add_norm is not None:
-        assert M == 1 and not atomic and not glu and rope is None and bias is None
-        residual, res_out, norm_weight, eps = add_norm
-        counters = split_k_counters(x.device, blocks + 1)  # + the row's own counter
-        extra = dict(ADD_NORM=True, res_ptr=residual, res_out_ptr=res_out, nw_ptr=norm_weight,
-                     eps=eps, NORM_N=triton.next_power_of_2(N))
     args = (x.view(torch.int32), weight.view(torch.int32), scale,
             offset if offset is not None else scale, bias if bias is not None else scale, out)
     meta = dict(G=K // scale.shape[1], BLOCK_N=block_n, BLOCK_K=block_k,

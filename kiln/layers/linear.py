@@ -13,8 +13,6 @@ vectors (bias, per-channel scales). Fused layers tag their parameters with `shar
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -196,34 +194,6 @@ class RowLinear(LinearBase):
             return y
         y = tp_all_reduce(y, self.mapping.tp_size)
         return y if self.bias is None else y + self.bias
-
-    def deferred(self, x: torch.Tensor) -> torch.Tensor | PendingLinear:
-        """self(x), or, where the method runs this product with the residual add + RMSNorm
-        after it in one kernel (LinearMethod.fuses_add_norm; one rank, no bias), a
-        PendingLinear for that norm (kiln.layers.norm.reduce_add_norm) to run."""
-        if self.bias is None and self.mapping.tp_size == 1 and \
-                self.method.fuses_add_norm(self, x):
-            return PendingLinear(self, x)
-        return self(x)
-
-
-@dataclasses.dataclass
-class PendingLinear:
-    """linear(x), not yet run: the add + RMSNorm that takes it may run both in one kernel
-    (add_norm); anything else calls materialize()."""
-
-    linear: LinearBase
-    x: torch.Tensor
-
-    def materialize(self) -> torch.Tensor:
-        return self.linear(self.x)
-
-    def add_norm(self, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rms_norm(linear(x) + residual), linear(x) + residual), or None where the
-        method's kernel does not take these operands."""
-        return self.linear.method.apply_add_norm(self.linear, self.x, residual, norm_weight,
-                                                 eps)
 
 
 def _check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:

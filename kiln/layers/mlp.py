@@ -6,7 +6,7 @@ from torch import nn
 from kiln import functional as KF
 from kiln.distributed import Mapping
 from kiln.layers import swap_input
-from kiln.layers.linear import ColumnLinear, MergedColumnLinear, PendingLinear, RowLinear
+from kiln.layers.linear import ColumnLinear, MergedColumnLinear, RowLinear
 
 
 class GatedMLP(nn.Module):
@@ -29,13 +29,12 @@ class GatedMLP(nn.Module):
     def input_quant(self) -> object:
         return self.gate_up_proj.input_quant()
 
-    def forward(self, x: torch.Tensor, defer: bool = False) -> torch.Tensor | PendingLinear:
-        """defer: the down projection may come back unrun (RowLinear.deferred)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode rows on Hopper (KILN_SWAP_GLU): act(gate) * up in the gate-up GEMV's epilogue
         h = swap_input.glu_linear(self.gate_up_proj, x, self.glu_act, self.down_proj)
         if h is None:
             h = self.act_and_mul(self.gate_up_proj(x), self.down_proj.input_quant())
-        return self.down_proj.deferred(h) if defer else self.down_proj(h)
+        return self.down_proj(h)
 
 
 class PlainMLP(nn.Module):

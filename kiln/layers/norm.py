@@ -5,7 +5,6 @@ from torch import nn
 
 from kiln import functional as KF
 from kiln.distributed.comm import tp_all_reduce, tp_all_reduce_add_rms_norm
-from kiln.layers.linear import PendingLinear
 
 
 class RMSNorm(nn.Module):
@@ -44,20 +43,12 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return LayerNorm(dim, eps) if kind == "layernorm" else RMSNorm(dim, eps)
 
 
-def reduce_add_norm(norm: nn.Module, x: torch.Tensor | PendingLinear, residual: torch.Tensor,
+def reduce_add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor,
                     tp_size: int, partial: bool, quant: object = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """norm(x + residual) and x + residual, where x may still be a tensor-parallel partial
     sum (`partial`): the all-reduce then runs first, fused with the add and RMSNorm into
-    one kernel where the custom all-reduce takes the message. quant: as the norm's.
-    x a PendingLinear (RowLinear.deferred): the linear's kernel adds and normalizes where
-    it can (an RMSNorm whose output is not quantized), else it runs first."""
-    if isinstance(x, PendingLinear):
-        fused = x.add_norm(residual, norm.weight, norm.eps) \
-            if isinstance(norm, RMSNorm) and quant is None else None
-        if fused is not None:
-            return fused
-        x = x.materialize()
+    one kernel where the custom all-reduce takes the message. quant: as the norm's."""
     if partial and tp_size > 1:
         if isinstance(norm, RMSNorm):
             fused = tp_all_reduce_add_rms_norm(x, residual, norm.weight, norm.eps, tp_size)

@@ -141,17 +141,6 @@ class LinearMethod:
             return swap_input.SWAP_PROLOGUE
         return None
 
-    def fuses_add_norm(self, layer: LinearBase, x: torch.Tensor) -> bool:
-        """Whether apply_add_norm may take this product (RowLinear.deferred)."""
-        return False
-
-    def apply_add_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor,
-                       norm_weight: torch.Tensor, eps: float
-                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(norm_weight * rms_norm(x W^T + residual), x W^T + residual) by one kernel, or
-        None where the method has none for these operands (the caller runs the two)."""
-        return None
-
     def create_expert_weights(self, experts: Experts) -> None:
         """Give an MoE layer's experts this method's storage (if supports_experts)."""
         raise NotImplementedError(f"{self.name} does not quantize MoE experts")

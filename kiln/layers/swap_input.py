@@ -45,9 +45,6 @@ ROPE = os.environ.get("KILN_SWAP_ROPE", "1") != "0"
 # against 399.7 with the row tiles alone
 INT_GLU = os.environ.get("KILN_INT_GLU", "1") != "0"
 INT_ROPE = os.environ.get("KILN_INT_ROPE", "1") != "0"
-# the o and down projections' one-row int4 GEMV with the residual add + RMSNorm after it in
-# its epilogue (kiln.kernels.int_gemv_epilogues.int4_add_norm; opt-in, untimed)
-INT_ADD_NORM = os.environ.get("KILN_INT_ADD_NORM", "0") == "1"
 MAX_N = 65536  # weights with more rows (vocabulary heads) stay on cuBLAS
 DTYPES = (torch.bfloat16, torch.float16)  # the weights and inputs it takes
 _CAPABLE: dict[int, bool] = {}

@@ -18,7 +18,6 @@ import torch
 from kiln import functional as KF
 from kiln.kernels import cpu_int
 from kiln.kernels.reference import INT8_MAX, MIN_AMAX, dequantize_int_weight, pack_int4
-from kiln.layers import swap_input
 from kiln.layers.linear import LinearBase
 from kiln.layers.quantization import LinearMethod, cpu_float_weight
 
@@ -151,29 +150,6 @@ class IntWeightMethod(LinearMethod):
 
         return int4_rope(x, layer.weight, layer.weight_scale,
                          layer.weight_offset if self.has_offset else None, layer.bias, rope)
-
-    def fuses_add_norm(self, layer: LinearBase, x: torch.Tensor) -> bool:
-        """KILN_INT_ADD_NORM=1 (opt-in): one bfloat16 row of int4, whose GEMV's epilogue
-        (the TMA-fed one's or the pairs GEMV's) may then add the residual and normalize."""
-        return swap_input.INT_ADD_NORM and self._one_row(x)
-
-    def apply_add_norm(self, layer: LinearBase, x: torch.Tensor, residual: torch.Tensor,
-                       norm_weight: torch.Tensor, eps: float
-                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The epilogue where fuses_add_norm holds and the kernel takes the operands:
-        kiln.kernels.int4_gemv_tma.w4_gemv_tma_add_norm where the TMA GEMV takes the
-        product, else kiln.kernels.int_gemv_epilogues.int4_add_norm."""
-        if not self.fuses_add_norm(layer, x):
-            return None
-        args = (x, layer.weight, layer.weight_scale,
-                layer.weight_offset if self.has_offset else None, residual, norm_weight, eps)
-        if self._tma_gemv(layer, x) is not None:
-            from kiln.kernels.int4_gemv_tma import w4_gemv_tma_add_norm
-
-            return w4_gemv_tma_add_norm(*args)
-        from kiln.kernels.int_gemv_epilogues import int4_add_norm
-
-        return int4_add_norm(*args)
 
     def _one_row(self, x: torch.Tensor) -> bool:
         """One bfloat16 row of int4 on a GPU (or the interpreter): the epilogues' input."""

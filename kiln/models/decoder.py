@@ -31,7 +31,7 @@ from kiln.layers import (
     VocabEmbedding,
     make_norm,
 )
-from kiln.layers.linear import PendingLinear, default_weight_loader
+from kiln.layers.linear import default_weight_loader
 from kiln.layers.moe import SparseMoE
 from kiln.layers.norm import reduce_add_norm
 from kiln.models.convert import to_decoder_names
@@ -88,21 +88,17 @@ class DecoderAttention(nn.Module):
     def input_quant(self) -> object:
         return self.qkv_proj.input_quant()
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, defer: bool = False
-                ) -> torch.Tensor | PendingLinear:
-        """defer: the o projection may come back unrun (RowLinear.deferred) for the add +
-        RMSNorm after it."""
-        out = self.o_proj.deferred if defer else self.o_proj
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.q_norm is None:  # decode rows on Hopper (KILN_SWAP_ROPE): one launch
             q = self.attn.fused_qkv(self.qkv_proj, x, positions, self.rotary.cos_sin)
             if q is not None:
-                return out(self.attn.attend_rotated(q, self.rotary.cos_sin))
+                return self.o_proj(self.attn.attend_rotated(q, self.rotary.cos_sin))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             tokens = q.shape[0]
             q = self.q_norm(q.reshape(tokens, -1, self.head_dim)).view(tokens, -1)
             k = self.k_norm(k.reshape(tokens, -1, self.head_dim)).view(tokens, -1)
-        return out(self.attn(q, k, v, positions, self.rotary.cos_sin))
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary.cos_sin))
 
 
 class DecoderLayer(nn.Module):
@@ -165,16 +161,12 @@ class DecoderLayer(nn.Module):
             feeds.append((norm, (first,)))
         return feeds
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor | PendingLinear,
-                residual: torch.Tensor | None, partial: bool = False, defer: bool = False
-                ) -> tuple[torch.Tensor | PendingLinear, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, partial: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`partial`: hidden is still a TP partial sum (the previous layer deferred its
-        reduce); the returned hidden is one when this layer defers. `defer`: the returned
-        hidden may be a PendingLinear (the down projection unrun, for the add + RMSNorm
-        that takes it: the next layer's, or the final norm); hidden may be one."""
+        reduce); the returned hidden is one when this layer defers."""
         if self.parallel:
-            if isinstance(hidden, PendingLinear):
-                hidden = hidden.materialize()
             if partial:
                 hidden = tp_all_reduce(hidden, self.tp_size)
             residual = hidden if residual is None else hidden + residual
@@ -189,7 +181,7 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = reduce_add_norm(self.input_layernorm, hidden, residual,
                                                self.tp_size, partial, attn_quant)
-        hidden = self.self_attn(positions, hidden, defer=not self.sandwich)
+        hidden = self.self_attn(positions, hidden)
         if self.sandwich:
             hidden = self.post_attention_layernorm(hidden)
             hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
@@ -197,8 +189,6 @@ class DecoderLayer(nn.Module):
         mlp_quant = getattr(self.mlp, "input_quant", lambda: None)()  # none for MoE
         hidden, residual = reduce_add_norm(self.post_attention_layernorm, hidden, residual,
                                            self.tp_size, self.defer_reduce, mlp_quant)
-        if defer and isinstance(self.mlp, GatedMLP):
-            return self.mlp(hidden, defer=True), residual
         return self.mlp(hidden), residual
 
 
@@ -242,13 +232,8 @@ class DecoderForCausalLM(nn.Module):
         hidden, residual = self.embed(input_ids, positions) if intermediate is None \
             else intermediate
         partial = False
-        layers = list(self.model.layers.values())
-        for i, layer in enumerate(layers):
-            # the output may stay unrun for an add + RMSNorm: the next layer's (unless its
-            # residual is parallel) or, on the last stage, the final norm
-            defer = not layers[i + 1].parallel if i + 1 < len(layers) else \
-                self.mapping.is_last_pp_rank
-            hidden, residual = layer(positions, hidden, residual, partial, defer)
+        for layer in self.model.layers.values():
+            hidden, residual = layer(positions, hidden, residual, partial)
             partial = layer.defer_reduce
         return self.finish(hidden, residual, partial)
 
