@@ -313,7 +313,7 @@ def _hopper() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the wgmma kernel needs a Hopper GPU")
-@pytest.mark.parametrize("M", [1, 5, 16, 33, 64, 100])
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 64, 100, 200])
 @pytest.mark.parametrize("N,K,G", [(6144, 4096, 128), (4096, 14336, 128), (1000, 1024, 32),
                                    (256, 512, 64)])
 @pytest.mark.parametrize("offsets,bias", [(True, False), (False, True)])
@@ -336,3 +336,6 @@ def test_gpu_matches_the_reference(M, N, K, G, offsets, bias, fast, monkeypatch)
         got = int_wgmma.w4_wgmma(x, weight, scale, offset, b, cfg).float()
         err = (got - want).abs().max() / want.abs().max()
         assert err < 1e-2, (split, block_m, pdl, err)
+    monkeypatch.setattr(int_wgmma, "PDL", False)  # the rule's launch (wgmma_config)
+    got = int_wgmma.w4_wgmma(x, weight, scale, offset, b).float()
+    assert (got - want).abs().max() / want.abs().max() < 1e-2
