@@ -145,10 +145,21 @@ def _gluon_module(name: str):
         return None
 
 
+# KILN_INT4_GEMV_MMA=1: one int4 row in groups of 128 on Hopper by
+# kiln.kernels.int4_gemv_mma (products on the tensor cores; 58th session, opt-in until timed
+# on a GPU), its GLU and rotary then not fused
+GEMV_MMA = os.environ.get("KILN_INT4_GEMV_MMA") == "1"
+
+
 def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
     """kiln.kernels.int4_gemv_tma.w4_gemv_tma where GEMV_TMA takes this one-row int4
-    product's group and the kernel takes the product, else None."""
+    product's group and the kernel takes the product (GEMV_MMA: int4_gemv_mma.w4_gemv_mma
+    in groups of 128), else None."""
     group = x.shape[-1] // max(1, scale.shape[-1])
+    if GEMV_MMA and x.is_cuda and group == 128:
+        mma = _gluon_module("int4_gemv_mma")
+        if mma is not None and mma.gemv_mma_eligible(x, weight, scale):
+            return mma.w4_gemv_mma
     if not (x.is_cuda and (GEMV_TMA == "1" or GEMV_TMA == "32" and group == 32)):
         return None
     module = _gemv_tma_module()

@@ -1,0 +1,282 @@
+"""The one-row int4 GEMV with its products on the tensor cores (`mma.sync`), in Gluon: an
+experiment of the 58th session, opt-in (KILN_INT4_GEMV_MMA=1, groups of 128), untimed.
+
+Why: kiln's one-row GEMVs (kiln.kernels.int_gemv_pairs, int4_gemv_tma) spend 27-33 SASS
+instructions a weight word (eight int4 values) in their K loops, and the sm_90 cores issue
+about one warp instruction a cycle each. At ~1 word a warp instruction an H100 runs out of
+issue slots near its copy bandwidth, and an H200 (43% more bandwidth, the same SMs) gains
+only 7% at batch 1 (425.5 against 397 tok/s): the GEMVs are bound by instructions, not
+bytes. Here a word costs its unpacking (a shift, four byte selections, four masks: 9) and
+half an `mma.sync.m16n8k16` (bfloat16, float32 sums): the products, their sums across
+lanes and the base's subtraction (below) leave the ALUs.
+
+The layout. A warp takes 16 weight rows: lane 4g + t holds rows g and g + 8 (the mma's
+A fragment rows) and, for each 128-value chunk of K (a group of 128), words 4t .. 4t + 3
+of both rows (16 bytes each). Word 4t + e of the two rows is the A fragment of element e's
+two mmas (its bfloat16 pairs 0, 1 and 2, 3), and x's pairs of the same word are the B
+fragment, the same in every column n: so C[row, n] is row's dot product for every n, and
+every lane ends with rows g and g + 8 complete, no shuffles. (A dot product does not
+depend on the order of its K terms, so any assignment of a chunk's words to the mma's K
+positions works while A and B agree, as here lane by lane.)
+
+The base. The words unpack to bfloat16 2^7 + q (exact: kiln.kernels.int_pairs_asm) and
+are not shifted back: D = sum (128 + q) x = sum q x + 128 X over a chunk, X = sum x (a
+second mma with A all ones), so for a weight s q + o (asymmetric) the chunk adds
+s D + (o - 128 s) X, and s (q - 8) (symmetric) s D - 136 s X. The float32 sums keep
+about 20 bits after the cancellation (128 X against sum q x), more than the bfloat16-pair
+products of the pairs GEMV.
+
+K splits meet in the kernel (kiln.kernels.split_k's protocol). GPU tests:
+tests/test_int4_gemv_mma.py; timed by benchmarks/int_wgmma_bench.py --gemv-tma (the
+"mma" launch).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from kiln.kernels.gluon_sync import arrive
+from kiln.kernels.split_k import split_k_counters
+
+ENABLED = os.environ.get("KILN_INT4_GEMV_MMA") == "1"
+_CHUNK = 128  # K values a step: one group of 128, 16 words a row
+CHUNK = gl.constexpr(_CHUNK)
+
+# A word W (value i at bits 4i) -> bfloat16 pairs Pk (values 2k, 2k + 1) of 2^7 + q
+_UNPACK = """shr.u32 w4, W, 4;
+prmt.b32 P0, W, w4, 0x4400;
+prmt.b32 P1, W, w4, 0x5511;
+prmt.b32 P2, W, w4, 0x6622;
+prmt.b32 P3, W, w4, 0x7733;
+lop3.b32 P0, P0, 0x000F000F, 0x43004300, 0xea;
+lop3.b32 P1, P1, 0x000F000F, 0x43004300, 0xea;
+lop3.b32 P2, P2, 0x000F000F, 0x43004300, 0xea;
+lop3.b32 P3, P3, 0x000F000F, 0x43004300, 0xea;
+"""
+_MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {D0, D1, D2, D3}, "
+        "{A0, A1, A2, A3}, {B0, B1}, {D0, D1, D2, D3};\n")
+
+
+def _mma(a: tuple[str, ...], b: tuple[str, str], d: str) -> str:
+    text = _MMA
+    for i, reg in enumerate(a):
+        text = text.replace(f"A{i}", reg)
+    text = text.replace("B0", b[0]).replace("B1", b[1])
+    for i in range(4):
+        text = text.replace(f"D{i}", f"{d}{i}")
+    return text
+
+
+def _chunk_asm(base: int) -> str:
+    """One lane's chunk (pack=4): y ($0..$3: rows g, g + 8, two unused) += the chunk's
+    dot products, scaled. Inputs: y ($4..$7), row g's four words ($8..$11), row g + 8's
+    ($12..$15), x's four pairs of each word ($16..$31, word-major), (s, o) of row g and
+    of row g + 8 ($32..$35). base: 128 (asymmetric: o - 128 s) or 136 (symmetric)."""
+    body = [".reg .b32 w4, P0, P1, P2, P3, Q0, Q1, Q2, Q3, one;",
+            ".reg .f32 d0, d1, d2, d3, e0, e1, e2, e3, c, k;",
+            "mov.b32 one, 0x3F803F80;"]
+    body += [f"mov.f32 {r}{i}, 0f00000000;" for r in "de" for i in range(4)]
+    for e in range(4):
+        x = [f"${16 + 4 * e + j}" for j in range(4)]
+        body.append(_UNPACK.replace("W", f"${8 + e}"))
+        body.append(_UNPACK.replace("W", f"${12 + e}").replace("P", "Q"))
+        body.append(_mma(("P0", "Q0", "P1", "Q1"), (x[0], x[1]), "d"))
+        body.append(_mma(("P2", "Q2", "P3", "Q3"), (x[2], x[3]), "d"))
+    for e in range(4):  # X, back to back (one ones quad)
+        body.append(_mma(("one",) * 4, (f"${16 + 4 * e}", f"${17 + 4 * e}"), "e"))
+        body.append(_mma(("one",) * 4, (f"${18 + 4 * e}", f"${19 + 4 * e}"), "e"))
+    body.append(f"mov.f32 k, 0f{struct.unpack('<I', struct.pack('<f', -base))[0]:08X};")
+    for s, o, d, y_in, y_out in (("$32", "$33", "d0", "$4", "$0"),
+                                 ("$34", "$35", "d2", "$5", "$1")):
+        offset = f"fma.rn.f32 c, k, {s}, {o};" if base == 128 else f"mul.rn.f32 c, k, {s};"
+        body += [offset, f"fma.rn.f32 {y_out}, {s}, {d}, {y_in};",
+                 f"fma.rn.f32 {y_out}, c, e0, {y_out};"]
+    body += ["mov.b32 $2, $6;", "mov.b32 $3, $7;"]
+    return "{\n" + "\n".join(body) + "\n}"
+
+
+_ASYM = gl.constexpr(_chunk_asm(128))
+_SYM = gl.constexpr(_chunk_asm(136))
+# (y; the two rows' words; x's pairs; scales and offsets) x 4 values each, y out
+_OPERANDS = gl.constexpr(",".join(["=f"] * 4 + ["f"] * 4 + ["r"] * 24 + ["f"] * 4))
+
+
+@gluon.jit
+def _axis(n: gl.constexpr, dim: gl.constexpr, L: gl.constexpr):
+    """arange(n) along dim of the 4-D layout L, expanded to 4-D."""
+    if dim == 0:
+        a = gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, L))))[:, None, None, None]
+    elif dim == 1:
+        a = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(
+            3, L))))[None, :, None, None]
+    elif dim == 2:
+        a = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
+            3, L))))[None, None, :, None]
+    else:
+        a = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
+            2, L))))[None, None, None, :]
+    return a
+
+
+@gluon.jit
+def _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, c, rows, rows8, t, j, stride_wn, stride_sn,
+                 HAS_OFFSET: gl.constexpr):
+    """Chunk c's operands of each lane (all [W, 8, 4, 4], the last dim in the lane):
+    rows g and g + 8's words 4t .. 4t + 3, x's pairs of those words (word 4t + e: pairs
+    16 t + 4 e + j of the chunk's 64), and (s, o) of row g then of row g + 8. No masks:
+    rows past N are clamped to N - 1 by the caller (their sums are not stored)."""
+    words = c * (CHUNK // 8) + 4 * t + j
+    wg = gl.load(w_ptr + rows.to(gl.int64) * stride_wn + words)
+    wg8 = gl.load(w_ptr + rows8.to(gl.int64) * stride_wn + words)
+    pairs = x_ptr + c * (CHUNK // 2) + 16 * t + j
+    x0 = gl.load(pairs)
+    x1 = gl.load(pairs + 4)
+    x2 = gl.load(pairs + 8)
+    x3 = gl.load(pairs + 12)
+    srow = gl.where(j < 2, rows, rows8).to(gl.int64) * stride_sn + c
+    if HAS_OFFSET:
+        sc = gl.load(gl.where(j % 2 == 0, s_ptr, o_ptr) + srow)
+    else:
+        sc = gl.load(s_ptr + srow)
+    return wg, wg8, x0, x1, x2, x3, sc
+
+
+@gluon.jit
+def _w4_gemv_mma_kernel(w_ptr, x_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+                        N, K, stride_wn, stride_sn, CHUNKS_PER_SPLIT,
+                        HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        SPLIT_K: gl.constexpr):
+    """out[0, N] = x [1, K] @ dequant(w)^T (+ bias): w int4 words (int32 [N, K / 8]),
+    float32 scales and offsets [N, K / 128], x bfloat16 pairs (int32 [K / 2]); 16 rows a
+    warp (program_id(0)), K split CHUNKS_PER_SPLIT chunks of 128 a program
+    (program_id(1))."""
+    W: gl.constexpr = gl.num_warps()
+    L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    rows = pid_n * (16 * W) + 16 * _axis(W, 0, L) + _axis(8, 1, L)  # row g
+    t = _axis(4, 2, L)
+    j = _axis(4, 3, L)
+    rows = rows + 0 * (t + j)  # (to [W, 8, 4, 4])
+    t = t + 0 * rows
+    j = j + 0 * rows
+    in_g = gl.minimum(rows, N - 1)  # (rows past N load row N - 1's words; not stored)
+    in_g8 = gl.minimum(rows + 8, N - 1)
+    c0 = pid_k * CHUNKS_PER_SPLIT
+    c1 = gl.minimum(c0 + CHUNKS_PER_SPLIT, K // CHUNK)
+    y = gl.zeros([W, 8, 4, 4], gl.float32, layout=L)
+    cur = _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, gl.minimum(c0, c1 - 1), in_g, in_g8, t, j,
+                       stride_wn, stride_sn, HAS_OFFSET)
+    for c in range(c0, c1):  # the next chunk's loads in flight during this one's products
+        nxt = _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, gl.minimum(c + 1, c1 - 1), in_g, in_g8,
+                           t, j, stride_wn, stride_sn, HAS_OFFSET)
+        wg, wg8, x0, x1, x2, x3, sc = cur
+        if HAS_OFFSET:
+            y = gl.inline_asm_elementwise(_ASYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+                                          dtype=gl.float32, is_pure=True, pack=4)
+        else:
+            y = gl.inline_asm_elementwise(_SYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+                                          dtype=gl.float32, is_pure=True, pack=4)
+        cur = nxt
+    # row g's sum in slot 0, row g + 8's in slot 1, the same in each of the four lanes t
+    y_g = gl.sum(gl.where(j == 0, y, 0.0), axis=3)
+    y_g8 = gl.sum(gl.where(j == 1, y, 0.0), axis=3)
+    r = gl.sum(gl.where(j == 0, rows, 0), axis=3)
+    first = gl.sum(gl.where(j == 0, t, 0), axis=3) == 0  # one lane of the four stores
+    _store_rows(y_g, r, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, 2 * pid_n, pid_k,
+                HAS_BIAS, SPLIT_K)
+    _store_rows(y_g8, r + 8, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, 2 * pid_n + 1,
+                pid_k, HAS_BIAS, SPLIT_K)
+
+
+@gluon.jit
+def _store_rows(y, rows, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, slot, pid_k,
+                HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
+    """y [W, 8, 4] of rows (lanes `first` store) into out, after the other K splits'
+    partial sums (kiln.kernels.split_k's protocol: partials, a fence, the count; the last
+    program of the row block adds them in split order and zeroes the counter at slot: the
+    two row halves count separately)."""
+    mask = first & (rows < N)
+    last = True
+    if SPLIT_K > 1:
+        gl.store(part_ptr + pid_k * N + rows, y, mask=mask)
+        last = arrive(count_ptr, slot, rows) == SPLIT_K - 1
+        if last:
+            y = gl.zeros_like(y)
+            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
+                y += gl.load(part_ptr + sp * N + rows, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+            gl.store(count_ptr + slot, 0)
+    if last:
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + rows, mask=mask, other=0.0).to(gl.float32)
+        gl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class GemvMmaConfig:
+    """A launch: warps a program (16 rows each), K splits."""
+    num_warps: int = 4
+    split_k: int = 1
+
+
+def gemv_mma_config(N: int, K: int, sms: int = 132) -> GemvMmaConfig:
+    """K split until the programs fill about two waves of the SMs, two chunks a split at
+    least (untimed: a guess to be swept, benchmarks/int_wgmma_bench.py --gemv-tma)."""
+    cfg = GemvMmaConfig()
+    blocks = triton.cdiv(N, 16 * cfg.num_warps)
+    chunks = K // _CHUNK
+    split = 1
+    while blocks * split * 2 <= 2 * sms and chunks // (split * 2) >= 2:
+        split *= 2
+    return GemvMmaConfig(cfg.num_warps, split)
+
+
+def gemv_mma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """One bfloat16 row on Hopper (sm_90: mma.sync, any sm_80+ would do), int4 words in
+    groups of 128, K in whole groups, contiguous rows of words and scales."""
+    M, K = x.shape
+    return M == 1 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 and \
+        x.dtype == torch.bfloat16 and weight.dtype == torch.uint8 and \
+        scale.dtype == torch.float32 and K % _CHUNK == 0 and K // scale.shape[1] == _CHUNK and \
+        x.is_contiguous() and weight.stride(1) == 1 and weight.stride(0) % 16 == 0 and \
+        scale.stride(1) == 1
+
+
+def w4_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor | None, bias: torch.Tensor | None,
+                config: GemvMmaConfig | None = None, glu: int = 0,
+                rope: object = None) -> torch.Tensor | None:
+    """x [1, K] bfloat16 @ dequant(int4 weight [N, K / 2] uint8, float32 scales and
+    offsets [N, K / 128])^T (+ bias) -> [1, N] bfloat16 (gemv_mma_eligible operands).
+    No epilogues: None where glu or rope asks for one (the caller runs them unfused)."""
+    if glu or rope is not None:
+        return None
+    _, K = x.shape
+    N = weight.shape[0]
+    cfg = config or gemv_mma_config(N, K)
+    chunks = K // _CHUNK
+    per_split = triton.cdiv(chunks, max(1, min(cfg.split_k, chunks)))
+    split = triton.cdiv(chunks, per_split)
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    blocks = triton.cdiv(N, 16 * cfg.num_warps)
+    part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
+                      split_k_counters(x.device, 2 * blocks)) if split > 1 else (out, out)
+    words = weight.view(torch.int32)
+    _w4_gemv_mma_kernel[(blocks, split)](
+        words, x.view(torch.int32), scale, offset if offset is not None else scale,
+        bias if bias is not None else scale, out, part, counters, N, K, words.stride(0),
+        scale.stride(0), per_split, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split, num_warps=cfg.num_warps)
+    return out
+
+
+w4_gemv_mma.epilogues = False  # (kiln.layers.weight_only: GLU and rotary unfused)
