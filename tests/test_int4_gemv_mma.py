@@ -22,14 +22,14 @@ from tests.test_int4_gemv_tma import agree_to_rounding, tiny_int4_engine  # noqa
 from tests.test_int_wgmma import _hopper  # noqa: E402
 
 
-def _compile(has_offset: bool, split: int):
+def _compile(has_offset: bool, split: int, pdl: bool = False):
     from kiln.kernels import compile_check as cc
 
     values = {"w_ptr": "*i32", "x_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
               "bias_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
               "count_ptr": "*i32", "N": 4096, "K": 4096, "stride_wn": 512, "stride_sn": 32,
               "CHUNKS_PER_SPLIT": 8}
-    const = dict(HAS_OFFSET=has_offset, HAS_BIAS=False, SPLIT_K=split)
+    const = dict(HAS_OFFSET=has_offset, HAS_BIAS=False, SPLIT_K=split, PDL=pdl)
     report = cc.compile_sm90(int4_gemv_mma._w4_gemv_mma_kernel, values, const, 4)
     sass = cc._cuobjdump(cc._compile(int4_gemv_mma._w4_gemv_mma_kernel, values, const, 4, 2),
                          "-sass")
@@ -46,19 +46,27 @@ def _loop(sass: str) -> list[str]:
     return [t for a, t in lines if start <= a <= end]
 
 
-@pytest.mark.parametrize("has_offset,split", [(True, 1), (True, 4), (False, 4)])
-def test_compiles_for_hopper_with_few_instructions_a_word(has_offset, split):
-    """No spills; a chunk (a lane's 8 words) takes 16 mma.sync (8 for the products, 8 for
-    x's sums), 16-byte loads of its words and x's pairs, and at most 20 instructions a
-    word in all (the pairs GEMV's K loop: 27-33), no bfloat16-pair FMA left."""
-    report, sass = _compile(has_offset, split)
+@pytest.mark.parametrize("has_offset,split,pdl", [(True, 1, False), (True, 4, True),
+                                                  (False, 4, True)])
+def test_compiles_for_hopper_with_few_instructions_a_word(has_offset, split, pdl):
+    """No spills; the K loop's trip (two chunks, a lane's 16 words) takes 32 mma.sync (16
+    for the products, 16 for x's sums), 16-byte loads of its words and x's pairs, and at
+    most 20 instructions a word in all (the pairs GEMV's K loop: 27-33), no
+    bfloat16-pair FMA left."""
+    report, sass = _compile(has_offset, split, pdl)
     assert report.stack_bytes == 0 and report.registers <= 128, report
-    assert report.instructions["mma.sync"] == 16
+    assert report.instructions["mma.sync"] == 32
+    assert report.instructions["griddepcontrol"] == (2 if pdl else 0)
     body = _loop(sass)
     ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t)[1] for t in body)
-    assert ops["HMMA"] == 16 and ops["HFMA2"] == 0, ops
-    assert sum("LDG.E.128" in t for t in body) == 6, ops  # 2 rows' words, 4 x 4 of x's pairs
-    assert len(body) <= 20 * 8, (len(body), ops)
+    assert ops["HMMA"] == 32 and ops["HFMA2"] == 0, ops
+    # a chunk: 2 rows' words and 4 x 4 of x's pairs
+    assert sum("LDG.E.128" in t for t in body) == 12, ops
+    assert len(body) <= 20 * 16, (len(body), ops)
+    if pdl:  # the first chunk's words before the wait (ACQBULK), x's pairs after it
+        code = sass[:sass.index(body[0])]
+        wait = code.index("ACQBULK")
+        assert code[:wait].count("LDG.E.128") == 2 and code[wait:].count("LDG.E.128") == 4
 
 
 def test_chunk_asm_scales_by_the_base_it_drops():

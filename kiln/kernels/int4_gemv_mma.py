@@ -42,10 +42,13 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from kiln.kernels.gluon_sync import arrive
+from kiln.kernels import pdl
+from kiln.kernels.gluon_sync import arrive, gluon_start
 from kiln.kernels.split_k import split_k_counters
 
-ENABLED = os.environ.get("KILN_INT4_GEMV_MMA") == "1"
+# launched with PDL behind the kernel before, as the other one-row GEMVs are
+# (KILN_INT4_GEMV_MMA_PDL=0: not)
+PDL = os.environ.get("KILN_INT4_GEMV_MMA_PDL", "1") != "0"
 _CHUNK = 128  # K values a step: one group of 128, 16 words a row
 CHUNK = gl.constexpr(_CHUNK)
 
@@ -127,37 +130,52 @@ def _axis(n: gl.constexpr, dim: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, c, rows, rows8, t, j, stride_wn, stride_sn,
-                 HAS_OFFSET: gl.constexpr):
-    """Chunk c's operands of each lane (all [W, 8, 4, 4], the last dim in the lane):
-    rows g and g + 8's words 4t .. 4t + 3, x's pairs of those words (word 4t + e: pairs
-    16 t + 4 e + j of the chunk's 64), and (s, o) of row g then of row g + 8. No masks:
+def _weight_loads(w_ptr, s_ptr, o_ptr, c, rows, rows8, t, j, stride_wn, stride_sn,
+                  HAS_OFFSET: gl.constexpr):
+    """Chunk c's weights for each lane (all [W, 8, 4, 4], the last dim in the lane): rows
+    g and g + 8's words 4t .. 4t + 3, and (s, o) of row g then of row g + 8. No masks:
     rows past N are clamped to N - 1 by the caller (their sums are not stored)."""
     words = c * (CHUNK // 8) + 4 * t + j
     wg = gl.load(w_ptr + rows.to(gl.int64) * stride_wn + words)
     wg8 = gl.load(w_ptr + rows8.to(gl.int64) * stride_wn + words)
-    pairs = x_ptr + c * (CHUNK // 2) + 16 * t + j
-    x0 = gl.load(pairs)
-    x1 = gl.load(pairs + 4)
-    x2 = gl.load(pairs + 8)
-    x3 = gl.load(pairs + 12)
     srow = gl.where(j < 2, rows, rows8).to(gl.int64) * stride_sn + c
     if HAS_OFFSET:
         sc = gl.load(gl.where(j % 2 == 0, s_ptr, o_ptr) + srow)
     else:
         sc = gl.load(s_ptr + srow)
-    return wg, wg8, x0, x1, x2, x3, sc
+    return wg, wg8, sc
+
+
+@gluon.jit
+def _x_loads(x_ptr, c, t, j):
+    """x's pairs of the lane's words of chunk c (word 4t + e: pairs 16 t + 4 e + j of the
+    chunk's 64), one operand a word e."""
+    pairs = x_ptr + c * (CHUNK // 2) + 16 * t + j
+    return gl.load(pairs), gl.load(pairs + 4), gl.load(pairs + 8), gl.load(pairs + 12)
+
+
+@gluon.jit
+def _chunk(y, wg, wg8, x0, x1, x2, x3, sc, HAS_OFFSET: gl.constexpr):
+    """y plus one chunk's scaled dot products (_chunk_asm), every lane together."""
+    if HAS_OFFSET:
+        y = gl.inline_asm_elementwise(_ASYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+                                      dtype=gl.float32, is_pure=False, pack=4)
+    else:
+        y = gl.inline_asm_elementwise(_SYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+                                      dtype=gl.float32, is_pure=False, pack=4)
+    return y
 
 
 @gluon.jit
 def _w4_gemv_mma_kernel(w_ptr, x_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
                         N, K, stride_wn, stride_sn, CHUNKS_PER_SPLIT,
                         HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        SPLIT_K: gl.constexpr):
+                        SPLIT_K: gl.constexpr, PDL: gl.constexpr = False):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias): w int4 words (int32 [N, K / 8]),
     float32 scales and offsets [N, K / 128], x bfloat16 pairs (int32 [K / 2]); 16 rows a
     warp (program_id(0)), K split CHUNKS_PER_SPLIT chunks of 128 a program
-    (program_id(1))."""
+    (program_id(1)). PDL (launched with PDL): the first chunk's weights are loaded before
+    the wait, x after it."""
     W: gl.constexpr = gl.num_warps()
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     pid_n = gl.program_id(0)
@@ -173,19 +191,27 @@ def _w4_gemv_mma_kernel(w_ptr, x_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr,
     c0 = pid_k * CHUNKS_PER_SPLIT
     c1 = gl.minimum(c0 + CHUNKS_PER_SPLIT, K // CHUNK)
     y = gl.zeros([W, 8, 4, 4], gl.float32, layout=L)
-    cur = _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, gl.minimum(c0, c1 - 1), in_g, in_g8, t, j,
-                       stride_wn, stride_sn, HAS_OFFSET)
-    for c in range(c0, c1):  # the next chunk's loads in flight during this one's products
-        nxt = _chunk_loads(w_ptr, x_ptr, s_ptr, o_ptr, gl.minimum(c + 1, c1 - 1), in_g, in_g8,
-                           t, j, stride_wn, stride_sn, HAS_OFFSET)
-        wg, wg8, x0, x1, x2, x3, sc = cur
-        if HAS_OFFSET:
-            y = gl.inline_asm_elementwise(_ASYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
-                                          dtype=gl.float32, is_pure=True, pack=4)
-        else:
-            y = gl.inline_asm_elementwise(_SYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
-                                          dtype=gl.float32, is_pure=True, pack=4)
-        cur = nxt
+    # two chunks a trip (no register copies between trips): chunk c + 1's loads in
+    # flight during chunk c's products, c + 2's during c + 1's
+    wg, wg8, sc = _weight_loads(w_ptr, s_ptr, o_ptr, c0, in_g, in_g8, t, j, stride_wn,
+                                stride_sn, HAS_OFFSET)
+    if PDL:  # launched with PDL: the first weights load while the kernel before finishes
+        gluon_start()
+    x0, x1, x2, x3 = _x_loads(x_ptr, c0, t, j)
+    for c in range(c0, c1, 2):
+        nc = gl.minimum(c + 1, c1 - 1)
+        vw, vw8, vsc = _weight_loads(w_ptr, s_ptr, o_ptr, nc, in_g, in_g8, t, j, stride_wn,
+                                     stride_sn, HAS_OFFSET)
+        v0, v1, v2, v3 = _x_loads(x_ptr, nc, t, j)
+        y = _chunk(y, wg, wg8, x0, x1, x2, x3, sc, HAS_OFFSET)
+        nc = gl.minimum(c + 2, c1 - 1)
+        wg, wg8, sc = _weight_loads(w_ptr, s_ptr, o_ptr, nc, in_g, in_g8, t, j, stride_wn,
+                                    stride_sn, HAS_OFFSET)
+        x0, x1, x2, x3 = _x_loads(x_ptr, nc, t, j)
+        # past the split's last chunk (c + 1 == c1: chunk c1 - 1 again) it adds nothing:
+        # s and o zeroed (no branch: the compiler would sink the loads into it)
+        vsc = vsc * (c + 1 < c1).to(gl.float32)
+        y = _chunk(y, vw, vw8, v0, v1, v2, v3, vsc, HAS_OFFSET)
     # row g's sum in slot 0, row g + 8's in slot 1, the same in each of the four lanes t
     y_g = gl.sum(gl.where(j == 0, y, 0.0), axis=3)
     y_g8 = gl.sum(gl.where(j == 1, y, 0.0), axis=3)
@@ -271,11 +297,12 @@ def w4_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
                       split_k_counters(x.device, 2 * blocks)) if split > 1 else (out, out)
     words = weight.view(torch.int32)
+    use_pdl = PDL and pdl.INT_GEMV and pdl.hopper(x)
     _w4_gemv_mma_kernel[(blocks, split)](
         words, x.view(torch.int32), scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, part, counters, N, K, words.stride(0),
         scale.stride(0), per_split, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split, num_warps=cfg.num_warps)
+        SPLIT_K=split, PDL=use_pdl, num_warps=cfg.num_warps, **pdl.launch_args(use_pdl))
     return out
 
 
