@@ -7,8 +7,9 @@ about one warp instruction a cycle each. At ~1 word a warp instruction an H100 r
 issue slots near its copy bandwidth, and an H200 (43% more bandwidth, the same SMs) gains
 only 7% at batch 1 (425.5 against 397 tok/s): the GEMVs are bound by instructions, not
 bytes. Here a word costs its unpacking (a shift, four byte selections, four masks: 9) and
-half an `mma.sync.m16n8k16` (bfloat16, float32 sums): the products, their sums across
-lanes and the base's subtraction (below) leave the ALUs.
+two `mma.sync.m16n8k16` (bfloat16, float32 sums; one for its products, one for x's sum):
+the products, their sums across lanes and the base's subtraction (below) leave the ALUs,
+17.5 instructions a word in all (sm_90 SASS).
 
 The layout. A warp takes 16 weight rows: lane 4g + t holds rows g and g + 8 (the mma's
 A fragment rows) and, for each 128-value chunk of K (a group of 128), words 4t .. 4t + 3
