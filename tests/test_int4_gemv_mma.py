@@ -77,6 +77,34 @@ def test_chunk_asm_scales_by_the_base_it_drops():
     assert asym.count("mma.sync") == sym.count("mma.sync") == 16
 
 
+def test_opt_in_and_its_glu_and_rotary_unfused(monkeypatch):
+    """KILN_INT4_GEMV_MMA is off by default; where the kernel takes a one-row product the
+    layer's GLU and rotary run unfused (the kernel has no epilogues), and the launch rule
+    splits K only while the programs fit about two waves."""
+    from kiln.kernels import int_launch
+    from kiln.layers import weight_only
+
+    assert not int_launch.GEMV_MMA
+    x = torch.zeros(1, 4096, dtype=torch.bfloat16)
+    w, s = torch.zeros(4096, 2048, dtype=torch.uint8), torch.zeros(4096, 32)
+    monkeypatch.setattr(int_launch, "GEMV_MMA", True)
+    assert int_launch.tma_gemv(x, w, s) is None  # (CPU tensors)
+    assert not int4_gemv_mma.gemv_mma_eligible(x, w, s)
+    assert int4_gemv_mma.w4_gemv_mma(x, w, s, None, None, glu=1) is None
+    method = weight_only.IntWeightMethod.__new__(weight_only.IntWeightMethod)
+    method.bits, method.has_offset = 4, False
+    layer = type("L", (), {"weight": w, "weight_scale": s, "bias": None})()
+    monkeypatch.setattr(weight_only.KF, "_triton", lambda x: True)
+    monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: int4_gemv_mma.w4_gemv_mma)
+    assert method.apply_glu(layer, x, 1) is None
+    assert method.apply_rope(layer, x, "rope") is None
+    for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        cfg = int4_gemv_mma.gemv_mma_config(N, K)
+        programs = -(-N // (16 * cfg.num_warps)) * cfg.split_k
+        assert programs <= 2 * 132 or cfg.split_k == 1, (N, K, cfg)
+        assert K // 128 // cfg.split_k >= 2, (N, K, cfg)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the mma GEMV is launched on Hopper only")
 @pytest.mark.parametrize("N,K", [(6144, 4096), (4096, 14336), (28672, 4096), (1000, 1024),
