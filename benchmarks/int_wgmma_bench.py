@@ -55,13 +55,13 @@ def variants(M: int, N: int, K: int, sweep: bool, group: int, gemv: bool) -> dic
 
 
 def mma_variants(N: int, K: int, sweep: bool) -> dict:
-    """kiln.kernels.int4_gemv_mma's launch by its rule, and (sweep) 2 / 8 warps a program
-    and half / twice the K splits."""
+    """kiln.kernels.int4_gemv_mma's launch by its rule in 16-row and 32-row warps, and
+    (sweep) 2 / 8 warps a program and half / twice the K splits."""
     from kiln.kernels.int4_gemv_mma import gemv_mma_config
 
     rep = dataclasses.replace
     base = gemv_mma_config(N, K)
-    return {"mma": base} | ({
+    return {"mma": base, "mma-t2": gemv_mma_config(N, K, tiles=2)} | ({
         "mma-w2": rep(base, num_warps=2), "mma-w8": rep(base, num_warps=8),
         "mma-s/2": rep(base, split_k=max(1, base.split_k // 2)),
         "mma-s*2": rep(base, split_k=base.split_k * 2)} if sweep else {})

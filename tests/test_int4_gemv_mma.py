@@ -6,6 +6,7 @@ GPU tests compare it with the reference and run an engine through it."""
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 
@@ -22,14 +23,14 @@ from tests.test_int4_gemv_tma import agree_to_rounding, tiny_int4_engine  # noqa
 from tests.test_int_wgmma import _hopper  # noqa: E402
 
 
-def _compile(has_offset: bool, split: int, pdl: bool = False):
+def _compile(has_offset: bool, split: int, pdl: bool = False, tiles: int = 1):
     from kiln.kernels import compile_check as cc
 
     values = {"w_ptr": "*i32", "x_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32",
               "bias_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32",
               "count_ptr": "*i32", "N": 4096, "K": 4096, "stride_wn": 512, "stride_sn": 32,
               "CHUNKS_PER_SPLIT": 8}
-    const = dict(HAS_OFFSET=has_offset, HAS_BIAS=False, SPLIT_K=split, PDL=pdl)
+    const = dict(HAS_OFFSET=has_offset, HAS_BIAS=False, SPLIT_K=split, PDL=pdl, TILES=tiles)
     report = cc.compile_sm90(int4_gemv_mma._w4_gemv_mma_kernel, values, const, 4)
     sass = cc._cuobjdump(cc._compile(int4_gemv_mma._w4_gemv_mma_kernel, values, const, 4, 2),
                          "-sass")
@@ -46,27 +47,29 @@ def _loop(sass: str) -> list[str]:
     return [t for a, t in lines if start <= a <= end]
 
 
-@pytest.mark.parametrize("has_offset,split,pdl", [(True, 1, False), (True, 4, True),
-                                                  (False, 4, True)])
-def test_compiles_for_hopper_with_few_instructions_a_word(has_offset, split, pdl):
-    """No spills; the K loop's trip (two chunks, a lane's 16 words) takes 32 mma.sync (16
-    for the products, 16 for x's sums), 16-byte loads of its words and x's pairs, and at
-    most 20 instructions a word in all (the pairs GEMV's K loop: 27-33), no
-    bfloat16-pair FMA left."""
-    report, sass = _compile(has_offset, split, pdl)
+@pytest.mark.parametrize("has_offset,split,pdl,tiles", [(True, 1, False, 1), (True, 4, True, 1),
+                                                        (False, 4, True, 1), (True, 4, True, 2),
+                                                        (False, 1, False, 2)])
+def test_compiles_for_hopper_with_few_instructions_a_word(has_offset, split, pdl, tiles):
+    """No spills; the K loop's trip (two chunks: a lane's 16 words a tile of 16 rows)
+    takes 16 mma.sync a tile for the products and 16 for x's sums, 16-byte loads of its
+    words and x's pairs, and at most 20 instructions a word in all (the pairs GEMV's K
+    loop: 27-33), no bfloat16-pair FMA left."""
+    report, sass = _compile(has_offset, split, pdl, tiles)
     assert report.stack_bytes == 0 and report.registers <= 128, report
-    assert report.instructions["mma.sync"] == 32
+    assert report.instructions["mma.sync"] == 16 * tiles + 16
     assert report.instructions["griddepcontrol"] == (2 if pdl else 0)
     body = _loop(sass)
     ops = collections.Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t)[1] for t in body)
-    assert ops["HMMA"] == 32 and ops["HFMA2"] == 0, ops
-    # a chunk: 2 rows' words and 4 x 4 of x's pairs
-    assert sum("LDG.E.128" in t for t in body) == 12, ops
-    assert len(body) <= 20 * 16, (len(body), ops)
+    assert ops["HMMA"] == 16 * tiles + 16 and ops["HFMA2"] == 0, ops
+    # a chunk: 2 rows' words a tile and 4 x 4 of x's pairs
+    assert sum("LDG.E.128" in t for t in body) == 2 * (2 * tiles + 4), ops
+    assert len(body) <= 20 * 16 * tiles, (len(body), ops)
     if pdl:  # the first chunk's words before the wait (ACQBULK), x's pairs after it
         code = sass[:sass.index(body[0])]
         wait = code.index("ACQBULK")
-        assert code[:wait].count("LDG.E.128") == 2 and code[wait:].count("LDG.E.128") == 4
+        assert code[:wait].count("LDG.E.128") == 2 * tiles
+        assert code[wait:].count("LDG.E.128") == 4
 
 
 def test_chunk_asm_scales_by_the_base_it_drops():
@@ -75,6 +78,7 @@ def test_chunk_asm_scales_by_the_base_it_drops():
     assert "mov.f32 k, 0fC3000000;" in asym and "fma.rn.f32 c, k, $32, $33;" in asym
     assert "mov.f32 k, 0fC3080000;" in sym and "mul.rn.f32 c, k, $34;" in sym
     assert asym.count("mma.sync") == sym.count("mma.sync") == 16
+    assert int4_gemv_mma._ASYM2.value.count("mma.sync") == 24  # two tiles, one X
 
 
 def test_opt_in_and_its_glu_and_rotary_unfused(monkeypatch):
@@ -98,9 +102,10 @@ def test_opt_in_and_its_glu_and_rotary_unfused(monkeypatch):
     monkeypatch.setattr(int_launch, "tma_gemv", lambda x, w, s: int4_gemv_mma.w4_gemv_mma)
     assert method.apply_glu(layer, x, 1) is None
     assert method.apply_rope(layer, x, "rope") is None
-    for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
-        cfg = int4_gemv_mma.gemv_mma_config(N, K)
-        programs = -(-N // (16 * cfg.num_warps)) * cfg.split_k
+    for (N, K), tiles in itertools.product(((6144, 4096), (4096, 4096), (28672, 4096),
+                                            (4096, 14336)), (1, 2)):
+        cfg = int4_gemv_mma.gemv_mma_config(N, K, tiles=tiles)
+        programs = -(-N // (16 * tiles * cfg.num_warps)) * cfg.split_k
         assert programs <= 2 * 132 or cfg.split_k == 1, (N, K, cfg)
         assert K // 128 // cfg.split_k >= 2, (N, K, cfg)
 
@@ -121,7 +126,8 @@ def test_gpu_matches_the_reference(N, K, offsets, bias):
     assert int4_gemv_mma.gemv_mma_eligible(x, weight, scale)
     want = x.float() @ dequantize_int_weight(weight, scale, offset).T + (b if bias else 0)
     for cfg in (None, int4_gemv_mma.GemvMmaConfig(4, 1), int4_gemv_mma.GemvMmaConfig(8, 3),
-                int4_gemv_mma.GemvMmaConfig(2, 8)):
+                int4_gemv_mma.GemvMmaConfig(2, 8), int4_gemv_mma.GemvMmaConfig(4, 1, 2),
+                int4_gemv_mma.GemvMmaConfig(4, 5, 2)):
         for _ in range(2):  # (the split counters are zeroed for the next launch)
             got = int4_gemv_mma.w4_gemv_mma(x, weight, scale, offset, b, cfg).float()
             err = (got - want).abs().max() / want.abs().max()

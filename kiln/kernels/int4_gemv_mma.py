@@ -8,15 +8,17 @@ issue slots near its copy bandwidth, and an H200 (43% more bandwidth, the same S
 only 7% at batch 1 (425.5 against 397 tok/s): the GEMVs are bound by instructions, not
 bytes. Here a word costs its unpacking (a shift, four byte selections, four masks: 9) and
 two `mma.sync.m16n8k16` (bfloat16, float32 sums; one for its products, one for x's sum):
-the products, their sums across lanes and the base's subtraction (below) leave the ALUs,
-17.5 instructions a word in all (sm_90 SASS).
+the products, their sums across lanes and the base's subtraction (below) leave the ALUs:
+15-19 instructions a word in all (sm_90 SASS), 13-16 with two tiles a warp (below).
 
 The layout. A warp takes 16 weight rows: lane 4g + t holds rows g and g + 8 (the mma's
 A fragment rows) and, for each 128-value chunk of K (a group of 128), words 4t .. 4t + 3
 of both rows (16 bytes each). Word 4t + e of the two rows is the A fragment of element e's
 two mmas (its bfloat16 pairs 0, 1 and 2, 3), and x's pairs of the same word are the B
 fragment, the same in every column n: so C[row, n] is row's dot product for every n, and
-every lane ends with rows g and g + 8 complete, no shuffles. (A dot product does not
+every lane ends with rows g and g + 8 complete, no shuffles. With two m16 tiles a warp
+(TILES 2) a lane also holds rows g + 16 and g + 24, and x's pairs (and their sums) serve
+twice the words. (A dot product does not
 depend on the order of its K terms, so any assignment of a chunk's words to the mma's K
 positions works while A and B agree, as here lane by lane.)
 
@@ -78,38 +80,44 @@ def _mma(a: tuple[str, ...], b: tuple[str, str], d: str) -> str:
     return text
 
 
-def _chunk_asm(base: int) -> str:
-    """One lane's chunk (pack=4): y ($0..$3: rows g, g + 8, two unused) += the chunk's
-    dot products, scaled. Inputs: y ($4..$7), row g's four words ($8..$11), row g + 8's
-    ($12..$15), x's four pairs of each word ($16..$31, word-major), (s, o) of row g and
-    of row g + 8 ($32..$35). base: 128 (asymmetric: o - 128 s) or 136 (symmetric)."""
+def _chunk_asm(base: int, tiles: int) -> str:
+    """One lane's chunk (pack=4): y ($0..$3: rows g + 8 i, i < 2 tiles; the others passed
+    through) += the chunk's dot products, scaled. Inputs: y ($4..$7); the four words of
+    rows g, g + 8 (, g + 16, g + 24) ($8 on, a row's four together); x's four pairs of
+    each word (16, word-major); (s, o) of rows g and g + 8 (, of g + 16 and g + 24).
+    base: 128 (asymmetric: o - 128 s) or 136 (symmetric)."""
+    xs, ss = 8 + 8 * tiles, 24 + 8 * tiles  # x's and the scales' first operands
     body = [".reg .b32 w4, P0, P1, P2, P3, Q0, Q1, Q2, Q3, one;",
-            ".reg .f32 d0, d1, d2, d3, e0, e1, e2, e3, c, k;",
+            ".reg .f32 d0, d1, d2, d3, f0, f1, f2, f3, e0, e1, e2, e3, c, k;",
             "mov.b32 one, 0x3F803F80;"]
-    body += [f"mov.f32 {r}{i}, 0f00000000;" for r in "de" for i in range(4)]
+    body += [f"mov.f32 {r}{i}, 0f00000000;" for r in "dfe" for i in range(4)]
     for e in range(4):
-        x = [f"${16 + 4 * e + j}" for j in range(4)]
-        body.append(_UNPACK.replace("W", f"${8 + e}"))
-        body.append(_UNPACK.replace("W", f"${12 + e}").replace("P", "Q"))
-        body.append(_mma(("P0", "Q0", "P1", "Q1"), (x[0], x[1]), "d"))
-        body.append(_mma(("P2", "Q2", "P3", "Q3"), (x[2], x[3]), "d"))
+        x = [f"${xs + 4 * e + j}" for j in range(4)]
+        for tile, acc in zip(range(tiles), "df"):  # rows g + 16 tile, + 8: the A rows
+            body.append(_UNPACK.replace("W", f"${8 + 8 * tile + e}"))
+            body.append(_UNPACK.replace("W", f"${12 + 8 * tile + e}").replace("P", "Q"))
+            body.append(_mma(("P0", "Q0", "P1", "Q1"), (x[0], x[1]), acc))
+            body.append(_mma(("P2", "Q2", "P3", "Q3"), (x[2], x[3]), acc))
     for e in range(4):  # X, back to back (one ones quad)
-        body.append(_mma(("one",) * 4, (f"${16 + 4 * e}", f"${17 + 4 * e}"), "e"))
-        body.append(_mma(("one",) * 4, (f"${18 + 4 * e}", f"${19 + 4 * e}"), "e"))
+        body.append(_mma(("one",) * 4, (f"${xs + 4 * e}", f"${xs + 1 + 4 * e}"), "e"))
+        body.append(_mma(("one",) * 4, (f"${xs + 2 + 4 * e}", f"${xs + 3 + 4 * e}"), "e"))
     body.append(f"mov.f32 k, 0f{struct.unpack('<I', struct.pack('<f', -base))[0]:08X};")
-    for s, o, d, y_in, y_out in (("$32", "$33", "d0", "$4", "$0"),
-                                 ("$34", "$35", "d2", "$5", "$1")):
+    for i in range(2 * tiles):  # row g + 8 i: C row g (+ 8) of tile i // 2
+        s, o, d = f"${ss + 2 * i}", f"${ss + 2 * i + 1}", "df"[i // 2] + "02"[i % 2]
         offset = f"fma.rn.f32 c, k, {s}, {o};" if base == 128 else f"mul.rn.f32 c, k, {s};"
-        body += [offset, f"fma.rn.f32 {y_out}, {s}, {d}, {y_in};",
-                 f"fma.rn.f32 {y_out}, c, e0, {y_out};"]
-    body += ["mov.b32 $2, $6;", "mov.b32 $3, $7;"]
+        body += [offset, f"fma.rn.f32 ${i}, {s}, {d}, ${4 + i};",
+                 f"fma.rn.f32 ${i}, c, e0, ${i};"]
+    body += [f"mov.b32 ${i}, ${4 + i};" for i in range(2 * tiles, 4)]
     return "{\n" + "\n".join(body) + "\n}"
 
 
-_ASYM = gl.constexpr(_chunk_asm(128))
-_SYM = gl.constexpr(_chunk_asm(136))
-# (y; the two rows' words; x's pairs; scales and offsets) x 4 values each, y out
+_ASYM = gl.constexpr(_chunk_asm(128, 1))
+_SYM = gl.constexpr(_chunk_asm(136, 1))
+_ASYM2 = gl.constexpr(_chunk_asm(128, 2))
+_SYM2 = gl.constexpr(_chunk_asm(136, 2))
+# y; the rows' words; x's pairs; scales and offsets: 4 values each, y out
 _OPERANDS = gl.constexpr(",".join(["=f"] * 4 + ["f"] * 4 + ["r"] * 24 + ["f"] * 4))
+_OPERANDS2 = gl.constexpr(",".join(["=f"] * 4 + ["f"] * 4 + ["r"] * 32 + ["f"] * 8))
 
 
 @gluon.jit
@@ -156,72 +164,101 @@ def _x_loads(x_ptr, c, t, j):
 
 
 @gluon.jit
-def _chunk(y, wg, wg8, x0, x1, x2, x3, sc, HAS_OFFSET: gl.constexpr):
-    """y plus one chunk's scaled dot products (_chunk_asm), every lane together."""
-    if HAS_OFFSET:
-        y = gl.inline_asm_elementwise(_ASYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+def _chunk(y, w0, w8, w16, w24, x0, x1, x2, x3, sc, sc16, HAS_OFFSET: gl.constexpr,
+           TILES: gl.constexpr):
+    """y plus one chunk's scaled dot products (_chunk_asm), every lane together (TILES 1:
+    w16, w24 and sc16 unused)."""
+    if TILES == 2:
+        if HAS_OFFSET:
+            y = gl.inline_asm_elementwise(_ASYM2, _OPERANDS2, [y, w0, w8, w16, w24, x0, x1, x2,
+                                                               x3, sc, sc16],
+                                          dtype=gl.float32, is_pure=False, pack=4)
+        else:
+            y = gl.inline_asm_elementwise(_SYM2, _OPERANDS2, [y, w0, w8, w16, w24, x0, x1, x2,
+                                                              x3, sc, sc16],
+                                          dtype=gl.float32, is_pure=False, pack=4)
+    elif HAS_OFFSET:
+        y = gl.inline_asm_elementwise(_ASYM, _OPERANDS, [y, w0, w8, x0, x1, x2, x3, sc],
                                       dtype=gl.float32, is_pure=False, pack=4)
     else:
-        y = gl.inline_asm_elementwise(_SYM, _OPERANDS, [y, wg, wg8, x0, x1, x2, x3, sc],
+        y = gl.inline_asm_elementwise(_SYM, _OPERANDS, [y, w0, w8, x0, x1, x2, x3, sc],
                                       dtype=gl.float32, is_pure=False, pack=4)
     return y
+
+
+@gluon.jit
+def _tile_loads(w_ptr, s_ptr, o_ptr, c, r0, r8, r16, r24, t, j, stride_wn, stride_sn,
+                HAS_OFFSET: gl.constexpr, TILES: gl.constexpr):
+    """Chunk c's weights of both tiles' rows (_weight_loads); TILES 1: the second tile's
+    are the first's (unused)."""
+    w0, w8, sc = _weight_loads(w_ptr, s_ptr, o_ptr, c, r0, r8, t, j, stride_wn, stride_sn,
+                               HAS_OFFSET)
+    if TILES == 2:
+        w16, w24, sc16 = _weight_loads(w_ptr, s_ptr, o_ptr, c, r16, r24, t, j, stride_wn,
+                                       stride_sn, HAS_OFFSET)
+    else:
+        w16, w24, sc16 = w0, w8, sc
+    return w0, w8, w16, w24, sc, sc16
 
 
 @gluon.jit
 def _w4_gemv_mma_kernel(w_ptr, x_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
                         N, K, stride_wn, stride_sn, CHUNKS_PER_SPLIT,
                         HAS_OFFSET: gl.constexpr, HAS_BIAS: gl.constexpr,
-                        SPLIT_K: gl.constexpr, PDL: gl.constexpr = False):
+                        SPLIT_K: gl.constexpr, PDL: gl.constexpr = False,
+                        TILES: gl.constexpr = 1):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias): w int4 words (int32 [N, K / 8]),
-    float32 scales and offsets [N, K / 128], x bfloat16 pairs (int32 [K / 2]); 16 rows a
-    warp (program_id(0)), K split CHUNKS_PER_SPLIT chunks of 128 a program
+    float32 scales and offsets [N, K / 128], x bfloat16 pairs (int32 [K / 2]); 16 TILES
+    rows a warp (program_id(0); TILES 2: a lane's rows g, g + 8, g + 16, g + 24, x's pairs
+    shared by twice the words), K split CHUNKS_PER_SPLIT chunks of 128 a program
     (program_id(1)). PDL (launched with PDL): the first chunk's weights are loaded before
     the wait, x after it."""
     W: gl.constexpr = gl.num_warps()
     L: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
-    rows = pid_n * (16 * W) + 16 * _axis(W, 0, L) + _axis(8, 1, L)  # row g
+    rows = pid_n * (16 * TILES * W) + 16 * TILES * _axis(W, 0, L) + _axis(8, 1, L)  # row g
     t = _axis(4, 2, L)
     j = _axis(4, 3, L)
     rows = rows + 0 * (t + j)  # (to [W, 8, 4, 4])
     t = t + 0 * rows
     j = j + 0 * rows
-    in_g = gl.minimum(rows, N - 1)  # (rows past N load row N - 1's words; not stored)
-    in_g8 = gl.minimum(rows + 8, N - 1)
+    # (rows past N load row N - 1's words; their sums are not stored)
+    r0, r8 = gl.minimum(rows, N - 1), gl.minimum(rows + 8, N - 1)
+    r16, r24 = gl.minimum(rows + 16, N - 1), gl.minimum(rows + 24, N - 1)
     c0 = pid_k * CHUNKS_PER_SPLIT
     c1 = gl.minimum(c0 + CHUNKS_PER_SPLIT, K // CHUNK)
     y = gl.zeros([W, 8, 4, 4], gl.float32, layout=L)
     # two chunks a trip (no register copies between trips): chunk c + 1's loads in
     # flight during chunk c's products, c + 2's during c + 1's
-    wg, wg8, sc = _weight_loads(w_ptr, s_ptr, o_ptr, c0, in_g, in_g8, t, j, stride_wn,
-                                stride_sn, HAS_OFFSET)
+    w0, w8, w16, w24, sc, sc16 = _tile_loads(w_ptr, s_ptr, o_ptr, c0, r0, r8, r16, r24, t, j,
+                                             stride_wn, stride_sn, HAS_OFFSET, TILES)
     if PDL:  # launched with PDL: the first weights load while the kernel before finishes
         gluon_start()
     x0, x1, x2, x3 = _x_loads(x_ptr, c0, t, j)
     for c in range(c0, c1, 2):
         nc = gl.minimum(c + 1, c1 - 1)
-        vw, vw8, vsc = _weight_loads(w_ptr, s_ptr, o_ptr, nc, in_g, in_g8, t, j, stride_wn,
-                                     stride_sn, HAS_OFFSET)
-        v0, v1, v2, v3 = _x_loads(x_ptr, nc, t, j)
-        y = _chunk(y, wg, wg8, x0, x1, x2, x3, sc, HAS_OFFSET)
+        v0, v8, v16, v24, vsc, vsc16 = _tile_loads(w_ptr, s_ptr, o_ptr, nc, r0, r8, r16, r24,
+                                                   t, j, stride_wn, stride_sn, HAS_OFFSET,
+                                                   TILES)
+        u0, u1, u2, u3 = _x_loads(x_ptr, nc, t, j)
+        y = _chunk(y, w0, w8, w16, w24, x0, x1, x2, x3, sc, sc16, HAS_OFFSET, TILES)
         nc = gl.minimum(c + 2, c1 - 1)
-        wg, wg8, sc = _weight_loads(w_ptr, s_ptr, o_ptr, nc, in_g, in_g8, t, j, stride_wn,
-                                    stride_sn, HAS_OFFSET)
+        w0, w8, w16, w24, sc, sc16 = _tile_loads(w_ptr, s_ptr, o_ptr, nc, r0, r8, r16, r24, t,
+                                                 j, stride_wn, stride_sn, HAS_OFFSET, TILES)
         x0, x1, x2, x3 = _x_loads(x_ptr, nc, t, j)
         # past the split's last chunk (c + 1 == c1: chunk c1 - 1 again) it adds nothing:
         # s and o zeroed (no branch: the compiler would sink the loads into it)
-        vsc = vsc * (c + 1 < c1).to(gl.float32)
-        y = _chunk(y, vw, vw8, v0, v1, v2, v3, vsc, HAS_OFFSET)
-    # row g's sum in slot 0, row g + 8's in slot 1, the same in each of the four lanes t
-    y_g = gl.sum(gl.where(j == 0, y, 0.0), axis=3)
-    y_g8 = gl.sum(gl.where(j == 1, y, 0.0), axis=3)
+        live = (c + 1 < c1).to(gl.float32)
+        y = _chunk(y, v0, v8, v16, v24, u0, u1, u2, u3, vsc * live, vsc16 * live, HAS_OFFSET,
+                   TILES)
+    # row g + 8 i's sum in slot i, the same in each of the four lanes t
     r = gl.sum(gl.where(j == 0, rows, 0), axis=3)
     first = gl.sum(gl.where(j == 0, t, 0), axis=3) == 0  # one lane of the four stores
-    _store_rows(y_g, r, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, 2 * pid_n, pid_k,
-                HAS_BIAS, SPLIT_K)
-    _store_rows(y_g8, r + 8, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, 2 * pid_n + 1,
-                pid_k, HAS_BIAS, SPLIT_K)
+    for i in gl.static_range(2 * TILES):
+        _store_rows(gl.sum(gl.where(j == i, y, 0.0), axis=3), r + 8 * i, first, bias_ptr,
+                    out_ptr, part_ptr, count_ptr, N, 2 * TILES * pid_n + i, pid_k, HAS_BIAS,
+                    SPLIT_K)
 
 
 @gluon.jit
@@ -250,21 +287,22 @@ def _store_rows(y, rows, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, slot,
 
 @dataclass(frozen=True)
 class GemvMmaConfig:
-    """A launch: warps a program (16 rows each), K splits."""
+    """A launch: warps a program, K splits, m16 tiles a warp (16 rows each)."""
     num_warps: int = 4
     split_k: int = 1
+    tiles: int = 1
 
 
-def gemv_mma_config(N: int, K: int, sms: int = 132) -> GemvMmaConfig:
+def gemv_mma_config(N: int, K: int, sms: int = 132, tiles: int = 1) -> GemvMmaConfig:
     """K split until the programs fill about two waves of the SMs, two chunks a split at
     least (untimed: a guess to be swept, benchmarks/int_wgmma_bench.py --gemv-tma)."""
-    cfg = GemvMmaConfig()
-    blocks = triton.cdiv(N, 16 * cfg.num_warps)
+    cfg = GemvMmaConfig(tiles=tiles)
+    blocks = triton.cdiv(N, 16 * tiles * cfg.num_warps)
     chunks = K // _CHUNK
     split = 1
     while blocks * split * 2 <= 2 * sms and chunks // (split * 2) >= 2:
         split *= 2
-    return GemvMmaConfig(cfg.num_warps, split)
+    return GemvMmaConfig(cfg.num_warps, split, tiles)
 
 
 def gemv_mma_eligible(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -294,16 +332,18 @@ def w4_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     per_split = triton.cdiv(chunks, max(1, min(cfg.split_k, chunks)))
     split = triton.cdiv(chunks, per_split)
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    blocks = triton.cdiv(N, 16 * cfg.num_warps)
+    blocks = triton.cdiv(N, 16 * cfg.tiles * cfg.num_warps)
     part, counters = (torch.empty(split, N, dtype=torch.float32, device=x.device),
-                      split_k_counters(x.device, 2 * blocks)) if split > 1 else (out, out)
+                      split_k_counters(x.device, 2 * cfg.tiles * blocks)) if split > 1 else \
+        (out, out)
     words = weight.view(torch.int32)
     use_pdl = PDL and pdl.INT_GEMV and pdl.hopper(x)
     _w4_gemv_mma_kernel[(blocks, split)](
         words, x.view(torch.int32), scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, part, counters, N, K, words.stride(0),
         scale.stride(0), per_split, HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=split, PDL=use_pdl, num_warps=cfg.num_warps, **pdl.launch_args(use_pdl))
+        SPLIT_K=split, PDL=use_pdl, TILES=cfg.tiles, num_warps=cfg.num_warps,
+        **pdl.launch_args(use_pdl))
     return out
 
 
