@@ -37,6 +37,7 @@ tests/test_int4_gemv_mma.py; timed by benchmarks/int_wgmma_bench.py --gemv-tma (
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ from triton.experimental.gluon import language as gl
 
 from kiln.kernels import pdl
 from kiln.kernels.gluon_sync import arrive, gluon_start
+from kiln.kernels.int_pairs_asm import _UNPACK_128
 from kiln.kernels.split_k import split_k_counters
 
 # launched with PDL behind the kernel before, as the other one-row GEMVs are
@@ -56,16 +58,7 @@ _CHUNK = 128  # K values a step: one group of 128, 16 words a row
 CHUNK = gl.constexpr(_CHUNK)
 
 # A word W (value i at bits 4i) -> bfloat16 pairs Pk (values 2k, 2k + 1) of 2^7 + q
-_UNPACK = """shr.u32 w4, W, 4;
-prmt.b32 P0, W, w4, 0x4400;
-prmt.b32 P1, W, w4, 0x5511;
-prmt.b32 P2, W, w4, 0x6622;
-prmt.b32 P3, W, w4, 0x7733;
-lop3.b32 P0, P0, 0x000F000F, 0x43004300, 0xea;
-lop3.b32 P1, P1, 0x000F000F, 0x43004300, 0xea;
-lop3.b32 P2, P2, 0x000F000F, 0x43004300, 0xea;
-lop3.b32 P3, P3, 0x000F000F, 0x43004300, 0xea;
-"""
+_UNPACK = re.sub(r"\bm(\d)\b", r"P\1", _UNPACK_128)
 _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {D0, D1, D2, D3}, "
         "{A0, A1, A2, A3}, {B0, B1}, {D0, D1, D2, D3};\n")
 
