@@ -21,9 +21,10 @@ def check_glu(M: int, N: int, K: int, split_k: int, block_k: int, act: str) -> N
     from kiln.kernels import silu_mul
 
     torch.manual_seed(M + N + K)
-    x = torch.randn(M, K, dtype=torch.float16)
-    w = (torch.randn(2 * N, K) / K ** 0.5).to(torch.float16)
-    b = torch.randn(2 * N, dtype=torch.float16) if M == 3 else None
+    # exact grids, as check_rope's: the two launches' GEMMs agree in any summation order
+    x = (torch.randint(-8, 9, (M, K)) / 8).to(torch.float16)
+    w = (torch.randint(-8, 9, (2 * N, K)) / 64).to(torch.float16)
+    b = (torch.randint(-64, 65, (2 * N,)) / 512).to(torch.float16) if M == 3 else None
     cfg = gs.SwapConfig(block_w=32, block_k=block_k, num_warps=4, num_stages=2,
                         split_k=split_k)
     code = gs.ACT_SILU if act == "silu" else gs.ACT_GELU_TANH
