@@ -47,7 +47,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from kiln.kernels import pdl
-from kiln.kernels.gluon_sync import arrive, gluon_start
+from kiln.kernels.gluon_sync import gluon_start, split_k_sum
 from kiln.kernels.int_pairs_asm import _UNPACK_128
 from kiln.kernels.split_k import split_k_counters
 
@@ -264,14 +264,8 @@ def _store_rows(y, rows, first, bias_ptr, out_ptr, part_ptr, count_ptr, N, slot,
     mask = first & (rows < N)
     last = True
     if SPLIT_K > 1:
-        gl.store(part_ptr + pid_k * N + rows, y, mask=mask)
-        last = arrive(count_ptr, slot, rows) == SPLIT_K - 1
-        if last:
-            y = gl.zeros_like(y)
-            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
-                y += gl.load(part_ptr + sp * N + rows, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-            gl.store(count_ptr + slot, 0)
+        y, last = split_k_sum(y, part_ptr, rows, mask, N, pid_k, count_ptr, slot, rows,
+                              SPLIT_K)
     if last:
         if HAS_BIAS:
             y += gl.load(bias_ptr + rows, mask=mask, other=0.0).to(gl.float32)
