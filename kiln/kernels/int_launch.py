@@ -131,6 +131,11 @@ def _gemv_tma_module():
     return _gluon_module("int4_gemv_tma")
 
 
+@functools.cache
+def _gemv_mma_module():
+    return _gluon_module("int4_gemv_mma")
+
+
 def _gluon_module(name: str):
     """kiln.kernels.NAME, or None where its import fails (no Gluon in this Triton) or this
     Triton is older than the 3.6 the Gluon kernels are written against (Gluon's API
@@ -157,7 +162,7 @@ def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
     in groups of 128), else None."""
     group = x.shape[-1] // max(1, scale.shape[-1])
     if GEMV_MMA and x.is_cuda and group == 128:
-        mma = _gluon_module("int4_gemv_mma")
+        mma = _gemv_mma_module()
         if mma is not None and mma.gemv_mma_eligible(x, weight, scale):
             return mma.w4_gemv_mma
     if not (x.is_cuda and (GEMV_TMA == "1" or GEMV_TMA == "32" and group == 32)):
