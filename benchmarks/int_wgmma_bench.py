@@ -11,8 +11,8 @@ checked against the reference GEMM (float32 of the bf16-rounded dequantized weig
 benchmarks/results/2026-12-06-s54/s53a-w8-rows.log.)
 --gemv-tma: one row through kiln.kernels.int4_gemv_tma (the TMA-fed GEMV; --rows
 ignored), "kiln" then being the default one-row GEMV; --sweep: rows a program, warps,
-stages, half / twice the K splits. In groups of 128 also kiln.kernels.int4_gemv_mma (the
-tensor-core GEMV, "mma"; --sweep: 2 / 8 warps, half / twice its splits).
+stages, half / twice the K splits. (A tensor-core GEMV, "mma", timed here in the 58th
+session's tree: 1.5-2x slower than the pairs GEMV, removed in the 59th; BENCHMARKS.md.)
 
 --sweep: around the default launch, one field at a time (the other rows a program of 64
 / 128, 2 / 4 stages, the exact dequantization, half / twice the K splits).
@@ -54,22 +54,8 @@ def variants(M: int, N: int, K: int, sweep: bool, group: int, gemv: bool) -> dic
     return out
 
 
-def mma_variants(N: int, K: int, sweep: bool) -> dict:
-    """kiln.kernels.int4_gemv_mma's launch by its rule in 16-row and 32-row warps, and
-    (sweep) 2 / 8 warps a program and half / twice the K splits."""
-    from kiln.kernels.int4_gemv_mma import gemv_mma_config
-
-    rep = dataclasses.replace
-    base = gemv_mma_config(N, K)
-    return {"mma": base, "mma-t2": gemv_mma_config(N, K, tiles=2)} | ({
-        "mma-w2": rep(base, num_warps=2), "mma-w8": rep(base, num_warps=8),
-        "mma-s/2": rep(base, split_k=max(1, base.split_k // 2)),
-        "mma-s*2": rep(base, split_k=base.split_k * 2)} if sweep else {})
-
-
 def main() -> None:
     from kiln.kernels import int_gemm
-    from kiln.kernels.int4_gemv_mma import w4_gemv_mma
     from kiln.kernels.int4_gemv_tma import w4_gemv_tma
     from kiln.kernels.int_wgmma import w4_wgmma
     from kiln.kernels.reference import dequantize_int_weight
@@ -104,10 +90,6 @@ def main() -> None:
                 launches = {"kiln": lambda c: int_gemm.int_weight_linear(x, *c)}  # noqa: B023
                 for label, cfg in variants(m, n, k, args.sweep, group, args.gemv_tma).items():
                     launches[label] = lambda c, cfg=cfg: launch(x, *c, None, cfg)  # noqa: B023
-                if args.gemv_tma and group == 128:  # the tensor-core GEMV (58th session)
-                    for label, cfg in mma_variants(n, k, args.sweep).items():
-                        launches[label] = \
-                            lambda c, cfg=cfg: w4_gemv_mma(x, *c, None, cfg)  # noqa: B023
                 for label, fn in launches.items():
                     try:
                         got = fn(copies[0]).float()

@@ -1,4 +1,4 @@
-"""How the Gluon kernels (kiln.kernels.int_wgmma, int4_gemv_tma, int4_gemv_mma) wait on
+"""How the Gluon kernels (kiln.kernels.int_wgmma, int4_gemv_tma) wait on
 other programs: programmatic dependent launch (kiln.kernels.pdl) and kiln.kernels.split_k's
 arrival count (arrive, and split_k_sum on it). A module of its own: Gluon exists only in
 Triton >= 3.6's API, and kiln.kernels.pdl and split_k are imported with any Triton kiln

@@ -131,11 +131,6 @@ def _gemv_tma_module():
     return _gluon_module("int4_gemv_tma")
 
 
-@functools.cache
-def _gemv_mma_module():
-    return _gluon_module("int4_gemv_mma")
-
-
 def _gluon_module(name: str):
     """kiln.kernels.NAME, or None where its import fails (no Gluon in this Triton) or this
     Triton is older than the 3.6 the Gluon kernels are written against (Gluon's API
@@ -150,21 +145,20 @@ def _gluon_module(name: str):
         return None
 
 
-# KILN_INT4_GEMV_MMA=1: one int4 row in groups of 128 on Hopper by
-# kiln.kernels.int4_gemv_mma (products on the tensor cores; 58th session, opt-in until timed
-# on a GPU), its GLU and rotary then not fused
-GEMV_MMA = os.environ.get("KILN_INT4_GEMV_MMA") == "1"
+# KILN_INT4_GEMV_TMA_SHAPES=NxK,...: the TMA GEMV only at these weight shapes (out x in
+# features), where GEMV_TMA takes the group (59th session: which linears of an engine in
+# groups of 128 gain from it end to end)
+GEMV_TMA_SHAPES = {tuple(int(v) for v in s.split("x"))
+                   for s in os.environ.get("KILN_INT4_GEMV_TMA_SHAPES", "").split(",") if s}
 
 
 def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
     """kiln.kernels.int4_gemv_tma.w4_gemv_tma where GEMV_TMA takes this one-row int4
-    product's group and the kernel takes the product (GEMV_MMA: int4_gemv_mma.w4_gemv_mma
-    in groups of 128), else None."""
+    product's group (and GEMV_TMA_SHAPES, where set, its shape) and the kernel takes the
+    product, else None."""
     group = x.shape[-1] // max(1, scale.shape[-1])
-    if GEMV_MMA and x.is_cuda and group == 128:
-        mma = _gemv_mma_module()
-        if mma is not None and mma.gemv_mma_eligible(x, weight, scale):
-            return mma.w4_gemv_mma
+    if GEMV_TMA_SHAPES and (weight.shape[0], x.shape[-1]) not in GEMV_TMA_SHAPES:
+        return None
     if not (x.is_cuda and (GEMV_TMA == "1" or GEMV_TMA == "32" and group == 32)):
         return None
     module = _gemv_tma_module()

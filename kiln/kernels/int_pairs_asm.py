@@ -22,7 +22,7 @@ lop3.b32 m0, m0, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m1, m1, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m2, m2, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m3, m3, 0x000F000F, 0x43004300, 0xea;
-"""  # (up to here 2^7 + q: kiln.kernels.int4_gemv_mma takes it so)
+"""  # (up to here 2^7 + q)
 _UNPACK = _UNPACK_128 + """mov.b32 one, 0x3F803F80;
 mov.b32 base, BASE;
 fma.rn.bf16x2 m0, m0, one, base;

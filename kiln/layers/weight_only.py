@@ -134,10 +134,10 @@ class IntWeightMethod(LinearMethod):
         v written into rope's caches (a kiln.kernels.gemv_swap_rope.RopeArgs), by the
         one-row GEMV's epilogue; None where it does not take x
         (kiln.kernels.int_gemv_epilogues.int4_rope)."""
-        if (tma := self._tma_gemv(layer, x)) is not None:  # its own epilogue, or unfused
+        if self._tma_gemv(layer, x) is not None:  # its own epilogue (default), or unfused
             from kiln.kernels import int_launch
 
-            if not int_launch.GEMV_TMA_ROPE or not getattr(tma, "epilogues", True):
+            if not int_launch.GEMV_TMA_ROPE:
                 return None
             from kiln.kernels.int4_gemv_tma import w4_gemv_tma_rope
 
