@@ -129,6 +129,13 @@ def test_launch_rules_and_the_switch(monkeypatch):
     assert not int4_gemv_tma.gemv_tma_eligible(x, w, torch.zeros(4096, 32))  # not CUDA
     assert int_launch.GEMV_TMA == "32"  # groups of 32 unless KILN_INT4_GEMV_TMA says
     assert int_launch.GEMV_TMA_GLU and int_launch.GEMV_TMA_ROPE  # its epilogues too
+    # groups of 128: an LM head's product only (59th session), not a decoder linear's
+    assert int_launch.tma_takes(32, 4096) and int_launch.tma_takes(128, 128256)
+    assert not any(int_launch.tma_takes(128, n) for n in (4096, 6144, 28672, 49152))
+    monkeypatch.setattr(int_launch, "GEMV_TMA_HEAD", False)  # KILN_INT4_GEMV_TMA_HEAD=0
+    assert not int_launch.tma_takes(128, 128256) and int_launch.tma_takes(32, 128256)
+    monkeypatch.setattr(int_launch, "GEMV_TMA", "0")
+    assert not int_launch.tma_takes(32, 4096)
     monkeypatch.setattr(int_launch, "GEMV_TMA", "1")
     assert int_launch.tma_gemv(x, w, torch.zeros(4096, 32)) is None  # (CPU tensors)
     assert int4_gemv_tma.gemv_tma_config(4096, 4096, 32).block_n == 32

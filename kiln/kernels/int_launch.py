@@ -108,6 +108,14 @@ GEMV_TMA = os.environ.get("KILN_INT4_GEMV_TMA", "32")
 # against 311.0 / 310.5 without
 GEMV_TMA_GLU = os.environ.get("KILN_INT4_GEMV_TMA_GLU") != "0"
 GEMV_TMA_ROPE = os.environ.get("KILN_INT4_GEMV_TMA_ROPE") != "0"
+# In groups of 128 too for an LM head (HEAD_ROWS outputs or more; KILN_INT4_GEMV_TMA_HEAD=0:
+# not). 59th session, H100, batch 1 with --quantize-lm-head: 394.0 / 394.2 / 393.9 tok/s
+# against 392.5 / 391.9 / 391.9; at o, qkv, gate_up or o + down it loses end to end (386.4,
+# 388.7, 365.1, 342.1 against 391.3). KILN_INT4_GEMV_TMA_SHAPES=NxK,...: only those shapes
+HEAD_ROWS = 65536
+GEMV_TMA_HEAD = os.environ.get("KILN_INT4_GEMV_TMA_HEAD") != "0"
+GEMV_TMA_SHAPES = {tuple(int(v) for v in s.split("x"))
+                   for s in os.environ.get("KILN_INT4_GEMV_TMA_SHAPES", "").split(",") if s}
 # At 33-64 and 129-255 rows the Gluon kernel takes only the big linears of a layer (52nd
 # session, H100, 64 rows: gate_up 64.1 us and down 46.6 against the Triton tiles' 85.7 and
 # 53.0; qkv and o, split 2-4 ways, 30.8 and 27.2 against 26.6 and 18.9. 55th, H100, 200
@@ -145,11 +153,11 @@ def _gluon_module(name: str):
         return None
 
 
-# KILN_INT4_GEMV_TMA_SHAPES=NxK,...: the TMA GEMV only at these weight shapes (out x in
-# features), where GEMV_TMA takes the group (59th session: which linears of an engine in
-# groups of 128 gain from it end to end)
-GEMV_TMA_SHAPES = {tuple(int(v) for v in s.split("x"))
-                   for s in os.environ.get("KILN_INT4_GEMV_TMA_SHAPES", "").split(",") if s}
+def tma_takes(group: int, n: int) -> bool:
+    """Whether the TMA GEMV is the one-row int4 launch for a weight of n outputs in this
+    group (GEMV_TMA, GEMV_TMA_HEAD), where it takes the product at all."""
+    return GEMV_TMA == "1" or GEMV_TMA == "32" and (
+        group == 32 or GEMV_TMA_HEAD and n >= HEAD_ROWS)
 
 
 def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
@@ -159,7 +167,7 @@ def tma_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor):
     group = x.shape[-1] // max(1, scale.shape[-1])
     if GEMV_TMA_SHAPES and (weight.shape[0], x.shape[-1]) not in GEMV_TMA_SHAPES:
         return None
-    if not (x.is_cuda and (GEMV_TMA == "1" or GEMV_TMA == "32" and group == 32)):
+    if not (x.is_cuda and tma_takes(group, weight.shape[0])):
         return None
     module = _gemv_tma_module()
     return module.w4_gemv_tma if module is not None and \
