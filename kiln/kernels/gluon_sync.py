@@ -1,8 +1,7 @@
-"""How the Gluon kernels (kiln.kernels.int_wgmma, int4_gemv_tma) wait on
-other programs: programmatic dependent launch (kiln.kernels.pdl) and kiln.kernels.split_k's
-arrival count (arrive, and split_k_sum on it). A module of its own: Gluon exists only in
-Triton >= 3.6's API, and kiln.kernels.pdl and split_k are imported with any Triton kiln
-supports."""
+"""How the Gluon kernels (kiln.kernels.int_wgmma, int4_gemv_tma) wait on other programs:
+programmatic dependent launch (kiln.kernels.pdl) and kiln.kernels.split_k's arrival
+count. A module of its own: Gluon exists only in Triton >= 3.6's API, and
+kiln.kernels.pdl and split_k are imported with any Triton kiln supports."""
 
 from __future__ import annotations
 
@@ -29,22 +28,3 @@ def arrive(count_ptr, slot, lanes):
                               dtype=gl.int32, is_pure=False, pack=1)
     gl.thread_barrier()
     return gl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu")
-
-
-@gluon.jit
-def split_k_sum(y, part_ptr, offs, mask, elems, pid_k, count_ptr, slot, lanes,
-                SPLIT_K: gl.constexpr):
-    """kiln.kernels.split_k's protocol in a Gluon kernel: y (this K split's float32 sums at
-    offs of an [elems] output) stored in the split's slice of part, then counted in at
-    slot; the program that arrives last adds every slice in split order (the sum does not
-    depend on arrival) and zeroes the counter. Returns (y, last): the full sums in the
-    last program."""
-    gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
-    last = arrive(count_ptr, slot, lanes) == SPLIT_K - 1
-    if last:
-        y = gl.zeros_like(y)
-        for sp in range(SPLIT_K):
-            y += gl.load(part_ptr + sp * elems + offs, mask=mask, other=0.0,
-                         cache_modifier=".cg")
-        gl.store(count_ptr + slot, 0)
-    return y, last

@@ -13,7 +13,7 @@ import triton.language as tl
 # high halves (prmt), masked to their low nibble and or'd with 2^7's bits (lop3), which
 # reads 2^7 + q exactly; one packed FMA takes BASE off. Pair j holds values 2j, 2j + 1:
 # the order of x's pairs.
-_UNPACK_128 = """shr.u32 w4, W, 4;
+_UNPACK = """shr.u32 w4, W, 4;
 prmt.b32 m0, W, w4, 0x4400;
 prmt.b32 m1, W, w4, 0x5511;
 prmt.b32 m2, W, w4, 0x6622;
@@ -22,8 +22,7 @@ lop3.b32 m0, m0, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m1, m1, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m2, m2, 0x000F000F, 0x43004300, 0xea;
 lop3.b32 m3, m3, 0x000F000F, 0x43004300, 0xea;
-"""  # (up to here 2^7 + q)
-_UNPACK = _UNPACK_128 + """mov.b32 one, 0x3F803F80;
+mov.b32 one, 0x3F803F80;
 mov.b32 base, BASE;
 fma.rn.bf16x2 m0, m0, one, base;
 fma.rn.bf16x2 m1, m1, one, base;

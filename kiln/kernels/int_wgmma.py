@@ -49,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from kiln.kernels import pdl
-from kiln.kernels.gluon_sync import gluon_start, split_k_sum
+from kiln.kernels.gluon_sync import arrive, gluon_start
 from kiln.kernels.split_k import split_k_counters
 
 # KILN_INT_WGMMA_PDL=1: launched with PDL, the first weights before the wait (untimed)
@@ -130,8 +130,15 @@ def _store_out(acc, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, stride_om, pid
     if SPLIT_K > 1:  # kiln.kernels.split_k's protocol: partials, a fence, the count
         elems = M * N
         offs = offs_m.to(gl.int64)[None, :] * N + offs_n[:, None]
-        y, last = split_k_sum(y, part_ptr, offs, mask, elems, pid_k, count_ptr,
-                              pid_m * gl.num_programs(0) + pid_n, offs_n, SPLIT_K)
+        gl.store(part_ptr + pid_k * elems + offs, y, mask=mask)
+        tile = pid_m * gl.num_programs(0) + pid_n
+        last = arrive(count_ptr, tile, offs_n) == SPLIT_K - 1
+        if last:
+            y = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=LO)
+            for sp in range(SPLIT_K):  # (in split order: the sum does not depend on arrival)
+                y += gl.load(part_ptr + sp * elems + offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+            gl.store(count_ptr + tile, 0)
     if last:
         if HAS_BIAS:
             y += gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[:, None]
