@@ -10,13 +10,26 @@ from triton.experimental.gluon import language as gl
 
 
 @gluon.jit
+def gluon_wait():
+    """In a Gluon kernel launched with PDL: wait for the kernel before (its writes
+    visible)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def gluon_trigger():
+    """In a Gluon kernel launched with PDL: let the kernel after it start."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def gluon_start():
     """kiln.kernels.pdl.pdl_start in a Gluon kernel launched with PDL: wait for the kernel
     before (its writes visible), then let the one after start."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                              dtype=gl.int32, is_pure=False, pack=1)
+    gluon_wait()
+    gluon_trigger()
 
 
 @gluon.jit

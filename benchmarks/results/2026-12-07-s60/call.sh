@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The 60th session's device calls (carry .whl: `pip download --no-deps -d .whl gguf`).
+#  d (~5 min): the 59th session's next.sh (why the TMA GEMV loses end to end at down)
+#  p (~7 min): the TMA GEMV's PDL at down and at gate_up, KILN_INT4_GEMV_TMA_PDL=1 / late /
+#     wait / late-wait (call 1: down on the TMA GEMV 346 tok/s with PDL, 386 without, 394
+#     on the pairs GEMV); its GPU dispatch test with late-wait first
+#  h (~4 min, on an H200): the H200 numbers of BENCHMARKS.md's #10 rows with this tree's
+#     defaults: b1 int4 g128 and g32, int4 and bf16 64 x 512 / 256 (the 58th's `call.sh h`)
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export KILN_CACHE=/tmp/kiln-cache PYTHONUNBUFFERED=1
+mkdir -p /tmp/site && pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=$PWD:$PWD/benchmarks:/tmp/site
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/0card.log")
+echo "$card"
+for stage in "$@"; do case $stage in
+d) OUT=$OUT bash benchmarks/results/2026-12-07-s59/next.sh ;;
+h) case $card in *H200*) OUT=$OUT bash benchmarks/results/2026-12-0*-s58/call.sh h ;;
+   *) echo "h: not an H200, skipped" ;; esac ;;
+p) timeout 120 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:cacheprovider \
+     -m gpu tests/test_int4_gemv_tma.py -k "dispatch or glu or rope" 2>&1 | tail -3 \
+     | tee "$OUT/1tests.log"
+   run() {  # run TAG [ENV...]
+     env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
+       STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh int4:latency-b1 2>&1 \
+       | grep -E "kiln |rror" | sed "s/^/[$1] /" | tee -a "$OUT/2pdl.log"
+   }
+   D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"
+   G="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=28672x4096"
+   run base1; for m in 1 late wait late-wait; do run down-$m $D KILN_INT4_GEMV_TMA_PDL=$m
+     run gate_up-$m $G KILN_INT4_GEMV_TMA_PDL=$m; done
+   run base2; for m in late wait; do run down-$m-2 $D KILN_INT4_GEMV_TMA_PDL=$m
+     run gate_up-$m-2 $G KILN_INT4_GEMV_TMA_PDL=$m; done ;;
+esac; done
