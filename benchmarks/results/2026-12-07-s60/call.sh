@@ -17,8 +17,8 @@ for stage in "$@"; do case $stage in
 d) OUT=$OUT bash benchmarks/results/2026-12-07-s59/next.sh ;;
 h) case $card in *H200*) OUT=$OUT bash benchmarks/results/2026-12-0*-s58/call.sh h ;;
    *) echo "h: not an H200, skipped" ;; esac ;;
-p) timeout 120 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:cacheprovider \
-     -m gpu tests/test_int4_gemv_tma.py -k "dispatch or glu or rope" 2>&1 | tail -3 \
+p) timeout 80 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:cacheprovider \
+     -m gpu tests/test_int4_gemv_tma.py -k dispatch 2>&1 | tail -3 \
      | tee "$OUT/1tests.log"
    run() {  # run TAG [ENV...]
      env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
@@ -27,8 +27,16 @@ p) timeout 120 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:c
    }
    D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"
    G="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=28672x4096"
-   run base1; for m in 1 late wait late-wait; do run down-$m $D KILN_INT4_GEMV_TMA_PDL=$m
-     run gate_up-$m $G KILN_INT4_GEMV_TMA_PDL=$m; done
-   run base2; for m in late wait; do run down-$m-2 $D KILN_INT4_GEMV_TMA_PDL=$m
-     run gate_up-$m-2 $G KILN_INT4_GEMV_TMA_PDL=$m; done ;;
+   # (in order of importance: a call cut short keeps the first)
+   run base1; run down-late $D KILN_INT4_GEMV_TMA_PDL=late; run down-1 $D
+   run gate_up-late $G KILN_INT4_GEMV_TMA_PDL=late; run gate_up-1 $G
+   run base2; run down-late-2 $D KILN_INT4_GEMV_TMA_PDL=late
+   run gate_up-late-2 $G KILN_INT4_GEMV_TMA_PDL=late
+   run down-wait $D KILN_INT4_GEMV_TMA_PDL=wait
+   run() {  # groups of 32 (every linear on the TMA GEMV): PDL as now and late
+     env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
+       STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh q4g32:latency-b1 2>&1 \
+       | grep -E "kiln |rror" | sed "s/^/[$1] /" | tee -a "$OUT/2pdl.log"
+   }
+   run g32-1; run g32-late KILN_INT4_GEMV_TMA_PDL=late ;;
 esac; done
