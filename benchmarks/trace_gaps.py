@@ -13,6 +13,12 @@ in the middle of a step) shows them inside the op that synced.
 --by-kernel: every kernel by name (calls, device time, and the idle time just before each
 call, however short): at batch 1, where a CUDA graph's small kernels and the gaps between
 launches go.
+
+--by-launch: every kernel by name and grid (so a layer's linears stand apart), with what
+each call adds to the device's timeline: its end minus the latest end of everything that
+started before it (0 if it ends earlier). With PDL a kernel starts while the one before
+runs, and its span counts that overlap; the advance does not, and the advances plus the
+idle gaps add up to the trace's span.
 """
 
 from __future__ import annotations
@@ -105,6 +111,33 @@ def by_kernel(events: list[dict], top: int) -> list[dict]:
     return out
 
 
+def by_launch(events: list[dict], top: int) -> list[dict]:
+    """Per kernel name and grid: calls, span us (start to end) and advance us (the call's
+    end past the latest end of every device event that started before it) a call."""
+    device = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"],
+                     tuple((e.get("args") or {}).get("grid") or ()))
+                    for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS)
+    rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    frontier = None
+    for start, stop, name, grid in device:
+        row = rows[f"{name[:52]} {list(grid)}" if grid else name[:64]]
+        row[0] += 1
+        row[1] += stop - start
+        if frontier is None or stop > frontier:
+            row[2] += stop - max(start, frontier if frontier is not None else start)
+            frontier = stop
+    total = sum(r[2] for r in rows.values()) or 1.0
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][2])[:top]
+    print(f"\n{'kernel [grid]':72s} {'calls':>7s} {'span us':>8s} {'adv us':>8s} {'share':>6s}")
+    out = []
+    for key, (calls, span, adv) in ranked:
+        print(f"{key[:72]:72s} {calls:7d} {span / calls:8.2f} {adv / calls:8.2f} "
+              f"{100 * adv / total:5.1f}%")
+        out.append({"kernel": key, "calls": calls, "span_us": span / calls,
+                    "advance_us": adv / calls})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace", type=Path)
@@ -114,9 +147,13 @@ def main() -> None:
     ap.add_argument("--detail", type=int, default=6, help="largest gaps shown in detail")
     ap.add_argument("--by-kernel", action="store_true",
                     help="also the kernels by name with the idle time before their calls")
+    ap.add_argument("--by-launch", action="store_true",
+                    help="also the kernels by name and grid with each call's advance of "
+                         "the device's timeline (PDL overlaps left out)")
     args = ap.parse_args()
     events = load(args.trace)
     kernels = by_kernel(events, args.top) if args.by_kernel else None
+    launches = by_launch(events, args.top) if args.by_launch else None
     busy = busy_intervals(events)
     if not busy:
         raise SystemExit("no device events in the trace (a CPU run?)")
@@ -160,7 +197,7 @@ def main() -> None:
             "span_s": span / 1e6, "busy_s": busy_us / 1e6, "idle_s": idle_us / 1e6,
             "gaps": len(gaps), "largest_gaps_ms": [s / 1000 for s in sizes[:50]],
             "idle_ms_by_host_range": {k: v / 1000 for k, v in ranked},
-            "by_kernel": kernels}, indent=1))
+            "by_kernel": kernels, "by_launch": launches}, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 #  p (~7 min): the TMA GEMV's PDL at down and at gate_up, KILN_INT4_GEMV_TMA_PDL=1 / late /
 #     wait / late-wait (call 1: down on the TMA GEMV 346 tok/s with PDL, 386 without, 394
 #     on the pairs GEMV); its GPU dispatch test with late-wait first
+#  f (~2 min): profiles (trace_gaps --by-launch: each kernel and grid's advance of the
+#     timeline, PDL overlaps left out) of the default, down on the TMA GEMV, and the same late
 #  h (~4 min, on an H200): the H200 numbers of BENCHMARKS.md's #10 rows with this tree's
 #     defaults: b1 int4 g128 and g32, int4 and bf16 64 x 512 / 256 (the 58th's `call.sh h`)
 set -uo pipefail
@@ -39,4 +41,14 @@ p) timeout 80 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:ca
        | grep -E "kiln |rror" | sed "s/^/[$1] /" | tee -a "$OUT/2pdl.log"
    }
    run g32-1; run g32-late KILN_INT4_GEMV_TMA_PDL=late ;;
+f) D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"
+   for v in base down down-late; do
+     case $v in base) set -- ;; down) set -- $D ;; *) set -- $D KILN_INT4_GEMV_TMA_PDL=late ;; esac
+     env "$@" timeout 200 python3 -m kiln.cli bench latency --random-config llama-3.1-8b \
+       --input-len 128 --output-len 256 --max-seq-len 2048 --quantization int4_wo \
+       --group-size 128 --load-format dummy --quantize-lm-head --profile /tmp/prof-$v 2>&1 \
+       | tail -3 > "$OUT/3prof-$v.log"
+     timeout 120 python3 benchmarks/trace_gaps.py /tmp/prof-$v/trace.json --by-launch --top 24 \
+       >> "$OUT/3prof-$v.log" 2>&1; grep -A16 "^kernel" "$OUT/3prof-$v.log" | cut -c1-110
+   done ;;
 esac; done
