@@ -100,9 +100,12 @@ def test_smollm2_q4_1_kept_engine_is_bit_identical(tmp_path, smollm2_engine, mon
     monkeypatch.setattr(cpu_int, "_tried", True)
     assert torch.equal(_logits(kept), _logits(plain))  # the values llama.cpp dequantizes
     reference = sequence_logits(LLM(kept, device="cpu").engine, rows)
-    # float32 sums in another order: 1.5e-3 at most here (logits up to 36), where the
-    # dequantized engine and transformers differ by 8.8e-3
-    torch.testing.assert_close(kernel, reference, rtol=0, atol=5e-3)
+    # float32 sums in another order, by both sides (the kernel's and torch's differ with
+    # the CPU's instruction set): at most 1.5e-3 on an AVX-512 CPU, 5.5e-3 on an AVX2-only
+    # AMD EPYC (60th session; mean 9.8e-5), logits up to 36, where the dequantized engine
+    # and transformers differ by 8.8e-3; a wrong weight, scale or offset is off by ~1 or more
+    torch.testing.assert_close(kernel, reference, rtol=0, atol=1e-2)
+    assert (kernel - reference).abs().mean() < 5e-4
     assert torch.equal(kernel.argmax(-1), reference.argmax(-1))
     size = sum(f.stat().st_size for f in kept.iterdir() if f.is_file())
     assert size < 0.25 * sum(f.stat().st_size for f in plain.iterdir() if f.is_file())
