@@ -132,6 +132,24 @@ def test_the_glu_and_rope_epilogues_compile_with_two_copies_a_tensor(G, block_n,
         assert sum(bool(re.search(r"\bSTG", t)) for t in after) >= 6
 
 
+@pytest.mark.parametrize("value,error", [("late", False), ("early", True)])
+def test_pdl_mode_is_checked_at_import(value, error):
+    """KILN_INT4_GEMV_TMA_PDL takes 0, 1, late, wait or late-wait; anything else is refused
+    with the values it takes."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "from kiln.kernels import int4_gemv_tma as m; "
+                          "print(m.PDL, m.PDL_LATE, m.PDL_WAIT_FIRST)"],
+                         env={**os.environ, "KILN_INT4_GEMV_TMA_PDL": value},
+                         capture_output=True, text=True, timeout=120)
+    if error:
+        assert run.returncode != 0 and "expected 0, 1, late, wait or late-wait" in run.stderr
+    else:
+        assert run.returncode == 0 and run.stdout.split() == ["True", "True", "False"]
+
+
 def test_launch_rules_and_the_switch(monkeypatch):
     from kiln.kernels import int_launch
 
