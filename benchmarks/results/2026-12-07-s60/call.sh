@@ -15,6 +15,8 @@ mkdir -p /tmp/site && pip install -q --no-deps --target /tmp/site .whl/*.whl >/d
 export PYTHONPATH=$PWD:$PWD/benchmarks:/tmp/site
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/0card.log")
 echo "$card"
+D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"  # down on the TMA GEMV
+G="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=28672x4096"  # gate_up on it
 for stage in "$@"; do case $stage in
 d) OUT=$OUT bash benchmarks/results/2026-12-07-s59/next.sh ;;
 h) case $card in *H200*) OUT=$OUT bash benchmarks/results/2026-12-0*-s58/call.sh h ;;
@@ -22,27 +24,20 @@ h) case $card in *H200*) OUT=$OUT bash benchmarks/results/2026-12-0*-s58/call.sh
 p) timeout 80 env KILN_INT4_GEMV_TMA_PDL=late-wait python3 -m pytest -q -p no:cacheprovider \
      -m gpu tests/test_int4_gemv_tma.py -k dispatch 2>&1 | tail -3 \
      | tee "$OUT/1tests.log"
-   run() {  # run TAG [ENV...]
+   run() {  # run TAG [ENV...] (SPEC: the gpu_suite stage, groups of 128 unless set)
      env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
-       STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh int4:latency-b1 2>&1 \
+       STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh ${SPEC:-int4:latency-b1} 2>&1 \
        | grep -E "kiln |rror" | sed "s/^/[$1] /" | tee -a "$OUT/2pdl.log"
    }
-   D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"
-   G="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=28672x4096"
    # (in order of importance: a call cut short keeps the first)
    run base1; run down-late $D KILN_INT4_GEMV_TMA_PDL=late; run down-1 $D
    run gate_up-late $G KILN_INT4_GEMV_TMA_PDL=late; run gate_up-1 $G
    run base2; run down-late-2 $D KILN_INT4_GEMV_TMA_PDL=late
    run gate_up-late-2 $G KILN_INT4_GEMV_TMA_PDL=late
    run down-wait $D KILN_INT4_GEMV_TMA_PDL=wait
-   run() {  # groups of 32 (every linear on the TMA GEMV): PDL as now and late
-     env "${@:2}" RUN_TAG=-$1 EXTRA_ARGS="--load-format dummy --quantize-lm-head" \
-       STAGE_TIMEOUT=120 bash benchmarks/gpu_suite.sh q4g32:latency-b1 2>&1 \
-       | grep -E "kiln |rror" | sed "s/^/[$1] /" | tee -a "$OUT/2pdl.log"
-   }
+   SPEC=q4g32:latency-b1  # groups of 32 (every linear on the TMA GEMV): PDL as now and late
    run g32-1; run g32-late KILN_INT4_GEMV_TMA_PDL=late ;;
-f) D="KILN_INT4_GEMV_TMA=1 KILN_INT4_GEMV_TMA_SHAPES=4096x14336"
-   for v in base down down-late; do
+f) for v in base down down-late; do
      case $v in base) set -- ;; down) set -- $D ;; *) set -- $D KILN_INT4_GEMV_TMA_PDL=late ;; esac
      env "$@" timeout 200 python3 -m kiln.cli bench latency --random-config llama-3.1-8b \
        --input-len 128 --output-len 256 --max-seq-len 2048 --quantization int4_wo \
