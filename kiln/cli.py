@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,13 +94,36 @@ _PLUGIN_COMMANDS = ("kiln.serve.cli", "kiln.bench.cli", "kiln.eval", "kiln.resol
                     "kiln.chat")
 
 
+_interrupted: list[bool] = []
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    _interrupted.append(True)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `kiln` command: its exit status. Ctrl-C ends it with 130 and no traceback,
-    whenever it comes (the imports of the first second or two too)."""
+    whenever it comes (the imports of the first second or two too). A Ctrl-C inside a C
+    extension's import can come back as another error: torch swallows it while importing
+    numpy, and the next `import numpy` raises ImportError. Any error after a Ctrl-C is
+    that Ctrl-C, so it ends the same way."""
+    _interrupted.clear()
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if ours:
+        signal.signal(signal.SIGINT, _on_ctrl_c)  # Python's own, plus a record of it
     try:
         return _main(argv)
     except KeyboardInterrupt:
         return 130
+    except BaseException:
+        if _interrupted:
+            return 130
+        raise
+    finally:
+        if ours and signal.getsignal(signal.SIGINT) is _on_ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -242,6 +242,45 @@ def test_ctrl_c_during_the_imports_exits_130_quietly(tmp_path):
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "")
 
 
+def test_a_ctrl_c_swallowed_by_an_import_still_exits_130_quietly():
+    """The CI failure of the 60th session: a real SIGINT came while torch imported numpy;
+    torch swallowed the KeyboardInterrupt and the next `import numpy` raised ImportError
+    ("cannot load module more than once per process"), a traceback and exit 1. Here a real
+    SIGINT reaches the process inside an import that swallows it and fails otherwise."""
+    script = ("import importlib, os, signal, sys\n"
+              "real = importlib.import_module\n"
+              "def interrupted(name, *a):\n"
+              "    if name == 'kiln.bench.cli':\n"
+              "        try:\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n"
+              "        except KeyboardInterrupt:\n"
+              "            pass\n"
+              "        raise ImportError('cannot load module more than once per process')\n"
+              "    return real(name, *a)\n"
+              "importlib.import_module = interrupted\n"
+              "from kiln.cli import main\n"
+              "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (130, "", "")
+
+
+def test_an_error_without_a_ctrl_c_is_not_taken_for_one():
+    """The other side: the same failing import with no SIGINT is a real error (a traceback)."""
+    script = ("import importlib, sys\n"
+              "real = importlib.import_module\n"
+              "def broken(name, *a):\n"
+              "    if name == 'kiln.bench.cli':\n"
+              "        raise ImportError('a broken install')\n"
+              "    return real(name, *a)\n"
+              "importlib.import_module = broken\n"
+              "from kiln.cli import main\n"
+              "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1 and "ImportError: a broken install" in run.stderr, run.stderr
+
+
 def test_a_real_ctrl_c_early_in_a_command_prints_no_traceback(tmp_path):
     """SIGINT 0.6 s in: during the imports, or (where they were quicker: a warm file cache)
     while the default model loads or generates. A run that could end first (a path that
