@@ -260,8 +260,10 @@ def test_a_ctrl_c_swallowed_by_an_import_still_exits_130_quietly():
               "importlib.import_module = interrupted\n"
               "from kiln.cli import main\n"
               "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
+    # SIGINT as a terminal leaves it (a background job, CI's maybe, inherits it ignored)
     run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "")
 
 
