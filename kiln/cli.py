@@ -173,6 +173,8 @@ def _main(argv: list[str] | None) -> int:
         except ModuleNotFoundError as e:
             if not (e.name or "").startswith("kiln"):
                 raise
+    if _interrupted:  # a Ctrl-C that an import swallowed (torch's of numpy) ends it here
+        raise KeyboardInterrupt
 
     args = parser.parse_args(argv)
     if argv is None:  # the kiln command itself, not a caller in its own process
