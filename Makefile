@@ -36,7 +36,7 @@ run: $(VENV)/.installed  # the main job needs no Triton server
 	$(VENV)/bin/kiln run --prompt "$(PROMPT)"
 
 # Two test processes (pytest-xdist), a file each at a time, one OpenMP thread each: on CI's
-# 2 cores 41 min against 57 for one process (its torch threads spin-wait for a core the
+# 2 cores 35 min against 57 for one process (with more threads, torch spin-waits for a core the
 # other holds). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: setup
