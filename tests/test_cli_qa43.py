@@ -226,19 +226,27 @@ def test_kiln_bench_refuses_a_model_and_a_random_config(tmp_path):
 
 
 # ---- 10. Ctrl-C while the command imports ---------------------------------------------------
-def test_ctrl_c_during_the_imports_exits_130_quietly(tmp_path):
-    """Deterministic: the plugin import (torch, ~1.5 s) raises KeyboardInterrupt."""
-    script = ("import importlib, sys\n"
-              "real = importlib.import_module\n"
-              "def interrupted(name, *a):\n"
-              "    if name == 'kiln.bench.cli':\n"
-              "        raise KeyboardInterrupt\n"
-              "    return real(name, *a)\n"
-              "importlib.import_module = interrupted\n"
-              "from kiln.cli import main\n"
-              "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+def _kiln_run_with_plugin_import(*body: str) -> subprocess.CompletedProcess:
+    """`kiln run no-model` in a child whose import of the plugin kiln.bench.cli (torch,
+    ~1.5 s) runs `body` (lines of a function of name, *a) first; SIGINT as a terminal
+    leaves it (a background job, CI's maybe, inherits it ignored)."""
+    script = "\n".join(["import importlib, os, signal, sys",
+                        "real = importlib.import_module",
+                        "def hooked(name, *a):",
+                        "    if name == 'kiln.bench.cli':",
+                        *(f"        {line}" for line in body),
+                        "    return real(name, *a)",
+                        "importlib.import_module = hooked",
+                        "from kiln.cli import main",
+                        "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))", ""])
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_during_the_imports_exits_130_quietly():
+    """Deterministic: the plugin import raises KeyboardInterrupt."""
+    run = _kiln_run_with_plugin_import("raise KeyboardInterrupt")
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "")
 
 
@@ -250,39 +258,14 @@ def test_a_ctrl_c_swallowed_by_an_import_still_exits_130_quietly(then):
     ("cannot load module more than once per process"), a traceback and exit 1. Where no
     import failed after, the command went on as if no Ctrl-C had come. Here a real SIGINT
     reaches the process inside an import that swallows it, then fails or goes on."""
-    script = ("import importlib, os, signal, sys\n"
-              "real = importlib.import_module\n"
-              "def interrupted(name, *a):\n"
-              "    if name == 'kiln.bench.cli':\n"
-              "        try:\n"
-              "            os.kill(os.getpid(), signal.SIGINT)\n"
-              "        except KeyboardInterrupt:\n"
-              "            pass\n"
-              f"        {then}\n"
-              "    return real(name, *a)\n"
-              "importlib.import_module = interrupted\n"
-              "from kiln.cli import main\n"
-              "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
-    # SIGINT as a terminal leaves it (a background job, CI's maybe, inherits it ignored)
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    run = _kiln_run_with_plugin_import("try:", "    os.kill(os.getpid(), signal.SIGINT)",
+                                       "except KeyboardInterrupt:", "    pass", then)
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "")
 
 
 def test_an_error_without_a_ctrl_c_is_not_taken_for_one():
     """The other side: the same failing import with no SIGINT is a real error (a traceback)."""
-    script = ("import importlib, sys\n"
-              "real = importlib.import_module\n"
-              "def broken(name, *a):\n"
-              "    if name == 'kiln.bench.cli':\n"
-              "        raise ImportError('a broken install')\n"
-              "    return real(name, *a)\n"
-              "importlib.import_module = broken\n"
-              "from kiln.cli import main\n"
-              "sys.exit(main(['run', 'no-model', '--prompt', 'hi']))\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    run = _kiln_run_with_plugin_import("raise ImportError('a broken install')")
     assert run.returncode == 1 and "ImportError: a broken install" in run.stderr, run.stderr
 
 
