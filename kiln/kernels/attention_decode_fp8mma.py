@@ -2,9 +2,9 @@
 
 kiln's decode kernel (attention_decode._decode_kernel) converts each e4m3 K and V value to
 float16 for its products (the query heads of a KV head padded to 16 MMA rows); on the
-transposed V layout its main loop issues ~20 warp instructions a key, a third of them
-conversions. Here the tiles reach the tensor cores as they arrive, keys as the MMA's M
-("swap AB"; on Hopper an e4m3 wgmma, M = 64 a warpgroup):
+transposed V layout its main loop issues ~20 warp instructions a key (sm_90; 272 of its
+1,255 a 128-key tile are conversions). Here the tiles reach the tensor cores as they
+arrive, keys as the MMA's M ("swap AB"; on Hopper an e4m3 wgmma, M = 64 a warpgroup):
 
     Q^T [D, G] in e4m3, one scale a program (max |q| / 448), G = the KV head's query
     heads padded to 16 columns
