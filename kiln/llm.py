@@ -110,9 +110,14 @@ class LLM:
         self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """One output per prompt, in order. Prompts are strings or token-id lists."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False, *,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """One output per prompt, in order. Prompts are strings or token-id lists; the
+        SamplingParams (one for all, or one per prompt) by position or as sampling_params
+        (vLLM's name) or params."""
+        params = _one_of(sampling_params, params)
         prompts = _prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -167,7 +172,11 @@ class LLM:
             return beam_search(engine, token_ids, params or BeamSearchParams())
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             params: SamplingParams | Sequence[SamplingParams] | None = None
+             ) -> list[RequestOutput]:
+        """One output per conversation, its prompt written by the chat template."""
+        params = _one_of(sampling_params, params)
         conversations = messages if messages and isinstance(messages, list) and \
             isinstance(messages[0], list) else [messages]
         for conversation in conversations:
@@ -224,6 +233,13 @@ def _release_dropped(engine_dir: Path) -> None:
         raise KilnError("this process already runs a multi-rank engine (an LLM not closed "
                         "yet); call its close(), or use `with LLM(...) as llm:`, before "
                         "loading another one")
+
+
+def _one_of(sampling_params: Any, params: Any) -> Any:
+    """The SamplingParams given by vLLM's keyword or kiln's (not both)."""
+    if sampling_params is not None and params is not None:
+        raise TypeError("give the SamplingParams as sampling_params or params, not both")
+    return params if sampling_params is None else sampling_params
 
 
 def _prompt_list(prompts: Any) -> list[Prompt]:

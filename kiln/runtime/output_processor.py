@@ -116,14 +116,16 @@ def _check_stop_strings(seq: Sequence, text_before: int) -> RequestStatus | None
     params = seq.request.params
     # A new match must end inside the new text: search from just before it.
     start = max(0, text_before - max(map(len, params.stop)) + 1)
-    for stop in params.stop:
-        index = seq.text.find(stop, start)
-        if index >= 0:
-            end = index + len(stop) if params.include_stop_str_in_output else index
-            seq.text = seq.text[:end]
-            seq.request.stop_reason = stop
-            return RequestStatus.FINISHED_STOPPED
-    return None
+    # The earliest match stops it (at one place: the one listed first), so the text keeps
+    # no other stop string (vLLM takes the first one listed that matches anywhere).
+    found = [(index, stop) for stop in params.stop if (index := seq.text.find(stop, start)) >= 0]
+    if not found:
+        return None
+    index, stop = min(found, key=lambda match: match[0])
+    end = index + len(stop) if params.include_stop_str_in_output else index
+    seq.text = seq.text[:end]
+    seq.request.stop_reason = stop
+    return RequestStatus.FINISHED_STOPPED
 
 
 def apply_result(result: StepResult, seq_of: dict[str, Sequence], groups: dict[str, Group],

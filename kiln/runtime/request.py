@@ -30,9 +30,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    bad_words: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # or one string; None: none, as in vLLM
+    stop_token_ids: list[int] = field(default_factory=list)  # None: none
+    bad_words: list[str] = field(default_factory=list)  # None: none
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
@@ -83,6 +83,8 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, numbers.Integral)):
                 raise RequestError(f"{name} must be a whole number, got {value!r}")
+            if value is not None:  # a numpy integer as Python's (its sums would overflow)
+                setattr(self, name, int(value))
         for name in ("temperature", "top_p", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -162,7 +164,9 @@ def _show(value: Any) -> str:
 
 
 def _strings(name: str, value: Any) -> list[str]:
-    """stop / bad_words: one string or a list of strings, as a new list."""
+    """stop / bad_words: None, one string or a list of strings, as a new list."""
+    if value is None:
+        return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
@@ -171,7 +175,9 @@ def _strings(name: str, value: Any) -> list[str]:
 
 
 def _token_ids(value: Any) -> list[int]:
-    """stop_token_ids: a list of token ids (whole numbers >= 0), as a new list of ints."""
+    """stop_token_ids: None or a list of token ids (whole numbers >= 0), as a new list."""
+    if value is None:
+        return []
     if not isinstance(value, (list, tuple)) or any(
             isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in value):
         raise RequestError(f"stop_token_ids must be a list of token ids (whole numbers), got "
