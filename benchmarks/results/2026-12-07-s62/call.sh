@@ -7,6 +7,8 @@
 #  e (~6 min): FP8 + FP8 KV end to end, KILN_DECODE_FP8_MMA 0 / 1 alternating:
 #     128 / 128 x 1000, then 1000 / 1000 x 300 (take it only if `a` shows the kernel faster;
 #     KILN_DECODE_FP8_MMA_LAUNCH from `a`'s best launch)
+#  s (~3 min): int4 one-row GEMVs with float16 scales and offsets against float32
+#     (benchmarks/int4_scale_dtype.py), kiln's dispatch, then every shape on the pairs GEMV
 #  p / f / h: the 60th session's call.sh stages (int4 TMA GEMV PDL modes, profiles, H200)
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -30,5 +32,8 @@ e) for i in 1 2; do for m in 0 1; do
        STAGE_TIMEOUT=150 bash benchmarks/gpu_suite.sh fp8:throughput-1k 2>&1 \
        | grep -E "out tok/s|rror" | sed "s/^/[1k x300 mma=$m] /" | tee -a "$OUT/e1.log"
    done ;;
+s) timeout 240 python3 benchmarks/int4_scale_dtype.py "$OUT/s1.json" 2>&1 | tee "$OUT/s1.log"
+   KILN_INT4_GEMV_TMA=0 timeout 240 python3 benchmarks/int4_scale_dtype.py "$OUT/s2.json" \
+     --dtypes float32 2>&1 | tee "$OUT/s2.log" ;;
 *) OUT=$OUT bash benchmarks/results/2026-12-07-s60/call.sh "$stage" ;;
 esac; done
