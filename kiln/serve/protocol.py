@@ -10,16 +10,40 @@ Value ranges are checked by `SamplingParams`, not here, so there is one set of r
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class StreamOptions(BaseModel):
+class _NullIsDefault(BaseModel):
+    """OpenAI's request fields are nullable, and clients send an option left unset as null
+    (the openai client sends `n=None` as `"n": null`): a null given to a field that holds
+    no None of its own means that field's default, as in OpenAI's API and vLLM."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()
+                or _takes_none(fields[key].annotation)}
+
+
+def _takes_none(annotation: Any) -> bool:
+    """Whether a field's type admits None (`int | None`): its null is a value of its own."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
+
+
+class StreamOptions(_NullIsDefault):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class _GenerationRequest(_NullIsDefault):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # None: the served model
