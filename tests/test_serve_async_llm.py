@@ -44,6 +44,27 @@ def test_generate_streams_cumulative_outputs(llm):
     assert _all_free(llm)
 
 
+def test_a_stalled_consumer_holds_one_output_a_request(llm):
+    """A consumer that stops reading (a client that does not read its stream) while its
+    request runs to the end: one output waits for it, the newest, not one a step (each
+    holds the whole text so far)."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def run() -> tuple[int, list]:
+        stream = await llm.submit([("Tell me a long story", params, "stalled")])
+        deadline = time.monotonic() + 60
+        while llm.stats()["kv_blocks_used"] > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # the loop runs: the engine's outputs arrive
+        await asyncio.sleep(0.3)
+        waiting = stream._events.qsize()
+        return waiting, [out async for out in stream]
+
+    waiting, outputs = asyncio.run(run())
+    assert waiting == 1, waiting
+    assert len(outputs) == 1 and outputs[0].finished and len(outputs[0].token_ids) == 40
+    assert _all_free(llm)
+
+
 def test_cancelled_consumer_aborts_and_frees_blocks(llm):
     async def consume(seen: asyncio.Event) -> None:
         async for _ in llm.generate("Tell me a long story", LONG):

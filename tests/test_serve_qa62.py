@@ -59,3 +59,16 @@ def test_a_null_required_field_is_still_a_400(server, route, body, param):
     r = httpx.post(f"{server.v1}/{route}", json={"model": MODEL, "max_tokens": 2, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_tool_call_arguments_keep_their_characters():
+    """Arguments are JSON text with the characters as they are (OpenAI and vLLM send
+    UTF-8, not \\u escapes), from a forced call and from a free answer."""
+    from kiln.serve.openai_tools import parse_tool_calls, tool_calls
+
+    forced = tool_calls('{"name": "weather", "arguments": {"city": "Zürich", "note": "晴"}}')
+    assert forced[0]["function"]["arguments"] == '{"city": "Zürich", "note": "晴"}'
+    content, calls = parse_tool_calls(
+        '<tool_call>{"name": "weather", "arguments": {"city": "Zürich"}}</tool_call>',
+        [{"name": "weather"}])
+    assert calls[0]["function"]["arguments"] == '{"city": "Zürich"}'

@@ -42,12 +42,26 @@ class QueueFullError(KilnError):
 _ACCEPTED = object()
 
 
-class _AsyncSink:
-    """Forwards the engine thread's events into an asyncio queue on the caller's loop."""
+@dataclasses.dataclass(frozen=True)
+class _Newest:
+    """In a stream's queue: `latest` holds a new output of this request."""
 
-    def __init__(self, mailbox: Mailbox, events: asyncio.Queue[Any]) -> None:
+    request_id: str
+
+
+class _AsyncSink:
+    """Forwards the engine thread's events into an asyncio queue on the caller's loop.
+
+    An output waits in `latest` (the newest a request, outputs being cumulative) with one
+    _Newest in the queue until the stream takes it: a consumer that stalls (a client that
+    stops reading) holds one output a request, not one a step, whose texts and token
+    lists would grow with the square of the length."""
+
+    def __init__(self, mailbox: Mailbox, events: asyncio.Queue[Any],
+                 latest: dict[str, RequestOutput]) -> None:
         self._mailbox = mailbox
         self._events = events
+        self._latest = latest
 
     def _post(self, item: object) -> None:
         try:
@@ -59,7 +73,15 @@ class _AsyncSink:
         self._post(_ACCEPTED)
 
     def output(self, output: RequestOutput) -> None:
-        self._post(output)
+        try:
+            self._mailbox.post(self._newest, output)
+        except RuntimeError:
+            pass  # the event loop has closed: nobody is listening any more
+
+    def _newest(self, output: RequestOutput) -> None:  # on the loop
+        if output.request_id not in self._latest:
+            self._events.put_nowait(_Newest(output.request_id))
+        self._latest[output.request_id] = output
 
     def error(self, error: BaseException) -> None:
         self._post(error)
@@ -74,10 +96,11 @@ class RequestStream:
     """
 
     def __init__(self, owner: AsyncLLM, request_ids: list[str],
-                 events: asyncio.Queue[Any]) -> None:
+                 events: asyncio.Queue[Any], latest: dict[str, RequestOutput]) -> None:
         self.request_ids = request_ids
         self._owner = owner
         self._events = events
+        self._latest = latest  # the sink's: the newest output of a request not yet taken
         self._unfinished = set(request_ids)
         self._pending: OrderedDict[str, RequestOutput] = OrderedDict()
 
@@ -97,10 +120,11 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._release(self._unfinished)
             raise item
-        if isinstance(item, RequestOutput):
-            self._pending[item.request_id] = item
-            if item.finished:
-                self._release({item.request_id})
+        if isinstance(item, _Newest):
+            output = self._latest.pop(item.request_id)
+            self._pending[output.request_id] = output
+            if output.finished:
+                self._release({output.request_id})
 
     def _release(self, request_ids: set[str]) -> None:
         ids = request_ids & self._unfinished
@@ -195,10 +219,12 @@ class AsyncLLM:
             raise QueueFullError(f"the server is at its limit of {self.max_queue} unfinished "
                                  "requests; retry later")
         events: asyncio.Queue[Any] = asyncio.Queue()
-        stream = RequestStream(self, [request_id for _, _, request_id in requests], events)
+        latest: dict[str, RequestOutput] = {}
+        stream = RequestStream(self, [request_id for _, _, request_id in requests], events,
+                               latest)
         self._num_unfinished += len(requests)
         self._loop.add([NewRequest(*r) for r in requests],
-                       _AsyncSink(self._mailbox(), events))
+                       _AsyncSink(self._mailbox(), events, latest))
         try:
             first = await events.get()
         except asyncio.CancelledError:

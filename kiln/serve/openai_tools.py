@@ -89,7 +89,8 @@ def tool_calls(text: str) -> list[dict[str, Any]] | None:
             "arguments" not in call:
         return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+             "function": {"name": call["name"],
+                          "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}]
 
 
 def auto_tools(body: Any) -> list[dict[str, Any]] | None:
@@ -121,7 +122,8 @@ def parse_tool_calls(text: str, functions: list[dict[str, Any]]
         if not isinstance(args, dict):
             return None
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": obj["name"], "arguments": json.dumps(args)}}
+                "function": {"name": obj["name"],
+                             "arguments": json.dumps(args, ensure_ascii=False)}}
 
     def load(s: str) -> Any:
         try:
