@@ -210,7 +210,8 @@ class ModelConfig:
                 _default_original_context(rope, rope_type, hf, local_rope is not None)
             rope_scaling = rope if rope_type not in (None, "default") else None
             local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
-            window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+            window = hf.get("use_sliding_window", True) and hf.get("sliding_window") or None
+            window = window and _whole(hf, "sliding_window")  # (0 / null: no window)
             layers = _whole(hf, "num_hidden_layers")
             pattern = flags.get("layer_pattern")
             layer_types = tuple(hf.get("layer_types") or ())
@@ -219,6 +220,9 @@ class ModelConfig:
                               or hf.get("_sliding_window_pattern") or pattern)
                 layer_types = tuple("sliding_attention" if (i + 1) % pattern else
                                     "full_attention" for i in range(layers))
+            if len(layer_types) not in (0, layers):  # (layers dropped from num_hidden_layers)
+                raise CheckpointError(f"config.json field 'layer_types' lists {len(layer_types)} "
+                                      f"layer type(s) for {layers} layers; it needs one per layer")
             layernorm = flags.get("norm_type") == "layernorm"
             scalar = hf.get("query_pre_attn_scalar") if flags.get("sandwich_norms") else None
             fields = dict(

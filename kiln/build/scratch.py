@@ -169,17 +169,32 @@ def in_place(output_dir: Path) -> bool:
 
 
 def replace(output_dir: Path, scratch: Path) -> bool:
-    """Rename scratch to output_dir, an old engine there removed first; False where
+    """Rename scratch to output_dir, an old engine there renamed aside first and removed
+    last (under a scratch name: stopped before it is gone, it is a killed build's
+    leftover, and output_dir a whole engine, never a half-removed one); False where
     output_dir turns out to be a mount point (EBUSY: a bind mount of the same filesystem,
-    which os.path.ismount does not see), emptied."""
+    which os.path.ismount does not see), left as it was."""
+    aside = None
     try:
         if output_dir.exists():
-            shutil.rmtree(output_dir)
-        scratch.rename(output_dir)
+            aside = Path(tempfile.mkdtemp(prefix=PREFIX, dir=output_dir.parent))
+            try:
+                output_dir.rename(aside)  # onto the empty dir: a name no one else takes
+            except OSError:
+                aside.rmdir()
+                raise
+        try:
+            scratch.rename(output_dir)
+        except OSError:
+            if aside is not None:
+                aside.rename(output_dir)
+            raise
     except OSError as e:
         if e.errno != errno.EBUSY:
             raise
         return False
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)  # (a build beside may clear it first)
     return True
 
 

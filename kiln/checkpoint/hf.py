@@ -58,10 +58,44 @@ class HFCheckpoint(Checkpoint):
             self.config = dataclasses.replace(self.config, eos_token_ids=merged)
         self._files = self._weight_files()
         self.origins: dict[str, str] = {}
-        if self._files[0].suffix == ".safetensors":
-            self._names = [n for f in self._files for n in _safetensors_header(f)]
-        else:
-            self._names = []
+        held = [(n, f) for f in self._files if f.suffix == ".safetensors"
+                for n in _safetensors_header(f)]
+        self._names = [n for n, _ in held]
+        self._file_of = dict(held)
+        self._head_as_embedding: str | None = None  # a tied head's tensor, read as both
+        if self.config.tie_word_embeddings:
+            self._settle_tied_head()
+
+    def _settle_tied_head(self) -> None:
+        """A head tied to the embedding (tie_word_embeddings) as transformers (5) loads it:
+        the embedding read from the head's tensor where the checkpoint holds only that
+        (safetensors' save_model keeps lm_head.weight of the two), untied where it holds
+        both with different values. Known from safetensors headers (.bin: tied as is)."""
+        from kiln.models.convert import decoder_name
+
+        found = {decoder_name(self.config, n): n for n in self._names}
+        head, embed = found.get("lm_head.weight"), found.get("model.embed_tokens.weight")
+        if head is None or embed is None:
+            self._head_as_embedding = head
+            return
+        head_values, embed_values = self._read(head), self._read(embed)
+        if head_values.shape != embed_values.shape or not torch.equal(head_values,
+                                                                      embed_values):
+            log.warning("config.json ties the LM head to the embedding (tie_word_embeddings) "
+                        "but %s holds a %s that differs from %s: kept apart, as transformers "
+                        "does; set tie_word_embeddings to false in config.json to say so",
+                        self.source, head, embed)
+            self.config = dataclasses.replace(self.config, tie_word_embeddings=False)
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path = self._file_of[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
 
     def _weight_files(self) -> list[Path]:
         """The files transformers would load, in its order: model.safetensors, the shards
@@ -117,7 +151,11 @@ class HFCheckpoint(Checkpoint):
                     with safe_open(str(path), framework="pt") as f:
                         for name in f.keys():
                             self.origins[name] = path.name
-                            yield name, f.get_tensor(name)
+                            tensor = f.get_tensor(name)
+                            if name == self._head_as_embedding:  # (under the name every
+                                name = "model.embed_tokens.weight"  # family reads as is)
+                                self.origins[name] = path.name
+                            yield name, tensor
                 except Exception as e:  # safetensors raises its own error types
                     raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
             else:

@@ -85,8 +85,7 @@ def to_decoder_names(cfg: ModelConfig, name: str, tensor: torch.Tensor
     if cfg.architecture in CONV1D and tensor.dim() == 2 and re.match(r"(transformer\.)?h\.",
                                                                       name):
         tensor = tensor.t()
-    for pattern, replacement in renames:
-        name = re.sub(pattern, replacement, name)
+    name = decoder_name(cfg, name)
     if cfg.architecture in QKV_GROUPED and ".self_attn.qkv_proj." in name:
         group = cfg.num_heads // cfg.num_kv_heads
         rest = tensor.shape[1:]
@@ -95,3 +94,10 @@ def to_decoder_names(cfg: ModelConfig, name: str, tensor: torch.Tensor
                 (name.replace("qkv_proj", "k_proj"), grouped[:, group].reshape(-1, *rest)),
                 (name.replace("qkv_proj", "v_proj"), grouped[:, group + 1].reshape(-1, *rest))]
     return [(name, tensor)]
+
+
+def decoder_name(cfg: ModelConfig, name: str) -> str:
+    """A checkpoint tensor's name in the decoder's (Llama) naming."""
+    for pattern, replacement in RENAMES.get(cfg.architecture, ()):
+        name = re.sub(pattern, replacement, name)
+    return name
