@@ -64,7 +64,10 @@ class GrammarCompiler:
         compile or (a schema) uses a keyword the grammar would not enforce (check_schema)."""
         kind, value = constraint if isinstance(constraint, tuple) else ("json_schema",
                                                                         constraint)
-        key = (kind, value if isinstance(value, str) else json.dumps(value))  # order matters
+        try:
+            key = (kind, value if isinstance(value, str) else json.dumps(value))  # order matters
+        except (TypeError, ValueError, RecursionError) as e:  # from Python: not JSON data
+            raise RequestError(f"{kind}: {WHAT[kind]} is not JSON data: {e}") from None
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compile(kind, key[1])
@@ -77,6 +80,8 @@ class GrammarCompiler:
                 check_schema(json.loads(text))
             except json.JSONDecodeError:
                 pass  # xgrammar says what is wrong with it
+            except RecursionError:
+                raise RequestError("json_schema: the schema is nested too deeply") from None
         compiler = self._get_compiler()
         try:
             if kind == "json_schema":

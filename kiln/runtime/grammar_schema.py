@@ -97,7 +97,8 @@ class _SchemaCheck:
                         self.refuse(keyword, path, 'is not enforced without a "type" (add '
                                     "one)")
                 return
-        for kind in [types] if isinstance(types, str) else types:
+        kinds = [types] if isinstance(types, str) else types if isinstance(types, list) else []
+        for kind in kinds:  # (a malformed type is the compiler's business)
             if kind in ("integer", "number", "string", "array", "object"):
                 getattr(self, f"_{kind}")(node, path)
 
@@ -144,9 +145,11 @@ class _SchemaCheck:
         self.seen_refs.add(ref)
         target, target_path = self.root, "$"
         for part in filter(None, ref[2:].split("/")):
-            if not isinstance(target, dict) or part not in target:
+            child = _child(target, part, _MISSING)
+            if child is _MISSING:
                 return  # the compiler says it cannot find it
-            target, target_path = target[part], _at(target_path, part)
+            key = int(part) if isinstance(target, list) else part
+            target, target_path = child, _at(target_path, key)
         self.node(target, target_path)
 
     def _integer(self, node: dict[str, Any], path: str) -> None:
@@ -218,7 +221,7 @@ class _SchemaCheck:
                 return node
             ref, node = node["$ref"], self.root
             for part in filter(None, ref[2:].split("/")) if ref.startswith("#") else [None]:
-                node = node.get(part) if isinstance(node, dict) else None
+                node = _child(node, part) if part is not None else None
         return None
 
     def facts(self, node: Any) -> tuple[list | None, set[str] | None, dict[str, list]]:
@@ -258,6 +261,19 @@ class _SchemaCheck:
                    for k in keys_a.keys() & keys_b.keys())
 
 
+_MISSING = object()
+
+
+def _child(node: Any, part: str, default: Any = None) -> Any:
+    """A reference's step: an object's member, or an array's item by its index (as in a
+    tool's parameters, "#/anyOf/1/properties/arguments/...": tool_call_schema)."""
+    if isinstance(node, dict):
+        return node.get(part, default)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return default
+
+
 @functools.cache
 def _xgrammar_version() -> tuple[int, ...]:
     """The installed xgrammar's (major, minor, patch); the checks above were made on
@@ -276,7 +292,7 @@ def _is_type(value: Any, kind: str) -> bool:
         return kind == "number" or isinstance(value, int) or value.is_integer()
     kinds = {"null": type(None), "boolean": bool, "string": str, "array": list,
              "object": dict}
-    return kind in kinds and isinstance(value, kinds[kind])
+    return isinstance(kind, str) and kind in kinds and isinstance(value, kinds[kind])
 
 
 def _same(a: Any, b: Any) -> bool:

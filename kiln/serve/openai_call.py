@@ -189,6 +189,9 @@ def _schema_field(name: str, value: Any) -> dict[str, Any] | str | None:
                 return value
         except json.JSONDecodeError:
             pass
+        except RecursionError:
+            raise APIError(400, f"{name}: the schema is nested too deeply",
+                           param=name.split(".")[0]) from None
     raise APIError(400, f"{name} must be a JSON schema object", param=name.split(".")[0])
 
 

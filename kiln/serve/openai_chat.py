@@ -89,7 +89,7 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
             if isinstance(arguments, str):
                 try:
                     arguments = json.loads(arguments) if arguments.strip() else {}
-                except ValueError:
+                except (ValueError, RecursionError):
                     pass  # the template gets the text as it came
             calls.append({**call, "type": "function",
                           "function": {"name": function["name"], "arguments": arguments}})

@@ -70,11 +70,40 @@ def forced_tools(body: Any) -> list[dict[str, Any]] | None:
 
 
 def tool_call_schema(functions: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"name": ..., "arguments": ...} of one of the functions. Each one's parameters move
+    into it, so their references into themselves ("#/$defs/...", as pydantic writes
+    nested models) are made to point to where the parameters now lie."""
+    where = ["#/properties/arguments"] if len(functions) == 1 else \
+        [f"#/anyOf/{i}/properties/arguments" for i in range(len(functions))]
     options = [{"type": "object", "properties": {
         "name": {"const": f["name"]},
-        "arguments": f.get("parameters") or {"type": "object"}},
-        "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
+        "arguments": _moved(f.get("parameters") or {"type": "object"}, at)},
+        "required": ["name", "arguments"], "additionalProperties": False}
+        for f, at in zip(functions, where)]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_VALUES = ("const", "enum", "default", "examples")  # JSON values, not schemas
+
+
+def _moved(node: Any, to: str) -> Any:
+    """A schema (or a list of them) with its references "#" and "#/..." put under `to`."""
+    if isinstance(node, list):
+        return [_moved(n, to) for n in node]
+    if not isinstance(node, dict):
+        return node
+    moved = {}
+    for key, value in node.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or
+                                                         value.startswith("#/")):
+            value = to + value[1:]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: _moved(schema, to) for name, schema in value.items()}
+        elif key not in _VALUES:
+            value = _moved(value, to)
+        moved[key] = value
+    return moved
 
 
 def tool_calls(text: str) -> list[dict[str, Any]] | None:
@@ -83,7 +112,7 @@ def tool_calls(text: str) -> list[dict[str, Any]] | None:
     `stop_token_ids` token cut it short (the answer is then that text)."""
     try:
         call = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (JSON nested deeper than Python parses)
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or \
             "arguments" not in call:
@@ -117,7 +146,7 @@ def parse_tool_calls(text: str, functions: list[dict[str, Any]]
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(args, dict):
             return None
@@ -128,7 +157,7 @@ def parse_tool_calls(text: str, functions: list[dict[str, Any]]
     def load(s: str) -> Any:
         try:
             return json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):  # a free answer of a thousand "[" is text
             return None
 
     tagged = _TAGGED.findall(text)
