@@ -133,3 +133,17 @@ def test_json_nested_too_deeply_is_text_not_a_call(server):
     reply = httpx.post(server.v1 + "/chat/completions", timeout=120, json={
         "model": MODEL, "messages": history, "tools": TOOLS, "max_tokens": 1})
     assert reply.status_code == 200, reply.text
+
+
+def test_compiled_grammars_kept_are_bounded(monkeypatch):
+    """A server that sees a new schema from every client keeps the last CACHE_ENTRIES
+    used, not all of them."""
+    from kiln.runtime import grammar
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+
+    engine = LLMEngine(tiny_chat_engine(), RuntimeConfig(device="cpu"))
+    compiler = engine._grammar_compiler()
+    monkeypatch.setattr(grammar, "CACHE_ENTRIES", 2)
+    for pattern in ("a+", "b+", "a+", "c+"):  # a+ used again: b+ is the oldest
+        compiler.matcher(("regex", pattern))
+    assert list(compiler._compiled) == [("regex", "a+"), ("regex", "c+")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,22 @@ def _xgrammar() -> Any:
     return xgrammar
 
 
+# A server sees a new schema with every client that makes one up: the compiled grammars
+# kept are the last CACHE_ENTRIES used (xgrammar's own cache: CACHE_BYTES).
+CACHE_ENTRIES = 256
+CACHE_BYTES = 256 * 2**20
+
+
 class GrammarCompiler:
     """Compiles constraints (JSON schemas, regexes, choices, EBNF grammars) for one
-    engine's tokenizer (lazily, cached per constraint)."""
+    engine's tokenizer (lazily, cached per constraint: the last CACHE_ENTRIES)."""
 
     def __init__(self, tokenizer_dir: Path, vocab_size: int, stop_token_ids: list[int]) -> None:
         self.tokenizer_dir = tokenizer_dir
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self._compiler: Any = None
-        self._compiled: dict[str, Any] = {}
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def _get_compiler(self) -> Any:
         if self._compiler is None:
@@ -55,7 +62,10 @@ class GrammarCompiler:
             hf = PreTrainedTokenizerFast(tokenizer_file=str(self.tokenizer_dir / "tokenizer.json"))
             info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info)
+            try:
+                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
+            except TypeError:  # an xgrammar without the limit (before 0.1.2x)
+                self._compiler = xgr.GrammarCompiler(info)
         return self._compiler
 
     def matcher(self, constraint: tuple[str, Any] | dict[str, Any] | str) -> Any:
@@ -72,6 +82,10 @@ class GrammarCompiler:
         if compiled is None:
             compiled = self._compile(kind, key[1])
             self._compiled[key] = compiled
+            while len(self._compiled) > CACHE_ENTRIES:
+                self._compiled.popitem(last=False)  # the least recently used
+        else:
+            self._compiled.move_to_end(key)
         return _xgrammar().GrammarMatcher(compiled)
 
     def _compile(self, kind: str, text: str) -> Any:
