@@ -147,3 +147,64 @@ def test_compiled_grammars_kept_are_bounded(monkeypatch):
     for pattern in ("a+", "b+", "a+", "c+"):  # a+ used again: b+ is the oldest
         compiler.matcher(("regex", pattern))
     assert list(compiler._compiled) == [("regex", "a+"), ("regex", "c+")]
+
+
+def test_a_slow_grammar_compiles_while_others_run(monkeypatch):
+    """A constraint that takes long to compile (thousands of `choice` options take
+    seconds) no longer stops the engine: a free request sent after it finishes first, the
+    constrained one then runs, a bad one still fails alone, and one whose client left
+    while it compiled never runs."""
+    import asyncio
+    import time
+
+    from kiln.runtime import grammar
+    from kiln.runtime.engine import LLMEngine, RuntimeConfig
+    from kiln.serve import AsyncLLM
+
+    slow = grammar.GrammarCompiler._compile
+
+    def compile_slowly(self, kind, text):
+        if "slow" in text:
+            time.sleep(1.5)
+        return slow(self, kind, text)
+
+    monkeypatch.setattr(grammar.GrammarCompiler, "_compile", compile_slowly)
+    engine = LLMEngine(tiny_chat_engine(), RuntimeConfig(device="cpu"))
+    added: list[str] = []
+    add = engine.add_request
+
+    def add_request(prompt, params, request_id):
+        added.append(request_id)
+        return add(prompt, params, request_id)
+
+    monkeypatch.setattr(engine, "add_request", add_request)
+    front = AsyncLLM(engine)
+    ended: dict[str, float] = {}
+
+    async def one(name: str, params: SamplingParams) -> str:
+        outputs = [out async for out in front.generate("Pick one:", params, name)]
+        ended[name] = time.monotonic()
+        return outputs[-1].text
+
+    async def run() -> tuple:
+        constrained = asyncio.create_task(one("constrained", SamplingParams(
+            max_tokens=8, choice=["slow one", "slow two"])))
+        await asyncio.sleep(0.1)
+        free = await one("free", SamplingParams(max_tokens=4, ignore_eos=True))
+        with pytest.raises(RequestError, match="regex"):
+            await one("bad", SamplingParams(max_tokens=4, regex="(unclosed slow"))
+        left = asyncio.create_task(one("left", SamplingParams(
+            max_tokens=4, regex="[a-z]+ slow")))
+        await asyncio.sleep(0.1)
+        left.cancel()
+        return free, await constrained
+
+    start = time.monotonic()
+    try:
+        free, chosen = asyncio.run(run())
+        assert ended["free"] - start < 1.5 < ended["constrained"] - start, ended
+        assert chosen in ("slow one", "slow two") and free
+        time.sleep(2.0)  # the left one's compile ends: it is not added
+        assert "left" not in added and "constrained" in added and front.num_unfinished == 0
+    finally:
+        front.shutdown()

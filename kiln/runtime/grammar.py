@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -53,40 +54,50 @@ class GrammarCompiler:
         self.stop_token_ids = stop_token_ids
         self._compiler: Any = None
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        # compiles may run on a thread beside the engine's (kiln.serve.grammar_ahead)
+        self._lock = threading.Lock()
 
     def _get_compiler(self) -> Any:
-        if self._compiler is None:
-            xgr = _xgrammar()
-            from transformers import PreTrainedTokenizerFast
+        with self._lock:
+            if self._compiler is None:
+                xgr = _xgrammar()
+                from transformers import PreTrainedTokenizerFast
 
-            hf = PreTrainedTokenizerFast(tokenizer_file=str(self.tokenizer_dir / "tokenizer.json"))
-            info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids)
-            try:
-                self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
-            except TypeError:  # an xgrammar without the limit (before 0.1.2x)
-                self._compiler = xgr.GrammarCompiler(info)
-        return self._compiler
+                hf = PreTrainedTokenizerFast(
+                    tokenizer_file=str(self.tokenizer_dir / "tokenizer.json"))
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids)
+                try:
+                    self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
+                except TypeError:  # an xgrammar without the limit (before 0.1.2x)
+                    self._compiler = xgr.GrammarCompiler(info)
+            return self._compiler
 
     def matcher(self, constraint: tuple[str, Any] | dict[str, Any] | str) -> Any:
         """A fresh matcher for `constraint`, SamplingParams.constraint's (kind, value) or a
         JSON schema; RequestError, its message starting with the kind, if it does not
         compile or (a schema) uses a keyword the grammar would not enforce (check_schema)."""
-        kind, value = constraint if isinstance(constraint, tuple) else ("json_schema",
-                                                                        constraint)
-        try:
-            key = (kind, value if isinstance(value, str) else json.dumps(value))  # order matters
-        except (TypeError, ValueError, RecursionError) as e:  # from Python: not JSON data
-            raise RequestError(f"{kind}: {WHAT[kind]} is not JSON data: {e}") from None
-        compiled = self._compiled.get(key)
+        key = _key(constraint)
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
         if compiled is None:
-            compiled = self._compile(kind, key[1])
-            self._compiled[key] = compiled
-            while len(self._compiled) > CACHE_ENTRIES:
-                self._compiled.popitem(last=False)  # the least recently used
-        else:
-            self._compiled.move_to_end(key)
+            compiled = self._compile(*key)
+            with self._lock:
+                self._compiled[key] = compiled
+                while len(self._compiled) > CACHE_ENTRIES:
+                    self._compiled.popitem(last=False)  # the least recently used
         return _xgrammar().GrammarMatcher(compiled)
+
+    def cached(self, constraint: tuple[str, Any] | dict[str, Any] | str) -> bool:
+        """Whether `constraint` is compiled already (or cannot be: matcher says why)."""
+        try:
+            key = _key(constraint)
+        except RequestError:
+            return True
+        with self._lock:
+            return key in self._compiled
 
     def _compile(self, kind: str, text: str) -> Any:
         if kind == "json_schema":
@@ -127,6 +138,15 @@ class GrammarCompiler:
 
 WHAT = {"json_schema": "the JSON schema", "regex": "the regular expression",
         "choice": "the choices", "grammar": "the grammar"}
+
+
+def _key(constraint: tuple[str, Any] | dict[str, Any] | str) -> tuple[str, str]:
+    """(kind, text) of a constraint: its cache key (a schema's key order matters)."""
+    kind, value = constraint if isinstance(constraint, tuple) else ("json_schema", constraint)
+    try:
+        return kind, value if isinstance(value, str) else json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as e:  # from Python: not JSON data
+        raise RequestError(f"{kind}: {WHAT[kind]} is not JSON data: {e}") from None
 
 
 def _library_message(error: Exception) -> str:

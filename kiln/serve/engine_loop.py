@@ -21,6 +21,7 @@ from typing import Protocol
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.request import RequestOutput, SamplingParams
+from kiln.serve.grammar_ahead import GrammarAhead
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,8 @@ class EngineLoop:
         self._on_iteration = on_iteration
         self._commands: queue.SimpleQueue[_Add | _Abort | object] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}  # engine thread only
+        # groups whose grammars compile beside the loop before their add (engine thread)
+        self._ahead = GrammarAhead(getattr(engine, "_grammar_compiler", None))
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._stopped = threading.Event()
@@ -140,9 +143,14 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
-                # Block only when there is nothing to step: an idle engine sleeps here.
-                if not self._apply(self._next_commands(block=not self.engine.has_unfinished())):
+                # Block only when there is nothing to step: an idle engine sleeps here
+                # (or waits on the grammars being compiled, a moment at a time).
+                idle = not self.engine.has_unfinished()
+                if idle and self._ahead:
+                    self._ahead.wait(0.05)
+                if not self._apply(self._next_commands(block=idle and not self._ahead)):
                     return
+                self._add_compiled()
                 if self.engine.has_unfinished():
                     self._step()
                 stats = self.engine.stats()
@@ -158,9 +166,9 @@ class EngineLoop:
             self._stopped.set()
             dead = EngineDeadError("the engine has stopped")
             self._fail_all(dead)
-            for command in self._next_commands(block=False):  # adds that came too late
-                if isinstance(command, _Add):
-                    _call(command.sink.error, dead)
+            late = [c for c in self._next_commands(block=False) if isinstance(c, _Add)]
+            for command in self._ahead.release_all() + late:  # adds that came too late
+                _call(command.sink.error, dead)
             if self._on_iteration is not None:
                 _call(self._on_iteration)
 
@@ -188,10 +196,11 @@ class EngineLoop:
             if isinstance(command, _Abort) and command.notify:
                 self._finish_all()
             elif isinstance(command, _Abort):
+                self._ahead.drop(command.request_ids)  # left while its grammar compiled
                 for request_id in command.request_ids:
                     if self._sinks.pop(request_id, None) is not None:
                         self.engine.abort(request_id)
-            elif isinstance(command, _Add):
+            elif isinstance(command, _Add) and not self._ahead.hold(command):
                 self._add(command)
         return True
 
@@ -212,6 +221,17 @@ class EngineLoop:
         for request_id in added:
             self._sinks[request_id] = command.sink
         _call(command.sink.accepted)
+
+    def _add_compiled(self) -> None:
+        """Add the held groups whose grammars compiled; fail those whose did not."""
+        for command, error in self._ahead.ready():
+            if error is None:
+                self._add(command)  # the grammars are in the cache now
+                continue
+            if not isinstance(error, KilnError):
+                log.error("compiling a grammar failed: %r", error)
+                error = RequestError(f"the request could not be added: {type(error).__name__}")
+            _call(command.sink.error, error)
 
     def _ping(self) -> None:
         try:
@@ -238,6 +258,8 @@ class EngineLoop:
                 _call(sink.output, output)
 
     def _finish_all(self) -> None:
+        for command in self._ahead.release_all():  # not added yet: nothing to finish
+            _call(command.sink.error, RequestError("the server is stopping"))
         sinks, self._sinks = self._sinks, {}
         for request_id, sink in sinks.items():
             group = self.engine.groups.get(request_id)
