@@ -82,6 +82,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if text.startswith("/"):
             print(f"(unknown command {text.split()[0]}; {HELP})", flush=True)
             continue
+        before = list(history)  # _fit drops old turns: kept if this message is refused
         history.append({"role": "user", "content": line})
         try:
             prompt = _fit(llm, history, start, args.max_tokens)
@@ -91,7 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             params = dataclasses.replace(asked, max_tokens=min(args.max_tokens, room))
             answer, stopped = _answer(llm.engine, prompt, params)
         except RequestError as e:  # this message only: the conversation goes on without it
-            history.pop()
+            history = before
             print(f"({e})", flush=True)
             continue
         print(" [stopped]" if stopped else "", flush=True)

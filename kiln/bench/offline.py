@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from kiln.bench.offline_args import add_arguments, check_args
+from kiln.bench.offline_args import add_arguments, check_args, random_engine_name
 from kiln.bench.report import step_kinds, summarize, write_json
 from kiln.bench.roofline import (
     decode_bytes_per_token,
@@ -56,17 +56,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
         from kiln.resolve import cache_dir
 
         ckpt = RandomCheckpoint(args.random_config)
-        quant = "" if build_cfg.quantization in ("auto", "none") else f"-{build_cfg.quantization}"
-        quant += f"-g{build_cfg.group_size}" if build_cfg.group_size else ""
-        head = build_cfg.quantize_lm_head
-        quant += f"-head{'' if head == 'auto' else '-' + head}" if head else ""
-        kv = "" if build_cfg.kv_cache_dtype == "auto" else f"-kv{build_cfg.kv_cache_dtype}"
-        tp = f"-tp{args.tp_size}" if args.tp_size > 1 else ""
-        tp += f"-pp{args.pp_size}" if args.pp_size > 1 else ""
-        tp += "-dummy" if build_cfg.load_format == "dummy" else ""
-        tp += f"-bs{build_cfg.block_size}" if build_cfg.block_size != 16 else ""
-        engine_dir = cache_dir() / "engines" / (f"random-{args.random_config}-{build_cfg.dtype}"
-                                                f"{quant}{kv}{tp}-{build_cfg.max_seq_len}")
+        engine_dir = cache_dir() / "engines" / random_engine_name(args, build_cfg)
         if not (engine_dir / "engine.json").exists():
             started = time.perf_counter()
             build(ckpt, engine_dir, build_cfg)
@@ -81,7 +71,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+    low = min(100, vocab // 4)  # clear of the special tokens (a tiny test vocabulary too)
+    return [[rng.randrange(low, vocab - low) for _ in range(length)] for _ in range(n)]
 
 
 def _run_engine(engine: LLMEngine, prompts: list[list[int]], output_len: int,

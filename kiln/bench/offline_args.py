@@ -4,10 +4,13 @@ anything is built or loaded."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+from pathlib import Path
 
 from kiln.bench.report import check_writable
 from kiln.cli import SPEC_HELP
-from kiln.config import add_build_arguments, int_in
+from kiln.config import BuildConfig, add_build_arguments, int_in
 from kiln.errors import KilnError
 from kiln.runtime.scheduler import POLICIES
 
@@ -84,3 +87,32 @@ def check_args(args: argparse.Namespace) -> None:
                         f"{args.input_len} + --output-len {args.output_len} = {needed} tokens")
     check_writable(args.out, "--out")
     check_writable(getattr(args, "profile", None), "--profile", folder=True)
+
+
+# What random_engine_name does not spell out of the options the weights depend on: a hash
+# of those not at their defaults (a calibration text by its contents) ends the name.
+_HASHED = ("activation_scheme", "calib_file", "smooth_alpha", "act_order", "calib_samples",
+           "calib_seq_len")
+
+
+def random_engine_name(args: argparse.Namespace, cfg: BuildConfig) -> str:
+    """The cache folder of --random-config's engine built with `cfg`."""
+    quant = "" if cfg.quantization in ("auto", "none") else f"-{cfg.quantization}"
+    quant += f"-g{cfg.group_size}" if cfg.group_size else ""
+    head = cfg.quantize_lm_head
+    quant += f"-head{'' if head == 'auto' else '-' + head}" if head else ""
+    kv = "" if cfg.kv_cache_dtype == "auto" else f"-kv{cfg.kv_cache_dtype}"
+    tp = f"-tp{cfg.tp_size}" if cfg.tp_size > 1 else ""
+    tp += f"-pp{cfg.pp_size}" if cfg.pp_size > 1 else ""
+    tp += "-dummy" if cfg.load_format == "dummy" else ""
+    tp += f"-bs{cfg.block_size}" if cfg.block_size != 16 else ""
+    default = BuildConfig()
+    other = {k: getattr(cfg, k) for k in _HASHED if getattr(cfg, k) != getattr(default, k)}
+    if other.get("calib_file"):  # calibrated weights depend on the text, not its name
+        from kiln.resolve import _file_identity
+
+        other["calib_file"] = _file_identity(Path(other["calib_file"]))
+    key = "-" + hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:8] \
+        if other else ""
+    return (f"random-{args.random_config}-{cfg.dtype}{quant}{kv}{tp}-{cfg.max_seq_len}"
+            f"{key}")

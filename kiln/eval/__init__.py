@@ -74,7 +74,9 @@ def text_perplexity(engine: LLMEngine, text: str, window: int,
     """(perplexity, tokens scored, window) of a text on the engine."""
     check_perplexity_options(window, max_tokens)
     if engine.tokenizer is None:
-        raise KilnError("this engine has no tokenizer, so it cannot read text")
+        from kiln.resolve import missing_tokenizer
+
+        raise KilnError(missing_tokenizer(engine.engine_dir))
     ids = engine.tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise KilnError("the text holds fewer than 2 tokens")

@@ -149,12 +149,32 @@ def load_hf_model(source: str, dtype):
     return model.eval()
 
 
+def hf_source_vocab(source: str) -> int:
+    """The vocabulary size of --compare-hf's model (a HF folder or a .gguf), read before
+    anything runs; a KilnError where it is something else (a built engine, any file)."""
+    from kiln.build.engine_dir import is_engine_dir, load_engine_config
+    from kiln.checkpoint import open_checkpoint
+
+    path = Path(source).expanduser()
+    if is_engine_dir(path):
+        built_from = load_engine_config(path).source.get("path")
+        raise KilnError(f"--compare-hf: {path} is a kiln engine; transformers needs the HF "
+                        "folder or .gguf it was built from" +
+                        (f" ({built_from})" if built_from else ""))
+    try:
+        return open_checkpoint(path).config.vocab_size
+    except KilnError as e:
+        raise KilnError(f"--compare-hf: {e}") from None
+
+
 def evaluate(llm, samples: list[Sample], max_tokens: int, compare_hf: str | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Summaries of every sample and their ROUGE scores (see the module docstring)."""
     engine = llm.engine
     if engine.tokenizer is None:
-        raise KilnError("this engine has no tokenizer, so it cannot read text")
+        from kiln.resolve import missing_tokenizer
+
+        raise KilnError(missing_tokenizer(engine.engine_dir))
     room = engine.max_seq_len - max_tokens
     if room < 16:
         raise KilnError(f"--max-tokens {max_tokens} leaves no room for an article in this "
@@ -248,9 +268,13 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
     samples = load_samples(args.data, args.max_samples)
     check_threshold(args.rouge_threshold, samples, args.compare_hf)
     check_writable(args.out, "--out")
-    if args.compare_hf and not Path(args.compare_hf).expanduser().exists():
-        raise KilnError(f"--compare-hf: {args.compare_hf} does not exist")
+    hf_vocab = hf_source_vocab(args.compare_hf) if args.compare_hf else None
     llm = open_llm(args)
+    vocab = llm.engine.config.model.vocab_size
+    if hf_vocab is not None and hf_vocab != vocab:
+        raise KilnError(f"--compare-hf: {args.compare_hf} has {hf_vocab} tokens in its "
+                        f"vocabulary, the model {vocab}: name the same model's HF folder or "
+                        ".gguf")
     result = evaluate(llm, samples, args.max_tokens, args.compare_hf)
     print_report(result)
     if args.rouge_threshold is not None:
