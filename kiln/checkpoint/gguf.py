@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from kiln.checkpoint.base import Checkpoint
-from kiln.checkpoint.gguf_file import GGUFFile
+from kiln.checkpoint.gguf_file import GGUFFile, UnknownTypeError
 from kiln.checkpoint.gguf_rope import rope_scaling
 from kiln.checkpoint.gguf_shards import open_shards, shard_paths
 from kiln.config import ModelConfig
@@ -58,6 +58,8 @@ SUPPORTED_TYPES = frozenset({
     Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
 })
+_UNSUPPORTED = ("which kiln cannot dequantize; supported: "
+                + ", ".join(q.name for q in sorted(SUPPORTED_TYPES)))
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -122,6 +124,8 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{name} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
         try:
             self._reader = GGUFFile(path)
+        except UnknownTypeError as e:
+            raise CheckpointError(f"{name}: {e}, {_UNSUPPORTED}") from None
         except (ValueError, IndexError, KeyError, TypeError, OverflowError,
                 UnicodeDecodeError) as e:
             # The reader indexes past the end or fails a reshape when the file is cut short.
@@ -175,10 +179,8 @@ class GGUFCheckpoint(Checkpoint):
                     f"{self.source.name} has tensor {t.name!r}, which kiln does not know; "
                     "this GGUF is not a plain llama-family model")
             if t.tensor_type not in SUPPORTED_TYPES:
-                raise CheckpointError(
-                    f"{self.source.name}: tensor {t.name} has type {t.tensor_type.name}, which "
-                    "kiln cannot dequantize; supported: "
-                    + ", ".join(q.name for q in sorted(SUPPORTED_TYPES)))
+                raise CheckpointError(f"{self.source.name}: tensor {t.name} has type "
+                                      f"{t.tensor_type.name}, {_UNSUPPORTED}")
             names[t.name] = hf
         return names
 

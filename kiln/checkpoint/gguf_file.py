@@ -33,6 +33,10 @@ _PLAIN = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F
           gguf.GGMLQuantizationType.I64: np.int64}
 
 
+class UnknownTypeError(ValueError):
+    """A tensor's ggml type is a number the gguf package has no name for."""
+
+
 @dataclass(frozen=True)
 class GGUFField:
     value: Any
@@ -96,8 +100,12 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = self._string()
             dims = tuple(self._unpack("Q") for _ in range(self._unpack("I")))
-            infos.append((name, dims, gguf.GGMLQuantizationType(self._unpack("I")),
-                          self._unpack("Q")))
+            number = self._unpack("I")
+            try:
+                qtype = gguf.GGMLQuantizationType(number)
+            except ValueError:  # a type newer than the gguf package (or a broken header)
+                raise UnknownTypeError(f"tensor {name} has type {number}") from None
+            infos.append((name, dims, qtype, self._unpack("Q")))
         alignment = self.fields.get("general.alignment", GGUFField(32)).value
         if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
                 or alignment & (alignment - 1):

@@ -86,6 +86,12 @@ def read_tokenizer_spec(reader: GGUFFile | gguf.GGUFReader, name: str = "the GGU
                 "does not know, so it cannot split text as the model does; build from the "
                 "model's HF folder (with its tokenizer.json) instead. Known: "
                 + ", ".join(sorted(PRE_TOKENIZERS)))
+        if gguf_field(reader, "tokenizer.ggml.merges") is None:  # as llama.cpp refuses it
+            raise CheckpointError(
+                f"{name} has a byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2') without "
+                "its merges (tokenizer.ggml.merges), so it cannot split text into the model's "
+                "tokens; the converter that wrote it dropped them: convert the model again, "
+                "or build from its HF folder (with its tokenizer.json)")
     split = PRE_TOKENIZERS.get(pre or "default", GPT2)
     specials = {key: _token_id(reader, f"tokenizer.ggml.{k}_token_id", len(tokens), name,
                                strict=key != "pad")
