@@ -24,7 +24,8 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+    """$KILN_CACHE (`~` expanded; set but empty: the default), else ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln").expanduser()
 
 
 def default_model() -> Path:

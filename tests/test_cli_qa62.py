@@ -145,3 +145,15 @@ def test_eval_without_a_tokenizer_says_how_to_fix_it(news, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"kiln: error: {engine} has no tokenizer") and \
             "add the model's tokenizer.json" in err and err.count("\n") == 1, err
+
+
+def test_kiln_cache_empty_or_with_a_tilde(monkeypatch, tmp_path):
+    """KILN_CACHE set but empty is the default cache, not ./engines; a quoted `~` (the
+    shell did not expand it) is the home folder."""
+    from kiln.resolve import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KILN_CACHE", "")
+    assert cache_dir() == tmp_path / ".cache" / "kiln"
+    monkeypatch.setenv("KILN_CACHE", "~/engines-here")
+    assert cache_dir() == tmp_path / "engines-here"
