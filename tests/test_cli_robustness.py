@@ -249,3 +249,27 @@ def test_an_unguarded_script_loading_a_multi_rank_engine_fails_in_seconds(hf, tm
                            "started"), run.stderr
     assert f"top level of {script}" in last and 'if __name__ == "__main__":' in last
     assert "bootstrapping phase" not in run.stderr and "leaked" not in run.stderr
+
+
+def test_a_build_too_big_for_its_rotary_tables_names_max_seq_len():
+    """A huge --max-seq-len makes the rotary table, not the weights, the build's memory:
+    the error says so (it blamed the weights, and offered --dtype / --tp-size)."""
+    import torch
+
+    from kiln.build.memory import check_fits, rank_bytes
+    from kiln.checkpoint.random import RandomCheckpoint
+    from kiln.errors import BuildError
+
+    cfg = RandomCheckpoint("smollm2-135m").config
+    build_cfg = BuildConfig(max_seq_len=10_000_000)
+    needed = rank_bytes(cfg, build_cfg, torch.bfloat16, None, "auto")
+    assert needed.tables > 2e9 and needed - needed.tables < 0.3e9
+    with pytest.raises(BuildError) as e:
+        check_fits(needed, torch.bfloat16, build_cfg, "random:smollm2-135m", available=10**9)
+    assert str(e.value) == (f"this build needs at least {needed / 1e9:.1f} GB of memory, "
+                            f"{needed.tables / 1e9:.1f} GB of it the rotary tables for "
+                            "--max-seq-len 10000000, but 1.0 GB is available; build with a "
+                            "smaller --max-seq-len")
+    small = rank_bytes(cfg, BuildConfig(), torch.bfloat16, None, "auto")
+    with pytest.raises(BuildError, match="weights in bfloat16"):
+        check_fits(small, torch.bfloat16, BuildConfig(), "random:smollm2-135m", available=1)

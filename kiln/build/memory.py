@@ -17,21 +17,38 @@ from kiln.errors import BuildError
 GB = 1e9
 
 
-def rank_bytes(cfg, build_cfg, dtype: torch.dtype, quant, kv_cache_dtype: str) -> int:
+class RankBytes(int):
+    """A rank's bytes (an int), with `tables`: how many of them are buffers that are not
+    weights (rotary tables, which grow with --max-seq-len)."""
+
+    tables: int
+
+    def __new__(cls, total: int, tables: int) -> RankBytes:
+        made = super().__new__(cls, total)
+        made.tables = tables
+        return made
+
+
+def rank_bytes(cfg, build_cfg, dtype: torch.dtype, quant, kv_cache_dtype: str) -> RankBytes:
     """The largest rank's parameters and buffers as the build loads them (the model built
     on the meta device: no memory). Tensor-parallel ranks are alike; of the pipeline
     stages, the first (embeddings) or the last (LM head) is the largest."""
     from kiln.distributed import Mapping
     from kiln.models import create_model
 
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
     world = build_cfg.tp_size * build_cfg.pp_size
-    largest = 0
+    largest = RankBytes(0, 0)
     for rank in sorted({0, world - 1}):
         mapping = Mapping(world, rank, build_cfg.tp_size, build_cfg.pp_size)
         model = create_model(cfg, mapping, build_cfg.max_seq_len, dtype, device="meta",
                              quant=quant, kv_cache_dtype=kv_cache_dtype)
-        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-        largest = max(largest, sum(t.numel() * t.element_size() for t in tensors.values()))
+        stored = {id(t) for t in model.state_dict(keep_vars=True).values()}
+        tables = size(t for t in model.buffers() if id(t) not in stored)  # not persistent
+        total = size((*model.parameters(), *model.buffers()))
+        largest = max(largest, RankBytes(total, tables))
     return largest
 
 
@@ -74,6 +91,12 @@ def check_fits(needed: int, dtype: torch.dtype, build_cfg, source: Path,
     world = build_cfg.tp_size * build_cfg.pp_size
     what = f"{'one rank' if world > 1 else 'the model'}'s weights in " \
         f"{str(dtype).removeprefix('torch.')}"
+    tables = getattr(needed, "tables", 0)
+    if tables * 2 > needed:  # the position tables, not the weights: --max-seq-len
+        raise BuildError(
+            f"this build needs at least {needed / GB:.1f} GB of memory, {tables / GB:.1f} GB "
+            f"of it the rotary tables for --max-seq-len {build_cfg.max_seq_len}, but "
+            f"{available / GB:.1f} GB is available; build with a smaller --max-seq-len")
     ways = ["a smaller --config"] if str(source).startswith("random:") else []
     if dtype == torch.float32:
         ways.append("--dtype bfloat16 (half the bytes)")
