@@ -9,6 +9,7 @@ module imports neither FastAPI nor Triton, so both front ends share it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ def utf8(name: str, raw: bytes) -> str:
 
 def _int(name: str, value: Any) -> int:
     value = _scalar(name, value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or value != int(value):  # JSON's Infinity: int() raises
         raise RequestError(f"{name} must be an integer, got {value!r}")
     return int(value)
 

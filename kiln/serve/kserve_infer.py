@@ -64,14 +64,17 @@ def read_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise RequestError("parameters must be an object")
-    binary_output = bool(parameters.get("binary_data_output", False))
-    for output in request.get("outputs") or []:
+    binary_output = _flag(parameters, "binary_data_output", False)
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise RequestError("outputs must be a list of tensors")
+    for output in outputs:
         if not isinstance(output, Mapping) or output.get("name") not in _OUTPUT_NAMES:
             name = output.get("name") if isinstance(output, Mapping) else output
             raise RequestError(f"unknown output {name!r}; this model has "
                                f"{', '.join(sorted(_OUTPUT_NAMES))}")
-        binary_output = bool((output.get("parameters") or {}).get("binary_data",
-                                                                   binary_output))
+        binary_output = _flag(_parameters(f"output {output['name']!r}", output),
+                              "binary_data", binary_output)
     values = {k: v for k, v in parameters.items() if k not in _RESERVED}
     offset = 0
     for tensor in inputs:
@@ -89,6 +92,22 @@ def read_infer_request(body: bytes, header_length: str | None) -> InferRequest:
 _OUTPUT_NAMES = {name for name, _, _ in OUTPUTS}
 
 
+def _parameters(what: str, tensor: Mapping[str, Any]) -> Mapping[str, Any]:
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise RequestError(f"{what}: parameters must be an object")
+    return parameters
+
+
+def _flag(parameters: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = parameters.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):  # bool("false") is True: refuse, never guess
+        raise RequestError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _read_tensor(tensor: Any, binary: bytes, offset: int) -> tuple[str, list[Any], int]:
     if not isinstance(tensor, Mapping) or not isinstance(tensor.get("name"), str):
         raise RequestError("each input must be an object with a name, datatype, shape "
@@ -98,14 +117,16 @@ def _read_tensor(tensor: Any, binary: bytes, offset: int) -> tuple[str, list[Any
     expected = _EXPECTED.get(name)
     if expected is None:
         raise RequestError(f"unknown input {name!r}; inputs: {', '.join(sorted(_EXPECTED))}")
-    if datatype not in _KINDS[expected]:
+    if not isinstance(datatype, str) or datatype not in _KINDS[expected]:
         raise RequestError(f"input {name!r} must be {expected}, got datatype {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise RequestError(f"input {name!r}: shape must be a list of sizes, got {shape!r}")
     count = math.prod(shape)
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = _parameters(f"input {name!r}", tensor).get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or offset + size > len(binary)):
             raise RequestError(f"input {name!r}: binary_data_size {size!r} is past the end "
                                "of the body")
         data = _from_binary(name, datatype, binary[offset:offset + size])

@@ -14,6 +14,7 @@ here (so this module runs only inside Triton, where triton_python_backend_utils 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -36,6 +37,8 @@ from kiln.serve.triton_model import (
 )
 from kiln.serve.trtllm_contract import ENSEMBLE_INPUTS
 from kiln.tokenizer import Tokenizer
+
+log = logging.getLogger("kiln.triton")
 
 
 def _params(args: dict[str, str]) -> dict[str, str]:
@@ -143,6 +146,14 @@ class _TokenResponder(ResponseSender):
     def output(self, output: RequestOutput) -> None:
         if self.done:
             return
+        try:
+            self._output(output)
+        except Exception as e:  # Triton took no response (its sender closed): stop now,
+            log.debug("kiln: response for %s not sent: %s", self.request_id, e)
+            self.loop.abort([self.request_id])  # not one failed send per token to the end
+            self.done = True
+
+    def _output(self, output: RequestOutput) -> None:
         if self.sender.is_cancelled():  # the client went away: free the blocks now
             self.loop.abort([self.request_id])
             self._send(None, FINAL)
@@ -182,6 +193,7 @@ class TensorRTLLMModel:
         engine = LLMEngine(_engine_dir(args),
                            RuntimeConfig(device=_params(args).get("device") or "auto"))
         self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.config.model.vocab_size
         gauges = _Gauges(args.get("model_name", "tensorrt_llm"))
         gauges.update(engine.stats())
         self.loop = EngineLoop(engine, gauges.update)
@@ -226,12 +238,12 @@ class TensorRTLLMModel:
         if end_id is not None and end_id >= 0:  # the client's end token replaces EOS
             fields["ignore_eos"], stop_ids = True, [int(end_id)]
         stop, bad = [], []
-        for word in _word_lists("stop_words_list", _input(request, "stop_words_list")):
+        for word in self._words(request, "stop_words_list"):
             if len(word) == 1:
                 stop_ids.append(word[0])
             else:  # a multi-token stop word ends generation when its text appears
                 stop.append(self._decode(word))
-        for word in _word_lists("bad_words_list", _input(request, "bad_words_list")):
+        for word in self._words(request, "bad_words_list"):
             bad.append(self._decode(word))
         fields.update(stop_token_ids=stop_ids, stop=stop, bad_words=bad)
         log_probs = bool(_scalar(request, "return_log_probs"))
@@ -248,6 +260,17 @@ class TensorRTLLMModel:
                 message = _as_sent(sent[field]) + message[len(field):]
             raise RequestError(message) from None
         return prompt, params, streaming, exclude, log_probs
+
+    def _words(self, request: Any, name: str) -> list[list[int]]:
+        """A word list input, every id in the vocabulary (an id outside it would be
+        dropped by the tokenizer, or make it raise, instead of a clear error)."""
+        words = _word_lists(name, _input(request, name))
+        for word in words:
+            bad = next((i for i in word if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise RequestError(f"{name}: token id {bad} is not in the vocabulary "
+                                   f"(0 to {self.vocab_size - 1})")
+        return words
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

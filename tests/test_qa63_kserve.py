@@ -1,0 +1,176 @@
+"""QA of the KServe v2 `infer` tensors and TensorRT-LLM's token model: malformed tensor
+fields are 400s that say what is wrong (not 500s, not silently misread), and word lists
+with ids outside the vocabulary are an error response (not an exception out of execute,
+not an id silently dropped)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.test_serve_support import MODEL, tiny_chat_engine
+
+TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}
+MAX = {"name": "max_tokens", "datatype": "INT32", "shape": [1], "data": [2]}
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"inputs": [TEXT, MAX], "outputs": [{"name": "text_output", "parameters": [1]}]},
+     "output 'text_output': parameters must be an object"),
+    ({"inputs": [{**TEXT, "parameters": ["binary_data_size", 6]}, MAX]},
+     "input 'text_input': parameters must be an object"),
+    ({"inputs": [{**TEXT, "datatype": ["BYTES"]}, MAX]},
+     "input 'text_input' must be BYTES, got datatype ['BYTES']"),
+    ({"inputs": [TEXT, MAX], "outputs": "text_output"}, "outputs must be a list of tensors"),
+    ({"inputs": [TEXT, MAX], "outputs": {"name": "text_output"}},
+     "outputs must be a list of tensors"),
+    ({"inputs": [{**TEXT, "shape": [True]}, MAX]}, "shape must be a list of sizes"),
+])
+def test_malformed_tensor_fields_are_400(server, body, words):
+    reply = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == words or words in reply.json()["error"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"inputs": [TEXT, MAX], "parameters": {"binary_data_output": "false"}},
+     "binary_data_output must be true or false, got 'false'"),
+    ({"inputs": [TEXT, MAX], "outputs": [{"name": "text_output",
+                                          "parameters": {"binary_data": 0}}]},
+     "binary_data must be true or false, got 0"),
+])
+def test_binary_output_flags_must_be_booleans(server, body, words):
+    """"false" used to be read as bool("false") == True: a binary reply the client had
+    asked not to get."""
+    reply = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == words
+
+
+def test_binary_output_flags_still_work(server):
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    binary = httpx.post(url, json={"inputs": [TEXT, MAX],
+                                   "parameters": {"binary_data_output": True}}, timeout=60)
+    assert binary.status_code == 200 and "inference-header-content-length" in binary.headers
+    plain = httpx.post(url, json={"inputs": [TEXT, MAX], "parameters": {
+        "binary_data_output": True}, "outputs": [{"name": "text_output",
+                                                  "parameters": {"binary_data": False}}]},
+                       timeout=60)
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["outputs"][0]["data"][0].startswith("Hi")
+
+
+# ---- TensorRT-LLM's tensorrt_llm model ------------------------------------------------
+@pytest.fixture
+def trtllm():
+    """kiln.serve.triton_trtllm under test_serve_triton_repo's stand-in for Triton's
+    triton_python_backend_utils, unloaded afterwards."""
+    from tests.test_serve_triton_repo import _fake_pb_utils
+
+    names = ("kiln.serve.triton_model", "kiln.serve.triton_trtllm")
+    saved = {name: sys.modules.pop(name, None) for name in names}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+        yield importlib.import_module("kiln.serve.triton_trtllm")
+        for name, module in saved.items():
+            sys.modules.pop(name, None)
+            if module is not None:
+                sys.modules[name] = module
+
+
+@pytest.mark.parametrize("name, words, message", [
+    ("stop_words_list", [[-3, 5], [2, -1]], "stop_words_list: token id -3 is not in the "
+     "vocabulary (0 to 49151)"),
+    ("bad_words_list", [[5, -7], [2, -1]], "bad_words_list: token id -7 is not in the "
+     "vocabulary (0 to 49151)"),
+    ("bad_words_list", [[1_000_000, 5], [2, -1]], "bad_words_list: token id 1000000 is not "
+     "in the vocabulary (0 to 49151)"),
+])
+def test_word_list_ids_outside_the_vocabulary(trtllm, name, words, message):
+    """A multi-token word with a negative id made the tokenizer raise OverflowError out of
+    execute (Triton then fails the request with a traceback, not an answer); an id past
+    the vocabulary was silently dropped from the word."""
+    from kiln.tokenizer import Tokenizer
+    from tests.test_serve_triton_repo import FakeRequest
+
+    model = object.__new__(trtllm.TensorRTLLMModel)  # refused before the engine is used
+    model.tokenizer = Tokenizer.from_engine(tiny_chat_engine())
+    model.vocab_size = 49152
+    request = FakeRequest(input_ids=np.array([[1, 2, 3]], np.int32),
+                          request_output_len=np.array([[4]], np.int32),
+                          **{name: np.array([words], np.int32)})
+    model.execute([request])
+    [(response, flags)] = request.sender.responses
+    assert flags == 1 and response.error is not None
+    assert response.error.message() == message
+
+
+class _Family:
+    GAUGE = 1
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def Metric(self, labels: dict) -> object:  # noqa: N802 (Triton's name)
+        return type("Gauge", (), {"set": lambda self, value: None})()
+
+
+@pytest.fixture
+def trtllm_model(trtllm, tmp_path):
+    """An initialized tensorrt_llm model over the tiny engine, as Triton loads it."""
+    from kiln.serve import trtllm_contract as contract
+    from tests.test_serve_triton_repo import _model_config_json
+
+    sys.modules["triton_python_backend_utils"].MetricFamily = _Family
+    config = tmp_path / "config.pbtxt"
+    config.write_text(contract.python_model_config(
+        "tensorrt_llm", contract.TENSORRT_LLM_INPUTS, contract.TENSORRT_LLM_OUTPUTS, 64, True,
+        {"engine_dir": str(tiny_chat_engine()), "device": "cpu"}))
+    model = trtllm.TensorRTLLMModel()
+    model.initialize({"model_config": _model_config_json(config),
+                      "model_repository": str(tmp_path), "model_name": "tensorrt_llm"})
+    yield model
+    model.finalize()
+
+
+def test_a_response_that_cannot_be_sent_ends_the_request(trtllm_model):
+    """Triton refusing a response (its sender closed) used to be logged and the request
+    generated on to request_output_len, every token another failed send, its KV blocks
+    held; now the request is aborted at the first failure."""
+    from tests.test_serve_support import wait_until
+    from tests.test_serve_triton_repo import FakeRequest, FakeSender
+
+    class ClosedSender(FakeSender):
+        attempts = 0
+
+        def send(self, response=None, flags: int = 0) -> None:
+            self.attempts += 1
+            raise RuntimeError("Unable to send the response: the sender is closed")
+
+    request = FakeRequest(input_ids=np.array([[1, 2, 3]], np.int32),
+                          request_output_len=np.array([[120]], np.int32),
+                          end_id=np.array([[0]], np.int32),
+                          temperature=np.array([[0.0]], np.float32),
+                          streaming=np.array([[True]]))
+    request.sender = ClosedSender()
+    trtllm_model.execute([request])
+    assert wait_until(lambda: request.sender.attempts > 0)
+    stats = trtllm_model.loop.stats
+    assert wait_until(lambda: stats()["num_running"] == 0 and stats()["kv_blocks_used"] == 0)
+    assert request.sender.attempts <= 2
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN"])
+def test_an_infinite_max_tokens_is_400(server, value):
+    """Python's json reads Infinity and NaN; int(inf) raised OverflowError: a 500."""
+    body = '{"text_input": "Hi", "max_tokens": ' + value + '}'
+    reply = httpx.post(f"{server.url}/v2/models/{MODEL}/generate", content=body,
+                       headers={"content-type": "application/json"}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"] == f"max_tokens must be an integer, got {float(value)!r}"
+    assert httpx.post(f"{server.url}/v2/models/{MODEL}/generate", timeout=60, json={
+        "text_input": "Hi", "max_tokens": 2}).status_code == 200
