@@ -32,7 +32,8 @@ def check_request(token_ids: list[int], params: SamplingParams, vocab: int, max_
         raise PromptTooLongError(f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) "
                            f"exceeds max_seq_len ({max_seq_len})")
     for name, ids in (("stop_token_ids", params.stop_token_ids),
-                      ("logit_bias", params.logit_bias or ())):
+                      ("logit_bias", params.logit_bias or ()),
+                      ("allowed_token_ids", params.allowed_token_ids or ())):
         for t in ids:
             if not 0 <= t < vocab:
                 raise RequestError(f"{name}: token id {t} is not in the vocabulary (0 to "

@@ -114,11 +114,14 @@ def apply_token(seq: Sequence, token: int, index: int,
 
 def _check_stop_strings(seq: Sequence, text_before: int) -> RequestStatus | None:
     params = seq.request.params
-    # A new match must end inside the new text: search from just before it.
-    start = max(0, text_before - max(map(len, params.stop)) + 1)
+    # A new match must end inside the new text: each stop string is searched from just
+    # before it (from its own length back: a shorter one found from the longest one's
+    # start could lie wholly in text made before min_tokens allowed a stop, and be cut).
     # The earliest match stops it (at one place: the one listed first), so the text keeps
     # no other stop string (vLLM takes the first one listed that matches anywhere).
-    found = [(index, stop) for stop in params.stop if (index := seq.text.find(stop, start)) >= 0]
+    text = seq.text
+    found = [(index, stop) for stop in params.stop
+             if (index := text.find(stop, max(0, text_before - len(stop) + 1))) >= 0]
     if not found:
         return None
     index, stop = min(found, key=lambda match: match[0])

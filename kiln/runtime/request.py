@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kiln.errors import RequestError
 
 INT64 = 1 << 63  # seeds are signed 64-bit integers: [-INT64, INT64)
@@ -38,7 +40,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-n logprobs per generated token
     prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logit_bias: dict[int, float] | None = None  # token id (or its digits) -> added to its logit
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (None: any)
     # Structured output (needs xgrammar; kiln/runtime/grammar.py), at most one of four: the
     # text is JSON valid against json_schema ({"type": "object"} for any JSON object),
     # matches the regular expression regex, is exactly one of the strings of choice, or is
@@ -77,9 +80,15 @@ class SamplingParams:
         self.stop = [s for s in _strings("stop", self.stop) if s]  # "" would match anywhere
         self.bad_words = [w for w in _strings("bad_words", self.bad_words) if w]
         self.stop_token_ids = _token_ids(self.stop_token_ids)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _token_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not self.allowed_token_ids:
+                raise RequestError("allowed_token_ids is empty: no token could be sampled")
         for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs",
-                     "prompt_logprobs"):
+                     "prompt_logprobs", "num_speculative_tokens"):
             value = getattr(self, name)
+            if value is None and name in ("n", "min_tokens", "top_k"):
+                raise RequestError(f"{name} must be a whole number, got None")
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, numbers.Integral)):
                 raise RequestError(f"{name} must be a whole number, got {value!r}")
@@ -91,6 +100,11 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
                     not math.isfinite(value):
                 raise RequestError(f"{name} must be a finite number, got {value!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise RequestError(f"{name} must be True or False, got {_show(value)}")
+            setattr(self, name, bool(value))
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.max_tokens is None or self.max_tokens >= 1,
@@ -114,10 +128,7 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              "prompt_logprobs must be >= 0"),
-            (self.num_speculative_tokens is None or (
-                isinstance(self.num_speculative_tokens, int)
-                and not isinstance(self.num_speculative_tokens, bool)
-                and self.num_speculative_tokens >= 0),
+            (self.num_speculative_tokens is None or self.num_speculative_tokens >= 0,
              f"num_speculative_tokens must be an integer >= 0, got "
              f"{self.num_speculative_tokens!r}"),
         ]
@@ -128,16 +139,8 @@ class SamplingParams:
         if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
             raise RequestError("logit_bias must be a dict of token id -> bias, got "
                                f"{_show(self.logit_bias)}")
-        for token_id, bias in (self.logit_bias or {}).items():
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                raise RequestError(f"logit_bias keys must be token ids, got {token_id!r}")
-            if token_id < 0:
-                raise RequestError(f"logit_bias: token id {token_id} is not in the vocabulary")
-            if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or \
-                    not -100 <= bias <= 100:
-                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} "
-                                   f"for token {token_id}")
-
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias)
 
     def _check_constraint(self) -> None:
         given = [kind for kind in CONSTRAINTS if getattr(self, kind) is not None]
@@ -174,18 +177,38 @@ def _strings(name: str, value: Any) -> list[str]:
     raise RequestError(f"{name} must be a string or a list of strings, got {_show(value)}")
 
 
-def _token_ids(value: Any) -> list[int]:
-    """stop_token_ids: None or a list of token ids (whole numbers >= 0), as a new list."""
+def _token_ids(value: Any, name: str = "stop_token_ids") -> list[int]:
+    """stop_token_ids (allowed_token_ids): None or a list of token ids (whole numbers >= 0),
+    as a new list."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)) or any(
             isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in value):
-        raise RequestError(f"stop_token_ids must be a list of token ids (whole numbers), got "
+        raise RequestError(f"{name} must be a list of token ids (whole numbers), got "
                            f"{_show(value)}")
     for t in value:
         if t < 0:
-            raise RequestError(f"stop_token_ids: token id {t} is not in the vocabulary")
+            raise RequestError(f"{name}: token id {t} is not in the vocabulary")
     return [int(t) for t in value]
+
+
+def _logit_bias(value: Mapping) -> dict[int, float]:
+    """logit_bias as {token id: bias}: keys are token ids, or their digits as the OpenAI
+    API's JSON writes them ("50256"), as vLLM takes both; biases in [-100, 100]."""
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        token_id = key
+        if isinstance(key, str) and key.strip().lstrip("+-").isdigit():
+            token_id = int(key)
+        if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+            raise RequestError(f"logit_bias keys must be token ids, got {_show(key)}")
+        if token_id < 0:
+            raise RequestError(f"logit_bias: token id {token_id} is not in the vocabulary")
+        if isinstance(b, bool) or not isinstance(b, numbers.Real) or not -100 <= b <= 100:
+            raise RequestError(f"logit_bias values must be in [-100, 100], got {_show(b)} "
+                               f"for token {token_id}")
+        bias[int(token_id)] = float(b)
+    return bias
 
 
 # Stands in request.token_ids for a sampled token still on its way from the device.

@@ -89,11 +89,13 @@ def penalty_tensors(requests: list[Request], vocab_size: int,
 
 def banned_tokens(requests: list[Request], vocab_size: int,
                   device: torch.device) -> torch.Tensor | None:
-    """Stop/EOS ids before min_tokens is reached, and single-token bad words."""
-    rows: list[list[int]] = []
+    """Stop/EOS ids before min_tokens is reached, single-token bad words, and every token
+    outside allowed_token_ids. Where these would ban every token of a row (allowed ids that
+    are all stop ids before min_tokens), only allowed_token_ids holds."""
+    rows: dict[int, tuple[list[int], list[int] | None]] = {}
     for i, r in enumerate(requests):
-        min_tokens = r.params.min_tokens
-        if not (min_tokens or r.bad_words_token_ids):
+        min_tokens, allowed = r.params.min_tokens, r.params.allowed_token_ids
+        if not (min_tokens or r.bad_words_token_ids or allowed):
             continue  # (most requests: nothing to ban, nothing to compute)
         ids: list[int] = []
         if len(r.token_ids) - r.num_prompt_tokens < min_tokens:
@@ -101,14 +103,20 @@ def banned_tokens(requests: list[Request], vocab_size: int,
             if not r.params.ignore_eos:
                 ids += list(r.eos_token_ids)
         ids += r.banned_next_tokens()
-        if ids:
-            rows += [[] for _ in range(i - len(rows))] + [ids]
+        if ids or allowed:
+            rows[i] = ([t for t in ids if 0 <= t < vocab_size],
+                       [t for t in allowed if 0 <= t < vocab_size] if allowed else None)
     if not rows:
         return None
-    rows += [[] for _ in range(len(requests) - len(rows))]
     mask = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
-    for i, ids in enumerate(rows):
-        mask[i, [t for t in ids if 0 <= t < vocab_size]] = True
+    for i, (ids, allowed) in rows.items():
+        if allowed:
+            mask[i] = True
+            mask[i, allowed] = False
+        row = mask[i].clone()
+        row[ids] = True
+        if not row.all():
+            mask[i] = row
     return _pinned_to(mask, device)
 
 
