@@ -105,6 +105,7 @@ def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens:
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, seed=body.seed, stop=stop,
         stop_token_ids=list(body.stop_token_ids or []), min_tokens=body.min_tokens,
+        allowed_token_ids=body.allowed_token_ids,
         ignore_eos=body.ignore_eos, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=logit_bias(body.logit_bias, vocab_size),

@@ -65,6 +65,7 @@ class _GenerationRequest(_NullIsDefault):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # kiln extension: drafts per verify step on a speculative engine (0: none)
