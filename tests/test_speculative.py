@@ -509,8 +509,8 @@ def test_per_request_draft_counts(ngram_llama, prompts, plain_outputs):
     assert ngram_llama.kv.num_used_blocks == 0
     with pytest.raises(RequestError, match="at most"):
         ngram_llama.add_request([5, 6, 7], SamplingParams(num_speculative_tokens=engine_k + 1))
-    for bad in (-1, 1.5, True):
-        with pytest.raises(RequestError, match="integer >= 0"):
+    for bad, words in ((-1, "integer >= 0"), (1.5, "whole number"), (True, "whole number")):
+        with pytest.raises(RequestError, match=f"^num_speculative_tokens must be an? {words}"):
             SamplingParams(num_speculative_tokens=bad)
 
 

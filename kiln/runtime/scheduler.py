@@ -121,11 +121,18 @@ class Scheduler:
             num_new = min(left, self._chunk_budget(budget))
             spec = request.spec_token_ids[:budget - 1] if left == 1 and \
                 request.spec_token_ids else None
+            if spec and long_rope and not request.rope_long:
+                # LongRoPE: positions from long_rope_after on take the long factors, after
+                # a recompute; a draft there would be checked with the short ones.
+                spec = spec[:max(self.long_rope_after - num_tokens, 0)]
             if spec and allocate(request, request.num_tokens + len(spec)):
+                request.spec_token_ids = spec  # the drafts verified (and counted) this step
                 out.scheduled.append(ScheduledRequest(request, 1 + len(spec), True, spec))
                 budget -= 1 + len(spec)
                 i += 1
                 continue
+            if request.spec_token_ids:
+                _drop_drafts(request)  # it decodes plainly this step: none are verified
             while not allocate(request, request.num_computed_tokens + num_new):
                 victim = next((r for r in reversed(self.running)
                                if r.request_id not in busy), request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class SpeculativeConfig:
             raise KilnError("speculative_config must be a JSON object, e.g. "
                             '{"method": "ngram", "num_speculative_tokens": 4}')
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = sorted(set(value) - known, key=str)
         if unknown:
             raise KilnError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
         method = value.get("method")
@@ -63,18 +64,19 @@ class SpeculativeConfig:
                             f"{'does' if len(foreign) == 1 else 'do'} not apply to method "
                             f"{method!r} (only to {_ONLY_FOR[foreign[0]]!r})")
         k = value.get("num_speculative_tokens")
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 32:
+        if not _whole(k) or not 1 <= k <= 32:
             raise KilnError("speculative_config needs num_speculative_tokens, an integer in "
                             f"[1, 32], got {k!r}")
         config = cls(**{**value, "method": method})
         lo, hi = config.prompt_lookup_min, config.prompt_lookup_max
-        if method == "ngram" and not (isinstance(lo, int) and isinstance(hi, int) and
-                                      1 <= lo <= hi):
+        if method == "ngram" and not (_whole(lo) and _whole(hi) and 1 <= lo <= hi):
             raise KilnError("speculative_config needs 1 <= prompt_lookup_min <= "
                             f"prompt_lookup_max, got {lo!r} and {hi!r}")
-        if method == "draft_model" and not config.model:
+        if method == "draft_model" and (not config.model or
+                                        not isinstance(config.model, (str, os.PathLike))):
             raise KilnError('speculative_config method "draft_model" needs "model": an '
-                            "engine dir, HF folder or GGUF file of the draft")
+                            "engine dir, HF folder or GGUF file of the draft (a path), got "
+                            f"{config.model!r}")
         if not isinstance(config.adaptive, bool):
             raise KilnError(f"speculative_config adaptive must be true or false, got "
                             f"{config.adaptive!r}")
@@ -87,3 +89,8 @@ class SpeculativeConfig:
             raise KilnError("speculative decoding on several GPUs takes the ngram method on "
                             f"tensor-parallel engines (this one: {self.method}, tp {tp_size} "
                             f"x pp {pp_size})")
+
+
+def _whole(value: Any) -> bool:
+    """An int, and not a bool (True would read as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
