@@ -174,3 +174,64 @@ def test_an_infinite_max_tokens_is_400(server, value):
     assert reply.json()["error"] == f"max_tokens must be an integer, got {float(value)!r}"
     assert httpx.post(f"{server.url}/v2/models/{MODEL}/generate", timeout=60, json={
         "text_input": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_an_end_id_among_the_engines_eos_ids_keeps_them_all(trtllm_model):
+    """The ensemble's preprocessing sends the tokenizer's EOS as end_id: that used to turn
+    the engine's other EOS ids off (ignore_eos), so a model with several ran on past them.
+    Another end_id still replaces EOS, as in TensorRT-LLM."""
+    from tests.test_serve_triton_repo import FakeRequest
+
+    eos = sorted(trtllm_model.eos_ids)
+    assert eos
+    base = {"input_ids": np.array([[1, 2, 3]], np.int32),
+            "request_output_len": np.array([[4]], np.int32)}
+    _, params, *_ = trtllm_model._parse(FakeRequest(**base, end_id=np.array([[eos[0]]])))
+    assert not params.ignore_eos and params.stop_token_ids == []
+    other = next(t for t in range(5, 100) if t not in eos)
+    _, params, *_ = trtllm_model._parse(FakeRequest(**base, end_id=np.array([[other]])))
+    assert params.ignore_eos and params.stop_token_ids == [other]
+
+
+def test_tokens_are_sent_off_the_engine_thread(trtllm_model):
+    """The engine thread used to call is_cancelled() and send() for every token of every
+    request (a round trip to Triton each): the outbox's thread sends them now, as the kiln
+    model's do."""
+    import threading
+
+    from tests.test_serve_support import wait_until
+    from tests.test_serve_triton_repo import FakeRequest, FakeSender
+
+    class Sender(FakeSender):
+        threads: set[str] = set()
+
+        def send(self, response=None, flags: int = 0) -> None:
+            self.threads.add(threading.current_thread().name)
+            super().send(response, flags)
+
+    request = FakeRequest(input_ids=np.array([[1, 2, 3]], np.int32),
+                          request_output_len=np.array([[12]], np.int32),
+                          temperature=np.array([[0.0]], np.float32),
+                          streaming=np.array([[True]]))
+    request.sender = Sender()
+    trtllm_model.execute([request])
+    assert wait_until(lambda: request.sender.finished.is_set())
+    assert request.sender.threads == {"kiln-triton-send"}
+    tokens = [t for r, _ in request.sender.responses if r is not None
+              for t in r.outputs["output_ids"].reshape(-1).tolist()]
+    assert len(tokens) == 12
+
+
+def test_the_model_loads_on_a_triton_without_metrics(trtllm, tmp_path):
+    from kiln.serve import trtllm_contract as contract
+    from tests.test_serve_triton_repo import _model_config_json
+
+    assert not hasattr(sys.modules["triton_python_backend_utils"], "MetricFamily")
+    config = tmp_path / "config.pbtxt"
+    config.write_text(contract.python_model_config(
+        "tensorrt_llm", contract.TENSORRT_LLM_INPUTS, contract.TENSORRT_LLM_OUTPUTS, 64, True,
+        {"engine_dir": str(tiny_chat_engine()), "device": "cpu"}))
+    model = trtllm.TensorRTLLMModel()
+    model.initialize({"model_config": _model_config_json(config),
+                      "model_repository": str(tmp_path), "model_name": "tensorrt_llm"})
+    model.finalize()

@@ -79,7 +79,7 @@ class _Outbox:
 
     def __init__(self, gauges: _Gauges | None) -> None:
         self._gauges = gauges
-        self._ready: collections.deque[_Responder] = collections.deque()
+        self._ready: collections.deque[QueuedResponder] = collections.deque()
         self._stats: dict[str, float] | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -87,7 +87,7 @@ class _Outbox:
                                         daemon=True)
         self._thread.start()
 
-    def post(self, responder: _Responder) -> None:
+    def post(self, responder: QueuedResponder) -> None:
         self._ready.append(responder)
         if not self._wake.is_set():  # set() takes a lock: once per batch, not per post
             self._wake.set()
@@ -128,18 +128,20 @@ def _call(fn: Any, *args: Any) -> None:
         log.exception("kiln: sending a response failed")
 
 
-class _Responder(ResponseSender):
+class QueuedResponder(ResponseSender):
     """One request's responses: the engine thread hands it outputs (`output`, `error`),
-    the sender thread sends what is new (`flush`)."""
+    the outbox's sender thread sends what is new (`flush`, then `_send_output` of the
+    newest output), so the engine thread never waits on Triton. `streams`: every output
+    is sent (else only the last, the sender woken now and then to ask whether the client
+    cancelled)."""
 
-    def __init__(self, sender: Any, request: GenerateInput, loop: EngineLoop,
-                 request_id: str, outbox: _Outbox) -> None:
+    def __init__(self, sender: Any, loop: EngineLoop, request_id: str, outbox: _Outbox,
+                 streams: bool) -> None:
         self.sender = sender
-        self.request = request
         self.loop = loop
         self.request_id = request_id
         self.outbox = outbox
-        self.deltas = TextDeltas(request.params.stop)
+        self.streams = streams
         self.done = False
         self._latest: RequestOutput | None = None  # newest output not yet sent
         self._error: BaseException | None = None
@@ -154,7 +156,7 @@ class _Responder(ResponseSender):
 
     def output(self, output: RequestOutput) -> None:
         self._latest = output  # cumulative: a newer output replaces one not yet sent
-        if self.request.stream or output.finished:
+        if self.streams or output.finished:
             self._schedule()
             return
         # A whole answer sends nothing before the end: wake the sender only to ask
@@ -190,7 +192,7 @@ class _Responder(ResponseSender):
                 ResponseSender.error(self, error)
         except Exception as e:  # e.g. the request was cancelled in the meantime
             log.debug("kiln: response for %s not sent: %s", self.request_id, e)
-            self.loop.abort([self.request_id])
+            self.loop.abort([self.request_id])  # not one failed send per token to the end
             self.done = True
 
     def _cancelled(self) -> bool:
@@ -200,6 +202,19 @@ class _Responder(ResponseSender):
             return False
         self._checked, self._unchecked = now, 1
         return bool(getattr(self.sender, "is_cancelled", lambda: False)())
+
+    def _send_output(self, output: RequestOutput) -> None:
+        raise NotImplementedError
+
+
+class _Responder(QueuedResponder):
+    """The `kiln` model's responses: text (a stream's deltas, or the whole answer)."""
+
+    def __init__(self, sender: Any, request: GenerateInput, loop: EngineLoop,
+                 request_id: str, outbox: _Outbox) -> None:
+        super().__init__(sender, loop, request_id, outbox, request.stream)
+        self.request = request
+        self.deltas = TextDeltas(request.params.stop)
 
     def _send_output(self, output: RequestOutput) -> None:
         if self.request.stream:

@@ -14,7 +14,6 @@ here (so this module runs only inside Triton, where triton_python_backend_utils 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import uuid
 from pathlib import Path
@@ -30,15 +29,14 @@ from kiln.serve.engine_loop import EngineLoop, NewRequest
 from kiln.serve.generate_params import utf8
 from kiln.serve.triton_model import (
     FINAL,
-    ResponseSender,
+    QueuedResponder,
     _error_response,
     _exit_with_server,
     _Gauges,
+    _Outbox,
 )
 from kiln.serve.trtllm_contract import ENSEMBLE_INPUTS
 from kiln.tokenizer import Tokenizer
-
-log = logging.getLogger("kiln.triton")
 
 
 def _params(args: dict[str, str]) -> dict[str, str]:
@@ -115,19 +113,18 @@ def word_list_tensor(words: list[list[int]]) -> np.ndarray:
     return out
 
 
-class _TokenResponder(ResponseSender):
-    """Sends one tensorrt_llm request's responses from the engine thread."""
+class _TokenResponder(QueuedResponder):
+    """One tensorrt_llm request's token responses, sent by the outbox's thread (the engine
+    thread never waits on Triton); a stream's response holds every token new since the
+    last one sent."""
 
-    def __init__(self, sender: Any, loop: EngineLoop, request_id: str, prompt: list[int],
-                 streaming: bool, exclude_input: bool, log_probs: bool) -> None:
-        self.sender, self.loop, self.request_id = sender, loop, request_id
+    def __init__(self, sender: Any, loop: EngineLoop, outbox: _Outbox, request_id: str,
+                 prompt: list[int], streaming: bool, exclude_input: bool,
+                 log_probs: bool) -> None:
+        super().__init__(sender, loop, request_id, outbox, streaming)
         self.prompt, self.streaming, self.exclude_input = prompt, streaming, exclude_input
         self.log_probs = log_probs
         self.sent = [0]  # tokens already streamed, per sequence
-        self.done = False
-
-    def accepted(self) -> None:
-        pass
 
     def _response(self, token_rows: list[list[int]], logprob_rows: list[list[float]],
                   cum: list[float]) -> Any:
@@ -143,21 +140,7 @@ class _TokenResponder(ResponseSender):
             pb_utils.Tensor("cum_log_probs", np.array([cum], dtype=np.float32)),
             pb_utils.Tensor("output_log_probs", lps)])
 
-    def output(self, output: RequestOutput) -> None:
-        if self.done:
-            return
-        try:
-            self._output(output)
-        except Exception as e:  # Triton took no response (its sender closed): stop now,
-            log.debug("kiln: response for %s not sent: %s", self.request_id, e)
-            self.loop.abort([self.request_id])  # not one failed send per token to the end
-            self.done = True
-
-    def _output(self, output: RequestOutput) -> None:
-        if self.sender.is_cancelled():  # the client went away: free the blocks now
-            self.loop.abort([self.request_id])
-            self._send(None, FINAL)
-            return
+    def _send_output(self, output: RequestOutput) -> None:
         flags = FINAL if output.finished else 0
         seqs = output.outputs
         if len(self.sent) < len(seqs):
@@ -183,6 +166,8 @@ def _chosen(logprobs: dict[int, float], token: int) -> float:
 class TensorRTLLMModel:
     """The `tensorrt_llm` model: kiln's engine behind TensorRT-LLM's token tensors."""
 
+    eos_ids: frozenset[int] = frozenset()  # the engine's end-of-sequence token ids
+
     def initialize(self, args: dict[str, str]) -> None:
         _exit_with_server(os.getppid())  # (see there)
         config = json.loads(args["model_config"])
@@ -194,9 +179,13 @@ class TensorRTLLMModel:
                            RuntimeConfig(device=_params(args).get("device") or "auto"))
         self.tokenizer = engine.tokenizer
         self.vocab_size = engine.config.model.vocab_size
-        gauges = _Gauges(args.get("model_name", "tensorrt_llm"))
-        gauges.update(engine.stats())
-        self.loop = EngineLoop(engine, gauges.update)
+        self.eos_ids = frozenset(engine.eos_token_ids)
+        gauges = (_Gauges(args.get("model_name", "tensorrt_llm"))
+                  if hasattr(pb_utils, "MetricFamily") else None)  # (a Triton without metrics)
+        if gauges is not None:
+            gauges.update(engine.stats())
+        self.outbox = _Outbox(gauges)
+        self.loop = EngineLoop(engine, self.outbox.stats)
         self.loop.start()
 
     def _parse(self, request: Any) -> tuple[list[int], SamplingParams, bool, bool, bool]:
@@ -235,7 +224,9 @@ class TensorRTLLMModel:
             fields["seed"] -= 1 << 64
         end_id = _scalar(request, "end_id")
         stop_ids: list[int] = []
-        if end_id is not None and end_id >= 0:  # the client's end token replaces EOS
+        if end_id is not None and end_id >= 0 and int(end_id) not in self.eos_ids:
+            # the client's end token replaces EOS; one of the engine's EOS ids (what the
+            # ensemble's preprocessing sends) keeps them all, as transformers stops
             fields["ignore_eos"], stop_ids = True, [int(end_id)]
         stop, bad = [], []
         for word in self._words(request, "stop_words_list"):
@@ -287,12 +278,13 @@ class TensorRTLLMModel:
                 continue
             request_id = uuid.uuid4().hex
             self.loop.add([NewRequest(prompt, params, request_id)],
-                          _TokenResponder(sender, self.loop, request_id, prompt, streaming,
-                                          exclude, log_probs))
+                          _TokenResponder(sender, self.loop, self.outbox, request_id, prompt,
+                                          streaming, exclude, log_probs))
         return None
 
     def finalize(self) -> None:
         self.loop.shutdown()
+        self.outbox.shutdown()
 
 
 class PreprocessingModel:
