@@ -148,3 +148,37 @@ def test_a_path_object_is_a_draft_model(tiny_engines):
     config = SpeculativeConfig.parse({"method": "draft_model", "num_speculative_tokens": 2,
                                       "model": tiny_engines["llama"]})
     assert config.model == tiny_engines["llama"]
+
+
+def test_a_request_waiting_for_blocks_counts_once_in_the_prefix_hit_rate():
+    """match_prefix counted a lookup every step a request waited for room (its tokens
+    added to the queries again and again): the hit rate sank under load."""
+    from kiln.runtime.kv_cache import KVCacheManager
+    from kiln.runtime.request import Request, RequestStatus
+    from kiln.runtime.scheduler import Scheduler
+
+    block = 4
+    kv = KVCacheManager(5, block, enable_prefix_caching=True)
+    sched = Scheduler(kv, 4, 64, "max_utilization", True)
+    first = Request("a", list(range(10, 22)), SamplingParams(max_tokens=4), 4)  # 3 blocks
+    second = Request("b", list(range(30, 42)), SamplingParams(max_tokens=4), 4)
+    sched.add(first)
+    sched.add(second)
+    for _ in range(3):  # the second waits: 2 blocks left (1 once the first decodes), 3 needed
+        out = sched.schedule()
+        sched.update(out)
+        for entry in out.scheduled:
+            if entry.sample:
+                entry.request.token_ids.append(7)
+    assert second.status is RequestStatus.WAITING and first.status is RequestStatus.RUNNING
+    assert kv.num_cache_queries == 12
+    sched.finish(first, RequestStatus.FINISHED_ABORTED)
+    out = sched.schedule()
+    assert second.status is RequestStatus.RUNNING
+    assert (kv.num_cache_queries, kv.num_cache_hits) == (24, 0)
+    sched.update(out)
+    sched.finish(second, RequestStatus.FINISHED_ABORTED)
+    third = Request("c", list(range(30, 42)), SamplingParams(max_tokens=4), 4)
+    sched.add(third)
+    sched.schedule()
+    assert (kv.num_cache_queries, kv.num_cache_hits) == (36, 8)  # 2 full blocks, 1 left

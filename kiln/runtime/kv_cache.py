@@ -95,9 +95,14 @@ class KVCacheManager:
             if block is None:
                 break
             found.append(block)
-        self.num_cache_queries += request.num_tokens
-        self.num_cache_hits += len(found) * self.block_size
         return found
+
+    def count_lookup(self, request: Request, num_cached: int) -> None:
+        """The hit rate's counts, once a request is admitted with num_cached tokens found
+        (not at every lookup: a request waiting for room looks again each step)."""
+        if self.enable_prefix_caching and request.prompt_logprobs is None:
+            self.num_cache_queries += request.num_tokens
+            self.num_cache_hits += num_cached
 
     def can_allocate(self, num_blocks: int, reuse: Sequence[int] = ()) -> bool:
         # Reused blocks sitting in the free queue are taken out of it, not allocated.

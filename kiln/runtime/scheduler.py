@@ -156,7 +156,8 @@ class Scheduler:
             if out.preempted and request in out.preempted:
                 break  # don't re-admit what was preempted in this very step
             self.check_long_rope(request)
-            reuse = self.kv.match_prefix(request) if not request.block_ids else []
+            looked_up = not request.block_ids
+            reuse = self.kv.match_prefix(request) if looked_up else []
             num_cached = len(reuse) * self.kv.block_size
             remaining = request.num_tokens - num_cached
             if remaining > budget and not self.chunked_prefill:
@@ -167,6 +168,8 @@ class Scheduler:
             if not self.kv.allocate(request, num_cached + num_new, reuse):
                 break
             self.waiting.popleft()
+            if looked_up:
+                self.kv.count_lookup(request, num_cached)
             request.num_computed_tokens = num_cached
             request.stats.num_cached_tokens = max(request.stats.num_cached_tokens, num_cached)
             request.status = RequestStatus.RUNNING
