@@ -21,8 +21,7 @@ from tests.test_int_wgmma import _hopper
 
 
 def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4,
-             glu: int = 0, rope_half: int = 0, pdl: bool = False, late: bool = False,
-             wait_first: bool = False):
+             glu: int = 0, rope_half: int = 0, pdl: bool = False):
     from triton.experimental.gluon import language as gl
 
     from kiln.kernels import compile_check as cc
@@ -43,8 +42,7 @@ def _compile(G: int, block_n: int, warps: int, has_offset: bool, stages: int = 4
                                "stride_vh", "stride_vd"), "i32")}
     const = dict(G=G, BLOCK_N=block_n, BLOCK_K=block_k, HAS_OFFSET=has_offset,
                  HAS_BIAS=glu > 0 or rope_half > 0, SPLIT_K=1 if glu or rope_half else 4,
-                 STAGES=stages, GLU=glu, ROPE_HALF=rope_half, PDL=pdl, PDL_LATE=late,
-                 PDL_WAIT_FIRST=wait_first)
+                 STAGES=stages, GLU=glu, ROPE_HALF=rope_half, PDL=pdl)
     report = cc.compile_sm90(int4_gemv_tma._w4_gemv_tma_kernel, values, const, warps)
     sass = cc._cuobjdump(cc._compile(int4_gemv_tma._w4_gemv_tma_kernel, values, const,
                                      warps, 2), "-sass")
@@ -101,20 +99,6 @@ def test_pdl_copies_the_weights_before_the_wait_and_x_after(offsets):
     assert len(body) == len(plain)
 
 
-@pytest.mark.parametrize("late,wait_first", [(True, False), (False, True), (True, True)])
-def test_pdl_experiments_move_the_wait_and_the_trigger(late, wait_first):
-    """KILN_INT4_GEMV_TMA_PDL=late / wait / late-wait: the kernel after let start
-    (PREEXIT) only after the K loop; every copy after griddepcontrol.wait (ACQBULK)."""
-    _, sass = _compile(128, 64, 4, True, pdl=True, late=late, wait_first=wait_first)
-    body, _ = _loop_and_after(sass)
-    lines = [t for t in re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);", sass, re.M)]
-    wait = next(i for i, t in enumerate(lines) if "ACQBULK" in t)
-    loop_end = len(lines) - lines[::-1].index(body[-1])
-    trigger = next(i for i, t in enumerate(lines) if "PREEXIT" in t)
-    assert (trigger > loop_end) == late and trigger > wait
-    assert (sum("UTMALDG" in t for t in lines[:wait]) == 0) == wait_first
-
-
 @pytest.mark.parametrize("G,block_n,glu,rope_half", [(32, 32, 1, 0), (128, 64, 2, 0),
                                                     (32, 32, 0, 64), (128, 64, 0, 32)])
 def test_the_glu_and_rope_epilogues_compile_with_two_copies_a_tensor(G, block_n, glu,
@@ -130,24 +114,6 @@ def test_the_glu_and_rope_epilogues_compile_with_two_copies_a_tensor(G, block_n,
         assert any("MUFU.EX2" in t for t in after)  # the activation
     else:  # q or a k head rotated, or a v head: four pairs of stores a path
         assert sum(bool(re.search(r"\bSTG", t)) for t in after) >= 6
-
-
-@pytest.mark.parametrize("value,error", [("late", False), ("early", True)])
-def test_pdl_mode_is_checked_at_import(value, error):
-    """KILN_INT4_GEMV_TMA_PDL takes 0, 1, late, wait or late-wait; anything else is refused
-    with the values it takes."""
-    import os
-    import subprocess
-    import sys
-
-    run = subprocess.run([sys.executable, "-c", "from kiln.kernels import int4_gemv_tma as m; "
-                          "print(m.PDL, m.PDL_LATE, m.PDL_WAIT_FIRST)"],
-                         env={**os.environ, "KILN_INT4_GEMV_TMA_PDL": value},
-                         capture_output=True, text=True, timeout=120)
-    if error:
-        assert run.returncode != 0 and "expected 0, 1, late, wait or late-wait" in run.stderr
-    else:
-        assert run.returncode == 0 and run.stdout.split() == ["True", "True", "False"]
 
 
 def test_launch_rules_and_the_switch(monkeypatch):

@@ -47,14 +47,11 @@ if TYPE_CHECKING:
 # launched with PDL behind the kernel before (its weights' first ring copied before the
 # wait), as the pairs GEMV is (58th session, H100, batch 1 in groups of 32: 342.9 tok/s
 # against 328.1, three runs each; KILN_INT4_GEMV_TMA_PDL=0 turns it off)
-# (an experiment, 60th session: `late`, the kernel after let start only once this one's
-# sums are done; `wait`, no weights copied before the wait; `late-wait` both)
-_PDL_MODE = os.environ.get("KILN_INT4_GEMV_TMA_PDL", "1")
-if _PDL_MODE not in ("0", "1", "late", "wait", "late-wait"):
-    raise ValueError(f"KILN_INT4_GEMV_TMA_PDL={_PDL_MODE!r}: expected 0, 1, late, wait or "
-                     "late-wait")
-PDL = _PDL_MODE != "0"
-PDL_LATE, PDL_WAIT_FIRST = "late" in _PDL_MODE, "wait" in _PDL_MODE
+# (the 60th session's `late` (the kernel after let start only once this one's sums are
+# done) and `wait` (no weights copied before the wait) measured no better: 63rd session,
+# H100, batch 1, down on this GEMV 346-350 tok/s in every mode, against 399-400 with the
+# pairs GEMV there; removed)
+PDL = os.environ.get("KILN_INT4_GEMV_TMA_PDL", "1") != "0"
 
 _DOT = gl.constexpr(_PAIRS_UNSIGNED.value)  # (word, x's four pairs) -> sum q x, float32
 _XSUM = gl.constexpr(_SUM_ASM.value)  # (x's four pairs) -> their eight values' sum
@@ -109,8 +106,7 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
                         BLOCK_K: gl.constexpr, HAS_OFFSET: gl.constexpr,
                         HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, STAGES: gl.constexpr,
                         GLU: gl.constexpr = 0, ROPE_HALF: gl.constexpr = 0,
-                        PDL: gl.constexpr = False, PDL_LATE: gl.constexpr = False,
-                        PDL_WAIT_FIRST: gl.constexpr = False):
+                        PDL: gl.constexpr = False):
     """out[0, N] = x [1, K] @ dequant(w)^T (+ bias) for the row block program_id(0) and the
     K split program_id(1): w int4 as int32 words [N, K / 8], scales and offsets float32
     [N, K / G], x bfloat16 pairs as int32 [1, K / 2], each a TMA descriptor. GLU (1 SiLU,
@@ -151,17 +147,13 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
     else:
         row0 = pid_n * (HALF if GLU else BLOCK_N)
         row1 = N // 2 + row0  # (GLU: the up rows)
-    if PDL and PDL_WAIT_FIRST:
-        gluon_wait()
     for s in gl.static_range(STAGES):  # (a slot is refilled as soon as it is read)
         _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars, s,
                    STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,
                    X=not PDL)
     if PDL:  # the ring's weights stream while the kernel before finishes; x after it
-        if not PDL_WAIT_FIRST:
-            gluon_wait()
-        if not PDL_LATE:
-            gluon_trigger()
+        gluon_wait()
+        gluon_trigger()
         for s in gl.static_range(STAGES):
             _gemv_step(w_desc, s_desc, o_desc, x_desc, w_ring, s_ring, o_ring, x_ring, bars,
                        s, STAGES, k_start, k_end, row0, row1, G, BLOCK_K, HAS_OFFSET, HALF,
@@ -202,8 +194,6 @@ def _w4_gemv_tma_kernel(w_desc, s_desc, o_desc, x_desc, bias_ptr, out_ptr, part_
         i += 1
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(s))
-    if PDL and PDL_LATE:
-        gluon_trigger()
     y = gl.sum(gl.sum(acc, axis=2), axis=1)
     if GLU:
         _glu_out(y, bias_ptr, out_ptr, pid_n, N // 2, BLOCK_N, HAS_BIAS, GLU, WARPS)
@@ -307,8 +297,7 @@ def w4_gemv_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               HAS_OFFSET=offset is not None, HAS_BIAS=bias is not None,
                               SPLIT_K=split, STAGES=cfg.stages, GLU=glu,
-                              ROPE_HALF=head_dim // 2, PDL=use_pdl, PDL_LATE=PDL_LATE,
-                              PDL_WAIT_FIRST=PDL_WAIT_FIRST, num_warps=cfg.num_warps,
+                              ROPE_HALF=head_dim // 2, PDL=use_pdl, num_warps=cfg.num_warps,
                               **pdl.launch_args(use_pdl))
     return out
 
