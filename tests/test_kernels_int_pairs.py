@@ -139,30 +139,6 @@ def test_pairs_gemv_preload_keeps_the_bits(interp) -> None:  # noqa: F811
     interp(check_preload)
 
 
-def check_float16_scales() -> None:
-    """Scales and offsets stored in float16 (benchmarks/int4_scale_dtype.py's experiment)
-    are read as float32: the bits of float32 storage holding the same values, in one
-    split and in splits summed in the kernel."""
-    from kiln.kernels import int_gemm
-
-    for N, K, group, split, block_n, block_k, fixup in (
-            (40, 96, 32, 1, 16, 64, False), (72, 1536, 128, 3, 64, 256, True)):
-        weight, scale, offset = _weight(N, K, 4, group, "cpu")
-        torch.manual_seed(K)
-        # offsets of other sizes than 8 scales, so that sums in float16 would round
-        scale, offset = scale.half().float(), (torch.randn_like(scale) * 0.05).half().float()
-        x = torch.randn(1, K).to(torch.bfloat16)
-        cfg = int_gemm.IntGemmConfig(0, block_n, block_k, 4, 3, split_k=split, factored=True,
-                                     xvec=True, fixup=fixup, pairs=True)
-        want = int_gemm.int_weight_linear(x, weight, scale, offset, config=cfg)
-        got = int_gemm.int_weight_linear(x, weight, scale.half(), offset.half(), config=cfg)
-        assert torch.equal(got, want), (N, K, split)
-
-
-def test_pairs_gemv_reads_float16_scales(interp) -> None:  # noqa: F811
-    interp(check_float16_scales)
-
-
 def test_pairs_gemv_row_tiles(interp) -> None:  # noqa: F811
     """KILN_INT_ROW_TILES's launches at small shapes: K steps of 512 (four groups of 128
     a step) in one split on 2 warps; 64 x 256 in splits summed in the kernel with the K

@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import attention_decode_fp8mma as fp8mma
 from kiln.kernels import num_sms, pdl
 from kiln.kernels.attention_decode_heads import launch_decode_heads
 from kiln.kernels.attention_splits import (
@@ -321,12 +320,6 @@ def paged_attention_decode(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_ctx, q.device)
     assert num_splits & (num_splits - 1) == 0, "num_splits must be a power of two"
-    if fp8mma.MODE != "0" and all(v is None for v in (  # opt-in, untimed; no launch asked
-            block_n, num_stages, num_warps, prefetch, max_registers, heads_per_program,
-            fused_reduce)) and fp8mma.fp8mma_applies(q, k_cache, v_t, group, sliding_window,
-                                                     softcap, alibi_slopes, key_rotary):
-        return fp8mma.fp8mma_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                    k_scale, v_scale, out, num_splits)
     block_d = head_block(head_dim)
     block_g = max(16, triton.next_power_of_2(group))
     default_n, default_stages, default_warps, default_prefetch = decode_config(

@@ -282,11 +282,10 @@ def _gemv1_load(w_ptr, s_ptr, o_ptr, rows, s_rows, mask_n, g, word, w0, k_end, G
         mask_g = mask_n & (k + g * (WPG * PER) < k_end)
         words = tl.load(w_ptr + rows * stride_wn + w0 + word, mask=mask_n & mask_w, other=0)
     group = k // G + g  # [1, GROUPS, 1]
-    # float32 math whatever the stored dtype (float16 scales: benchmarks/int4_scale_dtype.py)
-    scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + s_rows + group, mask=mask_g, other=0.0)
     offset = scale
     if HAS_OFFSET:
-        offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0).to(tl.float32)
+        offset = tl.load(o_ptr + s_rows + group, mask=mask_g, other=0.0)
     return words, scale, offset
 
 
