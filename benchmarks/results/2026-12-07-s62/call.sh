@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The 62nd session's device calls (carry .whl: `pip download --no-deps -d .whl gguf`). No
+# device was lent in the 62nd session: none has run.
 # (ran in the 63rd session: results in benchmarks/results/2026-12-07-s63; the scripts
 # for stages a, e and s were removed after, with the experiments they timed)
-# device was lent in the 62nd session: none has run.
 #  a (~4 min): decode attention with e4m3 products (kiln.kernels.attention_decode_fp8mma,
 #     opt-in): its GPU test, the CPU check on the GPU, then kernel timings against kiln's
 #     converting kernel (benchmarks/attn_decode_fp8mma.py bench) at 5 shapes
