@@ -5,13 +5,13 @@ not an id silently dropped)."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.test_serve_qa45 import triton_models  # noqa: F401 (a fixture)
 from tests.test_serve_support import MODEL, tiny_chat_engine
 
 TEXT = {"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ["Hi"]}
@@ -66,20 +66,25 @@ def test_binary_output_flags_still_work(server):
 
 # ---- TensorRT-LLM's tensorrt_llm model ------------------------------------------------
 @pytest.fixture
-def trtllm():
+def trtllm(triton_models):  # noqa: F811
     """kiln.serve.triton_trtllm under test_serve_triton_repo's stand-in for Triton's
     triton_python_backend_utils, unloaded afterwards."""
-    from tests.test_serve_triton_repo import _fake_pb_utils
+    return triton_models[1]
 
-    names = ("kiln.serve.triton_model", "kiln.serve.triton_trtllm")
-    saved = {name: sys.modules.pop(name, None) for name in names}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-        yield importlib.import_module("kiln.serve.triton_trtllm")
-        for name, module in saved.items():
-            sys.modules.pop(name, None)
-            if module is not None:
-                sys.modules[name] = module
+
+def _initialized(trtllm, tmp_path):
+    """A tensorrt_llm model over the tiny engine, initialized as Triton does."""
+    from kiln.serve import trtllm_contract as contract
+    from tests.test_serve_triton_repo import _model_config_json
+
+    config = tmp_path / "config.pbtxt"
+    config.write_text(contract.python_model_config(
+        "tensorrt_llm", contract.TENSORRT_LLM_INPUTS, contract.TENSORRT_LLM_OUTPUTS, 64, True,
+        {"engine_dir": str(tiny_chat_engine()), "device": "cpu"}))
+    model = trtllm.TensorRTLLMModel()
+    model.initialize({"model_config": _model_config_json(config),
+                      "model_repository": str(tmp_path), "model_name": "tensorrt_llm"})
+    return model
 
 
 @pytest.mark.parametrize("name, words, message", [
@@ -122,17 +127,8 @@ class _Family:
 @pytest.fixture
 def trtllm_model(trtllm, tmp_path):
     """An initialized tensorrt_llm model over the tiny engine, as Triton loads it."""
-    from kiln.serve import trtllm_contract as contract
-    from tests.test_serve_triton_repo import _model_config_json
-
     sys.modules["triton_python_backend_utils"].MetricFamily = _Family
-    config = tmp_path / "config.pbtxt"
-    config.write_text(contract.python_model_config(
-        "tensorrt_llm", contract.TENSORRT_LLM_INPUTS, contract.TENSORRT_LLM_OUTPUTS, 64, True,
-        {"engine_dir": str(tiny_chat_engine()), "device": "cpu"}))
-    model = trtllm.TensorRTLLMModel()
-    model.initialize({"model_config": _model_config_json(config),
-                      "model_repository": str(tmp_path), "model_name": "tensorrt_llm"})
+    model = _initialized(trtllm, tmp_path)
     yield model
     model.finalize()
 
@@ -223,15 +219,5 @@ def test_tokens_are_sent_off_the_engine_thread(trtllm_model):
 
 
 def test_the_model_loads_on_a_triton_without_metrics(trtllm, tmp_path):
-    from kiln.serve import trtllm_contract as contract
-    from tests.test_serve_triton_repo import _model_config_json
-
     assert not hasattr(sys.modules["triton_python_backend_utils"], "MetricFamily")
-    config = tmp_path / "config.pbtxt"
-    config.write_text(contract.python_model_config(
-        "tensorrt_llm", contract.TENSORRT_LLM_INPUTS, contract.TENSORRT_LLM_OUTPUTS, 64, True,
-        {"engine_dir": str(tiny_chat_engine()), "device": "cpu"}))
-    model = trtllm.TensorRTLLMModel()
-    model.initialize({"model_config": _model_config_json(config),
-                      "model_repository": str(tmp_path), "model_name": "tensorrt_llm"})
-    model.finalize()
+    _initialized(trtllm, tmp_path).finalize()
