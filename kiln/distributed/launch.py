@@ -79,11 +79,44 @@ def channel(ctx: RankContext, alive: Callable[[], bool] | None = None) -> Any:
 
 
 def launcher_rank() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when a launcher (torchrun, ...) started us."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """(rank, world size, local rank) when a launcher (torchrun, ...) started us; values
+    that no launcher sets (one of RANK / WORLD_SIZE alone, not a number, a rank outside
+    the world) are one KilnError, not a ValueError's traceback or a wait for ranks that
+    cannot come."""
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in os.environ]
+    if not given:
         return None
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    if len(given) == 1:
+        other = "WORLD_SIZE" if given[0] == "RANK" else "RANK"
+        raise KilnError(f"{given[0]} is set but {other} is not: a launcher sets both (and "
+                        "MASTER_ADDR / MASTER_PORT); set both for every rank, or neither")
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
+    if world < 1:
+        raise KilnError(f"WORLD_SIZE={world} must be the number of ranks, at least 1")
+    if not 0 <= rank < world:
+        raise KilnError(f"RANK={rank} is outside WORLD_SIZE={world}: ranks are numbered "
+                        f"0 to {world - 1}")
+    if local_rank < 0:
+        raise KilnError(f"LOCAL_RANK={local_rank} must be 0 or more (this rank's GPU on "
+                        "its node)")
+    return rank, world, local_rank
+
+
+def world_mismatch(engine_dir: Any, world: int, launched: int) -> str:
+    """The line for an engine of `world` ranks under a launcher that started `launched`."""
+    ranks, procs = ("rank", "process") if world == 1 else ("ranks", "processes")
+    return (f"{engine_dir} is built for {world} {ranks} (tp x pp), but the launcher started "
+            f"{launched} (WORLD_SIZE); launch {world} {procs}")
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ[name]
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise KilnError(f"{name}={raw!r} is not a whole number (a launcher sets RANK, "
+                        "WORLD_SIZE and LOCAL_RANK to numbers)") from None
 
 
 def join(rank: int, world: int, local_rank: int, device_type: str,
@@ -150,16 +183,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent(parent: int | None = None) -> None:
+def die_with_parent(parent: int | None = None, death_signal: bool = True) -> None:
     """Linux: the kernel kills this process when its parent dies (no orphans). Given the
-    parent's pid, a parent already gone by now ends this process too."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    parent's pid, a parent already gone by now ends this process too. The kernel's signal
+    comes when the parent's *thread* that started this process ends: a parent that did
+    so from another thread than its main one passes death_signal=False, and a thread of
+    this process watches for being orphaned instead (within half a second)."""
+    if death_signal:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+    if parent is not None and not death_signal:
+        def orphaned() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=orphaned, daemon=True, name="kiln-parent-watch").start()
 
 
 def spawn(world: int, target: Callable[..., None], args: tuple) -> list[Any]:

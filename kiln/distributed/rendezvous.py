@@ -42,11 +42,15 @@ def address(init_method: str) -> tuple[str, int]:
     if init_method != "env://":
         url = urlparse(init_method)
         return url.hostname or "127.0.0.1", int(url.port or 0)
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not host or not port or not port.isdigit():
+    host = os.environ.get("MASTER_ADDR", "").strip()
+    port = os.environ.get("MASTER_PORT", "").strip()
+    if not host or not port:
         raise KilnError("RANK and WORLD_SIZE are set (a launcher started this process), but "
                         "MASTER_ADDR / MASTER_PORT are not: set them to rank 0's host and a "
                         "free port on it, the same for every rank")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise KilnError(f"MASTER_PORT={port!r} is not a port: give a free TCP port on rank "
+                        "0's host (1-65535), the same for every rank")
     return host, int(port)
 
 
@@ -83,6 +87,8 @@ def store(host: str, port: int, rank: int, world: int, timeout: float,
     try:
         if rank != 0:  # quietly: the store's client logs a C++ trace per failed connect
             _await_listener(host, port, deadline, timeout)
+        else:  # its store's client connects to MASTER_ADDR: a name that does not resolve
+            _await_resolved(host, notice, deadline, timeout)  # logged a C++ trace a retry
         try:
             tcp = dist.TCPStore(host, port, world, is_master=rank == 0,
                                 timeout=timedelta(seconds=timeout), wait_for_workers=False)
@@ -120,6 +126,22 @@ def _await_listener(host: str, port: int, deadline: float, timeout: float) -> No
                                 f"{timeout:.0f} s; start rank 0 with the same MASTER_ADDR "
                                 f"and MASTER_PORT, or set {TIMEOUT_VARIABLE} to wait longer"
                                 ) from None
+            time.sleep(0.2)
+
+
+def _await_resolved(host: str, notice: _Notice, deadline: float, timeout: float) -> None:
+    """Wait until MASTER_ADDR resolves (a cluster's DNS may add rank 0's name late)."""
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            notice.waiting_for = ""
+            return
+        except OSError as e:
+            notice.waiting_for = f"MASTER_ADDR {host} to resolve"
+            if time.monotonic() > deadline:
+                raise KilnError(f"MASTER_ADDR {host} does not resolve on rank 0 ("
+                                f"{e.strerror or e}) after {timeout:.0f} s: set it to rank "
+                                "0's host name or address, the same for every rank") from None
             time.sleep(0.2)
 
 

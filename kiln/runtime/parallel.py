@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -182,6 +183,9 @@ def starting(engine: LLMEngine) -> Iterator[None]:
     PeerLost. Rank 0 then stops its workers and frees the process group."""
     ctx, mirror = engine.rank_context, engine.mirror
     if ctx is None:
+        # A one-rank engine under a launcher of several processes: each ran it whole
+        if (env := launch.launcher_rank()) is not None and env[1] != 1:
+            raise KilnError(launch.world_mismatch(engine.engine_dir, 1, env[1]))
         yield
         return
     try:
@@ -220,8 +224,7 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     if env is not None:
         rank, env_world, local_rank = env
         if env_world != world:
-            raise KilnError(f"{engine.engine_dir} is built for {world} ranks (tp x pp), but "
-                            f"the launcher started {env_world}; launch {world} processes")
+            raise KilnError(launch.world_mismatch(engine.engine_dir, world, env_world))
         threads = torch.get_num_threads()
         ctx = launch.join(rank, world, local_rank, device_type,
                           tp_size=engine.config.build.tp_size)
@@ -240,8 +243,11 @@ def start(engine: LLMEngine, world: int, device_type: str) -> tuple[launch.RankC
     tp = engine.config.build.tp_size
     spec = launch.ShmChannel.create(world)
     shm = launch.ShmChannel(spec, 0, None)  # where the workers leave their last words
-    workers = launch.spawn(world, _spawned_worker,
-                           (world, tp, port, str(engine.engine_dir), engine.runtime, spec))
+    # The kernel's parent-death signal follows the thread that starts the workers: an
+    # engine loaded from a thread that then ends (a pool's) would lose them with it.
+    main_thread = threading.current_thread() is threading.main_thread()
+    workers = launch.spawn(world, _spawned_worker, (world, tp, port, str(engine.engine_dir),
+                                                    engine.runtime, spec, main_thread))
     deaths = launch.Deaths(workers, shm)
     threads = torch.get_num_threads()
     joined = False
@@ -281,8 +287,6 @@ def _destroy_process_group(timeout: float = 10.0) -> None:
     is worse than a leaked communicator. NCCL groups are aborted (ncclCommAbort waits for
     no peer; nothing is in flight at close), gloo groups destroyed; both unregister the
     groups, so this process can start another multi-rank engine."""
-    import threading
-
     nccl = dist.is_initialized() and dist.get_backend() == "nccl"
     done = threading.Event()
 
@@ -312,10 +316,12 @@ def abort_collectives() -> None:
 
 
 def _spawned_worker(rank: int, world: int, tp_size: int, port: int, engine_dir: str,
-                    runtime: RuntimeConfig, channel_spec: dict | None = None) -> None:
+                    runtime: RuntimeConfig, channel_spec: dict | None = None,
+                    death_signal: bool = True) -> None:
     from kiln.runtime.engine import LLMEngine
 
-    launch.die_with_parent(getattr(multiprocessing.parent_process(), "pid", None))
+    launch.die_with_parent(getattr(multiprocessing.parent_process(), "pid", None),
+                           death_signal)
     # A Ctrl-C in a terminal reaches every process of its group: rank 0 decides, and
     # stops the workers (they may be inside the collectives of the step it left).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
