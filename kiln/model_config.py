@@ -14,7 +14,8 @@ from kiln.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 # HF architecture name -> (kiln model family, per-family flags). Families are rows here,
-# not classes: one generic decoder serves every row.
+# not classes: one generic decoder serves every row. partial_rotary: the row rotates
+# partial_rotary_factor of each head (the other rows' transformers classes ignore it).
 _LLAMA_FAMILY = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
@@ -23,7 +24,7 @@ _LLAMA_FAMILY = {
     # RMSNorm scales by (1 + w), embeddings by sqrt(hidden), GeGLU (tanh GELU) MLP.
     "GemmaForCausalLM": {"norm_weight_offset": 1.0, "scale_embeddings": True},
     # Q/K/V and gate/up come fused in the checkpoint (split at build time).
-    "Phi3ForCausalLM": {},
+    "Phi3ForCausalLM": {"partial_rotary": True},
     # LayerNorm with bias, a plain (not gated) GELU MLP, biases everywhere (use_bias).
     "Starcoder2ForCausalLM": {"norm_type": "layernorm", "gated_mlp": False,
                               "bias_key": "use_bias"},
@@ -34,11 +35,12 @@ _LLAMA_FAMILY = {
     # GPT-NeoX / Pythia: x + attn(ln1(x)) + mlp(ln2(x)), rotary on part of each head.
     # Its attention biases follow attention_bias (default true), the MLP's are always there.
     "GPTNeoXForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "mlp_bias": True,
-                           "parallel_residual_key": "use_parallel_residual"},
+                           "parallel_residual_key": "use_parallel_residual",
+                           "partial_rotary": True},
     # Phi-2: one LayerNorm feeds attention and MLP in parallel; partial rotary; LM head bias.
     "PhiForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
                        "parallel_residual": True, "parallel_shared_norm": True,
-                       "lm_head_bias": True},
+                       "lm_head_bias": True, "partial_rotary": True},
     # Bloom: ALiBi instead of positions, a LayerNorm on the embeddings, per-head fused QKV.
     "BloomForCausalLM": {"norm_type": "layernorm", "gated_mlp": False, "bias": True,
                          "position_embedding": "alibi", "embedding_norm": True},
@@ -178,7 +180,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Read a HuggingFace `config.json` dict (transformers 4 or 5 layout)."""
-        from kiln.checkpoint.hf_defaults import HF_DEFAULTS  # (kiln.checkpoint imports this)
+        from kiln.checkpoint.hf_defaults import HF_DEFAULTS, token_ids  # (an import cycle)
 
         arch = _architecture(hf)
         flags = _LLAMA_FAMILY[arch]
@@ -192,8 +194,7 @@ class ModelConfig:
             num_heads = _whole(hf, "num_attention_heads")
             hidden = _whole(hf, "hidden_size")
             head_dim = _whole(hf, "head_dim", hidden // num_heads)
-            eos = hf.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            eos_ids, bos = token_ids(hf, "eos_token_id"), token_ids(hf, "bos_token_id")
             # transformers 5 moved rope_theta / rope_scaling into rope_parameters; Gemma 3
             # keeps one set per layer type there.
             rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -202,6 +203,7 @@ class ModelConfig:
             rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
             partial = float(rope.pop("partial_rotary_factor",
                                      hf.get("partial_rotary_factor", 1.0)))
+            partial = partial if flags.get("partial_rotary") else 1.0  # (as transformers)
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if arch == "Phi3ForCausalLM" and rope_type in ("su", "yarn"):  # as transformers
                 rope_type = rope["rope_type"] = "longrope"  # (Phi-3's first 128k configs)
@@ -250,7 +252,7 @@ class ModelConfig:
                 scale_embeddings=bool(flags.get("scale_embeddings", False)),
                 norm_type=str(flags.get("norm_type", "rmsnorm")),
                 gated_mlp=bool(flags.get("gated_mlp", True)),
-                bos_token_id=hf.get("bos_token_id"),
+                bos_token_id=bos[0] if len(bos) == 1 else None,
                 eos_token_ids=eos_ids,
                 sliding_window=window,
                 position_embedding=str(flags.get("position_embedding", "rope")),

@@ -46,8 +46,7 @@ from kiln.config import (
 from kiln.distributed import Mapping
 from kiln.errors import BuildError, CheckpointError
 from kiln.layers.quantization import quantize_float_model
-from kiln.layers.rotary import check_rope_scaling
-from kiln.models import create_model
+from kiln.models import check_model, create_model
 from kiln.tokenizer import Tokenizer, TokenizerFileError
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ def validate(cfg: ModelConfig, build_cfg: BuildConfig) -> None:
     if cfg.hidden_act not in ACTIVATIONS:
         raise BuildError(f"activation {cfg.hidden_act!r} is not supported "
                          f"(supported: {', '.join(ACTIVATIONS)})")
-    check_rope_scaling(cfg.rope_scaling, cfg.rotary_dim)
+    check_model(cfg)
 
 
 def build(source: str | Path | Checkpoint, output_dir: str | Path,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kiln.checkpoint.base import Checkpoint
+from kiln.checkpoint.hf_defaults import token_ids
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError
 
@@ -38,22 +39,14 @@ class HFCheckpoint(Checkpoint):
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{folder} has no config.json; is it a HuggingFace model folder?")
-        try:
-            hf_config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-        if not isinstance(hf_config, dict):
-            raise CheckpointError(f"{config_path} is not a JSON object of config fields")
+        hf_config = _json_object(config_path, "config fields")
         self.hf_config = hf_config  # build/ reads quantization_config from it
         self.config = ModelConfig.from_hf(hf_config)
         # Chat models often list their end-of-turn token only in generation_config.json.
         generation = folder / "generation_config.json"
         if generation.is_file():
-            try:
-                eos = json.loads(generation.read_text()).get("eos_token_id")
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{generation} is not valid JSON: {e}") from None
-            eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            eos = token_ids(_json_object(generation, "generation settings"), "eos_token_id",
+                            generation.name)
             merged = tuple(dict.fromkeys([*self.config.eos_token_ids, *eos]))
             self.config = dataclasses.replace(self.config, eos_token_ids=merged)
         self._files = self._weight_files()
@@ -107,10 +100,10 @@ class HFCheckpoint(Checkpoint):
             path = self.source / name
             if path.is_file():
                 return self._shards(path) if name.endswith(".json") else [path]
-        found = sorted(self.source.glob("*.safetensors"))
+        found = sorted(p for p in self.source.glob("*.safetensors") if p.is_file())
         if found:
             return found
-        found = sorted(self.source.glob("pytorch_model*.bin"))
+        found = sorted(p for p in self.source.glob("pytorch_model*.bin") if p.is_file())
         if found:
             return found
         raise CheckpointError(
@@ -163,7 +156,10 @@ class HFCheckpoint(Checkpoint):
                     state = torch.load(path, map_location="cpu", weights_only=True,
                                        mmap=zipfile.is_zipfile(path))
                 except Exception as e:
-                    raise CheckpointError(f"{path.name} could not be loaded: {e}") from None
+                    raise CheckpointError(f"{path.name} could not be loaded: {_why(e)}; kiln "
+                                          "reads tensors only (torch.load weights_only): if "
+                                          "the file is whole, convert it to safetensors"
+                                          ) from None
                 self.origins.update(dict.fromkeys(state, path.name))
                 yield from state.items()
 
@@ -209,17 +205,42 @@ def _safetensors_header(path: Path) -> list[str]:
             if header_len > size - 8:
                 raise ValueError("header length exceeds file size")
             header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        ends = {name: info["data_offsets"][1] for name, info in header.items()
+                if name != "__metadata__"}
+        if not all(isinstance(end, int) for end in ends.values()):
+            raise ValueError("a tensor's data_offsets are not whole numbers")
+    except (struct.error, ValueError, UnicodeDecodeError, OSError) as e:
         raise CheckpointError(f"{path.name} is truncated or corrupt: {e}") from None
+    except (KeyError, TypeError, IndexError) as e:  # an entry without [start, end] offsets
+        raise CheckpointError(f"{path.name} is corrupt: its header holds an entry without "
+                              f"data_offsets ({type(e).__name__}: {e})") from None
     data_size = size - 8 - header_len
     names = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        end = info["data_offsets"][1]
+    for name, end in ends.items():
         if end > data_size:
             raise CheckpointError(
                 f"{path.name} is truncated: tensor {name} ends at byte {end} of the data "
                 f"section but the file holds only {data_size}; re-download it")
         names.append(name)
     return names
+
+
+def _json_object(path: Path, what: str) -> dict:
+    """A JSON file's object, or a CheckpointError saying what is wrong with the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object of {what}")
+    return data
+
+
+def _why(e: Exception) -> str:
+    """One line of torch.load's error (its weights_only text runs over many lines, the
+    cause after "WeightsUnpickler error:")."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {line[:200]}" if line else type(e).__name__

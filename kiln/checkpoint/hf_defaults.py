@@ -66,3 +66,18 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "Gemma3ForCausalLM": dict(_GEMMA2, max_position_embeddings=131072, rope_theta=1e6,
                               rope_local_base_freq=10000.0),
 }
+
+
+def token_ids(fields: dict[str, Any], key: str, where: str = "config.json") -> tuple[int, ...]:
+    """fields[key] as token ids: one id, a list of them, or none (absent or null; a
+    negative id, which some exports write for none, is left out); a CheckpointError naming
+    the field where it holds anything else (a token's text: the engine compares ids, and
+    "2" is no id)."""
+    from kiln.errors import CheckpointError
+
+    value = fields.get(key)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(f"{where} field {key!r} is {value!r}; it must be a token id (a "
+                              "whole number), a list of them, or null")
+    return tuple(i for i in ids if i >= 0)

@@ -41,6 +41,29 @@ def model_class(architecture: str) -> type[nn.Module]:
     return getattr(importlib.import_module(module), name)
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """What no kiln model can run, named before a build starts: query heads that do not
+    split into groups of the KV heads, a rotary part that is not an even number of dims
+    of the head, layers of a kind kiln does not run, a rope_scaling block kiln does not
+    compute."""
+    from kiln.layers.rotary import check_rope_scaling
+
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise BuildError(f"the model's {cfg.num_heads} attention heads are not a multiple of its "
+                         f"{cfg.num_kv_heads} KV heads (num_key_value_heads), so they do not "
+                         "share them evenly; is config.json right?")
+    if cfg.position_embedding == "rope" and not (
+            0 < cfg.rotary_dim <= cfg.head_dim and cfg.rotary_dim % 2 == 0):
+        raise BuildError(f"partial_rotary_factor {cfg.partial_rotary_factor} of the "
+                         f"{cfg.head_dim}-dim heads rotates {cfg.rotary_dim} dims; it must "
+                         "rotate an even number of them, at least 2 and at most the head's")
+    other = sorted(set(cfg.layer_types) - {"sliding_attention", "full_attention"})
+    if other:  # (transformers' other kinds: chunked, linear attention, ...)
+        raise BuildError(f"config.json's layer_types lists {', '.join(map(repr, other))}; kiln "
+                         "runs 'sliding_attention' and 'full_attention' layers only")
+    check_rope_scaling(cfg.rope_scaling, cfg.rotary_dim)
+
+
 def create_model(cfg: ModelConfig, mapping: Mapping, max_positions: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  quant: QuantConfig | None = None, kv_cache_dtype: str = "auto") -> nn.Module:
