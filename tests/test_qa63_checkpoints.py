@@ -89,6 +89,9 @@ PHI_HF = dict(architectures=["PhiForCausalLM"], vocab_size=256, hidden_size=256,
     (dict(PHI_HF, partial_rotary_factor=0.3), "rotates 19 dims; it must rotate an even"),
     (dict(PHI_HF, partial_rotary_factor=1.5), "rotates 96 dims"),
     (dict(PHI_HF, partial_rotary_factor=0.0), "rotates 0 dims"),
+    # NaN rotary tables: every logit NaN.
+    (dict(LLAMA_HF, rope_theta=0), "rope_theta 0.0 must be a positive number"),
+    (dict(LLAMA_HF, rope_theta=-10000.0), "rope_theta -10000.0 must be a positive number"),
     # Run as global attention (transformers refuses a kind it does not know).
     (dict(LLAMA_HF, layer_types=["chunked_attention", "full_attention"]),
      "layer_types lists 'chunked_attention'; kiln runs 'sliding_attention' and"),

@@ -57,6 +57,11 @@ def check_model(cfg: ModelConfig) -> None:
         raise BuildError(f"partial_rotary_factor {cfg.partial_rotary_factor} of the "
                          f"{cfg.head_dim}-dim heads rotates {cfg.rotary_dim} dims; it must "
                          "rotate an even number of them, at least 2 and at most the head's")
+    thetas = (cfg.rope_theta, cfg.rope_local_theta) if cfg.position_embedding == "rope" else ()
+    bad = next((t for t in thetas if t is not None and not t > 0), None)
+    if bad is not None:  # (the rotary tables would be NaN)
+        raise BuildError(f"rope_theta {bad} must be a positive number (the rotary base, e.g. "
+                         "10000); is config.json right?")
     other = sorted(set(cfg.layer_types) - {"sliding_attention", "full_attention"})
     if other:  # (transformers' other kinds: chunked, linear attention, ...)
         raise BuildError(f"config.json's layer_types lists {', '.join(map(repr, other))}; kiln "
