@@ -22,9 +22,10 @@ from kiln.serve.openai_output import ChoiceState, chat_logprobs, usage
 from kiln.serve.openai_tools import (
     auto_tools,
     forced_tools,
-    may_open_call,
     parse_tool_calls,
     tool_calls,
+    unsent_content,
+    visible_text,
 )
 from kiln.serve.protocol import (
     AssistantMessage,
@@ -155,17 +156,6 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             return "tool_calls"
         return completion.finish_reason
 
-    def _visible(text: str) -> str:
-        """A free answer's text that cannot belong to a tool call (streamed as it comes)."""
-        if may_open_call(text):
-            return ""
-        tag = "<tool_call>"
-        at = text.find(tag)
-        if at >= 0:
-            return text[:at]
-        held = next((k for k in range(len(tag) - 1, 0, -1) if text.endswith(tag[:k])), 0)
-        return text[:len(text) - held]
-
     def logprobs(completion: CompletionOutput, positions: range) -> Any:
         if top_n is None or not positions:
             return None
@@ -180,6 +170,16 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
         plain = TextChunks(lambda index, text: chunk([ChatChunkChoice(
             index=index, delta=Delta(content=text))]))  # content only: most tokens
 
+        def last(completion: CompletionOutput, state: ChoiceState, delta: Delta
+                 ) -> list[ChatCompletionChunk | Event]:
+            """A choice's last chunk, with a whole call (and the logprobs not sent yet)."""
+            state.finished_sent = True
+            rest = range(state.sent_tokens, len(completion.token_ids))
+            return [chunk([ChatChunkChoice(index=state.index, delta=delta,
+                                           logprobs=logprobs(completion, rest),
+                                           finish_reason=_finish(completion),
+                                           stop_reason=completion.stop_reason)])]
+
         def chunks(output: RequestOutput, completion: CompletionOutput, state: ChoiceState
                    ) -> list[ChatCompletionChunk | Event]:
             if state.finished_sent:  # n > 1: later outputs repeat a finished choice
@@ -187,27 +187,21 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             if calls_tool:  # the call goes out whole, once its JSON is complete
                 if completion.finish_reason is None:
                     return []
-                state.finished_sent = True
                 message = _message(completion)
-                delta = Delta(content=message.content, tool_calls=None if message.tool_calls
-                              is None else [{"index": 0, **message.tool_calls[0]}])
-                return [chunk([ChatChunkChoice(index=state.index, delta=delta,
-                                               finish_reason=_finish(completion),
-                                               stop_reason=completion.stop_reason)])]
+                return last(completion, state, Delta(
+                    content=message.content, tool_calls=None if message.tool_calls is None
+                    else [{"index": 0, **message.tool_calls[0]}]))
             if free_tools is not None:
                 if completion.finish_reason is None:  # hold what may become a call
-                    completion = dataclasses.replace(completion, text=_visible(completion.text))
+                    completion = dataclasses.replace(completion,
+                                                     text=visible_text(completion.text))
                 else:
                     content, calls = _parsed(completion)
                     if calls:  # the rest of the content and the calls, in the last chunk
-                        sent = completion.text[:state.text.sent]
-                        rest = content[len(sent):] if content and content.startswith(sent) \
-                            else None
-                        state.finished_sent = True
-                        delta = Delta(content=rest or None, tool_calls=[
-                            {"index": i, **c} for i, c in enumerate(calls)])
-                        return [chunk([ChatChunkChoice(index=state.index, delta=delta,
-                                                       finish_reason="tool_calls")])]
+                        return last(completion, state, Delta(
+                            content=None if content is None else
+                            unsent_content(completion.text, state.text.sent),
+                            tool_calls=[{"index": i, **c} for i, c in enumerate(calls)]))
             new = state.stream_delta(completion, top_n is not None)
             if new is None:
                 return []

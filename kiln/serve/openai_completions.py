@@ -3,10 +3,12 @@
 `echo` puts the prompt before each choice's text (and, with `logprobs`, the prompt
 tokens' logprobs before the generated ones, the first being null, as OpenAI does).
 `best_of` asks the engine for best_of candidates per prompt and returns the n with the
-highest cumulative logprob. `max_tokens: 0` (not streamed) generates nothing: with `echo`
-and `logprobs` it scores the prompt, as evaluation harnesses ask OpenAI's legacy API to
-(the engine computes one token, which the answer leaves out). `prompt_logprobs` (vLLM's
-extension) adds each prompt token's logprob and the top-n alternatives, keyed by token id.
+highest logprob per token, as OpenAI ranks them (a cumulative logprob would put the
+shortest candidates first, an empty one before all). `max_tokens: 0` (not streamed)
+generates nothing: with `echo` and `logprobs` it scores the prompt, as evaluation
+harnesses ask OpenAI's legacy API to (the engine computes one token, which the answer
+leaves out). `prompt_logprobs` (vLLM's extension) adds each prompt token's logprob and
+the top-n alternatives, keyed by token id.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def _prompt_only(output: RequestOutput) -> RequestOutput:
 def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
     if len(completions) <= n:
         return sorted(completions, key=lambda c: c.index)
-    return sorted(completions, key=lambda c: -(c.cumulative_logprob or 0.0))[:n]
+    return sorted(completions, key=lambda c: -(c.cumulative_logprob or 0.0)
+                  / max(len(c.token_ids), 1))[:n]
 
 
 async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequest,

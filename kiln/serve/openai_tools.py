@@ -164,8 +164,7 @@ def parse_tool_calls(text: str, functions: list[dict[str, Any]]
     if tagged:
         calls = [call(load(body)) for body in tagged]
         if all(calls):
-            rest = _TAGGED.sub("", text).strip()
-            return rest or None, calls  # type: ignore[return-value]
+            return unsent_content(text), calls  # type: ignore[return-value]
         return text, []
     body = text.strip().removeprefix("<|python_tag|>").strip()
     fenced = _FENCE.match(body)
@@ -181,3 +180,25 @@ def may_open_call(text: str) -> bool:
     """Whether a streamed answer so far could still turn out to be a call."""
     s = text.lstrip()
     return any(s.startswith(o) or o.startswith(s) for o in CALL_OPENINGS)
+
+
+def visible_text(text: str) -> str:
+    """The part of a free answer so far that a stream can send: it cannot belong to a
+    call, nor be whitespace that parse_tool_calls strips from content around calls."""
+    if may_open_call(text):
+        return ""
+    tag = "<tool_call>"
+    at = text.find(tag)
+    if at < 0:
+        at = len(text) - next((k for k in range(len(tag) - 1, 0, -1)
+                               if text.endswith(tag[:k])), 0)
+    return text[:at].rstrip()
+
+
+def unsent_content(text: str, sent: int = 0) -> str | None:
+    """The content around a free answer's tagged calls (the text without them, without
+    trailing whitespace, and without leading whitespace unless text comes before the first
+    call) that a stream has not sent yet, having sent text[:sent] (visible_text)."""
+    rest = _TAGGED.sub("", text[sent:]).rstrip()
+    before = text[:text.find("<tool_call>")]
+    return (rest if before.strip() else rest.lstrip()) or None
