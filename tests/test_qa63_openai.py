@@ -79,3 +79,19 @@ def test_best_of_ranks_by_logprob_per_token(client):
         assert best[0].text in {c.text for c, m in zip(every, mean) if m > max(mean) - 1e-4}
         discriminating += every[total.index(max(total))].text != best[0].text
     assert discriminating  # the cumulative ranking picks another candidate for some seeds
+
+
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_false_keeps_the_first_call(client, parallel):
+    """OpenAI's parallel_tool_calls: false asks for at most one call (it was ignored)."""
+    two = CALL + "\n" + CALL.replace("晴", "雨")
+    extra = {"guided_regex": re.escape(two)}
+    if parallel is not None:
+        extra["parallel_tool_calls"] = parallel
+    request = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=0,
+                   extra_body=extra)
+    whole = client.chat.completions.create(**request).choices[0]
+    args = [c.function.arguments for c in whole.message.tool_calls]
+    assert args == (['{"a": "晴"}'] if parallel is False else ['{"a": "晴"}', '{"a": "雨"}'])
+    _, calls, _ = _streamed_message(client, **request)
+    assert [c.function.arguments for c in calls] == args

@@ -128,7 +128,10 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
             return completion.text, []
         key = (completion.index, completion.text)  # one prompt: index is the choice's
         if key not in parsed:
-            parsed[key] = parse_tool_calls(completion.text, free_tools)
+            content, calls = parse_tool_calls(completion.text, free_tools)
+            if body.parallel_tool_calls is False:  # one call at most: the first
+                calls = calls[:1]
+            parsed[key] = content, calls
         return parsed[key]
 
     def _forced(completion: CompletionOutput) -> list[dict[str, Any]] | None:

@@ -119,6 +119,7 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call (the first)
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # extension: the chat template's flag
 
