@@ -95,3 +95,20 @@ def test_parallel_tool_calls_false_keeps_the_first_call(client, parallel):
     assert args == (['{"a": "晴"}'] if parallel is False else ['{"a": "晴"}', '{"a": "雨"}'])
     _, calls, _ = _streamed_message(client, **request)
     assert [c.function.arguments for c in calls] == args
+
+
+def test_usage_counts_the_prompt_tokens_read_from_the_prefix_cache(client):
+    """usage.prompt_tokens_details.cached_tokens, as OpenAI reports it: a prompt sent again
+    reads its full blocks from the prefix cache (it was missing)."""
+    prompt = "The prefix cache test: " + "one two three four five six seven eight " * 12
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2).usage
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2).usage
+    assert first.prompt_tokens == again.prompt_tokens > 64
+    assert first.prompt_tokens_details.cached_tokens < again.prompt_tokens_details.cached_tokens
+    assert again.prompt_tokens_details.cached_tokens >= again.prompt_tokens - 16
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=2)
+    whole = client.chat.completions.create(**chat).usage
+    chunks = list(client.chat.completions.create(**chat, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens == whole.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= whole.prompt_tokens - 16

@@ -74,9 +74,11 @@ class Call:
         self.stream.abort()
         self.tracker.finish("aborted")
 
-    def usage_counts(self, outputs: list[RequestOutput]) -> tuple[int, int]:
+    def usage_counts(self, outputs: list[RequestOutput]) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, prompt tokens read from the prefix cache)."""
         return (sum(len(out.prompt_token_ids) for out in outputs),
-                sum(len(c.token_ids) for out in outputs for c in out.outputs))
+                sum(len(c.token_ids) for out in outputs for c in out.outputs),
+                sum(out.metrics.num_cached_tokens for out in outputs if out.metrics))
 
 
 def sampling_params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
@@ -349,7 +351,7 @@ async def collect(call: Call, request: Request,
 
 
 def stream_response(call: Call, chunks: ChunkMaker, prelude: list[Any],
-                    usage_chunk: Callable[[int, int], Any] | None) -> EventStreamResponse:
+                    usage_chunk: Callable[..., Any] | None) -> EventStreamResponse:
     """SSE: prelude chunks, chunks per output, an optional usage chunk, then [DONE].
 
     The events of one output go out in one body message (one socket write), and the last

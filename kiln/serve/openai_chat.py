@@ -165,7 +165,7 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
         return chat_logprobs(ctx.tokens, completion, positions, top_n)
 
     if body.stream:
-        def chunk(choices: list[ChatChunkChoice], counts: tuple[int, int] | None = None
+        def chunk(choices: list[ChatChunkChoice], counts: tuple[int, ...] | None = None
                   ) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=call.id, created=call.created, model=call.model,
                                        choices=choices, usage=usage(*counts) if counts else None)
@@ -221,7 +221,7 @@ async def respond_chat(ctx: ServeContext, call: Call, body: ChatCompletionReques
                                                                      content=""))])
                    for s in call.states]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage_chunk = (lambda p, c: chunk([], (p, c))) if include_usage else None
+        usage_chunk = (lambda *counts: chunk([], counts)) if include_usage else None
         return stream_response(call, chunks, prelude, usage_chunk)
 
     finals = await collect(call, request)

@@ -137,7 +137,7 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                                 finish_reason=completion.finish_reason,
                                 stop_reason=completion.stop_reason, prompt_logprobs=prompt_lps)
 
-    def response(choices: list[CompletionChoice], counts: tuple[int, int] | None = None
+    def response(choices: list[CompletionChoice], counts: tuple[int, ...] | None = None
                  ) -> CompletionResponse:
         return CompletionResponse(id=call.id, created=call.created, model=call.model,
                                   choices=choices, usage=usage(*counts) if counts else None)
@@ -168,7 +168,7 @@ async def respond_completion(ctx: ServeContext, call: Call, body: CompletionRequ
                                      state.text.sent)])]
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        usage_chunk = (lambda p, c: response([], (p, c))) if include_usage else None
+        usage_chunk = (lambda *counts: response([], counts)) if include_usage else None
         return stream_response(call, chunks, [], usage_chunk)
 
     finals = await collect(call, request, _prompt_only if body.max_tokens == 0 else None)

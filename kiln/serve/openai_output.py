@@ -10,6 +10,7 @@ from kiln.serve.protocol import (
     ChatLogprobs,
     CompletionLogprobs,
     PromptLogprob,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -176,6 +177,7 @@ def chat_logprobs(tokens: TokenTexts, completion: CompletionOutput, positions: r
     return ChatLogprobs(content=content)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
