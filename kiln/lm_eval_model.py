@@ -108,7 +108,11 @@ class KilnLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs: Any) -> list[int]:
         if add_special_tokens is None:
-            add_special_tokens = True if self.add_bos_token is None else self.add_bos_token
+            # A string that already starts with the prefix token's text (a chat template
+            # that writes the BOS itself) gets no second one, as in the hf model.
+            bos = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+            add_special_tokens = not (bos and string.startswith(bos)) and \
+                (True if self.add_bos_token is None else self.add_bos_token)
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens: list[int]) -> str:
@@ -120,7 +124,28 @@ class KilnLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt)
+        """The chat rendered as the hf model renders it: without a generation prompt (a
+        task's gen_prefix as the last, assistant message) the text ends right after that
+        message, left open for the answer; a template that refuses a system message is
+        given the chat without one."""
+        from kiln.errors import RequestError
+
+        try:
+            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt)
+        except RequestError:
+            chat_history = [m for m in chat_history if m.get("role") != "system"]
+            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt)
+        if add_generation_prompt or not chat_history:
+            return text
+        final = str(chat_history[-1].get("content") or "")
+        at = text.rfind(final.strip())
+        if at < 0:
+            raise KilnError("the chat template does not write the last message's text, so "
+                            "the answer cannot continue it")
+        # Keep the message's trailing whitespace where the template kept it too.
+        whole = final.lstrip()
+        end = at + (len(whole) if text[at:at + len(whole)] == whole else len(final.strip()))
+        return text[:end]
 
     # ---- scoring ----------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
@@ -182,10 +207,12 @@ class KilnLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = int(kwargs.pop("max_gen_toks"))
-            room = self.engine.max_seq_len - max_gen_toks
+            # The context is cut to max_length - max_gen_toks tokens, as in the hf model.
+            room = self.max_length - max_gen_toks
             if room < 1:
                 raise KilnError(f"max_gen_toks ({max_gen_toks}) leaves no room for the "
-                                f"context in max_seq_len ({self.engine.max_seq_len})")
+                                f"context in max_length ({self.max_length}: max_seq_len "
+                                f"{self.engine.max_seq_len} - 2)")
             temperature = float(kwargs.get("temperature") or 0.0) \
                 if kwargs.get("do_sample") else 0.0
             prompts.append(self.tok_encode(context)[-room:])
