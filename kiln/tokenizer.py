@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from pathlib import Path
@@ -36,7 +37,10 @@ class Tokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         if not isinstance(config, dict):
             raise TokenizerFileError(folder / "tokenizer_config.json", "not a JSON object")
-        self.chat_template = _chat_template(folder, config)
+        # Named templates (tokenizer_config.json's list): "default", and "tool_use" for
+        # requests with tools, as transformers picks them.
+        self.chat_templates = _chat_templates(folder, config)
+        self.chat_template = self.chat_templates.get("default")
         self.special = special_tokens(folder, config)
         self.eos_token_id = self.token_to_id(self.special["eos_token"])
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
@@ -63,27 +67,63 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True, **extra: Any) -> str:
-        if not self.chat_template:
+        template = self.chat_templates.get("tool_use") \
+            if extra.get("tools") is not None else None
+        template = template or self.chat_template
+        if not template:
             raise RequestError("this model has no chat template; send a plain prompt instead")
-        import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
             raise RequestError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+                                            extensions=["jinja2.ext.loopcontrols",
+                                                        _generation_extension()])
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
-            x, indent=indent, ensure_ascii=False)
+        env.filters["tojson"] = _tojson
+        if not messages:  # transformers refuses it too
+            raise RequestError("messages must hold at least one message, e.g. "
+                               "[{'role': 'user', 'content': 'Hello'}]")
         messages = [_plain_message(m, i) for i, m in enumerate(messages)]
+        # As transformers: tools and documents always defined (None where not given), the
+        # caller's variables over the special tokens.
+        variables = {**{k: v or "" for k, v in self.special.items()},
+                     "tools": None, "documents": None, **extra,
+                     "messages": messages, "add_generation_prompt": add_generation_prompt}
         try:
-            template = env.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **{k: v or "" for k, v in self.special.items()}, **extra)
-        except (jinja2.TemplateError, TypeError, ValueError) as e:
-            raise RequestError(f"chat template failed: {e}") from None
+            return env.from_string(template).render(**variables)
+        except RequestError:
+            raise
+        except Exception as e:  # the template's own errors: 1 / 0, range(10**9), recursion
+            raise RequestError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' tojson: JSON as json.dumps writes it (no HTML escapes), with its
+    options, in its order (a bare positional argument is ensure_ascii)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                      separators=separators, sort_keys=sort_keys)
+
+
+@functools.cache
+def _generation_extension() -> type:
+    """`{% generation %}...{% endgeneration %}` (transformers marks the assistant's
+    tokens with it, for training): renders what it holds."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
 
 
 def _plain_message(message: Any, index: int) -> dict[str, Any]:
@@ -93,6 +133,9 @@ def _plain_message(message: Any, index: int) -> dict[str, Any]:
         raise RequestError(f"messages[{index}] must be a dict with a role and content, "
                            f"e.g. {{'role': 'user', 'content': 'Hello'}}")
     content = message.get("content")
+    # Other keys whose value is None are left out, as transformers does: templates test
+    # `'tool_calls' in message` or `message.tool_calls is defined`, then loop over it.
+    message = {k: v for k, v in message.items() if v is not None}
     if content is None or isinstance(content, str):
         return {**message, "content": content or ""}
     if isinstance(content, list) and all(
@@ -149,11 +192,11 @@ def _token_str(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+def _chat_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         try:
-            return jinja.read_text(encoding="utf-8")
+            return {"default": jinja.read_text(encoding="utf-8")}
         except (OSError, ValueError) as e:
             raise TokenizerFileError(jinja, e) from None
     template = config.get("chat_template")
@@ -162,9 +205,10 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
         if not isinstance(data, dict):
             raise TokenizerFileError(folder / "chat_template.json", "not a JSON object")
         template = data.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
+    if isinstance(template, list):  # named templates
+        return {t["name"]: t["template"] for t in template if isinstance(t, dict)
+                and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
+    return {"default": template} if template else {}
 
 
 class IncrementalDetokenizer:
@@ -187,10 +231,26 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids = list(prompt_ids[-self.CONTEXT:])
+        # SentencePiece's byte fallback spells a whole run of byte tokens as U+FFFDs where
+        # it is not valid UTF-8: a tail that starts inside a character (its <0x80>-<0xBF>
+        # bytes) takes the tokens before it, up to 3, so that the run it begins is whole.
+        start = max(0, len(prompt_ids) - self.CONTEXT)
+        while start > 0 and len(prompt_ids) - start < self.CONTEXT + 3 and \
+                _continuation_byte(tokenizer, prompt_ids[start]):
+            start -= 1
+        self.ids = list(prompt_ids[start:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        # A tail that ends inside a character: its text up to that character (byte
+        # fallback spells all of a run that ends unfinished as U+FFFDs).
+        self._whole = None
+        if tokenizer.decode(self.ids, skip_special_tokens).endswith("\ufffd"):
+            for end in range(len(self.ids) - 1, max(-1, len(self.ids) - 5), -1):
+                text = tokenizer.decode(self.ids[:end], skip_special_tokens)
+                if not text.endswith("\ufffd"):
+                    self._whole = text
+                    break
         self._stream = _decode_stream(tokenizer, self.ids, skip_special_tokens)
 
     def add(self, token_id: int) -> str:
@@ -213,13 +273,27 @@ class IncrementalDetokenizer:
         if after.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         # Where the prompt ended inside a character, `before` ends with the U+FFFD that
-        # `after` now spells as the character: the delta starts where they part.
-        delta = after[len(os.path.commonprefix([before, after])):]
+        # `after` now spells as the character: the delta starts where they part (or where
+        # the prompt's whole characters end, byte fallback's U+FFFDs spelling more).
+        common = len(os.path.commonprefix([before, after]))
+        if self._whole is not None and after.startswith(self._whole):
+            common = max(common, len(self._whole))
+        delta = after[common:]
         if not delta:
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if not before.endswith("\ufffd"):  # else the character began before read_offset:
+            self.prefix_offset = self.read_offset  # the next window starts with it whole
+        self.read_offset, self._whole = len(self.ids), None
         self.text += delta
         return delta
+
+
+def _continuation_byte(tokenizer: Tokenizer, token_id: int) -> bool:
+    """Whether the token is a byte-fallback piece of a UTF-8 continuation byte."""
+    tok = getattr(tokenizer, "tok", None)
+    piece = tok.id_to_token(token_id) if tok is not None else None
+    return piece is not None and len(piece) == 6 and piece.startswith("<0x") and \
+        piece.endswith(">") and piece[3] in "89AB"
 
 
 def _decode_stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool) -> Any:
