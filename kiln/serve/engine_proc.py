@@ -208,11 +208,10 @@ class EngineProcess:
             pass  # the child has gone: the receiver reports it
 
     def _kill(self) -> None:
-        self._process.terminate()
-        self._process.join(5)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        # SIGKILL: the child ignores SIGTERM (and SIGINT) from the start of child_main, so
+        # a terminate() would only wait out its join (Ctrl-C during the load: 5 s more).
+        self._process.kill()
+        self._process.join()
 
     def _forget(self, request_id: str) -> None:
         """Drop a request's state (lock held); its group goes with its last request."""

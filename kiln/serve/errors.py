@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -88,9 +89,10 @@ def error_body(path: str, status: int, message: str, param: str | None = None,
     return json.dumps({"error": error}).encode()
 
 
-def error_response(request: Request, error: APIError) -> JSONResponse:
+def error_response(request: Request, error: APIError,
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = error_body(request.url.path, error.status, error.message, error.param, error.code)
-    headers = {"Retry-After": "1"} if error.status == 429 else None
+    headers = {**(headers or {}), **({"Retry-After": "1"} if error.status == 429 else {})}
     return JSONResponse(json.loads(body), status_code=error.status, headers=headers)
 
 
@@ -148,7 +150,9 @@ def install_error_handlers(app: FastAPI) -> None:
                    405: f"method {request.method} is not allowed here"}.get(
                        exc.status_code, str(exc.detail))
         code = "request_too_large" if exc.status_code == 413 else None  # a chunked body
-        return error_response(request, APIError(exc.status_code, message, code=code))
+        # Its headers too: a 405 names the methods the route takes (Allow), as HTTP says.
+        return error_response(request, APIError(exc.status_code, message, code=code),
+                              exc.headers)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, api_error(exc))

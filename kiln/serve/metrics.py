@@ -67,6 +67,7 @@ class _EngineCollector:
 class ServerMetrics:
     def __init__(self, engine_stats: Callable[[], dict[str, float]]) -> None:
         self.registry = registry = CollectorRegistry()
+        self.in_flight = 0  # HTTP requests not yet answered in full (the drain waits on them)
         self.http_requests = Counter("kiln_http_requests", "HTTP requests by route and status",
                                      ["route", "status"], registry=registry)
         self.finished = Counter("kiln_requests_finished",
@@ -119,9 +120,12 @@ class RequestTracker:
         m = self.metrics
         prompt_tokens = completion_tokens = 0
         finish_reasons = []
+        # A choice that did not finish was cut short: by an error if the call failed
+        # (the engine failed mid-answer), else aborted (a hang-up, a drain).
+        unfinished = "error" if status == "error" else "abort"
         for request_id, output in self.last.items():
             for completion in output.outputs:  # one per choice (n > 1)
-                reason = completion.finish_reason or "abort"
+                reason = completion.finish_reason or unfinished
                 finish_reasons.append(reason)
                 m.finished.labels(reason).inc()
                 completion_tokens += len(completion.token_ids)
@@ -134,8 +138,8 @@ class RequestTracker:
                     m.tpot.observe((now - first) / (longest - 1))
             if output.finished:
                 m.e2e.observe(now - self.started)
-        if status == "error" and not self.last:
-            m.finished.labels("error").inc()
+        if status != "ok" and not self.last:  # failed or aborted before any output came
+            m.finished.labels("error" if status == "error" else "abort").inc()
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(completion_tokens)
         firsts = self.first_token.values()

@@ -157,8 +157,10 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, recording_send)
         finally:
+            self.metrics.in_flight -= 1
             self.metrics.http_requests.labels(_route_name(scope, self.routers),
                                               str(status)).inc()

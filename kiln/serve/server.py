@@ -107,8 +107,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _drained(self) -> bool:
+        """Whether to stop: nothing runs (neither in the engine nor in HTTP: a request
+        still being received or prepared, an answer still being written), or the abort
+        at the deadline has had its grace."""
         llm, now = self.context.llm, time.monotonic()
-        if llm.num_unfinished == 0 or not llm.alive:
+        if llm.num_unfinished == 0 and self.context.metrics.in_flight == 0 or not llm.alive:
             return True
         if self._aborted_at is None and now >= (self._deadline or now):
             log.info("kiln: shutdown timeout: aborting %d requests", llm.num_unfinished)
