@@ -172,3 +172,20 @@ def test_shutdown_fails_what_is_left():
 
     asyncio.run(run())
     assert not front.alive
+
+
+def test_a_request_the_loop_refuses_is_not_counted_as_unfinished(llm, monkeypatch):
+    """An exception from the engine loop's add (the engine process's pipe refusing an
+    unpicklable request) left the request counted toward max_queue for good."""
+    def refuse(*_):
+        raise TypeError("cannot pickle this request")
+
+    monkeypatch.setattr(llm._loop, "add", refuse)
+    before = llm.num_unfinished
+
+    async def run() -> None:
+        await llm.submit([("Hello", GREEDY, "refused")])
+
+    with pytest.raises(TypeError, match="cannot pickle"):
+        asyncio.run(run())
+    assert llm.num_unfinished == before

@@ -223,8 +223,12 @@ class AsyncLLM:
         stream = RequestStream(self, [request_id for _, _, request_id in requests], events,
                                latest)
         self._num_unfinished += len(requests)
-        self._loop.add([NewRequest(*r) for r in requests],
-                       _AsyncSink(self._mailbox(), events, latest))
+        try:
+            self._loop.add([NewRequest(*r) for r in requests],
+                           _AsyncSink(self._mailbox(), events, latest))
+        except BaseException:  # (e.g. the engine process's pipe refused the request)
+            stream._release(set(stream.request_ids))  # else counted toward max_queue forever
+            raise
         try:
             first = await events.get()
         except asyncio.CancelledError:
