@@ -202,7 +202,8 @@ class LLM:
                                "be True: a new turn, or the last message continued")
         extra = dict(chat_template_kwargs or {}) if chat_template_kwargs is None or \
             isinstance(chat_template_kwargs, Mapping) else None
-        if extra is None or any(k in extra for k in ("messages", "add_generation_prompt")):
+        if extra is None or any(k in extra for k in ("messages", "add_generation_prompt",
+                                                        "continue_final_message")):
             raise RequestError("chat_template_kwargs must be a dict of the template's other "
                                f"variables, got {chat_template_kwargs!r:.60}")
         if tools is not None:
@@ -210,31 +211,10 @@ class LLM:
         if self.tokenizer is None:
             raise KilnError("this engine has no tokenizer, so it cannot apply a chat template")
         # The template writes the special tokens itself: encode without adding a BOS.
-        prompts = [self.tokenizer.encode(_render_chat(
-            self.tokenizer, c, add_generation_prompt, continue_final_message, extra),
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(
+            c, add_generation_prompt, continue_final_message, **extra),
             add_special_tokens=False) for c in conversations]
         return self.generate(prompts, params, use_tqdm)
-
-
-def _render_chat(tokenizer: Any, conversation: list[Mapping[str, Any]],
-                 add_generation_prompt: bool, continue_final_message: bool,
-                 extra: dict[str, Any]) -> str:
-    """The conversation as the template writes it; continue_final_message: cut where the
-    last message's content ends (found through a marker written in its place)."""
-    if not continue_final_message:
-        return tokenizer.apply_chat_template(conversation, add_generation_prompt, **extra)
-    from kiln.tokenizer import _plain_message
-
-    last = _plain_message(dict(conversation[-1]), len(conversation) - 1)  # text parts joined
-    content = last["content"]
-    marker = "\u2063kiln-continue-final-message\u2063"
-    text = tokenizer.apply_chat_template(
-        [*conversation[:-1], {**last, "content": marker}], False, **extra)
-    at = text.rfind(marker)
-    if at < 0:
-        raise RequestError("continue_final_message: the chat template does not write the "
-                           "last message's content, so there is nothing to continue")
-    return text[:at] + content
 
 
 class _Engine(LLMEngine):

@@ -21,6 +21,7 @@ score the same token sequences.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (registers the harness's own models first)
@@ -105,12 +106,16 @@ class KilnLM(TemplateLM):
         # generates one token after every prompt.
         return self.engine.max_seq_len - 2
 
+    @functools.cached_property
+    def _prefix_text(self) -> str:
+        return self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs: Any) -> list[int]:
         if add_special_tokens is None:
             # A string that already starts with the prefix token's text (a chat template
             # that writes the BOS itself) gets no second one, as in the hf model.
-            bos = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+            bos = self._prefix_text
             add_special_tokens = not (bos and string.startswith(bos)) and \
                 (True if self.add_bos_token is None else self.add_bos_token)
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
@@ -130,22 +135,15 @@ class KilnLM(TemplateLM):
         given the chat without one."""
         from kiln.errors import RequestError
 
+        def render(chat: list[dict[str, str]]) -> str:
+            return self.tokenizer.apply_chat_template(
+                chat, add_generation_prompt,
+                continue_final_message=not add_generation_prompt and bool(chat))
+
         try:
-            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt)
+            return render(chat_history)
         except RequestError:
-            chat_history = [m for m in chat_history if m.get("role") != "system"]
-            text = self.tokenizer.apply_chat_template(chat_history, add_generation_prompt)
-        if add_generation_prompt or not chat_history:
-            return text
-        final = str(chat_history[-1].get("content") or "")
-        at = text.rfind(final.strip())
-        if at < 0:
-            raise KilnError("the chat template does not write the last message's text, so "
-                            "the answer cannot continue it")
-        # Keep the message's trailing whitespace where the template kept it too.
-        whole = final.lstrip()
-        end = at + (len(whole) if text[at:at + len(whole)] == whole else len(final.strip()))
-        return text[:end]
+            return render([m for m in chat_history if m.get("role") != "system"])
 
     # ---- scoring ----------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],

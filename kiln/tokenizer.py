@@ -66,7 +66,25 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **extra: Any) -> str:
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **extra: Any) -> str:
+        """The conversation as the model's template writes it. continue_final_message: the
+        text ends where the last message's content does (its end-of-turn left out, as
+        transformers cuts it), for the model to go on with it."""
+        text = self._render(messages, add_generation_prompt, **extra)
+        if not continue_final_message:
+            return text
+        final = _plain_message(messages[-1], len(messages) - 1)["content"]
+        at = text.rfind(final.strip())
+        if not final.strip() or at < 0:
+            raise RequestError("continue_final_message: the chat template does not write the "
+                               "last message's text, so there is nothing to continue")
+        whole = final.lstrip()  # its trailing whitespace too, where the template kept it
+        return text[:at + (len(whole) if text[at:at + len(whole)] == whole
+                           else len(final.strip()))]
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                **extra: Any) -> str:
         template = self.chat_templates.get("tool_use") \
             if extra.get("tools") is not None else None
         template = template or self.chat_template
